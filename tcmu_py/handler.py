@@ -1,0 +1,224 @@
+"""The handler API: how a subtype becomes a SCSI device.
+
+A *handler* is registered for a TCMU subtype (the first path element of the device's `dev_config`,
+e.g. `raw` in `raw//var/lib/img`). When the daemon finds a device of that subtype it calls
+`Handler.open(config)`, which returns a `ScsiDevice` (see `tcmu_py.device.core`). Block handlers
+usually just build a `BlockDevice` around a `BlockBackend`; tape drives, changers and other exotic
+devices subclass `ScsiDevice` and take over the opcodes they need.
+
+Handlers never see the ring, the uio file descriptor or the daemon.
+
+Registration: the entry-point group ``tcmu_py.handlers`` maps a subtype name to a `Handler`
+subclass, so a third-party package adds a subtype with one line in its own pyproject.toml::
+
+    [project.entry-points."tcmu_py.handlers"]
+    mydisk = "my_package:MyDiskHandler"
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+from tcmu_py.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tcmu_py.device.core import ScsiDevice
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "tcmu_py.handlers"
+
+#: Subtypes served by tcmu-runner; ours must never collide with them so both daemons share a host.
+TCMU_RUNNER_SUBTYPES = frozenset({"file", "rbd", "glfs", "qcow", "zbc", "fbo"})
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Everything a handler is told about one TCMU device.
+
+    `cfgstring` is the part of `dev_config` after `<subtype>/`. `size` is in bytes (the kernel's
+    `dev_size`). `serial` is LIO's unit serial for the device when known (VPD 80h/83h).
+    """
+
+    name: str
+    subtype: str
+    cfgstring: str
+    size: int
+    block_size: int = 512
+    hw_max_sectors: int = 1024
+    write_cache: bool = False
+    serial: str | None = None
+    uio_name: str = ""
+
+
+class Handler(ABC):
+    """One subtype. Subclasses set `subtype` and `description` and implement `open`."""
+
+    subtype: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def check_config(cls, cfgstring: str) -> None:
+        """Raise `ConfigError` naming what is wrong with `cfgstring`; return None when it is usable.
+
+        Called before a device is created (also by `tcmu-py apply`); must not create anything.
+        """
+
+    @classmethod
+    @abstractmethod
+    def open(cls, config: DeviceConfig) -> ScsiDevice:
+        """Open the backing store and return the device. Errors: `ConfigError` or `OSError`."""
+
+
+@runtime_checkable
+class BlockBackend(Protocol):
+    """What a block handler implements. Offsets and lengths are in bytes, always whole blocks.
+
+    Methods run on a worker thread of the device's pool, possibly several at once for different
+    commands; the engine serialises only what SCSI requires (COMPARE AND WRITE against overlapping
+    writes). A backend raises `ScsiError` for conditions with their own sense (e.g. out of space),
+    `OSError` for I/O failures (mapped to MEDIUM ERROR / WRITE ERROR), anything else is a bug
+    (HARDWARE ERROR, traceback logged).
+
+    Optional capabilities are discovered with `hasattr`:
+
+    - ``unmap(offset, length)``: deallocate; afterwards the range reads as zeros if `lbprz`.
+    - ``write_same(offset, length, block: bytes, unmap: bool)``: fill with a repeated block; when
+      `unmap` and the block is all zeros the backend may deallocate instead.
+    - ``lba_status(offset, length) -> list[tuple[int, int, int]]``: runs of (offset, length,
+      status) covering the range from `offset`, status 0 mapped, 1 deallocated, 2 anchored.
+    - ``provisioning() -> ProvisioningInfo``: thin provisioning figures (LOG SENSE 0Ch, thresholds).
+    - ``resize(size)``: the device was resized to `size` bytes.
+    - ``close()``: release resources; called once when the device goes away.
+    """
+
+    size: int
+    block_size: int
+    #: True when acknowledged writes may sit in a volatile cache until `flush` (caching page WCE).
+    write_cache: bool
+
+    def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill every byte of `bufs`, in order, with data from `offset`."""
+
+    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Write all of `bufs`, in order, at `offset`. Durable on return unless `write_cache`."""
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable."""
+
+
+@dataclass(frozen=True)
+class ProvisioningInfo:
+    """Thin provisioning figures a backend reports (bytes unless noted)."""
+
+    capacity: int  # physical capacity of the pool behind this device
+    used: int  # allocated in the pool (all devices)
+    device_used: int  # allocated for this device
+    unmap_granularity: int  # allocation unit
+    soft_threshold: int | None = None  # percent of capacity, or None
+    lbprz: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+def load_handlers() -> dict[str, type[Handler]]:
+    """Every loadable registered handler by subtype.
+
+    A handler that fails to import, or that claims one of tcmu-runner's subtypes, is logged and left
+    out: one broken third-party package must not take the other subtypes down with it.
+    """
+    found: dict[str, type[Handler]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in TCMU_RUNNER_SUBTYPES:
+            log.error(
+                "handler %s: subtype %r belongs to tcmu-runner; expected a name other than %s",
+                ep.value, ep.name, sorted(TCMU_RUNNER_SUBTYPES),
+            )
+            continue
+        try:
+            cls = ep.load()
+        except Exception:
+            log.exception("handler %s for subtype %r failed to load", ep.value, ep.name)
+            continue
+        found[ep.name] = cls
+    return found
+
+
+def split_dev_config(dev_config: str) -> tuple[str, str]:
+    """Split a TCMU `dev_config` (`<subtype>/<cfg>`) into subtype and cfgstring."""
+    subtype, sep, cfg = dev_config.partition("/")
+    if not sep or not subtype:
+        raise ConfigError(f"dev_config {dev_config!r}: expected '<subtype>/<config string>'")
+    return subtype, cfg
+
+
+def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
+    """Parse `key=value,key=value` against `known` (key -> converter). Errors name the key."""
+    out: dict[str, Any] = {}
+    if not cfgstring:
+        return out
+    for item in cfgstring.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"config string {cfgstring!r}: item {item!r}: expected key=value")
+        if key not in known:
+            raise ConfigError(
+                f"config string {cfgstring!r}: unknown key {key!r}; expected one of {sorted(known)}"
+            )
+        try:
+            out[key] = known[key](value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"config string {cfgstring!r}: key {key!r}: {value!r}: {exc}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared backends: several devices (LUNs) resolving to one object, e.g. a tape library.
+
+T = TypeVar("T")
+
+
+class SharedRegistry:
+    """Reference-counted objects shared by several devices, keyed by a string from their config.
+
+    `acquire(key, factory)` returns the existing object or creates it with `factory()`;
+    `release(key, closer)` drops one reference and calls `closer(obj)` when the last one goes.
+    Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[str, tuple[Any, int]] = {}
+
+    def acquire(self, key: str, factory: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._objects:
+                obj, refs = self._objects[key]
+                self._objects[key] = (obj, refs + 1)
+                return obj  # type: ignore[no-any-return]
+            obj = factory()
+            self._objects[key] = (obj, 1)
+            return obj
+
+    def release(self, key: str, closer: Callable[[Any], None] | None = None) -> None:
+        with self._lock:
+            obj, refs = self._objects[key]
+            if refs > 1:
+                self._objects[key] = (obj, refs - 1)
+                return
+            del self._objects[key]
+        if closer is not None:
+            closer(obj)
+
+
+#: The process-wide registry handlers use for shared backends.
+shared = SharedRegistry()
