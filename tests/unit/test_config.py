@@ -1,0 +1,419 @@
+"""YAML configuration: every problem reported at once, with file, key path, value, expectation."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tcmu_py.daemon.config import (
+    Chap,
+    Config,
+    Device,
+    LunMap,
+    Portal,
+    dev_config_string,
+    expand_barcodes,
+    load_config,
+    load_config_text,
+    load_default_config,
+    parse_size,
+)
+from tcmu_py.errors import ConfigError
+
+GOOD = """
+state_dir: /srv/tcmu
+defaults:
+  hw_max_sectors: 2048
+  cmd_time_out: 60
+pools:
+  - name: main
+    path: /srv/tcmu/pools/main
+    capacity: 10G
+    soft_threshold: 75
+    hard_limit: 95%
+devices:
+  - name: disk0
+    handler: raw
+    size: 1G
+  - name: thin0
+    handler: thin
+    size: 100G
+    block_size: 4096
+    pool: main
+    options: {unit: 64K, zero: true}
+    serial: TCMU0001
+    wwn: naa.6001405abcdef012
+  - name: tape0
+    handler: vtl
+    size: 1M
+libraries:
+  - name: lib0
+    changer: changer0
+    drives: [{name: tape0, model: ULT3580-TD8}]
+    slots: 24
+    import_export: 2
+    cartridges: ["ABC000L8..ABC019L8", "CLN001L1"]
+    media_dir: /srv/tcmu/media
+exports:
+  loopback:
+    - {device: disk0}
+    - {device: thin0, lun: 5}
+  iscsi:
+    - iqn: iqn.2003-01.org.linux-iscsi.host:sn.1234
+      portals: ["127.0.0.1:3260", "[::1]:3261"]
+      chap: {userid: tgt, password: secretsecret}
+      attributes: {default_cmdsn_depth: 128}
+      luns:
+        - {device: disk0, lun: 0}
+        - {device: thin0, lun: 1}
+      acls:
+        - initiator: iqn.1994-05.com.redhat:client1
+          chap: {userid: u1, password: p1p1p1p1p1p1, mutual_userid: t1, mutual_password: m1m1m1}
+          luns: [thin0]
+        - initiator: iqn.1994-05.com.redhat:client2
+"""
+
+
+def load(text: str, **kw: object) -> Config:
+    return load_config_text(textwrap.dedent(text), "cfg.yaml", **kw)  # type: ignore[arg-type]
+
+
+def problems(text: str, **kw: object) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        load(text, **kw)
+    lines = str(ei.value).splitlines()
+    assert lines[0].endswith("problem(s) in cfg.yaml:") or len(lines) == 1
+    return lines[1:] if len(lines) > 1 else lines
+
+
+def test_good_config_values() -> None:
+    cfg = load(GOOD)
+    assert cfg.state_dir == "/srv/tcmu"
+    disk = cfg.device("disk0")
+    assert disk.size == 1 << 30 and disk.block_size == 512
+    assert disk.hw_max_sectors == 2048 and disk.cmd_time_out == 60
+    assert disk.options == (("path", "/srv/tcmu/disk0.img"),)  # default under state_dir
+    thin = cfg.device("thin0")
+    assert thin.options == (("unit", "64K"), ("zero", "1"))
+    assert thin.pool == "main" and thin.serial == "TCMU0001"
+    pool = cfg.pool("main")
+    assert pool.capacity == 10 << 30 and pool.soft_threshold == 75
+    assert pool.hard_limit == (10 << 30) * 95 // 100
+    assert cfg.exports.loopback == (LunMap("disk0", 0), LunMap("thin0", 5))
+    tgt = cfg.exports.iscsi[0]
+    assert tgt.portals == (Portal("127.0.0.1", 3260), Portal("::1", 3261))
+    assert str(tgt.portals[1]) == "[::1]:3261"
+    assert tgt.chap == Chap("tgt", "secretsecret")
+    assert tgt.acls[0].luns == ("thin0",) and tgt.acls[1].luns is None
+    assert tgt.acls[0].chap == Chap("u1", "p1p1p1p1p1p1", "t1", "m1m1m1")
+    assert tgt.attributes == (("default_cmdsn_depth", 128),)
+    lib = cfg.libraries[0]
+    assert len(lib.barcodes()) == 21 and lib.barcodes()[0] == "ABC000L8"
+
+
+def test_dev_config_strings() -> None:
+    cfg = load(GOOD)
+    assert dev_config_string(cfg.device("disk0")) == "raw//srv/tcmu/disk0.img"
+    assert dev_config_string(cfg.device("thin0")) == "thin/unit=64K;zero=1;pool=main"
+    assert dev_config_string(cfg.device("tape0")) == "vtl/"
+
+
+@pytest.mark.parametrize("bad", ["a:b", "a,b", "a\nb"])
+def test_dev_config_string_rejects_what_kernel_or_rtslib_mangle(bad: str) -> None:
+    dev = Device("d", "x", 512, 512, 8, 1, 30, False, (("k", bad),))
+    with pytest.raises(ConfigError, match="expected no"):
+        dev_config_string(dev)
+
+
+def test_dev_config_string_length_limit() -> None:
+    ok = Device("d", "x", 512, 512, 8, 1, 30, False, (("k", "v" * 251),))  # x/k= + 251 = 255
+    assert len(dev_config_string(ok)) == 255
+    long = Device("d", "x", 512, 512, 8, 1, 30, False, (("k", "v" * 252),))
+    with pytest.raises(ConfigError, match="at most 255"):
+        dev_config_string(long)
+
+
+def test_default_config() -> None:
+    cfg = load_default_config()
+    (dev,) = cfg.devices
+    assert dev.handler == "raw" and dev.size == 256 << 20
+    assert dev_config_string(dev).startswith("raw//var/lib/tcmu-py/")
+    assert cfg.exports.loopback == (LunMap(dev.name, 0),)
+    (tgt,) = cfg.exports.iscsi
+    assert tgt.generate_node_acls and tgt.portals == (Portal("127.0.0.1", 3260),)
+    assert tgt.luns == (LunMap(dev.name, 0),)
+
+
+def test_every_problem_reported_at_once() -> None:
+    found = problems("""
+        state_dir: relative/dir
+        defaults: {block_size: 500, colour: blue}
+        devices:
+          - name: disk0
+            handler: raw
+            size: 10Q
+            hw_max_sectors: 0
+          - name: bad/name
+            handler: raw
+            size: 1G
+          - name: disk0
+            handler: raw
+            size: 1G
+          - name: d3
+            handler: thin
+            size: 1000
+            pool: nopool
+          - {name: d4, handler: raw}
+        exports:
+          loopback:
+            - {device: ghost}
+            - {device: disk0, lun: 300}
+          iscsi:
+            - iqn: iqn.bogus
+              portals: ["127.0.0.1:99999"]
+              generate_node_acls: true
+    """)
+    expected = [
+        "cfg.yaml: state_dir: got 'relative/dir', expected an absolute path",
+        "cfg.yaml: defaults.colour: got 'blue', expected one of the keys",
+        "cfg.yaml: defaults.block_size: got 500, expected a power of two from 512 to 65536",
+        "cfg.yaml: devices[0].size: got '10Q', expected a size",
+        "cfg.yaml: devices[0].hw_max_sectors: got 0, expected an integer 1..65535",
+        "cfg.yaml: devices[1].name: got 'bad/name', expected a name",
+        "cfg.yaml: devices[2].name: got 'disk0', expected a device name not used before",
+        "cfg.yaml: devices[3].size: got 1000, expected a multiple of the block size 512",
+        "cfg.yaml: devices[3].pool: got 'nopool', expected the name of a pool in pools",
+        "cfg.yaml: devices[4].size: got nothing, expected this required key",
+        "cfg.yaml: exports.loopback[0].device: got 'ghost', expected the name of a device",
+        "cfg.yaml: exports.loopback[1].lun: got 300, expected an integer 0..255",
+        "cfg.yaml: exports.iscsi[0].iqn: got 'iqn.bogus', expected an iSCSI name",
+        "cfg.yaml: exports.iscsi[0].portals[0]: got '127.0.0.1:99999', expected a portal",
+    ]
+    for want in expected:
+        assert any(line.startswith(want) for line in found), (want, found)
+    assert len(found) == len(expected), found
+
+
+def test_unknown_keys_everywhere_are_errors() -> None:
+    found = problems("""
+        devics: []
+        devices:
+          - {name: d, handler: raw, size: 1M, blocksize: 4096}
+        exports:
+          iscsi:
+            - iqn: iqn.2003-01.org.x:t
+              generate_node_acls: true
+              attributes: {authentification: 1}
+              acls: [{initiator: iqn.2003-01.org.x:i, lun: [d]}]
+    """)
+    assert any(p.startswith("cfg.yaml: devics: got []") for p in found)
+    assert any(p.startswith("cfg.yaml: devices[0].blocksize: got 4096") for p in found)
+    assert any("exports.iscsi[0].attributes.authentification: got 1" in p for p in found)
+    assert any("exports.iscsi[0].acls[0].lun: got ['d']" in p for p in found)
+    assert len(found) == 4
+
+
+def test_duplicate_yaml_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"cfg.yaml: line 3 column 1: got invalid YAML"):
+        load("state_dir: /a\ndevices: []\nstate_dir: /b\n")
+
+
+def test_lun_and_acl_cross_references() -> None:
+    found = problems("""
+        devices:
+          - {name: a, handler: raw, size: 1M}
+          - {name: b, handler: raw, size: 1M}
+        exports:
+          loopback:
+            - {device: a, lun: 1}
+            - {device: b, lun: 1}
+          iscsi:
+            - iqn: iqn.2003-01.org.x:t
+              luns: [{device: a}, {device: a, lun: 4}]
+              acls:
+                - {initiator: iqn.2003-01.org.x:i, luns: [b]}
+                - {initiator: IQN.2003-01.org.x:I}
+            - iqn: iqn.2003-01.org.x:t
+              generate_node_acls: true
+            - iqn: iqn.2003-01.org.x:u
+    """)
+    assert any("exports.loopback[1].lun: got 1, expected a LUN number not used before" in p
+               for p in found)
+    assert any("exports.iscsi[0].luns[1].device: got 'a', expected a device exported once" in p
+               for p in found)
+    assert any("exports.iscsi[0].acls[0].luns[0]: got 'b', expected a device exported in this"
+               in p for p in found)
+    assert any("exports.iscsi[0].acls[1].initiator: got 'IQN.2003-01.org.x:I', expected an"
+               " initiator listed once" in p for p in found)
+    assert any("exports.iscsi[1].iqn: got 'iqn.2003-01.org.x:t', expected a target name not used"
+               in p for p in found)
+    assert any("exports.iscsi[2].acls: got nothing, expected at least one ACL" in p
+               for p in found)
+    assert len(found) == 6, found
+
+
+def test_lun_numbers_auto_assigned_lowest_free() -> None:
+    cfg = load("""
+        devices:
+          - {name: a, handler: raw, size: 1M}
+          - {name: b, handler: raw, size: 1M}
+          - {name: c, handler: raw, size: 1M}
+        exports:
+          loopback: [{device: a, lun: 0}, {device: b}, {device: c, lun: 7}]
+    """)
+    assert cfg.exports.loopback == (LunMap("a", 0), LunMap("b", 1), LunMap("c", 7))
+
+
+def test_chap_rules() -> None:
+    found = problems("""
+        devices: [{name: a, handler: raw, size: 1M}]
+        exports:
+          iscsi:
+            - iqn: eui.0123456789abcdef
+              generate_node_acls: true
+              chap: {userid: u, password: samesecret1, mutual_userid: t,
+                     mutual_password: samesecret1}
+            - iqn: naa.5001405000000001
+              generate_node_acls: true
+              chap: {userid: u, password: pw, mutual_userid: t}
+            - iqn: naa.5001405000000002
+              generate_node_acls: true
+              chap: {userid: u}
+    """)
+    assert any("exports.iscsi[0].chap.mutual_password: got '<hidden>'" in p for p in found)
+    assert not any("samesecret1" in p for p in found)  # secrets never echoed
+    assert any("exports.iscsi[1].chap.mutual_password: got nothing" in p for p in found)
+    assert any("exports.iscsi[2].chap.password: got nothing" in p for p in found)
+
+
+def test_data_area_must_hold_the_largest_command() -> None:
+    found = problems("""
+        devices:
+          - {name: a, handler: raw, size: 1M, block_size: 4096, hw_max_sectors: 8192,
+             max_data_area_mb: 16}
+    """)
+    assert len(found) == 1 and "devices[0].hw_max_sectors: got 8192" in found[0]
+
+
+def test_options_that_would_break_dev_config() -> None:
+    found = problems("""
+        devices:
+          - {name: a, handler: x, size: 1M, options: {host: "a:b"}}
+          - {name: b, handler: x, size: 1M, options: {v: [1, 2]}}
+          - {name: c, handler: raw, size: 1M, options: {path: /x, extra: 1}}
+          - {name: d, handler: x, size: 1M, options: {k: "%s"}}
+    """ % ("v" * 300))
+    assert any("devices[0].options.host: got 'a:b', expected a value without" in p
+               for p in found)
+    assert any("devices[1].options.v: got [1, 2], expected a string" in p for p in found)
+    assert any("devices[2].options.extra: got 1, expected one of the keys path" in p
+               for p in found)
+    assert any("devices[3].options: got" in p and "at most 255" in p for p in found)
+
+
+def test_handler_registry_checks() -> None:
+    def check_raw(cfg: str) -> None:
+        if not cfg.startswith("raw//"):
+            raise ConfigError("path must be absolute")
+
+    def check_thin(cfg: str) -> None:
+        raise ConfigError("pool unknown")
+
+    found = problems("""
+        devices:
+          - {name: a, handler: raw, size: 1M}
+          - {name: b, handler: nope, size: 1M}
+          - {name: c, handler: thin, size: 1M}
+    """, handlers={"raw": check_raw, "thin": check_thin})
+    assert any("devices[1].handler: got 'nope', expected an installed handler (raw, thin)" in p
+               for p in found)
+    assert any("devices[2].options: got None, expected options the 'thin' handler accepts:"
+               " pool unknown" in p for p in found)
+    assert len(found) == 2
+
+
+def test_library_structure() -> None:
+    found = problems("""
+        libraries:
+          - name: lib
+            changer: ch
+            drives: [{name: t0}]
+            slots: 2
+            cartridges: ["AAA000L8..AAA009L8", "bad-code"]
+            media_dir: /m
+    """)
+    assert any("libraries[0].drives[0].model: got nothing" in p for p in found)
+    assert any("libraries[0].cartridges[1]: got 'bad-code'" in p for p in found)
+
+
+def test_library_too_many_cartridges() -> None:
+    found = problems("""
+        libraries:
+          - {name: lib, changer: ch, drives: [{name: t0, model: M}], slots: 2,
+             cartridges: ["AAA000L8..AAA009L8"], media_dir: /m}
+    """)
+    assert found == ["cfg.yaml: libraries[0].cartridges: got ['AAA000L8..AAA009L8'], expected"
+                     " at most slots + import_export = 2 cartridges"]
+
+
+def test_load_config_file_and_unreadable(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("devices: [{name: a, handler: raw, size: 4K}]\n")
+    cfg = load_config(f)
+    assert cfg.source == str(f) and cfg.device("a").size == 4096
+    f.write_text("devices: [{name: a, handler: raw, size: -1}]\n")
+    with pytest.raises(ConfigError, match=rf"^1 problem\(s\) in {f}:\n{f}: devices\[0\].size"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="unreadable"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_empty_file_is_a_valid_empty_config() -> None:
+    cfg = load("")
+    assert cfg.devices == () and cfg.exports.loopback == ()
+
+
+@pytest.mark.parametrize(("text", "n"), [
+    ("0", 0), ("512", 512), ("4K", 4096), ("4k", 4096), ("1M", 1 << 20), ("2MiB", 2 << 20),
+    ("3G", 3 << 30), ("1TB", 1 << 40), ("1P", 1 << 50), (12345, 12345)])
+def test_parse_size(text: object, n: int) -> None:
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("bad", ["1.5G", "-1", "G", "10X", True, 1.0, None, -5, "1 G B"])
+def test_parse_size_rejects(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+@pytest.mark.parametrize(("spec", "first", "last", "count"), [
+    ("ABC000L8..ABC019L8", "ABC000L8", "ABC019L8", 20),
+    ("ABC009L8..ABC010L8", "ABC009L8", "ABC010L8", 2),
+    ("A98..A102", None, None, 0),         # widths differ: rejected
+    ("CLN001L1", "CLN001L1", "CLN001L1", 1),
+    ("X0..X9", "X0", "X9", 10),
+])
+def test_expand_barcodes(spec: str, first: str | None, last: str | None, count: int) -> None:
+    if first is None:
+        with pytest.raises(ValueError):
+            expand_barcodes(spec)
+        return
+    codes = expand_barcodes(spec)
+    assert (codes[0], codes[-1], len(codes)) == (first, last, count)
+    assert len(set(codes)) == count
+
+
+@pytest.mark.parametrize("bad", ["AB1..AB0", "AB1..CD2", "ab1..ab2", "A1B..A2C"])
+def test_expand_barcodes_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        expand_barcodes(bad)
+
+
+@given(st.integers(0, 10**6), st.sampled_from(["", "K", "M", "G", "T", "P"]))
+def test_parse_size_property(n: int, suffix: str) -> None:
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+    assert parse_size(f"{n}{suffix}") == n * mult[suffix]
