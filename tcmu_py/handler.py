@@ -69,6 +69,7 @@ class Handler(ABC):
 
         Called before a device is created (also by `tcmu-py apply`); must not create anything.
         """
+        return None
 
     @classmethod
     @abstractmethod
@@ -140,7 +141,9 @@ def load_handlers() -> dict[str, type[Handler]]:
         if ep.name in TCMU_RUNNER_SUBTYPES:
             log.error(
                 "handler %s: subtype %r belongs to tcmu-runner; expected a name other than %s",
-                ep.value, ep.name, sorted(TCMU_RUNNER_SUBTYPES),
+                ep.value,
+                ep.name,
+                sorted(TCMU_RUNNER_SUBTYPES),
             )
             continue
         try:
@@ -177,7 +180,9 @@ def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dic
         try:
             out[key] = known[key](value)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"config string {cfgstring!r}: key {key!r}: {value!r}: {exc}") from None
+            raise ConfigError(
+                f"config string {cfgstring!r}: key {key!r}: {value!r}: {exc}"
+            ) from None
     return out
 
 

@@ -16,9 +16,9 @@ GOOD = 0x00
 class Command:
     """One SCSI command: the CDB and the Data-Out / Data-In buffers the initiator provided.
 
-    For a command without BIDI, the kernel supplies a single list of buffers whose direction follows
-    the CDB, so `data_out` and `data_in` are the same list; a handler reads parameter data from it or
-    writes its answer into it according to what the opcode means.
+    For a command without BIDI, the kernel supplies a single list of buffers whose direction
+    follows the CDB, so `data_out` and `data_in` are the same list; a handler reads parameter
+    data from it or writes its answer into it according to what the opcode means.
     """
 
     __slots__ = ("cdb", "opcode", "data_out", "data_in", "data_out_length", "data_in_length", "tag")
@@ -53,8 +53,8 @@ class Command:
     def write_data_in(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter `data` into the Data-In buffers starting at byte `offset`.
 
-        Returns the number of bytes written: as much of `data` as fits, silently truncated at the end
-        of the buffers (SPC-5 4.2.5.6: allocation length truncation is not an error).
+        Returns the number of bytes written: as much of `data` as fits, silently truncated at the
+        end of the buffers (SPC-5 4.2.5.6: allocation length truncation is not an error).
         """
         src = memoryview(data)
         written = 0

@@ -1,0 +1,39 @@
+"""`null`: reads return zeros, writes are discarded (SCST's NULLIO).
+
+For measuring the framework's own per-command overhead; it stores nothing. Config string: empty,
+or anything (ignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tcmu_py.device.block import BlockDevice, open_block_device
+from tcmu_py.handler import DeviceConfig, Handler
+
+
+class NullBackend:
+    write_cache = False
+
+    def __init__(self, size: int, block_size: int) -> None:
+        self.size = size
+        self.block_size = block_size
+
+    def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        for b in bufs:
+            b[:] = bytes(len(b))
+
+    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class NullHandler(Handler):
+    subtype = "null"
+    description = "discards writes, reads zeros (overhead measurements)"
+
+    @classmethod
+    def open(cls, config: DeviceConfig) -> BlockDevice:
+        return open_block_device(config, NullBackend(config.size, config.block_size))

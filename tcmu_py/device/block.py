@@ -1,0 +1,507 @@
+"""BlockDevice: SBC-4 direct-access semantics over a `BlockBackend`.
+
+A backend moves bytes; this module decides what the bytes mean. It enforces bounds
+(LBA OUT OF RANGE), FUA, COMPARE AND WRITE atomicity, VERIFY, WRITE SAME, UNMAP, GET LBA STATUS,
+READ CAPACITY and the block VPD / mode / log pages, and advertises only what the backend can do:
+UNMAP and LBPME appear only for a backend with `unmap`, GET LBA STATUS only with `lba_status`,
+LBPRZ only when deallocated blocks really read as zeros.
+
+Threads: handlers run on the device's worker pool, several at once. Writes and COMPARE AND WRITE
+take the range lock for the LBAs they touch, so a COMPARE AND WRITE is atomic against every
+overlapping write (SBC-4 5.3); reads take no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tcmu_py.device.command import Command
+from tcmu_py.device.core import ScsiDevice, command
+from tcmu_py.handler import BlockBackend, DeviceConfig, ProvisioningInfo
+from tcmu_py.scsi import cdb as cdbs
+from tcmu_py.scsi import sbc, spc
+from tcmu_py.scsi.constants import Opcode, PeripheralType, ServiceAction
+from tcmu_py.scsi.sense import (
+    CapacityDataChanged,
+    InvalidFieldInCdb,
+    LbaOutOfRange,
+    MediumError,
+    Miscompare,
+    ParameterListLengthError,
+    ScsiError,
+    SoftThresholdReached,
+    SpaceAllocationFailed,
+    WriteError,
+)
+
+#: Largest WRITE SAME we accept in one command (blocks); advertised in VPD B0h.
+MAX_WRITE_SAME_BLOCKS = 1 << 22
+#: Largest COMPARE AND WRITE (blocks); advertised in VPD B0h.
+MAX_COMPARE_AND_WRITE_BLOCKS = 255
+#: UNMAP limits advertised in VPD B0h.
+MAX_UNMAP_BLOCK_DESCRIPTORS = 256
+MAX_UNMAP_LBA_COUNT = 0xFFFFFFFF
+#: Chunk size for pattern writes (WRITE SAME without backend support).
+_FILL_CHUNK = 1 << 20
+
+
+def slice_buffers(bufs: Sequence[memoryview], offset: int, length: int) -> list[memoryview]:
+    """The sub-views of `bufs` covering bytes [offset, offset+length) of their concatenation."""
+    out = []
+    pos = 0
+    end = offset + length
+    for buf in bufs:
+        n = len(buf)
+        lo = max(offset, pos)
+        hi = min(end, pos + n)
+        if lo < hi:
+            out.append(buf[lo - pos : hi - pos])
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+class RangeLock:
+    """Mutual exclusion between overlapping LBA ranges (half-open [start, end))."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held: list[tuple[int, int]] = []
+
+    def acquire(self, start: int, end: int) -> tuple[int, int]:
+        with self._cond:
+            while any(s < end and start < e for s, e in self._held):
+                self._cond.wait()
+            item = (start, end)
+            self._held.append(item)
+            return item
+
+    def release(self, item: tuple[int, int]) -> None:
+        with self._cond:
+            self._held.remove(item)
+            self._cond.notify_all()
+
+
+def _io_error(exc: OSError, writing: bool) -> ScsiError:
+    """Map a backend OSError to sense (SBC-4 4.18 / SPC-5 Annex D)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpaceAllocationFailed(str(exc))
+    return WriteError(str(exc)) if writing else MediumError(str(exc))
+
+
+class BlockDevice(ScsiDevice):
+    """A direct-access block device (peripheral type 00h) over `backend`."""
+
+    peripheral_type = PeripheralType.DISK
+    product = "BLOCK DEVICE"
+
+    def __init__(self, config: DeviceConfig, backend: BlockBackend) -> None:
+        super().__init__(config)
+        self.backend = backend
+        self.block_size = backend.block_size
+        self.num_blocks = backend.size // backend.block_size
+        self.max_transfer_blocks = max(1, config.hw_max_sectors * 512 // self.block_size)
+        self._ranges = RangeLock()
+        self._can_unmap = hasattr(backend, "unmap")
+        self._can_lba_status = hasattr(backend, "lba_status")
+        self._threshold_event: Callable[[], bool] | None = getattr(
+            backend, "take_threshold_event", None
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Capabilities and pages
+
+    def supports(self, opcode: int, service_action: int | None) -> bool:
+        if opcode == Opcode.UNMAP:
+            return self._can_unmap
+        if opcode == Opcode.SERVICE_ACTION_IN_16 and service_action == ServiceAction.GET_LBA_STATUS:
+            return self._can_lba_status
+        return True
+
+    @property
+    def lbprz(self) -> bool:
+        """Deallocated blocks read as zeros (only meaningful with unmap)."""
+        return self._can_unmap and bool(getattr(self.backend, "lbprz", False))
+
+    def version_descriptors(self) -> tuple[int, ...]:
+        return (*super().version_descriptors(), 0x0600)  # SBC-4
+
+    def vpd_pages(self) -> dict[int, Callable[[], bytes]]:
+        pages = super().vpd_pages()
+        gran = self._unmap_granularity_blocks()
+        pages[0xB0] = lambda: sbc.build_vpd_block_limits(
+            max_transfer_length=self.max_transfer_blocks,
+            optimal_transfer_length=self.max_transfer_blocks,
+            max_unmap_lba_count=MAX_UNMAP_LBA_COUNT if self._can_unmap else 0,
+            max_unmap_descriptor_count=MAX_UNMAP_BLOCK_DESCRIPTORS if self._can_unmap else 0,
+            optimal_unmap_granularity=gran if self._can_unmap else 0,
+            unmap_granularity_alignment=0 if self._can_unmap else None,
+            max_write_same_length=MAX_WRITE_SAME_BLOCKS,
+            max_compare_and_write_length=MAX_COMPARE_AND_WRITE_BLOCKS,
+        )
+        pages[0xB1] = lambda: sbc.build_vpd_block_device_characteristics(rotation_rate=1)
+        if self._can_unmap:
+            pages[0xB2] = lambda: sbc.build_vpd_lbp(
+                lbpu=True,
+                lbpws=True,
+                lbpws10=True,
+                lbprz=self.lbprz,
+                anc_sup=False,
+                provisioning_type=2 if self._provisioning() is not None else 0,
+                threshold_exponent=self._threshold_exponent(),
+            )
+        return pages
+
+    def _unmap_granularity_blocks(self) -> int:
+        info = self._provisioning()
+        unit = info.unmap_granularity if info else getattr(self.backend, "unmap_granularity", 0)
+        return max(1, unit // self.block_size) if unit else 1
+
+    def _provisioning(self) -> ProvisioningInfo | None:
+        fn = getattr(self.backend, "provisioning", None)
+        return fn() if fn is not None else None
+
+    def _threshold_exponent(self) -> int:
+        """SBC-4 6.6.4: thresholds count in units of 2**exponent blocks (0 = no thresholds)."""
+        info = self._provisioning()
+        if info is None:
+            return 0
+        exp = 0
+        while (self.num_blocks >> exp) > 0xFFFFFFFF or (
+            1 << exp
+        ) * self.block_size < info.unmap_granularity:
+            exp += 1
+        return max(exp, 1)
+
+    def mode_pages(self) -> list[spc.ModePage]:
+        pages = super().mode_pages()
+        pages.append(spc.read_write_error_recovery_page())
+        # SBC-4 7.5.5: WCE tells whether acknowledged writes may still be in a volatile cache.
+        pages.append(spc.caching_mode_page(wce=bool(self.backend.write_cache)))
+        info = self._provisioning()
+        if info is not None and info.soft_threshold is not None:
+            exp = self._threshold_exponent()
+            count = (info.capacity * info.soft_threshold // 100) // (self.block_size << exp)
+            pages.append(spc.logical_block_provisioning_mode_page(threshold_count=count))
+        return pages
+
+    def block_descriptors(self) -> list[tuple[int, int, int]]:
+        return [(0, min(self.num_blocks, 0xFFFFFFFF), self.block_size)]
+
+    def device_specific_parameter(self) -> int:
+        return 0x10  # SBC-4 6.5.1: DPOFUA — DPO and FUA are supported
+
+    def log_pages(self) -> dict[tuple[int, int], Callable[[], bytes]]:
+        pages = super().log_pages()
+        if self._provisioning() is not None:
+            pages[(0x0C, 0x00)] = self._lbp_log_page
+        return pages
+
+    def _lbp_log_page(self) -> bytes:
+        info = self._provisioning()
+        assert info is not None
+        exp = self._threshold_exponent()
+        unit = self.block_size << exp
+        return spc.build_lbp_log_page(
+            available=max(info.capacity - info.used, 0) // unit,
+            used=info.device_used // unit,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Helpers
+
+    def _check_range(self, lba: int, blocks: int) -> None:
+        # SBC-4 4.5: LBA + count beyond the capacity -> LOGICAL BLOCK ADDRESS OUT OF RANGE.
+        if lba + blocks > self.num_blocks:
+            raise LbaOutOfRange(f"lba {lba} + {blocks} > {self.num_blocks}", info=lba)
+
+    def _check_transfer(self, blocks: int, field: int) -> None:
+        if blocks > self.max_transfer_blocks:
+            # SBC-4 6.6.3: above MAXIMUM TRANSFER LENGTH -> INVALID FIELD IN CDB.
+            raise InvalidFieldInCdb(f"transfer length {blocks}", field_pointer=field)
+
+    def _after_write(self) -> None:
+        if self._threshold_event is not None and self._threshold_event():
+            # SBC-4 4.7.3.7: report crossing the soft threshold as a unit attention.
+            self.queue_unit_attention(SoftThresholdReached())
+
+    def _write(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        try:
+            self.backend.write(offset, bufs)
+        except OSError as exc:
+            raise _io_error(exc, writing=True) from exc
+
+    def _read(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        try:
+            self.backend.read(offset, bufs)
+        except OSError as exc:
+            raise _io_error(exc, writing=False) from exc
+
+    def _flush(self) -> None:
+        try:
+            self.backend.flush()
+        except OSError as exc:
+            raise WriteError(str(exc)) from exc
+
+    def _read_bytes(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self._read(offset, [memoryview(buf)])
+        return buf
+
+    # ------------------------------------------------------------------------------------------
+    # Reads and writes
+
+    @command(Opcode.READ_6)
+    @command(Opcode.READ_10)
+    @command(Opcode.READ_12)
+    @command(Opcode.READ_16)
+    def read(self, cmd: Command) -> int:
+        rw = cdbs.parse_rw(cmd.cdb)
+        self._check_range(rw.lba, rw.transfer_length)
+        self._check_transfer(rw.transfer_length, 7 if cmd.cdb[0] != Opcode.READ_6 else 4)
+        length = min(rw.transfer_length * self.block_size, cmd.data_in_length)
+        if length:
+            self._read(rw.lba * self.block_size, slice_buffers(cmd.data_in, 0, length))
+        return length
+
+    @command(Opcode.WRITE_6)
+    @command(Opcode.WRITE_10)
+    @command(Opcode.WRITE_12)
+    @command(Opcode.WRITE_16)
+    def write(self, cmd: Command) -> None:
+        rw = cdbs.parse_rw(cmd.cdb)
+        self._check_range(rw.lba, rw.transfer_length)
+        self._check_transfer(rw.transfer_length, 7 if cmd.cdb[0] != Opcode.WRITE_6 else 4)
+        length = min(rw.transfer_length * self.block_size, cmd.data_out_length)
+        length -= length % self.block_size
+        if length:
+            held = self._ranges.acquire(rw.lba, rw.lba + rw.transfer_length)
+            try:
+                self._write(rw.lba * self.block_size, slice_buffers(cmd.data_out, 0, length))
+            finally:
+                self._ranges.release(held)
+            self._after_write()
+        # SBC-4 5.49: FUA — the data must be on non-volatile media before GOOD.
+        if rw.fua and self.backend.write_cache:
+            self._flush()
+
+    @command(Opcode.SYNCHRONIZE_CACHE_10)
+    @command(Opcode.SYNCHRONIZE_CACHE_16)
+    def synchronize_cache(self, cmd: Command) -> None:
+        req = cdbs.SynchronizeCache.parse(cmd.cdb)
+        self._check_range(req.lba, req.blocks)
+        self._flush()
+
+    @command(Opcode.VERIFY_10)
+    @command(Opcode.VERIFY_12)
+    @command(Opcode.VERIFY_16)
+    def verify(self, cmd: Command) -> None:
+        rw = cdbs.parse_rw(cmd.cdb)
+        self._check_range(rw.lba, rw.transfer_length)
+        length = rw.transfer_length * self.block_size
+        if rw.bytchk == 0:
+            # SBC-4 5.33: BYTCHK 0 — verify the medium is readable.
+            if length:
+                self._read_bytes(rw.lba * self.block_size, length)
+            return
+        if rw.bytchk == 2:
+            raise InvalidFieldInCdb("BYTCHK 10b", field_pointer=1, bit_pointer=1)
+        # BYTCHK 01b: compare with the Data-Out; 11b: one block compared with every LBA.
+        expected = cmd.read_data_out(length if rw.bytchk == 1 else self.block_size)
+        if len(expected) < (length if rw.bytchk == 1 else self.block_size) and length:
+            raise ParameterListLengthError("verify data shorter than the transfer length")
+        if rw.bytchk == 3:
+            expected = expected * rw.transfer_length
+        self._compare(rw.lba, expected)
+
+    def _compare(self, lba: int, expected: bytes) -> None:
+        actual = self._read_bytes(lba * self.block_size, len(expected))
+        if actual != expected:
+            first = next(i for i, (a, b) in enumerate(zip(actual, expected, strict=True)) if a != b)
+            # SBC-4 5.3: INFORMATION = offset of the first byte that did not match.
+            raise Miscompare(f"at byte {first}", info=first)
+
+    @command(Opcode.WRITE_AND_VERIFY_10)
+    @command(Opcode.WRITE_AND_VERIFY_12)
+    @command(Opcode.WRITE_AND_VERIFY_16)
+    def write_and_verify(self, cmd: Command) -> None:
+        rw = cdbs.parse_rw(cmd.cdb)
+        if rw.bytchk not in (0, 1):
+            raise InvalidFieldInCdb("BYTCHK", field_pointer=1, bit_pointer=1)
+        self.write(cmd)
+        # SBC-4 5.41: after writing, check the medium (read back and compare when BYTCHK 1).
+        self._flush()
+        length = min(rw.transfer_length * self.block_size, cmd.data_out_length)
+        if length and rw.bytchk:
+            self._compare(rw.lba, cmd.read_data_out(length))
+
+    @command(Opcode.COMPARE_AND_WRITE)
+    def compare_and_write(self, cmd: Command) -> None:
+        rw = cdbs.parse_rw(cmd.cdb)
+        if rw.transfer_length > MAX_COMPARE_AND_WRITE_BLOCKS:
+            raise InvalidFieldInCdb("NUMBER OF LOGICAL BLOCKS", field_pointer=13)
+        self._check_range(rw.lba, rw.transfer_length)
+        length = rw.transfer_length * self.block_size
+        if cmd.data_out_length < 2 * length:
+            # SBC-4 5.3: the Data-Out holds the verify and the write instances.
+            raise InvalidFieldInCdb(
+                "data-out shorter than 2 x NUMBER OF LOGICAL BLOCKS", field_pointer=13
+            )
+        if length == 0:
+            return
+        held = self._ranges.acquire(rw.lba, rw.lba + rw.transfer_length)
+        try:
+            self._compare(rw.lba, cmd.read_data_out(length))
+            self._write(rw.lba * self.block_size, slice_buffers(cmd.data_out, length, length))
+        finally:
+            self._ranges.release(held)
+        self._after_write()
+        if rw.fua and self.backend.write_cache:
+            self._flush()
+
+    @command(Opcode.WRITE_SAME_10)
+    @command(Opcode.WRITE_SAME_16)
+    def write_same(self, cmd: Command) -> None:
+        rw = cdbs.parse_rw(cmd.cdb)
+        if rw.transfer_length == 0:
+            # We advertise WSNZ=1 (VPD B0h), so zero blocks is an invalid field (SBC-4 5.50).
+            raise InvalidFieldInCdb(
+                "NUMBER OF LOGICAL BLOCKS is zero",
+                field_pointer=10 if cmd.cdb[0] == Opcode.WRITE_SAME_16 else 7,
+            )
+        if rw.transfer_length > MAX_WRITE_SAME_BLOCKS:
+            raise InvalidFieldInCdb(
+                "NUMBER OF LOGICAL BLOCKS",
+                field_pointer=10 if cmd.cdb[0] == Opcode.WRITE_SAME_16 else 7,
+            )
+        if rw.anchor:
+            raise InvalidFieldInCdb("ANCHOR", field_pointer=1, bit_pointer=4)
+        if rw.unmap and not self._can_unmap:
+            raise InvalidFieldInCdb("UNMAP", field_pointer=1, bit_pointer=3)
+        self._check_range(rw.lba, rw.transfer_length)
+        if rw.ndob:
+            block = bytes(self.block_size)
+        else:
+            if cmd.data_out_length < self.block_size:
+                raise InvalidFieldInCdb("no data-out block", field_pointer=1)
+            block = cmd.read_data_out(self.block_size)
+        offset = rw.lba * self.block_size
+        length = rw.transfer_length * self.block_size
+        held = self._ranges.acquire(rw.lba, rw.lba + rw.transfer_length)
+        try:
+            # SBC-4 5.50: with UNMAP, a zero block may be deallocated if LBPRZ makes reads zero.
+            if rw.unmap and self.lbprz and not any(block):
+                self._unmap(offset, length)
+            elif hasattr(self.backend, "write_same"):
+                try:
+                    self.backend.write_same(offset, length, block, False)
+                except OSError as exc:
+                    raise _io_error(exc, writing=True) from exc
+            else:
+                self._fill(offset, length, block)
+        finally:
+            self._ranges.release(held)
+        self._after_write()
+
+    def _fill(self, offset: int, length: int, block: bytes) -> None:
+        chunk = block * max(1, min(length, _FILL_CHUNK) // len(block))
+        view = memoryview(chunk)
+        done = 0
+        while done < length:
+            n = min(len(chunk), length - done)
+            self._write(offset + done, [view[:n]])
+            done += n
+
+    def _unmap(self, offset: int, length: int) -> None:
+        try:
+            self.backend.unmap(offset, length)  # type: ignore[attr-defined]
+        except OSError as exc:
+            raise _io_error(exc, writing=True) from exc
+
+    @command(Opcode.UNMAP)
+    def unmap(self, cmd: Command) -> None:
+        req = cdbs.Unmap.parse(cmd.cdb)
+        if req.anchor:
+            raise InvalidFieldInCdb("ANCHOR", field_pointer=1, bit_pointer=0)
+        if req.parameter_list_length == 0:
+            return
+        data = cmd.read_data_out(req.parameter_list_length)
+        ranges = sbc.parse_unmap_parameters(data, MAX_UNMAP_BLOCK_DESCRIPTORS)
+        for lba, count in ranges:
+            self._check_range(lba, count)
+        for lba, count in ranges:
+            if count:
+                held = self._ranges.acquire(lba, lba + count)
+                try:
+                    self._unmap(lba * self.block_size, count * self.block_size)
+                finally:
+                    self._ranges.release(held)
+
+    @command(Opcode.PRE_FETCH_10)
+    @command(Opcode.PRE_FETCH_16)
+    def pre_fetch(self, cmd: Command) -> None:
+        rw = cdbs.parse_rw(cmd.cdb)
+        self._check_range(rw.lba, rw.transfer_length)
+        # SBC-4 5.9: a device without a cache reports GOOD (nothing to stage).
+
+    # ------------------------------------------------------------------------------------------
+    # Capacity and provisioning
+
+    @command(Opcode.READ_CAPACITY_10, inline=True)
+    def read_capacity_10(self, cmd: Command) -> int:
+        return cmd.write_data_in(sbc.build_read_capacity_10(self.num_blocks, self.block_size))
+
+    @command(Opcode.SERVICE_ACTION_IN_16, ServiceAction.READ_CAPACITY_16, inline=True)
+    def read_capacity_16(self, cmd: Command) -> int:
+        req = cdbs.ReadCapacity16.parse(cmd.cdb)
+        data = sbc.build_read_capacity_16(
+            self.num_blocks,
+            self.block_size,
+            lbpme=self._can_unmap,
+            lbprz=self.lbprz,
+            lowest_aligned=0,
+        )
+        return cmd.write_data_in(spc.truncate(data, req.allocation_length))
+
+    @command(Opcode.SERVICE_ACTION_IN_16, ServiceAction.GET_LBA_STATUS)
+    def get_lba_status(self, cmd: Command) -> int:
+        req = cdbs.GetLbaStatus.parse(cmd.cdb)
+        if req.lba >= self.num_blocks:
+            raise LbaOutOfRange(f"lba {req.lba}", info=req.lba)
+        # SBC-4 5.8: descriptors from the starting LBA; as many as fit the allocation length.
+        room = max((req.allocation_length - 8) // 16, 1)
+        span = self.num_blocks - req.lba
+        runs = self.backend.lba_status(req.lba * self.block_size, span * self.block_size)  # type: ignore[attr-defined]
+        descs = [(off // self.block_size, n // self.block_size, st) for off, n, st in runs][:room]
+        return cmd.write_data_in(
+            spc.truncate(sbc.build_get_lba_status(descs), req.allocation_length)
+        )
+
+    @command(Opcode.START_STOP_UNIT, inline=True)
+    def start_stop_unit(self, cmd: Command) -> None:
+        cdbs.StartStopUnit.parse(cmd.cdb)
+        # SBC-4 5.25: nothing spins here; starting and stopping are accepted and change nothing.
+
+    def resize(self, size: int) -> None:
+        """The device was resized: new capacity, and CAPACITY DATA HAS CHANGED (SBC-4 4.6)."""
+        resize = getattr(self.backend, "resize", None)
+        if resize is not None:
+            resize(size)
+        self.num_blocks = size // self.block_size
+        self.queue_unit_attention(CapacityDataChanged())
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+
+def open_block_device(config: DeviceConfig, backend: Any) -> BlockDevice:
+    """Convenience for handlers: a BlockDevice whose product string names the subtype."""
+    dev = BlockDevice(config, backend)
+    dev.product = f"{config.subtype.upper()} DISK"[:16]
+    return dev

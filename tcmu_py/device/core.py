@@ -1,0 +1,415 @@
+"""ScsiDevice: one logical unit's command dispatcher, and the SPC commands every device answers.
+
+Theory of operation
+-------------------
+A device is a table of opcode handlers. Subclasses add handlers with the `@command` decorator; the
+table is collected per class (`__init_subclass__`) and filtered per instance by `supports()`, so
+what REPORT SUPPORTED OPERATION CODES lists is exactly what `dispatch` will run.
+
+`execute(cmd)` is the single entry point. It
+
+1. reports a pending unit attention, unless the opcode is one that SAM-5 5.14 exempts;
+2. looks the opcode (and service action) up, or fails with INVALID COMMAND OPERATION CODE;
+3. runs the handler, and
+4. turns whatever came back — a return value, a `ScsiError`, or any other exception — into a
+   `Response`. This is the ONE place a `ScsiError` becomes CHECK CONDITION, and the one place an
+   unexpected exception becomes HARDWARE ERROR 44/00 (with the traceback logged).
+
+A handler may return a `concurrent.futures.Future`; `execute` then returns a Future of the
+`Response`, converted by the same function when it resolves.
+
+Threads: `execute` may be called from several worker threads at once unless the class sets
+`serial_commands = True`, in which case the runner calls it from one thread, in arrival order.
+Per-device state that SPC keeps (unit attentions, mode pages) is guarded by `self.lock`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, ClassVar, TypeVar
+
+from tcmu_py.device.command import Command, Response
+from tcmu_py.handler import DeviceConfig
+from tcmu_py.scsi import cdb as cdbs
+from tcmu_py.scsi import spc
+from tcmu_py.scsi.constants import Opcode, ServiceAction, Status
+from tcmu_py.scsi.sense import (
+    HardwareError,
+    InvalidFieldInCdb,
+    InvalidOpcode,
+    PowerOnReset,
+    ScsiError,
+    build_fixed_sense,
+)
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+Handler = Callable[[Any, Command], Any]
+
+#: Opcodes whose service action selects the command (SPC-5 4.2.5.1): where the field lives.
+_SA_BYTE1 = {Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN, Opcode.MAINTENANCE_OUT}
+
+#: SAM-5 5.14 / SPC-5 5.14: commands that neither report nor clear a pending unit attention.
+_UA_EXEMPT = {Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE}
+
+VENDOR = "TCMU-PY"
+
+
+def command(
+    opcode: int, service_action: int | None = None, *, inline: bool = False
+) -> Callable[[F], F]:
+    """Register the decorated method as the handler of `opcode` (and `service_action`).
+
+    `inline=True` says the handler never blocks (no backend I/O): the runner may run it on its
+    loop thread instead of handing it to the worker pool.
+    """
+
+    def mark(fn: F) -> F:
+        keys = getattr(fn, "_scsi_commands", [])
+        keys.append((int(opcode), service_action, inline))
+        fn._scsi_commands = keys  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def service_action_of(cdb: bytes) -> int | None:
+    """The service action of a CDB whose opcode uses one, else None."""
+    op = cdb[0]
+    if op in _SA_BYTE1:
+        return cdb[1] & 0x1F if len(cdb) > 1 else 0
+    if op == Opcode.VARIABLE_LENGTH and len(cdb) >= 10:
+        return int.from_bytes(cdb[8:10], "big")
+    return None
+
+
+class ScsiDevice:
+    """Base of every device. Subclasses set the class attributes and add `@command` handlers."""
+
+    peripheral_type: ClassVar[int] = 0x00
+    removable: ClassVar[bool] = False
+    serial_commands: ClassVar[bool] = False
+    vendor: str = VENDOR
+    product: str = "VIRTUAL DEVICE"
+    revision: str = "0001"
+
+    #: (opcode, service action) -> (method name, inline) — collected per class.
+    _table: ClassVar[dict[tuple[int, int | None], tuple[str, bool]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        table: dict[tuple[int, int | None], tuple[str, bool]] = {}
+        for klass in reversed(cls.__mro__):
+            for name, value in vars(klass).items():
+                for opcode, sa, inline in getattr(value, "_scsi_commands", ()):
+                    table[(opcode, sa)] = (name, inline)
+        cls._table = table
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        self.serial = config.serial or spc.serial_from_name(config.name)
+        self.lock = threading.RLock()
+        self._unit_attentions: deque[ScsiError] = deque([PowerOnReset()])
+        self._mode_state: dict[tuple[int, int], bytes] = {}
+        self.d_sense = False
+        self.log = logging.LoggerAdapter(log, {"device": config.name})
+
+    # ------------------------------------------------------------------------------------------
+    # Extension points
+
+    def supports(self, opcode: int, service_action: int | None) -> bool:
+        """Whether this instance implements a command its class declares (capability filter)."""
+        return True
+
+    def check_ready(self) -> None:
+        """Raise NotReady / MediumNotPresent when the unit cannot take medium-access commands."""
+
+    def vpd_pages(self) -> dict[int, Callable[[], bytes]]:
+        """VPD page code -> builder. Subclasses extend the dict from super()."""
+        pt = self.peripheral_type
+        return {
+            0x80: lambda: spc.build_vpd_unit_serial(pt, self.serial),
+            0x83: lambda: spc.build_vpd_device_identification(
+                pt,
+                naa=spc.naa_from_serial(self.serial),
+                t10_vendor=self.vendor,
+                t10_id=f"{self.product.strip()}:{self.serial}",
+            ),
+        }
+
+    def version_descriptors(self) -> tuple[int, ...]:
+        """INQUIRY version descriptors (SPC-5 6.6.2 table 149)."""
+        return (0x00A0, 0x0460)  # SAM-5, SPC-4
+
+    def mode_pages(self) -> list[spc.ModePage]:
+        """The mode pages this device has. Subclasses extend super()'s list."""
+        return [spc.control_mode_page(d_sense=self.d_sense)]
+
+    def block_descriptors(self) -> list[tuple[int, int, int]]:
+        """(density code, number of blocks, block length) for MODE SENSE block descriptors."""
+        return []
+
+    def device_specific_parameter(self) -> int:
+        return 0
+
+    def apply_block_descriptor(self, density: int, blocks: int, block_length: int) -> None:
+        """MODE SELECT sent a block descriptor. Default: accept only the current values."""
+        if (density, blocks, block_length) not in [
+            (d, b, n) for d, b, n in self.block_descriptors()
+        ] and (
+            blocks,
+            block_length,
+        ) not in [(b, n) for _, b, n in self.block_descriptors()]:
+            raise spc.InvalidFieldInParameterList(
+                "block descriptor cannot be changed", field_pointer=0
+            )
+
+    def mode_page_changed(self, page_code: int, subpage: int, new_current: bytes) -> None:
+        """MODE SELECT changed a page (already checked against its changeable mask)."""
+        if page_code == 0x0A and subpage == 0:
+            # SPC-5 7.5.8: D_SENSE (byte 2 bit 2) selects descriptor-format sense data.
+            self.d_sense = bool(new_current[2] & 0x04)
+
+    def log_pages(self) -> dict[tuple[int, int], Callable[[], bytes]]:
+        """(page, subpage) -> builder of the whole log page. Page 00h is generated."""
+        return {}
+
+    def queue_unit_attention(self, err: ScsiError) -> None:
+        """Report `err` (a UNIT ATTENTION) with the next command that is not exempt."""
+        with self.lock:
+            if not any(type(ua) is type(err) for ua in self._unit_attentions):
+                self._unit_attentions.append(err)
+
+    def close(self) -> None:
+        """Release resources. Called once, after the last command completed."""
+
+    # ------------------------------------------------------------------------------------------
+    # Dispatch
+
+    def lookup(self, cdb: bytes) -> tuple[Handler, bool]:
+        """The handler bound to this CDB and whether it may run inline. Raises InvalidOpcode."""
+        sa = service_action_of(cdb)
+        entry = self._table.get((cdb[0], sa))
+        if entry is None or not self.supports(cdb[0], sa):
+            if sa is not None and any(op == cdb[0] for op, _ in self._table):
+                # SPC-5 4.2.5.1: an unsupported service action is an invalid field in the CDB.
+                field = 8 if cdb[0] == Opcode.VARIABLE_LENGTH else 1
+                raise InvalidFieldInCdb(f"service action {sa:#x}", field_pointer=field)
+            raise InvalidOpcode(f"opcode {cdb[0]:#04x}", field_pointer=0)
+        return getattr(self, entry[0]), entry[1]
+
+    def is_inline(self, cdb: bytes) -> bool:
+        """Whether the command's handler never blocks (see `command(inline=...)`)."""
+        try:
+            return self.lookup(cdb)[1]
+        except ScsiError:
+            return True
+
+    def supported_commands(self) -> list[tuple[int, int | None]]:
+        """Every (opcode, service action) this instance executes, sorted."""
+        return sorted(
+            (k for k in self._table if self.supports(*k)), key=lambda k: (k[0], k[1] or 0)
+        )
+
+    def execute(self, cmd: Command) -> Response | Future[Response]:
+        """Run one command to a Response. Never raises."""
+        try:
+            if cmd.opcode not in _UA_EXEMPT:
+                self._report_unit_attention()
+            handler, _ = self.lookup(cmd.cdb)
+            result = handler(cmd)
+        except BaseException as exc:  # noqa: BLE001 - the one place errors become sense
+            return self.respond_error(cmd, exc)
+        if isinstance(result, Future):
+            return self._chain(cmd, result)
+        return self.respond(cmd, result)
+
+    def _chain(self, cmd: Command, inner: Future[Any]) -> Future[Response]:
+        outer: Future[Response] = Future()
+
+        def done(f: Future[Any]) -> None:
+            exc = f.exception()
+            outer.set_result(self.respond_error(cmd, exc) if exc else self.respond(cmd, f.result()))
+
+        inner.add_done_callback(done)
+        return outer
+
+    def respond(self, cmd: Command, result: Any) -> Response:
+        """Turn a handler's return value into a Response."""
+        if result is None:
+            return Response()
+        if isinstance(result, Response):
+            return result
+        if isinstance(result, int):
+            return Response(data_in_length=result)
+        return self.respond_error(cmd, TypeError(f"handler returned {type(result).__name__}"))
+
+    def respond_error(self, cmd: Command, exc: BaseException) -> Response:
+        """The one place an exception becomes CHECK CONDITION (SAM-5 5.3)."""
+        if not isinstance(exc, ScsiError):
+            self.log.error(
+                "%s: handler failed: cdb=%s", self.config.name, cmd.cdb.hex(), exc_info=exc
+            )
+            exc = HardwareError(str(exc))
+        if isinstance(exc, ScsiError) and exc.status != Status.CHECK_CONDITION:
+            return Response(status=exc.status)
+        return Response(
+            status=Status.CHECK_CONDITION,
+            sense=exc.sense(descriptor=self.d_sense),
+            data_in_length=exc.transferred if exc.transferred is not None else 0,
+        )
+
+    def _report_unit_attention(self) -> None:
+        with self.lock:
+            if self._unit_attentions:
+                raise self._unit_attentions.popleft()
+
+    # ------------------------------------------------------------------------------------------
+    # SPC commands every device answers
+
+    @command(Opcode.TEST_UNIT_READY, inline=True)
+    def test_unit_ready(self, cmd: Command) -> None:
+        self.check_ready()
+
+    @command(Opcode.INQUIRY, inline=True)
+    def inquiry(self, cmd: Command) -> int:
+        req = cdbs.Inquiry.parse(cmd.cdb)
+        if not req.evpd:
+            if req.page_code:
+                # SPC-5 6.7.1: PAGE CODE must be zero when EVPD is zero.
+                raise InvalidFieldInCdb("page code without EVPD", field_pointer=2)
+            data = spc.build_standard_inquiry(
+                self.peripheral_type,
+                self.vendor,
+                self.product,
+                self.revision,
+                removable=self.removable,
+                version_descriptors=self.version_descriptors(),
+            )
+        else:
+            pages = self.vpd_pages()
+            if req.page_code == 0x00:
+                data = spc.build_vpd_supported_pages(self.peripheral_type, [0x00, *sorted(pages)])
+            elif req.page_code in pages:
+                data = pages[req.page_code]()
+            else:
+                raise InvalidFieldInCdb(f"VPD page {req.page_code:#x}", field_pointer=2)
+        return cmd.write_data_in(spc.truncate(data, req.allocation_length))
+
+    @command(Opcode.REQUEST_SENSE, inline=True)
+    def request_sense(self, cmd: Command) -> int:
+        req = cdbs.RequestSense.parse(cmd.cdb)
+        # SPC-5 6.39: a pending unit attention is reported (and cleared) in the parameter data;
+        # otherwise NO SENSE. DESC selects descriptor format.
+        with self.lock:
+            ua = self._unit_attentions.popleft() if self._unit_attentions else None
+        if ua is not None:
+            data = ua.sense(descriptor=req.desc)
+        elif req.desc:
+            data = spc.build_no_sense(descriptor=True)
+        else:
+            data = build_fixed_sense(0, 0, 0)
+        return cmd.write_data_in(spc.truncate(data, req.allocation_length))
+
+    @command(Opcode.MAINTENANCE_IN, ServiceAction.REPORT_SUPPORTED_OPERATION_CODES, inline=True)
+    def report_supported_operation_codes(self, cmd: Command) -> int:
+        req = cdbs.ReportSupportedOpcodes.parse(cmd.cdb)
+        infos = [spc.opcode_info(op, sa) for op, sa in self.supported_commands()]
+        if req.reporting_options == 0:
+            data = spc.build_rsoc_all(infos, rctd=req.rctd)
+        else:
+            data = spc.build_rsoc_one(
+                infos,
+                reporting_options=req.reporting_options,
+                opcode=req.requested_opcode,
+                service_action=req.requested_service_action,
+                rctd=req.rctd,
+            )
+        return cmd.write_data_in(spc.truncate(data, req.allocation_length))
+
+    @command(Opcode.MODE_SENSE_6, inline=True)
+    @command(Opcode.MODE_SENSE_10, inline=True)
+    def mode_sense(self, cmd: Command) -> int:
+        req = cdbs.ModeSense.parse(cmd.cdb)
+        with self.lock:
+            pages = self._current_mode_pages()
+        data = spc.build_mode_sense(
+            pages,
+            ten=cmd.opcode == Opcode.MODE_SENSE_10,
+            pc=req.pc,
+            page_code=req.page_code,
+            subpage=req.subpage_code,
+            dbd=req.dbd,
+            block_descriptors=self.block_descriptors(),
+            device_specific=self.device_specific_parameter(),
+            llbaa=req.llbaa,
+        )
+        return cmd.write_data_in(spc.truncate(data, req.allocation_length))
+
+    @command(Opcode.MODE_SELECT_6)
+    @command(Opcode.MODE_SELECT_10)
+    def mode_select(self, cmd: Command) -> None:
+        req = cdbs.ModeSelect.parse(cmd.cdb)
+        if req.parameter_list_length == 0:
+            return
+        data = cmd.read_data_out(req.parameter_list_length)
+        parsed = spc.parse_mode_select(data, ten=cmd.opcode == Opcode.MODE_SELECT_10)
+        if req.sp:
+            # SPC-5 6.11: we keep no saved pages.
+            raise spc.SavingParametersNotSupported("saved pages", field_pointer=1, bit_pointer=0)
+        with self.lock:
+            pages = {(p.page_code, p.subpage): p for p in self._current_mode_pages()}
+            changes = []
+            offset = parsed.pages_offset
+            for page_code, subpage, body in parsed.pages:
+                page = pages.get((page_code, subpage))
+                if page is None:
+                    raise spc.InvalidFieldInParameterList(
+                        f"mode page {page_code:#x}/{subpage:#x}", field_pointer=offset, in_cdb=False
+                    )
+                changes.append((page, spc.apply_mode_select(page, body, offset)))
+                offset += len(body)
+            for density, blocks, length in parsed.block_descriptors:
+                self.apply_block_descriptor(density, blocks, length)
+            for page, new in changes:
+                if new != page.current:
+                    self._mode_state[(page.page_code, page.subpage)] = new
+                    self.mode_page_changed(page.page_code, page.subpage, new)
+        if changes:
+            # SPC-5 5.14 / SAM-5: other I_T nexuses see MODE PARAMETERS CHANGED; TCMU carries no
+            # initiator identity, so this device cannot tell them apart and reports none to
+            # the initiator that made the change (LIO does the same for its own backstores).
+            pass
+
+    def _current_mode_pages(self) -> list[spc.ModePage]:
+        pages = []
+        for page in self.mode_pages():
+            saved = self._mode_state.get((page.page_code, page.subpage))
+            pages.append(page.with_current(saved) if saved is not None else page)
+        return pages
+
+    @command(Opcode.LOG_SENSE, inline=True)
+    def log_sense(self, cmd: Command) -> int:
+        req = cdbs.LogSense.parse(cmd.cdb)
+        pages = self.log_pages()
+        if req.sp:
+            # SPC-5 6.8: saving log parameters is not supported.
+            raise InvalidFieldInCdb("SP", field_pointer=1, bit_pointer=0)
+        key = (req.page_code, req.subpage)
+        if key == (0x00, 0x00):
+            data = spc.build_supported_log_pages([0x00, *sorted({p for p, s in pages if s == 0})])
+        elif key == (0x00, 0xFF):
+            data = spc.build_supported_log_subpages([(0, 0), (0, 0xFF), *sorted(pages)])
+        elif key in pages:
+            data = pages[key]()
+        else:
+            raise InvalidFieldInCdb(
+                f"log page {req.page_code:#x}/{req.subpage:#x}", field_pointer=2
+            )
+        return cmd.write_data_in(spc.truncate(data, req.allocation_length))

@@ -1,0 +1,243 @@
+"""DeviceRunner: moves commands between one device's ring and its `ScsiDevice`.
+
+The cycle (as tcmu-runner does it, and as the kernel expects): wait for the uio fd to be readable
+-> clear the event -> dequeue every new entry in one call -> run each command -> complete -> one
+kick per batch.
+
+Where a command runs:
+- commands whose handler is marked `inline` (INQUIRY, READ CAPACITY, MODE SENSE ...) run on the
+  loop thread, and are completed together with one kick;
+- everything else goes to a bounded worker pool (`workers` threads; the backend's blocking I/O
+  releases the GIL there); each worker completes its own command and kicks;
+- a device with `serial_commands` (tapes, changers) gets exactly one worker, so its commands run
+  one at a time, in arrival order.
+
+Every dequeued command is completed exactly once, including commands named by a TMR abort: a
+command that has not started yet is completed with TASK ABORTED without running; one that is
+running finishes normally (the kernel discards the status of a command it aborted).
+
+Ring completions are serialised by `self._ring_lock` (cmd_tail has one writer at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tcmu_py.device.command import Command, Response
+from tcmu_py.device.core import ScsiDevice
+from tcmu_py.ring import Ring, RingCommand
+from tcmu_py.scsi.constants import Status
+
+log = logging.getLogger(__name__)
+
+_READ_OPS = frozenset({0x08, 0x28, 0xA8, 0x88})
+_WRITE_OPS = frozenset({0x0A, 0x2A, 0xAA, 0x8A})
+
+
+class UioLike(Protocol):
+    """The surface of `tcmu_py.uio.UioDevice` (and `tcmu_py.testing.FakeUio`) the runner uses."""
+
+    buffer: Any
+
+    def fileno(self) -> int: ...
+    def clear_event(self) -> None: ...
+    def kick(self) -> None: ...
+
+
+@dataclass
+class Counters:
+    """Per-device figures, for `tcmu-py status` and benchmarks. Updated under the ring lock."""
+
+    commands: int = 0
+    reads: int = 0
+    writes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0
+    aborted: int = 0
+    batches: int = 0
+    busy_seconds: float = 0.0
+    latency_seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def snapshot(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class DeviceRunner:
+    """Serves one device: `run()` until `stop()`; or drive it step by step with `process()`."""
+
+    def __init__(
+        self,
+        uio: UioLike,
+        device: ScsiDevice,
+        *,
+        workers: int = 4,
+        name: str | None = None,
+    ) -> None:
+        self.uio = uio
+        self.device = device
+        self.name = name or device.config.name
+        self.ring = Ring(uio.buffer)
+        self.counters = Counters()
+        self._ring_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(
+            max_workers=1 if device.serial_commands else max(1, workers),
+            thread_name_prefix=f"tcmu-{self.name}",
+        )
+        self._aborted: set[int] = set()
+        self._started: dict[int, float] = {}
+        self._stop_r, self._stop_w = os.pipe()
+        self._stopping = False
+        self.failed: BaseException | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Loop
+
+    def run(self) -> None:
+        """Serve until `stop()`. Returns after every dequeued command has been completed."""
+        poller = select.poll()
+        poller.register(self.uio.fileno(), select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        try:
+            while not self._stopping:
+                events = poller.poll()
+                if any(fd == self._stop_r for fd, _ in events):
+                    break
+                self.process()
+        finally:
+            self.drain()
+
+    def stop(self) -> None:
+        """Ask `run()` to return (from any thread)."""
+        self._stopping = True
+        os.write(self._stop_w, b"x")
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait for every command handed to the pool; True if none is left."""
+        self._pool.shutdown(wait=True)
+        return not self._started
+
+    def close(self) -> None:
+        """Stop the pool, close the device and the stop pipe. The uio is the caller's."""
+        self._pool.shutdown(wait=True)
+        try:
+            self.device.close()
+        finally:
+            os.close(self._stop_r)
+            os.close(self._stop_w)
+
+    def process(self) -> int:
+        """One wake-up: clear the event, dequeue everything new, run it. Returns commands seen."""
+        self.uio.clear_event()
+        commands, tmrs = self.ring.dequeue()
+        for tmr in tmrs:
+            with self._ring_lock:
+                self._aborted.update(tmr.cmd_ids)
+            log.info("%s: TMR type %d for commands %s", self.name, tmr.tmr_type, tmr.cmd_ids)
+        if not commands:
+            if tmrs:
+                self.uio.kick()
+            return 0
+        inline: list[tuple[RingCommand, Response]] = []
+        now = time.monotonic()
+        for rc in commands:
+            self._started[rc.cmd_id] = now
+            cmd = Command(
+                rc.cdb, rc.data_out, None if rc.data_in is rc.data_out else rc.data_in, rc.cmd_id
+            )
+            if self.device.is_inline(rc.cdb):
+                inline.append((rc, self._execute_sync(cmd)))
+            else:
+                self._pool.submit(self._run_in_worker, rc, cmd)
+        if inline:
+            with self._ring_lock:
+                for rc, resp in inline:
+                    self._complete_locked(rc, resp)
+                self.counters.batches += 1
+            self.uio.kick()
+        return len(commands)
+
+    # ------------------------------------------------------------------------------------------
+    # Execution and completion
+
+    def _execute_sync(self, cmd: Command) -> Response:
+        result = self.device.execute(cmd)
+        if isinstance(result, Future):
+            return result.result()
+        return result
+
+    def _run_in_worker(self, rc: RingCommand, cmd: Command) -> None:
+        try:
+            with self._ring_lock:
+                aborted = rc.cmd_id in self._aborted
+            if aborted:
+                resp = Response(status=Status.TASK_ABORTED)
+            else:
+                result = self.device.execute(cmd)
+                if isinstance(result, Future):
+                    result.add_done_callback(lambda f: self._complete(rc, f.result()))
+                    return
+                resp = result
+            self._complete(rc, resp)
+        except BaseException as exc:  # pragma: no cover - execute() never raises
+            log.exception("%s: runner failure on cmd %d", self.name, rc.cmd_id)
+            self.failed = exc
+            self._complete(rc, Response(status=Status.BUSY))
+
+    def _complete(self, rc: RingCommand, resp: Response) -> None:
+        with self._ring_lock:
+            self._complete_locked(rc, resp)
+        self.uio.kick()
+
+    def _complete_locked(self, rc: RingCommand, resp: Response) -> None:
+        c = self.counters
+        started = self._started.pop(rc.cmd_id, None)
+        if started is not None:
+            c.latency_seconds += time.monotonic() - started
+        c.commands += 1
+        if rc.cmd_id in self._aborted:
+            self._aborted.discard(rc.cmd_id)
+            c.aborted += 1
+        op = rc.cdb[0]
+        length = resp.data_in_length
+        if resp.status != Status.GOOD:
+            c.errors += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "%s: cmd %d cdb %s -> status %#x sense %s",
+                    self.name,
+                    rc.cmd_id,
+                    rc.cdb.hex(),
+                    resp.status,
+                    resp.sense.hex(),
+                )
+        elif op in _READ_OPS:
+            c.reads += 1
+            c.bytes_read += sum(len(b) for b in rc.data_in) if length is None else length
+        elif op in _WRITE_OPS:
+            c.writes += 1
+            c.bytes_written += sum(len(b) for b in rc.data_out)
+        total_in = sum(len(b) for b in rc.data_in) if length is not None else 0
+        read_len = length if length is not None and length < total_in else None
+        self.ring.complete(rc.cmd_id, resp.status, resp.sense, read_len)
+
+
+def serve_in_thread(runner: DeviceRunner) -> tuple[threading.Thread, Callable[[], None]]:
+    """Start `runner.run()` on a daemon thread; returns the thread and a stop-and-join function."""
+    thread = threading.Thread(target=runner.run, name=f"tcmu-loop-{runner.name}", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        runner.stop()
+        thread.join(timeout=30)
+
+    return thread, stop
