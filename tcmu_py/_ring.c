@@ -1,0 +1,314 @@
+/*
+ * tcmu-py ring binding: implementation (compiled into tcmu_py._tcmu_ring by _ffi_build.py).
+ *
+ * Every offset read from the ring is checked against the mapping before it is used, so a
+ * corrupt ring yields an error code instead of a wild memory access. Facts about the ring
+ * protocol are in tcmu_py/ring.py's module docstring.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <linux/target_core_user.h>
+
+#include "_ring.h"
+
+#define TCMU_PY_CMD_BASE sizeof(struct tcmu_cmd_entry)               /* 112 */
+#define TCMU_PY_IOV0 offsetof(struct tcmu_cmd_entry, req.iov)          /* 48 */
+#define TCMU_PY_TMR_BASE sizeof(struct tcmu_tmr_entry)                /* 32 */
+
+static inline struct tcmu_mailbox *tcmu_py_mb(const struct tcmu_py_ring *r)
+{
+    return (struct tcmu_mailbox *)r->map;
+}
+
+static inline struct tcmu_cmd_entry_hdr *tcmu_py_hdr(const struct tcmu_py_ring *r, uint32_t off)
+{
+    return (struct tcmu_cmd_entry_hdr *)(r->map + r->cmdr_off + off);
+}
+
+/* The kernel's scsi_command_size(): 6,10,10,12,16,12,10,10 by opcode group; 0x7F
+ * (VARIABLE LENGTH) is 8 + additional CDB length (byte 7). */
+static inline uint32_t tcmu_py_cdb_len(const uint8_t *cdb)
+{
+    static const uint8_t by_group[8] = {6, 10, 10, 12, 16, 12, 10, 10};
+
+    if (cdb[0] == 0x7f)
+        return 8u + cdb[7];
+    return by_group[(cdb[0] >> 5) & 7];
+}
+
+int tcmu_py_ring_init(struct tcmu_py_ring *r, uint8_t *map, uint64_t map_len)
+{
+    struct tcmu_mailbox *mb = (struct tcmu_mailbox *)map;
+    uint32_t head;
+
+    memset(r, 0, sizeof(*r));
+    if (map_len < sizeof(struct tcmu_mailbox))
+        return TCMU_PY_E_MAILBOX;
+    r->map = map;
+    r->map_len = map_len;
+    r->cmdr_off = mb->cmdr_off;
+    r->cmdr_size = mb->cmdr_size;
+    if (mb->version != TCMU_MAILBOX_VERSION || r->cmdr_off < sizeof(struct tcmu_mailbox) ||
+        r->cmdr_size < TCMU_PY_CMD_BASE || r->cmdr_size % TCMU_OP_ALIGN_SIZE ||
+        (uint64_t)r->cmdr_off + r->cmdr_size > map_len)
+        return TCMU_PY_E_MAILBOX;
+    r->data_off = (uint64_t)r->cmdr_off + r->cmdr_size;
+    head = tcmu_py_load_head(r);
+    if (head >= r->cmdr_size || head % TCMU_OP_ALIGN_SIZE)
+        return TCMU_PY_E_HEAD;
+    r->cursor = head;
+    return TCMU_PY_OK;
+}
+
+uint32_t tcmu_py_load_head(const struct tcmu_py_ring *r)
+{
+    return __atomic_load_n(&tcmu_py_mb(r)->cmd_head, __ATOMIC_ACQUIRE);
+}
+
+uint32_t tcmu_py_load_tail(const struct tcmu_py_ring *r)
+{
+    return __atomic_load_n(&tcmu_py_mb(r)->cmd_tail, __ATOMIC_RELAXED);
+}
+
+void tcmu_py_store_tail(struct tcmu_py_ring *r, uint32_t tail)
+{
+    __atomic_store_n(&tcmu_py_mb(r)->cmd_tail, tail, __ATOMIC_RELEASE);
+}
+
+/* Bytes from `from` forward to `to` on the ring (0 when equal). */
+static inline uint32_t tcmu_py_dist(const struct tcmu_py_ring *r, uint32_t from, uint32_t to)
+{
+    return to >= from ? to - from : r->cmdr_size - from + to;
+}
+
+/* Length of the entry at `off`, or 0 if it is malformed: shorter than a header, not
+ * contiguous (would cross the ring end) or longer than the `avail` bytes before the
+ * producer's position. */
+static inline uint32_t tcmu_py_entry_len(const struct tcmu_py_ring *r, uint32_t off, uint32_t avail)
+{
+    uint32_t len;
+
+    if (r->cmdr_size - off < sizeof(struct tcmu_cmd_entry_hdr))
+        return 0;
+    len = tcmu_hdr_get_len(tcmu_py_hdr(r, off)->len_op);
+    if (len < sizeof(struct tcmu_cmd_entry_hdr) || len > r->cmdr_size - off || len > avail)
+        return 0;
+    return len;
+}
+
+static int tcmu_py_parse_cmd(struct tcmu_py_ring *r, uint32_t off, uint32_t len,
+                             struct tcmu_py_entry *e)
+{
+    struct tcmu_cmd_entry *ent = (struct tcmu_cmd_entry *)tcmu_py_hdr(r, off);
+    uint64_t start = (uint64_t)r->cmdr_off + off, end = start + len;
+    uint64_t n_iov, cdb_off;
+    uint32_t cdb_len, i;
+
+    if (len < TCMU_PY_CMD_BASE)
+        return TCMU_PY_E_ENTRY;
+    n_iov = (uint64_t)ent->req.iov_cnt + ent->req.iov_bidi_cnt;
+    if (n_iov > (len - TCMU_PY_IOV0) / sizeof(struct iovec))
+        return TCMU_PY_E_IOV;
+    for (i = 0; i < n_iov; i++) {
+        uint64_t base = (uint64_t)(uintptr_t)ent->req.iov[i].iov_base;
+        uint64_t ilen = ent->req.iov[i].iov_len;
+
+        if (base < r->data_off || ilen > r->map_len || base > r->map_len - ilen)
+            return TCMU_PY_E_IOV;
+    }
+    cdb_off = ent->req.cdb_off;
+    if (cdb_off < start + TCMU_PY_IOV0 + n_iov * sizeof(struct iovec) || cdb_off >= end)
+        return TCMU_PY_E_CDB;
+    if (r->map[cdb_off] == 0x7f && cdb_off + 8 > end)
+        return TCMU_PY_E_CDB;
+    cdb_len = tcmu_py_cdb_len(r->map + cdb_off);
+    if (cdb_off + cdb_len > end)
+        return TCMU_PY_E_CDB;
+
+    e->cmd_id = ent->hdr.cmd_id;
+    e->iov_cnt = ent->req.iov_cnt;
+    e->iov_bidi_cnt = ent->req.iov_bidi_cnt;
+    e->cdb_len = cdb_len;
+    e->cdb_off = cdb_off;
+    e->array_off = start + TCMU_PY_IOV0;
+    return TCMU_PY_OK;
+}
+
+static int tcmu_py_parse_tmr(struct tcmu_py_ring *r, uint32_t off, uint32_t len,
+                             struct tcmu_py_entry *e)
+{
+    struct tcmu_tmr_entry *ent = (struct tcmu_tmr_entry *)tcmu_py_hdr(r, off);
+
+    if (len < TCMU_PY_TMR_BASE ||
+        ent->cmd_cnt > (len - TCMU_PY_TMR_BASE) / sizeof(ent->cmd_ids[0]))
+        return TCMU_PY_E_TMR;
+    e->cmd_id = 0;
+    e->iov_cnt = ent->cmd_cnt;
+    e->iov_bidi_cnt = ent->tmr_type;
+    e->cdb_len = 0;
+    e->cdb_off = 0;
+    e->array_off = (uint64_t)r->cmdr_off + off + offsetof(struct tcmu_tmr_entry, cmd_ids);
+    return TCMU_PY_OK;
+}
+
+/* Step cmd_tail over slots that need no completion (PAD, TMR, unknown opcodes), never
+ * past `limit`. Returns the new tail, or cmdr_size if the ring is malformed. */
+static uint32_t tcmu_py_skip_tail(struct tcmu_py_ring *r, uint32_t tail, uint32_t limit)
+{
+    while (tail != limit) {
+        uint32_t len = tcmu_py_entry_len(r, tail, tcmu_py_dist(r, tail, limit));
+
+        if (!len)
+            return r->cmdr_size;
+        if (tcmu_hdr_get_op(tcmu_py_hdr(r, tail)->len_op) == TCMU_OP_CMD)
+            break;
+        tail = (tail + len) % r->cmdr_size;
+    }
+    return tail;
+}
+
+int tcmu_py_dequeue(struct tcmu_py_ring *r, struct tcmu_py_entry *out, int max_out)
+{
+    uint32_t head = tcmu_py_load_head(r);
+    uint32_t tail, new_tail;
+    int n = 0, rc = TCMU_PY_OK;
+
+    if (head >= r->cmdr_size || head % TCMU_OP_ALIGN_SIZE)
+        return TCMU_PY_E_HEAD;
+    while (r->cursor != head && n < max_out) {
+        uint32_t off = r->cursor;
+        uint32_t len = tcmu_py_entry_len(r, off, tcmu_py_dist(r, off, head));
+        struct tcmu_cmd_entry_hdr *hdr = tcmu_py_hdr(r, off);
+
+        if (!len) {
+            rc = TCMU_PY_E_ENTRY;
+            break;
+        }
+        switch (tcmu_hdr_get_op(hdr->len_op)) {
+        case TCMU_OP_PAD:
+            rc = TCMU_PY_OK;
+            break;
+        case TCMU_OP_CMD:
+            rc = tcmu_py_parse_cmd(r, off, len, &out[n]);
+            break;
+        case TCMU_OP_TMR:
+            rc = tcmu_py_parse_tmr(r, off, len, &out[n]);
+            break;
+        default:
+            /* An opcode this code does not know: tell the kernel, step over it. */
+            hdr->uflags |= TCMU_UFLAG_UNKNOWN_OP;
+            r->unknown_ops++;
+            rc = TCMU_PY_OK;
+            break;
+        }
+        if (rc != TCMU_PY_OK)
+            break;
+        if (tcmu_hdr_get_op(hdr->len_op) == TCMU_OP_CMD ||
+            tcmu_hdr_get_op(hdr->len_op) == TCMU_OP_TMR) {
+            out[n].offset = off;
+            out[n].length = len;
+            out[n].op = tcmu_hdr_get_op(hdr->len_op);
+            n++;
+        }
+        r->cursor = (off + len) % r->cmdr_size;
+    }
+    if (rc != TCMU_PY_OK) {
+        r->bad_off = r->cursor;
+        if (n == 0)
+            return rc;
+    }
+    tail = tcmu_py_load_tail(r);
+    if (tail >= r->cmdr_size || tail % TCMU_OP_ALIGN_SIZE) {
+        r->bad_off = tail;
+        return n ? n : TCMU_PY_E_HEAD;
+    }
+    new_tail = tcmu_py_skip_tail(r, tail, r->cursor);
+    if (new_tail != tail && new_tail < r->cmdr_size)
+        tcmu_py_store_tail(r, new_tail);
+    return n;
+}
+
+/* Write one response into the CMD slot at or after `*tail`; advance *tail past it. */
+static int tcmu_py_fill(struct tcmu_py_ring *r, uint32_t *tail, uint32_t cmd_id,
+                        uint32_t scsi_status, const uint8_t *sense, uint32_t sense_len,
+                        uint32_t has_read_len, uint32_t read_len)
+{
+    struct tcmu_cmd_entry *ent;
+    uint32_t slot, len;
+
+    if (sense_len > TCMU_SENSE_BUFFERSIZE)
+        return TCMU_PY_E_SENSE;
+    slot = tcmu_py_skip_tail(r, *tail, r->cursor);
+    if (slot == r->cmdr_size) {
+        r->bad_off = *tail;
+        return TCMU_PY_E_ENTRY;
+    }
+    if (slot == r->cursor) {
+        r->bad_off = slot;
+        return TCMU_PY_E_NOSLOT;
+    }
+    len = tcmu_py_entry_len(r, slot, tcmu_py_dist(r, slot, r->cursor));
+    if (len < TCMU_PY_CMD_BASE) {
+        r->bad_off = slot;
+        return TCMU_PY_E_ENTRY;
+    }
+    ent = (struct tcmu_cmd_entry *)tcmu_py_hdr(r, slot);
+    /* Slot stealing: the kernel reaps slots in ring order and looks the command up by the
+     * cmd_id it finds there, so the completing id goes into the oldest unreaped slot. */
+    ent->hdr.cmd_id = (uint16_t)cmd_id;
+    ent->hdr.uflags = has_read_len ? TCMU_UFLAG_READ_LEN : 0;
+    ent->rsp.scsi_status = (uint8_t)scsi_status;
+    ent->rsp.__pad1 = 0;
+    ent->rsp.__pad2 = 0;
+    ent->rsp.read_len = has_read_len ? read_len : 0;
+    memcpy(ent->rsp.sense_buffer, sense, sense_len);
+    memset(ent->rsp.sense_buffer + sense_len, 0, TCMU_SENSE_BUFFERSIZE - sense_len);
+    *tail = (slot + len) % r->cmdr_size;
+    return TCMU_PY_OK;
+}
+
+static int tcmu_py_check_tail(struct tcmu_py_ring *r, uint32_t tail)
+{
+    if (tail >= r->cmdr_size || tail % TCMU_OP_ALIGN_SIZE) {
+        r->bad_off = tail;
+        return TCMU_PY_E_HEAD;
+    }
+    return TCMU_PY_OK;
+}
+
+int tcmu_py_complete(struct tcmu_py_ring *r, uint32_t cmd_id, uint32_t scsi_status,
+                     const uint8_t *sense, uint32_t sense_len,
+                     uint32_t has_read_len, uint32_t read_len)
+{
+    uint32_t tail = tcmu_py_load_tail(r);
+    int rc = tcmu_py_check_tail(r, tail);
+
+    if (rc == TCMU_PY_OK)
+        rc = tcmu_py_fill(r, &tail, cmd_id, scsi_status, sense, sense_len, has_read_len,
+                          read_len);
+    if (rc == TCMU_PY_OK)
+        tcmu_py_store_tail(r, tail);
+    return rc;
+}
+
+int tcmu_py_complete_batch(struct tcmu_py_ring *r, const struct tcmu_py_rsp *rsps, int n,
+                           int *done)
+{
+    uint32_t tail = tcmu_py_load_tail(r), start = tail;
+    int i, rc = tcmu_py_check_tail(r, tail);
+
+    *done = 0;
+    if (rc != TCMU_PY_OK)
+        return rc;
+    for (i = 0; i < n; i++) {
+        rc = tcmu_py_fill(r, &tail, rsps[i].cmd_id, rsps[i].scsi_status, rsps[i].sense,
+                          rsps[i].sense_len, rsps[i].has_read_len, rsps[i].read_len);
+        if (rc != TCMU_PY_OK)
+            break;
+        *done = i + 1;
+    }
+    if (tail != start)
+        tcmu_py_store_tail(r, tail);
+    return rc == TCMU_PY_OK ? n : rc;
+}

@@ -1,0 +1,90 @@
+/*
+ * tcmu-py ring binding: the C surface of tcmu_py._tcmu_ring.
+ *
+ * This file is both a C header (included by _ring.c) and the cffi `cdef` (read by
+ * _ffi_build.py), so it holds only plain declarations: fixed-width types, no
+ * preprocessor, no attributes. The kernel's own structs come from
+ * <linux/target_core_user.h>; they are declared to cffi in _ffi_build.py.
+ *
+ * Threading: none of these functions lock. One thread owns a ring (see ring.py).
+ */
+
+/* Return codes: >= 0 success (a count), < 0 one of these. */
+enum tcmu_py_status {
+    TCMU_PY_OK = 0,
+    TCMU_PY_E_MAILBOX = -1,   /* mailbox version/cmdr_off/cmdr_size inconsistent with the mapping */
+    TCMU_PY_E_HEAD = -2,      /* cmd_head or cmd_tail out of the ring or not 8-byte aligned */
+    TCMU_PY_E_ENTRY = -3,     /* an entry's length is 0, crosses the ring end or cmd_head */
+    TCMU_PY_E_CDB = -4,       /* cdb_off/CDB length outside the entry */
+    TCMU_PY_E_IOV = -5,       /* an iovec outside the data area, or too many for the entry */
+    TCMU_PY_E_TMR = -6,       /* TMR entry too short for its cmd_cnt */
+    TCMU_PY_E_NOSLOT = -7,    /* complete: no CMD slot between cmd_tail and the cursor */
+    TCMU_PY_E_SENSE = -8      /* complete: sense longer than TCMU_SENSE_BUFFERSIZE */
+};
+
+/* One ring, as the binding sees it. Filled by tcmu_py_ring_init; `cursor` is the
+ * consumer cursor (ring-relative offset of the next entry to parse). */
+struct tcmu_py_ring {
+    uint8_t *map;            /* start of the mapping = the mailbox */
+    uint64_t map_len;
+    uint64_t data_off;       /* first byte after the command ring (mapping-relative) */
+    uint32_t cmdr_off;       /* command ring start (mapping-relative) */
+    uint32_t cmdr_size;
+    uint32_t cursor;
+    uint32_t bad_off;        /* after an error: ring-relative offset of the offending entry */
+    uint64_t unknown_ops;    /* entries with an unknown TCMU opcode, marked UNKNOWN_OP */
+};
+
+/* One CMD or TMR entry found by tcmu_py_dequeue (PAD and unknown opcodes are not reported). */
+struct tcmu_py_entry {
+    uint32_t offset;         /* ring-relative offset of the entry */
+    uint32_t length;         /* entry length in bytes */
+    uint32_t op;             /* TCMU_OP_CMD or TCMU_OP_TMR */
+    uint32_t cmd_id;         /* CMD: hdr.cmd_id; TMR: 0 */
+    uint32_t iov_cnt;        /* CMD: req.iov_cnt; TMR: cmd_cnt */
+    uint32_t iov_bidi_cnt;   /* CMD: req.iov_bidi_cnt; TMR: tmr_type */
+    uint32_t cdb_len;        /* CMD: scsi_command_size() of the CDB */
+    uint64_t cdb_off;        /* CMD: mapping-relative offset of the CDB */
+    uint64_t array_off;      /* mapping-relative offset of req.iov[0] (CMD) or cmd_ids[0] (TMR) */
+};
+
+/* One completion for tcmu_py_complete_batch. */
+struct tcmu_py_rsp {
+    uint32_t cmd_id;
+    uint32_t scsi_status;
+    uint32_t sense_len;
+    uint32_t has_read_len;
+    uint32_t read_len;
+    uint8_t sense[96];
+};
+
+/* Validate the mailbox and fill `r`; the cursor starts at cmd_head. */
+int tcmu_py_ring_init(struct tcmu_py_ring *r, uint8_t *map, uint64_t map_len);
+
+/* mailbox->cmd_head with acquire ordering (the kernel publishes it with store-release). */
+uint32_t tcmu_py_load_head(const struct tcmu_py_ring *r);
+/* mailbox->cmd_tail (only userspace writes it). */
+uint32_t tcmu_py_load_tail(const struct tcmu_py_ring *r);
+/* mailbox->cmd_tail = tail with release ordering (responses written before become visible). */
+void tcmu_py_store_tail(struct tcmu_py_ring *r, uint32_t tail);
+
+/* Walk from r->cursor up to cmd_head (one acquire load), filling at most max_out
+ * descriptors; PAD skipped, unknown opcodes marked UNKNOWN_OP and skipped. Then
+ * steps cmd_tail over PAD/TMR/unknown slots that sit at the tail. Returns the number
+ * of descriptors, or a negative status if the first entry examined is malformed
+ * (r->bad_off names it; entries before it were already returned by earlier calls). */
+int tcmu_py_dequeue(struct tcmu_py_ring *r, struct tcmu_py_entry *out, int max_out);
+
+/* Complete one command by slot stealing: step cmd_tail over PAD/TMR/unknown slots,
+ * write cmd_id, status, sense (zero-filled to 96 bytes) and, if has_read_len,
+ * read_len with uflags READ_LEN into the CMD slot at the tail, then advance cmd_tail
+ * past it (release store). Returns TCMU_PY_OK or a negative status (nothing written). */
+int tcmu_py_complete(struct tcmu_py_ring *r, uint32_t cmd_id, uint32_t scsi_status,
+                     const uint8_t *sense, uint32_t sense_len,
+                     uint32_t has_read_len, uint32_t read_len);
+
+/* Complete n commands like tcmu_py_complete, with a single release store of cmd_tail
+ * at the end. Returns n, or a negative status; on error the completions before the
+ * failing one are published and *done says how many. */
+int tcmu_py_complete_batch(struct tcmu_py_ring *r, const struct tcmu_py_rsp *rsps, int n,
+                           int *done);
