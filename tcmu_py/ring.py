@@ -1,0 +1,444 @@
+"""The TCMU command ring: dequeue SCSI commands, complete them out of order.
+
+Facts about the TCMU ring
+=========================
+
+The kernel (drivers/target/target_core_user.c) and userspace share one mapping of
+``/dev/uioN``: a 128-byte mailbox, the command ring (``cmdr_size`` bytes from
+``cmdr_off``), then the data area. Offsets inside entries (``cdb_off``, ``iov_base``)
+count from the start of the mapping, not of the ring or the entry.
+
+- The kernel is the only producer. It writes a whole entry, then publishes it by storing
+  ``cmd_head`` with release ordering; we load ``cmd_head`` with acquire ordering before
+  reading anything the kernel wrote.
+- Entries are 8-byte aligned and never wrap: when one does not fit before the end of the
+  ring the kernel first writes a PAD entry covering the rest, then starts at offset 0.
+- A command entry is ``max(48 + 16 * iovecs, 112) + roundup(cdb_len, 8)`` bytes, the CDB
+  right after the iovec array, ``cdb_len`` as the kernel's ``scsi_command_size()``
+  computes it (see :func:`scsi_command_size`).
+- Data buffers live in the data area in blocks of ``data_pages_per_blk`` pages. An iovec
+  spans consecutive blocks; a command usually has several. For BIDI commands
+  ``iov_bidi_cnt`` Data-In iovecs follow the ``iov_cnt`` Data-Out ones. Touching data-area
+  bytes that belong to no in-flight command kills the process with SIGBUS, because the
+  kernel unmaps freed blocks: so the memoryviews of a command die with its completion.
+- TMR entries (only with the device attribute ``tmr_notification=1``) list the cmd_ids a
+  task management function aborted. They are information only: every aborted command
+  still needs its normal completion, and the TMR slot itself is just stepped over.
+- Userspace owns ``cmd_tail``. The kernel reaps slots strictly in ring order from its
+  private copy up to ``cmd_tail``, skipping PAD and TMR slots, and finds each command by
+  the ``cmd_id`` *it reads in the slot*. Completing out of order therefore means "slot
+  stealing": the response of whichever command finished goes into the oldest unreaped
+  CMD slot, whose own command stays in flight (its CDB and iovecs were copied out at
+  dequeue). The response overlays the request: ``scsi_status`` @8, ``read_len`` @12,
+  ``sense_buffer[96]`` @16.
+- ``cmd_tail`` is stored with release ordering after the response bytes, and the kernel
+  only looks at it when userspace writes 4 bytes to the uio fd ("kick"): once per batch.
+- ``TCMU_UFLAG_READ_LEN`` + ``read_len`` reports a short Data-In transfer; the kernel
+  honours it only for Data-In (not BIDI) commands and only when ``read_len`` is non-zero
+  (0 means "the whole buffer"). With CHECK CONDITION plus READ_LEN both the data and the
+  sense reach the initiator (tape short reads).
+- A ``cmd_id`` the kernel does not know at the tail marks the device broken until
+  ``action/reset_ring``; a ring that still holds unreaped entries when we attach can only
+  be recovered the same way (slot stealing leaves no record of which slot holds whom).
+- An entry with an opcode we do not know gets ``TCMU_UFLAG_UNKNOWN_OP`` and is stepped
+  over like a PAD.
+
+Theory of operation: :class:`Ring` keeps a consumer cursor. :meth:`Ring.dequeue` makes one
+C call that walks from the cursor to ``cmd_head`` and returns descriptors; Python then
+copies each CDB and slices memoryviews for the iovecs (no payload copy).
+:meth:`Ring.complete` (or :meth:`Ring.complete_many`) makes one C call that writes the
+response into the tail slot and advances ``cmd_tail``. A Ring is not thread-safe: one
+thread calls ``dequeue``/``complete``; other threads hand completions to it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from tcmu_py._tcmu_ring import ffi, lib
+from tcmu_py.errors import RingError
+
+__all__ = [
+    "CMD_ENTRY_SIZE",
+    "MAILBOX_SIZE",
+    "SENSE_BUFFERSIZE",
+    "Completion",
+    "MailboxFlag",
+    "Ring",
+    "RingCommand",
+    "RingOp",
+    "RingTmr",
+    "TmrType",
+    "UFlag",
+    "command_entry_size",
+    "scsi_command_size",
+]
+
+# --- Layout of <linux/target_core_user.h>, for code that must not need the C binding (the
+# fake kernel). tests/unit/test_ffi_offsets.py checks each against the compiled header.
+
+MAILBOX_VERSION = 2
+MB_VERSION = 0  # u16 struct tcmu_mailbox.version
+MB_FLAGS = 2  # u16 .flags
+MB_CMDR_OFF = 4  # u32 .cmdr_off
+MB_CMDR_SIZE = 8  # u32 .cmdr_size
+MB_CMD_HEAD = 12  # u32 .cmd_head (kernel)
+MB_CMD_TAIL = 64  # u32 .cmd_tail (userspace; own cacheline)
+MAILBOX_SIZE = 128  # sizeof(struct tcmu_mailbox) == the kernel's CMDR_OFF
+
+HDR_LEN_OP = 0  # u32 struct tcmu_cmd_entry_hdr.len_op: length | opcode (low 3 bits)
+HDR_CMD_ID = 4  # u16 .cmd_id
+HDR_KFLAGS = 6  # u8 .kflags
+HDR_UFLAGS = 7  # u8 .uflags
+HDR_SIZE = 8
+OP_MASK = 0x7
+OP_ALIGN_SIZE = 8  # TCMU_OP_ALIGN_SIZE
+
+REQ_IOV_CNT = 8  # u32 struct tcmu_cmd_entry.req.iov_cnt
+REQ_IOV_BIDI_CNT = 12  # u32 .req.iov_bidi_cnt
+REQ_IOV_DIF_CNT = 16  # u32 .req.iov_dif_cnt
+REQ_CDB_OFF = 24  # u64 .req.cdb_off (mapping-relative)
+REQ_IOV = 48  # struct iovec .req.iov[]: {u64 iov_base (mapping-relative), u64 iov_len}
+IOVEC_SIZE = 16
+RSP_SCSI_STATUS = 8  # u8 .rsp.scsi_status
+RSP_READ_LEN = 12  # u32 .rsp.read_len
+RSP_SENSE = 16  # .rsp.sense_buffer[96]
+SENSE_BUFFERSIZE = 96  # TCMU_SENSE_BUFFERSIZE
+CMD_ENTRY_SIZE = 112  # sizeof(struct tcmu_cmd_entry)
+
+TMR_TYPE = 8  # u8 struct tcmu_tmr_entry.tmr_type
+TMR_CMD_CNT = 12  # u32 .cmd_cnt
+TMR_CMD_IDS = 32  # u16 .cmd_ids[]
+TMR_ENTRY_SIZE = 32  # sizeof(struct tcmu_tmr_entry)
+
+
+class RingOp(IntEnum):
+    """`enum tcmu_opcode`: the low 3 bits of an entry's ``len_op``."""
+
+    PAD = 0
+    CMD = 1
+    TMR = 2
+
+
+class UFlag(IntEnum):
+    """Flags userspace sets in ``hdr.uflags``."""
+
+    UNKNOWN_OP = 0x1
+    READ_LEN = 0x2
+    KEEP_BUF = 0x4
+
+
+class MailboxFlag(IntEnum):
+    """Capabilities the kernel advertises in ``mailbox.flags`` (Linux 6.1 sets all four)."""
+
+    CAP_OOOC = 1 << 0
+    CAP_READ_LEN = 1 << 1
+    CAP_TMR = 1 << 2
+    CAP_KEEP_BUF = 1 << 3
+
+
+class TmrType(IntEnum):
+    """``tcmu_tmr_entry.tmr_type`` (TCMU_TMR_*)."""
+
+    UNKNOWN = 0
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LUN_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    LUN_RESET_PRO = 128  # pseudo reset after PERSISTENT RESERVE OUT
+
+
+_CDB_SIZE_BY_GROUP = (6, 10, 10, 12, 16, 12, 10, 10)
+_VARIABLE_LENGTH_CMD = 0x7F
+
+
+def scsi_command_size(cdb: bytes | bytearray | memoryview) -> int:
+    """CDB length exactly as the kernel's ``scsi_command_size()`` computes it.
+
+    Opcode group (top 3 bits) → 6, 10, 10, 12, 16, 12, 10, 10 bytes; opcode 7Fh (variable
+    length, SPC-5 4.2.3) → 8 + ADDITIONAL CDB LENGTH (byte 7). Needs ``cdb[0]`` (and
+    ``cdb[7]`` for 7Fh).
+    """
+    if cdb[0] == _VARIABLE_LENGTH_CMD:
+        return 8 + cdb[7]
+    return _CDB_SIZE_BY_GROUP[cdb[0] >> 5]
+
+
+def command_entry_size(iov_count: int, cdb_len: int) -> int:
+    """Bytes the kernel's ``queue_cmd_ring`` gives a CMD entry with ``iov_count`` iovecs."""
+    base = max(REQ_IOV + IOVEC_SIZE * iov_count, CMD_ENTRY_SIZE)
+    return base + -(-cdb_len // OP_ALIGN_SIZE) * OP_ALIGN_SIZE
+
+
+@dataclass(slots=True)
+class RingCommand:
+    """A SCSI command taken off the ring.
+
+    ``data_out`` / ``data_in`` are memoryviews of the shared mapping (no copy). For a
+    non-BIDI command the kernel gives one iovec list whose direction only the CDB tells, so
+    ``data_out`` and ``data_in`` are the *same list object*. For a BIDI command
+    ``data_out`` holds the first ``iov_cnt`` iovecs and ``data_in`` the ``iov_bidi_cnt``
+    that follow. The views must not be used after the command is completed: the kernel
+    frees (and may unmap) its data blocks then.
+    """
+
+    cmd_id: int
+    cdb: bytes
+    data_out: list[memoryview]
+    data_in: list[memoryview]
+
+
+@dataclass(slots=True)
+class RingTmr:
+    """A task management notification: ``cmd_ids`` were aborted (they still need a completion)."""
+
+    tmr_type: int
+    cmd_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """One response for :meth:`Ring.complete_many`; fields as for :meth:`Ring.complete`."""
+
+    cmd_id: int
+    status: int
+    sense: bytes = b""
+    read_len: int | None = None
+
+
+_ERRORS = {
+    lib.TCMU_PY_E_MAILBOX: "mailbox inconsistent with the mapping (version, cmdr_off, cmdr_size)",
+    lib.TCMU_PY_E_HEAD: "cmd_head/cmd_tail outside the ring or not 8-byte aligned",
+    lib.TCMU_PY_E_ENTRY: "malformed entry length (zero, crossing the ring end or cmd_head)",
+    lib.TCMU_PY_E_CDB: "CDB offset/length outside its entry",
+    lib.TCMU_PY_E_IOV: "iovec outside the data area or too many iovecs for the entry",
+    lib.TCMU_PY_E_TMR: "TMR entry too short for its cmd_cnt",
+    lib.TCMU_PY_E_NOSLOT: "no command slot between cmd_tail and the cursor",
+    lib.TCMU_PY_E_SENSE: "sense data longer than 96 bytes",
+}
+
+_U32 = struct.Struct("<I")
+_iov_structs: dict[int, struct.Struct] = {}
+_id_structs: dict[int, struct.Struct] = {}
+
+
+def _iov_struct(count: int) -> struct.Struct:
+    s = _iov_structs.get(count)
+    if s is None:
+        s = _iov_structs[count] = struct.Struct(f"<{2 * count}Q")
+    return s
+
+
+def _id_struct(count: int) -> struct.Struct:
+    s = _id_structs.get(count)
+    if s is None:
+        s = _id_structs[count] = struct.Struct(f"<{count}H")
+    return s
+
+
+class Ring:
+    """The userspace side of one TCMU command ring over a shared mapping.
+
+    ``buf`` is any writable buffer holding the whole mapping (the uio ``mmap``, or the
+    ``bytearray`` of a :class:`tcmu_py.testing.FakeKernel`). The ring must be quiescent
+    when attached (``cmd_tail == cmd_head``); otherwise :class:`RingError` says to reset it.
+    Not thread-safe: call every method from one thread. Call :meth:`close` before closing
+    the mapping.
+    """
+
+    def __init__(self, buf: Any, *, batch: int = 256) -> None:
+        mv = memoryview(buf)
+        if mv.readonly or mv.ndim != 1 or mv.itemsize != 1:
+            raise RingError("the ring mapping must be a writable, flat byte buffer")
+        self._mv = mv.cast("B") if mv.format != "B" else mv
+        self._cbuf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+        self._ctx = ffi.new("struct tcmu_py_ring *")
+        self._check(lib.tcmu_py_ring_init(self._ctx, self._cbuf, len(self._mv)))
+        if lib.tcmu_py_load_tail(self._ctx) != self._ctx.cursor:
+            raise RingError(
+                f"the ring holds unreaped entries (cmd_tail={lib.tcmu_py_load_tail(self._ctx)}"
+                f", cmd_head={self._ctx.cursor}): a previous user left commands in flight; "
+                "reset it with 'echo 1 > .../action/reset_ring' before attaching"
+            )
+        self._batch = batch
+        self._entries = ffi.new("struct tcmu_py_entry[]", batch)
+        self._in_flight: set[int] = set()
+        self._tmr_count = 0
+
+    # --- introspection
+
+    @property
+    def cmdr_size(self) -> int:
+        """Size of the command ring in bytes (``mailbox.cmdr_size``)."""
+        return int(self._ctx.cmdr_size)
+
+    @property
+    def data_off(self) -> int:
+        """Mapping offset of the data area (first byte after the ring)."""
+        return int(self._ctx.data_off)
+
+    @property
+    def flags(self) -> int:
+        """``mailbox.flags``: the kernel's :class:`MailboxFlag` capabilities."""
+        return int(self._mv[MB_FLAGS]) | int(self._mv[MB_FLAGS + 1]) << 8
+
+    @property
+    def in_flight(self) -> int:
+        """Commands dequeued and not yet completed."""
+        return len(self._in_flight)
+
+    @property
+    def in_flight_ids(self) -> frozenset[int]:
+        """cmd_ids dequeued and not yet completed."""
+        return frozenset(self._in_flight)
+
+    @property
+    def cursor(self) -> int:
+        """Ring offset of the next entry :meth:`dequeue` will parse."""
+        return int(self._ctx.cursor)
+
+    @property
+    def head(self) -> int:
+        """``mailbox.cmd_head`` (acquire load)."""
+        return int(lib.tcmu_py_load_head(self._ctx))
+
+    @property
+    def tail(self) -> int:
+        """``mailbox.cmd_tail``."""
+        return int(lib.tcmu_py_load_tail(self._ctx))
+
+    @property
+    def unknown_ops(self) -> int:
+        """Entries with an unknown TCMU opcode seen (and marked UNKNOWN_OP) so far."""
+        return int(self._ctx.unknown_ops)
+
+    # --- the protocol
+
+    def dequeue(self) -> tuple[list[RingCommand], list[RingTmr]]:
+        """Everything the kernel published since the last call (possibly nothing).
+
+        Also steps ``cmd_tail`` over PAD/TMR slots at the tail (no kick needed for
+        correctness; the next completion kick reaps them). Raises :class:`RingError` on a
+        malformed entry (commands before it were returned by this or earlier calls) or a
+        cmd_id that is already in flight.
+        """
+        cmds: list[RingCommand] = []
+        tmrs: list[RingTmr] = []
+        entries, mv, ctx, batch = self._entries, self._mv, self._ctx, self._batch
+        cmd_op = int(RingOp.CMD)
+        while True:
+            n = lib.tcmu_py_dequeue(ctx, entries, batch)
+            if n < 0:
+                self._check(n)
+            for i in range(n):
+                e = entries[i]
+                if e.op == cmd_op:
+                    cmd_id = e.cmd_id
+                    if cmd_id in self._in_flight:
+                        raise RingError(
+                            f"cmd_id {cmd_id} at ring offset {e.offset} is already in flight"
+                        )
+                    cdb_off = e.cdb_off
+                    cdb = mv[cdb_off : cdb_off + e.cdb_len].tobytes()
+                    n_out = e.iov_cnt
+                    n_all = n_out + e.iov_bidi_cnt
+                    views: list[memoryview] = []
+                    if n_all:
+                        flat = _iov_struct(n_all).unpack_from(mv, e.array_off)
+                        views = [
+                            mv[flat[j] : flat[j] + flat[j + 1]] for j in range(0, 2 * n_all, 2)
+                        ]
+                    self._in_flight.add(cmd_id)
+                    if e.iov_bidi_cnt:
+                        cmds.append(RingCommand(cmd_id, cdb, views[:n_out], views[n_out:]))
+                    else:
+                        cmds.append(RingCommand(cmd_id, cdb, views, views))
+                else:
+                    count = e.iov_cnt
+                    ids = list(_id_struct(count).unpack_from(mv, e.array_off)) if count else []
+                    tmrs.append(RingTmr(int(e.iov_bidi_cnt), ids))
+                    self._tmr_count += 1
+            if n < batch:
+                return cmds, tmrs
+
+    def complete(
+        self, cmd_id: int, status: int, sense: bytes = b"", read_len: int | None = None
+    ) -> None:
+        """Write the response for ``cmd_id`` into the tail slot and advance ``cmd_tail``.
+
+        ``sense``: fixed or descriptor sense data, at most 96 bytes (zero-filled to 96).
+        ``read_len``: bytes of Data-In actually produced (sets READ_LEN; see the module
+        facts: ignored by the kernel unless Data-In and non-zero). Does not kick. Raises
+        :class:`RingError` if ``cmd_id`` is not in flight (unknown or already completed);
+        nothing is written then. The command's memoryviews are dead afterwards.
+        """
+        if cmd_id not in self._in_flight:
+            raise RingError(f"cmd_id {cmd_id} is not in flight (unknown or already completed)")
+        has_len, rl = self._read_len(read_len)
+        if len(sense) > SENSE_BUFFERSIZE:
+            raise ValueError(f"sense data is {len(sense)} bytes; TCMU carries at most 96")
+        self._check(lib.tcmu_py_complete(self._ctx, cmd_id, status, sense, len(sense), has_len, rl))
+        self._in_flight.discard(cmd_id)
+
+    def complete_many(self, completions: Sequence[Completion] | Iterable[Completion]) -> None:
+        """Complete several commands with one C call and one release store of ``cmd_tail``.
+
+        All ids are checked first (in flight, no duplicates): on error nothing is written.
+        """
+        items = list(completions)
+        ids = [c.cmd_id for c in items]
+        if len(set(ids)) != len(ids):
+            raise RingError(f"duplicate cmd_id in one batch: {sorted(ids)}")
+        for c in items:
+            if c.cmd_id not in self._in_flight:
+                raise RingError(
+                    f"cmd_id {c.cmd_id} is not in flight (unknown or already completed)"
+                )
+            if len(c.sense) > SENSE_BUFFERSIZE:
+                raise ValueError(f"sense data is {len(c.sense)} bytes; TCMU carries at most 96")
+        if not items:
+            return
+        rsps = ffi.new("struct tcmu_py_rsp[]", len(items))
+        for i, c in enumerate(items):
+            r = rsps[i]
+            r.cmd_id = c.cmd_id
+            r.scsi_status = c.status
+            r.sense_len = len(c.sense)
+            r.has_read_len, r.read_len = self._read_len(c.read_len)
+            if c.sense:
+                ffi.memmove(r.sense, c.sense, len(c.sense))
+        done = ffi.new("int *")
+        rc = lib.tcmu_py_complete_batch(self._ctx, rsps, len(items), done)
+        for c in items[: done[0]]:
+            self._in_flight.discard(c.cmd_id)
+        if rc < 0:
+            self._check(rc)
+
+    def close(self) -> None:
+        """Release this ring's hold on the mapping (live command views keep their own)."""
+        if self._cbuf is not None:
+            ffi.release(self._cbuf)
+            self._cbuf = None
+            self._mv.release()
+
+    # --- helpers
+
+    @staticmethod
+    def _read_len(read_len: int | None) -> tuple[int, int]:
+        if read_len is None:
+            return 0, 0
+        if not 0 <= read_len <= 0xFFFFFFFF:
+            raise ValueError(f"read_len {read_len} does not fit the u32 rsp.read_len")
+        return 1, read_len
+
+    def _check(self, rc: int) -> None:
+        if rc < 0:
+            what = _ERRORS.get(rc, f"error {rc}")
+            raise RingError(f"TCMU ring: {what} (ring offset {self._ctx.bad_off})")
