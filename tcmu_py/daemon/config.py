@@ -859,6 +859,17 @@ def _load_iscsi(c: _Checker, raw: object, devices: set[str]) -> list[IscsiTarget
             if ini is not None:
                 initiators.add(ini)
                 acls.append(Acl(ini, acl_chap, acl_luns))
+        if chap is not None or any(a.chap is not None for a in acls):
+            # LIO's TPG attribute `authentication` is one switch for every initiator: once
+            # CHAP is on, an ACL without credentials (or demo mode without TPG credentials)
+            # can never log in.
+            for j, a in enumerate(acls):
+                if a.chap is None:
+                    c.fail(f"{p}.acls[{j}].chap", _MISSING, "CHAP credentials (this target"
+                           " uses CHAP, so every initiator needs them)")
+            if demo and chap is None:
+                c.fail(f"{p}.chap", _MISSING, "CHAP credentials for demo-mode initiators"
+                       " (generate_node_acls is on and an ACL uses CHAP)")
         if demo is False and not acls and "acls" not in m and len(c.problems) == before:
             c.fail(f"{p}.acls", _MISSING, "at least one ACL, or generate_node_acls: true"
                    " (otherwise no initiator can log in)")

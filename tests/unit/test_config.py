@@ -75,6 +75,7 @@ exports:
           chap: {userid: u1, password: p1p1p1p1p1p1, mutual_userid: t1, mutual_password: m1m1m1}
           luns: [thin0]
         - initiator: iqn.1994-05.com.redhat:client2
+          chap: {userid: u2, password: p2p2p2p2p2p2}
 """
 
 
@@ -288,6 +289,25 @@ def test_chap_rules() -> None:
     assert not any("samesecret1" in p for p in found)  # secrets never echoed
     assert any("exports.iscsi[1].chap.mutual_password: got nothing" in p for p in found)
     assert any("exports.iscsi[2].chap.password: got nothing" in p for p in found)
+
+
+def test_chap_is_all_or_nothing_per_target() -> None:
+    found = problems("""
+        devices: [{name: a, handler: raw, size: 1M}]
+        exports:
+          iscsi:
+            - iqn: iqn.2003-01.org.x:t
+              generate_node_acls: true
+              luns: [{device: a}]
+              acls:
+                - {initiator: iqn.2003-01.org.x:i1, chap: {userid: u, password: p}}
+                - {initiator: iqn.2003-01.org.x:i2}
+    """)
+    assert found == [
+        "cfg.yaml: exports.iscsi[0].acls[1].chap: got nothing, expected CHAP credentials (this"
+        " target uses CHAP, so every initiator needs them)",
+        "cfg.yaml: exports.iscsi[0].chap: got nothing, expected CHAP credentials for demo-mode"
+        " initiators (generate_node_acls is on and an ACL uses CHAP)"]
 
 
 def test_data_area_must_hold_the_largest_command() -> None:
