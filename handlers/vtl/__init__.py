@@ -1,0 +1,133 @@
+"""Virtual tape library: one medium changer LUN and N tape drive LUNs sharing one `Library`.
+
+Each LUN is its own TCMU device of subtype ``vtl`` with the config string
+``library=<library dir>,unit=changer`` or ``library=<library dir>,unit=drive<N>`` (N from 0).
+All devices of one library in the daemon share a single `Library` object through
+`tcmu_py.handler.shared`, keyed by the resolved library directory; it is closed when the last of
+them closes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import DeviceConfig, Handler, parse_options, shared
+
+if TYPE_CHECKING:
+    from tcmu_py.handlers.vtl.library import Library
+
+    from tcmu_py.device.core import ScsiDevice
+
+__all__ = ["VtlHandler", "acquire_library", "release_library"]
+
+_UNIT_RE = re.compile(r"changer|drive(\d+)")
+_OPTIONS: dict[str, Callable[[str], Any]] = {"library": str, "unit": str}
+
+
+def _parse(cfgstring: str) -> tuple[Path, int | None]:
+    """(library dir, drive index or None for the changer). Raises ConfigError."""
+    opts = parse_options(cfgstring, _OPTIONS)
+    for key in _OPTIONS:
+        if key not in opts:
+            raise ConfigError(
+                f"config string {cfgstring!r}: missing {key}=; expected "
+                "library=<dir>,unit=changer|drive<N>"
+            )
+    m = _UNIT_RE.fullmatch(opts["unit"])
+    if m is None:
+        raise ConfigError(
+            f"config string {cfgstring!r}: unit={opts['unit']!r}: expected changer or drive<N>"
+        )
+    drive = int(m.group(1)) if m.group(1) is not None else None
+    return Path(os.path.realpath(opts["library"])), drive
+
+
+def _key(root: Path) -> str:
+    return f"vtl-library:{root}"
+
+
+def acquire_library(root: str | os.PathLike[str]) -> Library:
+    """The process-wide shared `Library` of directory `root` (opened on first use)."""
+    from tcmu_py.handlers.vtl.library import Library
+
+    path = Path(os.path.realpath(root))
+    return shared.acquire(_key(path), lambda: Library.open(path))
+
+
+def release_library(root: str | os.PathLike[str]) -> None:
+    """Drop one reference taken by `acquire_library`; the last one closes the library."""
+    path = Path(os.path.realpath(root))
+    shared.release(_key(path), lambda lib: lib.close())
+
+
+class VtlHandler(Handler):
+    """Subtype ``vtl``: the changer or one drive of a library directory made by `tcmu-py vtl`."""
+
+    subtype = "vtl"
+    description = "virtual tape library: SMC medium changer and SSC LTO drives"
+
+    @classmethod
+    def check_config(cls, cfgstring: str) -> None:
+        from tcmu_py.handlers.vtl.library import Library, LibraryError
+
+        root, drive = _parse(cfgstring)
+        try:
+            lib = Library.open(root)
+        except (OSError, LibraryError) as exc:
+            raise ConfigError(f"config string {cfgstring!r}: library {root}: {exc}") from None
+        try:
+            if drive is not None and drive >= lib.drive_count:
+                raise ConfigError(
+                    f"config string {cfgstring!r}: library {root} has {lib.drive_count} drives "
+                    f"(drive0..drive{lib.drive_count - 1})"
+                )
+        finally:
+            lib.close()
+
+    @classmethod
+    def open(cls, config: DeviceConfig) -> ScsiDevice:
+        from tcmu_py.handlers.vtl.library import LibraryError
+
+        cls.check_config(config.cfgstring)
+        root, drive = _parse(config.cfgstring)
+        try:
+            library = acquire_library(root)
+        except LibraryError as exc:
+            raise ConfigError(f"library {root}: {exc}") from None
+        try:
+            device: Any
+            if drive is None:
+                from tcmu_py.handlers.vtl.changer import Changer
+
+                device = Changer(config, library, on_close=lambda: release_library(root))
+            else:
+                from tcmu_py.handlers.vtl.drive import TapeDrive
+
+                device = TapeDrive(config, library, drive)
+                _release_on_close(device, root)
+        except BaseException:
+            release_library(root)
+            raise
+        return device  # type: ignore[no-any-return]
+
+
+def _release_on_close(device: Any, root: Path) -> None:
+    """Wrap `device.close` so the shared library reference is dropped exactly once."""
+    inner = device.close
+    done = False
+
+    def close() -> None:
+        nonlocal done
+        try:
+            inner()
+        finally:
+            if not done:
+                done = True
+                release_library(root)
+
+    device.close = close

@@ -1,0 +1,701 @@
+"""Library state: which cartridge sits in which element, persisted transactionally.
+
+Theory of operation
+-------------------
+A library is a directory::
+
+    <library>/library.json   the state below (replaced atomically on every change)
+    <library>/.lock          flock(2) target: serialises the daemon and `tcmu-py vtl` processes
+    <library>/media/<barcode>  one cartridge each (format owned by the drive's cartridge module)
+
+The layout (element address ranges, drives) is fixed at `create`. The state is: the occupant of
+every element (barcode, the storage element it last came from, whether the operator put it
+there), the PREVENT MEDIUM REMOVAL flag of the import/export elements and which import/export
+elements are open. Cartridges in `media/` that sit in no element are "on the shelf" (exported).
+
+Durability rule: every change is computed on a copy, written to a temporary file, fsynced,
+renamed over `library.json`, and the directory fsynced; only then does the in-memory state
+change. A crash at any instant therefore leaves either the old or the new state on disk, never
+a mix, and an acknowledged MOVE MEDIUM is never lost. Leftover temporary files are ignored.
+
+Sharing: one `Library` object serves the changer and every drive of the library in the daemon
+(shared through `tcmu_py.handler.shared`), so methods are thread-safe (one RLock). Another
+process (the `tcmu-py vtl` tool) may change the file too: every operation takes the flock and
+re-reads the file when its inode changed. Listeners (drive contents, external changes) run after
+the locks are released, on the thread that made or noticed the change; they must not block long.
+
+Drive prevent flags are not persisted: PREVENT ALLOW MEDIUM REMOVAL of a drive is cleared by a
+power on, which is what a daemon restart is to the initiator (SPC-5 6.18).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tcmu_py.errors import TcmuError
+from tcmu_py.scsi.smc import (
+    ELEMENT_TYPES,
+    DestinationFull,
+    ElementType,
+    ImportExportElementOpen,
+    InvalidElementAddress,
+    MediumRemovalPrevented,
+    MediumType,
+    SourceEmpty,
+)
+
+STATE_FILE = "library.json"
+LOCK_FILE = ".lock"
+MEDIA_DIR = "media"
+FORMAT = "tcmu-py-vtl-library"
+VERSION = 1
+
+#: Barcodes (volume identifiers) we accept: they become file names, so no path characters.
+BARCODE_RE = re.compile(r"[A-Z0-9][A-Z0-9_-]{0,31}")
+
+#: Default first element address per type (IBM-like layout, room for 511 drives).
+DEFAULT_FIRST_ADDRESS: dict[ElementType, int] = {
+    ElementType.MEDIUM_TRANSPORT: 0x0001,
+    ElementType.DATA_TRANSFER: 0x0100,
+    ElementType.IMPORT_EXPORT: 0x0300,
+    ElementType.STORAGE: 0x0400,
+}
+
+_TYPE_KEYS = {
+    ElementType.MEDIUM_TRANSPORT: "medium_transport",
+    ElementType.STORAGE: "storage",
+    ElementType.IMPORT_EXPORT: "import_export",
+    ElementType.DATA_TRANSFER: "data_transfer",
+}
+
+DriveListener = Callable[[str | None], None]
+
+
+class LibraryError(TcmuError):
+    """An operator request cannot be done (the message says why); nothing was changed."""
+
+
+def check_barcode(barcode: str) -> str:
+    """Return `barcode` if it is a valid volume identifier, else raise LibraryError."""
+    if not BARCODE_RE.fullmatch(barcode):
+        raise LibraryError(
+            f"barcode {barcode!r}: expected 1..32 characters A-Z 0-9 _ - (not starting with _ or -)"
+        )
+    return barcode
+
+
+def medium_type_for(barcode: str) -> MediumType:
+    """The SMC medium type a barcode announces (LTO labels: CLN* cleaning, L[T-Y] suffix WORM)."""
+    if barcode.startswith("CLN"):
+        return MediumType.CLEANING
+    if len(barcode) >= 2 and barcode[-2] == "L" and barcode[-1] in "TUVWXY":
+        return MediumType.WORM
+    return MediumType.DATA
+
+
+@dataclass(frozen=True, slots=True)
+class Occupant:
+    """A cartridge in an element. `source`: the storage or import/export element it was last
+    moved from (SMC-3 SOURCE STORAGE ELEMENT ADDRESS), None if it never moved; `imported`: the
+    operator placed it (IMPEXP bit), as opposed to the medium transport."""
+
+    barcode: str
+    source: int | None = None
+    imported: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DriveInfo:
+    serial: str
+    model: str
+
+
+@dataclass(slots=True)
+class _State:
+    contents: dict[int, Occupant] = field(default_factory=dict)
+    ie_prevent: bool = False
+    ie_open: frozenset[int] = frozenset()
+    generation: int = 0
+
+    def copy(self) -> _State:
+        return _State(dict(self.contents), self.ie_prevent, self.ie_open, self.generation)
+
+    def same(self, other: _State) -> bool:
+        return (self.contents, self.ie_prevent, self.ie_open) == (
+            other.contents,
+            other.ie_prevent,
+            other.ie_open,
+        )
+
+
+class Library:
+    """One tape library's elements and what they hold. See the module docstring for the rules."""
+
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        ranges: dict[ElementType, tuple[int, int]],
+        drives: list[DriveInfo],
+        dvcid: str,
+        state: _State,
+    ) -> None:
+        """Use `create` or `open`."""
+        self.path = path
+        self.name = name
+        self.dvcid = dvcid
+        self._ranges = dict(ranges)
+        self._drives = list(drives)
+        self._state = state
+        self._lock = threading.RLock()
+        self._lock_fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._file_id = self._stat_id()
+        self._drive_prevent = [False] * len(drives)
+        self._drive_listeners: list[list[DriveListener]] = [[] for _ in drives]
+        self._change_listeners: list[Callable[[], None]] = []
+        self._types: dict[int, ElementType] = {}
+        for etype, (first, count) in self._ranges.items():
+            for addr in range(first, first + count):
+                self._types[addr] = etype
+        self._addresses = sorted(self._types)
+
+    # ------------------------------------------------------------------------------------------
+    # Construction
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        name: str,
+        drives: list[tuple[str, str]],
+        slots: int,
+        import_export: int,
+        transports: int = 1,
+        first_address: dict[ElementType, int] | None = None,
+        dvcid: str = "serial",
+    ) -> Library:
+        """Create the library directory (or use an empty existing one) and write library.json.
+
+        `drives` is [(serial, model)] in data transfer element order; `dvcid` selects the device
+        identifier READ ELEMENT STATUS reports for drives: "serial" (the drive's unit serial, as
+        in its VPD page 80h) or "t10" (T10 vendor ID: vendor, product, serial). Raises
+        ConfigError-like `LibraryError` for a bad layout and FileExistsError if a library exists.
+        """
+        root = Path(path)
+        if transports < 1:
+            raise LibraryError("a library needs at least one medium transport element")
+        if slots < 0 or import_export < 0:
+            raise LibraryError("slot counts must not be negative")
+        if dvcid not in ("serial", "t10"):
+            raise LibraryError(f"dvcid {dvcid!r}: expected 'serial' or 't10'")
+        serials = [s for s, _ in drives]
+        if len(set(serials)) != len(serials) or any(not s or not s.isprintable() for s in serials):
+            raise LibraryError(f"drive serials must be unique printable strings: {serials}")
+        firsts = {**DEFAULT_FIRST_ADDRESS, **(first_address or {})}
+        counts = {
+            ElementType.MEDIUM_TRANSPORT: transports,
+            ElementType.STORAGE: slots,
+            ElementType.IMPORT_EXPORT: import_export,
+            ElementType.DATA_TRANSFER: len(drives),
+        }
+        ranges = {t: (firsts[t], counts[t]) for t in ELEMENT_TYPES}
+        _check_ranges(ranges)
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / STATE_FILE).exists():
+            raise FileExistsError(f"{root / STATE_FILE} exists; a library is already there")
+        (root / MEDIA_DIR).mkdir(exist_ok=True)
+        infos = [DriveInfo(s, m) for s, m in drives]
+        doc = _document(name, ranges, infos, dvcid, _State())
+        _write_atomically(root, doc)
+        return cls.open(root)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Library:
+        """Open an existing library. Raises FileNotFoundError or LibraryError (bad file)."""
+        root = Path(path)
+        doc = _read_document(root)
+        try:
+            ranges = {
+                t: (int(doc["elements"][k][0]), int(doc["elements"][k][1]))
+                for t, k in _TYPE_KEYS.items()
+            }
+            drives = [DriveInfo(str(d["serial"]), str(d["model"])) for d in doc["drives"]]
+            lib = cls(
+                root,
+                str(doc["name"]),
+                ranges,
+                drives,
+                str(doc.get("dvcid", "serial")),
+                _state_from(doc),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise LibraryError(f"{root / STATE_FILE}: malformed: {exc!r}") from None
+        _check_ranges(ranges)
+        return lib
+
+    def close(self) -> None:
+        """Release the lock file descriptor. The state is always already on disk."""
+        with self._lock:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+    # ------------------------------------------------------------------------------------------
+    # Layout (immutable)
+
+    def ranges(self) -> dict[ElementType, tuple[int, int]]:
+        """{element type: (first address, count)} — what mode page 1Dh reports."""
+        return dict(self._ranges)
+
+    def addresses(self, element_type: ElementType = ElementType.ALL) -> list[int]:
+        """Element addresses of one type (or all), ascending."""
+        if element_type == ElementType.ALL:
+            return list(self._addresses)
+        first, count = self._ranges[element_type]
+        return list(range(first, first + count))
+
+    def element_type(self, address: int) -> ElementType:
+        """The type of the element at `address`; InvalidElementAddress if there is none."""
+        try:
+            return self._types[address]
+        except KeyError:
+            raise InvalidElementAddress(f"no element at address {address:#06x}") from None
+
+    @property
+    def drive_count(self) -> int:
+        return len(self._drives)
+
+    def drive_address(self, drive_index: int) -> int:
+        first, count = self._ranges[ElementType.DATA_TRANSFER]
+        if not 0 <= drive_index < count:
+            raise IndexError(f"library {self.name} has no drive {drive_index}")
+        return first + drive_index
+
+    def drive_index(self, address: int) -> int:
+        """Index of the drive at data transfer element `address` (InvalidElementAddress if not)."""
+        if self.element_type(address) != ElementType.DATA_TRANSFER:
+            raise InvalidElementAddress(f"{address:#06x} is not a data transfer element")
+        return address - self._ranges[ElementType.DATA_TRANSFER][0]
+
+    def drive_serial(self, drive_index: int) -> str:
+        return self._drives[drive_index].serial
+
+    def drive_model(self, drive_index: int) -> str:
+        return self._drives[drive_index].model
+
+    def media_path(self, barcode: str) -> Path:
+        """Where the cartridge `barcode` is stored: `<library>/media/<barcode>`."""
+        return self.path / MEDIA_DIR / check_barcode(barcode)
+
+    # ------------------------------------------------------------------------------------------
+    # Reading the state
+
+    def occupant(self, address: int) -> Occupant | None:
+        """What sits in the element (None: empty). InvalidElementAddress for a bad address."""
+        self.element_type(address)
+        with self._locked():
+            return self._state.contents.get(address)
+
+    def contents(self) -> dict[int, Occupant]:
+        """A snapshot {address: occupant} of every full element."""
+        with self._locked():
+            return dict(self._state.contents)
+
+    def drive_barcode(self, drive_index: int) -> str | None:
+        """The barcode of the cartridge in drive `drive_index`, None if it is empty."""
+        occ = self.occupant(self.drive_address(drive_index))
+        return occ.barcode if occ else None
+
+    def locate(self, barcode: str) -> int | None:
+        """The element holding `barcode`, None if it is on the shelf or unknown."""
+        with self._locked():
+            for addr, occ in self._state.contents.items():
+                if occ.barcode == barcode:
+                    return addr
+        return None
+
+    def cartridges(self) -> list[str]:
+        """Every cartridge that exists in `media/` (sorted barcodes)."""
+        media = self.path / MEDIA_DIR
+        return sorted(p.name for p in media.iterdir() if BARCODE_RE.fullmatch(p.name))
+
+    def shelf(self) -> list[str]:
+        """Cartridges that exist but sit in no element (exported, or never imported)."""
+        placed = {o.barcode for o in self.contents().values()}
+        return [b for b in self.cartridges() if b not in placed]
+
+    @property
+    def ie_prevented(self) -> bool:
+        with self._locked():
+            return self._state.ie_prevent
+
+    def ie_is_open(self, address: int) -> bool:
+        with self._locked():
+            return address in self._state.ie_open
+
+    def drive_prevented(self, drive_index: int) -> bool:
+        with self._lock:
+            return self._drive_prevent[drive_index]
+
+    # ------------------------------------------------------------------------------------------
+    # Listeners
+
+    def add_drive_listener(self, drive_index: int, cb: DriveListener) -> None:
+        """Call `cb(barcode or None)` whenever the cartridge in drive `drive_index` changes."""
+        self.drive_address(drive_index)
+        with self._lock:
+            self._drive_listeners[drive_index].append(cb)
+
+    def remove_drive_listener(self, drive_index: int, cb: DriveListener) -> None:
+        with self._lock:
+            self._drive_listeners[drive_index].remove(cb)
+
+    def add_change_listener(self, cb: Callable[[], None]) -> None:
+        """Call `cb()` after the operator changed the library (another process's write, or an
+        operator method of this object): what the changer reports as IMPORT/EXPORT ACCESSED."""
+        with self._lock:
+            self._change_listeners.append(cb)
+
+    def remove_change_listener(self, cb: Callable[[], None]) -> None:
+        with self._lock:
+            self._change_listeners.remove(cb)
+
+    def refresh(self) -> None:
+        """Re-read library.json if another process replaced it (fires listeners)."""
+        with self._locked():
+            pass
+
+    # ------------------------------------------------------------------------------------------
+    # Medium transport operations (what the changer's commands do)
+
+    def set_drive_prevent(self, drive_index: int, prevented: bool) -> None:
+        """The drive's PREVENT ALLOW MEDIUM REMOVAL: while set, nothing moves out of it."""
+        self.drive_address(drive_index)
+        with self._lock:
+            self._drive_prevent[drive_index] = prevented
+
+    def move(self, src_addr: int, dst_addr: int) -> None:
+        """MOVE MEDIUM (SMC-3 6.6) from `src_addr` to `dst_addr`, durably.
+
+        Checks, in this order: both addresses name storage, import/export or data transfer
+        elements (InvalidElementAddress); the source is full (SourceEmpty); the destination is
+        empty (DestinationFull); no import/export element involved is open
+        (ImportExportElementOpen); the source is not a drive whose removal is prevented
+        (MediumRemovalPrevented). On any error nothing changed.
+        """
+        for addr in (src_addr, dst_addr):
+            self._check_holder(addr)
+        with self._transaction() as state:
+            occ = state.contents.get(src_addr)
+            if occ is None:
+                raise SourceEmpty(f"element {src_addr:#06x} is empty")
+            if dst_addr in state.contents:
+                raise DestinationFull(f"element {dst_addr:#06x} is full")
+            self._check_open(state, src_addr, dst_addr)
+            self._check_prevent(src_addr)
+            del state.contents[src_addr]
+            state.contents[dst_addr] = self._moved(occ, src_addr)
+
+    def exchange(self, src_addr: int, dst1_addr: int, dst2_addr: int) -> None:
+        """EXCHANGE MEDIUM (SMC-3 6.3): the medium in `src_addr` goes to `dst1_addr` and the one
+        that was in `dst1_addr` goes to `dst2_addr` (which may be `src_addr`), durably.
+
+        Errors as for `move`; `src_addr == dst1_addr` is InvalidElementAddress; an empty first
+        destination is SourceEmpty (its medium is the second move's source); a full second
+        destination other than the source, or one equal to the first, is DestinationFull.
+        Removal must be allowed for both drives media leave.
+        """
+        for addr in (src_addr, dst1_addr, dst2_addr):
+            self._check_holder(addr)
+        if src_addr == dst1_addr:
+            raise InvalidElementAddress("source and first destination are the same element")
+        with self._transaction() as state:
+            first = state.contents.get(src_addr)
+            second = state.contents.get(dst1_addr)
+            if first is None:
+                raise SourceEmpty(f"element {src_addr:#06x} is empty")
+            if second is None:
+                raise SourceEmpty(f"first destination {dst1_addr:#06x} is empty")
+            if dst2_addr == dst1_addr or (dst2_addr != src_addr and dst2_addr in state.contents):
+                raise DestinationFull(f"second destination {dst2_addr:#06x} is full")
+            self._check_open(state, src_addr, dst1_addr, dst2_addr)
+            self._check_prevent(src_addr)
+            self._check_prevent(dst1_addr)
+            del state.contents[src_addr]
+            state.contents[dst1_addr] = self._moved(first, src_addr)
+            state.contents[dst2_addr] = self._moved(second, dst1_addr)
+
+    def set_ie_prevent(self, prevented: bool) -> None:
+        """The changer's PREVENT ALLOW MEDIUM REMOVAL: lock the import/export elements against
+        the operator (the medium transport still reaches them). Persisted."""
+        with self._transaction() as state:
+            state.ie_prevent = prevented
+
+    def open_ie(self, address: int) -> None:
+        """OPEN IMPORT/EXPORT ELEMENT: present the element to the operator (the transport then
+        cannot reach it). MediumRemovalPrevented while the changer prevents removal."""
+        self._check_ie(address)
+        with self._transaction() as state:
+            if state.ie_prevent:
+                raise MediumRemovalPrevented("import/export elements are locked")
+            state.ie_open = state.ie_open | {address}
+
+    def close_ie(self, address: int) -> None:
+        """CLOSE IMPORT/EXPORT ELEMENT: give the element back to the medium transport."""
+        self._check_ie(address)
+        with self._transaction() as state:
+            state.ie_open = state.ie_open - {address}
+
+    # ------------------------------------------------------------------------------------------
+    # Operator operations (the `tcmu-py vtl` tool). Raise LibraryError; fire change listeners.
+
+    def place(self, barcode: str, address: int | None = None) -> int:
+        """Put cartridge `barcode` (which must exist in media/ and be on the shelf) straight into
+        storage element `address` (default: the first empty one), as an operator filling a
+        magazine. Returns the address."""
+        return self._operator_insert(barcode, address, ElementType.STORAGE)
+
+    def import_cartridge(self, barcode: str, address: int | None = None) -> int:
+        """The operator puts `barcode` into import/export element `address` (default: first
+        empty one). Refused while removal is prevented. Returns the address."""
+        return self._operator_insert(barcode, address, ElementType.IMPORT_EXPORT)
+
+    def export_cartridge(self, barcode: str) -> int:
+        """The operator takes `barcode` out of the import/export element holding it (it goes to
+        the shelf). Refused while removal is prevented. Returns the address it left."""
+        check_barcode(barcode)
+        with self._transaction(operator=True) as state:
+            addr = next((a for a, o in state.contents.items() if o.barcode == barcode), None)
+            if addr is None or self._types[addr] != ElementType.IMPORT_EXPORT:
+                where = "is not in the library" if addr is None else f"is in element {addr:#06x}"
+                raise LibraryError(
+                    f"{barcode} {where}; only cartridges in import/export elements can be exported"
+                )
+            if state.ie_prevent:
+                raise LibraryError("import/export elements are locked (PREVENT MEDIUM REMOVAL)")
+            del state.contents[addr]
+        return addr
+
+    # ------------------------------------------------------------------------------------------
+    # Internals
+
+    def _operator_insert(self, barcode: str, address: int | None, etype: ElementType) -> int:
+        check_barcode(barcode)
+        if not self.media_path(barcode).exists():
+            raise LibraryError(f"cartridge {barcode} does not exist (create it first)")
+        with self._transaction(operator=True) as state:
+            if any(o.barcode == barcode for o in state.contents.values()):
+                raise LibraryError(f"{barcode} is already in the library")
+            candidates = self.addresses(etype)
+            if address is None:
+                free = [a for a in candidates if a not in state.contents]
+                if not free:
+                    raise LibraryError(f"no empty {_TYPE_KEYS[etype]} element")
+                address = free[0]
+            elif address not in candidates:
+                raise LibraryError(f"{address:#06x} is not a {_TYPE_KEYS[etype]} element")
+            elif address in state.contents:
+                raise LibraryError(f"element {address:#06x} is full")
+            if etype == ElementType.IMPORT_EXPORT and state.ie_prevent:
+                raise LibraryError("import/export elements are locked (PREVENT MEDIUM REMOVAL)")
+            state.contents[address] = Occupant(
+                barcode, None, imported=etype == ElementType.IMPORT_EXPORT
+            )
+        return address
+
+    def _check_holder(self, address: int) -> None:
+        # SMC-3 7.3.2: our medium transport is not a storage location (STOR MT = 0).
+        if self.element_type(address) == ElementType.MEDIUM_TRANSPORT:
+            raise InvalidElementAddress(f"{address:#06x} is the medium transport")
+
+    def _check_ie(self, address: int) -> None:
+        if self.element_type(address) != ElementType.IMPORT_EXPORT:
+            raise InvalidElementAddress(f"{address:#06x} is not an import/export element")
+
+    @staticmethod
+    def _check_open(state: _State, *addresses: int) -> None:
+        for addr in addresses:
+            if addr in state.ie_open:
+                raise ImportExportElementOpen(f"import/export element {addr:#06x} is open")
+
+    def _check_prevent(self, address: int) -> None:
+        if (
+            self._types[address] == ElementType.DATA_TRANSFER
+            and self._drive_prevent[self.drive_index(address)]
+        ):
+            raise MediumRemovalPrevented(f"drive at {address:#06x} prevents medium removal")
+
+    def _moved(self, occ: Occupant, from_addr: int) -> Occupant:
+        if self._types[from_addr] in (ElementType.STORAGE, ElementType.IMPORT_EXPORT):
+            return Occupant(occ.barcode, from_addr, imported=False)
+        return replace(occ, imported=False)
+
+    def _stat_id(self) -> tuple[int, int, int]:
+        st = os.stat(self.path / STATE_FILE)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the thread lock and the file lock, with the state re-read if it changed."""
+        events: list[Callable[[], None]] = []
+        with self._lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self._reload_if_changed(events)
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        for event in events:
+            event()
+
+    @contextlib.contextmanager
+    def _transaction(self, *, operator: bool = False) -> Iterator[_State]:
+        """Yield a copy of the state; if the block returns normally, persist it, then adopt it."""
+        events: list[Callable[[], None]] = []
+        with self._lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self._reload_if_changed(events)
+                new = self._state.copy()
+                yield new
+                if not new.same(self._state):
+                    new.generation = self._state.generation + 1
+                    _write_atomically(
+                        self.path,
+                        _document(self.name, self._ranges, self._drives, self.dvcid, new),
+                    )
+                    self._file_id = self._stat_id()
+                    events += self._adopt(new, external=operator)
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        for event in events:
+            event()
+
+    def _reload_if_changed(self, events: list[Callable[[], None]]) -> None:
+        try:
+            file_id = self._stat_id()
+        except FileNotFoundError:
+            return
+        if file_id == self._file_id:
+            return
+        doc = _read_document(self.path)
+        self._file_id = file_id
+        events += self._adopt(_state_from(doc), external=True)
+
+    def _adopt(self, new: _State, *, external: bool) -> list[Callable[[], None]]:
+        """Make `new` current; return the listener calls its differences call for."""
+        old, self._state = self._state, new
+        events: list[Callable[[], None]] = []
+        first = self._ranges[ElementType.DATA_TRANSFER][0]
+        for index, listeners in enumerate(self._drive_listeners):
+            before, after = old.contents.get(first + index), new.contents.get(first + index)
+            if (before and before.barcode) != (after and after.barcode):
+                barcode = after.barcode if after else None
+                events += [_bind(cb, barcode) for cb in listeners]
+        if external and not old.same(new):
+            events += list(self._change_listeners)
+        return events
+
+
+def _bind(cb: DriveListener, barcode: str | None) -> Callable[[], None]:
+    return lambda: cb(barcode)
+
+
+def _check_ranges(ranges: dict[ElementType, tuple[int, int]]) -> None:
+    spans = []
+    for etype, (first, count) in ranges.items():
+        if count < 0 or first < 0 or first + count - 1 > 0xFFFF:
+            raise LibraryError(f"{_TYPE_KEYS[etype]} elements {first}+{count} exceed 16 bits")
+        if count:
+            spans.append((first, first + count, etype))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise LibraryError(f"{_TYPE_KEYS[a]} and {_TYPE_KEYS[b]} element addresses overlap")
+
+
+def _document(
+    name: str,
+    ranges: dict[ElementType, tuple[int, int]],
+    drives: list[DriveInfo],
+    dvcid: str,
+    state: _State,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "generation": state.generation,
+        "name": name,
+        "elements": {_TYPE_KEYS[t]: list(ranges[t]) for t in ELEMENT_TYPES},
+        "drives": [{"serial": d.serial, "model": d.model} for d in drives],
+        "dvcid": dvcid,
+        "contents": {
+            str(addr): {"barcode": o.barcode, "source": o.source, "imported": o.imported}
+            for addr, o in sorted(state.contents.items())
+        },
+        "ie_prevent": state.ie_prevent,
+        "ie_open": sorted(state.ie_open),
+    }
+
+
+def _state_from(doc: dict[str, Any]) -> _State:
+    contents = {
+        int(addr): Occupant(str(o["barcode"]), o.get("source"), bool(o.get("imported", False)))
+        for addr, o in doc.get("contents", {}).items()
+    }
+    return _State(
+        contents,
+        bool(doc.get("ie_prevent", False)),
+        frozenset(int(a) for a in doc.get("ie_open", [])),
+        int(doc.get("generation", 0)),
+    )
+
+
+def _read_document(root: Path) -> dict[str, Any]:
+    with open(root / STATE_FILE, encoding="utf-8") as f:
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise LibraryError(f"{root / STATE_FILE}: not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise LibraryError(f"{root / STATE_FILE}: not a tcmu-py library state file")
+    if doc.get("version") != VERSION:
+        raise LibraryError(
+            f"{root / STATE_FILE}: version {doc.get('version')!r}, expected {VERSION}"
+        )
+    return doc
+
+
+def _write_atomically(root: Path, doc: dict[str, Any]) -> None:
+    """Replace root/library.json with `doc` so that a crash leaves the old or the new file."""
+    data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+    tmp = root / f".{STATE_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)  # the new contents are on disk before the name points at them
+        finally:
+            os.close(fd)
+        os.replace(tmp, root / STATE_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)  # the rename itself is durable: an acknowledged move survives power loss
+    finally:
+        os.close(dfd)
