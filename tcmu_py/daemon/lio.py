@@ -1,0 +1,670 @@
+"""LIO objects from a validated Config: plan, create (recording what we made), remove only ours.
+
+Theory of operation:
+
+1. `plan_backstores` / `plan_exports` turn a Config into an ordered list of `LioObject`s — pure
+   data (kind, identity key, creation parameters), parents before children. Unit tests check
+   these plans; nothing here needs a kernel.
+2. `apply_backstores` / `apply_exports` walk a plan against a `LioBackend`: the real one
+   (`RtslibBackend`, rtslib-fb over configfs) or `MemoryBackend` (a model of configfs that
+   enforces parent/child rules, for tests and dry runs). Before creating anything, every object
+   is checked: present and recorded as ours with the same parameters → adopted (re-apply, daemon
+   restart); present but not ours, or ours with other parameters → `LioConflict` listing all of
+   them, nothing created. Then missing objects are created in order; each creation is appended
+   to the state file at once (atomic rewrite), so a crash never forgets what we made. If a
+   creation fails, what this call created is removed again (reverse order) and LioError raised.
+3. `down` deletes, in reverse creation order, exactly the objects in the state file.
+
+Ordering constraint from the kernel: a LUN's scan (INQUIRY, READ CAPACITY, ...) reaches the
+TCMU ring as soon as the LUN is linked, so the daemon must serve a device *before* its LUN is
+created. Hence two steps: `apply_backstores`, then start serving, then `apply_exports`.
+
+Backstores are created with ``nl_reply_supported=-1`` (the kernel never waits for a netlink
+reply for them, so creation cannot deadlock on the daemon), a data area and ``hw_max_sectors``
+from the config (LIO's 128-sector default costs ~2x in sequential throughput), ``hw_block_size``,
+then the ``cmd_time_out`` attribute (settable only while unexported) and ``emulate_write_cache``
+(what the kernel reports in the netlink RECONFIG event; the handler's MODE SENSE is what
+initiators see).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from tcmu_py.daemon.config import Config, Device, IscsiTarget, dev_config_string
+from tcmu_py.errors import TcmuError
+
+__all__ = [
+    "STATE_FILE",
+    "ApplyResult",
+    "Kind",
+    "LioBackend",
+    "LioConflict",
+    "LioError",
+    "LioObject",
+    "MemoryBackend",
+    "RtslibBackend",
+    "StatusRow",
+    "apply",
+    "apply_backstores",
+    "apply_exports",
+    "down",
+    "loopback_wwn",
+    "no_reply_devices",
+    "plan_backstores",
+    "plan_exports",
+    "prepare_storage",
+    "read_state",
+    "status_rows",
+]
+
+STATE_FILE = "lio-state.json"
+STATE_VERSION = 1
+
+
+class LioError(TcmuError):
+    """Creating or removing a LIO object failed; the message names the object."""
+
+
+class LioConflict(LioError):
+    """Objects the config asks for already exist and are not ours (or are ours with other
+    settings). ``objects`` lists them; nothing was created."""
+
+    def __init__(self, problems: Sequence[tuple[LioObject, str]]) -> None:
+        self.objects = [obj for obj, _ in problems]
+        super().__init__("\n".join(f"{obj}: {why}" for obj, why in problems))
+
+
+class Kind(StrEnum):
+    BACKSTORE = "backstore"
+    TARGET = "target"
+    TPG = "tpg"
+    PORTAL = "portal"
+    LUN = "lun"
+    ACL = "acl"
+    MAPPED_LUN = "mapped_lun"
+
+
+@dataclass(frozen=True)
+class LioObject:
+    """One configfs object. ``key`` identifies it (and its parents):
+
+    - BACKSTORE ``("user", name)``
+    - TARGET ``(fabric, wwn)``; TPG ``(fabric, wwn, tag)``; PORTAL ``(fabric, wwn, tag, "ip:port")``
+    - LUN ``(fabric, wwn, tag, lun)``; ACL ``(fabric, wwn, tag, initiator)``
+    - MAPPED_LUN ``(fabric, wwn, tag, initiator, mapped_lun)``
+
+    ``params`` are the creation parameters (JSON values); they take no part in identity.
+    """
+
+    kind: Kind
+    key: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __str__(self) -> str:
+        return f"{self.kind.value} {'/'.join(self.key)}"
+
+    @property
+    def parent(self) -> tuple[Kind, tuple[str, ...]] | None:
+        """Identity of the object this one lives in (None for backstores and targets)."""
+        parents = {Kind.TPG: Kind.TARGET, Kind.PORTAL: Kind.TPG, Kind.LUN: Kind.TPG,
+                   Kind.ACL: Kind.TPG, Kind.MAPPED_LUN: Kind.ACL}
+        if self.kind not in parents:
+            return None
+        return parents[self.kind], self.key[:-1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "key": list(self.key), "params": self.params}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LioObject:
+        return cls(Kind(d["kind"]), tuple(str(k) for k in d["key"]), dict(d.get("params", {})))
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def loopback_wwn(state_dir: str, role: str = "target") -> str:
+    """A stable NAA WWN for our tcm_loop target: LIO's OUI prefix (naa.5001405) + 9 hex digits
+    derived from ``state_dir`` and ``role``, so re-applying finds the same target."""
+    digest = hashlib.sha256(f"tcmu-py {role} {state_dir}".encode()).hexdigest()
+    return "naa.5001405" + digest[:9]
+
+
+def _control(dev: Device) -> str:
+    # target_core_user.c tokens: nl_reply_supported=%d, max_data_area_mb=%d,
+    # hw_max_sectors=%d, hw_block_size=%d (all must come before `enable`).
+    return (f"nl_reply_supported=-1,max_data_area_mb={dev.max_data_area_mb},"
+            f"hw_max_sectors={dev.hw_max_sectors},hw_block_size={dev.block_size}")
+
+
+def plan_backstores(config: Config) -> list[LioObject]:
+    """One user backstore per device, in config order."""
+    out = []
+    for dev in config.devices:
+        out.append(LioObject(Kind.BACKSTORE, ("user", dev.name), {
+            "config": dev_config_string(dev),
+            "size": dev.size,
+            "wwn": dev.serial,
+            "control": _control(dev),
+            "attributes": {"cmd_time_out": dev.cmd_time_out,
+                           "emulate_write_cache": int(dev.write_cache)},
+        }))
+    return out
+
+
+def _iscsi_tpg_attributes(tgt: IscsiTarget) -> dict[str, int]:
+    uses_chap = tgt.chap is not None or any(a.chap is not None for a in tgt.acls)
+    attrs = {"authentication": int(uses_chap)}
+    if tgt.generate_node_acls:
+        # Demo mode: any initiator logs in and sees every TPG LUN, writable, with a dynamic
+        # ACL that is kept (cached) while the session lives.
+        attrs.update(generate_node_acls=1, demo_mode_write_protect=0, cache_dynamic_acls=1)
+    else:
+        attrs["generate_node_acls"] = 0
+    attrs.update(dict(tgt.attributes))
+    return attrs
+
+
+def _chap(chap: Any) -> dict[str, str] | None:
+    if chap is None:
+        return None
+    d = {"userid": chap.userid, "password": chap.password}
+    if chap.mutual_userid is not None:
+        d.update(mutual_userid=chap.mutual_userid, mutual_password=chap.mutual_password)
+    return d
+
+
+def plan_exports(config: Config) -> list[LioObject]:
+    """tcm_loop target/TPG/LUNs, then for each iSCSI target: target, TPG (attributes, TPG CHAP,
+    enabled), portals, LUNs, ACLs (CHAP) and their mapped LUNs (LUN masking)."""
+    out: list[LioObject] = []
+    if config.exports.loopback:
+        wwn = loopback_wwn(config.state_dir)
+        out.append(LioObject(Kind.TARGET, ("loopback", wwn)))
+        out.append(LioObject(Kind.TPG, ("loopback", wwn, "1"), {"attributes": {}}))
+        for lm in config.exports.loopback:
+            out.append(LioObject(Kind.LUN, ("loopback", wwn, "1", str(lm.lun)),
+                                 {"backstore": lm.device}))
+    for tgt in config.exports.iscsi:
+        t = ("iscsi", tgt.iqn)
+        tpg = (*t, str(tgt.tpg))
+        out.append(LioObject(Kind.TARGET, t))
+        out.append(LioObject(Kind.TPG, tpg, {"attributes": _iscsi_tpg_attributes(tgt),
+                                             "chap": _chap(tgt.chap)}))
+        for portal in tgt.portals:
+            out.append(LioObject(Kind.PORTAL, (*tpg, str(portal)),
+                                 {"ip": portal.ip, "port": portal.port}))
+        lun_of = {lm.device: lm.lun for lm in tgt.luns}
+        for lm in tgt.luns:
+            out.append(LioObject(Kind.LUN, (*tpg, str(lm.lun)), {"backstore": lm.device}))
+        for acl in tgt.acls:
+            akey = (*tpg, acl.initiator)
+            out.append(LioObject(Kind.ACL, akey, {"chap": _chap(acl.chap)}))
+            visible = acl.luns if acl.luns is not None else tuple(lun_of)
+            for dev_name in visible:
+                n = lun_of[dev_name]
+                out.append(LioObject(Kind.MAPPED_LUN, (*akey, str(n)),
+                                     {"tpg_lun": n, "write_protect": False}))
+    return out
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class LioBackend(Protocol):
+    """What apply/down need from LIO. ``create`` may assume the parent exists and the object
+    does not; ``delete`` removes the object (and, as configfs does, anything under it)."""
+
+    def exists(self, obj: LioObject) -> bool: ...
+    def create(self, obj: LioObject) -> None: ...
+    def delete(self, obj: LioObject) -> None: ...
+
+
+class MemoryBackend:
+    """An in-memory configfs model: enforces that parents exist before children, that a LUN's
+    backstore exists, and that deleting an object deletes everything under it. ``log`` records
+    every create/delete in order."""
+
+    def __init__(self, existing: Iterable[LioObject] = ()) -> None:
+        self.objects: dict[tuple[Kind, tuple[str, ...]], LioObject] = {}
+        self.log: list[tuple[str, LioObject]] = []
+        self.fail_on: set[tuple[Kind, tuple[str, ...]]] = set()
+        for obj in existing:
+            self.objects[(obj.kind, obj.key)] = obj
+
+    def exists(self, obj: LioObject) -> bool:
+        return (obj.kind, obj.key) in self.objects
+
+    def create(self, obj: LioObject) -> None:
+        ident = (obj.kind, obj.key)
+        if ident in self.fail_on:
+            raise LioError(f"{obj}: injected failure")
+        if ident in self.objects:
+            raise LioError(f"{obj}: already exists")
+        parent = obj.parent
+        if parent is not None and parent not in self.objects:
+            raise LioError(f"{obj}: parent {parent[0].value} {'/'.join(parent[1])} missing")
+        if obj.kind is Kind.LUN and (Kind.BACKSTORE, ("user", obj.params["backstore"])) not in (
+                self.objects):
+            raise LioError(f"{obj}: backstore {obj.params['backstore']} missing")
+        if obj.kind is Kind.MAPPED_LUN and (
+                Kind.LUN, (*obj.key[:3], str(obj.params["tpg_lun"]))) not in self.objects:
+            raise LioError(f"{obj}: TPG LUN {obj.params['tpg_lun']} missing")
+        self.objects[ident] = obj
+        self.log.append(("create", obj))
+
+    def delete(self, obj: LioObject) -> None:
+        ident = (obj.kind, obj.key)
+        if ident not in self.objects:
+            raise LioError(f"{obj}: does not exist")
+        for other in list(self.objects):
+            if other != ident and _under(other, ident):
+                del self.objects[other]
+        if obj.kind is Kind.BACKSTORE:  # configfs unlinks LUNs using a deleted backstore
+            for other, o in list(self.objects.items()):
+                if other[0] is Kind.LUN and o.params.get("backstore") == obj.key[1]:
+                    del self.objects[other]
+        del self.objects[ident]
+        self.log.append(("delete", obj))
+
+
+def _under(child: tuple[Kind, tuple[str, ...]], parent: tuple[Kind, tuple[str, ...]]) -> bool:
+    if parent[0] is Kind.BACKSTORE or child[0] is Kind.BACKSTORE:
+        return False
+    return len(child[1]) > len(parent[1]) and child[1][:len(parent[1])] == parent[1]
+
+
+class RtslibBackend:
+    """LIO through rtslib-fb (the library targetcli uses). Needs configfs mounted and
+    target_core_mod; creates /etc/target if missing (rtslib-fb refuses to work without it)."""
+
+    def __init__(self) -> None:
+        import rtslib_fb
+
+        Path("/etc/target").mkdir(parents=True, exist_ok=True)
+        self.rtslib = rtslib_fb
+        try:
+            rtslib_fb.RTSRoot()
+        except Exception as exc:  # rtslib raises bare RTSLibError / OSError
+            raise LioError(f"LIO is not available (configfs, target_core_mod): {exc}") from exc
+
+    # Lookups of existing objects; each raises RTSLibNotInCFSError (an RTSLibError) if absent.
+    def _target(self, key: tuple[str, ...]) -> Any:
+        r = self.rtslib
+        return r.Target(r.FabricModule(key[0]), key[1], mode="lookup")
+
+    def _tpg(self, key: tuple[str, ...]) -> Any:
+        return self.rtslib.TPG(self._target(key), int(key[2]), mode="lookup")
+
+    def _acl(self, key: tuple[str, ...]) -> Any:
+        return self.rtslib.NodeACL(self._tpg(key), key[3], mode="lookup")
+
+    def _user_so(self, name: str) -> Any:
+        # rtslib-fb caches backstore name -> user_N index process-wide and fills the cache only
+        # when empty; a long-running daemon must not trust it.
+        self.rtslib.tcm.bs_cache.clear()
+        return self.rtslib.UserBackedStorageObject(name)
+
+    def _lookup(self, obj: LioObject) -> Any:
+        r, k = self.rtslib, obj.key
+        if obj.kind is Kind.BACKSTORE:
+            return self._user_so(k[1])
+        if obj.kind is Kind.TARGET:
+            return self._target(k)
+        if obj.kind is Kind.TPG:
+            return self._tpg(k)
+        if obj.kind is Kind.PORTAL:
+            return r.NetworkPortal(self._tpg(k), _portal_ip(obj), obj.params["port"],
+                                   mode="lookup")
+        if obj.kind is Kind.LUN:
+            return r.LUN(self._tpg(k), int(k[3]))
+        if obj.kind is Kind.ACL:
+            return self._acl(k)
+        return r.MappedLUN(self._acl(k), int(k[4]))
+
+    def exists(self, obj: LioObject) -> bool:
+        try:
+            self._lookup(obj)
+        except self.rtslib.utils.RTSLibError:
+            return False
+        return True
+
+    def create(self, obj: LioObject) -> None:
+        try:
+            self._create(obj)
+        except (self.rtslib.utils.RTSLibError, OSError) as exc:
+            raise LioError(f"creating {obj}: {exc}") from exc
+
+    def _create(self, obj: LioObject) -> None:
+        r, k, p = self.rtslib, obj.key, obj.params
+        if obj.kind is Kind.BACKSTORE:
+            r.tcm.bs_cache.clear()
+            so = r.UserBackedStorageObject(k[1], config=p["config"], size=p["size"],
+                                           wwn=p["wwn"], control=p["control"])
+            try:
+                for name, value in p["attributes"].items():
+                    so.set_attribute(name, str(value))
+            except BaseException:
+                so.delete()
+                raise
+        elif obj.kind is Kind.TARGET:
+            r.Target(r.FabricModule(k[0]), k[1], mode="create")
+        elif obj.kind is Kind.TPG:
+            # tcm_loop TPGs get a generated nexus here (rtslib sets it when the fabric has one).
+            tpg = r.TPG(self._target(k), int(k[2]), mode="create")
+            try:
+                for name, value in p.get("attributes", {}).items():
+                    tpg.set_attribute(name, str(value))
+                chap = p.get("chap")
+                if chap:
+                    _set_chap(tpg, chap)
+                tpg.enable = True
+            except BaseException:
+                tpg.delete()
+                raise
+        elif obj.kind is Kind.PORTAL:
+            r.NetworkPortal(self._tpg(k), _portal_ip(obj), p["port"], mode="create")
+        elif obj.kind is Kind.LUN:
+            r.LUN(self._tpg(k), int(k[3]),
+                  storage_object=self._user_so(p["backstore"]))
+        elif obj.kind is Kind.ACL:
+            acl = r.NodeACL(self._tpg(k), k[3], mode="create")
+            if p.get("chap"):
+                try:
+                    _set_chap(acl, p["chap"])
+                except BaseException:
+                    acl.delete()
+                    raise
+        else:
+            r.MappedLUN(self._acl(k), int(k[4]), tpg_lun=p["tpg_lun"],
+                        write_protect=p["write_protect"])
+
+    def delete(self, obj: LioObject) -> None:
+        try:
+            self._lookup(obj).delete()
+        except (self.rtslib.utils.RTSLibError, OSError) as exc:
+            raise LioError(f"removing {obj}: {exc}") from exc
+
+
+def _portal_ip(obj: LioObject) -> str:
+    ip = str(obj.params["ip"])
+    return f"[{ip}]" if ":" in ip else ip  # rtslib-fb wants IPv6 in brackets
+
+
+def _set_chap(node: Any, chap: dict[str, str]) -> None:
+    node.chap_userid = chap["userid"]
+    node.chap_password = chap["password"]
+    if "mutual_userid" in chap:
+        node.chap_mutual_userid = chap["mutual_userid"]
+        node.chap_mutual_password = chap["mutual_password"]
+
+
+# --------------------------------------------------------------------------- state file
+
+
+def _state_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / STATE_FILE
+
+
+def read_state(state_dir: str | Path) -> list[LioObject]:
+    """Objects tcmu-py created, in creation order ([] if there is no state file)."""
+    path = _state_path(state_dir)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise LioError(f"{path}: unreadable state file: {exc}") from exc
+    if doc.get("version") != STATE_VERSION:
+        raise LioError(f"{path}: state version {doc.get('version')!r}, expected {STATE_VERSION}")
+    return [LioObject.from_json(o) for o in doc.get("objects", [])]
+
+
+def _write_state(state_dir: str | Path, objects: Sequence[LioObject]) -> None:
+    """Atomic replace: temp file in the same directory, fsync, rename, fsync the directory."""
+    path = _state_path(state_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"version": STATE_VERSION, "objects": [o.to_json() for o in objects]}
+    fd, tmp = tempfile.mkstemp(prefix=".lio-state.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)  # may hold CHAP secrets
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# --------------------------------------------------------------------------- apply / down
+
+
+@dataclass
+class ApplyResult:
+    """``planned``: the whole plan in order; ``created``: what this call created (in order);
+    ``adopted``: already present and ours; ``stale``: ours, recorded, but no longer in the
+    config (left in place; `down` removes them)."""
+
+    planned: list[LioObject] = field(default_factory=list)
+    created: list[LioObject] = field(default_factory=list)
+    adopted: list[LioObject] = field(default_factory=list)
+    stale: list[LioObject] = field(default_factory=list)
+
+
+def _comparable(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _apply_plan(plan: list[LioObject], state_dir: str, backend: LioBackend | None,
+                dry_run: bool) -> ApplyResult:
+    recorded = read_state(state_dir)
+    ours = {(o.kind, o.key): o for o in recorded}
+    result = ApplyResult(planned=list(plan))
+    if dry_run and backend is None:
+        backend = MemoryBackend(o for o in recorded)  # assume our recorded objects still exist
+    if backend is None:
+        backend = RtslibBackend()
+
+    conflicts: list[tuple[LioObject, str]] = []
+    to_create: list[LioObject] = []
+    for obj in plan:
+        mine = ours.get((obj.kind, obj.key))
+        if not backend.exists(obj):
+            to_create.append(obj)
+        elif mine is None:
+            conflicts.append((obj, "exists and was not created by tcmu-py"))
+        elif _comparable(mine.params) != _comparable(obj.params):
+            conflicts.append((obj, "exists with other settings; run `tcmu-py down` first"))
+        else:
+            result.adopted.append(obj)
+    if conflicts:
+        raise LioConflict(conflicts)
+    if dry_run:
+        result.created = to_create
+        return result
+
+    state = [o for o in recorded if (o.kind, o.key) not in {(c.kind, c.key) for c in to_create}]
+    try:
+        for obj in to_create:
+            backend.create(obj)
+            result.created.append(obj)
+            state.append(obj)
+            _write_state(state_dir, state)
+    except BaseException as exc:
+        for obj in reversed(result.created):
+            try:
+                if backend.exists(obj):
+                    backend.delete(obj)
+            except LioError:
+                continue  # keep it recorded so `down` retries
+            state = [o for o in state if (o.kind, o.key) != (obj.kind, obj.key)]
+        _write_state(state_dir, state)
+        if isinstance(exc, LioError):
+            raise
+        raise LioError(f"apply failed: {exc}") from exc
+    return result
+
+
+def _with_stale(result: ApplyResult, config_plan: list[LioObject], state_dir: str,
+                kinds: set[Kind]) -> ApplyResult:
+    wanted = {(o.kind, o.key) for o in config_plan}
+    result.stale = [o for o in read_state(state_dir)
+                    if o.kind in kinds and (o.kind, o.key) not in wanted]
+    return result
+
+
+_BACKSTORE_KINDS = {Kind.BACKSTORE}
+_EXPORT_KINDS = set(Kind) - _BACKSTORE_KINDS
+
+
+def prepare_storage(config: Config) -> list[Path]:
+    """Create the state directory, pool directories and missing ``raw`` image files (sparse, of
+    the device size; an existing smaller image is extended, never shrunk). Returns the image
+    files created."""
+    Path(config.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    for pool in config.pools:
+        Path(pool.path).mkdir(parents=True, exist_ok=True, mode=0o700)
+    created = []
+    for dev in config.devices:
+        if dev.handler != "raw":
+            continue
+        img = Path(dev.options_dict()["path"])
+        img.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(img, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            created.append(img)
+        except FileExistsError:
+            fd = os.open(img, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_size < dev.size:
+                os.ftruncate(fd, dev.size)
+        finally:
+            os.close(fd)
+    return created
+
+
+def apply_backstores(config: Config, backend: LioBackend | None = None, *,
+                     dry_run: bool = False) -> ApplyResult:
+    """Create the user backstores (and backing storage, see `prepare_storage`). With
+    ``dry_run`` nothing is touched: the result says what would be created; without a backend,
+    a dry run assumes exactly the recorded objects exist."""
+    plan = plan_backstores(config)
+    if not dry_run:
+        prepare_storage(config)
+    return _with_stale(_apply_plan(plan, config.state_dir, backend, dry_run), plan,
+                       config.state_dir, _BACKSTORE_KINDS)
+
+
+def apply_exports(config: Config, backend: LioBackend | None = None, *,
+                  dry_run: bool = False) -> ApplyResult:
+    """Create targets, TPGs, portals, LUNs and ACLs. Call only once the daemon serves the
+    backstores (LUN creation sends the initiator's scan to the ring)."""
+    plan = plan_exports(config)
+    return _with_stale(_apply_plan(plan, config.state_dir, backend, dry_run), plan,
+                       config.state_dir, _EXPORT_KINDS)
+
+
+def apply(config: Config, backend: LioBackend | None = None, *,
+          dry_run: bool = False) -> ApplyResult:
+    """`apply_backstores` then `apply_exports`, for when devices are already served (or the
+    caller accepts that the scan waits for the daemon, up to ``cmd_time_out``)."""
+    if backend is None and not dry_run:
+        backend = RtslibBackend()
+    a = apply_backstores(config, backend, dry_run=dry_run)
+    b = apply_exports(config, backend, dry_run=dry_run)
+    return ApplyResult(a.planned + b.planned, a.created + b.created, a.adopted + b.adopted,
+                       a.stale + b.stale)
+
+
+def down(state_dir: str | Path, backend: LioBackend | None = None) -> list[LioObject]:
+    """Remove every object recorded in the state file, newest first, skipping ones already
+    gone (removed by hand, or with their parent). Returns what was removed. Objects that fail
+    to go stay recorded and LioError is raised after trying all of them."""
+    recorded = read_state(state_dir)
+    if not recorded:
+        return []
+    if backend is None:
+        backend = RtslibBackend()
+    removed: list[LioObject] = []
+    failed: list[str] = []
+    remaining = list(recorded)
+    # Exports before backstores: a backstore in use by a LUN we did not create must not
+    # silently take that LUN along (rtslib's delete unlinks every LUN using it).
+    order = sorted(reversed(recorded), key=lambda o: o.kind is Kind.BACKSTORE)
+    for obj in order:
+        try:
+            if backend.exists(obj):
+                backend.delete(obj)
+                removed.append(obj)
+        except LioError as exc:
+            failed.append(str(exc))
+            continue
+        remaining.remove(obj)
+        _write_state(state_dir, remaining)
+    if failed:
+        raise LioError("\n".join(failed))
+    return removed
+
+
+def no_reply_devices(state_dir: str | Path) -> set[str]:
+    """Names of the backstores tcmu-py created (with ``nl_reply_supported=-1``): the daemon must
+    not send netlink replies for them (see tcmu_py.daemon.netlink.should_reply)."""
+    return {o.key[1] for o in read_state(state_dir) if o.kind is Kind.BACKSTORE}
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """One line of ``tcmu-py status``: what we created and whether it is still there."""
+
+    kind: str
+    name: str
+    detail: str
+    present: bool
+
+
+def _detail(obj: LioObject) -> str:
+    p = obj.params
+    if obj.kind is Kind.BACKSTORE:
+        return f"{p['config']} size={p['size']}"
+    if obj.kind is Kind.LUN:
+        return f"-> {p['backstore']}"
+    if obj.kind is Kind.TPG:
+        attrs = p.get("attributes") or {}
+        flags = [f"{k}={v}" for k, v in sorted(attrs.items())]
+        return " ".join(flags + (["chap"] if p.get("chap") else []))
+    if obj.kind is Kind.ACL:
+        return "chap" if p.get("chap") else ""
+    if obj.kind is Kind.MAPPED_LUN:
+        return f"-> tpg lun {p['tpg_lun']}"
+    return ""
+
+
+def status_rows(state_dir: str | Path, backend: LioBackend | None = None) -> list[StatusRow]:
+    """Our recorded objects in creation order, each checked against LIO (``present``). CHAP
+    secrets are never shown."""
+    recorded = read_state(state_dir)
+    if recorded and backend is None:
+        backend = RtslibBackend()
+    rows = []
+    for obj in recorded:
+        assert backend is not None
+        rows.append(StatusRow(obj.kind.value, "/".join(obj.key), _detail(obj),
+                              backend.exists(obj)))
+    return rows
+

@@ -1,0 +1,378 @@
+"""LIO plans and apply/down against the in-memory configfs model (no kernel); the rtslib-fb
+mapping checked against a recording stand-in for the rtslib_fb module."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import textwrap
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tcmu_py.daemon import lio
+from tcmu_py.daemon.config import Config, load_config_text
+from tcmu_py.daemon.lio import (
+    Kind,
+    LioConflict,
+    LioError,
+    LioObject,
+    MemoryBackend,
+    RtslibBackend,
+    apply,
+    apply_backstores,
+    apply_exports,
+    down,
+    loopback_wwn,
+    no_reply_devices,
+    plan_backstores,
+    plan_exports,
+    prepare_storage,
+    read_state,
+    status_rows,
+)
+
+TEXT = """
+state_dir: {state}
+devices:
+  - {{name: disk0, handler: raw, size: 1M}}
+  - {{name: thin0, handler: thin, size: 4M, block_size: 4096, hw_max_sectors: 256,
+     max_data_area_mb: 32, cmd_time_out: 0, write_cache: true, serial: SER1,
+     options: {{unit: 64K}}}}
+exports:
+  loopback:
+    - {{device: disk0}}
+    - {{device: thin0, lun: 3}}
+  iscsi:
+    - iqn: iqn.2003-01.org.tcmu-py:t1
+      portals: ["127.0.0.1:3260", "[::1]:3261"]
+      luns: [{{device: disk0, lun: 0}}, {{device: thin0, lun: 1}}]
+      acls:
+        - initiator: iqn.1994-05.com.redhat:c1
+          chap: {{userid: u1, password: secret1secret}}
+          luns: [thin0]
+        - initiator: iqn.1994-05.com.redhat:c2
+          chap: {{userid: u2, password: secret2secret, mutual_userid: t, mutual_password: m2}}
+"""
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return load_config_text(textwrap.dedent(TEXT.format(state=tmp_path / "state")), "t.yaml")
+
+
+def keys(objs: list[LioObject]) -> list[str]:
+    return [str(o) for o in objs]
+
+
+def test_backstore_plan(cfg: Config) -> None:
+    disk, thin = plan_backstores(cfg)
+    assert disk.key == ("user", "disk0")
+    assert disk.params == {
+        "config": f"raw/{cfg.state_dir}/disk0.img",
+        "size": 1 << 20,
+        "wwn": None,
+        "control": "nl_reply_supported=-1,max_data_area_mb=128,hw_max_sectors=1024,"
+                   "hw_block_size=512",
+        "attributes": {"cmd_time_out": 30, "emulate_write_cache": 0},
+    }
+    assert thin.params["config"] == "thin/unit=64K"
+    assert thin.params["wwn"] == "SER1"
+    assert thin.params["control"] == ("nl_reply_supported=-1,max_data_area_mb=32,"
+                                      "hw_max_sectors=256,hw_block_size=4096")
+    assert thin.params["attributes"] == {"cmd_time_out": 0, "emulate_write_cache": 1}
+
+
+def test_export_plan_order_and_masking(cfg: Config) -> None:
+    wwn = loopback_wwn(cfg.state_dir)
+    t = "iscsi/iqn.2003-01.org.tcmu-py:t1/1"
+    assert keys(plan_exports(cfg)) == [
+        f"target loopback/{wwn}",
+        f"tpg loopback/{wwn}/1",
+        f"lun loopback/{wwn}/1/0",
+        f"lun loopback/{wwn}/1/3",
+        "target iscsi/iqn.2003-01.org.tcmu-py:t1",
+        f"tpg {t}",
+        f"portal {t}/127.0.0.1:3260",
+        f"portal {t}/[::1]:3261",
+        f"lun {t}/0",
+        f"lun {t}/1",
+        f"acl {t}/iqn.1994-05.com.redhat:c1",
+        f"mapped_lun {t}/iqn.1994-05.com.redhat:c1/1",   # c1 sees only thin0 (LUN 1)
+        f"acl {t}/iqn.1994-05.com.redhat:c2",
+        f"mapped_lun {t}/iqn.1994-05.com.redhat:c2/0",   # c2: every TPG LUN
+        f"mapped_lun {t}/iqn.1994-05.com.redhat:c2/1",
+    ]
+    plan = {str(o): o for o in plan_exports(cfg)}
+    assert plan[f"tpg {t}"].params["attributes"] == {"authentication": 1,
+                                                     "generate_node_acls": 0}
+    assert plan[f"acl {t}/iqn.1994-05.com.redhat:c2"].params["chap"] == {
+        "userid": "u2", "password": "secret2secret", "mutual_userid": "t",
+        "mutual_password": "m2"}
+    assert plan[f"lun loopback/{wwn}/1/3"].params == {"backstore": "thin0"}
+
+
+def test_demo_mode_attributes_and_overrides(tmp_path: Path) -> None:
+    c = load_config_text(textwrap.dedent(f"""
+        state_dir: {tmp_path}
+        devices: [{{name: d, handler: raw, size: 1M}}]
+        exports:
+          iscsi:
+            - iqn: iqn.2003-01.org.x:t
+              generate_node_acls: true
+              attributes: {{cache_dynamic_acls: 0, default_cmdsn_depth: 128}}
+              luns: [{{device: d}}]
+    """), "x")
+    tpg = [o for o in plan_exports(c) if o.kind is Kind.TPG][0]
+    assert tpg.params == {"attributes": {"authentication": 0, "generate_node_acls": 1,
+                                         "demo_mode_write_protect": 0, "cache_dynamic_acls": 0,
+                                         "default_cmdsn_depth": 128},
+                          "chap": None}
+
+
+def test_loopback_wwn_stable_and_valid() -> None:
+    a = loopback_wwn("/var/lib/tcmu-py")
+    assert a == loopback_wwn("/var/lib/tcmu-py") != loopback_wwn("/srv/other")
+    assert a.startswith("naa.5001405") and len(a) == 4 + 16
+    int(a[4:], 16)
+
+
+def test_apply_in_two_steps_records_everything(cfg: Config) -> None:
+    be = MemoryBackend()
+    r1 = apply_backstores(cfg, be)
+    assert keys(r1.created) == ["backstore user/disk0", "backstore user/thin0"]
+    # Backing image of the raw device exists, sparse, of the device size.
+    img = Path(cfg.state_dir) / "disk0.img"
+    assert img.stat().st_size == 1 << 20 and img.stat().st_blocks == 0
+    r2 = apply_exports(cfg, be)
+    assert len(r2.created) == 15
+    assert [op for op, _ in be.log] == ["create"] * 17
+    state = read_state(cfg.state_dir)
+    assert keys(state) == keys(r1.created) + keys(r2.created)
+    assert state[0].params == r1.created[0].params
+    path = Path(cfg.state_dir) / lio.STATE_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text())["version"] == 1
+    assert no_reply_devices(cfg.state_dir) == {"disk0", "thin0"}
+
+
+def test_exports_before_backstores_fails_and_rolls_back(cfg: Config) -> None:
+    be = MemoryBackend()
+    with pytest.raises(LioError, match="backstore disk0 missing"):
+        apply_exports(cfg, be)
+    assert be.objects == {}
+    assert [op for op, _ in be.log] == ["create", "create", "delete", "delete"]
+    assert read_state(cfg.state_dir) == []
+
+
+def test_failure_midway_removes_what_this_call_created(cfg: Config) -> None:
+    be = MemoryBackend()
+    apply_backstores(cfg, be)
+    victim = [o for o in plan_exports(cfg) if o.kind is Kind.ACL][0]
+    be.fail_on.add((victim.kind, victim.key))
+    with pytest.raises(LioError, match="injected failure"):
+        apply_exports(cfg, be)
+    assert {o.kind for o in be.objects.values()} == {Kind.BACKSTORE}
+    assert keys(read_state(cfg.state_dir)) == ["backstore user/disk0", "backstore user/thin0"]
+
+
+def test_reapply_adopts_and_creates_nothing(cfg: Config) -> None:
+    be = MemoryBackend()
+    apply(cfg, be)
+    n = len(be.log)
+    again = apply(cfg, be)
+    assert again.created == [] and len(again.adopted) == 17 and len(be.log) == n
+
+
+def test_reapply_recreates_our_objects_that_vanished(cfg: Config) -> None:
+    be = MemoryBackend()
+    apply(cfg, be)
+    be.objects.clear()  # e.g. reboot: configfs is empty, the state file is not
+    again = apply(cfg, be)
+    assert len(again.created) == 17 and again.adopted == []
+    assert len(read_state(cfg.state_dir)) == 17
+
+
+def test_foreign_objects_are_conflicts_and_nothing_is_created(cfg: Config) -> None:
+    foreign_t = LioObject(Kind.TARGET, ("iscsi", "iqn.2003-01.org.tcmu-py:t1"))
+    foreign_b = LioObject(Kind.BACKSTORE, ("user", "thin0"), {"config": "other/"})
+    be = MemoryBackend([foreign_b, foreign_t])
+    with pytest.raises(LioConflict) as ei:
+        apply_backstores(cfg, be)
+    assert ei.value.objects == [foreign_b]
+    assert "not created by tcmu-py" in str(ei.value)
+    apply_backstores_ok = MemoryBackend([foreign_t])
+    apply_backstores(cfg, apply_backstores_ok)
+    with pytest.raises(LioConflict, match="target iscsi/iqn.2003-01.org.tcmu-py:t1: exists"):
+        apply_exports(cfg, apply_backstores_ok)
+    assert be.log == []
+
+
+def test_changed_settings_of_our_object_is_a_conflict(cfg: Config, tmp_path: Path) -> None:
+    be = MemoryBackend()
+    apply_backstores(cfg, be)
+    bigger = load_config_text(
+        textwrap.dedent(TEXT.format(state=tmp_path / "state")).replace("size: 1M", "size: 2M"),
+        "t.yaml")
+    with pytest.raises(LioConflict, match="backstore user/disk0: exists with other settings"):
+        apply_backstores(bigger, be)
+
+
+def test_down_removes_only_ours_newest_first(cfg: Config) -> None:
+    foreign = LioObject(Kind.BACKSTORE, ("user", "theirs"), {})
+    be = MemoryBackend([foreign])
+    res = apply(cfg, be)
+    be.log.clear()
+    removed = down(cfg.state_dir, be)
+    assert [op for op, _ in be.log] == ["delete"] * 17
+    # Reverse creation order, backstores last.
+    assert keys(removed) == keys(list(reversed(res.created[2:])) + [res.created[1],
+                                                                    res.created[0]])
+    assert list(be.objects) == [(Kind.BACKSTORE, ("user", "theirs"))]
+    assert read_state(cfg.state_dir) == []
+    assert down(cfg.state_dir, be) == []
+
+
+def test_down_skips_objects_already_gone(cfg: Config) -> None:
+    be = MemoryBackend()
+    apply(cfg, be)
+    tgt = [o for o in plan_exports(cfg) if o.kind is Kind.TARGET][1]
+    be.delete(tgt)  # someone removed the iSCSI target (and everything under it) by hand
+    removed = down(cfg.state_dir, be)
+    assert all(o.key[:2] != tgt.key for o in removed)
+    assert be.objects == {}
+
+
+def test_down_keeps_failures_recorded(cfg: Config) -> None:
+    be = MemoryBackend()
+    apply_backstores(cfg, be)
+
+    def refuse(obj: LioObject) -> None:
+        raise LioError(f"removing {obj}: busy")
+
+    be.delete = refuse  # type: ignore[method-assign]
+    with pytest.raises(LioError, match="busy"):
+        down(cfg.state_dir, be)
+    assert len(read_state(cfg.state_dir)) == 2
+
+
+def test_dry_run_touches_nothing(cfg: Config) -> None:
+    res = apply(cfg, dry_run=True)
+    assert len(res.created) == 17 and res.adopted == []
+    assert not Path(cfg.state_dir).exists()
+
+
+def test_stale_objects_reported(cfg: Config, tmp_path: Path) -> None:
+    be = MemoryBackend()
+    apply(cfg, be)
+    smaller = load_config_text(f"state_dir: {cfg.state_dir}\n"
+                               "devices: [{name: disk0, handler: raw, size: 1M}]\n", "s")
+    res = apply(smaller, be)
+    assert keys(res.adopted) == ["backstore user/disk0"]
+    assert "backstore user/thin0" in keys(res.stale) and len(res.stale) == 16
+
+
+def test_status_rows(cfg: Config) -> None:
+    be = MemoryBackend()
+    apply(cfg, be)
+    rows = status_rows(cfg.state_dir, be)
+    assert len(rows) == 17 and all(r.present for r in rows)
+    assert rows[0].detail == f"raw/{cfg.state_dir}/disk0.img size=1048576"
+    assert not any("secret" in r.detail for r in rows)
+    be.objects.pop((Kind.BACKSTORE, ("user", "thin0")))
+    assert [r.name for r in status_rows(cfg.state_dir, be) if not r.present] == ["user/thin0"]
+
+
+def test_prepare_storage_extends_never_shrinks(cfg: Config) -> None:
+    img = Path(cfg.state_dir) / "disk0.img"
+    img.parent.mkdir(parents=True)
+    img.write_bytes(b"x" * 4096)
+    assert prepare_storage(cfg) == []
+    assert img.stat().st_size == 1 << 20 and img.read_bytes()[:4096] == b"x" * 4096
+    os.truncate(img, 2 << 20)
+    prepare_storage(cfg)
+    assert img.stat().st_size == 2 << 20
+
+
+def test_state_file_rejects_unknown_version(tmp_path: Path) -> None:
+    (tmp_path / lio.STATE_FILE).write_text('{"version": 9, "objects": []}')
+    with pytest.raises(LioError, match="state version 9"):
+        read_state(tmp_path)
+
+
+# ----------------------------------------------------------------- rtslib-fb mapping
+
+
+class _Node:
+    calls: list[tuple[Any, ...]] = []
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self.args, self.kw = args, kw
+        self.attrs: dict[str, str] = {}
+        _Node.calls.append((type(self).__name__, args, kw))
+
+    def set_attribute(self, name: str, value: str) -> None:
+        _Node.calls.append(("set_attribute", type(self).__name__, name, value))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("chap_") or name == "enable":
+            _Node.calls.append(("set", type(self).__name__, name, value))
+        object.__setattr__(self, name, value)
+
+    def delete(self) -> None:
+        _Node.calls.append(("delete", type(self).__name__, self.args))
+
+
+def fake_rtslib() -> types.SimpleNamespace:
+    names = ["UserBackedStorageObject", "Target", "FabricModule", "TPG", "NetworkPortal", "LUN",
+             "NodeACL", "MappedLUN"]
+    ns = types.SimpleNamespace(**{n: type(n, (_Node,), {}) for n in names})
+    ns.utils = types.SimpleNamespace(RTSLibError=RuntimeError)
+    ns.tcm = types.SimpleNamespace(bs_cache={"stale": 1})
+    return ns
+
+
+def test_rtslib_backend_calls(cfg: Config) -> None:
+    _Node.calls = []
+    be = RtslibBackend.__new__(RtslibBackend)
+    be.rtslib = fake_rtslib()
+    plan = plan_backstores(cfg) + plan_exports(cfg)
+    for obj in plan:
+        be.create(obj)
+    calls = _Node.calls
+    so = calls[0]
+    assert so[0] == "UserBackedStorageObject" and so[1] == ("disk0",)
+    assert so[2]["control"].startswith("nl_reply_supported=-1,")
+    assert so[2]["config"] == plan[0].params["config"] and so[2]["size"] == 1 << 20
+    assert ("set_attribute", "UserBackedStorageObject", "cmd_time_out", "30") in calls
+    assert ("set_attribute", "UserBackedStorageObject", "emulate_write_cache", "1") in calls
+    # IPv6 portals go to rtslib-fb in brackets.
+    portals = [c for c in calls if c[0] == "NetworkPortal"]
+    assert [p[1][1:] for p in portals] == [("127.0.0.1", 3260), ("[::1]", 3261)]
+    assert all(p[2] == {"mode": "create"} for p in portals)
+    assert ("set", "NodeACL", "chap_mutual_password", "m2") in calls
+    assert ("set_attribute", "TPG", "authentication", "1") in calls
+    enables = [c for c in calls if c[:3] == ("set", "TPG", "enable")]
+    assert len(enables) == 2
+    mapped = [c for c in calls if c[0] == "MappedLUN" and c[2]]
+    assert [m[2] for m in mapped] == [{"tpg_lun": 1, "write_protect": False},
+                                      {"tpg_lun": 0, "write_protect": False},
+                                      {"tpg_lun": 1, "write_protect": False}]
+    assert be.rtslib.tcm.bs_cache == {}
+
+
+def test_rtslib_backend_errors_name_the_object(cfg: Config) -> None:
+    be = RtslibBackend.__new__(RtslibBackend)
+    be.rtslib = fake_rtslib()
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise RuntimeError("File exists")
+
+    be.rtslib.Target = boom
+    obj = [o for o in plan_exports(cfg) if o.kind is Kind.TARGET][0]
+    with pytest.raises(LioError, match=f"creating {obj}: File exists"):
+        be.create(obj)
+    assert be.exists(obj) is False
