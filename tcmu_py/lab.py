@@ -1,0 +1,273 @@
+"""Boot the distribution kernel under QEMU (virtme-ng) to run code against real LIO/TCMU.
+
+The host kernel here has no LIO, configfs or UIO and cannot load modules; Debian's own kernel
+(``linux-image-amd64``) has them all as modules and boots under QEMU with ``vng``. virtme-ng shares
+the host's root filesystem read-only with the guest, so the checkout, its virtualenv and every
+installed tool are visible at the same paths. Only ``--rwdir`` directories write through to the
+host; /etc, /lib, /usr, /var, /tmp, /home, /opt and /srv get throw-away overlays in the guest.
+
+Contracts:
+- ``find_kernel()`` returns the newest ``/boot/vmlinuz-*-amd64`` whose module tree contains
+  ``target_core_user``; raises ``LabError`` when there is none.
+- ``run_in_vm(script, ...)`` boots that kernel once, runs ``script`` (bash) as root in the guest and
+  returns when the guest powers off. Its exit status is the script's. It never waits longer than
+  ``timeout`` seconds: on expiry the whole ``vng``/QEMU process group is killed and
+  ``LabTimeout`` (a ``subprocess.TimeoutExpired``) is raised carrying the console output so far.
+- ``guest_prelude()`` is shell text to run first in every guest script: it loads the target
+  modules, mounts configfs, brings up loopback networking and prepares writable scratch space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from tcmu_py.errors import TcmuError
+
+__all__ = [
+    "GUEST_MODULES",
+    "LabError",
+    "LabTimeout",
+    "find_kernel",
+    "find_vng",
+    "guest_prelude",
+    "kernel_version_key",
+    "run_in_vm",
+]
+
+# Modules every guest loads: configfs + LIO core + TCMU, the loopback fabric that turns a LUN
+# into a local SCSI device, the upper-level SCSI drivers (disk, generic, tape, changer) and the
+# iSCSI target fabric.
+GUEST_MODULES: tuple[str, ...] = (
+    "target_core_user",
+    "tcm_loop",
+    "sd_mod",
+    "sg",
+    "st",
+    "ch",
+    "iscsi_target_mod",
+)
+
+# Scratch tmpfs inside the guest (the guest's /tmp is itself an overlay; a dedicated tmpfs makes
+# the space and its size explicit).
+GUEST_SCRATCH = "/tmp/scratch"
+GUEST_HOME = "/tmp/home"
+
+_VMLINUZ_RE = re.compile(r"^vmlinuz-(?P<ver>.+-amd64)$")
+
+
+class LabError(TcmuError):
+    """The VM lab cannot run here (no suitable kernel, vng or QEMU missing)."""
+
+
+class LabTimeout(subprocess.TimeoutExpired):  # noqa: N818 - it is a TimeoutExpired
+    """The guest did not power off within the timeout; the VM was killed."""
+
+
+def kernel_version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key for kernel release strings: numeric runs compare as numbers ("6.10" > "6.9")."""
+    parts = re.findall(r"\d+|[^\d.+-]+", version)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def _has_tcmu(modules_dir: Path) -> bool:
+    target_dir = modules_dir / "kernel" / "drivers" / "target"
+    # Debian ships plain .ko; other distributions compress (.ko.xz, .ko.zst).
+    return any(target_dir.glob("target_core_user.ko*"))
+
+
+def find_kernel(boot: Path | str = "/boot", modules: Path | str = "/lib/modules") -> Path:
+    """Return the newest ``vmlinuz-*-amd64`` under ``boot`` that has ``target_core_user``.
+
+    Raises LabError naming what is missing when no kernel qualifies.
+    """
+    boot, modules = Path(boot), Path(modules)
+    candidates: list[tuple[str, Path]] = []
+    for image in boot.glob("vmlinuz-*"):
+        m = _VMLINUZ_RE.match(image.name)
+        if m and _has_tcmu(modules / m["ver"]):
+            candidates.append((m["ver"], image))
+    if not candidates:
+        raise LabError(
+            f"no {boot}/vmlinuz-*-amd64 with target_core_user.ko under {modules}/<version>; "
+            "install linux-image-amd64 (bash scripts/bootstrap.sh does)"
+        )
+    candidates.sort(key=lambda c: kernel_version_key(c[0]))
+    return candidates[-1][1]
+
+
+def find_vng() -> Path:
+    """Locate the ``vng`` launcher: next to the running interpreter first, then on PATH."""
+    beside = Path(sys.executable).parent / "vng"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("vng")
+    if found:
+        return Path(found)
+    raise LabError("vng (virtme-ng) not found; pip install virtme-ng (scripts/bootstrap.sh does)")
+
+
+def _check_host_tools() -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        raise LabError("qemu-system-x86_64 not found; apt-get install qemu-system-x86")
+    # virtme-ng's initramfs needs a statically linked busybox.
+    for path in ("/bin/busybox", "/usr/bin/busybox", "/usr/lib/initramfs-tools/bin/busybox"):
+        if Path(path).exists():
+            return
+    raise LabError("static busybox not found; apt-get install busybox-static")
+
+
+def guest_prelude(*, scratch_size: str = "50%") -> str:
+    """Shell text that prepares a fresh guest; run it before anything else in a guest script.
+
+    After it: configfs is mounted at /sys/kernel/config with LIO, TCMU, tcm_loop, iSCSI and the
+    SCSI upper-level drivers loaded; ``lo`` is up (127.0.0.1 usable); /etc/target exists (rtslib-fb
+    refuses to work without it); HOME points at a writable directory; ``$TCMU_PY_SCRATCH`` is a
+    fresh tmpfs. It fails the script (``exit 97``) if a module cannot be loaded.
+    """
+    modules = " ".join(GUEST_MODULES)
+    return f"""\
+# --- tcmu-py guest prelude ---
+export HOME={GUEST_HOME} PYTHONDONTWRITEBYTECODE=1 TCMU_PY_SCRATCH={GUEST_SCRATCH}
+export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
+mkdir -p "$HOME" /etc/target {GUEST_SCRATCH}
+mount -t tmpfs -o size={scratch_size} tcmu-py-scratch {GUEST_SCRATCH}
+modprobe configfs
+mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
+# modprobe -a: every argument is a module (without -a the rest would be module parameters).
+modprobe -a {modules} || {{ echo "tcmu-py prelude: modprobe failed" >&2; exit 97; }}
+ip link set lo up
+# --- end of prelude ---
+"""
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_in_vm(
+    script: str,
+    *,
+    rwdirs: Sequence[str | os.PathLike[str]] = (),
+    memory: str = "2G",
+    timeout: float,
+    cpus: int | None = None,
+    kernel: Path | str | None = None,
+    log: Path | str | None = None,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Boot the lab kernel, run ``script`` with bash as root, return when the guest powers off.
+
+    ``script`` may be any length: it is written to a temporary file on the host (visible to the
+    guest through the shared root) rather than passed on the kernel command line. Prepend
+    ``guest_prelude()`` yourself if the script needs LIO. ``rwdirs`` are host directories the guest
+    may write through to (they must exist). The console output (stdout and stderr of the guest
+    command, merged, plus kernel messages) is returned as ``stdout``; with ``log`` it is also
+    streamed to that file as it arrives. Raises LabError if the lab cannot run here and LabTimeout
+    after killing the VM if it has not finished within ``timeout`` seconds.
+    """
+    _check_host_tools()
+    vng = find_vng()
+    image = Path(kernel) if kernel is not None else find_kernel()
+    for d in rwdirs:
+        if not Path(d).is_dir():
+            raise LabError(f"rwdir {d} does not exist")
+
+    with tempfile.TemporaryDirectory(prefix="tcmu-py-lab-") as tmp:
+        script_path = Path(tmp) / "guest.sh"
+        script_path.write_text(script)
+        argv = [
+            str(vng),
+            "--disable-kvm",  # vm-lab.md: the stock kernel does not boot on this machine's KVM
+            "--run",
+            str(image),
+            "--user",
+            "root",
+            "--memory",
+            memory,
+        ]
+        if cpus is not None:
+            argv += ["--cpus", str(cpus)]
+        for d in rwdirs:
+            argv += ["--rwdir", str(Path(d).resolve())]
+        argv += ["--", f"bash {shlex.quote(str(script_path))}"]
+
+        run_env = dict(os.environ if env is None else env)
+        # vng starts virtme-run by name: its directory must be on PATH.
+        run_env["PATH"] = f"{vng.parent}{os.pathsep}{run_env.get('PATH', '/usr/bin:/bin')}"
+        log_file = open(log, "wb") if log is not None else None  # noqa: SIM115 - closed below
+        chunks: list[bytes] = []
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=str(cwd) if cwd is not None else tmp,
+                env=run_env,
+                start_new_session=True,  # own process group: a timeout kills vng AND qemu
+            )
+            assert proc.stdout is not None
+            deadline = time.monotonic() + timeout
+            try:
+                _pump(proc, chunks, log_file, deadline)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                out = b"".join(chunks).decode(errors="replace")
+                raise LabTimeout(argv, timeout, output=out) from None
+            except BaseException:
+                _kill_group(proc)
+                raise
+            # The guest powered off; make sure no stray helper (virtiofsd, qemu) outlives it.
+            _kill_group(proc)
+        finally:
+            if log_file is not None:
+                log_file.close()
+        out = b"".join(chunks).decode(errors="replace")
+        return subprocess.CompletedProcess(argv, proc.returncode, stdout=out, stderr="")
+
+
+def _pump(
+    proc: subprocess.Popen[bytes],
+    chunks: list[bytes],
+    log_file: BinaryIO | None,
+    deadline: float,
+) -> None:
+    """Copy the VM's output until EOF and exit, raising TimeoutExpired at ``deadline``."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        eof = False
+        while not eof:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired(proc.args, 0)
+            if not sel.select(timeout=min(remaining, 1.0)):
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+            if log_file is not None:
+                log_file.write(data)
+                log_file.flush()
+    remaining = deadline - time.monotonic()
+    proc.wait(timeout=max(remaining, 0.001))

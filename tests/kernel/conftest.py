@@ -1,0 +1,177 @@
+"""Kernel tests: boot the lab VM ONCE per pytest session and run every selected scenario in it.
+
+How it fits together:
+- Scenarios are guest functions registered with ``@guestlib.scenario`` in tests/kernel/scenarios/.
+- test_kernel_scenarios.py parametrizes one test per scenario; collection (including ``-k``)
+  decides which scenarios the guest runs.
+- The session fixture ``kernel_lab`` boots the VM with ``tcmu_py.lab.run_in_vm`` running
+  guest_main.py, which writes ``results/kernel/<name>.json`` (+ ``.log`` and an artifacts dir) for
+  each scenario through an ``--rwdir``; each test then asserts on its own scenario's result.
+- The VM not booting is a FAILURE of every kernel test, never a skip. Only an explicit
+  ``TCMU_PY_NO_VM=1`` outside CI skips them (for machines without QEMU/the Debian kernel).
+
+Environment knobs: TCMU_PY_NO_VM=1 (local opt-out), TCMU_PY_LAB_RESULTS (results directory,
+default <repo>/results/kernel), TCMU_PY_LAB_MEMORY (guest memory, default 2G).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import guestlib  # noqa: E402
+
+from tcmu_py import lab  # noqa: E402
+
+REPO = HERE.parent.parent
+# Boot (about 20 s here under emulation) plus guest_main start-up, with a wide margin for a
+# loaded CI machine.
+BOOT_ALLOWANCE = 300.0
+SELECTED = pytest.StashKey[list[str]]()
+
+
+@dataclass
+class LabRun:
+    """Outcome of the session's VM run, queried by the tests."""
+
+    results: Path
+    console: Path
+    error: str | None = None  # why the VM could not run / finish (all kernel tests fail)
+    returncode: int | None = None
+    wall_time: float = 0.0
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def console_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.console.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return "(no console log)"
+
+    def result(self, name: str) -> dict[str, Any]:
+        """The scenario's result record; fails the calling test if there is none."""
+        if self.error is not None:
+            pytest.fail(f"kernel lab failed: {self.error}\n--- console tail ---\n"
+                        f"{self.console_tail()}", pytrace=False)
+        path = self.results / f"{name}.json"
+        if not path.exists():
+            pytest.fail(f"scenario {name} produced no result (guest exit {self.returncode})\n"
+                        f"--- console tail ---\n{self.console_tail()}", pytrace=False)
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+
+    def check(self, name: str) -> dict[str, Any]:
+        """Fail with the scenario's error and log tail unless it passed; return its details."""
+        res = self.result(name)
+        if not res["ok"]:
+            log = self.results / f"{name}.log"
+            tail = log.read_text(errors="replace")[-6000:] if log.exists() else "(no log)"
+            pytest.fail(f"scenario {name} failed: {res['error']}\n"
+                        f"--- guest log tail ({log}) ---\n{tail}", pytrace=False)
+        details: dict[str, Any] = res["details"]
+        return details
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Remember which scenarios were selected so the single VM boot runs exactly those."""
+    selected: list[str] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "scenario_name" in callspec.params:
+            selected.append(callspec.params["scenario_name"])
+    config.stash[SELECTED] = selected
+
+
+def _opted_out() -> bool:
+    if os.environ.get("TCMU_PY_NO_VM") != "1":
+        return False
+    if os.environ.get("CI"):
+        pytest.fail("TCMU_PY_NO_VM=1 is not honoured in CI: kernel tests must run", pytrace=False)
+    return True
+
+
+_LAB_RUN = pytest.StashKey[LabRun]()
+
+
+@pytest.fixture(scope="session")
+def kernel_lab(request: pytest.FixtureRequest) -> LabRun:
+    if _opted_out():
+        pytest.skip("TCMU_PY_NO_VM=1: kernel lab disabled on this machine")
+    config = request.config
+    names = config.stash.get(SELECTED, [])
+    registry = guestlib.discover_scenarios()
+    results = Path(os.environ.get("TCMU_PY_LAB_RESULTS", REPO / "results" / "kernel")).resolve()
+    shutil.rmtree(results, ignore_errors=True)
+    results.mkdir(parents=True)
+    run = LabRun(results=results, console=results / "console.log")
+
+    timeout = BOOT_ALLOWANCE + sum(
+        registry[n].timeout + 30.0 for n in names if n in registry  # 30: guest cleanup grace
+    )
+    script = (
+        lab.guest_prelude()
+        + f"cd {_q(REPO)}\n"
+        + f"exec {_q(sys.executable)} {_q(HERE / 'guest_main.py')} --results {_q(results)} "
+        + "--only " + " ".join(_q(n) for n in names) + "\n"
+    )
+    start = time.monotonic()
+    try:
+        proc = lab.run_in_vm(
+            script,
+            rwdirs=[results],
+            memory=os.environ.get("TCMU_PY_LAB_MEMORY", "2G"),
+            timeout=timeout,
+            log=run.console,
+            cwd=REPO,
+        )
+        run.returncode = proc.returncode
+        if not (results / "_done.json").exists():
+            run.error = f"guest did not finish its scenarios (vng exit {proc.returncode})"
+    except lab.LabError as e:
+        run.error = f"cannot run the VM lab here: {e}"
+    except lab.LabTimeout as e:
+        run.error = f"VM killed after {e.timeout:g}s without finishing"
+    run.wall_time = time.monotonic() - start
+    facts = results / "_guest.json"
+    if facts.exists():
+        run.facts = json.loads(facts.read_text())
+    config.stash[_LAB_RUN] = run
+    return run
+
+
+def _q(value: object) -> str:
+    return shlex.quote(str(value))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    run = config.stash.get(_LAB_RUN, None)
+    if run is None:
+        return
+    tr = terminalreporter
+    tr.section("kernel lab")
+    boot = run.facts.get("uptime_at_start")
+    tr.write_line(
+        f"kernel {run.facts.get('kernel', '?')}: VM wall time {run.wall_time:.1f}s, "
+        f"guest uptime when scenarios started {boot if boot is not None else '?'}s, "
+        f"results in {run.results}"
+    )
+    if run.error:
+        tr.write_line(f"lab error: {run.error}")
+    for path in sorted(run.results.glob("*.json")):
+        if path.name.startswith("_"):
+            continue
+        res = json.loads(path.read_text())
+        tr.write_line(f"  {res['name']}: {'ok' if res['ok'] else 'FAILED'} "
+                      f"in {res['duration']:.1f}s")
