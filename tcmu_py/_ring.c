@@ -264,7 +264,11 @@ static int tcmu_py_fill(struct tcmu_py_ring *r, uint32_t *tail, uint32_t cmd_id,
     ent->rsp.read_len = has_read_len ? read_len : 0;
     memcpy(ent->rsp.sense_buffer, sense, sense_len);
     memset(ent->rsp.sense_buffer + sense_len, 0, TCMU_SENSE_BUFFERSIZE - sense_len);
+    /* Also hand back PAD/TMR slots that follow, so the kernel can reap them now. */
     *tail = (slot + len) % r->cmdr_size;
+    slot = tcmu_py_skip_tail(r, *tail, r->cursor);
+    if (slot < r->cmdr_size)
+        *tail = slot;
     return TCMU_PY_OK;
 }
 

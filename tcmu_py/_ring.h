@@ -78,7 +78,7 @@ int tcmu_py_dequeue(struct tcmu_py_ring *r, struct tcmu_py_entry *out, int max_o
 /* Complete one command by slot stealing: step cmd_tail over PAD/TMR/unknown slots,
  * write cmd_id, status, sense (zero-filled to 96 bytes) and, if has_read_len,
  * read_len with uflags READ_LEN into the CMD slot at the tail, then advance cmd_tail
- * past it (release store). Returns TCMU_PY_OK or a negative status (nothing written). */
+ * past it and past any PAD/TMR/unknown slots that follow (release store). Returns TCMU_PY_OK or a negative status (nothing written). */
 int tcmu_py_complete(struct tcmu_py_ring *r, uint32_t cmd_id, uint32_t scsi_status,
                      const uint8_t *sense, uint32_t sense_len,
                      uint32_t has_read_len, uint32_t read_len);
