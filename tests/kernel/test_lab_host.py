@@ -1,0 +1,119 @@
+"""Host-side tests of tcmu_py.lab that need no VM: kernel selection, the prelude, and
+run_in_vm's process handling (against a fake ``vng`` that runs the command locally)."""
+
+from __future__ import annotations
+
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tcmu_py import lab
+
+
+def _kernel(boot: Path, modules: Path, ver: str, tcmu: str | None = "target_core_user.ko") -> None:
+    (boot / f"vmlinuz-{ver}").write_bytes(b"")
+    target = modules / ver / "kernel" / "drivers" / "target"
+    target.mkdir(parents=True)
+    if tcmu:
+        (target / tcmu).write_bytes(b"")
+
+
+def test_find_kernel_picks_newest_with_tcmu(tmp_path: Path) -> None:
+    boot, modules = tmp_path / "boot", tmp_path / "modules"
+    boot.mkdir()
+    _kernel(boot, modules, "6.1.0-9-amd64")
+    _kernel(boot, modules, "6.1.0-56-amd64")  # numerically newer than -9
+    _kernel(boot, modules, "6.12.0-1-amd64", tcmu=None)  # newest, but no TCMU module
+    _kernel(boot, modules, "6.2.0-1-cloud-amd64", tcmu="target_core_user.ko.xz")
+    (boot / "vmlinuz-7.0.0-1-arm64").write_bytes(b"")  # wrong architecture
+    assert lab.find_kernel(boot, modules) == boot / "vmlinuz-6.2.0-1-cloud-amd64"
+
+
+def test_find_kernel_orders_versions_numerically(tmp_path: Path) -> None:
+    boot, modules = tmp_path / "boot", tmp_path / "modules"
+    boot.mkdir()
+    _kernel(boot, modules, "6.9.0-1-amd64")
+    _kernel(boot, modules, "6.10.0-1-amd64")
+    assert lab.find_kernel(boot, modules).name == "vmlinuz-6.10.0-1-amd64"
+
+
+def test_find_kernel_without_candidates_names_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "boot").mkdir()
+    with pytest.raises(lab.LabError, match="linux-image-amd64"):
+        lab.find_kernel(tmp_path / "boot", tmp_path / "modules")
+
+
+def test_prelude_loads_every_module_with_modprobe_a() -> None:
+    text = lab.guest_prelude()
+    # Without -a, modprobe treats every name after the first as a module parameter.
+    line = next(ln for ln in text.splitlines() if ln.startswith("modprobe -a "))
+    assert line.split()[2 : 2 + len(lab.GUEST_MODULES)] == list(lab.GUEST_MODULES)
+    for needed in ("mount -t configfs", "ip link set lo up", "mkdir -p", "/etc/target",
+                   "HOME=/tmp/home", "mount -t tmpfs"):
+        assert needed in text
+
+
+@pytest.fixture
+def fake_vng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A ``vng`` that checks the arguments it must receive, then runs the command after ``--``
+    with bash on the host (so the tests exercise run_in_vm's I/O and process handling)."""
+    vng = tmp_path / "bin" / "vng"
+    vng.parent.mkdir()
+    vng.write_text(
+        "#!/bin/bash\n"
+        'echo "ARGS: $*"\n'
+        'case " $* " in *" --disable-kvm "*) ;; *) echo "no --disable-kvm"; exit 64;; esac\n'
+        'while [ "$1" != "--" ]; do shift; done; shift\n'
+        'exec bash -c "$1"\n'
+    )
+    vng.chmod(vng.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(lab, "find_vng", lambda: vng)
+    monkeypatch.setattr(lab, "_check_host_tools", lambda: None)
+    return vng
+
+
+def test_run_in_vm_passes_script_status_and_output(fake_vng: Path, tmp_path: Path) -> None:
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    log = tmp_path / "console.log"
+    script = 'echo "hello from $0"; echo "$PATH" | tr : "\\n" | head -1; exit 3\n' + "#" * 5000
+    proc = lab.run_in_vm(script, rwdirs=[rw], timeout=30, kernel="/boot/vmlinuz-x-amd64", log=log)
+    assert proc.returncode == 3
+    assert "hello from " in proc.stdout
+    # vng runs virtme-run by name: its own directory leads PATH.
+    assert f"\n{fake_vng.parent}\n" in proc.stdout
+    assert f"--rwdir {rw}" in proc.stdout and "--memory 2G" in proc.stdout
+    assert "--user root" in proc.stdout and "--run /boot/vmlinuz-x-amd64" in proc.stdout
+    assert log.read_text() == proc.stdout
+
+
+def test_run_in_vm_timeout_kills_the_whole_process_group(fake_vng: Path, tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    # The "VM" starts a grandchild that would outlive a kill of vng alone.
+    script = f"sleep 300 & echo $! > {pidfile}; echo started; wait\n"
+    start = time.monotonic()
+    with pytest.raises(lab.LabTimeout) as info:
+        lab.run_in_vm(script, timeout=2, kernel="/k")
+    assert time.monotonic() - start < 15
+    assert "started" in info.value.output
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), f"grandchild {child} survived the timeout"
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (killed, waiting to be reaped by init)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat_line.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_run_in_vm_rejects_missing_rwdir(fake_vng: Path, tmp_path: Path) -> None:
+    with pytest.raises(lab.LabError, match="does not exist"):
+        lab.run_in_vm("true", rwdirs=[tmp_path / "nope"], timeout=5, kernel="/k")
