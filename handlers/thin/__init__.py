@@ -1,0 +1,39 @@
+"""Thin-provisioned disks (subtype ``thin``): sparse files in shared, capacity-limited pools.
+
+Public API:
+
+- `ThinHandler` — the handler registered for ``thin`` (config string: see `handler`).
+- Pools: `create_pool`, `ensure_pool`, `read_pool_status` (admin, for the CLI/daemon),
+  `Pool` (an open pool), `PoolConfig`, `PoolStatus`, `DiskStatus`, `DEFAULT_UNIT`.
+- `register_pool` / `unregister_pool` — let config strings name a pool (``pool=<name>``).
+- `ThinBackend`, `ThinProvisioningInfo` — the BlockBackend a thin device runs on.
+"""
+
+from .backend import ThinBackend, ThinProvisioningInfo
+from .handler import ThinHandler, register_pool, unregister_pool
+from .pool import (
+    DEFAULT_UNIT,
+    DiskStatus,
+    Pool,
+    PoolConfig,
+    PoolStatus,
+    create_pool,
+    ensure_pool,
+    read_pool_status,
+)
+
+__all__ = [
+    "DEFAULT_UNIT",
+    "DiskStatus",
+    "Pool",
+    "PoolConfig",
+    "PoolStatus",
+    "ThinBackend",
+    "ThinHandler",
+    "ThinProvisioningInfo",
+    "create_pool",
+    "ensure_pool",
+    "read_pool_status",
+    "register_pool",
+    "unregister_pool",
+]

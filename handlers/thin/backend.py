@@ -1,0 +1,383 @@
+"""ThinBackend: a `BlockBackend` over one sparse file of a thin pool.
+
+Theory of operation:
+
+- The disk is cut into allocation units of `unit` bytes (the last one may be short). A unit is
+  **mapped** when the file holds any allocated byte in it, **deallocated** otherwise (then it reads
+  as zeros: LBPRZ). The pool accounts whole units; GET LBA STATUS reports whole units (clipped to
+  the requested range). The file is the truth, read with SEEK_DATA/SEEK_HOLE.
+- **Writes** (`write`, `write_same`): under the disk lock, find the units of the range that are
+  holes, reserve them in the pool (all or nothing: SpaceAllocationFailed before a byte is written),
+  register the range as in flight, then write outside the lock. Units reserved but not yet holding
+  data are *unconfirmed*; a concurrent write to the same unit sees it unconfirmed and does not
+  reserve it again. When the last in-flight write covering an unconfirmed unit ends, the unit is
+  checked: if it is still a hole (the writes failed) its reservation is released. Invariant, under
+  the lock: accounted units = units with data in the file + unconfirmed units.
+- **Deallocation** (`unmap`, `write_same` with UNMAP and a zero block, `resize`) takes its unit
+  range exclusively: it waits for in-flight writes touching those units and holds off new ones,
+  punches, recounts the range and releases the difference. Whole units are punched; a partial unit
+  at an edge is zeroed by punching just that byte range (SBC-4 4.7.3.4: LBAs the server cannot
+  deallocate read as zeros when LBPRZ=1), and then, if the whole unit now reads as zeros, the unit
+  is punched so that several small discards covering a unit (fstrim of 4 KiB blocks) give it back.
+- **Durability**: with `write_cache=False` the file is opened O_DSYNC, so every write is durable on
+  return, and unmaps end with fdatasync; with `write_cache=True` writes go to the page cache and
+  `flush` (fdatasync) makes them durable, so the caching page's WCE=1 tells the truth.
+
+Methods run on the device's worker threads, several at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tcmu_py.handler import ProvisioningInfo
+
+from .pool import count_units
+from .sparse import data_runs, pread_all, punch_hole, pwrite_all
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+#: Bytes per pwrite when filling a pattern (WRITE SAME) and per read when checking for zeros.
+CHUNK = 1 << 20
+_ZEROS = memoryview(bytes(CHUNK))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _overlaps(ranges: list[tuple[int, int]], first: int, last: int) -> bool:
+    return any(a < last and first < b for a, b in ranges)
+
+
+@dataclass(frozen=True)
+class ThinProvisioningInfo(ProvisioningInfo):
+    """`ProvisioningInfo` plus the pool's soft-threshold generation (see `Pool.generation`)."""
+
+    threshold_generation: int = 0
+
+
+class ThinBackend:
+    """One thin disk. Create with `Pool.open_disk`; `close` it when the device goes away."""
+
+    #: Deallocated units read as zeros (holes) — SBC-4 LBPRZ.
+    lbprz = True
+
+    def __init__(
+        self,
+        pool: Pool,
+        name: str,
+        fd: int,
+        size: int,
+        unit: int,
+        *,
+        block_size: int = 512,
+        write_cache: bool = False,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.name = name
+        self.size = size
+        self.block_size = block_size
+        self.write_cache = write_cache
+        self.unit = unit
+        #: Optimal unmap granularity (bytes) for VPD B0h: the allocation unit.
+        self.unmap_granularity = unit
+        self._fd = fd
+        self._on_close = on_close
+        self._cond = threading.Condition()
+        self._writing: list[tuple[int, int]] = []  # unit ranges of in-flight writes
+        self._exclusive: list[tuple[int, int]] = []  # unit ranges being deallocated
+        self._unconfirmed: set[int] = set()
+        self._seen_generation = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------
+    # Unit bookkeeping (all offsets in bytes, unit ranges half-open)
+
+    def _unit_range(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // self.unit, _ceil_div(offset + length, self.unit)
+
+    def _mapped(self, first: int, last: int) -> Iterator[tuple[int, int]]:
+        """Merged unit ranges within [first, last) that hold data, in order."""
+        u = self.unit
+        cur: tuple[int, int] | None = None
+        for s, e in data_runs(self._fd, first * u, min(last * u, self.size)):
+            a, b = s // u, _ceil_div(e, u)
+            if cur is not None and a <= cur[1]:
+                cur = (cur[0], max(cur[1], b))
+            else:
+                if cur is not None:
+                    yield cur
+                cur = (a, b)
+        if cur is not None:
+            yield cur
+
+    def _holes(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Unit ranges within [first, last) without data."""
+        out = []
+        pos = first
+        for a, b in self._mapped(first, last):
+            if a > pos:
+                out.append((pos, a))
+            pos = b
+        if pos < last:
+            out.append((pos, last))
+        return out
+
+    def _has_data(self, start: int, end: int) -> bool:
+        return next(data_runs(self._fd, start, end), None) is not None
+
+    # ------------------------------------------------------------------------------------------
+    # Write admission
+
+    def _begin_write(self, first: int, last: int) -> None:
+        """Reserve the unallocated units of [first, last) and register the write, or raise
+        SpaceAllocationFailed having changed nothing."""
+        with self._cond:
+            while _overlaps(self._exclusive, first, last):
+                self._cond.wait()
+            holes = self._holes(first, last)
+            if self._unconfirmed:
+                new = [u for a, b in holes for u in range(a, b) if u not in self._unconfirmed]
+                self.pool.reserve(self.name, len(new))
+                self._unconfirmed.update(new)
+            else:
+                count = sum(b - a for a, b in holes)
+                self.pool.reserve(self.name, count)
+                for a, b in holes:
+                    self._unconfirmed.update(range(a, b))
+            self._writing.append((first, last))
+
+    def _end_write(self, first: int, last: int) -> None:
+        """Unregister the write; release reservations of units that stayed holes."""
+        with self._cond:
+            self._writing.remove((first, last))
+            if self._unconfirmed:
+                if last - first <= len(self._unconfirmed):
+                    mine = [u for u in range(first, last) if u in self._unconfirmed]
+                else:
+                    mine = [u for u in self._unconfirmed if first <= u < last]
+                done = [u for u in mine if not _overlaps(self._writing, u, u + 1)]
+                if done:
+                    self._unconfirmed.difference_update(done)
+                    u = self.unit
+                    stale = sum(
+                        1 for x in done if not self._has_data(x * u, min(x * u + u, self.size))
+                    )
+                    self.pool.release(self.name, stale)
+            if self._exclusive:
+                self._cond.notify_all()
+
+    def _begin_exclusive(self, first: int, last: int) -> tuple[int, int]:
+        with self._cond:
+            while _overlaps(self._exclusive, first, last):
+                self._cond.wait()
+            item = (first, last)
+            self._exclusive.append(item)  # from here on new writes to these units wait
+            while _overlaps(self._writing, first, last):
+                self._cond.wait()
+            return item
+
+    def _end_exclusive(self, item: tuple[int, int]) -> None:
+        with self._cond:
+            self._exclusive.remove(item)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------------------------------
+    # BlockBackend
+
+    def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill `bufs` from `offset`; deallocated units read as zeros."""
+        pread_all(self._fd, offset, bufs)
+
+    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Write `bufs` at `offset`. Raises SpaceAllocationFailed (nothing written) if the pool
+        cannot hold the units this write allocates; OSError if the file system fails (then a
+        part may have been written)."""
+        length = sum(b.nbytes for b in bufs)
+        if length == 0:
+            return
+        self._check_bounds(offset, length)
+        first, last = self._unit_range(offset, length)
+        self._begin_write(first, last)
+        try:
+            pwrite_all(self._fd, offset, bufs)
+        finally:
+            self._end_write(first, last)
+
+    def flush(self) -> None:
+        """fdatasync: every acknowledged write and unmap is durable afterwards."""
+        os.fdatasync(self._fd)
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Deallocate [offset, offset+length): it reads as zeros afterwards. Whole units are
+        punched and returned to the pool; partial units are zeroed (and returned if they end up all
+        zeros). Raises OSError on file-system failure (accounting stays exact)."""
+        if length <= 0:
+            return
+        self._check_bounds(offset, length)
+        first, last = self._unit_range(offset, length)
+        item = self._begin_exclusive(first, last)
+        try:
+            u = self.unit
+            before = count_units(self._fd, u, first * u, min(last * u, self.size))
+            try:
+                self._deallocate(offset, offset + length)
+            finally:
+                after = count_units(self._fd, u, first * u, min(last * u, self.size))
+                self.pool.release(self.name, before - after)
+        finally:
+            self._end_exclusive(item)
+        if not self.write_cache:
+            os.fdatasync(self._fd)
+
+    def _deallocate(self, offset: int, end: int) -> None:
+        u, size = self.unit, self.size
+        full_lo = _ceil_div(offset, u)
+        # The short last unit counts as whole when the range reaches the end of the disk.
+        full_hi = _ceil_div(size, u) if end == size else end // u
+        pieces: list[tuple[int, int]] = []
+        if full_lo <= full_hi:
+            if full_lo < full_hi:
+                # Punch whole units even past the end of the file (KEEP_SIZE): a short last unit
+                # may end inside a file-system block, which only a punch beyond EOF deallocates.
+                punch_hole(self._fd, full_lo * u, (full_hi - full_lo) * u)
+            if offset < full_lo * u:
+                pieces.append((offset, min(full_lo * u, end)))
+            if full_hi * u < end:
+                pieces.append((full_hi * u, end))
+        else:
+            pieces.append((offset, end))
+        for s, e in pieces:
+            us = s // u * u
+            ue = min(us + u, size)
+            if not self._has_data(us, ue):
+                continue  # already reads as zeros
+            punch_hole(self._fd, s, e - s)  # zeroes partial fs blocks, frees whole ones
+            if self._has_data(us, ue) and self._reads_zero(us, ue):
+                punch_hole(self._fd, us, u)
+
+    def _reads_zero(self, start: int, end: int) -> bool:
+        buf = bytearray(min(CHUNK, end - start))
+        view = memoryview(buf)
+        for s, e in data_runs(self._fd, start, end):
+            pos = s
+            while pos < e:
+                n = min(len(buf), e - pos)
+                pread_all(self._fd, pos, [view[:n]])
+                if view[:n] != _ZEROS[:n]:
+                    return False
+                pos += n
+        return True
+
+    def write_same(self, offset: int, length: int, block: bytes, unmap: bool) -> None:
+        """Fill [offset, offset+length) with `block` repeated. With `unmap` and an all-zero block
+        the range is deallocated as by `unmap` (SBC-4 5.50); otherwise written like `write` (same
+        all-or-nothing allocation)."""
+        if len(block) != self.block_size or length % self.block_size:
+            raise ValueError(f"write_same: block of {len(block)} bytes, length {length}")
+        if length <= 0:
+            return
+        self._check_bounds(offset, length)
+        zero = block.count(0) == len(block)
+        if unmap and zero:
+            self.unmap(offset, length)
+            return
+        chunk = memoryview(bytes(block) * max(1, min(length, CHUNK) // len(block)))
+        first, last = self._unit_range(offset, length)
+        self._begin_write(first, last)
+        try:
+            pos, end = offset, offset + length
+            while pos < end:
+                n = min(len(chunk), end - pos)
+                pwrite_all(self._fd, pos, [chunk[:n]])
+                pos += n
+        finally:
+            self._end_write(first, last)
+
+    def lba_status(
+        self, offset: int, length: int, *, max_runs: int | None = None
+    ) -> list[tuple[int, int, int]]:
+        """Runs ``(offset, length, status)`` covering [offset, offset+length) from `offset`
+        (SBC-4 5.8: the first descriptor starts at the requested LBA): status 0 mapped, 1
+        deallocated, per allocation unit. Stops after `max_runs` runs if given."""
+        end = min(offset + length, self.size)
+        runs: list[tuple[int, int, int]] = []
+        pos = offset
+        u = self.unit
+        first, last = self._unit_range(offset, end - offset)
+        for a, b in self._mapped(first, last):
+            ms, me = max(a * u, offset), min(b * u, end)
+            if ms > pos:
+                runs.append((pos, ms - pos, 1))
+            runs.append((ms, me - ms, 0))
+            pos = me
+            if max_runs is not None and len(runs) >= max_runs:
+                return runs[:max_runs]
+        if pos < end:
+            runs.append((pos, end - pos, 1))
+        return runs if max_runs is None else runs[:max_runs]
+
+    def provisioning(self) -> ThinProvisioningInfo:
+        pool = self.pool
+        return ThinProvisioningInfo(
+            capacity=pool.capacity,
+            used=pool.used,
+            device_used=pool.disk_used(self.name),
+            unmap_granularity=self.unit,
+            soft_threshold=pool.soft_threshold,
+            lbprz=True,
+            threshold_generation=pool.generation,
+        )
+
+    def take_threshold_event(self) -> bool:
+        """True once per soft-threshold crossing of the pool since this disk last reported one."""
+        generation = self.pool.generation
+        with self._cond:
+            if generation == self._seen_generation:
+                return False
+            self._seen_generation = generation
+            return True
+
+    def set_soft_threshold(self, percent: int | None) -> None:
+        """Set the pool's soft threshold (mode page 1Ch/02h is per pool: all its disks share it)."""
+        self.pool.set_soft_threshold(percent)
+
+    def resize(self, size: int) -> None:
+        """Grow or shrink the file to `size` bytes; units cut off return to the pool."""
+        if size <= 0 or size % self.block_size:
+            raise ValueError(f"resize: {size}: expected a positive multiple of {self.block_size}")
+        item = self._begin_exclusive(0, 1 << 62)
+        try:
+            u = self.unit
+            start = min(size, self.size) // u * u
+            before = count_units(self._fd, u, start, self.size)
+            try:
+                os.ftruncate(self._fd, size)
+                self.size = size
+            finally:
+                after = count_units(self._fd, u, start, os.fstat(self._fd).st_size)
+                self.pool.release(self.name, before - after)
+        finally:
+            self._end_exclusive(item)
+
+    def close(self) -> None:
+        """Close the file and leave the pool (idempotent)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        os.close(self._fd)
+        self.pool._disk_closed(self.name)
+        if self._on_close is not None:
+            self._on_close()
+
+    def _check_bounds(self, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"range [{offset}, {offset + length}) beyond the disk ({self.size})")

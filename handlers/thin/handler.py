@@ -1,0 +1,122 @@
+"""ThinHandler: the `thin` subtype — thin-provisioned disks in shared pools.
+
+Config string (after ``thin/``), options separated by ``;`` (the kernel cuts ``dev_config`` at
+``,``, so ``,`` is accepted only for hand-written strings)::
+
+    pool=<absolute pool directory | pool name>[;disk=<name>][;unit=<bytes>]
+
+- ``pool``: an absolute path, or the name of a pool declared to this process with
+  `register_pool` (the daemon registers the pools of its YAML).
+- ``disk``: the disk's file in the pool (``<disk>.img``); default: the device name.
+- ``unit``: allocation unit of a *new* disk (default: the pool's); an existing disk keeps its own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import DeviceConfig, Handler, parse_options, shared
+
+from .pool import POOL_FILE, Pool, check_name, check_unit, load_pool_config
+
+if TYPE_CHECKING:
+    from tcmu_py.device.core import ScsiDevice
+
+_pool_paths: dict[str, str] = {}
+_pool_paths_lock = threading.Lock()
+
+
+def register_pool(name: str, path: str) -> None:
+    """Let config strings name the pool at `path` as ``pool=<name>`` (process-wide)."""
+    check_name("pool", name)
+    with _pool_paths_lock:
+        _pool_paths[name] = os.path.realpath(path)
+
+
+def unregister_pool(name: str) -> None:
+    with _pool_paths_lock:
+        _pool_paths.pop(name, None)
+
+
+def _unit(value: str) -> int:
+    return check_unit(int(value, 0))
+
+
+_OPTIONS: dict[str, Any] = {"pool": str, "disk": lambda v: check_name("disk", v), "unit": _unit}
+
+
+def _parse(cfgstring: str) -> tuple[str, str | None, str | None, int | None]:
+    """(pool path, pool name if given by name, disk or None, unit or None)."""
+    opts = parse_options(cfgstring.replace(";", ","), _OPTIONS)
+    pool = opts.get("pool")
+    if not pool:
+        raise ConfigError(f"config string {cfgstring!r}: missing pool=<pool directory or name>")
+    name = None
+    if not pool.startswith("/"):
+        with _pool_paths_lock:
+            path = _pool_paths.get(pool)
+        if path is None:
+            raise ConfigError(
+                f"config string {cfgstring!r}: pool {pool!r}: expected an absolute pool directory "
+                f"or a declared pool name ({', '.join(sorted(_pool_paths)) or 'none declared'})"
+            )
+        name, pool = pool, path
+    return pool, name, opts.get("disk"), opts.get("unit")
+
+
+def _pool_key(path: str) -> str:
+    return "thin-pool:" + os.path.realpath(path)
+
+
+class ThinHandler(Handler):
+    """Thin disks: sparse files in a pool, UNMAP / WRITE SAME+UNMAP / GET LBA STATUS, soft
+    threshold unit attentions and out-of-space DATA PROTECT."""
+
+    subtype = "thin"
+    description = "thin-provisioned disk in a shared pool (sparse file with hole punching)"
+
+    @classmethod
+    def check_config(cls, cfgstring: str) -> None:
+        """Raise ConfigError unless the options parse and the pool exists with a valid pool.json
+        (and `unit`, if given for an existing disk, matches it). Creates nothing."""
+        path, name, disk, unit = _parse(cfgstring)
+        config = load_pool_config(path)
+        where = os.path.join(path, POOL_FILE)
+        if name is not None and config.name != name:
+            raise ConfigError(f"{where}: pool is named {config.name!r}, expected {name!r}")
+        if disk is not None and unit is not None and config.disks.get(disk, unit) != unit:
+                raise ConfigError(f"{where}: disk {disk}: unit {unit}: the disk was created with "
+                                  f"unit {config.disks[disk]} and cannot change")
+
+    @classmethod
+    def open(cls, config: DeviceConfig) -> ScsiDevice:
+        """Open (creating if missing) the disk in its pool and wrap it in a BlockDevice. The pool
+        is shared by every thin device of this process that names the same directory."""
+        from tcmu_py.device.block import BlockDevice
+
+        path, name, disk, unit = _parse(config.cfgstring)
+        disk = disk or check_name("disk", config.name)
+        key = _pool_key(path)
+        pool = shared.acquire(key, lambda: Pool.open(path, expected_name=name))
+        try:
+            if name is not None and pool.name != name:
+                raise ConfigError(f"{path}: pool is named {pool.name!r}, expected {name!r}")
+            backend = pool.open_disk(
+                disk,
+                config.size,
+                block_size=config.block_size,
+                write_cache=config.write_cache,
+                unit=unit,
+                on_close=lambda: shared.release(key, Pool.close),
+            )
+        except BaseException:
+            shared.release(key, Pool.close)
+            raise
+        try:
+            return BlockDevice(config, backend)
+        except BaseException:
+            backend.close()
+            raise
