@@ -614,7 +614,7 @@ def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
             continue
         if handlers is not None:
             try:
-                handlers[handler](cfg)
+                handlers[handler](cfg.partition("/")[2])
             except ConfigError as exc:
                 c.fail(f"{p}.options", m.get("options"), f"options the {handler!r} handler"
                        f" accepts: {exc}")
@@ -922,9 +922,12 @@ def load_config_text(text: str, source: str = "<string>", *,
                      handlers: Mapping[str, Callable[[str], None]] | None = None) -> Config:
     """Parse and validate YAML ``text``; ``source`` names it in messages.
 
-    ``handlers`` maps each installed subtype to its ``check_config(dev_config)`` callable. When
-    given, a device naming another subtype is an error, and each device's dev_config string is
-    passed to its handler's check (a ConfigError it raises is reported like any other problem).
+    ``handlers`` maps each installed subtype to its ``Handler.check_config(cfgstring)`` (the
+    dev_config after ``<subtype>/``). When given, a device naming another subtype is an error, and
+    each device's cfgstring is passed to its handler's check (a ConfigError it raises is reported
+    like any other problem). Checks run before `lio.prepare_storage`, so a check that requires
+    files to exist (image directory, pool.json) fails on a fresh host: omit ``handlers`` then, or
+    prepare storage first.
     Raises ConfigError listing every problem; returns a fully validated Config otherwise.
     """
     c = _Checker(source)

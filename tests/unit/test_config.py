@@ -337,7 +337,7 @@ def test_options_that_would_break_dev_config() -> None:
 
 def test_handler_registry_checks() -> None:
     def check_raw(cfg: str) -> None:
-        if not cfg.startswith("raw//"):
+        if not cfg.startswith("/"):  # the cfgstring after "raw/"
             raise ConfigError("path must be absolute")
 
     def check_thin(cfg: str) -> None:
