@@ -1,0 +1,261 @@
+"""SBC-4 wire formats: READ CAPACITY, block VPD pages, UNMAP parameters, GET LBA STATUS.
+
+Builders return complete responses (truncate with ``spc.truncate``); the UNMAP parser validates
+the parameter list as SBC-4 5.32 requires and leaves the capacity check to the caller, which
+knows the capacity and takes the range locks.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from enum import IntEnum
+
+from tcmu_py.scsi.constants import PeripheralType, VpdPage
+from tcmu_py.scsi.sense import InvalidFieldInParameterList, ParameterListLengthError
+from tcmu_py.scsi.spc import build_vpd_page
+
+_RC10 = struct.Struct(">II")
+# SBC-4 5.21.2 table 68: RETURNED LBA, BLOCK LENGTH, byte 12 (RC BASIS, P_TYPE, PROT_EN),
+# byte 13 (P_I_EXPONENT, LBPPBE), bytes 14..15 (LBPME, LBPRZ, LOWEST ALIGNED LBA), 16 reserved.
+_RC16 = struct.Struct(">QIBBH16x")
+# SBC-4 6.6.3 table 263: Block Limits payload (after the 4-byte VPD header), 60 bytes.
+_BLOCK_LIMITS = struct.Struct(">BBHIIIIIIIQIIIII")
+_UNMAP_HEADER = struct.Struct(">HH4x")
+_UNMAP_DESC = struct.Struct(">QI4x")
+_LBA_STATUS_HEADER = struct.Struct(">I4x")
+_LBA_STATUS_DESC = struct.Struct(">QIBB2x")
+
+#: SBC-4 5.21.2: RC BASIS 01b - the RETURNED LOGICAL BLOCK ADDRESS is the LU's last LBA.
+_RC_BASIS_LAST_LBA = 0x10
+
+
+def build_read_capacity_10(num_blocks: int, block_size: int) -> bytes:
+    """READ CAPACITY (10) data (SBC-4 5.20.2): last LBA and block length, 8 bytes.
+
+    A last LBA that does not fit 32 bits is reported as FFFFFFFFh, which tells the initiator to
+    use READ CAPACITY (16).
+    """
+    return _RC10.pack(min(max(num_blocks - 1, 0), 0xFFFFFFFF), block_size)
+
+
+def build_read_capacity_16(
+    num_blocks: int,
+    block_size: int,
+    *,
+    lbpme: bool = False,
+    lbprz: bool = False,
+    lbppbe: int = 0,
+    lowest_aligned: int = 0,
+    prot_en: bool = False,
+    p_type: int = 0,
+    p_i_exponent: int = 0,
+) -> bytes:
+    """READ CAPACITY (16) parameter data (SBC-4 5.21.2), 32 bytes.
+
+    LBPME only for a device that really deallocates; LBPRZ only if deallocated blocks read as
+    zeros, and never without LBPME (SBC-4 5.21.2: LBPRZ is defined only when LBPME is one).
+    ``lbppbe``: logical blocks per physical block exponent.
+    """
+    if not 0 <= lowest_aligned <= 0x3FFF:
+        raise ValueError(f"lowest aligned LBA {lowest_aligned} out of range")
+    b12 = _RC_BASIS_LAST_LBA | ((p_type & 0x07) << 1) | (0x01 if prot_en else 0)
+    b13 = ((p_i_exponent & 0x0F) << 4) | (lbppbe & 0x0F)
+    b14 = (0x8000 if lbpme else 0) | (0x4000 if lbpme and lbprz else 0) | lowest_aligned
+    return _RC16.pack(max(num_blocks - 1, 0), block_size, b12, b13, b14)
+
+
+def build_vpd_block_limits(
+    *,
+    wsnz: bool = False,
+    max_compare_and_write_length: int = 0,
+    optimal_transfer_length_granularity: int = 0,
+    max_transfer_length: int = 0,
+    optimal_transfer_length: int = 0,
+    max_prefetch_length: int = 0,
+    max_unmap_lba_count: int = 0,
+    max_unmap_descriptor_count: int = 0,
+    optimal_unmap_granularity: int = 0,
+    unmap_granularity_alignment: int | None = None,
+    max_write_same_length: int = 0,
+    max_atomic_transfer_length: int = 0,
+    atomic_alignment: int = 0,
+    atomic_transfer_length_granularity: int = 0,
+    max_atomic_transfer_length_with_boundary: int = 0,
+    max_atomic_boundary_size: int = 0,
+    peripheral_type: int = PeripheralType.DISK,
+) -> bytes:
+    """Block Limits VPD B0h (SBC-4 6.6.3), page length 3Ch. Lengths are in logical blocks.
+
+    ``unmap_granularity_alignment`` None leaves UGAVALID zero; an int sets UGAVALID and the
+    31-bit alignment.  0 in a limit field means "no limit reported".  Linux ``sd`` uses UNMAP only
+    when MAXIMUM UNMAP LBA COUNT > 0 (and LBPU in B2h).
+    """
+    if max_compare_and_write_length > 0xFF:
+        raise ValueError("MAXIMUM COMPARE AND WRITE LENGTH is one byte")
+    uga = 0
+    if unmap_granularity_alignment is not None:
+        if not 0 <= unmap_granularity_alignment <= 0x7FFFFFFF:
+            raise ValueError("UNMAP GRANULARITY ALIGNMENT is 31 bits")
+        uga = 0x80000000 | unmap_granularity_alignment
+    payload = _BLOCK_LIMITS.pack(
+        0x01 if wsnz else 0,
+        max_compare_and_write_length,
+        optimal_transfer_length_granularity,
+        max_transfer_length,
+        optimal_transfer_length,
+        max_prefetch_length,
+        max_unmap_lba_count,
+        max_unmap_descriptor_count,
+        optimal_unmap_granularity,
+        uga,
+        max_write_same_length,
+        max_atomic_transfer_length,
+        atomic_alignment,
+        atomic_transfer_length_granularity,
+        max_atomic_transfer_length_with_boundary,
+        max_atomic_boundary_size,
+    )
+    return build_vpd_page(peripheral_type, VpdPage.BLOCK_LIMITS, payload)
+
+
+def build_vpd_block_device_characteristics(
+    *,
+    rotation_rate: int = 1,
+    product_type: int = 0,
+    nominal_form_factor: int = 0,
+    wabereq: int = 0,
+    wacereq: int = 0,
+    fuab: bool = False,
+    vbuls: bool = False,
+    peripheral_type: int = PeripheralType.DISK,
+) -> bytes:
+    """Block Device Characteristics VPD B1h (SBC-4 6.6.2), page length 3Ch.
+
+    ``rotation_rate`` 1 = non-rotating medium (solid state), 0 = not reported, else RPM.
+    """
+    payload = bytearray(0x3C)
+    payload[0:2] = rotation_rate.to_bytes(2, "big")
+    payload[2] = product_type
+    payload[3] = ((wabereq & 3) << 6) | ((wacereq & 3) << 4) | (nominal_form_factor & 0x0F)
+    payload[4] = (0x02 if fuab else 0) | (0x01 if vbuls else 0)
+    return build_vpd_page(peripheral_type, VpdPage.BLOCK_DEVICE_CHARACTERISTICS, bytes(payload))
+
+
+class ProvisioningType(IntEnum):
+    """PROVISIONING TYPE of the Logical Block Provisioning VPD page (SBC-4 6.6.4)."""
+
+    FULL = 0b000
+    RESOURCE = 0b001
+    THIN = 0b010
+
+
+def build_vpd_lbp(
+    *,
+    threshold_exponent: int = 0,
+    lbpu: bool = False,
+    lbpws: bool = False,
+    lbpws10: bool = False,
+    lbprz: bool | int = False,
+    anc_sup: bool = False,
+    dp: bool = False,
+    minimum_percentage: int = 0,
+    provisioning_type: int = ProvisioningType.FULL,
+    threshold_percentage: int = 0,
+    provisioning_group_descriptor: bytes = b"",
+    peripheral_type: int = PeripheralType.DISK,
+) -> bytes:
+    """Logical Block Provisioning VPD B2h (SBC-4 6.6.4).
+
+    ``lbprz`` is the 3-bit field: True/1 = deallocated blocks read as zeros (001b); other values
+    are passed through.  ``dp`` is set automatically when a provisioning group descriptor is given.
+    """
+    rz = (1 if lbprz else 0) if isinstance(lbprz, bool) else lbprz
+    if not 0 <= rz <= 7:
+        raise ValueError("LBPRZ is a 3-bit field")
+    dp = dp or bool(provisioning_group_descriptor)
+    b5 = (0x80 if lbpu else 0) | (0x40 if lbpws else 0) | (0x20 if lbpws10 else 0)
+    b5 |= (rz << 2) | (0x02 if anc_sup else 0) | (0x01 if dp else 0)
+    b6 = ((minimum_percentage & 0x1F) << 3) | (provisioning_type & 0x07)
+    payload = bytes([threshold_exponent, b5, b6, threshold_percentage])
+    return build_vpd_page(
+        peripheral_type, VpdPage.LOGICAL_BLOCK_PROVISIONING, payload + provisioning_group_descriptor
+    )
+
+
+def parse_unmap_parameters(
+    data: bytes | bytearray | memoryview,
+    max_descriptors: int,
+    *,
+    max_lba_count: int | None = None,
+) -> list[tuple[int, int]]:
+    """The (LBA, number of logical blocks) ranges of an UNMAP parameter list (SBC-4 5.32.2).
+
+    * an empty list means nothing to do (PARAMETER LIST LENGTH 0 is not an error);
+    * 1..7 bytes: PARAMETER LIST LENGTH ERROR (SBC-4 5.32.1);
+    * the descriptors are those the UNMAP BLOCK DESCRIPTOR DATA LENGTH covers within the data
+      received; a trailing partial descriptor is ignored;
+    * more than ``max_descriptors`` descriptors, or more than ``max_lba_count`` blocks in total
+      (the B0h limits), is INVALID FIELD IN PARAMETER LIST.
+
+    The capacity check (LBA OUT OF RANGE) is the caller's, over all ranges before any is unmapped.
+    """
+    buf = bytes(data)
+    if not buf:
+        return []
+    if len(buf) < _UNMAP_HEADER.size:
+        raise ParameterListLengthError(f"UNMAP parameter list of {len(buf)} bytes")
+    _, bd_length = _UNMAP_HEADER.unpack_from(buf)
+    usable = min(bd_length, len(buf) - _UNMAP_HEADER.size)
+    count = usable // _UNMAP_DESC.size
+    if count > max_descriptors:
+        # SBC-4 5.32.1: descriptor count above MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
+        raise InvalidFieldInParameterList(
+            f"{count} UNMAP descriptors > {max_descriptors}", field_pointer=2
+        )
+    ranges = []
+    total = 0
+    for i in range(count):
+        off = _UNMAP_HEADER.size + i * _UNMAP_DESC.size
+        lba, blocks = _UNMAP_DESC.unpack_from(buf, off)
+        total += blocks
+        if max_lba_count is not None and total > max_lba_count:
+            # SBC-4 5.32.1: blocks above MAXIMUM UNMAP LBA COUNT.
+            raise InvalidFieldInParameterList(
+                f"UNMAP of {total} blocks > {max_lba_count}", field_pointer=off + 8
+            )
+        ranges.append((lba, blocks))
+    return ranges
+
+
+def build_unmap_parameters(ranges: Iterable[tuple[int, int]]) -> bytes:
+    """An UNMAP parameter list for ``ranges`` (initiator side; used by tests and tools)."""
+    descs = b"".join(_UNMAP_DESC.pack(lba, n) for lba, n in ranges)
+    return _UNMAP_HEADER.pack(len(descs) + 6, len(descs)) + descs
+
+
+class ProvisioningStatus(IntEnum):
+    """PROVISIONING STATUS of an LBA status descriptor (SBC-4 5.8.2 table 41)."""
+
+    MAPPED = 0x0
+    DEALLOCATED = 0x1
+    ANCHORED = 0x2
+    UNKNOWN = 0x3
+
+
+def build_get_lba_status(descriptors: Iterable[tuple[int, int, int]]) -> bytes:
+    """GET LBA STATUS parameter data (SBC-4 5.8.2) from (LBA, blocks, provisioning status).
+
+    The first descriptor must start at the requested LBA (the caller's job).  Runs longer than
+    the 32-bit NUMBER OF LOGICAL BLOCKS field are split into several descriptors.
+    """
+    body = bytearray()
+    for lba, blocks, status in descriptors:
+        while True:
+            n = min(blocks, 0xFFFFFFFF)
+            body += _LBA_STATUS_DESC.pack(lba, n, status & 0x0F, 0)
+            lba, blocks = lba + n, blocks - n
+            if blocks <= 0:
+                break
+    # SBC-4 5.8.2: PARAMETER DATA LENGTH = n - 3 (excludes itself).
+    return _LBA_STATUS_HEADER.pack(len(body) + 4) + bytes(body)
