@@ -19,9 +19,8 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tcmu_py.handlers.thin import Pool, ThinBackend, create_pool
 from tcmu_py.handlers.thin.sparse import data_runs
 
@@ -126,11 +125,9 @@ def check_all(backend: ThinBackend, model: Model, pool: Pool) -> None:
         assert not list(data_runs(fd, u * UNIT, min((u + 1) * UNIT, SIZE))), f"unit {u} has data"
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=ops)
-def test_backend_matches_model(pool: Pool, ops: list[tuple[str, tuple[int, int], int]]) -> None:
+def run_ops(pool: Pool, ops: list[tuple[str, tuple[int, int], int]], write_cache: bool) -> None:
     name = f"m{next(_names)}"
-    backend = pool.open_disk(name, SIZE, block_size=BS, write_cache=True)
+    backend = pool.open_disk(name, SIZE, block_size=BS, write_cache=write_cache)
     model = Model()
     try:
         for op, (lba, n), arg in ops:
@@ -159,3 +156,18 @@ def test_backend_matches_model(pool: Pool, ops: list[tuple[str, tuple[int, int],
         backend.close()
         pool.delete_disk(name)
     assert pool.used == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=ops)
+def test_backend_matches_model(pool: Pool, ops: list[tuple[str, tuple[int, int], int]]) -> None:
+    run_ops(pool, ops, write_cache=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=ops)
+def test_backend_matches_model_dsync(
+    pool: Pool, ops: list[tuple[str, tuple[int, int], int]]
+) -> None:
+    """The same with write_cache=False (O_DSYNC file, fdatasync after unmap)."""
+    run_ops(pool, ops, write_cache=False)
