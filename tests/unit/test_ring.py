@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 
@@ -63,7 +64,7 @@ def gather(views: list[memoryview]) -> bytes:
     return b"".join(v.tobytes() for v in views)
 
 
-def make(**kw: int) -> tuple[FakeKernel, Ring]:
+def make(**kw: Any) -> tuple[FakeKernel, Ring]:
     fk = FakeKernel(**kw)
     return fk, Ring(fk.buffer)
 
