@@ -271,3 +271,48 @@ def _pump(
                 log_file.flush()
     remaining = deadline - time.monotonic()
     proc.wait(timeout=max(remaining, 0.001))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tcmu_py.lab [options] [--] COMMAND...``: boot the lab kernel, run the prelude
+    then COMMAND (a shell command line; default: show the kernel and the loaded target modules),
+    print the console output and the wall time; exit with the guest command's status."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="tcmu-py lab", description=main.__doc__)
+    ap.add_argument("--memory", default="2G", help="guest memory (default 2G)")
+    ap.add_argument("--cpus", type=int, default=None, help="guest CPUs (default: vng's)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds before the VM is killed")
+    ap.add_argument("--rwdir", action="append", default=[], help="host dir writable in the guest")
+    ap.add_argument("--kernel", default=None, help="kernel image (default: find_kernel())")
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    command = " ".join(a for a in args.command if a != "--") or (
+        "uname -r; lsmod | grep -E '^(target_core_user|tcm_loop|iscsi_target_mod) '; "
+        "echo guest uptime: $(cut -d' ' -f1 /proc/uptime)s"
+    )
+    start = time.monotonic()
+    try:
+        proc = run_in_vm(
+            guest_prelude() + command + "\n",
+            rwdirs=args.rwdir,
+            memory=args.memory,
+            cpus=args.cpus,
+            timeout=args.timeout,
+            kernel=args.kernel,
+            cwd=os.getcwd(),
+        )
+    except LabError as e:
+        print(f"tcmu-py lab: {e}", file=sys.stderr)
+        return 2
+    except LabTimeout as e:
+        sys.stdout.write(str(e.output or ""))
+        print(f"tcmu-py lab: VM killed after {args.timeout:g}s", file=sys.stderr)
+        return 124
+    sys.stdout.write(proc.stdout)
+    print(f"tcmu-py lab: guest exited {proc.returncode} after {time.monotonic() - start:.1f}s")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

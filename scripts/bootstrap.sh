@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Idempotent setup of a Debian 12 machine for tcmu-py, as root, without standard input.
+#
+#   bash scripts/bootstrap.sh
+#
+# Installs the Debian packages the project needs (build tools, the VM lab: QEMU + Debian's
+# kernel with LIO/TCMU modules + virtme-ng's static busybox, and the initiators/peers the kernel
+# scenarios and benchmarks drive), then creates ./.venv and installs the package editable with its
+# test and LIO extras plus virtme-ng. Re-runs skip whatever is already in place: apt runs only if
+# a package is missing, pip only if the packaging inputs changed or the install is broken.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+# The lab boots the kernel with virtme-ng's own initramfs: skip building Debian's (slow, and it
+# can fail inside containers). /etc/kernel/postinst.d/initramfs-tools honours INITRD=No.
+export INITRD=No
+
+APT_PACKAGES=(
+    # building the cffi extension against the kernel's uapi header
+    gcc python3-dev python3-venv libffi-dev linux-libc-dev
+    # the VM lab (vng needs a statically linked busybox for its initramfs)
+    qemu-system-x86 linux-image-amd64 busybox-static kmod udev iproute2
+    # initiators and peers used in the guest by kernel scenarios and benchmarks
+    sg3-utils fio lsscsi e2fsprogs xfsprogs mt-st mtx libiscsi-bin tcmu-runner dbus
+)
+VIRTME_NG="virtme-ng==1.42"
+APT_LOG=/tmp/tcmu-py-bootstrap-apt.log
+
+step() { printf '[bootstrap %4ss] %s\n' "$SECONDS" "$*"; }
+
+missing_packages() {
+    local pkg
+    for pkg in "${APT_PACKAGES[@]}"; do
+        if [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" != "install ok installed" ]]; then
+            echo "$pkg"
+        fi
+    done
+}
+
+apt_install() {
+    apt-get install -y \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" >>"$APT_LOG" 2>&1
+}
+
+mapfile -t MISSING < <(missing_packages)
+if ((${#MISSING[@]})); then
+    step "apt: installing ${MISSING[*]} (log: $APT_LOG)"
+    : >"$APT_LOG"
+    if ! apt-get update >>"$APT_LOG" 2>&1; then
+        tail -n 30 "$APT_LOG"; echo "bootstrap: apt-get update failed" >&2; exit 1
+    fi
+    if ! apt_install "${MISSING[@]}"; then
+        # An interrupted earlier run can leave dpkg half-configured: finish it and retry once.
+        step "apt: install failed, running dpkg --configure -a and retrying"
+        dpkg --configure -a >>"$APT_LOG" 2>&1 || true
+        if ! apt_install "${MISSING[@]}"; then
+            tail -n 40 "$APT_LOG"; echo "bootstrap: apt-get install failed" >&2; exit 1
+        fi
+    fi
+    mapfile -t STILL < <(missing_packages)
+    if ((${#STILL[@]})); then
+        echo "bootstrap: still not installed: ${STILL[*]}" >&2; exit 1
+    fi
+else
+    step "apt: all ${#APT_PACKAGES[@]} packages present"
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    step "creating .venv"
+    python3 -m venv .venv
+fi
+
+# Inputs that change what `pip install -e` produces (dependencies, the compiled extension).
+STAMP=.venv/.tcmu-py-bootstrap
+stamp_value() {
+    {
+        echo "$VIRTME_NG"
+        cat pyproject.toml setup.py 2>/dev/null || true
+        cat tcmu_py/_ffi_build.py tcmu_py/*.h tcmu_py/*.c 2>/dev/null || true
+    } | sha256sum | cut -d' ' -f1
+}
+WANT=$(stamp_value)
+if [[ -f $STAMP && "$(cat "$STAMP")" == "$WANT" ]] \
+    && .venv/bin/python -c 'import tcmu_py._tcmu_ring, rtslib_fb, pytest, virtme' 2>/dev/null \
+    && [[ -x .venv/bin/vng ]]; then
+    step "venv: up to date"
+else
+    step "venv: pip install -e '.[test,lio]' $VIRTME_NG"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,lio]' "$VIRTME_NG"
+    echo "$WANT" >"$STAMP"
+fi
+
+KERNEL=$(.venv/bin/python -c 'from tcmu_py import lab; print(lab.find_kernel())')
+step "ready: lab kernel $KERNEL, $(.venv/bin/python --version)"

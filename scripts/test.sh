@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Every check tcmu-py has, as CI runs it (.ci/run execs this):
+#
+#   bash scripts/test.sh
+#
+# 1. scripts/bootstrap.sh (idempotent: fast when everything is installed)
+# 2. ruff over tcmu_py, handlers, tests, scripts           — fatal
+# 3. mypy over tcmu_py, handlers, tests/kernel             — fatal
+# 4. unit tests (tests/unit)                                — fatal
+# 5. kernel tests (tests/kernel): host-side lab tests, then ONE VM boot running every guest
+#    scenario — fatal; a VM that cannot boot fails them (TCMU_PY_NO_VM=1 is refused in CI)
+# All stages run even if an earlier one failed (except bootstrap); the exit status is non-zero
+# if any failed. The last line is the combined count over both pytest runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$SECONDS
+
+# Files not yet clean for a linter are listed here, and only here, until they are fixed; every
+# other file (including new ones) is checked and must pass. Shrink these lists, never grow them
+# without a note in the commit message.
+RUFF_PENDING=(
+    handlers/vtl/cartridge.py
+    handlers/vtl/changer.py
+    handlers/vtl/personality.py
+    tcmu_py/daemon/status.py
+    tcmu_py/errors.py
+    tcmu_py/scsi/spc.py
+    tcmu_py/scsi/ssc.py
+    tests/unit/test_block_device.py
+    tests/unit/test_fake_kernel.py
+)
+MYPY_PENDING=(
+    handlers/vtl/changer.py
+    tcmu_py/cli.py
+    tcmu_py/device/block.py
+    tcmu_py/device/core.py
+    tcmu_py/scsi/spc.py
+)
+RUFF_PATHS=(tcmu_py handlers tests scripts)
+MYPY_PATHS=(tcmu_py handlers tests/kernel)
+UNIT_TIMEOUT=1200     # seconds; a hung unit test must not eat CI's 90 minutes
+KERNEL_TIMEOUT=3000   # the lab bounds every scenario itself; this is the backstop
+
+declare -A RESULT=()
+FAILED=0
+banner() { printf '\n===== %s (at %ss) =====\n' "$*" "$((SECONDS - START))"; }
+
+banner "bootstrap"
+if ! bash scripts/bootstrap.sh; then
+    echo "test.sh: bootstrap failed; nothing else can run" >&2
+    echo "total: 0 passed, 1 failed"
+    exit 1
+fi
+PY=.venv/bin/python
+mkdir -p results
+rm -f results/junit-*.xml
+
+banner "ruff"
+ruff_excludes=$(IFS=,; echo "${RUFF_PENDING[*]}")
+if .venv/bin/ruff check --extend-exclude "$ruff_excludes" "${RUFF_PATHS[@]}"; then
+    RESULT[ruff]=ok
+else
+    RESULT[ruff]=FAILED; FAILED=1
+fi
+
+banner "mypy"
+# follow-imports=silent: a clean module importing a pending one is checked, the pending one's
+# own errors are not reported.
+mypy_exclude=$(printf '^%s$|' "${MYPY_PENDING[@]}"); mypy_exclude=${mypy_exclude%|}
+if .venv/bin/mypy --follow-imports=silent --exclude "$mypy_exclude" "${MYPY_PATHS[@]}"; then
+    RESULT[mypy]=ok
+else
+    RESULT[mypy]=FAILED; FAILED=1
+fi
+
+run_pytest() {  # name timeout paths...
+    local name=$1 limit=$2 rc
+    shift 2
+    banner "pytest $name"
+    timeout --kill-after=30 "$limit" "$PY" -m pytest -q -rfEs --durations=5 \
+        --junitxml="results/junit-$name.xml" "$@"
+    rc=$?
+    case $rc in
+        0) RESULT[$name]=ok ;;
+        5) RESULT[$name]="FAILED (no tests collected)"; FAILED=1 ;;
+        124|137) RESULT[$name]="FAILED (timed out after ${limit}s)"; FAILED=1 ;;
+        *) RESULT[$name]="FAILED (pytest exit $rc)"; FAILED=1 ;;
+    esac
+}
+
+run_pytest unit "$UNIT_TIMEOUT" tests/unit
+run_pytest kernel "$KERNEL_TIMEOUT" tests/kernel
+
+banner "summary"
+for stage in ruff mypy unit kernel; do
+    printf '%-7s %s\n' "$stage:" "${RESULT[$stage]:-not run}"
+done
+echo "duration: $((SECONDS - START))s"
+"$PY" - "$FAILED" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+passed = failed = skipped = 0
+for name in ("unit", "kernel"):
+    path = Path(f"results/junit-{name}.xml")
+    if not path.exists():
+        failed += 1  # the stage produced no report at all
+        continue
+    root = ET.parse(path).getroot()
+    for suite in root.iter("testsuite"):
+        tests = int(suite.get("tests", 0))
+        bad = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        skip = int(suite.get("skipped", 0))
+        passed += tests - bad - skip
+        failed += bad
+        skipped += skip
+if int(sys.argv[1]) and not failed:
+    failed = 1  # a lint stage failed
+print(f"total: {passed} passed, {failed} failed, {skipped} skipped")
+EOF
+exit "$FAILED"
