@@ -1,0 +1,754 @@
+"""A virtual tape cartridge on disk: append-only records, a checksummed index, sidecar metadata.
+
+Rules this file obeys
+---------------------
+* A cartridge is a directory::
+
+      <dir>/data        file header + records, append-only between overwrites
+      <dir>/index       cache of record offsets (rebuilt from ``data`` whenever it does not verify)
+      <dir>/meta.json   barcode, generation, WORM, write protect, capacity (atomic replace)
+      <dir>/mam.json    cartridge memory (MAM) host attributes and life counters (atomic replace)
+
+* ``data`` starts with a 64-byte file header (magic, version, *epoch*) followed by records. Each
+  record is a 32-byte header (magic, type, flags, 64-bit logical object number, stored and logical
+  lengths, CRC-32 of the stored payload, CRC-32 of the header) and its payload. Logical object
+  ``i`` (block or filemark, SSC-5 4.2.x "logical object identifier") is the ``i``-th record. End of
+  data is the end of the last valid record: there is no EOD record.
+* Durability: records are written with ``pwritev`` and become durable at ``sync()`` (the drive
+  calls it at WRITE FILEMARKS, unload, close and on request). After a crash the cartridge opens
+  readable up to the last record whose header and payload verify; anything after it is cut off.
+* Overwriting in the middle (tape semantics: writing at object ``i`` discards ``i..``) bumps the
+  epoch in the file header and truncates the file, made durable before the next append.
+* The index is a cache: an array of 64-bit words, one per object (offset << 1 | is_filemark), and
+  a header with the epoch it belongs to, the object count, the end offset and a running CRC-32 of
+  the array. It is appended at ``sync()`` after the data is durable, so it never names a record
+  that is not durable. At open it is used only if its epoch, CRC and end offset verify; the
+  records after it are scanned (payload CRCs checked) to find the true end of data.
+
+Threads: a Cartridge is used by one drive at a time; its methods are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import json
+import os
+import struct
+import sys
+import zlib
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from tcmu_py.handlers.vtl.personality import GENERATIONS, MediaType, MediumKind, parse_barcode
+
+Buffer = bytes | bytearray | memoryview
+
+DATA_FILE = "data"
+INDEX_FILE = "index"
+META_FILE = "meta.json"
+MAM_FILE = "mam.json"
+
+FORMAT_VERSION = 1
+
+# File header: magic 8s | version H | 6 pad | epoch Q | 36 pad | crc32 of bytes 0..59 I.
+_FILE_HEADER = struct.Struct(">8sH6xQ36x")
+FILE_MAGIC = b"TCMUVTL\x00"
+FILE_HEADER_SIZE = 64
+
+# Record header: magic 4s | type B | flags B | 2 pad | object Q | stored I | logical I |
+# payload crc I | header crc I (of the first 28 bytes).
+_RECORD = struct.Struct(">4sBB2xQIII")
+_CRC = struct.Struct(">I")
+RECORD_MAGIC = b"VTLR"
+RECORD_HEADER_SIZE = 32
+
+# Index header: magic 4s | version H | 2 pad | epoch Q | count Q | end Q | crc I | 28 pad.
+_INDEX_HEADER = struct.Struct(">4sH2xQQQI28x")
+INDEX_MAGIC = b"VTLI"
+INDEX_HEADER_SIZE = 64
+
+FLAG_ZLIB = 0x01
+
+#: Largest logical block this format stores (LTO's 8 MiB limit).
+MAX_RECORD = 0x800000
+
+_IOV_MAX = 512
+
+
+class RecordType(IntEnum):
+    DATA = 1
+    FILEMARK = 2
+
+
+class CartridgeError(Exception):
+    """Base of cartridge storage errors (not SCSI: the drive maps them to sense)."""
+
+
+class CartridgeFull(CartridgeError):
+    """An append did not fit in the capacity; `written` records of the call were stored."""
+
+    def __init__(self, written: int) -> None:
+        super().__init__(f"cartridge full after {written} record(s)")
+        self.written = written
+
+
+class CorruptRecord(CartridgeError):
+    """A record's header or payload fails its checksum (an unrecovered read error)."""
+
+
+class CartridgeBusy(CartridgeError):
+    """Another process or drive holds the cartridge open for writing."""
+
+
+@dataclass(frozen=True)
+class DumpEntry:
+    """One record as `dump` reports it."""
+
+    object_id: int
+    kind: RecordType
+    offset: int
+    stored_length: int
+    logical_length: int
+    compressed: bool
+
+
+def _default_early_warning(capacity: int) -> int:
+    """Size of the early-warning zone before the physical end (1% of capacity, 4 MiB..1 GiB)."""
+    return min(max(capacity // 100, 4 << 20), 1 << 30, max(capacity // 4, 1))
+
+
+def _atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Replace `path` with `obj` as JSON so a crash leaves either the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pack_file_header(epoch: int) -> bytes:
+    body = _FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, epoch)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def _unpack_file_header(raw: bytes) -> int:
+    """The epoch of a valid file header; raises CartridgeError otherwise."""
+    if len(raw) < FILE_HEADER_SIZE:
+        raise CartridgeError("data file header truncated")
+    body = raw[: FILE_HEADER_SIZE - 4]
+    magic, version, epoch = _FILE_HEADER.unpack(body)
+    if magic != FILE_MAGIC or _CRC.unpack_from(raw, FILE_HEADER_SIZE - 4)[0] != zlib.crc32(body):
+        raise CartridgeError("data file header corrupt")
+    if version != FORMAT_VERSION:
+        raise CartridgeError(f"data file format version {version}, expected {FORMAT_VERSION}")
+    return int(epoch)
+
+
+def _pack_record_header(
+    kind: int, flags: int, obj: int, stored: int, logical: int, crc: int
+) -> bytes:
+    head = _RECORD.pack(RECORD_MAGIC, kind, flags, obj, stored, logical, crc)
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def _parse_record_header(raw: bytes | memoryview) -> tuple[int, int, int, int, int, int] | None:
+    """(type, flags, object, stored, logical, crc); None if the header does not verify."""
+    if len(raw) < RECORD_HEADER_SIZE:
+        return None
+    head = bytes(raw[: RECORD_HEADER_SIZE - 4])
+    magic, kind, flags, obj, stored, logical, crc = _RECORD.unpack(head)
+    stored_crc = _CRC.unpack_from(raw, RECORD_HEADER_SIZE - 4)[0]
+    if magic != RECORD_MAGIC or stored_crc != zlib.crc32(head):
+        return None
+    if kind not in (RecordType.DATA, RecordType.FILEMARK) or stored > MAX_RECORD + 1024:
+        return None
+    return kind, flags, obj, stored, logical, crc
+
+
+class Cartridge:
+    """One open cartridge. Create with `Cartridge.create`, open with `Cartridge.open`."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], fd: int, read_only: bool) -> None:
+        self.path = path
+        self._meta = meta
+        self._fd = fd
+        self.read_only = read_only
+        self._epoch = 0
+        # offsets[i] = file offset of object i; offsets[n] = end of data (sentinel).
+        self._offsets = array("Q", [FILE_HEADER_SIZE])
+        self._filemarks: list[int] = []  # sorted object ids of filemarks
+        self._indexed = 0  # objects covered by the on-disk index
+        self._index_crc = 0
+        self._dirty = False  # appended since the last sync
+        self._mam: dict[str, Any] = {}
+        self.bytes_written = 0  # logical bytes written since open
+        self.bytes_read = 0
+
+    # ------------------------------------------------------------------------------------------
+    # Creation and opening
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        barcode: str,
+        *,
+        capacity: int | None = None,
+        generation: int | None = None,
+        worm: bool | None = None,
+        early_warning: int | None = None,
+        write_protected: bool = False,
+    ) -> None:
+        """Create an empty (blank) cartridge directory at `path`; raises FileExistsError if present.
+
+        The media type comes from the barcode (`parse_barcode`); `generation`/`worm` override it.
+        `capacity` defaults to the generation's native capacity (files grow only as written).
+        """
+        media = parse_barcode(barcode)
+        kind = media.kind
+        gen = generation if generation is not None else media.generation
+        if worm is not None and kind is not MediumKind.CLEANING:
+            kind = MediumKind.WORM if worm else MediumKind.DATA
+        if gen is None:
+            gen = max(GENERATIONS)
+        if gen not in GENERATIONS:
+            raise ValueError(f"generation {gen}: expected one of {sorted(GENERATIONS)}")
+        cap = capacity if capacity is not None else GENERATIONS[gen].capacity
+        if cap <= 0:
+            raise ValueError(f"capacity {cap}: expected > 0")
+        ew = early_warning if early_warning is not None else _default_early_warning(cap)
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=False)
+        fd = os.open(p / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, _pack_file_header(1))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        meta = {
+            "format": FORMAT_VERSION,
+            "barcode": barcode,
+            "kind": kind.value,
+            "generation": gen,
+            "capacity": cap,
+            "early_warning": ew,
+            "write_protected": write_protected,
+        }
+        _atomic_write_json(p / MAM_FILE, {"attributes": {}, "load_count": 0,
+                                          "mb_written": 0, "mb_read": 0})
+        _atomic_write_json(p / META_FILE, meta)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, read_only: bool = False) -> Cartridge:
+        """Open and recover a cartridge: finds the end of data, cuts off a torn tail.
+
+        Opening for writing takes an exclusive lock (`CartridgeBusy` if another holder has it)
+        and truncates any torn tail left by a crash.
+        """
+        p = Path(path)
+        meta = json.loads((p / META_FILE).read_text())
+        fd = os.open(p / DATA_FILE, os.O_RDONLY if read_only else os.O_RDWR)
+        try:
+            if not read_only:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise CartridgeBusy(f"{p}: in use") from None
+            cart = cls(p, meta, fd, read_only)
+            cart._recover()
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                cart._mam = json.loads((p / MAM_FILE).read_text())
+            cart._mam.setdefault("attributes", {})
+        except BaseException:
+            os.close(fd)
+            raise
+        return cart
+
+    def _recover(self) -> None:
+        self._epoch = _unpack_file_header(os.pread(self._fd, FILE_HEADER_SIZE, 0))
+        size = os.fstat(self._fd).st_size
+        self._load_index(size)
+        pos = self._offsets[-1]
+        n = len(self._offsets) - 1
+        while True:
+            rec = self._scan_one(pos, n, size)
+            if rec is None:
+                break
+            kind, end = rec
+            if kind == RecordType.FILEMARK:
+                self._filemarks.append(n)
+            self._offsets.append(end)
+            pos, n = end, n + 1
+        if pos < size and not self.read_only:
+            # A torn tail (crash during a write): cut it so appends start at a clean boundary.
+            os.ftruncate(self._fd, pos)
+            os.fdatasync(self._fd)
+
+    def _scan_one(self, pos: int, expect: int, size: int) -> tuple[int, int] | None:
+        """Verify the record at `pos` (must be object `expect`); (type, end offset) or None."""
+        if pos + RECORD_HEADER_SIZE > size:
+            return None
+        hdr = _parse_record_header(os.pread(self._fd, RECORD_HEADER_SIZE, pos))
+        if hdr is None:
+            return None
+        kind, _flags, obj, stored, _logical, crc = hdr
+        end = pos + RECORD_HEADER_SIZE + stored
+        if obj != expect or end > size:
+            return None
+        payload = os.pread(self._fd, stored, pos + RECORD_HEADER_SIZE) if stored else b""
+        if len(payload) != stored or zlib.crc32(payload) != crc:
+            return None
+        return kind, end
+
+    def _load_index(self, size: int) -> None:
+        """Adopt the on-disk index if it verifies; otherwise start from an empty one."""
+        try:
+            raw = (self.path / INDEX_FILE).read_bytes()
+        except FileNotFoundError:
+            return
+        if len(raw) < INDEX_HEADER_SIZE:
+            return
+        magic, version, epoch, count, end, crc = _INDEX_HEADER.unpack_from(raw)
+        body = memoryview(raw)[INDEX_HEADER_SIZE : INDEX_HEADER_SIZE + 8 * count]
+        if (
+            magic != INDEX_MAGIC
+            or version != FORMAT_VERSION
+            or epoch != self._epoch
+            or len(body) != 8 * count
+            or zlib.crc32(body) != crc
+            or end > size
+        ):
+            return
+        words = array("Q")
+        words.frombytes(body)
+        if sys.byteorder == "little":
+            words.byteswap()
+        offsets = array("Q", (w >> 1 for w in words))
+        offsets.append(end)
+        # Sanity: offsets strictly increase and the last indexed record verifies.
+        if any(offsets[i] >= offsets[i + 1] for i in range(len(offsets) - 1)):
+            return
+        if offsets[0] != FILE_HEADER_SIZE:
+            return
+        if count and self._scan_one(offsets[-2], count - 1, size) != (
+            RecordType.FILEMARK if words[-1] & 1 else RecordType.DATA,
+            end,
+        ):
+            return
+        self._offsets = offsets
+        self._filemarks = [i for i, w in enumerate(words) if w & 1]
+        self._indexed = count
+        self._index_crc = crc
+
+    # ------------------------------------------------------------------------------------------
+    # Properties
+
+    @property
+    def barcode(self) -> str:
+        return str(self._meta["barcode"])
+
+    @property
+    def media(self) -> MediaType:
+        kind = MediumKind(self._meta["kind"])
+        gen = None if kind is MediumKind.CLEANING else int(self._meta["generation"])
+        return MediaType(kind, gen)
+
+    @property
+    def generation(self) -> int:
+        return int(self._meta["generation"])
+
+    @property
+    def worm(self) -> bool:
+        return self._meta["kind"] == MediumKind.WORM.value
+
+    @property
+    def cleaning(self) -> bool:
+        return self._meta["kind"] == MediumKind.CLEANING.value
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of records (headers included) the cartridge holds before the physical end."""
+        return int(self._meta["capacity"])
+
+    @property
+    def early_warning_size(self) -> int:
+        return int(self._meta["early_warning"])
+
+    @property
+    def write_protected(self) -> bool:
+        return bool(self._meta.get("write_protected", False))
+
+    def set_write_protected(self, value: bool) -> None:
+        """Flip the write-protect tab (persisted atomically)."""
+        self._meta = {**self._meta, "write_protected": value}
+        _atomic_write_json(self.path / META_FILE, self._meta)
+
+    @property
+    def object_count(self) -> int:
+        """Logical objects (blocks + filemarks) on the cartridge; EOD is at this object id."""
+        return len(self._offsets) - 1
+
+    @property
+    def filemarks(self) -> Sequence[int]:
+        """Object ids of filemarks, ascending (read-only view; do not modify)."""
+        return self._filemarks
+
+    def used_at(self, obj: int) -> int:
+        """Bytes of medium used before object `obj` (its physical position)."""
+        return self._offsets[obj] - FILE_HEADER_SIZE
+
+    @property
+    def used(self) -> int:
+        return self._offsets[-1] - FILE_HEADER_SIZE
+
+    @property
+    def remaining(self) -> int:
+        return max(self.capacity - self.used, 0)
+
+    def in_early_warning(self, obj: int | None = None) -> bool:
+        """Whether object `obj` (default: EOD) lies in the early-warning zone before the end."""
+        used = self.used if obj is None else self.used_at(obj)
+        return used >= self.capacity - self.early_warning_size
+
+    def is_filemark(self, obj: int) -> bool:
+        i = bisect.bisect_left(self._filemarks, obj)
+        return i < len(self._filemarks) and self._filemarks[i] == obj
+
+    def filemarks_before(self, obj: int) -> int:
+        """Number of filemarks among objects 0..obj-1 (the logical file identifier at `obj`)."""
+        return bisect.bisect_left(self._filemarks, obj)
+
+    # ------------------------------------------------------------------------------------------
+    # Reading
+
+    def read(self, obj: int, into: Sequence[memoryview]) -> tuple[RecordType, int]:
+        """Copy object `obj`'s data into `into` (as much as fits); return (type, logical length).
+
+        Raises IndexError past EOD and CorruptRecord if the record fails its checksums.
+        """
+        if not 0 <= obj < self.object_count:
+            raise IndexError(obj)
+        start, end = self._offsets[obj], self._offsets[obj + 1]
+        raw = os.pread(self._fd, end - start, start)
+        hdr = _parse_record_header(raw)
+        if hdr is None or len(raw) != end - start:
+            raise CorruptRecord(f"{self.barcode}: object {obj}: header")
+        kind, flags, stored_obj, stored, logical, crc = hdr
+        payload = memoryview(raw)[RECORD_HEADER_SIZE:]
+        if stored_obj != obj or len(payload) != stored or zlib.crc32(payload) != crc:
+            raise CorruptRecord(f"{self.barcode}: object {obj}: payload checksum")
+        if kind == RecordType.FILEMARK:
+            return RecordType.FILEMARK, 0
+        data: Buffer = zlib.decompress(payload) if flags & FLAG_ZLIB else payload
+        if len(data) != logical:
+            raise CorruptRecord(f"{self.barcode}: object {obj}: length {len(data)} != {logical}")
+        src = memoryview(data)
+        pos = 0
+        for buf in into:
+            if pos >= logical:
+                break
+            take = min(len(buf), logical - pos)
+            buf[:take] = src[pos : pos + take]
+            pos += take
+        self.bytes_read += logical
+        return RecordType.DATA, logical
+
+    # ------------------------------------------------------------------------------------------
+    # Writing
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise CartridgeError(f"{self.barcode}: opened read-only")
+
+    def truncate(self, obj: int) -> None:
+        """Make object `obj` the end of data, discarding `obj..` (durable on return).
+
+        Cheap no-op when `obj` already is EOD.
+        """
+        self._check_writable()
+        if not 0 <= obj <= self.object_count:
+            raise IndexError(obj)
+        if obj == self.object_count:
+            return
+        # New epoch first, so an index written for the old contents can never be adopted again.
+        self._epoch += 1
+        os.pwrite(self._fd, _pack_file_header(self._epoch), 0)
+        end = self._offsets[obj]
+        os.ftruncate(self._fd, end)
+        os.fdatasync(self._fd)
+        del self._offsets[obj + 1 :]
+        cut = bisect.bisect_left(self._filemarks, obj)
+        del self._filemarks[cut:]
+        if self._indexed > obj:
+            self._indexed = obj
+            self._index_crc = zlib.crc32(self._index_words(0, obj))
+        self._write_index_header()
+        self._dirty = False
+
+    def append(
+        self,
+        kind: RecordType,
+        payloads: Sequence[Sequence[Buffer]],
+        *,
+        compress: bool = False,
+    ) -> None:
+        """Append one record per entry of `payloads` (each a list of buffers) at end of data.
+
+        Filemarks take empty payload lists. Stops before the first record that would cross the
+        capacity and raises CartridgeFull(written). Not durable until `sync()`.
+        """
+        self._check_writable()
+        base_count, base_fms = len(self._offsets), len(self._filemarks)
+        base_written = self.bytes_written
+        try:
+            written, full = self._append(kind, payloads, compress)
+        except BaseException:
+            # Roll back: forget the records of this call and cut whatever reached the file, so
+            # stale bytes past EOD can never be mistaken for records at recovery.
+            del self._offsets[base_count:]
+            del self._filemarks[base_fms:]
+            self.bytes_written = base_written
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._offsets[-1])
+            raise
+        if written:
+            self._dirty = True
+        if full:
+            raise CartridgeFull(written)
+
+    def _append(
+        self, kind: RecordType, payloads: Sequence[Sequence[Buffer]], compress: bool
+    ) -> tuple[int, bool]:
+        iov: list[Buffer] = []
+        pos = self._offsets[-1]
+        written = 0
+        full = False
+        for parts in payloads:
+            logical = sum(len(b) for b in parts)
+            if logical > MAX_RECORD:
+                raise ValueError(f"record of {logical} bytes exceeds {MAX_RECORD}")
+            flags = 0
+            stored_parts: Sequence[Buffer] = parts
+            if compress and kind == RecordType.DATA and logical:
+                packed = zlib.compress(b"".join(parts), 1)
+                if len(packed) < logical:
+                    stored_parts, flags = (packed,), FLAG_ZLIB
+            stored = sum(len(b) for b in stored_parts)
+            if pos + RECORD_HEADER_SIZE + stored - FILE_HEADER_SIZE > self.capacity:
+                full = True
+                break
+            crc = 0
+            for b in stored_parts:
+                crc = zlib.crc32(b, crc)
+            n = len(self._offsets) - 1
+            iov.append(_pack_record_header(kind, flags, n, stored, logical, crc))
+            iov.extend(b for b in stored_parts if len(b))
+            pos += RECORD_HEADER_SIZE + stored
+            self._offsets.append(pos)
+            if kind == RecordType.FILEMARK:
+                self._filemarks.append(n)
+            self.bytes_written += logical
+            written += 1
+            if len(iov) >= _IOV_MAX:
+                self._flush_iov(iov)
+        self._flush_iov(iov)
+        return written, full
+
+    def _flush_iov(self, iov: list[Buffer]) -> None:
+        """Write the gathered iovecs at the file offset they belong to; clears `iov`."""
+        if not iov:
+            return
+        total = sum(len(b) for b in iov)
+        start = self._offsets[-1] - total
+        done = 0
+        while done < total:
+            n = os.pwritev(self._fd, iov, start + done)
+            done += n
+            if done < total:  # short write: drop what went out and retry the rest
+                iov[:] = _skip(iov, n)
+        iov.clear()
+
+    def sync(self) -> None:
+        """Make everything appended durable, then checkpoint the index (not itself fsynced)."""
+        if self.read_only:
+            return
+        if self._dirty:
+            os.fdatasync(self._fd)
+            self._dirty = False
+        count = self.object_count
+        if count == self._indexed:
+            return
+        words = self._index_words(self._indexed, count)
+        fd = os.open(self.path / INDEX_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, words, INDEX_HEADER_SIZE + 8 * self._indexed)
+            self._index_crc = zlib.crc32(words, self._index_crc)
+            self._indexed = count
+            os.pwrite(fd, self._index_header(), 0)
+        finally:
+            os.close(fd)
+
+    def _index_words(self, lo: int, hi: int) -> bytes:
+        fm = set(self._filemarks[bisect.bisect_left(self._filemarks, lo) :])
+        words = array("Q", ((self._offsets[i] << 1) | (i in fm) for i in range(lo, hi)))
+        if sys.byteorder == "little":
+            words.byteswap()
+        return words.tobytes()
+
+    def _index_header(self) -> bytes:
+        return _INDEX_HEADER.pack(
+            INDEX_MAGIC, FORMAT_VERSION, self._epoch, self._indexed,
+            self._offsets[self._indexed], self._index_crc,
+        )
+
+    def _write_index_header(self) -> None:
+        path = self.path / INDEX_FILE
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            os.ftruncate(fd, INDEX_HEADER_SIZE + 8 * self._indexed)
+            os.pwrite(fd, self._index_header(), 0)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------------------------------
+    # Cartridge memory (MAM)
+
+    @property
+    def mam_attributes(self) -> dict[int, tuple[int, bytes]]:
+        """Host-written MAM attributes: id -> (format, value)."""
+        return {
+            int(k, 16): (int(v["format"]), bytes.fromhex(v["value"]))
+            for k, v in self._mam.get("attributes", {}).items()
+        }
+
+    def set_mam_attributes(self, attrs: dict[int, tuple[int, bytes] | None]) -> None:
+        """Set (or with None delete) host attributes, all or nothing, persisted atomically."""
+        cur = dict(self._mam.get("attributes", {}))
+        for ident, val in attrs.items():
+            key = f"{ident:04X}"
+            if val is None:
+                cur.pop(key, None)
+            else:
+                cur[key] = {"format": val[0], "value": val[1].hex()}
+        self._mam = {**self._mam, "attributes": cur}
+        _atomic_write_json(self.path / MAM_FILE, self._mam)
+
+    def mam_counter(self, name: str) -> int:
+        """Life counters kept in the MAM sidecar: load_count, mb_written, mb_read."""
+        return int(self._mam.get(name, 0))
+
+    def record_load(self) -> None:
+        """Count one load (MAM LOAD COUNT), persisted."""
+        self._mam = {**self._mam, "load_count": self.mam_counter("load_count") + 1}
+        _atomic_write_json(self.path / MAM_FILE, self._mam)
+
+    def _persist_counters(self) -> None:
+        if self.read_only or not (self.bytes_written or self.bytes_read):
+            return
+        self._mam = {
+            **self._mam,
+            "mb_written": self.mam_counter("mb_written") + self.bytes_written // 1_000_000,
+            "mb_read": self.mam_counter("mb_read") + self.bytes_read // 1_000_000,
+        }
+        self.bytes_written = self.bytes_read = 0
+        _atomic_write_json(self.path / MAM_FILE, self._mam)
+
+    # ------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Sync and release. Idempotent."""
+        if self._fd < 0:
+            return
+        try:
+            self.sync()
+            self._persist_counters()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Cartridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _skip(iov: list[Buffer], n: int) -> list[Buffer]:
+    out: list[Buffer] = []
+    for b in iov:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        out.append(memoryview(b)[n:] if n else b)
+        n = 0
+    return out
+
+
+def dump(path: str | os.PathLike[str]) -> Iterator[DumpEntry]:
+    """Every valid record of the cartridge at `path`, scanning the data file (not the index).
+
+    Stops at the end of data (first record that does not verify). Read-only; safe on a cartridge
+    that a drive has open.
+    """
+    with Cartridge.open(path, read_only=True) as cart:
+        for i in range(cart.object_count):
+            start = cart._offsets[i]
+            hdr = _parse_record_header(os.pread(cart._fd, RECORD_HEADER_SIZE, start))
+            if hdr is None:
+                return
+            kind, flags, _obj, stored, logical, _crc = hdr
+            yield DumpEntry(i, RecordType(kind), start, stored, logical, bool(flags & FLAG_ZLIB))
+
+
+def format_dump(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Human-readable `dump`: one line per run of equal-sized blocks, one per filemark, then EOD."""
+    run_start = run_len = run_size = 0
+    run_stored = 0
+    total = 0
+    last = -1
+
+    def flush() -> Iterator[str]:
+        if run_len:
+            yield (
+                f"{run_start:>12}  {run_len} block(s) x {run_size} bytes"
+                f" ({run_stored} stored)"
+            )
+
+    for e in dump(path):
+        last = e.object_id
+        total += e.logical_length
+        if e.kind == RecordType.FILEMARK:
+            yield from flush()
+            run_len = 0
+            yield f"{e.object_id:>12}  filemark"
+            continue
+        if run_len and e.logical_length == run_size:
+            run_len += 1
+            run_stored += e.stored_length
+            continue
+        yield from flush()
+        run_start, run_len, run_size, run_stored = e.object_id, 1, e.logical_length, e.stored_length
+    yield from flush()
+    yield f"{last + 1:>12}  end of data ({total} data bytes)"

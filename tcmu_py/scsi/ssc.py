@@ -1,0 +1,794 @@
+"""SSC (sequential-access / tape) wire formats: CDBs, parameter data, mode and log pages, MAM.
+
+Pure: no I/O, no state. CDB classes are frozen dataclasses with ``parse(cdb)``; parameter data has
+``build_*`` functions (and ``parse_*`` where an initiator sends it). Tape-only conditions are
+`ScsiError` subclasses carrying their sense codes, with the stream flags (FILEMARK, EOM, ILI)
+preset where SSC-5 requires them.
+
+Citations are to SSC-5 (T10/BSR INCITS 503) and SPC-5; the section numbers name the command or
+page being enforced.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from tcmu_py.scsi.constants import SenseKey
+from tcmu_py.scsi.sense import (
+    IllegalRequest,
+    InvalidFieldInCdb,
+    InvalidFieldInParameterList,
+    ParameterListLengthError,
+    ScsiError,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Conditions
+
+
+class TapeCondition(ScsiError):
+    """Base of SSC conditions reported with NO SENSE (they carry stream flags, not failures)."""
+
+    sense_key = SenseKey.NO_SENSE
+    asc, ascq = 0x00, 0x00
+
+
+class FilemarkDetected(TapeCondition):
+    """00h/00h/01h FILEMARK DETECTED, FILEMARK bit set (SSC-5 4.2.8: read or space hit a mark)."""
+
+    asc, ascq = 0x00, 0x01
+
+    def __init__(self, msg: str = "", **kw: Any) -> None:
+        kw.setdefault("filemark", True)
+        super().__init__(msg, **kw)
+
+
+class EarlyWarning(TapeCondition):
+    """00h/00h/02h END-OF-PARTITION/MEDIUM DETECTED with EOM: the write succeeded in the EW zone."""
+
+    asc, ascq = 0x00, 0x02
+
+    def __init__(self, msg: str = "", **kw: Any) -> None:
+        kw.setdefault("eom", True)
+        super().__init__(msg, **kw)
+
+
+class BeginningOfPartition(TapeCondition):
+    """00h/00h/04h BEGINNING-OF-PARTITION/MEDIUM DETECTED with EOM (backward motion hit BOP)."""
+
+    asc, ascq = 0x00, 0x04
+
+    def __init__(self, msg: str = "", **kw: Any) -> None:
+        kw.setdefault("eom", True)
+        super().__init__(msg, **kw)
+
+
+class IncorrectLength(TapeCondition):
+    """00h/00h/00h with ILI: the block read was not the requested length (SSC-5 4.2.22)."""
+
+    def __init__(self, msg: str = "", **kw: Any) -> None:
+        kw.setdefault("ili", True)
+        super().__init__(msg, **kw)
+
+
+class EndOfData(ScsiError):
+    """08h/00h/05h END-OF-DATA DETECTED (BLANK CHECK): read, space or locate ran into EOD."""
+
+    sense_key = SenseKey.BLANK_CHECK
+    asc, ascq = 0x00, 0x05
+
+
+class VolumeOverflow(ScsiError):
+    """0Dh/00h/02h END-OF-PARTITION/MEDIUM DETECTED with EOM: no room for the write."""
+
+    sense_key = SenseKey.VOLUME_OVERFLOW
+    asc, ascq = 0x00, 0x02
+
+    def __init__(self, msg: str = "", **kw: Any) -> None:
+        kw.setdefault("eom", True)
+        super().__init__(msg, **kw)
+
+
+class CannotReadIncompatibleFormat(ScsiError):
+    """03h/30h/02h CANNOT READ MEDIUM - INCOMPATIBLE FORMAT (generation the drive cannot read)."""
+
+    sense_key = SenseKey.MEDIUM_ERROR
+    asc, ascq = 0x30, 0x02
+
+
+class CannotWriteIncompatibleFormat(ScsiError):
+    """07h/30h/05h CANNOT WRITE MEDIUM - INCOMPATIBLE FORMAT (read-only generation, e.g. N-2)."""
+
+    sense_key = SenseKey.DATA_PROTECT
+    asc, ascq = 0x30, 0x05
+
+
+class CleaningCartridgeInstalled(ScsiError):
+    """02h/30h/03h CLEANING CARTRIDGE INSTALLED."""
+
+    sense_key = SenseKey.NOT_READY
+    asc, ascq = 0x30, 0x03
+
+
+class WormOverwriteAttempted(ScsiError):
+    """07h/30h/0Ch WORM MEDIUM - OVERWRITE ATTEMPTED (SSC-5 4.2.20)."""
+
+    sense_key = SenseKey.DATA_PROTECT
+    asc, ascq = 0x30, 0x0C
+
+
+class SequentialPositioningError(ScsiError):
+    """03h/3Bh/00h SEQUENTIAL POSITIONING ERROR."""
+
+    sense_key = SenseKey.MEDIUM_ERROR
+    asc, ascq = 0x3B, 0x00
+
+
+class AuxiliaryMemoryOutOfSpace(IllegalRequest):
+    """05h/55h/06h AUXILIARY MEMORY OUT OF SPACE (WRITE ATTRIBUTE, SPC-5 6.47)."""
+
+    asc, ascq = 0x55, 0x06
+
+
+class ParameterValueInvalid(IllegalRequest):
+    """05h/26h/02h PARAMETER VALUE INVALID."""
+
+    asc, ascq = 0x26, 0x02
+
+
+# ---------------------------------------------------------------------------------------------
+# CDBs
+
+_U24 = struct.Struct(">I")
+
+
+def _u24(cdb: bytes, at: int) -> int:
+    return int.from_bytes(cdb[at : at + 3], "big")
+
+
+def _s24(cdb: bytes, at: int) -> int:
+    return int.from_bytes(cdb[at : at + 3], "big", signed=True)
+
+
+def _need(cdb: bytes, n: int) -> None:
+    if len(cdb) < n:
+        raise InvalidFieldInCdb(f"CDB of {len(cdb)} bytes, expected {n}", field_pointer=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadWrite6:
+    """READ(6) 08h / WRITE(6) 0Ah: FIXED byte 1 bit 0, SILI bit 1 (READ only), 24-bit length."""
+
+    fixed: bool
+    sili: bool
+    transfer_length: int  # blocks when fixed, bytes when variable
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> ReadWrite6:
+        _need(cdb, 6)
+        return cls(bool(cdb[1] & 0x01), bool(cdb[1] & 0x02), _u24(cdb, 2))
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFilemarks6:
+    """WRITE FILEMARKS(6) 10h: IMMED bit 0, WSMK bit 1, 24-bit count (0 = flush only)."""
+
+    immed: bool
+    wsmk: bool
+    count: int
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> WriteFilemarks6:
+        _need(cdb, 6)
+        return cls(bool(cdb[1] & 0x01), bool(cdb[1] & 0x02), _u24(cdb, 2))
+
+
+class SpaceCode(IntEnum):
+    """SPACE CODE field (SSC-5 7.x table: SPACE(6)/(16))."""
+
+    BLOCKS = 0
+    FILEMARKS = 1
+    SEQUENTIAL_FILEMARKS = 2
+    END_OF_DATA = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    """SPACE(6) 11h (24-bit signed count) / SPACE(16) 91h (64-bit signed count)."""
+
+    code: int
+    count: int
+    parameter_length: int = 0
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> Space:
+        if cdb[0] == 0x11:
+            _need(cdb, 6)
+            return cls(cdb[1] & 0x0F, _s24(cdb, 2))
+        _need(cdb, 16)
+        count = int.from_bytes(cdb[4:12], "big", signed=True)
+        return cls(cdb[1] & 0x0F, count, int.from_bytes(cdb[12:14], "big"))
+
+
+class DestType(IntEnum):
+    """LOCATE(16) DEST_TYPE (SSC-5 7.x)."""
+
+    LOGICAL_OBJECT = 0
+    LOGICAL_FILE = 1
+    END_OF_DATA = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Locate:
+    """LOCATE(10) 2Bh / LOCATE(16) 92h."""
+
+    dest_type: int
+    change_partition: bool
+    immed: bool
+    partition: int
+    identifier: int
+    bt: bool = False  # LOCATE(10) block address type (vendor-specific when set)
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> Locate:
+        if cdb[0] == 0x2B:
+            _need(cdb, 10)
+            return cls(
+                DestType.LOGICAL_OBJECT,
+                bool(cdb[1] & 0x02),
+                bool(cdb[1] & 0x01),
+                cdb[8],
+                int.from_bytes(cdb[3:7], "big"),
+                bt=bool(cdb[1] & 0x04),
+            )
+        _need(cdb, 16)
+        return cls(
+            (cdb[1] >> 3) & 0x07,
+            bool(cdb[1] & 0x02),
+            bool(cdb[1] & 0x01),
+            cdb[3],
+            int.from_bytes(cdb[4:12], "big"),
+        )
+
+
+class ReadPositionForm(IntEnum):
+    """READ POSITION service actions (SSC-5 7.x table)."""
+
+    SHORT = 0x00
+    SHORT_VENDOR = 0x01
+    LONG = 0x06
+    EXTENDED = 0x08
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPosition:
+    """READ POSITION 34h: service action byte 1 bits 4..0, allocation length bytes 7..8."""
+
+    service_action: int
+    allocation_length: int
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> ReadPosition:
+        _need(cdb, 10)
+        return cls(cdb[1] & 0x1F, int.from_bytes(cdb[7:9], "big"))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadUnload:
+    """LOAD UNLOAD 1Bh: IMMED byte 1 bit 0; byte 4 HOLD bit 3, EOT 2, RETEN 1, LOAD 0."""
+
+    immed: bool
+    hold: bool
+    eot: bool
+    reten: bool
+    load: bool
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> LoadUnload:
+        _need(cdb, 6)
+        b = cdb[4]
+        return cls(bool(cdb[1] & 1), bool(b & 8), bool(b & 4), bool(b & 2), bool(b & 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Erase6:
+    """ERASE(6) 19h: IMMED byte 1 bit 1, LONG bit 0."""
+
+    immed: bool
+    long: bool
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> Erase6:
+        _need(cdb, 6)
+        return cls(bool(cdb[1] & 0x02), bool(cdb[1] & 0x01))
+
+
+@dataclass(frozen=True, slots=True)
+class ReportDensitySupport:
+    """REPORT DENSITY SUPPORT 44h: MEDIA bit 0, MEDIUM TYPE bit 1, allocation length bytes 7..8."""
+
+    media: bool
+    medium_type: bool
+    allocation_length: int
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> ReportDensitySupport:
+        _need(cdb, 10)
+        return cls(bool(cdb[1] & 1), bool(cdb[1] & 2), int.from_bytes(cdb[7:9], "big"))
+
+
+class AttributeAction(IntEnum):
+    """READ ATTRIBUTE service actions (SPC-5 6.17 table)."""
+
+    VALUES = 0x00
+    LIST = 0x01
+    LOGICAL_VOLUME_LIST = 0x02
+    PARTITION_LIST = 0x03
+    SUPPORTED_ATTRIBUTES = 0x05
+
+
+@dataclass(frozen=True, slots=True)
+class ReadAttribute:
+    """READ ATTRIBUTE 8Ch (SPC-5 6.17)."""
+
+    service_action: int
+    logical_volume: int
+    partition: int
+    first_attribute: int
+    allocation_length: int
+    cache: bool
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> ReadAttribute:
+        _need(cdb, 16)
+        return cls(
+            cdb[1] & 0x1F,
+            cdb[5],
+            cdb[7],
+            int.from_bytes(cdb[8:10], "big"),
+            int.from_bytes(cdb[10:14], "big"),
+            bool(cdb[14] & 1),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WriteAttribute:
+    """WRITE ATTRIBUTE 8Dh (SPC-5 6.48)."""
+
+    wtc: bool
+    logical_volume: int
+    partition: int
+    parameter_list_length: int
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> WriteAttribute:
+        _need(cdb, 16)
+        return cls(bool(cdb[1] & 1), cdb[5], cdb[7], int.from_bytes(cdb[10:14], "big"))
+
+
+# ---------------------------------------------------------------------------------------------
+# READ BLOCK LIMITS (SSC-5 7.x)
+
+_BLOCK_LIMITS = struct.Struct(">B3sH")
+
+
+def build_read_block_limits(max_length: int, min_length: int, granularity: int = 0) -> bytes:
+    """6 bytes: GRANULARITY, MAXIMUM BLOCK LENGTH LIMIT (24 bits), MINIMUM BLOCK LENGTH LIMIT."""
+    return _BLOCK_LIMITS.pack(granularity & 0x1F, max_length.to_bytes(3, "big"), min_length)
+
+
+def build_read_block_limits_mloi(max_object_id: int) -> bytes:
+    """20 bytes for MLOI=1: bytes 12..19 MAXIMUM LOGICAL OBJECT IDENTIFIER."""
+    return bytes(12) + max_object_id.to_bytes(8, "big")
+
+
+# ---------------------------------------------------------------------------------------------
+# READ POSITION data (SSC-5 7.x)
+
+_RP_SHORT = struct.Struct(">BBxxIIx3sI")
+_RP_LONG = struct.Struct(">B3xIQQ8x")
+_RP_EXTENDED = struct.Struct(">BBHx3sQQQ")
+
+BOP, EOP, LOCU, BYCU, LOLU, PERR, BPEW = 0x80, 0x40, 0x20, 0x10, 0x04, 0x02, 0x01
+MPU, LONU = 0x08, 0x04
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """What READ POSITION reports; the buffer is always empty (writes go straight to the file)."""
+
+    partition: int
+    object_id: int
+    file_id: int
+    bop: bool
+    eop: bool
+    bpew: bool
+
+
+def build_read_position_short(p: Position) -> bytes:
+    """20-byte short form. A location beyond 32 bits sets PERR and reports 0xFFFFFFFF."""
+    flags = (BOP if p.bop else 0) | (EOP if p.eop else 0) | (BPEW if p.bpew else 0)
+    loc = p.object_id
+    if loc > 0xFFFFFFFF:
+        # SSC-5: PERR = 1 when a location field cannot represent the position.
+        flags |= PERR
+        loc = 0xFFFFFFFF
+    return _RP_SHORT.pack(flags, p.partition & 0xFF, loc, loc, b"\x00\x00\x00", 0)
+
+
+def build_read_position_long(p: Position) -> bytes:
+    """32-byte long form: partition, 64-bit logical object number and logical file identifier."""
+    flags = (BOP if p.bop else 0) | (EOP if p.eop else 0) | (BPEW if p.bpew else 0)
+    return _RP_LONG.pack(flags, p.partition, p.object_id, p.file_id)
+
+
+def build_read_position_extended(p: Position) -> bytes:
+    """32-byte extended form: ADDITIONAL LENGTH 1Ch, 64-bit first/last object locations."""
+    flags = (BOP if p.bop else 0) | (EOP if p.eop else 0) | (BPEW if p.bpew else 0)
+    return _RP_EXTENDED.pack(
+        flags, p.partition & 0xFF, 0x1C, b"\x00\x00\x00", p.object_id, p.object_id, 0
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# REPORT DENSITY SUPPORT (SSC-5 7.x, 7.x.2 density support descriptor, 7.x.3 medium type)
+
+_DENSITY_DESC = struct.Struct(">BBB2x3sHHI8s8s20s")
+_MEDIUM_TYPE_DESC = struct.Struct(">BxHB9sHHxx8s8s20s")
+
+
+@dataclass(frozen=True, slots=True)
+class DensityDescriptor:
+    primary_code: int
+    secondary_code: int
+    writable: bool  # WRTOK
+    default: bool  # DEFLT
+    bits_per_mm: int
+    media_width: int  # tenths of a millimetre
+    tracks: int
+    capacity_mb: int  # 10^6 bytes
+    organization: str
+    name: str
+    description: str
+
+
+def _ascii(s: str, n: int) -> bytes:
+    return s.encode("ascii", "replace")[:n].ljust(n)
+
+
+def build_density_support(descs: list[DensityDescriptor]) -> bytes:
+    """Header (AVAILABLE DENSITY SUPPORT LENGTH) + 52-byte descriptors."""
+    body = b"".join(
+        _DENSITY_DESC.pack(
+            d.primary_code,
+            d.secondary_code,
+            (0x80 if d.writable else 0) | (0x20 if d.default else 0) | 0x01,  # DLV: length valid
+            d.bits_per_mm.to_bytes(3, "big"),
+            d.media_width,
+            d.tracks,
+            d.capacity_mb,
+            _ascii(d.organization, 8),
+            _ascii(d.name, 8),
+            _ascii(d.description, 20),
+        )
+        for d in descs
+    )
+    return struct.pack(">H2x", len(body) + 2) + body
+
+
+@dataclass(frozen=True, slots=True)
+class MediumTypeDescriptor:
+    medium_type: int
+    density_codes: tuple[int, ...]
+    media_width: int
+    medium_length: int  # metres
+    organization: str
+    name: str
+    description: str
+
+
+def build_medium_type_support(descs: list[MediumTypeDescriptor]) -> bytes:
+    """Header + 56-byte medium type descriptors (DESCRIPTOR LENGTH 34h)."""
+    body = b"".join(
+        _MEDIUM_TYPE_DESC.pack(
+            d.medium_type,
+            0x34,
+            len(d.density_codes),
+            bytes(d.density_codes[:9]).ljust(9, b"\x00"),
+            d.media_width,
+            d.medium_length,
+            _ascii(d.organization, 8),
+            _ascii(d.name, 8),
+            _ascii(d.description, 20),
+        )
+        for d in descs
+    )
+    return struct.pack(">H2x", len(body) + 2) + body
+
+
+# ---------------------------------------------------------------------------------------------
+# Mode pages: each builder returns (current, changeable) as whole pages, headers included.
+
+COMPRESSION_ALGORITHM = 0x01  # SSC-5 8.3.3: 01h = the device's default algorithm
+
+
+def data_compression_page(dce: bool, dcc: bool = True) -> tuple[bytes, bytes]:
+    """Page 0Fh (SSC-5 8.3.3), 16 bytes. DCE changeable; DDE always set (decompression on)."""
+    cur = struct.pack(
+        ">BBBBII4x",
+        0x0F,
+        0x0E,
+        (0x80 if dce else 0) | (0x40 if dcc else 0),
+        0x80,  # DDE
+        COMPRESSION_ALGORITHM,
+        COMPRESSION_ALGORITHM,
+    )
+    chg = struct.pack(">BBBBII4x", 0x0F, 0x0E, 0x80, 0, 0, 0)
+    return cur, chg
+
+
+def device_configuration_page(
+    compression: bool, *, active_partition: int = 0
+) -> tuple[bytes, bytes]:
+    """Page 10h (SSC-5 8.3.4), 16 bytes: LOIS=1, EEG=1, SEW=1, SELECT DATA COMPRESSION ALGORITHM."""
+    cur = bytearray(16)
+    cur[0], cur[1] = 0x10, 0x0E
+    cur[3] = active_partition
+    cur[8] = 0x40  # LOIS: logical object identifiers are reported by READ POSITION
+    cur[10] = 0x18  # EEG (early-warning EOM generation) | SEW (synchronize at early warning)
+    cur[14] = 0x01 if compression else 0x00
+    chg = bytearray(16)
+    chg[0], chg[1] = 0x10, 0x0E
+    chg[14] = 0xFF
+    return bytes(cur), bytes(chg)
+
+
+def device_configuration_extension_page(pews_mb: int = 0) -> tuple[bytes, bytes]:
+    """Page 10h subpage 01h (SSC-5 8.3.5), 32 bytes; PROGRAMMABLE EARLY WARNING SIZE in MB."""
+    cur = bytearray(32)
+    cur[0], cur[1] = 0x50, 0x01  # SPF | 10h
+    cur[2:4] = (0x1C).to_bytes(2, "big")
+    cur[6:8] = pews_mb.to_bytes(2, "big")
+    chg = bytearray(32)
+    chg[0], chg[1] = 0x50, 0x01
+    chg[2:4] = (0x1C).to_bytes(2, "big")
+    return bytes(cur), bytes(chg)
+
+
+def medium_partition_page(capacity_mb: int) -> tuple[bytes, bytes]:
+    """Page 11h (SSC-5 8.3.6) for a single-partition medium; nothing changeable.
+
+    MAXIMUM ADDITIONAL PARTITIONS 0, MEDIUM FORMAT RECOGNITION 03h, PSUM 10b (MB), one partition
+    size descriptor (capped at FFFFh).
+    """
+    cur = struct.pack(">BBBBBBBxH", 0x11, 0x08, 0, 0, 0x10, 0x03, 0, min(capacity_mb, 0xFFFF))
+    chg = struct.pack(">BBBBBBBxH", 0x11, 0x08, 0, 0, 0, 0, 0, 0)
+    return cur, chg
+
+
+def medium_configuration_page(worm: bool) -> tuple[bytes, bytes]:
+    """Page 1Dh (SSC-5 8.3.7), 32 bytes: WORMM, WORM MODE LABEL/FILEMARK RESTRICTIONS.
+
+    Label restrictions 01h (no logical block may be overwritten); filemark restrictions 02h
+    (filemarks after the last logical block may be overwritten) — what LTO WORM drives report.
+    """
+    cur = bytearray(32)
+    cur[0], cur[1] = 0x1D, 0x1E
+    cur[2] = 0x01 if worm else 0x00
+    cur[4] = 0x01
+    cur[5] = 0x02
+    chg = bytearray(32)
+    chg[0], chg[1] = 0x1D, 0x1E
+    return bytes(cur), bytes(chg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log pages (SPC-5 7.3.1 format; SSC-5 8.2 pages)
+
+_LOG_HEADER = struct.Struct(">BBH")
+_LOG_PARAM = struct.Struct(">HBB")
+
+#: Parameter control byte for counters: FORMAT AND LINKING 00b (bounded data counter).
+CONTROL_COUNTER = 0x00
+#: For TapeAlert flags and capacity values: FORMAT AND LINKING 11b (binary format list).
+CONTROL_BINARY = 0x03
+
+
+def build_log_page(
+    page_code: int, params: list[tuple[int, int, bytes]], subpage: int = 0
+) -> bytes:
+    """A log page: header, then (PARAMETER CODE, control byte, value) parameters in order."""
+    body = b"".join(_LOG_PARAM.pack(code, ctl, len(val)) + val for code, ctl, val in params)
+    first = page_code & 0x3F
+    if subpage:
+        first |= 0x40  # SPF
+    return _LOG_HEADER.pack(first, subpage, len(body)) + body
+
+
+def _counter(value: int, width: int = 8) -> bytes:
+    return min(value, (1 << (8 * width)) - 1).to_bytes(width, "big")
+
+
+def error_counter_page(page_code: int, *, bytes_processed: int, uncorrected: int) -> bytes:
+    """Page 02h/03h (SPC-5 7.3.x): parameters 0000h..0006h; only 0005h/0006h are ever non-zero."""
+    params = [(code, CONTROL_COUNTER, _counter(0, 4)) for code in range(5)]
+    params.append((0x0005, CONTROL_COUNTER, _counter(bytes_processed)))
+    params.append((0x0006, CONTROL_COUNTER, _counter(uncorrected, 4)))
+    return build_log_page(page_code, params)
+
+
+def sequential_access_page(
+    *, written_in: int, written_media: int, read_media: int, read_out: int, cleaning: bool
+) -> bytes:
+    """Page 0Ch (SSC-5 8.2.3): bytes from/to the initiator and the medium; 0100h CLEANING."""
+    return build_log_page(
+        0x0C,
+        [
+            (0x0000, CONTROL_COUNTER, _counter(written_in)),
+            (0x0001, CONTROL_COUNTER, _counter(written_media)),
+            (0x0002, CONTROL_COUNTER, _counter(read_media)),
+            (0x0003, CONTROL_COUNTER, _counter(read_out)),
+            (0x0100, CONTROL_COUNTER, _counter(int(cleaning))),
+        ],
+    )
+
+
+def tape_alert_page(flags: set[int]) -> bytes:
+    """Page 2Eh (SSC-5 8.2.4): parameters 0001h..0040h, one byte each, 1 when the flag is set."""
+    return build_log_page(
+        0x2E,
+        [(code, CONTROL_BINARY, b"\x01" if code in flags else b"\x00") for code in range(1, 0x41)],
+    )
+
+
+def tape_capacity_page(remaining_mb: int, maximum_mb: int) -> bytes:
+    """Page 31h (SSC-5 8.2.5): main/alternate partition remaining and maximum capacity (MiB)."""
+    return build_log_page(
+        0x31,
+        [
+            (0x0001, CONTROL_BINARY, _counter(remaining_mb, 4)),
+            (0x0002, CONTROL_BINARY, _counter(0, 4)),
+            (0x0003, CONTROL_BINARY, _counter(maximum_mb, 4)),
+            (0x0004, CONTROL_BINARY, _counter(0, 4)),
+        ],
+    )
+
+
+class TapeAlert(IntEnum):
+    """TapeAlert flags this drive raises (SSC-5 Annex / TapeAlert specification)."""
+
+    MEDIA = 0x04
+    READ_FAILURE = 0x05
+    WRITE_FAILURE = 0x06
+    WRITE_PROTECT = 0x09
+    NO_REMOVAL = 0x0A
+    CLEANING_MEDIA = 0x0B
+    UNSUPPORTED_FORMAT = 0x0C
+    READ_ONLY_FORMAT = 0x11
+
+
+# ---------------------------------------------------------------------------------------------
+# MAM attributes (SPC-5 6.17 READ ATTRIBUTE, 6.48 WRITE ATTRIBUTE, 7.4 attributes)
+
+_ATTR_HEADER = struct.Struct(">HBH")
+
+
+class AttributeFormat(IntEnum):
+    BINARY = 0
+    ASCII = 1
+    TEXT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Attribute:
+    identifier: int
+    format: int
+    value: bytes
+    read_only: bool = False
+
+    def build(self) -> bytes:
+        flags = (0x80 if self.read_only else 0) | (self.format & 0x03)
+        return _ATTR_HEADER.pack(self.identifier, flags, len(self.value)) + self.value
+
+
+def build_attribute_values(attrs: list[Attribute]) -> bytes:
+    """READ ATTRIBUTE (ATTRIBUTE VALUES): AVAILABLE DATA (4 bytes) + attributes, in order."""
+    body = b"".join(a.build() for a in attrs)
+    return len(body).to_bytes(4, "big") + body
+
+
+def build_attribute_list(identifiers: list[int]) -> bytes:
+    """READ ATTRIBUTE (ATTRIBUTE LIST / SUPPORTED ATTRIBUTES): AVAILABLE DATA + 2-byte ids."""
+    body = b"".join(i.to_bytes(2, "big") for i in identifiers)
+    return len(body).to_bytes(4, "big") + body
+
+
+def build_volume_list(first: int, count: int) -> bytes:
+    """LOGICAL VOLUME LIST / PARTITION LIST: AVAILABLE DATA (2 bytes), first, number available."""
+    return struct.pack(">HBB", 2, first, count)
+
+
+def parse_attribute_list(data: bytes) -> list[Attribute]:
+    """WRITE ATTRIBUTE parameter list: PARAMETER DATA LENGTH (4 bytes) + attributes.
+
+    Raises ParameterListLengthError-style ILLEGAL REQUEST (26h/00h with the byte offset) when an
+    attribute runs past the end of the list.
+    """
+    if len(data) < 4:
+        raise ParameterListLengthError("WRITE ATTRIBUTE list shorter than its header")
+    length = int.from_bytes(data[:4], "big")
+    end = min(4 + length, len(data))
+    out = []
+    pos = 4
+    while pos < end:
+        if pos + 5 > end:
+            raise InvalidFieldInParameterList("truncated attribute header", field_pointer=pos)
+        ident, flags, n = _ATTR_HEADER.unpack_from(data, pos)
+        if pos + 5 + n > end:
+            raise InvalidFieldInParameterList(
+                "attribute value past the list", field_pointer=pos + 3
+            )
+        out.append(Attribute(ident, flags & 0x03, bytes(data[pos + 5 : pos + 5 + n])))
+        pos += 5 + n
+    return out
+
+
+class MamId(IntEnum):
+    """Attribute identifiers this drive supplies or accepts (SPC-5 7.4.2 - 7.4.4)."""
+
+    REMAINING_CAPACITY = 0x0000
+    MAXIMUM_CAPACITY = 0x0001
+    TAPEALERT_FLAGS = 0x0002
+    LOAD_COUNT = 0x0003
+    MAM_SPACE_REMAINING = 0x0004
+    ASSIGNING_ORGANIZATION_DEVICE = 0x0005
+    FORMATTED_DENSITY_CODE = 0x0006
+    INITIALIZATION_COUNT = 0x0007
+    DEVICE_AT_LAST_LOAD = 0x020A
+    TOTAL_MB_WRITTEN = 0x0220
+    TOTAL_MB_READ = 0x0221
+    MEDIUM_MANUFACTURER = 0x0400
+    MEDIUM_SERIAL_NUMBER = 0x0401
+    MEDIUM_LENGTH = 0x0402
+    MEDIUM_WIDTH = 0x0403
+    ASSIGNING_ORGANIZATION_MEDIUM = 0x0404
+    MEDIUM_DENSITY_CODE = 0x0405
+    MEDIUM_MANUFACTURE_DATE = 0x0406
+    MAM_CAPACITY = 0x0407
+    MEDIUM_TYPE = 0x0408
+    MEDIUM_TYPE_INFORMATION = 0x0409
+    # host type attributes 0800h..0BFFh (writable), e.g.
+    APPLICATION_VENDOR = 0x0800
+    APPLICATION_NAME = 0x0801
+    APPLICATION_VERSION = 0x0802
+    USER_MEDIUM_TEXT_LABEL = 0x0803
+    DATE_AND_TIME_LAST_WRITTEN = 0x0804
+    TEXT_LOCALIZATION_IDENTIFIER = 0x0805
+    BARCODE = 0x0806
+    OWNING_HOST_TEXTUAL_NAME = 0x0807
+    MEDIA_POOL = 0x0808
+    APPLICATION_FORMAT_VERSION = 0x080B
+    VOLUME_COHERENCY_INFORMATION = 0x080C
+
+
+#: SPC-5 7.4.4 table: host attributes with a fixed format and maximum length.
+HOST_ATTRIBUTE_RULES: dict[int, tuple[int, int]] = {
+    MamId.APPLICATION_VENDOR: (AttributeFormat.ASCII, 8),
+    MamId.APPLICATION_NAME: (AttributeFormat.ASCII, 32),
+    MamId.APPLICATION_VERSION: (AttributeFormat.ASCII, 8),
+    MamId.USER_MEDIUM_TEXT_LABEL: (AttributeFormat.TEXT, 160),
+    MamId.DATE_AND_TIME_LAST_WRITTEN: (AttributeFormat.ASCII, 12),
+    MamId.TEXT_LOCALIZATION_IDENTIFIER: (AttributeFormat.BINARY, 1),
+    MamId.BARCODE: (AttributeFormat.ASCII, 32),
+    MamId.OWNING_HOST_TEXTUAL_NAME: (AttributeFormat.TEXT, 80),
+    MamId.MEDIA_POOL: (AttributeFormat.TEXT, 160),
+    MamId.APPLICATION_FORMAT_VERSION: (AttributeFormat.ASCII, 16),
+}
+
+
+def host_attribute_writable(identifier: int) -> bool:
+    """Host attributes (0800h..0BFFh) and vendor host attributes (1400h..17FFh) are writable."""
+    return 0x0800 <= identifier <= 0x0BFF or 0x1400 <= identifier <= 0x17FF
