@@ -69,7 +69,10 @@ class Counters:
     started: float = field(default_factory=time.monotonic)
 
     def snapshot(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """All counters plus `uptime` (seconds since the runner started)."""
+        out: dict[str, float] = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["uptime"] = time.monotonic() - self.started
+        return out
 
 
 class DeviceRunner:
@@ -138,10 +141,11 @@ class DeviceRunner:
     def process(self) -> int:
         """One wake-up: clear the event, dequeue everything new, run it. Returns commands seen."""
         self.uio.clear_event()
-        commands, tmrs = self.ring.dequeue()
-        for tmr in tmrs:
-            with self._ring_lock:
+        with self._ring_lock:
+            commands, tmrs = self.ring.dequeue()
+            for tmr in tmrs:
                 self._aborted.update(tmr.cmd_ids)
+        for tmr in tmrs:
             log.info("%s: TMR type %d for commands %s", self.name, tmr.tmr_type, tmr.cmd_ids)
         if not commands:
             if tmrs:
@@ -149,8 +153,11 @@ class DeviceRunner:
             return 0
         inline: list[tuple[RingCommand, Response]] = []
         now = time.monotonic()
+        debug = log.isEnabledFor(logging.DEBUG)
         for rc in commands:
             self._started[rc.cmd_id] = now
+            if debug:
+                log.debug("%s: cmd %d cdb %s", self.name, rc.cmd_id, rc.cdb.hex())
             cmd = Command(
                 rc.cdb, rc.data_out, None if rc.data_in is rc.data_out else rc.data_in, rc.cmd_id
             )

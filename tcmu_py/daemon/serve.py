@@ -1,0 +1,474 @@
+"""`tcmu-py serve`: find TCMU devices, serve each with its handler, follow them as they come and go.
+
+Lifecycle of one device
+-----------------------
+- Found by the start-up scan of `/sys/class/uio` or by a udev "add" event (pyudev), or by a
+  netlink ADDED event; all three paths end in `add()`, which is idempotent.
+- Only subtypes with a registered handler are served; anything else (tcmu-runner's `file`,
+  `qcow`, ...) is left alone, and never answered on netlink.
+- Opening (`_open`): `action/block_dev=1`, `action/reset_ring=1` (commands a previous daemon left
+  in flight complete with BUSY, so initiators retry), map the ring, open the handler,
+  `action/block_dev=0`. This is the same whether the daemon starts fresh or after `kill -9`.
+- A handler that fails to open (bad config string, missing backing file) does not stop the
+  daemon: the device is served by `FailedDevice`, which answers INQUIRY and fails everything
+  else with NOT READY 04/03 (manual intervention required), and the log says why.
+- Removal (udev "remove" or netlink REMOVED): stop its runner, close the handler.
+- SIGTERM / SIGINT: every device is blocked (`block_dev=1`: new commands wait in the kernel),
+  in-flight commands drain, handlers close. The devices stay blocked so that commands issued
+  while the daemon is down wait for its restart instead of failing; the next start unblocks.
+
+Threads: one loop thread per device (`DeviceRunner.run`) plus its worker pool; the main thread
+handles netlink, signals and the control socket; the pyudev observer calls `add`/`remove` from its
+own thread (guarded by `self._lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs, UioName
+from tcmu_py.device.command import Command
+from tcmu_py.device.core import ScsiDevice, command
+from tcmu_py.device.runner import DeviceRunner
+from tcmu_py.errors import TcmuError
+from tcmu_py.handler import DeviceConfig, Handler, load_handlers
+from tcmu_py.scsi.constants import Opcode
+from tcmu_py.scsi.sense import NotReady
+from tcmu_py.uio import UioDevice
+
+log = logging.getLogger("tcmu_py.daemon")
+
+UIO_CLASS = Path("/sys/class/uio")
+RUN_DIR = Path("/run/tcmu-py")
+#: How often the main loop rescans /sys/class/uio as a safety net for missed events.
+RESCAN_SECONDS = 10.0
+
+
+class FailedDevice(ScsiDevice):
+    """Stands in for a device whose handler could not open: visible, but NOT READY, with a reason.
+
+    SPC-5 4.4.6 / SBC-4: 04h/03h LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED.
+    """
+
+    product = "UNAVAILABLE"
+
+    def __init__(self, config: DeviceConfig, reason: str) -> None:
+        super().__init__(config)
+        self.reason = reason
+
+    def check_ready(self) -> None:
+        raise NotReady(self.reason, asc=0x04, ascq=0x03)
+
+    @command(Opcode.READ_CAPACITY_10)
+    @command(Opcode.READ_10)
+    @command(Opcode.WRITE_10)
+    @command(Opcode.READ_16)
+    @command(Opcode.WRITE_16)
+    @command(Opcode.SYNCHRONIZE_CACHE_10)
+    def not_ready(self, cmd: Command) -> None:
+        self.check_ready()
+
+
+@dataclass
+class Served:
+    """One device being served."""
+
+    node: str  # uio0
+    name: UioName
+    uio: Any
+    device: ScsiDevice
+    runner: DeviceRunner
+    thread: threading.Thread
+    failed: str | None = None
+
+
+class Daemon:
+    """The service. `start()` then `run()` (blocks until a signal or `stop()`)."""
+
+    def __init__(
+        self,
+        *,
+        handlers: Mapping[str, type[Handler]] | None = None,
+        configfs_root: Path = CONFIGFS_CORE,
+        uio_class: Path = UIO_CLASS,
+        dev_dir: Path = Path("/dev"),
+        run_dir: Path = RUN_DIR,
+        workers: int = 4,
+        use_netlink: bool = True,
+        use_udev: bool = True,
+    ) -> None:
+        self.handlers = dict(handlers) if handlers is not None else load_handlers()
+        self.configfs_root = Path(configfs_root)
+        self.uio_class = Path(uio_class)
+        self.dev_dir = Path(dev_dir)
+        self.run_dir = Path(run_dir)
+        self.workers = workers
+        self.use_netlink = use_netlink
+        self.use_udev = use_udev
+        self.served: dict[str, Served] = {}
+        self._lock = threading.RLock()
+        self._stop_r, self._stop_w = os.pipe()
+        self._stopping = False
+        self._lock_fd: int | None = None
+        self._netlink: Any = None
+        self._observer: Any = None
+        self._control: socket.socket | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Start and stop
+
+    def start(self) -> None:
+        """Take the single-instance lock, subscribe to events, open every existing device."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        if self.use_netlink:
+            self._open_netlink()
+        if self.use_udev:
+            self._start_udev()
+        self._open_control()
+        self.rescan()
+        log.info("serving subtypes %s; %d device(s) open", sorted(self.handlers), len(self.served))
+
+    def _take_lock(self) -> None:
+        path = self.run_dir / "daemon.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TcmuError(f"another tcmu-py daemon is running (lock {path} is held)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _open_netlink(self) -> None:
+        from tcmu_py.daemon.netlink import TcmuNetlink
+
+        try:
+            self._netlink = TcmuNetlink()
+        except OSError as exc:
+            log.warning("netlink TCM-USER unavailable (%s); following udev only", exc)
+            return
+        # Replies let the kernel fail `enable` when our handler rejects a config string.
+        self._netlink.set_features(kern_cmd_reply=True)
+
+    def _start_udev(self) -> None:
+        try:
+            import pyudev
+        except ImportError:  # pragma: no cover - a core dependency
+            log.warning("pyudev missing; relying on rescans")
+            return
+        try:
+            context = pyudev.Context()
+            monitor = pyudev.Monitor.from_netlink(context)
+            monitor.filter_by("uio")
+        except Exception as exc:  # noqa: BLE001 - no udev netlink in some containers
+            log.warning("udev monitor unavailable (%s); relying on rescans", exc)
+            return
+
+        def on_event(action: str, device: Any) -> None:
+            if action == "add":
+                self.add(device.sys_name)
+            elif action == "remove":
+                self.remove(device.sys_name)
+
+        self._observer = pyudev.MonitorObserver(monitor, on_event, name="tcmu-udev")
+        self._observer.start()
+
+    def _open_control(self) -> None:
+        path = self.run_dir / "control.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(4)
+        sock.setblocking(False)
+        self._control = sock
+
+    def run(self, *, install_signals: bool = True) -> None:
+        """Handle netlink events, control requests and rescans until a signal or `stop()`."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        poller = select.poll()
+        poller.register(self._stop_r, select.POLLIN)
+        if self._netlink is not None:
+            poller.register(self._netlink.fileno(), select.POLLIN)
+        if self._control is not None:
+            poller.register(self._control.fileno(), select.POLLIN)
+        next_scan = time.monotonic() + RESCAN_SECONDS
+        try:
+            while not self._stopping:
+                timeout = max(0.0, next_scan - time.monotonic())
+                for fd, _ in poller.poll(timeout * 1000):
+                    if fd == self._stop_r:
+                        break
+                    if self._netlink is not None and fd == self._netlink.fileno():
+                        self._handle_netlink()
+                    elif self._control is not None and fd == self._control.fileno():
+                        self._handle_control()
+                if time.monotonic() >= next_scan:
+                    self.rescan()
+                    next_scan = time.monotonic() + RESCAN_SECONDS
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        """Ask `run()` to shut down (signal-safe)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+
+    def shutdown(self) -> None:
+        """Block every device, drain, close. Idempotent."""
+        if self._observer is not None:
+            self._observer.send_stop()
+            self._observer = None
+        with self._lock:
+            nodes = list(self.served)
+        for node in nodes:
+            self.remove(node, block=True)
+        if self._control is not None:
+            self._control.close()
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir / "control.sock").unlink()
+            self._control = None
+        log.info("stopped")
+
+    # ------------------------------------------------------------------------------------------
+    # Devices
+
+    def rescan(self) -> None:
+        """Open every TCMU uio device we serve and are not serving yet; drop vanished ones."""
+        present = set()
+        if self.uio_class.is_dir():
+            for entry in sorted(self.uio_class.iterdir()):
+                present.add(entry.name)
+                self.add(entry.name)
+        with self._lock:
+            gone = [n for n in self.served if n not in present]
+        for node in gone:
+            self.remove(node)
+
+    def _uio_name(self, node: str) -> UioName | None:
+        try:
+            text = (self.uio_class / node / "name").read_text().strip()
+        except OSError:
+            return None
+        try:
+            return UioName.parse(text)
+        except ValueError:
+            return None
+
+    def add(self, node: str) -> None:
+        """Serve uio device `node` (e.g. "uio0") if it is a TCMU device of a subtype we serve."""
+        with self._lock:
+            if node in self.served or self._stopping:
+                return
+            name = self._uio_name(node)
+            if name is None or name.subtype not in self.handlers:
+                return
+            try:
+                served = self._open(node, name)
+            except Exception:
+                log.exception("%s: cannot serve %s", name.dev, node)
+                return
+            self.served[node] = served
+
+    def _open(self, node: str, name: UioName) -> Served:
+        cfs = TcmuConfigfs(name.hba, name.dev, self.configfs_root)
+        config = DeviceConfig(
+            name=name.dev,
+            subtype=name.subtype,
+            cfgstring=name.cfgstring,
+            size=cfs.size,
+            block_size=cfs.block_size,
+            hw_max_sectors=cfs.hw_max_sectors,
+            write_cache=cfs.write_cache,
+            serial=cfs.serial,
+            uio_name=f"tcm-user/{name.hba}/{name.dev}/{name.dev_config}",
+        )
+        cfs.block()
+        try:
+            cfs.reset_ring(1)
+            uio = UioDevice(str(self.dev_dir / node), str(self.uio_class / node))
+            failed = None
+            try:
+                handler = self.handlers[name.subtype]
+                handler.check_config(name.cfgstring)
+                device = handler.open(config)
+            except Exception as exc:  # noqa: BLE001 - any handler failure: serve NOT READY
+                failed = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "%s: handler %s failed to open %r: %s",
+                    name.dev,
+                    name.subtype,
+                    name.cfgstring,
+                    failed,
+                )
+                device = FailedDevice(config, failed)
+            runner = DeviceRunner(uio, device, workers=self.workers, name=name.dev)
+            thread = threading.Thread(target=runner.run, name=f"tcmu-{name.dev}", daemon=True)
+            thread.start()
+        finally:
+            cfs.unblock()
+        log.info(
+            "%s: serving %s (%s, %d bytes, block %d)%s",
+            name.dev,
+            node,
+            name.dev_config,
+            config.size,
+            config.block_size,
+            " [FAILED]" if failed else "",
+        )
+        return Served(node, name, uio, device, runner, thread, failed)
+
+    def remove(self, node: str, *, block: bool = False) -> None:
+        """Stop serving `node`. With `block`, leave the kernel device blocked (shutdown)."""
+        with self._lock:
+            served = self.served.pop(node, None)
+        if served is None:
+            return
+        cfs = TcmuConfigfs(served.name.hba, served.name.dev, self.configfs_root)
+        if block:
+            with contextlib.suppress(TcmuError):
+                cfs.block()
+        served.runner.stop()
+        served.thread.join(timeout=60)
+        try:
+            served.runner.close()
+        finally:
+            with contextlib.suppress(OSError):
+                served.uio.close()
+        log.info("%s: closed %s", served.name.dev, node)
+
+    def find(self, dev_name: str) -> Served | None:
+        with self._lock:
+            return next((s for s in self.served.values() if s.name.dev == dev_name), None)
+
+    # ------------------------------------------------------------------------------------------
+    # Netlink
+
+    def _handle_netlink(self) -> None:
+        from tcmu_py.daemon.netlink import TcmuCmd
+
+        for event in self._netlink.receive():
+            try:
+                uio = UioName.parse(event.device)
+            except ValueError:
+                continue
+            if uio.subtype not in self.handlers:
+                continue  # tcmu-runner's, or nobody's: never answer
+            status = 0
+            try:
+                if event.cmd == TcmuCmd.ADDED_DEVICE:
+                    self.handlers[uio.subtype].check_config(uio.cfgstring)
+                    self.add(f"uio{event.minor}")
+                elif event.cmd == TcmuCmd.REMOVED_DEVICE:
+                    self.remove(f"uio{event.minor}")
+                elif event.cmd == TcmuCmd.RECONFIG_DEVICE:
+                    self._reconfig(f"uio{event.minor}", event)
+            except Exception as exc:  # noqa: BLE001 - report to the kernel as -EINVAL
+                log.error("%s: %s rejected: %s", uio.dev, event.cmd.name, exc)
+                status = -22
+            if self._wants_reply(uio):
+                self._netlink.reply(event, status)
+
+    def _wants_reply(self, uio: UioName) -> bool:
+        """The kernel waits for a reply only when the device's nl_reply_supported is positive."""
+        cfs = TcmuConfigfs(uio.hba, uio.dev, self.configfs_root)
+        return cfs.attr_int("nl_reply_supported", 0) > 0
+
+    def _reconfig(self, node: str, event: Any) -> None:
+        with self._lock:
+            served = self.served.get(node)
+        if served is None:
+            return
+        if event.dev_size is not None:
+            resize = getattr(served.device, "resize", None)
+            if resize is None:
+                raise TcmuError(f"{served.name.dev}: handler cannot be resized")
+            resize(event.dev_size)
+            log.info("%s: resized to %d bytes", served.name.dev, event.dev_size)
+        if event.dev_cfg is not None and event.dev_cfg != served.name.dev_config:
+            raise TcmuError(
+                f"{served.name.dev}: changing the config string of a live device "
+                "is not supported; remove and re-create it"
+            )
+        if event.writecache is not None:
+            log.info(
+                "%s: emulate_write_cache=%d (the handler's cache decides WCE)",
+                served.name.dev,
+                event.writecache,
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Status
+
+    def status(self) -> dict[str, Any]:
+        """Devices and counters, JSON-serialisable (for `tcmu-py status`)."""
+        with self._lock:
+            items = list(self.served.values())
+        devices = []
+        for s in items:
+            counters = s.runner.counters.snapshot()
+            devices.append(
+                {
+                    "name": s.name.dev,
+                    "uio": s.node,
+                    "handler": s.name.subtype,
+                    "config": s.name.cfgstring,
+                    "failed": s.failed,
+                    "size": getattr(s.device, "num_blocks", 0) * getattr(s.device, "block_size", 0),
+                    "counters": counters,
+                }
+            )
+        return {"pid": os.getpid(), "devices": devices}
+
+    def _handle_control(self) -> None:
+        assert self._control is not None
+        try:
+            conn, _ = self._control.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(2)
+            try:
+                request = conn.recv(256).decode().strip()
+                if request == "status":
+                    conn.sendall(json.dumps(self.status()).encode())
+                else:
+                    conn.sendall(json.dumps({"error": f"unknown request {request!r}"}).encode())
+            except OSError as exc:
+                log.warning("control socket: %s", exc)
+
+
+def query_status(run_dir: Path = RUN_DIR, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask a running daemon for its status. Raises TcmuError when none answers."""
+    path = run_dir / "control.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(b"status\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError as exc:
+        raise TcmuError(f"no tcmu-py daemon answers on {path}: {exc.strerror or exc}") from exc
+    result: dict[str, Any] = json.loads(b"".join(chunks))
+    return result
