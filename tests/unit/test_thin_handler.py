@@ -8,9 +8,6 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-
-from tcmu_py.errors import ConfigError
-from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.thin import (
     Pool,
     ThinBackend,
@@ -20,6 +17,9 @@ from tcmu_py.handlers.thin import (
     register_pool,
     unregister_pool,
 )
+
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import DeviceConfig
 
 UNIT = 16 * 1024
 BS = 512
