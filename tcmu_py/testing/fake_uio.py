@@ -44,12 +44,13 @@ class FakeUio:
             raise ValueError("FakeUio is closed")
         return self._fd
 
-    def clear_event(self) -> int:
-        """Acknowledge pending events (non-blocking); returns how many there were."""
+    def clear_event(self) -> bool:
+        """Acknowledge pending events (non-blocking); False if there were none."""
         try:
-            return int(os.eventfd_read(self.fileno()))
+            os.eventfd_read(self.fileno())
         except BlockingIOError:
-            return 0
+            return False
+        return True
 
     def kick(self) -> None:
         """Tell the fake kernel that cmd_tail moved: it reaps and requeues waiting commands."""
