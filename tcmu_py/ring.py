@@ -47,8 +47,8 @@ Theory of operation: :class:`Ring` keeps a consumer cursor. :meth:`Ring.dequeue`
 C call that walks from the cursor to ``cmd_head`` and returns descriptors; Python then
 copies each CDB and slices memoryviews for the iovecs (no payload copy).
 :meth:`Ring.complete` (or :meth:`Ring.complete_many`) makes one C call that writes the
-response into the tail slot and advances ``cmd_tail``. A Ring is not thread-safe: one
-thread calls ``dequeue``/``complete``; other threads hand completions to it.
+response into the tail slot and advances ``cmd_tail``. A Ring is not thread-safe: calls
+must be serialised (one thread, or one lock around every call).
 """
 
 from __future__ import annotations
@@ -249,8 +249,8 @@ class Ring:
     ``buf`` is any writable buffer holding the whole mapping (the uio ``mmap``, or the
     ``bytearray`` of a :class:`tcmu_py.testing.FakeKernel`). The ring must be quiescent
     when attached (``cmd_tail == cmd_head``); otherwise :class:`RingError` says to reset it.
-    Not thread-safe: call every method from one thread. Call :meth:`close` before closing
-    the mapping.
+    Not thread-safe: serialise all calls (one thread or one lock). Call :meth:`close`
+    before closing the mapping.
     """
 
     def __init__(self, buf: Any, *, batch: int = 256) -> None:

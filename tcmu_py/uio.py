@@ -195,15 +195,14 @@ class UioDevice:
             raise ValueError(f"{self.path} is closed")
         return self._fd
 
-    def clear_event(self) -> bool:
-        """Acknowledge the pending event (non-blocking 4-byte read); False if there was none."""
+    def clear_event(self) -> None:
+        """Acknowledge the pending event (non-blocking 4-byte read; EAGAIN = none pending)."""
         try:
             os.read(self.fileno(), 4)
         except BlockingIOError:
-            return False
+            pass
         except OSError as e:
             raise UioError(e.errno, f"{self.path}: reading the event counter: {e.strerror}") from e
-        return True
 
     def kick(self) -> None:
         """Make the kernel reap completions up to cmd_tail (4-byte write)."""

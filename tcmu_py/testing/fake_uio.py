@@ -8,6 +8,7 @@ makes the fake kernel reap completions, as a 4-byte write to ``/dev/uioN`` does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from types import TracebackType
 
@@ -44,13 +45,10 @@ class FakeUio:
             raise ValueError("FakeUio is closed")
         return self._fd
 
-    def clear_event(self) -> bool:
-        """Acknowledge pending events (non-blocking); False if there were none."""
-        try:
+    def clear_event(self) -> None:
+        """Acknowledge pending events (non-blocking; nothing happens if there are none)."""
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.fileno())
-        except BlockingIOError:
-            return False
-        return True
 
     def kick(self) -> None:
         """Tell the fake kernel that cmd_tail moved: it reaps and requeues waiting commands."""

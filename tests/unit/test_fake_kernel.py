@@ -433,8 +433,8 @@ def test_fake_uio_event_and_kick() -> None:
         fk.submit(read(2), data_in_len=10)
         assert select.select([uio], [], [], 0)[0] == [uio]
         assert fk.events == 2
-        assert uio.clear_event() is True
-        assert uio.clear_event() is False
+        uio.clear_event()
+        uio.clear_event()  # nothing pending: no error, no blocking
         assert select.select([uio], [], [], 0)[0] == []
         for c in ring.dequeue()[0]:
             ring.complete(c.cmd_id, GOOD)
