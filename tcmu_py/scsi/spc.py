@@ -434,7 +434,7 @@ def _select_pages(pages: Sequence[ModePage], page_code: int, subpage: int) -> li
         chosen = [p for p in pages if p.page_code == page_code]
     else:
         chosen = [p for p in pages if (p.page_code, p.subpage) == (page_code, subpage)]
-    if not chosen:
+    if not chosen and page_code != ModePageCode.ALL_PAGES:
         exists = any(p.page_code == page_code for p in pages)
         raise InvalidFieldInCdb(
             f"mode page {page_code:02X}h/{subpage:02X}h not supported",
@@ -858,7 +858,7 @@ def opcode_info(
     opcode: int,
     service_action: int | None = None,
     *,
-    peripheral_type: int = PeripheralType.DISK,
+    peripheral_type: int | None = None,
     nominal_timeout: int = 0,
     recommended_timeout: int = 0,
 ) -> OpcodeInfo:
@@ -1030,19 +1030,23 @@ _USAGE_BY_TYPE: Mapping[int, Mapping[tuple[int, int | None], bytes]] = {
 
 
 def cdb_usage_mask(
-    opcode: int, service_action: int | None = None, *, peripheral_type: int = PeripheralType.DISK
+    opcode: int, service_action: int | None = None, *, peripheral_type: int | None = None
 ) -> bytes:
     """CDB USAGE DATA for a command tcmu-py implements (SPC-5 6.35.4).
 
-    Looked up per device type first (the same opcode means different commands on a disk and a
-    tape), then among the SPC commands.  Raises KeyError for a command without a table entry, so
-    a device cannot advertise a command whose CDB usage nobody wrote down.
+    The same opcode means different commands on a disk and a tape, so pass ``peripheral_type``:
+    its table is searched first, then the SPC commands.  Without it the disk, tape and changer
+    tables are searched in that order (an opcode shared by several types resolves to the disk
+    command).  Raises KeyError for a command without a table entry, so a device cannot advertise
+    a command whose CDB usage nobody wrote down.
     """
     key = (opcode, service_action)
-    specific = _USAGE_BY_TYPE.get(peripheral_type, {})
-    if key in specific:
-        return specific[key]
-    if key in _COMMON_USAGE:
-        return _COMMON_USAGE[key]
+    if peripheral_type is None:
+        tables = [*_USAGE_BY_TYPE.values(), _COMMON_USAGE]
+    else:
+        tables = [_USAGE_BY_TYPE.get(peripheral_type, {}), _COMMON_USAGE]
+    for table in tables:
+        if key in table:
+            return table[key]
     sa = "" if service_action is None else f"/{service_action:02X}h"
     raise KeyError(f"no CDB usage data for opcode {opcode:02X}h{sa} (type {peripheral_type})")

@@ -1,0 +1,150 @@
+"""SBC-4 builders and parsers: READ CAPACITY, VPD B0/B1/B2, UNMAP, GET LBA STATUS."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tcmu_py.scsi import sbc
+from tcmu_py.scsi.sense import InvalidFieldInParameterList, ParameterListLengthError
+
+
+@pytest.mark.parametrize(
+    "blocks,want",
+    [(1, 0), (2048, 2047), (2**32, 0xFFFFFFFF), (2**32 + 1, 0xFFFFFFFF), (2**40, 0xFFFFFFFF)],
+)
+def test_read_capacity_10(blocks, want):
+    assert sbc.build_read_capacity_10(blocks, 512) == struct.pack(">II", want, 512)
+
+
+@given(st.integers(1, 2**64), st.sampled_from([512, 4096]), st.booleans(), st.booleans(),
+       st.integers(0, 15), st.integers(0, 0x3FFF))
+def test_read_capacity_16(blocks, bs, lbpme, lbprz, lbppbe, aligned):
+    data = sbc.build_read_capacity_16(blocks, bs, lbpme=lbpme, lbprz=lbprz, lbppbe=lbppbe,
+                                      lowest_aligned=aligned)
+    assert len(data) == 32
+    assert int.from_bytes(data[0:8], "big") == blocks - 1
+    assert int.from_bytes(data[8:12], "big") == bs
+    assert data[12] == 0x10  # RC BASIS 01b, no protection
+    assert data[13] & 0x0F == lbppbe
+    assert bool(data[14] & 0x80) == lbpme
+    # LBPRZ is only reported together with LBPME (SBC-4 5.21.2).
+    assert bool(data[14] & 0x40) == (lbpme and lbprz)
+    assert int.from_bytes(data[14:16], "big") & 0x3FFF == aligned
+    assert data[16:] == bytes(16)
+
+
+def test_vpd_block_limits_layout():
+    page = sbc.build_vpd_block_limits(
+        max_compare_and_write_length=255, max_transfer_length=1024, optimal_transfer_length=128,
+        max_unmap_lba_count=0xFFFFFFFF, max_unmap_descriptor_count=256,
+        optimal_unmap_granularity=8, unmap_granularity_alignment=0, max_write_same_length=1 << 22,
+    )
+    assert len(page) == 64 and page[:4] == bytes([0, 0xB0, 0, 0x3C])
+    u32 = lambda off: int.from_bytes(page[off : off + 4], "big")  # noqa: E731
+    assert page[5] == 255
+    assert (u32(8), u32(12), u32(20), u32(24), u32(28)) == (1024, 128, 0xFFFFFFFF, 256, 8)
+    assert u32(32) == 0x80000000  # UGAVALID, alignment 0
+    assert int.from_bytes(page[36:44], "big") == 1 << 22
+    assert u32(32) & 0x80000000
+    no_uga = sbc.build_vpd_block_limits()
+    assert no_uga[4:] == bytes(60)
+    with pytest.raises(ValueError):
+        sbc.build_vpd_block_limits(max_compare_and_write_length=256)
+
+
+def test_vpd_block_device_characteristics():
+    page = sbc.build_vpd_block_device_characteristics(rotation_rate=1, nominal_form_factor=3)
+    assert len(page) == 64 and page[1] == 0xB1 and page[4:6] == b"\x00\x01" and page[7] == 3
+
+
+@pytest.mark.parametrize(
+    "kw,b5,b6",
+    [
+        ({}, 0x00, 0x00),
+        ({"lbpu": True, "lbpws": True, "lbpws10": True, "lbprz": True,
+          "provisioning_type": sbc.ProvisioningType.THIN}, 0xE4, 0x02),
+        ({"lbprz": 2, "anc_sup": True}, 0x0A, 0x00),
+        ({"lbpws": True, "provisioning_group_descriptor": bytes(20)}, 0x41, 0x00),
+    ],
+)
+def test_vpd_lbp(kw, b5, b6):
+    page = sbc.build_vpd_lbp(threshold_exponent=3, **kw)
+    assert page[1] == 0xB2 and page[4] == 3 and page[5] == b5 and page[6] == b6
+    assert int.from_bytes(page[2:4], "big") == len(page) - 4
+
+
+ranges_st = st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1)), max_size=20)
+
+
+@given(ranges_st)
+def test_unmap_round_trip(ranges):
+    data = sbc.build_unmap_parameters(ranges)
+    assert int.from_bytes(data[0:2], "big") == len(data) - 2
+    assert sbc.parse_unmap_parameters(data, 64) == ranges
+
+
+def test_unmap_empty_and_short():
+    assert sbc.parse_unmap_parameters(b"", 1) == []
+    assert sbc.parse_unmap_parameters(sbc.build_unmap_parameters([]), 1) == []
+    for n in range(1, 8):
+        with pytest.raises(ParameterListLengthError):
+            sbc.parse_unmap_parameters(bytes(n), 1)
+
+
+def test_unmap_partial_descriptor_and_short_data():
+    data = sbc.build_unmap_parameters([(1, 2), (3, 4)])
+    # the data stops inside the second descriptor: only the first is used
+    assert sbc.parse_unmap_parameters(data[:-3], 8) == [(1, 2)]
+    # BLOCK DESCRIPTOR DATA LENGTH covers only one descriptor plus a partial one
+    shrunk = bytearray(data)
+    shrunk[2:4] = (16 + 8).to_bytes(2, "big")
+    assert sbc.parse_unmap_parameters(bytes(shrunk), 8) == [(1, 2)]
+
+
+def test_unmap_limits():
+    data = sbc.build_unmap_parameters([(0, 10), (100, 10), (200, 10)])
+    with pytest.raises(InvalidFieldInParameterList) as exc:
+        sbc.parse_unmap_parameters(data, 2)
+    assert exc.value.field_pointer == 2 and exc.value.in_cdb is False
+    with pytest.raises(InvalidFieldInParameterList) as exc:
+        sbc.parse_unmap_parameters(data, 3, max_lba_count=25)
+    assert exc.value.field_pointer == 8 + 32 + 8
+    assert len(sbc.parse_unmap_parameters(data, 3, max_lba_count=30)) == 3
+
+
+def parse_lba_status(data: bytes) -> list[tuple[int, int, int]]:
+    assert int.from_bytes(data[0:4], "big") == len(data) - 4
+    return [
+        (int.from_bytes(data[i : i + 8], "big"), int.from_bytes(data[i + 8 : i + 12], "big"),
+         data[i + 12] & 0x0F)
+        for i in range(8, len(data), 16)
+    ]
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**40), st.integers(1, 2**33),
+                          st.sampled_from(list(sbc.ProvisioningStatus))), max_size=6))
+def test_get_lba_status(descs):
+    out = parse_lba_status(sbc.build_get_lba_status(descs))
+    # runs longer than 32 bits are split, covering exactly the same blocks
+    expanded = []
+    for lba, n, status in out:
+        assert 0 < n <= 0xFFFFFFFF
+        if expanded and expanded[-1][2] == status and expanded[-1][0] + expanded[-1][1] == lba:
+            expanded[-1] = (expanded[-1][0], expanded[-1][1] + n, status)
+        else:
+            expanded.append((lba, n, status))
+    merged = []
+    for lba, n, status in descs:
+        if merged and merged[-1][2] == status and merged[-1][0] + merged[-1][1] == lba:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n, status)
+        else:
+            merged.append((lba, n, status))
+    assert expanded == merged
+
+
+def test_get_lba_status_empty():
+    assert sbc.build_get_lba_status([]) == bytes([0, 0, 0, 4, 0, 0, 0, 0])
