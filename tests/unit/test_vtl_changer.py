@@ -300,3 +300,47 @@ def test_handler_opens_changer_and_shares_the_library(tmp_path: Path) -> None:
     assert isinstance(a, Changer) and a.library is b.library
     a.close()
     b.close()
+
+
+def test_changer_and_drive_luns_together(tmp_path: Path) -> None:
+    """The drive LUN of the same library: DVCID = its VPD 80h serial, loads follow moves, and its
+    PREVENT MEDIUM REMOVAL makes the changer refuse to unload it."""
+    from tcmu_py.handlers.vtl.cartridge import Cartridge
+
+    lib = Library.create(
+        tmp_path / "lib",
+        name="t",
+        drives=[("DRVSER0001", "IBM-LTO8")],
+        slots=2,
+        import_export=0,
+    )
+    Cartridge.create(lib.media_path("ABC000L8"), "ABC000L8")
+    lib.place("ABC000L8", ST)
+    lib.close()
+    root = tmp_path / "lib"
+    changer = VtlHandler.open(
+        DeviceConfig(name="c", subtype="vtl", cfgstring=f"library={root},unit=changer", size=0)
+    )
+    drive = VtlHandler.open(
+        DeviceConfig(name="d", subtype="vtl", cfgstring=f"library={root},unit=drive0", size=0)
+    )
+    try:
+        run_command(changer, cdbs.test_unit_ready())
+        run_command(drive, cdbs.test_unit_ready())
+        vpd80 = run_command(drive, cdbs.inquiry(evpd=True, page_code=0x80), data_in_len=255).data
+        serial = vpd80[4 : 4 + vpd80[3]].decode().strip()
+        es = status(changer, res(ElementType.DATA_TRANSFER, dvcid=True))
+        assert es.pages[0].descriptors[0].identifier.decode() == serial == "DRVSER0001"
+
+        assert run(changer, smc.MoveMedium(MT, ST, DT).build()).good
+        # NOT READY TO READY CHANGE / MEDIUM MAY HAVE CHANGED attentions come first.
+        tur = [run_command(drive, cdbs.test_unit_ready()) for _ in range(4)]
+        assert tur[-1].good, tur
+        assert run(drive, bytes([0x1E, 0, 0, 0, 1, 0])).good  # PREVENT on the drive
+        assert run(changer, smc.MoveMedium(MT, DT, ST).build()).sense_codes == (5, 0x53, 0x02)
+        assert run(drive, bytes([0x1E, 0, 0, 0, 0, 0])).good
+        assert run(changer, smc.MoveMedium(MT, DT, ST + 1).build()).good
+        assert run_command(drive, cdbs.test_unit_ready()).sense_codes[0] in (2, 6)
+    finally:
+        drive.close()
+        changer.close()
