@@ -171,6 +171,10 @@ class ReadWrite6:
         _need(cdb, 6)
         return cls(bool(cdb[1] & 0x01), bool(cdb[1] & 0x02), _u24(cdb, 2))
 
+    def build(self, opcode: int) -> bytes:
+        flags = (0x01 if self.fixed else 0) | (0x02 if self.sili else 0)
+        return bytes([opcode, flags]) + self.transfer_length.to_bytes(3, "big") + b"\x00"
+
 
 @dataclass(frozen=True, slots=True)
 class WriteFilemarks6:
@@ -184,6 +188,10 @@ class WriteFilemarks6:
     def parse(cls, cdb: bytes) -> WriteFilemarks6:
         _need(cdb, 6)
         return cls(bool(cdb[1] & 0x01), bool(cdb[1] & 0x02), _u24(cdb, 2))
+
+    def build(self) -> bytes:
+        flags = (0x01 if self.immed else 0) | (0x02 if self.wsmk else 0)
+        return bytes([0x10, flags]) + self.count.to_bytes(3, "big") + b"\x00"
 
 
 class SpaceCode(IntEnum):
@@ -211,6 +219,17 @@ class Space:
         _need(cdb, 16)
         count = int.from_bytes(cdb[4:12], "big", signed=True)
         return cls(cdb[1] & 0x0F, count, int.from_bytes(cdb[12:14], "big"))
+
+    def build(self, sixteen: bool = False) -> bytes:
+        if not sixteen:
+            return bytes([0x11, self.code & 0x0F]) + self.count.to_bytes(3, "big", signed=True) \
+                + b"\x00"
+        return (
+            bytes([0x91, self.code & 0x0F, 0, 0])
+            + self.count.to_bytes(8, "big", signed=True)
+            + self.parameter_length.to_bytes(2, "big")
+            + b"\x00\x00"
+        )
 
 
 class DestType(IntEnum):
@@ -253,6 +272,22 @@ class Locate:
             int.from_bytes(cdb[4:12], "big"),
         )
 
+    def build(self, sixteen: bool = False) -> bytes:
+        flags = (0x02 if self.change_partition else 0) | (0x01 if self.immed else 0)
+        if not sixteen:
+            flags |= 0x04 if self.bt else 0
+            return (
+                bytes([0x2B, flags, 0])
+                + self.identifier.to_bytes(4, "big")
+                + bytes([0, self.partition, 0])
+            )
+        flags |= (self.dest_type & 0x07) << 3
+        return (
+            bytes([0x92, flags, 0, self.partition])
+            + self.identifier.to_bytes(8, "big")
+            + bytes(4)
+        )
+
 
 class ReadPositionForm(IntEnum):
     """READ POSITION service actions (SSC-5 7.x table)."""
@@ -275,6 +310,10 @@ class ReadPosition:
         _need(cdb, 10)
         return cls(cdb[1] & 0x1F, int.from_bytes(cdb[7:9], "big"))
 
+    def build(self) -> bytes:
+        return bytes([0x34, self.service_action & 0x1F]) + bytes(5) + \
+            self.allocation_length.to_bytes(2, "big") + b"\x00"
+
 
 @dataclass(frozen=True, slots=True)
 class LoadUnload:
@@ -292,6 +331,10 @@ class LoadUnload:
         b = cdb[4]
         return cls(bool(cdb[1] & 1), bool(b & 8), bool(b & 4), bool(b & 2), bool(b & 1))
 
+    def build(self) -> bytes:
+        b = (8 if self.hold else 0) | (4 if self.eot else 0) | (2 if self.reten else 0)
+        return bytes([0x1B, int(self.immed), 0, 0, b | int(self.load), 0])
+
 
 @dataclass(frozen=True, slots=True)
 class Erase6:
@@ -304,6 +347,9 @@ class Erase6:
     def parse(cls, cdb: bytes) -> Erase6:
         _need(cdb, 6)
         return cls(bool(cdb[1] & 0x02), bool(cdb[1] & 0x01))
+
+    def build(self) -> bytes:
+        return bytes([0x19, (0x02 if self.immed else 0) | (0x01 if self.long else 0), 0, 0, 0, 0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +364,11 @@ class ReportDensitySupport:
     def parse(cls, cdb: bytes) -> ReportDensitySupport:
         _need(cdb, 10)
         return cls(bool(cdb[1] & 1), bool(cdb[1] & 2), int.from_bytes(cdb[7:9], "big"))
+
+    def build(self) -> bytes:
+        flags = (1 if self.media else 0) | (2 if self.medium_type else 0)
+        return bytes([0x44, flags]) + bytes(5) + self.allocation_length.to_bytes(2, "big") + \
+            b"\x00"
 
 
 class AttributeAction(IntEnum):
@@ -353,6 +404,15 @@ class ReadAttribute:
             bool(cdb[14] & 1),
         )
 
+    def build(self) -> bytes:
+        return (
+            bytes([0x8C, self.service_action & 0x1F, 0, 0, 0, self.logical_volume, 0])
+            + bytes([self.partition])
+            + self.first_attribute.to_bytes(2, "big")
+            + self.allocation_length.to_bytes(4, "big")
+            + bytes([int(self.cache), 0])
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class WriteAttribute:
@@ -367,6 +427,13 @@ class WriteAttribute:
     def parse(cls, cdb: bytes) -> WriteAttribute:
         _need(cdb, 16)
         return cls(bool(cdb[1] & 1), cdb[5], cdb[7], int.from_bytes(cdb[10:14], "big"))
+
+    def build(self) -> bytes:
+        return (
+            bytes([0x8D, int(self.wtc), 0, 0, 0, self.logical_volume, 0, self.partition, 0, 0])
+            + self.parameter_list_length.to_bytes(4, "big")
+            + bytes(2)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +498,19 @@ def build_read_position_extended(p: Position) -> bytes:
     return _RP_EXTENDED.pack(
         flags, p.partition & 0xFF, 0x1C, b"\x00\x00\x00", p.object_id, p.object_id, 0
     )
+
+
+def parse_read_position(data: bytes, form: int) -> Position:
+    """Decode READ POSITION data of `form` (ReadPositionForm); `file_id` is -1 where absent."""
+    if form == ReadPositionForm.LONG:
+        flags, part, obj, file_id = _RP_LONG.unpack_from(data)
+    elif form == ReadPositionForm.EXTENDED:
+        flags, part, _len, _n, obj, _last, _bytes = _RP_EXTENDED.unpack_from(data)
+        file_id = -1
+    else:
+        flags, part, obj, _last, _n, _bytes = _RP_SHORT.unpack_from(data)
+        file_id = -1
+    return Position(part, obj, file_id, bool(flags & BOP), bool(flags & EOP), bool(flags & BPEW))
 
 
 # ---------------------------------------------------------------------------------------------

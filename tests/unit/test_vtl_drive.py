@@ -1,0 +1,530 @@
+"""The tape drive device, driven through Command objects (no ring)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tcmu_py.handlers.vtl import personality as pers
+from tcmu_py.handlers.vtl.cartridge import Cartridge
+from tcmu_py.handlers.vtl.drive import TapeDrive
+
+from tcmu_py.handler import DeviceConfig
+from tcmu_py.scsi import ssc
+from tcmu_py.scsi.sense import parse_sense
+from tcmu_py.testing.harness import Result, run_command
+
+GOOD = (0, 0, 0)
+FORM = ssc.ReadPositionForm
+
+
+class FakeLibrary:
+    """The Library surface a drive uses, with cartridges in a directory."""
+
+    def __init__(self, root: Path, model: str = "IBM-LTO8") -> None:
+        self.root = root
+        self.model = model
+        self.slots: dict[int, str | None] = {0: None}
+        self.prevent: dict[int, bool] = {}
+        self.listeners: dict[int, list[Callable[[str | None], None]]] = {}
+
+    def media_path(self, barcode: str) -> Path:
+        return self.root / barcode
+
+    def drive_barcode(self, drive_index: int) -> str | None:
+        return self.slots.get(drive_index)
+
+    def set_drive_prevent(self, drive_index: int, prevented: bool) -> None:
+        self.prevent[drive_index] = prevented
+
+    def add_drive_listener(self, drive_index: int, cb: Callable[[str | None], None]) -> None:
+        self.listeners.setdefault(drive_index, []).append(cb)
+
+    def drive_serial(self, drive_index: int) -> str:
+        return f"SN{drive_index:06d}"
+
+    def drive_model(self, drive_index: int) -> str:
+        return self.model
+
+    # test helpers
+    def create(self, barcode: str, **kw: object) -> None:
+        Cartridge.create(self.media_path(barcode), barcode, **kw)  # type: ignore[arg-type]
+
+    def move(self, barcode: str | None, drive_index: int = 0) -> None:
+        self.slots[drive_index] = barcode
+        for cb in self.listeners.get(drive_index, []):
+            cb(barcode)
+
+
+class Tape:
+    """A drive plus CDB helpers returning harness Results."""
+
+    def __init__(self, lib: FakeLibrary, model: str | None = None) -> None:
+        self.lib = lib
+        cfg = DeviceConfig(name="tape0", subtype="vtl", cfgstring="", size=0)
+        self.dev = TapeDrive(cfg, lib, 0, personality=pers.personality(model) if model else None)
+
+    def run(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> Result:
+        return run_command(self.dev, cdb, data_out, data_in_len)
+
+    def clear_ua(self) -> None:
+        while self.run(bytes(6)).sense_codes[0] == 6:
+            pass
+
+    def write(self, data: bytes) -> Result:
+        return self.run(ssc.ReadWrite6(False, False, len(data)).build(0x0A), data)
+
+    def write_fixed(self, data: bytes, blocks: int) -> Result:
+        return self.run(ssc.ReadWrite6(True, False, blocks).build(0x0A), data)
+
+    def read(self, n: int, sili: bool = False) -> Result:
+        return self.run(ssc.ReadWrite6(False, sili, n).build(0x08), data_in_len=n)
+
+    def read_fixed(self, blocks: int, size: int) -> Result:
+        return self.run(ssc.ReadWrite6(True, False, blocks).build(0x08), data_in_len=blocks * size)
+
+    def weof(self, n: int = 1) -> Result:
+        return self.run(ssc.WriteFilemarks6(False, False, n).build())
+
+    def space(self, code: int, count: int, sixteen: bool = False) -> Result:
+        return self.run(ssc.Space(code, count).build(sixteen))
+
+    def locate(self, obj: int, sixteen: bool = False, dest: int = 0) -> Result:
+        return self.run(ssc.Locate(dest, False, False, 0, obj).build(sixteen))
+
+    def rewind(self) -> Result:
+        return self.run(bytes([0x01, 0, 0, 0, 0, 0]))
+
+    def tell(self, form: int = FORM.LONG) -> ssc.Position:
+        r = self.run(ssc.ReadPosition(form, 32).build(), data_in_len=32)
+        assert r.good, r
+        return ssc.parse_read_position(r.data, form)
+
+    def mode_select_block(self, density: int, length: int) -> Result:
+        # MODE SELECT(6): 4-byte header + one 8-byte block descriptor.
+        data = bytes([0, 0, 0x10, 8, density, 0, 0, 0, 0]) + length.to_bytes(3, "big")
+        return self.run(bytes([0x15, 0x10, 0, 0, len(data), 0]), data)
+
+    def mode_sense(self, page: int, subpage: int = 0, pc: int = 0) -> Result:
+        return self.run(bytes([0x5A, 0, (pc << 6) | page, subpage, 0, 0, 0, 0x10, 0, 0]),
+                        data_in_len=4096)
+
+    def log_sense(self, page: int) -> Result:
+        return self.run(bytes([0x4D, 0, 0x40 | page, 0, 0, 0, 0, 0x10, 0, 0]), data_in_len=4096)
+
+
+def sense(r: Result):  # type: ignore[no-untyped-def]
+    return parse_sense(r.sense)
+
+
+@pytest.fixture
+def lib(tmp_path: Path) -> FakeLibrary:
+    return FakeLibrary(tmp_path)
+
+
+@pytest.fixture
+def tape(lib: FakeLibrary) -> Tape:
+    lib.create("TST001L8")
+    t = Tape(lib)
+    lib.move("TST001L8")
+    t.clear_ua()
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_empty_drive_then_load_raises_medium_changed(lib: FakeLibrary) -> None:
+    lib.create("TST001L8")
+    t = Tape(lib)
+    assert t.run(bytes(6)).sense_codes == (6, 0x29, 0)  # power on
+    assert t.run(bytes(6)).sense_codes == (2, 0x3A, 0)
+    lib.move("TST001L8")
+    assert t.run(bytes(6)).sense_codes == (6, 0x28, 0)
+    assert t.run(bytes(6)).good
+    lib.move(None)
+    assert t.run(bytes(6)).sense_codes == (2, 0x3A, 0)
+
+
+def test_inquiry_identifies_personality(lib: FakeLibrary) -> None:
+    t = Tape(lib, "HP-LTO7")
+    r = t.run(bytes([0x12, 0, 0, 0, 96, 0]), data_in_len=96)
+    assert r.data[0] == 0x01 and r.data[1] & 0x80  # tape, removable
+    assert r.data[8:16].rstrip() == b"HP" and r.data[16:32].rstrip() == b"Ultrium 7-SCSI"
+    r = t.run(bytes([0x12, 1, 0x80, 0, 64, 0]), data_in_len=64)
+    assert b"SN000000" in r.data
+
+
+def test_variable_round_trip_and_ili(tape: Tape) -> None:
+    assert tape.write(b"A" * 100).good
+    assert tape.write(b"B" * 50).good
+    assert tape.write(b"C" * 10).good
+    assert tape.rewind().good
+    r = tape.read(100)
+    assert r.good and r.data == b"A" * 100
+    # block shorter than requested: ILI, INFORMATION = +residue, the short block returned
+    r = tape.read(80)
+    s = sense(r)
+    assert (s.sense_key, s.ili, s.info_signed) == (0, True, 30) and r.data == b"B" * 50
+    # block longer than requested: ILI, negative residue, truncated data
+    r = tape.read(4)
+    s = sense(r)
+    assert (s.ili, s.info_signed, r.data) == (True, -6, b"CCCC")
+    assert tape.tell().object_id == 3
+    # SILI suppresses the underlength report in variable mode
+    tape.rewind()
+    tape.read(100)
+    r = tape.read(80, sili=True)
+    assert r.good and r.data == b"B" * 50
+
+
+def test_filemark_and_eod_on_read(tape: Tape) -> None:
+    tape.write(b"x" * 10)
+    tape.weof(1)
+    tape.rewind()
+    assert tape.read(10).good
+    r = tape.read(10)
+    s = sense(r)
+    assert (s.sense_key, s.asc, s.ascq, s.filemark, s.info) == (0, 0, 1, True, 10)
+    assert tape.tell().object_id == 2 and tape.tell().file_id == 1
+    r = tape.read(10)
+    s = sense(r)
+    assert (s.sense_key, s.asc, s.ascq, s.info) == (8, 0, 5, 10)
+
+
+def test_blank_tape_read_is_blank_check(tape: Tape) -> None:
+    assert tape.read(512).sense_codes == (8, 0, 5)
+
+
+def test_fixed_block_mode(tape: Tape) -> None:
+    assert tape.write_fixed(b"z" * 512, 1).sense_codes == (5, 0x24, 0)  # variable mode
+    assert tape.mode_select_block(0, 512).good
+    r = tape.mode_sense(0x0F)
+    assert r.data[6:8] == b"\x00\x08" and r.data[13:16] == (512).to_bytes(3, "big")
+    data = os.urandom(4 * 512)
+    assert tape.write_fixed(data, 4).good
+    tape.weof(1)
+    assert tape.tell().object_id == 5
+    tape.rewind()
+    r = tape.read_fixed(3, 512)
+    assert r.good and r.data == data[:1536]
+    r = tape.read_fixed(3, 512)  # one block, then the filemark
+    s = sense(r)
+    assert s.filemark and s.info == 2 and r.data == data[1536:]
+    # a variable block read in fixed mode with the wrong size -> ILI
+    tape.mode_select_block(0, 0)
+    tape.write(b"q" * 100)
+    tape.mode_select_block(0, 512)
+    tape.locate(5)
+    r = tape.read_fixed(2, 512)
+    s = sense(r)
+    assert s.ili and s.info == 2 and tape.tell().object_id == 6
+    assert tape.mode_select_block(0, 0xFFFFFF).sense_codes == (5, 0x26, 0)
+
+
+@pytest.mark.xfail(reason="core.mode_select parses block descriptors as direct-access (no "
+                          "peripheral_type passed to spc.parse_mode_select): density is lost")
+def test_mode_select_rejects_unknown_density(tape: Tape) -> None:
+    assert tape.mode_select_block(0x42, 512).sense_codes == (5, 0x26, 0)
+
+
+def test_read_block_limits(tape: Tape) -> None:
+    r = tape.run(bytes([0x05, 0, 0, 0, 0, 0]), data_in_len=6)
+    gran, mx, mn = struct.unpack(">B3sH", r.data)
+    assert int.from_bytes(mx, "big") == 512 * 1024 and mn == 1
+
+
+def test_write_filemarks_zero_flushes(tape: Tape, lib: FakeLibrary) -> None:
+    tape.write(b"d" * 4096)
+    assert tape.weof(0).good
+    # durable: an independent reader sees the block (index checkpoint written)
+    assert (lib.media_path("TST001L8") / "index").exists()
+    assert tape.tell().object_id == 1
+
+
+def build_tape(tape: Tape, layout: str) -> None:
+    """'b' = 10-byte block, 'f' = filemark."""
+    for c in layout:
+        r = tape.write(b"b" * 10) if c == "b" else tape.weof(1)
+        assert r.good, r
+    tape.rewind()
+
+
+def test_space_blocks_and_filemarks(tape: Tape) -> None:
+    build_tape(tape, "bbbfbbffb")  # objects 0..8
+    assert tape.space(0, 2).good and tape.tell().object_id == 2
+    r = tape.space(0, 5)  # crosses filemark at 3
+    s = sense(r)
+    assert s.filemark and s.info == 4 and tape.tell().object_id == 4
+    r = tape.space(0, -3)  # back over 4? object 3 is a filemark -> stop at its BOP side
+    s = sense(r)
+    assert s.filemark and s.info == 3 and tape.tell().object_id == 3
+    tape.rewind()
+    assert tape.space(1, 2).good and tape.tell().object_id == 7
+    r = tape.space(1, 5)  # only one filemark left
+    s = sense(r)
+    assert (s.sense_key, s.ascq, s.info) == (8, 5, 4) and tape.tell().object_id == 9
+    assert tape.space(1, -2).good and tape.tell().object_id == 6
+    r = tape.space(1, -5)
+    s = sense(r)
+    assert (s.sense_key, s.ascq, s.eom, s.info) == (0, 4, True, 4) and tape.tell().bop
+    assert tape.space(2, 2).good and tape.tell().object_id == 8  # sequential filemarks
+    tape.rewind()
+    assert tape.space(3, 0).good and tape.tell().object_id == 9  # EOD
+    assert tape.space(0, -1, sixteen=True).good and tape.tell().object_id == 8
+    r = tape.space(0, 5, sixteen=True)
+    assert sense(r).sense_key == 8 and sense(r).info == 4
+
+
+def test_space_backward_hits_bop(tape: Tape) -> None:
+    build_tape(tape, "bbb")
+    tape.space(0, 2)
+    r = tape.space(0, -5)
+    s = sense(r)
+    assert (s.ascq, s.eom, s.info) == (4, True, 3) and tape.tell().object_id == 0
+
+
+def test_locate_and_read_position(tape: Tape) -> None:
+    build_tape(tape, "bbfbbfb")
+    assert tape.locate(4).good
+    p = tape.tell()
+    assert (p.object_id, p.file_id, p.bop) == (4, 1, False)
+    assert tape.tell(FORM.SHORT).object_id == 4 and tape.tell(FORM.EXTENDED).object_id == 4
+    assert tape.locate(6, sixteen=True).good and tape.tell().object_id == 6
+    assert tape.locate(2, sixteen=True, dest=1).good and tape.tell().object_id == 6  # file 2
+    assert tape.locate(0, sixteen=True, dest=3).good and tape.tell().object_id == 7  # EOD
+    r = tape.locate(50)
+    assert r.sense_codes == (8, 0, 5) and tape.tell().object_id == 7
+    assert tape.locate(0).good and tape.tell().bop
+    # extended form honours the allocation length
+    r = tape.run(ssc.ReadPosition(FORM.EXTENDED, 8).build(), data_in_len=32)
+    assert r.good and len(r.data) == 8
+    assert tape.run(ssc.ReadPosition(3, 0).build(), data_in_len=32).sense_codes == (5, 0x24, 0)
+
+
+def test_overwrite_in_the_middle_truncates(tape: Tape) -> None:
+    build_tape(tape, "bbbfbb")
+    tape.locate(2)
+    tape.write(b"new")
+    assert tape.read(10).sense_codes == (8, 0, 5)
+    tape.rewind()
+    assert tape.space(3, 0).good and tape.tell().object_id == 3
+
+
+def test_early_warning_then_volume_overflow(lib: FakeLibrary) -> None:
+    lib.create("SML001L8", capacity=64 * 1024, early_warning=16 * 1024)
+    t = Tape(lib)
+    lib.move("SML001L8")
+    t.clear_ua()
+    block = b"w" * 4000
+    warned = 0
+    written = 0
+    for _ in range(40):
+        r = t.write(block)
+        if r.good:
+            written += 1
+            continue
+        s = sense(r)
+        if (s.sense_key, s.asc, s.ascq) == (0, 0, 2):
+            assert s.eom and s.info == 0
+            warned += 1
+            written += 1
+            continue
+        assert (s.sense_key, s.asc, s.ascq, s.eom, s.info) == (0xD, 0, 2, True, 4000)
+        break
+    else:
+        pytest.fail("never overflowed")
+    assert warned >= 1
+    t.rewind()
+    for _ in range(written):
+        assert t.read(4000).data == block
+    assert t.read(4000).sense_codes == (8, 0, 5)
+
+
+def test_worm_refuses_overwrite_allows_append(lib: FakeLibrary) -> None:
+    lib.create("WRM001LY")
+    t = Tape(lib)
+    lib.move("WRM001LY")
+    t.clear_ua()
+    assert t.mode_sense(0x1D).data[16 + 2] & 0x01  # WORMM
+    build_tape(t, "bbf")
+    assert t.write(b"x").sense_codes == (7, 0x30, 0x0C)
+    assert t.run(bytes([0x19, 0, 0, 0, 0, 0])).sense_codes == (7, 0x30, 0x0C)
+    t.locate(2)  # over the trailing filemark: allowed
+    assert t.write(b"append").good
+    assert t.space(3, 0).good and t.write(b"more").good
+    t.rewind()
+    assert t.read(10).data == b"b" * 10
+
+
+def test_write_protected(lib: FakeLibrary) -> None:
+    lib.create("WPT001L8", write_protected=True)
+    t = Tape(lib)
+    lib.move("WPT001L8")
+    t.clear_ua()
+    assert t.write(b"x").sense_codes == (7, 0x27, 0)
+    assert t.mode_sense(0x0F).data[3] & 0x80
+    assert t.weof(0).good  # nothing to write: allowed
+    assert t.log_sense(0x2E).data[4 + 5 * 8 + 4] == 1  # flag 09h WRITE PROTECT
+    assert t.log_sense(0x2E).data[4 + 5 * 8 + 4] == 0  # cleared after reading
+
+
+@pytest.mark.parametrize(
+    ("model", "barcode", "read", "write"),
+    [
+        ("IBM-LTO8", "GEN001L8", GOOD, GOOD),
+        ("IBM-LTO8", "GEN001L7", GOOD, GOOD),
+        ("IBM-LTO8", "GEN001L6", (3, 0x30, 2), (7, 0x30, 5)),
+        ("IBM-LTO8", "GEN001L9", (3, 0x30, 2), (7, 0x30, 5)),
+        ("IBM-LTO7", "GEN001L5", (8, 0, 5), (7, 0x30, 5)),  # N-2: read only
+        ("HP-LTO6", "GEN001L4", (8, 0, 5), (7, 0x30, 5)),
+        ("IBM-LTO5", "GEN001L6", (3, 0x30, 2), (7, 0x30, 5)),
+    ],
+)
+def test_generation_rules(
+    lib: FakeLibrary, model: str, barcode: str, read: tuple[int, int, int],
+    write: tuple[int, int, int],
+) -> None:
+    lib.create(barcode)
+    t = Tape(lib, model)
+    lib.move(barcode)
+    t.clear_ua()
+    assert t.run(bytes(6)).good
+    assert t.read(10).sense_codes == (read if read != GOOD else (8, 0, 5))
+    assert t.write(b"x" * 10).sense_codes == write
+
+
+def test_cleaning_cartridge(lib: FakeLibrary) -> None:
+    lib.create("CLN001L1")
+    t = Tape(lib)
+    lib.move("CLN001L1")
+    t.clear_ua()
+    assert t.run(bytes(6)).sense_codes == (2, 0x30, 3)
+    assert t.read(10).sense_codes == (2, 0x30, 3)
+
+
+def test_prevent_allow_and_load_unload(tape: Tape, lib: FakeLibrary) -> None:
+    assert tape.run(bytes([0x1E, 0, 0, 0, 1, 0])).good
+    assert lib.prevent[0] is True
+    assert tape.run(ssc.LoadUnload(False, False, False, False, False).build()).sense_codes == (
+        5, 0x53, 2,
+    )
+    assert tape.run(bytes([0x1E, 0, 0, 0, 0, 0])).good and lib.prevent[0] is False
+    tape.write(b"kept")
+    assert tape.run(ssc.LoadUnload(False, False, False, False, False).build()).good
+    assert tape.run(bytes(6)).sense_codes == (2, 4, 2)
+    assert tape.run(ssc.LoadUnload(False, False, False, False, True).build()).good
+    assert tape.run(bytes(6)).good and tape.tell().bop
+    assert tape.read(10).data == b"kept"
+    assert tape.run(ssc.LoadUnload(False, False, True, False, True).build()).sense_codes == (
+        5, 0x24, 0,
+    )
+    assert tape.run(bytes([0x1E, 0, 0, 0, 2, 0])).sense_codes == (5, 0x24, 0)
+
+
+def test_erase_truncates_at_position(tape: Tape) -> None:
+    build_tape(tape, "bbbb")
+    tape.locate(1)
+    assert tape.run(ssc.Erase6(False, True).build()).good
+    tape.rewind()
+    assert tape.space(3, 0).good and tape.tell().object_id == 1
+
+
+def test_report_density_support(tape: Tape) -> None:
+    r = tape.run(ssc.ReportDensitySupport(False, False, 4096).build(), data_in_len=4096)
+    n = int.from_bytes(r.data[:2], "big")
+    descs = [r.data[4 + i * 52 : 4 + (i + 1) * 52] for i in range((n - 2) // 52)]
+    assert [d[0] for d in descs] == [0x5E, 0x5C]
+    assert descs[0][2] & 0xA0 == 0xA0  # WRTOK, DEFLT
+    assert descs[0][24:32].rstrip() == b"U-832"
+    r = tape.run(ssc.ReportDensitySupport(True, False, 4096).build(), data_in_len=4096)
+    assert (int.from_bytes(r.data[:2], "big") - 2) // 52 == 1 and r.data[4] == 0x5E
+    r = tape.run(ssc.ReportDensitySupport(False, True, 4096).build(), data_in_len=4096)
+    assert r.good and r.data[4] == 0x88 and r.data[4 + 56] == 0x8C
+
+
+def test_mode_pages_and_compression(tape: Tape, lib: FakeLibrary) -> None:
+    for page, sub, length in [(0x0F, 0, 16), (0x10, 0, 16), (0x10, 1, 32), (0x11, 0, 10),
+                              (0x1D, 0, 32)]:
+        r = tape.mode_sense(page, sub)
+        assert r.good, (page, r)
+        body = r.data[16:]  # 8-byte MODE SENSE(10) header + one block descriptor
+        assert body[0] & 0x3F == page and len(body) == length, (page, sub, body.hex())
+    r = tape.mode_sense(0x0F)
+    page = bytearray(r.data[16:32])
+    assert not page[2] & 0x80
+    page[2] |= 0x80  # DCE on
+    page[0] &= 0x3F
+    hdr = bytes([0, 0, 0, 0x10, 0, 0, 0, 0])
+    assert tape.run(bytes([0x55, 0x10, 0, 0, 0, 0, 0, 0, 24, 0]), hdr + bytes(page)).good
+    assert tape.dev.compression
+    assert tape.mode_sense(0x10).data[16 + 14] == 1
+    tape.write(bytes(100_000))
+    tape.weof(0)
+    assert Cartridge.open(lib.media_path("TST001L8"), read_only=True).used < 10_000
+    tape.rewind()
+    assert tape.read(100_000).data == bytes(100_000)
+
+
+def test_log_pages(tape: Tape) -> None:
+    r = tape.log_sense(0x00)
+    pages = list(r.data[4 : 4 + int.from_bytes(r.data[2:4], "big")])
+    assert {0x02, 0x03, 0x0C, 0x2E, 0x31} <= set(pages)
+    tape.write(b"x" * 1000)
+    r = tape.log_sense(0x0C)
+    assert r.data[0] == 0x0C and int.from_bytes(r.data[8:16], "big") == 1000
+    r = tape.log_sense(0x31)
+    assert int.from_bytes(r.data[4 + 2 * 8 + 4 : 4 + 2 * 8 + 8], "big") == 12 * 10**12 // (1 << 20)
+    r = tape.log_sense(0x2E)
+    assert int.from_bytes(r.data[2:4], "big") == 64 * 5
+
+
+def test_attributes(tape: Tape) -> None:
+    def read_attr(first: int, sa: int = 0) -> Result:
+        return tape.run(ssc.ReadAttribute(sa, 0, 0, first, 4096, False).build(),
+                        data_in_len=4096)
+
+    r = read_attr(0x0401)
+    assert r.good
+    ident, flags, n = struct.unpack_from(">HBH", r.data, 4)
+    assert ident == 0x0401 and flags & 0x80 and r.data[9 : 9 + n].rstrip() == b"TST001L8"
+    assert read_attr(0x0800).sense_codes == (5, 0x24, 0)  # not present yet
+    attr = ssc.Attribute(0x0800, 1, b"ACME    ").build()
+    plist = len(attr).to_bytes(4, "big") + attr
+    assert tape.run(ssc.WriteAttribute(False, 0, 0, len(plist)).build(), plist).good
+    r = read_attr(0x0800)
+    assert struct.unpack_from(">HBH", r.data, 4) == (0x0800, 1, 8) and r.data[9:17] == b"ACME    "
+    ro = ssc.Attribute(0x0401, 1, b"X").build()
+    plist = len(ro).to_bytes(4, "big") + ro
+    assert tape.run(ssc.WriteAttribute(False, 0, 0, len(plist)).build(), plist).sense_codes == (
+        5, 0x26, 0,
+    )
+    bad = ssc.Attribute(0x0800, 1, b"TOO LONG VENDOR").build()
+    plist = len(bad).to_bytes(4, "big") + bad
+    assert tape.run(ssc.WriteAttribute(False, 0, 0, len(plist)).build(), plist).sense_codes == (
+        5, 0x26, 0,
+    )
+    r = read_attr(0, sa=ssc.AttributeAction.SUPPORTED_ATTRIBUTES)
+    ids = struct.unpack_from(f">{int.from_bytes(r.data[:4], 'big') // 2}H", r.data, 4)
+    assert 0x0800 in ids and 0x0401 in ids and list(ids) == sorted(ids)
+    assert tape.run(ssc.ReadAttribute(0, 0, 1, 0, 4096, False).build(),
+                    data_in_len=4096).sense_codes == (5, 0x24, 0)
+
+
+def test_report_supported_opcodes_lists_tape_commands(tape: Tape) -> None:
+    r = tape.run(bytes([0xA3, 0x0C, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0]), data_in_len=4096)
+    n = int.from_bytes(r.data[:4], "big")
+    ops = {r.data[4 + i] for i in range(0, n, 8)}
+    assert {0x01, 0x05, 0x08, 0x0A, 0x10, 0x11, 0x19, 0x1B, 0x1E, 0x2B, 0x34, 0x44, 0x8C,
+            0x8D, 0x91, 0x92} <= ops
+
+
+def test_state_survives_reload(tape: Tape, lib: FakeLibrary) -> None:
+    build_tape(tape, "bbf")
+    lib.move(None)
+    lib.move("TST001L8")
+    tape.clear_ua()
+    assert tape.space(3, 0).good and tape.tell().object_id == 3
