@@ -344,3 +344,28 @@ def test_changer_and_drive_luns_together(tmp_path: Path) -> None:
     finally:
         drive.close()
         changer.close()
+
+
+def test_through_the_ring_commands_run_in_order(tmp_path: Path) -> None:
+    """FakeKernel -> Ring -> DeviceRunner -> changer: a batch of dependent moves submitted at once
+    completes in order (serial_commands), as a robot would do them."""
+    from tcmu_py.testing.harness import RingHarness
+
+    dev = make(tmp_path)
+    ring = RingHarness(dev, workers=4)
+    try:
+        chain = [ST, DT, ST + 7, DT + 1, IE, ST + 3, DT, IE + 1, ST + 6]
+        pending = [
+            ring.submit(smc.MoveMedium(MT, a, b).build())
+            for a, b in zip(chain, chain[1:], strict=False)
+        ]
+        pending.append(ring.submit(res(), data_in_len=4096))
+        ring.wait(pending)
+        assert [p.status for p in pending] == [0] * len(pending)
+        es = ElementStatus.parse(pending[-1].data_in)
+        full = {
+            d.address: d.primary_tag.identifier for p in es.pages for d in p.descriptors if d.full
+        }
+        assert full == {ST + 6: "ABC000L8", ST + 1: "ABC001L8", ST + 2: "ABC002L8"}
+    finally:
+        ring.close()
