@@ -155,11 +155,13 @@ class RwCdb:
         """Raise LbaOutOfRange unless [lba, lba + transfer_length) lies within ``num_blocks``.
 
         SBC-4 4.5 / 5.15: LBA + TRANSFER LENGTH beyond the capacity is LOGICAL BLOCK ADDRESS OUT
-        OF RANGE, also when the transfer length is 0 and the LBA itself is beyond the last LBA.
+        OF RANGE.  A zero-length transfer at LBA == capacity is accepted, as LIO does and as
+        libiscsi expects for UNMAP (test_unmap_0blocks); one past it is rejected.
         """
-        end = self.lba + self.transfer_length
-        if end > num_blocks or (self.transfer_length == 0 and self.lba >= num_blocks):
-            raise LbaOutOfRange(f"LBA {self.lba}+{self.transfer_length} beyond {num_blocks} blocks")
+        if self.lba + self.transfer_length > num_blocks:
+            raise LbaOutOfRange(
+                f"LBA {self.lba}+{self.transfer_length} beyond {num_blocks} blocks", info=self.lba
+            )
 
 
 def parse_rw(cdb: Cdb, *, protection: bool = False) -> RwCdb:

@@ -632,11 +632,14 @@ def control_mode_page(
     gltsd: bool = True,
     busy_timeout: int = 0,
     d_sense_changeable: bool = True,
+    swp_changeable: bool = False,
 ) -> ModePage:
     """Control 0Ah (SPC-5 7.5.8), page length 0Ah; only D_SENSE is changeable by default.
 
     QAM 1 = unrestricted reordering (commands run concurrently); GLTSD = log parameters are not
-    saved; TAS = aborted commands of other I_T nexuses end with TASK ABORTED.
+    saved; TAS = aborted commands of other I_T nexuses end with TASK ABORTED.  Make SWP
+    changeable only if the device then refuses writes with WRITE PROTECTED (SBC-4 4.11; libiscsi's
+    ModeSense6.Control-SWP skips when it is not changeable).
     """
     params = bytearray(0x0A)
     params[0] = (tst << 5) | (0x04 if d_sense else 0) | (0x02 if gltsd else 0)
@@ -646,6 +649,7 @@ def control_mode_page(
     params[6:8] = _U16.pack(busy_timeout)
     mask = bytearray(0x0A)
     mask[0] = 0x04 if d_sense_changeable else 0
+    mask[2] = 0x08 if swp_changeable else 0
     return ModePage.make(ModePageCode.CONTROL, 0, bytes(params), bytes(mask))
 
 

@@ -124,10 +124,11 @@ def test_truncated_cdb():
         (99, 1, 100, True),
         (0, 100, 100, True),
         (99, 2, 100, False),
-        (100, 0, 100, False),
+        (100, 0, 100, True),
         (101, 0, 100, False),
         (2**64 - 1, 1, 100, False),
         (0, 1, 0, False),
+        (0, 0, 0, True),
     ],
 )
 def test_check_range(lba, length, num_blocks, ok):

@@ -489,3 +489,16 @@ def test_usage_mask_covers_every_bit_parse_rw_reads(opcode, raw):
 
     assume(len(cdb) == len(mask))
     assert outcome(cdb) == outcome(masked)
+
+
+def test_control_page_swp_changeable():
+    fixed = spc.control_mode_page()
+    assert fixed.changeable[spc.CONTROL_SWP_BYTE] == 0
+    page = spc.control_mode_page(swp_changeable=True)
+    body = bytearray(page.current)
+    body[spc.CONTROL_SWP_BYTE] |= spc.CONTROL_SWP_BIT
+    assert spc.apply_mode_select(page, bytes(body), 0)[spc.CONTROL_SWP_BYTE] & 0x08
+    with pytest.raises(InvalidFieldInParameterList):
+        spc.apply_mode_select(fixed, bytes(body), 0)
+    # D_SENSE lives where the constants say
+    assert page.changeable[spc.CONTROL_D_SENSE_BYTE] == spc.CONTROL_D_SENSE_BIT
