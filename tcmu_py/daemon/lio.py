@@ -29,10 +29,12 @@ initiators see).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -56,6 +58,7 @@ __all__ = [
     "apply",
     "apply_backstores",
     "apply_exports",
+    "backstore_writes",
     "down",
     "loopback_wwn",
     "no_reply_devices",
@@ -293,7 +296,7 @@ class RtslibBackend:
         Path("/etc/target").mkdir(parents=True, exist_ok=True)
         self.rtslib = rtslib_fb
         try:
-            rtslib_fb.RTSRoot()
+            self.configfs = rtslib_fb.RTSRoot().path
         except Exception as exc:  # rtslib raises bare RTSLibError / OSError
             raise LioError(f"LIO is not available (configfs, target_core_mod): {exc}") from exc
 
@@ -347,15 +350,7 @@ class RtslibBackend:
     def _create(self, obj: LioObject) -> None:
         r, k, p = self.rtslib, obj.key, obj.params
         if obj.kind is Kind.BACKSTORE:
-            r.tcm.bs_cache.clear()
-            so = r.UserBackedStorageObject(k[1], config=p["config"], size=p["size"],
-                                           wwn=p["wwn"], control=p["control"])
-            try:
-                for name, value in p["attributes"].items():
-                    so.set_attribute(name, str(value))
-            except BaseException:
-                so.delete()
-                raise
+            self._create_backstore(k[1], p)
         elif obj.kind is Kind.TARGET:
             r.Target(r.FabricModule(k[0]), k[1], mode="create")
         elif obj.kind is Kind.TPG:
@@ -388,11 +383,55 @@ class RtslibBackend:
             r.MappedLUN(self._acl(k), int(k[4]), tpg_lun=p["tpg_lun"],
                         write_protect=p["write_protect"])
 
+    def _create_backstore(self, name: str, p: dict[str, Any]) -> None:
+        """mkdir user_<N>/<name>, control, attributes, enable, unit serial — by hand rather than
+        with rtslib-fb's constructor, which enables the device before attributes can be set:
+        after enable, writing ``emulate_write_cache`` sends a netlink RECONFIG event and fails
+        with ESRCH when no daemon listens (checked on Debian's 6.1 kernel)."""
+        import fcntl
+
+        core = Path(self.configfs) / "core"
+        Path(self.rtslib.tcm.lock_file).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.rtslib.tcm.lock_file, "w+") as lock:
+            # Same lock and index space as rtslib-fb/targetcli: one HBA index per backstore.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            used = {d.name.rsplit("_", 1)[1] for d in core.glob("*_*") if d.is_dir()}
+            index = next(n for n in range(1 << 20) if str(n) not in used)
+            hba = core / f"user_{index}"
+            so = hba / name
+            so.mkdir(parents=True)
+        try:
+            for rel, value in backstore_writes(p):
+                (so / rel).write_text(value)
+        except BaseException:
+            with contextlib.suppress(OSError):  # rmdir also disables an enabled device
+                so.rmdir()
+                hba.rmdir()
+            raise
+        self.rtslib.tcm.bs_cache.clear()
+
     def delete(self, obj: LioObject) -> None:
         try:
             self._lookup(obj).delete()
         except (self.rtslib.utils.RTSLibError, OSError) as exc:
             raise LioError(f"removing {obj}: {exc}") from exc
+
+
+def backstore_writes(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """configfs writes (file relative to the backstore directory, value) that configure and
+    enable a user backstore, in order. target_core_user.c splits each ``control`` write at ','
+    into key=value tokens, so dev_config (cut at its first ',') is written alone; everything in
+    ``control`` and ``attrib/`` must precede ``enable`` (max_data_area_mb and friends are refused
+    afterwards, and emulate_write_cache would need a netlink listener); the unit serial can only
+    be written once the device is configured."""
+    writes = [("control", f"dev_config={params['config']}"),
+              ("control", f"dev_size={params['size']}"),
+              ("control", params["control"])]
+    writes += [(f"attrib/{k}", str(v)) for k, v in params["attributes"].items()]
+    writes.append(("enable", "1"))
+    # rtslib-fb generates a UUID unit serial when none is given; so do we.
+    writes.append(("wwn/vpd_unit_serial", f"{params['wwn'] or uuid.uuid4()}\n"))
+    return writes
 
 
 def _portal_ip(obj: LioObject) -> str:

@@ -335,20 +335,35 @@ def fake_rtslib() -> types.SimpleNamespace:
     return ns
 
 
+def test_backstore_configfs_writes_order(cfg: Config) -> None:
+    disk, thin = plan_backstores(cfg)
+    writes = lio.backstore_writes(thin.params)
+    assert writes == [
+        ("control", "dev_config=thin/unit=64K"),
+        ("control", f"dev_size={4 << 20}"),
+        ("control", "nl_reply_supported=-1,max_data_area_mb=32,hw_max_sectors=256,"
+                    "hw_block_size=4096"),
+        ("attrib/cmd_time_out", "0"),
+        ("attrib/emulate_write_cache", "1"),
+        ("enable", "1"),
+        ("wwn/vpd_unit_serial", "SER1\n"),
+    ]
+    generated = lio.backstore_writes(disk.params)[-1]
+    assert generated[0] == "wwn/vpd_unit_serial" and len(generated[1].strip()) == 36
+
+
 def test_rtslib_backend_calls(cfg: Config) -> None:
     _Node.calls = []
     be = RtslibBackend.__new__(RtslibBackend)
     be.rtslib = fake_rtslib()
-    plan = plan_backstores(cfg) + plan_exports(cfg)
+    plan = plan_exports(cfg)
     for obj in plan:
         be.create(obj)
     calls = _Node.calls
-    so = calls[0]
-    assert so[0] == "UserBackedStorageObject" and so[1] == ("disk0",)
-    assert so[2]["control"].startswith("nl_reply_supported=-1,")
-    assert so[2]["config"] == plan[0].params["config"] and so[2]["size"] == 1 << 20
-    assert ("set_attribute", "UserBackedStorageObject", "cmd_time_out", "30") in calls
-    assert ("set_attribute", "UserBackedStorageObject", "emulate_write_cache", "1") in calls
+    # LUNs look their backstore up by name (with rtslib-fb's stale index cache cleared).
+    luns = [c for c in calls if c[0] == "LUN"]
+    assert len(luns) == 4 and all("storage_object" in c[2] for c in luns)
+    assert be.rtslib.tcm.bs_cache == {}
     # IPv6 portals go to rtslib-fb in brackets.
     portals = [c for c in calls if c[0] == "NetworkPortal"]
     assert [p[1][1:] for p in portals] == [("127.0.0.1", 3260), ("[::1]", 3261)]
@@ -361,7 +376,6 @@ def test_rtslib_backend_calls(cfg: Config) -> None:
     assert [m[2] for m in mapped] == [{"tpg_lun": 1, "write_protect": False},
                                       {"tpg_lun": 0, "write_protect": False},
                                       {"tpg_lun": 1, "write_protect": False}]
-    assert be.rtslib.tcm.bs_cache == {}
 
 
 def test_rtslib_backend_errors_name_the_object(cfg: Config) -> None:
