@@ -363,6 +363,29 @@ class PreventAllow:
         return cls(cdb[4] & 0x03)
 
 
+@dataclass(frozen=True, slots=True)
+class ReadDefectData:
+    """READ DEFECT DATA (10) / (12) (SBC-4 5.19, 5.20); ``twelve`` tells which."""
+
+    twelve: bool
+    req_plist: bool
+    req_glist: bool
+    defect_list_format: int
+    allocation_length: int
+
+    @classmethod
+    def parse(cls, cdb: Cdb) -> Self:
+        if cdb[0] == Opcode.READ_DEFECT_DATA_10:
+            _check_length(cdb, 10)
+            flags, alloc, twelve = cdb[2], _U16.unpack_from(cdb, 7)[0], False
+        elif cdb[0] == Opcode.READ_DEFECT_DATA_12:
+            _check_length(cdb, 12)
+            flags, alloc, twelve = cdb[1], _U32.unpack_from(cdb, 6)[0], True
+        else:
+            raise ValueError(f"opcode {cdb[0]:02X}h is not READ DEFECT DATA")
+        return cls(twelve, bool(flags & 0x10), bool(flags & 0x08), flags & 0x07, alloc)
+
+
 # --- SPC commands -----------------------------------------------------------------------------
 
 

@@ -55,6 +55,7 @@ class Opcode(IntEnum):
     READ_POSITION = 0x34  # SSC (alias)
     SYNCHRONIZE_CACHE_10 = 0x35
     INITIALIZE_ELEMENT_STATUS_WITH_RANGE = 0x37  # SMC
+    READ_DEFECT_DATA_10 = 0x37  # SBC (alias)
     WRITE_BUFFER = 0x3B
     READ_BUFFER = 0x3C
     WRITE_SAME_10 = 0x41
@@ -95,6 +96,7 @@ class Opcode(IntEnum):
     MOVE_MEDIUM = 0xA5  # SMC
     EXCHANGE_MEDIUM = 0xA6  # SMC
     READ_12 = 0xA8
+    READ_DEFECT_DATA_12 = 0xB7
     WRITE_12 = 0xAA
     WRITE_AND_VERIFY_12 = 0xAE
     VERIFY_12 = 0xAF

@@ -259,3 +259,17 @@ def build_get_lba_status(descriptors: Iterable[tuple[int, int, int]]) -> bytes:
                 break
     # SBC-4 5.8.2: PARAMETER DATA LENGTH = n - 3 (excludes itself).
     return _LBA_STATUS_HEADER.pack(len(body) + 4) + bytes(body)
+
+
+def build_read_defect_data(
+    *, twelve: bool, req_plist: bool, req_glist: bool, defect_list_format: int
+) -> bytes:
+    """READ DEFECT DATA parameter data for a device without defects (SBC-4 5.19.2 / 5.20.2).
+
+    PLISTV / GLISTV echo the lists requested (both are valid and empty); DEFECT LIST LENGTH 0.
+    The (12) form has a 2-byte generation code (0: not supported) and a 4-byte length.
+    """
+    b1 = (0x10 if req_plist else 0) | (0x08 if req_glist else 0) | (defect_list_format & 0x07)
+    if twelve:
+        return bytes([0, b1, 0, 0, 0, 0, 0, 0])
+    return bytes([0, b1, 0, 0])

@@ -976,6 +976,7 @@ _DISK_USAGE: dict[tuple[int, int | None], bytes] = {
     (Opcode.VERIFY_10, None): _H("2f f6 ff ff ff ff 00 ff ff 00"),
     (Opcode.PRE_FETCH_10, None): _H("34 02 ff ff ff ff 00 ff ff 00"),
     (Opcode.SYNCHRONIZE_CACHE_10, None): _H("35 02 ff ff ff ff 00 ff ff 00"),
+    (Opcode.READ_DEFECT_DATA_10, None): _H("37 00 1f 00 00 00 00 ff ff 00"),
     (Opcode.WRITE_SAME_10, None): _H("41 f8 ff ff ff ff 00 ff ff 00"),
     (Opcode.UNMAP, None): _H("42 01 00 00 00 00 00 ff ff 00"),
     (Opcode.READ_16, None): _H("88 f8 ff ff ff ff ff ff ff ff ff ff ff ff 00 00"),
@@ -997,6 +998,7 @@ _DISK_USAGE: dict[tuple[int, int | None], bytes] = {
     (Opcode.WRITE_12, None): _H("aa f8 ff ff ff ff ff ff ff ff 00 00"),
     (Opcode.WRITE_AND_VERIFY_12, None): _H("ae f6 ff ff ff ff ff ff ff ff 00 00"),
     (Opcode.VERIFY_12, None): _H("af f6 ff ff ff ff ff ff ff ff 00 00"),
+    (Opcode.READ_DEFECT_DATA_12, None): _H("b7 1f 00 00 00 00 ff ff ff ff 00 00"),
 }
 _TAPE_USAGE: dict[tuple[int, int | None], bytes] = {
     (Opcode.REWIND, None): _H("01 01 00 00 00 00"),

@@ -222,3 +222,10 @@ def test_read_capacity_pmi(cls, op):
         cls.parse(bytes(cdb))
     cdb[14 if size == 16 else 8] = 1  # PMI
     assert cls.parse(bytes(cdb)).pmi
+
+
+def test_read_defect_data():
+    r10 = c.ReadDefectData.parse(bytes([0x37, 0, 0x1D, 0, 0, 0, 0, 0, 32, 0]))
+    assert r10 == c.ReadDefectData(False, True, True, 5, 32)
+    r12 = c.ReadDefectData.parse(bytes([0xB7, 0x08, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]))
+    assert r12 == c.ReadDefectData(True, False, True, 0, 256)

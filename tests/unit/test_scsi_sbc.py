@@ -148,3 +148,11 @@ def test_get_lba_status(descs):
 
 def test_get_lba_status_empty():
     assert sbc.build_get_lba_status([]) == bytes([0, 0, 0, 4, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("twelve", [False, True])
+def test_read_defect_data_empty(twelve):
+    data = sbc.build_read_defect_data(twelve=twelve, req_plist=True, req_glist=False,
+                                      defect_list_format=3)
+    assert data[1] == 0x13
+    assert len(data) == (8 if twelve else 4) and not any(data[2:])
