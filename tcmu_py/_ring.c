@@ -131,6 +131,7 @@ static int tcmu_py_parse_cmd(struct tcmu_py_ring *r, uint32_t off, uint32_t len,
     e->iov_bidi_cnt = ent->req.iov_bidi_cnt;
     e->cdb_len = cdb_len;
     e->cdb_off = cdb_off;
+    e->reserved = 0;
     e->array_off = start + TCMU_PY_IOV0;
     return TCMU_PY_OK;
 }
@@ -148,6 +149,7 @@ static int tcmu_py_parse_tmr(struct tcmu_py_ring *r, uint32_t off, uint32_t len,
     e->iov_bidi_cnt = ent->tmr_type;
     e->cdb_len = 0;
     e->cdb_off = 0;
+    e->reserved = 0;
     e->array_off = (uint64_t)r->cmdr_off + off + offsetof(struct tcmu_tmr_entry, cmd_ids);
     return TCMU_PY_OK;
 }

@@ -35,8 +35,11 @@ struct tcmu_py_ring {
     uint64_t unknown_ops;    /* entries with an unknown TCMU opcode, marked UNKNOWN_OP */
 };
 
-/* One CMD or TMR entry found by tcmu_py_dequeue (PAD and unknown opcodes are not reported). */
+/* One CMD or TMR entry found by tcmu_py_dequeue (PAD and unknown opcodes are not reported).
+ * No implicit padding: ring.py reads an array of these with one struct.Struct. */
 struct tcmu_py_entry {
+    uint64_t cdb_off;        /* CMD: mapping-relative offset of the CDB */
+    uint64_t array_off;      /* mapping-relative offset of req.iov[0] (CMD) or cmd_ids[0] (TMR) */
     uint32_t offset;         /* ring-relative offset of the entry */
     uint32_t length;         /* entry length in bytes */
     uint32_t op;             /* TCMU_OP_CMD or TCMU_OP_TMR */
@@ -44,8 +47,7 @@ struct tcmu_py_entry {
     uint32_t iov_cnt;        /* CMD: req.iov_cnt; TMR: cmd_cnt */
     uint32_t iov_bidi_cnt;   /* CMD: req.iov_bidi_cnt; TMR: tmr_type */
     uint32_t cdb_len;        /* CMD: scsi_command_size() of the CDB */
-    uint64_t cdb_off;        /* CMD: mapping-relative offset of the CDB */
-    uint64_t array_off;      /* mapping-relative offset of req.iov[0] (CMD) or cmd_ids[0] (TMR) */
+    uint32_t reserved;
 };
 
 /* One completion for tcmu_py_complete_batch. */

@@ -54,10 +54,10 @@ must be serialised (one thread, or one lock around every call).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from tcmu_py._tcmu_ring import ffi, lib
 from tcmu_py.errors import RingError
@@ -203,9 +203,11 @@ class RingTmr:
     cmd_ids: list[int]
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """One response for :meth:`Ring.complete_many`; fields as for :meth:`Ring.complete`."""
+class Completion(NamedTuple):
+    """One response for :meth:`Ring.complete_many`; fields as for :meth:`Ring.complete`.
+
+    A NamedTuple (cheap to build in the completion hot path); plain tuples work too.
+    """
 
     cmd_id: int
     status: int
@@ -224,7 +226,13 @@ _ERRORS = {
     lib.TCMU_PY_E_SENSE: "sense data longer than 96 bytes",
 }
 
-_U32 = struct.Struct("<I")
+# struct tcmu_py_entry (_ring.h): cdb_off, array_off, offset, length, op, cmd_id, iov_cnt,
+# iov_bidi_cnt, cdb_len, reserved. tests/unit/test_ffi_offsets.py checks it.
+_ENTRY = struct.Struct("=QQ8I")
+_IOVEC = struct.Struct("<QQ")
+# struct tcmu_py_rsp: cmd_id, scsi_status, sense_len, has_read_len, read_len, sense[96]
+_RSP = struct.Struct("=5I96s")
+_OP_CMD = int(RingOp.CMD)
 _iov_structs: dict[int, struct.Struct] = {}
 _id_structs: dict[int, struct.Struct] = {}
 
@@ -269,8 +277,8 @@ class Ring:
             )
         self._batch = batch
         self._entries = ffi.new("struct tcmu_py_entry[]", batch)
+        self._entries_raw = ffi.buffer(self._entries)
         self._in_flight: set[int] = set()
-        self._tmr_count = 0
 
     # --- introspection
 
@@ -331,40 +339,38 @@ class Ring:
         """
         cmds: list[RingCommand] = []
         tmrs: list[RingTmr] = []
-        entries, mv, ctx, batch = self._entries, self._mv, self._ctx, self._batch
-        cmd_op = int(RingOp.CMD)
+        mv, ctx, batch, raw = self._mv, self._ctx, self._batch, self._entries_raw
+        in_flight = self._in_flight
+        unpack_entry = _ENTRY.unpack_from
         while True:
-            n = lib.tcmu_py_dequeue(ctx, entries, batch)
+            n = lib.tcmu_py_dequeue(ctx, self._entries, batch)
             if n < 0:
                 self._check(n)
             for i in range(n):
-                e = entries[i]
-                if e.op == cmd_op:
-                    cmd_id = e.cmd_id
-                    if cmd_id in self._in_flight:
-                        raise RingError(
-                            f"cmd_id {cmd_id} at ring offset {e.offset} is already in flight"
-                        )
-                    cdb_off = e.cdb_off
-                    cdb = mv[cdb_off : cdb_off + e.cdb_len].tobytes()
-                    n_out = e.iov_cnt
-                    n_all = n_out + e.iov_bidi_cnt
-                    views: list[memoryview] = []
-                    if n_all:
-                        flat = _iov_struct(n_all).unpack_from(mv, e.array_off)
-                        views = [
-                            mv[flat[j] : flat[j] + flat[j + 1]] for j in range(0, 2 * n_all, 2)
-                        ]
-                    self._in_flight.add(cmd_id)
-                    if e.iov_bidi_cnt:
-                        cmds.append(RingCommand(cmd_id, cdb, views[:n_out], views[n_out:]))
-                    else:
-                        cmds.append(RingCommand(cmd_id, cdb, views, views))
+                cdb_off, array_off, offset, _, op, cmd_id, n_out, n_bidi, cdb_len, _ = (
+                    unpack_entry(raw, i * _ENTRY.size)
+                )
+                if op != _OP_CMD:
+                    ids = list(_id_struct(n_out).unpack_from(mv, array_off)) if n_out else []
+                    tmrs.append(RingTmr(n_bidi, ids))
+                    continue
+                if cmd_id in in_flight:
+                    raise RingError(f"cmd_id {cmd_id} at ring offset {offset} is already in flight")
+                cdb = mv[cdb_off : cdb_off + cdb_len].tobytes()
+                n_all = n_out + n_bidi
+                if n_all == 1:
+                    base, length = _IOVEC.unpack_from(mv, array_off)
+                    views = [mv[base : base + length]]
+                elif n_all:
+                    flat = _iov_struct(n_all).unpack_from(mv, array_off)
+                    views = [mv[flat[j] : flat[j] + flat[j + 1]] for j in range(0, 2 * n_all, 2)]
                 else:
-                    count = e.iov_cnt
-                    ids = list(_id_struct(count).unpack_from(mv, e.array_off)) if count else []
-                    tmrs.append(RingTmr(int(e.iov_bidi_cnt), ids))
-                    self._tmr_count += 1
+                    views = []
+                in_flight.add(cmd_id)
+                if n_bidi:
+                    cmds.append(RingCommand(cmd_id, cdb, views[:n_out], views[n_out:]))
+                else:
+                    cmds.append(RingCommand(cmd_id, cdb, views, views))
             if n < batch:
                 return cmds, tmrs
 
@@ -387,37 +393,36 @@ class Ring:
         self._check(lib.tcmu_py_complete(self._ctx, cmd_id, status, sense, len(sense), has_len, rl))
         self._in_flight.discard(cmd_id)
 
-    def complete_many(self, completions: Sequence[Completion] | Iterable[Completion]) -> None:
+    def complete_many(
+        self, completions: Iterable[Completion | tuple[int, int, bytes, int | None]]
+    ) -> None:
         """Complete several commands with one C call and one release store of ``cmd_tail``.
 
         All ids are checked first (in flight, no duplicates): on error nothing is written.
         """
-        items = list(completions)
-        ids = [c.cmd_id for c in items]
-        if len(set(ids)) != len(ids):
-            raise RingError(f"duplicate cmd_id in one batch: {sorted(ids)}")
-        for c in items:
-            if c.cmd_id not in self._in_flight:
-                raise RingError(
-                    f"cmd_id {c.cmd_id} is not in flight (unknown or already completed)"
-                )
-            if len(c.sense) > SENSE_BUFFERSIZE:
-                raise ValueError(f"sense data is {len(c.sense)} bytes; TCMU carries at most 96")
+        items = [c if len(c) == 4 else Completion(*c) for c in completions]
         if not items:
             return
-        rsps = ffi.new("struct tcmu_py_rsp[]", len(items))
-        for i, c in enumerate(items):
-            r = rsps[i]
-            r.cmd_id = c.cmd_id
-            r.scsi_status = c.status
-            r.sense_len = len(c.sense)
-            r.has_read_len, r.read_len = self._read_len(c.read_len)
-            if c.sense:
-                ffi.memmove(r.sense, c.sense, len(c.sense))
+        ids = [c[0] for c in items]
+        if len(set(ids)) != len(ids):
+            raise RingError(f"duplicate cmd_id in one batch: {sorted(ids)}")
+        in_flight = self._in_flight
+        raw = bytearray(_RSP.size * len(items))
+        pack, size = _RSP.pack_into, _RSP.size
+        for i, (cmd_id, status, sense, read_len) in enumerate(items):
+            if cmd_id not in in_flight:
+                raise RingError(f"cmd_id {cmd_id} is not in flight (unknown or already completed)")
+            if len(sense) > SENSE_BUFFERSIZE:
+                raise ValueError(f"sense data is {len(sense)} bytes; TCMU carries at most 96")
+            if read_len is None:
+                pack(raw, i * size, cmd_id, status, len(sense), 0, 0, sense)
+            else:
+                pack(raw, i * size, cmd_id, status, len(sense), *self._read_len(read_len), sense)
         done = ffi.new("int *")
-        rc = lib.tcmu_py_complete_batch(self._ctx, rsps, len(items), done)
-        for c in items[: done[0]]:
-            self._in_flight.discard(c.cmd_id)
+        rc = lib.tcmu_py_complete_batch(
+            self._ctx, ffi.from_buffer("struct tcmu_py_rsp[]", raw), len(items), done
+        )
+        in_flight.difference_update(ids[: done[0]])
         if rc < 0:
             self._check(rc)
 

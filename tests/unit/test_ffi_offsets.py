@@ -103,3 +103,19 @@ def test_entry_sizing_matches_kernel_formula() -> None:
         base = max(iovs, ffi.sizeof(ENT))
         for cdb_len in (6, 10, 12, 16, 32, 263):
             assert ring.command_entry_size(n, cdb_len) == base + (cdb_len + 7) // 8 * 8
+
+
+def test_entry_descriptor_layout_matches_ring_struct() -> None:
+    # ring.py reads the tcmu_py_entry array with one struct.Struct
+    fields = ["cdb_off", "array_off", "offset", "length", "op", "cmd_id", "iov_cnt",
+              "iov_bidi_cnt", "cdb_len", "reserved"]
+    offsets = [ffi.offsetof("struct tcmu_py_entry", f) for f in fields]
+    assert offsets == [0, 8, 16, 20, 24, 28, 32, 36, 40, 44]
+    assert ffi.sizeof("struct tcmu_py_entry") == ring._ENTRY.size == 48
+
+
+def test_completion_record_layout_matches_ring_struct() -> None:
+    fields = ["cmd_id", "scsi_status", "sense_len", "has_read_len", "read_len", "sense"]
+    offsets = [ffi.offsetof("struct tcmu_py_rsp", f) for f in fields]
+    assert offsets == [0, 4, 8, 12, 16, 20]
+    assert ffi.sizeof("struct tcmu_py_rsp") == ring._RSP.size == 116
