@@ -243,20 +243,40 @@ class ProvisioningStatus(IntEnum):
     UNKNOWN = 0x3
 
 
-def build_get_lba_status(descriptors: Iterable[tuple[int, int, int]]) -> bytes:
-    """GET LBA STATUS parameter data (SBC-4 5.8.2) from (LBA, blocks, provisioning status).
+def build_get_lba_status(
+    descriptors: Iterable[tuple[int, int, int]],
+    *,
+    start_lba: int | None = None,
+    max_descriptors: int | None = None,
+) -> bytes:
+    """GET LBA STATUS parameter data (SBC-4 5.8.2) from (LBA, blocks, provisioning status) runs.
 
-    The first descriptor must start at the requested LBA (the caller's job).  Runs longer than
-    the 32-bit NUMBER OF LOGICAL BLOCKS field are split into several descriptors.
+    Runs are taken in order.  With ``start_lba`` the runs ending at or before it are dropped and
+    the first one is clipped to start there (SBC-4 5.8.2: the first descriptor describes the
+    STARTING LOGICAL BLOCK ADDRESS); adjacent runs with the same status are merged; a run longer
+    than the 32-bit NUMBER OF LOGICAL BLOCKS field is split; at most ``max_descriptors`` are
+    returned (the caller derives it from the allocation length).
     """
-    body = bytearray()
+    runs: list[list[int]] = []
     for lba, blocks, status in descriptors:
-        while True:
+        if blocks <= 0:
+            continue
+        if start_lba is not None:
+            if lba + blocks <= start_lba:
+                continue
+            if lba < start_lba:
+                lba, blocks = start_lba, lba + blocks - start_lba
+        if runs and runs[-1][2] == status and runs[-1][0] + runs[-1][1] == lba:
+            runs[-1][1] += blocks
+        else:
+            runs.append([lba, blocks, status])
+    body = bytearray()
+    count = 0
+    for lba, blocks, status in runs:
+        while blocks > 0 and (max_descriptors is None or count < max_descriptors):
             n = min(blocks, 0xFFFFFFFF)
             body += _LBA_STATUS_DESC.pack(lba, n, status & 0x0F, 0)
-            lba, blocks = lba + n, blocks - n
-            if blocks <= 0:
-                break
+            lba, blocks, count = lba + n, blocks - n, count + 1
     # SBC-4 5.8.2: PARAMETER DATA LENGTH = n - 3 (excludes itself).
     return _LBA_STATUS_HEADER.pack(len(body) + 4) + bytes(body)
 

@@ -125,25 +125,50 @@ def parse_lba_status(data: bytes) -> list[tuple[int, int, int]]:
     ]
 
 
-@given(st.lists(st.tuples(st.integers(0, 2**40), st.integers(1, 2**33),
-                          st.sampled_from(list(sbc.ProvisioningStatus))), max_size=6))
-def test_get_lba_status(descs):
-    out = parse_lba_status(sbc.build_get_lba_status(descs))
-    # runs longer than 32 bits are split, covering exactly the same blocks
-    expanded = []
-    for lba, n, status in out:
-        assert 0 < n <= 0xFFFFFFFF
-        if expanded and expanded[-1][2] == status and expanded[-1][0] + expanded[-1][1] == lba:
-            expanded[-1] = (expanded[-1][0], expanded[-1][1] + n, status)
+def merge(runs):
+    out = []
+    for lba, n, status in runs:
+        if n <= 0:
+            continue
+        if out and out[-1][2] == status and out[-1][0] + out[-1][1] == lba:
+            out[-1] = (out[-1][0], out[-1][1] + n, status)
         else:
-            expanded.append((lba, n, status))
-    merged = []
-    for lba, n, status in descs:
-        if merged and merged[-1][2] == status and merged[-1][0] + merged[-1][1] == lba:
-            merged[-1] = (merged[-1][0], merged[-1][1] + n, status)
-        else:
-            merged.append((lba, n, status))
-    assert expanded == merged
+            out.append((lba, n, status))
+    return out
+
+
+@st.composite
+def contiguous_runs(draw):
+    lba = draw(st.integers(0, 2**40))
+    runs = []
+    for _ in range(draw(st.integers(0, 6))):
+        n = draw(st.integers(1, 2**33))
+        runs.append((lba, n, draw(st.sampled_from(list(sbc.ProvisioningStatus)))))
+        lba += n
+    return runs
+
+
+@given(contiguous_runs())
+def test_get_lba_status_covers_same_blocks(runs):
+    out = parse_lba_status(sbc.build_get_lba_status(runs))
+    assert all(0 < n <= 0xFFFFFFFF for _, n, _ in out)
+    assert merge(out) == merge(runs)
+
+
+@given(contiguous_runs(), st.integers(0, 2**41), st.integers(1, 5))
+def test_get_lba_status_start_and_limit(runs, start, limit):
+    out = parse_lba_status(sbc.build_get_lba_status(runs, start_lba=start, max_descriptors=limit))
+    assert len(out) <= limit
+    covering = [r for r in runs if r[0] + r[1] > start]
+    if not covering:
+        assert out == []
+        return
+    # SBC-4 5.8.2: the first descriptor starts at the requested LBA when a run covers it.
+    first = covering[0]
+    assert out[0][0] == max(start, first[0]) and out[0][2] == first[2]
+    # descriptors are contiguous, each a prefix of the merged runs
+    for a, b in zip(out, out[1:], strict=False):
+        assert a[0] + a[1] == b[0]
 
 
 def test_get_lba_status_empty():
