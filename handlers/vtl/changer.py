@@ -88,8 +88,9 @@ class Changer(ScsiDevice):
         return super().execute(cmd)
 
     def _operator_access(self) -> None:
-        # SMC-3 5.? : after operator access to import/export elements the changer reports
-        # UNIT ATTENTION, IMPORT OR EXPORT ELEMENT ACCESSED so initiators re-read element status.
+        # SMC-3 unit attention conditions: after operator access to import/export elements the
+        # changer reports UNIT ATTENTION, IMPORT OR EXPORT ELEMENT ACCESSED so initiators re-read
+        # element status.
         self.queue_unit_attention(ImportExportElementAccessed())
 
     # ------------------------------------------------------------------------------------------
@@ -102,8 +103,9 @@ class Changer(ScsiDevice):
         pages += [
             _fixed_page(smc.element_address_assignment_page(lib.ranges())),
             _fixed_page(smc.transport_geometry_page(lib.ranges()[ElementType.MEDIUM_TRANSPORT][1])),
-            # SMC-3 7.3.2: cartridges rest in storage, import/export and data transfer elements
-            # (not in the transport) and move / exchange between any two of those types.
+            # SMC-3 device capabilities page: cartridges rest in storage, import/export and data
+            # transfer elements (not in the transport) and move / exchange between any two of those
+            # types.
             _fixed_page(
                 smc.device_capabilities_page(
                     holders, {t: holders for t in holders}, {t: holders for t in holders}
@@ -119,8 +121,8 @@ class Changer(ScsiDevice):
     def read_element_status(self, cmd: Command) -> int:
         req = smc.ReadElementStatus.parse(cmd.cdb)
         data = smc.build_element_status(self.element_status_pages(req))
-        # SMC-3 6.12.2 / SPC-5 4.2.5.6: cut at the allocation length; the header keeps the
-        # full counts so the initiator can ask again with enough room.
+        # SMC-3 READ ELEMENT STATUS / SPC-5 4.2.5.6: cut at the allocation length; the header keeps
+        # the full counts so the initiator can ask again with enough room.
         return cmd.write_data_in(data[: req.allocation_length])
 
     @command(Opcode.MOVE_MEDIUM)
@@ -150,21 +152,23 @@ class Changer(ScsiDevice):
         req = smc.PositionToElement.parse(cmd.cdb)
         self._check_transport(req.transport)
         self._check_invert(req.invert, field=8)
-        # SMC-3 6.8: any element may be a destination, the transport itself included.
+        # SMC-3 POSITION TO ELEMENT: any element may be a destination, the transport itself
+        # included.
         self._check_address(req.destination, field=4)
         # The transport is virtual: there is nothing to move, so positioning completes at once.
 
     @command(Opcode.INITIALIZE_ELEMENT_STATUS)
     def initialize_element_status(self, cmd: Command) -> None:
-        # SMC-3 6.2: the device server re-checks every element. Our inventory is the state
-        # file, so re-reading it (done by execute) is the whole inventory.
+        # SMC-3 INITIALIZE ELEMENT STATUS: the device server re-checks every element. Our inventory
+        # is the state file, so re-reading it (done by execute) is the whole inventory.
         self.library.refresh()
 
     @command(Opcode.INITIALIZE_ELEMENT_STATUS_WITH_RANGE)
     def initialize_element_status_with_range(self, cmd: Command) -> None:
         req = smc.InitializeElementStatusWithRange.parse(cmd.cdb)
         if req.range:
-            # SMC-3 6.4: STARTING ELEMENT ADDRESS must name an element when RANGE is one.
+            # SMC-3 INITIALIZE ELEMENT STATUS WITH RANGE: STARTING ELEMENT ADDRESS must name an
+            # element when RANGE is one.
             self._check_address(req.starting_address, field=2)
         self.library.refresh()
 
@@ -184,7 +188,8 @@ class Changer(ScsiDevice):
     def prevent_allow_medium_removal(self, cmd: Command) -> None:
         req = cdbs.PreventAllow.parse(cmd.cdb)
         if req.prevent > 1:
-            # SMC-3 6.9: PREVENT 00b allows, 01b prevents; the other values are obsolete.
+            # SMC-3 PREVENT ALLOW MEDIUM REMOVAL: PREVENT 00b allows, 01b prevents; the other values
+            # are obsolete.
             raise InvalidFieldInCdb(f"PREVENT {req.prevent:#04b}", field_pointer=4, bit_pointer=1)
         self.library.set_ie_prevent(bool(req.prevent))
 
@@ -194,10 +199,11 @@ class Changer(ScsiDevice):
     def element_status_pages(self, req: smc.ReadElementStatus) -> list[ElementStatusPage]:
         """The pages answering `req` (before allocation-length truncation).
 
-        SMC-3 6.12.1: report elements of the requested type(s) with address >= STARTING ELEMENT
-        ADDRESS, at most NUMBER OF ELEMENTS of them, in ascending address order; consecutive
-        elements of one type share a page. A starting address above every element of the
-        library is INVALID ELEMENT ADDRESS; otherwise an empty selection is an empty report.
+        SMC-3 READ ELEMENT STATUS: report elements of the requested type(s) with address at or
+        above STARTING ELEMENT ADDRESS, at most NUMBER OF ELEMENTS of them, in ascending address
+        order; consecutive elements of one type share a page. A starting address above every
+        element of the library is INVALID ELEMENT ADDRESS; otherwise an empty selection is an
+        empty report.
         """
         lib = self.library
         every = lib.addresses()
@@ -233,8 +239,8 @@ class Changer(ScsiDevice):
         if etype == ElementType.STORAGE or etype == ElementType.DATA_TRANSFER:
             flags |= ACCESS
         elif etype == ElementType.IMPORT_EXPORT:
-            # SMC-3 6.12.5: INENAB/EXENAB: both directions supported; IMPEXP: the operator put
-            # the medium there; ACCESS: the transport can reach it (not while open).
+            # SMC-3 READ ELEMENT STATUS: INENAB/EXENAB: both directions supported; IMPEXP: the
+            # operator put the medium there; ACCESS: the transport can reach it (not while open).
             flags |= INENAB | EXENAB
             flags |= 0 if self.library.ie_is_open(address) else ACCESS
             flags |= IMPEXP if occ and occ.imported else 0
@@ -282,11 +288,12 @@ class Changer(ScsiDevice):
 
     def _check_holder(self, address: int, *, field: int) -> None:
         if self._check_address(address, field=field) not in _HOLDERS:
-            # SMC-3 7.3.2 (STOR MT = 0): the transport is not a place media can be moved to/from.
+            # SMC-3 device capabilities page (STOR MT = 0): the transport is not a place media can
+            # be moved to/from.
             raise InvalidElementAddress(f"{address:#06x} cannot hold media", field_pointer=field)
 
     def _check_transport(self, address: int) -> None:
-        # SMC-3 6.6: MEDIUM TRANSPORT ADDRESS 0 selects the default transport.
+        # SMC-3 MOVE MEDIUM: MEDIUM TRANSPORT ADDRESS 0 selects the default transport.
         if address == 0:
             return
         if self._check_address(address, field=2) != ElementType.MEDIUM_TRANSPORT:
@@ -295,7 +302,8 @@ class Changer(ScsiDevice):
     @staticmethod
     def _check_invert(invert: bool, *, field: int, bit: int = 0) -> None:
         if invert:
-            # SMC-3 7.3.5: page 1Eh reports ROTATE = 0, so media cannot be inverted.
+            # SMC-3 transport geometry page: page 1Eh reports ROTATE = 0, so media cannot be
+            # inverted.
             raise InvalidFieldInCdb(
                 "INVERT: the transport cannot rotate media", field_pointer=field, bit_pointer=bit
             )
@@ -313,5 +321,5 @@ def _drive_identity(model: str) -> tuple[str, str]:
 
 
 def _fixed_page(raw: bytes) -> spc.ModePage:
-    """A mode page none of whose fields MODE SELECT may change (SMC-3 7.3: pages 1Dh-1Fh)."""
+    """A mode page none of whose fields MODE SELECT may change (SMC-3 pages 1Dh-1Fh)."""
     return spc.ModePage.make(raw[0] & 0x3F, 0, raw[2:])

@@ -385,7 +385,7 @@ class Library:
             self._drive_prevent[drive_index] = prevented
 
     def move(self, src_addr: int, dst_addr: int) -> None:
-        """MOVE MEDIUM (SMC-3 6.6) from `src_addr` to `dst_addr`, durably.
+        """MOVE MEDIUM (SMC-3) from `src_addr` to `dst_addr`, durably.
 
         Checks, in this order: both addresses name storage, import/export or data transfer
         elements (InvalidElementAddress); the source is full (SourceEmpty); the destination is
@@ -407,7 +407,7 @@ class Library:
             state.contents[dst_addr] = self._moved(occ, src_addr)
 
     def exchange(self, src_addr: int, dst1_addr: int, dst2_addr: int) -> None:
-        """EXCHANGE MEDIUM (SMC-3 6.3): the medium in `src_addr` goes to `dst1_addr` and the one
+        """EXCHANGE MEDIUM (SMC-3): the medium in `src_addr` goes to `dst1_addr` and the one
         that was in `dst1_addr` goes to `dst2_addr` (which may be `src_addr`), durably.
 
         Errors as for `move`; `src_addr == dst1_addr` is InvalidElementAddress; an empty first
@@ -514,7 +514,8 @@ class Library:
         return address
 
     def _check_holder(self, address: int) -> None:
-        # SMC-3 7.3.2: our medium transport is not a storage location (STOR MT = 0).
+        # SMC-3 device capabilities page: our medium transport is not a storage location (STOR MT =
+        # 0).
         if self.element_type(address) == ElementType.MEDIUM_TRANSPORT:
             raise InvalidElementAddress(f"{address:#06x} is the medium transport")
 

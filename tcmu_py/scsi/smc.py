@@ -3,25 +3,24 @@
 Pure: bytes in, dataclasses / bytes / exceptions out. What a changer *does* with them (which
 element holds which cartridge) lives in the VTL handler.
 
-Facts this file encodes (SMC-3 r?? clause numbers as in SMC-3, checked against what Linux `ch`
-and `mtx` send and parse):
+Facts this file encodes (from SMC-3, checked against what Linux `ch` and `mtx` send and parse):
 
-* Element types (6.12 table 21): 1 medium transport, 2 storage, 3 import/export, 4 data transfer;
-  0 in a READ ELEMENT STATUS CDB means "all types". Every element has a 16-bit address; the four
+* Element types: 1 medium transport, 2 storage, 3 import/export, 4 data transfer; 0 in a
+  READ ELEMENT STATUS CDB means "all types". Every element has a 16-bit address; the four
   ranges are announced by the element address assignment mode page (1Dh), which `ch` reads with
   MODE SENSE(6) before anything else.
-* READ ELEMENT STATUS data (6.12.2): an 8-byte header, then one *element status page* per run of
+* READ ELEMENT STATUS data: an 8-byte header, then one *element status page* per run of
   consecutive reported elements of one type (8-byte page header + fixed-length descriptors).
   The header's NUMBER OF ELEMENTS AVAILABLE and BYTE COUNT OF REPORT AVAILABLE are computed for
   the whole report and are *not* reduced to fit the allocation length; the data itself is simply
   cut at the allocation length (SPC-5 4.2.5.6). `mtx` and backup software ask with a small
   allocation length first and repeat with `byte count + 8`.
-* An element descriptor (6.12.3-6.12.6) is 12 bytes, the 36-byte primary volume tag when PVOLTAG,
+* An element descriptor is 12 bytes, the 36-byte primary volume tag when PVOLTAG,
   the alternate tag when AVOLTAG, then always a 4-byte identification descriptor header (CODE SET,
   IDENTIFIER TYPE, reserved, IDENTIFIER LENGTH) and the identifier; the identifier is non-empty
   only for data transfer elements when DVCID was set. `ch` reads the descriptor at byte 16 of the
   response with VOLTAG=1, NUMBER OF ELEMENTS 1 and allocation length 255.
-* A volume tag (7.?: volume tag information) is a 32-byte left-aligned space-padded identifier,
+* A volume tag (volume tag information) is a 32-byte left-aligned space-padded identifier,
   2 reserved bytes and a 2-byte volume sequence number.
 """
 
@@ -47,7 +46,7 @@ ELEMENT_PAGE_HEADER_LENGTH = 8
 
 
 class ElementType(IntEnum):
-    """ELEMENT TYPE CODE (SMC-3 6.12.1 table 21)."""
+    """ELEMENT TYPE CODE (SMC-3 READ ELEMENT STATUS)."""
 
     ALL = 0
     MEDIUM_TRANSPORT = 1
@@ -66,7 +65,7 @@ ELEMENT_TYPES: tuple[ElementType, ...] = (
 
 
 class MediumType(IntEnum):
-    """MEDIUM TYPE of an element descriptor, byte 9 bits 2..0 (SMC-3 6.12.3 table 27)."""
+    """MEDIUM TYPE of an element descriptor, byte 9 bits 2..0 (SMC-3 READ ELEMENT STATUS)."""
 
     UNSPECIFIED = 0
     DATA = 1
@@ -77,7 +76,7 @@ class MediumType(IntEnum):
 
 
 class OpenCloseAction(IntEnum):
-    """ACTION CODE of OPEN/CLOSE IMPORT/EXPORT ELEMENT (SMC-3 6.5 table 11)."""
+    """ACTION CODE of OPEN/CLOSE IMPORT/EXPORT ELEMENT (SMC-3)."""
 
     OPEN = 0x00
     CLOSE = 0x01
@@ -150,22 +149,22 @@ class ImportExportElementAccessed(ScsiError):
 # CDBs
 
 _U16 = struct.Struct(">H")
-# READ ELEMENT STATUS (SMC-3 6.12 table 20): op | VOLTAG+type | start | count | CURDATA+DVCID |
+# READ ELEMENT STATUS (SMC-3): op | VOLTAG+type | start | count | CURDATA+DVCID |
 # allocation length (24 bits, 7..9) | rsvd | control
 _RES = struct.Struct(">BBHHB3sxB")
-# MOVE MEDIUM (SMC-3 6.6 table 12): op | rsvd | transport | source | destination | rsvd 8..9 |
+# MOVE MEDIUM (SMC-3): op | rsvd | transport | source | destination | rsvd 8..9 |
 # INVERT | control
 _MOVE = struct.Struct(">BxHHH2xBB")
-# EXCHANGE MEDIUM (SMC-3 6.3 table 7): op | rsvd | transport | source | first dest | second dest |
+# EXCHANGE MEDIUM (SMC-3): op | rsvd | transport | source | first dest | second dest |
 # INV1+INV2 | control
 _EXCHANGE = struct.Struct(">BxHHHHBB")
-# POSITION TO ELEMENT (SMC-3 6.8 table 15): op | rsvd | transport | destination | rsvd 6..7 |
+# POSITION TO ELEMENT (SMC-3): op | rsvd | transport | destination | rsvd 6..7 |
 # INVERT | control
 _POSITION = struct.Struct(">BxHH2xBB")
-# INITIALIZE ELEMENT STATUS WITH RANGE (SMC-3 6.4 table 9): op | FAST+RANGE | start | rsvd 4..5 |
+# INITIALIZE ELEMENT STATUS WITH RANGE (SMC-3): op | FAST+RANGE | start | rsvd 4..5 |
 # number of elements | rsvd 8 | control
 _INIT_RANGE = struct.Struct(">BBH2xHxB")
-# OPEN/CLOSE IMPORT/EXPORT ELEMENT (SMC-3 6.5 table 10): op | rsvd | element | action | control
+# OPEN/CLOSE IMPORT/EXPORT ELEMENT (SMC-3): op | rsvd | element | action | control
 _OPEN_CLOSE = struct.Struct(">BxHBB")
 
 
@@ -176,7 +175,7 @@ def _check_length(cdb: Cdb, need: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ReadElementStatus:
-    """READ ELEMENT STATUS (B8h), SMC-3 6.12."""
+    """READ ELEMENT STATUS (B8h), SMC-3."""
 
     element_type: int
     voltag: bool
@@ -192,7 +191,7 @@ class ReadElementStatus:
         _, b1, start, count, b6, alloc, _ = _RES.unpack_from(cdb)
         element_type = b1 & 0x0F
         if element_type > ElementType.DATA_TRANSFER:
-            # SMC-3 6.12.1 table 21: element type codes 5h..Fh are reserved.
+            # SMC-3 READ ELEMENT STATUS: element type codes 5h..Fh are reserved.
             raise InvalidFieldInCdb(
                 f"element type code {element_type}", field_pointer=1, bit_pointer=3
             )
@@ -222,7 +221,7 @@ class ReadElementStatus:
 
 @dataclass(frozen=True, slots=True)
 class MoveMedium:
-    """MOVE MEDIUM (A5h), SMC-3 6.6. A transport address of 0 selects the default transport."""
+    """MOVE MEDIUM (A5h), SMC-3. A transport address of 0 selects the default transport."""
 
     transport: int
     source: int
@@ -248,7 +247,7 @@ class MoveMedium:
 
 @dataclass(frozen=True, slots=True)
 class ExchangeMedium:
-    """EXCHANGE MEDIUM (A6h), SMC-3 6.3: the medium in `source` goes to `first_destination`, the
+    """EXCHANGE MEDIUM (A6h), SMC-3: the medium in `source` goes to `first_destination`, the
     medium that was there goes to `second_destination` (which may be `source`: a swap)."""
 
     transport: int
@@ -262,7 +261,7 @@ class ExchangeMedium:
     def parse(cls, cdb: Cdb) -> Self:
         _check_length(cdb, 12)
         _, transport, source, first, second, b10, _ = _EXCHANGE.unpack_from(cdb)
-        # SMC-3 6.3 table 7: byte 10 bit 1 INV1, bit 0 INV2.
+        # SMC-3 EXCHANGE MEDIUM: byte 10 bit 1 INV1, bit 0 INV2.
         return cls(transport, source, first, second, bool(b10 & 0x02), bool(b10 & 0x01))
 
     def build(self) -> bytes:
@@ -280,7 +279,7 @@ class ExchangeMedium:
 
 @dataclass(frozen=True, slots=True)
 class PositionToElement:
-    """POSITION TO ELEMENT (2Bh), SMC-3 6.8."""
+    """POSITION TO ELEMENT (2Bh), SMC-3."""
 
     transport: int
     destination: int
@@ -304,7 +303,7 @@ class PositionToElement:
 
 @dataclass(frozen=True, slots=True)
 class InitializeElementStatusWithRange:
-    """INITIALIZE ELEMENT STATUS WITH RANGE (37h), SMC-3 6.4. RANGE=0: every element."""
+    """INITIALIZE ELEMENT STATUS WITH RANGE (37h), SMC-3. RANGE=0: every element."""
 
     range: bool
     fast: bool
@@ -315,7 +314,7 @@ class InitializeElementStatusWithRange:
     def parse(cls, cdb: Cdb) -> Self:
         _check_length(cdb, 10)
         _, b1, start, count, _ = _INIT_RANGE.unpack_from(cdb)
-        # SMC-3 6.4 table 9: byte 1 bit 1 FAST, bit 0 RANGE.
+        # SMC-3 INITIALIZE ELEMENT STATUS WITH RANGE: byte 1 bit 1 FAST, bit 0 RANGE.
         return cls(bool(b1 & 0x01), bool(b1 & 0x02), start, count)
 
     def build(self) -> bytes:
@@ -331,7 +330,7 @@ class InitializeElementStatusWithRange:
 
 @dataclass(frozen=True, slots=True)
 class OpenCloseImportExportElement:
-    """OPEN/CLOSE IMPORT/EXPORT ELEMENT (1Bh), SMC-3 6.5."""
+    """OPEN/CLOSE IMPORT/EXPORT ELEMENT (1Bh), SMC-3."""
 
     element: int
     action: OpenCloseAction
@@ -344,7 +343,7 @@ class OpenCloseImportExportElement:
         try:
             action = OpenCloseAction(code)
         except ValueError:
-            # SMC-3 6.5 table 11: action codes 02h..1Fh are reserved.
+            # SMC-3 OPEN/CLOSE IMPORT/EXPORT ELEMENT: action codes 02h..1Fh are reserved.
             raise InvalidFieldInCdb(
                 f"action code {code:#x}", field_pointer=4, bit_pointer=4
             ) from None
@@ -359,19 +358,19 @@ class OpenCloseImportExportElement:
 # ---------------------------------------------------------------------------------------------
 # READ ELEMENT STATUS data
 
-# SMC-3 6.12.2 table 22: first element address reported | number of elements available |
+# SMC-3 READ ELEMENT STATUS: first element address reported | number of elements available |
 # reserved | byte count of report available (24 bits).
 _STATUS_HEADER = struct.Struct(">HHx3s")
-# SMC-3 6.12.3 table 24: element type | PVOLTAG/AVOLTAG | descriptor length | reserved |
+# SMC-3 READ ELEMENT STATUS: element type | PVOLTAG/AVOLTAG | descriptor length | reserved |
 # byte count of descriptor data available (24 bits).
 _PAGE_HEADER = struct.Struct(">BBHx3s")
-# SMC-3 6.12.3 tables 25-28: address | flags | rsvd | ASC | ASCQ | 3 bytes (DT: NOT BUS/ID/LU) |
+# SMC-3 READ ELEMENT STATUS: address | flags | rsvd | ASC | ASCQ | 3 bytes (DT: NOT BUS/ID/LU) |
 # SVALID/INVERT/ED/MEDIUM TYPE | source storage element address
 _DESCRIPTOR = struct.Struct(">HBxBB3sBH")
 # Identification descriptor header: CODE SET | IDENTIFIER TYPE | rsvd | IDENTIFIER LENGTH.
 _IDENT = struct.Struct(">BBxB")
 
-# Element descriptor byte 2 flags (SMC-3 6.12.3 tables 25-28; not every bit exists for every type).
+# Element descriptor byte 2 flags (SMC-3 READ ELEMENT STATUS; not every bit exists for every type).
 FULL = 0x01
 IMPEXP = 0x02
 EXCEPT = 0x04
@@ -389,7 +388,7 @@ _AVOLTAG = 0x40
 
 @dataclass(frozen=True, slots=True)
 class VolumeTag:
-    """Volume tag information (SMC-3 7.?): identifier (barcode) and volume sequence number."""
+    """Volume tag information (SMC-3): identifier (barcode) and volume sequence number."""
 
     identifier: str
     sequence: int = 0
@@ -453,7 +452,7 @@ class ElementDescriptor:
             )
         )
         if pvoltag:
-            # SMC-3 6.12.3: an element without a tag returns the field as zeros.
+            # SMC-3 READ ELEMENT STATUS: an element without a tag returns the field as zeros.
             out += self.primary_tag.build() if self.primary_tag else bytes(VOLUME_TAG_LENGTH)
         if avoltag:
             out += self.alternate_tag.build() if self.alternate_tag else bytes(VOLUME_TAG_LENGTH)
@@ -469,7 +468,8 @@ class ElementDescriptor:
 
 
 def descriptor_length(*, pvoltag: bool, avoltag: bool, identifier_length: int) -> int:
-    """Length of every element descriptor of one page (SMC-3 6.12.3 ELEMENT DESCRIPTOR LENGTH)."""
+    """Length of every element descriptor of one page (SMC-3 READ ELEMENT STATUS ELEMENT DESCRIPTOR
+    LENGTH)."""
     return (
         ELEMENT_DESCRIPTOR_BASE
         + (VOLUME_TAG_LENGTH if pvoltag else 0)
@@ -504,7 +504,8 @@ class ElementStatusPage:
             for d in self.descriptors
         )
         flags = (_PVOLTAG if self.pvoltag else 0) | (_AVOLTAG if self.avoltag else 0)
-        # SMC-3 6.12.3: BYTE COUNT OF DESCRIPTOR DATA AVAILABLE excludes the page header.
+        # SMC-3 READ ELEMENT STATUS: BYTE COUNT OF DESCRIPTOR DATA AVAILABLE excludes the page
+        # header.
         return (
             _PAGE_HEADER.pack(self.element_type, flags, length, len(body).to_bytes(3, "big")) + body
         )
@@ -515,8 +516,9 @@ def build_element_status(pages: Sequence[ElementStatusPage]) -> bytes:
 
     FIRST ELEMENT ADDRESS REPORTED is the lowest address reported (0 when nothing is reported),
     NUMBER OF ELEMENTS AVAILABLE the number of descriptors, BYTE COUNT OF REPORT AVAILABLE the
-    length of all pages (SMC-3 6.12.2: header excluded). The caller truncates to the allocation
-    length; the header is deliberately not adjusted (SMC-3 6.12.2).
+    length of all pages (SMC-3 READ ELEMENT STATUS: header excluded). The caller truncates to the
+    allocation
+    length; the header is deliberately not adjusted (SMC-3 READ ELEMENT STATUS).
     """
     body = b"".join(p.build() for p in pages)
     addresses = [d.address for p in pages for d in p.descriptors]
@@ -601,9 +603,10 @@ def _parse_descriptor(raw: bytes, *, pvoltag: bool, avoltag: bool) -> ElementDes
 
 
 # ---------------------------------------------------------------------------------------------
-# Mode pages (SMC-3 7.3). Each builder returns the whole page: code, length, parameters.
+# Mode pages (SMC-3 mode parameters). Each builder returns the whole page: code, length, parameters.
 
-# SMC-3 7.3.3 table 34: four (first address, count) pairs, 2 reserved bytes; PAGE LENGTH 12h.
+# SMC-3 element address assignment page: four (first address, count) pairs, 2 reserved bytes; PAGE
+# LENGTH 12h.
 _EAA = struct.Struct(">BBHHHHHHHH2x")
 _DEVCAP = struct.Struct(">BBBx4B4x4B4x")
 
@@ -622,13 +625,15 @@ def element_address_assignment_page(ranges: dict[ElementType, tuple[int, int]]) 
 
 
 def transport_geometry_page(transports: int, *, rotate: bool = False) -> bytes:
-    """Page 1Eh (SMC-3 7.3.5): one 2-byte descriptor (ROTATE, MEMBER NUMBER) per transport."""
+    """Page 1Eh (SMC-3 transport geometry page): one 2-byte descriptor (ROTATE, MEMBER NUMBER) per
+    transport."""
     body = b"".join(bytes([0x01 if rotate else 0x00, 0]) for _ in range(transports))
     return bytes([TRANSPORT_GEOMETRY_PAGE, len(body)]) + body
 
 
 def _type_bits(types: Iterable[ElementType]) -> int:
-    # SMC-3 7.3.2 table 31: bit 0 MT, bit 1 ST, bit 2 I/E, bit 3 DT in every capability byte.
+    # SMC-3 device capabilities page: bit 0 MT, bit 1 ST, bit 2 I/E, bit 3 DT in every capability
+    # byte.
     bits = 0
     for t in types:
         bits |= 1 << (t - 1)
@@ -640,7 +645,8 @@ def device_capabilities_page(
     move: dict[ElementType, Iterable[ElementType]],
     exchange: dict[ElementType, Iterable[ElementType]],
 ) -> bytes:
-    """Page 1Fh (SMC-3 7.3.2): which element types can hold media (STOR xx), and for each source
+    """Page 1Fh (SMC-3 device capabilities page): which element types can hold media (STOR xx), and
+    for each source
     type the destination types MOVE MEDIUM (byte 4..7) and EXCHANGE MEDIUM (12..15) support."""
     moves = [_type_bits(move.get(t, ())) for t in ELEMENT_TYPES]
     exchanges = [_type_bits(exchange.get(t, ())) for t in ELEMENT_TYPES]
