@@ -270,6 +270,70 @@ def parse_sense(data: bytes | bytearray | memoryview) -> SenseData:
     raise ValueError(f"unknown sense response code {code:02X}h")
 
 
+#: Names of the additional sense codes tcmu-py reports (SPC-5 4.4.9 table 63), for logs.
+ASC_NAMES: dict[tuple[int, int], str] = {
+    (0x00, 0x00): "NO ADDITIONAL SENSE INFORMATION",
+    (0x00, 0x01): "FILEMARK DETECTED",
+    (0x00, 0x02): "END-OF-PARTITION/MEDIUM DETECTED",
+    (0x00, 0x04): "BEGINNING-OF-PARTITION/MEDIUM DETECTED",
+    (0x00, 0x05): "END-OF-DATA DETECTED",
+    (0x04, 0x00): "LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE",
+    (0x04, 0x01): "LOGICAL UNIT IS IN PROCESS OF BECOMING READY",
+    (0x04, 0x03): "LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED",
+    (0x0C, 0x00): "WRITE ERROR",
+    (0x11, 0x00): "UNRECOVERED READ ERROR",
+    (0x1A, 0x00): "PARAMETER LIST LENGTH ERROR",
+    (0x1D, 0x00): "MISCOMPARE DURING VERIFY OPERATION",
+    (0x20, 0x00): "INVALID COMMAND OPERATION CODE",
+    (0x21, 0x00): "LOGICAL BLOCK ADDRESS OUT OF RANGE",
+    (0x24, 0x00): "INVALID FIELD IN CDB",
+    (0x25, 0x00): "LOGICAL UNIT NOT SUPPORTED",
+    (0x26, 0x00): "INVALID FIELD IN PARAMETER LIST",
+    (0x27, 0x00): "WRITE PROTECTED",
+    (0x27, 0x07): "SPACE ALLOCATION FAILED WRITE PROTECT",
+    (0x28, 0x00): "NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED",
+    (0x28, 0x01): "IMPORT OR EXPORT ELEMENT ACCESSED",
+    (0x29, 0x00): "POWER ON, RESET, OR BUS DEVICE RESET OCCURRED",
+    (0x2A, 0x01): "MODE PARAMETERS CHANGED",
+    (0x2A, 0x09): "CAPACITY DATA HAS CHANGED",
+    (0x2C, 0x00): "COMMAND SEQUENCE ERROR",
+    (0x30, 0x00): "INCOMPATIBLE MEDIUM INSTALLED",
+    (0x38, 0x07): "THIN PROVISIONING SOFT THRESHOLD REACHED",
+    (0x39, 0x00): "SAVING PARAMETERS NOT SUPPORTED",
+    (0x3A, 0x00): "MEDIUM NOT PRESENT",
+    (0x3B, 0x0D): "MEDIUM DESTINATION ELEMENT FULL",
+    (0x3B, 0x0E): "MEDIUM SOURCE ELEMENT EMPTY",
+    (0x3F, 0x03): "INQUIRY DATA HAS CHANGED",
+    (0x3F, 0x0E): "REPORTED LUNS DATA HAS CHANGED",
+    (0x44, 0x00): "INTERNAL TARGET FAILURE",
+    (0x53, 0x02): "MEDIUM REMOVAL PREVENTED",
+}
+
+
+def describe_sense(data: bytes | bytearray | memoryview) -> str:
+    """One-line human description of sense data for logs; never raises."""
+    try:
+        sd = parse_sense(data)
+    except ValueError as exc:
+        return f"malformed sense data ({exc})"
+    try:
+        key = SenseKey(sd.sense_key).name.replace("_", " ")
+    except ValueError:
+        key = f"SENSE KEY {sd.sense_key:X}h"
+    text = ASC_NAMES.get((sd.asc, sd.ascq), "")
+    out = f"{key}: {text} ({sd.sense_key:X}h/{sd.asc:02X}h/{sd.ascq:02X}h)".replace(":  (", " (")
+    if sd.field_pointer is not None:
+        where = "CDB" if sd.in_cdb else "parameter list"
+        bit = "" if sd.bit_pointer is None else f" bit {sd.bit_pointer}"
+        out += f" at {where} byte {sd.field_pointer}{bit}"
+    if sd.info is not None:
+        out += f" info={sd.info_signed}"
+    flags = [n for n, v in (("FILEMARK", sd.filemark), ("EOM", sd.eom), ("ILI", sd.ili)) if v]
+    if flags:
+        out += " " + "+".join(flags)
+    return out
+
+
 class ScsiError(TcmuError):
     """A command failed with CHECK CONDITION; the class attributes give the sense codes.
 

@@ -153,3 +153,23 @@ def test_parse_accepts_truncated_fixed():
 def test_build_rejects_out_of_range(kw):
     with pytest.raises(ValueError):
         s.build_fixed_sense(5, 0x24, 0, **kw)
+
+
+def test_describe_sense():
+    text = s.describe_sense(s.InvalidFieldInCdb(field_pointer=2, bit_pointer=7).sense())
+    assert text == "ILLEGAL REQUEST: INVALID FIELD IN CDB (5h/24h/00h) at CDB byte 2 bit 7"
+    tape = s.describe_sense(s.build_descriptor_sense(0, 0, 1, info=-3, filemark=True))
+    assert tape == ("NO SENSE: FILEMARK DETECTED (0h/00h/01h) info=-3 FILEMARK")
+    assert s.describe_sense(s.build_fixed_sense(9, 0x80, 1)) == "VENDOR SPECIFIC (9h/80h/01h)"
+    assert s.describe_sense(b"").startswith("malformed")
+
+
+def test_every_error_class_has_a_name():
+    def walk(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from walk(sub)
+
+    for cls in walk(s.ScsiError):
+        if cls.__module__ == s.__name__:
+            assert (cls.asc, cls.ascq) in s.ASC_NAMES, cls
