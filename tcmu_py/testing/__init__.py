@@ -1,0 +1,30 @@
+"""Public test kit: run handlers without a kernel, exactly as the kernel would drive them.
+
+- `FakeKernel` plays target_core_user's side of the ring over a bytearray; `FakeUio` gives it the
+  surface of an open /dev/uioN.
+- `RingHarness` connects a device to a FakeKernel through the production ring and runner.
+- `run_command` executes one command on a device directly (no ring).
+- `cdbs` builds CDBs by name and field.
+- `check_block_handler` / `check_any_device` are conformance checks any handler can run.
+
+Nothing here imports pytest.
+"""
+
+from tcmu_py.testing import cdbs
+from tcmu_py.testing.conformance import check_any_device, check_block_handler
+from tcmu_py.testing.fake_kernel import FakeKernel, FakeKernelError, Pending
+from tcmu_py.testing.fake_uio import FakeUio
+from tcmu_py.testing.harness import Result, RingHarness, run_command
+
+__all__ = [
+    "FakeKernel",
+    "FakeKernelError",
+    "FakeUio",
+    "Pending",
+    "Result",
+    "RingHarness",
+    "cdbs",
+    "check_any_device",
+    "check_block_handler",
+    "run_command",
+]

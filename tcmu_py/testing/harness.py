@@ -9,6 +9,8 @@ reaps it byte for byte — so a handler tested with it is tested with the code t
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -83,3 +85,84 @@ def run_command(
     n = len(buf) if resp.data_in_length is None else resp.data_in_length
     data = bytes(buf[:n]) if not data_out else b""
     return Result(resp.status, resp.sense, data)
+
+
+class _SerialisedUio:
+    """A FakeUio whose kernel side is entered by one thread at a time.
+
+    The production runner kicks from its worker threads; the real kernel serialises itself, the
+    FakeKernel (plain Python) does not, so every call into it takes the harness lock.
+    """
+
+    def __init__(self, uio: Any, lock: threading.Condition) -> None:
+        self._uio = uio
+        self._lock = lock
+        self.buffer = uio.buffer
+
+    def fileno(self) -> int:
+        return int(self._uio.fileno())
+
+    def clear_event(self) -> None:
+        self._uio.clear_event()
+
+    def kick(self) -> None:
+        with self._lock:
+            self._uio.kick()
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        self._uio.close()
+
+
+class RingHarness:
+    """FakeKernel -> the production Ring and DeviceRunner -> `device`, and back.
+
+    The runner is driven on the calling thread (`process()` per wake-up), its worker pool runs
+    blocking commands as in production. `run()` submits one command and waits (bounded) for the
+    fake kernel to reap it. `close()` checks that every command was completed exactly once.
+    """
+
+    def __init__(self, device: ScsiDevice, *, workers: int = 4, **kernel_args: Any) -> None:
+        from tcmu_py.device.runner import DeviceRunner
+        from tcmu_py.testing.fake_kernel import FakeKernel
+        from tcmu_py.testing.fake_uio import FakeUio
+
+        self.kernel = FakeKernel(**kernel_args)
+        self._lock = threading.Condition()
+        self.uio = _SerialisedUio(FakeUio(self.kernel), self._lock)
+        self.runner = DeviceRunner(self.uio, device, workers=workers)
+        self.device = device
+
+    def submit(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> Any:
+        with self._lock:
+            return self.kernel.submit(cdb, data_out, data_in_len)
+
+    def wait(self, pending: Sequence[Any], timeout: float = 30.0) -> None:
+        """Process the ring until every one of `pending` is reaped, or fail after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.runner.process()
+            with self._lock:
+                if all(p.done for p in pending):
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"commands not completed in {timeout}s: "
+                        f"{[p for p in pending if not p.done]}"
+                    )
+                self._lock.wait(min(left, 0.05))
+
+    def run(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> Result:
+        p = self.submit(cdb, data_out, data_in_len)
+        self.wait([p])
+        return Result(p.status, p.sense, p.data_in)
+
+    def close(self) -> None:
+        """Stop the runner and check the ring is idle (no lost or doubled completion)."""
+        self.runner.drain()
+        self.runner.process()
+        with self._lock:
+            self.kernel.assert_idle()
+        self.runner.close()
+        self.uio.close()
