@@ -28,6 +28,7 @@ Methods run on the device's worker threads, several at once.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING
 from tcmu_py.handler import ProvisioningInfo
 
 from .pool import count_units
-from .sparse import data_runs, pread_all, punch_hole, pwrite_all
+from .sparse import data_runs, pread_all, punch_hole, pwrite_all, unit_runs
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -90,7 +91,7 @@ class ThinBackend:
         self.unmap_granularity = unit
         self._fd = fd
         self._on_close = on_close
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._writing: list[tuple[int, int]] = []  # unit ranges of in-flight writes
         self._exclusive: list[tuple[int, int]] = []  # unit ranges being deallocated
         self._unconfirmed: set[int] = set()
@@ -106,20 +107,13 @@ class ThinBackend:
     def _mapped(self, first: int, last: int) -> Iterator[tuple[int, int]]:
         """Merged unit ranges within [first, last) that hold data, in order."""
         u = self.unit
-        cur: tuple[int, int] | None = None
-        for s, e in data_runs(self._fd, first * u, min(last * u, self.size)):
-            a, b = s // u, _ceil_div(e, u)
-            if cur is not None and a <= cur[1]:
-                cur = (cur[0], max(cur[1], b))
-            else:
-                if cur is not None:
-                    yield cur
-                cur = (a, b)
-        if cur is not None:
-            yield cur
+        return unit_runs(self._fd, u, first * u, min(last * u, self.size))
 
     def _holes(self, first: int, last: int) -> list[tuple[int, int]]:
         """Unit ranges within [first, last) without data."""
+        if last - first == 1:  # the common small write: one lseek
+            u = self.unit
+            return [] if self._has_data(first * u, min(last * u, self.size)) else [(first, last)]
         out = []
         pos = first
         for a, b in self._mapped(first, last):
@@ -131,7 +125,12 @@ class ThinBackend:
         return out
 
     def _has_data(self, start: int, end: int) -> bool:
-        return next(data_runs(self._fd, start, end), None) is not None
+        try:
+            return os.lseek(self._fd, start, os.SEEK_DATA) < end
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after start
+                return False
+            raise
 
     # ------------------------------------------------------------------------------------------
     # Write admission
@@ -207,7 +206,7 @@ class ThinBackend:
         first, last = self._unit_range(offset, length)
         self._begin_write(first, last)
         try:
-            pwrite_all(self._fd, offset, bufs)
+            pwrite_all(self._fd, offset, bufs, length)
         finally:
             self._end_write(first, last)
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from tcmu_py.errors import ConfigError
 
-from .sparse import data_runs, probe_filesystem
+from .sparse import probe_filesystem, unit_runs
 
 if TYPE_CHECKING:
     from .backend import ThinBackend
@@ -214,16 +214,7 @@ def disk_file(path: str, disk: str) -> str:
 
 def count_units(fd: int, unit: int, start: int, end: int) -> int:
     """Allocation units of [start, end) (unit-aligned start) that hold any allocated byte."""
-    count = 0
-    next_free = start  # first byte of the first unit not yet counted
-    for s, e in data_runs(fd, start, end):
-        first = max(s, next_free) // unit
-        if first * unit >= e:
-            continue
-        last = -(-e // unit)
-        count += last - first
-        next_free = last * unit
-    return count
+    return sum(b - a for a, b in unit_runs(fd, unit, start, end))
 
 
 def _scan_file(file: str, unit: int) -> tuple[int, int]:

@@ -63,6 +63,34 @@ def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         pos = hole
 
 
+def unit_runs(fd: int, unit: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Merged ranges ``(first_unit, last_unit)`` of `unit`-byte units holding any allocated byte
+    of [start, end), in order. After a hole the search resumes at the next unit boundary, so the
+    cost is two lseeks per run of mapped units, however fragmented the units are inside."""
+    pos = start
+    cur_a = cur_b = -1
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            raise
+        if data >= end:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        a, b = data // unit, -(-min(hole, end) // unit)
+        if a <= cur_b:
+            cur_b = b
+        else:
+            if cur_b >= 0:
+                yield cur_a, cur_b
+            cur_a, cur_b = a, b
+        pos = b * unit
+    if cur_b >= 0:
+        yield cur_a, cur_b
+
+
 def allocated_bytes(fd: int, start: int, end: int) -> int:
     """Bytes of [start, end) that the file system reports as data."""
     return sum(e - s for s, e in data_runs(fd, start, end))
@@ -87,6 +115,14 @@ def _flat(bufs: Sequence[memoryview]) -> list[memoryview]:
 
 def pread_all(fd: int, offset: int, bufs: Sequence[memoryview]) -> None:
     """Fill every byte of `bufs` from `offset`. Raises OSError(EIO) if the file ends first."""
+    if len(bufs) <= IOV_MAX:  # fast path: one call fills it all
+        n = os.preadv(fd, bufs, offset)
+        if n == sum(b.nbytes for b in bufs):
+            return
+        if n == 0:
+            raise OSError(errno.EIO, f"read at {offset}: unexpected end of file")
+        pread_all(fd, offset + n, _advance(_flat(bufs), n))
+        return
     todo = _flat(bufs)
     while todo:
         n = os.preadv(fd, todo[:IOV_MAX], offset)
@@ -96,8 +132,15 @@ def pread_all(fd: int, offset: int, bufs: Sequence[memoryview]) -> None:
         todo = _advance(todo, n)
 
 
-def pwrite_all(fd: int, offset: int, bufs: Sequence[memoryview]) -> None:
-    """Write every byte of `bufs` at `offset` (retrying short writes). Raises OSError."""
+def pwrite_all(fd: int, offset: int, bufs: Sequence[memoryview], length: int = -1) -> None:
+    """Write every byte of `bufs` at `offset` (retrying short writes). `length`, if known, is
+    their total size. Raises OSError."""
+    if length >= 0 and len(bufs) <= IOV_MAX:  # fast path: one call writes it all
+        n = os.pwritev(fd, bufs, offset)
+        if n == length:
+            return
+        pwrite_all(fd, offset + n, _advance(_flat(bufs), n))
+        return
     todo = _flat(bufs)
     while todo:
         n = os.pwritev(fd, todo[:IOV_MAX], offset)

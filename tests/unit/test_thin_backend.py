@@ -206,9 +206,10 @@ def test_concurrent_writers_to_one_unit_reserve_it_once(
     landed = threading.Barrier(32)
     real_pwrite = backend_mod.pwrite_all
 
-    def pwrite_after_all_admitted(fd: int, offset: int, bufs: list[memoryview]) -> None:
+    def pwrite_after_all_admitted(fd: int, offset: int, bufs: list[memoryview],
+                                  length: int = -1) -> None:
         landed.wait(timeout=10)  # every writer was admitted before any data lands
-        real_pwrite(fd, offset, bufs)
+        real_pwrite(fd, offset, bufs, length)
 
     monkeypatch.setattr(backend_mod, "pwrite_all", pwrite_after_all_admitted)
     errors: list[BaseException] = []
@@ -275,7 +276,7 @@ def test_failed_write_releases_its_reservation(pool: Pool, monkeypatch: pytest.M
     b = pool.open_disk("d", 8 * UNIT)
     b.write(0, data(1, UNIT))
 
-    def broken(fd: int, offset: int, bufs: object) -> None:
+    def broken(fd: int, offset: int, bufs: object, length: int = -1) -> None:
         raise OSError(5, "injected EIO")
 
     monkeypatch.setattr(backend_mod, "pwrite_all", broken)

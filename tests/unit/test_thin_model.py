@@ -158,7 +158,7 @@ def run_ops(pool: Pool, ops: list[tuple[str, tuple[int, int], int]], write_cache
     assert pool.used == 0
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(ops=ops)
 def test_backend_matches_model(pool: Pool, ops: list[tuple[str, tuple[int, int], int]]) -> None:
     run_ops(pool, ops, write_cache=True)
