@@ -110,6 +110,63 @@ def create_library(
     )
 
 
+def ensure_library(
+    path: str | Path,
+    *,
+    name: str,
+    drives: Sequence[tuple[str, str]],
+    slots: int,
+    import_export: int,
+    cartridges: Sequence[str] = (),
+    dvcid: str = "serial",
+) -> Library:
+    """Make the library at `path` what a declaration (e.g. the daemon's YAML) says, idempotently.
+
+    A missing library is created. An existing one must have the declared layout (drive serials
+    and models in order, slot and import/export counts): addresses would move otherwise, so a
+    mismatch is a `LibraryError` naming the difference, and nothing changes. Cartridges of
+    `cartridges` (barcodes or ranges) that do not exist yet are created into free storage slots;
+    existing cartridges stay where they are.
+    """
+    root = Path(path)
+    if (root / "library.json").exists():
+        lib = Library.open(root)
+        have = {
+            "name": lib.name,
+            "drives": [(lib.drive_serial(i), lib.drive_model(i)) for i in range(lib.drive_count)],
+            "slots": lib.ranges()[ElementType.STORAGE][1],
+            "import_export": lib.ranges()[ElementType.IMPORT_EXPORT][1],
+        }
+        want = {
+            "name": name,
+            "drives": list(drives),
+            "slots": slots,
+            "import_export": import_export,
+        }
+        diff = [
+            f"{k}: library has {have[k]!r}, declared {want[k]!r}"
+            for k in have
+            if have[k] != want[k]
+        ]
+        if diff:
+            lib.close()
+            raise LibraryError(f"library {root} does not match its declaration: {'; '.join(diff)}")
+    else:
+        lib = create_library(
+            root,
+            name=name,
+            drives=drives,
+            slots=slots,
+            import_export=import_export,
+            dvcid=dvcid,
+        )
+    missing = [b for spec in cartridges for b in parse_barcode_range(spec)]
+    missing = [b for b in missing if not lib.media_path(b).exists()]
+    if missing:
+        create_cartridges(lib, ",".join(missing))
+    return lib
+
+
 def create_cartridges(
     library: Library,
     spec: str,

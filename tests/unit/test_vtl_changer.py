@@ -369,3 +369,17 @@ def test_through_the_ring_commands_run_in_order(tmp_path: Path) -> None:
         assert full == {ST + 6: "ABC000L8", ST + 1: "ABC001L8", ST + 2: "ABC002L8"}
     finally:
         ring.close()
+
+
+def test_spc_conformance(tmp_path: Path) -> None:
+    """The project's generic SPC checks (INQUIRY/VPD, RSOC truth, sense format, fuzzed CDBs)."""
+    from tcmu_py.testing.conformance import check_any_device
+
+    made = iter(range(1000))
+
+    def new() -> Changer:
+        root = tmp_path / f"lib{next(made)}"
+        lib = Library.create(root, name="c", drives=[("S1", "IBM-LTO8")], slots=4, import_export=1)
+        return Changer(DeviceConfig(name="c", subtype="vtl", cfgstring="", size=0), lib)
+
+    assert check_any_device(new) == []

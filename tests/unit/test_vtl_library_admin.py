@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tcmu_py.handlers.vtl import admin
-from tcmu_py.handlers.vtl.library import Library, Occupant
+from tcmu_py.handlers.vtl.library import Library, LibraryError, Occupant
 
 from tcmu_py.errors import ConfigError
 
@@ -118,3 +118,27 @@ def test_unknown_drive_model_is_refused(tmp_path: Path) -> None:
             tmp_path / "l", name="x", drives=[("S1", "FLOPPY")], slots=1, import_export=0
         )
     assert not (tmp_path / "l" / "library.json").exists()
+
+
+def test_ensure_library_is_idempotent_and_refuses_layout_changes(tmp_path: Path) -> None:
+    decl = {
+        "name": "yaml1",
+        "drives": [("YS0001", "IBM-LTO8")],
+        "slots": 3,
+        "import_export": 1,
+        "cartridges": ["ABC000L8..ABC001L8"],
+    }
+    lib = admin.ensure_library(tmp_path / "l", **decl)
+    assert lib.contents() == {0x400: Occupant("ABC000L8"), 0x401: Occupant("ABC001L8")}
+    lib.move(0x400, 0x100)
+    lib.close()
+    # Same declaration plus one more cartridge: only the new one is created, nothing moves.
+    lib = admin.ensure_library(tmp_path / "l", **{**decl, "cartridges": ["ABC000L8..ABC002L8"]})
+    assert lib.contents() == {
+        0x100: Occupant("ABC000L8", source=0x400),
+        0x401: Occupant("ABC001L8"),
+        0x400: Occupant("ABC002L8"),
+    }
+    lib.close()
+    with pytest.raises(LibraryError, match="slots: library has 3, declared 4"):
+        admin.ensure_library(tmp_path / "l", **{**decl, "slots": 4})
