@@ -165,10 +165,8 @@ class ThinBackend:
                 done = [u for u in mine if not _overlaps(self._writing, u, u + 1)]
                 if done:
                     self._unconfirmed.difference_update(done)
-                    u = self.unit
-                    stale = sum(
-                        1 for x in done if not self._has_data(x * u, min(x * u + u, self.size))
-                    )
+                    mapped = list(self._mapped(min(done), max(done) + 1))
+                    stale = sum(1 for x in done if not any(a <= x < b for a, b in mapped))
                     self.pool.release(self.name, stale)
             if self._exclusive:
                 self._cond.notify_all()

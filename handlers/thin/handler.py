@@ -93,9 +93,10 @@ class ThinHandler(Handler):
 
     @classmethod
     def open(cls, config: DeviceConfig) -> ScsiDevice:
-        """Open (creating if missing) the disk in its pool and wrap it in a BlockDevice. The pool
-        is shared by every thin device of this process that names the same directory."""
-        from tcmu_py.device.block import BlockDevice
+        """Open (creating if missing) the disk in its pool and wrap it in a BlockDevice (product
+        "THIN DISK"). The pool is shared by every thin device of this process naming its
+        directory; the last device closed closes it."""
+        from tcmu_py.device.block import open_block_device
 
         path, name, disk, unit = _parse(config.cfgstring)
         disk = disk or check_name("disk", config.name)
@@ -116,7 +117,7 @@ class ThinHandler(Handler):
             shared.release(key, Pool.close)
             raise
         try:
-            return BlockDevice(config, backend)
+            return open_block_device(config, backend)
         except BaseException:
             backend.close()
             raise
