@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -302,3 +303,92 @@ def test_change_by_another_process_is_seen_and_reported(tmp_path: Path) -> None:
     assert drive_events == ["ABC001L8"]
     lib.move(IE, ST + 4)  # and we keep working on top of the other process's state
     assert Library.open(lib.path).occupant(ST + 4).barcode == "EXT001L8"
+
+
+def test_kill_9_during_moves_loses_no_acknowledged_move(tmp_path: Path) -> None:
+    """A process moving cartridges is SIGKILLed at a random moment: the state on disk is the
+    one after the last acknowledged move, or after the move that was in flight."""
+    import random
+    import signal
+    import time
+
+    lib = make_library(tmp_path, cartridges=2, slots=4)
+    ring = [ST, DT, ST + 2, DT + 1, ST + 3, IE]  # ABC000L8 travels around this ring
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from tcmu_py.handlers.vtl.library import Library
+        lib = Library.open({str(lib.path)!r})
+        ring = {ring!r}
+        n = 0
+        while True:
+            lib.move(ring[n % len(ring)], ring[(n + 1) % len(ring)])
+            n += 1
+            sys.stdout.write(f"{{n}}\\n")
+            sys.stdout.flush()
+        """
+    )
+    rng = random.Random(1234)
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # running
+        assert first.strip()
+        time.sleep(rng.uniform(0.0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        acked = int(([first, *proc.stdout.read().split()])[-1])
+        proc.wait()
+        where = Library.open(lib.path).locate("ABC000L8")
+        assert where in (ring[acked % len(ring)], ring[(acked + 1) % len(ring)])
+        assert Library.open(lib.path).occupant(ST + 1) == Occupant("ABC001L8")
+        # Put the cartridge back at the start of the ring for the next round.
+        reopened = Library.open(lib.path)
+        if where != ST:
+            reopened.move(where, ST)
+        reopened.close()
+
+
+def test_threads_and_another_process_moving_at_once_keep_every_cartridge_once(
+    tmp_path: Path,
+) -> None:
+    import random
+    import threading
+
+    lib = make_library(tmp_path, cartridges=5, slots=6)
+    holders = [DT, DT + 1, IE, IE + 1, *range(ST, ST + 6)]
+    script = textwrap.dedent(
+        f"""
+        import random
+        from tcmu_py.handlers.vtl.library import Library
+        from tcmu_py.scsi.sense import ScsiError
+        lib = Library.open({str(lib.path)!r})
+        rng = random.Random(7)
+        for _ in range(300):
+            try:
+                lib.move(rng.choice({holders!r}), rng.choice({holders!r}))
+            except ScsiError:
+                pass
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(300):
+                with contextlib.suppress(SourceEmpty, DestinationFull):
+                    lib.move(rng.choice(holders), rng.choice(holders))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert proc.wait() == 0
+    assert errors == []
+    for view in (lib.contents(), Library.open(lib.path).contents()):
+        assert sorted(o.barcode for o in view.values()) == [f"ABC{i:03d}L8" for i in range(5)]
+    assert lib.contents() == Library.open(lib.path).contents()
