@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import threading
@@ -52,6 +53,8 @@ from tcmu_py.scsi.smc import (
     MediumType,
     SourceEmpty,
 )
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "library.json"
 LOCK_FILE = ".lock"
@@ -148,6 +151,7 @@ class Library:
         drives: list[DriveInfo],
         dvcid: str,
         state: _State,
+        file_id: tuple[int, int, int],
     ) -> None:
         """Use `create` or `open`."""
         self.path = path
@@ -158,7 +162,7 @@ class Library:
         self._state = state
         self._lock = threading.RLock()
         self._lock_fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._file_id = self._stat_id()
+        self._file_id = file_id
         self._drive_prevent = [False] * len(drives)
         self._drive_listeners: list[list[DriveListener]] = [[] for _ in drives]
         self._change_listeners: list[Callable[[], None]] = []
@@ -223,6 +227,9 @@ class Library:
     def open(cls, path: str | os.PathLike[str]) -> Library:
         """Open an existing library. Raises FileNotFoundError or LibraryError (bad file)."""
         root = Path(path)
+        # Identify the file before reading it: if another process replaces it in between, the
+        # older identity only causes one extra re-read later, never a missed change.
+        file_id = _file_identity(root)
         doc = _read_document(root)
         try:
             ranges = {
@@ -237,6 +244,7 @@ class Library:
                 drives,
                 str(doc.get("dvcid", "serial")),
                 _state_from(doc),
+                file_id,
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise LibraryError(f"{root / STATE_FILE}: malformed: {exc!r}") from None
@@ -542,8 +550,7 @@ class Library:
         return replace(occ, imported=False)
 
     def _stat_id(self) -> tuple[int, int, int]:
-        st = os.stat(self.path / STATE_FILE)
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return _file_identity(self.path)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -556,8 +563,7 @@ class Library:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        for event in events:
-            event()
+        _fire(events)
 
     @contextlib.contextmanager
     def _transaction(self, *, operator: bool = False) -> Iterator[_State]:
@@ -579,8 +585,7 @@ class Library:
                     events += self._adopt(new, external=operator)
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        for event in events:
-            event()
+        _fire(events)
 
     def _reload_if_changed(self, events: list[Callable[[], None]]) -> None:
         try:
@@ -608,8 +613,24 @@ class Library:
         return events
 
 
+def _fire(events: list[Callable[[], None]]) -> None:
+    """Run listener calls; one failing listener is logged and does not undo or stop the rest
+    (the change they report is already durable)."""
+    for event in events:
+        try:
+            event()
+        except Exception:
+            log.exception("library listener %r failed", event)
+
+
 def _bind(cb: DriveListener, barcode: str | None) -> Callable[[], None]:
     return lambda: cb(barcode)
+
+
+def _file_identity(root: Path) -> tuple[int, int, int]:
+    """What changes whenever library.json is replaced (a rename gives a new inode)."""
+    st = os.stat(root / STATE_FILE)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _check_ranges(ranges: dict[ElementType, tuple[int, int]]) -> None:

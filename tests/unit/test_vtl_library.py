@@ -392,3 +392,17 @@ def test_threads_and_another_process_moving_at_once_keep_every_cartridge_once(
     for view in (lib.contents(), Library.open(lib.path).contents()):
         assert sorted(o.barcode for o in view.values()) == [f"ABC{i:03d}L8" for i in range(5)]
     assert lib.contents() == Library.open(lib.path).contents()
+
+
+def test_a_failing_listener_does_not_fail_the_move(tmp_path: Path) -> None:
+    lib = make_library(tmp_path)
+    seen: list[str | None] = []
+
+    def broken(barcode: str | None) -> None:
+        raise RuntimeError("drive went away")
+
+    lib.add_drive_listener(0, broken)
+    lib.add_drive_listener(0, seen.append)
+    lib.move(ST, DT)  # durable, so it must not be reported as failed
+    assert seen == ["ABC000L8"]
+    assert Library.open(lib.path).drive_barcode(0) == "ABC000L8"
