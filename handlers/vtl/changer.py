@@ -28,11 +28,12 @@ Facts from the initiators this must satisfy:
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from itertools import groupby
 
-from tcmu_py.handlers.vtl.library import Library, medium_type_for
+from tcmu_py.handlers.vtl.library import Library, Occupant, medium_type_for
 
-from tcmu_py.device.command import Command
+from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
@@ -78,13 +79,18 @@ class Changer(ScsiDevice):
     def close(self) -> None:
         self.library.remove_change_listener(self._operator_access)
         on_close, self._on_close = self._on_close, None
+        super().close()
         if on_close is not None:
             on_close()
 
-    def execute(self, cmd: Command):  # type: ignore[no-untyped-def]
+    def execute(self, cmd: Command) -> Response | Future[Response]:
         """Pick up changes made by the operator tool first, so that the IMPORT OR EXPORT ELEMENT
-        ACCESSED unit attention is reported with this very command."""
-        self.library.refresh()
+        ACCESSED unit attention is reported with this very command. Never raises: a failing
+        re-read is logged here and met again (and reported) by the command itself."""
+        try:
+            self.library.refresh()
+        except Exception:
+            self.log.exception("re-reading library %s failed", self.library.path)
         return super().execute(cmd)
 
     def _operator_access(self) -> None:
@@ -231,7 +237,7 @@ class Changer(ScsiDevice):
         return pages
 
     def _descriptor(
-        self, etype: ElementType, address: int, contents: dict, dvcid: bool
+        self, etype: ElementType, address: int, contents: dict[int, Occupant], dvcid: bool
     ) -> ElementDescriptor:
         occ = contents.get(address)
         flags = FULL if occ else 0
