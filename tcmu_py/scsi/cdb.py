@@ -207,6 +207,10 @@ def parse_rw(cdb: Cdb, *, protection: bool = False) -> RwCdb:
         raise _reject("protection field set without protection information", 1, 7)
     if opcode in _WRITE_SAMES:
         ndob = opcode == Opcode.WRITE_SAME_16 and bool(flags & 0x01)
+        if flags & 0x10 and not flags & 0x08:
+            # SBC-4 5.50 (ANCHOR/UNMAP/ANC_SUP table): ANCHOR=1 with UNMAP=0 -> INVALID FIELD
+            # IN CDB whatever ANC_SUP says; ANCHOR=1 UNMAP=1 needs ANC_SUP (the caller knows).
+            raise _reject("ANCHOR without UNMAP", 1, 4)
         return RwCdb(
             opcode,
             lba,

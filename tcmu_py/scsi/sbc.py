@@ -194,7 +194,8 @@ def parse_unmap_parameters(
     * an empty list means nothing to do (PARAMETER LIST LENGTH 0 is not an error);
     * 1..7 bytes: PARAMETER LIST LENGTH ERROR (SBC-4 5.32.1);
     * the descriptors are those the UNMAP BLOCK DESCRIPTOR DATA LENGTH covers within the data
-      received; a trailing partial descriptor is ignored;
+      received; a trailing partial descriptor is ignored (SBC-4 5.32.2: "the last UNMAP block
+      descriptor is incomplete and shall be ignored");
     * more than ``max_descriptors`` descriptors, or more than ``max_lba_count`` blocks in total
       (the B0h limits), is INVALID FIELD IN PARAMETER LIST.
 

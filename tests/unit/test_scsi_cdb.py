@@ -69,6 +69,12 @@ def test_parse_rw_round_trip(case):
             c.parse_rw(cdb)
         assert (exc.value.field_pointer, exc.value.bit_pointer) == (1, 2)
         return
+    if opcode in (Op.WRITE_SAME_10, Op.WRITE_SAME_16) and low & 0x10 and not low & 0x08:
+        # SBC-4 5.50: ANCHOR without UNMAP
+        with pytest.raises(InvalidFieldInCdb) as exc:
+            c.parse_rw(cdb)
+        assert (exc.value.field_pointer, exc.value.bit_pointer) == (1, 4)
+        return
     rw = c.parse_rw(cdb)
     assert (rw.opcode, rw.lba, rw.transfer_length, rw.group) == (opcode, lba, length, group)
     assert rw.protect == 0
