@@ -217,6 +217,45 @@ class ChangerMachine(RuleBasedStateMachine):
 
         self.send(smc.OpenCloseImportExportElement(address, action).build(), predict)
 
+    @rule(
+        etype=st.integers(0, 4),
+        start=st.sampled_from([0, *ALL, 0x0200, 0x0999]),
+        count=st.sampled_from([0, 1, 2, 3, 7, 0xFFFF]),
+        alloc=st.sampled_from([0, 8, 16, 60, 255, 1000, 0xFFFF]),
+        voltag=st.booleans(),
+        dvcid=st.booleans(),
+    )
+    def read_element_status(
+        self, etype: int, start: int, count: int, alloc: int, voltag: bool, dvcid: bool
+    ) -> None:
+        cdb = smc.ReadElementStatus(etype, voltag, start, count, False, dvcid, alloc).build()
+        r = run_command(self.dev, cdb, data_in_len=alloc)
+        if self.model.pending_ua:
+            assert r.sense_codes == self.model.pending_ua.pop(0)
+            return
+        if start > max(ALL):
+            assert r.sense_codes == INVALID_ADDRESS
+            return
+        assert r.good, r
+        kinds = {0: ALL, 1: [MT], 2: SLOTS, 3: IES, 4: DRIVES}
+        want = sorted(a for a in kinds[etype] if a >= start)[:count]
+        if alloc < 8:
+            assert len(r.data) == alloc
+            return
+        es = ElementStatus.parse(r.data)
+        assert es.number_available == len(want)
+        assert es.first_address == (want[0] if want else 0)
+        got = [d.address for p in es.pages for d in p.descriptors]
+        assert got == want[: len(got)]  # only what fitted in the allocation length
+        assert len(r.data) == min(alloc, 8 + es.byte_count)
+        for page in es.pages:
+            assert page.pvoltag == voltag
+            for d in page.descriptors:
+                slot = self.model.contents.get(d.address)
+                assert d.full == (slot is not None)
+                if voltag and slot:
+                    assert d.primary_tag == smc.VolumeTag(slot.barcode)
+
     @rule()
     def initialize_element_status(self) -> None:
         self.send(bytes([0x07, 0, 0, 0, 0, 0]), lambda: OK)
