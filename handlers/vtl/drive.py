@@ -35,6 +35,7 @@ import enum
 import logging
 import pathlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import ClassVar, Protocol
 
 from tcmu_py.handlers.vtl import personality as pers
@@ -46,7 +47,7 @@ from tcmu_py.handlers.vtl.cartridge import (
     RecordType,
 )
 
-from tcmu_py.device.command import Command
+from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
@@ -152,31 +153,63 @@ class TapeDrive(ScsiDevice):
         self.bytes_to_initiator = 0
         self.write_errors = 0
         self.read_errors = 0
-        with self.lock:
-            self._medium_changed(library.drive_barcode(drive_index), attention=False)
+        self._media_path: pathlib.Path | None = None
+        self._pending_load = False
+        barcode = library.drive_barcode(drive_index)
+        if barcode is not None:
+            self.barcode = barcode
+            self._media_path = library.media_path(barcode)
+            self._load(attention=False)
         library.add_drive_listener(drive_index, self.on_medium_changed)
 
     # ------------------------------------------------------------------------------------------
     # Library events and state changes
 
     def on_medium_changed(self, barcode: str | None) -> None:
-        """Library listener: a cartridge was moved into (`barcode`) or out of (None) the drive."""
-        with self.lock:
-            self._medium_changed(barcode, attention=True)
+        """Library listener: a cartridge was moved into (`barcode`) or out of (None) the drive.
 
-    def _medium_changed(self, barcode: str | None, *, attention: bool) -> None:
-        self._close_cartridge()
-        self.barcode = barcode
-        if barcode is None:
+        Runs on the changer's thread, possibly with the library's lock held, so it never calls
+        back into the library: it closes (syncs and unlocks) the cartridge that was in the drive
+        at once, so another drive can open it right away, and leaves opening the new one to the
+        next command this drive executes (`execute` -> `_apply_pending_load`).
+        """
+        with self.lock:
+            self._close_cartridge()
+            self.barcode = barcode
             self.state = DriveState.EMPTY
-            return
-        self._load(attention=attention)
+            self.pos = 0
+            self._media_path = None
+            self._pending_load = barcode is not None
+
+    def execute(self, cmd: Command) -> Response | Future[Response]:
+        self._apply_pending_load()
+        return super().execute(cmd)
+
+    def _apply_pending_load(self) -> None:
+        """Open a cartridge the library moved in; library calls happen outside `self.lock`."""
+        with self.lock:
+            if not self._pending_load or self.barcode is None:
+                return
+            barcode = self.barcode
+        try:
+            path = self.library.media_path(barcode)
+        except Exception:  # noqa: BLE001 - reported as a failed load, not a failed command
+            log.exception("drive %d: no media path for %s", self.drive_index, barcode)
+            path = None
+        with self.lock:
+            if not self._pending_load or self.barcode != barcode:
+                return  # moved again meanwhile; the next command retries
+            self._pending_load = False
+            self._media_path = path
+            self._load(attention=True)
 
     def _load(self, *, attention: bool) -> None:
-        """Thread the cartridge named by `self.barcode`: open it, rewind, raise UA 28/00."""
+        """Thread the cartridge at `self._media_path`: open it, rewind, raise UA 28/00."""
         assert self.barcode is not None
         try:
-            cart = Cartridge.open(self.library.media_path(self.barcode))
+            if self._media_path is None:
+                raise CartridgeError(f"{self.barcode}: no media path")
+            cart = Cartridge.open(self._media_path)
         except (OSError, ValueError, CartridgeError) as exc:
             log.error("drive %d: cannot load %s: %s", self.drive_index, self.barcode, exc)
             self.state = DriveState.FAILED
@@ -572,7 +605,7 @@ class TapeDrive(ScsiDevice):
             bpew=False,
         )
 
-    @command(Opcode.READ_POSITION, inline=True)
+    @command(Opcode.READ_POSITION)
     def read_position(self, cmd: Command) -> int:
         req = ssc.ReadPosition.parse(cmd.cdb)
         with self.lock:
@@ -624,14 +657,15 @@ class TapeDrive(ScsiDevice):
             self._prepare_write(cart)
             self._sync(cart)
 
-    @command(Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL, inline=True)
+    @command(Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL)
     def prevent_allow(self, cmd: Command) -> None:
         req = cdbs.PreventAllow.parse(cmd.cdb)
         if req.prevent > 1:
             raise InvalidFieldInCdb(f"PREVENT {req.prevent}", field_pointer=4, bit_pointer=1)
         with self.lock:
             self.prevented = bool(req.prevent)
-            self.library.set_drive_prevent(self.drive_index, self.prevented)
+        # Outside self.lock: the library may hold its own lock while calling our listener.
+        self.library.set_drive_prevent(self.drive_index, bool(req.prevent))
 
     # ------------------------------------------------------------------------------------------
     # REPORT DENSITY SUPPORT
@@ -651,7 +685,7 @@ class TapeDrive(ScsiDevice):
             description=gen.description,
         )
 
-    @command(Opcode.REPORT_DENSITY_SUPPORT, inline=True)
+    @command(Opcode.REPORT_DENSITY_SUPPORT)
     def report_density_support(self, cmd: Command) -> int:
         req = ssc.ReportDensitySupport.parse(cmd.cdb)
         with self.lock:

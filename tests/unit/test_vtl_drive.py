@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -528,3 +529,50 @@ def test_state_survives_reload(tape: Tape, lib: FakeLibrary) -> None:
     lib.move("TST001L8")
     tape.clear_ua()
     assert tape.space(3, 0).good and tape.tell().object_id == 3
+
+
+class LockingLibrary(FakeLibrary):
+    """A library that calls listeners with its (non-reentrant) lock held, like a real changer."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.lock = threading.Lock()
+
+    def move(self, barcode: str | None, drive_index: int = 0) -> None:
+        with self.lock:
+            super().move(barcode, drive_index)
+
+    def set_drive_prevent(self, drive_index: int, prevented: bool) -> None:
+        with self.lock:
+            super().set_drive_prevent(drive_index, prevented)
+
+    def media_path(self, barcode: str) -> Path:
+        with self.lock:
+            return super().media_path(barcode)
+
+
+def test_no_deadlock_between_changer_moves_and_drive_commands(tmp_path: Path) -> None:
+    lib = LockingLibrary(tmp_path)
+    lib.create("LCK001L8")
+    t = Tape(lib)
+    stop = threading.Event()
+
+    def changer() -> None:
+        while not stop.is_set():
+            lib.move("LCK001L8")
+            lib.move(None)
+
+    thread = threading.Thread(target=changer, daemon=True)
+    thread.start()
+    try:
+        for i in range(300):
+            t.run(bytes([0x1E, 0, 0, 0, i & 1, 0]))
+            t.run(bytes(6))
+            t.write(b"x")
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    lib.move("LCK001L8")
+    t.clear_ua()
+    assert t.run(bytes(6)).good
