@@ -225,6 +225,27 @@ def build_designator(
     return bytes([b0, b1, 0, len(designator)]) + designator
 
 
+def relative_target_port_designator(port: int, protocol: int | None = None) -> bytes:
+    """RELATIVE TARGET PORT designator (SPC-5 7.7.6.7), association = target port."""
+    return build_designator(
+        CODE_SET_BINARY,
+        DESIGNATOR_RELATIVE_TARGET_PORT,
+        b"\0\0" + _U16.pack(port),
+        association=ASSOCIATION_TARGET_PORT,
+        protocol=protocol,
+    )
+
+
+def target_port_group_designator(group: int) -> bytes:
+    """TARGET PORT GROUP designator (SPC-5 7.7.6.8), association = target port."""
+    return build_designator(
+        CODE_SET_BINARY,
+        DESIGNATOR_TARGET_PORT_GROUP,
+        b"\0\0" + _U16.pack(group),
+        association=ASSOCIATION_TARGET_PORT,
+    )
+
+
 def build_vpd_device_identification(
     peripheral_type: int,
     *,

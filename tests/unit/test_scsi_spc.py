@@ -502,3 +502,17 @@ def test_control_page_swp_changeable():
         spc.apply_mode_select(fixed, bytes(body), 0)
     # D_SENSE lives where the constants say
     assert page.changeable[spc.CONTROL_D_SENSE_BYTE] == spc.CONTROL_D_SENSE_BIT
+
+
+def test_port_designators():
+    page = spc.build_vpd_device_identification(
+        0,
+        naa=spc.naa_from_serial("s"),
+        extra_designators=[spc.relative_target_port_designator(2, protocol=5),
+                           spc.target_port_group_designator(7)],
+    )
+    descs = designators(page)
+    assert descs[1] == (1, 1, 4, b"\0\0\0\x02") and descs[2] == (1, 1, 5, b"\0\0\0\x07")
+    # PIV + iSCSI protocol identifier on the relative port designator
+    raw = spc.relative_target_port_designator(2, protocol=5)
+    assert raw[0] >> 4 == 5 and raw[1] & 0x80
