@@ -22,7 +22,9 @@ Theory of operation:
   starts at generation 1 so every device reports it once after a restart.
 - **Capacity never exceeds the file system.** Creating a pool needs ``capacity`` bytes free, and
   opening one needs ``capacity - used`` free (statvfs f_bavail), so an accepted write never meets
-  ENOSPC from the file system. Pools sharing a file system are not checked against each other.
+  ENOSPC from the file system. What other pools open in this process on the same file system
+  may still allocate counts as taken; other writers to the file system (or pools of another
+  process) can still fill it behind our back, and are caught at the next open.
 - One process at a time: `Pool.open` takes an exclusive flock on ``.lock``. Inside a process,
   devices share one `Pool` through `tcmu_py.handler.shared` (see `ThinHandler`).
   `read_pool_status` works without the lock (it scans the files, or asks the pool open in this
@@ -198,13 +200,21 @@ def _write_pool_config(path: str, config: PoolConfig) -> None:
 
 
 def _check_space(path: str, needed: int, what: str) -> None:
-    """Raise ConfigError if the file system holding `path` has fewer than `needed` free bytes."""
+    """Raise ConfigError if the file system holding `path` has fewer than `needed` free bytes
+    beyond what the other pools open in this process on that file system may still allocate."""
     st = os.statvfs(path)
     free = st.f_bavail * st.f_frsize
-    if needed > free:
+    dev = os.stat(path).st_dev
+    real = os.path.realpath(path)
+    with _open_pools_lock:
+        others = [p for p in _open_pools.values() if p.path != real]
+    promised = sum(max(p.capacity - p.used, 0) for p in others if p.st_dev == dev)
+    if needed + promised > free:
+        also = f" after the {promised} bytes other open pools may still use" if promised else ""
         raise ConfigError(
-            f"{path}: {what} needs {needed} bytes but the file system has only {free} bytes free; "
-            "expected a capacity the file system can hold (free space or lower the capacity)"
+            f"{path}: {what} needs {needed} bytes but the file system has only {free} bytes "
+            f"free{also}; expected a capacity the file system can hold (free space or lower the "
+            "capacity)"
         )
 
 
@@ -303,6 +313,7 @@ class Pool:
                  disk_units: dict[str, int]) -> None:
         self.path = path
         self.fs_block = fs_block
+        self.st_dev = os.stat(path).st_dev
         self._config = config
         self._lock_fd = lock_fd
         self._lock = threading.Lock()

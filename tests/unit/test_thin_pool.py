@@ -82,6 +82,19 @@ def test_capacity_must_fit_the_file_system(tmp_path: os.PathLike[str]) -> None:
     Pool.open(path).close()
 
 
+def test_open_pools_on_one_file_system_are_counted_together(tmp_path: os.PathLike[str]) -> None:
+    a, b = os.path.join(tmp_path, "a"), os.path.join(tmp_path, "b")
+    half = free_bytes(str(tmp_path)) // 2 + (64 << 20)  # each fits alone, not both
+    create_pool(a, "a", half)
+    create_pool(b, "b", half)
+    with Pool.open(a):
+        with pytest.raises(ConfigError, match="other open pools may still use"):
+            Pool.open(b)
+        with pytest.raises(ConfigError, match="other open pools may still use"):
+            create_pool(os.path.join(tmp_path, "c"), "c", half)
+    Pool.open(b).close()
+
+
 def test_set_capacity_checks_the_file_system(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "p")
     create_pool(path, "p", 1 << 20)
