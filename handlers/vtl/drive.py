@@ -30,6 +30,7 @@ listener may run concurrently and takes `self.lock` like every command handler d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -244,8 +245,14 @@ class TapeDrive(ScsiDevice):
                 log.error("drive %d: closing %s: %s", self.drive_index, cart.barcode, exc)
 
     def close(self) -> None:
+        """Stop listening to the library and close (sync, unlock) the cartridge."""
+        remove = getattr(self.library, "remove_drive_listener", None)
+        if remove is not None:
+            with contextlib.suppress(ValueError):  # never added, or removed twice
+                remove(self.drive_index, self.on_medium_changed)
         with self.lock:
             self._close_cartridge()
+            self.state = DriveState.EMPTY
 
     # ------------------------------------------------------------------------------------------
     # Readiness and access checks
