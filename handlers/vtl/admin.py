@@ -16,13 +16,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tcmu_py.handlers.vtl.library import Library, LibraryError, Occupant, check_barcode
+from tcmu_py.handlers.vtl.library import (
+    ChangerIdentity,
+    Library,
+    LibraryError,
+    Occupant,
+    check_barcode,
+)
 
 from tcmu_py.errors import ConfigError, TcmuError
 from tcmu_py.scsi.smc import ElementType
 
 #: More cartridges than this in one range is almost certainly a typo.
 MAX_RANGE = 100_000
+_DEFAULT_ID = ChangerIdentity()
 
 _TYPE_NAMES = {
     ElementType.MEDIUM_TRANSPORT: "transport",
@@ -94,6 +101,7 @@ def create_library(
     slots: int,
     import_export: int,
     dvcid: str = "serial",
+    changer: ChangerIdentity | None = None,
 ) -> Library:
     """Create a library directory; drive models are checked against the known personalities."""
     from tcmu_py.handlers.vtl.personality import personality
@@ -107,6 +115,7 @@ def create_library(
         slots=slots,
         import_export=import_export,
         dvcid=dvcid,
+        changer=changer,
     )
 
 
@@ -119,6 +128,7 @@ def ensure_library(
     import_export: int,
     cartridges: Sequence[str] = (),
     dvcid: str = "serial",
+    changer: ChangerIdentity | None = None,
 ) -> Library:
     """Make the library at `path` what a declaration (e.g. the daemon's YAML) says, idempotently.
 
@@ -159,6 +169,7 @@ def ensure_library(
             slots=slots,
             import_export=import_export,
             dvcid=dvcid,
+            changer=changer,
         )
     missing = [b for spec in cartridges for b in parse_barcode_range(spec)]
     missing = [b for b in missing if not lib.media_path(b).exists()]
@@ -303,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, required=True)
     s.add_argument("--import-export", type=int, default=0)
     s.add_argument("--dvcid", choices=["serial", "t10"], default="serial")
+    s.add_argument("--vendor", default=_DEFAULT_ID.vendor, help="changer INQUIRY vendor")
+    s.add_argument("--product", default=_DEFAULT_ID.product, help="changer INQUIRY product")
+    s.add_argument("--revision", default=_DEFAULT_ID.revision, help="changer revision")
 
     s = sub.add_parser("create-cartridges", help="create blank cartridges from a barcode range")
     s.add_argument("library", type=Path)
@@ -349,6 +363,7 @@ def _run(args: argparse.Namespace) -> int:
             slots=args.slots,
             import_export=args.import_export,
             dvcid=args.dvcid,
+            changer=ChangerIdentity(args.vendor, args.product, args.revision),
         )
         print(f"created library {lib.name} at {lib.path}")
         lib.close()

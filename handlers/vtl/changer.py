@@ -73,6 +73,8 @@ class Changer(ScsiDevice):
     ) -> None:
         super().__init__(config)
         self.library = library
+        ident = library.changer_identity
+        self.vendor, self.product, self.revision = ident.vendor, ident.product, ident.revision
         self._on_close = on_close
         library.add_change_listener(self._operator_access)
 

@@ -117,6 +117,25 @@ class Occupant:
 
 
 @dataclass(frozen=True, slots=True)
+class ChangerIdentity:
+    """What the changer LUN answers in standard INQUIRY (SPC-5 6.7.2: ASCII, space padded)."""
+
+    vendor: str = "TCMU-PY"
+    product: str = "VTL LIBRARY"
+    revision: str = "0100"
+
+    def check(self) -> ChangerIdentity:
+        for value, limit, what in (
+            (self.vendor, 8, "vendor"),
+            (self.product, 16, "product"),
+            (self.revision, 4, "revision"),
+        ):
+            if not value or len(value) > limit or not all(" " <= c <= "~" for c in value):
+                raise LibraryError(f"changer {what} {value!r}: 1..{limit} printable ASCII")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
 class DriveInfo:
     serial: str
     model: str
@@ -152,11 +171,13 @@ class Library:
         dvcid: str,
         state: _State,
         file_id: tuple[int, int, int],
+        changer: ChangerIdentity | None = None,
     ) -> None:
         """Use `create` or `open`."""
         self.path = path
         self.name = name
         self.dvcid = dvcid
+        self.changer_identity = changer or ChangerIdentity()
         self._ranges = dict(ranges)
         self._drives = list(drives)
         self._state = state
@@ -187,12 +208,14 @@ class Library:
         transports: int = 1,
         first_address: dict[ElementType, int] | None = None,
         dvcid: str = "serial",
+        changer: ChangerIdentity | None = None,
     ) -> Library:
         """Create the library directory (or use an empty existing one) and write library.json.
 
         `drives` is [(serial, model)] in data transfer element order; `dvcid` selects the device
         identifier READ ELEMENT STATUS reports for drives: "serial" (the drive's unit serial, as
-        in its VPD page 80h) or "t10" (T10 vendor ID: vendor, product, serial). Raises
+        in its VPD page 80h) or "t10" (T10 vendor ID: vendor, product, serial); `changer` is the
+        INQUIRY identity of the changer LUN (some backup software keys on it). Raises
         ConfigError-like `LibraryError` for a bad layout and FileExistsError if a library exists.
         """
         root = Path(path)
@@ -219,7 +242,8 @@ class Library:
             raise FileExistsError(f"{root / STATE_FILE} exists; a library is already there")
         (root / MEDIA_DIR).mkdir(exist_ok=True)
         infos = [DriveInfo(s, m) for s, m in drives]
-        doc = _document(name, ranges, infos, dvcid, _State())
+        identity = (changer or ChangerIdentity()).check()
+        doc = _document(name, ranges, infos, dvcid, _State(), identity)
         _write_atomically(root, doc)
         return cls.open(root)
 
@@ -245,6 +269,7 @@ class Library:
                 str(doc.get("dvcid", "serial")),
                 _state_from(doc),
                 file_id,
+                ChangerIdentity(**doc["changer"]) if "changer" in doc else None,
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise LibraryError(f"{root / STATE_FILE}: malformed: {exc!r}") from None
@@ -579,7 +604,14 @@ class Library:
                     new.generation = self._state.generation + 1
                     _write_atomically(
                         self.path,
-                        _document(self.name, self._ranges, self._drives, self.dvcid, new),
+                        _document(
+                            self.name,
+                            self._ranges,
+                            self._drives,
+                            self.dvcid,
+                            new,
+                            self.changer_identity,
+                        ),
                     )
                     self._file_id = self._stat_id()
                     events += self._adopt(new, external=operator)
@@ -652,6 +684,7 @@ def _document(
     drives: list[DriveInfo],
     dvcid: str,
     state: _State,
+    changer: ChangerIdentity,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -661,6 +694,11 @@ def _document(
         "elements": {_TYPE_KEYS[t]: list(ranges[t]) for t in ELEMENT_TYPES},
         "drives": [{"serial": d.serial, "model": d.model} for d in drives],
         "dvcid": dvcid,
+        "changer": {
+            "vendor": changer.vendor,
+            "product": changer.product,
+            "revision": changer.revision,
+        },
         "contents": {
             str(addr): {"barcode": o.barcode, "source": o.source, "imported": o.imported}
             for addr, o in sorted(state.contents.items())

@@ -383,3 +383,27 @@ def test_spc_conformance(tmp_path: Path) -> None:
         return Changer(DeviceConfig(name="c", subtype="vtl", cfgstring="", size=0), lib)
 
     assert check_any_device(new) == []
+
+
+def test_changer_identity_from_the_library(tmp_path: Path) -> None:
+    from tcmu_py.handlers.vtl.library import ChangerIdentity, LibraryError
+
+    ident = ChangerIdentity("STK", "L700", "0104")
+    lib = Library.create(
+        tmp_path / "lib", name="i", drives=[], slots=1, import_export=0, changer=ident
+    )
+    lib.close()
+    dev = Changer(
+        DeviceConfig(name="c", subtype="vtl", cfgstring="", size=0), Library.open(tmp_path / "lib")
+    )
+    r = run_command(dev, cdbs.inquiry(), data_in_len=36)
+    assert r.data[8:36] == b"STK     L700            0104"
+    with pytest.raises(LibraryError):
+        Library.create(
+            tmp_path / "l2",
+            name="x",
+            drives=[],
+            slots=1,
+            import_export=0,
+            changer=ChangerIdentity("TOOLONGVENDOR"),
+        )
