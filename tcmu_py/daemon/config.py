@@ -180,7 +180,7 @@ class Pool:
     path: str
     capacity: int
     soft_threshold: int = 80
-    hard_limit: int = 0
+    hard_limit: int = 0  # the loader always sets it (default: capacity)
 
 
 @dataclass(frozen=True)
@@ -383,7 +383,8 @@ class _Checker:
 
     def fail(self, path: str, value: object, expected: str) -> None:
         got = "nothing" if value is _MISSING else repr(value)
-        self.problems.append(f"{self.source}: {path}: got {got}, expected {expected}")
+        self.problems.append(f"{self.source}: {path or '(top level)'}: got {got},"
+                             f" expected {expected}")
 
     def mapping(self, value: object, path: str, allowed: set[str] | None,
                 required: frozenset[str] = frozenset()) -> dict[str, Any] | None:

@@ -392,6 +392,12 @@ def test_load_config_file_and_unreadable(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
 
 
+def test_top_level_must_be_a_mapping() -> None:
+    assert problems("- a\n- b\n") == [
+        "cfg.yaml: (top level): got ['a', 'b'], expected a mapping with keys defaults, devices,"
+        " exports, libraries, pools, state_dir"]
+
+
 def test_empty_file_is_a_valid_empty_config() -> None:
     cfg = load("")
     assert cfg.devices == () and cfg.exports.loopback == ()
