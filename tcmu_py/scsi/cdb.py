@@ -390,6 +390,23 @@ class ReadDefectData:
         return cls(twelve, bool(flags & 0x10), bool(flags & 0x08), flags & 0x07, alloc)
 
 
+@dataclass(frozen=True, slots=True)
+class FormatUnit:
+    """FORMAT UNIT (SBC-4 5.4): byte 1 FMTPINFO, LONGLIST, FMTDATA, CMPLST, DEFECT LIST FORMAT."""
+
+    fmtpinfo: int
+    longlist: bool
+    fmtdata: bool
+    cmplst: bool
+    defect_list_format: int
+
+    @classmethod
+    def parse(cls, cdb: Cdb) -> Self:
+        _check_length(cdb, 6)
+        b1 = cdb[1]
+        return cls(b1 >> 6, bool(b1 & 0x20), bool(b1 & 0x10), bool(b1 & 0x08), b1 & 0x07)
+
+
 # --- SPC commands -----------------------------------------------------------------------------
 
 
@@ -582,3 +599,50 @@ class ReportLuns:
     def parse(cls, cdb: Cdb) -> Self:
         _check_length(cdb, 12)
         return cls(cdb[2], _U32.unpack_from(cdb, 6)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class SendDiagnostic:
+    """SEND DIAGNOSTIC (SPC-5 6.42)."""
+
+    self_test_code: int
+    pf: bool
+    selftest: bool
+    devoffl: bool
+    unitoffl: bool
+    parameter_list_length: int
+
+    @classmethod
+    def parse(cls, cdb: Cdb) -> Self:
+        _check_length(cdb, 6)
+        b1 = cdb[1]
+        code = b1 >> 5
+        if b1 & 0x04 and code:
+            # SPC-5 6.42: SELFTEST=1 with a non-zero SELF-TEST CODE -> INVALID FIELD IN CDB.
+            raise _reject("SELF-TEST CODE with SELFTEST", 1, 7)
+        return cls(
+            code,
+            bool(b1 & 0x10),
+            bool(b1 & 0x04),
+            bool(b1 & 0x02),
+            bool(b1 & 0x01),
+            _U16.unpack_from(cdb, 3)[0],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveDiagnostic:
+    """RECEIVE DIAGNOSTIC RESULTS (SPC-5 6.32)."""
+
+    pcv: bool
+    page_code: int
+    allocation_length: int
+
+    @classmethod
+    def parse(cls, cdb: Cdb) -> Self:
+        _check_length(cdb, 6)
+        pcv = bool(cdb[1] & 0x01)
+        if not pcv and cdb[2]:
+            # SPC-5 6.32: PCV zero with a non-zero PAGE CODE -> INVALID FIELD IN CDB.
+            raise _reject("PAGE CODE without PCV", 2, 7)
+        return cls(pcv, cdb[2], _U16.unpack_from(cdb, 3)[0])

@@ -847,6 +847,53 @@ def build_lbp_log_page(
     return build_log_page(0x0C, 0, params, parameter_pointer=parameter_pointer)
 
 
+# --- diagnostics and task management ---------------------------------------------------
+
+
+def build_supported_diagnostic_pages(pages: Iterable[int] = ()) -> bytes:
+    """Supported Diagnostic Pages 00h (SPC-5 7.2.2): page codes ascending, 00h included."""
+    codes = sorted(set(pages) | {0})
+    return bytes([0, 0]) + _U16.pack(len(codes)) + bytes(codes)
+
+
+def build_report_supported_tmf(
+    *,
+    repd: bool = False,
+    abort_task: bool = True,
+    abort_task_set: bool = True,
+    clear_aca: bool = False,
+    clear_task_set: bool = False,
+    lu_reset: bool = True,
+    query_task: bool = False,
+    target_reset: bool = False,
+    wakeup: bool = False,
+    query_unit_attention: bool = False,
+    query_task_set: bool = False,
+    it_nexus_reset: bool = False,
+) -> bytes:
+    """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS data (SPC-5 6.36.2): 4 bytes, 16 with REPD.
+
+    The task management functions themselves are carried out by LIO, not by the TCMU device, so
+    the caller states what the kernel really does.
+    """
+    b0 = (
+        (0x80 if abort_task else 0)
+        | (0x40 if abort_task_set else 0)
+        | (0x20 if clear_aca else 0)
+        | (0x10 if clear_task_set else 0)
+        | (0x08 if lu_reset else 0)
+        | (0x04 if query_task else 0)
+        | (0x02 if target_reset else 0)
+        | (0x01 if wakeup else 0)
+    )
+    b1 = (0x04 if query_unit_attention else 0) | (0x02 if query_task_set else 0)
+    b1 |= 0x01 if it_nexus_reset else 0
+    if not repd:
+        return bytes([b0, b1, 0, 0])
+    # SPC-5 6.36.2: with REPD the ADDITIONAL DATA LENGTH is 0Ch (no TMF timeouts reported).
+    return bytes([b0, b1, 0, 0x0C]) + bytes(12)
+
+
 # --- REPORT SUPPORTED OPERATION CODES -----------------------------------------------------
 
 SUPPORT_NOT_AVAILABLE = 0b000

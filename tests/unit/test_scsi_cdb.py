@@ -235,3 +235,18 @@ def test_read_defect_data():
     assert r10 == c.ReadDefectData(False, True, True, 5, 32)
     r12 = c.ReadDefectData.parse(bytes([0xB7, 0x08, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]))
     assert r12 == c.ReadDefectData(True, False, True, 0, 256)
+
+
+def test_format_unit_and_diagnostics():
+    fu = c.FormatUnit.parse(bytes([0x04, 0xDB, 0, 0, 0, 0]))
+    assert (fu.fmtpinfo, fu.longlist, fu.fmtdata, fu.cmplst, fu.defect_list_format) == (
+        3, False, True, True, 3)
+    sd = c.SendDiagnostic.parse(bytes([0x1D, 0x14, 0, 0, 8, 0]))
+    assert sd.selftest and sd.pf and sd.parameter_list_length == 8
+    with pytest.raises(InvalidFieldInCdb):
+        c.SendDiagnostic.parse(bytes([0x1D, 0x24, 0, 0, 0, 0]))
+    rd = c.ReceiveDiagnostic.parse(bytes([0x1C, 1, 0, 1, 0, 0]))
+    assert rd == c.ReceiveDiagnostic(True, 0, 256)
+    with pytest.raises(InvalidFieldInCdb) as exc:
+        c.ReceiveDiagnostic.parse(bytes([0x1C, 0, 5, 1, 0, 0]))
+    assert exc.value.field_pointer == 2

@@ -516,3 +516,10 @@ def test_port_designators():
     # PIV + iSCSI protocol identifier on the relative port designator
     raw = spc.relative_target_port_designator(2, protocol=5)
     assert raw[0] >> 4 == 5 and raw[1] & 0x80
+
+
+def test_diagnostic_pages_and_tmf():
+    assert spc.build_supported_diagnostic_pages() == bytes([0, 0, 0, 1, 0])
+    assert spc.build_report_supported_tmf() == bytes([0xC8, 0, 0, 0])
+    long = spc.build_report_supported_tmf(repd=True, it_nexus_reset=True)
+    assert len(long) == 16 and long[1] == 1 and long[3] == 0x0C
