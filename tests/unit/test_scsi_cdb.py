@@ -250,3 +250,53 @@ def test_format_unit_and_diagnostics():
     with pytest.raises(InvalidFieldInCdb) as exc:
         c.ReceiveDiagnostic.parse(bytes([0x1C, 0, 5, 1, 0, 0]))
     assert exc.value.field_pointer == 2
+
+
+PARSERS = [
+    (c.SynchronizeCache, [0x35, 0x91]),
+    (c.ReadCapacity10, [0x25]),
+    (c.ReadCapacity16, [0x9E]),
+    (c.GetLbaStatus, [0x9E]),
+    (c.Unmap, [0x42]),
+    (c.StartStopUnit, [0x1B]),
+    (c.PreventAllow, [0x1E]),
+    (c.ReadDefectData, [0x37, 0xB7]),
+    (c.FormatUnit, [0x04]),
+    (c.Inquiry, [0x12]),
+    (c.RequestSense, [0x03]),
+    (c.ModeSense, [0x1A, 0x5A]),
+    (c.ModeSelect, [0x15, 0x55]),
+    (c.LogSense, [0x4D]),
+    (c.LogSelect, [0x4C]),
+    (c.ReportSupportedOpcodes, [0xA3]),
+    (c.ReportSupportedTmf, [0xA3]),
+    (c.ReportLuns, [0xA0]),
+    (c.SendDiagnostic, [0x1D]),
+    (c.ReceiveDiagnostic, [0x1C]),
+]
+
+
+@pytest.mark.parametrize("cls,opcodes", PARSERS, ids=[p[0].__name__ for p in PARSERS])
+@given(data=st.data())
+def test_parsers_only_raise_invalid_field(cls, opcodes, data):
+    """Any CDB of the right size parses or is INVALID FIELD IN CDB with a pointer inside it."""
+    opcode = data.draw(st.sampled_from(opcodes))
+    size = c.cdb_length(bytes([opcode]))
+    cdb = bytes([opcode]) + data.draw(st.binary(min_size=size - 1, max_size=size - 1))
+    try:
+        parsed = cls.parse(cdb)
+    except InvalidFieldInCdb as exc:
+        assert exc.field_pointer is not None and 0 < exc.field_pointer < size
+        return
+    assert parsed == cls.parse(bytearray(cdb)) == cls.parse(memoryview(cdb))
+
+
+@given(st.sampled_from(sorted(c.RW_OPCODES)), st.binary(min_size=15, max_size=15))
+def test_parse_rw_only_raises_invalid_field(opcode, rest):
+    cdb = bytes([opcode]) + rest[: c.cdb_length(bytes([opcode])) - 1]
+    try:
+        rw = c.parse_rw(cdb)
+    except InvalidFieldInCdb as exc:
+        assert exc.field_pointer == 1 and exc.bit_pointer in (2, 4, 7)
+        return
+    assert 0 <= rw.lba < 2**64 and 0 <= rw.transfer_length <= 2**32
