@@ -502,3 +502,27 @@ def test_many_entries_in_one_dequeue_cross_the_batch_size() -> None:
 def test_pending_type_is_exported() -> None:
     fk = FakeKernel(cmdr_size=1024, data_size=4096, page_size=512)
     assert isinstance(fk.submit(read()), Pending)
+
+
+def test_closed_ring_refuses_work() -> None:
+    fk, ring = make(cmdr_size=1024, data_size=8192, page_size=512)
+    fk.submit(read(1), data_in_len=100)
+    [cmd] = ring.dequeue()[0]
+    ring.close()
+    ring.close()
+    with pytest.raises(RingError, match="closed"):
+        ring.dequeue()
+    with pytest.raises(RingError, match="not in flight"):
+        ring.complete(cmd.cmd_id, GOOD)
+
+
+@pytest.mark.parametrize("status", [-1, 0x100])
+def test_status_must_fit_a_byte(status: int) -> None:
+    fk, ring = make(cmdr_size=1024, data_size=8192, page_size=512)
+    fk.submit(read(1), data_in_len=100)
+    [cmd] = ring.dequeue()[0]
+    with pytest.raises(ValueError, match="status"):
+        ring.complete(cmd.cmd_id, status)
+    with pytest.raises(ValueError, match="status"):
+        ring.complete_many([(cmd.cmd_id, status, b"", None)])
+    assert ring.tail == 0 and ring.in_flight == 1
