@@ -39,13 +39,6 @@ from tcmu_py.scsi.sense import (
     build_fixed_sense,
 )
 
-__all__ = [
-    "InvalidFieldInCdb",
-    "InvalidFieldInParameterList",
-    "ParameterListLengthError",
-    "SavingParametersNotSupported",
-]
-
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
