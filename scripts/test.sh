@@ -30,6 +30,7 @@ RUFF_PENDING=(
     tests/unit/test_fake_kernel.py
 )
 MYPY_PENDING=(
+    handlers/vtl/drive.py
     handlers/vtl/changer.py
     tcmu_py/cli.py
     tcmu_py/device/block.py

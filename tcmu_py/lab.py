@@ -273,28 +273,84 @@ def _pump(
     proc.wait(timeout=max(remaining, 0.001))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tcmu_py.lab [options] [--] COMMAND...``: boot the lab kernel, run the prelude
-    then COMMAND (a shell command line; default: show the kernel and the loaded target modules),
-    print the console output and the wall time; exit with the guest command's status."""
+DEFAULT_LAB_COMMAND = "tcmu-py status; lsscsi"
+SERVE_READY_TIMEOUT = 120  # seconds for `tcmu-py serve` to create and serve its devices
+SERVE_STOP_TIMEOUT = 30  # seconds for it to drain and exit on SIGTERM
+
+
+def serve_script(config: str | os.PathLike[str] | None, command: str) -> str:
+    """Guest shell text: start ``tcmu-py serve`` (with ``-c config``, or the embedded default),
+    wait (bounded) for its ready file, run ``command``, then stop the daemon with SIGTERM
+    (bounded, then SIGKILL) and show the end of its log. Exits with ``command``'s status, or
+    98 if the daemon did not become ready."""
+    tcmu_py = shlex.quote(str(Path(sys.executable).parent / "tcmu-py"))
+    source = f"-c {shlex.quote(str(Path(config).resolve()))}" if config else "--default"
+    return f"""export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"
+SERVE_LOG=$TCMU_PY_SCRATCH/serve.log SERVE_READY=$TCMU_PY_SCRATCH/serve.ready
+{tcmu_py} serve {source} --ready-file "$SERVE_READY" >"$SERVE_LOG" 2>&1 &
+SERVE_PID=$!
+deadline=$((SECONDS + {SERVE_READY_TIMEOUT}))
+until [ -e "$SERVE_READY" ]; do
+    if ! kill -0 $SERVE_PID 2>/dev/null; then
+        echo "tcmu-py lab: tcmu-py serve exited before it was ready:"; cat "$SERVE_LOG"; exit 98
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+        echo "tcmu-py lab: tcmu-py serve not ready after {SERVE_READY_TIMEOUT}s:"; cat "$SERVE_LOG"
+        kill -KILL $SERVE_PID; exit 98
+    fi
+    sleep 0.1
+done
+echo "tcmu-py lab: tcmu-py serve is ready (pid $SERVE_PID)"
+( {command} )
+rc=$?
+kill -TERM $SERVE_PID
+deadline=$((SECONDS + {SERVE_STOP_TIMEOUT}))
+while kill -0 $SERVE_PID 2>/dev/null; do
+    if [ $SECONDS -ge $deadline ]; then
+        echo "tcmu-py lab: tcmu-py serve ignored SIGTERM for {SERVE_STOP_TIMEOUT}s; killing"
+        kill -KILL $SERVE_PID; [ $rc -eq 0 ] && rc=99; break
+    fi
+    sleep 0.1
+done
+wait $SERVE_PID; echo "tcmu-py lab: tcmu-py serve exited with $?"
+echo "--- end of the tcmu-py serve log ---"; tail -n 40 "$SERVE_LOG"
+exit $rc
+"""
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    config: str | os.PathLike[str] | None = None,
+    command: str | Sequence[str] | None = None,
+) -> int:
+    """``tcmu-py lab`` / ``python -m tcmu_py.lab``: boot the lab kernel, run ``tcmu-py serve``
+    there (configuration ``config``, default: the embedded one), run ``command`` in the guest
+    (a shell command line; default: ``tcmu-py status; lsscsi``), stop the daemon, print the
+    console output and the wall time. Exit status: the guest command's; 2 if the lab cannot run
+    here; 124 if the VM timed out. Called with ``argv`` it parses options instead (see --help).
+    """
     import argparse
 
     ap = argparse.ArgumentParser(prog="tcmu-py lab", description=main.__doc__)
+    ap.add_argument("-c", "--config", default=config, help="YAML configuration for tcmu-py serve")
+    ap.add_argument("--no-serve", action="store_true", help="only the prelude, no daemon")
     ap.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     ap.add_argument("--cpus", type=int, default=None, help="guest CPUs (default: vng's)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds before the VM is killed")
     ap.add_argument("--rwdir", action="append", default=[], help="host dir writable in the guest")
     ap.add_argument("--kernel", default=None, help="kernel image (default: find_kernel())")
-    ap.add_argument("command", nargs=argparse.REMAINDER)
-    args = ap.parse_args(argv)
-    command = " ".join(a for a in args.command if a != "--") or (
-        "uname -r; lsmod | grep -E '^(target_core_user|tcm_loop|iscsi_target_mod) '; "
-        "echo guest uptime: $(cut -d' ' -f1 /proc/uptime)s"
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="shell command to run in the guest")
+    args = ap.parse_args(list(argv) if argv is not None else [])
+    words = args.command if argv is not None else (
+        [command] if isinstance(command, str) else list(command or [])
     )
+    line = " ".join(w for w in words if w != "--") or DEFAULT_LAB_COMMAND
+    body = line if args.no_serve else serve_script(args.config, line)
     start = time.monotonic()
     try:
         proc = run_in_vm(
-            guest_prelude() + command + "\n",
+            guest_prelude() + body + "\n",
             rwdirs=args.rwdir,
             memory=args.memory,
             cpus=args.cpus,
@@ -315,4 +371,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -4,9 +4,9 @@ Started by tests/kernel/conftest.py (via tcmu_py.lab.run_in_vm, after guest_prel
 
     python guest_main.py --results DIR [--only NAME ...]
 
-For every selected scenario, in registry order, it starts a child process
-(``guest_main.py --run-one NAME``) whose output goes to ``DIR/NAME.log``, kills its process group
-if it outlives the scenario's timeout, then removes any LIO objects left behind. Each scenario
+For every selected scenario, in registry order, it forks a child (own session) whose output goes
+to ``DIR/NAME.log``, kills its process group if it outlives the scenario's timeout, then removes
+any LIO objects left behind. (``--run-one NAME`` runs a single scenario in-process.) Each scenario
 ends with ``DIR/NAME.json``::
 
     {"name": ..., "ok": bool, "error": str | null, "details": {...}, "duration": float,
@@ -19,10 +19,10 @@ ends with ``DIR/NAME.json``::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -44,7 +44,9 @@ def write_json(path: Path, data: dict[str, object]) -> None:
 
 def guest_facts() -> dict[str, object]:
     uptime = float(Path("/proc/uptime").read_text().split()[0])
-    modules = sorted(line.split()[0] for line in Path("/proc/modules").read_text().splitlines())
+    proc_modules = Path("/proc/modules")  # absent on kernels without module support
+    lines = proc_modules.read_text().splitlines() if proc_modules.exists() else []
+    modules = sorted(line.split()[0] for line in lines)
     udevd = any(
         Path(p, "comm").read_text().strip() == "systemd-udevd"
         for p in Path("/proc").iterdir()
@@ -95,12 +97,13 @@ def run_one(name: str, results: Path) -> int:
     return 0 if error is None else 1
 
 
-def run_all(results: Path, only: list[str]) -> int:
+def run_all(results: Path, only: list[str] | None) -> int:
+    """Run the scenarios named in ``only`` (all if None, none if empty); 0 if all passed."""
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "_guest.json", guest_facts())
     registry = guestlib.discover_scenarios()
-    unknown = [n for n in only if n not in registry]
-    names = [n for n in registry if not only or n in only]
+    unknown = [n for n in only or [] if n not in registry]
+    names = [n for n in registry if only is None or n in only]
     failures = 0
     for name in unknown:
         write_json(results / f"{name}.json",
@@ -117,24 +120,47 @@ def run_child(name: str, timeout: float, results: Path) -> int:
     result_path = results / f"{name}.json"
     log_path = results / f"{name}.log"
     start = time.monotonic()
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--results", str(results), "--run-one", name],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        timed_out = False
+    # fork rather than a new interpreter: Python start-up costs seconds under emulation, and the
+    # scenario modules are already imported here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # child: own session (so the whole group can be killed), output to the log
+        rc = 70
         try:
-            proc.wait(timeout=timeout + CLEANUP_GRACE)
-        except subprocess.TimeoutExpired:
+            os.setsid()
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            # Rebind in case sys.stdout/err were not fds 1/2 (e.g. under pytest's capture).
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            rc = run_one(name, results)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+    timed_out = False
+    deadline = start + timeout + CLEANUP_GRACE
+    status = 0
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() >= deadline:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            break
+        time.sleep(0.05)
+    returncode = os.waitstatus_to_exitcode(status)
     if result_path.exists() and not timed_out:
         result = json.loads(result_path.read_text())
     else:
         why = (f"timed out after {timeout:g}s (+{CLEANUP_GRACE:g}s cleanup grace); killed"
-               if timed_out else f"scenario process died with status {proc.returncode}")
+               if timed_out else f"scenario process died with status {returncode}")
         result = {"name": name, "ok": False, "error": why, "details": {},
                   "duration": time.monotonic() - start, "leaked": []}
     # Whatever the scenario left behind would disturb the next one: remove it, and fail a
@@ -155,7 +181,7 @@ def run_child(name: str, timeout: float, results: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, required=True)
-    ap.add_argument("--only", nargs="*", default=[])
+    ap.add_argument("--only", nargs="*", default=None, help="scenarios to run (default all)")
     ap.add_argument("--run-one")
     args = ap.parse_args()
     if args.run_one:

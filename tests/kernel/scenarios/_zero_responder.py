@@ -1,11 +1,17 @@
-"""Minimal standalone TCMU responder: a read-only disk of zeros. Proves the VM lab end to end.
+"""Minimal TCMU responder: a read-only disk of zeros. Proves the VM lab end to end.
 
-Usage (in the guest): python _zero_responder.py /dev/uioN /sys/class/uio/uioN BLOCKS
+Usage (in the guest): python _zero_responder.py [--tcmu-py] /dev/uioN /sys/class/uio/uioN BLOCKS
 
-Deliberately independent of tcmu_py (standard library only, in-order completion, one thread) so
-that the harness can be validated before and apart from the real ring code. Facts used are the
-kernel's uapi header include/uapi/linux/target_core_user.h (see docs kernel-abi.md). It prints
-"ready" once the ring is mapped and, on SIGTERM, a JSON line of opcode counts, then exits 0.
+Default mode is deliberately independent of tcmu_py (standard library only, in-order
+completion, one thread) so that the harness is validated apart from the real ring code; the
+facts it uses are the kernel's include/uapi/linux/target_core_user.h (kernel-abi.md).
+With ``--tcmu-py`` the same disk is served through ``tcmu_py.uio.UioDevice`` and
+``tcmu_py.ring.Ring``, completing each batch in REVERSE order (slot stealing) to exercise the
+binding against the real kernel; it holds completions briefly so that concurrent commands
+really do complete out of order.
+
+It prints "ready" once the ring is mapped and, on SIGTERM, a JSON line with opcode counts (and
+in --tcmu-py mode the largest batch completed out of order), then exits 0.
 """
 
 from __future__ import annotations
@@ -195,5 +201,73 @@ def handle(buf: mmap.mmap, ent: int, disk: ZeroDisk) -> int:
     return first
 
 
+def scatter(data: bytes, bufs: list[memoryview]) -> None:
+    """Copy ``data`` into the Data-In buffers, zero-filling what it does not cover."""
+    pos = 0
+    for view in bufs:
+        chunk = data[pos : pos + len(view)]
+        view[: len(chunk)] = chunk
+        if len(chunk) < len(view):
+            view[len(chunk) :] = bytes(len(view) - len(chunk))
+        pos += len(view)
+
+
+# --tcmu-py mode: hold completions until this many commands are pending or the oldest has waited
+# this long, so that concurrent commands complete out of order.
+HOLD_COMMANDS = 4
+HOLD_SECONDS = 0.05
+
+
+def serve_tcmu_py(uio_path: str, sysfs_dir: str, blocks: int) -> None:
+    import time
+
+    from tcmu_py.ring import Completion, Ring
+    from tcmu_py.uio import UioDevice
+
+    dev = UioDevice(uio_path, sysfs_dir)
+    ring = Ring(dev.buffer)
+    disk = ZeroDisk(blocks)
+    counts: Counter[str] = Counter()
+    stats = {"max_reversed_batch": 0, "commands": 0}
+
+    def on_term(signum: int, frame: object) -> None:
+        print(json.dumps({"opcodes": dict(counts), **stats}), flush=True)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    print(f"ready (tcmu_py) {dev.name} flags={ring.flags}", flush=True)
+    poller = select.poll()
+    poller.register(dev.fileno(), select.POLLIN)
+    pending: list[Completion] = []
+    oldest = 0.0
+    while True:
+        wait = 1.0 if not pending else max(0.0, oldest + HOLD_SECONDS - time.monotonic())
+        poller.poll(int(wait * 1000))
+        dev.clear_event()
+        cmds, _tmrs = ring.dequeue()
+        for cmd in cmds:
+            try:
+                data = disk.execute(cmd.cdb)
+                status, sense = GOOD, b""
+            except CheckCondition as cc:
+                data, status, sense = None, CHECK_CONDITION, cc.sense
+            if data is not None:
+                scatter(data, cmd.data_in)
+            counts[f"{cmd.cdb[0]:02x}"] += 1
+            if not pending:
+                oldest = time.monotonic()
+            pending.append(Completion(cmd.cmd_id, status, sense))
+        if pending and (len(pending) >= HOLD_COMMANDS or time.monotonic() >= oldest + HOLD_SECONDS):
+            # Newest first: every completion but the last steals an older command's slot.
+            ring.complete_many(list(reversed(pending)))
+            stats["max_reversed_batch"] = max(stats["max_reversed_batch"], len(pending))
+            stats["commands"] += len(pending)
+            pending.clear()
+            dev.kick()
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1] == "--tcmu-py":
+        serve_tcmu_py(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        serve(sys.argv[1], sys.argv[2], int(sys.argv[3]))

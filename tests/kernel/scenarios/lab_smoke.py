@@ -52,23 +52,39 @@ def uio_appears(ctx: Context) -> None:
 
 @scenario(timeout=240)
 def zero_disk_loopback(ctx: Context) -> None:
-    """A standalone userspace responder serves a 64 MiB read-only disk of zeros through
-    tcm_loop: the sd driver binds it, lsscsi lists it, dd reads zeros, sg_readcap reports the
-    size, and the responder saw the scan's INQUIRY and READ CAPACITY plus our READs."""
+    """A standalone userspace responder (standard library only) serves a 64 MiB read-only disk
+    of zeros through tcm_loop: the sd driver binds it, lsscsi lists it, dd reads zeros,
+    sg_readcap reports the size, and the responder saw the scan's INQUIRY and READ CAPACITY
+    plus our READs."""
+    _zero_disk(ctx, [], read_mib=8)
+
+
+@scenario(timeout=240)
+def zero_disk_tcmu_py_ring(ctx: Context) -> None:
+    """The same disk served through tcmu_py.uio.UioDevice + tcmu_py.ring.Ring, completing each
+    batch in reverse order (slot stealing) against the real kernel; a 4 MiB direct read is split
+    into 512 KiB commands that must complete out of order and still return zeros."""
+    stats = _zero_disk(ctx, ["--tcmu-py"], read_mib=16, block="4M")
+    assert stats["max_reversed_batch"] >= 2, f"no batch completed out of order: {stats}"
+
+
+def _zero_disk(ctx: Context, mode: list[str], *, read_mib: int, block: str = "1M") -> dict:
+    """Serve the zero disk with the responder in ``mode``, check it end to end from the
+    initiator side; return the responder's final statistics."""
     size = 64 * MIB
     bs = create_user_backstore("zero0", "zero/lab", size, cleanup=ctx.cleanup)
     dev, sysfs = bs.wait_uio(ctx.remaining(10))
     responder = Daemon(
-        [sys.executable, str(RESPONDER), str(dev), str(sysfs), str(size // 512)],
+        [sys.executable, str(RESPONDER), *mode, str(dev), str(sysfs), str(size // 512)],
         ctx.artifacts / "responder.log",
     )
     ctx.cleanup.callback(responder.stop)
     # Serve the ring before the LUN exists: the kernel scans the LUN immediately.
     responder.start(ready=lambda: "ready" in responder.output(), timeout=ctx.remaining(30))
 
+    # Registered after the responder's stop, so (LIFO) the LUN goes first on cleanup, while
+    # the responder still answers.
     lun = create_loopback_lun(bs, cleanup=ctx.cleanup)
-    # The LUN must be unlinked while the responder still answers: register the stop after it
-    # (the cleanup stack is LIFO) — done above, so unlink runs first.
     disk = lun.wait_device("block", timeout=ctx.remaining(90))
     ctx.details["scsi_address"] = lun.scsi_address()
     ctx.details["devices"] = lun.scsi_devices()
@@ -85,12 +101,14 @@ def zero_disk_loopback(ctx: Context) -> None:
 
     # O_DIRECT so the data comes from the ring, not the page cache filled by the partition scan.
     image = ctx.workdir / "read.bin"
+    count = read_mib * MIB // _parse_size(block)
     run(
-        ["dd", f"if={disk}", f"of={image}", "bs=1M", "count=8", "iflag=direct", "status=none"],
+        ["dd", f"if={disk}", f"of={image}", f"bs={block}", f"count={count}", "iflag=direct",
+         "status=none"],
         timeout=ctx.remaining(120),
     )
     data = image.read_bytes()
-    assert len(data) == 8 * MIB, f"dd read {len(data)} bytes, want {8 * MIB}"
+    assert len(data) == read_mib * MIB, f"dd read {len(data)} bytes, want {read_mib * MIB}"
     assert data.count(0) == len(data), "dd read non-zero bytes from the zero disk"
 
     if have("sg_readcap"):
@@ -103,8 +121,15 @@ def zero_disk_loopback(ctx: Context) -> None:
              f"{disk} to disappear after unlinking the LUN")
     status = responder.stop(timeout=ctx.remaining(10))
     assert status == 0, f"responder exited with {status}"
-    counts = json.loads(responder.output().strip().splitlines()[-1])["opcodes"]
-    ctx.details["opcodes"] = counts
+    stats: dict = json.loads(responder.output().strip().splitlines()[-1])
+    counts = stats["opcodes"]
+    ctx.details["responder"] = stats
     for op, what in (("12", "INQUIRY"), ("28", "READ(10)")):
         assert counts.get(op), f"responder never saw {what} ({op}h): {counts}"
     assert counts.get("25") or counts.get("9e"), f"no READ CAPACITY reached the ring: {counts}"
+    return stats
+
+
+def _parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
