@@ -3,8 +3,9 @@
 Public API:
 
 - `ThinHandler` — the handler registered for ``thin`` (config string: see `handler`).
-- Pools: `create_pool`, `ensure_pool`, `read_pool_status` (admin, for the CLI/daemon),
-  `Pool` (an open pool), `PoolConfig`, `PoolStatus`, `DiskStatus`, `DEFAULT_UNIT`.
+- Pools: `create_pool`, `ensure_pool`, `read_pool_status` (admin, for the CLI/daemon);
+  `acquire_pool` / `release_pool` (the process-wide shared open pool); `Pool` (an open pool),
+  `PoolConfig`, `PoolStatus`, `DiskStatus`, `DEFAULT_UNIT`.
 - `register_pool` / `unregister_pool` — let config strings name a pool (``pool=<name>``).
 - `ThinBackend`, `ThinProvisioningInfo` — the BlockBackend a thin device runs on.
 """
@@ -17,9 +18,11 @@ from .pool import (
     Pool,
     PoolConfig,
     PoolStatus,
+    acquire_pool,
     create_pool,
     ensure_pool,
     read_pool_status,
+    release_pool,
 )
 
 __all__ = [
@@ -31,9 +34,11 @@ __all__ = [
     "ThinBackend",
     "ThinHandler",
     "ThinProvisioningInfo",
+    "acquire_pool",
     "create_pool",
     "ensure_pool",
     "read_pool_status",
     "register_pool",
+    "release_pool",
     "unregister_pool",
 ]

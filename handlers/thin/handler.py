@@ -18,9 +18,9 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import DeviceConfig, Handler, parse_options, shared
+from tcmu_py.handler import DeviceConfig, Handler, parse_options
 
-from .pool import POOL_FILE, Pool, check_name, check_unit, load_pool_config
+from .pool import POOL_FILE, acquire_pool, check_name, check_unit, load_pool_config, release_pool
 
 if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
@@ -67,10 +67,6 @@ def _parse(cfgstring: str) -> tuple[str, str | None, str | None, int | None]:
     return pool, name, opts.get("disk"), opts.get("unit")
 
 
-def _pool_key(path: str) -> str:
-    return "thin-pool:" + os.path.realpath(path)
-
-
 class ThinHandler(Handler):
     """Thin disks: sparse files in a pool, UNMAP / WRITE SAME+UNMAP / GET LBA STATUS, soft
     threshold unit attentions and out-of-space DATA PROTECT."""
@@ -100,21 +96,18 @@ class ThinHandler(Handler):
 
         path, name, disk, unit = _parse(config.cfgstring)
         disk = disk or check_name("disk", config.name)
-        key = _pool_key(path)
-        pool = shared.acquire(key, lambda: Pool.open(path, expected_name=name))
+        pool = acquire_pool(path, expected_name=name)
         try:
-            if name is not None and pool.name != name:
-                raise ConfigError(f"{path}: pool is named {pool.name!r}, expected {name!r}")
             backend = pool.open_disk(
                 disk,
                 config.size,
                 block_size=config.block_size,
                 write_cache=config.write_cache,
                 unit=unit,
-                on_close=lambda: shared.release(key, Pool.close),
+                on_close=lambda: release_pool(pool),
             )
         except BaseException:
-            shared.release(key, Pool.close)
+            release_pool(pool)
             raise
         try:
             return open_block_device(config, backend)

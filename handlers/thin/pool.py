@@ -26,7 +26,8 @@ Theory of operation:
   may still allocate counts as taken; other writers to the file system (or pools of another
   process) can still fill it behind our back, and are caught at the next open.
 - One process at a time: `Pool.open` takes an exclusive flock on ``.lock``. Inside a process,
-  devices share one `Pool` through `tcmu_py.handler.shared` (see `ThinHandler`).
+  everything shares one `Pool` through `acquire_pool` / `release_pool` (reference-counted in
+  `tcmu_py.handler.shared`); calling `Pool.open` a second time fails.
   `read_pool_status` works without the lock (it scans the files, or asks the pool open in this
   process).
 """
@@ -693,6 +694,31 @@ def ensure_pool(
         config = replace(config, capacity=capacity, soft_threshold=soft_threshold)
         _write_pool_config(real, config)
     return config
+
+
+def _pool_key(path: str) -> str:
+    return "thin-pool:" + os.path.realpath(path)
+
+
+def acquire_pool(path: str, expected_name: str | None = None) -> Pool:
+    """The pool at `path`, shared by everything in this process that uses it (reference-counted
+    in `tcmu_py.handler.shared`): opened by the first caller, closed by the last `release_pool`.
+    Raises as `Pool.open` (then nothing is held); ConfigError if `expected_name` differs."""
+    from tcmu_py.handler import shared
+
+    key = _pool_key(path)
+    pool = shared.acquire(key, lambda: Pool.open(path, expected_name))
+    if expected_name is not None and pool.name != expected_name:
+        shared.release(key, Pool.close)
+        raise ConfigError(f"{pool.path}: pool is named {pool.name!r}, expected {expected_name!r}")
+    return pool
+
+
+def release_pool(pool: Pool) -> None:
+    """Drop one `acquire_pool` reference; the last one closes the pool."""
+    from tcmu_py.handler import shared
+
+    shared.release(_pool_key(pool.path), Pool.close)
 
 
 def read_pool_status(path: str) -> PoolStatus:
