@@ -14,6 +14,7 @@ from tcmu_py.handler import DeviceConfig, Handler
 
 class NullBackend:
     write_cache = False
+    blocking = False  # nothing here waits: the runner executes commands on its loop thread
 
     def __init__(self, size: int, block_size: int) -> None:
         self.size = size

@@ -97,6 +97,8 @@ class BlockBackend(Protocol):
     - ``provisioning() -> ProvisioningInfo``: thin provisioning figures (LOG SENSE 0Ch, thresholds).
     - ``resize(size)``: the device was resized to `size` bytes.
     - ``close()``: release resources; called once when the device goes away.
+    - ``blocking = False``: the backend never waits (memory-backed); commands then run on the
+      device's loop thread instead of its worker pool.
     """
 
     size: int

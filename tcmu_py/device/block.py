@@ -111,9 +111,15 @@ class BlockDevice(ScsiDevice):
         self._threshold_event: Callable[[], bool] | None = getattr(
             backend, "take_threshold_event", None
         )
+        # A backend that never blocks (memory, /dev/null-like) is cheaper run on the loop
+        # thread than handed to the pool: no thread hand-off per command.
+        self._all_inline = not getattr(backend, "blocking", True)
 
     # ------------------------------------------------------------------------------------------
     # Capabilities and pages
+
+    def is_inline(self, cdb: bytes) -> bool:
+        return self._all_inline or super().is_inline(cdb)
 
     def supports(self, opcode: int, service_action: int | None) -> bool:
         if opcode == Opcode.UNMAP:
