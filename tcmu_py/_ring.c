@@ -40,7 +40,7 @@ static inline uint32_t tcmu_py_cdb_len(const uint8_t *cdb)
 int tcmu_py_ring_init(struct tcmu_py_ring *r, uint8_t *map, uint64_t map_len)
 {
     struct tcmu_mailbox *mb = (struct tcmu_mailbox *)map;
-    uint32_t head;
+    uint32_t head, tail;
 
     memset(r, 0, sizeof(*r));
     if (map_len < sizeof(struct tcmu_mailbox))
@@ -55,9 +55,11 @@ int tcmu_py_ring_init(struct tcmu_py_ring *r, uint8_t *map, uint64_t map_len)
         return TCMU_PY_E_MAILBOX;
     r->data_off = (uint64_t)r->cmdr_off + r->cmdr_size;
     head = tcmu_py_load_head(r);
-    if (head >= r->cmdr_size || head % TCMU_OP_ALIGN_SIZE)
+    tail = tcmu_py_load_tail(r);
+    if (head >= r->cmdr_size || head % TCMU_OP_ALIGN_SIZE ||
+        tail >= r->cmdr_size || tail % TCMU_OP_ALIGN_SIZE)
         return TCMU_PY_E_HEAD;
-    r->cursor = head;
+    r->cursor = tail;
     return TCMU_PY_OK;
 }
 

@@ -60,7 +60,8 @@ struct tcmu_py_rsp {
     uint8_t sense[96];
 };
 
-/* Validate the mailbox and fill `r`; the cursor starts at cmd_head. */
+/* Validate the mailbox and fill `r`; the cursor starts at cmd_tail (entries the kernel
+ * published and userspace has not handed back are parsed again). */
 int tcmu_py_ring_init(struct tcmu_py_ring *r, uint8_t *map, uint64_t map_len);
 
 /* mailbox->cmd_head with acquire ordering (the kernel publishes it with store-release). */

@@ -40,6 +40,9 @@ count from the start of the mapping, not of the ring or the entry.
 - A ``cmd_id`` the kernel does not know at the tail marks the device broken until
   ``action/reset_ring``; a ring that still holds unreaped entries when we attach can only
   be recovered the same way (slot stealing leaves no record of which slot holds whom).
+  The reset completes every command on the ring with BUSY (1) or CHECK CONDITION (2), sets
+  cmd_head = cmd_tail = 0 and at once queues the commands that were waiting for space, so
+  a fresh ring may already hold entries from offset 0.
 - An entry with an opcode we do not know gets ``TCMU_UFLAG_UNKNOWN_OP`` and is stepped
   over like a PAD.
 
@@ -260,30 +263,39 @@ class Ring:
     """The userspace side of one TCMU command ring over a shared mapping.
 
     ``buf`` is any writable buffer holding the whole mapping (the uio ``mmap``, or the
-    ``bytearray`` of a :class:`tcmu_py.testing.FakeKernel`). The ring must be quiescent
-    when attached (``cmd_tail == cmd_head``); otherwise :class:`RingError` says to reset it.
+    ``bytearray`` of a :class:`tcmu_py.testing.FakeKernel`). The first :meth:`dequeue`
+    starts at ``cmd_tail``. Entries between ``cmd_tail`` and ``cmd_head`` at attach time are
+    only safe to take after ``action/reset_ring`` (which leaves fresh commands from the
+    kernel's wait queue there): pass ``adopt=True`` then. Without it such a ring raises
+    :class:`RingError`, because a previous user that completed out of order leaves slots
+    that no longer say which commands are still in flight.
     Not thread-safe: serialise all calls (one thread or one lock). Call :meth:`close`
     before closing the mapping.
     """
 
-    def __init__(self, buf: Any, *, batch: int = 256) -> None:
+    def __init__(self, buf: Any, *, adopt: bool = False, batch: int = 256) -> None:
         mv = memoryview(buf)
         if mv.readonly or mv.ndim != 1 or mv.itemsize != 1:
             raise RingError("the ring mapping must be a writable, flat byte buffer")
         self._mv = mv.cast("B") if mv.format != "B" else mv
         self._cbuf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         self._ctx = ffi.new("struct tcmu_py_ring *")
-        self._check(lib.tcmu_py_ring_init(self._ctx, self._cbuf, len(self._mv)))
-        if lib.tcmu_py_load_tail(self._ctx) != self._ctx.cursor:
-            raise RingError(
-                f"the ring holds unreaped entries (cmd_tail={lib.tcmu_py_load_tail(self._ctx)}"
-                f", cmd_head={self._ctx.cursor}): a previous user left commands in flight; "
-                "reset it with 'echo 1 > .../action/reset_ring' before attaching"
-            )
         self._batch = batch
         self._entries = ffi.new("struct tcmu_py_entry[]", batch)
         self._entries_raw = ffi.buffer(self._entries)
         self._in_flight: set[int] = set()
+        try:
+            self._check(lib.tcmu_py_ring_init(self._ctx, self._cbuf, len(self._mv)))
+            head = lib.tcmu_py_load_head(self._ctx)
+            if head != self._ctx.cursor and not adopt:
+                raise RingError(
+                    f"the ring holds unreaped entries (cmd_tail={self._ctx.cursor}, "
+                    f"cmd_head={head}): a previous user may have completed some out of order;"
+                    " reset it ('echo 1 > .../action/reset_ring'), then attach with adopt=True"
+                )
+        except RingError:
+            self.close()
+            raise
 
     # --- introspection
 

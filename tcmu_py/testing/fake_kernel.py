@@ -74,6 +74,7 @@ PAGE_SIZE = 4096
 POISON = 0xA5  # fills data blocks that belong to no command
 MAX_CMD_ID = 0xFFFF
 STATUS_CHECK_CONDITION = 0x02  # SAM-6 5.3.1
+STATUS_BUSY = 0x08
 STATUS_TASK_ABORTED = 0x40
 
 _MAILBOX = struct.Struct("<HHII")  # version, flags, cmdr_off, cmdr_size
@@ -368,6 +369,29 @@ class FakeKernel:
         if freed and self._run_tmr_queue():
             self._run_qfull_queue()
         return reaped
+
+    def reset_ring(self, err_level: int = 1) -> None:
+        """``echo <err_level> > action/reset_ring`` (``tcmu_reset_ring``).
+
+        Every command on the ring is completed by the kernel, with BUSY (``err_level`` 1:
+        retryable) or CHECK CONDITION (2); cmd_head, cmd_tail and the reap position go back
+        to 0; a broken ring is usable again; waiting TMRs are dropped and waiting commands
+        are queued again. Userspace must attach a fresh :class:`~tcmu_py.ring.Ring`.
+        """
+        if err_level not in (1, 2):
+            raise ValueError("reset_ring takes 1 (BUSY) or 2 (CHECK CONDITION)")
+        status = STATUS_BUSY if err_level == 1 else STATUS_CHECK_CONDITION
+        for cmd_id, p in sorted(self._commands.items()):
+            self._free_blocks(p)
+            heapq.heappush(self._free_ids, cmd_id)
+            p.status, p.done = status, True
+        self._commands.clear()
+        self._last_cleaned = 0
+        _U32.pack_into(self.buffer, MB_CMD_TAIL, 0)
+        _U32.pack_into(self.buffer, MB_CMD_HEAD, 0)
+        self.broken = False
+        self._tmr_queue.clear()
+        self._run_qfull_queue()
 
     def assert_idle(self) -> None:
         """Raise :class:`FakeKernelError` unless every command was completed and reaped.

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tcmu_py.errors import RingError
 from tcmu_py.ring import (
     HDR_UFLAGS,
     MAILBOX_SIZE,
@@ -452,3 +453,29 @@ def test_fake_uio_sees_events_queued_before_it_opened() -> None:
     assert select.select([uio], [], [], 0)[0] == [uio]
     uio.close()
     uio.close()
+
+
+@pytest.mark.parametrize(("level", "status"), [(1, 0x08), (2, 0x02)])
+def test_reset_ring_fails_in_flight_commands_and_restarts_at_zero(level: int, status: int) -> None:
+    fk = FakeKernel(cmdr_size=400, data_size=64 * 256, page_size=256, ring_offset=128)
+    ring = Ring(fk.buffer)
+    ps = [fk.submit(read(i), data_in_len=10) for i in range(4)]  # 2 fit before the wrap...
+    assert fk.queued >= 1
+    ring.dequeue()
+    struct.pack_into("<H", fk.buffer, MAILBOX_SIZE + 128 + 4, 999)  # and userspace broke it
+    struct.pack_into("<I", fk.buffer, MB_CMD_TAIL, 256)
+    with pytest.raises(FakeKernelError):
+        fk.kick()
+    on_ring = [p for p in ps if p.cmd_id is not None]
+    fk.reset_ring(level)
+    assert not fk.broken and all(p.done and p.status == status for p in on_ring)
+    waiting = [p for p in ps if p not in on_ring]
+    assert all(not p.done and p.cmd_id is not None for p in waiting)  # queued again from 0
+    ring.close()
+    assert fk.tail == 0 and fk.head > 0  # the waiting commands are already on the ring
+    with pytest.raises(RingError, match="adopt=True"):
+        Ring(fk.buffer)
+    ring = Ring(fk.buffer, adopt=True)  # a fresh Ring after the reset takes them
+    serve_all(fk, ring)
+    assert all(p.done for p in ps)
+    fk.assert_idle()

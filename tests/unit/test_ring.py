@@ -93,11 +93,18 @@ def test_attach_rejects_ring_larger_than_mapping() -> None:
         Ring(fk.buffer[: MAILBOX_SIZE + 512])
 
 
-def test_attach_rejects_unreaped_entries() -> None:
-    fk = FakeKernel(cmdr_size=1024, data_size=8192, page_size=512)
-    fk.submit(read(), data_in_len=512)
+def test_attach_rejects_unreaped_entries_unless_adopting() -> None:
+    fk = FakeKernel(cmdr_size=1024, data_size=8192, page_size=512, ring_offset=256)
+    p = fk.submit(read(), data_in_len=512)
     with pytest.raises(RingError, match="reset_ring"):
         Ring(fk.buffer)
+    ring = Ring(fk.buffer, adopt=True)
+    assert ring.cursor == 256
+    [cmd] = ring.dequeue()[0]
+    ring.complete(cmd.cmd_id, GOOD)
+    fk.kick()
+    assert p.done
+    fk.assert_idle()
 
 
 def test_attach_rejects_read_only_buffer() -> None:
