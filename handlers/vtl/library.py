@@ -236,6 +236,10 @@ class Library:
             ElementType.DATA_TRANSFER: len(drives),
         }
         ranges = {t: (firsts[t], counts[t]) for t in ELEMENT_TYPES}
+        if any(first == 0 and count for first, count in ranges.values()):
+            # MOVE MEDIUM reads transport address 0 as "the default transport", and mtx's
+            # all-elements scan stops at an element reported with address 0.
+            raise LibraryError("element address 0 is reserved; first addresses start at 1")
         _check_ranges(ranges)
         root.mkdir(parents=True, exist_ok=True)
         if (root / STATE_FILE).exists():

@@ -407,3 +407,37 @@ def test_changer_identity_from_the_library(tmp_path: Path) -> None:
             import_export=0,
             changer=ChangerIdentity("TOOLONGVENDOR"),
         )
+
+
+def test_mtx_status_flows(tmp_path: Path) -> None:
+    """What mtx 1.3 does for `status` (mtxl.c ReadElementStatus), both polling methods."""
+    dev = make(tmp_path)
+    # ReadAssignmentPage: MODE SENSE(6), DBD=1, page 1Dh, allocation 136.
+    r = run_command(dev, bytes([0x1A, 0x08, 0x1D, 0, 136, 0]), data_in_len=136)
+    page = r.data[4 + r.data[3] :]
+    mt, n_mt, st_, n_st, ie, n_ie, dt, n_dt = struct.unpack_from(">8H", page, 2)
+    # Original method: per type, with a too-small allocation first, then `byte count + 8`.
+    seen: dict[int, bool] = {}
+    for etype, first, count in [(2, st_, n_st), (3, ie, n_ie), (4, dt, n_dt), (1, mt, 1)]:
+        small = run_command(dev, res(etype, first, count, alloc=40), data_in_len=40).data
+        need = int.from_bytes(small[5:8], "big") + 8
+        assert need > 40
+        data = run_command(dev, res(etype, first, count, alloc=need), data_in_len=need).data
+        es = ElementStatus.parse(data)
+        assert es.number_available == count
+        seen |= {d.address: d.full for p in es.pages for d in p.descriptors}
+    assert len(seen) == 1 + 8 + 2 + 2 and sum(seen.values()) == 3
+    # Alternative method: all types from address 0, next start = last address + 1, until
+    # INVALID ELEMENT ADDRESS says the scan passed the end.
+    addresses: list[int] = []
+    start = 0
+    while True:
+        r = run_command(dev, res(0, start, n_st - n_ie), data_in_len=0xFFFF)
+        if not r.good:
+            assert r.sense_codes == (5, 0x21, 0x01)
+            break
+        got = [d.address for p in ElementStatus.parse(r.data).pages for d in p.descriptors]
+        assert got and 0 not in got
+        addresses += got
+        start = got[-1] + 1
+    assert addresses == sorted(seen)

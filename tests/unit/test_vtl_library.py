@@ -74,6 +74,7 @@ def test_layout_and_defaults(tmp_path: Path) -> None:
         {"drives": [("A", "m"), ("A", "m")]},
         {"first_address": {ElementType.STORAGE: 0x0101}},  # overlaps the drives
         {"first_address": {ElementType.STORAGE: 0xFFFE}},  # runs past 16 bits
+        {"first_address": {ElementType.MEDIUM_TRANSPORT: 0}},  # 0 = default transport
     ],
 )
 def test_create_rejects_bad_layouts(tmp_path: Path, kwargs: dict) -> None:
