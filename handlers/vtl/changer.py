@@ -18,11 +18,14 @@ Facts from the initiators this must satisfy:
   VOLTAG=1, NUMBER OF ELEMENTS 1, allocation length 255, and compares bytes 16..17 with the
   address it asked for; it retries without VOLTAG if that fails. It passes a transport address
   from page 1Dh in MOVE/EXCHANGE/POSITION.
-* `mtx` reads page 1Dh, then READ ELEMENT STATUS per element type (VOLTAG=1 unless told
-  otherwise) with an allocation length it computes, and uses the medium transport address of the
-  report (0 when none) in MOVE MEDIUM; `mtx unload` returns a cartridge to its SOURCE STORAGE
-  ELEMENT ADDRESS when SVALID is set. `mtx eepos` puts vendor bits in the CONTROL byte; they are
-  ignored.
+* `mtx` (1.3, mtxl.c) reads page 1Dh with MODE SENSE(6) DBD=1, allocation 136; then READ
+  ELEMENT STATUS per element type (VOLTAG=1; retried without VOLTAG on any error) with an
+  allocation length it estimates, asking again with BYTE COUNT OF REPORT AVAILABLE + 8 when that
+  is larger. Its alternative scan asks for all types from address 0 onward, restarting after the
+  last address reported, until INVALID ELEMENT ADDRESS; an element at address 0 ends its scan.
+  MOVE/EXCHANGE/POSITION carry the transport address of the report; `mtx unload` returns a
+  cartridge to its SOURCE STORAGE ELEMENT ADDRESS; `eepos` puts vendor bits in the CONTROL byte
+  (ignored); `mtx inventory` is INITIALIZE ELEMENT STATUS; `lock`/`unlock` are PREVENT ALLOW.
 """
 
 from __future__ import annotations
