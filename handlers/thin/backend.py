@@ -277,6 +277,7 @@ class ThinBackend:
         """Fill [offset, offset+length) with `block` repeated. With `unmap` and an all-zero block
         the range is deallocated as by `unmap` (SBC-4 5.50); otherwise written like `write` (same
         all-or-nothing allocation)."""
+        block = bytes(block)
         if len(block) != self.block_size or length % self.block_size:
             raise ValueError(f"write_same: block of {len(block)} bytes, length {length}")
         if length <= 0:
@@ -286,7 +287,7 @@ class ThinBackend:
         if unmap and zero:
             self.unmap(offset, length)
             return
-        chunk = memoryview(bytes(block) * max(1, min(length, CHUNK) // len(block)))
+        chunk = memoryview(block * max(1, min(length, CHUNK) // len(block)))
         first, last = self._unit_range(offset, length)
         self._begin_write(first, last)
         try:

@@ -323,7 +323,6 @@ class Pool:
         self._open_disks: dict[str, ThinBackend] = {}
         self._used = 0
         self._generation = 0
-        self._listeners: list[Callable[[int], None]] = []
         self._closed = False
 
     # ------------------------------------------------------------------------------------------
@@ -452,15 +451,6 @@ class Pool:
             return PoolStatus(self.path, c.name, c.capacity, self._used, c.soft_threshold, c.unit,
                               tuple(disks), live=True)
 
-    def add_threshold_listener(self, listener: Callable[[int], None]) -> None:
-        """Call `listener(generation)` (on the allocating thread) after each threshold crossing."""
-        with self._lock:
-            self._listeners.append(listener)
-
-    def remove_threshold_listener(self, listener: Callable[[int], None]) -> None:
-        with self._lock, contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
-
     # ------------------------------------------------------------------------------------------
     # Allocation (called by ThinBackend)
 
@@ -469,7 +459,6 @@ class Pool:
         account nothing (SBC-4 4.7.3.6: no resources -> the write fails, DATA PROTECT 27h/07h)."""
         if units <= 0:
             return
-        generation, listeners = 0, []
         with self._lock:
             need = units * self._units[disk]
             before = self._used
@@ -485,12 +474,9 @@ class Pool:
                        and before * 100 < c.capacity * c.soft_threshold <= self._used * 100)
             if crossed:
                 self._generation += 1
-                generation, listeners = self._generation, list(self._listeners)
         if crossed:
             log.warning("pool %s: usage %d of %d crossed the soft threshold of %d%%",
                         c.name, before + need, c.capacity, c.soft_threshold)
-            for listener in listeners:
-                listener(generation)
 
     def release(self, disk: str, units: int) -> None:
         """Give back `units` allocation units of `disk` (they were punched)."""
@@ -510,18 +496,12 @@ class Pool:
         """Change (and persist) the soft threshold; lowering it below the current usage counts as
         a crossing."""
         _check_threshold(percent, self.path)
-        generation, listeners = 0, []
         with self._lock:
             was_above = self.above_threshold
             self._config = replace(self._config, soft_threshold=percent)
             _write_pool_config(self.path, self._config)
-            crossed = not was_above and self.above_threshold
-            if crossed:
+            if not was_above and self.above_threshold:
                 self._generation += 1
-                generation, listeners = self._generation, list(self._listeners)
-        if crossed:
-            for listener in listeners:
-                listener(generation)
 
     def set_capacity(self, capacity: int) -> None:
         """Change (and persist) the capacity. It may go below the current usage (then every new
