@@ -477,7 +477,8 @@ class FakeKernel:
 
     def _check_poison(self, dbi: int, start: int = 0) -> None:
         off = self.data_off + dbi * self.blk_size
-        if self._mv[off + start : off + self.blk_size] != self._poison_block[start:]:
+        # bytearray slices compare with memcmp (memoryview comparison unpacks item by item)
+        if self.buffer[off + start : off + self.blk_size] != self._poison_block[start:]:
             self._break(
                 f"data block {dbi} (mapping offset {off:#x}) was written while it belonged to "
                 "no in-flight command (after completion, or past the end of an iovec): "
