@@ -441,3 +441,19 @@ def test_mtx_status_flows(tmp_path: Path) -> None:
         addresses += got
         start = got[-1] + 1
     assert addresses == sorted(seen)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="device/core.py passes no peripheral_type to spc.opcode_info, so 1Bh/2Bh resolve to "
+    "the disk/tape commands (START STOP UNIT, LOCATE) in REPORT SUPPORTED OPERATION CODES",
+)
+def test_rsoc_usage_masks_are_the_changer_commands(tmp_path: Path) -> None:
+    from tcmu_py.scsi import spc
+
+    dev = make(tmp_path)
+    for op in (0x1B, 0x2B, 0x1E, 0x07, 0x37, 0xA5, 0xA6, 0xB8):
+        cdb = cdbs.report_supported_operation_codes(reporting_options=1, requested_opcode=op)
+        r = run_command(dev, cdb, data_in_len=64)
+        want = spc.cdb_usage_mask(op, peripheral_type=0x08)
+        assert r.data[4 : 4 + len(want)] == want, hex(op)
