@@ -25,6 +25,8 @@ from typing import Any
 
 from tcmu_py.errors import ConfigError, TcmuError
 
+RUN_DIR = Path("/run/tcmu-py")
+
 
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose else logging.INFO
@@ -55,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tcmu_py.daemon.serve import Daemon
 
     config = _load(args.config) if (args.config or args.default) else None
-    daemon = Daemon(workers=args.workers)
+    daemon = Daemon(workers=args.workers, run_dir=Path(args.run_dir))
     daemon.start()
     if config is not None:
         from tcmu_py.daemon import lio
@@ -94,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from tcmu_py.daemon.status import render_status
 
     try:
-        status = query_status()
+        status = query_status(Path(args.run_dir))
     except TcmuError as exc:
         print(f"tcmu-py: {exc}", file=sys.stderr)
         status = None
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default", action="store_true", help="use the embedded default configuration")
     s.add_argument("--workers", type=int, default=4, help="I/O threads per device (default 4)")
     s.add_argument("--ready-file", help="write this file once every device is served")
+    s.add_argument("--run-dir", default=str(RUN_DIR), help=f"lock and control socket ({RUN_DIR})")
     s.set_defaults(fn=cmd_serve)
 
     for name, fn, text in (
@@ -134,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=text)
         s.add_argument("-c", "--config", help="YAML configuration (default: embedded)")
+        s.add_argument("--run-dir", default=str(RUN_DIR), help=argparse.SUPPRESS)
         s.set_defaults(fn=fn)
 
     s = sub.add_parser("lab", help="boot the distribution kernel in QEMU and serve there")

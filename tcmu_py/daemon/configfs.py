@@ -13,7 +13,6 @@ Only the daemon layer uses this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from tcmu_py.errors import TcmuError
@@ -21,36 +20,10 @@ from tcmu_py.errors import TcmuError
 CONFIGFS_CORE = Path("/sys/kernel/config/target/core")
 
 
-@dataclass(frozen=True)
-class UioName:
-    """The uio device name TCMU sets: `tcm-user/<hba>/<dev>/<subtype>/<cfgstring>`."""
-
-    hba: str
-    dev: str
-    subtype: str
-    cfgstring: str
-
-    PREFIX = "tcm-user/"
-
-    @classmethod
-    def parse(cls, name: str) -> UioName:
-        """Parse; raises ValueError for a name that is not TCMU's (the cfgstring may hold '/')."""
-        if not name.startswith(cls.PREFIX):
-            raise ValueError(f"not a TCMU uio name: {name!r}")
-        parts = name[len(cls.PREFIX) :].split("/", 3)
-        if len(parts) < 3 or not all(parts[:3]):
-            raise ValueError(f"malformed TCMU uio name: {name!r}")
-        return cls(parts[0], parts[1], parts[2], parts[3] if len(parts) > 3 else "")
-
-    @property
-    def dev_config(self) -> str:
-        return f"{self.subtype}/{self.cfgstring}"
-
-
 class TcmuConfigfs:
     """The configfs directory of one TCMU device."""
 
-    def __init__(self, hba: str, dev: str, root: Path = CONFIGFS_CORE) -> None:
+    def __init__(self, hba: int | str, dev: str, root: Path = CONFIGFS_CORE) -> None:
         self.path = Path(root) / f"user_{hba}" / dev
 
     def _read(self, rel: str) -> str:

@@ -34,12 +34,12 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs, UioName
+from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs
 from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.device.runner import DeviceRunner
@@ -47,7 +47,7 @@ from tcmu_py.errors import TcmuError
 from tcmu_py.handler import DeviceConfig, Handler, load_handlers
 from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import NotReady
-from tcmu_py.uio import UioDevice
+from tcmu_py.uio import UioDevice, UioName
 
 log = logging.getLogger("tcmu_py.daemon")
 
@@ -109,6 +109,7 @@ class Daemon:
         workers: int = 4,
         use_netlink: bool = True,
         use_udev: bool = True,
+        uio_opener: Callable[[str, str], Any] = UioDevice,
     ) -> None:
         self.handlers = dict(handlers) if handlers is not None else load_handlers()
         self.configfs_root = Path(configfs_root)
@@ -118,6 +119,7 @@ class Daemon:
         self.workers = workers
         self.use_netlink = use_netlink
         self.use_udev = use_udev
+        self._open_uio = uio_opener
         self.served: dict[str, Served] = {}
         self._lock = threading.RLock()
         self._stop_r, self._stop_w = os.pipe()
@@ -285,14 +287,14 @@ class Daemon:
             try:
                 served = self._open(node, name)
             except Exception:
-                log.exception("%s: cannot serve %s", name.dev, node)
+                log.exception("%s: cannot serve %s", name.device, node)
                 return
             self.served[node] = served
 
     def _open(self, node: str, name: UioName) -> Served:
-        cfs = TcmuConfigfs(name.hba, name.dev, self.configfs_root)
+        cfs = TcmuConfigfs(name.hba, name.device, self.configfs_root)
         config = DeviceConfig(
-            name=name.dev,
+            name=name.device,
             subtype=name.subtype,
             cfgstring=name.cfgstring,
             size=cfs.size,
@@ -300,12 +302,12 @@ class Daemon:
             hw_max_sectors=cfs.hw_max_sectors,
             write_cache=cfs.write_cache,
             serial=cfs.serial,
-            uio_name=f"tcm-user/{name.hba}/{name.dev}/{name.dev_config}",
+            uio_name=name.build(),
         )
         cfs.block()
         try:
             cfs.reset_ring(1)
-            uio = UioDevice(str(self.dev_dir / node), str(self.uio_class / node))
+            uio = self._open_uio(str(self.dev_dir / node), str(self.uio_class / node))
             failed = None
             try:
                 handler = self.handlers[name.subtype]
@@ -315,22 +317,22 @@ class Daemon:
                 failed = f"{type(exc).__name__}: {exc}"
                 log.error(
                     "%s: handler %s failed to open %r: %s",
-                    name.dev,
+                    name.device,
                     name.subtype,
                     name.cfgstring,
                     failed,
                 )
                 device = FailedDevice(config, failed)
-            runner = DeviceRunner(uio, device, workers=self.workers, name=name.dev)
-            thread = threading.Thread(target=runner.run, name=f"tcmu-{name.dev}", daemon=True)
+            runner = DeviceRunner(uio, device, workers=self.workers, name=name.device)
+            thread = threading.Thread(target=runner.run, name=f"tcmu-{name.device}", daemon=True)
             thread.start()
         finally:
             cfs.unblock()
         log.info(
             "%s: serving %s (%s, %d bytes, block %d)%s",
-            name.dev,
+            name.device,
             node,
-            name.dev_config,
+            f"{name.subtype}/{name.cfgstring}",
             config.size,
             config.block_size,
             " [FAILED]" if failed else "",
@@ -343,7 +345,7 @@ class Daemon:
             served = self.served.pop(node, None)
         if served is None:
             return
-        cfs = TcmuConfigfs(served.name.hba, served.name.dev, self.configfs_root)
+        cfs = TcmuConfigfs(served.name.hba, served.name.device, self.configfs_root)
         if block:
             with contextlib.suppress(TcmuError):
                 cfs.block()
@@ -354,11 +356,11 @@ class Daemon:
         finally:
             with contextlib.suppress(OSError):
                 served.uio.close()
-        log.info("%s: closed %s", served.name.dev, node)
+        log.info("%s: closed %s", served.name.device, node)
 
     def find(self, dev_name: str) -> Served | None:
         with self._lock:
-            return next((s for s in self.served.values() if s.name.dev == dev_name), None)
+            return next((s for s in self.served.values() if s.name.device == dev_name), None)
 
     # ------------------------------------------------------------------------------------------
     # Netlink
@@ -383,14 +385,14 @@ class Daemon:
                 elif event.cmd == TcmuCmd.RECONFIG_DEVICE:
                     self._reconfig(f"uio{event.minor}", event)
             except Exception as exc:  # noqa: BLE001 - report to the kernel as -EINVAL
-                log.error("%s: %s rejected: %s", uio.dev, event.cmd.name, exc)
+                log.error("%s: %s rejected: %s", uio.device, event.cmd.name, exc)
                 status = -22
             if self._wants_reply(uio):
                 self._netlink.reply(event, status)
 
     def _wants_reply(self, uio: UioName) -> bool:
         """The kernel waits for a reply only when the device's nl_reply_supported is positive."""
-        cfs = TcmuConfigfs(uio.hba, uio.dev, self.configfs_root)
+        cfs = TcmuConfigfs(uio.hba, uio.device, self.configfs_root)
         return cfs.attr_int("nl_reply_supported", 0) > 0
 
     def _reconfig(self, node: str, event: Any) -> None:
@@ -401,18 +403,21 @@ class Daemon:
         if event.dev_size is not None:
             resize = getattr(served.device, "resize", None)
             if resize is None:
-                raise TcmuError(f"{served.name.dev}: handler cannot be resized")
+                raise TcmuError(f"{served.name.device}: handler cannot be resized")
             resize(event.dev_size)
-            log.info("%s: resized to %d bytes", served.name.dev, event.dev_size)
-        if event.dev_cfg is not None and event.dev_cfg != served.name.dev_config:
+            log.info("%s: resized to %d bytes", served.name.device, event.dev_size)
+        if (
+            event.dev_cfg is not None
+            and event.dev_cfg != f"{served.name.subtype}/{served.name.cfgstring}"
+        ):
             raise TcmuError(
-                f"{served.name.dev}: changing the config string of a live device "
+                f"{served.name.device}: changing the config string of a live device "
                 "is not supported; remove and re-create it"
             )
         if event.writecache is not None:
             log.info(
                 "%s: emulate_write_cache=%d (the handler's cache decides WCE)",
-                served.name.dev,
+                served.name.device,
                 event.writecache,
             )
 
@@ -428,7 +433,7 @@ class Daemon:
             counters = s.runner.counters.snapshot()
             devices.append(
                 {
-                    "name": s.name.dev,
+                    "name": s.name.device,
                     "uio": s.node,
                     "handler": s.name.subtype,
                     "config": s.name.cfgstring,

@@ -1,0 +1,181 @@
+"""The daemon's device lifecycle against a fake sysfs/configfs tree and FakeKernel rings."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from tcmu_py.handlers.null import NullHandler
+from tcmu_py.handlers.raw import RawHandler
+
+from tcmu_py.daemon.serve import Daemon, query_status
+from tcmu_py.errors import TcmuError
+from tcmu_py.testing import FakeKernel, FakeUio, cdbs
+from tcmu_py.testing.harness import Result
+
+MIB = 1 << 20
+
+
+class Host:
+    """A fake /sys/class/uio + configfs with FakeKernel devices behind each uio node."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uio_class = root / "sys/class/uio"
+        self.configfs = root / "configfs"
+        self.uio_class.mkdir(parents=True)
+        self.kernels: dict[str, FakeKernel] = {}
+        self.lock = threading.Lock()
+
+    def add(self, node: str, hba: int, dev: str, dev_config: str, size: int) -> None:
+        (self.uio_class / node).mkdir()
+        (self.uio_class / node / "name").write_text(f"tcm-user/{hba}/{dev}/{dev_config}\n")
+        d = self.configfs / f"user_{hba}" / dev
+        for sub in ("attrib", "action", "wwn"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        (d / "attrib/dev_size").write_text(f"{size}\n")
+        (d / "attrib/hw_block_size").write_text("512\n")
+        (d / "attrib/hw_max_sectors").write_text("1024\n")
+        (d / "attrib/emulate_write_cache").write_text("0\n")
+        (d / "wwn/vpd_unit_serial").write_text(f"T10 VPD Unit Serial Number: serial-{dev}\n")
+        self.kernels[node] = FakeKernel(cmdr_size=16384, data_size=MIB)
+
+    def action(self, hba: int, dev: str, name: str) -> str:
+        return (self.configfs / f"user_{hba}" / dev / "action" / name).read_text()
+
+    def open_uio(self, dev_path: str, sysfs_dir: str) -> FakeUio:
+        return LockedFakeUio(FakeUio(self.kernels[Path(sysfs_dir).name]), self.lock)
+
+    def run(self, node: str, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> Result:
+        with self.lock:
+            p = self.kernels[node].submit(cdb, data_out, data_in_len)
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self.lock:
+                if p.done:
+                    return Result(p.status, p.sense, p.data_in)
+            time.sleep(0.005)
+        raise AssertionError(f"{node}: command {cdb.hex()} not completed")
+
+
+class LockedFakeUio:
+    def __init__(self, uio: FakeUio, lock: threading.Lock) -> None:
+        self.uio, self.lock, self.buffer = uio, lock, uio.buffer
+
+    def fileno(self) -> int:
+        return self.uio.fileno()
+
+    def clear_event(self) -> None:
+        self.uio.clear_event()
+
+    def kick(self) -> None:
+        with self.lock:
+            self.uio.kick()
+
+    def close(self) -> None:
+        self.uio.close()
+
+
+@pytest.fixture
+def host(tmp_path):
+    return Host(tmp_path)
+
+
+def make_daemon(host: Host, tmp_path: Path) -> Daemon:
+    return Daemon(
+        handlers={"raw": RawHandler, "null": NullHandler},
+        configfs_root=host.configfs,
+        uio_class=host.uio_class,
+        run_dir=tmp_path / "run",
+        use_netlink=False,
+        use_udev=False,
+        uio_opener=host.open_uio,
+    )
+
+
+def test_serves_found_devices_and_skips_foreign_subtypes(host, tmp_path):
+    host.add("uio0", 0, "disk0", f"raw/{tmp_path}/d0.img", 4 * MIB)
+    host.add("uio1", 1, "foreign", "qcow//x.qcow2", 4 * MIB)  # tcmu-runner's: not ours
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        assert set(d.served) == {"uio0"}
+        # Recovery on open: blocked, ring reset, unblocked.
+        assert host.action(0, "disk0", "block_dev") == "0"
+        assert host.action(0, "disk0", "reset_ring") == "1"
+        assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (6, 0x29, 0)
+        data = bytes(range(256)) * 2
+        assert host.run("uio0", cdbs.write10(7, 1), data_out=data).good
+        assert host.run("uio0", cdbs.read10(7, 1), data_in_len=512).data == data
+        # VPD 80h carries LIO's serial from configfs.
+        r = host.run("uio0", cdbs.inquiry(evpd=True, page_code=0x80), data_in_len=64)
+        assert b"serial-disk0" in r.data
+        st = d.status()
+        assert st["devices"][0]["name"] == "disk0"
+        assert st["devices"][0]["counters"]["writes"] == 1
+    finally:
+        d.shutdown()
+    assert host.action(0, "disk0", "block_dev") == "1"  # left blocked for the next daemon
+
+
+def test_failed_handler_is_not_ready_and_others_keep_working(host, tmp_path, caplog):
+    host.add("uio0", 0, "broken", "raw/relative/path.img", 4 * MIB)
+    host.add("uio1", 1, "good", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        assert set(d.served) == {"uio0", "uio1"}
+        host.run("uio0", cdbs.test_unit_ready())  # power-on UA
+        r = host.run("uio0", cdbs.test_unit_ready())
+        assert r.sense_codes == (2, 0x04, 0x03)
+        r = host.run("uio0", cdbs.inquiry(), data_in_len=96)
+        assert r.good  # still visible to the initiator
+        assert "absolute path" in caplog.text
+        host.run("uio1", cdbs.test_unit_ready())
+        assert host.run("uio1", cdbs.read10(0, 8), data_in_len=4096).good
+    finally:
+        d.shutdown()
+
+
+def test_rescan_follows_removal(host, tmp_path):
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        assert "uio0" in d.served
+        (host.uio_class / "uio0" / "name").unlink()
+        (host.uio_class / "uio0").rmdir()
+        d.rescan()
+        assert d.served == {}
+    finally:
+        d.shutdown()
+
+
+def test_single_instance(host, tmp_path):
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        with pytest.raises(TcmuError, match="another tcmu-py daemon"):
+            make_daemon(host, tmp_path).start()
+    finally:
+        d.shutdown()
+
+
+def test_control_socket_status(host, tmp_path):
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    t = threading.Thread(target=d.run, kwargs={"install_signals": False})
+    t.start()
+    try:
+        st = query_status(tmp_path / "run")
+        assert [x["name"] for x in st["devices"]] == ["disk0"]
+    finally:
+        d.stop()
+        t.join(timeout=30)
+    assert not t.is_alive()
+    with pytest.raises(TcmuError, match="no tcmu-py daemon"):
+        query_status(tmp_path / "run", timeout=1)
