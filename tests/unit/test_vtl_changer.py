@@ -364,7 +364,10 @@ def test_through_the_ring_commands_run_in_order(tmp_path: Path) -> None:
         assert [p.status for p in pending] == [0] * len(pending)
         es = ElementStatus.parse(pending[-1].data_in)
         full = {
-            d.address: d.primary_tag.identifier for p in es.pages for d in p.descriptors if d.full
+            d.address: d.primary_tag.identifier
+            for p in es.pages
+            for d in p.descriptors
+            if d.full and d.primary_tag
         }
         assert full == {ST + 6: "ABC000L8", ST + 1: "ABC001L8", ST + 2: "ABC002L8"}
     finally:
