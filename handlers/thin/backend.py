@@ -16,9 +16,10 @@ Theory of operation:
 - **Deallocation** (`unmap`, `write_same` with UNMAP and a zero block, `resize`) takes its unit
   range exclusively: it waits for in-flight writes touching those units and holds off new ones,
   punches, recounts the range and releases the difference. Whole units are punched; a partial unit
-  at an edge is zeroed by punching just that byte range (SBC-4 4.7.3.4: LBAs the server cannot
-  deallocate read as zeros when LBPRZ=1), and then, if the whole unit now reads as zeros, the unit
-  is punched so that several small discards covering a unit (fstrim of 4 KiB blocks) give it back.
+  at an edge is zeroed by punching just that byte range (SBC-4 logical block provisioning: with
+  LBPRZ=1 LBAs left mapped by an unmap read as zeros), and then, if the whole unit now reads as
+  zeros, the unit is punched, so that several small discards covering a unit (fstrim of 4 KiB
+  blocks) give it back.
 - **Durability**: with `write_cache=False` the file is opened O_DSYNC, so every write is durable on
   return, and unmaps end with fdatasync; with `write_cache=True` writes go to the page cache and
   `flush` (fdatasync) makes them durable, so the caching page's WCE=1 tells the truth.
@@ -275,8 +276,8 @@ class ThinBackend:
 
     def write_same(self, offset: int, length: int, block: bytes, unmap: bool) -> None:
         """Fill [offset, offset+length) with `block` repeated. With `unmap` and an all-zero block
-        the range is deallocated as by `unmap` (SBC-4 5.50); otherwise written like `write` (same
-        all-or-nothing allocation)."""
+        the range is deallocated as by `unmap` (SBC-4 WRITE SAME, UNMAP bit); otherwise written
+        like `write` (same all-or-nothing allocation)."""
         block = bytes(block)
         if len(block) != self.block_size or length % self.block_size:
             raise ValueError(f"write_same: block of {len(block)} bytes, length {length}")
@@ -303,7 +304,7 @@ class ThinBackend:
         self, offset: int, length: int, *, max_runs: int | None = None
     ) -> list[tuple[int, int, int]]:
         """Runs ``(offset, length, status)`` covering [offset, offset+length) from `offset`
-        (SBC-4 5.8: the first descriptor starts at the requested LBA): status 0 mapped, 1
+        (SBC-4 GET LBA STATUS: the first descriptor starts at the requested LBA): status 0 mapped, 1
         deallocated, per allocation unit. Stops after `max_runs` runs if given."""
         end = min(offset + length, self.size)
         runs: list[tuple[int, int, int]] = []

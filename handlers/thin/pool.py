@@ -14,12 +14,14 @@ Theory of operation:
   keeps the count in memory under `Pool._lock`, changed only by `reserve` (before a write lands in
   unallocated units) and `release` (after units were punched). A crash therefore cannot leave the
   figures wrong: the next open recounts the files.
-- **Hard limit = capacity.** `reserve` refuses (SpaceAllocationFailed, SBC-4 4.7.3.6) any request
-  that would take the pool above its capacity; it reserves all units of one request or none.
+- **Hard limit = capacity.** `reserve` refuses (SpaceAllocationFailed; SBC-4 resource exhaustion)
+  any request that would take the pool above its capacity; it reserves all units of one request
+  or none.
 - **Soft threshold.** Each time usage rises from below ``capacity * soft_threshold / 100`` to at or
   above it, `generation` increases by one. Devices remember the generation they last reported and
-  raise UNIT ATTENTION 38h/07h when it moved (SBC-4 4.7.3.7). A pool opened above its threshold
-  starts at generation 1 so every device reports it once after a restart.
+  raise UNIT ATTENTION 38h/07h when it moved (SBC-4 logical block provisioning thresholds). A
+  pool opened above its threshold starts at generation 1 so every device reports it once after a
+  restart.
 - **Capacity never exceeds the file system.** Creating a pool needs ``capacity`` bytes free, and
   opening one needs ``capacity - used`` free (statvfs f_bavail), so an accepted write never meets
   ENOSPC from the file system. What other pools open in this process on the same file system
@@ -456,7 +458,7 @@ class Pool:
 
     def reserve(self, disk: str, units: int) -> None:
         """Account `units` new allocation units to `disk`, or raise SpaceAllocationFailed and
-        account nothing (SBC-4 4.7.3.6: no resources -> the write fails, DATA PROTECT 27h/07h)."""
+        account nothing (SBC-4 resource exhaustion: the write fails with DATA PROTECT 27h/07h)."""
         if units <= 0:
             return
         with self._lock:

@@ -131,7 +131,7 @@ def test_thin_provisioning_over_scsi(pool_dir: str) -> None:
         r = run(dev, cdbs.get_lba_status(1), data_in_len=4096)
         assert r.good
         descs = [struct.unpack_from(">QIB", r.data, 8 + 16 * i) for i in range(2)]
-        # SBC-4 5.8: the first descriptor starts at the requested LBA; per allocation unit.
+        # SBC-4 GET LBA STATUS: the first descriptor starts at the requested LBA; runs per unit.
         assert descs == [(1, 2 * bpu - 1, 0), (2 * bpu, 62 * bpu, 1)]
         params = cdbs.unmap_parameters([(0, bpu), (bpu, 1)])
         assert run(dev, cdbs.unmap(len(params)), data_out=params).good

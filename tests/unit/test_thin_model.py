@@ -152,7 +152,7 @@ def run_ops(pool: Pool, ops: list[tuple[str, tuple[int, int], int]], write_cache
                 assert backend.lba_status(lba * BS, n * BS) == model.status(lba, n)
                 first = backend.lba_status(lba * BS, n * BS, max_runs=1)
                 assert first == model.status(lba, n)[:1]
-                assert first[0][0] == lba * BS  # SBC-4 5.8: starts at the requested LBA
+                assert first[0][0] == lba * BS  # SBC-4 GET LBA STATUS: starts at the requested LBA
             check_all(backend, model, pool)
     finally:
         backend.close()
@@ -194,7 +194,7 @@ scsi_ops = st.lists(
 
 
 def parse_lba_status(data: bytes) -> list[tuple[int, int, int]]:
-    """SBC-4 5.8: 8-byte header (PARAMETER DATA LENGTH), 16-byte descriptors."""
+    """SBC-4 GET LBA STATUS: 8-byte header (PARAMETER DATA LENGTH), 16-byte descriptors."""
     (length,) = struct.unpack_from(">I", data)
     count = (min(length + 4, len(data)) - 8) // 16
     out = []
