@@ -134,7 +134,8 @@ class BlockDevice(ScsiDevice):
         return self._can_unmap and bool(getattr(self.backend, "lbprz", False))
 
     def version_descriptors(self) -> tuple[int, ...]:
-        return (*super().version_descriptors(), 0x0600)  # SBC-4
+        # libiscsi's iscsi-test-cu treats a disk as SBC-3 only when 04C0h is listed.
+        return (*super().version_descriptors(), 0x04C0, 0x0600)  # SBC-3, SBC-4
 
     def vpd_pages(self) -> dict[int, Callable[[], bytes]]:
         pages = super().vpd_pages()

@@ -320,7 +320,10 @@ class ScsiDevice:
     @command(Opcode.MAINTENANCE_IN, ServiceAction.REPORT_SUPPORTED_OPERATION_CODES, inline=True)
     def report_supported_operation_codes(self, cmd: Command) -> int:
         req = cdbs.ReportSupportedOpcodes.parse(cmd.cdb)
-        infos = [spc.opcode_info(op, sa) for op, sa in self.supported_commands()]
+        pt = self.peripheral_type
+        infos = [
+            spc.opcode_info(op, sa, peripheral_type=pt) for op, sa in self.supported_commands()
+        ]
         if req.reporting_options == 0:
             data = spc.build_rsoc_all(infos, rctd=req.rctd)
         else:
@@ -349,6 +352,7 @@ class ScsiDevice:
             block_descriptors=self.block_descriptors(),
             device_specific=self.device_specific_parameter(),
             llbaa=req.llbaa,
+            peripheral_type=self.peripheral_type,
         )
         return cmd.write_data_in(spc.truncate(data, req.allocation_length))
 
@@ -359,10 +363,15 @@ class ScsiDevice:
         if req.parameter_list_length == 0:
             return
         data = cmd.read_data_out(req.parameter_list_length)
-        parsed = spc.parse_mode_select(data, ten=cmd.opcode == Opcode.MODE_SELECT_10)
+        parsed = spc.parse_mode_select(
+            data, ten=cmd.opcode == Opcode.MODE_SELECT_10, peripheral_type=self.peripheral_type
+        )
         if req.sp:
-            # SPC-5 6.11: we keep no saved pages.
-            raise spc.SavingParametersNotSupported("saved pages", field_pointer=1, bit_pointer=0)
+            # SPC-5 6.11: SP=1 asks to save pages; we keep no saved pages, so the SP bit is an
+            # invalid field (SAVING PARAMETERS NOT SUPPORTED belongs to MODE SENSE PC=3).
+            raise InvalidFieldInCdb(
+                "SP: saved pages are not supported", field_pointer=1, bit_pointer=0
+            )
         with self.lock:
             pages = {(p.page_code, p.subpage): p for p in self._current_mode_pages()}
             changes = []
