@@ -84,14 +84,15 @@ def test_capacity_must_fit_the_file_system(tmp_path: os.PathLike[str]) -> None:
 
 def test_open_pools_on_one_file_system_are_counted_together(tmp_path: os.PathLike[str]) -> None:
     a, b = os.path.join(tmp_path, "a"), os.path.join(tmp_path, "b")
-    half = free_bytes(str(tmp_path)) // 2 + (64 << 20)  # each fits alone, not both
-    create_pool(a, "a", half)
-    create_pool(b, "b", half)
+    free = free_bytes(str(tmp_path))
+    share = free // 2 + free // 8  # each fits alone (62.5 %), both do not (125 %)
+    create_pool(a, "a", share)
+    create_pool(b, "b", share)
     with Pool.open(a):
         with pytest.raises(ConfigError, match="other open pools may still use"):
             Pool.open(b)
         with pytest.raises(ConfigError, match="other open pools may still use"):
-            create_pool(os.path.join(tmp_path, "c"), "c", half)
+            create_pool(os.path.join(tmp_path, "c"), "c", share)
     Pool.open(b).close()
 
 
