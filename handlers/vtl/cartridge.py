@@ -5,7 +5,8 @@ Rules this file obeys
 * A cartridge is a directory::
 
       <dir>/data        file header + records, append-only between overwrites
-      <dir>/index       cache of record offsets (rebuilt from ``data`` whenever it does not verify)
+      <dir>/index       sparse cache of record offsets (rebuilt whenever it does not verify)
+      <dir>/filemarks   cache of filemark object ids (covered by the index header's CRC)
       <dir>/meta.json   barcode, generation, WORM, write protect, capacity (atomic replace)
       <dir>/mam.json    cartridge memory (MAM) host attributes and life counters (atomic replace)
 
@@ -15,15 +16,21 @@ Rules this file obeys
   ``i`` (block or filemark, SSC-5 4.2.x "logical object identifier") is the ``i``-th record. End of
   data is the end of the last valid record: there is no EOD record.
 * Durability: records are written with ``pwritev`` and become durable at ``sync()`` (the drive
-  calls it at WRITE FILEMARKS, unload, close and on request). After a crash the cartridge opens
-  readable up to the last record whose header and payload verify; anything after it is cut off.
+  calls it at WRITE FILEMARKS, REWIND, unload and close; `append` also syncs by itself every
+  `SYNC_INTERVAL` bytes, which bounds both the loss window and the recovery scan). After a crash
+  the cartridge opens readable up to the last record whose header and payload verify; anything
+  after it is cut off.
 * Overwriting in the middle (tape semantics: writing at object ``i`` discards ``i..``) bumps the
   epoch in the file header and truncates the file, made durable before the next append.
-* The index is a cache: an array of 64-bit words, one per object (offset << 1 | is_filemark), and
-  a header with the epoch it belongs to, the object count, the end offset and a running CRC-32 of
-  the array. It is appended at ``sync()`` after the data is durable, so it never names a record
-  that is not durable. At open it is used only if its epoch, CRC and end offset verify; the
-  records after it are scanned (payload CRCs checked) to find the true end of data.
+* The index is a cache: the offset of every `INDEX_STRIDE`-th object (a sparse index: 8 bytes per
+  64 objects, so a full LTO-9 cartridge of 256 KiB blocks needs ~9 MB of RAM) plus the list of
+  filemarks, and a header with the epoch it belongs to, the object count, the end offset and
+  running CRC-32s of both arrays. It is appended at ``sync()`` after the data is durable, so it
+  never names a record that is not durable. At open it is used only if its epoch, stride, CRCs
+  and end offset verify and the records from its last sparse entry walk exactly to its end; the
+  records after it are scanned (payload CRCs checked) to find the true end of data. Offsets of
+  objects between sparse entries are found by walking record headers (at most stride - 1 reads;
+  sequential access is O(1) through a cursor).
 
 Threads: a Cartridge is used by one drive at a time; its methods are not thread-safe.
 """
@@ -68,10 +75,17 @@ _CRC = struct.Struct(">I")
 RECORD_MAGIC = b"VTLR"
 RECORD_HEADER_SIZE = 32
 
-# Index header: magic 4s | version H | 2 pad | epoch Q | count Q | end Q | crc I | 28 pad.
-_INDEX_HEADER = struct.Struct(">4sH2xQQQI28x")
+# Index header: magic 4s | version H | stride H | epoch Q | count Q | end Q | sparse crc I |
+# filemark count Q | filemark crc I | 12 pad.
+_INDEX_HEADER = struct.Struct(">4sHHQQQIQI12x")
 INDEX_MAGIC = b"VTLI"
 INDEX_HEADER_SIZE = 64
+FILEMARKS_FILE = "filemarks"
+
+#: One sparse index entry per this many objects.
+INDEX_STRIDE = 64
+#: `append` syncs (and checkpoints the index) by itself after this many bytes.
+SYNC_INTERVAL = 1 << 30
 
 FLAG_ZLIB = 0x01
 
@@ -193,12 +207,20 @@ class Cartridge:
         self._fd = fd
         self.read_only = read_only
         self._epoch = 0
-        # offsets[i] = file offset of object i; offsets[n] = end of data (sentinel).
-        self._offsets = array("Q", [FILE_HEADER_SIZE])
-        self._filemarks: list[int] = []  # sorted object ids of filemarks
-        self._indexed = 0  # objects covered by the on-disk index
-        self._index_crc = 0
+        self._stride = INDEX_STRIDE
+        self._count = 0  # objects on the cartridge; EOD is object `_count`
+        self._end = FILE_HEADER_SIZE  # file offset of EOD
+        self._sparse = array("Q")  # _sparse[k] = file offset of object k * stride
+        self._filemarks = array("Q")  # sorted object ids of filemarks
+        self._cursor = (0, FILE_HEADER_SIZE)  # one known (object, offset) pair
+        # on-disk index coverage: objects, sparse entries, filemarks, running CRCs
+        self._indexed = 0
+        self._indexed_sparse = 0
+        self._indexed_fms = 0
+        self._sparse_crc = 0
+        self._fm_crc = 0
         self._dirty = False  # appended since the last sync
+        self._unsynced_bytes = 0
         self._mam: dict[str, Any] = {}
         self.bytes_written = 0  # logical bytes written since open
         self.bytes_read = 0
@@ -287,23 +309,31 @@ class Cartridge:
         self._epoch = _unpack_file_header(os.pread(self._fd, FILE_HEADER_SIZE, 0))
         size = os.fstat(self._fd).st_size
         self._load_index(size)
-        pos = self._offsets[-1]
-        n = len(self._offsets) - 1
+        pos, n = self._end, self._count
         while True:
-            rec = self._scan_one(pos, n, size)
+            rec = self._scan_one(pos, n, size, check_payload=True)
             if rec is None:
                 break
             kind, end = rec
-            if kind == RecordType.FILEMARK:
-                self._filemarks.append(n)
-            self._offsets.append(end)
+            self._note_record(n, pos, kind)
             pos, n = end, n + 1
+            self._count, self._end = n, pos
+        self._cursor = (self._count, self._end)
         if pos < size and not self.read_only:
             # A torn tail (crash during a write): cut it so appends start at a clean boundary.
             os.ftruncate(self._fd, pos)
             os.fdatasync(self._fd)
 
-    def _scan_one(self, pos: int, expect: int, size: int) -> tuple[int, int] | None:
+    def _note_record(self, obj: int, offset: int, kind: int) -> None:
+        """Index bookkeeping for a record appended (or found) at the end."""
+        if obj % self._stride == 0:
+            self._sparse.append(offset)
+        if kind == RecordType.FILEMARK:
+            self._filemarks.append(obj)
+
+    def _scan_one(
+        self, pos: int, expect: int, size: int, *, check_payload: bool
+    ) -> tuple[int, int] | None:
         """Verify the record at `pos` (must be object `expect`); (type, end offset) or None."""
         if pos + RECORD_HEADER_SIZE > size:
             return None
@@ -314,50 +344,86 @@ class Cartridge:
         end = pos + RECORD_HEADER_SIZE + stored
         if obj != expect or end > size:
             return None
-        payload = os.pread(self._fd, stored, pos + RECORD_HEADER_SIZE) if stored else b""
-        if len(payload) != stored or zlib.crc32(payload) != crc:
-            return None
+        if check_payload:
+            payload = os.pread(self._fd, stored, pos + RECORD_HEADER_SIZE) if stored else b""
+            if len(payload) != stored or zlib.crc32(payload) != crc:
+                return None
         return kind, end
 
     def _load_index(self, size: int) -> None:
         """Adopt the on-disk index if it verifies; otherwise start from an empty one."""
         try:
             raw = (self.path / INDEX_FILE).read_bytes()
+            fm_raw = (self.path / FILEMARKS_FILE).read_bytes()
         except FileNotFoundError:
             return
         if len(raw) < INDEX_HEADER_SIZE:
             return
-        magic, version, epoch, count, end, crc = _INDEX_HEADER.unpack_from(raw)
-        body = memoryview(raw)[INDEX_HEADER_SIZE : INDEX_HEADER_SIZE + 8 * count]
+        magic, version, stride, epoch, count, end, crc, fm_count, fm_crc = (
+            _INDEX_HEADER.unpack_from(raw)
+        )
+        n_sparse = -(-count // stride) if stride else 0
+        body = memoryview(raw)[INDEX_HEADER_SIZE : INDEX_HEADER_SIZE + 8 * n_sparse]
+        fm_body = memoryview(fm_raw)[: 8 * fm_count]
         if (
             magic != INDEX_MAGIC
             or version != FORMAT_VERSION
+            or stride != self._stride
             or epoch != self._epoch
-            or len(body) != 8 * count
+            or len(body) != 8 * n_sparse
+            or len(fm_body) != 8 * fm_count
             or zlib.crc32(body) != crc
+            or zlib.crc32(fm_body) != fm_crc
             or end > size
         ):
             return
-        words = array("Q")
-        words.frombytes(body)
+        sparse, fms = array("Q"), array("Q")
+        sparse.frombytes(body)
+        fms.frombytes(fm_body)
         if sys.byteorder == "little":
-            words.byteswap()
-        offsets = array("Q", (w >> 1 for w in words))
-        offsets.append(end)
-        # Sanity: offsets strictly increase and the last indexed record verifies.
-        if any(offsets[i] >= offsets[i + 1] for i in range(len(offsets) - 1)):
+            sparse.byteswap()
+            fms.byteswap()
+        if count and sparse[0] != FILE_HEADER_SIZE:
             return
-        if offsets[0] != FILE_HEADER_SIZE:
+        # The records from the last sparse entry must walk exactly to `end`.
+        obj, pos = 0, FILE_HEADER_SIZE
+        if count:
+            obj, pos = (n_sparse - 1) * stride, sparse[-1]
+        while obj < count:
+            # Headers only, except the last record's payload: the one a torn write could hit.
+            rec = self._scan_one(pos, obj, size, check_payload=obj == count - 1)
+            if rec is None:
+                return
+            pos, obj = rec[1], obj + 1
+        if pos != end:
             return
-        if count and self._scan_one(offsets[-2], count - 1, size) != (
-            RecordType.FILEMARK if words[-1] & 1 else RecordType.DATA,
-            end,
-        ):
-            return
-        self._offsets = offsets
-        self._filemarks = [i for i, w in enumerate(words) if w & 1]
-        self._indexed = count
-        self._index_crc = crc
+        self._sparse, self._filemarks = sparse, fms
+        self._count, self._end = count, end
+        self._indexed, self._indexed_sparse, self._indexed_fms = count, n_sparse, fm_count
+        self._sparse_crc, self._fm_crc = crc, fm_crc
+
+    def offset_of(self, obj: int) -> int:
+        """File offset of object `obj` (`object_count` gives EOD). CorruptRecord if unreadable."""
+        if obj == self._count:
+            return self._end
+        if not 0 <= obj < self._count:
+            raise IndexError(obj)
+        cur_obj, cur_off = self._cursor
+        if cur_obj == obj:
+            return cur_off
+        base = obj - obj % self._stride
+        if base <= cur_obj < obj:
+            at, pos = cur_obj, cur_off  # walk on from the cursor (sequential access)
+        else:
+            at, pos = base, self._sparse[base // self._stride]
+        while at < obj:
+            hdr = _parse_record_header(os.pread(self._fd, RECORD_HEADER_SIZE, pos))
+            if hdr is None or hdr[2] != at:
+                raise CorruptRecord(f"{self.barcode}: object {at}: header")
+            pos += RECORD_HEADER_SIZE + hdr[3]
+            at += 1
+        self._cursor = (obj, pos)
+        return pos
 
     # ------------------------------------------------------------------------------------------
     # Properties
@@ -405,7 +471,7 @@ class Cartridge:
     @property
     def object_count(self) -> int:
         """Logical objects (blocks + filemarks) on the cartridge; EOD is at this object id."""
-        return len(self._offsets) - 1
+        return self._count
 
     @property
     def filemarks(self) -> Sequence[int]:
@@ -414,11 +480,11 @@ class Cartridge:
 
     def used_at(self, obj: int) -> int:
         """Bytes of medium used before object `obj` (its physical position)."""
-        return self._offsets[obj] - FILE_HEADER_SIZE
+        return self.offset_of(obj) - FILE_HEADER_SIZE
 
     @property
     def used(self) -> int:
-        return self._offsets[-1] - FILE_HEADER_SIZE
+        return self._end - FILE_HEADER_SIZE
 
     @property
     def remaining(self) -> int:
@@ -447,15 +513,15 @@ class Cartridge:
         """
         if not 0 <= obj < self.object_count:
             raise IndexError(obj)
-        start, end = self._offsets[obj], self._offsets[obj + 1]
-        raw = os.pread(self._fd, end - start, start)
-        hdr = _parse_record_header(raw)
-        if hdr is None or len(raw) != end - start:
+        start = self.offset_of(obj)
+        hdr = _parse_record_header(os.pread(self._fd, RECORD_HEADER_SIZE, start))
+        if hdr is None or hdr[2] != obj:
             raise CorruptRecord(f"{self.barcode}: object {obj}: header")
-        kind, flags, stored_obj, stored, logical, crc = hdr
-        payload = memoryview(raw)[RECORD_HEADER_SIZE:]
-        if stored_obj != obj or len(payload) != stored or zlib.crc32(payload) != crc:
+        kind, flags, _obj, stored, logical, crc = hdr
+        payload = os.pread(self._fd, stored, start + RECORD_HEADER_SIZE) if stored else b""
+        if len(payload) != stored or zlib.crc32(payload) != crc:
             raise CorruptRecord(f"{self.barcode}: object {obj}: payload checksum")
+        self._cursor = (obj + 1, start + RECORD_HEADER_SIZE + stored)
         if kind == RecordType.FILEMARK:
             return RecordType.FILEMARK, 0
         data: Buffer = zlib.decompress(payload) if flags & FLAG_ZLIB else payload
@@ -489,20 +555,25 @@ class Cartridge:
             raise IndexError(obj)
         if obj == self.object_count:
             return
+        end = self.offset_of(obj)
         # New epoch first, so an index written for the old contents can never be adopted again.
         self._epoch += 1
         os.pwrite(self._fd, _pack_file_header(self._epoch), 0)
-        end = self._offsets[obj]
         os.ftruncate(self._fd, end)
         os.fdatasync(self._fd)
-        del self._offsets[obj + 1 :]
-        cut = bisect.bisect_left(self._filemarks, obj)
-        del self._filemarks[cut:]
+        self._count, self._end = obj, end
+        self._cursor = (obj, end)
+        del self._sparse[-(-obj // self._stride) :]
+        del self._filemarks[bisect.bisect_left(self._filemarks, obj) :]
         if self._indexed > obj:
             self._indexed = obj
-            self._index_crc = zlib.crc32(self._index_words(0, obj))
+            self._indexed_sparse = len(self._sparse)
+            self._indexed_fms = len(self._filemarks)
+            self._sparse_crc = zlib.crc32(_be(self._sparse))
+            self._fm_crc = zlib.crc32(_be(self._filemarks))
         self._write_index_header()
         self._dirty = False
+        self._unsynced_bytes = 0
 
     def append(
         self,
@@ -517,21 +588,26 @@ class Cartridge:
         capacity and raises CartridgeFull(written). Not durable until `sync()`.
         """
         self._check_writable()
-        base_count, base_fms = len(self._offsets), len(self._filemarks)
+        base = (self._count, self._end, len(self._sparse), len(self._filemarks))
         base_written = self.bytes_written
         try:
             written, full = self._append(kind, payloads, compress)
         except BaseException:
             # Roll back: forget the records of this call and cut whatever reached the file, so
             # stale bytes past EOD can never be mistaken for records at recovery.
-            del self._offsets[base_count:]
-            del self._filemarks[base_fms:]
+            self._count, self._end = base[0], base[1]
+            del self._sparse[base[2] :]
+            del self._filemarks[base[3] :]
+            self._cursor = (self._count, self._end)
             self.bytes_written = base_written
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._offsets[-1])
+                os.ftruncate(self._fd, self._end)
             raise
         if written:
             self._dirty = True
+            self._cursor = (self._count, self._end)
+            if self._unsynced_bytes >= SYNC_INTERVAL:
+                self.sync()
         if full:
             raise CartridgeFull(written)
 
@@ -539,7 +615,8 @@ class Cartridge:
         self, kind: RecordType, payloads: Sequence[Sequence[Buffer]], compress: bool
     ) -> tuple[int, bool]:
         iov: list[Buffer] = []
-        pos = self._offsets[-1]
+        pending = 0  # bytes in iov
+        pos = self._end
         written = 0
         full = False
         for parts in payloads:
@@ -559,26 +636,27 @@ class Cartridge:
             crc = 0
             for b in stored_parts:
                 crc = zlib.crc32(b, crc)
-            n = len(self._offsets) - 1
+            n = self._count
             iov.append(_pack_record_header(kind, flags, n, stored, logical, crc))
             iov.extend(b for b in stored_parts if len(b))
+            self._note_record(n, pos, kind)
             pos += RECORD_HEADER_SIZE + stored
-            self._offsets.append(pos)
-            if kind == RecordType.FILEMARK:
-                self._filemarks.append(n)
+            pending += RECORD_HEADER_SIZE + stored
+            self._count, self._end = n + 1, pos
             self.bytes_written += logical
+            self._unsynced_bytes += RECORD_HEADER_SIZE + stored
             written += 1
             if len(iov) >= _IOV_MAX:
-                self._flush_iov(iov)
-        self._flush_iov(iov)
+                self._flush_iov(iov, pos - pending)
+                pending = 0
+        self._flush_iov(iov, pos - pending)
         return written, full
 
-    def _flush_iov(self, iov: list[Buffer]) -> None:
-        """Write the gathered iovecs at the file offset they belong to; clears `iov`."""
+    def _flush_iov(self, iov: list[Buffer], start: int) -> None:
+        """Write the gathered iovecs at file offset `start`; clears `iov`."""
         if not iov:
             return
         total = sum(len(b) for b in iov)
-        start = self._offsets[-1] - total
         done = 0
         while done < total:
             n = os.pwritev(self._fd, iov, start + done)
@@ -594,30 +672,33 @@ class Cartridge:
         if self._dirty:
             os.fdatasync(self._fd)
             self._dirty = False
-        count = self.object_count
-        if count == self._indexed:
+            self._unsynced_bytes = 0
+        if self._count == self._indexed:
             return
-        words = self._index_words(self._indexed, count)
+        new_sparse = _be(self._sparse[self._indexed_sparse :])
+        new_fms = _be(self._filemarks[self._indexed_fms :])
+        fd = os.open(self.path / FILEMARKS_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, new_fms, 8 * self._indexed_fms)
+        finally:
+            os.close(fd)
         fd = os.open(self.path / INDEX_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.pwrite(fd, words, INDEX_HEADER_SIZE + 8 * self._indexed)
-            self._index_crc = zlib.crc32(words, self._index_crc)
-            self._indexed = count
+            os.pwrite(fd, new_sparse, INDEX_HEADER_SIZE + 8 * self._indexed_sparse)
+            self._sparse_crc = zlib.crc32(new_sparse, self._sparse_crc)
+            self._fm_crc = zlib.crc32(new_fms, self._fm_crc)
+            self._indexed = self._count
+            self._indexed_sparse = len(self._sparse)
+            self._indexed_fms = len(self._filemarks)
             os.pwrite(fd, self._index_header(), 0)
         finally:
             os.close(fd)
 
-    def _index_words(self, lo: int, hi: int) -> bytes:
-        fm = set(self._filemarks[bisect.bisect_left(self._filemarks, lo) :])
-        words = array("Q", ((self._offsets[i] << 1) | (i in fm) for i in range(lo, hi)))
-        if sys.byteorder == "little":
-            words.byteswap()
-        return words.tobytes()
-
     def _index_header(self) -> bytes:
+        end = self._end if self._indexed == self._count else self.offset_of(self._indexed)
         return _INDEX_HEADER.pack(
-            INDEX_MAGIC, FORMAT_VERSION, self._epoch, self._indexed,
-            self._offsets[self._indexed], self._index_crc,
+            INDEX_MAGIC, FORMAT_VERSION, self._stride, self._epoch, self._indexed, end,
+            self._sparse_crc, self._indexed_fms, self._fm_crc,
         )
 
     def _write_index_header(self) -> None:
@@ -627,10 +708,12 @@ class Cartridge:
         except FileNotFoundError:
             return
         try:
-            os.ftruncate(fd, INDEX_HEADER_SIZE + 8 * self._indexed)
+            os.ftruncate(fd, INDEX_HEADER_SIZE + 8 * self._indexed_sparse)
             os.pwrite(fd, self._index_header(), 0)
         finally:
             os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(self.path / FILEMARKS_FILE, 8 * self._indexed_fms)
 
     # ------------------------------------------------------------------------------------------
     # Cartridge memory (MAM)
@@ -695,6 +778,14 @@ class Cartridge:
         self.close()
 
 
+def _be(values: array[int]) -> bytes:
+    """The big-endian bytes of an array of unsigned 64-bit values."""
+    out = array("Q", values)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
+
+
 def _skip(iov: list[Buffer], n: int) -> list[Buffer]:
     out: list[Buffer] = []
     for b in iov:
@@ -713,13 +804,14 @@ def dump(path: str | os.PathLike[str]) -> Iterator[DumpEntry]:
     that a drive has open.
     """
     with Cartridge.open(path, read_only=True) as cart:
+        start = FILE_HEADER_SIZE
         for i in range(cart.object_count):
-            start = cart._offsets[i]
             hdr = _parse_record_header(os.pread(cart._fd, RECORD_HEADER_SIZE, start))
             if hdr is None:
                 return
             kind, flags, _obj, stored, logical, _crc = hdr
             yield DumpEntry(i, RecordType(kind), start, stored, logical, bool(flags & FLAG_ZLIB))
+            start += RECORD_HEADER_SIZE + stored
 
 
 def format_dump(path: str | os.PathLike[str]) -> Iterator[str]:

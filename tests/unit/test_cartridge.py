@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tcmu_py.handlers.vtl import cartridge as cartridge_module
 from tcmu_py.handlers.vtl.cartridge import (
     DATA_FILE,
     FILE_HEADER_SIZE,
@@ -21,6 +22,13 @@ from tcmu_py.handlers.vtl.cartridge import (
     dump,
     format_dump,
 )
+
+
+@pytest.fixture(autouse=True, params=[64, 3, 1], ids=lambda s: f"stride{s}")
+def stride(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run everything with the real sparse index stride and with tiny ones."""
+    monkeypatch.setattr(cartridge_module, "INDEX_STRIDE", request.param)
+    return int(request.param)
 
 
 def make(tmp_path: Path, barcode: str = "ABC001L8", **kw: object) -> Path:
@@ -152,6 +160,21 @@ def test_corrupt_payload_reads_as_corrupt_record(tmp_path: Path) -> None:
         assert cart.object_count == 1
 
 
+def test_periodic_sync_checkpoints_without_explicit_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cartridge_module, "SYNC_INTERVAL", 10_000)
+    path = make(tmp_path)
+    cart = Cartridge.open(path)
+    for _ in range(30):
+        cart.append(RecordType.DATA, [[bytes(1000)]])
+    assert (path / INDEX_FILE).exists()  # checkpointed by append itself
+    ro = Cartridge.open(path, read_only=True)
+    assert ro._indexed >= 20  # adopted from the index, not rescanned
+    ro.close()
+    cart.close()
+
+
 def test_exclusive_open(tmp_path: Path) -> None:
     path = make(tmp_path)
     with Cartridge.open(path):
@@ -233,6 +256,10 @@ def test_crash_at_any_byte_recovers_a_prefix(
         crashed = tmp / "crashed"
         shutil.copytree(path, crashed)
     with open(crashed / DATA_FILE, "r+b") as f:
+        original = f.read()
+        if garbage and cut < len(original):
+            # junk, not a re-creation of the bytes that were cut off
+            garbage = bytes([original[cut] ^ 0xFF]) + garbage[1:]
         f.truncate(cut)
         f.seek(cut)
         f.write(garbage)

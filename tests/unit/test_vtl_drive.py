@@ -226,8 +226,6 @@ def test_fixed_block_mode(tape: Tape) -> None:
     assert tape.mode_select_block(0, 0xFFFFFF).sense_codes == (5, 0x26, 0)
 
 
-@pytest.mark.xfail(reason="core.mode_select parses block descriptors as direct-access (no "
-                          "peripheral_type passed to spc.parse_mode_select): density is lost")
 def test_mode_select_rejects_unknown_density(tape: Tape) -> None:
     assert tape.mode_select_block(0x42, 512).sense_codes == (5, 0x26, 0)
 

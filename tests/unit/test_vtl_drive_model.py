@@ -12,6 +12,7 @@ from pathlib import Path
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from tcmu_py.handlers.vtl import cartridge as cartridge_module
 from tcmu_py.handlers.vtl.cartridge import Cartridge
 from test_vtl_drive import FakeLibrary, Tape
 
@@ -36,6 +37,9 @@ class DriveMachine(RuleBasedStateMachine):
 
     @initialize()
     def setup(self) -> None:
+        # A tiny sparse-index stride makes every positioning walk record headers.
+        self.saved_stride = cartridge_module.INDEX_STRIDE
+        cartridge_module.INDEX_STRIDE = 3
         self.tmp = tempfile.TemporaryDirectory()
         self.lib = FakeLibrary(Path(self.tmp.name))
         self.lib.create("MDL001L8")
@@ -47,8 +51,10 @@ class DriveMachine(RuleBasedStateMachine):
         self.state = "loaded"  # loaded | unloaded | empty
 
     def teardown(self) -> None:
-        self.tape.dev.close()
-        self.tmp.cleanup()
+        if hasattr(self, "tape"):
+            self.tape.dev.close()
+            self.tmp.cleanup()
+            cartridge_module.INDEX_STRIDE = self.saved_stride
 
     # --- model helpers ---------------------------------------------------------------------
 
