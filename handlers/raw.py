@@ -84,12 +84,14 @@ class RawHandler(Handler):
             raise ConfigError(
                 f"raw: config string {cfgstring!r}: expected the absolute path of the image"
             )
-        parent = os.path.dirname(cfgstring) or "/"
-        if not os.path.isdir(parent):
-            raise ConfigError(f"raw: {cfgstring}: directory {parent} does not exist")
+        if cfgstring.endswith("/"):
+            raise ConfigError(f"raw: config string {cfgstring!r}: expected a file, not a directory")
 
     @classmethod
     def open(cls, config: DeviceConfig) -> BlockDevice:
         cls.check_config(config.cfgstring)
-        backend = RawBackend(config.cfgstring, config.size, config.block_size)
+        try:
+            backend = RawBackend(config.cfgstring, config.size, config.block_size)
+        except OSError as exc:
+            raise ConfigError(f"raw: cannot open image {config.cfgstring}: {exc.strerror}") from exc
         return open_block_device(config, backend)

@@ -166,11 +166,16 @@ def split_dev_config(dev_config: str) -> tuple[str, str]:
 
 
 def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
-    """Parse `key=value,key=value` against `known` (key -> converter). Errors name the key."""
+    """Parse `key=value;key=value` against `known` (key -> converter). Errors name the key.
+
+    `;` is the separator tcmu-py writes: the kernel splits every configfs `control` write at
+    `,`, so a dev_config holding commas arrives cut. `,` is accepted too, for config strings
+    given to targetcli (`cfgstring=...`), which reach the kernel through `dev_config` intact.
+    """
     out: dict[str, Any] = {}
     if not cfgstring:
         return out
-    for item in cfgstring.split(","):
+    for item in cfgstring.replace(",", ";").split(";"):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:

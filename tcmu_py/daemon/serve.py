@@ -323,7 +323,8 @@ class Daemon:
                     failed,
                 )
                 device = FailedDevice(config, failed)
-            runner = DeviceRunner(uio, device, workers=self.workers, name=name.device)
+            # After reset_ring the ring may hold commands the kernel requeued: adopt them.
+            runner = DeviceRunner(uio, device, workers=self.workers, name=name.device, adopt=True)
             thread = threading.Thread(target=runner.run, name=f"tcmu-{name.device}", daemon=True)
             thread.start()
         finally:

@@ -85,11 +85,14 @@ class DeviceRunner:
         *,
         workers: int = 4,
         name: str | None = None,
+        adopt: bool = False,
     ) -> None:
+        """`adopt`: take over entries already on the ring; only right after `reset_ring`
+        (see `tcmu_py.ring.Ring`)."""
         self.uio = uio
         self.device = device
         self.name = name or device.config.name
-        self.ring = Ring(uio.buffer)
+        self.ring = Ring(uio.buffer, adopt=adopt)
         self.counters = Counters()
         self._ring_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
@@ -233,8 +236,16 @@ class DeviceRunner:
         elif op in _WRITE_OPS:
             c.writes += 1
             c.bytes_written += sum(len(b) for b in rc.data_out)
-        total_in = sum(len(b) for b in rc.data_in) if length is not None else 0
-        read_len = length if length is not None and length < total_in else None
+        read_len = None
+        if length is not None:
+            total_in = sum(len(b) for b in rc.data_in)
+            if 0 < length < total_in:
+                read_len = length  # a residual: the initiator receives `length` bytes
+            elif length == 0 and total_in and resp.status == Status.GOOD:
+                # TCMU cannot say "zero bytes" (read_len 0 means the whole buffer): send zeros
+                # rather than whatever the data area held.
+                for buf in rc.data_in:
+                    buf[:] = bytes(len(buf))
         self.ring.complete(rc.cmd_id, resp.status, resp.sense, read_len)
 
 

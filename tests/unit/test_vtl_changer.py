@@ -446,11 +446,6 @@ def test_mtx_status_flows(tmp_path: Path) -> None:
     assert addresses == sorted(seen)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="device/core.py passes no peripheral_type to spc.opcode_info, so 1Bh/2Bh resolve to "
-    "the disk/tape commands (START STOP UNIT, LOCATE) in REPORT SUPPORTED OPERATION CODES",
-)
 def test_rsoc_usage_masks_are_the_changer_commands(tmp_path: Path) -> None:
     from tcmu_py.scsi import spc
 
