@@ -6,7 +6,7 @@ class TcmuError(Exception):
 
 
 class ConfigError(TcmuError, ValueError):
-    """A configuration value is wrong; the message names the file, key, value and what was expected."""
+    """A configuration value is wrong; the message names the file, key, value and expectation."""
 
 
 class RingError(TcmuError):
