@@ -707,13 +707,16 @@ class Cartridge:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             return
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(self.path / FILEMARKS_FILE, 8 * self._indexed_fms)
         try:
             os.ftruncate(fd, INDEX_HEADER_SIZE + 8 * self._indexed_sparse)
             os.pwrite(fd, self._index_header(), 0)
+            # Durable now (overwrites are rare): otherwise a crash would leave an index of the
+            # old epoch and force a full scan at the next open.
+            os.fsync(fd)
         finally:
             os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.truncate(self.path / FILEMARKS_FILE, 8 * self._indexed_fms)
 
     # ------------------------------------------------------------------------------------------
     # Cartridge memory (MAM)

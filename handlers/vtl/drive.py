@@ -53,7 +53,7 @@ from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import spc, ssc
-from tcmu_py.scsi.constants import Opcode, PeripheralType
+from tcmu_py.scsi.constants import Opcode, PeripheralType, SenseKey
 from tcmu_py.scsi.sense import (
     InvalidFieldInCdb,
     InvalidFieldInParameterList,
@@ -663,6 +663,24 @@ class TapeDrive(ScsiDevice):
             # SSC-5 ERASE(6): erases from the current position to the end; EOD is written here.
             self._prepare_write(cart)
             self._sync(cart)
+
+    @command(Opcode.ALLOW_OVERWRITE)
+    def allow_overwrite(self, cmd: Command) -> None:
+        """Accepted as a no-op: this drive never runs in append-only mode, so overwriting is
+        always allowed (SSC-5 4.2.x); the fields are still checked."""
+        req = ssc.AllowOverwrite.parse(cmd.cdb)
+        with self.lock:
+            self._medium()
+            if req.allow_overwrite > 2:
+                raise InvalidFieldInCdb(f"ALLOW OVERWRITE {req.allow_overwrite}", field_pointer=2)
+            if req.partition != 0:
+                raise InvalidFieldInCdb(f"partition {req.partition}", field_pointer=3)
+            if req.allow_overwrite == 1 and req.identifier != self.pos:
+                # SSC-5 ALLOW OVERWRITE: the identifier must name the current position.
+                raise ssc.SequentialPositioningError(
+                    f"object {req.identifier} is not the current position {self.pos}",
+                    sense_key=SenseKey.ILLEGAL_REQUEST,
+                )
 
     @command(Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL)
     def prevent_allow(self, cmd: Command) -> None:

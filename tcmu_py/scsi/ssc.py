@@ -371,6 +371,28 @@ class ReportDensitySupport:
             b"\x00"
 
 
+@dataclass(frozen=True, slots=True)
+class AllowOverwrite:
+    """ALLOW OVERWRITE 82h (SSC-5 7.x): ALLOW OVERWRITE byte 2 bits 3..0, partition byte 3,
+    logical object identifier bytes 4..11."""
+
+    allow_overwrite: int  # 0 disabled, 1 current position, 2 format
+    partition: int
+    identifier: int
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> AllowOverwrite:
+        _need(cdb, 16)
+        return cls(cdb[2] & 0x0F, cdb[3], int.from_bytes(cdb[4:12], "big"))
+
+    def build(self) -> bytes:
+        return (
+            bytes([0x82, 0, self.allow_overwrite & 0x0F, self.partition])
+            + self.identifier.to_bytes(8, "big")
+            + bytes(4)
+        )
+
+
 class AttributeAction(IntEnum):
     """READ ATTRIBUTE service actions (SPC-5 6.17 table)."""
 

@@ -574,3 +574,13 @@ def test_no_deadlock_between_changer_moves_and_drive_commands(tmp_path: Path) ->
     lib.move("LCK001L8")
     t.clear_ua()
     assert t.run(bytes(6)).good
+
+
+def test_allow_overwrite_is_checked_noop(tape: Tape) -> None:
+    build_tape(tape, "bb")
+    tape.locate(1)
+    assert tape.run(ssc.AllowOverwrite(1, 0, 1).build()).good
+    assert tape.run(ssc.AllowOverwrite(1, 0, 0).build()).sense_codes == (5, 0x3B, 0)
+    assert tape.run(ssc.AllowOverwrite(3, 0, 0).build()).sense_codes == (5, 0x24, 0)
+    assert tape.run(ssc.AllowOverwrite(0, 1, 0).build()).sense_codes == (5, 0x24, 0)
+    assert tape.write(b"over").good

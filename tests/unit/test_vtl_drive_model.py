@@ -286,7 +286,7 @@ TAPE_OPCODES = [
     Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL, Opcode.LOCATE_10, Opcode.READ_POSITION,
     Opcode.REPORT_DENSITY_SUPPORT, Opcode.LOG_SENSE, Opcode.MODE_SELECT_10, Opcode.MODE_SENSE_10,
     Opcode.READ_ATTRIBUTE, Opcode.WRITE_ATTRIBUTE, Opcode.SPACE_16, Opcode.LOCATE_16,
-    Opcode.MAINTENANCE_IN, 0xC0, 0x7E,
+    Opcode.MAINTENANCE_IN, Opcode.ALLOW_OVERWRITE, 0xC0, 0x7E,
 ]
 
 CDB_LEN = {0x00: 6, 0x01: 6, 0x03: 6, 0x05: 6, 0x08: 6, 0x0A: 6, 0x10: 6, 0x11: 6, 0x12: 6,
@@ -317,7 +317,7 @@ def test_any_command_in_any_state(tmp_path_factory, state: str, steps) -> None: 
         t.run(ssc.LoadUnload(False, False, False, False, False).build())
     for opcode, tail, buflen in steps:
         n = CDB_LEN.get(opcode, 10 if opcode < 0x80 else 16)
-        if opcode in (0x88, 0x8C, 0x8D, 0x91, 0x92, 0xA3):
+        if opcode in (0x82, 0x88, 0x8C, 0x8D, 0x91, 0x92, 0xA3):
             n = 16 if opcode != 0xA3 else 12
         cdb = bytes([opcode]) + tail[: n - 1]
         r = t.run(cdb, data_out=bytes(buflen), data_in_len=buflen)
