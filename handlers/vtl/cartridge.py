@@ -86,6 +86,9 @@ FILEMARKS_FILE = "filemarks"
 INDEX_STRIDE = 64
 #: `append` syncs (and checkpoints the index) by itself after this many bytes.
 SYNC_INTERVAL = 1 << 30
+#: Bytes at the physical end that only filemarks may use: like a real drive, a cartridge that
+#: refused a data block with VOLUME OVERFLOW still takes the filemarks that close the file.
+FILEMARK_RESERVE = 64 * 32
 
 FLAG_ZLIB = 0x01
 
@@ -456,6 +459,11 @@ class Cartridge:
         return int(self._meta["capacity"])
 
     @property
+    def data_capacity(self) -> int:
+        """Where data blocks stop: the capacity less the filemark reserve."""
+        return max(self.capacity - FILEMARK_RESERVE, 0)
+
+    @property
     def early_warning_size(self) -> int:
         return int(self._meta["early_warning"])
 
@@ -630,7 +638,8 @@ class Cartridge:
                 if len(packed) < logical:
                     stored_parts, flags = (packed,), FLAG_ZLIB
             stored = sum(len(b) for b in stored_parts)
-            if pos + RECORD_HEADER_SIZE + stored - FILE_HEADER_SIZE > self.capacity:
+            limit = self.capacity if kind == RecordType.FILEMARK else self.data_capacity
+            if pos + RECORD_HEADER_SIZE + stored - FILE_HEADER_SIZE > limit:
                 full = True
                 break
             crc = 0

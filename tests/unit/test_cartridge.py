@@ -130,7 +130,8 @@ def test_compression_round_trip_and_saves_space(tmp_path: Path) -> None:
 
 
 def test_capacity_and_early_warning(tmp_path: Path) -> None:
-    with Cartridge.open(make(tmp_path, capacity=10_000, early_warning=3_000)) as cart:
+    cap = 10_000 + cartridge_module.FILEMARK_RESERVE
+    with Cartridge.open(make(tmp_path, capacity=cap, early_warning=5_000)) as cart:
         cart.append(RecordType.DATA, [[bytes(5000)]])
         assert not cart.in_early_warning()
         cart.append(RecordType.DATA, [[bytes(2000)]])
@@ -138,8 +139,9 @@ def test_capacity_and_early_warning(tmp_path: Path) -> None:
         with pytest.raises(CartridgeFull) as info:
             cart.append(RecordType.DATA, [[bytes(1000)], [bytes(1000)], [bytes(1000)]])
         assert info.value.written == 2
-        assert cart.object_count == 4 and cart.used <= cart.capacity
+        assert cart.object_count == 4 and cart.used <= cart.data_capacity
         assert cart.remaining == cart.capacity - cart.used
+        cart.append(RecordType.FILEMARK, [()] * 2)  # filemarks still fit after the overflow
 
 
 def test_corrupt_payload_reads_as_corrupt_record(tmp_path: Path) -> None:

@@ -337,9 +337,12 @@ def test_early_warning_then_volume_overflow(lib: FakeLibrary) -> None:
     else:
         pytest.fail("never overflowed")
     assert warned >= 1
+    r = t.weof(1)  # closing the file after the overflow still works (EOM, NO SENSE)
+    assert r.sense_codes == (0, 0, 2) and sense(r).eom
     t.rewind()
     for _ in range(written):
         assert t.read(4000).data == block
+    assert parse_sense(t.read(4000).sense).filemark
     assert t.read(4000).sense_codes == (8, 0, 5)
 
 
