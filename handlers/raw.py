@@ -6,8 +6,10 @@ TCMU dev_config ``raw//var/lib/d.img``. A missing image is created sparse; a sho
 extended (sparse) to the device size.
 
 Data moves with `os.preadv` / `os.pwritev` straight between the file and the ring's buffers: no
-copy in Python. Writes land in the page cache, so the device reports a write-back cache
-(WCE=1) and makes them durable with `fdatasync` on SYNCHRONIZE CACHE and FUA.
+copy in Python. With the device's write cache on (LIO attribute `emulate_write_cache=1`, YAML
+`write_cache: true`) writes land in the page cache, the device reports WCE=1 and makes them
+durable with `fdatasync` on SYNCHRONIZE CACHE and FUA. With it off the image is opened O_DSYNC:
+every write is durable when it completes, and WCE=0 says so.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from tcmu_py.handler import DeviceConfig, Handler
 class RawBackend:
     """A raw image file. Thread-safe: positional I/O only."""
 
-    write_cache = True
-
-    def __init__(self, path: str, size: int, block_size: int) -> None:
+    def __init__(self, path: str, size: int, block_size: int, write_cache: bool = True) -> None:
         self.path = path
         self.block_size = block_size
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.write_cache = write_cache
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if write_cache else os.O_DSYNC)
+        self.fd = os.open(path, flags, 0o600)
         if os.fstat(self.fd).st_size < size:
             os.ftruncate(self.fd, size)
         self.size = size
@@ -91,7 +93,9 @@ class RawHandler(Handler):
     def open(cls, config: DeviceConfig) -> BlockDevice:
         cls.check_config(config.cfgstring)
         try:
-            backend = RawBackend(config.cfgstring, config.size, config.block_size)
+            backend = RawBackend(
+                config.cfgstring, config.size, config.block_size, config.write_cache
+            )
         except OSError as exc:
             raise ConfigError(f"raw: cannot open image {config.cfgstring}: {exc.strerror}") from exc
         return open_block_device(config, backend)

@@ -62,6 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config is not None:
         from tcmu_py.daemon import lio
 
+        _prepare_pools(config)
         # Backstores first, then the daemon serves them, then the LUNs (whose scan reaches the
         # ring at once): see vm-lab.md.
         lio.apply_backstores(config)
@@ -74,10 +75,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_pools(config: Any) -> None:
+    """Create (or update) the YAML's thin pools and register their names in this process.
+
+    A pool's hard limit is what the thin handler enforces as the pool's capacity; the soft
+    threshold is a percentage of it.
+    """
+    if not config.pools:
+        return
+    from tcmu_py.handlers.thin import ensure_pool, register_pool
+
+    for pool in config.pools:
+        ensure_pool(pool.path, pool.name, pool.hard_limit or pool.capacity, pool.soft_threshold)
+        register_pool(pool.name, pool.path)
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from tcmu_py.daemon import lio
 
     config = _load(args.config)
+    _prepare_pools(config)
     lio.apply_backstores(config)
     lio.apply_exports(config)
     return 0

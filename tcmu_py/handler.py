@@ -92,8 +92,10 @@ class BlockBackend(Protocol):
     - ``unmap(offset, length)``: deallocate; afterwards the range reads as zeros if `lbprz`.
     - ``write_same(offset, length, block: bytes, unmap: bool)``: fill with a repeated block; when
       `unmap` and the block is all zeros the backend may deallocate instead.
-    - ``lba_status(offset, length) -> list[tuple[int, int, int]]``: runs of (offset, length,
-      status) covering the range from `offset`, status 0 mapped, 1 deallocated, 2 anchored.
+    - ``lba_status(offset, length, *, max_runs) -> list[tuple[int, int, int]]``: runs of
+      (offset, length, status) from `offset`, at most `max_runs` of them; status 0 mapped,
+      1 deallocated, 2 anchored.
+    - ``set_soft_threshold(percent | None)``: MODE SELECT changed the provisioning threshold.
     - ``provisioning() -> ProvisioningInfo``: thin provisioning figures (LOG SENSE 0Ch, thresholds).
     - ``resize(size)``: the device was resized to `size` bytes.
     - ``close()``: release resources; called once when the device goes away.

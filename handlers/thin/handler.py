@@ -76,9 +76,14 @@ class ThinHandler(Handler):
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:
-        """Raise ConfigError unless the options parse and the pool exists with a valid pool.json
-        (and `unit`, if given for an existing disk, matches it). Creates nothing."""
+        """Raise ConfigError unless the options parse and, when the pool already exists, agree
+        with its pool.json (name; `unit` of an existing disk). A pool that does not exist yet is
+        not an error here: `tcmu-py apply` creates the YAML's pools after validating the whole
+        file; `open` fails with a message naming the directory if it is still missing.
+        Creates nothing."""
         path, name, disk, unit = _parse(cfgstring)
+        if not os.path.exists(os.path.join(path, POOL_FILE)):
+            return
         config = load_pool_config(path)
         where = os.path.join(path, POOL_FILE)
         if name is not None and config.name != name:

@@ -200,6 +200,7 @@ class Device:
     serial: str | None = None
     wwn: str | None = None
     pool: str | None = None
+    pool_path: str | None = None  # the named pool's directory
 
     def options_dict(self) -> dict[str, str]:
         return dict(self.options)
@@ -326,6 +327,8 @@ def _config_string_problem(cfg: str) -> str | None:
 
 def _build_config_string(handler: str, options: tuple[tuple[str, str], ...],
                          pool: str | None) -> str:
+    """``pool`` is the pool's directory: the dev_config must describe the device on its own,
+    so a daemon started without this YAML file (udev, systemd, a restart) can still open it."""
     if handler == "raw":
         return f"raw/{dict(options)['path']}"
     pairs = list(options)
@@ -336,12 +339,12 @@ def _build_config_string(handler: str, options: tuple[tuple[str, str], ...],
 
 def dev_config_string(device: Device) -> str:
     """The TCMU ``dev_config`` for ``device``: ``raw/<absolute image path>`` for ``raw``,
-    otherwise ``<subtype>/key=value;key=value`` (options in YAML order, then ``pool=<name>``
-    if the device names a pool and its options do not).
+    otherwise ``<subtype>/key=value;key=value`` (options in YAML order, then
+    ``pool=<pool directory>`` if the device names a pool and its options do not).
 
     Raises ConfigError if the kernel or rtslib-fb would mangle or refuse it.
     """
-    cfg = _build_config_string(device.handler, device.options, device.pool)
+    cfg = _build_config_string(device.handler, device.options, device.pool_path)
     problem = _config_string_problem(cfg)
     if problem:
         raise ConfigError(f"devices {device.name}: dev_config {cfg!r}: expected {problem}")
@@ -553,7 +556,8 @@ _DEVICE_KEYS = {"name", "handler", "size", "block_size", "options", "hw_max_sect
 
 
 def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
-                  handlers: Mapping[str, Callable[[str], None]] | None) -> list[Device]:
+                  handlers: Mapping[str, Callable[[str], None]] | None,
+                  pool_paths: Mapping[str, str] | None = None) -> list[Device]:
     devices: list[Device] = []
     seen: set[str] = set()
     for i, item in enumerate(c.seq(raw, "devices") or []):
@@ -605,9 +609,10 @@ def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
             continue
         assert name and handler and size and block_size and hw_max and area and options is not None
         assert tmo is not None and wc is not None
+        pool_path = (pool_paths or {}).get(pool) if pool is not None else None
         dev = Device(name, handler, size, block_size, hw_max, area, tmo, wc, options,
-                     serial, wwn, pool)
-        cfg = _build_config_string(handler, options, pool)
+                     serial, wwn, pool, pool_path)
+        cfg = _build_config_string(handler, options, pool_path)
         problem = _config_string_problem(cfg)
         if problem:
             c.fail(f"{p}.options", m.get("options"), f"options whose dev_config {cfg!r} has"
@@ -898,7 +903,7 @@ def _build(c: _Checker, doc: object,
     defaults = _load_defaults(c, top.get("defaults"))
     pools = _load_pools(c, top.get("pools"))
     devices = _load_devices(c, top.get("devices"), defaults, state_dir or DEFAULT_STATE_DIR,
-                            handlers)
+                            handlers, {p.name: p.path for p in pools})
     # Names given to devices / pools that failed validation still count for cross-references,
     # so one bad device does not cascade into a "no such device" error for every export.
     dev_names = _raw_names(top.get("devices"))

@@ -190,11 +190,37 @@ class BlockDevice(ScsiDevice):
         # SBC-4 7.5.5: WCE tells whether acknowledged writes may still be in a volatile cache.
         pages.append(spc.caching_mode_page(wce=bool(self.backend.write_cache)))
         info = self._provisioning()
-        if info is not None and info.soft_threshold is not None:
-            exp = self._threshold_exponent()
-            count = (info.capacity * info.soft_threshold // 100) // (self.block_size << exp)
-            pages.append(spc.logical_block_provisioning_mode_page(threshold_count=count))
+        if info is not None:
+            # SBC-4 6.5.8: one soft threshold on the used LBA mapping resource, counted in
+            # 2**THRESHOLD EXPONENT blocks; disabled (count 0) when the pool has none.
+            unit = self.block_size << self._threshold_exponent()
+            pct = info.soft_threshold
+            count = info.capacity * pct // 100 // unit if pct is not None else 0
+            pages.append(
+                spc.logical_block_provisioning_mode_page(
+                    [spc.ThresholdDescriptor(pct is not None, threshold_count=count)]
+                )
+            )
         return pages
+
+    def mode_page_changed(self, page_code: int, subpage: int, new_current: bytes) -> None:
+        if (page_code, subpage) != (0x1C, 0x02):
+            super().mode_page_changed(page_code, subpage, new_current)
+            return
+        info = self._provisioning()
+        setter = getattr(self.backend, "set_soft_threshold", None)
+        if info is None or setter is None:
+            return
+        page = next(p for p in self.mode_pages() if (p.page_code, p.subpage) == (0x1C, 0x02))
+        thresholds = spc.lbp_thresholds(page.with_current(new_current))
+        t = thresholds[0] if thresholds else None
+        unit = self.block_size << self._threshold_exponent()
+        percent = None
+        if t is not None and t.enabled:
+            percent = max(1, min(100, round(t.threshold_count * unit * 100 / info.capacity)))
+        setter(percent)
+        # The pool holds the threshold (shared by its disks): regenerate the page from it.
+        self._mode_state.pop((0x1C, 0x02), None)
 
     def block_descriptors(self) -> list[tuple[int, int, int]]:
         return [(0, min(self.num_blocks, 0xFFFFFFFF), self.block_size)]
@@ -482,7 +508,9 @@ class BlockDevice(ScsiDevice):
         # SBC-4 5.8: descriptors from the starting LBA; as many as fit the allocation length.
         room = max((req.allocation_length - 8) // 16, 1)
         span = self.num_blocks - req.lba
-        runs = self.backend.lba_status(req.lba * self.block_size, span * self.block_size)  # type: ignore[attr-defined]
+        runs = self.backend.lba_status(  # type: ignore[attr-defined]
+            req.lba * self.block_size, span * self.block_size, max_runs=room
+        )
         descs = [(off // self.block_size, n // self.block_size, st) for off, n, st in runs][:room]
         return cmd.write_data_in(
             spc.truncate(sbc.build_get_lba_status(descs), req.allocation_length)

@@ -7,11 +7,11 @@ import struct
 import threading
 
 import pytest
-from tcmu_py.handlers.null import NullHandler
-from tcmu_py.handlers.raw import RawBackend, RawHandler
 
 from tcmu_py.device.block import BlockDevice
 from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.null import NullHandler
+from tcmu_py.handlers.raw import RawBackend, RawHandler
 from tcmu_py.testing import cdbs
 from tcmu_py.testing.conformance import check_block_handler
 from tcmu_py.testing.harness import run_command

@@ -119,7 +119,9 @@ def test_good_config_values() -> None:
 def test_dev_config_strings() -> None:
     cfg = load(GOOD)
     assert dev_config_string(cfg.device("disk0")) == "raw//srv/tcmu/disk0.img"
-    assert dev_config_string(cfg.device("thin0")) == "thin/unit=64K;zero=1;pool=main"
+    # The pool by directory: the dev_config must describe the device without this YAML file.
+    thin = dev_config_string(cfg.device("thin0"))
+    assert thin == "thin/unit=64K;zero=1;pool=/srv/tcmu/pools/main"
     assert dev_config_string(cfg.device("tape0")) == "vtl/"
 
 

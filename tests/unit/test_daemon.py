@@ -6,11 +6,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from tcmu_py.handlers.null import NullHandler
-from tcmu_py.handlers.raw import RawHandler
 
 from tcmu_py.daemon.serve import Daemon, query_status
 from tcmu_py.errors import TcmuError
+from tcmu_py.handlers.null import NullHandler
+from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.testing import FakeKernel, FakeUio, cdbs
 from tcmu_py.testing.harness import Result
 

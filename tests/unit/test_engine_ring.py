@@ -9,13 +9,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tcmu_py.handlers.null import NullBackend
-from tcmu_py.handlers.raw import RawHandler
 
 from tcmu_py.device.block import BlockDevice
 from tcmu_py.device.command import Command
 from tcmu_py.device.core import command
 from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.null import NullBackend
+from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.ring import scsi_command_size
 from tcmu_py.scsi.constants import Status
 from tcmu_py.testing import RingHarness, cdbs

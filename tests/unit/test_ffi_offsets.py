@@ -1,9 +1,9 @@
 """The pure-Python layout constants in tcmu_py.ring agree with the compiled kernel header."""
 
 import pytest
-from tcmu_py._tcmu_ring import ffi, lib
 
 from tcmu_py import ring
+from tcmu_py._tcmu_ring import ffi, lib
 
 MB = "struct tcmu_mailbox"
 HDR = "struct tcmu_cmd_entry_hdr"

@@ -9,11 +9,11 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+
 from tcmu_py.handlers.thin import Pool, ThinBackend, create_pool
 from tcmu_py.handlers.thin import backend as backend_mod
 from tcmu_py.handlers.thin.pool import count_units
 from tcmu_py.handlers.thin.sparse import allocated_bytes, data_runs
-
 from tcmu_py.scsi.sense import SpaceAllocationFailed
 
 UNIT = 16 * 1024

@@ -8,6 +8,9 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.thin import (
     Pool,
     ThinBackend,
@@ -17,9 +20,6 @@ from tcmu_py.handlers.thin import (
     register_pool,
     unregister_pool,
 )
-
-from tcmu_py.errors import ConfigError
-from tcmu_py.handler import DeviceConfig
 
 UNIT = 16 * 1024
 BS = 512
@@ -44,7 +44,6 @@ def config(cfg: str, name: str = "vm1", size: int = 64 * UNIT) -> DeviceConfig:
         ("", "missing pool="),
         ("disk=a", "missing pool="),
         ("pool=nosuch", "declared pool name"),
-        ("pool=/nonexistent/pool", "missing pool.json"),
         ("pool={p};size=3", "unknown key 'size'"),
         ("pool={p};unit=12345", "power of two"),
         ("pool={p};disk=../etc", "disk name"),
@@ -54,6 +53,13 @@ def config(cfg: str, name: str = "vm1", size: int = 64 * UNIT) -> DeviceConfig:
 def test_check_config_errors(pool_dir: str, cfg: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         ThinHandler.check_config(cfg.format(p=pool_dir))
+
+
+def test_missing_pool_is_checked_at_open_not_at_check_config() -> None:
+    # apply validates the whole YAML before it creates the pools it declares.
+    ThinHandler.check_config("pool=/nonexistent/pool")
+    with pytest.raises(ConfigError, match="pool.json"):
+        ThinHandler.open(config("pool=/nonexistent/pool"))
 
 
 def test_check_config_accepts_and_creates_nothing(pool_dir: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tcmu_py.handlers.thin import Pool, ThinBackend, acquire_pool, create_pool, release_pool
 from tcmu_py.handlers.thin.sparse import data_runs
 
@@ -209,9 +210,8 @@ def parse_lba_status(data: bytes) -> list[tuple[int, int, int]]:
 def test_scsi_commands_match_model(pool: Pool, ops: list[tuple[str, Any, int]]) -> None:
     harness = pytest.importorskip("tcmu_py.testing.harness")
     cdbs = pytest.importorskip("tcmu_py.testing.cdbs")
-    from tcmu_py.handlers.thin import ThinHandler
-
     from tcmu_py.handler import DeviceConfig
+    from tcmu_py.handlers.thin import ThinHandler
 
     name = f"s{next(_names)}"
     dev = ThinHandler.open(DeviceConfig(name, "thin", f"pool={pool.path}", SIZE, block_size=BS,

@@ -9,6 +9,8 @@ import sys
 import textwrap
 
 import pytest
+
+from tcmu_py.errors import ConfigError
 from tcmu_py.handlers.thin import (
     DEFAULT_UNIT,
     Pool,
@@ -17,8 +19,6 @@ from tcmu_py.handlers.thin import (
     read_pool_status,
 )
 from tcmu_py.handlers.thin.pool import POOL_FILE
-
-from tcmu_py.errors import ConfigError
 
 UNIT = 16 * 1024
 
