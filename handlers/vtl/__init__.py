@@ -1,7 +1,10 @@
 """Virtual tape library: one medium changer LUN and N tape drive LUNs sharing one `Library`.
 
 Each LUN is its own TCMU device of subtype ``vtl`` with the config string
-``library=<library dir>,unit=changer`` or ``library=<library dir>,unit=drive<N>`` (N from 0).
+``library=<library dir>;unit=changer`` or ``library=<library dir>;unit=drive<N>`` (N from 0).
+Options are separated by ``;`` (``,`` is accepted too, but cannot reach us through configfs:
+target_core_user splits its ``control`` writes at commas, so ``dev_config=vtl/a=1,b=2`` arrives
+as ``vtl/a=1``; tcmu-runner's handlers use ``;`` for the same reason).
 All devices of one library in the daemon share a single `Library` object through
 `tcmu_py.handler.shared`, keyed by the resolved library directory; it is closed when the last of
 them closes.
@@ -19,9 +22,8 @@ from tcmu_py.errors import ConfigError
 from tcmu_py.handler import DeviceConfig, Handler, parse_options, shared
 
 if TYPE_CHECKING:
-    from tcmu_py.handlers.vtl.library import Library
-
     from tcmu_py.device.core import ScsiDevice
+    from tcmu_py.handlers.vtl.library import Library
 
 __all__ = ["VtlHandler", "acquire_library", "release_library"]
 
@@ -31,12 +33,12 @@ _OPTIONS: dict[str, Callable[[str], Any]] = {"library": str, "unit": str}
 
 def _parse(cfgstring: str) -> tuple[Path, int | None]:
     """(library dir, drive index or None for the changer). Raises ConfigError."""
-    opts = parse_options(cfgstring, _OPTIONS)
+    opts = parse_options(cfgstring.replace(";", ","), _OPTIONS)
     for key in _OPTIONS:
         if key not in opts:
             raise ConfigError(
                 f"config string {cfgstring!r}: missing {key}=; expected "
-                "library=<dir>,unit=changer|drive<N>"
+                "library=<dir>;unit=changer|drive<N>"
             )
     m = _UNIT_RE.fullmatch(opts["unit"])
     if m is None:

@@ -6,11 +6,11 @@ import struct
 from pathlib import Path
 
 import pytest
+
+from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl import VtlHandler
 from tcmu_py.handlers.vtl.changer import Changer
 from tcmu_py.handlers.vtl.library import Library
-
-from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import smc
 from tcmu_py.scsi.sense import parse_sense
 from tcmu_py.scsi.smc import ElementStatus, ElementType
@@ -290,9 +290,9 @@ def test_initialize_element_status(tmp_path: Path) -> None:
 def test_handler_opens_changer_and_shares_the_library(tmp_path: Path) -> None:
     dev = make(tmp_path)
     root = dev.library.path
-    cfg = f"library={root},unit=changer"
+    cfg = f"library={root};unit=changer"
     VtlHandler.check_config(cfg)
-    for bad in ["library=/nonexistent,unit=changer", f"library={root},unit=drive9", "unit=x"]:
+    for bad in ["library=/nonexistent,unit=changer", f"library={root};unit=drive9", "unit=x"]:
         with pytest.raises(Exception):  # noqa: B017 - ConfigError for each
             VtlHandler.check_config(bad)
     a = VtlHandler.open(DeviceConfig(name="c1", subtype="vtl", cfgstring=cfg, size=0))
@@ -319,7 +319,7 @@ def test_changer_and_drive_luns_together(tmp_path: Path) -> None:
     lib.close()
     root = tmp_path / "lib"
     changer = VtlHandler.open(
-        DeviceConfig(name="c", subtype="vtl", cfgstring=f"library={root},unit=changer", size=0)
+        DeviceConfig(name="c", subtype="vtl", cfgstring=f"library={root};unit=changer", size=0)
     )
     drive = VtlHandler.open(
         DeviceConfig(name="d", subtype="vtl", cfgstring=f"library={root},unit=drive0", size=0)
