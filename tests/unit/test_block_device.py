@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import threading
@@ -20,8 +21,16 @@ BS = 512
 BLOCKS = 256
 
 
-def make_raw(tmp_path, name: str = "d.img", blocks: int = BLOCKS) -> BlockDevice:
-    cfg = DeviceConfig(name="d0", subtype="raw", cfgstring=str(tmp_path / name), size=blocks * BS)
+def make_raw(
+    tmp_path, name: str = "d.img", blocks: int = BLOCKS, write_cache: bool = True
+) -> BlockDevice:
+    cfg = DeviceConfig(
+        name="d0",
+        subtype="raw",
+        cfgstring=str(tmp_path / name),
+        size=blocks * BS,
+        write_cache=write_cache,
+    )
     return RawHandler.open(cfg)
 
 
@@ -85,13 +94,21 @@ def test_fua_flushes(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
-def test_caching_page_wce_matches_backend(dev):
+@pytest.mark.parametrize("write_cache", [True, False])
+def test_caching_page_wce_matches_backend(tmp_path, write_cache):
+    dev = make_raw(tmp_path, write_cache=write_cache)
+    run_command(dev, cdbs.test_unit_ready())
     r = run_command(dev, cdbs.mode_sense10(0x08), data_in_len=1024)
     assert r.good
     block_desc_len = struct.unpack_from(">H", r.data, 6)[0]
     page = r.data[8 + block_desc_len :]
     assert page[0] & 0x3F == 0x08
-    assert page[2] & 0x04  # WCE: raw writes land in the page cache until fdatasync
+    # WCE: with the cache on, raw writes land in the page cache until fdatasync; with it off
+    # the image is O_DSYNC and WCE must be 0.
+    assert bool(page[2] & 0x04) == write_cache
+    flags = fcntl.fcntl(dev.backend.fd, fcntl.F_GETFL)
+    assert bool(flags & os.O_DSYNC) == (not write_cache)
+    dev.close()
 
 
 def test_handler_exception_is_hardware_error(dev, monkeypatch, caplog):
