@@ -21,6 +21,7 @@ Ring completions are serialised by `self._ring_lock` (cmd_tail has one writer at
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -113,12 +114,24 @@ class DeviceRunner:
         poller = select.poll()
         poller.register(self.uio.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        uio_fd = self.uio.fileno()
+        gone = select.POLLERR | select.POLLHUP | select.POLLNVAL
         try:
             while not self._stopping:
                 events = poller.poll()
                 if any(fd == self._stop_r for fd, _ in events):
                     break
-                self.process()
+                if any(fd == uio_fd and ev & gone for fd, ev in events):
+                    log.info("%s: the kernel removed the device; stopping", self.name)
+                    break
+                try:
+                    self.process()
+                except OSError as exc:
+                    if exc.errno not in (errno.EIO, errno.ENODEV):
+                        raise
+                    # uio answers EIO once the device is unregistered (backstore removed).
+                    log.info("%s: device gone (%s); stopping", self.name, exc.strerror)
+                    break
         finally:
             self.drain()
 
