@@ -14,6 +14,7 @@ overlapping write (SBC-4 5.3); reads take no lock.
 from __future__ import annotations
 
 import errno
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,6 +45,8 @@ MAX_COMPARE_AND_WRITE_BLOCKS = 255
 #: UNMAP limits advertised in VPD B0h.
 MAX_UNMAP_BLOCK_DESCRIPTORS = 256
 MAX_UNMAP_LBA_COUNT = 0xFFFFFFFF
+_RW10 = struct.Struct(">IxH")  # LBA, group, TRANSFER LENGTH (bytes 2..8 of a 10-byte CDB)
+_RW16 = struct.Struct(">QI")  # LBA, TRANSFER LENGTH (bytes 2..13 of a 16-byte CDB)
 #: Chunk size for pattern writes (WRITE SAME without backend support).
 _FILL_CHUNK = 1 << 20
 
@@ -288,17 +291,49 @@ class BlockDevice(ScsiDevice):
     # ------------------------------------------------------------------------------------------
     # Reads and writes
 
+    def _rw(self, cdb: bytes) -> tuple[int, int, bool]:
+        """(lba, blocks, fua) of a READ/WRITE, range- and length-checked.
+
+        READ/WRITE(10)/(16) with no protection field set (the common case) are decoded right
+        here; everything else, and anything to reject, goes through `cdb.parse_rw`, which owns
+        the validation rules.
+        """
+        op = cdb[0]
+        if op in (0x28, 0x2A) and len(cdb) >= 10 and not cdb[1] & 0xE0:
+            lba, blocks = _RW10.unpack_from(cdb, 2)
+            fua = bool(cdb[1] & 0x08)
+            field = 7
+        elif op in (0x88, 0x8A) and len(cdb) >= 16 and not cdb[1] & 0xE0:
+            lba, blocks = _RW16.unpack_from(cdb, 2)
+            fua = bool(cdb[1] & 0x08)
+            field = 10
+        else:
+            rw = cdbs.parse_rw(cdb)
+            lba, blocks, fua = rw.lba, rw.transfer_length, rw.fua
+            field = {0x08: 4, 0x0A: 4, 0xA8: 6, 0xAA: 6}.get(op, 10 if op & 0x80 else 7)
+        # SBC-4 4.5: LBA + TRANSFER LENGTH beyond the capacity -> LBA OUT OF RANGE.
+        if lba + blocks > self.num_blocks:
+            raise LbaOutOfRange(f"lba {lba} + {blocks} > {self.num_blocks}", info=lba)
+        if blocks > self.max_transfer_blocks:
+            # SBC-4 6.6.3: above MAXIMUM TRANSFER LENGTH -> INVALID FIELD IN CDB.
+            raise InvalidFieldInCdb(f"transfer length {blocks}", field_pointer=field)
+        return lba, blocks, fua
+
     @command(Opcode.READ_6)
     @command(Opcode.READ_10)
     @command(Opcode.READ_12)
     @command(Opcode.READ_16)
     def read(self, cmd: Command) -> int:
-        rw = cdbs.parse_rw(cmd.cdb)
-        self._check_range(rw.lba, rw.transfer_length)
-        self._check_transfer(rw.transfer_length, 7 if cmd.cdb[0] != Opcode.READ_6 else 4)
-        length = min(rw.transfer_length * self.block_size, cmd.data_in_length)
+        lba, blocks, _ = self._rw(cmd.cdb)
+        length = min(blocks * self.block_size, cmd.data_in_length)
         if length:
-            self._read(rw.lba * self.block_size, slice_buffers(cmd.data_in, 0, length))
+            bufs = cmd.data_in
+            if length != cmd.data_in_length:
+                bufs = slice_buffers(bufs, 0, length)
+            try:
+                self.backend.read(lba * self.block_size, bufs)
+            except OSError as exc:
+                raise _io_error(exc, writing=False) from exc
         return length
 
     @command(Opcode.WRITE_6)
@@ -306,20 +341,22 @@ class BlockDevice(ScsiDevice):
     @command(Opcode.WRITE_12)
     @command(Opcode.WRITE_16)
     def write(self, cmd: Command) -> None:
-        rw = cdbs.parse_rw(cmd.cdb)
-        self._check_range(rw.lba, rw.transfer_length)
-        self._check_transfer(rw.transfer_length, 7 if cmd.cdb[0] != Opcode.WRITE_6 else 4)
-        length = min(rw.transfer_length * self.block_size, cmd.data_out_length)
+        lba, blocks, fua = self._rw(cmd.cdb)
+        length = min(blocks * self.block_size, cmd.data_out_length)
         length -= length % self.block_size
         if length:
-            held = self._ranges.acquire(rw.lba, rw.lba + rw.transfer_length)
+            bufs = cmd.data_out
+            if length != cmd.data_out_length:
+                bufs = slice_buffers(bufs, 0, length)
+            held = self._ranges.acquire(lba, lba + blocks)
             try:
-                self._write(rw.lba * self.block_size, slice_buffers(cmd.data_out, 0, length))
+                self._write(lba * self.block_size, bufs)
             finally:
                 self._ranges.release(held)
-            self._after_write()
+            if self._threshold_event is not None:
+                self._after_write()
         # SBC-4 5.49: FUA — the data must be on non-volatile media before GOOD.
-        if rw.fua and self.backend.write_cache:
+        if fua and self.backend.write_cache:
             self._flush()
 
     @command(Opcode.SYNCHRONIZE_CACHE_10)

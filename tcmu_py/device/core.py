@@ -55,6 +55,8 @@ Handler = Callable[[Any, Command], Any]
 #: Opcodes whose service action selects the command (SPC-5 4.2.5.1): where the field lives.
 _SA_BYTE1 = {Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN, Opcode.MAINTENANCE_OUT}
 
+_SA_OPCODES = _SA_BYTE1 | {Opcode.VARIABLE_LENGTH}
+
 #: SAM-5 5.14 / SPC-5 5.14: commands that neither report nor clear a pending unit attention.
 _UA_EXEMPT = {Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE}
 
@@ -118,6 +120,7 @@ class ScsiDevice:
         self._unit_attentions: deque[ScsiError] = deque([PowerOnReset()])
         self._mode_state: dict[tuple[int, int], bytes] = {}
         self.d_sense = False
+        self._direct: list[tuple[Handler, bool] | None] | None = None
         self.log = logging.LoggerAdapter(log, {"device": config.name})
 
     # ------------------------------------------------------------------------------------------
@@ -194,6 +197,26 @@ class ScsiDevice:
 
     def lookup(self, cdb: bytes) -> tuple[Handler, bool]:
         """The handler bound to this CDB and whether it may run inline. Raises InvalidOpcode."""
+        direct = self._direct
+        if direct is None:
+            direct = self._direct = self._build_direct()
+        entry = direct[cdb[0]]
+        if entry is not None:
+            return entry
+        return self._lookup_slow(cdb)
+
+    def _build_direct(self) -> list[tuple[Handler, bool] | None]:
+        """Opcode -> (bound handler, inline) for opcodes without service actions (the fast path).
+
+        Built on first use, after the subclass's __init__ has settled what `supports()` says.
+        """
+        direct: list[tuple[Handler, bool] | None] = [None] * 256
+        for (op, sa), (name, inline) in self._table.items():
+            if sa is None and op not in _SA_OPCODES and self.supports(op, None):
+                direct[op] = (getattr(self, name), inline)
+        return direct
+
+    def _lookup_slow(self, cdb: bytes) -> tuple[Handler, bool]:
         sa = service_action_of(cdb)
         entry = self._table.get((cdb[0], sa))
         if entry is None or not self.supports(cdb[0], sa):
@@ -220,7 +243,8 @@ class ScsiDevice:
     def execute(self, cmd: Command) -> Response | Future[Response]:
         """Run one command to a Response. Never raises."""
         try:
-            if cmd.opcode not in _UA_EXEMPT:
+            # Unlocked peek first: a pending UA is rare, the lock is taken only then.
+            if self._unit_attentions and cmd.opcode not in _UA_EXEMPT:
                 self._report_unit_attention()
             handler, _ = self.lookup(cmd.cdb)
             result = handler(cmd)
