@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl import personality as pers
 from tcmu_py.handlers.vtl.cartridge import Cartridge
 from tcmu_py.handlers.vtl.drive import TapeDrive
-
-from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import ssc
 from tcmu_py.scsi.sense import parse_sense
 from tcmu_py.testing.harness import Result, run_command
@@ -449,12 +449,12 @@ def test_report_density_support(tape: Tape) -> None:
 
 
 def test_mode_pages_and_compression(tape: Tape, lib: FakeLibrary) -> None:
-    for page, sub, length in [(0x0F, 0, 16), (0x10, 0, 16), (0x10, 1, 32), (0x11, 0, 10),
+    for code, sub, length in [(0x0F, 0, 16), (0x10, 0, 16), (0x10, 1, 32), (0x11, 0, 10),
                               (0x1D, 0, 32)]:
-        r = tape.mode_sense(page, sub)
-        assert r.good, (page, r)
+        r = tape.mode_sense(code, sub)
+        assert r.good, (code, r)
         body = r.data[16:]  # 8-byte MODE SENSE(10) header + one block descriptor
-        assert body[0] & 0x3F == page and len(body) == length, (page, sub, body.hex())
+        assert body[0] & 0x3F == code and len(body) == length, (code, sub, body.hex())
     r = tape.mode_sense(0x0F)
     page = bytearray(r.data[16:32])
     assert not page[2] & 0x80
