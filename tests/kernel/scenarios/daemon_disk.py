@@ -307,7 +307,8 @@ def failed_handler_and_neighbour(ctx: Context) -> None:
     sgdev = lun.wait_device("scsi_generic", ctx.remaining(90))
     res = run(["sg_turs", "-v", str(sgdev)], timeout=ctx.remaining(30), check=False)
     text = res.stdout + res.stderr
-    assert res.returncode != 0 and "Not ready" in text, text
+    assert res.returncode != 0 and "not ready" in text.lower(), text
+    assert "manual intervention required" in text.lower(), text
     assert "/nonexistent/dir" in daemon.output(), daemon.output()[-2000:]
     _, _, dev = raw_disk(ctx, "good0", 16 * MIB, run_dir)
     run(
