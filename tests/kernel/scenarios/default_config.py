@@ -1,0 +1,72 @@
+"""The main job: `tcmu-py serve --default` creates the embedded configuration's LIO objects, the
+disk appears through tcm_loop and on the iSCSI portal, `status` shows it, `down` removes it all."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from guestlib import CORE, ISCSI, Context, Daemon, log, run, scenario, wait_for
+
+IQN = "iqn.2025-01.org.tcmu-py:default"
+
+
+def tcmu_py(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tcmu_py.cli", *args]
+
+
+def our_disk() -> Path | None:
+    """/dev/sdX whose INQUIRY says TCMU-PY RAW DISK, if the sd driver bound it."""
+    for dev in Path("/sys/block").glob("sd*"):
+        try:
+            vendor = (dev / "device" / "vendor").read_text().strip()
+            model = (dev / "device" / "model").read_text().strip()
+        except OSError:
+            continue
+        node = Path("/dev") / dev.name
+        if (vendor, model) == ("TCMU-PY", "RAW DISK") and node.exists():
+            return node
+    return None
+
+
+@scenario(timeout=600)
+def serve_default(ctx: Context) -> None:
+    run_dir = ctx.workdir / "run"
+    ready = ctx.workdir / "ready"
+    Path("/var/lib/tcmu-py").mkdir(parents=True, exist_ok=True)
+    run(["ip", "link", "set", "lo", "up"], timeout=30, check=False)
+    d = Daemon(
+        tcmu_py("serve", "--default", "--run-dir", str(run_dir), "--ready-file", str(ready)),
+        ctx.artifacts / "daemon.log",
+    )
+    ctx.cleanup.callback(lambda: run(tcmu_py("down"), timeout=120, check=False))
+    ctx.cleanup.callback(d.stop)
+    d.start(ready=ready.exists, timeout=ctx.remaining(300))
+    dev = wait_for(our_disk, ctx.remaining(120), "the default disk through tcm_loop")
+    log(f"default disk: {dev}")
+    size = int((Path("/sys/block") / dev.name / "size").read_text()) * 512
+    assert size == 256 << 20, f"{dev}: {size} bytes, expected the default 256 MiB"
+    data = os.urandom(1 << 20)
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, len(data))
+        buf[:] = data
+        assert os.pwritev(fd, [buf], 4 << 20) == len(data)
+        back = mmap.mmap(-1, len(data))
+        assert os.preadv(fd, [back], 4 << 20) == len(data)
+        assert back[:] == data, "read-back differs"
+    finally:
+        os.close(fd)
+    inq = run(["iscsi-inq", f"iscsi://127.0.0.1/{IQN}/0"], timeout=ctx.remaining(60)).stdout
+    assert "TCMU-PY" in inq, inq
+    status = run(tcmu_py("status", "--run-dir", str(run_dir)), timeout=ctx.remaining(60)).stdout
+    assert "disk0" in status and "raw" in status, status
+    ctx.details["status"] = status
+    assert d.stop(timeout=60) == 0, "serve did not exit cleanly on SIGTERM"
+    out = run(tcmu_py("down"), timeout=ctx.remaining(120))
+    log(out.stdout + out.stderr)
+    assert not list(CORE.glob("user_*/disk0")), "down left the backstore"
+    assert not (ISCSI / IQN).exists(), "down left the iSCSI target"
