@@ -9,6 +9,9 @@ be what was acknowledged.
 
 from __future__ import annotations
 
+import copy
+import errno
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -17,10 +20,10 @@ from pathlib import Path
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from tcmu_py.handlers.vtl.changer import Changer
-from tcmu_py.handlers.vtl.library import Library, LibraryError
 
 from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.vtl.changer import Changer
+from tcmu_py.handlers.vtl.library import Library, LibraryError
 from tcmu_py.scsi import smc
 from tcmu_py.scsi.smc import ElementStatus
 from tcmu_py.testing.harness import run_command
@@ -43,6 +46,7 @@ PREVENTED = (5, 0x53, 0x02)
 IE_OPEN = (2, 0x3A, 0x02)
 POWER_ON = (6, 0x29, 0x00)
 IE_ACCESSED = (6, 0x28, 0x01)
+HARDWARE_ERROR = (4, 0x44, 0x00)
 
 addresses = st.sampled_from(ALL + BAD)
 transports = st.sampled_from([0, MT, MT, SLOTS[0], BAD[0]])
@@ -182,6 +186,33 @@ class ChangerMachine(RuleBasedStateMachine):
     @rule(address=st.sampled_from(IES), action=st.sampled_from(list(smc.OpenCloseAction)))
     def open_close_ie(self, address: int, action: smc.OpenCloseAction) -> None:
         self.open_close(address, action)
+
+    @rule(data=st.data())
+    def move_while_the_disk_fails(self, data: st.DataObject) -> None:
+        """The state file cannot be replaced (EIO): a move the model would allow fails with
+        HARDWARE ERROR and changes nothing, in memory or on disk; any other outcome is as usual."""
+        if not self.model.contents:
+            return
+        s = data.draw(st.sampled_from(sorted(self.model.contents)))
+        d = data.draw(st.sampled_from(HOLDERS))
+
+        def predict() -> tuple[int, int, int]:
+            saved = copy.deepcopy(self.model.contents)
+            outcome = self.model.move(MT, s, d)
+            if outcome == OK:
+                self.model.contents = saved
+                return HARDWARE_ERROR
+            return outcome
+
+        def failing_replace(src: object, dst: object) -> None:
+            raise OSError(errno.EIO, "injected: disk failed")
+
+        real = os.replace
+        os.replace = failing_replace  # type: ignore[assignment]
+        try:
+            self.send(smc.MoveMedium(MT, s, d).build(), predict)
+        finally:
+            os.replace = real
 
     @rule(t=transports, d=addresses)
     def position(self, t: int, d: int) -> None:
