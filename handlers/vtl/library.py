@@ -585,43 +585,45 @@ class Library:
     def _locked(self) -> Iterator[None]:
         """Hold the thread lock and the file lock, with the state re-read if it changed."""
         events: list[Callable[[], None]] = []
-        with self._lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                self._reload_if_changed(events)
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        _fire(events)
+        try:
+            with self._lock:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                try:
+                    self._reload_if_changed(events)
+                    yield
+                finally:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            _fire(events)  # also when the block raised: a re-read's changes were still adopted
 
     @contextlib.contextmanager
     def _transaction(self, *, operator: bool = False) -> Iterator[_State]:
         """Yield a copy of the state; if the block returns normally, persist it, then adopt it."""
         events: list[Callable[[], None]] = []
-        with self._lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                self._reload_if_changed(events)
-                new = self._state.copy()
-                yield new
-                if not new.same(self._state):
-                    new.generation = self._state.generation + 1
-                    _write_atomically(
-                        self.path,
-                        _document(
+        try:
+            with self._lock:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                try:
+                    self._reload_if_changed(events)
+                    new = self._state.copy()
+                    yield new
+                    if not new.same(self._state):
+                        new.generation = self._state.generation + 1
+                        doc = _document(
                             self.name,
                             self._ranges,
                             self._drives,
                             self.dvcid,
                             new,
                             self.changer_identity,
-                        ),
-                    )
-                    self._file_id = self._stat_id()
-                    events += self._adopt(new, external=operator)
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        _fire(events)
+                        )
+                        _write_atomically(self.path, doc)
+                        self._file_id = self._stat_id()
+                        events += self._adopt(new, external=operator)
+                finally:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            _fire(events)  # also when the block refused the change: a re-read was adopted
 
     def _reload_if_changed(self, events: list[Callable[[], None]]) -> None:
         try:

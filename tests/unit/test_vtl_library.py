@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from tcmu_py.handlers.vtl.library import (
     STATE_FILE,
     Library,
@@ -18,7 +19,6 @@ from tcmu_py.handlers.vtl.library import (
     Occupant,
     medium_type_for,
 )
-
 from tcmu_py.scsi.smc import (
     DestinationFull,
     ElementType,
@@ -407,3 +407,16 @@ def test_a_failing_listener_does_not_fail_the_move(tmp_path: Path) -> None:
     lib.move(ST, DT)  # durable, so it must not be reported as failed
     assert seen == ["ABC000L8"]
     assert Library.open(lib.path).drive_barcode(0) == "ABC000L8"
+
+
+def test_external_change_is_reported_even_when_the_operation_fails(tmp_path: Path) -> None:
+    lib = make_library(tmp_path)
+    changes: list[int] = []
+    lib.add_change_listener(lambda: changes.append(1))
+    other = Library.open(lib.path)
+    other.media_path("EXT001L8").write_bytes(b"")
+    other.import_cartridge("EXT001L8")
+    with pytest.raises(SourceEmpty):
+        lib.move(ST + 5, DT)  # re-reads (sees the import), then refuses
+    assert changes == [1]
+    assert lib.occupant(IE) == Occupant("EXT001L8", imported=True)
