@@ -39,6 +39,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import ClassVar, Protocol
 
+from tcmu_py.device.command import Command, Response
+from tcmu_py.device.core import ScsiDevice, command
+from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl import personality as pers
 from tcmu_py.handlers.vtl.cartridge import (
     Cartridge,
@@ -47,10 +50,6 @@ from tcmu_py.handlers.vtl.cartridge import (
     CorruptRecord,
     RecordType,
 )
-
-from tcmu_py.device.command import Command, Response
-from tcmu_py.device.core import ScsiDevice, command
-from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import spc, ssc
 from tcmu_py.scsi.constants import Opcode, PeripheralType, SenseKey
@@ -799,6 +798,38 @@ class TapeDrive(ScsiDevice):
             hl = 4 if subpage else 2
             out.append(spc.ModePage.make(cur[0] & 0x3F, subpage, cur[hl:], chg[hl:]))
         return out
+
+    @command(Opcode.MODE_SENSE_6)
+    @command(Opcode.MODE_SENSE_10)
+    def mode_sense(self, cmd: Command) -> int:
+        """SPC MODE SENSE with two tape additions the Linux st driver depends on.
+
+        * Page code 00h (no page format) returns the header and block descriptor only: st reads
+          the density, block length and write-protect bit that way when it opens the device.
+        * The header's MEDIUM TYPE is the loaded cartridge's (IBM LTO values, WORM included).
+        """
+        req = cdbs.ModeSense.parse(cmd.cdb)
+        with self.lock:
+            pages = self._current_mode_pages()
+            cart = self.cartridge
+            medium_type = cart.media.ibm_medium_type if cart is not None else 0
+        page_code, subpage = req.page_code, req.subpage_code
+        if page_code == 0 and subpage == 0:
+            pages, page_code = [], 0x3F  # SPC-5 7.5.1: page 00h has no page format
+        data = spc.build_mode_sense(
+            pages,
+            ten=cmd.opcode == Opcode.MODE_SENSE_10,
+            pc=req.pc,
+            page_code=page_code,
+            subpage=subpage,
+            dbd=req.dbd,
+            block_descriptors=self.block_descriptors(),
+            device_specific=self.device_specific_parameter(),
+            llbaa=req.llbaa,
+            medium_type=medium_type,
+            peripheral_type=self.peripheral_type,
+        )
+        return cmd.write_data_in(spc.truncate(data, req.allocation_length))
 
     def mode_page_changed(self, page_code: int, subpage: int, new_current: bytes) -> None:
         if page_code == 0x0F and subpage == 0:

@@ -587,3 +587,11 @@ def test_allow_overwrite_is_checked_noop(tape: Tape) -> None:
     assert tape.run(ssc.AllowOverwrite(3, 0, 0).build()).sense_codes == (5, 0x24, 0)
     assert tape.run(ssc.AllowOverwrite(0, 1, 0).build()).sense_codes == (5, 0x24, 0)
     assert tape.write(b"over").good
+
+
+def test_mode_sense_page_zero_for_st(tape: Tape) -> None:
+    """st's open: MODE SENSE(6), page 0, 12 bytes -> header + block descriptor."""
+    r = tape.run(bytes([0x1A, 0, 0, 0, 12, 0]), data_in_len=12)
+    assert r.good and len(r.data) == 12
+    assert r.data[1] == 0x88 and r.data[2] == 0x10 and r.data[3] == 8  # LTO-8 data, buffered
+    assert r.data[4] == 0x5E and r.data[9:12] == b"\x00\x00\x00"
