@@ -88,7 +88,12 @@ def sg_identity(ctx: Context) -> None:
     _, run_dir = start_daemon(ctx)
     size = 64 * MIB
     bs, lun, dev = raw_disk(ctx, "ident0", size, run_dir)
-    serial = read_attr(bs.path / "wwn" / "vpd_unit_serial").split(":", 1)[1].strip()
+    # The unit serial is LIO's (wwn/vpd_unit_serial) when one is set, else derived from the name.
+    from tcmu_py.scsi.spc import serial_from_name
+
+    lio_serial = read_attr(bs.path / "wwn" / "vpd_unit_serial").split(":", 1)[1].strip()
+    serial = lio_serial or serial_from_name("ident0")
+    assert serial, "no serial to look for"
 
     out = sg("lsscsi", ctx=ctx)
     line = next((ln for ln in out.splitlines() if str(dev) in ln), "")
