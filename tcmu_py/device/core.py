@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-Handler = Callable[[Any, Command], Any]
+#: A bound opcode handler.
+Handler = Callable[[Command], Any]
 
 #: Opcodes whose service action selects the command (SPC-5 4.2.5.1): where the field lives.
 _SA_BYTE1 = {Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN, Opcode.MAINTENANCE_OUT}
