@@ -443,7 +443,19 @@ class Daemon:
                     "counters": counters,
                 }
             )
-        return {"pid": os.getpid(), "devices": devices}
+        return {"pid": os.getpid(), "devices": devices, "pools": self._pool_status(items)}
+
+    @staticmethod
+    def _pool_status(items: list[Served]) -> list[dict[str, Any]]:
+        """Thin pools behind the served devices (each once): capacity, use, per-disk use."""
+        pools: dict[str, dict[str, Any]] = {}
+        for s in items:
+            pool = getattr(getattr(s.device, "backend", None), "pool", None)
+            status = getattr(pool, "status", None)
+            if status is not None:
+                st = status().as_dict()
+                pools[st["path"]] = st
+        return list(pools.values())
 
     def _handle_control(self) -> None:
         assert self._control is not None

@@ -68,6 +68,30 @@ def render_status(status: dict[str, Any] | None, config_path: str | None = None)
                 rows,
             )
         )
+        pool_rows = []
+        for pool in status.get("pools", []):
+            pct = 100 * pool["used"] / pool["capacity"] if pool["capacity"] else 0.0
+            threshold = pool["soft_threshold"]
+            pool_rows.append(
+                [
+                    pool["name"],
+                    pool["path"],
+                    _size(pool["capacity"]),
+                    _size(pool["used"]),
+                    f"{pct:.1f}%",
+                    "-" if threshold is None else f"{threshold}%",
+                    "ABOVE" if pool["above_threshold"] else "ok",
+                    ", ".join(f"{d['name']}={_size(d['used'])}" for d in pool["disks"]),
+                ]
+            )
+        if pool_rows:
+            parts.append(
+                "\nthin pools\n"
+                + _table(
+                    ["pool", "path", "capacity", "used", "used%", "soft", "state", "disks"],
+                    pool_rows,
+                )
+            )
         for extra in status.get("sections", []):
             parts.append(f"\n{extra['title']}\n" + _table(extra["headers"], extra["rows"]))
     return "\n".join(parts)

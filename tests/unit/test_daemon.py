@@ -179,3 +179,33 @@ def test_control_socket_status(host, tmp_path):
     assert not t.is_alive()
     with pytest.raises(TcmuError, match="no tcmu-py daemon"):
         query_status(tmp_path / "run", timeout=1)
+
+
+def test_status_shows_thin_pools(host, tmp_path):
+    from tcmu_py.daemon.status import render_status
+    from tcmu_py.handlers.thin import ThinHandler, create_pool
+
+    pool_dir = tmp_path / "pool"
+    create_pool(str(pool_dir), "main", 64 * MIB, 50)
+    host.add("uio0", 0, "t0", f"thin/pool={pool_dir};disk=t0", 16 * MIB)
+    d = Daemon(
+        handlers={"thin": ThinHandler},
+        configfs_root=host.configfs,
+        uio_class=host.uio_class,
+        run_dir=tmp_path / "run",
+        use_netlink=False,
+        use_udev=False,
+        uio_opener=host.open_uio,
+    )
+    d.start()
+    try:
+        host.run("uio0", cdbs.test_unit_ready())
+        assert host.run("uio0", cdbs.write10(0, 128), data_out=bytes(range(256)) * 256).good
+        st = d.status()
+        (pool,) = st["pools"]
+        assert pool["name"] == "main" and pool["capacity"] == 64 * MIB
+        assert pool["used"] > 0 and pool["disks"][0]["name"] == "t0"
+        text = render_status(st)
+        assert "thin pools" in text and "main" in text and "t0=" in text
+    finally:
+        d.shutdown()
