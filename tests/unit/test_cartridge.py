@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tcmu_py.handlers.vtl import cartridge as cartridge_module
 from tcmu_py.handlers.vtl.cartridge import (
     DATA_FILE,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl.admin import create_cartridges
 from tcmu_py.handlers.vtl.drive import TapeDrive
 from tcmu_py.handlers.vtl.library import Library
-
-from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import ssc
 from tcmu_py.scsi.smc import ElementType, MediumRemovalPrevented
 from tcmu_py.testing.harness import run_command

@@ -12,10 +12,10 @@ from pathlib import Path
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from tcmu_py.handlers.vtl import cartridge as cartridge_module
-from tcmu_py.handlers.vtl.cartridge import Cartridge
 from test_vtl_drive import FakeLibrary, Tape
 
+from tcmu_py.handlers.vtl import cartridge as cartridge_module
+from tcmu_py.handlers.vtl.cartridge import Cartridge
 from tcmu_py.scsi import ssc
 from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import parse_sense

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tcmu_py.handlers.vtl.drive import TapeDrive
 from test_vtl_drive import FakeLibrary
 
 from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.vtl.drive import TapeDrive
 from tcmu_py.scsi import ssc
 from tcmu_py.scsi.sense import parse_sense
 from tcmu_py.testing.harness import RingHarness
