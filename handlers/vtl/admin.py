@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tcmu_py.errors import ConfigError, TcmuError
 from tcmu_py.handlers.vtl.library import (
     ChangerIdentity,
     Library,
@@ -23,8 +24,6 @@ from tcmu_py.handlers.vtl.library import (
     Occupant,
     check_barcode,
 )
-
-from tcmu_py.errors import ConfigError, TcmuError
 from tcmu_py.scsi.smc import ElementType
 
 #: More cartridges than this in one range is almost certainly a typo.

@@ -34,11 +34,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from itertools import groupby
 
-from tcmu_py.handlers.vtl.library import Library, Occupant, medium_type_for
-
 from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.vtl.library import Library, Occupant, medium_type_for
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import smc, spc
 from tcmu_py.scsi.constants import Opcode, PeripheralType

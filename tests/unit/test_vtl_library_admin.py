@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tcmu_py.handlers.vtl import admin
-from tcmu_py.handlers.vtl.library import Library, LibraryError, Occupant
 
 from tcmu_py.errors import ConfigError
+from tcmu_py.handlers.vtl import admin
+from tcmu_py.handlers.vtl.library import Library, LibraryError, Occupant
 
 
 def test_range_from_the_issue() -> None:
