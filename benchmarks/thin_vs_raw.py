@@ -1,0 +1,209 @@
+"""Thin vs raw in the lab VM: fio 4 KiB random write and 1 MiB sequential write on a fresh thin
+disk and on a raw disk, both served by one `tcmu-py serve`, in the same VM boot.
+
+    .venv/bin/python benchmarks/thin_vs_raw.py --out results/thin_vs_raw [--seconds 10] [--reps 3]
+
+Host side: boots the lab kernel (`tcmu_py.lab.run_in_vm`) and runs this file again inside with
+``--guest``; then prints per-workload medians and the thin/raw ratio, and writes
+``OUT/summary.json``.
+
+Guest side (``--guest``): creates a thin pool on the scratch tmpfs (capacity twice the disk) and a
+fully written raw image of the same size, both devices with ``emulate_write_cache=1`` (the
+handlers write through the page cache; WCE=1 for both, so neither pays O_DSYNC), exported through
+tcm_loop, I/O scheduler "none". For every repetition and workload the two targets run back to
+back (drift in the shared host's load spreads over both); the thin disk is discarded whole with
+``blkdiscard`` before each of its runs, so every run starts on a fresh thin disk and pays for
+allocating what it writes. fio: libaio, direct=1, time_based. Results go to ``OUT/runs.json``
+(appended after each run) and ``OUT/done.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+
+# (name, fio rw, block size, queue depth)
+WORKLOADS = (
+    ("randwrite-4k-qd16", "randwrite", "4k", 16),
+    ("write-1m-qd8", "write", "1M", 8),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Guest side
+
+
+def guest(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(REPO / "tests" / "kernel"))
+    from guestlib import (
+        DEFAULT_CONTROL,
+        Cleanup,
+        Daemon,
+        UserBackstore,
+        create_loopback_lun,
+        log,
+        run,
+        wait_for,
+        write_attr,
+    )
+
+    from tcmu_py.daemon.serve import query_status
+    from tcmu_py.errors import TcmuError
+    from tcmu_py.handlers.thin import create_pool, read_pool_status
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("TCMU_PY_SCRATCH", "/tmp/scratch")) / "thinbench"
+    work.mkdir(parents=True, exist_ok=True)
+    size = args.size_mib * MIB
+    pool = work / "pool"
+    create_pool(str(pool), "bench", 2 * size, None)
+    image = work / "raw.img"
+    block = os.urandom(MIB)
+    with open(image, "wb") as f:  # fully allocated, like a provisioned raw image
+        for _ in range(size // MIB):
+            f.write(block)
+
+    def served(name: str) -> bool:
+        try:
+            st = query_status(run_dir, timeout=2)
+        except TcmuError:
+            return False
+        return any(d["name"] == name and not d["failed"] for d in st["devices"])
+
+    runs: list[dict[str, Any]] = []
+    with Cleanup() as cleanup:
+        run_dir = work / "run"
+        ready = work / "ready"
+        daemon = Daemon([sys.executable, "-m", "tcmu_py.cli", "serve", "--run-dir", str(run_dir),
+                         "--ready-file", str(ready)], out / "serve.log")
+        cleanup.callback(daemon.stop)
+        daemon.start(ready=ready.exists, timeout=300)
+        devs: dict[str, Path] = {}
+        for hba, (name, config) in enumerate(
+            (("thin0", f"thin/pool={pool};disk=thin0"), ("raw0", f"raw/{image}")), start=1
+        ):
+            bs = UserBackstore(hba, name, config, size)
+            bs.path.mkdir(parents=True)
+            cleanup.callback(bs.remove)
+            control = {"dev_config": config, "dev_size": size, **DEFAULT_CONTROL,
+                       "hw_max_sectors": 1024, "max_data_area_mb": 64}
+            for key, value in control.items():
+                write_attr(bs.path / "control", f"{key}={value}")
+            write_attr(bs.path / "attrib" / "emulate_write_cache", 1)
+            write_attr(bs.path / "enable", 1)
+            wait_for(lambda n=name: served(n), 120, f"daemon serving {name}")
+            lun = create_loopback_lun(bs, cleanup=cleanup)
+            devs[name] = lun.wait_device("block", 180)
+            write_attr(Path("/sys/block") / devs[name].name / "queue" / "scheduler", "none")
+            log(f"{name}: {devs[name]}")
+
+        for rep in range(args.reps):
+            for wl, rw, bsz, qd in WORKLOADS:
+                for name, dev in devs.items():
+                    if name.startswith("thin"):
+                        run(["blkdiscard", str(dev)], timeout=300)
+                        assert read_pool_status(str(pool)).used == 0, "thin disk not fresh"
+                    res_json = work / f"{name}-{wl}-{rep}.json"
+                    argv = ["fio", f"--name={wl}", f"--filename={dev}", "--ioengine=libaio",
+                            "--direct=1", f"--rw={rw}", f"--bs={bsz}", f"--iodepth={qd}",
+                            f"--size={args.size_mib}M", "--time_based",
+                            f"--runtime={args.seconds:g}", "--norandommap", "--randrepeat=0",
+                            "--output-format=json", f"--output={res_json}"]
+                    p = run(argv, timeout=args.seconds + 180, check=False)
+                    text = res_json.read_text() if res_json.exists() else ""
+                    rec: dict[str, Any] = {"rep": rep, "workload": wl, "target": name,
+                                           "loadavg": Path("/proc/loadavg").read_text().split()[0]}
+                    if p.returncode != 0 or "{" not in text:
+                        rec["failed"] = f"fio exit {p.returncode}: {p.stderr[-1500:]}"
+                    else:
+                        job = json.loads(text[text.index("{"):])["jobs"][0]
+                        rec.update(iops=job["write"]["iops"], bw_bytes=job["write"]["bw_bytes"],
+                                   lat_mean_us=job["write"]["lat_ns"]["mean"] / 1000,
+                                   error=job["error"])
+                    if name.startswith("thin"):
+                        rec["pool_used_after"] = read_pool_status(str(pool)).used
+                    runs.append(rec)
+                    (out / "runs.json").write_text(json.dumps(runs, indent=2))
+                    log(f"rep {rep} {wl} {name}: {rec.get('iops', 0):.0f} IOPS "
+                        f"{rec.get('bw_bytes', 0) / MIB:.1f} MiB/s")
+    (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
+                                               "cpus": os.cpu_count()}))
+    return 0 if all("failed" not in r for r in runs) else 1
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median IOPS and MiB/s per workload and target, and thin/raw ratios of the medians."""
+    summary: dict[str, Any] = {}
+    for wl, *_ in WORKLOADS:
+        row: dict[str, Any] = {}
+        for target in ("thin0", "raw0"):
+            ok = [r for r in runs if r["workload"] == wl and r["target"] == target
+                  and "failed" not in r]
+            if ok:
+                row[target] = {"iops": statistics.median(r["iops"] for r in ok),
+                               "mib_s": statistics.median(r["bw_bytes"] for r in ok) / MIB,
+                               "runs": len(ok)}
+        if "thin0" in row and "raw0" in row and row["raw0"]["iops"]:
+            row["ratio"] = row["thin0"]["iops"] / row["raw0"]["iops"]
+        summary[wl] = row
+    return summary
+
+
+def host(args: argparse.Namespace) -> int:
+    from tcmu_py import lab
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("runs.json", "done.json"):
+        (out / stale).unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--guest", "--out", str(out),
+           "--seconds", str(args.seconds), "--reps", str(args.reps),
+           "--size-mib", str(args.size_mib)]
+    script = lab.guest_prelude() + f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(cmd)}\n"
+    t0 = time.monotonic()
+    budget = 600 + args.reps * len(WORKLOADS) * 2 * (args.seconds + 60)
+    proc = lab.run_in_vm(script, rwdirs=[out], memory="2G", timeout=budget,
+                         log=out / "console.log", cwd=REPO)
+    print(f"VM exit {proc.returncode} after {time.monotonic() - t0:.0f}s")
+    runs_file = out / "runs.json"
+    if not runs_file.exists():
+        print("no runs.json: see", out / "console.log")
+        return 1
+    summary = summarise(json.loads(runs_file.read_text()))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for wl, row in summary.items():
+        parts = [f"{t}: {v['iops']:.0f} IOPS {v['mib_s']:.1f} MiB/s ({v['runs']} runs)"
+                 for t, v in row.items() if isinstance(v, dict)]
+        ratio = f"  thin/raw = {row['ratio']:.2f}" if "ratio" in row else ""
+        print(f"{wl}: " + "; ".join(parts) + ratio)
+    return 0 if (out / "done.json").exists() else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "thin_vs_raw")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    return guest(args) if args.guest else host(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
