@@ -124,13 +124,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     from tcmu_py import lab
 
-    return int(lab.main(config=args.config, command=args.command or None))
+    return int(lab.main(args.rest))
 
 
 def cmd_vtl(args: argparse.Namespace) -> int:
     from tcmu_py.handlers.vtl import admin
 
-    return int(admin.main(args.vtl_args))
+    return int(admin.main(args.rest))
+
+
+#: Subcommands that parse their own options (everything after the name goes to them).
+_DELEGATED = {"lab": cmd_lab, "vtl": cmd_vtl}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,19 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--run-dir", default=str(RUN_DIR), help=argparse.SUPPRESS)
         s.set_defaults(fn=fn)
 
-    s = sub.add_parser("lab", help="boot the distribution kernel in QEMU and serve there")
-    s.add_argument("-c", "--config", help="YAML configuration (default: embedded)")
-    s.add_argument("command", nargs=argparse.REMAINDER, help="command to run in the VM")
-    s.set_defaults(fn=cmd_lab)
-
-    s = sub.add_parser("vtl", help="virtual tape library administration", add_help=False)
-    s.add_argument("vtl_args", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_vtl)
+    # Listed for --help; their arguments are parsed by their own modules (see _DELEGATED).
+    sub.add_parser(
+        "lab", help="boot the distribution kernel in QEMU and serve there (tcmu-py lab --help)"
+    )
+    sub.add_parser("vtl", help="virtual tape library administration (tcmu-py vtl --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = 0
+    while argv[:1] in (["-v"], ["--verbose"]):
+        verbose += 1
+        argv.pop(0)
+    if argv[:1] and argv[0] in _DELEGATED:
+        args = argparse.Namespace(fn=_DELEGATED[argv[0]], rest=argv[1:], verbose=verbose)
+    else:
+        args = build_parser().parse_args(["-v"] * verbose + argv)
     _setup_logging(args.verbose)
     try:
         return int(args.fn(args))

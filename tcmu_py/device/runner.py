@@ -146,11 +146,13 @@ class DeviceRunner:
         return not self._started
 
     def close(self) -> None:
-        """Stop the pool, close the device and the stop pipe. The uio is the caller's."""
+        """Stop the pool, close the device, release the ring's hold on the mapping (so the uio
+        can be unmapped) and close the stop pipe. The uio itself is the caller's to close."""
         self._pool.shutdown(wait=True)
         try:
             self.device.close()
         finally:
+            self.ring.close()
             os.close(self._stop_r)
             os.close(self._stop_w)
 
