@@ -245,6 +245,9 @@ class BlockDevice(ScsiDevice):
         return spc.build_lbp_log_page(
             available=max(info.capacity - info.used, 0) // unit,
             used=info.device_used // unit,
+            # SBC-4 6.4.5: the resources come from a pool other logical units may share, so their
+            # scope is "not dedicated to the logical unit" (10b).
+            scope=spc.LBP_SCOPE_NOT_DEDICATED,
         )
 
     # ------------------------------------------------------------------------------------------

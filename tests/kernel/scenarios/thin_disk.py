@@ -163,6 +163,8 @@ def status_at(runs: list[tuple[int, int, int]], lba: int) -> int:
 def lbp_log(ctx: Context, dev: Path) -> tuple[int, int]:
     """(available, used) LBA mapping resource counts from LOG SENSE page 0Ch."""
     out = sg(ctx, "sg_logs", "-p", "0xc", str(dev))
+    # SBC-4 6.4.5: the pool may be shared by several logical units.
+    assert out.count("Scope: not dedicated to lu") == 2, out
     avail = int(field(out, "Available LBA mapping threshold resource count"))
     used = int(field(out, "Used LBA mapping threshold resource count"))
     return avail, used
