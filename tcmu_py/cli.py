@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from tcmu_py.daemon import lio
 
         _prepare_pools(config)
+        _prepare_libraries(config)
         # Backstores first, then the daemon serves them, then the LUNs (whose scan reaches the
         # ring at once): see vm-lab.md.
         lio.apply_backstores(config)
@@ -90,11 +91,33 @@ def _prepare_pools(config: Any) -> None:
         register_pool(pool.name, pool.path)
 
 
+def _prepare_libraries(config: Any) -> None:
+    """Create the YAML's tape libraries (directory, slots, import/export elements, drives) and
+    their declared cartridges, idempotently: an existing library is kept as it is (cartridges
+    stay where the last moves put them) and only missing cartridges are added. A library whose
+    layout differs from its declaration raises LibraryError naming the difference, before any
+    LIO object is created."""
+    if not config.libraries:
+        return
+    from tcmu_py.handlers.vtl.admin import ensure_library
+
+    for lib in config.libraries:
+        ensure_library(
+            lib.media_dir,
+            name=lib.name,
+            drives=[(d.unit_serial(), d.model) for d in lib.drives],
+            slots=lib.slots,
+            import_export=lib.import_export,
+            cartridges=lib.cartridges,
+        ).close()
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from tcmu_py.daemon import lio
 
     config = _load(args.config)
     _prepare_pools(config)
+    _prepare_libraries(config)
     lio.apply_backstores(config)
     lio.apply_exports(config)
     return 0

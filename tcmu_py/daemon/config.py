@@ -25,6 +25,7 @@ Facts about the kernel that shape the checks (drivers/target/target_core_user.c)
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -53,6 +54,7 @@ __all__ = [
     "Portal",
     "dev_config_string",
     "expand_barcodes",
+    "library_devices",
     "load_config",
     "load_config_text",
     "load_default_config",
@@ -101,6 +103,16 @@ ISCSI_TPG_ATTRIBUTES = frozenset(
         "tpg_enabled_sendtargets",
     }
 )
+
+# Every library unit is a TCMU device with these settings (not configurable: they follow from
+# tape, not from the host). The size only has to be non-zero (LIO refuses 0; tapes have no LBAs).
+LIBRARY_DEVICE_SIZE = 1 << 20
+# Rewind, locate and erase of a full LTO cartridge take minutes on a real drive; a changer move
+# tens of seconds. The kernel fails a command that the daemon has not completed in cmd_time_out.
+LIBRARY_CMD_TIME_OUT = 300
+# 2048 x 512-byte sectors = 1 MiB per command, so tape blocks of 256 KiB .. 1 MiB pass whole
+# (LIO's default of 128 sectors would cap a block at 64 KiB).
+LIBRARY_HW_MAX_SECTORS = 2048
 
 EXPECT_SIZE = "a size: a byte count or an integer with K, M, G, T or P (powers of 1024), e.g. 512M"
 
@@ -208,14 +220,28 @@ class Device:
 
 @dataclass(frozen=True)
 class Drive:
+    """A tape drive of a library: ``name`` is its device (LIO backstore) name, ``model`` a drive
+    personality (``IBM-LTO8``, ``ULT3580-TD8``, ...), ``serial`` its unit serial (VPD 80h, and
+    the identifier the changer reports for it); empty means derived from the name."""
+
     name: str
     model: str
+    serial: str = ""
+
+    def unit_serial(self) -> str:
+        """The serial the drive reports: ``serial``, or ``TP`` + 8 hex digits of SHA-256 of the
+        device name (stable across restarts, 10 characters like a real LTO drive's)."""
+        if self.serial:
+            return self.serial
+        return "TP" + hashlib.sha256(self.name.encode()).hexdigest()[:8].upper()
 
 
 @dataclass(frozen=True)
 class Library:
-    """A virtual tape library (structure only; the VTL handler gives it meaning).
-    ``cartridges`` keeps the range strings as written; see `barcodes`."""
+    """A virtual tape library. ``media_dir`` is the library directory (library.json, the
+    cartridges under ``media/``); ``cartridges`` keeps the range strings as written (see
+    `barcodes`). The loader adds one ``vtl`` `Device` per unit (the changer, then each drive) to
+    `Config.devices` (see `library_devices`), so units are exported like any device."""
 
     name: str
     changer: str
@@ -227,6 +253,11 @@ class Library:
 
     def barcodes(self) -> list[str]:
         return [code for spec in self.cartridges for code in expand_barcodes(spec)]
+
+    def units(self) -> list[tuple[str, str, str | None]]:
+        """[(device name, unit option, serial)]: the changer, then drive0..driveN-1."""
+        return [(self.changer, "changer", None)] + [
+            (d.name, f"drive{i}", d.unit_serial()) for i, d in enumerate(self.drives)]
 
 
 @dataclass(frozen=True)
@@ -661,6 +692,7 @@ def _device_options(c: _Checker, raw: object, path: str, handler: str | None,
 def _load_libraries(c: _Checker, raw: object) -> list[Library]:
     libs: list[Library] = []
     seen: set[str] = set()
+    dirs: dict[str, str] = {}
     keys = {"name", "changer", "drives", "slots", "import_export", "cartridges", "media_dir"}
     for i, item in enumerate(c.seq(raw, "libraries") or []):
         p = f"libraries[{i}]"
@@ -678,14 +710,20 @@ def _load_libraries(c: _Checker, raw: object) -> list[Library]:
         drives: list[Drive] = []
         for j, d in enumerate(c.seq(m.get("drives"), f"{p}.drives") or []):
             dp = f"{p}.drives[{j}]"
-            dm = c.mapping(d, dp, {"name", "model"}, frozenset({"name", "model"}))
+            dm = c.mapping(d, dp, {"name", "model", "serial"}, frozenset({"name", "model"}))
             if dm is None or "name" not in dm or "model" not in dm:
                 continue
             dn = c.name(dm["name"], f"{dp}.name")
             model = c.string(dm["model"], f"{dp}.model", re.compile(r"[\x20-\x7e]{1,16}"),
                              "a product identification of 1..16 printable ASCII characters")
+            if model is not None:
+                model = _check_drive_model(c, model, f"{dp}.model")
+            serial = ""
+            if dm.get("serial") is not None:
+                serial = c.string(dm["serial"], f"{dp}.serial", re.compile(r"[A-Za-z0-9_-]{1,32}"),
+                                  "a drive serial of 1..32 characters A-Z a-z 0-9 _ -") or ""
             if dn and model:
-                drives.append(Drive(dn, model))
+                drives.append(Drive(dn, model, serial))
         if "drives" in m and not drives and len(c.problems) == before:
             c.fail(f"{p}.drives", m["drives"], "at least one drive")
         slots = c.integer(m["slots"], f"{p}.slots", 1, 65535) if "slots" in m else None
@@ -695,12 +733,30 @@ def _load_libraries(c: _Checker, raw: object) -> list[Library]:
             try:
                 if not isinstance(spec, str):
                     raise ValueError(spec)
-                expand_barcodes(spec)
-                carts.append(spec)
+                codes = expand_barcodes(spec)
             except ValueError:
                 c.fail(f"{p}.cartridges[{j}]", spec,
                        "a barcode (A-Z 0-9, up to 32) or a range like ABC000L8..ABC019L8")
+                continue
+            if _check_media_types(c, codes, spec, f"{p}.cartridges[{j}]"):
+                carts.append(spec)
         media = c.abspath(m["media_dir"], f"{p}.media_dir") if "media_dir" in m else None
+        if media is not None:
+            if media in dirs:
+                c.fail(f"{p}.media_dir", m["media_dir"],
+                       f"a directory of its own (library {dirs[media]} uses it)")
+            dirs[media] = name or "?"
+            cfg = _build_config_string("vtl", (("library", media), ("unit", "drive00")), None)
+            problem = _config_string_problem(cfg)
+            if problem:
+                c.fail(f"{p}.media_dir", m["media_dir"], f"a path whose dev_config {cfg!r} has"
+                       f" {problem}")
+        units = ([changer] if changer else []) + [d.name for d in drives]
+        for unit in units:
+            if units.count(unit) > 1:
+                c.fail(f"{p}.drives", m.get("drives"),
+                       f"unit names used once in the library ({unit!r} repeats)")
+                break
         if len(c.problems) != before:
             continue
         assert name and changer and slots and media is not None and ie is not None
@@ -711,6 +767,47 @@ def _load_libraries(c: _Checker, raw: object) -> list[Library]:
             continue
         libs.append(lib)
     return libs
+
+
+def _check_drive_model(c: _Checker, model: str, path: str) -> str | None:
+    """The model if the VTL's personality table knows it (skipped without the vtl handler)."""
+    try:
+        from tcmu_py.handlers.vtl.personality import personality
+    except ImportError:
+        return model
+    try:
+        personality(model)
+    except ConfigError as exc:
+        c.fail(path, model, f"a known drive model ({exc})")
+        return None
+    return model
+
+
+def _check_media_types(c: _Checker, codes: list[str], spec: str, path: str) -> bool:
+    """True if every barcode names an LTO media type (L5..L9 data, LT..LZ WORM, CLN...)."""
+    try:
+        from tcmu_py.handlers.vtl.personality import parse_barcode
+    except ImportError:
+        return True
+    for code in codes:
+        try:
+            parse_barcode(code)
+        except ConfigError:
+            c.fail(path, spec, f"barcodes with an LTO media suffix (L3..L9 data, LT..LZ WORM)"
+                   f" or a CLN prefix; {code!r} has none")
+            return False
+    return True
+
+
+def library_devices(lib: Library, defaults: Defaults) -> list[Device]:
+    """The ``vtl`` devices of a library: the changer, then each drive, with the library
+    settings (LIBRARY_DEVICE_SIZE, LIBRARY_HW_MAX_SECTORS, LIBRARY_CMD_TIME_OUT) and
+    ``max_data_area_mb`` from ``defaults`` (at least what one command of hw_max_sectors needs)."""
+    area = max(defaults.max_data_area_mb, (LIBRARY_HW_MAX_SECTORS * 512) >> 20)
+    return [Device(name, "vtl", LIBRARY_DEVICE_SIZE, 512, LIBRARY_HW_MAX_SECTORS, area,
+                   LIBRARY_CMD_TIME_OUT, False, (("library", lib.media_dir), ("unit", unit)),
+                   serial)
+            for name, unit, serial in lib.units()]
 
 
 def _load_lunmaps(c: _Checker, raw: object, path: str, devices: set[str]) -> list[LunMap]:
@@ -915,6 +1012,30 @@ def _build(c: _Checker, doc: object,
             c.fail(f"devices[{i}].pool", dev["pool"], "the name of a pool in pools"
                    f" ({', '.join(sorted(pool_names)) or 'none declared'})")
     libraries = _load_libraries(c, top.get("libraries"))
+    # Library units are devices too (exported by name like any other); they are implied by
+    # `libraries:`, so naming one in `devices:` as well is a duplicate.
+    raw_libs = top.get("libraries")
+    for i, lib_raw in enumerate(raw_libs if isinstance(raw_libs, list) else []):
+        if not isinstance(lib_raw, dict):
+            continue
+        raw_drives = lib_raw.get("drives")
+        names = [("changer", lib_raw.get("changer"))] + [
+            (f"drives[{j}].name", d.get("name"))
+            for j, d in enumerate(raw_drives if isinstance(raw_drives, list) else [])
+            if isinstance(d, dict)]
+        for key, unit in names:
+            if not isinstance(unit, str):
+                continue
+            if unit in dev_names:
+                c.fail(f"libraries[{i}].{key}", unit, "a name no device or other library unit"
+                       " uses (library units are devices of their own; do not list them in"
+                       " devices)")
+            dev_names.add(unit)
+    if libraries and handlers is not None and "vtl" not in handlers:
+        c.fail("libraries", [lib.name for lib in libraries],
+               f"the vtl handler installed ({', '.join(sorted(handlers)) or 'none found'})")
+    for lib in libraries:
+        devices.extend(library_devices(lib, defaults))
     em = c.mapping(top.get("exports"), "exports", {"loopback", "iscsi"})
     loop = _load_lunmaps(c, (em or {}).get("loopback"), "exports.loopback", dev_names)
     iscsi = _load_iscsi(c, (em or {}).get("iscsi"), dev_names)

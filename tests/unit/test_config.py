@@ -47,9 +47,6 @@ devices:
     options: {unit: 64K, zero: true}
     serial: TCMU0001
     wwn: naa.6001405abcdef012
-  - name: tape0
-    handler: vtl
-    size: 1M
 libraries:
   - name: lib0
     changer: changer0
@@ -114,6 +111,8 @@ def test_good_config_values() -> None:
     assert tgt.attributes == (("default_cmdsn_depth", 128),)
     lib = cfg.libraries[0]
     assert len(lib.barcodes()) == 21 and lib.barcodes()[0] == "ABC000L8"
+    # The library's units are devices of their own, after the declared ones.
+    assert [d.name for d in cfg.devices] == ["disk0", "thin0", "changer0", "tape0"]
 
 
 def test_dev_config_strings() -> None:
@@ -122,7 +121,8 @@ def test_dev_config_strings() -> None:
     # The pool by directory: the dev_config must describe the device without this YAML file.
     thin = dev_config_string(cfg.device("thin0"))
     assert thin == "thin/unit=64K;zero=1;pool=/srv/tcmu/pools/main"
-    assert dev_config_string(cfg.device("tape0")) == "vtl/"
+    assert dev_config_string(cfg.device("changer0")) == "vtl/library=/srv/tcmu/media;unit=changer"
+    assert dev_config_string(cfg.device("tape0")) == "vtl/library=/srv/tcmu/media;unit=drive0"
 
 
 @pytest.mark.parametrize("bad", ["a:b", "a,b", "a\nb"])
@@ -375,7 +375,7 @@ def test_library_structure() -> None:
 def test_library_too_many_cartridges() -> None:
     found = problems("""
         libraries:
-          - {name: lib, changer: ch, drives: [{name: t0, model: M}], slots: 2,
+          - {name: lib, changer: ch, drives: [{name: t0, model: IBM-LTO8}], slots: 2,
              cartridges: ["AAA000L8..AAA009L8"], media_dir: /m}
     """)
     assert found == ["cfg.yaml: libraries[0].cartridges: got ['AAA000L8..AAA009L8'], expected"
@@ -445,3 +445,85 @@ def test_expand_barcodes_rejects(bad: str) -> None:
 def test_parse_size_property(n: int, suffix: str) -> None:
     mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
     assert parse_size(f"{n}{suffix}") == n * mult[suffix]
+
+
+LIB = """
+state_dir: /srv/t
+libraries:
+  - name: lab
+    changer: lab-ch
+    drives:
+      - {name: lab-d0, model: IBM-LTO8}
+      - {name: lab-d1, model: HP-LTO7, serial: HPSER00001}
+    slots: 10
+    import_export: 2
+    cartridges: ["ABC000L8..ABC003L8", "WRM000LY"]
+    media_dir: /srv/t/lab
+exports:
+  loopback: [{device: lab-ch}, {device: lab-d0}, {device: lab-d1}]
+"""
+
+
+def test_library_units_are_devices_with_tape_settings() -> None:
+    cfg = load(LIB)
+    ch, d0, d1 = cfg.devices
+    assert (ch.name, d0.name, d1.name) == ("lab-ch", "lab-d0", "lab-d1")
+    for dev in cfg.devices:
+        assert dev.handler == "vtl" and dev.size == 1 << 20
+        assert dev.hw_max_sectors * dev.block_size >= 256 << 10  # 256 KiB tape blocks
+        assert dev.cmd_time_out >= 120  # long tape operations
+    assert dev_config_string(ch) == "vtl/library=/srv/t/lab;unit=changer"
+    assert dev_config_string(d1) == "vtl/library=/srv/t/lab;unit=drive1"
+    # Drive serials: as declared, else derived from the device name (stable, 10 characters).
+    assert d1.serial == "HPSER00001"
+    assert d0.serial is not None and len(d0.serial) == 10 and d0.serial.startswith("TP")
+    assert load(LIB).devices[1].serial == d0.serial
+    assert ch.serial is None
+    assert [lm.device for lm in cfg.exports.loopback] == ["lab-ch", "lab-d0", "lab-d1"]
+
+
+def test_library_problems_name_key_and_value() -> None:
+    found = problems("""
+        devices: [{name: lab-d0, handler: raw, size: 1M}]
+        libraries:
+          - name: lab
+            changer: lab-ch
+            drives: [{name: lab-d0, model: IBM-LTO8}, {name: lab-d1, model: QUANTUM-DLT}]
+            slots: 4
+            cartridges: ["ABC000..ABC001"]
+            media_dir: /srv/lab
+          - name: lab2
+            changer: ch2
+            drives: [{name: x0, model: LTO8, serial: "bad serial"}]
+            slots: 4
+            media_dir: /srv/lab
+    """)
+    assert any(p.startswith("cfg.yaml: libraries[0].drives[1].model: got 'QUANTUM-DLT',"
+                            " expected a known drive model") for p in found), found
+    assert any(p.startswith("cfg.yaml: libraries[0].cartridges[0]: got 'ABC000..ABC001',"
+                            " expected barcodes with an LTO media suffix") for p in found), found
+    assert any(p.startswith("cfg.yaml: libraries[1].drives[0].serial: got 'bad serial'")
+               for p in found), found
+    assert any(p.startswith("cfg.yaml: libraries[1].media_dir: got '/srv/lab', expected a"
+                            " directory of its own (library lab uses it)") for p in found), found
+    assert any(p.startswith("cfg.yaml: libraries[0].drives[0].name: got 'lab-d0', expected a name"
+                            " no device or other library unit uses") for p in found), found
+
+
+def test_library_unit_names_unique_inside_the_library() -> None:
+    found = problems("""
+        libraries:
+          - {name: l, changer: u, drives: [{name: u, model: IBM-LTO8}], slots: 1, media_dir: /m}
+    """)
+    assert any("libraries[0].drives: got" in p and "'u' repeats" in p for p in found), found
+
+
+def test_library_needs_the_vtl_handler() -> None:
+    found = problems(LIB, handlers={"raw": lambda s: None})
+    assert found == ["cfg.yaml: libraries: got ['lab'], expected the vtl handler installed (raw)"]
+    # With the handler installed, the units are not checked against a library directory that
+    # `tcmu-py apply` has yet to create.
+    def refuse(cfg: str) -> None:
+        raise ConfigError("no library there")
+
+    assert len(load(LIB, handlers={"vtl": refuse}).devices) == 3

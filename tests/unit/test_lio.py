@@ -390,3 +390,91 @@ def test_rtslib_backend_errors_name_the_object(cfg: Config) -> None:
     with pytest.raises(LioError, match=f"creating {obj}: File exists"):
         be.create(obj)
     assert be.exists(obj) is False
+
+
+LIBRARY_TEXT = """
+state_dir: {state}
+libraries:
+  - name: lab
+    changer: lab-ch
+    drives: [{{name: lab-d0, model: IBM-LTO8}}, {{name: lab-d1, model: IBM-LTO8}}]
+    slots: 6
+    import_export: 1
+    cartridges: ["ABC000L8..ABC002L8"]
+    media_dir: {lib}
+exports:
+  loopback: [{{device: lab-ch, lun: 0}}, {{device: lab-d0, lun: 1}}, {{device: lab-d1, lun: 2}}]
+"""
+
+
+@pytest.fixture
+def lib_cfg(tmp_path: Path) -> Config:
+    text = LIBRARY_TEXT.format(state=tmp_path / "state", lib=tmp_path / "lib")
+    return load_config_text(textwrap.dedent(text), "t.yaml")
+
+
+def test_library_backstores_and_luns(lib_cfg: Config, tmp_path: Path) -> None:
+    """One vtl backstore per unit (changer, then drives) with tape settings, then their LUNs."""
+    be = MemoryBackend()
+    r1 = apply_backstores(lib_cfg, be)
+    ch, d0, d1 = r1.created
+    assert keys(r1.created) == ["backstore user/lab-ch", "backstore user/lab-d0",
+                                "backstore user/lab-d1"]
+    assert ch.params["config"] == f"vtl/library={tmp_path / 'lib'};unit=changer"
+    assert d1.params["config"] == f"vtl/library={tmp_path / 'lib'};unit=drive1"
+    assert ch.params["size"] == 1 << 20
+    assert "hw_max_sectors=2048" in d0.params["control"]  # 1 MiB: 256 KiB blocks pass
+    assert d0.params["attributes"]["cmd_time_out"] == 300
+    assert d0.params["wwn"] == lib_cfg.libraries[0].drives[0].unit_serial()
+    writes = dict(lio.backstore_writes(d0.params))
+    assert writes["attrib/cmd_time_out"] == "300"
+    r2 = apply_exports(lib_cfg, be)
+    wwn = loopback_wwn(lib_cfg.state_dir)
+    luns = {o.key: o.params["backstore"] for o in r2.created if o.kind is Kind.LUN}
+    assert luns == {("loopback", wwn, "1", "0"): "lab-ch", ("loopback", wwn, "1", "1"): "lab-d0",
+                    ("loopback", wwn, "1", "2"): "lab-d1"}
+    again = apply(lib_cfg, be)
+    assert again.created == [] and len(again.adopted) == 3 + 2 + 3
+
+
+def test_prepare_libraries_creates_then_keeps_the_library(lib_cfg: Config, tmp_path: Path
+                                                          ) -> None:
+    """`tcmu-py apply` / `serve -c`: the library and its cartridges are made once; a second run
+    keeps moved cartridges where they are and adds only newly declared ones."""
+    from tcmu_py.cli import _prepare_libraries
+    from tcmu_py.handlers.vtl import VtlHandler
+    from tcmu_py.handlers.vtl.library import Library, LibraryError
+    from tcmu_py.scsi.smc import ElementType
+
+    _prepare_libraries(lib_cfg)
+    root = tmp_path / "lib"
+    lib = Library.open(root)
+    try:
+        assert lib.drive_count == 2 and lib.name == "lab"
+        assert [lib.drive_serial(i) for i in range(2)] == [
+            d.unit_serial() for d in lib_cfg.libraries[0].drives]
+        assert len(lib.addresses(ElementType.STORAGE)) == 6
+        assert len(lib.addresses(ElementType.IMPORT_EXPORT)) == 1
+        assert sorted(lib.cartridges()) == ["ABC000L8", "ABC001L8", "ABC002L8"]
+        first = lib.locate("ABC000L8")
+        assert first is not None
+        lib.move(first, lib.drive_address(1))
+    finally:
+        lib.close()
+    for dev in lib_cfg.devices:  # what the daemon checks when the backstores appear
+        VtlHandler.check_config(lio.dev_config_string(dev).partition("/")[2])
+
+    more = textwrap.dedent(LIBRARY_TEXT.replace("ABC002L8", "ABC003L8")).format(
+        state=tmp_path / "state", lib=root)
+    _prepare_libraries(load_config_text(more, "t.yaml"))
+    lib = Library.open(root)
+    try:
+        assert lib.drive_barcode(1) == "ABC000L8"  # not put back
+        assert sorted(lib.cartridges()) == ["ABC000L8", "ABC001L8", "ABC002L8", "ABC003L8"]
+    finally:
+        lib.close()
+
+    fewer = textwrap.dedent(LIBRARY_TEXT.replace("slots: 6", "slots: 5")).format(
+        state=tmp_path / "state", lib=root)
+    with pytest.raises(LibraryError, match="slots: library has 6, declared 5"):
+        _prepare_libraries(load_config_text(fewer, "t.yaml"))
