@@ -17,6 +17,7 @@ Exit status: 0 success, 1 operational failure, 2 bad configuration or usage.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import threading
@@ -28,13 +29,33 @@ from tcmu_py.errors import ConfigError, TcmuError
 RUN_DIR = Path("/run/tcmu-py")
 
 
-def _setup_logging(verbose: int) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the device when known."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        device = getattr(record, "device", None)
+        if device is not None:
+            out["device"] = device
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(verbose: int, as_json: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if as_json
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _load(path: str | None) -> Any:
@@ -163,6 +184,7 @@ _DELEGATED = {"lab": cmd_lab, "vtl": cmd_vtl}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcmu-py", description="Userspace SCSI devices for Linux LIO")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log each CDB (debug)")
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
@@ -195,14 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = 0
-    while argv[:1] in (["-v"], ["--verbose"]):
-        verbose += 1
-        argv.pop(0)
+    as_json = False
+    while argv[:1] in (["-v"], ["--verbose"], ["--log-json"]):
+        if argv.pop(0) == "--log-json":
+            as_json = True
+        else:
+            verbose += 1
     if argv[:1] and argv[0] in _DELEGATED:
         args = argparse.Namespace(fn=_DELEGATED[argv[0]], rest=argv[1:], verbose=verbose)
     else:
         args = build_parser().parse_args(["-v"] * verbose + argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, as_json)
     try:
         return int(args.fn(args))
     except ConfigError as exc:

@@ -93,6 +93,7 @@ class DeviceRunner:
         self.uio = uio
         self.device = device
         self.name = name or device.config.name
+        self.log = logging.LoggerAdapter(log, {"device": self.name})
         self.ring = Ring(uio.buffer, adopt=adopt)
         self.counters = Counters()
         self._ring_lock = threading.Lock()
@@ -123,7 +124,7 @@ class DeviceRunner:
                 if any(fd == self._stop_r for fd, _ in events):
                     break
                 if any(fd == uio_fd and ev & gone for fd, ev in events):
-                    log.info("%s: the kernel removed the device; stopping", self.name)
+                    self.log.info("%s: the kernel removed the device; stopping", self.name)
                     break
                 try:
                     self.process()
@@ -131,7 +132,7 @@ class DeviceRunner:
                     if exc.errno not in (errno.EIO, errno.ENODEV):
                         raise
                     # uio answers EIO once the device is unregistered (backstore removed).
-                    log.info("%s: device gone (%s); stopping", self.name, exc.strerror)
+                    self.log.info("%s: device gone (%s); stopping", self.name, exc.strerror)
                     break
         finally:
             self.drain()
@@ -165,7 +166,7 @@ class DeviceRunner:
             for tmr in tmrs:
                 self._aborted.update(tmr.cmd_ids)
         for tmr in tmrs:
-            log.info("%s: TMR type %d for commands %s", self.name, tmr.tmr_type, tmr.cmd_ids)
+            self.log.info("%s: TMR type %d for commands %s", self.name, tmr.tmr_type, tmr.cmd_ids)
         if not commands:
             if tmrs:
                 self.uio.kick()
@@ -173,11 +174,11 @@ class DeviceRunner:
         inline: list[tuple[RingCommand, Response]] = []
         blocking: list[tuple[RingCommand, Command]] = []
         now = time.monotonic()
-        debug = log.isEnabledFor(logging.DEBUG)
+        debug = self.log.isEnabledFor(logging.DEBUG)
         for rc in commands:
             self._started[rc.cmd_id] = now
             if debug:
-                log.debug("%s: cmd %d cdb %s", self.name, rc.cmd_id, rc.cdb.hex())
+                self.log.debug("%s: cmd %d cdb %s", self.name, rc.cmd_id, rc.cdb.hex())
             cmd = Command(
                 rc.cdb, rc.data_out, None if rc.data_in is rc.data_out else rc.data_in, rc.cmd_id
             )
@@ -225,7 +226,7 @@ class DeviceRunner:
                     continue
                 done.append((rc, result))
             except BaseException as exc:  # pragma: no cover - execute() never raises
-                log.exception("%s: runner failure on cmd %d", self.name, rc.cmd_id)
+                self.log.exception("%s: runner failure on cmd %d", self.name, rc.cmd_id)
                 self.failed = exc
                 done.append((rc, Response(status=Status.BUSY)))
         if done:
@@ -252,8 +253,8 @@ class DeviceRunner:
         length = resp.data_in_length
         if resp.status != Status.GOOD:
             c.errors += 1
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
+            if self.log.isEnabledFor(logging.DEBUG):
+                self.log.debug(
                     "%s: cmd %d cdb %s -> status %#x sense %s",
                     self.name,
                     rc.cmd_id,
