@@ -595,3 +595,26 @@ def test_mode_sense_page_zero_for_st(tape: Tape) -> None:
     assert r.good and len(r.data) == 12
     assert r.data[1] == 0x88 and r.data[2] == 0x10 and r.data[3] == 8  # LTO-8 data, buffered
     assert r.data[4] == 0x5E and r.data[9:12] == b"\x00\x00\x00"
+
+
+def test_vpd_pages(tape: Tape) -> None:
+    r = tape.run(bytes([0x12, 1, 0x00, 0, 64, 0]), data_in_len=64)
+    pages = set(r.data[4 : 4 + r.data[3]])
+    assert {0x80, 0x83, 0xB0, 0xB1, 0xB2} <= pages
+    r = tape.run(bytes([0x12, 1, 0xB0, 0, 64, 0]), data_in_len=64)
+    assert r.data[:6] == bytes([0x01, 0xB0, 0, 2, 1, 0])  # WORM supported
+    r = tape.run(bytes([0x12, 1, 0xB1, 0, 64, 0]), data_in_len=64)
+    assert r.data[4:] == b"SN000000"
+    r = tape.run(bytes([0x12, 1, 0xB2, 0, 64, 0]), data_in_len=64)
+    bitmap = int.from_bytes(r.data[4:12], "big")
+    assert bitmap >> (64 - 9) & 1 and not bitmap >> (64 - 1) & 1  # flag 09h yes, 01h no
+
+
+def test_missing_cartridge_file_is_not_ready_not_hardware_error(lib: FakeLibrary) -> None:
+    t = Tape(lib)
+    t.clear_ua()
+    lib.move("GHOST1L8")  # the library names a cartridge whose directory is gone
+    assert t.run(bytes(6)).sense_codes == (2, 0x04, 0x03)
+    assert t.read(10).sense_codes == (2, 0x04, 0x03)
+    lib.move(None)
+    assert t.run(bytes(6)).sense_codes == (2, 0x3A, 0)
