@@ -62,7 +62,13 @@ def _load(path: str | None) -> Any:
     from tcmu_py.daemon import config as cfg
     from tcmu_py.handler import load_handlers
 
-    checks = {name: h.check_config for name, h in load_handlers().items()}
+    registry = load_handlers()
+    checks = {}
+    for name in registry:
+        try:
+            checks[name] = registry[name].check_config
+        except KeyError:  # failed to import: logged by the registry; its devices get reported
+            continue
     if path is None:
         return cfg.load_default_config(handlers=checks)
     return cfg.load_config(path, handlers=checks)

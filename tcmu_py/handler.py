@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
@@ -134,29 +134,55 @@ class ProvisioningInfo:
 # Registry
 
 
-def load_handlers() -> dict[str, type[Handler]]:
-    """Every loadable registered handler by subtype.
+class HandlerRegistry(Mapping[str, "type[Handler]"]):
+    """Registered handlers by subtype, each imported the first time it is looked up.
 
-    A handler that fails to import, or that claims one of tcmu-runner's subtypes, is logged and left
-    out: one broken third-party package must not take the other subtypes down with it.
+    Membership (`subtype in registry`) never imports anything, so the daemon starts without
+    importing every handler, and a handler that fails to import, or that claims one of
+    tcmu-runner's subtypes, is logged and treated as absent: one broken third-party package must
+    not take the other subtypes down with it.
     """
-    found: dict[str, type[Handler]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in TCMU_RUNNER_SUBTYPES:
-            log.error(
-                "handler %s: subtype %r belongs to tcmu-runner; expected a name other than %s",
-                ep.value,
-                ep.name,
-                sorted(TCMU_RUNNER_SUBTYPES),
-            )
-            continue
+
+    def __init__(self) -> None:
+        self._points: dict[str, Any] = {}
+        self._loaded: dict[str, type[Handler]] = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in TCMU_RUNNER_SUBTYPES:
+                log.error(
+                    "handler %s: subtype %r belongs to tcmu-runner; expected a name other than %s",
+                    ep.value,
+                    ep.name,
+                    sorted(TCMU_RUNNER_SUBTYPES),
+                )
+                continue
+            self._points[ep.name] = ep
+
+    def __getitem__(self, subtype: str) -> type[Handler]:
+        if subtype in self._loaded:
+            return self._loaded[subtype]
+        ep = self._points[subtype]
         try:
             cls = ep.load()
         except Exception:
-            log.exception("handler %s for subtype %r failed to load", ep.value, ep.name)
-            continue
-        found[ep.name] = cls
-    return found
+            log.exception("handler %s for subtype %r failed to load", ep.value, subtype)
+            del self._points[subtype]
+            raise KeyError(subtype) from None
+        self._loaded[subtype] = cls
+        return cls  # type: ignore[no-any-return]
+
+    def __contains__(self, subtype: object) -> bool:
+        return subtype in self._points
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._points))
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+
+def load_handlers() -> HandlerRegistry:
+    """Every registered handler by subtype (imported lazily, see `HandlerRegistry`)."""
+    return HandlerRegistry()
 
 
 def split_dev_config(dev_config: str) -> tuple[str, str]:

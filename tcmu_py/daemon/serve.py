@@ -111,7 +111,9 @@ class Daemon:
         use_udev: bool = True,
         uio_opener: Callable[[str, str], Any] = UioDevice,
     ) -> None:
-        self.handlers = dict(handlers) if handlers is not None else load_handlers()
+        self.handlers: Mapping[str, type[Handler]] = (
+            dict(handlers) if handlers is not None else load_handlers()
+        )
         self.configfs_root = Path(configfs_root)
         self.uio_class = Path(uio_class)
         self.dev_dir = Path(dev_dir)
