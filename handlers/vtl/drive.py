@@ -840,8 +840,8 @@ class TapeDrive(ScsiDevice):
             super().mode_page_changed(page_code, subpage, new_current)
             return
         # Both pages are views of one setting: rebuild them from it rather than keeping a copy.
-        self._mode_state.pop((0x0F, 0), None)
-        self._mode_state.pop((0x10, 0), None)
+        self.forget_mode_page(0x0F)
+        self.forget_mode_page(0x10)
 
     # ------------------------------------------------------------------------------------------
     # VPD and LOG SENSE

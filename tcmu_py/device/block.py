@@ -223,7 +223,7 @@ class BlockDevice(ScsiDevice):
             percent = max(1, min(100, round(t.threshold_count * unit * 100 / info.capacity)))
         setter(percent)
         # The pool holds the threshold (shared by its disks): regenerate the page from it.
-        self._mode_state.pop((0x1C, 0x02), None)
+        self.forget_mode_page(0x1C, 0x02)
 
     def block_descriptors(self) -> list[tuple[int, int, int]]:
         return [(0, min(self.num_blocks, 0xFFFFFFFF), self.block_size)]

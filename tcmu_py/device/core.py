@@ -180,6 +180,13 @@ class ScsiDevice:
             # SPC-5 7.5.8: D_SENSE (byte 2 bit 2) selects descriptor-format sense data.
             self.d_sense = bool(new_current[2] & 0x04)
 
+    def forget_mode_page(self, page_code: int, subpage: int = 0) -> None:
+        """Drop what MODE SELECT stored for a page, so MODE SENSE rebuilds it from
+        `mode_pages()`: for pages that are views of state kept elsewhere (a pool's threshold,
+        a drive's compression setting shown in two pages)."""
+        with self.lock:
+            self._mode_state.pop((page_code, subpage), None)
+
     def log_pages(self) -> dict[tuple[int, int], Callable[[], bytes]]:
         """(page, subpage) -> builder of the whole log page. Page 00h is generated."""
         return {}
