@@ -105,9 +105,16 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
                 k: _median([d[k] for d in daemon])
                 for k in ("commands_per_s", "daemon_mean_latency_us", "commands", "batches")
             }
-            cpu = [r["daemon_cpu_s"] / r["wall"] for r in rs if r.get("daemon_cpu_s") is not None]
-            if cpu:
-                entry["daemon"]["cpu_share"] = _median(cpu)
+        # CPU time of the serving process (tcmu-py or tcmu-runner) over the run, per I/O fio
+        # counted (I/Os over the whole fio run, ramp included, estimated as IOPS x runtime).
+        cpu = [
+            (r["daemon_cpu_s"], r["iops"] * r["runtime_s"], r["runtime_s"])
+            for r in rs
+            if r.get("daemon_cpu_s") is not None and r.get("runtime_s")
+        ]
+        if cpu:
+            entry["cpu_us_per_io"] = _median([1e6 * c / n for c, n, _ in cpu if n])
+            entry["cpu_cores"] = _median([c / t for c, _, t in cpu])
         table[wl][target] = entry
     for targets in table.values():
         for entry in targets.values():
@@ -163,24 +170,24 @@ def render_table(table: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def render_daemon_table(table: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """Markdown: what the tcmu-py daemon itself saw (its counters) beside fio's view."""
+    """Markdown: the userspace servers' own view (tcmu-py's counters, CPU time per I/O)."""
     lines = [
-        "| workload | target | fio IOPS | daemon cmds/s | cmds per batch | fio mean µs | "
-        "daemon mean µs | daemon CPU (cores) |",
+        "| workload | target | fio IOPS | fio mean µs | in-daemon mean µs | in-daemon share | "
+        "server CPU (cores) | server CPU µs per I/O |",
         "|" + "---|" * 8,
     ]
     for wl in WORKLOADS:
-        for target in ("pyraw", "pynull"):
+        for target in ("pyraw", "pynull", "runner"):
             e = table.get(wl, {}).get(target)
-            if e is None or "daemon" not in e:
+            if e is None:
                 continue
-            d = e["daemon"]
-            per_batch = d["commands"] / d["batches"] if d.get("batches") else None
+            d = e.get("daemon") or {}
+            inside = d.get("daemon_mean_latency_us")
+            share = inside / e["lat_mean_us"] if inside and e["lat_mean_us"] else None
             lines.append(
                 f"| {wl} | {TARGET_LABELS[target]} | {_fmt(e['iops'])} | "
-                f"{_fmt(d['commands_per_s'])} | {_fmt(per_batch, 2)} | "
-                f"{_fmt(e['lat_mean_us'])} | {_fmt(d['daemon_mean_latency_us'])} | "
-                f"{_fmt(d.get('cpu_share'), 2)} |"
+                f"{_fmt(e['lat_mean_us'])} | {_fmt(inside)} | {_pct(share)} | "
+                f"{_fmt(e.get('cpu_cores'), 2)} | {_fmt(e.get('cpu_us_per_io'))} |"
             )
     return "\n".join(lines)
 
@@ -318,6 +325,14 @@ def host_facts() -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "tcmu_py", "handlers"],
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
+    changed = sorted(line[3:] for line in dirty if line.strip() and not line.startswith("??"))
+    if changed:
+        commit += " + uncommitted changes to " + ", ".join(changed)
     return {
         "host_cpu": cpu,
         "host_cpus": os.cpu_count(),
@@ -420,7 +435,10 @@ def render_markdown(
         "",
         render_table(table),
         "",
-        "What the tcmu-py daemon saw over the same runs (its own counters):",
+        "The userspace servers over the same runs: *in-daemon* is tcmu-py's own mean latency "
+        "per SCSI command (dequeue to completion, from its counters), *server CPU* the CPU time "
+        "of the whole serving process (user + system, all threads) per second of fio run and per "
+        "I/O (a 1 MiB I/O is two SCSI commands at hw_max_sectors=1024).",
         "",
         render_daemon_table(table),
     ]

@@ -350,6 +350,8 @@ def main() -> int:
     daemons: list[Daemon] = []
     run_dir = work / "run"
     serve: Daemon | None = None
+    # Userspace process serving each target: its CPU time is sampled around every run.
+    server_pid: dict[str, int] = {}
     runs: list[dict[str, Any]] = []
     rc = 0
     try:
@@ -390,9 +392,11 @@ def main() -> int:
             )
             daemons.append(serve)
             serve.start(ready=ready.exists, timeout=300)
+            assert serve.proc is not None
             for name in ("pyraw", "pynull"):
                 if name in by_name:
                     wait_serving(serve, by_name[name].backstore, 60)
+                    server_pid[name] = serve.proc.pid
         if "runner" in by_name:
             Path("/run/dbus").mkdir(parents=True, exist_ok=True)
             run(["dbus-daemon", "--system", "--fork"], timeout=60)
@@ -403,6 +407,8 @@ def main() -> int:
             runner.start()
             try:
                 wait_serving(runner, by_name["runner"].backstore, 120)
+                assert runner.proc is not None
+                server_pid["runner"] = runner.proc.pid
             finally:
                 with contextlib.suppress(OSError):
                     shutil.copy(logdir / "tcmu-runner.log", out / "tcmu-runner-file.log")
@@ -438,14 +444,15 @@ def main() -> int:
                 for t in targets:
                     assert t.dev is not None
                     before = daemon_counters(run_dir, t.name) if t.name.startswith("py") else None
-                    pid = serve.proc.pid if serve and serve.proc else None
-                    cpu0 = proc_cpu_seconds(pid) if pid and t.name.startswith("py") else None
+                    pid = server_pid.get(t.name)
+                    cpu0 = proc_cpu_seconds(pid) if pid else None
                     started = time.time()
                     rec: dict[str, Any] = {
                         "rep": rep,
                         "target": t.name,
                         "workload": wl.name,
                         "loadavg": Path("/proc/loadavg").read_text().split()[0],
+                        "runtime_s": args.seconds + min(1.0, args.seconds / 4),
                     }
                     try:
                         rec.update(
@@ -463,8 +470,8 @@ def main() -> int:
                     rec["wall"] = time.time() - started
                     if before is not None:
                         rec["daemon"] = counter_delta(before, daemon_counters(run_dir, t.name))
-                        if cpu0 is not None and pid:
-                            rec["daemon_cpu_s"] = proc_cpu_seconds(pid) - cpu0
+                    if cpu0 is not None and pid:
+                        rec["daemon_cpu_s"] = proc_cpu_seconds(pid) - cpu0
                     runs.append(rec)
                     write_json(out / "runs.json", runs)
                     log(
@@ -488,7 +495,7 @@ def main() -> int:
                         "--pid",
                         str(serve.proc.pid),
                         "--duration",
-                        f"{int(args.seconds) + 2}",
+                        f"{max(int(args.seconds), 6) + 2}",
                         "--rate",
                         "97",
                         "--format",
@@ -505,12 +512,12 @@ def main() -> int:
                 rec = {"target": "pyraw", "workload": wl.name, "profiled": True}
                 try:
                     rec.update(
-                        fio(t.dev, wl, args.seconds, args.size_mib, work / f"prof-{wl.name}.json")
+                        fio(t.dev, wl, max(args.seconds, 6), args.size_mib, work / "prof.json")
                     )
                 except (RuntimeError, TimeoutError) as exc:
                     rec["failed"] = str(exc)
                 try:
-                    spy_out, _ = spy.communicate(timeout=args.seconds + 120)
+                    spy_out, _ = spy.communicate(timeout=max(args.seconds, 6) + 120)
                 except subprocess.TimeoutExpired:
                     spy.kill()
                     spy_out, _ = spy.communicate()
