@@ -153,6 +153,15 @@ def holds_open(pid: int, node: str) -> bool:
     return False
 
 
+def sd_cache_type(dev: Path) -> str:
+    """What the initiator's sd driver made of the target's caching mode page ("write back"
+    when WCE=1)."""
+    for p in (Path("/sys/block") / dev.name / "device" / "scsi_disk").glob("*/cache_type"):
+        with contextlib.suppress(OSError):
+            return read_attr(p)
+    return "unknown"
+
+
 def wait_serving(daemon: Daemon, backstore: Path, timeout: float) -> None:
     """Wait (bounded) until ``daemon`` holds the uio device of ``backstore`` open."""
     proc = daemon.proc
@@ -429,6 +438,7 @@ def main() -> int:
                 if (t.backstore / "attrib" / k).exists()
             }
             | {
+                "cache_type": sd_cache_type(t.dev),
                 "max_sectors_kb": read_attr(
                     Path("/sys/block") / t.dev.name / "queue" / "max_sectors_kb"
                 ),
