@@ -153,6 +153,27 @@ ip link set lo up
 """
 
 
+def guest_epilogue() -> str:
+    """Shell text run after every guest script (run_in_vm adds it): takes the SCSI devices of
+    tcm_loop offline so that power-off does not hang.
+
+    At power-off the kernel's sd driver sends SYNCHRONIZE CACHE to every disk with a write cache.
+    A TCMU device whose daemon has stopped (or left it blocked, as ``tcmu-py serve`` does on
+    SIGTERM so that I/O waits for its restart) never answers, and the guest would never power
+    off. An offline SCSI device fails new commands at once instead.
+    """
+    return """\
+# --- tcmu-py guest epilogue ---
+offlined=0
+for sdev in /sys/class/scsi_device/*/device; do
+    case "$(readlink -f "$sdev")" in
+        */tcm_loop_adapter_*) echo offline > "$sdev/state" && offlined=$((offlined + 1)) ;;
+    esac
+done
+echo "tcmu-py epilogue: $offlined tcm_loop SCSI device(s) taken offline; powering off"
+"""
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -174,7 +195,8 @@ def run_in_vm(
     """Boot the lab kernel, run ``script`` with bash as root, return when the guest powers off.
 
     ``script`` may be any length: it is written to a temporary file on the host (visible to the
-    guest through the shared root) rather than passed on the kernel command line. Prepend
+    guest through the shared root) rather than passed on the kernel command line, and run by a
+    wrapper that then runs ``guest_epilogue()`` and exits with the script's status. Prepend
     ``guest_prelude()`` yourself if the script needs LIO. ``rwdirs`` are host directories the guest
     may write through to (they must exist). The console output (stdout and stderr of the guest
     command, merged, plus kernel messages) is returned as ``stdout``; with ``log`` it is also
@@ -189,8 +211,12 @@ def run_in_vm(
             raise LabError(f"rwdir {d} does not exist")
 
     with tempfile.TemporaryDirectory(prefix="tcmu-py-lab-") as tmp:
+        body_path = Path(tmp) / "body.sh"
+        body_path.write_text(script)
         script_path = Path(tmp) / "guest.sh"
-        script_path.write_text(script)
+        script_path.write_text(
+            f"bash {shlex.quote(str(body_path))}\nrc=$?\n{guest_epilogue()}exit $rc\n"
+        )
         argv = [
             str(vng),
             "--disable-kvm",  # vm-lab.md: the stock kernel does not boot on this machine's KVM
@@ -274,7 +300,7 @@ def _pump(
 
 
 DEFAULT_LAB_COMMAND = "tcmu-py status; lsscsi"
-SERVE_READY_TIMEOUT = 120  # seconds for `tcmu-py serve` to create and serve its devices
+SERVE_READY_TIMEOUT = 300  # seconds for `tcmu-py serve` to create and serve its devices
 SERVE_STOP_TIMEOUT = 30  # seconds for it to drain and exit on SIGTERM
 
 
@@ -287,6 +313,7 @@ def serve_script(config: str | os.PathLike[str] | None, command: str) -> str:
     source = f"-c {shlex.quote(str(Path(config).resolve()))}" if config else "--default"
     return f"""export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"
 SERVE_LOG=$TCMU_PY_SCRATCH/serve.log SERVE_READY=$TCMU_PY_SCRATCH/serve.ready
+mkdir -p /var/lib/tcmu-py  # the embedded default configuration keeps its images here
 {tcmu_py} serve {source} --ready-file "$SERVE_READY" >"$SERVE_LOG" 2>&1 &
 SERVE_PID=$!
 deadline=$((SECONDS + {SERVE_READY_TIMEOUT}))
