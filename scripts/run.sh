@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 if modprobe -n target_core_user 2>/dev/null && [ -d /sys/kernel/config ] && [ -z "${TCMU_PY_FORCE_LAB:-}" ]; then
-    modprobe target_core_user tcm_loop iscsi_target_mod
+    modprobe -a target_core_user tcm_loop iscsi_target_mod  # -a: all are modules, not params
     mkdir -p /var/lib/tcmu-py
     exec .venv/bin/tcmu-py serve "${@:---default}"
 fi

@@ -36,11 +36,18 @@ MYPY_PENDING=(
     tcmu_py/device/block.py
     tcmu_py/device/core.py
     tcmu_py/scsi/spc.py
+    tests/kernel/scenarios/daemon_disk.py
+    tests/kernel/scenarios/lio_objects.py
+    tests/kernel/scenarios/thin_disk.py
+    tests/kernel/scenarios/vtl.py
 )
 RUFF_PATHS=(tcmu_py handlers tests scripts)
 MYPY_PATHS=(tcmu_py handlers tests/kernel)
 UNIT_TIMEOUT=1200     # seconds; a hung unit test must not eat CI's 90 minutes
-KERNEL_TIMEOUT=3000   # the lab bounds every scenario itself; this is the backstop
+# The lab bounds every scenario and all of them together (TCMU_PY_LAB_BUDGET, 3600 s, plus boot
+# allowance, see tests/kernel/conftest.py); this is the backstop. Bootstrap + linters + unit +
+# this stay under CI's 90 minutes.
+KERNEL_TIMEOUT=4300
 
 declare -A RESULT=()
 FAILED=0

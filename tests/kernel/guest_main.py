@@ -2,7 +2,7 @@
 
 Started by tests/kernel/conftest.py (via tcmu_py.lab.run_in_vm, after guest_prelude()) as
 
-    python guest_main.py --results DIR [--only NAME ...]
+    python guest_main.py --results DIR [--budget SECONDS] [--only NAME ...]
 
 For every selected scenario, in registry order, it forks a child (own session) whose output goes
 to ``DIR/NAME.log``, kills its process group if it outlives the scenario's timeout, then removes
@@ -34,6 +34,8 @@ import guestlib  # noqa: E402
 
 # Extra seconds a child gets beyond its scenario timeout to unwind its cleanup stack.
 CLEANUP_GRACE = 30.0
+# A scenario is not started with less than this left of the run's budget.
+MIN_SCENARIO_TIME = 30.0
 
 
 def write_json(path: Path, data: dict[str, object]) -> None:
@@ -63,9 +65,11 @@ def guest_facts() -> dict[str, object]:
     }
 
 
-def run_one(name: str, results: Path) -> int:
-    """Child process: run one scenario with its cleanup stack; write NAME.json."""
+def run_one(name: str, results: Path, timeout: float | None = None) -> int:
+    """Run one scenario (in the current process) with its cleanup stack; write NAME.json.
+    ``timeout`` (default: the scenario's own) sets ``ctx.deadline``."""
     scen = guestlib.discover_scenarios()[name]
+    timeout = scen.timeout if timeout is None else timeout
     scratch = Path(os.environ.get("TCMU_PY_SCRATCH", "/tmp/scratch"))
     workdir = scratch / name
     workdir.mkdir(parents=True, exist_ok=True)
@@ -76,11 +80,11 @@ def run_one(name: str, results: Path) -> int:
         name=name,
         workdir=workdir,
         artifacts=artifacts,
-        deadline=start + scen.timeout,
+        deadline=start + timeout,
         cleanup=guestlib.Cleanup(),
     )
     error: str | None = None
-    guestlib.log(f"=== scenario {name} (timeout {scen.timeout:g}s)")
+    guestlib.log(f"=== scenario {name} (timeout {timeout:g}s)")
     try:
         with ctx.cleanup:
             scen.func(ctx)
@@ -97,8 +101,14 @@ def run_one(name: str, results: Path) -> int:
     return 0 if error is None else 1
 
 
-def run_all(results: Path, only: list[str] | None) -> int:
-    """Run the scenarios named in ``only`` (all if None, none if empty); 0 if all passed."""
+def run_all(results: Path, only: list[str] | None, budget: float | None = None) -> int:
+    """Run the scenarios named in ``only`` (all if None, none if empty); 0 if all passed.
+
+    ``budget``: seconds for all of them together. Each scenario's timeout is cut to what is left,
+    and scenarios that find less than MIN_SCENARIO_TIME left are not started (reported failed),
+    so an overlong run still ends with every result written instead of a killed VM.
+    """
+    budget_end = time.monotonic() + budget if budget is not None else None
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "_guest.json", guest_facts())
     registry = guestlib.discover_scenarios()
@@ -111,7 +121,18 @@ def run_all(results: Path, only: list[str] | None) -> int:
                     "details": {}, "duration": 0.0, "leaked": []})
         failures += 1
     for name in names:
-        failures += run_child(name, registry[name].timeout, results)
+        timeout = registry[name].timeout
+        if budget_end is not None:
+            left = budget_end - time.monotonic()
+            if left < MIN_SCENARIO_TIME:
+                write_json(results / f"{name}.json",
+                           {"name": name, "ok": False, "duration": 0.0, "details": {},
+                            "error": f"not run: the lab's time budget of {budget:g}s was used up",
+                            "leaked": []})
+                failures += 1
+                continue
+            timeout = min(timeout, left)
+        failures += run_child(name, timeout, results)
     write_json(results / "_done.json", {"scenarios": names, "failures": failures})
     return 0 if failures == 0 else 1
 
@@ -136,7 +157,7 @@ def run_child(name: str, timeout: float, results: Path) -> int:
             # Rebind in case sys.stdout/err were not fds 1/2 (e.g. under pytest's capture).
             sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
             sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-            rc = run_one(name, results)
+            rc = run_one(name, results, timeout)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -159,7 +180,7 @@ def run_child(name: str, timeout: float, results: Path) -> int:
     if result_path.exists() and not timed_out:
         result = json.loads(result_path.read_text())
     else:
-        why = (f"timed out after {timeout:g}s (+{CLEANUP_GRACE:g}s cleanup grace); killed"
+        why = (f"timed out after {timeout:.0f}s (+{CLEANUP_GRACE:g}s cleanup grace); killed"
                if timed_out else f"scenario process died with status {returncode}")
         result = {"name": name, "ok": False, "error": why, "details": {},
                   "duration": time.monotonic() - start, "leaked": []}
@@ -182,11 +203,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, required=True)
     ap.add_argument("--only", nargs="*", default=None, help="scenarios to run (default all)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for all scenarios")
     ap.add_argument("--run-one")
     args = ap.parse_args()
     if args.run_one:
         return run_one(args.run_one, args.results)
-    return run_all(args.results, args.only)
+    return run_all(args.results, args.only, args.budget)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -282,7 +282,7 @@ def create_user_backstore(
     config: str,
     size: int,
     *,
-    control: dict[str, str | int] | None = None,
+    control: Mapping[str, str | int] | None = None,
     hba: int | None = None,
     cleanup: Cleanup | None = None,
     uio_timeout: float = 10.0,

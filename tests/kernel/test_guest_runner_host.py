@@ -110,3 +110,24 @@ def test_daemon_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     assert d.stop(timeout=0.5) == -9
     assert time.monotonic() - start < 5
     assert not d.running
+
+
+def test_runner_budget_cuts_timeouts_and_skips_the_rest(
+    registry: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def slow(ctx: guestlib.Context) -> None:
+        time.sleep(3600)
+
+    _add(registry, "t.slow", slow, timeout=600)
+    _add(registry, "t.never", lambda ctx: None)
+    monkeypatch.setattr(guest_main, "MIN_SCENARIO_TIME", 1.0)
+    results = tmp_path / "results"
+    start = time.monotonic()
+    # The first scenario gets the 2 s that are left instead of its 600 s; after it (killed at
+    # 2 s + 0.5 s grace) less than MIN_SCENARIO_TIME is left, so the second is not started.
+    assert guest_main.run_all(results, None, budget=2.0) == 1
+    assert time.monotonic() - start < 10
+    slow_res = json.loads((results / "t.slow.json").read_text())
+    assert slow_res["ok"] is False and "timed out after 2s" in slow_res["error"]
+    never = json.loads((results / "t.never.json").read_text())
+    assert never["ok"] is False and "budget of 2s was used up" in never["error"]
