@@ -26,6 +26,7 @@ import shlex
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def guest(args: argparse.Namespace) -> int:
                 write_attr(bs.path / "control", f"{key}={value}")
             write_attr(bs.path / "attrib" / "emulate_write_cache", 1)
             write_attr(bs.path / "enable", 1)
-            wait_for(lambda n=name: served(n), 120, f"daemon serving {name}")
+            wait_for(partial(served, name), 120, f"daemon serving {name}")
             lun = create_loopback_lun(bs, cleanup=cleanup)
             devs[name] = lun.wait_device("block", 180)
             write_attr(Path("/sys/block") / devs[name].name / "queue" / "scheduler", "none")
