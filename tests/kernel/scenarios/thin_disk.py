@@ -461,6 +461,8 @@ def overcommit_enospc(ctx: Context) -> None:
     for p in mnt.iterdir():
         if p.is_file():
             p.unlink()
+    # ext4 can trim freed blocks only once the transaction freeing them has committed.
+    run(["sync"], timeout=ctx.remaining(60))
     run(["fstrim", "-v", str(mnt)], timeout=ctx.remaining(300))
     freed = pool_used(pool)[0]
     log(f"pool used after delete + fstrim: {freed}")
