@@ -311,7 +311,8 @@ def changer_and_drive_commands(ctx: Context) -> None:
     assert read_blocks(tape, 1 * MIB) == [blocks[5]]
     mt(ctx, tape, "eod")
     f, b, text = mt_pos(ctx, tape)
-    assert mt_tell(ctx, tape) == 11 and "EOD" in text, text
+    # st spaces filemarks to end of data (fast_mteom off): file 5, block unknown.
+    assert f == 5 and "EOD" in text and mt_tell(ctx, tape) == 11, text
     mt(ctx, tape, "seek", "1")
     assert mt_tell(ctx, tape) == 1
     assert read_blocks(tape, 1 * MIB) == blocks[1:3]
@@ -326,7 +327,8 @@ def changer_and_drive_commands(ctx: Context) -> None:
     assert "Tape block size 0 bytes" in mt_pos(ctx, tape)[2]
     mt(ctx, tape, "offline")
     text = mt(ctx, tape, "status", check=False)
-    assert "DR_OPEN" in text or "ONLINE" not in text, text
+    bits = text.split("General status bits on", 1)[-1]
+    assert "ONLINE" not in bits and "Density code 0x0 " in text, text
     # Unloaded, the cartridge stays in the drive until the changer takes it.
     assert mtx_status(ctx, lab).drives[0] == ("ABC000L8", 1)
     sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload", "1", "0")
@@ -425,7 +427,9 @@ def tar_dd_capacity_worm(ctx: Context) -> None:
     back_blocks = read_blocks(tape, 256 * KIB)
     back = b"".join(back_blocks)
     log(f"small cartridge: dd wrote {written}, read back {len(back)} in {len(back_blocks)} blocks")
-    assert len(back) >= written and back == big.read_bytes()[: len(back)]
+    # st: the write that meets early warning completes (EOM, NO SENSE, nothing undone); the
+    # next write returns ENOSPC. So exactly what dd counted is on the tape.
+    assert len(back) == written and back == big.read_bytes()[:written]
     ctx.details["small_cartridge_bytes_read"] = len(back)
 
     # ---- WORM: drive 1
@@ -438,6 +442,15 @@ def tar_dd_capacity_worm(ctx: Context) -> None:
     res = run(["dd", f"if={big}", f"of={worm_tape}", "bs=64k", "count=1"],
               timeout=ctx.remaining(60), check=False)
     assert res.returncode != 0, f"WORM overwrite at BOT was accepted: {res.stderr}"
+    # The same through sg: WRITE(6) of one 512-byte variable block at BOT, and its sense.
+    one = ctx.workdir / "one.bin"
+    one.write_bytes(os.urandom(512))
+    mt(ctx, worm_tape, "rewind")
+    res = run(["sg_raw", "-s", "512", "-i", str(one), str(lab.tape_sgs[1]),
+               "0a", "00", "00", "02", "00", "00"], timeout=ctx.remaining(60), check=False)
+    text = (res.stdout + res.stderr).lower()
+    assert res.returncode != 0 and "data protect" in text, text
+    assert "overwrite attempted" in text, text  # SSC-5: ASC 30h ASCQ 0Ch
     mt(ctx, worm_tape, "rewind")
     assert read_blocks(worm_tape, 1 * MIB) == [first], "WORM data changed"
     mt(ctx, worm_tape, "eod")
@@ -494,4 +507,7 @@ def kill9_keeps_data_and_inventory(ctx: Context) -> None:
     mt(ctx, tape, "eod")
     assert mt_tell(ctx, tape) == 9
     dump = sh(ctx, *tcmu_py("vtl", "dump", str(lab.library), "ABC000L8"))
+    total = sum(len(b) for blocks in files for b in blocks)
+    assert f"end of data ({total} data bytes)" in dump, dump
+    assert dump.count("filemark") == 3, dump
     ctx.details["dump_tail"] = textwrap.shorten(dump[-400:], 400)
