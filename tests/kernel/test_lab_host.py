@@ -4,6 +4,7 @@ run_in_vm's process handling (against a fake ``vng`` that runs the command local
 from __future__ import annotations
 
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -117,3 +118,49 @@ def _alive(pid: int) -> bool:
 def test_run_in_vm_rejects_missing_rwdir(fake_vng: Path, tmp_path: Path) -> None:
     with pytest.raises(lab.LabError, match="does not exist"):
         lab.run_in_vm("true", rwdirs=[tmp_path / "nope"], timeout=5, kernel="/k")
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Replace run_in_vm: record the script and options, pretend the guest exited 7."""
+    calls: list[dict] = []
+
+    def fake_run(script: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append({"script": script, **kw})
+        return subprocess.CompletedProcess(["vng"], 7, stdout="console\n", stderr="")
+
+    monkeypatch.setattr(lab, "run_in_vm", fake_run)
+    return calls
+
+
+def test_main_serves_the_config_then_runs_the_command(captured: list[dict], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    # As `tcmu-py lab -c my.yaml -- sg_inq /dev/sda` calls it.
+    assert lab.main(config="my.yaml", command=["--", "sg_inq", "/dev/sda"]) == 7
+    script = captured[0]["script"]
+    assert script.startswith(lab.guest_prelude())
+    assert f"serve -c {tmp_path / 'my.yaml'} --ready-file" in script
+    assert "( sg_inq /dev/sda )" in script
+    # The command runs only after the ready file appeared, and the daemon is stopped after it.
+    assert script.index('until [ -e "$SERVE_READY" ]') < script.index("( sg_inq") < script.index(
+        "kill -TERM $SERVE_PID")
+
+
+def test_main_defaults_and_no_serve(captured: list[dict]) -> None:
+    assert lab.main() == 7
+    assert "serve --default" in captured[0]["script"]
+    assert f"( {lab.DEFAULT_LAB_COMMAND} )" in captured[0]["script"]
+    assert lab.main(["--no-serve", "--memory", "3G", "--", "lsmod"]) == 7
+    assert captured[1]["script"] == lab.guest_prelude() + "lsmod\n"
+    assert captured[1]["memory"] == "3G"
+
+
+def test_main_reports_a_lab_that_cannot_run(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    def no_lab(script: str, **kw: object) -> None:
+        raise lab.LabError("qemu-system-x86_64 not found")
+
+    monkeypatch.setattr(lab, "run_in_vm", no_lab)
+    assert lab.main(["--no-serve"]) == 2
+    assert "qemu-system-x86_64 not found" in capsys.readouterr().err
