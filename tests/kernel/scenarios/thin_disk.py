@@ -527,10 +527,13 @@ def restart_accounting(ctx: Context) -> None:
     assert after_term == before, (before, after_term)
 
     # kill -9 with random writes and discards in flight on both disks.
+    kmsg_mark("kill9 start")
+    ctx.cleanup.callback(
+        lambda: (ctx.artifacts / "dmesg.txt").write_text("\n".join(dmesg_since("kill9 start"))))
     jobs = [
-        fio_bg(d0, ctx.workdir / "k0.json", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+        fio_bg(d0, ctx.artifacts / "k0.json", "--rw=randwrite", "--bs=4k", "--iodepth=16",
                "--size=24M", "--offset=32M", "--time_based", "--runtime=60"),
-        fio_bg(d1, ctx.workdir / "k1.json", "--rw=randtrim", "--bs=64k", "--iodepth=4",
+        fio_bg(d1, ctx.artifacts / "k1.json", "--rw=randtrim", "--bs=64k", "--iodepth=4",
                "--size=16M", "--time_based", "--runtime=60"),
     ]
     for job in jobs:
@@ -548,7 +551,8 @@ def restart_accounting(ctx: Context) -> None:
         except subprocess.TimeoutExpired:
             job.kill()
             raise AssertionError("fio did not finish after the restart") from None
-        assert job.returncode == 0, f"fio exit {job.returncode}: {err.decode()[-3000:]}"
+        assert job.returncode == 0, (f"fio exit {job.returncode}: {err.decode()[-3000:]}\n"
+                                     + "\n".join(dmesg_since("kill9 start")[-30:]))
     after_kill = accounting(ctx, pool, 128 * MIB, disks, sizes)
     log(f"after kill -9 + restart: {after_kill}")
     assert after_kill["total"] > before["total"]
