@@ -26,6 +26,7 @@ from guestlib import (
 )
 
 MIB = 1 << 20
+SUITE_TIMEOUT = 180  # seconds for one suite under software emulation
 IQN = "iqn.2003-01.org.linux-iscsi.tcmu-py:conformance"
 URL = f"iscsi://127.0.0.1/{IQN}/0"
 
@@ -96,10 +97,10 @@ def iscsi_target(ctx: Context, backstore_path: Path) -> None:
     write_attr(tpg / "enable", 1)
 
 
-@scenario(timeout=1800)
+@scenario(timeout=1500)
 def libiscsi_scsi_suite(ctx: Context) -> None:
-    """iscsi-inq answers with our identity; iscsi-test-cu's SCSI family runs to the end and
-    nothing fails in the families tcmu-py implements (PR/RESERVE are the kernel's)."""
+    """iscsi-inq answers with our identity; iscsi-test-cu's suites for the commands tcmu-py
+    implements (issue 3's list) run, each bounded, and none of their tests fails."""
     run(["ip", "link", "set", "lo", "up"], timeout=30, check=False)
     run_dir = ctx.workdir / "run"
     ready = ctx.workdir / "ready"
@@ -122,7 +123,7 @@ def libiscsi_scsi_suite(ctx: Context) -> None:
     bs = create_user_backstore(
         "conf0",
         f"raw/{img}",
-        64 * MIB,
+        16 * MIB,
         cleanup=ctx.cleanup,
         control={"hw_max_sectors": 1024, "max_data_area_mb": 64},
     )
@@ -141,20 +142,36 @@ def libiscsi_scsi_suite(ctx: Context) -> None:
     inq = run(["iscsi-inq", URL], timeout=ctx.remaining(60)).stdout
     assert re.search(r"Vendor:\s*TCMU-PY", inq) and re.search(r"Product:\s*RAW DISK", inq), inq
 
-    res = run(["iscsi-test-cu", "-d", "--test=SCSI", URL], timeout=ctx.remaining(), check=False)
-    text = res.stdout + res.stderr
-    (ctx.artifacts / "iscsi-test-cu.txt").write_text(text)
-    results = parse_cunit(text)
+    # One run per suite, each bounded, output kept as it goes: a slow or hung suite costs its
+    # own budget only, and what ran before it is still counted.
+    transcript = ctx.artifacts / "iscsi-test-cu.txt"
+    results: dict[str, str] = {}
+    timed_out: list[str] = []
+    for suite in OWN_FAMILIES:
+        argv = ["iscsi-test-cu", "-d", f"--test=SCSI.{suite}", URL]
+        try:
+            res = run(argv, timeout=min(ctx.remaining(), SUITE_TIMEOUT), check=False)
+            text = res.stdout + res.stderr
+        except TimeoutError:
+            timed_out.append(suite)
+            text = f"*** SCSI.{suite}: no result within {SUITE_TIMEOUT}s\n"
+        with transcript.open("a") as f:
+            f.write(f"===== SCSI.{suite}\n{text}\n")
+        found = parse_cunit(text)
+        if not found and suite not in timed_out:
+            log(f"SCSI.{suite}: no tests reported (suite absent in this libiscsi?)")
+        results.update({f"{suite}.{k.rsplit('.', 1)[-1]}": v for k, v in found.items()})
     (ctx.artifacts / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     counts = {k: sum(1 for v in results.values() if v == k) for k in ("pass", "skip", "fail")}
     failed = sorted(t for t, v in results.items() if v == "fail")
-    own_failed = [t for t in failed if t.rsplit(".", 1)[0].removeprefix("SCSI.") in OWN_FAMILIES]
+    own_failed = failed + [f"{s} (timed out)" for s in timed_out]
     ctx.details.update(
         counts=counts,
         total=len(results),
         failed=failed,
+        timed_out=timed_out,
         skipped=sorted(t for t, v in results.items() if v == "skip"),
     )
-    log(f"libiscsi SCSI family: {counts} of {len(results)}; failed: {failed}")
-    assert len(results) >= 150, f"only {len(results)} tests parsed; see iscsi-test-cu.txt"
+    log(f"libiscsi: {counts} of {len(results)}; failed: {failed}; timed out: {timed_out}")
+    assert len(results) >= 60, f"only {len(results)} tests parsed; see iscsi-test-cu.txt"
     assert not own_failed, f"failures in families tcmu-py implements: {own_failed}"
