@@ -29,8 +29,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -174,6 +175,33 @@ echo "tcmu-py epilogue: $offlined tcm_loop SCSI device(s) taken offline; powerin
 """
 
 
+class _Terminated(BaseException):  # noqa: N818 - a signal, not an error
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While the VM runs, turn SIGTERM/SIGHUP into _Terminated so that the VM's process group
+    is killed before this process exits (it runs in its own session and would survive us).
+    Only possible in the main thread; elsewhere signals keep their handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise _Terminated(signum)
+
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, raise_terminated) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -251,11 +279,18 @@ def run_in_vm(
             assert proc.stdout is not None
             deadline = time.monotonic() + timeout
             try:
-                _pump(proc, chunks, log_file, deadline)
+                with _signals_raise():
+                    _pump(proc, chunks, log_file, deadline)
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 out = b"".join(chunks).decode(errors="replace")
                 raise LabTimeout(argv, timeout, output=out) from None
+            except _Terminated as t:
+                # We are being terminated (e.g. `timeout` around pytest): take the VM with us,
+                # then let the signal do what it would have done.
+                _kill_group(proc)
+                signal.raise_signal(t.signum)
+                raise
             except BaseException:
                 _kill_group(proc)
                 raise

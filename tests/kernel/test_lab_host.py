@@ -3,8 +3,10 @@ run_in_vm's process handling (against a fake ``vng`` that runs the command local
 
 from __future__ import annotations
 
+import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -164,3 +166,33 @@ def test_main_reports_a_lab_that_cannot_run(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(lab, "run_in_vm", no_lab)
     assert lab.main(["--no-serve"]) == 2
     assert "qemu-system-x86_64 not found" in capsys.readouterr().err
+
+
+def test_sigterm_to_the_caller_takes_the_vm_down(fake_vng: Path, tmp_path: Path) -> None:
+    """A caller killed with SIGTERM (e.g. `timeout` around pytest) must not leave the VM's
+    process group running: it runs in its own session."""
+    pidfile = tmp_path / "grandchild.pid"
+    program = tmp_path / "caller.py"
+    program.write_text(
+        "import sys\nfrom pathlib import Path\nfrom tcmu_py import lab\n"
+        f"lab.find_vng = lambda: Path({str(fake_vng)!r})\n"
+        "lab._check_host_tools = lambda: None\n"
+        f"lab.run_in_vm('sleep 300 & echo $! > {pidfile}; wait', timeout=120, kernel='/k')\n"
+    )
+    caller = subprocess.Popen([sys.executable, str(program)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline, "fake VM never started"
+            assert caller.poll() is None, f"caller exited early with {caller.returncode}"
+            time.sleep(0.05)
+        grandchild = int(pidfile.read_text())
+        caller.send_signal(signal.SIGTERM)
+        assert caller.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild), "the VM's process group survived its caller's SIGTERM"
