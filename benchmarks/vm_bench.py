@@ -192,6 +192,24 @@ def render_daemon_table(table: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def idle_cpu(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Median CPU (cores) each userspace server burnt while fio ran against a target it does
+    not serve: its cost when idle (should be ~0)."""
+    own = {"tcmu-py": ("pyraw", "pynull"), "tcmu-runner": ("runner",)}
+    out: dict[str, float] = {}
+    for server, mine in own.items():
+        xs = [
+            r["server_cpu_s"][server] / r["runtime_s"]
+            for r in runs
+            if server in r.get("server_cpu_s", {})
+            and r["target"] not in mine
+            and r.get("runtime_s")
+        ]
+        if xs:
+            out[server] = _median(xs)
+    return out
+
+
 def render_chart(table: dict[str, dict[str, dict[str, Any]]], path: Path, title: str) -> bool:
     """Grouped bars of throughput ratios (to tcmu-runner, to LIO fileio). False if matplotlib
     is missing (pip install -e '.[bench]')."""
@@ -385,7 +403,7 @@ def analyze(run_dir: Path, argv_line: str, update_docs: bool) -> int:
         f"(median), QEMU TCG, kernel {env.get('kernel')}, commit {host.get('commit')}"
     )
     charted = render_chart(table, run_dir / "chart.png", title)
-    md = render_markdown(table, env, host, argv_line, run_dir, failed, charted)
+    md = render_markdown(table, runs, env, host, argv_line, run_dir, failed, charted)
     (run_dir / "table.md").write_text(md + "\n")
     if profiles:
         (run_dir / "profile.md").write_text(render_profile(profiles) + "\n")
@@ -400,6 +418,7 @@ def analyze(run_dir: Path, argv_line: str, update_docs: bool) -> int:
 
 def render_markdown(
     table: dict[str, dict[str, dict[str, Any]]],
+    runs: list[dict[str, Any]],
     env: dict[str, Any],
     host: dict[str, Any],
     argv_line: str,
@@ -442,6 +461,13 @@ def render_markdown(
         "",
         render_daemon_table(table),
     ]
+    idle = idle_cpu(runs)
+    if idle:
+        parts += [
+            "",
+            "CPU each userspace server used while fio ran against the other targets (idle "
+            "cost, cores): " + ", ".join(f"{k} {v:.3f}" for k, v in idle.items()),
+        ]
     if charted:
         shown = run_dir.relative_to(REPO) if run_dir.is_relative_to(REPO) else run_dir
         parts += ["", f"Chart: `{shown}/chart.png`"]

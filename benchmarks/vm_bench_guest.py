@@ -456,6 +456,9 @@ def main() -> int:
                     before = daemon_counters(run_dir, t.name) if t.name.startswith("py") else None
                     pid = server_pid.get(t.name)
                     cpu0 = proc_cpu_seconds(pid) if pid else None
+                    # Every userspace server's CPU, also while another target runs (idle cost).
+                    servers = {n: p for n, p in server_pid.items() if n in ("pyraw", "runner")}
+                    server_cpu0 = {n: proc_cpu_seconds(p) for n, p in servers.items()}
                     started = time.time()
                     rec: dict[str, Any] = {
                         "rep": rep,
@@ -482,6 +485,11 @@ def main() -> int:
                         rec["daemon"] = counter_delta(before, daemon_counters(run_dir, t.name))
                     if cpu0 is not None and pid:
                         rec["daemon_cpu_s"] = proc_cpu_seconds(pid) - cpu0
+                    rec["server_cpu_s"] = {
+                        ("tcmu-py" if n == "pyraw" else "tcmu-runner"): proc_cpu_seconds(p)
+                        - server_cpu0[n]
+                        for n, p in servers.items()
+                    }
                     runs.append(rec)
                     write_json(out / "runs.json", runs)
                     log(
