@@ -5,13 +5,14 @@ How it fits together:
 - test_kernel_scenarios.py parametrizes one test per scenario; collection (including ``-k``)
   decides which scenarios the guest runs.
 - The session fixture ``kernel_lab`` boots the VM with ``tcmu_py.lab.run_in_vm`` running
-  guest_main.py, which writes ``results/kernel/<name>.json`` (+ ``.log`` and an artifacts dir) for
-  each scenario through an ``--rwdir``; each test then asserts on its own scenario's result.
+  guest_main.py, which writes ``results/kernel/<run>/<name>.json`` (+ ``.log`` and an artifacts
+  dir) for each scenario through an ``--rwdir`` (``results/kernel/latest`` points at the newest
+  run); each test then asserts on its own scenario's result.
 - The VM not booting is a FAILURE of every kernel test, never a skip. Only an explicit
   ``TCMU_PY_NO_VM=1`` outside CI skips them (for machines without QEMU/the Debian kernel).
 
 Environment knobs: TCMU_PY_NO_VM=1 (local opt-out), TCMU_PY_LAB_RESULTS (results directory,
-default <repo>/results/kernel), TCMU_PY_LAB_MEMORY (guest memory, default 2G),
+default <repo>/results/kernel/<UTC time>-<pid>), TCMU_PY_LAB_MEMORY (guest memory, default 2G),
 TCMU_PY_LAB_BUDGET (seconds for all scenarios together, default 3600).
 """
 
@@ -45,6 +46,8 @@ BOOT_ALLOWANCE = 300.0
 # minutes for bootstrap, linters, unit and kernel tests; scenarios past the budget are reported
 # failed ("not run"), never silently dropped.
 DEFAULT_BUDGET = 3600.0
+# Run directories kept under results/kernel/ (older ones are deleted at session start).
+KEEP_RUNS = 10
 SELECTED = pytest.StashKey[list[str]]()
 
 
@@ -117,9 +120,7 @@ def kernel_lab(request: pytest.FixtureRequest) -> LabRun:
     config = request.config
     names = config.stash.get(SELECTED, [])
     registry = guestlib.discover_scenarios()
-    results = Path(os.environ.get("TCMU_PY_LAB_RESULTS", REPO / "results" / "kernel")).resolve()
-    shutil.rmtree(results, ignore_errors=True)
-    results.mkdir(parents=True)
+    results = _results_dir()
     run = LabRun(results=results, console=results / "console.log")
 
     budget = float(os.environ.get("TCMU_PY_LAB_BUDGET", DEFAULT_BUDGET))
@@ -155,6 +156,32 @@ def kernel_lab(request: pytest.FixtureRequest) -> LabRun:
         run.facts = json.loads(facts.read_text())
     config.stash[_LAB_RUN] = run
     return run
+
+
+def _results_dir() -> Path:
+    """A fresh directory for this session's results: TCMU_PY_LAB_RESULTS (emptied), or
+    results/kernel/<UTC time>-<pid> (several sessions may run kernel tests in one checkout at
+    once), with results/kernel/latest pointing at it. Older run directories beyond the newest
+    KEEP_RUNS are removed."""
+    explicit = os.environ.get("TCMU_PY_LAB_RESULTS")
+    if explicit:
+        results = Path(explicit).resolve()
+        shutil.rmtree(results, ignore_errors=True)
+        results.mkdir(parents=True)
+        return results
+    base = REPO / "results" / "kernel"
+    base.mkdir(parents=True, exist_ok=True)
+    results = base / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+    results.mkdir()
+    latest = base / "latest"
+    tmp_link = base / f".latest-{os.getpid()}"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(results.name)
+    tmp_link.replace(latest)  # atomic: concurrent sessions never see a missing link
+    runs = sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink())
+    for old in runs[:-KEEP_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return results
 
 
 def _q(value: object) -> str:
