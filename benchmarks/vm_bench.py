@@ -403,7 +403,9 @@ def analyze(run_dir: Path, argv_line: str, update_docs: bool) -> int:
         f"(median), QEMU TCG, kernel {env.get('kernel')}, commit {host.get('commit')}"
     )
     charted = render_chart(table, run_dir / "chart.png", title)
-    md = render_markdown(table, runs, env, host, argv_line, run_dir, failed, charted)
+    md = render_markdown(
+        table, runs, env, host, host.get("command", argv_line), run_dir, failed, charted
+    )
     (run_dir / "table.md").write_text(md + "\n")
     if profiles:
         (run_dir / "profile.md").write_text(render_profile(profiles) + "\n")
@@ -478,6 +480,8 @@ def render_markdown(
 
 def update_docs_file(md: str, run_dir: Path, charted: bool) -> None:
     text = DOCS.read_text() if DOCS.exists() else ""
+    if charted:  # the docs show the committed copy of the chart, not the results/ one
+        md = re.sub(r"^Chart: `[^`]*`$", "![throughput ratios](benchmarks-vm.png)", md, flags=re.M)
     block = f"{DOCS_BEGIN}\n{md}\n{DOCS_END}"
     if DOCS_BEGIN in text and DOCS_END in text:
         pre, rest = text.split(DOCS_BEGIN, 1)
@@ -526,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     guest = run_dir / "guest"
     guest.mkdir(parents=True)
     host = host_facts()
+    host["command"] = argv_line
     (run_dir / "host.json").write_text(json.dumps(host, indent=2))
     n_runs = args.reps * len(args.workloads.split(",")) * len(args.targets.split(","))
     profile = "" if args.profile == "none" else args.profile
