@@ -92,6 +92,7 @@ class LabRun:
         return details
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection, so the guest runs only what is left
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Remember which scenarios were selected so the single VM boot runs exactly those."""
     selected: list[str] = []
