@@ -70,3 +70,48 @@ def serve_default(ctx: Context) -> None:
     log(out.stdout + out.stderr)
     assert not list(CORE.glob("user_*/disk0")), "down left the backstore"
     assert not (ISCSI / IQN).exists(), "down left the iSCSI target"
+
+
+def lio_objects() -> set[str]:
+    """Every backstore and target in configfs, as relative paths."""
+    found = set()
+    for root in (CORE, ISCSI, ISCSI.parent / "loopback"):
+        if root.is_dir():
+            found |= {str(p.relative_to(root.parent)) for p in root.iterdir() if p.is_dir()}
+    for hba in CORE.glob("user_*"):
+        found |= {str(p.relative_to(CORE)) for p in hba.iterdir() if p.is_dir()}
+    return found
+
+
+@scenario(timeout=180)
+def bad_config_rejected(ctx: Context) -> None:
+    """A configuration with errors fails before anything is created, naming file, key, value
+    and what was expected for every problem."""
+    bad = ctx.workdir / "bad.yaml"
+    bad.write_text(
+        f"state_dir: {ctx.workdir}/state\n"
+        "devices:\n"
+        "  - {name: ok0, handler: raw, size: 16M}\n"
+        "  - {name: bad0, handler: raw, size: 12345}\n"  # not a multiple of the block size
+        "  - {name: bad1, handler: nosuch, size: 16M}\n"
+        "exports:\n"
+        "  loopback:\n"
+        "    - {device: missing0, lun: 0}\n"
+    )
+    before = lio_objects()
+    res = run(tcmu_py("apply", "-c", str(bad)), timeout=ctx.remaining(120), check=False)
+    text = res.stdout + res.stderr
+    ctx.details["message"] = text
+    assert res.returncode == 2, f"exit {res.returncode}: {text}"
+    for needle in (
+        str(bad),
+        "devices[1].size",
+        "12345",
+        "devices[2].handler",
+        "nosuch",
+        "exports.loopback[0].device",
+        "missing0",
+    ):
+        assert needle in text, f"{needle!r} not in the error:\n{text}"
+    assert lio_objects() == before, "a rejected configuration created LIO objects"
+    assert not (ctx.workdir / "state").exists(), "a rejected configuration created its state dir"
