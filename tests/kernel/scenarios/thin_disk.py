@@ -488,6 +488,11 @@ def accounting(ctx: Context, pool: Path, cap: int, disks: dict[str, Path],
     STATUS all agree; return them."""
     total, per_disk = pool_used(pool)
     for name, dev in disks.items():
+        # A restarted daemon reports POWER ON OCCURRED (UA 29h/00h) once per device: the sd
+        # driver retries its own commands, SG_IO users like sg_logs get the check condition.
+        wait_for(lambda d=dev: run(["sg_turs", str(d)], timeout=ctx.remaining(60),
+                                   check=False).returncode == 0,
+                 ctx.remaining(120), f"{dev} ready (unit attentions consumed)")
         avail, used_count = lbp_log(ctx, dev)
         runs = lba_status(ctx, dev, sizes[name] // BLOCK)
         mapped = mapped_blocks(runs) * BLOCK
