@@ -18,7 +18,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from guestlib import Context, Daemon, LoopbackLun, log, run, scenario, wait_for
+from guestlib import CORE, Context, Daemon, LoopbackLun, log, run, scenario, wait_for
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -460,6 +460,15 @@ def tar_dd_capacity_worm(ctx: Context) -> None:
     assert read_blocks(worm_tape, 1 * MIB) == [second]
 
 
+def check_tape(ctx: Context, tape: Path, files: list[list[bytes]]) -> None:
+    """From BOT: each file's blocks, then end of data right after the last filemark."""
+    mt(ctx, tape, "rewind")
+    for blocks in files:
+        assert read_blocks(tape, 1 * MIB) == blocks
+    mt(ctx, tape, "eod")
+    assert mt_tell(ctx, tape) == sum(len(b) + 1 for b in files)
+
+
 def mtx_status_with(ctx: Context, lab: Lab, barcode: str) -> MtxStatus | None:
     # The changer answers the first command after an operator change with UNIT ATTENTION;
     # mtx then fails once.
@@ -476,9 +485,10 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@scenario(timeout=900)
+@scenario(timeout=1500)
 def kill9_keeps_data_and_inventory(ctx: Context) -> None:
-    """Data written, filemarks and the library inventory survive kill -9 of the daemon."""
+    """Data written, filemarks and the library inventory survive kill -9 of the daemon, and
+    what a reboot leaves (the library directory, no LIO objects): stop, `down`, `serve -c`."""
     lab = serve_library(ctx, "first")
     tape = lab.tapes[0]
     load(ctx, lab, 1, 0)
@@ -501,11 +511,15 @@ def kill9_keeps_data_and_inventory(ctx: Context) -> None:
     assert after == before, f"before:\n{before}\nafter:\n{after}"
     assert after.drives == {0: ("ABC000L8", 1), 1: ("ABC002L8", 3)}, after
     assert after.slots[2] is None and after.slots[6] == "ABC001L8", after
-    mt(ctx, tape, "rewind")
-    for blocks in files:
-        assert read_blocks(tape, 1 * MIB) == blocks
-    mt(ctx, tape, "eod")
-    assert mt_tell(ctx, tape) == 9
+    check_tape(ctx, tape, files)
+
+    # A reboot, as far as one VM boot can show it: LIO objects gone, the files kept.
+    assert lab2.daemon.stop(timeout=60) == 0, "serve did not exit cleanly on SIGTERM"
+    sh(ctx, *tcmu_py("down", "-c", str(lab.config)), cap=300)
+    assert not list(CORE.glob("user_*/vtl-*")), "down left backstores"
+    lab3 = serve_library(ctx, "third", first=False)
+    assert mtx_status(ctx, lab3) == before
+    check_tape(ctx, lab3.tapes[0], files)
     dump = sh(ctx, *tcmu_py("vtl", "dump", str(lab.library), "ABC000L8"))
     total = sum(len(b) for blocks in files for b in blocks)
     assert f"end of data ({total} data bytes)" in dump, dump
