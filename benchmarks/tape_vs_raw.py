@@ -14,7 +14,9 @@ tcm_loop, and see the same I/O pattern: one 256 KiB command at a time (st writes
 blocks synchronously; the disk is written with ``oflag=direct``, read with ``iflag=direct``).
 Each repetition writes, then reads, tape then raw back to back (the tape from BOT after a
 rewind, so every write starts an empty cartridge). Throughput is volume / wall time of the dd
-process, which for the tape includes the filemark st writes at close. Data comes from
+process, which for the tape includes the filemark st writes at close. Each run also records the
+daemon's CPU time and the guest's busy CPU time: on a shared, emulated host they say more about
+the cost per byte than wall time does. Data comes from
 /dev/zero (the drive's compression is off by default, so zeros cost what other data costs).
 """
 
@@ -107,7 +109,8 @@ def guest(args: argparse.Namespace) -> int:
         tape = targets["tape0"]
         run(["mt", "-f", str(tape), "rewind"], timeout=120)
 
-        def dd(target: str, direction: str) -> float:
+        def dd(target: str, direction: str) -> tuple[float, float, float]:
+            """(wall seconds, daemon CPU seconds, guest busy seconds) of one dd run."""
             dev = targets[target]
             if direction == "write":
                 argv = ["dd", "if=/dev/zero", f"of={dev}", f"bs={BLOCK}", f"count={count}"]
@@ -119,12 +122,19 @@ def guest(args: argparse.Namespace) -> int:
                     argv.append("iflag=direct")
             if target == "tape0":
                 run(["mt", "-f", str(dev), "rewind"], timeout=300)
+            cpu0, busy0 = daemon_cpu(), guest_busy()
             t0 = time.monotonic()
             res = run(argv, timeout=600, check=False)
             elapsed = time.monotonic() - t0
             if res.returncode != 0 or f"{count}+0 records" not in res.stderr:
                 raise RuntimeError(f"{' '.join(argv)}: exit {res.returncode}: {res.stderr}")
-            return elapsed
+            return elapsed, daemon_cpu() - cpu0, guest_busy() - busy0
+
+        def daemon_cpu() -> float:
+            """CPU seconds (user + system) the daemon process has used so far."""
+            assert daemon.proc is not None
+            fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
         for rep in range(args.reps):
             for direction in ("write", "read"):
@@ -133,8 +143,9 @@ def guest(args: argparse.Namespace) -> int:
                                            "bytes": volume,
                                            "loadavg": Path("/proc/loadavg").read_text().split()[0]}
                     try:
-                        seconds = dd(target, direction)
-                        rec.update(seconds=seconds, mib_s=volume / MIB / seconds)
+                        seconds, cpu, busy = dd(target, direction)
+                        rec.update(seconds=seconds, mib_s=volume / MIB / seconds,
+                                   daemon_cpu_s=cpu, guest_busy_s=busy)
                     except (RuntimeError, TimeoutError) as exc:
                         rec["failed"] = str(exc)[-1500:]
                     runs.append(rec)
@@ -143,6 +154,13 @@ def guest(args: argparse.Namespace) -> int:
     (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
                                                "cpus": os.cpu_count()}))
     return 0 if all("failed" not in r for r in runs) else 1
+
+
+def guest_busy() -> float:
+    """CPU seconds the whole guest has spent busy (all CPUs; /proc/stat minus idle and iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = values
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +178,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             if ok:
                 row[target] = {"mib_s": statistics.median(r["mib_s"] for r in ok),
                                "runs": len(ok)}
+                if all("daemon_cpu_s" in r for r in ok):
+                    row[target]["daemon_cpu_s_per_gib"] = statistics.median(
+                        r["daemon_cpu_s"] * (1 << 30) / r["bytes"] for r in ok)
+                    row[target]["guest_busy_s_per_gib"] = statistics.median(
+                        r["guest_busy_s"] * (1 << 30) / r["bytes"] for r in ok)
         if "tape0" in row and "raw0" in row:
             row["ratio"] = row["tape0"]["mib_s"] / row["raw0"]["mib_s"]
         summary[direction] = row
@@ -187,7 +210,10 @@ def host(args: argparse.Namespace) -> int:
     summary = summarise(json.loads(runs_file.read_text()))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for direction, row in summary.items():
-        parts = [f"{t}: {v['mib_s']:.1f} MiB/s ({v['runs']} runs)"
+        parts = [f"{t}: {v['mib_s']:.1f} MiB/s ({v['runs']} runs"
+                 + (f", daemon {v['daemon_cpu_s_per_gib']:.0f} CPU s/GiB, guest busy"
+                    f" {v['guest_busy_s_per_gib']:.0f} s/GiB" if "daemon_cpu_s_per_gib" in v
+                    else "") + ")"
                  for t, v in row.items() if isinstance(v, dict)]
         ratio = f"  tape/raw = {row['ratio']:.2f}" if "ratio" in row else ""
         print(f"{direction} {BLOCK >> 10} KiB blocks: " + "; ".join(parts) + ratio)
