@@ -93,14 +93,17 @@ class LabRun:
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection, so the guest runs only what is left
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Remember which scenarios were selected so the single VM boot runs exactly those."""
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Remember which scenarios were selected so the single VM boot runs exactly those.
+
+    (collection_finish, not collection_modifyitems: only after every modifyitems hook, -k and -m
+    included, is ``session.items`` the final selection.)"""
     selected: list[str] = []
-    for item in items:
+    for item in session.items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and "scenario_name" in callspec.params:
             selected.append(callspec.params["scenario_name"])
-    config.stash[SELECTED] = selected
+    session.config.stash[SELECTED] = selected
 
 
 def _opted_out() -> bool:
