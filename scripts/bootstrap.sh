@@ -86,8 +86,8 @@ if [[ -f $STAMP && "$(cat "$STAMP")" == "$WANT" ]] \
     && [[ -x .venv/bin/vng ]]; then
     step "venv: up to date"
 else
-    step "venv: pip install -e '.[test,lio]' $VIRTME_NG"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,lio]' "$VIRTME_NG"
+    step "venv: pip install -e '.[test,lio,lab]'"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,lio,lab]'
     echo "$WANT" >"$STAMP"
 fi
 

@@ -21,8 +21,6 @@ START=$SECONDS
 RUFF_PENDING=(
 )
 MYPY_PENDING=(
-    tests/kernel/scenarios/daemon_disk.py
-    tests/kernel/scenarios/lio_objects.py
     tests/kernel/scenarios/vtl.py
 )
 RUFF_PATHS=(tcmu_py handlers tests scripts)

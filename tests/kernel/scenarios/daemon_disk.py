@@ -137,9 +137,9 @@ def sg_identity(ctx: Context) -> None:
         assert op.lower() in out.lower(), f"{op} missing from sg_opcodes:\n{out}"
     assert "Unmap" not in out, f"raw cannot unmap, yet sg_opcodes lists it:\n{out}"
 
-    out = run(["sg_requests", str(dev)], timeout=ctx.remaining(30), check=False)
-    text = out.stdout + out.stderr
-    assert out.returncode == 0, text
+    req = run(["sg_requests", str(dev)], timeout=ctx.remaining(30), check=False)
+    text = req.stdout + req.stderr
+    assert req.returncode == 0, text
     assert re.search(r"no (additional )?sense", text, re.IGNORECASE), text
     ctx.details["serial"] = serial
 
@@ -267,7 +267,11 @@ def kill9_restart(ctx: Context) -> None:
         f"--output={out_json}",
     ]
     fio_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ctx.cleanup.callback(lambda: fio_proc.poll() is None and fio_proc.kill())
+    def stop_fio() -> None:
+        if fio_proc.poll() is None:
+            fio_proc.kill()
+
+    ctx.cleanup.callback(stop_fio)
     # Let some writes complete, then kill the daemon with commands in flight.
     wait_for(lambda: served_writes(run_dir, "crash0") > 200, ctx.remaining(120), "fio to get going")
     assert daemon.proc is not None

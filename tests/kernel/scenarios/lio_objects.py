@@ -7,6 +7,7 @@ import select
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from guestlib import CORE, ISCSI, Context, read_attr, scenario
 
@@ -155,7 +156,7 @@ def netlink_replies(ctx: Context) -> None:
     nl.set_features(True)
     log: list[tuple[str, ...]] = []
     served, ours = {"nlt"}, lio.no_reply_devices(str(state))
-    box: dict[str, object] = {}
+    box: dict[str, Any] = {}
 
     def create() -> None:
         rtslib_fb.tcm.bs_cache.clear()
