@@ -154,8 +154,10 @@ class ThinBackend:
                     self._unconfirmed.update(range(a, b))
             self._writing.append((first, last))
 
-    def _end_write(self, first: int, last: int) -> None:
-        """Unregister the write; release reservations of units that stayed holes."""
+    def _end_write(self, first: int, last: int, *, written: bool = False) -> None:
+        """Unregister the write; release reservations of units that stayed holes. `written`:
+        every byte of the range was written, so each of its units now holds data (written zeros
+        stay allocated: `probe_filesystem`) and none needs checking."""
         with self._cond:
             self._writing.remove((first, last))
             if self._unconfirmed:
@@ -166,6 +168,7 @@ class ThinBackend:
                 done = [u for u in mine if not _overlaps(self._writing, u, u + 1)]
                 if done:
                     self._unconfirmed.difference_update(done)
+                if done and not written:
                     mapped = list(self._mapped(min(done), max(done) + 1))
                     stale = sum(1 for x in done if not any(a <= x < b for a, b in mapped))
                     self.pool.release(self.name, stale)
@@ -204,10 +207,12 @@ class ThinBackend:
         self._check_bounds(offset, length)
         first, last = self._unit_range(offset, length)
         self._begin_write(first, last)
+        written = False
         try:
             pwrite_all(self._fd, offset, bufs, length)
+            written = True
         finally:
-            self._end_write(first, last)
+            self._end_write(first, last, written=written)
 
     def flush(self) -> None:
         """fdatasync: every acknowledged write and unmap is durable afterwards."""
@@ -291,14 +296,16 @@ class ThinBackend:
         chunk = memoryview(block * max(1, min(length, CHUNK) // len(block)))
         first, last = self._unit_range(offset, length)
         self._begin_write(first, last)
+        written = False
         try:
             pos, end = offset, offset + length
             while pos < end:
                 n = min(len(chunk), end - pos)
                 pwrite_all(self._fd, pos, [chunk[:n]])
                 pos += n
+            written = True
         finally:
-            self._end_write(first, last)
+            self._end_write(first, last, written=written)
 
     def lba_status(
         self, offset: int, length: int, *, max_runs: int | None = None
