@@ -482,6 +482,11 @@ def fio_bg(dev: Path, out: Path, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def unit_ready(ctx: Context, dev: Path) -> bool:
+    """TEST UNIT READY through SG_IO succeeds (a pending unit attention makes it fail once)."""
+    return run(["sg_turs", str(dev)], timeout=ctx.remaining(60), check=False).returncode == 0
+
+
 def accounting(ctx: Context, pool: Path, cap: int, disks: dict[str, Path],
                sizes: dict[str, int]) -> dict[str, Any]:
     """Check that the daemon's live figures (LOG SENSE 0Ch), a scan of the files and GET LBA
@@ -490,9 +495,8 @@ def accounting(ctx: Context, pool: Path, cap: int, disks: dict[str, Path],
     for name, dev in disks.items():
         # A restarted daemon reports POWER ON OCCURRED (UA 29h/00h) once per device: the sd
         # driver retries its own commands, SG_IO users like sg_logs get the check condition.
-        wait_for(lambda d=dev: run(["sg_turs", str(d)], timeout=ctx.remaining(60),
-                                   check=False).returncode == 0,
-                 ctx.remaining(120), f"{dev} ready (unit attentions consumed)")
+        wait_for(partial(unit_ready, ctx, dev), ctx.remaining(120),
+                 f"{dev} ready (unit attentions consumed)")
         avail, used_count = lbp_log(ctx, dev)
         runs = lba_status(ctx, dev, sizes[name] // BLOCK)
         mapped = mapped_blocks(runs) * BLOCK
