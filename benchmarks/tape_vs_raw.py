@@ -107,7 +107,10 @@ def guest(args: argparse.Namespace) -> int:
             log(f"{name}: {targets[name]}")
         write_attr(Path("/sys/block") / targets["raw0"].name / "queue" / "scheduler", "none")
         tape = targets["tape0"]
-        run(["mt", "-f", str(tape), "rewind"], timeout=120)
+        # st allows one open at a time; udev's probe of the new node (scsi_id) may hold it.
+        run(["udevadm", "settle", "--timeout=120"], timeout=180, check=False)
+        wait_for(lambda: run(["mt", "-f", str(tape), "rewind"], timeout=120,
+                             check=False).returncode == 0, 120, f"{tape} to rewind")
 
         def dd(target: str, direction: str) -> tuple[float, float, float]:
             """(wall seconds, daemon CPU seconds, guest busy seconds) of one dd run."""

@@ -9,6 +9,7 @@ and the LTO-8 WORM cartridge WRM000LY (slot 5).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -101,7 +102,26 @@ def serve_library(ctx: Context, name: str = "daemon", *, first: bool = True) -> 
     log(f"changer {lab.changer_sg} {lab.changer}, drives {lab.tapes} {lab.tape_sgs}")
     for sg in (lab.changer_sg, *lab.tape_sgs):
         settle(ctx, sg)
+    for tape in lab.tapes:
+        wait_tape_free(tape, ctx.remaining(60))
     return lab
+
+
+def wait_tape_free(tape: Path, timeout: float) -> None:
+    """Wait until `tape` can be opened: st allows one open at a time, and udev's probe of a new
+    tape device (scsi_id on the node) holds it for a moment (EBUSY meanwhile)."""
+
+    def free() -> bool:
+        try:
+            fd = os.open(tape, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return False
+            raise
+        os.close(fd)
+        return True
+
+    wait_for(free, timeout, f"{tape} to be free (udev probing it)")
 
 
 def settle(ctx: Context, sg: Path) -> None:
