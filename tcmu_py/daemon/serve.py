@@ -13,9 +13,11 @@ Lifecycle of one device
   daemon: the device is served by `FailedDevice`, which answers INQUIRY and fails everything
   else with NOT READY 04/03 (manual intervention required), and the log says why.
 - Removal (udev "remove" or netlink REMOVED): stop its runner, close the handler.
-- SIGTERM / SIGINT: every device is blocked (`block_dev=1`: new commands wait in the kernel),
-  in-flight commands drain, handlers close. The devices stay blocked so that commands issued
-  while the daemon is down wait for its restart instead of failing; the next start unblocks.
+- SIGTERM / SIGINT: every device is blocked (`block_dev=1`), in-flight commands drain, handlers
+  close, and the device is unblocked again. Commands that arrive while no daemon runs wait on
+  the ring until the next daemon's recovery answers them BUSY (initiators retry), or until the
+  device's `cmd_time_out`. Leaving devices blocked instead would make any command the kernel
+  itself issues while removing a LUN (sd's SYNCHRONIZE CACHE) wait forever.
 
 Threads: one loop thread per device (`DeviceRunner.run`) plus its worker pool; the main thread
 handles netlink, signals and the control socket; the pyudev observer calls `add`/`remove` from its
@@ -343,7 +345,8 @@ class Daemon:
         return Served(node, name, uio, device, runner, thread, failed)
 
     def remove(self, node: str, *, block: bool = False) -> None:
-        """Stop serving `node`. With `block`, leave the kernel device blocked (shutdown)."""
+        """Stop serving `node`. With `block` (shutdown), hold new commands off in the kernel
+        while the runner drains, then let them through again."""
         with self._lock:
             served = self.served.pop(node, None)
         if served is None:
@@ -359,6 +362,9 @@ class Daemon:
         finally:
             with contextlib.suppress(OSError):
                 served.uio.close()
+            if block:
+                with contextlib.suppress(TcmuError):
+                    cfs.unblock()
         log.info("%s: closed %s", served.name.device, node)
 
     def find(self, dev_name: str) -> Served | None:

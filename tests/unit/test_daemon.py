@@ -118,7 +118,8 @@ def test_serves_found_devices_and_skips_foreign_subtypes(host, tmp_path):
         assert st["devices"][0]["counters"]["writes"] == 1
     finally:
         d.shutdown()
-    assert host.action(0, "disk0", "block_dev") == "1"  # left blocked for the next daemon
+    # Blocked while draining, then unblocked: a blocked device would hang LUN removal.
+    assert host.action(0, "disk0", "block_dev") == "0"
 
 
 def test_failed_handler_is_not_ready_and_others_keep_working(host, tmp_path, caplog):
