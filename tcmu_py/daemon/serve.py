@@ -55,8 +55,10 @@ log = logging.getLogger("tcmu_py.daemon")
 
 UIO_CLASS = Path("/sys/class/uio")
 RUN_DIR = Path("/run/tcmu-py")
-#: How often the main loop rescans /sys/class/uio as a safety net for missed events.
+#: How often the main loop rescans /sys/class/uio as a safety net for missed events: often
+#: when no udev monitor runs, rarely when one does (the scan competes with I/O for the GIL).
 RESCAN_SECONDS = 10.0
+RESCAN_SECONDS_WITH_UDEV = 60.0
 
 
 class FailedDevice(ScsiDevice):
@@ -216,7 +218,8 @@ class Daemon:
             poller.register(self._netlink.fileno(), select.POLLIN)
         if self._control is not None:
             poller.register(self._control.fileno(), select.POLLIN)
-        next_scan = time.monotonic() + RESCAN_SECONDS
+        interval = RESCAN_SECONDS_WITH_UDEV if self._observer is not None else RESCAN_SECONDS
+        next_scan = time.monotonic() + interval
         try:
             while not self._stopping:
                 timeout = max(0.0, next_scan - time.monotonic())
@@ -229,7 +232,7 @@ class Daemon:
                         self._handle_control()
                 if time.monotonic() >= next_scan:
                     self.rescan()
-                    next_scan = time.monotonic() + RESCAN_SECONDS
+                    next_scan = time.monotonic() + interval
         finally:
             self.shutdown()
 

@@ -8,7 +8,9 @@ Where a command runs:
 - commands whose handler is marked `inline` (INQUIRY, READ CAPACITY, MODE SENSE ...) run on the
   loop thread, and are completed together with one kick;
 - everything else goes to a bounded worker pool (`workers` threads; the backend's blocking I/O
-  releases the GIL there); each worker completes its own command and kicks;
+  releases the GIL there), dealt round-robin in one chunk per worker, each chunk completed with
+  one kick — except a wake-up that brings a single such command (queue depth 1), which runs on
+  the loop thread: the hand-off would cost more than it saves;
 - a device with `serial_commands` (tapes, changers) gets exactly one worker, so its commands run
   one at a time, in arrival order.
 
@@ -186,7 +188,11 @@ class DeviceRunner:
                 inline.append((rc, self._execute_sync(cmd)))
             else:
                 blocking.append((rc, cmd))
-        if blocking:
+        if len(blocking) == 1 and not inline:
+            # A lone blocking command (queue depth 1): handing it to a worker costs two thread
+            # switches and the loop would only wait for it anyway, so run it here.
+            self._run_chunk(blocking)
+        elif blocking:
             # One pool task per worker, commands dealt round-robin: a batch of 32 costs 4 thread
             # hand-offs and 4 kicks instead of 32 of each. A serial device gets one task, so
             # its commands keep their arrival order.
