@@ -65,11 +65,13 @@ def serve_default(ctx: Context) -> None:
     status = run(tcmu_py("status", "--run-dir", str(run_dir)), timeout=ctx.remaining(60)).stdout
     assert "disk0" in status and "raw" in status, status
     ctx.details["status"] = status
-    assert d.stop(timeout=60) == 0, "serve did not exit cleanly on SIGTERM"
-    out = run(tcmu_py("down"), timeout=ctx.remaining(120))
+    # down while the daemon still serves: removing a LUN makes sd send SYNCHRONIZE CACHE, which
+    # only a serving daemon answers (otherwise it waits for cmd_time_out).
+    out = run(tcmu_py("down"), timeout=ctx.remaining(180))
     log(out.stdout + out.stderr)
     assert not list(CORE.glob("user_*/disk0")), "down left the backstore"
     assert not (ISCSI / IQN).exists(), "down left the iSCSI target"
+    assert d.stop(timeout=60) == 0, "serve did not exit cleanly on SIGTERM"
 
 
 def lio_objects() -> set[str]:
