@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tcmu_py.daemon.config import expand_barcodes
 from tcmu_py.errors import ConfigError, TcmuError
 from tcmu_py.handlers.vtl.library import (
     ChangerIdentity,
@@ -63,33 +64,16 @@ def _barcode(text: str) -> str:
 
 
 def _expand(first: str, last: str) -> list[str]:
-    if len(first) != len(last):
-        raise ConfigError(f"barcode range {first}..{last}: both ends must have the same length")
-    if first == last:
-        return [first]
-    lo = 0
-    while first[lo] == last[lo]:
-        lo += 1
-    hi = len(first)
-    while first[hi - 1] == last[hi - 1]:
-        hi -= 1
-    # Widen the differing part to the whole run of digits around it (ABC0|09|L8 -> ABC|009|L8).
-    while lo > 0 and first[lo - 1].isdigit():
-        lo -= 1
-    while hi < len(first) and first[hi].isdigit():
-        hi += 1
-    a, b = first[lo:hi], last[lo:hi]
-    if not (a.isdigit() and b.isdigit()) or first[:lo] != last[:lo] or first[hi:] != last[hi:]:
+    try:
+        codes = expand_barcodes(f"{first}..{last}")
+    except ValueError:
         raise ConfigError(
-            f"barcode range {first}..{last}: the ends must differ in one run of digits only"
-        )
-    start, stop = int(a), int(b)
-    if stop < start:
-        raise ConfigError(f"barcode range {first}..{last}: the first barcode is the larger")
-    if stop - start + 1 > MAX_RANGE:
+            f"barcode range {first}..{last}: expected two barcodes of the same length that "
+            "differ in one run of digits only, the first not larger than the last"
+        ) from None
+    if len(codes) > MAX_RANGE:
         raise ConfigError(f"barcode range {first}..{last}: more than {MAX_RANGE} cartridges")
-    width = hi - lo
-    return [f"{first[:lo]}{n:0{width}d}{first[hi:]}" for n in range(start, stop + 1)]
+    return codes
 
 
 def create_library(
