@@ -515,8 +515,17 @@ def restart_accounting(ctx: Context) -> None:
     pool = make_pool(ctx, "pool3", 128 * MIB, 80)
     sizes = {"trs0": 64 * MIB, "trs1": 32 * MIB}
     disks = {}
+    luns = []
     for name, size in sizes.items():
-        disks[name] = thin_disk(ctx, pool, name, size, run_dir, survive_restarts=True)[2]
+        _, lun, disks[name] = thin_disk(ctx, pool, name, size, run_dir, survive_restarts=True)
+        luns.append(lun)
+
+    def unlink_while_served() -> None:
+        # With cmd_time_out 0, removing a LUN nobody serves would wait (SYNCHRONIZE CACHE on
+        # detach) for the sd timeout: unlink before the daemon started last is stopped.
+        for lun in luns:
+            lun.unlink()
+
     d0, d1 = disks["trs0"], disks["trs1"]
     dd(ctx, "if=/dev/urandom", f"of={d0}", "bs=1M", "count=8", "oflag=direct")
     dd(ctx, "if=/dev/urandom", f"of={d0}", "bs=4k", "count=700", "seek=5123", "oflag=direct")
@@ -530,6 +539,7 @@ def restart_accounting(ctx: Context) -> None:
     assert rc == 0, f"daemon exit status {rc} after SIGTERM"
     assert pool_used(pool)[0] == before["total"]
     daemon, _ = start_daemon(ctx, name="second")
+    ctx.cleanup.callback(unlink_while_served)
     for name in sizes:
         wait_for(partial(served, run_dir, name), ctx.remaining(60), f"{name} served again")
     after_term = accounting(ctx, pool, 128 * MIB, disks, sizes)
@@ -554,6 +564,7 @@ def restart_accounting(ctx: Context) -> None:
     daemon.proc.wait()
     log("daemon killed with -9 during I/O; restarting")
     start_daemon(ctx, name="third")
+    ctx.cleanup.callback(unlink_while_served)
     for job in jobs:
         try:
             _, err = job.communicate(timeout=ctx.remaining(400))
