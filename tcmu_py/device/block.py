@@ -144,6 +144,7 @@ class BlockDevice(ScsiDevice):
         pages = super().vpd_pages()
         gran = self._unmap_granularity_blocks()
         pages[0xB0] = lambda: sbc.build_vpd_block_limits(
+            wsnz=True,  # WRITE SAME with zero blocks is refused, not "to the end" (SBC-4 6.6.3)
             max_transfer_length=self.max_transfer_blocks,
             optimal_transfer_length=self.max_transfer_blocks,
             max_unmap_lba_count=MAX_UNMAP_LBA_COUNT if self._can_unmap else 0,
@@ -419,10 +420,11 @@ class BlockDevice(ScsiDevice):
             raise InvalidFieldInCdb("NUMBER OF LOGICAL BLOCKS", field_pointer=13)
         self._check_range(rw.lba, rw.transfer_length)
         length = rw.transfer_length * self.block_size
-        if cmd.data_out_length < 2 * length:
-            # SBC-4 5.3: the Data-Out holds the verify and the write instances.
+        if cmd.data_out_length != 2 * length:
+            # SBC-4 5.3: the Data-Out holds exactly the verify and the write instances; a
+            # transfer of another size (e.g. 256 blocks, whose one-byte count reads 0) is refused.
             raise InvalidFieldInCdb(
-                "data-out shorter than 2 x NUMBER OF LOGICAL BLOCKS", field_pointer=13
+                "data-out is not 2 x NUMBER OF LOGICAL BLOCKS", field_pointer=13
             )
         if length == 0:
             return

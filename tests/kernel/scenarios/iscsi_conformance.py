@@ -58,7 +58,9 @@ def parse_cunit(text: str) -> dict[str, str]:
             continue
         if "[SKIPPED]" in line:
             skipped = True
-        if re.search(r"\bFAILED\b", line):
+        # A verdict is a bare "passed"/"FAILED"; "[FAILED] ..." is a log line inside a test
+        # (libiscsi logs expected command failures that way, and the test may still pass).
+        if re.search(r"(?<!\[)\bFAILED\b(?!\])", line):
             results[current] = "fail"
             current = None
         elif re.search(r"\bpassed\b", line):
