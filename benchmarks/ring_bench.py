@@ -21,11 +21,10 @@ import threading
 import time
 from typing import Any
 
-from tcmu_py.handlers.null import NullHandler
-from tcmu_py.handlers.raw import RawHandler
-
 from tcmu_py.device.runner import DeviceRunner
 from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.null import NullHandler
+from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.testing import FakeKernel, FakeUio, cdbs
 
 BS = 512
