@@ -14,6 +14,7 @@ overlapping write (SBC-4 5.3); reads take no lock.
 from __future__ import annotations
 
 import errno
+import itertools
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -69,21 +70,29 @@ def slice_buffers(bufs: Sequence[memoryview], offset: int, length: int) -> list[
 
 
 class RangeLock:
-    """Mutual exclusion between overlapping LBA ranges (half-open [start, end))."""
+    """Mutual exclusion between overlapping LBA ranges (half-open [start, end)), first come first
+    served: a request also waits for earlier overlapping requests still waiting, so a stream of
+    writes cannot starve a COMPARE AND WRITE on the same blocks."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._held: list[tuple[int, int]] = []
+        self._held: list[tuple[int, int, int]] = []
+        self._waiting: list[tuple[int, int, int]] = []
+        self._tickets = itertools.count()
 
-    def acquire(self, start: int, end: int) -> tuple[int, int]:
+    def acquire(self, start: int, end: int) -> tuple[int, int, int]:
         with self._cond:
-            while any(s < end and start < e for s, e in self._held):
+            me = (start, end, next(self._tickets))
+            self._waiting.append(me)
+            while any(s < end and start < e for s, e, _ in self._held) or any(
+                t < me[2] and s < end and start < e for s, e, t in self._waiting
+            ):
                 self._cond.wait()
-            item = (start, end)
-            self._held.append(item)
-            return item
+            self._waiting.remove(me)
+            self._held.append(me)
+            return me
 
-    def release(self, item: tuple[int, int]) -> None:
+    def release(self, item: tuple[int, int, int]) -> None:
         with self._cond:
             self._held.remove(item)
             self._cond.notify_all()
