@@ -247,7 +247,7 @@ def kill9_restart(ctx: Context) -> None:
     # TCMU fails commands a daemon leaves in flight once cmd_time_out (30 s by default) passes.
     # Restarting takes well under that on real hardware but not under emulation on a busy
     # machine, so this device tolerates a longer outage, as an operator would configure it.
-    _, _, dev = raw_disk(ctx, "crash0", 64 * MIB, run_dir, cmd_time_out=600)
+    _, lun, dev = raw_disk(ctx, "crash0", 64 * MIB, run_dir, cmd_time_out=600)
     out_json = ctx.workdir / "crash.json"
     argv = [
         "fio",
@@ -293,6 +293,10 @@ def kill9_restart(ctx: Context) -> None:
     dmesg = run(["dmesg"], timeout=30).stdout
     assert "blocked for more than" not in dmesg, "a task hung:\n" + dmesg[-3000:]
     ctx.details["fio_write_iops"] = round(job["write"]["iops"])
+    # Remove the LUN while the restarted daemon still serves it: cleanup would stop that daemon
+    # first (it started last), and the removal's SYNCHRONIZE CACHE would then wait out the
+    # 600 s cmd_time_out.
+    lun.unlink()
 
 
 def served_writes(run_dir: Path, device: str) -> int:
