@@ -324,12 +324,8 @@ class BlockDevice(ScsiDevice):
             rw = cdbs.parse_rw(cdb)
             lba, blocks, fua = rw.lba, rw.transfer_length, rw.fua
             field = {0x08: 4, 0x0A: 4, 0xA8: 6, 0xAA: 6}.get(op, 10 if op & 0x80 else 7)
-        # SBC-4 4.5: LBA + TRANSFER LENGTH beyond the capacity -> LBA OUT OF RANGE.
-        if lba + blocks > self.num_blocks:
-            raise LbaOutOfRange(f"lba {lba} + {blocks} > {self.num_blocks}", info=lba)
-        if blocks > self.max_transfer_blocks:
-            # SBC-4 6.6.3: above MAXIMUM TRANSFER LENGTH -> INVALID FIELD IN CDB.
-            raise InvalidFieldInCdb(f"transfer length {blocks}", field_pointer=field)
+        self._check_range(lba, blocks)
+        self._check_transfer(blocks, field)
         return lba, blocks, fua
 
     @command(Opcode.READ_6)
