@@ -10,6 +10,9 @@ copy in Python. With the device's write cache on (LIO attribute `emulate_write_c
 `write_cache: true`) writes land in the page cache, the device reports WCE=1 and makes them
 durable with `fdatasync` on SYNCHRONIZE CACHE and FUA. With it off the image is opened O_DSYNC:
 every write is durable when it completes, and WCE=0 says so.
+
+An image on a memory filesystem (tmpfs, ramfs) never waits for a disk: its commands run on the
+device's loop thread, with no hand-off to a worker (see `BlockBackend.blocking`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 
 from tcmu_py.device.block import BlockDevice, open_block_device
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import DeviceConfig, Handler
+from tcmu_py.handler import DeviceConfig, Handler, on_memory_filesystem
 
 
 class RawBackend:
@@ -34,6 +37,8 @@ class RawBackend:
         if os.fstat(self.fd).st_size < size:
             os.ftruncate(self.fd, size)
         self.size = size
+        #: False on tmpfs/ramfs: I/O is a memory copy, cheaper on the loop thread than handed off.
+        self.blocking = not on_memory_filesystem(self.fd)
 
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
         want = sum(len(b) for b in bufs)

@@ -4,7 +4,7 @@
     tcmu-py apply [-c CONFIG]         create the configuration's backstores and exports
     tcmu-py down  [-c CONFIG]         remove what tcmu-py created, nothing else
     tcmu-py check [-c CONFIG]         validate a configuration file, create nothing
-    tcmu-py status                    devices, handlers, exports and counters
+    tcmu-py status [-i S] [--json]    devices, counters, IOPS/throughput/latency over S seconds
     tcmu-py lab [-c CONFIG] [-- CMD]  boot the distribution kernel in QEMU and serve there
     tcmu-py vtl ...                   virtual tape library administration
 
@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,14 +161,25 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from tcmu_py.daemon.serve import query_status
-    from tcmu_py.daemon.status import render_status
+    from tcmu_py.daemon.status import add_windows, render_status
 
+    run_dir = Path(args.run_dir)
     try:
-        status = query_status(Path(args.run_dir))
+        status = query_status(run_dir)
+        if args.interval > 0:  # rates over a window, as iostat: two snapshots `interval` apart
+            earlier = status
+            time.sleep(args.interval)
+            status = query_status(run_dir)
+            add_windows(status, earlier)
+        else:
+            add_windows(status, None)
     except TcmuError as exc:
         print(f"tcmu-py: {exc}", file=sys.stderr)
         status = None
-    print(render_status(status, args.config))
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        print(render_status(status, args.config))
     return 0 if status is not None else 1
 
 
@@ -211,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("-c", "--config", help="YAML configuration (default: embedded)")
         s.add_argument("--run-dir", default=str(RUN_DIR), help=argparse.SUPPRESS)
         s.set_defaults(fn=fn)
+        if name == "status":
+            s.add_argument(
+                "-i",
+                "--interval",
+                type=float,
+                default=1.0,
+                help="seconds between the two samples the rates are taken from "
+                "(default 1; 0: since each device started)",
+            )
+            s.add_argument(
+                "--json", action="store_true", help="print the raw status (with rates) as JSON"
+            )
 
     # Listed for --help; their arguments are parsed by their own modules (see _DELEGATED).
     sub.add_parser(

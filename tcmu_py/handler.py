@@ -18,6 +18,7 @@ subclass, so a third-party package adds a subtype with one line in its own pypro
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -100,7 +101,8 @@ class BlockBackend(Protocol):
     - ``resize(size)``: the device was resized to `size` bytes.
     - ``close()``: release resources; called once when the device goes away.
     - ``blocking = False``: the backend never waits (memory-backed); commands then run on the
-      device's loop thread instead of its worker pool.
+      device's loop thread instead of its worker pool. A file backend can set it from
+      `on_memory_filesystem(fd)`.
     """
 
     size: int
@@ -116,6 +118,31 @@ class BlockBackend(Protocol):
 
     def flush(self) -> None:
         """Make every acknowledged write durable."""
+
+
+#: Filesystems whose files live in memory: I/O on them is a memory copy and never waits for a disk.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+def on_memory_filesystem(fd: int, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether the open file `fd` lives on a memory filesystem (`MEMORY_FILESYSTEMS`).
+
+    The file's device number is looked up in `mountinfo` (proc(5): field 3 is major:minor, the
+    filesystem type follows the " - " separator). Any doubt (no match, unreadable) answers False,
+    the safe side: the backend is then treated as one that may block.
+    """
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and fields[2] == dev and " - " in line:
+                    fstype = line.split(" - ", 1)[1].split()[0]
+                    return fstype in MEMORY_FILESYSTEMS
+    except OSError:
+        return False
+    return False
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tcmu_py.handler import ProvisioningInfo
+from tcmu_py.handler import ProvisioningInfo, on_memory_filesystem
 
 from .pool import count_units
 from .sparse import data_runs, pread_all, punch_hole, pwrite_all, unit_runs
@@ -92,6 +92,9 @@ class ThinBackend:
         self.unmap_granularity = unit
         self._fd = fd
         self._on_close = on_close
+        #: False on tmpfs/ramfs: I/O is a memory copy, cheaper on the loop thread than handed off.
+        #: Every command of the disk then runs on that one thread, so the waits below never occur.
+        self.blocking = not on_memory_filesystem(fd)
         self._cond = threading.Condition(threading.Lock())
         self._writing: list[tuple[int, int]] = []  # unit ranges of in-flight writes
         self._exclusive: list[tuple[int, int]] = []  # unit ranges being deallocated

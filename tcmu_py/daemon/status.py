@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tcmu_py.device.runner import latency_bucket_upper
+
 
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -23,18 +25,68 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def percentile(hist: list[int], q: float) -> float:
+    """The `q` quantile (0 < q <= 1) of a `Counters.latency_hist`, in seconds (the upper edge of
+    the bucket it falls in); 0.0 for an empty histogram."""
+    total = sum(hist)
+    if not total:
+        return 0.0
+    need = q * total
+    seen = 0
+    for i, n in enumerate(hist):
+        seen += n
+        if seen >= need:
+            return latency_bucket_upper(i)
+    return latency_bucket_upper(len(hist) - 1)
+
+
+def window(counters: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, float]:
+    """One device's rates between two counter snapshots (`Counters.snapshot`); `earlier` None, or
+    a snapshot from before the runner restarted, gives the rates since the runner started.
+
+    Keys: seconds, iops, read_bps, write_bps, mean_s, p99_s, errors.
+    """
+    if earlier is None or earlier["commands"] > counters["commands"]:
+        earlier = {k: 0 for k in counters} | {"latency_hist": [], "uptime": 0.0}
+    seconds = max(counters["uptime"] - earlier["uptime"], 1e-9)
+    cmds = counters["commands"] - earlier["commands"]
+    old = earlier["latency_hist"]
+    hist = [n - (old[i] if i < len(old) else 0) for i, n in enumerate(counters["latency_hist"])]
+    return {
+        "seconds": seconds,
+        "iops": cmds / seconds,
+        "read_bps": (counters["bytes_read"] - earlier["bytes_read"]) / seconds,
+        "write_bps": (counters["bytes_written"] - earlier["bytes_written"]) / seconds,
+        "mean_s": (counters["latency_seconds"] - earlier["latency_seconds"]) / cmds
+        if cmds
+        else 0.0,
+        "p99_s": percentile(hist, 0.99),
+        "errors": counters["errors"] - earlier["errors"],
+    }
+
+
+def add_windows(status: dict[str, Any], earlier: dict[str, Any] | None) -> None:
+    """Set `device["window"]` (see `window`) on every device of `status`, against the same device
+    in `earlier` (another `Daemon.status()`, taken before; None: since each device started)."""
+    before = {d["name"]: d["counters"] for d in (earlier or {}).get("devices", [])}
+    for d in status["devices"]:
+        d["window"] = window(d["counters"], before.get(d["name"]))
+
+
 def render_status(status: dict[str, Any] | None, config_path: str | None = None) -> str:
-    """The status report; `status` is `Daemon.status()` (None: no daemon answered)."""
+    """The status report; `status` is `Daemon.status()` (None: no daemon answered), with
+    `add_windows` applied for rates over a window (otherwise rates since each device started)."""
     parts = []
     if status is None:
         parts.append("daemon: not running")
     else:
         parts.append(f"daemon: running (pid {status['pid']})")
         rows = []
+        seconds = []
         for d in status["devices"]:
             c = d["counters"]
-            uptime = max(c.get("uptime", 0.0), 1e-9)
-            mean_ms = 1000 * c["latency_seconds"] / c["commands"] if c["commands"] else 0.0
+            w = d.get("window") or window(c, None)
+            seconds.append(w["seconds"])
             rows.append(
                 [
                     d["name"],
@@ -43,13 +95,22 @@ def render_status(status: dict[str, Any] | None, config_path: str | None = None)
                     _size(d["size"]),
                     "FAILED: " + d["failed"] if d["failed"] else "ok",
                     str(c["commands"]),
-                    f"{c['commands'] / uptime:.0f}",
-                    _size(c["bytes_read"]),
-                    _size(c["bytes_written"]),
                     str(c["errors"]),
-                    f"{mean_ms:.2f}",
+                    f"{w['iops']:.0f}",
+                    _size(w["read_bps"]) + "/s",
+                    _size(w["write_bps"]) + "/s",
+                    f"{1000 * w['mean_s']:.2f}",
+                    f"{1000 * w['p99_s']:.2f}",
                 ]
             )
+        since = (
+            f"over the last {min(seconds):.1f} s"
+            if any(
+                "window" in d and d["window"]["seconds"] < d["counters"]["uptime"]
+                for d in status["devices"]
+            )
+            else "since each device started"
+        )
         parts.append(
             _table(
                 [
@@ -59,15 +120,18 @@ def render_status(status: dict[str, Any] | None, config_path: str | None = None)
                     "size",
                     "state",
                     "cmds",
-                    "cmds/s",
-                    "read",
-                    "written",
                     "errors",
+                    "IOPS",
+                    "read",
+                    "write",
                     "mean ms",
+                    "p99 ms",
                 ],
                 rows,
             )
         )
+        if rows:
+            parts.append(f"(cmds, errors: total; IOPS, read, write, mean, p99: {since})")
         pool_rows = []
         for pool in status.get("pools", []):
             pct = 100 * pool["used"] / pool["capacity"] if pool["capacity"] else 0.0

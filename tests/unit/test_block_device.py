@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pathlib
 import struct
+import tempfile
 import threading
 
 import pytest
 
 from tcmu_py.device.block import BlockDevice
-from tcmu_py.handler import DeviceConfig
+from tcmu_py.handler import DeviceConfig, on_memory_filesystem
 from tcmu_py.handlers.null import NullHandler
 from tcmu_py.handlers.raw import RawBackend, RawHandler
 from tcmu_py.testing import cdbs
@@ -180,3 +182,51 @@ def test_raw_backend_short_image_reads_zeros(tmp_path):
     be.read(0, [memoryview(buf)])
     assert buf == bytes(2 * BS)
     be.close()
+
+
+# --- memory-backed images run on the loop thread -------------------------------------------------
+
+
+def _mountinfo_for(tmp_path, fd: int, fstype: str):
+    st = os.fstat(fd)
+    line = (
+        f"36 25 {os.major(st.st_dev)}:{os.minor(st.st_dev)} / /mnt rw,relatime shared:1"
+        f" - {fstype} {fstype} rw\n"
+    )
+    path = tmp_path / f"mountinfo-{fstype}"
+    path.write_text("22 1 0:1 / / rw - rootfs rootfs rw\n" + line)
+    return str(path)
+
+
+@pytest.mark.parametrize(("fstype", "memory"), [("tmpfs", True), ("ramfs", True), ("ext4", False)])
+def test_on_memory_filesystem_reads_the_type_of_the_files_mount(tmp_path, fstype, memory):
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert on_memory_filesystem(fd, _mountinfo_for(tmp_path, fd, fstype)) is memory
+        # no line for the file's device, or no mountinfo at all: the safe answer
+        (tmp_path / "other").write_text("36 25 999:999 / /x rw - tmpfs tmpfs rw\n")
+        assert on_memory_filesystem(fd, str(tmp_path / "other")) is False
+        assert on_memory_filesystem(fd, str(tmp_path / "missing")) is False
+    finally:
+        os.close(fd)
+
+
+def _is_tmpfs(path: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path and line.split()[2] == "tmpfs" for line in f)
+
+
+@pytest.mark.skipif(not _is_tmpfs("/dev/shm"), reason="/dev/shm is not a tmpfs on this machine")
+def test_raw_image_on_tmpfs_runs_inline(tmp_path):
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        d = make_raw(pathlib.Path(shm))
+        try:
+            assert d.backend.blocking is False
+            assert d.is_inline(cdbs.write10(0, 1)) and d.is_inline(cdbs.read10(0, 1))
+        finally:
+            d.close()
+    disk = make_raw(tmp_path)
+    try:  # a disk file keeps the worker pool (tmp_path may itself be a tmpfs somewhere)
+        assert disk.is_inline(cdbs.read10(0, 1)) is (not disk.backend.blocking)
+    finally:
+        disk.close()

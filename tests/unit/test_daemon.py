@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -210,3 +211,54 @@ def test_status_shows_thin_pools(host, tmp_path):
         assert "thin pools" in text and "main" in text and "t0=" in text
     finally:
         d.shutdown()
+
+
+def test_status_rates_over_a_window(host, tmp_path, capsys):
+    """`tcmu-py status` reports IOPS, throughput and latency between two snapshots."""
+    from tcmu_py import cli
+    from tcmu_py.daemon.status import add_windows, percentile, render_status
+    from tcmu_py.device.runner import latency_bucket, latency_bucket_upper
+
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    t = threading.Thread(target=d.run, kwargs={"install_signals": False})
+    t.start()
+    try:
+        host.run("uio0", cdbs.test_unit_ready())  # the power-on UA
+        for lba in range(10):
+            assert host.run("uio0", cdbs.write10(lba, 8), data_out=bytes(4096)).good
+        earlier = d.status()
+        for lba in range(30):
+            assert host.run("uio0", cdbs.read10(lba, 2), data_in_len=1024).good
+        now = d.status()
+        add_windows(now, earlier)
+        w = now["devices"][0]["window"]
+        assert w["iops"] == pytest.approx(30 / w["seconds"])
+        assert w["read_bps"] == pytest.approx(30 * 1024 / w["seconds"])
+        assert w["write_bps"] == 0 and w["errors"] == 0
+        assert 0 < w["mean_s"] <= w["p99_s"] * 1.2
+        add_windows(earlier, None)  # since start: the writes and the UA too
+        assert earlier["devices"][0]["window"]["write_bps"] > 0
+        text = render_status(now)
+        assert "over the last" in text and "p99 ms" in text
+        assert cli.main(["status", "--run-dir", str(tmp_path / "run"), "-i", "0.05"]) == 0
+        out = capsys.readouterr().out
+        assert "disk0" in out and "over the last" in out
+        assert cli.main(["status", "--run-dir", str(tmp_path / "run"), "-i", "0", "--json"]) == 0
+        js = json.loads(capsys.readouterr().out)
+        assert js["devices"][0]["window"]["iops"] > 0
+    finally:
+        d.stop()
+        t.join(timeout=30)
+    # The histogram's buckets: four per doubling, percentiles read at the bucket's upper edge.
+    assert latency_bucket(0.5e-6) == 0
+    for seconds in (1e-6, 3e-6, 100e-6, 0.25, 30.0):
+        i = latency_bucket(seconds)
+        assert latency_bucket_upper(i - 1) <= seconds < latency_bucket_upper(i) * 1.0000001
+    hist = [0] * 128
+    hist[latency_bucket(100e-6)] = 99
+    hist[latency_bucket(0.5)] = 1
+    assert percentile(hist, 0.99) == latency_bucket_upper(latency_bucket(100e-6))
+    assert percentile(hist, 1.0) == latency_bucket_upper(latency_bucket(0.5))
+    assert percentile([0] * 128, 0.99) == 0.0
