@@ -11,8 +11,10 @@ Where a command runs:
   releases the GIL there), dealt round-robin in one chunk per worker, each chunk completed with
   one kick — except a wake-up that brings a single such command (queue depth 1), which runs on
   the loop thread: the hand-off would cost more than it saves;
-- a device with `serial_commands` (tapes, changers) gets exactly one worker, so its commands run
-  one at a time, in arrival order.
+- a device with `serial_commands` (tapes, changers) gets exactly one worker, and its commands run
+  one at a time, in arrival order: once one of them is queued for the worker, everything after
+  it is queued behind it (inline ones too), and a lone command runs on the loop thread only while
+  the worker is idle.
 
 Every dequeued command is completed exactly once, including commands named by a TMR abort: a
 command that has not started yet is completed with TASK ABORTED without running; one that is
@@ -132,6 +134,7 @@ class DeviceRunner:
         )
         self._aborted: set[int] = set()
         self._started: dict[int, float] = {}
+        self._pool_busy = 0  # chunks handed to the pool and not finished; under _ring_lock
         self._stop_r, self._stop_w = os.pipe()
         self._stopping = False
         self.failed: BaseException | None = None
@@ -203,6 +206,8 @@ class DeviceRunner:
         blocking: list[tuple[RingCommand, Command]] = []
         now = time.monotonic()
         debug = self.log.isEnabledFor(logging.DEBUG)
+        serial = self.device.serial_commands
+        queue_rest = serial and self._pool_busy > 0  # keep arrival order behind the worker
         for rc in commands:
             self._started[rc.cmd_id] = now
             if debug:
@@ -210,21 +215,24 @@ class DeviceRunner:
             cmd = Command(
                 rc.cdb, rc.data_out, None if rc.data_in is rc.data_out else rc.data_in, rc.cmd_id
             )
-            if self.device.is_inline(rc.cdb):
+            if not queue_rest and self.device.is_inline(rc.cdb):
                 inline.append((rc, self._execute_sync(cmd)))
             else:
                 blocking.append((rc, cmd))
-        if len(blocking) == 1 and not inline:
+                queue_rest = serial
+        if len(blocking) == 1 and not inline and not (serial and self._pool_busy):
             # A lone blocking command (queue depth 1): handing it to a worker costs two thread
             # switches and the loop would only wait for it anyway, so run it here.
-            self._run_chunk(blocking)
+            self._run_chunk(blocking, pooled=False)
         elif blocking:
             # One pool task per worker, commands dealt round-robin: a batch of 32 costs 4 thread
             # hand-offs and 4 kicks instead of 32 of each. A serial device gets one task, so
             # its commands keep their arrival order.
-            n = 1 if self.device.serial_commands else min(self._workers, len(blocking))
+            n = 1 if serial else min(self._workers, len(blocking))
+            with self._ring_lock:
+                self._pool_busy += n
             for i in range(n):
-                self._pool.submit(self._run_chunk, blocking[i::n])
+                self._pool.submit(self._run_chunk, blocking[i::n], pooled=True)
         if inline:
             with self._ring_lock:
                 for rc, resp in inline:
@@ -242,8 +250,9 @@ class DeviceRunner:
             return result.result()
         return result
 
-    def _run_chunk(self, items: list[tuple[RingCommand, Command]]) -> None:
-        """Worker: run `items` in order, then complete them together with one kick."""
+    def _run_chunk(self, items: list[tuple[RingCommand, Command]], pooled: bool) -> None:
+        """Run `items` in order, then complete them together with one kick. `pooled`: this is a
+        pool task (counted in `_pool_busy` until it has completed its commands)."""
         done: list[tuple[RingCommand, Response]] = []
         for rc, cmd in items:
             try:
@@ -261,10 +270,12 @@ class DeviceRunner:
                 self.log.exception("%s: runner failure on cmd %d", self.name, rc.cmd_id)
                 self.failed = exc
                 done.append((rc, Response(status=Status.BUSY)))
+        with self._ring_lock:
+            for rc, resp in done:
+                self._complete_locked(rc, resp)
+            if pooled:
+                self._pool_busy -= 1
         if done:
-            with self._ring_lock:
-                for rc, resp in done:
-                    self._complete_locked(rc, resp)
             self.uio.kick()
 
     def _complete(self, rc: RingCommand, resp: Response) -> None:

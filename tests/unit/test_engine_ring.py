@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
@@ -221,4 +222,66 @@ def test_wrap_at_every_offset_with_the_engine(tmp_path, ring_offset):
             assert h.run(cdbs.write10(i, 1), data_out=data).good
             assert h.run(cdbs.read10(i, 1), data_in_len=BS).data == data
     finally:
+        h.close()
+
+
+class SerialProbe(BlockDevice):
+    """A serial device whose WRITEs wait for `release`; records what ran and any overlap."""
+
+    serial_commands = True
+
+    def __init__(self) -> None:
+        super().__init__(DeviceConfig("p", "null", "", BLOCKS * BS), NullBackend(BLOCKS * BS, BS))
+        self.release = threading.Event()
+        self.order: list[int] = []
+        self.running = 0
+        self.overlap = False
+
+    def _enter(self, cmd: Command) -> None:
+        self.running += 1
+        self.overlap |= self.running > 1
+        self.order.append(struct.unpack_from(">I", cmd.cdb, 2)[0] if cmd.opcode else -1)
+
+    @command(0x2A)
+    def slow_write(self, cmd: Command) -> None:
+        self._enter(cmd)
+        try:
+            assert self.release.wait(10)
+        finally:
+            self.running -= 1
+
+    @command(0x28)
+    @command(0x00)
+    def quick(self, cmd: Command) -> int:
+        self._enter(cmd)
+        self.running -= 1
+        return 0
+
+
+def test_serial_device_never_runs_two_commands_at_once():
+    """A lone command arriving while the worker is busy queues behind it (it used to run on the
+    loop thread at once, beside the worker), and so does an inline one (TEST UNIT READY)."""
+    dev = SerialProbe()
+    dev.is_inline = lambda cdb: cdb[0] == 0x00  # type: ignore[method-assign]
+    h = RingHarness(dev)
+    try:
+        h.run(cdbs.test_unit_ready())
+        dev.order.clear()
+        with h._lock:
+            first = [
+                h.submit(cdbs.write10(1, 1), data_out=bytes(BS)),
+                h.submit(cdbs.write10(2, 1), data_out=bytes(BS)),
+            ]
+        h.runner.process()  # both to the one worker; the first blocks there
+        later = [h.submit(cdbs.read10(3, 1), data_in_len=BS)]
+        h.runner.process()  # one command while the worker is busy
+        later.append(h.submit(cdbs.test_unit_ready()))
+        h.runner.process()
+        assert not dev.overlap and dev.order == [1]
+        dev.release.set()
+        h.wait(first + later)
+        assert not dev.overlap and dev.order == [1, 2, 3, -1]
+        assert all(p.status == Status.GOOD for p in first + later)
+    finally:
+        dev.release.set()
         h.close()
