@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import signal
 import sys
 import textwrap
@@ -545,3 +546,80 @@ def kill9_keeps_data_and_inventory(ctx: Context) -> None:
     assert f"end of data ({total} data bytes)" in dump, dump
     assert dump.count("filemark") == 3, dump
     ctx.details["dump_tail"] = textwrap.shorten(dump[-400:], 400)
+
+
+# --------------------------------------------------------------------------------------------
+# A real backup application's own qualification of a drive and a changer
+
+BACULA_SD = """\
+Storage {{
+  Name = lab-sd
+  WorkingDirectory = "{work}"
+  Pid Directory = "{work}"
+}}
+Director {{
+  Name = lab-dir
+  Password = "lab"
+}}
+Autochanger {{
+  Name = lab-changer
+  Changer Device = {changer}
+  Changer Command = "/etc/bacula/scripts/mtx-changer %c %o %S %a %d"
+  Device = Drive-0
+}}
+Device {{
+  Name = Drive-0
+  Media Type = LTO-8
+  Archive Device = {tape}
+  AutomaticMount = yes
+  AlwaysOpen = yes
+  RemovableMedia = yes
+  RandomAccess = no
+  Autochanger = yes
+  Drive Index = 0
+}}
+Messages {{
+  Name = Standard
+  director = lab-dir = all, !terminate
+}}
+"""
+
+#: What `btape test` prints when each part passes on a drive that needs no workaround.
+BTAPE_PASSES = (
+    "=== Test Succeeded. End Write, rewind, and re-read test ===",
+    "Block re-read correct. Test succeeded!",
+    "=== End Write, backup, and re-read test ===",
+    "=== Append files test ===",
+    "=== End Forward space files test ===",
+    "=== Autochanger test ===",
+    "The test autochanger worked!!",
+)
+#: What it prints when a part fails, or passes only after switching a workaround on (it then
+#: asks the administrator to add a directive such as "Fast Forward Space File = no").
+BTAPE_FAILURES = ("Please add", "FAILED", "Test failed", "test failed", "NOT correct", "ERR=")
+
+
+@scenario(timeout=1800)
+def bacula_btape_test_and_autochanger(ctx: Context) -> None:
+    """Bacula's own tape qualification, as an administrator runs it before trusting a drive:
+    `btape test` (write and re-read, backspace and re-read, append files, end of medium,
+    forward space files) and its autochanger test, which loads and unloads through Bacula's
+    mtx-changer script. Every part must pass without btape asking for a workaround."""
+    assert shutil.which("btape"), "btape missing (bacula-sd; scripts/bootstrap.sh installs it)"
+    lab = serve_library(ctx)
+    load(ctx, lab, 1, 0)
+    work = ctx.workdir / "bacula"
+    work.mkdir()
+    conf = ctx.workdir / "bacula-sd.conf"
+    conf.write_text(BACULA_SD.format(work=work, changer=lab.changer_sg, tape=lab.tapes[0]))
+    res = run(["btape", "-c", str(conf), "Drive-0"], input=b"test\nyes\nquit\n",
+              timeout=ctx.remaining(1500), check=False)
+    out = res.stdout + res.stderr
+    (ctx.artifacts / "btape.log").write_text(out)
+    missing = [p for p in BTAPE_PASSES if p not in out]
+    failures = [line for line in out.splitlines() if any(f in line for f in BTAPE_FAILURES)]
+    assert not missing and not failures and res.returncode == 0, (
+        f"btape exit {res.returncode}; missing {missing}; failure lines {failures[:10]}; "
+        f"see btape.log\n{out[-3000:]}"
+    )
+    ctx.details["btape_parts"] = len(BTAPE_PASSES)
