@@ -324,8 +324,9 @@ class BlockDevice(ScsiDevice):
             rw = cdbs.parse_rw(cdb)
             lba, blocks, fua = rw.lba, rw.transfer_length, rw.fua
             field = {0x08: 4, 0x0A: 4, 0xA8: 6, 0xAA: 6}.get(op, 10 if op & 0x80 else 7)
-        self._check_range(lba, blocks)
-        self._check_transfer(blocks, field)
+        if lba + blocks > self.num_blocks or blocks > self.max_transfer_blocks:
+            self._check_range(lba, blocks)  # both raise; the test above is their fast path
+            self._check_transfer(blocks, field)
         return lba, blocks, fua
 
     @command(Opcode.READ_6)
@@ -357,11 +358,15 @@ class BlockDevice(ScsiDevice):
             bufs = cmd.data_out
             if length != cmd.data_out_length:
                 bufs = slice_buffers(bufs, 0, length)
-            held = self._ranges.acquire(lba, lba + blocks)
-            try:
+            if self._all_inline:
+                # Every command runs on the one loop thread: nothing can overlap this write.
                 self._write(lba * self.block_size, bufs)
-            finally:
-                self._ranges.release(held)
+            else:
+                held = self._ranges.acquire(lba, lba + blocks)
+                try:
+                    self._write(lba * self.block_size, bufs)
+                finally:
+                    self._ranges.release(held)
             if self._threshold_event is not None:
                 self._after_write()
         # SBC-4 5.49: FUA — the data must be on non-volatile media before GOOD.

@@ -29,16 +29,23 @@ class Command:
         data_out: Sequence[memoryview] = (),
         data_in: Sequence[memoryview] | None = None,
         tag: int = 0,
+        *,
+        lengths: tuple[int, int] | None = None,
     ) -> None:
+        """`lengths`: (bytes of data_out, bytes of data_in) when the caller already knows them
+        (the runner does, from the ring); otherwise they are summed here."""
         self.cdb = cdb
         self.opcode = cdb[0]
         self.data_out = data_out
         self.data_in = data_out if data_in is None else data_in
+        self.tag = tag
+        if lengths is not None:
+            self.data_out_length, self.data_in_length = lengths
+            return
         self.data_out_length = sum(len(b) for b in self.data_out)
         self.data_in_length = (
             self.data_out_length if data_in is None else sum(len(b) for b in self.data_in)
         )
-        self.tag = tag
 
     def read_data_out(self, limit: int | None = None) -> bytes:
         """Gather (copy) up to `limit` bytes of Data-Out; for parameter lists, not bulk data."""
