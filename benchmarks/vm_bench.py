@@ -115,6 +115,15 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
         if cpu:
             entry["cpu_us_per_io"] = _median([1e6 * c / n for c, n, _ in cpu if n])
             entry["cpu_cores"] = _median([c / t for c, _, t in cpu])
+        # Per I/O: user / system CPU, page faults, context switches of the serving process.
+        stats = [
+            (r["server_stats"], r["iops"] * r["runtime_s"]) for r in rs if r.get("server_stats")
+        ]
+        if stats:
+            entry["per_io"] = {
+                k: _median([st[k] * (1e6 if k.endswith("_s") else 1) / n for st, n in stats if n])
+                for k in ("user_s", "sys_s", "minflt", "vcsw", "ivcsw")
+            }
         table[wl][target] = entry
     for targets in table.values():
         for entry in targets.values():
@@ -173,8 +182,9 @@ def render_daemon_table(table: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Markdown: the userspace servers' own view (tcmu-py's counters, CPU time per I/O)."""
     lines = [
         "| workload | target | fio IOPS | fio mean µs | in-daemon mean µs | in-daemon share | "
-        "server CPU (cores) | server CPU µs per I/O |",
-        "|" + "---|" * 8,
+        "server CPU (cores) | server CPU µs per I/O | user / sys µs per I/O | "
+        "faults per I/O | ctx switches per I/O (vol / invol) |",
+        "|" + "---|" * 11,
     ]
     for wl in WORKLOADS:
         for target in ("pyraw", "pynull", "runner"):
@@ -187,9 +197,20 @@ def render_daemon_table(table: dict[str, dict[str, dict[str, Any]]]) -> str:
             lines.append(
                 f"| {wl} | {TARGET_LABELS[target]} | {_fmt(e['iops'])} | "
                 f"{_fmt(e['lat_mean_us'])} | {_fmt(inside)} | {_pct(share)} | "
-                f"{_fmt(e.get('cpu_cores'), 2)} | {_fmt(e.get('cpu_us_per_io'))} |"
+                f"{_fmt(e.get('cpu_cores'), 2)} | {_fmt(e.get('cpu_us_per_io'))} | "
+                + _per_io(e.get("per_io"))
             )
     return "\n".join(lines)
+
+
+def _per_io(p: dict[str, float] | None) -> str:
+    """The last three cells of a daemon-table row (dashes without process figures)."""
+    if not p:
+        return "– | – | – |"
+    return (
+        f"{_fmt(p['user_s'])} / {_fmt(p['sys_s'])} | {_fmt(p['minflt'], 2)} | "
+        f"{_fmt(p['vcsw'], 2)} / {_fmt(p['ivcsw'], 2)} |"
+    )
 
 
 def idle_cpu(runs: list[dict[str, Any]]) -> dict[str, float]:

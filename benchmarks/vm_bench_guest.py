@@ -281,6 +281,29 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def proc_stats(pid: int) -> dict[str, float]:
+    """A process's user and system CPU seconds, minor/major page faults (all threads) and
+    voluntary/involuntary context switches (summed over its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {
+        "user_s": int(fields[11]) / ticks,
+        "sys_s": int(fields[12]) / ticks,
+        "minflt": float(fields[7]),
+        "majflt": float(fields[9]),
+        "vcsw": 0.0,
+        "ivcsw": 0.0,
+    }
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    out["vcsw"] += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    out["ivcsw"] += int(line.split()[1])
+    return out
+
+
 def tool_version(argv: list[str]) -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -456,6 +479,7 @@ def main() -> int:
                     before = daemon_counters(run_dir, t.name) if t.name.startswith("py") else None
                     pid = server_pid.get(t.name)
                     cpu0 = proc_cpu_seconds(pid) if pid else None
+                    stats0 = proc_stats(pid) if pid else None
                     # Every userspace server's CPU, also while another target runs (idle cost).
                     servers = {n: p for n, p in server_pid.items() if n in ("pyraw", "runner")}
                     server_cpu0 = {n: proc_cpu_seconds(p) for n, p in servers.items()}
@@ -485,6 +509,9 @@ def main() -> int:
                         rec["daemon"] = counter_delta(before, daemon_counters(run_dir, t.name))
                     if cpu0 is not None and pid:
                         rec["daemon_cpu_s"] = proc_cpu_seconds(pid) - cpu0
+                    if stats0 is not None and pid:
+                        stats1 = proc_stats(pid)
+                        rec["server_stats"] = {k: stats1[k] - stats0[k] for k in stats0}
                     rec["server_cpu_s"] = {
                         ("tcmu-py" if n == "pyraw" else "tcmu-runner"): proc_cpu_seconds(p)
                         - server_cpu0[n]
