@@ -1,4 +1,5 @@
-"""libiscsi's conformance suite over LIO's iSCSI target on 127.0.0.1, against a tcmu-py raw disk.
+"""libiscsi's conformance suite over LIO's iSCSI target on 127.0.0.1, against a tcmu-py raw disk
+and, for the provisioning families, a thin disk.
 
 Counting follows docs/conformance.md: libiscsi reports a skipped test ("not implemented", "fully
 provisioned") as passed in CUnit's totals, so a test is counted as a skip when "[SKIPPED]" appears
@@ -99,10 +100,17 @@ def iscsi_target(ctx: Context, backstore_path: Path) -> None:
     write_attr(tpg / "enable", 1)
 
 
-@scenario(timeout=1500)
-def libiscsi_scsi_suite(ctx: Context) -> None:
-    """iscsi-inq answers with our identity; iscsi-test-cu's suites for the commands tcmu-py
-    implements (issue 3's list) run, each bounded, and none of their tests fails."""
+#: The thin disk's run: the provisioning families (skipped as "fully provisioned" on raw) and
+#: the reads, writes and capacity checks they lean on.
+THIN_FAMILIES = (
+    "Unmap", "WriteSame10", "WriteSame16", "GetLBAStatus", "ReadCapacity16", "Inquiry",
+    "Read10", "Write10", "Write16", "CompareAndWrite", "Verify16",
+)  # fmt: skip
+
+
+def serve_and_export(ctx: Context, dev_config: str, size: int) -> None:
+    """Start `tcmu-py serve`, create the user backstore `conf0` on `dev_config`, wait until the
+    daemon serves it and export it as LUN 0 of the iSCSI target on 127.0.0.1."""
     run(["ip", "link", "set", "lo", "up"], timeout=30, check=False)
     run_dir = ctx.workdir / "run"
     ready = ctx.workdir / "ready"
@@ -121,11 +129,10 @@ def libiscsi_scsi_suite(ctx: Context) -> None:
     )
     ctx.cleanup.callback(d.stop)
     d.start(ready=ready.exists, timeout=ctx.remaining(240))
-    img = ctx.workdir / "conf0.img"
     bs = create_user_backstore(
         "conf0",
-        f"raw/{img}",
-        16 * MIB,
+        dev_config,
+        size,
         cleanup=ctx.cleanup,
         control={"hw_max_sectors": 1024, "max_data_area_mb": 64},
     )
@@ -141,15 +148,15 @@ def libiscsi_scsi_suite(ctx: Context) -> None:
     wait_for(served, ctx.remaining(30), "daemon serving conf0")
     iscsi_target(ctx, bs.path)
 
-    inq = run(["iscsi-inq", URL], timeout=ctx.remaining(60)).stdout
-    assert re.search(r"Vendor:\s*TCMU-PY", inq) and re.search(r"Product:\s*RAW DISK", inq), inq
 
-    # One run per suite, each bounded, output kept as it goes: a slow or hung suite costs its
-    # own budget only, and what ran before it is still counted.
+def run_families(ctx: Context, families: tuple[str, ...]) -> dict[str, str]:
+    """iscsi-test-cu once per family, each bounded, output kept as it goes (a slow or hung
+    suite costs its own budget only, and what ran before it is still counted). Records counts
+    in ctx.details and fails on any failed or timed-out family. Returns the results."""
     transcript = ctx.artifacts / "iscsi-test-cu.txt"
     results: dict[str, str] = {}
     timed_out: list[str] = []
-    for suite in OWN_FAMILIES:
+    for suite in families:
         argv = ["iscsi-test-cu", "-d", f"--test=SCSI.{suite}", URL]
         try:
             res = run(argv, timeout=min(ctx.remaining(), SUITE_TIMEOUT), check=False)
@@ -166,7 +173,6 @@ def libiscsi_scsi_suite(ctx: Context) -> None:
     (ctx.artifacts / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     counts = {k: sum(1 for v in results.values() if v == k) for k in ("pass", "skip", "fail")}
     failed = sorted(t for t, v in results.items() if v == "fail")
-    own_failed = failed + [f"{s} (timed out)" for s in timed_out]
     ctx.details.update(
         counts=counts,
         total=len(results),
@@ -175,5 +181,34 @@ def libiscsi_scsi_suite(ctx: Context) -> None:
         skipped=sorted(t for t, v in results.items() if v == "skip"),
     )
     log(f"libiscsi: {counts} of {len(results)}; failed: {failed}; timed out: {timed_out}")
-    assert len(results) >= 60, f"only {len(results)} tests parsed; see iscsi-test-cu.txt"
+    own_failed = failed + [f"{s} (timed out)" for s in timed_out]
     assert not own_failed, f"failures in families tcmu-py implements: {own_failed}"
+    return results
+
+
+@scenario(timeout=1500)
+def libiscsi_scsi_suite(ctx: Context) -> None:
+    """iscsi-inq answers with our identity; iscsi-test-cu's suites for the commands tcmu-py
+    implements (issue 3's list) run, each bounded, and none of their tests fails."""
+    serve_and_export(ctx, f"raw/{ctx.workdir / 'conf0.img'}", 16 * MIB)
+    inq = run(["iscsi-inq", URL], timeout=ctx.remaining(60)).stdout
+    assert re.search(r"Vendor:\s*TCMU-PY", inq) and re.search(r"Product:\s*RAW DISK", inq), inq
+    results = run_families(ctx, OWN_FAMILIES)
+    assert len(results) >= 60, f"only {len(results)} tests parsed; see iscsi-test-cu.txt"
+
+
+@scenario(timeout=1200)
+def libiscsi_thin_provisioning(ctx: Context) -> None:
+    """The same suite's provisioning families against a thin disk, where they run instead of
+    being skipped as "fully provisioned": UNMAP, WRITE SAME with UNMAP/ANCHOR/NDOB, GET LBA
+    STATUS, READ CAPACITY(16) LBPME/LBPRZ, the LBP VPD pages. None may fail, and the
+    provisioning tests must actually run (not be skipped)."""
+    from tcmu_py.handlers.thin import create_pool
+
+    pool = ctx.workdir / "pool"
+    create_pool(str(pool), "conformance", 64 * MIB, 80)
+    serve_and_export(ctx, f"thin/pool={pool};disk=conf0", 16 * MIB)
+    results = run_families(ctx, THIN_FAMILIES)
+    ran = [t for t, v in results.items() if v == "pass" and t.split(".")[0] in
+           ("Unmap", "GetLBAStatus", "WriteSame10", "WriteSame16")]
+    assert len(ran) >= 10, f"provisioning tests did not run: {sorted(results.items())}"
