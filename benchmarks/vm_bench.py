@@ -531,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hw-max-sectors", type=int, default=1024)
     ap.add_argument("--data-area-mb", type=int, default=256)
     ap.add_argument("--workers", type=int, default=None, help="tcmu-py serve --workers")
+    ap.add_argument("--poll-us", type=int, default=None, help="tcmu-py serve --poll-us")
     ap.add_argument("--memory", default="3G", help="guest memory (default 3G)")
     ap.add_argument("--cpus", type=int, default=None, help="guest vCPUs (default: vng's)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench")
@@ -582,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.workers:
         guest_argv += ["--workers", str(args.workers)]
+    if args.poll_us is not None:
+        guest_argv += ["--poll-us", str(args.poll_us)]
     venv_bin = shlex.quote(str(Path(sys.executable).parent))
     script = (
         guest_prelude()

@@ -337,6 +337,7 @@ def main() -> int:
     ap.add_argument("--hw-max-sectors", type=int, default=1024)
     ap.add_argument("--data-area-mb", type=int, default=256)
     ap.add_argument("--workers", type=int, default=None, help="tcmu-py serve --workers")
+    ap.add_argument("--poll-us", type=int, default=None, help="tcmu-py serve --poll-us")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
     ap.add_argument("--profile", default="", help="workloads to profile on pyraw with py-spy")
@@ -408,6 +409,8 @@ def main() -> int:
         if {"pyraw", "pynull"} & set(by_name):
             ready = work / "serve.ready"
             extra = ["--workers", str(args.workers)] if args.workers else []
+            if args.poll_us is not None:
+                extra += ["--poll-us", str(args.poll_us)]
             serve = Daemon(
                 [
                     sys.executable,

@@ -325,6 +325,13 @@ class Ring:
         """``mailbox.flags``: the kernel's :class:`MailboxFlag` capabilities."""
         return int(self._mv[MB_FLAGS]) | int(self._mv[MB_FLAGS + 1]) << 8
 
+    def has_new(self) -> bool:
+        """Whether the kernel has published entries not dequeued yet (one acquire load of
+        cmd_head; for busy-polling between wake-ups, `dequeue` does the real work)."""
+        if self._cbuf is None:
+            return False
+        return bool(lib.tcmu_py_load_head(self._ctx) != self._ctx.cursor)
+
     @property
     def in_flight(self) -> int:
         """Commands dequeued and not yet completed."""

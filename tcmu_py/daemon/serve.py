@@ -111,6 +111,7 @@ class Daemon:
         dev_dir: Path = Path("/dev"),
         run_dir: Path = RUN_DIR,
         workers: int = 4,
+        poll_us: int = 0,
         use_netlink: bool = True,
         use_udev: bool = True,
         uio_opener: Callable[[str, str], Any] = UioDevice,
@@ -123,6 +124,7 @@ class Daemon:
         self.dev_dir = Path(dev_dir)
         self.run_dir = Path(run_dir)
         self.workers = workers
+        self.poll_us = poll_us
         self.use_netlink = use_netlink
         self.use_udev = use_udev
         self._open_uio = uio_opener
@@ -331,7 +333,14 @@ class Daemon:
                 )
                 device = FailedDevice(config, failed)
             # After reset_ring the ring may hold commands the kernel requeued: adopt them.
-            runner = DeviceRunner(uio, device, workers=self.workers, name=name.device, adopt=True)
+            runner = DeviceRunner(
+                uio,
+                device,
+                workers=self.workers,
+                name=name.device,
+                adopt=True,
+                poll_seconds=self.poll_us / 1e6,
+            )
             thread = threading.Thread(target=runner.run, name=f"tcmu-{name.device}", daemon=True)
             thread.start()
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import struct
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
@@ -285,3 +286,38 @@ def test_serial_device_never_runs_two_commands_at_once():
     finally:
         dev.release.set()
         h.close()
+
+
+@pytest.mark.parametrize("poll_seconds", [0.0, 30.0])
+def test_busy_poll_takes_the_next_command_without_a_wake_up(poll_seconds):
+    """With poll_seconds the loop watches cmd_head after serving and takes a command published
+    meanwhile without sleeping in poll(2); without it every command costs a wake-up."""
+    from tcmu_py.device.runner import DeviceRunner, serve_in_thread
+    from tcmu_py.testing import FakeKernel, FakeUio
+    from tcmu_py.testing.harness import _SerialisedUio
+
+    kernel = FakeKernel()
+    lock = threading.Condition()
+    uio = _SerialisedUio(FakeUio(kernel), lock)
+    dev = BlockDevice(DeviceConfig("p", "null", "", BLOCKS * BS), NullBackend(BLOCKS * BS, BS))
+    runner = DeviceRunner(uio, dev, poll_seconds=poll_seconds)
+    _, stop = serve_in_thread(runner)
+    try:
+        for i in range(5):
+            with lock:
+                p = kernel.submit(cdbs.read10(i, 1), data_in_len=BS)
+                assert lock.wait_for(lambda p=p: p.done, timeout=30), "command not completed"
+        c = runner.counters
+        assert c.commands == 5
+        if poll_seconds:
+            assert c.wakeups == 1 and c.polled == 4, (c.wakeups, c.polled)
+        else:
+            assert c.wakeups == 5 and c.polled == 0, (c.wakeups, c.polled)
+    finally:
+        t0 = time.monotonic()
+        stop()
+        assert time.monotonic() - t0 < 10, "stop() waited out the busy-poll window"
+        with lock:
+            kernel.assert_idle()
+        runner.close()
+        uio.close()
