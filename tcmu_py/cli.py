@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.errors import ConfigError, TcmuError
 
 RUN_DIR = Path("/run/tcmu-py")
@@ -212,10 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--poll-us",
         type=int,
-        default=0,
+        default=DEFAULT_POLL_US,
         metavar="US",
-        help="after serving commands, watch the ring this many microseconds for the next one "
-        "before sleeping: lower latency at queue depth 1 for CPU (default 0: off)",
+        help="busy-poll: after serving, watch the ring up to US microseconds for the next "
+        "command before sleeping (adaptive: twice the recent gap between commands, and only "
+        "while that gap is shorter than US); lower latency for CPU, 0 turns it off "
+        f"(default {DEFAULT_POLL_US})",
     )
     s.add_argument("--ready-file", help="write this file once every device is served")
     s.add_argument("--run-dir", default=str(RUN_DIR), help=f"lock and control socket ({RUN_DIR})")

@@ -1,0 +1,6 @@
+"""The daemon: device discovery and lifecycle (`serve`), configuration, LIO objects, status."""
+
+#: Longest busy-poll watch for the next command, in microseconds (`DeviceRunner.run`): adaptive,
+#: so only a device whose commands follow each other within this long ever spins. Here rather
+#: than in `serve` so the command line can show it without importing the daemon.
+DEFAULT_POLL_US = 1000

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs
 from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice, command
@@ -111,7 +112,7 @@ class Daemon:
         dev_dir: Path = Path("/dev"),
         run_dir: Path = RUN_DIR,
         workers: int = 4,
-        poll_us: int = 0,
+        poll_us: int = DEFAULT_POLL_US,
         use_netlink: bool = True,
         use_udev: bool = True,
         uio_opener: Callable[[str, str], Any] = UioDevice,

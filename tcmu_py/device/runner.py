@@ -63,6 +63,8 @@ class UioLike(Protocol):
 #: 19 % of the true value. The last bucket also takes everything longer (2^(127/4) µs ≈ 58 min).
 LATENCY_BUCKETS = 128
 _LAST_BUCKET = LATENCY_BUCKETS - 1
+#: Shortest busy-poll watch: a first guess before any gap has been measured.
+_MIN_WATCH = 50e-6
 
 
 def latency_bucket(seconds: float) -> int:
@@ -96,6 +98,7 @@ class Counters:
     batches: int = 0
     wakeups: int = 0  # returns from poll(2) with work
     polled: int = 0  # wake-ups saved: the busy-poll (`poll_seconds`) found the next command
+    poll_misses: int = 0  # busy-poll watches that ended with nothing new (CPU spent for nothing)
     busy_seconds: float = 0.0
     latency_seconds: float = 0.0
     latency_hist: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
@@ -141,6 +144,7 @@ class DeviceRunner:
         self._logger = self.log.logger  # isEnabledFor without the adapter's extra call
         self._pool_busy = 0  # chunks handed to the pool and not finished; under _ring_lock
         self.poll_seconds = poll_seconds
+        self._gap = 0.0  # average gap between the end of a wake-up's work and the next command
         self._stop_r, self._stop_w = os.pipe()
         self._stopping = False
         self.failed: BaseException | None = None
@@ -151,10 +155,14 @@ class DeviceRunner:
     def run(self) -> None:
         """Serve until `stop()`. Returns after every dequeued command has been completed.
 
-        With `poll_seconds`, after a wake-up that ran commands the loop watches cmd_head for
-        that long before sleeping: a command arriving meanwhile is taken without the sleep and
-        wake-up (a context switch that, for an interpreter, also means cold caches and TLB: the
-        largest per-command cost at queue depth 1). The price is CPU spent watching.
+        Busy-polling (`poll_seconds` > 0): after a wake-up whose commands all completed on this
+        thread, the loop watches cmd_head before sleeping in poll(2), so a command arriving
+        meanwhile is taken without a sleep and wake-up — a context switch after which an
+        interpreter runs with cold caches and TLB, its largest cost per command at queue depth
+        1. The watch is adaptive: it lasts twice the recent gap between commands (an average of
+        the last few), at most `poll_seconds`, and is skipped while that gap is longer than
+        `poll_seconds`: an idle or slow device never spins, a streaming one spins only through
+        its gaps.
         """
         poller = select.poll()
         poller.register(self.uio.fileno(), select.POLLIN)
@@ -162,7 +170,9 @@ class DeviceRunner:
         uio_fd = self.uio.fileno()
         gone = select.POLLERR | select.POLLHUP | select.POLLNVAL
         usual = [(uio_fd, select.POLLIN)]
-        ready = False  # the busy-poll saw new entries: skip poll(2)
+        clock = time.monotonic
+        ready = False  # the watch saw new entries: skip poll(2)
+        idle_since = 0.0  # when the last wake-up's work ended (0: no work yet)
         try:
             while not self._stopping:
                 if not ready:
@@ -175,30 +185,43 @@ class DeviceRunner:
                             self.log.info("%s: the kernel removed the device; stopping", self.name)
                             break
                     self.counters.wakeups += 1
+                    if idle_since:
+                        self._gap += (clock() - idle_since - self._gap) / 4
                 else:
                     self.counters.polled += 1
                 try:
                     ran = self.process()
-                    ready = bool(ran and self.poll_seconds and self._watch(self.poll_seconds))
                 except OSError as exc:
                     if exc.errno not in (errno.EIO, errno.ENODEV):
                         raise
                     # uio answers EIO once the device is unregistered (backstore removed).
                     self.log.info("%s: device gone (%s); stopping", self.name, exc.strerror)
                     break
+                ready = False
+                if ran:
+                    idle_since = clock()
+                    limit = self.poll_seconds
+                    if limit and self._gap < limit and not self._pool_busy:
+                        waited = self._watch(min(limit, max(2 * self._gap, _MIN_WATCH)))
+                        if waited is not None:
+                            ready = True
+                            self._gap += (waited - self._gap) / 4
+                        else:
+                            self.counters.poll_misses += 1
         finally:
             self.drain()
 
-    def _watch(self, seconds: float) -> bool:
-        """Watch cmd_head for up to `seconds`; True as soon as the kernel publishes an entry.
-        Each check is a C call that releases the GIL, so other threads keep running."""
+    def _watch(self, seconds: float) -> float | None:
+        """Watch cmd_head for up to `seconds`: the time waited as soon as the kernel publishes an
+        entry, None if none came. Each check is a C call that releases the GIL."""
         has_new = self.ring.has_new
         clock = time.monotonic
-        deadline = clock() + seconds
+        start = clock()
+        deadline = start + seconds
         while not has_new():
             if clock() >= deadline or self._stopping:
-                return False
-        return True
+                return None
+        return clock() - start
 
     def stop(self) -> None:
         """Ask `run()` to return (from any thread)."""

@@ -288,10 +288,9 @@ def test_serial_device_never_runs_two_commands_at_once():
         h.close()
 
 
-@pytest.mark.parametrize("poll_seconds", [0.0, 30.0])
-def test_busy_poll_takes_the_next_command_without_a_wake_up(poll_seconds):
-    """With poll_seconds the loop watches cmd_head after serving and takes a command published
-    meanwhile without sleeping in poll(2); without it every command costs a wake-up."""
+def _serve_fake(poll_seconds: float):
+    """A null device served by `run()` on its own thread over a FakeKernel; (kernel, lock,
+    runner, close)."""
     from tcmu_py.device.runner import DeviceRunner, serve_in_thread
     from tcmu_py.testing import FakeKernel, FakeUio
     from tcmu_py.testing.harness import _SerialisedUio
@@ -302,22 +301,54 @@ def test_busy_poll_takes_the_next_command_without_a_wake_up(poll_seconds):
     dev = BlockDevice(DeviceConfig("p", "null", "", BLOCKS * BS), NullBackend(BLOCKS * BS, BS))
     runner = DeviceRunner(uio, dev, poll_seconds=poll_seconds)
     _, stop = serve_in_thread(runner)
-    try:
-        for i in range(5):
-            with lock:
-                p = kernel.submit(cdbs.read10(i, 1), data_in_len=BS)
-                assert lock.wait_for(lambda p=p: p.done, timeout=30), "command not completed"
-        c = runner.counters
-        assert c.commands == 5
-        if poll_seconds:
-            assert c.wakeups == 1 and c.polled == 4, (c.wakeups, c.polled)
-        else:
-            assert c.wakeups == 5 and c.polled == 0, (c.wakeups, c.polled)
-    finally:
+
+    def close() -> None:
         t0 = time.monotonic()
         stop()
-        assert time.monotonic() - t0 < 10, "stop() waited out the busy-poll window"
+        assert time.monotonic() - t0 < 10, "stop() waited out a busy-poll watch"
         with lock:
             kernel.assert_idle()
         runner.close()
         uio.close()
+
+    return kernel, lock, runner, close
+
+
+def _one_at_a_time(kernel, lock, n: int, pause: float = 0.0) -> None:
+    for i in range(n):
+        if pause:
+            time.sleep(pause)  # the gap between commands under test, not a wait for a result
+        with lock:
+            p = kernel.submit(cdbs.read10(i, 1), data_in_len=BS)
+            assert lock.wait_for(lambda p=p: p.done, timeout=30), "command not completed"
+
+
+@pytest.mark.parametrize("poll_seconds", [0.0, 5.0])
+def test_busy_poll_takes_the_next_command_without_a_wake_up(poll_seconds):
+    """Queue depth 1, commands back to back: with busy-polling the loop learns the gap between
+    commands and takes most of them without sleeping in poll(2); without it every command costs
+    a wake-up."""
+    kernel, lock, runner, close = _serve_fake(poll_seconds)
+    try:
+        _one_at_a_time(kernel, lock, 40)
+        c = runner.counters
+        assert c.commands == 40 and c.wakeups + c.polled == 40
+        if poll_seconds:
+            assert c.polled >= 20, (c.wakeups, c.polled, c.poll_misses)
+        else:
+            assert c.polled == 0 and c.poll_misses == 0 and c.wakeups == 40
+    finally:
+        close()
+
+
+def test_busy_poll_stops_spinning_when_commands_are_far_apart():
+    """Gaps longer than poll_seconds: after the first miss the loop stops watching (an idle or
+    slow device does not burn CPU)."""
+    kernel, lock, runner, close = _serve_fake(0.002)
+    try:
+        _one_at_a_time(kernel, lock, 8, pause=0.05)
+        c = runner.counters
+        assert c.commands == 8 and c.polled == 0
+        assert c.poll_misses <= 1, c.poll_misses
+    finally:
+        close()
