@@ -215,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_POLL_US,
         metavar="US",
-        help="busy-poll: after serving, watch the ring up to US microseconds for the next "
-        "command before sleeping (adaptive: twice the recent gap between commands, and only "
-        "while that gap is shorter than US); lower latency for CPU, 0 turns it off "
+        help="busy-poll at queue depth 1: after serving a lone command, watch the ring up to "
+        "US microseconds for the next one before sleeping (only while commands follow each "
+        "other within US on average); lower latency for CPU, 0 turns it off "
         f"(default {DEFAULT_POLL_US})",
     )
     s.add_argument("--ready-file", help="write this file once every device is served")

@@ -63,8 +63,6 @@ class UioLike(Protocol):
 #: 19 % of the true value. The last bucket also takes everything longer (2^(127/4) µs ≈ 58 min).
 LATENCY_BUCKETS = 128
 _LAST_BUCKET = LATENCY_BUCKETS - 1
-#: Shortest busy-poll watch: a first guess before any gap has been measured.
-_MIN_WATCH = 50e-6
 
 
 def latency_bucket(seconds: float) -> int:
@@ -155,14 +153,15 @@ class DeviceRunner:
     def run(self) -> None:
         """Serve until `stop()`. Returns after every dequeued command has been completed.
 
-        Busy-polling (`poll_seconds` > 0): after a wake-up whose commands all completed on this
-        thread, the loop watches cmd_head before sleeping in poll(2), so a command arriving
-        meanwhile is taken without a sleep and wake-up — a context switch after which an
-        interpreter runs with cold caches and TLB, its largest cost per command at queue depth
-        1. The watch is adaptive: it lasts twice the recent gap between commands (an average of
-        the last few), at most `poll_seconds`, and is skipped while that gap is longer than
-        `poll_seconds`: an idle or slow device never spins, a streaming one spins only through
-        its gaps.
+        Busy-polling (`poll_seconds` > 0) is for queue depth 1: after a wake-up that brought a
+        single command and completed it on this thread, the loop watches cmd_head for up to
+        `poll_seconds` before sleeping in poll(2), so the next command is taken without a sleep
+        and wake-up — a context switch after which an interpreter runs with cold caches and
+        TLB, its largest cost per command at depth 1. It stops as soon as a command arrives.
+        A running average of the gap between commands gates it: while that gap is longer than
+        `poll_seconds` (an idle or slow device) the loop does not watch at all. Wake-ups that
+        bring several commands (deeper queues) do not watch either: their wake-up cost is
+        shared, and a spinning thread would take CPU from the kernel's own completion work.
         """
         poller = select.poll()
         poller.register(self.uio.fileno(), select.POLLIN)
@@ -201,8 +200,8 @@ class DeviceRunner:
                 if ran:
                     idle_since = clock()
                     limit = self.poll_seconds
-                    if limit and self._gap < limit and not self._pool_busy:
-                        waited = self._watch(min(limit, max(2 * self._gap, _MIN_WATCH)))
+                    if ran == 1 and limit and self._gap < limit and not self._pool_busy:
+                        waited = self._watch(limit)
                         if waited is not None:
                             ready = True
                             self._gap += (waited - self._gap) / 4
