@@ -431,12 +431,15 @@ class Ring:
         """
         if cmd_id not in self._in_flight:
             raise RingError(f"cmd_id {cmd_id} is not in flight (unknown or already completed)")
-        if not 0 <= status <= 0xFF:
-            raise ValueError(f"SCSI status {status:#x} does not fit a byte")
-        has_len, rl = self._read_len(read_len)
-        if len(sense) > SENSE_BUFFERSIZE:
-            raise ValueError(f"sense data is {len(sense)} bytes; TCMU carries at most 96")
-        self._check(lib.tcmu_py_complete(self._ctx, cmd_id, status, sense, len(sense), has_len, rl))
+        if status or sense:  # GOOD without sense (the common case) needs no checks
+            if not 0 <= status <= 0xFF:
+                raise ValueError(f"SCSI status {status:#x} does not fit a byte")
+            if len(sense) > SENSE_BUFFERSIZE:
+                raise ValueError(f"sense data is {len(sense)} bytes; TCMU carries at most 96")
+        has_len, rl = (0, 0) if read_len is None else self._read_len(read_len)
+        rc = lib.tcmu_py_complete(self._ctx, cmd_id, status, sense, len(sense), has_len, rl)
+        if rc < 0:
+            self._check(rc)
         self._in_flight.discard(cmd_id)
 
     def complete_many(

@@ -354,7 +354,7 @@ class DeviceRunner:
             c.aborted += 1
         op = rc.cdb[0]
         length = resp.data_in_length
-        if resp.status != Status.GOOD:
+        if resp.status:  # not GOOD (0)
             c.errors += 1
             if self._logger.isEnabledFor(logging.DEBUG):
                 self.log.debug(
@@ -376,7 +376,7 @@ class DeviceRunner:
             total_in = rc.in_len
             if 0 < length < total_in:
                 read_len = length  # a residual: the initiator receives `length` bytes
-            elif length == 0 and total_in and resp.status == Status.GOOD:
+            elif length == 0 and total_in and not resp.status:
                 # TCMU cannot say "zero bytes" (read_len 0 means the whole buffer): send zeros
                 # rather than whatever the data area held.
                 for buf in rc.data_in:
