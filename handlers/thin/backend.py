@@ -101,6 +101,13 @@ class ThinBackend:
         self._unconfirmed: set[int] = set()
         self._seen_generation = 0
         self._closed = False
+        #: One byte per unit, 1 if the file holds data in it, 0 if it is a hole: the write path
+        #: reads it instead of asking the file system (SEEK_DATA on tmpfs scans to the next data
+        #: or end of file: a fresh disk paid a scan per write). Read from the file once here,
+        #: then kept exact under `_cond`: set by completed writes, re-read from the file for
+        #: units a failed write or a deallocation touched.
+        self._units = bytearray(_ceil_div(size, unit))
+        self._load_units(0, len(self._units))
 
     # ------------------------------------------------------------------------------------------
     # Unit bookkeeping (all offsets in bytes, unit ranges half-open)
@@ -114,19 +121,28 @@ class ThinBackend:
         return unit_runs(self._fd, u, first * u, min(last * u, self.size))
 
     def _holes(self, first: int, last: int) -> list[tuple[int, int]]:
-        """Unit ranges within [first, last) without data."""
-        if last - first == 1:  # the common small write: one lseek
-            u = self.unit
-            return [] if self._has_data(first * u, min(last * u, self.size)) else [(first, last)]
+        """Unit ranges within [first, last) without data (from `_units`; caller holds `_cond`)."""
+        units = self._units
+        if last - first == 1:  # the common small write
+            return [] if units[first] else [(first, last)]
         out = []
         pos = first
-        for a, b in self._mapped(first, last):
-            if a > pos:
-                out.append((pos, a))
+        while pos < last:
+            a = units.find(0, pos, last)
+            if a < 0:
+                break
+            b = units.find(1, a, last)
+            b = last if b < 0 else b
+            out.append((a, b))
             pos = b
-        if pos < last:
-            out.append((pos, last))
         return out
+
+    def _load_units(self, first: int, last: int) -> None:
+        """Set `_units[first:last]` from the file (caller holds `_cond`, or owns the disk)."""
+        units = self._units
+        units[first:last] = bytes(last - first)
+        for a, b in self._mapped(first, last):
+            units[a:b] = b"\x01" * (b - a)
 
     def _has_data(self, start: int, end: int) -> bool:
         try:
@@ -163,6 +179,8 @@ class ThinBackend:
         stay allocated: `probe_filesystem`) and none needs checking."""
         with self._cond:
             self._writing.remove((first, last))
+            if written:
+                self._units[first:last] = b"\x01" * (last - first)
             if self._unconfirmed:
                 if last - first <= len(self._unconfirmed):
                     mine = [u for u in range(first, last) if u in self._unconfirmed]
@@ -173,8 +191,10 @@ class ThinBackend:
                     self._unconfirmed.difference_update(done)
                 if done and not written:
                     mapped = list(self._mapped(min(done), max(done) + 1))
-                    stale = sum(1 for x in done if not any(a <= x < b for a, b in mapped))
-                    self.pool.release(self.name, stale)
+                    stale = [x for x in done if not any(a <= x < b for a, b in mapped)]
+                    self.pool.release(self.name, len(stale))
+                    for x in done:
+                        self._units[x] = 0 if x in stale else 1
             if self._exclusive:
                 self._cond.notify_all()
 
@@ -238,6 +258,8 @@ class ThinBackend:
             finally:
                 after = count_units(self._fd, u, first * u, min(last * u, self.size))
                 self.pool.release(self.name, before - after)
+                with self._cond:
+                    self._load_units(first, last)
         finally:
             self._end_exclusive(item)
         if not self.write_cache:
@@ -373,6 +395,9 @@ class ThinBackend:
             finally:
                 after = count_units(self._fd, u, start, os.fstat(self._fd).st_size)
                 self.pool.release(self.name, before - after)
+                with self._cond:
+                    self._units = bytearray(_ceil_div(self.size, u))
+                    self._load_units(0, len(self._units))
         finally:
             self._end_exclusive(item)
 
