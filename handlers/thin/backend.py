@@ -159,9 +159,12 @@ class ThinBackend:
         """Reserve the unallocated units of [first, last) and register the write, or raise
         SpaceAllocationFailed having changed nothing."""
         with self._cond:
-            while _overlaps(self._exclusive, first, last):
+            while self._exclusive and _overlaps(self._exclusive, first, last):
                 self._cond.wait()
             holes = self._holes(first, last)
+            if not holes:  # every unit already holds data: nothing to reserve
+                self._writing.append((first, last))
+                return
             if self._unconfirmed:
                 new = [u for a, b in holes for u in range(a, b) if u not in self._unconfirmed]
                 self.pool.reserve(self.name, len(new))
@@ -224,11 +227,13 @@ class ThinBackend:
         """Write `bufs` at `offset`. Raises SpaceAllocationFailed (nothing written) if the pool
         cannot hold the units this write allocates; OSError if the file system fails (then a
         part may have been written)."""
-        length = sum(b.nbytes for b in bufs)
+        length = bufs[0].nbytes if len(bufs) == 1 else sum(b.nbytes for b in bufs)
         if length == 0:
             return
-        self._check_bounds(offset, length)
-        first, last = self._unit_range(offset, length)
+        if offset < 0 or offset + length > self.size:
+            self._check_bounds(offset, length)  # raises
+        u = self.unit
+        first, last = offset // u, -(-(offset + length) // u)  # _unit_range, spelled out
         self._begin_write(first, last)
         written = False
         try:
@@ -370,6 +375,8 @@ class ThinBackend:
     def take_threshold_event(self) -> bool:
         """True once per soft-threshold crossing of the pool since this disk last reported one."""
         generation = self.pool.generation
+        if generation == self._seen_generation:  # the usual answer, without the lock
+            return False
         with self._cond:
             if generation == self._seen_generation:
                 return False
