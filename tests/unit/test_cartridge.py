@@ -274,3 +274,41 @@ def test_crash_at_any_byte_recovers_a_prefix(
         cart.append(RecordType.DATA, [[b"after"]])
     with Cartridge.open(crashed) as cart:
         assert read_all(cart) == [*objs[:expect], b"after"]
+
+
+def test_payload_checksum_is_xxh64_and_crc32_records_still_read(tmp_path: Path) -> None:
+    """New records carry FLAG_XXH64; a record written before it (CRC-32, flag clear) still reads
+    back and still fails on a flipped payload byte."""
+    import zlib
+
+    from tcmu_py.handlers.vtl.cartridge import (
+        FLAG_XXH64,
+        RECORD_HEADER_SIZE,
+        _pack_record_header,
+        _parse_record_header,
+    )
+
+    path = make(tmp_path)
+    payloads = [os.urandom(1000 + i) for i in range(3)]
+    with Cartridge.open(path) as cart:
+        write_objects(cart, [*payloads, None])
+    data = bytearray((path / DATA_FILE).read_bytes())
+    pos = FILE_HEADER_SIZE
+    for p in payloads:
+        hdr = _parse_record_header(data[pos : pos + RECORD_HEADER_SIZE])
+        assert hdr is not None and hdr[1] & FLAG_XXH64
+        pos += RECORD_HEADER_SIZE + len(p)
+    # Rewrite object 1 as the previous format wrote it: flags 0, CRC-32 of the payload.
+    pos = FILE_HEADER_SIZE + RECORD_HEADER_SIZE + len(payloads[0])
+    kind, _flags, obj, stored, logical, _ = _parse_record_header(
+        data[pos : pos + RECORD_HEADER_SIZE]
+    )  # type: ignore[misc]
+    old = _pack_record_header(kind, 0, obj, stored, logical, zlib.crc32(payloads[1]))
+    data[pos : pos + RECORD_HEADER_SIZE] = old
+    (path / DATA_FILE).write_bytes(data)
+    with Cartridge.open(path) as cart:
+        assert read_all(cart) == [*payloads, None]
+    data[pos + RECORD_HEADER_SIZE + 7] ^= 0x40  # corrupt object 1's payload
+    (path / DATA_FILE).write_bytes(data)
+    with Cartridge.open(path) as cart, pytest.raises(CorruptRecord, match="object 1"):
+        cart.read(1, [memoryview(bytearray(1 << 20))])
