@@ -548,6 +548,24 @@ class Cartridge:
         if hdr is None or hdr[2] != obj:
             raise CorruptRecord(f"{self.barcode}: object {obj}: header")
         kind, flags, _obj, stored, logical, crc = hdr
+        if kind == RecordType.DATA and stored and not flags & FLAG_ZLIB and stored == logical:
+            # Uncompressed: read straight into the caller's buffers (what does not fit goes to
+            # a scratch buffer, for the checksum), no intermediate copy.
+            bufs: list[memoryview] = []
+            room = stored
+            for buf in into:
+                if room <= 0:
+                    break
+                bufs.append(buf[:room])
+                room -= len(bufs[-1])
+            if room > 0:
+                bufs.append(memoryview(bytearray(room)))
+            got = os.preadv(self._fd, bufs, start + RECORD_HEADER_SIZE)
+            if got != stored or payload_checksum(bufs, flags) != crc:
+                raise CorruptRecord(f"{self.barcode}: object {obj}: payload checksum")
+            self._cursor = (obj + 1, start + RECORD_HEADER_SIZE + stored)
+            self.bytes_read += logical
+            return RecordType.DATA, logical
         payload = os.pread(self._fd, stored, start + RECORD_HEADER_SIZE) if stored else b""
         if len(payload) != stored or payload_checksum((payload,), flags) != crc:
             raise CorruptRecord(f"{self.barcode}: object {obj}: payload checksum")
