@@ -90,8 +90,9 @@ def guest(args: argparse.Namespace) -> int:
     with Cleanup() as cleanup:
         run_dir = work / "run"
         ready = work / "ready"
+        serve_extra = [] if args.poll_us is None else ["--poll-us", str(args.poll_us)]
         daemon = Daemon([sys.executable, "-m", "tcmu_py.cli", "serve", "--run-dir", str(run_dir),
-                         "--ready-file", str(ready)], out / "serve.log")
+                         "--ready-file", str(ready), *serve_extra], out / "serve.log")
         cleanup.callback(daemon.stop)
         daemon.start(ready=ready.exists, timeout=300)
         targets: dict[str, Path] = {}
@@ -201,6 +202,8 @@ def host(args: argparse.Namespace) -> int:
         (out / stale).unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--guest", "--out", str(out),
            "--reps", str(args.reps), "--mib", str(args.mib)]
+    if args.poll_us is not None:
+        cmd += ["--poll-us", str(args.poll_us)]
     script = lab.guest_prelude() + f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(cmd)}\n"
     t0 = time.monotonic()
     proc = lab.run_in_vm(script, rwdirs=[out], memory="2G", timeout=900 + args.reps * 600,
@@ -228,6 +231,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "results" / "tape_vs_raw")
     ap.add_argument("--mib", type=int, default=256, help="volume per run (MiB)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--poll-us", type=int, default=None, help="tcmu-py serve --poll-us")
     ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     return guest(args) if args.guest else host(args)
