@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -166,19 +168,26 @@ def test_single_instance(host, tmp_path):
         d.shutdown()
 
 
-def test_control_socket_status(host, tmp_path):
-    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+@contextlib.contextmanager
+def serving(host: Host, tmp_path: Path) -> Iterator[Daemon]:
+    """A started daemon running its loop on a thread; stopped (and checked gone) on exit."""
     d = make_daemon(host, tmp_path)
     d.start()
     t = threading.Thread(target=d.run, kwargs={"install_signals": False})
     t.start()
     try:
-        st = query_status(tmp_path / "run")
-        assert [x["name"] for x in st["devices"]] == ["disk0"]
+        yield d
     finally:
         d.stop()
         t.join(timeout=30)
     assert not t.is_alive()
+
+
+def test_control_socket_status(host, tmp_path):
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    with serving(host, tmp_path):
+        st = query_status(tmp_path / "run")
+        assert [x["name"] for x in st["devices"]] == ["disk0"]
     with pytest.raises(TcmuError, match="no tcmu-py daemon"):
         query_status(tmp_path / "run", timeout=1)
 
@@ -220,11 +229,7 @@ def test_status_rates_over_a_window(host, tmp_path, capsys):
     from tcmu_py.device.runner import latency_bucket, latency_bucket_upper
 
     host.add("uio0", 0, "disk0", "null/", 4 * MIB)
-    d = make_daemon(host, tmp_path)
-    d.start()
-    t = threading.Thread(target=d.run, kwargs={"install_signals": False})
-    t.start()
-    try:
+    with serving(host, tmp_path) as d:
         host.run("uio0", cdbs.test_unit_ready())  # the power-on UA
         for lba in range(10):
             assert host.run("uio0", cdbs.write10(lba, 8), data_out=bytes(4096)).good
@@ -248,9 +253,6 @@ def test_status_rates_over_a_window(host, tmp_path, capsys):
         assert cli.main(["status", "--run-dir", str(tmp_path / "run"), "-i", "0", "--json"]) == 0
         js = json.loads(capsys.readouterr().out)
         assert js["devices"][0]["window"]["iops"] > 0
-    finally:
-        d.stop()
-        t.join(timeout=30)
     # The histogram's buckets: four per doubling, percentiles read at the bucket's upper edge.
     assert latency_bucket(0.5e-6) == 0
     for seconds in (1e-6, 3e-6, 100e-6, 0.25, 30.0):
