@@ -95,7 +95,10 @@ class ThinBackend:
         #: False on tmpfs/ramfs: I/O is a memory copy, cheaper on the loop thread than handed off.
         #: Every command of the disk then runs on that one thread, so the waits below never occur.
         self.blocking = not on_memory_filesystem(fd)
-        self._cond = threading.Condition(threading.Lock())
+        # `with self._lock` where no wait is needed: the same lock as the condition's, without
+        # Condition's Python-level __enter__/__exit__ (two calls per write saved).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._writing: list[tuple[int, int]] = []  # unit ranges of in-flight writes
         self._exclusive: list[tuple[int, int]] = []  # unit ranges being deallocated
         self._unconfirmed: set[int] = set()
@@ -104,7 +107,7 @@ class ThinBackend:
         #: One byte per unit, 1 if the file holds data in it, 0 if it is a hole: the write path
         #: reads it instead of asking the file system (SEEK_DATA on tmpfs scans to the next data
         #: or end of file: a fresh disk paid a scan per write). Read from the file once here,
-        #: then kept exact under `_cond`: set by completed writes, re-read from the file for
+        #: then kept exact under `_lock`: set by completed writes, re-read from the file for
         #: units a failed write or a deallocation touched.
         self._units = bytearray(_ceil_div(size, unit))
         self._load_units(0, len(self._units))
@@ -121,7 +124,7 @@ class ThinBackend:
         return unit_runs(self._fd, u, first * u, min(last * u, self.size))
 
     def _holes(self, first: int, last: int) -> list[tuple[int, int]]:
-        """Unit ranges within [first, last) without data (from `_units`; caller holds `_cond`)."""
+        """Unit ranges within [first, last) without data (from `_units`; caller holds `_lock`)."""
         units = self._units
         if last - first == 1:  # the common small write
             return [] if units[first] else [(first, last)]
@@ -138,7 +141,7 @@ class ThinBackend:
         return out
 
     def _load_units(self, first: int, last: int) -> None:
-        """Set `_units[first:last]` from the file (caller holds `_cond`, or owns the disk)."""
+        """Set `_units[first:last]` from the file (caller holds `_lock`, or owns the disk)."""
         units = self._units
         units[first:last] = bytes(last - first)
         for a, b in self._mapped(first, last):
@@ -158,7 +161,7 @@ class ThinBackend:
     def _begin_write(self, first: int, last: int) -> None:
         """Reserve the unallocated units of [first, last) and register the write, or raise
         SpaceAllocationFailed having changed nothing."""
-        with self._cond:
+        with self._lock:
             while self._exclusive and _overlaps(self._exclusive, first, last):
                 self._cond.wait()
             holes = self._holes(first, last)
@@ -180,7 +183,7 @@ class ThinBackend:
         """Unregister the write; release reservations of units that stayed holes. `written`:
         every byte of the range was written, so each of its units now holds data (written zeros
         stay allocated: `probe_filesystem`) and none needs checking."""
-        with self._cond:
+        with self._lock:
             self._writing.remove((first, last))
             if written:
                 self._units[first:last] = b"\x01" * (last - first)
@@ -202,7 +205,7 @@ class ThinBackend:
                 self._cond.notify_all()
 
     def _begin_exclusive(self, first: int, last: int) -> tuple[int, int]:
-        with self._cond:
+        with self._lock:
             while _overlaps(self._exclusive, first, last):
                 self._cond.wait()
             item = (first, last)
@@ -212,7 +215,7 @@ class ThinBackend:
             return item
 
     def _end_exclusive(self, item: tuple[int, int]) -> None:
-        with self._cond:
+        with self._lock:
             self._exclusive.remove(item)
             self._cond.notify_all()
 
@@ -263,7 +266,7 @@ class ThinBackend:
             finally:
                 after = count_units(self._fd, u, first * u, min(last * u, self.size))
                 self.pool.release(self.name, before - after)
-                with self._cond:
+                with self._lock:
                     self._load_units(first, last)
         finally:
             self._end_exclusive(item)
@@ -377,7 +380,7 @@ class ThinBackend:
         generation = self.pool.generation
         if generation == self._seen_generation:  # the usual answer, without the lock
             return False
-        with self._cond:
+        with self._lock:
             if generation == self._seen_generation:
                 return False
             self._seen_generation = generation
@@ -402,7 +405,7 @@ class ThinBackend:
             finally:
                 after = count_units(self._fd, u, start, os.fstat(self._fd).st_size)
                 self.pool.release(self.name, before - after)
-                with self._cond:
+                with self._lock:
                     self._units = bytearray(_ceil_div(self.size, u))
                     self._load_units(0, len(self._units))
         finally:
@@ -410,7 +413,7 @@ class ThinBackend:
 
     def close(self) -> None:
         """Close the file and leave the pool (idempotent)."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
