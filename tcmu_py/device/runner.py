@@ -212,14 +212,18 @@ class DeviceRunner:
 
     def _watch(self, seconds: float) -> float | None:
         """Watch cmd_head for up to `seconds`: the time waited as soon as the kernel publishes an
-        entry, None if none came. Each check is a C call that releases the GIL."""
+        entry, None if none came. Each check is a C call that releases the GIL, and between
+        checks the thread yields its CPU: whatever else is runnable there (the initiator, the
+        kernel's completion work) runs first, so the watch only uses CPU nobody else wants."""
         has_new = self.ring.has_new
         clock = time.monotonic
+        yield_cpu = os.sched_yield
         start = clock()
         deadline = start + seconds
         while not has_new():
             if clock() >= deadline or self._stopping:
                 return None
+            yield_cpu()
         return clock() - start
 
     def stop(self) -> None:
