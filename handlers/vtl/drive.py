@@ -430,6 +430,9 @@ class TapeDrive(ScsiDevice):
                 self.write_errors += 1
                 self.tape_alerts.add(ssc.TapeAlert.WRITE_FAILURE)
                 self.pos = cart.object_count
+                # The initiator sees WRITE ERROR; the operator needs the cause and the file.
+                log.error("%s: writing cartridge %s failed: %s", self.config.name,
+                          cart.path, exc)
                 raise WriteError(str(exc)) from exc
             self.pos = cart.object_count
             self.bytes_from_initiator += size * count

@@ -577,6 +577,9 @@ Device {{
   RandomAccess = no
   Autochanger = yes
   Drive Index = 0
+  # btape's test writes 2 x 10,000 blocks: at the default 64 KiB that is 1.3 GB, more than the
+  # lab's tmpfs holds; 16 KiB blocks keep it at ~330 MB (the test is the same).
+  Maximum Block Size = 16384
 }}
 Messages {{
   Name = Standard
