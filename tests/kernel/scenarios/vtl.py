@@ -593,6 +593,9 @@ BTAPE_PASSES = (
     "Block re-read correct. Test succeeded!",
     "=== End Write, backup, and re-read test ===",
     "=== Append files test ===",
+    "We should be in file 3. I am at file 3. This is correct!",  # EOM after 3 files
+    "We should be in file 4. I am at file 4. This is correct!",  # appended a 4th
+    "Total files=4, blocks=7, bytes = 114,240",  # its scan: 1 + 2 + 3 + 1 blocks
     "=== End Forward space files test ===",
     "=== Autochanger test ===",
     "The test autochanger worked!!",
