@@ -202,16 +202,10 @@ class RingCommand:
     data_out: list[memoryview]
     data_in: list[memoryview]
     #: Total bytes of `data_out` / `data_in` (the iovec lengths, summed once at dequeue).
-    out_len: int = -1
-    in_len: int = -1
+    out_len: int
+    in_len: int
     #: `time.monotonic()` when the runner took it (for latency figures); 0.0 until then.
     started: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.out_len < 0:
-            self.out_len = sum(len(b) for b in self.data_out)
-        if self.in_len < 0:
-            self.in_len = sum(len(b) for b in self.data_in)
 
 
 @dataclass(slots=True)
@@ -401,17 +395,17 @@ class Ring:
                 elif n_all:
                     flat = _iov_struct(n_all).unpack_from(mv, array_off)
                     views = [mv[flat[j] : flat[j] + flat[j + 1]] for j in range(0, 2 * n_all, 2)]
-                    length = sum(flat[1 : 2 * n_out : 2])
+                    length = sum(flat[1::2])
                 else:
                     views = []
                     length = 0
                 in_flight.add(cmd_id)
                 if n_bidi:
-                    in_len = sum(flat[2 * n_out + 1 :: 2]) if n_all > 1 else length
-                    if n_out == 0:
-                        length = 0
+                    out_len = sum(len(v) for v in views[:n_out])
                     cmds.append(
-                        RingCommand(cmd_id, cdb, views[:n_out], views[n_out:], length, in_len)
+                        RingCommand(
+                            cmd_id, cdb, views[:n_out], views[n_out:], out_len, length - out_len
+                        )
                     )
                 else:
                     cmds.append(RingCommand(cmd_id, cdb, views, views, length, length))

@@ -62,7 +62,6 @@ class UioLike(Protocol):
 #: [2^((i-1)/4), 2^(i/4)) µs — four buckets per doubling, so a percentile read from it is within
 #: 19 % of the true value. The last bucket also takes everything longer (2^(127/4) µs ≈ 58 min).
 LATENCY_BUCKETS = 128
-_LAST_BUCKET = LATENCY_BUCKETS - 1
 
 
 def latency_bucket(seconds: float) -> int:
@@ -124,8 +123,8 @@ class DeviceRunner:
         poll_seconds: float = 0.0,
     ) -> None:
         """`adopt`: take over entries already on the ring; only right after `reset_ring`
-        (see `tcmu_py.ring.Ring`). `poll_seconds`: after a wake-up that ran commands, watch
-        the ring this long for the next one before sleeping in poll(2) (see `run`)."""
+        (see `tcmu_py.ring.Ring`). `poll_seconds`: the longest busy-poll watch for the next
+        command after a wake-up that brought a single one; 0 turns it off (see `run`)."""
         self.uio = uio
         self.device = device
         self.name = name or device.config.name
@@ -348,10 +347,7 @@ class DeviceRunner:
         if rc.started:
             took = time.monotonic() - rc.started
             c.latency_seconds += took
-            # latency_bucket(took), spelled out: this runs for every command
-            c.latency_hist[
-                min(_LAST_BUCKET, int(math.log2(took * 1e6) * 4) + 1) if took >= 1e-6 else 0
-            ] += 1
+            c.latency_hist[latency_bucket(took)] += 1
         c.commands += 1
         if self._aborted and rc.cmd_id in self._aborted:
             self._aborted.discard(rc.cmd_id)
