@@ -197,10 +197,12 @@ class ThinBackend:
                     self._unconfirmed.difference_update(done)
                 if done and not written:
                     mapped = list(self._mapped(min(done), max(done) + 1))
-                    stale = [x for x in done if not any(a <= x < b for a, b in mapped)]
-                    self.pool.release(self.name, len(stale))
+                    stale = 0
                     for x in done:
-                        self._units[x] = 0 if x in stale else 1
+                        has_data = any(a <= x < b for a, b in mapped)
+                        self._units[x] = has_data
+                        stale += not has_data
+                    self.pool.release(self.name, stale)
             if self._exclusive:
                 self._cond.notify_all()
 
@@ -235,8 +237,7 @@ class ThinBackend:
             return
         if offset < 0 or offset + length > self.size:
             self._check_bounds(offset, length)  # raises
-        u = self.unit
-        first, last = offset // u, -(-(offset + length) // u)  # _unit_range, spelled out
+        first, last = self._unit_range(offset, length)
         self._begin_write(first, last)
         written = False
         try:
