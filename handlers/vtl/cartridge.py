@@ -57,6 +57,7 @@ from typing import Any
 
 import xxhash
 
+from tcmu_py.device.block import slice_buffers
 from tcmu_py.handlers.vtl.personality import GENERATIONS, MediaType, MediumKind, parse_barcode
 
 Buffer = bytes | bytearray | memoryview
@@ -551,14 +552,9 @@ class Cartridge:
         if kind == RecordType.DATA and stored and not flags & FLAG_ZLIB and stored == logical:
             # Uncompressed: read straight into the caller's buffers (what does not fit goes to
             # a scratch buffer, for the checksum), no intermediate copy.
-            bufs: list[memoryview] = []
-            room = stored
-            for buf in into:
-                if room <= 0:
-                    break
-                bufs.append(buf[:room])
-                room -= len(bufs[-1])
-            if room > 0:
+            bufs = slice_buffers(into, 0, stored)
+            room = stored - sum(len(b) for b in bufs)
+            if room:
                 bufs.append(memoryview(bytearray(room)))
             got = os.preadv(self._fd, bufs, start + RECORD_HEADER_SIZE)
             if got != stored or payload_checksum(bufs, flags) != crc:
