@@ -260,31 +260,36 @@ def daemon_counters(run_dir: Path, device: str) -> dict[str, float] | None:
 
 def counter_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict | None:
     """What the daemon did between two snapshots: commands, batches, mean in-daemon latency."""
+    from tcmu_py.daemon.status import window
+
     if not before or not after:
         return None
-    d = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float)}
-    cmds = d.get("commands", 0)
+    w = window(after, before)  # the rates `tcmu-py status` reports
     return {
-        "commands": cmds,
-        "batches": d.get("batches", 0),
-        "commands_per_s": cmds / d["uptime"] if d.get("uptime") else 0.0,
-        "daemon_mean_latency_us": 1e6 * d["latency_seconds"] / cmds if cmds else 0.0,
-        "busy_seconds": d.get("busy_seconds", 0.0),
-        "errors": d.get("errors", 0),
+        "commands": after["commands"] - before["commands"],
+        "batches": after["batches"] - before["batches"],
+        "commands_per_s": w["iops"],
+        "daemon_mean_latency_us": 1e6 * w["mean_s"],
+        "busy_seconds": after["busy_seconds"] - before["busy_seconds"],
+        "errors": w["errors"],
     }
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: fields[0] is the state (proc(5) field 3)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def proc_cpu_seconds(pid: int) -> float:
     """utime+stime of a process (all threads), seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_stats(pid: int) -> dict[str, float]:
     """A process's user and system CPU seconds, minor/major page faults (all threads) and
     voluntary/involuntary context switches (summed over its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     ticks = os.sysconf("SC_CLK_TCK")
     out = {
         "user_s": int(fields[11]) / ticks,
@@ -481,7 +486,6 @@ def main() -> int:
                     assert t.dev is not None
                     before = daemon_counters(run_dir, t.name) if t.name.startswith("py") else None
                     pid = server_pid.get(t.name)
-                    cpu0 = proc_cpu_seconds(pid) if pid else None
                     stats0 = proc_stats(pid) if pid else None
                     # Every userspace server's CPU, also while another target runs (idle cost).
                     servers = {n: p for n, p in server_pid.items() if n in ("pyraw", "runner")}
@@ -510,11 +514,11 @@ def main() -> int:
                     rec["wall"] = time.time() - started
                     if before is not None:
                         rec["daemon"] = counter_delta(before, daemon_counters(run_dir, t.name))
-                    if cpu0 is not None and pid:
-                        rec["daemon_cpu_s"] = proc_cpu_seconds(pid) - cpu0
                     if stats0 is not None and pid:
                         stats1 = proc_stats(pid)
-                        rec["server_stats"] = {k: stats1[k] - stats0[k] for k in stats0}
+                        delta = {k: stats1[k] - stats0[k] for k in stats0}
+                        rec["server_stats"] = delta
+                        rec["daemon_cpu_s"] = delta["user_s"] + delta["sys_s"]
                     rec["server_cpu_s"] = {
                         ("tcmu-py" if n == "pyraw" else "tcmu-runner"): proc_cpu_seconds(p)
                         - server_cpu0[n]
