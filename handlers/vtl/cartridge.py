@@ -31,7 +31,7 @@ Rules this file obeys
   running CRC-32s of both arrays. It is appended at ``sync()`` after the data is durable, so it
   never names a record that is not durable. At open it is used only if its epoch, stride, CRCs
   and end offset verify and the records from its last sparse entry walk exactly to its end; the
-  records after it are scanned (payload CRCs checked) to find the true end of data. Offsets of
+  records after it are scanned (payload checksums checked) to find the true end of data. Offsets of
   objects between sparse entries are found by walking record headers (at most stride - 1 reads;
   sequential access is O(1) through a cursor).
 
