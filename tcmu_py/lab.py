@@ -212,6 +212,7 @@ def run_in_vm(
     script: str,
     *,
     rwdirs: Sequence[str | os.PathLike[str]] = (),
+    disks: Sequence[str | os.PathLike[str]] = (),
     memory: str = "2G",
     timeout: float,
     cpus: int | None = None,
@@ -226,7 +227,10 @@ def run_in_vm(
     guest through the shared root) rather than passed on the kernel command line, and run by a
     wrapper that then runs ``guest_epilogue()`` and exits with the script's status. Prepend
     ``guest_prelude()`` yourself if the script needs LIO. ``rwdirs`` are host directories the guest
-    may write through to (they must exist). The console output (stdout and stderr of the guest
+    may write through to (they must exist). ``disks`` are host image files attached as virtio-blk
+    disks, /dev/vda, /dev/vdb, ... in the guest in that order (the root is 9p, so they are the
+    only vd* devices): unlike an rwdir, what the guest has not flushed to such a disk is lost
+    when the guest crashes, as on real hardware. The console output (stdout and stderr of the guest
     command, merged, plus kernel messages) is returned as ``stdout``; with ``log`` it is also
     streamed to that file as it arrives. Raises LabError if the lab cannot run here and LabTimeout
     after killing the VM if it has not finished within ``timeout`` seconds.
@@ -237,6 +241,9 @@ def run_in_vm(
     for d in rwdirs:
         if not Path(d).is_dir():
             raise LabError(f"rwdir {d} does not exist")
+    for d in disks:
+        if not Path(d).is_file():
+            raise LabError(f"disk image {d} does not exist")
 
     with tempfile.TemporaryDirectory(prefix="tcmu-py-lab-") as tmp:
         body_path = Path(tmp) / "body.sh"
@@ -259,6 +266,8 @@ def run_in_vm(
             argv += ["--cpus", str(cpus)]
         for d in rwdirs:
             argv += ["--rwdir", str(Path(d).resolve())]
+        for d in disks:
+            argv += ["--disk", str(Path(d).resolve())]
         argv += ["--", f"bash {shlex.quote(str(script_path))}"]
 
         run_env = dict(os.environ if env is None else env)

@@ -118,16 +118,32 @@ _LAB_RUN = pytest.StashKey[LabRun]()
 
 
 @pytest.fixture(scope="session")
-def kernel_lab(request: pytest.FixtureRequest) -> LabRun:
-    if _opted_out():
-        pytest.skip("TCMU_PY_NO_VM=1: kernel lab disabled on this machine")
+def lab_results() -> Path:
+    """This pytest session's results directory (see ``_results_dir``); created on first use."""
+    return _results_dir()
+
+
+@pytest.fixture(scope="session")
+def kernel_lab(request: pytest.FixtureRequest, lab_results: Path) -> LabRun:
     config = request.config
     names = config.stash.get(SELECTED, [])
-    registry = guestlib.discover_scenarios()
-    results = _results_dir()
-    run = LabRun(results=results, console=results / "console.log")
-
     budget = float(os.environ.get("TCMU_PY_LAB_BUDGET", DEFAULT_BUDGET))
+    run = boot_scenarios(names, lab_results, budget=budget)
+    config.stash[_LAB_RUN] = run
+    return run
+
+
+def boot_scenarios(names: list[str], results: Path, *, budget: float = DEFAULT_BUDGET,
+                   disks: tuple[Path, ...] = ()) -> LabRun:
+    """Boot the lab VM once, run the named scenarios in it (guest_main.py --only), and return
+    the outcome. ``disks`` are attached as /dev/vda, ... (``tcmu_py.lab.run_in_vm``). A VM that
+    ends without guest_main's ``_done.json`` is recorded in ``LabRun.error`` (a scenario may end
+    the VM on purpose; its host test then reads the files it left instead)."""
+    if _opted_out():
+        pytest.skip("TCMU_PY_NO_VM=1: kernel lab disabled on this machine")
+    registry = guestlib.discover_scenarios()
+    results.mkdir(parents=True, exist_ok=True)
+    run = LabRun(results=results, console=results / "console.log")
     wanted = sum(registry[n].timeout + 30.0 for n in names if n in registry)  # 30: cleanup grace
     timeout = BOOT_ALLOWANCE + min(wanted, budget + 60.0)
     script = (
@@ -142,6 +158,7 @@ def kernel_lab(request: pytest.FixtureRequest) -> LabRun:
         proc = lab.run_in_vm(
             script,
             rwdirs=[results],
+            disks=disks,
             memory=os.environ.get("TCMU_PY_LAB_MEMORY", "2G"),
             timeout=timeout,
             log=run.console,
@@ -158,7 +175,6 @@ def kernel_lab(request: pytest.FixtureRequest) -> LabRun:
     facts = results / "_guest.json"
     if facts.exists():
         run.facts = json.loads(facts.read_text())
-    config.stash[_LAB_RUN] = run
     return run
 
 

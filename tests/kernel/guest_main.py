@@ -102,7 +102,8 @@ def run_one(name: str, results: Path, timeout: float | None = None) -> int:
 
 
 def run_all(results: Path, only: list[str] | None, budget: float | None = None) -> int:
-    """Run the scenarios named in ``only`` (all if None, none if empty); 0 if all passed.
+    """Run the scenarios named in ``only`` (if None: all but those that need a boot of their
+    own; none if empty); 0 if all passed.
 
     ``budget``: seconds for all of them together. Each scenario's timeout is cut to what is left,
     and scenarios that find less than MIN_SCENARIO_TIME left are not started (reported failed),
@@ -113,7 +114,8 @@ def run_all(results: Path, only: list[str] | None, budget: float | None = None) 
     write_json(results / "_guest.json", guest_facts())
     registry = guestlib.discover_scenarios()
     unknown = [n for n in only or [] if n not in registry]
-    names = [n for n in registry if only is None or n in only]
+    names = [n for n, sc in registry.items()
+             if (n in only if only is not None else sc.own_boot is None)]
     failures = 0
     for name in unknown:
         write_json(results / f"{name}.json",

@@ -526,6 +526,9 @@ class Scenario:
     func: Callable[[Context], None]
     timeout: float
     doc: str
+    # None: runs in the shared boot of every scenario. A name: needs a VM of its own (e.g. one
+    # that crashes the guest on purpose); a host test boots it and names it in --only.
+    own_boot: str | None = None
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -534,11 +537,14 @@ SCENARIOS: dict[str, Scenario] = {}
 ScenarioFunc = Callable[[Context], None]
 
 
-def scenario(*, timeout: float = 120.0) -> Callable[[ScenarioFunc], ScenarioFunc]:
+def scenario(
+    *, timeout: float = 120.0, own_boot: str | None = None
+) -> Callable[[ScenarioFunc], ScenarioFunc]:
     """Register a guest scenario ``def name(ctx: Context) -> None`` that raises on failure.
 
     It is named "<module>.<function>", runs in its own guest process, and is killed (and reported
-    failed) after ``timeout`` seconds.
+    failed) after ``timeout`` seconds. With ``own_boot`` it is left out of the shared boot (and of
+    ``guest_main.py`` runs without ``--only``): a host test boots a VM for it.
     """
 
     def register(func: ScenarioFunc) -> ScenarioFunc:
@@ -546,7 +552,7 @@ def scenario(*, timeout: float = 120.0) -> Callable[[ScenarioFunc], ScenarioFunc
         name = f"{module}.{func.__name__}"
         if name in SCENARIOS:
             raise ValueError(f"duplicate scenario {name}")
-        SCENARIOS[name] = Scenario(name, func, timeout, (func.__doc__ or "").strip())
+        SCENARIOS[name] = Scenario(name, func, timeout, (func.__doc__ or "").strip(), own_boot)
         return func
 
     return register

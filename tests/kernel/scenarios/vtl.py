@@ -63,11 +63,14 @@ class Lab:
     tape_sgs: list[Path]
 
 
-def serve_library(ctx: Context, name: str = "daemon", *, first: bool = True) -> Lab:
+def serve_library(ctx: Context, name: str = "daemon", *, first: bool = True,
+                  root: Path | None = None) -> Lab:
     """Write the YAML (on the first call), start `tcmu-py serve -c`, wait for ready and for st,
-    ch and sg to bind the three LUNs."""
-    state = ctx.workdir / "state"
-    library = ctx.workdir / "library"
+    ch and sg to bind the three LUNs. The state and library directories are under ``root``
+    (default: the scenario's scratch directory)."""
+    root = ctx.workdir if root is None else root
+    state = root / "state"
+    library = root / "library"
     config = ctx.workdir / "vtl.yaml"
     run_dir = ctx.workdir / "run"
     if first:
