@@ -26,7 +26,9 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -155,6 +157,22 @@ def guest(args: argparse.Namespace) -> int:
                     runs.append(rec)
                     (out / "runs.json").write_text(json.dumps(runs, indent=2))
                     log(f"rep {rep} {direction} {target}: {rec.get('mib_s', 0):.1f} MiB/s")
+        if args.profile:
+            # py-spy samples the daemon's threads (CPU only, no idle frames) during one more
+            # write and read of each target; the host summarises the stacks.
+            for direction in ("write", "read"):
+                for target in ("tape0", "raw0"):
+                    spy = subprocess.Popen(
+                        [str(Path(sys.executable).parent / "py-spy"), "record",
+                         "--pid", str(daemon.proc.pid), "--rate", "197", "--format", "raw",
+                         "--threads", "--nonblocking",
+                         "--output", str(out / f"profile-{direction}-{target}.txt")],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                    try:
+                        dd(target, direction)
+                    finally:
+                        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                        spy.communicate(timeout=120)
     (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
                                                "cpus": os.cpu_count()}))
     return 0 if all("failed" not in r for r in runs) else 1
@@ -204,6 +222,8 @@ def host(args: argparse.Namespace) -> int:
            "--reps", str(args.reps), "--mib", str(args.mib)]
     if args.poll_us is not None:
         cmd += ["--poll-us", str(args.poll_us)]
+    if args.profile:
+        cmd.append("--profile")
     script = lab.guest_prelude() + f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(cmd)}\n"
     t0 = time.monotonic()
     proc = lab.run_in_vm(script, rwdirs=[out], memory="2G", timeout=900 + args.reps * 600,
@@ -223,6 +243,14 @@ def host(args: argparse.Namespace) -> int:
                  for t, v in row.items() if isinstance(v, dict)]
         ratio = f"  tape/raw = {row['ratio']:.2f}" if "ratio" in row else ""
         print(f"{direction} {BLOCK >> 10} KiB blocks: " + "; ".join(parts) + ratio)
+    if args.profile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from vm_bench import summarize_profile
+
+        for prof in sorted(out.glob("profile-*.txt")):
+            p = summarize_profile(prof.read_text(), top=12)
+            print(f"{prof.stem}: {p['samples']} samples; self: "
+                  + ", ".join(f"{k} {v}%" for k, v in p["self_by_function"]))
     return 0 if (out / "done.json").exists() else 1
 
 
@@ -232,6 +260,8 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=256, help="volume per run (MiB)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--poll-us", type=int, default=None, help="tcmu-py serve --poll-us")
+    ap.add_argument("--profile", action="store_true",
+                    help="also sample the daemon with py-spy during one more run of each")
     ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     return guest(args) if args.guest else host(args)

@@ -23,8 +23,8 @@ APT_PACKAGES=(
     qemu-system-x86 linux-image-amd64 busybox-static kmod udev iproute2
     # initiators and peers used in the guest by kernel scenarios and benchmarks
     sg3-utils fio lsscsi e2fsprogs xfsprogs mt-st mtx libiscsi-bin tcmu-runner dbus
-    # a real backup application's own drive and autochanger qualification (btape)
-    bacula-sd
+    # real backup applications' own drive and autochanger qualification (btape, amtapetype)
+    bacula-sd amanda-server
 )
 VIRTME_NG="virtme-ng==1.42"
 APT_LOG=/tmp/tcmu-py-bootstrap-apt.log
