@@ -664,7 +664,7 @@ class Cartridge:
         written = 0
         full = False
         for parts in payloads:
-            logical = sum(len(b) for b in parts)
+            logical = sum(map(len, parts))
             if logical > MAX_RECORD:
                 raise ValueError(f"record of {logical} bytes exceeds {MAX_RECORD}")
             flags = 0
@@ -673,7 +673,7 @@ class Cartridge:
                 packed = zlib.compress(b"".join(parts), 1)
                 if len(packed) < logical:
                     stored_parts, flags = (packed,), FLAG_ZLIB
-            stored = sum(len(b) for b in stored_parts)
+            stored = sum(map(len, stored_parts))
             limit = self.capacity if kind == RecordType.FILEMARK else self.data_capacity
             if pos + RECORD_HEADER_SIZE + stored - FILE_HEADER_SIZE > limit:
                 full = True
@@ -683,7 +683,7 @@ class Cartridge:
             crc = payload_checksum(stored_parts, flags)
             n = self._count
             iov.append(_pack_record_header(kind, flags, n, stored, logical, crc))
-            iov.extend(b for b in stored_parts if len(b))
+            iov.extend(filter(len, stored_parts))
             self._note_record(n, pos, kind)
             pos += RECORD_HEADER_SIZE + stored
             pending += RECORD_HEADER_SIZE + stored
@@ -701,7 +701,7 @@ class Cartridge:
         """Write the gathered iovecs at file offset `start`; clears `iov`."""
         if not iov:
             return
-        total = sum(len(b) for b in iov)
+        total = sum(map(len, iov))
         done = 0
         while done < total:
             n = os.pwritev(self._fd, iov, start + done)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 
 from tcmu_py.errors import ConfigError
 
@@ -125,14 +126,14 @@ class DrivePersonality:
     def native(self) -> Generation:
         return GENERATIONS[self.generation]
 
-    @property
+    @cached_property  # the personality is frozen: computed once
     def reads(self) -> frozenset[int]:
         """Generations this drive reads (LTO rules: N, N-1, and N-2 up to LTO-7)."""
         n = self.generation
         gens = {n, n - 1} if n >= 8 else {n, n - 1, n - 2}
         return frozenset(g for g in gens if g in GENERATIONS)
 
-    @property
+    @cached_property
     def writes(self) -> frozenset[int]:
         """Generations this drive writes: N and N-1."""
         return frozenset(g for g in (self.generation, self.generation - 1) if g in GENERATIONS)
