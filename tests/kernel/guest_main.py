@@ -115,7 +115,7 @@ def run_all(results: Path, only: list[str] | None, budget: float | None = None) 
     registry = guestlib.discover_scenarios()
     unknown = [n for n in only or [] if n not in registry]
     names = [n for n, sc in registry.items()
-             if (n in only if only is not None else sc.own_boot is None)]
+             if (n in only if only is not None else not sc.own_boot)]
     failures = 0
     for name in unknown:
         write_json(results / f"{name}.json",

@@ -526,9 +526,9 @@ class Scenario:
     func: Callable[[Context], None]
     timeout: float
     doc: str
-    # None: runs in the shared boot of every scenario. A name: needs a VM of its own (e.g. one
+    # False: runs in the shared boot of every scenario. True: needs a VM of its own (e.g. one
     # that crashes the guest on purpose); a host test boots it and names it in --only.
-    own_boot: str | None = None
+    own_boot: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -538,7 +538,7 @@ ScenarioFunc = Callable[[Context], None]
 
 
 def scenario(
-    *, timeout: float = 120.0, own_boot: str | None = None
+    *, timeout: float = 120.0, own_boot: bool = False
 ) -> Callable[[ScenarioFunc], ScenarioFunc]:
     """Register a guest scenario ``def name(ctx: Context) -> None`` that raises on failure.
 

@@ -31,6 +31,6 @@ def test_guest_boots_with_lio(kernel_lab: LabRun) -> None:
 
 
 @pytest.mark.parametrize("scenario_name",
-                         [n for n, s in SCENARIOS.items() if s.own_boot is None])
+                         [n for n, s in SCENARIOS.items() if not s.own_boot])
 def test_scenario(kernel_lab: LabRun, scenario_name: str) -> None:
     kernel_lab.check(scenario_name)

@@ -45,7 +45,6 @@ from scenarios.vtl import (
 DISK = Path("/dev/vda")
 MOUNT = Path("/tmp/vtl-disk")
 EXPECTED = "expected.json"
-BOOT = "vtl_power_loss"
 TAR_BLOCKING = "128"  # tar -b 128: 64 KiB records
 
 
@@ -82,7 +81,7 @@ def _read_to_end_of_data(tape: Path) -> list[bytes]:
     return out
 
 
-@scenario(timeout=900, own_boot=BOOT)
+@scenario(timeout=900, own_boot=True)
 def before_power_loss(ctx: Context) -> None:
     """Write to the library on a fresh disk, record what must survive, reset the VM."""
     sh(ctx, "mkfs.ext4", "-q", "-F", str(DISK))
@@ -127,7 +126,7 @@ def before_power_loss(ctx: Context) -> None:
     raise AssertionError("the VM is still running after sysrq b")
 
 
-@scenario(timeout=900, own_boot=BOOT)
+@scenario(timeout=900, own_boot=True)
 def after_power_loss(ctx: Context) -> None:
     """Serve the same library after the reset; everything acknowledged as durable is there."""
     before = ctx.artifacts.parent / "vtl_reboot.before_power_loss" / EXPECTED
