@@ -36,25 +36,35 @@ CAPACITY_MIB = 64
 AMANDA_LOGS = "/var/log/amanda"
 
 
+def amanda_log_dirs(ctx: Context) -> None:
+    """Amanda writes debug logs under /var/log/amanda as its user; the guest's /var is a
+    throw-away layer without the package's directories."""
+    sh(ctx, "install", "-d", "-o", "backup", "-g", "backup", "-m", "0750",
+       AMANDA_LOGS, AMANDA_LOGS + "/server")
+
+
+def amanda(ctx: Context, *argv: str) -> str:
+    """An Amanda command as its user `backup`; its output (fails the scenario on exit != 0)."""
+    res = run(["runuser", "-u", "backup", "--", *argv], timeout=ctx.remaining(600), check=False)
+    out = res.stdout + res.stderr
+    with open(ctx.artifacts / "amanda.log", "a") as f:
+        f.write(f"$ {' '.join(argv)}\n{out}\n")
+    assert res.returncode == 0, f"{' '.join(argv)}: exit {res.returncode}\n{out[-3000:]}"
+    return out
+
+
 @scenario(timeout=900)
 def amanda_amtapetype_properties(ctx: Context) -> None:
     """`amtapetype -p -f` finds that the drive needs no FSF_AFTER_FILEMARK, without error."""
     assert shutil.which("amtapetype"), "amtapetype missing (amanda-server; bootstrap installs it)"
-    # Amanda writes debug logs under /var/log/amanda as its user; the guest's /var is a
-    # throw-away layer without the package's directories.
-    sh(ctx, "install", "-d", "-o", "backup", "-g", "backup", "-m", "0750",
-       AMANDA_LOGS, AMANDA_LOGS + "/server")
+    amanda_log_dirs(ctx)
     lab = serve_library(ctx)
     sh(ctx, *tcmu_py("vtl", "create-cartridges", str(lab.library), "AMD000L8",
                      "--capacity", f"{CAPACITY_MIB}M"))
     st = wait_for(lambda: mtx_status_with(ctx, lab, "AMD000L8"), ctx.remaining(60),
                   "the changer to report the new cartridge")
     load(ctx, lab, slot_of(st, "AMD000L8"), 0)
-    res = run(["runuser", "-u", "backup", "--", "amtapetype", "-p", "-f", "-b", "256k",
-               str(lab.tapes[0])], timeout=ctx.remaining(600), check=False)
-    out = res.stdout + res.stderr
-    (ctx.artifacts / "amtapetype.log").write_text(out)
-    assert res.returncode == 0, f"amtapetype exit {res.returncode}\n{out[-3000:]}"
+    out = amanda(ctx, "amtapetype", "-p", "-f", "-b", "256k", str(lab.tapes[0]))
     assert "Checking for FSF_AFTER_FILEMARK requirement" in out, out
     assert 'device-property "FSF_AFTER_FILEMARK" "false"' in out, out
     errors = [line for line in out.splitlines() if re.search(r"\berror\b", line, re.I)]
@@ -85,23 +95,12 @@ tpchanger "lab-robot"
 """
 
 
-def amanda(ctx: Context, *argv: str) -> str:
-    """An Amanda command as its user `backup`; its output (fails the scenario on exit != 0)."""
-    res = run(["runuser", "-u", "backup", "--", *argv], timeout=ctx.remaining(600), check=False)
-    out = res.stdout + res.stderr
-    with open(ctx.artifacts / "amanda.log", "a") as f:
-        f.write(f"$ {' '.join(argv)}\n{out}\n")
-    assert res.returncode == 0, f"{' '.join(argv)}: exit {res.returncode}\n{out[-3000:]}"
-    return out
-
-
 @scenario(timeout=1200)
 def amanda_changer_amtape(ctx: Context) -> None:
     """Amanda's robot changer (chg-robot, driving mtx) on the library: inventory by barcode,
     labelling cartridges in slots, `show` loading every slot and reading its label, and
     loading a cartridge by its Amanda label."""
-    sh(ctx, "install", "-d", "-o", "backup", "-g", "backup", "-m", "0750",
-       AMANDA_LOGS, AMANDA_LOGS + "/server")
+    amanda_log_dirs(ctx)
     lab = serve_library(ctx)
     state = ctx.workdir / "amanda"
     conf_dir = Path("/etc/amanda/lab")
