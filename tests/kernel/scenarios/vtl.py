@@ -369,14 +369,7 @@ def tar_dd_capacity_worm(ctx: Context) -> None:
     load(ctx, lab, 1, 0)
 
     # ---- tar, two archives
-    trees = []
-    for t in range(2):
-        src = ctx.workdir / f"tree{t}"
-        for i in range(12):
-            p = src / f"d{i % 3}" / f"f{i}.bin"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(os.urandom(500 + 37_000 * i + t))
-        trees.append(src)
+    trees = [random_tree(ctx.workdir / f"tree{t}", 12, t) for t in range(2)]
     for src in trees:
         sh(ctx, "tar", "-c", "-b", "128", "-f", str(tape), "-C", str(src), ".")
     assert mt_pos(ctx, tape)[:2] == (2, 0)
@@ -502,6 +495,16 @@ def mtx_status_with(ctx: Context, lab: Lab, barcode: str) -> MtxStatus | None:
         log(f"mtx status: {exc}")
         return None
     return st if barcode in st.slots.values() else None
+
+
+def random_tree(root: Path, files: int, seed: int) -> Path:
+    """`files` files of random bytes (0.5 KiB to ~400 KiB, sizes varied by `seed`) in three
+    directories under `root`, for tar."""
+    for i in range(files):
+        p = root / f"d{i % 3}" / f"f{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(os.urandom(500 + 37_000 * i + seed))
+    return root
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -34,6 +34,7 @@ from scenarios.vtl import (
     mt,
     mt_tell,
     mtx_status,
+    random_tree,
     read_blocks,
     serve_library,
     sh,
@@ -54,14 +55,6 @@ def _mount(ctx: Context) -> Path:
     sh(ctx, "mount", "-t", "ext4", str(DISK), str(MOUNT))
     ctx.cleanup.callback(lambda: run(["umount", str(MOUNT)], timeout=60, check=False))
     return MOUNT
-
-
-def _tree(root: Path, seed: int) -> Path:
-    for i in range(10):
-        p = root / f"d{i % 3}" / f"f{i}.bin"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(os.urandom(700 + 41_000 * i + seed))
-    return root
 
 
 def _read_to_end_of_data(tape: Path) -> list[bytes]:
@@ -89,7 +82,7 @@ def before_power_loss(ctx: Context) -> None:
     lab = serve_library(ctx, "before", root=root)
     tape = lab.tapes[0]
     load(ctx, lab, 1, 0)
-    trees = [_tree(ctx.workdir / f"tree{t}", t) for t in range(2)]
+    trees = [random_tree(ctx.workdir / f"tree{t}", 10, t) for t in range(2)]
     for src in trees:
         sh(ctx, "tar", "-c", "-b", TAR_BLOCKING, "-f", str(tape), "-C", str(src), ".")
     blocks = [os.urandom(n) for n in (1000, 256 * KIB, 3000, 70 * KIB + 1)]
