@@ -553,7 +553,7 @@ class Cartridge:
             # Uncompressed: read straight into the caller's buffers (what does not fit goes to
             # a scratch buffer, for the checksum), no intermediate copy.
             bufs = slice_buffers(into, 0, stored)
-            room = stored - sum(len(b) for b in bufs)
+            room = stored - sum(map(len, bufs))
             if room:
                 bufs.append(memoryview(bytearray(room)))
             got = os.preadv(self._fd, bufs, start + RECORD_HEADER_SIZE)
