@@ -370,15 +370,20 @@ class Daemon:
                 cfs.block()
         served.runner.stop()
         served.thread.join(timeout=60)
-        try:
-            served.runner.close()
-        finally:
+
+        def close_uio() -> None:
             with contextlib.suppress(OSError):
                 served.uio.close()
+
+        # The runner closes the handler (and then the uio) only once no command of it runs:
+        # now, or when a command still stuck in the backend finishes.
+        try:
+            closed = served.runner.close(on_closed=close_uio)
+        finally:
             if block:
                 with contextlib.suppress(TcmuError):
                     cfs.unblock()
-        log.info("%s: closed %s", served.name.device, node)
+        log.info("%s: %s %s", served.name.device, "closed" if closed else "closing", node)
 
     def find(self, dev_name: str) -> Served | None:
         with self._lock:
