@@ -63,6 +63,9 @@ _UA_EXEMPT = {Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE}
 
 VENDOR = "TCMU-PY"
 
+#: What `respond_error` answers when an error's own sense cannot be built (SPC-5 4.4.3, fixed).
+_HARDWARE_ERROR_SENSE = build_fixed_sense(0x04, 0x44, 0x00)
+
 
 def command(
     opcode: int, service_action: int | None = None, *, inline: bool = False
@@ -266,8 +269,12 @@ class ScsiDevice:
         outer: Future[Response] = Future()
 
         def done(f: Future[Any]) -> None:
-            exc = f.exception()
-            outer.set_result(self.respond_error(cmd, exc) if exc else self.respond(cmd, f.result()))
+            try:
+                exc = f.exception()
+                resp = self.respond_error(cmd, exc) if exc else self.respond(cmd, f.result())
+            except Exception as cancelled:  # noqa: BLE001 - a cancelled Future still answers
+                resp = self.respond_error(cmd, cancelled)
+            outer.set_result(resp)
 
         inner.add_done_callback(done)
         return outer
@@ -283,19 +290,24 @@ class ScsiDevice:
         return self.respond_error(cmd, TypeError(f"handler returned {type(result).__name__}"))
 
     def respond_error(self, cmd: Command, exc: BaseException) -> Response:
-        """The one place an exception becomes CHECK CONDITION (SAM-5 5.3)."""
-        if not isinstance(exc, ScsiError):
-            self.log.error(
-                "%s: handler failed: cdb=%s", self.config.name, cmd.cdb.hex(), exc_info=exc
+        """The one place an exception becomes CHECK CONDITION (SAM-5 5.3). Never raises: if
+        the error's own sense cannot be built, the answer is HARDWARE ERROR 44/00."""
+        try:
+            if not isinstance(exc, ScsiError):
+                self.log.error(
+                    "%s: handler failed: cdb=%s", self.config.name, cmd.cdb.hex(), exc_info=exc
+                )
+                exc = HardwareError(str(exc))
+            if exc.status != Status.CHECK_CONDITION:
+                return Response(status=exc.status)
+            return Response(
+                status=Status.CHECK_CONDITION,
+                sense=exc.sense(descriptor=self.d_sense),
+                data_in_length=exc.transferred if exc.transferred is not None else 0,
             )
-            exc = HardwareError(str(exc))
-        if isinstance(exc, ScsiError) and exc.status != Status.CHECK_CONDITION:
-            return Response(status=exc.status)
-        return Response(
-            status=Status.CHECK_CONDITION,
-            sense=exc.sense(descriptor=self.d_sense),
-            data_in_length=exc.transferred if exc.transferred is not None else 0,
-        )
+        except Exception:  # noqa: BLE001 - an answer must go out whatever the error object does
+            self.log.exception("%s: building the sense for %r failed", self.config.name, exc)
+            return Response(status=Status.CHECK_CONDITION, sense=_HARDWARE_ERROR_SENSE)
 
     def _report_unit_attention(self) -> None:
         with self.lock:
