@@ -18,10 +18,11 @@ import itertools
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from tcmu_py.device.command import Command
-from tcmu_py.device.core import ScsiDevice, command
+from tcmu_py.device.core import ScsiDevice, check_data_out, command
 from tcmu_py.handler import BlockBackend, DeviceConfig, ProvisioningInfo
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import sbc, spc
@@ -32,7 +33,6 @@ from tcmu_py.scsi.sense import (
     LbaOutOfRange,
     MediumError,
     Miscompare,
-    ParameterListLengthError,
     ScsiError,
     SoftThresholdReached,
     SpaceAllocationFailed,
@@ -48,8 +48,20 @@ MAX_UNMAP_BLOCK_DESCRIPTORS = 256
 MAX_UNMAP_LBA_COUNT = 0xFFFFFFFF
 _RW10 = struct.Struct(">IxH")  # LBA, group, TRANSFER LENGTH (bytes 2..8 of a 10-byte CDB)
 _RW16 = struct.Struct(">QI")  # LBA, TRANSFER LENGTH (bytes 2..13 of a 16-byte CDB)
-#: Chunk size for pattern writes (WRITE SAME without backend support).
-_FILL_CHUNK = 1 << 20
+#: Bytes read or written at a time where a command covers more than its own buffers (WRITE
+#: SAME without backend support, VERIFY): memory stays bounded whatever the CDB asks for.
+_IO_CHUNK = 1 << 20
+
+
+def _length_field(opcode: int) -> int:
+    """CDB byte of the TRANSFER / VERIFICATION LENGTH of a READ/WRITE/VERIFY opcode: 6-byte
+    CDBs 4, 10-byte 7, 12-byte 6, 16-byte 10 (the SBC-4 CDB layouts)."""
+    return {0x08: 4, 0x0A: 4}.get(opcode) or {0xA0: 6, 0x80: 10}.get(opcode & 0xE0, 7)
+
+
+def _gather(bufs: Sequence[memoryview], offset: int, length: int) -> bytes:
+    """Bytes [offset, offset+length) of the concatenation of `bufs`, as one bytes object."""
+    return b"".join(slice_buffers(bufs, offset, length))
 
 
 def slice_buffers(bufs: Sequence[memoryview], offset: int, length: int) -> list[memoryview]:
@@ -296,10 +308,30 @@ class BlockDevice(ScsiDevice):
         except OSError as exc:
             raise WriteError(str(exc)) from exc
 
-    def _read_bytes(self, offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        self._read(offset, [memoryview(buf)])
-        return buf
+    def _check_medium(
+        self, lba: int, length: int, expected: Callable[[int, int], bytes] | None = None
+    ) -> None:
+        """Read `length` bytes from `lba` in chunks of at most `_IO_CHUNK` (one buffer, reused),
+        comparing each with `expected(position, size)` unless None. Raises Miscompare with the
+        offset of the first byte that differs (SBC-4 5.3, 5.40)."""
+        if not length:
+            return
+        step = max(1, _IO_CHUNK // self.block_size) * self.block_size
+        buf = bytearray(min(length, step))
+        view = memoryview(buf)
+        base = lba * self.block_size
+        pos = 0
+        while pos < length:
+            n = min(len(buf), length - pos)
+            self._read(base + pos, [view[:n]])
+            if expected is not None:
+                want = expected(pos, n)
+                got = buf if n == len(buf) else buf[:n]
+                if got != want:
+                    first = next(i for i in range(n) if got[i] != want[i])
+                    # SBC-4 5.3: INFORMATION = offset of the first byte that did not match.
+                    raise Miscompare(f"at byte {pos + first}", info=pos + first)
+            pos += n
 
     # ------------------------------------------------------------------------------------------
     # Reads and writes
@@ -323,7 +355,7 @@ class BlockDevice(ScsiDevice):
         else:
             rw = cdbs.parse_rw(cdb)
             lba, blocks, fua = rw.lba, rw.transfer_length, rw.fua
-            field = {0x08: 4, 0x0A: 4, 0xA8: 6, 0xAA: 6}.get(op, 10 if op & 0x80 else 7)
+            field = _length_field(op)
         if lba + blocks > self.num_blocks or blocks > self.max_transfer_blocks:
             self._check_range(lba, blocks)  # both raise; the test above is their fast path
             self._check_transfer(blocks, field)
@@ -352,12 +384,11 @@ class BlockDevice(ScsiDevice):
     @command(Opcode.WRITE_16)
     def write(self, cmd: Command) -> None:
         lba, blocks, fua = self._rw(cmd.cdb)
-        length = min(blocks * self.block_size, cmd.data_out_length)
-        length -= length % self.block_size
+        length = blocks * self.block_size
+        if length != cmd.data_out_length:
+            check_data_out(cmd, length, data=True)  # raises: nothing is written
         if length:
             bufs = cmd.data_out
-            if length != cmd.data_out_length:
-                bufs = slice_buffers(bufs, 0, length)
             if self._all_inline:
                 # Every command runs on the one loop thread: nothing can overlap this write.
                 self._write(lba * self.block_size, bufs)
@@ -386,28 +417,31 @@ class BlockDevice(ScsiDevice):
     def verify(self, cmd: Command) -> None:
         rw = cdbs.parse_rw(cmd.cdb)
         self._check_range(rw.lba, rw.transfer_length)
+        # SBC-4 5.40-5.42 / 6.6.4: VERIFY is bounded by the MAXIMUM TRANSFER LENGTH we
+        # advertise in VPD B0h; above it -> INVALID FIELD IN CDB (VERIFICATION LENGTH).
+        self._check_transfer(rw.transfer_length, _length_field(cmd.opcode))
         length = rw.transfer_length * self.block_size
         if rw.bytchk == 0:
-            # SBC-4 5.33: BYTCHK 0 — verify the medium is readable.
-            if length:
-                self._read_bytes(rw.lba * self.block_size, length)
+            # SBC-4 5.40: BYTCHK 0 — verify the medium is readable (chunk by chunk).
+            self._check_medium(rw.lba, length)
             return
         if rw.bytchk == 2:
             raise InvalidFieldInCdb("BYTCHK 10b", field_pointer=1, bit_pointer=1)
-        # BYTCHK 01b: compare with the Data-Out; 11b: one block compared with every LBA.
-        expected = cmd.read_data_out(length if rw.bytchk == 1 else self.block_size)
-        if len(expected) < (length if rw.bytchk == 1 else self.block_size) and length:
-            raise ParameterListLengthError("verify data shorter than the transfer length")
-        if rw.bytchk == 3:
-            expected = expected * rw.transfer_length
-        self._compare(rw.lba, expected)
+        if not length:
+            return
+        if rw.bytchk == 1:
+            # BYTCHK 01b: the Data-Out holds every block to compare.
+            check_data_out(cmd, length, field_pointer=_length_field(cmd.opcode))
+            self._check_medium(rw.lba, length, partial(_gather, cmd.data_out))
+            return
+        # BYTCHK 11b: one block, compared with every LBA of the range.
+        check_data_out(cmd, self.block_size)
+        block = cmd.read_data_out(self.block_size)
+        pattern = block * max(1, min(length, _IO_CHUNK) // self.block_size)
+        self._check_medium(rw.lba, length, lambda pos, n: pattern[:n])
 
     def _compare(self, lba: int, expected: bytes) -> None:
-        actual = self._read_bytes(lba * self.block_size, len(expected))
-        if actual != expected:
-            first = next(i for i, (a, b) in enumerate(zip(actual, expected, strict=True)) if a != b)
-            # SBC-4 5.3: INFORMATION = offset of the first byte that did not match.
-            raise Miscompare(f"at byte {first}", info=first)
+        self._check_medium(lba, len(expected), lambda pos, n: expected[pos : pos + n])
 
     @command(Opcode.WRITE_AND_VERIFY_10)
     @command(Opcode.WRITE_AND_VERIFY_12)
@@ -416,12 +450,12 @@ class BlockDevice(ScsiDevice):
         rw = cdbs.parse_rw(cmd.cdb)
         if rw.bytchk not in (0, 1):
             raise InvalidFieldInCdb("BYTCHK", field_pointer=1, bit_pointer=1)
-        self.write(cmd)
+        self.write(cmd)  # checks the Data-Out length first
         # SBC-4 5.41: after writing, check the medium (read back and compare when BYTCHK 1).
         self._flush()
-        length = min(rw.transfer_length * self.block_size, cmd.data_out_length)
+        length = rw.transfer_length * self.block_size
         if length and rw.bytchk:
-            self._compare(rw.lba, cmd.read_data_out(length))
+            self._check_medium(rw.lba, length, partial(_gather, cmd.data_out))
 
     @command(Opcode.COMPARE_AND_WRITE)
     def compare_and_write(self, cmd: Command) -> None:
@@ -430,12 +464,9 @@ class BlockDevice(ScsiDevice):
             raise InvalidFieldInCdb("NUMBER OF LOGICAL BLOCKS", field_pointer=13)
         self._check_range(rw.lba, rw.transfer_length)
         length = rw.transfer_length * self.block_size
-        if cmd.data_out_length != 2 * length:
-            # SBC-4 5.3: the Data-Out holds exactly the verify and the write instances; a
-            # transfer of another size (e.g. 256 blocks, whose one-byte count reads 0) is refused.
-            raise InvalidFieldInCdb(
-                "data-out is not 2 x NUMBER OF LOGICAL BLOCKS", field_pointer=13
-            )
+        # SBC-4 5.3: the Data-Out holds exactly the verify and the write instances; a transfer
+        # of another size (e.g. 256 blocks, whose one-byte count reads 0) is refused.
+        check_data_out(cmd, 2 * length, data=True)
         if length == 0:
             return
         held = self._ranges.acquire(rw.lba, rw.lba + rw.transfer_length)
@@ -471,8 +502,7 @@ class BlockDevice(ScsiDevice):
         if rw.ndob:
             block = bytes(self.block_size)
         else:
-            if cmd.data_out_length < self.block_size:
-                raise InvalidFieldInCdb("no data-out block", field_pointer=1)
+            check_data_out(cmd, self.block_size)  # SBC-4 5.50: one logical block of Data-Out
             block = cmd.read_data_out(self.block_size)
         offset = rw.lba * self.block_size
         length = rw.transfer_length * self.block_size
@@ -493,7 +523,7 @@ class BlockDevice(ScsiDevice):
         self._after_write()
 
     def _fill(self, offset: int, length: int, block: bytes) -> None:
-        chunk = block * max(1, min(length, _FILL_CHUNK) // len(block))
+        chunk = block * max(1, min(length, _IO_CHUNK) // len(block))
         view = memoryview(chunk)
         done = 0
         while done < length:
@@ -514,6 +544,7 @@ class BlockDevice(ScsiDevice):
             raise InvalidFieldInCdb("ANCHOR", field_pointer=1, bit_pointer=0)
         if req.parameter_list_length == 0:
             return
+        check_data_out(cmd, req.parameter_list_length, field_pointer=7)
         data = cmd.read_data_out(req.parameter_list_length)
         ranges = sbc.parse_unmap_parameters(data, MAX_UNMAP_BLOCK_DESCRIPTORS)
         for lba, count in ranges:
@@ -557,8 +588,9 @@ class BlockDevice(ScsiDevice):
         req = cdbs.GetLbaStatus.parse(cmd.cdb)
         if req.lba >= self.num_blocks:
             raise LbaOutOfRange(f"lba {req.lba}", info=req.lba)
-        # SBC-4 5.8: descriptors from the starting LBA; as many as fit the allocation length.
-        room = max((req.allocation_length - 8) // 16, 1)
+        # SBC-4 5.8: descriptors from the starting LBA; as many as fit the allocation length
+        # and the Data-In buffer (not more: the list is built in memory).
+        room = max((min(req.allocation_length, cmd.data_in_length) - 8) // 16, 1)
         span = self.num_blocks - req.lba
         runs = self.backend.lba_status(  # type: ignore[attr-defined]
             req.lba * self.block_size, span * self.block_size, max_runs=room

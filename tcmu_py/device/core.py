@@ -40,6 +40,7 @@ from tcmu_py.scsi.constants import Opcode, ServiceAction, Status
 from tcmu_py.scsi.sense import (
     HardwareError,
     InvalidFieldInCdb,
+    InvalidFieldInCommandIu,
     InvalidOpcode,
     PowerOnReset,
     ScsiError,
@@ -83,6 +84,30 @@ def command(
         return fn
 
     return mark
+
+
+def check_data_out(
+    cmd: Command, expected: int, *, data: bool = False, field_pointer: int | None = None
+) -> None:
+    """Refuse, before anything is written, a command whose Data-Out does not carry the
+    `expected` bytes its CDB announces — as LIO's target core does for its own backstores
+    (target_core_transport.c, target_cmd_size_check). TCMU itself passes the transport's data
+    length through unchecked.
+
+    `data`: a data CDB (WRITE, WRITE AND VERIFY, COMPARE AND WRITE): any difference, shorter or
+    longer, is ILLEGAL REQUEST 0Eh/03h INVALID FIELD IN COMMAND INFORMATION UNIT (LIO since
+    Linux 5.11, after FCP-4 9.4.2 b: transfer nothing). Otherwise (parameter lists, WRITE SAME's
+    block): a Data-Out shorter than announced is INVALID FIELD IN CDB at `field_pointer` (the
+    length field), a longer one is used up to `expected` (LIO rejects only the "overflow" of a
+    control CDB).
+    """
+    got = cmd.data_out_length
+    if got == expected or (got > expected and not data):
+        return
+    what = f"data-out of {got} bytes, the CDB transfers {expected}"
+    if data:
+        raise InvalidFieldInCommandIu(what)
+    raise InvalidFieldInCdb(what, field_pointer=field_pointer)
 
 
 def service_action_of(cdb: bytes) -> int | None:
@@ -406,6 +431,7 @@ class ScsiDevice:
         req = cdbs.ModeSelect.parse(cmd.cdb)
         if req.parameter_list_length == 0:
             return
+        check_data_out(cmd, req.parameter_list_length, field_pointer=7 if req.ten else 4)
         data = cmd.read_data_out(req.parameter_list_length)
         parsed = spc.parse_mode_select(
             data, ten=cmd.opcode == Opcode.MODE_SELECT_10, peripheral_type=self.peripheral_type

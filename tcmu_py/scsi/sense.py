@@ -291,6 +291,7 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x04, 0x01): "LOGICAL UNIT IS IN PROCESS OF BECOMING READY",
     (0x04, 0x03): "LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED",
     (0x0C, 0x00): "WRITE ERROR",
+    (0x0E, 0x03): "INVALID FIELD IN COMMAND INFORMATION UNIT",
     (0x11, 0x00): "UNRECOVERED READ ERROR",
     (0x1A, 0x00): "PARAMETER LIST LENGTH ERROR",
     (0x1D, 0x00): "MISCOMPARE DURING VERIFY OPERATION",
@@ -425,6 +426,13 @@ class InvalidOpcode(IllegalRequest):
     """05h/20h/00h INVALID COMMAND OPERATION CODE."""
 
     asc, ascq = 0x20, 0x00
+
+
+class InvalidFieldInCommandIu(IllegalRequest):
+    """05h/0Eh/03h INVALID FIELD IN COMMAND INFORMATION UNIT: the transport's data length does
+    not match what the CDB transfers (FCP-4 9.4.2 b; LIO's answer to a WRITE over/underflow)."""
+
+    asc, ascq = 0x0E, 0x03
 
 
 class LbaOutOfRange(IllegalRequest):
