@@ -32,11 +32,11 @@ served (`_failure`). If the loop thread itself has to stop (a corrupt ring), `Co
 says why, so `tcmu-py status` does not report a dead device as "ok".
 
 Closing: the device, the ring and the caller's uio (`close(on_closed=...)`) are released only
-when nothing can touch them any more — the loop thread has left `run()`, no pool chunk runs and
-no asynchronous command is outstanding. `close()` while a command still runs (a backend stuck
-in I/O when the kernel removes the device) defers the release to the last one to finish: an
-image fd closed under a running command would be reused by the next image opened, and the late
-write would land in that other device's image.
+when nothing can touch them any more — the loop thread has left `run()`, no pool chunk is
+queued or running and no asynchronous command is outstanding. `close()` while a command still
+runs (a backend stuck in I/O when the kernel removes the device) defers the release to the last
+one to finish: an image fd closed under a running command would be reused by the next image
+opened, and the late write would land in that other device's image.
 
 Ring completions are serialised by `self._ring_lock` (cmd_tail has one writer at a time).
 """
@@ -295,8 +295,7 @@ class DeviceRunner:
         Never under a running command: if `run()` has not returned yet, a pool chunk runs or an
         asynchronous command is outstanding (call `stop()` first), all of this happens when the
         last of them finishes, on its thread. Returns True if it happened now, False if it was
-        deferred. Pool chunks not started yet are cancelled (their commands are not run)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        deferred. Chunks already handed to the pool still run (and count) before that."""
         with self._life:
             if self._closing:
                 return self._released
@@ -315,7 +314,7 @@ class DeviceRunner:
 
     def _enter(self, *, force: bool = False) -> bool:
         """Count one more user of the device, ring and uio; False (nothing counted) once they
-        are released. `force`: a command already running (an outstanding Future)."""
+        are released. `force`: work already under way (commands dequeued from the ring)."""
         with self._life:
             if self._released and not force:
                 return False
@@ -333,6 +332,7 @@ class DeviceRunner:
             self._release()
 
     def _release(self) -> None:
+        self._pool.shutdown(wait=False)  # idle by now: lets its threads go
         try:
             self.device.close()
         except Exception:  # noqa: BLE001 - the ring and the uio must still be let go
@@ -395,6 +395,7 @@ class DeviceRunner:
         if len(blocking) == 1 and not inline and not (serial and self._pool_busy):
             # A lone blocking command (queue depth 1): handing it to a worker costs two thread
             # switches and the loop would only wait for it anyway, so run it here.
+            self._enter(force=True)
             self._run_chunk(blocking, pooled=False)
         elif blocking:
             # One pool task per worker, commands dealt round-robin: a batch of 32 costs 4 thread
@@ -404,7 +405,11 @@ class DeviceRunner:
             with self._ring_lock:
                 self._pool_busy += n
             for i in range(n):
-                self._pool.submit(self._run_chunk, blocking[i::n], pooled=True)
+                self._enter(force=True)  # a queued chunk counts: close() waits for it
+                try:
+                    self._pool.submit(self._run_chunk, blocking[i::n], pooled=True)
+                except RuntimeError:  # the pool is shut down (drained): run the chunk here
+                    self._run_chunk(blocking[i::n], pooled=True)
         if inline:
             with self._ring_lock:
                 for rc, resp in inline:
@@ -469,9 +474,8 @@ class DeviceRunner:
 
     def _run_chunk(self, items: list[tuple[RingCommand, Command]], pooled: bool) -> None:
         """Run `items` in order, then complete them together with one kick. `pooled`: this is a
-        pool task (counted in `_pool_busy` until it has completed its commands)."""
-        if not self._enter():
-            return  # closed: the ring and the device are gone
+        pool task (counted in `_pool_busy` until it has completed its commands). The caller has
+        counted the chunk with `_enter`; it is let go here."""
         try:
             done: list[tuple[RingCommand, Response]] = []
             for rc, cmd in items:
