@@ -373,6 +373,7 @@ class DeviceRunner:
         serial = self.device.serial_commands
         queue_rest = serial and self._pool_busy > 0  # keep arrival order behind the worker
         is_inline = self.device.is_inline
+        aborted = self._aborted
         for rc in commands:
             rc.started = now
             if debug:
@@ -385,6 +386,9 @@ class DeviceRunner:
                 lengths=(rc.out_len, rc.in_len),
             )
             if not queue_rest and self._is_inline(is_inline, rc.cdb):
+                if aborted and rc.cmd_id in aborted:  # named by a TMR in this very batch
+                    inline.append((rc, Response(status=Status.TASK_ABORTED)))
+                    continue
                 result = self._execute(rc, cmd)
                 if isinstance(result, Future):
                     result = self._resolved(rc, result)

@@ -432,3 +432,18 @@ def test_loop_thread_keeps_answering_after_many_failures():
         assert s.runner.counters.failures == 50
     finally:
         s.close()
+
+
+def test_tmr_in_the_same_batch_aborts_inline_commands_before_they_run():
+    dev = BlockDevice(null_config(), NullBackend(BLOCKS * BS, BS))  # every command inline
+    h = RingHarness(dev)
+    try:
+        h.run(cdbs.test_unit_ready())
+        with h._lock:
+            pend = [h.kernel.submit(cdbs.write10(i, 1), data_out=bytes(BS)) for i in range(3)]
+            h.kernel.submit_tmr(TmrType.ABORT_TASK_SET, pend[:2])
+        h.wait(pend, timeout=5)
+        assert [p.status for p in pend] == [Status.TASK_ABORTED, Status.TASK_ABORTED, Status.GOOD]
+        assert h.runner._aborted == set() and h.runner.counters.writes == 1
+    finally:
+        h.close()
