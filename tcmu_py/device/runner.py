@@ -246,7 +246,7 @@ class DeviceRunner:
                             self._gap += (waited - self._gap) / 4
                         else:
                             self.counters.poll_misses += 1
-        except Exception as exc:  # noqa: BLE001 - recorded for status instead of a silent death
+        except BaseException as exc:  # noqa: BLE001 - recorded for status, not a silent death
             # Not the device (the guard answers for it): the ring or the uio failed. The device
             # cannot be served any more; say so where `tcmu-py status` looks.
             self.failed = exc
@@ -254,6 +254,8 @@ class DeviceRunner:
             self.log.critical(
                 "%s: the loop thread stops; the device is no longer served", self.name, exc_info=exc
             )
+            if not isinstance(exc, Exception):
+                raise  # SystemExit, KeyboardInterrupt: recorded, and passed on
         finally:
             try:
                 self.drain()
