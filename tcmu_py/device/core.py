@@ -95,8 +95,9 @@ def check_data_out(
     length through unchecked.
 
     `data`: a data CDB (WRITE, WRITE AND VERIFY, COMPARE AND WRITE): any difference, shorter or
-    longer, is ILLEGAL REQUEST 0Eh/03h INVALID FIELD IN COMMAND INFORMATION UNIT (LIO since
-    Linux 5.11, after FCP-4 9.4.2 b: transfer nothing). Otherwise (parameter lists, WRITE SAME's
+    longer, is ILLEGAL REQUEST 0Eh/03h INVALID FIELD IN COMMAND INFORMATION UNIT (LIO's answer
+    since "scsi: target: core: Change ASCQ for residual write", after FCP-4 9.4.2 b: transfer
+    nothing; INVALID FIELD IN CDB before). Otherwise (parameter lists, WRITE SAME's
     block): a Data-Out shorter than announced is INVALID FIELD IN CDB at `field_pointer` (the
     length field), a longer one is used up to `expected` (LIO rejects only the "overflow" of a
     control CDB).
