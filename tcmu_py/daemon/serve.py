@@ -20,13 +20,19 @@ Lifecycle of one device
   itself issues while removing a LUN (sd's SYNCHRONIZE CACHE) wait forever.
 
 Threads: one loop thread per device (`DeviceRunner.run`) plus its worker pool; the main thread
-handles netlink, signals and the control socket; the pyudev observer calls `add`/`remove` from its
-own thread (guarded by `self._lock`).
+handles netlink, signals and rescans; the control socket has a thread of its own
+(`tcmu_py.daemon.control`: no client can hold the main loop); the pyudev observer calls
+`add`/`remove` from its own thread (guarded by `self._lock`).
+
+Run directory (`--run-dir`, /run/tcmu-py): created 0700, refused if it is a symbolic link or
+another user's; `daemon.lock` in it is opened without following links, refused unless it is a
+regular file of ours with one link, and only then truncated (it holds the pid).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -34,6 +40,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +50,7 @@ from typing import Any
 
 from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs
+from tcmu_py.daemon.control import ControlServer
 from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.device.runner import DeviceRunner
@@ -136,14 +144,13 @@ class Daemon:
         self._lock_fd: int | None = None
         self._netlink: Any = None
         self._observer: Any = None
-        self._control: socket.socket | None = None
+        self._control: ControlServer | None = None
 
     # ------------------------------------------------------------------------------------------
     # Start and stop
 
     def start(self) -> None:
         """Take the single-instance lock, subscribe to events, open every existing device."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         if self.use_netlink:
             self._open_netlink()
@@ -153,16 +160,75 @@ class Daemon:
         self.rescan()
         log.info("serving subtypes %s; %d device(s) open", sorted(self.handlers), len(self.served))
 
-    def _take_lock(self) -> None:
-        path = self.run_dir / "daemon.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def _open_run_dir(self) -> int:
+        """The run directory as an O_PATH-like fd: created 0700 if missing; refused if it is a
+        symbolic link, not a directory, or owned by another user; group/other access removed.
+        Everything the daemon creates there (lock, control socket) is then private to it."""
+        path = self.run_dir
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and path.is_symlink():
+                raise TcmuError(f"{path}: run directory is a symbolic link; expected a directory"
+                                " of the daemon's own (remove the link)") from None
+            raise TcmuError(f"{path}: run directory unusable: {exc.strerror}; expected a"
+                            " directory") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise TcmuError(f"{path}: run directory is owned by uid {st.st_uid}; expected"
+                                f" uid {os.geteuid()} (the daemon's)")
+            if st.st_mode & 0o077:
+                log.warning("%s: run directory mode %o opened to others; setting 0700",
+                            path, st.st_mode & 0o777)
+                os.fchmod(fd, 0o700)
+        except BaseException:
             os.close(fd)
-            raise TcmuError(f"another tcmu-py daemon is running (lock {path} is held)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+            raise
+        return fd
+
+    def _take_lock(self) -> None:
+        """flock `daemon.lock` in the run directory and write our pid into it. The lock file is
+        opened without following a symbolic link and only once it is known to be a regular file
+        of ours with one link is it truncated: a link planted there cannot make us clobber
+        another file."""
+        dir_fd = self._open_run_dir()
+        path = self.run_dir / "daemon.lock"
+        try:
+            try:
+                fd = os.open("daemon.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise TcmuError(f"{path}: lock file is a symbolic link; expected a regular"
+                                    " file (remove the link)") from None
+                raise TcmuError(f"{path}: cannot open the lock file: {exc.strerror}") from None
+        finally:
+            os.close(dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise TcmuError(f"{path}: lock file is not a regular file; expected one (remove"
+                                " it)")
+            if st.st_nlink != 1 or st.st_uid != os.geteuid():
+                raise TcmuError(f"{path}: lock file has {st.st_nlink} links and owner uid"
+                                f" {st.st_uid}; expected 1 link and uid {os.geteuid()} (a hard"
+                                " link to another file? remove it)")
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TcmuError(
+                    f"another tcmu-py daemon is running (lock {path} is held)") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def _open_netlink(self) -> None:
@@ -200,15 +266,8 @@ class Daemon:
         self._observer.start()
 
     def _open_control(self) -> None:
-        path = self.run_dir / "control.sock"
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(4)
-        sock.setblocking(False)
-        self._control = sock
+        self._control = ControlServer(self.run_dir / "control.sock", {"status": self.status})
+        self._control.start()
 
     def run(self, *, install_signals: bool = True) -> None:
         """Handle netlink events, control requests and rescans until a signal or `stop()`."""
@@ -219,8 +278,6 @@ class Daemon:
         poller.register(self._stop_r, select.POLLIN)
         if self._netlink is not None:
             poller.register(self._netlink.fileno(), select.POLLIN)
-        if self._control is not None:
-            poller.register(self._control.fileno(), select.POLLIN)
         interval = RESCAN_SECONDS_WITH_UDEV if self._observer is not None else RESCAN_SECONDS
         next_scan = time.monotonic() + interval
         try:
@@ -231,8 +288,6 @@ class Daemon:
                         break
                     if self._netlink is not None and fd == self._netlink.fileno():
                         self._handle_netlink()
-                    elif self._control is not None and fd == self._control.fileno():
-                        self._handle_control()
                 if time.monotonic() >= next_scan:
                     self.rescan()
                     next_scan = time.monotonic() + interval
@@ -256,8 +311,6 @@ class Daemon:
             self.remove(node, block=True)
         if self._control is not None:
             self._control.close()
-            with contextlib.suppress(FileNotFoundError):
-                (self.run_dir / "control.sock").unlink()
             self._control = None
         log.info("stopped")
 
@@ -477,23 +530,6 @@ class Daemon:
                 st = status().as_dict()
                 pools[st["path"]] = st
         return list(pools.values())
-
-    def _handle_control(self) -> None:
-        assert self._control is not None
-        try:
-            conn, _ = self._control.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(2)
-            try:
-                request = conn.recv(256).decode().strip()
-                if request == "status":
-                    conn.sendall(json.dumps(self.status()).encode())
-                else:
-                    conn.sendall(json.dumps({"error": f"unknown request {request!r}"}).encode())
-            except OSError as exc:
-                log.warning("control socket: %s", exc)
 
 
 def query_status(run_dir: Path = RUN_DIR, timeout: float = 5.0) -> dict[str, Any]:
