@@ -3,7 +3,9 @@
 Lifecycle of one device
 -----------------------
 - Found by the start-up scan of `/sys/class/uio` or by a udev "add" event (pyudev), or by a
-  netlink ADDED event; all three paths end in `add()`, which is idempotent.
+  netlink ADDED event; all three paths end in `add()`, which is idempotent. The start-up scan
+  comes first (`start_serving`), before netlink, udev, the YAML or LIO are even imported: a
+  restarted daemon answers the commands waiting on its rings as soon as it can.
 - Only subtypes with a registered handler are served; anything else (tcmu-runner's `file`,
   `qcow`, ...) is left alone, and never answered on netlink.
 - Opening (`_open`): `action/block_dev=1`, `action/reset_ring=1` (commands a previous daemon left
@@ -150,13 +152,26 @@ class Daemon:
     # Start and stop
 
     def start(self) -> None:
-        """Take the single-instance lock, subscribe to events, open every existing device."""
+        """`start_serving`, then `subscribe`."""
+        self.start_serving()
+        self.subscribe()
+
+    def start_serving(self) -> None:
+        """Take the single-instance lock and serve every TCMU device already present. The first
+        thing a (re)started daemon does: commands wait on the rings meanwhile, and the kernel
+        fails them after `cmd_time_out` (30 s by default); everything slower (netlink, the udev
+        monitor, the YAML, LIO) comes after, in `subscribe` and the command line."""
         self._take_lock()
+        self.rescan()
+
+    def subscribe(self) -> None:
+        """Answer the control socket and follow devices as they come and go (netlink, udev);
+        then rescan once more for devices added while this was being set up."""
+        self._open_control()
         if self.use_netlink:
             self._open_netlink()
         if self.use_udev:
             self._start_udev()
-        self._open_control()
         self.rescan()
         log.info("serving subtypes %s; %d device(s) open", sorted(self.handlers), len(self.served))
 

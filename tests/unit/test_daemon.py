@@ -427,3 +427,29 @@ def test_run_dir_open_to_others_is_tightened(host, tmp_path):
         assert run.stat().st_mode & 0o777 == 0o700
     finally:
         d.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Restart: the rings are served before anything slow is imported
+
+
+def _restart_bench():  # benchmarks/restart_time.py: the fake host and the timed child
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "restart_time.py"
+    spec = importlib.util.spec_from_file_location("restart_time", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_restarted_daemon_serves_before_importing_netlink_udev_yaml_rtslib(tmp_path, with_config):
+    """`tcmu-py serve` (the real command line, against the fake host) completes a command left
+    on a ring before it imports pyroute2, pyudev, yaml or rtslib-fb: under emulation those
+    imports took long enough for the kernel's command timeout to fail in-flight writes."""
+    bench = _restart_bench()
+    config = bench.make_host(tmp_path, 2)
+    result = bench.run_once(tmp_path, config if with_config else None)
+    assert result["imported"] == []
