@@ -302,7 +302,16 @@ class Daemon:
                     if fd == self._stop_r:
                         break
                     if self._netlink is not None and fd == self._netlink.fileno():
-                        self._handle_netlink()
+                        try:
+                            self._handle_netlink()
+                        except Exception:  # noqa: BLE001 - the devices must outlive netlink
+                            log.exception("netlink TCM-USER failed; following udev and rescans"
+                                          " only")
+                            poller.unregister(fd)
+                            with contextlib.suppress(OSError):
+                                self._netlink.close()
+                            self._netlink = None
+                            next_scan = time.monotonic()
                 if time.monotonic() >= next_scan:
                     self.rescan()
                     next_scan = time.monotonic() + interval

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -453,3 +454,41 @@ def test_restarted_daemon_serves_before_importing_netlink_udev_yaml_rtslib(tmp_p
     config = bench.make_host(tmp_path, 2)
     result = bench.run_once(tmp_path, config if with_config else None)
     assert result["imported"] == []
+
+
+def test_netlink_failure_does_not_stop_the_daemon(host, tmp_path, caplog):
+    """A netlink socket that fails (receive raises) is dropped; the devices stay served."""
+
+    class BrokenNetlink:
+        def __init__(self) -> None:
+            self.r, self.w = os.pipe()
+            os.write(self.w, b"x")  # readable at once
+
+        def fileno(self) -> int:
+            return self.r
+
+        def receive(self) -> list:
+            raise OSError(5, "Input/output error")
+
+        def close(self) -> None:
+            os.close(self.r)
+            os.close(self.w)
+
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    d._netlink = BrokenNetlink()
+    t = threading.Thread(target=d.run, kwargs={"install_signals": False})
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while d._netlink is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert query_status(tmp_path / "run")["devices"][0]["name"] == "disk0"
+        host.run("uio0", cdbs.test_unit_ready())
+        assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
+        assert t.is_alive() and d._netlink is None
+        assert "netlink TCM-USER failed" in caplog.text
+    finally:
+        d.stop()
+        t.join(timeout=30)
