@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except ConfigError as exc:
-        print(f"tcmu-py: configuration error:\n{exc}", file=sys.stderr)
+        text = str(exc)  # one problem: one line; several: a count, then one line each
+        sep = "\n" if "\n" in text else " "
+        print(f"tcmu-py: configuration error:{sep}{text}", file=sys.stderr)
         return 2
     except TcmuError as exc:
         print(f"tcmu-py: {exc}", file=sys.stderr)

@@ -57,7 +57,7 @@ from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.device.runner import DeviceRunner
 from tcmu_py.errors import TcmuError
-from tcmu_py.handler import DeviceConfig, Handler, load_handlers
+from tcmu_py.handler import DeviceConfig, Handler, load_handlers, split_wwn
 from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import NotReady
 from tcmu_py.uio import UioDevice, UioName
@@ -380,16 +380,18 @@ class Daemon:
 
     def _open(self, node: str, name: UioName) -> Served:
         cfs = TcmuConfigfs(name.hba, name.device, self.configfs_root)
+        cfgstring, wwn = split_wwn(name.cfgstring)
         config = DeviceConfig(
             name=name.device,
             subtype=name.subtype,
-            cfgstring=name.cfgstring,
+            cfgstring=cfgstring,
             size=cfs.size,
             block_size=cfs.block_size,
             hw_max_sectors=cfs.hw_max_sectors,
             write_cache=cfs.write_cache,
             serial=cfs.serial,
             uio_name=name.build(),
+            wwn=wwn,
         )
         cfs.block()
         try:
@@ -398,7 +400,7 @@ class Daemon:
             failed = None
             try:
                 handler = self.handlers[name.subtype]
-                handler.check_config(name.cfgstring)
+                handler.check_config(cfgstring)
                 device = handler.open(config)
             except Exception as exc:  # noqa: BLE001 - any handler failure: serve NOT READY
                 failed = f"{type(exc).__name__}: {exc}"
@@ -477,7 +479,7 @@ class Daemon:
             status = 0
             try:
                 if event.cmd == TcmuCmd.ADDED_DEVICE:
-                    self.handlers[uio.subtype].check_config(uio.cfgstring)
+                    self.handlers[uio.subtype].check_config(split_wwn(uio.cfgstring)[0])
                     self.add(f"uio{event.minor}")
                 elif event.cmd == TcmuCmd.REMOVED_DEVICE:
                     self.remove(f"uio{event.minor}")

@@ -492,3 +492,31 @@ def test_netlink_failure_does_not_stop_the_daemon(host, tmp_path, caplog):
     finally:
         d.stop()
         t.join(timeout=30)
+
+
+def test_wwn_from_dev_config_is_the_vpd83_naa_designator(host, tmp_path):
+    """A YAML `wwn:` travels in the dev_config (last item); the daemon strips it before the
+    handler parses its options and the device reports it as its NAA designator (VPD 83h)."""
+    host.add("uio0", 0, "disk0", f"raw/{tmp_path}/d0.img;wwn=naa.5001405000000abc", 4 * MIB)
+    host.add("uio1", 1, "nul0", "null/wwn=naa.6001405000000000000000000000abcd", 4 * MIB)
+    host.add("uio2", 2, "plain", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        assert all(s.failed is None for s in d.served.values())
+        assert (tmp_path / "d0.img").exists()  # the handler got the path alone
+        pages = {}
+        for node in ("uio0", "uio1", "uio2"):
+            host.run(node, cdbs.test_unit_ready())
+            r = host.run(node, cdbs.inquiry(evpd=True, page_code=0x83), data_in_len=255)
+            assert r.good
+            pages[node] = r.data
+        # Designation descriptor: code set 1 (binary), type 3 (NAA), length, designator.
+        assert bytes([0x01, 0x03, 0x00, 8]) + bytes.fromhex("5001405000000abc") in pages["uio0"]
+        assert bytes([0x01, 0x03, 0x00, 16]) + bytes.fromhex(
+            "6001405000000000000000000000abcd") in pages["uio1"]
+        from tcmu_py.scsi.spc import naa_from_serial
+
+        assert naa_from_serial("serial-plain") in pages["uio2"]  # from the serial, as before
+    finally:
+        d.shutdown()
