@@ -77,7 +77,12 @@ def _load(path: str | None) -> Any:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the YAML (with each handler's check of its options: a thin pool's pool.json is
+    read) and the LIO state file of its state_dir, which `apply` and `down` would read next."""
+    from tcmu_py.daemon import lio
+
     config = _load(args.config)
+    lio.read_state(config.state_dir)
     print(f"{args.config or '<default>'}: OK ({len(config.devices)} device(s))")
     return 0
 
