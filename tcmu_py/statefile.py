@@ -9,6 +9,8 @@ Rules this module obeys:
   that is not JSON, a key given twice in one object, NaN/Infinity, nesting deep enough to
   exhaust the parser and integers too long to convert are each one `StateFileError` naming the
   file and what was expected, never a raw UnicodeDecodeError / RecursionError / ValueError.
+- Directories tcmu-py creates for its state are 0700 whatever the umask, parents included
+  (`make_private_dirs`); existing directories are left as they are.
 - `invalid` builds the message for a value of the right syntax but the wrong meaning, in the
   configuration's form: ``<file>: <key>: got <value>, expected <what>``; values are quoted cut
   short so the message stays one line.
@@ -25,7 +27,8 @@ from typing import Any
 
 from tcmu_py.errors import StateFileError
 
-__all__ = ["MAX_STATE_BYTES", "invalid", "read_json", "short_repr", "write_json"]
+__all__ = ["MAX_STATE_BYTES", "invalid", "make_private_dirs", "read_json", "short_repr",
+           "write_json"]
 
 #: Largest state file read, in bytes (a pool of thousands of disks is well under 1 MiB).
 MAX_STATE_BYTES = 1 << 20
@@ -111,3 +114,18 @@ def write_json(path: str | os.PathLike[str], doc: Any, *, indent: int | None = 1
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def make_private_dirs(path: str | os.PathLike[str]) -> None:
+    """Create directory `path` and any missing parent, each mode 0700 (`os.makedirs` would
+    give the parents the umask's mode, 0755 under umask 022)."""
+    path = Path(path)
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue

@@ -60,7 +60,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from tcmu_py.errors import ConfigError
-from tcmu_py.statefile import invalid, read_json, write_json
+from tcmu_py.statefile import invalid, make_private_dirs, read_json, write_json
 
 from .sparse import probe_filesystem, unit_runs
 
@@ -715,7 +715,7 @@ def create_pool(
     if not isinstance(capacity, int) or capacity <= 0:
         raise ConfigError(f"{path}: capacity {capacity!r}: expected a positive number of bytes")
     check_unit(unit, where=path)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    make_private_dirs(path)
     path = os.path.realpath(path)
     with _config_lock(path):
         if os.path.exists(os.path.join(path, POOL_FILE)):

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 from tcmu_py.daemon.config import Config, Device, IscsiTarget, dev_config_string
 from tcmu_py.errors import TcmuError
-from tcmu_py.statefile import invalid, read_json, write_json
+from tcmu_py.statefile import invalid, make_private_dirs, read_json, write_json
 
 __all__ = [
     "STATE_FILE",
@@ -521,7 +521,7 @@ def _write_state(state_dir: str | Path, objects: Sequence[LioObject]) -> None:
     """Atomic, durable replace (`tcmu_py.statefile.write_json`): mode 0600 (it may hold CHAP
     secrets), in a state directory created 0700."""
     path = _state_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(path.parent)
     write_json(path, {"version": STATE_VERSION, "objects": [o.to_json() for o in objects]})
 
 
@@ -610,15 +610,15 @@ def prepare_storage(config: Config) -> list[Path]:
     """Create the state directory, pool directories and missing ``raw`` image files (sparse, of
     the device size; an existing smaller image is extended, never shrunk). Returns the image
     files created."""
-    Path(config.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(config.state_dir)
     for pool in config.pools:
-        Path(pool.path).mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(pool.path)
     created = []
     for dev in config.devices:
         if dev.handler != "raw":
             continue
         img = Path(dev.options_dict()["path"])
-        img.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(img.parent)
         try:
             fd = os.open(img, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             created.append(img)
