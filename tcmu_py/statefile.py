@@ -3,8 +3,9 @@
 Rules this module obeys:
 
 - Writing is atomic and durable: a temporary file in the same directory (created 0600, never
-  following a link), written, fsync'd, renamed over the file, then the directory fsync'd. A
-  crash leaves the old file or the new one, never a mix.
+  following a link, named ``.<file>.<random>.tmp``), written, fsync'd, renamed over the file,
+  then the directory fsync'd. A crash leaves the old file or the new one, never a mix, and
+  perhaps a temporary file, which `remove_stale_temporaries` deletes.
 - Reading trusts nothing: at most `MAX_STATE_BYTES` are read; bytes that are not UTF-8, text
   that is not JSON, a key given twice in one object, NaN/Infinity, nesting deep enough to
   exhaust the parser and integers too long to convert are each one `StateFileError` naming the
@@ -27,8 +28,8 @@ from typing import Any
 
 from tcmu_py.errors import StateFileError
 
-__all__ = ["MAX_STATE_BYTES", "invalid", "make_private_dirs", "read_json", "short_repr",
-           "write_json"]
+__all__ = ["MAX_STATE_BYTES", "invalid", "make_private_dirs", "read_json",
+           "remove_stale_temporaries", "short_repr", "write_json"]
 
 #: Largest state file read, in bytes (a pool of thousands of disks is well under 1 MiB).
 MAX_STATE_BYTES = 1 << 20
@@ -129,3 +130,14 @@ def make_private_dirs(path: str | os.PathLike[str]) -> None:
             os.mkdir(d, 0o700)
         except FileExistsError:
             continue
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[str]:
+    """Delete the temporary files a crashed `write_json` of `path` left; returns their names.
+    Call it only while no other writer of `path` can be writing (under the file's lock)."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed

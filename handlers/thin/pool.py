@@ -60,7 +60,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from tcmu_py.errors import ConfigError
-from tcmu_py.statefile import invalid, make_private_dirs, read_json, write_json
+from tcmu_py.statefile import (
+    invalid,
+    make_private_dirs,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+)
 
 from .sparse import probe_filesystem, unit_runs
 
@@ -396,6 +402,10 @@ class Pool:
             except BlockingIOError:
                 raise ConfigError(f"{path}: thin pool is already open (another daemon or device "
                                   "holds its lock)") from None
+            with _config_lock(path):  # no writer is between its temporary file and its rename
+                stale = remove_stale_temporaries(os.path.join(path, POOL_FILE))
+            if stale:
+                log.warning("pool %s: removed %s left by an interrupted write", path, stale)
             fs_block = probe_filesystem(path)
             check_unit(config.unit, fs_block, path)
             units = _disk_units(path, config)
