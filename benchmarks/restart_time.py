@@ -32,7 +32,6 @@ import textwrap
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 MARKER = "### restart_time: first command served"
 WATCHED = ("pyroute2", "pyudev", "rtslib_fb", "yaml")
@@ -40,8 +39,9 @@ WATCHED = ("pyroute2", "pyudev", "rtslib_fb", "yaml")
 # The child: make tcmu-py serve use the fake host, then run the real command line.
 CHILD = textwrap.dedent(
     '''
-    import os, sys, time, types
+    import os, sys, threading, time, types
     T_MAIN = time.time()
+    FIRST = threading.Lock()  # the first device to complete its command reports and exits
     ROOT, ARGV = sys.argv[1], sys.argv[2:]
 
     def _fake_kit():
@@ -65,7 +65,7 @@ CHILD = textwrap.dedent(
 
         def watched_kick():
             kick()
-            if pending.done:
+            if pending.done and FIRST.acquire(blocking=False):
                 print(MARKER, file=sys.stderr, flush=True)
                 print(repr({"served": time.time(), "main": T_MAIN,
                             "modules": sorted({m.partition(".")[0] for m in sys.modules})}),
@@ -125,7 +125,7 @@ def run_once(root: Path, config: Path | None, importtime: bool = False) -> dict:
     cmd = [sys.executable] + (["-X", "importtime"] if importtime else []) + [
         "-c", CHILD, str(root), *argv]
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         raise SystemExit(f"the daemon served nothing (exit {proc.returncode}):\n{proc.stderr}")
