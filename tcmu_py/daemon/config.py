@@ -36,7 +36,6 @@ import hashlib
 import ipaddress
 import os
 import re
-import reprlib
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -50,6 +49,7 @@ from yaml.resolver import Resolver
 
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import split_wwn
+from tcmu_py.statefile import short_repr
 
 try:
     from yaml._yaml import CParser as _EventSource
@@ -511,7 +511,7 @@ class _ConfigLoader(Composer, _EventSource, SafeConstructor, Resolver):  # type:
         try:
             return super().construct_object(node, deep=deep)
         except (ValueError, TypeError, OverflowError) as exc:
-            raise _Refused(f"{node.tag.rpartition(':')[2]} value {_short(node.value)}"
+            raise _Refused(f"{node.tag.rpartition(':')[2]} value {short_repr(node.value)}"
                            f" ({exc})", "a value its type can hold", node.start_mark) from None
 
     def construct_unique_mapping(self, node: yaml.MappingNode,
@@ -524,7 +524,7 @@ class _ConfigLoader(Composer, _EventSource, SafeConstructor, Resolver):  # type:
                                " that is a scalar (text, number, true/false)",
                                key_node.start_mark)
             if key in seen:
-                raise _Refused(f"duplicate key {_short(key)}", "each key once per mapping (a"
+                raise _Refused(f"duplicate key {short_repr(key)}", "each key once per mapping (a"
                                " silent override is a typo trap)", key_node.start_mark)
             seen.add(key)
         return self.construct_mapping(node, deep=deep)  # type: ignore[no-untyped-call]
@@ -533,18 +533,6 @@ class _ConfigLoader(Composer, _EventSource, SafeConstructor, Resolver):  # type:
 _ConfigLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     _ConfigLoader.construct_unique_mapping)  # type: ignore[type-var, arg-type]
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlist = _REPR.maxdict = _REPR.maxset = 8
-_REPR.maxlevel = 3
-
-
-def _short(value: object) -> str:
-    """repr() of `value`, cut short (a message stays one readable line whatever it quotes)."""
-    text = _REPR.repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
 
 
 _MISSING = object()
@@ -568,7 +556,7 @@ class _Checker:
         return "\n".join([f"{len(self.problems)} problem(s) in {self.source}:", *shown, *tail])
 
     def fail(self, path: str, value: object, expected: str) -> None:
-        got = "nothing" if value is _MISSING else _short(value)
+        got = "nothing" if value is _MISSING else short_repr(value)
         self.problems.append(f"{self.source}: {path or '(top level)'}: got {got},"
                              f" expected {expected}")
 
