@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,8 +44,10 @@ TCMU_RUNNER_SUBTYPES = frozenset({"file", "rbd", "glfs", "qcow", "zbc", "fbo"})
 class DeviceConfig:
     """Everything a handler is told about one TCMU device.
 
-    `cfgstring` is the part of `dev_config` after `<subtype>/`. `size` is in bytes (the kernel's
-    `dev_size`). `serial` is LIO's unit serial for the device when known (VPD 80h/83h).
+    `cfgstring` is the part of `dev_config` after `<subtype>/`, without the daemon's own
+    ``wwn=`` item (`split_wwn`). `size` is in bytes (the kernel's `dev_size`). `serial` is LIO's
+    unit serial for the device when known (VPD 80h/83h). `wwn` (``naa.<16 or 32 hex digits>``)
+    is the NAA designator the device reports in VPD 83h; None: one derived from the serial.
     """
 
     name: str
@@ -56,6 +59,7 @@ class DeviceConfig:
     write_cache: bool = False
     serial: str | None = None
     uio_name: str = ""
+    wwn: str | None = None
 
 
 class Handler(ABC):
@@ -218,6 +222,24 @@ def split_dev_config(dev_config: str) -> tuple[str, str]:
     if not sep or not subtype:
         raise ConfigError(f"dev_config {dev_config!r}: expected '<subtype>/<config string>'")
     return subtype, cfg
+
+
+#: The daemon's ``wwn=`` item: last in a config string (or all of it), never seen by a handler.
+#: SPC-5 7.7.6.6.1: NAA 2h, 3h and 5h designators are 8 bytes, NAA 6h is 16.
+_WWN_ITEM = re.compile(r"(?:^|;)wwn=(naa\.(?:[235][0-9a-f]{15}|6[0-9a-f]{31}))\Z")
+
+
+def split_wwn(cfgstring: str) -> tuple[str, str | None]:
+    """Split a config string into the handler's part and the device's ``wwn`` (or None).
+
+    tcmu-py writes a YAML device's ``wwn:`` as the last item of its dev_config
+    (``thin/pool=/p;wwn=naa.5001405...``, ``raw//img/d0.img;wwn=naa.5001405...``,
+    ``null/wwn=naa.5001405...``), so a daemon started without the YAML still reports it.
+    """
+    m = _WWN_ITEM.search(cfgstring)
+    if m is None:
+        return cfgstring, None
+    return cfgstring[: m.start()], m.group(1)
 
 
 def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dict[str, Any]:

@@ -170,7 +170,8 @@ class ScsiDevice:
             0x80: lambda: spc.build_vpd_unit_serial(pt, self.serial),
             0x83: lambda: spc.build_vpd_device_identification(
                 pt,
-                naa=spc.naa_from_serial(self.serial),
+                naa=(bytes.fromhex(self.config.wwn[4:]) if self.config.wwn
+                     else spc.naa_from_serial(self.serial)),
                 t10_vendor=self.vendor,
                 t10_id=f"{self.product.strip()}:{self.serial}",
             ),
