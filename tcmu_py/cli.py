@@ -105,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _prepare_libraries(config)
             # Backstores first, then the daemon serves them, then the LUNs (whose scan reaches
             # the ring at once): see vm-lab.md.
+            daemon.reopen_failed()  # devices naming a pool or library the YAML declares
             lio.apply_backstores(config)
             daemon.rescan()
             lio.apply_exports(config)

@@ -353,6 +353,18 @@ class Daemon:
         for node in gone:
             self.remove(node)
 
+    def reopen_failed(self) -> None:
+        """Open again every device whose handler failed to open. `tcmu-py serve -c` serves the
+        rings before it reads the YAML (`start_serving`), so a device that names a pool or
+        library declared there (``pool=<name>``) fails at that first open; once the YAML's
+        pools and libraries are prepared this gives it a second chance. A device that fails
+        again stays NOT READY, with the new reason logged."""
+        with self._lock:
+            failed = [node for node, s in self.served.items() if s.failed is not None]
+        for node in failed:
+            self.remove(node)
+            self.add(node)
+
     def _uio_name(self, node: str) -> UioName | None:
         try:
             text = (self.uio_class / node / "name").read_text().strip()

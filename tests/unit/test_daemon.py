@@ -520,3 +520,28 @@ def test_wwn_from_dev_config_is_the_vpd83_naa_designator(host, tmp_path):
         assert naa_from_serial("serial-plain") in pages["uio2"]  # from the serial, as before
     finally:
         d.shutdown()
+
+
+def test_reopen_failed_gives_a_device_failed_at_start_a_second_chance(host, tmp_path):
+    """`serve -c` serves the rings before reading the YAML: a device that fails to open then
+    (its image's directory is made later, as a pool or library the YAML declares would be)
+    is opened again by `reopen_failed` and serves; a device that still fails stays NOT READY."""
+    late = tmp_path / "late"
+    host.add("uio0", 0, "disk0", f"raw/{late}/d0.img", 4 * MIB)
+    host.add("uio1", 1, "disk1", "raw/relative.img", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        assert d.served["uio0"].failed and d.served["uio1"].failed
+        late.mkdir()
+        d.reopen_failed()
+        assert d.served["uio0"].failed is None
+        assert d.served["uio1"].failed is not None
+        host.run("uio0", cdbs.test_unit_ready())  # power-on UA
+        data = bytes(range(256)) * 2
+        assert host.run("uio0", cdbs.write10(3, 1), data_out=data).good
+        assert host.run("uio0", cdbs.read10(3, 1), data_in_len=512).data == data
+        host.run("uio1", cdbs.test_unit_ready())
+        assert host.run("uio1", cdbs.test_unit_ready()).sense_codes == (2, 0x04, 0x03)
+    finally:
+        d.shutdown()
