@@ -12,7 +12,7 @@ durable with `fdatasync` on SYNCHRONIZE CACHE and FUA. With it off the image is 
 every write is durable when it completes, and WCE=0 says so.
 
 An image on a memory filesystem (tmpfs, ramfs) never waits for a disk: its commands run on the
-device's loop thread, with no hand-off to a worker (see `BlockBackend.blocking`).
+device's loop thread, with no hand-off to a worker (see `tcmu_py.backend.BlockBackend`).
 
 The image may also be a block device (``raw//dev/vg/lun``): it is used as it is — never
 truncated or extended — and must hold at least the device size; its commands always go to the
@@ -31,7 +31,11 @@ from tcmu_py.handler import DeviceConfig, Handler, on_memory_filesystem
 
 
 class RawBackend:
-    """A raw image file. Thread-safe: positional I/O only."""
+    """A raw image file. Thread-safe: positional I/O only.
+
+    Capabilities (`tcmu_py.backend`): `Resizable`, `Closable`. No `Unmap`: the image keeps every
+    block it was given, so the device reports LBPME=0 (tcmu-runner's file handler claims it).
+    """
 
     def __init__(self, path: str, size: int, block_size: int, write_cache: bool = True) -> None:
         self.path = path

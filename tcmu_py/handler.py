@@ -3,7 +3,9 @@
 A *handler* is registered for a TCMU subtype (the first path element of the device's `dev_config`,
 e.g. `raw` in `raw//var/lib/img`). When the daemon finds a device of that subtype it calls
 `Handler.open(config)`, which returns a `ScsiDevice` (see `tcmu_py.device.core`). Block handlers
-usually just build a `BlockDevice` around a `BlockBackend`; tape drives, changers and other exotic
+usually just build a `BlockDevice` around a `BlockBackend`, declaring optional capabilities
+(`Unmap`, `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Resizable`, `Closable`) by implementing
+them: see `tcmu_py.backend`, re-exported here. Tape drives, changers and other exotic
 devices subclass `ScsiDevice` and take over the opcodes they need.
 
 Handlers never see the ring, the uio file descriptor or the daemon.
@@ -22,15 +24,52 @@ import os
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from tcmu_py.backend import (
+    BlockBackend,
+    Capabilities,
+    CapabilityError,
+    Closable,
+    LbaStatus,
+    ProvisioningInfo,
+    Resizable,
+    ThinProvisioning,
+    Unmap,
+    WriteSame,
+)
 from tcmu_py.errors import ConfigError
 
 if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
+
+__all__ = [
+    "BlockBackend",
+    "Capabilities",
+    "CapabilityError",
+    "Closable",
+    "DeviceConfig",
+    "ENTRY_POINT_GROUP",
+    "Handler",
+    "HandlerRegistry",
+    "LbaStatus",
+    "MEMORY_FILESYSTEMS",
+    "ProvisioningInfo",
+    "Resizable",
+    "SharedRegistry",
+    "TCMU_RUNNER_SUBTYPES",
+    "ThinProvisioning",
+    "Unmap",
+    "WriteSame",
+    "load_handlers",
+    "on_memory_filesystem",
+    "parse_options",
+    "shared",
+    "split_dev_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,48 +121,6 @@ class Handler(ABC):
         """Open the backing store and return the device. Errors: `ConfigError` or `OSError`."""
 
 
-@runtime_checkable
-class BlockBackend(Protocol):
-    """What a block handler implements. Offsets and lengths are in bytes, always whole blocks.
-
-    Methods run on a worker thread of the device's pool, possibly several at once for different
-    commands; the engine serialises only what SCSI requires (COMPARE AND WRITE against overlapping
-    writes). A backend raises `ScsiError` for conditions with their own sense (e.g. out of space),
-    `OSError` for I/O failures (mapped to MEDIUM ERROR / WRITE ERROR), anything else is a bug
-    (HARDWARE ERROR, traceback logged).
-
-    Optional capabilities are discovered with `hasattr`:
-
-    - ``unmap(offset, length)``: deallocate; afterwards the range reads as zeros if `lbprz`.
-    - ``write_same(offset, length, block: bytes, unmap: bool)``: fill with a repeated block; when
-      `unmap` and the block is all zeros the backend may deallocate instead.
-    - ``lba_status(offset, length, *, max_runs) -> list[tuple[int, int, int]]``: runs of
-      (offset, length, status) from `offset`, at most `max_runs` of them; status 0 mapped,
-      1 deallocated, 2 anchored.
-    - ``set_soft_threshold(percent | None)``: MODE SELECT changed the provisioning threshold.
-    - ``provisioning() -> ProvisioningInfo``: thin provisioning figures (LOG SENSE 0Ch, thresholds).
-    - ``resize(size)``: the device was resized to `size` bytes.
-    - ``close()``: release resources; called once when the device goes away.
-    - ``blocking = False``: the backend never waits (memory-backed); commands then run on the
-      device's loop thread instead of its worker pool. A file backend can set it from
-      `on_memory_filesystem(fd)`.
-    """
-
-    size: int
-    block_size: int
-    #: True when acknowledged writes may sit in a volatile cache until `flush` (caching page WCE).
-    write_cache: bool
-
-    def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Fill every byte of `bufs`, in order, with data from `offset`."""
-
-    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Write all of `bufs`, in order, at `offset`. Durable on return unless `write_cache`."""
-
-    def flush(self) -> None:
-        """Make every acknowledged write durable."""
-
-
 #: Filesystems whose files live in memory: I/O on them is a memory copy and never waits for a disk.
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
@@ -147,18 +144,6 @@ def on_memory_filesystem(fd: int, mountinfo: str = "/proc/self/mountinfo") -> bo
     except OSError:
         return False
     return False
-
-
-@dataclass(frozen=True)
-class ProvisioningInfo:
-    """Thin provisioning figures a backend reports (bytes unless noted)."""
-
-    capacity: int  # physical capacity of the pool behind this device
-    used: int  # allocated in the pool (all devices)
-    device_used: int  # allocated for this device
-    unmap_granularity: int  # allocation unit
-    soft_threshold: int | None = None  # percent of capacity, or None
-    lbprz: bool = True
 
 
 # ---------------------------------------------------------------------------------------------

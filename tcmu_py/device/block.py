@@ -2,9 +2,11 @@
 
 A backend moves bytes; this module decides what the bytes mean. It enforces bounds
 (LBA OUT OF RANGE), FUA, COMPARE AND WRITE atomicity, VERIFY, WRITE SAME, UNMAP, GET LBA STATUS,
-READ CAPACITY and the block VPD / mode / log pages, and advertises only what the backend can do:
-UNMAP and LBPME appear only for a backend with `unmap`, GET LBA STATUS only with `lba_status`,
-LBPRZ only when deallocated blocks really read as zeros.
+READ CAPACITY and the block VPD / mode / log pages, and advertises exactly what the backend
+declares (`tcmu_py.backend`): its capabilities are resolved once, at construction, into
+`self.caps`. UNMAP, LBPME and VPD B2h appear only for an `Unmap` backend, LBPRZ only when it
+promises `lbprz`, GET LBA STATUS only for `LbaStatus`, provisioning pages only for
+`ThinProvisioning`.
 
 Threads: handlers run on the device's worker pool, several at once. Writes and COMPARE AND WRITE
 take the range lock for the LBAs they touch, so a COMPARE AND WRITE is atomic against every
@@ -19,11 +21,12 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
 
+from tcmu_py.backend import BlockBackend, Capabilities, ProvisioningInfo
 from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice, check_data_out, command
-from tcmu_py.handler import BlockBackend, DeviceConfig, ProvisioningInfo
+from tcmu_py.errors import TcmuError
+from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import sbc, spc
 from tcmu_py.scsi.constants import Opcode, PeripheralType, ServiceAction
@@ -124,20 +127,21 @@ class BlockDevice(ScsiDevice):
     product = "BLOCK DEVICE"
 
     def __init__(self, config: DeviceConfig, backend: BlockBackend) -> None:
+        #: What the backend declares, checked once here (CapabilityError names a bad attribute).
+        self.caps = Capabilities.of(backend)
         super().__init__(config)
         self.backend = backend
         self.block_size = backend.block_size
         self.num_blocks = backend.size // backend.block_size
         self.max_transfer_blocks = max(1, config.hw_max_sectors * 512 // self.block_size)
         self._ranges = RangeLock()
-        self._can_unmap = hasattr(backend, "unmap")
-        self._can_lba_status = hasattr(backend, "lba_status")
-        self._threshold_event: Callable[[], bool] | None = getattr(
-            backend, "take_threshold_event", None
+        thin = self.caps.thin
+        self._threshold_event: Callable[[], bool] | None = (
+            thin.take_threshold_event if thin is not None else None
         )
         # A backend that never blocks (memory, /dev/null-like) is cheaper run on the loop
         # thread than handed to the pool: no thread hand-off per command.
-        self._all_inline = not getattr(backend, "blocking", True)
+        self._all_inline = not self.caps.blocking
 
     # ------------------------------------------------------------------------------------------
     # Capabilities and pages
@@ -147,15 +151,15 @@ class BlockDevice(ScsiDevice):
 
     def supports(self, opcode: int, service_action: int | None) -> bool:
         if opcode == Opcode.UNMAP:
-            return self._can_unmap
+            return self.caps.unmap is not None
         if opcode == Opcode.SERVICE_ACTION_IN_16 and service_action == ServiceAction.GET_LBA_STATUS:
-            return self._can_lba_status
+            return self.caps.lba_status is not None
         return True
 
     @property
     def lbprz(self) -> bool:
-        """Deallocated blocks read as zeros (only meaningful with unmap)."""
-        return self._can_unmap and bool(getattr(self.backend, "lbprz", False))
+        """Deallocated blocks read as zeros (the `Unmap` promise; False without unmap)."""
+        return self.caps.unmap is not None and self.caps.lbprz
 
     def version_descriptors(self) -> tuple[int, ...]:
         # libiscsi's iscsi-test-cu treats a disk as SBC-3 only when 04C0h is listed.
@@ -163,49 +167,50 @@ class BlockDevice(ScsiDevice):
 
     def vpd_pages(self) -> dict[int, Callable[[], bytes]]:
         pages = super().vpd_pages()
-        gran = self._unmap_granularity_blocks()
+        caps = self.caps
+        can_unmap = caps.unmap is not None
         pages[0xB0] = lambda: sbc.build_vpd_block_limits(
             wsnz=True,  # WRITE SAME with zero blocks is refused, not "to the end" (SBC-4 6.6.3)
             max_transfer_length=self.max_transfer_blocks,
             optimal_transfer_length=self.max_transfer_blocks,
-            max_unmap_lba_count=MAX_UNMAP_LBA_COUNT if self._can_unmap else 0,
-            max_unmap_descriptor_count=MAX_UNMAP_BLOCK_DESCRIPTORS if self._can_unmap else 0,
-            optimal_unmap_granularity=gran if self._can_unmap else 0,
-            unmap_granularity_alignment=0 if self._can_unmap else None,
+            # SBC-4 6.6.3: unmap limits and granularity only for a device that can unmap.
+            max_unmap_lba_count=MAX_UNMAP_LBA_COUNT if can_unmap else 0,
+            max_unmap_descriptor_count=MAX_UNMAP_BLOCK_DESCRIPTORS if can_unmap else 0,
+            optimal_unmap_granularity=caps.unmap_granularity // self.block_size
+            if can_unmap
+            else 0,
+            unmap_granularity_alignment=caps.unmap_granularity_alignment // self.block_size
+            if can_unmap
+            else None,
             max_write_same_length=MAX_WRITE_SAME_BLOCKS,
             max_compare_and_write_length=MAX_COMPARE_AND_WRITE_BLOCKS,
         )
         pages[0xB1] = lambda: sbc.build_vpd_block_device_characteristics(rotation_rate=1)
-        if self._can_unmap:
+        if can_unmap:
+            # SBC-4 6.6.4: UNMAP and WRITE SAME(10)/(16) with the UNMAP bit all deallocate here.
             pages[0xB2] = lambda: sbc.build_vpd_lbp(
                 lbpu=True,
                 lbpws=True,
                 lbpws10=True,
                 lbprz=self.lbprz,
                 anc_sup=False,
-                provisioning_type=2 if self._provisioning() is not None else 0,
+                provisioning_type=caps.provisioning_type,
                 threshold_exponent=self._threshold_exponent(),
             )
         return pages
 
-    def _unmap_granularity_blocks(self) -> int:
-        info = self._provisioning()
-        unit = info.unmap_granularity if info else getattr(self.backend, "unmap_granularity", 0)
-        return max(1, unit // self.block_size) if unit else 1
-
     def _provisioning(self) -> ProvisioningInfo | None:
-        fn = getattr(self.backend, "provisioning", None)
-        return fn() if fn is not None else None
+        thin = self.caps.thin
+        return thin.provisioning() if thin is not None else None
 
     def _threshold_exponent(self) -> int:
         """SBC-4 6.6.4: thresholds count in units of 2**exponent blocks (0 = no thresholds)."""
-        info = self._provisioning()
-        if info is None:
+        if self.caps.thin is None:
             return 0
         exp = 0
         while (self.num_blocks >> exp) > 0xFFFFFFFF or (
             1 << exp
-        ) * self.block_size < info.unmap_granularity:
+        ) * self.block_size < self.caps.unmap_granularity:
             exp += 1
         return max(exp, 1)
 
@@ -232,10 +237,10 @@ class BlockDevice(ScsiDevice):
         if (page_code, subpage) != (0x1C, 0x02):
             super().mode_page_changed(page_code, subpage, new_current)
             return
-        info = self._provisioning()
-        setter = getattr(self.backend, "set_soft_threshold", None)
-        if info is None or setter is None:
+        thin = self.caps.thin
+        if thin is None:
             return
+        info = thin.provisioning()
         page = next(p for p in self.mode_pages() if (p.page_code, p.subpage) == (0x1C, 0x02))
         thresholds = spc.lbp_thresholds(page.with_current(new_current))
         t = thresholds[0] if thresholds else None
@@ -243,7 +248,7 @@ class BlockDevice(ScsiDevice):
         percent = None
         if t is not None and t.enabled:
             percent = max(1, min(100, round(t.threshold_count * unit * 100 / info.capacity)))
-        setter(percent)
+        thin.set_soft_threshold(percent)
         # The pool holds the threshold (shared by its disks): regenerate the page from it.
         self.forget_mode_page(0x1C, 0x02)
 
@@ -496,7 +501,7 @@ class BlockDevice(ScsiDevice):
             )
         if rw.anchor:
             raise InvalidFieldInCdb("ANCHOR", field_pointer=1, bit_pointer=4)
-        if rw.unmap and not self._can_unmap:
+        if rw.unmap and self.caps.unmap is None:
             raise InvalidFieldInCdb("UNMAP", field_pointer=1, bit_pointer=3)
         self._check_range(rw.lba, rw.transfer_length)
         if rw.ndob:
@@ -511,9 +516,9 @@ class BlockDevice(ScsiDevice):
             # SBC-4 5.50: with UNMAP, a zero block may be deallocated if LBPRZ makes reads zero.
             if rw.unmap and self.lbprz and not any(block):
                 self._unmap(offset, length)
-            elif hasattr(self.backend, "write_same"):
+            elif self.caps.write_same is not None:
                 try:
-                    self.backend.write_same(offset, length, block, False)
+                    self.caps.write_same.write_same(offset, length, block, False)
                 except OSError as exc:
                     raise _io_error(exc, writing=True) from exc
             else:
@@ -532,8 +537,9 @@ class BlockDevice(ScsiDevice):
             done += n
 
     def _unmap(self, offset: int, length: int) -> None:
+        assert self.caps.unmap is not None  # UNMAP is not dispatched without it (`supports`)
         try:
-            self.backend.unmap(offset, length)  # type: ignore[attr-defined]
+            self.caps.unmap.unmap(offset, length)
         except OSError as exc:
             raise _io_error(exc, writing=True) from exc
 
@@ -577,7 +583,7 @@ class BlockDevice(ScsiDevice):
         data = sbc.build_read_capacity_16(
             self.num_blocks,
             self.block_size,
-            lbpme=self._can_unmap,
+            lbpme=self.caps.unmap is not None,
             lbprz=self.lbprz,
             lowest_aligned=0,
         )
@@ -592,7 +598,8 @@ class BlockDevice(ScsiDevice):
         # and the Data-In buffer (not more: the list is built in memory).
         room = max((min(req.allocation_length, cmd.data_in_length) - 8) // 16, 1)
         span = self.num_blocks - req.lba
-        runs = self.backend.lba_status(  # type: ignore[attr-defined]
+        assert self.caps.lba_status is not None  # not dispatched without it (`supports`)
+        runs = self.caps.lba_status.lba_status(
             req.lba * self.block_size, span * self.block_size, max_runs=room
         )
         descs = [(off // self.block_size, n // self.block_size, st) for off, n, st in runs][:room]
@@ -606,20 +613,26 @@ class BlockDevice(ScsiDevice):
         # SBC-4 5.25: nothing spins here; starting and stopping are accepted and change nothing.
 
     def resize(self, size: int) -> None:
-        """The device was resized: new capacity, and CAPACITY DATA HAS CHANGED (SBC-4 4.6)."""
-        resize = getattr(self.backend, "resize", None)
-        if resize is not None:
-            resize(size)
+        """The device was resized: new capacity, and CAPACITY DATA HAS CHANGED (SBC-4 4.6).
+
+        Only a `Resizable` backend follows a new size; for any other the resize is refused
+        (TcmuError) and nothing changes. The backend resizes first: if it fails, the device
+        keeps its old capacity."""
+        if self.caps.resize is None:
+            raise TcmuError(
+                f"{type(self.backend).__name__}: cannot be resized (implements no "
+                "tcmu_py.backend.Resizable)"
+            )
+        self.caps.resize.resize(size)
         self.num_blocks = size // self.block_size
         self.queue_unit_attention(CapacityDataChanged())
 
     def close(self) -> None:
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        if self.caps.close is not None:
+            self.caps.close.close()
 
 
-def open_block_device(config: DeviceConfig, backend: Any) -> BlockDevice:
+def open_block_device(config: DeviceConfig, backend: BlockBackend) -> BlockDevice:
     """Convenience for handlers: a BlockDevice whose product string names the subtype."""
     dev = BlockDevice(config, backend)
     dev.product = f"{config.subtype.upper()} DISK"[:16]
