@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tcmu_py.errors import TcmuError
 from tcmu_py.scsi.constants import SenseKey, Status
@@ -289,6 +289,7 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x00, 0x05): "END-OF-DATA DETECTED",
     (0x04, 0x00): "LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE",
     (0x04, 0x01): "LOGICAL UNIT IS IN PROCESS OF BECOMING READY",
+    (0x04, 0x02): "LOGICAL UNIT NOT READY, INITIALIZING COMMAND REQUIRED",
     (0x04, 0x03): "LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED",
     (0x0C, 0x00): "WRITE ERROR",
     (0x0E, 0x03): "INVALID FIELD IN COMMAND INFORMATION UNIT",
@@ -297,9 +298,11 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x1D, 0x00): "MISCOMPARE DURING VERIFY OPERATION",
     (0x20, 0x00): "INVALID COMMAND OPERATION CODE",
     (0x21, 0x00): "LOGICAL BLOCK ADDRESS OUT OF RANGE",
+    (0x21, 0x01): "INVALID ELEMENT ADDRESS",
     (0x24, 0x00): "INVALID FIELD IN CDB",
     (0x25, 0x00): "LOGICAL UNIT NOT SUPPORTED",
     (0x26, 0x00): "INVALID FIELD IN PARAMETER LIST",
+    (0x26, 0x02): "PARAMETER VALUE INVALID",
     (0x27, 0x00): "WRITE PROTECTED",
     (0x27, 0x07): "SPACE ALLOCATION FAILED WRITE PROTECT",
     (0x28, 0x00): "NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED",
@@ -309,15 +312,22 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x2A, 0x09): "CAPACITY DATA HAS CHANGED",
     (0x2C, 0x00): "COMMAND SEQUENCE ERROR",
     (0x30, 0x00): "INCOMPATIBLE MEDIUM INSTALLED",
+    (0x30, 0x02): "CANNOT READ MEDIUM - INCOMPATIBLE FORMAT",
+    (0x30, 0x03): "CLEANING CARTRIDGE INSTALLED",
+    (0x30, 0x05): "CANNOT WRITE MEDIUM - INCOMPATIBLE FORMAT",
+    (0x30, 0x0C): "WORM MEDIUM - OVERWRITE ATTEMPTED",
     (0x38, 0x07): "THIN PROVISIONING SOFT THRESHOLD REACHED",
     (0x39, 0x00): "SAVING PARAMETERS NOT SUPPORTED",
     (0x3A, 0x00): "MEDIUM NOT PRESENT",
+    (0x3A, 0x02): "MEDIUM NOT PRESENT - TRAY OPEN",
+    (0x3B, 0x00): "SEQUENTIAL POSITIONING ERROR",
     (0x3B, 0x0D): "MEDIUM DESTINATION ELEMENT FULL",
     (0x3B, 0x0E): "MEDIUM SOURCE ELEMENT EMPTY",
     (0x3F, 0x03): "INQUIRY DATA HAS CHANGED",
     (0x3F, 0x0E): "REPORTED LUNS DATA HAS CHANGED",
     (0x44, 0x00): "INTERNAL TARGET FAILURE",
     (0x53, 0x02): "MEDIUM REMOVAL PREVENTED",
+    (0x55, 0x06): "AUXILIARY MEMORY OUT OF SPACE",
 }
 
 
@@ -493,10 +503,28 @@ class MediumSourceElementEmpty(IllegalRequest):
     asc, ascq = 0x3B, 0x0E
 
 
+class InvalidElementAddress(IllegalRequest):
+    """05h/21h/01h INVALID ELEMENT ADDRESS (SMC-3: no such element, or not of the needed type)."""
+
+    asc, ascq = 0x21, 0x01
+
+
 class MediumRemovalPrevented(IllegalRequest):
-    """05h/53h/02h MEDIUM REMOVAL PREVENTED."""
+    """05h/53h/02h MEDIUM REMOVAL PREVENTED (a drive or the changer's PREVENT is in effect)."""
 
     asc, ascq = 0x53, 0x02
+
+
+class ParameterValueInvalid(IllegalRequest):
+    """05h/26h/02h PARAMETER VALUE INVALID."""
+
+    asc, ascq = 0x26, 0x02
+
+
+class AuxiliaryMemoryOutOfSpace(IllegalRequest):
+    """05h/55h/06h AUXILIARY MEMORY OUT OF SPACE (WRITE ATTRIBUTE, SPC-5 6.47)."""
+
+    asc, ascq = 0x55, 0x06
 
 
 # --- MISCOMPARE / MEDIUM / HARDWARE ------------------------------------------------------------
@@ -520,6 +548,18 @@ class WriteError(MediumError):
     """03h/0Ch/00h WRITE ERROR."""
 
     asc, ascq = 0x0C, 0x00
+
+
+class CannotReadIncompatibleFormat(MediumError):
+    """03h/30h/02h CANNOT READ MEDIUM - INCOMPATIBLE FORMAT (generation the drive cannot read)."""
+
+    asc, ascq = 0x30, 0x02
+
+
+class SequentialPositioningError(MediumError):
+    """03h/3Bh/00h SEQUENTIAL POSITIONING ERROR."""
+
+    asc, ascq = 0x3B, 0x00
 
 
 class HardwareError(ScsiError):
@@ -551,10 +591,29 @@ class NotReadyManualIntervention(NotReady):
     asc, ascq = 0x04, 0x03
 
 
+class NotReadyInitializingCommandRequired(NotReady):
+    """02h/04h/02h LOGICAL UNIT NOT READY, INITIALIZING COMMAND REQUIRED (medium unloaded)."""
+
+    asc, ascq = 0x04, 0x02
+
+
 class MediumNotPresent(NotReady):
     """02h/3Ah/00h MEDIUM NOT PRESENT."""
 
     asc, ascq = 0x3A, 0x00
+
+
+class ImportExportElementOpen(NotReady):
+    """02h/3Ah/02h MEDIUM NOT PRESENT - TRAY OPEN: the import/export element is open to the
+    operator, so the medium transport cannot reach it (SMC-3)."""
+
+    asc, ascq = 0x3A, 0x02
+
+
+class CleaningCartridgeInstalled(NotReady):
+    """02h/30h/03h CLEANING CARTRIDGE INSTALLED."""
+
+    asc, ascq = 0x30, 0x03
 
 
 # --- UNIT ATTENTION -------------------------------------------------------------------------
@@ -631,6 +690,18 @@ class SpaceAllocationFailed(WriteProtected):
     asc, ascq = 0x27, 0x07
 
 
+class CannotWriteIncompatibleFormat(WriteProtected):
+    """07h/30h/05h CANNOT WRITE MEDIUM - INCOMPATIBLE FORMAT (read-only generation, e.g. N-2)."""
+
+    asc, ascq = 0x30, 0x05
+
+
+class WormOverwriteAttempted(WriteProtected):
+    """07h/30h/0Ch WORM MEDIUM - OVERWRITE ATTEMPTED (SSC-5 4.2.20)."""
+
+    asc, ascq = 0x30, 0x0C
+
+
 # --- ABORTED COMMAND ------------------------------------------------------------------------
 
 
@@ -639,3 +710,71 @@ class AbortedCommand(ScsiError):
 
     sense_key = SenseKey.ABORTED_COMMAND
     asc, ascq = 0x00, 0x00
+
+
+# --- TAPE (SSC-5) -----------------------------------------------------------------------------
+# Conditions of sequential-access devices, with the stream flags (FILEMARK, EOM, ILI) preset where
+# SSC-5 requires them.
+
+
+class TapeCondition(ScsiError):
+    """Base of SSC conditions reported with NO SENSE (they carry stream flags, not failures)."""
+
+    sense_key = SenseKey.NO_SENSE
+    asc, ascq = 0x00, 0x00
+
+
+class FilemarkDetected(TapeCondition):
+    """00h/00h/01h FILEMARK DETECTED, FILEMARK bit set (SSC-5 4.2.8: read or space hit a mark)."""
+
+    asc, ascq = 0x00, 0x01
+
+    def __init__(self, msg: str = "", **kw: Any) -> None:
+        kw.setdefault("filemark", True)
+        super().__init__(msg, **kw)
+
+
+class EarlyWarning(TapeCondition):
+    """00h/00h/02h END-OF-PARTITION/MEDIUM DETECTED with EOM: the write succeeded in the EW zone."""
+
+    asc, ascq = 0x00, 0x02
+
+    def __init__(self, msg: str = "", **kw: Any) -> None:
+        kw.setdefault("eom", True)
+        super().__init__(msg, **kw)
+
+
+class BeginningOfPartition(TapeCondition):
+    """00h/00h/04h BEGINNING-OF-PARTITION/MEDIUM DETECTED with EOM (backward motion hit BOP)."""
+
+    asc, ascq = 0x00, 0x04
+
+    def __init__(self, msg: str = "", **kw: Any) -> None:
+        kw.setdefault("eom", True)
+        super().__init__(msg, **kw)
+
+
+class IncorrectLength(TapeCondition):
+    """00h/00h/00h with ILI: the block read was not the requested length (SSC-5 4.2.22)."""
+
+    def __init__(self, msg: str = "", **kw: Any) -> None:
+        kw.setdefault("ili", True)
+        super().__init__(msg, **kw)
+
+
+class EndOfData(ScsiError):
+    """08h/00h/05h END-OF-DATA DETECTED (BLANK CHECK): read, space or locate ran into EOD."""
+
+    sense_key = SenseKey.BLANK_CHECK
+    asc, ascq = 0x00, 0x05
+
+
+class VolumeOverflow(ScsiError):
+    """0Dh/00h/02h END-OF-PARTITION/MEDIUM DETECTED with EOM: no room for the write."""
+
+    sense_key = SenseKey.VOLUME_OVERFLOW
+    asc, ascq = 0x00, 0x02
+
+    def __init__(self, msg: str = "", **kw: Any) -> None:
+        kw.setdefault("eom", True)
+        super().__init__(msg, **kw)

@@ -32,8 +32,16 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Self
 
-from tcmu_py.scsi.constants import Opcode, SenseKey
-from tcmu_py.scsi.sense import InvalidFieldInCdb, ScsiError
+from tcmu_py.scsi.constants import Opcode
+
+# The changer's sense classes live in sense.py; re-exported here under the names the VTL uses.
+from tcmu_py.scsi.sense import ImportExportElementAccessed as ImportExportElementAccessed
+from tcmu_py.scsi.sense import ImportExportElementOpen as ImportExportElementOpen
+from tcmu_py.scsi.sense import InvalidElementAddress as InvalidElementAddress
+from tcmu_py.scsi.sense import InvalidFieldInCdb
+from tcmu_py.scsi.sense import MediumDestinationElementFull as DestinationFull  # noqa: F401
+from tcmu_py.scsi.sense import MediumRemovalPrevented as MediumRemovalPrevented
+from tcmu_py.scsi.sense import MediumSourceElementEmpty as SourceEmpty  # noqa: F401
 
 Cdb = bytes | bytearray | memoryview
 
@@ -95,54 +103,6 @@ class IdentifierType(IntEnum):
 
     VENDOR_SPECIFIC = 0
     T10_VENDOR_ID = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors (sense data the changer returns; SMC-3 and SPC-5 annex D codes)
-
-
-class DestinationFull(ScsiError):
-    """ILLEGAL REQUEST, MEDIUM DESTINATION ELEMENT FULL (3Bh/0Dh)."""
-
-    sense_key = SenseKey.ILLEGAL_REQUEST
-    asc, ascq = 0x3B, 0x0D
-
-
-class SourceEmpty(ScsiError):
-    """ILLEGAL REQUEST, MEDIUM SOURCE ELEMENT EMPTY (3Bh/0Eh)."""
-
-    sense_key = SenseKey.ILLEGAL_REQUEST
-    asc, ascq = 0x3B, 0x0E
-
-
-class InvalidElementAddress(ScsiError):
-    """ILLEGAL REQUEST, INVALID ELEMENT ADDRESS (21h/01h)."""
-
-    sense_key = SenseKey.ILLEGAL_REQUEST
-    asc, ascq = 0x21, 0x01
-
-
-class MediumRemovalPrevented(ScsiError):
-    """ILLEGAL REQUEST, MEDIUM REMOVAL PREVENTED (53h/02h)."""
-
-    sense_key = SenseKey.ILLEGAL_REQUEST
-    asc, ascq = 0x53, 0x02
-
-
-class ImportExportElementOpen(ScsiError):
-    """NOT READY, MEDIUM NOT PRESENT - TRAY OPEN (3Ah/02h): the import/export element is open
-    to the operator, so the medium transport cannot reach it."""
-
-    sense_key = SenseKey.NOT_READY
-    asc, ascq = 0x3A, 0x02
-
-
-class ImportExportElementAccessed(ScsiError):
-    """UNIT ATTENTION, IMPORT OR EXPORT ELEMENT ACCESSED (28h/01h): the operator changed what
-    sits in the import/export elements; the initiator must read element status again."""
-
-    sense_key = SenseKey.UNIT_ATTENTION
-    asc, ascq = 0x28, 0x01
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Pure: no I/O, no state. CDB classes are frozen dataclasses with ``parse(cdb)``; parameter data has
 ``build_*`` functions (and ``parse_*`` where an initiator sends it). Tape-only conditions are
-`ScsiError` subclasses carrying their sense codes, with the stream flags (FILEMARK, EOM, ILI)
-preset where SSC-5 requires them.
+`ScsiError` subclasses defined in sense.py (with every other sense class) and re-exported here;
+they carry the stream flags (FILEMARK, EOM, ILI) where SSC-5 requires them.
 
 Citations are to SSC-5 (T10/BSR INCITS 503) and SPC-5; the section numbers name the command or
 page being enforced.
@@ -14,130 +14,28 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
 
-from tcmu_py.scsi.constants import SenseKey
+# The tape conditions live with every other sense class in sense.py; re-exported here for the
+# code that still raises them as ssc.X (the tape drive).
+from tcmu_py.scsi.sense import AuxiliaryMemoryOutOfSpace as AuxiliaryMemoryOutOfSpace
+from tcmu_py.scsi.sense import BeginningOfPartition as BeginningOfPartition
+from tcmu_py.scsi.sense import CannotReadIncompatibleFormat as CannotReadIncompatibleFormat
+from tcmu_py.scsi.sense import CannotWriteIncompatibleFormat as CannotWriteIncompatibleFormat
+from tcmu_py.scsi.sense import CleaningCartridgeInstalled as CleaningCartridgeInstalled
+from tcmu_py.scsi.sense import EarlyWarning as EarlyWarning
+from tcmu_py.scsi.sense import EndOfData as EndOfData
+from tcmu_py.scsi.sense import FilemarkDetected as FilemarkDetected
+from tcmu_py.scsi.sense import IncorrectLength as IncorrectLength
 from tcmu_py.scsi.sense import (
-    IllegalRequest,
     InvalidFieldInCdb,
     InvalidFieldInParameterList,
     ParameterListLengthError,
-    ScsiError,
 )
-
-# ---------------------------------------------------------------------------------------------
-# Conditions
-
-
-class TapeCondition(ScsiError):
-    """Base of SSC conditions reported with NO SENSE (they carry stream flags, not failures)."""
-
-    sense_key = SenseKey.NO_SENSE
-    asc, ascq = 0x00, 0x00
-
-
-class FilemarkDetected(TapeCondition):
-    """00h/00h/01h FILEMARK DETECTED, FILEMARK bit set (SSC-5 4.2.8: read or space hit a mark)."""
-
-    asc, ascq = 0x00, 0x01
-
-    def __init__(self, msg: str = "", **kw: Any) -> None:
-        kw.setdefault("filemark", True)
-        super().__init__(msg, **kw)
-
-
-class EarlyWarning(TapeCondition):
-    """00h/00h/02h END-OF-PARTITION/MEDIUM DETECTED with EOM: the write succeeded in the EW zone."""
-
-    asc, ascq = 0x00, 0x02
-
-    def __init__(self, msg: str = "", **kw: Any) -> None:
-        kw.setdefault("eom", True)
-        super().__init__(msg, **kw)
-
-
-class BeginningOfPartition(TapeCondition):
-    """00h/00h/04h BEGINNING-OF-PARTITION/MEDIUM DETECTED with EOM (backward motion hit BOP)."""
-
-    asc, ascq = 0x00, 0x04
-
-    def __init__(self, msg: str = "", **kw: Any) -> None:
-        kw.setdefault("eom", True)
-        super().__init__(msg, **kw)
-
-
-class IncorrectLength(TapeCondition):
-    """00h/00h/00h with ILI: the block read was not the requested length (SSC-5 4.2.22)."""
-
-    def __init__(self, msg: str = "", **kw: Any) -> None:
-        kw.setdefault("ili", True)
-        super().__init__(msg, **kw)
-
-
-class EndOfData(ScsiError):
-    """08h/00h/05h END-OF-DATA DETECTED (BLANK CHECK): read, space or locate ran into EOD."""
-
-    sense_key = SenseKey.BLANK_CHECK
-    asc, ascq = 0x00, 0x05
-
-
-class VolumeOverflow(ScsiError):
-    """0Dh/00h/02h END-OF-PARTITION/MEDIUM DETECTED with EOM: no room for the write."""
-
-    sense_key = SenseKey.VOLUME_OVERFLOW
-    asc, ascq = 0x00, 0x02
-
-    def __init__(self, msg: str = "", **kw: Any) -> None:
-        kw.setdefault("eom", True)
-        super().__init__(msg, **kw)
-
-
-class CannotReadIncompatibleFormat(ScsiError):
-    """03h/30h/02h CANNOT READ MEDIUM - INCOMPATIBLE FORMAT (generation the drive cannot read)."""
-
-    sense_key = SenseKey.MEDIUM_ERROR
-    asc, ascq = 0x30, 0x02
-
-
-class CannotWriteIncompatibleFormat(ScsiError):
-    """07h/30h/05h CANNOT WRITE MEDIUM - INCOMPATIBLE FORMAT (read-only generation, e.g. N-2)."""
-
-    sense_key = SenseKey.DATA_PROTECT
-    asc, ascq = 0x30, 0x05
-
-
-class CleaningCartridgeInstalled(ScsiError):
-    """02h/30h/03h CLEANING CARTRIDGE INSTALLED."""
-
-    sense_key = SenseKey.NOT_READY
-    asc, ascq = 0x30, 0x03
-
-
-class WormOverwriteAttempted(ScsiError):
-    """07h/30h/0Ch WORM MEDIUM - OVERWRITE ATTEMPTED (SSC-5 4.2.20)."""
-
-    sense_key = SenseKey.DATA_PROTECT
-    asc, ascq = 0x30, 0x0C
-
-
-class SequentialPositioningError(ScsiError):
-    """03h/3Bh/00h SEQUENTIAL POSITIONING ERROR."""
-
-    sense_key = SenseKey.MEDIUM_ERROR
-    asc, ascq = 0x3B, 0x00
-
-
-class AuxiliaryMemoryOutOfSpace(IllegalRequest):
-    """05h/55h/06h AUXILIARY MEMORY OUT OF SPACE (WRITE ATTRIBUTE, SPC-5 6.47)."""
-
-    asc, ascq = 0x55, 0x06
-
-
-class ParameterValueInvalid(IllegalRequest):
-    """05h/26h/02h PARAMETER VALUE INVALID."""
-
-    asc, ascq = 0x26, 0x02
-
+from tcmu_py.scsi.sense import ParameterValueInvalid as ParameterValueInvalid
+from tcmu_py.scsi.sense import SequentialPositioningError as SequentialPositioningError
+from tcmu_py.scsi.sense import TapeCondition as TapeCondition
+from tcmu_py.scsi.sense import VolumeOverflow as VolumeOverflow
+from tcmu_py.scsi.sense import WormOverwriteAttempted as WormOverwriteAttempted
 
 # ---------------------------------------------------------------------------------------------
 # CDBs
@@ -222,8 +120,11 @@ class Space:
 
     def build(self, sixteen: bool = False) -> bytes:
         if not sixteen:
-            return bytes([0x11, self.code & 0x0F]) + self.count.to_bytes(3, "big", signed=True) \
+            return (
+                bytes([0x11, self.code & 0x0F])
+                + self.count.to_bytes(3, "big", signed=True)
                 + b"\x00"
+            )
         return (
             bytes([0x91, self.code & 0x0F, 0, 0])
             + self.count.to_bytes(8, "big", signed=True)
@@ -283,9 +184,7 @@ class Locate:
             )
         flags |= (self.dest_type & 0x07) << 3
         return (
-            bytes([0x92, flags, 0, self.partition])
-            + self.identifier.to_bytes(8, "big")
-            + bytes(4)
+            bytes([0x92, flags, 0, self.partition]) + self.identifier.to_bytes(8, "big") + bytes(4)
         )
 
 
@@ -311,8 +210,12 @@ class ReadPosition:
         return cls(cdb[1] & 0x1F, int.from_bytes(cdb[7:9], "big"))
 
     def build(self) -> bytes:
-        return bytes([0x34, self.service_action & 0x1F]) + bytes(5) + \
-            self.allocation_length.to_bytes(2, "big") + b"\x00"
+        return (
+            bytes([0x34, self.service_action & 0x1F])
+            + bytes(5)
+            + self.allocation_length.to_bytes(2, "big")
+            + b"\x00"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,8 +270,7 @@ class ReportDensitySupport:
 
     def build(self) -> bytes:
         flags = (1 if self.media else 0) | (2 if self.medium_type else 0)
-        return bytes([0x44, flags]) + bytes(5) + self.allocation_length.to_bytes(2, "big") + \
-            b"\x00"
+        return bytes([0x44, flags]) + bytes(5) + self.allocation_length.to_bytes(2, "big") + b"\x00"
 
 
 @dataclass(frozen=True, slots=True)
@@ -699,9 +601,7 @@ CONTROL_COUNTER = 0x00
 CONTROL_BINARY = 0x03
 
 
-def build_log_page(
-    page_code: int, params: list[tuple[int, int, bytes]], subpage: int = 0
-) -> bytes:
+def build_log_page(page_code: int, params: list[tuple[int, int, bytes]], subpage: int = 0) -> bytes:
     """A log page: header, then (PARAMETER CODE, control byte, value) parameters in order."""
     body = b"".join(_LOG_PARAM.pack(code, ctl, len(val)) + val for code, ctl, val in params)
     first = page_code & 0x3F

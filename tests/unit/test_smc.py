@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tcmu_py.scsi import smc
+from tcmu_py.scsi import sense, smc
 from tcmu_py.scsi.sense import InvalidFieldInCdb, parse_sense
 from tcmu_py.scsi.smc import (
     ACCESS,
@@ -107,15 +107,15 @@ def test_open_close_action_codes() -> None:
 @pytest.mark.parametrize(
     ("error", "codes"),
     [
-        (smc.DestinationFull, (0x5, 0x3B, 0x0D)),
-        (smc.SourceEmpty, (0x5, 0x3B, 0x0E)),
-        (smc.InvalidElementAddress, (0x5, 0x21, 0x01)),
-        (smc.MediumRemovalPrevented, (0x5, 0x53, 0x02)),
-        (smc.ImportExportElementOpen, (0x2, 0x3A, 0x02)),
-        (smc.ImportExportElementAccessed, (0x6, 0x28, 0x01)),
+        (sense.MediumDestinationElementFull, (0x5, 0x3B, 0x0D)),
+        (sense.MediumSourceElementEmpty, (0x5, 0x3B, 0x0E)),
+        (sense.InvalidElementAddress, (0x5, 0x21, 0x01)),
+        (sense.MediumRemovalPrevented, (0x5, 0x53, 0x02)),
+        (sense.ImportExportElementOpen, (0x2, 0x3A, 0x02)),
+        (sense.ImportExportElementAccessed, (0x6, 0x28, 0x01)),
     ],
 )
-def test_error_sense_codes(error: type[smc.ScsiError], codes: tuple[int, int, int]) -> None:
+def test_error_sense_codes(error: type[sense.ScsiError], codes: tuple[int, int, int]) -> None:
     sense = parse_sense(error("x").sense())
     assert (sense.sense_key, sense.asc, sense.ascq) == codes
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tcmu_py.scsi import ssc
+from tcmu_py.scsi import sense, ssc
 from tcmu_py.scsi.sense import parse_sense
 
 u8 = st.integers(0, 0xFF)
@@ -70,7 +70,7 @@ def test_write_attribute_round_trip(wtc: bool, vol: int, part: int, n: int) -> N
 
 
 def test_short_cdb_is_invalid_field() -> None:
-    with pytest.raises(ssc.ScsiError) as info:
+    with pytest.raises(sense.ScsiError) as info:
         ssc.Space.parse(bytes([0x91, 0, 0]))
     assert (info.value.sense_key, info.value.asc) == (5, 0x24)
 
@@ -162,7 +162,7 @@ def test_attribute_list_round_trip(attrs: list[tuple[int, int, bytes]]) -> None:
 
 def test_attribute_list_truncated() -> None:
     a = ssc.Attribute(0x800, 1, b"ABCDEFGH").build()
-    with pytest.raises(ssc.ScsiError) as info:
+    with pytest.raises(sense.ScsiError) as info:
         ssc.parse_attribute_list(len(a).to_bytes(4, "big") + a[:-2])
     assert (info.value.sense_key, info.value.asc) == (5, 0x26)
 
@@ -170,19 +170,19 @@ def test_attribute_list_truncated() -> None:
 @pytest.mark.parametrize(
     ("err", "codes", "flag"),
     [
-        (ssc.FilemarkDetected(info=3), (0, 0, 1), "filemark"),
-        (ssc.EarlyWarning(info=0), (0, 0, 2), "eom"),
-        (ssc.BeginningOfPartition(info=1), (0, 0, 4), "eom"),
-        (ssc.IncorrectLength(info=-5), (0, 0, 0), "ili"),
-        (ssc.EndOfData(info=7), (8, 0, 5), None),
-        (ssc.VolumeOverflow(info=2), (0xD, 0, 2), "eom"),
-        (ssc.CannotReadIncompatibleFormat(), (3, 0x30, 2), None),
-        (ssc.CannotWriteIncompatibleFormat(), (7, 0x30, 5), None),
-        (ssc.CleaningCartridgeInstalled(), (2, 0x30, 3), None),
-        (ssc.WormOverwriteAttempted(), (7, 0x30, 0x0C), None),
+        (sense.FilemarkDetected(info=3), (0, 0, 1), "filemark"),
+        (sense.EarlyWarning(info=0), (0, 0, 2), "eom"),
+        (sense.BeginningOfPartition(info=1), (0, 0, 4), "eom"),
+        (sense.IncorrectLength(info=-5), (0, 0, 0), "ili"),
+        (sense.EndOfData(info=7), (8, 0, 5), None),
+        (sense.VolumeOverflow(info=2), (0xD, 0, 2), "eom"),
+        (sense.CannotReadIncompatibleFormat(), (3, 0x30, 2), None),
+        (sense.CannotWriteIncompatibleFormat(), (7, 0x30, 5), None),
+        (sense.CleaningCartridgeInstalled(), (2, 0x30, 3), None),
+        (sense.WormOverwriteAttempted(), (7, 0x30, 0x0C), None),
     ],
 )
-def test_conditions_carry_their_sense(err: ssc.ScsiError, codes: tuple[int, int, int],
+def test_conditions_carry_their_sense(err: sense.ScsiError, codes: tuple[int, int, int],
                                       flag: str | None) -> None:
     for descriptor in (False, True):
         s = parse_sense(err.sense(descriptor=descriptor))
