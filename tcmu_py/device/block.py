@@ -216,9 +216,9 @@ class BlockDevice(ScsiDevice):
 
     def mode_pages(self) -> list[spc.ModePage]:
         pages = super().mode_pages()
-        pages.append(spc.read_write_error_recovery_page())
+        pages.append(sbc.read_write_error_recovery_page())
         # SBC-4 7.5.5: WCE tells whether acknowledged writes may still be in a volatile cache.
-        pages.append(spc.caching_mode_page(wce=bool(self.backend.write_cache)))
+        pages.append(sbc.caching_mode_page(wce=bool(self.backend.write_cache)))
         info = self._provisioning()
         if info is not None:
             # SBC-4 6.5.8: one soft threshold on the used LBA mapping resource, counted in
@@ -227,8 +227,8 @@ class BlockDevice(ScsiDevice):
             pct = info.soft_threshold
             count = info.capacity * pct // 100 // unit if pct is not None else 0
             pages.append(
-                spc.logical_block_provisioning_mode_page(
-                    [spc.ThresholdDescriptor(pct is not None, threshold_count=count)]
+                sbc.logical_block_provisioning_mode_page(
+                    [sbc.ThresholdDescriptor(pct is not None, threshold_count=count)]
                 )
             )
         return pages
@@ -242,7 +242,7 @@ class BlockDevice(ScsiDevice):
             return
         info = thin.provisioning()
         page = next(p for p in self.mode_pages() if (p.page_code, p.subpage) == (0x1C, 0x02))
-        thresholds = spc.lbp_thresholds(page.with_current(new_current))
+        thresholds = sbc.lbp_thresholds(page.with_current(new_current))
         t = thresholds[0] if thresholds else None
         unit = self.block_size << self._threshold_exponent()
         percent = None
@@ -269,12 +269,12 @@ class BlockDevice(ScsiDevice):
         assert info is not None
         exp = self._threshold_exponent()
         unit = self.block_size << exp
-        return spc.build_lbp_log_page(
+        return sbc.build_lbp_log_page(
             available=max(info.capacity - info.used, 0) // unit,
             used=info.device_used // unit,
             # SBC-4 6.4.5: the resources come from a pool other logical units may share, so their
             # scope is "not dedicated to the logical unit" (10b).
-            scope=spc.LBP_SCOPE_NOT_DEDICATED,
+            scope=sbc.LbpScope.NOT_DEDICATED,
         )
 
     # ------------------------------------------------------------------------------------------

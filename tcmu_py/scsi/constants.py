@@ -14,7 +14,7 @@ Rules this file follows:
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 
 
 class Opcode(IntEnum):
@@ -262,6 +262,82 @@ class LogPage(IntEnum):
     TAPE_ALERT = 0x2E  # SSC
     INFORMATIONAL_EXCEPTIONS = 0x2F
     TAPE_CAPACITY = 0x31  # SSC
+
+
+class VersionDescriptor(IntEnum):
+    """VERSION DESCRIPTOR values of standard INQUIRY data (SPC-5 6.7.2 table 149)."""
+
+    SAM5 = 0x00A0
+    SPC4 = 0x0460
+    SPC5 = 0x05C0
+    SBC3 = 0x04C0
+    SBC4 = 0x0600
+    SSC3 = 0x0400
+    SSC4 = 0x0520
+    SMC3 = 0x0480
+
+
+class CodeSet(IntEnum):
+    """CODE SET of a designation descriptor (SPC-5 7.7.6.1 table 598)."""
+
+    BINARY = 1
+    ASCII = 2
+    UTF8 = 3
+
+
+class Association(IntEnum):
+    """ASSOCIATION of a designation descriptor (SPC-5 7.7.6.1 table 600)."""
+
+    LOGICAL_UNIT = 0
+    TARGET_PORT = 1
+    TARGET_DEVICE = 2
+
+
+class DesignatorType(IntEnum):
+    """DESIGNATOR TYPE of a designation descriptor (SPC-5 7.7.6.1 table 599)."""
+
+    VENDOR_SPECIFIC = 0
+    T10_VENDOR_ID = 1
+    EUI64 = 2
+    NAA = 3
+    RELATIVE_TARGET_PORT = 4
+    TARGET_PORT_GROUP = 5
+    LOGICAL_UNIT_GROUP = 6
+    MD5_LOGICAL_UNIT = 7
+    SCSI_NAME = 8
+
+
+class PageControl(IntEnum):
+    """PC field of MODE SENSE (SPC-5 6.14.2 table 175)."""
+
+    CURRENT = 0
+    CHANGEABLE = 1
+    DEFAULT = 2
+    SAVED = 3
+
+
+class LogParameterFormat(IntEnum):
+    """FORMAT AND LINKING, bits 1..0 of a log parameter's control byte (SPC-5 7.3.2.2.2)."""
+
+    BOUNDED_COUNTER = 0x00
+    ASCII_LIST = 0x01
+    UNBOUNDED_COUNTER = 0x02
+    BINARY_LIST = 0x03
+
+
+class LogParameterControl(IntFlag):
+    """Flag bits of a log parameter's control byte (SPC-5 7.3.2.2.2)."""
+
+    DU = 0x80  # disable update
+    TSD = 0x20  # target save disable
+
+
+class RsocSupport(IntEnum):
+    """SUPPORT field of a one_command REPORT SUPPORTED OPERATION CODES answer (SPC-5 6.35.4)."""
+
+    NOT_AVAILABLE = 0b000
+    NOT_SUPPORTED = 0b001
+    SUPPORTED = 0b011
 
 
 def opcode_name(opcode: int, service_action: int | None = None) -> str:

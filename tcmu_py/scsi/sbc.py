@@ -1,4 +1,6 @@
-"""SBC-4 wire formats: READ CAPACITY, block VPD pages, UNMAP parameters, GET LBA STATUS.
+"""SBC-4 wire formats: READ CAPACITY, block VPD pages, UNMAP parameters, GET LBA STATUS, and the
+block-only mode pages (read-write error recovery, caching, logical block provisioning) and the
+logical block provisioning log page (built on spc's mode and log page framework).
 
 Builders return complete responses (truncate with ``spc.truncate``); the UNMAP parser validates
 the parameter list as SBC-4 5.32 requires and leaves the capacity check to the caller, which
@@ -8,12 +10,13 @@ knows the capacity and takes the range locks.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from enum import IntEnum
+from typing import NamedTuple
 
-from tcmu_py.scsi.constants import PeripheralType, VpdPage
+from tcmu_py.scsi.constants import LogParameterFormat, ModePageCode, PeripheralType, VpdPage
 from tcmu_py.scsi.sense import InvalidFieldInParameterList, ParameterListLengthError
-from tcmu_py.scsi.spc import build_vpd_page
+from tcmu_py.scsi.spc import ModePage, build_log_page, build_vpd_page
 
 _RC10 = struct.Struct(">II")
 # SBC-4 5.21.2 table 68: RETURNED LBA, BLOCK LENGTH, byte 12 (RC BASIS, P_TYPE, PROT_EN),
@@ -294,3 +297,141 @@ def build_read_defect_data(
     if twelve:
         return bytes([0, b1, 0, 0, 0, 0, 0, 0])
     return bytes([0, b1, 0, 0])
+
+
+# --- mode pages (SBC-4 6.5) ------------------------------------------------------------------
+
+
+def read_write_error_recovery_page() -> ModePage:
+    """Read-Write Error Recovery 01h (SBC-4 6.5.10): no retries or reallocation to report."""
+    return ModePage.make(ModePageCode.READ_WRITE_ERROR_RECOVERY, 0, bytes(0x0A))
+
+
+def caching_mode_page(wce: bool, *, rcd: bool = False, wce_changeable: bool = False) -> ModePage:
+    """Caching 08h (SBC-4 6.5.5): WCE (byte 2 bit 2) and RCD (byte 2 bit 0), page length 12h.
+
+    WCE must tell the truth: set only when acknowledged writes may sit in a volatile cache.
+    ``wce_changeable`` only when the device really switches its cache on MODE SELECT.
+    """
+    params = bytearray(0x12)
+    params[0] = (0x04 if wce else 0) | (0x01 if rcd else 0)
+    mask = bytearray(0x12)
+    mask[0] = 0x04 if wce_changeable else 0
+    return ModePage.make(ModePageCode.CACHING, 0, bytes(params), bytes(mask))
+
+
+class ThresholdResource(IntEnum):
+    """THRESHOLD RESOURCE of a threshold descriptor (SBC-4 6.5.8 table 209)."""
+
+    AVAILABLE = 0x01  # available LBA mapping resources
+    USED = 0x02  # used LBA mapping resources
+
+
+class ThresholdArming(IntEnum):
+    """THRESHOLD ARMING of a threshold descriptor (SBC-4 6.5.8 table 208)."""
+
+    DECREASING = 0b000
+    INCREASING = 0b001
+
+
+class ThresholdType(IntEnum):
+    """THRESHOLD TYPE of a threshold descriptor (SBC-4 6.5.8)."""
+
+    SOFT = 0b000
+
+
+_THRESHOLD = struct.Struct(">BB2xI")
+
+
+class ThresholdDescriptor(NamedTuple):
+    """A logical block provisioning threshold descriptor (SBC-4 6.5.8, table 207).
+
+    ``threshold_count`` is in units of 2**THRESHOLD EXPONENT logical blocks (VPD B2h).
+    """
+
+    enabled: bool
+    resource: int = ThresholdResource.USED
+    threshold_count: int = 0
+    arming: int = ThresholdArming.INCREASING
+    threshold_type: int = ThresholdType.SOFT
+
+
+def logical_block_provisioning_mode_page(
+    thresholds: Sequence[ThresholdDescriptor] | None = None,
+    *,
+    threshold_count: int | None = None,
+    situa: bool = False,
+) -> ModePage:
+    """Logical Block Provisioning 1Ch/02h (SBC-4 6.5.8): 16-byte head + 8-byte descriptors.
+
+    ``threshold_count`` alone gives one enabled soft threshold on the used LBA mapping resource,
+    armed increasing.  ENABLED and THRESHOLD COUNT are changeable.
+    """
+    if thresholds is None:
+        thresholds = []
+        if threshold_count is not None:
+            thresholds.append(ThresholdDescriptor(True, threshold_count=threshold_count))
+    params = bytearray(12)
+    params[0] = 0x01 if situa else 0
+    mask = bytearray(12)
+    for t in thresholds:
+        flags = (0x80 if t.enabled else 0) | (t.threshold_type << 3) | t.arming
+        params += _THRESHOLD.pack(flags, t.resource, t.threshold_count)
+        mask += _THRESHOLD.pack(0x80, 0, 0xFFFFFFFF)
+    return ModePage.make(ModePageCode.LOGICAL_BLOCK_PROVISIONING, 0x02, bytes(params), bytes(mask))
+
+
+def lbp_thresholds(page: ModePage) -> list[ThresholdDescriptor]:
+    """The threshold descriptors of a current logical block provisioning page (1Ch/02h)."""
+    body = page.params[12:]
+    out = []
+    for off in range(0, len(body) - len(body) % 8, 8):
+        flags, resource, count = _THRESHOLD.unpack_from(body, off)
+        out.append(
+            ThresholdDescriptor(bool(flags & 0x80), resource, count, flags & 0x07, (flags >> 3) & 7)
+        )
+    return out
+
+
+# --- log pages (SBC-4 6.4) -------------------------------------------------------------------
+
+
+class LbpScope(IntEnum):
+    """SCOPE of a Logical Block Provisioning log parameter (SBC-4 6.4.5 table 196)."""
+
+    NOT_REPORTED = 0
+    DEDICATED = 1  # dedicated to this logical unit
+    NOT_DEDICATED = 2  # shared with other logical units (a pool)
+
+
+_LBP_PARAM = struct.Struct(">IB3x")
+
+
+def build_lbp_log_page(
+    available: int | None = None,
+    used: int | None = None,
+    *,
+    scope: int = LbpScope.DEDICATED,
+    deduplicated: int | None = None,
+    compressed: int | None = None,
+    total_efficiency: int | None = None,
+    parameter_pointer: int = 0,
+) -> bytes:
+    """Logical Block Provisioning log page 0Ch (SBC-4 6.4.5).
+
+    Counts are in units of 2**THRESHOLD EXPONENT blocks, clipped to 32 bits: 0001h available and
+    0002h used LBA mapping resources, 0100h de-duplicated, 0101h compressed and 0102h total
+    efficiency LBA resource counts.  Omitted (None) parameters are not reported.
+    """
+    params = []
+    for code, count in (
+        (0x0001, available),
+        (0x0002, used),
+        (0x0100, deduplicated),
+        (0x0101, compressed),
+        (0x0102, total_efficiency),
+    ):
+        if count is not None:
+            value = _LBP_PARAM.pack(min(max(count, 0), 0xFFFFFFFF), scope & 0x03)
+            params.append((code, LogParameterFormat.BINARY_LIST, value))
+    return build_log_page(0x0C, 0, params, parameter_pointer=parameter_pointer)

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Self
 
-from tcmu_py.scsi.constants import Opcode
+from tcmu_py.scsi.constants import CodeSet as CodeSet
+from tcmu_py.scsi.constants import DesignatorType, Opcode
 
 # The changer's sense classes live in sense.py; re-exported here under the names the VTL uses.
 from tcmu_py.scsi.sense import ImportExportElementAccessed as ImportExportElementAccessed
@@ -90,19 +91,8 @@ class OpenCloseAction(IntEnum):
     CLOSE = 0x01
 
 
-class CodeSet(IntEnum):
-    """CODE SET of an identification descriptor (SPC-5 7.7.6.1 table 598)."""
-
-    BINARY = 1
-    ASCII = 2
-    UTF8 = 3
-
-
-class IdentifierType(IntEnum):
-    """IDENTIFIER TYPE of a DVCID identification descriptor (SPC-5 7.7.6.1 table 599)."""
-
-    VENDOR_SPECIFIC = 0
-    T10_VENDOR_ID = 1
+#: CODE SET and IDENTIFIER TYPE of a DVCID identification descriptor are those of SPC-5 7.7.6.1.
+IdentifierType = DesignatorType
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,10 +24,17 @@ from typing import NamedTuple
 
 from tcmu_py.scsi.constants import (
     ALL_SUBPAGES,
+    Association,
+    CodeSet,
+    DesignatorType,
+    LogParameterFormat,
     ModePageCode,
     Opcode,
+    PageControl,
     PeripheralType,
+    RsocSupport,
     ServiceAction,
+    VersionDescriptor,
     VpdPage,
 )
 from tcmu_py.scsi.sense import (
@@ -70,19 +77,12 @@ def _ascii(value: str, width: int, what: str) -> bytes:
 # --- INQUIRY --------------------------------------------------------------------------------
 
 #: Version descriptor codes (SPC-5 6.7.2 table 153).
-VERSION_SAM5 = 0x00A0
-VERSION_SPC4 = 0x0460
-VERSION_SPC5 = 0x05C0
-VERSION_SBC3 = 0x04C0
-VERSION_SBC4 = 0x0600
-VERSION_SSC3 = 0x0400
-VERSION_SSC4 = 0x0520
-VERSION_SMC3 = 0x0480
 
+_V = VersionDescriptor
 _DEFAULT_VERSIONS: dict[int, tuple[int, ...]] = {
-    PeripheralType.DISK: (VERSION_SAM5, VERSION_SPC4, VERSION_SBC3),
-    PeripheralType.TAPE: (VERSION_SAM5, VERSION_SPC4, VERSION_SSC3),
-    PeripheralType.CHANGER: (VERSION_SAM5, VERSION_SPC4, VERSION_SMC3),
+    PeripheralType.DISK: (_V.SAM5, _V.SPC4, _V.SBC3),
+    PeripheralType.TAPE: (_V.SAM5, _V.SPC4, _V.SSC3),
+    PeripheralType.CHANGER: (_V.SAM5, _V.SPC4, _V.SMC3),
 }
 
 STANDARD_INQUIRY_LENGTH = 96
@@ -116,7 +116,7 @@ def build_standard_inquiry(
     long (8 / 16 / 4 bytes).
     """
     versions = list(
-        _DEFAULT_VERSIONS.get(peripheral_type, (VERSION_SAM5, VERSION_SPC4))
+        _DEFAULT_VERSIONS.get(peripheral_type, (VersionDescriptor.SAM5, VersionDescriptor.SPC4))
         if version_descriptors is None
         else version_descriptors
     )
@@ -185,21 +185,6 @@ def naa_from_serial(serial: str, oui: int = 0x001405) -> bytes:
 
 
 # SPC-5 7.7.6.1 table 486: designation descriptor header.
-CODE_SET_BINARY = 1
-CODE_SET_ASCII = 2
-CODE_SET_UTF8 = 3
-ASSOCIATION_LU = 0
-ASSOCIATION_TARGET_PORT = 1
-ASSOCIATION_TARGET_DEVICE = 2
-DESIGNATOR_VENDOR = 0
-DESIGNATOR_T10_VENDOR_ID = 1
-DESIGNATOR_EUI64 = 2
-DESIGNATOR_NAA = 3
-DESIGNATOR_RELATIVE_TARGET_PORT = 4
-DESIGNATOR_TARGET_PORT_GROUP = 5
-DESIGNATOR_LU_GROUP = 6
-DESIGNATOR_MD5_LU = 7
-DESIGNATOR_SCSI_NAME = 8
 
 
 def build_designator(
@@ -207,7 +192,7 @@ def build_designator(
     designator_type: int,
     designator: bytes,
     *,
-    association: int = ASSOCIATION_LU,
+    association: int = Association.LOGICAL_UNIT,
     protocol: int | None = None,
 ) -> bytes:
     """One designation descriptor (SPC-5 7.7.6.1); ``protocol`` sets PROTOCOL IDENTIFIER + PIV."""
@@ -221,10 +206,10 @@ def build_designator(
 def relative_target_port_designator(port: int, protocol: int | None = None) -> bytes:
     """RELATIVE TARGET PORT designator (SPC-5 7.7.6.7), association = target port."""
     return build_designator(
-        CODE_SET_BINARY,
-        DESIGNATOR_RELATIVE_TARGET_PORT,
+        CodeSet.BINARY,
+        DesignatorType.RELATIVE_TARGET_PORT,
         b"\0\0" + _U16.pack(port),
-        association=ASSOCIATION_TARGET_PORT,
+        association=Association.TARGET_PORT,
         protocol=protocol,
     )
 
@@ -232,10 +217,10 @@ def relative_target_port_designator(port: int, protocol: int | None = None) -> b
 def target_port_group_designator(group: int) -> bytes:
     """TARGET PORT GROUP designator (SPC-5 7.7.6.8), association = target port."""
     return build_designator(
-        CODE_SET_BINARY,
-        DESIGNATOR_TARGET_PORT_GROUP,
+        CodeSet.BINARY,
+        DesignatorType.TARGET_PORT_GROUP,
         b"\0\0" + _U16.pack(group),
-        association=ASSOCIATION_TARGET_PORT,
+        association=Association.TARGET_PORT,
     )
 
 
@@ -257,12 +242,12 @@ def build_vpd_device_identification(
     if naa is not None:
         if len(naa) not in (8, 16) or naa[0] >> 4 not in (2, 3, 5, 6):
             raise ValueError("NAA designator must be 8 or 16 bytes with a valid NAA field")
-        descs += build_designator(CODE_SET_BINARY, DESIGNATOR_NAA, naa)
+        descs += build_designator(CodeSet.BINARY, DesignatorType.NAA, naa)
     if t10_vendor is not None:
         ident = _ascii(t10_vendor, 8, "T10 vendor identification")
         if t10_id:
             ident += _ascii(t10_id, len(t10_id), "T10 vendor specific identifier")
-        descs += build_designator(CODE_SET_ASCII, DESIGNATOR_T10_VENDOR_ID, ident)
+        descs += build_designator(CodeSet.ASCII, DesignatorType.T10_VENDOR_ID, ident)
     for extra in extra_designators:
         descs += extra
     return build_vpd_page(peripheral_type, VpdPage.DEVICE_IDENTIFICATION, bytes(descs))
@@ -296,11 +281,6 @@ def build_vpd_extended_inquiry(
 
 _PS = 0x80
 _SPF = 0x40
-
-PC_CURRENT = 0
-PC_CHANGEABLE = 1
-PC_DEFAULT = 2
-PC_SAVED = 3
 
 
 def mode_page_header(page_code: int, subpage: int, length: int, saveable: bool = False) -> bytes:
@@ -368,9 +348,9 @@ class ModePage:
 
     def value(self, pc: int) -> bytes:
         """The page as MODE SENSE returns it for page control ``pc`` (SPC-5 6.14.1 table 178)."""
-        if pc == PC_CHANGEABLE:
+        if pc == PageControl.CHANGEABLE:
             data = self.changeable
-        elif pc == PC_DEFAULT:
+        elif pc == PageControl.DEFAULT:
             data = self.default
         else:  # current; saved pages are the current ones (written through when saveable)
             data = self.current
@@ -481,7 +461,7 @@ def build_mode_sense(
     SavingParametersNotSupported for PC=saved when no selected page is saveable (SPC-5 6.14.1).
     """
     chosen = _select_pages(pages, page_code, subpage)
-    if pc == PC_SAVED and not any(p.saveable for p in chosen):
+    if pc == PageControl.SAVED and not any(p.saveable for p in chosen):
         raise SavingParametersNotSupported("no saveable mode pages", field_pointer=2, bit_pointer=7)
     direct = peripheral_type in _DIRECT_ACCESS_TYPES
     long = ten and llbaa and direct
@@ -610,24 +590,6 @@ def parse_mode_select(
 # --- standard mode pages --------------------------------------------------------------------
 
 
-def read_write_error_recovery_page() -> ModePage:
-    """Read-Write Error Recovery 01h (SBC-4 6.5.10): no retries or reallocation to report."""
-    return ModePage.make(ModePageCode.READ_WRITE_ERROR_RECOVERY, 0, bytes(0x0A))
-
-
-def caching_mode_page(wce: bool, *, rcd: bool = False, wce_changeable: bool = False) -> ModePage:
-    """Caching 08h (SBC-4 6.5.5): WCE (byte 2 bit 2) and RCD (byte 2 bit 0), page length 12h.
-
-    WCE must tell the truth: set only when acknowledged writes may sit in a volatile cache.
-    ``wce_changeable`` only when the device really switches its cache on MODE SELECT.
-    """
-    params = bytearray(0x12)
-    params[0] = (0x04 if wce else 0) | (0x01 if rcd else 0)
-    mask = bytearray(0x12)
-    mask[0] = 0x04 if wce_changeable else 0
-    return ModePage.make(ModePageCode.CACHING, 0, bytes(params), bytes(mask))
-
-
 #: Control mode page byte offsets and bits (SPC-5 7.5.8 table 457), as positions in the page.
 CONTROL_D_SENSE_BYTE = 2
 CONTROL_D_SENSE_BIT = 0x04
@@ -679,73 +641,8 @@ def informational_exceptions_control_page() -> ModePage:
     return ModePage.make(ModePageCode.INFORMATIONAL_EXCEPTIONS_CONTROL, 0, bytes(params))
 
 
-THRESHOLD_RESOURCE_AVAILABLE = 0x01
-THRESHOLD_RESOURCE_USED = 0x02
-THRESHOLD_ARMING_DECREASING = 0b000
-THRESHOLD_ARMING_INCREASING = 0b001
-THRESHOLD_TYPE_SOFT = 0b000
-_THRESHOLD = struct.Struct(">BB2xI")
-
-
-class ThresholdDescriptor(NamedTuple):
-    """A logical block provisioning threshold descriptor (SBC-4 6.5.8, table 207).
-
-    ``threshold_count`` is in units of 2**THRESHOLD EXPONENT logical blocks (VPD B2h).
-    """
-
-    enabled: bool
-    resource: int = THRESHOLD_RESOURCE_USED
-    threshold_count: int = 0
-    arming: int = THRESHOLD_ARMING_INCREASING
-    threshold_type: int = THRESHOLD_TYPE_SOFT
-
-
-def logical_block_provisioning_mode_page(
-    thresholds: Sequence[ThresholdDescriptor] | None = None,
-    *,
-    threshold_count: int | None = None,
-    situa: bool = False,
-) -> ModePage:
-    """Logical Block Provisioning 1Ch/02h (SBC-4 6.5.8): 16-byte head + 8-byte descriptors.
-
-    ``threshold_count`` alone gives one enabled soft threshold on the used LBA mapping resource,
-    armed increasing.  ENABLED and THRESHOLD COUNT are changeable.
-    """
-    if thresholds is None:
-        thresholds = []
-        if threshold_count is not None:
-            thresholds.append(ThresholdDescriptor(True, threshold_count=threshold_count))
-    params = bytearray(12)
-    params[0] = 0x01 if situa else 0
-    mask = bytearray(12)
-    for t in thresholds:
-        flags = (0x80 if t.enabled else 0) | (t.threshold_type << 3) | t.arming
-        params += _THRESHOLD.pack(flags, t.resource, t.threshold_count)
-        mask += _THRESHOLD.pack(0x80, 0, 0xFFFFFFFF)
-    return ModePage.make(ModePageCode.LOGICAL_BLOCK_PROVISIONING, 0x02, bytes(params), bytes(mask))
-
-
-def lbp_thresholds(page: ModePage) -> list[ThresholdDescriptor]:
-    """The threshold descriptors of a current logical block provisioning page (1Ch/02h)."""
-    body = page.params[12:]
-    out = []
-    for off in range(0, len(body) - len(body) % 8, 8):
-        flags, resource, count = _THRESHOLD.unpack_from(body, off)
-        out.append(
-            ThresholdDescriptor(bool(flags & 0x80), resource, count, flags & 0x07, (flags >> 3) & 7)
-        )
-    return out
-
-
 # --- LOG SENSE ------------------------------------------------------------------------------
 
-#: Parameter control byte values (SPC-5 7.3.2.2.2): FORMAT AND LINKING in bits 1..0.
-LOG_FORMAT_BOUNDED_COUNTER = 0x00
-LOG_FORMAT_ASCII_LIST = 0x01
-LOG_FORMAT_UNBOUNDED_COUNTER = 0x02
-LOG_FORMAT_BINARY_LIST = 0x03
-LOG_DU = 0x80
-LOG_TSD = 0x20
 
 _LOG_HEADER = struct.Struct(">BBH")
 _LOG_PARAM = struct.Struct(">HBB")
@@ -798,46 +695,10 @@ def build_temperature_log_page(temperature: int | None, reference: int | None = 
     def val(t: int | None) -> bytes:
         return bytes([0, 0xFF if t is None else max(0, min(t, 0xFE))])
 
-    params = [(0x0000, LOG_FORMAT_BINARY_LIST, val(temperature))]
+    params = [(0x0000, LogParameterFormat.BINARY_LIST, val(temperature))]
     if reference is not None:
-        params.append((0x0001, LOG_FORMAT_BINARY_LIST, val(reference)))
+        params.append((0x0001, LogParameterFormat.BINARY_LIST, val(reference)))
     return build_log_page(0x0D, 0, params)
-
-
-LBP_SCOPE_NOT_REPORTED = 0
-LBP_SCOPE_DEDICATED = 1
-LBP_SCOPE_NOT_DEDICATED = 2
-_LBP_PARAM = struct.Struct(">IB3x")
-
-
-def build_lbp_log_page(
-    available: int | None = None,
-    used: int | None = None,
-    *,
-    scope: int = LBP_SCOPE_DEDICATED,
-    deduplicated: int | None = None,
-    compressed: int | None = None,
-    total_efficiency: int | None = None,
-    parameter_pointer: int = 0,
-) -> bytes:
-    """Logical Block Provisioning log page 0Ch (SBC-4 6.4.5).
-
-    Counts are in units of 2**THRESHOLD EXPONENT blocks, clipped to 32 bits: 0001h available and
-    0002h used LBA mapping resources, 0100h de-duplicated, 0101h compressed and 0102h total
-    efficiency LBA resource counts.  Omitted (None) parameters are not reported.
-    """
-    params = []
-    for code, count in (
-        (0x0001, available),
-        (0x0002, used),
-        (0x0100, deduplicated),
-        (0x0101, compressed),
-        (0x0102, total_efficiency),
-    ):
-        if count is not None:
-            value = _LBP_PARAM.pack(min(max(count, 0), 0xFFFFFFFF), scope & 0x03)
-            params.append((code, LOG_FORMAT_BINARY_LIST, value))
-    return build_log_page(0x0C, 0, params, parameter_pointer=parameter_pointer)
 
 
 # --- diagnostics and task management ---------------------------------------------------
@@ -888,10 +749,6 @@ def build_report_supported_tmf(
 
 
 # --- REPORT SUPPORTED OPERATION CODES -----------------------------------------------------
-
-SUPPORT_NOT_AVAILABLE = 0b000
-SUPPORT_NOT_SUPPORTED = 0b001
-SUPPORT_SUPPORTED = 0b011
 
 _RSOC_DESC = struct.Struct(">BxHxBH")  # SPC-5 6.35.3 table 268: all_commands descriptor
 _RSOC_ONE = struct.Struct(">xBH")  # SPC-5 6.35.4 table 270: one_command header
@@ -986,8 +843,8 @@ def build_rsoc_one(
             f"REPORTING OPTIONS {reporting_options:03b}b", field_pointer=2, bit_pointer=2
         )
     if found is None:
-        return _RSOC_ONE.pack(SUPPORT_NOT_SUPPORTED, 0)
-    data = _RSOC_ONE.pack((0x80 if rctd else 0) | SUPPORT_SUPPORTED, len(found.cdb_usage))
+        return _RSOC_ONE.pack(RsocSupport.NOT_SUPPORTED, 0)
+    data = _RSOC_ONE.pack((0x80 if rctd else 0) | RsocSupport.SUPPORTED, len(found.cdb_usage))
     data += found.cdb_usage
     if rctd:
         data += found.timeouts_descriptor()

@@ -7,7 +7,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from tcmu_py.scsi import cdb as c
-from tcmu_py.scsi import spc
+from tcmu_py.scsi import sbc, spc
 from tcmu_py.scsi.constants import Opcode, PeripheralType, ServiceAction
 from tcmu_py.scsi.sense import (
     InvalidFieldInCdb,
@@ -137,12 +137,12 @@ def test_no_sense():
 
 def pages():
     return [
-        spc.read_write_error_recovery_page(),
-        spc.caching_mode_page(wce=True, wce_changeable=True),
+        sbc.read_write_error_recovery_page(),
+        sbc.caching_mode_page(wce=True, wce_changeable=True),
         spc.control_mode_page(),
         spc.control_extension_mode_page(),
         spc.informational_exceptions_control_page(),
-        spc.logical_block_provisioning_mode_page(threshold_count=100),
+        sbc.logical_block_provisioning_mode_page(threshold_count=100),
     ]
 
 
@@ -288,7 +288,7 @@ def test_mode_select_mask_property(case, offset):
 
 
 def test_mode_select_wrong_page_length():
-    page = spc.caching_mode_page(wce=False)
+    page = sbc.caching_mode_page(wce=False)
     with pytest.raises(InvalidFieldInParameterList) as exc:
         spc.apply_mode_select(page, page.current[:-1], 4)
     assert exc.value.field_pointer == 5
@@ -319,14 +319,14 @@ def test_parse_mode_select_empty_pages_and_general_descriptor():
 
 
 def test_lbp_thresholds_round_trip():
-    page = spc.logical_block_provisioning_mode_page(threshold_count=1234)
+    page = sbc.logical_block_provisioning_mode_page(threshold_count=1234)
     assert page.current[:4] == bytes([0x5C, 0x02, 0x00, 20])
-    (t,) = spc.lbp_thresholds(page)
+    (t,) = sbc.lbp_thresholds(page)
     assert t.enabled and t.threshold_count == 1234 and t.resource == 2 and t.arming == 1
     body = bytearray(page.current)
     body[16 + 4 : 16 + 8] = (99).to_bytes(4, "big")
     new = page.with_current(spc.apply_mode_select(page, bytes(body), 0))
-    assert spc.lbp_thresholds(new)[0].threshold_count == 99
+    assert sbc.lbp_thresholds(new)[0].threshold_count == 99
 
 
 # --- log pages --------------------------------------------------------------------------------
@@ -371,7 +371,7 @@ def test_supported_log_pages():
 
 
 def test_lbp_log_page():
-    page = spc.build_lbp_log_page(available=10, used=2**40, deduplicated=7)
+    page = sbc.build_lbp_log_page(available=10, used=2**40, deduplicated=7)
     assert page[0] & 0x3F == 0x0C
     params = log_params(page)
     assert [p[0] for p in params] == [1, 2, 0x100]
