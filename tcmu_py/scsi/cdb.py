@@ -1,4 +1,4 @@
-"""Command descriptor blocks: length, and frozen dataclasses with ``parse(cdb)``.
+"""Command descriptor blocks: length, and frozen dataclasses with ``parse(cdb)`` and ``build()``.
 
 Every ``parse`` takes the CDB bytes (bytes, bytearray or memoryview, at least as long as
 :func:`cdb_length` says), validates the fields the standard requires a device server to check and
@@ -7,6 +7,10 @@ field (SPC-5 4.4.5.2: the bit pointer names the most significant bit of the fiel
 are *not* checked in general (SPC-5 4.2.2: recipients are not required to check them; old initiators
 still put a LUN in byte 1 of 6-byte CDBs).  Checks that need device state (capacity, limits,
 protection, ANC_SUP) are left to the caller; :meth:`RwCdb.check_range` does the capacity one.
+
+``build()`` is the inverse: the CDB bytes of the fields, CONTROL 0, reserved bits 0.  It does not
+validate (tests build malformed commands with it): a value wider than its field is cut to the
+field's width, as it would be on the wire.  ``parse(x.build()) == x`` for every valid ``x``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Self
 
-from tcmu_py.scsi.constants import SERVICE_ACTION_OPCODES, Opcode
+from tcmu_py.scsi.constants import SERVICE_ACTION_OPCODES, Opcode, ServiceAction
 from tcmu_py.scsi.sense import InvalidFieldInCdb, LbaOutOfRange
 
 Cdb = bytes | bytearray | memoryview
@@ -31,6 +35,16 @@ _RW10 = struct.Struct(">BBIBH")  # LBA 2..5, group 6, length 7..8
 _RW12 = struct.Struct(">BBIIB")  # LBA 2..5, length 6..9, group 10
 _RW16 = struct.Struct(">BBQIB")  # LBA 2..9, length 10..13, group 14
 _CAW = struct.Struct(">BBQ3xBB")  # COMPARE AND WRITE: LBA 2..9, rsvd 10..12, NLB 13, group 14
+# The same shapes with CONTROL, for build().
+_RW10C = struct.Struct(">BBIBHB")
+_RW12C = struct.Struct(">BBIIBB")
+_RW16C = struct.Struct(">BBQIBB")
+_CAWC = struct.Struct(">BBQ3xBBB")
+_ALLOC6 = struct.Struct(">BBBHB")  # opcode, byte 1, byte 2, 16-bit length 3..4, CONTROL
+_U8 = 0xFF
+_M16 = 0xFFFF
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
 
 
 def cdb_length(cdb: Cdb) -> int:
@@ -163,6 +177,30 @@ class RwCdb:
                 f"LBA {self.lba}+{self.transfer_length} beyond {num_blocks} blocks", info=self.lba
             )
 
+    def build(self) -> bytes:
+        """The CDB for ``opcode`` (byte 1 flags as :func:`parse_rw` reads them back)."""
+        op, lba, length = self.opcode, self.lba, self.transfer_length
+        if op in (Opcode.READ_6, Opcode.WRITE_6):
+            # SBC-4 5.18/5.48: 21-bit LBA; 256 blocks is TRANSFER LENGTH 0.
+            return bytes([op, (lba >> 16) & 0x1F, (lba >> 8) & _U8, lba & _U8, length & _U8, 0])
+        flags = (self.protect & 7) << 5
+        if op in _PRE_FETCHES:
+            flags = 0x02 if self.immed else 0
+        elif op in _WRITE_SAMES:
+            flags |= (0x10 if self.anchor else 0) | (0x08 if self.unmap else 0)
+            flags |= 0x01 if self.ndob else 0
+        else:
+            flags |= (0x10 if self.dpo else 0) | (0x08 if self.fua else 0)
+            flags |= (self.bytchk & 3) << 1
+        group = self.group & 0x3F
+        if op == Opcode.COMPARE_AND_WRITE:
+            return _CAWC.pack(op, flags, lba & _M64, length & _U8, group, 0)
+        if op in _TEN:
+            return _RW10C.pack(op, flags, lba & _M32, group, length & _M16, 0)
+        if op in _TWELVE:
+            return _RW12C.pack(op, flags, lba & _M32, length & _M32, group, 0)
+        return _RW16C.pack(op, flags, lba & _M64, length & _M32, group, 0)
+
 
 def parse_rw(cdb: Cdb, *, protection: bool = False) -> RwCdb:
     """Parse any opcode of :data:`RW_OPCODES` into a :class:`RwCdb`.
@@ -257,6 +295,14 @@ class SynchronizeCache:
             raise ValueError(f"opcode {cdb[0]:02X}h is not SYNCHRONIZE CACHE")
         return cls(op, lba, blocks, bool(flags & 0x02), group & 0x3F)
 
+    def build(self) -> bytes:
+        flags = 0x02 if self.immed else 0
+        if self.opcode == Opcode.SYNCHRONIZE_CACHE_10:
+            return _RW10C.pack(
+                self.opcode, flags, self.lba & _M32, self.group, self.blocks & _M16, 0
+            )
+        return _RW16C.pack(self.opcode, flags, self.lba & _M64, self.blocks & _M32, self.group, 0)
+
 
 @dataclass(frozen=True, slots=True)
 class ReadCapacity10:
@@ -274,6 +320,9 @@ class ReadCapacity10:
             # SBC-4 5.20.1: PMI zero with a non-zero LOGICAL BLOCK ADDRESS -> INVALID FIELD IN CDB.
             raise _reject("LBA set without PMI", 2, 7)
         return cls(lba, pmi)
+
+    def build(self) -> bytes:
+        return struct.pack(">BxIxxBx", Opcode.READ_CAPACITY_10, self.lba & _M32, int(self.pmi))
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +344,16 @@ class ReadCapacity16:
             raise _reject("LBA set without PMI", 2, 7)
         return cls(lba, alloc, pmi)
 
+    def build(self) -> bytes:
+        return struct.pack(
+            ">BBQIBx",
+            Opcode.SERVICE_ACTION_IN_16,
+            ServiceAction.READ_CAPACITY_16,
+            self.lba & _M64,
+            self.allocation_length & _M32,
+            int(self.pmi),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class GetLbaStatus:
@@ -315,6 +374,16 @@ class GetLbaStatus:
         alloc = _U32.unpack_from(cdb, 10)[0]
         return cls(lba, alloc, cdb[14] & 0x03)
 
+    def build(self) -> bytes:
+        return struct.pack(
+            ">BBQIBx",
+            Opcode.SERVICE_ACTION_IN_16,
+            ServiceAction.GET_LBA_STATUS,
+            self.lba & _M64,
+            self.allocation_length & _M32,
+            self.report_type & 0x03,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Unmap:
@@ -328,6 +397,15 @@ class Unmap:
     def parse(cls, cdb: Cdb) -> Self:
         _check_length(cdb, 10)
         return cls(bool(cdb[1] & 0x01), cdb[6] & 0x3F, _U16.unpack_from(cdb, 7)[0])
+
+    def build(self) -> bytes:
+        return struct.pack(
+            ">BB4xBHx",
+            Opcode.UNMAP,
+            int(self.anchor),
+            self.group & 0x3F,
+            self.parameter_list_length & _M16,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +432,12 @@ class StartStopUnit:
             start=bool(b4 & 0x01),
         )
 
+    def build(self) -> bytes:
+        b4 = (self.power_condition & 0x0F) << 4 | (0x04 if self.no_flush else 0)
+        b4 |= (0x02 if self.loej else 0) | (0x01 if self.start else 0)
+        pcm = self.power_condition_modifier & 0x0F
+        return bytes([Opcode.START_STOP_UNIT, int(self.immed), 0, pcm, b4, 0])
+
 
 @dataclass(frozen=True, slots=True)
 class PreventAllow:
@@ -365,6 +449,9 @@ class PreventAllow:
     def parse(cls, cdb: Cdb) -> Self:
         _check_length(cdb, 6)
         return cls(cdb[4] & 0x03)
+
+    def build(self) -> bytes:
+        return bytes([Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, self.prevent & 0x03, 0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +476,17 @@ class ReadDefectData:
             raise ValueError(f"opcode {cdb[0]:02X}h is not READ DEFECT DATA")
         return cls(twelve, bool(flags & 0x10), bool(flags & 0x08), flags & 0x07, alloc)
 
+    def build(self) -> bytes:
+        flags = (0x10 if self.req_plist else 0) | (0x08 if self.req_glist else 0)
+        flags |= self.defect_list_format & 0x07
+        if self.twelve:
+            return struct.pack(
+                ">BBxxxxIxB", Opcode.READ_DEFECT_DATA_12, flags, self.allocation_length & _M32, 0
+            )
+        return struct.pack(
+            ">BxB4xHB", Opcode.READ_DEFECT_DATA_10, flags, self.allocation_length & _M16, 0
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class FormatUnit:
@@ -405,6 +503,11 @@ class FormatUnit:
         _check_length(cdb, 6)
         b1 = cdb[1]
         return cls(b1 >> 6, bool(b1 & 0x20), bool(b1 & 0x10), bool(b1 & 0x08), b1 & 0x07)
+
+    def build(self) -> bytes:
+        b1 = (self.fmtpinfo & 3) << 6 | (0x20 if self.longlist else 0)
+        b1 |= (0x10 if self.fmtdata else 0) | (0x08 if self.cmplst else 0)
+        return bytes([Opcode.FORMAT_UNIT, b1 | self.defect_list_format & 0x07, 0, 0, 0, 0])
 
 
 # --- SPC commands -----------------------------------------------------------------------------
@@ -430,6 +533,11 @@ class Inquiry:
             raise _reject("PAGE CODE set without EVPD", 2, 7)
         return cls(evpd, cdb[2], _U16.unpack_from(cdb, 3)[0])
 
+    def build(self) -> bytes:
+        return _ALLOC6.pack(
+            Opcode.INQUIRY, int(self.evpd), self.page_code & _U8, self.allocation_length & _M16, 0
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class RequestSense:
@@ -442,6 +550,9 @@ class RequestSense:
     def parse(cls, cdb: Cdb) -> Self:
         _check_length(cdb, 6)
         return cls(bool(cdb[1] & 0x01), cdb[4])
+
+    def build(self) -> bytes:
+        return bytes([Opcode.REQUEST_SENSE, int(self.desc), 0, 0, self.allocation_length & _U8, 0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +583,32 @@ class ModeSense:
             raise ValueError(f"opcode {cdb[0]:02X}h is not MODE SENSE")
         return cls(ten, bool(cdb[1] & 0x08), llbaa, cdb[2] >> 6, cdb[2] & 0x3F, cdb[3], alloc)
 
+    def build(self) -> bytes:
+        """MODE SENSE (10) when ``ten``, else (6) (which has no LLBAA: it is dropped)."""
+        b2 = (self.pc & 3) << 6 | self.page_code & 0x3F
+        flags = 0x08 if self.dbd else 0
+        if self.ten:
+            flags |= 0x10 if self.llbaa else 0
+            return struct.pack(
+                ">BBBB3xHB",
+                Opcode.MODE_SENSE_10,
+                flags,
+                b2,
+                self.subpage_code & _U8,
+                self.allocation_length & _M16,
+                0,
+            )
+        return bytes(
+            [
+                Opcode.MODE_SENSE_6,
+                flags,
+                b2,
+                self.subpage_code & _U8,
+                self.allocation_length & _U8,
+                0,
+            ]
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ModeSelect:
@@ -493,6 +630,14 @@ class ModeSelect:
         else:
             raise ValueError(f"opcode {cdb[0]:02X}h is not MODE SELECT")
         return cls(ten, bool(cdb[1] & 0x10), bool(cdb[1] & 0x01), length)
+
+    def build(self) -> bytes:
+        flags = (0x10 if self.pf else 0) | (0x01 if self.sp else 0)
+        if self.ten:
+            return struct.pack(
+                ">BB5xHB", Opcode.MODE_SELECT_10, flags, self.parameter_list_length & _M16, 0
+            )
+        return bytes([Opcode.MODE_SELECT_6, flags, 0, 0, self.parameter_list_length & _U8, 0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,6 +665,19 @@ class LogSense:
             allocation_length=_U16.unpack_from(cdb, 7)[0],
         )
 
+    def build(self) -> bytes:
+        # SPC-5 6.8: ten bytes; PARAMETER POINTER 5..6, ALLOCATION LENGTH 7..8.
+        return struct.pack(
+            ">BBBBxHHB",
+            Opcode.LOG_SENSE,
+            (0x02 if self.ppc else 0) | int(self.sp),
+            (self.pc & 3) << 6 | self.page_code & 0x3F,
+            self.subpage & _U8,
+            self.parameter_pointer & _M16,
+            self.allocation_length & _M16,
+            0,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class LogSelect:
@@ -542,6 +700,17 @@ class LogSelect:
             page_code=cdb[2] & 0x3F,
             subpage=cdb[3],
             parameter_list_length=_U16.unpack_from(cdb, 7)[0],
+        )
+
+    def build(self) -> bytes:
+        return struct.pack(
+            ">BBBB3xHB",
+            Opcode.LOG_SELECT,
+            (0x02 if self.pcr else 0) | int(self.sp),
+            (self.pc & 3) << 6 | self.page_code & 0x3F,
+            self.subpage & _U8,
+            self.parameter_list_length & _M16,
+            0,
         )
 
 
@@ -574,6 +743,18 @@ class ReportSupportedOpcodes:
             allocation_length=_U32.unpack_from(cdb, 6)[0],
         )
 
+    def build(self) -> bytes:
+        return struct.pack(
+            ">BBBBHIxB",
+            Opcode.MAINTENANCE_IN,
+            ServiceAction.REPORT_SUPPORTED_OPERATION_CODES,
+            (0x80 if self.rctd else 0) | self.reporting_options & 0x07,
+            self.requested_opcode & _U8,
+            self.requested_service_action & _M16,
+            self.allocation_length & _M32,
+            0,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ReportSupportedTmf:
@@ -587,6 +768,16 @@ class ReportSupportedTmf:
         _check_length(cdb, 12)
         return cls(bool(cdb[2] & 0x80), _U32.unpack_from(cdb, 6)[0])
 
+    def build(self) -> bytes:
+        return struct.pack(
+            ">BBB3xIxB",
+            Opcode.MAINTENANCE_IN,
+            ServiceAction.REPORT_SUPPORTED_TMF,
+            0x80 if self.repd else 0,
+            self.allocation_length & _M32,
+            0,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ReportLuns:
@@ -599,6 +790,15 @@ class ReportLuns:
     def parse(cls, cdb: Cdb) -> Self:
         _check_length(cdb, 12)
         return cls(cdb[2], _U32.unpack_from(cdb, 6)[0])
+
+    def build(self) -> bytes:
+        return struct.pack(
+            ">BxB3xIxB",
+            Opcode.REPORT_LUNS,
+            self.select_report & _U8,
+            self.allocation_length & _M32,
+            0,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -629,6 +829,12 @@ class SendDiagnostic:
             _U16.unpack_from(cdb, 3)[0],
         )
 
+    def build(self) -> bytes:
+        b1 = (self.self_test_code & 7) << 5 | (0x10 if self.pf else 0)
+        b1 |= (0x04 if self.selftest else 0) | (0x02 if self.devoffl else 0)
+        b1 |= 0x01 if self.unitoffl else 0
+        return _ALLOC6.pack(Opcode.SEND_DIAGNOSTIC, b1, 0, self.parameter_list_length & _M16, 0)
+
 
 @dataclass(frozen=True, slots=True)
 class ReceiveDiagnostic:
@@ -646,3 +852,12 @@ class ReceiveDiagnostic:
             # SPC-5 6.32: PCV zero with a non-zero PAGE CODE -> INVALID FIELD IN CDB.
             raise _reject("PAGE CODE without PCV", 2, 7)
         return cls(pcv, cdb[2], _U16.unpack_from(cdb, 3)[0])
+
+    def build(self) -> bytes:
+        return _ALLOC6.pack(
+            Opcode.RECEIVE_DIAGNOSTIC,
+            int(self.pcv),
+            self.page_code & _U8,
+            self.allocation_length & _M16,
+            0,
+        )

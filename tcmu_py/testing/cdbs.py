@@ -1,30 +1,20 @@
 """Build CDBs by name and fields, so tests read like the spec instead of hex.
 
-Every function returns the CDB bytes. Field names follow T10 (snake_case). Nothing here validates:
-tests use it to build malformed commands too.
+Every function returns the CDB bytes, built by the CDB dataclasses of :mod:`tcmu_py.scsi.cdb`
+(``X(...).build()``): this module only names them and gives the fields test-friendly defaults.
+Field names follow T10 (snake_case). Nothing here validates: tests use it to build malformed
+commands too (a value wider than its field is cut to the field's width).
 """
 
 from __future__ import annotations
 
-import struct
+from tcmu_py.scsi import cdb as c
+from tcmu_py.scsi import sbc
+from tcmu_py.scsi.constants import Opcode as Op
 
 
-def _rw10(
-    op: int, lba: int, blocks: int, flags: int = 0, group: int = 0, control: int = 0
-) -> bytes:
-    return struct.pack(">BBIBHB", op, flags, lba & 0xFFFFFFFF, group, blocks & 0xFFFF, control)
-
-
-def _rw12(op: int, lba: int, blocks: int, flags: int = 0) -> bytes:
-    return struct.pack(">BBIIBB", op, flags, lba & 0xFFFFFFFF, blocks & 0xFFFFFFFF, 0, 0)
-
-
-def _rw16(op: int, lba: int, blocks: int, flags: int = 0, group: int = 0) -> bytes:
-    return struct.pack(">BBQIBB", op, flags, lba, blocks & 0xFFFFFFFF, group, 0)
-
-
-def _fua(fua: bool, dpo: bool = False) -> int:
-    return (0x08 if fua else 0) | (0x10 if dpo else 0)
+def _rw(op: int, lba: int, blocks: int, **flags: bool | int) -> bytes:
+    return c.RwCdb(op, lba, blocks, **flags).build()  # type: ignore[arg-type]
 
 
 def test_unit_ready() -> bytes:
@@ -32,110 +22,109 @@ def test_unit_ready() -> bytes:
 
 
 def request_sense(allocation_length: int = 252, desc: bool = False) -> bytes:
-    return bytes([0x03, 1 if desc else 0, 0, 0, allocation_length & 0xFF, 0])
+    return c.RequestSense(desc, allocation_length).build()
 
 
 def inquiry(evpd: bool = False, page_code: int = 0, allocation_length: int = 255) -> bytes:
-    return struct.pack(">BBBHB", 0x12, 1 if evpd else 0, page_code, allocation_length, 0)
+    return c.Inquiry(evpd, page_code, allocation_length).build()
 
 
 def read6(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBHBB", 0x08, (lba >> 16) & 0x1F, lba & 0xFFFF, blocks & 0xFF, 0)
+    return _rw(Op.READ_6, lba, blocks)
 
 
 def write6(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBHBB", 0x0A, (lba >> 16) & 0x1F, lba & 0xFFFF, blocks & 0xFF, 0)
+    return _rw(Op.WRITE_6, lba, blocks)
 
 
 def read10(lba: int, blocks: int, fua: bool = False) -> bytes:
-    return _rw10(0x28, lba, blocks, _fua(fua))
+    return _rw(Op.READ_10, lba, blocks, fua=fua)
 
 
 def write10(lba: int, blocks: int, fua: bool = False) -> bytes:
-    return _rw10(0x2A, lba, blocks, _fua(fua))
+    return _rw(Op.WRITE_10, lba, blocks, fua=fua)
 
 
 def read12(lba: int, blocks: int, fua: bool = False) -> bytes:
-    return _rw12(0xA8, lba, blocks, _fua(fua))
+    return _rw(Op.READ_12, lba, blocks, fua=fua)
 
 
 def write12(lba: int, blocks: int, fua: bool = False) -> bytes:
-    return _rw12(0xAA, lba, blocks, _fua(fua))
+    return _rw(Op.WRITE_12, lba, blocks, fua=fua)
 
 
 def read16(lba: int, blocks: int, fua: bool = False) -> bytes:
-    return _rw16(0x88, lba, blocks, _fua(fua))
+    return _rw(Op.READ_16, lba, blocks, fua=fua)
 
 
 def write16(lba: int, blocks: int, fua: bool = False) -> bytes:
-    return _rw16(0x8A, lba, blocks, _fua(fua))
+    return _rw(Op.WRITE_16, lba, blocks, fua=fua)
 
 
 def verify10(lba: int, blocks: int, bytchk: int = 0) -> bytes:
-    return _rw10(0x2F, lba, blocks, (bytchk & 3) << 1)
+    return _rw(Op.VERIFY_10, lba, blocks, bytchk=bytchk)
 
 
 def verify16(lba: int, blocks: int, bytchk: int = 0) -> bytes:
-    return _rw16(0x8F, lba, blocks, (bytchk & 3) << 1)
+    return _rw(Op.VERIFY_16, lba, blocks, bytchk=bytchk)
 
 
 def write_and_verify10(lba: int, blocks: int, bytchk: int = 1) -> bytes:
-    return _rw10(0x2E, lba, blocks, (bytchk & 1) << 1)
+    # SBC-4 5.51: WRITE AND VERIFY's BYTCHK is one bit wide in use (1xb reserved).
+    return _rw(Op.WRITE_AND_VERIFY_10, lba, blocks, bytchk=bytchk & 1)
 
 
 def write_and_verify16(lba: int, blocks: int, bytchk: int = 1) -> bytes:
-    return _rw16(0x8E, lba, blocks, (bytchk & 1) << 1)
+    return _rw(Op.WRITE_AND_VERIFY_16, lba, blocks, bytchk=bytchk & 1)
 
 
 def compare_and_write(lba: int, blocks: int, fua: bool = False) -> bytes:
-    return struct.pack(">BBQ3xBBB", 0x89, _fua(fua), lba, blocks & 0xFF, 0, 0)
+    return _rw(Op.COMPARE_AND_WRITE, lba, blocks, fua=fua)
 
 
 def write_same10(lba: int, blocks: int, unmap: bool = False, anchor: bool = False) -> bytes:
-    return _rw10(0x41, lba, blocks, (0x08 if unmap else 0) | (0x10 if anchor else 0))
+    return _rw(Op.WRITE_SAME_10, lba, blocks, unmap=unmap, anchor=anchor)
 
 
 def write_same16(
     lba: int, blocks: int, unmap: bool = False, ndob: bool = False, anchor: bool = False
 ) -> bytes:
-    flags = (0x08 if unmap else 0) | (0x01 if ndob else 0) | (0x10 if anchor else 0)
-    return _rw16(0x93, lba, blocks, flags)
+    return _rw(Op.WRITE_SAME_16, lba, blocks, unmap=unmap, ndob=ndob, anchor=anchor)
 
 
 def unmap(parameter_list_length: int, anchor: bool = False) -> bytes:
-    return struct.pack(">BB4xBHB", 0x42, 1 if anchor else 0, 0, parameter_list_length, 0)
+    return c.Unmap(anchor, 0, parameter_list_length).build()
 
 
 def unmap_parameters(ranges: list[tuple[int, int]]) -> bytes:
     """SBC-4 5.32.2: the UNMAP parameter list for (lba, count) ranges."""
-    descs = b"".join(struct.pack(">QI4x", lba, count) for lba, count in ranges)
-    return struct.pack(">HH4x", 6 + len(descs), len(descs)) + descs
+    return sbc.build_unmap_parameters(ranges)
 
 
 def synchronize_cache10(lba: int = 0, blocks: int = 0, immed: bool = False) -> bytes:
-    return _rw10(0x35, lba, blocks, 0x02 if immed else 0)
+    return c.SynchronizeCache(Op.SYNCHRONIZE_CACHE_10, lba, blocks, immed).build()
 
 
 def synchronize_cache16(lba: int = 0, blocks: int = 0, immed: bool = False) -> bytes:
-    return _rw16(0x91, lba, blocks, 0x02 if immed else 0)
+    return c.SynchronizeCache(Op.SYNCHRONIZE_CACHE_16, lba, blocks, immed).build()
 
 
 def read_capacity10() -> bytes:
-    return bytes([0x25]) + bytes(9)
+    return c.ReadCapacity10(0, False).build()
 
 
 def read_capacity16(allocation_length: int = 32) -> bytes:
-    return struct.pack(">BB8xIBB", 0x9E, 0x10, allocation_length, 0, 0)
+    return c.ReadCapacity16(0, allocation_length, False).build()
 
 
 def get_lba_status(lba: int, allocation_length: int = 4096) -> bytes:
-    return struct.pack(">BBQIBB", 0x9E, 0x12, lba, allocation_length, 0, 0)
+    return c.GetLbaStatus(lba, allocation_length).build()
 
 
 def mode_sense6(
     page_code: int, subpage: int = 0, pc: int = 0, dbd: bool = False, allocation_length: int = 255
 ) -> bytes:
-    return bytes([0x1A, 0x08 if dbd else 0, (pc << 6) | page_code, subpage, allocation_length, 0])
+    return c.ModeSense(False, dbd, False, pc, page_code, subpage, allocation_length).build()
 
 
 def mode_sense10(
@@ -146,30 +135,21 @@ def mode_sense10(
     llbaa: bool = False,
     allocation_length: int = 1024,
 ) -> bytes:
-    flags = (0x08 if dbd else 0) | (0x10 if llbaa else 0)
-    return struct.pack(
-        ">BBBB3xHB", 0x5A, flags, (pc << 6) | page_code, subpage, allocation_length, 0
-    )
+    return c.ModeSense(True, dbd, llbaa, pc, page_code, subpage, allocation_length).build()
 
 
 def mode_select6(parameter_list_length: int, pf: bool = True, sp: bool = False) -> bytes:
-    return bytes([0x15, (0x10 if pf else 0) | (1 if sp else 0), 0, 0, parameter_list_length, 0])
+    return c.ModeSelect(False, pf, sp, parameter_list_length).build()
 
 
 def mode_select10(parameter_list_length: int, pf: bool = True, sp: bool = False) -> bytes:
-    return struct.pack(
-        ">BB5xHB", 0x55, (0x10 if pf else 0) | (1 if sp else 0), parameter_list_length, 0
-    )
+    return c.ModeSelect(True, pf, sp, parameter_list_length).build()
 
 
 def log_sense(
     page_code: int, subpage: int = 0, pc: int = 1, allocation_length: int = 1024
 ) -> bytes:
-    # SPC-5 6.8: opcode, SP, PC|page, subpage, reserved, PARAMETER POINTER (2), ALLOCATION
-    # LENGTH (2), CONTROL — ten bytes.
-    return struct.pack(
-        ">BBBBxHHB", 0x4D, 0, (pc << 6) | page_code, subpage, 0, allocation_length, 0
-    )
+    return c.LogSense(False, False, pc, page_code, subpage, 0, allocation_length).build()
 
 
 def report_supported_operation_codes(
@@ -179,22 +159,14 @@ def report_supported_operation_codes(
     rctd: bool = False,
     allocation_length: int = 8192,
 ) -> bytes:
-    return struct.pack(
-        ">BBBBHIBB",
-        0xA3,
-        0x0C,
-        (0x80 if rctd else 0) | reporting_options,
-        requested_opcode,
-        requested_service_action,
-        allocation_length,
-        0,
-        0,
-    )
+    return c.ReportSupportedOpcodes(
+        rctd, reporting_options, requested_opcode, requested_service_action, allocation_length
+    ).build()
 
 
 def start_stop_unit(start: bool = True, loej: bool = False, immed: bool = False) -> bytes:
-    return bytes([0x1B, 1 if immed else 0, 0, 0, (2 if loej else 0) | (1 if start else 0), 0])
+    return c.StartStopUnit(immed, 0, 0, False, loej, start).build()
 
 
 def pre_fetch10(lba: int, blocks: int) -> bytes:
-    return _rw10(0x34, lba, blocks)
+    return _rw(Op.PRE_FETCH_10, lba, blocks)

@@ -24,10 +24,10 @@ from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.null import NullBackend
 from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.handlers.thin import ThinHandler, create_pool, register_pool, unregister_pool
+from tcmu_py.scsi.cdb import RwCdb
 from tcmu_py.scsi.constants import Status
 from tcmu_py.scsi.sense import parse_sense
 from tcmu_py.testing import RingHarness, cdbs, run_command
-from tcmu_py.testing.cdbs import _rw12
 
 BS = 512
 BLOCKS = 256
@@ -70,7 +70,7 @@ DATA_CDBS = [
     ("WRITE(12)", cdbs.write12(8, 4)),
     ("WRITE(16)", cdbs.write16(8, 4)),
     ("WRITE AND VERIFY(10)", cdbs.write_and_verify10(8, 4)),
-    ("WRITE AND VERIFY(12)", _rw12(0xAE, 8, 4, 0x02)),
+    ("WRITE AND VERIFY(12)", RwCdb(0xAE, 8, 4, bytchk=1).build()),
     ("WRITE AND VERIFY(16)", cdbs.write_and_verify16(8, 4)),
 ]
 
@@ -217,7 +217,7 @@ def advertised_max_transfer(dev: BlockDevice) -> int:
     ("verify", "field"),
     [
         (cdbs.verify10, 7),
-        (lambda lba, n, bytchk=0: _rw12(0xAF, lba, n, bytchk << 1), 6),
+        (lambda lba, n, bytchk=0: RwCdb(0xAF, lba, n, bytchk=bytchk).build(), 6),
         (cdbs.verify16, 10),
     ],
 )
