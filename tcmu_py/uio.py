@@ -50,7 +50,15 @@ class UioError(TcmuError, OSError):
 
 @dataclass(frozen=True, slots=True)
 class UioName:
-    """The parts of a TCMU uio name ``tcm-user/<hba>/<device>/<subtype>/<cfgstring>``."""
+    """The parts of a TCMU uio name ``tcm-user/<hba>/<device>/<subtype>/<cfgstring>``.
+
+    The kernel names the uio device ``"tcm-user/%u/%s/%s"`` (HBA host id, device name,
+    dev_config) or ``"tcm-user/%u/%s"`` when the device was enabled without a dev_config
+    (target_core_user.c, tcmu_update_uio_info); ``subtype`` is dev_config's first path element
+    and ``cfgstring`` the rest, which may contain '/' (``raw//var/x.img``: ``raw``,
+    ``/var/x.img``). Both are "" without a dev_config. This is the one parser of these names
+    (the daemon's netlink events use it too).
+    """
 
     hba: int
     device: str
@@ -62,11 +70,11 @@ class UioName:
         """Split a uio name; ValueError if it is not a TCMU one."""
         if not name.startswith(TCMU_UIO_PREFIX):
             raise ValueError(f"uio name {name!r} does not start with {TCMU_UIO_PREFIX!r}")
-        parts = name[len(TCMU_UIO_PREFIX) :].split("/", 3)
-        if len(parts) < 3 or not parts[0].isdigit() or not parts[1]:
-            raise ValueError(f"uio name {name!r} is not tcm-user/<hba>/<device>/<subtype>/...")
-        hba, device, subtype = int(parts[0]), parts[1], parts[2]
-        return cls(hba, device, subtype, parts[3] if len(parts) == 4 else "")
+        parts = name[len(TCMU_UIO_PREFIX) :].split("/", 2)
+        if len(parts) < 2 or not parts[0].isdigit() or not parts[1]:
+            raise ValueError(f"uio name {name!r} is not tcm-user/<hba>/<device>[/<dev_config>]")
+        subtype, _, cfgstring = (parts[2] if len(parts) == 3 else "").partition("/")
+        return cls(int(parts[0]), parts[1], subtype, cfgstring)
 
     def build(self) -> str:
         """The uio name the kernel gives this device."""

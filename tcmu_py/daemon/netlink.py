@@ -46,6 +46,7 @@ from pyroute2.netlink import (
 )
 
 from tcmu_py.errors import TcmuError
+from tcmu_py.uio import UioName
 
 __all__ = [
     "DONE_FOR",
@@ -59,7 +60,6 @@ __all__ = [
     "build_reply",
     "build_set_features",
     "parse_messages",
-    "parse_uio_name",
     "should_reply",
     "tcmu_msg",
 ]
@@ -137,40 +137,6 @@ class NetlinkError(TcmuError, OSError):
 
 
 @dataclass(frozen=True)
-class UioName:
-    """The parts of a TCMU uio name ``tcm-user/<hba>/<name>/<dev_config>``.
-
-    ``subtype`` is the first path element of dev_config and ``cfgstring`` the rest (for
-    ``raw//var/x.img``: subtype ``raw``, cfgstring ``/var/x.img``); both are "" when the device
-    was enabled without a dev_config.
-    """
-
-    hba: int
-    name: str
-    dev_config: str
-
-    @property
-    def subtype(self) -> str:
-        return self.dev_config.partition("/")[0]
-
-    @property
-    def cfgstring(self) -> str:
-        return self.dev_config.partition("/")[2]
-
-
-def parse_uio_name(uio_name: str) -> UioName:
-    """Split a uio name; raises ValueError if it is not a tcm-user name.
-
-    tcmu_update_uio_info(): "tcm-user/%u/%s/%s" (hba host_id, device name, dev_config), or
-    "tcm-user/%u/%s" without a dev_config. dev_config itself may contain '/'.
-    """
-    parts = uio_name.split("/", 3)
-    if len(parts) < 3 or parts[0] != "tcm-user" or not parts[1].isdigit() or not parts[2]:
-        raise ValueError(f"not a TCMU uio name: {uio_name!r}")
-    return UioName(int(parts[1]), parts[2], parts[3] if len(parts) == 4 else "")
-
-
-@dataclass(frozen=True)
 class DeviceEvent:
     """One ADDED / REMOVED / RECONFIG event. For RECONFIG exactly one of ``dev_cfg`` (new
     dev_config), ``dev_size`` (bytes) or ``writecache`` is set; ``device`` is the uio name as it
@@ -187,7 +153,8 @@ class DeviceEvent:
 
     @property
     def uio(self) -> UioName:
-        return parse_uio_name(self.device)
+        """The parts of ``device`` (ValueError if it is not a TCMU uio name)."""
+        return UioName.parse(self.device)
 
     @property
     def subtype(self) -> str:
@@ -293,7 +260,7 @@ def should_reply(event: DeviceEvent, served: Container[str],
         uio = event.uio
     except ValueError:
         return False
-    return uio.subtype in served and uio.name not in no_reply
+    return uio.subtype in served and uio.device not in no_reply
 
 
 class TcmuNetlink:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tcmu_py.daemon import netlink
 from tcmu_py.daemon.netlink import (
     DeviceEvent,
     NetlinkAck,
@@ -19,13 +20,12 @@ from tcmu_py.daemon.netlink import (
     TcmuAttr,
     TcmuCmd,
     TcmuNetlink,
-    UioName,
     build_reply,
     build_set_features,
     parse_messages,
-    parse_uio_name,
     should_reply,
 )
+from tcmu_py.uio import UioName
 
 FAMILY_ID = 0x1F
 NLMSG_ERROR = 2
@@ -75,7 +75,8 @@ def test_added_event_decodes() -> None:
     (ev,) = parse_messages(kernel_event(1, DEV, 7, 42, seq=5), FAMILY_ID)
     assert ev == DeviceEvent(TcmuCmd.ADDED_DEVICE, DEV, 7, 42, seq=5)
     assert isinstance(ev, DeviceEvent)
-    assert ev.subtype == "raw" and ev.uio == UioName(3, "disk0", "raw//var/lib/tcmu-py/disk0.img")
+    assert ev.subtype == "raw"
+    assert ev.uio == UioName(3, "disk0", "raw", "/var/lib/tcmu-py/disk0.img")
 
 
 @pytest.mark.parametrize(("extra", "field", "value"), [
@@ -153,24 +154,23 @@ def test_event_round_trip(cfg: str, minor: int, dev_id: int, size: int) -> None:
 
 
 @pytest.mark.parametrize(("name", "want"), [
-    ("tcm-user/0/disk0/raw//img", UioName(0, "disk0", "raw//img")),
-    ("tcm-user/12/t/thin/pool=a;unit=64K", UioName(12, "t", "thin/pool=a;unit=64K")),
-    ("tcm-user/1/nocfg", UioName(1, "nocfg", "")),
+    ("tcm-user/0/disk0/raw//img", UioName(0, "disk0", "raw", "/img")),
+    ("tcm-user/12/t/thin/pool=a;unit=64K", UioName(12, "t", "thin", "pool=a;unit=64K")),
+    ("tcm-user/1/nocfg", UioName(1, "nocfg", "", "")),
 ])
-def test_parse_uio_name(name: str, want: UioName) -> None:
-    assert parse_uio_name(name) == want
-
-
-def test_uio_name_parts() -> None:
-    u = parse_uio_name("tcm-user/0/disk0/raw//var/x.img")
-    assert (u.subtype, u.cfgstring) == ("raw", "/var/x.img")
-    assert parse_uio_name("tcm-user/1/n").subtype == ""
+def test_event_uio_name(name: str, want: UioName) -> None:
+    """An event's device name is split by the one uio-name parser, tcmu_py.uio.UioName."""
+    ev = DeviceEvent(TcmuCmd.ADDED_DEVICE, name, 0, 0)
+    assert ev.uio == want and ev.subtype == want.subtype
+    assert netlink.UioName is UioName
 
 
 @pytest.mark.parametrize("bad", ["uio0", "tcm-user/x/d/raw/", "tcm-user/0//raw/", "tcm-user/0"])
-def test_parse_uio_name_rejects(bad: str) -> None:
+def test_event_of_other_uio_names_has_no_subtype(bad: str) -> None:
+    ev = DeviceEvent(TcmuCmd.ADDED_DEVICE, bad, 0, 0)
+    assert ev.subtype == ""
     with pytest.raises(ValueError):
-        parse_uio_name(bad)
+        _ = ev.uio
 
 
 @pytest.mark.parametrize(("device", "served", "no_reply", "want"), [

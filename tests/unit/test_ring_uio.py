@@ -37,6 +37,8 @@ def add_uio(root: Path, n: int, name: str, size: int = 0x10000) -> Path:
         ("tcm-user/1/lun/thin/pool=a/b:c", UioName(1, "lun", "thin", "pool=a/b:c")),
         ("tcm-user/12/d/null/", UioName(12, "d", "null", "")),
         ("tcm-user/12/d/null", UioName(12, "d", "null", "")),
+        # enabled without a dev_config: the kernel's "tcm-user/%u/%s"
+        ("tcm-user/7/bare", UioName(7, "bare", "", "")),
     ],
 )
 def test_parse_uio_name(name: str, expected: UioName) -> None:
