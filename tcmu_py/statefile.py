@@ -95,26 +95,41 @@ def read_json(path: str | os.PathLike[str], expected: str) -> Any:
         raise StateFileError(f"{path}: got invalid JSON ({exc}), expected {expected}") from None
 
 
-def write_json(path: str | os.PathLike[str], doc: Any, *, indent: int | None = 1) -> None:
-    """Replace `path` with `doc` as JSON, atomically and durably (see the module rules); the
-    file is mode 0600. Raises OSError (then `path` is untouched and no temporary file is left)."""
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace `path` with `data`, atomically and durably (see the module rules): a temporary
+    file with a unique name next to it (mode 0600, never following a link), every byte written
+    (os.write may write less than asked), fsync'd, renamed over `path`, the directory fsync'd.
+    The one durable file write of the project (thin pools, the LIO state, the tape library and
+    cartridges). Raises OSError; then `path` is untouched and no temporary file is left."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=indent)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)  # the new contents are on disk before the name points at them
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(dfd)
+        os.fsync(dfd)  # the rename itself is durable
     finally:
         os.close(dfd)
+
+
+def write_json(
+    path: str | os.PathLike[str], doc: Any, *, indent: int | None = 1, sort_keys: bool = False
+) -> None:
+    """Replace `path` with `doc` as JSON (and a final newline) with `write_atomically`; the file
+    is mode 0600. Raises OSError (then `path` is untouched and no temporary file is left) or
+    TypeError/ValueError for a `doc` JSON cannot hold (before anything is written)."""
+    text = json.dumps(doc, indent=indent, sort_keys=sort_keys) + "\n"
+    write_atomically(path, text.encode("utf-8"))
 
 
 def make_private_dirs(path: str | os.PathLike[str]) -> None:
