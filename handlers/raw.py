@@ -25,6 +25,7 @@ import os
 import stat
 from collections.abc import Sequence
 
+from tcmu_py.buffers import skip, zero
 from tcmu_py.device.block import BlockDevice, open_block_device
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import DeviceConfig, Handler, on_memory_filesystem
@@ -76,13 +77,13 @@ class RawBackend:
         want = sum(len(b) for b in bufs)
         got = os.preadv(self.fd, bufs, offset)
         if got < want:  # the image shrank under us: the tail reads as zeros
-            _zero_tail(bufs, got)
+            zero(skip(bufs, got))
 
     def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
         want = sum(len(b) for b in bufs)
         done = os.pwritev(self.fd, bufs, offset)
         while done < want:  # short write: finish it, or raise the OSError that stops it
-            rest = _skip(bufs, done)
+            rest = skip(bufs, done)
             done += os.pwritev(self.fd, rest, offset + done)
 
     def flush(self) -> None:
@@ -109,22 +110,6 @@ def _file_type(mode: int) -> str:
         if test(mode):
             return name
     return f"file of mode {mode:o}"
-
-
-def _skip(bufs: Sequence[memoryview], n: int) -> list[memoryview]:
-    out = []
-    for b in bufs:
-        if n >= len(b):
-            n -= len(b)
-            continue
-        out.append(b[n:])
-        n = 0
-    return out
-
-
-def _zero_tail(bufs: Sequence[memoryview], n: int) -> None:
-    for b in _skip(bufs, n):
-        b[:] = bytes(len(b))
 
 
 class RawHandler(Handler):

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 from tcmu_py.backend import BlockBackend, Capabilities, ProvisioningInfo
+from tcmu_py.buffers import gather, slice_views
 from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice, check_data_out, command
 from tcmu_py.errors import TcmuError
@@ -62,26 +63,8 @@ def _length_field(opcode: int) -> int:
     return {0x08: 4, 0x0A: 4}.get(opcode) or {0xA0: 6, 0x80: 10}.get(opcode & 0xE0, 7)
 
 
-def _gather(bufs: Sequence[memoryview], offset: int, length: int) -> bytes:
-    """Bytes [offset, offset+length) of the concatenation of `bufs`, as one bytes object."""
-    return b"".join(slice_buffers(bufs, offset, length))
-
-
-def slice_buffers(bufs: Sequence[memoryview], offset: int, length: int) -> list[memoryview]:
-    """The sub-views of `bufs` covering bytes [offset, offset+length) of their concatenation."""
-    out = []
-    pos = 0
-    end = offset + length
-    for buf in bufs:
-        n = len(buf)
-        lo = max(offset, pos)
-        hi = min(end, pos + n)
-        if lo < hi:
-            out.append(buf[lo - pos : hi - pos])
-        pos += n
-        if pos >= end:
-            break
-    return out
+#: The VTL cartridge still imports the old name; it goes once the VTL uses tcmu_py.buffers.
+slice_buffers = slice_views
 
 
 class RangeLock:
@@ -376,7 +359,7 @@ class BlockDevice(ScsiDevice):
         if length:
             bufs = cmd.data_in
             if length != cmd.data_in_length:
-                bufs = slice_buffers(bufs, 0, length)
+                bufs = slice_views(bufs, 0, length)
             try:
                 self.backend.read(lba * self.block_size, bufs)
             except OSError as exc:
@@ -437,7 +420,7 @@ class BlockDevice(ScsiDevice):
         if rw.bytchk == 1:
             # BYTCHK 01b: the Data-Out holds every block to compare.
             check_data_out(cmd, length, field_pointer=_length_field(cmd.opcode))
-            self._check_medium(rw.lba, length, partial(_gather, cmd.data_out))
+            self._check_medium(rw.lba, length, partial(gather, cmd.data_out))
             return
         # BYTCHK 11b: one block, compared with every LBA of the range.
         check_data_out(cmd, self.block_size)
@@ -460,7 +443,7 @@ class BlockDevice(ScsiDevice):
         self._flush()
         length = rw.transfer_length * self.block_size
         if length and rw.bytchk:
-            self._check_medium(rw.lba, length, partial(_gather, cmd.data_out))
+            self._check_medium(rw.lba, length, partial(gather, cmd.data_out))
 
     @command(Opcode.COMPARE_AND_WRITE)
     def compare_and_write(self, cmd: Command) -> None:
@@ -477,7 +460,7 @@ class BlockDevice(ScsiDevice):
         held = self._ranges.acquire(rw.lba, rw.lba + rw.transfer_length)
         try:
             self._compare(rw.lba, cmd.read_data_out(length))
-            self._write(rw.lba * self.block_size, slice_buffers(cmd.data_out, length, length))
+            self._write(rw.lba * self.block_size, slice_views(cmd.data_out, length, length))
         finally:
             self._ranges.release(held)
         self._after_write()
