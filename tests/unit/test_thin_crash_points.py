@@ -20,7 +20,6 @@ before its rename and the directory after it), nothing after it happened.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import tempfile
@@ -85,13 +84,16 @@ class Machine:
             self.step("create temporary file")
             return real_mkstemp(*a, **kw)  # type: ignore[call-overload, no-any-return]
 
-        def dump(obj: object, fp: object, **kw: object) -> None:
-            text = json.dumps(obj, **kw)  # type: ignore[arg-type]
+        real_write = os.write
+
+        def write(fd: int, data: bytes | memoryview) -> int:
+            # the content of a temporary file (statefile.write_atomically's write loop)
+            if not os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+                return real_write(fd, data)
             if self.step("write content", torn_possible=True):
-                fp.write(text[: len(text) // 2])  # type: ignore[attr-defined]
-                fp.flush()  # type: ignore[attr-defined]
+                real_write(fd, bytes(data[: len(data) // 2]))
                 raise PowerCut("torn write")
-            fp.write(text)  # type: ignore[attr-defined]
+            return real_write(fd, data)
 
         def wrap(name: str) -> Callable[..., object]:
             def call(*a: object, **kw: object) -> object:
@@ -109,7 +111,7 @@ class Machine:
             return call
 
         monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-        monkeypatch.setattr(json, "dump", dump)
+        monkeypatch.setattr(os, "write", write)
         for name in real:
             monkeypatch.setattr(os, name, wrap(name))
         try:
