@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcmu_py import buffers
@@ -14,6 +14,7 @@ def views(parts: list[bytes]) -> list[memoryview]:
     return [memoryview(bytearray(p)) for p in parts]
 
 
+@settings(max_examples=200, derandomize=True, deadline=None)
 @given(lists, st.integers(0, 400), st.integers(0, 400))
 def test_slice_views_and_gather_are_the_slice_of_the_concatenation(parts, offset, length):
     whole = b"".join(parts)
@@ -31,6 +32,7 @@ def test_slice_views_are_views_of_the_same_memory():
     assert [bytes(v) for v in bufs] == [b"abXY", b"ZWgh"]
 
 
+@settings(max_examples=200, derandomize=True, deadline=None)
 @given(lists, st.integers(0, 400))
 def test_skip_is_what_follows_the_first_n_bytes(parts, n):
     whole = b"".join(parts)
@@ -41,6 +43,7 @@ def test_skip_is_what_follows_the_first_n_bytes(parts, n):
     assert b"".join(buffers.skip(mv, n)) == whole[n:]
 
 
+@settings(max_examples=200, derandomize=True, deadline=None)
 @given(lists, st.integers(0, 400))
 def test_zero_after_skip_clears_exactly_the_tail(parts, n):
     bufs = views(parts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcmu_py.scsi import cdb as c
@@ -322,6 +322,7 @@ def test_the_kit_builds_a_ten_byte_log_sense_the_device_answers():
 
 
 @pytest.mark.parametrize("cls,opcodes", PARSERS, ids=[p[0].__name__ for p in PARSERS])
+@settings(max_examples=200, derandomize=True, deadline=None)
 @given(data=st.data())
 def test_build_inverts_parse(cls, opcodes, data):
     """Every value parse() can return builds a CDB of the kernel's length that parses back to it.
@@ -342,6 +343,7 @@ def test_build_inverts_parse(cls, opcodes, data):
     assert built[-1] == 0  # CONTROL
 
 
+@settings(max_examples=200, derandomize=True, deadline=None)
 @given(st.sampled_from(sorted(c.RW_OPCODES)), st.binary(min_size=15, max_size=15), st.booleans())
 def test_rw_build_inverts_parse(opcode, rest, protection):
     raw = bytes([opcode]) + rest[: c.cdb_length(bytes([opcode])) - 1]
@@ -354,6 +356,7 @@ def test_rw_build_inverts_parse(opcode, rest, protection):
     assert c.parse_rw(built, protection=protection) == rw
 
 
+@settings(max_examples=200, derandomize=True, deadline=None)
 @given(rw_cases())
 def test_rw_build_matches_the_independent_encoder(case):
     """build() lays the fields out where the reference encoder of this file puts them."""
