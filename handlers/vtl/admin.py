@@ -25,6 +25,7 @@ from tcmu_py.handlers.vtl.library import (
     Occupant,
     check_barcode,
 )
+from tcmu_py.handlers.vtl.statefile import StateFileError
 from tcmu_py.scsi.smc import ElementType
 
 #: More cartridges than this in one range is almost certainly a typo.
@@ -328,10 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one `tcmu-py vtl` command; returns the exit status (errors go to stderr)."""
+    """Run one `tcmu-py vtl` command; returns the exit status, errors go to stderr as one line.
+
+    Exit 2 (as `tcmu-py` for a configuration error, and argparse for a bad argument) when an input
+    is wrong: a bad argument value (ConfigError) or a malformed library.json, meta.json, mam.json
+    or cartridge data header (StateFileError, naming the file, key, value and expectation).
+    Exit 1 when the library refuses the request (LibraryError) or the system does (OSError).
+    """
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except (ConfigError, StateFileError) as exc:
+        print(f"tcmu-py vtl {args.command}: {exc}", file=sys.stderr)
+        return 2
     except (TcmuError, OSError, ValueError) as exc:
         print(f"tcmu-py vtl {args.command}: {exc}", file=sys.stderr)
         return 1
