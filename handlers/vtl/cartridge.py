@@ -24,7 +24,10 @@ Rules this file obeys
   the cartridge opens readable up to the last record whose header and payload verify; anything
   after it is cut off.
 * Overwriting in the middle (tape semantics: writing at object ``i`` discards ``i..``) bumps the
-  epoch in the file header and truncates the file, made durable before the next append.
+  epoch in the file header and truncates the file, made durable before the next append. That
+  in-place header write is the one write a crash can tear into a header that fails its CRC;
+  such a header (magic and version intact) is not fatal: the records are found by scanning,
+  without the index, and a writable open gives the file an epoch no index on disk has.
 * The index is a cache: the offset of every `INDEX_STRIDE`-th object (a sparse index: 8 bytes per
   64 objects, so a full LTO-9 cartridge of 256 KiB blocks needs ~9 MB of RAM) plus the list of
   filemarks, and a header with the epoch it belongs to, the object count, the end offset and
@@ -43,6 +46,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import struct
@@ -69,6 +73,7 @@ from tcmu_py.handlers.vtl.statefile import (
 )
 
 Buffer = bytes | bytearray | memoryview
+log = logging.getLogger(__name__)
 
 DATA_FILE = "data"
 INDEX_FILE = "index"
@@ -233,19 +238,30 @@ def _pack_file_header(epoch: int) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def _unpack_file_header(raw: bytes, path: Path) -> int:
-    """The epoch of a valid file header of data file `path`; raises StateFileError otherwise."""
+def _unpack_file_header(raw: bytes, path: Path) -> tuple[int, bool]:
+    """(epoch, whether the header's CRC verifies) of data file `path`; StateFileError if it is
+    no cartridge data file of this version (see the module doc for a failing CRC)."""
     if len(raw) < FILE_HEADER_SIZE:
         raise StateFileError(path, "header", raw, f"a {FILE_HEADER_SIZE}-byte file header")
     body = raw[: FILE_HEADER_SIZE - 4]
     magic, version, epoch = _FILE_HEADER.unpack(body)
     if magic != FILE_MAGIC:
         raise StateFileError(path, "header magic", magic, f"{FILE_MAGIC!r}")
-    if _CRC.unpack_from(raw, FILE_HEADER_SIZE - 4)[0] != zlib.crc32(body):
-        raise StateFileError(path, "header CRC", raw[-4:], "the CRC-32 of header bytes 0..59")
     if version != FORMAT_VERSION:
         raise StateFileError(path, "header version", version, f"{FORMAT_VERSION}")
-    return int(epoch)
+    return int(epoch), _CRC.unpack_from(raw, FILE_HEADER_SIZE - 4)[0] == zlib.crc32(body)
+
+
+def _index_epoch(path: Path) -> int | None:
+    """The epoch an index file claims (None if there is no readable index header)."""
+    try:
+        with open(path / INDEX_FILE, "rb") as f:
+            raw = f.read(INDEX_HEADER_SIZE)
+    except FileNotFoundError:
+        return None
+    if len(raw) < INDEX_HEADER_SIZE:
+        return None
+    return int(_INDEX_HEADER.unpack_from(raw)[3])
 
 
 def _pack_record_header(
@@ -385,11 +401,15 @@ class Cartridge:
         return cart
 
     def _recover(self) -> None:
-        self._epoch = _unpack_file_header(
+        self._epoch, intact = _unpack_file_header(
             os.pread(self._fd, FILE_HEADER_SIZE, 0), self.path / DATA_FILE
         )
         size = os.fstat(self._fd).st_size
-        self._load_index(size)
+        if intact:
+            self._load_index(size)
+        else:
+            log.warning("%s: data file header fails its CRC (torn by a crash during an "
+                        "overwrite?): scanning the records", self.path / DATA_FILE)
         pos, n = self._end, self._count
         while True:
             rec = self._scan_one(pos, n, size, check_payload=True)
@@ -404,6 +424,14 @@ class Cartridge:
             # A torn tail (crash during a write): cut it so appends start at a clean boundary.
             os.ftruncate(self._fd, pos)
             os.fdatasync(self._fd)
+        if not intact and not self.read_only:
+            # A new epoch that differs from the index's, so that index is never adopted, and the
+            # header made whole and durable before anything is appended.
+            claimed = _index_epoch(self.path)
+            self._epoch = ((self._epoch if claimed is None else claimed) + 1) & ((1 << 64) - 1)
+            os.pwrite(self._fd, _pack_file_header(self._epoch), 0)
+            os.fdatasync(self._fd)
+            self._write_index_header()
 
     def _note_record(self, obj: int, offset: int, kind: int) -> None:
         """Index bookkeeping for a record appended (or found) at the end."""

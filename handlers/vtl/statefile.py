@@ -14,6 +14,8 @@ Rules this file obeys
   type or range — is one `StateFileError` whose one-line message names the file, the key, the
   value and what was expected. Time and memory are bounded by the size limit: the JSON parser
   stops at Python's recursion limit and at `sys.get_int_max_str_digits()` digits.
+* Creating a directory is durable: its parent is fsynced after `mkdir`, so a library or a
+  cartridge that was created, and then named in library.json, is still there after a power cut.
 * Replacing a state file is atomic: the new contents go to a temporary file in the same directory
   (``.<name>.<pid>.<thread>.tmp``), are fsynced, renamed over the file, and the directory is
   fsynced. A crash leaves the old or the new file, never a mix; a leftover temporary file is
@@ -129,7 +131,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 def make_dir(
     path: str | os.PathLike[str], *, parents: bool = False, exist_ok: bool = False
 ) -> None:
-    """`mkdir` with mode 0700 for `path` and (with `parents`) each missing parent it creates."""
+    """`mkdir` with mode 0700 for `path` and (with `parents`) each missing parent it creates;
+    each new directory's entry is made durable (its parent fsynced) before this returns."""
     p = Path(path)
     if parents and not p.parent.exists():
         make_dir(p.parent, parents=True, exist_ok=True)
@@ -140,6 +143,7 @@ def make_dir(
             raise
         return
     os.chmod(p, DIR_MODE)
+    fsync_dir(p.parent)
 
 
 def check_serial(value: Any) -> str | None:

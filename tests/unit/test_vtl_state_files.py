@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 import time
 import tracemalloc
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -288,6 +290,13 @@ def _meta(good: bytes, **changes: object) -> bytes:
     return json.dumps(doc).encode()
 
 
+def _header(magic: bytes = b"TCMUVTL\x00", version: int = 1, epoch: int = 1) -> bytes:
+    """A data file header with a valid CRC (a torn one, CRC failing, is recovered from: see
+    test_crash_points.py)."""
+    body = struct.pack(">8sH6xQ36x", magic, version, epoch)
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
 SIDECAR_CASES: dict[str, tuple[str, Callable[[bytes], bytes], str | None]] = {
     "meta-empty": ("meta.json", _raw(b""), None),
     "meta-truncated": ("meta.json", lambda g: g[:10], None),
@@ -330,7 +339,9 @@ SIDECAR_CASES: dict[str, tuple[str, Callable[[bytes], bytes], str | None]] = {
     "data-empty": (DATA_FILE, _raw(b""), "header"),
     "data-short": (DATA_FILE, lambda g: g[:20], "header"),
     "data-magic": (DATA_FILE, lambda g: b"X" + g[1:], "header magic"),
-    "data-crc": (DATA_FILE, lambda g: g[:40] + b"\x01" + g[41:], "header CRC"),
+    "data-version": (DATA_FILE, lambda g: _header(version=2) + g[64:], "header version"),
+    "data-magic-crc-ok": (DATA_FILE, lambda g: _header(magic=b"TCMUVTL2") + g[64:],
+                          "header magic"),
 }
 
 
