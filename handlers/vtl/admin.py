@@ -25,7 +25,7 @@ from tcmu_py.handlers.vtl.library import (
     Occupant,
     check_barcode,
 )
-from tcmu_py.handlers.vtl.statefile import StateFileError
+from tcmu_py.handlers.vtl.statefile import StateFileError, check_serial
 from tcmu_py.scsi.smc import ElementType
 
 #: More cartridges than this in one range is almost certainly a typo.
@@ -280,6 +280,9 @@ def _drive(text: str) -> tuple[str, str]:
     model, sep, serial = text.partition(":")
     if not sep or not model or not serial:
         raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL:SERIAL, e.g. IBM-LTO8:XYZ001")
+    problem = check_serial(serial)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"serial {serial!r}: expected {problem}")
     return serial, model
 
 

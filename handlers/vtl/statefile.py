@@ -103,7 +103,9 @@ def write_json_atomically(path: str | os.PathLike[str], doc: Any) -> None:
     data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
     tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE
+        )
         try:
             os.fchmod(fd, FILE_MODE)  # a leftover temporary file may have had another mode
             view = memoryview(data)

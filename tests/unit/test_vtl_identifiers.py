@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.vtl import admin
 from tcmu_py.handlers.vtl.changer import Changer
 from tcmu_py.handlers.vtl.drive import TapeDrive
 from tcmu_py.handlers.vtl.library import Library, LibraryError
@@ -51,6 +52,19 @@ def test_open_refuses_a_state_file_with_such_a_serial(tmp_path: Path, serial: st
         Library.open(tmp_path / "lib")
     msg = str(info.value)
     assert str(state) in msg and "drives[0].serial" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("serial", BAD_SERIALS[:4], ids=repr)
+def test_cli_refuses_such_a_serial_with_exit_2(
+    tmp_path: Path, serial: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        admin.main(["create-library", str(tmp_path / "lib"), "--name", "L", "--slots", "1",
+                    "--drive", f"IBM-LTO8:{serial}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert repr(serial) in err and "Traceback" not in err
+    assert not (tmp_path / "lib").exists()
 
 
 @given(st.text())
