@@ -25,7 +25,7 @@ from tcmu_py.handlers.vtl.library import (
     Occupant,
     check_barcode,
 )
-from tcmu_py.handlers.vtl.statefile import StateFileError, check_serial
+from tcmu_py.handlers.vtl.statefile import check_serial
 from tcmu_py.scsi.smc import ElementType
 
 #: More cartridges than this in one range is almost certainly a typo.
@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, StateFileError) as exc:
+    except ConfigError as exc:  # StateFileError included
         print(f"tcmu-py vtl {args.command}: {exc}", file=sys.stderr)
         return 2
     except (TcmuError, OSError, ValueError) as exc:

@@ -63,13 +63,13 @@ import xxhash
 
 from tcmu_py.device.block import slice_buffers
 from tcmu_py.handlers.vtl.personality import GENERATIONS, MediaType, MediumKind, parse_barcode
-from tcmu_py.handlers.vtl.statefile import (
-    FILE_MODE,
-    Fields,
-    StateFileError,
-    make_dir,
+from tcmu_py.handlers.vtl.statefile import FILE_MODE, Fields
+from tcmu_py.statefile import (
+    invalid,
+    make_private_dirs,
     read_json,
-    write_json_atomically,
+    remove_stale_temporaries,
+    write_json,
 )
 
 Buffer = bytes | bytearray | memoryview
@@ -176,9 +176,6 @@ def _default_early_warning(capacity: int) -> int:
     return min(max(capacity // 100, 4 << 20), 1 << 30, max(capacity // 4, 1))
 
 
-#: Largest sidecar (meta.json, mam.json) read: far above what the format writes (MAM host
-#: attributes are limited to 8 KiB), small enough to parse in milliseconds.
-SIDECAR_LIMIT = 1 << 20
 #: Largest capacity a cartridge may declare: 4 PiB, so capacities in MiB fit the 4-byte fields of
 #: LOG SENSE page 31h (SSC-5 8.2.5).
 MAX_CAPACITY = 1 << 52
@@ -194,7 +191,7 @@ def _is_volume_id(text: str) -> bool:
 
 def _atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
     """Replace `path` with `obj` as JSON so a crash leaves either the old or the new file."""
-    write_json_atomically(path, obj)
+    write_json(path, obj)
 
 
 def check_meta(path: Path, value: Any) -> dict[str, Any]:
@@ -242,13 +239,13 @@ def _unpack_file_header(raw: bytes, path: Path) -> tuple[int, bool]:
     """(epoch, whether the header's CRC verifies) of data file `path`; StateFileError if it is
     no cartridge data file of this version (see the module doc for a failing CRC)."""
     if len(raw) < FILE_HEADER_SIZE:
-        raise StateFileError(path, "header", raw, f"a {FILE_HEADER_SIZE}-byte file header")
+        raise invalid(path, "header", raw, f"a {FILE_HEADER_SIZE}-byte file header")
     body = raw[: FILE_HEADER_SIZE - 4]
     magic, version, epoch = _FILE_HEADER.unpack(body)
     if magic != FILE_MAGIC:
-        raise StateFileError(path, "header magic", magic, f"{FILE_MAGIC!r}")
+        raise invalid(path, "header magic", magic, f"{FILE_MAGIC!r} (a cartridge data file)")
     if version != FORMAT_VERSION:
-        raise StateFileError(path, "header version", version, f"{FORMAT_VERSION}")
+        raise invalid(path, "header version", version, f"format version {FORMAT_VERSION}")
     return int(epoch), _CRC.unpack_from(raw, FILE_HEADER_SIZE - 4)[0] == zlib.crc32(body)
 
 
@@ -355,11 +352,10 @@ class Cartridge:
             "early_warning": ew,
             "write_protected": write_protected,
         }
-        try:
-            check_meta(p / META_FILE, meta)  # never write what `open` would refuse
-        except StateFileError as exc:
-            raise ValueError(f"{exc.key} {exc.value!r}: expected {exc.expected}") from None
-        make_dir(p, parents=True)
+        check_meta(p / META_FILE, meta)  # never write what `open` would refuse
+        if p.exists():
+            raise FileExistsError(f"{p} exists")
+        make_private_dirs(p)
         fd = os.open(p / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
             os.write(fd, _pack_file_header(1))
@@ -380,9 +376,9 @@ class Cartridge:
         anything is changed); a missing mam.json is an empty cartridge memory.
         """
         p = Path(path)
-        meta = check_meta(p / META_FILE, read_json(p / META_FILE, limit=SIDECAR_LIMIT))
+        meta = check_meta(p / META_FILE, read_json(p / META_FILE, "a cartridge's meta.json"))
         try:
-            mam = check_mam(p / MAM_FILE, read_json(p / MAM_FILE, limit=SIDECAR_LIMIT))
+            mam = check_mam(p / MAM_FILE, read_json(p / MAM_FILE, "a cartridge's mam.json"))
         except FileNotFoundError:
             mam = {"attributes": {}}
         fd = os.open(p / DATA_FILE, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
@@ -395,6 +391,9 @@ class Cartridge:
             cart = cls(p, meta, fd, read_only)
             cart._mam = mam
             cart._recover()
+            if not read_only:  # the only writer of the sidecars now (it holds the lock)
+                for name in (META_FILE, MAM_FILE):
+                    remove_stale_temporaries(p / name)
         except BaseException:
             os.close(fd)
             raise

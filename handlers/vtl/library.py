@@ -17,7 +17,7 @@ Durability rule: every change is computed on a copy, written to a temporary file
 renamed over `library.json`, and the directory fsynced; only then does the in-memory state
 change. A crash at any instant therefore leaves either the old or the new state on disk, never
 a mix, and an acknowledged MOVE MEDIUM is never lost. Leftover temporary files are ignored.
-Everything the library creates is private (files 0600, directories 0700; see `statefile`).
+Everything the library creates is private (files 0600, directories 0700: `tcmu_py.statefile`).
 
 Validation rule: library.json is checked whole — layout, drives, every occupant against the
 layout — before any of it is used, and a state re-read from another process's write is adopted
@@ -50,15 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from tcmu_py.errors import TcmuError
-from tcmu_py.handlers.vtl.statefile import (
-    FILE_MODE,
-    Fields,
-    StateFileError,
-    check_serial,
-    make_dir,
-    read_json,
-    write_json_atomically,
-)
+from tcmu_py.handlers.vtl.statefile import FILE_MODE, Fields, StateFileError, check_serial
 from tcmu_py.scsi.sense import NotReadyManualIntervention
 from tcmu_py.scsi.smc import (
     ELEMENT_TYPES,
@@ -70,6 +62,7 @@ from tcmu_py.scsi.smc import (
     MediumType,
     SourceEmpty,
 )
+from tcmu_py.statefile import make_private_dirs, read_json, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +103,14 @@ class LibraryError(TcmuError):
 
 class LibraryStateError(LibraryError, StateFileError, NotReadyManualIntervention):
     """library.json is malformed: the one-line message names the file, key, value and what was
-    expected. A `StateFileError` like every VTL state file's; a `LibraryError` for the operator
-    tools; and, raised from a changer command, 02h/04h/03h LOGICAL UNIT NOT READY, MANUAL
-    INTERVENTION REQUIRED (SPC-5 4.4.9 table 63): the library cannot tell where its cartridges
-    are until someone repairs or restores the file."""
-
-    def __init__(self, path: str | os.PathLike[str], key: str | None, value: Any, expected: str):
-        StateFileError.__init__(self, path, key, value, expected)
+    expected. A `StateFileError` like every state file's (exit 2 from the command line); a
+    `LibraryError` for the operator tools; and, raised from a changer command, 02h/04h/03h
+    LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED (SPC-5 4.4.9 table 63): the library
+    cannot tell where its cartridges are until someone repairs or restores the file."""
 
     @classmethod
     def of(cls, exc: StateFileError) -> LibraryStateError:
-        return cls(exc.path, exc.key, exc.value, exc.expected)
+        return cls(str(exc))
 
 
 def check_barcode(barcode: str) -> str:
@@ -282,14 +272,14 @@ class Library:
             # all-elements scan stops at an element reported with address 0.
             raise LibraryError("element address 0 is reserved; first addresses start at 1")
         _check_ranges(ranges)
-        make_dir(root, parents=True, exist_ok=True)
+        make_private_dirs(root)
         if (root / STATE_FILE).exists():
             raise FileExistsError(f"{root / STATE_FILE} exists; a library is already there")
-        make_dir(root / MEDIA_DIR, exist_ok=True)
+        make_private_dirs(root / MEDIA_DIR)
         infos = [DriveInfo(s, m) for s, m in drives]
         identity = (changer or ChangerIdentity()).check()
         doc = _document(name, ranges, infos, dvcid, _State(), identity)
-        write_json_atomically(root / STATE_FILE, doc)
+        write_json(root / STATE_FILE, doc)
         return cls.open(root)
 
     @classmethod
@@ -641,7 +631,10 @@ class Library:
                             new,
                             self.changer_identity,
                         )
-                        write_json_atomically(self.path / STATE_FILE, doc)
+                        # Under the flock: no other writer can be between its temporary
+                        # file and its rename, so any temporary file left is a crash's.
+                        remove_stale_temporaries(self.path / STATE_FILE)
+                        write_json(self.path / STATE_FILE, doc)
                         self._file_id = self._stat_id()
                         events += self._adopt(new, external=operator)
                 finally:
@@ -893,7 +886,7 @@ def _read_document(root: Path) -> dict[str, Any]:
     """library.json parsed, its format and version checked (LibraryStateError otherwise)."""
     path = root / STATE_FILE
     try:
-        f = Fields(path, read_json(path, limit=STATE_LIMIT))
+        f = Fields(path, read_json(path, "a tcmu-py library state file", limit=STATE_LIMIT))
         f.string("format", lambda v: v == FORMAT, repr(FORMAT))
         f.integer("version", VERSION, VERSION)
     except StateFileError as exc:

@@ -28,7 +28,9 @@ hole-first         as now                 durable + the unsynced writes but the 
 =================  =====================  =====================================================
 
 fsync and fdatasync are not passed to the disk (the model holds durability; the tests stay
-fast). Single-threaded: install it around a workload that does its I/O on one thread. Paths are
+fast). Writes that do not go through `os` (a file object's buffered writes) are found at the
+next fsync, fdatasync, close or rename of the file, by reading it back, and recorded then as one
+write. Single-threaded: install it around a workload that does its I/O on one thread. Paths are
 compared as given after `os.path.abspath`; everything under `root` is modelled (its contents at
 install count as durable), anything else passes through unrecorded.
 """
@@ -56,6 +58,7 @@ class _File:
     data: bytearray = field(default_factory=bytearray)
     durable: bytes = b""
     pending: list[_Op] = field(default_factory=list)  # since the last sync, in order
+    ino: int = -1  # the real file's inode: an fd number reused for another file is not it
 
 
 @dataclass
@@ -113,7 +116,7 @@ class CrashFS:
             elif child.is_file():
                 data = child.read_bytes()
                 node.entries[child.name] = node.durable[child.name] = _File(
-                    bytearray(data), data
+                    bytearray(data), data, [], child.stat().st_ino
                 )
 
     # ------------------------------------------------------------------------------------------
@@ -160,26 +163,56 @@ class CrashFS:
         where = None if kw else self._split(path)
         existed = where is not None and where[1] in where[0].entries
         fd = int(self._saved["open"](path, flags, mode, **kw))
+        self._fds.pop(fd, None)  # the number may have been another file's, closed without os
         node = self._node(path) if not kw else None
         if where is not None and not existed and flags & os.O_CREAT:
-            node = where[0].entries[where[1]] = _File()
+            node = where[0].entries[where[1]] = _File(ino=os.fstat(fd).st_ino)
             self._fds[fd] = node
             self._point(f"create {path}")
             return fd
         if node is not None:
             self._fds[fd] = node
+            if isinstance(node, _File):
+                node.ino = os.fstat(fd).st_ino
             if isinstance(node, _File) and flags & os.O_TRUNC and node.data:
                 self._record(node, 0)
                 self._point(f"truncate-open {path}")
         return fd
 
     def _close(self, fd: int) -> None:
+        node = self._file(fd)
+        if node is not None:
+            self._catch_up(node, fd)
         self._fds.pop(fd, None)
         self._saved["close"](fd)
 
-    def _written(self, fd: int, offset: int | None, data: bytes, what: str) -> None:
+    def _file(self, fd: int) -> _File | None:
+        """The modelled file open as `fd` (None if it is none, or the number was reused)."""
         node = self._fds.get(fd)
-        if isinstance(node, _File) and not self._busy:
+        if not isinstance(node, _File) or self._busy:
+            return None
+        try:
+            if os.fstat(fd).st_ino == node.ino:
+                return node
+        except OSError:
+            pass
+        self._fds.pop(fd, None)
+        return None
+
+    def _catch_up(self, node: _File, fd: int | None = None, path: Any = None) -> None:
+        """Record as one write whatever reached the file without passing through `os`."""
+        where = f"/proc/self/fd/{fd}" if fd is not None else path
+        with open(where, "rb") as f:
+            real = f.read()
+        if real != node.data:
+            self._record(node, (0, real))
+            if len(node.data) != len(real):
+                self._record(node, len(real))
+            self._point(f"buffered write of {len(real)} bytes")
+
+    def _written(self, fd: int, offset: int | None, data: bytes, what: str) -> None:
+        node = self._file(fd)
+        if node is not None:
             at = offset if offset is not None else self._saved_tell(fd) - len(data)
             self._record(node, (at, data))
             self._point(f"{what} {len(data)} bytes at {at}")
@@ -205,8 +238,8 @@ class CrashFS:
 
     def _ftruncate(self, fd: int, length: int) -> None:
         self._saved["ftruncate"](fd, length)
-        node = self._fds.get(fd)
-        if isinstance(node, _File) and not self._busy:
+        node = self._file(fd)
+        if node is not None:
             self._record(node, length)
             self._point(f"ftruncate {length}")
 
@@ -221,10 +254,11 @@ class CrashFS:
             self._point(f"truncate {path} {length}")
 
     def _sync(self, fd: int, what: str) -> None:
-        node = self._fds.get(fd)
+        node: _File | _Dir | None = self._file(fd) or self._fds.get(fd)
         if self._busy or node is None:
             return  # not passed to the disk (see the module doc)
         if isinstance(node, _File):
+            self._catch_up(node, fd)
             node.durable = bytes(node.data)
             node.pending.clear()
         else:
@@ -241,7 +275,9 @@ class CrashFS:
         self._saved["replace"](src, dst, **kw)
         a, b = (None, None) if kw else (self._split(src), self._split(dst))
         if a is not None and b is not None and a[1] in a[0].entries:
-            b[0].entries[b[1]] = a[0].entries.pop(a[1])
+            node = b[0].entries[b[1]] = a[0].entries.pop(a[1])
+            if isinstance(node, _File):
+                self._catch_up(node, path=dst)
             self._point(f"rename {os.path.basename(os.fspath(src))} -> {os.fspath(dst)}")
 
     def _rename(self, src: Any, dst: Any, **kw: Any) -> None:
