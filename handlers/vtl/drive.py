@@ -49,6 +49,7 @@ from typing import ClassVar, Protocol
 
 from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice, command
+from tcmu_py.errors import StateFileError
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl import personality as pers
 from tcmu_py.handlers.vtl.cartridge import (
@@ -58,7 +59,6 @@ from tcmu_py.handlers.vtl.cartridge import (
     CorruptRecord,
     RecordType,
 )
-from tcmu_py.handlers.vtl.statefile import StateFileError
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import spc, ssc
 from tcmu_py.scsi.constants import Opcode, PeripheralType, SenseKey
