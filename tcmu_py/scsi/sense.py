@@ -312,6 +312,7 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x2A, 0x09): "CAPACITY DATA HAS CHANGED",
     (0x2C, 0x00): "COMMAND SEQUENCE ERROR",
     (0x30, 0x00): "INCOMPATIBLE MEDIUM INSTALLED",
+    (0x30, 0x01): "CANNOT READ MEDIUM - UNKNOWN FORMAT",
     (0x30, 0x02): "CANNOT READ MEDIUM - INCOMPATIBLE FORMAT",
     (0x30, 0x03): "CLEANING CARTRIDGE INSTALLED",
     (0x30, 0x05): "CANNOT WRITE MEDIUM - INCOMPATIBLE FORMAT",
@@ -608,6 +609,14 @@ class ImportExportElementOpen(NotReady):
     operator, so the medium transport cannot reach it (SMC-3)."""
 
     asc, ascq = 0x3A, 0x02
+
+
+class CannotReadUnknownFormat(NotReady):
+    """02h/30h/01h CANNOT READ MEDIUM - UNKNOWN FORMAT: a cartridge is in the drive, but what its
+    format is cannot be told (a damaged cartridge memory or format header). NOT READY like 30h/03h
+    CLEANING CARTRIDGE INSTALLED: the medium is present and unusable until it is replaced."""
+
+    asc, ascq = 0x30, 0x01
 
 
 class CleaningCartridgeInstalled(NotReady):

@@ -15,11 +15,14 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+from tcmu_py.scsi import spc
+
 # The tape conditions live with every other sense class in sense.py; re-exported here for the
 # code that still raises them as ssc.X (the tape drive).
 from tcmu_py.scsi.sense import AuxiliaryMemoryOutOfSpace as AuxiliaryMemoryOutOfSpace
 from tcmu_py.scsi.sense import BeginningOfPartition as BeginningOfPartition
 from tcmu_py.scsi.sense import CannotReadIncompatibleFormat as CannotReadIncompatibleFormat
+from tcmu_py.scsi.sense import CannotReadUnknownFormat as CannotReadUnknownFormat
 from tcmu_py.scsi.sense import CannotWriteIncompatibleFormat as CannotWriteIncompatibleFormat
 from tcmu_py.scsi.sense import CleaningCartridgeInstalled as CleaningCartridgeInstalled
 from tcmu_py.scsi.sense import EarlyWarning as EarlyWarning
@@ -460,7 +463,8 @@ class DensityDescriptor:
 
 
 def _ascii(s: str, n: int) -> bytes:
-    return s.encode("ascii", "replace")[:n].ljust(n)
+    """SPC-5 4.3.1: an ASCII field of `n` bytes (20h..7Eh, space padded); never raises."""
+    return spc.ascii_text(s).encode("ascii")[:n].ljust(n)
 
 
 def build_density_support(descs: list[DensityDescriptor]) -> bytes:
@@ -587,6 +591,20 @@ def medium_configuration_page(worm: bool) -> tuple[bytes, bytes]:
     chg = bytearray(32)
     chg[0], chg[1] = 0x1D, 0x1E
     return bytes(cur), bytes(chg)
+
+
+# ---------------------------------------------------------------------------------------------
+# VPD pages (SSC-5 8.6)
+
+
+def build_vpd_manufacturer_serial(peripheral_type: int, serial: str) -> bytes:
+    """Manufacturer-assigned serial number VPD B1h (SSC-5 8.6.3): the serial as ASCII.
+
+    Never raises: characters outside 20h..7Eh (SPC-5 4.3.1) are sent as "?", and the page is
+    cut at 255 bytes.
+    """
+    raw = spc.ascii_text(serial).encode("ascii")[:255]
+    return spc.build_vpd_page(peripheral_type, 0xB1, raw)
 
 
 # ---------------------------------------------------------------------------------------------
