@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 Buffer = bytes | bytearray | memoryview
-B = TypeVar("B", bytes, bytearray, memoryview)
+B = TypeVar("B", bound=Buffer)
 
 
 def slice_views(bufs: Sequence[memoryview], offset: int, length: int) -> list[memoryview]:

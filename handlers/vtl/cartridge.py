@@ -61,7 +61,7 @@ from typing import Any
 
 import xxhash
 
-from tcmu_py.device.block import slice_buffers
+from tcmu_py.buffers import Buffer, skip, slice_views
 from tcmu_py.handlers.vtl.personality import GENERATIONS, MediaType, MediumKind, parse_barcode
 from tcmu_py.handlers.vtl.statefile import FILE_MODE, Fields
 from tcmu_py.statefile import (
@@ -72,7 +72,6 @@ from tcmu_py.statefile import (
     write_json,
 )
 
-Buffer = bytes | bytearray | memoryview
 log = logging.getLogger(__name__)
 
 DATA_FILE = "data"
@@ -634,7 +633,7 @@ class Cartridge:
         if kind == RecordType.DATA and stored and not flags & FLAG_ZLIB and stored == logical:
             # Uncompressed: read straight into the caller's buffers (what does not fit goes to
             # a scratch buffer, for the checksum), no intermediate copy.
-            bufs = slice_buffers(into, 0, stored)
+            bufs = slice_views(into, 0, stored)
             room = stored - sum(map(len, bufs))
             if room:
                 bufs.append(memoryview(bytearray(room)))
@@ -789,7 +788,7 @@ class Cartridge:
             n = os.pwritev(self._fd, iov, start + done)
             done += n
             if done < total:  # short write: drop what went out and retry the rest
-                iov[:] = _skip(iov, n)
+                iov[:] = skip(iov, n)
         iov.clear()
 
     def sync(self) -> None:
@@ -914,17 +913,6 @@ def _be(values: array[int]) -> bytes:
     if sys.byteorder == "little":
         out.byteswap()
     return out.tobytes()
-
-
-def _skip(iov: list[Buffer], n: int) -> list[Buffer]:
-    out: list[Buffer] = []
-    for b in iov:
-        if n >= len(b):
-            n -= len(b)
-            continue
-        out.append(memoryview(b)[n:] if n else b)
-        n = 0
-    return out
 
 
 def dump(path: str | os.PathLike[str]) -> Iterator[DumpEntry]:

@@ -40,8 +40,8 @@ from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl.library import Library, LibraryStateError, Occupant, medium_type_for
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import smc, spc
-from tcmu_py.scsi.constants import Opcode, PeripheralType
-from tcmu_py.scsi.sense import InvalidFieldInCdb
+from tcmu_py.scsi.constants import CodeSet, DesignatorType, Opcode, PeripheralType
+from tcmu_py.scsi.sense import ImportExportElementAccessed, InvalidElementAddress, InvalidFieldInCdb
 from tcmu_py.scsi.smc import (
     ACCESS,
     EXENAB,
@@ -51,8 +51,6 @@ from tcmu_py.scsi.smc import (
     ElementDescriptor,
     ElementStatusPage,
     ElementType,
-    ImportExportElementAccessed,
-    InvalidElementAddress,
     VolumeTag,
 )
 
@@ -278,8 +276,8 @@ class Changer(ScsiDevice):
 
     def _identifier_kind(self) -> tuple[int, int]:
         if self.library.dvcid == "t10":
-            return smc.CodeSet.ASCII, smc.IdentifierType.T10_VENDOR_ID
-        return smc.CodeSet.ASCII, smc.IdentifierType.VENDOR_SPECIFIC
+            return CodeSet.ASCII, DesignatorType.T10_VENDOR_ID
+        return CodeSet.ASCII, DesignatorType.VENDOR_SPECIFIC
 
     def _identifier(self, drive_index: int) -> bytes:
         """DVCID identifier of a drive: its serial (what its VPD page 80h reports), or in "t10"

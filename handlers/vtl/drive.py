@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import ClassVar, Protocol
 
+from tcmu_py.buffers import slice_views
 from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.errors import StateFileError
@@ -63,16 +64,29 @@ from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import spc, ssc
 from tcmu_py.scsi.constants import Opcode, PeripheralType, SenseKey
 from tcmu_py.scsi.sense import (
+    AuxiliaryMemoryOutOfSpace,
+    BeginningOfPartition,
+    CannotReadIncompatibleFormat,
+    CannotReadUnknownFormat,
+    CannotWriteIncompatibleFormat,
+    CleaningCartridgeInstalled,
+    EarlyWarning,
+    EndOfData,
+    FilemarkDetected,
+    IncorrectLength,
     InvalidFieldInCdb,
     InvalidFieldInParameterList,
     MediumError,
     MediumMayHaveChanged,
     MediumNotPresent,
     MediumRemovalPrevented,
-    NotReady,
+    NotReadyInitializingCommandRequired,
     NotReadyManualIntervention,
     ParameterListLengthError,
     ScsiError,
+    SequentialPositioningError,
+    VolumeOverflow,
+    WormOverwriteAttempted,
     WriteError,
     WriteProtected,
 )
@@ -82,12 +96,6 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 #: Bytes of host attributes a cartridge memory holds (MAM SPACE REMAINING starts here).
 MAM_HOST_SPACE = 8192
-
-
-class NotReadyInitializingCommandRequired(NotReady):
-    """02h/04h/02h LOGICAL UNIT NOT READY, INITIALIZING COMMAND REQUIRED (medium unloaded)."""
-
-    asc, ascq = 0x04, 0x02
 
 
 class Library(Protocol):
@@ -107,22 +115,6 @@ class DriveState(enum.Enum):
     UNLOADED = "unloaded"
     CLEANING = "cleaning"
     FAILED = "failed"
-
-
-def slice_views(views: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
-    """The byte range [start, start+length) of a scatter list, as views (no copy)."""
-    out: list[memoryview] = []
-    pos = 0
-    end = start + length
-    for v in views:
-        n = len(v)
-        lo, hi = max(start, pos), min(end, pos + n)
-        if lo < hi:
-            out.append(v[lo - pos : hi - pos])
-        pos += n
-        if pos >= end:
-            break
-    return out
 
 
 class TapeDrive(ScsiDevice):
@@ -238,7 +230,7 @@ class TapeDrive(ScsiDevice):
             # 30h/03h: the cartridge's own description (generation, capacity, cartridge memory)
             # is unreadable, so its format cannot be told; it must be taken out and repaired.
             log.error("drive %d: cannot load %s: %s", self.drive_index, self.barcode, exc)
-            self._failure = (ssc.CannotReadUnknownFormat, f"{self.barcode}: {exc}")
+            self._failure = (CannotReadUnknownFormat, f"{self.barcode}: {exc}")
             return
         except (OSError, ValueError, CartridgeError) as exc:
             log.error("drive %d: cannot load %s: %s", self.drive_index, self.barcode, exc)
@@ -293,7 +285,7 @@ class TapeDrive(ScsiDevice):
         if self.state is DriveState.UNLOADED:
             raise NotReadyInitializingCommandRequired("cartridge unloaded; LOAD required")
         if self.state is DriveState.CLEANING:
-            raise ssc.CleaningCartridgeInstalled()
+            raise CleaningCartridgeInstalled()
         cls, msg = self._failure
         raise cls(msg)
 
@@ -306,7 +298,7 @@ class TapeDrive(ScsiDevice):
         cart = self._medium()
         if cart.generation not in self.personality.reads:
             # LTO rules: an LTO-N drive reads N, N-1 (and N-2 up to LTO-7) only.
-            raise ssc.CannotReadIncompatibleFormat(f"LTO-{cart.generation} medium")
+            raise CannotReadIncompatibleFormat(f"LTO-{cart.generation} medium")
         return cart
 
     def _writable(self, cart: Cartridge | None = None) -> Cartridge:
@@ -314,13 +306,13 @@ class TapeDrive(ScsiDevice):
         cart = cart or self._medium()
         if cart.generation not in self.personality.writes:
             # LTO rules: writes only to generations N and N-1.
-            raise ssc.CannotWriteIncompatibleFormat(f"LTO-{cart.generation} medium")
+            raise CannotWriteIncompatibleFormat(f"LTO-{cart.generation} medium")
         if cart.write_protected:
             self.tape_alerts.add(ssc.TapeAlert.WRITE_PROTECT)
             raise WriteProtected("cartridge is write protected")
         if cart.worm and not self._worm_may_write(cart):
             # SSC-5 4.2.20: WORM medium accepts writes only at EOD or over trailing filemarks.
-            raise ssc.WormOverwriteAttempted(f"object {self.pos} of {cart.object_count}")
+            raise WormOverwriteAttempted(f"object {self.pos} of {cart.object_count}")
         return cart
 
     def _worm_may_write(self, cart: Cartridge) -> bool:
@@ -340,7 +332,7 @@ class TapeDrive(ScsiDevice):
         if cart.in_early_warning():
             # SSC-5 4.2.5: in the early-warning zone a write succeeds with EOM, 00h/02h, and
             # INFORMATION = residue (0: everything was written).
-            raise ssc.EarlyWarning(info=0)
+            raise EarlyWarning(info=0)
 
     # ------------------------------------------------------------------------------------------
     # READ BLOCK LIMITS, READ(6), WRITE(6), WRITE FILEMARKS
@@ -391,11 +383,11 @@ class TapeDrive(ScsiDevice):
     def _read_variable(self, cmd: Command, cart: Cartridge, length: int, sili: bool) -> int:
         if self.pos >= cart.object_count:
             # SSC-5 4.2.x: reading at EOD: BLANK CHECK, END-OF-DATA DETECTED, residue = request.
-            raise ssc.EndOfData(info=length)
+            raise EndOfData(info=length)
         kind, actual = self._read_object(cart, slice_views(cmd.data_in, 0, length))
         if kind == RecordType.FILEMARK:
             # SSC-5 4.2.8: position after the filemark, FILEMARK bit, residue = request.
-            raise ssc.FilemarkDetected(info=length)
+            raise FilemarkDetected(info=length)
         got = min(actual, length)
         self.bytes_to_initiator += got
         if actual == length:
@@ -406,21 +398,21 @@ class TapeDrive(ScsiDevice):
             return got
         # SSC-5 4.2.22: ILI, INFORMATION = requested - actual (negative when the block was
         # longer); the block's first bytes are returned and the position is after it.
-        raise ssc.IncorrectLength(info=length - actual, transferred=got)
+        raise IncorrectLength(info=length - actual, transferred=got)
 
     def _read_fixed(self, cmd: Command, cart: Cartridge, count: int) -> int:
         size = self.block_length
         for i in range(count):
             if self.pos >= cart.object_count:
-                raise ssc.EndOfData(info=count - i, transferred=i * size)
+                raise EndOfData(info=count - i, transferred=i * size)
             kind, actual = self._read_object(cart, slice_views(cmd.data_in, i * size, size))
             if kind == RecordType.FILEMARK:
-                raise ssc.FilemarkDetected(info=count - i, transferred=i * size)
+                raise FilemarkDetected(info=count - i, transferred=i * size)
             if actual != size:
                 # SSC-5 4.2.22: INFORMATION = requested blocks minus blocks read, not counting
                 # the incorrect-length block; position is after that block.
                 self.bytes_to_initiator += i * size
-                raise ssc.IncorrectLength(info=count - i, transferred=i * size)
+                raise IncorrectLength(info=count - i, transferred=i * size)
         self.bytes_to_initiator += count * size
         return count * size
 
@@ -454,7 +446,7 @@ class TapeDrive(ScsiDevice):
                 self.bytes_from_initiator += full.written * size
                 # SSC-5 4.2.5: physical end: VOLUME OVERFLOW, EOM, INFORMATION = residue
                 # (blocks not written in fixed mode, the byte count in variable mode).
-                raise ssc.VolumeOverflow(info=(count - full.written) if req.fixed else size) \
+                raise VolumeOverflow(info=(count - full.written) if req.fixed else size) \
                     from None
             except OSError as exc:
                 self.write_errors += 1
@@ -483,7 +475,7 @@ class TapeDrive(ScsiDevice):
                     cart.append(RecordType.FILEMARK, [()] * req.count)
                 except CartridgeFull as full:
                     self.pos = cart.object_count
-                    raise ssc.VolumeOverflow(info=req.count - full.written) from None
+                    raise VolumeOverflow(info=req.count - full.written) from None
                 self.pos = cart.object_count
             # SSC-5 WRITE FILEMARKS: buffered data is written to the medium, even with count 0.
             self._sync(cart)
@@ -529,10 +521,10 @@ class TapeDrive(ScsiDevice):
             if nxt is not None and nxt < p + count:
                 # SSC-5 SPACE: a filemark stops forward motion after it; residue in INFORMATION.
                 self.pos = nxt + 1
-                raise ssc.FilemarkDetected(info=count - (nxt - p))
+                raise FilemarkDetected(info=count - (nxt - p))
             if p + count > n:
                 self.pos = n
-                raise ssc.EndOfData(info=count - (n - p))
+                raise EndOfData(info=count - (n - p))
             self.pos = p + count
         else:
             want = -count
@@ -541,10 +533,10 @@ class TapeDrive(ScsiDevice):
             if prev is not None and prev >= p - want:
                 # Backward motion stops on the BOP side of the filemark.
                 self.pos = prev
-                raise ssc.FilemarkDetected(info=want - (p - 1 - prev))
+                raise FilemarkDetected(info=want - (p - 1 - prev))
             if p - want < 0:
                 self.pos = 0
-                raise ssc.BeginningOfPartition(info=want - p)
+                raise BeginningOfPartition(info=want - p)
             self.pos = p - want
 
     def _space_filemarks(self, cart: Cartridge, count: int) -> None:
@@ -555,13 +547,13 @@ class TapeDrive(ScsiDevice):
                 self.pos = fms[k + count - 1] + 1
                 return
             self.pos = cart.object_count
-            raise ssc.EndOfData(info=count - (len(fms) - k))
+            raise EndOfData(info=count - (len(fms) - k))
         want = -count
         if k - want >= 0:
             self.pos = fms[k - want]  # SSC-5: on the BOP side of the last filemark passed
             return
         self.pos = 0
-        raise ssc.BeginningOfPartition(info=want - k)
+        raise BeginningOfPartition(info=want - k)
 
     def _space_sequential(self, cart: Cartridge, count: int) -> None:
         fms, p = cart.filemarks, self.pos
@@ -578,7 +570,7 @@ class TapeDrive(ScsiDevice):
                     self.pos = run_start + want
                     return
             self.pos = cart.object_count
-            raise ssc.EndOfData()
+            raise EndOfData()
         k = cart.filemarks_before(p)
         run_end, run = -1, 0
         for f in reversed(fms[:k]):
@@ -590,7 +582,7 @@ class TapeDrive(ScsiDevice):
                 self.pos = f  # BOP side of the first filemark of the set
                 return
         self.pos = 0
-        raise ssc.BeginningOfPartition()
+        raise BeginningOfPartition()
 
     @command(Opcode.LOCATE_10)
     @command(Opcode.LOCATE_16)
@@ -622,7 +614,7 @@ class TapeDrive(ScsiDevice):
             if target > n:
                 # SSC-5 LOCATE: EOD before the destination: BLANK CHECK, positioned at EOD.
                 self.pos = n
-                raise ssc.EndOfData()
+                raise EndOfData()
             self.pos = target
 
     @command(Opcode.REWIND)
@@ -709,7 +701,7 @@ class TapeDrive(ScsiDevice):
                 raise InvalidFieldInCdb(f"partition {req.partition}", field_pointer=3)
             if req.allow_overwrite == 1 and req.identifier != self.pos:
                 # SSC-5 ALLOW OVERWRITE: the identifier must name the current position.
-                raise ssc.SequentialPositioningError(
+                raise SequentialPositioningError(
                     f"object {req.identifier} is not the current position {self.pos}",
                     sense_key=SenseKey.ILLEGAL_REQUEST,
                 )
@@ -1053,7 +1045,7 @@ class TapeDrive(ScsiDevice):
                 else:
                     merged[ident] = val
             if sum(5 + len(v) for _, v in merged.values()) > MAM_HOST_SPACE:
-                raise ssc.AuxiliaryMemoryOutOfSpace("cartridge memory full")
+                raise AuxiliaryMemoryOutOfSpace("cartridge memory full")
             try:
                 cart.set_mam_attributes(changes)
             except OSError as exc:

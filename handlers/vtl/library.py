@@ -51,17 +51,15 @@ from typing import Any
 
 from tcmu_py.errors import TcmuError
 from tcmu_py.handlers.vtl.statefile import FILE_MODE, Fields, StateFileError, check_serial
-from tcmu_py.scsi.sense import NotReadyManualIntervention
-from tcmu_py.scsi.smc import (
-    ELEMENT_TYPES,
-    DestinationFull,
-    ElementType,
+from tcmu_py.scsi.sense import (
     ImportExportElementOpen,
     InvalidElementAddress,
+    MediumDestinationElementFull,
     MediumRemovalPrevented,
-    MediumType,
-    SourceEmpty,
+    MediumSourceElementEmpty,
+    NotReadyManualIntervention,
 )
+from tcmu_py.scsi.smc import ELEMENT_TYPES, ElementType, MediumType
 from tcmu_py.statefile import make_private_dirs, read_json, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
@@ -439,8 +437,9 @@ class Library:
         """MOVE MEDIUM (SMC-3) from `src_addr` to `dst_addr`, durably.
 
         Checks, in this order: both addresses name storage, import/export or data transfer
-        elements (InvalidElementAddress); the source is full (SourceEmpty); the destination is
-        empty (DestinationFull); no import/export element involved is open
+        elements (InvalidElementAddress); the source is full (MediumSourceElementEmpty); the
+        destination is empty (MediumDestinationElementFull); no import/export element involved is
+        open
         (ImportExportElementOpen); the source is not a drive whose removal is prevented
         (MediumRemovalPrevented). On any error nothing changed.
         """
@@ -449,9 +448,9 @@ class Library:
         with self._transaction() as state:
             occ = state.contents.get(src_addr)
             if occ is None:
-                raise SourceEmpty(f"element {src_addr:#06x} is empty")
+                raise MediumSourceElementEmpty(f"element {src_addr:#06x} is empty")
             if dst_addr in state.contents:
-                raise DestinationFull(f"element {dst_addr:#06x} is full")
+                raise MediumDestinationElementFull(f"element {dst_addr:#06x} is full")
             self._check_open(state, src_addr, dst_addr)
             self._check_prevent(src_addr)
             del state.contents[src_addr]
@@ -462,8 +461,9 @@ class Library:
         that was in `dst1_addr` goes to `dst2_addr` (which may be `src_addr`), durably.
 
         Errors as for `move`; `src_addr == dst1_addr` is InvalidElementAddress; an empty first
-        destination is SourceEmpty (its medium is the second move's source); a full second
-        destination other than the source, or one equal to the first, is DestinationFull.
+        destination is MediumSourceElementEmpty (its medium is the second move's source); a full
+        second destination other than the source, or one equal to the first, is
+        MediumDestinationElementFull.
         Removal must be allowed for both drives media leave.
         """
         for addr in (src_addr, dst1_addr, dst2_addr):
@@ -474,11 +474,11 @@ class Library:
             first = state.contents.get(src_addr)
             second = state.contents.get(dst1_addr)
             if first is None:
-                raise SourceEmpty(f"element {src_addr:#06x} is empty")
+                raise MediumSourceElementEmpty(f"element {src_addr:#06x} is empty")
             if second is None:
-                raise SourceEmpty(f"first destination {dst1_addr:#06x} is empty")
+                raise MediumSourceElementEmpty(f"first destination {dst1_addr:#06x} is empty")
             if dst2_addr == dst1_addr or (dst2_addr != src_addr and dst2_addr in state.contents):
-                raise DestinationFull(f"second destination {dst2_addr:#06x} is full")
+                raise MediumDestinationElementFull(f"second destination {dst2_addr:#06x} is full")
             self._check_open(state, src_addr, dst1_addr, dst2_addr)
             self._check_prevent(src_addr)
             self._check_prevent(dst1_addr)

@@ -63,10 +63,6 @@ def _length_field(opcode: int) -> int:
     return {0x08: 4, 0x0A: 4}.get(opcode) or {0xA0: 6, 0x80: 10}.get(opcode & 0xE0, 7)
 
 
-#: The VTL cartridge still imports the old name; it goes once the VTL uses tcmu_py.buffers.
-slice_buffers = slice_views
-
-
 class RangeLock:
     """Mutual exclusion between overlapping LBA ranges (half-open [start, end)), first come first
     served: a request also waits for earlier overlapping requests still waiting, so a stream of

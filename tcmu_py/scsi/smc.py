@@ -33,17 +33,8 @@ from enum import IntEnum
 from typing import Self
 
 from tcmu_py.scsi import spc
-from tcmu_py.scsi.constants import CodeSet as CodeSet
-from tcmu_py.scsi.constants import DesignatorType, Opcode
-
-# The changer's sense classes live in sense.py; re-exported here under the names the VTL uses.
-from tcmu_py.scsi.sense import ImportExportElementAccessed as ImportExportElementAccessed
-from tcmu_py.scsi.sense import ImportExportElementOpen as ImportExportElementOpen
-from tcmu_py.scsi.sense import InvalidElementAddress as InvalidElementAddress
+from tcmu_py.scsi.constants import CodeSet, Opcode
 from tcmu_py.scsi.sense import InvalidFieldInCdb
-from tcmu_py.scsi.sense import MediumDestinationElementFull as DestinationFull  # noqa: F401
-from tcmu_py.scsi.sense import MediumRemovalPrevented as MediumRemovalPrevented
-from tcmu_py.scsi.sense import MediumSourceElementEmpty as SourceEmpty  # noqa: F401
 
 Cdb = bytes | bytearray | memoryview
 
@@ -92,8 +83,8 @@ class OpenCloseAction(IntEnum):
     CLOSE = 0x01
 
 
-#: CODE SET and IDENTIFIER TYPE of a DVCID identification descriptor are those of SPC-5 7.7.6.1.
-IdentifierType = DesignatorType
+# CODE SET and IDENTIFIER TYPE of a DVCID identification descriptor are those of SPC-5 7.7.6.1:
+# constants.CodeSet and constants.DesignatorType.
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,7 @@
 
 Pure: no I/O, no state. CDB classes are frozen dataclasses with ``parse(cdb)``; parameter data has
 ``build_*`` functions (and ``parse_*`` where an initiator sends it). Tape-only conditions are
-`ScsiError` subclasses defined in sense.py (with every other sense class) and re-exported here;
-they carry the stream flags (FILEMARK, EOM, ILI) where SSC-5 requires them.
+`ScsiError` subclasses in sense.py, with every other sense class.
 
 Citations are to SSC-5 (T10/BSR INCITS 503) and SPC-5; the section numbers name the command or
 page being enforced.
@@ -16,29 +15,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from tcmu_py.scsi import spc
-
-# The tape conditions live with every other sense class in sense.py; re-exported here for the
-# code that still raises them as ssc.X (the tape drive).
-from tcmu_py.scsi.sense import AuxiliaryMemoryOutOfSpace as AuxiliaryMemoryOutOfSpace
-from tcmu_py.scsi.sense import BeginningOfPartition as BeginningOfPartition
-from tcmu_py.scsi.sense import CannotReadIncompatibleFormat as CannotReadIncompatibleFormat
-from tcmu_py.scsi.sense import CannotReadUnknownFormat as CannotReadUnknownFormat
-from tcmu_py.scsi.sense import CannotWriteIncompatibleFormat as CannotWriteIncompatibleFormat
-from tcmu_py.scsi.sense import CleaningCartridgeInstalled as CleaningCartridgeInstalled
-from tcmu_py.scsi.sense import EarlyWarning as EarlyWarning
-from tcmu_py.scsi.sense import EndOfData as EndOfData
-from tcmu_py.scsi.sense import FilemarkDetected as FilemarkDetected
-from tcmu_py.scsi.sense import IncorrectLength as IncorrectLength
 from tcmu_py.scsi.sense import (
     InvalidFieldInCdb,
     InvalidFieldInParameterList,
     ParameterListLengthError,
 )
-from tcmu_py.scsi.sense import ParameterValueInvalid as ParameterValueInvalid
-from tcmu_py.scsi.sense import SequentialPositioningError as SequentialPositioningError
-from tcmu_py.scsi.sense import TapeCondition as TapeCondition
-from tcmu_py.scsi.sense import VolumeOverflow as VolumeOverflow
-from tcmu_py.scsi.sense import WormOverwriteAttempted as WormOverwriteAttempted
 
 # ---------------------------------------------------------------------------------------------
 # CDBs

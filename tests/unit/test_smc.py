@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tcmu_py.scsi import sense, smc
+from tcmu_py.scsi.constants import CodeSet
 from tcmu_py.scsi.sense import InvalidFieldInCdb, parse_sense
 from tcmu_py.scsi.smc import (
     ACCESS,
@@ -131,7 +132,7 @@ def test_descriptor_layout_with_voltag_and_dvcid() -> None:
         source=0x400,
         medium_type=smc.MediumType.DATA,
         primary_tag=VolumeTag("ABC000L8"),
-        code_set=smc.CodeSet.ASCII,
+        code_set=CodeSet.ASCII,
         identifier=b"SER1",
     )
     raw = desc.build(pvoltag=True, avoltag=False, identifier_length=10)

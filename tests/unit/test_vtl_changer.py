@@ -12,6 +12,7 @@ from tcmu_py.handlers.vtl import VtlHandler
 from tcmu_py.handlers.vtl.changer import Changer
 from tcmu_py.handlers.vtl.library import Library
 from tcmu_py.scsi import smc
+from tcmu_py.scsi.constants import CodeSet, DesignatorType
 from tcmu_py.scsi.sense import parse_sense
 from tcmu_py.scsi.smc import ElementStatus, ElementType
 from tcmu_py.testing import cdbs
@@ -165,7 +166,7 @@ def test_voltag_and_dvcid(tmp_path: Path) -> None:
     drives = page.descriptors
     # The identifier is the drive's serial: what software matches against VPD page 80h.
     assert [d.identifier.decode() for d in drives] == SERIALS
-    assert all(d.code_set == smc.CodeSet.ASCII for d in drives)
+    assert all(d.code_set == CodeSet.ASCII for d in drives)
     assert drives[1].full and drives[1].source == ST
     assert drives[1].primary_tag == smc.VolumeTag("ABC000L8")
     es = status(dev, res(ElementType.DATA_TRANSFER, voltag=False))
@@ -178,7 +179,7 @@ def test_voltag_and_dvcid(tmp_path: Path) -> None:
 def test_dvcid_t10_form(tmp_path: Path) -> None:
     dev = make(tmp_path, dvcid="t10")
     drive = status(dev, res(ElementType.DATA_TRANSFER, dvcid=True)).pages[0].descriptors[0]
-    assert drive.identifier_type == smc.IdentifierType.T10_VENDOR_ID
+    assert drive.identifier_type == DesignatorType.T10_VENDOR_ID
     text = drive.identifier.decode()
     assert text.endswith(SERIALS[0]) and len(text) == 24 + len(SERIALS[0])
 

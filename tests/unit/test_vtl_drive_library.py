@@ -11,7 +11,8 @@ from tcmu_py.handlers.vtl.admin import create_cartridges
 from tcmu_py.handlers.vtl.drive import TapeDrive
 from tcmu_py.handlers.vtl.library import Library
 from tcmu_py.scsi import ssc
-from tcmu_py.scsi.smc import ElementType, MediumRemovalPrevented
+from tcmu_py.scsi.sense import MediumRemovalPrevented
+from tcmu_py.scsi.smc import ElementType
 from tcmu_py.testing.harness import run_command
 
 

@@ -20,15 +20,14 @@ from tcmu_py.handlers.vtl.library import (
     Occupant,
     medium_type_for,
 )
-from tcmu_py.scsi.smc import (
-    DestinationFull,
-    ElementType,
+from tcmu_py.scsi.sense import (
     ImportExportElementOpen,
     InvalidElementAddress,
     MediumRemovalPrevented,
-    MediumType,
-    SourceEmpty,
 )
+from tcmu_py.scsi.sense import MediumDestinationElementFull as DestinationFull
+from tcmu_py.scsi.sense import MediumSourceElementEmpty as SourceEmpty
+from tcmu_py.scsi.smc import ElementType, MediumType
 
 MT, DT, IE, ST = 0x0001, 0x0100, 0x0300, 0x0400
 
@@ -244,8 +243,7 @@ def test_crash_at_any_step_leaves_old_or_new_state(
 ) -> None:
     lib = make_library(tmp_path)
     old = lib.contents()
-    real_fsync, real_replace = os.fsync, os.replace
-    real_dump, real_dumps = json.dump, json.dumps
+    real_fsync, real_replace, real_write = os.fsync, os.replace, os.write
     fsyncs = []
 
     def fsync(fd: int) -> None:
@@ -261,16 +259,17 @@ def test_crash_at_any_step_leaves_old_or_new_state(
             raise Crash(step)
         real_replace(a, b)  # type: ignore[arg-type]
 
-    def dump(doc: object, f: Any, **kw: Any) -> None:
+    def write(fd: int, data: Any) -> int:
         # The temporary file gets the first bytes of the document, then the process dies.
         if step == "write":
-            f.write(real_dumps(doc)[:10])
+            real_write(fd, bytes(data[:10]))
             raise Crash(step)
-        real_dump(doc, f, **kw)
+        return real_write(fd, data)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(json, "dump", dump)  # tcmu_py.statefile.write_json writes with it
+    # tcmu_py.statefile.write_atomically writes the temporary file with os.write
+    monkeypatch.setattr(os, "write", write)
     with pytest.raises(Crash):
         lib.move(ST, DT)
     monkeypatch.undo()
