@@ -75,7 +75,10 @@ STATE_LIMIT = 32 << 20
 MODEL_MAX = 64
 
 #: Barcodes (volume identifiers) we accept: they become file names, so no path characters.
+#: The one barcode rule (volume identifier, SMC-3 primary volume tag: at most 32 bytes) of the
+#: library, its tools and the daemon's YAML loader: `is_barcode` / `check_barcode`.
 BARCODE_RE = re.compile(r"[A-Z0-9][A-Z0-9_-]{0,31}")
+BARCODE_RULE = "1..32 characters A-Z 0-9 _ - (not starting with _ or -)"
 
 #: Default first element address per type (IBM-like layout, room for 511 drives).
 DEFAULT_FIRST_ADDRESS: dict[ElementType, int] = {
@@ -111,12 +114,15 @@ class LibraryStateError(LibraryError, StateFileError, NotReadyManualIntervention
         return cls(str(exc))
 
 
+def is_barcode(text: str) -> bool:
+    """True if `text` is a barcode the library can hold (`BARCODE_RULE`)."""
+    return BARCODE_RE.fullmatch(text) is not None
+
+
 def check_barcode(barcode: str) -> str:
     """Return `barcode` if it is a valid volume identifier, else raise LibraryError."""
-    if not BARCODE_RE.fullmatch(barcode):
-        raise LibraryError(
-            f"barcode {barcode!r}: expected 1..32 characters A-Z 0-9 _ - (not starting with _ or -)"
-        )
+    if not is_barcode(barcode):
+        raise LibraryError(f"barcode {barcode!r}: expected {BARCODE_RULE}")
     return barcode
 
 
@@ -851,8 +857,7 @@ def _state_from(path: Path, doc: dict[str, Any], types: dict[int, ElementType]) 
                 raw_contents.fail(key, raw, "a storage, import/export or data transfer element "
                                   "address of this library (decimal)")
             o = raw_contents.mapping(key)
-            barcode = o.string("barcode", lambda b: BARCODE_RE.fullmatch(b) is not None,
-                               "1..32 characters A-Z 0-9 _ - (not starting with _ or -)")
+            barcode = o.string("barcode", is_barcode, BARCODE_RULE)
             if barcode in seen:
                 o.fail("barcode", barcode, "each barcode in one element only")
             seen.add(barcode)

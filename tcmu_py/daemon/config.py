@@ -110,7 +110,6 @@ _EUI_RE = re.compile(r"eui\.[0-9a-f]{16}")
 _NAA_RE = re.compile(r"naa\.([0-9a-f]{16}|[0-9a-f]{32})")
 _SERIAL_RE = re.compile(r"[\x21-\x7e]{1,64}")
 _DEVICE_WWN_RE = re.compile(r"naa\.([235][0-9a-f]{15}|6[0-9a-f]{31})")
-_BARCODE_RE = re.compile(r"[A-Z0-9]{1,32}")
 # Attributes of an iSCSI TPG in configfs (drivers/target/iscsi/iscsi_target_configfs.c).
 ISCSI_TPG_ATTRIBUTES = frozenset(
     {
@@ -162,6 +161,12 @@ def parse_size(value: object) -> int:
     raise ValueError(value)
 
 
+def _is_barcode(code: str) -> bool:
+    from tcmu_py.handlers.vtl.library import is_barcode  # the VTL's one barcode rule
+
+    return is_barcode(code)
+
+
 def _barcode_range(spec: str) -> tuple[str, int, int, int, str]:
     """(prefix, first number, last number, digits, suffix) of ``ABC000L8..ABC019L8``; a single
     barcode is a range of one. Raises ValueError unless the ends differ in one run of digits of
@@ -170,7 +175,7 @@ def _barcode_range(spec: str) -> tuple[str, int, int, int, str]:
     if not sep:
         last = first
     for code in (first, last):
-        if not _BARCODE_RE.fullmatch(code):
+        if not _is_barcode(code):
             raise ValueError(spec)
     if first == last:
         return first, 0, 0, 0, ""
@@ -892,7 +897,8 @@ def _load_libraries(c: _Checker, raw: object) -> list[Library]:
                 count = count_barcodes(spec)
             except ValueError:
                 c.fail(f"{p}.cartridges[{j}]", spec,
-                       "a barcode (A-Z 0-9, up to 32) or a range like ABC000L8..ABC019L8")
+                       "a barcode (1..32 of A-Z 0-9 _ -, not starting with _ or -) or a range"
+                       " like ABC000L8..ABC019L8")
                 continue
             if held + count > room:
                 c.fail(f"{p}.cartridges[{j}]", spec, f"at most slots + import_export = {room}"
