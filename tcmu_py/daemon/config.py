@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,18 @@ from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
+from tcmu_py.configspec import (  # MAX_PROBLEMS, TCMU_CONFIG_MAX: re-exported
+    MAX_PROBLEMS,  # noqa: F401
+    MISSING,
+    TCMU_CONFIG_MAX,  # noqa: F401
+    Checker,
+    Defaults,
+    Device,
+    config_string_problem,
+    parse_size,
+)
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import split_wwn
+from tcmu_py.handler import Handler, load_handlers, split_wwn
 from tcmu_py.statefile import short_repr
 
 try:
@@ -64,6 +75,8 @@ except ImportError:  # pragma: no cover - PyYAML without libyaml: the pure-Pytho
             Scanner.__init__(self)
             Parser.__init__(self)
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "DEFAULT_STATE_DIR",
     "Acl",
@@ -76,7 +89,6 @@ __all__ = [
     "IscsiTarget",
     "Library",
     "LunMap",
-    "Pool",
     "Portal",
     "dev_config_string",
     "expand_barcodes",
@@ -85,11 +97,10 @@ __all__ = [
     "load_config_text",
     "load_default_config",
     "parse_size",
+    "section_owners",
 ]
 
 DEFAULT_STATE_DIR = "/var/lib/tcmu-py"
-# target_core_user.h: #define TCMU_CONFIG_LEN 256 (NUL included).
-TCMU_CONFIG_MAX = 255
 # LIO's per-TPG LUN index limit on the kernels we target (TRANSPORT_MAX_LUNS_PER_TPG = 256 before
 # 5.x raised it); 0..255 is valid everywhere.
 MAX_LUN = 255
@@ -97,17 +108,8 @@ MAX_LUN = 255
 # silently clamped to it, so we reject them instead.
 MAX_DATA_AREA_MB = 2048
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SUBTYPE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _OPTION_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_SIZE_RE = re.compile(r"(\d+)\s*([KMGTP]?)(i?B)?", re.IGNORECASE)
-_SIZE_MULT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-# RFC 3720 3.2.6.3.1: "iqn." yyyy-mm "." reversed domain name, optionally ":" unique string.
-_IQN_RE = re.compile(r"iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[^\s]+)?")
-# RFC 3720 3.2.6.3.2: "eui." 16 hex digits (EUI-64).
-_EUI_RE = re.compile(r"eui\.[0-9a-f]{16}")
-# RFC 3980: "naa." 16 or 32 hex digits.
-_NAA_RE = re.compile(r"naa\.([0-9a-f]{16}|[0-9a-f]{32})")
 _SERIAL_RE = re.compile(r"[\x21-\x7e]{1,64}")
 _DEVICE_WWN_RE = re.compile(r"naa\.([235][0-9a-f]{15}|6[0-9a-f]{31})")
 _BARCODE_RE = re.compile(r"[A-Z0-9]{1,32}")
@@ -140,27 +142,6 @@ LIBRARY_CMD_TIME_OUT = 300
 # 2048 x 512-byte sectors = 1 MiB per command, so tape blocks of 256 KiB .. 1 MiB pass whole
 # (LIO's default of 128 sectors would cap a block at 64 KiB).
 LIBRARY_HW_MAX_SECTORS = 2048
-
-EXPECT_SIZE = "a size: a byte count or an integer with K, M, G, T or P (powers of 1024), e.g. 512M"
-
-
-def parse_size(value: object) -> int:
-    """Return the byte count of ``10G`` / ``512M`` / ``4KiB`` / ``1048576`` (powers of 1024).
-
-    Raises ValueError for anything else (floats, negative numbers, booleans, unknown suffixes).
-    """
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(value)
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.fullmatch(value.strip())
-        if m:
-            return int(m.group(1)) * _SIZE_MULT[m.group(2).upper()]
-    raise ValueError(value)
-
 
 def _barcode_range(spec: str) -> tuple[str, int, int, int, str]:
     """(prefix, first number, last number, digits, suffix) of ``ABC000L8..ABC019L8``; a single
@@ -213,52 +194,6 @@ def expand_barcodes(spec: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- dataclasses
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """Per-device values used when a device does not set its own."""
-
-    block_size: int = 512
-    hw_max_sectors: int = 1024
-    max_data_area_mb: int = 128
-    cmd_time_out: int = 30
-    write_cache: bool = False
-
-
-@dataclass(frozen=True)
-class Pool:
-    """A thin-provisioning pool. ``capacity`` and ``hard_limit`` are bytes (hard_limit <= capacity);
-    ``soft_threshold`` is a percentage of ``capacity`` (1..100)."""
-
-    name: str
-    path: str
-    capacity: int
-    soft_threshold: int = 80
-    hard_limit: int = 0  # the loader always sets it (default: capacity)
-
-
-@dataclass(frozen=True)
-class Device:
-    """One TCMU backstore. ``options`` keeps the YAML order; for ``raw`` it holds exactly
-    ``("path", <absolute image path>)``."""
-
-    name: str
-    handler: str
-    size: int
-    block_size: int
-    hw_max_sectors: int
-    max_data_area_mb: int
-    cmd_time_out: int
-    write_cache: bool
-    options: tuple[tuple[str, str], ...] = ()
-    serial: str | None = None
-    wwn: str | None = None
-    pool: str | None = None
-    pool_path: str | None = None  # the named pool's directory
-
-    def options_dict(self) -> dict[str, str]:
-        return dict(self.options)
 
 
 @dataclass(frozen=True)
@@ -368,10 +303,16 @@ class Config:
     source: str
     state_dir: str = DEFAULT_STATE_DIR
     defaults: Defaults = field(default_factory=Defaults)
-    pools: tuple[Pool, ...] = ()
     devices: tuple[Device, ...] = ()
     libraries: tuple[Library, ...] = ()
     exports: Exports = field(default_factory=Exports)
+    #: (top-level key, specs) of each section a handler owns (`Handler.load_section`).
+    sections: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def section(self, key: str) -> tuple[Any, ...]:
+        """The specs of top-level section `key` owned by a handler (thin's ``pools``); () if the
+        file has none or no installed handler owns it."""
+        return dict(self.sections).get(key, ())
 
     def device(self, name: str) -> Device:
         for dev in self.devices:
@@ -379,37 +320,20 @@ class Config:
                 return dev
         raise KeyError(name)
 
-    def pool(self, name: str) -> Pool:
-        for pool in self.pools:
-            if pool.name == name:
-                return pool
-        raise KeyError(name)
-
 
 # --------------------------------------------------------------------------- dev_config
 
 
-def _config_string_problem(cfg: str) -> str | None:
-    if len(cfg) > TCMU_CONFIG_MAX:
-        return f"at most {TCMU_CONFIG_MAX} characters (TCMU_CONFIG_LEN), got {len(cfg)}"
-    for ch, why in ((":", "rtslib-fb refuses ':'"), (",", "the kernel cuts control at ','"),
-                    ("\n", "the kernel cuts control at a newline")):
-        if ch in cfg:
-            return f"no {ch!r} ({why})"
-    return None
-
-
 def _build_config_string(handler: str, options: tuple[tuple[str, str], ...],
-                         pool: str | None, wwn: str | None = None) -> str:
-    """``pool`` is the pool's directory: the dev_config must describe the device on its own,
-    so a daemon started without this YAML file (udev, systemd, a restart) can still open it.
-    For the same reason ``wwn`` goes in too, as the last item (`tcmu_py.handler.split_wwn`)."""
+                         items: tuple[tuple[str, str], ...] = (), wwn: str | None = None) -> str:
+    """``items`` are what section owners add (`Handler.device_config_items`, a pool's
+    directory): the dev_config must describe the device on its own, so a daemon started without
+    this YAML file (udev, systemd, a restart) can still open it. For the same reason ``wwn``
+    goes in too, as the last item (`tcmu_py.handler.split_wwn`)."""
     if handler == "raw":
         cfg = f"raw/{dict(options)['path']}"
     else:
-        pairs = list(options)
-        if pool is not None and "pool" not in dict(pairs):
-            pairs.append(("pool", pool))
+        pairs = list(options) + list(items)
         cfg = f"{handler}/" + ";".join(f"{k}={v}" for k, v in pairs)
     if wwn is not None:
         cfg += f"{'' if cfg.endswith('/') else ';'}wwn={wwn}"
@@ -418,14 +342,14 @@ def _build_config_string(handler: str, options: tuple[tuple[str, str], ...],
 
 def dev_config_string(device: Device) -> str:
     """The TCMU ``dev_config`` for ``device``: ``raw/<absolute image path>`` for ``raw``,
-    otherwise ``<subtype>/key=value;key=value`` (options in YAML order, then
-    ``pool=<pool directory>`` if the device names a pool and its options do not); then
+    otherwise ``<subtype>/key=value;key=value`` (options in YAML order, then the items section
+    owners add, e.g. ``pool=<pool directory>`` if the device names a thin pool); then
     ``;wwn=<wwn>`` if the device sets one (the daemon strips it before the handler sees it).
 
     Raises ConfigError if the kernel or rtslib-fb would mangle or refuse it.
     """
-    cfg = _build_config_string(device.handler, device.options, device.pool_path, device.wwn)
-    problem = _config_string_problem(cfg)
+    cfg = _build_config_string(device.handler, device.options, device.config_items, device.wwn)
+    problem = config_string_problem(cfg)
     if problem:
         raise ConfigError(f"devices {device.name}: dev_config {cfg!r}: expected {problem}")
     return cfg
@@ -442,10 +366,6 @@ MAX_DEPTH = 32
 #: Most nodes a document may have once every alias is expanded: an alias bomb ("billion
 #: laughs") is a few lines that expand to billions, which validation would walk and print.
 MAX_NODES = 200_000
-#: Problems listed in one ConfigError; the rest are counted.
-MAX_PROBLEMS = 20
-
-
 class _Refused(yaml.MarkedYAMLError):
     """The document breaks one of our limits; ``expected`` says what we accept instead."""
 
@@ -535,113 +455,7 @@ _ConfigLoader.add_constructor(
     _ConfigLoader.construct_unique_mapping)  # type: ignore[type-var, arg-type]
 
 
-_MISSING = object()
-
-
-class _Checker:
-    """Collects problems while walking the parsed YAML; every getter returns None on a problem."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.problems: list[str] = []
-
-    def report(self) -> str:
-        """The ConfigError message: the problem itself when there is one, else a count and the
-        first MAX_PROBLEMS of them, one per line."""
-        if len(self.problems) == 1:
-            return self.problems[0]
-        shown = self.problems[:MAX_PROBLEMS]
-        more = len(self.problems) - len(shown)
-        tail = [f"{self.source}: ... and {more} more problem(s)"] if more else []
-        return "\n".join([f"{len(self.problems)} problem(s) in {self.source}:", *shown, *tail])
-
-    def fail(self, path: str, value: object, expected: str) -> None:
-        got = "nothing" if value is _MISSING else short_repr(value)
-        self.problems.append(f"{self.source}: {path or '(top level)'}: got {got},"
-                             f" expected {expected}")
-
-    def mapping(self, value: object, path: str, allowed: set[str] | None,
-                required: frozenset[str] = frozenset()) -> dict[str, Any] | None:
-        """``allowed`` None: any key (the caller checks them)."""
-        if value is None and not required:
-            return {}
-        if not isinstance(value, dict):
-            keys = f" with keys {', '.join(sorted(allowed))}" if allowed else ""
-            self.fail(path, value, f"a mapping{keys}")
-            return None
-        for key in value:
-            if allowed is not None and key not in allowed:
-                where = f"{path}.{key}" if path else str(key)
-                self.fail(where, value[key], f"one of the keys {', '.join(sorted(allowed))}"
-                          " (unknown key)")
-        for key in sorted(required):
-            if key not in value:
-                self.fail(f"{path}.{key}" if path else key, _MISSING, "this required key")
-        return value
-
-    def seq(self, value: object, path: str) -> list[Any] | None:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.fail(path, value, "a list")
-            return None
-        return value
-
-    def integer(self, value: object, path: str, lo: int, hi: int | None = None,
-                what: str | None = None) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (
-                hi is not None and value > hi):
-            rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-            self.fail(path, value, what or f"an integer {rng}")
-            return None
-        return value
-
-    def boolean(self, value: object, path: str) -> bool | None:
-        if not isinstance(value, bool):
-            self.fail(path, value, "true or false")
-            return None
-        return value
-
-    def string(self, value: object, path: str, pattern: re.Pattern[str] | None = None,
-               what: str = "a string") -> str | None:
-        if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
-            self.fail(path, value, what)
-            return None
-        return value
-
-    def name(self, value: object, path: str) -> str | None:
-        return self.string(value, path, _NAME_RE,
-                           "a name of 1..64 characters A-Z a-z 0-9 _ . - starting with a letter"
-                           " or digit (LIO object name)")
-
-    def abspath(self, value: object, path: str) -> str | None:
-        if not isinstance(value, str) or not value.startswith("/") or "\n" in value:
-            self.fail(path, value, "an absolute path")
-            return None
-        return str(Path(value))
-
-    def size(self, value: object, path: str, positive: bool = True) -> int | None:
-        try:
-            n = parse_size(value)
-        except ValueError:
-            self.fail(path, value, EXPECT_SIZE)
-            return None
-        if positive and n == 0:
-            self.fail(path, value, "a size greater than zero")
-            return None
-        return n
-
-    def wwn(self, value: object, path: str) -> str | None:
-        if isinstance(value, str):
-            norm = value.strip().lower()
-            if _IQN_RE.fullmatch(norm) or _EUI_RE.fullmatch(norm) or _NAA_RE.fullmatch(norm):
-                return norm
-        self.fail(path, value, "an iSCSI name: iqn.yyyy-mm.reversed.domain[:id] (RFC 3720),"
-                  " eui.<16 hex digits> or naa.<16 or 32 hex digits>")
-        return None
-
-
-def _check_block_size(c: _Checker, value: object, path: str) -> int | None:
+def _check_block_size(c: Checker, value: object, path: str) -> int | None:
     if (isinstance(value, bool) or not isinstance(value, int) or value < 512
             or value > 65536 or value & (value - 1)):
         c.fail(path, value, "a power of two from 512 to 65536")
@@ -649,7 +463,7 @@ def _check_block_size(c: _Checker, value: object, path: str) -> int | None:
     return value
 
 
-def _load_defaults(c: _Checker, raw: object) -> Defaults:
+def _load_defaults(c: Checker, raw: object) -> Defaults:
     base = Defaults()
     m = c.mapping(raw, "defaults", {"block_size", "hw_max_sectors", "max_data_area_mb",
                                     "cmd_time_out", "write_cache"})
@@ -673,64 +487,18 @@ def _load_defaults(c: _Checker, raw: object) -> Defaults:
     return Defaults(**{**base.__dict__, **vals})
 
 
-def _load_pools(c: _Checker, raw: object) -> list[Pool]:
-    pools: list[Pool] = []
-    seen: set[str] = set()
-    for i, item in enumerate(c.seq(raw, "pools") or []):
-        p = f"pools[{i}]"
-        m = c.mapping(item, p, {"name", "path", "capacity", "soft_threshold", "hard_limit"},
-                      frozenset({"name", "path", "capacity"}))
-        if m is None:
-            continue
-        name = c.name(m["name"], f"{p}.name") if "name" in m else None
-        if name is not None:
-            if name in seen:
-                c.fail(f"{p}.name", name, "a pool name not used before (duplicate)")
-            seen.add(name)
-        path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
-        cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
-        soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
-                         "a percentage 1..100")
-        hard: int | None = cap
-        if "hard_limit" in m and cap is not None:
-            hard = _pool_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
-        if None in (name, path, cap, soft, hard):
-            continue
-        assert name and path and cap and soft and hard
-        pools.append(Pool(name, path, cap, soft, hard))
-    return pools
-
-
-def _pool_limit(c: _Checker, value: object, path: str, capacity: int) -> int | None:
-    expected = "a percentage of capacity like '95%' or a size not above capacity"
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            pct = int(value.strip()[:-1])
-        except ValueError:
-            pct = -1
-        if 1 <= pct <= 100:
-            return capacity * pct // 100
-        c.fail(path, value, expected)
-        return None
-    try:
-        n = parse_size(value)
-    except ValueError:
-        n = -1
-    if 0 < n <= capacity:
-        return n
-    c.fail(path, value, expected)
-    return None
-
-
 _DEVICE_KEYS = {"name", "handler", "size", "block_size", "options", "hw_max_sectors",
                 "max_data_area_mb", "cmd_time_out", "write_cache", "serial", "wwn", "pool"}
 
 
-def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
+def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
                   handlers: Mapping[str, Callable[[str], None]] | None,
-                  pool_paths: Mapping[str, str] | None = None,
+                  owners: Mapping[str, type[Handler]] | None = None,
+                  sections: Mapping[str, tuple[Any, ...]] | None = None,
                   where: dict[str, str] | None = None) -> list[Device]:
-    """``where`` (if given) receives each valid device's key path (``devices[3]``)."""
+    """``where`` (if given) receives each valid device's key path (``devices[3]``); ``owners``
+    maps each handler-owned section to its handler, ``sections`` holds their specs (each owner
+    adds its `Handler.device_config_items` to every device's dev_config)."""
     devices: list[Device] = []
     seen: set[str] = set()
     for i, item in enumerate(c.seq(raw, "devices") or []):
@@ -787,18 +555,20 @@ def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
             continue
         assert name and handler and size and block_size and hw_max and area and options is not None
         assert tmo is not None and wc is not None
-        pool_path = (pool_paths or {}).get(pool) if pool is not None else None
         dev = Device(name, handler, size, block_size, hw_max, area, tmo, wc, options,
-                     serial, wwn, pool, pool_path)
-        cfg = _build_config_string(handler, options, pool_path, wwn)
-        problem = _config_string_problem(cfg)
+                     serial, wwn, pool)
+        items = _config_items(dev, owners or {}, sections or {})
+        if items:
+            dev = replace(dev, config_items=items)
+        cfg = _build_config_string(handler, options, items, wwn)
+        problem = config_string_problem(cfg)
         if problem:
             c.fail(f"{p}.options", m.get("options"), f"options whose dev_config {cfg!r} has"
                    f" {problem}")
             continue
         if handlers is not None:
             try:
-                handlers[handler](_build_config_string(handler, options, pool_path)
+                handlers[handler](_build_config_string(handler, options, items)
                                   .partition("/")[2])
             except ConfigError as exc:
                 c.fail(f"{p}.options", m.get("options"), f"options the {handler!r} handler"
@@ -810,7 +580,22 @@ def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
     return devices
 
 
-def _device_options(c: _Checker, raw: object, path: str, handler: str | None,
+def _config_items(dev: Device, owners: Mapping[str, type[Handler]],
+                  sections: Mapping[str, tuple[Any, ...]]) -> tuple[tuple[str, str], ...]:
+    """What each section owner adds to `dev`'s dev_config, options naming a key first winning
+    (an explicit ``options: {pool: ...}`` is kept as written)."""
+    out: list[tuple[str, str]] = []
+    keys = {k for k, _ in dev.options}
+    for owner in dict.fromkeys(owners.values()):
+        own = {key: sections.get(key, ()) for key in owner.config_sections}
+        for key, value in owner.device_config_items(dev, own):
+            if key not in keys:
+                keys.add(key)
+                out.append((key, value))
+    return tuple(out)
+
+
+def _device_options(c: Checker, raw: object, path: str, handler: str | None,
                     name: str | None, state_dir: str) -> tuple[tuple[str, str], ...] | None:
     m = c.mapping(raw, path, {"path"} if handler == "raw" else None)
     if m is None:
@@ -843,7 +628,7 @@ def _device_options(c: _Checker, raw: object, path: str, handler: str | None,
     return tuple(out)
 
 
-def _load_libraries(c: _Checker, raw: object) -> list[Library]:
+def _load_libraries(c: Checker, raw: object) -> list[Library]:
     libs: list[Library] = []
     seen: set[str] = set()
     dirs: dict[str, str] = {}
@@ -908,8 +693,8 @@ def _load_libraries(c: _Checker, raw: object) -> list[Library]:
                 c.fail(f"{p}.media_dir", m["media_dir"],
                        f"a directory of its own (library {dirs[media]} uses it)")
             dirs[media] = name or "?"
-            cfg = _build_config_string("vtl", (("library", media), ("unit", "drive00")), None)
-            problem = _config_string_problem(cfg)
+            cfg = _build_config_string("vtl", (("library", media), ("unit", "drive00")))
+            problem = config_string_problem(cfg)
             if problem:
                 c.fail(f"{p}.media_dir", m["media_dir"], f"a path whose dev_config {cfg!r} has"
                        f" {problem}")
@@ -926,7 +711,7 @@ def _load_libraries(c: _Checker, raw: object) -> list[Library]:
     return libs
 
 
-def _check_drive_model(c: _Checker, model: str, path: str) -> str | None:
+def _check_drive_model(c: Checker, model: str, path: str) -> str | None:
     """The model if the VTL's personality table knows it (skipped without the vtl handler)."""
     try:
         from tcmu_py.handlers.vtl.personality import personality
@@ -940,7 +725,7 @@ def _check_drive_model(c: _Checker, model: str, path: str) -> str | None:
     return model
 
 
-def _check_media_types(c: _Checker, codes: list[str], spec: str, path: str) -> bool:
+def _check_media_types(c: Checker, codes: list[str], spec: str, path: str) -> bool:
     """True if every barcode names an LTO media type (L5..L9 data, LT..LZ WORM, CLN...)."""
     try:
         from tcmu_py.handlers.vtl.personality import parse_barcode
@@ -967,20 +752,17 @@ def library_devices(lib: Library, defaults: Defaults) -> list[Device]:
             for name, unit, serial in lib.units()]
 
 
-def _device_image(dev: Device) -> str | None:
-    """The file holding `dev`'s data, symbolic links resolved: a ``raw`` image, or a ``thin``
-    disk's file in its pool (``<pool>/<disk or device name>.img``); None for others."""
-    opts = dev.options_dict()
+def _device_image(dev: Device, registry: Mapping[str, type[Handler]]) -> str | None:
+    """The file holding `dev`'s data, symbolic links resolved: a ``raw`` image, or what its
+    handler's `Handler.device_image` names (a thin disk's file in its pool); None for others."""
     if dev.handler == "raw":
-        return os.path.realpath(opts["path"])
-    if dev.handler == "thin":
-        pool = dev.pool_path or opts.get("pool", "")
-        if pool.startswith("/"):
-            return os.path.join(os.path.realpath(pool), f"{opts.get('disk') or dev.name}.img")
-    return None
+        return os.path.realpath(dev.options_dict()["path"])
+    handler = registry.get(dev.handler)  # None also if it failed to import (logged)
+    return handler.device_image(dev) if handler is not None else None
 
 
-def _check_identities(c: _Checker, devices: list[Device], where: Mapping[str, str]) -> None:
+def _check_identities(c: Checker, devices: list[Device], where: Mapping[str, str],
+                      registry: Mapping[str, type[Handler]]) -> None:
     """Devices are distinct disks: no two share a unit serial (VPD 80h, and the designators of
     VPD 83h derived from it: multipath would merge two disks into one), a wwn (VPD 83h NAA), or
     an image file (two devices writing one file corrupt each other)."""
@@ -998,7 +780,7 @@ def _check_identities(c: _Checker, devices: list[Device], where: Mapping[str, st
             other = wwns.setdefault(dev.wwn, dev.name)
             if other != dev.name:
                 c.fail(f"{at}.wwn", dev.wwn, f"a wwn no other device has ({other} has it)")
-        image = _device_image(dev)
+        image = _device_image(dev, registry)
         if image is not None:
             other = images.setdefault(image, dev.name)
             if other != dev.name:
@@ -1006,7 +788,7 @@ def _check_identities(c: _Checker, devices: list[Device], where: Mapping[str, st
                        f" uses {image})")
 
 
-def _load_lunmaps(c: _Checker, raw: object, path: str, devices: set[str]) -> list[LunMap]:
+def _load_lunmaps(c: Checker, raw: object, path: str, devices: set[str]) -> list[LunMap]:
     out: list[LunMap] = []
     used: dict[int, str] = {}
     seen_dev: set[str] = set()
@@ -1027,7 +809,7 @@ def _load_lunmaps(c: _Checker, raw: object, path: str, devices: set[str]) -> lis
         if lun_raw is None:
             lun: int | None = min(n for n in range(MAX_LUN + 2) if n not in used)
             if lun is not None and lun > MAX_LUN:
-                c.fail(f"{p}.lun", _MISSING, f"a free LUN number 0..{MAX_LUN}")
+                c.fail(f"{p}.lun", MISSING, f"a free LUN number 0..{MAX_LUN}")
                 lun = None
         else:
             lun = c.integer(lun_raw, f"{p}.lun", 0, MAX_LUN)
@@ -1042,7 +824,7 @@ def _load_lunmaps(c: _Checker, raw: object, path: str, devices: set[str]) -> lis
     return out
 
 
-def _load_chap(c: _Checker, raw: object, path: str) -> Chap | None:
+def _load_chap(c: Checker, raw: object, path: str) -> Chap | None:
     m = c.mapping(raw, path, {"userid", "password", "mutual_userid", "mutual_password"},
                   frozenset({"userid", "password"}))
     if not m or "userid" not in m or "password" not in m:
@@ -1055,7 +837,7 @@ def _load_chap(c: _Checker, raw: object, path: str) -> Chap | None:
     mp = m.get("mutual_password")
     if (mu is None) != (mp is None):
         missing = "mutual_password" if mp is None else "mutual_userid"
-        c.fail(f"{path}.{missing}", _MISSING, "both mutual_userid and mutual_password, or neither")
+        c.fail(f"{path}.{missing}", MISSING, "both mutual_userid and mutual_password, or neither")
         return None
     if mu is not None:
         mu = c.string(mu, f"{path}.mutual_userid", cred, "a CHAP name of printable characters")
@@ -1074,7 +856,7 @@ def _load_chap(c: _Checker, raw: object, path: str) -> Chap | None:
     return Chap(uid, pw, mu, mp)
 
 
-def _load_portal(c: _Checker, raw: object, path: str) -> Portal | None:
+def _load_portal(c: Checker, raw: object, path: str) -> Portal | None:
     text = raw if isinstance(raw, str) else None
     if text is not None:
         host, port_s = text, "3260"
@@ -1094,7 +876,7 @@ def _load_portal(c: _Checker, raw: object, path: str) -> Portal | None:
     return None
 
 
-def _load_iscsi(c: _Checker, raw: object, devices: set[str]) -> list[IscsiTarget]:
+def _load_iscsi(c: Checker, raw: object, devices: set[str]) -> list[IscsiTarget]:
     out: list[IscsiTarget] = []
     seen: set[str] = set()
     keys = {"iqn", "tpg", "portals", "luns", "acls", "chap", "generate_node_acls", "attributes"}
@@ -1164,13 +946,13 @@ def _load_iscsi(c: _Checker, raw: object, devices: set[str]) -> list[IscsiTarget
             # can never log in.
             for j, a in enumerate(acls):
                 if a.chap is None:
-                    c.fail(f"{p}.acls[{j}].chap", _MISSING, "CHAP credentials (this target"
+                    c.fail(f"{p}.acls[{j}].chap", MISSING, "CHAP credentials (this target"
                            " uses CHAP, so every initiator needs them)")
             if demo and chap is None:
-                c.fail(f"{p}.chap", _MISSING, "CHAP credentials for demo-mode initiators"
+                c.fail(f"{p}.chap", MISSING, "CHAP credentials for demo-mode initiators"
                        " (generate_node_acls is on and an ACL uses CHAP)")
         if demo is False and not acls and "acls" not in m and len(c.problems) == before:
-            c.fail(f"{p}.acls", _MISSING, "at least one ACL, or generate_node_acls: true"
+            c.fail(f"{p}.acls", MISSING, "at least one ACL, or generate_node_acls: true"
                    " (otherwise no initiator can log in)")
         if len(c.problems) != before:
             continue
@@ -1186,28 +968,48 @@ def _raw_names(items: object) -> set[str]:
     return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
 
 
-def _build(c: _Checker, doc: object,
-           handlers: Mapping[str, Callable[[str], None]] | None) -> Config | None:
-    top = c.mapping(doc, "", {"state_dir", "defaults", "pools", "devices", "libraries",
-                              "exports"})
+_TOP_KEYS = ("state_dir", "defaults", "devices", "libraries", "exports")
+
+
+def section_owners(registry: Mapping[str, type[Handler]]) -> dict[str, type[Handler]]:
+    """Top-level YAML key -> the registered handler owning it (`Handler.config_sections`).
+
+    A handler that fails to import is skipped (the registry logs it); a key the loader or an
+    earlier handler already owns is logged and left to its first owner."""
+    owners: dict[str, type[Handler]] = {}
+    for subtype in registry:
+        try:
+            handler = registry[subtype]
+        except KeyError:
+            continue
+        for key in handler.config_sections:
+            if key in _TOP_KEYS or key in owners:
+                first = "the loader" if key in _TOP_KEYS else f"handler {owners[key].subtype!r}"
+                log.error("handler %r: YAML section %r belongs to %s; ignored", subtype, key,
+                          first)
+                continue
+            owners[key] = handler
+    return owners
+
+
+def _build(c: Checker, doc: object,
+           handlers: Mapping[str, Callable[[str], None]] | None,
+           registry: Mapping[str, type[Handler]]) -> Config | None:
+    owners = section_owners(registry)
+    top = c.mapping(doc, "", {*_TOP_KEYS, *owners})
     if top is None:
         return None
     state_dir = c.abspath(top.get("state_dir", DEFAULT_STATE_DIR), "state_dir")
     defaults = _load_defaults(c, top.get("defaults"))
-    pools = _load_pools(c, top.get("pools"))
+    sections: dict[str, tuple[Any, ...]] = {}
+    for key, owner in owners.items():
+        sections[key] = tuple(owner.load_section(key, top.get(key), c, top))
     where: dict[str, str] = {}
     devices = _load_devices(c, top.get("devices"), defaults, state_dir or DEFAULT_STATE_DIR,
-                            handlers, {p.name: p.path for p in pools}, where)
-    # Names given to devices / pools that failed validation still count for cross-references,
-    # so one bad device does not cascade into a "no such device" error for every export.
+                            handlers, owners, sections, where)
+    # Names given to devices that failed validation still count for cross-references, so one
+    # bad device does not cascade into a "no such device" error for every export.
     dev_names = _raw_names(top.get("devices"))
-    pool_names = _raw_names(top.get("pools"))
-    raw_devices = top.get("devices")
-    for i, dev in enumerate(raw_devices if isinstance(raw_devices, list) else []):
-        if isinstance(dev, dict) and isinstance(dev.get("pool"), str) and (
-                dev["pool"] not in pool_names):
-            c.fail(f"devices[{i}].pool", dev["pool"], "the name of a pool in pools"
-                   f" ({', '.join(sorted(pool_names)) or 'none declared'})")
     libraries = _load_libraries(c, top.get("libraries"))
     # Library units are devices too (exported by name like any other); they are implied by
     # `libraries:`, so naming one in `devices:` as well is a duplicate.
@@ -1236,18 +1038,24 @@ def _build(c: _Checker, doc: object,
         where[lib.changer] = f"libraries[{i}].changer"
         for j, drive in enumerate(lib.drives):
             where[drive.name] = f"libraries[{i}].drives[{j}]"
-    _check_identities(c, devices, where)
+    for key, owner in owners.items():
+        for dev, at in owner.section_devices(key, sections[key], defaults):
+            devices.append(dev)
+            where[dev.name] = at
+            dev_names.add(dev.name)
+    _check_identities(c, devices, where, registry)
     em = c.mapping(top.get("exports"), "exports", {"loopback", "iscsi"})
     loop = _load_lunmaps(c, (em or {}).get("loopback"), "exports.loopback", dev_names)
     iscsi = _load_iscsi(c, (em or {}).get("iscsi"), dev_names)
     if c.problems or state_dir is None:
         return None
-    return Config(c.source, state_dir, defaults, tuple(pools),
-                  tuple(devices), tuple(libraries), Exports(tuple(loop), tuple(iscsi)))
+    return Config(c.source, state_dir, defaults, tuple(devices), tuple(libraries),
+                  Exports(tuple(loop), tuple(iscsi)), tuple(sections.items()))
 
 
 def load_config_text(text: str, source: str = "<string>", *,
-                     handlers: Mapping[str, Callable[[str], None]] | None = None) -> Config:
+                     handlers: Mapping[str, Callable[[str], None]] | None = None,
+                     registry: Mapping[str, type[Handler]] | None = None) -> Config:
     """Parse and validate YAML ``text``; ``source`` names it in messages.
 
     ``handlers`` maps each installed subtype to its ``Handler.check_config(cfgstring)`` (the
@@ -1256,9 +1064,11 @@ def load_config_text(text: str, source: str = "<string>", *,
     like any other problem). Checks run before `lio.prepare_storage`, so a check that requires
     files to exist (image directory, pool.json) fails on a fresh host: omit ``handlers`` then, or
     prepare storage first.
+    ``registry`` (default: every registered handler, `load_handlers`) gives the handlers that
+    own top-level sections (`Handler.config_sections`: thin's ``pools``) and validate them.
     Raises ConfigError listing every problem; returns a fully validated Config otherwise.
     """
-    c = _Checker(source)
+    c = Checker(source)
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: got a file larger than {MAX_CONFIG_BYTES} bytes, expected"
                           " a configuration file of at most that size")
@@ -1279,14 +1089,15 @@ def load_config_text(text: str, source: str = "<string>", *,
         raise ConfigError(f"{source}: {where}: got {what}, expected {expected}") from None
     if doc is None:
         doc = {}
-    cfg = _build(c, doc, handlers)
+    cfg = _build(c, doc, handlers, load_handlers() if registry is None else registry)
     if cfg is None:
         raise ConfigError(c.report())
     return cfg
 
 
 def load_config(path: str | Path, *,
-                handlers: Mapping[str, Callable[[str], None]] | None = None) -> Config:
+                handlers: Mapping[str, Callable[[str], None]] | None = None,
+                registry: Mapping[str, type[Handler]] | None = None) -> Config:
     """Read and validate the YAML file at ``path`` (see `load_config_text`); a file larger
     than MAX_CONFIG_BYTES is refused unread."""
     p = Path(path)
@@ -1306,12 +1117,12 @@ def load_config(path: str | Path, *,
         raise ConfigError(f"{p}: line {line}: got bytes that are not UTF-8"
                           f" ({data[exc.start:exc.start + 4]!r}), expected a UTF-8 text"
                           " file") from None
-    return load_config_text(text, str(p), handlers=handlers)
+    return load_config_text(text, str(p), handlers=handlers, registry=registry)
 
 
-def load_default_config(*, handlers: Mapping[str, Callable[[str], None]] | None = None
-                        ) -> Config:
+def load_default_config(*, handlers: Mapping[str, Callable[[str], None]] | None = None,
+                        registry: Mapping[str, type[Handler]] | None = None) -> Config:
     """The embedded default configuration (package data ``tcmu_py/daemon/default.yaml``)."""
     ref = resources.files("tcmu_py.daemon").joinpath("default.yaml")
     return load_config_text(ref.read_text(encoding="utf-8"), "<default config>",
-                            handlers=handlers)
+                            handlers=handlers, registry=registry)

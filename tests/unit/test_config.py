@@ -98,7 +98,8 @@ def test_good_config_values() -> None:
     thin = cfg.device("thin0")
     assert thin.options == (("unit", "64K"), ("zero", "1"))
     assert thin.pool == "main" and thin.serial == "TCMU0001"
-    pool = cfg.pool("main")
+    (pool,) = cfg.section("pools")  # thin's section (handlers/thin/config.py)
+    assert pool.name == "main" and pool.path == "/srv/tcmu/pools/main"
     assert pool.capacity == 10 << 30 and pool.soft_threshold == 75
     assert pool.hard_limit == (10 << 30) * 95 // 100
     assert cfg.exports.loopback == (LunMap("disk0", 0), LunMap("thin0", 5))
