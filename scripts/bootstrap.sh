@@ -84,7 +84,7 @@ stamp_value() {
 }
 WANT=$(stamp_value)
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$WANT" ]] \
-    && .venv/bin/python -c 'import tcmu_py._tcmu_ring, rtslib_fb, pytest, virtme' 2>/dev/null \
+    && .venv/bin/python -c 'import tcmu_py._tcmu_ring, rtslib_fb, pytest, virtme, importlinter' 2>/dev/null \
     && [[ -x .venv/bin/vng ]]; then
     step "venv: up to date"
 else
