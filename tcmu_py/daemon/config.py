@@ -1040,6 +1040,10 @@ def _build(c: Checker, doc: object,
             where[drive.name] = f"libraries[{i}].drives[{j}]"
     for key, owner in owners.items():
         for dev, at in owner.section_devices(key, sections[key], defaults):
+            if dev.name in dev_names:
+                c.fail(f"{at}.name", dev.name, "a name no other device uses (the devices of"
+                       f" {key} are devices of their own; do not list them in devices)")
+                continue
             devices.append(dev)
             where[dev.name] = at
             dev_names.add(dev.name)
