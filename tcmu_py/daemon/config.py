@@ -32,6 +32,7 @@ Facts about the kernel that shape the checks (drivers/target/target_core_user.c)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -971,6 +972,13 @@ def _raw_names(items: object) -> set[str]:
 _TOP_KEYS = ("state_dir", "defaults", "devices", "libraries", "exports")
 
 
+@functools.cache
+def _installed() -> Mapping[str, type[Handler]]:
+    """The registered handlers, looked up once per process (reading every installed package's
+    entry points takes milliseconds, twenty times the load of a small file)."""
+    return load_handlers()
+
+
 def section_owners(registry: Mapping[str, type[Handler]]) -> dict[str, type[Handler]]:
     """Top-level YAML key -> the registered handler owning it (`Handler.config_sections`).
 
@@ -1093,7 +1101,7 @@ def load_config_text(text: str, source: str = "<string>", *,
         raise ConfigError(f"{source}: {where}: got {what}, expected {expected}") from None
     if doc is None:
         doc = {}
-    cfg = _build(c, doc, handlers, load_handlers() if registry is None else registry)
+    cfg = _build(c, doc, handlers, _installed() if registry is None else registry)
     if cfg is None:
         raise ConfigError(c.report())
     return cfg
