@@ -11,7 +11,9 @@ Rules this module obeys:
   exhaust the parser and integers too long to convert are each one `StateFileError` naming the
   file and what was expected, never a raw UnicodeDecodeError / RecursionError / ValueError.
 - Directories tcmu-py creates for its state are 0700 whatever the umask, parents included
-  (`make_private_dirs`); existing directories are left as they are.
+  (`make_private_dirs`); existing directories are left as they are. Creating one is durable:
+  its parent is fsync'd, so what is created inside it and named elsewhere (a cartridge in
+  library.json) cannot vanish in a power cut.
 - `invalid` builds the message for a value of the right syntax but the wrong meaning, in the
   configuration's form: ``<file>: <key>: got <value>, expected <what>``; values are quoted cut
   short so the message stays one line.
@@ -65,20 +67,21 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} (not a JSON number)")
 
 
-def read_json(path: str | os.PathLike[str], expected: str) -> Any:
-    """The JSON document in `path`. `expected` describes the file for messages ("a thin pool
-    file"). FileNotFoundError passes through (callers decide what a missing file means); any
-    other problem is a StateFileError naming the file."""
+def read_json(path: str | os.PathLike[str], expected: str, *,
+              limit: int = MAX_STATE_BYTES) -> Any:
+    """The JSON document in `path` (at most `limit` bytes). `expected` describes the file for
+    messages ("a thin pool file"). FileNotFoundError passes through (callers decide what a
+    missing file means); any other problem is a StateFileError naming the file."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_STATE_BYTES + 1)
+            data = f.read(limit + 1)
     except FileNotFoundError:
         raise
     except OSError as exc:
         raise StateFileError(f"{path}: cannot read ({exc.strerror}); expected {expected}"
                              " readable by this user") from None
-    if len(data) > MAX_STATE_BYTES:
-        raise StateFileError(f"{path}: got a file larger than {MAX_STATE_BYTES} bytes, expected"
+    if len(data) > limit:
+        raise StateFileError(f"{path}: got a file larger than {limit} bytes, expected"
                              f" {expected} of at most that size")
     try:
         text = data.decode("utf-8")
@@ -110,11 +113,7 @@ def write_json(path: str | os.PathLike[str], doc: Any, *, indent: int | None = 1
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    _fsync_dir(path.parent)
 
 
 def make_private_dirs(path: str | os.PathLike[str]) -> None:
@@ -130,6 +129,15 @@ def make_private_dirs(path: str | os.PathLike[str]) -> None:
             os.mkdir(d, 0o700)
         except FileExistsError:
             continue
+        _fsync_dir(d.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[str]:

@@ -2,6 +2,10 @@
 
 Each LUN is its own TCMU device of subtype ``vtl`` with the config string
 ``library=<library dir>;unit=changer`` or ``library=<library dir>;unit=drive<N>`` (N from 0).
+The library directory must be an absolute path, as the image path of ``raw`` and a pool
+directory of ``thin`` are: the daemon's working directory is no base an operator can see, so a
+relative ``library=`` is a ConfigError (symbolic links in it are resolved; the resolved path
+keys the shared `Library`).
 Options are separated by ``;`` (``,`` is accepted too, but cannot reach us through configfs:
 target_core_user splits its ``control`` writes at commas, so ``dev_config=vtl/a=1,b=2`` arrives
 as ``vtl/a=1``; tcmu-runner's handlers use ``;`` for the same reason).
@@ -46,6 +50,11 @@ def _parse(cfgstring: str) -> tuple[Path, int | None]:
             f"config string {cfgstring!r}: unit={opts['unit']!r}: expected changer or drive<N>"
         )
     drive = int(m.group(1)) if m.group(1) is not None else None
+    if not os.path.isabs(opts["library"]):
+        raise ConfigError(
+            f"config string {cfgstring!r}: library={opts['library']!r}: expected an absolute "
+            "library directory"
+        )
     return Path(os.path.realpath(opts["library"])), drive
 
 
@@ -80,8 +89,8 @@ class VtlHandler(Handler):
         root, drive = _parse(cfgstring)
         try:
             lib = Library.open(root)
-        except (OSError, LibraryError) as exc:
-            raise ConfigError(f"config string {cfgstring!r}: library {root}: {exc}") from None
+        except (OSError, LibraryError) as exc:  # LibraryStateError names library.json itself
+            raise ConfigError(f"config string {cfgstring!r}: {exc}") from None
         try:
             if drive is not None and drive >= lib.drive_count:
                 raise ConfigError(

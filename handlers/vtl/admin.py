@@ -25,6 +25,7 @@ from tcmu_py.handlers.vtl.library import (
     Occupant,
     check_barcode,
 )
+from tcmu_py.handlers.vtl.statefile import check_serial
 from tcmu_py.scsi.smc import ElementType
 
 #: More cartridges than this in one range is almost certainly a typo.
@@ -279,6 +280,9 @@ def _drive(text: str) -> tuple[str, str]:
     model, sep, serial = text.partition(":")
     if not sep or not model or not serial:
         raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL:SERIAL, e.g. IBM-LTO8:XYZ001")
+    problem = check_serial(serial)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"serial {serial!r}: expected {problem}")
     return serial, model
 
 
@@ -328,10 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one `tcmu-py vtl` command; returns the exit status (errors go to stderr)."""
+    """Run one `tcmu-py vtl` command; returns the exit status, errors go to stderr as one line.
+
+    Exit 2 (as `tcmu-py` for a configuration error, and argparse for a bad argument) when an input
+    is wrong: a bad argument value (ConfigError) or a malformed library.json, meta.json, mam.json
+    or cartridge data header (StateFileError, naming the file, key, value and expectation).
+    Exit 1 when the library refuses the request (LibraryError) or the system does (OSError).
+    """
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except ConfigError as exc:  # StateFileError included
+        print(f"tcmu-py vtl {args.command}: {exc}", file=sys.stderr)
+        return 2
     except (TcmuError, OSError, ValueError) as exc:
         print(f"tcmu-py vtl {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,10 @@ Rules this file obeys
   the cartridge opens readable up to the last record whose header and payload verify; anything
   after it is cut off.
 * Overwriting in the middle (tape semantics: writing at object ``i`` discards ``i..``) bumps the
-  epoch in the file header and truncates the file, made durable before the next append.
+  epoch in the file header and truncates the file, made durable before the next append. That
+  in-place header write is the one write a crash can tear into a header that fails its CRC;
+  such a header (magic and version intact) is not fatal: the records are found by scanning,
+  without the index, and a writable open gives the file an epoch no index on disk has.
 * The index is a cache: the offset of every `INDEX_STRIDE`-th object (a sparse index: 8 bytes per
   64 objects, so a full LTO-9 cartridge of 256 KiB blocks needs ~9 MB of RAM) plus the list of
   filemarks, and a header with the epoch it belongs to, the object count, the end offset and
@@ -43,8 +46,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
-import json
+import logging
 import os
+import re
 import struct
 import sys
 import zlib
@@ -59,8 +63,17 @@ import xxhash
 
 from tcmu_py.device.block import slice_buffers
 from tcmu_py.handlers.vtl.personality import GENERATIONS, MediaType, MediumKind, parse_barcode
+from tcmu_py.handlers.vtl.statefile import FILE_MODE, Fields
+from tcmu_py.statefile import (
+    invalid,
+    make_private_dirs,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+)
 
 Buffer = bytes | bytearray | memoryview
+log = logging.getLogger(__name__)
 
 DATA_FILE = "data"
 INDEX_FILE = "index"
@@ -163,26 +176,58 @@ def _default_early_warning(capacity: int) -> int:
     return min(max(capacity // 100, 4 << 20), 1 << 30, max(capacity // 4, 1))
 
 
+#: Largest capacity a cartridge may declare: 4 PiB, so capacities in MiB fit the 4-byte fields of
+#: LOG SENSE page 31h (SSC-5 8.2.5).
+MAX_CAPACITY = 1 << 52
+_MAM_COUNTERS = ("load_count", "mb_written", "mb_read")
+_HEX_RE = re.compile(r"(?:[0-9A-Fa-f]{2})*")
+_ATTRIBUTE_ID_RE = re.compile(r"[0-9A-Fa-f]{4}")
+
+
+def _is_volume_id(text: str) -> bool:
+    """A barcode the drive can report: 1..32 printable ASCII (SMC-3 volume identifier)."""
+    return 1 <= len(text) <= 32 and all(" " < c <= "~" for c in text)
+
+
 def _atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
     """Replace `path` with `obj` as JSON so a crash leaves either the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    data = json.dumps(obj, indent=1, sort_keys=True).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_json(path, obj)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def check_meta(path: Path, value: Any) -> dict[str, Any]:
+    """`value` (meta.json as parsed) if every field the cartridge uses is valid; else
+    StateFileError naming the file, the key, the value and what was expected. Unknown keys are
+    kept (a newer version's fields survive a rewrite)."""
+    f = Fields(path, value)
+    f.integer("format", FORMAT_VERSION, FORMAT_VERSION)
+    f.string("barcode", _is_volume_id, "a volume identifier of 1..32 printable ASCII characters")
+    kinds = [k.value for k in MediumKind]
+    f.string("kind", lambda k: k in kinds, f"one of {kinds}")
+    f.integer("generation", min(GENERATIONS), max(GENERATIONS))
+    capacity = f.integer("capacity", 1, MAX_CAPACITY)
+    f.integer("early_warning", 0, capacity)
+    f.boolean("write_protected", False)
+    return dict(f.doc)
+
+
+def check_mam(path: Path, value: Any) -> dict[str, Any]:
+    """`value` (mam.json as parsed) if its counters and host attributes are valid; else
+    StateFileError. Missing counters count as 0, missing attributes as none."""
+    f = Fields(path, value)
+    for name in _MAM_COUNTERS:
+        f.integer(name, 0, (1 << 64) - 1, 0)
+    attrs = f.mapping("attributes", {})
+    for ident in attrs.doc:
+        if not _ATTRIBUTE_ID_RE.fullmatch(ident):
+            attrs.fail(ident, ident, "an attribute identifier of 4 hex digits")
+        attr = attrs.mapping(ident)
+        attr.integer("format", 0, 3)  # SPC-5 7.4.2: FORMAT is a 2-bit field
+        attr.string(
+            "value",
+            lambda v: len(v) <= 2 * 0xFFFF and _HEX_RE.fullmatch(v) is not None,
+            "an even number of hex digits, at most 65535 bytes (ATTRIBUTE LENGTH is 2 bytes)",
+        )
+    return {"attributes": {}, **f.doc}
 
 
 def _pack_file_header(epoch: int) -> bytes:
@@ -190,17 +235,30 @@ def _pack_file_header(epoch: int) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def _unpack_file_header(raw: bytes) -> int:
-    """The epoch of a valid file header; raises CartridgeError otherwise."""
+def _unpack_file_header(raw: bytes, path: Path) -> tuple[int, bool]:
+    """(epoch, whether the header's CRC verifies) of data file `path`; StateFileError if it is
+    no cartridge data file of this version (see the module doc for a failing CRC)."""
     if len(raw) < FILE_HEADER_SIZE:
-        raise CartridgeError("data file header truncated")
+        raise invalid(path, "header", raw, f"a {FILE_HEADER_SIZE}-byte file header")
     body = raw[: FILE_HEADER_SIZE - 4]
     magic, version, epoch = _FILE_HEADER.unpack(body)
-    if magic != FILE_MAGIC or _CRC.unpack_from(raw, FILE_HEADER_SIZE - 4)[0] != zlib.crc32(body):
-        raise CartridgeError("data file header corrupt")
+    if magic != FILE_MAGIC:
+        raise invalid(path, "header magic", magic, f"{FILE_MAGIC!r} (a cartridge data file)")
     if version != FORMAT_VERSION:
-        raise CartridgeError(f"data file format version {version}, expected {FORMAT_VERSION}")
-    return int(epoch)
+        raise invalid(path, "header version", version, f"format version {FORMAT_VERSION}")
+    return int(epoch), _CRC.unpack_from(raw, FILE_HEADER_SIZE - 4)[0] == zlib.crc32(body)
+
+
+def _index_epoch(path: Path) -> int | None:
+    """The epoch an index file claims (None if there is no readable index header)."""
+    try:
+        with open(path / INDEX_FILE, "rb") as f:
+            raw = f.read(INDEX_HEADER_SIZE)
+    except FileNotFoundError:
+        return None
+    if len(raw) < INDEX_HEADER_SIZE:
+        return None
+    return int(_INDEX_HEADER.unpack_from(raw)[3])
 
 
 def _pack_record_header(
@@ -285,13 +343,6 @@ class Cartridge:
             raise ValueError(f"capacity {cap}: expected > 0")
         ew = early_warning if early_warning is not None else _default_early_warning(cap)
         p = Path(path)
-        p.mkdir(parents=True, exist_ok=False)
-        fd = os.open(p / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, _pack_file_header(1))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         meta = {
             "format": FORMAT_VERSION,
             "barcode": barcode,
@@ -301,6 +352,16 @@ class Cartridge:
             "early_warning": ew,
             "write_protected": write_protected,
         }
+        check_meta(p / META_FILE, meta)  # never write what `open` would refuse
+        if p.exists():
+            raise FileExistsError(f"{p} exists")
+        make_private_dirs(p)
+        fd = os.open(p / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, _pack_file_header(1))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         _atomic_write_json(p / MAM_FILE, {"attributes": {}, "load_count": 0,
                                           "mb_written": 0, "mb_read": 0})
         _atomic_write_json(p / META_FILE, meta)
@@ -310,11 +371,17 @@ class Cartridge:
         """Open and recover a cartridge: finds the end of data, cuts off a torn tail.
 
         Opening for writing takes an exclusive lock (`CartridgeBusy` if another holder has it)
-        and truncates any torn tail left by a crash.
+        and truncates any torn tail left by a crash. A malformed meta.json, mam.json or data file
+        header is a `StateFileError` naming the file, key, value and expectation (checked before
+        anything is changed); a missing mam.json is an empty cartridge memory.
         """
         p = Path(path)
-        meta = json.loads((p / META_FILE).read_text())
-        fd = os.open(p / DATA_FILE, os.O_RDONLY if read_only else os.O_RDWR)
+        meta = check_meta(p / META_FILE, read_json(p / META_FILE, "a cartridge's meta.json"))
+        try:
+            mam = check_mam(p / MAM_FILE, read_json(p / MAM_FILE, "a cartridge's mam.json"))
+        except FileNotFoundError:
+            mam = {"attributes": {}}
+        fd = os.open(p / DATA_FILE, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
             if not read_only:
                 try:
@@ -322,19 +389,26 @@ class Cartridge:
                 except BlockingIOError:
                     raise CartridgeBusy(f"{p}: in use") from None
             cart = cls(p, meta, fd, read_only)
+            cart._mam = mam
             cart._recover()
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                cart._mam = json.loads((p / MAM_FILE).read_text())
-            cart._mam.setdefault("attributes", {})
+            if not read_only:  # the only writer of the sidecars now (it holds the lock)
+                for name in (META_FILE, MAM_FILE):
+                    remove_stale_temporaries(p / name)
         except BaseException:
             os.close(fd)
             raise
         return cart
 
     def _recover(self) -> None:
-        self._epoch = _unpack_file_header(os.pread(self._fd, FILE_HEADER_SIZE, 0))
+        self._epoch, intact = _unpack_file_header(
+            os.pread(self._fd, FILE_HEADER_SIZE, 0), self.path / DATA_FILE
+        )
         size = os.fstat(self._fd).st_size
-        self._load_index(size)
+        if intact:
+            self._load_index(size)
+        else:
+            log.warning("%s: data file header fails its CRC (torn by a crash during an "
+                        "overwrite?): scanning the records", self.path / DATA_FILE)
         pos, n = self._end, self._count
         while True:
             rec = self._scan_one(pos, n, size, check_payload=True)
@@ -349,6 +423,14 @@ class Cartridge:
             # A torn tail (crash during a write): cut it so appends start at a clean boundary.
             os.ftruncate(self._fd, pos)
             os.fdatasync(self._fd)
+        if not intact and not self.read_only:
+            # A new epoch that differs from the index's, so that index is never adopted, and the
+            # header made whole and durable before anything is appended.
+            claimed = _index_epoch(self.path)
+            self._epoch = ((self._epoch if claimed is None else claimed) + 1) & ((1 << 64) - 1)
+            os.pwrite(self._fd, _pack_file_header(self._epoch), 0)
+            os.fdatasync(self._fd)
+            self._write_index_header()
 
     def _note_record(self, obj: int, offset: int, kind: int) -> None:
         """Index bookkeeping for a record appended (or found) at the end."""
@@ -722,12 +804,12 @@ class Cartridge:
             return
         new_sparse = _be(self._sparse[self._indexed_sparse :])
         new_fms = _be(self._filemarks[self._indexed_fms :])
-        fd = os.open(self.path / FILEMARKS_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path / FILEMARKS_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             os.pwrite(fd, new_fms, 8 * self._indexed_fms)
         finally:
             os.close(fd)
-        fd = os.open(self.path / INDEX_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path / INDEX_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             os.pwrite(fd, new_sparse, INDEX_HEADER_SIZE + 8 * self._indexed_sparse)
             self._sparse_crc = zlib.crc32(new_sparse, self._sparse_crc)

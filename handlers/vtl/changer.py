@@ -37,7 +37,7 @@ from itertools import groupby
 from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.handler import DeviceConfig
-from tcmu_py.handlers.vtl.library import Library, Occupant, medium_type_for
+from tcmu_py.handlers.vtl.library import Library, LibraryStateError, Occupant, medium_type_for
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import smc, spc
 from tcmu_py.scsi.constants import Opcode, PeripheralType
@@ -93,9 +93,17 @@ class Changer(ScsiDevice):
         re-read is logged here and met again (and reported) by the command itself."""
         try:
             self.library.refresh()
+        except LibraryStateError:
+            pass  # logged by the library once per bad file; met again as NOT READY below
         except Exception:
             self.log.exception("re-reading library %s failed", self.library.path)
         return super().execute(cmd)
+
+    def check_ready(self) -> None:
+        """TEST UNIT READY: NOT READY, MANUAL INTERVENTION REQUIRED while library.json is
+        malformed (`LibraryStateError` carries that sense): the changer cannot tell where its
+        cartridges are until the operator repairs the file."""
+        self.library.refresh()
 
     def _operator_access(self) -> None:
         # SMC-3 unit attention conditions: after operator access to import/export elements the
@@ -278,9 +286,9 @@ class Changer(ScsiDevice):
         form the T10 vendor ID designator text: vendor (8), product (16), serial."""
         serial = self.library.drive_serial(drive_index)
         if self.library.dvcid != "t10":
-            return serial.encode("ascii")
+            return smc.ascii_identifier(serial)
         vendor, product = _drive_identity(self.library.drive_model(drive_index))
-        return (vendor.ljust(8)[:8] + product.ljust(16)[:16] + serial).encode("ascii")
+        return smc.ascii_identifier(vendor.ljust(8)[:8] + product.ljust(16)[:16] + serial)
 
     def _identifier_length(self) -> int:
         """One identifier length for every drive (descriptors of a page share one length)."""

@@ -12,8 +12,16 @@ EMPTY              no cartridge in the element                 02/3A/00 MEDIUM N
 LOADED             cartridge open, position valid              GOOD
 UNLOADED           LOAD UNLOAD(load=0) ejected it; still there 02/04/02 INITIALIZING CMD REQ.
 CLEANING           a cleaning cartridge is in                  02/30/03 CLEANING CART.
-FAILED             cartridge could not be opened               02/04/03 MANUAL INTERVENTION
+FAILED             cartridge could not be opened:
+                   - its meta.json, mam.json or data header    02/30/01 UNKNOWN FORMAT
+                     is malformed
+                   - anything else (missing, busy, I/O error)  02/04/03 MANUAL INTERVENTION
 =================  ==========================================  =========================
+
+A load that fails is logged with the reason (for a malformed file: the file, the key, the value
+and what was expected) and leaves the drive in FAILED: it keeps answering, LOAD UNLOAD unloads it
+and the changer can move the cartridge out; LOAD retries the load. Nothing a cartridge's files
+contain can raise out of the drive: `Cartridge.open` validates them before the drive uses them.
 
 In LOADED the position is a logical object identifier ``pos`` (0 = BOP, ``cartridge.object_count``
 = EOD). Every command either moves ``pos`` within ``0..EOD`` or leaves it, and fails with the sense
@@ -41,6 +49,7 @@ from typing import ClassVar, Protocol
 
 from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice, command
+from tcmu_py.errors import StateFileError
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl import personality as pers
 from tcmu_py.handlers.vtl.cartridge import (
@@ -63,6 +72,7 @@ from tcmu_py.scsi.sense import (
     NotReady,
     NotReadyManualIntervention,
     ParameterListLengthError,
+    ScsiError,
     WriteError,
     WriteProtected,
 )
@@ -137,8 +147,12 @@ class TapeDrive(ScsiDevice):
         self.vendor = self.personality.vendor
         self.product = self.personality.product
         self.revision = self.personality.revision
-        self.serial = library.drive_serial(drive_index)
+        # SPC-5 4.3.1: VPD 80h/83h/B1h carry the serial as ASCII 20h..7Eh. The library refuses
+        # any other serial; this keeps INQUIRY answering even if one got through.
+        self.serial = spc.ascii_text(library.drive_serial(drive_index))
         self.state = DriveState.EMPTY
+        # FAILED: what check_ready raises (a class and message: a new exception each time).
+        self._failure: tuple[type[ScsiError], str] = (NotReadyManualIntervention, "")
         self.barcode: str | None = None
         self.cartridge: Cartridge | None = None
         self.pos = 0
@@ -182,7 +196,11 @@ class TapeDrive(ScsiDevice):
             self._pending_load = barcode is not None
 
     def execute(self, cmd: Command) -> Response | Future[Response]:
-        self._apply_pending_load()
+        """As `ScsiDevice.execute` (never raises), after opening a cartridge moved in."""
+        try:
+            self._apply_pending_load()
+        except BaseException as exc:  # noqa: BLE001 - execute never raises; this becomes sense
+            return self.respond_error(cmd, exc)
         return super().execute(cmd)
 
     def _apply_pending_load(self) -> None:
@@ -204,15 +222,26 @@ class TapeDrive(ScsiDevice):
             self._load(attention=True)
 
     def _load(self, *, attention: bool) -> None:
-        """Thread the cartridge at `self._media_path`: open it, rewind, raise UA 28/00."""
+        """Thread the cartridge at `self._media_path`: open it, rewind, raise UA 28/00.
+
+        On failure the drive is FAILED (see the module doc) and the reason is logged.
+        """
         assert self.barcode is not None
+        self.state = DriveState.FAILED  # until the cartridge is threaded
+        self._failure = (NotReadyManualIntervention, f"{self.barcode} could not be loaded")
         try:
             if self._media_path is None:
                 raise CartridgeError(f"{self.barcode}: no media path")
             cart = Cartridge.open(self._media_path)
+        except StateFileError as exc:
+            # SPC-5 4.4.9 table 63: 30h/01h CANNOT READ MEDIUM - UNKNOWN FORMAT; NOT READY as for
+            # 30h/03h: the cartridge's own description (generation, capacity, cartridge memory)
+            # is unreadable, so its format cannot be told; it must be taken out and repaired.
+            log.error("drive %d: cannot load %s: %s", self.drive_index, self.barcode, exc)
+            self._failure = (ssc.CannotReadUnknownFormat, f"{self.barcode}: {exc}")
+            return
         except (OSError, ValueError, CartridgeError) as exc:
             log.error("drive %d: cannot load %s: %s", self.drive_index, self.barcode, exc)
-            self.state = DriveState.FAILED
             return
         self.cartridge = cart
         self.pos = 0
@@ -265,7 +294,8 @@ class TapeDrive(ScsiDevice):
             raise NotReadyInitializingCommandRequired("cartridge unloaded; LOAD required")
         if self.state is DriveState.CLEANING:
             raise ssc.CleaningCartridgeInstalled()
-        raise NotReadyManualIntervention("cartridge could not be loaded")
+        cls, msg = self._failure
+        raise cls(msg)
 
     def _medium(self) -> Cartridge:
         self.check_ready()
@@ -855,8 +885,7 @@ class TapeDrive(ScsiDevice):
         # SSC-5 8.6.2 Sequential-access device capabilities: WORM supported (byte 4 bit 0).
         pages[0xB0] = lambda: bytes([pt, 0xB0, 0x00, 0x02, 0x01, 0x00])
         # SSC-5 8.6.3 Manufacturer-assigned serial number.
-        pages[0xB1] = lambda: bytes([pt, 0xB1]) + len(self.serial).to_bytes(2, "big") + \
-            self.serial.encode("ascii", "replace")
+        pages[0xB1] = lambda: ssc.build_vpd_manufacturer_serial(pt, self.serial)
         # SSC-5 8.6.4 TapeAlert supported flags: bitmap, flag 01h = byte 4 bit 7.
         def b2() -> bytes:
             bitmap = 0
@@ -913,7 +942,7 @@ class TapeDrive(ScsiDevice):
         ident = ssc.MamId
 
         def asc(text: str, n: int) -> bytes:
-            return text.encode("ascii", "replace")[:n].ljust(n)
+            return spc.ascii_text(text).encode("ascii")[:n].ljust(n)
 
         def u(value: int, n: int) -> bytes:
             return max(0, min(value, (1 << (8 * n)) - 1)).to_bytes(n, "big")

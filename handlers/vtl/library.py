@@ -17,6 +17,14 @@ Durability rule: every change is computed on a copy, written to a temporary file
 renamed over `library.json`, and the directory fsynced; only then does the in-memory state
 change. A crash at any instant therefore leaves either the old or the new state on disk, never
 a mix, and an acknowledged MOVE MEDIUM is never lost. Leftover temporary files are ignored.
+Everything the library creates is private (files 0600, directories 0700: `tcmu_py.statefile`).
+
+Validation rule: library.json is checked whole — layout, drives, every occupant against the
+layout — before any of it is used, and a state re-read from another process's write is adopted
+(and its identity recorded) only after it passed. A malformed file is a `LibraryStateError`
+naming the file, the key, the value and what was expected; while library.json stays malformed,
+every operation refuses with it (the changer answers NOT READY, MANUAL INTERVENTION REQUIRED)
+and nothing is written over the operator's file.
 
 Sharing: one `Library` object serves the changer and every drive of the library in the daemon
 (shared through `tcmu_py.handler.shared`), so methods are thread-safe (one RLock). Another
@@ -32,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
@@ -43,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from tcmu_py.errors import TcmuError
+from tcmu_py.handlers.vtl.statefile import FILE_MODE, Fields, StateFileError, check_serial
+from tcmu_py.scsi.sense import NotReadyManualIntervention
 from tcmu_py.scsi.smc import (
     ELEMENT_TYPES,
     DestinationFull,
@@ -53,6 +62,7 @@ from tcmu_py.scsi.smc import (
     MediumType,
     SourceEmpty,
 )
+from tcmu_py.statefile import make_private_dirs, read_json, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,10 @@ LOCK_FILE = ".lock"
 MEDIA_DIR = "media"
 FORMAT = "tcmu-py-vtl-library"
 VERSION = 1
+#: Largest library.json read: a library of 65536 full elements writes about 6 MiB.
+STATE_LIMIT = 32 << 20
+#: Drive models are looked up by the drive (personality table); here only their shape is checked.
+MODEL_MAX = 64
 
 #: Barcodes (volume identifiers) we accept: they become file names, so no path characters.
 BARCODE_RE = re.compile(r"[A-Z0-9][A-Z0-9_-]{0,31}")
@@ -85,6 +99,18 @@ DriveListener = Callable[[str | None], None]
 
 class LibraryError(TcmuError):
     """An operator request cannot be done (the message says why); nothing was changed."""
+
+
+class LibraryStateError(LibraryError, StateFileError, NotReadyManualIntervention):
+    """library.json is malformed: the one-line message names the file, key, value and what was
+    expected. A `StateFileError` like every state file's (exit 2 from the command line); a
+    `LibraryError` for the operator tools; and, raised from a changer command, 02h/04h/03h
+    LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED (SPC-5 4.4.9 table 63): the library
+    cannot tell where its cartridges are until someone repairs or restores the file."""
+
+    @classmethod
+    def of(cls, exc: StateFileError) -> LibraryStateError:
+        return cls(str(exc))
 
 
 def check_barcode(barcode: str) -> str:
@@ -182,15 +208,13 @@ class Library:
         self._drives = list(drives)
         self._state = state
         self._lock = threading.RLock()
-        self._lock_fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._lock_fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         self._file_id = file_id
+        self._bad_file_id: tuple[int, int, int] | None = None  # last malformed file logged
         self._drive_prevent = [False] * len(drives)
         self._drive_listeners: list[list[DriveListener]] = [[] for _ in drives]
         self._change_listeners: list[Callable[[], None]] = []
-        self._types: dict[int, ElementType] = {}
-        for etype, (first, count) in self._ranges.items():
-            for addr in range(first, first + count):
-                self._types[addr] = etype
+        self._types = _element_types(self._ranges)
         self._addresses = sorted(self._types)
 
     # ------------------------------------------------------------------------------------------
@@ -226,8 +250,15 @@ class Library:
         if dvcid not in ("serial", "t10"):
             raise LibraryError(f"dvcid {dvcid!r}: expected 'serial' or 't10'")
         serials = [s for s, _ in drives]
-        if len(set(serials)) != len(serials) or any(not s or not s.isprintable() for s in serials):
-            raise LibraryError(f"drive serials must be unique printable strings: {serials}")
+        for i, (serial, model) in enumerate(drives):
+            problem = check_serial(serial)
+            if problem is not None:
+                raise LibraryError(f"drives[{i}].serial {serial!r}: expected {problem}")
+            problem = _check_model(model)
+            if problem is not None:
+                raise LibraryError(f"drives[{i}].model {model!r}: expected {problem}")
+        if len(set(serials)) != len(serials):
+            raise LibraryError(f"drive serials {serials}: expected unique serials")
         firsts = {**DEFAULT_FIRST_ADDRESS, **(first_address or {})}
         counts = {
             ElementType.MEDIUM_TRANSPORT: transports,
@@ -241,14 +272,14 @@ class Library:
             # all-elements scan stops at an element reported with address 0.
             raise LibraryError("element address 0 is reserved; first addresses start at 1")
         _check_ranges(ranges)
-        root.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(root)
         if (root / STATE_FILE).exists():
             raise FileExistsError(f"{root / STATE_FILE} exists; a library is already there")
-        (root / MEDIA_DIR).mkdir(exist_ok=True)
+        make_private_dirs(root / MEDIA_DIR)
         infos = [DriveInfo(s, m) for s, m in drives]
         identity = (changer or ChangerIdentity()).check()
         doc = _document(name, ranges, infos, dvcid, _State(), identity)
-        _write_atomically(root, doc)
+        write_json(root / STATE_FILE, doc)
         return cls.open(root)
 
     @classmethod
@@ -259,26 +290,9 @@ class Library:
         # older identity only causes one extra re-read later, never a missed change.
         file_id = _file_identity(root)
         doc = _read_document(root)
-        try:
-            ranges = {
-                t: (int(doc["elements"][k][0]), int(doc["elements"][k][1]))
-                for t, k in _TYPE_KEYS.items()
-            }
-            drives = [DriveInfo(str(d["serial"]), str(d["model"])) for d in doc["drives"]]
-            lib = cls(
-                root,
-                str(doc["name"]),
-                ranges,
-                drives,
-                str(doc.get("dvcid", "serial")),
-                _state_from(doc),
-                file_id,
-                ChangerIdentity(**doc["changer"]) if "changer" in doc else None,
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise LibraryError(f"{root / STATE_FILE}: malformed: {exc!r}") from None
-        _check_ranges(ranges)
-        return lib
+        name, ranges, drives, dvcid, changer = _layout_from(root / STATE_FILE, doc)
+        state = _state_from(root / STATE_FILE, doc, _element_types(ranges))
+        return cls(root, name, ranges, drives, dvcid, state, file_id, changer)
 
     def close(self) -> None:
         """Release the lock file descriptor. The state is always already on disk."""
@@ -617,7 +631,10 @@ class Library:
                             new,
                             self.changer_identity,
                         )
-                        _write_atomically(self.path, doc)
+                        # Under the flock: no other writer can be between its temporary
+                        # file and its rename, so any temporary file left is a crash's.
+                        remove_stale_temporaries(self.path / STATE_FILE)
+                        write_json(self.path / STATE_FILE, doc)
                         self._file_id = self._stat_id()
                         events += self._adopt(new, external=operator)
                 finally:
@@ -626,15 +643,27 @@ class Library:
             _fire(events)  # also when the block refused the change: a re-read was adopted
 
     def _reload_if_changed(self, events: list[Callable[[], None]]) -> None:
+        """Adopt library.json if another process replaced it: validated whole first, then its
+        identity recorded, so a malformed file is refused (LibraryStateError) every time until
+        it is repaired, and never marks itself as seen."""
         try:
             file_id = self._stat_id()
         except FileNotFoundError:
             return
         if file_id == self._file_id:
             return
-        doc = _read_document(self.path)
+        try:
+            state = _state_from(
+                self.path / STATE_FILE, _read_document(self.path), self._types
+            )
+        except LibraryStateError as exc:
+            if file_id != self._bad_file_id:  # log each bad version once, not every command
+                self._bad_file_id = file_id
+                log.error("library %s: %s; keeping the last valid state until it is repaired",
+                          self.name, exc)
+            raise
         self._file_id = file_id
-        events += self._adopt(_state_from(doc), external=True)
+        events += self._adopt(state, external=True)
 
     def _adopt(self, new: _State, *, external: bool) -> list[Callable[[], None]]:
         """Make `new` current; return the listener calls its differences call for."""
@@ -669,6 +698,26 @@ def _file_identity(root: Path) -> tuple[int, int, int]:
     """What changes whenever library.json is replaced (a rename gives a new inode)."""
     st = os.stat(root / STATE_FILE)
     return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _element_types(ranges: dict[ElementType, tuple[int, int]]) -> dict[int, ElementType]:
+    """{address: element type} of a layout."""
+    types: dict[int, ElementType] = {}
+    for etype, (first, count) in ranges.items():
+        for addr in range(first, first + count):
+            types[addr] = etype
+    return types
+
+
+def _check_model(model: object) -> str | None:
+    """Why `model` is not a drive model string (None if it is one)."""
+    if (
+        not isinstance(model, str)
+        or not 1 <= len(model) <= MODEL_MAX
+        or not all(" " <= c <= "~" for c in model)
+    ):
+        return f"a drive model of 1..{MODEL_MAX} printable ASCII characters"
+    return None
 
 
 def _check_ranges(ranges: dict[ElementType, tuple[int, int]]) -> None:
@@ -714,54 +763,132 @@ def _document(
     }
 
 
-def _state_from(doc: dict[str, Any]) -> _State:
-    contents = {
-        int(addr): Occupant(str(o["barcode"]), o.get("source"), bool(o.get("imported", False)))
-        for addr, o in doc.get("contents", {}).items()
-    }
-    return _State(
-        contents,
-        bool(doc.get("ie_prevent", False)),
-        frozenset(int(a) for a in doc.get("ie_open", [])),
-        int(doc.get("generation", 0)),
-    )
+_ADDRESS_RE = re.compile(r"[0-9]{1,5}")
+_Layout = tuple[
+    str, dict[ElementType, tuple[int, int]], list[DriveInfo], str, ChangerIdentity | None
+]
+
+
+def _layout_from(path: Path, doc: dict[str, Any]) -> _Layout:
+    """(name, ranges, drives, dvcid, changer identity) of a parsed library.json, every field
+    checked; LibraryStateError otherwise."""
+    try:
+        f = Fields(path, doc)
+        name = f.string("name")
+        elements = f.mapping("elements")
+        ranges: dict[ElementType, tuple[int, int]] = {}
+        for etype, key in _TYPE_KEYS.items():
+            pair = elements.get(key)
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+                or not (0 <= pair[1] <= 0x10000 and pair[0] > 0 and pair[0] + pair[1] <= 0x10000)
+            ):
+                elements.fail(key, pair, "[first address 1..65535, count] within 16 bits")
+            ranges[etype] = (pair[0], pair[1])
+        if ranges[ElementType.MEDIUM_TRANSPORT][1] < 1:
+            elements.fail("medium_transport", list(ranges[ElementType.MEDIUM_TRANSPORT]),
+                          "at least one medium transport element")
+        try:
+            _check_ranges(ranges)
+        except LibraryError as exc:
+            f.fail("elements", elements.doc, f"element ranges that do not overlap ({exc})")
+        raw_drives = f.array("drives")
+        if len(raw_drives) != ranges[ElementType.DATA_TRANSFER][1]:
+            f.fail("drives", raw_drives, f"one drive per data transfer element "
+                   f"({ranges[ElementType.DATA_TRANSFER][1]})")
+        drives = []
+        for i, raw in enumerate(raw_drives):
+            d = Fields(path, raw, f"drives[{i}]")
+            serial = d.get("serial")
+            problem = check_serial(serial)
+            if problem is not None:
+                d.fail("serial", serial, problem)
+            model = d.get("model")
+            problem = _check_model(model)
+            if problem is not None:
+                d.fail("model", model, problem)
+            drives.append(DriveInfo(serial, model))
+        serials = [d.serial for d in drives]
+        if len(set(serials)) != len(serials):
+            f.fail("drives", raw_drives, "drives with unique serials")
+        dvcid = f.string("dvcid", lambda v: v in ("serial", "t10"), "'serial' or 't10'", "serial")
+        changer = None
+        if "changer" in doc:
+            c = f.mapping("changer")
+            extra = set(c.doc) - {"vendor", "product", "revision"}
+            if extra:
+                c.fail(sorted(extra)[0], c.doc[sorted(extra)[0]], "only vendor, product, revision")
+            changer = ChangerIdentity(
+                c.string("vendor"), c.string("product"), c.string("revision")
+            )
+            try:
+                changer.check()
+            except LibraryError as exc:
+                f.fail("changer", c.doc, str(exc))
+    except LibraryStateError:
+        raise
+    except StateFileError as exc:
+        raise LibraryStateError.of(exc) from None
+    return name, ranges, drives, dvcid, changer
+
+
+def _state_from(path: Path, doc: dict[str, Any], types: dict[int, ElementType]) -> _State:
+    """The element contents of a parsed library.json, checked against the layout `types`
+    (occupants only in holders, sources in storage or import/export elements, each barcode
+    once); LibraryStateError otherwise."""
+    try:
+        f = Fields(path, doc)
+        holders = {ElementType.STORAGE, ElementType.IMPORT_EXPORT, ElementType.DATA_TRANSFER}
+        sources = {ElementType.STORAGE, ElementType.IMPORT_EXPORT}
+        contents: dict[int, Occupant] = {}
+        raw_contents = f.mapping("contents", {})
+        seen: set[str] = set()
+        for key, raw in raw_contents.doc.items():
+            addr = int(key) if _ADDRESS_RE.fullmatch(key) else -1
+            if types.get(addr) not in holders:
+                raw_contents.fail(key, raw, "a storage, import/export or data transfer element "
+                                  "address of this library (decimal)")
+            o = raw_contents.mapping(key)
+            barcode = o.string("barcode", lambda b: BARCODE_RE.fullmatch(b) is not None,
+                               "1..32 characters A-Z 0-9 _ - (not starting with _ or -)")
+            if barcode in seen:
+                o.fail("barcode", barcode, "each barcode in one element only")
+            seen.add(barcode)
+            source = o.get("source", None)
+            if source is not None and (
+                not isinstance(source, int) or isinstance(source, bool)
+                or types.get(source) not in sources
+            ):
+                o.fail("source", source, "null or a storage or import/export element address")
+            contents[addr] = Occupant(barcode, source, o.boolean("imported", False))
+        ie_open = f.array("ie_open", [])
+        for i, addr in enumerate(ie_open):
+            if (
+                not isinstance(addr, int) or isinstance(addr, bool)
+                or types.get(addr) != ElementType.IMPORT_EXPORT
+            ):
+                f.fail(f"ie_open[{i}]", addr, "an import/export element address")
+        return _State(
+            contents,
+            f.boolean("ie_prevent", False),
+            frozenset(ie_open),
+            f.integer("generation", 0, (1 << 63) - 1, 0),
+        )
+    except LibraryStateError:
+        raise
+    except StateFileError as exc:
+        raise LibraryStateError.of(exc) from None
 
 
 def _read_document(root: Path) -> dict[str, Any]:
-    with open(root / STATE_FILE, encoding="utf-8") as f:
-        try:
-            doc = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise LibraryError(f"{root / STATE_FILE}: not JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise LibraryError(f"{root / STATE_FILE}: not a tcmu-py library state file")
-    if doc.get("version") != VERSION:
-        raise LibraryError(
-            f"{root / STATE_FILE}: version {doc.get('version')!r}, expected {VERSION}"
-        )
-    return doc
-
-
-def _write_atomically(root: Path, doc: dict[str, Any]) -> None:
-    """Replace root/library.json with `doc` so that a crash leaves the old or the new file."""
-    data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
-    tmp = root / f".{STATE_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    """library.json parsed, its format and version checked (LibraryStateError otherwise)."""
+    path = root / STATE_FILE
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)  # the new contents are on disk before the name points at them
-        finally:
-            os.close(fd)
-        os.replace(tmp, root / STATE_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)  # the rename itself is durable: an acknowledged move survives power loss
-    finally:
-        os.close(dfd)
+        f = Fields(path, read_json(path, "a tcmu-py library state file", limit=STATE_LIMIT))
+        f.string("format", lambda v: v == FORMAT, repr(FORMAT))
+        f.integer("version", VERSION, VERSION)
+    except StateFileError as exc:
+        raise LibraryStateError.of(exc) from None
+    return f.doc

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Self
 
+from tcmu_py.scsi import spc
 from tcmu_py.scsi.constants import Opcode, SenseKey
 from tcmu_py.scsi.sense import InvalidFieldInCdb, ScsiError
 
@@ -370,6 +371,16 @@ _DESCRIPTOR = struct.Struct(">HBxBB3sBH")
 # Identification descriptor header: CODE SET | IDENTIFIER TYPE | rsvd | IDENTIFIER LENGTH.
 _IDENT = struct.Struct(">BBxB")
 
+#: IDENTIFIER LENGTH is one byte (SMC-3 READ ELEMENT STATUS identification descriptor).
+MAX_IDENTIFIER_LENGTH = 255
+
+
+def ascii_identifier(text: str, limit: int = MAX_IDENTIFIER_LENGTH) -> bytes:
+    """`text` as the bytes of an ASCII identifier of at most `limit` bytes, for any str: the
+    characters outside 20h..7Eh become "?" (SPC-5 4.3.1), the rest is cut off. A DVCID identifier
+    (a drive's serial, or its T10 vendor ID designator text) and volume tags are built with it."""
+    return spc.ascii_text(text).encode("ascii")[:limit]
+
 # Element descriptor byte 2 flags (SMC-3 READ ELEMENT STATUS; not every bit exists for every type).
 FULL = 0x01
 IMPEXP = 0x02
@@ -394,11 +405,15 @@ class VolumeTag:
     sequence: int = 0
 
     def build(self) -> bytes:
-        raw = self.identifier.encode("ascii")
-        if len(raw) > VOLUME_IDENTIFIER_LENGTH:
-            raise ValueError(f"volume identifier {self.identifier!r} longer than 32 bytes")
+        """The 36 bytes. Never raises: the identifier is made ASCII 20h..7Eh (SPC-5 4.3.1) and
+        cut at 32 bytes (the library never stores a barcode that needs either)."""
+        raw = ascii_identifier(self.identifier, VOLUME_IDENTIFIER_LENGTH)
         # SMC-3: the VOLUME IDENTIFIER is left-aligned and padded with spaces (20h).
-        return raw.ljust(VOLUME_IDENTIFIER_LENGTH, b" ") + b"\x00\x00" + _U16.pack(self.sequence)
+        return (
+            raw.ljust(VOLUME_IDENTIFIER_LENGTH, b" ")
+            + b"\x00\x00"
+            + _U16.pack(self.sequence & 0xFFFF)
+        )
 
     @classmethod
     def parse(cls, data: bytes | memoryview) -> VolumeTag | None:

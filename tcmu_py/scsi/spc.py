@@ -67,6 +67,15 @@ def _ascii(value: str, width: int, what: str) -> bytes:
     return raw.ljust(width, b" ")
 
 
+def ascii_text(value: str) -> str:
+    """`value` made fit for an ASCII field without failing: every character outside 20h..7Eh
+    (SPC-5 4.3.1) becomes "?". For identifiers that were validated earlier and must never turn
+    a later INQUIRY or READ ELEMENT STATUS into an exception."""
+    if value.isascii() and value.isprintable():
+        return value
+    return "".join(c if " " <= c <= "~" else "?" for c in value)
+
+
 # --- INQUIRY --------------------------------------------------------------------------------
 
 #: Version descriptor codes (SPC-5 6.7.2 table 153).

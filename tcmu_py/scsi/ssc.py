@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from tcmu_py.scsi import spc
 from tcmu_py.scsi.constants import SenseKey
 from tcmu_py.scsi.sense import (
     IllegalRequest,
@@ -111,6 +112,15 @@ class CleaningCartridgeInstalled(ScsiError):
 
     sense_key = SenseKey.NOT_READY
     asc, ascq = 0x30, 0x03
+
+
+class CannotReadUnknownFormat(ScsiError):
+    """02h/30h/01h CANNOT READ MEDIUM - UNKNOWN FORMAT: a cartridge is in the drive, but what its
+    format is cannot be told (a damaged cartridge memory or format header). NOT READY like 30h/03h
+    CLEANING CARTRIDGE INSTALLED: the medium is present and unusable until it is replaced."""
+
+    sense_key = SenseKey.NOT_READY
+    asc, ascq = 0x30, 0x01
 
 
 class WormOverwriteAttempted(ScsiError):
@@ -558,7 +568,8 @@ class DensityDescriptor:
 
 
 def _ascii(s: str, n: int) -> bytes:
-    return s.encode("ascii", "replace")[:n].ljust(n)
+    """SPC-5 4.3.1: an ASCII field of `n` bytes (20h..7Eh, space padded); never raises."""
+    return spc.ascii_text(s).encode("ascii")[:n].ljust(n)
 
 
 def build_density_support(descs: list[DensityDescriptor]) -> bytes:
@@ -685,6 +696,20 @@ def medium_configuration_page(worm: bool) -> tuple[bytes, bytes]:
     chg = bytearray(32)
     chg[0], chg[1] = 0x1D, 0x1E
     return bytes(cur), bytes(chg)
+
+
+# ---------------------------------------------------------------------------------------------
+# VPD pages (SSC-5 8.6)
+
+
+def build_vpd_manufacturer_serial(peripheral_type: int, serial: str) -> bytes:
+    """Manufacturer-assigned serial number VPD B1h (SSC-5 8.6.3): the serial as ASCII.
+
+    Never raises: characters outside 20h..7Eh (SPC-5 4.3.1) are sent as "?", and the page is
+    cut at 255 bytes.
+    """
+    raw = spc.ascii_text(serial).encode("ascii")[:255]
+    return spc.build_vpd_page(peripheral_type, 0xB1, raw)
 
 
 # ---------------------------------------------------------------------------------------------

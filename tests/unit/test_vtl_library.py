@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -243,7 +244,8 @@ def test_crash_at_any_step_leaves_old_or_new_state(
 ) -> None:
     lib = make_library(tmp_path)
     old = lib.contents()
-    real_fsync, real_replace, real_write = os.fsync, os.replace, os.write
+    real_fsync, real_replace = os.fsync, os.replace
+    real_dump, real_dumps = json.dump, json.dumps
     fsyncs = []
 
     def fsync(fd: int) -> None:
@@ -259,15 +261,16 @@ def test_crash_at_any_step_leaves_old_or_new_state(
             raise Crash(step)
         real_replace(a, b)  # type: ignore[arg-type]
 
-    def write(fd: int, data: object) -> int:
+    def dump(doc: object, f: Any, **kw: Any) -> None:
+        # The temporary file gets the first bytes of the document, then the process dies.
         if step == "write":
-            real_write(fd, bytes(data)[:10])  # type: ignore[call-overload]
+            f.write(real_dumps(doc)[:10])
             raise Crash(step)
-        return real_write(fd, data)  # type: ignore[arg-type]
+        real_dump(doc, f, **kw)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(json, "dump", dump)  # tcmu_py.statefile.write_json writes with it
     with pytest.raises(Crash):
         lib.move(ST, DT)
     monkeypatch.undo()
