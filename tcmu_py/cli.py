@@ -118,7 +118,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from tcmu_py.daemon import lio
 
             prepare_handlers(config)
-            _prepare_libraries(config)
             # Backstores first, then the daemon serves them, then the LUNs (whose scan reaches
             # the ring at once): see vm-lab.md.
             daemon.reopen_failed()  # devices naming a pool or library the YAML declares
@@ -135,33 +134,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_libraries(config: Any) -> None:
-    """Create the YAML's tape libraries (directory, slots, import/export elements, drives) and
-    their declared cartridges, idempotently: an existing library is kept as it is (cartridges
-    stay where the last moves put them) and only missing cartridges are added. A library whose
-    layout differs from its declaration raises LibraryError naming the difference, before any
-    LIO object is created."""
-    if not config.libraries:
-        return
-    from tcmu_py.handlers.vtl.admin import ensure_library
-
-    for lib in config.libraries:
-        ensure_library(
-            lib.media_dir,
-            name=lib.name,
-            drives=[(d.unit_serial(), d.model) for d in lib.drives],
-            slots=lib.slots,
-            import_export=lib.import_export,
-            cartridges=lib.cartridges,
-        ).close()
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
     from tcmu_py.daemon import lio
 
     config = _load(args.config)
     prepare_handlers(config)
-    _prepare_libraries(config)
     lio.apply_backstores(config)
     lio.apply_exports(config)
     return 0
@@ -205,14 +182,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return int(lab.main(args.rest))
 
 
-def cmd_vtl(args: argparse.Namespace) -> int:
-    from tcmu_py.handlers.vtl import admin
-
-    return int(admin.main(args.rest))
-
-
 #: Subcommands that parse their own options (everything after the name goes to them).
-_DELEGATED = {"lab": cmd_lab, "vtl": cmd_vtl}
+_DELEGATED = {"lab": cmd_lab}
 #: The commands of tcmu-py itself: a handler's command of one of these names is ignored.
 _BUILTIN = frozenset({"serve", "apply", "down", "check", "status", *_DELEGATED})
 
@@ -294,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "lab", help="boot the distribution kernel in QEMU and serve there (tcmu-py lab --help)"
     )
-    sub.add_parser("vtl", help="virtual tape library administration (tcmu-py vtl --help)")
     for name, command in sorted(handler_commands().items()):
         sub.add_parser(name, help=command.help)
     return p

@@ -8,13 +8,18 @@ Rules this module obeys:
   are quoted cut short, so a line stays a line whatever the file holds.
 - Hostile files cost bounded time and memory: at most MAX_CONFIG_BYTES are read, nesting
   beyond MAX_DEPTH and alias bombs (more than MAX_NODES nodes once aliases are expanded) are
-  refused while parsing, barcode ranges are counted before they are expanded, and anything
+  refused while parsing, barcode ranges are counted before they are expanded (vtl), and anything
   the YAML layer refuses (unhashable or duplicate keys, values their tag cannot hold, bytes that
   are not UTF-8) is a ConfigError naming the line.
 - Unknown keys are errors (a typo must not silently fall back to a default).
-- Cross references are checked: exports name devices that exist, devices name pools that exist,
-  names / LUN numbers / initiators / portals are unique where LIO needs them unique; devices
-  are distinct disks (no shared serial, wwn or image file).
+- This module knows the generic keys (state_dir, defaults, devices, exports); every other
+  top-level section belongs to the handler that declares it (`Handler.config_sections`: thin's
+  ``pools``, the VTL's ``libraries``), found through the registry and validated by it with the
+  same `Checker` (handlers/thin/config.py, handlers/vtl/config.py).
+- Cross references are checked: exports name devices that exist (also a section's devices, a
+  library's units), devices name pools that exist (thin's check), names / LUN numbers /
+  initiators / portals are unique where LIO needs them unique; devices are distinct disks (no
+  shared serial, wwn or image file).
 - Every device's TCMU ``dev_config`` string (`dev_config_string`) is built and checked at load
   time, so the kernel never sees one it would truncate.
 
@@ -33,7 +38,6 @@ Facts about the kernel that shape the checks (drivers/target/target_core_user.c)
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
 import logging
 import os
@@ -85,15 +89,11 @@ __all__ = [
     "Config",
     "Defaults",
     "Device",
-    "Drive",
     "Exports",
     "IscsiTarget",
-    "Library",
     "LunMap",
     "Portal",
     "dev_config_string",
-    "expand_barcodes",
-    "library_devices",
     "load_config",
     "load_config_text",
     "load_default_config",
@@ -113,7 +113,6 @@ _SUBTYPE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _OPTION_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SERIAL_RE = re.compile(r"[\x21-\x7e]{1,64}")
 _DEVICE_WWN_RE = re.compile(r"naa\.([235][0-9a-f]{15}|6[0-9a-f]{31})")
-_BARCODE_RE = re.compile(r"[A-Z0-9]{1,32}")
 # Attributes of an iSCSI TPG in configfs (drivers/target/iscsi/iscsi_target_configfs.c).
 ISCSI_TPG_ATTRIBUTES = frozenset(
     {
@@ -134,109 +133,7 @@ ISCSI_TPG_ATTRIBUTES = frozenset(
     }
 )
 
-# Every library unit is a TCMU device with these settings (not configurable: they follow from
-# tape, not from the host). The size only has to be non-zero (LIO refuses 0; tapes have no LBAs).
-LIBRARY_DEVICE_SIZE = 1 << 20
-# Rewind, locate and erase of a full LTO cartridge take minutes on a real drive; a changer move
-# tens of seconds. The kernel fails a command that the daemon has not completed in cmd_time_out.
-LIBRARY_CMD_TIME_OUT = 300
-# 2048 x 512-byte sectors = 1 MiB per command, so tape blocks of 256 KiB .. 1 MiB pass whole
-# (LIO's default of 128 sectors would cap a block at 64 KiB).
-LIBRARY_HW_MAX_SECTORS = 2048
-
-def _barcode_range(spec: str) -> tuple[str, int, int, int, str]:
-    """(prefix, first number, last number, digits, suffix) of ``ABC000L8..ABC019L8``; a single
-    barcode is a range of one. Raises ValueError unless the ends differ in one run of digits of
-    equal width."""
-    first, sep, last = spec.partition("..")
-    if not sep:
-        last = first
-    for code in (first, last):
-        if not _BARCODE_RE.fullmatch(code):
-            raise ValueError(spec)
-    if first == last:
-        return first, 0, 0, 0, ""
-    if len(first) != len(last):
-        raise ValueError(spec)
-    start = 0
-    while first[start] == last[start]:
-        start += 1
-    end = len(first)
-    while first[end - 1] == last[end - 1]:
-        end -= 1
-    # Widen the differing part to the whole digit run it sits in.
-    while start > 0 and first[start - 1].isdigit():
-        start -= 1
-    while end < len(first) and first[end].isdigit():
-        end += 1
-    lo_s, hi_s = first[start:end], last[start:end]
-    if not (lo_s.isdigit() and hi_s.isdigit()) or int(lo_s) > int(hi_s):
-        raise ValueError(spec)
-    return first[:start], int(lo_s), int(hi_s), end - start, first[end:]
-
-
-def count_barcodes(spec: str) -> int:
-    """How many barcodes `expand_barcodes` would give, computed without expanding (a range
-    like ``A00000000000L8..A99999999999L8`` holds 10^11). Raises ValueError as it does."""
-    _, lo, hi, _, _ = _barcode_range(spec)
-    return hi - lo + 1
-
-
-def expand_barcodes(spec: str) -> list[str]:
-    """Expand ``ABC000L8..ABC019L8`` into its 20 barcodes; a single barcode expands to itself.
-
-    The two ends must differ only in one run of digits of equal width; raises ValueError otherwise.
-    Check `count_barcodes` first when the range comes from outside.
-    """
-    prefix, lo, hi, width, suffix = _barcode_range(spec)
-    if not width:
-        return [prefix]
-    return [f"{prefix}{n:0{width}d}{suffix}" for n in range(lo, hi + 1)]
-
-
 # --------------------------------------------------------------------------- dataclasses
-
-
-@dataclass(frozen=True)
-class Drive:
-    """A tape drive of a library: ``name`` is its device (LIO backstore) name, ``model`` a drive
-    personality (``IBM-LTO8``, ``ULT3580-TD8``, ...), ``serial`` its unit serial (VPD 80h, and
-    the identifier the changer reports for it); empty means derived from the name."""
-
-    name: str
-    model: str
-    serial: str = ""
-
-    def unit_serial(self) -> str:
-        """The serial the drive reports: ``serial``, or ``TP`` + 8 hex digits of SHA-256 of the
-        device name (stable across restarts, 10 characters like a real LTO drive's)."""
-        if self.serial:
-            return self.serial
-        return "TP" + hashlib.sha256(self.name.encode()).hexdigest()[:8].upper()
-
-
-@dataclass(frozen=True)
-class Library:
-    """A virtual tape library. ``media_dir`` is the library directory (library.json, the
-    cartridges under ``media/``); ``cartridges`` keeps the range strings as written (see
-    `barcodes`). The loader adds one ``vtl`` `Device` per unit (the changer, then each drive) to
-    `Config.devices` (see `library_devices`), so units are exported like any device."""
-
-    name: str
-    changer: str
-    drives: tuple[Drive, ...]
-    slots: int
-    import_export: int
-    cartridges: tuple[str, ...]
-    media_dir: str
-
-    def barcodes(self) -> list[str]:
-        return [code for spec in self.cartridges for code in expand_barcodes(spec)]
-
-    def units(self) -> list[tuple[str, str, str | None]]:
-        """[(device name, unit option, serial)]: the changer, then drive0..driveN-1."""
-        return [(self.changer, "changer", None)] + [
-            (d.name, f"drive{i}", d.unit_serial()) for i, d in enumerate(self.drives)]
 
 
 @dataclass(frozen=True)
@@ -305,7 +202,6 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     defaults: Defaults = field(default_factory=Defaults)
     devices: tuple[Device, ...] = ()
-    libraries: tuple[Library, ...] = ()
     exports: Exports = field(default_factory=Exports)
     #: (top-level key, specs) of each section a handler owns (`Handler.load_section`).
     sections: tuple[tuple[str, tuple[Any, ...]], ...] = ()
@@ -629,130 +525,6 @@ def _device_options(c: Checker, raw: object, path: str, handler: str | None,
     return tuple(out)
 
 
-def _load_libraries(c: Checker, raw: object) -> list[Library]:
-    libs: list[Library] = []
-    seen: set[str] = set()
-    dirs: dict[str, str] = {}
-    keys = {"name", "changer", "drives", "slots", "import_export", "cartridges", "media_dir"}
-    for i, item in enumerate(c.seq(raw, "libraries") or []):
-        p = f"libraries[{i}]"
-        before = len(c.problems)
-        m = c.mapping(item, p, keys, frozenset({"name", "changer", "drives", "slots",
-                                                "media_dir"}))
-        if m is None:
-            continue
-        name = c.name(m["name"], f"{p}.name") if "name" in m else None
-        if name is not None:
-            if name in seen:
-                c.fail(f"{p}.name", name, "a library name not used before (duplicate)")
-            seen.add(name)
-        changer = c.name(m["changer"], f"{p}.changer") if "changer" in m else None
-        drives: list[Drive] = []
-        for j, d in enumerate(c.seq(m.get("drives"), f"{p}.drives") or []):
-            dp = f"{p}.drives[{j}]"
-            dm = c.mapping(d, dp, {"name", "model", "serial"}, frozenset({"name", "model"}))
-            if dm is None or "name" not in dm or "model" not in dm:
-                continue
-            dn = c.name(dm["name"], f"{dp}.name")
-            model = c.string(dm["model"], f"{dp}.model", re.compile(r"[\x20-\x7e]{1,16}"),
-                             "a product identification of 1..16 printable ASCII characters")
-            if model is not None:
-                model = _check_drive_model(c, model, f"{dp}.model")
-            serial = ""
-            if dm.get("serial") is not None:
-                serial = c.string(dm["serial"], f"{dp}.serial", re.compile(r"[A-Za-z0-9_-]{1,32}"),
-                                  "a drive serial of 1..32 characters A-Z a-z 0-9 _ -") or ""
-            if dn and model:
-                drives.append(Drive(dn, model, serial))
-        if "drives" in m and not drives and len(c.problems) == before:
-            c.fail(f"{p}.drives", m["drives"], "at least one drive")
-        slots = c.integer(m["slots"], f"{p}.slots", 1, 65535) if "slots" in m else None
-        ie = c.integer(m.get("import_export", 0), f"{p}.import_export", 0, 255)
-        carts: list[str] = []
-        room = (slots or 65535) + (ie or 0)  # what the library can hold: never expand beyond
-        held = 0
-        for j, spec in enumerate(c.seq(m.get("cartridges"), f"{p}.cartridges") or []):
-            try:
-                if not isinstance(spec, str):
-                    raise ValueError(spec)
-                count = count_barcodes(spec)
-            except ValueError:
-                c.fail(f"{p}.cartridges[{j}]", spec,
-                       "a barcode (A-Z 0-9, up to 32) or a range like ABC000L8..ABC019L8")
-                continue
-            if held + count > room:
-                c.fail(f"{p}.cartridges[{j}]", spec, f"at most slots + import_export = {room}"
-                       f" cartridges in all (this range holds {count}, the ones before it"
-                       f" {held})")
-                continue
-            held += count
-            if _check_media_types(c, expand_barcodes(spec), spec, f"{p}.cartridges[{j}]"):
-                carts.append(spec)
-        media = c.abspath(m["media_dir"], f"{p}.media_dir") if "media_dir" in m else None
-        if media is not None:
-            if media in dirs:
-                c.fail(f"{p}.media_dir", m["media_dir"],
-                       f"a directory of its own (library {dirs[media]} uses it)")
-            dirs[media] = name or "?"
-            cfg = _build_config_string("vtl", (("library", media), ("unit", "drive00")))
-            problem = config_string_problem(cfg)
-            if problem:
-                c.fail(f"{p}.media_dir", m["media_dir"], f"a path whose dev_config {cfg!r} has"
-                       f" {problem}")
-        units = ([changer] if changer else []) + [d.name for d in drives]
-        for unit in units:
-            if units.count(unit) > 1:
-                c.fail(f"{p}.drives", m.get("drives"),
-                       f"unit names used once in the library ({unit!r} repeats)")
-                break
-        if len(c.problems) != before:
-            continue
-        assert name and changer and slots and media is not None and ie is not None
-        libs.append(Library(name, changer, tuple(drives), slots, ie, tuple(carts), media))
-    return libs
-
-
-def _check_drive_model(c: Checker, model: str, path: str) -> str | None:
-    """The model if the VTL's personality table knows it (skipped without the vtl handler)."""
-    try:
-        from tcmu_py.handlers.vtl.personality import personality
-    except ImportError:
-        return model
-    try:
-        personality(model)
-    except ConfigError as exc:
-        c.fail(path, model, f"a known drive model ({exc})")
-        return None
-    return model
-
-
-def _check_media_types(c: Checker, codes: list[str], spec: str, path: str) -> bool:
-    """True if every barcode names an LTO media type (L5..L9 data, LT..LZ WORM, CLN...)."""
-    try:
-        from tcmu_py.handlers.vtl.personality import parse_barcode
-    except ImportError:
-        return True
-    for code in codes:
-        try:
-            parse_barcode(code)
-        except ConfigError:
-            c.fail(path, spec, f"barcodes with an LTO media suffix (L3..L9 data, LT..LZ WORM)"
-                   f" or a CLN prefix; {code!r} has none")
-            return False
-    return True
-
-
-def library_devices(lib: Library, defaults: Defaults) -> list[Device]:
-    """The ``vtl`` devices of a library: the changer, then each drive, with the library
-    settings (LIBRARY_DEVICE_SIZE, LIBRARY_HW_MAX_SECTORS, LIBRARY_CMD_TIME_OUT) and
-    ``max_data_area_mb`` from ``defaults`` (at least what one command of hw_max_sectors needs)."""
-    area = max(defaults.max_data_area_mb, (LIBRARY_HW_MAX_SECTORS * 512) >> 20)
-    return [Device(name, "vtl", LIBRARY_DEVICE_SIZE, 512, LIBRARY_HW_MAX_SECTORS, area,
-                   LIBRARY_CMD_TIME_OUT, False, (("library", lib.media_dir), ("unit", unit)),
-                   serial)
-            for name, unit, serial in lib.units()]
-
-
 def _device_image(dev: Device, registry: Mapping[str, type[Handler]]) -> str | None:
     """The file holding `dev`'s data, symbolic links resolved: a ``raw`` image, or what its
     handler's `Handler.device_image` names (a thin disk's file in its pool); None for others."""
@@ -969,7 +741,7 @@ def _raw_names(items: object) -> set[str]:
     return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
 
 
-_TOP_KEYS = ("state_dir", "defaults", "devices", "libraries", "exports")
+_TOP_KEYS = ("state_dir", "defaults", "devices", "exports")
 
 
 @functools.cache
@@ -1018,36 +790,14 @@ def _build(c: Checker, doc: object,
     # Names given to devices that failed validation still count for cross-references, so one
     # bad device does not cascade into a "no such device" error for every export.
     dev_names = _raw_names(top.get("devices"))
-    libraries = _load_libraries(c, top.get("libraries"))
-    # Library units are devices too (exported by name like any other); they are implied by
-    # `libraries:`, so naming one in `devices:` as well is a duplicate.
-    raw_libs = top.get("libraries")
-    for i, lib_raw in enumerate(raw_libs if isinstance(raw_libs, list) else []):
-        if not isinstance(lib_raw, dict):
-            continue
-        raw_drives = lib_raw.get("drives")
-        names = [("changer", lib_raw.get("changer"))] + [
-            (f"drives[{j}].name", d.get("name"))
-            for j, d in enumerate(raw_drives if isinstance(raw_drives, list) else [])
-            if isinstance(d, dict)]
-        for key, unit in names:
-            if not isinstance(unit, str):
-                continue
-            if unit in dev_names:
-                c.fail(f"libraries[{i}].{key}", unit, "a name no device or other library unit"
-                       " uses (library units are devices of their own; do not list them in"
-                       " devices)")
-            dev_names.add(unit)
-    if libraries and handlers is not None and "vtl" not in handlers:
-        c.fail("libraries", [lib.name for lib in libraries],
-               f"the vtl handler installed ({', '.join(sorted(handlers)) or 'none found'})")
-    for i, lib in enumerate(libraries):
-        devices.extend(library_devices(lib, defaults))
-        where[lib.changer] = f"libraries[{i}].changer"
-        for j, drive in enumerate(lib.drives):
-            where[drive.name] = f"libraries[{i}].drives[{j}]"
     for key, owner in owners.items():
-        for dev, at in owner.section_devices(key, sections[key], defaults):
+        implied = owner.section_devices(key, sections[key], defaults)
+        if implied and handlers is not None and owner.subtype not in handlers:
+            # Its devices could not be served: say so once, at the section.
+            c.fail(key, [getattr(spec, "name", spec) for spec in sections[key]],
+                   f"the {owner.subtype} handler installed"
+                   f" ({', '.join(sorted(handlers)) or 'none found'})")
+        for dev, at in implied:
             if dev.name in dev_names:
                 c.fail(f"{at}.name", dev.name, "a name no other device uses (the devices of"
                        f" {key} are devices of their own; do not list them in devices)")
@@ -1061,7 +811,7 @@ def _build(c: Checker, doc: object,
     iscsi = _load_iscsi(c, (em or {}).get("iscsi"), dev_names)
     if c.problems or state_dir is None:
         return None
-    return Config(c.source, state_dir, defaults, tuple(devices), tuple(libraries),
+    return Config(c.source, state_dir, defaults, tuple(devices),
                   Exports(tuple(loop), tuple(iscsi)), tuple(sections.items()))
 
 

@@ -16,7 +16,6 @@ from tcmu_py.daemon.config import (
     LunMap,
     Portal,
     dev_config_string,
-    expand_barcodes,
     load_config,
     load_config_text,
     load_default_config,
@@ -24,6 +23,7 @@ from tcmu_py.daemon.config import (
 )
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import load_handlers
+from tcmu_py.handlers.vtl.config import expand_barcodes
 
 GOOD = """
 state_dir: /srv/tcmu
@@ -111,7 +111,7 @@ def test_good_config_values() -> None:
     assert tgt.acls[0].luns == ("thin0",) and tgt.acls[1].luns is None
     assert tgt.acls[0].chap == Chap("u1", "p1p1p1p1p1p1", "t1", "m1m1m1")
     assert tgt.attributes == (("default_cmdsn_depth", 128),)
-    lib = cfg.libraries[0]
+    (lib,) = cfg.section("libraries")  # the vtl's section (handlers/vtl/config.py)
     assert len(lib.barcodes()) == 21 and lib.barcodes()[0] == "ABC000L8"
     # The library's units are devices of their own, after the declared ones.
     assert [d.name for d in cfg.devices] == ["disk0", "thin0", "changer0", "tape0"]
