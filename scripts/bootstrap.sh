@@ -6,7 +6,8 @@
 # Installs the Debian packages the project needs (build tools, the VM lab: QEMU + Debian's
 # kernel with LIO/TCMU modules + virtme-ng's static busybox, and the initiators/peers the kernel
 # scenarios and benchmarks drive), then creates ./.venv and installs the package editable with its
-# test and LIO extras plus virtme-ng. Re-runs skip whatever is already in place: apt runs only if
+# test and LIO extras plus virtme-ng, and the example out-of-tree handler package the unit tests
+# plug in (tests/plugin_example). Re-runs skip whatever is already in place: apt runs only if
 # a package is missing, pip only if the packaging inputs changed or the install is broken.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,17 +80,21 @@ stamp_value() {
     {
         echo "$VIRTME_NG"
         cat pyproject.toml setup.py 2>/dev/null || true
+        cat tests/plugin_example/pyproject.toml 2>/dev/null || true
         cat tcmu_py/_ffi_build.py tcmu_py/*.h tcmu_py/*.c 2>/dev/null || true
     } | sha256sum | cut -d' ' -f1
 }
 WANT=$(stamp_value)
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$WANT" ]] \
-    && .venv/bin/python -c 'import tcmu_py._tcmu_ring, rtslib_fb, pytest, virtme' 2>/dev/null \
+    && .venv/bin/python -c 'import tcmu_py._tcmu_ring, rtslib_fb, pytest, virtme, importlinter, tcmu_py_plugin_example' 2>/dev/null \
     && [[ -x .venv/bin/vng ]]; then
     step "venv: up to date"
 else
     step "venv: pip install -e '.[test,lio,lab]'"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,lio,lab]'
+    # An out-of-tree handler, as a third party ships one (tests/unit/test_plugin_example.py).
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+        -e tests/plugin_example
     echo "$WANT" >"$STAMP"
 fi
 

@@ -6,8 +6,9 @@
 # 1. scripts/bootstrap.sh (idempotent: fast when everything is installed)
 # 2. ruff over tcmu_py, handlers, tests, scripts           — fatal
 # 3. mypy over tcmu_py, handlers, tests/kernel             — fatal
-# 4. unit tests (tests/unit)                                — fatal
-# 5. kernel tests (tests/kernel): host-side lab tests, then ONE VM boot running every guest
+# 4. lint-imports: the layer contracts of pyproject.toml    — fatal
+# 5. unit tests (tests/unit)                                — fatal
+# 6. kernel tests (tests/kernel): host-side lab tests, then ONE VM boot running every guest
 #    scenario — fatal; a VM that cannot boot fails them (TCMU_PY_NO_VM=1 is refused in CI)
 # All stages run even if an earlier one failed (except bootstrap); the exit status is non-zero
 # if any failed. The last line is the combined count over both pytest runs.
@@ -70,6 +71,23 @@ else
     RESULT[mypy]=FAILED; FAILED=1
 fi
 
+banner "lint-imports"
+# grimp walks the root package's directory, but tcmu_py.handlers lives in ./handlers: check a
+# view of the tree (symbolic links, which it follows) with handlers in place, from inside the
+# view so that its tcmu_py is the one imported.
+IMPORT_VIEW=$(mktemp -d)
+mkdir "$IMPORT_VIEW/tcmu_py"
+for entry in "$PWD"/tcmu_py/*; do
+    ln -s "$entry" "$IMPORT_VIEW/tcmu_py/${entry##*/}"
+done
+ln -s "$PWD/handlers" "$IMPORT_VIEW/tcmu_py/handlers"
+if (cd "$IMPORT_VIEW" && "$OLDPWD/.venv/bin/lint-imports" --no-cache "$OLDPWD/pyproject.toml"); then
+    RESULT[lint-imports]=ok
+else
+    RESULT[lint-imports]=FAILED; FAILED=1
+fi
+rm -rf "$IMPORT_VIEW"
+
 run_pytest() {  # name timeout paths...
     local name=$1 limit=$2 rc
     shift 2
@@ -89,8 +107,8 @@ run_pytest unit "$UNIT_TIMEOUT" tests/unit
 run_pytest kernel "$KERNEL_TIMEOUT" tests/kernel
 
 banner "summary"
-for stage in ruff mypy unit kernel; do
-    printf '%-7s %s\n' "$stage:" "${RESULT[$stage]:-not run}"
+for stage in ruff mypy lint-imports unit kernel; do
+    printf '%-13s %s\n' "$stage:" "${RESULT[$stage]:-not run}"
 done
 echo "duration: $((SECONDS - START))s"
 "$PY" - "$FAILED" <<'EOF'

@@ -7,6 +7,8 @@
     tcmu-py status [-i S] [--json]    devices, counters, IOPS/throughput/latency over S seconds
     tcmu-py lab [-c CONFIG] [-- CMD]  boot the distribution kernel in QEMU and serve there
     tcmu-py vtl ...                   virtual tape library administration
+    tcmu-py thin ...                  thin pool administration
+    tcmu-py <name> ...                a command of an installed handler (`Handler.commands`)
 
 Without -c the embedded default configuration is used (one disk under /var/lib/tcmu-py, exported
 locally through tcm_loop and over iSCSI on 127.0.0.1).
@@ -27,6 +29,7 @@ from typing import Any
 
 from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.errors import ConfigError, TcmuError
+from tcmu_py.handler import Command, Handler, load_handlers
 
 RUN_DIR = Path("/run/tcmu-py")
 
@@ -60,20 +63,33 @@ def _setup_logging(verbose: int, as_json: bool = False) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
-def _load(path: str | None) -> Any:
-    from tcmu_py.daemon import config as cfg
-    from tcmu_py.handler import load_handlers
-
+def _installed() -> dict[str, type[Handler]]:
+    """Every registered handler that imports (the registry logs the others)."""
     registry = load_handlers()
-    checks = {}
+    out = {}
     for name in registry:
         try:
-            checks[name] = registry[name].check_config
+            out[name] = registry[name]
         except KeyError:  # failed to import: logged by the registry; its devices get reported
             continue
+    return out
+
+
+def _load(path: str | None) -> Any:
+    from tcmu_py.daemon import config as cfg
+
+    registry = _installed()
+    checks = {name: handler.check_config for name, handler in registry.items()}
     if path is None:
-        return cfg.load_default_config(handlers=checks)
-    return cfg.load_config(path, handlers=checks)
+        return cfg.load_default_config(handlers=checks, registry=registry)
+    return cfg.load_config(path, handlers=checks, registry=registry)
+
+
+def prepare_handlers(config: Any) -> None:
+    """Run every installed handler's `Handler.prepare` (thin creates or updates the YAML's
+    pools), after the whole file validated and before any LIO object is created."""
+    for handler in _installed().values():
+        handler.prepare(config)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -101,8 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if config is not None:
             from tcmu_py.daemon import lio
 
-            _prepare_pools(config)
-            _prepare_libraries(config)
+            prepare_handlers(config)
             # Backstores first, then the daemon serves them, then the LUNs (whose scan reaches
             # the ring at once): see vm-lab.md.
             daemon.reopen_failed()  # devices naming a pool or library the YAML declares
@@ -119,48 +134,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_pools(config: Any) -> None:
-    """Create (or update) the YAML's thin pools and register their names in this process.
-
-    A pool's hard limit is what the thin handler enforces as the pool's capacity; the soft
-    threshold is a percentage of it.
-    """
-    if not config.pools:
-        return
-    from tcmu_py.handlers.thin import ensure_pool, register_pool
-
-    for pool in config.pools:
-        ensure_pool(pool.path, pool.name, pool.hard_limit or pool.capacity, pool.soft_threshold)
-        register_pool(pool.name, pool.path)
-
-
-def _prepare_libraries(config: Any) -> None:
-    """Create the YAML's tape libraries (directory, slots, import/export elements, drives) and
-    their declared cartridges, idempotently: an existing library is kept as it is (cartridges
-    stay where the last moves put them) and only missing cartridges are added. A library whose
-    layout differs from its declaration raises LibraryError naming the difference, before any
-    LIO object is created."""
-    if not config.libraries:
-        return
-    from tcmu_py.handlers.vtl.admin import ensure_library
-
-    for lib in config.libraries:
-        ensure_library(
-            lib.media_dir,
-            name=lib.name,
-            drives=[(d.unit_serial(), d.model) for d in lib.drives],
-            slots=lib.slots,
-            import_export=lib.import_export,
-            cartridges=lib.cartridges,
-        ).close()
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
     from tcmu_py.daemon import lio
 
     config = _load(args.config)
-    _prepare_pools(config)
-    _prepare_libraries(config)
+    prepare_handlers(config)
     lio.apply_backstores(config)
     lio.apply_exports(config)
     return 0
@@ -204,14 +182,36 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return int(lab.main(args.rest))
 
 
-def cmd_vtl(args: argparse.Namespace) -> int:
-    from tcmu_py.handlers.vtl import admin
-
-    return int(admin.main(args.rest))
-
-
 #: Subcommands that parse their own options (everything after the name goes to them).
-_DELEGATED = {"lab": cmd_lab, "vtl": cmd_vtl}
+_DELEGATED = {"lab": cmd_lab}
+#: The commands of tcmu-py itself: a handler's command of one of these names is ignored.
+_BUILTIN = frozenset({"serve", "apply", "down", "check", "status", *_DELEGATED})
+
+
+def handler_commands() -> dict[str, Command]:
+    """Every installed handler's `Handler.commands` by name (a name taken by tcmu-py itself or
+    by an earlier handler is logged and ignored)."""
+    out: dict[str, Command] = {}
+    for subtype, handler in _installed().items():
+        try:
+            commands = handler.commands()
+        except Exception:  # a broken third-party handler must not take the CLI down
+            logging.getLogger(__name__).exception("handler %r: commands() failed", subtype)
+            continue
+        for name, command in commands.items():
+            if name in _BUILTIN or name in out:
+                logging.getLogger(__name__).error(
+                    "handler %r: command %r is taken; ignored", subtype, name)
+                continue
+            out[name] = command
+    return out
+
+
+def _run_command(command: Command) -> Any:
+    def fn(args: argparse.Namespace) -> int:
+        return int(command.main(args.rest))
+
+    return fn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "lab", help="boot the distribution kernel in QEMU and serve there (tcmu-py lab --help)"
     )
-    sub.add_parser("vtl", help="virtual tape library administration (tcmu-py vtl --help)")
+    for name, command in sorted(handler_commands().items()):
+        sub.add_parser(name, help=command.help)
     return p
 
 
@@ -278,8 +279,12 @@ def main(argv: list[str] | None = None) -> int:
             as_json = True
         else:
             verbose += 1
+    commands = {} if not argv or argv[0] in _BUILTIN else handler_commands()
     if argv[:1] and argv[0] in _DELEGATED:
         args = argparse.Namespace(fn=_DELEGATED[argv[0]], rest=argv[1:], verbose=verbose)
+    elif argv[:1] and argv[0] in commands:
+        args = argparse.Namespace(fn=_run_command(commands[argv[0]]), rest=argv[1:],
+                                  verbose=verbose)
     else:
         args = build_parser().parse_args(["-v"] * verbose + argv)
     _setup_logging(args.verbose, as_json)

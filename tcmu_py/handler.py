@@ -15,6 +15,20 @@ subclass, so a third-party package adds a subtype with one line in its own pypro
 
     [project.entry-points."tcmu_py.handlers"]
     mydisk = "my_package:MyDiskHandler"
+
+Beyond `open`, a handler may own more of the system through class attributes and methods whose
+defaults do nothing (raw and null use none of them); the daemon, the YAML loader and the CLI find
+them through the registry and import no handler module:
+
+- `Handler.config_sections` / `Handler.load_section`: top-level YAML sections (thin's ``pools:``)
+  and their validation, reported like every other problem (`tcmu_py.configspec.Checker`);
+- `Handler.device_config_items`: what a section adds to a device's dev_config (a pool's
+  directory), `Handler.device_image`: the file holding a device's data (no two devices share one);
+- `Handler.prepare`: what must exist before its devices open (pools, libraries), run by
+  ``tcmu-py apply`` and ``serve -c`` after the whole file validated;
+- `Handler.status` / `Handler.status_tables`: what it adds to ``tcmu-py status`` (``--json`` and
+  text);
+- `Handler.commands`: its own ``tcmu-py <name> ...`` subcommands.
 """
 
 from __future__ import annotations
@@ -24,10 +38,10 @@ import os
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from tcmu_py.backend import (
     BlockBackend,
@@ -41,6 +55,7 @@ from tcmu_py.backend import (
     Unmap,
     WriteSame,
 )
+from tcmu_py.configspec import Checker, Defaults, Device
 from tcmu_py.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -50,7 +65,12 @@ __all__ = [
     "BlockBackend",
     "Capabilities",
     "CapabilityError",
+    "Checker",
     "Closable",
+    "Command",
+    "ConfigView",
+    "Defaults",
+    "Device",
     "DeviceConfig",
     "ENTRY_POINT_GROUP",
     "Handler",
@@ -60,6 +80,7 @@ __all__ = [
     "ProvisioningInfo",
     "Resizable",
     "SharedRegistry",
+    "StatusTable",
     "TCMU_RUNNER_SUBTYPES",
     "ThinProvisioning",
     "Unmap",
@@ -101,11 +122,51 @@ class DeviceConfig:
     wwn: str | None = None
 
 
+@dataclass(frozen=True)
+class StatusTable:
+    """A table a handler adds to the text of ``tcmu-py status`` (after the device table)."""
+
+    title: str
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``tcmu-py <name> ...`` subcommand of a handler: `main` gets every argument after the
+    name, parses them itself (its own `argparse` parser, so ``tcmu-py <name> --help`` is its
+    help) and returns the exit status (0 success, 1 failure, 2 usage). A `ConfigError` it raises
+    is printed as a configuration error and exits 2, a `TcmuError` exits 1."""
+
+    help: str
+    main: Callable[[list[str]], int]
+
+
+class ConfigView(Protocol):
+    """What `Handler.prepare` is shown of a validated configuration (`tcmu_py.daemon.config`)."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def state_dir(self) -> str: ...
+
+    @property
+    def devices(self) -> tuple[Device, ...]: ...
+
+    def section(self, key: str) -> tuple[Any, ...]:
+        """The specs `load_section` returned for top-level key `key` (() if none)."""
+        ...
+
+
 class Handler(ABC):
-    """One subtype. Subclasses set `subtype` and `description` and implement `open`."""
+    """One subtype. Subclasses set `subtype` and `description` and implement `open`; the rest
+    of the contract (YAML sections, preparation, status, commands) is optional."""
 
     subtype: ClassVar[str]
     description: ClassVar[str] = ""
+    #: Top-level YAML keys this handler owns; each is validated by `load_section`.
+    config_sections: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:
@@ -119,6 +180,74 @@ class Handler(ABC):
     @abstractmethod
     def open(cls, config: DeviceConfig) -> ScsiDevice:
         """Open the backing store and return the device. Errors: `ConfigError` or `OSError`."""
+
+    # -- YAML configuration ------------------------------------------------------------------
+
+    @classmethod
+    def load_section(
+        cls, key: str, raw: object, checker: Checker, doc: Mapping[str, Any]
+    ) -> tuple[Any, ...]:
+        """Validate top-level section `key` (one of `config_sections`): `raw` is its YAML value
+        (None when the file has none), `doc` the whole document (for cross references, e.g.
+        ``devices[3].pool`` naming a pool). Report every problem with `checker.fail` (key paths
+        from the top: ``pools[2].capacity``) and return the frozen specs of what is valid
+        (`ConfigView.section` gives them back). Runs before ``devices:`` is loaded; creates
+        nothing."""
+        return ()
+
+    @classmethod
+    def device_config_items(
+        cls, device: Device, sections: Mapping[str, tuple[Any, ...]]
+    ) -> tuple[tuple[str, str], ...]:
+        """Items this handler's sections add to `device`'s dev_config (any subtype's device; a
+        thin pool's directory for a device naming the pool), so that a daemon started without
+        the YAML (udev, a restart) can open the device from its dev_config alone. `sections`
+        holds this handler's own sections' specs."""
+        return ()
+
+    @classmethod
+    def section_devices(
+        cls, key: str, specs: tuple[Any, ...], defaults: Defaults
+    ) -> list[tuple[Device, str]]:
+        """Devices implied by section `key` (a tape library's changer and drives), each with
+        the key path that declares it; they are exported by name like any ``devices:`` entry."""
+        return []
+
+    @classmethod
+    def device_image(cls, device: Device) -> str | None:
+        """The file holding this subtype's `device`'s data, symbolic links resolved, or None:
+        two devices may not share one (they would corrupt each other)."""
+        return None
+
+    @classmethod
+    def prepare(cls, config: ConfigView) -> None:
+        """Create or update what the configuration's devices of this subtype need before they
+        open (pools, libraries), idempotently. Runs in ``tcmu-py apply`` and ``serve -c`` once
+        the whole file validated, before any LIO object is created. Errors: `ConfigError`,
+        `TcmuError`, `OSError`."""
+        return None
+
+    # -- tcmu-py status ------------------------------------------------------------------------
+
+    @classmethod
+    def status(cls, devices: Sequence[ScsiDevice]) -> dict[str, Any]:
+        """Top-level entries this handler adds to the daemon's status (JSON-serialisable, shown
+        as is by ``tcmu-py status --json``); `devices` are the open devices of this subtype the
+        daemon serves (maybe none). Keys must not collide with ``pid`` and ``devices``."""
+        return {}
+
+    @classmethod
+    def status_tables(cls, status: Mapping[str, Any]) -> list[StatusTable]:
+        """The text of what `status` added: tables read from the whole status (as received from
+        the daemon, possibly from another version: tolerate missing keys)."""
+        return []
+
+    # -- tcmu-py <command> --------------------------------------------------------------------
+
+    @classmethod
+    def commands(cls) -> Mapping[str, Command]:
+        """This handler's ``tcmu-py`` subcommands by name."""
+        return {}
 
 
 #: Filesystems whose files live in memory: I/O on them is a memory copy and never waits for a disk.

@@ -3,6 +3,7 @@
 Public API:
 
 - `ThinHandler` — the handler registered for ``thin`` (config string: see `handler`).
+- `.config`: the YAML `pools:` section (`PoolSpec`), status rows and `tcmu-py thin`.
 - Pools: `create_pool`, `ensure_pool`, `read_pool_status` (admin, for the CLI/daemon);
   `acquire_pool` / `release_pool` (the process-wide shared open pool); `Pool` (an open pool),
   `PoolConfig`, `PoolStatus`, `DiskStatus`, `DEFAULT_UNIT`.

@@ -15,11 +15,21 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from tcmu_py.configspec import Checker, Device
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import DeviceConfig, Handler, parse_options
+from tcmu_py.handler import (
+    Command,
+    ConfigView,
+    DeviceConfig,
+    Handler,
+    StatusTable,
+    parse_options,
+)
 
+from . import config as _section
 from .pool import POOL_FILE, acquire_pool, check_name, check_unit, load_pool_config, release_pool
 
 if TYPE_CHECKING:
@@ -73,6 +83,41 @@ class ThinHandler(Handler):
 
     subtype = "thin"
     description = "thin-provisioned disk in a shared pool (sparse file with hole punching)"
+    config_sections = ("pools",)
+
+    # The rest of the contract lives in `.config`.
+
+    @classmethod
+    def load_section(
+        cls, key: str, raw: object, checker: Checker, doc: Mapping[str, Any]
+    ) -> tuple[Any, ...]:
+        return _section.load_pools(raw, checker, doc)
+
+    @classmethod
+    def device_config_items(
+        cls, device: Device, sections: Mapping[str, tuple[Any, ...]]
+    ) -> tuple[tuple[str, str], ...]:
+        return _section.device_config_items(device, sections.get("pools", ()))
+
+    @classmethod
+    def device_image(cls, device: Device) -> str | None:
+        return _section.device_image(device)
+
+    @classmethod
+    def prepare(cls, config: ConfigView) -> None:
+        _section.prepare(config)
+
+    @classmethod
+    def status(cls, devices: Sequence[ScsiDevice]) -> dict[str, Any]:
+        return _section.status(devices)
+
+    @classmethod
+    def status_tables(cls, status: Mapping[str, Any]) -> list[StatusTable]:
+        return _section.status_tables(status)
+
+    @classmethod
+    def commands(cls) -> Mapping[str, Command]:
+        return {"thin": Command("thin pool administration (tcmu-py thin --help)", _section.main)}
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:

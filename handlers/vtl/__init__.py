@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tcmu_py.configspec import Checker, Defaults, Device
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import DeviceConfig, Handler, parse_options, shared
+from tcmu_py.handler import Command, ConfigView, DeviceConfig, Handler, parse_options, shared
 
 if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
@@ -81,6 +82,43 @@ class VtlHandler(Handler):
 
     subtype = "vtl"
     description = "virtual tape library: SMC medium changer and SSC LTO drives"
+    config_sections = ("libraries",)
+
+    # The YAML section, preparation and commands live in `.config` and `.admin`.
+
+    @classmethod
+    def load_section(
+        cls, key: str, raw: object, checker: Checker, doc: Mapping[str, Any]
+    ) -> tuple[Any, ...]:
+        from .config import load_libraries
+
+        return load_libraries(raw, checker, doc)
+
+    @classmethod
+    def section_devices(
+        cls, key: str, specs: tuple[Any, ...], defaults: Defaults
+    ) -> list[tuple[Device, str]]:
+        from .config import library_devices
+
+        out = []
+        for i, lib in enumerate(specs):
+            keys = ["changer"] + [f"drives[{j}]" for j in range(len(lib.drives))]
+            out += [(dev, f"{key}[{i}].{k}")
+                    for dev, k in zip(library_devices(lib, defaults), keys, strict=True)]
+        return out
+
+    @classmethod
+    def prepare(cls, config: ConfigView) -> None:
+        from .config import prepare
+
+        prepare(config)
+
+    @classmethod
+    def commands(cls) -> Mapping[str, Command]:
+        from .admin import main
+
+        return {"vtl": Command("virtual tape library administration (tcmu-py vtl --help)",
+                              main)}
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:

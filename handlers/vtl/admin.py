@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tcmu_py.daemon.config import expand_barcodes
 from tcmu_py.errors import ConfigError, TcmuError
+from tcmu_py.handlers.vtl.config import expand_barcodes
 from tcmu_py.handlers.vtl.library import (
     ChangerIdentity,
     Library,

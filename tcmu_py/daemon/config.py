@@ -8,13 +8,18 @@ Rules this module obeys:
   are quoted cut short, so a line stays a line whatever the file holds.
 - Hostile files cost bounded time and memory: at most MAX_CONFIG_BYTES are read, nesting
   beyond MAX_DEPTH and alias bombs (more than MAX_NODES nodes once aliases are expanded) are
-  refused while parsing, barcode ranges are counted before they are expanded, and anything
+  refused while parsing, barcode ranges are counted before they are expanded (vtl), and anything
   the YAML layer refuses (unhashable or duplicate keys, values their tag cannot hold, bytes that
   are not UTF-8) is a ConfigError naming the line.
 - Unknown keys are errors (a typo must not silently fall back to a default).
-- Cross references are checked: exports name devices that exist, devices name pools that exist,
-  names / LUN numbers / initiators / portals are unique where LIO needs them unique; devices
-  are distinct disks (no shared serial, wwn or image file).
+- This module knows the generic keys (state_dir, defaults, devices, exports); every other
+  top-level section belongs to the handler that declares it (`Handler.config_sections`: thin's
+  ``pools``, the VTL's ``libraries``), found through the registry and validated by it with the
+  same `Checker` (handlers/thin/config.py, handlers/vtl/config.py).
+- Cross references are checked: exports name devices that exist (also a section's devices, a
+  library's units), devices name pools that exist (thin's check), names / LUN numbers /
+  initiators / portals are unique where LIO needs them unique; devices are distinct disks (no
+  shared serial, wwn or image file).
 - Every device's TCMU ``dev_config`` string (`dev_config_string`) is built and checked at load
   time, so the kernel never sees one it would truncate.
 
@@ -32,12 +37,13 @@ Facts about the kernel that shape the checks (drivers/target/target_core_user.c)
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -47,8 +53,18 @@ from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
+from tcmu_py.configspec import (  # MAX_PROBLEMS, TCMU_CONFIG_MAX: re-exported
+    MAX_PROBLEMS,  # noqa: F401
+    MISSING,
+    TCMU_CONFIG_MAX,  # noqa: F401
+    Checker,
+    Defaults,
+    Device,
+    config_string_problem,
+    parse_size,
+)
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import split_wwn
+from tcmu_py.handler import Handler, load_handlers, split_wwn
 from tcmu_py.statefile import short_repr
 
 try:
@@ -64,6 +80,8 @@ except ImportError:  # pragma: no cover - PyYAML without libyaml: the pure-Pytho
             Scanner.__init__(self)
             Parser.__init__(self)
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "DEFAULT_STATE_DIR",
     "Acl",
@@ -71,25 +89,19 @@ __all__ = [
     "Config",
     "Defaults",
     "Device",
-    "Drive",
     "Exports",
     "IscsiTarget",
-    "Library",
     "LunMap",
-    "Pool",
     "Portal",
     "dev_config_string",
-    "expand_barcodes",
-    "library_devices",
     "load_config",
     "load_config_text",
     "load_default_config",
     "parse_size",
+    "section_owners",
 ]
 
 DEFAULT_STATE_DIR = "/var/lib/tcmu-py"
-# target_core_user.h: #define TCMU_CONFIG_LEN 256 (NUL included).
-TCMU_CONFIG_MAX = 255
 # LIO's per-TPG LUN index limit on the kernels we target (TRANSPORT_MAX_LUNS_PER_TPG = 256 before
 # 5.x raised it); 0..255 is valid everywhere.
 MAX_LUN = 255
@@ -97,17 +109,8 @@ MAX_LUN = 255
 # silently clamped to it, so we reject them instead.
 MAX_DATA_AREA_MB = 2048
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SUBTYPE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _OPTION_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_SIZE_RE = re.compile(r"(\d+)\s*([KMGTP]?)(i?B)?", re.IGNORECASE)
-_SIZE_MULT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-# RFC 3720 3.2.6.3.1: "iqn." yyyy-mm "." reversed domain name, optionally ":" unique string.
-_IQN_RE = re.compile(r"iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[^\s]+)?")
-# RFC 3720 3.2.6.3.2: "eui." 16 hex digits (EUI-64).
-_EUI_RE = re.compile(r"eui\.[0-9a-f]{16}")
-# RFC 3980: "naa." 16 or 32 hex digits.
-_NAA_RE = re.compile(r"naa\.([0-9a-f]{16}|[0-9a-f]{32})")
 _SERIAL_RE = re.compile(r"[\x21-\x7e]{1,64}")
 _DEVICE_WWN_RE = re.compile(r"naa\.([235][0-9a-f]{15}|6[0-9a-f]{31})")
 # Attributes of an iSCSI TPG in configfs (drivers/target/iscsi/iscsi_target_configfs.c).
@@ -130,182 +133,7 @@ ISCSI_TPG_ATTRIBUTES = frozenset(
     }
 )
 
-# Every library unit is a TCMU device with these settings (not configurable: they follow from
-# tape, not from the host). The size only has to be non-zero (LIO refuses 0; tapes have no LBAs).
-LIBRARY_DEVICE_SIZE = 1 << 20
-# Rewind, locate and erase of a full LTO cartridge take minutes on a real drive; a changer move
-# tens of seconds. The kernel fails a command that the daemon has not completed in cmd_time_out.
-LIBRARY_CMD_TIME_OUT = 300
-# 2048 x 512-byte sectors = 1 MiB per command, so tape blocks of 256 KiB .. 1 MiB pass whole
-# (LIO's default of 128 sectors would cap a block at 64 KiB).
-LIBRARY_HW_MAX_SECTORS = 2048
-
-EXPECT_SIZE = "a size: a byte count or an integer with K, M, G, T or P (powers of 1024), e.g. 512M"
-
-
-def parse_size(value: object) -> int:
-    """Return the byte count of ``10G`` / ``512M`` / ``4KiB`` / ``1048576`` (powers of 1024).
-
-    Raises ValueError for anything else (floats, negative numbers, booleans, unknown suffixes).
-    """
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(value)
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.fullmatch(value.strip())
-        if m:
-            return int(m.group(1)) * _SIZE_MULT[m.group(2).upper()]
-    raise ValueError(value)
-
-
-def _is_barcode(code: str) -> bool:
-    from tcmu_py.handlers.vtl.library import is_barcode  # the VTL's one barcode rule
-
-    return is_barcode(code)
-
-
-def _barcode_range(spec: str) -> tuple[str, int, int, int, str]:
-    """(prefix, first number, last number, digits, suffix) of ``ABC000L8..ABC019L8``; a single
-    barcode is a range of one. Raises ValueError unless the ends differ in one run of digits of
-    equal width."""
-    first, sep, last = spec.partition("..")
-    if not sep:
-        last = first
-    for code in (first, last):
-        if not _is_barcode(code):
-            raise ValueError(spec)
-    if first == last:
-        return first, 0, 0, 0, ""
-    if len(first) != len(last):
-        raise ValueError(spec)
-    start = 0
-    while first[start] == last[start]:
-        start += 1
-    end = len(first)
-    while first[end - 1] == last[end - 1]:
-        end -= 1
-    # Widen the differing part to the whole digit run it sits in.
-    while start > 0 and first[start - 1].isdigit():
-        start -= 1
-    while end < len(first) and first[end].isdigit():
-        end += 1
-    lo_s, hi_s = first[start:end], last[start:end]
-    if not (lo_s.isdigit() and hi_s.isdigit()) or int(lo_s) > int(hi_s):
-        raise ValueError(spec)
-    return first[:start], int(lo_s), int(hi_s), end - start, first[end:]
-
-
-def count_barcodes(spec: str) -> int:
-    """How many barcodes `expand_barcodes` would give, computed without expanding (a range
-    like ``A00000000000L8..A99999999999L8`` holds 10^11). Raises ValueError as it does."""
-    _, lo, hi, _, _ = _barcode_range(spec)
-    return hi - lo + 1
-
-
-def expand_barcodes(spec: str) -> list[str]:
-    """Expand ``ABC000L8..ABC019L8`` into its 20 barcodes; a single barcode expands to itself.
-
-    The two ends must differ only in one run of digits of equal width; raises ValueError otherwise.
-    Check `count_barcodes` first when the range comes from outside.
-    """
-    prefix, lo, hi, width, suffix = _barcode_range(spec)
-    if not width:
-        return [prefix]
-    return [f"{prefix}{n:0{width}d}{suffix}" for n in range(lo, hi + 1)]
-
-
 # --------------------------------------------------------------------------- dataclasses
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """Per-device values used when a device does not set its own."""
-
-    block_size: int = 512
-    hw_max_sectors: int = 1024
-    max_data_area_mb: int = 128
-    cmd_time_out: int = 30
-    write_cache: bool = False
-
-
-@dataclass(frozen=True)
-class Pool:
-    """A thin-provisioning pool. ``capacity`` and ``hard_limit`` are bytes (hard_limit <= capacity);
-    ``soft_threshold`` is a percentage of ``capacity`` (1..100)."""
-
-    name: str
-    path: str
-    capacity: int
-    soft_threshold: int = 80
-    hard_limit: int = 0  # the loader always sets it (default: capacity)
-
-
-@dataclass(frozen=True)
-class Device:
-    """One TCMU backstore. ``options`` keeps the YAML order; for ``raw`` it holds exactly
-    ``("path", <absolute image path>)``."""
-
-    name: str
-    handler: str
-    size: int
-    block_size: int
-    hw_max_sectors: int
-    max_data_area_mb: int
-    cmd_time_out: int
-    write_cache: bool
-    options: tuple[tuple[str, str], ...] = ()
-    serial: str | None = None
-    wwn: str | None = None
-    pool: str | None = None
-    pool_path: str | None = None  # the named pool's directory
-
-    def options_dict(self) -> dict[str, str]:
-        return dict(self.options)
-
-
-@dataclass(frozen=True)
-class Drive:
-    """A tape drive of a library: ``name`` is its device (LIO backstore) name, ``model`` a drive
-    personality (``IBM-LTO8``, ``ULT3580-TD8``, ...), ``serial`` its unit serial (VPD 80h, and
-    the identifier the changer reports for it); empty means derived from the name."""
-
-    name: str
-    model: str
-    serial: str = ""
-
-    def unit_serial(self) -> str:
-        """The serial the drive reports: ``serial``, or ``TP`` + 8 hex digits of SHA-256 of the
-        device name (stable across restarts, 10 characters like a real LTO drive's)."""
-        if self.serial:
-            return self.serial
-        return "TP" + hashlib.sha256(self.name.encode()).hexdigest()[:8].upper()
-
-
-@dataclass(frozen=True)
-class Library:
-    """A virtual tape library. ``media_dir`` is the library directory (library.json, the
-    cartridges under ``media/``); ``cartridges`` keeps the range strings as written (see
-    `barcodes`). The loader adds one ``vtl`` `Device` per unit (the changer, then each drive) to
-    `Config.devices` (see `library_devices`), so units are exported like any device."""
-
-    name: str
-    changer: str
-    drives: tuple[Drive, ...]
-    slots: int
-    import_export: int
-    cartridges: tuple[str, ...]
-    media_dir: str
-
-    def barcodes(self) -> list[str]:
-        return [code for spec in self.cartridges for code in expand_barcodes(spec)]
-
-    def units(self) -> list[tuple[str, str, str | None]]:
-        """[(device name, unit option, serial)]: the changer, then drive0..driveN-1."""
-        return [(self.changer, "changer", None)] + [
-            (d.name, f"drive{i}", d.unit_serial()) for i, d in enumerate(self.drives)]
 
 
 @dataclass(frozen=True)
@@ -373,10 +201,15 @@ class Config:
     source: str
     state_dir: str = DEFAULT_STATE_DIR
     defaults: Defaults = field(default_factory=Defaults)
-    pools: tuple[Pool, ...] = ()
     devices: tuple[Device, ...] = ()
-    libraries: tuple[Library, ...] = ()
     exports: Exports = field(default_factory=Exports)
+    #: (top-level key, specs) of each section a handler owns (`Handler.load_section`).
+    sections: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def section(self, key: str) -> tuple[Any, ...]:
+        """The specs of top-level section `key` owned by a handler (thin's ``pools``); () if the
+        file has none or no installed handler owns it."""
+        return dict(self.sections).get(key, ())
 
     def device(self, name: str) -> Device:
         for dev in self.devices:
@@ -384,37 +217,20 @@ class Config:
                 return dev
         raise KeyError(name)
 
-    def pool(self, name: str) -> Pool:
-        for pool in self.pools:
-            if pool.name == name:
-                return pool
-        raise KeyError(name)
-
 
 # --------------------------------------------------------------------------- dev_config
 
 
-def _config_string_problem(cfg: str) -> str | None:
-    if len(cfg) > TCMU_CONFIG_MAX:
-        return f"at most {TCMU_CONFIG_MAX} characters (TCMU_CONFIG_LEN), got {len(cfg)}"
-    for ch, why in ((":", "rtslib-fb refuses ':'"), (",", "the kernel cuts control at ','"),
-                    ("\n", "the kernel cuts control at a newline")):
-        if ch in cfg:
-            return f"no {ch!r} ({why})"
-    return None
-
-
 def _build_config_string(handler: str, options: tuple[tuple[str, str], ...],
-                         pool: str | None, wwn: str | None = None) -> str:
-    """``pool`` is the pool's directory: the dev_config must describe the device on its own,
-    so a daemon started without this YAML file (udev, systemd, a restart) can still open it.
-    For the same reason ``wwn`` goes in too, as the last item (`tcmu_py.handler.split_wwn`)."""
+                         items: tuple[tuple[str, str], ...] = (), wwn: str | None = None) -> str:
+    """``items`` are what section owners add (`Handler.device_config_items`, a pool's
+    directory): the dev_config must describe the device on its own, so a daemon started without
+    this YAML file (udev, systemd, a restart) can still open it. For the same reason ``wwn``
+    goes in too, as the last item (`tcmu_py.handler.split_wwn`)."""
     if handler == "raw":
         cfg = f"raw/{dict(options)['path']}"
     else:
-        pairs = list(options)
-        if pool is not None and "pool" not in dict(pairs):
-            pairs.append(("pool", pool))
+        pairs = list(options) + list(items)
         cfg = f"{handler}/" + ";".join(f"{k}={v}" for k, v in pairs)
     if wwn is not None:
         cfg += f"{'' if cfg.endswith('/') else ';'}wwn={wwn}"
@@ -423,14 +239,14 @@ def _build_config_string(handler: str, options: tuple[tuple[str, str], ...],
 
 def dev_config_string(device: Device) -> str:
     """The TCMU ``dev_config`` for ``device``: ``raw/<absolute image path>`` for ``raw``,
-    otherwise ``<subtype>/key=value;key=value`` (options in YAML order, then
-    ``pool=<pool directory>`` if the device names a pool and its options do not); then
+    otherwise ``<subtype>/key=value;key=value`` (options in YAML order, then the items section
+    owners add, e.g. ``pool=<pool directory>`` if the device names a thin pool); then
     ``;wwn=<wwn>`` if the device sets one (the daemon strips it before the handler sees it).
 
     Raises ConfigError if the kernel or rtslib-fb would mangle or refuse it.
     """
-    cfg = _build_config_string(device.handler, device.options, device.pool_path, device.wwn)
-    problem = _config_string_problem(cfg)
+    cfg = _build_config_string(device.handler, device.options, device.config_items, device.wwn)
+    problem = config_string_problem(cfg)
     if problem:
         raise ConfigError(f"devices {device.name}: dev_config {cfg!r}: expected {problem}")
     return cfg
@@ -447,10 +263,6 @@ MAX_DEPTH = 32
 #: Most nodes a document may have once every alias is expanded: an alias bomb ("billion
 #: laughs") is a few lines that expand to billions, which validation would walk and print.
 MAX_NODES = 200_000
-#: Problems listed in one ConfigError; the rest are counted.
-MAX_PROBLEMS = 20
-
-
 class _Refused(yaml.MarkedYAMLError):
     """The document breaks one of our limits; ``expected`` says what we accept instead."""
 
@@ -540,113 +352,7 @@ _ConfigLoader.add_constructor(
     _ConfigLoader.construct_unique_mapping)  # type: ignore[type-var, arg-type]
 
 
-_MISSING = object()
-
-
-class _Checker:
-    """Collects problems while walking the parsed YAML; every getter returns None on a problem."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.problems: list[str] = []
-
-    def report(self) -> str:
-        """The ConfigError message: the problem itself when there is one, else a count and the
-        first MAX_PROBLEMS of them, one per line."""
-        if len(self.problems) == 1:
-            return self.problems[0]
-        shown = self.problems[:MAX_PROBLEMS]
-        more = len(self.problems) - len(shown)
-        tail = [f"{self.source}: ... and {more} more problem(s)"] if more else []
-        return "\n".join([f"{len(self.problems)} problem(s) in {self.source}:", *shown, *tail])
-
-    def fail(self, path: str, value: object, expected: str) -> None:
-        got = "nothing" if value is _MISSING else short_repr(value)
-        self.problems.append(f"{self.source}: {path or '(top level)'}: got {got},"
-                             f" expected {expected}")
-
-    def mapping(self, value: object, path: str, allowed: set[str] | None,
-                required: frozenset[str] = frozenset()) -> dict[str, Any] | None:
-        """``allowed`` None: any key (the caller checks them)."""
-        if value is None and not required:
-            return {}
-        if not isinstance(value, dict):
-            keys = f" with keys {', '.join(sorted(allowed))}" if allowed else ""
-            self.fail(path, value, f"a mapping{keys}")
-            return None
-        for key in value:
-            if allowed is not None and key not in allowed:
-                where = f"{path}.{key}" if path else str(key)
-                self.fail(where, value[key], f"one of the keys {', '.join(sorted(allowed))}"
-                          " (unknown key)")
-        for key in sorted(required):
-            if key not in value:
-                self.fail(f"{path}.{key}" if path else key, _MISSING, "this required key")
-        return value
-
-    def seq(self, value: object, path: str) -> list[Any] | None:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.fail(path, value, "a list")
-            return None
-        return value
-
-    def integer(self, value: object, path: str, lo: int, hi: int | None = None,
-                what: str | None = None) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (
-                hi is not None and value > hi):
-            rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-            self.fail(path, value, what or f"an integer {rng}")
-            return None
-        return value
-
-    def boolean(self, value: object, path: str) -> bool | None:
-        if not isinstance(value, bool):
-            self.fail(path, value, "true or false")
-            return None
-        return value
-
-    def string(self, value: object, path: str, pattern: re.Pattern[str] | None = None,
-               what: str = "a string") -> str | None:
-        if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
-            self.fail(path, value, what)
-            return None
-        return value
-
-    def name(self, value: object, path: str) -> str | None:
-        return self.string(value, path, _NAME_RE,
-                           "a name of 1..64 characters A-Z a-z 0-9 _ . - starting with a letter"
-                           " or digit (LIO object name)")
-
-    def abspath(self, value: object, path: str) -> str | None:
-        if not isinstance(value, str) or not value.startswith("/") or "\n" in value:
-            self.fail(path, value, "an absolute path")
-            return None
-        return str(Path(value))
-
-    def size(self, value: object, path: str, positive: bool = True) -> int | None:
-        try:
-            n = parse_size(value)
-        except ValueError:
-            self.fail(path, value, EXPECT_SIZE)
-            return None
-        if positive and n == 0:
-            self.fail(path, value, "a size greater than zero")
-            return None
-        return n
-
-    def wwn(self, value: object, path: str) -> str | None:
-        if isinstance(value, str):
-            norm = value.strip().lower()
-            if _IQN_RE.fullmatch(norm) or _EUI_RE.fullmatch(norm) or _NAA_RE.fullmatch(norm):
-                return norm
-        self.fail(path, value, "an iSCSI name: iqn.yyyy-mm.reversed.domain[:id] (RFC 3720),"
-                  " eui.<16 hex digits> or naa.<16 or 32 hex digits>")
-        return None
-
-
-def _check_block_size(c: _Checker, value: object, path: str) -> int | None:
+def _check_block_size(c: Checker, value: object, path: str) -> int | None:
     if (isinstance(value, bool) or not isinstance(value, int) or value < 512
             or value > 65536 or value & (value - 1)):
         c.fail(path, value, "a power of two from 512 to 65536")
@@ -654,7 +360,7 @@ def _check_block_size(c: _Checker, value: object, path: str) -> int | None:
     return value
 
 
-def _load_defaults(c: _Checker, raw: object) -> Defaults:
+def _load_defaults(c: Checker, raw: object) -> Defaults:
     base = Defaults()
     m = c.mapping(raw, "defaults", {"block_size", "hw_max_sectors", "max_data_area_mb",
                                     "cmd_time_out", "write_cache"})
@@ -678,64 +384,18 @@ def _load_defaults(c: _Checker, raw: object) -> Defaults:
     return Defaults(**{**base.__dict__, **vals})
 
 
-def _load_pools(c: _Checker, raw: object) -> list[Pool]:
-    pools: list[Pool] = []
-    seen: set[str] = set()
-    for i, item in enumerate(c.seq(raw, "pools") or []):
-        p = f"pools[{i}]"
-        m = c.mapping(item, p, {"name", "path", "capacity", "soft_threshold", "hard_limit"},
-                      frozenset({"name", "path", "capacity"}))
-        if m is None:
-            continue
-        name = c.name(m["name"], f"{p}.name") if "name" in m else None
-        if name is not None:
-            if name in seen:
-                c.fail(f"{p}.name", name, "a pool name not used before (duplicate)")
-            seen.add(name)
-        path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
-        cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
-        soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
-                         "a percentage 1..100")
-        hard: int | None = cap
-        if "hard_limit" in m and cap is not None:
-            hard = _pool_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
-        if None in (name, path, cap, soft, hard):
-            continue
-        assert name and path and cap and soft and hard
-        pools.append(Pool(name, path, cap, soft, hard))
-    return pools
-
-
-def _pool_limit(c: _Checker, value: object, path: str, capacity: int) -> int | None:
-    expected = "a percentage of capacity like '95%' or a size not above capacity"
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            pct = int(value.strip()[:-1])
-        except ValueError:
-            pct = -1
-        if 1 <= pct <= 100:
-            return capacity * pct // 100
-        c.fail(path, value, expected)
-        return None
-    try:
-        n = parse_size(value)
-    except ValueError:
-        n = -1
-    if 0 < n <= capacity:
-        return n
-    c.fail(path, value, expected)
-    return None
-
-
 _DEVICE_KEYS = {"name", "handler", "size", "block_size", "options", "hw_max_sectors",
                 "max_data_area_mb", "cmd_time_out", "write_cache", "serial", "wwn", "pool"}
 
 
-def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
+def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
                   handlers: Mapping[str, Callable[[str], None]] | None,
-                  pool_paths: Mapping[str, str] | None = None,
+                  owners: Mapping[str, type[Handler]] | None = None,
+                  sections: Mapping[str, tuple[Any, ...]] | None = None,
                   where: dict[str, str] | None = None) -> list[Device]:
-    """``where`` (if given) receives each valid device's key path (``devices[3]``)."""
+    """``where`` (if given) receives each valid device's key path (``devices[3]``); ``owners``
+    maps each handler-owned section to its handler, ``sections`` holds their specs (each owner
+    adds its `Handler.device_config_items` to every device's dev_config)."""
     devices: list[Device] = []
     seen: set[str] = set()
     for i, item in enumerate(c.seq(raw, "devices") or []):
@@ -792,18 +452,20 @@ def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
             continue
         assert name and handler and size and block_size and hw_max and area and options is not None
         assert tmo is not None and wc is not None
-        pool_path = (pool_paths or {}).get(pool) if pool is not None else None
         dev = Device(name, handler, size, block_size, hw_max, area, tmo, wc, options,
-                     serial, wwn, pool, pool_path)
-        cfg = _build_config_string(handler, options, pool_path, wwn)
-        problem = _config_string_problem(cfg)
+                     serial, wwn, pool)
+        items = _config_items(dev, owners or {}, sections or {})
+        if items:
+            dev = replace(dev, config_items=items)
+        cfg = _build_config_string(handler, options, items, wwn)
+        problem = config_string_problem(cfg)
         if problem:
             c.fail(f"{p}.options", m.get("options"), f"options whose dev_config {cfg!r} has"
                    f" {problem}")
             continue
         if handlers is not None:
             try:
-                handlers[handler](_build_config_string(handler, options, pool_path)
+                handlers[handler](_build_config_string(handler, options, items)
                                   .partition("/")[2])
             except ConfigError as exc:
                 c.fail(f"{p}.options", m.get("options"), f"options the {handler!r} handler"
@@ -815,7 +477,22 @@ def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
     return devices
 
 
-def _device_options(c: _Checker, raw: object, path: str, handler: str | None,
+def _config_items(dev: Device, owners: Mapping[str, type[Handler]],
+                  sections: Mapping[str, tuple[Any, ...]]) -> tuple[tuple[str, str], ...]:
+    """What each section owner adds to `dev`'s dev_config, options naming a key first winning
+    (an explicit ``options: {pool: ...}`` is kept as written)."""
+    out: list[tuple[str, str]] = []
+    keys = {k for k, _ in dev.options}
+    for owner in dict.fromkeys(owners.values()):
+        own = {key: sections.get(key, ()) for key in owner.config_sections}
+        for key, value in owner.device_config_items(dev, own):
+            if key not in keys:
+                keys.add(key)
+                out.append((key, value))
+    return tuple(out)
+
+
+def _device_options(c: Checker, raw: object, path: str, handler: str | None,
                     name: str | None, state_dir: str) -> tuple[tuple[str, str], ...] | None:
     m = c.mapping(raw, path, {"path"} if handler == "raw" else None)
     if m is None:
@@ -848,145 +525,17 @@ def _device_options(c: _Checker, raw: object, path: str, handler: str | None,
     return tuple(out)
 
 
-def _load_libraries(c: _Checker, raw: object) -> list[Library]:
-    libs: list[Library] = []
-    seen: set[str] = set()
-    dirs: dict[str, str] = {}
-    keys = {"name", "changer", "drives", "slots", "import_export", "cartridges", "media_dir"}
-    for i, item in enumerate(c.seq(raw, "libraries") or []):
-        p = f"libraries[{i}]"
-        before = len(c.problems)
-        m = c.mapping(item, p, keys, frozenset({"name", "changer", "drives", "slots",
-                                                "media_dir"}))
-        if m is None:
-            continue
-        name = c.name(m["name"], f"{p}.name") if "name" in m else None
-        if name is not None:
-            if name in seen:
-                c.fail(f"{p}.name", name, "a library name not used before (duplicate)")
-            seen.add(name)
-        changer = c.name(m["changer"], f"{p}.changer") if "changer" in m else None
-        drives: list[Drive] = []
-        for j, d in enumerate(c.seq(m.get("drives"), f"{p}.drives") or []):
-            dp = f"{p}.drives[{j}]"
-            dm = c.mapping(d, dp, {"name", "model", "serial"}, frozenset({"name", "model"}))
-            if dm is None or "name" not in dm or "model" not in dm:
-                continue
-            dn = c.name(dm["name"], f"{dp}.name")
-            model = c.string(dm["model"], f"{dp}.model", re.compile(r"[\x20-\x7e]{1,16}"),
-                             "a product identification of 1..16 printable ASCII characters")
-            if model is not None:
-                model = _check_drive_model(c, model, f"{dp}.model")
-            serial = ""
-            if dm.get("serial") is not None:
-                serial = c.string(dm["serial"], f"{dp}.serial", re.compile(r"[A-Za-z0-9_-]{1,32}"),
-                                  "a drive serial of 1..32 characters A-Z a-z 0-9 _ -") or ""
-            if dn and model:
-                drives.append(Drive(dn, model, serial))
-        if "drives" in m and not drives and len(c.problems) == before:
-            c.fail(f"{p}.drives", m["drives"], "at least one drive")
-        slots = c.integer(m["slots"], f"{p}.slots", 1, 65535) if "slots" in m else None
-        ie = c.integer(m.get("import_export", 0), f"{p}.import_export", 0, 255)
-        carts: list[str] = []
-        room = (slots or 65535) + (ie or 0)  # what the library can hold: never expand beyond
-        held = 0
-        for j, spec in enumerate(c.seq(m.get("cartridges"), f"{p}.cartridges") or []):
-            try:
-                if not isinstance(spec, str):
-                    raise ValueError(spec)
-                count = count_barcodes(spec)
-            except ValueError:
-                c.fail(f"{p}.cartridges[{j}]", spec,
-                       "a barcode (1..32 of A-Z 0-9 _ -, not starting with _ or -) or a range"
-                       " like ABC000L8..ABC019L8")
-                continue
-            if held + count > room:
-                c.fail(f"{p}.cartridges[{j}]", spec, f"at most slots + import_export = {room}"
-                       f" cartridges in all (this range holds {count}, the ones before it"
-                       f" {held})")
-                continue
-            held += count
-            if _check_media_types(c, expand_barcodes(spec), spec, f"{p}.cartridges[{j}]"):
-                carts.append(spec)
-        media = c.abspath(m["media_dir"], f"{p}.media_dir") if "media_dir" in m else None
-        if media is not None:
-            if media in dirs:
-                c.fail(f"{p}.media_dir", m["media_dir"],
-                       f"a directory of its own (library {dirs[media]} uses it)")
-            dirs[media] = name or "?"
-            cfg = _build_config_string("vtl", (("library", media), ("unit", "drive00")), None)
-            problem = _config_string_problem(cfg)
-            if problem:
-                c.fail(f"{p}.media_dir", m["media_dir"], f"a path whose dev_config {cfg!r} has"
-                       f" {problem}")
-        units = ([changer] if changer else []) + [d.name for d in drives]
-        for unit in units:
-            if units.count(unit) > 1:
-                c.fail(f"{p}.drives", m.get("drives"),
-                       f"unit names used once in the library ({unit!r} repeats)")
-                break
-        if len(c.problems) != before:
-            continue
-        assert name and changer and slots and media is not None and ie is not None
-        libs.append(Library(name, changer, tuple(drives), slots, ie, tuple(carts), media))
-    return libs
-
-
-def _check_drive_model(c: _Checker, model: str, path: str) -> str | None:
-    """The model if the VTL's personality table knows it (skipped without the vtl handler)."""
-    try:
-        from tcmu_py.handlers.vtl.personality import personality
-    except ImportError:
-        return model
-    try:
-        personality(model)
-    except ConfigError as exc:
-        c.fail(path, model, f"a known drive model ({exc})")
-        return None
-    return model
-
-
-def _check_media_types(c: _Checker, codes: list[str], spec: str, path: str) -> bool:
-    """True if every barcode names an LTO media type (L5..L9 data, LT..LZ WORM, CLN...)."""
-    try:
-        from tcmu_py.handlers.vtl.personality import parse_barcode
-    except ImportError:
-        return True
-    for code in codes:
-        try:
-            parse_barcode(code)
-        except ConfigError:
-            c.fail(path, spec, f"barcodes with an LTO media suffix (L3..L9 data, LT..LZ WORM)"
-                   f" or a CLN prefix; {code!r} has none")
-            return False
-    return True
-
-
-def library_devices(lib: Library, defaults: Defaults) -> list[Device]:
-    """The ``vtl`` devices of a library: the changer, then each drive, with the library
-    settings (LIBRARY_DEVICE_SIZE, LIBRARY_HW_MAX_SECTORS, LIBRARY_CMD_TIME_OUT) and
-    ``max_data_area_mb`` from ``defaults`` (at least what one command of hw_max_sectors needs)."""
-    area = max(defaults.max_data_area_mb, (LIBRARY_HW_MAX_SECTORS * 512) >> 20)
-    return [Device(name, "vtl", LIBRARY_DEVICE_SIZE, 512, LIBRARY_HW_MAX_SECTORS, area,
-                   LIBRARY_CMD_TIME_OUT, False, (("library", lib.media_dir), ("unit", unit)),
-                   serial)
-            for name, unit, serial in lib.units()]
-
-
-def _device_image(dev: Device) -> str | None:
-    """The file holding `dev`'s data, symbolic links resolved: a ``raw`` image, or a ``thin``
-    disk's file in its pool (``<pool>/<disk or device name>.img``); None for others."""
-    opts = dev.options_dict()
+def _device_image(dev: Device, registry: Mapping[str, type[Handler]]) -> str | None:
+    """The file holding `dev`'s data, symbolic links resolved: a ``raw`` image, or what its
+    handler's `Handler.device_image` names (a thin disk's file in its pool); None for others."""
     if dev.handler == "raw":
-        return os.path.realpath(opts["path"])
-    if dev.handler == "thin":
-        pool = dev.pool_path or opts.get("pool", "")
-        if pool.startswith("/"):
-            return os.path.join(os.path.realpath(pool), f"{opts.get('disk') or dev.name}.img")
-    return None
+        return os.path.realpath(dev.options_dict()["path"])
+    handler = registry.get(dev.handler)  # None also if it failed to import (logged)
+    return handler.device_image(dev) if handler is not None else None
 
 
-def _check_identities(c: _Checker, devices: list[Device], where: Mapping[str, str]) -> None:
+def _check_identities(c: Checker, devices: list[Device], where: Mapping[str, str],
+                      registry: Mapping[str, type[Handler]]) -> None:
     """Devices are distinct disks: no two share a unit serial (VPD 80h, and the designators of
     VPD 83h derived from it: multipath would merge two disks into one), a wwn (VPD 83h NAA), or
     an image file (two devices writing one file corrupt each other)."""
@@ -1004,7 +553,7 @@ def _check_identities(c: _Checker, devices: list[Device], where: Mapping[str, st
             other = wwns.setdefault(dev.wwn, dev.name)
             if other != dev.name:
                 c.fail(f"{at}.wwn", dev.wwn, f"a wwn no other device has ({other} has it)")
-        image = _device_image(dev)
+        image = _device_image(dev, registry)
         if image is not None:
             other = images.setdefault(image, dev.name)
             if other != dev.name:
@@ -1012,7 +561,7 @@ def _check_identities(c: _Checker, devices: list[Device], where: Mapping[str, st
                        f" uses {image})")
 
 
-def _load_lunmaps(c: _Checker, raw: object, path: str, devices: set[str]) -> list[LunMap]:
+def _load_lunmaps(c: Checker, raw: object, path: str, devices: set[str]) -> list[LunMap]:
     out: list[LunMap] = []
     used: dict[int, str] = {}
     seen_dev: set[str] = set()
@@ -1033,7 +582,7 @@ def _load_lunmaps(c: _Checker, raw: object, path: str, devices: set[str]) -> lis
         if lun_raw is None:
             lun: int | None = min(n for n in range(MAX_LUN + 2) if n not in used)
             if lun is not None and lun > MAX_LUN:
-                c.fail(f"{p}.lun", _MISSING, f"a free LUN number 0..{MAX_LUN}")
+                c.fail(f"{p}.lun", MISSING, f"a free LUN number 0..{MAX_LUN}")
                 lun = None
         else:
             lun = c.integer(lun_raw, f"{p}.lun", 0, MAX_LUN)
@@ -1048,7 +597,7 @@ def _load_lunmaps(c: _Checker, raw: object, path: str, devices: set[str]) -> lis
     return out
 
 
-def _load_chap(c: _Checker, raw: object, path: str) -> Chap | None:
+def _load_chap(c: Checker, raw: object, path: str) -> Chap | None:
     m = c.mapping(raw, path, {"userid", "password", "mutual_userid", "mutual_password"},
                   frozenset({"userid", "password"}))
     if not m or "userid" not in m or "password" not in m:
@@ -1061,7 +610,7 @@ def _load_chap(c: _Checker, raw: object, path: str) -> Chap | None:
     mp = m.get("mutual_password")
     if (mu is None) != (mp is None):
         missing = "mutual_password" if mp is None else "mutual_userid"
-        c.fail(f"{path}.{missing}", _MISSING, "both mutual_userid and mutual_password, or neither")
+        c.fail(f"{path}.{missing}", MISSING, "both mutual_userid and mutual_password, or neither")
         return None
     if mu is not None:
         mu = c.string(mu, f"{path}.mutual_userid", cred, "a CHAP name of printable characters")
@@ -1080,7 +629,7 @@ def _load_chap(c: _Checker, raw: object, path: str) -> Chap | None:
     return Chap(uid, pw, mu, mp)
 
 
-def _load_portal(c: _Checker, raw: object, path: str) -> Portal | None:
+def _load_portal(c: Checker, raw: object, path: str) -> Portal | None:
     text = raw if isinstance(raw, str) else None
     if text is not None:
         host, port_s = text, "3260"
@@ -1100,7 +649,7 @@ def _load_portal(c: _Checker, raw: object, path: str) -> Portal | None:
     return None
 
 
-def _load_iscsi(c: _Checker, raw: object, devices: set[str]) -> list[IscsiTarget]:
+def _load_iscsi(c: Checker, raw: object, devices: set[str]) -> list[IscsiTarget]:
     out: list[IscsiTarget] = []
     seen: set[str] = set()
     keys = {"iqn", "tpg", "portals", "luns", "acls", "chap", "generate_node_acls", "attributes"}
@@ -1170,13 +719,13 @@ def _load_iscsi(c: _Checker, raw: object, devices: set[str]) -> list[IscsiTarget
             # can never log in.
             for j, a in enumerate(acls):
                 if a.chap is None:
-                    c.fail(f"{p}.acls[{j}].chap", _MISSING, "CHAP credentials (this target"
+                    c.fail(f"{p}.acls[{j}].chap", MISSING, "CHAP credentials (this target"
                            " uses CHAP, so every initiator needs them)")
             if demo and chap is None:
-                c.fail(f"{p}.chap", _MISSING, "CHAP credentials for demo-mode initiators"
+                c.fail(f"{p}.chap", MISSING, "CHAP credentials for demo-mode initiators"
                        " (generate_node_acls is on and an ACL uses CHAP)")
         if demo is False and not acls and "acls" not in m and len(c.problems) == before:
-            c.fail(f"{p}.acls", _MISSING, "at least one ACL, or generate_node_acls: true"
+            c.fail(f"{p}.acls", MISSING, "at least one ACL, or generate_node_acls: true"
                    " (otherwise no initiator can log in)")
         if len(c.problems) != before:
             continue
@@ -1192,68 +741,83 @@ def _raw_names(items: object) -> set[str]:
     return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
 
 
-def _build(c: _Checker, doc: object,
-           handlers: Mapping[str, Callable[[str], None]] | None) -> Config | None:
-    top = c.mapping(doc, "", {"state_dir", "defaults", "pools", "devices", "libraries",
-                              "exports"})
+_TOP_KEYS = ("state_dir", "defaults", "devices", "exports")
+
+
+@functools.cache
+def _installed() -> Mapping[str, type[Handler]]:
+    """The registered handlers, looked up once per process (reading every installed package's
+    entry points takes milliseconds, twenty times the load of a small file)."""
+    return load_handlers()
+
+
+def section_owners(registry: Mapping[str, type[Handler]]) -> dict[str, type[Handler]]:
+    """Top-level YAML key -> the registered handler owning it (`Handler.config_sections`).
+
+    A handler that fails to import is skipped (the registry logs it); a key the loader or an
+    earlier handler already owns is logged and left to its first owner."""
+    owners: dict[str, type[Handler]] = {}
+    for subtype in registry:
+        try:
+            handler = registry[subtype]
+        except KeyError:
+            continue
+        for key in handler.config_sections:
+            if key in _TOP_KEYS or key in owners:
+                first = "the loader" if key in _TOP_KEYS else f"handler {owners[key].subtype!r}"
+                log.error("handler %r: YAML section %r belongs to %s; ignored", subtype, key,
+                          first)
+                continue
+            owners[key] = handler
+    return owners
+
+
+def _build(c: Checker, doc: object,
+           handlers: Mapping[str, Callable[[str], None]] | None,
+           registry: Mapping[str, type[Handler]]) -> Config | None:
+    owners = section_owners(registry)
+    top = c.mapping(doc, "", {*_TOP_KEYS, *owners})
     if top is None:
         return None
     state_dir = c.abspath(top.get("state_dir", DEFAULT_STATE_DIR), "state_dir")
     defaults = _load_defaults(c, top.get("defaults"))
-    pools = _load_pools(c, top.get("pools"))
+    sections: dict[str, tuple[Any, ...]] = {}
+    for key, owner in owners.items():
+        sections[key] = tuple(owner.load_section(key, top.get(key), c, top))
     where: dict[str, str] = {}
     devices = _load_devices(c, top.get("devices"), defaults, state_dir or DEFAULT_STATE_DIR,
-                            handlers, {p.name: p.path for p in pools}, where)
-    # Names given to devices / pools that failed validation still count for cross-references,
-    # so one bad device does not cascade into a "no such device" error for every export.
+                            handlers, owners, sections, where)
+    # Names given to devices that failed validation still count for cross-references, so one
+    # bad device does not cascade into a "no such device" error for every export.
     dev_names = _raw_names(top.get("devices"))
-    pool_names = _raw_names(top.get("pools"))
-    raw_devices = top.get("devices")
-    for i, dev in enumerate(raw_devices if isinstance(raw_devices, list) else []):
-        if isinstance(dev, dict) and isinstance(dev.get("pool"), str) and (
-                dev["pool"] not in pool_names):
-            c.fail(f"devices[{i}].pool", dev["pool"], "the name of a pool in pools"
-                   f" ({', '.join(sorted(pool_names)) or 'none declared'})")
-    libraries = _load_libraries(c, top.get("libraries"))
-    # Library units are devices too (exported by name like any other); they are implied by
-    # `libraries:`, so naming one in `devices:` as well is a duplicate.
-    raw_libs = top.get("libraries")
-    for i, lib_raw in enumerate(raw_libs if isinstance(raw_libs, list) else []):
-        if not isinstance(lib_raw, dict):
-            continue
-        raw_drives = lib_raw.get("drives")
-        names = [("changer", lib_raw.get("changer"))] + [
-            (f"drives[{j}].name", d.get("name"))
-            for j, d in enumerate(raw_drives if isinstance(raw_drives, list) else [])
-            if isinstance(d, dict)]
-        for key, unit in names:
-            if not isinstance(unit, str):
+    for key, owner in owners.items():
+        implied = owner.section_devices(key, sections[key], defaults)
+        if implied and handlers is not None and owner.subtype not in handlers:
+            # Its devices could not be served: say so once, at the section.
+            c.fail(key, [getattr(spec, "name", spec) for spec in sections[key]],
+                   f"the {owner.subtype} handler installed"
+                   f" ({', '.join(sorted(handlers)) or 'none found'})")
+        for dev, at in implied:
+            if dev.name in dev_names:
+                c.fail(f"{at}.name", dev.name, "a name no other device uses (the devices of"
+                       f" {key} are devices of their own; do not list them in devices)")
                 continue
-            if unit in dev_names:
-                c.fail(f"libraries[{i}].{key}", unit, "a name no device or other library unit"
-                       " uses (library units are devices of their own; do not list them in"
-                       " devices)")
-            dev_names.add(unit)
-    if libraries and handlers is not None and "vtl" not in handlers:
-        c.fail("libraries", [lib.name for lib in libraries],
-               f"the vtl handler installed ({', '.join(sorted(handlers)) or 'none found'})")
-    for i, lib in enumerate(libraries):
-        devices.extend(library_devices(lib, defaults))
-        where[lib.changer] = f"libraries[{i}].changer"
-        for j, drive in enumerate(lib.drives):
-            where[drive.name] = f"libraries[{i}].drives[{j}]"
-    _check_identities(c, devices, where)
+            devices.append(dev)
+            where[dev.name] = at
+            dev_names.add(dev.name)
+    _check_identities(c, devices, where, registry)
     em = c.mapping(top.get("exports"), "exports", {"loopback", "iscsi"})
     loop = _load_lunmaps(c, (em or {}).get("loopback"), "exports.loopback", dev_names)
     iscsi = _load_iscsi(c, (em or {}).get("iscsi"), dev_names)
     if c.problems or state_dir is None:
         return None
-    return Config(c.source, state_dir, defaults, tuple(pools),
-                  tuple(devices), tuple(libraries), Exports(tuple(loop), tuple(iscsi)))
+    return Config(c.source, state_dir, defaults, tuple(devices),
+                  Exports(tuple(loop), tuple(iscsi)), tuple(sections.items()))
 
 
 def load_config_text(text: str, source: str = "<string>", *,
-                     handlers: Mapping[str, Callable[[str], None]] | None = None) -> Config:
+                     handlers: Mapping[str, Callable[[str], None]] | None = None,
+                     registry: Mapping[str, type[Handler]] | None = None) -> Config:
     """Parse and validate YAML ``text``; ``source`` names it in messages.
 
     ``handlers`` maps each installed subtype to its ``Handler.check_config(cfgstring)`` (the
@@ -1262,9 +826,11 @@ def load_config_text(text: str, source: str = "<string>", *,
     like any other problem). Checks run before `lio.prepare_storage`, so a check that requires
     files to exist (image directory, pool.json) fails on a fresh host: omit ``handlers`` then, or
     prepare storage first.
+    ``registry`` (default: every registered handler, `load_handlers`) gives the handlers that
+    own top-level sections (`Handler.config_sections`: thin's ``pools``) and validate them.
     Raises ConfigError listing every problem; returns a fully validated Config otherwise.
     """
-    c = _Checker(source)
+    c = Checker(source)
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: got a file larger than {MAX_CONFIG_BYTES} bytes, expected"
                           " a configuration file of at most that size")
@@ -1285,14 +851,15 @@ def load_config_text(text: str, source: str = "<string>", *,
         raise ConfigError(f"{source}: {where}: got {what}, expected {expected}") from None
     if doc is None:
         doc = {}
-    cfg = _build(c, doc, handlers)
+    cfg = _build(c, doc, handlers, _installed() if registry is None else registry)
     if cfg is None:
         raise ConfigError(c.report())
     return cfg
 
 
 def load_config(path: str | Path, *,
-                handlers: Mapping[str, Callable[[str], None]] | None = None) -> Config:
+                handlers: Mapping[str, Callable[[str], None]] | None = None,
+                registry: Mapping[str, type[Handler]] | None = None) -> Config:
     """Read and validate the YAML file at ``path`` (see `load_config_text`); a file larger
     than MAX_CONFIG_BYTES is refused unread."""
     p = Path(path)
@@ -1312,12 +879,12 @@ def load_config(path: str | Path, *,
         raise ConfigError(f"{p}: line {line}: got bytes that are not UTF-8"
                           f" ({data[exc.start:exc.start + 4]!r}), expected a UTF-8 text"
                           " file") from None
-    return load_config_text(text, str(p), handlers=handlers)
+    return load_config_text(text, str(p), handlers=handlers, registry=registry)
 
 
-def load_default_config(*, handlers: Mapping[str, Callable[[str], None]] | None = None
-                        ) -> Config:
+def load_default_config(*, handlers: Mapping[str, Callable[[str], None]] | None = None,
+                        registry: Mapping[str, type[Handler]] | None = None) -> Config:
     """The embedded default configuration (package data ``tcmu_py/daemon/default.yaml``)."""
     ref = resources.files("tcmu_py.daemon").joinpath("default.yaml")
     return load_config_text(ref.read_text(encoding="utf-8"), "<default config>",
-                            handlers=handlers)
+                            handlers=handlers, registry=registry)

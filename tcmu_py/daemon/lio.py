@@ -607,12 +607,11 @@ _EXPORT_KINDS = set(Kind) - _BACKSTORE_KINDS
 
 
 def prepare_storage(config: Config) -> list[Path]:
-    """Create the state directory, pool directories and missing ``raw`` image files (sparse, of
-    the device size; an existing smaller image is extended, never shrunk). Returns the image
-    files created."""
+    """Create the state directory and missing ``raw`` image files (sparse, of the device size;
+    an existing smaller image is extended, never shrunk). Returns the image files created.
+    What other handlers need (thin pools, tape libraries) is their `Handler.prepare`'s, run
+    before this (`tcmu_py.cli.prepare_handlers`)."""
     make_private_dirs(config.state_dir)
-    for pool in config.pools:
-        make_private_dirs(pool.path)
     created = []
     for dev in config.devices:
         if dev.handler != "raw":

@@ -560,19 +560,24 @@ class Daemon:
                     "counters": counters,
                 }
             )
-        return {"pid": os.getpid(), "devices": devices, "pools": self._pool_status(items)}
-
-    @staticmethod
-    def _pool_status(items: list[Served]) -> list[dict[str, Any]]:
-        """Thin pools behind the served devices (each once): capacity, use, per-disk use."""
-        pools: dict[str, dict[str, Any]] = {}
-        for s in items:
-            pool = getattr(getattr(s.device, "backend", None), "pool", None)
-            status = getattr(pool, "status", None)
-            if status is not None:
-                st = status().as_dict()
-                pools[st["path"]] = st
-        return list(pools.values())
+        out: dict[str, Any] = {"pid": os.getpid(), "devices": devices}
+        for subtype in self.handlers:
+            try:
+                handler = self.handlers[subtype]
+            except KeyError:  # failed to import: logged by the registry
+                continue
+            mine = [s.device for s in items if s.name.subtype == subtype]
+            try:
+                extra = handler.status(mine)
+            except Exception:  # one handler's report must not take the status down
+                log.exception("handler %r: status failed", subtype)
+                continue
+            for key, value in extra.items():
+                if key in out:
+                    log.error("handler %r: status key %r is taken; ignored", subtype, key)
+                else:
+                    out[key] = value
+        return out
 
 
 def query_status(run_dir: Path = RUN_DIR, timeout: float = 5.0) -> dict[str, Any]:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 from tcmu_py.device.runner import latency_bucket_upper
+from tcmu_py.handler import Handler, load_handlers
+
+log = logging.getLogger(__name__)
 
 
 def _size(n: float) -> str:
@@ -86,9 +91,23 @@ def add_windows(status: dict[str, Any], earlier: dict[str, Any] | None) -> None:
         d["window"] = window(d["counters"], before.get(d["name"]))
 
 
-def render_status(status: dict[str, Any] | None, config_path: str | None = None) -> str:
+def _handlers(registry: Mapping[str, type[Handler]] | None) -> list[type[Handler]]:
+    registry = load_handlers() if registry is None else registry
+    out = []
+    for subtype in registry:
+        try:
+            out.append(registry[subtype])
+        except KeyError:  # failed to import: logged by the registry
+            continue
+    return out
+
+
+def render_status(status: dict[str, Any] | None, config_path: str | None = None,
+                  handlers: Mapping[str, type[Handler]] | None = None) -> str:
     """The status report; `status` is `Daemon.status()` (None: no daemon answered), with
-    `add_windows` applied for rates over a window (otherwise rates since each device started)."""
+    `add_windows` applied for rates over a window (otherwise rates since each device started).
+    After the device table, each handler's `Handler.status_tables` (``handlers``: default every
+    registered one), e.g. thin's pools."""
     parts = []
     if status is None:
         parts.append("daemon: not running")
@@ -145,30 +164,15 @@ def render_status(status: dict[str, Any] | None, config_path: str | None = None)
         )
         if rows:
             parts.append(f"(cmds, errors: total; IOPS, read, write, mean, p99: {since})")
-        pool_rows = []
-        for pool in status.get("pools", []):
-            pct = 100 * pool["used"] / pool["capacity"] if pool["capacity"] else 0.0
-            threshold = pool["soft_threshold"]
-            pool_rows.append(
-                [
-                    pool["name"],
-                    pool["path"],
-                    _size(pool["capacity"]),
-                    _size(pool["used"]),
-                    f"{pct:.1f}%",
-                    "-" if threshold is None else f"{threshold}%",
-                    "ABOVE" if pool["above_threshold"] else "ok",
-                    ", ".join(f"{d['name']}={_size(d['used'])}" for d in pool["disks"]),
-                ]
-            )
-        if pool_rows:
-            parts.append(
-                "\nthin pools\n"
-                + _table(
-                    ["pool", "path", "capacity", "used", "used%", "soft", "state", "disks"],
-                    pool_rows,
-                )
-            )
+        for handler in _handlers(handlers):
+            try:
+                tables = handler.status_tables(status)
+            except Exception:  # a report from another version, or a broken handler
+                log.exception("handler %r: status tables failed", handler.subtype)
+                continue
+            for table in tables:
+                parts.append(f"\n{table.title}\n"
+                             + _table(list(table.headers), [list(r) for r in table.rows]))
         for extra in status.get("sections", []):
             parts.append(f"\n{extra['title']}\n" + _table(extra["headers"], extra["rows"]))
     return "\n".join(parts)

@@ -1,7 +1,7 @@
 """One barcode rule: the daemon's YAML loader accepts exactly the barcodes the library holds.
 
-Before issue 12 the loader allowed A-Z 0-9 only while the library (and `tcmu-py vtl`) also
-allowed _ and -: a library created with the tools could hold cartridges its YAML could not name.
+Before, the loader allowed A-Z 0-9 only while the library (and `tcmu-py vtl`) also allowed
+_ and -: a library created with the tools could hold cartridges its YAML could not name.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcmu_py.daemon.config import count_barcodes, expand_barcodes
+from tcmu_py.handlers.vtl.config import count_barcodes, expand_barcodes
 from tcmu_py.handlers.vtl.library import LibraryError, check_barcode, is_barcode
 
 

@@ -16,13 +16,14 @@ from tcmu_py.daemon.config import (
     LunMap,
     Portal,
     dev_config_string,
-    expand_barcodes,
     load_config,
     load_config_text,
     load_default_config,
     parse_size,
 )
 from tcmu_py.errors import ConfigError
+from tcmu_py.handler import load_handlers
+from tcmu_py.handlers.vtl.config import expand_barcodes
 
 GOOD = """
 state_dir: /srv/tcmu
@@ -98,7 +99,8 @@ def test_good_config_values() -> None:
     thin = cfg.device("thin0")
     assert thin.options == (("unit", "64K"), ("zero", "1"))
     assert thin.pool == "main" and thin.serial == "TCMU0001"
-    pool = cfg.pool("main")
+    (pool,) = cfg.section("pools")  # thin's section (handlers/thin/config.py)
+    assert pool.name == "main" and pool.path == "/srv/tcmu/pools/main"
     assert pool.capacity == 10 << 30 and pool.soft_threshold == 75
     assert pool.hard_limit == (10 << 30) * 95 // 100
     assert cfg.exports.loopback == (LunMap("disk0", 0), LunMap("thin0", 5))
@@ -109,7 +111,7 @@ def test_good_config_values() -> None:
     assert tgt.acls[0].luns == ("thin0",) and tgt.acls[1].luns is None
     assert tgt.acls[0].chap == Chap("u1", "p1p1p1p1p1p1", "t1", "m1m1m1")
     assert tgt.attributes == (("default_cmdsn_depth", 128),)
-    lib = cfg.libraries[0]
+    (lib,) = cfg.section("libraries")  # the vtl's section (handlers/vtl/config.py)
     assert len(lib.barcodes()) == 21 and lib.barcodes()[0] == "ABC000L8"
     # The library's units are devices of their own, after the declared ones.
     assert [d.name for d in cfg.devices] == ["disk0", "thin0", "changer0", "tape0"]
@@ -400,7 +402,10 @@ def test_load_config_file_and_unreadable(tmp_path: Path) -> None:
 
 
 def test_top_level_must_be_a_mapping() -> None:
-    assert problems("- a\n- b\n") == [
+    # The built-in handlers only: an installed plugin adds its own section keys (see
+    # test_plugin_example.py).
+    registry = {name: load_handlers()[name] for name in ("raw", "null", "thin", "vtl")}
+    assert problems("- a\n- b\n", registry=registry) == [
         "cfg.yaml: (top level): got ['a', 'b'], expected a mapping with keys defaults, devices,"
         " exports, libraries, pools, state_dir"]
 

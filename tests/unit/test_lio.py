@@ -459,7 +459,7 @@ def test_library_backstores_and_luns(lib_cfg: Config, tmp_path: Path) -> None:
     assert ch.params["size"] == 1 << 20
     assert "hw_max_sectors=2048" in d0.params["control"]  # 1 MiB: 256 KiB blocks pass
     assert d0.params["attributes"]["cmd_time_out"] == 300
-    assert d0.params["wwn"] == lib_cfg.libraries[0].drives[0].unit_serial()
+    assert d0.params["wwn"] == lib_cfg.section("libraries")[0].drives[0].unit_serial()
     writes = dict(lio.backstore_writes(d0.params))
     assert writes["attrib/cmd_time_out"] == "300"
     r2 = apply_exports(lib_cfg, be)
@@ -475,18 +475,18 @@ def test_prepare_libraries_creates_then_keeps_the_library(lib_cfg: Config, tmp_p
                                                           ) -> None:
     """`tcmu-py apply` / `serve -c`: the library and its cartridges are made once; a second run
     keeps moved cartridges where they are and adds only newly declared ones."""
-    from tcmu_py.cli import _prepare_libraries
+    from tcmu_py.cli import prepare_handlers
     from tcmu_py.handlers.vtl import VtlHandler
     from tcmu_py.handlers.vtl.library import Library, LibraryError
     from tcmu_py.scsi.smc import ElementType
 
-    _prepare_libraries(lib_cfg)
+    prepare_handlers(lib_cfg)
     root = tmp_path / "lib"
     lib = Library.open(root)
     try:
         assert lib.drive_count == 2 and lib.name == "lab"
         assert [lib.drive_serial(i) for i in range(2)] == [
-            d.unit_serial() for d in lib_cfg.libraries[0].drives]
+            d.unit_serial() for d in lib_cfg.section("libraries")[0].drives]
         assert len(lib.addresses(ElementType.STORAGE)) == 6
         assert len(lib.addresses(ElementType.IMPORT_EXPORT)) == 1
         assert sorted(lib.cartridges()) == ["ABC000L8", "ABC001L8", "ABC002L8"]
@@ -500,7 +500,7 @@ def test_prepare_libraries_creates_then_keeps_the_library(lib_cfg: Config, tmp_p
 
     more = textwrap.dedent(LIBRARY_TEXT.replace("ABC002L8", "ABC003L8")).format(
         state=tmp_path / "state", lib=root)
-    _prepare_libraries(load_config_text(more, "t.yaml"))
+    prepare_handlers(load_config_text(more, "t.yaml"))
     lib = Library.open(root)
     try:
         assert lib.drive_barcode(1) == "ABC000L8"  # not put back
@@ -511,4 +511,4 @@ def test_prepare_libraries_creates_then_keeps_the_library(lib_cfg: Config, tmp_p
     fewer = textwrap.dedent(LIBRARY_TEXT.replace("slots: 6", "slots: 5")).format(
         state=tmp_path / "state", lib=root)
     with pytest.raises(LibraryError, match="slots: library has 6, declared 5"):
-        _prepare_libraries(load_config_text(fewer, "t.yaml"))
+        prepare_handlers(load_config_text(fewer, "t.yaml"))

@@ -66,7 +66,7 @@ def test_everything_the_daemon_creates_is_private(tmp_path: Path, umask_022: Non
           loopback: [{{device: disk0}}, {{device: thin0}}]
     """), "perm.yaml")
     # `tcmu-py apply`, storage side: pools, images, the LIO state file.
-    cli._prepare_pools(config)
+    cli.prepare_handlers(config)
     backend = lio.MemoryBackend()
     lio.apply_backstores(config, backend)
     lio.apply_exports(config, backend)

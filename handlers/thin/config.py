@@ -1,0 +1,230 @@
+"""What the ``thin`` subtype owns outside its devices (`tcmu_py.handler.Handler` contract):
+
+- the YAML section ``pools:`` (`PoolSpec`, validated by `load_pools`) and the ``pool:`` key of a
+  device, whose pool's directory goes into the device's dev_config (`device_config_items`);
+- the pools' creation before devices open (`prepare`);
+- the ``thin pools`` rows of ``tcmu-py status`` (`status`, `status_tables`);
+- ``tcmu-py thin status|create`` (`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tcmu_py.configspec import Checker, Device, parse_size
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import ConfigView, StatusTable
+
+from .backend import ThinBackend
+from .pool import ensure_pool, read_pool_status
+
+if TYPE_CHECKING:
+    from tcmu_py.device.core import ScsiDevice
+
+__all__ = [
+    "PoolSpec",
+    "device_config_items",
+    "device_image",
+    "load_pools",
+    "main",
+    "prepare",
+    "status",
+    "status_tables",
+]
+
+#: The top-level YAML key of thin pools.
+SECTION = "pools"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A thin pool declared in the YAML. ``capacity`` and ``hard_limit`` are bytes (hard_limit
+    <= capacity); ``soft_threshold`` is a percentage of ``capacity`` (1..100)."""
+
+    name: str
+    path: str
+    capacity: int
+    soft_threshold: int = 80
+    hard_limit: int = 0  # the loader always sets it (default: capacity)
+
+
+def _raw_names(items: object) -> set[str]:
+    if not isinstance(items, list):
+        return set()
+    return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
+
+
+def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpec, ...]:
+    """The ``pools:`` section, and every device's ``pool:`` naming one of them (names of pools
+    that failed validation still count, so one bad pool does not cascade)."""
+    pools: list[PoolSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(c.seq(raw, SECTION) or []):
+        p = f"{SECTION}[{i}]"
+        m = c.mapping(item, p, {"name", "path", "capacity", "soft_threshold", "hard_limit"},
+                      frozenset({"name", "path", "capacity"}))
+        if m is None:
+            continue
+        name = c.name(m["name"], f"{p}.name") if "name" in m else None
+        if name is not None:
+            if name in seen:
+                c.fail(f"{p}.name", name, "a pool name not used before (duplicate)")
+            seen.add(name)
+        path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
+        cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
+        soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
+                         "a percentage 1..100")
+        hard: int | None = cap
+        if "hard_limit" in m and cap is not None:
+            hard = _pool_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
+        if None in (name, path, cap, soft, hard):
+            continue
+        assert name and path and cap and soft and hard
+        pools.append(PoolSpec(name, path, cap, soft, hard))
+    pool_names = _raw_names(raw)
+    raw_devices = doc.get("devices")
+    for i, dev in enumerate(raw_devices if isinstance(raw_devices, list) else []):
+        if isinstance(dev, dict) and isinstance(dev.get("pool"), str) and (
+                dev["pool"] not in pool_names):
+            c.fail(f"devices[{i}].pool", dev["pool"], "the name of a pool in pools"
+                   f" ({', '.join(sorted(pool_names)) or 'none declared'})")
+    return tuple(pools)
+
+
+def _pool_limit(c: Checker, value: object, path: str, capacity: int) -> int | None:
+    expected = "a percentage of capacity like '95%' or a size not above capacity"
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            pct = int(value.strip()[:-1])
+        except ValueError:
+            pct = -1
+        if 1 <= pct <= 100:
+            return capacity * pct // 100
+        c.fail(path, value, expected)
+        return None
+    try:
+        n = parse_size(value)
+    except ValueError:
+        n = -1
+    if 0 < n <= capacity:
+        return n
+    c.fail(path, value, expected)
+    return None
+
+
+def device_config_items(device: Device, pools: Sequence[PoolSpec]
+                        ) -> tuple[tuple[str, str], ...]:
+    """``("pool", <directory>)`` for a device naming a declared pool: the dev_config then names
+    the directory, which a daemon started without the YAML can open."""
+    for pool in pools:
+        if pool.name == device.pool:
+            return (("pool", pool.path),)
+    return ()
+
+
+def device_image(device: Device) -> str | None:
+    """A thin device's file: ``<pool directory>/<disk or device name>.img`` (links resolved);
+    None when its pool is given by name only (resolved at open time)."""
+    opts = dict(device.config_items) | device.options_dict()
+    pool = opts.get("pool", "")
+    if not pool.startswith("/"):
+        return None
+    return os.path.join(os.path.realpath(pool), f"{opts.get('disk') or device.name}.img")
+
+
+def prepare(config: ConfigView) -> None:
+    """Create (or update) the YAML's thin pools and register their names in this process.
+
+    A pool's hard limit is what the thin handler enforces as the pool's capacity; the soft
+    threshold is a percentage of it.
+    """
+    from .handler import register_pool
+
+    for pool in config.section(SECTION):
+        ensure_pool(pool.path, pool.name, pool.hard_limit or pool.capacity, pool.soft_threshold)
+        register_pool(pool.name, pool.path)
+
+
+def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
+    """``{"pools": [...]}``: each pool behind a served device once (capacity, use, per-disk
+    use; `PoolStatus.as_dict`)."""
+    pools: dict[str, dict[str, Any]] = {}
+    for device in devices:
+        backend = getattr(device, "backend", None)
+        if isinstance(backend, ThinBackend):
+            st = backend.pool.status().as_dict()
+            pools[st["path"]] = st
+    return {SECTION: list(pools.values())}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def _pool_row(pool: Mapping[str, Any]) -> tuple[str, ...]:
+    pct = 100 * pool["used"] / pool["capacity"] if pool["capacity"] else 0.0
+    threshold = pool["soft_threshold"]
+    return (
+        pool["name"],
+        pool["path"],
+        _size(pool["capacity"]),
+        _size(pool["used"]),
+        f"{pct:.1f}%",
+        "-" if threshold is None else f"{threshold}%",
+        "ABOVE" if pool["above_threshold"] else "ok",
+        ", ".join(f"{d['name']}={_size(d['used'])}" for d in pool["disks"]),
+    )
+
+
+_POOL_HEADERS = ("pool", "path", "capacity", "used", "used%", "soft", "state", "disks")
+
+
+def status_tables(st: Mapping[str, Any]) -> list[StatusTable]:
+    rows = tuple(_pool_row(pool) for pool in st.get(SECTION) or [])
+    return [StatusTable("thin pools", _POOL_HEADERS, rows)] if rows else []
+
+
+def main(argv: list[str]) -> int:
+    """``tcmu-py thin status PATH... [--json]`` / ``tcmu-py thin create PATH --name NAME
+    --capacity SIZE [--soft-threshold PCT]``."""
+    p = argparse.ArgumentParser(prog="tcmu-py thin", description="thin pool administration")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("status", help="a pool's capacity and use (also while it is served)")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="pool directory")
+    s.add_argument("--json", action="store_true", help="print the figures as JSON")
+    c = sub.add_parser("create", help="create a pool (or update its capacity and threshold)")
+    c.add_argument("path", metavar="PATH", help="pool directory")
+    c.add_argument("--name", required=True, help="the pool's name")
+    c.add_argument("--capacity", required=True, help="bytes, or with K, M, G, T, P")
+    c.add_argument("--soft-threshold", type=int, default=80, metavar="PCT",
+                   help="percentage of capacity that raises a unit attention (default 80)")
+    args = p.parse_args(argv)
+    if args.cmd == "create":
+        try:
+            capacity = parse_size(args.capacity)
+        except ValueError:
+            raise ConfigError(f"--capacity: got {args.capacity!r}, expected a size like 10G"
+                              ) from None
+        ensure_pool(args.path, args.name, capacity, args.soft_threshold)
+        return 0
+    found = [read_pool_status(path).as_dict() for path in args.paths]
+    if args.json:
+        print(json.dumps(found, indent=1))
+    else:
+        (table,) = status_tables({SECTION: found})
+        widths = [max(len(h), *(len(r[i]) for r in table.rows))
+                  for i, h in enumerate(table.headers)]
+        for line in (table.headers, tuple("-" * w for w in widths), *table.rows):
+            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    sys.stdout.flush()
+    return 0
