@@ -778,34 +778,39 @@ class _Gen:
 
     # --- disks (SBC-4)
 
+    def _extent(self, lba_bits: int, block_bits: int) -> tuple[int, int]:
+        """(LBA, blocks) of a medium-access command; boundary cases sometimes span the whole
+        device (the largest range a device must refuse or handle without holding it all)."""
+        if self.boundary and self.rng.random() < 0.25:
+            lba = min(self.rng.choice([0, 1, self.p.pattern_blocks]), (1 << lba_bits) - 1)
+            return lba, min(max(self.p.num_blocks - lba, 0), (1 << block_bits) - 1)
+        lba = self.lba(lba_bits)
+        return lba, self.blocks(lba, block_bits)
+
     def _disk_rw(self, op: int) -> _Built:
         bs = self.p.block_size
         cdb = _cdb(op)
         usage = self.usage(op)
         if op in _RW6:
-            lba = self.lba(21)
-            blocks = self.blocks(lba, 8)
+            lba, blocks = self._extent(21, 8)
             _put(cdb, 1, 3, lba)
             cdb[4] = blocks & 0xFF
             blocks = blocks or 256  # SBC-4 5.15: READ(6)/WRITE(6) TRANSFER LENGTH 0 = 256 blocks
             kind = _RW6[op]
         elif op in _RW10:
-            lba = self.lba(32)
-            blocks = self.blocks(lba, 16)
+            lba, blocks = self._extent(32, 16)
             cdb[1] = self.flags(usage[1] if len(usage) > 1 else 0x1A)
             _put(cdb, 2, 4, lba)
             _put(cdb, 7, 2, blocks)
             kind = _RW10[op]
         elif op in _RW12:
-            lba = self.lba(32)
-            blocks = self.blocks(lba, 32)
+            lba, blocks = self._extent(32, 32)
             cdb[1] = self.flags(usage[1] if len(usage) > 1 else 0x1A)
             _put(cdb, 2, 4, lba)
             _put(cdb, 6, 4, blocks)
             kind = _RW12[op]
         else:
-            lba = self.lba(64)
-            blocks = self.blocks(lba, 32)
+            lba, blocks = self._extent(64, 32)
             cdb[1] = self.flags(usage[1] if len(usage) > 1 else 0x1A)
             _put(cdb, 2, 8, lba)
             _put(cdb, 10, 4, blocks)
@@ -815,7 +820,7 @@ class _Gen:
         if kind == "out":
             return _Built(cdb, "out", blocks * bs, data_cdb=op in _WRITE_CLASS)
         if kind == "verify":
-            bytchk = self.rng.choice([0, 0, 1, 1, 2, 3])
+            bytchk = self.rng.choice([0, 0, 0, 1, 3] if self.boundary else [0, 0, 1, 1, 2, 3])
             cdb[1] = (cdb[1] & ~0x06 & 0xFF) | (bytchk << 1)
             if bytchk in (1, 3):
                 # SBC-4 5.33: BYTCHK 01b sends the blocks, 11b one block for them all; a
@@ -1040,9 +1045,9 @@ class _Gen:
         """SPC-5 7.4: PARAMETER DATA LENGTH + attributes (id, format, length, value)."""
         r = self.rng
         body = bytearray()
-        if r.random() < 0.05:
+        if r.random() < 0.1:
             # A long list whose last attribute is refused: its offset is past 64 KiB.
-            big = r.randrange(0xFF00, 0x10000)
+            big = r.randrange(0xFFF8, 0x10000)
             body += struct.pack(">HBH", 0x1400, 0x00, big) + self.bulk(big)
             body += struct.pack(">HBH", 0x0000, 0x00, 8) + bytes(8)
         else:
@@ -1083,17 +1088,27 @@ class _Gen:
     def _move(self, op: int) -> _Built:
         cdb = _cdb(op)
         _put(cdb, 2, 2, self.element() if self.rng.random() < 0.3 else 0)
-        _put(cdb, 4, 2, self.element())
-        _put(cdb, 6, 2, self.element())
+        _put(cdb, 4, 2, self.holder())
+        _put(cdb, 6, 2, self.holder())
         cdb[10] = self.rng.choice([0, 0, 0, 1])  # INVERT
         return _Built(cdb)
+
+    def holder(self) -> int:
+        """An element that can hold a cartridge (not the transport), mostly."""
+        holders = [e for e in self.p.elements[1:] if e[1]]
+        if self.boundary or not holders or self.rng.random() < 0.2:
+            return self.element()
+        first, count = self.rng.choice(holders)
+        return first + self.rng.randrange(count)
 
     def _exchange(self, op: int) -> _Built:
         cdb = _cdb(op)
         _put(cdb, 2, 2, self.element() if self.rng.random() < 0.3 else 0)
-        for off in (4, 6, 8):
-            _put(cdb, off, 2, self.element())
-        cdb[10] = self.rng.choice([0, 0, 1, 2, 3])
+        source = self.holder()
+        second = source if self.rng.random() < 0.5 else self.holder()
+        for off, address in ((4, source), (6, self.holder()), (8, second)):
+            _put(cdb, off, 2, address)
+        cdb[10] = self.rng.choice([0, 0, 0, 0, 1, 2, 3])
         return _Built(cdb)
 
     def _read_element_status(self, op: int) -> _Built:
@@ -1312,13 +1327,13 @@ class _Session:
                 self.cond.wait(min(left, 0.05))
         return p
 
-    def direct(self, case: Case) -> tuple[int, bytes]:
+    def direct(self, case: Case, timeout: float) -> tuple[int, bytes]:
         """Run `case` through `device.execute` (no ring); (status, sense)."""
         buf = bytearray(case.data_out) if case.data_out else bytearray(case.data_in_len)
         cmd = Command(case.cdb, [memoryview(buf)] if buf else [])
         resp: Any = self.device.execute(cmd)
         if isinstance(resp, Future):
-            resp = resp.result(timeout=10)
+            resp = resp.result(timeout=timeout)
         return resp.status, resp.sense
 
     def close(self, timeout: float = 10.0) -> list[str]:
@@ -1520,7 +1535,7 @@ class _Run:
         before = self.memory.reset() if self.memory_limit else 0
         if case.direct:
             try:
-                status, sense = session.direct(case)
+                status, sense = session.direct(case, self.timeout)
             except Exception as exc:  # noqa: BLE001
                 self.escape(start, case, "exception",
                             f"device.execute raised {type(exc).__name__}: {exc}")
@@ -2056,11 +2071,12 @@ def _ring_setup(rng: random.Random) -> tuple[FakeKernel, list[Pending]]:
     for _ in range(rng.randrange(4)):
         for _ in range(rng.randrange(1, 6)):
             _submit_random(k, rng)
-        cmds, _ = warm.dequeue()
-        rng.shuffle(cmds)
-        for c in cmds:
-            warm.complete(c.cmd_id, 0)
-        k.kick()
+        while k.in_flight or k.queued:  # drain: commands that waited for space come in too
+            cmds, _ = warm.dequeue()
+            rng.shuffle(cmds)
+            for c in cmds:
+                warm.complete(c.cmd_id, 0)
+            k.kick()
     warm.close()
     batch = [p for p in (_submit_random(k, rng) for _ in range(rng.randint(1, 6))) if p]
     on_ring = [p for p in batch if p.cmd_id is not None]
@@ -2077,8 +2093,9 @@ def _ring_case(buf: memoryview, k: FakeKernel, rng: random.Random, on_ring: list
 
     base = _address(buf)
     size = len(buf)
+    batch = rng.choice([1, 2, 3, 256])  # 256: the default; small ones reach batch boundaries
     try:
-        ring = Ring(buf, adopt=True, batch=rng.choice([1, 2, 3, 256]))
+        ring = Ring(buf, adopt=True, batch=batch)
     except RingError as exc:
         report.rejected += 1
         return ("control", f"the uncorrupted ring was refused: {exc}") if control else None
@@ -2110,8 +2127,8 @@ def _ring_case(buf: memoryview, k: FakeKernel, rng: random.Random, on_ring: list
         lost = ring.in_flight_ids - {c.cmd_id for c in returned}
         if lost:
             return "lost-in-flight", (
-                f"dequeue raised RingError after marking cmd_ids {sorted(lost)} in flight "
-                "without returning them: nobody will ever complete them")
+                f"dequeue (batch {batch}) raised RingError after marking cmd_ids "
+                f"{sorted(lost)} in flight without returning them: nobody will complete them")
         before = bytes(buf)
         order = list(returned)
         rng.shuffle(order)
