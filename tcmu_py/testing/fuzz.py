@@ -79,6 +79,7 @@ from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice
 from tcmu_py.device.runner import DeviceRunner
 from tcmu_py.ring import SENSE_BUFFERSIZE, scsi_command_size
+from tcmu_py.scsi.constants import PeripheralType, Status
 from tcmu_py.scsi.sense import parse_sense
 from tcmu_py.testing.fake_kernel import FakeKernel, FakeKernelError, Pending
 from tcmu_py.testing.fake_uio import FakeUio
@@ -87,13 +88,19 @@ from tcmu_py.testing.harness import _SerialisedUio
 __all__ = [
     "Case",
     "Escape",
+    "FuzzError",
     "FuzzReport",
     "Profile",
+    "RingEscape",
+    "RingFuzzReport",
     "Target",
     "builtin_targets",
     "check_sense",
     "fuzz",
+    "fuzz_ring",
     "generate",
+    "pattern_block",
+    "probe",
     "replay",
 ]
 
@@ -104,22 +111,13 @@ PATTERN_BLOCKS = 2048
 #: Default growth of the resident set allowed while one command runs.
 MEMORY_LIMIT = 32 * 1024 * 1024
 
-GOOD, CHECK_CONDITION, CONDITION_MET, BUSY = 0x00, 0x02, 0x04, 0x08
-RESERVATION_CONFLICT, TASK_SET_FULL, ACA_ACTIVE, TASK_ABORTED = 0x18, 0x28, 0x30, 0x40
-STATUS_NAMES = {
-    GOOD: "GOOD",
-    CHECK_CONDITION: "CHECK CONDITION",
-    CONDITION_MET: "CONDITION MET",
-    BUSY: "BUSY",
-    RESERVATION_CONFLICT: "RESERVATION CONFLICT",
-    TASK_SET_FULL: "TASK SET FULL",
-    ACA_ACTIVE: "ACA ACTIVE",
-    TASK_ABORTED: "TASK ABORTED",
-}
+GOOD, CHECK_CONDITION, CONDITION_MET = Status.GOOD, Status.CHECK_CONDITION, Status.CONDITION_MET
+#: SAM-5 5.3: the statuses a completed command may have, by name.
+STATUS_NAMES = {int(s): s.name.replace("_", " ") for s in Status}
 #: SPC-5 4.4.8 table 54: defined sense keys (0Ch is obsolete).
 VALID_SENSE_KEYS = frozenset(range(0x0C)) | {0x0D, 0x0E, 0x0F}
 
-_DISK, _TAPE, _CHANGER = 0x00, 0x01, 0x08
+_DISK, _TAPE, _CHANGER = PeripheralType.DISK, PeripheralType.TAPE, PeripheralType.CHANGER
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,7 +368,7 @@ _TAPE_OPS = [
     0x8D, 0x91, 0x92, 0x93,
 ]
 _CHANGER_OPS = [0x07, 0x1B, 0x2B, 0x37, 0xA5, 0xA6, 0xB8]
-_OPS_BY_TYPE = {_DISK: _DISK_OPS, _TAPE: _TAPE_OPS, _CHANGER: _CHANGER_OPS}
+_OPS_BY_TYPE: dict[int, list[int]] = {_DISK: _DISK_OPS, _TAPE: _TAPE_OPS, _CHANGER: _CHANGER_OPS}
 
 
 class _Gen:
@@ -1182,9 +1180,8 @@ def generate(profile: Profile, seed: int, index: int) -> Case:
         cdb = bytearray(rng.randbytes(32))
         cdb[0] = op
         if op == 0x7F:
-            cdb[7] = rng.randrange(0x19)
-        cdb = cdb[: scsi_command_size(cdb)] if len(cdb) >= scsi_command_size(cdb) else (
-            cdb + rng.randbytes(scsi_command_size(cdb) - len(cdb)))
+            cdb[7] = rng.randrange(0x19)  # 8 + ADDITIONAL CDB LENGTH <= 32
+        cdb = cdb[: scsi_command_size(cdb)]
         built = _Built(cdb, rng.choice(["none", "in", "out"]), rng.choice([0, 8, 512, 4096]),
                        exact=False)
         return _finish(rng, built, index, strategy, g)
@@ -1463,7 +1460,7 @@ def _write_extent(cdb: bytes, case: Case, profile: Profile) -> list[tuple[int, i
     """LBA ranges a Data-Out command may have changed (disks), from its CDB or UNMAP list."""
     op = cdb[0]
     n = profile.num_blocks
-    if op in (0x0A,):
+    if op == 0x0A and len(cdb) >= 6:
         lba, blocks = int.from_bytes(cdb[1:4], "big") & 0x1FFFFF, cdb[4] or 256
     elif op in (0x2A, 0x2E, 0x41) and len(cdb) >= 10:
         lba, blocks = int.from_bytes(cdb[2:6], "big"), int.from_bytes(cdb[7:9], "big")
@@ -1512,7 +1509,7 @@ class _Run:
     def prepare(self, session: _Session) -> Profile:
         for _ in range(8):  # the power-on unit attention, and any other pending one
             p = session.send(bytes(6), timeout=self.timeout)
-            if not p.done or p.status != CHECK_CONDITION or (p.sense[2:3] or b"\0")[0] & 0xF != 6:
+            if not p.done or p.status != CHECK_CONDITION or parse_sense(p.sense).sense_key != 6:
                 break
         profile = probe(lambda c, d, n: session.send(c, d, n, self.timeout))
         profile.pattern_tag = self.seed
@@ -1584,7 +1581,7 @@ class _Run:
         name = STATUS_NAMES.get(status, f"{status:#04x}")
         r.statuses[name] += 1
         r.opcodes.setdefault(case.cdb[0], Counter())[name] += 1
-        if status not in STATUS_NAMES or status == ACA_ACTIVE:
+        if status not in STATUS_NAMES or status == Status.ACA_ACTIVE:
             self.escape(start, case, "status", f"status {status:#04x}", status, sense)
             return
         if status == CONDITION_MET and case.cdb[0] not in (0x34, 0x90):
@@ -1613,7 +1610,7 @@ class _Run:
                             f"GOOD with {sent} bytes of Data-Out for a data CDB announcing "
                             f"{case.expected_out}", status)
         profile = self.profile
-        if profile is not None and profile.pattern_blocks and (sent or case.cdb[0] == 0x04):
+        if profile is not None and profile.pattern_blocks:
             cdb_refused = (
                 codes is not None and codes[0] == 0x05 and (codes[1], codes[2]) in _CDB_ERRORS
             )
