@@ -1,7 +1,7 @@
 """Long fuzz runs over the built-in devices and the ring (the CI test runs short ones).
 
     .venv/bin/python benchmarks/fuzz.py --device all --minutes 10 --seed 1
-    .venv/bin/python benchmarks/fuzz.py --device raw --commands 50000 --seed 7
+    .venv/bin/python benchmarks/fuzz.py --device raw --commands 50000 --seed 7 --depth 8
     .venv/bin/python benchmarks/fuzz.py --device drive --seed 7 --replay 1234 --start 0
 
 Prints, per device: commands, the status histogram, the most frequent sense codes, escapes by kind
@@ -43,9 +43,10 @@ def _cap_memory(limit: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def _print_device(r: FuzzReport, show: int) -> dict[str, Any]:
+def _print_device(r: FuzzReport, show: int, depth: int) -> dict[str, Any]:
     kinds = Counter(e.kind for e in r.escapes)
-    print(f"== {r.target}: seed {r.seed}, {r.commands} commands, {r.duration:.1f} s, "
+    print(f"== {r.target}: seed {r.seed}, depth {depth}, {r.commands} commands, "
+          f"{r.duration:.1f} s, "
           f"{r.commands / max(r.duration, 1e-9):.0f} commands/s, {r.restarts} restarts, "
           f"{r.rejected_by_kernel} refused by the kernel, peak growth per command "
           f"{r.max_memory_growth / 2**20:.1f} MiB")
@@ -64,7 +65,8 @@ def _print_device(r: FuzzReport, show: int) -> dict[str, Any]:
         for e in items[:show]:
             print(f"       {e}")
     return {
-        "device": r.target, "seed": r.seed, "commands": r.commands, "seconds": r.duration,
+        "device": r.target, "seed": r.seed, "depth": depth, "commands": r.commands,
+        "seconds": r.duration,
         "restarts": r.restarts, "statuses": dict(r.statuses), "senses": dict(r.senses),
         "escapes": [
             {"kind": e.kind, "index": e.case.index, "start": e.start, "cdb": e.case.cdb.hex(),
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commands", type=int, default=None,
                     help="commands (ring: cases) per device; default 5000 without --minutes")
     ap.add_argument("--minutes", type=float, default=None, help="total time, shared evenly")
+    ap.add_argument("--depth", type=int, default=1,
+                    help="commands in flight at once (memory escapes then name a batch)")
     ap.add_argument("--show", type=int, default=3, help="cases shown per escape group")
     ap.add_argument("--replay", type=int, default=None, metavar="INDEX",
                     help="replay case INDEX of --device (cases --start..INDEX)")
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.device not in targets:
                 ap.error("--replay needs one of " + ", ".join(DEVICES))
             found = replay(targets[args.device], seed=args.seed, index=args.replay,
-                           start=args.start)
+                           start=args.start, depth=args.depth)
             for e in found:
                 print(e)
             print(f"{len(found)} escapes at case {args.replay}")
@@ -119,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                 out.append(_print_ring(fuzz_ring(seed=args.seed, cases=commands,
                                                   seconds=share), args.show))
             else:
-                report = fuzz(targets[name], seed=args.seed, commands=commands, seconds=share)
-                out.append(_print_device(report, args.show))
+                report = fuzz(targets[name], seed=args.seed, commands=commands, seconds=share,
+                              depth=args.depth)
+                out.append(_print_device(report, args.show, args.depth))
             sys.stdout.flush()
     total = time.monotonic() - began
-    print(f"total: {total / 60:.1f} min")
+    print(f"total: {total:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seed": args.seed, "minutes": total / 60, "devices": out}, f, indent=1)

@@ -1316,13 +1316,24 @@ class _Session:
         Raises ValueError when the kernel itself would refuse the command."""
         with self.cond:
             p = self.kernel.submit(cdb, data_out, data_in_len)
-            deadline = time.monotonic() + timeout
-            while not p.done and self.thread.is_alive() and not self.kernel.broken:
+        self.wait([p], timeout)
+        return p
+
+    def submit(self, case: Case) -> Pending:
+        with self.cond:
+            return self.kernel.submit(case.cdb, case.data_out, case.data_in_len)
+
+    def wait(self, pending: Sequence[Pending], timeout: float) -> None:
+        """Until every one of `pending` is reaped, the loop dies, the ring breaks or `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not all(p.done for p in pending) and self.thread.is_alive() and (
+                not self.kernel.broken
+            ):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.cond.wait(min(left, 0.05))
-        return p
 
     def direct(self, case: Case, timeout: float) -> tuple[int, bytes]:
         """Run `case` through `device.execute` (no ring); (status, sense)."""
@@ -1526,54 +1537,71 @@ class _Run:
             self.touched = bytearray(profile.pattern_blocks)
         return profile
 
-    def run_case(self, session: _Session, case: Case, start: int) -> bool:
-        """Send one case and apply the oracle; True when the device must be replaced."""
+    def run_batch(self, session: _Session, cases: Sequence[Case], start: int) -> bool:
+        """Send `cases` at once (all in flight together), then those that bypass the ring, and
+        apply the oracle; True when the device must be replaced."""
         r = self.report
         before = self.memory.reset() if self.memory_limit else 0
-        if case.direct:
+        sent: list[tuple[Case, Pending]] = []
+        for case in cases:
+            if case.direct:
+                continue
             try:
-                status, sense = session.direct(case, self.timeout)
-            except Exception as exc:  # noqa: BLE001
-                self.escape(start, case, "exception",
-                            f"device.execute raised {type(exc).__name__}: {exc}")
-                return False
-            done = True
-        else:
-            try:
-                p = session.send(case.cdb, case.data_out, case.data_in_len, self.timeout)
+                sent.append((case, session.submit(case)))
             except ValueError:
                 r.rejected_by_kernel += 1  # the kernel refuses it before userspace sees it
-                return False
             except FakeKernelError as exc:
                 self.escape(start, case, "ring", str(exc))
                 return True
-            done, status, sense = p.done, p.status or 0, p.sense
-        r.commands += 1
-        r.strategies[case.strategy] += 1
+        session.wait([p for _, p in sent], self.timeout)
+        results = [(case, p.done, p.status or 0, p.sense) for case, p in sent]
+        if session.alive and not session.kernel.broken and all(done for _, done, _, _ in results):
+            for case in cases:
+                if not case.direct:
+                    continue
+                try:
+                    status, sense = session.direct(case, self.timeout)
+                except Exception as exc:  # noqa: BLE001
+                    self.escape(start, case, "exception",
+                                f"device.execute raised {type(exc).__name__}: {exc}")
+                    continue
+                results.append((case, True, status, sense))
+        if not results:
+            return False
+        first = results[0][0]
+        r.commands += len(results)
+        r.strategies.update(case.strategy for case, _, _, _ in results)
         if self.memory_limit:
             grown = self.memory.peak() - before
             r.max_memory_growth = max(r.max_memory_growth, grown)
             if grown > self.memory_limit:
-                self.escape(start, case, "memory",
-                            f"resident set grew by {grown >> 20} MiB while the command ran "
+                what = "the command" if len(results) == 1 else f"these {len(results)} commands"
+                self.escape(start, first, "memory",
+                            f"resident set grew by {grown >> 20} MiB while {what} ran "
                             f"(limit {self.memory_limit >> 20} MiB)")
         if session.kernel.broken:
-            self.escape(start, case, "ring", "the fake kernel marked the ring broken")
+            self.escape(start, first, "ring", "the fake kernel marked the ring broken")
             return True
         if not session.alive:
             err = session.loop_error
-            self.escape(start, case, "loop-died",
+            self.escape(start, first, "loop-died",
                         f"the runner loop thread died: {type(err).__name__}: {err}")
             return True
-        if not done:
-            self.escape(start, case, "not-completed", f"no completion within {self.timeout} s")
+        stuck = [case for case, done, _, _ in results if not done]
+        if stuck:
+            self.escape(start, stuck[0], "not-completed", f"no completion within {self.timeout} s")
             return True
         if session.runner.failed is not None:
             failure = session.runner.failed
             session.runner.failed = None
-            self.escape(start, case, "runner-failure", "an exception left ScsiDevice.execute: "
-                        f"{type(failure).__name__}: {failure}", status, sense)
-        self.judge(start, case, status, sense)
+            # The runner answers BUSY for the command whose execute() raised.
+            busy = [(c, st, se) for c, _, st, se in results if st == Status.BUSY] or [
+                (first, results[0][2], results[0][3])]
+            self.escape(start, busy[0][0], "runner-failure",
+                        "an exception left ScsiDevice.execute: "
+                        f"{type(failure).__name__}: {failure}", busy[0][1], busy[0][2])
+        for case, _, status, sense in results:
+            self.judge(start, case, status, sense)
         return False
 
     def judge(self, start: int, case: Case, status: int, sense: bytes) -> None:
@@ -1666,12 +1694,15 @@ def fuzz(
     timeout: float = 10.0,
     seconds: float | None = None,
     final_checks: bool = True,
+    depth: int = 1,
 ) -> FuzzReport:
     """Run cases `first`..`commands`-1 of `seed` against fresh devices from `target`.
 
-    A case that kills the device (runner loop dead, command never completed, ring broken) is
-    reported and the run continues on a fresh device. `seconds` stops the run early. Never raises
-    for what the device does; raises FuzzError if a fresh device cannot even be probed.
+    `depth` cases at a time are in flight together (queue depth; 1 attributes every escape,
+    memory included, to exactly one command). A case that kills the device (runner loop dead,
+    command never completed, ring broken) is reported and the run continues on a fresh device.
+    `seconds` stops the run early. Never raises for what the device does; raises FuzzError if a
+    fresh device cannot even be probed.
     """
     report = FuzzReport(target.name, seed)
     began = time.monotonic()
@@ -1690,9 +1721,10 @@ def fuzz(
                         if seconds is not None and time.monotonic() - began > seconds:
                             commands = index
                             break
-                        case = generate(run.profile, seed, index)
-                        index += 1
-                        if run.run_case(session, case, start):
+                        batch = [generate(run.profile, seed, i)
+                                 for i in range(index, min(index + depth, commands))]
+                        index += len(batch)
+                        if run.run_batch(session, batch, start):
                             healthy = False
                             report.restarts += 1
                             break
@@ -1717,13 +1749,15 @@ def replay(
     index: int,
     start: int = 0,
     memory_limit: int | None = MEMORY_LIMIT,
+    depth: int = 1,
 ) -> list[Escape]:
     """Run cases `start`..`index` of `seed` on a fresh device; the escapes of case `index`.
 
-    `start=index` tries the case alone (a one-command reproducer if it still escapes).
+    `start=index` tries the case alone (a one-command reproducer if it still escapes). Replay a
+    run made with `depth` > 1 with the same depth and a `start` on a batch boundary.
     """
     report = fuzz(target, seed=seed, commands=index + 1, first=start,
-                  memory_limit=memory_limit, final_checks=False)
+                  memory_limit=memory_limit, final_checks=False, depth=depth)
     return [e for e in report.escapes if e.case.index == index]
 
 

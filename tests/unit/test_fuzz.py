@@ -310,6 +310,14 @@ def test_oracle_catches_planted_bug(mode: str, cls: type[Planted], kind: str) ->
         assert report.restarts >= 1  # the run went on with a fresh device
 
 
+def test_queue_depth_keeps_every_command_answered(tmp_path: Path) -> None:
+    """Eight commands in flight at a time: each is completed once and judged (null disk)."""
+    report = fuzz(builtin_targets(tmp_path)["null"], seed=4, commands=400, depth=8)
+    assert report.commands == 400 and report.restarts == 0
+    fatal = {"not-completed", "ring", "loop-died", "runner-failure", "status", "sense"}
+    assert not [e for e in report.escapes if e.kind in fatal], report.describe()
+
+
 def test_replay_reproduces_an_escape_alone() -> None:
     target = planted_target("raise")
     report = fuzz(target, seed=3, commands=200)
