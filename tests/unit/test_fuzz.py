@@ -252,6 +252,8 @@ class Planted(BlockDevice):
             return Response(status=0x02, sense=bytes([0x70, 0, 0x05]))
         if self.mode == "bad-status":
             return Response(status=0x22)
+        if self.mode == "long-sense":  # more than the 96 bytes TCMU carries
+            return Response(status=0x02, sense=bytes([0x72, 5, 0x24, 0, 0, 0, 0, 92]) + bytes(92))
         if self.mode == "memory":
             blob = bytearray(96 << 20)  # zero-filled: resident at once
             return len(blob) - len(blob)
@@ -308,6 +310,19 @@ def test_oracle_catches_planted_bug(mode: str, cls: type[Planted], kind: str) ->
     assert kind in kinds, report.describe()
     if kind in ("not-completed", "loop-died"):
         assert report.restarts >= 1  # the run went on with a fresh device
+
+
+F8 = ("F8 open: a Response the ring cannot carry (sense over 96 bytes) makes Ring.complete raise "
+      "outside the runner's guard: alone, the loop thread dies; from the pool, the chunk is never "
+      "completed and nothing is logged")
+
+
+@pytest.mark.xfail(strict=True, reason=F8)
+@pytest.mark.parametrize("depth", [1, 4])
+def test_runner_survives_a_response_the_ring_cannot_carry(depth: int) -> None:
+    report = fuzz(planted_target("long-sense"), seed=3, commands=24, timeout=0.5, depth=depth)
+    fatal = {"loop-died", "not-completed", "ring"}
+    assert not [e for e in report.escapes if e.kind in fatal], report.describe()
 
 
 def test_queue_depth_keeps_every_command_answered(tmp_path: Path) -> None:
