@@ -40,7 +40,8 @@ The oracle (what counts as an escape)
 -------------------------------------
 - every command is completed, exactly once, within `timeout` (the fake kernel checks "exactly
   once" and every write into the data area);
-- the status is one SAM-5 5.3 defines for a completed command; CONDITION MET only for PRE-FETCH;
+- the status is one SAM-5 5.3 defines for a completed command; CONDITION MET only for PRE-FETCH,
+  TASK ABORTED never (the fuzzer sends no task management functions), ACA ACTIVE never;
 - CHECK CONDITION carries well-formed sense data (checked here independently of the project's own
   parser, and the project's `parse_sense` must accept it too): fixed or descriptor format, a
   defined sense key, ADDITIONAL SENSE LENGTH within the 96 bytes TCMU carries, descriptors that
@@ -1612,6 +1613,8 @@ class _Run:
         if status not in STATUS_NAMES or status == Status.ACA_ACTIVE:
             self.escape(start, case, "status", f"status {status:#04x}", status, sense)
             return
+        if status == Status.TASK_ABORTED:  # SAM-5 5.3.1: only after a task management function
+            self.escape(start, case, "status", "TASK ABORTED, but no TMR was sent", status)
         if status == CONDITION_MET and case.cdb[0] not in (0x34, 0x90):
             self.escape(start, case, "status", "CONDITION MET outside PRE-FETCH", status, sense)
         codes = None
