@@ -15,6 +15,8 @@ _ZEROS = memoryview(bytes(1 << 20))
 
 
 class NullBackend:
+    """Stores nothing. Capabilities (`tcmu_py.backend`): `Resizable` (any size will do)."""
+
     write_cache = False
     blocking = False  # nothing here waits: the runner executes commands on its loop thread
 
@@ -35,6 +37,9 @@ class NullBackend:
 
     def flush(self) -> None:
         pass
+
+    def resize(self, size: int) -> None:
+        self.size = size
 
 
 class NullHandler(Handler):

@@ -12,12 +12,17 @@ durable with `fdatasync` on SYNCHRONIZE CACHE and FUA. With it off the image is 
 every write is durable when it completes, and WCE=0 says so.
 
 An image on a memory filesystem (tmpfs, ramfs) never waits for a disk: its commands run on the
-device's loop thread, with no hand-off to a worker (see `BlockBackend.blocking`).
+device's loop thread, with no hand-off to a worker (see `tcmu_py.backend.BlockBackend`).
+
+The image may also be a block device (``raw//dev/vg/lun``): it is used as it is — never
+truncated or extended — and must hold at least the device size; its commands always go to the
+workers (the node may sit on a tmpfs /dev, but the I/O goes to the device).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 
 from tcmu_py.device.block import BlockDevice, open_block_device
@@ -26,7 +31,11 @@ from tcmu_py.handler import DeviceConfig, Handler, on_memory_filesystem
 
 
 class RawBackend:
-    """A raw image file. Thread-safe: positional I/O only."""
+    """A raw image file. Thread-safe: positional I/O only.
+
+    Capabilities (`tcmu_py.backend`): `Resizable`, `Closable`. No `Unmap`: the image keeps every
+    block it was given, so the device reports LBPME=0 (tcmu-runner's file handler claims it).
+    """
 
     def __init__(self, path: str, size: int, block_size: int, write_cache: bool = True) -> None:
         self.path = path
@@ -34,11 +43,34 @@ class RawBackend:
         self.write_cache = write_cache
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if write_cache else os.O_DSYNC)
         self.fd = os.open(path, flags, 0o600)
-        if os.fstat(self.fd).st_size < size:
-            os.ftruncate(self.fd, size)
+        try:
+            mode = os.fstat(self.fd).st_mode
+            #: A block device: sized by the device, never truncated (st_size is 0 for it).
+            self.is_block_device = stat.S_ISBLK(mode)
+            if self.is_block_device:
+                self._check_device_size(size)
+            elif not stat.S_ISREG(mode):
+                raise ConfigError(
+                    f"raw: image {path}: a {_file_type(mode)}; expected a regular file or a "
+                    "block device"
+                )
+            elif os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.size = size
         #: False on tmpfs/ramfs: I/O is a memory copy, cheaper on the loop thread than handed off.
-        self.blocking = not on_memory_filesystem(self.fd)
+        #: A device node's own file system says nothing about the device: always True there.
+        self.blocking = self.is_block_device or not on_memory_filesystem(self.fd)
+
+    def _check_device_size(self, size: int) -> None:
+        available = os.lseek(self.fd, 0, os.SEEK_END)
+        if available < size:
+            raise ConfigError(
+                f"raw: image {self.path}: block device of {available} bytes; expected at least "
+                f"the device size, {size} bytes"
+            )
 
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
         want = sum(len(b) for b in bufs)
@@ -57,12 +89,26 @@ class RawBackend:
         os.fdatasync(self.fd)
 
     def resize(self, size: int) -> None:
-        if os.fstat(self.fd).st_size < size:
+        if self.is_block_device:
+            self._check_device_size(size)
+        elif os.fstat(self.fd).st_size < size:
             os.ftruncate(self.fd, size)
         self.size = size
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return f"file of mode {mode:o}"
 
 
 def _skip(bufs: Sequence[memoryview], n: int) -> list[memoryview]:

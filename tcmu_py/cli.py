@@ -77,27 +77,41 @@ def _load(path: str | None) -> Any:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the YAML (with each handler's check of its options: a thin pool's pool.json is
+    read) and the LIO state file of its state_dir, which `apply` and `down` would read next."""
+    from tcmu_py.daemon import lio
+
     config = _load(args.config)
+    lio.read_state(config.state_dir)
     print(f"{args.config or '<default>'}: OK ({len(config.devices)} device(s))")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the rings first, then everything slower: a restarted daemon must answer the
+    commands waiting on its rings before the kernel's command timeout, so the YAML, netlink,
+    udev and LIO (rtslib) are loaded only once every present device is served."""
     from tcmu_py.daemon.serve import Daemon
 
-    config = _load(args.config) if (args.config or args.default) else None
     daemon = Daemon(workers=args.workers, poll_us=args.poll_us, run_dir=Path(args.run_dir))
-    daemon.start()
-    if config is not None:
-        from tcmu_py.daemon import lio
+    daemon.start_serving()
+    try:
+        config = _load(args.config) if (args.config or args.default) else None
+        daemon.subscribe()
+        if config is not None:
+            from tcmu_py.daemon import lio
 
-        _prepare_pools(config)
-        _prepare_libraries(config)
-        # Backstores first, then the daemon serves them, then the LUNs (whose scan reaches the
-        # ring at once): see vm-lab.md.
-        lio.apply_backstores(config)
-        daemon.rescan()
-        lio.apply_exports(config)
+            _prepare_pools(config)
+            _prepare_libraries(config)
+            # Backstores first, then the daemon serves them, then the LUNs (whose scan reaches
+            # the ring at once): see vm-lab.md.
+            daemon.reopen_failed()  # devices naming a pool or library the YAML declares
+            lio.apply_backstores(config)
+            daemon.rescan()
+            lio.apply_exports(config)
+    except BaseException:
+        daemon.shutdown()
+        raise
     ready = getattr(args, "ready_file", None)
     if ready:
         Path(ready).write_text("ready\n")
@@ -272,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except ConfigError as exc:
-        print(f"tcmu-py: configuration error:\n{exc}", file=sys.stderr)
+        text = str(exc)  # one problem: one line; several: a count, then one line each
+        sep = "\n" if "\n" in text else " "
+        print(f"tcmu-py: configuration error:{sep}{text}", file=sys.stderr)
         return 2
     except TcmuError as exc:
         print(f"tcmu-py: {exc}", file=sys.stderr)

@@ -11,3 +11,9 @@ class ConfigError(TcmuError, ValueError):
 
 class RingError(TcmuError):
     """The ring is inconsistent (unknown or double completion, malformed entry)."""
+
+
+class StateFileError(ConfigError):
+    """A file tcmu-py wrote earlier (pool.json, the LIO state file) is unreadable or malformed;
+    the message names the file, the key, the value and what was expected. A ConfigError: the
+    command line exits 2, the operator has to look at the file."""

@@ -3,7 +3,9 @@
 A *handler* is registered for a TCMU subtype (the first path element of the device's `dev_config`,
 e.g. `raw` in `raw//var/lib/img`). When the daemon finds a device of that subtype it calls
 `Handler.open(config)`, which returns a `ScsiDevice` (see `tcmu_py.device.core`). Block handlers
-usually just build a `BlockDevice` around a `BlockBackend`; tape drives, changers and other exotic
+usually just build a `BlockDevice` around a `BlockBackend`, declaring optional capabilities
+(`Unmap`, `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Resizable`, `Closable`) by implementing
+them: see `tcmu_py.backend`, re-exported here. Tape drives, changers and other exotic
 devices subclass `ScsiDevice` and take over the opcodes they need.
 
 Handlers never see the ring, the uio file descriptor or the daemon.
@@ -19,17 +21,55 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from tcmu_py.backend import (
+    BlockBackend,
+    Capabilities,
+    CapabilityError,
+    Closable,
+    LbaStatus,
+    ProvisioningInfo,
+    Resizable,
+    ThinProvisioning,
+    Unmap,
+    WriteSame,
+)
 from tcmu_py.errors import ConfigError
 
 if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
+
+__all__ = [
+    "BlockBackend",
+    "Capabilities",
+    "CapabilityError",
+    "Closable",
+    "DeviceConfig",
+    "ENTRY_POINT_GROUP",
+    "Handler",
+    "HandlerRegistry",
+    "LbaStatus",
+    "MEMORY_FILESYSTEMS",
+    "ProvisioningInfo",
+    "Resizable",
+    "SharedRegistry",
+    "TCMU_RUNNER_SUBTYPES",
+    "ThinProvisioning",
+    "Unmap",
+    "WriteSame",
+    "load_handlers",
+    "on_memory_filesystem",
+    "parse_options",
+    "shared",
+    "split_dev_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +83,10 @@ TCMU_RUNNER_SUBTYPES = frozenset({"file", "rbd", "glfs", "qcow", "zbc", "fbo"})
 class DeviceConfig:
     """Everything a handler is told about one TCMU device.
 
-    `cfgstring` is the part of `dev_config` after `<subtype>/`. `size` is in bytes (the kernel's
-    `dev_size`). `serial` is LIO's unit serial for the device when known (VPD 80h/83h).
+    `cfgstring` is the part of `dev_config` after `<subtype>/`, without the daemon's own
+    ``wwn=`` item (`split_wwn`). `size` is in bytes (the kernel's `dev_size`). `serial` is LIO's
+    unit serial for the device when known (VPD 80h/83h). `wwn` (``naa.<16 or 32 hex digits>``)
+    is the NAA designator the device reports in VPD 83h; None: one derived from the serial.
     """
 
     name: str
@@ -56,6 +98,7 @@ class DeviceConfig:
     write_cache: bool = False
     serial: str | None = None
     uio_name: str = ""
+    wwn: str | None = None
 
 
 class Handler(ABC):
@@ -76,48 +119,6 @@ class Handler(ABC):
     @abstractmethod
     def open(cls, config: DeviceConfig) -> ScsiDevice:
         """Open the backing store and return the device. Errors: `ConfigError` or `OSError`."""
-
-
-@runtime_checkable
-class BlockBackend(Protocol):
-    """What a block handler implements. Offsets and lengths are in bytes, always whole blocks.
-
-    Methods run on a worker thread of the device's pool, possibly several at once for different
-    commands; the engine serialises only what SCSI requires (COMPARE AND WRITE against overlapping
-    writes). A backend raises `ScsiError` for conditions with their own sense (e.g. out of space),
-    `OSError` for I/O failures (mapped to MEDIUM ERROR / WRITE ERROR), anything else is a bug
-    (HARDWARE ERROR, traceback logged).
-
-    Optional capabilities are discovered with `hasattr`:
-
-    - ``unmap(offset, length)``: deallocate; afterwards the range reads as zeros if `lbprz`.
-    - ``write_same(offset, length, block: bytes, unmap: bool)``: fill with a repeated block; when
-      `unmap` and the block is all zeros the backend may deallocate instead.
-    - ``lba_status(offset, length, *, max_runs) -> list[tuple[int, int, int]]``: runs of
-      (offset, length, status) from `offset`, at most `max_runs` of them; status 0 mapped,
-      1 deallocated, 2 anchored.
-    - ``set_soft_threshold(percent | None)``: MODE SELECT changed the provisioning threshold.
-    - ``provisioning() -> ProvisioningInfo``: thin provisioning figures (LOG SENSE 0Ch, thresholds).
-    - ``resize(size)``: the device was resized to `size` bytes.
-    - ``close()``: release resources; called once when the device goes away.
-    - ``blocking = False``: the backend never waits (memory-backed); commands then run on the
-      device's loop thread instead of its worker pool. A file backend can set it from
-      `on_memory_filesystem(fd)`.
-    """
-
-    size: int
-    block_size: int
-    #: True when acknowledged writes may sit in a volatile cache until `flush` (caching page WCE).
-    write_cache: bool
-
-    def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Fill every byte of `bufs`, in order, with data from `offset`."""
-
-    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """Write all of `bufs`, in order, at `offset`. Durable on return unless `write_cache`."""
-
-    def flush(self) -> None:
-        """Make every acknowledged write durable."""
 
 
 #: Filesystems whose files live in memory: I/O on them is a memory copy and never waits for a disk.
@@ -143,18 +144,6 @@ def on_memory_filesystem(fd: int, mountinfo: str = "/proc/self/mountinfo") -> bo
     except OSError:
         return False
     return False
-
-
-@dataclass(frozen=True)
-class ProvisioningInfo:
-    """Thin provisioning figures a backend reports (bytes unless noted)."""
-
-    capacity: int  # physical capacity of the pool behind this device
-    used: int  # allocated in the pool (all devices)
-    device_used: int  # allocated for this device
-    unmap_granularity: int  # allocation unit
-    soft_threshold: int | None = None  # percent of capacity, or None
-    lbprz: bool = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +207,24 @@ def split_dev_config(dev_config: str) -> tuple[str, str]:
     if not sep or not subtype:
         raise ConfigError(f"dev_config {dev_config!r}: expected '<subtype>/<config string>'")
     return subtype, cfg
+
+
+#: The daemon's ``wwn=`` item: last in a config string (or all of it), never seen by a handler.
+#: SPC-5 7.7.6.6.1: NAA 2h, 3h and 5h designators are 8 bytes, NAA 6h is 16.
+_WWN_ITEM = re.compile(r"(?:^|;)wwn=(naa\.(?:[235][0-9a-f]{15}|6[0-9a-f]{31}))\Z")
+
+
+def split_wwn(cfgstring: str) -> tuple[str, str | None]:
+    """Split a config string into the handler's part and the device's ``wwn`` (or None).
+
+    tcmu-py writes a YAML device's ``wwn:`` as the last item of its dev_config
+    (``thin/pool=/p;wwn=naa.5001405...``, ``raw//img/d0.img;wwn=naa.5001405...``,
+    ``null/wwn=naa.5001405...``), so a daemon started without the YAML still reports it.
+    """
+    m = _WWN_ITEM.search(cfgstring)
+    if m is None:
+        return cfgstring, None
+    return cfgstring[: m.start()], m.group(1)
 
 
 def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dict[str, Any]:

@@ -23,7 +23,10 @@ count from the start of the mapping, not of the ring or the entry.
   kernel unmaps freed blocks: so the memoryviews of a command die with its completion.
 - TMR entries (only with the device attribute ``tmr_notification=1``) list the cmd_ids a
   task management function aborted. They are information only: every aborted command
-  still needs its normal completion, and the TMR slot itself is just stepped over.
+  still needs its normal completion, and the TMR slot itself is just stepped over. A TMR
+  may name a command userspace completed that the kernel has not reaped yet (its response
+  sits between the last reap and ``cmd_tail``); once reaped, its id is free and the next
+  command can get it — even one queued after the TMR entry and dequeued in the same pass.
 - Userspace owns ``cmd_tail``. The kernel reaps slots strictly in ring order from its
   private copy up to ``cmd_tail``, skipping PAD and TMR slots, and finds each command by
   the ``cmd_id`` *it reads in the slot*. Completing out of order therefore means "slot
@@ -63,7 +66,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, NamedTuple
 
@@ -210,10 +213,17 @@ class RingCommand:
 
 @dataclass(slots=True)
 class RingTmr:
-    """A task management notification: ``cmd_ids`` were aborted (they still need a completion)."""
+    """A task management notification: ``cmd_ids`` were aborted (they still need a completion).
+
+    ``live_ids``: those of ``cmd_ids`` still in flight (dequeued, not completed) at the TMR's
+    place in the ring. The others were completed before the kernel reaped them; their ids may
+    already belong to commands queued after the TMR entry (the kernel reuses the lowest free
+    id), so they name nothing that can still be aborted.
+    """
 
     tmr_type: int
     cmd_ids: list[int]
+    live_ids: list[int] = field(default_factory=list)
 
 
 class Completion(NamedTuple):
@@ -383,7 +393,8 @@ class Ring:
                 )
                 if op != _OP_CMD:
                     ids = list(_id_struct(n_out).unpack_from(mv, array_off)) if n_out else []
-                    tmrs.append(RingTmr(n_bidi, ids))
+                    # In ring order: commands after this entry are not in `in_flight` yet.
+                    tmrs.append(RingTmr(n_bidi, ids, [i for i in ids if i in in_flight]))
                     continue
                 if cmd_id in in_flight:
                     raise RingError(f"cmd_id {cmd_id} at ring offset {offset} is already in flight")

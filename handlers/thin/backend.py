@@ -1,4 +1,4 @@
-"""ThinBackend: a `BlockBackend` over one sparse file of a thin pool.
+"""ThinBackend: a `BlockBackend` over one sparse file of a thin pool (`ThinProvisioning`).
 
 Theory of operation:
 
@@ -65,9 +65,13 @@ class ThinProvisioningInfo(ProvisioningInfo):
 
 
 class ThinBackend:
-    """One thin disk. Create with `Pool.open_disk`; `close` it when the device goes away."""
+    """One thin disk. Create with `Pool.open_disk`; `close` it when the device goes away.
 
-    #: Deallocated units read as zeros (holes) — SBC-4 LBPRZ.
+    Capabilities (`tcmu_py.backend`): `Unmap` (with ``lbprz`` and ``unmap_granularity``),
+    `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Resizable`, `Closable`.
+    """
+
+    #: `Unmap` promise: deallocated units read as zeros (holes) — SBC-4 LBPRZ.
     lbprz = True
 
     def __init__(
@@ -88,7 +92,7 @@ class ThinBackend:
         self.block_size = block_size
         self.write_cache = write_cache
         self.unit = unit
-        #: Optimal unmap granularity (bytes) for VPD B0h: the allocation unit.
+        #: `Unmap` promise: the unit deallocated whole (VPD B0h OPTIMAL UNMAP GRANULARITY).
         self.unmap_granularity = unit
         self._fd = fd
         self._on_close = on_close
@@ -370,9 +374,7 @@ class ThinBackend:
             capacity=pool.capacity,
             used=pool.used,
             device_used=pool.disk_used(self.name),
-            unmap_granularity=self.unit,
             soft_threshold=pool.soft_threshold,
-            lbprz=True,
             threshold_generation=pool.generation,
         )
 

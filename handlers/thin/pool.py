@@ -6,6 +6,9 @@ Layout of a pool directory::
                       "disks": {"<disk>": {"unit": <bytes>}}}   (replaced atomically)
     <disk>.img       one sparse file per thin disk
     .lock            flock'd while a process has the pool open
+    .pool.json.lock  flock'd around every read-modify-write of pool.json, by any process
+
+Everything is created 0600 (the directory 0700): the images are someone's data.
 
 Theory of operation:
 
@@ -27,6 +30,14 @@ Theory of operation:
   ENOSPC from the file system. What other pools open in this process on the same file system
   may still allocate counts as taken; other writers to the file system (or pools of another
   process) can still fill it behind our back, and are caught at the next open.
+- **pool.json has several writers.** The process holding the pool registers and deletes disks
+  and changes the threshold (MODE SELECT); `tcmu-py apply` (`ensure_pool`), in another process,
+  changes capacity and threshold while a daemon holds the pool. Every writer takes the config
+  lock, re-reads pool.json under it, changes only what it means to change and writes it back:
+  no change is lost in either direction. An open pool adopts the capacity and threshold
+  another process wrote at its next write, its next `status`, or within `RELOAD_SECONDS` of
+  its next allocation. A malformed pool.json is a StateFileError naming the file, the key, the
+  value and what was expected (`tcmu_py.statefile`).
 - One process at a time: `Pool.open` takes an exclusive flock on ``.lock``. Inside a process,
   everything shares one `Pool` through `acquire_pool` / `release_pool` (reference-counted in
   `tcmu_py.handler.shared`); calling `Pool.open` a second time fails.
@@ -38,17 +49,24 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from tcmu_py.errors import ConfigError
+from tcmu_py.statefile import (
+    invalid,
+    make_private_dirs,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+)
 
 from .sparse import probe_filesystem, unit_runs
 
@@ -59,7 +77,11 @@ log = logging.getLogger(__name__)
 
 POOL_FILE = "pool.json"
 LOCK_FILE = ".lock"
+#: flock'd by every writer of pool.json around its read-modify-write (see `_config_lock`).
+CONFIG_LOCK_FILE = ".pool.json.lock"
 DISK_SUFFIX = ".img"
+#: An open pool looks at most this often (seconds) whether another process changed pool.json.
+RELOAD_SECONDS = 1.0
 POOL_FORMAT_VERSION = 1
 
 #: Default allocation unit: 64 KiB. It is a multiple of the 4 KiB block of ext4/XFS/tmpfs (so
@@ -124,8 +146,8 @@ class PoolConfig:
     unit: int
     disks: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
-    def to_json(self) -> str:
-        doc = {
+    def to_doc(self) -> dict[str, Any]:
+        return {
             "version": POOL_FORMAT_VERSION,
             "name": self.name,
             "capacity": self.capacity,
@@ -133,73 +155,97 @@ class PoolConfig:
             "unit": self.unit,
             "disks": {name: {"unit": unit} for name, unit in sorted(self.disks.items())},
         }
-        return json.dumps(doc, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> PoolConfig:
-        """Parse and validate; errors are ConfigError naming `where` and the key."""
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: not valid JSON: {exc}") from None
+    def from_doc(cls, doc: object, where: str) -> PoolConfig:
+        """Validate a parsed pool.json; errors are StateFileError naming `where`, the key, the
+        value and what was expected."""
         if not isinstance(doc, dict):
-            raise ConfigError(f"{where}: expected a JSON object")
-        if doc.get("version") != POOL_FORMAT_VERSION:
-            raise ConfigError(
-                f"{where}: version {doc.get('version')!r}: expected {POOL_FORMAT_VERSION}"
-            )
-        try:
-            name = check_name("pool", doc["name"])
-            capacity = doc["capacity"]
-            unit = check_unit(doc["unit"], where=where)
-            threshold = _check_threshold(doc.get("soft_threshold"), where)
-            raw_disks = doc.get("disks", {})
-        except KeyError as exc:
-            raise ConfigError(f"{where}: missing key {exc}") from None
-        if not isinstance(capacity, int) or capacity <= 0:
-            raise ConfigError(
-                f"{where}: capacity {capacity!r}: expected a positive number of bytes"
-            )
-        if not isinstance(raw_disks, dict):
-            raise ConfigError(f"{where}: disks: expected an object")
+            raise invalid(where, "(top level)", doc, "a JSON object (a thin pool file)")
+        if doc.get("version", _MISSING) != POOL_FORMAT_VERSION:
+            raise invalid(where, "version", doc.get("version", _MISSING),
+                          f"{POOL_FORMAT_VERSION} (the pool format this version reads)")
+
+        def get(key: str, ok: Callable[[Any], bool], expected: str, default: Any = _MISSING
+                ) -> Any:
+            value = doc.get(key, default)
+            if value is _MISSING or not ok(value):
+                raise invalid(where, key, value, expected)
+            return value
+
+        name = get("name", lambda v: isinstance(v, str) and bool(_NAME_RE.match(v)),
+                   "a pool name: 1..64 characters A-Z a-z 0-9 _ . - starting with a letter or"
+                   " digit")
+        capacity = get("capacity", lambda v: _is_int(v) and v > 0,
+                       "a positive number of bytes")
+        unit = get("unit", _is_unit, f"an allocation unit: a power of two <= {MAX_UNIT}")
+        threshold = get("soft_threshold", lambda v: v is None or (_is_int(v) and 1 <= v <= 100),
+                        "a percentage 1..100 or null", default=None)
+        raw_disks = get("disks", lambda v: isinstance(v, dict),
+                        'an object {"<disk>": {"unit": <bytes>}}', default={})
         disks: dict[str, int] = {}
         for disk, entry in raw_disks.items():
-            check_name("disk", disk)
-            if not isinstance(entry, dict) or "unit" not in entry:
-                raise ConfigError(f"{where}: disks.{disk}: expected {{\"unit\": <bytes>}}")
-            disks[disk] = check_unit(entry["unit"], where=f"{where}: disks.{disk}")
+            if not _NAME_RE.match(disk):
+                raise invalid(where, "disks", disk, "disk names of 1..64 characters A-Z a-z 0-9"
+                              " _ . - starting with a letter or digit")
+            if not isinstance(entry, dict) or not _is_unit(entry.get("unit")):
+                raise invalid(where, f"disks.{disk}", entry, '{"unit": <a power of two <='
+                              f" {MAX_UNIT}>}}")
+            disks[disk] = entry["unit"]
         return cls(name, capacity, threshold, unit, MappingProxyType(disks))
 
 
+_MISSING: Any = type("_Missing", (), {"__repr__": lambda self: "nothing"})()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_unit(value: object) -> bool:
+    return _is_int(value) and 0 < value <= MAX_UNIT and not value & (value - 1)  # type: ignore[operator]
+
+
 def load_pool_config(path: str) -> PoolConfig:
-    """Read ``<path>/pool.json``. Raises ConfigError naming the file if missing or invalid."""
+    """Read ``<path>/pool.json``. Raises ConfigError naming the file if missing or invalid
+    (StateFileError: unreadable, not JSON, or a key holding what a pool file cannot)."""
     file = os.path.join(path, POOL_FILE)
     try:
-        with open(file, encoding="utf-8") as f:
-            text = f.read()
+        doc = read_json(file, "a thin pool file (pool.json)")
     except FileNotFoundError:
         raise ConfigError(
             f"{file}: no thin pool here (missing {POOL_FILE}); create it first"
         ) from None
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
-    return PoolConfig.from_json(text, file)
+    return PoolConfig.from_doc(doc, file)
 
 
 def _write_pool_config(path: str, config: PoolConfig) -> None:
-    """Replace ``<path>/pool.json`` atomically and durably (temp, fsync, rename, fsync dir)."""
-    file = os.path.join(path, POOL_FILE)
-    tmp = f"{file}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(config.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    """Replace ``<path>/pool.json`` atomically and durably (`tcmu_py.statefile.write_json`).
+    Callers hold the pool's config lock (`_config_lock`) and wrote what they re-read under it."""
+    write_json(os.path.join(path, POOL_FILE), config.to_doc(), indent=2)
+
+
+@contextlib.contextmanager
+def _config_lock(path: str) -> Iterator[None]:
+    """Hold the pool's config lock: every writer of pool.json, in any process, takes it and
+    re-reads pool.json under it before changing it (read-modify-write), so no writer's change
+    is lost to another's. Short: held only around one read and one write."""
+    fd = os.open(os.path.join(path, CONFIG_LOCK_FILE),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.fsync(dfd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        os.close(dfd)
+        os.close(fd)
+
+
+def _file_signature(path: str) -> tuple[int, int, int] | None:
+    """What identifies one version of ``<path>/pool.json``: every write replaces the file."""
+    try:
+        st = os.stat(os.path.join(path, POOL_FILE))
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _check_space(path: str, needed: int, what: str) -> None:
@@ -326,6 +372,8 @@ class Pool:
         self._used = 0
         self._generation = 0
         self._closed = False
+        self._config_seen = _file_signature(path)  # pool.json as last read or written
+        self._next_reload = time.monotonic() + RELOAD_SECONDS
 
     # ------------------------------------------------------------------------------------------
     # Opening and closing
@@ -339,6 +387,7 @@ class Pool:
         file system) or OSError (file system cannot punch holes).
         """
         path = os.path.realpath(path)
+        seen = _file_signature(path)
         config = load_pool_config(path)
         if expected_name is not None and config.name != expected_name:
             raise ConfigError(
@@ -346,17 +395,22 @@ class Pool:
                 f"{expected_name!r}"
             )
         lock_fd = os.open(os.path.join(path, LOCK_FILE),
-                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                          os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise ConfigError(f"{path}: thin pool is already open (another daemon or device "
                                   "holds its lock)") from None
+            with _config_lock(path):  # no writer is between its temporary file and its rename
+                stale = remove_stale_temporaries(os.path.join(path, POOL_FILE))
+            if stale:
+                log.warning("pool %s: removed %s left by an interrupted write", path, stale)
             fs_block = probe_filesystem(path)
             check_unit(config.unit, fs_block, path)
             units = _disk_units(path, config)
             pool = cls(path, config, lock_fd, fs_block, units)
+            pool._config_seen = seen
             for disk, unit in units.items():
                 check_unit(unit, fs_block, f"{path}: disk {disk}")
                 try:
@@ -435,8 +489,9 @@ class Pool:
             return self._allocated.get(disk, 0) * self._units.get(disk, 0)
 
     def status(self) -> PoolStatus:
-        """Live figures."""
+        """Live figures (capacity and threshold as pool.json says now, see `_reload`)."""
         with self._lock:
+            self._reload()
             disks = []
             for disk, unit in sorted(self._units.items()):
                 backend = self._open_disks.get(disk)
@@ -462,6 +517,8 @@ class Pool:
         if units <= 0:
             return
         with self._lock:
+            if time.monotonic() >= self._next_reload:
+                self._reload()
             need = units * self._units[disk]
             before = self._used
             c = self._config
@@ -492,18 +549,58 @@ class Pool:
             self._used -= units * self._units[disk]
 
     # ------------------------------------------------------------------------------------------
-    # Administration
+    # Administration: pool.json, shared with other processes (`tcmu-py apply`)
+
+    def _adopt(self, config: PoolConfig) -> None:
+        """Take `config` as the pool's (self._lock held); lowering the threshold below the
+        current usage counts as a crossing."""
+        was_above = self.above_threshold
+        self._config = config
+        if not was_above and self.above_threshold:
+            self._generation += 1
+
+    def _reload(self) -> None:
+        """Adopt the capacity and soft threshold another process (`tcmu-py apply`) wrote to
+        pool.json since this pool last read or wrote it (self._lock held; cheap when nothing
+        changed: one stat). A pool.json that became unreadable is logged and ignored: the pool
+        keeps its figures."""
+        self._next_reload = time.monotonic() + RELOAD_SECONDS
+        seen = _file_signature(self.path)
+        if seen == self._config_seen:
+            return
+        self._config_seen = seen
+        try:
+            config = load_pool_config(self.path)
+        except ConfigError as exc:
+            log.error("pool %s: keeping capacity %d: %s", self.name, self.capacity, exc)
+            return
+        if (config.capacity, config.soft_threshold) != (self.capacity, self.soft_threshold):
+            log.info("pool %s: pool.json changed: capacity %d, soft threshold %s", self.name,
+                     config.capacity, config.soft_threshold)
+            self._adopt(replace(self._config, capacity=config.capacity,
+                                soft_threshold=config.soft_threshold))
+
+    def _update(self, change: Callable[[PoolConfig], PoolConfig]) -> None:
+        """Read-modify-write pool.json under its config lock (self._lock held): `change` gets
+        pool.json as it is now (with what other processes wrote) and returns what to write;
+        the result becomes the pool's config. `change` may raise: nothing is written then."""
+        with _config_lock(self.path):
+            current = load_pool_config(self.path)
+            if current.name != self._config.name:
+                raise ConfigError(f"{os.path.join(self.path, POOL_FILE)}: pool is named "
+                                  f"{current.name!r} now, expected {self._config.name!r}")
+            new = change(current)
+            if new != current:
+                _write_pool_config(self.path, new)
+            self._config_seen = _file_signature(self.path)
+        self._adopt(new)
 
     def set_soft_threshold(self, percent: int | None) -> None:
         """Change (and persist) the soft threshold; lowering it below the current usage counts as
         a crossing."""
         _check_threshold(percent, self.path)
         with self._lock:
-            was_above = self.above_threshold
-            self._config = replace(self._config, soft_threshold=percent)
-            _write_pool_config(self.path, self._config)
-            if not was_above and self.above_threshold:
-                self._generation += 1
+            self._update(lambda c: replace(c, soft_threshold=percent))
 
     def set_capacity(self, capacity: int) -> None:
         """Change (and persist) the capacity. It may go below the current usage (then every new
@@ -512,12 +609,14 @@ class Pool:
             raise ConfigError(
                 f"{self.path}: capacity {capacity!r}: expected a positive number of bytes"
             )
-        with self._lock:
-            grow = capacity - self._config.capacity
-            if grow > 0:
+
+        def change(current: PoolConfig) -> PoolConfig:
+            if capacity > current.capacity:
                 _check_space(self.path, max(capacity - self._used, 0), f"capacity {capacity}")
-            self._config = replace(self._config, capacity=capacity)
-            _write_pool_config(self.path, self._config)
+            return replace(current, capacity=capacity)
+
+        with self._lock:
+            self._update(change)
 
     # ------------------------------------------------------------------------------------------
     # Disks
@@ -563,10 +662,8 @@ class Pool:
             if disk not in self._config.disks:
                 # Register before creating the file: a crash in between leaves a registered disk
                 # without a file (counts 0), never an unaccounted file.
-                disks = dict(self._config.disks)
-                disks[disk] = disk_unit
-                self._config = replace(self._config, disks=MappingProxyType(disks))
-                _write_pool_config(self.path, self._config)
+                self._update(lambda c: replace(
+                    c, disks=MappingProxyType({**c.disks, disk: disk_unit})))
                 self._units[disk] = disk_unit
                 self._allocated.setdefault(disk, 0)
             file = disk_file(self.path, disk)
@@ -602,10 +699,8 @@ class Pool:
                 raise ConfigError(f"{self.path}: disk {disk}: no such disk")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(disk_file(self.path, disk))
-            disks = dict(self._config.disks)
-            disks.pop(disk, None)
-            self._config = replace(self._config, disks=MappingProxyType(disks))
-            _write_pool_config(self.path, self._config)
+            self._update(lambda c: replace(c, disks=MappingProxyType(
+                {d: u for d, u in c.disks.items() if d != disk})))
             self._used -= self._allocated.pop(disk, 0) * self._units.pop(disk)
 
 
@@ -630,15 +725,16 @@ def create_pool(
     if not isinstance(capacity, int) or capacity <= 0:
         raise ConfigError(f"{path}: capacity {capacity!r}: expected a positive number of bytes")
     check_unit(unit, where=path)
-    os.makedirs(path, exist_ok=True)
+    make_private_dirs(path)
     path = os.path.realpath(path)
-    if os.path.exists(os.path.join(path, POOL_FILE)):
-        raise ConfigError(f"{path}: a thin pool already exists here")
-    fs_block = probe_filesystem(path)
-    check_unit(unit, fs_block, path)
-    _check_space(path, capacity, f"pool {name!r} of capacity {capacity}")
-    config = PoolConfig(name, capacity, soft_threshold, unit)
-    _write_pool_config(path, config)
+    with _config_lock(path):
+        if os.path.exists(os.path.join(path, POOL_FILE)):
+            raise ConfigError(f"{path}: a thin pool already exists here")
+        fs_block = probe_filesystem(path)
+        check_unit(unit, fs_block, path)
+        _check_space(path, capacity, f"pool {name!r} of capacity {capacity}")
+        config = PoolConfig(name, capacity, soft_threshold, unit)
+        _write_pool_config(path, config)
     return config
 
 
@@ -665,16 +761,19 @@ def ensure_pool(
         if live.soft_threshold != soft_threshold:
             live.set_soft_threshold(soft_threshold)
         return live.config
-    config = load_pool_config(real)
-    if config.name != name:
-        raise ConfigError(f"{real}: pool is named {config.name!r}, expected {name!r}")
     _check_threshold(soft_threshold, real)
-    if capacity != config.capacity or soft_threshold != config.soft_threshold:
-        if capacity > config.capacity:
-            used = read_pool_status(real).used
-            _check_space(real, max(capacity - used, 0), f"capacity {capacity}")
-        config = replace(config, capacity=capacity, soft_threshold=soft_threshold)
-        _write_pool_config(real, config)
+    # Another process (a running daemon) may hold the pool and write pool.json too: change it
+    # under the config lock, from what it says now; that daemon adopts the new figures.
+    with _config_lock(real):
+        config = load_pool_config(real)
+        if config.name != name:
+            raise ConfigError(f"{real}: pool is named {config.name!r}, expected {name!r}")
+        if capacity != config.capacity or soft_threshold != config.soft_threshold:
+            if capacity > config.capacity:
+                used = read_pool_status(real).used
+                _check_space(real, max(capacity - used, 0), f"capacity {capacity}")
+            config = replace(config, capacity=capacity, soft_threshold=soft_threshold)
+            _write_pool_config(real, config)
     return config
 
 

@@ -3,11 +3,18 @@
 Rules this module obeys:
 
 - Nothing is created here. `load_config` reads one file and returns frozen dataclasses, or raises
-  one `ConfigError` that lists *every* problem, one per line, each as
-  ``<file>: <key path>: got <value!r>, expected <what>``.
+  one `ConfigError`: one problem is one line, ``<file>: <key path>: got <value!r>, expected
+  <what>``; several are a count and then one such line each (the first MAX_PROBLEMS). Values
+  are quoted cut short, so a line stays a line whatever the file holds.
+- Hostile files cost bounded time and memory: at most MAX_CONFIG_BYTES are read, nesting
+  beyond MAX_DEPTH and alias bombs (more than MAX_NODES nodes once aliases are expanded) are
+  refused while parsing, barcode ranges are counted before they are expanded, and anything
+  the YAML layer refuses (unhashable or duplicate keys, values their tag cannot hold, bytes that
+  are not UTF-8) is a ConfigError naming the line.
 - Unknown keys are errors (a typo must not silently fall back to a default).
 - Cross references are checked: exports name devices that exist, devices name pools that exist,
-  names / LUN numbers / initiators / portals are unique where LIO needs them unique.
+  names / LUN numbers / initiators / portals are unique where LIO needs them unique; devices
+  are distinct disks (no shared serial, wwn or image file).
 - Every device's TCMU ``dev_config`` string (`dev_config_string`) is built and checked at load
   time, so the kernel never sees one it would truncate.
 
@@ -27,16 +34,35 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
 from tcmu_py.errors import ConfigError
+from tcmu_py.handler import split_wwn
+from tcmu_py.statefile import short_repr
+
+try:
+    from yaml._yaml import CParser as _EventSource
+except ImportError:  # pragma: no cover - PyYAML without libyaml: the pure-Python parser
+    from yaml.parser import Parser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    class _EventSource(Reader, Scanner, Parser):  # type: ignore[no-redef]
+        def __init__(self, stream: str) -> None:
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            Parser.__init__(self)
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -83,6 +109,7 @@ _EUI_RE = re.compile(r"eui\.[0-9a-f]{16}")
 # RFC 3980: "naa." 16 or 32 hex digits.
 _NAA_RE = re.compile(r"naa\.([0-9a-f]{16}|[0-9a-f]{32})")
 _SERIAL_RE = re.compile(r"[\x21-\x7e]{1,64}")
+_DEVICE_WWN_RE = re.compile(r"naa\.([235][0-9a-f]{15}|6[0-9a-f]{31})")
 _BARCODE_RE = re.compile(r"[A-Z0-9]{1,32}")
 # Attributes of an iSCSI TPG in configfs (drivers/target/iscsi/iscsi_target_configfs.c).
 ISCSI_TPG_ATTRIBUTES = frozenset(
@@ -135,11 +162,10 @@ def parse_size(value: object) -> int:
     raise ValueError(value)
 
 
-def expand_barcodes(spec: str) -> list[str]:
-    """Expand ``ABC000L8..ABC019L8`` into its 20 barcodes; a single barcode expands to itself.
-
-    The two ends must differ only in one run of digits of equal width; raises ValueError otherwise.
-    """
+def _barcode_range(spec: str) -> tuple[str, int, int, int, str]:
+    """(prefix, first number, last number, digits, suffix) of ``ABC000L8..ABC019L8``; a single
+    barcode is a range of one. Raises ValueError unless the ends differ in one run of digits of
+    equal width."""
     first, sep, last = spec.partition("..")
     if not sep:
         last = first
@@ -147,7 +173,7 @@ def expand_barcodes(spec: str) -> list[str]:
         if not _BARCODE_RE.fullmatch(code):
             raise ValueError(spec)
     if first == last:
-        return [first]
+        return first, 0, 0, 0, ""
     if len(first) != len(last):
         raise ValueError(spec)
     start = 0
@@ -164,9 +190,26 @@ def expand_barcodes(spec: str) -> list[str]:
     lo_s, hi_s = first[start:end], last[start:end]
     if not (lo_s.isdigit() and hi_s.isdigit()) or int(lo_s) > int(hi_s):
         raise ValueError(spec)
-    width = end - start
-    prefix, suffix = first[:start], first[end:]
-    return [f"{prefix}{n:0{width}d}{suffix}" for n in range(int(lo_s), int(hi_s) + 1)]
+    return first[:start], int(lo_s), int(hi_s), end - start, first[end:]
+
+
+def count_barcodes(spec: str) -> int:
+    """How many barcodes `expand_barcodes` would give, computed without expanding (a range
+    like ``A00000000000L8..A99999999999L8`` holds 10^11). Raises ValueError as it does."""
+    _, lo, hi, _, _ = _barcode_range(spec)
+    return hi - lo + 1
+
+
+def expand_barcodes(spec: str) -> list[str]:
+    """Expand ``ABC000L8..ABC019L8`` into its 20 barcodes; a single barcode expands to itself.
+
+    The two ends must differ only in one run of digits of equal width; raises ValueError otherwise.
+    Check `count_barcodes` first when the range comes from outside.
+    """
+    prefix, lo, hi, width, suffix = _barcode_range(spec)
+    if not width:
+        return [prefix]
+    return [f"{prefix}{n:0{width}d}{suffix}" for n in range(lo, hi + 1)]
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -357,25 +400,31 @@ def _config_string_problem(cfg: str) -> str | None:
 
 
 def _build_config_string(handler: str, options: tuple[tuple[str, str], ...],
-                         pool: str | None) -> str:
+                         pool: str | None, wwn: str | None = None) -> str:
     """``pool`` is the pool's directory: the dev_config must describe the device on its own,
-    so a daemon started without this YAML file (udev, systemd, a restart) can still open it."""
+    so a daemon started without this YAML file (udev, systemd, a restart) can still open it.
+    For the same reason ``wwn`` goes in too, as the last item (`tcmu_py.handler.split_wwn`)."""
     if handler == "raw":
-        return f"raw/{dict(options)['path']}"
-    pairs = list(options)
-    if pool is not None and "pool" not in dict(pairs):
-        pairs.append(("pool", pool))
-    return f"{handler}/" + ";".join(f"{k}={v}" for k, v in pairs)
+        cfg = f"raw/{dict(options)['path']}"
+    else:
+        pairs = list(options)
+        if pool is not None and "pool" not in dict(pairs):
+            pairs.append(("pool", pool))
+        cfg = f"{handler}/" + ";".join(f"{k}={v}" for k, v in pairs)
+    if wwn is not None:
+        cfg += f"{'' if cfg.endswith('/') else ';'}wwn={wwn}"
+    return cfg
 
 
 def dev_config_string(device: Device) -> str:
     """The TCMU ``dev_config`` for ``device``: ``raw/<absolute image path>`` for ``raw``,
     otherwise ``<subtype>/key=value;key=value`` (options in YAML order, then
-    ``pool=<pool directory>`` if the device names a pool and its options do not).
+    ``pool=<pool directory>`` if the device names a pool and its options do not); then
+    ``;wwn=<wwn>`` if the device sets one (the daemon strips it before the handler sees it).
 
     Raises ConfigError if the kernel or rtslib-fb would mangle or refuse it.
     """
-    cfg = _build_config_string(device.handler, device.options, device.pool_path)
+    cfg = _build_config_string(device.handler, device.options, device.pool_path, device.wwn)
     problem = _config_string_problem(cfg)
     if problem:
         raise ConfigError(f"devices {device.name}: dev_config {cfg!r}: expected {problem}")
@@ -385,25 +434,106 @@ def dev_config_string(device: Device) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a mapping key given twice (a silent override is a typo trap)."""
+#: Largest configuration file read, in bytes. libyaml parses ~0.8 MB/s here, so a hostile file
+#: costs a fraction of a second; a configuration of a thousand devices is ~60 KiB.
+MAX_CONFIG_BYTES = 256 * 1024
+#: Deepest nesting of mappings and lists (a configuration needs six levels).
+MAX_DEPTH = 32
+#: Most nodes a document may have once every alias is expanded: an alias bomb ("billion
+#: laughs") is a few lines that expand to billions, which validation would walk and print.
+MAX_NODES = 200_000
+#: Problems listed in one ConfigError; the rest are counted.
+MAX_PROBLEMS = 20
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
-                       deep: bool = False) -> dict[Any, Any]:
-    seen: dict[Any, Any] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-        if key in seen:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark)
-        seen[key] = True
-    return loader.construct_mapping(node, deep=deep)
+class _Refused(yaml.MarkedYAMLError):
+    """The document breaks one of our limits; ``expected`` says what we accept instead."""
+
+    def __init__(self, problem: str, expected: str, mark: Any) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+        self.expected = expected
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)  # type: ignore[arg-type]
+class _ConfigLoader(Composer, _EventSource, SafeConstructor, Resolver):  # type: ignore[misc]
+    """Safe YAML with limits: libyaml's parser (events; it refuses nesting beyond 1000 itself),
+    PyYAML's composer and safe constructor, and:
+
+    - nesting deeper than MAX_DEPTH is refused before the composer recurses into it;
+    - nodes are counted with every alias standing for the whole node it names, and a document
+      over MAX_NODES is refused (alias bombs); an alias to a node that contains it (a
+      recursive structure, which validation would walk forever) is refused;
+    - a mapping key given twice, or one that cannot be a key (a list or mapping), is refused;
+    - a value its tag cannot hold (``!!int x``, a 5000-digit integer, the date 2024-13-45) is
+      refused with the position of the value, not a raw ValueError.
+    """
+
+    def __init__(self, stream: str) -> None:
+        _EventSource.__init__(self, stream)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self._depth = 0
+        self._nodes = 0
+        self._expanded: dict[int, int] = {}  # id(anchored node) -> nodes it stands for
+
+    def _count(self, nodes: int, mark: Any) -> None:
+        self._nodes += nodes
+        if self._nodes > MAX_NODES:
+            raise _Refused(f"a document of more than {MAX_NODES} nodes once its aliases are"
+                           " expanded", "a configuration without alias bombs (fewer aliases"
+                           " of large nodes)", mark)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event: Any = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            named = self.anchors.get(event.anchor)  # None: the composer reports it undefined
+            if named is not None:
+                size = self._expanded.get(id(named))
+                if size is None:
+                    raise _Refused(f"alias *{event.anchor} inside the node it names (a recursive"
+                                   " structure)", "aliases to complete nodes only",
+                                   event.start_mark)
+                self._count(size, event.start_mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Refused(f"nesting deeper than {MAX_DEPTH} levels", "a configuration nested"
+                           f" at most {MAX_DEPTH} levels deep", event.start_mark)
+        before = self._nodes
+        self._count(1, event.start_mark)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        if getattr(event, "anchor", None) is not None:
+            self._expanded[id(node)] = self._nodes - before
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise _Refused(f"{node.tag.rpartition(':')[2]} value {short_repr(node.value)}"
+                           f" ({exc})", "a value its type can hold", node.start_mark) from None
+
+    def construct_unique_mapping(self, node: yaml.MappingNode,
+                                 deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise _Refused(f"an unhashable key (a {type(key).__name__})", "a mapping key"
+                               " that is a scalar (text, number, true/false)",
+                               key_node.start_mark)
+            if key in seen:
+                raise _Refused(f"duplicate key {short_repr(key)}", "each key once per mapping (a"
+                               " silent override is a typo trap)", key_node.start_mark)
+            seen.add(key)
+        return self.construct_mapping(node, deep=deep)  # type: ignore[no-untyped-call]
+
+
+_ConfigLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _ConfigLoader.construct_unique_mapping)  # type: ignore[type-var, arg-type]
+
 
 _MISSING = object()
 
@@ -415,8 +545,18 @@ class _Checker:
         self.source = source
         self.problems: list[str] = []
 
+    def report(self) -> str:
+        """The ConfigError message: the problem itself when there is one, else a count and the
+        first MAX_PROBLEMS of them, one per line."""
+        if len(self.problems) == 1:
+            return self.problems[0]
+        shown = self.problems[:MAX_PROBLEMS]
+        more = len(self.problems) - len(shown)
+        tail = [f"{self.source}: ... and {more} more problem(s)"] if more else []
+        return "\n".join([f"{len(self.problems)} problem(s) in {self.source}:", *shown, *tail])
+
     def fail(self, path: str, value: object, expected: str) -> None:
-        got = "nothing" if value is _MISSING else repr(value)
+        got = "nothing" if value is _MISSING else short_repr(value)
         self.problems.append(f"{self.source}: {path or '(top level)'}: got {got},"
                              f" expected {expected}")
 
@@ -588,7 +728,9 @@ _DEVICE_KEYS = {"name", "handler", "size", "block_size", "options", "hw_max_sect
 
 def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
                   handlers: Mapping[str, Callable[[str], None]] | None,
-                  pool_paths: Mapping[str, str] | None = None) -> list[Device]:
+                  pool_paths: Mapping[str, str] | None = None,
+                  where: dict[str, str] | None = None) -> list[Device]:
+    """``where`` (if given) receives each valid device's key path (``devices[3]``)."""
     devices: list[Device] = []
     seen: set[str] = set()
     for i, item in enumerate(c.seq(raw, "devices") or []):
@@ -624,8 +766,13 @@ def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
                   if m.get("serial") is not None else None)
         wwn = None
         if m.get("wwn") is not None:
-            wwn = c.string(m["wwn"], f"{p}.wwn", _NAA_RE,
-                           "naa.<16 or 32 lowercase hex digits>")
+            # SPC-5 7.7.6.6.1: NAA 2h, 3h, 5h designators are 8 bytes, NAA 6h is 16.
+            raw_wwn = m["wwn"]
+            if isinstance(raw_wwn, str) and _DEVICE_WWN_RE.fullmatch(raw_wwn.strip().lower()):
+                wwn = raw_wwn.strip().lower()
+            else:
+                c.fail(f"{p}.wwn", raw_wwn, "naa. and 16 hex digits starting 2, 3 or 5 (NAA"
+                       " 2h/3h/5h) or 32 starting 6 (NAA 6h): the NAA designator of VPD 83h")
         pool = c.name(m["pool"], f"{p}.pool") if m.get("pool") is not None else None
         options = _device_options(c, m.get("options"), f"{p}.options", handler, name, state_dir)
 
@@ -643,7 +790,7 @@ def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
         pool_path = (pool_paths or {}).get(pool) if pool is not None else None
         dev = Device(name, handler, size, block_size, hw_max, area, tmo, wc, options,
                      serial, wwn, pool, pool_path)
-        cfg = _build_config_string(handler, options, pool_path)
+        cfg = _build_config_string(handler, options, pool_path, wwn)
         problem = _config_string_problem(cfg)
         if problem:
             c.fail(f"{p}.options", m.get("options"), f"options whose dev_config {cfg!r} has"
@@ -651,12 +798,15 @@ def _load_devices(c: _Checker, raw: object, defaults: Defaults, state_dir: str,
             continue
         if handlers is not None:
             try:
-                handlers[handler](cfg.partition("/")[2])
+                handlers[handler](_build_config_string(handler, options, pool_path)
+                                  .partition("/")[2])
             except ConfigError as exc:
                 c.fail(f"{p}.options", m.get("options"), f"options the {handler!r} handler"
                        f" accepts: {exc}")
                 continue
         devices.append(dev)
+        if where is not None:
+            where[name] = p
     return devices
 
 
@@ -668,6 +818,10 @@ def _device_options(c: _Checker, raw: object, path: str, handler: str | None,
     if handler == "raw":
         img = (c.abspath(m["path"], f"{path}.path") if "path" in m
                else str(Path(state_dir) / f"{name}.img"))
+        if img is not None and split_wwn(img)[1] is not None:
+            c.fail(f"{path}.path", img, "an image path that does not end in ';wwn=naa...' (the"
+                   " daemon would take that for the device's wwn)")
+            return None
         return None if img is None else (("path", img),)
     out: list[tuple[str, str]] = []
     for key, value in m.items():
@@ -729,16 +883,24 @@ def _load_libraries(c: _Checker, raw: object) -> list[Library]:
         slots = c.integer(m["slots"], f"{p}.slots", 1, 65535) if "slots" in m else None
         ie = c.integer(m.get("import_export", 0), f"{p}.import_export", 0, 255)
         carts: list[str] = []
+        room = (slots or 65535) + (ie or 0)  # what the library can hold: never expand beyond
+        held = 0
         for j, spec in enumerate(c.seq(m.get("cartridges"), f"{p}.cartridges") or []):
             try:
                 if not isinstance(spec, str):
                     raise ValueError(spec)
-                codes = expand_barcodes(spec)
+                count = count_barcodes(spec)
             except ValueError:
                 c.fail(f"{p}.cartridges[{j}]", spec,
                        "a barcode (A-Z 0-9, up to 32) or a range like ABC000L8..ABC019L8")
                 continue
-            if _check_media_types(c, codes, spec, f"{p}.cartridges[{j}]"):
+            if held + count > room:
+                c.fail(f"{p}.cartridges[{j}]", spec, f"at most slots + import_export = {room}"
+                       f" cartridges in all (this range holds {count}, the ones before it"
+                       f" {held})")
+                continue
+            held += count
+            if _check_media_types(c, expand_barcodes(spec), spec, f"{p}.cartridges[{j}]"):
                 carts.append(spec)
         media = c.abspath(m["media_dir"], f"{p}.media_dir") if "media_dir" in m else None
         if media is not None:
@@ -760,12 +922,7 @@ def _load_libraries(c: _Checker, raw: object) -> list[Library]:
         if len(c.problems) != before:
             continue
         assert name and changer and slots and media is not None and ie is not None
-        lib = Library(name, changer, tuple(drives), slots, ie, tuple(carts), media)
-        if len(lib.barcodes()) > slots + ie:
-            c.fail(f"{p}.cartridges", m.get("cartridges"),
-                   f"at most slots + import_export = {slots + ie} cartridges")
-            continue
-        libs.append(lib)
+        libs.append(Library(name, changer, tuple(drives), slots, ie, tuple(carts), media))
     return libs
 
 
@@ -808,6 +965,45 @@ def library_devices(lib: Library, defaults: Defaults) -> list[Device]:
                    LIBRARY_CMD_TIME_OUT, False, (("library", lib.media_dir), ("unit", unit)),
                    serial)
             for name, unit, serial in lib.units()]
+
+
+def _device_image(dev: Device) -> str | None:
+    """The file holding `dev`'s data, symbolic links resolved: a ``raw`` image, or a ``thin``
+    disk's file in its pool (``<pool>/<disk or device name>.img``); None for others."""
+    opts = dev.options_dict()
+    if dev.handler == "raw":
+        return os.path.realpath(opts["path"])
+    if dev.handler == "thin":
+        pool = dev.pool_path or opts.get("pool", "")
+        if pool.startswith("/"):
+            return os.path.join(os.path.realpath(pool), f"{opts.get('disk') or dev.name}.img")
+    return None
+
+
+def _check_identities(c: _Checker, devices: list[Device], where: Mapping[str, str]) -> None:
+    """Devices are distinct disks: no two share a unit serial (VPD 80h, and the designators of
+    VPD 83h derived from it: multipath would merge two disks into one), a wwn (VPD 83h NAA), or
+    an image file (two devices writing one file corrupt each other)."""
+    serials: dict[str, str] = {}
+    wwns: dict[str, str] = {}
+    images: dict[str, str] = {}
+    for dev in devices:
+        at = where.get(dev.name, f"device {dev.name}")
+        if dev.serial is not None:
+            other = serials.setdefault(dev.serial, dev.name)
+            if other != dev.name:
+                c.fail(f"{at}.serial", dev.serial, f"a serial no other device has ({other} has"
+                       " it: identical VPD 80h/83h, multipath would take both for one disk)")
+        if dev.wwn is not None:
+            other = wwns.setdefault(dev.wwn, dev.name)
+            if other != dev.name:
+                c.fail(f"{at}.wwn", dev.wwn, f"a wwn no other device has ({other} has it)")
+        image = _device_image(dev)
+        if image is not None:
+            other = images.setdefault(image, dev.name)
+            if other != dev.name:
+                c.fail(f"{at}.options", dict(dev.options), f"an image file of its own ({other}"
+                       f" uses {image})")
 
 
 def _load_lunmaps(c: _Checker, raw: object, path: str, devices: set[str]) -> list[LunMap]:
@@ -999,8 +1195,9 @@ def _build(c: _Checker, doc: object,
     state_dir = c.abspath(top.get("state_dir", DEFAULT_STATE_DIR), "state_dir")
     defaults = _load_defaults(c, top.get("defaults"))
     pools = _load_pools(c, top.get("pools"))
+    where: dict[str, str] = {}
     devices = _load_devices(c, top.get("devices"), defaults, state_dir or DEFAULT_STATE_DIR,
-                            handlers, {p.name: p.path for p in pools})
+                            handlers, {p.name: p.path for p in pools}, where)
     # Names given to devices / pools that failed validation still count for cross-references,
     # so one bad device does not cascade into a "no such device" error for every export.
     dev_names = _raw_names(top.get("devices"))
@@ -1034,8 +1231,12 @@ def _build(c: _Checker, doc: object,
     if libraries and handlers is not None and "vtl" not in handlers:
         c.fail("libraries", [lib.name for lib in libraries],
                f"the vtl handler installed ({', '.join(sorted(handlers)) or 'none found'})")
-    for lib in libraries:
+    for i, lib in enumerate(libraries):
         devices.extend(library_devices(lib, defaults))
+        where[lib.changer] = f"libraries[{i}].changer"
+        for j, drive in enumerate(lib.drives):
+            where[drive.name] = f"libraries[{i}].drives[{j}]"
+    _check_identities(c, devices, where)
     em = c.mapping(top.get("exports"), "exports", {"loopback", "iscsi"})
     loop = _load_lunmaps(c, (em or {}).get("loopback"), "exports.loopback", dev_names)
     iscsi = _load_iscsi(c, (em or {}).get("iscsi"), dev_names)
@@ -1058,31 +1259,53 @@ def load_config_text(text: str, source: str = "<string>", *,
     Raises ConfigError listing every problem; returns a fully validated Config otherwise.
     """
     c = _Checker(source)
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: got a file larger than {MAX_CONFIG_BYTES} bytes, expected"
+                          " a configuration file of at most that size")
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        doc = yaml.load(text, Loader=_ConfigLoader)  # type: ignore[arg-type]  # noqa: S506
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "(document)"
-        what = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}: {where}: got invalid YAML ({what}), expected a YAML"
-                          " mapping") from None
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        if isinstance(exc, yaml.reader.ReaderError):  # no mark: a character offset
+            line = text.count("\n", 0, exc.position) + 1
+            where = f"line {line} column {exc.position - text.rfind(chr(10), 0, exc.position)}"
+            what = f"character {exc.character!r} ({exc.reason})"
+        context = getattr(exc, "context", None)
+        if context and not isinstance(exc, _Refused):
+            what += f" {' '.join(str(context).split())}"
+        expected = getattr(exc, "expected", "valid YAML: a mapping of the configuration keys")
+        raise ConfigError(f"{source}: {where}: got {what}, expected {expected}") from None
     if doc is None:
         doc = {}
     cfg = _build(c, doc, handlers)
     if cfg is None:
-        raise ConfigError(f"{len(c.problems)} problem(s) in {source}:\n" + "\n".join(c.problems))
+        raise ConfigError(c.report())
     return cfg
 
 
 def load_config(path: str | Path, *,
                 handlers: Mapping[str, Callable[[str], None]] | None = None) -> Config:
-    """Read and validate the YAML file at ``path`` (see `load_config_text`)."""
+    """Read and validate the YAML file at ``path`` (see `load_config_text`); a file larger
+    than MAX_CONFIG_BYTES is refused unread."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: got an unreadable file ({exc}), expected a readable UTF-8"
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{p}: got an unreadable file ({exc.strerror}), expected a readable"
                           " YAML file") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: got a file larger than {MAX_CONFIG_BYTES} bytes, expected a"
+                          " configuration file of at most that size")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{p}: line {line}: got bytes that are not UTF-8"
+                          f" ({data[exc.start:exc.start + 4]!r}), expected a UTF-8 text"
+                          " file") from None
     return load_config_text(text, str(p), handlers=handlers)
 
 

@@ -33,7 +33,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import Any, Protocol
 
 from tcmu_py.daemon.config import Config, Device, IscsiTarget, dev_config_string
 from tcmu_py.errors import TcmuError
+from tcmu_py.statefile import invalid, make_private_dirs, read_json, write_json
 
 __all__ = [
     "STATE_FILE",
@@ -454,41 +454,75 @@ def _state_path(state_dir: str | Path) -> Path:
     return Path(state_dir) / STATE_FILE
 
 
+#: Key length of each kind (see `LioObject`) and the parameters tcmu-py reads back.
+_KEY_LENGTH = {Kind.BACKSTORE: 2, Kind.TARGET: 2, Kind.TPG: 3, Kind.PORTAL: 4, Kind.LUN: 4,
+               Kind.ACL: 4, Kind.MAPPED_LUN: 5}
+_PARAMS: dict[Kind, dict[str, type]] = {
+    Kind.BACKSTORE: {"config": str, "size": int},
+    Kind.PORTAL: {"ip": str, "port": int},
+    Kind.LUN: {"backstore": str},
+    Kind.MAPPED_LUN: {"tpg_lun": int, "write_protect": bool},
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+def _object_from_doc(path: Path, where: str, d: object) -> LioObject:
+    """One recorded object, validated: kind, key (strings, as many as the kind has) and the
+    parameters tcmu-py reads back; StateFileError naming `path` and `where` otherwise."""
+    if not isinstance(d, dict):
+        raise invalid(path, where, d, '{"kind": ..., "key": [...], "params": {...}}')
+    raw_kind = d.get("kind", _Missing())
+    if not isinstance(raw_kind, str) or raw_kind not in {k.value for k in Kind}:
+        raise invalid(path, f"{where}.kind", raw_kind, f"one of {', '.join(k.value for k in Kind)}")
+    kind = Kind(raw_kind)
+    key = d.get("key")
+    if not (isinstance(key, list) and len(key) == _KEY_LENGTH[kind]
+            and all(isinstance(k, str) for k in key)):
+        raise invalid(path, f"{where}.key", key, f"a list of {_KEY_LENGTH[kind]} strings (the"
+                      f" identity of a {kind.value})")
+    params = d.get("params", {})
+    if not isinstance(params, dict):
+        raise invalid(path, f"{where}.params", params, "an object")
+    for name, want in _PARAMS.get(kind, {}).items():
+        value = params.get(name, _Missing())
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise invalid(path, f"{where}.params.{name}", value,
+                          f"{_TYPE_NAMES[want]} (a {kind.value} tcmu-py created has one)")
+    return LioObject(kind, tuple(key), dict(params))
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "nothing"
+
+
 def read_state(state_dir: str | Path) -> list[LioObject]:
-    """Objects tcmu-py created, in creation order ([] if there is no state file)."""
+    """Objects tcmu-py created, in creation order ([] if there is no state file). A state file
+    that is unreadable or malformed raises StateFileError (a ConfigError: `tcmu-py` exits 2)
+    naming the file, the key, the value and what was expected; nothing is created or removed
+    on the strength of a file that cannot be trusted."""
     path = _state_path(state_dir)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_json(path, "the LIO state file tcmu-py writes")
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as exc:
-        raise LioError(f"{path}: unreadable state file: {exc}") from exc
-    if doc.get("version") != STATE_VERSION:
-        raise LioError(f"{path}: state version {doc.get('version')!r}, expected {STATE_VERSION}")
-    return [LioObject.from_json(o) for o in doc.get("objects", [])]
+    if not isinstance(doc, dict):
+        raise invalid(path, "(top level)", doc, 'a JSON object {"version": 1, "objects": [...]}')
+    if doc.get("version", _Missing()) != STATE_VERSION:
+        raise invalid(path, "version", doc.get("version", _Missing()),
+                      f"{STATE_VERSION} (the state format this version reads)")
+    objects = doc.get("objects", [])
+    if not isinstance(objects, list):
+        raise invalid(path, "objects", objects, "a list of the objects tcmu-py created")
+    return [_object_from_doc(path, f"objects[{i}]", o) for i, o in enumerate(objects)]
 
 
 def _write_state(state_dir: str | Path, objects: Sequence[LioObject]) -> None:
-    """Atomic replace: temp file in the same directory, fsync, rename, fsync the directory."""
+    """Atomic, durable replace (`tcmu_py.statefile.write_json`): mode 0600 (it may hold CHAP
+    secrets), in a state directory created 0700."""
     path = _state_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"version": STATE_VERSION, "objects": [o.to_json() for o in objects]}
-    fd, tmp = tempfile.mkstemp(prefix=".lio-state.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)  # may hold CHAP secrets
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    make_private_dirs(path.parent)
+    write_json(path, {"version": STATE_VERSION, "objects": [o.to_json() for o in objects]})
 
 
 # --------------------------------------------------------------------------- apply / down
@@ -576,15 +610,15 @@ def prepare_storage(config: Config) -> list[Path]:
     """Create the state directory, pool directories and missing ``raw`` image files (sparse, of
     the device size; an existing smaller image is extended, never shrunk). Returns the image
     files created."""
-    Path(config.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(config.state_dir)
     for pool in config.pools:
-        Path(pool.path).mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(pool.path)
     created = []
     for dev in config.devices:
         if dev.handler != "raw":
             continue
         img = Path(dev.options_dict()["path"])
-        img.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(img.parent)
         try:
             fd = os.open(img, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             created.append(img)

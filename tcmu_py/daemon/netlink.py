@@ -14,6 +14,10 @@ Facts (drivers/target/target_core_user.c, include/uapi/linux/target_core_user.h)
   device" and acks -EINVAL / -ENODEV). So: reply only for subtypes we serve, and never for
   devices created with -1 (`should_reply`).
 - Replies and SET_FEATURES need CAP_NET_ADMIN (GENL_ADMIN_PERM).
+- Any process may send a datagram to our socket's port id (netlink unicast to a userspace port
+  needs no privilege); only the kernel sends from port id 0. A message from any other port
+  would let a local user fake ADDED/REMOVED events or ACKs: it is dropped and logged
+  (`TcmuNetlink.receive`, and the family lookup at open).
 
 Wire encoding and decoding is pyroute2's (``genlmsg`` with our ``nla_map``); this module owns only
 a plain non-blocking netlink socket so the daemon can put `TcmuNetlink.fileno` in its own
@@ -318,6 +322,8 @@ class TcmuNetlink:
         self.family_id = 0
         self.group_id = 0
         self.overruns = 0
+        #: Messages dropped because they came from a userspace port, not the kernel.
+        self.spoofed = 0
         self._seq = 0
         self._pending: dict[int, DeviceEvent | None] = {}
 
@@ -337,6 +343,19 @@ class TcmuNetlink:
         self._seq = (self._seq % 0xFFFFFFFF) + 1
         return self._seq
 
+    def _from_kernel(self, address: object) -> bool:
+        """Whether a datagram came from the kernel (netlink port id 0). Sockets given to
+        `attach` that are not netlink sockets (tests' socketpairs) have no sender to check."""
+        if self._sock.family != socket.AF_NETLINK:
+            return True
+        if isinstance(address, tuple) and address and address[0] == 0:
+            return True
+        self.spoofed += 1
+        log.warning("TCM-USER netlink: dropped a message from userspace port %s (only the "
+                    "kernel, port 0, sends events)", address[0] if isinstance(address, tuple)
+                    else address)
+        return False
+
     def _resolve(self) -> None:
         """CTRL_CMD_GETFAMILY: family id and multicast group id (blocking, at open)."""
         req = ctrlmsg()
@@ -348,7 +367,12 @@ class TcmuNetlink:
         req["header"]["sequence_number"] = seq = self._next_seq()
         req.encode()
         self._sock.send(req.data)
-        data = self._sock.recv(65536)
+        for _ in range(64):  # skip what other processes may send to our port meanwhile
+            data, address = self._sock.recvfrom(65536)
+            if self._from_kernel(address):
+                break
+        else:
+            raise NetlinkError(errno.EPROTO, "no reply from the kernel to CTRL_CMD_GETFAMILY")
         length, mtype, _f, rseq, _p = _NLMSGHDR.unpack_from(data, 0)
         if mtype == NLMSG_ERROR:
             (err,) = _NLMSGERR.unpack_from(data, _NLMSGHDR.size)
@@ -382,11 +406,12 @@ class TcmuNetlink:
     def receive(self) -> list[DeviceEvent]:
         """Everything queued now, without blocking. ACKs for our replies are consumed here (a
         failed reply is logged with the event it answered). ENOBUFS means the kernel dropped
-        events: `overruns` is incremented and the caller should rescan /sys/class/uio."""
+        events: `overruns` is incremented and the caller should rescan /sys/class/uio. A
+        message that does not come from the kernel is dropped and counted in `spoofed`."""
         events: list[DeviceEvent] = []
         while True:
             try:
-                data = self._sock.recv(65536)
+                data, address = self._sock.recvfrom(65536)
             except (BlockingIOError, InterruptedError):
                 return events
             except OSError as exc:
@@ -395,6 +420,8 @@ class TcmuNetlink:
                     log.warning("TCM-USER netlink receive buffer overrun: events were lost")
                     continue
                 raise
+            if not self._from_kernel(address):
+                continue
             for item in parse_messages(data, self.family_id):
                 if isinstance(item, NetlinkAck):
                     self._acked(item)

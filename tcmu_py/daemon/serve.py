@@ -3,7 +3,9 @@
 Lifecycle of one device
 -----------------------
 - Found by the start-up scan of `/sys/class/uio` or by a udev "add" event (pyudev), or by a
-  netlink ADDED event; all three paths end in `add()`, which is idempotent.
+  netlink ADDED event; all three paths end in `add()`, which is idempotent. The start-up scan
+  comes first (`start_serving`), before netlink, udev, the YAML or LIO are even imported: a
+  restarted daemon answers the commands waiting on its rings as soon as it can.
 - Only subtypes with a registered handler are served; anything else (tcmu-runner's `file`,
   `qcow`, ...) is left alone, and never answered on netlink.
 - Opening (`_open`): `action/block_dev=1`, `action/reset_ring=1` (commands a previous daemon left
@@ -20,13 +22,19 @@ Lifecycle of one device
   itself issues while removing a LUN (sd's SYNCHRONIZE CACHE) wait forever.
 
 Threads: one loop thread per device (`DeviceRunner.run`) plus its worker pool; the main thread
-handles netlink, signals and the control socket; the pyudev observer calls `add`/`remove` from its
-own thread (guarded by `self._lock`).
+handles netlink, signals and rescans; the control socket has a thread of its own
+(`tcmu_py.daemon.control`: no client can hold the main loop); the pyudev observer calls
+`add`/`remove` from its own thread (guarded by `self._lock`).
+
+Run directory (`--run-dir`, /run/tcmu-py): created 0700, refused if it is a symbolic link or
+another user's; `daemon.lock` in it is opened without following links, refused unless it is a
+regular file of ours with one link, and only then truncated (it holds the pid).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -34,6 +42,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -43,11 +52,12 @@ from typing import Any
 
 from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs
+from tcmu_py.daemon.control import ControlServer
 from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.device.runner import DeviceRunner
 from tcmu_py.errors import TcmuError
-from tcmu_py.handler import DeviceConfig, Handler, load_handlers
+from tcmu_py.handler import DeviceConfig, Handler, load_handlers, split_wwn
 from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import NotReady
 from tcmu_py.uio import UioDevice, UioName
@@ -136,33 +146,104 @@ class Daemon:
         self._lock_fd: int | None = None
         self._netlink: Any = None
         self._observer: Any = None
-        self._control: socket.socket | None = None
+        self._control: ControlServer | None = None
 
     # ------------------------------------------------------------------------------------------
     # Start and stop
 
     def start(self) -> None:
-        """Take the single-instance lock, subscribe to events, open every existing device."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """`start_serving`, then `subscribe`."""
+        self.start_serving()
+        self.subscribe()
+
+    def start_serving(self) -> None:
+        """Take the single-instance lock and serve every TCMU device already present. The first
+        thing a (re)started daemon does: commands wait on the rings meanwhile, and the kernel
+        fails them after `cmd_time_out` (30 s by default); everything slower (netlink, the udev
+        monitor, the YAML, LIO) comes after, in `subscribe` and the command line."""
         self._take_lock()
+        self.rescan()
+
+    def subscribe(self) -> None:
+        """Answer the control socket and follow devices as they come and go (netlink, udev);
+        then rescan once more for devices added while this was being set up."""
+        self._open_control()
         if self.use_netlink:
             self._open_netlink()
         if self.use_udev:
             self._start_udev()
-        self._open_control()
         self.rescan()
         log.info("serving subtypes %s; %d device(s) open", sorted(self.handlers), len(self.served))
 
-    def _take_lock(self) -> None:
-        path = self.run_dir / "daemon.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def _open_run_dir(self) -> int:
+        """The run directory as an O_PATH-like fd: created 0700 if missing; refused if it is a
+        symbolic link, not a directory, or owned by another user; group/other access removed.
+        Everything the daemon creates there (lock, control socket) is then private to it."""
+        path = self.run_dir
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and path.is_symlink():
+                raise TcmuError(f"{path}: run directory is a symbolic link; expected a directory"
+                                " of the daemon's own (remove the link)") from None
+            raise TcmuError(f"{path}: run directory unusable: {exc.strerror}; expected a"
+                            " directory") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise TcmuError(f"{path}: run directory is owned by uid {st.st_uid}; expected"
+                                f" uid {os.geteuid()} (the daemon's)")
+            if st.st_mode & 0o077:
+                log.warning("%s: run directory mode %o opened to others; setting 0700",
+                            path, st.st_mode & 0o777)
+                os.fchmod(fd, 0o700)
+        except BaseException:
             os.close(fd)
-            raise TcmuError(f"another tcmu-py daemon is running (lock {path} is held)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+            raise
+        return fd
+
+    def _take_lock(self) -> None:
+        """flock `daemon.lock` in the run directory and write our pid into it. The lock file is
+        opened without following a symbolic link and only once it is known to be a regular file
+        of ours with one link is it truncated: a link planted there cannot make us clobber
+        another file."""
+        dir_fd = self._open_run_dir()
+        path = self.run_dir / "daemon.lock"
+        try:
+            try:
+                fd = os.open("daemon.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise TcmuError(f"{path}: lock file is a symbolic link; expected a regular"
+                                    " file (remove the link)") from None
+                raise TcmuError(f"{path}: cannot open the lock file: {exc.strerror}") from None
+        finally:
+            os.close(dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise TcmuError(f"{path}: lock file is not a regular file; expected one (remove"
+                                " it)")
+            if st.st_nlink != 1 or st.st_uid != os.geteuid():
+                raise TcmuError(f"{path}: lock file has {st.st_nlink} links and owner uid"
+                                f" {st.st_uid}; expected 1 link and uid {os.geteuid()} (a hard"
+                                " link to another file? remove it)")
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TcmuError(
+                    f"another tcmu-py daemon is running (lock {path} is held)") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def _open_netlink(self) -> None:
@@ -200,15 +281,8 @@ class Daemon:
         self._observer.start()
 
     def _open_control(self) -> None:
-        path = self.run_dir / "control.sock"
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(4)
-        sock.setblocking(False)
-        self._control = sock
+        self._control = ControlServer(self.run_dir / "control.sock", {"status": self.status})
+        self._control.start()
 
     def run(self, *, install_signals: bool = True) -> None:
         """Handle netlink events, control requests and rescans until a signal or `stop()`."""
@@ -219,8 +293,6 @@ class Daemon:
         poller.register(self._stop_r, select.POLLIN)
         if self._netlink is not None:
             poller.register(self._netlink.fileno(), select.POLLIN)
-        if self._control is not None:
-            poller.register(self._control.fileno(), select.POLLIN)
         interval = RESCAN_SECONDS_WITH_UDEV if self._observer is not None else RESCAN_SECONDS
         next_scan = time.monotonic() + interval
         try:
@@ -230,9 +302,16 @@ class Daemon:
                     if fd == self._stop_r:
                         break
                     if self._netlink is not None and fd == self._netlink.fileno():
-                        self._handle_netlink()
-                    elif self._control is not None and fd == self._control.fileno():
-                        self._handle_control()
+                        try:
+                            self._handle_netlink()
+                        except Exception:  # noqa: BLE001 - the devices must outlive netlink
+                            log.exception("netlink TCM-USER failed; following udev and rescans"
+                                          " only")
+                            poller.unregister(fd)
+                            with contextlib.suppress(OSError):
+                                self._netlink.close()
+                            self._netlink = None
+                            next_scan = time.monotonic()
                 if time.monotonic() >= next_scan:
                     self.rescan()
                     next_scan = time.monotonic() + interval
@@ -256,8 +335,6 @@ class Daemon:
             self.remove(node, block=True)
         if self._control is not None:
             self._control.close()
-            with contextlib.suppress(FileNotFoundError):
-                (self.run_dir / "control.sock").unlink()
             self._control = None
         log.info("stopped")
 
@@ -275,6 +352,18 @@ class Daemon:
             gone = [n for n in self.served if n not in present]
         for node in gone:
             self.remove(node)
+
+    def reopen_failed(self) -> None:
+        """Open again every device whose handler failed to open. `tcmu-py serve -c` serves the
+        rings before it reads the YAML (`start_serving`), so a device that names a pool or
+        library declared there (``pool=<name>``) fails at that first open; once the YAML's
+        pools and libraries are prepared this gives it a second chance. A device that fails
+        again stays NOT READY, with the new reason logged."""
+        with self._lock:
+            failed = [node for node, s in self.served.items() if s.failed is not None]
+        for node in failed:
+            self.remove(node)
+            self.add(node)
 
     def _uio_name(self, node: str) -> UioName | None:
         try:
@@ -303,16 +392,18 @@ class Daemon:
 
     def _open(self, node: str, name: UioName) -> Served:
         cfs = TcmuConfigfs(name.hba, name.device, self.configfs_root)
+        cfgstring, wwn = split_wwn(name.cfgstring)
         config = DeviceConfig(
             name=name.device,
             subtype=name.subtype,
-            cfgstring=name.cfgstring,
+            cfgstring=cfgstring,
             size=cfs.size,
             block_size=cfs.block_size,
             hw_max_sectors=cfs.hw_max_sectors,
             write_cache=cfs.write_cache,
             serial=cfs.serial,
             uio_name=name.build(),
+            wwn=wwn,
         )
         cfs.block()
         try:
@@ -321,7 +412,7 @@ class Daemon:
             failed = None
             try:
                 handler = self.handlers[name.subtype]
-                handler.check_config(name.cfgstring)
+                handler.check_config(cfgstring)
                 device = handler.open(config)
             except Exception as exc:  # noqa: BLE001 - any handler failure: serve NOT READY
                 failed = f"{type(exc).__name__}: {exc}"
@@ -370,15 +461,20 @@ class Daemon:
                 cfs.block()
         served.runner.stop()
         served.thread.join(timeout=60)
-        try:
-            served.runner.close()
-        finally:
+
+        def close_uio() -> None:
             with contextlib.suppress(OSError):
                 served.uio.close()
+
+        # The runner closes the handler (and then the uio) only once no command of it runs:
+        # now, or when a command still stuck in the backend finishes.
+        try:
+            closed = served.runner.close(on_closed=close_uio)
+        finally:
             if block:
                 with contextlib.suppress(TcmuError):
                     cfs.unblock()
-        log.info("%s: closed %s", served.name.device, node)
+        log.info("%s: %s %s", served.name.device, "closed" if closed else "closing", node)
 
     def find(self, dev_name: str) -> Served | None:
         with self._lock:
@@ -400,7 +496,7 @@ class Daemon:
             status = 0
             try:
                 if event.cmd == TcmuCmd.ADDED_DEVICE:
-                    self.handlers[uio.subtype].check_config(uio.cfgstring)
+                    self.handlers[uio.subtype].check_config(split_wwn(uio.cfgstring)[0])
                     self.add(f"uio{event.minor}")
                 elif event.cmd == TcmuCmd.REMOVED_DEVICE:
                     self.remove(f"uio{event.minor}")
@@ -477,23 +573,6 @@ class Daemon:
                 st = status().as_dict()
                 pools[st["path"]] = st
         return list(pools.values())
-
-    def _handle_control(self) -> None:
-        assert self._control is not None
-        try:
-            conn, _ = self._control.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(2)
-            try:
-                request = conn.recv(256).decode().strip()
-                if request == "status":
-                    conn.sendall(json.dumps(self.status()).encode())
-                else:
-                    conn.sendall(json.dumps({"error": f"unknown request {request!r}"}).encode())
-            except OSError as exc:
-                log.warning("control socket: %s", exc)
 
 
 def query_status(run_dir: Path = RUN_DIR, timeout: float = 5.0) -> dict[str, Any]:

@@ -25,6 +25,19 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _state(device: dict[str, Any]) -> str:
+    """The state column: the handler failed to open; the loop thread stopped serving (it no
+    longer answers); or ok, with how many commands the runner's guard had to answer."""
+    if device["failed"]:
+        return "FAILED: " + device["failed"]
+    c = device["counters"]
+    if c.get("stopped"):
+        return "STOPPED: " + c["stopped"]
+    if c.get("failures"):
+        return f"ok ({c['failures']} handler failures, see the log)"
+    return "ok"
+
+
 def percentile(hist: list[int], q: float) -> float:
     """The `q` quantile (0 < q <= 1) of a `Counters.latency_hist`, in seconds (the upper edge of
     the bucket it falls in); 0.0 for an empty histogram."""
@@ -93,7 +106,7 @@ def render_status(status: dict[str, Any] | None, config_path: str | None = None)
                     d["handler"],
                     d["uio"],
                     _size(d["size"]),
-                    "FAILED: " + d["failed"] if d["failed"] else "ok",
+                    _state(d),
                     str(c["commands"]),
                     str(c["errors"]),
                     f"{w['iops']:.0f}",

@@ -2,9 +2,11 @@
 
 A backend moves bytes; this module decides what the bytes mean. It enforces bounds
 (LBA OUT OF RANGE), FUA, COMPARE AND WRITE atomicity, VERIFY, WRITE SAME, UNMAP, GET LBA STATUS,
-READ CAPACITY and the block VPD / mode / log pages, and advertises only what the backend can do:
-UNMAP and LBPME appear only for a backend with `unmap`, GET LBA STATUS only with `lba_status`,
-LBPRZ only when deallocated blocks really read as zeros.
+READ CAPACITY and the block VPD / mode / log pages, and advertises exactly what the backend
+declares (`tcmu_py.backend`): its capabilities are resolved once, at construction, into
+`self.caps`. UNMAP, LBPME and VPD B2h appear only for an `Unmap` backend, LBPRZ only when it
+promises `lbprz`, GET LBA STATUS only for `LbaStatus`, provisioning pages only for
+`ThinProvisioning`.
 
 Threads: handlers run on the device's worker pool, several at once. Writes and COMPARE AND WRITE
 take the range lock for the LBAs they touch, so a COMPARE AND WRITE is atomic against every
@@ -18,11 +20,13 @@ import itertools
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from functools import partial
 
+from tcmu_py.backend import BlockBackend, Capabilities, ProvisioningInfo
 from tcmu_py.device.command import Command
-from tcmu_py.device.core import ScsiDevice, command
-from tcmu_py.handler import BlockBackend, DeviceConfig, ProvisioningInfo
+from tcmu_py.device.core import ScsiDevice, check_data_out, command
+from tcmu_py.errors import TcmuError
+from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import sbc, spc
 from tcmu_py.scsi.constants import Opcode, PeripheralType, ServiceAction
@@ -32,7 +36,6 @@ from tcmu_py.scsi.sense import (
     LbaOutOfRange,
     MediumError,
     Miscompare,
-    ParameterListLengthError,
     ScsiError,
     SoftThresholdReached,
     SpaceAllocationFailed,
@@ -48,8 +51,20 @@ MAX_UNMAP_BLOCK_DESCRIPTORS = 256
 MAX_UNMAP_LBA_COUNT = 0xFFFFFFFF
 _RW10 = struct.Struct(">IxH")  # LBA, group, TRANSFER LENGTH (bytes 2..8 of a 10-byte CDB)
 _RW16 = struct.Struct(">QI")  # LBA, TRANSFER LENGTH (bytes 2..13 of a 16-byte CDB)
-#: Chunk size for pattern writes (WRITE SAME without backend support).
-_FILL_CHUNK = 1 << 20
+#: Bytes read or written at a time where a command covers more than its own buffers (WRITE
+#: SAME without backend support, VERIFY): memory stays bounded whatever the CDB asks for.
+_IO_CHUNK = 1 << 20
+
+
+def _length_field(opcode: int) -> int:
+    """CDB byte of the TRANSFER / VERIFICATION LENGTH of a READ/WRITE/VERIFY opcode: 6-byte
+    CDBs 4, 10-byte 7, 12-byte 6, 16-byte 10 (the SBC-4 CDB layouts)."""
+    return {0x08: 4, 0x0A: 4}.get(opcode) or {0xA0: 6, 0x80: 10}.get(opcode & 0xE0, 7)
+
+
+def _gather(bufs: Sequence[memoryview], offset: int, length: int) -> bytes:
+    """Bytes [offset, offset+length) of the concatenation of `bufs`, as one bytes object."""
+    return b"".join(slice_buffers(bufs, offset, length))
 
 
 def slice_buffers(bufs: Sequence[memoryview], offset: int, length: int) -> list[memoryview]:
@@ -112,20 +127,21 @@ class BlockDevice(ScsiDevice):
     product = "BLOCK DEVICE"
 
     def __init__(self, config: DeviceConfig, backend: BlockBackend) -> None:
+        #: What the backend declares, checked once here (CapabilityError names a bad attribute).
+        self.caps = Capabilities.of(backend)
         super().__init__(config)
         self.backend = backend
         self.block_size = backend.block_size
         self.num_blocks = backend.size // backend.block_size
         self.max_transfer_blocks = max(1, config.hw_max_sectors * 512 // self.block_size)
         self._ranges = RangeLock()
-        self._can_unmap = hasattr(backend, "unmap")
-        self._can_lba_status = hasattr(backend, "lba_status")
-        self._threshold_event: Callable[[], bool] | None = getattr(
-            backend, "take_threshold_event", None
+        thin = self.caps.thin
+        self._threshold_event: Callable[[], bool] | None = (
+            thin.take_threshold_event if thin is not None else None
         )
         # A backend that never blocks (memory, /dev/null-like) is cheaper run on the loop
         # thread than handed to the pool: no thread hand-off per command.
-        self._all_inline = not getattr(backend, "blocking", True)
+        self._all_inline = not self.caps.blocking
 
     # ------------------------------------------------------------------------------------------
     # Capabilities and pages
@@ -135,15 +151,15 @@ class BlockDevice(ScsiDevice):
 
     def supports(self, opcode: int, service_action: int | None) -> bool:
         if opcode == Opcode.UNMAP:
-            return self._can_unmap
+            return self.caps.unmap is not None
         if opcode == Opcode.SERVICE_ACTION_IN_16 and service_action == ServiceAction.GET_LBA_STATUS:
-            return self._can_lba_status
+            return self.caps.lba_status is not None
         return True
 
     @property
     def lbprz(self) -> bool:
-        """Deallocated blocks read as zeros (only meaningful with unmap)."""
-        return self._can_unmap and bool(getattr(self.backend, "lbprz", False))
+        """Deallocated blocks read as zeros (the `Unmap` promise; False without unmap)."""
+        return self.caps.unmap is not None and self.caps.lbprz
 
     def version_descriptors(self) -> tuple[int, ...]:
         # libiscsi's iscsi-test-cu treats a disk as SBC-3 only when 04C0h is listed.
@@ -151,49 +167,50 @@ class BlockDevice(ScsiDevice):
 
     def vpd_pages(self) -> dict[int, Callable[[], bytes]]:
         pages = super().vpd_pages()
-        gran = self._unmap_granularity_blocks()
+        caps = self.caps
+        can_unmap = caps.unmap is not None
         pages[0xB0] = lambda: sbc.build_vpd_block_limits(
             wsnz=True,  # WRITE SAME with zero blocks is refused, not "to the end" (SBC-4 6.6.3)
             max_transfer_length=self.max_transfer_blocks,
             optimal_transfer_length=self.max_transfer_blocks,
-            max_unmap_lba_count=MAX_UNMAP_LBA_COUNT if self._can_unmap else 0,
-            max_unmap_descriptor_count=MAX_UNMAP_BLOCK_DESCRIPTORS if self._can_unmap else 0,
-            optimal_unmap_granularity=gran if self._can_unmap else 0,
-            unmap_granularity_alignment=0 if self._can_unmap else None,
+            # SBC-4 6.6.3: unmap limits and granularity only for a device that can unmap.
+            max_unmap_lba_count=MAX_UNMAP_LBA_COUNT if can_unmap else 0,
+            max_unmap_descriptor_count=MAX_UNMAP_BLOCK_DESCRIPTORS if can_unmap else 0,
+            optimal_unmap_granularity=caps.unmap_granularity // self.block_size
+            if can_unmap
+            else 0,
+            unmap_granularity_alignment=caps.unmap_granularity_alignment // self.block_size
+            if can_unmap
+            else None,
             max_write_same_length=MAX_WRITE_SAME_BLOCKS,
             max_compare_and_write_length=MAX_COMPARE_AND_WRITE_BLOCKS,
         )
         pages[0xB1] = lambda: sbc.build_vpd_block_device_characteristics(rotation_rate=1)
-        if self._can_unmap:
+        if can_unmap:
+            # SBC-4 6.6.4: UNMAP and WRITE SAME(10)/(16) with the UNMAP bit all deallocate here.
             pages[0xB2] = lambda: sbc.build_vpd_lbp(
                 lbpu=True,
                 lbpws=True,
                 lbpws10=True,
                 lbprz=self.lbprz,
                 anc_sup=False,
-                provisioning_type=2 if self._provisioning() is not None else 0,
+                provisioning_type=caps.provisioning_type,
                 threshold_exponent=self._threshold_exponent(),
             )
         return pages
 
-    def _unmap_granularity_blocks(self) -> int:
-        info = self._provisioning()
-        unit = info.unmap_granularity if info else getattr(self.backend, "unmap_granularity", 0)
-        return max(1, unit // self.block_size) if unit else 1
-
     def _provisioning(self) -> ProvisioningInfo | None:
-        fn = getattr(self.backend, "provisioning", None)
-        return fn() if fn is not None else None
+        thin = self.caps.thin
+        return thin.provisioning() if thin is not None else None
 
     def _threshold_exponent(self) -> int:
         """SBC-4 6.6.4: thresholds count in units of 2**exponent blocks (0 = no thresholds)."""
-        info = self._provisioning()
-        if info is None:
+        if self.caps.thin is None:
             return 0
         exp = 0
         while (self.num_blocks >> exp) > 0xFFFFFFFF or (
             1 << exp
-        ) * self.block_size < info.unmap_granularity:
+        ) * self.block_size < self.caps.unmap_granularity:
             exp += 1
         return max(exp, 1)
 
@@ -220,10 +237,10 @@ class BlockDevice(ScsiDevice):
         if (page_code, subpage) != (0x1C, 0x02):
             super().mode_page_changed(page_code, subpage, new_current)
             return
-        info = self._provisioning()
-        setter = getattr(self.backend, "set_soft_threshold", None)
-        if info is None or setter is None:
+        thin = self.caps.thin
+        if thin is None:
             return
+        info = thin.provisioning()
         page = next(p for p in self.mode_pages() if (p.page_code, p.subpage) == (0x1C, 0x02))
         thresholds = spc.lbp_thresholds(page.with_current(new_current))
         t = thresholds[0] if thresholds else None
@@ -231,7 +248,7 @@ class BlockDevice(ScsiDevice):
         percent = None
         if t is not None and t.enabled:
             percent = max(1, min(100, round(t.threshold_count * unit * 100 / info.capacity)))
-        setter(percent)
+        thin.set_soft_threshold(percent)
         # The pool holds the threshold (shared by its disks): regenerate the page from it.
         self.forget_mode_page(0x1C, 0x02)
 
@@ -296,10 +313,30 @@ class BlockDevice(ScsiDevice):
         except OSError as exc:
             raise WriteError(str(exc)) from exc
 
-    def _read_bytes(self, offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        self._read(offset, [memoryview(buf)])
-        return buf
+    def _check_medium(
+        self, lba: int, length: int, expected: Callable[[int, int], bytes] | None = None
+    ) -> None:
+        """Read `length` bytes from `lba` in chunks of at most `_IO_CHUNK` (one buffer, reused),
+        comparing each with `expected(position, size)` unless None. Raises Miscompare with the
+        offset of the first byte that differs (SBC-4 5.3, 5.40)."""
+        if not length:
+            return
+        step = max(1, _IO_CHUNK // self.block_size) * self.block_size
+        buf = bytearray(min(length, step))
+        view = memoryview(buf)
+        base = lba * self.block_size
+        pos = 0
+        while pos < length:
+            n = min(len(buf), length - pos)
+            self._read(base + pos, [view[:n]])
+            if expected is not None:
+                want = expected(pos, n)
+                got = buf if n == len(buf) else buf[:n]
+                if got != want:
+                    first = next(i for i in range(n) if got[i] != want[i])
+                    # SBC-4 5.3: INFORMATION = offset of the first byte that did not match.
+                    raise Miscompare(f"at byte {pos + first}", info=pos + first)
+            pos += n
 
     # ------------------------------------------------------------------------------------------
     # Reads and writes
@@ -323,7 +360,7 @@ class BlockDevice(ScsiDevice):
         else:
             rw = cdbs.parse_rw(cdb)
             lba, blocks, fua = rw.lba, rw.transfer_length, rw.fua
-            field = {0x08: 4, 0x0A: 4, 0xA8: 6, 0xAA: 6}.get(op, 10 if op & 0x80 else 7)
+            field = _length_field(op)
         if lba + blocks > self.num_blocks or blocks > self.max_transfer_blocks:
             self._check_range(lba, blocks)  # both raise; the test above is their fast path
             self._check_transfer(blocks, field)
@@ -352,12 +389,11 @@ class BlockDevice(ScsiDevice):
     @command(Opcode.WRITE_16)
     def write(self, cmd: Command) -> None:
         lba, blocks, fua = self._rw(cmd.cdb)
-        length = min(blocks * self.block_size, cmd.data_out_length)
-        length -= length % self.block_size
+        length = blocks * self.block_size
+        if length != cmd.data_out_length:
+            check_data_out(cmd, length, data=True)  # raises: nothing is written
         if length:
             bufs = cmd.data_out
-            if length != cmd.data_out_length:
-                bufs = slice_buffers(bufs, 0, length)
             if self._all_inline:
                 # Every command runs on the one loop thread: nothing can overlap this write.
                 self._write(lba * self.block_size, bufs)
@@ -386,28 +422,31 @@ class BlockDevice(ScsiDevice):
     def verify(self, cmd: Command) -> None:
         rw = cdbs.parse_rw(cmd.cdb)
         self._check_range(rw.lba, rw.transfer_length)
+        # SBC-4 5.40-5.42 / 6.6.4: VERIFY is bounded by the MAXIMUM TRANSFER LENGTH we
+        # advertise in VPD B0h; above it -> INVALID FIELD IN CDB (VERIFICATION LENGTH).
+        self._check_transfer(rw.transfer_length, _length_field(cmd.opcode))
         length = rw.transfer_length * self.block_size
         if rw.bytchk == 0:
-            # SBC-4 5.33: BYTCHK 0 — verify the medium is readable.
-            if length:
-                self._read_bytes(rw.lba * self.block_size, length)
+            # SBC-4 5.40: BYTCHK 0 — verify the medium is readable (chunk by chunk).
+            self._check_medium(rw.lba, length)
             return
         if rw.bytchk == 2:
             raise InvalidFieldInCdb("BYTCHK 10b", field_pointer=1, bit_pointer=1)
-        # BYTCHK 01b: compare with the Data-Out; 11b: one block compared with every LBA.
-        expected = cmd.read_data_out(length if rw.bytchk == 1 else self.block_size)
-        if len(expected) < (length if rw.bytchk == 1 else self.block_size) and length:
-            raise ParameterListLengthError("verify data shorter than the transfer length")
-        if rw.bytchk == 3:
-            expected = expected * rw.transfer_length
-        self._compare(rw.lba, expected)
+        if not length:
+            return
+        if rw.bytchk == 1:
+            # BYTCHK 01b: the Data-Out holds every block to compare.
+            check_data_out(cmd, length, field_pointer=_length_field(cmd.opcode))
+            self._check_medium(rw.lba, length, partial(_gather, cmd.data_out))
+            return
+        # BYTCHK 11b: one block, compared with every LBA of the range.
+        check_data_out(cmd, self.block_size)
+        block = cmd.read_data_out(self.block_size)
+        pattern = block * max(1, min(length, _IO_CHUNK) // self.block_size)
+        self._check_medium(rw.lba, length, lambda pos, n: pattern[:n])
 
     def _compare(self, lba: int, expected: bytes) -> None:
-        actual = self._read_bytes(lba * self.block_size, len(expected))
-        if actual != expected:
-            first = next(i for i, (a, b) in enumerate(zip(actual, expected, strict=True)) if a != b)
-            # SBC-4 5.3: INFORMATION = offset of the first byte that did not match.
-            raise Miscompare(f"at byte {first}", info=first)
+        self._check_medium(lba, len(expected), lambda pos, n: expected[pos : pos + n])
 
     @command(Opcode.WRITE_AND_VERIFY_10)
     @command(Opcode.WRITE_AND_VERIFY_12)
@@ -416,12 +455,12 @@ class BlockDevice(ScsiDevice):
         rw = cdbs.parse_rw(cmd.cdb)
         if rw.bytchk not in (0, 1):
             raise InvalidFieldInCdb("BYTCHK", field_pointer=1, bit_pointer=1)
-        self.write(cmd)
+        self.write(cmd)  # checks the Data-Out length first
         # SBC-4 5.41: after writing, check the medium (read back and compare when BYTCHK 1).
         self._flush()
-        length = min(rw.transfer_length * self.block_size, cmd.data_out_length)
+        length = rw.transfer_length * self.block_size
         if length and rw.bytchk:
-            self._compare(rw.lba, cmd.read_data_out(length))
+            self._check_medium(rw.lba, length, partial(_gather, cmd.data_out))
 
     @command(Opcode.COMPARE_AND_WRITE)
     def compare_and_write(self, cmd: Command) -> None:
@@ -430,12 +469,9 @@ class BlockDevice(ScsiDevice):
             raise InvalidFieldInCdb("NUMBER OF LOGICAL BLOCKS", field_pointer=13)
         self._check_range(rw.lba, rw.transfer_length)
         length = rw.transfer_length * self.block_size
-        if cmd.data_out_length != 2 * length:
-            # SBC-4 5.3: the Data-Out holds exactly the verify and the write instances; a
-            # transfer of another size (e.g. 256 blocks, whose one-byte count reads 0) is refused.
-            raise InvalidFieldInCdb(
-                "data-out is not 2 x NUMBER OF LOGICAL BLOCKS", field_pointer=13
-            )
+        # SBC-4 5.3: the Data-Out holds exactly the verify and the write instances; a transfer
+        # of another size (e.g. 256 blocks, whose one-byte count reads 0) is refused.
+        check_data_out(cmd, 2 * length, data=True)
         if length == 0:
             return
         held = self._ranges.acquire(rw.lba, rw.lba + rw.transfer_length)
@@ -465,14 +501,13 @@ class BlockDevice(ScsiDevice):
             )
         if rw.anchor:
             raise InvalidFieldInCdb("ANCHOR", field_pointer=1, bit_pointer=4)
-        if rw.unmap and not self._can_unmap:
+        if rw.unmap and self.caps.unmap is None:
             raise InvalidFieldInCdb("UNMAP", field_pointer=1, bit_pointer=3)
         self._check_range(rw.lba, rw.transfer_length)
         if rw.ndob:
             block = bytes(self.block_size)
         else:
-            if cmd.data_out_length < self.block_size:
-                raise InvalidFieldInCdb("no data-out block", field_pointer=1)
+            check_data_out(cmd, self.block_size)  # SBC-4 5.50: one logical block of Data-Out
             block = cmd.read_data_out(self.block_size)
         offset = rw.lba * self.block_size
         length = rw.transfer_length * self.block_size
@@ -481,9 +516,9 @@ class BlockDevice(ScsiDevice):
             # SBC-4 5.50: with UNMAP, a zero block may be deallocated if LBPRZ makes reads zero.
             if rw.unmap and self.lbprz and not any(block):
                 self._unmap(offset, length)
-            elif hasattr(self.backend, "write_same"):
+            elif self.caps.write_same is not None:
                 try:
-                    self.backend.write_same(offset, length, block, False)
+                    self.caps.write_same.write_same(offset, length, block, False)
                 except OSError as exc:
                     raise _io_error(exc, writing=True) from exc
             else:
@@ -493,7 +528,7 @@ class BlockDevice(ScsiDevice):
         self._after_write()
 
     def _fill(self, offset: int, length: int, block: bytes) -> None:
-        chunk = block * max(1, min(length, _FILL_CHUNK) // len(block))
+        chunk = block * max(1, min(length, _IO_CHUNK) // len(block))
         view = memoryview(chunk)
         done = 0
         while done < length:
@@ -502,8 +537,9 @@ class BlockDevice(ScsiDevice):
             done += n
 
     def _unmap(self, offset: int, length: int) -> None:
+        assert self.caps.unmap is not None  # UNMAP is not dispatched without it (`supports`)
         try:
-            self.backend.unmap(offset, length)  # type: ignore[attr-defined]
+            self.caps.unmap.unmap(offset, length)
         except OSError as exc:
             raise _io_error(exc, writing=True) from exc
 
@@ -514,6 +550,7 @@ class BlockDevice(ScsiDevice):
             raise InvalidFieldInCdb("ANCHOR", field_pointer=1, bit_pointer=0)
         if req.parameter_list_length == 0:
             return
+        check_data_out(cmd, req.parameter_list_length, field_pointer=7)
         data = cmd.read_data_out(req.parameter_list_length)
         ranges = sbc.parse_unmap_parameters(data, MAX_UNMAP_BLOCK_DESCRIPTORS)
         for lba, count in ranges:
@@ -546,7 +583,7 @@ class BlockDevice(ScsiDevice):
         data = sbc.build_read_capacity_16(
             self.num_blocks,
             self.block_size,
-            lbpme=self._can_unmap,
+            lbpme=self.caps.unmap is not None,
             lbprz=self.lbprz,
             lowest_aligned=0,
         )
@@ -557,10 +594,12 @@ class BlockDevice(ScsiDevice):
         req = cdbs.GetLbaStatus.parse(cmd.cdb)
         if req.lba >= self.num_blocks:
             raise LbaOutOfRange(f"lba {req.lba}", info=req.lba)
-        # SBC-4 5.8: descriptors from the starting LBA; as many as fit the allocation length.
-        room = max((req.allocation_length - 8) // 16, 1)
+        # SBC-4 5.8: descriptors from the starting LBA; as many as fit the allocation length
+        # and the Data-In buffer (not more: the list is built in memory).
+        room = max((min(req.allocation_length, cmd.data_in_length) - 8) // 16, 1)
         span = self.num_blocks - req.lba
-        runs = self.backend.lba_status(  # type: ignore[attr-defined]
+        assert self.caps.lba_status is not None  # not dispatched without it (`supports`)
+        runs = self.caps.lba_status.lba_status(
             req.lba * self.block_size, span * self.block_size, max_runs=room
         )
         descs = [(off // self.block_size, n // self.block_size, st) for off, n, st in runs][:room]
@@ -574,20 +613,26 @@ class BlockDevice(ScsiDevice):
         # SBC-4 5.25: nothing spins here; starting and stopping are accepted and change nothing.
 
     def resize(self, size: int) -> None:
-        """The device was resized: new capacity, and CAPACITY DATA HAS CHANGED (SBC-4 4.6)."""
-        resize = getattr(self.backend, "resize", None)
-        if resize is not None:
-            resize(size)
+        """The device was resized: new capacity, and CAPACITY DATA HAS CHANGED (SBC-4 4.6).
+
+        Only a `Resizable` backend follows a new size; for any other the resize is refused
+        (TcmuError) and nothing changes. The backend resizes first: if it fails, the device
+        keeps its old capacity."""
+        if self.caps.resize is None:
+            raise TcmuError(
+                f"{type(self.backend).__name__}: cannot be resized (implements no "
+                "tcmu_py.backend.Resizable)"
+            )
+        self.caps.resize.resize(size)
         self.num_blocks = size // self.block_size
         self.queue_unit_attention(CapacityDataChanged())
 
     def close(self) -> None:
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        if self.caps.close is not None:
+            self.caps.close.close()
 
 
-def open_block_device(config: DeviceConfig, backend: Any) -> BlockDevice:
+def open_block_device(config: DeviceConfig, backend: BlockBackend) -> BlockDevice:
     """Convenience for handlers: a BlockDevice whose product string names the subtype."""
     dev = BlockDevice(config, backend)
     dev.product = f"{config.subtype.upper()} DISK"[:16]

@@ -40,6 +40,7 @@ from tcmu_py.scsi.constants import Opcode, ServiceAction, Status
 from tcmu_py.scsi.sense import (
     HardwareError,
     InvalidFieldInCdb,
+    InvalidFieldInCommandIu,
     InvalidOpcode,
     PowerOnReset,
     ScsiError,
@@ -63,6 +64,9 @@ _UA_EXEMPT = {Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE}
 
 VENDOR = "TCMU-PY"
 
+#: What `respond_error` answers when an error's own sense cannot be built (SPC-5 4.4.3, fixed).
+_HARDWARE_ERROR_SENSE = build_fixed_sense(0x04, 0x44, 0x00)
+
 
 def command(
     opcode: int, service_action: int | None = None, *, inline: bool = False
@@ -80,6 +84,31 @@ def command(
         return fn
 
     return mark
+
+
+def check_data_out(
+    cmd: Command, expected: int, *, data: bool = False, field_pointer: int | None = None
+) -> None:
+    """Refuse, before anything is written, a command whose Data-Out does not carry the
+    `expected` bytes its CDB announces — as LIO's target core does for its own backstores
+    (target_core_transport.c, target_cmd_size_check). TCMU itself passes the transport's data
+    length through unchecked.
+
+    `data`: a data CDB (WRITE, WRITE AND VERIFY, COMPARE AND WRITE): any difference, shorter or
+    longer, is ILLEGAL REQUEST 0Eh/03h INVALID FIELD IN COMMAND INFORMATION UNIT (LIO's answer
+    since "scsi: target: core: Change ASCQ for residual write", after FCP-4 9.4.2 b: transfer
+    nothing; INVALID FIELD IN CDB before). Otherwise (parameter lists, WRITE SAME's
+    block): a Data-Out shorter than announced is INVALID FIELD IN CDB at `field_pointer` (the
+    length field), a longer one is used up to `expected` (LIO rejects only the "overflow" of a
+    control CDB).
+    """
+    got = cmd.data_out_length
+    if got == expected or (got > expected and not data):
+        return
+    what = f"data-out of {got} bytes, the CDB transfers {expected}"
+    if data:
+        raise InvalidFieldInCommandIu(what)
+    raise InvalidFieldInCdb(what, field_pointer=field_pointer)
 
 
 def service_action_of(cdb: bytes) -> int | None:
@@ -141,7 +170,8 @@ class ScsiDevice:
             0x80: lambda: spc.build_vpd_unit_serial(pt, self.serial),
             0x83: lambda: spc.build_vpd_device_identification(
                 pt,
-                naa=spc.naa_from_serial(self.serial),
+                naa=(bytes.fromhex(self.config.wwn[4:]) if self.config.wwn
+                     else spc.naa_from_serial(self.serial)),
                 t10_vendor=self.vendor,
                 t10_id=f"{self.product.strip()}:{self.serial}",
             ),
@@ -266,8 +296,12 @@ class ScsiDevice:
         outer: Future[Response] = Future()
 
         def done(f: Future[Any]) -> None:
-            exc = f.exception()
-            outer.set_result(self.respond_error(cmd, exc) if exc else self.respond(cmd, f.result()))
+            try:
+                exc = f.exception()
+                resp = self.respond_error(cmd, exc) if exc else self.respond(cmd, f.result())
+            except Exception as cancelled:  # noqa: BLE001 - a cancelled Future still answers
+                resp = self.respond_error(cmd, cancelled)
+            outer.set_result(resp)
 
         inner.add_done_callback(done)
         return outer
@@ -283,19 +317,24 @@ class ScsiDevice:
         return self.respond_error(cmd, TypeError(f"handler returned {type(result).__name__}"))
 
     def respond_error(self, cmd: Command, exc: BaseException) -> Response:
-        """The one place an exception becomes CHECK CONDITION (SAM-5 5.3)."""
-        if not isinstance(exc, ScsiError):
-            self.log.error(
-                "%s: handler failed: cdb=%s", self.config.name, cmd.cdb.hex(), exc_info=exc
+        """The one place an exception becomes CHECK CONDITION (SAM-5 5.3). Never raises: if
+        the error's own sense cannot be built, the answer is HARDWARE ERROR 44/00."""
+        try:
+            if not isinstance(exc, ScsiError):
+                self.log.error(
+                    "%s: handler failed: cdb=%s", self.config.name, cmd.cdb.hex(), exc_info=exc
+                )
+                exc = HardwareError(str(exc))
+            if exc.status != Status.CHECK_CONDITION:
+                return Response(status=exc.status)
+            return Response(
+                status=Status.CHECK_CONDITION,
+                sense=exc.sense(descriptor=self.d_sense),
+                data_in_length=exc.transferred if exc.transferred is not None else 0,
             )
-            exc = HardwareError(str(exc))
-        if isinstance(exc, ScsiError) and exc.status != Status.CHECK_CONDITION:
-            return Response(status=exc.status)
-        return Response(
-            status=Status.CHECK_CONDITION,
-            sense=exc.sense(descriptor=self.d_sense),
-            data_in_length=exc.transferred if exc.transferred is not None else 0,
-        )
+        except Exception:  # noqa: BLE001 - an answer must go out whatever the error object does
+            self.log.exception("%s: building the sense for %r failed", self.config.name, exc)
+            return Response(status=Status.CHECK_CONDITION, sense=_HARDWARE_ERROR_SENSE)
 
     def _report_unit_attention(self) -> None:
         with self.lock:
@@ -394,6 +433,7 @@ class ScsiDevice:
         req = cdbs.ModeSelect.parse(cmd.cdb)
         if req.parameter_list_length == 0:
             return
+        check_data_out(cmd, req.parameter_list_length, field_pointer=7 if req.ten else 4)
         data = cmd.read_data_out(req.parameter_list_length)
         parsed = spc.parse_mode_select(
             data, ten=cmd.opcode == Opcode.MODE_SELECT_10, peripheral_type=self.peripheral_type

@@ -18,7 +18,25 @@ Where a command runs:
 
 Every dequeued command is completed exactly once, including commands named by a TMR abort: a
 command that has not started yet is completed with TASK ABORTED without running; one that is
-running finishes normally (the kernel discards the status of a command it aborted).
+running finishes normally (the kernel discards the status of a command it aborted). A TMR can
+name a command userspace has already completed but the kernel has not reaped yet; the kernel
+then reuses its cmd_id for a later command, so only ids still in flight at the TMR's place in
+the ring are taken as aborted (`RingTmr.live_ids`).
+
+The guard: `ScsiDevice.execute` never raises, but a subclass that overrides it may, and a
+handler's Future may fail or resolve to something that is not a Response. Whatever a device
+throws at the runner — on the loop thread, in a pool chunk or in a Future callback — the command
+is answered CHECK CONDITION (HARDWARE ERROR 44/00 unless the exception carries its own sense),
+the traceback is logged, `failed` and `Counters.failures` record it, and the device keeps being
+served (`_failure`). If the loop thread itself has to stop (a corrupt ring), `Counters.stopped`
+says why, so `tcmu-py status` does not report a dead device as "ok".
+
+Closing: the device, the ring and the caller's uio (`close(on_closed=...)`) are released only
+when nothing can touch them any more — the loop thread has left `run()`, no pool chunk is
+queued or running and no asynchronous command is outstanding. `close()` while a command still
+runs (a backend stuck in I/O when the kernel removes the device) defers the release to the last
+one to finish: an image fd closed under a running command would be reused by the next image
+opened, and the late write would land in that other device's image.
 
 Ring completions are serialised by `self._ring_lock` (cmd_tail has one writer at a time).
 """
@@ -35,17 +53,23 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice
+from tcmu_py.errors import RingError
 from tcmu_py.ring import Ring, RingCommand
 from tcmu_py.scsi.constants import Status
+from tcmu_py.scsi.sense import HardwareError, ScsiError, build_fixed_sense
 
 log = logging.getLogger(__name__)
 
 _READ_OPS = frozenset({0x08, 0x28, 0xA8, 0x88})
 _WRITE_OPS = frozenset({0x0A, 0x2A, 0xAA, 0x8A})
+#: The answer when even building the device's own error response fails: fixed-format HARDWARE
+#: ERROR / INTERNAL TARGET FAILURE (SPC-5 4.4.3), built once.
+_HARDWARE_ERROR = Response(Status.CHECK_CONDITION, build_fixed_sense(0x04, 0x44, 0x00))
 
 
 class UioLike(Protocol):
@@ -100,6 +124,10 @@ class Counters:
     latency_seconds: float = 0.0
     latency_hist: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
     started: float = field(default_factory=time.monotonic)
+    #: Commands the device threw an exception at the runner for (answered by the runner's guard).
+    failures: int = 0
+    #: Why the loop thread stopped serving without being asked to ("" while it serves).
+    stopped: str = ""
 
     def snapshot(self) -> dict[str, Any]:
         """All counters (the histogram as a list copy) plus `uptime` (seconds since started)."""
@@ -144,7 +172,15 @@ class DeviceRunner:
         self._gap = 0.0  # average gap between the end of a wake-up's work and the next command
         self._stop_r, self._stop_w = os.pipe()
         self._stopping = False
+        #: The last exception the guard caught from the device (or that stopped the loop).
         self.failed: BaseException | None = None
+        # Lifetime (see the module docstring, "Closing"): `_active` counts what may still touch
+        # the device, the ring or the uio — `run()`, pool chunks, outstanding Futures.
+        self._life = threading.Lock()
+        self._active = 0
+        self._closing = False
+        self._released = False
+        self._on_closed: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Loop
@@ -171,6 +207,8 @@ class DeviceRunner:
         clock = time.monotonic
         ready = False  # the watch saw new entries: skip poll(2)
         idle_since = 0.0  # when the last wake-up's work ended (0: no work yet)
+        if not self._enter():
+            raise RingError(f"{self.name}: the runner is closed")
         try:
             while not self._stopping:
                 if not ready:
@@ -181,6 +219,7 @@ class DeviceRunner:
                             break
                         if any(fd == uio_fd and ev & gone for fd, ev in events):
                             self.log.info("%s: the kernel removed the device; stopping", self.name)
+                            self.counters.stopped = "the kernel removed the device"
                             break
                     self.counters.wakeups += 1
                     if idle_since:
@@ -194,6 +233,7 @@ class DeviceRunner:
                         raise
                     # uio answers EIO once the device is unregistered (backstore removed).
                     self.log.info("%s: device gone (%s); stopping", self.name, exc.strerror)
+                    self.counters.stopped = f"device gone ({exc.strerror})"
                     break
                 ready = False
                 if ran:
@@ -206,8 +246,21 @@ class DeviceRunner:
                             self._gap += (waited - self._gap) / 4
                         else:
                             self.counters.poll_misses += 1
+        except BaseException as exc:  # noqa: BLE001 - recorded for status, not a silent death
+            # Not the device (the guard answers for it): the ring or the uio failed. The device
+            # cannot be served any more; say so where `tcmu-py status` looks.
+            self.failed = exc
+            self.counters.stopped = f"{type(exc).__name__}: {exc}"
+            self.log.critical(
+                "%s: the loop thread stops; the device is no longer served", self.name, exc_info=exc
+            )
+            if not isinstance(exc, Exception):
+                raise  # SystemExit, KeyboardInterrupt: recorded, and passed on
         finally:
-            self.drain()
+            try:
+                self.drain()
+            finally:
+                self._leave()
 
     def _watch(self, seconds: float) -> float | None:
         """Watch cmd_head for up to `seconds`: the time waited as soon as the kernel publishes an
@@ -228,23 +281,71 @@ class DeviceRunner:
     def stop(self) -> None:
         """Ask `run()` to return (from any thread)."""
         self._stopping = True
-        os.write(self._stop_w, b"x")
+        with self._life:
+            if not self._released:
+                os.write(self._stop_w, b"x")
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait for every command handed to the pool; True if none is left."""
         self._pool.shutdown(wait=True)
         return self.ring.in_flight == 0
 
-    def close(self) -> None:
-        """Stop the pool, close the device, release the ring's hold on the mapping (so the uio
-        can be unmapped) and close the stop pipe. The uio itself is the caller's to close."""
-        self._pool.shutdown(wait=True)
+    def close(self, on_closed: Callable[[], None] | None = None) -> bool:
+        """Close the device, release the ring's hold on the mapping (so the uio can be unmapped),
+        close the stop pipe, then call `on_closed` (the caller closes the uio there).
+
+        Never under a running command: if `run()` has not returned yet, a pool chunk runs or an
+        asynchronous command is outstanding (call `stop()` first), all of this happens when the
+        last of them finishes, on its thread. Returns True if it happened now, False if it was
+        deferred. Chunks already handed to the pool still run (and count) before that."""
+        with self._life:
+            if self._closing:
+                return self._released
+            self._closing = True
+            self._on_closed = on_closed
+            now = self._active == 0
+            self._released = now
+        if not now:
+            self.log.warning(
+                "%s: commands are still running; the device is closed when the last one finishes",
+                self.name,
+            )
+            return False
+        self._release()
+        return True
+
+    def _enter(self, *, force: bool = False) -> bool:
+        """Count one more user of the device, ring and uio; False (nothing counted) once they
+        are released. `force`: work already under way (commands dequeued from the ring)."""
+        with self._life:
+            if self._released and not force:
+                return False
+            self._active += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._life:
+            self._active -= 1
+            last = self._closing and self._active == 0 and not self._released
+            if last:
+                self._released = True
+        if last:
+            self.log.info("%s: the last running command finished; closing the device", self.name)
+            self._release()
+
+    def _release(self) -> None:
+        self._pool.shutdown(wait=False)  # idle by now: lets its threads go
         try:
             self.device.close()
+        except Exception:  # noqa: BLE001 - the ring and the uio must still be let go
+            self.log.exception("%s: closing the device failed", self.name)
         finally:
             self.ring.close()
             os.close(self._stop_r)
             os.close(self._stop_w)
+            on_closed, self._on_closed = self._on_closed, None
+            if on_closed is not None:
+                on_closed()
 
     def process(self) -> int:
         """One wake-up: clear the event, dequeue everything new, run it. Returns commands seen."""
@@ -252,9 +353,17 @@ class DeviceRunner:
         with self._ring_lock:
             commands, tmrs = self.ring.dequeue()
             for tmr in tmrs:
-                self._aborted.update(tmr.cmd_ids)
+                # Only ids in flight where the TMR sits in the ring: an id completed before it
+                # may already belong to a later command (the kernel reuses the lowest free id).
+                self._aborted.update(tmr.live_ids)
         for tmr in tmrs:
-            self.log.info("%s: TMR type %d for commands %s", self.name, tmr.tmr_type, tmr.cmd_ids)
+            self.log.info(
+                "%s: TMR type %d for commands %s (in flight: %s)",
+                self.name,
+                tmr.tmr_type,
+                tmr.cmd_ids,
+                tmr.live_ids,
+            )
         if not commands:
             if tmrs:
                 self.uio.kick()
@@ -266,6 +375,7 @@ class DeviceRunner:
         serial = self.device.serial_commands
         queue_rest = serial and self._pool_busy > 0  # keep arrival order behind the worker
         is_inline = self.device.is_inline
+        aborted = self._aborted
         for rc in commands:
             rc.started = now
             if debug:
@@ -277,10 +387,13 @@ class DeviceRunner:
                 rc.cmd_id,
                 lengths=(rc.out_len, rc.in_len),
             )
-            if not queue_rest and is_inline(rc.cdb):
-                result = self.device.execute(cmd)
+            if not queue_rest and self._is_inline(is_inline, rc.cdb):
+                if aborted and rc.cmd_id in aborted:  # named by a TMR in this very batch
+                    inline.append((rc, Response(status=Status.TASK_ABORTED)))
+                    continue
+                result = self._execute(rc, cmd)
                 if isinstance(result, Future):
-                    result = result.result()
+                    result = self._resolved(rc, result)
                 inline.append((rc, result))
             else:
                 blocking.append((rc, cmd))
@@ -288,6 +401,7 @@ class DeviceRunner:
         if len(blocking) == 1 and not inline and not (serial and self._pool_busy):
             # A lone blocking command (queue depth 1): handing it to a worker costs two thread
             # switches and the loop would only wait for it anyway, so run it here.
+            self._enter(force=True)
             self._run_chunk(blocking, pooled=False)
         elif blocking:
             # One pool task per worker, commands dealt round-robin: a batch of 32 costs 4 thread
@@ -297,7 +411,11 @@ class DeviceRunner:
             with self._ring_lock:
                 self._pool_busy += n
             for i in range(n):
-                self._pool.submit(self._run_chunk, blocking[i::n], pooled=True)
+                self._enter(force=True)  # a queued chunk counts: close() waits for it
+                try:
+                    self._pool.submit(self._run_chunk, blocking[i::n], pooled=True)
+                except RuntimeError:  # the pool is shut down (drained): run the chunk here
+                    self._run_chunk(blocking[i::n], pooled=True)
         if inline:
             with self._ring_lock:
                 for rc, resp in inline:
@@ -309,40 +427,128 @@ class DeviceRunner:
     # ------------------------------------------------------------------------------------------
     # Execution and completion
 
+    def _execute(self, rc: RingCommand, cmd: Command) -> Response | Future[Response]:
+        """`device.execute(cmd)` behind the guard: a Response or a Future, whatever it does."""
+        try:
+            result = self.device.execute(cmd)
+        except Exception as exc:  # noqa: BLE001 - the runner's guard (module docstring)
+            return self._failure(rc, cmd, exc)
+        if isinstance(result, (Response, Future)):
+            return result
+        return self._failure(rc, cmd, TypeError(f"execute() returned {type(result).__name__}"))
+
+    def _resolved(self, rc: RingCommand, future: Future[Response]) -> Response:
+        """The Response a finished (or, on the loop thread, awaited) Future stands for."""
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - the runner's guard
+            return self._failure(rc, None, exc)
+        if isinstance(result, Response):
+            return result
+        return self._failure(rc, None, TypeError(f"the Future gave {type(result).__name__}"))
+
+    def _failure(self, rc: RingCommand, cmd: Command | None, exc: BaseException) -> Response:
+        """The guard's answer for a command whose device threw `exc` at the runner: CHECK
+        CONDITION built by the device's one converter (`respond_error`) — the exception's own
+        sense if it is a ScsiError, else HARDWARE ERROR 44/00 — or, should that fail too, a
+        fixed HARDWARE ERROR. Logs the traceback; `failed` and `Counters.failures` record it."""
+        self.failed = exc
+        with self._ring_lock:
+            self.counters.failures += 1
+        self.log.error(
+            "%s: cmd %d (cdb %s): %s escaped the device; answering CHECK CONDITION",
+            self.name,
+            rc.cmd_id,
+            rc.cdb.hex(),
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        err = exc if isinstance(exc, ScsiError) else HardwareError(f"{type(exc).__name__}: {exc}")
+        try:
+            resp = self.device.respond_error(cmd or Command(rc.cdb), err)
+        except Exception:  # noqa: BLE001 - the last resort must not fail
+            self.log.exception("%s: building the error response failed", self.name)
+            return _HARDWARE_ERROR
+        return resp if isinstance(resp, Response) else _HARDWARE_ERROR
+
+    def _is_inline(self, is_inline: Callable[[bytes], bool], cdb: bytes) -> bool:
+        try:
+            return is_inline(cdb)
+        except Exception:  # noqa: BLE001 - the guard: let execute() meet (and report) it
+            self.log.exception("%s: is_inline(%s) failed", self.name, cdb.hex())
+            return False
+
     def _run_chunk(self, items: list[tuple[RingCommand, Command]], pooled: bool) -> None:
         """Run `items` in order, then complete them together with one kick. `pooled`: this is a
-        pool task (counted in `_pool_busy` until it has completed its commands)."""
-        done: list[tuple[RingCommand, Response]] = []
-        for rc, cmd in items:
-            try:
+        pool task (counted in `_pool_busy` until it has completed its commands). The caller has
+        counted the chunk with `_enter`; it is let go here."""
+        try:
+            done: list[tuple[RingCommand, Response]] = []
+            for rc, cmd in items:
                 if rc.cmd_id in self._aborted:  # a TMR named it before it started
                     done.append((rc, Response(status=Status.TASK_ABORTED)))
                     continue
-                result = self.device.execute(cmd)
+                result = self._execute(rc, cmd)
                 if isinstance(result, Future):
-                    result.add_done_callback(
-                        lambda f, rc=rc: self._complete(rc, f.result())  # type: ignore[misc]
-                    )
+                    self._enter(force=True)  # the command runs until the Future resolves
+                    result.add_done_callback(partial(self._on_done, rc))
                     continue
                 done.append((rc, result))
-            except BaseException as exc:  # pragma: no cover - execute() never raises
-                self.log.exception("%s: runner failure on cmd %d", self.name, rc.cmd_id)
-                self.failed = exc
-                done.append((rc, Response(status=Status.BUSY)))
-        with self._ring_lock:
-            for rc, resp in done:
-                self._complete_locked(rc, resp)
-            if pooled:
-                self._pool_busy -= 1
-        if done:
-            self.uio.kick()
+            with self._ring_lock:
+                for rc, resp in done:
+                    self._complete_locked(rc, resp)
+                if pooled:
+                    self._pool_busy -= 1
+            if done:
+                self._kick(quiet=pooled)
+        finally:
+            self._leave()
 
-    def _complete(self, rc: RingCommand, resp: Response) -> None:
-        with self._ring_lock:
-            self._complete_locked(rc, resp)
-        self.uio.kick()
+    def _on_done(self, rc: RingCommand, future: Future[Response]) -> None:
+        """Future callback (on whichever thread resolved it): complete the command."""
+        try:
+            resp = self._resolved(rc, future)
+            with self._ring_lock:
+                self._complete_locked(rc, resp)
+            self._kick(quiet=True)
+        finally:
+            self._leave()
+
+    def _kick(self, *, quiet: bool) -> None:
+        """Kick the kernel. `quiet` (off the loop thread): a failing kick is logged, not raised
+        — the loop thread meets the same error on its own uio calls and stops there."""
+        if not quiet:
+            self.uio.kick()
+            return
+        try:
+            self.uio.kick()
+        except (OSError, ValueError) as exc:
+            self.log.warning("%s: kick failed: %s", self.name, exc)
 
     def _complete_locked(self, rc: RingCommand, resp: Response) -> None:
+        """Complete `rc` with `resp` (under `_ring_lock`). A response the ring cannot carry is
+        replaced by HARDWARE ERROR; a completion the ring refuses (not in flight) is logged."""
+        try:
+            self._complete_one(rc, resp)
+        except RingError as exc:
+            self.failed = exc
+            self.log.error("%s: cmd %d: completion refused: %s", self.name, rc.cmd_id, exc)
+        except Exception as exc:  # noqa: BLE001 - the guard: a malformed Response
+            self.failed = exc
+            self.counters.failures += 1
+            self.log.error(
+                "%s: cmd %d: unusable response %r; answering HARDWARE ERROR",
+                self.name,
+                rc.cmd_id,
+                resp,
+                exc_info=exc,
+            )
+            try:
+                self.ring.complete(rc.cmd_id, _HARDWARE_ERROR.status, _HARDWARE_ERROR.sense)
+            except RingError as again:
+                self.log.error("%s: cmd %d: completion refused: %s", self.name, rc.cmd_id, again)
+
+    def _complete_one(self, rc: RingCommand, resp: Response) -> None:
         c = self.counters
         if rc.started:
             took = time.monotonic() - rc.started

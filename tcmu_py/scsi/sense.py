@@ -61,22 +61,22 @@ _BPV = 0x08
 def _sense_key_specific(
     field_pointer: int | None, bit_pointer: int | None, in_cdb: bool, progress: int | None
 ) -> bytes | None:
-    """The 3-byte SENSE KEY SPECIFIC field, or None when SKSV would be zero."""
+    """The 3-byte SENSE KEY SPECIFIC field, or None when SKSV would be zero. Never raises: sense
+    is built while a command is failing, and that answer must always go out."""
     if field_pointer is not None:
+        # SPC-5 4.4.2.4.2: FIELD POINTER is two bytes. A byte beyond 65535 (a parameter
+        # list over 64 KiB) cannot be pointed at: report the error without the pointer (SKSV
+        # 0) rather than a pointer to some other byte.
         if not 0 <= field_pointer <= 0xFFFF:
-            raise ValueError(f"field pointer {field_pointer} out of range")
-        # SPC-5 4.4.5.2 table 58: SKSV, C/D (1 = CDB), BPV + BIT POINTER, FIELD POINTER.
+            return None
+        # SPC-5 4.4.2.4.2: SKSV, C/D (1 = CDB), BPV + BIT POINTER, FIELD POINTER.
         flags = _SKSV | (_CD if in_cdb else 0)
-        if bit_pointer is not None:
-            if not 0 <= bit_pointer <= 7:
-                raise ValueError(f"bit pointer {bit_pointer} out of range")
+        if bit_pointer is not None and 0 <= bit_pointer <= 7:  # else BPV 0: no bit named
             flags |= _BPV | bit_pointer
         return _SKS_FIELD.pack(flags, field_pointer)
     if progress is not None:
-        # SPC-5 4.4.5.4 table 60: progress indication, numerator over 65536.
-        if not 0 <= progress <= 0xFFFF:
-            raise ValueError(f"progress {progress} out of range")
-        return _SKS_FIELD.pack(_SKSV, progress)
+        # SPC-5 4.4.2.4.4: progress indication, numerator over 65536 (held in range).
+        return _SKS_FIELD.pack(_SKSV, min(max(progress, 0), 0xFFFF))
     return None
 
 
@@ -99,8 +99,9 @@ def build_fixed_sense(
 
     ``info`` may be negative (tape residues, SSC-5 4.2.25) and is stored as 32-bit two's complement;
     a value that does not fit in 32 bits leaves VALID zero (use descriptor format for 64-bit LBAs).
-    ``field_pointer``/``bit_pointer``/``in_cdb`` fill the ILLEGAL REQUEST sense-key-specific field;
-    ``progress`` (0..65535) fills the progress indication used with NOT READY / NO SENSE.
+    ``field_pointer``/``bit_pointer``/``in_cdb`` fill the ILLEGAL REQUEST sense-key-specific field
+    (left out when the pointer does not fit its 16 bits); ``progress`` (0..65535) fills the
+    progress indication used with NOT READY / NO SENSE. Never raises for any integer argument.
     """
     code = RESPONSE_FIXED_CURRENT
     information = 0
@@ -114,7 +115,16 @@ def build_fixed_sense(
     cmd_specific = (command_specific or 0) & 0xFFFFFFFF
     # SPC-5 4.4.3: ADDITIONAL SENSE LENGTH = n - 7 = 10 for the 18-byte form.
     return _FIXED.pack(
-        code, 0, flags, information, FIXED_SENSE_LENGTH - 8, cmd_specific, asc, ascq, 0, sks
+        code,
+        0,
+        flags,
+        information,
+        FIXED_SENSE_LENGTH - 8,
+        cmd_specific,
+        asc & 0xFF,
+        ascq & 0xFF,
+        0,
+        sks,
     )
 
 
@@ -153,7 +163,7 @@ def build_descriptor_sense(
         stream = (_FILEMARK if filemark else 0) | (_EOM if eom else 0) | (_ILI if ili else 0)
         descriptors += _DESC_STREAM.pack(DESC_STREAM_COMMANDS, 0x02, stream)
     header = _DESC_HEADER.pack(
-        RESPONSE_DESC_CURRENT, key & 0x0F, asc, ascq, 0, len(descriptors)
+        RESPONSE_DESC_CURRENT, key & 0x0F, asc & 0xFF, ascq & 0xFF, 0, len(descriptors)
     )
     return header + bytes(descriptors)
 
@@ -281,6 +291,7 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x04, 0x01): "LOGICAL UNIT IS IN PROCESS OF BECOMING READY",
     (0x04, 0x03): "LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED",
     (0x0C, 0x00): "WRITE ERROR",
+    (0x0E, 0x03): "INVALID FIELD IN COMMAND INFORMATION UNIT",
     (0x11, 0x00): "UNRECOVERED READ ERROR",
     (0x1A, 0x00): "PARAMETER LIST LENGTH ERROR",
     (0x1D, 0x00): "MISCOMPARE DURING VERIFY OPERATION",
@@ -415,6 +426,13 @@ class InvalidOpcode(IllegalRequest):
     """05h/20h/00h INVALID COMMAND OPERATION CODE."""
 
     asc, ascq = 0x20, 0x00
+
+
+class InvalidFieldInCommandIu(IllegalRequest):
+    """05h/0Eh/03h INVALID FIELD IN COMMAND INFORMATION UNIT: the transport's data length does
+    not match what the CDB transfers (FCP-4 9.4.2 b; LIO's answer to a WRITE over/underflow)."""
+
+    asc, ascq = 0x0E, 0x03
 
 
 class LbaOutOfRange(IllegalRequest):

@@ -165,7 +165,11 @@ def mode_select10(parameter_list_length: int, pf: bool = True, sp: bool = False)
 def log_sense(
     page_code: int, subpage: int = 0, pc: int = 1, allocation_length: int = 1024
 ) -> bytes:
-    return struct.pack(">BBBB2xHB", 0x4D, 0, (pc << 6) | page_code, subpage, allocation_length, 0)
+    # SPC-5 6.8: opcode, SP, PC|page, subpage, reserved, PARAMETER POINTER (2), ALLOCATION
+    # LENGTH (2), CONTROL — ten bytes.
+    return struct.pack(
+        ">BBBBxHHB", 0x4D, 0, (pc << 6) | page_code, subpage, 0, allocation_length, 0
+    )
 
 
 def report_supported_operation_codes(

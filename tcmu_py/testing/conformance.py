@@ -131,10 +131,101 @@ def check_any_device(make_device: Callable[[], ScsiDevice], *, seed: int = 0) ->
     return c.failures
 
 
+def _supported(dev: ScsiDevice, opcode: int, service_action: int | None = None) -> bool:
+    """Whether REPORT SUPPORTED OPERATION CODES lists the command (SPC-5 6.35.3: SUPPORT 011b)."""
+    r = run_command(
+        dev,
+        cdbs.report_supported_operation_codes(
+            reporting_options=1 if service_action is None else 2,
+            requested_opcode=opcode,
+            requested_service_action=service_action or 0,
+        ),
+        data_in_len=64,
+    )
+    return r.good and r.data[1] & 7 == 3
+
+
+def _unmapped_reads(
+    c: _Checks, dev: ScsiDevice, lba: int, n: int, bs: int, lbprz: bool, rng: random.Random
+) -> None:
+    """Fill [lba, lba+n) with random data, UNMAP it and check what it reads against LBPRZ."""
+    data = rng.randbytes(n * bs)
+    w = run_command(dev, cdbs.write10(lba, n), data_out=data)
+    c.expect(w.good, f"WRITE before UNMAP at {lba} x{n}: {w!r}")
+    r = run_command(dev, cdbs.unmap(24), data_out=cdbs.unmap_parameters([(lba, n)]))
+    c.expect(r.good, f"UNMAP {lba} x{n} with LBPME=1: {r!r}")
+    got = run_command(dev, cdbs.read10(lba, n), data_in_len=n * bs)
+    if not (w.good and r.good and got.good):
+        return
+    zeros = got.data == bytes(n * bs)
+    if lbprz:
+        # SBC-4 4.7.4.2 / 6.6.4: LBPRZ=1 -- an unmapped LBA reads as zeros.
+        c.expect(zeros, f"LBPRZ=1 but unmapped blocks {lba} x{n} do not read as zeros")
+    else:
+        c.expect(
+            not zeros,
+            f"unmapped blocks {lba} x{n} read as zeros but the device reports LBPRZ=0: declare "
+            "`lbprz = True` on the backend (tcmu_py.backend.Unmap) so initiators may rely on it",
+        )
+
+
+def _check_provisioning(
+    c: _Checks, dev: ScsiDevice, blocks: int, bs: int, lbpme: bool, rng: random.Random
+) -> None:
+    """UNMAP, LBPRZ and GET LBA STATUS: the pages agree and the promises hold."""
+    rc = run_command(dev, cdbs.read_capacity16(), data_in_len=32)
+    lbprz = bool(rc.data[14] & 0x40) if rc.good else False
+    unmap_listed = _supported(dev, 0x42)
+    # SBC-4 6.6.4: LBPU=1 iff UNMAP is supported; LBPME=1 iff logical block provisioning
+    # management is implemented (here: iff the backend can unmap).
+    c.expect(unmap_listed == lbpme, f"LBPME={lbpme:d} but RSOC lists UNMAP: {unmap_listed}")
+    c.expect(not lbprz or lbpme, "LBPRZ=1 with LBPME=0")
+    b0 = run_command(dev, cdbs.inquiry(evpd=True, page_code=0xB0), data_in_len=255)
+    b2 = run_command(dev, cdbs.inquiry(evpd=True, page_code=0xB2), data_in_len=255)
+    granule, alignment = 1, 0
+    if b0.good and len(b0.data) >= 36:
+        max_unmap, _, granule, uga = struct.unpack_from(">IIII", b0.data, 20)
+        # SBC-4 6.6.3: MAXIMUM UNMAP LBA COUNT 0 says UNMAP is not supported.
+        c.expect(
+            (max_unmap > 0) == lbpme,
+            f"VPD B0h MAXIMUM UNMAP LBA COUNT {max_unmap}, LBPME={lbpme:d}",
+        )
+        granule = max(granule, 1)
+        alignment = uga & 0x7FFFFFFF if uga & 0x80000000 else 0
+    c.expect(b2.good == lbpme, f"VPD B2h answered {b2.good}, LBPME={lbpme:d}: {b2!r}")
+    if b2.good and len(b2.data) >= 8:
+        c.expect(bool(b2.data[5] & 0x80) == unmap_listed, "VPD B2h LBPU disagrees with RSOC")
+        c.expect(bool(b2.data[5] & 0x04) == lbprz, "VPD B2h LBPRZ disagrees with READ CAPACITY(16)")
+    if lbpme:
+        # A range inside one granule, then whole granules where they fit.
+        _unmapped_reads(c, dev, 8, 4, bs, lbprz, rng)
+        start = alignment if alignment < granule else 0
+        if start + granule <= min(blocks, 0xFFFF):
+            _unmapped_reads(c, dev, start, granule, bs, lbprz, rng)
+    else:
+        r = run_command(dev, cdbs.unmap(24), data_out=cdbs.unmap_parameters([(8, 4)]))
+        c.sense(r, ILLEGAL_REQUEST, 0x20, "UNMAP without LBPME")
+    if _supported(dev, 0x9E, 0x12):
+        w = run_command(dev, cdbs.write10(blocks - 1, 1), data_out=rng.randbytes(bs))
+        r = run_command(dev, cdbs.get_lba_status(blocks - 1), data_in_len=4096)
+        ok = w.good and r.good and len(r.data) >= 24
+        first = struct.unpack_from(">QIB", r.data, 8) if ok else None
+        # SBC-4 5.8.2: the first descriptor starts at the requested LBA; a written LBA is mapped.
+        c.expect(
+            first is not None and first[0] == blocks - 1 and first[1] >= 1 and first[2] & 0xF == 0,
+            f"GET LBA STATUS of a just-written LBA: expected mapped from {blocks - 1}, got {first}",
+        )
+
+
 def check_block_handler(make_device: Callable[[], ScsiDevice], *, seed: int = 0) -> None:
     """Run the SPC checks and the SBC checks on devices from `make_device`; raise on failure.
 
     `make_device` must return a fresh, empty block device of at least 64 blocks each call.
+    Besides the SPC/SBC rules every disk obeys, the backend's declared capabilities
+    (`tcmu_py.backend`) are checked against its behaviour: LBPRZ=1 must read zeros after UNMAP,
+    and a backend whose unmapped blocks read as zeros must declare ``lbprz = True``; the pages
+    that advertise unmapping (READ CAPACITY(16), VPD B0h/B2h, REPORT SUPPORTED OPERATION CODES)
+    must agree; a written block must be reported mapped by GET LBA STATUS.
     """
     failures = check_any_device(make_device, seed=seed)
     c = _Checks()
@@ -201,18 +292,7 @@ def check_block_handler(make_device: Callable[[], ScsiDevice], *, seed: int = 0)
         r = run_command(dev, cdbs.verify16(8, 1, bytchk=1), data_out=bytes(bs))
         if any(pattern):
             c.sense(r, 0x0E, 0x1D, "VERIFY(16) BYTCHK=1 mismatch")
-        if lbpme:
-            r = run_command(dev, cdbs.unmap(24), data_out=cdbs.unmap_parameters([(8, 4)]))
-            c.expect(r.good, f"UNMAP with LBPME=1: {r!r}")
-            if (
-                r.data is not None
-                and run_command(dev, cdbs.read_capacity16(), data_in_len=32).data[14] & 0x40
-            ):
-                zeros = run_command(dev, cdbs.read10(8, 4), data_in_len=4 * bs).data
-                c.expect(zeros == bytes(4 * bs), "LBPRZ=1 but unmapped blocks do not read as zeros")
-        else:
-            r = run_command(dev, cdbs.unmap(24), data_out=cdbs.unmap_parameters([(8, 4)]))
-            c.sense(r, ILLEGAL_REQUEST, 0x20, "UNMAP without LBPME")
+        _check_provisioning(c, dev, blocks, bs, lbpme, rng)
     finally:
         dev.close()
     if c.failures:

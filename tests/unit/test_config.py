@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcmu_py.daemon.config import (
@@ -46,7 +46,7 @@ devices:
     pool: main
     options: {unit: 64K, zero: true}
     serial: TCMU0001
-    wwn: naa.6001405abcdef012
+    wwn: naa.5001405abcdef012
 libraries:
   - name: lib0
     changer: changer0
@@ -119,8 +119,9 @@ def test_dev_config_strings() -> None:
     cfg = load(GOOD)
     assert dev_config_string(cfg.device("disk0")) == "raw//srv/tcmu/disk0.img"
     # The pool by directory: the dev_config must describe the device without this YAML file.
+    # ...and so does its wwn, last (the daemon strips it before the handler sees the options).
     thin = dev_config_string(cfg.device("thin0"))
-    assert thin == "thin/unit=64K;zero=1;pool=/srv/tcmu/pools/main"
+    assert thin == "thin/unit=64K;zero=1;pool=/srv/tcmu/pools/main;wwn=naa.5001405abcdef012"
     assert dev_config_string(cfg.device("changer0")) == "vtl/library=/srv/tcmu/media;unit=changer"
     assert dev_config_string(cfg.device("tape0")) == "vtl/library=/srv/tcmu/media;unit=drive0"
 
@@ -221,7 +222,7 @@ def test_unknown_keys_everywhere_are_errors() -> None:
 
 
 def test_duplicate_yaml_key_is_an_error() -> None:
-    with pytest.raises(ConfigError, match=r"cfg.yaml: line 3 column 1: got invalid YAML"):
+    with pytest.raises(ConfigError, match=r"cfg.yaml: line 3 column 1: got duplicate key"):
         load("state_dir: /a\ndevices: []\nstate_dir: /b\n")
 
 
@@ -378,8 +379,9 @@ def test_library_too_many_cartridges() -> None:
           - {name: lib, changer: ch, drives: [{name: t0, model: IBM-LTO8}], slots: 2,
              cartridges: ["AAA000L8..AAA009L8"], media_dir: /m}
     """)
-    assert found == ["cfg.yaml: libraries[0].cartridges: got ['AAA000L8..AAA009L8'], expected"
-                     " at most slots + import_export = 2 cartridges"]
+    assert found == ["cfg.yaml: libraries[0].cartridges[0]: got 'AAA000L8..AAA009L8', expected"
+                     " at most slots + import_export = 2 cartridges in all (this range holds 10,"
+                     " the ones before it 0)"]
 
 
 def test_load_config_file_and_unreadable(tmp_path: Path) -> None:
@@ -388,7 +390,10 @@ def test_load_config_file_and_unreadable(tmp_path: Path) -> None:
     cfg = load_config(f)
     assert cfg.source == str(f) and cfg.device("a").size == 4096
     f.write_text("devices: [{name: a, handler: raw, size: -1}]\n")
-    with pytest.raises(ConfigError, match=rf"^1 problem\(s\) in {f}:\n{f}: devices\[0\].size"):
+    with pytest.raises(ConfigError, match=rf"^{f}: devices\[0\].size: got -1"):  # one: one line
+        load_config(f)
+    f.write_text("devices: [{name: a, handler: raw, size: -1}, {name: b, handler: raw}]\n")
+    with pytest.raises(ConfigError, match=rf"^2 problem\(s\) in {f}:\n{f}: devices\[0\].size"):
         load_config(f)
     with pytest.raises(ConfigError, match="unreadable"):
         load_config(tmp_path / "missing.yaml")
@@ -527,3 +532,134 @@ def test_library_needs_the_vtl_handler() -> None:
         raise ConfigError("no library there")
 
     assert len(load(LIB, handlers={"vtl": refuse}).devices) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Any document: a Config or one ConfigError, never another exception
+
+
+_KEYS = ["state_dir", "defaults", "pools", "devices", "libraries", "exports", "name", "handler",
+         "size", "block_size", "options", "serial", "wwn", "pool", "path", "capacity",
+         "hard_limit", "soft_threshold", "changer", "drives", "slots", "import_export",
+         "cartridges", "media_dir", "model", "loopback", "iscsi", "iqn", "tpg", "portals",
+         "luns", "acls", "chap", "userid", "password", "initiator", "device", "lun",
+         "attributes", "generate_node_acls", "hw_max_sectors", "max_data_area_mb",
+         "cmd_time_out", "write_cache", "mutual_userid", "mutual_password"]
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["1G", "512", "raw", "thin", "/abs/path", "naa.5001405000000001",
+                     "AAA000L8..AAA009L8", "iqn.2003-01.org.x:y", "127.0.0.1:3260", "95%",
+                     "ULT3580-TD8", "d0", "main"]))
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.sampled_from(_KEYS), st.integers(0, 3), st.booleans()),
+                        inner, max_size=5)),
+    max_leaves=30)
+
+
+@settings(max_examples=100, derandomize=True, deadline=None)
+@given(doc=st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6))
+def test_any_document_gives_a_config_or_one_config_error(doc: dict) -> None:
+    import yaml
+
+    text = yaml.safe_dump(doc)
+    try:
+        load_config_text(text, "fuzz.yaml")
+    except ConfigError as exc:
+        assert all(line.startswith("fuzz.yaml: ") or line.endswith("in fuzz.yaml:")
+                   for line in str(exc).splitlines())
+
+
+# ---------------------------------------------------------------------------------------------
+# Distinct disks: serials, wwns and image files are not shared (D11)
+
+
+def test_two_devices_with_one_serial_are_refused() -> None:
+    found = problems("""
+        devices:
+          - {name: d0, handler: raw, size: 1G, serial: SAME0001}
+          - {name: d1, handler: "null", size: 1G, serial: SAME0001}
+    """)
+    assert found == ["cfg.yaml: devices[1].serial: got 'SAME0001', expected a serial no other"
+                     " device has (d0 has it: identical VPD 80h/83h, multipath would take both"
+                     " for one disk)"]
+
+
+def test_a_device_serial_equal_to_a_tape_drive_serial_is_refused() -> None:
+    found = problems("""
+        devices:
+          - {name: d0, handler: raw, size: 1G, serial: DRIVE0001}
+        libraries:
+          - {name: lib, changer: ch, drives: [{name: t0, model: IBM-LTO8, serial: DRIVE0001}],
+             slots: 2, media_dir: /m}
+    """)
+    assert len(found) == 1 and found[0].startswith("cfg.yaml: libraries[0].drives[0].serial:")
+
+
+def test_two_devices_with_one_wwn_are_refused() -> None:
+    found = problems("""
+        devices:
+          - {name: d0, handler: raw, size: 1G, wwn: naa.5001405000000001}
+          - {name: d1, handler: raw, size: 1G, wwn: NAA.5001405000000001}
+    """)
+    assert found == ["cfg.yaml: devices[1].wwn: got 'naa.5001405000000001', expected a wwn no"
+                     " other device has (d0 has it)"]
+
+
+@pytest.mark.parametrize("wwn", ["naa.6001405abcdef012", "naa.5001405abcdef01234",
+                                 "naa.1001405abcdef012", "naa.5" + "0" * 31, "eui.5001405abc"])
+def test_wwn_must_be_an_spc_naa_designator(wwn: str) -> None:
+    found = problems(f"""
+        devices:
+          - {{name: d0, handler: raw, size: 1G, wwn: "{wwn}"}}
+    """)
+    assert len(found) == 1 and "devices[0].wwn" in found[0] and "NAA 6h" in found[0]
+
+
+def test_wwn_goes_into_every_kind_of_dev_config() -> None:
+    cfg = load("""
+        devices:
+          - {name: r, handler: raw, size: 1G, wwn: naa.5001405000000001}
+          - {name: n, handler: "null", size: 1G, wwn: naa.60014050000000000000000000000002}
+    """)
+    assert dev_config_string(cfg.device("r")) == (
+        "raw//var/lib/tcmu-py/r.img;wwn=naa.5001405000000001")
+    assert dev_config_string(cfg.device("n")) == "null/wwn=naa.60014050000000000000000000000002"
+    from tcmu_py.handler import split_wwn
+
+    assert split_wwn("/var/lib/tcmu-py/r.img;wwn=naa.5001405000000001") == (
+        "/var/lib/tcmu-py/r.img", "naa.5001405000000001")
+    assert split_wwn("wwn=naa.60014050000000000000000000000002") == (
+        "", "naa.60014050000000000000000000000002")
+    assert split_wwn("pool=/p;disk=d") == ("pool=/p;disk=d", None)
+
+
+def test_a_raw_path_that_looks_like_a_wwn_item_is_refused() -> None:
+    found = problems("""
+        devices:
+          - {name: d0, handler: raw, size: 1G, options: {path: "/x;wwn=naa.5001405000000001"}}
+    """)
+    assert len(found) == 1 and "devices[0].options.path" in found[0]
+
+
+def test_two_devices_on_one_image_file_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "sub")
+    found = problems(f"""
+        pools:
+          - {{name: main, path: {tmp_path}/pool, capacity: 1G}}
+        devices:
+          - {{name: d0, handler: raw, size: 1G, options: {{path: {tmp_path}/sub/d.img}}}}
+          - {{name: d1, handler: raw, size: 1G, options: {{path: {tmp_path}/link/d.img}}}}
+          - {{name: t0, handler: thin, size: 1G, pool: main, options: {{disk: x}}}}
+          - {{name: t1, handler: thin, size: 1G, options: {{pool: {tmp_path}/pool, disk: x}}}}
+          - {{name: x, handler: thin, size: 1G, pool: main}}
+          - {{name: r, handler: raw, size: 1G, options: {{path: {tmp_path}/pool/x.img}}}}
+    """)
+    assert [f.split(":")[1].strip() for f in found] == [
+        "devices[1].options", "devices[3].options", "devices[4].options", "devices[5].options"]
+    assert f"d0 uses {tmp_path}/sub/d.img" in found[0]
+    assert f"t0 uses {tmp_path}/pool/x.img" in found[1]

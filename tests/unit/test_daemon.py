@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -264,3 +266,282 @@ def test_status_rates_over_a_window(host, tmp_path, capsys):
     assert percentile(hist, 0.99) == latency_bucket_upper(latency_bucket(100e-6))
     assert percentile(hist, 1.0) == latency_bucket_upper(latency_bucket(0.5))
     assert percentile([0] * 128, 0.99) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The control socket (D8): any bytes get an answer or are dropped; nobody blocks the main loop.
+
+
+def _ask(path: Path, payload: bytes, *, shut: bool = True, timeout: float = 10.0) -> bytes:
+    """Send `payload` on a fresh connection, read until the daemon closes it."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(payload)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xff\xfe\xfd\n",  # not UTF-8: used to raise UnicodeDecodeError out of Daemon.run()
+        b"stat\xc3us\n",
+        b"\x00\x01\x02",
+        b"status" * 100 + b"\n",  # longer than a request can be
+        b"",
+        b"{\"json\": [1, 2]}\n",
+    ],
+)
+def test_control_socket_answers_garbage_and_keeps_serving(host, tmp_path, payload):
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    sock = tmp_path / "run" / "control.sock"
+    with serving(host, tmp_path) as d:
+        reply = json.loads(_ask(sock, payload))
+        assert "error" in reply and "devices" not in reply
+        # The daemon still answers, and still serves its devices.
+        assert [x["name"] for x in query_status(tmp_path / "run")["devices"]] == ["disk0"]
+        host.run("uio0", cdbs.test_unit_ready())
+        assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
+        assert not d._stopping
+
+
+def test_control_socket_idle_clients_do_not_block_anyone(host, tmp_path):
+    """Connections that never send (or send half a line) cost the others nothing."""
+    import socket
+    import time
+
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    sock = tmp_path / "run" / "control.sock"
+    with serving(host, tmp_path), contextlib.ExitStack() as stack:
+        idle = []
+        for i in range(5):
+            s = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            s.connect(str(sock))
+            if i % 2:
+                s.sendall(b"sta")  # half a request, never finished
+            idle.append(s)
+        start = time.monotonic()
+        assert query_status(tmp_path / "run")["devices"][0]["name"] == "disk0"
+        # The old loop read each idle client for up to 2 s, one after the other, in the main
+        # thread: five of them held the answer back by 10 s.
+        assert time.monotonic() - start < 1.5
+
+
+def test_control_socket_deadline_closes_idle_clients(host, tmp_path, monkeypatch):
+    import socket
+
+    from tcmu_py.daemon import control
+
+    monkeypatch.setattr(control, "CONTROL_TIMEOUT", 0.2)
+    with serving(host, tmp_path), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(tmp_path / "run" / "control.sock"))
+        got = b""
+        while chunk := s.recv(4096):  # the daemon closes it (with an error reply)
+            got += chunk
+        assert b"timed out" in got
+
+
+def test_control_socket_many_clients(host, tmp_path):
+    """Many simultaneous clients (more than the connection cap, some idle): every complete
+    request is answered or refused with an error, none hangs, the daemon keeps serving."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    sock = tmp_path / "run" / "control.sock"
+    with serving(host, tmp_path), contextlib.ExitStack() as stack:
+        for _ in range(72):  # idle: more than the daemon's connection cap (64)
+            s = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            s.connect(str(sock))
+
+        def ask(i: int) -> dict:
+            return json.loads(_ask(sock, b"status\n" if i % 3 else b"\xff\n") or b"{}")
+
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(ask, range(48)))
+        assert len(replies) == 48
+        assert all(r.get("devices") or r.get("error") for r in replies)
+        stack.close()  # the idle ones go away: full service again
+        assert query_status(tmp_path / "run")["devices"][0]["name"] == "disk0"
+        host.run("uio0", cdbs.test_unit_ready())
+        assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory and its lock (D9)
+
+
+def test_lock_file_symlink_is_refused_and_victim_untouched(host, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious data\n")
+    (run / "daemon.lock").symlink_to(victim)
+    with pytest.raises(TcmuError, match=r"daemon\.lock.*symbolic link"):
+        make_daemon(host, tmp_path).start()
+    assert victim.read_text() == "precious data\n"
+
+
+def test_lock_file_hard_link_is_refused(host, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious data\n")
+    os.link(victim, run / "daemon.lock")
+    with pytest.raises(TcmuError, match=r"daemon\.lock.*links"):
+        make_daemon(host, tmp_path).start()
+    assert victim.read_text() == "precious data\n"
+
+
+def test_run_dir_symlink_is_refused(host, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "run").symlink_to(elsewhere)
+    with pytest.raises(TcmuError, match=r"run.*symbolic link"):
+        make_daemon(host, tmp_path).start()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_run_dir_of_another_user_is_refused(host, tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir(mode=0o700)
+    real_uid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: real_uid + 1)
+    with pytest.raises(TcmuError, match=r"run.*owned by uid"):
+        make_daemon(host, tmp_path).start()
+
+
+def test_run_dir_open_to_others_is_tightened(host, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o777)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        assert run.stat().st_mode & 0o777 == 0o700
+    finally:
+        d.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Restart: the rings are served before anything slow is imported
+
+
+def _restart_bench():  # benchmarks/restart_time.py: the fake host and the timed child
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "restart_time.py"
+    spec = importlib.util.spec_from_file_location("restart_time", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_restarted_daemon_serves_before_importing_netlink_udev_yaml_rtslib(tmp_path, with_config):
+    """`tcmu-py serve` (the real command line, against the fake host) completes a command left
+    on a ring before it imports pyroute2, pyudev, yaml or rtslib-fb: under emulation those
+    imports took long enough for the kernel's command timeout to fail in-flight writes."""
+    bench = _restart_bench()
+    config = bench.make_host(tmp_path, 2)
+    result = bench.run_once(tmp_path, config if with_config else None)
+    assert result["imported"] == []
+
+
+def test_netlink_failure_does_not_stop_the_daemon(host, tmp_path, caplog):
+    """A netlink socket that fails (receive raises) is dropped; the devices stay served."""
+
+    class BrokenNetlink:
+        def __init__(self) -> None:
+            self.r, self.w = os.pipe()
+            os.write(self.w, b"x")  # readable at once
+
+        def fileno(self) -> int:
+            return self.r
+
+        def receive(self) -> list:
+            raise OSError(5, "Input/output error")
+
+        def close(self) -> None:
+            os.close(self.r)
+            os.close(self.w)
+
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    d._netlink = BrokenNetlink()
+    t = threading.Thread(target=d.run, kwargs={"install_signals": False})
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while d._netlink is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert query_status(tmp_path / "run")["devices"][0]["name"] == "disk0"
+        host.run("uio0", cdbs.test_unit_ready())
+        assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
+        assert t.is_alive() and d._netlink is None
+        assert "netlink TCM-USER failed" in caplog.text
+    finally:
+        d.stop()
+        t.join(timeout=30)
+
+
+def test_wwn_from_dev_config_is_the_vpd83_naa_designator(host, tmp_path):
+    """A YAML `wwn:` travels in the dev_config (last item); the daemon strips it before the
+    handler parses its options and the device reports it as its NAA designator (VPD 83h)."""
+    host.add("uio0", 0, "disk0", f"raw/{tmp_path}/d0.img;wwn=naa.5001405000000abc", 4 * MIB)
+    host.add("uio1", 1, "nul0", "null/wwn=naa.6001405000000000000000000000abcd", 4 * MIB)
+    host.add("uio2", 2, "plain", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        assert all(s.failed is None for s in d.served.values())
+        assert (tmp_path / "d0.img").exists()  # the handler got the path alone
+        pages = {}
+        for node in ("uio0", "uio1", "uio2"):
+            host.run(node, cdbs.test_unit_ready())
+            r = host.run(node, cdbs.inquiry(evpd=True, page_code=0x83), data_in_len=255)
+            assert r.good
+            pages[node] = r.data
+        # Designation descriptor: code set 1 (binary), type 3 (NAA), length, designator.
+        assert bytes([0x01, 0x03, 0x00, 8]) + bytes.fromhex("5001405000000abc") in pages["uio0"]
+        assert bytes([0x01, 0x03, 0x00, 16]) + bytes.fromhex(
+            "6001405000000000000000000000abcd") in pages["uio1"]
+        from tcmu_py.scsi.spc import naa_from_serial
+
+        assert naa_from_serial("serial-plain") in pages["uio2"]  # from the serial, as before
+    finally:
+        d.shutdown()
+
+
+def test_reopen_failed_gives_a_device_failed_at_start_a_second_chance(host, tmp_path):
+    """`serve -c` serves the rings before reading the YAML: a device that fails to open then
+    (its image's directory is made later, as a pool or library the YAML declares would be)
+    is opened again by `reopen_failed` and serves; a device that still fails stays NOT READY."""
+    late = tmp_path / "late"
+    host.add("uio0", 0, "disk0", f"raw/{late}/d0.img", 4 * MIB)
+    host.add("uio1", 1, "disk1", "raw/relative.img", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        assert d.served["uio0"].failed and d.served["uio1"].failed
+        late.mkdir()
+        d.reopen_failed()
+        assert d.served["uio0"].failed is None
+        assert d.served["uio1"].failed is not None
+        host.run("uio0", cdbs.test_unit_ready())  # power-on UA
+        data = bytes(range(256)) * 2
+        assert host.run("uio0", cdbs.write10(3, 1), data_out=data).good
+        assert host.run("uio0", cdbs.read10(3, 1), data_in_len=512).data == data
+        host.run("uio1", cdbs.test_unit_ready())
+        assert host.run("uio1", cdbs.test_unit_ready()).sense_codes == (2, 0x04, 0x03)
+    finally:
+        d.shutdown()

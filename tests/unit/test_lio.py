@@ -34,6 +34,7 @@ from tcmu_py.daemon.lio import (
     read_state,
     status_rows,
 )
+from tcmu_py.errors import StateFileError
 
 TEXT = """
 state_dir: {state}
@@ -299,8 +300,41 @@ def test_prepare_storage_extends_never_shrinks(cfg: Config) -> None:
 
 def test_state_file_rejects_unknown_version(tmp_path: Path) -> None:
     (tmp_path / lio.STATE_FILE).write_text('{"version": 9, "objects": []}')
-    with pytest.raises(LioError, match="state version 9"):
+    with pytest.raises(StateFileError, match=r"lio-state.json: version: got 9, expected 1"):
         read_state(tmp_path)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (b"\xff\xfe", "not UTF-8 at offset 0"),
+    (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+    (b'{"version": 1, "objects": [{"kind": "backstore", "key": ["user"]}]}',
+     r"objects\[0\].key: got \['user'\], expected a list of 2 strings"),
+    (b'{"version": 1, "objects": [{"kind": "portal", "key": ["iscsi", "i", "1", "p"],'
+     b' "params": {"ip": "::1", "port": "3260"}}]}',
+     r"objects\[0\].params.port: got '3260', expected an integer"),
+    (b'{"version": 1, "objects": [{"kind": ["lun"], "key": []}]}',
+     r"objects\[0\].kind: got \['lun'\], expected one of backstore"),
+])
+def test_malformed_state_file_names_file_key_value(tmp_path: Path, text: bytes,
+                                                    message: str) -> None:
+    """D13: a state file that is not what tcmu-py writes is one StateFileError (a ConfigError:
+    exit 2), never a raw KeyError / TypeError / UnicodeDecodeError / RecursionError."""
+    (tmp_path / lio.STATE_FILE).write_bytes(text)
+    with pytest.raises(StateFileError, match=message) as ei:
+        read_state(tmp_path)
+    assert str(ei.value).startswith(f"{tmp_path / lio.STATE_FILE}: ")
+    assert "\n" not in str(ei.value)
+
+
+def test_state_file_is_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        lio._write_state(tmp_path / "state", [])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "state" / lio.STATE_FILE).stat().st_mode & 0o777 == 0o600
+    assert os.listdir(tmp_path / "state") == [lio.STATE_FILE]
 
 
 # ----------------------------------------------------------------- rtslib-fb mapping

@@ -248,3 +248,24 @@ def test_missing_family_names_the_module() -> None:
     with pytest.raises(NetlinkError) as ei:
         TcmuNetlink()
     assert ei.value.errno == errno.ENOENT and "target_core_user" in str(ei.value)
+
+
+@pytest.mark.skipif(not _netlink_available(), reason="no AF_NETLINK on this host")
+def test_messages_from_userspace_ports_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Any local process can unicast to our port id: a forged ADDED/REMOVED event or a forged
+    ACK must not be taken for the kernel's (sender port id 0)."""
+    ours = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
+    ours.bind((0, 0))
+    forger = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
+    forger.bind((0, 0))
+    with TcmuNetlink.attach(ours, FAMILY_ID) as nl, forger:
+        seq = 77
+        nl._pending[seq] = DeviceEvent(TcmuCmd.ADDED_DEVICE, DEV, 0, 4)  # a reply in flight
+        port = ours.getsockname()[0]
+        forger.sendto(kernel_event(TcmuCmd.REMOVED_DEVICE, DEV, 2, 11), (port, 0))
+        forger.sendto(kernel_event(TcmuCmd.ADDED_DEVICE, DEV, 3, 12), (port, 0))
+        forger.sendto(nlmsg_error(0, seq), (port, 0))
+        assert nl.receive() == []
+        assert nl.spoofed == 3
+        assert seq in nl._pending  # the forged ACK did not count
+    assert "dropped a message from userspace port" in caplog.text

@@ -300,3 +300,19 @@ def test_parse_rw_only_raises_invalid_field(opcode, rest):
         assert exc.field_pointer == 1 and exc.bit_pointer in (2, 4, 7)
         return
     assert 0 <= rw.lba < 2**64 and 0 <= rw.transfer_length <= 2**32
+
+
+def test_the_kit_builds_a_ten_byte_log_sense_the_device_answers():
+    """tcmu_py.testing.cdbs.log_sense is a whole LOG SENSE CDB (it was nine bytes long)."""
+    from tcmu_py.device.block import BlockDevice
+    from tcmu_py.handler import DeviceConfig
+    from tcmu_py.handlers.null import NullBackend
+    from tcmu_py.testing import cdbs
+    from tcmu_py.testing.harness import run_command
+
+    cdb = cdbs.log_sense(0x00)
+    assert len(cdb) == 10 and c.cdb_length(cdb) == 10
+    config = DeviceConfig(name="n", subtype="null", cfgstring="", size=1 << 20)
+    dev = BlockDevice(config, NullBackend(1 << 20, 512))
+    run_command(dev, cdbs.test_unit_ready())  # the power-on unit attention
+    assert run_command(dev, cdb, data_in_len=1024).good

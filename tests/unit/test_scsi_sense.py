@@ -149,10 +149,55 @@ def test_parse_accepts_truncated_fixed():
     assert (parsed.sense_key, parsed.asc) == (5, 0x24)
 
 
-@pytest.mark.parametrize("kw", [{"field_pointer": 0x10000}, {"field_pointer": 1, "bit_pointer": 8}])
-def test_build_rejects_out_of_range(kw):
-    with pytest.raises(ValueError):
-        s.build_fixed_sense(5, 0x24, 0, **kw)
+any_int = st.integers(-(2**70), 2**70)
+
+
+@given(
+    key=st.integers(-100, 100),
+    asc=any_int,
+    ascq=any_int,
+    info=st.none() | any_int,
+    fp=st.none() | any_int,
+    bp=st.none() | any_int,
+    progress=st.none() | any_int,
+    command_specific=st.none() | any_int,
+    in_cdb=flags,
+    descriptor=flags,
+)
+def test_building_sense_never_raises(
+    key, asc, ascq, info, fp, bp, progress, command_specific, in_cdb, descriptor
+):
+    """Issue 11 D7: sense is built while a command fails; any integer in any field gives
+    well-formed sense data, and a field pointer that does not fit 16 bits is left out (SKSV 0)
+    rather than raising or pointing at another byte (SPC-5 4.4.2.4.2)."""
+    build = s.build_descriptor_sense if descriptor else s.build_fixed_sense
+    raw = build(
+        key,
+        asc,
+        ascq,
+        info=info,
+        field_pointer=fp,
+        bit_pointer=bp,
+        in_cdb=in_cdb,
+        progress=progress,
+        command_specific=command_specific,
+    )
+    parsed = s.parse_sense(raw)
+    assert (parsed.sense_key, parsed.asc, parsed.ascq) == (key & 0x0F, asc & 0xFF, ascq & 0xFF)
+    if not descriptor:
+        assert len(raw) == s.FIXED_SENSE_LENGTH
+    if (key & 0x0F) == SenseKey.ILLEGAL_REQUEST and fp is not None:
+        fits = 0 <= fp <= 0xFFFF
+        assert parsed.field_pointer == (fp if fits else None)
+        if fits:
+            assert parsed.bit_pointer == (bp if bp is not None and 0 <= bp <= 7 else None)
+
+
+def test_field_pointer_beyond_64k_is_omitted_from_an_error():
+    err = s.InvalidFieldInParameterList("attribute at byte 70000", field_pointer=70000)
+    for descriptor in (False, True):
+        parsed = s.parse_sense(err.sense(descriptor=descriptor))
+        assert (parsed.sense_key, parsed.asc, parsed.field_pointer) == (5, 0x26, None)
 
 
 def test_describe_sense():

@@ -18,7 +18,7 @@ from tcmu_py.handlers.thin import (
     ensure_pool,
     read_pool_status,
 )
-from tcmu_py.handlers.thin.pool import POOL_FILE
+from tcmu_py.handlers.thin.pool import CONFIG_LOCK_FILE, POOL_FILE
 
 UNIT = 16 * 1024
 
@@ -35,7 +35,7 @@ def test_create_pool_writes_pool_json(tmp_path: os.PathLike[str]) -> None:
         doc = json.load(f)
     assert doc == {"version": 1, "name": "fast", "capacity": 1 << 30, "soft_threshold": 75,
                    "unit": DEFAULT_UNIT, "disks": {}}
-    assert sorted(os.listdir(path)) == [POOL_FILE]  # no temp file left behind
+    assert sorted(os.listdir(path)) == [CONFIG_LOCK_FILE, POOL_FILE]  # no temp file left
     with pytest.raises(ConfigError, match="already exists"):
         create_pool(path, "fast", 1 << 30)
 
@@ -121,7 +121,7 @@ def test_open_checks_pool_json(tmp_path: os.PathLike[str]) -> None:
         Pool.open(path)
     with open(os.path.join(path, POOL_FILE), "w") as f:
         f.write('{"version": 1, "name": "p", "unit": 65536}')
-    with pytest.raises(ConfigError, match="missing key 'capacity'"):
+    with pytest.raises(ConfigError, match=r"pool.json: capacity: got nothing, expected a"):
         Pool.open(path)
     create_pool(os.path.join(tmp_path, "q"), "q", 1 << 20)
     with pytest.raises(ConfigError, match="named 'q', expected 'other'"):
@@ -256,3 +256,110 @@ def test_status_figures(tmp_path: os.PathLike[str]) -> None:
             {"name": "d", "size": 16 * UNIT, "used": 4 * UNIT, "unit": UNIT, "open": True}]
         assert read_pool_status(path) == s  # this process has it open: live figures
         d.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes writing one pool.json (D12): `tcmu-py apply` while a daemon holds the pool
+
+
+def _in_other_process(script: str, *args: str, wait: bool = True) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    return proc
+
+
+APPLY = """
+    import sys
+    from tcmu_py.handlers.thin import ensure_pool
+    ensure_pool(sys.argv[1], "p", int(sys.argv[2]), int(sys.argv[3]))
+"""
+
+
+def test_capacity_set_by_apply_survives_the_daemon_registering_a_disk(
+        tmp_path: os.PathLike[str]) -> None:
+    """The daemon's pool was open (pool.json in memory) when `apply` changed the capacity in
+    another process; the daemon's next write (a new disk) must not put the old capacity back,
+    and the daemon enforces the new one."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 20, 80, unit=UNIT)
+    with Pool.open(path) as pool:
+        _in_other_process(APPLY, path, str(2 << 20), "60")
+        pool.open_disk("d1", 64 * UNIT).close()
+        assert (pool.capacity, pool.soft_threshold) == (2 << 20, 60)
+    with open(os.path.join(path, POOL_FILE)) as f:
+        doc = json.load(f)
+    assert (doc["capacity"], doc["soft_threshold"], sorted(doc["disks"])) == (2 << 20, 60, ["d1"])
+
+
+def test_disk_registered_by_the_daemon_survives_apply(tmp_path: os.PathLike[str]) -> None:
+    """`apply` read pool.json, the daemon registered a disk, then `apply` wrote: the disk must
+    still be registered. The other process is held between its read and its write."""
+    import threading
+    import time
+
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 20, 80, unit=UNIT)
+    read_done = os.path.join(tmp_path, "read.done")
+    go = os.path.join(tmp_path, "go")
+    slow_apply = """
+        import os, sys, time
+        from tcmu_py.handlers.thin import pool as pool_mod
+        real = pool_mod.load_pool_config
+
+        def held(path):  # read, then wait for the test to let the write happen
+            config = real(path)
+            open(sys.argv[4], "w").close()
+            deadline = time.monotonic() + 30
+            while not os.path.exists(sys.argv[5]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return config
+
+        pool_mod.load_pool_config = held
+        pool_mod.ensure_pool(sys.argv[1], "p", int(sys.argv[2]), int(sys.argv[3]))
+    """
+    with Pool.open(path) as pool:
+        proc = _in_other_process(slow_apply, path, str(2 << 20), "80", read_done, go, wait=False)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(read_done) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.path.exists(read_done)
+        register = threading.Thread(target=lambda: pool.open_disk("d1", 64 * UNIT).close())
+        register.start()
+        register.join(timeout=0.5)  # done at once without a lock; waits for apply with one
+        open(go, "w").close()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        register.join(timeout=30)
+        assert not register.is_alive()
+        assert pool.capacity == 2 << 20
+    with open(os.path.join(path, POOL_FILE)) as f:
+        doc = json.load(f)
+    assert (doc["capacity"], sorted(doc["disks"])) == (2 << 20, ["d1"])
+
+
+def test_racing_registrations_and_capacity_changes_lose_nothing(
+        tmp_path: os.PathLike[str]) -> None:
+    """One process registers 40 disks while another changes capacity and threshold 40 times
+    (each change a whole `ensure_pool`, as `tcmu-py apply` does): every registration and the
+    last capacity are in pool.json at the end."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 20, 80, unit=UNIT)
+    churn = """
+        import sys
+        from tcmu_py.handlers.thin import ensure_pool
+        for i in range(40):
+            ensure_pool(sys.argv[1], "p", (1 << 20) + (i + 1) * 65536, 50 + i)
+    """
+    with Pool.open(path) as pool:
+        proc = _in_other_process(churn, path, wait=False)
+        for i in range(40):
+            pool.open_disk(f"d{i}", 64 * UNIT).close()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    with open(os.path.join(path, POOL_FILE)) as f:
+        doc = json.load(f)
+    assert sorted(doc["disks"]) == sorted(f"d{i}" for i in range(40))
+    assert (doc["capacity"], doc["soft_threshold"]) == ((1 << 20) + 40 * 65536, 89)

@@ -279,7 +279,21 @@ def kill9_restart(ctx: Context) -> None:
     daemon.proc.wait()
     log("daemon killed with -9; restarting")
     time.sleep(0)  # no fixed wait: the restart below must cope with whatever is in flight
+    restarted, restarted_wall = time.monotonic(), time.time()
     start_daemon(ctx, name="second")
+    # Restart-to-serving (issue 11): the daemon serves the rings before anything slower; its
+    # log's "serving" line for the device comes first. Measured from the exec of the second
+    # daemon to that line and to --ready-file (everything, LIO included).
+    ctx.details["restart_ready_s"] = round(time.monotonic() - restarted, 2)
+    first_log = ctx.artifacts / "second.log"
+    wait_for(
+        lambda: "crash0: serving" in first_log.read_text(errors="replace"),
+        ctx.remaining(60),
+        "the restarted daemon's serving line",
+    )
+    serving_at = _log_time(first_log, "crash0: serving")
+    if serving_at is not None:
+        ctx.details["restart_serving_s"] = round(serving_at - restarted_wall, 2)
     try:
         _, err = fio_proc.communicate(timeout=ctx.remaining(600))
     except subprocess.TimeoutExpired:
@@ -297,6 +311,21 @@ def kill9_restart(ctx: Context) -> None:
     # first (it started last), and the removal's SYNCHRONIZE CACHE would then wait out the
     # 600 s cmd_time_out.
     lun.unlink()
+
+
+def _log_time(log_file: Path, needle: str) -> float | None:
+    """Wall-clock time (time.time() scale) of the first daemon log line containing `needle`
+    (lines start with logging's default asctime, local time); None if there is none."""
+    import datetime
+
+    for line in log_file.read_text(errors="replace").splitlines():
+        if needle in line:
+            try:
+                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            except ValueError:
+                return None
+            return stamp.timestamp()
+    return None
 
 
 def served_writes(run_dir: Path, device: str) -> int:

@@ -1,0 +1,343 @@
+"""The block backend API: what a block handler implements, and what it may promise.
+
+A block handler hands `BlockDevice` a *backend*, an object that moves bytes. `BlockBackend` is the
+part every backend implements. Everything else is an optional *capability*: one of the
+`typing.Protocol` classes below. A backend declares a capability by implementing every method of
+its protocol (no base class needed; subclassing a protocol is allowed). Where a capability comes
+with a *promise* that is a value (LBPRZ, unmap granularity), the backend states it as a class or
+instance attribute of the documented type; an attribute left out takes the documented default.
+
+The device reads the declaration once, when it is built (`Capabilities.of`), and advertises
+exactly that; nothing is probed per command:
+
+- `Unmap`: ``unmap(offset, length)``, with the promises ``lbprz``, ``unmap_granularity`` and
+  ``unmap_granularity_alignment``. Advertised: UNMAP in REPORT SUPPORTED OPERATION CODES, LBPME
+  and LBPRZ in READ CAPACITY(16), the unmap limits and granularity of VPD B0h, VPD B2h with LBPU,
+  LBPWS, LBPWS10 and LBPRZ, and WRITE SAME with the UNMAP bit.
+- `WriteSame`: ``write_same(offset, length, block, unmap)``. Advertised: nothing new (WRITE SAME
+  is always served); the device hands the whole fill to the backend in one call.
+- `LbaStatus`: ``lba_status(offset, length, *, max_runs)``. Advertised: GET LBA STATUS.
+- `ThinProvisioning`: ``provisioning()``, ``set_soft_threshold(percent)``,
+  ``take_threshold_event()``. Advertised: PROVISIONING TYPE 010b and a THRESHOLD EXPONENT in VPD
+  B2h, log page 0Ch, mode page 1Ch/02h with a changeable soft threshold, SOFT THRESHOLD REACHED.
+- `Resizable`: ``resize(size)``. The device accepts a new size (TCMU reconfig) only with it.
+- `Closable`: ``close()``. Called once when the device goes away.
+- ``blocking`` (`BlockBackend` attribute, default True): False runs every command on the
+  device's loop thread instead of its worker pool.
+
+A declaration the device cannot advertise as written is refused when the device is built, with a
+`CapabilityError` naming the attribute: a promise of the wrong type, a promise without its
+capability (``lbprz`` without ``unmap``), a capability half implemented (``provisioning`` without
+``set_soft_threshold``), a capability that needs another one (`ThinProvisioning` without `Unmap`).
+A subclass withdraws an inherited capability by setting its methods to None.
+
+`tcmu_py.testing.check_block_handler` checks promises against behaviour: a backend whose unmapped
+blocks read as zeros but which does not declare ``lbprz = True`` fails it, and so does one that
+declares it falsely.
+
+Threads, for every method here unless its protocol says otherwise: commands run on the device's
+worker pool, several at once (or all on its one loop thread when ``blocking`` is False), so
+methods must be thread-safe; the device serialises only what SCSI requires (COMPARE AND WRITE and
+WRITE SAME against overlapping writes and unmaps). Offsets and lengths are in bytes, always whole
+blocks. Errors: `ScsiError` for conditions with their own sense (e.g. `SpaceAllocationFailed`),
+`OSError` for I/O failures (MEDIUM ERROR on reads, WRITE ERROR on writes; ENOSPC/EDQUOT become
+SPACE ALLOCATION FAILED), anything else is a bug (HARDWARE ERROR, traceback logged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from tcmu_py.errors import TcmuError
+from tcmu_py.scsi.sbc import ProvisioningType
+
+
+class CapabilityError(TcmuError, TypeError):
+    """A backend's declaration cannot be advertised as written (raised when the device is built).
+
+    The message names the backend class, the attribute, what it holds and what was expected.
+    """
+
+
+@runtime_checkable
+class BlockBackend(Protocol):
+    """What every block backend implements.
+
+    `size` and `block_size` are read once, when the device is built (`Resizable` changes the
+    size later). `write_cache` is the flush promise: True when an acknowledged write may sit in a
+    volatile cache until `flush` (the caching mode page then reports WCE=1, and the device calls
+    `flush` for FUA writes and SYNCHRONIZE CACHE); False when every write is durable on return
+    (WCE=0; `flush` is still called by SYNCHRONIZE CACHE and may do nothing).
+
+    Optional attribute ``blocking: bool`` (default True): False promises that no method ever
+    waits (memory-backed stores, /dev/null-like backends); the device then runs every command on
+    its loop thread, one at a time, and skips the range lock for WRITE. A file backend can set it
+    from `tcmu_py.handler.on_memory_filesystem`.
+    """
+
+    size: int
+    block_size: int
+    write_cache: bool
+
+    def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill every byte of `bufs`, in order, with data from `offset`.
+
+        The views are the ring's Data-In buffers: valid only until this call returns. On failure
+        they may be partly filled; the device answers with sense and no data.
+        """
+
+    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Write all of `bufs`, in order, at `offset`; durable on return unless `write_cache`.
+
+        The views are valid only until this call returns. On `OSError` a part may be written
+        (SBC-4 allows it: the initiator sees WRITE ERROR and the range is indeterminate); raise a
+        `ScsiError` such as `SpaceAllocationFailed` before writing anything.
+        """
+
+    def flush(self) -> None:
+        """Make every acknowledged write (and unmap) durable. `OSError` -> WRITE ERROR."""
+
+
+@runtime_checkable
+class Unmap(Protocol):
+    """Deallocation: UNMAP, and WRITE SAME with the UNMAP bit (SBC-4 4.7, 5.32, 5.50).
+
+    Promises, as attributes of the backend (bytes, multiples of the block size):
+
+    - ``lbprz: bool = False`` -- after `unmap`, every byte of the range reads as zero (LBPRZ=1 in
+      READ CAPACITY(16) and VPD B2h). Only then does the device deallocate for WRITE SAME with
+      UNMAP and a zero block; otherwise it writes the zeros. Declare it whenever it is true:
+      initiators (Linux ``sd``, mkfs) rely on it to skip zeroing.
+    - ``unmap_granularity: int = block_size`` -- the unit the backend deallocates in (OPTIMAL
+      UNMAP GRANULARITY, VPD B0h).
+    - ``unmap_granularity_alignment: int = 0`` -- offset of the first whole granule (UNMAP
+      GRANULARITY ALIGNMENT, VPD B0h); less than the granularity.
+    """
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Deallocate [offset, offset+length); any range of whole blocks, aligned or not.
+
+        With ``lbprz`` the whole range reads as zeros afterwards, including blocks of partial
+        granules (zero them). On failure a part of the range may be deallocated, but every block
+        reads either its old data or (with ``lbprz``) zeros. Runs under the device's range lock:
+        no write to the range runs at the same time.
+        """
+
+
+@runtime_checkable
+class WriteSame(Protocol):
+    """A fill the backend does better than a loop of writes (WRITE SAME, SBC-4 5.50)."""
+
+    def write_same(self, offset: int, length: int, block: bytes, unmap: bool) -> None:
+        """Fill [offset, offset+length) with `block` (one logical block) repeated.
+
+        `unmap` True allows deallocating instead of writing when `block` is all zeros. The device
+        passes False: when the initiator allows it and the backend is `Unmap` with ``lbprz`` it
+        calls `unmap` itself. Runs under the range lock. On failure a part may be filled.
+        """
+
+
+@runtime_checkable
+class LbaStatus(Protocol):
+    """Mapped/deallocated state of the LBAs (GET LBA STATUS, SBC-4 5.8)."""
+
+    def lba_status(
+        self, offset: int, length: int, *, max_runs: int
+    ) -> Sequence[tuple[int, int, int]]:
+        """Runs ``(offset, length, status)`` from `offset` (the first run starts there), in
+        order, contiguous, at most `max_runs` of them; status 0 mapped, 1 deallocated, 2
+        anchored. Reads only: no side effects, nothing partly done."""
+
+
+@dataclass(frozen=True)
+class ProvisioningInfo:
+    """Thin provisioning figures a backend reports (bytes unless noted).
+
+    The allocation unit is the `Unmap` promise ``unmap_granularity``; LBPRZ is ``lbprz``.
+    """
+
+    capacity: int  # physical capacity of the pool behind this device
+    used: int  # allocated in the pool (all devices)
+    device_used: int  # allocated for this device
+    soft_threshold: int | None = None  # percent of capacity, or None
+
+
+@runtime_checkable
+class ThinProvisioning(Protocol):
+    """A thin-provisioned backend: space is allocated on write from a resource that can run out
+    (SBC-4 4.7.3.3). Needs `Unmap`.
+
+    The device reports the figures in log page 0Ch and keeps one soft threshold on the used
+    resource in mode page 1Ch/02h (changeable: MODE SELECT calls `set_soft_threshold`); a write
+    that crosses it raises SOFT THRESHOLD REACHED (SBC-4 4.7.3.7), found by
+    `take_threshold_event` after each write. Out of space: raise `SpaceAllocationFailed` (or
+    OSError ENOSPC) from `write`.
+    """
+
+    def provisioning(self) -> ProvisioningInfo:
+        """Current figures. Called on the loop thread (INQUIRY, MODE SENSE, LOG SENSE): cheap,
+        no I/O that may wait."""
+
+    def set_soft_threshold(self, percent: int | None) -> None:
+        """MODE SELECT set the soft threshold to `percent` (1..100) of capacity, or disabled
+        (None). Called on a worker thread; on failure nothing changed."""
+
+    def take_threshold_event(self) -> bool:
+        """True once per crossing of the soft threshold not reported yet. Called after every
+        write, on the thread that ran it: must be cheap and thread-safe."""
+
+
+@runtime_checkable
+class Resizable(Protocol):
+    """The backing store follows a change of the device size (TCMU reconfig)."""
+
+    def resize(self, size: int) -> None:
+        """Become `size` bytes (a multiple of the block size) long. Called on the daemon's thread
+        while commands may run; on failure (raise) the device keeps its old size."""
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """The backend holds resources to release."""
+
+    def close(self) -> None:
+        """Release everything. Called once, after the last command of the device completed."""
+
+
+#: The optional capabilities, in the order they are checked.
+CAPABILITIES: tuple[type, ...] = (
+    Unmap,
+    WriteSame,
+    LbaStatus,
+    ThinProvisioning,
+    Resizable,
+    Closable,
+)
+
+#: Promise attributes: name -> (type, the capability it belongs to or None for BlockBackend).
+PROMISES: dict[str, tuple[type, type | None]] = {
+    "lbprz": (bool, Unmap),
+    "unmap_granularity": (int, Unmap),
+    "unmap_granularity_alignment": (int, Unmap),
+    "blocking": (bool, None),
+}
+
+
+def _methods(proto: type) -> list[str]:
+    return [n for n, v in vars(proto).items() if callable(v) and not n.startswith("_")]
+
+
+def _declares(backend: object, proto: type) -> bool:
+    """Whether `backend` implements `proto`: all its methods or none (None counts as absent)."""
+    names = _methods(proto)
+    present = [n for n in names if getattr(backend, n, None) is not None]
+    kind = type(backend).__name__
+    for n in present:
+        value = getattr(backend, n)
+        if not callable(value):
+            raise CapabilityError(
+                f"backend {kind}: {n}: got {value!r}, expected a method "
+                f"(tcmu_py.backend.{proto.__name__})"
+            )
+    if present and len(present) < len(names):
+        missing = [n for n in names if n not in present]
+        raise CapabilityError(
+            f"backend {kind}: implements {', '.join(present)} but not {', '.join(missing)}: "
+            f"expected all of {proto.__name__} ({', '.join(names)}) or none"
+        )
+    return bool(present)
+
+
+def _typed(backend: object, name: str, typ: type, default: Any) -> Any:
+    value = getattr(backend, name, default)
+    # bool is an int subclass: neither stands for the other here.
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise CapabilityError(
+            f"backend {type(backend).__name__}: {name}: got {value!r} "
+            f"({type(value).__name__}), expected {typ.__name__}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one backend declares, checked and resolved once (`Capabilities.of`).
+
+    Each capability is the backend itself, typed as its protocol, or None when not declared;
+    the promises are plain values with their defaults filled in.
+    """
+
+    unmap: Unmap | None
+    lbprz: bool
+    unmap_granularity: int
+    unmap_granularity_alignment: int
+    write_same: WriteSame | None
+    lba_status: LbaStatus | None
+    thin: ThinProvisioning | None
+    resize: Resizable | None
+    close: Closable | None
+    blocking: bool
+
+    @property
+    def provisioning_type(self) -> ProvisioningType:
+        """B2h PROVISIONING TYPE: thin with `ThinProvisioning`, else 000b (not reported)."""
+        return ProvisioningType.THIN if self.thin is not None else ProvisioningType.FULL
+
+    @classmethod
+    def of(cls, backend: object) -> Capabilities:
+        """Check `backend` against `BlockBackend`, its capabilities and promises, and resolve
+        them. Raises `CapabilityError` naming the first attribute that cannot be advertised."""
+        kind = type(backend).__name__
+        for name in _methods(BlockBackend):
+            if not callable(getattr(backend, name, None)):
+                raise CapabilityError(
+                    f"backend {kind}: {name}: missing, expected a method (BlockBackend)"
+                )
+        size = _typed(backend, "size", int, None)
+        block_size = _typed(backend, "block_size", int, None)
+        _typed(backend, "write_cache", bool, None)
+        if block_size <= 0 or size < 0:
+            raise CapabilityError(
+                f"backend {kind}: size {size}, block_size {block_size}: expected a positive "
+                "block size and a size of zero or more"
+            )
+        declared = {proto: _declares(backend, proto) for proto in CAPABILITIES}
+        for name, (_, needs) in PROMISES.items():
+            if needs is not None and not declared[needs] and hasattr(backend, name):
+                raise CapabilityError(
+                    f"backend {kind}: {name}: declared without {needs.__name__} "
+                    f"({', '.join(_methods(needs))}); expected no {name}, or the capability"
+                )
+        if declared[ThinProvisioning] and not declared[Unmap]:
+            raise CapabilityError(
+                f"backend {kind}: implements ThinProvisioning but not Unmap (unmap): the device "
+                "advertises provisioning (VPD B2h) only for a backend that can deallocate"
+            )
+        granularity = _typed(backend, "unmap_granularity", int, block_size)
+        alignment = _typed(backend, "unmap_granularity_alignment", int, 0)
+        if granularity <= 0 or granularity % block_size:
+            raise CapabilityError(
+                f"backend {kind}: unmap_granularity: got {granularity}, expected a positive "
+                f"multiple of the block size {block_size}"
+            )
+        if alignment < 0 or alignment % block_size or alignment >= granularity:
+            raise CapabilityError(
+                f"backend {kind}: unmap_granularity_alignment: got {alignment}, expected a "
+                f"multiple of the block size {block_size} below unmap_granularity {granularity}"
+            )
+        return cls(
+            unmap=backend if declared[Unmap] and isinstance(backend, Unmap) else None,
+            lbprz=_typed(backend, "lbprz", bool, False),
+            unmap_granularity=granularity,
+            unmap_granularity_alignment=alignment,
+            write_same=backend if declared[WriteSame] and isinstance(backend, WriteSame) else None,
+            lba_status=backend if declared[LbaStatus] and isinstance(backend, LbaStatus) else None,
+            thin=backend
+            if declared[ThinProvisioning] and isinstance(backend, ThinProvisioning)
+            else None,
+            resize=backend if declared[Resizable] and isinstance(backend, Resizable) else None,
+            close=backend if declared[Closable] and isinstance(backend, Closable) else None,
+            blocking=_typed(backend, "blocking", bool, True),
+        )
