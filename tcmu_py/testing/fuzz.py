@@ -1465,7 +1465,10 @@ def _split_mode_data(data: bytes) -> tuple[tuple[int, int, int] | None, list[byt
 # The run
 
 
-_CDB_ERRORS = {(0x20, 0x00), (0x21, 0x00), (0x24, 0x00), (0x1A, 0x00)}
+#: ILLEGAL REQUEST codes that refuse the command as sent (before it touches the medium):
+#: INVALID COMMAND OPERATION CODE, LBA OUT OF RANGE, INVALID FIELD IN CDB, PARAMETER LIST LENGTH
+#: ERROR, INVALID FIELD IN COMMAND INFORMATION UNIT (LIO's answer to a Data-Out length mismatch).
+_CDB_ERRORS = {(0x20, 0x00), (0x21, 0x00), (0x24, 0x00), (0x1A, 0x00), (0x0E, 0x03)}
 
 
 def _write_extent(cdb: bytes, case: Case, profile: Profile) -> list[tuple[int, int]]:
@@ -1584,9 +1587,9 @@ class _Run:
             self.escape(start, first, "ring", "the fake kernel marked the ring broken")
             return True
         if not session.alive:
-            err = session.loop_error
-            self.escape(start, first, "loop-died",
-                        f"the runner loop thread died: {type(err).__name__}: {err}")
+            err = session.loop_error or session.runner.failed
+            why = f"{type(err).__name__}: {err}" if err is not None else "no exception recorded"
+            self.escape(start, first, "loop-died", f"the runner loop thread ended: {why}")
             return True
         stuck = [case for case, done, _, _ in results if not done]
         if stuck:
@@ -1595,9 +1598,10 @@ class _Run:
         if session.runner.failed is not None:
             failure = session.runner.failed
             session.runner.failed = None
-            # The runner answers BUSY for the command whose execute() raised.
-            busy = [(c, st, se) for c, _, st, se in results if st == Status.BUSY] or [
-                (first, results[0][2], results[0][3])]
+            # The runner answers the command whose execute() raised with BUSY or 44/00.
+            busy = [(c, st, se) for c, _, st, se in results
+                    if st == Status.BUSY or se[12:14] == b"\x44\x00" or se[2:4] == b"\x44\x00"]
+            busy = busy or [(first, results[0][2], results[0][3])]
             self.escape(start, busy[0][0], "runner-failure",
                         "an exception left ScsiDevice.execute: "
                         f"{type(failure).__name__}: {failure}", busy[0][1], busy[0][2])
