@@ -340,6 +340,23 @@ def test_runner_survives_a_response_the_ring_cannot_carry(depth: int) -> None:
     assert not [e for e in report.escapes if e.kind in fatal], report.describe()
 
 
+class VendorDisk(Planted):
+    """A third-party disk with a vendor-specific command (C5h) no CDB usage table knows."""
+
+    @command(0xC5)
+    def vendor_command(self, cmd: Command) -> None:
+        return None
+
+
+@pytest.mark.xfail(strict=True, reason="F9 open: an opcode without CDB usage data in "
+                   "tcmu_py.scsi.spc makes REPORT SUPPORTED OPERATION CODES raise KeyError "
+                   "(HARDWARE ERROR 44/00) for the whole device")
+def test_a_vendor_opcode_leaves_report_supported_operation_codes_working() -> None:
+    report = fuzz(planted_target("none", VendorDisk), seed=3, commands=60)
+    rsoc = [e for e in report.escapes if e.case.cdb[0] == 0xA3 and e.kind == "internal-error"]
+    assert not rsoc and 0xC5 in report.supported, report.describe()
+
+
 def test_queue_depth_keeps_every_command_answered(tmp_path: Path) -> None:
     """Eight commands in flight at a time: each is completed once and judged (null disk)."""
     report = fuzz(builtin_targets(tmp_path)["null"], seed=4, commands=400, depth=8)
