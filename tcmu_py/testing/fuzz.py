@@ -159,6 +159,8 @@ class Profile:
     block_descriptor: tuple[int, int, int] | None = None
     pattern_blocks: int = 0  # disk blocks holding the known pattern (0: none)
     pattern_tag: int = 0
+    #: False: REPORT SUPPORTED OPERATION CODES failed, `commands` is the fuzzer's own list.
+    rsoc: bool = True
 
     @property
     def opcodes(self) -> set[int]:
@@ -1190,7 +1192,7 @@ def generate(profile: Profile, seed: int, index: int) -> Case:
         pool = unsupported + [rng.randrange(0xC0, 0x100)] * 4
         return _finish(rng, g.build(rng.choice(pool)), index, strategy, g)
     if strategy == "param":
-        pool = [op for op in supported if op in _PARAM_OPS] or supported
+        pool = [op for op in supported if op in _PARAM_OPS] or supported or unsupported
         op = rng.choice(pool)
         return _finish(rng, g.build(op), index, strategy, g)
     op = rng.choice(supported or unsupported)
@@ -1408,6 +1410,12 @@ def probe(send: Callable[[bytes, bytes, int], Pending]) -> Profile:
                 usage = one.data_in[4 : 4 + n]
             profile.commands[key] = usage
     pt = profile.peripheral_type
+    if not profile.commands:
+        # No REPORT SUPPORTED OPERATION CODES: take every command the fuzzer knows for the type
+        # as a candidate (the device answers INVALID COMMAND OPERATION CODE for the others).
+        ops = set(_COMMON) | set(_OPS_BY_TYPE.get(pt, _DISK_OPS))
+        profile.commands = {(op, None): b"" for op in sorted(ops)}
+        profile.rsoc = False
     if pt in (_DISK, 0x0E, 0x14):
         rc = good(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), 32)
         profile.num_blocks = int.from_bytes(rc[0:8], "big") + 1
@@ -1521,12 +1529,23 @@ class _Run:
             Escape(self.target.name, self.seed, start, case, kind, detail, status, sense)
         )
 
-    def prepare(self, session: _Session) -> Profile:
+    def prepare(self, session: _Session, start: int) -> Profile:
+        """Clear pending unit attentions, probe, write the pattern. The probe's answers go
+        through the oracle too (as case `start`, strategy "probe"), uncounted."""
+        self.profile = None
         for _ in range(8):  # the power-on unit attention, and any other pending one
             p = session.send(bytes(6), timeout=self.timeout)
             if not p.done or p.status != CHECK_CONDITION or parse_sense(p.sense).sense_key != 6:
                 break
-        profile = probe(lambda c, d, n: session.send(c, d, n, self.timeout))
+
+        def judged(cdb: bytes, data: bytes, n: int) -> Pending:
+            p = session.send(cdb, data, n, self.timeout)
+            if p.done:
+                self.judge(start, Case(start, "probe", cdb, data, n), p.status or 0, p.sense,
+                           count=False)
+            return p
+
+        profile = probe(judged)
         profile.pattern_tag = self.seed
         if self.target.pattern and profile.peripheral_type == _DISK and profile.num_blocks:
             profile.pattern_blocks = min(PATTERN_BLOCKS, profile.num_blocks)
@@ -1609,11 +1628,12 @@ class _Run:
             self.judge(start, case, status, sense)
         return False
 
-    def judge(self, start: int, case: Case, status: int, sense: bytes) -> None:
+    def judge(self, start: int, case: Case, status: int, sense: bytes, count: bool = True) -> None:
         r = self.report
         name = STATUS_NAMES.get(status, f"{status:#04x}")
-        r.statuses[name] += 1
-        r.opcodes.setdefault(case.cdb[0], Counter())[name] += 1
+        if count:
+            r.statuses[name] += 1
+            r.opcodes.setdefault(case.cdb[0], Counter())[name] += 1
         if status not in STATUS_NAMES or status == Status.ACA_ACTIVE:
             self.escape(start, case, "status", f"status {status:#04x}", status, sense)
             return
@@ -1630,7 +1650,8 @@ class _Run:
                 return
             s = parse_sense(sense)
             codes = (s.sense_key, s.asc, s.ascq)
-            r.senses[f"{s.sense_key:X}/{s.asc:02X}/{s.ascq:02X}"] += 1
+            if count:
+                r.senses[f"{s.sense_key:X}/{s.asc:02X}/{s.ascq:02X}"] += 1
             if codes == (0x04, 0x44, 0x00):
                 self.escape(start, case, "internal-error", "HARDWARE ERROR 44/00 (a handler "
                             "raised something other than ScsiError)", status, sense)
@@ -1722,7 +1743,7 @@ def fuzz(
                 session = _Session(target)
                 healthy = True
                 try:
-                    run.profile = run.prepare(session)
+                    run.profile = run.prepare(session, start)
                     report.supported = sorted(run.profile.opcodes)
                     while index < commands:
                         if seconds is not None and time.monotonic() - began > seconds:
