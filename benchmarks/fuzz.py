@@ -44,7 +44,9 @@ def _cap_memory(limit: int) -> None:
 
 
 def _print_device(r: FuzzReport, show: int, depth: int) -> dict[str, Any]:
-    kinds = Counter(e.kind for e in r.escapes)
+    kinds: Counter[str] = Counter()
+    for (kind, _), n in r.escape_counts.items():
+        kinds[kind] += n
     print(f"== {r.target}: seed {r.seed}, depth {depth}, {r.commands} commands, "
           f"{r.duration:.1f} s, "
           f"{r.commands / max(r.duration, 1e-9):.0f} commands/s, {r.restarts} restarts, "
@@ -55,22 +57,23 @@ def _print_device(r: FuzzReport, show: int, depth: int) -> dict[str, Any]:
     never = [op for op in r.supported if not r.opcodes.get(op, Counter())["GOOD"]]
     print(f"   opcodes: {len(r.supported)} reported by the device, {len(r.opcodes)} sent; "
           f"reported but never GOOD: {' '.join(f'{o:02X}h' for o in never) or 'none'}")
-    print(f"   escapes: {len(r.escapes)}"
+    print(f"   escapes: {r.escape_total}"
           + (" (" + ", ".join(f"{k} {v}" for k, v in kinds.most_common()) + ")" if kinds else ""))
     groups: dict[tuple[str, int], list[Escape]] = {}
     for e in r.escapes:
         groups.setdefault((e.kind, e.case.cdb[0]), []).append(e)
     for (kind, op), items in sorted(groups.items()):
-        print(f"   - {kind}, opcode {op:02X}h: {len(items)}")
+        print(f"   - {kind}, opcode {op:02X}h: {r.escape_counts[(kind, op)]}")
         for e in items[:show]:
             print(f"       {e}")
     return {
         "device": r.target, "seed": r.seed, "depth": depth, "commands": r.commands,
         "seconds": r.duration,
         "restarts": r.restarts, "statuses": dict(r.statuses), "senses": dict(r.senses),
+        "escape_counts": {f"{k}/{op:02X}": n for (k, op), n in sorted(r.escape_counts.items())},
         "escapes": [
             {"kind": e.kind, "index": e.case.index, "start": e.start, "cdb": e.case.cdb.hex(),
-             "data_out": len(e.case.data_out), "data_in": e.case.data_in_len,
+             "data_out": e.data_out_length, "data_in": e.case.data_in_len,
              "direct": e.case.direct, "detail": e.detail}
             for e in r.escapes
         ],

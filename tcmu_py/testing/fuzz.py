@@ -72,7 +72,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,10 @@ DATA_AREA = 2 * 1024 * 1024
 PATTERN_BLOCKS = 2048
 #: Default growth of the resident set allowed while one command runs.
 MEMORY_LIMIT = 32 * 1024 * 1024
+#: Default growth of the resident set allowed over a whole run on one device (leaks).
+LEAK_LIMIT = 256 * 1024 * 1024
+#: Escapes kept (with their case) per (kind, opcode); the rest are only counted.
+KEPT_ESCAPES = 50
 
 GOOD, CHECK_CONDITION, CONDITION_MET = Status.GOOD, Status.CHECK_CONDITION, Status.CONDITION_MET
 #: SAM-5 5.3: the statuses a completed command may have, by name.
@@ -192,18 +196,20 @@ class Case:
     data_cdb: bool = False
     direct: bool = False
 
-    def describe(self) -> str:
+    def describe(self, data_out_length: int | None = None) -> str:
         via = " (direct execute)" if self.direct else ""
+        n = len(self.data_out) if data_out_length is None else data_out_length
         return (
             f"case {self.index} [{self.strategy}] cdb={self.cdb.hex()} "
-            f"data_out={len(self.data_out)}B data_in={self.data_in_len}B{via}"
+            f"data_out={n}B data_in={self.data_in_len}B{via}"
         )
 
 
 @dataclass(frozen=True)
 class Escape:
     """One violation of the oracle. `start`: where the device of this case was opened (replay
-    from there); `kind`: which rule (see the module docstring)."""
+    from there); `kind`: which rule (see the module docstring). `case` keeps at most the first
+    4 KiB of its Data-Out (`replay` builds it again whole); `data_out_length` is the real size."""
 
     target: str
     seed: int
@@ -213,12 +219,13 @@ class Escape:
     detail: str
     status: int | None = None
     sense: bytes = b""
+    data_out_length: int = 0
 
     def __str__(self) -> str:
         return (
             f"{self.target} seed={self.seed} index={self.case.index} [{self.kind}] {self.detail}; "
-            f"{self.case.describe()}; replay(target, seed={self.seed}, index={self.case.index}, "
-            f"start={self.start})"
+            f"{self.case.describe(self.data_out_length)}; replay(target, seed={self.seed}, "
+            f"index={self.case.index}, start={self.start})"
         )
 
 
@@ -234,19 +241,27 @@ class FuzzReport:
     opcodes: dict[int, Counter[str]] = field(default_factory=dict)
     #: Opcodes the device reported in REPORT SUPPORTED OPERATION CODES.
     supported: list[int] = field(default_factory=list)
+    #: The first `KEPT_ESCAPES` escapes of each (kind, opcode); `escape_counts` counts them all.
     escapes: list[Escape] = field(default_factory=list)
+    escape_counts: Counter[tuple[str, int]] = field(default_factory=Counter)
     restarts: int = 0
     rejected_by_kernel: int = 0
     duration: float = 0.0
     max_memory_growth: int = 0
 
+    @property
+    def escape_total(self) -> int:
+        return sum(self.escape_counts.values())
+
     def describe(self, limit: int = 5) -> str:
         lines = [
             f"{self.target}: seed {self.seed}, {self.commands} commands in {self.duration:.1f} s, "
-            f"{len(self.escapes)} escapes, {self.restarts} restarts",
+            f"{self.escape_total} escapes, {self.restarts} restarts",
             "  statuses: " + ", ".join(f"{k} {v}" for k, v in self.statuses.most_common()),
         ]
-        by_kind = Counter(e.kind for e in self.escapes)
+        by_kind: Counter[str] = Counter()
+        for (kind, _), n in self.escape_counts.items():
+            by_kind[kind] += n
         if by_kind:
             lines.append("  escapes: " + ", ".join(f"{k} {v}" for k, v in by_kind.most_common()))
         lines += [f"  {e}" for e in self.escapes[:limit]]
@@ -1245,11 +1260,19 @@ class _MemoryWatch:
         return self.peak()
 
     def peak(self) -> int:
+        """The largest resident set since `reset` (bytes)."""
+        return self._field(b"VmHWM:")
+
+    def current(self) -> int:
+        """The resident set now (bytes)."""
+        return self._field(b"VmRSS:")
+
+    def _field(self, name: bytes) -> int:
         if self._status is None:
             return 0
         data = os.pread(self._status, 8192, 0)
-        i = data.find(b"VmHWM:")
-        return int(data[i + 6 : data.index(b"kB", i)]) * 1024 if i >= 0 else 0
+        i = data.find(name)
+        return int(data[i + len(name) : data.index(b"kB", i)]) * 1024 if i >= 0 else 0
 
     def close(self) -> None:
         for fd in (self._clear, self._status):
@@ -1525,9 +1548,13 @@ class _Run:
         logged = self.errors.take()
         if logged and kind in ("internal-error", "runner-failure", "loop-died", "not-completed"):
             detail += f" (logged: {logged})"
-        self.report.escapes.append(
-            Escape(self.target.name, self.seed, start, case, kind, detail, status, sense)
-        )
+        key = (kind, case.cdb[0] if case.cdb else -1)
+        self.report.escape_counts[key] += 1
+        if self.report.escape_counts[key] > KEPT_ESCAPES:
+            return  # counted; a long run must not hold every case's data
+        kept = replace(case, data_out=case.data_out[:4096])
+        self.report.escapes.append(Escape(self.target.name, self.seed, start, kept, kind, detail,
+                                          status, sense, len(case.data_out)))
 
     def prepare(self, session: _Session, start: int) -> Profile:
         """Clear pending unit attentions, probe, write the pattern. The probe's answers go
@@ -1677,6 +1704,16 @@ class _Run:
                     if lo < hi:
                         self.touched[lo:hi] = b"\x01" * (hi - lo)
 
+    def leak(self, start: int, index: int, base: int, limit: int) -> bool:
+        """A "leak" escape (True) if the resident set grew by more than `limit` since `base`."""
+        grown = self.memory.current() - base
+        if base and grown > limit:
+            self.escape(start, Case(index, "final", b"\0"), "leak",
+                        f"resident set grew by {grown >> 20} MiB over cases {start}..{index - 1} "
+                        f"(limit {limit >> 20} MiB)")
+            return True
+        return False
+
     def final(self, session: _Session, start: int, last: int) -> None:
         """Read the pattern back; TEST UNIT READY and INQUIRY must still be answered."""
         profile = self.profile
@@ -1719,6 +1756,7 @@ def fuzz(
     commands: int,
     first: int = 0,
     memory_limit: int | None = MEMORY_LIMIT,
+    leak_limit: int | None = LEAK_LIMIT,
     timeout: float = 10.0,
     seconds: float | None = None,
     final_checks: bool = True,
@@ -1727,7 +1765,9 @@ def fuzz(
     """Run cases `first`..`commands`-1 of `seed` against fresh devices from `target`.
 
     `depth` cases at a time are in flight together (queue depth; 1 attributes every escape,
-    memory included, to exactly one command). A case that kills the device (runner loop dead,
+    memory included, to exactly one command). `memory_limit` bounds the resident set's growth
+    while one batch runs, `leak_limit` its growth over the life of one device (checked every
+    1000 cases and at the end: a "leak" escape). A case that kills the device (runner loop dead,
     command never completed, ring broken) is reported and the run continues on a fresh device.
     `seconds` stops the run early. Never raises for what the device does; raises FuzzError if a
     fresh device cannot even be probed.
@@ -1745,7 +1785,11 @@ def fuzz(
                 try:
                     run.profile = run.prepare(session, start)
                     report.supported = sorted(run.profile.opcodes)
+                    base = run.memory.current()
+                    leaked = False
                     while index < commands:
+                        if leak_limit and not leaked and (index - start) % 1000 < depth:
+                            leaked = run.leak(start, index, base, leak_limit)
                         if seconds is not None and time.monotonic() - began > seconds:
                             commands = index
                             break
@@ -1758,6 +1802,8 @@ def fuzz(
                             break
                     if healthy and final_checks:
                         run.final(session, start, index)
+                    if leak_limit and not leaked:
+                        run.leak(start, index, base, leak_limit)
                 finally:
                     if healthy:
                         for problem in session.close(timeout):

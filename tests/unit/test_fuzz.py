@@ -107,7 +107,7 @@ def defect(e: Escape) -> str:
         if e.kind == "short-data-out" and op == 0x42:
             return "F2"
     if e.target == "drive":
-        if e.kind == "runner-failure" and op == 0x8D and len(e.case.data_out) > 0xFFFF:
+        if e.kind == "runner-failure" and op == 0x8D and e.data_out_length > 0xFFFF:
             return "D7"
         if e.kind == "short-data-out" and op == 0x8D:
             return "F3"
@@ -243,6 +243,9 @@ class MemoryBackend:
         pass
 
 
+LEAKED: list[bytearray] = []
+
+
 class Planted(BlockDevice):
     """A disk with one bug, chosen by `mode`, behind READ BUFFER (3Ch): an opcode the CDB usage
     tables know, so REPORT SUPPORTED OPERATION CODES lists it and the fuzzer sends it."""
@@ -265,6 +268,9 @@ class Planted(BlockDevice):
         if self.mode == "memory":
             blob = bytearray(96 << 20)  # zero-filled: resident at once
             return len(blob) - len(blob)
+        if self.mode == "leak":
+            LEAKED.append(bytearray(2 << 20))  # kept for ever: the resident set only grows
+            return None
         if self.mode == "hang":
             return Future()  # never resolved: the command is never completed
         if self.mode == "scribble":
@@ -317,13 +323,16 @@ def planted_target(mode: str, cls: type[Planted] = Planted) -> Target:
         ("interrupt", PlantedExecute, "loop-died"),
         ("raise", PlantedInline, "internal-error"),
         ("scribble", Planted, "readback"),
+        ("leak", Planted, "leak"),
     ],
 )
 def test_oracle_catches_planted_bug(mode: str, cls: type[Planted], kind: str) -> None:
     # Seed 3 sends READ BUFFER (3Ch) as cases 9, 19, 53, 70, 94 and 98 of the first 120; a hang
     # costs the timeout and a fresh device, so that mode stops after three of them.
     commands = 60 if mode == "hang" else 120
-    report = fuzz(planted_target(mode, cls), seed=3, commands=commands, timeout=0.5)
+    report = fuzz(planted_target(mode, cls), seed=3, commands=commands, timeout=0.5,
+                  leak_limit=8 << 20)  # six 2 MiB leaks in the first 120 cases
+    LEAKED.clear()
     kinds = {e.kind for e in report.escapes if e.case.cdb[0] == 0x3C or e.case.strategy == "final"}
     assert kind in kinds, report.describe()
     if kind in ("not-completed", "loop-died"):
