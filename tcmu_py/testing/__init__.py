@@ -6,6 +6,8 @@
 - `run_command` executes one command on a device directly (no ring).
 - `cdbs` builds CDBs by name and field.
 - `check_block_handler` / `check_any_device` are conformance checks any handler can run.
+- `tcmu_py.testing.fuzz` (import it by name) fuzzes a device with generated CDBs and parameter
+  lists through the ring, and the ring itself with corrupted entries; `replay` rebuilds a case.
 
 Nothing here imports pytest.
 """

@@ -284,6 +284,10 @@ class FakeKernel:
         if self.broken:
             raise FakeKernelError("the ring is broken (an earlier protocol error); reset needed")
         self._submitted.append(p)
+        if len(self._submitted) > 2 * (len(self._commands) + len(self._qfull)) + 64:
+            # Forget reaped commands (amortised): a long run would otherwise keep every
+            # command's data alive until someone reads `pending`.
+            self._submitted = [q for q in self._submitted if not q.done]
         # target_core_user.c queue_cmd_ring: once anything waits, everything waits behind it.
         if self._qfull or not self._queue_cmd_ring(p):
             self._qfull.append(p)
