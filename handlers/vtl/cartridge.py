@@ -46,6 +46,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import re
@@ -53,7 +54,7 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -703,7 +704,7 @@ class Cartridge:
     def append(
         self,
         kind: RecordType,
-        payloads: Sequence[Sequence[Buffer]],
+        payloads: Iterable[Sequence[Buffer]],
         *,
         compress: bool = False,
     ) -> None:
@@ -736,8 +737,22 @@ class Cartridge:
         if full:
             raise CartridgeFull(written)
 
+    def append_filemarks(self, count: int) -> None:
+        """Append `count` filemarks at end of data, at a cost bounded by what is written.
+
+        Each filemark is one record header and may use the whole capacity (not only
+        `data_capacity`), so how many fit is known before writing: only those are generated
+        (no list of `count` entries: WRITE FILEMARKS may ask for 2^24 - 1), then
+        CartridgeFull(written) if some did not fit. The records are those `append` writes.
+        """
+        fit = min(count, self.remaining // RECORD_HEADER_SIZE)
+        if fit:
+            self.append(RecordType.FILEMARK, itertools.repeat((), fit))
+        if fit < count:
+            raise CartridgeFull(fit)
+
     def _append(
-        self, kind: RecordType, payloads: Sequence[Sequence[Buffer]], compress: bool
+        self, kind: RecordType, payloads: Iterable[Sequence[Buffer]], compress: bool
     ) -> tuple[int, bool]:
         iov: list[Buffer] = []
         pending = 0  # bytes in iov

@@ -49,7 +49,7 @@ from typing import ClassVar, Protocol
 
 from tcmu_py.buffers import slice_views
 from tcmu_py.device.command import Command, Response
-from tcmu_py.device.core import ScsiDevice, command
+from tcmu_py.device.core import ScsiDevice, check_data_out, command
 from tcmu_py.errors import StateFileError
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl import personality as pers
@@ -426,16 +426,18 @@ class TapeDrive(ScsiDevice):
             if req.fixed and self.block_length == 0:
                 raise InvalidFieldInCdb("fixed-block write in variable mode", field_pointer=1,
                                         bit_pointer=0)
-            if req.transfer_length == 0:
-                return
             if req.fixed:
                 size, count = self.block_length, req.transfer_length
             else:
                 size, count = req.transfer_length, 1
                 if size > self.max_block_length:
                     raise InvalidFieldInCdb(f"block of {size} bytes", field_pointer=2)
-            if cmd.data_out_length < size * count:
-                raise InvalidFieldInCdb("transfer length exceeds the data buffer", field_pointer=2)
+            # A data CDB: a Data-Out of any other size than the transfer length (fixed: count x
+            # block length; variable: the length; zero: none) is refused before anything moves,
+            # as LIO's target_cmd_size_check does for WRITE (ILLEGAL REQUEST 0Eh/03h).
+            check_data_out(cmd, size * count, data=True)
+            if req.transfer_length == 0:
+                return  # SSC-5 WRITE(6): a transfer length of zero is not an error; no motion
             self._writable(cart)
             self._prepare_write(cart)
             blocks = [slice_views(cmd.data_out, i * size, size) for i in range(count)]
@@ -472,9 +474,11 @@ class TapeDrive(ScsiDevice):
                 self._writable(cart)
                 self._prepare_write(cart)
                 try:
-                    cart.append(RecordType.FILEMARK, [()] * req.count)
+                    cart.append_filemarks(req.count)  # bounded by what fits, not by COUNT
                 except CartridgeFull as full:
                     self.pos = cart.object_count
+                    # SSC-5 4.2.5: physical end: VOLUME OVERFLOW, EOM, INFORMATION = the
+                    # filemarks not written.
                     raise VolumeOverflow(info=req.count - full.written) from None
                 self.pos = cart.object_count
             # SSC-5 WRITE FILEMARKS: buffered data is written to the medium, even with count 0.
@@ -1014,6 +1018,9 @@ class TapeDrive(ScsiDevice):
     @command(Opcode.WRITE_ATTRIBUTE)
     def write_attribute(self, cmd: Command) -> None:
         req = ssc.WriteAttribute.parse(cmd.cdb)
+        # SPC-5 6.48: a Data-Out shorter than PARAMETER LIST LENGTH (bytes 10-13) is refused
+        # before any attribute changes (INVALID FIELD IN CDB, as LIO for a control CDB).
+        check_data_out(cmd, req.parameter_list_length, field_pointer=10)
         with self.lock:
             cart = self._attribute_target(cmd, req.logical_volume, req.partition)
             if req.parameter_list_length == 0:

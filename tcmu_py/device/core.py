@@ -69,21 +69,53 @@ _HARDWARE_ERROR_SENSE = build_fixed_sense(0x04, 0x44, 0x00)
 
 
 def command(
-    opcode: int, service_action: int | None = None, *, inline: bool = False
+    opcode: int,
+    service_action: int | None = None,
+    *,
+    inline: bool = False,
+    usage: bytes | None = None,
 ) -> Callable[[F], F]:
     """Register the decorated method as the handler of `opcode` (and `service_action`).
 
     `inline=True` says the handler never blocks (no backend I/O): the runner may run it on its
     loop thread instead of handing it to the worker pool.
+
+    `usage`: the command's CDB USAGE DATA for REPORT SUPPORTED OPERATION CODES (SPC-5 6.35.4):
+    the whole CDB, byte 0 the opcode, then a 1 for every bit the handler evaluates. Without it,
+    the tables of `tcmu_py.scsi.spc.cdb_usage_mask` answer for the commands tcmu-py knows, and
+    any other command (a vendor opcode, C0h-FFh) is reported with `spc.derived_cdb_usage`: the
+    length its group code defines (SPC-5 4.2.5.1), every bit between the opcode and the CONTROL
+    byte marked as evaluated — conservative, an initiator assumes nothing is ignored. A
+    VARIABLE LENGTH (7Fh) command has no length to derive and must pass `usage`.
     """
+    if usage is not None:
+        usage = bytes(usage)
+        if not usage or usage[0] != opcode:
+            raise ValueError(f"usage for opcode {opcode:#04x} must start with the opcode")
+        if opcode != Opcode.VARIABLE_LENGTH and len(usage) != cdbs.cdb_length(usage):
+            raise ValueError(
+                f"usage for opcode {opcode:#04x} has {len(usage)} bytes, its group code "
+                f"defines {cdbs.cdb_length(usage)}"
+            )
+    elif opcode == Opcode.VARIABLE_LENGTH:
+        raise ValueError("a VARIABLE LENGTH (7Fh) command must give usage= (its CDB length)")
 
     def mark(fn: F) -> F:
         keys = getattr(fn, "_scsi_commands", [])
-        keys.append((int(opcode), service_action, inline))
+        keys.append((int(opcode), service_action, inline, usage))
         fn._scsi_commands = keys  # type: ignore[attr-defined]
         return fn
 
     return mark
+
+
+def short_cdb(cdb: bytes) -> int | None:
+    """The length `cdb`'s opcode requires if `cdb` is shorter, else None (SPC-5 4.2.5.1: the
+    group code defines the length; VARIABLE LENGTH CDBs carry theirs in byte 7, SPC-5 4.2.4)."""
+    if cdb[0] == Opcode.VARIABLE_LENGTH and len(cdb) < 8:
+        return 8
+    need = cdbs.cdb_length(cdb)
+    return need if len(cdb) < need else None
 
 
 def check_data_out(
@@ -133,15 +165,23 @@ class ScsiDevice:
 
     #: (opcode, service action) -> (method name, inline) — collected per class.
     _table: ClassVar[dict[tuple[int, int | None], tuple[str, bool]]] = {}
+    #: (opcode, service action) -> CDB usage data a handler gave with `@command(usage=...)`.
+    _usage: ClassVar[dict[tuple[int, int | None], bytes]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         table: dict[tuple[int, int | None], tuple[str, bool]] = {}
+        usages: dict[tuple[int, int | None], bytes] = {}
         for klass in reversed(cls.__mro__):
             for name, value in vars(klass).items():
-                for opcode, sa, inline in getattr(value, "_scsi_commands", ()):
+                for opcode, sa, inline, usage in getattr(value, "_scsi_commands", ()):
                     table[(opcode, sa)] = (name, inline)
+                    if usage is None:
+                        usages.pop((opcode, sa), None)  # an override without usage: tables
+                    else:
+                        usages[(opcode, sa)] = usage
         cls._table = table
+        cls._usage = usages
 
     def __init__(self, config: DeviceConfig) -> None:
         self.config = config
@@ -278,12 +318,43 @@ class ScsiDevice:
             (k for k in self._table if self.supports(*k)), key=lambda k: (k[0], k[1] or 0)
         )
 
+    def implements_opcode(self, opcode: int) -> bool:
+        """Whether any command (any service action) with this operation code is supported."""
+        return any(op == opcode and self.supports(op, sa) for op, sa in self._table)
+
+    def cdb_usage(self, opcode: int, service_action: int | None) -> bytes:
+        """CDB USAGE DATA of a supported command (SPC-5 6.35.4): what `@command(usage=...)`
+        gave, else tcmu-py's table for this peripheral type, else derived from the group code
+        (see `command`)."""
+        given = self._usage.get((opcode, service_action))
+        if given is not None:
+            return given
+        try:
+            return spc.cdb_usage_mask(
+                opcode, service_action, peripheral_type=self.peripheral_type
+            )
+        except KeyError:
+            return spc.derived_cdb_usage(opcode, service_action)
+
     def execute(self, cmd: Command) -> Response | Future[Response]:
         """Run one command to a Response. Never raises."""
         try:
             # Unlocked peek first: a pending UA is rare, the lock is taken only then.
             if self._unit_attentions and cmd.opcode not in _UA_EXEMPT:
                 self._report_unit_attention()
+            need = short_cdb(cmd.cdb)
+            if need is not None and self.implements_opcode(cmd.opcode):
+                # SPC-5 4.2.5.1: the group code of byte 0 defines the CDB length; a CDB cut
+                # short (only direct callers can send one: the kernel sizes ring CDBs by the
+                # same rule) is refused before dispatch, so no handler reads past its end. The
+                # opcode is implemented, its CDB is not valid: INVALID FIELD IN CDB at byte 0
+                # (SPC-5 4.4.3). An opcode the device does not implement stays INVALID COMMAND
+                # OPERATION CODE (20h/00h, from lookup) whatever its length: the length of a
+                # command the device server does not know is not its to judge.
+                raise InvalidFieldInCdb(
+                    f"CDB has {len(cmd.cdb)} bytes, opcode {cmd.opcode:#04x} needs {need}",
+                    field_pointer=0,
+                )
             handler, _ = self.lookup(cmd.cdb)
             result = handler(cmd)
         except BaseException as exc:  # noqa: BLE001 - the one place errors become sense
@@ -391,9 +462,8 @@ class ScsiDevice:
     @command(Opcode.MAINTENANCE_IN, ServiceAction.REPORT_SUPPORTED_OPERATION_CODES, inline=True)
     def report_supported_operation_codes(self, cmd: Command) -> int:
         req = cdbs.ReportSupportedOpcodes.parse(cmd.cdb)
-        pt = self.peripheral_type
         infos = [
-            spc.opcode_info(op, sa, peripheral_type=pt) for op, sa in self.supported_commands()
+            spc.OpcodeInfo(op, sa, self.cdb_usage(op, sa)) for op, sa in self.supported_commands()
         ]
         if req.reporting_options == 0:
             data = spc.build_rsoc_all(infos, rctd=req.rctd)

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from tcmu_py.scsi.cdb import cdb_length
 from tcmu_py.scsi.constants import (
     ALL_SUBPAGES,
     Association,
@@ -983,3 +984,20 @@ def cdb_usage_mask(
             return table[key]
     sa = "" if service_action is None else f"/{service_action:02X}h"
     raise KeyError(f"no CDB usage data for opcode {opcode:02X}h{sa} (type {peripheral_type})")
+
+
+def derived_cdb_usage(opcode: int, service_action: int | None = None) -> bytes:
+    """Conservative CDB USAGE DATA (SPC-5 6.35.4) for a command without a table entry (a
+    handler's vendor opcode): the length the group code defines (SPC-5 4.2.5.1 table 4), byte 0
+    the opcode, the SERVICE ACTION in byte 1 (bits 4..0, bits 7..5 zero) where it has one,
+    every other bit up to the CONTROL byte set (the device server may evaluate it), the CONTROL
+    byte zero (tcmu-py, like LIO, supports neither NACA nor linked commands). VARIABLE LENGTH
+    CDBs have no derivable length: ValueError.
+    """
+    if opcode == Opcode.VARIABLE_LENGTH:
+        raise ValueError("a VARIABLE LENGTH (7Fh) CDB has no length to derive usage from")
+    length = cdb_length(bytes([opcode]))
+    usage = bytearray([opcode] + [0xFF] * (length - 2) + [0x00])
+    if service_action is not None:
+        usage[1] = service_action & 0x1F  # as the tables: the SA value, bits 7..5 zero
+    return bytes(usage)

@@ -84,12 +84,7 @@ FOUND = {
     ("raw", "F7"), ("null", "F7"), ("thin", "F7"),
 }
 #: The pairs still open: xfail(strict) until fixed (then drop them here).
-OPEN = {
-    ("drive", "F3"),
-    ("drive", "F5"),
-    ("drive", "F6"),
-    ("raw", "F7"), ("null", "F7"), ("thin", "F7"),
-}
+OPEN: set[tuple[str, str]] = set()
 
 
 def defect(e: Escape) -> str:
@@ -357,9 +352,6 @@ class VendorDisk(Planted):
         return None
 
 
-@pytest.mark.xfail(strict=True, reason="F9 open: an opcode without CDB usage data in "
-                   "tcmu_py.scsi.spc makes REPORT SUPPORTED OPERATION CODES raise KeyError "
-                   "(HARDWARE ERROR 44/00) for the whole device")
 def test_a_vendor_opcode_leaves_report_supported_operation_codes_working() -> None:
     report = fuzz(planted_target("none", VendorDisk), seed=3, commands=20)
     assert report.commands == 20  # the fuzzer itself copes with a device without RSOC

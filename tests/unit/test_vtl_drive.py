@@ -618,3 +618,69 @@ def test_missing_cartridge_file_is_not_ready_not_hardware_error(lib: FakeLibrary
     assert t.read(10).sense_codes == (2, 0x04, 0x03)
     lib.move(None)
     assert t.run(bytes(6)).sense_codes == (2, 0x3A, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-Out size and bounded WRITE FILEMARKS (issue 11, fuzzer escapes F3, F5, F6)
+
+
+def _attr_0800(tape: Tape) -> Result:
+    return tape.run(ssc.ReadAttribute(0, 0, 0, 0x0800, 4096, False).build(), data_in_len=4096)
+
+
+def test_write_attribute_refuses_a_data_out_shorter_than_its_list(tape: Tape) -> None:
+    """F3: the list is whole and valid, but the CDB announces 16 bytes more than arrive: refused
+    with INVALID FIELD IN CDB at PARAMETER LIST LENGTH (byte 10) before any attribute changes."""
+    attr = ssc.Attribute(0x0800, 1, b"ACME    ").build()
+    plist = len(attr).to_bytes(4, "big") + attr
+    r = tape.run(ssc.WriteAttribute(False, 0, 0, len(plist) + 16).build(), plist)
+    assert r.sense_codes == (5, 0x24, 0) and sense(r).field_pointer == 10
+    assert _attr_0800(tape).sense_codes == (5, 0x24, 0)  # still not present
+    # A longer Data-Out is used up to the list length (a control CDB, as LIO).
+    r = tape.run(ssc.WriteAttribute(False, 0, 0, len(plist)).build(), plist + bytes(16))
+    assert r.good
+    assert _attr_0800(tape).data[9:17] == b"ACME    "
+
+
+def test_write6_refuses_a_data_out_of_another_size(tape: Tape, lib: FakeLibrary) -> None:
+    """F5: WRITE(6) is a data CDB: a Data-Out longer or shorter than the transfer length
+    (variable: the length; fixed: count x block length; zero: none) is ILLEGAL REQUEST 0Eh/03h
+    (LIO's target_cmd_size_check) and nothing reaches the medium."""
+    variable = ssc.ReadWrite6(False, False, 100).build(0x0A)
+    assert tape.run(variable, b"v" * 200).sense_codes == (5, 0x0E, 3)
+    assert tape.run(variable, b"v" * 50).sense_codes == (5, 0x0E, 3)
+    assert tape.run(ssc.ReadWrite6(False, False, 0).build(0x0A), b"v" * 8).sense_codes == (
+        5, 0x0E, 3,
+    )
+    assert tape.mode_select_block(0, 512).good
+    assert tape.write_fixed(b"f" * 3 * 512, 2).sense_codes == (5, 0x0E, 3)
+    assert tape.write_fixed(b"f" * 512, 2).sense_codes == (5, 0x0E, 3)
+    assert tape.tell().object_id == 0
+    assert tape.write_fixed(b"f" * 2 * 512, 2).good  # the exact size still writes
+    assert tape.tell().object_id == 2
+
+
+def test_write_filemarks_of_the_largest_count_is_bounded(lib: FakeLibrary) -> None:
+    """F6: COUNT 2^24-1 on a 64 KiB cartridge writes the 2048 filemarks that fit (32-byte
+    records) and answers VOLUME OVERFLOW, EOM, INFORMATION = those not written (SSC-5 4.2.5),
+    without a list of COUNT entries (~130 MiB before the fix)."""
+    import tracemalloc
+
+    lib.create("SML002L8", capacity=64 * 1024, early_warning=16 * 1024)
+    t = Tape(lib)
+    lib.move("SML002L8")
+    t.clear_ua()
+    count = (1 << 24) - 1
+    tracemalloc.start()
+    try:
+        r = t.weof(count)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    s = sense(r)
+    assert (s.sense_key, s.asc, s.ascq, s.eom, s.info) == (0xD, 0, 2, True, count - 2048)
+    assert peak < 2 << 20, f"peak {peak} bytes"
+    assert t.tell().object_id == 2048 and t.tell().file_id == 2048
+    t.rewind()
+    assert t.space(1, 2048).good  # every one is a filemark
+    assert t.read(10).sense_codes == (8, 0, 5)  # then EOD
