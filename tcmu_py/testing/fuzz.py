@@ -2019,9 +2019,10 @@ class _GuardedMapping:
 
 
 def _address(view: memoryview) -> int:
-    from tcmu_py._tcmu_ring import ffi
+    """Address of a writable buffer (ctypes: the compiled ring binding is tcmu_py.ring's alone)."""
+    import ctypes
 
-    return int(ffi.cast("uintptr_t", ffi.from_buffer("uint8_t[]", view)))
+    return ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view))
 
 
 def _ring_entries(buf: bytearray | memoryview, tail: int, head: int, size: int) -> list[int]:
