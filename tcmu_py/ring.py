@@ -373,13 +373,27 @@ class Ring:
 
         Also steps ``cmd_tail`` over PAD/TMR slots at the tail (no kick needed for
         correctness; the next completion kick reaps them). Raises :class:`RingError` on a
-        malformed entry (commands before it were returned by this or earlier calls) or a
-        cmd_id that is already in flight.
+        malformed entry or a cmd_id that is already in flight; the call is then undone: none of
+        the entries it parsed is held in flight and the cursor is back where the call found it
+        (commands of earlier calls stay in flight and are completed as usual).
         """
         if self._cbuf is None:
             raise RingError("the ring is closed")
         cmds: list[RingCommand] = []
         tmrs: list[RingTmr] = []
+        start = self._ctx.cursor
+        try:
+            return self._dequeue(cmds, tmrs)
+        except RingError:
+            # Undo the call: a command parsed here but never returned would be held in flight
+            # with nobody to complete it.
+            self._in_flight.difference_update(c.cmd_id for c in cmds)
+            self._ctx.cursor = start
+            raise
+
+    def _dequeue(
+        self, cmds: list[RingCommand], tmrs: list[RingTmr]
+    ) -> tuple[list[RingCommand], list[RingTmr]]:
         mv, ctx, batch, raw = self._mv, self._ctx, self._batch, self._entries_raw
         in_flight = self._in_flight
         unpack_entry = _ENTRY.unpack_from

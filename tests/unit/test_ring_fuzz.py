@@ -7,10 +7,11 @@ out-of-bounds access by the C code kills the test process. The Ring must refuse 
 RingError or return commands that lie inside the mapping; uncorrupted controls are checked end to
 end against the FakeKernel.
 
-R1 (new, found here): `Ring.dequeue` is not atomic when it raises. Commands it parsed earlier in
+R1 (found here, fixed): `Ring.dequeue` was not atomic when it raised. Commands it parsed earlier in
 the same call — a full batch of 256 before a bad entry, or the entries before a duplicate cmd_id —
-are added to the in-flight set but never returned (and the C cursor has moved past the entries
-after them too), so nobody ever completes them. Only a corrupt ring gets there.
+were added to the in-flight set but never returned (and the C cursor had moved past the entries
+after them too), so nobody ever completed them. Only a corrupt ring gets there. A failing call is
+now undone (in-flight set and cursor).
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ from tcmu_py.testing.fuzz import RingFuzzReport, fuzz_ring
 
 SEED, CASES = 21, 1500  # about 2 s on a quiet machine
 
-R1 = "R1 open: Ring.dequeue raising mid-call leaves commands in flight that it never returned"
-
-
 @pytest.fixture(scope="module")
 def report() -> RingFuzzReport:
     return fuzz_ring(seed=SEED, cases=CASES)
@@ -42,7 +40,6 @@ def test_corrupt_rings_are_refused_or_parsed_inside_the_mapping(report: RingFuzz
     assert not others, report.describe()
 
 
-@pytest.mark.xfail(strict=True, reason=R1)
 def test_no_command_is_left_in_flight_unreturned(report: RingFuzzReport) -> None:
     lost = [e for e in report.escapes if e.kind == "lost-in-flight"]
     assert not lost, report.describe()
@@ -55,7 +52,6 @@ def _three_commands() -> FakeKernel:
     return k
 
 
-@pytest.mark.xfail(strict=True, reason=R1)
 def test_a_bad_entry_after_a_full_batch_loses_nothing() -> None:
     k = _three_commands()
     third = MAILBOX_SIZE + 2 * command_entry_size(0, 6)
@@ -67,7 +63,6 @@ def test_a_bad_entry_after_a_full_batch_loses_nothing() -> None:
     assert ring.in_flight_ids == {c.cmd_id for c in returned}
 
 
-@pytest.mark.xfail(strict=True, reason=R1)
 def test_a_duplicate_cmd_id_loses_nothing() -> None:
     k = _three_commands()
     second = MAILBOX_SIZE + command_entry_size(0, 6)
