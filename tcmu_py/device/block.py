@@ -448,8 +448,13 @@ class BlockDevice(ScsiDevice):
             raise InvalidFieldInCdb("NUMBER OF LOGICAL BLOCKS", field_pointer=13)
         self._check_range(rw.lba, rw.transfer_length)
         length = rw.transfer_length * self.block_size
+        if length == 0 and cmd.data_out_length:
+            # A transfer the one-byte count cannot describe (256 blocks reads as 0): the CDB's
+            # NUMBER OF LOGICAL BLOCKS is what is wrong, as libiscsi's CompareAndWrite.Simple
+            # expects past MAXIMUM COMPARE AND WRITE LENGTH (SBC-4 5.3, 6.6.4).
+            raise InvalidFieldInCdb("NUMBER OF LOGICAL BLOCKS", field_pointer=13)
         # SBC-4 5.3: the Data-Out holds exactly the verify and the write instances; a transfer
-        # of another size (e.g. 256 blocks, whose one-byte count reads 0) is refused.
+        # of another size is refused.
         check_data_out(cmd, 2 * length, data=True)
         if length == 0:
             return

@@ -288,3 +288,25 @@ def test_get_lba_status_asks_the_backend_for_no_more_than_fits_the_data_in():
     run_command(dev, cdbs.test_unit_ready())
     r = run_command(dev, cdbs.get_lba_status(0, allocation_length=0xFFFFFFFF), data_in_len=4096)
     assert r.good and Spy.asked == [(4096 - 8) // 16]
+
+
+def test_compare_and_write_of_256_blocks_is_an_invalid_number_of_blocks():
+    """libiscsi's CompareAndWrite.Simple past MAXIMUM COMPARE AND WRITE LENGTH (255): 256 blocks
+    read as a count of 0 with 2 x 256 blocks of Data-Out; the CDB field is what is wrong, so
+    the answer is INVALID FIELD IN CDB at NUMBER OF LOGICAL BLOCKS (byte 13), not a Data-Out
+    length error."""
+    import struct as _struct
+
+    from tcmu_py.device.block import BlockDevice
+    from tcmu_py.handler import DeviceConfig
+    from tcmu_py.handlers.null import NullBackend
+    from tcmu_py.testing import cdbs as _cdbs
+    from tcmu_py.testing.harness import run_command
+
+    config = DeviceConfig(name="n", subtype="null", cfgstring="", size=1 << 20)
+    dev = BlockDevice(config, NullBackend(1 << 20, 512))
+    run_command(dev, _cdbs.test_unit_ready())  # the power-on unit attention
+    cdb = _struct.pack(">BBQ3xBBx", 0x89, 0, 0, 0, 0)
+    r = run_command(dev, cdb, data_out=bytes(2 * 256 * 512))
+    assert r.sense_codes == (0x05, 0x24, 0x00), r
+    assert r.sense[15] & 0x80 and int.from_bytes(r.sense[16:18], "big") == 13

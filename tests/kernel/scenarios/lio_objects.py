@@ -120,7 +120,7 @@ def _serve_events(
                 log.append(
                     (
                         ev.cmd.name,
-                        ev.uio.name,
+                        ev.uio.device,
                         str(ev.dev_size),
                         str(ev.writecache),
                         str(ev.dev_cfg),
