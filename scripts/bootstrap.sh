@@ -26,6 +26,9 @@ APT_PACKAGES=(
     sg3-utils fio lsscsi e2fsprogs xfsprogs mt-st mtx libiscsi-bin tcmu-runner dbus
     # real backup applications' own drive and autochanger qualification (btape, amtapetype)
     bacula-sd amanda-server
+    # amanda-common uses Encode::Locale without declaring it (Debian 12): without it every Amanda
+    # tool dies at compile time
+    libencode-locale-perl
 )
 VIRTME_NG="virtme-ng==1.42"
 APT_LOG=/tmp/tcmu-py-bootstrap-apt.log
