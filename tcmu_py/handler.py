@@ -233,7 +233,8 @@ class Handler(ABC):
     def status(cls, devices: Sequence[ScsiDevice]) -> dict[str, Any]:
         """Top-level entries this handler adds to the daemon's status (JSON-serialisable, shown
         as is by ``tcmu-py status --json``); `devices` are the open devices of this subtype the
-        daemon serves (maybe none). Keys must not collide with ``pid`` and ``devices``."""
+        daemon serves (maybe none). Keys must not collide with ``pid``, ``devices`` and
+        ``handlers``."""
         return {}
 
     @classmethod
