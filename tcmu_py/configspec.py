@@ -14,6 +14,7 @@ the file holds.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,14 @@ __all__ = [
     "MAX_PROBLEMS",
     "MISSING",
     "NAME_RE",
+    "OPTION_KEY_RE",
     "TCMU_CONFIG_MAX",
     "Checker",
     "Defaults",
     "Device",
     "config_string_problem",
+    "join_config_items",
+    "load_device_options",
     "parse_size",
 ]
 
@@ -40,6 +44,8 @@ MAX_PROBLEMS = 20
 
 #: An LIO object name (storage objects, pools, libraries): rtslib-fb refuses ``/`` and spaces.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: A key of a device's ``options:`` (it becomes a ``key=value`` item of the dev_config).
+OPTION_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SIZE_RE = re.compile(r"(\d+)\s*([KMGTP]?)(i?B)?", re.IGNORECASE)
 _SIZE_MULT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 # RFC 3720 3.2.6.3.1: "iqn." yyyy-mm "." reversed domain name, optionally ":" unique string.
@@ -121,6 +127,40 @@ def config_string_problem(cfg: str) -> str | None:
         if ch in cfg:
             return f"no {ch!r} ({why})"
     return None
+
+
+def join_config_items(items: Sequence[tuple[str, str]]) -> str:
+    """``key=value;key=value``: the config string of a device whose handler takes options
+    (`tcmu_py.handler.Handler.config_string`). ``;``, never ``,``: the kernel cuts ``control``
+    at a comma (`config_string_problem`)."""
+    return ";".join(f"{k}={v}" for k, v in items)
+
+
+def load_device_options(c: Checker, raw: object, path: str) -> tuple[tuple[str, str], ...] | None:
+    """A device's ``options:`` mapping as ``(key, text)`` pairs in YAML order (booleans as 1/0),
+    every problem reported to `c`; None if `raw` is not a mapping. The default
+    `tcmu_py.handler.Handler.load_options`."""
+    m = c.mapping(raw, path, None)
+    if m is None:
+        return None
+    out: list[tuple[str, str]] = []
+    for key, value in m.items():
+        kp = f"{path}.{key}"
+        if not isinstance(key, str) or not OPTION_KEY_RE.fullmatch(key):
+            c.fail(kp, key, "an option name of letters, digits, _ . -")
+            continue
+        if isinstance(value, bool):
+            text = "1" if value else "0"
+        elif isinstance(value, int | str):
+            text = str(value)
+        else:
+            c.fail(kp, value, "a string, integer or boolean")
+            continue
+        if any(ch in text for ch in ";=,:\n"):
+            c.fail(kp, value, "a value without ';', '=', ',', ':' or newline")
+            continue
+        out.append((key, text))
+    return tuple(out)
 
 
 #: The value of a required key that is absent (`Checker.fail` says "got nothing").

@@ -22,6 +22,8 @@ them through the registry and import no handler module:
 
 - `Handler.config_sections` / `Handler.load_section`: top-level YAML sections (thin's ``pools:``)
   and their validation, reported like every other problem (`tcmu_py.configspec.Checker`);
+- `Handler.load_options` / `Handler.config_string`: a device's ``options:`` and the dev_config
+  built from them (raw's image ``path``, by default ``key=value`` items);
 - `Handler.device_config_items`: what a section adds to a device's dev_config (a pool's
   directory), `Handler.device_image`: the file holding a device's data (no two devices share one);
 - `Handler.prepare`: what must exist before its devices open (pools, libraries), run by
@@ -55,7 +57,13 @@ from tcmu_py.backend import (
     Unmap,
     WriteSame,
 )
-from tcmu_py.configspec import Checker, Defaults, Device
+from tcmu_py.configspec import (
+    Checker,
+    Defaults,
+    Device,
+    join_config_items,
+    load_device_options,
+)
 from tcmu_py.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -194,6 +202,29 @@ class Handler(ABC):
         (`ConfigView.section` gives them back). Runs before ``devices:`` is loaded; creates
         nothing."""
         return ()
+
+    @classmethod
+    def load_options(
+        cls, raw: object, path: str, checker: Checker, name: str | None, state_dir: str
+    ) -> tuple[tuple[str, str], ...] | None:
+        """Validate the ``options:`` of one of this subtype's ``devices:`` entries (`raw` its
+        YAML value, None when absent; `path` its key path, ``devices[3].options``; `name` the
+        device's name, None if that is invalid; `state_dir` the file's ``state_dir``). Report
+        problems with `checker.fail` and return the options as ``(key, text)`` pairs, None on a
+        problem. Default: any keys of letters, digits, ``_ . -`` with scalar values
+        (`tcmu_py.configspec.load_device_options`); raw takes only ``path`` (default
+        ``<state_dir>/<name>.img``)."""
+        return load_device_options(checker, raw, path)
+
+    @classmethod
+    def config_string(
+        cls, options: tuple[tuple[str, str], ...], items: tuple[tuple[str, str], ...]
+    ) -> str:
+        """The dev_config after ``<subtype>/`` for a YAML device: its `options` (as
+        `load_options` returned them) and the `items` section owners add
+        (`device_config_items`). It must parse with `check_config`. Default:
+        ``key=value;key=value``, options first; raw: the image path alone."""
+        return join_config_items(options + items)
 
     @classmethod
     def device_config_items(
