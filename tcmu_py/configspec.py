@@ -14,10 +14,10 @@ the file holds.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tcmu_py.statefile import short_repr
 
@@ -31,10 +31,12 @@ __all__ = [
     "Checker",
     "Defaults",
     "Device",
+    "Entry",
     "config_string_problem",
     "join_config_items",
     "load_device_options",
     "parse_size",
+    "raw_names",
 ]
 
 # target_core_user.h: #define TCMU_CONFIG_LEN 256 (NUL included).
@@ -163,6 +165,28 @@ def load_device_options(c: Checker, raw: object, path: str) -> tuple[tuple[str, 
     return tuple(out)
 
 
+def raw_names(items: object) -> set[str]:
+    """The ``name:`` strings of a YAML list of mappings as written, valid or not: names of
+    entries that failed validation still count for cross references, so one bad entry does not
+    cascade into a "no such name" problem everywhere it is named."""
+    if not isinstance(items, list):
+        return set()
+    return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
+
+
+class Entry(NamedTuple):
+    """One mapping of a YAML list of named objects (`Checker.named_entries`)."""
+
+    #: Its key path, ``pools[2]``.
+    path: str
+    #: The mapping as written.
+    fields: dict[str, Any]
+    #: Its ``name:``, None when missing or invalid.
+    name: str | None
+    #: How many problems the checker had before this entry (`Checker.clean_since`).
+    before: int
+
+
 #: The value of a required key that is absent (`Checker.fail` says "got nothing").
 MISSING = object()
 
@@ -207,6 +231,31 @@ class Checker:
             if key not in value:
                 self.fail(f"{path}.{key}" if path else key, MISSING, "this required key")
         return value
+
+    def named_entries(self, raw: object, path: str, allowed: set[str],
+                      required: frozenset[str], noun: str) -> Iterator[Entry]:
+        """Each mapping of the list `raw` (key path `path`) with the keys `allowed`, its
+        `required` ones present, and its ``name:`` an LIO object name no earlier entry has (``a
+        <noun> name not used before``). Entries that are not mappings are reported and
+        skipped; an entry's own problems are reported and it is yielded all the same (its
+        caller checks `clean_since`)."""
+        seen: set[str] = set()
+        for i, item in enumerate(self.seq(raw, path) or []):
+            p = f"{path}[{i}]"
+            before = len(self.problems)
+            m = self.mapping(item, p, allowed, required)
+            if m is None:
+                continue
+            name = self.name(m["name"], f"{p}.name") if "name" in m else None
+            if name is not None:
+                if name in seen:
+                    self.fail(f"{p}.name", name, f"a {noun} name not used before (duplicate)")
+                seen.add(name)
+            yield Entry(p, m, name, before)
+
+    def clean_since(self, entry: Entry) -> bool:
+        """Whether no problem was reported since `entry` was yielded."""
+        return len(self.problems) == entry.before
 
     def seq(self, value: object, path: str) -> list[Any] | None:
         if value is None:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.configspec import Checker, Device, parse_size
+from tcmu_py.configspec import Checker, Device, parse_size, raw_names
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, StatusTable
 
@@ -54,28 +54,13 @@ class PoolSpec:
     hard_limit: int = 0  # the loader always sets it (default: capacity)
 
 
-def _raw_names(items: object) -> set[str]:
-    if not isinstance(items, list):
-        return set()
-    return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
-
-
 def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpec, ...]:
     """The ``pools:`` section, and every device's ``pool:`` naming one of them (names of pools
     that failed validation still count, so one bad pool does not cascade)."""
     pools: list[PoolSpec] = []
-    seen: set[str] = set()
-    for i, item in enumerate(c.seq(raw, SECTION) or []):
-        p = f"{SECTION}[{i}]"
-        m = c.mapping(item, p, {"name", "path", "capacity", "soft_threshold", "hard_limit"},
-                      frozenset({"name", "path", "capacity"}))
-        if m is None:
-            continue
-        name = c.name(m["name"], f"{p}.name") if "name" in m else None
-        if name is not None:
-            if name in seen:
-                c.fail(f"{p}.name", name, "a pool name not used before (duplicate)")
-            seen.add(name)
+    for p, m, name, _ in c.named_entries(
+            raw, SECTION, {"name", "path", "capacity", "soft_threshold", "hard_limit"},
+            frozenset({"name", "path", "capacity"}), "pool"):
         path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
         cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
         soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
@@ -87,7 +72,7 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpe
             continue
         assert name and path and cap and soft and hard
         pools.append(PoolSpec(name, path, cap, soft, hard))
-    pool_names = _raw_names(raw)
+    pool_names = raw_names(raw)
     raw_devices = doc.get("devices")
     for i, dev in enumerate(raw_devices if isinstance(raw_devices, list) else []):
         if isinstance(dev, dict) and isinstance(dev.get("pool"), str) and (

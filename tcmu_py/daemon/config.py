@@ -61,6 +61,7 @@ from tcmu_py.configspec import (  # MAX_PROBLEMS, TCMU_CONFIG_MAX: re-exported
     Device,
     config_string_problem,
     parse_size,
+    raw_names,
 )
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import Handler, load_handlers
@@ -405,18 +406,9 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
     builds its dev_config (`Handler.config_string`)."""
     registry = _installed() if registry is None else registry
     devices: list[Device] = []
-    seen: set[str] = set()
-    for i, item in enumerate(c.seq(raw, "devices") or []):
-        p = f"devices[{i}]"
-        before = len(c.problems)
-        m = c.mapping(item, p, _DEVICE_KEYS, frozenset({"name", "handler", "size"}))
-        if m is None:
-            continue
-        name = c.name(m["name"], f"{p}.name") if "name" in m else None
-        if name is not None:
-            if name in seen:
-                c.fail(f"{p}.name", name, "a device name not used before (duplicate)")
-            seen.add(name)
+    for entry in c.named_entries(raw, "devices", _DEVICE_KEYS,
+                                 frozenset({"name", "handler", "size"}), "device"):
+        p, m, name, _ = entry
         handler = None
         if "handler" in m:
             handler = c.string(m["handler"], f"{p}.handler", _SUBTYPE_RE,
@@ -457,7 +449,7 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
             c.fail(f"{p}.hw_max_sectors", hw_max,
                    f"hw_max_sectors x block_size ({block_size}) to fit in max_data_area_mb"
                    f" ({area} MiB); the kernel rejects larger commands")
-        if len(c.problems) != before:
+        if not c.clean_since(entry):
             continue
         assert name and handler and size and block_size and hw_max and area and options is not None
         assert tmo is not None and wc is not None
@@ -702,12 +694,6 @@ def _load_iscsi(c: Checker, raw: object, devices: set[str]) -> list[IscsiTarget]
     return out
 
 
-def _raw_names(items: object) -> set[str]:
-    if not isinstance(items, list):
-        return set()
-    return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
-
-
 _TOP_KEYS = ("state_dir", "defaults", "devices", "exports")
 
 
@@ -756,7 +742,7 @@ def _build(c: Checker, doc: object,
                             handlers, owners, sections, where, registry)
     # Names given to devices that failed validation still count for cross-references, so one
     # bad device does not cascade into a "no such device" error for every export.
-    dev_names = _raw_names(top.get("devices"))
+    dev_names = raw_names(top.get("devices"))
     for key, owner in owners.items():
         implied = owner.section_devices(key, sections[key], defaults)
         if implied and handlers is not None and owner.subtype not in handlers:
