@@ -90,12 +90,14 @@ __all__ = [
     "SharedRegistry",
     "StatusTable",
     "TCMU_RUNNER_SUBTYPES",
+    "format_size",
     "ThinProvisioning",
     "Unmap",
     "WriteSame",
     "load_handlers",
     "on_memory_filesystem",
     "parse_options",
+    "render_table",
     "shared",
     "split_dev_config",
 ]
@@ -137,6 +139,29 @@ class StatusTable:
     title: str
     headers: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
+
+    def render(self) -> str:
+        """The table without its title (`render_table`)."""
+        return render_table(self.headers, self.rows)
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A text table: the headers, a rule of dashes, the rows; columns as wide as their widest
+    cell, two spaces apart. The one table layout of ``tcmu-py status`` and handlers' tools."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = [headers, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+                     .rstrip() for line in lines)
+
+
+def format_size(n: float) -> str:
+    """A byte count (or rate) for people: ``512B``, ``1.5KiB`` ... ``2.0TiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n}"
 
 
 @dataclass(frozen=True)

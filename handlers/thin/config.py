@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tcmu_py.configspec import Checker, Device, parse_size, raw_names
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import ConfigView, StatusTable
+from tcmu_py.handler import ConfigView, StatusTable, format_size
 
 from .backend import ThinBackend
 from .pool import ensure_pool, read_pool_status
@@ -148,26 +148,18 @@ def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
     return {SECTION: list(pools.values())}
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n}"
-
-
 def _pool_row(pool: Mapping[str, Any]) -> tuple[str, ...]:
     pct = 100 * pool["used"] / pool["capacity"] if pool["capacity"] else 0.0
     threshold = pool["soft_threshold"]
     return (
         pool["name"],
         pool["path"],
-        _size(pool["capacity"]),
-        _size(pool["used"]),
+        format_size(pool["capacity"]),
+        format_size(pool["used"]),
         f"{pct:.1f}%",
         "-" if threshold is None else f"{threshold}%",
         "ABOVE" if pool["above_threshold"] else "ok",
-        ", ".join(f"{d['name']}={_size(d['used'])}" for d in pool["disks"]),
+        ", ".join(f"{d['name']}={format_size(d['used'])}" for d in pool["disks"]),
     )
 
 
@@ -207,9 +199,6 @@ def main(argv: list[str]) -> int:
         print(json.dumps(found, indent=1))
     else:
         (table,) = status_tables({SECTION: found})
-        widths = [max(len(h), *(len(r[i]) for r in table.rows))
-                  for i, h in enumerate(table.headers)]
-        for line in (table.headers, tuple("-" * w for w in widths), *table.rows):
-            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        print(table.render())
     sys.stdout.flush()
     return 0
