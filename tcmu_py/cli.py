@@ -29,7 +29,7 @@ from typing import Any
 
 from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.errors import ConfigError, TcmuError
-from tcmu_py.handler import Command, Handler, load_handlers
+from tcmu_py.handler import CliCommand, Handler, load_handlers
 
 RUN_DIR = Path("/run/tcmu-py")
 
@@ -188,10 +188,10 @@ _DELEGATED = {"lab": cmd_lab}
 _BUILTIN = frozenset({"serve", "apply", "down", "check", "status", *_DELEGATED})
 
 
-def handler_commands() -> dict[str, Command]:
+def handler_commands() -> dict[str, CliCommand]:
     """Every installed handler's `Handler.commands` by name (a name taken by tcmu-py itself or
     by an earlier handler is logged and ignored)."""
-    out: dict[str, Command] = {}
+    out: dict[str, CliCommand] = {}
     for subtype, handler in _installed().items():
         try:
             commands = handler.commands()
@@ -207,7 +207,7 @@ def handler_commands() -> dict[str, Command]:
     return out
 
 
-def _run_command(command: Command) -> Any:
+def _run_command(command: CliCommand) -> Any:
     def fn(args: argparse.Namespace) -> int:
         return int(command.main(args.rest))
 

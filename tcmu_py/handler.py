@@ -75,7 +75,7 @@ __all__ = [
     "CapabilityError",
     "Checker",
     "Closable",
-    "Command",
+    "CliCommand",
     "ConfigView",
     "Defaults",
     "Device",
@@ -165,7 +165,7 @@ def format_size(n: float) -> str:
 
 
 @dataclass(frozen=True)
-class Command:
+class CliCommand:
     """A ``tcmu-py <name> ...`` subcommand of a handler: `main` gets every argument after the
     name, parses them itself (its own `argparse` parser, so ``tcmu-py <name> --help`` is its
     help) and returns the exit status (0 success, 1 failure, 2 usage). A `ConfigError` it raises
@@ -301,7 +301,7 @@ class Handler(ABC):
     # -- tcmu-py <command> --------------------------------------------------------------------
 
     @classmethod
-    def commands(cls) -> Mapping[str, Command]:
+    def commands(cls) -> Mapping[str, CliCommand]:
         """This handler's ``tcmu-py`` subcommands by name."""
         return {}
 
