@@ -64,7 +64,7 @@ def guest(args: argparse.Namespace) -> int:
         write_attr,
     )
 
-    from tcmu_py.daemon.serve import query_status
+    from tcmu_py.daemon.control import query_status
     from tcmu_py.errors import TcmuError
     from tcmu_py.handlers.thin import create_pool, read_pool_status
 

@@ -245,7 +245,7 @@ def fio(dev: Path, wl: Workload, seconds: float, size_mib: int, out_json: Path) 
 
 def daemon_counters(run_dir: Path, device: str) -> dict[str, float] | None:
     """The tcmu-py daemon's counters for ``device`` (None if it does not answer)."""
-    from tcmu_py.daemon.serve import query_status
+    from tcmu_py.daemon.control import query_status
     from tcmu_py.errors import TcmuError
 
     try:

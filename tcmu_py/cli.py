@@ -25,13 +25,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tcmu_py.daemon import DEFAULT_POLL_US
+from tcmu_py.daemon.control import RUN_DIR
 from tcmu_py.errors import ConfigError, TcmuError
-from tcmu_py.handler import CliCommand, Handler, load_handlers
 
-RUN_DIR = Path("/run/tcmu-py")
+if TYPE_CHECKING:
+    from tcmu_py.handler import CliCommand, Handler
+
+# Each subcommand imports what it needs when it runs: `status` and `down` must start fast (in
+# the lab's emulated guest every module imported costs tens of milliseconds).
 
 
 class JsonFormatter(logging.Formatter):
@@ -65,6 +69,8 @@ def _setup_logging(verbose: int, as_json: bool = False) -> None:
 
 def _installed() -> dict[str, type[Handler]]:
     """Every registered handler that imports (the registry logs the others)."""
+    from tcmu_py.handler import load_handlers
+
     registry = load_handlers()
     out = {}
     for name in registry:
@@ -145,15 +151,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """Remove what the state file records; of the YAML only ``state_dir`` is read (a file that
+    no longer validates, or names a handler no longer installed, can still be taken down)."""
     from tcmu_py.daemon import lio
+    from tcmu_py.daemon.config import load_state_dir
 
-    config = _load(args.config)
-    lio.down(config.state_dir)
+    lio.down(load_state_dir(args.config))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tcmu_py.daemon.serve import query_status
+    from tcmu_py.daemon.control import query_status
     from tcmu_py.daemon.status import add_windows, render_status
 
     run_dir = Path(args.run_dir)
@@ -214,7 +222,9 @@ def _run_command(command: CliCommand) -> Any:
     return fn
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(handler_commands_listed: bool = True) -> argparse.ArgumentParser:
+    """The parser of tcmu-py's own commands; with ``handler_commands_listed`` the installed
+    handlers' commands are listed too (for --help: that imports every handler)."""
     p = argparse.ArgumentParser(prog="tcmu-py", description="Userspace SCSI devices for Linux LIO")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log each CDB (debug)")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
@@ -265,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "lab", help="boot the distribution kernel in QEMU and serve there (tcmu-py lab --help)"
     )
-    for name, command in sorted(handler_commands().items()):
-        sub.add_parser(name, help=command.help)
+    if handler_commands_listed:
+        for name, command in sorted(handler_commands().items()):
+            sub.add_parser(name, help=command.help)
     return p
 
 
@@ -279,14 +290,15 @@ def main(argv: list[str] | None = None) -> int:
             as_json = True
         else:
             verbose += 1
-    commands = {} if not argv or argv[0] in _BUILTIN else handler_commands()
+    builtin = bool(argv) and argv[0] in _BUILTIN
+    commands = {} if not argv or builtin else handler_commands()
     if argv[:1] and argv[0] in _DELEGATED:
         args = argparse.Namespace(fn=_DELEGATED[argv[0]], rest=argv[1:], verbose=verbose)
     elif argv[:1] and argv[0] in commands:
         args = argparse.Namespace(fn=_run_command(commands[argv[0]]), rest=argv[1:],
                                   verbose=verbose)
     else:
-        args = build_parser().parse_args(["-v"] * verbose + argv)
+        args = build_parser(not builtin).parse_args(["-v"] * verbose + argv)
     _setup_logging(args.verbose, as_json)
     try:
         return int(args.fn(args))

@@ -65,6 +65,7 @@ from tcmu_py.configspec import (
     load_device_options,
 )
 from tcmu_py.errors import ConfigError
+from tcmu_py.table import format_size, render_table
 
 if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
@@ -143,25 +144,6 @@ class StatusTable:
     def render(self) -> str:
         """The table without its title (`render_table`)."""
         return render_table(self.headers, self.rows)
-
-
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A text table: the headers, a rule of dashes, the rows; columns as wide as their widest
-    cell, two spaces apart. The one table layout of ``tcmu-py status`` and handlers' tools."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    lines = [headers, ["-" * w for w in widths], *rows]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
-                     .rstrip() for line in lines)
-
-
-def format_size(n: float) -> str:
-    """A byte count (or rate) for people: ``512B``, ``1.5KiB`` ... ``2.0TiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n}"
 
 
 @dataclass(frozen=True)
@@ -289,7 +271,8 @@ class Handler(ABC):
     def status(cls, devices: Sequence[ScsiDevice]) -> dict[str, Any]:
         """Top-level entries this handler adds to the daemon's status (JSON-serialisable, shown
         as is by ``tcmu-py status --json``); `devices` are the open devices of this subtype the
-        daemon serves (maybe none). Keys must not collide with ``pid`` and ``devices``."""
+        daemon serves (maybe none). Keys must not collide with ``pid``, ``devices`` and
+        ``handlers``."""
         return {}
 
     @classmethod

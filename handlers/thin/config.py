@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from tcmu_py.configspec import Checker, Device, parse_size, raw_names
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import ConfigView, StatusTable, format_size
+from tcmu_py.handler import ConfigView, StatusTable
+from tcmu_py.table import format_size
 
 from .backend import ThinBackend
 from .pool import ensure_pool, read_pool_status

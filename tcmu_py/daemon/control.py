@@ -39,8 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tcmu_py.errors import TcmuError
+
 log = logging.getLogger("tcmu_py.daemon")
 
+#: The daemon's lock and control socket live here unless ``--run-dir`` says otherwise.
+RUN_DIR = Path("/run/tcmu-py")
 #: Seconds a connection may stay open from accept to the last byte of its answer.
 CONTROL_TIMEOUT = 2.0
 #: Longest request line, newline included.
@@ -220,3 +224,21 @@ class ControlServer:
         except Exception as exc:  # noqa: BLE001 - one request failing must not stop the others
             log.exception("control socket: %s failed", request)
             return _error(f"{request} failed: {type(exc).__name__}: {exc}")
+
+
+def query_status(run_dir: Path = RUN_DIR, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask the daemon serving `run_dir` for its status (the client side of this socket, importing
+    nothing of the data path). Raises TcmuError when none answers."""
+    path = run_dir / "control.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(b"status\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError as exc:
+        raise TcmuError(f"no tcmu-py daemon answers on {path}: {exc.strerror or exc}") from exc
+    result: dict[str, Any] = json.loads(b"".join(chunks))
+    return result

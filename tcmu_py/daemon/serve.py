@@ -36,12 +36,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import select
 import signal
-import socket
 import stat
 import threading
 import time
@@ -52,7 +50,7 @@ from typing import Any
 
 from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs
-from tcmu_py.daemon.control import ControlServer
+from tcmu_py.daemon.control import RUN_DIR, ControlServer
 from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.device.runner import DeviceRunner
@@ -65,7 +63,6 @@ from tcmu_py.uio import UioDevice, UioName
 log = logging.getLogger("tcmu_py.daemon")
 
 UIO_CLASS = Path("/sys/class/uio")
-RUN_DIR = Path("/run/tcmu-py")
 #: How often the main loop rescans /sys/class/uio as a safety net for missed events: often
 #: when no udev monitor runs, rarely when one does (the scan competes with I/O for the GIL).
 RESCAN_SECONDS = 10.0
@@ -560,7 +557,10 @@ class Daemon:
                     "counters": counters,
                 }
             )
-        out: dict[str, Any] = {"pid": os.getpid(), "devices": devices}
+        # "handlers": the subtypes that added entries, so that `tcmu-py status` imports only
+        # those (and the devices') to render their tables.
+        contributors: list[str] = []
+        out: dict[str, Any] = {"pid": os.getpid(), "devices": devices, "handlers": contributors}
         for subtype in self.handlers:
             try:
                 handler = self.handlers[subtype]
@@ -577,21 +577,6 @@ class Daemon:
                     log.error("handler %r: status key %r is taken; ignored", subtype, key)
                 else:
                     out[key] = value
+            if extra:
+                contributors.append(subtype)
         return out
-
-
-def query_status(run_dir: Path = RUN_DIR, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask a running daemon for its status. Raises TcmuError when none answers."""
-    path = run_dir / "control.sock"
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(b"status\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-    except OSError as exc:
-        raise TcmuError(f"no tcmu-py daemon answers on {path}: {exc.strerror or exc}") from exc
-    result: dict[str, Any] = json.loads(b"".join(chunks))
-    return result

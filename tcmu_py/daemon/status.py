@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tcmu_py.device.runner import latency_bucket_upper
-from tcmu_py.handler import Handler, format_size, load_handlers, render_table
+from tcmu_py.device.latency import latency_bucket_upper
+from tcmu_py.table import format_size, render_table
+
+if TYPE_CHECKING:
+    from tcmu_py.handler import Handler
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +76,23 @@ def add_windows(status: dict[str, Any], earlier: dict[str, Any] | None) -> None:
         d["window"] = window(d["counters"], before.get(d["name"]))
 
 
-def _handlers(registry: Mapping[str, type[Handler]] | None) -> list[type[Handler]]:
-    registry = load_handlers() if registry is None else registry
+def _handlers(registry: Mapping[str, type[Handler]] | None,
+              status: Mapping[str, Any]) -> list[type[Handler]]:
+    """The handlers whose tables the report shows: those of the status's devices and those that
+    added entries (``status["handlers"]``); every registered one when the daemon did not say
+    (an older daemon). Only these are imported."""
+    if registry is None:
+        from tcmu_py.handler import load_handlers
+
+        registry = load_handlers()
+    wanted = status.get("handlers")
+    if isinstance(wanted, list):
+        named = {str(x) for x in wanted} | {str(d.get("handler")) for d in status["devices"]}
+        subtypes = [s for s in registry if s in named]
+    else:
+        subtypes = list(registry)
     out = []
-    for subtype in registry:
+    for subtype in subtypes:
         try:
             out.append(registry[subtype])
         except KeyError:  # failed to import: logged by the registry
@@ -146,7 +162,7 @@ def render_status(status: dict[str, Any] | None, config_path: str | None = None,
         )
         if rows:
             parts.append(f"(cmds, errors: total; IOPS, read, write, mean, p99: {since})")
-        for handler in _handlers(handlers):
+        for handler in _handlers(handlers, status):
             try:
                 tables = handler.status_tables(status)
             except Exception:  # a report from another version, or a broken handler

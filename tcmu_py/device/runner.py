@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import select
 import threading
@@ -58,6 +57,7 @@ from typing import Any, Protocol
 
 from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice
+from tcmu_py.device.latency import LATENCY_BUCKETS, latency_bucket
 from tcmu_py.errors import RingError
 from tcmu_py.ring import Ring, RingCommand
 from tcmu_py.scsi.constants import Status
@@ -80,25 +80,6 @@ class UioLike(Protocol):
     def fileno(self) -> int: ...
     def clear_event(self) -> None: ...
     def kick(self) -> None: ...
-
-
-#: Latency histogram: bucket 0 holds commands under 1 µs, bucket i >= 1 those in
-#: [2^((i-1)/4), 2^(i/4)) µs — four buckets per doubling, so a percentile read from it is within
-#: 19 % of the true value. The last bucket also takes everything longer (2^(127/4) µs ≈ 58 min).
-LATENCY_BUCKETS = 128
-
-
-def latency_bucket(seconds: float) -> int:
-    """The `Counters.latency_hist` index of a command that took `seconds`."""
-    us = seconds * 1e6
-    if us < 1.0:
-        return 0
-    return min(LATENCY_BUCKETS - 1, int(math.log2(us) * 4) + 1)
-
-
-def latency_bucket_upper(index: int) -> float:
-    """Upper edge of bucket `index`, in seconds."""
-    return float(2.0 ** (index / 4) / 1e6)
 
 
 @dataclass

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tcmu_py.daemon.serve import Daemon, query_status
+from tcmu_py.daemon.control import query_status
+from tcmu_py.daemon.serve import Daemon
 from tcmu_py.errors import TcmuError
 from tcmu_py.handlers.null import NullHandler
 from tcmu_py.handlers.raw import RawHandler
@@ -228,7 +229,7 @@ def test_status_rates_over_a_window(host, tmp_path, capsys):
     """`tcmu-py status` reports IOPS, throughput and latency between two snapshots."""
     from tcmu_py import cli
     from tcmu_py.daemon.status import add_windows, percentile, render_status
-    from tcmu_py.device.runner import latency_bucket, latency_bucket_upper
+    from tcmu_py.device.latency import latency_bucket, latency_bucket_upper
 
     host.add("uio0", 0, "disk0", "null/", 4 * MIB)
     with serving(host, tmp_path) as d:

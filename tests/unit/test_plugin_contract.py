@@ -160,3 +160,27 @@ def test_status_text_survives_a_broken_handler(caplog) -> None:
     assert "\nthin pools\n" in text
     assert text.splitlines()[-1].split() == ["m", "/p", "100B", "60B", "60.0%", "50%", "ABOVE",
                                              "d=60B"]
+
+
+class _Watched(dict[str, type[Handler]]):
+    """A registry that records which handlers were imported (looked up)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.looked_up: list[str] = []
+
+    def __getitem__(self, key: str) -> type[Handler]:
+        self.looked_up.append(key)
+        return super().__getitem__(key)
+
+
+def test_status_imports_only_the_handlers_that_reported() -> None:
+    """`tcmu-py status` renders the tables of the handlers the daemon names in "handlers" and
+    of the status's devices, importing no other (an older daemon names none: all of them)."""
+    registry = _Watched({"null": NullHandler, "thin": ThinHandler, "vtl": NullHandler})
+    st = {"pid": 1, "devices": [], "handlers": ["thin"], "pools": []}
+    render_status(st, handlers=registry)
+    assert registry.looked_up == ["thin"]
+    registry.looked_up.clear()
+    render_status({"pid": 1, "devices": [], "pools": []}, handlers=registry)
+    assert sorted(registry.looked_up) == ["null", "thin", "vtl"]

@@ -56,7 +56,7 @@ def start_daemon(ctx: Context, *extra: str, name: str = "daemon") -> tuple[Daemo
 
 
 def served(run_dir: Path, device: str) -> bool:
-    from tcmu_py.daemon.serve import query_status
+    from tcmu_py.daemon.control import query_status
     from tcmu_py.errors import TcmuError
 
     try:
@@ -329,7 +329,7 @@ def _log_time(log_file: Path, needle: str) -> float | None:
 
 
 def served_writes(run_dir: Path, device: str) -> int:
-    from tcmu_py.daemon.serve import query_status
+    from tcmu_py.daemon.control import query_status
     from tcmu_py.errors import TcmuError
 
     try:

@@ -136,7 +136,7 @@ def serve_and_export(ctx: Context, dev_config: str, size: int) -> None:
         cleanup=ctx.cleanup,
         control={"hw_max_sectors": 1024, "max_data_area_mb": 64},
     )
-    from tcmu_py.daemon.serve import query_status
+    from tcmu_py.daemon.control import query_status
     from tcmu_py.errors import TcmuError
 
     def served() -> bool:
