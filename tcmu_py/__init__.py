@@ -3,7 +3,7 @@
 The names below are the API a handler author needs (see docs/handlers.md); each is imported the
 first time it is used, so ``import tcmu_py`` imports no submodule (the command line starts fast).
 The test kit stays in `tcmu_py.testing` (`RingHarness`, `check_block_handler`, `cdbs`,
-`MemoryBackend`), the built-in handlers in `tcmu_py.handlers`.
+`MemoryDisk`), the built-in handlers in `tcmu_py.handlers`.
 
 - The handler contract (`tcmu_py.handler`): `Handler`, `DeviceConfig`, `CliCommand`,
   `StatusTable`, `ConfigView`, `parse_options`, `shared` / `SharedRegistry`,

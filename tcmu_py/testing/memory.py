@@ -1,4 +1,4 @@
-"""`MemoryBackend`: a disk in a bytearray, the smallest `tcmu_py.backend.BlockBackend`.
+"""`MemoryDisk`: a disk in a bytearray, the smallest `tcmu_py.backend.BlockBackend`.
 
 For tests of the device engine and of what runs around a backend (the runner, the fuzzer, the
 conformance checks): subclass it to add or break a capability (``unmap``, ``lbprz``) and wrap
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["MemoryBackend"]
+__all__ = ["MemoryDisk"]
 
 
-class MemoryBackend:
+class MemoryDisk:
     """`size` bytes of `block_size`-byte blocks in `data`, all zero at first.
 
     `blocking` False (the default: a memory copy never waits) runs its commands on the device's

@@ -32,7 +32,7 @@ from tcmu_py.handlers.thin import ThinHandler, create_pool
 from tcmu_py.testing import cdbs
 from tcmu_py.testing.conformance import check_block_handler
 from tcmu_py.testing.harness import run_command
-from tcmu_py.testing.memory import MemoryBackend
+from tcmu_py.testing.memory import MemoryDisk
 
 BS = 512
 BLOCKS = 256
@@ -181,7 +181,7 @@ def test_advertised_bytes_are_unchanged(kind: str, tmp_path: os.PathLike[str], t
 # --- the RAM disk of issue 12 ----------------------------------------------------------------
 
 
-class RamDisk(MemoryBackend):
+class RamDisk(MemoryDisk):
     """The 40-line RAM disk of issue 12, as a new user writes it: blocks in a bytearray, UNMAP
     zeroes them. It forgets to declare ``lbprz``, which `check_block_handler` must catch."""
 
