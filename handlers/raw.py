@@ -24,11 +24,13 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
+from pathlib import Path
 
 from tcmu_py.buffers import skip, zero
+from tcmu_py.configspec import Checker, Device
 from tcmu_py.device.block import BlockDevice, open_block_device
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import DeviceConfig, Handler, on_memory_filesystem
+from tcmu_py.handler import DeviceConfig, Handler, on_memory_filesystem, split_wwn
 
 
 class RawBackend:
@@ -115,6 +117,36 @@ def _file_type(mode: int) -> str:
 class RawHandler(Handler):
     subtype = "raw"
     description = "raw image file: raw/<absolute path of the image>"
+
+    # -- YAML: a device's options are its image, ``options: {path: /abs/img}`` ----------------
+
+    @classmethod
+    def load_options(
+        cls, raw: object, path: str, checker: Checker, name: str | None, state_dir: str
+    ) -> tuple[tuple[str, str], ...] | None:
+        """``(("path", <absolute image path>),)``: ``options.path``, by default
+        ``<state_dir>/<device name>.img``."""
+        m = checker.mapping(raw, path, {"path"})
+        if m is None:
+            return None
+        img = (checker.abspath(m["path"], f"{path}.path") if "path" in m
+               else str(Path(state_dir) / f"{name}.img"))
+        if img is not None and split_wwn(img)[1] is not None:
+            checker.fail(f"{path}.path", img, "an image path that does not end in ';wwn=naa...'"
+                         " (the daemon would take that for the device's wwn)")
+            return None
+        return None if img is None else (("path", img),)
+
+    @classmethod
+    def config_string(
+        cls, options: tuple[tuple[str, str], ...], items: tuple[tuple[str, str], ...]
+    ) -> str:
+        """The image path alone (tcmu-runner's file handler's form): ``raw//var/lib/d.img``."""
+        return dict(options)["path"]
+
+    @classmethod
+    def device_image(cls, device: Device) -> str | None:
+        return os.path.realpath(device.options_dict()["path"])
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:

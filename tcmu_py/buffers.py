@@ -48,6 +48,18 @@ def gather(bufs: Sequence[memoryview], offset: int, length: int) -> bytes:
     return b"".join(slice_views(bufs, offset, length))
 
 
+def scatter(bufs: Sequence[memoryview], offset: int, data: Buffer) -> int:
+    """Copy `data` into bytes [offset, offset+len(data)) of the concatenation of `bufs`, as much
+    of it as fits; returns the bytes copied (fewer than `data` when the list ends first)."""
+    src = memoryview(data).cast("B")
+    done = 0
+    for view in slice_views(bufs, offset, len(src)):
+        n = len(view)
+        view[:] = src[done : done + n]
+        done += n
+    return done
+
+
 def skip(bufs: Sequence[B], n: int) -> list[B | memoryview]:
     """`bufs` without their first `n` bytes (what is left after a short read or write); whole
     buffers are kept as they are, the one cut in two is sliced through a memoryview."""

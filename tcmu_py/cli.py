@@ -32,7 +32,7 @@ from tcmu_py.daemon.control import RUN_DIR
 from tcmu_py.errors import ConfigError, TcmuError
 
 if TYPE_CHECKING:
-    from tcmu_py.handler import Command, Handler
+    from tcmu_py.handler import CliCommand, Handler
 
 # Each subcommand imports what it needs when it runs: `status` and `down` must start fast (in
 # the lab's emulated guest every module imported costs tens of milliseconds).
@@ -196,10 +196,10 @@ _DELEGATED = {"lab": cmd_lab}
 _BUILTIN = frozenset({"serve", "apply", "down", "check", "status", *_DELEGATED})
 
 
-def handler_commands() -> dict[str, Command]:
+def handler_commands() -> dict[str, CliCommand]:
     """Every installed handler's `Handler.commands` by name (a name taken by tcmu-py itself or
     by an earlier handler is logged and ignored)."""
-    out: dict[str, Command] = {}
+    out: dict[str, CliCommand] = {}
     for subtype, handler in _installed().items():
         try:
             commands = handler.commands()
@@ -215,7 +215,7 @@ def handler_commands() -> dict[str, Command]:
     return out
 
 
-def _run_command(command: Command) -> Any:
+def _run_command(command: CliCommand) -> Any:
     def fn(args: argparse.Namespace) -> int:
         return int(command.main(args.rest))
 

@@ -14,9 +14,10 @@ the file holds.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tcmu_py.statefile import short_repr
 
@@ -25,12 +26,17 @@ __all__ = [
     "MAX_PROBLEMS",
     "MISSING",
     "NAME_RE",
+    "OPTION_KEY_RE",
     "TCMU_CONFIG_MAX",
     "Checker",
     "Defaults",
     "Device",
+    "Entry",
     "config_string_problem",
+    "join_config_items",
+    "load_device_options",
     "parse_size",
+    "raw_names",
 ]
 
 # target_core_user.h: #define TCMU_CONFIG_LEN 256 (NUL included).
@@ -40,6 +46,8 @@ MAX_PROBLEMS = 20
 
 #: An LIO object name (storage objects, pools, libraries): rtslib-fb refuses ``/`` and spaces.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: A key of a device's ``options:`` (it becomes a ``key=value`` item of the dev_config).
+OPTION_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SIZE_RE = re.compile(r"(\d+)\s*([KMGTP]?)(i?B)?", re.IGNORECASE)
 _SIZE_MULT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 # RFC 3720 3.2.6.3.1: "iqn." yyyy-mm "." reversed domain name, optionally ":" unique string.
@@ -123,6 +131,62 @@ def config_string_problem(cfg: str) -> str | None:
     return None
 
 
+def join_config_items(items: Sequence[tuple[str, str]]) -> str:
+    """``key=value;key=value``: the config string of a device whose handler takes options
+    (`tcmu_py.handler.Handler.config_string`). ``;``, never ``,``: the kernel cuts ``control``
+    at a comma (`config_string_problem`)."""
+    return ";".join(f"{k}={v}" for k, v in items)
+
+
+def load_device_options(c: Checker, raw: object, path: str) -> tuple[tuple[str, str], ...] | None:
+    """A device's ``options:`` mapping as ``(key, text)`` pairs in YAML order (booleans as 1/0),
+    every problem reported to `c`; None if `raw` is not a mapping. The default
+    `tcmu_py.handler.Handler.load_options`."""
+    m = c.mapping(raw, path, None)
+    if m is None:
+        return None
+    out: list[tuple[str, str]] = []
+    for key, value in m.items():
+        kp = f"{path}.{key}"
+        if not isinstance(key, str) or not OPTION_KEY_RE.fullmatch(key):
+            c.fail(kp, key, "an option name of letters, digits, _ . -")
+            continue
+        if isinstance(value, bool):
+            text = "1" if value else "0"
+        elif isinstance(value, int | str):
+            text = str(value)
+        else:
+            c.fail(kp, value, "a string, integer or boolean")
+            continue
+        if any(ch in text for ch in ";=,:\n"):
+            c.fail(kp, value, "a value without ';', '=', ',', ':' or newline")
+            continue
+        out.append((key, text))
+    return tuple(out)
+
+
+def raw_names(items: object) -> set[str]:
+    """The ``name:`` strings of a YAML list of mappings as written, valid or not: names of
+    entries that failed validation still count for cross references, so one bad entry does not
+    cascade into a "no such name" problem everywhere it is named."""
+    if not isinstance(items, list):
+        return set()
+    return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
+
+
+class Entry(NamedTuple):
+    """One mapping of a YAML list of named objects (`Checker.named_entries`)."""
+
+    #: Its key path, ``pools[2]``.
+    path: str
+    #: The mapping as written.
+    fields: dict[str, Any]
+    #: Its ``name:``, None when missing or invalid.
+    name: str | None
+    #: How many problems the checker had before this entry (`Checker.clean_since`).
+    before: int
+
+
 #: The value of a required key that is absent (`Checker.fail` says "got nothing").
 MISSING = object()
 
@@ -167,6 +231,31 @@ class Checker:
             if key not in value:
                 self.fail(f"{path}.{key}" if path else key, MISSING, "this required key")
         return value
+
+    def named_entries(self, raw: object, path: str, allowed: set[str],
+                      required: frozenset[str], noun: str) -> Iterator[Entry]:
+        """Each mapping of the list `raw` (key path `path`) with the keys `allowed`, its
+        `required` ones present, and its ``name:`` an LIO object name no earlier entry has (``a
+        <noun> name not used before``). Entries that are not mappings are reported and
+        skipped; an entry's own problems are reported and it is yielded all the same (its
+        caller checks `clean_since`)."""
+        seen: set[str] = set()
+        for i, item in enumerate(self.seq(raw, path) or []):
+            p = f"{path}[{i}]"
+            before = len(self.problems)
+            m = self.mapping(item, p, allowed, required)
+            if m is None:
+                continue
+            name = self.name(m["name"], f"{p}.name") if "name" in m else None
+            if name is not None:
+                if name in seen:
+                    self.fail(f"{p}.name", name, f"a {noun} name not used before (duplicate)")
+                seen.add(name)
+            yield Entry(p, m, name, before)
+
+    def clean_since(self, entry: Entry) -> bool:
+        """Whether no problem was reported since `entry` was yielded."""
+        return len(self.problems) == entry.before
 
     def seq(self, value: object, path: str) -> list[Any] | None:
         if value is None:

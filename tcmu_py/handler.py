@@ -22,6 +22,8 @@ them through the registry and import no handler module:
 
 - `Handler.config_sections` / `Handler.load_section`: top-level YAML sections (thin's ``pools:``)
   and their validation, reported like every other problem (`tcmu_py.configspec.Checker`);
+- `Handler.load_options` / `Handler.config_string`: a device's ``options:`` and the dev_config
+  built from them (raw's image ``path``, by default ``key=value`` items);
 - `Handler.device_config_items`: what a section adds to a device's dev_config (a pool's
   directory), `Handler.device_image`: the file holding a device's data (no two devices share one);
 - `Handler.prepare`: what must exist before its devices open (pools, libraries), run by
@@ -55,8 +57,15 @@ from tcmu_py.backend import (
     Unmap,
     WriteSame,
 )
-from tcmu_py.configspec import Checker, Defaults, Device
+from tcmu_py.configspec import (
+    Checker,
+    Defaults,
+    Device,
+    join_config_items,
+    load_device_options,
+)
 from tcmu_py.errors import ConfigError
+from tcmu_py.table import format_size, render_table
 
 if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
@@ -67,7 +76,7 @@ __all__ = [
     "CapabilityError",
     "Checker",
     "Closable",
-    "Command",
+    "CliCommand",
     "ConfigView",
     "Defaults",
     "Device",
@@ -82,12 +91,14 @@ __all__ = [
     "SharedRegistry",
     "StatusTable",
     "TCMU_RUNNER_SUBTYPES",
+    "format_size",
     "ThinProvisioning",
     "Unmap",
     "WriteSame",
     "load_handlers",
     "on_memory_filesystem",
     "parse_options",
+    "render_table",
     "shared",
     "split_dev_config",
 ]
@@ -130,9 +141,13 @@ class StatusTable:
     headers: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
 
+    def render(self) -> str:
+        """The table without its title (`render_table`)."""
+        return render_table(self.headers, self.rows)
+
 
 @dataclass(frozen=True)
-class Command:
+class CliCommand:
     """A ``tcmu-py <name> ...`` subcommand of a handler: `main` gets every argument after the
     name, parses them itself (its own `argparse` parser, so ``tcmu-py <name> --help`` is its
     help) and returns the exit status (0 success, 1 failure, 2 usage). A `ConfigError` it raises
@@ -196,6 +211,29 @@ class Handler(ABC):
         return ()
 
     @classmethod
+    def load_options(
+        cls, raw: object, path: str, checker: Checker, name: str | None, state_dir: str
+    ) -> tuple[tuple[str, str], ...] | None:
+        """Validate the ``options:`` of one of this subtype's ``devices:`` entries (`raw` its
+        YAML value, None when absent; `path` its key path, ``devices[3].options``; `name` the
+        device's name, None if that is invalid; `state_dir` the file's ``state_dir``). Report
+        problems with `checker.fail` and return the options as ``(key, text)`` pairs, None on a
+        problem. Default: any keys of letters, digits, ``_ . -`` with scalar values
+        (`tcmu_py.configspec.load_device_options`); raw takes only ``path`` (default
+        ``<state_dir>/<name>.img``)."""
+        return load_device_options(checker, raw, path)
+
+    @classmethod
+    def config_string(
+        cls, options: tuple[tuple[str, str], ...], items: tuple[tuple[str, str], ...]
+    ) -> str:
+        """The dev_config after ``<subtype>/`` for a YAML device: its `options` (as
+        `load_options` returned them) and the `items` section owners add
+        (`device_config_items`). It must parse with `check_config`. Default:
+        ``key=value;key=value``, options first; raw: the image path alone."""
+        return join_config_items(options + items)
+
+    @classmethod
     def device_config_items(
         cls, device: Device, sections: Mapping[str, tuple[Any, ...]]
     ) -> tuple[tuple[str, str], ...]:
@@ -246,7 +284,7 @@ class Handler(ABC):
     # -- tcmu-py <command> --------------------------------------------------------------------
 
     @classmethod
-    def commands(cls) -> Mapping[str, Command]:
+    def commands(cls) -> Mapping[str, CliCommand]:
         """This handler's ``tcmu-py`` subcommands by name."""
         return {}
 

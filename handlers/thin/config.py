@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.configspec import Checker, Device, parse_size
+from tcmu_py.configspec import Checker, Device, parse_size, raw_names
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, StatusTable
+from tcmu_py.table import format_size
 
 from .backend import ThinBackend
 from .pool import ensure_pool, read_pool_status
@@ -54,28 +55,13 @@ class PoolSpec:
     hard_limit: int = 0  # the loader always sets it (default: capacity)
 
 
-def _raw_names(items: object) -> set[str]:
-    if not isinstance(items, list):
-        return set()
-    return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
-
-
 def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpec, ...]:
     """The ``pools:`` section, and every device's ``pool:`` naming one of them (names of pools
     that failed validation still count, so one bad pool does not cascade)."""
     pools: list[PoolSpec] = []
-    seen: set[str] = set()
-    for i, item in enumerate(c.seq(raw, SECTION) or []):
-        p = f"{SECTION}[{i}]"
-        m = c.mapping(item, p, {"name", "path", "capacity", "soft_threshold", "hard_limit"},
-                      frozenset({"name", "path", "capacity"}))
-        if m is None:
-            continue
-        name = c.name(m["name"], f"{p}.name") if "name" in m else None
-        if name is not None:
-            if name in seen:
-                c.fail(f"{p}.name", name, "a pool name not used before (duplicate)")
-            seen.add(name)
+    for p, m, name, _ in c.named_entries(
+            raw, SECTION, {"name", "path", "capacity", "soft_threshold", "hard_limit"},
+            frozenset({"name", "path", "capacity"}), "pool"):
         path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
         cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
         soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
@@ -87,7 +73,7 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpe
             continue
         assert name and path and cap and soft and hard
         pools.append(PoolSpec(name, path, cap, soft, hard))
-    pool_names = _raw_names(raw)
+    pool_names = raw_names(raw)
     raw_devices = doc.get("devices")
     for i, dev in enumerate(raw_devices if isinstance(raw_devices, list) else []):
         if isinstance(dev, dict) and isinstance(dev.get("pool"), str) and (
@@ -163,26 +149,18 @@ def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
     return {SECTION: list(pools.values())}
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n}"
-
-
 def _pool_row(pool: Mapping[str, Any]) -> tuple[str, ...]:
     pct = 100 * pool["used"] / pool["capacity"] if pool["capacity"] else 0.0
     threshold = pool["soft_threshold"]
     return (
         pool["name"],
         pool["path"],
-        _size(pool["capacity"]),
-        _size(pool["used"]),
+        format_size(pool["capacity"]),
+        format_size(pool["used"]),
         f"{pct:.1f}%",
         "-" if threshold is None else f"{threshold}%",
         "ABOVE" if pool["above_threshold"] else "ok",
-        ", ".join(f"{d['name']}={_size(d['used'])}" for d in pool["disks"]),
+        ", ".join(f"{d['name']}={format_size(d['used'])}" for d in pool["disks"]),
     )
 
 
@@ -222,9 +200,6 @@ def main(argv: list[str]) -> int:
         print(json.dumps(found, indent=1))
     else:
         (table,) = status_tables({SECTION: found})
-        widths = [max(len(h), *(len(r[i]) for r in table.rows))
-                  for i, h in enumerate(table.headers)]
-        for line in (table.headers, tuple("-" * w for w in widths), *table.rows):
-            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        print(table.render())
     sys.stdout.flush()
     return 0

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tcmu_py.configspec import Checker, Device
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import (
-    Command,
+    CliCommand,
     ConfigView,
     DeviceConfig,
     Handler,
@@ -116,8 +116,8 @@ class ThinHandler(Handler):
         return _section.status_tables(status)
 
     @classmethod
-    def commands(cls) -> Mapping[str, Command]:
-        return {"thin": Command("thin pool administration (tcmu-py thin --help)", _section.main)}
+    def commands(cls) -> Mapping[str, CliCommand]:
+        return {"thin": CliCommand("thin pool administration (tcmu-py thin --help)", _section.main)}
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tcmu_py.configspec import Checker, Defaults, Device
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import Command, ConfigView, DeviceConfig, Handler, parse_options, shared
+from tcmu_py.handler import CliCommand, ConfigView, DeviceConfig, Handler, parse_options, shared
 
 if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
@@ -114,10 +114,10 @@ class VtlHandler(Handler):
         prepare(config)
 
     @classmethod
-    def commands(cls) -> Mapping[str, Command]:
+    def commands(cls) -> Mapping[str, CliCommand]:
         from .admin import main
 
-        return {"vtl": Command("virtual tape library administration (tcmu-py vtl --help)",
+        return {"vtl": CliCommand("virtual tape library administration (tcmu-py vtl --help)",
                               main)}
 
     @classmethod

@@ -15,7 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tcmu_py.configspec import Checker, Defaults, Device, config_string_problem
+from tcmu_py.configspec import (
+    Checker,
+    Defaults,
+    Device,
+    config_string_problem,
+    raw_names,
+)
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView
 
@@ -145,22 +151,12 @@ def load_libraries(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[Lib
     """The ``libraries:`` section. A unit's name must be no device's (raw names of ``devices:``,
     also of ones that failed validation) and no unit's of an earlier library."""
     libs: list[LibrarySpec] = []
-    taken = _raw_names(doc.get("devices"))
-    seen: set[str] = set()
+    taken = raw_names(doc.get("devices"))
     dirs: dict[str, str] = {}
     keys = {"name", "changer", "drives", "slots", "import_export", "cartridges", "media_dir"}
-    for i, item in enumerate(c.seq(raw, "libraries") or []):
-        p = f"libraries[{i}]"
-        before = len(c.problems)
-        m = c.mapping(item, p, keys, frozenset({"name", "changer", "drives", "slots",
-                                                "media_dir"}))
-        if m is None:
-            continue
-        name = c.name(m["name"], f"{p}.name") if "name" in m else None
-        if name is not None:
-            if name in seen:
-                c.fail(f"{p}.name", name, "a library name not used before (duplicate)")
-            seen.add(name)
+    required = frozenset({"name", "changer", "drives", "slots", "media_dir"})
+    for entry in c.named_entries(raw, "libraries", keys, required, "library"):
+        p, m, name, _ = entry
         changer = c.name(m["changer"], f"{p}.changer") if "changer" in m else None
         drives: list[DriveSpec] = []
         for j, d in enumerate(c.seq(m.get("drives"), f"{p}.drives") or []):
@@ -179,7 +175,7 @@ def load_libraries(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[Lib
                                   "a drive serial of 1..32 characters A-Z a-z 0-9 _ -") or ""
             if dn and model:
                 drives.append(DriveSpec(dn, model, serial))
-        if "drives" in m and not drives and len(c.problems) == before:
+        if "drives" in m and not drives and c.clean_since(entry):
             c.fail(f"{p}.drives", m["drives"], "at least one drive")
         slots = c.integer(m["slots"], f"{p}.slots", 1, 65535) if "slots" in m else None
         ie = c.integer(m.get("import_export", 0), f"{p}.import_export", 0, 255)
@@ -235,7 +231,7 @@ def load_libraries(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[Lib
                        " (library units are devices of their own; do not list them in"
                        " devices)")
             taken.add(unit_name)
-        if len(c.problems) != before:
+        if not c.clean_since(entry):
             continue
         assert name and changer and slots and media is not None and ie is not None
         libs.append(LibrarySpec(name, changer, tuple(drives), slots, ie, tuple(carts),
@@ -274,12 +270,6 @@ def library_devices(lib: LibrarySpec, defaults: Defaults) -> list[Device]:
                    LIBRARY_CMD_TIME_OUT, False, (("library", lib.media_dir), ("unit", unit)),
                    serial)
             for name, unit, serial in lib.units()]
-
-
-def _raw_names(items: object) -> set[str]:
-    if not isinstance(items, list):
-        return set()
-    return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
 
 
 def prepare(config: ConfigView) -> None:

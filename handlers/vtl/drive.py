@@ -98,7 +98,7 @@ MIB = 1 << 20
 MAM_HOST_SPACE = 8192
 
 
-class Library(Protocol):
+class LibraryLink(Protocol):
     """What a drive needs from its library (implemented by handlers/vtl/library.py)."""
 
     def media_path(self, barcode: str) -> pathlib.Path: ...
@@ -127,7 +127,7 @@ class TapeDrive(ScsiDevice):
     def __init__(
         self,
         config: DeviceConfig,
-        library: Library,
+        library: LibraryLink,
         drive_index: int,
         *,
         personality: pers.DrivePersonality | None = None,
@@ -1060,7 +1060,7 @@ class TapeDrive(ScsiDevice):
 
 
 def open_drive(
-    config: DeviceConfig, library: Library, drive_index: int, model: str | None = None
+    config: DeviceConfig, library: LibraryLink, drive_index: int, model: str | None = None
 ) -> TapeDrive:
     """Create the drive for element `drive_index`; `model` overrides `library.drive_model`."""
     personality = pers.personality(model) if model else None
@@ -1069,7 +1069,7 @@ def open_drive(
 
 __all__ = [
     "DriveState",
-    "Library",
+    "LibraryLink",
     "NotReadyInitializingCommandRequired",
     "TapeDrive",
     "open_drive",

@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import os
 import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
@@ -62,9 +61,10 @@ from tcmu_py.configspec import (  # MAX_PROBLEMS, TCMU_CONFIG_MAX: re-exported
     Device,
     config_string_problem,
     parse_size,
+    raw_names,
 )
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import Handler, load_handlers, split_wwn
+from tcmu_py.handler import Handler, load_handlers
 from tcmu_py.statefile import short_repr
 
 try:
@@ -110,7 +110,6 @@ MAX_LUN = 255
 MAX_DATA_AREA_MB = 2048
 
 _SUBTYPE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-_OPTION_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SERIAL_RE = re.compile(r"[\x21-\x7e]{1,64}")
 _DEVICE_WWN_RE = re.compile(r"naa\.([235][0-9a-f]{15}|6[0-9a-f]{31})")
 # Attributes of an iSCSI TPG in configfs (drivers/target/iscsi/iscsi_target_configfs.c).
@@ -221,31 +220,37 @@ class Config:
 # --------------------------------------------------------------------------- dev_config
 
 
-def _build_config_string(handler: str, options: tuple[tuple[str, str], ...],
+def _handler(subtype: str | None, registry: Mapping[str, type[Handler]]) -> type[Handler]:
+    """The registered handler of `subtype`, or the `Handler` base (whose defaults take any
+    ``key=value`` options) for a subtype not installed (or that failed to import: logged)."""
+    owner = registry.get(subtype) if subtype is not None else None
+    return owner if owner is not None else Handler
+
+
+def _build_config_string(subtype: str, owner: type[Handler], options: tuple[tuple[str, str], ...],
                          items: tuple[tuple[str, str], ...] = (), wwn: str | None = None) -> str:
     """``items`` are what section owners add (`Handler.device_config_items`, a pool's
     directory): the dev_config must describe the device on its own, so a daemon started without
     this YAML file (udev, systemd, a restart) can still open it. For the same reason ``wwn``
-    goes in too, as the last item (`tcmu_py.handler.split_wwn`)."""
-    if handler == "raw":
-        cfg = f"raw/{dict(options)['path']}"
-    else:
-        pairs = list(options) + list(items)
-        cfg = f"{handler}/" + ";".join(f"{k}={v}" for k, v in pairs)
+    goes in too, as the last item (`tcmu_py.handler.split_wwn`). What follows ``<subtype>/``
+    is the handler's (`Handler.config_string`)."""
+    cfg = f"{subtype}/" + owner.config_string(options, items)
     if wwn is not None:
         cfg += f"{'' if cfg.endswith('/') else ';'}wwn={wwn}"
     return cfg
 
 
 def dev_config_string(device: Device) -> str:
-    """The TCMU ``dev_config`` for ``device``: ``raw/<absolute image path>`` for ``raw``,
-    otherwise ``<subtype>/key=value;key=value`` (options in YAML order, then the items section
-    owners add, e.g. ``pool=<pool directory>`` if the device names a thin pool); then
-    ``;wwn=<wwn>`` if the device sets one (the daemon strips it before the handler sees it).
+    """The TCMU ``dev_config`` for ``device``: ``<subtype>/`` and what its handler makes of
+    its options and the items section owners add (`Handler.config_string`: by default
+    ``key=value;key=value``, options in YAML order, then e.g. ``pool=<pool directory>`` if the
+    device names a thin pool; raw's is the image path); then ``;wwn=<wwn>`` if the device sets
+    one (the daemon strips it before the handler sees it).
 
     Raises ConfigError if the kernel or rtslib-fb would mangle or refuse it.
     """
-    cfg = _build_config_string(device.handler, device.options, device.config_items, device.wwn)
+    cfg = _build_config_string(device.handler, _handler(device.handler, _installed()),
+                               device.options, device.config_items, device.wwn)
     problem = config_string_problem(cfg)
     if problem:
         raise ConfigError(f"devices {device.name}: dev_config {cfg!r}: expected {problem}")
@@ -392,23 +397,18 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
                   handlers: Mapping[str, Callable[[str], None]] | None,
                   owners: Mapping[str, type[Handler]] | None = None,
                   sections: Mapping[str, tuple[Any, ...]] | None = None,
-                  where: dict[str, str] | None = None) -> list[Device]:
+                  where: dict[str, str] | None = None,
+                  registry: Mapping[str, type[Handler]] | None = None) -> list[Device]:
     """``where`` (if given) receives each valid device's key path (``devices[3]``); ``owners``
     maps each handler-owned section to its handler, ``sections`` holds their specs (each owner
-    adds its `Handler.device_config_items` to every device's dev_config)."""
+    adds its `Handler.device_config_items` to every device's dev_config); ``registry`` gives
+    each subtype's handler, which validates a device's ``options`` (`Handler.load_options`) and
+    builds its dev_config (`Handler.config_string`)."""
+    registry = _installed() if registry is None else registry
     devices: list[Device] = []
-    seen: set[str] = set()
-    for i, item in enumerate(c.seq(raw, "devices") or []):
-        p = f"devices[{i}]"
-        before = len(c.problems)
-        m = c.mapping(item, p, _DEVICE_KEYS, frozenset({"name", "handler", "size"}))
-        if m is None:
-            continue
-        name = c.name(m["name"], f"{p}.name") if "name" in m else None
-        if name is not None:
-            if name in seen:
-                c.fail(f"{p}.name", name, "a device name not used before (duplicate)")
-            seen.add(name)
+    for entry in c.named_entries(raw, "devices", _DEVICE_KEYS,
+                                 frozenset({"name", "handler", "size"}), "device"):
+        p, m, name, _ = entry
         handler = None
         if "handler" in m:
             handler = c.string(m["handler"], f"{p}.handler", _SUBTYPE_RE,
@@ -439,7 +439,8 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
                 c.fail(f"{p}.wwn", raw_wwn, "naa. and 16 hex digits starting 2, 3 or 5 (NAA"
                        " 2h/3h/5h) or 32 starting 6 (NAA 6h): the NAA designator of VPD 83h")
         pool = c.name(m["pool"], f"{p}.pool") if m.get("pool") is not None else None
-        options = _device_options(c, m.get("options"), f"{p}.options", handler, name, state_dir)
+        owner = _handler(handler, registry)
+        options = owner.load_options(m.get("options"), f"{p}.options", c, name, state_dir)
 
         if size is not None and block_size is not None and size % block_size:
             c.fail(f"{p}.size", m["size"], f"a multiple of the block size {block_size}")
@@ -448,7 +449,7 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
             c.fail(f"{p}.hw_max_sectors", hw_max,
                    f"hw_max_sectors x block_size ({block_size}) to fit in max_data_area_mb"
                    f" ({area} MiB); the kernel rejects larger commands")
-        if len(c.problems) != before:
+        if not c.clean_since(entry):
             continue
         assert name and handler and size and block_size and hw_max and area and options is not None
         assert tmo is not None and wc is not None
@@ -457,7 +458,7 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
         items = _config_items(dev, owners or {}, sections or {})
         if items:
             dev = replace(dev, config_items=items)
-        cfg = _build_config_string(handler, options, items, wwn)
+        cfg = _build_config_string(handler, owner, options, items, wwn)
         problem = config_string_problem(cfg)
         if problem:
             c.fail(f"{p}.options", m.get("options"), f"options whose dev_config {cfg!r} has"
@@ -465,8 +466,7 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
             continue
         if handlers is not None:
             try:
-                handlers[handler](_build_config_string(handler, options, items)
-                                  .partition("/")[2])
+                handlers[handler](owner.config_string(options, items))
             except ConfigError as exc:
                 c.fail(f"{p}.options", m.get("options"), f"options the {handler!r} handler"
                        f" accepts: {exc}")
@@ -492,53 +492,11 @@ def _config_items(dev: Device, owners: Mapping[str, type[Handler]],
     return tuple(out)
 
 
-def _device_options(c: Checker, raw: object, path: str, handler: str | None,
-                    name: str | None, state_dir: str) -> tuple[tuple[str, str], ...] | None:
-    m = c.mapping(raw, path, {"path"} if handler == "raw" else None)
-    if m is None:
-        return None
-    if handler == "raw":
-        img = (c.abspath(m["path"], f"{path}.path") if "path" in m
-               else str(Path(state_dir) / f"{name}.img"))
-        if img is not None and split_wwn(img)[1] is not None:
-            c.fail(f"{path}.path", img, "an image path that does not end in ';wwn=naa...' (the"
-                   " daemon would take that for the device's wwn)")
-            return None
-        return None if img is None else (("path", img),)
-    out: list[tuple[str, str]] = []
-    for key, value in m.items():
-        kp = f"{path}.{key}"
-        if not isinstance(key, str) or not _OPTION_KEY_RE.fullmatch(key):
-            c.fail(kp, key, "an option name of letters, digits, _ . -")
-            continue
-        if isinstance(value, bool):
-            text = "1" if value else "0"
-        elif isinstance(value, int | str):
-            text = str(value)
-        else:
-            c.fail(kp, value, "a string, integer or boolean")
-            continue
-        if any(ch in text for ch in ";=,:\n"):
-            c.fail(kp, value, "a value without ';', '=', ',', ':' or newline")
-            continue
-        out.append((key, text))
-    return tuple(out)
-
-
-def _device_image(dev: Device, registry: Mapping[str, type[Handler]]) -> str | None:
-    """The file holding `dev`'s data, symbolic links resolved: a ``raw`` image, or what its
-    handler's `Handler.device_image` names (a thin disk's file in its pool); None for others."""
-    if dev.handler == "raw":
-        return os.path.realpath(dev.options_dict()["path"])
-    handler = registry.get(dev.handler)  # None also if it failed to import (logged)
-    return handler.device_image(dev) if handler is not None else None
-
-
 def _check_identities(c: Checker, devices: list[Device], where: Mapping[str, str],
                       registry: Mapping[str, type[Handler]]) -> None:
     """Devices are distinct disks: no two share a unit serial (VPD 80h, and the designators of
     VPD 83h derived from it: multipath would merge two disks into one), a wwn (VPD 83h NAA), or
-    an image file (two devices writing one file corrupt each other)."""
+    an image file (`Handler.device_image`: two devices writing one file corrupt each other)."""
     serials: dict[str, str] = {}
     wwns: dict[str, str] = {}
     images: dict[str, str] = {}
@@ -553,7 +511,8 @@ def _check_identities(c: Checker, devices: list[Device], where: Mapping[str, str
             other = wwns.setdefault(dev.wwn, dev.name)
             if other != dev.name:
                 c.fail(f"{at}.wwn", dev.wwn, f"a wwn no other device has ({other} has it)")
-        image = _device_image(dev, registry)
+        handler = registry.get(dev.handler)  # None also if it failed to import (logged)
+        image = handler.device_image(dev) if handler is not None else None
         if image is not None:
             other = images.setdefault(image, dev.name)
             if other != dev.name:
@@ -735,12 +694,6 @@ def _load_iscsi(c: Checker, raw: object, devices: set[str]) -> list[IscsiTarget]
     return out
 
 
-def _raw_names(items: object) -> set[str]:
-    if not isinstance(items, list):
-        return set()
-    return {i["name"] for i in items if isinstance(i, dict) and isinstance(i.get("name"), str)}
-
-
 _TOP_KEYS = ("state_dir", "defaults", "devices", "exports")
 
 
@@ -786,10 +739,10 @@ def _build(c: Checker, doc: object,
         sections[key] = tuple(owner.load_section(key, top.get(key), c, top))
     where: dict[str, str] = {}
     devices = _load_devices(c, top.get("devices"), defaults, state_dir or DEFAULT_STATE_DIR,
-                            handlers, owners, sections, where)
+                            handlers, owners, sections, where, registry)
     # Names given to devices that failed validation still count for cross-references, so one
     # bad device does not cascade into a "no such device" error for every export.
-    dev_names = _raw_names(top.get("devices"))
+    dev_names = raw_names(top.get("devices"))
     for key, owner in owners.items():
         implied = owner.section_devices(key, sections[key], defaults)
         if implied and handlers is not None and owner.subtype not in handlers:

@@ -7,29 +7,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tcmu_py.device.latency import latency_bucket_upper
+from tcmu_py.table import format_size, render_table
 
 if TYPE_CHECKING:
     from tcmu_py.handler import Handler
 
 log = logging.getLogger(__name__)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n}"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out)
 
 
 def _state(device: dict[str, Any]) -> str:
@@ -139,13 +122,13 @@ def render_status(status: dict[str, Any] | None, config_path: str | None = None,
                     d["name"],
                     d["handler"],
                     d["uio"],
-                    _size(d["size"]),
+                    format_size(d["size"]),
                     _state(d),
                     str(c["commands"]),
                     str(c["errors"]),
                     f"{w['iops']:.0f}",
-                    _size(w["read_bps"]) + "/s",
-                    _size(w["write_bps"]) + "/s",
+                    format_size(w["read_bps"]) + "/s",
+                    format_size(w["write_bps"]) + "/s",
                     f"{1000 * w['mean_s']:.2f}",
                     f"{1000 * w['p99_s']:.2f}",
                 ]
@@ -159,7 +142,7 @@ def render_status(status: dict[str, Any] | None, config_path: str | None = None,
             else "since each device started"
         )
         parts.append(
-            _table(
+            render_table(
                 [
                     "device",
                     "handler",
@@ -187,7 +170,7 @@ def render_status(status: dict[str, Any] | None, config_path: str | None = None,
                 continue
             for table in tables:
                 parts.append(f"\n{table.title}\n"
-                             + _table(list(table.headers), [list(r) for r in table.rows]))
+                             + table.render())
         for extra in status.get("sections", []):
-            parts.append(f"\n{extra['title']}\n" + _table(extra["headers"], extra["rows"]))
+            parts.append(f"\n{extra['title']}\n" + render_table(extra["headers"], extra["rows"]))
     return "\n".join(parts)

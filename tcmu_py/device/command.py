@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tcmu_py.buffers import gather, scatter, slice_views, zero
+
 GOOD = 0x00
 
 
@@ -50,12 +52,7 @@ class Command:
     def read_data_out(self, limit: int | None = None) -> bytes:
         """Gather (copy) up to `limit` bytes of Data-Out; for parameter lists, not bulk data."""
         want = self.data_out_length if limit is None else min(limit, self.data_out_length)
-        out = bytearray()
-        for buf in self.data_out:
-            if len(out) >= want:
-                break
-            out += buf[: want - len(out)]
-        return bytes(out)
+        return gather(self.data_out, 0, want)
 
     def write_data_in(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter `data` into the Data-In buffers starting at byte `offset`.
@@ -63,34 +60,12 @@ class Command:
         Returns the number of bytes written: as much of `data` as fits, silently truncated at the
         end of the buffers (SPC-5 4.2.5.6: allocation length truncation is not an error).
         """
-        src = memoryview(data)
-        written = 0
-        pos = 0
-        for buf in self.data_in:
-            n = len(buf)
-            if offset >= pos + n:
-                pos += n
-                continue
-            start = max(offset - pos, 0)
-            take = min(n - start, len(src) - written)
-            if take <= 0:
-                break
-            buf[start : start + take] = src[written : written + take]
-            written += take
-            pos += n
-        return written
+        return scatter(self.data_in, offset, data)
 
     def zero_data_in(self, offset: int = 0, length: int | None = None) -> None:
         """Fill Data-In with zeros from `offset` for `length` bytes (default: to the end)."""
         end = self.data_in_length if length is None else min(offset + length, self.data_in_length)
-        pos = 0
-        for buf in self.data_in:
-            n = len(buf)
-            lo = max(offset, pos)
-            hi = min(end, pos + n)
-            if lo < hi:
-                buf[lo - pos : hi - pos] = bytes(hi - lo)
-            pos += n
+        zero(slice_views(self.data_in, offset, end - offset))
 
 
 @dataclass(slots=True)

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: A bound opcode handler.
-Handler = Callable[[Command], Any]
+CommandFn = Callable[[Command], Any]
 
 #: Opcodes whose service action selects the command (SPC-5 4.2.5.1): where the field lives.
 _SA_BYTE1 = {Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN, Opcode.MAINTENANCE_OUT}
@@ -190,7 +190,7 @@ class ScsiDevice:
         self._unit_attentions: deque[ScsiError] = deque([PowerOnReset()])
         self._mode_state: dict[tuple[int, int], bytes] = {}
         self.d_sense = False
-        self._direct: list[tuple[Handler, bool] | None] | None = None
+        self._direct: list[tuple[CommandFn, bool] | None] | None = None
         self.log = logging.LoggerAdapter(log, {"device": config.name})
 
     # ------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ class ScsiDevice:
     # ------------------------------------------------------------------------------------------
     # Dispatch
 
-    def lookup(self, cdb: bytes) -> tuple[Handler, bool]:
+    def lookup(self, cdb: bytes) -> tuple[CommandFn, bool]:
         """The handler bound to this CDB and whether it may run inline. Raises InvalidOpcode."""
         direct = self._direct
         if direct is None:
@@ -283,18 +283,18 @@ class ScsiDevice:
             return entry
         return self._lookup_slow(cdb)
 
-    def _build_direct(self) -> list[tuple[Handler, bool] | None]:
+    def _build_direct(self) -> list[tuple[CommandFn, bool] | None]:
         """Opcode -> (bound handler, inline) for opcodes without service actions (the fast path).
 
         Built on first use, after the subclass's __init__ has settled what `supports()` says.
         """
-        direct: list[tuple[Handler, bool] | None] = [None] * 256
+        direct: list[tuple[CommandFn, bool] | None] = [None] * 256
         for (op, sa), (name, inline) in self._table.items():
             if sa is None and op not in _SA_OPCODES and self.supports(op, None):
                 direct[op] = (getattr(self, name), inline)
         return direct
 
-    def _lookup_slow(self, cdb: bytes) -> tuple[Handler, bool]:
+    def _lookup_slow(self, cdb: bytes) -> tuple[CommandFn, bool]:
         sa = service_action_of(cdb)
         entry = self._table.get((cdb[0], sa))
         if entry is None or not self.supports(cdb[0], sa):

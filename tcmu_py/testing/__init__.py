@@ -5,6 +5,8 @@
 - `RingHarness` connects a device to a FakeKernel through the production ring and runner.
 - `run_command` executes one command on a device directly (no ring).
 - `cdbs` builds CDBs by name and field.
+- `MemoryDisk` is a disk in a bytearray, the smallest BlockBackend (subclass it to add or
+  break a capability).
 - `check_block_handler` / `check_any_device` are conformance checks any handler can run.
 - `tcmu_py.testing.fuzz` (import it by name) fuzzes a device with generated CDBs and parameter
   lists through the ring, and the ring itself with corrupted entries; `replay` rebuilds a case.
@@ -17,11 +19,13 @@ from tcmu_py.testing.conformance import check_any_device, check_block_handler
 from tcmu_py.testing.fake_kernel import FakeKernel, FakeKernelError, Pending
 from tcmu_py.testing.fake_uio import FakeUio
 from tcmu_py.testing.harness import Result, RingHarness, run_command
+from tcmu_py.testing.memory import MemoryDisk
 
 __all__ = [
     "FakeKernel",
     "FakeKernelError",
     "FakeUio",
+    "MemoryDisk",
     "Pending",
     "Result",
     "RingHarness",

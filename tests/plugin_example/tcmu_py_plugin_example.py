@@ -25,7 +25,7 @@ from tcmu_py.device.block import BlockDevice, open_block_device
 from tcmu_py.device.core import ScsiDevice
 from tcmu_py.handler import (
     Checker,
-    Command,
+    CliCommand,
     ConfigView,
     Defaults,
     Device,
@@ -145,8 +145,8 @@ class RamDiskHandler(Handler):
         return [StatusTable("ram disks", ("ramdisk", "bytes", "written"), rows)] if rows else []
 
     @classmethod
-    def commands(cls) -> Mapping[str, Command]:
-        return {"ramdisk": Command("RAM disk sizes (tcmu-py ramdisk --help)", _main)}
+    def commands(cls) -> Mapping[str, CliCommand]:
+        return {"ramdisk": CliCommand("RAM disk sizes (tcmu-py ramdisk --help)", _main)}
 
 
 def _size(text: str) -> int:

@@ -50,3 +50,34 @@ def test_zero_after_skip_clears_exactly_the_tail(parts, n):
     buffers.zero(buffers.skip(bufs, n))
     whole = b"".join(parts)
     assert b"".join(bytes(b) for b in bufs) == whole[:n] + bytes(max(len(whole) - n, 0))
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(lists, st.integers(0, 400), st.binary(max_size=120))
+def test_scatter_writes_the_slice_of_the_concatenation(parts, offset, data):
+    bufs = views(parts)
+    whole = bytearray(b"".join(parts))
+    n = buffers.scatter(bufs, offset, data)
+    assert n == max(0, min(len(data), len(whole) - offset))
+    whole[offset : offset + n] = data[:n]
+    assert b"".join(bytes(b) for b in bufs) == bytes(whole)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(lists, st.integers(0, 400), st.one_of(st.none(), st.integers(0, 400)),
+       st.binary(max_size=120), st.integers(0, 400))
+def test_command_data_helpers_agree_with_the_concatenation(parts, offset, length, data, at):
+    """Command's Data-In / Data-Out helpers are the buffers module's operations."""
+    from tcmu_py.device.command import Command
+
+    whole = b"".join(parts)
+    cmd = Command(b"\x00" * 6, views(parts))
+    assert cmd.read_data_out(length) == whole[: length]
+    n = cmd.write_data_in(data, at)
+    expect = bytearray(whole)
+    expect[at : at + n] = data[:n]
+    assert n == max(0, min(len(data), len(whole) - at))
+    cmd.zero_data_in(offset, length)
+    end = len(expect) if length is None else min(offset + length, len(expect))
+    expect[offset:end] = bytes(max(end - offset, 0))
+    assert b"".join(bytes(b) for b in cmd.data_in) == bytes(expect)

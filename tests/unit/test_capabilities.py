@@ -32,6 +32,7 @@ from tcmu_py.handlers.thin import ThinHandler, create_pool
 from tcmu_py.testing import cdbs
 from tcmu_py.testing.conformance import check_block_handler
 from tcmu_py.testing.harness import run_command
+from tcmu_py.testing.memory import MemoryDisk
 
 BS = 512
 BLOCKS = 256
@@ -180,30 +181,12 @@ def test_advertised_bytes_are_unchanged(kind: str, tmp_path: os.PathLike[str], t
 # --- the RAM disk of issue 12 ----------------------------------------------------------------
 
 
-class RamDisk:
+class RamDisk(MemoryDisk):
     """The 40-line RAM disk of issue 12, as a new user writes it: blocks in a bytearray, UNMAP
     zeroes them. It forgets to declare ``lbprz``, which `check_block_handler` must catch."""
 
-    write_cache = False
-    blocking = False  # a memory copy never waits
-
     def __init__(self, size: int, block_size: int = BS) -> None:
-        self.size = size
-        self.block_size = block_size
-        self.data = bytearray(size)
-
-    def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        for b in bufs:
-            b[:] = self.data[offset : offset + len(b)]
-            offset += len(b)
-
-    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        for b in bufs:
-            self.data[offset : offset + len(b)] = b
-            offset += len(b)
-
-    def flush(self) -> None:
-        pass
+        super().__init__(size, block_size)  # not blocking: a memory copy never waits
 
     def unmap(self, offset: int, length: int) -> None:
         self.data[offset : offset + length] = bytes(length)

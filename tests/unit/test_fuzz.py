@@ -37,6 +37,7 @@ from tcmu_py.testing.fuzz import (
     generate,
     replay,
 )
+from tcmu_py.testing.memory import MemoryDisk
 
 #: device -> (seed, commands): each open defect below shows up at least once in these runs (the
 #: rarest: drive F3 first at case 1136, null F7 at 1043). About 10 s of CPU for the five.
@@ -213,31 +214,6 @@ def test_check_sense_rejects_malformed_sense(sense: bytes, problem: str) -> None
     assert found is not None and problem in found
 
 
-class MemoryBackend:
-    """A disk in a bytearray; `blocking` so lone commands take the runner's guarded path."""
-
-    blocking = True
-    write_cache = False
-
-    def __init__(self, size: int, block_size: int = 512) -> None:
-        self.size = size
-        self.block_size = block_size
-        self.data = bytearray(size)
-
-    def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        for b in bufs:
-            b[:] = self.data[offset : offset + len(b)]
-            offset += len(b)
-
-    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        for b in bufs:
-            self.data[offset : offset + len(b)] = b
-            offset += len(b)
-
-    def flush(self) -> None:
-        pass
-
-
 LEAKED: list[bytearray] = []
 
 
@@ -273,7 +249,7 @@ class Planted(BlockDevice):
             return Future()  # never resolved: the command is never completed
         if self.mode == "scribble":
             backend = self.backend
-            assert isinstance(backend, MemoryBackend)
+            assert isinstance(backend, MemoryDisk)
             for lba in range(0, 2048, 16):  # inside the fuzzer's pattern region
                 backend.data[lba * 512 : lba * 512 + 4] = b"\xde\xad\xbe\xef"
             raise InvalidFieldInCdb("planted", field_pointer=0)
@@ -301,8 +277,9 @@ class PlantedExecute(Planted):
 
 def planted_target(mode: str, cls: type[Planted] = Planted) -> Target:
     def make() -> BlockDevice:
+        # blocking: lone commands take the runner's guarded path (the workers)
         dev = cls(DeviceConfig(name=f"planted-{mode}", subtype="planted", cfgstring="",
-                               size=16 << 20), MemoryBackend(16 << 20))
+                               size=16 << 20), MemoryDisk(16 << 20, blocking=True))
         dev.mode = mode
         return dev
 

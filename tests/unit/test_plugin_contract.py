@@ -42,6 +42,53 @@ def test_thin_owns_pools_through_the_registry() -> None:
         load_config_text("pools: []\n", "t.yaml", registry={"null": NullHandler})
 
 
+class Imaged(Handler):
+    """Takes one option, ``image``, and makes its dev_config of it alone (as raw does)."""
+
+    subtype = "imaged"
+
+    @classmethod
+    def open(cls, config: Any) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def load_options(cls, raw: object, path: str, checker: Checker, name: str | None,
+                     state_dir: str) -> tuple[tuple[str, str], ...] | None:
+        m = checker.mapping(raw, path, {"image"})
+        if m is None:
+            return None
+        img = checker.abspath(m.get("image", f"{state_dir}/{name}.i"), f"{path}.image")
+        return None if img is None else (("image", img),)
+
+    @classmethod
+    def config_string(cls, options: tuple[tuple[str, str], ...],
+                      items: tuple[tuple[str, str], ...]) -> str:
+        return dict(options)["image"]
+
+    @classmethod
+    def device_image(cls, device: Any) -> str | None:
+        return device.options_dict()["image"]
+
+
+def test_a_handler_owns_its_device_options_and_dev_config() -> None:
+    """What raw does (its image path) the loader learns from the handler, not by name."""
+    registry: dict[str, type[Handler]] = {"imaged": Imaged, "null": NullHandler}
+    cfg = load_config_text("state_dir: /s\ndevices: [{name: a, handler: imaged, size: 1M},"
+                           " {name: b, handler: 'null', size: 1M, options: {x: 1}}]\n",
+                           "i.yaml", registry=registry)
+    assert cfg.device("a").options == (("image", "/s/a.i"),)
+    assert cfg.device("b").options == (("x", "1"),)  # the default: key=value items
+    with pytest.raises(ConfigError) as err:
+        load_config_text("devices: [{name: a, handler: imaged, size: 1M, options: {x: 1}},"
+                         " {name: b, handler: imaged, size: 1M, options: {image: /i}},"
+                         " {name: c, handler: imaged, size: 1M, options: {image: /i}}]\n",
+                         "i.yaml", registry=registry)
+    assert str(err.value).splitlines()[1:] == [
+        "i.yaml: devices[0].options.x: got 1, expected one of the keys image (unknown key)",
+        "i.yaml: devices[2].options: got {'image': '/i'}, expected an image file of its own"
+        " (b uses /i)"]
+
+
 class Greedy(Handler):
     """Claims a loader key and thin's section: both refused, its own section kept."""
 
