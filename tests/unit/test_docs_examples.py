@@ -12,15 +12,24 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
+import os
 import re
+import subprocess
+import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from tcmu_py.handler import Handler
+from tcmu_py.configspec import Defaults
+from tcmu_py.daemon.config import load_config_text
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import Handler, load_handlers
 
 ROOT = Path(__file__).resolve().parents[2]
 HANDLERS_MD = ROOT / "docs" / "handlers.md"
@@ -130,3 +139,207 @@ def test_tutorial_api_names_exist() -> None:
     table = text.split("## 8. The contract at a glance", 1)[1]
     for n in members:
         assert f"`{n}" in table, n
+
+
+# --------------------------------------------------------------------------- docs/configuration.md
+
+
+def key_tables(text: str) -> list[dict[str, str]]:
+    """Every row of every table whose first column is ``Key``: {column header: cell}."""
+    rows: list[dict[str, str]] = []
+    header: list[str] | None = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == "Key":
+            header = cells
+        elif header is not None and cells[0].startswith("`"):
+            assert len(cells) == len(header), line
+            row = dict(zip(header, cells, strict=True))
+            row["Key"] = row["Key"].strip("`")
+            rows.append(row)
+    return rows
+
+
+def _builtin_registry() -> dict[str, type[Handler]]:
+    """The built-in handlers only: a third-party one installed here (tests/plugin_example's
+    ``ramdisks``) owns keys of its own, documented with it."""
+    registry = load_handlers()
+    return {name: registry[name] for name in registry
+            if registry[name].__module__.startswith("tcmu_py.handlers.")}
+
+
+_CHAP = {"userid": "u1", "password": "secret-0001"}
+#: A valid file holding at least one of every mapping the loader walks, for `_allowed_keys`.
+_PROBE_BASE: dict[str, Any] = {
+    "state_dir": "/srv/t",
+    "defaults": {"block_size": 512},
+    "devices": [{"name": "d0", "handler": "raw", "size": "1M",
+                 "options": {"path": "/srv/t/d0.img"}}],
+    "pools": [{"name": "p0", "path": "/srv/t/p0", "capacity": "1G"}],
+    "libraries": [{"name": "lib0", "changer": "ch0", "slots": 4, "media_dir": "/srv/t/lib0",
+                   "drives": [{"name": "t0", "model": "IBM-LTO8"}]}],
+    "exports": {
+        "loopback": [{"device": "d0"}],
+        "iscsi": [{"iqn": "iqn.2025-01.org.example:t", "luns": [{"device": "d0"}],
+                   "chap": dict(_CHAP),
+                   "acls": [{"initiator": "iqn.2025-01.org.example:i", "luns": ["d0"],
+                             "chap": dict(_CHAP, password="secret-0002")}],
+                   "attributes": {"login_timeout": 15}}],
+    },
+}
+
+
+def _allowed_keys(path: str) -> set[str]:
+    """The keys the loader accepts in the mapping at `path` (``exports.iscsi[].chap``; "" the
+    top level), as it says itself: an unknown key's error lists the allowed ones."""
+    doc = copy.deepcopy(_PROBE_BASE)
+    node: Any = doc
+    for part in filter(None, re.split(r"\.|(\[\])", path)):
+        node = node[0] if part == "[]" else node[part]
+    node["zz_probe"] = 1
+    try:
+        load_config_text(yaml.safe_dump(doc), "probe.yaml", registry=_builtin_registry())
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            m = re.fullmatch(r"probe\.yaml: (?:(.*)\.)?zz_probe: got 1, expected one of the keys"
+                             r" (.*) \(unknown key\)", line)
+            if m and re.sub(r"\[\d+\]", "[]", m[1] or "") == path:
+                return set(m[2].split(", "))
+        raise AssertionError(f"probe of {path!r}: {exc}") from None
+    raise AssertionError(f"the loader accepted an unknown key in {path!r}")
+
+
+def test_probe_base_is_valid() -> None:
+    load_config_text(yaml.safe_dump(_PROBE_BASE), "base.yaml", registry=_builtin_registry())
+
+
+def test_configuration_documents_exactly_the_keys_the_loader_accepts() -> None:
+    rows = key_tables(CONFIGURATION_MD.read_text())
+    documented = {r["Key"] for r in rows if "Handler" not in r}
+    assert len(documented) == len(
+        [r for r in rows if "Handler" not in r]), "a key documented twice"
+    # Every mapping the doc documents (and the top level) is probed; by induction a mapping the
+    # loader adds shows up as an undocumented key of its parent.
+    containers = [""] + [r["Key"] + ("[]" if r["Type"].startswith("list of mappings") else "")
+                         for r in rows if "mapping" in r["Type"] and "Handler" not in r
+                         and r["Key"] != "devices[].options"]
+    accepted: set[str] = set()
+    for path in containers:
+        accepted |= {f"{path}.{k}" if path else k for k in _allowed_keys(path)}
+    # devices[].options: raw's keys come from the loader, the others' from their handler.
+    assert _allowed_keys_of_options("raw") == {"path"}
+    assert accepted - documented == set(), "keys the loader accepts but the doc omits"
+    assert documented - accepted == set(), "keys the doc lists but the loader refuses"
+
+
+def _allowed_keys_of_options(handler: str) -> set[str]:
+    if handler == "raw":
+        doc = copy.deepcopy(_PROBE_BASE)
+        doc["devices"][0]["options"]["zz_probe"] = 1
+        try:
+            load_config_text(yaml.safe_dump(doc), "probe.yaml", registry=_builtin_registry())
+        except ConfigError as exc:
+            m = re.search(r"devices\[0\]\.options\.zz_probe: got 1, expected one of the keys"
+                          r" (.*) \(unknown key\)", str(exc))
+            assert m, exc
+            return set(m[1].split(", "))
+        raise AssertionError("raw accepted an unknown option")
+    try:
+        _builtin_registry()[handler].check_config("zz_probe=1")
+    except ConfigError as exc:
+        m = re.search(r"unknown key 'zz_probe'; expected one of \[(.*)\]", str(exc))
+        assert m, exc
+        return {k.strip("' ") for k in m[1].split(",")}
+    return set()  # accepts anything: ignores its options (null)
+
+
+def test_configuration_documents_each_handlers_options() -> None:
+    rows = [r for r in key_tables(CONFIGURATION_MD.read_text()) if "Handler" in r]
+    by_handler: dict[str, set[str]] = {}
+    for r in rows:
+        assert r["Key"].startswith("devices[].options."), r
+        by_handler.setdefault(r["Handler"].strip("`"), set()).add(
+            r["Key"].removeprefix("devices[].options."))
+    assert set(by_handler) | {"null"} == set(_builtin_registry())
+    for handler, keys in by_handler.items():
+        assert keys == _allowed_keys_of_options(handler), handler
+    assert _allowed_keys_of_options("null") == set()  # "null ignores its options"
+
+
+def test_configuration_defaults_are_the_loaders() -> None:
+    rows = {r["Key"]: r for r in key_tables(CONFIGURATION_MD.read_text())}
+    base = Defaults()
+    for name in base.__dataclass_fields__:
+        doc = rows[f"defaults.{name}"]["Default"].strip("`")
+        assert doc == str(getattr(base, name)).lower(), name
+        # A device's own key defaults to the file's defaults.
+        assert rows[f"devices[].{name}"]["Default"] == f"`defaults.{name}`"
+    cfg = load_config_text("{}", "empty.yaml")
+    assert rows["state_dir"]["Default"] == f"`{cfg.state_dir}`"
+
+
+# --------------------------------------------------------------------------- examples/*.yaml
+
+_DOCUMENTED_EXAMPLES = ("default.yaml", "thin-pool.yaml", "tape-library.yaml",
+                        "iscsi-chap-acl.yaml")
+
+
+def run_check(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real command line: the venv's interpreter running ``tcmu-py check -c``."""
+    return subprocess.run([sys.executable, "-m", "tcmu_py.cli", "check", "-c", str(config)],
+                          cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_every_example_is_documented() -> None:
+    names = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
+    assert names == sorted(_DOCUMENTED_EXAMPLES)
+    text = CONFIGURATION_MD.read_text()
+    for name in names:
+        assert f"(../examples/{name})" in text, name
+
+
+@pytest.mark.parametrize("name", _DOCUMENTED_EXAMPLES)
+def test_example_passes_tcmu_py_check(name: str, tmp_path: Path) -> None:
+    """`tcmu-py check` needs no state (it creates nothing; pools and libraries are made by
+    apply), so the examples are checked as they are, state under /var/lib/tcmu-py. On a host
+    where that directory exists (an installed tcmu-py), its state would be read too: the
+    example is then checked as a copy with its state under tmp_path."""
+    example = EXAMPLES / name
+    text = example.read_text()
+    assert "/var/lib/tcmu-py" in text
+    for path in re.findall(r"(?m)(?:state_dir|path|media_dir):\s+(\S+)", text):
+        assert path.startswith("/var/lib/tcmu-py"), (name, path)
+    config = Path("examples") / name  # as a user types it in the checkout
+    if os.path.exists("/var/lib/tcmu-py"):
+        config = tmp_path / name
+        config.write_text(text.replace("/var/lib/tcmu-py", str(tmp_path / "state")))
+    r = run_check(config, ROOT)
+    devices = len(load_config_text(text, name).devices)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout == f"{config}: OK ({devices} device(s))\n"
+
+
+def test_default_example_is_the_embedded_default() -> None:
+    embedded = ROOT / "tcmu_py" / "daemon" / "default.yaml"
+    assert (EXAMPLES / "default.yaml").read_text() == embedded.read_text()
+
+
+def test_documented_error_output(tmp_path: Path) -> None:
+    """The error example of configuration.md is what `tcmu-py check` prints, byte for byte."""
+    text = CONFIGURATION_MD.read_text()
+    files = {m.removeprefix("config:").strip(): body
+             for m, _, body in blocks(text) if m.startswith("config:")}
+    outputs = {m.removeprefix("check output:").strip(): body
+               for m, _, body in blocks(text) if m.startswith("check output:")}
+    assert files and set(files) == set(outputs)
+    for name, body in files.items():
+        (tmp_path / name).write_text(body + "\n")
+        r = run_check(Path(name), tmp_path)
+        command, *expected = outputs[name].splitlines()
+        assert command == f"$ tcmu-py check -c {name}"
+        assert r.returncode == 2
+        assert r.stdout == ""
+        assert r.stderr.splitlines() == expected
