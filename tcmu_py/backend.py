@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from tcmu_py.errors import TcmuError
-from tcmu_py.scsi.sbc import ProvisioningType
+from tcmu_py.scsi.constants import ProvisioningType
 
 
 class CapabilityError(TcmuError, TypeError):

@@ -151,10 +151,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """Remove what the state file records; of the YAML only ``state_dir`` is read (a file that
+    no longer validates, or names a handler no longer installed, can still be taken down)."""
     from tcmu_py.daemon import lio
+    from tcmu_py.daemon.config import load_state_dir
 
-    config = _load(args.config)
-    lio.down(config.state_dir)
+    lio.down(load_state_dir(args.config))
     return 0
 
 

@@ -815,6 +815,29 @@ def _build(c: Checker, doc: object,
                   Exports(tuple(loop), tuple(iscsi)), tuple(sections.items()))
 
 
+def _parse(text: str, source: str) -> object:
+    """The YAML document of ``text`` (None for an empty one); ConfigError naming ``source``,
+    the line and column, what was found and what was expected otherwise."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: got a file larger than {MAX_CONFIG_BYTES} bytes, expected"
+                          " a configuration file of at most that size")
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # type: ignore[arg-type]  # noqa: S506
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "(document)"
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        if isinstance(exc, yaml.reader.ReaderError):  # no mark: a character offset
+            line = text.count("\n", 0, exc.position) + 1
+            where = f"line {line} column {exc.position - text.rfind(chr(10), 0, exc.position)}"
+            what = f"character {exc.character!r} ({exc.reason})"
+        context = getattr(exc, "context", None)
+        if context and not isinstance(exc, _Refused):
+            what += f" {' '.join(str(context).split())}"
+        expected = getattr(exc, "expected", "valid YAML: a mapping of the configuration keys")
+        raise ConfigError(f"{source}: {where}: got {what}, expected {expected}") from None
+
+
 def load_config_text(text: str, source: str = "<string>", *,
                      handlers: Mapping[str, Callable[[str], None]] | None = None,
                      registry: Mapping[str, type[Handler]] | None = None) -> Config:
@@ -831,24 +854,7 @@ def load_config_text(text: str, source: str = "<string>", *,
     Raises ConfigError listing every problem; returns a fully validated Config otherwise.
     """
     c = Checker(source)
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{source}: got a file larger than {MAX_CONFIG_BYTES} bytes, expected"
-                          " a configuration file of at most that size")
-    try:
-        doc = yaml.load(text, Loader=_ConfigLoader)  # type: ignore[arg-type]  # noqa: S506
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "(document)"
-        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
-        if isinstance(exc, yaml.reader.ReaderError):  # no mark: a character offset
-            line = text.count("\n", 0, exc.position) + 1
-            where = f"line {line} column {exc.position - text.rfind(chr(10), 0, exc.position)}"
-            what = f"character {exc.character!r} ({exc.reason})"
-        context = getattr(exc, "context", None)
-        if context and not isinstance(exc, _Refused):
-            what += f" {' '.join(str(context).split())}"
-        expected = getattr(exc, "expected", "valid YAML: a mapping of the configuration keys")
-        raise ConfigError(f"{source}: {where}: got {what}, expected {expected}") from None
+    doc = _parse(text, source)
     if doc is None:
         doc = {}
     cfg = _build(c, doc, handlers, _installed() if registry is None else registry)
@@ -857,12 +863,9 @@ def load_config_text(text: str, source: str = "<string>", *,
     return cfg
 
 
-def load_config(path: str | Path, *,
-                handlers: Mapping[str, Callable[[str], None]] | None = None,
-                registry: Mapping[str, type[Handler]] | None = None) -> Config:
-    """Read and validate the YAML file at ``path`` (see `load_config_text`); a file larger
-    than MAX_CONFIG_BYTES is refused unread."""
-    p = Path(path)
+def _read(p: Path) -> str:
+    """The text of the configuration file ``p``; ConfigError naming it when it is unreadable,
+    larger than MAX_CONFIG_BYTES (refused unread) or not UTF-8."""
     try:
         with open(p, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
@@ -879,6 +882,16 @@ def load_config(path: str | Path, *,
         raise ConfigError(f"{p}: line {line}: got bytes that are not UTF-8"
                           f" ({data[exc.start:exc.start + 4]!r}), expected a UTF-8 text"
                           " file") from None
+    return text
+
+
+def load_config(path: str | Path, *,
+                handlers: Mapping[str, Callable[[str], None]] | None = None,
+                registry: Mapping[str, type[Handler]] | None = None) -> Config:
+    """Read and validate the YAML file at ``path`` (see `load_config_text`); a file larger
+    than MAX_CONFIG_BYTES is refused unread."""
+    p = Path(path)
+    text = _read(p)
     return load_config_text(text, str(p), handlers=handlers, registry=registry)
 
 
@@ -888,3 +901,22 @@ def load_default_config(*, handlers: Mapping[str, Callable[[str], None]] | None 
     ref = resources.files("tcmu_py.daemon").joinpath("default.yaml")
     return load_config_text(ref.read_text(encoding="utf-8"), "<default config>",
                             handlers=handlers, registry=registry)
+
+
+def load_state_dir(path: str | Path | None) -> str:
+    """Only the ``state_dir`` of the configuration file at ``path`` (None: the embedded default),
+    validated as `load_config` would; the rest of the file is not looked at. ``tcmu-py down``
+    needs nothing else: it removes what the state file there records, and must work even when
+    other parts of the file no longer validate (or name a handler no longer installed)."""
+    if path is None:
+        ref = resources.files("tcmu_py.daemon").joinpath("default.yaml")
+        text, source = ref.read_text(encoding="utf-8"), "<default config>"
+    else:
+        text, source = _read(Path(path)), str(path)
+    doc = _parse(text, source)
+    c = Checker(source)
+    top = c.mapping({} if doc is None else doc, "", None)
+    state_dir = c.abspath((top or {}).get("state_dir", DEFAULT_STATE_DIR), "state_dir")
+    if c.problems or state_dir is None:
+        raise ConfigError(c.report())
+    return state_dir

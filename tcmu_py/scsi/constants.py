@@ -352,3 +352,11 @@ def opcode_name(opcode: int, service_action: int | None = None) -> str:
         return f"{name}/{ServiceAction(service_action).name}"
     except ValueError:
         return f"{name}/SA_{service_action:02X}h"
+
+
+class ProvisioningType(IntEnum):
+    """PROVISIONING TYPE of the Logical Block Provisioning VPD page (SBC-4 6.6.4)."""
+
+    FULL = 0b000
+    RESOURCE = 0b001
+    THIN = 0b010

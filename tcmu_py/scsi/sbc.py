@@ -14,7 +14,13 @@ from collections.abc import Iterable, Sequence
 from enum import IntEnum
 from typing import NamedTuple
 
-from tcmu_py.scsi.constants import LogParameterFormat, ModePageCode, PeripheralType, VpdPage
+from tcmu_py.scsi.constants import (
+    LogParameterFormat,
+    ModePageCode,
+    PeripheralType,
+    ProvisioningType,
+    VpdPage,
+)
 from tcmu_py.scsi.sense import InvalidFieldInParameterList, ParameterListLengthError
 from tcmu_py.scsi.spc import ModePage, build_log_page, build_vpd_page
 
@@ -143,14 +149,6 @@ def build_vpd_block_device_characteristics(
     payload[3] = ((wabereq & 3) << 6) | ((wacereq & 3) << 4) | (nominal_form_factor & 0x0F)
     payload[4] = (0x02 if fuab else 0) | (0x01 if vbuls else 0)
     return build_vpd_page(peripheral_type, VpdPage.BLOCK_DEVICE_CHARACTERISTICS, bytes(payload))
-
-
-class ProvisioningType(IntEnum):
-    """PROVISIONING TYPE of the Logical Block Provisioning VPD page (SBC-4 6.6.4)."""
-
-    FULL = 0b000
-    RESOURCE = 0b001
-    THIN = 0b010
 
 
 def build_vpd_lbp(
