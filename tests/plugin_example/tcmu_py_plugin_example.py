@@ -46,10 +46,15 @@ class RamDiskSpec:
 
 
 class RamBackend:
-    """The disk's bytes in a bytearray; nothing waits, so commands run on the loop thread."""
+    """The disk's bytes in a bytearray; nothing waits, so commands run on the loop thread.
+
+    Besides `tcmu_py.backend.BlockBackend` it declares `tcmu_py.backend.Unmap`: an unmapped
+    range reads as zeros, and it says so (``lbprz``), so the device reports LBPRZ=1.
+    """
 
     write_cache = False
     blocking = False
+    lbprz = True
 
     def __init__(self, size: int, block_size: int) -> None:
         self.size = size
@@ -72,6 +77,9 @@ class RamBackend:
 
     def flush(self) -> None:
         pass
+
+    def unmap(self, offset: int, length: int) -> None:
+        self.data[offset:offset + length] = bytes(length)
 
 
 class RamDiskHandler(Handler):
