@@ -3,6 +3,7 @@ run_in_vm's process handling (against a fake ``vng`` that runs the command local
 
 from __future__ import annotations
 
+import os
 import signal
 import stat
 import subprocess
@@ -81,11 +82,12 @@ def test_run_in_vm_passes_script_status_and_output(fake_vng: Path, tmp_path: Pat
     rw = tmp_path / "rw"
     rw.mkdir()
     log = tmp_path / "console.log"
-    script = 'echo "hello from $0"; echo "$PATH" | tr : "\\n" | head -1; exit 3\n' + "#" * 5000
+    script = 'echo "hello from $0"; echo "$PATH" | tr : "\\n" | head -2; exit 3\n' + "#" * 5000
     proc = lab.run_in_vm(script, rwdirs=[rw], timeout=30, kernel="/boot/vmlinuz-x-amd64", log=log)
     assert proc.returncode == 3
     assert "hello from " in proc.stdout
-    # vng runs virtme-run by name: its own directory leads PATH.
+    # vng runs virtme-run by name: its own directory leads PATH (after the virtiofsd shim's,
+    # when there is one).
     assert f"\n{fake_vng.parent}\n" in proc.stdout
     assert f"--rwdir {rw}" in proc.stdout and "--memory 2G" in proc.stdout
     assert "--user root" in proc.stdout and "--run /boot/vmlinuz-x-amd64" in proc.stdout
@@ -196,3 +198,39 @@ def test_sigterm_to_the_caller_takes_the_vm_down(fake_vng: Path, tmp_path: Path)
     while _alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(grandchild), "the VM's process group survived its caller's SIGTERM"
+
+
+def test_virtiofsd_shim_drives_qemus_daemon_as_virtme_ng_drives_the_rust_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """virtme-ng starts ``virtiofsd --syslog ... --socket-path S --shared-dir D --sandbox none
+    --cache C`` in the background and waits for ``S.pid``; QEMU's C daemon takes ``-o`` options
+    and writes no pid file. The shim translates and writes it."""
+    if os.geteuid() != 0:
+        pytest.skip("the shim is used only as root (QEMU's C virtiofsd needs it)")
+    calls = tmp_path / "calls"
+    fake = tmp_path / "qemu-virtiofsd"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(lab, "_QEMU_VIRTIOFSD", fake)
+    monkeypatch.delenv("TCMU_PY_LAB_9P", raising=False)
+    monkeypatch.setattr(lab.shutil, "which", lambda name, *a, **k: None)
+    shim_dir = lab._virtiofsd_shim(tmp_path)
+    assert shim_dir is not None
+    shim = shim_dir / "virtiofsd"
+    assert subprocess.run([shim, "--version"], check=False).returncode == 0
+    sock = tmp_path / "virtme.sock"
+    argv = [str(shim), "--syslog", "--no-announce-submounts", "--socket-path", str(sock),
+            "--shared-dir", "/", "--sandbox", "none", "--cache", "always"]
+    assert subprocess.run(argv, check=False).returncode == 0
+    pid = int((tmp_path / "virtme.sock.pid").read_text())
+    assert pid > 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(calls.read_text().splitlines()) < 2:
+        time.sleep(0.05)
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "--version"
+    assert lines[1] == (f"--socket-path={sock} -o source=/,cache=always,sandbox=chroot,"
+                        "log_level=err")
+    monkeypatch.setenv("TCMU_PY_LAB_9P", "1")
+    assert lab._virtiofsd_shim(tmp_path / "other") is None
