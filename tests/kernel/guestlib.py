@@ -477,6 +477,27 @@ def _rmtree_configfs(path: Path) -> None:
 # Small helpers
 
 
+def tcmu_py(*args: str) -> list[str]:
+    """The argv of ``tcmu-py ARGS`` run by this interpreter (the checkout's venv)."""
+    import sys
+
+    return [sys.executable, "-m", "tcmu_py.cli", *args]
+
+
+def scsi_disk(vendor: str, model: str) -> Path | None:
+    """/dev/sdX whose INQUIRY vendor and product are these, once the sd driver bound it."""
+    for dev in Path("/sys/block").glob("sd*"):
+        try:
+            found = ((dev / "device" / "vendor").read_text().strip(),
+                     (dev / "device" / "model").read_text().strip())
+        except OSError:
+            continue
+        node = Path("/dev") / dev.name
+        if found == (vendor, model) and node.exists():
+            return node
+    return None
+
+
 def have(tool: str) -> bool:
     """True if ``tool`` is on PATH in the guest."""
     from shutil import which

@@ -4,30 +4,16 @@ disk appears through tcm_loop and on the iSCSI portal, `status` shows it, `down`
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-from guestlib import CORE, ISCSI, Context, Daemon, log, run, scenario, wait_for
+from guestlib import CORE, ISCSI, Context, Daemon, log, run, scenario, scsi_disk, tcmu_py, wait_for
 
 IQN = "iqn.2025-01.org.tcmu-py:default"
 
 
-def tcmu_py(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tcmu_py.cli", *args]
-
-
 def our_disk() -> Path | None:
     """/dev/sdX whose INQUIRY says TCMU-PY RAW DISK, if the sd driver bound it."""
-    for dev in Path("/sys/block").glob("sd*"):
-        try:
-            vendor = (dev / "device" / "vendor").read_text().strip()
-            model = (dev / "device" / "model").read_text().strip()
-        except OSError:
-            continue
-        node = Path("/dev") / dev.name
-        if (vendor, model) == ("TCMU-PY", "RAW DISK") and node.exists():
-            return node
-    return None
+    return scsi_disk("TCMU-PY", "RAW DISK")
 
 
 @scenario(timeout=600)

@@ -9,30 +9,11 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import sys
 from pathlib import Path
 
-from guestlib import CORE, Context, Daemon, log, run, scenario, wait_for
+from guestlib import CORE, Context, Daemon, log, run, scenario, scsi_disk, tcmu_py, wait_for
 
 MIB = 1 << 20
-
-
-def tcmu_py(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tcmu_py.cli", *args]
-
-
-def ram_disk() -> Path | None:
-    """/dev/sdX whose INQUIRY says TCMU-PY RAMDISK DISK (the handler's product string)."""
-    for dev in Path("/sys/block").glob("sd*"):
-        try:
-            vendor = (dev / "device" / "vendor").read_text().strip()
-            model = (dev / "device" / "model").read_text().strip()
-        except OSError:
-            continue
-        node = Path("/dev") / dev.name
-        if (vendor, model) == ("TCMU-PY", "RAMDISK DISK") and node.exists():
-            return node
-    return None
 
 
 @scenario(timeout=480)
@@ -60,7 +41,8 @@ def ramdisk_from_yaml(ctx: Context) -> None:
     ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
     ctx.cleanup.callback(d.stop)
     d.start(ready=ready.exists, timeout=ctx.remaining(240))
-    dev = wait_for(ram_disk, ctx.remaining(120), "the ram disk through tcm_loop")
+    dev = wait_for(lambda: scsi_disk("TCMU-PY", "RAMDISK DISK"), ctx.remaining(120),
+                   "the ram disk (INQUIRY TCMU-PY RAMDISK DISK) through tcm_loop")
     size = int((Path("/sys/block") / dev.name / "size").read_text()) * 512
     assert size == 32 * MIB, f"{dev}: {size} bytes, expected 32 MiB"
     log(f"r0: {dev}")

@@ -15,12 +15,11 @@ import os
 import re
 import shutil
 import signal
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from guestlib import CORE, Context, Daemon, LoopbackLun, log, run, scenario, wait_for
+from guestlib import CORE, Context, Daemon, LoopbackLun, log, run, scenario, tcmu_py, wait_for
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -43,10 +42,6 @@ exports:
     - {{device: vtl-d0, lun: 1}}
     - {{device: vtl-d1, lun: 2}}
 """
-
-
-def tcmu_py(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tcmu_py.cli", *args]
 
 
 @dataclass
