@@ -30,7 +30,13 @@ from tcmu_py.buffers import skip, zero
 from tcmu_py.configspec import Checker, Device
 from tcmu_py.device.block import BlockDevice, open_block_device
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import DeviceConfig, Handler, on_memory_filesystem, split_wwn
+from tcmu_py.handler import (
+    DeviceConfig,
+    Handler,
+    on_memory_filesystem,
+    split_copy_domain,
+    split_wwn,
+)
 
 
 class RawBackend:
@@ -134,6 +140,11 @@ class RawHandler(Handler):
         if img is not None and split_wwn(img)[1] is not None:
             checker.fail(f"{path}.path", img, "an image path that does not end in ';wwn=naa...'"
                          " (the daemon would take that for the device's wwn)")
+            return None
+        if img is not None and split_copy_domain(img)[1] is not None:
+            checker.fail(f"{path}.path", img, "an image path that does not end in"
+                         " ';copy_domain=...' (the daemon would take that for the device's"
+                         " copy domain)")
             return None
         return None if img is None else (("path", img),)
 

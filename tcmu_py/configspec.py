@@ -111,6 +111,8 @@ class Device:
     wwn: str | None = None
     pool: str | None = None
     config_items: tuple[tuple[str, str], ...] = ()
+    #: The copy domain the device belongs to (EXTENDED COPY between its members); None: its own.
+    copy_domain: str | None = None
 
     def options_dict(self) -> dict[str, str]:
         return dict(self.options)

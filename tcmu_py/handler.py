@@ -100,6 +100,8 @@ __all__ = [
     "parse_options",
     "render_table",
     "shared",
+    "split_copy_domain",
+    "split_daemon_items",
     "split_dev_config",
 ]
 
@@ -119,6 +121,8 @@ class DeviceConfig:
     ``wwn=`` item (`split_wwn`). `size` is in bytes (the kernel's `dev_size`). `serial` is LIO's
     unit serial for the device when known (VPD 80h/83h). `wwn` (``naa.<16 or 32 hex digits>``)
     is the NAA designator the device reports in VPD 83h; None: one derived from the serial.
+    `copy_domain` names the devices EXTENDED COPY may copy between (`split_copy_domain`);
+    None: this device alone.
     """
 
     name: str
@@ -131,6 +135,7 @@ class DeviceConfig:
     serial: str | None = None
     uio_name: str = ""
     wwn: str | None = None
+    copy_domain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -393,6 +398,31 @@ def split_wwn(cfgstring: str) -> tuple[str, str | None]:
     if m is None:
         return cfgstring, None
     return cfgstring[: m.start()], m.group(1)
+
+
+#: The daemon's ``copy_domain=`` item: just before ``wwn=`` (or last), never seen by a handler.
+_COPY_DOMAIN_ITEM = re.compile(r"(?:^|;)copy_domain=([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\Z")
+
+
+def split_copy_domain(cfgstring: str) -> tuple[str, str | None]:
+    """Split a config string (its ``wwn=`` item already split off, `split_wwn`) into the
+    handler's part and the device's copy domain (or None: the device is a domain of its own).
+
+    tcmu-py writes a YAML device's ``copy_domain:`` as an item of its dev_config, before any
+    ``wwn=``, so a daemon started without the YAML still groups the device with the others.
+    """
+    m = _COPY_DOMAIN_ITEM.search(cfgstring)
+    if m is None:
+        return cfgstring, None
+    return cfgstring[: m.start()], m.group(1)
+
+
+def split_daemon_items(cfgstring: str) -> tuple[str, str | None, str | None]:
+    """(the handler's part, wwn, copy domain) of a config string: the daemon's own trailing
+    items (``;copy_domain=NAME;wwn=naa...``) removed."""
+    rest, wwn = split_wwn(cfgstring)
+    rest, domain = split_copy_domain(rest)
+    return rest, wwn, domain
 
 
 def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dict[str, Any]:

@@ -228,13 +228,16 @@ def _handler(subtype: str | None, registry: Mapping[str, type[Handler]]) -> type
 
 
 def _build_config_string(subtype: str, owner: type[Handler], options: tuple[tuple[str, str], ...],
-                         items: tuple[tuple[str, str], ...] = (), wwn: str | None = None) -> str:
+                         items: tuple[tuple[str, str], ...] = (), wwn: str | None = None,
+                         copy_domain: str | None = None) -> str:
     """``items`` are what section owners add (`Handler.device_config_items`, a pool's
     directory): the dev_config must describe the device on its own, so a daemon started without
     this YAML file (udev, systemd, a restart) can still open it. For the same reason ``wwn``
     goes in too, as the last item (`tcmu_py.handler.split_wwn`). What follows ``<subtype>/``
     is the handler's (`Handler.config_string`)."""
     cfg = f"{subtype}/" + owner.config_string(options, items)
+    if copy_domain is not None:  # `tcmu_py.handler.split_copy_domain`
+        cfg += f"{'' if cfg.endswith('/') else ';'}copy_domain={copy_domain}"
     if wwn is not None:
         cfg += f"{'' if cfg.endswith('/') else ';'}wwn={wwn}"
     return cfg
@@ -244,13 +247,14 @@ def dev_config_string(device: Device) -> str:
     """The TCMU ``dev_config`` for ``device``: ``<subtype>/`` and what its handler makes of
     its options and the items section owners add (`Handler.config_string`: by default
     ``key=value;key=value``, options in YAML order, then e.g. ``pool=<pool directory>`` if the
-    device names a thin pool; raw's is the image path); then ``;wwn=<wwn>`` if the device sets
-    one (the daemon strips it before the handler sees it).
+    device names a thin pool; raw's is the image path); then ``;copy_domain=<name>`` and
+    ``;wwn=<wwn>`` if the device sets them (the daemon strips both before the handler sees it).
 
     Raises ConfigError if the kernel or rtslib-fb would mangle or refuse it.
     """
     cfg = _build_config_string(device.handler, _handler(device.handler, _installed()),
-                               device.options, device.config_items, device.wwn)
+                               device.options, device.config_items, device.wwn,
+                               device.copy_domain)
     problem = config_string_problem(cfg)
     if problem:
         raise ConfigError(f"devices {device.name}: dev_config {cfg!r}: expected {problem}")
@@ -390,7 +394,8 @@ def _load_defaults(c: Checker, raw: object) -> Defaults:
 
 
 _DEVICE_KEYS = {"name", "handler", "size", "block_size", "options", "hw_max_sectors",
-                "max_data_area_mb", "cmd_time_out", "write_cache", "serial", "wwn", "pool"}
+                "max_data_area_mb", "cmd_time_out", "write_cache", "serial", "wwn", "pool",
+                "copy_domain"}
 
 
 def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
@@ -439,6 +444,8 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
                 c.fail(f"{p}.wwn", raw_wwn, "naa. and 16 hex digits starting 2, 3 or 5 (NAA"
                        " 2h/3h/5h) or 32 starting 6 (NAA 6h): the NAA designator of VPD 83h")
         pool = c.name(m["pool"], f"{p}.pool") if m.get("pool") is not None else None
+        domain = (c.name(m["copy_domain"], f"{p}.copy_domain")
+                  if m.get("copy_domain") is not None else None)
         owner = _handler(handler, registry)
         options = owner.load_options(m.get("options"), f"{p}.options", c, name, state_dir)
 
@@ -454,11 +461,11 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
         assert name and handler and size and block_size and hw_max and area and options is not None
         assert tmo is not None and wc is not None
         dev = Device(name, handler, size, block_size, hw_max, area, tmo, wc, options,
-                     serial, wwn, pool)
+                     serial, wwn, pool, copy_domain=domain)
         items = _config_items(dev, owners or {}, sections or {})
         if items:
             dev = replace(dev, config_items=items)
-        cfg = _build_config_string(handler, owner, options, items, wwn)
+        cfg = _build_config_string(handler, owner, options, items, wwn, domain)
         problem = config_string_problem(cfg)
         if problem:
             c.fail(f"{p}.options", m.get("options"), f"options whose dev_config {cfg!r} has"

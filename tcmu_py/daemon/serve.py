@@ -55,7 +55,7 @@ from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.device.runner import DeviceRunner
 from tcmu_py.errors import TcmuError
-from tcmu_py.handler import DeviceConfig, Handler, load_handlers, split_wwn
+from tcmu_py.handler import DeviceConfig, Handler, load_handlers, split_daemon_items
 from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import NotReady
 from tcmu_py.uio import UioDevice, UioName
@@ -389,7 +389,7 @@ class Daemon:
 
     def _open(self, node: str, name: UioName) -> Served:
         cfs = TcmuConfigfs(name.hba, name.device, self.configfs_root)
-        cfgstring, wwn = split_wwn(name.cfgstring)
+        cfgstring, wwn, domain = split_daemon_items(name.cfgstring)
         config = DeviceConfig(
             name=name.device,
             subtype=name.subtype,
@@ -401,6 +401,7 @@ class Daemon:
             serial=cfs.serial,
             uio_name=name.build(),
             wwn=wwn,
+            copy_domain=domain,
         )
         cfs.block()
         try:
@@ -493,7 +494,7 @@ class Daemon:
             status = 0
             try:
                 if event.cmd == TcmuCmd.ADDED_DEVICE:
-                    self.handlers[uio.subtype].check_config(split_wwn(uio.cfgstring)[0])
+                    self.handlers[uio.subtype].check_config(split_daemon_items(uio.cfgstring)[0])
                     self.add(f"uio{event.minor}")
                 elif event.cmd == TcmuCmd.REMOVED_DEVICE:
                     self.remove(f"uio{event.minor}")
