@@ -59,7 +59,9 @@ def xcopy_within_a_domain_only(ctx: Context) -> None:
     cfg = ctx.workdir / "xcopy.yaml"
     cfg.write_text(
         f"state_dir: {ctx.workdir / 'state'}\n"
-        "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16, write_cache: false}\n"
+        # 4096-block commands: libiscsi's ExtendedCopy.Simple writes 2048 blocks in one WRITE(16)
+        # to set up (the device's MAXIMUM TRANSFER LENGTH is hw_max_sectors).
+        "defaults: {hw_max_sectors: 4096, max_data_area_mb: 16, write_cache: false}\n"
         "devices:\n"
         f"  - {{name: x0, handler: raw, size: 16M, copy_domain: lab, wwn: {WWNS['x0']}}}\n"
         f"  - {{name: x1, handler: raw, size: 16M, copy_domain: lab, wwn: {WWNS['x1']}}}\n"
@@ -116,7 +118,11 @@ def xcopy_within_a_domain_only(ctx: Context) -> None:
     # libiscsi's own suites for the two commands, on x0 over iSCSI.
     url = f"iscsi://127.0.0.1/{IQN}/0"
     results: dict[str, str] = {}
-    for suite in ("ExtendedCopy", "ReceiveCopyResults"):
+    # ReceiveCopyResults first: its CopyStatus test starts by asking for list identifier 1 and
+    # expects none held. The ExtendedCopy suite's copies (list identifier 1, status held) would
+    # be: a device that knows I_T nexuses drops them when that session logs out, but TCMU tells
+    # the daemon nothing of nexuses, so tcmu-py holds copy status per LUN until it is read.
+    for suite in ("ReceiveCopyResults", "ExtendedCopy"):
         res = run(["iscsi-test-cu", "-d", f"--test=SCSI.{suite}", url],
                   timeout=min(ctx.remaining(), 180), check=False)
         text = res.stdout + res.stderr
