@@ -51,7 +51,9 @@ from typing import Any
 from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs
 from tcmu_py.daemon.control import RUN_DIR, ControlServer
+from tcmu_py.device.block import BlockDevice
 from tcmu_py.device.command import Command
+from tcmu_py.device.copydomain import CopyDomain
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.device.runner import DeviceRunner
 from tcmu_py.errors import TcmuError
@@ -138,6 +140,8 @@ class Daemon:
         self._open_uio = uio_opener
         self.served: dict[str, Served] = {}
         self._lock = threading.RLock()
+        #: Shared copy domains by name (a device's ``copy_domain``, `split_daemon_items`).
+        self.copy_domains: dict[str, CopyDomain] = {}
         self._stop_r, self._stop_w = os.pipe()
         self._stopping = False
         self._lock_fd: int | None = None
@@ -412,6 +416,8 @@ class Daemon:
                 handler = self.handlers[name.subtype]
                 handler.check_config(cfgstring)
                 device = handler.open(config)
+                if config.copy_domain is not None and isinstance(device, BlockDevice):
+                    device.join(self._copy_domain(config.copy_domain))
             except Exception as exc:  # noqa: BLE001 - any handler failure: serve NOT READY
                 failed = f"{type(exc).__name__}: {exc}"
                 log.error(
@@ -445,6 +451,15 @@ class Daemon:
             " [FAILED]" if failed else "",
         )
         return Served(node, name, uio, device, runner, thread, failed)
+
+    def _copy_domain(self, name: str) -> CopyDomain:
+        """The shared copy domain `name`, made on first use. A device leaves it when it closes
+        (`BlockDevice.close`); an empty domain costs a dict entry."""
+        with self._lock:
+            domain = self.copy_domains.get(name)
+            if domain is None:
+                domain = self.copy_domains[name] = CopyDomain(name)
+            return domain
 
     def remove(self, node: str, *, block: bool = False) -> None:
         """Stop serving `node`. With `block` (shutdown), hold new commands off in the kernel

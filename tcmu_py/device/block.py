@@ -25,7 +25,9 @@ from functools import partial
 from tcmu_py.backend import BlockBackend, Capabilities, ProvisioningInfo
 from tcmu_py.buffers import gather, slice_views
 from tcmu_py.device.command import Command
+from tcmu_py.device.copydomain import CopyDomain
 from tcmu_py.device.core import ScsiDevice, check_data_out, command
+from tcmu_py.device.xcopy_commands import CopyManager
 from tcmu_py.errors import TcmuError
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
@@ -121,11 +123,24 @@ class BlockDevice(ScsiDevice):
         # A backend that never blocks (memory, /dev/null-like) is cheaper run on the loop
         # thread than handed to the pool: no thread hand-off per command.
         self._all_inline = not self.caps.blocking
+        #: The devices an EXTENDED COPY received here may address: by default this one alone
+        #: (copies within the LUN); the daemon makes devices of one configured domain `join` it.
+        self.copy_domain = CopyDomain(config.name)
+        self.copy_domain.add(self)
+        self.copy_manager = CopyManager(self)
+
+    def join(self, domain: CopyDomain) -> None:
+        """Leave the current copy domain for `domain` (copies may then address its devices)."""
+        self.copy_domain.remove(self)
+        domain.add(self)
+        self.copy_domain = domain
 
     # ------------------------------------------------------------------------------------------
     # Capabilities and pages
 
     def is_inline(self, cdb: bytes) -> bool:
+        if cdb[0] == Opcode.EXTENDED_COPY:
+            return False  # reads and writes other devices' backends, which may block
         return self._all_inline or super().is_inline(cdb)
 
     def supports(self, opcode: int, service_action: int | None) -> bool:
@@ -165,6 +180,7 @@ class BlockDevice(ScsiDevice):
             max_compare_and_write_length=MAX_COMPARE_AND_WRITE_BLOCKS,
         )
         pages[0xB1] = lambda: sbc.build_vpd_block_device_characteristics(rotation_rate=1)
+        pages[0x8F] = self.copy_manager.vpd_page  # SPC-4 7.8.17: third-party copy
         if can_unmap:
             # SBC-4 6.6.4: UNMAP and WRITE SAME(10)/(16) with the UNMAP bit all deallocate here.
             pages[0xB2] = lambda: sbc.build_vpd_lbp(
@@ -291,6 +307,29 @@ class BlockDevice(ScsiDevice):
             self.backend.flush()
         except OSError as exc:
             raise WriteError(str(exc)) from exc
+
+    # Primitives the copy manager (`tcmu_py.device.xcopy_commands`) uses on source and
+    # destination devices: the same locks and error mapping as this device's own commands.
+
+    def lock_range(self, start: int, end: int) -> tuple[int, int, int]:
+        """Take the write range lock on blocks [start, end) (see `RangeLock`)."""
+        return self._ranges.acquire(start, end)
+
+    def unlock_range(self, held: tuple[int, int, int]) -> None:
+        self._ranges.release(held)
+
+    def read_at(self, offset: int, buf: memoryview) -> None:
+        """Read `len(buf)` bytes at byte `offset`; MediumError on a backend failure."""
+        self._read(offset, [buf])
+
+    def write_at(self, offset: int, buf: memoryview) -> None:
+        """Write `buf` at byte `offset` (the caller holds the range lock); WriteError or
+        SpaceAllocationFailed on a backend failure."""
+        self._write(offset, [buf])
+
+    def after_write(self) -> None:
+        """Report a crossed thin-provisioning threshold after data was written."""
+        self._after_write()
 
     def _check_medium(
         self, lba: int, length: int, expected: Callable[[int, int], bytes] | None = None
@@ -611,7 +650,40 @@ class BlockDevice(ScsiDevice):
         self.num_blocks = size // self.block_size
         self.queue_unit_attention(CapacityDataChanged())
 
+    # ------------------------------------------------------------------------------------------
+    # Copy offload (SPC-4 6.3, 6.18): the copy manager does the work
+
+    @command(
+        Opcode.EXTENDED_COPY,
+        0x00,
+        usage=bytes.fromhex("83000000000000000000ffffffff0000"),
+    )
+    def extended_copy(self, cmd: Command) -> None:
+        self.copy_manager.extended_copy(cmd)
+
+    @command(
+        Opcode.RECEIVE_COPY_RESULTS,
+        0x00,
+        inline=True,
+        usage=bytes.fromhex("840000ff000000000000ffffffff0000"),
+    )
+    @command(
+        Opcode.RECEIVE_COPY_RESULTS,
+        0x03,
+        inline=True,
+        usage=bytes.fromhex("84030000000000000000ffffffff0000"),
+    )
+    @command(
+        Opcode.RECEIVE_COPY_RESULTS,
+        0x04,
+        inline=True,
+        usage=bytes.fromhex("840400ff000000000000ffffffff0000"),
+    )
+    def receive_copy_results(self, cmd: Command) -> int:
+        return self.copy_manager.receive_copy_results(cmd)
+
     def close(self) -> None:
+        self.copy_domain.remove(self)
         if self.caps.close is not None:
             self.caps.close.close()
 

@@ -55,7 +55,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 CommandFn = Callable[[Command], Any]
 
 #: Opcodes whose service action selects the command (SPC-5 4.2.5.1): where the field lives.
-_SA_BYTE1 = {Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN, Opcode.MAINTENANCE_OUT}
+_SA_BYTE1 = {
+    Opcode.SERVICE_ACTION_IN_16,
+    Opcode.MAINTENANCE_IN,
+    Opcode.MAINTENANCE_OUT,
+    Opcode.EXTENDED_COPY,
+    Opcode.RECEIVE_COPY_RESULTS,
+}
 
 _SA_OPCODES = _SA_BYTE1 | {Opcode.VARIABLE_LENGTH}
 
@@ -210,12 +216,19 @@ class ScsiDevice:
             0x80: lambda: spc.build_vpd_unit_serial(pt, self.serial),
             0x83: lambda: spc.build_vpd_device_identification(
                 pt,
-                naa=(bytes.fromhex(self.config.wwn[4:]) if self.config.wwn
-                     else spc.naa_from_serial(self.serial)),
+                naa=self.naa_designator(),
                 t10_vendor=self.vendor,
                 t10_id=f"{self.product.strip()}:{self.serial}",
             ),
         }
+
+    def naa_designator(self) -> bytes:
+        """The NAA designator value VPD 83h reports for this logical unit: the configured WWN
+        (after its ``naa.`` prefix) or one derived from the serial. The one name copy domains
+        and EXTENDED COPY CSCD descriptors resolve a device by."""
+        if self.config.wwn:
+            return bytes.fromhex(self.config.wwn[4:])
+        return spc.naa_from_serial(self.serial)
 
     def version_descriptors(self) -> tuple[int, ...]:
         """INQUIRY version descriptors (SPC-5 6.6.2 table 149)."""

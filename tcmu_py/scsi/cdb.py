@@ -861,3 +861,53 @@ class ReceiveDiagnostic:
             self.allocation_length & _M16,
             0,
         )
+
+
+# --- Copy offload -------------------------------------------------------------------------------
+
+# 83h/84h: opcode | service action | 8 bytes (list id in byte 2 for 84h) | 32-bit length 10..13 |
+# reserved | CONTROL.
+_COPY16 = struct.Struct(">BBB7xIxB")
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendedCopy:
+    """EXTENDED COPY (LID1) (SPC-4 6.3): opcode 83h, service action 00h."""
+
+    parameter_list_length: int
+
+    @classmethod
+    def parse(cls, cdb: Cdb) -> Self:
+        _check_length(cdb, 16)
+        if cdb[1] & 0x1F:
+            # SPC-4 6.3: only the LID1 service action (00h) is implemented here.
+            raise _reject(f"service action {cdb[1] & 0x1F:#04x}", 1, 4)
+        return cls(_U32.unpack_from(cdb, 10)[0])
+
+    def build(self) -> bytes:
+        return _COPY16.pack(Opcode.EXTENDED_COPY, 0, 0, self.parameter_list_length & _M32, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveCopyResults:
+    """RECEIVE COPY RESULTS (SPC-4 6.18): opcode 84h; ``service_action`` 00h COPY STATUS,
+    03h OPERATING PARAMETERS, 04h FAILED SEGMENT DETAILS (01h RECEIVE DATA is for held data,
+    which no supported segment descriptor produces)."""
+
+    service_action: int
+    list_identifier: int
+    allocation_length: int
+
+    @classmethod
+    def parse(cls, cdb: Cdb) -> Self:
+        _check_length(cdb, 16)
+        return cls(cdb[1] & 0x1F, cdb[2], _U32.unpack_from(cdb, 10)[0])
+
+    def build(self) -> bytes:
+        return _COPY16.pack(
+            Opcode.RECEIVE_COPY_RESULTS,
+            self.service_action & 0x1F,
+            self.list_identifier & _U8,
+            self.allocation_length & _M32,
+            0,
+        )

@@ -291,7 +291,9 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x04, 0x01): "LOGICAL UNIT IS IN PROCESS OF BECOMING READY",
     (0x04, 0x02): "LOGICAL UNIT NOT READY, INITIALIZING COMMAND REQUIRED",
     (0x04, 0x03): "LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED",
+    (0x00, 0x16): "OPERATION IN PROGRESS",
     (0x0C, 0x00): "WRITE ERROR",
+    (0x0D, 0x02): "COPY TARGET DEVICE NOT REACHABLE",
     (0x0E, 0x03): "INVALID FIELD IN COMMAND INFORMATION UNIT",
     (0x11, 0x00): "UNRECOVERED READ ERROR",
     (0x1A, 0x00): "PARAMETER LIST LENGTH ERROR",
@@ -303,6 +305,11 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x25, 0x00): "LOGICAL UNIT NOT SUPPORTED",
     (0x26, 0x00): "INVALID FIELD IN PARAMETER LIST",
     (0x26, 0x02): "PARAMETER VALUE INVALID",
+    (0x26, 0x06): "TOO MANY TARGET DESCRIPTORS",
+    (0x26, 0x07): "UNSUPPORTED TARGET DESCRIPTOR TYPE CODE",
+    (0x26, 0x08): "TOO MANY SEGMENT DESCRIPTORS",
+    (0x26, 0x09): "UNSUPPORTED SEGMENT DESCRIPTOR TYPE CODE",
+    (0x26, 0x0B): "INLINE DATA LENGTH EXCEEDED",
     (0x27, 0x00): "WRITE PROTECTED",
     (0x27, 0x07): "SPACE ALLOCATION FAILED WRITE PROTECT",
     (0x28, 0x00): "NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED",
@@ -328,6 +335,7 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x3F, 0x0E): "REPORTED LUNS DATA HAS CHANGED",
     (0x44, 0x00): "INTERNAL TARGET FAILURE",
     (0x53, 0x02): "MEDIUM REMOVAL PREVENTED",
+    (0x55, 0x03): "INSUFFICIENT RESOURCES",
     (0x55, 0x06): "AUXILIARY MEMORY OUT OF SPACE",
 }
 
@@ -520,6 +528,62 @@ class ParameterValueInvalid(IllegalRequest):
     """05h/26h/02h PARAMETER VALUE INVALID."""
 
     asc, ascq = 0x26, 0x02
+
+
+class _ParameterListError(IllegalRequest):
+    """Base of the errors found in a parameter list: ``in_cdb=False`` is implied, so a
+    ``field_pointer`` names a byte of the parameter list (SPC-5 4.4.2.4.2, C/D 0)."""
+
+    def __init__(self, msg: str = "", **kwargs: object) -> None:
+        kwargs.setdefault("in_cdb", False)
+        super().__init__(msg, **kwargs)  # type: ignore[arg-type]
+
+
+class TooManyTargetDescriptors(_ParameterListError):
+    """05h/26h/06h TOO MANY TARGET DESCRIPTORS: more CSCD descriptors than the copy manager's
+    MAXIMUM CSCD DESCRIPTOR COUNT (SPC-4 6.3.1)."""
+
+    asc, ascq = 0x26, 0x06
+
+
+class UnsupportedTargetDescriptorTypeCode(_ParameterListError):
+    """05h/26h/07h UNSUPPORTED TARGET DESCRIPTOR TYPE CODE (SPC-4 6.3.6.1)."""
+
+    asc, ascq = 0x26, 0x07
+
+
+class TooManySegmentDescriptors(_ParameterListError):
+    """05h/26h/08h TOO MANY SEGMENT DESCRIPTORS: more than MAXIMUM SEGMENT DESCRIPTOR COUNT
+    (SPC-4 6.3.1)."""
+
+    asc, ascq = 0x26, 0x08
+
+
+class UnsupportedSegmentDescriptorTypeCode(_ParameterListError):
+    """05h/26h/09h UNSUPPORTED SEGMENT DESCRIPTOR TYPE CODE (SPC-4 6.3.7.1)."""
+
+    asc, ascq = 0x26, 0x09
+
+
+class InlineDataLengthExceeded(_ParameterListError):
+    """05h/26h/0Bh INLINE DATA LENGTH EXCEEDED: INLINE DATA LENGTH above the MAXIMUM INLINE
+    DATA LENGTH the copy manager reports (SPC-4 6.3.1)."""
+
+    asc, ascq = 0x26, 0x0B
+
+
+class OperationInProgress(IllegalRequest):
+    """05h/00h/16h OPERATION IN PROGRESS: an EXTENDED COPY names a LIST IDENTIFIER that a copy
+    still running uses (SPC-4 6.3.1)."""
+
+    asc, ascq = 0x00, 0x16
+
+
+class InsufficientResources(IllegalRequest):
+    """05h/55h/03h INSUFFICIENT RESOURCES: more concurrent copies than the copy manager reports
+    it runs (SPC-4 6.3.1)."""
+
+    asc, ascq = 0x55, 0x03
 
 
 class AuxiliaryMemoryOutOfSpace(IllegalRequest):
@@ -719,6 +783,27 @@ class AbortedCommand(ScsiError):
 
     sense_key = SenseKey.ABORTED_COMMAND
     asc, ascq = 0x00, 0x00
+
+
+# --- COPY ABORTED -----------------------------------------------------------------------------
+
+
+class CopyAborted(ScsiError):
+    """0Ah/00h/00h COPY ABORTED, no additional sense information: an EXTENDED COPY stopped while
+    processing its segments (SPC-4 6.3.3 / SPC-5 4.4.5: the COPY ABORTED sense key). The copy
+    manager uses it, with 00h/00h, for a segment whose blocks lie beyond a copy target's
+    capacity: libiscsi's ExtendedCopy.ValidSegDescr accepts 00h/00h, 08h/04h or 0Dh/02h there."""
+
+    sense_key = SenseKey.COPY_ABORTED
+    asc, ascq = 0x00, 0x00
+
+
+class CopyTargetDeviceNotReachable(CopyAborted):
+    """0Ah/0Dh/02h COPY TARGET DEVICE NOT REACHABLE: a CSCD descriptor names a logical unit the
+    copy manager cannot address — here, one outside the device's copy domain (SPC-4 6.3.6.1;
+    LIO answers the same, so an initiator falls back to READ and WRITE)."""
+
+    asc, ascq = 0x0D, 0x02
 
 
 # --- TAPE (SSC-5) -----------------------------------------------------------------------------

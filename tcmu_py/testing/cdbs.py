@@ -170,3 +170,16 @@ def start_stop_unit(start: bool = True, loej: bool = False, immed: bool = False)
 
 def pre_fetch10(lba: int, blocks: int) -> bytes:
     return _rw(Op.PRE_FETCH_10, lba, blocks)
+
+
+def extended_copy(parameter_list_length: int) -> bytes:
+    """EXTENDED COPY (LID1); build the parameter list with :mod:`tcmu_py.scsi.xcopy`."""
+    return c.ExtendedCopy(parameter_list_length).build()
+
+
+def receive_copy_results(
+    service_action: int, list_identifier: int = 0, allocation_length: int = 1024
+) -> bytes:
+    """RECEIVE COPY RESULTS: 00h COPY STATUS, 03h OPERATING PARAMETERS, 04h FAILED SEGMENT
+    DETAILS."""
+    return c.ReceiveCopyResults(service_action, list_identifier, allocation_length).build()

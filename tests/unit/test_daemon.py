@@ -546,3 +546,44 @@ def test_reopen_failed_gives_a_device_failed_at_start_a_second_chance(host, tmp_
         assert host.run("uio1", cdbs.test_unit_ready()).sense_codes == (2, 0x04, 0x03)
     finally:
         d.shutdown()
+
+
+def test_copy_domain_from_dev_config_groups_devices_for_extended_copy(host, tmp_path):
+    """Issue 19: devices whose dev_config names one ``copy_domain`` may EXTENDED COPY to each
+    other; a device outside it (its own domain) is COPY TARGET DEVICE NOT REACHABLE and is not
+    written. The daemon strips the item before the handler sees the config string."""
+    from tcmu_py.scsi import xcopy as x
+
+    wwns = ["5001405000000a01", "5001405000000a02", "5001405000000a03"]
+    host.add("uio0", 0, "a", f"raw/{tmp_path}/a.img;copy_domain=lab;wwn=naa.{wwns[0]}", 4 * MIB)
+    host.add("uio1", 1, "b", f"raw/{tmp_path}/b.img;copy_domain=lab;wwn=naa.{wwns[1]}", 4 * MIB)
+    host.add("uio2", 2, "c", f"raw/{tmp_path}/c.img;wwn=naa.{wwns[2]}", 4 * MIB)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        assert all(s.failed is None for s in d.served.values())
+        assert sorted(p.name for p in tmp_path.glob("*.img")) == ["a.img", "b.img", "c.img"]
+        assert sorted(dev.config.name for dev in d.copy_domains["lab"].devices()) == ["a", "b"]
+        for node in ("uio0", "uio1", "uio2"):
+            host.run(node, cdbs.test_unit_ready())
+        pattern = os.urandom(8 * 512)
+        assert host.run("uio0", cdbs.write10(16, 8), data_out=pattern).good
+
+        def plist(dst: str) -> bytes:
+            header = x.ParameterHeader(0, False, x.ListIdUsage.NONE, 0, 0, 0, 0)
+            cscds = (x.IdentificationCscd(bytes.fromhex(wwns[0]), 512),
+                     x.IdentificationCscd(bytes.fromhex(dst), 512))
+            seg = x.BlockToBlockSegment(0, 1, 8, 16, 32)
+            return x.ParameterList(header, cscds, (seg,)).build()
+
+        ok = plist(wwns[1])
+        assert host.run("uio0", cdbs.extended_copy(len(ok)), data_out=ok).good
+        r = host.run("uio1", cdbs.read10(32, 8), data_in_len=8 * 512)
+        assert r.good and r.data == pattern
+        refused = plist(wwns[2])
+        r = host.run("uio0", cdbs.extended_copy(len(refused)), data_out=refused)
+        assert not r.good and (r.sense[2] & 0x0F, r.sense[12], r.sense[13]) == (0x0A, 0x0D, 0x02)
+        r = host.run("uio2", cdbs.read10(32, 8), data_in_len=8 * 512)
+        assert r.good and r.data == bytes(8 * 512)
+    finally:
+        d.shutdown()
