@@ -76,8 +76,9 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpe
     pool_names = raw_names(raw)
     raw_devices = doc.get("devices")
     for i, dev in enumerate(raw_devices if isinstance(raw_devices, list) else []):
-        if isinstance(dev, dict) and isinstance(dev.get("pool"), str) and (
-                dev["pool"] not in pool_names):
+        # Each pool-owning handler checks its own devices (dedup's name ``dedup_pools``).
+        if isinstance(dev, dict) and dev.get("handler") == "thin" and isinstance(
+                dev.get("pool"), str) and dev["pool"] not in pool_names:
             c.fail(f"devices[{i}].pool", dev["pool"], "the name of a pool in pools"
                    f" ({', '.join(sorted(pool_names)) or 'none declared'})")
     return tuple(pools)
@@ -108,6 +109,8 @@ def device_config_items(device: Device, pools: Sequence[PoolSpec]
                         ) -> tuple[tuple[str, str], ...]:
     """``("pool", <directory>)`` for a device naming a declared pool: the dev_config then names
     the directory, which a daemon started without the YAML can open."""
+    if device.handler != "thin":
+        return ()
     for pool in pools:
         if pool.name == device.pool:
             return (("pool", pool.path),)

@@ -179,6 +179,7 @@ _PROBE_BASE: dict[str, Any] = {
     "devices": [{"name": "d0", "handler": "raw", "size": "1M",
                  "options": {"path": "/srv/t/d0.img"}}],
     "pools": [{"name": "p0", "path": "/srv/t/p0", "capacity": "1G"}],
+    "dedup_pools": [{"name": "dp0", "path": "/srv/t/dp0", "capacity": "1G"}],
     "libraries": [{"name": "lib0", "changer": "ch0", "slots": 4, "media_dir": "/srv/t/lib0",
                    "drives": [{"name": "t0", "model": "IBM-LTO8"}]}],
     "exports": {
@@ -283,8 +284,8 @@ def test_configuration_defaults_are_the_loaders() -> None:
 
 # --------------------------------------------------------------------------- examples/*.yaml
 
-_DOCUMENTED_EXAMPLES = ("default.yaml", "thin-pool.yaml", "tape-library.yaml",
-                        "iscsi-chap-acl.yaml")
+_DOCUMENTED_EXAMPLES = ("default.yaml", "thin-pool.yaml", "dedup-pool.yaml",
+                        "tape-library.yaml", "iscsi-chap-acl.yaml")
 
 
 def run_check(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,230 @@
+"""DedupBackend: a `BlockBackend` over one disk of a dedup pool (`ThinProvisioning`).
+
+Theory of operation:
+
+- The disk is a sequence of chunks of the pool's ``chunk_size``; a chunk is either mapped to a
+  stored chunk or absent (zeros, deallocated). Every change is "chunk index -> new content":
+  whole chunks covered by the command take their bytes from it (hashed before the pool lock is
+  taken); a chunk only partly covered is read, patched and hashed under the pool lock
+  (read-modify-write), so concurrent writes to different blocks of one chunk never lose each
+  other's bytes. An all-zero result unmaps the chunk.
+- **UNMAP** is a write of zeros: whole chunks lose their map entry (and their reference), partly
+  covered ones are patched with zeros and deallocated if that leaves them all zeros (SBC-4
+  4.7.3.4: with LBPRZ=1 unmapped LBAs read as zeros). WRITE SAME with UNMAP and a zero block is
+  the same; WRITE SAME with any block stores one chunk whatever the length.
+- **Space**: only new distinct content takes space; a command whose new chunks do not fit under
+  the pool's capacity fails with SPACE ALLOCATION FAILED before anything changes (`DedupPool.put`).
+- **Durability**: without write cache every write and unmap is committed before it returns
+  (container fdatasync, then SQLite commit); with write cache it is acknowledged from the pool's
+  open transaction and `flush` (FUA, SYNCHRONIZE CACHE) commits it. A commit makes every disk of
+  the pool durable, not only this one.
+
+Threads: methods run on the device's worker threads, several at once; each pool operation takes
+the pool's lock (`DedupPool.lock`), so the pool's disks run their metadata work one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from tcmu_py.handler import ProvisioningInfo
+
+from .store import fingerprint
+
+if TYPE_CHECKING:
+    from .store import DedupPool
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class DedupBackend:
+    """One dedup disk. Create with `DedupPool.open_disk`; `close` it when the device goes away.
+
+    Capabilities (`tcmu_py.backend`): `Unmap` (``lbprz``, ``unmap_granularity`` = chunk size),
+    `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Closable`.
+    """
+
+    #: `Unmap` promise: an absent chunk reads as zeros (SBC-4 LBPRZ).
+    lbprz = True
+
+    def __init__(self, pool: DedupPool, name: str, disk_id: int, size: int, *,
+                 block_size: int = 512, write_cache: bool = False,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.pool = pool
+        self.name = name
+        self.disk_id = disk_id
+        self.size = size
+        self.block_size = block_size
+        self.write_cache = write_cache
+        self.chunk_size = pool.chunk_size
+        #: `Unmap` promise: the chunk is what a deallocation frees (VPD B0h).
+        self.unmap_granularity = pool.chunk_size
+        self._zero = bytes(pool.chunk_size)
+        self._seen_generation = 0
+        self._on_close = on_close
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------
+    # BlockBackend
+
+    def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill `bufs` from `offset`; absent chunks read as zeros."""
+        length = sum(b.nbytes for b in bufs)
+        if length == 0:
+            return
+        self._check_bounds(offset, length)
+        cs = self.chunk_size
+        first, last = offset // cs, _ceil_div(offset + length, cs)
+        stored = self.pool.read_chunks(self.disk_id, first, last)
+        data = b"".join(stored.get(i, self._zero) for i in range(first, last))
+        start = offset - first * cs
+        pos = 0
+        for view in bufs:
+            n = view.nbytes
+            view[:] = data[start + pos : start + pos + n]
+            pos += n
+
+    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Store `bufs` at `offset`. SpaceAllocationFailed (nothing changed) if the new distinct
+        chunks do not fit in the pool; OSError if the file system fails (nothing changed)."""
+        data = b"".join(bufs)
+        if not data:
+            return
+        self._check_bounds(offset, len(data))
+        self._store(offset, len(data), lambda a, b: data[a - offset : b - offset])
+
+    def flush(self) -> None:
+        """Commit the pool: every acknowledged write and unmap (of all its disks) is durable."""
+        self.pool.commit()
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Deallocate [offset, offset+length): it reads as zeros afterwards; whole chunks drop
+        their reference, partial chunks are zeroed (and dropped once all zeros)."""
+        if length <= 0:
+            return
+        self._check_bounds(offset, length)
+        zero = self._zero
+        self._store(offset, length, lambda a, b: zero[: b - a], uniform=zero)
+
+    def write_same(self, offset: int, length: int, block: bytes, unmap: bool) -> None:
+        """Fill [offset, offset+length) with `block`: one stored chunk for all whole chunks."""
+        block = bytes(block)
+        if len(block) != self.block_size or length % self.block_size:
+            raise ValueError(f"write_same: block of {len(block)} bytes, length {length}")
+        if length <= 0:
+            return
+        self._check_bounds(offset, length)
+        pattern = block * (self.chunk_size // self.block_size)
+        cs = self.chunk_size
+
+        def source(a: int, b: int) -> bytes:
+            # Every chunk starts on a block boundary: its bytes are the pattern's from there.
+            return pattern[a % cs : a % cs + (b - a)]
+
+        self._store(offset, length, source, uniform=pattern)
+
+    def _store(self, offset: int, length: int, source: Callable[[int, int], bytes], *,
+               uniform: bytes | None = None) -> None:
+        """Give [offset, offset+length) the bytes `source(a, b)` returns for [a, b) in it;
+        `uniform`: every whole chunk of the range holds these bytes (hashed once)."""
+        cs, size, end = self.chunk_size, self.size, offset + length
+        first, last = offset // cs, _ceil_div(end, cs)
+        zero = self._zero
+        uniform_fp = None if uniform is None or uniform == zero else fingerprint(uniform)
+        whole: list[tuple[int, bytes | None, bytes | None]] = []
+        partial: list[int] = []
+        for idx in range(first, last):
+            a, b = idx * cs, min((idx + 1) * cs, size)  # the short last chunk counts up to size
+            if a < offset or b > end:
+                partial.append(idx)
+            elif uniform is not None:
+                whole.append((idx, None, None) if uniform_fp is None
+                             else (idx, uniform, uniform_fp))
+            else:
+                piece = source(a, b)
+                if len(piece) < cs:
+                    piece += zero[len(piece):]
+                whole.append((idx, None, None) if piece == zero else
+                             (idx, piece, fingerprint(piece)))
+        pool = self.pool
+        with pool.lock:
+            entries = whole
+            if partial:
+                old = pool.read_chunks(self.disk_id, partial[0], partial[-1] + 1)
+                for idx in partial:
+                    buf = bytearray(old.get(idx, zero))
+                    a, b = max(idx * cs, offset), min((idx + 1) * cs, end)
+                    buf[a - idx * cs : b - idx * cs] = source(a, b)
+                    piece = bytes(buf)
+                    entries.append((idx, None, None) if piece == zero else
+                                   (idx, piece, fingerprint(piece)))
+            pool.put(self.disk_id, entries, durable=not self.write_cache)
+
+    # ------------------------------------------------------------------------------------------
+    # Provisioning
+
+    def lba_status(self, offset: int, length: int, *, max_runs: int | None = None
+                   ) -> list[tuple[int, int, int]]:
+        """Runs ``(offset, length, status)`` from `offset` (SBC-4 5.8: the first descriptor
+        starts at the requested LBA), status 0 mapped, 1 deallocated, per chunk."""
+        end = min(offset + length, self.size)
+        cs = self.chunk_size
+        runs: list[tuple[int, int, int]] = []
+        pos = offset
+        for idx in self.pool.mapped_indexes(self.disk_id, offset // cs, _ceil_div(end, cs)):
+            ms, me = max(idx * cs, offset), min((idx + 1) * cs, end)
+            if ms > pos:
+                runs.append((pos, ms - pos, 1))
+            if runs and runs[-1][2] == 0 and runs[-1][0] + runs[-1][1] == ms:
+                runs[-1] = (runs[-1][0], me - runs[-1][0], 0)
+            else:
+                runs.append((ms, me - ms, 0))
+            pos = me
+            if max_runs is not None and len(runs) > max_runs:
+                return runs[:max_runs]
+        if pos < end:
+            runs.append((pos, end - pos, 1))
+        return runs if max_runs is None else runs[:max_runs]
+
+    def provisioning(self) -> ProvisioningInfo:
+        """Pool figures; the device's "used" is the pool's physical use too: a deduplicated
+        chunk belongs to every disk naming it, so per-disk physical use has no meaning."""
+        pool = self.pool
+        return ProvisioningInfo(capacity=pool.capacity, used=pool.used, device_used=pool.used,
+                                soft_threshold=pool.soft_threshold)
+
+    def take_threshold_event(self) -> bool:
+        """True once per soft-threshold crossing of the pool since this disk last reported one."""
+        generation = self.pool.generation
+        if generation == self._seen_generation:
+            return False
+        with self.pool.lock:
+            if generation == self._seen_generation:
+                return False
+            self._seen_generation = generation
+            return True
+
+    def set_soft_threshold(self, percent: int | None) -> None:
+        """Set the pool's soft threshold (mode page 1Ch/02h is per pool)."""
+        self.pool.set_soft_threshold(percent)
+
+    def close(self) -> None:
+        """Commit and leave the pool (idempotent)."""
+        with self.pool.lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.pool.commit()
+            finally:
+                self.pool._disk_closed(self.name)
+        if self._on_close is not None:
+            self._on_close()
+
+    def _check_bounds(self, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"range [{offset}, {offset + length}) beyond the disk ({self.size})")
+

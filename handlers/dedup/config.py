@@ -1,0 +1,228 @@
+"""What the ``dedup`` subtype owns outside its devices (`tcmu_py.handler.Handler` contract):
+
+- the YAML section ``dedup_pools:`` (`DedupPoolSpec`, validated by `load_pools`) and the
+  ``pool:`` key of a ``dedup`` device, whose pool's directory goes into the device's dev_config
+  (`device_config_items`);
+- the pools' creation before devices open (`prepare`);
+- the ``dedup pools`` rows of ``tcmu-py status`` (`status`, `status_tables`);
+- ``tcmu-py dedup create-pool|status|check|gc`` (`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tcmu_py.configspec import MISSING, Checker, Device, parse_size, raw_names
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import ConfigView, StatusTable
+from tcmu_py.table import format_size
+
+from .backend import DedupBackend
+from .store import (
+    DEFAULT_CHUNK,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    DedupPool,
+    check_pool,
+    ensure_pool,
+    is_chunk_size,
+    read_pool_status,
+)
+
+if TYPE_CHECKING:
+    from tcmu_py.device.core import ScsiDevice
+
+#: The top-level YAML key of dedup pools.
+SECTION = "dedup_pools"
+#: The subtype whose devices name these pools.
+SUBTYPE = "dedup"
+
+
+@dataclass(frozen=True)
+class DedupPoolSpec:
+    """A dedup pool declared in the YAML: ``capacity`` (bytes of chunk data the pool may hold:
+    its hard limit), ``soft_threshold`` (percent of it), ``chunk_size`` (bytes)."""
+
+    name: str
+    path: str
+    capacity: int
+    soft_threshold: int = 80
+    chunk_size: int = DEFAULT_CHUNK
+
+
+def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPoolSpec, ...]:
+    """The ``dedup_pools:`` section, and every ``dedup`` device's ``pool:`` naming one of them
+    (names of pools that failed validation still count: one bad pool does not cascade)."""
+    pools: list[DedupPoolSpec] = []
+    for entry in c.named_entries(
+            raw, SECTION, {"name", "path", "capacity", "soft_threshold", "chunk_size"},
+            frozenset({"name", "path", "capacity"}), "pool"):
+        p, m, name = entry.path, entry.fields, entry.name
+        path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
+        cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
+        soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
+                         "a percentage 1..100")
+        chunk = m.get("chunk_size", DEFAULT_CHUNK)
+        try:
+            chunk_ok = is_chunk_size(parse_size(chunk))
+        except ValueError:
+            chunk_ok = False
+        if not chunk_ok:
+            c.fail(f"{p}.chunk_size", chunk, f"a power of two from {MIN_CHUNK} to {MAX_CHUNK}"
+                   " (4K..64K)")
+        if not c.clean_since(entry):
+            continue
+        assert name and path and cap and soft
+        pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk)))
+    names = raw_names(raw)
+    expected = f"the name of a pool in {SECTION} ({', '.join(sorted(names)) or 'none declared'})"
+    raw_devices = doc.get("devices")
+    for i, dev in enumerate(raw_devices if isinstance(raw_devices, list) else []):
+        if not isinstance(dev, dict) or dev.get("handler") != SUBTYPE:
+            continue
+        if not isinstance(dev.get("pool"), str):
+            opts = dev.get("options")
+            if not (isinstance(opts, dict) and "pool" in opts):
+                c.fail(f"devices[{i}].pool", dev.get("pool", MISSING),
+                       f"{expected}: a dedup device needs one")
+        elif dev["pool"] not in names:
+            c.fail(f"devices[{i}].pool", dev["pool"], expected)
+    return tuple(pools)
+
+
+def device_config_items(device: Device, pools: Sequence[DedupPoolSpec]
+                        ) -> tuple[tuple[str, str], ...]:
+    """``("pool", <directory>)`` for a ``dedup`` device naming a declared pool."""
+    if device.handler != SUBTYPE:
+        return ()
+    for pool in pools:
+        if pool.name == device.pool:
+            return (("pool", pool.path),)
+    return ()
+
+
+def prepare(config: ConfigView) -> None:
+    """Create (or update capacity and threshold of) the YAML's dedup pools and register their
+    names in this process."""
+    from .handler import register_pool
+
+    for pool in config.section(SECTION):
+        ensure_pool(pool.path, pool.name, pool.capacity, pool.soft_threshold, pool.chunk_size)
+        register_pool(pool.name, pool.path)
+
+
+def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
+    """``{"dedup_pools": [...]}``: each pool behind a served device once."""
+    pools: dict[str, dict[str, Any]] = {}
+    for device in devices:
+        backend = getattr(device, "backend", None)
+        if isinstance(backend, DedupBackend):
+            st = backend.pool.status().as_dict()
+            pools[st["path"]] = st
+    return {SECTION: list(pools.values())}
+
+
+_HEADERS = ("pool", "path", "capacity", "used", "used%", "logical", "unique", "ratio", "dead",
+            "collected", "state")
+
+
+def _row(pool: Mapping[str, Any]) -> tuple[str, ...]:
+    cap = pool.get("capacity") or 0
+    used = pool.get("used", 0)
+    return (
+        str(pool.get("name", "?")),
+        str(pool.get("path", "?")),
+        format_size(cap),
+        format_size(used),
+        f"{100 * used / cap:.1f}%" if cap else "-",
+        format_size(pool.get("logical", 0)),
+        format_size(pool.get("unique", 0)),
+        f"{pool.get('ratio', 1.0):.2f}",
+        format_size(pool.get("dead", 0)),
+        format_size(pool.get("collected", 0)),
+        "ABOVE" if pool.get("above_threshold") else "ok",
+    )
+
+
+def status_tables(st: Mapping[str, Any]) -> list[StatusTable]:
+    rows = tuple(_row(pool) for pool in st.get(SECTION) or [])
+    return [StatusTable("dedup pools", _HEADERS, rows)] if rows else []
+
+
+def _size_arg(flag: str, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ConfigError(f"{flag}: got {value!r}, expected a size like 10G") from None
+
+
+def main(argv: list[str]) -> int:
+    """``tcmu-py dedup create-pool|status|check|gc`` (see ``--help``)."""
+    p = argparse.ArgumentParser(prog="tcmu-py dedup", description="dedup pool administration")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create-pool", help="create a pool (or update capacity and threshold)")
+    c.add_argument("path", metavar="PATH", help="pool directory")
+    c.add_argument("--name", required=True, help="the pool's name")
+    c.add_argument("--capacity", required=True, help="bytes of chunk data, or with K, M, G, T")
+    c.add_argument("--soft-threshold", type=int, default=80, metavar="PCT",
+                   help="percentage of capacity that raises a unit attention (default 80)")
+    c.add_argument("--chunk-size", default=str(DEFAULT_CHUNK),
+                   help=f"chunk size of a new pool, {MIN_CHUNK}..{MAX_CHUNK} (default 4K)")
+    s = sub.add_parser("status", help="a pool's figures (also while it is served)")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="pool directory")
+    s.add_argument("--json", action="store_true", help="print the figures as JSON")
+    k = sub.add_parser("check", help="verify a pool that no daemon serves")
+    k.add_argument("path", metavar="PATH", help="pool directory")
+    k.add_argument("--repair", action="store_true",
+                   help="reclaim leaks, recount references, drop damaged chunks")
+    g = sub.add_parser("gc", help="run the collector to completion (pool not served)")
+    g.add_argument("path", metavar="PATH", help="pool directory")
+    args = p.parse_args(argv)
+    if args.cmd == "create-pool":
+        ensure_pool(args.path, args.name, _size_arg("--capacity", args.capacity),
+                    args.soft_threshold, _size_arg("--chunk-size", args.chunk_size))
+        return 0
+    if args.cmd == "status":
+        found = [read_pool_status(path).as_dict() for path in args.paths]
+        if args.json:
+            print(json.dumps(found, indent=1))
+        else:
+            (table,) = status_tables({SECTION: found})
+            print(table.render())
+        return 0
+    if args.cmd == "check":
+        report = check_pool(args.path, repair=args.repair)
+        for line in report.problems:
+            print(f"{args.path}: problem: {line}")
+        for line in report.leaks:
+            print(f"{args.path}: leak: {line}")
+        for line in report.repaired:
+            print(f"{args.path}: repaired: {line}")
+        if report.clean:
+            print(f"{args.path}: OK")
+        sys.stdout.flush()
+        return 0 if report.clean or (args.repair and not report.problems) else 1
+    return _gc(args.path)
+
+
+def _gc(path: str) -> int:
+    with DedupPool.open(path) as pool:
+        total = pool.dead_bytes()
+        freed = 0
+        while True:
+            step = pool.collect(0.5, dead_percent=1)
+            freed += step.freed
+            done = total - step.dead_left
+            pct = 100 * done / total if total else 100.0
+            bar = "#" * int(pct // 5)
+            print(f"\r{path}: [{bar:<20}] {pct:5.1f}%  freed {format_size(freed)}", end="",
+                  flush=True)
+            if step.done:
+                break
+        print()
+    return 0

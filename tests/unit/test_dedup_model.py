@@ -1,0 +1,189 @@
+"""Two dedup disks of one pool, driven through SCSI commands (FakeKernel -> ring ->
+DeviceRunner -> BlockDevice -> DedupBackend), against a dict-of-blocks model (Hypothesis).
+
+The model is the contract, stated without the backend's arithmetic:
+
+- WRITE, WRITE SAME (without UNMAP, or with a non-zero block) and COMPARE AND WRITE (when the
+  compare matches) give the blocks their data; UNMAP and WRITE SAME with UNMAP and a zero block
+  make them zeros. Reads always equal the model, on both disks.
+- GET LBA STATUS: a chunk is mapped exactly when it holds a non-zero byte.
+- After the collector ran to completion, the pool holds exactly one chunk per distinct non-zero
+  chunk content of the two disks, and its physical use is that many chunks; `check` is clean.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.dedup import DedupHandler, DedupPool, acquire_pool, create_pool, release_pool
+from tcmu_py.testing import cdbs
+from tcmu_py.testing.harness import RingHarness
+
+BS = 512
+CS = 4096
+BPC = CS // BS
+SIZE = 12 * CS + 3 * BS  # a short last chunk
+NBLOCKS = SIZE // BS
+NCHUNKS = -(-SIZE // CS)
+
+
+def block(seed: int) -> bytes:
+    """Seed 0 is zeros; a few patterns, so that chunks repeat within and across disks."""
+    return bytes(BS) if seed == 0 else bytes([seed]) * (BS - 2) + bytes([seed, 255 - seed])
+
+
+class Model:
+    def __init__(self) -> None:
+        self.blocks: dict[int, bytes] = {}
+
+    def write(self, lba: int, data: list[bytes]) -> None:
+        for i, b in enumerate(data):
+            self.blocks[lba + i] = b
+
+    def zero(self, lba: int, n: int) -> None:
+        for b in range(lba, lba + n):
+            self.blocks.pop(b, None)
+
+    def get(self, b: int) -> bytes:
+        return self.blocks.get(b, bytes(BS))
+
+    def read(self) -> bytes:
+        return b"".join(self.get(b) for b in range(NBLOCKS))
+
+    def chunks(self) -> list[bytes]:
+        """Chunk contents, the short last one padded with zeros as stored."""
+        data = self.read() + bytes(NCHUNKS * CS - SIZE)
+        return [data[i * CS : (i + 1) * CS] for i in range(NCHUNKS)]
+
+    def status(self, lba: int) -> list[tuple[int, int, int]]:
+        runs: list[tuple[int, int, int]] = []
+        chunks = self.chunks()
+        for b in range(lba, NBLOCKS):
+            s = 0 if any(chunks[b // BPC]) else 1
+            if runs and runs[-1][2] == s:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1, s)
+            else:
+                runs.append((b, 1, s))
+        return runs
+
+
+extent = st.integers(0, NBLOCKS - 1).flatmap(
+    lambda lba: st.tuples(st.just(lba), st.integers(1, min(NBLOCKS - lba, 3 * BPC))))
+disk = st.integers(0, 1)
+seeds = st.lists(st.integers(0, 3), min_size=1, max_size=3)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), disk, extent, seeds),
+        st.tuples(st.just("write_same"), disk, extent, st.integers(0, 3)),
+        st.tuples(st.just("write_same_unmap"), disk, extent, st.integers(0, 2)),
+        st.tuples(st.just("unmap"), disk, st.lists(extent, min_size=1, max_size=3), st.just(0)),
+        st.tuples(st.just("compare_and_write"), disk, st.integers(0, NBLOCKS - 2),
+                  st.tuples(st.booleans(), st.integers(0, 3))),
+        st.tuples(st.just("status"), disk, st.integers(0, NBLOCKS - 1), st.just(0)),
+        st.tuples(st.just("flush"), disk, st.just(0), st.just(0)),
+    ),
+    max_size=20,
+)
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[DedupPool]:
+    root = tempfile.mkdtemp(prefix="dedup-model-")
+    create_pool(os.path.join(root, "pool"), "model", 1 << 30)
+    p = acquire_pool(os.path.join(root, "pool"))  # shared with the devices DedupHandler opens
+    p.container_bytes = 6 * CS  # several containers: the collector compacts some
+    yield p
+    release_pool(p)
+    shutil.rmtree(root)
+
+
+_names = itertools.count()
+
+
+def parse_lba_status(data: bytes) -> list[tuple[int, int, int]]:
+    (length,) = struct.unpack_from(">I", data)
+    count = (min(length + 4, len(data)) - 8) // 16
+    return [(lba, n, s & 0x0F) for lba, n, s in
+            (struct.unpack_from(">QIB", data, 8 + 16 * i) for i in range(count))]
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=ops)
+def test_two_disks_match_the_model(pool: DedupPool, ops: list[tuple[str, int, Any, Any]]) -> None:
+    n = next(_names)
+    names = [f"a{n}", f"b{n}"]
+    devs = [DedupHandler.open(DeviceConfig(name, "dedup", f"pool={pool.path}", SIZE,
+                                           block_size=BS, write_cache=True)) for name in names]
+    rings = [RingHarness(dev) for dev in devs]
+    models = [Model(), Model()]
+    try:
+        for ring in rings:
+            ring.run(cdbs.test_unit_ready())  # the power-on unit attention
+        for op, d, arg, seed in ops:
+            ring, model = rings[d], models[d]
+            if op == "write":
+                lba, count = arg
+                data = [block(seed[i % len(seed)]) for i in range(count)]
+                r = ring.run(cdbs.write16(lba, count), data_out=b"".join(data))
+                model.write(lba, data)
+            elif op.startswith("write_same"):
+                lba, count = arg
+                unmap = op == "write_same_unmap"
+                r = ring.run(cdbs.write_same16(lba, count, unmap=unmap), data_out=block(seed))
+                model.write(lba, [block(seed)] * count)
+            elif op == "unmap":
+                params = cdbs.unmap_parameters(list(arg))
+                r = ring.run(cdbs.unmap(len(params)), data_out=params)
+                for lba, count in arg:
+                    model.zero(lba, count)
+            elif op == "compare_and_write":
+                lba, (matches, s) = arg, seed
+                current = model.get(lba) + model.get(lba + 1)
+                verify = current if matches else block(9) * 2
+                r = ring.run(cdbs.compare_and_write(lba, 2), data_out=verify + block(s) * 2)
+                if matches or verify == current:
+                    assert r.good, r
+                    model.write(lba, [block(s)] * 2)
+                else:
+                    assert r.sense_codes[0] == 0x0E, r  # SBC-4 5.3: MISCOMPARE
+                    continue
+            elif op == "status":
+                r = ring.run(cdbs.get_lba_status(arg, 4096), data_in_len=4096)
+                assert parse_lba_status(r.data) == model.status(arg)
+            else:
+                r = ring.run(cdbs.synchronize_cache10())
+            assert r.good, (op, arg, r)
+            got = ring.run(cdbs.read16(0, NBLOCKS), data_in_len=SIZE)
+            assert got.good and got.data == model.read()
+        for ring, model in zip(rings, models, strict=True):
+            assert ring.run(cdbs.read16(0, NBLOCKS), data_in_len=SIZE).data == model.read()
+        progress = pool.collect(30, dead_percent=1)
+        assert progress.done and progress.dead_left == 0
+        distinct = {c for m in models for c in m.chunks() if any(c)}
+        st_ = pool.status()
+        assert st_.chunks == len(distinct) and st_.unique == len(distinct) * CS
+        assert pool.used == len(distinct) * CS  # physical chunks == distinct non-zero contents
+        assert st_.logical == sum(1 for m in models for c in m.chunks() if any(c)) * CS
+        for ring, model in zip(rings, models, strict=True):
+            assert ring.run(cdbs.read16(0, NBLOCKS), data_in_len=SIZE).data == model.read()
+        report = pool.verify()
+        assert report.clean, report
+    finally:
+        for ring, dev in zip(rings, devs, strict=True):
+            ring.close()
+            dev.close()
+        for name in names:
+            pool.drop_disk(name)
+    pool.collect(30, dead_percent=1)
+    assert pool.used == 0

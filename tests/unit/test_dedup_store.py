@@ -1,0 +1,431 @@
+"""Dedup pools and disks: sharing, space, SCSI provisioning, the collector, repair and check,
+the YAML section and the ``tcmu-py dedup`` commands."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import sqlite3
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from tcmu_py.daemon.config import load_config_text
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import DeviceConfig, load_handlers
+from tcmu_py.handlers.dedup import (
+    DedupHandler,
+    DedupPool,
+    check_pool,
+    create_pool,
+    ensure_pool,
+    read_pool_status,
+)
+from tcmu_py.handlers.dedup import config as dedup_config
+from tcmu_py.handlers.dedup.handler import register_pool, unregister_pool
+from tcmu_py.handlers.dedup.store import CONTAINER_DIR, DB_FILE, container_file
+from tcmu_py.testing import cdbs, conformance, harness
+
+CS = 4096
+BS = 512
+_names = itertools.count()
+
+
+@pytest.fixture
+def pool_dir(tmp_path: os.PathLike[str]) -> Iterator[str]:
+    path = os.path.join(tmp_path, "pool")
+    create_pool(path, "dd", 8 * CS, 50)
+    register_pool("dd", path)
+    yield path
+    unregister_pool("dd")
+
+
+def device_config(cfg: str = "pool=dd", name: str | None = None, size: int = 64 * CS,
+                  write_cache: bool = True) -> DeviceConfig:
+    return DeviceConfig(name=name or f"d{next(_names)}", subtype="dedup", cfgstring=cfg,
+                        size=size, block_size=BS, write_cache=write_cache)
+
+
+def chunk(seed: int) -> bytes:
+    return random.Random(seed).randbytes(CS)
+
+
+def read(backend: object, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    backend.read(offset, [memoryview(buf)])  # type: ignore[attr-defined]
+    return bytes(buf)
+
+
+def container_bytes_on_disk(path: str) -> int:
+    d = os.path.join(path, CONTAINER_DIR)
+    return sum(os.stat(os.path.join(d, f)).st_size for f in os.listdir(d))
+
+
+# ------------------------------------------------------------------------------------------
+# Sharing and space
+
+
+def test_two_disks_share_chunks_and_zeros_cost_nothing(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 20)
+    with DedupPool.open(path) as pool:
+        a = pool.open_disk("a", 64 * CS)
+        b = pool.open_disk("b", 64 * CS, write_cache=True)
+        a.write(0, [memoryview(chunk(1) + chunk(2))])
+        b.write(10 * CS, [memoryview(chunk(2) + chunk(1) + chunk(1))])
+        b.write(20 * CS, [memoryview(bytes(8 * CS))])  # zeros: no chunk, no map entry
+        assert pool.used == 2 * CS
+        st = pool.status()
+        assert (st.logical, st.unique, st.chunks) == (5 * CS, 2 * CS, 2)
+        assert st.ratio == 2.5
+        assert read(b, 10 * CS, 3 * CS) == chunk(2) + chunk(1) + chunk(1)
+        assert b.lba_status(0, 64 * CS) == [(0, 10 * CS, 1), (10 * CS, 3 * CS, 0),
+                                            (13 * CS, 51 * CS, 1)]
+        assert b.lba_status(11 * CS, CS, max_runs=1) == [(11 * CS, CS, 0)]
+        # Overwrite and unmap drop references; the garbage stays until collected.
+        a.write(0, [memoryview(chunk(3))])
+        a.unmap(CS, CS)
+        b.unmap(10 * CS, 3 * CS)
+        b.flush()
+        assert (pool.status().unique, pool.used) == (CS, 3 * CS)
+        assert pool.dead_bytes() == 2 * CS
+        a.close()
+        b.close()
+    assert check_pool(path).clean
+
+
+def test_partial_chunk_writes_read_modify_write() -> None:
+    """Blocks smaller than a chunk: the rest of the chunk keeps its bytes; a chunk that
+    becomes all zeros is deallocated."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        create_pool(d + "/p", "p", 1 << 20)
+        with DedupPool.open(d + "/p") as pool:
+            disk = pool.open_disk("a", 16 * CS + 3 * BS)  # a short last chunk
+            disk.write(BS, [memoryview(b"\x01" * BS), memoryview(b"\x02" * 2 * BS)])
+            want = bytes(BS) + b"\x01" * BS + b"\x02" * 2 * BS + bytes(4 * BS)
+            assert read(disk, 0, CS) == want
+            disk.write_same(CS - BS, 3 * BS, b"\x07" * BS, False)
+            assert read(disk, CS - BS, 3 * BS) == b"\x07" * 3 * BS
+            last = 16 * CS
+            disk.write(last + BS, [memoryview(b"\x09" * 2 * BS)])
+            assert read(disk, last, 3 * BS) == bytes(BS) + b"\x09" * 2 * BS
+            disk.unmap(last, 3 * BS)  # the whole short chunk: deallocated
+            disk.unmap(0, CS - BS)
+            disk.unmap(CS - BS, 3 * BS)  # partial in both chunks
+            assert disk.lba_status(0, 16 * CS + 3 * BS) == [(0, 16 * CS + 3 * BS, 1)]
+            assert read(disk, 0, 2 * CS) == bytes(2 * CS)
+            disk.close()
+        assert check_pool(d + "/p").clean
+
+
+def test_concurrent_writes_to_one_chunk_lose_nothing(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 22)
+    with DedupPool.open(path) as pool:
+        disk = pool.open_disk("a", 4 * CS, write_cache=True)
+        per = CS // BS
+
+        def writer(block: int) -> None:
+            for i in range(30):
+                disk.write(block * BS, [memoryview(bytes([block * 7 + i % 5 + 1]) * BS)])
+            disk.write(block * BS, [memoryview(bytes([block + 1]) * BS)])
+
+        threads = [threading.Thread(target=writer, args=(b,)) for b in range(per)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert read(disk, 0, CS) == b"".join(bytes([b + 1]) * BS for b in range(per))
+        disk.close()
+    assert check_pool(path).clean
+
+
+def test_collector_gives_space_back_to_the_file_system(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 22)
+    with DedupPool.open(path, container_bytes=8 * CS) as pool:
+        disk = pool.open_disk("a", 64 * CS)
+        disk.write(0, [memoryview(b"".join(chunk(i) for i in range(40)))])
+        assert container_bytes_on_disk(path) == 40 * CS
+        disk.unmap(0, 30 * CS)  # most containers entirely dead
+        disk.write(45 * CS, [memoryview(chunk(35))])  # one live chunk referenced twice
+        assert pool.collect(0.0, dead_percent=1).containers == 1  # at least one per call
+        progress = pool.collect(30, dead_percent=1)
+        assert progress.done and progress.dead_left == 0
+        assert container_bytes_on_disk(path) == pool.used == 10 * CS
+        assert read(disk, 30 * CS, 10 * CS) == b"".join(chunk(i) for i in range(30, 40))
+        assert read(disk, 45 * CS, CS) == chunk(35)
+        # Content written again after its chunk was collected is stored anew.
+        disk.write(0, [memoryview(chunk(0))])
+        assert read(disk, 0, CS) == chunk(0)
+        disk.close()
+    assert check_pool(path).clean
+
+
+def test_dead_chunk_is_revived_by_equal_content(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 2 * CS)
+    with DedupPool.open(path) as pool:
+        disk = pool.open_disk("a", 8 * CS)
+        disk.write(0, [memoryview(chunk(1) + chunk(2))])
+        disk.unmap(0, 2 * CS)
+        # The pool is full of garbage, but content it still holds costs nothing.
+        disk.write(4 * CS, [memoryview(chunk(2))])
+        assert pool.status().unique == CS and pool.used == 2 * CS
+        disk.close()
+    assert check_pool(path).clean
+
+
+# ------------------------------------------------------------------------------------------
+# Through SCSI
+
+
+def test_conformance(pool_dir: str) -> None:
+    ensure_pool(pool_dir, "dd", 1 << 24, 50)
+    devices = []
+
+    def make() -> object:
+        dev = DedupHandler.open(device_config())
+        devices.append(dev)
+        return dev
+
+    try:
+        conformance.check_block_handler(make)  # type: ignore[arg-type]
+    finally:
+        for dev in devices:
+            dev.close()
+
+
+def test_thin_provisioning_over_scsi(pool_dir: str) -> None:
+    run = harness.run_command
+    dev = DedupHandler.open(device_config(write_cache=False))
+    try:
+        run(dev, cdbs.test_unit_ready())  # power-on unit attention
+        r = run(dev, cdbs.read_capacity16(), data_in_len=32)
+        assert r.good and r.data[14] & 0xC0 == 0xC0  # LBPME and LBPRZ
+        r = run(dev, cdbs.inquiry(evpd=True, page_code=0xB2), data_in_len=64)
+        assert r.good and r.data[6] & 0x07 == 0b010  # SBC-4 6.6.4: PROVISIONING TYPE thin
+        r = run(dev, cdbs.inquiry(evpd=True, page_code=0xB0), data_in_len=64)
+        assert struct.unpack_from(">I", r.data, 28)[0] == CS // BS  # OPTIMAL UNMAP GRANULARITY
+        per = CS // BS
+        # Four distinct chunks written twice each: 4 of 8 chunks used = the soft threshold.
+        data = b"".join(chunk(i) for i in range(4))
+        assert run(dev, cdbs.write10(0, 4 * per), data_out=data).good
+        assert run(dev, cdbs.test_unit_ready()).sense_codes == (0x06, 0x38, 0x07)
+        assert run(dev, cdbs.write10(8 * per, 4 * per), data_out=data).good
+        assert run(dev, cdbs.test_unit_ready()).good
+        r = run(dev, cdbs.log_sense(0x0C), data_in_len=64)
+        assert r.good
+        # SBC-4 6.4.5: parameter 0002h, used LBA mapping resources: physical use, not logical.
+        # Counted in units of 2**THRESHOLD EXPONENT blocks: one chunk here (VPD B2h).
+        params = {struct.unpack_from(">H", r.data, o)[0]: struct.unpack_from(">I", r.data, o + 4)[0]
+                  for o in range(4, len(r.data), 12)}
+        assert params[2] == 4 and params[1] == 4
+        # Full: 5 new chunks do not fit -> DATA PROTECT 27h/07h and nothing changed.
+        before = run(dev, cdbs.read10(16 * per, 6 * per), data_in_len=6 * CS).data
+        new = b"".join(chunk(i) for i in range(10, 15)) + chunk(0)
+        r = run(dev, cdbs.write10(16 * per, 6 * per), data_out=new)
+        assert r.sense_codes == (0x07, 0x27, 0x07)
+        assert run(dev, cdbs.read10(16 * per, 6 * per), data_in_len=6 * CS).data == before
+        backend = dev.backend  # type: ignore[attr-defined]
+        assert backend.pool.used == 4 * CS
+        # Fill it exactly: 4 more distinct chunks.
+        more = b"".join(chunk(i) for i in range(20, 24))
+        assert run(dev, cdbs.write10(40 * per, 4 * per), data_out=more).good
+        assert backend.pool.used == 8 * CS
+        # Content the pool holds still writes when it is full (and a partial chunk whose
+        # result is zeros too).
+        assert run(dev, cdbs.write10(20 * per, per), data_out=chunk(3)).good
+        assert run(dev, cdbs.write_same16(30 * per, 8 * per), data_out=bytes(BS)).good
+        # COMPARE AND WRITE: unchanged content passes when full, a miscompare changes nothing,
+        # new content does not fit.
+        r = run(dev, cdbs.compare_and_write(0, 1), data_out=chunk(0)[:BS] * 2)
+        assert r.good
+        r = run(dev, cdbs.compare_and_write(0, 1), data_out=chunk(1)[:BS] + chunk(0)[:BS])
+        assert r.sense_codes[0] == 0x0E  # MISCOMPARE
+        r = run(dev, cdbs.compare_and_write(0, 1), data_out=chunk(0)[:BS] + bytes(BS))
+        assert r.sense_codes == (0x07, 0x27, 0x07)  # the changed chunk is new content: full
+        r = run(dev, cdbs.compare_and_write(8 * per, 1), data_out=chunk(0)[:BS] + chunk(1)[:BS])
+        assert r.sense_codes == (0x07, 0x27, 0x07)
+    finally:
+        dev.close()
+    assert check_pool(pool_dir).clean
+
+
+def test_check_config_and_open_errors(pool_dir: str) -> None:
+    for cfg, match in [("", "missing pool="), ("pool=nosuch", "declared dedup pool name"),
+                       ("pool=dd;unit=3", "unknown key 'unit'"),
+                       ("pool=dd;disk=../x", "disk name")]:
+        with pytest.raises(ConfigError, match=match):
+            DedupHandler.check_config(cfg)
+    DedupHandler.check_config("pool=/nonexistent/pool")  # apply creates it later
+    with pytest.raises(ConfigError, match="named 'dd', expected 'other'"):
+        register_pool("other", pool_dir)
+        try:
+            DedupHandler.check_config("pool=other")
+        finally:
+            unregister_pool("other")
+    dev = DedupHandler.open(device_config(name="x0", size=32 * CS))
+    try:
+        with pytest.raises(ConfigError, match="already open"):
+            DedupHandler.open(device_config(name="x0"))
+    finally:
+        dev.close()
+    with pytest.raises(ConfigError, match="larger than the device size"):
+        DedupHandler.open(device_config(name="x0", size=16 * CS))
+    with pytest.raises(ConfigError, match="divisor of the pool's chunk size"):
+        DedupHandler.open(DeviceConfig("x1", "dedup", "pool=dd", 64 * CS, block_size=8192))
+    with pytest.raises(ConfigError, match="already open"), DedupPool.open(pool_dir):
+        DedupPool.open(pool_dir)
+
+
+# ------------------------------------------------------------------------------------------
+# Repair and check
+
+
+def _dirty_pool(path: str) -> None:
+    """A pool with shared, dead and live chunks, closed cleanly."""
+    create_pool(path, "p", 1 << 22)
+    with DedupPool.open(path, container_bytes=4 * CS) as pool:
+        disk = pool.open_disk("a", 32 * CS)
+        disk.write(0, [memoryview(b"".join(chunk(i % 6) for i in range(12)))])
+        disk.unmap(0, 2 * CS)
+        disk.close()
+
+
+def test_open_reclaims_leaks_and_recounts_after_unclean_shutdown(
+        tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "p")
+    _dirty_pool(path)
+    # What a crash leaves: bytes past a container's committed end, a container file no
+    # committed row names, a reference count that disagrees, the pool not closed cleanly.
+    with open(container_file(path, 1), "ab") as f:
+        f.write(b"\xee" * 1000)
+    with open(container_file(path, 99), "wb") as f:
+        f.write(b"\xdd" * CS)
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    db.execute("UPDATE chunks SET refcount = refcount + 3 WHERE id = 2")
+    db.execute("UPDATE meta SET value = 0 WHERE key = 'clean'")
+    db.commit()
+    db.close()
+    report = check_pool(path)
+    assert len(report.leaks) == 2
+    assert report.problems == ["chunk 2: refcount 4, 1 map entries refer to it"]
+    with DedupPool.open(path):
+        pass
+    assert check_pool(path).clean
+    assert not os.path.exists(container_file(path, 99))
+    assert os.stat(container_file(path, 1)).st_size == 4 * CS
+
+
+def test_check_finds_damaged_chunks_and_repair_drops_them(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "p")
+    _dirty_pool(path)
+    with open(container_file(path, 2), "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\xff")
+    report = check_pool(path)
+    assert any("do not match its fingerprint" in p for p in report.problems), report
+    fixed = check_pool(path, repair=True)
+    assert fixed.repaired and any("dropped 1 damaged" in r for r in fixed.repaired)
+    assert check_pool(path).clean
+
+
+# ------------------------------------------------------------------------------------------
+# YAML, status, commands
+
+
+def _registry() -> dict[str, object]:
+    reg = load_handlers()
+    return {n: reg[n] for n in ("raw", "thin", "dedup")}
+
+
+def test_yaml_section_reports_every_problem(tmp_path: os.PathLike[str]) -> None:
+    doc = {
+        "dedup_pools": [
+            {"name": "a", "path": "rel", "capacity": "0", "chunk_size": "3K"},
+            {"name": "a", "path": "/srv/b", "capacity": "1G", "soft_threshold": 0, "x": 1},
+            {"name": "ok", "path": "/srv/ok", "capacity": "1G", "chunk_size": "64K"},
+        ],
+        "pools": [{"name": "thinp", "path": "/srv/t", "capacity": "1G"}],
+        "devices": [
+            {"name": "d0", "handler": "dedup", "size": "1G", "pool": "nope"},
+            {"name": "d1", "handler": "dedup", "size": "1G"},
+            {"name": "d2", "handler": "dedup", "size": "1G", "pool": "thinp"},
+            {"name": "d3", "handler": "thin", "size": "1G", "pool": "ok"},
+        ],
+    }
+    with pytest.raises(ConfigError) as exc:
+        load_config_text(yaml.safe_dump(doc), "c.yaml", registry=_registry())  # type: ignore[arg-type]
+    text = str(exc.value)
+    for needle in ["dedup_pools[0].path: got 'rel', expected an absolute path",
+                   "dedup_pools[0].capacity: got '0'",
+                   "dedup_pools[0].chunk_size: got '3K', expected a power of two from 4096",
+                   "dedup_pools[1].name: got 'a', expected a pool name not used before",
+                   "dedup_pools[1].soft_threshold: got 0",
+                   "dedup_pools[1].x: got 1, expected one of the keys",
+                   "devices[0].pool: got 'nope', expected the name of a pool in dedup_pools",
+                   "devices[1].pool: got nothing, expected the name of a pool in dedup_pools",
+                   "devices[2].pool: got 'thinp', expected the name of a pool in dedup_pools",
+                   "devices[3].pool: got 'ok', expected the name of a pool in pools"]:
+        assert needle in text, (needle, text)
+
+
+def test_yaml_device_gets_its_pool_directory_and_prepare_creates_it(
+        tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "dp")
+    doc = {"dedup_pools": [{"name": "p", "path": path, "capacity": "1M", "chunk_size": "8K"}],
+           "pools": [{"name": "p", "path": "/srv/thin", "capacity": "1G"}],
+           "devices": [{"name": "d0", "handler": "dedup", "size": "1M", "pool": "p"},
+                       {"name": "t0", "handler": "thin", "size": "1M", "pool": "p"}]}
+    cfg = load_config_text(yaml.safe_dump(doc), "c.yaml", registry=_registry())  # type: ignore[arg-type]
+    d0, t0 = cfg.devices
+    assert d0.config_items == (("pool", path),)
+    assert t0.config_items == (("pool", "/srv/thin"),)
+    dedup_config.prepare(cfg)
+    try:
+        st = read_pool_status(path)
+        assert (st.name, st.capacity, st.chunk_size, st.soft_threshold) == ("p", 1 << 20,
+                                                                            8192, 80)
+        with pytest.raises(ConfigError, match="chunk_size 4096: the pool was created with 8192"):
+            ensure_pool(path, "p", 1 << 20, 80, 4096)
+    finally:
+        unregister_pool("p")
+
+
+def test_status_rows_and_commands(tmp_path: os.PathLike[str],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = os.path.join(tmp_path, "p")
+    assert dedup_config.main(["create-pool", path, "--name", "p", "--capacity", "1M"]) == 0
+    dev = DedupHandler.open(device_config(f"pool={path}"))
+    try:
+        harness.run_command(dev, cdbs.test_unit_ready())  # power-on unit attention
+        assert harness.run_command(dev, cdbs.write10(0, 16), data_out=chunk(1) * 2).good
+        st = DedupHandler.status([dev])
+        (row,) = st["dedup_pools"]
+        assert (row["logical"], row["unique"], row["ratio"]) == (2 * CS, CS, 2.0)
+        (table,) = DedupHandler.status_tables(json.loads(json.dumps(st)))
+        assert table.title == "dedup pools" and table.rows[0][7] == "2.00"
+    finally:
+        dev.close()
+    capsys.readouterr()
+    assert dedup_config.main(["status", path, "--json"]) == 0
+    (found,) = json.loads(capsys.readouterr().out)
+    assert found["unique"] == CS and found["logical"] == 2 * CS and not found["live"]
+    assert dedup_config.main(["check", path]) == 0
+    assert capsys.readouterr().out.strip().endswith(": OK")
+    with DedupPool.open(path) as pool:
+        disk = pool.open_disk(dev.backend.name, 64 * CS)  # type: ignore[attr-defined]
+        disk.unmap(0, 2 * CS)
+        disk.close()
+    assert dedup_config.main(["gc", path]) == 0
+    assert "100.0%" in capsys.readouterr().out
+    assert read_pool_status(path).used == 0 == container_bytes_on_disk(path)
+    assert "dedup" in DedupHandler.commands()
