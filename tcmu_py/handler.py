@@ -187,6 +187,10 @@ class Handler(ABC):
     description: ClassVar[str] = ""
     #: Top-level YAML keys this handler owns; each is validated by `load_section`.
     config_sections: ClassVar[tuple[str, ...]] = ()
+    #: Whether this subtype's devices draw from a pool named by the device key ``pool:``
+    #: (thin, dedup); its `load_section` checks the name. Any other device with ``pool:`` is
+    #: refused by the loader.
+    takes_pool: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:

@@ -77,6 +77,7 @@ class DedupHandler(Handler):
     subtype = "dedup"
     description = "deduplicating disk in a shared pool (SHA-256 chunks, SQLite index)"
     config_sections = (_section.SECTION,)
+    takes_pool = True
 
     @classmethod
     def load_section(cls, key: str, raw: object, checker: Checker, doc: Mapping[str, Any]

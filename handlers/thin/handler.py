@@ -84,6 +84,7 @@ class ThinHandler(Handler):
     subtype = "thin"
     description = "thin-provisioned disk in a shared pool (sparse file with hole punching)"
     config_sections = ("pools",)
+    takes_pool = True
 
     # The rest of the contract lives in `.config`.
 

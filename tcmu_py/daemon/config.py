@@ -460,6 +460,13 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
             continue
         assert name and handler and size and block_size and hw_max and area and options is not None
         assert tmo is not None and wc is not None
+        if pool is not None and not owner.takes_pool:
+            # The handlers that take one check its name against their section (thin's pools:,
+            # dedup's dedup_pools:); any other device has no pool to draw from.
+            takers = sorted(s for s in registry if _handler(s, registry).takes_pool)
+            c.fail(f"{p}.pool", pool, "no pool: only devices of a handler with pools take one"
+                   f" ({', '.join(takers) or 'none installed'})")
+            continue
         dev = Device(name, handler, size, block_size, hw_max, area, tmo, wc, options,
                      serial, wwn, pool, copy_domain=domain)
         items = _config_items(dev, owners or {}, sections or {})

@@ -668,3 +668,13 @@ def test_two_devices_on_one_image_file_are_refused(tmp_path: Path) -> None:
         "devices[1].options", "devices[3].options", "devices[4].options", "devices[5].options"]
     assert f"d0 uses {tmp_path}/sub/d.img" in found[0]
     assert f"t0 uses {tmp_path}/pool/x.img" in found[1]
+
+
+def test_pool_on_a_device_of_a_handler_without_pools_is_refused(tmp_path) -> None:
+    """Only handlers that take a pool (`Handler.takes_pool`: thin, dedup) check ``pool:``; any
+    other device naming one is an error, not silently ignored."""
+    text = f"state_dir: {tmp_path}\ndevices:\n  - {{name: a, handler: raw, size: 1M, pool: p}}\n"
+    with pytest.raises(ConfigError) as e:
+        load_config_text(text, "c.yaml")
+    assert ("c.yaml: devices[0].pool: got 'p', expected no pool: only devices of a handler"
+            " with pools take one (") in str(e.value) and "thin" in str(e.value)
