@@ -484,6 +484,34 @@ def tcmu_py(*args: str) -> list[str]:
     return [sys.executable, "-m", "tcmu_py.cli", *args]
 
 
+def serve_config(ctx: Context, cfg: Path, timeout: float = 240) -> tuple[Daemon, Path]:
+    """Start ``tcmu-py serve -c cfg`` (run directory ``<workdir>/run``) and wait until it is
+    ready; on cleanup the daemon stops and then ``tcmu-py down -c cfg`` runs. Returns the
+    daemon and its run directory."""
+    run_dir = ctx.workdir / "run"
+    ready = ctx.workdir / "ready"
+    ready.unlink(missing_ok=True)
+    d = Daemon(tcmu_py("serve", "-c", str(cfg), "--run-dir", str(run_dir), "--ready-file",
+                       str(ready)), ctx.artifacts / "daemon.log")
+    ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
+    ctx.cleanup.callback(d.stop)
+    d.start(ready=ready.exists, timeout=ctx.remaining(timeout))
+    return d, run_dir
+
+
+def disk_by_wwn(wwn: str) -> Path | None:
+    """/dev/sdX whose VPD 83h NAA designator is ``wwn`` (sysfs ``wwid``), once sd bound it."""
+    for dev in Path("/sys/block").glob("sd*"):
+        try:
+            wwid = (dev / "device" / "wwid").read_text().strip()
+        except OSError:
+            continue
+        node = Path("/dev") / dev.name
+        if wwid == wwn and node.exists():
+            return node
+    return None
+
+
 def scsi_disk(vendor: str, model: str) -> Path | None:
     """/dev/sdX whose INQUIRY vendor and product are these, once the sd driver bound it."""
     for dev in Path("/sys/block").glob("sd*"):

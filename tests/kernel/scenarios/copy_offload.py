@@ -11,7 +11,7 @@ import re
 from functools import partial
 from pathlib import Path
 
-from guestlib import CORE, Context, Daemon, log, run, scenario, tcmu_py, wait_for
+from guestlib import CORE, Context, disk_by_wwn, log, run, scenario, serve_config, tcmu_py, wait_for
 
 from scenarios.iscsi_conformance import parse_cunit
 
@@ -19,19 +19,6 @@ MIB = 1 << 20
 IQN = "iqn.2003-01.org.linux-iscsi.tcmu-py:xcopy"
 WWNS = {"x0": "naa.5001405000c0b000", "x1": "naa.5001405000c0b001",
         "x2": "naa.5001405000c0b002"}
-
-
-def disk_by_wwn(wwn: str) -> Path | None:
-    """/dev/sdX whose VPD 83h NAA designator is ``wwn`` (sysfs ``wwid``), once sd bound it."""
-    for dev in Path("/sys/block").glob("sd*"):
-        try:
-            wwid = (dev / "device" / "wwid").read_text().strip()
-        except OSError:
-            continue
-        node = Path("/dev") / dev.name
-        if wwid == wwn and node.exists():
-            return node
-    return None
 
 
 def pwrite_direct(dev: Path, offset: int, data: bytes) -> None:
@@ -78,13 +65,7 @@ def xcopy_within_a_domain_only(ctx: Context) -> None:
         "      luns: [{device: x0, lun: 0}]\n"
     )
     run(["ip", "link", "set", "lo", "up"], timeout=30, check=False)
-    run_dir = ctx.workdir / "run"
-    ready = ctx.workdir / "ready"
-    d = Daemon(tcmu_py("serve", "-c", str(cfg), "--run-dir", str(run_dir), "--ready-file",
-                       str(ready)), ctx.artifacts / "daemon.log")
-    ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
-    ctx.cleanup.callback(d.stop)
-    d.start(ready=ready.exists, timeout=ctx.remaining(240))
+    d, run_dir = serve_config(ctx, cfg)
     devs: dict[str, Path] = {}
     for name, wwn in WWNS.items():
         devs[name] = wait_for(partial(disk_by_wwn, wwn), ctx.remaining(120), f"{name} ({wwn})")

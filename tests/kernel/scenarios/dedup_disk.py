@@ -12,9 +12,7 @@ import random
 from functools import partial
 from pathlib import Path
 
-from guestlib import CORE, Context, Daemon, log, run, scenario, tcmu_py, wait_for
-
-from scenarios.copy_offload import disk_by_wwn
+from guestlib import CORE, Context, disk_by_wwn, log, run, scenario, serve_config, tcmu_py, wait_for
 
 MIB = 1 << 20
 WWNS = {"dd0": "naa.5001405000dd0000", "dd1": "naa.5001405000dd0001"}
@@ -61,13 +59,7 @@ def two_disks_one_copy(ctx: Context) -> None:
         "    - {device: dd0, lun: 0}\n"
         "    - {device: dd1, lun: 1}\n"
     )
-    run_dir = ctx.workdir / "run"
-    ready = ctx.workdir / "ready"
-    d = Daemon(tcmu_py("serve", "-c", str(cfg), "--run-dir", str(run_dir), "--ready-file",
-                       str(ready)), ctx.artifacts / "daemon.log")
-    ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
-    ctx.cleanup.callback(d.stop)
-    d.start(ready=ready.exists, timeout=ctx.remaining(240))
+    d, run_dir = serve_config(ctx, cfg)
     devs: dict[str, Path] = {}
     for name, wwn in WWNS.items():
         devs[name] = wait_for(partial(disk_by_wwn, wwn), ctx.remaining(120), f"{name} ({wwn})")

@@ -11,7 +11,7 @@ import mmap
 import os
 from pathlib import Path
 
-from guestlib import CORE, Context, Daemon, log, run, scenario, scsi_disk, tcmu_py, wait_for
+from guestlib import CORE, Context, log, run, scenario, scsi_disk, serve_config, tcmu_py, wait_for
 
 MIB = 1 << 20
 
@@ -32,15 +32,7 @@ def ramdisk_from_yaml(ctx: Context) -> None:
     )
     out = run(tcmu_py("check", "-c", str(cfg)), timeout=ctx.remaining(60)).stdout
     assert "OK (1 device(s))" in out, out
-    run_dir = ctx.workdir / "run"
-    ready = ctx.workdir / "ready"
-    d = Daemon(
-        tcmu_py("serve", "-c", str(cfg), "--run-dir", str(run_dir), "--ready-file", str(ready)),
-        ctx.artifacts / "daemon.log",
-    )
-    ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
-    ctx.cleanup.callback(d.stop)
-    d.start(ready=ready.exists, timeout=ctx.remaining(240))
+    d, run_dir = serve_config(ctx, cfg)
     dev = wait_for(lambda: scsi_disk("TCMU-PY", "RAMDISK DISK"), ctx.remaining(120),
                    "the ram disk (INQUIRY TCMU-PY RAMDISK DISK) through tcm_loop")
     size = int((Path("/sys/block") / dev.name / "size").read_text()) * 512
