@@ -364,6 +364,18 @@ class BlockDevice(ScsiDevice):
         SpaceAllocationFailed on a backend failure."""
         self._write(offset, [buf])
 
+    def copy_in(self, source: BlockDevice, source_offset: int, offset: int, length: int) -> bool:
+        """Have the backend copy `length` bytes from `source`'s backend at `source_offset` to
+        byte `offset` (the caller holds the range lock): True when it did (`CopyRange`), False
+        when it cannot or declines and the caller must move the bytes. WriteError or
+        SpaceAllocationFailed on a backend failure."""
+        if self.caps.copy_range is None:
+            return False
+        try:
+            return self.caps.copy_range.copy_range(source.backend, source_offset, offset, length)
+        except OSError as exc:
+            raise _io_error(exc, writing=True) from exc
+
     def after_write(self) -> None:
         """Report a crossed thin-provisioning threshold after data was written."""
         self._after_write()
