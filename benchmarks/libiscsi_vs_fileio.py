@@ -4,8 +4,9 @@
 
 The issue 19 measurement (docs/conformance.md): ``iscsi-test-cu --test=SCSI.<suite>`` for every
 suite ``iscsi-test-cu -l`` lists, each bounded, over LIO's iSCSI target on 127.0.0.1, first
-against a 64 MiB tcmu-py raw disk (served by ``tcmu-py serve -c`` from YAML, as a new user
-would), then against a 64 MiB LIO fileio backstore on the guest's tmpfs. ReceiveCopyResults runs
+against a 16 MiB tcmu-py raw disk (served by ``tcmu-py serve -c`` from YAML, as a new user
+would), and a 16 MiB LIO fileio backstore on the guest's tmpfs, the two side by side (suite by
+suite: both run one suite at once, each against its own target). ReceiveCopyResults runs
 before ExtendedCopy on both (tcmu-py holds copy status per LUN: docs/conformance.md).
 
 Output in DIR (default results/libiscsi/<UTC time>/): ``<target>.txt`` (the transcripts),
@@ -23,6 +24,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests" / "kernel"))
 
 TARGETS = {"pyraw": "iqn.2003-01.org.linux-iscsi.tcmu-py:conf-pyraw",
            "fileio": "iqn.2003-01.org.linux-iscsi.tcmu-py:conf-fileio"}
-SIZE = 64 << 20
+SIZE = 16 << 20  # as the CI conformance scenario
 #: Suites LIO's core answers itself for every backstore (kernel-abi.md): not the device's.
 KERNEL_SUITES = ("PersistentReserveIn", "PersistentReserveOut", "PersistentReserveInReadKeys",
                  "PersistentReserveInReadReservation", "PersistentReserveInServiceActions",
@@ -61,7 +63,7 @@ def wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-de
 
 
 def export_fileio(scratch: Path) -> None:
-    """A 64 MiB fileio backstore on tmpfs as LUN 0 of its own iSCSI target (configfs)."""
+    """A fileio backstore on tmpfs as LUN 0 of its own iSCSI target (configfs)."""
     img = scratch / "fileio.img"
     with img.open("wb") as f:
         f.truncate(SIZE)
@@ -95,25 +97,24 @@ def suites() -> list[str]:
     return names
 
 
-def run_target(name: str, url: str, families: list[str], out: Path, timeout: float) -> None:
+def run_suite(name: str, url: str, suite: str, out: Path, timeout: float,
+              results: dict[str, str]) -> None:
+    """One suite against one target, bounded; its results join `results` and `<name>.json`."""
     from scenarios.iscsi_conformance import parse_cunit
 
-    results: dict[str, str] = {}
-    transcript = out / f"{name}.txt"
-    for suite in families:
-        start = time.monotonic()
-        try:
-            res = sh(["iscsi-test-cu", "-d", f"--test=SCSI.{suite}", url], timeout=timeout)
-            text = res.stdout + res.stderr
-        except subprocess.TimeoutExpired:
-            text = f"*** SCSI.{suite}: no result within {timeout}s\n"
-            results[f"{suite}.(timed out)"] = "fail"
-        with transcript.open("a") as f:
-            f.write(f"===== SCSI.{suite} ({time.monotonic() - start:.0f} s)\n{text}\n")
-        results.update({f"{suite}.{k.rsplit('.', 1)[-1]}": v
-                        for k, v in parse_cunit(text).items()})
-        (out / f"{name}.json").write_text(json.dumps(results, indent=1, sort_keys=True))
-        print(f"{name} SCSI.{suite}: {counts(results)}", flush=True)
+    start = time.monotonic()
+    try:
+        res = sh(["iscsi-test-cu", "-d", f"--test=SCSI.{suite}", url], timeout=timeout)
+        text = res.stdout + res.stderr
+    except subprocess.TimeoutExpired:
+        text = f"*** SCSI.{suite}: no result within {timeout}s\n"
+        results[f"{suite}.(timed out)"] = "fail"
+    with (out / f"{name}.txt").open("a") as f:
+        f.write(f"===== SCSI.{suite} ({time.monotonic() - start:.0f} s)\n{text}\n")
+    results.update({f"{suite}.{k.rsplit('.', 1)[-1]}": v for k, v in parse_cunit(text).items()})
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    print(f"{name} SCSI.{suite} ({time.monotonic() - start:.0f} s): {counts(results)}",
+          flush=True)
 
 
 def guest(out: Path, timeout: float) -> int:
@@ -141,10 +142,19 @@ def guest(out: Path, timeout: float) -> int:
         families = suites()
         (out / "suites.json").write_text(json.dumps(families))
         print(f"{len(families)} suites: {families}", flush=True)
-        for name, port in (("pyraw", 3260), ("fileio", 3261)):
-            url = f"iscsi://127.0.0.1:{port}/{TARGETS[name]}/0"
+        urls = {name: f"iscsi://127.0.0.1:{port}/{TARGETS[name]}/0"
+                for name, port in (("pyraw", 3260), ("fileio", 3261))}
+        for url in urls.values():
             print(sh(["iscsi-inq", url]).stdout, flush=True)
-            run_target(name, url, families, out, timeout)
+        results: dict[str, dict[str, str]] = {name: {} for name in urls}
+        for suite in families:
+            threads = [threading.Thread(target=run_suite, args=(name, url, suite, out, timeout,
+                                                                results[name]))
+                       for name, url in urls.items()]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
     finally:
         daemon.terminate()
         daemon.wait(60)
