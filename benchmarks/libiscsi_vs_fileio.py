@@ -117,7 +117,7 @@ def run_suite(name: str, url: str, suite: str, out: Path, timeout: float,
           flush=True)
 
 
-def guest(out: Path, timeout: float) -> int:
+def guest(out: Path, timeout: float, only: list[str]) -> int:
     scratch = Path(os.environ.get("TCMU_PY_SCRATCH", "/tmp"))
     cfg = scratch / "pyraw.yaml"
     cfg.write_text(
@@ -139,7 +139,7 @@ def guest(out: Path, timeout: float) -> int:
     try:
         wait(ready.exists, 240, "tcmu-py serve")
         export_fileio(scratch)
-        families = suites()
+        families = [f for f in suites() if not only or f in only]
         (out / "suites.json").write_text(json.dumps(families))
         print(f"{len(families)} suites: {families}", flush=True)
         urls = {name: f"iscsi://127.0.0.1:{port}/{TARGETS[name]}/0"
@@ -188,11 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite-timeout", type=float, default=300)
     ap.add_argument("--timeout", type=float, default=5400, help="the whole VM run, seconds")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--suites", default="", help="comma-separated suites (default: all)")
     ap.add_argument("--guest", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--summarise", type=Path, help="only print the summary of an earlier run")
     args = ap.parse_args(argv)
     if args.guest:
-        return guest(args.guest, args.suite_timeout)
+        return guest(args.guest, args.suite_timeout, [x for x in args.suites.split(",") if x])
     if args.summarise:
         print(summarise(args.summarise), end="")
         return 0
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     script = (guest_prelude() + f'export PATH={venv_bin}:"$PATH"\ncd {shlex.quote(str(REPO))}\n'
               + " ".join(shlex.quote(a) for a in [sys.executable, str(Path(__file__).resolve()),
                                                    "--guest", str(out), "--suite-timeout",
-                                                   f"{args.suite_timeout:g}"]) + "\n")
+                                                   f"{args.suite_timeout:g}", "--suites",
+                                                   args.suites]) + "\n")
     print(f"booting the lab VM; output in {out}", flush=True)
     try:
         proc = run_in_vm(script, rwdirs=[out], timeout=args.timeout, log=out / "console.log")
