@@ -216,3 +216,43 @@ def test_enospc_despite_the_probe_is_volume_overflow_and_consistent(
     with Cartridge.open(lib.media_path("FUL004L8"), read_only=True) as cart:
         assert cart.object_count == 11 and list(cart.filemarks) == [10]
         assert cart.used == sum(32 + len(b) for b in blocks[:10]) + 32
+
+
+def test_status_warns_when_a_library_filesystem_runs_low(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tcmu-py status`: each filesystem under a served library's media directory (a cartridge
+    mounted on its own counts apart), LOW under 10% free, FULL with no room past the reserve."""
+    from tcmu_py.daemon.status import render_status
+    from tcmu_py.handlers.vtl import VtlHandler
+    from tcmu_py.handlers.vtl.library import Library
+
+    lib = Library.create(tmp_path / "lib", name="lab", drives=[("SER1", "IBM-LTO8")], slots=2,
+                         import_export=0)
+    try:
+        media = lib.media_path("ABC000L8").parent
+        media.mkdir(exist_ok=True)
+        (media / "ABC000L8").mkdir()
+        space = {str(media): (50 * MIB, 1000 * MIB)}
+        monkeypatch.setattr(cartmod, "backing_space", lambda p: space[str(p)])
+
+        class Dev:
+            library = lib
+
+        st = {"pid": 1, "devices": [], **VtlHandler.status([Dev(), Dev()])}
+        text = render_status(st, handlers={"vtl": VtlHandler})
+        assert "WARNING: 1 low on space" in text, text
+        assert text.splitlines()[-1].split() == ["lab", str(media), "1000.0MiB", "50.0MiB", "5.0%",
+                                                 "LOW"]
+        space[str(media)] = (BACKING_RESERVE, 1000 * MIB)
+        text = render_status({"pid": 1, "devices": [], **VtlHandler.status([Dev()])},
+                             handlers={"vtl": VtlHandler})
+        assert text.splitlines()[-1].split()[-1] == "FULL"
+        space[str(media)] = (500 * MIB, 1000 * MIB)
+        text = render_status({"pid": 1, "devices": [], **VtlHandler.status([Dev()])},
+                             handlers={"vtl": VtlHandler})
+        assert "WARNING" not in text and text.splitlines()[-1].split()[-1] == "ok"
+        assert render_status({"pid": 1, "devices": []}, handlers={"vtl": VtlHandler}).count(
+            "tape library") == 0  # a report without libraries (another version) shows none
+    finally:
+        lib.close()
