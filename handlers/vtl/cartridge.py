@@ -193,6 +193,12 @@ def backing_space(path: Path) -> tuple[int, int]:
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
+def filesystem_early_warning(total: int) -> int:
+    """The early-warning zone before the end of a backing filesystem of `total` bytes: the zone
+    a cartridge of that capacity would have (a cartridge's own zone caps it)."""
+    return _default_early_warning(max(total, 1))
+
+
 #: Largest capacity a cartridge may declare: 4 PiB, so capacities in MiB fit the 4-byte fields of
 #: LOG SENSE page 31h (SSC-5 8.2.5).
 MAX_CAPACITY = 1 << 52
@@ -597,7 +603,7 @@ class Cartridge:
             log.warning("%s: free space unknown: %s", self.path, exc)
             return end, ew_point
         fs_end = self.used + free - BACKING_RESERVE
-        fs_ew = min(self.early_warning_size, _default_early_warning(max(total, 1)))
+        fs_ew = min(self.early_warning_size, filesystem_early_warning(total))
         return max(min(end, fs_end), 0), min(ew_point, fs_end - fs_ew)
 
     @property

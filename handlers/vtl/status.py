@@ -3,9 +3,8 @@
 A drive's end of medium is the cartridge's capacity or its backing filesystem's room, whichever
 comes first (`Cartridge.end_of_medium`). An operator sees here, per served library, each
 filesystem holding its media directory or a cartridge directory (a cartridge may be a mount
-of its own), and a warning when one runs low: below `LOW_FRACTION` of its size free (drives
-writing there soon report early warning), or no room at all past the reserve (FULL: writes
-end in VOLUME OVERFLOW).
+of its own), and a warning when one runs low (LOW: drives writing there report or soon report
+early warning; FULL: no room past the reserve, writes end in VOLUME OVERFLOW).
 """
 
 from __future__ import annotations
@@ -29,10 +28,16 @@ LOW_FRACTION = 0.10
 
 
 def filesystem_state(free: int, total: int) -> str:
-    """"FULL" (no room past the reserve), "LOW" (under `LOW_FRACTION` free) or "ok"."""
+    """"FULL" (no room past the reserve), "LOW" or "ok".
+
+    LOW: under `LOW_FRACTION` free, or so little that a drive writing there is in early warning
+    (the room past the reserve is within the early-warning zone `Cartridge._room` gives a
+    filesystem of this size; on a filesystem smaller than a cartridge, that comes first).
+    """
     if free <= cartmod.BACKING_RESERVE:
         return "FULL"
-    if free < LOW_FRACTION * total:
+    zone = cartmod.filesystem_early_warning(total)
+    if free < LOW_FRACTION * total or free - cartmod.BACKING_RESERVE <= zone:
         return "LOW"
     return "ok"
 
