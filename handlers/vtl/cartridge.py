@@ -28,6 +28,11 @@ Rules this file obeys
   in-place header write is the one write a crash can tear into a header that fails its CRC;
   such a header (magic and version intact) is not fatal: the records are found by scanning,
   without the index, and a writable open gives the file an epoch no index on disk has.
+* End of medium: the capacity, or the backing filesystem's room if less (free space probed
+  at every append, less `BACKING_RESERVE` for the index, filemarks cache and sidecars), see
+  `Cartridge._room`. A filesystem that fills up anyway (ENOSPC/EDQUOT during an append) is the
+  end of medium too: the call's records are cut off (as at any failed append) and CartridgeFull
+  raised; an index checkpoint that meets it is skipped (the data is durable, the index a cache).
 * The index is a cache: the offset of every `INDEX_STRIDE`-th object (a sparse index: 8 bytes per
   64 objects, so a full LTO-9 cartridge of 256 KiB blocks needs ~9 MB of RAM) plus the list of
   filemarks, and a header with the epoch it belongs to, the object count, the end offset and
