@@ -213,7 +213,7 @@ def write_block(tape: Path, *blocks: bytes) -> None:
 def read_blocks(tape: Path, bufsize: int, limit: int = 1 << 30) -> list[bytes]:
     """Read blocks up to the next filemark (read returns 0), each with a `bufsize` buffer."""
     fd = os.open(tape, os.O_RDONLY)
-    out = []
+    out: list[bytes] = []
     try:
         while len(out) < limit:
             b = os.read(fd, bufsize)
@@ -437,12 +437,13 @@ def tar_dd_capacity_worm(ctx: Context) -> None:
     assert 12 * MIB - 256 * KIB <= written <= 16 * MIB, written
     mt(ctx, tape, "rewind")
     back_blocks = read_blocks(tape, 256 * KIB)
-    back = b"".join(back_blocks)
-    log(f"small cartridge: dd wrote {written}, read back {len(back)} in {len(back_blocks)} blocks")
+    readback = b"".join(back_blocks)
+    log(f"small cartridge: dd wrote {written}, read back {len(readback)} in "
+        f"{len(back_blocks)} blocks")
     # st: the write that meets early warning completes (EOM, NO SENSE, nothing undone); the
     # next write returns ENOSPC. So exactly what dd counted is on the tape.
-    assert len(back) == written and back == big.read_bytes()[:written]
-    ctx.details["small_cartridge_bytes_read"] = len(back)
+    assert len(readback) == written and readback == big.read_bytes()[:written]
+    ctx.details["small_cartridge_bytes_read"] = len(readback)
 
     # ---- WORM: drive 1
     worm_tape = lab.tapes[1]
