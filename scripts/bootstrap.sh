@@ -93,8 +93,8 @@ if [[ -f $STAMP && "$(cat "$STAMP")" == "$WANT" ]] \
     && [[ -x .venv/bin/vng ]]; then
     step "venv: up to date"
 else
-    step "venv: pip install -e '.[test,lio,lab]'"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,lio,lab]'
+    step "venv: pip install -e '.[test,lio,lab,metrics]'"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,lio,lab,metrics]'
     # An out-of-tree handler, as a third party ships one (tests/unit/test_plugin_example.py).
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
         -e tests/plugin_example
