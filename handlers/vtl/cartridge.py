@@ -956,8 +956,9 @@ class Cartridge:
                 cur.pop(key, None)
             else:
                 cur[key] = {"format": val[0], "value": val[1].hex()}
-        self._mam = {**self._mam, "attributes": cur}
-        _atomic_write_json(self.path / MAM_FILE, self._mam)
+        mam = {**self._mam, "attributes": cur}
+        _atomic_write_json(self.path / MAM_FILE, mam)  # first: a failed write changes nothing
+        self._mam = mam
 
     def mam_counter(self, name: str) -> int:
         """Life counters kept in the MAM sidecar: load_count, mb_written, mb_read."""

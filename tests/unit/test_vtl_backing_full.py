@@ -256,3 +256,25 @@ def test_status_warns_when_a_library_filesystem_runs_low(
             "tape library") == 0  # a report without libraries (another version) shows none
     finally:
         lib.close()
+
+
+def test_write_attribute_on_a_full_filesystem_changes_nothing(
+    lib: FakeLibrary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITE ATTRIBUTE whose mam.json cannot be written for lack of room: AUXILIARY MEMORY OUT
+    OF SPACE (05/55/06, SPC-5 6.48), not MEDIUM ERROR, and the attribute is not half set (the
+    drive's view and the file agree)."""
+    from tcmu_py.scsi import ssc
+
+    t = loaded(lib, "FUL005L8")
+
+    def full(path: Path, doc: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cartmod, "_atomic_write_json", full)
+    attr = ssc.Attribute(0x0800, 1, b"ACME    ").build()
+    plist = len(attr).to_bytes(4, "big") + attr
+    r = t.run(ssc.WriteAttribute(False, 0, 0, len(plist)).build(), plist)
+    assert r.sense_codes == (5, 0x55, 0x06), r
+    r = t.run(ssc.ReadAttribute(0, 0, 0, 0x0800, 4096, False).build(), data_in_len=4096)
+    assert r.sense_codes == (5, 0x24, 0)  # not present
