@@ -128,7 +128,15 @@ def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
 
 
 _HEADERS = ("pool", "path", "capacity", "used", "used%", "logical", "unique", "ratio", "dead",
-            "collected", "state")
+            "collected", "collector", "state")
+
+
+def _collector(pool: Mapping[str, Any]) -> str:
+    """``off`` (not served here), ``idle``, or the compaction's progress: ``compacting 40%``."""
+    state = str(pool.get("collector", "off"))
+    progress = pool.get("progress")
+    return f"{state} {100 * progress:.0f}%" if state == "compacting" and progress is not None \
+        else state
 
 
 def _row(pool: Mapping[str, Any]) -> tuple[str, ...]:
@@ -145,6 +153,7 @@ def _row(pool: Mapping[str, Any]) -> tuple[str, ...]:
         f"{pool.get('ratio', 1.0):.2f}",
         format_size(pool.get("dead", 0)),
         format_size(pool.get("collected", 0)),
+        _collector(pool),
         "ABOVE" if pool.get("above_threshold") else "ok",
     )
 

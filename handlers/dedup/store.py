@@ -115,6 +115,10 @@ CACHE_KIB = 16384
 #: The collector compacts a container once this share of it is dead (percent).
 DEFAULT_DEAD_PERCENT = 50
 RELOAD_SECONDS = 1.0
+#: The in-daemon collector (`DedupPool.start_collector`): seconds between its looks at the pool,
+#: and the most live bytes one step copies while holding the pool lock.
+COLLECT_INTERVAL = 2.0
+COLLECT_BATCH_BYTES = 1 << 20
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _CONTAINER_RE = re.compile(r"(\d{8})\.dat\Z")
@@ -344,6 +348,9 @@ class DedupPoolStatus:
     disks: tuple[DiskStatus, ...]
     collected: int = 0  # bytes the collector gave back since the pool opened
     live: bool = False  # figures of the pool open in this process
+    collector: str = "off"  # "off" (no collector thread), "idle", "compacting"
+    compacted: int = 0  # containers the collector compacted since the pool opened
+    progress: float | None = None  # share of the container being compacted done, 0..1
 
     @property
     def ratio(self) -> float:
@@ -362,7 +369,8 @@ class DedupPoolStatus:
             "used": self.used, "logical": self.logical, "unique": self.unique,
             "chunks": self.chunks, "dead": self.dead, "ratio": round(self.ratio, 3),
             "collected": self.collected, "above_threshold": self.above_threshold,
-            "live": self.live,
+            "live": self.live, "collector": self.collector, "compacted": self.compacted,
+            "progress": None if self.progress is None else round(self.progress, 3),
             "disks": [{"name": d.name, "size": d.size, "mapped": d.mapped} for d in self.disks],
         }
 
@@ -414,13 +422,18 @@ class DedupPool:
         self._disk_ids: dict[str, int] = {}
         self._open_disks: set[str] = set()
         self._marks_clean = False
+        self._collector: _Collector | None = None
+        self._compacting: int | None = None  # the container being compacted, between steps
+        self._compact_live = 0  # its live bytes when compaction began
+        self._compact_moved = 0  # of which moved so far
+        self._compacted = 0  # containers compacted since the pool opened
 
     # ------------------------------------------------------------------------------------------
     # Opening and closing
 
     @classmethod
     def open(cls, path: str, expected_name: str | None = None, *,
-             container_bytes: int = DEFAULT_CONTAINER_BYTES, repair: bool = True) -> DedupPool:
+             container_bytes: int | None = None, repair: bool = True) -> DedupPool:
         """Open the pool in directory `path`; with `repair` (always, except for `check_pool`)
         reclaim leaked container bytes and, after an unclean shutdown, recount the references.
 
@@ -447,7 +460,8 @@ class DedupPool:
                 log.warning("pool %s: removed %s left by an interrupted write", path, stale)
             make_private_dirs(os.path.join(path, CONTAINER_DIR))
             db = _connect(os.path.join(path, DB_FILE))
-            pool = cls(path, config, lock_fd, db, container_bytes)
+            pool = cls(path, config, lock_fd, db, DEFAULT_CONTAINER_BYTES
+                       if container_bytes is None else container_bytes)
             if repair:
                 pool._reclaim_leaks()
                 if not pool._meta("clean", 1):
@@ -469,10 +483,12 @@ class DedupPool:
         return pool
 
     def close(self) -> None:
-        """Commit what is pending, mark the pool closed cleanly, release everything."""
+        """Stop the collector, commit what is pending, mark the pool closed cleanly, release
+        everything."""
         with _open_pools_lock:
             if _open_pools.get(self.path) is self:
                 del _open_pools[self.path]
+        self.stop_collector()
         with self.lock:
             if self._closed:
                 return
@@ -665,7 +681,13 @@ class DedupPool:
             return DedupPoolStatus(
                 self.path, c.name, c.capacity, c.soft_threshold, c.chunk_size, f.used,
                 f.mapped * c.chunk_size, f.live_bytes, f.live_chunks, dead,
-                _disk_rows(self._db, c.chunk_size), self._collected, live=True)
+                _disk_rows(self._db, c.chunk_size), self._collected, live=True,
+                collector=("off" if self._collector is None else
+                           "idle" if self._compacting is None else "compacting"),
+                compacted=self._compacted,
+                progress=(None if self._compacting is None else
+                          min(1.0, self._compact_moved / self._compact_live)
+                          if self._compact_live else 1.0))
 
     # ------------------------------------------------------------------------------------------
     # pool.json (shared with `tcmu-py apply` in another process, as thin's)
@@ -989,63 +1011,112 @@ class DedupPool:
                 ) -> CollectProgress:
         """Compact containers at least `dead_percent` dead (1: any dead byte), most dead first,
         until none is left or `max_seconds` passed (checked between containers: one container's
-        work, at most `container_bytes` copied, is the bound on the overrun).
-
-        Per container: its dead chunk rows are deleted, its live chunks appended to the active
-        container and their rows pointed there, committed (data first, rule 2), then the old
-        file is deleted (rule 5). A crash anywhere leaves either the old container referenced
-        or the new copy; the other is a leak reclaimed at open."""
+        work, at most `container_bytes` copied, is the bound on the overrun). Runs in
+        `collect_step`s, so the disks' I/O is served between them."""
         deadline = time.monotonic() + max_seconds
         done_containers = moved = freed = 0
         while True:
-            with self.lock:
-                self.commit()
-                row = self._db.execute(
-                    "SELECT id, size, dead FROM containers WHERE dead > 0 AND dead * 100 >= "
-                    "size * ? ORDER BY dead DESC, id LIMIT 1", (max(dead_percent, 1),)
-                ).fetchone()
-                if row is None or time.monotonic() >= deadline and done_containers:
-                    left = self.dead_bytes()
-                    return CollectProgress(done_containers, moved, freed, left, row is None)
-                cid, size, _ = row
-                m, f = self._compact(cid, size)
-                moved += m
-                freed += f
-                done_containers += 1
+            step = self.collect_step(dead_percent)
+            if step is not None:
+                moved += step.moved
+                freed += step.freed
+                done_containers += step.containers
+            if step is None or time.monotonic() >= deadline and done_containers:
+                return CollectProgress(done_containers, moved, freed, self.dead_bytes(),
+                                       step is None)
 
-    def _compact(self, cid: int, size: int) -> tuple[int, int]:
-        db = self._db
-        if self._active == cid:
-            self._active = None  # seal it: the live chunks go to a new container
-        live = db.execute("SELECT id, offset, length FROM chunks WHERE container=? AND "
-                          "refcount > 0 ORDER BY offset", (cid,)).fetchall()
-        self._begin()
-        try:
-            db.execute("DELETE FROM chunks WHERE container=? AND refcount = 0", (cid,))
-            moved = 0
-            for chunk, off, length in live:
-                data = self._read_chunk(cid, off, length)
-                ncid, noff = self._append(data)
-                db.execute("UPDATE chunks SET container=?, offset=? WHERE id=?",
-                           (ncid, noff, chunk))
-                moved += length
-            db.execute("DELETE FROM containers WHERE id=?", (cid,))
-            self._dirty.discard(cid)
+    def collect_step(self, dead_percent: int = DEFAULT_DEAD_PERCENT,
+                     batch_bytes: int = COLLECT_BATCH_BYTES) -> CollectProgress | None:
+        """One bounded piece of collection under the pool lock; None when no container needs
+        it (none at least `dead_percent` dead and none half-compacted).
+
+        A container is compacted over several steps: each moves at most `batch_bytes` of its
+        live chunks to the active container and points their rows there, committed (data first,
+        rule 2); the moved bytes count as dead in the old container. The step that finds no
+        live chunk left deletes its dead chunk rows and its row, commits, then deletes the file
+        (rule 5). A chunk revived between steps (equal content written again) is moved by a
+        later step. A crash anywhere leaves each chunk's row naming a durable copy; the other
+        copy is dead or leaked bytes, reclaimed at open."""
+        with self.lock:
+            if self._closed:
+                return None
             self.commit()
-        except BaseException:
-            if self._in_txn:
-                self._abort()
-            raise
-        fd = self._fds.pop(cid, None)
-        if fd is not None:
-            os.close(fd)
-        self._ends.pop(cid, None)
-        self._figures.used -= size
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(container_file(self.path, cid))  # rule 5: after the commit
-        _fsync_dir(os.path.join(self.path, CONTAINER_DIR))
-        self._collected += size
-        return moved, size
+            db = self._db
+            cid = self._compacting
+            if cid is not None and cid not in self._ends:
+                cid = None  # gone meanwhile (an abort reloaded the figures)
+            if cid is None:
+                row = db.execute(
+                    "SELECT id FROM containers WHERE dead > 0 AND dead * 100 >= size * ? "
+                    "ORDER BY dead DESC, id LIMIT 1", (max(dead_percent, 1),)).fetchone()
+                if row is None:
+                    self._compacting = None
+                    return None
+                cid = int(row[0])
+                self._compacting = cid
+                self._compact_moved = 0
+                self._compact_live = int(db.execute(
+                    "SELECT COALESCE(SUM(length), 0) FROM chunks WHERE container=? AND "
+                    "refcount > 0", (cid,)).fetchone()[0])
+            if self._active == cid:
+                self._active = None  # seal it: its live chunks go to another container
+            live = db.execute("SELECT id, offset, length FROM chunks WHERE container=? AND "
+                              "refcount > 0 ORDER BY offset", (cid,)).fetchall()
+            self._begin()
+            try:
+                if live:
+                    moved = 0
+                    for chunk, off, length in live:
+                        if moved and moved + length > batch_bytes:
+                            break
+                        data = self._read_chunk(cid, off, length)
+                        ncid, noff = self._append(data)
+                        db.execute("UPDATE chunks SET container=?, offset=? WHERE id=?",
+                                   (ncid, noff, chunk))
+                        db.execute("UPDATE containers SET dead = dead + ? WHERE id=?",
+                                   (length, cid))
+                        moved += length
+                    self.commit()
+                    self._compact_moved += moved
+                    return CollectProgress(0, moved, 0, self.dead_bytes(), False)
+                size = self._ends[cid]
+                db.execute("DELETE FROM chunks WHERE container=? AND refcount = 0", (cid,))
+                db.execute("DELETE FROM containers WHERE id=?", (cid,))
+                self._dirty.discard(cid)
+                self.commit()
+            except BaseException:
+                if self._in_txn:
+                    self._abort()
+                raise
+            self._compacting = None
+            fd = self._fds.pop(cid, None)
+            if fd is not None:
+                os.close(fd)
+            self._ends.pop(cid, None)
+            self._figures.used -= size
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(container_file(self.path, cid))  # rule 5: after the commit
+            _fsync_dir(os.path.join(self.path, CONTAINER_DIR))
+            self._collected += size
+            self._compacted += 1
+            return CollectProgress(1, 0, size, self.dead_bytes(), False)
+
+    def start_collector(self, interval: float | None = None,
+                        dead_percent: int = DEFAULT_DEAD_PERCENT) -> None:
+        """Run the collector in a thread of its own while the pool is open (`close` stops it):
+        every `interval` seconds it compacts what `collect_step` finds, one step at a time,
+        resting after each step as long as the step took (the disks' I/O waits at most one
+        step, `COLLECT_BATCH_BYTES` copied, for the pool lock)."""
+        with self.lock:
+            if self._collector is None and not self._closed:
+                self._collector = _Collector(self, COLLECT_INTERVAL if interval is None
+                                             else interval, dead_percent)
+
+    def stop_collector(self) -> None:
+        """Stop the collector thread and wait for it (it finishes its step: bounded)."""
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            collector.stop()
 
     # ------------------------------------------------------------------------------------------
     # Offline verification
@@ -1099,6 +1170,39 @@ class DedupPool:
             if repair:
                 self._load()
         return report
+
+
+class _Collector:
+    """The pool's in-process collector thread (`DedupPool.start_collector`)."""
+
+    def __init__(self, pool: DedupPool, interval: float, dead_percent: int) -> None:
+        self.pool = pool
+        self.interval = interval
+        self.dead_percent = dead_percent
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"dedup-gc-{pool.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        pool = self.pool
+        while not self._stop.wait(self.interval):
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    step = pool.collect_step(self.dead_percent)
+                except Exception:  # noqa: BLE001 - a failed step is retried at the next look
+                    log.exception("pool %s: collector step failed; retrying in %.1f s",
+                                  pool.name, self.interval)
+                    break
+                if step is None:
+                    break
+                self._stop.wait(time.monotonic() - started)  # the disks' I/O goes first
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
 
 
 def _connect(file: str) -> sqlite3.Connection:
@@ -1199,14 +1303,23 @@ def _pool_key(path: str) -> str:
 
 
 def acquire_pool(path: str, expected_name: str | None = None) -> DedupPool:
-    """The pool at `path` shared by everything in this process (`tcmu_py.handler.shared`)."""
+    """The pool at `path` shared by everything in this process (`tcmu_py.handler.shared`), with
+    its collector running (`DedupPool.start_collector`) until the last user releases it: the
+    space its disks free (UNMAP, overwrites) goes back to the file system while they are
+    served."""
     from tcmu_py.handler import shared
 
     key = _pool_key(path)
-    pool = shared.acquire(key, lambda: DedupPool.open(path, expected_name))
+    pool = shared.acquire(key, lambda: _open_collecting(path, expected_name))
     if expected_name is not None and pool.name != expected_name:
         shared.release(key, DedupPool.close)
         raise ConfigError(f"{pool.path}: pool is named {pool.name!r}, expected {expected_name!r}")
+    return pool
+
+
+def _open_collecting(path: str, expected_name: str | None) -> DedupPool:
+    pool = DedupPool.open(path, expected_name)
+    pool.start_collector()
     return pool
 
 

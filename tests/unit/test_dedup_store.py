@@ -10,6 +10,7 @@ import random
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +26,7 @@ from tcmu_py.handlers.dedup import (
     create_pool,
     ensure_pool,
     read_pool_status,
+    store,
 )
 from tcmu_py.handlers.dedup import config as dedup_config
 from tcmu_py.handlers.dedup.handler import register_pool, unregister_pool
@@ -166,6 +168,70 @@ def test_collector_gives_space_back_to_the_file_system(tmp_path: os.PathLike[str
         disk.write(0, [memoryview(chunk(0))])
         assert read(disk, 0, CS) == chunk(0)
         disk.close()
+    assert check_pool(path).clean
+
+
+def test_collector_steps_are_bounded_and_keep_revived_chunks(tmp_path: os.PathLike[str]
+                                                            ) -> None:
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 22)
+    with DedupPool.open(path, container_bytes=16 * CS) as pool:
+        disk = pool.open_disk("a", 64 * CS)
+        disk.write(0, [memoryview(b"".join(chunk(i) for i in range(16)))])
+        disk.unmap(0, 8 * CS)  # container 1: half dead, 8 live chunks
+        steps = []
+        step = pool.collect_step(batch_bytes=3 * CS)
+        assert step is not None and step.moved == 3 * CS and not step.containers
+        st = pool.status()
+        assert st.collector == "off" and st.progress == pytest.approx(3 / 8)
+        disk.write(0, [memoryview(chunk(0))])  # a dead chunk of the container comes back
+        while (step := pool.collect_step(batch_bytes=3 * CS)) is not None:
+            steps.append(step)
+            assert step.moved <= 3 * CS
+        # 5 + 1 (revived) live chunks left: two more moving steps, then the deleting one.
+        assert [s.moved for s in steps] == [3 * CS, 3 * CS, 0] and steps[-1].freed == 16 * CS
+        assert read(disk, 0, 16 * CS) == chunk(0) + bytes(7 * CS) + b"".join(
+            chunk(i) for i in range(8, 16))
+        assert pool.used == container_bytes_on_disk(path) == 9 * CS
+        assert pool.status().compacted == 1 and pool.verify().clean
+        disk.close()
+    assert check_pool(path).clean
+
+
+def test_served_pool_gives_space_back_without_gc(tmp_path: os.PathLike[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collector runs in the serving process: UNMAP of most of a disk returns its containers
+    to the file system with no `tcmu-py dedup gc`, status shows it, and closing stops it."""
+    monkeypatch.setattr(store, "COLLECT_INTERVAL", 0.01)
+    monkeypatch.setattr(store, "DEFAULT_CONTAINER_BYTES", 8 * CS)
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 22)
+    dev = DedupHandler.open(device_config(f"pool={path}"))
+    try:
+        harness.run_command(dev, cdbs.test_unit_ready())  # power-on unit attention
+        data = b"".join(chunk(i) for i in range(32))
+        assert harness.run_command(dev, cdbs.write10(0, 256), data_out=data).good
+        assert harness.run_command(dev, cdbs.synchronize_cache10()).good
+        assert container_bytes_on_disk(path) == 32 * CS
+        params = cdbs.unmap_parameters([(0, 28 * CS // BS)])
+        assert harness.run_command(dev, cdbs.unmap(len(params)), data_out=params).good
+        deadline = time.monotonic() + 20
+        while container_bytes_on_disk(path) > 4 * CS:
+            assert time.monotonic() < deadline, DedupHandler.status([dev])
+            time.sleep(0.01)
+        (row,) = DedupHandler.status([dev])["dedup_pools"]
+        # Three containers all dead, the fourth half dead: its live half moved to a new one.
+        assert row["collected"] == 32 * CS and row["compacted"] == 4 and row["used"] == 4 * CS
+        assert row["collector"] in ("idle", "compacting")
+        (table,) = DedupHandler.status_tables({"dedup_pools": [row]})
+        assert table.rows[0][10] in ("idle", "compacting 0%")
+        got = harness.run_command(dev, cdbs.read10(0, 256), data_in_len=32 * CS)
+        assert got.data == bytes(28 * CS) + data[28 * CS:]
+        pool = dev.backend.pool  # type: ignore[attr-defined]
+        thread = pool._collector.thread
+    finally:
+        dev.close()
+    assert not thread.is_alive() and pool._collector is None
     assert check_pool(path).clean
 
 
