@@ -2,20 +2,31 @@
 tcm_loop, each holding ext4 with the same tree of files: the pool's unique data is about one
 copy of the tree while the disks hold two; fsck is clean on both and the files read back. fio
 with ``dedupe_percentage`` and ``verify=crc32c`` writes and verifies one disk; ``tcmu-py status``
-shows the pool's logical and unique data and the ratio."""
+shows the pool's logical and unique data and the ratio.
+
+On a fresh disk of a second pool, fio with ``dedupe_percentage=75`` and no verify (its verify
+headers would make every block unique) writes data whose duplicates the pool must count: its
+ratio is compared with one computed in the guest by reading the disk back and counting distinct
+non-zero 4 KiB blocks. Then ext4 on that disk gets a file, the file is deleted and ``fstrim``
+run: the pool's container files on the file system holding it shrink, with no ``tcmu-py dedup
+gc`` (the collector runs inside the daemon)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import time
 from functools import partial
 from pathlib import Path
 
 from guestlib import CORE, Context, disk_by_wwn, log, run, scenario, serve_config, tcmu_py, wait_for
 
 MIB = 1 << 20
-WWNS = {"dd0": "naa.5001405000dd0000", "dd1": "naa.5001405000dd0001"}
+WWNS = {"dd0": "naa.5001405000dd0000", "dd1": "naa.5001405000dd0001",
+        "dd2": "naa.5001405000dd0002"}
+CHUNK = 4096
 TREE_FILES = 48
 TREE_BYTES = 12 * MIB
 
@@ -36,11 +47,34 @@ def make_tree(root: Path, seed: int = 14) -> dict[str, str]:
     return out
 
 
-def pool_status(ctx: Context, run_dir: Path) -> dict:  # type: ignore[type-arg]
+def pool_status(ctx: Context, run_dir: Path, name: str = "dp") -> dict:  # type: ignore[type-arg]
     st = json.loads(run(tcmu_py("status", "-i", "0", "--json", "--run-dir", str(run_dir)),
                         timeout=ctx.remaining(60)).stdout)
-    (pool,) = st["dedup_pools"]
+    (pool,) = [p for p in st["dedup_pools"] if p["name"] == name]
     return pool  # type: ignore[no-any-return]
+
+
+def distinct_blocks(dev: Path) -> tuple[int, int]:
+    """(non-zero 4 KiB blocks, distinct non-zero 4 KiB blocks) of the whole disk, read back."""
+    zero = bytes(CHUNK)
+    nonzero = 0
+    seen: set[bytes] = set()
+    with open(dev, "rb", buffering=0) as f:
+        while block := f.read(CHUNK):
+            if block != zero:
+                nonzero += 1
+                seen.add(hashlib.sha256(block).digest())
+    return nonzero, len(seen)
+
+
+def container_bytes(pool: Path) -> tuple[int, int]:
+    """(apparent size, bytes allocated on the file system) of the pool's container files."""
+    size = allocated = 0
+    for f in (pool / "containers").iterdir():
+        st = f.stat()
+        size += st.st_size
+        allocated += st.st_blocks * 512
+    return size, allocated
 
 
 @scenario(timeout=720)
@@ -51,13 +85,16 @@ def two_disks_one_copy(ctx: Context) -> None:
         "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16, write_cache: false}\n"
         "dedup_pools:\n"
         f"  - {{name: dp, path: {ctx.workdir / 'pool'}, capacity: 192M}}\n"
+        f"  - {{name: dq, path: {ctx.workdir / 'pool2'}, capacity: 96M}}\n"
         "devices:\n"
         f"  - {{name: dd0, handler: dedup, size: 64M, pool: dp, wwn: {WWNS['dd0']}}}\n"
         f"  - {{name: dd1, handler: dedup, size: 64M, pool: dp, wwn: {WWNS['dd1']}}}\n"
+        f"  - {{name: dd2, handler: dedup, size: 32M, pool: dq, wwn: {WWNS['dd2']}}}\n"
         "exports:\n"
         "  loopback:\n"
         "    - {device: dd0, lun: 0}\n"
         "    - {device: dd1, lun: 1}\n"
+        "    - {device: dd2, lun: 2}\n"
     )
     d, run_dir = serve_config(ctx, cfg)
     devs: dict[str, Path] = {}
@@ -69,7 +106,8 @@ def two_disks_one_copy(ctx: Context) -> None:
 
     src = ctx.workdir / "tree"
     sums = make_tree(src)
-    for name, dev in devs.items():
+    for name in ("dd0", "dd1"):
+        dev = devs[name]
         mnt = ctx.workdir / f"mnt-{name}"
         mnt.mkdir()
         # No discard at mkfs (nothing to discard yet) and metadata written now, not lazily.
@@ -110,11 +148,76 @@ def two_disks_one_copy(ctx: Context) -> None:
     ctx.details["after_fio"] = after
     log(f"pool after fio: {after}")
 
+    started = time.monotonic()
+    dedupe_ratio(ctx, run_dir, devs["dd2"])
+    space_back(ctx, run_dir, devs["dd2"])
+    ctx.details["added_seconds"] = round(time.monotonic() - started, 1)
+
     gone = run(tcmu_py("down", "-c", str(cfg)), timeout=ctx.remaining(120))
     log(gone.stdout + gone.stderr)
     assert not list(CORE.glob("user_*/dd*")), "down left backstores"
     assert d.stop(timeout=60) == 0, "serve did not exit cleanly on SIGTERM"
-    chk = run(tcmu_py("dedup", "check", str(ctx.workdir / "pool")), timeout=ctx.remaining(120),
-              check=False)
-    ctx.details["check"] = chk.stdout + chk.stderr
-    assert chk.returncode == 0, f"dedup check: exit {chk.returncode}\n{chk.stdout}{chk.stderr}"
+    for pool in ("pool", "pool2"):
+        chk = run(tcmu_py("dedup", "check", str(ctx.workdir / pool)),
+                  timeout=ctx.remaining(120), check=False)
+        ctx.details[f"check_{pool}"] = chk.stdout + chk.stderr
+        assert chk.returncode == 0, f"dedup check {pool}: exit {chk.returncode}\n{chk.stdout}" \
+            f"{chk.stderr}"
+
+
+def dedupe_ratio(ctx: Context, run_dir: Path, dev: Path) -> None:
+    """fio with 75 % duplicate buffers and no verify on the fresh disk of pool ``dq``: the
+    pool's ratio is within 5 % of the one counted by reading the disk back."""
+    out = run(["fio", "--name=dedupe75", f"--filename={dev}", "--rw=write", "--bs=64k",
+               "--size=24M", "--direct=1", "--ioengine=psync", "--dedupe_percentage=75",
+               "--randseed=14"], timeout=ctx.remaining(240), check=False)
+    assert out.returncode == 0, f"fio: exit {out.returncode}\n{out.stdout}{out.stderr}"
+    nonzero, distinct = distinct_blocks(dev)
+    expected = nonzero / distinct
+    st = pool_status(ctx, run_dir, "dq")
+    ctx.details["fio75"] = {"pool": st, "nonzero_blocks": nonzero, "distinct_blocks": distinct,
+                            "expected_ratio": round(expected, 3)}
+    log(f"fio dedupe_percentage=75: read back {nonzero} non-zero blocks, {distinct} distinct "
+        f"(ratio {expected:.3f}); pool: {st}")
+    assert st["logical"] == nonzero * CHUNK, st
+    assert abs(st["ratio"] - expected) <= 0.05 * expected, (st["ratio"], expected)
+    assert st["ratio"] > 2, st  # fio did write duplicates: 75 % of its buffers
+
+
+def space_back(ctx: Context, run_dir: Path, dev: Path) -> None:
+    """ext4 on the disk of pool ``dq`` (no discard at mkfs: fio's data stays), a 20 MiB file,
+    deleted, fstrim: the container files shrink on the file system with no ``dedup gc``."""
+    pool = ctx.workdir / "pool2"
+    mnt = ctx.workdir / "mnt-dd2"
+    mnt.mkdir()
+    run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E",
+         "nodiscard,lazy_itable_init=0,lazy_journal_init=0", str(dev)], timeout=ctx.remaining(180))
+    run(["mount", str(dev), str(mnt)], timeout=ctx.remaining(60))
+    try:
+        (mnt / "big.bin").write_bytes(random.Random(15).randbytes(20 * MIB))
+        run(["sync", "-f", str(mnt)], timeout=ctx.remaining(60))
+        written = container_bytes(pool)
+        written_st = pool_status(ctx, run_dir, "dq")
+        (mnt / "big.bin").unlink()
+        run(["sync", "-f", str(mnt)], timeout=ctx.remaining(60))
+        trimmed = run(["fstrim", "-v", str(mnt)], timeout=ctx.remaining(120)).stdout.strip()
+        t0 = time.monotonic()
+
+        def shrunk() -> tuple[int, int] | None:
+            now = container_bytes(pool)
+            return now if written[1] - now[1] >= 20 * MIB else None
+
+        after = wait_for(shrunk, ctx.remaining(60), "the collector to give 20 MiB back")
+        waited = time.monotonic() - t0
+        st = pool_status(ctx, run_dir, "dq")
+    finally:
+        run(["umount", str(mnt)], timeout=ctx.remaining(120))
+    ctx.details["fstrim"] = {"fstrim": trimmed, "before": written, "after": after,
+                             "freed_allocated": written[1] - after[1],
+                             "pool_before": written_st, "pool_after": st,
+                             "collector_seconds": round(waited, 1)}
+    log(f"fstrim: {trimmed}; containers {written} -> {after} bytes (size, allocated) in "
+        f"{waited:.1f} s; pool {written_st['used']} -> {st['used']} used")
+    assert st["used"] <= written_st["used"] - 20 * MIB, st
+    assert st["collected"] >= 20 * MIB and st["collector"] in ("idle", "compacting"), st
+    assert os.path.isdir(pool / "containers")
