@@ -44,7 +44,8 @@ class DedupBackend:
     """One dedup disk. Create with `DedupPool.open_disk`; `close` it when the device goes away.
 
     Capabilities (`tcmu_py.backend`): `Unmap` (``lbprz``, ``unmap_granularity`` = chunk size),
-    `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Closable`.
+    `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Closable`; ``transfer_granularity`` = chunk
+    size.
     """
 
     #: `Unmap` promise: an absent chunk reads as zeros (SBC-4 LBPRZ).
@@ -62,6 +63,9 @@ class DedupBackend:
         self.chunk_size = pool.chunk_size
         #: `Unmap` promise: the chunk is what a deallocation frees (VPD B0h).
         self.unmap_granularity = pool.chunk_size
+        #: `BlockBackend` promise: a write of part of a chunk is a read-modify-write (VPD B0h
+        #: OPTIMAL TRANSFER LENGTH GRANULARITY).
+        self.transfer_granularity = pool.chunk_size
         self._zero = bytes(pool.chunk_size)
         self._seen_generation = 0
         self._on_close = on_close

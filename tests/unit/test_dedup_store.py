@@ -280,6 +280,8 @@ def test_thin_provisioning_over_scsi(pool_dir: str) -> None:
         assert r.good and r.data[6] & 0x07 == 0b010  # SBC-4 6.6.4: PROVISIONING TYPE thin
         r = run(dev, cdbs.inquiry(evpd=True, page_code=0xB0), data_in_len=64)
         assert struct.unpack_from(">I", r.data, 28)[0] == CS // BS  # OPTIMAL UNMAP GRANULARITY
+        # SBC-4 6.6.3: OPTIMAL TRANSFER LENGTH GRANULARITY is the chunk (a part: read-modify-write).
+        assert struct.unpack_from(">H", r.data, 6)[0] == CS // BS
         per = CS // BS
         # Four distinct chunks written twice each: 4 of 8 chunks used = the soft threshold.
         data = b"".join(chunk(i) for i in range(4))
