@@ -22,6 +22,7 @@ from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, StatusTable
 from tcmu_py.table import format_size
 
+from .._pool import hard_limit
 from .backend import DedupBackend
 from .store import (
     DEFAULT_CHUNK,
@@ -45,14 +46,16 @@ SUBTYPE = "dedup"
 
 @dataclass(frozen=True)
 class DedupPoolSpec:
-    """A dedup pool declared in the YAML: ``capacity`` (bytes of chunk data the pool may hold:
-    its hard limit), ``soft_threshold`` (percent of it), ``chunk_size`` (bytes)."""
+    """A dedup pool declared in the YAML, as a thin pool is: ``capacity`` and ``hard_limit``
+    (bytes of chunk data the pool lets its disks take; hard_limit <= capacity, default
+    capacity), ``soft_threshold`` (percent of the hard limit), ``chunk_size`` (bytes)."""
 
     name: str
     path: str
     capacity: int
     soft_threshold: int = 80
     chunk_size: int = DEFAULT_CHUNK
+    hard_limit: int = 0  # the loader always sets it (default: capacity)
 
 
 def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPoolSpec, ...]:
@@ -60,13 +63,17 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
     (names of pools that failed validation still count: one bad pool does not cascade)."""
     pools: list[DedupPoolSpec] = []
     for entry in c.named_entries(
-            raw, SECTION, {"name", "path", "capacity", "soft_threshold", "chunk_size"},
+            raw, SECTION,
+            {"name", "path", "capacity", "soft_threshold", "chunk_size", "hard_limit"},
             frozenset({"name", "path", "capacity"}), "pool"):
         p, m, name = entry.path, entry.fields, entry.name
         path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
         cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
         soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
                          "a percentage 1..100")
+        hard: int | None = cap
+        if "hard_limit" in m and cap is not None:
+            hard = hard_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
         chunk = m.get("chunk_size", DEFAULT_CHUNK)
         try:
             chunk_ok = is_chunk_size(parse_size(chunk))
@@ -77,8 +84,8 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
                    " (4K..64K)")
         if not c.clean_since(entry):
             continue
-        assert name and path and cap and soft
-        pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk)))
+        assert name and path and cap and soft and hard
+        pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard))
     names = raw_names(raw)
     expected = f"the name of a pool in {SECTION} ({', '.join(sorted(names)) or 'none declared'})"
     raw_devices = doc.get("devices")
@@ -108,11 +115,13 @@ def device_config_items(device: Device, pools: Sequence[DedupPoolSpec]
 
 def prepare(config: ConfigView) -> None:
     """Create (or update capacity and threshold of) the YAML's dedup pools and register their
-    names in this process."""
+    names in this process. As for thin pools, the hard limit is what the pool enforces as its
+    capacity (pool.json); the soft threshold is a percentage of it."""
     from .handler import register_pool
 
     for pool in config.section(SECTION):
-        ensure_pool(pool.path, pool.name, pool.capacity, pool.soft_threshold, pool.chunk_size)
+        ensure_pool(pool.path, pool.name, pool.hard_limit or pool.capacity, pool.soft_threshold,
+                    pool.chunk_size)
         register_pool(pool.name, pool.path)
 
 

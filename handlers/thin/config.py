@@ -22,6 +22,7 @@ from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, StatusTable
 from tcmu_py.table import format_size
 
+from .._pool import hard_limit
 from .backend import ThinBackend
 from .pool import ensure_pool, read_pool_status
 
@@ -68,7 +69,7 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpe
                          "a percentage 1..100")
         hard: int | None = cap
         if "hard_limit" in m and cap is not None:
-            hard = _pool_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
+            hard = hard_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
         if None in (name, path, cap, soft, hard):
             continue
         assert name and path and cap and soft and hard
@@ -82,27 +83,6 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpe
             c.fail(f"devices[{i}].pool", dev["pool"], "the name of a pool in pools"
                    f" ({', '.join(sorted(pool_names)) or 'none declared'})")
     return tuple(pools)
-
-
-def _pool_limit(c: Checker, value: object, path: str, capacity: int) -> int | None:
-    expected = "a percentage of capacity like '95%' or a size not above capacity"
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            pct = int(value.strip()[:-1])
-        except ValueError:
-            pct = -1
-        if 1 <= pct <= 100:
-            return capacity * pct // 100
-        c.fail(path, value, expected)
-        return None
-    try:
-        n = parse_size(value)
-    except ValueError:
-        n = -1
-    if 0 < n <= capacity:
-        return n
-    c.fail(path, value, expected)
-    return None
 
 
 def device_config_items(device: Device, pools: Sequence[PoolSpec]

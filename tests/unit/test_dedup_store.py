@@ -468,6 +468,50 @@ def test_yaml_device_gets_its_pool_directory_and_prepare_creates_it(
         unregister_pool("p")
 
 
+def test_hard_limit_is_what_the_pool_enforces_as_thin_pools_do(
+        tmp_path: os.PathLike[str]) -> None:
+    """``hard_limit`` (a percentage or a size up to capacity) is the pool's enforced capacity,
+    the soft threshold a percentage of it, and a bad value is one line naming the key, as for
+    ``pools:``."""
+    bad = {"dedup_pools": [{"name": "a", "path": "/srv/a", "capacity": "1M",
+                            "hard_limit": "150%"},
+                           {"name": "b", "path": "/srv/b", "capacity": "1M", "hard_limit": "2M"}],
+           "pools": [{"name": "t", "path": "/srv/t", "capacity": "1M", "hard_limit": "2M"}]}
+    with pytest.raises(ConfigError) as exc:
+        load_config_text(yaml.safe_dump(bad), "c.yaml", registry=_registry())  # type: ignore[arg-type]
+    for key in ("dedup_pools[0].hard_limit: got '150%'", "dedup_pools[1].hard_limit: got '2M'",
+                "pools[0].hard_limit: got '2M'"):
+        assert f"{key}, expected a percentage of capacity like '95%' or a size not above " \
+            "capacity" in str(exc.value), (key, str(exc.value))
+    path = os.path.join(tmp_path, "dp")
+    doc = {"dedup_pools": [{"name": "p", "path": path, "capacity": 16 * CS, "hard_limit": "50%",
+                            "soft_threshold": 50}]}
+    cfg = load_config_text(yaml.safe_dump(doc), "c.yaml", registry=_registry())  # type: ignore[arg-type]
+    (spec,) = cfg.section("dedup_pools")
+    assert (spec.capacity, spec.hard_limit) == (16 * CS, 8 * CS)
+    dedup_config.prepare(cfg)
+    try:
+        assert read_pool_status(path).capacity == 8 * CS
+        dev = DedupHandler.open(device_config("pool=p"))
+        run = harness.run_command
+        per = CS // BS
+        try:
+            run(dev, cdbs.test_unit_ready())  # power-on unit attention
+            data = b"".join(chunk(i) for i in range(4))
+            assert run(dev, cdbs.write10(0, 4 * per), data_out=data).good
+            # 4 of 8 chunks: the soft threshold is 50 % of the hard limit, not of capacity.
+            assert run(dev, cdbs.test_unit_ready()).sense_codes == (0x06, 0x38, 0x07)
+            data = b"".join(chunk(i) for i in range(4, 8))
+            assert run(dev, cdbs.write10(4 * per, 4 * per), data_out=data).good
+            r = run(dev, cdbs.write10(8 * per, per), data_out=chunk(8))
+            assert r.sense_codes == (0x07, 0x27, 0x07)  # above the hard limit: DATA PROTECT
+            assert run(dev, cdbs.read10(8 * per, per), data_in_len=CS).data == bytes(CS)
+        finally:
+            dev.close()
+    finally:
+        unregister_pool("p")
+
+
 def test_status_rows_and_commands(tmp_path: os.PathLike[str],
                                   capsys: pytest.CaptureFixture[str]) -> None:
     path = os.path.join(tmp_path, "p")
