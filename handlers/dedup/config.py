@@ -22,7 +22,7 @@ from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, StatusTable
 from tcmu_py.table import format_size
 
-from .._pool import hard_limit
+from .._pool import POOL_HEADERS, hard_limit, pool_cells, state_cell
 from .backend import DedupBackend
 from .store import (
     DEFAULT_CHUNK,
@@ -136,8 +136,8 @@ def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
     return {SECTION: list(pools.values())}
 
 
-_HEADERS = ("pool", "path", "capacity", "used", "used%", "logical", "unique", "ratio", "dead",
-            "collected", "collector", "state")
+_HEADERS = (*POOL_HEADERS, "logical", "unique", "ratio", "dead", "collected", "collector",
+            "state")
 
 
 def _collector(pool: Mapping[str, Any]) -> str:
@@ -149,21 +149,15 @@ def _collector(pool: Mapping[str, Any]) -> str:
 
 
 def _row(pool: Mapping[str, Any]) -> tuple[str, ...]:
-    cap = pool.get("capacity") or 0
-    used = pool.get("used", 0)
     return (
-        str(pool.get("name", "?")),
-        str(pool.get("path", "?")),
-        format_size(cap),
-        format_size(used),
-        f"{100 * used / cap:.1f}%" if cap else "-",
+        *pool_cells(pool),
         format_size(pool.get("logical", 0)),
         format_size(pool.get("unique", 0)),
         f"{pool.get('ratio', 1.0):.2f}",
         format_size(pool.get("dead", 0)),
         format_size(pool.get("collected", 0)),
         _collector(pool),
-        "ABOVE" if pool.get("above_threshold") else "ok",
+        state_cell(pool),
     )
 
 

@@ -80,7 +80,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tcmu_py.errors import ConfigError
-from tcmu_py.scsi.sense import SpaceAllocationFailed
 from tcmu_py.statefile import (
     invalid,
     make_private_dirs,
@@ -88,6 +87,8 @@ from tcmu_py.statefile import (
     remove_stale_temporaries,
     write_json,
 )
+
+from .._pool import PhysicalPool, ThresholdFigures
 
 if TYPE_CHECKING:
     from .backend import DedupBackend
@@ -332,7 +333,7 @@ class DiskStatus:
 
 
 @dataclass(frozen=True)
-class DedupPoolStatus:
+class DedupPoolStatus(ThresholdFigures):
     """Figures of one pool (bytes unless noted)."""
 
     path: str
@@ -356,11 +357,6 @@ class DedupPoolStatus:
     def ratio(self) -> float:
         """Deduplication ratio: logical data / unique data (1.0 for an empty pool)."""
         return self.logical / self.unique if self.unique else 1.0
-
-    @property
-    def above_threshold(self) -> bool:
-        t = self.soft_threshold
-        return t is not None and self.used * 100 >= self.capacity * t
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -394,7 +390,7 @@ _open_pools: dict[str, DedupPool] = {}
 _open_pools_lock = threading.Lock()
 
 
-class DedupPool:
+class DedupPool(PhysicalPool):
     """An open pool: one SQLite connection and the container files, shared by its disks.
     Thread-safe (one lock per pool, see the module doc)."""
 
@@ -414,7 +410,6 @@ class DedupPool:
         self._in_txn = False
         self._changes = 0  # map changes in the open transaction
         self._figures = _Figures()
-        self._generation = 0
         self._collected = 0
         self._closed = False
         self._config_seen = _signature(path)
@@ -471,8 +466,7 @@ class DedupPool:
             pool._marks_clean = repair  # `check_pool` leaves the flag as it found it
             if repair:
                 pool._set_meta("clean", 0)
-            if pool.above_threshold:
-                pool._generation = 1
+            pool._opened()
         except BaseException:
             if db is not None:
                 db.close()
@@ -634,35 +628,13 @@ class DedupPool:
         return self._config
 
     @property
-    def name(self) -> str:
-        return self._config.name
-
-    @property
     def chunk_size(self) -> int:
         return self._config.chunk_size
-
-    @property
-    def capacity(self) -> int:
-        return self._config.capacity
-
-    @property
-    def soft_threshold(self) -> int | None:
-        return self._config.soft_threshold
 
     @property
     def used(self) -> int:
         """Physical use: bytes in container files (live and dead)."""
         return self._figures.used
-
-    @property
-    def generation(self) -> int:
-        """Soft-threshold crossings since the pool opened (as thin's `Pool.generation`)."""
-        return self._generation
-
-    @property
-    def above_threshold(self) -> bool:
-        t = self._config.soft_threshold
-        return t is not None and self._figures.used * 100 >= self._config.capacity * t
 
     def disk_mapped(self, disk: str) -> int:
         with self.lock:
@@ -691,12 +663,6 @@ class DedupPool:
 
     # ------------------------------------------------------------------------------------------
     # pool.json (shared with `tcmu-py apply` in another process, as thin's)
-
-    def _adopt(self, config: DedupPoolConfig) -> None:
-        was_above = self.above_threshold
-        self._config = config
-        if not was_above and self.above_threshold:
-            self._generation += 1
 
     def _reload(self) -> None:
         """Adopt capacity and threshold another process wrote to pool.json (lock held)."""
@@ -907,21 +873,9 @@ class DedupPool:
 
     def _reserve(self, need: int) -> None:
         """Raise SpaceAllocationFailed unless `need` more bytes fit; count a soft-threshold
-        crossing (lock held)."""
-        if need <= 0:
-            return
-        c = self._config
-        before = self._figures.used
-        if before + need > c.capacity:
-            # SBC-4 4.7.3.8: resource exhaustion -> DATA PROTECT, SPACE ALLOCATION FAILED WRITE
-            # PROTECT; nothing of the command is done.
-            raise SpaceAllocationFailed(f"pool {c.name}: {need} new bytes do not fit (used "
-                                        f"{before} of {c.capacity})")
-        if (c.soft_threshold is not None
-                and before * 100 < c.capacity * c.soft_threshold <= (before + need) * 100):
-            self._generation += 1
-            log.warning("pool %s: usage %d of %d crossed the soft threshold of %d%%", c.name,
-                        before + need, c.capacity, c.soft_threshold)
+        crossing (lock held; `PhysicalPool`)."""
+        if need > 0:
+            self._take_space(self._figures.used, need, "new chunks")
 
     def _set_entry(self, did: int, idx: int, chunk: int | None) -> None:
         """Point map(did, idx) at `chunk` (None: zeros), moving references (lock held, inside

@@ -22,7 +22,7 @@ from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, StatusTable
 from tcmu_py.table import format_size
 
-from .._pool import hard_limit
+from .._pool import POOL_HEADERS, hard_limit, pool_cells, state_cell
 from .backend import ThinBackend
 from .pool import ensure_pool, read_pool_status
 
@@ -133,21 +133,16 @@ def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
 
 
 def _pool_row(pool: Mapping[str, Any]) -> tuple[str, ...]:
-    pct = 100 * pool["used"] / pool["capacity"] if pool["capacity"] else 0.0
     threshold = pool["soft_threshold"]
     return (
-        pool["name"],
-        pool["path"],
-        format_size(pool["capacity"]),
-        format_size(pool["used"]),
-        f"{pct:.1f}%",
+        *pool_cells(pool),
         "-" if threshold is None else f"{threshold}%",
-        "ABOVE" if pool["above_threshold"] else "ok",
+        state_cell(pool),
         ", ".join(f"{d['name']}={format_size(d['used'])}" for d in pool["disks"]),
     )
 
 
-_POOL_HEADERS = ("pool", "path", "capacity", "used", "used%", "soft", "state", "disks")
+_POOL_HEADERS = (*POOL_HEADERS, "soft", "state", "disks")
 
 
 def status_tables(st: Mapping[str, Any]) -> list[StatusTable]:
