@@ -25,6 +25,7 @@ from tcmu_py.table import format_size
 from .._pool import POOL_HEADERS, hard_limit, pool_cells, state_cell
 from .backend import DedupBackend
 from .store import (
+    COMPRESSION_CODES,
     DEFAULT_CHUNK,
     MAX_CHUNK,
     MIN_CHUNK,
@@ -56,6 +57,7 @@ class DedupPoolSpec:
     soft_threshold: int = 80
     chunk_size: int = DEFAULT_CHUNK
     hard_limit: int = 0  # the loader always sets it (default: capacity)
+    compression: str = "none"  # "none" or "zstd": how new chunks are stored
 
 
 def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPoolSpec, ...]:
@@ -64,7 +66,8 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
     pools: list[DedupPoolSpec] = []
     for entry in c.named_entries(
             raw, SECTION,
-            {"name", "path", "capacity", "soft_threshold", "chunk_size", "hard_limit"},
+            {"name", "path", "capacity", "soft_threshold", "chunk_size", "hard_limit",
+             "compression"},
             frozenset({"name", "path", "capacity"}), "pool"):
         p, m, name = entry.path, entry.fields, entry.name
         path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
@@ -82,10 +85,13 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
         if not chunk_ok:
             c.fail(f"{p}.chunk_size", chunk, f"a power of two from {MIN_CHUNK} to {MAX_CHUNK}"
                    " (4K..64K)")
+        compression = m.get("compression", "none")
+        if compression not in COMPRESSION_CODES:
+            c.fail(f"{p}.compression", compression, f"one of {', '.join(COMPRESSION_CODES)}")
         if not c.clean_since(entry):
             continue
         assert name and path and cap and soft and hard
-        pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard))
+        pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard, compression))
     names = raw_names(raw)
     expected = f"the name of a pool in {SECTION} ({', '.join(sorted(names)) or 'none declared'})"
     raw_devices = doc.get("devices")
@@ -121,7 +127,7 @@ def prepare(config: ConfigView) -> None:
 
     for pool in config.section(SECTION):
         ensure_pool(pool.path, pool.name, pool.hard_limit or pool.capacity, pool.soft_threshold,
-                    pool.chunk_size)
+                    pool.chunk_size, pool.compression)
         register_pool(pool.name, pool.path)
 
 
@@ -136,8 +142,8 @@ def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
     return {SECTION: list(pools.values())}
 
 
-_HEADERS = (*POOL_HEADERS, "logical", "unique", "ratio", "dead", "collected", "collector",
-            "state")
+_HEADERS = (*POOL_HEADERS, "logical", "unique", "ratio", "compr", "dead", "collected",
+            "collector", "state")
 
 
 def _collector(pool: Mapping[str, Any]) -> str:
@@ -154,6 +160,8 @@ def _row(pool: Mapping[str, Any]) -> tuple[str, ...]:
         format_size(pool.get("logical", 0)),
         format_size(pool.get("unique", 0)),
         f"{pool.get('ratio', 1.0):.2f}",
+        f"{pool.get('compression_ratio', 1.0):.2f}" if pool.get("compression", "none") != "none"
+        else "-",
         format_size(pool.get("dead", 0)),
         format_size(pool.get("collected", 0)),
         _collector(pool),
@@ -183,6 +191,8 @@ def main(argv: list[str]) -> int:
     c.add_argument("--capacity", required=True, help="bytes of chunk data, or with K, M, G, T")
     c.add_argument("--soft-threshold", type=int, default=80, metavar="PCT",
                    help="percentage of capacity that raises a unit attention (default 80)")
+    c.add_argument("--compression", choices=sorted(COMPRESSION_CODES), default="none",
+                   help="how new chunks are stored (default none)")
     c.add_argument("--chunk-size", default=str(DEFAULT_CHUNK),
                    help=f"chunk size of a new pool, {MIN_CHUNK}..{MAX_CHUNK} (default 4K)")
     s = sub.add_parser("status", help="a pool's figures (also while it is served)")
@@ -197,7 +207,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.cmd == "create-pool":
         ensure_pool(args.path, args.name, _size_arg("--capacity", args.capacity),
-                    args.soft_threshold, _size_arg("--chunk-size", args.chunk_size))
+                    args.soft_threshold, _size_arg("--chunk-size", args.chunk_size),
+                    args.compression)
         return 0
     if args.cmd == "status":
         found = [read_pool_status(path).as_dict() for path in args.paths]

@@ -224,7 +224,7 @@ def test_served_pool_gives_space_back_without_gc(tmp_path: os.PathLike[str],
         assert row["collected"] == 32 * CS and row["compacted"] == 4 and row["used"] == 4 * CS
         assert row["collector"] in ("idle", "compacting")
         (table,) = DedupHandler.status_tables({"dedup_pools": [row]})
-        assert table.rows[0][10] in ("idle", "compacting 0%")
+        assert table.rows[0][11] in ("idle", "compacting 0%")
         got = harness.run_command(dev, cdbs.read10(0, 256), data_in_len=32 * CS)
         assert got.data == bytes(28 * CS) + data[28 * CS:]
         pool = dev.backend.pool  # type: ignore[attr-defined]
@@ -233,6 +233,46 @@ def test_served_pool_gives_space_back_without_gc(tmp_path: os.PathLike[str],
         dev.close()
     assert not thread.is_alive() and pool._collector is None
     assert check_pool(path).clean
+
+
+def test_compression_is_recorded_per_chunk(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 22, compression="zstd")
+    text = b"".join(b"line %06d of a compressible chunk\n" % i for i in range(200))[:CS]
+    with DedupPool.open(path) as pool:
+        disk = pool.open_disk("a", 16 * CS)
+        disk.write(0, [memoryview(text + chunk(1) + text)])  # compressible, random, duplicate
+        st = pool.status()
+        assert (st.chunks, st.unique, st.logical, st.compression) == (2, 2 * CS, 3 * CS, "zstd")
+        assert CS < st.stored < CS + CS // 2 and st.compression_ratio > 1.3
+        assert pool.used == st.stored  # capacity counts stored bytes
+        # New chunks are stored as the setting says now; the old ones keep theirs.
+        ensure_pool(path, "p", 1 << 22, compression="none")
+        more = bytes(reversed(text))
+        disk.write(3 * CS, [memoryview(more)])
+        assert read(disk, 0, 4 * CS) == text + chunk(1) + text + more
+        disk.close()
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    codes = sorted(r[0] for r in db.execute("SELECT compression FROM chunks"))
+    db.close()
+    assert codes == [0, 0, 1]  # random: not worth it; the later text: compression off
+    with open(os.path.join(path, "pool.json")) as f:
+        assert json.load(f)["version"] == 1  # compression off again: readable by older ones
+    assert check_pool(path).clean
+    # A compressed chunk whose bytes changed is found by check (and dropped by repair).
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    cid, off, n = db.execute("SELECT container, offset, length FROM chunks WHERE "
+                             "compression=1").fetchone()
+    db.close()
+    with open(container_file(path, cid), "r+b") as f:
+        f.seek(off + n // 2)
+        f.write(b"\xff\x00\xff")
+    report = check_pool(path)
+    assert any("do not match its fingerprint" in p for p in report.problems), report
+    check_pool(path, repair=True)
+    assert check_pool(path).clean
+    with pytest.raises(ConfigError, match="compression 'lz4': expected one of none, zstd"):
+        create_pool(os.path.join(tmp_path, "q"), "q", 1 << 20, compression="lz4")
 
 
 def test_dead_chunk_is_revived_by_equal_content(tmp_path: os.PathLike[str]) -> None:
@@ -475,7 +515,8 @@ def test_hard_limit_is_what_the_pool_enforces_as_thin_pools_do(
     ``pools:``."""
     bad = {"dedup_pools": [{"name": "a", "path": "/srv/a", "capacity": "1M",
                             "hard_limit": "150%"},
-                           {"name": "b", "path": "/srv/b", "capacity": "1M", "hard_limit": "2M"}],
+                           {"name": "b", "path": "/srv/b", "capacity": "1M", "hard_limit": "2M",
+                            "compression": "lz4"}],
            "pools": [{"name": "t", "path": "/srv/t", "capacity": "1M", "hard_limit": "2M"}]}
     with pytest.raises(ConfigError) as exc:
         load_config_text(yaml.safe_dump(bad), "c.yaml", registry=_registry())  # type: ignore[arg-type]
@@ -483,6 +524,7 @@ def test_hard_limit_is_what_the_pool_enforces_as_thin_pools_do(
                 "pools[0].hard_limit: got '2M'"):
         assert f"{key}, expected a percentage of capacity like '95%' or a size not above " \
             "capacity" in str(exc.value), (key, str(exc.value))
+    assert "dedup_pools[1].compression: got 'lz4', expected one of none, zstd" in str(exc.value)
     path = os.path.join(tmp_path, "dp")
     doc = {"dedup_pools": [{"name": "p", "path": path, "capacity": 16 * CS, "hard_limit": "50%",
                             "soft_threshold": 50}]}
