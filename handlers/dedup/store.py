@@ -1074,12 +1074,12 @@ class DedupPool(PhysicalPool):
         with self.lock:
             if self._closed:
                 return None
-            self.commit()
             db = self._db
             cid = self._compacting
             if cid is not None and cid not in self._ends:
                 cid = None  # gone meanwhile (an abort reloaded the figures)
             if cid is None:
+                # Read inside the open transaction, if any: what it unmapped counts as dead.
                 row = db.execute(
                     "SELECT id FROM containers WHERE dead > 0 AND dead * 100 >= size * ? "
                     "ORDER BY dead DESC, id LIMIT 1", (max(dead_percent, 1),)).fetchone()
@@ -1094,6 +1094,7 @@ class DedupPool(PhysicalPool):
                     "refcount > 0", (cid,)).fetchone()[0])
             if self._active == cid:
                 self._active = None  # seal it: its live chunks go to another container
+            self.commit()  # the writes before this step: committed on their own
             live = db.execute("SELECT id, offset, length FROM chunks WHERE container=? AND "
                               "refcount > 0 ORDER BY offset", (cid,)).fetchall()
             self._begin()
