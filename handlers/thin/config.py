@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tcmu_py.configspec import Checker, Device, parse_size, raw_names
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import ConfigView, StatusTable
+from tcmu_py.handler import ConfigView, Gauge, StatusTable
 from tcmu_py.table import format_size
 
 from .._pool import POOL_HEADERS, hard_limit, pool_cells, state_cell
@@ -148,6 +148,26 @@ _POOL_HEADERS = (*POOL_HEADERS, "soft", "state", "disks")
 def status_tables(st: Mapping[str, Any]) -> list[StatusTable]:
     rows = tuple(_pool_row(pool) for pool in st.get(SECTION) or [])
     return [StatusTable("thin pools", _POOL_HEADERS, rows)] if rows else []
+
+
+def metrics(st: Mapping[str, Any]) -> list[Gauge]:
+    """Per pool (labels ``pool``, ``path``): capacity, use, whether use is above the soft
+    threshold; per disk (with ``disk``): the bytes it holds."""
+    out: list[Gauge] = []
+    for pool in st.get(SECTION) or []:
+        labels = {"pool": str(pool["name"]), "path": str(pool["path"])}
+        out += [
+            Gauge("tcmu_py_thin_pool_capacity_bytes", "thin pool physical capacity", labels,
+                  pool["capacity"]),
+            Gauge("tcmu_py_thin_pool_used_bytes", "thin pool bytes allocated", labels,
+                  pool["used"]),
+            Gauge("tcmu_py_thin_pool_above_threshold",
+                  "1 while the pool's use is above its soft threshold", labels,
+                  1.0 if pool["above_threshold"] else 0.0),
+        ]
+        out += [Gauge("tcmu_py_thin_disk_used_bytes", "bytes allocated to one thin disk",
+                      labels | {"disk": str(d["name"])}, d["used"]) for d in pool["disks"]]
+    return out
 
 
 def main(argv: list[str]) -> int:
