@@ -198,6 +198,8 @@ class BlockDevice(ScsiDevice):
         can_unmap = caps.unmap is not None
         pages[0xB0] = lambda: sbc.build_vpd_block_limits(
             wsnz=True,  # WRITE SAME with zero blocks is refused, not "to the end" (SBC-4 6.6.3)
+            # SBC-4 6.6.3: transfers not a multiple of this may cost more (the backend's unit).
+            optimal_transfer_length_granularity=caps.transfer_granularity // self.block_size,
             max_transfer_length=self.max_transfer_blocks,
             # SBC-4 6.6.3: OPTIMAL TRANSFER LENGTH <= MAXIMUM TRANSFER LENGTH; Linux sd takes
             # it as the request size (io_opt), so it stays the configured hw_max_sectors.
