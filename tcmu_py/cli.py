@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.daemon.control import RUN_DIR
-from tcmu_py.errors import ConfigError, TcmuError
+from tcmu_py.errors import LIO_EXTRA_HINT, ConfigError, MissingExtra, TcmuError
 
 if TYPE_CHECKING:
     from tcmu_py.handler import CliCommand, Handler
@@ -98,6 +98,16 @@ def prepare_handlers(config: Any) -> None:
         handler.prepare(config)
 
 
+def _need_rtslib(command: str) -> None:
+    """The commands that create or remove LIO objects need rtslib-fb (the `lio` extra): say so
+    in one line (exit 2) before anything is read or created."""
+    try:
+        import rtslib_fb  # noqa: F401
+    except ImportError:
+        raise MissingExtra(
+            f"{command} needs rtslib-fb, which is not installed: {LIO_EXTRA_HINT}") from None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the YAML (with each handler's check of its options: a thin pool's pool.json is
     read) and the LIO state file of its state_dir, which `apply` and `down` would read next."""
@@ -115,6 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     udev and LIO (rtslib) are loaded only once every present device is served."""
     from tcmu_py.daemon.serve import Daemon
 
+    if args.config or args.default:
+        _need_rtslib("serve -c")
     daemon = Daemon(workers=args.workers, poll_us=args.poll_us, run_dir=Path(args.run_dir))
     daemon.start_serving()
     try:
@@ -143,6 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from tcmu_py.daemon import lio
 
+    _need_rtslib("apply")
     config = _load(args.config)
     prepare_handlers(config)
     lio.apply_backstores(config)
@@ -306,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         text = str(exc)  # one problem: one line; several: a count, then one line each
         sep = "\n" if "\n" in text else " "
         print(f"tcmu-py: configuration error:{sep}{text}", file=sys.stderr)
+        return 2
+    except MissingExtra as exc:
+        print(f"tcmu-py: {exc}", file=sys.stderr)
         return 2
     except TcmuError as exc:
         print(f"tcmu-py: {exc}", file=sys.stderr)
