@@ -101,11 +101,12 @@ def prepare_handlers(config: Any) -> None:
 def _need_rtslib(command: str) -> None:
     """The commands that create or remove LIO objects need rtslib-fb (the `lio` extra): say so
     in one line (exit 2) before anything is read or created."""
-    try:
-        import rtslib_fb  # noqa: F401
-    except ImportError:
+    from importlib.util import find_spec
+
+    # find_spec, not import: `serve -c` serves the rings before it imports rtslib-fb (slow).
+    if find_spec("rtslib_fb") is None:
         raise MissingExtra(
-            f"{command} needs rtslib-fb, which is not installed: {LIO_EXTRA_HINT}") from None
+            f"{command} needs rtslib-fb, which is not installed: {LIO_EXTRA_HINT}")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -127,7 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.config or args.default:
         _need_rtslib("serve -c")
-    daemon = Daemon(workers=args.workers, poll_us=args.poll_us, run_dir=Path(args.run_dir))
+    daemon = Daemon(workers=args.workers, poll_us=args.poll_us, run_dir=Path(args.run_dir),
+                    dbus_bus=None if args.no_dbus else "SYSTEM")
     daemon.start_serving()
     try:
         config = _load(args.config) if (args.config or args.default) else None
@@ -258,6 +260,9 @@ def build_parser(handler_commands_listed: bool = True) -> argparse.ArgumentParse
         f"(default {DEFAULT_POLL_US})",
     )
     s.add_argument("--ready-file", help="write this file once every device is served")
+    s.add_argument("--no-dbus", action="store_true",
+                   help="do not offer org.kernel.TCMUService1 on the system bus (targetcli "
+                   "then lists no tcmu-py subtype)")
     s.add_argument("--run-dir", default=str(RUN_DIR), help=f"lock and control socket ({RUN_DIR})")
     s.set_defaults(fn=cmd_serve)
 

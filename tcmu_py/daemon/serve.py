@@ -125,6 +125,7 @@ class Daemon:
         use_netlink: bool = True,
         use_udev: bool = True,
         uio_opener: Callable[[str, str], Any] = UioDevice,
+        dbus_bus: str | None = None,
     ) -> None:
         self.handlers: Mapping[str, type[Handler]] = (
             dict(handlers) if handlers is not None else load_handlers()
@@ -148,6 +149,10 @@ class Daemon:
         self._netlink: Any = None
         self._observer: Any = None
         self._control: ControlServer | None = None
+        #: The bus of the ``org.kernel.TCMUService1`` service targetcli lists subtypes from
+        #: ("SYSTEM" for `tcmu-py serve`, a bus address in tests), None: no D-Bus service.
+        self.dbus_bus = dbus_bus
+        self._dbus: Any = None
 
     # ------------------------------------------------------------------------------------------
     # Start and stop
@@ -169,6 +174,8 @@ class Daemon:
         """Answer the control socket and follow devices as they come and go (netlink, udev);
         then rescan once more for devices added while this was being set up."""
         self._open_control()
+        if self.dbus_bus is not None:
+            self._start_dbus()
         if self.use_netlink:
             self._open_netlink()
         if self.use_udev:
@@ -281,6 +288,15 @@ class Daemon:
         self._observer = pyudev.MonitorObserver(monitor, on_event, name="tcmu-udev")
         self._observer.start()
 
+    def _start_dbus(self) -> None:
+        from tcmu_py.daemon.dbus import DBusService
+
+        service = DBusService(self.handlers, self.dbus_bus or "SYSTEM")
+        if service.start():
+            self._dbus = service
+        else:
+            service.close()
+
     def _open_control(self) -> None:
         self._control = ControlServer(self.run_dir / "control.sock", {"status": self.status})
         self._control.start()
@@ -337,6 +353,9 @@ class Daemon:
         if self._control is not None:
             self._control.close()
             self._control = None
+        if self._dbus is not None:
+            self._dbus.close()
+            self._dbus = None
         log.info("stopped")
 
     # ------------------------------------------------------------------------------------------
