@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -150,7 +151,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ready = getattr(args, "ready_file", None)
     if ready:
         Path(ready).write_text("ready\n")
-    daemon.run()
+    from tcmu_py.daemon.sdnotify import notify
+
+    notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {len(daemon.served)} device(s)")
+    try:
+        daemon.run()
+    finally:
+        notify("STOPPING=1")
     return 0
 
 
