@@ -46,7 +46,7 @@ def _loopback_disk() -> Path | None:
     return None
 
 
-@scenario(timeout=240)
+@scenario(timeout=420)
 def targetcli_lists_creates_and_checks(ctx: Context) -> None:
     if not (have("targetcli") and have("dbus-daemon")):
         raise RuntimeError("targetcli-fb and dbus are needed (scripts/bootstrap.sh installs them)")
@@ -70,7 +70,7 @@ def targetcli_lists_creates_and_checks(ctx: Context) -> None:
     serve = Daemon(tcmu_py("-v", "serve", "--run-dir", str(ctx.workdir / "run"), "--ready-file",
                            str(ready)), ctx.artifacts / "daemon.log")
     ctx.cleanup.callback(serve.stop)
-    serve.start(ready=ready.exists, timeout=ctx.remaining(60))
+    serve.start(ready=ready.exists, timeout=ctx.remaining(150))
     assert "D-Bus: org.kernel.TCMUService1 on the system bus" in serve.output(), serve.output()
 
     # Every served subtype is a user:<subtype> backstore node.
@@ -79,34 +79,40 @@ def targetcli_lists_creates_and_checks(ctx: Context) -> None:
     nodes = set(re.findall(r"o- user:([a-z0-9_]+) ", listing))
     assert {"raw", "thin", "vtl"} <= nodes, listing
 
-    # help create: the handler's ConfigDesc.
+    # The rest in one targetcli session (commands on stdin, as typed at its prompt): under
+    # emulation every targetcli start costs tens of seconds (Python, rtslib-fb, GDBus).
     from tcmu_py.handlers.raw import RawHandler
 
-    helptext = _targetcli(ctx, "/backstores/user:raw", "help", "create")
-    assert "CFGSTRING FORMAT" in helptext and RawHandler.description in helptext, helptext
-
-    # A bad cfgstring: refused by CheckConfig with the handler's message, nothing created.
-    bad = _targetcli(ctx, "/backstores/user:raw", "create", "name=bad", "size=1M",
-                     "cfgstring=relative.img", check=False)
-    assert ("cfgstring invalid: raw: config string 'relative.img': expected the absolute path"
-            " of the image") in bad, bad
-    assert not list(CORE.glob("user_*/bad")), "the refused backstore exists in configfs"
-
-    # A raw disk and a loopback LUN, both made in targetcli.
     image = ctx.workdir / "d0.img"
-    _targetcli(ctx, "/backstores/user:raw", "create", "name=d0", "size=64M",
-               f"cfgstring={image}")
+    wwn = "naa.5001405" + os.urandom(5).hex()[:9]
     ctx.cleanup.callback(lambda: run(["targetcli", "/backstores/user:raw", "delete", "d0"],
                                      timeout=60, check=False))
-    wwn = "naa.5001405" + os.urandom(5).hex()[:9]
-    _targetcli(ctx, "/loopback", "create", wwn)
     ctx.cleanup.callback(lambda: run(["targetcli", "/loopback", "delete", wwn], timeout=60,
                                      check=False))
-    _targetcli(ctx, f"/loopback/{wwn}/luns", "create", "/backstores/user:raw/d0")
+    script = "\n".join([
+        "set global auto_save_on_exit=false",
+        "/backstores/user:raw help create",
+        "/backstores/user:raw create name=bad size=1M cfgstring=relative.img",
+        f"/backstores/user:raw create name=d0 size=64M cfgstring={image}",
+        f"/loopback create {wwn}",
+        f"/loopback/{wwn}/luns create /backstores/user:raw/d0",
+        "ls /backstores/user:raw",
+        "exit",
+    ]) + "\n"
+    out = run(["targetcli"], input=script.encode(), timeout=ctx.remaining(180))
+    session = out.stdout + out.stderr
+    ctx.details["targetcli_session"] = session
+    # help create: the handler's ConfigDesc.
+    assert "CFGSTRING FORMAT" in session and RawHandler.description in session, session
+    # A bad cfgstring: refused by CheckConfig with the handler's message, nothing created.
+    assert ("cfgstring invalid: raw: config string 'relative.img': expected the absolute path"
+            " of the image") in session, session
+    assert not list(CORE.glob("user_*/bad")), "the refused backstore exists in configfs"
+    # The good one: a user backstore of tcmu-py's raw handler, and a LUN of it.
+    assert list(CORE.glob("user_*/d0")), "no d0 backstore in configfs"
     dev = wait_for(_loopback_disk, ctx.remaining(60), "the sd disk of the loopback LUN")
     size = int((Path("/sys/block") / dev.name / "size").read_text()) * 512
     assert size == 64 * MIB, f"{dev}: {size} bytes, expected 64 MiB"
-    ctx.details["listing_after_create"] = _targetcli(ctx, "ls", "/backstores/user:raw")
 
     pattern = ctx.workdir / "pattern"
     pattern.write_bytes(os.urandom(MIB))
