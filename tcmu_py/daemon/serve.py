@@ -68,6 +68,10 @@ UIO_CLASS = Path("/sys/class/uio")
 #: How often the main loop rescans /sys/class/uio as a safety net for missed events: often
 #: when no udev monitor runs, rarely when one does (the scan competes with I/O for the GIL).
 RESCAN_SECONDS = 10.0
+#: How long `serve` leaves the kernel's ADDED_DEVICE of a subtype it does not serve to another
+#: daemon (tcmu-runner) before it answers -ENODEV itself, when the device waits for a reply
+#: (see `Daemon._watch_unserved`).
+UNSERVED_REPLY_SECONDS = 30.0
 RESCAN_SECONDS_WITH_UDEV = 60.0
 
 
@@ -153,6 +157,9 @@ class Daemon:
         #: ("SYSTEM" for `tcmu-py serve`, a bus address in tests), None: no D-Bus service.
         self.dbus_bus = dbus_bus
         self._dbus: Any = None
+        #: ADDED_DEVICE events of subtypes nobody here serves, by device id: (deadline, event,
+        #: name). See `_watch_unserved`.
+        self._unserved: dict[int, tuple[float, Any, UioName]] = {}
 
     # ------------------------------------------------------------------------------------------
     # Start and stop
@@ -314,7 +321,8 @@ class Daemon:
         next_scan = time.monotonic() + interval
         try:
             while not self._stopping:
-                timeout = max(0.0, next_scan - time.monotonic())
+                wake = min([next_scan, *(w[0] for w in self._unserved.values())])
+                timeout = max(0.0, wake - time.monotonic())
                 for fd, _ in poller.poll(timeout * 1000):
                     if fd == self._stop_r:
                         break
@@ -329,6 +337,8 @@ class Daemon:
                                 self._netlink.close()
                             self._netlink = None
                             next_scan = time.monotonic()
+                if self._unserved:
+                    self._answer_unserved()
                 if time.monotonic() >= next_scan:
                     self.rescan()
                     next_scan = time.monotonic() + interval
@@ -524,7 +534,8 @@ class Daemon:
             except ValueError:
                 continue
             if uio.subtype not in self.handlers:
-                continue  # tcmu-runner's, or nobody's: never answer
+                self._watch_unserved(event, uio)  # tcmu-runner's, or nobody's
+                continue
             status = 0
             try:
                 if event.cmd == TcmuCmd.ADDED_DEVICE:
@@ -539,6 +550,43 @@ class Daemon:
                 status = -22
             if self._wants_reply(uio):
                 self._netlink.reply(event, status)
+
+    def _watch_unserved(self, event: Any, uio: UioName) -> None:
+        """The kernel's rule (drivers/target/target_core_user.c): whether it waits for a reply
+        is one switch for the whole module (SET_FEATURES, which `serve` turns on so that a
+        config string its handler rejects fails `enable`), copied into each device's
+        ``attrib/nl_reply_supported`` when it is enabled unless that was set negative before;
+        and the wait (``tcmu_wait_genl_cmd_reply``) has no time limit. There is no per-subtype
+        switch: a backstore of a subtype nobody serves would hang `enable` (and the configfs
+        writer) for good. So an ADDED_DEVICE of a subtype not served here is left to another
+        daemon (tcmu-runner answers its own) for `UNSERVED_REPLY_SECONDS`; if the device is
+        then still not enabled, `_answer_unserved` answers -ENODEV: `enable` fails, bounded."""
+        from tcmu_py.daemon.netlink import TcmuCmd
+
+        if event.cmd is TcmuCmd.ADDED_DEVICE and self._wants_reply(uio):
+            self._unserved[event.device_id] = (
+                time.monotonic() + UNSERVED_REPLY_SECONDS, event, uio)
+
+    def _answer_unserved(self) -> None:
+        now = time.monotonic()
+        for dev_id, (deadline, event, uio) in list(self._unserved.items()):
+            if now < deadline:
+                continue
+            del self._unserved[dev_id]
+            cfs = TcmuConfigfs(uio.hba, uio.device, self.configfs_root)
+            try:
+                enabled = cfs.enabled
+            except TcmuError:
+                continue  # removed meanwhile
+            if enabled or self._netlink is None:
+                continue  # another daemon answered
+            log.warning("%s: no daemon answered the kernel for subtype %r within %g s; "
+                        "answering -ENODEV so that enable fails instead of hanging",
+                        uio.device, uio.subtype, UNSERVED_REPLY_SECONDS)
+            try:
+                self._netlink.reply(event, -errno.ENODEV)
+            except OSError as exc:
+                log.error("%s: netlink reply failed: %s", uio.device, exc)
 
     def _wants_reply(self, uio: UioName) -> bool:
         """The kernel waits for a reply only when the device's nl_reply_supported is positive."""
