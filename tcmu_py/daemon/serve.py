@@ -160,6 +160,8 @@ class Daemon:
         #: ADDED_DEVICE events of subtypes nobody here serves, by device id: (deadline, event,
         #: name). See `_watch_unserved`.
         self._unserved: dict[int, tuple[float, Any, UioName]] = {}
+        #: nl_reply_supported > 0 by (hba, device), as last read (`_wants_reply`).
+        self._reply_wanted: dict[tuple[str, str], bool] = {}
 
     # ------------------------------------------------------------------------------------------
     # Start and stop
@@ -436,6 +438,7 @@ class Daemon:
             wwn=wwn,
             copy_domain=domain,
         )
+        self._wants_reply(name)  # remembered for its REMOVED_DEVICE (configfs gone by then)
         cfs.block()
         try:
             cfs.reset_ring(1)
@@ -589,9 +592,18 @@ class Daemon:
                 log.error("%s: netlink reply failed: %s", uio.device, exc)
 
     def _wants_reply(self, uio: UioName) -> bool:
-        """The kernel waits for a reply only when the device's nl_reply_supported is positive."""
-        cfs = TcmuConfigfs(uio.hba, uio.device, self.configfs_root)
-        return cfs.attr_int("nl_reply_supported", 0) > 0
+        """The kernel waits for a reply only when the device's nl_reply_supported is positive.
+        The value is remembered per device: during REMOVED_DEVICE the kernel waits inside the
+        configfs rmdir, whose attributes are already gone; reading then found nothing and the
+        reply was never sent (the rmdir, e.g. ``targetcli ... delete``, hung for good)."""
+        key = (str(uio.hba), uio.device)
+        try:
+            wanted = TcmuConfigfs(uio.hba, uio.device, self.configfs_root).attr_int(
+                "nl_reply_supported") > 0
+        except TcmuError:
+            return self._reply_wanted.pop(key, False)
+        self._reply_wanted[key] = wanted
+        return wanted
 
     def _reconfig(self, node: str, event: Any) -> None:
         with self._lock:

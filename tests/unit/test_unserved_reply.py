@@ -101,3 +101,29 @@ def test_only_added_device_is_watched(tmp_path: Path) -> None:
     d._watch_unserved(DeviceEvent(TcmuCmd.REMOVED_DEVICE, "tcm-user/0/mine/qcow//x", 1, 1),
                       UioName.parse("tcm-user/0/mine/qcow//x"))
     assert list(d._unserved) == [1]  # only ADDED_DEVICE is watched
+
+
+def test_removed_device_answered_though_its_configfs_is_gone(tmp_path: Path) -> None:
+    """REMOVED_DEVICE arrives while the kernel waits inside the configfs rmdir, whose attributes
+    are already gone: the reply must still be sent (it was not: `targetcli ... delete` of a
+    served backstore hung for good in the VM)."""
+    import shutil
+
+    cfs = tmp_path / "configfs"
+    _device(cfs, 3, "d0", 1, 1)
+    (tmp_path / "uio").mkdir()
+    d: Any = Daemon(handlers={"null": NullHandler}, configfs_root=cfs,
+                    uio_class=tmp_path / "uio", run_dir=tmp_path / "run", use_netlink=False,
+                    use_udev=False)
+    name = "tcm-user/3/d0/null/"
+    fake = FakeNetlink([_added(3, "d0", "null/", 7)])
+    d._netlink = fake
+    d._handle_netlink()
+    assert [st for _, st in fake.replies] == [0]
+    shutil.rmtree(cfs / "user_3" / "d0")  # rmdir in progress: attributes gone
+    fake.events = [DeviceEvent(TcmuCmd.REMOVED_DEVICE, name, 7, 7)]
+    os.write(fake.w, b"x")
+    d._handle_netlink()
+    assert [(e.cmd, st) for e, st in fake.replies] == [
+        (TcmuCmd.ADDED_DEVICE, 0), (TcmuCmd.REMOVED_DEVICE, 0)]
+    fake.close()
