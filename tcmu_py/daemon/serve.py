@@ -551,7 +551,7 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - report to the kernel as -EINVAL
                 log.error("%s: %s rejected: %s", uio.device, event.cmd.name, exc)
                 status = -22
-            if self._wants_reply(uio):
+            if self._wants_reply(uio, removing=event.cmd == TcmuCmd.REMOVED_DEVICE):
                 self._netlink.reply(event, status)
 
     def _watch_unserved(self, event: Any, uio: UioName) -> None:
@@ -591,12 +591,16 @@ class Daemon:
             except OSError as exc:
                 log.error("%s: netlink reply failed: %s", uio.device, exc)
 
-    def _wants_reply(self, uio: UioName) -> bool:
+    def _wants_reply(self, uio: UioName, *, removing: bool = False) -> bool:
         """The kernel waits for a reply only when the device's nl_reply_supported is positive.
-        The value is remembered per device: during REMOVED_DEVICE the kernel waits inside the
-        configfs rmdir, whose attributes are already gone; reading then found nothing and the
-        reply was never sent (the rmdir, e.g. ``targetcli ... delete``, hung for good)."""
+        The value is remembered per device (on ADDED_DEVICE and when opened) and, for
+        REMOVED_DEVICE (``removing``), taken from memory without touching configfs: the kernel
+        sends it from inside the rmdir of the device's configfs directory, which holds that
+        directory locked, so a lookup below it waits for the rmdir, and the rmdir for our reply
+        (``targetcli ... delete`` of a served backstore hung for good in the VM)."""
         key = (str(uio.hba), uio.device)
+        if removing:
+            return self._reply_wanted.pop(key, False)
         try:
             wanted = TcmuConfigfs(uio.hba, uio.device, self.configfs_root).attr_int(
                 "nl_reply_supported") > 0

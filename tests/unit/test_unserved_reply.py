@@ -120,10 +120,27 @@ def test_removed_device_answered_though_its_configfs_is_gone(tmp_path: Path) -> 
     d._netlink = fake
     d._handle_netlink()
     assert [st for _, st in fake.replies] == [0]
-    shutil.rmtree(cfs / "user_3" / "d0")  # rmdir in progress: attributes gone
+    # The kernel sends REMOVED_DEVICE from inside the rmdir, which holds the directory locked:
+    # anything below it must not be touched (here: made unreadable, nl_reply_supported 0).
+    (cfs / "user_3" / "d0" / "attrib/nl_reply_supported").write_text("0\n")
+    shutil.rmtree(cfs / "user_3" / "d0" / "attrib")
+    touched: list[str] = []
+
+    class Locked:  # a lookup below the directory being removed would wait for the rmdir
+        def __init__(self, *a: object, **kw: object) -> None:
+            touched.append("configfs")
+            raise AssertionError("configfs touched during REMOVED_DEVICE")
+
+    d_serve: Any = serve
+    real = d_serve.TcmuConfigfs
+    d_serve.TcmuConfigfs = Locked
     fake.events = [DeviceEvent(TcmuCmd.REMOVED_DEVICE, name, 7, 7)]
     os.write(fake.w, b"x")
-    d._handle_netlink()
+    try:
+        d._handle_netlink()
+    finally:
+        d_serve.TcmuConfigfs = real
+    assert not touched
     assert [(e.cmd, st) for e, st in fake.replies] == [
         (TcmuCmd.ADDED_DEVICE, 0), (TcmuCmd.REMOVED_DEVICE, 0)]
     fake.close()
