@@ -23,7 +23,7 @@ APT_PACKAGES=(
     # the VM lab (vng needs a statically linked busybox for its initramfs)
     qemu-system-x86 linux-image-amd64 busybox-static kmod udev iproute2
     # initiators and peers used in the guest by kernel scenarios and benchmarks
-    sg3-utils fio lsscsi e2fsprogs xfsprogs mt-st mtx libiscsi-bin tcmu-runner dbus
+    sg3-utils fio lsscsi e2fsprogs xfsprogs mt-st mtx libiscsi-bin tcmu-runner dbus curl
     # real backup applications' own drive and autochanger qualification (btape, amtapetype)
     bacula-sd amanda-server
     # amanda-common uses Encode::Locale without declaring it (Debian 12): without it every Amanda
@@ -96,8 +96,8 @@ if [[ -f $STAMP && "$(cat "$STAMP")" == "$WANT" ]] \
     && [[ -x .venv/bin/vng ]]; then
     step "venv: up to date"
 else
-    step "venv: pip install -e '.[test,lio,lab]'"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,lio,lab]'
+    step "venv: pip install -e '.[test,lio,lab,metrics]'"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,lio,lab,metrics]'
     # An out-of-tree handler, as a third party ships one (tests/unit/test_plugin_example.py).
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
         -e tests/plugin_example

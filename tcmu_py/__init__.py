@@ -6,7 +6,7 @@ The test kit stays in `tcmu_py.testing` (`RingHarness`, `check_block_handler`, `
 `MemoryDisk`), the built-in handlers in `tcmu_py.handlers`.
 
 - The handler contract (`tcmu_py.handler`): `Handler`, `DeviceConfig`, `CliCommand`,
-  `StatusTable`, `ConfigView`, `parse_options`, `shared` / `SharedRegistry`,
+  `StatusTable`, `Gauge`, `ConfigView`, `parse_options`, `shared` / `SharedRegistry`,
   `on_memory_filesystem`; the YAML specs handlers are shown and their `Checker`
   (`tcmu_py.configspec`).
 - Block backends (`tcmu_py.backend`): `BlockBackend` and the capability Protocols `Unmap`,
@@ -27,8 +27,8 @@ __version__ = "0.1.0"
 #: Exported name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
-        ("CliCommand", "ConfigView", "DeviceConfig", "Handler", "SharedRegistry", "StatusTable",
-         "on_memory_filesystem", "parse_options", "shared"), "tcmu_py.handler"),
+        ("CliCommand", "ConfigView", "DeviceConfig", "Gauge", "Handler", "SharedRegistry",
+         "StatusTable", "on_memory_filesystem", "parse_options", "shared"), "tcmu_py.handler"),
     **dict.fromkeys(
         ("BlockBackend", "Capabilities", "CapabilityError", "Closable", "LbaStatus",
          "ProvisioningInfo", "Resizable", "ThinProvisioning", "Unmap", "WriteSame"),
@@ -62,6 +62,7 @@ __all__ = [
     "Defaults",
     "Device",
     "DeviceConfig",
+    "Gauge",
     "Handler",
     "HardwareError",
     "IllegalRequest",
@@ -119,6 +120,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors (never ru
         CliCommand,
         ConfigView,
         DeviceConfig,
+        Gauge,
         Handler,
         SharedRegistry,
         StatusTable,

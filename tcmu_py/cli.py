@@ -1,10 +1,13 @@
 """`tcmu-py`: the operator's command line.
 
-    tcmu-py serve [-c CONFIG] [-v]    run the daemon (with -c: create the config's LIO objects too)
+    tcmu-py serve [-c CONFIG] [-v] [--metrics ADDR:PORT]
+                                      run the daemon (with -c: create the config's LIO objects too;
+                                      with --metrics: a Prometheus endpoint)
     tcmu-py apply [-c CONFIG]         create the configuration's backstores and exports
     tcmu-py down  [-c CONFIG]         remove what tcmu-py created, nothing else
     tcmu-py check [-c CONFIG]         validate a configuration file, create nothing
     tcmu-py status [-i S] [--json]    devices, counters, IOPS/throughput/latency over S seconds
+    tcmu-py log-level LEVEL           the running daemon's log level (debug, info, ...), no restart
     tcmu-py lab [-c CONFIG] [-- CMD]  boot the distribution kernel in QEMU and serve there
     tcmu-py vtl ...                   virtual tape library administration
     tcmu-py thin ...                  thin pool administration
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tcmu_py.daemon import DEFAULT_POLL_US
-from tcmu_py.daemon.control import RUN_DIR
+from tcmu_py.daemon.control import LOG_LEVELS, RUN_DIR
 from tcmu_py.errors import LIO_EXTRA_HINT, ConfigError, MissingExtra, TcmuError
 
 if TYPE_CHECKING:
@@ -129,10 +132,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.config or args.default:
         _need_rtslib("serve -c")
+    metrics = None
+    if args.metrics:
+        from tcmu_py.daemon.metrics import parse_address
+
+        metrics = parse_address(args.metrics)
     daemon = Daemon(workers=args.workers, poll_us=args.poll_us, run_dir=Path(args.run_dir),
                     dbus_bus=None if args.no_dbus else "SYSTEM")
     daemon.start_serving()
     try:
+        if metrics is not None:
+            daemon.serve_metrics(*metrics)
         config = _load(args.config) if (args.config or args.default) else None
         daemon.subscribe()
         if config is not None:
@@ -206,6 +216,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if status is not None else 1
 
 
+def cmd_log_level(args: argparse.Namespace) -> int:
+    """Change the running daemon's log level at once (no restart)."""
+    from tcmu_py.daemon.control import request
+
+    answer = request(Path(args.run_dir), f"log-level {args.level}")
+    if "error" in answer:
+        print(f"tcmu-py: {answer['error']}", file=sys.stderr)
+        return 2
+    print(f"log level: {answer['level']} (was {answer['previous']})")
+    return 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from tcmu_py import lab
 
@@ -215,7 +237,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 #: Subcommands that parse their own options (everything after the name goes to them).
 _DELEGATED = {"lab": cmd_lab}
 #: The commands of tcmu-py itself: a handler's command of one of these names is ignored.
-_BUILTIN = frozenset({"serve", "apply", "down", "check", "status", *_DELEGATED})
+_BUILTIN = frozenset({"serve", "apply", "down", "check", "status", "log-level", *_DELEGATED})
 
 
 def handler_commands() -> dict[str, CliCommand]:
@@ -271,7 +293,18 @@ def build_parser(handler_commands_listed: bool = True) -> argparse.ArgumentParse
                    help="do not offer org.kernel.TCMUService1 on the system bus (targetcli "
                    "then lists no tcmu-py subtype)")
     s.add_argument("--run-dir", default=str(RUN_DIR), help=f"lock and control socket ({RUN_DIR})")
+    s.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (off by default; needs the "
+        "'metrics' extra). :PORT listens on every address",
+    )
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("log-level", help="change the running daemon's log level")
+    s.add_argument("level", choices=LOG_LEVELS)
+    s.add_argument("--run-dir", default=str(RUN_DIR), help=argparse.SUPPRESS)
+    s.set_defaults(fn=cmd_log_level)
 
     for name, fn, text in (
         ("apply", cmd_apply, "create the configuration's LIO objects"),

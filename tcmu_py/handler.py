@@ -29,7 +29,7 @@ them through the registry and import no handler module:
 - `Handler.prepare`: what must exist before its devices open (pools, libraries), run by
   ``tcmu-py apply`` and ``serve -c`` after the whole file validated;
 - `Handler.status` / `Handler.status_tables`: what it adds to ``tcmu-py status`` (``--json`` and
-  text);
+  text), and `Handler.metrics`: the gauges it adds to ``serve --metrics`` (read from that status);
 - `Handler.commands`: its own ``tcmu-py <name> ...`` subcommands.
 """
 
@@ -149,6 +149,19 @@ class StatusTable:
     def render(self) -> str:
         """The table without its title (`render_table`)."""
         return render_table(self.headers, self.rows)
+
+
+@dataclass(frozen=True)
+class Gauge:
+    """One sample a handler adds to the daemon's metrics endpoint (`Handler.metrics`).
+
+    `name` follows Prometheus' rules (``tcmu_py_<handler>_<what>_<unit>``, e.g.
+    ``tcmu_py_thin_pool_used_bytes``); every sample of one name carries the same label names."""
+
+    name: str
+    help: str
+    labels: Mapping[str, str]
+    value: float
 
 
 @dataclass(frozen=True)
@@ -288,6 +301,12 @@ class Handler(ABC):
     def status_tables(cls, status: Mapping[str, Any]) -> list[StatusTable]:
         """The text of what `status` added: tables read from the whole status (as received from
         the daemon, possibly from another version: tolerate missing keys)."""
+        return []
+
+    @classmethod
+    def metrics(cls, status: Mapping[str, Any]) -> list[Gauge]:
+        """Gauges for ``serve --metrics``, read from the whole daemon status (what `status` added:
+        pool use, library state). Called on the metrics server's thread at each scrape."""
         return []
 
     # -- tcmu-py <command> --------------------------------------------------------------------

@@ -8,7 +8,8 @@ Rules this module obeys:
 - Every connection is closed at most `CONTROL_TIMEOUT` seconds after it was accepted, answered
   or not (a silent one gets ``{"error": "... timed out ..."}`` if it can still take it).
 - A request is one line of ASCII text, at most `MAX_REQUEST` bytes, ended by a newline or by the
-  client shutting down its side. Anything else (other bytes, a longer line, an unknown verb)
+  client shutting down its side: a verb, then the verb's arguments separated by spaces
+  (``status``; ``log-level debug``). Anything else (other bytes, a longer line, an unknown verb)
   is answered ``{"error": "<why>"}``; the answer is always one JSON object, then the daemon
   closes the connection.
 - At most `MAX_CLIENTS` connections are open at once; while that many are, no new one is
@@ -27,6 +28,7 @@ The socket file is created mode 0600 in the daemon's run directory (itself 0700,
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -65,15 +67,35 @@ def _error(text: str) -> bytes:
     return json.dumps({"error": text}).encode()
 
 
+#: The levels `tcmu-py log-level` accepts.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def set_log_level(level: str) -> dict[str, str]:
+    """The ``log-level LEVEL`` request: set the daemon's root logger to LEVEL (one of
+    `LOG_LEVELS`) at once, with no restart (loggers' cached levels are reset by `setLevel`).
+    Returns the previous and the new level. Raises ValueError for another word."""
+    if level not in LOG_LEVELS:
+        raise ValueError(f"log level {level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    root = logging.getLogger()
+    before = logging.getLevelName(root.getEffectiveLevel()).lower()
+    root.setLevel(getattr(logging, level.upper()))
+    log.warning("log level: %s (was %s), set over the control socket", level, before)
+    return {"previous": before, "level": level}
+
+
 class ControlServer:
-    """Answers requests on a Unix stream socket at `path`; `requests` maps each request word to a
-    function returning a JSON-serialisable answer (called on the server's thread).
+    """Answers requests on a Unix stream socket at `path`; `requests` maps each verb to a
+    function taking the request's arguments (strings) and returning a JSON-serialisable answer
+    (called on the server's thread). A request whose arguments do not fit the function's
+    parameters is answered with an error naming them; a ValueError the function raises becomes
+    the answer's error text.
 
     `start()` binds (replacing a stale socket file) and starts the thread; `close()` stops it,
     closes every connection and removes the socket file. Idempotent.
     """
 
-    def __init__(self, path: Path, requests: Mapping[str, Callable[[], Any]]) -> None:
+    def __init__(self, path: Path, requests: Mapping[str, Callable[..., Any]]) -> None:
         self.path = Path(path)
         self.requests = dict(requests)
         self._listener: socket.socket | None = None
@@ -215,12 +237,20 @@ class ControlServer:
         except UnicodeDecodeError:
             return _error(f"request {line[:64]!r} is not ASCII text; expected one of "
                           f"{sorted(self.requests)}")
-        fn = self.requests.get(request)
+        verb, *args = request.split() or [""]
+        fn = self.requests.get(verb)
         if fn is None:
             return _error(f"unknown request {request[:64]!r}; expected one of "
                           f"{sorted(self.requests)}")
         try:
-            return json.dumps(fn()).encode()
+            inspect.signature(fn).bind(*args)
+        except TypeError:
+            params = " ".join(p.upper() for p in inspect.signature(fn).parameters)
+            return _error(f"request {request[:64]!r}: expected {f'{verb} {params}'.strip()!r}")
+        try:
+            return json.dumps(fn(*args)).encode()
+        except ValueError as exc:
+            return _error(f"{verb}: {exc}")
         except Exception as exc:  # noqa: BLE001 - one request failing must not stop the others
             log.exception("control socket: %s failed", request)
             return _error(f"{request} failed: {type(exc).__name__}: {exc}")
@@ -229,12 +259,19 @@ class ControlServer:
 def query_status(run_dir: Path = RUN_DIR, timeout: float = 5.0) -> dict[str, Any]:
     """Ask the daemon serving `run_dir` for its status (the client side of this socket, importing
     nothing of the data path). Raises TcmuError when none answers."""
+    return request(run_dir, "status", timeout)
+
+
+def request(run_dir: Path, line: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Send one request line to the daemon serving `run_dir` and return its answer (a JSON
+    object; ``{"error": ...}`` when the daemon refused the request). Raises TcmuError when no
+    daemon answers."""
     path = run_dir / "control.sock"
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(b"status\n")
+            sock.sendall(line.encode("ascii") + b"\n")
             chunks = []
             while chunk := sock.recv(65536):
                 chunks.append(chunk)

@@ -46,11 +46,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs
-from tcmu_py.daemon.control import RUN_DIR, ControlServer
+from tcmu_py.daemon.control import RUN_DIR, ControlServer, set_log_level
 from tcmu_py.device.block import BlockDevice
 from tcmu_py.device.command import Command
 from tcmu_py.device.copydomain import CopyDomain
@@ -61,6 +61,9 @@ from tcmu_py.handler import DeviceConfig, Handler, load_handlers, split_daemon_i
 from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import NotReady
 from tcmu_py.uio import UioDevice, UioName
+
+if TYPE_CHECKING:
+    from tcmu_py.daemon.metrics import MetricsServer
 
 log = logging.getLogger("tcmu_py.daemon")
 
@@ -162,6 +165,7 @@ class Daemon:
         self._unserved: dict[int, tuple[float, Any, UioName]] = {}
         #: nl_reply_supported > 0 by (hba, device), as last read (`_wants_reply`).
         self._reply_wanted: dict[tuple[str, str], bool] = {}
+        self._metrics: MetricsServer | None = None
 
     # ------------------------------------------------------------------------------------------
     # Start and stop
@@ -307,7 +311,10 @@ class Daemon:
             service.close()
 
     def _open_control(self) -> None:
-        self._control = ControlServer(self.run_dir / "control.sock", {"status": self.status})
+        self._control = ControlServer(
+            self.run_dir / "control.sock",
+            {"status": self.status, "log-level": set_log_level},
+        )
         self._control.start()
 
     def run(self, *, install_signals: bool = True) -> None:
@@ -368,6 +375,9 @@ class Daemon:
         if self._dbus is not None:
             self._dbus.close()
             self._dbus = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         log.info("stopped")
 
     # ------------------------------------------------------------------------------------------
@@ -637,6 +647,26 @@ class Daemon:
 
     # ------------------------------------------------------------------------------------------
     # Status
+
+    def serve_metrics(self, addr: str, port: int) -> tuple[str, int]:
+        """Start the Prometheus endpoint (`tcmu_py.daemon.metrics`) on addr:port; returns the
+        address it listens on. Raises ConfigError without prometheus_client or when the address
+        cannot be bound."""
+        from tcmu_py.daemon.metrics import MetricsServer
+
+        self._metrics = MetricsServer(addr, port, self._metrics_snapshot)
+        return self._metrics.address
+
+    def _metrics_snapshot(self) -> tuple[dict[str, Any], dict[str, type[Handler]]]:
+        status = self.status()
+        named = {str(d["handler"]) for d in status["devices"]} | set(status["handlers"])
+        handlers = {}
+        for subtype in sorted(named):
+            try:
+                handlers[subtype] = self.handlers[subtype]
+            except KeyError:  # not installed, or failed to import: logged by the registry
+                continue
+        return status, handlers
 
     def status(self) -> dict[str, Any]:
         """Devices and counters, JSON-serialisable (for `tcmu-py status`)."""

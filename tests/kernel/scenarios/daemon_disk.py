@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -193,31 +194,89 @@ def fio(ctx: Context, dev: Path, name: str, *args: str, check: bool = True) -> d
     return data
 
 
+METRICS = "127.0.0.1:9571"
+
+
+def scrape(ctx: Context, *, quiet: bool = False) -> dict[tuple[str, str], float]:
+    """`curl` of the daemon's metrics endpoint (with ``quiet``: urllib, nothing logged), parsed
+    by prometheus_client's own parser (which refuses malformed text): {(sample name, device
+    label): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://{METRICS}/metrics"
+    if quiet:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+    else:
+        text = run(["curl", "-sS", "--max-time", "10", url], timeout=ctx.remaining(30)).stdout
+    return {
+        (s.name, s.labels.get("device", "")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 @scenario(timeout=600)
 def fio_verify(ctx: Context) -> None:
-    """fio verify=crc32c: 4 KiB random and 1 MiB sequential writes at queue depth 16."""
-    _, run_dir = start_daemon(ctx)
+    """fio verify=crc32c: 4 KiB random and 1 MiB sequential writes at queue depth 16; the
+    daemon's metrics endpoint (`serve --metrics`) scraped with curl while fio runs, and
+    `tcmu-py log-level` changed without a restart."""
+    _, run_dir = start_daemon(ctx, "--metrics", METRICS)
     _, _, dev = raw_disk(ctx, "fio0", 64 * MIB, run_dir)
-    for name, bs, rw in (("rand4k", "4k", "randwrite"), ("seq1m", "1M", "write")):
-        data = fio(
-            ctx,
-            dev,
-            name,
-            f"--bs={bs}",
-            f"--rw={rw}",
-            "--iodepth=16",
-            "--size=24M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--verify_state_save=0",
-        )
-        job = data["jobs"][0]
-        assert job["error"] == 0, job
-        ctx.details[name] = {
-            "write_iops": round(job["write"]["iops"]),
-            "read_iops": round(job["read"]["iops"]),
-        }
+    before = scrape(ctx)
+    written = ("tcmu_py_written_bytes_total", "fio0")
+    moved: list[float] = []
+
+    def watch() -> None:  # scrapes while fio runs, until the write counter moved
+        deadline = time.monotonic() + 120
+        while not moved and time.monotonic() < deadline:
+            now = scrape(ctx, quiet=True)[written]
+            if now > before[written]:
+                moved.append(now)
+            else:
+                time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for name, bs, rw in (("rand4k", "4k", "randwrite"), ("seq1m", "1M", "write")):
+            data = fio(
+                ctx,
+                dev,
+                name,
+                f"--bs={bs}",
+                f"--rw={rw}",
+                "--iodepth=16",
+                "--size=24M",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--verify_state_save=0",
+            )
+            job = data["jobs"][0]
+            assert job["error"] == 0, job
+            ctx.details[name] = {
+                "write_iops": round(job["write"]["iops"]),
+                "read_iops": round(job["read"]["iops"]),
+            }
+    finally:
+        watcher.join(timeout=ctx.remaining(130))
+    after = scrape(ctx)
+    assert moved, "the metrics' write counter did not move while fio ran"
+    for key in (written, ("tcmu_py_read_bytes_total", "fio0")):
+        assert after[key] - before[key] >= 48 * MIB, (key, before[key], after[key])
+    count = after[("tcmu_py_command_latency_seconds_count", "fio0")]
+    assert count == after[("tcmu_py_commands_total", "fio0")] > 0
+    ctx.details["metrics"] = {k[0]: v for k, v in after.items() if k[1] == "fio0"
+                              and not k[0].endswith("_bucket")}
+    out = run([sys.executable, "-m", "tcmu_py.cli", "log-level", "warning", "--run-dir",
+               str(run_dir)], timeout=ctx.remaining(60)).stdout
+    assert "log level: warning (was debug)" in out, out
+    out = run([sys.executable, "-m", "tcmu_py.cli", "log-level", "info", "--run-dir",
+               str(run_dir)], timeout=ctx.remaining(60)).stdout
+    assert "log level: info (was warning)" in out, out
 
 
 @scenario(timeout=420)
