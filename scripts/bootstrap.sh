@@ -29,6 +29,9 @@ APT_PACKAGES=(
     # amanda-common uses Encode::Locale without declaring it (Debian 12): without it every Amanda
     # tool dies at compile time
     libencode-locale-perl
+    # LIO's own shell: the targetcli_dbus kernel scenario drives tcmu-py through it over D-Bus
+    # (brings python3-rtslib-fb and python3-gi)
+    targetcli-fb
 )
 VIRTME_NG="virtme-ng==1.42"
 APT_LOG=/tmp/tcmu-py-bootstrap-apt.log

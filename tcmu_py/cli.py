@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from tcmu_py.daemon import DEFAULT_POLL_US
 from tcmu_py.daemon.control import LOG_LEVELS, RUN_DIR
-from tcmu_py.errors import ConfigError, TcmuError
+from tcmu_py.errors import LIO_EXTRA_HINT, ConfigError, MissingExtra, TcmuError
 
 if TYPE_CHECKING:
     from tcmu_py.handler import CliCommand, Handler
@@ -101,6 +102,17 @@ def prepare_handlers(config: Any) -> None:
         handler.prepare(config)
 
 
+def _need_rtslib(command: str) -> None:
+    """The commands that create or remove LIO objects need rtslib-fb (the `lio` extra): say so
+    in one line (exit 2) before anything is read or created."""
+    from importlib.util import find_spec
+
+    # find_spec, not import: `serve -c` serves the rings before it imports rtslib-fb (slow).
+    if find_spec("rtslib_fb") is None:
+        raise MissingExtra(
+            f"{command} needs rtslib-fb, which is not installed: {LIO_EXTRA_HINT}")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the YAML (with each handler's check of its options: a thin pool's pool.json is
     read) and the LIO state file of its state_dir, which `apply` and `down` would read next."""
@@ -118,12 +130,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     udev and LIO (rtslib) are loaded only once every present device is served."""
     from tcmu_py.daemon.serve import Daemon
 
+    if args.config or args.default:
+        _need_rtslib("serve -c")
     metrics = None
     if args.metrics:
         from tcmu_py.daemon.metrics import parse_address
 
         metrics = parse_address(args.metrics)
-    daemon = Daemon(workers=args.workers, poll_us=args.poll_us, run_dir=Path(args.run_dir))
+    daemon = Daemon(workers=args.workers, poll_us=args.poll_us, run_dir=Path(args.run_dir),
+                    dbus_bus=None if args.no_dbus else "SYSTEM")
     daemon.start_serving()
     try:
         if metrics is not None:
@@ -146,13 +161,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ready = getattr(args, "ready_file", None)
     if ready:
         Path(ready).write_text("ready\n")
-    daemon.run()
+    from tcmu_py.daemon.sdnotify import notify
+
+    notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {len(daemon.served)} device(s)")
+    try:
+        daemon.run()
+    finally:
+        notify("STOPPING=1")
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from tcmu_py.daemon import lio
 
+    _need_rtslib("apply")
     config = _load(args.config)
     prepare_handlers(config)
     lio.apply_backstores(config)
@@ -267,6 +289,9 @@ def build_parser(handler_commands_listed: bool = True) -> argparse.ArgumentParse
         f"(default {DEFAULT_POLL_US})",
     )
     s.add_argument("--ready-file", help="write this file once every device is served")
+    s.add_argument("--no-dbus", action="store_true",
+                   help="do not offer org.kernel.TCMUService1 on the system bus (targetcli "
+                   "then lists no tcmu-py subtype)")
     s.add_argument("--run-dir", default=str(RUN_DIR), help=f"lock and control socket ({RUN_DIR})")
     s.add_argument(
         "--metrics",
@@ -339,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         text = str(exc)  # one problem: one line; several: a count, then one line each
         sep = "\n" if "\n" in text else " "
         print(f"tcmu-py: configuration error:{sep}{text}", file=sys.stderr)
+        return 2
+    except MissingExtra as exc:
+        print(f"tcmu-py: {exc}", file=sys.stderr)
         return 2
     except TcmuError as exc:
         print(f"tcmu-py: {exc}", file=sys.stderr)

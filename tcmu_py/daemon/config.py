@@ -622,6 +622,40 @@ def _load_portal(c: Checker, raw: object, path: str) -> Portal | None:
     return None
 
 
+def _rtslib_normalize_wwn() -> Callable[[tuple[str, ...], str], Any] | None:
+    """rtslib-fb's own WWN check (`rtslib_fb.utils.normalize_wwn`), None if it is not installed
+    (`check` then applies only our RFC 3720 rules; `apply` cannot run without it anyway)."""
+    try:
+        from rtslib_fb.utils import normalize_wwn
+    except ImportError:
+        return None
+    return normalize_wwn  # type: ignore[no-any-return]
+
+
+#: The name types rtslib-fb's iSCSI fabric module accepts (ISCSIFabricModule.wwn_types), for
+#: targets (Target) and initiators (NodeACL) alike.
+_ISCSI_WWN_TYPES = ("iqn", "naa", "eui")
+
+
+def _iscsi_name(c: Checker, value: object, path: str) -> str | None:
+    """An iSCSI target or initiator name: RFC 3720's syntax (`Checker.wwn`), then, when
+    rtslib-fb is installed, its own rules, so that `check` passing means `apply` will not refuse
+    the name (rtslib-fb refuses, e.g., an underscore anywhere in an iqn, a 32-digit naa, an iqn
+    whose naming authority has no dot)."""
+    norm = c.wwn(value, path)
+    normalize = _rtslib_normalize_wwn()
+    if norm is None or normalize is None:
+        return norm
+    try:
+        normalize(_ISCSI_WWN_TYPES, norm)
+    except Exception:  # noqa: BLE001 - rtslib raises its bare RTSLibError
+        c.fail(path, value, "a name rtslib-fb accepts: iqn.yyyy-mm.<domain with a dot>[:id] "
+               "without '_' or spaces, eui.<16 hex digits> or naa.<16 hex digits starting 1, 2, "
+               "5 or c-f>")
+        return None
+    return norm
+
+
 def _load_iscsi(c: Checker, raw: object, devices: set[str]) -> list[IscsiTarget]:
     out: list[IscsiTarget] = []
     seen: set[str] = set()
@@ -632,7 +666,7 @@ def _load_iscsi(c: Checker, raw: object, devices: set[str]) -> list[IscsiTarget]
         m = c.mapping(item, p, keys, frozenset({"iqn"}))
         if m is None:
             continue
-        iqn = c.wwn(m["iqn"], f"{p}.iqn") if "iqn" in m else None
+        iqn = _iscsi_name(c, m["iqn"], f"{p}.iqn") if "iqn" in m else None
         if iqn is not None:
             if iqn in seen:
                 c.fail(f"{p}.iqn", m["iqn"], "a target name not used before (duplicate)")
@@ -664,7 +698,7 @@ def _load_iscsi(c: Checker, raw: object, devices: set[str]) -> list[IscsiTarget]
             am2 = c.mapping(a, ap, {"initiator", "chap", "luns"}, frozenset({"initiator"}))
             if am2 is None or "initiator" not in am2:
                 continue
-            ini = c.wwn(am2["initiator"], f"{ap}.initiator")
+            ini = _iscsi_name(c, am2["initiator"], f"{ap}.initiator")
             if ini is not None and ini in initiators:
                 c.fail(f"{ap}.initiator", am2["initiator"],
                        "an initiator listed once per target (duplicate)")

@@ -38,6 +38,12 @@ class TcmuConfigfs:
         except OSError as exc:
             raise TcmuError(f"{self.path / rel}: cannot write {value!r}: {exc.strerror}") from exc
 
+    @property
+    def enabled(self) -> bool:
+        """configfs ``enable``: true once the kernel configured the device (``enable`` written
+        and, when replies are on, its ADDED_DEVICE answered). TcmuError if the device is gone."""
+        return self._read("enable").strip() == "1"
+
     def attr_int(self, name: str, default: int | None = None) -> int:
         try:
             return int(self._read(f"attrib/{name}"), 0)

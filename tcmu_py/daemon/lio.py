@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tcmu_py.daemon.config import Config, Device, IscsiTarget, dev_config_string
-from tcmu_py.errors import TcmuError
+from tcmu_py.errors import LIO_EXTRA_HINT, MissingExtra, TcmuError
 from tcmu_py.statefile import invalid, make_private_dirs, read_json, write_json
 
 __all__ = [
@@ -291,7 +291,11 @@ class RtslibBackend:
     target_core_mod; creates /etc/target if missing (rtslib-fb refuses to work without it)."""
 
     def __init__(self) -> None:
-        import rtslib_fb
+        try:
+            import rtslib_fb
+        except ImportError:
+            raise MissingExtra(
+                f"LIO objects need rtslib-fb, which is not installed: {LIO_EXTRA_HINT}") from None
 
         Path("/etc/target").mkdir(parents=True, exist_ok=True)
         self.rtslib = rtslib_fb

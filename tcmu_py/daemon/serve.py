@@ -71,6 +71,10 @@ UIO_CLASS = Path("/sys/class/uio")
 #: How often the main loop rescans /sys/class/uio as a safety net for missed events: often
 #: when no udev monitor runs, rarely when one does (the scan competes with I/O for the GIL).
 RESCAN_SECONDS = 10.0
+#: How long `serve` leaves the kernel's ADDED_DEVICE of a subtype it does not serve to another
+#: daemon (tcmu-runner) before it answers -ENODEV itself, when the device waits for a reply
+#: (see `Daemon._watch_unserved`).
+UNSERVED_REPLY_SECONDS = 30.0
 RESCAN_SECONDS_WITH_UDEV = 60.0
 
 
@@ -128,6 +132,7 @@ class Daemon:
         use_netlink: bool = True,
         use_udev: bool = True,
         uio_opener: Callable[[str, str], Any] = UioDevice,
+        dbus_bus: str | None = None,
     ) -> None:
         self.handlers: Mapping[str, type[Handler]] = (
             dict(handlers) if handlers is not None else load_handlers()
@@ -151,6 +156,15 @@ class Daemon:
         self._netlink: Any = None
         self._observer: Any = None
         self._control: ControlServer | None = None
+        #: The bus of the ``org.kernel.TCMUService1`` service targetcli lists subtypes from
+        #: ("SYSTEM" for `tcmu-py serve`, a bus address in tests), None: no D-Bus service.
+        self.dbus_bus = dbus_bus
+        self._dbus: Any = None
+        #: ADDED_DEVICE events of subtypes nobody here serves, by device id: (deadline, event,
+        #: name). See `_watch_unserved`.
+        self._unserved: dict[int, tuple[float, Any, UioName]] = {}
+        #: nl_reply_supported > 0 by (hba, device), as last read (`_wants_reply`).
+        self._reply_wanted: dict[tuple[str, str], bool] = {}
         self._metrics: MetricsServer | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -173,6 +187,8 @@ class Daemon:
         """Answer the control socket and follow devices as they come and go (netlink, udev);
         then rescan once more for devices added while this was being set up."""
         self._open_control()
+        if self.dbus_bus is not None:
+            self._start_dbus()
         if self.use_netlink:
             self._open_netlink()
         if self.use_udev:
@@ -285,6 +301,15 @@ class Daemon:
         self._observer = pyudev.MonitorObserver(monitor, on_event, name="tcmu-udev")
         self._observer.start()
 
+    def _start_dbus(self) -> None:
+        from tcmu_py.daemon.dbus import DBusService
+
+        service = DBusService(self.handlers, self.dbus_bus or "SYSTEM")
+        if service.start():
+            self._dbus = service
+        else:
+            service.close()
+
     def _open_control(self) -> None:
         self._control = ControlServer(
             self.run_dir / "control.sock",
@@ -305,7 +330,8 @@ class Daemon:
         next_scan = time.monotonic() + interval
         try:
             while not self._stopping:
-                timeout = max(0.0, next_scan - time.monotonic())
+                wake = min([next_scan, *(w[0] for w in self._unserved.values())])
+                timeout = max(0.0, wake - time.monotonic())
                 for fd, _ in poller.poll(timeout * 1000):
                     if fd == self._stop_r:
                         break
@@ -320,6 +346,8 @@ class Daemon:
                                 self._netlink.close()
                             self._netlink = None
                             next_scan = time.monotonic()
+                if self._unserved:
+                    self._answer_unserved()
                 if time.monotonic() >= next_scan:
                     self.rescan()
                     next_scan = time.monotonic() + interval
@@ -344,6 +372,9 @@ class Daemon:
         if self._control is not None:
             self._control.close()
             self._control = None
+        if self._dbus is not None:
+            self._dbus.close()
+            self._dbus = None
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -417,6 +448,7 @@ class Daemon:
             wwn=wwn,
             copy_domain=domain,
         )
+        self._wants_reply(name)  # remembered for its REMOVED_DEVICE (configfs gone by then)
         cfs.block()
         try:
             cfs.reset_ring(1)
@@ -515,7 +547,8 @@ class Daemon:
             except ValueError:
                 continue
             if uio.subtype not in self.handlers:
-                continue  # tcmu-runner's, or nobody's: never answer
+                self._watch_unserved(event, uio)  # tcmu-runner's, or nobody's
+                continue
             status = 0
             try:
                 if event.cmd == TcmuCmd.ADDED_DEVICE:
@@ -528,13 +561,63 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - report to the kernel as -EINVAL
                 log.error("%s: %s rejected: %s", uio.device, event.cmd.name, exc)
                 status = -22
-            if self._wants_reply(uio):
+            if self._wants_reply(uio, removing=event.cmd == TcmuCmd.REMOVED_DEVICE):
                 self._netlink.reply(event, status)
 
-    def _wants_reply(self, uio: UioName) -> bool:
-        """The kernel waits for a reply only when the device's nl_reply_supported is positive."""
-        cfs = TcmuConfigfs(uio.hba, uio.device, self.configfs_root)
-        return cfs.attr_int("nl_reply_supported", 0) > 0
+    def _watch_unserved(self, event: Any, uio: UioName) -> None:
+        """The kernel's rule (drivers/target/target_core_user.c): whether it waits for a reply
+        is one switch for the whole module (SET_FEATURES, which `serve` turns on so that a
+        config string its handler rejects fails `enable`), copied into each device's
+        ``attrib/nl_reply_supported`` when it is enabled unless that was set negative before;
+        and the wait (``tcmu_wait_genl_cmd_reply``) has no time limit. There is no per-subtype
+        switch: a backstore of a subtype nobody serves would hang `enable` (and the configfs
+        writer) for good. So an ADDED_DEVICE of a subtype not served here is left to another
+        daemon (tcmu-runner answers its own) for `UNSERVED_REPLY_SECONDS`; if the device is
+        then still not enabled, `_answer_unserved` answers -ENODEV: `enable` fails, bounded."""
+        from tcmu_py.daemon.netlink import TcmuCmd
+
+        if event.cmd is TcmuCmd.ADDED_DEVICE and self._wants_reply(uio):
+            self._unserved[event.device_id] = (
+                time.monotonic() + UNSERVED_REPLY_SECONDS, event, uio)
+
+    def _answer_unserved(self) -> None:
+        now = time.monotonic()
+        for dev_id, (deadline, event, uio) in list(self._unserved.items()):
+            if now < deadline:
+                continue
+            del self._unserved[dev_id]
+            cfs = TcmuConfigfs(uio.hba, uio.device, self.configfs_root)
+            try:
+                enabled = cfs.enabled
+            except TcmuError:
+                continue  # removed meanwhile
+            if enabled or self._netlink is None:
+                continue  # another daemon answered
+            log.warning("%s: no daemon answered the kernel for subtype %r within %g s; "
+                        "answering -ENODEV so that enable fails instead of hanging",
+                        uio.device, uio.subtype, UNSERVED_REPLY_SECONDS)
+            try:
+                self._netlink.reply(event, -errno.ENODEV)
+            except OSError as exc:
+                log.error("%s: netlink reply failed: %s", uio.device, exc)
+
+    def _wants_reply(self, uio: UioName, *, removing: bool = False) -> bool:
+        """The kernel waits for a reply only when the device's nl_reply_supported is positive.
+        The value is remembered per device (on ADDED_DEVICE and when opened) and, for
+        REMOVED_DEVICE (``removing``), taken from memory without touching configfs: the kernel
+        sends it from inside the rmdir of the device's configfs directory, which holds that
+        directory locked, so a lookup below it waits for the rmdir, and the rmdir for our reply
+        (``targetcli ... delete`` of a served backstore hung for good in the VM)."""
+        key = (str(uio.hba), uio.device)
+        if removing:
+            return self._reply_wanted.pop(key, False)
+        try:
+            wanted = TcmuConfigfs(uio.hba, uio.device, self.configfs_root).attr_int(
+                "nl_reply_supported") > 0
+        except TcmuError:
+            return self._reply_wanted.pop(key, False)
+        self._reply_wanted[key] = wanted
+        return wanted
 
     def _reconfig(self, node: str, event: Any) -> None:
         with self._lock:
