@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tcmu_py.configspec import Checker, Defaults, Device
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import CliCommand, ConfigView, DeviceConfig, Handler, parse_options, shared
+from tcmu_py.handler import (
+    CliCommand,
+    ConfigView,
+    DeviceConfig,
+    Handler,
+    StatusTable,
+    parse_options,
+    shared,
+)
 
 if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
@@ -119,6 +127,18 @@ class VtlHandler(Handler):
 
         return {"vtl": CliCommand("virtual tape library administration (tcmu-py vtl --help)",
                               main)}
+
+    @classmethod
+    def status(cls, devices: Sequence[ScsiDevice]) -> dict[str, Any]:
+        from .status import status
+
+        return status(devices)
+
+    @classmethod
+    def status_tables(cls, status: Mapping[str, Any]) -> list[StatusTable]:
+        from .status import status_tables
+
+        return status_tables(status)
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:

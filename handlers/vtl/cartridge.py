@@ -28,6 +28,11 @@ Rules this file obeys
   in-place header write is the one write a crash can tear into a header that fails its CRC;
   such a header (magic and version intact) is not fatal: the records are found by scanning,
   without the index, and a writable open gives the file an epoch no index on disk has.
+* End of medium: the capacity, or the backing filesystem's room if less (free space probed
+  at every append, less `BACKING_RESERVE` for the index, filemarks cache and sidecars), see
+  `Cartridge._room`. A filesystem that fills up anyway (ENOSPC/EDQUOT during an append) is the
+  end of medium too: the call's records are cut off (as at any failed append) and CartridgeFull
+  raised; an index checkpoint that meets it is skipped (the data is durable, the index a cache).
 * The index is a cache: the offset of every `INDEX_STRIDE`-th object (a sparse index: 8 bytes per
   64 objects, so a full LTO-9 cartridge of 256 KiB blocks needs ~9 MB of RAM) plus the list of
   filemarks, and a header with the epoch it belongs to, the object count, the end offset and
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -108,6 +114,13 @@ SYNC_INTERVAL = 1 << 30
 #: Bytes at the physical end that only filemarks may use: like a real drive, a cartridge that
 #: refused a data block with VOLUME OVERFLOW still takes the filemarks that close the file.
 FILEMARK_RESERVE = 64 * 32
+
+#: Bytes of the backing filesystem a writer leaves free: what the index checkpoint, the filemarks
+#: cache and an atomic rewrite of meta.json/mam.json need after the last data record (a few
+#: blocks each), with room for the filesystem's own block rounding.
+BACKING_RESERVE = 1 << 20
+#: errno values that mean the backing store has no room (not that the medium is damaged).
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 FLAG_ZLIB = 0x01
 #: The payload checksum is XXH64's low 32 bits instead of CRC-32 (see the module doc).
@@ -174,6 +187,21 @@ class DumpEntry:
 def _default_early_warning(capacity: int) -> int:
     """Size of the early-warning zone before the physical end (1% of capacity, 4 MiB..1 GiB)."""
     return min(max(capacity // 100, 4 << 20), 1 << 30, max(capacity // 4, 1))
+
+
+def backing_space(path: Path) -> tuple[int, int]:
+    """(free bytes an unprivileged writer may use, total bytes) of the filesystem holding `path`.
+
+    The free-space probe of every append (a module function, so tests can simulate a small or
+    filling filesystem)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def filesystem_early_warning(total: int) -> int:
+    """The early-warning zone before the end of a backing filesystem of `total` bytes: the zone
+    a cartridge of that capacity would have (a cartridge's own zone caps it)."""
+    return _default_early_warning(max(total, 1))
 
 
 #: Largest capacity a cartridge may declare: 4 PiB, so capacities in MiB fit the 4-byte fields of
@@ -563,10 +591,36 @@ class Cartridge:
         """Bytes of records (headers included) the cartridge holds before the physical end."""
         return int(self._meta["capacity"])
 
+    def _room(self) -> tuple[int, int]:
+        """(physical end, early-warning point) in `used` coordinates, as of now.
+
+        The end is the capacity or, when it comes first, the backing filesystem's room: what is
+        used plus what the filesystem has free, less `BACKING_RESERVE` (so the index, filemarks
+        cache and sidecars still fit after the last record). Its early-warning zone is the
+        cartridge's, but no larger than a filesystem of that size would have as a cartridge
+        (`_default_early_warning`): on a small filesystem the warning must leave room to write.
+        """
+        end = self.capacity
+        ew_point = end - self.early_warning_size
+        try:
+            free, total = backing_space(self.path)
+        except OSError as exc:  # no probe: the capacity rules; ENOSPC still ends the medium
+            log.warning("%s: free space unknown: %s", self.path, exc)
+            return end, ew_point
+        fs_end = self.used + free - BACKING_RESERVE
+        fs_ew = min(self.early_warning_size, filesystem_early_warning(total))
+        return max(min(end, fs_end), 0), min(ew_point, fs_end - fs_ew)
+
+    @property
+    def end_of_medium(self) -> int:
+        """Bytes of records the cartridge can hold now: its capacity, or less if the backing
+        filesystem has less room (see `_room`)."""
+        return self._room()[0]
+
     @property
     def data_capacity(self) -> int:
-        """Where data blocks stop: the capacity less the filemark reserve."""
-        return max(self.capacity - FILEMARK_RESERVE, 0)
+        """Where data blocks stop: the end of medium less the filemark reserve."""
+        return max(self.end_of_medium - FILEMARK_RESERVE, 0)
 
     @property
     def early_warning_size(self) -> int:
@@ -601,12 +655,14 @@ class Cartridge:
 
     @property
     def remaining(self) -> int:
-        return max(self.capacity - self.used, 0)
+        """Bytes left before the end of medium (the backing filesystem's room included)."""
+        return max(self.end_of_medium - self.used, 0)
 
     def in_early_warning(self, obj: int | None = None) -> bool:
-        """Whether object `obj` (default: EOD) lies in the early-warning zone before the end."""
+        """Whether object `obj` (default: EOD) lies in the early-warning zone before the end
+        (of the capacity or of the backing filesystem's room, whichever is nearer)."""
         used = self.used if obj is None else self.used_at(obj)
-        return used >= self.capacity - self.early_warning_size
+        return used >= self._room()[1]
 
     def is_filemark(self, obj: int) -> bool:
         i = bisect.bisect_left(self._filemarks, obj)
@@ -711,14 +767,16 @@ class Cartridge:
         """Append one record per entry of `payloads` (each a list of buffers) at end of data.
 
         Filemarks take empty payload lists. Stops before the first record that would cross the
-        capacity and raises CartridgeFull(written). Not durable until `sync()`.
+        end of medium (`data_capacity` for data) and raises CartridgeFull(written); a backing
+        filesystem that fills up during the call (ENOSPC, EDQUOT) keeps none of the call's
+        records and raises CartridgeFull(0). Not durable until `sync()`.
         """
         self._check_writable()
         base = (self._count, self._end, len(self._sparse), len(self._filemarks))
         base_written = self.bytes_written
         try:
             written, full = self._append(kind, payloads, compress)
-        except BaseException:
+        except BaseException as exc:
             # Roll back: forget the records of this call and cut whatever reached the file, so
             # stale bytes past EOD can never be mistaken for records at recovery.
             self._count, self._end = base[0], base[1]
@@ -728,6 +786,12 @@ class Cartridge:
             self.bytes_written = base_written
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._end)
+            if isinstance(exc, OSError) and exc.errno in NO_ROOM_ERRNOS:
+                # The backing filesystem filled up under us (another writer took the room the
+                # probe saw): the end of medium, not a damaged cartridge. Nothing of this call
+                # is kept, everything before it is intact.
+                log.warning("%s: backing filesystem full: %s", self.path, exc)
+                raise CartridgeFull(0) from exc
             raise
         if written:
             self._dirty = True
@@ -740,7 +804,7 @@ class Cartridge:
     def append_filemarks(self, count: int) -> None:
         """Append `count` filemarks at end of data, at a cost bounded by what is written.
 
-        Each filemark is one record header and may use the whole capacity (not only
+        Each filemark is one record header and may use the whole room (`end_of_medium`, not only
         `data_capacity`), so how many fit is known before writing: only those are generated
         (no list of `count` entries: WRITE FILEMARKS may ask for 2^24 - 1), then
         CartridgeFull(written) if some did not fit. The records are those `append` writes.
@@ -759,6 +823,7 @@ class Cartridge:
         pos = self._end
         written = 0
         full = False
+        end = self.end_of_medium  # one probe of the backing filesystem per call
         for parts in payloads:
             logical = sum(map(len, parts))
             if logical > MAX_RECORD:
@@ -770,7 +835,7 @@ class Cartridge:
                 if len(packed) < logical:
                     stored_parts, flags = (packed,), FLAG_ZLIB
             stored = sum(map(len, stored_parts))
-            limit = self.capacity if kind == RecordType.FILEMARK else self.data_capacity
+            limit = end if kind == RecordType.FILEMARK else end - FILEMARK_RESERVE
             if pos + RECORD_HEADER_SIZE + stored - FILE_HEADER_SIZE > limit:
                 full = True
                 break
@@ -816,6 +881,18 @@ class Cartridge:
             self._unsynced_bytes = 0
         if self._count == self._indexed:
             return
+        try:
+            self._checkpoint_index()
+        except OSError as exc:
+            if exc.errno not in NO_ROOM_ERRNOS:
+                raise
+            # The data is durable; the index is a cache the next open rebuilds by scanning
+            # (the header on disk still describes what it covers).
+            log.warning("%s: index not checkpointed, backing filesystem full: %s",
+                        self.path, exc)
+
+    def _checkpoint_index(self) -> None:
+        """Append the index entries and filemarks since the last checkpoint, then the header."""
         new_sparse = _be(self._sparse[self._indexed_sparse :])
         new_fms = _be(self._filemarks[self._indexed_fms :])
         fd = os.open(self.path / FILEMARKS_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
@@ -879,8 +956,9 @@ class Cartridge:
                 cur.pop(key, None)
             else:
                 cur[key] = {"format": val[0], "value": val[1].hex()}
-        self._mam = {**self._mam, "attributes": cur}
-        _atomic_write_json(self.path / MAM_FILE, self._mam)
+        mam = {**self._mam, "attributes": cur}
+        _atomic_write_json(self.path / MAM_FILE, mam)  # first: a failed write changes nothing
+        self._mam = mam
 
     def mam_counter(self, name: str) -> int:
         """Life counters kept in the MAM sidecar: load_count, mb_written, mb_read."""

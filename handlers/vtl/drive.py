@@ -54,6 +54,7 @@ from tcmu_py.errors import StateFileError
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl import personality as pers
 from tcmu_py.handlers.vtl.cartridge import (
+    NO_ROOM_ERRNOS,
     Cartridge,
     CartridgeError,
     CartridgeFull,
@@ -1056,6 +1057,10 @@ class TapeDrive(ScsiDevice):
             try:
                 cart.set_mam_attributes(changes)
             except OSError as exc:
+                if exc.errno in NO_ROOM_ERRNOS:
+                    # SPC-5 6.48: no room to store the attributes (the backing filesystem is
+                    # full): AUXILIARY MEMORY OUT OF SPACE, nothing changed; not a damaged medium.
+                    raise AuxiliaryMemoryOutOfSpace(f"cartridge memory: {exc}") from exc
                 raise WriteError(f"cartridge memory: {exc}") from exc
 
 

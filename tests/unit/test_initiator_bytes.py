@@ -24,6 +24,7 @@ from tcmu_py.device.core import ScsiDevice
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.handlers.thin import ThinHandler, create_pool
+from tcmu_py.handlers.vtl import cartridge
 from tcmu_py.handlers.vtl.admin import create_cartridges
 from tcmu_py.handlers.vtl.changer import Changer
 from tcmu_py.handlers.vtl.drive import TapeDrive
@@ -190,7 +191,10 @@ def changer_failures(library: Library) -> list:
 
 
 @pytest.fixture
-def library(tmp_path: Path) -> Library:
+def library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Library:
+    # A drive's room is its cartridge's capacity or its filesystem's free space, whichever is
+    # less (LOG SENSE 31h, MAM REMAINING CAPACITY): pin the bytes on a filesystem with room.
+    monkeypatch.setattr(cartridge, "backing_space", lambda path: (1 << 62, 1 << 62))
     lib = Library.create(
         tmp_path / "lib",
         name="L1",

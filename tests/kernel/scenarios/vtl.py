@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,7 +214,7 @@ def write_block(tape: Path, *blocks: bytes) -> None:
 def read_blocks(tape: Path, bufsize: int, limit: int = 1 << 30) -> list[bytes]:
     """Read blocks up to the next filemark (read returns 0), each with a `bufsize` buffer."""
     fd = os.open(tape, os.O_RDONLY)
-    out = []
+    out: list[bytes] = []
     try:
         while len(out) < limit:
             b = os.read(fd, bufsize)
@@ -358,7 +359,8 @@ def changer_and_drive_commands(ctx: Context) -> None:
 def tar_dd_capacity_worm(ctx: Context) -> None:
     """tar: two archives, the second extracted byte-identical after fsf 1; dd with variable
     and fixed blocks; a small cartridge ends in ENOSPC after early warning with everything
-    before readable; a WORM cartridge refuses overwrite and takes appends."""
+    before readable; a WORM cartridge refuses overwrite and takes appends; tar -M spans
+    cartridges on filesystems smaller than one (`multivolume_on_small_filesystems`)."""
     lab = serve_library(ctx)
     tape = lab.tapes[0]
     load(ctx, lab, 1, 0)
@@ -423,7 +425,8 @@ def tar_dd_capacity_worm(ctx: Context) -> None:
                      "--capacity", "16M"))
     st = wait_for(lambda: mtx_status_with(ctx, lab, "SML000L8"), ctx.remaining(60),
                   "the changer to report the new cartridge")
-    load(ctx, lab, slot_of(st, "SML000L8"), 0)
+    sml_slot = slot_of(st, "SML000L8")
+    load(ctx, lab, sml_slot, 0)
     big = ctx.workdir / "big.bin"
     big.write_bytes(os.urandom(24 * MIB))
     res = run(["dd", f"if={big}", f"of={tape}", "bs=256k"], timeout=ctx.remaining(300),
@@ -437,17 +440,18 @@ def tar_dd_capacity_worm(ctx: Context) -> None:
     assert 12 * MIB - 256 * KIB <= written <= 16 * MIB, written
     mt(ctx, tape, "rewind")
     back_blocks = read_blocks(tape, 256 * KIB)
-    back = b"".join(back_blocks)
-    log(f"small cartridge: dd wrote {written}, read back {len(back)} in {len(back_blocks)} blocks")
+    readback = b"".join(back_blocks)
+    log(f"small cartridge: dd wrote {written}, read back {len(readback)} in "
+        f"{len(back_blocks)} blocks")
     # st: the write that meets early warning completes (EOM, NO SENSE, nothing undone); the
     # next write returns ENOSPC. So exactly what dd counted is on the tape.
-    assert len(back) == written and back == big.read_bytes()[:written]
-    ctx.details["small_cartridge_bytes_read"] = len(back)
+    assert len(readback) == written and readback == big.read_bytes()[:written]
+    ctx.details["small_cartridge_bytes_read"] = len(readback)
 
     # ---- WORM: drive 1
     worm_tape = lab.tapes[1]
-    st = mtx_status(ctx, lab)
-    load(ctx, lab, slot_of(st, "WRM000LY"), 1)
+    worm_slot = slot_of(mtx_status(ctx, lab), "WRM000LY")
+    load(ctx, lab, worm_slot, 1)
     first, second = os.urandom(40 * KIB), os.urandom(50 * KIB)
     write_block(worm_tape, first)
     mt(ctx, worm_tape, "rewind")
@@ -470,6 +474,89 @@ def tar_dd_capacity_worm(ctx: Context) -> None:
     mt(ctx, worm_tape, "rewind")
     assert read_blocks(worm_tape, 1 * MIB) == [first]
     assert read_blocks(worm_tape, 1 * MIB) == [second]
+
+    # ---- tar -M over cartridges on filesystems smaller than a cartridge
+    sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload", str(worm_slot), "1")
+    sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload", str(sml_slot), "0")
+    multivolume_on_small_filesystems(ctx, lab, ["ABC001L8", "ABC002L8", "ABC003L8"])
+
+
+#: Size of the filesystem each cartridge of `multivolume_on_small_filesystems` lives on (an
+#: LTO-8 cartridge holds 12 TB): room for 7 MiB of records, early warning 2 MiB before that.
+SMALL_FS = 8 * MIB
+
+NEXT_VOLUME = """\
+#!/bin/sh
+# GNU tar's new-volume script: the next cartridge into drive 0 (slot order), then wait for it.
+echo "volume $TAR_VOLUME $TAR_SUBCOMMAND" >> {log}
+mtx -f {changer} next 0 || exit 1
+# st learns about the new medium from the UNIT ATTENTION; its open waits for the drive.
+mt -f {tape} rewind || exit 1
+"""
+
+
+def multivolume_on_small_filesystems(ctx: Context, lab: Lab, barcodes: list[str]) -> None:
+    """`barcodes` (consecutive slots, none loaded) each moved onto a tmpfs of `SMALL_FS`: a
+    drive writing there gives early warning and then end of medium when the filesystem's room
+    runs out, not MEDIUM ERROR (EIO) mid-archive. GNU tar -M with a new-volume script running
+    `mtx next` spans ~11 MB over the three cartridges (st returns ENOSPC after the early
+    warning, tar asks for the next volume) and extracts byte-identical through the same
+    script; the daemon never met ENOSPC (it stopped at the room it computed) and `tcmu-py
+    status` reports the filesystems written LOW."""
+    t0 = time.monotonic()
+    media = lab.library / "media"
+    for barcode in barcodes:
+        d = media / barcode
+        keep = ctx.workdir / f"keep-{barcode}"
+        shutil.copytree(d, keep)
+        run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS},mode=0700", "tmpfs", str(d)],
+            timeout=ctx.remaining(30))
+        ctx.cleanup.callback(run, ["umount", "-l", str(d)], check=False, timeout=30)
+        for f in keep.iterdir():
+            shutil.copy2(f, d / f.name)
+    src = random_tree(ctx.workdir / "multi", 25, 3)
+    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    tape = lab.tapes[0]
+    volumes = ctx.workdir / "volumes.log"
+    script = ctx.workdir / "next-volume.sh"
+    script.write_text(NEXT_VOLUME.format(log=volumes, changer=lab.changer_sg, tape=tape))
+    script.chmod(0o755)
+    first = slot_of(mtx_status(ctx, lab), barcodes[0])
+    load(ctx, lab, first, 0)
+    t1 = time.monotonic()
+    sh(ctx, "tar", "-c", "-M", "-F", str(script), "-b", "128", "-f", str(tape), "-C", str(src),
+       ".", cap=300)
+    t_write = time.monotonic() - t1
+    switches = volumes.read_text().splitlines()
+    sizes = [(media / b / "data").stat().st_size for b in barcodes]
+    log(f"tar -M wrote {total} bytes; volume switches {switches}; cartridge data sizes {sizes}")
+    assert len(switches) == 2 and all(s > 64 for s in sizes), (switches, sizes)
+    assert all(s <= SMALL_FS - 1 * MIB for s in sizes[:2]), sizes
+    status = sh(ctx, *tcmu_py("status", "-i", "0", "--run-dir", str(lab.run_dir)))
+    (ctx.artifacts / "status.txt").write_text(status)
+    assert "WARNING" in status, status
+    low = [line.split()[1] for line in status.splitlines() if line.split()[-1:] == ["LOW"]]
+    assert low == [str(media / b) for b in barcodes[:2]], status
+
+    sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload")
+    load(ctx, lab, first, 0)
+    volumes.write_text("")
+    out = ctx.workdir / "multi.out"
+    out.mkdir()
+    t1 = time.monotonic()
+    sh(ctx, "tar", "-x", "-M", "-F", str(script), "-b", "128", "-f", str(tape), "-C", str(out),
+       cap=300)
+    t_read = time.monotonic() - t1
+    assert tree_digest(out) == tree_digest(src), "the multi-volume archive extracted differently"
+    sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload")
+    daemon_log = (ctx.artifacts / "daemon.log").read_text(errors="replace")
+    assert "backing filesystem full" not in daemon_log, "the drive wrote into ENOSPC"
+    assert "writing cartridge" not in daemon_log, "a write failed (MEDIUM ERROR)"
+    ctx.details.update(
+        small_fs=SMALL_FS, multivolume_bytes=total, multivolume_cartridge_bytes=sizes,
+        multivolume_tar_write_s=round(t_write, 1), multivolume_tar_extract_s=round(t_read, 1),
+        multivolume_s=round(time.monotonic() - t0, 1),
+    )
 
 
 def check_tape(ctx: Context, tape: Path, files: list[list[bytes]]) -> None:
