@@ -187,3 +187,47 @@ def test_log_level_changes_at_runtime(host, tmp_path, capsys):
             assert not runner_log.isEnabledFor(logging.DEBUG)
     finally:
         root.setLevel(saved)
+
+
+def test_tape_library_state_in_status_and_gauges(tmp_path):
+    """A served library's state (elements full per type, cartridges, the shelf, each drive's
+    cartridge) in `tcmu-py status` and as gauges."""
+    from test_vtl_library import DT, ST, make_library
+
+    from tcmu_py.daemon.metrics import families
+    from tcmu_py.daemon.status import render_status
+    from tcmu_py.handlers.vtl import VtlHandler
+
+    lib = make_library(tmp_path, cartridges=3, slots=6)
+    try:
+        lib.media_path("ABC009L8").write_bytes(b"")  # exists, in no element
+        lib.move(ST + 1, DT + 1)
+
+        class Dev:
+            library = lib
+
+        st = {"pid": 1, "devices": [], "handlers": ["vtl"], **VtlHandler.status([Dev(), Dev()])}
+        (entry,) = st["vtl_libraries"]
+        assert entry["elements"]["storage"] == {"total": 6, "full": 2}
+        assert entry["elements"]["drive"] == {"total": 2, "full": 1}
+        assert entry["elements"]["import_export"] == {"total": 2, "full": 0}
+        assert (entry["cartridges"], entry["shelf"]) == (4, 1)
+        assert [d["barcode"] for d in entry["drives"]] == [None, "ABC001L8"]
+        text = render_status(st, handlers={"vtl": VtlHandler})
+        assert "tape libraries" in text
+        assert ["test", "2/6", "0/2", "0=-,", "1=ABC001L8", "4", "1"] in [
+            line.split() for line in text.splitlines()]
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in families(st, {"vtl": VtlHandler}) for s in family.samples
+        }
+    finally:
+        lib.close()
+    base = (("library", "test"), ("path", str(tmp_path / "lib")))
+    assert samples[("tcmu_py_vtl_elements_full", base + (("type", "storage"),))] == 2
+    assert samples[("tcmu_py_vtl_elements", base + (("type", "storage"),))] == 6
+    assert samples[("tcmu_py_vtl_cartridges_on_shelf", base)] == 1
+    loaded = {dict(k[1])["drive"]: v for k, v in samples.items()
+              if k[0] == "tcmu_py_vtl_drive_loaded"}
+    assert loaded == {"0": 0.0, "1": 1.0}
+    assert any(k[0] == "tcmu_py_vtl_filesystem_free_bytes" for k in samples)
