@@ -24,7 +24,6 @@ START=$SECONDS
 RUFF_PENDING=(
 )
 MYPY_PENDING=(
-    tests/kernel/scenarios/vtl.py
 )
 RUFF_PATHS=(tcmu_py handlers tests scripts)
 MYPY_PATHS=(tcmu_py handlers tests/kernel)
