@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_daemon import MIB, Host
+from test_daemon import MIB, Host, make_daemon, serving
 
 from tcmu_py import cli
 from tcmu_py.daemon.control import request
@@ -34,24 +33,8 @@ def host(tmp_path: Path) -> Host:
 
 @contextmanager
 def served(host: Host, tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(
-        handlers={"null": NullHandler, "thin": ThinHandler},
-        configfs_root=host.configfs,
-        uio_class=host.uio_class,
-        run_dir=tmp_path / "run",
-        use_netlink=False,
-        use_udev=False,
-        uio_opener=host.open_uio,
-    )
-    d.start()
-    t = threading.Thread(target=d.run, kwargs={"install_signals": False})
-    t.start()
-    try:
+    with serving(host, tmp_path, {"null": NullHandler, "thin": ThinHandler}) as d:
         yield d
-    finally:
-        d.stop()
-        t.join(timeout=30)
-    assert not t.is_alive()
 
 
 def scrape(addr: tuple[str, int]) -> Samples:
@@ -133,9 +116,7 @@ class _Broken(NullHandler):
 
 def test_a_failing_handler_metrics_leaves_the_device_figures(host, tmp_path, caplog):
     host.add("uio0", 0, "disk0", "null/", 4 * MIB)
-    d = Daemon(handlers={"null": _Broken}, configfs_root=host.configfs,
-               uio_class=host.uio_class, run_dir=tmp_path / "run", use_netlink=False,
-               use_udev=False, uio_opener=host.open_uio)
+    d = make_daemon(host, tmp_path, {"null": _Broken})
     d.start()
     try:
         addr = d.serve_metrics("127.0.0.1", 0)
@@ -153,9 +134,7 @@ def test_metrics_address_errors(host, tmp_path):
     for bad in ("9571", "host:", "host:port", "h:0", "h:70000"):
         with pytest.raises(ConfigError, match="--metrics: .* is not ADDR:PORT"):
             parse_address(bad)
-    d = Daemon(handlers={}, configfs_root=host.configfs, uio_class=host.uio_class,
-               run_dir=tmp_path / "run", use_netlink=False, use_udev=False,
-               uio_opener=host.open_uio)
+    d = make_daemon(host, tmp_path, {})
     d.start()
     try:
         addr = d.serve_metrics("127.0.0.1", 0)
