@@ -24,6 +24,9 @@ exactly that; nothing is probed per command:
 - `Closable`: ``close()``. Called once when the device goes away.
 - ``blocking`` (`BlockBackend` attribute, default True): False runs every command on the
   device's loop thread instead of its worker pool.
+- ``transfer_granularity`` (`BlockBackend` attribute, bytes, default 0 = not reported): the unit
+  below which a transfer costs the backend more (a dedup chunk: a partial one is read, patched
+  and rehashed). Advertised: OPTIMAL TRANSFER LENGTH GRANULARITY in VPD B0h.
 
 A declaration the device cannot advertise as written is refused when the device is built, with a
 `CapabilityError` naming the attribute: a promise of the wrong type, a promise without its
@@ -222,6 +225,7 @@ PROMISES: dict[str, tuple[type, type | None]] = {
     "unmap_granularity": (int, Unmap),
     "unmap_granularity_alignment": (int, Unmap),
     "blocking": (bool, None),
+    "transfer_granularity": (int, None),
 }
 
 
@@ -279,6 +283,7 @@ class Capabilities:
     resize: Resizable | None
     close: Closable | None
     blocking: bool
+    transfer_granularity: int = 0
 
     @property
     def provisioning_type(self) -> ProvisioningType:
@@ -327,6 +332,12 @@ class Capabilities:
                 f"backend {kind}: unmap_granularity_alignment: got {alignment}, expected a "
                 f"multiple of the block size {block_size} below unmap_granularity {granularity}"
             )
+        transfer = _typed(backend, "transfer_granularity", int, 0)
+        if transfer < 0 or transfer % block_size:
+            raise CapabilityError(
+                f"backend {kind}: transfer_granularity: got {transfer}, expected 0 (not "
+                f"reported) or a positive multiple of the block size {block_size}"
+            )
         return cls(
             unmap=backend if declared[Unmap] and isinstance(backend, Unmap) else None,
             lbprz=_typed(backend, "lbprz", bool, False),
@@ -340,4 +351,5 @@ class Capabilities:
             resize=backend if declared[Resizable] and isinstance(backend, Resizable) else None,
             close=backend if declared[Closable] and isinstance(backend, Closable) else None,
             blocking=_typed(backend, "blocking", bool, True),
+            transfer_granularity=transfer,
         )

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from tcmu_py.handler import ProvisioningInfo
 
+from .._pool import PoolDisk
 from .store import fingerprint
 
 if TYPE_CHECKING:
@@ -40,11 +41,12 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class DedupBackend:
+class DedupBackend(PoolDisk["DedupPool"]):
     """One dedup disk. Create with `DedupPool.open_disk`; `close` it when the device goes away.
 
     Capabilities (`tcmu_py.backend`): `Unmap` (``lbprz``, ``unmap_granularity`` = chunk size),
-    `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Closable`.
+    `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Closable`; ``transfer_granularity`` = chunk
+    size.
     """
 
     #: `Unmap` promise: an absent chunk reads as zeros (SBC-4 LBPRZ).
@@ -62,8 +64,10 @@ class DedupBackend:
         self.chunk_size = pool.chunk_size
         #: `Unmap` promise: the chunk is what a deallocation frees (VPD B0h).
         self.unmap_granularity = pool.chunk_size
+        #: `BlockBackend` promise: a write of part of a chunk is a read-modify-write (VPD B0h
+        #: OPTIMAL TRANSFER LENGTH GRANULARITY).
+        self.transfer_granularity = pool.chunk_size
         self._zero = bytes(pool.chunk_size)
-        self._seen_generation = 0
         self._on_close = on_close
         self._closed = False
 
@@ -195,21 +199,6 @@ class DedupBackend:
         pool = self.pool
         return ProvisioningInfo(capacity=pool.capacity, used=pool.used, device_used=pool.used,
                                 soft_threshold=pool.soft_threshold)
-
-    def take_threshold_event(self) -> bool:
-        """True once per soft-threshold crossing of the pool since this disk last reported one."""
-        generation = self.pool.generation
-        if generation == self._seen_generation:
-            return False
-        with self.pool.lock:
-            if generation == self._seen_generation:
-                return False
-            self._seen_generation = generation
-            return True
-
-    def set_soft_threshold(self, percent: int | None) -> None:
-        """Set the pool's soft threshold (mode page 1Ch/02h is per pool)."""
-        self.pool.set_soft_threshold(percent)
 
     def close(self) -> None:
         """Commit and leave the pool (idempotent)."""

@@ -22,8 +22,10 @@ from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, StatusTable
 from tcmu_py.table import format_size
 
+from .._pool import POOL_HEADERS, hard_limit, pool_cells, state_cell
 from .backend import DedupBackend
 from .store import (
+    COMPRESSION_CODES,
     DEFAULT_CHUNK,
     MAX_CHUNK,
     MIN_CHUNK,
@@ -45,14 +47,17 @@ SUBTYPE = "dedup"
 
 @dataclass(frozen=True)
 class DedupPoolSpec:
-    """A dedup pool declared in the YAML: ``capacity`` (bytes of chunk data the pool may hold:
-    its hard limit), ``soft_threshold`` (percent of it), ``chunk_size`` (bytes)."""
+    """A dedup pool declared in the YAML, as a thin pool is: ``capacity`` and ``hard_limit``
+    (bytes of chunk data the pool lets its disks take; hard_limit <= capacity, default
+    capacity), ``soft_threshold`` (percent of the hard limit), ``chunk_size`` (bytes)."""
 
     name: str
     path: str
     capacity: int
     soft_threshold: int = 80
     chunk_size: int = DEFAULT_CHUNK
+    hard_limit: int = 0  # the loader always sets it (default: capacity)
+    compression: str = "none"  # "none" or "zstd": how new chunks are stored
 
 
 def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPoolSpec, ...]:
@@ -60,13 +65,18 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
     (names of pools that failed validation still count: one bad pool does not cascade)."""
     pools: list[DedupPoolSpec] = []
     for entry in c.named_entries(
-            raw, SECTION, {"name", "path", "capacity", "soft_threshold", "chunk_size"},
+            raw, SECTION,
+            {"name", "path", "capacity", "soft_threshold", "chunk_size", "hard_limit",
+             "compression"},
             frozenset({"name", "path", "capacity"}), "pool"):
         p, m, name = entry.path, entry.fields, entry.name
         path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
         cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
         soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
                          "a percentage 1..100")
+        hard: int | None = cap
+        if "hard_limit" in m and cap is not None:
+            hard = hard_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
         chunk = m.get("chunk_size", DEFAULT_CHUNK)
         try:
             chunk_ok = is_chunk_size(parse_size(chunk))
@@ -75,10 +85,13 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
         if not chunk_ok:
             c.fail(f"{p}.chunk_size", chunk, f"a power of two from {MIN_CHUNK} to {MAX_CHUNK}"
                    " (4K..64K)")
+        compression = m.get("compression", "none")
+        if compression not in COMPRESSION_CODES:
+            c.fail(f"{p}.compression", compression, f"one of {', '.join(COMPRESSION_CODES)}")
         if not c.clean_since(entry):
             continue
-        assert name and path and cap and soft
-        pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk)))
+        assert name and path and cap and soft and hard
+        pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard, compression))
     names = raw_names(raw)
     expected = f"the name of a pool in {SECTION} ({', '.join(sorted(names)) or 'none declared'})"
     raw_devices = doc.get("devices")
@@ -108,11 +121,13 @@ def device_config_items(device: Device, pools: Sequence[DedupPoolSpec]
 
 def prepare(config: ConfigView) -> None:
     """Create (or update capacity and threshold of) the YAML's dedup pools and register their
-    names in this process."""
+    names in this process. As for thin pools, the hard limit is what the pool enforces as its
+    capacity (pool.json); the soft threshold is a percentage of it."""
     from .handler import register_pool
 
     for pool in config.section(SECTION):
-        ensure_pool(pool.path, pool.name, pool.capacity, pool.soft_threshold, pool.chunk_size)
+        ensure_pool(pool.path, pool.name, pool.hard_limit or pool.capacity, pool.soft_threshold,
+                    pool.chunk_size, pool.compression)
         register_pool(pool.name, pool.path)
 
 
@@ -127,25 +142,30 @@ def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
     return {SECTION: list(pools.values())}
 
 
-_HEADERS = ("pool", "path", "capacity", "used", "used%", "logical", "unique", "ratio", "dead",
-            "collected", "state")
+_HEADERS = (*POOL_HEADERS, "logical", "unique", "ratio", "compr", "dead", "collected",
+            "collector", "state")
+
+
+def _collector(pool: Mapping[str, Any]) -> str:
+    """``off`` (not served here), ``idle``, or the compaction's progress: ``compacting 40%``."""
+    state = str(pool.get("collector", "off"))
+    progress = pool.get("progress")
+    return f"{state} {100 * progress:.0f}%" if state == "compacting" and progress is not None \
+        else state
 
 
 def _row(pool: Mapping[str, Any]) -> tuple[str, ...]:
-    cap = pool.get("capacity") or 0
-    used = pool.get("used", 0)
     return (
-        str(pool.get("name", "?")),
-        str(pool.get("path", "?")),
-        format_size(cap),
-        format_size(used),
-        f"{100 * used / cap:.1f}%" if cap else "-",
+        *pool_cells(pool),
         format_size(pool.get("logical", 0)),
         format_size(pool.get("unique", 0)),
         f"{pool.get('ratio', 1.0):.2f}",
+        f"{pool.get('compression_ratio', 1.0):.2f}" if pool.get("compression", "none") != "none"
+        else "-",
         format_size(pool.get("dead", 0)),
         format_size(pool.get("collected", 0)),
-        "ABOVE" if pool.get("above_threshold") else "ok",
+        _collector(pool),
+        state_cell(pool),
     )
 
 
@@ -171,6 +191,8 @@ def main(argv: list[str]) -> int:
     c.add_argument("--capacity", required=True, help="bytes of chunk data, or with K, M, G, T")
     c.add_argument("--soft-threshold", type=int, default=80, metavar="PCT",
                    help="percentage of capacity that raises a unit attention (default 80)")
+    c.add_argument("--compression", choices=sorted(COMPRESSION_CODES), default="none",
+                   help="how new chunks are stored (default none)")
     c.add_argument("--chunk-size", default=str(DEFAULT_CHUNK),
                    help=f"chunk size of a new pool, {MIN_CHUNK}..{MAX_CHUNK} (default 4K)")
     s = sub.add_parser("status", help="a pool's figures (also while it is served)")
@@ -185,7 +207,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.cmd == "create-pool":
         ensure_pool(args.path, args.name, _size_arg("--capacity", args.capacity),
-                    args.soft_threshold, _size_arg("--chunk-size", args.chunk_size))
+                    args.soft_threshold, _size_arg("--chunk-size", args.chunk_size),
+                    args.compression)
         return 0
     if args.cmd == "status":
         found = [read_pool_status(path).as_dict() for path in args.paths]

@@ -5,7 +5,8 @@ Rules this file obeys
 * A pool is a directory (0700; every file 0600)::
 
       pool.json          {"version": 1, "kind": "dedup", "name", "capacity", "soft_threshold",
-                          "chunk_size"}                    (replaced atomically, statefile)
+                          "chunk_size"}; with compression {"version": 2, ...,
+                          "compression": "zstd"}           (replaced atomically, statefile)
       index.sqlite       the fingerprint index, the block maps, the containers (+ -wal, -shm)
       containers/NNNNNNNN.dat   chunk data, append-only
       .lock              flock'd while a process has the pool open
@@ -22,6 +23,11 @@ Rules this file obeys
   (x86-64 with SHA extensions, CPython 3.11, OpenSSL): 3.6 us per 4 KiB chunk (1.1 GB/s);
   BLAKE2b-256 took 7.1 us, so the "fast hash + byte compare" alternative would save nothing and
   cost a read per duplicate.
+* Compression (optional, per pool, changeable): a new chunk is stored zstd-compressed (the
+  ``zstandard`` binding of the reference C library) when that saves at least 512 bytes, and
+  its row records how (``compression`` 0 none, 1 zstd; ``length`` the stored bytes), so a pool
+  holds both kinds and a setting change needs no rewrite. The fingerprint is of the data, not of
+  the stored bytes; `check` decompresses and compares it. Capacity counts stored bytes.
 * ``chunks`` rows hold (fp, container, offset, length, refcount, compression): ``refcount`` is
   exactly the number of map rows naming the chunk, changed in the same transaction as the maps.
   A chunk whose refcount reaches 0 is garbage but keeps its row (a later write of the same
@@ -80,7 +86,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tcmu_py.errors import ConfigError
-from tcmu_py.scsi.sense import SpaceAllocationFailed
 from tcmu_py.statefile import (
     invalid,
     make_private_dirs,
@@ -88,6 +93,8 @@ from tcmu_py.statefile import (
     remove_stale_temporaries,
     write_json,
 )
+
+from .._pool import PhysicalPool, ThresholdFigures
 
 if TYPE_CHECKING:
     from .backend import DedupBackend
@@ -99,7 +106,14 @@ DB_FILE = "index.sqlite"
 CONTAINER_DIR = "containers"
 LOCK_FILE = ".lock"
 CONFIG_LOCK_FILE = ".pool.json.lock"
+#: pool.json's version: 1 without compression, 2 with (a version that cannot decompress
+#: refuses such a pool instead of reading compressed bytes as data).
 POOL_FORMAT_VERSION = 1
+POOL_FORMAT_COMPRESSED = 2
+#: Per-chunk compression codes (``chunks.compression``) by the pool's ``compression`` setting.
+COMPRESSION_CODES = {"none": 0, "zstd": 1}
+#: zstd level: 3 (the library's default) costs ~10-40 us per 4 KiB chunk here.
+ZSTD_LEVEL = 3
 SCHEMA_VERSION = 1
 
 DEFAULT_CHUNK = 4096
@@ -115,6 +129,10 @@ CACHE_KIB = 16384
 #: The collector compacts a container once this share of it is dead (percent).
 DEFAULT_DEAD_PERCENT = 50
 RELOAD_SECONDS = 1.0
+#: The in-daemon collector (`DedupPool.start_collector`): seconds between its looks at the pool,
+#: and the most live bytes one step copies while holding the pool lock.
+COLLECT_INTERVAL = 2.0
+COLLECT_BATCH_BYTES = 1 << 20
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _CONTAINER_RE = re.compile(r"(\d{8})\.dat\Z")
@@ -183,6 +201,12 @@ def _check_pool_args(where: str, capacity: object, soft_threshold: object,
         raise ConfigError(f"{where}: chunk_size {chunk_size!r}: expected {_CHUNK_EXPECTED}")
 
 
+def _check_compression(where: str, compression: object) -> None:
+    if compression not in COMPRESSION_CODES:
+        raise ConfigError(f"{where}: compression {compression!r}: expected one of "
+                          f"{', '.join(COMPRESSION_CODES)}")
+
+
 _MISSING: Any = type("_Missing", (), {"__repr__": lambda self: "nothing"})()
 
 
@@ -194,11 +218,15 @@ class DedupPoolConfig:
     capacity: int
     soft_threshold: int | None
     chunk_size: int
+    compression: str = "none"  # how new chunks are stored; each chunk records its own
 
     def to_doc(self) -> dict[str, Any]:
-        return {"version": POOL_FORMAT_VERSION, "kind": "dedup", "name": self.name,
-                "capacity": self.capacity, "soft_threshold": self.soft_threshold,
-                "chunk_size": self.chunk_size}
+        doc = {"version": POOL_FORMAT_VERSION, "kind": "dedup", "name": self.name,
+               "capacity": self.capacity, "soft_threshold": self.soft_threshold,
+               "chunk_size": self.chunk_size}
+        if self.compression != "none":
+            doc |= {"version": POOL_FORMAT_COMPRESSED, "compression": self.compression}
+        return doc
 
     @classmethod
     def from_doc(cls, doc: object, where: str) -> DedupPoolConfig:
@@ -206,9 +234,10 @@ class DedupPoolConfig:
         what was expected."""
         if not isinstance(doc, dict):
             raise invalid(where, "(top level)", doc, "a JSON object (a dedup pool file)")
-        if doc.get("version", _MISSING) != POOL_FORMAT_VERSION:
+        if doc.get("version", _MISSING) not in (POOL_FORMAT_VERSION, POOL_FORMAT_COMPRESSED):
             raise invalid(where, "version", doc.get("version", _MISSING),
-                          f"{POOL_FORMAT_VERSION} (the pool format this version reads)")
+                          f"{POOL_FORMAT_VERSION} or {POOL_FORMAT_COMPRESSED} (the pool formats "
+                          "this version reads)")
         if doc.get("kind", _MISSING) != "dedup":
             raise invalid(where, "kind", doc.get("kind", _MISSING), "'dedup' (a dedup pool)")
 
@@ -227,6 +256,8 @@ class DedupPoolConfig:
             get("soft_threshold", lambda v: v is None or (_is_int(v) and 1 <= v <= 100),
                 "a percentage 1..100 or null", default=None),
             get("chunk_size", is_chunk_size, _CHUNK_EXPECTED),
+            get("compression", lambda v: v in COMPRESSION_CODES,
+                f"one of {', '.join(COMPRESSION_CODES)}", default="none"),
         )
 
 
@@ -292,6 +323,31 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
+def _compress(data: bytes, code: int) -> tuple[bytes, int]:
+    """(bytes to store, their compression code): compressed with `code` when that saves at
+    least one 512-byte sector's worth, else as is (code 0)."""
+    if code == 0:
+        return data, 0
+    import zstandard
+
+    packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+    return (packed, code) if len(packed) + 512 <= len(data) else (data, 0)
+
+
+def _decompress(raw: bytes, code: int, size: int) -> bytes:
+    if code != COMPRESSION_CODES["zstd"]:
+        raise OSError(errno.EIO, f"chunk compressed with unknown code {code}")
+    import zstandard
+
+    try:
+        data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise OSError(errno.EIO, f"chunk does not decompress: {exc}") from None
+    if len(data) != size:
+        raise OSError(errno.EIO, f"chunk decompresses to {len(data)} bytes, expected {size}")
+    return data
+
+
 def _db_error(exc: sqlite3.Error) -> OSError:
     """sqlite3 errors as the backend contract wants them: ENOSPC when the file system is full
     (SPACE ALLOCATION FAILED), EIO otherwise (WRITE/MEDIUM ERROR)."""
@@ -328,7 +384,7 @@ class DiskStatus:
 
 
 @dataclass(frozen=True)
-class DedupPoolStatus:
+class DedupPoolStatus(ThresholdFigures):
     """Figures of one pool (bytes unless noted)."""
 
     path: str
@@ -338,12 +394,17 @@ class DedupPoolStatus:
     chunk_size: int
     used: int  # physical: container bytes, live and dead
     logical: int  # bytes the disks map to data (not zeros)
-    unique: int  # bytes of distinct live chunks
+    unique: int  # bytes of distinct live chunks (as written: chunks x chunk size)
     chunks: int  # distinct live chunks
     dead: int  # bytes the collector may give back
     disks: tuple[DiskStatus, ...]
     collected: int = 0  # bytes the collector gave back since the pool opened
     live: bool = False  # figures of the pool open in this process
+    collector: str = "off"  # "off" (no collector thread), "idle", "compacting"
+    compacted: int = 0  # containers the collector compacted since the pool opened
+    progress: float | None = None  # share of the container being compacted done, 0..1
+    stored: int = -1  # bytes the distinct live chunks take in containers (compressed); -1: unique
+    compression: str = "none"
 
     @property
     def ratio(self) -> float:
@@ -351,9 +412,10 @@ class DedupPoolStatus:
         return self.logical / self.unique if self.unique else 1.0
 
     @property
-    def above_threshold(self) -> bool:
-        t = self.soft_threshold
-        return t is not None and self.used * 100 >= self.capacity * t
+    def compression_ratio(self) -> float:
+        """Unique data / the bytes it takes stored (1.0 without compression or data)."""
+        stored = self.unique if self.stored < 0 else self.stored
+        return self.unique / stored if stored else 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -362,7 +424,11 @@ class DedupPoolStatus:
             "used": self.used, "logical": self.logical, "unique": self.unique,
             "chunks": self.chunks, "dead": self.dead, "ratio": round(self.ratio, 3),
             "collected": self.collected, "above_threshold": self.above_threshold,
-            "live": self.live,
+            "live": self.live, "collector": self.collector, "compacted": self.compacted,
+            "progress": None if self.progress is None else round(self.progress, 3),
+            "compression": self.compression,
+            "stored": self.unique if self.stored < 0 else self.stored,
+            "compression_ratio": round(self.compression_ratio, 3),
             "disks": [{"name": d.name, "size": d.size, "mapped": d.mapped} for d in self.disks],
         }
 
@@ -386,7 +452,7 @@ _open_pools: dict[str, DedupPool] = {}
 _open_pools_lock = threading.Lock()
 
 
-class DedupPool:
+class DedupPool(PhysicalPool):
     """An open pool: one SQLite connection and the container files, shared by its disks.
     Thread-safe (one lock per pool, see the module doc)."""
 
@@ -406,7 +472,6 @@ class DedupPool:
         self._in_txn = False
         self._changes = 0  # map changes in the open transaction
         self._figures = _Figures()
-        self._generation = 0
         self._collected = 0
         self._closed = False
         self._config_seen = _signature(path)
@@ -414,13 +479,18 @@ class DedupPool:
         self._disk_ids: dict[str, int] = {}
         self._open_disks: set[str] = set()
         self._marks_clean = False
+        self._collector: _Collector | None = None
+        self._compacting: int | None = None  # the container being compacted, between steps
+        self._compact_live = 0  # its live bytes when compaction began
+        self._compact_moved = 0  # of which moved so far
+        self._compacted = 0  # containers compacted since the pool opened
 
     # ------------------------------------------------------------------------------------------
     # Opening and closing
 
     @classmethod
     def open(cls, path: str, expected_name: str | None = None, *,
-             container_bytes: int = DEFAULT_CONTAINER_BYTES, repair: bool = True) -> DedupPool:
+             container_bytes: int | None = None, repair: bool = True) -> DedupPool:
         """Open the pool in directory `path`; with `repair` (always, except for `check_pool`)
         reclaim leaked container bytes and, after an unclean shutdown, recount the references.
 
@@ -447,7 +517,8 @@ class DedupPool:
                 log.warning("pool %s: removed %s left by an interrupted write", path, stale)
             make_private_dirs(os.path.join(path, CONTAINER_DIR))
             db = _connect(os.path.join(path, DB_FILE))
-            pool = cls(path, config, lock_fd, db, container_bytes)
+            pool = cls(path, config, lock_fd, db, DEFAULT_CONTAINER_BYTES
+                       if container_bytes is None else container_bytes)
             if repair:
                 pool._reclaim_leaks()
                 if not pool._meta("clean", 1):
@@ -457,8 +528,7 @@ class DedupPool:
             pool._marks_clean = repair  # `check_pool` leaves the flag as it found it
             if repair:
                 pool._set_meta("clean", 0)
-            if pool.above_threshold:
-                pool._generation = 1
+            pool._opened()
         except BaseException:
             if db is not None:
                 db.close()
@@ -469,10 +539,12 @@ class DedupPool:
         return pool
 
     def close(self) -> None:
-        """Commit what is pending, mark the pool closed cleanly, release everything."""
+        """Stop the collector, commit what is pending, mark the pool closed cleanly, release
+        everything."""
         with _open_pools_lock:
             if _open_pools.get(self.path) is self:
                 del _open_pools[self.path]
+        self.stop_collector()
         with self.lock:
             if self._closed:
                 return
@@ -618,35 +690,13 @@ class DedupPool:
         return self._config
 
     @property
-    def name(self) -> str:
-        return self._config.name
-
-    @property
     def chunk_size(self) -> int:
         return self._config.chunk_size
-
-    @property
-    def capacity(self) -> int:
-        return self._config.capacity
-
-    @property
-    def soft_threshold(self) -> int | None:
-        return self._config.soft_threshold
 
     @property
     def used(self) -> int:
         """Physical use: bytes in container files (live and dead)."""
         return self._figures.used
-
-    @property
-    def generation(self) -> int:
-        """Soft-threshold crossings since the pool opened (as thin's `Pool.generation`)."""
-        return self._generation
-
-    @property
-    def above_threshold(self) -> bool:
-        t = self._config.soft_threshold
-        return t is not None and self._figures.used * 100 >= self._config.capacity * t
 
     def disk_mapped(self, disk: str) -> int:
         with self.lock:
@@ -664,20 +714,22 @@ class DedupPool:
             c = self._config
             return DedupPoolStatus(
                 self.path, c.name, c.capacity, c.soft_threshold, c.chunk_size, f.used,
-                f.mapped * c.chunk_size, f.live_bytes, f.live_chunks, dead,
-                _disk_rows(self._db, c.chunk_size), self._collected, live=True)
+                f.mapped * c.chunk_size, f.live_chunks * c.chunk_size, f.live_chunks, dead,
+                _disk_rows(self._db, c.chunk_size), self._collected, live=True,
+                collector=("off" if self._collector is None else
+                           "idle" if self._compacting is None else "compacting"),
+                compacted=self._compacted,
+                progress=(None if self._compacting is None else
+                          min(1.0, self._compact_moved / self._compact_live)
+                          if self._compact_live else 1.0),
+                stored=f.live_bytes, compression=c.compression)
 
     # ------------------------------------------------------------------------------------------
     # pool.json (shared with `tcmu-py apply` in another process, as thin's)
 
-    def _adopt(self, config: DedupPoolConfig) -> None:
-        was_above = self.above_threshold
-        self._config = config
-        if not was_above and self.above_threshold:
-            self._generation += 1
-
     def _reload(self) -> None:
-        """Adopt capacity and threshold another process wrote to pool.json (lock held)."""
+        """Adopt capacity, threshold and compression another process wrote to pool.json (lock
+        held)."""
         self._next_reload = time.monotonic() + RELOAD_SECONDS
         seen = _signature(self.path)
         if seen == self._config_seen:
@@ -689,7 +741,8 @@ class DedupPool:
             log.error("pool %s: keeping capacity %d: %s", self.name, self.capacity, exc)
             return
         self._adopt(replace(self._config, capacity=config.capacity,
-                            soft_threshold=config.soft_threshold))
+                            soft_threshold=config.soft_threshold,
+                            compression=config.compression))
 
     def _update(self, change: Callable[[DedupPoolConfig], DedupPoolConfig]) -> None:
         with _config_lock(self.path):
@@ -709,6 +762,12 @@ class DedupPool:
         _check_pool_args(self.path, capacity, self.soft_threshold, self.chunk_size)
         with self.lock:
             self._update(lambda c: replace(c, capacity=capacity))
+
+    def set_compression(self, compression: str) -> None:
+        """How new chunks are stored from now on; chunks stored already keep their own."""
+        _check_compression(self.path, compression)
+        with self.lock:
+            self._update(lambda c: replace(c, compression=compression))
 
     # ------------------------------------------------------------------------------------------
     # Transactions
@@ -787,7 +846,13 @@ class DedupPool:
         return cid, offset
 
     def _read_chunk(self, cid: int, offset: int, length: int) -> bytes:
+        """The chunk's bytes as stored (compressed if it was)."""
         return _pread_exact(self._fd(cid), length, offset)
+
+    def _chunk_data(self, cid: int, offset: int, length: int, compression: int) -> bytes:
+        """The chunk's data (decompressed); OSError EIO if it does not decompress to a chunk."""
+        raw = self._read_chunk(cid, offset, length)
+        return raw if compression == 0 else _decompress(raw, compression, self.chunk_size)
 
     # ------------------------------------------------------------------------------------------
     # Disks and their maps (called by DedupBackend with `lock` held where it says so)
@@ -814,10 +879,10 @@ class DedupPool:
         """Chunks [first, last) of disk `did` that hold data, by index (absent: zeros)."""
         with self.lock:
             rows = self._db.execute(
-                "SELECT m.idx, c.container, c.offset, c.length FROM map m JOIN chunks c ON "
-                "c.id = m.chunk WHERE m.disk=? AND m.idx>=? AND m.idx<?", (did, first, last)
-            ).fetchall()
-            return {idx: self._read_chunk(cid, off, n) for idx, cid, off, n in rows}
+                "SELECT m.idx, c.container, c.offset, c.length, c.compression FROM map m JOIN "
+                "chunks c ON c.id = m.chunk WHERE m.disk=? AND m.idx>=? AND m.idx<?",
+                (did, first, last)).fetchall()
+            return {idx: self._chunk_data(cid, off, n, z) for idx, cid, off, n, z in rows}
 
     def mapped_indexes(self, did: int, first: int, last: int) -> list[int]:
         with self.lock:
@@ -849,18 +914,21 @@ class DedupPool:
                     new[fp] = data
                 else:
                     found[fp] = row
-            need = sum(len(d) for d in new.values())
+            code = COMPRESSION_CODES[self._config.compression]
+            stored = {fp: _compress(data, code) for fp, data in new.items()}
+            need = sum(len(d) for d, _ in stored.values())
             self._reserve(need)
             saved = (replace(self._figures), dict(self._ends), self._active, set(self._dirty),
                      self._new_files, self._changes)
             self._begin()
             db.execute("SAVEPOINT put")
             try:
-                for fp, data in new.items():
+                for fp, (data, used_code) in stored.items():
                     cid, off = self._append(data)
                     cur = db.execute(
-                        "INSERT INTO chunks(fp, container, offset, length, refcount) "
-                        "VALUES(?, ?, ?, ?, 0)", (fp, cid, off, len(data)))
+                        "INSERT INTO chunks(fp, container, offset, length, refcount, "
+                        "compression) VALUES(?, ?, ?, ?, 0, ?)",
+                        (fp, cid, off, len(data), used_code))
                     assert cur.lastrowid is not None
                     found[fp] = (cur.lastrowid, 0, cid, len(data))
                     db.execute("UPDATE containers SET dead = dead + ? WHERE id=?",
@@ -885,21 +953,9 @@ class DedupPool:
 
     def _reserve(self, need: int) -> None:
         """Raise SpaceAllocationFailed unless `need` more bytes fit; count a soft-threshold
-        crossing (lock held)."""
-        if need <= 0:
-            return
-        c = self._config
-        before = self._figures.used
-        if before + need > c.capacity:
-            # SBC-4 4.7.3.8: resource exhaustion -> DATA PROTECT, SPACE ALLOCATION FAILED WRITE
-            # PROTECT; nothing of the command is done.
-            raise SpaceAllocationFailed(f"pool {c.name}: {need} new bytes do not fit (used "
-                                        f"{before} of {c.capacity})")
-        if (c.soft_threshold is not None
-                and before * 100 < c.capacity * c.soft_threshold <= (before + need) * 100):
-            self._generation += 1
-            log.warning("pool %s: usage %d of %d crossed the soft threshold of %d%%", c.name,
-                        before + need, c.capacity, c.soft_threshold)
+        crossing (lock held; `PhysicalPool`)."""
+        if need > 0:
+            self._take_space(self._figures.used, need, "new chunks")
 
     def _set_entry(self, did: int, idx: int, chunk: int | None) -> None:
         """Point map(did, idx) at `chunk` (None: zeros), moving references (lock held, inside
@@ -989,63 +1045,113 @@ class DedupPool:
                 ) -> CollectProgress:
         """Compact containers at least `dead_percent` dead (1: any dead byte), most dead first,
         until none is left or `max_seconds` passed (checked between containers: one container's
-        work, at most `container_bytes` copied, is the bound on the overrun).
-
-        Per container: its dead chunk rows are deleted, its live chunks appended to the active
-        container and their rows pointed there, committed (data first, rule 2), then the old
-        file is deleted (rule 5). A crash anywhere leaves either the old container referenced
-        or the new copy; the other is a leak reclaimed at open."""
+        work, at most `container_bytes` copied, is the bound on the overrun). Runs in
+        `collect_step`s, so the disks' I/O is served between them."""
         deadline = time.monotonic() + max_seconds
         done_containers = moved = freed = 0
         while True:
-            with self.lock:
-                self.commit()
-                row = self._db.execute(
-                    "SELECT id, size, dead FROM containers WHERE dead > 0 AND dead * 100 >= "
-                    "size * ? ORDER BY dead DESC, id LIMIT 1", (max(dead_percent, 1),)
-                ).fetchone()
-                if row is None or time.monotonic() >= deadline and done_containers:
-                    left = self.dead_bytes()
-                    return CollectProgress(done_containers, moved, freed, left, row is None)
-                cid, size, _ = row
-                m, f = self._compact(cid, size)
-                moved += m
-                freed += f
-                done_containers += 1
+            step = self.collect_step(dead_percent)
+            if step is not None:
+                moved += step.moved
+                freed += step.freed
+                done_containers += step.containers
+            if step is None or time.monotonic() >= deadline and done_containers:
+                return CollectProgress(done_containers, moved, freed, self.dead_bytes(),
+                                       step is None)
 
-    def _compact(self, cid: int, size: int) -> tuple[int, int]:
-        db = self._db
-        if self._active == cid:
-            self._active = None  # seal it: the live chunks go to a new container
-        live = db.execute("SELECT id, offset, length FROM chunks WHERE container=? AND "
-                          "refcount > 0 ORDER BY offset", (cid,)).fetchall()
-        self._begin()
-        try:
-            db.execute("DELETE FROM chunks WHERE container=? AND refcount = 0", (cid,))
-            moved = 0
-            for chunk, off, length in live:
-                data = self._read_chunk(cid, off, length)
-                ncid, noff = self._append(data)
-                db.execute("UPDATE chunks SET container=?, offset=? WHERE id=?",
-                           (ncid, noff, chunk))
-                moved += length
-            db.execute("DELETE FROM containers WHERE id=?", (cid,))
-            self._dirty.discard(cid)
-            self.commit()
-        except BaseException:
-            if self._in_txn:
-                self._abort()
-            raise
-        fd = self._fds.pop(cid, None)
-        if fd is not None:
-            os.close(fd)
-        self._ends.pop(cid, None)
-        self._figures.used -= size
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(container_file(self.path, cid))  # rule 5: after the commit
-        _fsync_dir(os.path.join(self.path, CONTAINER_DIR))
-        self._collected += size
-        return moved, size
+    def collect_step(self, dead_percent: int = DEFAULT_DEAD_PERCENT,
+                     batch_bytes: int = COLLECT_BATCH_BYTES) -> CollectProgress | None:
+        """One bounded piece of collection under the pool lock; None when no container needs
+        it (none at least `dead_percent` dead and none half-compacted).
+
+        A container is compacted over several steps: each moves at most `batch_bytes` of its
+        live chunks to the active container and points their rows there, committed (data first,
+        rule 2); the moved bytes count as dead in the old container. The step that finds no
+        live chunk left deletes its dead chunk rows and its row, commits, then deletes the file
+        (rule 5). A chunk revived between steps (equal content written again) is moved by a
+        later step. A crash anywhere leaves each chunk's row naming a durable copy; the other
+        copy is dead or leaked bytes, reclaimed at open."""
+        with self.lock:
+            if self._closed:
+                return None
+            db = self._db
+            cid = self._compacting
+            if cid is not None and cid not in self._ends:
+                cid = None  # gone meanwhile (an abort reloaded the figures)
+            if cid is None:
+                # Read inside the open transaction, if any: what it unmapped counts as dead.
+                row = db.execute(
+                    "SELECT id FROM containers WHERE dead > 0 AND dead * 100 >= size * ? "
+                    "ORDER BY dead DESC, id LIMIT 1", (max(dead_percent, 1),)).fetchone()
+                if row is None:
+                    self._compacting = None
+                    return None
+                cid = int(row[0])
+                self._compacting = cid
+                self._compact_moved = 0
+                self._compact_live = int(db.execute(
+                    "SELECT COALESCE(SUM(length), 0) FROM chunks WHERE container=? AND "
+                    "refcount > 0", (cid,)).fetchone()[0])
+            if self._active == cid:
+                self._active = None  # seal it: its live chunks go to another container
+            self.commit()  # the writes before this step: committed on their own
+            live = db.execute("SELECT id, offset, length FROM chunks WHERE container=? AND "
+                              "refcount > 0 ORDER BY offset", (cid,)).fetchall()
+            self._begin()
+            try:
+                if live:
+                    moved = 0
+                    for chunk, off, length in live:
+                        if moved and moved + length > batch_bytes:
+                            break
+                        data = self._read_chunk(cid, off, length)
+                        ncid, noff = self._append(data)
+                        db.execute("UPDATE chunks SET container=?, offset=? WHERE id=?",
+                                   (ncid, noff, chunk))
+                        db.execute("UPDATE containers SET dead = dead + ? WHERE id=?",
+                                   (length, cid))
+                        moved += length
+                    self.commit()
+                    self._compact_moved += moved
+                    return CollectProgress(0, moved, 0, self.dead_bytes(), False)
+                size = self._ends[cid]
+                db.execute("DELETE FROM chunks WHERE container=? AND refcount = 0", (cid,))
+                db.execute("DELETE FROM containers WHERE id=?", (cid,))
+                self._dirty.discard(cid)
+                self.commit()
+            except BaseException:
+                if self._in_txn:
+                    self._abort()
+                raise
+            self._compacting = None
+            fd = self._fds.pop(cid, None)
+            if fd is not None:
+                os.close(fd)
+            self._ends.pop(cid, None)
+            self._figures.used -= size
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(container_file(self.path, cid))  # rule 5: after the commit
+            _fsync_dir(os.path.join(self.path, CONTAINER_DIR))
+            self._collected += size
+            self._compacted += 1
+            return CollectProgress(1, 0, size, self.dead_bytes(), False)
+
+    def start_collector(self, interval: float | None = None,
+                        dead_percent: int = DEFAULT_DEAD_PERCENT) -> None:
+        """Run the collector in a thread of its own while the pool is open (`close` stops it):
+        every `interval` seconds it compacts what `collect_step` finds, one step at a time,
+        resting after each step as long as the step took (the disks' I/O waits at most one
+        step, `COLLECT_BATCH_BYTES` copied, for the pool lock)."""
+        with self.lock:
+            if self._collector is None and not self._closed:
+                self._collector = _Collector(self, COLLECT_INTERVAL if interval is None
+                                             else interval, dead_percent)
+
+    def stop_collector(self) -> None:
+        """Stop the collector thread and wait for it (it finishes its step: bounded)."""
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            collector.stop()
 
     # ------------------------------------------------------------------------------------------
     # Offline verification
@@ -1072,13 +1178,19 @@ class DedupPool:
                 report.problems.append(f"disk {did} chunk {idx}: outside its disk ({size})")
             sizes = {cid: os.stat(f).st_size for cid, f in self._container_files().items()}
             bad: list[int] = []
-            for chunk, fp, cid, off, length in db.execute(
-                    "SELECT id, fp, container, offset, length FROM chunks").fetchall():
+            for chunk, fp, cid, off, length, z in db.execute(
+                    "SELECT id, fp, container, offset, length, compression FROM chunks"
+            ).fetchall():
                 if off + length > sizes.get(cid, -1):
                     report.problems.append(f"chunk {chunk}: container {cid} [{off}, "
                                            f"{off + length}) is missing")
                     bad.append(chunk)
-                elif fingerprint(self._read_chunk(cid, off, length)) != fp:
+                    continue
+                try:
+                    data = self._chunk_data(cid, off, length, z)
+                except OSError:
+                    data = b""
+                if fingerprint(data) != fp:
                     report.problems.append(f"chunk {chunk}: bytes in container {cid} at {off} "
                                            "do not match its fingerprint")
                     bad.append(chunk)
@@ -1099,6 +1211,39 @@ class DedupPool:
             if repair:
                 self._load()
         return report
+
+
+class _Collector:
+    """The pool's in-process collector thread (`DedupPool.start_collector`)."""
+
+    def __init__(self, pool: DedupPool, interval: float, dead_percent: int) -> None:
+        self.pool = pool
+        self.interval = interval
+        self.dead_percent = dead_percent
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"dedup-gc-{pool.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        pool = self.pool
+        while not self._stop.wait(self.interval):
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    step = pool.collect_step(self.dead_percent)
+                except Exception:  # noqa: BLE001 - a failed step is retried at the next look
+                    log.exception("pool %s: collector step failed; retrying in %.1f s",
+                                  pool.name, self.interval)
+                    break
+                if step is None:
+                    break
+                self._stop.wait(time.monotonic() - started)  # the disks' I/O goes first
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
 
 
 def _connect(file: str) -> sqlite3.Connection:
@@ -1138,12 +1283,13 @@ def _disk_rows(db: sqlite3.Connection, chunk_size: int) -> tuple[DiskStatus, ...
 
 
 def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None = 80,
-                chunk_size: int = DEFAULT_CHUNK) -> DedupPoolConfig:
+                chunk_size: int = DEFAULT_CHUNK, compression: str = "none") -> DedupPoolConfig:
     """Create a pool in directory `path` (created if missing; must hold no pool yet), with its
-    empty index. Raises ConfigError for a bad name/capacity/threshold/chunk size, a pool there
-    already, or a capacity the file system cannot hold."""
+    empty index. Raises ConfigError for a bad name/capacity/threshold/chunk size/compression, a
+    pool there already, or a capacity the file system cannot hold."""
     check_name("pool", name)
     _check_pool_args(path, capacity, soft_threshold, chunk_size)
+    _check_compression(path, compression)
     make_private_dirs(path)
     path = os.path.realpath(path)
     with _config_lock(path):
@@ -1156,21 +1302,22 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
                               "hold")
         make_private_dirs(os.path.join(path, CONTAINER_DIR))
         _connect(os.path.join(path, DB_FILE)).close()
-        config = DedupPoolConfig(name, capacity, soft_threshold, chunk_size)
+        config = DedupPoolConfig(name, capacity, soft_threshold, chunk_size, compression)
         # pool.json last: a pool exists once its index does.
         write_json(os.path.join(path, POOL_FILE), config.to_doc(), indent=2)
     return config
 
 
 def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None = 80,
-                chunk_size: int = DEFAULT_CHUNK) -> DedupPoolConfig:
-    """Make the pool at `path` match a declaration: create it, or update its capacity and soft
-    threshold (the live pool's if open here). The chunk size of an existing pool cannot
-    change: a different one is a ConfigError."""
+                chunk_size: int = DEFAULT_CHUNK, compression: str = "none") -> DedupPoolConfig:
+    """Make the pool at `path` match a declaration: create it, or update its capacity, soft
+    threshold and compression (the live pool's if open here). The chunk size of an existing
+    pool cannot change: a different one is a ConfigError."""
     real = os.path.realpath(path)
     if not os.path.exists(os.path.join(real, POOL_FILE)):
-        return create_pool(path, name, capacity, soft_threshold, chunk_size)
+        return create_pool(path, name, capacity, soft_threshold, chunk_size, compression)
     _check_pool_args(real, capacity, soft_threshold, chunk_size)
+    _check_compression(real, compression)
     with _open_pools_lock:
         live = _open_pools.get(real)
     current = live.config if live is not None else load_pool_config(real)
@@ -1185,10 +1332,13 @@ def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
             live.set_capacity(capacity)
         if live.soft_threshold != soft_threshold:
             live.set_soft_threshold(soft_threshold)
+        if live.config.compression != compression:
+            live.set_compression(compression)
         return live.config
     with _config_lock(real):
         config = load_pool_config(real)
-        new = replace(config, capacity=capacity, soft_threshold=soft_threshold)
+        new = replace(config, capacity=capacity, soft_threshold=soft_threshold,
+                      compression=compression)
         if new != config:
             write_json(where, new.to_doc(), indent=2)
     return new
@@ -1199,14 +1349,23 @@ def _pool_key(path: str) -> str:
 
 
 def acquire_pool(path: str, expected_name: str | None = None) -> DedupPool:
-    """The pool at `path` shared by everything in this process (`tcmu_py.handler.shared`)."""
+    """The pool at `path` shared by everything in this process (`tcmu_py.handler.shared`), with
+    its collector running (`DedupPool.start_collector`) until the last user releases it: the
+    space its disks free (UNMAP, overwrites) goes back to the file system while they are
+    served."""
     from tcmu_py.handler import shared
 
     key = _pool_key(path)
-    pool = shared.acquire(key, lambda: DedupPool.open(path, expected_name))
+    pool = shared.acquire(key, lambda: _open_collecting(path, expected_name))
     if expected_name is not None and pool.name != expected_name:
         shared.release(key, DedupPool.close)
         raise ConfigError(f"{pool.path}: pool is named {pool.name!r}, expected {expected_name!r}")
+    return pool
+
+
+def _open_collecting(path: str, expected_name: str | None) -> DedupPool:
+    pool = DedupPool.open(path, expected_name)
+    pool.start_collector()
     return pool
 
 
@@ -1230,7 +1389,7 @@ def read_pool_status(path: str) -> DedupPoolStatus:
     try:
         used, dead = db.execute(
             "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(dead), 0) FROM containers").fetchone()
-        chunks, unique = db.execute(
+        chunks, stored = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(length), 0) FROM chunks WHERE refcount > 0"
         ).fetchone()
         mapped = db.execute("SELECT COUNT(*) FROM map").fetchone()[0]
@@ -1241,8 +1400,9 @@ def read_pool_status(path: str) -> DedupPoolStatus:
     finally:
         db.close()
     return DedupPoolStatus(real, config.name, config.capacity, config.soft_threshold,
-                           config.chunk_size, used, mapped * config.chunk_size, unique, chunks,
-                           dead, disks)
+                           config.chunk_size, used, mapped * config.chunk_size,
+                           chunks * config.chunk_size, chunks, dead, disks, stored=stored,
+                           compression=config.compression)
 
 
 def check_pool(path: str, *, repair: bool = False) -> CheckReport:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from tcmu_py.handler import ProvisioningInfo, on_memory_filesystem
 
+from .._pool import PoolDisk
 from .pool import count_units
 from .sparse import data_runs, pread_all, punch_hole, pwrite_all, unit_runs
 
@@ -64,7 +65,7 @@ class ThinProvisioningInfo(ProvisioningInfo):
     threshold_generation: int = 0
 
 
-class ThinBackend:
+class ThinBackend(PoolDisk["Pool"]):
     """One thin disk. Create with `Pool.open_disk`; `close` it when the device goes away.
 
     Capabilities (`tcmu_py.backend`): `Unmap` (with ``lbprz`` and ``unmap_granularity``),
@@ -106,7 +107,6 @@ class ThinBackend:
         self._writing: list[tuple[int, int]] = []  # unit ranges of in-flight writes
         self._exclusive: list[tuple[int, int]] = []  # unit ranges being deallocated
         self._unconfirmed: set[int] = set()
-        self._seen_generation = 0
         self._closed = False
         #: One byte per unit, 1 if the file holds data in it, 0 if it is a hole: the write path
         #: reads it instead of asking the file system (SEEK_DATA on tmpfs scans to the next data
@@ -377,21 +377,6 @@ class ThinBackend:
             soft_threshold=pool.soft_threshold,
             threshold_generation=pool.generation,
         )
-
-    def take_threshold_event(self) -> bool:
-        """True once per soft-threshold crossing of the pool since this disk last reported one."""
-        generation = self.pool.generation
-        if generation == self._seen_generation:  # the usual answer, without the lock
-            return False
-        with self._lock:
-            if generation == self._seen_generation:
-                return False
-            self._seen_generation = generation
-            return True
-
-    def set_soft_threshold(self, percent: int | None) -> None:
-        """Set the pool's soft threshold (mode page 1Ch/02h is per pool: all its disks share it)."""
-        self.pool.set_soft_threshold(percent)
 
     def resize(self, size: int) -> None:
         """Grow or shrink the file to `size` bytes; units cut off return to the pool."""

@@ -22,6 +22,7 @@ from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, Gauge, StatusTable
 from tcmu_py.table import format_size
 
+from .._pool import POOL_HEADERS, hard_limit, pool_cells, state_cell
 from .backend import ThinBackend
 from .pool import ensure_pool, read_pool_status
 
@@ -68,7 +69,7 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpe
                          "a percentage 1..100")
         hard: int | None = cap
         if "hard_limit" in m and cap is not None:
-            hard = _pool_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
+            hard = hard_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
         if None in (name, path, cap, soft, hard):
             continue
         assert name and path and cap and soft and hard
@@ -82,27 +83,6 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpe
             c.fail(f"devices[{i}].pool", dev["pool"], "the name of a pool in pools"
                    f" ({', '.join(sorted(pool_names)) or 'none declared'})")
     return tuple(pools)
-
-
-def _pool_limit(c: Checker, value: object, path: str, capacity: int) -> int | None:
-    expected = "a percentage of capacity like '95%' or a size not above capacity"
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            pct = int(value.strip()[:-1])
-        except ValueError:
-            pct = -1
-        if 1 <= pct <= 100:
-            return capacity * pct // 100
-        c.fail(path, value, expected)
-        return None
-    try:
-        n = parse_size(value)
-    except ValueError:
-        n = -1
-    if 0 < n <= capacity:
-        return n
-    c.fail(path, value, expected)
-    return None
 
 
 def device_config_items(device: Device, pools: Sequence[PoolSpec]
@@ -153,21 +133,16 @@ def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
 
 
 def _pool_row(pool: Mapping[str, Any]) -> tuple[str, ...]:
-    pct = 100 * pool["used"] / pool["capacity"] if pool["capacity"] else 0.0
     threshold = pool["soft_threshold"]
     return (
-        pool["name"],
-        pool["path"],
-        format_size(pool["capacity"]),
-        format_size(pool["used"]),
-        f"{pct:.1f}%",
+        *pool_cells(pool),
         "-" if threshold is None else f"{threshold}%",
-        "ABOVE" if pool["above_threshold"] else "ok",
+        state_cell(pool),
         ", ".join(f"{d['name']}={format_size(d['used'])}" for d in pool["disks"]),
     )
 
 
-_POOL_HEADERS = ("pool", "path", "capacity", "used", "used%", "soft", "state", "disks")
+_POOL_HEADERS = (*POOL_HEADERS, "soft", "state", "disks")
 
 
 def status_tables(st: Mapping[str, Any]) -> list[StatusTable]:

@@ -68,6 +68,7 @@ from tcmu_py.statefile import (
     write_json,
 )
 
+from .._pool import PhysicalPool, ThresholdFigures
 from .sparse import probe_filesystem, unit_runs
 
 if TYPE_CHECKING:
@@ -94,12 +95,6 @@ DEFAULT_UNIT = 64 * 1024
 MAX_UNIT = 1 << 30
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-
-
-def _space_allocation_failed(msg: str) -> Exception:
-    from tcmu_py.scsi.sense import SpaceAllocationFailed
-
-    return SpaceAllocationFailed(msg)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -311,7 +306,7 @@ class DiskStatus:
 
 
 @dataclass(frozen=True)
-class PoolStatus:
+class PoolStatus(ThresholdFigures):
     """A pool's figures for `tcmu-py status`. `live` is True when read from the pool open in this
     process, False when computed by scanning the files."""
 
@@ -332,11 +327,6 @@ class PoolStatus:
     def percent_used(self) -> float:
         return 100.0 * self.used / self.capacity
 
-    @property
-    def above_threshold(self) -> bool:
-        t = self.soft_threshold
-        return t is not None and self.used * 100 >= self.capacity * t
-
     def as_dict(self) -> dict[str, Any]:
         """Plain data (for YAML/JSON output)."""
         return {
@@ -355,8 +345,9 @@ _open_pools: dict[str, Pool] = {}
 _open_pools_lock = threading.Lock()
 
 
-class Pool:
-    """An open pool. Thread-safe; every method may be called from any worker thread."""
+class Pool(PhysicalPool):
+    """An open pool (capacity and threshold: `PhysicalPool`). Thread-safe; every method may be
+    called from any worker thread."""
 
     def __init__(self, path: str, config: PoolConfig, lock_fd: int, fs_block: int,
                  disk_units: dict[str, int]) -> None:
@@ -370,7 +361,6 @@ class Pool:
         self._allocated: dict[str, int] = {}  # disk -> allocated units
         self._open_disks: dict[str, ThinBackend] = {}
         self._used = 0
-        self._generation = 0
         self._closed = False
         self._config_seen = _file_signature(path)  # pool.json as last read or written
         self._next_reload = time.monotonic() + RELOAD_SECONDS
@@ -421,8 +411,7 @@ class Pool:
                 pool._used += n * unit
             _check_space(path, config.capacity - pool._used,
                          f"pool {config.name!r} (capacity {config.capacity}, used {pool._used})")
-            if pool.above_threshold:
-                pool._generation = 1
+            pool._opened()
         except BaseException:
             os.close(lock_fd)
             raise
@@ -457,31 +446,9 @@ class Pool:
         return self._config
 
     @property
-    def name(self) -> str:
-        return self._config.name
-
-    @property
-    def capacity(self) -> int:
-        return self._config.capacity
-
-    @property
-    def soft_threshold(self) -> int | None:
-        return self._config.soft_threshold
-
-    @property
     def used(self) -> int:
         """Bytes in allocated units, all disks."""
         return self._used
-
-    @property
-    def generation(self) -> int:
-        """Number of soft-threshold crossings since the pool was opened (see module doc)."""
-        return self._generation
-
-    @property
-    def above_threshold(self) -> bool:
-        t = self._config.soft_threshold
-        return t is not None and self._used * 100 >= self._config.capacity * t
 
     def disk_used(self, disk: str) -> int:
         """Bytes in `disk`'s allocated units."""
@@ -520,22 +487,9 @@ class Pool:
             if time.monotonic() >= self._next_reload:
                 self._reload()
             need = units * self._units[disk]
-            before = self._used
-            c = self._config
-            if before + need > c.capacity:
-                raise _space_allocation_failed(
-                    f"pool {c.name}: {need} bytes for disk {disk} do not fit "
-                    f"(used {before} of {c.capacity})"
-                )
-            self._used = before + need
+            self._take_space(self._used, need, f"disk {disk}")
+            self._used += need
             self._allocated[disk] += units
-            crossed = (c.soft_threshold is not None
-                       and before * 100 < c.capacity * c.soft_threshold <= self._used * 100)
-            if crossed:
-                self._generation += 1
-        if crossed:
-            log.warning("pool %s: usage %d of %d crossed the soft threshold of %d%%",
-                        c.name, before + need, c.capacity, c.soft_threshold)
 
     def release(self, disk: str, units: int) -> None:
         """Give back `units` allocation units of `disk` (they were punched)."""
@@ -550,14 +504,6 @@ class Pool:
 
     # ------------------------------------------------------------------------------------------
     # Administration: pool.json, shared with other processes (`tcmu-py apply`)
-
-    def _adopt(self, config: PoolConfig) -> None:
-        """Take `config` as the pool's (self._lock held); lowering the threshold below the
-        current usage counts as a crossing."""
-        was_above = self.above_threshold
-        self._config = config
-        if not was_above and self.above_threshold:
-            self._generation += 1
 
     def _reload(self) -> None:
         """Adopt the capacity and soft threshold another process (`tcmu-py apply`) wrote to

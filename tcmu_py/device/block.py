@@ -165,6 +165,8 @@ class BlockDevice(ScsiDevice):
         can_unmap = caps.unmap is not None
         pages[0xB0] = lambda: sbc.build_vpd_block_limits(
             wsnz=True,  # WRITE SAME with zero blocks is refused, not "to the end" (SBC-4 6.6.3)
+            # SBC-4 6.6.3: transfers not a multiple of this may cost more (the backend's unit).
+            optimal_transfer_length_granularity=caps.transfer_granularity // self.block_size,
             max_transfer_length=self.max_transfer_blocks,
             optimal_transfer_length=self.max_transfer_blocks,
             # SBC-4 6.6.3: unmap limits and granularity only for a device that can unmap.

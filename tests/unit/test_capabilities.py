@@ -297,6 +297,12 @@ def _plain(**attrs: Any) -> Plain:
             "below unmap_granularity 4096",
         ),
         (_with(blocking="no"), r"blocking: got 'no' \(str\), expected bool"),
+        (
+            _plain(transfer_granularity=1000),
+            "Plain: transfer_granularity: got 1000, expected 0 \\(not reported\\) or a positive "
+            "multiple of the block size 512",
+        ),
+        (_plain(transfer_granularity=-BS), "transfer_granularity: got -512, expected 0"),
         (_with(write_cache=None), r"write_cache: got None \(NoneType\), expected bool"),
         (_with(block_size="512"), r"block_size: got '512' \(str\), expected int"),
         (_with(unmap=True), "RamDisk: unmap: got True, expected a method"),

@@ -139,10 +139,11 @@ def pattern(seed: int, n: int) -> list[bytes]:
     return [bytes([(seed + i) % 3 + 1]) * BS for i in range(n)]
 
 
-def run_workload(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> int:
+def run_workload(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch,
+                 compression: str = "none") -> int:
     rng = random.Random(seed)
     pool_dir = str(tmp / "pool")
-    create_pool(pool_dir, "crash", 1 << 24)
+    create_pool(pool_dir, "crash", 1 << 24, compression=compression)
     # For each disk and block: the value as of the last completed flush, and the values written
     # since (any of them may survive a cut).
     flushed = {d: [bytes(BS)] * NBLOCKS for d in "ab"}
@@ -227,8 +228,9 @@ def run_workload(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> int:
     return machine.points
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_power_cut_at_every_write_point(tmp_path: Path, seed: int,
+@pytest.mark.parametrize(("seed", "compression"),
+                         [(1, "none"), (2, "none"), (3, "none"), (4, "zstd")])
+def test_power_cut_at_every_write_point(tmp_path: Path, seed: int, compression: str,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    points = run_workload(tmp_path, seed, monkeypatch)
+    points = run_workload(tmp_path, seed, monkeypatch, compression)
     assert points > 40  # the workload reached many write points

@@ -10,6 +10,7 @@ import random
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +26,7 @@ from tcmu_py.handlers.dedup import (
     create_pool,
     ensure_pool,
     read_pool_status,
+    store,
 )
 from tcmu_py.handlers.dedup import config as dedup_config
 from tcmu_py.handlers.dedup.handler import register_pool, unregister_pool
@@ -169,6 +171,110 @@ def test_collector_gives_space_back_to_the_file_system(tmp_path: os.PathLike[str
     assert check_pool(path).clean
 
 
+def test_collector_steps_are_bounded_and_keep_revived_chunks(tmp_path: os.PathLike[str]
+                                                            ) -> None:
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 22)
+    with DedupPool.open(path, container_bytes=16 * CS) as pool:
+        disk = pool.open_disk("a", 64 * CS)
+        disk.write(0, [memoryview(b"".join(chunk(i) for i in range(16)))])
+        disk.unmap(0, 8 * CS)  # container 1: half dead, 8 live chunks
+        steps = []
+        step = pool.collect_step(batch_bytes=3 * CS)
+        assert step is not None and step.moved == 3 * CS and not step.containers
+        st = pool.status()
+        assert st.collector == "off" and st.progress == pytest.approx(3 / 8)
+        disk.write(0, [memoryview(chunk(0))])  # a dead chunk of the container comes back
+        while (step := pool.collect_step(batch_bytes=3 * CS)) is not None:
+            steps.append(step)
+            assert step.moved <= 3 * CS
+        # 5 + 1 (revived) live chunks left: two more moving steps, then the deleting one.
+        assert [s.moved for s in steps] == [3 * CS, 3 * CS, 0] and steps[-1].freed == 16 * CS
+        assert read(disk, 0, 16 * CS) == chunk(0) + bytes(7 * CS) + b"".join(
+            chunk(i) for i in range(8, 16))
+        assert pool.used == container_bytes_on_disk(path) == 9 * CS
+        assert pool.status().compacted == 1 and pool.verify().clean
+        disk.close()
+    assert check_pool(path).clean
+
+
+def test_served_pool_gives_space_back_without_gc(tmp_path: os.PathLike[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collector runs in the serving process: UNMAP of most of a disk returns its containers
+    to the file system with no `tcmu-py dedup gc`, status shows it, and closing stops it."""
+    monkeypatch.setattr(store, "COLLECT_INTERVAL", 0.01)
+    monkeypatch.setattr(store, "DEFAULT_CONTAINER_BYTES", 8 * CS)
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 22)
+    dev = DedupHandler.open(device_config(f"pool={path}"))
+    try:
+        harness.run_command(dev, cdbs.test_unit_ready())  # power-on unit attention
+        data = b"".join(chunk(i) for i in range(32))
+        assert harness.run_command(dev, cdbs.write10(0, 256), data_out=data).good
+        assert harness.run_command(dev, cdbs.synchronize_cache10()).good
+        assert container_bytes_on_disk(path) == 32 * CS
+        params = cdbs.unmap_parameters([(0, 28 * CS // BS)])
+        assert harness.run_command(dev, cdbs.unmap(len(params)), data_out=params).good
+        deadline = time.monotonic() + 20
+        while container_bytes_on_disk(path) > 4 * CS:
+            assert time.monotonic() < deadline, DedupHandler.status([dev])
+            time.sleep(0.01)
+        (row,) = DedupHandler.status([dev])["dedup_pools"]
+        # Three containers all dead, the fourth half dead: its live half moved to a new one.
+        assert row["collected"] == 32 * CS and row["compacted"] == 4 and row["used"] == 4 * CS
+        assert row["collector"] in ("idle", "compacting")
+        (table,) = DedupHandler.status_tables({"dedup_pools": [row]})
+        assert table.rows[0][11] in ("idle", "compacting 0%")
+        got = harness.run_command(dev, cdbs.read10(0, 256), data_in_len=32 * CS)
+        assert got.data == bytes(28 * CS) + data[28 * CS:]
+        pool = dev.backend.pool  # type: ignore[attr-defined]
+        thread = pool._collector.thread
+    finally:
+        dev.close()
+    assert not thread.is_alive() and pool._collector is None
+    assert check_pool(path).clean
+
+
+def test_compression_is_recorded_per_chunk(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 22, compression="zstd")
+    text = b"".join(b"line %06d of a compressible chunk\n" % i for i in range(200))[:CS]
+    with DedupPool.open(path) as pool:
+        disk = pool.open_disk("a", 16 * CS)
+        disk.write(0, [memoryview(text + chunk(1) + text)])  # compressible, random, duplicate
+        st = pool.status()
+        assert (st.chunks, st.unique, st.logical, st.compression) == (2, 2 * CS, 3 * CS, "zstd")
+        assert CS < st.stored < CS + CS // 2 and st.compression_ratio > 1.3
+        assert pool.used == st.stored  # capacity counts stored bytes
+        # New chunks are stored as the setting says now; the old ones keep theirs.
+        ensure_pool(path, "p", 1 << 22, compression="none")
+        more = bytes(reversed(text))
+        disk.write(3 * CS, [memoryview(more)])
+        assert read(disk, 0, 4 * CS) == text + chunk(1) + text + more
+        disk.close()
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    codes = sorted(r[0] for r in db.execute("SELECT compression FROM chunks"))
+    db.close()
+    assert codes == [0, 0, 1]  # random: not worth it; the later text: compression off
+    with open(os.path.join(path, "pool.json")) as f:
+        assert json.load(f)["version"] == 1  # compression off again: readable by older ones
+    assert check_pool(path).clean
+    # A compressed chunk whose bytes changed is found by check (and dropped by repair).
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    cid, off, n = db.execute("SELECT container, offset, length FROM chunks WHERE "
+                             "compression=1").fetchone()
+    db.close()
+    with open(container_file(path, cid), "r+b") as f:
+        f.seek(off + n // 2)
+        f.write(b"\xff\x00\xff")
+    report = check_pool(path)
+    assert any("do not match its fingerprint" in p for p in report.problems), report
+    check_pool(path, repair=True)
+    assert check_pool(path).clean
+    with pytest.raises(ConfigError, match="compression 'lz4': expected one of none, zstd"):
+        create_pool(os.path.join(tmp_path, "q"), "q", 1 << 20, compression="lz4")
+
+
 def test_dead_chunk_is_revived_by_equal_content(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "p")
     create_pool(path, "p", 2 * CS)
@@ -214,6 +320,8 @@ def test_thin_provisioning_over_scsi(pool_dir: str) -> None:
         assert r.good and r.data[6] & 0x07 == 0b010  # SBC-4 6.6.4: PROVISIONING TYPE thin
         r = run(dev, cdbs.inquiry(evpd=True, page_code=0xB0), data_in_len=64)
         assert struct.unpack_from(">I", r.data, 28)[0] == CS // BS  # OPTIMAL UNMAP GRANULARITY
+        # SBC-4 6.6.3: OPTIMAL TRANSFER LENGTH GRANULARITY is the chunk (a part: read-modify-write).
+        assert struct.unpack_from(">H", r.data, 6)[0] == CS // BS
         per = CS // BS
         # Four distinct chunks written twice each: 4 of 8 chunks used = the soft threshold.
         data = b"".join(chunk(i) for i in range(4))
@@ -396,6 +504,52 @@ def test_yaml_device_gets_its_pool_directory_and_prepare_creates_it(
                                                                             8192, 80)
         with pytest.raises(ConfigError, match="chunk_size 4096: the pool was created with 8192"):
             ensure_pool(path, "p", 1 << 20, 80, 4096)
+    finally:
+        unregister_pool("p")
+
+
+def test_hard_limit_is_what_the_pool_enforces_as_thin_pools_do(
+        tmp_path: os.PathLike[str]) -> None:
+    """``hard_limit`` (a percentage or a size up to capacity) is the pool's enforced capacity,
+    the soft threshold a percentage of it, and a bad value is one line naming the key, as for
+    ``pools:``."""
+    bad = {"dedup_pools": [{"name": "a", "path": "/srv/a", "capacity": "1M",
+                            "hard_limit": "150%"},
+                           {"name": "b", "path": "/srv/b", "capacity": "1M", "hard_limit": "2M",
+                            "compression": "lz4"}],
+           "pools": [{"name": "t", "path": "/srv/t", "capacity": "1M", "hard_limit": "2M"}]}
+    with pytest.raises(ConfigError) as exc:
+        load_config_text(yaml.safe_dump(bad), "c.yaml", registry=_registry())  # type: ignore[arg-type]
+    for key in ("dedup_pools[0].hard_limit: got '150%'", "dedup_pools[1].hard_limit: got '2M'",
+                "pools[0].hard_limit: got '2M'"):
+        assert f"{key}, expected a percentage of capacity like '95%' or a size not above " \
+            "capacity" in str(exc.value), (key, str(exc.value))
+    assert "dedup_pools[1].compression: got 'lz4', expected one of none, zstd" in str(exc.value)
+    path = os.path.join(tmp_path, "dp")
+    doc = {"dedup_pools": [{"name": "p", "path": path, "capacity": 16 * CS, "hard_limit": "50%",
+                            "soft_threshold": 50}]}
+    cfg = load_config_text(yaml.safe_dump(doc), "c.yaml", registry=_registry())  # type: ignore[arg-type]
+    (spec,) = cfg.section("dedup_pools")
+    assert (spec.capacity, spec.hard_limit) == (16 * CS, 8 * CS)
+    dedup_config.prepare(cfg)
+    try:
+        assert read_pool_status(path).capacity == 8 * CS
+        dev = DedupHandler.open(device_config("pool=p"))
+        run = harness.run_command
+        per = CS // BS
+        try:
+            run(dev, cdbs.test_unit_ready())  # power-on unit attention
+            data = b"".join(chunk(i) for i in range(4))
+            assert run(dev, cdbs.write10(0, 4 * per), data_out=data).good
+            # 4 of 8 chunks: the soft threshold is 50 % of the hard limit, not of capacity.
+            assert run(dev, cdbs.test_unit_ready()).sense_codes == (0x06, 0x38, 0x07)
+            data = b"".join(chunk(i) for i in range(4, 8))
+            assert run(dev, cdbs.write10(4 * per, 4 * per), data_out=data).good
+            r = run(dev, cdbs.write10(8 * per, per), data_out=chunk(8))
+            assert r.sense_codes == (0x07, 0x27, 0x07)  # above the hard limit: DATA PROTECT
+            assert run(dev, cdbs.read10(8 * per, per), data_in_len=CS).data == bytes(CS)
+        finally:
+            dev.close()
     finally:
         unregister_pool("p")
 

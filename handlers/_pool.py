@@ -1,0 +1,194 @@
+"""What thin pools (`tcmu_py.handlers.thin`) and dedup pools (`tcmu_py.handlers.dedup`) share:
+a physical capacity their disks draw from, with a hard limit and a soft threshold that behave
+the same in both.
+
+- `PhysicalPool`: the capacity and threshold state of an open pool. A request that does not fit
+  under the capacity is refused before anything changes (SBC-4 4.7.3.8: DATA PROTECT, SPACE
+  ALLOCATION FAILED WRITE PROTECT, 27h/07h). Each rise of the use from below
+  ``capacity * soft_threshold / 100`` to at or above it, and each change of capacity or
+  threshold that puts the pool above it, adds one to `generation`; a pool opened above its
+  threshold starts at generation 1.
+- `PoolDisk`: what a disk of such a pool implements of `tcmu_py.backend.ThinProvisioning` for
+  the threshold: each disk reports each generation once (SBC-4 4.7.3.7: the unit attention
+  SOFT THRESHOLD REACHED, 38h/07h), and MODE SELECT's threshold is the pool's.
+- `ThresholdFigures`: ``above_threshold`` of a status snapshot; `pool_cells`: the capacity, use
+  and state cells of both handlers' status rows.
+- `hard_limit`: the YAML ``hard_limit`` key of both sections.
+
+Threads: the owner serialises `PhysicalPool`'s methods with its own pool lock (they are called
+with it held); `PoolDisk.take_threshold_event` runs on any worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any, Generic, Protocol, TypeVar
+
+from tcmu_py.configspec import Checker, parse_size
+from tcmu_py.scsi.sense import SpaceAllocationFailed
+from tcmu_py.table import format_size
+
+__all__ = ["PhysicalPool", "PoolDisk", "ThresholdFigures", "hard_limit", "pool_cells"]
+
+log = logging.getLogger(__name__)
+
+
+class PoolLimits(Protocol):
+    """What `PhysicalPool` reads of its owner's persistent settings."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def soft_threshold(self) -> int | None: ...
+
+
+def reaches(used: int, capacity: int, threshold: int | None) -> bool:
+    """Whether `used` bytes are at or above `threshold` percent of `capacity`."""
+    return threshold is not None and used * 100 >= capacity * threshold
+
+
+class PhysicalPool:
+    """Capacity and soft threshold of an open pool. The subclass sets `_config` (a
+    `PoolLimits`, replaced through `_adopt`) and provides `used` (bytes taken now)."""
+
+    _config: Any
+    _generation: int = 0
+
+    @property
+    def name(self) -> str:
+        return str(self._config.name)
+
+    @property
+    def capacity(self) -> int:
+        return int(self._config.capacity)
+
+    @property
+    def soft_threshold(self) -> int | None:
+        t: int | None = self._config.soft_threshold
+        return t
+
+    @property
+    def used(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def generation(self) -> int:
+        """Soft-threshold crossings since the pool opened (see the module doc)."""
+        return self._generation
+
+    @property
+    def above_threshold(self) -> bool:
+        return reaches(self.used, self.capacity, self.soft_threshold)
+
+    def _opened(self) -> None:
+        """Call once the figures of a newly opened pool are known."""
+        self._generation = 1 if self.above_threshold else 0
+
+    def _take_space(self, before: int, need: int, what: str) -> None:
+        """Admit `need` more bytes on top of `before` (the use now), or raise
+        SpaceAllocationFailed naming `what`; count a soft-threshold crossing (pool lock held).
+        The caller then accounts the bytes."""
+        c = self._config
+        if before + need > c.capacity:
+            # SBC-4 4.7.3.8: resource exhaustion -> DATA PROTECT, SPACE ALLOCATION FAILED WRITE
+            # PROTECT; nothing of the command is done.
+            raise SpaceAllocationFailed(f"pool {c.name}: {need} bytes for {what} do not fit "
+                                        f"(used {before} of {c.capacity})")
+        t = c.soft_threshold
+        if not reaches(before, c.capacity, t) and reaches(before + need, c.capacity, t):
+            self._generation += 1
+            log.warning("pool %s: usage %d of %d crossed the soft threshold of %d%%", c.name,
+                        before + need, c.capacity, t)
+
+    def _adopt(self, config: Any) -> None:
+        """Take `config` (capacity, threshold) as the pool's (pool lock held); going above the
+        threshold by it counts as a crossing."""
+        was_above = self.above_threshold
+        self._config = config
+        if not was_above and self.above_threshold:
+            self._generation += 1
+
+    def set_soft_threshold(self, percent: int | None) -> None:
+        raise NotImplementedError
+
+
+P = TypeVar("P", bound=PhysicalPool)
+
+
+class PoolDisk(Generic[P]):
+    """The threshold part of `ThinProvisioning` for a disk of a `PhysicalPool` `pool`."""
+
+    pool: P
+    _seen_generation: int = 0
+    _threshold_lock = threading.Lock()  # shared by all disks: held for a compare and a store
+
+    def take_threshold_event(self) -> bool:
+        """True once per soft-threshold crossing of the pool since this disk last reported one."""
+        generation = self.pool.generation
+        if generation == self._seen_generation:  # the usual answer, without the lock
+            return False
+        with self._threshold_lock:
+            if generation == self._seen_generation:
+                return False
+            self._seen_generation = generation
+            return True
+
+    def set_soft_threshold(self, percent: int | None) -> None:
+        """Set the pool's soft threshold (mode page 1Ch/02h is per pool: its disks share it)."""
+        self.pool.set_soft_threshold(percent)
+
+
+class ThresholdFigures:
+    """``above_threshold`` for a status snapshot with `used`, `capacity`, `soft_threshold`."""
+
+    used: int
+    capacity: int
+    soft_threshold: int | None
+
+    @property
+    def above_threshold(self) -> bool:
+        return reaches(self.used, self.capacity, self.soft_threshold)
+
+
+#: The headers of `pool_cells`.
+POOL_HEADERS = ("pool", "path", "capacity", "used", "used%")
+
+
+def pool_cells(pool: Mapping[str, Any]) -> tuple[str, ...]:
+    """The first cells of a pool's status row (`POOL_HEADERS`), from its ``as_dict``."""
+    cap = pool.get("capacity") or 0
+    used = pool.get("used", 0)
+    return (str(pool.get("name", "?")), str(pool.get("path", "?")), format_size(cap),
+            format_size(used), f"{100 * used / cap:.1f}%" if cap else "-")
+
+
+def state_cell(pool: Mapping[str, Any]) -> str:
+    """``ABOVE`` when the pool is at or above its soft threshold, else ``ok``."""
+    return "ABOVE" if pool.get("above_threshold") else "ok"
+
+
+def hard_limit(c: Checker, value: object, path: str, capacity: int) -> int | None:
+    """A pool's ``hard_limit`` in bytes: ``'95%'`` (1..100 % of `capacity`) or a size up to
+    `capacity`; None (reported to `c`) when it is neither."""
+    expected = "a percentage of capacity like '95%' or a size not above capacity"
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            pct = int(value.strip()[:-1])
+        except ValueError:
+            pct = -1
+        if 1 <= pct <= 100:
+            return capacity * pct // 100
+        c.fail(path, value, expected)
+        return None
+    try:
+        n = parse_size(value)
+    except ValueError:
+        n = -1
+    if 0 < n <= capacity:
+        return n
+    c.fail(path, value, expected)
+    return None
