@@ -106,6 +106,32 @@ def test_thin_pool_gauges(host, tmp_path):
     assert samples[("tcmu_py_thin_disk_used_bytes", (("disk", "t0"),) + pool)] == used
 
 
+def test_dedup_pool_gauges(host, tmp_path):
+    from tcmu_py.handlers.dedup import DedupHandler
+    from tcmu_py.handlers.dedup import create_pool as create_dedup_pool
+
+    pool_dir = tmp_path / "dpool"
+    create_dedup_pool(str(pool_dir), "dd", 64 * MIB, 50)
+    for i in range(2):
+        host.add(f"uio{i}", i, f"d{i}", f"dedup/pool={pool_dir};disk=d{i}", 16 * MIB)
+    with serving(host, tmp_path, {"dedup": DedupHandler}) as d:
+        addr = d.serve_metrics("127.0.0.1", 0)
+        block = bytes(range(256)) * 16  # one 4 KiB chunk, written to both disks
+        for node in ("uio0", "uio1"):
+            host.run(node, cdbs.test_unit_ready())
+            assert host.run(node, cdbs.write10(0, 8), data_out=block).good
+            assert host.run(node, cdbs.synchronize_cache10()).good
+        samples = scrape(addr)
+        (pool,) = d.status()["dedup_pools"]
+    labels = (("path", str(pool_dir)), ("pool", "dd"))
+    assert samples[("tcmu_py_dedup_pool_capacity_bytes", labels)] == 64 * MIB
+    assert samples[("tcmu_py_dedup_pool_used_bytes", labels)] == pool["used"] > 0
+    assert samples[("tcmu_py_dedup_pool_logical_bytes", labels)] == 2 * 4096
+    assert samples[("tcmu_py_dedup_pool_unique_bytes", labels)] == 4096
+    assert samples[("tcmu_py_dedup_pool_dedup_ratio", labels)] == 2.0
+    assert samples[("tcmu_py_dedup_pool_above_threshold", labels)] == 0
+
+
 class _Broken(NullHandler):
     subtype = "null"
 
