@@ -20,6 +20,9 @@ exactly that; nothing is probed per command:
 - `ThinProvisioning`: ``provisioning()``, ``set_soft_threshold(percent)``,
   ``take_threshold_event()``. Advertised: PROVISIONING TYPE 010b and a THRESHOLD EXPONENT in VPD
   B2h, log page 0Ch, mode page 1Ch/02h with a changeable soft threshold, SOFT THRESHOLD REACHED.
+- `CopyRange`: ``copy_range(source, source_offset, offset, length)``. Advertised: nothing new
+  (EXTENDED COPY is always served); the copy manager offers each segment to the destination's
+  backend first, and moves the bytes itself when it declines.
 - `Resizable`: ``resize(size)``. The device accepts a new size (TCMU reconfig) only with it.
 - `Closable`: ``close()``. Called once when the device goes away.
 - ``blocking`` (`BlockBackend` attribute, default True): False runs every command on the
@@ -193,6 +196,22 @@ class ThinProvisioning(Protocol):
 
 
 @runtime_checkable
+class CopyRange(Protocol):
+    """An efficient copy into this backend from another one (EXTENDED COPY, SPC-4 6.3), e.g.
+    ``os.copy_file_range`` between two image files, without the bytes passing through Python."""
+
+    def copy_range(self, source: object, source_offset: int, offset: int, length: int) -> bool:
+        """Copy `length` bytes at `source_offset` of backend `source` to `offset` of this one, and
+        return True; or return False to decline (a source of another kind, ranges of one store
+        that overlap), when the copy manager reads and writes the bytes itself. After a
+        decline the range may be partly written: the copy manager writes all of it again.
+
+        The result must be what reading the whole source range and then writing it gives
+        (memmove), and durable on return unless `write_cache`. Called on a worker thread with
+        the destination blocks' range lock held. `OSError` -> WRITE ERROR."""
+
+
+@runtime_checkable
 class Resizable(Protocol):
     """The backing store follows a change of the device size (TCMU reconfig)."""
 
@@ -215,6 +234,7 @@ CAPABILITIES: tuple[type, ...] = (
     WriteSame,
     LbaStatus,
     ThinProvisioning,
+    CopyRange,
     Resizable,
     Closable,
 )
@@ -280,6 +300,7 @@ class Capabilities:
     write_same: WriteSame | None
     lba_status: LbaStatus | None
     thin: ThinProvisioning | None
+    copy_range: CopyRange | None
     resize: Resizable | None
     close: Closable | None
     blocking: bool
@@ -347,6 +368,9 @@ class Capabilities:
             lba_status=backend if declared[LbaStatus] and isinstance(backend, LbaStatus) else None,
             thin=backend
             if declared[ThinProvisioning] and isinstance(backend, ThinProvisioning)
+            else None,
+            copy_range=backend
+            if declared[CopyRange] and isinstance(backend, CopyRange)
             else None,
             resize=backend if declared[Resizable] and isinstance(backend, Resizable) else None,
             close=backend if declared[Closable] and isinstance(backend, Closable) else None,

@@ -64,6 +64,7 @@ must be serialised (one thread, or one lock around every call).
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -323,6 +324,20 @@ class Ring:
     def data_off(self) -> int:
         """Mapping offset of the data area (first byte after the ring)."""
         return int(self._ctx.data_off)
+
+    @property
+    def max_data_length(self) -> int:
+        """The largest data transfer (bytes) the kernel queues for one command on this ring.
+
+        target_core_user.c ``queue_cmd_ring`` fails a command with INVALID FIELD IN CDB when
+        its data does not fit the whole data area (``max_blocks * data_blk_size``: the mapping
+        after `data_off`), or when its entry would take more than half the command ring. The
+        entry holds one 16-byte iovec per data-area block in the worst case (blocks are at
+        least one page), plus a 48-byte header and a CDB of at most 32 bytes.
+        """
+        data_area = len(self._mv) - self.data_off
+        iovecs = (self.cmdr_size // 2 - 48 - 32) // 16
+        return max(0, min(data_area, iovecs * mmap.PAGESIZE))
 
     @property
     def flags(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -57,6 +58,25 @@ _RW16 = struct.Struct(">QI")  # LBA, TRANSFER LENGTH (bytes 2..13 of a 16-byte C
 #: Bytes read or written at a time where a command covers more than its own buffers (WRITE
 #: SAME without backend support, VERIFY): memory stays bounded whatever the CDB asks for.
 _IO_CHUNK = 1 << 20
+#: Most buffers one preadv/pwritev takes (IOV_MAX; more is EINVAL). A command as large as the
+#: data area may come in one iovec per data-area page, so backends are called per group.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+#: The MAXIMUM TRANSFER LENGTH field of VPD B0h is four bytes (SBC-4 6.6.3).
+_MAX_TRANSFER_FIELD = 0xFFFFFFFF
+
+
+def _iov_groups(
+    offset: int, bufs: Sequence[memoryview]
+) -> list[tuple[int, Sequence[memoryview]]]:
+    """`bufs` at byte `offset` as (offset, buffers) groups of at most `_IOV_MAX` buffers."""
+    if len(bufs) <= _IOV_MAX:
+        return [(offset, bufs)]
+    groups: list[tuple[int, Sequence[memoryview]]] = []
+    for i in range(0, len(bufs), _IOV_MAX):
+        group = bufs[i : i + _IOV_MAX]
+        groups.append((offset, group))
+        offset += sum(len(b) for b in group)
+    return groups
 
 
 def _length_field(opcode: int) -> int:
@@ -114,7 +134,12 @@ class BlockDevice(ScsiDevice):
         self.backend = backend
         self.block_size = backend.block_size
         self.num_blocks = backend.size // backend.block_size
-        self.max_transfer_blocks = max(1, config.hw_max_sectors * 512 // self.block_size)
+        #: VPD B0h OPTIMAL TRANSFER LENGTH: LIO's ``hw_max_sectors`` (in logical blocks, as LIO
+        #: counts it), the size Linux sd then uses for its requests (io_opt and max_sectors).
+        self.optimal_transfer_blocks = max(1, config.hw_max_sectors)
+        #: VPD B0h MAXIMUM TRANSFER LENGTH: what one command may carry. Until the runner says
+        #: how much the ring takes (`set_max_data_length`), no more than the optimal length.
+        self.max_transfer_blocks = self.optimal_transfer_blocks
         self._ranges = RangeLock()
         thin = self.caps.thin
         self._threshold_event: Callable[[], bool] | None = (
@@ -128,6 +153,14 @@ class BlockDevice(ScsiDevice):
         self.copy_domain = CopyDomain(config.name)
         self.copy_domain.add(self)
         self.copy_manager = CopyManager(self)
+
+    def set_max_data_length(self, length: int) -> None:
+        """Advertise and accept commands of up to `length` data bytes (the ring's limit): a
+        larger one the kernel refuses before it reaches us (`tcmu_py.ring.Ring.max_data_length`).
+        OPTIMAL TRANSFER LENGTH stays `hw_max_sectors` unless that is larger."""
+        blocks = min(length // self.block_size, _MAX_TRANSFER_FIELD)
+        self.max_transfer_blocks = max(1, blocks)
+        self.optimal_transfer_blocks = min(self.optimal_transfer_blocks, self.max_transfer_blocks)
 
     def join(self, domain: CopyDomain) -> None:
         """Leave the current copy domain for `domain` (copies may then address its devices)."""
@@ -168,7 +201,9 @@ class BlockDevice(ScsiDevice):
             # SBC-4 6.6.3: transfers not a multiple of this may cost more (the backend's unit).
             optimal_transfer_length_granularity=caps.transfer_granularity // self.block_size,
             max_transfer_length=self.max_transfer_blocks,
-            optimal_transfer_length=self.max_transfer_blocks,
+            # SBC-4 6.6.3: OPTIMAL TRANSFER LENGTH <= MAXIMUM TRANSFER LENGTH; Linux sd takes
+            # it as the request size (io_opt), so it stays the configured hw_max_sectors.
+            optimal_transfer_length=self.optimal_transfer_blocks,
             # SBC-4 6.6.3: unmap limits and granularity only for a device that can unmap.
             max_unmap_lba_count=MAX_UNMAP_LBA_COUNT if can_unmap else 0,
             max_unmap_descriptor_count=MAX_UNMAP_BLOCK_DESCRIPTORS if can_unmap else 0,
@@ -294,13 +329,15 @@ class BlockDevice(ScsiDevice):
 
     def _write(self, offset: int, bufs: Sequence[memoryview]) -> None:
         try:
-            self.backend.write(offset, bufs)
+            for at, group in _iov_groups(offset, bufs):
+                self.backend.write(at, group)
         except OSError as exc:
             raise _io_error(exc, writing=True) from exc
 
     def _read(self, offset: int, bufs: Sequence[memoryview]) -> None:
         try:
-            self.backend.read(offset, bufs)
+            for at, group in _iov_groups(offset, bufs):
+                self.backend.read(at, group)
         except OSError as exc:
             raise _io_error(exc, writing=False) from exc
 
@@ -328,6 +365,18 @@ class BlockDevice(ScsiDevice):
         """Write `buf` at byte `offset` (the caller holds the range lock); WriteError or
         SpaceAllocationFailed on a backend failure."""
         self._write(offset, [buf])
+
+    def copy_in(self, source: BlockDevice, source_offset: int, offset: int, length: int) -> bool:
+        """Have the backend copy `length` bytes from `source`'s backend at `source_offset` to
+        byte `offset` (the caller holds the range lock): True when it did (`CopyRange`), False
+        when it cannot or declines and the caller must move the bytes. WriteError or
+        SpaceAllocationFailed on a backend failure."""
+        if self.caps.copy_range is None:
+            return False
+        try:
+            return self.caps.copy_range.copy_range(source.backend, source_offset, offset, length)
+        except OSError as exc:
+            raise _io_error(exc, writing=True) from exc
 
     def after_write(self) -> None:
         """Report a crossed thin-provisioning threshold after data was written."""
@@ -397,10 +446,7 @@ class BlockDevice(ScsiDevice):
             bufs = cmd.data_in
             if length != cmd.data_in_length:
                 bufs = slice_views(bufs, 0, length)
-            try:
-                self.backend.read(lba * self.block_size, bufs)
-            except OSError as exc:
-                raise _io_error(exc, writing=False) from exc
+            self._read(lba * self.block_size, bufs)
         return length
 
     @command(Opcode.WRITE_6)

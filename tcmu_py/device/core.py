@@ -206,6 +206,10 @@ class ScsiDevice:
         """Whether this instance implements a command its class declares (capability filter)."""
         return True
 
+    def set_max_data_length(self, length: int) -> None:
+        """The transport carries at most `length` data bytes per command (the kernel refuses
+        larger ones). Called by the runner before the first command; the default ignores it."""
+
     def check_ready(self) -> None:
         """Raise NotReady / MediumNotPresent when the unit cannot take medium-access commands."""
 

@@ -139,6 +139,7 @@ class DeviceRunner:
         self.name = name or device.config.name
         self.log = logging.LoggerAdapter(log, {"device": self.name})
         self.ring = Ring(uio.buffer, adopt=adopt)
+        device.set_max_data_length(self.ring.max_data_length)
         self.counters = Counters()
         self._ring_lock = threading.Lock()
         self._workers = 1 if device.serial_commands else max(1, workers)

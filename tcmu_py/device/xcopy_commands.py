@@ -6,7 +6,8 @@ Rules this module obeys:
   (`tcmu_py.device.copydomain`). Any other name is COPY ABORTED / COPY TARGET DEVICE NOT
   REACHABLE (SPC-4 6.3.6.1, as LIO answers), and that is decided — with every other check of
   every segment — before the first byte is read or written.
-* Data moves backend to backend through one buffer per segment, never to the initiator. A
+* Data moves backend to backend, never to the initiator: by the destination backend's own copy
+  (`tcmu_py.backend.CopyRange`) when it offers one, else through one buffer per segment. A
   segment is at most `LIMITS.max_segment_length` bytes and a command at most
   `LIMITS.max_segment_descriptors` segments, so memory and time per command are bounded by the
   limits reported in VPD 8Fh and OPERATING PARAMETERS (the same `LIMITS` value builds both).
@@ -222,20 +223,29 @@ class CopyManager:
         if not step.length:
             return
         dst = step.destination
-        buf = bytearray(step.length)
-        view = memoryview(buf)
         held = dst.lock_range(step.destination_lba, step.destination_lba + step.destination_blocks)
         try:
-            # Read the whole segment first: an overlapping destination then gets the source as
-            # it was (memmove), whichever way the ranges overlap.
-            for pos in range(0, step.length, CHUNK):
-                step.source.read_at(step.source_offset + pos, view[pos : pos + CHUNK])
             base = step.destination_lba * dst.block_size
-            for pos in range(0, step.length, CHUNK):
-                dst.write_at(base + pos, view[pos : pos + CHUNK])
+            # The destination's backend may copy the whole segment itself (`CopyRange`, e.g.
+            # copy_file_range between two images). It is offered whole — never in pieces, which
+            # would read, from overlapping ranges of one image, bytes an earlier piece already
+            # overwrote — and declines what it cannot copy as memmove would.
+            if not dst.copy_in(step.source, step.source_offset, base, step.length):
+                self._move(step, base)
         finally:
             dst.unlock_range(held)
         dst.after_write()
+
+    @staticmethod
+    def _move(step: _Step, base: int) -> None:
+        """Copy the segment through one buffer: the whole source is read before the first
+        write, so an overlapping destination gets the source as it was (memmove), whichever way
+        the ranges overlap."""
+        view = memoryview(bytearray(step.length))
+        for pos in range(0, step.length, CHUNK):
+            step.source.read_at(step.source_offset + pos, view[pos : pos + CHUNK])
+        for pos in range(0, step.length, CHUNK):
+            step.destination.write_at(base + pos, view[pos : pos + CHUNK])
 
     def _start(self, list_id: int | None) -> _Status:
         status = _Status()

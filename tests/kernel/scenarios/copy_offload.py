@@ -46,9 +46,10 @@ def xcopy_within_a_domain_only(ctx: Context) -> None:
     cfg = ctx.workdir / "xcopy.yaml"
     cfg.write_text(
         f"state_dir: {ctx.workdir / 'state'}\n"
-        # 4096-block commands: libiscsi's ExtendedCopy.Simple writes 2048 blocks in one WRITE(16)
-        # to set up (the device's MAXIMUM TRANSFER LENGTH is hw_max_sectors).
-        "defaults: {hw_max_sectors: 4096, max_data_area_mb: 16, write_cache: false}\n"
+        # hw_max_sectors stays the default (1024): libiscsi's ExtendedCopy.Simple writes 2048
+        # blocks in one WRITE(16) to set up, which the device takes because its MAXIMUM
+        # TRANSFER LENGTH is the ring's data area (16 MiB), not hw_max_sectors.
+        "defaults: {max_data_area_mb: 16, write_cache: false}\n"
         "devices:\n"
         f"  - {{name: x0, handler: raw, size: 16M, copy_domain: lab, wwn: {WWNS['x0']}}}\n"
         f"  - {{name: x1, handler: raw, size: 16M, copy_domain: lab, wwn: {WWNS['x1']}}}\n"
@@ -70,6 +71,16 @@ def xcopy_within_a_domain_only(ctx: Context) -> None:
     for name, wwn in WWNS.items():
         devs[name] = wait_for(partial(disk_by_wwn, wwn), ctx.remaining(120), f"{name} ({wwn})")
     log(f"disks: {devs}")
+    # What sd made of VPD B0h: max_hw_sectors_kb from MAXIMUM TRANSFER LENGTH (capped by the
+    # host), max_sectors_kb and optimal_io_size from OPTIMAL TRANSFER LENGTH (hw_max_sectors).
+    queue = Path("/sys/block") / devs["x0"].name / "queue"
+    limits = {k: (queue / k).read_text().strip()
+              for k in ("max_sectors_kb", "max_hw_sectors_kb", "optimal_io_size")}
+    b0 = run(["sg_vpd", "-p", "bl", str(devs["x0"])], timeout=ctx.remaining(60), check=False)
+    ctx.details["sd_queue"] = limits
+    ctx.details["vpd_b0"] = b0.stdout
+    log(f"sd queue limits of x0: {limits}\n{b0.stdout}")
+    assert limits["max_sectors_kb"] == "512", limits  # hw_max_sectors 1024 x 512 bytes
 
     data = os.urandom(MIB)
     pwrite_direct(devs["x0"], 2 * MIB, data)
