@@ -12,7 +12,8 @@ the same in both.
   the threshold: each disk reports each generation once (SBC-4 4.7.3.7: the unit attention
   SOFT THRESHOLD REACHED, 38h/07h), and MODE SELECT's threshold is the pool's.
 - `ThresholdFigures`: ``above_threshold`` of a status snapshot; `pool_cells`: the capacity, use
-  and state cells of both handlers' status rows.
+  and state cells of both handlers' status rows; `pool_gauges`: the same figures for
+  ``serve --metrics``.
 - `hard_limit`: the YAML ``hard_limit`` key of both sections.
 
 Threads: the owner serialises `PhysicalPool`'s methods with its own pool lock (they are called
@@ -27,10 +28,12 @@ from collections.abc import Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from tcmu_py.configspec import Checker, parse_size
+from tcmu_py.handler import Gauge
 from tcmu_py.scsi.sense import SpaceAllocationFailed
 from tcmu_py.table import format_size
 
-__all__ = ["PhysicalPool", "PoolDisk", "ThresholdFigures", "hard_limit", "pool_cells"]
+__all__ = ["PhysicalPool", "PoolDisk", "ThresholdFigures", "hard_limit", "pool_cells",
+           "pool_gauges"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +167,22 @@ def pool_cells(pool: Mapping[str, Any]) -> tuple[str, ...]:
     used = pool.get("used", 0)
     return (str(pool.get("name", "?")), str(pool.get("path", "?")), format_size(cap),
             format_size(used), f"{100 * used / cap:.1f}%" if cap else "-")
+
+
+def pool_gauges(kind: str, pool: Mapping[str, Any]) -> tuple[dict[str, str], list[Gauge]]:
+    """The labels of a pool (``pool``, ``path``) and its gauges
+    ``tcmu_py_<kind>_pool_capacity_bytes``, ``_used_bytes`` and ``_above_threshold``, from its
+    ``as_dict``."""
+    labels = {"pool": str(pool.get("name", "")), "path": str(pool.get("path", ""))}
+    name = f"tcmu_py_{kind}_pool"
+    return labels, [
+        Gauge(f"{name}_capacity_bytes", f"{kind} pool physical capacity (its hard limit)",
+              labels, pool.get("capacity") or 0),
+        Gauge(f"{name}_used_bytes", f"{kind} pool physical bytes in use", labels,
+              pool.get("used", 0)),
+        Gauge(f"{name}_above_threshold", "1 while the pool's use is at or above its soft "
+              "threshold", labels, 1.0 if pool.get("above_threshold") else 0.0),
+    ]
 
 
 def state_cell(pool: Mapping[str, Any]) -> str:

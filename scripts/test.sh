@@ -7,8 +7,10 @@
 # 2. ruff over tcmu_py, handlers, tests, scripts           — fatal
 # 3. mypy over tcmu_py, handlers, tests/kernel             — fatal
 # 4. lint-imports: the layer contracts of pyproject.toml    — fatal
-# 5. unit tests (tests/unit)                                — fatal
-# 6. kernel tests (tests/kernel): host-side lab tests, then ONE VM boot running every guest
+# 5. package: sdist and wheel build, the wheel installs into a clean venv and runs
+#    (scripts/package_check.sh)                             — fatal
+# 6. unit tests (tests/unit)                                — fatal
+# 7. kernel tests (tests/kernel): host-side lab tests, then ONE VM boot running every guest
 #    scenario — fatal; a VM that cannot boot fails them (TCMU_PY_NO_VM=1 is refused in CI)
 # All stages run even if an earlier one failed (except bootstrap); the exit status is non-zero
 # if any failed. The last line is the combined count over both pytest runs.
@@ -22,7 +24,6 @@ START=$SECONDS
 RUFF_PENDING=(
 )
 MYPY_PENDING=(
-    tests/kernel/scenarios/vtl.py
 )
 RUFF_PATHS=(tcmu_py handlers tests scripts)
 MYPY_PATHS=(tcmu_py handlers tests/kernel)
@@ -88,6 +89,13 @@ else
 fi
 rm -rf "$IMPORT_VIEW"
 
+banner "package"
+if PY=$PY bash scripts/package_check.sh; then
+    RESULT[package]=ok
+else
+    RESULT[package]=FAILED; FAILED=1
+fi
+
 run_pytest() {  # name timeout paths...
     local name=$1 limit=$2 rc
     shift 2
@@ -107,7 +115,7 @@ run_pytest unit "$UNIT_TIMEOUT" tests/unit
 run_pytest kernel "$KERNEL_TIMEOUT" tests/kernel
 
 banner "summary"
-for stage in ruff mypy lint-imports unit kernel; do
+for stage in ruff mypy lint-imports package unit kernel; do
     printf '%-13s %s\n' "$stage:" "${RESULT[$stage]:-not run}"
 done
 echo "duration: $((SECONDS - START))s"

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from tcmu_py.configspec import MISSING, Checker, Device, parse_size, raw_names
 from tcmu_py.errors import ConfigError
-from tcmu_py.handler import ConfigView, StatusTable
+from tcmu_py.handler import ConfigView, Gauge, StatusTable
 from tcmu_py.table import format_size
 
-from .._pool import POOL_HEADERS, hard_limit, pool_cells, state_cell
+from .._pool import POOL_HEADERS, hard_limit, pool_cells, pool_gauges, state_cell
 from .backend import DedupBackend
 from .store import (
     COMPRESSION_CODES,
@@ -249,3 +249,27 @@ def _gc(path: str) -> int:
                 break
         print()
     return 0
+
+
+#: Dedup figures beyond the shared pool gauges: (status key, metric suffix, help).
+_DEDUP_GAUGES = (
+    ("logical", "logical_bytes", "bytes the pool's disks map (what initiators wrote)"),
+    ("unique", "unique_bytes", "bytes of distinct chunks, before compression"),
+    ("stored", "stored_bytes", "bytes the distinct chunks take in containers"),
+    ("ratio", "dedup_ratio", "logical bytes / unique bytes"),
+    ("compression_ratio", "compression_ratio", "unique bytes / stored bytes"),
+    ("dead", "dead_bytes", "container bytes no chunk refers to (the collector's work)"),
+    ("collected", "collected_bytes", "bytes the collector returned to the filesystem"),
+)
+
+
+def metrics(st: Mapping[str, Any]) -> list[Gauge]:
+    """Per pool (labels ``pool``, ``path``): the shared capacity/use/threshold gauges, then
+    logical and unique data, the dedup and compression ratios, dead and collected bytes."""
+    out: list[Gauge] = []
+    for pool in st.get(SECTION) or []:
+        labels, gauges = pool_gauges("dedup", pool)
+        out += gauges
+        out += [Gauge(f"tcmu_py_dedup_pool_{suffix}", text, labels, pool[key])
+                for key, suffix, text in _DEDUP_GAUGES if key in pool]
+    return out

@@ -22,6 +22,7 @@ from tcmu_py.handler import (
     CliCommand,
     ConfigView,
     DeviceConfig,
+    Gauge,
     Handler,
     StatusTable,
     parse_options,
@@ -100,6 +101,10 @@ class DedupHandler(Handler):
     @classmethod
     def status_tables(cls, status: Mapping[str, Any]) -> list[StatusTable]:
         return _section.status_tables(status)
+
+    @classmethod
+    def metrics(cls, status: Mapping[str, Any]) -> list[Gauge]:
+        return _section.metrics(status)
 
     @classmethod
     def commands(cls) -> Mapping[str, CliCommand]:

@@ -22,7 +22,7 @@ from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, Gauge, StatusTable
 from tcmu_py.table import format_size
 
-from .._pool import POOL_HEADERS, hard_limit, pool_cells, state_cell
+from .._pool import POOL_HEADERS, hard_limit, pool_cells, pool_gauges, state_cell
 from .backend import ThinBackend
 from .pool import ensure_pool, read_pool_status
 
@@ -155,16 +155,8 @@ def metrics(st: Mapping[str, Any]) -> list[Gauge]:
     threshold; per disk (with ``disk``): the bytes it holds."""
     out: list[Gauge] = []
     for pool in st.get(SECTION) or []:
-        labels = {"pool": str(pool["name"]), "path": str(pool["path"])}
-        out += [
-            Gauge("tcmu_py_thin_pool_capacity_bytes", "thin pool physical capacity", labels,
-                  pool["capacity"]),
-            Gauge("tcmu_py_thin_pool_used_bytes", "thin pool bytes allocated", labels,
-                  pool["used"]),
-            Gauge("tcmu_py_thin_pool_above_threshold",
-                  "1 while the pool's use is above its soft threshold", labels,
-                  1.0 if pool["above_threshold"] else 0.0),
-        ]
+        labels, gauges = pool_gauges("thin", pool)
+        out += gauges
         out += [Gauge("tcmu_py_thin_disk_used_bytes", "bytes allocated to one thin disk",
                       labels | {"disk": str(d["name"])}, d["used"]) for d in pool["disks"]]
     return out

@@ -28,6 +28,7 @@ from tcmu_py.handler import (
     CliCommand,
     ConfigView,
     DeviceConfig,
+    Gauge,
     Handler,
     StatusTable,
     parse_options,
@@ -139,6 +140,12 @@ class VtlHandler(Handler):
         from .status import status_tables
 
         return status_tables(status)
+
+    @classmethod
+    def metrics(cls, status: Mapping[str, Any]) -> list[Gauge]:
+        from .status import metrics
+
+        return metrics(status)
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:

@@ -1,4 +1,5 @@
-"""``tcmu-py status`` for libraries: the room on the filesystems their cartridges live on.
+"""``tcmu-py status`` for libraries: what the changer holds, and the room on the filesystems
+their cartridges live on (also as ``serve --metrics`` gauges).
 
 A drive's end of medium is the cartridge's capacity or its backing filesystem's room, whichever
 comes first (`Cartridge.end_of_medium`). An operator sees here, per served library, each
@@ -15,9 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tcmu_py.handler import StatusTable
+from tcmu_py.handler import Gauge, StatusTable
 from tcmu_py.handlers.vtl import cartridge as cartmod
 from tcmu_py.handlers.vtl.library import MEDIA_DIR
+from tcmu_py.scsi.smc import ElementType
 from tcmu_py.table import format_size
 
 log = logging.getLogger(__name__)
@@ -67,17 +69,88 @@ def library_filesystems(media: Path) -> list[dict[str, Any]]:
     return out
 
 
+#: Element types as the status names them.
+_ELEMENT_NAMES = {
+    ElementType.MEDIUM_TRANSPORT: "transport",
+    ElementType.STORAGE: "storage",
+    ElementType.IMPORT_EXPORT: "import_export",
+    ElementType.DATA_TRANSFER: "drive",
+}
+
+
+def library_state(lib: Any) -> dict[str, Any]:
+    """What the changer holds: per element type the element count and how many are full, the
+    cartridges that exist (in `media/`) and how many sit in no element (the shelf), and each
+    drive's cartridge (barcode, None when empty)."""
+    contents = lib.contents()
+    elements = {}
+    for etype, (first, count) in lib.ranges().items():
+        full = sum(1 for a in range(first, first + count) if a in contents)
+        elements[_ELEMENT_NAMES.get(etype, str(int(etype)))] = {"total": count, "full": full}
+    cartridges = lib.cartridges()
+    placed = {occ.barcode for occ in contents.values()}
+    first_drive = lib.ranges()[ElementType.DATA_TRANSFER][0]
+    drives = []
+    for i in range(lib.drive_count):
+        occ = contents.get(first_drive + i)
+        drives.append({"index": i, "serial": lib.drive_serial(i),
+                       "barcode": occ.barcode if occ else None})
+    return {"elements": elements, "cartridges": len(cartridges),
+            "shelf": sum(1 for b in cartridges if b not in placed), "drives": drives}
+
+
 def status(devices: Sequence[Any]) -> dict[str, Any]:
-    """``{KEY: [{"name", "path", "filesystems": [...]}]}`` for each library a device serves."""
+    """``{KEY: [{"name", "path", "filesystems": [...], **library_state}]}`` for each library a
+    device serves."""
     libraries: dict[str, Any] = {}
     for device in devices:
         lib = getattr(device, "library", None)
         path = getattr(lib, "path", None)
         if path is None or str(path) in libraries:
             continue
-        libraries[str(path)] = {"name": getattr(lib, "name", ""), "path": str(path),
-                                "filesystems": library_filesystems(Path(path) / MEDIA_DIR)}
+        entry = {"name": getattr(lib, "name", ""), "path": str(path),
+                 "filesystems": library_filesystems(Path(path) / MEDIA_DIR)}
+        try:
+            entry |= library_state(lib)
+        except (OSError, AttributeError) as exc:  # a library object of another shape
+            log.warning("%s: library state: %s", path, exc)
+        libraries[str(path)] = entry
     return {KEY: list(libraries.values())}
+
+
+def metrics(st: Mapping[str, Any]) -> list[Gauge]:
+    """Per library (labels ``library``, ``path``): elements and full elements per type,
+    cartridges and those on the shelf, whether each drive holds a cartridge; per filesystem its
+    size, free bytes and whether it is LOW or FULL."""
+    out: list[Gauge] = []
+    for lib in st.get(KEY) or []:
+        labels = {"library": str(lib.get("name", "")), "path": str(lib.get("path", ""))}
+        for etype, e in (lib.get("elements") or {}).items():
+            el = labels | {"type": etype}
+            out.append(Gauge("tcmu_py_vtl_elements", "elements of a type in the library", el,
+                             e["total"]))
+            out.append(Gauge("tcmu_py_vtl_elements_full",
+                             "elements of a type holding a cartridge", el, e["full"]))
+        if "cartridges" in lib:
+            out.append(Gauge("tcmu_py_vtl_cartridges", "cartridges in the library's media "
+                             "directory", labels, lib["cartridges"]))
+            out.append(Gauge("tcmu_py_vtl_cartridges_on_shelf",
+                             "cartridges in no element (exported or never imported)", labels,
+                             lib["shelf"]))
+        for d in lib.get("drives") or []:
+            out.append(Gauge("tcmu_py_vtl_drive_loaded", "1 while the drive holds a cartridge",
+                             labels | {"drive": str(d["index"]), "serial": str(d["serial"])},
+                             0.0 if d["barcode"] is None else 1.0))
+        for fs in lib.get("filesystems") or []:
+            fl = labels | {"filesystem": str(fs["path"])}
+            out.append(Gauge("tcmu_py_vtl_filesystem_size_bytes",
+                             "size of a filesystem holding cartridges", fl, fs["size"]))
+            out.append(Gauge("tcmu_py_vtl_filesystem_free_bytes",
+                             "free bytes of a filesystem holding cartridges", fl, fs["free"]))
+            out.append(Gauge("tcmu_py_vtl_filesystem_low",
+                             "1 while the filesystem is LOW or FULL (see tcmu-py status)", fl,
+                             0.0 if fs["state"] == "ok" else 1.0))
+    return out
 
 
 def _rows(libraries: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, ...], ...]:
@@ -91,15 +164,39 @@ def _rows(libraries: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, ...], ...]
     return tuple(rows)
 
 
+def _library_rows(libraries: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, ...], ...]:
+    rows = []
+    for lib in libraries:
+        el = lib.get("elements")
+        if not el:
+            continue
+
+        def cell(name: str, el: Mapping[str, Any] = el) -> str:
+            e = el.get(name)
+            return f"{e['full']}/{e['total']}" if e else "-"
+
+        drives = ", ".join(f"{d['index']}={d['barcode'] or '-'}" for d in lib.get("drives") or [])
+        rows.append((str(lib.get("name", "")), cell("storage"), cell("import_export"), drives,
+                     str(lib.get("cartridges", "")), str(lib.get("shelf", ""))))
+    return tuple(rows)
+
+
 def status_tables(st: Mapping[str, Any]) -> list[StatusTable]:
-    """The table, titled with a warning when a filesystem is LOW or FULL."""
-    rows = _rows(st.get(KEY) or [])
+    """The libraries' state, then their filesystems, titled with a warning when one is LOW or
+    FULL."""
+    libraries = st.get(KEY) or []
+    tables = []
+    state = _library_rows(libraries)
+    if state:
+        tables.append(StatusTable("tape libraries", ("library", "slots full", "i/e full",
+                                                     "drives", "cartridges", "on shelf"), state))
+    rows = _rows(libraries)
     if not rows:
-        return []
+        return tables
     low = [r for r in rows if r[-1] != "ok"]
     title = "tape library filesystems"
     if low:
         title += (f" -- WARNING: {len(low)} low on space (LOW: drives writing there reach early"
                   " warning soon; FULL: writes end in VOLUME OVERFLOW)")
-    return [StatusTable(title, ("library", "filesystem", "size", "free", "free%", "state"),
-                        rows)]
+    return [*tables, StatusTable(title, ("library", "filesystem", "size", "free", "free%", "state"),
+                                 rows)]

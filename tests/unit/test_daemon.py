@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,9 +91,9 @@ def host(tmp_path):
     return Host(tmp_path)
 
 
-def make_daemon(host: Host, tmp_path: Path) -> Daemon:
+def make_daemon(host: Host, tmp_path: Path, handlers: dict[str, Any] | None = None) -> Daemon:
     return Daemon(
-        handlers={"raw": RawHandler, "null": NullHandler},
+        handlers={"raw": RawHandler, "null": NullHandler} if handlers is None else handlers,
         configfs_root=host.configfs,
         uio_class=host.uio_class,
         run_dir=tmp_path / "run",
@@ -172,9 +173,10 @@ def test_single_instance(host, tmp_path):
 
 
 @contextlib.contextmanager
-def serving(host: Host, tmp_path: Path) -> Iterator[Daemon]:
+def serving(host: Host, tmp_path: Path,
+            handlers: dict[str, Any] | None = None) -> Iterator[Daemon]:
     """A started daemon running its loop on a thread; stopped (and checked gone) on exit."""
-    d = make_daemon(host, tmp_path)
+    d = make_daemon(host, tmp_path, handlers)
     d.start()
     t = threading.Thread(target=d.run, kwargs={"install_signals": False})
     t.start()

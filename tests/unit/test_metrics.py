@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_daemon import MIB, Host
+from test_daemon import MIB, Host, make_daemon, serving
 
 from tcmu_py import cli
 from tcmu_py.daemon.control import request
@@ -34,24 +33,8 @@ def host(tmp_path: Path) -> Host:
 
 @contextmanager
 def served(host: Host, tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(
-        handlers={"null": NullHandler, "thin": ThinHandler},
-        configfs_root=host.configfs,
-        uio_class=host.uio_class,
-        run_dir=tmp_path / "run",
-        use_netlink=False,
-        use_udev=False,
-        uio_opener=host.open_uio,
-    )
-    d.start()
-    t = threading.Thread(target=d.run, kwargs={"install_signals": False})
-    t.start()
-    try:
+    with serving(host, tmp_path, {"null": NullHandler, "thin": ThinHandler}) as d:
         yield d
-    finally:
-        d.stop()
-        t.join(timeout=30)
-    assert not t.is_alive()
 
 
 def scrape(addr: tuple[str, int]) -> Samples:
@@ -123,6 +106,32 @@ def test_thin_pool_gauges(host, tmp_path):
     assert samples[("tcmu_py_thin_disk_used_bytes", (("disk", "t0"),) + pool)] == used
 
 
+def test_dedup_pool_gauges(host, tmp_path):
+    from tcmu_py.handlers.dedup import DedupHandler
+    from tcmu_py.handlers.dedup import create_pool as create_dedup_pool
+
+    pool_dir = tmp_path / "dpool"
+    create_dedup_pool(str(pool_dir), "dd", 64 * MIB, 50)
+    for i in range(2):
+        host.add(f"uio{i}", i, f"d{i}", f"dedup/pool={pool_dir};disk=d{i}", 16 * MIB)
+    with serving(host, tmp_path, {"dedup": DedupHandler}) as d:
+        addr = d.serve_metrics("127.0.0.1", 0)
+        block = bytes(range(256)) * 16  # one 4 KiB chunk, written to both disks
+        for node in ("uio0", "uio1"):
+            host.run(node, cdbs.test_unit_ready())
+            assert host.run(node, cdbs.write10(0, 8), data_out=block).good
+            assert host.run(node, cdbs.synchronize_cache10()).good
+        samples = scrape(addr)
+        (pool,) = d.status()["dedup_pools"]
+    labels = (("path", str(pool_dir)), ("pool", "dd"))
+    assert samples[("tcmu_py_dedup_pool_capacity_bytes", labels)] == 64 * MIB
+    assert samples[("tcmu_py_dedup_pool_used_bytes", labels)] == pool["used"] > 0
+    assert samples[("tcmu_py_dedup_pool_logical_bytes", labels)] == 2 * 4096
+    assert samples[("tcmu_py_dedup_pool_unique_bytes", labels)] == 4096
+    assert samples[("tcmu_py_dedup_pool_dedup_ratio", labels)] == 2.0
+    assert samples[("tcmu_py_dedup_pool_above_threshold", labels)] == 0
+
+
 class _Broken(NullHandler):
     subtype = "null"
 
@@ -133,9 +142,7 @@ class _Broken(NullHandler):
 
 def test_a_failing_handler_metrics_leaves_the_device_figures(host, tmp_path, caplog):
     host.add("uio0", 0, "disk0", "null/", 4 * MIB)
-    d = Daemon(handlers={"null": _Broken}, configfs_root=host.configfs,
-               uio_class=host.uio_class, run_dir=tmp_path / "run", use_netlink=False,
-               use_udev=False, uio_opener=host.open_uio)
+    d = make_daemon(host, tmp_path, {"null": _Broken})
     d.start()
     try:
         addr = d.serve_metrics("127.0.0.1", 0)
@@ -153,9 +160,7 @@ def test_metrics_address_errors(host, tmp_path):
     for bad in ("9571", "host:", "host:port", "h:0", "h:70000"):
         with pytest.raises(ConfigError, match="--metrics: .* is not ADDR:PORT"):
             parse_address(bad)
-    d = Daemon(handlers={}, configfs_root=host.configfs, uio_class=host.uio_class,
-               run_dir=tmp_path / "run", use_netlink=False, use_udev=False,
-               uio_opener=host.open_uio)
+    d = make_daemon(host, tmp_path, {})
     d.start()
     try:
         addr = d.serve_metrics("127.0.0.1", 0)
@@ -187,3 +192,47 @@ def test_log_level_changes_at_runtime(host, tmp_path, capsys):
             assert not runner_log.isEnabledFor(logging.DEBUG)
     finally:
         root.setLevel(saved)
+
+
+def test_tape_library_state_in_status_and_gauges(tmp_path):
+    """A served library's state (elements full per type, cartridges, the shelf, each drive's
+    cartridge) in `tcmu-py status` and as gauges."""
+    from test_vtl_library import DT, ST, make_library
+
+    from tcmu_py.daemon.metrics import families
+    from tcmu_py.daemon.status import render_status
+    from tcmu_py.handlers.vtl import VtlHandler
+
+    lib = make_library(tmp_path, cartridges=3, slots=6)
+    try:
+        lib.media_path("ABC009L8").write_bytes(b"")  # exists, in no element
+        lib.move(ST + 1, DT + 1)
+
+        class Dev:
+            library = lib
+
+        st = {"pid": 1, "devices": [], "handlers": ["vtl"], **VtlHandler.status([Dev(), Dev()])}
+        (entry,) = st["vtl_libraries"]
+        assert entry["elements"]["storage"] == {"total": 6, "full": 2}
+        assert entry["elements"]["drive"] == {"total": 2, "full": 1}
+        assert entry["elements"]["import_export"] == {"total": 2, "full": 0}
+        assert (entry["cartridges"], entry["shelf"]) == (4, 1)
+        assert [d["barcode"] for d in entry["drives"]] == [None, "ABC001L8"]
+        text = render_status(st, handlers={"vtl": VtlHandler})
+        assert "tape libraries" in text
+        assert ["test", "2/6", "0/2", "0=-,", "1=ABC001L8", "4", "1"] in [
+            line.split() for line in text.splitlines()]
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in families(st, {"vtl": VtlHandler}) for s in family.samples
+        }
+    finally:
+        lib.close()
+    base = (("library", "test"), ("path", str(tmp_path / "lib")))
+    assert samples[("tcmu_py_vtl_elements_full", base + (("type", "storage"),))] == 2
+    assert samples[("tcmu_py_vtl_elements", base + (("type", "storage"),))] == 6
+    assert samples[("tcmu_py_vtl_cartridges_on_shelf", base)] == 1
+    loaded = {dict(k[1])["drive"]: v for k, v in samples.items()
+              if k[0] == "tcmu_py_vtl_drive_loaded"}
+    assert loaded == {"0": 0.0, "1": 1.0}
+    assert any(k[0] == "tcmu_py_vtl_filesystem_free_bytes" for k in samples)
