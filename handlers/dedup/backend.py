@@ -144,7 +144,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
             a, b = idx * cs, min((idx + 1) * cs, size)  # the short last chunk counts up to size
             if a < offset or b > end:
                 partial.append(idx)
-            elif uniform is not None:
+            elif uniform is not None and b - a == cs:  # the short last chunk: zero-padded below
                 whole.append((idx, None, None) if uniform_fp is None
                              else (idx, uniform, uniform_fp))
             else:

@@ -187,3 +187,32 @@ def test_two_disks_match_the_model(pool: DedupPool, ops: list[tuple[str, int, An
             pool.drop_disk(name)
     pool.collect(30, dead_percent=1)
     assert pool.used == 0
+
+
+def test_write_same_over_the_short_last_chunk_stores_zeros_past_the_end(pool: DedupPool) -> None:
+    """The last chunk of a disk whose size is not a multiple of the chunk size is stored padded
+    with zeros, also by WRITE SAME (which once stored its pattern past the end: two different
+    contents shared one chunk, and a disk grown later read the pattern in its new blocks)."""
+    name = f"tail{next(_names)}"
+    tail = 96  # blocks 96..98: the short last chunk (SIZE is 12 chunks and 3 blocks)
+    try:
+        for size in (SIZE, SIZE + 5 * BS):  # then grown to whole chunks
+            dev = DedupHandler.open(DeviceConfig(name, "dedup", f"pool={pool.path}", size,
+                                                 block_size=BS, write_cache=True))
+            ring = RingHarness(dev)
+            try:
+                ring.run(cdbs.test_unit_ready())
+                if size == SIZE:
+                    assert ring.run(cdbs.write_same16(0, BPC), data_out=block(1)).good
+                    assert ring.run(cdbs.write_same16(tail, 3), data_out=block(1)).good
+                    st_ = pool.status()
+                    assert st_.chunks == 2, st_  # block(1) x8 and block(1) x3 + zeros
+                else:
+                    got = ring.run(cdbs.read16(tail, 8), data_in_len=8 * BS)
+                    assert got.good and got.data == block(1) * 3 + bytes(5 * BS)
+            finally:
+                ring.close()
+                dev.close()
+    finally:
+        pool.drop_disk(name)
+        pool.collect(30, dead_percent=1)
