@@ -115,8 +115,13 @@ def sg_identity(ctx: Context) -> None:
     assert "TCMU-PY" in out, out
 
     out = sg("sg_vpd", "-p", "0xb0", str(dev), ctx=ctx)
+    # MAXIMUM TRANSFER LENGTH: what one command can carry in the ring's data area
+    # (max_data_area_mb); OPTIMAL TRANSFER LENGTH: hw_max_sectors.
+    data_blocks = CONTROL["max_data_area_mb"] * MIB // 512
     m = re.search(r"Maximum transfer length:\s+(\d+)", out)
-    assert m and int(m.group(1)) == 1024, f"max transfer (hw_max_sectors 1024):\n{out}"
+    assert m and int(m.group(1)) == data_blocks, f"max transfer ({data_blocks}):\n{out}"
+    m = re.search(r"Optimal transfer length:\s+(\d+)", out)
+    assert m and int(m.group(1)) == CONTROL["hw_max_sectors"], f"optimal transfer:\n{out}"
     assert re.search(r"Maximum unmap LBA count:\s+0\b", out), out
 
     out = sg("sg_readcap", "-l", str(dev), ctx=ctx)
