@@ -4,6 +4,7 @@ Ring + DeviceRunner with the FakeKernel as initiator, as stenc 1.0.7 would drive
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from tcmu_py.handlers.vtl.cartridge import (
     DATA_VERSION_ENCRYPTED,
     FORMAT_VERSION,
     Cartridge,
+    RecordType,
     dump,
 )
 from tcmu_py.handlers.vtl.drive import TapeDrive
@@ -416,3 +418,45 @@ def test_clear_cartridge_stays_version_1_and_encrypted_one_becomes_2(
         assert cart.data_version == DATA_VERSION_ENCRYPTED and cart.object_count == 4
         buf = bytearray(100)
         assert cart.read(0, [memoryview(buf)])[1] == 5 and bytes(buf[:5]) == b"clear"
+
+
+def test_header_upgrade_is_durable_before_the_first_encrypted_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version-2 header reaches the disk (fdatasync) before any encrypted record is written,
+    so a crash in between leaves a version-2 cartridge with the old records, readable."""
+    Cartridge.create(tmp_path / "c", "ENC002L8")
+    events: list[str] = []
+    with Cartridge.open(tmp_path / "c") as cart:
+        cart.append(RecordType.DATA, [[b"clear"]])
+        cart.sync()
+        real_pwrite, real_sync, real_pwritev = os.pwrite, os.fdatasync, os.pwritev
+
+        def pwrite(fd: int, data: bytes, off: int) -> int:
+            events.append(f"pwrite@{off}")
+            return real_pwrite(fd, data, off)
+
+        def fdatasync(fd: int) -> None:
+            events.append("fdatasync")
+            real_sync(fd)
+
+        def crash(fd: int, bufs: object, off: int) -> int:
+            events.append(f"pwritev@{off}")
+            raise OSError(5, "simulated crash during the record write")
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(os, "pwritev", crash)
+        key = enc.DataKey(KEY)
+        with pytest.raises(OSError):
+            cart.append(RecordType.DATA, [[MARKER]],
+                        seal=lambda o, p, z: key.seal(o, p, compressed=z, rdmd=False))
+        monkeypatch.setattr(os, "pwritev", real_pwritev)
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+        monkeypatch.setattr(os, "fdatasync", real_sync)
+    assert events[:2] == ["pwrite@0", "fdatasync"] and events[2].startswith("pwritev@"), events
+    with Cartridge.open(tmp_path / "c", read_only=True) as cart:
+        assert cart.data_version == DATA_VERSION_ENCRYPTED and cart.object_count == 1
+        buf = bytearray(10)
+        assert cart.read(0, [memoryview(buf)]) == (RecordType.DATA, 5)
+

@@ -2,7 +2,8 @@
 administrator would: set a key on a drive (SECURITY PROTOCOL OUT, SSC-5 8.5.3.2), write with
 dd through st, check `stenc --detail` (pages 0020h and 0021h), read back with the key, turn
 encryption off and read again (the drive refuses: DATA PROTECT, no plain text), and look at
-the cartridge's files on the library directory: none holds the plain text or the key.
+the cartridge's files on the library directory: none holds the plain text or the key (nor does
+the daemon's log).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def dd_read(ctx: Context, tape: Path, out: Path) -> int:
 def stenc_key_write_read_and_refusal(ctx: Context) -> None:
     """stenc -e on -k key -a 1; dd write; --detail shows encryption on and the volume
     decryptable; dd read back identical; stenc -e off; dd read fails without plain text; the
-    cartridge's files hold neither the plain text nor the key."""
+    cartridge's files and the daemon's log hold neither the plain text nor the key."""
     assert shutil.which("stenc"), "stenc missing (bootstrap installs it)"
     lab = serve_library(ctx)
     st = wait_for(lambda: mtx_status_with(ctx, lab, BARCODE), ctx.remaining(60),
@@ -91,10 +92,10 @@ def stenc_key_write_read_and_refusal(ctx: Context) -> None:
     assert dd_read(ctx, tape, refused) != 0, "reading without the key succeeded"
     assert MARKER not in (refused.read_bytes() if refused.exists() else b"")
 
-    # The cartridge on the library directory (the host's path: the guest shares its root):
-    # neither the marker nor the key in any of its files.
+    # The cartridge's files as the daemon wrote them (<library>/media/<barcode>): neither the
+    # marker nor the key in any of them; nor is the key in the daemon's log.
     mt(ctx, tape, "rewind")
-    cart = lab.library / BARCODE
+    cart = lab.library / "media" / BARCODE
     files = sorted(p for p in cart.iterdir() if p.is_file())
     assert any(p.name == "data" for p in files), files
     for p in files:
@@ -102,3 +103,5 @@ def stenc_key_write_read_and_refusal(ctx: Context) -> None:
         assert MARKER not in raw, f"{p} holds the plain text"
         assert key not in raw and key.hex().encode() not in raw, f"{p} holds the key"
     ctx.details["cartridge_files"] = {p.name: p.stat().st_size for p in files}
+    daemon_log = (ctx.artifacts / "daemon.log").read_bytes()
+    assert key.hex().encode() not in daemon_log and key not in daemon_log
