@@ -1135,9 +1135,11 @@ def dump(path: str | os.PathLike[str]) -> Iterator[DumpEntry]:
 
 
 def format_dump(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Human-readable `dump`: one line per run of equal-sized blocks, one per filemark, then EOD."""
+    """Human-readable `dump`: one line per run of equal-sized blocks (encrypted ones marked), one
+    per filemark, then EOD."""
     run_start = run_len = run_size = 0
     run_stored = 0
+    run_encrypted = False
     total = 0
     last = -1
 
@@ -1145,7 +1147,7 @@ def format_dump(path: str | os.PathLike[str]) -> Iterator[str]:
         if run_len:
             yield (
                 f"{run_start:>12}  {run_len} block(s) x {run_size} bytes"
-                f" ({run_stored} stored)"
+                f" ({run_stored} stored{', encrypted' if run_encrypted else ''})"
             )
 
     for e in dump(path):
@@ -1156,11 +1158,12 @@ def format_dump(path: str | os.PathLike[str]) -> Iterator[str]:
             run_len = 0
             yield f"{e.object_id:>12}  filemark"
             continue
-        if run_len and e.logical_length == run_size:
+        if run_len and e.logical_length == run_size and e.encrypted == run_encrypted:
             run_len += 1
             run_stored += e.stored_length
             continue
         yield from flush()
         run_start, run_len, run_size, run_stored = e.object_id, 1, e.logical_length, e.stored_length
+        run_encrypted = e.encrypted
     yield from flush()
     yield f"{last + 1:>12}  end of data ({total} data bytes)"

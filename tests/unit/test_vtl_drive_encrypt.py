@@ -21,6 +21,7 @@ from tcmu_py.handlers.vtl.cartridge import (
     Cartridge,
     RecordType,
     dump,
+    format_dump,
 )
 from tcmu_py.handlers.vtl.drive import TapeDrive
 from tcmu_py.scsi import ssc
@@ -204,6 +205,8 @@ def test_encrypted_records_read_back_with_the_key(drive: Drive, lib: FakeLibrary
         assert r.status == 0 and r.data == b
     entries = list(dump(lib.media_path("ENC001L8")))
     assert [e.encrypted for e in entries] == [True] * 6 + [False]
+    lines = list(format_dump(lib.media_path("ENC001L8")))
+    assert lines[0].endswith(f"({entries[0].stored_length} stored, encrypted)"), lines
     assert all(e.logical_length == len(b) for e, b in zip(entries, blocks, strict=False))
 
 
