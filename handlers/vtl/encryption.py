@@ -20,7 +20,7 @@ Rules this file obeys
   envelope header, the KADs, the record's logical object number and its compression flag, so a
   record moved, relabelled or flipped between compressed and not fails its tag.
 * Data is compressed (if at all) before it is encrypted, as an LTO drive does.
-* Events that clear the key (SSC-5 4.2.27 data encryption parameters): power on (a daemon
+* Events that clear the key (SSC-5 8.5.3.2 and its data encryption clause): power on (a daemon
   start: nothing is persisted), demount of the cartridge when CKOD was set, and setting new
   parameters (the old key is wiped). TCMU passes no I_T nexus loss to userspace, so LOCAL scope
   (parameters tied to one I_T nexus) is not offered (capability page AITN only) and refused.
@@ -275,9 +275,10 @@ class DriveEncryption:
         return self.params.rdmc == RDMC_PROTECT
 
     def read_key(self, env: Envelope | None) -> DataKey | None:
-        """How a READ treats the data block at the position (SSC-5 4.2.27.x, codes as LTO
-        drives report them): the key to decrypt with, None to return the stored bytes (a clear
-        block, or an encrypted one in RAW mode), or a DATA PROTECT 74h error."""
+        """How a READ treats the data block at the position (SSC-5 8.5.3.2 decryption modes;
+        the codes as LTO drives report them): the key to decrypt with, None to return the
+        stored bytes (a clear block, or an encrypted one in RAW mode), or a DATA PROTECT 74h
+        error."""
         mode = self.params.decryption_mode
         if env is None:
             if mode == DECRYPT_DECRYPT:
