@@ -299,9 +299,10 @@ def _pack_file_header(epoch: int, version: int = FORMAT_VERSION) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def _unpack_file_header(raw: bytes, path: Path) -> tuple[int, bool, int]:
+def _read_file_header(raw: bytes, path: Path) -> tuple[int, bool, int]:
     """(epoch, whether the header's CRC verifies, version) of data file `path`; StateFileError
-    if it is no cartridge data file of a version we read (see the module doc for a failing CRC)."""
+    if it is no cartridge data file of a version we read (see the module doc for a failing CRC).
+    """
     if len(raw) < FILE_HEADER_SIZE:
         raise invalid(path, "header", raw, f"a {FILE_HEADER_SIZE}-byte file header")
     body = raw[: FILE_HEADER_SIZE - 4]
@@ -312,6 +313,11 @@ def _unpack_file_header(raw: bytes, path: Path) -> tuple[int, bool, int]:
         raise invalid(path, "header version", version, f"format version {DATA_VERSIONS}")
     intact = _CRC.unpack_from(raw, FILE_HEADER_SIZE - 4)[0] == zlib.crc32(body)
     return int(epoch), intact, int(version)
+
+
+def _unpack_file_header(raw: bytes, path: Path) -> tuple[int, bool]:
+    """(epoch, whether the header's CRC verifies) of data file `path` (see `_read_file_header`)."""
+    return _read_file_header(raw, path)[:2]
 
 
 def _index_epoch(path: Path) -> int | None:
@@ -466,7 +472,7 @@ class Cartridge:
         return cart
 
     def _recover(self) -> None:
-        self._epoch, intact, self._data_version = _unpack_file_header(
+        self._epoch, intact, self._data_version = _read_file_header(
             os.pread(self._fd, FILE_HEADER_SIZE, 0), self.path / DATA_FILE
         )
         size = os.fstat(self._fd).st_size
