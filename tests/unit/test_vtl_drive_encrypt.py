@@ -211,7 +211,6 @@ def test_encrypted_records_read_back_with_the_key(drive: Drive, lib: FakeLibrary
 
 
 def test_cartridge_files_hold_no_plain_text_and_no_key(drive: Drive, lib: FakeLibrary) -> None:
-    drive.run(bytes([0x15, 0x10, 0, 0, 0, 0]))  # compression stays as configured
     written_with_key(drive, [MARKER * 50, MARKER])
     drive.unload()
     path = lib.media_path("ENC001L8")
@@ -219,6 +218,15 @@ def test_cartridge_files_hold_no_plain_text_and_no_key(drive: Drive, lib: FakeLi
         raw = f.read_bytes()
         assert MARKER[:16] not in raw, f
         assert KEY not in raw and KEY.hex().encode() not in raw, f
+
+
+def test_blocks_are_compressed_then_encrypted(drive: Drive, lib: FakeLibrary) -> None:
+    drive.dev.compression = True  # MODE SELECT page 0Fh DCE (test_vtl_drive covers the page)
+    block = MARKER * 2000
+    written_with_key(drive, [block])
+    e = next(iter(dump(lib.media_path("ENC001L8"))))
+    assert e.compressed and e.encrypted and e.stored_length < len(block) // 10
+    assert drive.read(len(block)).data == block
 
 
 def test_read_without_a_key_is_unable_to_decrypt(drive: Drive) -> None:
@@ -378,6 +386,9 @@ def test_repr_and_logs_never_show_the_key(drive: Drive, caplog: pytest.LogCaptur
         (sde_page() + b"\x02\x00\x00\x01x", 52, None),  # a NONCE descriptor
         (sde_page() + b"\x00\x00", 52, None),  # a truncated descriptor
     ],
+    ids=["page-length", "page-code", "scope-local", "lock", "rdmc-01", "sdk", "ckorp",
+         "external", "decryption-mode", "algorithm", "key-format", "key-length", "ukad-long",
+         "nonce-kad", "truncated-kad"],
 )
 def test_bad_set_data_encryption_page_is_invalid_field_in_parameter_list(
     drive: Drive, page: bytes, field: int, bit: int | None
