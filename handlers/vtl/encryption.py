@@ -169,11 +169,12 @@ class DataKey:
 
     def seal(self, obj: int, plaintext: bytes, *, compressed: bool, rdmd: bool) -> bytes:
         """The envelope of `plaintext` stored as logical object `obj`."""
+        nonce = os.urandom(12)  # 96 random bits per record (NIST SP 800-38D 8.2.2)
         head = _ENVELOPE.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, ALGORITHM_INDEX,
-                              ENVELOPE_FLAG_RDMD if rdmd else 0, self.key_id, os.urandom(12),
+                              ENVELOPE_FLAG_RDMD if rdmd else 0, self.key_id, nonce,
                               len(self.ukad), len(self.akad))
         prefix = head + self.ukad + self.akad
-        ct = self._cipher().encrypt(head[24:36], plaintext, prefix + _OBJ.pack(obj, compressed))
+        ct = self._cipher().encrypt(nonce, plaintext, prefix + _OBJ.pack(obj, compressed))
         return prefix + ct
 
     def unseal(self, env: Envelope, obj: int, stored: bytes, *, compressed: bool) -> bytes:
