@@ -474,3 +474,16 @@ def test_header_upgrade_is_durable_before_the_first_encrypted_record(
         buf = bytearray(10)
         assert cart.read(0, [memoryview(buf)]) == (RecordType.DATA, 5)
 
+
+
+def test_every_record_has_its_own_nonce_and_names_the_key_not_holds_it(
+    drive: Drive, lib: FakeLibrary
+) -> None:
+    written_with_key(drive, [MARKER] * 200)
+    drive.unload()
+    with Cartridge.open(lib.media_path("ENC001L8"), read_only=True) as cart:
+        envs = [cart.next_object(i)[1] for i in range(200)]
+    assert all(e is not None for e in envs)
+    assert len({e.nonce for e in envs if e is not None}) == 200
+    assert {e.key_id for e in envs if e is not None} == {enc.key_identifier(KEY)}
+    assert enc.key_identifier(KEY) != enc.key_identifier(OTHER_KEY)
