@@ -766,7 +766,7 @@ class Cartridge:
                 raise CorruptRecord(f"{self.barcode}: object {obj}: encryption envelope")
             key = policy(env) if policy is not None else None
             if key is None:  # the stored bytes, as a drive's RAW decryption mode returns them
-                payload, flags, logical = payload, 0, stored
+                flags, logical = 0, stored
             else:
                 try:
                     payload = key.unseal(env, obj, payload, compressed=bool(flags & FLAG_ZLIB))
