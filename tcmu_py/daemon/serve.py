@@ -275,8 +275,16 @@ class Daemon:
         except OSError as exc:
             log.warning("netlink TCM-USER unavailable (%s); following udev only", exc)
             return
-        # Replies let the kernel fail `enable` when our handler rejects a config string.
-        self._netlink.set_features(kern_cmd_reply=True)
+        # Replies let the kernel fail `enable` when our handler rejects a config string. Not
+        # next to tcmu-runner (we registered with it: it owns the D-Bus name): it answers every
+        # ADDED_DEVICE of a subtype it lacks with -ENOENT, so while the kernel waits for
+        # replies our backstores' `enable` fails. Off, no device waits; targetcli's CheckConfig
+        # (forwarded to us) still refuses a bad config string before anything is created.
+        replies = not (self._dbus is not None and self._dbus.registered)
+        if not replies:
+            log.warning("tcmu-runner runs: kernel command replies turned off (SET_FEATURES 0) "
+                        "so that its -ENOENT for our subtypes cannot fail their enable")
+        self._netlink.set_features(kern_cmd_reply=replies)
 
     def _start_udev(self) -> None:
         try:

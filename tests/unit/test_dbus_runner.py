@@ -119,3 +119,32 @@ def test_owner_without_handler_manager_is_one_log_line(
         assert len(lines) == 1 and "does not take tcmu-py's subtypes" in lines[0], lines
     finally:
         first.close()
+
+
+@pytest.mark.parametrize(("registered", "replies"), [([], True), (["raw"], False)])
+def test_kernel_replies_off_next_to_tcmu_runner(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, registered: list[str],
+        replies: bool) -> None:
+    """tcmu-runner answers ADDED_DEVICE of every subtype it lacks with -ENOENT (libtcmu.c,
+    device_add): while the kernel waits for replies, our backstores' enable would fail. Once
+    registered with it, `serve` turns replies off; alone, it turns them on."""
+    from tcmu_py.daemon import netlink
+    from tcmu_py.daemon.serve import Daemon
+
+    sent: list[bool] = []
+
+    class FakeNetlink:
+        def set_features(self, kern_cmd_reply: bool = True) -> None:
+            sent.append(kern_cmd_reply)
+
+    monkeypatch.setattr(netlink, "TcmuNetlink", FakeNetlink)
+    d: Any = Daemon(handlers=HANDLERS, configfs_root=tmp_path / "cfs",
+                    uio_class=tmp_path / "uio", run_dir=tmp_path / "run", use_udev=False)
+
+    class Registered:
+        pass
+
+    d._dbus = Registered()
+    d._dbus.registered = registered
+    d._open_netlink()
+    assert sent == [replies]
