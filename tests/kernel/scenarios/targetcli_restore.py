@@ -31,6 +31,7 @@ from guestlib import CORE, Context, Daemon, have, log, run, scenario, wait_for
 
 from scenarios.targetcli_dbus import (
     MIB,
+    activate,
     install_system,
     serve_status,
     stop_pid,
@@ -79,6 +80,7 @@ def before_reboot(ctx: Context) -> None:
     _mount(ctx, fresh=True)
     install_system(ctx)
     system_bus(ctx)
+    activate(ctx)  # no daemon started by hand: targetcli's first call starts it
     image = MOUNT / "d0.img"
     wwn = "naa.5001405" + os.urandom(5).hex()[:9]
     script = "\n".join([
