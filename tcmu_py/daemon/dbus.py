@@ -28,9 +28,10 @@ shows our ConfigDesc) and forwards each ``CheckConfig`` to us. That is all Regis
 does: tcmu-runner's netlink side (libtcmu) keeps the handler list it had at start, so it still
 answers the kernel's ADDED_DEVICE for these subtypes with -ENOENT ("could not find handler");
 a backstore that waits for replies (``nl_reply_supported`` > 0, the default once any daemon
-turned replies on) then fails `enable` whichever daemon answers first. `RUNNER_NOTE` says so in
-the log; README.md ("targetcli and tcmu-runner") gives the ``control=nl_reply_supported=-1``
-that makes such backstores work next to tcmu-runner.
+turned replies on) then fails `enable` whichever daemon answers first. So `serve`, once
+registered, turns kernel replies off (serve.py, ``_open_netlink``). When tcmu-py owns the name
+first, tcmu-runner queues for it and turns replies on: `RUNNER_NOTE` (README.md, "Next to
+tcmu-runner") gives the ``control=nl_reply_supported=-1`` such backstores need then.
 """
 
 from __future__ import annotations
@@ -283,7 +284,9 @@ class DBusService:
                 return False
             log.warning("D-Bus: %s is owned by another daemon (tcmu-runner); registered %s "
                         "with its HandlerManager1: targetcli lists them and it forwards "
-                        "CheckConfig here. %s", BUS_NAME, ", ".join(registered), RUNNER_NOTE)
+                        "CheckConfig here. It answers the kernel's ADDED_DEVICE for them with "
+                        "-ENOENT: kernel command replies go off", BUS_NAME,
+                        ", ".join(registered))
             self.registered = registered
         else:
             log.info("D-Bus: %s on the %s bus (%s)", BUS_NAME, self.bus.lower(),
