@@ -134,7 +134,13 @@ def _teardown(ctx: Context, *lines: str) -> float:
     user backstore sends REMOVED_DEVICE: this returning at all says no reply was awaited for
     good."""
     t0 = time.monotonic()
-    _targetcli(ctx, *lines)
+    try:
+        _targetcli(ctx, *lines)
+    except TimeoutError:
+        # Where it waits: the kernel stacks of blocked tasks (sysrq w) into the details.
+        Path("/proc/sysrq-trigger").write_text("w")
+        ctx.details["blocked_tasks"] = run(["dmesg"], timeout=30).stdout.splitlines()[-120:]
+        raise
     return round(time.monotonic() - t0, 1)
 
 
