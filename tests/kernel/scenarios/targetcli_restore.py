@@ -3,7 +3,8 @@ saveconfig`` in one boot, ``targetctl restore`` (what target.service runs) in th
 data written in the first boot reads back in the second, with no manual step.
 
 Two boots share one disk (/dev/vda, ext4, attached by tests/kernel/test_targetcli_restore.py):
-it holds the raw image and, bind-mounted on /etc/target, targetcli's saved configuration.
+it holds the raw image and, bind-mounted on targetcli's configuration directory (/etc/target, or
+/etc/rtslib-fb-target on Debian), its saved configuration.
 
 - ``before_reboot``: README's install; the first targetcli call starts tcmu-py by D-Bus
   activation; a user:raw disk and a loopback LUN made in targetcli; a pattern written through
@@ -23,6 +24,7 @@ import json
 import os
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +42,13 @@ from scenarios.targetcli_dbus import (
 
 DISK = Path("/dev/vda")
 MOUNT = Path("/tmp/restore-disk")   # the image path in the saved cfgstring: same in both boots
-ETC_TARGET = Path("/etc/target")
+#: Where targetcli saves and targetctl restores: rtslib-fb's default_save_file (Debian's
+#: rtslib-fb: /etc/rtslib-fb-target/saveconfig.json; upstream: /etc/target/saveconfig.json).
+def _save_file() -> Path:
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", "import rtslib_fb.root as r; print(r.default_save_file)"],
+        capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    return Path(out or "/etc/target/saveconfig.json")
 EXPECTED = "expected.json"
 SIZE = 64 * MIB
 UNIT = Path("/etc/systemd/system/tcmu-py.service")          # as install-system.sh puts it
@@ -58,11 +66,10 @@ def _mount(ctx: Context, fresh: bool) -> None:
     run(["mount", "-t", "ext4", str(DISK), str(MOUNT)], timeout=ctx.remaining(60))
     ctx.cleanup.callback(lambda: run(["umount", "-l", str(MOUNT)], timeout=60, check=False))
     (MOUNT / "etc-target").mkdir(exist_ok=True)
-    ETC_TARGET.mkdir(parents=True, exist_ok=True)
-    run(["mount", "--bind", str(MOUNT / "etc-target"), str(ETC_TARGET)],
-        timeout=ctx.remaining(30))
-    ctx.cleanup.callback(lambda: run(["umount", "-l", str(ETC_TARGET)], timeout=60,
-                                     check=False))
+    conf = _save_file().parent
+    conf.mkdir(parents=True, exist_ok=True)
+    run(["mount", "--bind", str(MOUNT / "etc-target"), str(conf)], timeout=ctx.remaining(30))
+    ctx.cleanup.callback(lambda: run(["umount", "-l", str(conf)], timeout=60, check=False))
 
 
 def _loopback_disk() -> Path | None:
@@ -101,7 +108,7 @@ def before_reboot(ctx: Context) -> None:
     run(["dd", f"if={src}", f"of={dev}", "bs=64k", f"seek={SEEK}", "oflag=direct",
          "conv=fsync", "status=none"], timeout=ctx.remaining(60))
     run(["targetcli", "saveconfig"], timeout=ctx.remaining(120))
-    saved = json.loads((ETC_TARGET / "saveconfig.json").read_text())
+    saved = json.loads(_save_file().read_text())
     users = [so for so in saved["storage_objects"] if so.get("plugin") == "user"]
     assert [(so["name"], so["config"]) for so in users] == [("d0", f"raw/{image}")], users
     expected = {"wwn": wwn, "image": str(image),
