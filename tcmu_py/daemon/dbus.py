@@ -16,8 +16,22 @@ served too; nothing else.
 
 Connection: jeepney (pure Python, no GLib main loop), one thread of its own (``tcmu-dbus``) as
 the control socket has: a slow or hostile bus peer never holds the device loops or netlink. No
-system bus, or the name owned by another daemon (tcmu-runner): one log line, and `serve` runs
-without it.
+system bus: one log line, and `serve` runs without it.
+
+When tcmu-runner owns the name (it was first), tcmu-py joins it the way tcmu-runner accepts
+external handlers (its main.c, ``on_register_handler``): for each subtype it owns
+``org.kernel.TCMUService1.HandlerManager1.<subtype>``, serves ``CheckConfig`` at
+``/org/kernel/TCMUService1/HandlerManager1/<subtype>``, and calls
+``HandlerManager1.RegisterHandler(subtype, ConfigDesc) -> (b, s)`` on tcmu-runner, which then
+exports ``/org/kernel/TCMUService1/<subtype>`` itself (targetcli lists it, ``help create``
+shows our ConfigDesc) and forwards each ``CheckConfig`` to us. That is all RegisterHandler
+does: tcmu-runner's netlink side (libtcmu) keeps the handler list it had at start, so it still
+answers the kernel's ADDED_DEVICE for these subtypes with -ENOENT ("could not find handler");
+a backstore that waits for replies (``nl_reply_supported`` > 0, the default once any daemon
+turned replies on) then fails `enable` whichever daemon answers first. So `serve`, once
+registered, turns kernel replies off (serve.py, ``_open_netlink``). When tcmu-py owns the name
+first, tcmu-runner queues for it and turns replies on: `RUNNER_NOTE` (README.md, "Next to
+tcmu-runner") gives the ``control=nl_reply_supported=-1`` such backstores need then.
 """
 
 from __future__ import annotations
@@ -47,6 +61,15 @@ INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 _DO_NOT_QUEUE = 4
 _PRIMARY_OWNER = 1
 _ALREADY_OWNER = 4
+
+#: tcmu-runner's interface for handlers that live in another process (its main.c).
+MANAGER_PATH = ROOT_PATH + "/HandlerManager1"
+MANAGER_IFACE = "org.kernel.TCMUService1.HandlerManager1"
+MANAGER_NAME = BUS_NAME + ".HandlerManager1"
+
+RUNNER_NOTE = ("tcmu-runner answers the kernel's ADDED_DEVICE for subtypes it does not serve "
+               "with -ENOENT: create tcmu-py backstores with control=nl_reply_supported=-1 "
+               "while it runs")
 
 #: An object path element: [A-Za-z0-9_] (D-Bus specification, "Valid Object Paths").
 _PATH_ELEMENT = re.compile(r"[A-Za-z0-9_]+")
@@ -88,6 +111,9 @@ class TcmuService:
 
     def __init__(self, handlers: Mapping[str, type[Handler]]) -> None:
         self.objects: dict[str, type[Handler]] = {}
+        #: Objects registered with tcmu-runner's HandlerManager1 (`DBusService.register_with`):
+        #: the paths it forwards CheckConfig to; not listed by our ObjectManager.
+        self.external: dict[str, type[Handler]] = {}
         for subtype in handlers:
             try:
                 handler = handlers[subtype]
@@ -124,9 +150,15 @@ class TcmuService:
             return False, str(exc) or type(exc).__name__
         return True, "success"
 
+    def subtypes(self) -> list[str]:
+        return sorted(p.rsplit("/", 1)[1] for p in self.objects)
+
+    def export_external(self, subtype: str) -> None:
+        self.external[f"{MANAGER_PATH}/{subtype}"] = self.objects[f"{ROOT_PATH}/{subtype}"]
+
     def introspect(self, path: str) -> str | None:
         children = {p[len(ROOT_PATH) + 1:] for p in self.objects}
-        if path in self.objects:
+        if path in self.objects or path in self.external:
             body = _HANDLER_XML + _PROPERTIES_XML + _INTROSPECT_XML
         elif path == ROOT_PATH:
             body = _MANAGER_XML + _INTROSPECT_XML + "".join(
@@ -164,7 +196,7 @@ class TcmuService:
 
     def _dispatch(self, path: str, iface: str | None, member: str | None,
                   body: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
-        handler = self.objects.get(path)
+        handler = self.objects.get(path) or self.external.get(path)
         if member == "Introspect" and iface in (None, INTROSPECTABLE):
             xml = self.introspect(path)
             if xml is not None:
@@ -212,6 +244,8 @@ class DBusService:
         self.service = TcmuService(handlers)
         self.bus = bus
         self._connect = connect
+        #: Subtypes registered with another owner's HandlerManager1 ([] when we own the name).
+        self.registered: list[str] = []
         self._conn: Any = None
         self._thread: threading.Thread | None = None
         self._stop_r, self._stop_w = os.pipe()
@@ -241,16 +275,69 @@ class DBusService:
             log.info("D-Bus service off: cannot own %s (%s)", BUS_NAME, exc)
             return False
         if code not in (_PRIMARY_OWNER, _ALREADY_OWNER):
-            conn.close()
-            log.info("D-Bus service off: %s is owned by another daemon (tcmu-runner?); "
-                     "targetcli lists that daemon's subtypes, not tcmu-py's", BUS_NAME)
-            return False
+            registered = self._register_with_owner(conn)
+            if not registered:
+                conn.close()
+                log.info("D-Bus service off: %s is owned by another daemon that does not take "
+                         "tcmu-py's subtypes; targetcli lists that daemon's subtypes only. %s",
+                         BUS_NAME, RUNNER_NOTE)
+                return False
+            log.warning("D-Bus: %s is owned by another daemon (tcmu-runner); registered %s "
+                        "with its HandlerManager1: targetcli lists them and it forwards "
+                        "CheckConfig here. It answers the kernel's ADDED_DEVICE for them with "
+                        "-ENOENT: kernel command replies go off", BUS_NAME,
+                        ", ".join(registered))
+            self.registered = registered
+        else:
+            log.info("D-Bus: %s on the %s bus (%s)", BUS_NAME, self.bus.lower(),
+                     ", ".join(self.service.subtypes()))
         self._conn = conn
         self._thread = threading.Thread(target=self._run, name="tcmu-dbus", daemon=True)
         self._thread.start()
-        log.info("D-Bus: %s on the %s bus (%s)", BUS_NAME, self.bus.lower(),
-                 ", ".join(sorted(p.rsplit("/", 1)[1] for p in self.service.objects)))
         return True
+
+    def _register_with_owner(self, conn: Any) -> list[str]:
+        """Join the daemon that owns the name (tcmu-runner) as an external handler: own
+        ``HandlerManager1.<subtype>``, answer CheckConfig at its path, call RegisterHandler.
+        Returns the subtypes it accepted ([] when it has no HandlerManager1)."""
+        from jeepney import DBusAddress, MessageType, new_method_call
+
+        bus = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
+                          interface="org.freedesktop.DBus")
+        manager = DBusAddress(MANAGER_PATH, bus_name=BUS_NAME, interface=MANAGER_IFACE)
+        accepted: list[str] = []
+        for subtype in self.service.subtypes():
+            handler = self.service.objects[f"{ROOT_PATH}/{subtype}"]
+            try:
+                reply = conn.send_and_get_reply(new_method_call(
+                    bus, "RequestName", "su", (f"{MANAGER_NAME}.{subtype}", _DO_NOT_QUEUE)),
+                    timeout=10)
+                if not reply.body or reply.body[0] not in (_PRIMARY_OWNER, _ALREADY_OWNER):
+                    log.warning("D-Bus: %s.%s is taken; %s not registered", MANAGER_NAME,
+                                subtype, subtype)
+                    continue
+                # Served before tcmu-runner is asked: it may call CheckConfig at once.
+                self.service.export_external(subtype)
+                desc = self.service.properties(handler)["ConfigDesc"][1]
+                reply = conn.send_and_get_reply(new_method_call(
+                    manager, "RegisterHandler", "ss", (subtype, desc)), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - no HandlerManager1, refused, timeout
+                log.info("D-Bus: RegisterHandler(%s) on the owner of %s failed: %s", subtype,
+                         BUS_NAME, exc)
+                self.service.external.pop(f"{MANAGER_PATH}/{subtype}", None)
+                continue
+            if reply.header.message_type is MessageType.error:  # no HandlerManager1 there
+                self.service.external.clear()
+                log.debug("D-Bus: the owner of %s has no RegisterHandler: %s", BUS_NAME,
+                          reply.body)
+                return []
+            ok, text = (tuple(reply.body) + (None, None))[:2]
+            if ok is True:
+                accepted.append(subtype)
+            else:
+                self.service.external.pop(f"{MANAGER_PATH}/{subtype}", None)
+                log.warning("D-Bus: RegisterHandler(%s) refused: %s", subtype, text)
+        return accepted
 
     def _run(self) -> None:
         conn = self._conn

@@ -275,8 +275,16 @@ class Daemon:
         except OSError as exc:
             log.warning("netlink TCM-USER unavailable (%s); following udev only", exc)
             return
-        # Replies let the kernel fail `enable` when our handler rejects a config string.
-        self._netlink.set_features(kern_cmd_reply=True)
+        # Replies let the kernel fail `enable` when our handler rejects a config string. Not
+        # next to tcmu-runner (we registered with it: it owns the D-Bus name): it answers every
+        # ADDED_DEVICE of a subtype it lacks with -ENOENT, so while the kernel waits for
+        # replies our backstores' `enable` fails. Off, no device waits; targetcli's CheckConfig
+        # (forwarded to us) still refuses a bad config string before anything is created.
+        replies = not (self._dbus is not None and self._dbus.registered)
+        if not replies:
+            log.warning("tcmu-runner runs: kernel command replies turned off (SET_FEATURES 0) "
+                        "so that its -ENOENT for our subtypes cannot fail their enable")
+        self._netlink.set_features(kern_cmd_reply=replies)
 
     def _start_udev(self) -> None:
         try:
@@ -567,37 +575,63 @@ class Daemon:
     def _watch_unserved(self, event: Any, uio: UioName) -> None:
         """The kernel's rule (drivers/target/target_core_user.c): whether it waits for a reply
         is one switch for the whole module (SET_FEATURES, which `serve` turns on so that a
-        config string its handler rejects fails `enable`), copied into each device's
-        ``attrib/nl_reply_supported`` when it is enabled unless that was set negative before;
-        and the wait (``tcmu_wait_genl_cmd_reply``) has no time limit. There is no per-subtype
-        switch: a backstore of a subtype nobody serves would hang `enable` (and the configfs
-        writer) for good. So an ADDED_DEVICE of a subtype not served here is left to another
-        daemon (tcmu-runner answers its own) for `UNSERVED_REPLY_SECONDS`; if the device is
-        then still not enabled, `_answer_unserved` answers -ENODEV: `enable` fails, bounded."""
+        config string its handler rejects fails `enable`; tcmu-runner turns it on too), copied
+        into each device's ``attrib/nl_reply_supported`` when it is enabled unless that was set
+        negative before; and the wait (``tcmu_wait_genl_cmd_reply``) has no time limit. There
+        is no per-subtype switch: an event for a device of a subtype nobody serves would hang
+        the configfs writer for good -- `enable` (ADDED_DEVICE), the backstore's rmdir
+        (REMOVED_DEVICE: sent while anyone listens on the group, as `serve` does) and writes of
+        ``dev_config``/``dev_size``/``emulate_write_cache`` (RECONFIG_DEVICE). So such an
+        event is left to another daemon (tcmu-runner answers its own) for
+        `UNSERVED_REPLY_SECONDS`; if the kernel then still waits (`_still_waiting`),
+        `_answer_unserved` answers: -ENODEV for ADDED and RECONFIG (the write fails), 0 for
+        REMOVED (the removal goes on). Bounded either way."""
         from tcmu_py.daemon.netlink import TcmuCmd
 
-        if event.cmd is TcmuCmd.ADDED_DEVICE and self._wants_reply(uio):
+        # REMOVED: nothing below the directory being removed may be read (see `_wants_reply`);
+        # whether the kernel waits is told by its uio node at the deadline.
+        if event.cmd is TcmuCmd.REMOVED_DEVICE or self._wants_reply(uio):
             self._unserved[event.device_id] = (
                 time.monotonic() + UNSERVED_REPLY_SECONDS, event, uio)
 
+    def _still_waiting(self, event: Any, uio: UioName) -> bool:
+        """Whether the kernel still waits for an answer to ``event`` (nobody gave one). ADDED:
+        the device is not enabled. REMOVED: its uio node, which the kernel unregisters right
+        after the reply, still exists under the same name. RECONFIG: the uio node keeps the old
+        name (a new dev_config renames it) and the size / write cache is not the new one."""
+        from tcmu_py.daemon.netlink import TcmuCmd
+
+        cfs = TcmuConfigfs(uio.hba, uio.device, self.configfs_root)
+        try:
+            if event.cmd is TcmuCmd.ADDED_DEVICE:
+                return not cfs.enabled
+            node = (self.uio_class / f"uio{event.minor}" / "name").read_text().strip()
+            if node != event.device:
+                return False
+            if event.cmd is TcmuCmd.REMOVED_DEVICE or event.dev_cfg is not None:
+                return True
+            if event.dev_size is not None:
+                return cfs.size != event.dev_size
+            return event.writecache is None or cfs.write_cache != event.writecache
+        except (OSError, TcmuError, ValueError):
+            return False  # gone meanwhile
+
     def _answer_unserved(self) -> None:
+        from tcmu_py.daemon.netlink import TcmuCmd
+
         now = time.monotonic()
         for dev_id, (deadline, event, uio) in list(self._unserved.items()):
             if now < deadline:
                 continue
             del self._unserved[dev_id]
-            cfs = TcmuConfigfs(uio.hba, uio.device, self.configfs_root)
-            try:
-                enabled = cfs.enabled
-            except TcmuError:
-                continue  # removed meanwhile
-            if enabled or self._netlink is None:
+            if self._netlink is None or not self._still_waiting(event, uio):
                 continue  # another daemon answered
-            log.warning("%s: no daemon answered the kernel for subtype %r within %g s; "
-                        "answering -ENODEV so that enable fails instead of hanging",
-                        uio.device, uio.subtype, UNSERVED_REPLY_SECONDS)
+            status = 0 if event.cmd is TcmuCmd.REMOVED_DEVICE else -errno.ENODEV
+            log.warning("%s: no daemon answered the kernel's %s for subtype %r within %g s; "
+                        "answering %d so that the configfs write ends instead of hanging",
+                        uio.device, event.cmd.name, uio.subtype, UNSERVED_REPLY_SECONDS, status)
             try:
-                self._netlink.reply(event, -errno.ENODEV)
+                self._netlink.reply(event, status)
             except OSError as exc:
                 log.error("%s: netlink reply failed: %s", uio.device, exc)
 

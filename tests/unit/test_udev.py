@@ -179,8 +179,13 @@ def test_unit_file() -> None:
     cp.read_string(UNIT.read_text())
     assert cp.sections() == ["Unit", "Service", "Install"]
     svc = cp["Service"]
-    assert svc["ExecStart"] == "/usr/bin/env tcmu-py serve -c /etc/tcmu-py/config.yaml"
-    assert svc["Restart"] == "on-failure" and svc["Type"] in ("simple", "notify")
+    # with the YAML its LIO objects too; without (no Condition on it): the devices LIO has,
+    # e.g. what `targetctl restore` brings back, and D-Bus activation (SystemdService=) works
+    assert svc["ExecStart"].startswith("/bin/sh -c 'if [ -e /etc/tcmu-py/config.yaml ]; then "
+                                       "exec tcmu-py serve -c /etc/tcmu-py/config.yaml; "
+                                       "else exec tcmu-py serve; fi'")
+    assert "ConditionPathExists" not in cp["Unit"]
+    assert svc["Restart"] == "on-failure" and svc["Type"] == "notify"
     assert "target.service" in cp["Unit"]["Before"].split()
     assert cp["Install"]["WantedBy"] == "multi-user.target"
     # The rules start the unit by this exact name.

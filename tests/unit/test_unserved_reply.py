@@ -88,19 +88,69 @@ def test_unserved_added_device_answered_enodev_after_the_grace(
     fake.close()
 
 
-def test_only_added_device_is_watched(tmp_path: Path) -> None:
-    cfs = tmp_path / "configfs"
-    _device(cfs, 0, "mine", 1, 0)
-    d: Any = Daemon(handlers={"null": NullHandler}, configfs_root=cfs,
-                    uio_class=tmp_path / "uio", run_dir=tmp_path / "run", use_netlink=False,
-                    use_udev=False)
-    from tcmu_py.uio import UioName
+def _uio(root: Path, minor: int, name: str) -> None:
+    (root / f"uio{minor}").mkdir(parents=True)
+    (root / f"uio{minor}" / "name").write_text(name + "\n")
 
-    d._watch_unserved(_added(0, "mine", "qcow//x", 1), UioName.parse("tcm-user/0/mine/qcow//x"))
-    assert list(d._unserved) == [1]
-    d._watch_unserved(DeviceEvent(TcmuCmd.REMOVED_DEVICE, "tcm-user/0/mine/qcow//x", 1, 1),
-                      UioName.parse("tcm-user/0/mine/qcow//x"))
-    assert list(d._unserved) == [1]  # only ADDED_DEVICE is watched
+
+def _run_until_replies(d: Daemon, fake: FakeNetlink, count: int) -> float:
+    t = threading.Thread(target=d.run, kwargs={"install_signals": False})
+    started = time.monotonic()
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(fake.replies) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # every deadline passed: nothing more is pending
+        while d._unserved and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return time.monotonic() - started
+    finally:
+        d.stop()
+        t.join(timeout=30)
+
+
+def test_unserved_removed_and_reconfig_are_bounded_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device of tcmu-runner's subtype enabled while it ran (nl_reply_supported 1), then
+    tcmu-runner gone: with `serve` listening, the kernel sends REMOVED_DEVICE / RECONFIG_DEVICE
+    and waits for good. `serve` answers them after the grace, only where the kernel still
+    waits (its uio node unchanged; the new size not applied)."""
+    monkeypatch.setattr(serve, "UNSERVED_REPLY_SECONDS", 0.3, raising=False)
+    cfs = tmp_path / "configfs"
+    uio = tmp_path / "uio"
+    uio.mkdir()
+    _device(cfs, 0, "gone", 1, 1)       # REMOVED, nobody answers: uio0 still there
+    _uio(uio, 0, "tcm-user/0/gone/file//a.img")
+    _device(cfs, 1, "answered", 1, 1)   # REMOVED answered by tcmu-runner: uio1 gone
+    _device(cfs, 2, "grow", 1, 1)       # RECONFIG dev_size, nobody answers
+    (cfs / "user_2/grow/attrib/dev_size").write_text("1048576\n")
+    _uio(uio, 2, "tcm-user/2/grow/file//b.img")
+    _device(cfs, 3, "grown", 1, 1)      # RECONFIG dev_size answered: the size is the new one
+    (cfs / "user_3/grown/attrib/dev_size").write_text("2097152\n")
+    _uio(uio, 3, "tcm-user/3/grown/file//c.img")
+    _device(cfs, 4, "renamed", 1, 1)    # RECONFIG dev_config answered: uio4 has the new name
+    _uio(uio, 4, "tcm-user/4/renamed/file//new.img")
+    events = [
+        DeviceEvent(TcmuCmd.REMOVED_DEVICE, "tcm-user/0/gone/file//a.img", 0, 20),
+        DeviceEvent(TcmuCmd.REMOVED_DEVICE, "tcm-user/1/answered/file//x.img", 1, 21),
+        DeviceEvent(TcmuCmd.RECONFIG_DEVICE, "tcm-user/2/grow/file//b.img", 2, 22,
+                    dev_size=2097152),
+        DeviceEvent(TcmuCmd.RECONFIG_DEVICE, "tcm-user/3/grown/file//c.img", 3, 23,
+                    dev_size=2097152),
+        DeviceEvent(TcmuCmd.RECONFIG_DEVICE, "tcm-user/4/renamed/file//old.img", 4, 24,
+                    dev_cfg="file//new.img"),
+    ]
+    d = Daemon(handlers={"null": NullHandler}, configfs_root=cfs, uio_class=uio,
+               run_dir=tmp_path / "run", use_netlink=False, use_udev=False)
+    d.start()
+    fake = FakeNetlink(events)
+    d._netlink = fake
+    elapsed = _run_until_replies(d, fake, 2)
+    assert sorted((e.device_id, e.cmd, st) for e, st in fake.replies) == [
+        (20, TcmuCmd.REMOVED_DEVICE, 0), (22, TcmuCmd.RECONFIG_DEVICE, -errno.ENODEV)]
+    assert elapsed >= 0.3 and not d._unserved
+    fake.close()
 
 
 def test_removed_device_answered_though_its_configfs_is_gone(tmp_path: Path) -> None:
