@@ -125,7 +125,9 @@ def before_power_loss(ctx: Context) -> None:
     fio = subprocess.Popen(
         ["fio", "--name=powercut", f"--filename={target}", "--rw=write", "--bs=64k",
          f"--size={FIO_BYTES}", "--ioengine=psync", "--fsync=32", "--dedupe_percentage=50",
-         f"--rate={FIO_RATE}", "--randseed=14"],
+         f"--rate={FIO_RATE}", "--randseed=14",
+         # No layout pass: the file grows as fio writes it, so its size is fio's progress.
+         "--create_on_open=1", "--fallocate=none"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ctx.cleanup.callback(fio.kill)
 
