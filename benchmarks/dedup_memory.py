@@ -1,7 +1,7 @@
 """Resident memory of a dedup pool as its unique chunks grow (issue 14: "the daemon's resident
 memory per million unique chunks; the index must not have to fit in RAM").
 
-    .venv/bin/python benchmarks/dedup_memory.py [--dir /var/tmp/dedup-mem] [--points 0,100000,250000]
+    .venv/bin/python benchmarks/dedup_memory.py [--dir DIR] [--points 0,100000,250000]
 
 Host side, no VM: in this process, a pool (4 KiB chunks, no compression) and one disk opened
 through the handler API as the daemon opens them (`DedupPool.open`, `open_disk` with a write
