@@ -8,7 +8,9 @@ through the handler API as the daemon opens them (`DedupPool.open`, `open_disk` 
 cache, so commits are grouped as under fio), then 1 MiB writes of distinct random data
 (``random.Random(SEED)``, every 4 KiB chunk unique) with a SYNCHRONIZE CACHE (``flush``) every
 64 MiB. At each point (unique chunks stored) the process's VmRSS and the index file's size are
-recorded; the growth per million chunks is the slope between the first and last point. The data
+recorded, and the growth per million chunks between consecutive points (``steps``): RSS
+grows until SQLite's page cache (`CACHE_KIB` per pool) is full and then stays flat, while
+the index grows on disk. The data
 buffers are freed before each reading, so RSS is the pool's (SQLite's page cache, Python
 objects) plus the interpreter's. Prints a JSON report; ``--out`` also writes it to a file.
 
@@ -43,6 +45,7 @@ def rss_bytes() -> int:
 
 def measure(workdir: Path, points: list[int]) -> dict[str, Any]:
     from tcmu_py.handlers.dedup import DedupPool, create_pool
+    from tcmu_py.handlers.dedup.store import CACHE_KIB
 
     pool_dir = workdir / "pool"
     top = max(points)
@@ -81,14 +84,15 @@ def measure(workdir: Path, points: list[int]) -> dict[str, Any]:
             })
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         disk.close()
-    first, last = rows[0], rows[-1]
-    span = last["unique_chunks"] - first["unique_chunks"]
-    per_million = (last["rss_bytes"] - first["rss_bytes"]) * 1_000_000 / span if span else 0.0
-    index_per_million = (last["index_bytes"] - first["index_bytes"]) * 1_000_000 / span \
-        if span else 0.0
-    return {"seed": SEED, "chunk_bytes": CHUNK, "points": rows,
-            "rss_growth_per_million_chunks_bytes": round(per_million),
-            "index_bytes_per_million_chunks": round(index_per_million)}
+    steps = [{"from": a["unique_chunks"], "to": b["unique_chunks"],
+              "rss_bytes_per_million_chunks": round((b["rss_bytes"] - a["rss_bytes"]) * 1e6
+                                                    / (b["unique_chunks"] - a["unique_chunks"])),
+              "index_bytes_per_million_chunks": round(
+                  (b["index_bytes"] - a["index_bytes"]) * 1e6
+                  / (b["unique_chunks"] - a["unique_chunks"]))}
+             for a, b in zip(rows, rows[1:], strict=False)]
+    return {"seed": SEED, "chunk_bytes": CHUNK, "sqlite_cache_kib": CACHE_KIB, "points": rows,
+            "steps": steps}
 
 
 def main() -> int:
