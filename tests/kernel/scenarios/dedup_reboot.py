@@ -32,7 +32,7 @@ import subprocess
 from functools import partial
 from pathlib import Path
 
-from guestlib import Context, disk_by_wwn, log, run, scenario, serve_config, wait_for
+from guestlib import Context, Daemon, disk_by_wwn, log, run, scenario, tcmu_py, wait_for
 
 DISK = Path("/dev/vda")
 MOUNT = Path("/tmp/dedup-disk")
@@ -60,6 +60,22 @@ def _config(ctx: Context, root: Path) -> Path:
         "    - {device: ddr, lun: 0}\n"
     )
     return cfg
+
+
+def _serve(ctx: Context, cfg: Path) -> Daemon:
+    """`tcmu-py serve -c cfg` until ready; on cleanup it stops and its LIO objects are taken
+    down in this process (`guestlib.serve_config` runs ``tcmu-py down``, whose interpreter
+    start-up took up to two minutes on a loaded host)."""
+    from tcmu_py.daemon import lio
+    from tcmu_py.daemon.config import load_state_dir
+
+    ready = ctx.workdir / "ready"
+    d = Daemon(tcmu_py("serve", "-c", str(cfg), "--run-dir", str(ctx.workdir / "run"),
+                       "--ready-file", str(ready)), ctx.artifacts / "daemon.log")
+    ctx.cleanup.callback(lambda: lio.down(load_state_dir(str(cfg))))
+    ctx.cleanup.callback(d.stop)
+    d.start(ready=ready.exists, timeout=ctx.remaining(240))
+    return d
 
 
 def _mount_disk(ctx: Context) -> Path:
@@ -94,7 +110,7 @@ def before_power_loss(ctx: Context) -> None:
     """A dedup disk with fsynced files and fio writing; the VM is reset mid-write."""
     run(["mkfs.ext4", "-q", "-F", str(DISK)], timeout=ctx.remaining(120))
     root = _mount_disk(ctx)
-    _, run_dir = serve_config(ctx, _config(ctx, root))
+    _serve(ctx, _config(ctx, root))
     dev = wait_for(partial(disk_by_wwn, WWN), ctx.remaining(120), f"ddr ({WWN})")
     mnt = ctx.workdir / "mnt"
     mnt.mkdir()
@@ -161,7 +177,7 @@ def after_power_loss(ctx: Context) -> None:
     assert not found.problems, f"the power cut damaged the pool: {found.problems}"
 
     cfg = _config(ctx, root)
-    d, _ = serve_config(ctx, cfg)
+    d = _serve(ctx, cfg)
     dev = wait_for(partial(disk_by_wwn, WWN), ctx.remaining(120), f"ddr ({WWN})")
     _fsck(ctx, dev)
     mnt = ctx.workdir / "mnt"
