@@ -18,8 +18,9 @@ the two targets run back to back (drift in the shared host's load spreads over b
 - writes: the dedup disk is discarded whole (``blkdiscard``) before each run and the pool's
   collector given time to return the space, so each run starts on an empty disk and stores
   what it writes (fresh chunks, the issue's case). fio writes at most the disk once per run
-  (random map on; ``--runtime`` or ``--size``, whichever ends first) with ``refill_buffers`` and
-  ``dedupe_percentage`` 0, 50 or 90; the raw disk gets the same job. The pool's dedup ratio
+  (random map on; ``--runtime`` or ``--size``, whichever ends first) with ``refill_buffers``,
+  ``dedupe_percentage`` 0, 50 or 90 and ``end_fsync`` (the run ends with its data durable: for
+  the dedup disk the pool's commit); the raw disk gets the same job. The pool's dedup ratio
   after each dedup run is recorded.
 - random read: the dedup disk written whole with unique data first (fio, 1 MiB); the raw image
   is already full; then 4 KiB random reads, time based.
@@ -108,15 +109,25 @@ def guest(args: argparse.Namespace) -> int:
             argv.append(f"--runtime={runtime:g}")
         if dup is None:
             argv += ["--time_based", "--norandommap"]
-        else:
-            argv += ["--refill_buffers", f"--dedupe_percentage={dup}"]
+        else:  # end_fsync: the run ends when its data is durable (on both targets)
+            argv += ["--refill_buffers", f"--dedupe_percentage={dup}", "--end_fsync=1"]
         p = run(argv, timeout=(runtime or 120) + 180, check=False)
         return p.returncode, res_json.read_text() if res_json.exists() else "", p.stderr
+
+    def sync_cache(dev: Path) -> None:
+        """fsync of the block device: SYNCHRONIZE CACHE, which commits the pool (its figures
+        as `read_pool_status` reads them are the committed ones)."""
+        fd = os.open(dev, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def fresh_dedup(dev: Path) -> dict[str, Any]:
         """Discard the dedup disk whole and wait (bounded) for the collector to give the
         containers back; returns the pool's figures then."""
         run(["blkdiscard", str(dev)], timeout=300)
+        sync_cache(dev)
         t0 = time.monotonic()
 
         def settled() -> Any:
@@ -168,6 +179,7 @@ def guest(args: argparse.Namespace) -> int:
                         code, _, err = fio(dev, "fill", "write", "1M", 8, 0, work / "fill.json",
                                            runtime=None)
                         assert code == 0, f"fio fill: exit {code}: {err[-1500:]}"
+                        sync_cache(dev)
                         assert read_pool_status(str(pool)).logical == size, "fill incomplete"
                     res_json = work / f"{target}-{wl}-{rep}.json"
                     rec["loadavg"] = Path("/proc/loadavg").read_text().split()[0]
@@ -181,6 +193,7 @@ def guest(args: argparse.Namespace) -> int:
                                    bytes=io["io_bytes"], lat_mean_us=io["lat_ns"]["mean"] / 1000,
                                    error=job["error"])
                     if target == "dedup":
+                        sync_cache(dev)
                         st = read_pool_status(str(pool))
                         rec.update(pool_logical=st.logical, pool_unique=st.unique,
                                    pool_ratio=round(st.ratio, 3))

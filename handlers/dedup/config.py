@@ -17,12 +17,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.configspec import MISSING, Checker, Device, parse_size, raw_names
+from tcmu_py.configspec import Checker, Device, parse_size
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, Gauge, StatusTable
 from tcmu_py.table import format_size
 
-from .._pool import POOL_HEADERS, hard_limit, pool_cells, pool_gauges, state_cell
+from .._pool import (
+    POOL_HEADERS,
+    check_device_pools,
+    pool_cells,
+    pool_config_items,
+    pool_entries,
+    pool_gauges,
+    state_cell,
+)
 from .backend import DedupBackend
 from .store import (
     COLLECT_INTERVAL,
@@ -73,19 +81,10 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
     """The ``dedup_pools:`` section, and every ``dedup`` device's ``pool:`` naming one of them
     (names of pools that failed validation still count: one bad pool does not cascade)."""
     pools: list[DedupPoolSpec] = []
-    for entry in c.named_entries(
-            raw, SECTION,
-            {"name", "path", "capacity", "soft_threshold", "chunk_size", "hard_limit",
-             "compression", "collector_interval", "collector_dead_percent"},
-            frozenset({"name", "path", "capacity"}), "pool"):
+    for entry, path, cap, soft, hard in pool_entries(
+            c, raw, SECTION, frozenset({"chunk_size", "compression", "collector_interval",
+                                        "collector_dead_percent"})):
         p, m, name = entry.path, entry.fields, entry.name
-        path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
-        cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
-        soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
-                         "a percentage 1..100")
-        hard: int | None = cap
-        if "hard_limit" in m and cap is not None:
-            hard = hard_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
         chunk = m.get("chunk_size", DEFAULT_CHUNK)
         try:
             chunk_ok = is_chunk_size(parse_size(chunk))
@@ -109,31 +108,14 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
         assert name and path and cap and soft and hard and dead
         pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard, compression,
                                    float(interval), dead))
-    names = raw_names(raw)
-    expected = f"the name of a pool in {SECTION} ({', '.join(sorted(names)) or 'none declared'})"
-    raw_devices = doc.get("devices")
-    for i, dev in enumerate(raw_devices if isinstance(raw_devices, list) else []):
-        if not isinstance(dev, dict) or dev.get("handler") != SUBTYPE:
-            continue
-        if not isinstance(dev.get("pool"), str):
-            opts = dev.get("options")
-            if not (isinstance(opts, dict) and "pool" in opts):
-                c.fail(f"devices[{i}].pool", dev.get("pool", MISSING),
-                       f"{expected}: a dedup device needs one")
-        elif dev["pool"] not in names:
-            c.fail(f"devices[{i}].pool", dev["pool"], expected)
+    check_device_pools(c, doc, SUBTYPE, SECTION, raw, required=True)
     return tuple(pools)
 
 
 def device_config_items(device: Device, pools: Sequence[DedupPoolSpec]
                         ) -> tuple[tuple[str, str], ...]:
     """``("pool", <directory>)`` for a ``dedup`` device naming a declared pool."""
-    if device.handler != SUBTYPE:
-        return ()
-    for pool in pools:
-        if pool.name == device.pool:
-            return (("pool", pool.path),)
-    return ()
+    return pool_config_items(device, SUBTYPE, pools)
 
 
 def prepare(config: ConfigView) -> None:
