@@ -32,6 +32,8 @@ APT_PACKAGES=(
     # LIO's own shell: the targetcli_dbus kernel scenario drives tcmu-py through it over D-Bus
     # (brings python3-rtslib-fb and python3-gi)
     targetcli-fb
+    # the VTL encryption scenario sets keys with it (SECURITY PROTOCOL OUT, SSC-5 8.5)
+    stenc
 )
 VIRTME_NG="virtme-ng==1.42"
 APT_LOG=/tmp/tcmu-py-bootstrap-apt.log
