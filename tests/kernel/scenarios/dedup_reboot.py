@@ -20,6 +20,10 @@ SYNCHRONIZE CACHE, which ext4 sends on fsync; so only what was fsynced is owed a
   which the daemon's open reclaims. Served again: the dedup disk's ext4 replays its journal,
   ``fsck -fn`` is clean, every fsynced file reads back with its SHA-256; after the daemon stops,
   the check of ``tcmu-py dedup check`` (`check_pool`) finds nothing at all.
+
+Removing the containers' fdatasync before COMMIT (rule 2 of handlers/dedup/store.py) makes
+``after_power_loss`` fail: the offline check finds 534 problems ("container 1: file holds 0
+bytes, 2183168 committed" and every chunk in it missing).
 """
 
 from __future__ import annotations
