@@ -14,7 +14,10 @@ the same in both.
 - `ThresholdFigures`: ``above_threshold`` of a status snapshot; `pool_cells`: the capacity, use
   and state cells of both handlers' status rows; `pool_gauges`: the same figures for
   ``serve --metrics``.
-- `hard_limit`: the YAML ``hard_limit`` key of both sections.
+- `hard_limit`: the YAML ``hard_limit`` key of both sections; `pool_entries`: the keys every
+  entry of both sections has (name, path, capacity, soft_threshold, hard_limit);
+  `check_device_pools`: each device's ``pool:`` names a pool of its handler's section;
+  `pool_config_items`: the pool's directory in such a device's dev_config.
 
 Threads: the owner serialises `PhysicalPool`'s methods with its own pool lock (they are called
 with it held); `PoolDisk.take_threshold_event` runs on any worker thread.
@@ -24,15 +27,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
-from tcmu_py.configspec import Checker, parse_size
+from tcmu_py.configspec import MISSING, Checker, Device, Entry, parse_size, raw_names
 from tcmu_py.handler import Gauge
 from tcmu_py.scsi.sense import SpaceAllocationFailed
 from tcmu_py.table import format_size
 
-__all__ = ["PhysicalPool", "PoolDisk", "ThresholdFigures", "hard_limit", "pool_cells",
+__all__ = ["POOL_KEYS", "PhysicalPool", "PoolDisk", "PoolEntry", "ThresholdFigures",
+           "check_device_pools", "hard_limit", "pool_cells", "pool_config_items", "pool_entries",
            "pool_gauges"]
 
 log = logging.getLogger(__name__)
@@ -211,3 +215,83 @@ def hard_limit(c: Checker, value: object, path: str, capacity: int) -> int | Non
         return n
     c.fail(path, value, expected)
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# The YAML sections of both (``pools:`` for thin, ``dedup_pools:`` for dedup)
+
+#: The keys every pool entry has; `pool_entries` checks them, a handler adds its own.
+POOL_KEYS = frozenset({"name", "path", "capacity", "soft_threshold", "hard_limit"})
+_REQUIRED_KEYS = frozenset({"name", "path", "capacity"})
+
+
+class PoolEntry(NamedTuple):
+    """One entry of a pool section with its shared keys checked: each figure None when missing
+    or invalid (reported to the checker). ``hard_limit`` defaults to ``capacity``."""
+
+    entry: Entry
+    path: str | None
+    capacity: int | None
+    soft_threshold: int | None
+    hard_limit: int | None
+
+
+def pool_entries(c: Checker, raw: object, section: str,
+                 extra_keys: frozenset[str] = frozenset()) -> Iterator[PoolEntry]:
+    """Each entry of the pool section `raw` (top-level key `section`) with ``name``, ``path``
+    (absolute), ``capacity`` (a size > 0), ``soft_threshold`` (1..100, default 80) and
+    ``hard_limit`` (`hard_limit`) checked; `extra_keys` are the handler's own, which it checks
+    itself (then `Checker.clean_since` on ``.entry`` says whether the entry is whole)."""
+    for entry in c.named_entries(raw, section, set(POOL_KEYS | extra_keys), _REQUIRED_KEYS,
+                                 "pool"):
+        p, m = entry.path, entry.fields
+        path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
+        cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
+        soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
+                         "a percentage 1..100")
+        hard: int | None = cap
+        if "hard_limit" in m and cap is not None:
+            hard = hard_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
+        yield PoolEntry(entry, path, cap, soft, hard)
+
+
+def check_device_pools(c: Checker, doc: Mapping[str, Any], subtype: str, section: str,
+                       raw: object, *, required: bool) -> None:
+    """Every ``devices[]`` entry of handler `subtype` whose ``pool:`` does not name a pool of
+    `raw` (the section `section`; names of entries that failed validation still count, so one
+    bad pool does not cascade) is reported; with `required`, so is one with neither ``pool:``
+    nor ``options.pool``."""
+    names = raw_names(raw)
+    expected = f"the name of a pool in {section} ({', '.join(sorted(names)) or 'none declared'})"
+    devices = doc.get("devices")
+    for i, dev in enumerate(devices if isinstance(devices, list) else []):
+        if not isinstance(dev, dict) or dev.get("handler") != subtype:
+            continue
+        pool = dev.get("pool")
+        if isinstance(pool, str):
+            if pool not in names:
+                c.fail(f"devices[{i}].pool", pool, expected)
+        elif required:
+            opts = dev.get("options")
+            if not (isinstance(opts, dict) and "pool" in opts):
+                c.fail(f"devices[{i}].pool", dev.get("pool", MISSING),
+                       f"{expected}: a {subtype} device needs one")
+
+
+class NamedPool(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+
+
+def pool_config_items(device: Device, subtype: str, pools: Sequence[NamedPool]
+                      ) -> tuple[tuple[str, str], ...]:
+    """``("pool", <directory>)`` for a device of `subtype` naming a declared pool: its
+    dev_config then names the directory, which a daemon started without the YAML can open."""
+    if device.handler != subtype:
+        return ()
+    for pool in pools:
+        if pool.name == device.pool:
+            return (("pool", pool.path),)
+    return ()

@@ -6,7 +6,8 @@ Public API:
 - `DedupHandler` — the handler registered for ``dedup`` (config string: see `handler`).
 - `.config`: the YAML ``dedup_pools:`` section, status rows and ``tcmu-py dedup``.
 - Pools (`store`): `create_pool`, `ensure_pool`, `read_pool_status`, `check_pool`;
-  `acquire_pool` / `release_pool` (the process-wide shared open pool); `DedupPool`,
+  `acquire_pool` / `release_pool` (the process-wide shared open pool), `configure_collector`
+  (`CollectorSettings`: its collector's interval and dead share); `DedupPool`,
   `DedupPoolConfig`, `DedupPoolStatus`, `CheckReport`, `CollectProgress`.
 - `DedupBackend` — the BlockBackend a dedup device runs on.
 """
@@ -16,12 +17,15 @@ from .handler import DedupHandler
 from .store import (
     DEFAULT_CHUNK,
     CheckReport,
+    CollectorSettings,
     CollectProgress,
     DedupPool,
     DedupPoolConfig,
     DedupPoolStatus,
     acquire_pool,
     check_pool,
+    collector_settings,
+    configure_collector,
     create_pool,
     ensure_pool,
     read_pool_status,
@@ -32,6 +36,7 @@ __all__ = [
     "DEFAULT_CHUNK",
     "CheckReport",
     "CollectProgress",
+    "CollectorSettings",
     "DedupBackend",
     "DedupHandler",
     "DedupPool",
@@ -39,6 +44,8 @@ __all__ = [
     "DedupPoolStatus",
     "acquire_pool",
     "check_pool",
+    "collector_settings",
+    "configure_collector",
     "create_pool",
     "ensure_pool",
     "read_pool_status",

@@ -17,20 +17,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.configspec import MISSING, Checker, Device, parse_size, raw_names
+from tcmu_py.configspec import Checker, Device, parse_size
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, Gauge, StatusTable
 from tcmu_py.table import format_size
 
-from .._pool import POOL_HEADERS, hard_limit, pool_cells, pool_gauges, state_cell
+from .._pool import (
+    POOL_HEADERS,
+    check_device_pools,
+    pool_cells,
+    pool_config_items,
+    pool_entries,
+    pool_gauges,
+    state_cell,
+)
 from .backend import DedupBackend
 from .store import (
+    COLLECT_INTERVAL,
     COMPRESSION_CODES,
     DEFAULT_CHUNK,
+    DEFAULT_DEAD_PERCENT,
     MAX_CHUNK,
     MIN_CHUNK,
+    CollectorSettings,
     DedupPool,
     check_pool,
+    configure_collector,
     ensure_pool,
     is_chunk_size,
     read_pool_status,
@@ -43,6 +55,9 @@ if TYPE_CHECKING:
 SECTION = "dedup_pools"
 #: The subtype whose devices name these pools.
 SUBTYPE = "dedup"
+#: ``collector_interval``: seconds, from a tenth of a second to an hour.
+MIN_COLLECT_INTERVAL = 0.1
+MAX_COLLECT_INTERVAL = 3600.0
 
 
 @dataclass(frozen=True)
@@ -58,25 +73,18 @@ class DedupPoolSpec:
     chunk_size: int = DEFAULT_CHUNK
     hard_limit: int = 0  # the loader always sets it (default: capacity)
     compression: str = "none"  # "none" or "zstd": how new chunks are stored
+    collector_interval: float = COLLECT_INTERVAL
+    collector_dead_percent: int = DEFAULT_DEAD_PERCENT
 
 
 def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPoolSpec, ...]:
     """The ``dedup_pools:`` section, and every ``dedup`` device's ``pool:`` naming one of them
     (names of pools that failed validation still count: one bad pool does not cascade)."""
     pools: list[DedupPoolSpec] = []
-    for entry in c.named_entries(
-            raw, SECTION,
-            {"name", "path", "capacity", "soft_threshold", "chunk_size", "hard_limit",
-             "compression"},
-            frozenset({"name", "path", "capacity"}), "pool"):
+    for entry, path, cap, soft, hard in pool_entries(
+            c, raw, SECTION, frozenset({"chunk_size", "compression", "collector_interval",
+                                        "collector_dead_percent"})):
         p, m, name = entry.path, entry.fields, entry.name
-        path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
-        cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
-        soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
-                         "a percentage 1..100")
-        hard: int | None = cap
-        if "hard_limit" in m and cap is not None:
-            hard = hard_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
         chunk = m.get("chunk_size", DEFAULT_CHUNK)
         try:
             chunk_ok = is_chunk_size(parse_size(chunk))
@@ -88,47 +96,41 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
         compression = m.get("compression", "none")
         if compression not in COMPRESSION_CODES:
             c.fail(f"{p}.compression", compression, f"one of {', '.join(COMPRESSION_CODES)}")
+        interval = m.get("collector_interval", COLLECT_INTERVAL)
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not (
+                MIN_COLLECT_INTERVAL <= interval <= MAX_COLLECT_INTERVAL):
+            c.fail(f"{p}.collector_interval", interval,
+                   f"seconds, a number from {MIN_COLLECT_INTERVAL:g} to {MAX_COLLECT_INTERVAL:g}")
+        dead = c.integer(m.get("collector_dead_percent", DEFAULT_DEAD_PERCENT),
+                         f"{p}.collector_dead_percent", 1, 100, "a percentage 1..100")
         if not c.clean_since(entry):
             continue
-        assert name and path and cap and soft and hard
-        pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard, compression))
-    names = raw_names(raw)
-    expected = f"the name of a pool in {SECTION} ({', '.join(sorted(names)) or 'none declared'})"
-    raw_devices = doc.get("devices")
-    for i, dev in enumerate(raw_devices if isinstance(raw_devices, list) else []):
-        if not isinstance(dev, dict) or dev.get("handler") != SUBTYPE:
-            continue
-        if not isinstance(dev.get("pool"), str):
-            opts = dev.get("options")
-            if not (isinstance(opts, dict) and "pool" in opts):
-                c.fail(f"devices[{i}].pool", dev.get("pool", MISSING),
-                       f"{expected}: a dedup device needs one")
-        elif dev["pool"] not in names:
-            c.fail(f"devices[{i}].pool", dev["pool"], expected)
+        assert name and path and cap and soft and hard and dead
+        pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard, compression,
+                                   float(interval), dead))
+    check_device_pools(c, doc, SUBTYPE, SECTION, raw, required=True)
     return tuple(pools)
 
 
 def device_config_items(device: Device, pools: Sequence[DedupPoolSpec]
                         ) -> tuple[tuple[str, str], ...]:
     """``("pool", <directory>)`` for a ``dedup`` device naming a declared pool."""
-    if device.handler != SUBTYPE:
-        return ()
-    for pool in pools:
-        if pool.name == device.pool:
-            return (("pool", pool.path),)
-    return ()
+    return pool_config_items(device, SUBTYPE, pools)
 
 
 def prepare(config: ConfigView) -> None:
     """Create (or update capacity and threshold of) the YAML's dedup pools and register their
     names in this process. As for thin pools, the hard limit is what the pool enforces as its
-    capacity (pool.json); the soft threshold is a percentage of it."""
+    capacity (pool.json); the soft threshold is a percentage of it. The collector settings
+    apply in this process (`configure_collector`): from the pool's open, or at once if open."""
     from .handler import register_pool
 
     for pool in config.section(SECTION):
         ensure_pool(pool.path, pool.name, pool.hard_limit or pool.capacity, pool.soft_threshold,
                     pool.chunk_size, pool.compression)
         register_pool(pool.name, pool.path)
+        configure_collector(pool.path, CollectorSettings(pool.collector_interval,
+                                                         pool.collector_dead_percent))
 
 
 def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:

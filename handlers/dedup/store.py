@@ -1363,9 +1363,42 @@ def acquire_pool(path: str, expected_name: str | None = None) -> DedupPool:
     return pool
 
 
+@dataclass(frozen=True)
+class CollectorSettings:
+    """How the in-daemon collector of a pool runs (`DedupPool.start_collector`): seconds
+    between its looks at the pool, and the share of a container (percent) that must be dead
+    before it is compacted."""
+
+    interval: float = COLLECT_INTERVAL
+    dead_percent: int = DEFAULT_DEAD_PERCENT
+
+
+_collector_settings: dict[str, CollectorSettings] = {}
+
+
+def configure_collector(path: str, settings: CollectorSettings) -> None:
+    """Use `settings` for the collector of the pool at `path` in this process (the YAML's
+    ``collector_interval`` / ``collector_dead_percent``): from its next open, and at once if it
+    is open here with its collector running."""
+    real = os.path.realpath(path)
+    with _open_pools_lock:
+        _collector_settings[real] = settings
+        live = _open_pools.get(real)
+    collector = live._collector if live is not None else None
+    if collector is not None:
+        collector.interval, collector.dead_percent = settings.interval, settings.dead_percent
+
+
+def collector_settings(path: str) -> CollectorSettings:
+    """The settings `configure_collector` gave the pool at `path` (else the defaults)."""
+    with _open_pools_lock:
+        return _collector_settings.get(os.path.realpath(path), CollectorSettings())
+
+
 def _open_collecting(path: str, expected_name: str | None) -> DedupPool:
     pool = DedupPool.open(path, expected_name)
-    pool.start_collector()
+    settings = collector_settings(path)
+    pool.start_collector(settings.interval, settings.dead_percent)
     return pool
 
 

@@ -17,12 +17,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.configspec import Checker, Device, parse_size, raw_names
+from tcmu_py.configspec import Checker, Device, parse_size
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView, Gauge, StatusTable
 from tcmu_py.table import format_size
 
-from .._pool import POOL_HEADERS, hard_limit, pool_cells, pool_gauges, state_cell
+from .._pool import (
+    POOL_HEADERS,
+    check_device_pools,
+    pool_cells,
+    pool_config_items,
+    pool_entries,
+    pool_gauges,
+    state_cell,
+)
 from .backend import ThinBackend
 from .pool import ensure_pool, read_pool_status
 
@@ -42,6 +50,8 @@ __all__ = [
 
 #: The top-level YAML key of thin pools.
 SECTION = "pools"
+#: The subtype whose devices name these pools.
+SUBTYPE = "thin"
 
 
 @dataclass(frozen=True)
@@ -57,31 +67,17 @@ class PoolSpec:
 
 
 def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpec, ...]:
-    """The ``pools:`` section, and every device's ``pool:`` naming one of them (names of pools
-    that failed validation still count, so one bad pool does not cascade)."""
+    """The ``pools:`` section, and every thin device's ``pool:`` naming one of them (names of
+    pools that failed validation still count, so one bad pool does not cascade)."""
     pools: list[PoolSpec] = []
-    for p, m, name, _ in c.named_entries(
-            raw, SECTION, {"name", "path", "capacity", "soft_threshold", "hard_limit"},
-            frozenset({"name", "path", "capacity"}), "pool"):
-        path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
-        cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
-        soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
-                         "a percentage 1..100")
-        hard: int | None = cap
-        if "hard_limit" in m and cap is not None:
-            hard = hard_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)
+    for entry, path, cap, soft, hard in pool_entries(c, raw, SECTION):
+        name = entry.name
         if None in (name, path, cap, soft, hard):
             continue
         assert name and path and cap and soft and hard
         pools.append(PoolSpec(name, path, cap, soft, hard))
-    pool_names = raw_names(raw)
-    raw_devices = doc.get("devices")
-    for i, dev in enumerate(raw_devices if isinstance(raw_devices, list) else []):
-        # Each pool-owning handler checks its own devices (dedup's name ``dedup_pools``).
-        if isinstance(dev, dict) and dev.get("handler") == "thin" and isinstance(
-                dev.get("pool"), str) and dev["pool"] not in pool_names:
-            c.fail(f"devices[{i}].pool", dev["pool"], "the name of a pool in pools"
-                   f" ({', '.join(sorted(pool_names)) or 'none declared'})")
+    # Each pool-owning handler checks its own devices (dedup's name ``dedup_pools``).
+    check_device_pools(c, doc, SUBTYPE, SECTION, raw, required=False)
     return tuple(pools)
 
 
@@ -89,12 +85,7 @@ def device_config_items(device: Device, pools: Sequence[PoolSpec]
                         ) -> tuple[tuple[str, str], ...]:
     """``("pool", <directory>)`` for a device naming a declared pool: the dev_config then names
     the directory, which a daemon started without the YAML can open."""
-    if device.handler != "thin":
-        return ()
-    for pool in pools:
-        if pool.name == device.pool:
-            return (("pool", pool.path),)
-    return ()
+    return pool_config_items(device, SUBTYPE, pools)
 
 
 def device_image(device: Device) -> str | None:

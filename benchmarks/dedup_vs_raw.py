@@ -1,0 +1,278 @@
+"""Dedup vs raw in the lab VM (issue 14): fio 4 KiB random write QD32 and 1 MiB sequential write
+QD8 with 0 %, 50 % and 90 % duplicate data, and 4 KiB random read QD32, on a dedup disk and a raw
+disk served by one `tcmu-py serve`, in the same VM boot.
+
+    .venv/bin/python benchmarks/dedup_vs_raw.py --out results/dedup_vs_raw [--seconds 10] [--reps 2]
+
+Host side: boots the lab kernel (`tcmu_py.lab.run_in_vm`) and runs this file again inside with
+``--guest``; then prints per-workload medians and the dedup/raw ratio, and writes
+``OUT/summary.json``.
+
+Guest side (``--guest``): a dedup pool on the scratch tmpfs (4 KiB chunks, no compression,
+capacity four times the disk) and a fully written raw image of the same size; both devices with
+``emulate_write_cache=1`` (WCE=1 for both: the dedup disk acknowledges from its open transaction
+and commits at SYNCHRONIZE CACHE or every few thousand changes, the raw one writes through the
+page cache), exported through tcm_loop, I/O scheduler "none". For every repetition and workload
+the two targets run back to back (drift in the shared host's load spreads over both):
+
+- writes: the dedup disk is discarded whole (``blkdiscard``) before each run and the pool's
+  collector given time to return the space, so each run starts on an empty disk and stores
+  what it writes (fresh chunks, the issue's case). fio writes at most the disk once per run
+  (random map on; ``--runtime`` or ``--size``, whichever ends first) with ``refill_buffers``,
+  ``dedupe_percentage`` 0, 50 or 90 and ``end_fsync`` (the run ends with its data durable: for
+  the dedup disk the pool's commit); the raw disk gets the same job. The pool's dedup ratio
+  after each dedup run is recorded.
+- random read: the dedup disk written whole with unique data first (fio, 1 MiB); the raw image
+  is already full; then 4 KiB random reads, time based.
+
+fio: libaio, direct=1. Results go to ``OUT/runs.json`` (appended after each run) and
+``OUT/done.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+
+# (name, fio rw, block size, queue depth, dedupe_percentage or None for reads)
+WORKLOADS: tuple[tuple[str, str, str, int, int | None], ...] = (
+    ("randwrite-4k-qd32-dup0", "randwrite", "4k", 32, 0),
+    ("randwrite-4k-qd32-dup50", "randwrite", "4k", 32, 50),
+    ("randwrite-4k-qd32-dup90", "randwrite", "4k", 32, 90),
+    ("write-1m-qd8-dup0", "write", "1M", 8, 0),
+    ("write-1m-qd8-dup50", "write", "1M", 8, 50),
+    ("write-1m-qd8-dup90", "write", "1M", 8, 90),
+    ("randread-4k-qd32", "randread", "4k", 32, None),
+)
+TARGETS = ("dedup", "raw")
+
+
+# --------------------------------------------------------------------------------------------
+# Guest side
+
+
+def guest(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(REPO / "tests" / "kernel"))
+    from guestlib import (
+        DEFAULT_CONTROL,
+        Cleanup,
+        Daemon,
+        UserBackstore,
+        create_loopback_lun,
+        log,
+        run,
+        wait_for,
+        write_attr,
+    )
+
+    from tcmu_py.daemon.control import query_status
+    from tcmu_py.errors import TcmuError
+    from tcmu_py.handlers.dedup import create_pool, read_pool_status
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("TCMU_PY_SCRATCH", "/tmp/scratch")) / "dedupbench"
+    work.mkdir(parents=True, exist_ok=True)
+    size = args.size_mib * MIB
+    pool = work / "pool"
+    create_pool(str(pool), "bench", 4 * size, None)
+    image = work / "raw.img"
+    block = os.urandom(MIB)
+    with open(image, "wb") as f:  # fully allocated, like a provisioned raw image
+        for _ in range(size // MIB):
+            f.write(block)
+
+    def served(name: str) -> bool:
+        try:
+            st = query_status(run_dir, timeout=2)
+        except TcmuError:
+            return False
+        return any(d["name"] == name and not d["failed"] for d in st["devices"])
+
+    def fio(dev: Path, name: str, rw: str, bsz: str, qd: int, dup: int | None,
+            res_json: Path, runtime: float | None = args.seconds) -> tuple[int, str, str]:
+        argv = ["fio", f"--name={name}", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
+                f"--rw={rw}", f"--bs={bsz}", f"--iodepth={qd}", f"--size={args.size_mib}M",
+                "--randrepeat=0", "--output-format=json", f"--output={res_json}"]
+        if runtime is not None:
+            argv.append(f"--runtime={runtime:g}")
+        if dup is None:
+            argv += ["--time_based", "--norandommap"]
+        else:  # end_fsync: the run ends when its data is durable (on both targets)
+            argv += ["--refill_buffers", f"--dedupe_percentage={dup}", "--end_fsync=1"]
+        p = run(argv, timeout=(runtime or 120) + 180, check=False)
+        return p.returncode, res_json.read_text() if res_json.exists() else "", p.stderr
+
+    def sync_cache(dev: Path) -> None:
+        """fsync of the block device: SYNCHRONIZE CACHE, which commits the pool (its figures
+        as `read_pool_status` reads them are the committed ones)."""
+        fd = os.open(dev, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fresh_dedup(dev: Path) -> dict[str, Any]:
+        """Discard the dedup disk whole and wait (bounded) for the collector to give the
+        containers back; returns the pool's figures then."""
+        run(["blkdiscard", str(dev)], timeout=300)
+        sync_cache(dev)
+        t0 = time.monotonic()
+
+        def settled() -> Any:
+            st = read_pool_status(str(pool))
+            return st if st.logical == 0 and st.used <= 64 * MIB else None
+
+        try:
+            st = wait_for(settled, 180, "the collector to empty the pool")
+        except TimeoutError:
+            st = read_pool_status(str(pool))
+        return {"used_before": st.used, "collect_wait_s": round(time.monotonic() - t0, 1)}
+
+    runs: list[dict[str, Any]] = []
+    with Cleanup() as cleanup:
+        run_dir = work / "run"
+        ready = work / "ready"
+        daemon = Daemon([sys.executable, "-m", "tcmu_py.cli", "serve", "--run-dir", str(run_dir),
+                         "--ready-file", str(ready)], out / "serve.log")
+        cleanup.callback(daemon.stop)
+        daemon.start(ready=ready.exists, timeout=300)
+        devs: dict[str, Path] = {}
+        for hba, (name, config) in enumerate(
+            (("dedup", f"dedup/pool={pool};disk=dedup0"), ("raw", f"raw/{image}")), start=1
+        ):
+            bs = UserBackstore(hba, name, config, size)
+            bs.path.mkdir(parents=True)
+            cleanup.callback(bs.remove)
+            control = {"dev_config": config, "dev_size": size, **DEFAULT_CONTROL,
+                       "hw_max_sectors": 1024, "max_data_area_mb": 64}
+            for key, value in control.items():
+                write_attr(bs.path / "control", f"{key}={value}")
+            write_attr(bs.path / "attrib" / "emulate_write_cache", 1)
+            write_attr(bs.path / "enable", 1)
+            wait_for(partial(served, name), 120, f"daemon serving {name}")
+            lun = create_loopback_lun(bs, cleanup=cleanup)
+            devs[name] = lun.wait_device("block", 180)
+            write_attr(Path("/sys/block") / devs[name].name / "queue" / "scheduler", "none")
+            log(f"{name}: {devs[name]}")
+
+        for rep in range(args.reps):
+            for wl, rw, bsz, qd, dup in WORKLOADS:
+                for target in TARGETS:
+                    dev = devs[target]
+                    rec: dict[str, Any] = {"rep": rep, "workload": wl, "target": target}
+                    if target == "dedup" and dup is not None:
+                        rec.update(fresh_dedup(dev))
+                    elif target == "dedup" and read_pool_status(str(pool)).logical < size:
+                        fresh_dedup(dev)
+                        code, _, err = fio(dev, "fill", "write", "1M", 8, 0, work / "fill.json",
+                                           runtime=None)
+                        assert code == 0, f"fio fill: exit {code}: {err[-1500:]}"
+                        sync_cache(dev)
+                        assert read_pool_status(str(pool)).logical == size, "fill incomplete"
+                    res_json = work / f"{target}-{wl}-{rep}.json"
+                    rec["loadavg"] = Path("/proc/loadavg").read_text().split()[0]
+                    code, text, err = fio(dev, wl, rw, bsz, qd, dup, res_json)
+                    if code != 0 or "{" not in text:
+                        rec["failed"] = f"fio exit {code}: {err[-1500:]}"
+                    else:
+                        job = json.loads(text[text.index("{"):])["jobs"][0]
+                        io = job["read" if dup is None else "write"]
+                        rec.update(iops=io["iops"], bw_bytes=io["bw_bytes"],
+                                   bytes=io["io_bytes"], lat_mean_us=io["lat_ns"]["mean"] / 1000,
+                                   error=job["error"])
+                    if target == "dedup":
+                        sync_cache(dev)
+                        st = read_pool_status(str(pool))
+                        rec.update(pool_logical=st.logical, pool_unique=st.unique,
+                                   pool_ratio=round(st.ratio, 3))
+                    runs.append(rec)
+                    (out / "runs.json").write_text(json.dumps(runs, indent=2))
+                    log(f"rep {rep} {wl} {target}: {rec.get('iops', 0):.0f} IOPS "
+                        f"{rec.get('bw_bytes', 0) / MIB:.1f} MiB/s"
+                        + (f" ratio {rec['pool_ratio']}" if target == "dedup" else ""))
+    (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
+                                               "cpus": os.cpu_count()}))
+    return 0 if all("failed" not in r for r in runs) else 1
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median IOPS and MiB/s per workload and target, the dedup/raw ratio of the medians, and
+    the pool's median dedup ratio after the dedup runs."""
+    summary: dict[str, Any] = {}
+    for wl, *_ in WORKLOADS:
+        row: dict[str, Any] = {}
+        for target in TARGETS:
+            ok = [r for r in runs if r["workload"] == wl and r["target"] == target
+                  and "failed" not in r]
+            if ok:
+                row[target] = {"iops": statistics.median(r["iops"] for r in ok),
+                               "mib_s": statistics.median(r["bw_bytes"] for r in ok) / MIB,
+                               "runs": len(ok)}
+                if target == "dedup":
+                    row["pool_ratio"] = statistics.median(r["pool_ratio"] for r in ok)
+        if "raw" in row and "dedup" in row and row["raw"]["iops"]:
+            row["ratio dedup/raw"] = row["dedup"]["iops"] / row["raw"]["iops"]
+        summary[wl] = row
+    return summary
+
+
+def host(args: argparse.Namespace) -> int:
+    from tcmu_py import lab
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("runs.json", "done.json"):
+        (out / stale).unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--guest", "--out", str(out),
+           "--seconds", str(args.seconds), "--reps", str(args.reps),
+           "--size-mib", str(args.size_mib)]
+    script = lab.guest_prelude() + f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(cmd)}\n"
+    t0 = time.monotonic()
+    budget = 600 + args.reps * len(WORKLOADS) * len(TARGETS) * (args.seconds + 200)
+    proc = lab.run_in_vm(script, rwdirs=[out], memory="2G", timeout=budget,
+                         log=out / "console.log", cwd=REPO)
+    print(f"VM exit {proc.returncode} after {time.monotonic() - t0:.0f}s")
+    runs_file = out / "runs.json"
+    if not runs_file.exists():
+        print("no runs.json: see", out / "console.log")
+        return 1
+    summary = summarise(json.loads(runs_file.read_text()))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for wl, row in summary.items():
+        parts = [f"{t}: {v['iops']:.0f} IOPS {v['mib_s']:.1f} MiB/s ({v['runs']} runs)"
+                 for t, v in row.items() if isinstance(v, dict)]
+        extra = "".join(f"  {k} = {v:.2f}" for k, v in row.items()
+                        if k.startswith("ratio") or k == "pool_ratio")
+        print(f"{wl}: " + "; ".join(parts) + extra)
+    return 0 if (out / "done.json").exists() else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "dedup_vs_raw")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    return guest(args) if args.guest else host(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
