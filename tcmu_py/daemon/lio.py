@@ -308,10 +308,14 @@ class RtslibBackend:
             self.configfs = rtslib_fb.RTSRoot().path
         except Exception as exc:  # rtslib raises bare RTSLibError / OSError
             raise LioError(f"LIO is not available (configfs, target_core_mod): {exc}") from exc
-        from tcmu_py.daemon.fabric_lio import SRPT, SrptConfigfs
 
-        self._srpt_name = SRPT
-        self.srpt = SrptConfigfs(self.configfs, lambda name: Path(self._user_so(name).path))
+    def _srpt(self, obj: LioObject) -> Any:
+        """The `SrptConfigfs` that handles `obj` if it is an ib_srpt object, else None."""
+        if obj.kind is Kind.BACKSTORE or obj.key[0] != "srpt":
+            return None
+        from tcmu_py.daemon.fabric_lio import SrptConfigfs
+
+        return SrptConfigfs(self.configfs, lambda name: Path(self._user_so(name).path))
 
     # Lookups of existing objects; each raises RTSLibNotInCFSError (an RTSLibError) if absent.
     def _target(self, key: tuple[str, ...]) -> Any:
@@ -348,8 +352,9 @@ class RtslibBackend:
         return r.MappedLUN(self._acl(k), int(k[4]))
 
     def exists(self, obj: LioObject) -> bool:
-        if obj.kind is not Kind.BACKSTORE and obj.key[0] == self._srpt_name:
-            return self.srpt.exists(obj)
+        srpt = self._srpt(obj)
+        if srpt is not None:
+            return bool(srpt.exists(obj))
         try:
             self._lookup(obj)
         except self.rtslib.utils.RTSLibError:
@@ -358,8 +363,9 @@ class RtslibBackend:
 
     def create(self, obj: LioObject) -> None:
         try:
-            if obj.kind is not Kind.BACKSTORE and obj.key[0] == self._srpt_name:
-                self.srpt.create(obj)
+            srpt = self._srpt(obj)
+            if srpt is not None:
+                srpt.create(obj)
                 return
             self._create(obj)
         except (self.rtslib.utils.RTSLibError, OSError) as exc:
@@ -432,8 +438,9 @@ class RtslibBackend:
 
     def delete(self, obj: LioObject) -> None:
         try:
-            if obj.kind is not Kind.BACKSTORE and obj.key[0] == self._srpt_name:
-                self.srpt.delete(obj)
+            srpt = self._srpt(obj)
+            if srpt is not None:
+                srpt.delete(obj)
                 return
             self._lookup(obj).delete()
         except (self.rtslib.utils.RTSLibError, OSError) as exc:
