@@ -317,11 +317,24 @@ def iser_login(lab: FabricLab, iqn: str, timeout: float) -> str:
     """Log open-iscsi in to ``iqn`` at the target address through its built-in ``iser``
     interface (no discovery: the node record is made by hand). Returns the new SCSI host."""
     before = _scsi_hosts()
-    portal = f"{lab.target_ip}:3260"
+    portal = f"{lab.target_ip}:3260"  # the node record names its iface: no discovery
     _run(["iscsiadm", "-m", "node", "-o", "new", "-T", iqn, "-p", portal, "-I", "iser"],
          timeout)
     _run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-I", "iser", "--login"], timeout)
-    return _wait(lambda: _new_host(before, "iser"), timeout, "the iSER SCSI host")
+    return _wait(lambda: _iscsi_host(iqn, before), timeout, f"the SCSI host of {iqn}")
+
+
+def _iscsi_host(iqn: str, before: set[str]) -> str | None:
+    """The new SCSI host of the open-iscsi session with target ``iqn`` (its sysfs device sits
+    under ``.../hostN/sessionM``; ib_iser's hosts say "iSCSI Initiator over iSER")."""
+    for session in Path("/sys/class/iscsi_session").glob("session*"):
+        with contextlib.suppress(OSError):
+            if (session / "targetname").read_text().strip() != iqn:
+                continue
+            for part in (session / "device").resolve().parts:
+                if part.startswith("host") and part not in before:
+                    return part
+    return None
 
 
 def iser_logout(iqn: str, timeout: float = 30.0) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from guestlib import CONFIGFS, CORE, Context, log, run, scenario, serve_config, tcmu_py, wait_for
+from guestlib import CONFIGFS, CORE, Context, Daemon, log, run, scenario, tcmu_py, wait_for
 
 from scenarios.vtl import mt, random_tree, settle, sh, tree_digest, wait_tape_free
 
@@ -112,6 +112,10 @@ def _devices(ctx: Context, host: str, cap: float) -> dict[int, dict[str, str]]:
 def _exercise(ctx: Context, fabric: str, host: str, first_tape: list[bool]) -> dict[str, object]:
     """sg_inq, fio verify, mtx status, tar round trip over the LUNs of ``host``."""
     facts: dict[str, object] = {"host": host}
+    if fabric == "srp":  # which ACL ib_srpt matched the RDMA/CM login with
+        facts["acls_in_session"] = sorted(
+            a.name for a in CONFIGFS.glob("srpt/*/tpgt_1/acls/*")
+            if "LIO Session" in (a / "info").read_text())
     devs = _devices(ctx, host, 90)
     facts["devices"] = devs
     disk = Path("/dev") / devs[0]["block"]
@@ -121,7 +125,7 @@ def _exercise(ctx: Context, fabric: str, host: str, first_tape: list[bool]) -> d
                                     if "Product identification" in ln), "")
     start = time.monotonic()
     out = run(["fio", f"--name=fab-{fabric}", f"--filename={disk}", "--direct=1",
-               "--ioengine=libaio", "--rw=write", "--bs=64k", "--iodepth=4", "--size=16M",
+               "--ioengine=libaio", "--rw=write", "--bs=256k", "--iodepth=4", "--size=16M",
                "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"],
               timeout=ctx.remaining(120), check=False)
     assert out.returncode == 0, f"fio verify on {disk}: exit {out.returncode}: {out.stderr[-2000:]}"
@@ -193,7 +197,14 @@ def srp_iser_fc(ctx: Context) -> None:
     (ctx.artifacts / "fabrics.yaml").write_text(cfg.read_text())
 
     start = time.monotonic()
-    daemon, _ = serve_config(ctx, cfg, timeout=240)
+    downed = [False]  # `tcmu-py down` costs a Python start (tens of seconds here): once
+    ctx.cleanup.callback(lambda: downed[0] or run(tcmu_py("down", "-c", str(cfg)),
+                                                  timeout=120, check=False))
+    ready = ctx.workdir / "ready"
+    daemon = Daemon(tcmu_py("serve", "-c", str(cfg), "--run-dir", str(ctx.workdir / "run"),
+                            "--ready-file", str(ready)), ctx.artifacts / "daemon.log")
+    ctx.cleanup.callback(daemon.stop)
+    daemon.start(ready=ready.exists, timeout=ctx.remaining(240))
     timings["daemon_ready_s"] = round(time.monotonic() - start, 1)
     # Runs before the daemon stops (LIFO): no session is left to a LUN nobody serves, whose
     # SYNCHRONIZE CACHE would hang the guest's power-off.
@@ -235,6 +246,7 @@ def srp_iser_fc(ctx: Context) -> None:
     start = time.monotonic()
     daemon.stop(timeout=30)
     down = run(tcmu_py("down", "-c", str(cfg)), timeout=ctx.remaining(120), check=False)
+    downed[0] = True
     timings["down_s"] = round(time.monotonic() - start, 1)
     left = _leftovers()
     ctx.details["left_in_configfs"] = left
