@@ -115,7 +115,7 @@ def _exercise(ctx: Context, fabric: str, host: str, first_tape: list[bool]) -> d
     if fabric == "srp":  # which ACL ib_srpt matched the RDMA/CM login with
         facts["acls_in_session"] = sorted(
             a.name for a in CONFIGFS.glob("srpt/*/tpgt_1/acls/*")
-            if "LIO Session" in (a / "info").read_text())
+            if (a / "info").is_file() and "LIO Session" in (a / "info").read_text())
     devs = _devices(ctx, host, 90)
     facts["devices"] = devs
     disk = Path("/dev") / devs[0]["block"]
