@@ -64,3 +64,27 @@ def test_write_bounded_gives_up_on_a_write_that_blocks(tmp_path: Path) -> None:
                 time.sleep(0.01)
     finally:
         os.close(fd)
+
+
+def test_lab_fabrics_option_brings_the_transports_up_before_the_daemon(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+    import sys
+
+    from tcmu_py import lab
+
+    scripts: list[str] = []
+
+    def fake_run_in_vm(script: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        scripts.append(script)
+        return subprocess.CompletedProcess(["vng"], 0, "", "")
+
+    monkeypatch.setattr(lab, "run_in_vm", fake_run_in_vm)
+    assert lab.main(["--fabrics", "--", "lsscsi"]) == 0
+    assert lab.main(["--", "lsscsi"]) == 0
+    with_fabrics, without = scripts
+    up = f"{sys.executable} -m tcmu_py.lab_fabrics up\n"
+    assert up in with_fabrics and up not in without
+    # After the prelude (modules, configfs), before `tcmu-py serve` starts.
+    assert with_fabrics.index("end of prelude") < with_fabrics.index(up) < with_fabrics.index(
+        " serve ")
