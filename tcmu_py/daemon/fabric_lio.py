@@ -10,8 +10,9 @@ records them in the same state file, and `down` removes them exactly as the othe
 - **SRP** is written to configfs directly (`SrptConfigfs`): rtslib-fb's srpt module accepts
   only GID port names (``ib.<32 hex>``) and 128-bit port-ID initiator names, while an RDMA/CM
   login (the only login RoCE supports: it has no subnet administrator) is matched against an
-  ACL named by the initiator's IP address on a GUID-named port (ib_srpt's ``srpt_cm_req_recv``
-  tries GUID-named TPGs with that session name first). Measured on Debian's 6.1 with soft-RoCE.
+  ACL named by the initiator's IP address on a GUID-named port. Measured on Debian's 6.1 with
+  soft-RoCE (kernel scenario fabrics.srp_iser_fc); IB CM logins (GID-named ports, port-ID ACLs)
+  are accepted by the YAML but untested here.
 """
 
 from __future__ import annotations
