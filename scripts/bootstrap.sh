@@ -36,6 +36,8 @@ APT_PACKAGES=(
     # the rdma tool's peers), iSER's initiator (open-iscsi: iscsiadm, iscsid), FCoE inspection
     # (fcoe-utils: fcoeadm)
     rdma-core open-iscsi fcoe-utils
+    # the VTL encryption scenario sets keys with it (SECURITY PROTOCOL OUT, SSC-5 8.5)
+    stenc
 )
 VIRTME_NG="virtme-ng==1.42"
 APT_LOG=/tmp/tcmu-py-bootstrap-apt.log
