@@ -32,6 +32,10 @@ APT_PACKAGES=(
     # LIO's own shell: the targetcli_dbus kernel scenario drives tcmu-py through it over D-Bus
     # (brings python3-rtslib-fb and python3-gi)
     targetcli-fb
+    # the fabrics kernel scenario: SRP and iSER over soft-RoCE (rdma-core: the rxe provider and
+    # the rdma tool's peers), iSER's initiator (open-iscsi: iscsiadm, iscsid), FCoE inspection
+    # (fcoe-utils: fcoeadm)
+    rdma-core open-iscsi fcoe-utils
     # the VTL encryption scenario sets keys with it (SECURITY PROTOCOL OUT, SSC-5 8.5)
     stenc
 )

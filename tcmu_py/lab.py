@@ -479,6 +479,9 @@ def main(
     ap = argparse.ArgumentParser(prog="tcmu-py lab", description=main.__doc__)
     ap.add_argument("-c", "--config", default=config, help="YAML configuration for tcmu-py serve")
     ap.add_argument("--no-serve", action="store_true", help="only the prelude, no daemon")
+    ap.add_argument("--fabrics", action="store_true",
+                    help="bring up soft-RoCE (SRP, iSER) and FCoE on a veth pair in the guest"
+                    " first (tcmu_py.lab_fabrics; prints the port names as JSON)")
     ap.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     ap.add_argument("--cpus", type=int, default=None, help="guest CPUs (default: vng's)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds before the VM is killed")
@@ -491,6 +494,8 @@ def main(
     )
     line = " ".join(w for w in words if w != "--") or DEFAULT_LAB_COMMAND
     body = line if args.no_serve else serve_script(args.config, line)
+    if args.fabrics:
+        body = f"{shlex.quote(sys.executable)} -m tcmu_py.lab_fabrics up\n" + body
     start = time.monotonic()
     try:
         proc = run_in_vm(

@@ -37,6 +37,7 @@ Facts about the kernel that shape the checks (drivers/target/target_core_user.c)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -90,9 +91,12 @@ __all__ = [
     "Defaults",
     "Device",
     "Exports",
+    "FabricAcl",
+    "FcTarget",
     "IscsiTarget",
     "LunMap",
     "Portal",
+    "SrpTarget",
     "dev_config_string",
     "load_config",
     "load_config_text",
@@ -188,9 +192,45 @@ class IscsiTarget:
 
 
 @dataclass(frozen=True)
+class FabricAcl:
+    """An initiator allowed into an SRP or FC target port (neither ib_srpt nor tcm_fc has a demo
+    mode). ``luns`` as in `Acl`."""
+
+    initiator: str
+    luns: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SrpTarget:
+    """An ib_srpt target port with one TPG (tag 1). ``port`` is the name ib_srpt gives the RDMA
+    port in configfs: its GUID ``xxxx:xxxx:xxxx:xxxx`` or its GID ``0x<32 hex digits>``.
+    ``rdma_cm_port``: the TCP port ib_srpt listens on for RDMA/CM logins (RoCE has no subnet
+    administrator, so IB CM logins do not work there); a setting of the whole srpt fabric."""
+
+    port: str
+    luns: tuple[LunMap, ...] = ()
+    acls: tuple[FabricAcl, ...] = ()
+    rdma_cm_port: int | None = None
+
+
+@dataclass(frozen=True)
+class FcTarget:
+    """A tcm_fc target port (an FCoE local port, named by its WWPN ``naa.<16 hex digits>``)
+    with one TPG (tag 1)."""
+
+    wwpn: str
+    luns: tuple[LunMap, ...] = ()
+    acls: tuple[FabricAcl, ...] = ()
+
+
+@dataclass(frozen=True)
 class Exports:
     loopback: tuple[LunMap, ...] = ()
     iscsi: tuple[IscsiTarget, ...] = ()
+    #: iSCSI targets whose portals also listen for iSER (the portal's ``iser`` attribute).
+    iser: tuple[IscsiTarget, ...] = ()
+    srp: tuple[SrpTarget, ...] = ()
+    fc: tuple[FcTarget, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -656,12 +696,15 @@ def _iscsi_name(c: Checker, value: object, path: str) -> str | None:
     return norm
 
 
-def _load_iscsi(c: Checker, raw: object, devices: set[str]) -> list[IscsiTarget]:
+def _load_iscsi(c: Checker, raw: object, devices: set[str], key: str = "iscsi",
+                seen: set[str] | None = None) -> list[IscsiTarget]:
+    """The targets of ``exports.<key>`` (``iscsi``, or ``iser``: the same schema); ``seen``
+    holds the target names already used (iSCSI and iSER targets share LIO's iscsi fabric)."""
     out: list[IscsiTarget] = []
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     keys = {"iqn", "tpg", "portals", "luns", "acls", "chap", "generate_node_acls", "attributes"}
-    for i, item in enumerate(c.seq(raw, "exports.iscsi") or []):
-        p = f"exports.iscsi[{i}]"
+    for i, item in enumerate(c.seq(raw, f"exports.{key}") or []):
+        p = f"exports.{key}[{i}]"
         before = len(c.problems)
         m = c.mapping(item, p, keys, frozenset({"iqn"}))
         if m is None:
@@ -742,6 +785,160 @@ def _load_iscsi(c: Checker, raw: object, devices: set[str]) -> list[IscsiTarget]
     return out
 
 
+# --------------------------------------------------------------------------- SRP and FC
+
+# ib_srpt names each RDMA port twice in configfs (srpt_refresh_port, drivers/infiniband/ulp/srpt):
+# by the GUID of its GID 0, "%04x:%04x:%04x:%04x", and by the whole GID, "0x%016llx%016llx".
+_SRP_GUID_RE = re.compile(r"[0-9a-f]{4}(:[0-9a-f]{4}){3}")
+_SRP_GID_RE = re.compile(r"0x[0-9a-f]{32}")
+_SRP_PORT = ("an ib_srpt port name: the port GUID xxxx:xxxx:xxxx:xxxx or its GID 0x<32 hex"
+             " digits> (ib.<32 hex digits> as rtslib-fb writes it)")
+# rtslib-fb's naa test (utils.normalize_wwn), which tcm_fc target and ACL names must pass.
+_FC_WWPN_RE = re.compile(r"naa\.[125c-f][0-9a-f]{15}")
+_FC_WWPN = ("an FC port name: naa.<16 hex digits> starting 1, 2, 5 or c-f, or the same 8 bytes as"
+            " 20:00:xx:xx:xx:xx:xx:xx (an FCoE WWPN is 20:00 and the MAC address)")
+
+
+def _srp_port(c: Checker, value: object, path: str) -> str | None:
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v.startswith("ib.") and _SRP_GID_RE.fullmatch("0x" + v[3:]):
+            return "0x" + v[3:]
+        if _SRP_GUID_RE.fullmatch(v) or _SRP_GID_RE.fullmatch(v):
+            return v
+    c.fail(path, value, _SRP_PORT)
+    return None
+
+
+def _srp_initiator(c: Checker, value: object, path: str) -> str | None:
+    """ib_srpt's session name, which an ACL must carry: the initiator's source IP address for
+    an RDMA/CM login to any port name; for an IB CM login, the initiator port GUID (to a port
+    named by GUID) or the 128-bit initiator port ID 0x<32 hex digits> (to one named by GID)."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(v))
+        if v.startswith("ib.") and _SRP_GID_RE.fullmatch("0x" + v[3:]):
+            return "0x" + v[3:]
+        if _SRP_GUID_RE.fullmatch(v) or _SRP_GID_RE.fullmatch(v):
+            return v
+    c.fail(path, value, "an SRP initiator as ib_srpt names its sessions: the initiator's IP"
+           " address (RDMA/CM login), its port GUID xxxx:xxxx:xxxx:xxxx or its port ID 0x<32 hex"
+           " digits> (IB CM login)")
+    return None
+
+
+def _fc_wwpn(c: Checker, value: object, path: str) -> str | None:
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if re.fullmatch(r"([0-9a-f]{2}:){7}[0-9a-f]{2}", v):
+            v = "naa." + v.replace(":", "")
+        elif v.startswith("0x"):
+            v = "naa." + v[2:]
+        if _FC_WWPN_RE.fullmatch(v):
+            return v
+    c.fail(path, value, _FC_WWPN)
+    return None
+
+
+def _load_fabric_acls(c: Checker, raw: object, path: str, luns: list[LunMap],
+                      initiator: Callable[[Checker, object, str], str | None],
+                      fabric: str) -> list[FabricAcl] | None:
+    """The ``acls`` of an SRP or FC target: at least one (``fabric`` has no demo mode), each
+    initiator once, ``luns`` naming devices of this target's luns. None if ``raw`` is not a
+    list."""
+    lun_devs = {lm.device for lm in luns}
+    items = c.seq(raw, path)
+    if items is None:
+        return None
+    if not items:
+        c.fail(path, MISSING if raw is None else raw, f"at least one ACL ({fabric} has no demo"
+               " mode: an initiator without an ACL cannot log in)")
+        return None
+    out: list[FabricAcl] = []
+    for j, a in enumerate(items):
+        ap = f"{path}[{j}]"
+        am = c.mapping(a, ap, {"initiator", "luns"}, frozenset({"initiator"}))
+        if am is None or "initiator" not in am:
+            continue
+        ini = initiator(c, am["initiator"], f"{ap}.initiator")
+        if ini is not None and ini in {x.initiator for x in out}:
+            c.fail(f"{ap}.initiator", am["initiator"],
+                   "an initiator listed once per target (duplicate)")
+            continue
+        acl_luns: tuple[str, ...] | None = None
+        if "luns" in am:
+            names: list[str] = []
+            for k, dn in enumerate(c.seq(am["luns"], f"{ap}.luns") or []):
+                if not isinstance(dn, str) or dn not in lun_devs:
+                    c.fail(f"{ap}.luns[{k}]", dn, "a device exported in this target's luns"
+                           f" ({', '.join(sorted(lun_devs)) or 'none'})")
+                elif dn in names:
+                    c.fail(f"{ap}.luns[{k}]", dn, "a device listed once (duplicate)")
+                else:
+                    names.append(dn)
+            acl_luns = tuple(names)
+        if ini is not None:
+            out.append(FabricAcl(ini, acl_luns))
+    return out
+
+
+def _load_srp(c: Checker, raw: object, devices: set[str]) -> list[SrpTarget]:
+    out: list[SrpTarget] = []
+    seen: set[str] = set()
+    cm_ports: set[int] = set()
+    for i, item in enumerate(c.seq(raw, "exports.srp") or []):
+        p = f"exports.srp[{i}]"
+        before = len(c.problems)
+        m = c.mapping(item, p, {"port", "luns", "acls", "rdma_cm_port"}, frozenset({"port"}))
+        if m is None:
+            continue
+        port = _srp_port(c, m["port"], f"{p}.port") if "port" in m else None
+        if port is not None:
+            if port in seen:
+                c.fail(f"{p}.port", m["port"], "a target port not used before (duplicate)")
+            seen.add(port)
+        cm_port = (c.integer(m["rdma_cm_port"], f"{p}.rdma_cm_port", 1, 65535,
+                             "a TCP port 1..65535 for RDMA/CM logins")
+                   if m.get("rdma_cm_port") is not None else None)
+        if cm_port is not None:
+            cm_ports.add(cm_port)
+            if len(cm_ports) > 1:
+                # discovery_auth/rdma_cm_port is one setting of the whole srpt fabric.
+                c.fail(f"{p}.rdma_cm_port", cm_port, f"the same port as the other SRP targets"
+                       f" ({min(cm_ports - {cm_port})}: ib_srpt has one RDMA/CM port)")
+        luns = _load_lunmaps(c, m.get("luns"), f"{p}.luns", devices)
+        acls = _load_fabric_acls(c, m.get("acls"), f"{p}.acls", luns, _srp_initiator, "ib_srpt")
+        if len(c.problems) != before:
+            continue
+        assert port is not None and acls is not None
+        out.append(SrpTarget(port, tuple(luns), tuple(acls), cm_port))
+    return out
+
+
+def _load_fc(c: Checker, raw: object, devices: set[str]) -> list[FcTarget]:
+    out: list[FcTarget] = []
+    seen: set[str] = set()
+    for i, item in enumerate(c.seq(raw, "exports.fc") or []):
+        p = f"exports.fc[{i}]"
+        before = len(c.problems)
+        m = c.mapping(item, p, {"wwpn", "luns", "acls"}, frozenset({"wwpn"}))
+        if m is None:
+            continue
+        wwpn = _fc_wwpn(c, m["wwpn"], f"{p}.wwpn") if "wwpn" in m else None
+        if wwpn is not None:
+            if wwpn in seen:
+                c.fail(f"{p}.wwpn", m["wwpn"], "a target port not used before (duplicate)")
+            seen.add(wwpn)
+        luns = _load_lunmaps(c, m.get("luns"), f"{p}.luns", devices)
+        acls = _load_fabric_acls(c, m.get("acls"), f"{p}.acls", luns, _fc_wwpn, "tcm_fc")
+        if len(c.problems) != before:
+            continue
+        assert wwpn is not None and acls is not None
+        out.append(FcTarget(wwpn, tuple(luns), tuple(acls)))
+    return out
+
+
 _TOP_KEYS = ("state_dir", "defaults", "devices", "exports")
 
 
@@ -807,13 +1004,18 @@ def _build(c: Checker, doc: object,
             where[dev.name] = at
             dev_names.add(dev.name)
     _check_identities(c, devices, where, registry)
-    em = c.mapping(top.get("exports"), "exports", {"loopback", "iscsi"})
+    em = c.mapping(top.get("exports"), "exports", {"loopback", "iscsi", "iser", "srp", "fc"})
     loop = _load_lunmaps(c, (em or {}).get("loopback"), "exports.loopback", dev_names)
-    iscsi = _load_iscsi(c, (em or {}).get("iscsi"), dev_names)
+    iqns: set[str] = set()
+    iscsi = _load_iscsi(c, (em or {}).get("iscsi"), dev_names, "iscsi", iqns)
+    iser = _load_iscsi(c, (em or {}).get("iser"), dev_names, "iser", iqns)
+    srp = _load_srp(c, (em or {}).get("srp"), dev_names)
+    fc = _load_fc(c, (em or {}).get("fc"), dev_names)
     if c.problems or state_dir is None:
         return None
     return Config(c.source, state_dir, defaults, tuple(devices),
-                  Exports(tuple(loop), tuple(iscsi)), tuple(sections.items()))
+                  Exports(tuple(loop), tuple(iscsi), tuple(iser), tuple(srp), tuple(fc)),
+                  tuple(sections.items()))
 
 
 def _parse(text: str, source: str) -> object:

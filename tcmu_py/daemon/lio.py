@@ -188,7 +188,10 @@ def _chap(chap: Any) -> dict[str, str] | None:
 
 def plan_exports(config: Config) -> list[LioObject]:
     """tcm_loop target/TPG/LUNs, then for each iSCSI target: target, TPG (attributes, TPG CHAP,
-    enabled), portals, LUNs, ACLs (CHAP) and their mapped LUNs (LUN masking)."""
+    enabled), portals, LUNs, ACLs (CHAP) and their mapped LUNs (LUN masking); then the iSER
+    targets (the same, each portal with ``iser: true``), then SRP and FC targets
+    (`tcmu_py.daemon.fabric_lio.plan_fabric_exports`)."""
+    from tcmu_py.daemon.fabric_lio import plan_fabric_exports
     out: list[LioObject] = []
     if config.exports.loopback:
         wwn = loopback_wwn(config.state_dir)
@@ -197,7 +200,8 @@ def plan_exports(config: Config) -> list[LioObject]:
         for lm in config.exports.loopback:
             out.append(LioObject(Kind.LUN, ("loopback", wwn, "1", str(lm.lun)),
                                  {"backstore": lm.device}))
-    for tgt in config.exports.iscsi:
+    iser = set(config.exports.iser)
+    for tgt in (*config.exports.iscsi, *config.exports.iser):
         t = ("iscsi", tgt.iqn)
         tpg = (*t, str(tgt.tpg))
         out.append(LioObject(Kind.TARGET, t))
@@ -205,7 +209,8 @@ def plan_exports(config: Config) -> list[LioObject]:
                                              "chap": _chap(tgt.chap)}))
         for portal in tgt.portals:
             out.append(LioObject(Kind.PORTAL, (*tpg, str(portal)),
-                                 {"ip": portal.ip, "port": portal.port}))
+                                 {"ip": portal.ip, "port": portal.port,
+                                  **({"iser": True} if tgt in iser else {})}))
         lun_of = {lm.device: lm.lun for lm in tgt.luns}
         for lm in tgt.luns:
             out.append(LioObject(Kind.LUN, (*tpg, str(lm.lun)), {"backstore": lm.device}))
@@ -217,7 +222,7 @@ def plan_exports(config: Config) -> list[LioObject]:
                 n = lun_of[dev_name]
                 out.append(LioObject(Kind.MAPPED_LUN, (*akey, str(n)),
                                      {"tpg_lun": n, "write_protect": False}))
-    return out
+    return out + plan_fabric_exports(config)
 
 
 # --------------------------------------------------------------------------- backends
@@ -304,6 +309,14 @@ class RtslibBackend:
         except Exception as exc:  # rtslib raises bare RTSLibError / OSError
             raise LioError(f"LIO is not available (configfs, target_core_mod): {exc}") from exc
 
+    def _srpt(self, obj: LioObject) -> Any:
+        """The `SrptConfigfs` that handles `obj` if it is an ib_srpt object, else None."""
+        if obj.kind is Kind.BACKSTORE or obj.key[0] != "srpt":
+            return None
+        from tcmu_py.daemon.fabric_lio import SrptConfigfs
+
+        return SrptConfigfs(self.configfs, lambda name: Path(self._user_so(name).path))
+
     # Lookups of existing objects; each raises RTSLibNotInCFSError (an RTSLibError) if absent.
     def _target(self, key: tuple[str, ...]) -> Any:
         r = self.rtslib
@@ -339,6 +352,9 @@ class RtslibBackend:
         return r.MappedLUN(self._acl(k), int(k[4]))
 
     def exists(self, obj: LioObject) -> bool:
+        srpt = self._srpt(obj)
+        if srpt is not None:
+            return bool(srpt.exists(obj))
         try:
             self._lookup(obj)
         except self.rtslib.utils.RTSLibError:
@@ -347,6 +363,10 @@ class RtslibBackend:
 
     def create(self, obj: LioObject) -> None:
         try:
+            srpt = self._srpt(obj)
+            if srpt is not None:
+                srpt.create(obj)
+                return
             self._create(obj)
         except (self.rtslib.utils.RTSLibError, OSError) as exc:
             raise LioError(f"creating {obj}: {exc}") from exc
@@ -371,7 +391,9 @@ class RtslibBackend:
                 tpg.delete()
                 raise
         elif obj.kind is Kind.PORTAL:
-            r.NetworkPortal(self._tpg(k), _portal_ip(obj), p["port"], mode="create")
+            np = r.NetworkPortal(self._tpg(k), _portal_ip(obj), p["port"], mode="create")
+            if p.get("iser"):
+                _enable_iser(np)
         elif obj.kind is Kind.LUN:
             r.LUN(self._tpg(k), int(k[3]),
                   storage_object=self._user_so(p["backstore"]))
@@ -416,6 +438,10 @@ class RtslibBackend:
 
     def delete(self, obj: LioObject) -> None:
         try:
+            srpt = self._srpt(obj)
+            if srpt is not None:
+                srpt.delete(obj)
+                return
             self._lookup(obj).delete()
         except (self.rtslib.utils.RTSLibError, OSError) as exc:
             raise LioError(f"removing {obj}: {exc}") from exc
@@ -436,6 +462,21 @@ def backstore_writes(params: dict[str, Any]) -> list[tuple[str, str]]:
     # rtslib-fb generates a UUID unit serial when none is given; so do we.
     writes.append(("wwn/vpd_unit_serial", f"{params['wwn'] or uuid.uuid4()}\n"))
     return writes
+
+
+def _enable_iser(np: Any) -> None:
+    """Set the portal's ``iser`` attribute, and check that it took: rtslib-fb ignores a missing
+    attribute silently, and the kernel refuses 1 when ib_isert cannot listen there (no RDMA
+    device with that address). The portal is removed again on failure."""
+    try:
+        np.iser = True
+        iser = Path(np.path) / "iser"
+        if not iser.is_file() or iser.read_text().strip() != "1":
+            raise LioError(f"{iser}: the iser attribute is missing or did not take (is"
+                           " ib_isert loaded, and the address on an RDMA device?)")
+    except BaseException:
+        np.delete()
+        raise
 
 
 def _portal_ip(obj: LioObject) -> str:

@@ -189,6 +189,11 @@ _PROBE_BASE: dict[str, Any] = {
                    "acls": [{"initiator": "iqn.2025-01.org.example:i", "luns": ["d0"],
                              "chap": dict(_CHAP, password="secret-0002")}],
                    "attributes": {"login_timeout": 15}}],
+        "srp": [{"port": "0000:00ff:fe00:7701", "rdma_cm_port": 5555,
+                 "luns": [{"device": "d0"}],
+                 "acls": [{"initiator": "192.168.77.1", "luns": ["d0"]}]}],
+        "fc": [{"wwpn": "naa.2000020000007701", "luns": [{"device": "d0"}],
+                "acls": [{"initiator": "naa.2000020000007702", "luns": ["d0"]}]}],
     },
 }
 
