@@ -32,6 +32,8 @@ APT_PACKAGES=(
     # LIO's own shell: the targetcli_dbus kernel scenario drives tcmu-py through it over D-Bus
     # (brings python3-rtslib-fb and python3-gi)
     targetcli-fb
+    # the mirror handler's NBD legs: libnbd's C API through cffi (ABI mode), nbdkit as the test server
+    libnbd0 nbdkit
 )
 VIRTME_NG="virtme-ng==1.42"
 APT_LOG=/tmp/tcmu-py-bootstrap-apt.log

@@ -1,0 +1,1 @@
+"""Replicated disks (subtype ``mirror``): see `.mirror` for the format and ordering rules."""
