@@ -20,23 +20,33 @@ Rules this file obeys
 * Generation. Bumped, and the superblock written (FUA) to every leg that takes writes, at each
   change of the active mask (a leg fails, a resync completes), at open and at clean close.
 * Write-intent bitmap, per write:
-    1. the regions' bits are set in memory and, for bits not already set, the bitmap blocks are
-       written with FUA to every leg that takes writes (in-sync and resyncing legs) — durable
-       **before** any data of the write reaches any leg;
-    2. the data goes to every leg that takes writes (through each leg's FIFO worker, so writes
-       and flushes reach one leg in the order they were issued);
+    1. the regions' bits are set in memory and, for bits not already set, the bitmap block is
+       queued (a FUA write) on the FIFO of every leg that takes writes (in-sync and resyncing
+       legs), under one lock, so that on **each leg** the bit is durable before any data of the
+       write reaches that leg; a write whose bit was already set queues its data behind the
+       block that set it. (Per leg is enough: a leg holding new data holds its bit, and the
+       unclean open below reads the bits of every in-sync leg.)
+    2. the data goes to every leg that takes writes through the same FIFO (one worker per leg:
+       writes, bitmap blocks and flushes reach one leg in the order they were queued);
     3. a leg whose write fails is marked out of sync and the new active mask is written (FUA) to
        the remaining legs **before** the write is acknowledged;
     4. the write is acknowledged when the write quorum of in-sync legs has it (with the device's
        write cache off, each leg's write is FUA: durable on return);
+    4a. with a numeric quorum, a leg still writing when the quorum answered is first recorded
+       as *lagging* in the superblocks (once: it stays lagging until a clean close), so a crash
+       can never make it the source of a region it may be behind in;
     5. bits are cleared lazily: after a flush reached every leg, with every leg in sync, for the
        regions no write touched since that flush started. A clear that is lost (a crash) only
        costs a resync of that region; a set that is lost cannot happen (1 before 2).
 * Consequence for a crash at any point: a region that may differ between the in-sync legs has
-  its bit set on every one of them. At an unclean open (clean flag off) the union of the bits
-  is copied from the freshest leg to the other in-sync legs before the device serves; a leg out
-  of sync is copied in the background (regions of the freshest leg's bitmap: bits are never
-  cleared while a leg is out of sync).
+  its bit set on at least one of them (the one holding newer data). At an unclean open (clean
+  flag off) the regions of the union of their bits are reconciled before the device serves:
+  the content a majority of the in-sync legs agree on wins (with a numeric quorum an
+  acknowledged write is on a majority even if a straggler failed unrecorded), else the
+  freshest leg's. A leg out of sync is copied in the background (regions of the freshest
+  leg's bitmap: bits are never cleared while a leg is out of sync).
+* Acknowledgement counts a leg only while it is still in sync: a leg whose own failure record
+  (or another leg's) could not be written is failed too and holds nothing for the initiator.
 * Freshest leg, split brain (at open). Leg X *excludes* leg Y when Y is not in X's active mask.
   Two legs that exclude each other were each written while apart: a split brain, refused
   (ConfigError naming both legs); nothing is written to any leg then. Otherwise the freshest
@@ -75,8 +85,9 @@ log = logging.getLogger(__name__)
 MAGIC = b"TCMUMIR1"
 VERSION = 1
 SLOT = 4096
-#: magic, version, flags, uuid, leg index, nlegs, region size, size, generation, active mask
-_SB = struct.Struct("<8sII16sIIIQQI")
+#: magic, version, flags, uuid, leg index, nlegs, region size, size, generation, active mask,
+#: lagging mask
+_SB = struct.Struct("<8sII16sIIIQQII")
 FLAG_CLEAN = 0x1
 MAX_LEGS = 3
 DEFAULT_REGION = 1 << 20
@@ -114,11 +125,12 @@ class Superblock:
     generation: int
     active: int  # bit i: leg i in sync
     clean: bool
+    lagging: int = 0  # bit i: leg i was left behind by an acknowledgement (numeric quorum)
 
     def pack(self) -> bytes:
         body = _SB.pack(MAGIC, VERSION, FLAG_CLEAN if self.clean else 0, self.mirror_uuid,
                         self.leg, self.nlegs, self.region, self.size, self.generation,
-                        self.active)
+                        self.active, self.lagging)
         return (body + struct.pack("<I", zlib.crc32(body))).ljust(SLOT, b"\0")
 
     @classmethod
@@ -128,10 +140,10 @@ class Superblock:
         (crc,) = struct.unpack_from("<I", raw, _SB.size)
         if raw[:8] != MAGIC or zlib.crc32(body) != crc:
             return None
-        _, version, flags, uid, leg, nlegs, region, size, gen, active = _SB.unpack(body)
+        _, version, flags, uid, leg, nlegs, region, size, gen, active, lag = _SB.unpack(body)
         if version != VERSION:
             return None
-        return cls(uid, leg, nlegs, region, size, gen, active, bool(flags & FLAG_CLEAN))
+        return cls(uid, leg, nlegs, region, size, gen, active, bool(flags & FLAG_CLEAN), lag)
 
     def has(self, index: int) -> bool:
         return bool(self.active >> index & 1)
@@ -224,6 +236,9 @@ class Mirror:
         self.resync_done = 0
         self.regions_copied = 0  # over the mirror's life in this process
         self._monitor: threading.Thread | None = None
+        #: Legs a numeric quorum acknowledged writes without (recorded before that ack; until a
+        #: clean close): after a crash they are never the source of a reconciled region.
+        self._lagging = 0
         #: The last leg in sync when every leg had failed: the one to come back in sync.
         self._last_standing: int | None = None
 
@@ -312,8 +327,13 @@ class Mirror:
         in_sync = [ls for ls in self._legs if ls.state == IN_SYNC]
         if not fsb.clean and len(in_sync) > 1 and any(self.bitmap):
             # before serving: the in-sync legs must agree on every region a crash left flagged
-            self._copy_regions(self._legs[fresh], [ls for ls in in_sync if ls.index != fresh],
-                               self._dirty_regions(), throttle=False)
+            lagging = 0
+            for ls in in_sync:
+                sb = sbs[ls.index]
+                lagging |= sb.lagging if sb is not None else 0
+            sources = [ls for ls in in_sync if not lagging >> ls.index & 1] or in_sync
+            self._reconcile(self._legs[fresh] if self._legs[fresh] in sources else sources[0],
+                            sources, in_sync, self._dirty_regions())
         self.generation += 1
         self._write_bitmap_all()
         self._write_superblocks(clean=False)
@@ -395,17 +415,17 @@ class Mirror:
     def _active_mask(self) -> int:
         return sum(1 << ls.index for ls in self._legs if ls.state == IN_SYNC)
 
-    def _write_superblocks(self, clean: bool) -> None:
+    def _write_superblocks(self, clean: bool, skip: int = 0) -> None:
         """The current generation and mask to every leg taking writes (FUA). Caller holds no
         leg worker; legs that fail are marked failed (which writes again)."""
         with self._meta_lock:  # snapshots taken in write order: the last one written is newest
             with self._lock:
-                targets = [ls for ls in self._legs if ls.takes_writes]
-                gen, mask = self.generation, self._active_mask()
+                targets = [ls for ls in self._legs if ls.takes_writes and not skip >> ls.index & 1]
+                gen, mask, lag = self.generation, self._active_mask(), self._lagging
             failed: list[tuple[_LegState, OSError]] = []
             for ls in targets:
                 sb = Superblock(self.uuid, ls.index, len(self._legs), self.region, self.size,
-                                gen, mask, clean)
+                                gen, mask, clean, 0 if clean else lag)
                 try:
                     assert ls.leg is not None
                     ls.leg.write(self._meta_offset(ls) + (gen % 2) * SLOT, sb.pack(), fua=True)
@@ -676,6 +696,37 @@ class Mirror:
                 self.flush()
             return
 
+    def _reconcile(self, fresh: _LegState, sources: list[_LegState], legs: list[_LegState],
+                   regions: list[int]) -> None:
+        """Unclean open: make the in-sync `legs` agree on `regions`: the content a majority of
+        `sources` (the legs no acknowledgement left behind) hold, else `fresh`'s. Nothing is
+        served yet: no lock needed against writes."""
+        for r in regions:
+            off = r * self.region
+            n = min(self.region, self.size - off)
+            copies: dict[int, bytes] = {}
+            for ls in legs:
+                buf = bytearray(n)
+                assert ls.leg is not None
+                ls.leg.read(off, memoryview(buf))
+                copies[ls.index] = bytes(buf)
+            votes: dict[bytes, int] = {}
+            for ls in sources:
+                votes[copies[ls.index]] = votes.get(copies[ls.index], 0) + 1
+            if len(set(copies.values())) == 1:
+                continue
+            best = max(votes.values())
+            winner = next(d for d, v in votes.items() if v == best) \
+                if best * 2 > len(sources) else copies[fresh.index]
+            for ls in legs:
+                if copies[ls.index] != winner:
+                    assert ls.leg is not None
+                    ls.leg.write(off, winner)
+                    self.regions_copied += 1
+        for ls in legs:
+            assert ls.leg is not None
+            ls.leg.flush()
+
     def _copy_regions(self, source: _LegState, targets: list[_LegState], regions: list[int],
                       throttle: bool) -> None:
         buf = bytearray(self.region)
@@ -923,7 +974,18 @@ class _WriteOp:
                 self.ok = sum(1 for i in self.succeeded if m._legs[i].state == IN_SYNC)
                 if m.cfg.quorum:
                     if self.ok >= self.need:
-                        return
+                        behind = sum(1 << i for i in self.in_sync
+                                     if i not in self.succeeded and m._legs[i].state == IN_SYNC)
+                        if behind & ~m._lagging == 0:
+                            return
+                        # acknowledging without them: first say so on the legs (rule 4a)
+                        m._lagging |= behind
+                        m._lock.release()
+                        try:
+                            m._write_superblocks(clean=False, skip=behind)  # not the slow
+                        finally:
+                            m._lock.acquire()
+                        continue
                     if self.left == 0:
                         raise QuorumLost(f"mirror: {self.ok} legs hold the write; the write "
                                          f"quorum is {self.need}")
