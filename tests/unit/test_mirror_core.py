@@ -393,3 +393,33 @@ def test_a_crash_at_every_write_leaves_legs_that_open_identical_with_every_acked
             m.close()
         points += inflight is not None
     assert points >= 20  # most points crashed inside a write
+
+
+def test_a_leg_left_behind_by_the_quorum_is_never_the_source_after_a_crash() -> None:
+    """Quorum 2 of 3, leg 0 slow: W is acknowledged by legs 1 and 2. Power cut while a later
+    write X had reached leg 2 only: leg 0 holds A (old), leg 1 W, leg 2 X, no majority. The
+    open must not pick leg 0 (freshest by index, same generation) for the region: it was
+    recorded as lagging before W was acknowledged."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, quorum=2)
+    write(m, 0, b"A" * 4096)
+    m.flush()
+    gate = threading.Event()
+    st["leg0"].gate = gate
+    write(m, 0, b"W" * 4096)  # acknowledged by legs 1 and 2
+    frozen = {name: Store(name, len(s.data)) for name, s in st.items()}
+    for name, s in st.items():
+        frozen[name].data[:] = s.data
+        frozen[name].meta_from = SIZE
+    frozen["leg2"].data[:4096] = b"X" * 4096  # the write in flight at the cut, on leg 2 only
+    gate.set()
+    st["leg0"].gate = None
+    m.close()
+    assert frozen["leg0"].data[:4096] == b"A" * 4096
+    m = open_mirror(frozen)
+    try:
+        assert read(m, 0, 4096) in (b"W" * 4096, b"X" * 4096)
+        areas = data_areas(frozen)
+        assert areas.count(areas[0]) == 3
+    finally:
+        m.close()
