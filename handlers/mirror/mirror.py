@@ -3,13 +3,16 @@
 Rules this file obeys
 ---------------------
 * On-leg format. Every leg keeps the mirror's metadata in a reserved area at its end (so an NBD
-  export carries its own; no sidecar file). The area starts at ``meta_offset = leg.size -
-  meta_length(size, region)`` (4 KiB aligned) and holds::
+  export carries its own; no sidecar file), ``meta_length(size, region)`` bytes ending at the
+  leg's end (its size rounded down to 4 KiB)::
 
-      +0      superblock slot 0   4 KiB   (written when the generation is even)
-      +4096   superblock slot 1   4 KiB   (odd)
-      +8192   bitmap              one bit per region (1: the legs may differ there), rounded up
-                                  to 4 KiB
+      end - 8192 - B   bitmap              B bytes: one bit per region (1: the legs may differ
+                                           there), rounded up to 4 KiB
+      end - 8192       superblock slot 0   4 KiB   (written when the generation is even)
+      end - 4096       superblock slot 1   4 KiB   (odd)
+
+  The superblocks sit at a fixed place from the end: a tool finds them (`read_superblock`)
+  without knowing the size and region they describe.
 
   The data area is ``[0, size)``: the device's logical size. A superblock (`Superblock`) holds
   a magic, the format version, the mirror's UUID, the leg's index, the logical size, the region
@@ -257,22 +260,22 @@ class Mirror:
             raise
         return m
 
-    def _meta_offset(self, ls: _LegState) -> int:
+    def _bitmap_offset(self, ls: _LegState) -> int:
         assert ls.leg is not None
         return ls.leg.size - self.meta_len
 
+    def _slot_offset(self, ls: _LegState, slot: int) -> int:
+        assert ls.leg is not None
+        return ls.leg.size - (2 - slot) * SLOT
+
     def _read_superblock(self, ls: _LegState) -> Superblock | None:
         assert ls.leg is not None
-        raw = bytearray(2 * SLOT)
-        ls.leg.read(self._meta_offset(ls), memoryview(raw))
-        found = [sb for sb in (Superblock.unpack(bytes(raw[:SLOT])),
-                               Superblock.unpack(bytes(raw[SLOT:]))) if sb is not None]
-        return max(found, key=lambda sb: sb.generation) if found else None
+        return read_superblock(ls.leg)
 
     def _read_bitmap(self, ls: _LegState) -> bytearray:
         assert ls.leg is not None
         raw = bytearray(len(self.bitmap))
-        ls.leg.read(self._meta_offset(ls) + 2 * SLOT, memoryview(raw))
+        ls.leg.read(self._bitmap_offset(ls), memoryview(raw))
         return raw
 
     def _open(self) -> None:
@@ -428,7 +431,7 @@ class Mirror:
                                 gen, mask, clean, 0 if clean else lag)
                 try:
                     assert ls.leg is not None
-                    ls.leg.write(self._meta_offset(ls) + (gen % 2) * SLOT, sb.pack(), fua=True)
+                    ls.leg.write(self._slot_offset(ls, gen % 2), sb.pack(), fua=True)
                 except OSError as err:
                     failed.append((ls, err))
         for ls, cause in failed:
@@ -629,7 +632,7 @@ class Mirror:
                 if kind == FLUSH:
                     leg.flush()
                 elif kind == META:
-                    leg.write(self._meta_offset(ls) + 2 * SLOT + offset, data, fua=True)
+                    leg.write(self._bitmap_offset(ls) + offset, data, fua=True)
                 else:
                     leg.write(offset, data, fua=not self.write_cache)
             except OSError as exc:
@@ -1009,6 +1012,20 @@ class _WriteOp:
         return self.left == 0 and self.error is None
 
 
+def read_superblock(leg: Leg) -> Superblock | None:
+    """The superblock of `leg` (the newer valid slot of its last 8 KiB), None if it has none."""
+    raw = bytearray(2 * SLOT)
+    leg.read(leg.size - 2 * SLOT, memoryview(raw))
+    found = [sb for sb in (Superblock.unpack(bytes(raw[:SLOT])),
+                           Superblock.unpack(bytes(raw[SLOT:]))) if sb is not None]
+    return max(found, key=lambda sb: sb.generation) if found else None
+
+
+def wipe_superblocks(leg: Leg) -> None:
+    """Erase `leg`'s superblocks (durably): it opens as a blank leg and gets a full copy."""
+    leg.write(leg.size - 2 * SLOT, bytes(2 * SLOT), fua=True)
+
+
 def checksum_regions(leg: Leg, size: int, region: int) -> list[int]:
     """CRC-32 of each region of `leg`'s data area (`tcmu-py mirror verify`)."""
     out = []
@@ -1032,4 +1049,4 @@ def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
 
 
 __all__ = ["Mirror", "MirrorConfig", "QuorumLost", "Superblock", "checksum_regions",
-           "meta_length"]
+           "meta_length", "read_superblock", "wipe_superblocks"]

@@ -259,15 +259,17 @@ def test_a_torn_superblock_falls_back_to_the_other_slot() -> None:
     st = stores(2)
     m = open_mirror(st, assume_clean=True)
     write(m, 0, b"t" * 512)
+    uid, gen = m.uuid, m.generation
     m.close()
     for s in st.values():
-        meta = len(s.data) - meta_length(SIZE, REGION)
+        slots = len(s.data) - 2 * SLOT
         # tear the newest slot of each leg (the close wrote it last)
         newest = max((0, 1), key=lambda k: int.from_bytes(
-            s.data[meta + k * SLOT + 48:meta + k * SLOT + 56], "little"))
-        s.data[meta + newest * SLOT + 20] ^= 0xFF
+            s.data[slots + k * SLOT + 52:slots + k * SLOT + 60], "little"))
+        s.data[slots + newest * SLOT + 20] ^= 0xFF
     m = open_mirror(st)
     try:
+        assert m.uuid == uid and m.generation == gen + 1  # the older slot, then this open
         assert read(m, 0, 512) == b"t" * 512
     finally:
         m.close()
