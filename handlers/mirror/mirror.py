@@ -33,21 +33,21 @@ Rules this file obeys
        writes, bitmap blocks and flushes reach one leg in the order they were queued);
     3. a leg whose write fails is marked out of sync and the new active mask is written (FUA) to
        the remaining legs **before** the write is acknowledged;
-    4. the write is acknowledged when the write quorum of in-sync legs has it (with the device's
-       write cache off, each leg's write is FUA: durable on return);
-    4a. with a numeric quorum, a leg still writing when the quorum answered is first recorded
-       as *lagging* in the superblocks (once: it stays lagging until a clean close), so a crash
-       can never make it the source of a region it may be behind in;
+    4. the write is acknowledged once every leg taking writes answered, when the in-sync legs
+       that hold it are at least the write quorum (``all``: one; a number N: N). (With the
+       device's write cache off, each leg's write is FUA: durable on return.) Acknowledging at
+       the quorum *before* a slow leg answered is not done: after a crash nothing would say
+       which leg was behind;
     5. bits are cleared lazily: after a flush reached every leg, with every leg in sync, for the
        regions no write touched since that flush started. A clear that is lost (a crash) only
        costs a resync of that region; a set that is lost cannot happen (1 before 2).
 * Consequence for a crash at any point: a region that may differ between the in-sync legs has
   its bit set on at least one of them (the one holding newer data). At an unclean open (clean
   flag off) the regions of the union of their bits are reconciled before the device serves:
-  the content a majority of the in-sync legs agree on wins (with a numeric quorum an
-  acknowledged write is on a majority even if a straggler failed unrecorded), else the
-  freshest leg's. A leg out of sync is copied in the background (regions of the freshest
-  leg's bitmap: bits are never cleared while a leg is out of sync).
+  the content a majority of the in-sync legs agree on wins, else the freshest leg's (every
+  in-sync leg holds every acknowledged write, rule 4: either is one the initiator may see).
+  A leg out of sync is copied in the background (regions of the freshest leg's bitmap: bits
+  are never cleared while a leg is out of sync).
 * Acknowledgement counts a leg only while it is still in sync: a leg whose own failure record
   (or another leg's) could not be written is failed too and holds nothing for the initiator.
 * Freshest leg, split brain (at open). Leg X *excludes* leg Y when Y is not in X's active mask.
@@ -88,9 +88,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"TCMUMIR1"
 VERSION = 1
 SLOT = 4096
-#: magic, version, flags, uuid, leg index, nlegs, region size, size, generation, active mask,
-#: lagging mask
-_SB = struct.Struct("<8sII16sIIIQQII")
+#: magic, version, flags, uuid, leg index, nlegs, region size, size, generation, active mask
+_SB = struct.Struct("<8sII16sIIIQQI")
 FLAG_CLEAN = 0x1
 MAX_LEGS = 3
 DEFAULT_REGION = 1 << 20
@@ -128,12 +127,11 @@ class Superblock:
     generation: int
     active: int  # bit i: leg i in sync
     clean: bool
-    lagging: int = 0  # bit i: leg i was left behind by an acknowledgement (numeric quorum)
 
     def pack(self) -> bytes:
         body = _SB.pack(MAGIC, VERSION, FLAG_CLEAN if self.clean else 0, self.mirror_uuid,
                         self.leg, self.nlegs, self.region, self.size, self.generation,
-                        self.active, self.lagging)
+                        self.active)
         return (body + struct.pack("<I", zlib.crc32(body))).ljust(SLOT, b"\0")
 
     @classmethod
@@ -143,10 +141,10 @@ class Superblock:
         (crc,) = struct.unpack_from("<I", raw, _SB.size)
         if raw[:8] != MAGIC or zlib.crc32(body) != crc:
             return None
-        _, version, flags, uid, leg, nlegs, region, size, gen, active, lag = _SB.unpack(body)
+        _, version, flags, uid, leg, nlegs, region, size, gen, active = _SB.unpack(body)
         if version != VERSION:
             return None
-        return cls(uid, leg, nlegs, region, size, gen, active, bool(flags & FLAG_CLEAN), lag)
+        return cls(uid, leg, nlegs, region, size, gen, active, bool(flags & FLAG_CLEAN))
 
     def has(self, index: int) -> bool:
         return bool(self.active >> index & 1)
@@ -168,6 +166,8 @@ class MirrorConfig:
     degraded_open: bool = False
     #: A new mirror (all legs blank) starts in sync without a first copy (legs known zero).
     assume_clean: bool = False
+    #: "round-robin", or "least-busy" (the in-sync leg with the fewest reads in flight).
+    read_policy: str = "round-robin"
 
 
 IN_SYNC, RESYNCING, FAILED = "in-sync", "resyncing", "failed"
@@ -187,6 +187,7 @@ class _LegState:
         #: In-flight writes on this leg: id -> (start, end); reads avoid legs where they overlap.
         self.pending: dict[int, tuple[int, int]] = {}
         self.reads = 0
+        self.busy = 0  # reads in flight
         self.errors = 0
 
     @property
@@ -212,6 +213,8 @@ class Mirror:
             raise ConfigError(f"mirror: quorum {cfg.quorum}: expected 1 to {len(cfg.legs)} or "
                               "all")
         self.cfg = cfg
+        #: The device's name (status rows); the handler sets it.
+        self.name = ""
         self.size = cfg.size
         self.block_size = block_size
         self.write_cache = cfg.write_cache
@@ -233,15 +236,13 @@ class Mirror:
         self.uuid = b""
         self.generation = 0
         self._closing = False
+        self._closed = False
         self._resync_thread: threading.Thread | None = None
         self._resync_wake = threading.Event()
         self.resync_total = 0  # regions to copy in the current (or last) pass
         self.resync_done = 0
         self.regions_copied = 0  # over the mirror's life in this process
         self._monitor: threading.Thread | None = None
-        #: Legs a numeric quorum acknowledged writes without (recorded before that ack; until a
-        #: clean close): after a crash they are never the source of a reconciled region.
-        self._lagging = 0
         #: The last leg in sync when every leg had failed: the one to come back in sync.
         self._last_standing: int | None = None
 
@@ -330,13 +331,7 @@ class Mirror:
         in_sync = [ls for ls in self._legs if ls.state == IN_SYNC]
         if not fsb.clean and len(in_sync) > 1 and any(self.bitmap):
             # before serving: the in-sync legs must agree on every region a crash left flagged
-            lagging = 0
-            for ls in in_sync:
-                sb = sbs[ls.index]
-                lagging |= sb.lagging if sb is not None else 0
-            sources = [ls for ls in in_sync if not lagging >> ls.index & 1] or in_sync
-            self._reconcile(self._legs[fresh] if self._legs[fresh] in sources else sources[0],
-                            sources, in_sync, self._dirty_regions())
+            self._reconcile(self._legs[fresh], in_sync, self._dirty_regions())
         self.generation += 1
         self._write_bitmap_all()
         self._write_superblocks(clean=False)
@@ -367,8 +362,9 @@ class Mirror:
                     raise ConfigError(
                         f"mirror: split brain: {self._legs[i].name()} (generation "
                         f"{a.generation}) and {self._legs[j].name()} (generation {b.generation})"
-                        " were each written without the other; refusing to choose. Keep one "
-                        "side by wiping the other leg's metadata (tcmu-py mirror --help)")
+                        " were each written without the other; refusing to choose (nothing "
+                        "written). Keep one side: 'tcmu-py mirror forget <the other leg>' "
+                        "erases its metadata, and it gets a full copy")
 
     def _freshest(self, formatted: dict[int, Superblock]) -> int:
         candidates = [i for i, sb in formatted.items() if sb.has(i)]
@@ -418,17 +414,17 @@ class Mirror:
     def _active_mask(self) -> int:
         return sum(1 << ls.index for ls in self._legs if ls.state == IN_SYNC)
 
-    def _write_superblocks(self, clean: bool, skip: int = 0) -> None:
+    def _write_superblocks(self, clean: bool) -> None:
         """The current generation and mask to every leg taking writes (FUA). Caller holds no
         leg worker; legs that fail are marked failed (which writes again)."""
         with self._meta_lock:  # snapshots taken in write order: the last one written is newest
             with self._lock:
-                targets = [ls for ls in self._legs if ls.takes_writes and not skip >> ls.index & 1]
-                gen, mask, lag = self.generation, self._active_mask(), self._lagging
+                targets = [ls for ls in self._legs if ls.takes_writes]
+                gen, mask = self.generation, self._active_mask()
             failed: list[tuple[_LegState, OSError]] = []
             for ls in targets:
                 sb = Superblock(self.uuid, ls.index, len(self._legs), self.region, self.size,
-                                gen, mask, clean, 0 if clean else lag)
+                                gen, mask, clean)
                 try:
                     assert ls.leg is not None
                     ls.leg.write(self._slot_offset(ls, gen % 2), sb.pack(), fua=True)
@@ -488,7 +484,9 @@ class Mirror:
         return range(offset // self.region, (offset + max(length, 1) - 1) // self.region + 1)
 
     def _need(self) -> int:
-        """Successes a write needs, or QuorumLost."""
+        """Successes a write needs, or QuorumLost (OSError once closed: no worker to run it)."""
+        if self._closed:
+            raise OSError(9, "mirror: closed")
         in_sync = sum(1 for ls in self._legs if ls.state == IN_SYNC)
         need = self.cfg.quorum or 1
         if in_sync < need:
@@ -504,10 +502,12 @@ class Mirror:
             while any(r in self._resync_busy for r in regions):
                 self._lock.wait()
             self._seq += 1
+            seq = self._seq
             for r in regions:  # from here the resync leaves these regions alone
                 self._writers[r] = self._writers.get(r, 0) + 1
                 self._last_write[r] = self._seq
         op = _WriteOp(self, regions)
+        op.seq = seq
         try:
             # Bits are set, and their block queued, under `_meta_lock`: a write finding its bit
             # already set queues its data after the block that set it, on every leg.
@@ -546,8 +546,13 @@ class Mirror:
                         if not any(s < end and offset < e for s, e in ls.pending.values())]
                 # a leg still writing this range (acknowledged by the quorum without it) is
                 # read only if no other is free; its FIFO then finishes the write first
-                pick = (free or legs)[self._rr % len(free or legs)]
-                self._rr += 1
+                pool = free or legs
+                if self.cfg.read_policy == "least-busy":
+                    pick = min(pool, key=lambda x: (x.busy, x.reads))
+                else:
+                    pick = pool[self._rr % len(pool)]
+                    self._rr += 1
+                pick.busy += 1
                 wait_for = None if free else pick
             if wait_for is not None:
                 self._drain(wait_for, offset, end)
@@ -563,6 +568,9 @@ class Mirror:
             except OSError as exc:
                 last = exc
                 self._fail_leg(pick, exc)
+            finally:
+                with self._lock:
+                    pick.busy -= 1
         if last is not None:
             raise last
         raise OSError(5, "mirror: no leg in sync to read from")
@@ -579,14 +587,13 @@ class Mirror:
             need = self._need()
             targets = [ls for ls in self._legs if ls.takes_writes]
             op = _WriteOp(self, range(0))
+            # rule 5 needs the flush on every leg, not just the quorum: the last leg to answer
+            # clears the bits (maybe after the flush was acknowledged)
+            op.on_complete = lambda: self._clear_clean_bits(start_seq)
             op.start(targets, need)
         for ls in targets:
             ls.queue.put((op, FLUSH, 0, b""))
         op.wait()
-        with self._lock:
-            everywhere = op.complete
-        if everywhere:  # rule 5 needs the flush on every leg, not just the quorum
-            self._clear_clean_bits(start_seq)
 
     def _clear_clean_bits(self, before: int) -> None:
         """Rule 5: with every leg in sync, clear the bits of regions not written since `before`
@@ -699,11 +706,9 @@ class Mirror:
                 self.flush()
             return
 
-    def _reconcile(self, fresh: _LegState, sources: list[_LegState], legs: list[_LegState],
-                   regions: list[int]) -> None:
+    def _reconcile(self, fresh: _LegState, legs: list[_LegState], regions: list[int]) -> None:
         """Unclean open: make the in-sync `legs` agree on `regions`: the content a majority of
-        `sources` (the legs no acknowledgement left behind) hold, else `fresh`'s. Nothing is
-        served yet: no lock needed against writes."""
+        them hold, else `fresh`'s. Nothing is served yet: no lock needed against writes."""
         for r in regions:
             off = r * self.region
             n = min(self.region, self.size - off)
@@ -714,13 +719,13 @@ class Mirror:
                 ls.leg.read(off, memoryview(buf))
                 copies[ls.index] = bytes(buf)
             votes: dict[bytes, int] = {}
-            for ls in sources:
+            for ls in legs:
                 votes[copies[ls.index]] = votes.get(copies[ls.index], 0) + 1
             if len(set(copies.values())) == 1:
                 continue
             best = max(votes.values())
             winner = next(d for d, v in votes.items() if v == best) \
-                if best * 2 > len(sources) else copies[fresh.index]
+                if best * 2 > len(legs) else copies[fresh.index]
             for ls in legs:
                 if copies[ls.index] != winner:
                     assert ls.leg is not None
@@ -872,7 +877,9 @@ class Mirror:
 
     def close(self) -> None:
         """Stop the resync, drain the legs; with every leg in sync and flushed, clear the bitmap
-        and write the clean flag (the next open then copies nothing)."""
+        and write the clean flag (the next open then copies nothing). Idempotent."""
+        if self._closed:
+            return
         self._closing = True
         self._resync_wake.set()
         if self._resync_thread is not None:
@@ -902,7 +909,7 @@ class Mirror:
             self._close_legs()
 
     def _close_legs(self) -> None:
-        self._closing = True
+        self._closed = self._closing = True
         self._resync_wake.set()
         for ls in self._legs:
             self._stop_worker(ls)
@@ -925,7 +932,10 @@ class _WriteOp:
         self.need = 0
         self.error: OSError | None = None
         self.started = False
+        self.seq = 0
         self.id = id(self)
+        #: Called (no lock held) when every leg answered and none failed.
+        self.on_complete: Callable[[], None] | None = None
 
     ok = 0
 
@@ -958,6 +968,9 @@ class _WriteOp:
             if self.left == 0:
                 self._finish()
             self.m._lock.notify_all()
+            run = self.on_complete if self.left == 0 and self.error is None else None
+        if run is not None:
+            run()
 
     def _finish(self) -> None:
         for r in self.regions:
@@ -976,20 +989,9 @@ class _WriteOp:
             while True:
                 self.ok = sum(1 for i in self.succeeded if m._legs[i].state == IN_SYNC)
                 if m.cfg.quorum:
-                    if self.ok >= self.need:
-                        behind = sum(1 << i for i in self.in_sync
-                                     if i not in self.succeeded and m._legs[i].state == IN_SYNC)
-                        if behind & ~m._lagging == 0:
-                            return
-                        # acknowledging without them: first say so on the legs (rule 4a)
-                        m._lagging |= behind
-                        m._lock.release()
-                        try:
-                            m._write_superblocks(clean=False, skip=behind)  # not the slow
-                        finally:
-                            m._lock.acquire()
-                        continue
                     if self.left == 0:
+                        if self.ok >= self.need:
+                            return
                         raise QuorumLost(f"mirror: {self.ok} legs hold the write; the write "
                                          f"quorum is {self.need}")
                 elif self.left == 0:

@@ -171,19 +171,30 @@ def test_quorum_all_keeps_writing_while_one_leg_is_left() -> None:
         m.close()
 
 
-def test_a_slow_leg_does_not_set_the_pace_with_quorum_two_and_is_never_read_stale() -> None:
+def test_quorum_two_waits_for_a_slow_leg_and_never_reads_it_stale() -> None:
+    """A write is acknowledged once every leg answered (rule 4): reads never meet a leg that
+    is still behind, and a crash never leaves an acknowledged write on a minority."""
     st = stores(3)
     m = open_mirror(st, assume_clean=True, quorum=2)
     try:
         gate = threading.Event()
         st["leg2"].gate = gate
-        write(m, 0, b"s" * 4096)  # acknowledged by legs 0 and 1
-        for _ in range(6):  # round robin must skip leg 2 while it still writes this range
-            assert read(m, 0, 4096) == b"s" * 4096
-        assert st["leg2"].data[:4096] == bytes(4096)
+        done = threading.Event()
+
+        def writer() -> None:
+            write(m, 0, b"s" * 4096)
+            done.set()
+
+        t = threading.Thread(target=writer)
+        t.start()
+        assert wait_until(lambda: st["leg0"].data[:4096] == b"s" * 4096
+                          and st["leg1"].data[:4096] == b"s" * 4096, DEADLINE)
+        assert not done.wait(0.05)  # legs 0 and 1 have it; leg 2 has not answered
         gate.set()
-        m.flush()
-        assert wait_until(lambda: st["leg2"].data[:4096] == b"s" * 4096, DEADLINE)
+        t.join(DEADLINE)
+        assert done.is_set() and st["leg2"].data[:4096] == b"s" * 4096
+        for _ in range(6):
+            assert read(m, 0, 4096) == b"s" * 4096
     finally:
         st["leg2"].gate = None
         m.close()
@@ -212,7 +223,6 @@ def test_a_stale_leg_is_resynced_from_the_freshest_at_open() -> None:
     st["leg0"].down = False
     m = open_mirror(st)
     try:
-        assert m.status()["legs"][0]["state"] == "resyncing"
         assert m.wait_resync(DEADLINE)
         assert m.regions_copied == 2
         a, b, c = data_areas(st)
@@ -395,33 +405,3 @@ def test_a_crash_at_every_write_leaves_legs_that_open_identical_with_every_acked
             m.close()
         points += inflight is not None
     assert points >= 20  # most points crashed inside a write
-
-
-def test_a_leg_left_behind_by_the_quorum_is_never_the_source_after_a_crash() -> None:
-    """Quorum 2 of 3, leg 0 slow: W is acknowledged by legs 1 and 2. Power cut while a later
-    write X had reached leg 2 only: leg 0 holds A (old), leg 1 W, leg 2 X, no majority. The
-    open must not pick leg 0 (freshest by index, same generation) for the region: it was
-    recorded as lagging before W was acknowledged."""
-    st = stores(3)
-    m = open_mirror(st, assume_clean=True, quorum=2)
-    write(m, 0, b"A" * 4096)
-    m.flush()
-    gate = threading.Event()
-    st["leg0"].gate = gate
-    write(m, 0, b"W" * 4096)  # acknowledged by legs 1 and 2
-    frozen = {name: Store(name, len(s.data)) for name, s in st.items()}
-    for name, s in st.items():
-        frozen[name].data[:] = s.data
-        frozen[name].meta_from = SIZE
-    frozen["leg2"].data[:4096] = b"X" * 4096  # the write in flight at the cut, on leg 2 only
-    gate.set()
-    st["leg0"].gate = None
-    m.close()
-    assert frozen["leg0"].data[:4096] == b"A" * 4096
-    m = open_mirror(frozen)
-    try:
-        assert read(m, 0, 4096) in (b"W" * 4096, b"X" * 4096)
-        areas = data_areas(frozen)
-        assert areas.count(areas[0]) == 3
-    finally:
-        m.close()
