@@ -34,6 +34,8 @@ APT_PACKAGES=(
     targetcli-fb
     # the mirror handler's NBD legs: libnbd's C API through cffi (ABI mode), nbdkit as the test server
     libnbd0 nbdkit
+    # the VTL encryption scenario sets keys with it (SECURITY PROTOCOL OUT, SSC-5 8.5)
+    stenc
 )
 VIRTME_NG="virtme-ng==1.42"
 APT_LOG=/tmp/tcmu-py-bootstrap-apt.log

@@ -42,6 +42,16 @@ Rules this file obeys
   records after it are scanned (payload checksums checked) to find the true end of data. Offsets of
   objects between sparse entries are found by walking record headers (at most stride - 1 reads;
   sequential access is O(1) through a cursor).
+* Encryption (SSC-5 tape data encryption, see encryption.py): a data record written while the
+  drive encrypts has `FLAG_ENCRYPTED`; its payload is an envelope (clear header with the key
+  *identifier*, nonce and key-associated data, then the AES-256-GCM ciphertext and tag) of the
+  logical data (compressed first if `FLAG_ZLIB`); the logical length stays the plaintext's. The
+  key itself is never stored. Versions: data file header version 1 (`FORMAT_VERSION`) has no
+  encrypted record; the header is rewritten in place as version 2 (`DATA_VERSION_ENCRYPTED`) and
+  made durable (fdatasync) *before* the first encrypted record is appended, so software that
+  knows only version 1 refuses the cartridge (UNKNOWN FORMAT) rather than return ciphertext as
+  data. Version 1 files open and read as before; a version stays 2 once reached. The header write
+  obeys the torn-header rule above (magic and version survive; the epoch is renewed).
 
 Threads: a Cartridge is used by one drive at a time; its methods are not thread-safe.
 """
@@ -60,15 +70,17 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import xxhash
+from cryptography.exceptions import InvalidTag
 
 from tcmu_py.buffers import Buffer, skip, slice_views
+from tcmu_py.handlers.vtl.encryption import ENVELOPE_OVERHEAD, Envelope
 from tcmu_py.handlers.vtl.personality import GENERATIONS, MediaType, MediumKind, parse_barcode
 from tcmu_py.handlers.vtl.statefile import FILE_MODE, Fields
 from tcmu_py.statefile import (
@@ -87,6 +99,10 @@ META_FILE = "meta.json"
 MAM_FILE = "mam.json"
 
 FORMAT_VERSION = 1
+#: Data file header version of a cartridge that may hold encrypted records (`FLAG_ENCRYPTED`).
+DATA_VERSION_ENCRYPTED = 2
+#: Data file header versions this code reads.
+DATA_VERSIONS = (FORMAT_VERSION, DATA_VERSION_ENCRYPTED)
 
 # File header: magic 8s | version H | 6 pad | epoch Q | 36 pad | crc32 of bytes 0..59 I.
 _FILE_HEADER = struct.Struct(">8sH6xQ36x")
@@ -125,6 +141,8 @@ NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 FLAG_ZLIB = 0x01
 #: The payload checksum is XXH64's low 32 bits instead of CRC-32 (see the module doc).
 FLAG_XXH64 = 0x02
+#: The payload is an encryption envelope (encryption.py); only in data file version 2.
+FLAG_ENCRYPTED = 0x04
 
 
 def payload_checksum(parts: Sequence[Buffer], flags: int) -> int:
@@ -168,6 +186,23 @@ class CorruptRecord(CartridgeError):
     """A record's header or payload fails its checksum (an unrecovered read error)."""
 
 
+class DecryptionFailed(CartridgeError):
+    """An encrypted record's tag does not verify with the key it names (tampered or damaged)."""
+
+
+class Unsealer(Protocol):
+    """A key a read decrypts with (encryption.DataKey)."""
+
+    def unseal(self, env: Envelope, obj: int, stored: bytes, *, compressed: bool) -> bytes: ...
+
+
+#: A read's encryption policy: called with the record's envelope (None for a clear data record);
+#: returns the key to decrypt with, None for the stored bytes as they are, or raises.
+ReadPolicy = Callable[[Envelope | None], Unsealer | None]
+#: A write's sealer: (object number, plaintext, compressed) -> envelope bytes.
+Sealer = Callable[[int, bytes, bool], bytes]
+
+
 class CartridgeBusy(CartridgeError):
     """Another process or drive holds the cartridge open for writing."""
 
@@ -182,6 +217,7 @@ class DumpEntry:
     stored_length: int
     logical_length: int
     compressed: bool
+    encrypted: bool = False
 
 
 def _default_early_warning(capacity: int) -> int:
@@ -258,23 +294,30 @@ def check_mam(path: Path, value: Any) -> dict[str, Any]:
     return {"attributes": {}, **f.doc}
 
 
-def _pack_file_header(epoch: int) -> bytes:
-    body = _FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, epoch)
+def _pack_file_header(epoch: int, version: int = FORMAT_VERSION) -> bytes:
+    body = _FILE_HEADER.pack(FILE_MAGIC, version, epoch)
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def _unpack_file_header(raw: bytes, path: Path) -> tuple[int, bool]:
-    """(epoch, whether the header's CRC verifies) of data file `path`; StateFileError if it is
-    no cartridge data file of this version (see the module doc for a failing CRC)."""
+def _read_file_header(raw: bytes, path: Path) -> tuple[int, bool, int]:
+    """(epoch, whether the header's CRC verifies, version) of data file `path`; StateFileError
+    if it is no cartridge data file of a version we read (see the module doc for a failing CRC).
+    """
     if len(raw) < FILE_HEADER_SIZE:
         raise invalid(path, "header", raw, f"a {FILE_HEADER_SIZE}-byte file header")
     body = raw[: FILE_HEADER_SIZE - 4]
     magic, version, epoch = _FILE_HEADER.unpack(body)
     if magic != FILE_MAGIC:
         raise invalid(path, "header magic", magic, f"{FILE_MAGIC!r} (a cartridge data file)")
-    if version != FORMAT_VERSION:
-        raise invalid(path, "header version", version, f"format version {FORMAT_VERSION}")
-    return int(epoch), _CRC.unpack_from(raw, FILE_HEADER_SIZE - 4)[0] == zlib.crc32(body)
+    if version not in DATA_VERSIONS:
+        raise invalid(path, "header version", version, f"format version {DATA_VERSIONS}")
+    intact = _CRC.unpack_from(raw, FILE_HEADER_SIZE - 4)[0] == zlib.crc32(body)
+    return int(epoch), intact, int(version)
+
+
+def _unpack_file_header(raw: bytes, path: Path) -> tuple[int, bool]:
+    """(epoch, whether the header's CRC verifies) of data file `path` (see `_read_file_header`)."""
+    return _read_file_header(raw, path)[:2]
 
 
 def _index_epoch(path: Path) -> int | None:
@@ -319,6 +362,7 @@ class Cartridge:
         self._fd = fd
         self.read_only = read_only
         self._epoch = 0
+        self._data_version = FORMAT_VERSION
         self._stride = INDEX_STRIDE
         self._count = 0  # objects on the cartridge; EOD is object `_count`
         self._end = FILE_HEADER_SIZE  # file offset of EOD
@@ -428,7 +472,7 @@ class Cartridge:
         return cart
 
     def _recover(self) -> None:
-        self._epoch, intact = _unpack_file_header(
+        self._epoch, intact, self._data_version = _read_file_header(
             os.pread(self._fd, FILE_HEADER_SIZE, 0), self.path / DATA_FILE
         )
         size = os.fstat(self._fd).st_size
@@ -456,7 +500,7 @@ class Cartridge:
             # header made whole and durable before anything is appended.
             claimed = _index_epoch(self.path)
             self._epoch = ((self._epoch if claimed is None else claimed) + 1) & ((1 << 64) - 1)
-            os.pwrite(self._fd, _pack_file_header(self._epoch), 0)
+            os.pwrite(self._fd, _pack_file_header(self._epoch, self._data_version), 0)
             os.fdatasync(self._fd)
             self._write_index_header()
 
@@ -675,10 +719,16 @@ class Cartridge:
     # ------------------------------------------------------------------------------------------
     # Reading
 
-    def read(self, obj: int, into: Sequence[memoryview]) -> tuple[RecordType, int]:
-        """Copy object `obj`'s data into `into` (as much as fits); return (type, logical length).
+    def read(
+        self, obj: int, into: Sequence[memoryview], *, policy: ReadPolicy | None = None
+    ) -> tuple[RecordType, int]:
+        """Copy object `obj`'s data into `into` (as much as fits); return (type, length).
 
-        Raises IndexError past EOD and CorruptRecord if the record fails its checksums.
+        `policy` decides for data records (see `ReadPolicy`; it may raise, before anything is
+        read): an encrypted record is decrypted with the key it returns, or returned as stored
+        (the envelope; the length is then the stored one) when it returns None or there is no
+        policy. Raises IndexError past EOD, CorruptRecord if the record fails its checksums,
+        DecryptionFailed if its tag does not verify.
         """
         if not 0 <= obj < self.object_count:
             raise IndexError(obj)
@@ -687,7 +737,11 @@ class Cartridge:
         if hdr is None or hdr[2] != obj:
             raise CorruptRecord(f"{self.barcode}: object {obj}: header")
         kind, flags, _obj, stored, logical, crc = hdr
-        if kind == RecordType.DATA and stored and not flags & FLAG_ZLIB and stored == logical:
+        encrypted = bool(flags & FLAG_ENCRYPTED) and kind == RecordType.DATA
+        if kind == RecordType.DATA and not encrypted and policy is not None:
+            policy(None)
+        if (kind == RecordType.DATA and stored and not flags & (FLAG_ZLIB | FLAG_ENCRYPTED)
+                and stored == logical):
             # Uncompressed: read straight into the caller's buffers (what does not fit goes to
             # a scratch buffer, for the checksum), no intermediate copy.
             bufs = slice_views(into, 0, stored)
@@ -706,6 +760,19 @@ class Cartridge:
         self._cursor = (obj + 1, start + RECORD_HEADER_SIZE + stored)
         if kind == RecordType.FILEMARK:
             return RecordType.FILEMARK, 0
+        if encrypted:
+            env = Envelope.parse(payload)
+            if env is None:
+                raise CorruptRecord(f"{self.barcode}: object {obj}: encryption envelope")
+            key = policy(env) if policy is not None else None
+            if key is None:  # the stored bytes, as a drive's RAW decryption mode returns them
+                flags, logical = 0, stored
+            else:
+                try:
+                    payload = key.unseal(env, obj, payload, compressed=bool(flags & FLAG_ZLIB))
+                except InvalidTag:
+                    raise DecryptionFailed(
+                        f"{self.barcode}: object {obj}: authentication tag") from None
         data: Buffer = zlib.decompress(payload) if flags & FLAG_ZLIB else payload
         if len(data) != logical:
             raise CorruptRecord(f"{self.barcode}: object {obj}: length {len(data)} != {logical}")
@@ -720,8 +787,42 @@ class Cartridge:
         self.bytes_read += logical
         return RecordType.DATA, logical
 
+    def next_object(self, obj: int) -> tuple[str, Envelope | None]:
+        """What object `obj` is, without reading its data: ("eod", None), ("filemark", None),
+        ("data", envelope or None when clear), or ("unknown", None) if it does not verify."""
+        if obj >= self.object_count:
+            return "eod", None
+        try:
+            start = self.offset_of(obj)
+        except CorruptRecord:
+            return "unknown", None
+        hdr = _parse_record_header(os.pread(self._fd, RECORD_HEADER_SIZE, start))
+        if hdr is None or hdr[2] != obj:
+            return "unknown", None
+        kind, flags, _obj, stored, _logical, _crc = hdr
+        if kind == RecordType.FILEMARK:
+            return "filemark", None
+        if not flags & FLAG_ENCRYPTED:
+            return "data", None
+        prefix = os.pread(self._fd, min(stored, ENVELOPE_OVERHEAD), start + RECORD_HEADER_SIZE)
+        env = Envelope.parse(prefix)
+        return ("data", env) if env is not None else ("unknown", None)
+
+    @property
+    def data_version(self) -> int:
+        """The data file header's version (`DATA_VERSIONS`)."""
+        return self._data_version
+
     # ------------------------------------------------------------------------------------------
     # Writing
+
+    def _upgrade_for_encryption(self) -> None:
+        """Make the data file header version 2 durable before an encrypted record is written."""
+        if self._data_version >= DATA_VERSION_ENCRYPTED:
+            return
+        os.pwrite(self._fd, _pack_file_header(self._epoch, DATA_VERSION_ENCRYPTED), 0)
+        os.fdatasync(self._fd)
+        self._data_version = DATA_VERSION_ENCRYPTED
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -740,7 +841,7 @@ class Cartridge:
         end = self.offset_of(obj)
         # New epoch first, so an index written for the old contents can never be adopted again.
         self._epoch += 1
-        os.pwrite(self._fd, _pack_file_header(self._epoch), 0)
+        os.pwrite(self._fd, _pack_file_header(self._epoch, self._data_version), 0)
         os.ftruncate(self._fd, end)
         os.fdatasync(self._fd)
         self._count, self._end = obj, end
@@ -763,8 +864,12 @@ class Cartridge:
         payloads: Iterable[Sequence[Buffer]],
         *,
         compress: bool = False,
+        seal: Sealer | None = None,
     ) -> None:
         """Append one record per entry of `payloads` (each a list of buffers) at end of data.
+
+        With `seal`, data records are stored encrypted: the payload is what `seal` makes of the
+        (compressed) data, after the header became version 2 (see the module doc).
 
         Filemarks take empty payload lists. Stops before the first record that would cross the
         end of medium (`data_capacity` for data) and raises CartridgeFull(written); a backing
@@ -772,10 +877,14 @@ class Cartridge:
         records and raises CartridgeFull(0). Not durable until `sync()`.
         """
         self._check_writable()
+        if seal is not None and kind == RecordType.DATA:
+            self._upgrade_for_encryption()
+        else:
+            seal = None
         base = (self._count, self._end, len(self._sparse), len(self._filemarks))
         base_written = self.bytes_written
         try:
-            written, full = self._append(kind, payloads, compress)
+            written, full = self._append(kind, payloads, compress, seal)
         except BaseException as exc:
             # Roll back: forget the records of this call and cut whatever reached the file, so
             # stale bytes past EOD can never be mistaken for records at recovery.
@@ -816,7 +925,8 @@ class Cartridge:
             raise CartridgeFull(fit)
 
     def _append(
-        self, kind: RecordType, payloads: Iterable[Sequence[Buffer]], compress: bool
+        self, kind: RecordType, payloads: Iterable[Sequence[Buffer]], compress: bool,
+        seal: Sealer | None,
     ) -> tuple[int, bool]:
         iov: list[Buffer] = []
         pending = 0  # bytes in iov
@@ -834,6 +944,10 @@ class Cartridge:
                 packed = zlib.compress(b"".join(parts), 1)
                 if len(packed) < logical:
                     stored_parts, flags = (packed,), FLAG_ZLIB
+            if seal is not None:
+                plain = b"".join(stored_parts)
+                stored_parts = (seal(self._count, plain, bool(flags & FLAG_ZLIB)),)
+                flags |= FLAG_ENCRYPTED
             stored = sum(map(len, stored_parts))
             limit = end if kind == RecordType.FILEMARK else end - FILEMARK_RESERVE
             if pos + RECORD_HEADER_SIZE + stored - FILE_HEADER_SIZE > limit:
@@ -1021,14 +1135,17 @@ def dump(path: str | os.PathLike[str]) -> Iterator[DumpEntry]:
             if hdr is None:
                 return
             kind, flags, _obj, stored, logical, _crc = hdr
-            yield DumpEntry(i, RecordType(kind), start, stored, logical, bool(flags & FLAG_ZLIB))
+            yield DumpEntry(i, RecordType(kind), start, stored, logical, bool(flags & FLAG_ZLIB),
+                            bool(flags & FLAG_ENCRYPTED))
             start += RECORD_HEADER_SIZE + stored
 
 
 def format_dump(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Human-readable `dump`: one line per run of equal-sized blocks, one per filemark, then EOD."""
+    """Human-readable `dump`: one line per run of equal-sized blocks (encrypted ones marked), one
+    per filemark, then EOD."""
     run_start = run_len = run_size = 0
     run_stored = 0
+    run_encrypted = False
     total = 0
     last = -1
 
@@ -1036,7 +1153,7 @@ def format_dump(path: str | os.PathLike[str]) -> Iterator[str]:
         if run_len:
             yield (
                 f"{run_start:>12}  {run_len} block(s) x {run_size} bytes"
-                f" ({run_stored} stored)"
+                f" ({run_stored} stored{', encrypted' if run_encrypted else ''})"
             )
 
     for e in dump(path):
@@ -1047,11 +1164,12 @@ def format_dump(path: str | os.PathLike[str]) -> Iterator[str]:
             run_len = 0
             yield f"{e.object_id:>12}  filemark"
             continue
-        if run_len and e.logical_length == run_size:
+        if run_len and e.logical_length == run_size and e.encrypted == run_encrypted:
             run_len += 1
             run_stored += e.stored_length
             continue
         yield from flush()
         run_start, run_len, run_size, run_stored = e.object_id, 1, e.logical_length, e.stored_length
+        run_encrypted = e.encrypted
     yield from flush()
     yield f"{last + 1:>12}  end of data ({total} data bytes)"

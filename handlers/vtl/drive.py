@@ -59,7 +59,13 @@ from tcmu_py.handlers.vtl.cartridge import (
     CartridgeError,
     CartridgeFull,
     CorruptRecord,
+    DecryptionFailed,
     RecordType,
+)
+from tcmu_py.handlers.vtl.encryption import (
+    DriveEncryption,
+    IntegrityValidationFailed,
+    NextBlock,
 )
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import spc, ssc
@@ -162,6 +168,8 @@ class TapeDrive(ScsiDevice):
         self.read_errors = 0
         self._media_path: pathlib.Path | None = None
         self._pending_load = False
+        # SSC-5 8.5 data encryption parameters: power on = defaults, no key (never persisted).
+        self.encryption = DriveEncryption()
         barcode = library.drive_barcode(drive_index)
         if barcode is not None:
             self.barcode = barcode
@@ -260,6 +268,7 @@ class TapeDrive(ScsiDevice):
     def _close_cartridge(self) -> None:
         cart, self.cartridge = self.cartridge, None
         if cart is not None:
+            self.encryption.demounted()  # SSC-5 8.5.3.2 CKOD: clear the key on demount
             try:
                 cart.close()
             except OSError as exc:
@@ -274,6 +283,7 @@ class TapeDrive(ScsiDevice):
         with self.lock:
             self._close_cartridge()
             self.state = DriveState.EMPTY
+            self.encryption.clear()  # power off: the key leaves memory
 
     # ------------------------------------------------------------------------------------------
     # Readiness and access checks
@@ -372,7 +382,12 @@ class TapeDrive(ScsiDevice):
 
     def _read_object(self, cart: Cartridge, into: Sequence[memoryview]) -> tuple[RecordType, int]:
         try:
-            kind, length = cart.read(self.pos, into)
+            # SSC-5 8.5.3.2 decryption modes; a DATA PROTECT 74h error leaves the position at
+            # the block, so it can be read again once the right key is set.
+            kind, length = cart.read(self.pos, into, policy=self.encryption.read_key)
+        except DecryptionFailed as exc:
+            self.read_errors += 1
+            raise IntegrityValidationFailed(str(exc)) from exc
         except CorruptRecord as exc:
             self.read_errors += 1
             self.tape_alerts.add(ssc.TapeAlert.READ_FAILURE)
@@ -443,7 +458,8 @@ class TapeDrive(ScsiDevice):
             self._prepare_write(cart)
             blocks = [slice_views(cmd.data_out, i * size, size) for i in range(count)]
             try:
-                cart.append(RecordType.DATA, blocks, compress=self.compression)
+                cart.append(RecordType.DATA, blocks, compress=self.compression,
+                            seal=self._sealer())
             except CartridgeFull as full:
                 self.pos = cart.object_count
                 self.bytes_from_initiator += full.written * size
@@ -463,6 +479,51 @@ class TapeDrive(ScsiDevice):
             self.bytes_from_initiator += size * count
             self.bytes_to_medium += size * count
             self._early_warning_check(cart)
+
+    def _sealer(self) -> Callable[[int, bytes, bool], bytes] | None:
+        """How records are sealed now: SSC-5 8.5.3.2 ENCRYPTION MODE ENCRYPT, else clear."""
+        key = self.encryption.encrypting
+        if key is None:
+            return None
+        rdmd = self.encryption.raw_protect
+
+        def seal(obj: int, plain: bytes, compressed: bool) -> bytes:
+            return key.seal(obj, plain, compressed=compressed, rdmd=rdmd)
+
+        return seal
+
+    # ------------------------------------------------------------------------------------------
+    # SECURITY PROTOCOL IN / OUT (SPC-5 6.40 / 6.41, tape data encryption SSC-5 8.5)
+
+    @command(Opcode.SECURITY_PROTOCOL_IN)
+    def security_protocol_in(self, cmd: Command) -> int:
+        cdb = cmd.cdb
+        if cdb[4] & 0x80:
+            # SPC-5 6.40: INC_512 asks for 512-byte units; the pages are counted in bytes.
+            raise InvalidFieldInCdb("INC_512", field_pointer=4, bit_pointer=7)
+        protocol, page = cdb[1], int.from_bytes(cdb[2:4], "big")
+        with self.lock:
+            nb = None
+            gen = None
+            if self.state is DriveState.LOADED and self.cartridge is not None:
+                gen = self.cartridge.generation
+                kind, env = self.cartridge.next_object(self.pos)
+                nb = NextBlock(self.pos, kind, env)
+            data = self.encryption.spin(protocol, page, loaded_generation=gen, next_block=nb)
+        # SPC-5 6.40 / 4.2.5.6: at most ALLOCATION LENGTH bytes (bytes 6-9), not an error.
+        return cmd.write_data_in(data[: int.from_bytes(cdb[6:10], "big")])
+
+    @command(Opcode.SECURITY_PROTOCOL_OUT, inline=True)
+    def security_protocol_out(self, cmd: Command) -> None:
+        cdb = cmd.cdb
+        if cdb[4] & 0x80:
+            raise InvalidFieldInCdb("INC_512", field_pointer=4, bit_pointer=7)
+        length = int.from_bytes(cdb[6:10], "big")
+        # SPC-5 6.41: TRANSFER LENGTH bytes of parameter data (bytes 6-9).
+        check_data_out(cmd, length, field_pointer=6)
+        data = cmd.read_data_out(length) if length else b""
+        with self.lock:
+            self.encryption.spout(cdb[1], int.from_bytes(cdb[2:4], "big"), bytes(data))
 
     @command(Opcode.WRITE_FILEMARKS_6)
     def write_filemarks(self, cmd: Command) -> None:

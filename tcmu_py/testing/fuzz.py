@@ -757,8 +757,10 @@ class _Gen:
 
     def _security_in(self, op: int) -> _Built:
         cdb = _cdb(op)
-        cdb[1] = self.rng.choice([0x00, 0xEF, self.rng.randrange(256)])
-        _put(cdb, 2, 2, self.rng.randrange(0x10000))
+        cdb[1] = self.rng.choice([0x00, 0x20, 0xEF, self.rng.randrange(256)])
+        # SPC-5 7.7.1 / SSC-5 8.5.2: the pages protocols 00h and 20h define, or any
+        _put(cdb, 2, 2, self.rng.choice([0x0000, 0x0001, 0x0010, 0x0020, 0x0021,
+                                         self.rng.randrange(0x10000)]))
         cdb[4] = self.rng.choice([0, 0x80])
         _put(cdb, 6, 4, self.alloc(32))
         n = int.from_bytes(cdb[6:10], "big") * (512 if cdb[4] & 0x80 else 1)
@@ -766,9 +768,22 @@ class _Gen:
 
     def _security_out(self, op: int) -> _Built:
         cdb = _cdb(op)
-        cdb[1] = self.rng.choice([0x00, 0xEF, self.rng.randrange(256)])
-        _put(cdb, 2, 2, self.rng.randrange(0x10000))
-        built = self._plist(cdb, 6, 4, self.bulk(self.rng.choice([0, 16, 512])))
+        r = self.rng
+        if r.random() < 0.3:
+            # SSC-5 8.5.3.2 Set Data Encryption page: scope PUBLIC or ALL I_T NEXUS, modes
+            # disabled or encrypt/decrypt with a 32-byte key of algorithm 01h, or mangled.
+            cdb[1], page = 0x20, 0x0010
+            on = r.random() < 0.5
+            body = bytes([r.choice([0x00, 0x40, 0x20, 0x41]), 0, 2 if on else 0, 2 if on else 0,
+                          1, 0]) + bytes(8) + (b"\x00\x20" + r.randbytes(32) if on else b"\x00\x00")
+            data = bytearray(page.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body)
+            if r.random() < 0.2:
+                data[r.randrange(len(data))] ^= 1 << r.randrange(8)
+            _put(cdb, 2, 2, page)
+            return self._plist(cdb, 6, 4, bytes(data))
+        cdb[1] = r.choice([0x00, 0x20, 0xEF, r.randrange(256)])
+        _put(cdb, 2, 2, r.randrange(0x10000))
+        built = self._plist(cdb, 6, 4, self.bulk(r.choice([0, 16, 512])))
         if self.rng.random() < 0.1:
             cdb[4] = 0x80  # INC_512: the length counts 512-byte units
             built.length *= 512

@@ -338,7 +338,7 @@ SIDECAR_CASES: dict[str, tuple[str, Callable[[bytes], bytes], str | None]] = {
     "data-empty": (DATA_FILE, _raw(b""), "header"),
     "data-short": (DATA_FILE, lambda g: g[:20], "header"),
     "data-magic": (DATA_FILE, lambda g: b"X" + g[1:], "header magic"),
-    "data-version": (DATA_FILE, lambda g: _header(version=2) + g[64:], "header version"),
+    "data-version": (DATA_FILE, lambda g: _header(version=3) + g[64:], "header version"),
     "data-magic-crc-ok": (DATA_FILE, lambda g: _header(magic=b"TCMUVTL2") + g[64:],
                           "header magic"),
 }
