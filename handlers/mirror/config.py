@@ -2,14 +2,14 @@
 
 Config string (after ``mirror/``), items separated by ``;`` (``,`` too in hand-written ones)::
 
-    leg=<spec>;leg=<spec>[;leg=<spec>][;quorum=all|N][;region=<size>][;read=round-robin|least-busy]
+    legs=<spec>|<spec>[|<spec>][;quorum=all|N][;region=<size>][;read=round-robin|least-busy]
     [;resync_rate=<size per second, 0: unthrottled>][;retry=<seconds>][;degraded_open=0|1]
     [;assume_clean=0|1]
 
 A leg spec is an absolute path (image file or block device) or an NBD URI (`legs`), with
-``%``, ``:``, ``;`` and ``,`` percent-encoded (`encode_spec`: rtslib-fb refuses ``:`` in a
-dev_config, the kernel cuts it at ``,``): ``leg=nbd%3A//10.0.0.2%3A10809/m0``. Defaults: quorum
-``all``, region 1M, read ``round-robin``, resync_rate 64M, retry 5 s.
+``%``, ``:``, ``;``, ``,`` and ``|`` percent-encoded (`encode_spec`: rtslib-fb refuses ``:`` in a
+dev_config, the kernel cuts it at ``,``): ``legs=/img|nbd%3A//10.0.0.2%3A10809/m0``.
+Defaults: quorum ``all``, region 1M, read ``round-robin``, resync_rate 64M, retry 5 s.
 
 YAML::
 
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 SECTION = "mirrors"
 READ_POLICIES = ("round-robin", "least-busy")
-_KEYS = ("leg", "quorum", "region", "read", "resync_rate", "retry", "degraded_open",
+_KEYS = ("legs", "quorum", "region", "read", "resync_rate", "retry", "degraded_open",
          "assume_clean")
 
 
@@ -83,7 +83,7 @@ class Parsed:
 
 def encode_spec(spec: str) -> str:
     """`spec` as a dev_config item value: ``%``, ``:``, ``;``, ``,`` percent-encoded."""
-    return quote(spec, safe="/?=&+@[]!$'()*~")
+    return quote(spec, safe="/?=&+@[]!$'()*~")  # not | either: it separates the legs
 
 
 def _flag(cfg: str, key: str, value: str) -> bool:
@@ -100,16 +100,19 @@ def parse(cfgstring: str) -> Parsed:
         if not item:
             continue
         key, sep, value = item.partition("=")
-        if not sep or key not in _KEYS:
+        if not sep:
             raise ConfigError(f"mirror: config string {cfgstring!r}: item {item!r}: expected "
-                              f"key=value with a key of {', '.join(_KEYS)}")
+                              "key=value")
+        if key not in _KEYS:
+            raise ConfigError(f"mirror: config string {cfgstring!r}: unknown key {key!r}; "
+                              f"expected one of {sorted(_KEYS)}")
         try:
-            if key == "leg":
-                value = unquote(value)
-                check_spec(value)
-                if value in legs:
-                    raise ConfigError(f"mirror: leg {value!r} named twice")
-                legs.append(value)
+            if key == "legs":
+                for spec in map(unquote, value.split("|")):
+                    check_spec(spec)
+                    if spec in legs:
+                        raise ConfigError(f"mirror: leg {spec!r} named twice")
+                    legs.append(spec)
             elif key == "quorum":
                 out["quorum"] = 0 if value == "all" else int(value)
                 if not 1 <= out["quorum"] <= MAX_LEGS and value != "all":
@@ -132,8 +135,8 @@ def parse(cfgstring: str) -> Parsed:
             raise ConfigError(f"mirror: config string {cfgstring!r}: {key}={value!r}: expected "
                               + _EXPECT[key]) from None
     if not 2 <= len(legs) <= MAX_LEGS:
-        raise ConfigError(f"mirror: config string {cfgstring!r}: {len(legs)} leg= items; "
-                          f"expected 2 to {MAX_LEGS}")
+        raise ConfigError(f"mirror: config string {cfgstring!r}: {len(legs)} legs; "
+                          f"expected 2 to {MAX_LEGS} in legs=<spec>|<spec>[|<spec>]")
     p = Parsed(legs=tuple(legs), **out)
     if p.region % 4096 or p.region == 0:
         raise ConfigError(f"mirror: config string {cfgstring!r}: region={p.region}: expected a "
@@ -163,6 +166,7 @@ def load_options(raw: object, path: str, checker: Checker) -> tuple[tuple[str, s
         return None
     before = len(checker.problems)
     items: list[tuple[str, str]] = []
+    specs: list[str] = []
     legs = checker.seq(m["legs"], f"{path}.legs") or []
     if not 2 <= len(legs) <= MAX_LEGS:
         checker.fail(f"{path}.legs", m["legs"], f"a list of 2 to {MAX_LEGS} legs")
@@ -177,7 +181,8 @@ def load_options(raw: object, path: str, checker: Checker) -> tuple[tuple[str, s
             checker.fail(where, leg, "an absolute path (image file or block device) or an NBD "
                          "URI (nbd://, nbd+unix://, nbds://, nbds+unix://)")
             continue
-        items.append(("leg", encode_spec(leg)))
+        specs.append(encode_spec(leg))
+    items.append(("legs", "|".join(specs)))
     if "quorum" in m:
         q = m["quorum"]
         if q == "all":

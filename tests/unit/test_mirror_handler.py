@@ -32,18 +32,18 @@ DEADLINE = 30.0
 
 
 @pytest.mark.parametrize(("cfg", "match"), [
-    ("", "0 leg= items"),
-    ("leg=/a.img", "1 leg= items"),
-    ("leg=/a;leg=/b;leg=/c;leg=/d", "4 leg= items"),
-    ("leg=/a;leg=/a", "named twice"),
-    ("leg=relative;leg=/b", "absolute path .* or an NBD URI"),
-    ("leg=http://x/y;leg=/b", "NBD URI"),
-    ("leg=/a;leg=/b;quorum=3", "quorum=3: expected at most the number of legs"),
-    ("leg=/a;leg=/b;quorum=many", "expected all or 1..3"),
-    ("leg=/a;leg=/b;region=1000", "multiple of 4096"),
-    ("leg=/a;leg=/b;read=random", "round-robin or least-busy"),
-    ("leg=/a;leg=/b;frob=1", "item 'frob=1'"),
-    ("leg=/a;leg=/b;degraded_open=yes", "expected 0 or 1"),
+    ("", "0 legs"),
+    ("legs=/a.img", "1 legs"),
+    ("legs=/a|/b|/c|/d", "4 legs"),
+    ("legs=/a|/a", "named twice"),
+    ("legs=relative|/b", "absolute path .* or an NBD URI"),
+    ("legs=http://x/y|/b", "NBD URI"),
+    ("legs=/a|/b;quorum=3", "quorum=3: expected at most the number of legs"),
+    ("legs=/a|/b;quorum=many", "expected all or 1..3"),
+    ("legs=/a|/b;region=1000", "multiple of 4096"),
+    ("legs=/a|/b;read=random", "round-robin or least-busy"),
+    ("legs=/a|/b;frob=1", "unknown key 'frob'"),
+    ("legs=/a|/b;degraded_open=yes", "expected 0 or 1"),
 ])
 def test_check_config_errors(cfg: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -51,7 +51,7 @@ def test_check_config_errors(cfg: str, match: str) -> None:
 
 
 def test_config_string_parses() -> None:
-    p = parse("leg=/a.img;leg=nbd+unix:///e?socket=/run/s;quorum=2;region=1M;read=least-busy;"
+    p = parse("legs=/a.img|nbd+unix:///e?socket=/run/s;quorum=2;region=1M;read=least-busy;"
               "resync_rate=0;retry=2;degraded_open=1")
     assert p.legs == ("/a.img", "nbd+unix:///e?socket=/run/s")
     assert (p.quorum, p.region, p.read, p.resync_rate, p.retry, p.degraded_open) == \
@@ -72,7 +72,7 @@ def test_yaml_options_become_the_config_string() -> None:
     """), "cfg.yaml")
     dev = cfg.device("m0")
     text = dev_config_string(dev)
-    assert text.startswith("mirror/leg=/srv/m0.img;leg=nbd%3A//10.0.0.2/m0;quorum=all;"
+    assert text.startswith("mirror/legs=/srv/m0.img|nbd%3A//10.0.0.2/m0;quorum=all;"
                            "region=4194304;resync_rate=16777216")
     MirrorHandler.check_config(text.split("/", 1)[1])
     assert parse(text.split("/", 1)[1]).legs == ("/srv/m0.img", "nbd://10.0.0.2/m0")
@@ -101,7 +101,7 @@ def device_config(cfg: str, name: str = "m0", size: int = SIZE) -> DeviceConfig:
 def test_file_legs_through_scsi_and_status_rows(tmp_path: Path) -> None:
     legs = [str(tmp_path / f"l{i}.img") for i in range(2)]
     dev = MirrorHandler.open(device_config(
-        f"leg={legs[0]};leg={legs[1]};region={REGION};assume_clean=1;retry=0"))
+        f"legs={legs[0]}|{legs[1]};region={REGION};assume_clean=1;retry=0"))
     h = RingHarness(dev)
     try:
         h.run(cdbs.test_unit_ready())  # power-on unit attention
@@ -132,7 +132,7 @@ def test_conformance_over_file_legs(tmp_path: Path) -> None:
     def make() -> object:
         n = len(devices)
         dev = MirrorHandler.open(device_config(
-            f"leg={tmp_path}/c{n}a.img;leg={tmp_path}/c{n}b.img;region=4096;assume_clean=1;"
+            f"legs={tmp_path}/c{n}a.img|{tmp_path}/c{n}b.img;region=4096;assume_clean=1;"
             "retry=0", name=f"c{n}", size=64 * 4096))
         devices.append(dev)
         return dev
@@ -192,7 +192,7 @@ def servers(tmp_path: Path) -> Iterator[list[FileServer]]:
 def test_three_legs_local_and_nbd_kill_one_server_and_resync_only_dirty_regions(
         tmp_path: Path, servers: list[FileServer]) -> None:
     local = tmp_path / "local.img"
-    cfg = (f"leg={local};leg={servers[0].uri};leg={servers[1].uri};region={REGION};"
+    cfg = (f"legs={local}|{servers[0].uri}|{servers[1].uri};region={REGION};"
            "assume_clean=1;retry=0;resync_rate=0;quorum=2")
     dev = MirrorHandler.open(device_config(cfg))
     mirror = dev.backend  # type: ignore[attr-defined]
@@ -230,7 +230,7 @@ def test_three_legs_local_and_nbd_kill_one_server_and_resync_only_dirty_regions(
 
 def test_losing_the_quorum_refuses_writes_with_data_protect_reads_go_on(
         tmp_path: Path, servers: list[FileServer]) -> None:
-    cfg = (f"leg={tmp_path}/l.img;leg={servers[0].uri};leg={servers[1].uri};quorum=2;"
+    cfg = (f"legs={tmp_path}/l.img|{servers[0].uri}|{servers[1].uri};quorum=2;"
            f"region={REGION};assume_clean=1;retry=0")
     dev = MirrorHandler.open(device_config(cfg))
     h = RingHarness(dev)
@@ -256,7 +256,7 @@ def test_losing_the_quorum_refuses_writes_with_data_protect_reads_go_on(
 def test_split_brain_over_nbd_is_refused_and_forget_resolves_it(
         tmp_path: Path, servers: list[FileServer]) -> None:
     a, b = servers
-    cfg = f"leg={a.uri};leg={b.uri};region={REGION};assume_clean=1;retry=0;degraded_open=1"
+    cfg = f"legs={a.uri}|{b.uri};region={REGION};assume_clean=1;retry=0;degraded_open=1"
     MirrorHandler.open(device_config(cfg)).close()
     for alive, dead, fill in ((a, b, b"A"), (b, a, b"B")):
         dead.stop()
@@ -286,7 +286,7 @@ def test_split_brain_over_nbd_is_refused_and_forget_resolves_it(
 def test_verify_reports_differing_regions(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                           ) -> None:
     legs = [str(tmp_path / f"v{i}.img") for i in range(2)]
-    MirrorHandler.open(device_config(f"leg={legs[0]};leg={legs[1]};region={REGION};"
+    MirrorHandler.open(device_config(f"legs={legs[0]}|{legs[1]};region={REGION};"
                                      "assume_clean=1;retry=0")).close()
     with open(legs[1], "r+b") as f:
         f.seek(3 * REGION + 100)
