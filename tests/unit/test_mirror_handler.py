@@ -11,6 +11,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nbdkit_server import START_DEADLINE
@@ -127,7 +128,7 @@ def test_file_legs_through_scsi_and_status_rows(tmp_path: Path) -> None:
 
 def test_conformance_over_file_legs(tmp_path: Path) -> None:
     conformance = pytest.importorskip("tcmu_py.testing.conformance")
-    devices: list[object] = []
+    devices: list[Any] = []
 
     def make() -> object:
         n = len(devices)
