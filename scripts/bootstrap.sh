@@ -36,6 +36,8 @@ APT_PACKAGES=(
     # the rdma tool's peers), iSER's initiator (open-iscsi: iscsiadm, iscsid), FCoE inspection
     # (fcoe-utils: fcoeadm)
     rdma-core open-iscsi fcoe-utils
+    # the mirror handler's NBD legs: libnbd's C API through cffi (ABI mode), nbdkit as the test server
+    libnbd0 nbdkit
     # the VTL encryption scenario sets keys with it (SECURITY PROTOCOL OUT, SSC-5 8.5)
     stenc
 )

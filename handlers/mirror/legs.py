@@ -1,0 +1,169 @@
+"""The mirror's legs: a local image file, a block device or an NBD export behind one interface.
+
+A leg moves bytes at absolute offsets of its whole store (the mirror keeps its metadata in the
+last part of it, see `tcmu_py.handlers.mirror.mirror`). Methods raise `OSError` on failure
+(`NbdError` is one); the mirror takes any OSError for the leg's failure.
+
+Leg specs (config strings and YAML): an absolute path (an image file, created sparse and
+extended to the size the mirror needs, or a block device, used as it is), or an NBD URI as
+libnbd takes it: ``nbd://host[:port]/export``, ``nbd+unix:///export?socket=/path``, and the TLS
+forms ``nbds://`` / ``nbds+unix://``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+from typing import Protocol
+
+from tcmu_py.errors import ConfigError
+
+from .nbd import NbdClient, connect
+
+NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
+
+
+class Leg(Protocol):
+    """One copy of the mirror's data. Thread-safe."""
+
+    #: The spec it was opened from (shown by status and in messages).
+    spec: str
+    #: Bytes the store holds (data area + metadata), a multiple of 4096.
+    size: int
+    #: Whether `write(..., fua=True)` costs less than write + `flush`.
+    can_fua: bool
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        """Fill all of `buf` from `offset`."""
+
+    def write(self, offset: int, buf: memoryview | bytes, fua: bool = False) -> None:
+        """Write all of `buf` at `offset`; durable on return when `fua`."""
+
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    def close(self) -> None:
+        """Release the store (idempotent)."""
+
+
+def check_spec(spec: str) -> None:
+    """Raise ConfigError unless `spec` is an absolute path or an NBD URI."""
+    if spec.startswith("/"):
+        if spec.endswith("/"):
+            raise ConfigError(f"mirror: leg {spec!r}: expected a file, not a directory")
+        return
+    if spec.startswith(NBD_SCHEMES):
+        return
+    raise ConfigError(
+        f"mirror: leg {spec!r}: expected an absolute path (image file or block device) or an NBD "
+        f"URI ({', '.join(s + '...' for s in NBD_SCHEMES)})"
+    )
+
+
+class FileLeg:
+    """An image file (created sparse, extended to `size`) or a block device (at least `size`)."""
+
+    can_fua = False
+
+    def __init__(self, path: str, size: int) -> None:
+        self.spec = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            mode = os.fstat(self.fd).st_mode
+            if stat.S_ISBLK(mode):
+                available = os.lseek(self.fd, 0, os.SEEK_END)
+                if available < size:
+                    raise ConfigError(f"mirror: leg {path}: block device of {available} bytes; "
+                                      f"expected at least {size} (data and metadata)")
+                self.size = available - available % 4096
+            elif stat.S_ISREG(mode):
+                if os.fstat(self.fd).st_size < size:
+                    os.ftruncate(self.fd, size)
+                st_size = os.fstat(self.fd).st_size
+                self.size = st_size - st_size % 4096
+            else:
+                raise ConfigError(f"mirror: leg {path}: expected a regular file or a block "
+                                  "device")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._closed = False
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:  # past the end of a file that shrank: zeros
+                buf[done:] = bytes(len(buf) - done)
+                return
+            done += n
+
+    def write(self, offset: int, buf: memoryview | bytes, fua: bool = False) -> None:
+        view = memoryview(buf)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+class NbdLeg:
+    """An NBD export through libnbd. Its size must hold the data and the metadata."""
+
+    def __init__(self, uri: str, size: int) -> None:
+        self.spec = uri
+        self.client: NbdClient = connect(uri)
+        try:
+            if self.client.is_read_only():
+                raise ConfigError(f"mirror: leg {uri}: the server exports it read-only")
+            total = self.client.get_size()
+            if total < size:
+                raise ConfigError(f"mirror: leg {uri}: export of {total} bytes; expected at "
+                                  f"least {size} (data and metadata)")
+            self.size = total - total % 4096
+            self.can_fua = self.client.can_fua()
+            self._can_flush = self.client.can_flush()
+        except BaseException:
+            self.client.close()
+            raise
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        self.client.pread(buf, offset)
+
+    def write(self, offset: int, buf: memoryview | bytes, fua: bool = False) -> None:
+        if fua and not self.can_fua:
+            self.client.pwrite(buf, offset)
+            self.flush()
+        else:
+            self.client.pwrite(buf, offset, fua=fua)
+
+    def flush(self) -> None:
+        # A server that offers no flush writes through (NBD protocol: NBD_FLAG_SEND_FLUSH).
+        if self._can_flush:
+            self.client.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            with contextlib.suppress(OSError):  # a server gone already needs no goodbye
+                self.client.shutdown()
+            self.client.close()
+
+
+def open_leg(spec: str, size: int) -> Leg:
+    """Open the leg named by `spec`, holding at least `size` bytes. Errors: ConfigError (a
+    leg that can never serve), OSError (one that cannot now: unreachable, I/O error)."""
+    check_spec(spec)
+    if spec.startswith("/"):
+        return FileLeg(spec, size)
+    return NbdLeg(spec, size)

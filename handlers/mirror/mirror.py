@@ -1,0 +1,1054 @@
+"""The mirror: one disk made of 2-3 legs, a persisted write-intent bitmap, resync, split brain.
+
+Rules this file obeys
+---------------------
+* On-leg format. Every leg keeps the mirror's metadata in a reserved area at its end (so an NBD
+  export carries its own; no sidecar file), ``meta_length(size, region)`` bytes ending at the
+  leg's end (its size rounded down to 4 KiB)::
+
+      end - 8192 - B   bitmap              B bytes: one bit per region (1: the legs may differ
+                                           there), rounded up to 4 KiB
+      end - 8192       superblock slot 0   4 KiB   (written when the generation is even)
+      end - 4096       superblock slot 1   4 KiB   (odd)
+
+  The superblocks sit at a fixed place from the end: a tool finds them (`read_superblock`)
+  without knowing the size and region they describe.
+
+  The data area is ``[0, size)``: the device's logical size. A superblock (`Superblock`) holds
+  a magic, the format version, the mirror's UUID, the leg's index, the logical size, the region
+  size, the number of legs, the *generation* (event counter), the *active mask* (the legs this
+  leg believed in sync at that generation), a clean flag, and a CRC-32 of all that. The slot
+  with the highest generation whose CRC verifies is the leg's superblock: a torn superblock
+  write leaves the other slot, one generation older, intact.
+* Generation. Bumped, and the superblock written (FUA) to every leg that takes writes, at each
+  change of the active mask (a leg fails, a resync completes), at open and at clean close.
+* Write-intent bitmap, per write:
+    1. the regions' bits are set in memory and, for bits not already set, the bitmap block is
+       queued (a FUA write) on the FIFO of every leg that takes writes (in-sync and resyncing
+       legs), under one lock, so that on **each leg** the bit is durable before any data of the
+       write reaches that leg; a write whose bit was already set queues its data behind the
+       block that set it. (Per leg is enough: a leg holding new data holds its bit, and the
+       unclean open below reads the bits of every in-sync leg.)
+    2. the data goes to every leg that takes writes through the same FIFO (one worker per leg:
+       writes, bitmap blocks and flushes reach one leg in the order they were queued);
+    3. a leg whose write fails is marked out of sync and the new active mask is written (FUA) to
+       the remaining legs **before** the write is acknowledged;
+    4. the write is acknowledged once every leg taking writes answered, when the in-sync legs
+       that hold it are at least the write quorum (``all``: one; a number N: N). (With the
+       device's write cache off, each leg's write is FUA: durable on return.) Acknowledging at
+       the quorum *before* a slow leg answered is not done: after a crash nothing would say
+       which leg was behind;
+    5. bits are cleared lazily: after a flush reached every leg, with every leg in sync, for the
+       regions no write touched since that flush started. A clear that is lost (a crash) only
+       costs a resync of that region; a set that is lost cannot happen (1 before 2).
+* Consequence for a crash at any point: a region that may differ between the in-sync legs has
+  its bit set on at least one of them (the one holding newer data). At an unclean open (clean
+  flag off) the regions of the union of their bits are reconciled before the device serves:
+  the content a majority of the in-sync legs agree on wins, else the freshest leg's (every
+  in-sync leg holds every acknowledged write, rule 4: either is one the initiator may see).
+  A leg out of sync is copied in the background (regions of the freshest leg's bitmap: bits
+  are never cleared while a leg is out of sync).
+* Acknowledgement counts a leg only while it is still in sync: a leg whose own failure record
+  (or another leg's) could not be written is failed too and holds nothing for the initiator.
+* Freshest leg, split brain (at open). Leg X *excludes* leg Y when Y is not in X's active mask.
+  Two legs that exclude each other were each written while apart: a split brain, refused
+  (ConfigError naming both legs); nothing is written to any leg then. Otherwise the freshest
+  leg is the one of highest generation whose mask holds itself; the legs in its mask are in
+  sync, the others stale (resynced from the bitmap), blank legs get a full copy.
+* Opening with legs unreachable needs a majority of the legs reachable (two disjoint sets of
+  legs can then never both open, so no split brain can be made by opening), unless the config
+  says ``degraded_open=1`` (a leg lost for good; an operator staging a test).
+
+Threads: the device's workers call `read`/`write`/`flush` concurrently; each leg has one worker
+thread running its writes and flushes in order; the resync runs on its own thread; reads run on
+the caller's thread. `_lock` (a Condition) guards all state below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tcmu_py.errors import ConfigError
+from tcmu_py.scsi.sense import WriteProtected
+
+from .legs import Leg
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"TCMUMIR1"
+VERSION = 1
+SLOT = 4096
+#: magic, version, flags, uuid, leg index, nlegs, region size, size, generation, active mask
+_SB = struct.Struct("<8sII16sIIIQQI")
+FLAG_CLEAN = 0x1
+MAX_LEGS = 3
+DEFAULT_REGION = 1 << 20
+
+
+class QuorumLost(WriteProtected):
+    """Fewer legs hold the data than the write quorum: the write is refused, reads go on.
+
+    DATA PROTECT / LOGICAL UNIT SOFTWARE WRITE PROTECTED (SPC-5 Annex D, ASC 27h/02h): the
+    state of a RAID controller that keeps a degraded volume readable and refuses writes
+    (SBC-4 4.13 write protection: reads allowed, writes terminated with DATA PROTECT). Linux
+    sd fails such a write at once, without retries: no hang."""
+
+    asc, ascq = 0x27, 0x02
+
+
+def bitmap_bytes(size: int, region: int) -> int:
+    regions = -(-size // region)
+    return -(-regions // 8)
+
+
+def meta_length(size: int, region: int) -> int:
+    """Bytes the metadata takes at the end of every leg."""
+    bm = bitmap_bytes(size, region)
+    return 2 * SLOT + -(-bm // SLOT) * SLOT
+
+
+@dataclass(frozen=True)
+class Superblock:
+    mirror_uuid: bytes
+    leg: int
+    nlegs: int
+    region: int
+    size: int
+    generation: int
+    active: int  # bit i: leg i in sync
+    clean: bool
+
+    def pack(self) -> bytes:
+        body = _SB.pack(MAGIC, VERSION, FLAG_CLEAN if self.clean else 0, self.mirror_uuid,
+                        self.leg, self.nlegs, self.region, self.size, self.generation,
+                        self.active)
+        return (body + struct.pack("<I", zlib.crc32(body))).ljust(SLOT, b"\0")
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Superblock | None:
+        """The superblock in `raw`, or None when it is not one (blank, torn, foreign)."""
+        body = raw[: _SB.size]
+        (crc,) = struct.unpack_from("<I", raw, _SB.size)
+        if raw[:8] != MAGIC or zlib.crc32(body) != crc:
+            return None
+        _, version, flags, uid, leg, nlegs, region, size, gen, active = _SB.unpack(body)
+        if version != VERSION:
+            return None
+        return cls(uid, leg, nlegs, region, size, gen, active, bool(flags & FLAG_CLEAN))
+
+    def has(self, index: int) -> bool:
+        return bool(self.active >> index & 1)
+
+
+@dataclass
+class MirrorConfig:
+    legs: tuple[str, ...]
+    size: int
+    region: int = DEFAULT_REGION
+    #: Legs that must hold a write before it is acknowledged; 0: every in-sync leg ("all").
+    quorum: int = 0
+    #: The device's write cache: False makes every leg write FUA.
+    write_cache: bool = True
+    #: Resync throttle, bytes per second; 0: unthrottled.
+    resync_rate: int = 64 << 20
+    #: Seconds between attempts to reopen a failed leg; 0: only on `reattach`.
+    retry_interval: float = 5.0
+    degraded_open: bool = False
+    #: A new mirror (all legs blank) starts in sync without a first copy (legs known zero).
+    assume_clean: bool = False
+    #: "round-robin", or "least-busy" (the in-sync leg with the fewest reads in flight).
+    read_policy: str = "round-robin"
+
+
+IN_SYNC, RESYNCING, FAILED = "in-sync", "resyncing", "failed"
+#: What a leg's FIFO runs: a data write, a flush, a bitmap block write (FUA).
+WRITE, FLUSH, META = "write", "flush", "meta"
+
+
+class _LegState:
+    def __init__(self, index: int, spec: str) -> None:
+        self.index = index
+        self.spec = spec
+        self.leg: Leg | None = None
+        self.state = FAILED
+        self.error = ""
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        #: In-flight writes on this leg: id -> (start, end); reads avoid legs where they overlap.
+        self.pending: dict[int, tuple[int, int]] = {}
+        self.reads = 0
+        self.busy = 0  # reads in flight
+        self.errors = 0
+
+    @property
+    def takes_writes(self) -> bool:
+        return self.leg is not None and self.state in (IN_SYNC, RESYNCING)
+
+    def name(self) -> str:
+        return f"leg {self.index} ({self.spec})"
+
+
+class Mirror:
+    """A `BlockBackend` over 2-3 legs. Build with `Mirror.open`."""
+
+    blocking = True
+
+    def __init__(self, cfg: MirrorConfig, block_size: int,
+                 opener: Callable[[str, int], Leg]) -> None:
+        if not 2 <= len(cfg.legs) <= MAX_LEGS:
+            raise ConfigError(f"mirror: {len(cfg.legs)} legs; expected 2 to {MAX_LEGS}")
+        if cfg.region % 4096 or cfg.region <= 0:
+            raise ConfigError(f"mirror: region size {cfg.region}: expected a multiple of 4096")
+        if not 0 <= cfg.quorum <= len(cfg.legs):
+            raise ConfigError(f"mirror: quorum {cfg.quorum}: expected 1 to {len(cfg.legs)} or "
+                              "all")
+        self.cfg = cfg
+        #: The device's name (status rows); the handler sets it.
+        self.name = ""
+        self.size = cfg.size
+        self.block_size = block_size
+        self.write_cache = cfg.write_cache
+        self.region = cfg.region
+        self.nregions = -(-cfg.size // cfg.region)
+        self.meta_len = meta_length(cfg.size, cfg.region)
+        self._opener = opener
+        self._lock = threading.Condition()
+        #: Held while metadata (superblocks, bitmap blocks) is written: taken before `_lock`.
+        self._meta_lock = threading.RLock()
+        self._legs = [_LegState(i, spec) for i, spec in enumerate(cfg.legs)]
+        self.bitmap = bytearray(bitmap_bytes(cfg.size, cfg.region))
+        #: region -> sequence number of the last write that set or kept its bit
+        self._last_write: dict[int, int] = {}
+        self._writers: dict[int, int] = {}  # region -> writes in flight (until every leg is done)
+        self._resync_busy: set[int] = set()  # regions the resync is copying
+        self._seq = 0
+        self._rr = 0
+        self.uuid = b""
+        self.generation = 0
+        self._closing = False
+        self._closed = False
+        self._resync_thread: threading.Thread | None = None
+        self._resync_wake = threading.Event()
+        self.resync_total = 0  # regions to copy in the current (or last) pass
+        self.resync_done = 0
+        self.regions_copied = 0  # over the mirror's life in this process
+        self._monitor: threading.Thread | None = None
+        #: The last leg in sync when every leg had failed: the one to come back in sync.
+        self._last_standing: int | None = None
+
+    # -- open ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, cfg: MirrorConfig, block_size: int = 512,
+             opener: Callable[[str, int], Leg] | None = None) -> Mirror:
+        from .legs import open_leg
+
+        m = cls(cfg, block_size, opener or open_leg)
+        try:
+            m._open()
+        except BaseException:
+            m._close_legs()
+            raise
+        return m
+
+    def _bitmap_offset(self, ls: _LegState) -> int:
+        assert ls.leg is not None
+        return ls.leg.size - self.meta_len
+
+    def _slot_offset(self, ls: _LegState, slot: int) -> int:
+        assert ls.leg is not None
+        return ls.leg.size - (2 - slot) * SLOT
+
+    def _read_superblock(self, ls: _LegState) -> Superblock | None:
+        assert ls.leg is not None
+        return read_superblock(ls.leg)
+
+    def _read_bitmap(self, ls: _LegState) -> bytearray:
+        assert ls.leg is not None
+        raw = bytearray(len(self.bitmap))
+        ls.leg.read(self._bitmap_offset(ls), memoryview(raw))
+        return raw
+
+    def _open(self) -> None:
+        need = self.size + self.meta_len
+        for ls in self._legs:
+            try:
+                ls.leg = self._opener(ls.spec, need)
+            except OSError as exc:
+                ls.error = str(exc)
+                log.warning("mirror: %s unreachable at open: %s", ls.name(), exc)
+        reachable = [ls for ls in self._legs if ls.leg is not None]
+        majority = len(self._legs) // 2 + 1
+        if len(reachable) < majority and not self.cfg.degraded_open:
+            missing = ", ".join(f"{ls.name()}: {ls.error}" for ls in self._legs if ls.leg is None)
+            raise ConfigError(
+                f"mirror: {len(reachable)} of {len(self._legs)} legs reachable; expected a "
+                f"majority ({majority}) to open, or degraded_open=1 ({missing})")
+        sbs: dict[int, Superblock | None] = {}
+        for ls in reachable:
+            try:
+                sbs[ls.index] = self._read_superblock(ls)
+            except OSError as exc:
+                raise ConfigError(f"mirror: {ls.name()}: cannot read its metadata: {exc}") \
+                    from exc
+        formatted = {i: sb for i, sb in sbs.items() if sb is not None}
+        self._check_agreement(formatted)
+        if not formatted:
+            self._create(reachable)
+            return
+        fresh = self._freshest(formatted)
+        fsb = formatted[fresh]
+        self.uuid = fsb.mirror_uuid
+        self.generation = fsb.generation
+        self.bitmap = self._read_bitmap(self._legs[fresh])
+        for ls in reachable:
+            sb = sbs[ls.index]
+            if ls.index == fresh or (sb is not None and fsb.has(ls.index) and sb.has(ls.index)):
+                ls.state = IN_SYNC
+                if sb is not None and ls.index != fresh and not fsb.clean:
+                    # an unclean stop: whatever any in-sync leg flagged may differ
+                    other = self._read_bitmap(ls)
+                    self.bitmap = bytearray(a | b for a, b in zip(self.bitmap, other,
+                                                                  strict=True))
+            else:
+                ls.state = RESYNCING
+                if sb is None:  # a blank (new or replaced) leg: everything is to copy
+                    self._set_all_bits()
+        for ls in self._legs:
+            if ls.leg is None:
+                ls.state = FAILED
+        self._start_workers()
+        in_sync = [ls for ls in self._legs if ls.state == IN_SYNC]
+        if not fsb.clean and len(in_sync) > 1 and any(self.bitmap):
+            # before serving: the in-sync legs must agree on every region a crash left flagged
+            self._reconcile(self._legs[fresh], in_sync, self._dirty_regions())
+        self.generation += 1
+        self._write_bitmap_all()
+        self._write_superblocks(clean=False)
+        self._after_open()
+
+    def _check_agreement(self, formatted: dict[int, Superblock]) -> None:
+        first: tuple[int, Superblock] | None = None
+        for i, sb in formatted.items():
+            ls = self._legs[i]
+            if (sb.size, sb.region, sb.nlegs) != (self.size, self.region, len(self._legs)):
+                raise ConfigError(
+                    f"mirror: {ls.name()}: its metadata says size {sb.size}, region {sb.region}, "
+                    f"{sb.nlegs} legs; the configuration says size {self.size}, region "
+                    f"{self.region}, {len(self._legs)} legs (neither can change)")
+            if sb.leg != i:
+                raise ConfigError(f"mirror: {ls.name()}: its metadata says it is leg {sb.leg} of "
+                                  f"the mirror; expected the legs in their original order")
+            if first is None:
+                first = (i, sb)
+            elif sb.mirror_uuid != first[1].mirror_uuid:
+                raise ConfigError(
+                    f"mirror: {ls.name()} belongs to mirror {uuid.UUID(bytes=sb.mirror_uuid)}, "
+                    f"{self._legs[first[0]].name()} to mirror "
+                    f"{uuid.UUID(bytes=first[1].mirror_uuid)}; expected legs of one mirror")
+        for i, a in formatted.items():
+            for j, b in formatted.items():
+                if i < j and not a.has(j) and not b.has(i):
+                    raise ConfigError(
+                        f"mirror: split brain: {self._legs[i].name()} (generation "
+                        f"{a.generation}) and {self._legs[j].name()} (generation {b.generation})"
+                        " were each written without the other; refusing to choose (nothing "
+                        "written). Keep one side: 'tcmu-py mirror forget <the other leg>' "
+                        "erases its metadata, and it gets a full copy")
+
+    def _freshest(self, formatted: dict[int, Superblock]) -> int:
+        candidates = [i for i, sb in formatted.items() if sb.has(i)]
+        if not candidates:
+            raise ConfigError("mirror: no reachable leg holds an in-sync copy (every one was "
+                              "being resynced); expected the freshest leg reachable")
+        best = max(formatted[i].generation for i in candidates)
+        top = [i for i in candidates if formatted[i].generation == best]
+        masks = {formatted[i].active for i in top}
+        if len(masks) > 1:
+            names = ", ".join(self._legs[i].name() for i in top)
+            raise ConfigError(f"mirror: legs {names} have generation {best} with different "
+                              "members; refusing to choose")
+        return top[0]
+
+    def _create(self, reachable: list[_LegState]) -> None:
+        if len(reachable) < len(self._legs):
+            raise ConfigError("mirror: a new mirror needs every leg reachable; unreachable: "
+                              + ", ".join(ls.name() for ls in self._legs if ls.leg is None))
+        self.uuid = uuid.uuid4().bytes
+        self.generation = 1
+        self._legs[0].state = IN_SYNC
+        for ls in self._legs[1:]:
+            ls.state = IN_SYNC if self.cfg.assume_clean else RESYNCING
+        if not self.cfg.assume_clean:
+            self._set_all_bits()
+        self._start_workers()
+        self._write_bitmap_all()
+        self._write_superblocks(clean=False)
+        log.info("mirror: new mirror %s over %d legs", uuid.UUID(bytes=self.uuid), len(self._legs))
+        self._after_open()
+
+    def _after_open(self) -> None:
+        if any(ls.state == RESYNCING for ls in self._legs):
+            self._start_resync()
+        if self.cfg.retry_interval > 0:
+            self._monitor = threading.Thread(target=self._monitor_loop, name="mirror-monitor",
+                                             daemon=True)
+            self._monitor.start()
+
+    def _set_all_bits(self) -> None:
+        for r in range(self.nregions):
+            self.bitmap[r >> 3] |= 1 << (r & 7)
+
+    # -- metadata writes -----------------------------------------------------------------------
+
+    def _active_mask(self) -> int:
+        return sum(1 << ls.index for ls in self._legs if ls.state == IN_SYNC)
+
+    def _write_superblocks(self, clean: bool) -> None:
+        """The current generation and mask to every leg taking writes (FUA). Caller holds no
+        leg worker; legs that fail are marked failed (which writes again)."""
+        with self._meta_lock:  # snapshots taken in write order: the last one written is newest
+            with self._lock:
+                targets = [ls for ls in self._legs if ls.takes_writes]
+                gen, mask = self.generation, self._active_mask()
+            failed: list[tuple[_LegState, OSError]] = []
+            for ls in targets:
+                sb = Superblock(self.uuid, ls.index, len(self._legs), self.region, self.size,
+                                gen, mask, clean)
+                try:
+                    assert ls.leg is not None
+                    ls.leg.write(self._slot_offset(ls, gen % 2), sb.pack(), fua=True)
+                except OSError as err:
+                    failed.append((ls, err))
+        for ls, cause in failed:
+            self._fail_leg(ls, cause)
+
+    def _bitmap_block(self, lo: int, hi: int | None) -> tuple[int, bytes]:
+        """(offset in the bitmap, bytes) of bitmap bytes [lo, hi) widened to 4 KiB blocks.
+        Caller holds `_lock`."""
+        hi = len(self.bitmap) if hi is None else hi
+        lo -= lo % SLOT
+        hi = min(len(self.bitmap), -(-hi // SLOT) * SLOT)
+        return lo, bytes(self.bitmap[lo:hi])
+
+    def _queue_bitmap(self, targets: list[_LegState], lo: int, data: bytes,
+                      op: _WriteOp | None) -> None:
+        """Queue a bitmap write (FUA) on each leg's FIFO: on every leg it lands before whatever
+        is queued after it (rule 1). Caller holds `_meta_lock`, so the snapshots reach every
+        FIFO in the order they were taken."""
+        for ls in targets:
+            ls.queue.put((op, META, lo, data))
+
+    def _write_bitmap_all(self, lo: int = 0, hi: int | None = None) -> None:
+        """Bitmap bytes [lo, hi) to every leg taking writes, and wait for them."""
+        with self._meta_lock:
+            with self._lock:
+                start, data = self._bitmap_block(lo, hi)
+                targets = [ls for ls in self._legs if ls.takes_writes]
+                op = _WriteOp(self, range(0))
+                op.start(targets, 0)
+            self._queue_bitmap(targets, start, data, op)
+        op.wait_all()
+
+    def _fail_leg(self, ls: _LegState, exc: BaseException) -> None:
+        """Mark `ls` out of sync and record it (generation + 1) on the legs left, durably,
+        before returning (rule 3)."""
+        with self._lock:
+            if ls.state == FAILED:
+                return
+            was = ls.state
+            ls.state = FAILED
+            ls.error = str(exc)
+            ls.errors += 1
+            self.generation += 1
+            if was == IN_SYNC and not any(x.state == IN_SYNC for x in self._legs):
+                # nobody could record its failure: it holds every acknowledged write
+                self._last_standing = ls.index
+            self._lock.notify_all()
+        log.error("mirror: %s failed (%s, was %s): out of sync", ls.name(), exc, was)
+        self._write_superblocks(clean=False)
+
+    # -- the BlockBackend ----------------------------------------------------------------------
+
+    def _regions(self, offset: int, length: int) -> range:
+        return range(offset // self.region, (offset + max(length, 1) - 1) // self.region + 1)
+
+    def _need(self) -> int:
+        """Successes a write needs, or QuorumLost (OSError once closed: no worker to run it)."""
+        if self._closed:
+            raise OSError(9, "mirror: closed")
+        in_sync = sum(1 for ls in self._legs if ls.state == IN_SYNC)
+        need = self.cfg.quorum or 1
+        if in_sync < need:
+            raise QuorumLost(
+                f"mirror: {in_sync} legs in sync; the write quorum is {need}")
+        return self.cfg.quorum or in_sync
+
+    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        data = b"".join(bufs)
+        regions = self._regions(offset, len(data))
+        with self._lock:
+            self._need()
+            while any(r in self._resync_busy for r in regions):
+                self._lock.wait()
+            self._seq += 1
+            seq = self._seq
+            for r in regions:  # from here the resync leaves these regions alone
+                self._writers[r] = self._writers.get(r, 0) + 1
+                self._last_write[r] = self._seq
+        op = _WriteOp(self, regions)
+        op.seq = seq
+        try:
+            # Bits are set, and their block queued, under `_meta_lock`: a write finding its bit
+            # already set queues its data after the block that set it, on every leg.
+            with self._meta_lock:
+                with self._lock:
+                    need = self._need()
+                    new_bits = False
+                    for r in regions:
+                        if not self.bitmap[r >> 3] >> (r & 7) & 1:
+                            self.bitmap[r >> 3] |= 1 << (r & 7)
+                            new_bits = True
+                    block = (self._bitmap_block(regions[0] >> 3, (regions[-1] >> 3) + 1)
+                             if new_bits else None)
+                    targets = [ls for ls in self._legs if ls.takes_writes]
+                    op.start(targets, need)
+                if block is not None:  # rule 1: on each leg, the bit before the data
+                    self._queue_bitmap(targets, block[0], block[1], None)
+                for ls in targets:
+                    ls.queue.put((op, WRITE, offset, data))
+        except BaseException:
+            op.abandon()
+            raise
+        op.wait()
+
+    def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        length = sum(len(b) for b in bufs)
+        end = offset + length
+        tried: set[int] = set()
+        last: OSError | None = None
+        while True:
+            with self._lock:
+                legs = [ls for ls in self._legs if ls.state == IN_SYNC and ls.index not in tried]
+                if not legs:
+                    break
+                free = [ls for ls in legs
+                        if not any(s < end and offset < e for s, e in ls.pending.values())]
+                # a leg still writing this range (acknowledged by the quorum without it) is
+                # read only if no other is free; its FIFO then finishes the write first
+                pool = free or legs
+                if self.cfg.read_policy == "least-busy":
+                    pick = min(pool, key=lambda x: (x.busy, x.reads))
+                else:
+                    pick = pool[self._rr % len(pool)]
+                    self._rr += 1
+                pick.busy += 1
+                wait_for = None if free else pick
+            if wait_for is not None:
+                self._drain(wait_for, offset, end)
+            tried.add(pick.index)
+            try:
+                assert pick.leg is not None
+                pos = offset
+                for b in bufs:
+                    pick.leg.read(pos, b)
+                    pos += len(b)
+                pick.reads += 1
+                return
+            except OSError as exc:
+                last = exc
+                self._fail_leg(pick, exc)
+            finally:
+                with self._lock:
+                    pick.busy -= 1
+        if last is not None:
+            raise last
+        raise OSError(5, "mirror: no leg in sync to read from")
+
+    def _drain(self, ls: _LegState, start: int, end: int) -> None:
+        with self._lock:
+            while any(s < end and start < e for s, e in ls.pending.values()) \
+                    and ls.state == IN_SYNC:
+                self._lock.wait(1.0)
+
+    def flush(self) -> None:
+        with self._lock:
+            start_seq = self._seq
+            need = self._need()
+            targets = [ls for ls in self._legs if ls.takes_writes]
+            op = _WriteOp(self, range(0))
+            # rule 5 needs the flush on every leg, not just the quorum: the last leg to answer
+            # clears the bits (maybe after the flush was acknowledged)
+            op.on_complete = lambda: self._clear_clean_bits(start_seq)
+            op.start(targets, need)
+        for ls in targets:
+            ls.queue.put((op, FLUSH, 0, b""))
+        op.wait()
+
+    def _clear_clean_bits(self, before: int) -> None:
+        """Rule 5: with every leg in sync, clear the bits of regions not written since `before`
+        and not being written."""
+        with self._lock:
+            if any(ls.state != IN_SYNC for ls in self._legs):
+                return
+            cleared = [r for r in self._dirty_regions()
+                       if self._last_write.get(r, 0) <= before and not self._writers.get(r)]
+            for r in cleared:
+                self.bitmap[r >> 3] &= ~(1 << (r & 7)) & 0xFF
+                self._last_write.pop(r, None)
+        if cleared:  # lazily: nobody waits for a clear (rule 5)
+            with self._meta_lock:
+                with self._lock:
+                    lo, data = self._bitmap_block(min(cleared) >> 3, (max(cleared) >> 3) + 1)
+                    targets = [ls for ls in self._legs if ls.takes_writes]
+                self._queue_bitmap(targets, lo, data, None)
+
+    # -- leg workers -----------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        for ls in self._legs:
+            if ls.leg is not None and ls.thread is None:
+                self._start_worker(ls)
+
+    def _start_worker(self, ls: _LegState) -> None:
+        ls.queue = queue.SimpleQueue()
+        ls.thread = threading.Thread(target=self._worker, args=(ls, ls.queue),
+                                     name=f"mirror-leg{ls.index}", daemon=True)
+        ls.thread.start()
+
+    def _worker(self, ls: _LegState, q: queue.SimpleQueue[Any]) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            op, kind, offset, data = item
+            leg = ls.leg
+            try:
+                if leg is None or ls.state == FAILED:
+                    raise OSError(5, f"{ls.name()} is out of sync")
+                if kind == FLUSH:
+                    leg.flush()
+                elif kind == META:
+                    leg.write(self._bitmap_offset(ls) + offset, data, fua=True)
+                else:
+                    leg.write(offset, data, fua=not self.write_cache)
+            except OSError as exc:
+                if ls.state != FAILED:
+                    self._fail_leg(ls, exc)
+                if op is not None:
+                    op.done(ls, exc)
+            else:
+                if op is not None:
+                    op.done(ls, None)
+
+    # -- resync ------------------------------------------------------------------------------
+
+    def _dirty_regions(self) -> list[int]:
+        return [r for r in range(self.nregions) if self.bitmap[r >> 3] >> (r & 7) & 1]
+
+    def _start_resync(self) -> None:
+        with self._lock:
+            if self._resync_thread is not None and self._resync_thread.is_alive():
+                self._resync_wake.set()
+                return
+            self._resync_thread = threading.Thread(target=self._resync_loop,
+                                                   name="mirror-resync", daemon=True)
+            self._resync_thread.start()
+
+    def _resync_loop(self) -> None:
+        while not self._closing:
+            with self._lock:
+                targets = [ls for ls in self._legs if ls.state == RESYNCING]
+                sources = [ls for ls in self._legs if ls.state == IN_SYNC]
+                regions = self._dirty_regions()
+                self.resync_total = len(regions)
+                self.resync_done = 0
+            if not targets:
+                return
+            if not sources:
+                log.error("mirror: no leg in sync to resync from")
+                return
+            try:
+                self._copy_regions(sources[0], targets, regions, throttle=True)
+            except OSError as exc:  # the source failed: next pass picks another
+                self._fail_leg(sources[0], exc)
+                continue
+            if self._closing:
+                return
+            for ls in targets:
+                if ls.state != RESYNCING:
+                    continue
+                try:
+                    assert ls.leg is not None
+                    ls.leg.flush()
+                except OSError as exc:
+                    self._fail_leg(ls, exc)
+                    continue
+                with self._lock:
+                    ls.state = IN_SYNC
+                    ls.error = ""
+                    self.generation += 1
+                log.info("mirror: %s in sync (%d regions copied)", ls.name(), len(regions))
+            self._write_superblocks(clean=False)
+            with self._lock:
+                all_in = all(ls.state == IN_SYNC for ls in self._legs)
+            if all_in:  # every leg holds every region: the bits of quiet regions can go
+                self.flush()
+            return
+
+    def _reconcile(self, fresh: _LegState, legs: list[_LegState], regions: list[int]) -> None:
+        """Unclean open: make the in-sync `legs` agree on `regions`: the content a majority of
+        them hold, else `fresh`'s. Nothing is served yet: no lock needed against writes."""
+        for r in regions:
+            off = r * self.region
+            n = min(self.region, self.size - off)
+            copies: dict[int, bytes] = {}
+            for ls in legs:
+                buf = bytearray(n)
+                assert ls.leg is not None
+                ls.leg.read(off, memoryview(buf))
+                copies[ls.index] = bytes(buf)
+            votes: dict[bytes, int] = {}
+            for ls in legs:
+                votes[copies[ls.index]] = votes.get(copies[ls.index], 0) + 1
+            if len(set(copies.values())) == 1:
+                continue
+            best = max(votes.values())
+            winner = next(d for d, v in votes.items() if v == best) \
+                if best * 2 > len(legs) else copies[fresh.index]
+            for ls in legs:
+                if copies[ls.index] != winner:
+                    assert ls.leg is not None
+                    ls.leg.write(off, winner)
+                    self.regions_copied += 1
+        for ls in legs:
+            assert ls.leg is not None
+            ls.leg.flush()
+
+    def _copy_regions(self, source: _LegState, targets: list[_LegState], regions: list[int],
+                      throttle: bool) -> None:
+        buf = bytearray(self.region)
+        started = time.monotonic()
+        copied = 0
+        for r in regions:
+            if self._closing:
+                return
+            with self._lock:
+                while self._writers.get(r):
+                    self._lock.wait()
+                self._resync_busy.add(r)
+            try:
+                off = r * self.region
+                n = min(self.region, self.size - off)
+                view = memoryview(buf)[:n]
+                assert source.leg is not None
+                source.leg.read(off, view)  # OSError: the source's failure, the caller's
+                for ls in targets:
+                    if ls.state == FAILED or ls.leg is None:
+                        continue
+                    try:
+                        ls.leg.write(off, view)
+                    except OSError as exc:
+                        self._fail_leg(ls, exc)
+            finally:
+                with self._lock:
+                    self._resync_busy.discard(r)
+                    self.resync_done += 1
+                    self.regions_copied += 1
+                    self._lock.notify_all()
+            copied += n
+            if throttle and self.cfg.resync_rate:
+                due = started + copied / self.cfg.resync_rate - time.monotonic()
+                if due > 0:
+                    self._resync_wake.wait(due)  # close() and reattach() cut it short
+
+    # -- failed legs coming back -------------------------------------------------------------
+
+    def reattach(self, index: int) -> bool:
+        """Try to reopen failed leg `index`; when it opens and carries this mirror's metadata
+        (or none), it becomes a resync target and the resync starts. Returns whether it did."""
+        ls = self._legs[index]
+        with self._lock:
+            if ls.state != FAILED or self._closing:
+                return False
+        old, ls.leg = ls.leg, None
+        if old is not None:
+            self._stop_worker(ls)
+            with contextlib.suppress(OSError):
+                old.close()
+        try:
+            leg = self._opener(ls.spec, self.size + self.meta_len)
+        except (OSError, ConfigError) as exc:
+            ls.error = str(exc)
+            return False
+        try:
+            probe = _LegState(index, ls.spec)
+            probe.leg = leg
+            sb = self._read_superblock(probe)
+        except OSError as exc:
+            leg.close()
+            ls.error = str(exc)
+            return False
+        if sb is not None and (sb.mirror_uuid != self.uuid or sb.generation > self.generation):
+            leg.close()
+            ls.error = ("carries the metadata of another mirror" if sb.mirror_uuid != self.uuid
+                        else f"was written elsewhere meanwhile (generation {sb.generation} > "
+                             f"{self.generation}): split brain")
+            log.error("mirror: %s: %s; not reattached", ls.name(), ls.error)
+            return False
+        with self._lock:
+            if sb is None:
+                self._set_all_bits()
+            ls.leg = leg
+            ls.error = ""
+            self.generation += 1
+            if (sb is not None and self._last_standing == index
+                    and not any(x.state == IN_SYNC for x in self._legs)):
+                ls.state = IN_SYNC  # every acknowledged write is on it: the others copy it
+                self._last_standing = None
+            else:
+                ls.state = RESYNCING
+        self._start_worker(ls)
+        self._write_bitmap_all()
+        self._write_superblocks(clean=False)
+        log.info("mirror: %s back; resyncing", ls.name())
+        self._start_resync()
+        return True
+
+    def _stop_worker(self, ls: _LegState) -> None:
+        if ls.thread is not None:
+            ls.queue.put(None)
+            ls.thread.join(10)
+            ls.thread = None
+
+    def _monitor_loop(self) -> None:
+        while not self._closing:
+            self._resync_wake.wait(self.cfg.retry_interval)
+            if self._closing:
+                return
+            for ls in self._legs:
+                if ls.state == FAILED:
+                    self.reattach(ls.index)
+
+    def wait_resync(self, timeout: float) -> bool:
+        """Wait until no leg is resyncing (True) or `timeout` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        t = self._resync_thread
+        if t is not None:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(ls.state == RESYNCING for ls in self._legs)
+
+    # -- status and close --------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            resyncing = any(ls.state == RESYNCING for ls in self._legs)
+            in_sync = sum(1 for ls in self._legs if ls.state == IN_SYNC)
+            try:
+                self._need()
+                state = "degraded" if in_sync < len(self._legs) else "optimal"
+            except QuorumLost:
+                state = "read-only"
+            return {
+                "uuid": str(uuid.UUID(bytes=self.uuid)) if self.uuid else "",
+                "generation": self.generation,
+                "state": state,
+                "quorum": self.cfg.quorum or "all",
+                "region": self.region,
+                "regions": self.nregions,
+                "dirty_regions": sum(bin(b).count("1") for b in self.bitmap),
+                "resync": {"active": resyncing, "total": self.resync_total,
+                           "done": self.resync_done},
+                "regions_copied": self.regions_copied,
+                "legs": [{"index": ls.index, "spec": ls.spec, "state": ls.state,
+                          "error": ls.error, "reads": ls.reads, "errors": ls.errors}
+                         for ls in self._legs],
+            }
+
+    def close(self) -> None:
+        """Stop the resync, drain the legs; with every leg in sync and flushed, clear the bitmap
+        and write the clean flag (the next open then copies nothing). Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        self._resync_wake.set()
+        if self._resync_thread is not None:
+            self._resync_thread.join(30)
+        if self._monitor is not None:
+            self._monitor.join(30)
+        clean = False
+        try:
+            # Clean: the in-sync legs agree everywhere (flushed, nothing in flight); the bitmap
+            # is emptied only when no leg is out of sync (else it names what that leg misses).
+            if any(ls.state == IN_SYNC for ls in self._legs):
+                self.flush()
+                with self._lock:
+                    clean = not self._writers
+                    emptied = clean and all(ls.state == IN_SYNC for ls in self._legs)
+                    if emptied:
+                        self.bitmap[:] = bytes(len(self.bitmap))
+                        self._last_write.clear()
+                if emptied:
+                    self._write_bitmap_all()
+            with self._lock:
+                self.generation += 1
+            self._write_superblocks(clean=clean)
+        except (OSError, QuorumLost) as exc:
+            log.warning("mirror: close: %s (the next open resyncs what the bitmap names)", exc)
+        finally:
+            self._close_legs()
+
+    def _close_legs(self) -> None:
+        self._closed = self._closing = True
+        self._resync_wake.set()
+        for ls in self._legs:
+            self._stop_worker(ls)
+            if ls.leg is not None:
+                with contextlib.suppress(OSError):
+                    ls.leg.close()
+
+
+class _WriteOp:
+    """One write (or flush) across the legs: acknowledged at `need` successes, finished when
+    every leg answered (then its regions' in-flight counts drop)."""
+
+    def __init__(self, mirror: Mirror, regions: range) -> None:
+        self.m = mirror
+        self.regions = regions
+        #: in-sync legs that did it; they count only while they stay in sync: a leg failed
+        #: since (its failure, or another's, not recorded) does not hold the write for us
+        self.succeeded: set[int] = set()
+        self.left = 0
+        self.need = 0
+        self.error: OSError | None = None
+        self.started = False
+        self.seq = 0
+        self.id = id(self)
+        #: Called (no lock held) when every leg answered and none failed.
+        self.on_complete: Callable[[], None] | None = None
+
+    ok = 0
+
+    def start(self, targets: list[_LegState], need: int) -> None:
+        """Caller holds the mirror's lock."""
+        self.left = len(targets)
+        self.need = need
+        self.started = True
+        self.in_sync = {ls.index for ls in targets if ls.state == IN_SYNC}
+        if self.regions:
+            span = (self.regions[0] * self.m.region, (self.regions[-1] + 1) * self.m.region)
+            for ls in targets:
+                ls.pending[self.id] = span
+        if not targets:
+            self._finish()
+
+    def abandon(self) -> None:
+        with self.m._lock:
+            if not self.started:
+                self._finish()
+
+    def done(self, ls: _LegState, exc: OSError | None) -> None:
+        with self.m._lock:
+            ls.pending.pop(self.id, None)
+            if exc is None and ls.index in self.in_sync:
+                self.succeeded.add(ls.index)
+            elif exc is not None:
+                self.error = exc
+            self.left -= 1
+            if self.left == 0:
+                self._finish()
+            self.m._lock.notify_all()
+            run = self.on_complete if self.left == 0 and self.error is None else None
+        if run is not None:
+            run()
+
+    def _finish(self) -> None:
+        for r in self.regions:
+            n = self.m._writers.get(r, 0) - 1
+            if n > 0:
+                self.m._writers[r] = n
+            else:
+                self.m._writers.pop(r, None)
+        self.m._lock.notify_all()
+
+    def wait(self) -> None:
+        """Rule 4: return once the quorum holds the write (``all``: once every leg answered,
+        the failed ones recorded as out of sync); QuorumLost or the legs' error otherwise."""
+        m = self.m
+        with m._lock:
+            while True:
+                self.ok = sum(1 for i in self.succeeded if m._legs[i].state == IN_SYNC)
+                if m.cfg.quorum:
+                    if self.left == 0:
+                        if self.ok >= self.need:
+                            return
+                        raise QuorumLost(f"mirror: {self.ok} legs hold the write; the write "
+                                         f"quorum is {self.need}")
+                elif self.left == 0:
+                    if self.ok == 0:
+                        if not any(ls.state == IN_SYNC for ls in m._legs):
+                            raise QuorumLost("mirror: no leg left in sync")
+                        raise self.error or OSError(5, "mirror: no leg took the write")
+                    return
+                m._lock.wait()
+
+    def wait_all(self) -> None:
+        """Until every leg answered (failures are the legs' own: they are marked failed)."""
+        with self.m._lock:
+            while self.left:
+                self.m._lock.wait()
+
+    @property
+    def complete(self) -> bool:
+        """Every leg answered and every one succeeded (caller holds the lock)."""
+        return self.left == 0 and self.error is None
+
+
+def read_superblock(leg: Leg) -> Superblock | None:
+    """The superblock of `leg` (the newer valid slot of its last 8 KiB), None if it has none."""
+    raw = bytearray(2 * SLOT)
+    leg.read(leg.size - 2 * SLOT, memoryview(raw))
+    found = [sb for sb in (Superblock.unpack(bytes(raw[:SLOT])),
+                           Superblock.unpack(bytes(raw[SLOT:]))) if sb is not None]
+    return max(found, key=lambda sb: sb.generation) if found else None
+
+
+def wipe_superblocks(leg: Leg) -> None:
+    """Erase `leg`'s superblocks (durably): it opens as a blank leg and gets a full copy."""
+    leg.write(leg.size - 2 * SLOT, bytes(2 * SLOT), fua=True)
+
+
+def checksum_regions(leg: Leg, size: int, region: int) -> list[int]:
+    """CRC-32 of each region of `leg`'s data area (`tcmu-py mirror verify`)."""
+    out = []
+    buf = bytearray(region)
+    for off in range(0, size, region):
+        n = min(region, size - off)
+        view = memoryview(buf)[:n]
+        leg.read(off, view)
+        out.append(zlib.crc32(view))
+    return out
+
+
+def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
+    """Poll `pred` (every 10 ms) until true or `timeout` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return pred()
+        time.sleep(0.01)
+    return True
+
+
+__all__ = ["Mirror", "MirrorConfig", "QuorumLost", "Superblock", "checksum_regions",
+           "meta_length", "read_superblock", "wipe_superblocks"]

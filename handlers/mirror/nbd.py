@@ -1,0 +1,190 @@
+"""A minimal binding of libnbd's C API (Debian's ``libnbd0``) through cffi in ABI mode.
+
+Only what the mirror's NBD legs need: connect by URI (``nbd://host[:port]/export``,
+``nbd+unix:///export?socket=/path``, ``nbds://`` where libnbd was built with TLS), size, the
+synchronous read / write / flush / trim commands, the server's ``can_*`` answers, and shutdown.
+The NBD protocol itself is libnbd's: no protocol code here.
+
+Our Python is not Debian's, so Debian's ``python3-libnbd`` cannot be imported; the library is
+opened with ``dlopen`` the first time a handle is created, and a missing library is a
+`NbdError` naming the package to install.
+
+Threads: a libnbd handle is thread-safe (it has its own lock); the synchronous calls here wait
+for their reply with the GIL released (cffi releases it around every foreign call), so
+commands from several threads on one handle are serialised by libnbd, not by Python.
+
+Errors: every failing call raises `NbdError` carrying libnbd's message (``nbd_get_error``) and
+errno (``nbd_get_errno``, 0 when unknown); `NbdError` is an `OSError`, so a leg's failure reaches
+the SCSI engine as an I/O error when nothing above catches it.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import threading
+from typing import Any
+
+import cffi
+
+_CDEF = """
+struct nbd_handle;
+struct nbd_handle *nbd_create (void);
+void nbd_close (struct nbd_handle *h);
+const char *nbd_get_error (void);
+int nbd_get_errno (void);
+int nbd_connect_uri (struct nbd_handle *h, const char *uri);
+int64_t nbd_get_size (struct nbd_handle *h);
+int nbd_is_read_only (struct nbd_handle *h);
+int nbd_can_flush (struct nbd_handle *h);
+int nbd_can_fua (struct nbd_handle *h);
+int nbd_can_trim (struct nbd_handle *h);
+int nbd_can_multi_conn (struct nbd_handle *h);
+int nbd_pread (struct nbd_handle *h, void *buf, size_t count, uint64_t offset, uint32_t flags);
+int nbd_pwrite (struct nbd_handle *h, const void *buf, size_t count, uint64_t offset,
+                uint32_t flags);
+int nbd_flush (struct nbd_handle *h, uint32_t flags);
+int nbd_trim (struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags);
+int nbd_shutdown (struct nbd_handle *h, uint32_t flags);
+"""
+
+#: ``LIBNBD_CMD_FLAG_FUA`` (libnbd.h): the write is durable when its reply arrives.
+CMD_FLAG_FUA = 0x01
+
+LIBRARY = "libnbd.so.0"
+
+_ffi = cffi.FFI()
+_ffi.cdef(_CDEF)
+_lib: Any = None
+_lib_lock = threading.Lock()
+
+
+class NbdError(OSError):
+    """A libnbd call failed: ``str()`` is libnbd's message, ``errno`` its errno (EIO if none)."""
+
+
+def library() -> Any:
+    """The dlopened libnbd (loaded once)."""
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            try:
+                _lib = _ffi.dlopen(LIBRARY)
+            except OSError as exc:
+                raise NbdError(
+                    _errno.ENOENT,
+                    f"cannot load {LIBRARY} ({exc}); expected Debian's libnbd0 package installed",
+                ) from None
+        return _lib
+
+
+def _error(what: str) -> NbdError:
+    lib = library()
+    msg = lib.nbd_get_error()
+    text = _ffi.string(msg).decode("utf-8", "replace") if msg != _ffi.NULL else "unknown error"
+    code = lib.nbd_get_errno() or _errno.EIO
+    return NbdError(code, f"{what}: {text}")
+
+
+class NbdClient:
+    """One connection to one NBD export. Methods raise `NbdError`; `close` is idempotent."""
+
+    def __init__(self) -> None:
+        lib = library()
+        h = lib.nbd_create()
+        if h == _ffi.NULL:
+            raise _error("nbd_create")
+        self._lib = lib
+        self._h: Any = h
+        self.uri = ""
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connect_uri(self, uri: str) -> None:
+        self.uri = uri
+        if self._handle_call(self._lib.nbd_connect_uri, uri.encode()) == -1:
+            raise _error(f"connect {uri}")
+
+    def _handle_call(self, fn: Any, *args: Any) -> int:
+        if self._h is None:
+            raise NbdError(_errno.EBADF, f"{self.uri or 'nbd'}: handle closed")
+        return int(fn(self._h, *args))
+
+    def _check(self, what: str, rc: int) -> int:
+        if rc == -1:
+            raise _error(f"{self.uri} {what}")
+        return rc
+
+    def get_size(self) -> int:
+        return self._check("get_size", self._handle_call(self._lib.nbd_get_size))
+
+    def is_read_only(self) -> bool:
+        return self._check("is_read_only", self._handle_call(self._lib.nbd_is_read_only)) == 1
+
+    def can_flush(self) -> bool:
+        return self._check("can_flush", self._handle_call(self._lib.nbd_can_flush)) == 1
+
+    def can_fua(self) -> bool:
+        return self._check("can_fua", self._handle_call(self._lib.nbd_can_fua)) == 1
+
+    def can_trim(self) -> bool:
+        return self._check("can_trim", self._handle_call(self._lib.nbd_can_trim)) == 1
+
+    def can_multi_conn(self) -> bool:
+        return self._check("can_multi_conn",
+                           self._handle_call(self._lib.nbd_can_multi_conn)) == 1
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def pread(self, buf: memoryview | bytearray, offset: int) -> None:
+        """Fill all of the writable `buf` from `offset`."""
+        if len(buf) == 0:
+            return
+        c = _ffi.from_buffer(buf, require_writable=True)
+        self._check(f"pread {len(buf)}@{offset}",
+                    self._handle_call(self._lib.nbd_pread, c, len(buf), offset, 0))
+
+    def pwrite(self, buf: memoryview | bytes | bytearray, offset: int, fua: bool = False) -> None:
+        """Write all of `buf` at `offset`; with `fua` durable on return (the server must
+        `can_fua`: libnbd refuses the flag otherwise)."""
+        if len(buf) == 0:
+            return
+        c = _ffi.from_buffer(buf)
+        flags = CMD_FLAG_FUA if fua else 0
+        self._check(f"pwrite {len(buf)}@{offset}",
+                    self._handle_call(self._lib.nbd_pwrite, c, len(buf), offset, flags))
+
+    def flush(self) -> None:
+        self._check("flush", self._handle_call(self._lib.nbd_flush, 0))
+
+    def trim(self, length: int, offset: int) -> None:
+        self._check(f"trim {length}@{offset}",
+                    self._handle_call(self._lib.nbd_trim, length, offset, 0))
+
+    # -- end ---------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Tell the server we are done (NBD_CMD_DISC after in-flight commands)."""
+        self._check("shutdown", self._handle_call(self._lib.nbd_shutdown, 0))
+
+    def close(self) -> None:
+        """Free the handle (closing the socket); the object is unusable afterwards."""
+        h, self._h = self._h, None
+        if h is not None:
+            self._lib.nbd_close(h)
+
+    def __enter__(self) -> NbdClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(uri: str) -> NbdClient:
+    """A client connected to `uri` (closed again if the connection fails)."""
+    client = NbdClient()
+    try:
+        client.connect_uri(uri)
+    except BaseException:
+        client.close()
+        raise
+    return client

@@ -1,0 +1,86 @@
+"""Legs for the mirror tests: a byte store in memory whose legs fail on command."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+
+
+class Store:
+    """One leg's medium. `down` makes every operation (and opening) fail with EIO, like a
+    dead server; `fail_reads` only reads; `crash` (shared by the legs) drops every write after
+    a count of them, like a power cut: what was written before is all the medium keeps."""
+
+    def __init__(self, name: str, size: int, crash: Crash | None = None) -> None:
+        self.name = name
+        self.data = bytearray(size)
+        self.down = False
+        self.fail_reads = False
+        self.crash = crash
+        self.writes = 0  # data-area writes (below `meta_from`), counted for the resync tests
+        self.meta_from = size
+        #: When set, writes wait for it (a slow leg); cleared by the test, set to release.
+        self.gate: threading.Event | None = None
+
+    def check(self, what: str) -> None:
+        if self.down:
+            raise OSError(errno.EIO, f"{self.name}: {what}: leg down")
+
+
+class Crash:
+    """Shared by the stores of one test: after `after` writes, every write is lost and fails."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.count = 0
+        self.lock = threading.Lock()
+        self.on_write: Callable[[], None] | None = None
+
+    def take(self) -> bool:
+        with self.lock:
+            self.count += 1
+            return self.count <= self.after
+
+
+class MemoryLeg:
+    can_fua = True
+
+    def __init__(self, store: Store) -> None:
+        store.check("open")
+        self.store = store
+        self.spec = store.name
+        self.size = len(store.data)
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        self.store.check("read")
+        if self.store.fail_reads:
+            raise OSError(errno.EIO, f"{self.spec}: read error")
+        buf[:] = self.store.data[offset:offset + len(buf)]
+
+    def write(self, offset: int, buf: memoryview | bytes, fua: bool = False) -> None:
+        self.store.check("write")
+        gate = self.store.gate
+        if gate is not None:
+            assert gate.wait(30), "test gate never opened"
+            self.store.check("write")
+        crash = self.store.crash
+        if crash is not None and not crash.take():
+            raise OSError(errno.EIO, f"{self.spec}: power cut")
+        self.store.data[offset:offset + len(buf)] = buf
+        if offset < self.store.meta_from:
+            self.store.writes += 1
+
+    def flush(self) -> None:
+        self.store.check("flush")
+
+    def close(self) -> None:
+        pass
+
+
+def opener(stores: dict[str, Store]) -> Callable[[str, int], MemoryLeg]:
+    def open_(spec: str, size: int) -> MemoryLeg:
+        store = stores[spec]
+        assert len(store.data) >= size
+        return MemoryLeg(store)
+    return open_

@@ -1,0 +1,407 @@
+"""The mirror's logic (tcmu_py.handlers.mirror.mirror) over legs in memory that fail on command."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+from collections.abc import Iterator
+
+import pytest
+from mirror_fakes import Crash, Store, opener
+
+from tcmu_py.errors import ConfigError
+from tcmu_py.handlers.mirror.mirror import (
+    FAILED,
+    IN_SYNC,
+    SLOT,
+    Mirror,
+    MirrorConfig,
+    QuorumLost,
+    meta_length,
+    wait_until,
+)
+from tcmu_py.scsi.sense import SenseKey
+
+REGION = 64 << 10
+SIZE = 16 * REGION
+DEADLINE = 20.0
+
+
+def stores(n: int, crash: Crash | None = None) -> dict[str, Store]:
+    out = {}
+    for i in range(n):
+        s = Store(f"leg{i}", SIZE + meta_length(SIZE, REGION), crash)
+        s.meta_from = SIZE
+        out[s.name] = s
+    return out
+
+
+def open_mirror(st: dict[str, Store], **kw: object) -> Mirror:
+    cfg = MirrorConfig(legs=tuple(st), size=SIZE, region=REGION, resync_rate=0,
+                       retry_interval=0, **kw)  # type: ignore[arg-type]
+    return Mirror.open(cfg, 512, opener(st))
+
+
+@pytest.fixture
+def three() -> Iterator[tuple[dict[str, Store], Mirror]]:
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True)
+    yield st, m
+    m.close()
+
+
+def write(m: Mirror, offset: int, data: bytes) -> None:
+    m.write(offset, [memoryview(data)])
+
+
+def read(m: Mirror, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    m.read(offset, [memoryview(buf)])
+    return bytes(buf)
+
+
+def data_areas(st: dict[str, Store]) -> list[bytes]:
+    return [bytes(s.data[:SIZE]) for s in st.values()]
+
+
+def test_writes_reach_every_leg_and_reads_come_back(three: tuple[dict[str, Store], Mirror]
+                                                    ) -> None:
+    st, m = three
+    write(m, 4096, b"a" * 8192)
+    write(m, SIZE - 512, b"z" * 512)
+    assert read(m, 4096, 8192) == b"a" * 8192
+    assert read(m, SIZE - 512, 512) == b"z" * 512
+    a, b, c = data_areas(st)
+    assert a == b == c
+    # round robin: three reads went to three legs
+    for _ in range(3):
+        read(m, 0, 512)
+    assert all(leg["reads"] >= 1 for leg in m.status()["legs"])
+
+
+def test_new_mirror_copies_leg0_to_the_others_in_the_background() -> None:
+    st = stores(2)
+    st["leg0"].data[:SIZE] = random.Random(1).randbytes(SIZE)
+    m = open_mirror(st)
+    try:
+        assert m.wait_resync(DEADLINE)
+        assert m.regions_copied == SIZE // REGION
+        a, b = data_areas(st)
+        assert a == b
+        assert m.status()["dirty_regions"] == 0  # cleared once every leg is in sync
+    finally:
+        m.close()
+
+
+def test_a_leg_fails_mid_sequence_writes_go_on_and_resync_copies_only_dirty_regions(
+        three: tuple[dict[str, Store], Mirror]) -> None:
+    st, m = three
+    for r in range(16):
+        write(m, r * REGION, bytes([r]) * 4096)
+    m.flush()
+    assert m.status()["dirty_regions"] == 0
+    st["leg1"].down = True
+    written = {3, 7, 8, 15}
+    for r in sorted(written):
+        write(m, r * REGION + 512, b"N" * 1024)  # no error: two legs remain
+    s = m.status()
+    assert s["state"] == "degraded" and s["legs"][1]["state"] == FAILED
+    assert s["dirty_regions"] == len(written)
+    m.flush()  # bits stay while a leg is out of sync
+    assert m.status()["dirty_regions"] == len(written)
+    st["leg1"].down = False
+    before = st["leg1"].writes
+    assert m.reattach(1)
+    assert m.wait_resync(DEADLINE)
+    assert m.regions_copied == len(written)
+    assert st["leg1"].writes - before == len(written)
+    a, b, c = data_areas(st)
+    assert a == b == c
+    assert m.status()["legs"][1]["state"] == IN_SYNC
+    assert m.status()["dirty_regions"] == 0
+
+
+def test_a_failed_read_is_retried_on_another_leg(three: tuple[dict[str, Store], Mirror]) -> None:
+    st, m = three
+    write(m, 0, b"r" * 4096)
+    st["leg0"].fail_reads = True
+    st["leg2"].fail_reads = True
+    for _ in range(4):
+        assert read(m, 0, 4096) == b"r" * 4096
+    legs = m.status()["legs"]
+    assert [leg["state"] for leg in legs] == [FAILED, IN_SYNC, FAILED]
+
+
+def test_quorum_loss_refuses_writes_with_data_protect_and_reads_go_on() -> None:
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, quorum=2)
+    try:
+        write(m, 0, b"q" * 4096)
+        st["leg0"].down = True
+        write(m, 4096, b"w" * 4096)  # 2 of 3 left: still the quorum
+        st["leg2"].down = True
+        with pytest.raises(QuorumLost) as info:
+            write(m, 8192, b"x" * 4096)
+        assert (info.value.sense_key, info.value.asc, info.value.ascq) == \
+            (SenseKey.DATA_PROTECT, 0x27, 0x02)
+        assert m.status()["state"] == "read-only"
+        assert read(m, 0, 4096) == b"q" * 4096
+        assert read(m, 4096, 4096) == b"w" * 4096
+        st["leg0"].down = st["leg2"].down = False
+        assert m.reattach(0) and m.reattach(2)
+        assert m.wait_resync(DEADLINE)
+        write(m, 8192, b"x" * 4096)
+        a, b, c = data_areas(st)
+        assert a == b == c
+    finally:
+        m.close()
+
+
+def test_quorum_all_keeps_writing_while_one_leg_is_left() -> None:
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True)
+    try:
+        st["leg0"].down = True
+        write(m, 0, b"1" * 512)
+        st["leg1"].down = True
+        with pytest.raises(QuorumLost):
+            write(m, 0, b"2" * 512)
+    finally:
+        m.close()
+
+
+def test_quorum_two_waits_for_a_slow_leg_and_never_reads_it_stale() -> None:
+    """A write is acknowledged once every leg answered (rule 4): reads never meet a leg that
+    is still behind, and a crash never leaves an acknowledged write on a minority."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, quorum=2)
+    try:
+        gate = threading.Event()
+        st["leg2"].gate = gate
+        done = threading.Event()
+
+        def writer() -> None:
+            write(m, 0, b"s" * 4096)
+            done.set()
+
+        t = threading.Thread(target=writer)
+        t.start()
+        assert wait_until(lambda: st["leg0"].data[:4096] == b"s" * 4096
+                          and st["leg1"].data[:4096] == b"s" * 4096, DEADLINE)
+        assert not done.wait(0.05)  # legs 0 and 1 have it; leg 2 has not answered
+        gate.set()
+        t.join(DEADLINE)
+        assert done.is_set() and st["leg2"].data[:4096] == b"s" * 4096
+        for _ in range(6):
+            assert read(m, 0, 4096) == b"s" * 4096
+    finally:
+        st["leg2"].gate = None
+        m.close()
+
+
+def test_reopen_after_clean_close_copies_nothing() -> None:
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True)
+    write(m, 0, b"c" * 4096)
+    m.close()
+    m = open_mirror(st)
+    try:
+        assert m.status()["dirty_regions"] == 0 and m.regions_copied == 0
+        assert read(m, 0, 4096) == b"c" * 4096
+    finally:
+        m.close()
+
+
+def test_a_stale_leg_is_resynced_from_the_freshest_at_open() -> None:
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True)
+    st["leg0"].down = True
+    write(m, 5 * REGION, b"f" * 4096)
+    write(m, 9 * REGION, b"g" * 4096)
+    m.close()
+    st["leg0"].down = False
+    m = open_mirror(st)
+    try:
+        assert m.wait_resync(DEADLINE)
+        assert m.regions_copied == 2
+        a, b, c = data_areas(st)
+        assert a == b == c and a[5 * REGION:5 * REGION + 4096] == b"f" * 4096
+    finally:
+        m.close()
+
+
+def test_open_without_a_majority_is_refused_unless_degraded_open() -> None:
+    st = stores(2)
+    open_mirror(st, assume_clean=True).close()
+    st["leg1"].down = True
+    with pytest.raises(ConfigError, match=r"1 of 2 legs reachable.*majority \(2\).*leg1"):
+        open_mirror(st)
+    open_mirror(st, degraded_open=True).close()
+
+
+def test_split_brain_is_refused_naming_the_legs_and_touching_neither() -> None:
+    st = stores(2)
+    open_mirror(st, assume_clean=True).close()
+    for alive, dead, fill in (("leg0", "leg1", b"A"), ("leg1", "leg0", b"B")):
+        st[dead].down = True
+        st[alive].down = False
+        m = open_mirror(st, degraded_open=True)
+        write(m, 0, fill * 4096)
+        m.close()
+    st["leg0"].down = st["leg1"].down = False
+    before = [bytes(s.data) for s in st.values()]
+    with pytest.raises(ConfigError, match=r"split brain: leg 0 \(leg0\).*leg 1 \(leg1\)"):
+        open_mirror(st)
+    assert [bytes(s.data) for s in st.values()] == before
+
+
+def test_legs_of_another_mirror_are_refused() -> None:
+    a, b = stores(2), stores(2)
+    open_mirror(a, assume_clean=True).close()
+    open_mirror(b, assume_clean=True).close()
+    mixed = {"leg0": a["leg0"], "leg1": b["leg1"]}
+    with pytest.raises(ConfigError, match="expected legs of one mirror"):
+        open_mirror(mixed)
+
+
+def test_a_torn_superblock_falls_back_to_the_other_slot() -> None:
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True)
+    write(m, 0, b"t" * 512)
+    uid, gen = m.uuid, m.generation
+    m.close()
+    for s in st.values():
+        slots = len(s.data) - 2 * SLOT
+        # tear the newest slot of each leg (the close wrote it last)
+        newest = max((0, 1), key=lambda k: int.from_bytes(
+            s.data[slots + k * SLOT + 52:slots + k * SLOT + 60], "little"))
+        s.data[slots + newest * SLOT + 20] ^= 0xFF
+    m = open_mirror(st)
+    try:
+        assert m.uuid == uid and m.generation == gen + 1  # the older slot, then this open
+        assert read(m, 0, 512) == b"t" * 512
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_operations_match_a_byte_model(seed: int) -> None:
+    rng = random.Random(seed)
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, quorum=rng.choice([0, 2]))
+    model = bytearray(SIZE)
+    try:
+        for _ in range(120):
+            op = rng.random()
+            names = list(st)
+            if op < 0.5:
+                off = rng.randrange(0, SIZE // 512) * 512
+                n = min(SIZE - off, rng.randrange(1, 40) * 512)
+                data = rng.randbytes(n)
+                try:
+                    write(m, off, data)
+                    model[off:off + n] = data
+                except QuorumLost:
+                    # the refused write may have reached some legs: the model keeps both answers
+                    # out of the picture by writing it again once the quorum is back
+                    for s in st.values():
+                        s.down = False
+                    for i in range(3):
+                        m.reattach(i)
+                    assert m.wait_resync(DEADLINE)
+                    write(m, off, data)
+                    model[off:off + n] = data
+            elif op < 0.8:
+                off = rng.randrange(0, SIZE // 512) * 512
+                n = min(SIZE - off, rng.randrange(1, 40) * 512)
+                try:
+                    assert read(m, off, n) == model[off:off + n]
+                except OSError:
+                    # every leg failed (the others may be back, but stale, with no source yet)
+                    assert not any(leg["state"] == IN_SYNC for leg in m.status()["legs"])
+            elif op < 0.88:
+                st[rng.choice(names)].down = True
+            elif op < 0.96:
+                for i, name in enumerate(names):
+                    if st[name].down and rng.random() < 0.7:
+                        st[name].down = False
+                        m.reattach(i)
+            else:
+                with contextlib.suppress(QuorumLost):
+                    m.flush()
+        for s in st.values():
+            s.down = False
+        for i in range(3):
+            m.reattach(i)
+        assert m.wait_resync(DEADLINE)
+        m.flush()
+        for area in data_areas(st):
+            assert area == model
+    finally:
+        m.close()
+
+
+def _workload(m: Mirror, acked: list[tuple[int, bytes]], tried: list[tuple[int, bytes]]
+              ) -> None:
+    rng = random.Random(7)
+    for i in range(24):
+        off = rng.randrange(0, SIZE // 4096) * 4096
+        data = bytes([i + 1]) * rng.choice([512, 4096, REGION + 4096])
+        data = data[:SIZE - off]
+        tried.append((off, data))
+        write(m, off, data)
+        acked.append((off, data))
+        if i % 7 == 6:
+            m.flush()
+
+
+def _crash_run(after: int, legs: int, quorum: int
+               ) -> tuple[dict[str, Store], list[tuple[int, bytes]], tuple[int, bytes] | None]:
+    """The workload cut by a power cut after `after` leg writes: (the stores, the acknowledged
+    writes, the write that was in flight, None if none was)."""
+    crash = Crash(10 ** 9)
+    st = stores(legs, crash)
+    m = open_mirror(st, assume_clean=True, quorum=quorum)
+    crash.count, crash.after = 0, after
+    acked: list[tuple[int, bytes]] = []
+    tried: list[tuple[int, bytes]] = []
+    inflight = None
+    try:
+        _workload(m, acked, tried)
+    except (OSError, QuorumLost):
+        if len(tried) > len(acked):
+            inflight = tried[-1]
+    m._close_legs()  # the process dies: no clean close
+    return st, acked, inflight
+
+
+@pytest.mark.parametrize(("legs", "quorum"), [(2, 0), (3, 0), (3, 2)])
+def test_a_crash_at_every_write_leaves_legs_that_open_identical_with_every_acked_write(
+        legs: int, quorum: int) -> None:
+    """Power cut after each of the first N leg writes (data, bitmap or superblock): the mirror
+    opens, its legs are identical afterwards, and every acknowledged write reads back (where
+    the write in flight at the cut overlaps it, each block holds one or the other)."""
+    points = 0
+    for after in range(0, 70 * legs, 3):
+        st, acked, inflight = _crash_run(after, legs, quorum)
+        for s in st.values():
+            s.crash = None
+        m = open_mirror(st)
+        try:
+            expect = bytearray(SIZE)
+            for off, data in acked:
+                expect[off:off + len(data)] = data
+            landed = bytearray(expect)
+            if inflight is not None:
+                landed[inflight[0]:inflight[0] + len(inflight[1])] = inflight[1]
+            areas = data_areas(st)
+            assert areas.count(areas[0]) == legs, f"crash after {after}: legs differ after open"
+            got = read(m, 0, SIZE)
+            for blk in range(0, SIZE, 512):
+                ok = [expect[blk:blk + 512], landed[blk:blk + 512]]
+                assert got[blk:blk + 512] in ok, f"crash after {after}: block {blk}"
+        finally:
+            m.close()
+        points += inflight is not None
+    assert points >= 20  # most points crashed inside a write

@@ -1,0 +1,306 @@
+"""MirrorHandler: config strings, YAML options, SCSI through the ring harness (FakeKernel), real
+nbdkit servers on unix sockets as legs, status rows and the ``tcmu-py mirror`` tools."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nbdkit_server import START_DEADLINE
+
+from tcmu_py.daemon.config import dev_config_string, load_config_text
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.mirror import Mirror, MirrorHandler
+from tcmu_py.handlers.mirror.config import main as mirror_main
+from tcmu_py.handlers.mirror.config import parse, status, status_tables
+from tcmu_py.handlers.mirror.mirror import meta_length, wait_until
+from tcmu_py.testing import cdbs
+from tcmu_py.testing.harness import RingHarness
+
+BS = 512
+REGION = 64 << 10
+SIZE = 32 * REGION
+DEADLINE = 30.0
+
+
+@pytest.mark.parametrize(("cfg", "match"), [
+    ("", "0 legs"),
+    ("legs=/a.img", "1 legs"),
+    ("legs=/a|/b|/c|/d", "4 legs"),
+    ("legs=/a|/a", "named twice"),
+    ("legs=relative|/b", "absolute path .* or an NBD URI"),
+    ("legs=http://x/y|/b", "NBD URI"),
+    ("legs=/a|/b;quorum=3", "quorum=3: expected at most the number of legs"),
+    ("legs=/a|/b;quorum=many", "expected all or 1..3"),
+    ("legs=/a|/b;region=1000", "multiple of 4096"),
+    ("legs=/a|/b;read=random", "round-robin or least-busy"),
+    ("legs=/a|/b;frob=1", "unknown key 'frob'"),
+    ("legs=/a|/b;degraded_open=yes", "expected 0 or 1"),
+])
+def test_check_config_errors(cfg: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        MirrorHandler.check_config(cfg)
+
+
+def test_config_string_parses() -> None:
+    p = parse("legs=/a.img|nbd+unix:///e?socket=/run/s;quorum=2;region=1M;read=least-busy;"
+              "resync_rate=0;retry=2;degraded_open=1")
+    assert p.legs == ("/a.img", "nbd+unix:///e?socket=/run/s")
+    assert (p.quorum, p.region, p.read, p.resync_rate, p.retry, p.degraded_open) == \
+        (2, 1 << 20, "least-busy", 0, 2.0, True)
+
+
+def test_yaml_options_become_the_config_string() -> None:
+    cfg = load_config_text(textwrap.dedent("""\
+        devices:
+          - name: m0
+            handler: mirror
+            size: 1G
+            options:
+              legs: [/srv/m0.img, "nbd://10.0.0.2/m0"]
+              quorum: all
+              region: 4M
+              resync_rate: 16M
+    """), "cfg.yaml")
+    dev = cfg.device("m0")
+    text = dev_config_string(dev)
+    assert text.startswith("mirror/legs=/srv/m0.img|nbd%3A//10.0.0.2/m0;quorum=all;"
+                           "region=4194304;resync_rate=16777216")
+    MirrorHandler.check_config(text.split("/", 1)[1])
+    assert parse(text.split("/", 1)[1]).legs == ("/srv/m0.img", "nbd://10.0.0.2/m0")
+
+
+def test_yaml_problems_name_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config_text(textwrap.dedent("""\
+            devices:
+              - name: m0
+                handler: mirror
+                size: 1G
+                options: {legs: [/srv/a.img, "ftp://x"], quorum: 5, read: random}
+        """), "cfg.yaml")
+    text = str(info.value)
+    assert "devices[0].options.legs[1]: got 'ftp://x'" in text
+    assert "devices[0].options.quorum: got 5" in text
+    assert "devices[0].options.read: got 'random'" in text
+
+
+def device_config(cfg: str, name: str = "m0", size: int = SIZE) -> DeviceConfig:
+    return DeviceConfig(name=name, subtype="mirror", cfgstring=cfg, size=size, block_size=BS,
+                        write_cache=True)
+
+
+def test_file_legs_through_scsi_and_status_rows(tmp_path: Path) -> None:
+    legs = [str(tmp_path / f"l{i}.img") for i in range(2)]
+    dev = MirrorHandler.open(device_config(
+        f"legs={legs[0]}|{legs[1]};region={REGION};assume_clean=1;retry=0"))
+    h = RingHarness(dev)
+    try:
+        h.run(cdbs.test_unit_ready())  # power-on unit attention
+        r = h.run(cdbs.read_capacity16(), data_in_len=32)
+        assert int.from_bytes(r.data[:8], "big") == SIZE // BS - 1
+        data = bytes(range(256)) * 32
+        assert h.run(cdbs.write10(8, 16, fua=True), data_out=data).good
+        assert h.run(cdbs.synchronize_cache10()).good
+        assert h.run(cdbs.read10(8, 16), data_in_len=len(data)).data == data
+        st = status([dev])
+        (m,) = st["mirrors"]
+        assert m["device"] == "m0" and m["state"] == "optimal" and m["regions"] == 32
+        tables = status_tables(st)
+        assert [t.title for t in tables] == ["mirrors", "mirror legs"]
+        assert "optimal" in tables[0].render() and legs[1] in tables[1].render()
+    finally:
+        h.close()
+        dev.close()
+    for leg in legs:  # the image holds the data area and the metadata
+        assert Path(leg).stat().st_size == SIZE + meta_length(SIZE, REGION)
+        assert Path(leg).read_bytes()[8 * BS:24 * BS] == data
+
+
+def test_conformance_over_file_legs(tmp_path: Path) -> None:
+    conformance = pytest.importorskip("tcmu_py.testing.conformance")
+    devices: list[Any] = []
+
+    def make() -> object:
+        n = len(devices)
+        dev = MirrorHandler.open(device_config(
+            f"legs={tmp_path}/c{n}a.img|{tmp_path}/c{n}b.img;region=4096;assume_clean=1;"
+            "retry=0", name=f"c{n}", size=64 * 4096))
+        devices.append(dev)
+        return dev
+
+    try:
+        conformance.check_block_handler(make)
+    finally:
+        for dev in devices:
+            dev.close()
+
+
+# -- real NBD servers -------------------------------------------------------------------------
+
+
+class FileServer:
+    """``nbdkit file <image>`` on a unix socket: killed and restarted, the leg keeps its data
+    (a machine that rebooted), unlike ``nbdkit memory``."""
+
+    def __init__(self, directory: Path, name: str, size: int) -> None:
+        self.sock = str(directory / f"{name}.sock")
+        self.image = directory / f"{name}.img"
+        with open(self.image, "wb") as f:
+            f.truncate(size)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def start(self) -> None:
+        nbdkit = shutil.which("nbdkit")
+        assert nbdkit, "nbdkit missing: scripts/bootstrap.sh installs it (APT_PACKAGES)"
+        Path(self.sock).unlink(missing_ok=True)
+        self.proc = subprocess.Popen([nbdkit, "--foreground", "--exit-with-parent", "-U",
+                                      self.sock, "file", str(self.image)],
+                                     stdin=subprocess.DEVNULL)
+        assert wait_until(lambda: Path(self.sock).exists() or self.proc.poll() is not None,
+                          START_DEADLINE) and self.proc.poll() is None, "nbdkit did not start"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(START_DEADLINE)
+        self.proc = None
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[list[FileServer]]:
+    out = [FileServer(tmp_path, f"s{i}", SIZE + meta_length(SIZE, REGION)) for i in range(2)]
+    for s in out:
+        s.start()
+    yield out
+    for s in out:
+        s.stop()
+
+
+def test_three_legs_local_and_nbd_kill_one_server_and_resync_only_dirty_regions(
+        tmp_path: Path, servers: list[FileServer]) -> None:
+    local = tmp_path / "local.img"
+    cfg = (f"legs={local}|{servers[0].uri}|{servers[1].uri};region={REGION};"
+           "assume_clean=1;retry=0;resync_rate=0;quorum=2")
+    dev = MirrorHandler.open(device_config(cfg))
+    mirror = dev.backend  # type: ignore[attr-defined]
+    assert isinstance(mirror, Mirror)
+    h = RingHarness(dev)
+    bpr = REGION // BS
+    try:
+        h.run(cdbs.test_unit_ready())
+        for r in range(32):
+            assert h.run(cdbs.write10(r * bpr, 8), data_out=bytes([r]) * 8 * BS).good
+        assert h.run(cdbs.synchronize_cache10()).good
+        assert wait_until(lambda: mirror.status()["dirty_regions"] == 0, DEADLINE)
+        servers[1].stop()
+        dirty = [2, 5, 6, 17, 30]
+        for r in dirty:  # no I/O error: two legs of three hold every write
+            assert h.run(cdbs.write10(r * bpr + 8, 8), data_out=b"D" * 8 * BS).good
+        assert h.run(cdbs.read10(5 * bpr + 8, 8), data_in_len=8 * BS).data == b"D" * 8 * BS
+        st = mirror.status()
+        assert st["state"] == "degraded" and st["legs"][2]["state"] == "failed"
+        assert st["dirty_regions"] == len(dirty)
+        servers[1].start()
+        assert mirror.reattach(2)
+        assert mirror.wait_resync(DEADLINE)
+        assert mirror.regions_copied == len(dirty)
+        assert h.run(cdbs.synchronize_cache10()).good
+        assert wait_until(lambda: mirror.status()["dirty_regions"] == 0, DEADLINE)
+    finally:
+        h.close()
+        dev.close()
+    images = [local.read_bytes()[:SIZE]] + [s.image.read_bytes()[:SIZE] for s in servers]
+    assert images[0] == images[1] == images[2]
+    # and the tool agrees
+    assert mirror_main(["verify", str(local), servers[0].uri, servers[1].uri]) == 0
+
+
+def test_losing_the_quorum_refuses_writes_with_data_protect_reads_go_on(
+        tmp_path: Path, servers: list[FileServer]) -> None:
+    cfg = (f"legs={tmp_path}/l.img|{servers[0].uri}|{servers[1].uri};quorum=2;"
+           f"region={REGION};assume_clean=1;retry=0")
+    dev = MirrorHandler.open(device_config(cfg))
+    h = RingHarness(dev)
+    try:
+        h.run(cdbs.test_unit_ready())
+        assert h.run(cdbs.write10(0, 8), data_out=b"Q" * 8 * BS).good
+        servers[0].stop()
+        servers[1].stop()
+        started = time.monotonic()
+        r = h.run(cdbs.write10(0, 8), data_out=b"R" * 8 * BS)
+        # SPC-5 Annex D: DATA PROTECT, LOGICAL UNIT SOFTWARE WRITE PROTECTED
+        assert r.sense_codes == (0x07, 0x27, 0x02)
+        assert time.monotonic() - started < 10  # refused, not hung
+        assert h.run(cdbs.write10(64, 8), data_out=b"S" * 8 * BS).sense_codes == \
+            (0x07, 0x27, 0x02)
+        r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+        assert r.good and r.data in (b"Q" * 8 * BS, b"R" * 8 * BS)
+    finally:
+        h.close()
+        dev.close()
+
+
+def test_split_brain_over_nbd_is_refused_and_forget_resolves_it(
+        tmp_path: Path, servers: list[FileServer]) -> None:
+    a, b = servers
+    cfg = f"legs={a.uri}|{b.uri};region={REGION};assume_clean=1;retry=0;degraded_open=1"
+    MirrorHandler.open(device_config(cfg)).close()
+    for alive, dead, fill in ((a, b, b"A"), (b, a, b"B")):
+        dead.stop()
+        if alive.proc is None:
+            alive.start()
+        dev = MirrorHandler.open(device_config(cfg))
+        h = RingHarness(dev)
+        h.run(cdbs.test_unit_ready())
+        assert h.run(cdbs.write10(0, 8), data_out=fill * 8 * BS).good
+        h.close()
+        dev.close()
+    a.start()
+    before = [a.image.read_bytes(), b.image.read_bytes()]
+    with pytest.raises(ConfigError, match=rf"split brain: leg 0 \({re.escape(a.uri)}\).*"
+                                          rf"leg 1 \({re.escape(b.uri)}\)"):
+        MirrorHandler.open(device_config(cfg))
+    assert [a.image.read_bytes(), b.image.read_bytes()] == before  # neither side touched
+    assert mirror_main(["forget", b.uri, "--yes"]) == 0  # keep A's side
+    dev = MirrorHandler.open(device_config(cfg))
+    try:
+        assert dev.backend.wait_resync(DEADLINE)  # type: ignore[attr-defined]
+    finally:
+        dev.close()
+    assert b.image.read_bytes()[:8 * BS] == b"A" * 8 * BS
+
+
+def test_verify_reports_differing_regions(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    legs = [str(tmp_path / f"v{i}.img") for i in range(2)]
+    MirrorHandler.open(device_config(f"legs={legs[0]}|{legs[1]};region={REGION};"
+                                     "assume_clean=1;retry=0")).close()
+    with open(legs[1], "r+b") as f:
+        f.seek(3 * REGION + 100)
+        f.write(b"corrupt")
+    assert mirror_main(["verify", *legs]) == 1
+    out = capsys.readouterr().out
+    assert f"region 3 (bytes {3 * REGION}..{4 * REGION - 1})" in out
+    assert "32 regions of 65536 bytes compared over 2 legs: 1 differ" in out
+    assert mirror_main(["show", *legs]) == 0
+    assert "generation" in capsys.readouterr().out
+
+
+def test_the_cli_lists_the_mirror_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "tcmu_py", "mirror", "--help"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "resync" in out and "verify" in out and "forget" in out
