@@ -677,6 +677,26 @@ def _rtslib_normalize_wwn() -> Callable[[tuple[str, ...], str], Any] | None:
 _ISCSI_WWN_TYPES = ("iqn", "naa", "eui")
 
 
+def _acl_luns(
+    c: Checker, acl: Mapping[str, Any], path: str, lun_devs: set[str]
+) -> tuple[str, ...] | None:
+    """The devices an ACL at ``path`` maps (its ``luns``: each one of the target's exported
+    ``lun_devs``, listed once), or None when the ACL has no ``luns`` key (it maps them all).
+    Problems are reported on ``c``."""
+    if "luns" not in acl:
+        return None
+    names: list[str] = []
+    for k, dn in enumerate(c.seq(acl["luns"], f"{path}.luns") or []):
+        if not isinstance(dn, str) or dn not in lun_devs:
+            c.fail(f"{path}.luns[{k}]", dn, "a device exported in this target's luns"
+                   f" ({', '.join(sorted(lun_devs)) or 'none'})")
+        elif dn in names:
+            c.fail(f"{path}.luns[{k}]", dn, "a device listed once (duplicate)")
+        else:
+            names.append(dn)
+    return tuple(names)
+
+
 def _iscsi_name(c: Checker, value: object, path: str) -> str | None:
     """An iSCSI target or initiator name: RFC 3720's syntax (`Checker.wwn`), then, when
     rtslib-fb is installed, its own rules, so that `check` passing means `apply` will not refuse
@@ -748,18 +768,7 @@ def _load_iscsi(c: Checker, raw: object, devices: set[str], key: str = "iscsi",
                 ini = None
             acl_chap = (_load_chap(c, am2["chap"], f"{ap}.chap")
                         if am2.get("chap") is not None else None)
-            acl_luns: tuple[str, ...] | None = None
-            if "luns" in am2:
-                names: list[str] = []
-                for k, dn in enumerate(c.seq(am2["luns"], f"{ap}.luns") or []):
-                    if not isinstance(dn, str) or dn not in lun_devs:
-                        c.fail(f"{ap}.luns[{k}]", dn, "a device exported in this target's luns"
-                               f" ({', '.join(sorted(lun_devs)) or 'none'})")
-                    elif dn in names:
-                        c.fail(f"{ap}.luns[{k}]", dn, "a device listed once (duplicate)")
-                    else:
-                        names.append(dn)
-                acl_luns = tuple(names)
+            acl_luns = _acl_luns(c, am2, ap, lun_devs)
             if ini is not None:
                 initiators.add(ini)
                 acls.append(Acl(ini, acl_chap, acl_luns))
@@ -866,18 +875,7 @@ def _load_fabric_acls(c: Checker, raw: object, path: str, luns: list[LunMap],
             c.fail(f"{ap}.initiator", am["initiator"],
                    "an initiator listed once per target (duplicate)")
             continue
-        acl_luns: tuple[str, ...] | None = None
-        if "luns" in am:
-            names: list[str] = []
-            for k, dn in enumerate(c.seq(am["luns"], f"{ap}.luns") or []):
-                if not isinstance(dn, str) or dn not in lun_devs:
-                    c.fail(f"{ap}.luns[{k}]", dn, "a device exported in this target's luns"
-                           f" ({', '.join(sorted(lun_devs)) or 'none'})")
-                elif dn in names:
-                    c.fail(f"{ap}.luns[{k}]", dn, "a device listed once (duplicate)")
-                else:
-                    names.append(dn)
-            acl_luns = tuple(names)
+        acl_luns = _acl_luns(c, am, ap, lun_devs)
         if ini is not None:
             out.append(FabricAcl(ini, acl_luns))
     return out
