@@ -178,6 +178,27 @@ def boot_scenarios(names: list[str], results: Path, *, budget: float = DEFAULT_B
     return run
 
 
+def boot_across_power_loss(before: str, after: str, results: Path, disk: Path,
+                           disk_bytes: int) -> dict[str, Any]:
+    """Two boots on one host image file ``disk`` (created sparse, ``disk_bytes``), attached to
+    each as /dev/vda: scenario ``before`` must leave ``expected.json`` in its results and end the
+    VM itself (``sysrq b``, no _done.json); scenario ``after`` then runs in the second boot.
+    Returns ``after``'s details; fails with the scenario's own error or the console tail."""
+    with open(disk, "wb") as f:
+        f.truncate(disk_bytes)
+    first = boot_scenarios([before], results, disks=(disk,))
+    expected = results / before / "expected.json"
+    if not expected.exists():
+        first.error = None  # ending without _done.json is this boot's plan; show why it failed
+        first.check(before)  # the scenario's own error, or the console tail if it left none
+        pytest.fail(f"{before} left no {expected.name}\n{first.console_tail()}", pytrace=False)
+    assert not (results / "_done.json").exists(), (
+        "the first boot finished its scenarios: the reset did not happen")
+    os.replace(results / "console.log", results / "console-before.log")
+    second = boot_scenarios([after], results, disks=(disk,))
+    return second.check(after)
+
+
 def _results_dir() -> Path:
     """A fresh directory for this session's results: TCMU_PY_LAB_RESULTS (emptied), or
     results/kernel/<UTC time>-<pid> (several sessions may run kernel tests in one checkout at

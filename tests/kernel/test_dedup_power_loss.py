@@ -7,11 +7,10 @@ tests/kernel/scenarios/dedup_reboot.py; this test boots the VM twice and reports
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from conftest import boot_scenarios
+from conftest import boot_across_power_loss
 
 pytestmark = pytest.mark.kernel
 
@@ -23,20 +22,6 @@ DISK_BYTES = 512 << 20  # sparse; the pool takes a few tens of MiB
 def test_dedup_pool_survives_power_loss(lab_results: Path, tmp_path: Path) -> None:
     results = lab_results / "dedup-power-loss"
     disk = tmp_path / "dedup-disk.img"
-    with open(disk, "wb") as f:
-        f.truncate(DISK_BYTES)
-
-    first = boot_scenarios([BEFORE], results, disks=(disk,))
-    expected = results / BEFORE / "expected.json"
-    if not expected.exists():
-        first.error = None  # ending without _done.json is this boot's plan; show why it failed
-        first.check(BEFORE)  # the scenario's own error, or the console tail if it left none
-        pytest.fail(f"{BEFORE} left no {expected.name}\n{first.console_tail()}", pytrace=False)
-    assert not (results / "_done.json").exists(), (
-        "the first boot finished its scenarios: the reset did not happen")
-    os.replace(results / "console.log", results / "console-before.log")
-
-    second = boot_scenarios([AFTER], results, disks=(disk,))
-    details = second.check(AFTER)
+    details = boot_across_power_loss(BEFORE, AFTER, results, disk, DISK_BYTES)
     assert details["fsynced_files_intact"] == 8
     assert not details["check_after_cut"]["problems"]

@@ -9,11 +9,10 @@ vtl_reboot.py; this test boots the VM twice and reports each half.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from conftest import boot_scenarios
+from conftest import boot_across_power_loss
 
 pytestmark = pytest.mark.kernel
 
@@ -25,19 +24,5 @@ DISK_BYTES = 1 << 30  # sparse; the scenarios write a few tens of MiB
 def test_library_survives_power_loss_and_reboot(lab_results: Path, tmp_path: Path) -> None:
     results = lab_results / "power-loss"
     disk = tmp_path / "library-disk.img"
-    with open(disk, "wb") as f:
-        f.truncate(DISK_BYTES)
-
-    first = boot_scenarios([BEFORE], results, disks=(disk,))
-    expected = results / BEFORE / "expected.json"
-    if not expected.exists():
-        first.error = None  # ending without _done.json is this boot's plan; show why it failed
-        first.check(BEFORE)  # the scenario's own error, or the console tail if it left none
-        pytest.fail(f"{BEFORE} left no {expected.name}\n{first.console_tail()}", pytrace=False)
-    assert not (results / "_done.json").exists(), (
-        "the first boot finished its scenarios: the reset did not happen")
-    os.replace(results / "console.log", results / "console-before.log")
-
-    second = boot_scenarios([AFTER], results, disks=(disk,))
-    details = second.check(AFTER)
+    details = boot_across_power_loss(BEFORE, AFTER, results, disk, DISK_BYTES)
     assert details["unterminated_blocks_survived"] <= details["unterminated_blocks_written"]
