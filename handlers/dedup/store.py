@@ -81,7 +81,6 @@ import re
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -135,14 +134,16 @@ RELOAD_SECONDS = 1.0
 COLLECT_INTERVAL = 2.0
 COLLECT_BATCH_BYTES = 1 << 20
 
-#: Map cache entries per pool (`DedupPool.read_chunks`): ~150 bytes each (about 10 MB), so a
-#: 256 MiB disk of 4 KiB chunks is served from memory; bounded whatever the pool's size.
+#: Map cache entries per pool (`DedupPool.read_chunks`), at most: ~100 bytes each (about
+#: 6 MB), so a 256 MiB disk of 4 KiB chunks is served from memory; bounded whatever the pool's
+#: size.
 MAP_CACHE_ENTRIES = 1 << 16
 #: Parameters per ``IN (...)`` query (SQLite allows at least 999).
 _IN_BATCH = 500
 #: A chunk index's bits in a map cache key (a disk of 4 KiB chunks up to 2**60 bytes).
 _IDX_BITS = 48
-_MISS: Any = object()
+#: A map cache value: the chunk's location packed in one int (`_pack_loc`), or `_ZEROS`.
+_ZEROS = -1
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _CONTAINER_RE = re.compile(r"(\d{8})\.dat\Z")
@@ -358,6 +359,15 @@ def _decompress(raw: bytes, code: int, size: int) -> bytes:
     return data
 
 
+def _pack_loc(container: int, offset: int, length: int, compression: int) -> int:
+    """A chunk's location as one int (a map cache value: a third of a tuple's memory)."""
+    return ((container << 40 | offset) << 20 | length) << 4 | compression
+
+
+def _unpack_loc(loc: int) -> tuple[int, int, int, int]:
+    return loc >> 64, loc >> 24 & (1 << 40) - 1, loc >> 4 & (1 << 20) - 1, loc & 15
+
+
 def _db_error(exc: sqlite3.Error) -> OSError:
     """sqlite3 errors as the backend contract wants them: ENOSPC when the file system is full
     (SPACE ALLOCATION FAILED), EIO otherwise (WRITE/MEDIUM ERROR)."""
@@ -495,11 +505,14 @@ class DedupPool(PhysicalPool):
         self._compact_moved = 0  # of which moved so far
         self._compacted = 0  # containers compacted since the pool opened
         self._next_chunk = 1  # the id the next new chunk row gets (`_load`)
-        #: The map cache: (disk << _IDX_BITS | index) -> (container, offset, length,
-        #: compression) or None (zeros), least recently used first; at most
-        #: `MAP_CACHE_ENTRIES`, cleared whenever rows may have changed behind it (`_load`, a
-        #: collector step that moves chunks, `drop_disk`).
-        self._locs: OrderedDict[int, tuple[int, int, int, int] | None] = OrderedDict()
+        #: The map cache: (disk << _IDX_BITS | index) -> packed location (`_pack_loc`) or
+        #: `_ZEROS`, in two generations: entries go to the young one; when it holds half of
+        #: `MAP_CACHE_ENTRIES` it becomes the old one (the previous old one is dropped); a hit
+        #: in the old one is copied to the young one (least recently used out, approximately,
+        #: in O(1)). Young is looked up first, so a stale old entry is never used. Both are
+        #: dropped whenever rows may have changed behind them (`_forget`).
+        self._locs: dict[int, int] = {}
+        self._old_locs: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------------
     # Opening and closing
@@ -605,7 +618,7 @@ class DedupPool(PhysicalPool):
         self._ends = dict(db.execute("SELECT id, size FROM containers"))
         self._disk_ids = {n: i for i, n in db.execute("SELECT id, name FROM disks")}
         self._next_chunk = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM chunks").fetchone()[0]
-        self._locs.clear()
+        self._forget()
         self._active = None
         if self._ends:
             last = max(self._ends)
@@ -921,43 +934,48 @@ class DedupPool(PhysicalPool):
         Locations come from the pool's bounded map cache (`MAP_CACHE_ENTRIES`) when it has
         every index of the range, else from one range query that refills it."""
         with self.lock:
-            locs = self._locs
             base = did << _IDX_BITS
-            found: list[tuple[int, tuple[int, int, int, int] | None]] = []
+            found: list[tuple[int, int]] = []
             for idx in range(first, last):
-                loc = locs.get(base | idx, _MISS)
-                if loc is _MISS:
-                    found = self._lookup(did, first, last)
-                    break
-                locs.move_to_end(base | idx)
+                key = base | idx
+                loc = self._locs.get(key)
+                if loc is None:
+                    loc = self._old_locs.get(key)
+                    if loc is None:
+                        found = self._lookup(did, first, last)
+                        break
+                    self._remember(((key, loc),))
                 found.append((idx, loc))
-            return {idx: self._chunk_data(*loc) for idx, loc in found if loc is not None}
+            return {idx: self._chunk_data(*_unpack_loc(loc)) for idx, loc in found
+                    if loc != _ZEROS}
 
-    def _lookup(self, did: int, first: int, last: int
-                ) -> list[tuple[int, tuple[int, int, int, int] | None]]:
-        """Locations of chunks [first, last) of disk `did` from the index (None: zeros),
-        remembered in the map cache (lock held)."""
-        rows = {idx: (cid, off, n, z) for idx, cid, off, n, z in self._db.execute(
+    def _lookup(self, did: int, first: int, last: int) -> list[tuple[int, int]]:
+        """Packed locations of chunks [first, last) of disk `did` from the index (`_ZEROS`:
+        none), remembered in the map cache (lock held)."""
+        rows = {idx: _pack_loc(cid, off, n, z) for idx, cid, off, n, z in self._db.execute(
             "SELECT m.idx, c.container, c.offset, c.length, c.compression FROM map m JOIN "
             "chunks c ON c.id = m.chunk WHERE m.disk=? AND m.idx>=? AND m.idx<?",
             (did, first, last))}
-        out = [(idx, rows.get(idx)) for idx in range(first, last)]
-        self._remember(did, out)
+        out = [(idx, rows.get(idx, _ZEROS)) for idx in range(first, last)]
+        base = did << _IDX_BITS
+        self._remember([(base | idx, loc) for idx, loc in out])
         return out
 
-    def _remember(self, did: int,
-                  locations: Sequence[tuple[int, tuple[int, int, int, int] | None]]) -> None:
-        """Put map locations in the cache, dropping the least recently used beyond its bound."""
-        locs = self._locs
-        base = did << _IDX_BITS
-        if len(locations) >= MAP_CACHE_ENTRIES:
-            locations = locations[-MAP_CACHE_ENTRIES:]
-        for idx, loc in locations:
-            key = base | idx
-            locs[key] = loc
-            locs.move_to_end(key)
-        for _ in range(len(locs) - MAP_CACHE_ENTRIES):
-            locs.popitem(last=False)
+    def _remember(self, entries: Sequence[tuple[int, int]]) -> None:
+        """Put (key, packed location) entries in the map cache (lock held)."""
+        half = max(1, MAP_CACHE_ENTRIES // 2)
+        i = max(0, len(entries) - MAP_CACHE_ENTRIES)
+        while i < len(entries):
+            locs = self._locs  # holds fewer than `half` entries
+            n = half - len(locs)
+            locs.update(entries[i : i + n])
+            i += n
+            if len(locs) >= half:
+                self._old_locs, self._locs = locs, {}
+
+    def _forget(self) -> None:
+        """Drop the map cache (rows may have changed behind it)."""
+        self._locs, self._old_locs = {}, {}
 
     def mapped_indexes(self, did: int, first: int, last: int) -> list[int]:
         with self.lock:
@@ -1098,9 +1116,10 @@ class DedupPool(PhysicalPool):
                 if isinstance(exc, sqlite3.Error):
                     raise _db_error(exc) from exc
                 raise
-            self._remember(did, [(idx, None if fp is None else
-                                  tuple(info[found[fp]][1:5]))  # type: ignore[misc]
-                                 for idx, _, fp in chunks])
+            base = did << _IDX_BITS
+            self._remember([(base | idx, _ZEROS if fp is None else
+                             _pack_loc(*info[found[fp]][1:5]))  # type: ignore[misc]
+                            for idx, _, fp in chunks])
             self._changes += len(chunks)
             if durable or self._changes >= GROUP_CHANGES:
                 self.commit()
@@ -1153,7 +1172,7 @@ class DedupPool(PhysicalPool):
             self._db.execute("DELETE FROM disks WHERE id=?", (did,))
             self.commit()
             del self._disk_ids[disk]
-            self._locs.clear()
+            self._forget()
 
     # ------------------------------------------------------------------------------------------
     # Collector
@@ -1233,7 +1252,7 @@ class DedupPool(PhysicalPool):
                         db.execute("UPDATE containers SET dead = dead + ? WHERE id=?",
                                    (length, cid))
                         moved += length
-                    self._locs.clear()  # the moved chunks' locations changed
+                    self._forget()  # the moved chunks' locations changed
                     self.commit()
                     self._compact_moved += moved
                     return CollectProgress(0, moved, 0, self.dead_bytes(), False)
