@@ -3,6 +3,7 @@ QD8 with 0 %, 50 % and 90 % duplicate data, and 4 KiB random read QD32, on a ded
 disk served by one `tcmu-py serve`, in the same VM boot.
 
     .venv/bin/python benchmarks/dedup_vs_raw.py --out results/dedup_vs_raw [--seconds 10] [--reps 2]
+        [--only randread-4k-qd32,...]
 
 Host side: boots the lab kernel (`tcmu_py.lab.run_in_vm`) and runs this file again inside with
 ``--guest``; then prints per-workload medians and the dedup/raw ratio, and writes
