@@ -83,7 +83,8 @@ class DedupBackend(PoolDisk["DedupPool"]):
         cs = self.chunk_size
         first, last = offset // cs, _ceil_div(offset + length, cs)
         stored = self.pool.read_chunks(self.disk_id, first, last)
-        data = b"".join(stored.get(i, self._zero) for i in range(first, last))
+        data = (stored.get(first, self._zero) if last - first == 1 else
+                b"".join(stored.get(i, self._zero) for i in range(first, last)))
         start = offset - first * cs
         pos = 0
         for view in bufs:
@@ -94,11 +95,14 @@ class DedupBackend(PoolDisk["DedupPool"]):
     def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Store `bufs` at `offset`. SpaceAllocationFailed (nothing changed) if the new distinct
         chunks do not fit in the pool; OSError if the file system fails (nothing changed)."""
-        data = b"".join(bufs)
-        if not data:
+        # One buffer (the usual case) is used in place: it is the command's and stays valid
+        # until this returns, and nothing keeps a reference to it past that (new chunks are
+        # appended to their container inside `DedupPool.put`).
+        view = bufs[0].cast("B") if len(bufs) == 1 else memoryview(b"".join(bufs))
+        if not view.nbytes:
             return
-        self._check_bounds(offset, len(data))
-        self._store(offset, len(data), lambda a, b: data[a - offset : b - offset])
+        self._check_bounds(offset, view.nbytes)
+        self._store(offset, view.nbytes, lambda a, b: view[a - offset : b - offset])
 
     def flush(self) -> None:
         """Commit the pool: every acknowledged write and unmap (of all its disks) is durable."""
@@ -130,7 +134,8 @@ class DedupBackend(PoolDisk["DedupPool"]):
 
         self._store(offset, length, source, uniform=pattern)
 
-    def _store(self, offset: int, length: int, source: Callable[[int, int], bytes], *,
+    def _store(self, offset: int, length: int,
+               source: Callable[[int, int], bytes | memoryview], *,
                uniform: bytes | None = None) -> None:
         """Give [offset, offset+length) the bytes `source(a, b)` returns for [a, b) in it;
         `uniform`: every whole chunk of the range holds these bytes (hashed once)."""
@@ -138,7 +143,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
         first, last = offset // cs, _ceil_div(end, cs)
         zero = self._zero
         uniform_fp = None if uniform is None or uniform == zero else fingerprint(uniform)
-        whole: list[tuple[int, bytes | None, bytes | None]] = []
+        whole: list[tuple[int, bytes | memoryview | None, bytes | None]] = []
         partial: list[int] = []
         for idx in range(first, last):
             a, b = idx * cs, min((idx + 1) * cs, size)  # the short last chunk counts up to size
@@ -150,7 +155,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
             else:
                 piece = source(a, b)
                 if len(piece) < cs:
-                    piece += zero[len(piece):]
+                    piece = bytes(piece) + zero[len(piece):]
                 whole.append((idx, None, None) if piece == zero else
                              (idx, piece, fingerprint(piece)))
         pool = self.pool

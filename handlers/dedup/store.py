@@ -39,8 +39,13 @@ Rules this file obeys
   transactional across the index and the maps, B-trees on disk so the index need not fit in RAM
   (memory is the page cache, ``cache_size``, independent of the pool's size), and readable by a
   second process (``tcmu-py status``) while a daemon writes.
-* Memory per pool: the SQLite page cache (`CACHE_KIB`) and one file descriptor per container
-  read; nothing grows with the number of chunks.
+* Memory per pool: the SQLite page cache (`CACHE_KIB`), the map cache (`MAP_CACHE_ENTRIES`
+  chunk locations, ~6 MB: reads of recently read or written chunks skip the index) and one
+  file descriptor per container read; nothing grows with the number of chunks.
+* Cost per command: a fixed number of SQL statements whatever the number of chunks
+  (`DedupPool.put`: ``IN`` lookups, one range query, one ``executemany`` per table, the new
+  chunks appended with one ``pwrite`` per container), so a 1 MiB write is dominated by
+  SHA-256 (~1 ms per MiB) and SQLite's B-tree inserts, not by Python per chunk.
 
 Crash ordering (what makes a power cut safe)
 --------------------------------------------
@@ -133,6 +138,17 @@ RELOAD_SECONDS = 1.0
 #: and the most live bytes one step copies while holding the pool lock.
 COLLECT_INTERVAL = 2.0
 COLLECT_BATCH_BYTES = 1 << 20
+
+#: Map cache entries per pool (`DedupPool.read_chunks`), at most: ~100 bytes each (about
+#: 6 MB), so a 256 MiB disk of 4 KiB chunks is served from memory; bounded whatever the pool's
+#: size.
+MAP_CACHE_ENTRIES = 1 << 16
+#: Parameters per ``IN (...)`` query (SQLite allows at least 999).
+_IN_BATCH = 500
+#: A chunk index's bits in a map cache key (a disk of 4 KiB chunks up to 2**60 bytes).
+_IDX_BITS = 48
+#: A map cache value: the chunk's location packed in one int (`_pack_loc`), or `_ZEROS`.
+_ZEROS = -1
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _CONTAINER_RE = re.compile(r"(\d{8})\.dat\Z")
@@ -323,7 +339,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
-def _compress(data: bytes, code: int) -> tuple[bytes, int]:
+def _compress(data: bytes | memoryview, code: int) -> tuple[bytes | memoryview, int]:
     """(bytes to store, their compression code): compressed with `code` when that saves at
     least one 512-byte sector's worth, else as is (code 0)."""
     if code == 0:
@@ -346,6 +362,15 @@ def _decompress(raw: bytes, code: int, size: int) -> bytes:
     if len(data) != size:
         raise OSError(errno.EIO, f"chunk decompresses to {len(data)} bytes, expected {size}")
     return data
+
+
+def _pack_loc(container: int, offset: int, length: int, compression: int) -> int:
+    """A chunk's location as one int (a map cache value: a third of a tuple's memory)."""
+    return ((container << 40 | offset) << 20 | length) << 4 | compression
+
+
+def _unpack_loc(loc: int) -> tuple[int, int, int, int]:
+    return loc >> 64, loc >> 24 & (1 << 40) - 1, loc >> 4 & (1 << 20) - 1, loc & 15
 
 
 def _db_error(exc: sqlite3.Error) -> OSError:
@@ -484,6 +509,15 @@ class DedupPool(PhysicalPool):
         self._compact_live = 0  # its live bytes when compaction began
         self._compact_moved = 0  # of which moved so far
         self._compacted = 0  # containers compacted since the pool opened
+        self._next_chunk = 1  # the id the next new chunk row gets (`_load`)
+        #: The map cache: (disk << _IDX_BITS | index) -> packed location (`_pack_loc`) or
+        #: `_ZEROS`, in two generations: entries go to the young one; when it holds half of
+        #: `MAP_CACHE_ENTRIES` it becomes the old one (the previous old one is dropped); a hit
+        #: in the old one is copied to the young one (least recently used out, approximately,
+        #: in O(1)). Young is looked up first, so a stale old entry is never used. Both are
+        #: dropped whenever rows may have changed behind them (`_forget`).
+        self._locs: dict[int, int] = {}
+        self._old_locs: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------------
     # Opening and closing
@@ -588,6 +622,8 @@ class DedupPool(PhysicalPool):
         self._figures = f
         self._ends = dict(db.execute("SELECT id, size FROM containers"))
         self._disk_ids = {n: i for i, n in db.execute("SELECT id, name FROM disks")}
+        self._next_chunk = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM chunks").fetchone()[0]
+        self._forget()
         self._active = None
         if self._ends:
             last = max(self._ends)
@@ -821,29 +857,52 @@ class DedupPool(PhysicalPool):
         return fd
 
     def _append(self, data: bytes) -> tuple[int, int]:
-        """Append `data` to the active container (a new one when it is full); (container,
-        offset). Inside the open transaction; durable at `commit`."""
-        cid = self._active
-        if cid is None or self._ends[cid] + len(data) > self.container_bytes and self._ends[cid]:
-            # AUTOINCREMENT: a container id is never reused, so a deleted container's file that
-            # a crash brings back can never be taken for a newer one.
-            new = self._db.execute("INSERT INTO containers(size, dead) VALUES(0, 0)").lastrowid
-            assert new is not None
-            cid = new
-            # O_TRUNC: a file of that id can only be one no committed state names (a put
-            # rolled back after creating it).
-            fd = os.open(container_file(self.path, cid),
-                         os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            self._fds[cid] = fd
-            self._ends[cid] = 0
-            self._new_files = True
-            self._active = cid
-        offset = self._ends[cid]
-        _pwrite_all(self._fd(cid), data, offset)
-        self._ends[cid] = offset + len(data)
-        self._dirty.add(cid)
-        self._figures.used += len(data)
-        return cid, offset
+        """Append `data` to the active container; (container, offset) (`_append_many`)."""
+        return self._append_many([data])[0]
+
+    def _append_many(self, datas: Sequence[bytes | memoryview]) -> list[tuple[int, int]]:
+        """Append each of `datas` to the active container (a new one when it is full), one
+        ``pwrite`` per container; their (container, offset). Inside the open transaction;
+        durable at `commit`."""
+        out: list[tuple[int, int]] = []
+        pending: list[bytes | memoryview] = []
+        pending_at = (0, 0)  # container, offset of pending[0]
+        for data in datas:
+            cid = self._active
+            if (cid is None or self._ends[cid] + len(data) > self.container_bytes
+                    and self._ends[cid]):
+                if pending:
+                    _pwrite_all(self._fd(pending_at[0]), b"".join(pending), pending_at[1])
+                    pending = []
+                cid = self._new_container()
+            offset = self._ends[cid]
+            if not pending:
+                pending_at = (cid, offset)
+            pending.append(data)
+            self._ends[cid] = offset + len(data)
+            self._dirty.add(cid)
+            self._figures.used += len(data)
+            out.append((cid, offset))
+        if pending:
+            _pwrite_all(self._fd(pending_at[0]), b"".join(pending), pending_at[1])
+        return out
+
+    def _new_container(self) -> int:
+        """Create the next container file and make it the active one (inside the
+        transaction)."""
+        # AUTOINCREMENT: a container id is never reused, so a deleted container's file that
+        # a crash brings back can never be taken for a newer one.
+        cid = self._db.execute("INSERT INTO containers(size, dead) VALUES(0, 0)").lastrowid
+        assert cid is not None
+        # O_TRUNC: a file of that id can only be one no committed state names (a put
+        # rolled back after creating it).
+        fd = os.open(container_file(self.path, cid),
+                     os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._fds[cid] = fd
+        self._ends[cid] = 0
+        self._new_files = True
+        self._active = cid
+        return cid
 
     def _read_chunk(self, cid: int, offset: int, length: int) -> bytes:
         """The chunk's bytes as stored (compressed if it was)."""
@@ -876,13 +935,52 @@ class DedupPool(PhysicalPool):
             return int(did)
 
     def read_chunks(self, did: int, first: int, last: int) -> dict[int, bytes]:
-        """Chunks [first, last) of disk `did` that hold data, by index (absent: zeros)."""
+        """Chunks [first, last) of disk `did` that hold data, by index (absent: zeros).
+        Locations come from the pool's bounded map cache (`MAP_CACHE_ENTRIES`) when it has
+        every index of the range, else from one range query that refills it."""
         with self.lock:
-            rows = self._db.execute(
-                "SELECT m.idx, c.container, c.offset, c.length, c.compression FROM map m JOIN "
-                "chunks c ON c.id = m.chunk WHERE m.disk=? AND m.idx>=? AND m.idx<?",
-                (did, first, last)).fetchall()
-            return {idx: self._chunk_data(cid, off, n, z) for idx, cid, off, n, z in rows}
+            base = did << _IDX_BITS
+            found: list[tuple[int, int]] = []
+            for idx in range(first, last):
+                key = base | idx
+                loc = self._locs.get(key)
+                if loc is None:
+                    loc = self._old_locs.get(key)
+                    if loc is None:
+                        found = self._lookup(did, first, last)
+                        break
+                    self._remember(((key, loc),))
+                found.append((idx, loc))
+            return {idx: self._chunk_data(*_unpack_loc(loc)) for idx, loc in found
+                    if loc != _ZEROS}
+
+    def _lookup(self, did: int, first: int, last: int) -> list[tuple[int, int]]:
+        """Packed locations of chunks [first, last) of disk `did` from the index (`_ZEROS`:
+        none), remembered in the map cache (lock held)."""
+        rows = {idx: _pack_loc(cid, off, n, z) for idx, cid, off, n, z in self._db.execute(
+            "SELECT m.idx, c.container, c.offset, c.length, c.compression FROM map m JOIN "
+            "chunks c ON c.id = m.chunk WHERE m.disk=? AND m.idx>=? AND m.idx<?",
+            (did, first, last))}
+        out = [(idx, rows.get(idx, _ZEROS)) for idx in range(first, last)]
+        base = did << _IDX_BITS
+        self._remember([(base | idx, loc) for idx, loc in out])
+        return out
+
+    def _remember(self, entries: Sequence[tuple[int, int]]) -> None:
+        """Put (key, packed location) entries in the map cache (lock held)."""
+        half = max(1, MAP_CACHE_ENTRIES // 2)
+        i = max(0, len(entries) - MAP_CACHE_ENTRIES)
+        while i < len(entries):
+            locs = self._locs  # holds fewer than `half` entries
+            n = half - len(locs)
+            locs.update(entries[i : i + n])
+            i += n
+            if len(locs) >= half:
+                self._old_locs, self._locs = locs, {}
+
+    def _forget(self) -> None:
+        """Drop the map cache (rows may have changed behind it)."""
+        self._locs, self._old_locs = {}, {}
 
     def mapped_indexes(self, did: int, first: int, last: int) -> list[int]:
         with self.lock:
@@ -890,63 +988,143 @@ class DedupPool(PhysicalPool):
                 "SELECT idx FROM map WHERE disk=? AND idx>=? AND idx<? ORDER BY idx",
                 (did, first, last))]
 
-    def put(self, did: int, chunks: Sequence[tuple[int, bytes | None, bytes | None]],
+    def put(self, did: int, chunks: Sequence[tuple[int, bytes | memoryview | None, bytes | None]],
             *, durable: bool) -> None:
         """Map chunk index -> content for disk `did`: each item is (index, data, fingerprint),
-        data and fingerprint None for zeros. All or nothing: SpaceAllocationFailed (the new
-        unique bytes do not fit under the capacity) or OSError leave the maps as they were.
-        `durable`: commit before returning (a disk without write cache, an UNMAP of one)."""
+        data and fingerprint None for zeros; an index appears at most once. All or nothing:
+        SpaceAllocationFailed (the new unique bytes do not fit under the capacity) or OSError
+        leave the maps as they were. `durable`: commit before returning (a disk without write
+        cache, an UNMAP of one).
+
+        Cost: a fixed number of statements per command whatever its number of chunks (the
+        fingerprints and old map rows looked up with ``IN``/range queries, the new chunks'
+        bytes appended with one ``pwrite`` per container, the chunk rows, map rows,
+        reference counts and dead bytes written with one ``executemany`` each)."""
         with self.lock:
             if self._closed:
                 raise OSError(errno.EIO, f"pool {self.name} is closed")
             if time.monotonic() >= self._next_reload:
                 self._reload()
+            if not chunks:
+                return
             db = self._db
-            found: dict[bytes, tuple[int, int, int, int]] = {}  # fp -> id, ref, cont, length
-            new: dict[bytes, bytes] = {}
+            # chunk id -> [refcount, container, offset, length, compression]
+            info: dict[int, list[int]] = {}
+            found: dict[bytes, int] = {}  # fp -> chunk id
+            fps = list({fp for _, _, fp in chunks if fp is not None})
+            for i in range(0, len(fps), _IN_BATCH):
+                part = fps[i : i + _IN_BATCH]
+                for chunk, fp, rc, cid, off, length, z in db.execute(
+                        "SELECT id, fp, refcount, container, offset, length, compression FROM "
+                        f"chunks WHERE fp IN ({','.join('?' * len(part))})", part):
+                    found[fp] = chunk
+                    info[chunk] = [rc, cid, off, length, z]
+            new: dict[bytes, bytes | memoryview] = {}
             for _, data, fp in chunks:
-                if fp is None or fp in found or fp in new:
-                    continue
-                row = db.execute("SELECT id, refcount, container, length FROM chunks "
-                                 "WHERE fp=?", (fp,)).fetchone()
-                if row is None:
+                if fp is not None and fp not in found and fp not in new:
                     assert data is not None
                     new[fp] = data
-                else:
-                    found[fp] = row
             code = COMPRESSION_CODES[self._config.compression]
-            stored = {fp: _compress(data, code) for fp, data in new.items()}
-            need = sum(len(d) for d, _ in stored.values())
-            self._reserve(need)
-            saved = (replace(self._figures), dict(self._ends), self._active, set(self._dirty),
-                     self._new_files, self._changes)
+            stored = [(fp, *_compress(data, code)) for fp, data in new.items()]
+            self._reserve(sum(len(d) for _, d, _ in stored))
+            f = self._figures
+            saved = (_Figures(f.used, f.live_bytes, f.live_chunks, f.mapped), dict(self._ends),
+                     self._active, set(self._dirty), self._new_files, self._changes,
+                     self._next_chunk)
             self._begin()
             db.execute("SAVEPOINT put")
             try:
-                for fp, (data, used_code) in stored.items():
-                    cid, off = self._append(data)
-                    cur = db.execute(
-                        "INSERT INTO chunks(fp, container, offset, length, refcount, "
-                        "compression) VALUES(?, ?, ?, ?, 0, ?)",
-                        (fp, cid, off, len(data), used_code))
-                    assert cur.lastrowid is not None
-                    found[fp] = (cur.lastrowid, 0, cid, len(data))
-                    db.execute("UPDATE containers SET dead = dead + ? WHERE id=?",
-                               (len(data), cid))
+                new_ids: set[int] = set()
+                if stored:
+                    places = self._append_many([d for _, d, _ in stored])
+                    for (fp, data, used_code), (cid, off) in zip(stored, places, strict=True):
+                        chunk = self._next_chunk
+                        self._next_chunk += 1
+                        found[fp] = chunk
+                        info[chunk] = [0, cid, off, len(data), used_code]
+                        new_ids.add(chunk)
+                idxs = [idx for idx, _, _ in chunks]
+                old: dict[int, int] = dict(db.execute(
+                    "SELECT idx, chunk FROM map WHERE disk=? AND idx>=? AND idx<=?",
+                    (did, min(idxs), max(idxs))))
+                deltas: dict[int, int] = {}
+                upserts: list[tuple[int, int, int]] = []
+                deletes: list[tuple[int, int]] = []
+                mapped = 0
                 for idx, _, fp in chunks:
-                    self._set_entry(did, idx, None if fp is None else found[fp][0])
+                    chunk = None if fp is None else found[fp]
+                    prev = old.get(idx)
+                    if prev == chunk:
+                        continue
+                    if chunk is None:
+                        deletes.append((did, idx))
+                        old.pop(idx)
+                        mapped -= 1
+                    else:
+                        upserts.append((did, idx, chunk))
+                        old[idx] = chunk
+                        deltas[chunk] = deltas.get(chunk, 0) + 1
+                        mapped += prev is None
+                    if prev is not None:
+                        deltas[prev] = deltas.get(prev, 0) - 1
+                unknown = [c for c in deltas if c not in info]
+                for i in range(0, len(unknown), _IN_BATCH):
+                    ids = unknown[i : i + _IN_BATCH]
+                    for chunk, rc, cid, off, length, z in db.execute(
+                            "SELECT id, refcount, container, offset, length, compression FROM "
+                            f"chunks WHERE id IN ({','.join('?' * len(ids))})", ids):
+                        info[chunk] = [rc, cid, off, length, z]
+                dead: dict[int, int] = {}
+                refs: list[tuple[int, int]] = []
+                for chunk in new_ids:  # counted dead until a reference makes them live
+                    cid, length = info[chunk][1], info[chunk][3]
+                    dead[cid] = dead.get(cid, 0) + length
+                for chunk, delta in deltas.items():
+                    row = info[chunk]
+                    rc, n = row[0], row[0] + delta
+                    if n < 0:
+                        raise AssertionError(f"pool {self.name}: chunk {chunk} refcount below "
+                                             "zero")
+                    row[0] = n
+                    if chunk not in new_ids and delta:
+                        refs.append((n, chunk))
+                    if (rc == 0) != (n == 0):  # became live or dead
+                        sign = 1 if rc == 0 else -1
+                        dead[row[1]] = dead.get(row[1], 0) - sign * row[3]
+                        f.live_bytes += sign * row[3]
+                        f.live_chunks += sign
+                f.mapped += mapped
+                if new_ids:
+                    db.executemany(
+                        "INSERT INTO chunks(id, fp, container, offset, length, refcount, "
+                        "compression) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                        [(found[fp], fp, *info[found[fp]][1:4], info[found[fp]][0], z)
+                         for fp, _, z in stored])
+                if upserts:
+                    db.executemany("INSERT OR REPLACE INTO map VALUES(?, ?, ?)", upserts)
+                if deletes:
+                    db.executemany("DELETE FROM map WHERE disk=? AND idx=?", deletes)
+                if refs:
+                    db.executemany("UPDATE chunks SET refcount=? WHERE id=?", refs)
+                dead_rows = [(d, cid) for cid, d in dead.items() if d]
+                if dead_rows:
+                    db.executemany("UPDATE containers SET dead = dead + ? WHERE id=?", dead_rows)
                 db.execute("RELEASE put")
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK TO put")
                     db.execute("RELEASE put")
                 (self._figures, self._ends, self._active, self._dirty, self._new_files,
-                 self._changes) = saved
+                 self._changes, self._next_chunk) = saved
                 for cid in set(self._fds) - set(self._ends):  # created by the rolled-back put
                     os.close(self._fds.pop(cid))
                 if isinstance(exc, sqlite3.Error):
                     raise _db_error(exc) from exc
                 raise
+            base = did << _IDX_BITS
+            self._remember([(base | idx, _ZEROS if fp is None else
+                             _pack_loc(*info[found[fp]][1:5]))  # type: ignore[misc]
+                            for idx, _, fp in chunks])
             self._changes += len(chunks)
             if durable or self._changes >= GROUP_CHANGES:
                 self.commit()
@@ -956,38 +1134,6 @@ class DedupPool(PhysicalPool):
         crossing (lock held; `PhysicalPool`)."""
         if need > 0:
             self._take_space(self._figures.used, need, "new chunks")
-
-    def _set_entry(self, did: int, idx: int, chunk: int | None) -> None:
-        """Point map(did, idx) at `chunk` (None: zeros), moving references (lock held, inside
-        the transaction)."""
-        db = self._db
-        row = db.execute("SELECT chunk FROM map WHERE disk=? AND idx=?", (did, idx)).fetchone()
-        old = None if row is None else row[0]
-        if old == chunk:
-            return
-        if chunk is None:
-            db.execute("DELETE FROM map WHERE disk=? AND idx=?", (did, idx))
-            self._figures.mapped -= 1
-        else:
-            db.execute("INSERT OR REPLACE INTO map VALUES(?, ?, ?)", (did, idx, chunk))
-            if old is None:
-                self._figures.mapped += 1
-            self._ref(chunk, +1)
-        if old is not None:
-            self._ref(old, -1)
-
-    def _ref(self, chunk: int, delta: int) -> None:
-        db = self._db
-        rc, cid, length = db.execute("SELECT refcount, container, length FROM chunks WHERE id=?",
-                                     (chunk,)).fetchone()
-        db.execute("UPDATE chunks SET refcount=? WHERE id=?", (rc + delta, chunk))
-        if rc + delta < 0:
-            raise AssertionError(f"pool {self.name}: chunk {chunk} refcount below zero")
-        if (rc == 0) != (rc + delta == 0):  # became live or dead
-            sign = 1 if rc == 0 else -1
-            db.execute("UPDATE containers SET dead = dead - ? WHERE id=?", (sign * length, cid))
-            self._figures.live_bytes += sign * length
-            self._figures.live_chunks += sign
 
     def open_disk(self, disk: str, size: int, *, block_size: int = 512,
                   write_cache: bool = False, on_close: Callable[[], None] | None = None
@@ -1026,12 +1172,12 @@ class DedupPool(PhysicalPool):
             if did is None:
                 raise ConfigError(f"{self.path}: disk {disk}: no such disk")
             idxs = [r[0] for r in self._db.execute("SELECT idx FROM map WHERE disk=?", (did,))]
+            self.put(did, [(idx, None, None) for idx in idxs], durable=False)
             self._begin()
-            for idx in idxs:
-                self._set_entry(did, idx, None)
             self._db.execute("DELETE FROM disks WHERE id=?", (did,))
             self.commit()
             del self._disk_ids[disk]
+            self._forget()
 
     # ------------------------------------------------------------------------------------------
     # Collector
@@ -1111,6 +1257,7 @@ class DedupPool(PhysicalPool):
                         db.execute("UPDATE containers SET dead = dead + ? WHERE id=?",
                                    (length, cid))
                         moved += length
+                    self._forget()  # the moved chunks' locations changed
                     self.commit()
                     self._compact_moved += moved
                     return CollectProgress(0, moved, 0, self.dead_bytes(), False)

@@ -26,7 +26,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcmu_py.handler import DeviceConfig
-from tcmu_py.handlers.dedup import DedupHandler, DedupPool, acquire_pool, create_pool, release_pool
+from tcmu_py.handlers.dedup import (
+    DedupHandler,
+    DedupPool,
+    acquire_pool,
+    create_pool,
+    release_pool,
+    store,
+)
 from tcmu_py.testing import cdbs
 from tcmu_py.testing.harness import RingHarness
 
@@ -95,6 +102,15 @@ ops = st.lists(
     ),
     max_size=20,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_map_cache() -> Iterator[None]:
+    """A map cache of 16 entries (two generations of 8) for two disks of 13 chunks: reads hit,
+    miss and straddle both generations, and entries are dropped all the time."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store, "MAP_CACHE_ENTRIES", 16)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +184,7 @@ def test_two_disks_match_the_model(pool: DedupPool, ops: list[tuple[str, int, An
             assert got.good and got.data == model.read()
         for ring, model in zip(rings, models, strict=True):
             assert ring.run(cdbs.read16(0, NBLOCKS), data_in_len=SIZE).data == model.read()
+        assert 0 < len(pool._locs) + len(pool._old_locs) <= store.MAP_CACHE_ENTRIES
         progress = pool.collect(30, dead_percent=1)
         assert progress.done and progress.dead_left == 0
         distinct = {c for m in models for c in m.chunks() if any(c)}
