@@ -4,9 +4,13 @@ through the production ring code and a FakeKernel (`RingHarness`)."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -240,3 +244,48 @@ def test_yaml_device_dev_config() -> None:
     assert cfg.startswith("ceph/image=rbd/ns1/vol1;conf=/etc/ceph/ceph.conf;id=gw1;create=1;"
                           "lock=shared")
     CephHandler.check_config(cfg.partition("/")[2].split(";wwn=")[0])
+
+
+def _wait_stopped(pids: list[int], timeout: float = 10.0) -> None:
+    """Until every thread of every process in `pids` is stopped (state T in /proc), bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for pid in pids for tid in os.listdir(f"/proc/{pid}/task")]
+        if all(st == "T" for st in states):
+            return
+        assert time.monotonic() < deadline, f"OSDs not stopped after {timeout} s: {states}"
+        time.sleep(0.05)
+
+
+def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
+    """Every OSD stopped (SIGSTOP): a read fails after ``osd_op_timeout`` with NOT READY
+    02h/04h/01h, which initiators retry, instead of hanging; with the OSDs back it succeeds."""
+    dev = _open(ceph_cluster, f"u-{uuid.uuid4().hex[:8]}",
+                extra=";create=1;osd_op_timeout=2", write_cache=False)
+    h = _harness(dev)
+    osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
+    try:
+        data = b"\x5a" * (8 * BS)
+        assert h.run(cdbs.write10(0, 8), data).good
+        for p in osds:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            _wait_stopped([p.pid for p in osds])
+            t0 = time.monotonic()
+            r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+            waited = time.monotonic() - t0
+        finally:
+            for p in osds:
+                os.kill(p.pid, signal.SIGCONT)
+        assert r.sense_codes == (0x02, 0x04, 0x01), (r, waited, [p.pid for p in osds])
+        assert 1.5 <= waited < 15, waited
+        deadline = time.monotonic() + 60
+        while True:  # the retry an initiator makes, bounded
+            r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+            if r.good or time.monotonic() > deadline:
+                break
+        assert r.good and r.data == data, r
+    finally:
+        h.close()
+        dev.close()
