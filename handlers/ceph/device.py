@@ -73,9 +73,9 @@ log = logging.getLogger(__name__)
 CAW_SECTOR = 512
 
 #: librbd / librados errors that mean "the cluster cannot answer now": retryable NOT READY.
+#: (Ceph reports a blocklisted client as ESHUTDOWN.)
 UNAVAILABLE = frozenset({errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN, errno.EAGAIN,
-                         errno.ECONNREFUSED, errno.EBLOCKLISTED if hasattr(errno, "EBLOCKLISTED")
-                         else errno.ESHUTDOWN})
+                         errno.ECONNREFUSED})
 
 
 def scsi_error(exc: BaseException, writing: bool) -> BaseException:

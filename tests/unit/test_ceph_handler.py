@@ -4,6 +4,7 @@ through the production ring code and a FakeKernel (`RingHarness`)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -19,6 +20,7 @@ from tcmu_py.errors import ConfigError
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.ceph import CephDevice, CephHandler
 from tcmu_py.handlers.ceph.config import parse
+from tcmu_py.scsi.sense import ScsiError
 from tcmu_py.testing import cdbs
 from tcmu_py.testing.harness import RingHarness
 
@@ -289,3 +291,30 @@ def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
     finally:
         h.close()
         dev.close()
+
+
+@pytest.mark.parametrize(("err", "writing", "codes"), [
+    (errno.ETIMEDOUT, False, (0x02, 0x04, 0x01)),
+    (errno.ESHUTDOWN, True, (0x02, 0x04, 0x01)),  # this client was blocklisted
+    (errno.EIO, False, (0x03, 0x11, 0x00)),
+    (errno.EIO, True, (0x03, 0x0C, 0x00)),
+])
+def test_errors_become_sense(err: int, writing: bool, codes: tuple[int, int, int]) -> None:
+    from tcmu_py.handlers.ceph.device import scsi_error
+    from tcmu_py.handlers.ceph.librbd import RadosError
+
+    exc = scsi_error(RadosError(err, "x"), writing)
+    assert isinstance(exc, ScsiError)
+    assert (exc.sense_key, exc.asc, exc.ascq) == codes
+
+
+def test_resize_follows_the_image(device: RingHarness) -> None:
+    """A TCMU reconfig to a larger size grows the image; READ CAPACITY reports it after
+    CAPACITY DATA HAS CHANGED (06h/2Ah/09h)."""
+    dev = device.device
+    assert isinstance(dev, CephDevice)
+    dev.resize(2 * SIZE)
+    assert dev.image.size() == 2 * SIZE
+    assert device.run(cdbs.read_capacity16(), data_in_len=32).sense_codes == (0x06, 0x2A, 0x09)
+    rc = device.run(cdbs.read_capacity16(), data_in_len=32)
+    assert int.from_bytes(rc.data[:8], "big") + 1 == 2 * SIZE // BS
