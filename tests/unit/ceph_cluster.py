@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -65,6 +66,14 @@ def _keyring_entry(name: str, key: str, caps: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _die_with_parent() -> None:
+    """In the forked child: SIGKILL when the test process dies (prctl PR_SET_PDEATHSIG), so a
+    crashed or killed test session leaves no daemons behind (its teardown never runs)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,7 +106,8 @@ class CephCluster:
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.stdout", "wb")  # noqa: SIM115 - kept by Popen
         self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
         out.close()
 
     def _check_alive(self) -> None:
