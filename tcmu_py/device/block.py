@@ -126,6 +126,9 @@ class BlockDevice(ScsiDevice):
 
     peripheral_type = PeripheralType.DISK
     product = "BLOCK DEVICE"
+    #: MAXIMUM COMPARE AND WRITE LENGTH advertised in VPD B0h (blocks; 0: not supported). A
+    #: subclass whose store compares atomically only up to a size lowers it.
+    max_compare_and_write_blocks: int = MAX_COMPARE_AND_WRITE_BLOCKS
 
     def __init__(self, config: DeviceConfig, backend: BlockBackend) -> None:
         #: What the backend declares, checked once here (CapabilityError names a bad attribute).
@@ -214,7 +217,7 @@ class BlockDevice(ScsiDevice):
             if can_unmap
             else None,
             max_write_same_length=MAX_WRITE_SAME_BLOCKS,
-            max_compare_and_write_length=MAX_COMPARE_AND_WRITE_BLOCKS,
+            max_compare_and_write_length=self.max_compare_and_write_blocks,
         )
         pages[0xB1] = lambda: sbc.build_vpd_block_device_characteristics(rotation_rate=1)
         pages[0x8F] = self.copy_manager.vpd_page  # SPC-4 7.8.17: third-party copy

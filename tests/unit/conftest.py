@@ -14,3 +14,33 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)
 settings.register_profile("explore", derandomize=False, max_examples=1000)
 settings.load_profile("ci")
+
+
+# -- a real Ceph cluster, shared by the session's tests (tests/unit/ceph_cluster.py) ------------
+
+import os  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[object]:
+    """A minimal native Ceph cluster (1 mon, 1 mgr, 3 memstore OSDs, pool ``rbd`` size 2) in
+    a temporary directory, started on first use and stopped at the end of the session. A
+    cluster that cannot start fails the tests that use it (`ClusterError`, with the daemons'
+    logs): it is never a skip. The start time is printed and kept as ``start_seconds``."""
+    import shutil
+
+    from ceph_cluster import start_cluster
+
+    root = Path(tempfile.mkdtemp(prefix="tcmu-py-ceph-", dir=os.environ.get("TMPDIR")))
+    cluster = start_cluster(root / "c")
+    print(f"\nceph cluster started in {cluster.start_seconds:.1f} s: {cluster.timings}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

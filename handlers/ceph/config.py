@@ -1,0 +1,103 @@
+"""The ``ceph`` subtype's config string and YAML options.
+
+Config string (``key=value`` items, ``;``-separated; ``,`` too, for targetcli)::
+
+    ceph/image=rbd/vol1;conf=/etc/ceph/ceph.conf;id=admin;create=1
+
+- ``image`` (required): ``POOL/IMAGE`` or ``POOL/NAMESPACE/IMAGE``;
+- ``conf``: the cluster's ceph.conf (default ``/etc/ceph/ceph.conf``);
+- ``id``: the client id (``admin`` for client.admin, the default);
+- ``keyring``: that client's keyring (default: what the conf file says);
+- ``create``: ``1`` creates the image (and its namespace) with the device's size when it does
+  not exist; ``0`` (default) refuses a missing image;
+- ``lock``: ``exclusive`` (default: take the image's exclusive lock at open; another client
+  holding it makes the device NOT READY) or ``shared`` (no lock taken: several gateways share
+  the image, and the initiators must coordinate);
+- ``osd_op_timeout``: seconds before a stalled OSD operation fails with a retryable error
+  (default 30; keep it below the device's ``cmd_time_out``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import parse_options
+
+#: RBD pool, namespace and image names: no ``/``, ``;`` or ``,`` (the config string's
+#: separators), not empty.
+_NAME = re.compile(r"[A-Za-z0-9_.@:-]+\Z")
+LOCK_MODES = ("exclusive", "shared")
+
+
+@dataclass(frozen=True)
+class CephConfig:
+    pool: str
+    namespace: str
+    image: str
+    conf: str = "/etc/ceph/ceph.conf"
+    client: str = "admin"
+    keyring: str | None = None
+    create: bool = False
+    lock: str = "exclusive"
+    osd_op_timeout: int = 30
+
+    @property
+    def spec(self) -> str:
+        """``pool/[namespace/]image`` as written in the config."""
+        return "/".join(p for p in (self.pool, self.namespace, self.image) if p)
+
+
+def _image(value: str) -> tuple[str, str, str]:
+    parts = value.split("/")
+    if len(parts) not in (2, 3) or not all(_NAME.match(p) for p in parts):
+        raise ValueError("expected POOL/IMAGE or POOL/NAMESPACE/IMAGE (names of letters, "
+                         "digits, _ . @ : -)")
+    return (parts[0], "", parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2])
+
+
+def _flag(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError("expected 0 or 1")
+    return value == "1"
+
+
+def _lock(value: str) -> str:
+    if value not in LOCK_MODES:
+        raise ValueError(f"expected one of {', '.join(LOCK_MODES)}")
+    return value
+
+
+def _abs_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("expected an absolute path")
+    return value
+
+
+def _timeout(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 3600:
+        raise ValueError("expected 1..3600 seconds")
+    return n
+
+
+def _client(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("expected a client id such as admin or iscsi.gw1")
+    return value.removeprefix("client.")
+
+
+def parse(cfgstring: str) -> CephConfig:
+    """The config of `cfgstring`; `ConfigError` names the key that is wrong."""
+    items = parse_options(cfgstring, {
+        "image": _image, "conf": _abs_path, "id": _client, "keyring": _abs_path,
+        "create": _flag, "lock": _lock, "osd_op_timeout": _timeout,
+    })
+    if "image" not in items:
+        raise ConfigError(f"config string {cfgstring!r}: key 'image' missing; expected "
+                          "image=POOL/[NAMESPACE/]IMAGE")
+    pool, namespace, image = items.pop("image")
+    if "id" in items:
+        items["client"] = items.pop("id")
+    return CephConfig(pool, namespace, image, **items)

@@ -1,0 +1,320 @@
+"""The ``ceph`` handler against a real Ceph cluster started natively for the session
+(`ceph_cluster` in conftest.py: 1 mon, 1 mgr, 3 memstore OSDs, pool ``rbd`` size 2), driven
+through the production ring code and a FakeKernel (`RingHarness`)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.ceph import CephDevice, CephHandler
+from tcmu_py.handlers.ceph.config import parse
+from tcmu_py.scsi.sense import ScsiError
+from tcmu_py.testing import cdbs
+from tcmu_py.testing.harness import RingHarness
+
+BS = 512
+SIZE = 8 << 20  # two 4 MiB RBD objects: commands that cross an object boundary are covered
+
+
+@pytest.mark.parametrize(("cfg", "match"), [
+    ("", "key 'image' missing"),
+    ("image=rbd", "POOL/IMAGE"),
+    ("image=rbd/a/b/c", "POOL/IMAGE"),
+    ("image=rbd/x;conf=relative.conf", "absolute path"),
+    ("image=rbd/x;lock=maybe", "exclusive, shared"),
+    ("image=rbd/x;create=yes", "0 or 1"),
+    ("image=rbd/x;frob=1", "unknown key 'frob'"),
+])
+def test_check_config_errors(cfg: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        CephHandler.check_config(cfg)
+
+
+def test_config_string_parses() -> None:
+    c = parse("image=rbd/ns1/vol;conf=/c/ceph.conf;id=client.gw1;keyring=/k;create=1;"
+              "lock=shared;osd_op_timeout=20")
+    assert (c.pool, c.namespace, c.image, c.conf, c.client, c.keyring, c.create, c.lock,
+            c.osd_op_timeout) == ("rbd", "ns1", "vol", "/c/ceph.conf", "gw1", "/k", True,
+                                  "shared", 20)
+    assert c.spec == "rbd/ns1/vol"
+
+
+def _config(cluster: Any, image: str, *, extra: str = "", size: int = SIZE,
+            write_cache: bool = True, name: str = "ceph0") -> DeviceConfig:
+    cfg = f"image=rbd/{image};conf={cluster.conf};id=admin{extra}"
+    return DeviceConfig(name, "ceph", cfg, size, BS, write_cache=write_cache)
+
+
+def _open(cluster: Any, image: str, **kw: Any) -> CephDevice:
+    dev = CephHandler.open(_config(cluster, image, **kw))
+    assert isinstance(dev, CephDevice)
+    return dev
+
+
+def _read(h: RingHarness, lba: int, blocks: int) -> bytes:
+    """`blocks` from `lba`, in READ(16)s of up to 1024 blocks (the fake ring's data area)."""
+    out = b""
+    while blocks:
+        n = min(blocks, 1024)
+        r = h.run(cdbs.read16(lba, n), data_in_len=n * BS)
+        assert r.good, r
+        out += r.data
+        lba += n
+        blocks -= n
+    return out
+
+
+def _harness(dev: CephDevice) -> RingHarness:
+    """A ring harness on `dev`, its POWER ON RESET unit attention already taken."""
+    h = RingHarness(dev, workers=4)
+    assert h.run(cdbs.test_unit_ready()).sense_codes == (0x06, 0x29, 0x00)
+    return h
+
+
+@pytest.fixture
+def device(ceph_cluster: Any) -> Iterator[RingHarness]:
+    dev = _open(ceph_cluster, f"t-{uuid.uuid4().hex[:8]}", extra=";create=1")
+    h = _harness(dev)
+    try:
+        yield h
+    finally:
+        h.close()
+        dev.close()
+
+
+def test_round_trip_against_a_byte_model(device: RingHarness) -> None:
+    """Random writes and reads, up to 32 in flight at once, some across the 4 MiB object
+    boundary, compared with a bytearray holding what the disk must contain."""
+    rng = random.Random(15)
+    model = bytearray(SIZE)
+    blocks = SIZE // BS
+    boundary = (4 << 20) // BS
+    for _ in range(4):
+        batch: list[Any] = []
+        spans: list[tuple[int, int]] = []
+        while len(batch) < 32:
+            n = rng.choice([1, 8, 64, 256])
+            lba = rng.choice([rng.randrange(blocks - n), boundary - n // 2])
+            if any(lba < e and s < lba + n for s, e in spans):
+                continue  # overlapping writes in one batch have no defined order
+            spans.append((lba, lba + n))
+            data = rng.randbytes(n * BS)
+            model[lba * BS:(lba + n) * BS] = data
+            batch.append(device.submit(cdbs.write10(lba, n), data))
+        device.wait(batch)
+        assert all(p.status == 0 for p in batch), [p.sense for p in batch if p.status]
+        reads = [(s, e, device.submit(cdbs.read16(s, e - s), data_in_len=(e - s) * BS))
+                 for s, e in spans]
+        device.wait([p for _, _, p in reads])
+        for s, e, p in reads:
+            assert p.status == 0
+            assert p.data_in == bytes(model[s * BS:e * BS]), f"lba {s}..{e}"
+    assert _read(device, 0, SIZE // BS) == bytes(model)
+
+
+def test_fua_and_flush_reach_the_cluster(ceph_cluster: Any) -> None:
+    """A FUA write and a SYNCHRONIZE CACHE answer GOOD with librbd's cache on (WCE=1), and a
+    second client (its own connection, lock=shared) then reads the data from the OSDs."""
+    image = f"f-{uuid.uuid4().hex[:8]}"
+    dev = _open(ceph_cluster, image, extra=";create=1", write_cache=True)
+    h = _harness(dev)
+    try:
+        assert dev.backend.write_cache
+        a, b = b"\x11" * (8 * BS), b"\x22" * (8 * BS)
+        assert h.run(cdbs.write10(0, 8, fua=True), a).good
+        assert h.run(cdbs.write16(100, 8), b).good
+        assert h.run(cdbs.synchronize_cache10()).good
+        other = _open(ceph_cluster, image, extra=";lock=shared", name="ceph1")
+        try:
+            assert other.backend.not_ready is None
+            h2 = _harness(other)
+            try:
+                assert h2.run(cdbs.read10(0, 8), data_in_len=8 * BS).data == a
+                assert h2.run(cdbs.read10(100, 8), data_in_len=8 * BS).data == b
+            finally:
+                h2.close()
+        finally:
+            other.close()
+    finally:
+        h.close()
+        dev.close()
+
+
+def test_unmap_and_write_same(device: RingHarness) -> None:
+    rc = device.run(cdbs.read_capacity16(), data_in_len=32)
+    assert rc.good and rc.data[14] & 0xC0 == 0xC0  # LBPME and LBPRZ (SBC-4 5.21.2)
+    assert int.from_bytes(rc.data[:8], "big") + 1 == SIZE // BS
+    pattern = bytes(range(256)) * 2
+    assert device.run(cdbs.write_same16(10, 5000), pattern).good
+    assert _read(device, 10, 5000) == pattern * 5000
+    # UNMAP across the object boundary, and a range of a few blocks: both read zeros.
+    boundary = (4 << 20) // BS
+    params = cdbs.unmap_parameters([(boundary - 3000, 6000), (11, 3)])
+    assert device.run(cdbs.write10(boundary - 3000, 16), b"\x55" * (16 * BS)).good
+    assert device.run(cdbs.unmap(len(params)), params).good
+    assert _read(device, boundary - 3000, 6000) == bytes(6000 * BS)
+    r = device.run(cdbs.read10(10, 5), data_in_len=5 * BS)
+    assert r.data == pattern + bytes(3 * BS) + pattern
+    # WRITE SAME with UNMAP and a zero block deallocates; it reads zeros.
+    assert device.run(cdbs.write_same16(2000, 1000, unmap=True), bytes(BS)).good
+    r = device.run(cdbs.read16(1990, 20), data_in_len=20 * BS)
+    assert r.data == pattern * 10 + bytes(10 * BS)
+
+
+def test_compare_and_write(device: RingHarness) -> None:
+    """librbd's atomic compare-and-write takes one 512-byte sector: VPD B0h says 1 block,
+    a longer one is INVALID FIELD IN CDB; a miscompare reports the byte in INFORMATION."""
+    b0 = device.run(cdbs.inquiry(evpd=True, page_code=0xB0, allocation_length=64),
+                    data_in_len=64)
+    assert b0.good and b0.data[5] == 1  # SBC-4 6.6.3 MAXIMUM COMPARE AND WRITE LENGTH
+    old, new = b"\xaa" * BS, b"\xbb" * BS
+    assert device.run(cdbs.write10(40, 1), old).good
+    assert device.run(cdbs.compare_and_write(40, 1), old + new).good
+    assert device.run(cdbs.read10(40, 1), data_in_len=BS).data == new
+    # Miscompare at byte 300 of the compared data: 0Eh/1Dh/00h, INFORMATION 300, no write.
+    wrong = bytearray(new)
+    wrong[300] ^= 1
+    r = device.run(cdbs.compare_and_write(40, 1), bytes(wrong) + old)
+    assert r.sense_codes == (0x0E, 0x1D, 0x00)
+    assert r.information == 300
+    assert device.run(cdbs.read10(40, 1), data_in_len=BS).data == new
+    r = device.run(cdbs.compare_and_write(40, 2), bytes(4 * BS))
+    assert r.sense_codes == (0x05, 0x24, 0x00)
+
+
+def test_missing_image_is_a_config_error_naming_the_key(ceph_cluster: Any) -> None:
+    with pytest.raises(ConfigError, match=r"key 'image': rbd/nope-[0-9a-f]+: no such image"):
+        _open(ceph_cluster, f"nope-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(ConfigError, match=r"key 'image': nopool/x: pool 'nopool' does not "):
+        CephHandler.open(DeviceConfig("c", "ceph", f"image=nopool/x;conf={ceph_cluster.conf}",
+                                      SIZE, BS))
+    with pytest.raises(ConfigError, match="expected a size up to the image's"):
+        image = f"s-{uuid.uuid4().hex[:8]}"
+        _open(ceph_cluster, image, extra=";create=1").close()
+        _open(ceph_cluster, image, size=2 * SIZE)
+
+
+def test_exclusive_lock_holder_wins(ceph_cluster: Any) -> None:
+    """Two devices on one image: the first takes the exclusive lock; the second is NOT READY
+    (02h/04h/03h) with the holder named, unless it is configured lock=shared."""
+    image = f"l-{uuid.uuid4().hex[:8]}"
+    first = _open(ceph_cluster, image, extra=";create=1")
+    try:
+        assert first.backend.not_ready is None
+        second = _open(ceph_cluster, image, name="ceph1")
+        try:
+            assert second.backend.not_ready is not None
+            assert "exclusive lock is held by" in second.backend.not_ready
+            h = _harness(second)
+            try:
+                assert h.run(cdbs.test_unit_ready()).sense_codes == (0x02, 0x04, 0x03)
+                r = h.run(cdbs.write10(0, 1), b"x" * BS)
+                assert r.sense_codes == (0x02, 0x04, 0x03)
+            finally:
+                h.close()
+        finally:
+            second.close()
+        h1 = _harness(first)
+        try:
+            assert h1.run(cdbs.write10(0, 1), b"y" * BS).good
+        finally:
+            h1.close()
+    finally:
+        first.close()
+
+
+def test_yaml_device_dev_config() -> None:
+    from tcmu_py.daemon.config import dev_config_string, load_config_text
+
+    c = load_config_text(
+        "devices:\n  - name: vol1\n    handler: ceph\n    size: 1G\n    options: {image: "
+        "rbd/ns1/vol1, conf: /etc/ceph/ceph.conf, id: gw1, create: true, lock: shared}\n",
+        "x.yaml")
+    cfg = dev_config_string(c.devices[0])
+    assert cfg.startswith("ceph/image=rbd/ns1/vol1;conf=/etc/ceph/ceph.conf;id=gw1;create=1;"
+                          "lock=shared")
+    CephHandler.check_config(cfg.partition("/")[2].split(";wwn=")[0])
+
+
+def _wait_stopped(pids: list[int], timeout: float = 10.0) -> None:
+    """Until every thread of every process in `pids` is stopped (state T in /proc), bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for pid in pids for tid in os.listdir(f"/proc/{pid}/task")]
+        if all(st == "T" for st in states):
+            return
+        assert time.monotonic() < deadline, f"OSDs not stopped after {timeout} s: {states}"
+        time.sleep(0.05)
+
+
+def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
+    """Every OSD stopped (SIGSTOP): a read fails after ``osd_op_timeout`` with NOT READY
+    02h/04h/01h, which initiators retry, instead of hanging; with the OSDs back it succeeds."""
+    dev = _open(ceph_cluster, f"u-{uuid.uuid4().hex[:8]}",
+                extra=";create=1;osd_op_timeout=2", write_cache=False)
+    h = _harness(dev)
+    osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
+    try:
+        data = b"\x5a" * (8 * BS)
+        assert h.run(cdbs.write10(0, 8), data).good
+        for p in osds:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            _wait_stopped([p.pid for p in osds])
+            t0 = time.monotonic()
+            r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+            waited = time.monotonic() - t0
+        finally:
+            for p in osds:
+                os.kill(p.pid, signal.SIGCONT)
+        assert r.sense_codes == (0x02, 0x04, 0x01), (r, waited, [p.pid for p in osds])
+        assert 1.5 <= waited < 15, waited
+        deadline = time.monotonic() + 60
+        while True:  # the retry an initiator makes, bounded
+            r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+            if r.good or time.monotonic() > deadline:
+                break
+        assert r.good and r.data == data, r
+    finally:
+        h.close()
+        dev.close()
+
+
+@pytest.mark.parametrize(("err", "writing", "codes"), [
+    (errno.ETIMEDOUT, False, (0x02, 0x04, 0x01)),
+    (errno.ESHUTDOWN, True, (0x02, 0x04, 0x01)),  # this client was blocklisted
+    (errno.EIO, False, (0x03, 0x11, 0x00)),
+    (errno.EIO, True, (0x03, 0x0C, 0x00)),
+])
+def test_errors_become_sense(err: int, writing: bool, codes: tuple[int, int, int]) -> None:
+    from tcmu_py.handlers.ceph.device import scsi_error
+    from tcmu_py.handlers.ceph.librbd import RadosError
+
+    exc = scsi_error(RadosError(err, "x"), writing)
+    assert isinstance(exc, ScsiError)
+    assert (exc.sense_key, exc.asc, exc.ascq) == codes
+
+
+def test_resize_follows_the_image(device: RingHarness) -> None:
+    """A TCMU reconfig to a larger size grows the image; READ CAPACITY reports it after
+    CAPACITY DATA HAS CHANGED (06h/2Ah/09h)."""
+    dev = device.device
+    assert isinstance(dev, CephDevice)
+    dev.resize(2 * SIZE)
+    assert dev.image.size() == 2 * SIZE
+    assert device.run(cdbs.read_capacity16(), data_in_len=32).sense_codes == (0x06, 0x2A, 0x09)
+    rc = device.run(cdbs.read_capacity16(), data_in_len=32)
+    assert int.from_bytes(rc.data[:8], "big") + 1 == 2 * SIZE // BS
