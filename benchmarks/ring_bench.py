@@ -1,12 +1,17 @@
 """Ring microbenchmark: FakeKernel -> Ring -> DeviceRunner -> null / raw handler, on one core.
 
-    .venv/bin/python benchmarks/ring_bench.py [--seconds 3] [--qd 32] [--json out.json]
+    .venv/bin/python benchmarks/ring_bench.py [--seconds 3] [--qd 32] [--plane on|off|both]
+                                              [--json out.json]
 
 Workloads: 4 KiB random read, 4 KiB random write (commands/s), 1 MiB sequential read and write
 (MB/s). Each figure is split into the engine's side (ring dequeue, dispatch, handler, completion:
 what runs in production) and the fake kernel's (building entries, copying data, reaping), measured
 by timing the fake kernel's calls separately. The engine-side rate is the one that matters: the
 real kernel's side costs what it costs whatever the daemon is written in.
+
+`--plane` runs the engine with the C data plane (`tcmu_py.ring.DataPlane`) on, off, or both (the
+default): the raw handler declares its image as a file extent, so with the plane on its plain
+READ/WRITE never reach Python; the null handler declares none and is served by Python either way.
 """
 
 from __future__ import annotations
@@ -55,14 +60,16 @@ class TimedUio:
             self.kernel_seconds += time.perf_counter() - t
 
 
-def run(handler: Any, cfgstring: str, workload: str, seconds: float, qd: int) -> dict[str, Any]:
+def run(
+    handler: Any, cfgstring: str, workload: str, seconds: float, qd: int, plane: bool = True
+) -> dict[str, Any]:
     xfer = 4096 if workload.startswith("4k") else 1 << 20
     writing = "write" in workload
     kernel = FakeKernel(cmdr_size=1 << 20, data_size=max(64, 2 * qd) * xfer + (1 << 20))
     uio = TimedUio(FakeUio(kernel))
     config = DeviceConfig("bench", handler.subtype, cfgstring, SIZE, BS, hw_max_sectors=2048)
     device = handler.open(config)
-    runner = DeviceRunner(uio, device, workers=4)
+    runner = DeviceRunner(uio, device, workers=4, data_plane=plane)
     blocks = xfer // BS
     nblk = SIZE // BS
     rng = random.Random(1)
@@ -100,10 +107,13 @@ def run(handler: Any, cfgstring: str, workload: str, seconds: float, qd: int) ->
         if bad:
             raise SystemExit(f"{workload}: command failed: {bad[0]}")
     wall = time.perf_counter() - wall0
+    executed = runner.plane.executed if runner.plane is not None else 0
     runner.close()
     out = {
         "handler": handler.subtype,
         "workload": workload,
+        "plane": "on" if plane else "off",
+        "in_c": round(executed / max(1, done), 3),
         "commands": done,
         "wall_s": round(wall, 3),
         "engine_us_per_cmd": round(1e6 * engine_s / done, 2),
@@ -121,17 +131,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--qd", type=int, default=32)
+    ap.add_argument("--plane", choices=("on", "off", "both"), default="both")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         img = os.path.join(d, "bench.img")
+        planes = {"on": (True,), "off": (False,), "both": (False, True)}[args.plane]
         for handler, cfg in ((NullHandler, ""), (RawHandler, img)):
             for wl in ("4k-randread", "4k-randwrite", "1m-seqread", "1m-seqwrite"):
                 qd = args.qd if wl.startswith("4k") else 8
-                r = run(handler, cfg, wl, args.seconds, qd)
-                results.append(r)
-                print(json.dumps(r), flush=True)
+                for plane in planes:
+                    r = run(handler, cfg, wl, args.seconds, qd, plane)
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -43,7 +43,8 @@ from tcmu_py.handler import (
 class RawBackend:
     """A raw image file. Thread-safe: positional I/O only.
 
-    Capabilities (`tcmu_py.backend`): `CopyRange`, `Resizable`, `Closable`. No `Unmap`: the image
+    Capabilities (`tcmu_py.backend`): `CopyRange`, `Resizable`, `Closable`, `FileExtent` (the C
+    data plane moves plain READ/WRITE bytes itself). No `Unmap`: the image
     keeps every block it was given, so the device reports LBPME=0 (tcmu-runner's file handler
     claims it).
     """
@@ -101,6 +102,10 @@ class RawBackend:
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
+
+    def file_extent(self) -> tuple[int, int] | None:
+        """The whole image, from byte 0: `read` and `write` are plain preadv/pwritev on it."""
+        return self.fd, 0
 
     def copy_range(self, source: object, source_offset: int, offset: int, length: int) -> bool:
         """EXTENDED COPY from another raw image with ``copy_file_range`` (the kernel moves the

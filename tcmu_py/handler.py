@@ -122,7 +122,8 @@ class DeviceConfig:
     unit serial for the device when known (VPD 80h/83h). `wwn` (``naa.<16 or 32 hex digits>``)
     is the NAA designator the device reports in VPD 83h; None: one derived from the serial.
     `copy_domain` names the devices EXTENDED COPY may copy between (`split_copy_domain`);
-    None: this device alone.
+    None: this device alone. `data_plane` False keeps every command in Python even when the
+    backend declares a `FileExtent` (YAML ``data_plane: false``, ``serve --no-data-plane``).
     """
 
     name: str
@@ -136,6 +137,7 @@ class DeviceConfig:
     uio_name: str = ""
     wwn: str | None = None
     copy_domain: str | None = None
+    data_plane: bool = True
 
 
 @dataclass(frozen=True)

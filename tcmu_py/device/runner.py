@@ -59,7 +59,7 @@ from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice
 from tcmu_py.device.latency import LATENCY_BUCKETS, latency_bucket
 from tcmu_py.errors import RingError
-from tcmu_py.ring import Ring, RingCommand
+from tcmu_py.ring import DataPlane, Ring, RingCommand
 from tcmu_py.scsi.constants import Status
 from tcmu_py.scsi.sense import HardwareError, ScsiError, build_fixed_sense
 
@@ -130,10 +130,14 @@ class DeviceRunner:
         name: str | None = None,
         adopt: bool = False,
         poll_seconds: float = 0.0,
+        data_plane: bool = True,
     ) -> None:
         """`adopt`: take over entries already on the ring; only right after `reset_ring`
         (see `tcmu_py.ring.Ring`). `poll_seconds`: the longest busy-poll watch for the next
-        command after a wake-up that brought a single one; 0 turns it off (see `run`)."""
+        command after a wake-up that brought a single one; 0 turns it off (see `run`).
+        `data_plane`: serve plain READ/WRITE in C when the device declares a file extent
+        (`ScsiDevice.data_extent`, `tcmu_py.ring.DataPlane`); False keeps every command in
+        Python."""
         self.uio = uio
         self.device = device
         self.name = name or device.config.name
@@ -141,6 +145,10 @@ class DeviceRunner:
         self.ring = Ring(uio.buffer, adopt=adopt)
         device.set_max_data_length(self.ring.max_data_length)
         self.counters = Counters()
+        #: The C data plane (None: off); its extent is declared before each wake-up's call
+        #: whenever `device.extent_version` moved.
+        self.plane: DataPlane | None = DataPlane() if data_plane else None
+        self._extent_version = -1
         self._ring_lock = threading.Lock()
         self._workers = 1 if device.serial_commands else max(1, workers)
         self._pool = ThreadPoolExecutor(
@@ -332,8 +340,20 @@ class DeviceRunner:
     def process(self) -> int:
         """One wake-up: clear the event, dequeue everything new, run it. Returns commands seen."""
         self.uio.clear_event()
+        plane = self.plane
+        fast = 0
         with self._ring_lock:
-            commands, tmrs = self.ring.dequeue()
+            if plane is not None and self._extent_version != self.device.extent_version:
+                self._extent_version = self.device.extent_version
+                plane.declare(self.device.data_extent())
+            if plane is not None and plane.declared:
+                plane.begin(enabled=not self.device.unit_attention_pending)
+                commands, tmrs = self.ring.dequeue_plane(plane)
+                if plane.done:
+                    fast = plane.done
+                    self._count_plane(plane)
+            else:
+                commands, tmrs = self.ring.dequeue()
             for tmr in tmrs:
                 # Only ids in flight where the TMR sits in the ring: an id completed before it
                 # may already belong to a later command (the kernel reuses the lowest free id).
@@ -346,10 +366,12 @@ class DeviceRunner:
                 tmr.cmd_ids,
                 tmr.live_ids,
             )
+        if fast:
+            self.uio.kick()  # the data plane's completions (Python's come with their own)
         if not commands:
-            if tmrs:
+            if tmrs and not fast:
                 self.uio.kick()
-            return 0
+            return fast
         inline: list[tuple[RingCommand, Response]] = []
         blocking: list[tuple[RingCommand, Command]] = []
         now = time.monotonic()
@@ -404,7 +426,23 @@ class DeviceRunner:
                     self._complete_locked(rc, resp)
                 self.counters.batches += 1
             self.uio.kick()
-        return len(commands)
+        return len(commands) + fast
+
+    def _count_plane(self, plane: DataPlane) -> None:
+        """Take the data plane's figures into the counters (under the ring lock): the same ones
+        `_complete_one` keeps for a command completed GOOD from Python."""
+        c = self.counters
+        c.commands += plane.done
+        c.reads += plane.reads
+        c.writes += plane.writes
+        c.bytes_read += plane.bytes_read
+        c.bytes_written += plane.bytes_written
+        c.latency_seconds += plane.latency_seconds
+        hist = c.latency_hist
+        for b, k in plane.hist.items():
+            hist[b] += k
+        c.batches += 1
+        plane.reset_figures()
 
     # ------------------------------------------------------------------------------------------
     # Execution and completion
@@ -532,6 +570,8 @@ class DeviceRunner:
 
     def _complete_one(self, rc: RingCommand, resp: Response) -> None:
         c = self.counters
+        if self.plane is not None:
+            self.plane.release(rc.cmd_id)
         if rc.started:
             took = time.monotonic() - rc.started
             c.latency_seconds += took
