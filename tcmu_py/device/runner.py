@@ -65,6 +65,10 @@ from tcmu_py.scsi.sense import HardwareError, ScsiError, build_fixed_sense
 
 log = logging.getLogger(__name__)
 
+#: Whether a runner serves plain READ/WRITE of a file-extent device in C unless told otherwise
+#: (`DeviceRunner(data_plane=...)`, `serve --data-plane / --no-data-plane`).
+DEFAULT_DATA_PLANE = True
+
 _READ_OPS = frozenset({0x08, 0x28, 0xA8, 0x88})
 _WRITE_OPS = frozenset({0x0A, 0x2A, 0xAA, 0x8A})
 #: The answer when even building the device's own error response fails: fixed-format HARDWARE
@@ -130,7 +134,7 @@ class DeviceRunner:
         name: str | None = None,
         adopt: bool = False,
         poll_seconds: float = 0.0,
-        data_plane: bool = True,
+        data_plane: bool = DEFAULT_DATA_PLANE,
     ) -> None:
         """`adopt`: take over entries already on the ring; only right after `reset_ring`
         (see `tcmu_py.ring.Ring`). `poll_seconds`: the longest busy-poll watch for the next

@@ -302,3 +302,10 @@ def test_the_switch_turns_the_plane_off(tmp: Path, switch: str) -> None:
     assert h.run(cdbs.write10(0, 1), os.urandom(BS)).good
     assert h.runner.plane is None or h.runner.plane.executed == 0
     h.close()
+
+
+def test_daemon_and_runner_defaults_agree() -> None:
+    from tcmu_py.daemon import DEFAULT_DATA_PLANE as daemon_default
+    from tcmu_py.device.runner import DEFAULT_DATA_PLANE as runner_default
+
+    assert daemon_default == runner_default
