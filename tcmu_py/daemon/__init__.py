@@ -8,4 +8,4 @@ DEFAULT_POLL_US = 1000
 #: Whether `serve` runs plain READ/WRITE of file-extent devices (raw) in C (`serve --data-plane /
 #: --no-data-plane`). The same as `tcmu_py.device.runner.DEFAULT_DATA_PLANE` (a unit test checks),
 #: kept here so the command line can show it without importing the data path.
-DEFAULT_DATA_PLANE = True
+DEFAULT_DATA_PLANE = False

@@ -194,7 +194,7 @@ def _batch(h: RingHarness, items: Sequence[tuple[bytes, bytes, int]]) -> list[An
 
 
 def test_no_c_command_in_flight_after_one_call(tmp: Path) -> None:
-    h = RingHarness(make_device(tmp, "d"), workers=2)
+    h = RingHarness(make_device(tmp, "d"), workers=2, data_plane=True)
     h.run(cdbs.test_unit_ready())  # the power-on unit attention
     data = os.urandom(8 * BS)
     pend = _batch(h, [(cdbs.write10(8 * i, 8, fua=bool(i % 2)), data, 0) for i in range(6)]
@@ -215,7 +215,7 @@ def test_worker_command_fences_overlapping_c_commands(tmp: Path) -> None:
     device = make_device(tmp, "g", GatedRaw)
     backend = device.backend
     assert isinstance(backend, GatedRaw)
-    h = RingHarness(device, workers=1)
+    h = RingHarness(device, workers=1, data_plane=True)
     h.run(cdbs.test_unit_ready())
     fill = b"\xab" * BS
     # Two Python commands, so they go to the worker (a lone one would run on the loop thread).
@@ -248,7 +248,7 @@ def test_worker_command_fences_overlapping_c_commands(tmp: Path) -> None:
 def test_deferred_command_fences_later_ones_of_the_same_call(tmp: Path) -> None:
     """COMPARE AND WRITE goes to Python; a WRITE after it in the same wake-up on the same block
     must not run before it (it would make the compare fail)."""
-    h = RingHarness(make_device(tmp, "caw"), workers=1)
+    h = RingHarness(make_device(tmp, "caw"), workers=1, data_plane=True)
     h.run(cdbs.test_unit_ready())
     new, later = os.urandom(BS), os.urandom(BS)
     pend = _batch(h, [(cdbs.compare_and_write(5, 1), bytes(BS) + new, 0),
@@ -261,7 +261,7 @@ def test_deferred_command_fences_later_ones_of_the_same_call(tmp: Path) -> None:
 
 def test_unit_attention_goes_to_python_and_resize_is_declared(tmp: Path) -> None:
     device = make_device(tmp, "ua")
-    h = RingHarness(device, workers=1)
+    h = RingHarness(device, workers=1, data_plane=True)
     first = h.run(cdbs.read10(0, 1), data_in_len=BS)  # power-on reset, from Python
     assert first.sense_codes == (6, 0x29, 0)
     device.resize((BLOCKS + 16) * BS)
@@ -277,7 +277,7 @@ def test_unit_attention_goes_to_python_and_resize_is_declared(tmp: Path) -> None
 def test_io_error_goes_back_to_python(tmp: Path) -> None:
     """A short read (the image shrank under the device) is Python's: it zero-fills."""
     device = make_device(tmp, "short")
-    h = RingHarness(device, workers=1)
+    h = RingHarness(device, workers=1, data_plane=True)
     h.run(cdbs.test_unit_ready())
     assert h.run(cdbs.write10(BLOCKS - 2, 2), os.urandom(2 * BS)).good
     os.truncate(tmp / "short.img", (BLOCKS - 1) * BS)
@@ -295,7 +295,7 @@ def test_the_switch_turns_the_plane_off(tmp: Path, switch: str) -> None:
         img = str(tmp / "cfg.img")
         config = DeviceConfig("cfg", "raw", img, BLOCKS * BS, BS, data_plane=False)
         device = open_block_device(config, UnmapRaw(img, config.size, BS))
-        h = RingHarness(device)
+        h = RingHarness(device, data_plane=True)  # on for the runner, off for the device
     else:
         h = RingHarness(make_device(tmp, "sw"), data_plane=False)
     h.run(cdbs.test_unit_ready())
