@@ -9,8 +9,8 @@ what runs in production) and the fake kernel's (building entries, copying data, 
 by timing the fake kernel's calls separately. The engine-side rate is the one that matters: the
 real kernel's side costs what it costs whatever the daemon is written in. On a loaded host the
 wall-clock split counts other processes' time too: `engine_cpu_*` is the loop thread's CPU time
-(less the fake kernel's kicks), which holds whatever the load, for devices served entirely on the
-loop thread (raw on tmpfs; null hands its commands to workers).
+(less the fake kernel's kicks), which holds better under load; it counts everything only for
+devices served entirely on the loop thread (null, raw on tmpfs — as here), not for worker pools.
 
 `--plane` runs the engine with the C data plane (`tcmu_py.ring.DataPlane`) on, off, or both (the
 default): the raw handler declares its image as a file extent, so with the plane on its plain
@@ -127,8 +127,8 @@ def run(
         "engine_us_per_cmd": round(1e6 * engine_s / done, 2),
         "kernel_us_per_cmd": round(1e6 * kernel_s / done, 2),
         "engine_cmds_per_s": round(done / engine_s),
-        # CPU time of the loop thread (less the fake kernel's kicks): the figure that holds on a
-        # loaded host, for devices served on the loop thread (raw on tmpfs; not null's workers).
+        # CPU time of the loop thread (less the fake kernel's kicks): the figure that holds better
+        # on a loaded host; complete only for devices served on the loop thread (null, raw/tmpfs).
         "engine_cpu_us_per_cmd": round(1e6 * engine_cpu / done, 2),
         "engine_cpu_cmds_per_s": round(done / engine_cpu) if engine_cpu > 0 else None,
         "total_cmds_per_s": round(done / wall),
