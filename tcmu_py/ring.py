@@ -421,6 +421,7 @@ class Ring:
             return self._dequeue(cmds, tmrs, plane)
         except RingError:
             self._in_flight.difference_update(c.cmd_id for c in cmds)
+            plane.complete(self._ctx)  # what C executed is answered all the same (no-op if done)
             raise
 
     def _dequeue(
@@ -666,9 +667,11 @@ class DataPlane:
             return 0
         rc = lib.tcmu_py_dp_complete(ctx, st)
         if rc < 0:
+            st.done = 0  # the ring is broken: never again
             return int(rc)
         self.executed += st.done
         self.done += st.done
+        st.done = 0  # completed: a second `complete` does nothing
         self.reads += st.reads
         self.writes += st.writes
         self.bytes_read += st.bytes_read
