@@ -38,6 +38,11 @@ runs (a backend stuck in I/O when the kernel removes the device) defers the rele
 one to finish: an image fd closed under a running command would be reused by the next image
 opened, and the late write would land in that other device's image.
 
+The C data plane (`data_plane=True`, `tcmu_py.ring.DataPlane`): for a device that declares a file
+extent (`ScsiDevice.data_extent`), the dequeue itself executes and completes the plain READ/WRITE
+commands in C, fenced off the LBAs of every command Python holds; `process` sees only the rest
+and takes C's figures into the counters.
+
 Ring completions are serialised by `self._ring_lock` (cmd_tail has one writer at a time).
 """
 
@@ -348,8 +353,12 @@ class DeviceRunner:
         fast = 0
         with self._ring_lock:
             if plane is not None and self._extent_version != self.device.extent_version:
-                self._extent_version = self.device.extent_version
-                plane.declare(self.device.data_extent())
+                extent = self.device.data_extent()
+                # A first extent waits until Python holds no command: those taken without the
+                # plane have no fences, and C must not overtake them.
+                if plane.declared or extent is None or not self.ring.in_flight:
+                    self._extent_version = self.device.extent_version
+                    plane.declare(extent)
             if plane is not None and plane.declared:
                 plane.begin(enabled=not self.device.unit_attention_pending)
                 commands, tmrs = self.ring.dequeue_plane(plane)
