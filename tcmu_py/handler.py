@@ -102,6 +102,8 @@ __all__ = [
     "shared",
     "split_copy_domain",
     "split_daemon_items",
+    "split_data_plane",
+    "daemon_data_plane",
     "split_dev_config",
 ]
 
@@ -442,12 +444,33 @@ def split_copy_domain(cfgstring: str) -> tuple[str, str | None]:
     return cfgstring[: m.start()], m.group(1)
 
 
+#: The daemon's ``data_plane=off`` item: just before ``copy_domain=`` / ``wwn=`` (or last).
+_DATA_PLANE_ITEM = re.compile(r"(?:^|;)data_plane=off\Z")
+
+
+def split_data_plane(cfgstring: str) -> tuple[str, bool]:
+    """Split a config string (its ``copy_domain=`` and ``wwn=`` items already split off) into
+    the handler's part and whether the device may use the C data plane: tcmu-py writes a YAML
+    device's ``data_plane: false`` as the item ``data_plane=off``."""
+    m = _DATA_PLANE_ITEM.search(cfgstring)
+    if m is None:
+        return cfgstring, True
+    return cfgstring[: m.start()], False
+
+
 def split_daemon_items(cfgstring: str) -> tuple[str, str | None, str | None]:
     """(the handler's part, wwn, copy domain) of a config string: the daemon's own trailing
-    items (``;copy_domain=NAME;wwn=naa...``) removed."""
+    items (``;data_plane=off;copy_domain=NAME;wwn=naa...``) removed (`daemon_data_plane` reads
+    the first)."""
     rest, wwn = split_wwn(cfgstring)
     rest, domain = split_copy_domain(rest)
+    rest, _ = split_data_plane(rest)
     return rest, wwn, domain
+
+
+def daemon_data_plane(cfgstring: str) -> bool:
+    """False when the config string carries the daemon's ``data_plane=off`` item."""
+    return split_data_plane(split_copy_domain(split_wwn(cfgstring)[0])[0])[1]
 
 
 def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dict[str, Any]:

@@ -57,7 +57,13 @@ from tcmu_py.device.copydomain import CopyDomain
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.device.runner import DeviceRunner
 from tcmu_py.errors import TcmuError
-from tcmu_py.handler import DeviceConfig, Handler, load_handlers, split_daemon_items
+from tcmu_py.handler import (
+    DeviceConfig,
+    Handler,
+    daemon_data_plane,
+    load_handlers,
+    split_daemon_items,
+)
 from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import NotReady
 from tcmu_py.uio import UioDevice, UioName
@@ -458,6 +464,7 @@ class Daemon:
             uio_name=name.build(),
             wwn=wwn,
             copy_domain=domain,
+            data_plane=daemon_data_plane(name.cfgstring),
         )
         self._wants_reply(name)  # remembered for its REMOVED_DEVICE (configfs gone by then)
         cfs.block()

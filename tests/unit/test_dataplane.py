@@ -309,3 +309,27 @@ def test_daemon_and_runner_defaults_agree() -> None:
     from tcmu_py.device.runner import DEFAULT_DATA_PLANE as runner_default
 
     assert daemon_default == runner_default
+
+
+def test_yaml_data_plane_false_travels_in_the_dev_config(tmp: Path) -> None:
+    """``data_plane: false`` (per device) becomes the daemon's ``data_plane=off`` item, which the
+    handler never sees and which turns the plane off for that device alone."""
+    from tcmu_py.daemon.config import dev_config_string, load_config_text
+    from tcmu_py.errors import ConfigError
+    from tcmu_py.handler import daemon_data_plane, split_daemon_items
+
+    wwn = "naa.5001405000000abc"
+    text = (f"state_dir: {tmp}\ndevices:\n"
+            f"  - {{name: a, handler: raw, size: 1M, data_plane: false, copy_domain: v,"
+            f" wwn: {wwn}}}\n"
+            f"  - {{name: b, handler: raw, size: 1M}}\n")
+    a, b = load_config_text(text).devices
+    assert (a.data_plane, b.data_plane) == (False, True)
+    cfg_a, cfg_b = dev_config_string(a), dev_config_string(b)
+    assert cfg_a == f"raw/{tmp}/a.img;data_plane=off;copy_domain=v;wwn={wwn}"
+    assert cfg_b == f"raw/{tmp}/b.img"
+    assert split_daemon_items(cfg_a.partition("/")[2]) == (f"{tmp}/a.img", wwn, "v")
+    assert daemon_data_plane(cfg_a.partition("/")[2]) is False
+    assert daemon_data_plane(cfg_b.partition("/")[2]) is True
+    with pytest.raises(ConfigError, match="data_plane"):
+        load_config_text(text.replace("data_plane: false", "data_plane: maybe"))
