@@ -36,6 +36,7 @@ from tcmu_py.handler import (
     Handler,
     on_memory_filesystem,
     split_copy_domain,
+    split_data_plane,
     split_wwn,
 )
 
@@ -189,6 +190,11 @@ class RawHandler(Handler):
             checker.fail(f"{path}.path", img, "an image path that does not end in"
                          " ';copy_domain=...' (the daemon would take that for the device's"
                          " copy domain)")
+            return None
+        if img is not None and not split_data_plane(img)[1]:
+            checker.fail(f"{path}.path", img, "an image path that does not end in"
+                         " ';data_plane=off' (the daemon would take that for the device's"
+                         " data plane switch)")
             return None
         return None if img is None else (("path", img),)
 

@@ -333,3 +333,12 @@ def test_yaml_data_plane_false_travels_in_the_dev_config(tmp: Path) -> None:
     assert daemon_data_plane(cfg_b.partition("/")[2]) is True
     with pytest.raises(ConfigError, match="data_plane"):
         load_config_text(text.replace("data_plane: false", "data_plane: maybe"))
+
+
+def test_raw_image_path_may_not_end_in_the_switch(tmp: Path) -> None:
+    from tcmu_py.daemon.config import load_config_text
+    from tcmu_py.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data_plane=off"):
+        load_config_text(f"state_dir: {tmp}\ndevices:\n  - {{name: a, handler: raw, size: 1M,"
+                         f" options: {{path: '{tmp}/x;data_plane=off'}}}}\n")
