@@ -342,3 +342,20 @@ def test_raw_image_path_may_not_end_in_the_switch(tmp: Path) -> None:
     with pytest.raises(ConfigError, match="data_plane=off"):
         load_config_text(f"state_dir: {tmp}\ndevices:\n  - {{name: a, handler: raw, size: 1M,"
                          f" options: {{path: '{tmp}/x;data_plane=off'}}}}\n")
+
+
+def test_a_raw_subclass_that_overrides_write_keeps_its_write(tmp: Path) -> None:
+    """Overriding `read`/`write` withdraws the extent: the override is called for every command."""
+    calls: list[int] = []
+
+    class Counting(UnmapRaw):
+        def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
+            calls.append(offset)
+            super().write(offset, bufs)
+
+    h = RingHarness(make_device(tmp, "sub", Counting), data_plane=True)
+    h.run(cdbs.test_unit_ready())
+    assert h.run(cdbs.write10(3, 1), os.urandom(BS)).good
+    assert calls == [3 * BS]
+    assert h.runner.plane is not None and not h.runner.plane.declared
+    h.close()
