@@ -36,6 +36,7 @@ from tcmu_py.handler import (
     Handler,
     on_memory_filesystem,
     split_copy_domain,
+    split_data_plane,
     split_wwn,
 )
 
@@ -43,7 +44,8 @@ from tcmu_py.handler import (
 class RawBackend:
     """A raw image file. Thread-safe: positional I/O only.
 
-    Capabilities (`tcmu_py.backend`): `CopyRange`, `Resizable`, `Closable`. No `Unmap`: the image
+    Capabilities (`tcmu_py.backend`): `CopyRange`, `Resizable`, `Closable`, `FileExtent` (the C
+    data plane moves plain READ/WRITE bytes itself). No `Unmap`: the image
     keeps every block it was given, so the device reports LBPME=0 (tcmu-runner's file handler
     claims it).
     """
@@ -101,6 +103,15 @@ class RawBackend:
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
+
+    def file_extent(self) -> tuple[int, int] | None:
+        """The whole image, from byte 0: `read` and `write` are plain preadv/pwritev on it.
+        None when `read` or `write` is not this class's own (a subclass or a test that
+        overrides them wants them called for every command)."""
+        if (getattr(self.read, "__func__", None) is not RawBackend.read
+                or getattr(self.write, "__func__", None) is not RawBackend.write):
+            return None
+        return self.fd, 0
 
     def copy_range(self, source: object, source_offset: int, offset: int, length: int) -> bool:
         """EXTENDED COPY from another raw image with ``copy_file_range`` (the kernel moves the
@@ -184,6 +195,11 @@ class RawHandler(Handler):
             checker.fail(f"{path}.path", img, "an image path that does not end in"
                          " ';copy_domain=...' (the daemon would take that for the device's"
                          " copy domain)")
+            return None
+        if img is not None and not split_data_plane(img)[1]:
+            checker.fail(f"{path}.path", img, "an image path that does not end in"
+                         " ';data_plane=off' (the daemon would take that for the device's"
+                         " data plane switch)")
             return None
         return None if img is None else (("path", img),)
 

@@ -11,7 +11,7 @@ The test kit stays in `tcmu_py.testing` (`RingHarness`, `check_block_handler`, `
   (`tcmu_py.configspec`).
 - Block backends (`tcmu_py.backend`): `BlockBackend` and the capability Protocols `Unmap`,
   `WriteSame`, `LbaStatus`, `ThinProvisioning` (with `ProvisioningInfo`), `Resizable`,
-  `Closable`, `CopyRange`; `Capabilities`, `CapabilityError`.
+  `Closable`, `CopyRange`, `FileExtent`; `Capabilities`, `CapabilityError`.
 - Devices (`tcmu_py.device`): `ScsiDevice`, `BlockDevice`, `open_block_device`, the `command`
   decorator, `Command` (one SCSI command's CDB and buffers) and `Response`.
 - Errors: `TcmuError`, `ConfigError` and `ScsiError` with the common sense classes
@@ -31,7 +31,8 @@ _EXPORTS: dict[str, str] = {
          "StatusTable", "on_memory_filesystem", "parse_options", "shared"), "tcmu_py.handler"),
     **dict.fromkeys(
         ("BlockBackend", "Capabilities", "CapabilityError", "Closable", "CopyRange",
-         "LbaStatus", "ProvisioningInfo", "Resizable", "ThinProvisioning", "Unmap", "WriteSame"),
+         "FileExtent", "LbaStatus", "ProvisioningInfo", "Resizable", "ThinProvisioning",
+         "Unmap", "WriteSame"),
         "tcmu_py.backend"),
     **dict.fromkeys(("Checker", "Defaults", "Device"), "tcmu_py.configspec"),
     **dict.fromkeys(("ScsiDevice", "command"), "tcmu_py.device.core"),
@@ -63,6 +64,7 @@ __all__ = [
     "Defaults",
     "Device",
     "DeviceConfig",
+    "FileExtent",
     "Gauge",
     "Handler",
     "HardwareError",
@@ -106,6 +108,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors (never ru
         CapabilityError,
         Closable,
         CopyRange,
+        FileExtent,
         LbaStatus,
         ProvisioningInfo,
         Resizable,

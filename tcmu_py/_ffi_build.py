@@ -122,6 +122,7 @@ ffibuilder.set_source(
     # into the cffi wrappers; it includes <linux/target_core_user.h> and "_ring.h".
     _read("_ring.c"),
     include_dirs=[HERE],
+    libraries=["m"],  # log2() for the data plane's latency histogram
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-address-of-packed-member"],
 )

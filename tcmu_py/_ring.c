@@ -320,3 +320,256 @@ int tcmu_py_complete_batch(struct tcmu_py_ring *r, const struct tcmu_py_rsp *rsp
         tcmu_py_store_tail(r, tail);
     return rc == TCMU_PY_OK ? n : rc;
 }
+
+/* ---- The data plane (see _ring.h) ---- */
+
+#include <errno.h>
+#include <math.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/types.h>
+
+/* <sys/uio.h> would define struct iovec a second time (<linux/uio.h>, included by the TCMU
+ * header, already has it, same layout): declare the two calls instead. */
+extern ssize_t preadv(int fd, const struct iovec *iov, int iovcnt, off_t offset);
+extern ssize_t pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset);
+
+#define TCMU_PY_DP_IOV_MAX 1024            /* IOV_MAX on Linux */
+#define TCMU_PY_ALL_LBAS UINT64_MAX
+
+static inline uint64_t tcmu_py_be(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    int i;
+
+    for (i = 0; i < n; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* The LBA range a command may touch, for fencing later commands off it while Python runs it.
+ * Commands that touch no medium get none; a command whose range C does not know (UNMAP,
+ * EXTENDED COPY, MODE SELECT, anything unknown) fences the whole device. */
+static struct tcmu_py_fence tcmu_py_dp_fence(const uint8_t *cdb)
+{
+    struct tcmu_py_fence f = {0, TCMU_PY_ALL_LBAS};
+    uint64_t lba, n;
+
+    switch (cdb[0]) {
+    case 0x00: case 0x03: case 0x12: case 0x1a: case 0x5a: case 0x25: case 0x9e:
+    case 0xa0: case 0xa3: case 0x4d: case 0x35: case 0x91: case 0x84: case 0x34:
+    case 0x90: case 0x1b: case 0x1e:
+        /* TEST UNIT READY, REQUEST SENSE, INQUIRY, MODE SENSE, READ CAPACITY, SERVICE ACTION
+         * IN(16), REPORT LUNS, MAINTENANCE IN, LOG SENSE, SYNCHRONIZE CACHE, RECEIVE COPY
+         * RESULTS, PRE-FETCH, START STOP UNIT, PREVENT ALLOW: no data of the medium changes
+         * and none is read that a write could tear. */
+        f.end = 0;
+        return f;
+    case 0x08: case 0x0a:                      /* READ(6), WRITE(6): 0 means 256 blocks */
+        lba = tcmu_py_be(cdb + 1, 3) & 0x1fffff;
+        n = cdb[4] ? cdb[4] : 256;
+        break;
+    case 0x28: case 0x2a: case 0x2e: case 0x2f: case 0x41:  /* READ/WRITE/W&V/VERIFY/WS(10) */
+        lba = tcmu_py_be(cdb + 2, 4);
+        n = tcmu_py_be(cdb + 7, 2);
+        break;
+    case 0xa8: case 0xaa: case 0xae: case 0xaf:             /* (12) */
+        lba = tcmu_py_be(cdb + 2, 4);
+        n = tcmu_py_be(cdb + 6, 4);
+        break;
+    case 0x88: case 0x8a: case 0x8e: case 0x8f: case 0x93:  /* (16) */
+        lba = tcmu_py_be(cdb + 2, 8);
+        n = tcmu_py_be(cdb + 10, 4);
+        break;
+    case 0x89:                                  /* COMPARE AND WRITE */
+        lba = tcmu_py_be(cdb + 2, 8);
+        n = cdb[13];
+        break;
+    default:
+        return f;
+    }
+    if (n == 0 || lba > TCMU_PY_ALL_LBAS - n)
+        return f;                               /* odd (WRITE SAME 0 blocks...): all of it */
+    f.start = lba;
+    f.end = lba + n;
+    return f;
+}
+
+/* (lba, blocks, fua) of a READ/WRITE C may execute; 0 if the opcode is not one, or carries
+ * protection bits (Python refuses those with sense). */
+static int tcmu_py_dp_rw(const uint8_t *cdb, uint32_t cdb_len, uint64_t *lba, uint64_t *n,
+                         int *writing, int *fua)
+{
+    switch (cdb[0]) {
+    case 0x08: case 0x0a:
+        if (cdb_len < 6)
+            return 0;
+        *lba = tcmu_py_be(cdb + 1, 3) & 0x1fffff;
+        *n = cdb[4] ? cdb[4] : 256;             /* SBC-4 5.18/5.48 */
+        *fua = 0;
+        break;
+    case 0x28: case 0x2a:
+        if (cdb_len < 10 || cdb[1] & 0xe0)
+            return 0;
+        *lba = tcmu_py_be(cdb + 2, 4);
+        *n = tcmu_py_be(cdb + 7, 2);
+        *fua = !!(cdb[1] & 0x08);
+        break;
+    case 0xa8: case 0xaa:
+        if (cdb_len < 12 || cdb[1] & 0xe0)
+            return 0;
+        *lba = tcmu_py_be(cdb + 2, 4);
+        *n = tcmu_py_be(cdb + 6, 4);
+        *fua = !!(cdb[1] & 0x08);
+        break;
+    case 0x88: case 0x8a:
+        if (cdb_len < 16 || cdb[1] & 0xe0)
+            return 0;
+        *lba = tcmu_py_be(cdb + 2, 8);
+        *n = tcmu_py_be(cdb + 10, 4);
+        *fua = !!(cdb[1] & 0x08);
+        break;
+    default:
+        return 0;
+    }
+    *writing = cdb[0] == 0x0a || cdb[0] == 0x2a || cdb[0] == 0xaa || cdb[0] == 0x8a;
+    return 1;
+}
+
+static int tcmu_py_dp_overlaps(const struct tcmu_py_fence *f, int n, uint64_t start,
+                               uint64_t end)
+{
+    int i;
+
+    for (i = 0; i < n; i++)
+        if (f[i].start < end && start < f[i].end)
+            return 1;
+    return 0;
+}
+
+/* Move `total` bytes between the command's iovecs and the file at `pos`: 1 if every byte
+ * moved, 0 on any error or short transfer (the caller hands the command to Python). */
+static int tcmu_py_dp_io(struct tcmu_py_ring *r, const struct tcmu_py_entry *e, int fd,
+                         uint64_t pos, int writing)
+{
+    const struct iovec *src = (const struct iovec *)(r->map + e->array_off);
+    struct iovec iov[TCMU_PY_DP_IOV_MAX];
+    uint32_t i = 0;
+
+    while (i < e->iov_cnt) {
+        uint32_t k, cnt = e->iov_cnt - i < TCMU_PY_DP_IOV_MAX ? e->iov_cnt - i
+                                                              : TCMU_PY_DP_IOV_MAX;
+        uint64_t want = 0;
+        ssize_t got;
+
+        for (k = 0; k < cnt; k++) {
+            iov[k].iov_base = r->map + (uintptr_t)src[i + k].iov_base;
+            iov[k].iov_len = src[i + k].iov_len;
+            want += iov[k].iov_len;
+        }
+        got = writing ? pwritev(fd, iov, (int)cnt, (off_t)pos)
+                      : preadv(fd, iov, (int)cnt, (off_t)pos);
+        if (got < 0 || (uint64_t)got != want)
+            return 0;
+        pos += want;
+        i += cnt;
+    }
+    return 1;
+}
+
+static inline uint32_t tcmu_py_dp_bucket(double seconds)
+{
+    double us = seconds * 1e6;
+    int b;
+
+    if (us < 1.0)
+        return 0;
+    b = (int)(log2(us) * 4) + 1;                /* as tcmu_py.device.latency.latency_bucket */
+    return b > TCMU_PY_DP_HIST - 1 ? TCMU_PY_DP_HIST - 1 : (uint32_t)b;
+}
+
+int tcmu_py_dp_batch(struct tcmu_py_ring *r, const struct tcmu_py_extent *x,
+                     struct tcmu_py_fence *fences, int n_fences,
+                     struct tcmu_py_entry *out, int max_out, struct tcmu_py_dp_stats *st)
+{
+    struct timespec t0, t1;
+    int n, k, w = 0, has_tmr = 0;
+
+    memset(st, 0, offsetof(struct tcmu_py_dp_stats, done_ids));
+    if (max_out > TCMU_PY_DP_MAX)
+        max_out = TCMU_PY_DP_MAX;
+    n = tcmu_py_dequeue(r, out, max_out);
+    if (n < 0)
+        return n;
+    st->dequeued = (uint32_t)n;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (k = 0; k < n; k++)
+        if (out[k].op == TCMU_OP_TMR)
+            has_tmr = 1;                        /* aborts: Python sees the whole call */
+    for (k = 0; k < n; k++) {
+        struct tcmu_py_entry *e = &out[k];
+        const uint8_t *cdb = r->map + e->cdb_off;
+        uint64_t lba, blocks, total = 0;
+        int writing = 0, fua, ok = 0;
+        uint32_t i;
+
+        if (e->op == TCMU_OP_CMD && x->enabled && !has_tmr && x->fd >= 0 &&
+            !e->iov_bidi_cnt && tcmu_py_dp_rw(cdb, e->cdb_len, &lba, &blocks, &writing, &fua) &&
+            blocks && lba <= x->num_blocks && blocks <= x->num_blocks - lba &&
+            blocks <= x->max_blocks &&
+            !tcmu_py_dp_overlaps(fences, n_fences + w, lba, lba + blocks)) {
+            const struct iovec *v = (const struct iovec *)(r->map + e->array_off);
+
+            for (i = 0; i < e->iov_cnt; i++)
+                total += v[i].iov_len;
+            ok = total == blocks * x->block_size &&
+                 tcmu_py_dp_io(r, e, x->fd, x->base + lba * x->block_size, writing) &&
+                 !(writing && fua && x->flush_fua && fdatasync(x->fd) != 0);
+        }
+        if (ok) {
+            st->done_ids[st->done++] = (uint16_t)e->cmd_id;
+            if (writing) {
+                st->writes++;
+                st->bytes_written += total;
+            } else {
+                st->reads++;
+                st->bytes_read += total;
+            }
+            continue;
+        }
+        /* Python's: it keeps its place in ring order, and fences what comes after it. */
+        if (e->op == TCMU_OP_CMD)
+            fences[n_fences + w] = tcmu_py_dp_fence(cdb);
+        else
+            fences[n_fences + w] = (struct tcmu_py_fence){0, 0};
+        if (w != k)
+            out[w] = *e;
+        w++;
+    }
+    if (st->done) {
+        double took;
+        uint32_t b;
+
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        took = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+        b = tcmu_py_dp_bucket(took);
+        st->latency_seconds = took * st->done;
+        st->hist[b] = st->done;
+        st->hist_lo = b;
+        st->hist_hi = b + 1;
+    }
+    return w;
+}
+
+int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st)
+{
+    static const uint8_t no_sense[1] = {0};
+    uint32_t tail = tcmu_py_load_tail(r), start = tail, k;
+    int rc = tcmu_py_check_tail(r, tail);
+
+    for (k = 0; rc == TCMU_PY_OK && k < st->done; k++)
+        rc = tcmu_py_fill(r, &tail, st->done_ids[k], 0, no_sense, 0, 0, 0);
+    if (tail != start)
+        tcmu_py_store_tail(r, tail);
+    return rc == TCMU_PY_OK ? (int)st->done : rc;
+}

@@ -91,3 +91,72 @@ int tcmu_py_complete(struct tcmu_py_ring *r, uint32_t cmd_id, uint32_t scsi_stat
  * failing one are published and *done says how many. */
 int tcmu_py_complete_batch(struct tcmu_py_ring *r, const struct tcmu_py_rsp *rsps, int n,
                            int *done);
+
+/* ---- The data plane (issue 17, stage 1): plain READ/WRITE executed in C ----
+ *
+ * A device whose data is a file extent declares it (struct tcmu_py_extent); one call per
+ * wake-up dequeues, executes every qualifying READ/WRITE(6/10/12/16) with preadv/pwritev
+ * between the image and the data area, completes those GOOD, and hands everything else back
+ * to Python in ring order. Python decides every other answer: C never builds sense data, and a
+ * command whose I/O fails or comes up short goes back to Python unanswered (Python runs it
+ * again and chooses the sense). No command C took is in flight when the call returns. */
+
+enum tcmu_py_dp_consts {
+    TCMU_PY_DP_HIST = 128,   /* latency histogram buckets (tcmu_py.device.latency) */
+    TCMU_PY_DP_MAX = 1024    /* most entries one tcmu_py_dp_batch call takes */
+};
+
+/* What Python declares for one device. Any change (resize, new fd) is declared again. */
+struct tcmu_py_extent {
+    int32_t fd;              /* image file (the backend owns it); < 0: no extent */
+    uint32_t block_size;
+    uint64_t base;           /* byte offset of LBA 0 in the file */
+    uint64_t num_blocks;     /* capacity in logical blocks */
+    uint64_t max_blocks;     /* MAXIMUM TRANSFER LENGTH in logical blocks */
+    uint32_t flush_fua;      /* 1: fdatasync after a FUA write (volatile write cache) */
+    uint32_t enabled;        /* 0: execute nothing this call (a unit attention is pending...) */
+};
+
+/* LBAs [start, end) that a command running in Python may touch; start == end: none. */
+struct tcmu_py_fence {
+    uint64_t start;
+    uint64_t end;
+};
+
+/* What one tcmu_py_dp_batch call did (overwritten by each call), and the commands it executed,
+ * for tcmu_py_dp_complete. */
+struct tcmu_py_dp_stats {
+    uint32_t dequeued;       /* CMD and TMR entries taken off the ring */
+    uint32_t done;           /* commands executed (and, after tcmu_py_dp_complete, completed) */
+    uint32_t reads;
+    uint32_t writes;
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    double latency_seconds;  /* summed over the `done` commands */
+    uint32_t hist_lo;        /* buckets [hist_lo, hist_hi) of hist may be non-zero */
+    uint32_t hist_hi;
+    uint32_t hist[128];
+    uint16_t done_ids[1024]; /* cmd_ids of the `done` commands, in ring order */
+};
+
+/* Dequeue up to max_out (at most TCMU_PY_DP_MAX) entries as tcmu_py_dequeue does, execute the
+ * qualifying commands, and leave in out[0..n) the entries for Python, in ring order.
+ * fences[0..n_fences) are the LBA ranges of commands Python is running; fences[n_fences + k]
+ * receives the range of out[k] (the caller provides room for n_fences + max_out). A command
+ * qualifies when the extent is enabled, no TMR entry came in the same call, it is a non-BIDI
+ * READ/WRITE(6/10/12/16) without protection bits, its range lies inside the device and within
+ * max_blocks, its buffers hold exactly its blocks, and it overlaps no fence (including those
+ * of entries handed to Python before it in this call). Returns n, or a negative status
+ * (nothing executed).
+ *
+ * The executed commands are not completed yet: their responses will steal the oldest slots,
+ * which may be those of out[] entries, so the caller first copies what it needs of out[] (CDB,
+ * iovecs), then calls tcmu_py_dp_complete before anything else touches the ring. */
+int tcmu_py_dp_batch(struct tcmu_py_ring *r, const struct tcmu_py_extent *x,
+                     struct tcmu_py_fence *fences, int n_fences,
+                     struct tcmu_py_entry *out, int max_out, struct tcmu_py_dp_stats *st);
+
+/* Complete GOOD every command of st->done_ids[0..st->done), one release store of cmd_tail (no
+ * kick: the caller kicks). Returns the number completed, or a negative status (the ring is
+ * broken; those before the failing one are published). */
+int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st);

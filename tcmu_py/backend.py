@@ -25,6 +25,9 @@ exactly that; nothing is probed per command:
   backend first, and moves the bytes itself when it declines.
 - `Resizable`: ``resize(size)``. The device accepts a new size (TCMU reconfig) only with it.
 - `Closable`: ``close()``. Called once when the device goes away.
+- `FileExtent`: ``file_extent()``. Advertised: nothing; the data *is* a file extent, so the C
+  data plane (`tcmu_py.ring.DataPlane`) moves plain READ/WRITE bytes between that file and the ring
+  without calling `read` / `write`. Not with `ThinProvisioning` (its writes allocate).
 - ``blocking`` (`BlockBackend` attribute, default True): False runs every command on the
   device's loop thread instead of its worker pool.
 - ``transfer_granularity`` (`BlockBackend` attribute, bytes, default 0 = not reported): the unit
@@ -228,6 +231,26 @@ class Closable(Protocol):
         """Release everything. Called once, after the last command of the device completed."""
 
 
+@runtime_checkable
+class FileExtent(Protocol):
+    """The device's blocks are bytes of one open file: LBA ``n`` is at ``base + n * block_size``
+    of ``fd``, and `read` / `write` do nothing but ``preadv`` / ``pwritev`` there (a short read
+    past the end of the file may zero-fill: the data plane hands such a command back to the
+    device, which then calls `read`).
+
+    With it the C data plane serves READ/WRITE(6/10/12/16) itself (FUA with ``fdatasync`` when
+    `write_cache`); every other command, and any of those whose I/O fails or comes up short,
+    still reaches the backend's methods. The device fences the data plane off the LBAs of every
+    command it runs (WRITE SAME, UNMAP, COMPARE AND WRITE, a slow write), so the backend's own
+    methods never see a C write overtake or tear theirs.
+    """
+
+    def file_extent(self) -> tuple[int, int] | None:
+        """``(fd, base)`` now, or None when the data is not a plain extent (any more). Called on
+        the loop thread when the device is built and after each change the device knows of
+        (resize); the fd must stay open until `close`."""
+
+
 #: The optional capabilities, in the order they are checked.
 CAPABILITIES: tuple[type, ...] = (
     Unmap,
@@ -237,6 +260,7 @@ CAPABILITIES: tuple[type, ...] = (
     CopyRange,
     Resizable,
     Closable,
+    FileExtent,
 )
 
 #: Promise attributes: name -> (type, the capability it belongs to or None for BlockBackend).
@@ -305,6 +329,7 @@ class Capabilities:
     close: Closable | None
     blocking: bool
     transfer_granularity: int = 0
+    file_extent: FileExtent | None = None
 
     @property
     def provisioning_type(self) -> ProvisioningType:
@@ -341,6 +366,11 @@ class Capabilities:
                 f"backend {kind}: implements ThinProvisioning but not Unmap (unmap): the device "
                 "advertises provisioning (VPD B2h) only for a backend that can deallocate"
             )
+        if declared[ThinProvisioning] and declared[FileExtent]:
+            raise CapabilityError(
+                f"backend {kind}: implements ThinProvisioning and FileExtent (file_extent): the "
+                "data plane's writes would bypass allocation; expected one of them"
+            )
         granularity = _typed(backend, "unmap_granularity", int, block_size)
         alignment = _typed(backend, "unmap_granularity_alignment", int, 0)
         if granularity <= 0 or granularity % block_size:
@@ -376,4 +406,7 @@ class Capabilities:
             close=backend if declared[Closable] and isinstance(backend, Closable) else None,
             blocking=_typed(backend, "blocking", bool, True),
             transfer_granularity=transfer,
+            file_extent=backend
+            if declared[FileExtent] and isinstance(backend, FileExtent)
+            else None,
         )

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.daemon import DEFAULT_POLL_US
+from tcmu_py.daemon import DEFAULT_DATA_PLANE, DEFAULT_POLL_US
 from tcmu_py.daemon.control import LOG_LEVELS, RUN_DIR
 from tcmu_py.errors import LIO_EXTRA_HINT, ConfigError, MissingExtra, TcmuError
 
@@ -138,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         metrics = parse_address(args.metrics)
     daemon = Daemon(workers=args.workers, poll_us=args.poll_us, run_dir=Path(args.run_dir),
+                    data_plane=args.data_plane,
                     dbus_bus=None if args.no_dbus else "SYSTEM")
     daemon.start_serving()
     try:
@@ -287,6 +288,14 @@ def build_parser(handler_commands_listed: bool = True) -> argparse.ArgumentParse
         "US microseconds for the next one before sleeping (only while commands follow each "
         "other within US on average); lower latency for CPU, 0 turns it off "
         f"(default {DEFAULT_POLL_US})",
+    )
+    s.add_argument(
+        "--data-plane",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_DATA_PLANE,
+        help="serve plain READ/WRITE of devices whose data is a file extent (raw) in C; "
+        "--no-data-plane keeps every command in Python, for debugging and comparison "
+        f"(default {'on' if DEFAULT_DATA_PLANE else 'off'})",
     )
     s.add_argument("--ready-file", help="write this file once every device is served")
     s.add_argument("--no-dbus", action="store_true",

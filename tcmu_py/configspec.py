@@ -113,6 +113,8 @@ class Device:
     config_items: tuple[tuple[str, str], ...] = ()
     #: The copy domain the device belongs to (EXTENDED COPY between its members); None: its own.
     copy_domain: str | None = None
+    #: False: every command of this device in Python, even with `serve --data-plane`.
+    data_plane: bool = True
 
     def options_dict(self) -> dict[str, str]:
         return dict(self.options)

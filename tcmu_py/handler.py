@@ -102,6 +102,8 @@ __all__ = [
     "shared",
     "split_copy_domain",
     "split_daemon_items",
+    "split_data_plane",
+    "daemon_data_plane",
     "split_dev_config",
 ]
 
@@ -122,7 +124,8 @@ class DeviceConfig:
     unit serial for the device when known (VPD 80h/83h). `wwn` (``naa.<16 or 32 hex digits>``)
     is the NAA designator the device reports in VPD 83h; None: one derived from the serial.
     `copy_domain` names the devices EXTENDED COPY may copy between (`split_copy_domain`);
-    None: this device alone.
+    None: this device alone. `data_plane` False keeps every command in Python even when the
+    backend declares a `FileExtent` (YAML ``data_plane: false``, ``serve --no-data-plane``).
     """
 
     name: str
@@ -136,6 +139,7 @@ class DeviceConfig:
     uio_name: str = ""
     wwn: str | None = None
     copy_domain: str | None = None
+    data_plane: bool = True
 
 
 @dataclass(frozen=True)
@@ -440,12 +444,33 @@ def split_copy_domain(cfgstring: str) -> tuple[str, str | None]:
     return cfgstring[: m.start()], m.group(1)
 
 
+#: The daemon's ``data_plane=off`` item: just before ``copy_domain=`` / ``wwn=`` (or last).
+_DATA_PLANE_ITEM = re.compile(r"(?:^|;)data_plane=off\Z")
+
+
+def split_data_plane(cfgstring: str) -> tuple[str, bool]:
+    """Split a config string (its ``copy_domain=`` and ``wwn=`` items already split off) into
+    the handler's part and whether the device may use the C data plane: tcmu-py writes a YAML
+    device's ``data_plane: false`` as the item ``data_plane=off``."""
+    m = _DATA_PLANE_ITEM.search(cfgstring)
+    if m is None:
+        return cfgstring, True
+    return cfgstring[: m.start()], False
+
+
 def split_daemon_items(cfgstring: str) -> tuple[str, str | None, str | None]:
     """(the handler's part, wwn, copy domain) of a config string: the daemon's own trailing
-    items (``;copy_domain=NAME;wwn=naa...``) removed."""
+    items (``;data_plane=off;copy_domain=NAME;wwn=naa...``) removed (`daemon_data_plane` reads
+    the first)."""
     rest, wwn = split_wwn(cfgstring)
     rest, domain = split_copy_domain(rest)
+    rest, _ = split_data_plane(rest)
     return rest, wwn, domain
+
+
+def daemon_data_plane(cfgstring: str) -> bool:
+    """False when the config string carries the daemon's ``data_plane=off`` item."""
+    return split_data_plane(split_copy_domain(split_wwn(cfgstring)[0])[0])[1]
 
 
 def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dict[str, Any]:

@@ -79,6 +79,7 @@ __all__ = [
     "MAILBOX_SIZE",
     "SENSE_BUFFERSIZE",
     "Completion",
+    "DataPlane",
     "MailboxFlag",
     "Ring",
     "RingCommand",
@@ -406,14 +407,35 @@ class Ring:
             self._ctx.cursor = start
             raise
 
+    def dequeue_plane(self, plane: DataPlane) -> tuple[list[RingCommand], list[RingTmr]]:
+        """As `dequeue`, through the C data plane (`DataPlane`): the commands it executed
+        are completed already (cmd_tail advanced, no kick) and are not returned; the others
+        come back in ring order, each with its fence held by `plane`. On RingError nothing is
+        undone (C may have completed commands): the ring must be reset.
+        """
+        if self._cbuf is None:
+            raise RingError("the ring is closed")
+        cmds: list[RingCommand] = []
+        tmrs: list[RingTmr] = []
+        try:
+            return self._dequeue(cmds, tmrs, plane)
+        except RingError:
+            self._in_flight.difference_update(c.cmd_id for c in cmds)
+            plane.complete(self._ctx)  # what C executed is answered all the same (no-op if done)
+            raise
+
     def _dequeue(
-        self, cmds: list[RingCommand], tmrs: list[RingTmr]
+        self, cmds: list[RingCommand], tmrs: list[RingTmr], plane: DataPlane | None = None
     ) -> tuple[list[RingCommand], list[RingTmr]]:
         mv, ctx, batch, raw = self._mv, self._ctx, self._batch, self._entries_raw
         in_flight = self._in_flight
         unpack_entry = _ENTRY.unpack_from
         while True:
-            n = lib.tcmu_py_dequeue(ctx, self._entries, batch)
+            if plane is None:
+                n = taken = lib.tcmu_py_dequeue(ctx, self._entries, batch)
+            else:
+                batch = min(self._batch, lib.TCMU_PY_DP_MAX)
+                n, taken = plane.call(ctx, self._entries, batch)
             if n < 0:
                 self._check(n)
             for i in range(n):
@@ -440,6 +462,8 @@ class Ring:
                     views = []
                     length = 0
                 in_flight.add(cmd_id)
+                if plane is not None:
+                    plane.deferred(cmd_id, i)
                 if n_bidi:
                     out_len = sum(len(v) for v in views[:n_out])
                     cmds.append(
@@ -449,7 +473,12 @@ class Ring:
                     )
                 else:
                     cmds.append(RingCommand(cmd_id, cdb, views, views, length, length))
-            if n < batch:
+            if plane is not None:
+                # Only now: C's responses steal the oldest slots, which may be those just read.
+                done = plane.complete(ctx)
+                if done < 0:
+                    self._check(done)
+            if taken < batch:
                 return cmds, tmrs
 
     def complete(
@@ -537,3 +566,144 @@ class Ring:
         if rc < 0:
             what = _ERRORS.get(rc, f"error {rc}")
             raise RingError(f"TCMU ring: {what} (ring offset {self._ctx.bad_off})")
+
+
+class DataPlane:
+    """The C data plane, Python side: one device's extent, the fences of the commands Python
+    holds, and the figures of the calls not yet taken into the runner's counters.
+
+    Rules this module obeys (issue 17, stage 1)
+    ===========================================
+
+    - One C call per ring chunk (`tcmu_py_dp_batch` in ``_ring.c``) dequeues, executes every plain
+      READ/WRITE(6/10/12/16) of a device whose data is a declared file extent, completes those GOOD
+      and returns the other entries, in ring order, to Python. C never builds sense data: any
+      error, short transfer or command it does not fully understand is Python's, unanswered.
+    - No command C took is in flight when the call returns: C's commands never enter the ring's
+      in-flight set, the runner's counters take them from the call's figures.
+    - Fences: every command Python holds (from its dequeue to its completion) has the LBA range it
+      may touch (none for INQUIRY-like commands, the whole device for UNMAP and anything C cannot
+      size). C does not execute a command that overlaps a fence, including the fences of entries
+      handed to Python earlier in the same call: a command on a worker (COMPARE AND WRITE, WRITE
+      SAME, UNMAP, a slow write) is never overtaken by an overlapping C command.
+    - The runner disables execution (the call still dequeues and fences) while a unit attention is
+      pending, so the command that must report it reaches Python; C executes nothing in a call that
+      brought a TMR entry, so Python sees every command a TMR may name; a resize or a new transfer
+      limit bumps `ScsiDevice.extent_version` and the extent is declared again.
+
+    Thread: every method runs under the runner's ring lock (the fence array is shared by the loop
+    thread's calls and the completions of the workers).
+    """
+
+    def __init__(self) -> None:
+        self._extent = ffi.new("struct tcmu_py_extent *")
+        self._extent.fd = -1
+        self._stats = ffi.new("struct tcmu_py_dp_stats *")
+        #: cmd_id -> LBA range [start, end) of each command Python holds that touches the medium.
+        self._fences: dict[int, tuple[int, int]] = {}
+        self._cap = 0
+        self._arr: Any = None
+        self._n = 0  # fences in `_arr` passed to the next call
+        self._base = 0  # index in `_arr` of the last call's first returned entry
+        self._stale = True  # `_arr` does not mirror `_fences`
+        #: Commands executed in C since the plane was made (the counters do not tell them apart).
+        self.executed = 0
+        self.reset_figures()
+
+    @property
+    def declared(self) -> bool:
+        """Whether an extent is declared (else the runner uses the plain dequeue)."""
+        return bool(self._extent.fd >= 0)
+
+    @property
+    def fences(self) -> dict[int, tuple[int, int]]:
+        """A copy of the fences: cmd_id -> LBA range (for tests and `tcmu-py status`)."""
+        return dict(self._fences)
+
+    def declare(self, extent: Any) -> None:
+        """Serve from `extent` (a `tcmu_py.device.core.DataExtent`) from the next call on; None:
+        serve nothing in C."""
+        x = self._extent
+        if extent is None:
+            x.fd = -1
+            return
+        x.fd = extent.fd
+        x.block_size = extent.block_size
+        x.base = extent.base
+        x.num_blocks = extent.num_blocks
+        x.max_blocks = extent.max_blocks
+        x.flush_fua = 1 if extent.flush_fua else 0
+
+    def begin(self, enabled: bool) -> None:
+        """Before a wake-up's first call: `enabled` False fences but executes nothing."""
+        self._extent.enabled = 1 if enabled else 0
+        if self._stale or self._n != len(self._fences):
+            self._n = 0
+            self._reserve(len(self._fences))
+            for start, end in self._fences.values():
+                f = self._arr[self._n]
+                f.start, f.end = start, end
+                self._n += 1
+            self._stale = False
+
+    def call(self, ctx: Any, entries: Any, batch: int) -> tuple[int, int]:
+        """One `tcmu_py_dp_batch`: (entries left for Python or a negative status, entries
+        dequeued). The caller copies what it needs of the entries, then calls `complete`."""
+        self._reserve(self._n + batch)
+        rc = lib.tcmu_py_dp_batch(
+            ctx, self._extent, self._arr, self._n, entries, batch, self._stats
+        )
+        if rc > 0:
+            self._base = self._n
+            self._n += rc  # later calls of this wake-up see these entries' fences too
+        return rc, self._stats.dequeued
+
+    def complete(self, ctx: Any) -> int:
+        """Complete the commands the last `call` executed (their responses may overwrite the
+        slots of the entries it returned): the number completed, or a negative status. Folds
+        the call's figures into this object's."""
+        st = self._stats
+        if not st.done:
+            return 0
+        rc = lib.tcmu_py_dp_complete(ctx, st)
+        if rc < 0:
+            st.done = 0  # the ring is broken: never again
+            return int(rc)
+        self.executed += st.done
+        self.done += st.done
+        st.done = 0  # completed: a second `complete` does nothing
+        self.reads += st.reads
+        self.writes += st.writes
+        self.bytes_read += st.bytes_read
+        self.bytes_written += st.bytes_written
+        self.latency_seconds += st.latency_seconds
+        for b in range(st.hist_lo, st.hist_hi):
+            if st.hist[b]:
+                self.hist[b] = self.hist.get(b, 0) + st.hist[b]
+        return int(rc)
+
+    def deferred(self, cmd_id: int, index: int) -> None:
+        """Entry `index` of the last call is command `cmd_id`, now Python's: hold its fence."""
+        f = self._arr[self._base + index]
+        if f.end > f.start:
+            self._fences[cmd_id] = (f.start, f.end)
+
+    def release(self, cmd_id: int) -> None:
+        """Python completed `cmd_id`: its fence goes."""
+        if self._fences.pop(cmd_id, None) is not None:
+            self._stale = True
+
+    def reset_figures(self) -> None:
+        """Forget the figures (the runner took them into its counters)."""
+        self.done = self.reads = self.writes = self.bytes_read = self.bytes_written = 0
+        self.latency_seconds = 0.0
+        self.hist: dict[int, int] = {}
+
+    def _reserve(self, n: int) -> None:
+        if n <= self._cap:
+            return
+        cap = max(64, 2 * n)
+        arr = ffi.new("struct tcmu_py_fence[]", cap)
+        if self._arr is not None and self._n:
+            ffi.memmove(arr, self._arr, self._n * ffi.sizeof("struct tcmu_py_fence"))
+        self._arr, self._cap = arr, cap

@@ -269,13 +269,15 @@ def _handler(subtype: str | None, registry: Mapping[str, type[Handler]]) -> type
 
 def _build_config_string(subtype: str, owner: type[Handler], options: tuple[tuple[str, str], ...],
                          items: tuple[tuple[str, str], ...] = (), wwn: str | None = None,
-                         copy_domain: str | None = None) -> str:
+                         copy_domain: str | None = None, data_plane: bool = True) -> str:
     """``items`` are what section owners add (`Handler.device_config_items`, a pool's
     directory): the dev_config must describe the device on its own, so a daemon started without
     this YAML file (udev, systemd, a restart) can still open it. For the same reason ``wwn``
     goes in too, as the last item (`tcmu_py.handler.split_wwn`). What follows ``<subtype>/``
     is the handler's (`Handler.config_string`)."""
     cfg = f"{subtype}/" + owner.config_string(options, items)
+    if not data_plane:  # `tcmu_py.handler.split_data_plane`
+        cfg += f"{'' if cfg.endswith('/') else ';'}data_plane=off"
     if copy_domain is not None:  # `tcmu_py.handler.split_copy_domain`
         cfg += f"{'' if cfg.endswith('/') else ';'}copy_domain={copy_domain}"
     if wwn is not None:
@@ -294,7 +296,7 @@ def dev_config_string(device: Device) -> str:
     """
     cfg = _build_config_string(device.handler, _handler(device.handler, _installed()),
                                device.options, device.config_items, device.wwn,
-                               device.copy_domain)
+                               device.copy_domain, device.data_plane)
     problem = config_string_problem(cfg)
     if problem:
         raise ConfigError(f"devices {device.name}: dev_config {cfg!r}: expected {problem}")
@@ -435,7 +437,7 @@ def _load_defaults(c: Checker, raw: object) -> Defaults:
 
 _DEVICE_KEYS = {"name", "handler", "size", "block_size", "options", "hw_max_sectors",
                 "max_data_area_mb", "cmd_time_out", "write_cache", "serial", "wwn", "pool",
-                "copy_domain"}
+                "copy_domain", "data_plane"}
 
 
 def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
@@ -486,6 +488,8 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
         pool = c.name(m["pool"], f"{p}.pool") if m.get("pool") is not None else None
         domain = (c.name(m["copy_domain"], f"{p}.copy_domain")
                   if m.get("copy_domain") is not None else None)
+        plane = (c.boolean(m["data_plane"], f"{p}.data_plane")
+                 if m.get("data_plane") is not None else True)
         owner = _handler(handler, registry)
         options = owner.load_options(m.get("options"), f"{p}.options", c, name, state_dir)
 
@@ -508,11 +512,12 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
                    f" ({', '.join(takers) or 'none installed'})")
             continue
         dev = Device(name, handler, size, block_size, hw_max, area, tmo, wc, options,
-                     serial, wwn, pool, copy_domain=domain)
+                     serial, wwn, pool, copy_domain=domain,
+                     data_plane=True if plane is None else plane)
         items = _config_items(dev, owners or {}, sections or {})
         if items:
             dev = replace(dev, config_items=items)
-        cfg = _build_config_string(handler, owner, options, items, wwn, domain)
+        cfg = _build_config_string(handler, owner, options, items, wwn, domain, dev.data_plane)
         problem = config_string_problem(cfg)
         if problem:
             c.fail(f"{p}.options", m.get("options"), f"options whose dev_config {cfg!r} has"

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.daemon import DEFAULT_POLL_US
+from tcmu_py.daemon import DEFAULT_DATA_PLANE, DEFAULT_POLL_US
 from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs
 from tcmu_py.daemon.control import RUN_DIR, ControlServer, set_log_level
 from tcmu_py.device.block import BlockDevice
@@ -57,7 +57,13 @@ from tcmu_py.device.copydomain import CopyDomain
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.device.runner import DeviceRunner
 from tcmu_py.errors import TcmuError
-from tcmu_py.handler import DeviceConfig, Handler, load_handlers, split_daemon_items
+from tcmu_py.handler import (
+    DeviceConfig,
+    Handler,
+    daemon_data_plane,
+    load_handlers,
+    split_daemon_items,
+)
 from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import NotReady
 from tcmu_py.uio import UioDevice, UioName
@@ -133,6 +139,7 @@ class Daemon:
         use_udev: bool = True,
         uio_opener: Callable[[str, str], Any] = UioDevice,
         dbus_bus: str | None = None,
+        data_plane: bool = DEFAULT_DATA_PLANE,
     ) -> None:
         self.handlers: Mapping[str, type[Handler]] = (
             dict(handlers) if handlers is not None else load_handlers()
@@ -143,6 +150,8 @@ class Daemon:
         self.run_dir = Path(run_dir)
         self.workers = workers
         self.poll_us = poll_us
+        #: False: every command of every device in Python (`serve --no-data-plane`).
+        self.data_plane = data_plane
         self.use_netlink = use_netlink
         self.use_udev = use_udev
         self._open_uio = uio_opener
@@ -455,6 +464,7 @@ class Daemon:
             uio_name=name.build(),
             wwn=wwn,
             copy_domain=domain,
+            data_plane=daemon_data_plane(name.cfgstring),
         )
         self._wants_reply(name)  # remembered for its REMOVED_DEVICE (configfs gone by then)
         cfs.block()
@@ -486,6 +496,7 @@ class Daemon:
                 name=name.device,
                 adopt=True,
                 poll_seconds=self.poll_us / 1e6,
+                data_plane=self.data_plane,
             )
             thread = threading.Thread(target=runner.run, name=f"tcmu-{name.device}", daemon=True)
             thread.start()

@@ -27,7 +27,7 @@ from tcmu_py.backend import BlockBackend, Capabilities, ProvisioningInfo
 from tcmu_py.buffers import gather, slice_views
 from tcmu_py.device.command import Command
 from tcmu_py.device.copydomain import CopyDomain
-from tcmu_py.device.core import ScsiDevice, check_data_out, command
+from tcmu_py.device.core import DataExtent, ScsiDevice, check_data_out, command
 from tcmu_py.device.xcopy_commands import CopyManager
 from tcmu_py.errors import TcmuError
 from tcmu_py.handler import DeviceConfig
@@ -164,6 +164,21 @@ class BlockDevice(ScsiDevice):
         blocks = min(length // self.block_size, _MAX_TRANSFER_FIELD)
         self.max_transfer_blocks = max(1, blocks)
         self.optimal_transfer_blocks = min(self.optimal_transfer_blocks, self.max_transfer_blocks)
+        self.extent_version += 1
+
+    def data_extent(self) -> DataExtent | None:
+        """The backend's `FileExtent`, unless the device's config turns the data plane off."""
+        fx = self.caps.file_extent
+        if fx is None or not self.config.data_plane:
+            return None
+        got = fx.file_extent()
+        if got is None:
+            return None
+        fd, base = got
+        return DataExtent(
+            fd, base, self.block_size, self.num_blocks, self.max_transfer_blocks,
+            self.backend.write_cache,
+        )
 
     def join(self, domain: CopyDomain) -> None:
         """Leave the current copy domain for `domain` (copies may then address its devices)."""
@@ -700,6 +715,7 @@ class BlockDevice(ScsiDevice):
         self.caps.resize.resize(size)
         self.num_blocks = size // self.block_size
         self.queue_unit_attention(CapacityDataChanged())
+        self.extent_version += 1  # the data plane's capacity (`data_extent`) changed too
 
     # ------------------------------------------------------------------------------------------
     # Copy offload (SPC-4 6.3, 6.18): the copy manager does the work

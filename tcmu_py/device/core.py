@@ -30,6 +30,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from tcmu_py.device.command import Command, Response
@@ -159,6 +160,22 @@ def service_action_of(cdb: bytes) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class DataExtent:
+    """A device's data as a file extent, for the C data plane (`tcmu_py.ring.DataPlane`).
+
+    LBA ``n`` is at byte ``base + n * block_size`` of the open file ``fd``; ``num_blocks`` is the
+    capacity and ``max_blocks`` the MAXIMUM TRANSFER LENGTH; ``flush_fua`` asks for an
+    ``fdatasync`` after a FUA write (a volatile write cache)."""
+
+    fd: int
+    base: int
+    block_size: int
+    num_blocks: int
+    max_blocks: int
+    flush_fua: bool
+
+
 class ScsiDevice:
     """Base of every device. Subclasses set the class attributes and add `@command` handlers."""
 
@@ -205,6 +222,21 @@ class ScsiDevice:
     def supports(self, opcode: int, service_action: int | None) -> bool:
         """Whether this instance implements a command its class declares (capability filter)."""
         return True
+
+    #: Bumped whenever `data_extent()` may answer differently (resize, a new transfer limit): the
+    #: runner then declares the extent again before its next call into the data plane.
+    extent_version: int = 0
+
+    def data_extent(self) -> DataExtent | None:
+        """The file extent plain READ/WRITE may be served from without calling the device, or
+        None (the default: every command comes here). Read on the loop thread."""
+        return None
+
+    @property
+    def unit_attention_pending(self) -> bool:
+        """Whether a unit attention waits to be reported (an unlocked peek: the runner then
+        sends every command of the wake-up here, so the right one reports it)."""
+        return bool(self._unit_attentions)
 
     def set_max_data_length(self, length: int) -> None:
         """The transport carries at most `length` data bytes per command (the kernel refuses

@@ -38,6 +38,11 @@ runs (a backend stuck in I/O when the kernel removes the device) defers the rele
 one to finish: an image fd closed under a running command would be reused by the next image
 opened, and the late write would land in that other device's image.
 
+The C data plane (`data_plane=True`, `tcmu_py.ring.DataPlane`): for a device that declares a file
+extent (`ScsiDevice.data_extent`), the dequeue itself executes and completes the plain READ/WRITE
+commands in C, fenced off the LBAs of every command Python holds; `process` sees only the rest
+and takes C's figures into the counters.
+
 Ring completions are serialised by `self._ring_lock` (cmd_tail has one writer at a time).
 """
 
@@ -59,11 +64,15 @@ from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice
 from tcmu_py.device.latency import LATENCY_BUCKETS, latency_bucket
 from tcmu_py.errors import RingError
-from tcmu_py.ring import Ring, RingCommand
+from tcmu_py.ring import DataPlane, Ring, RingCommand
 from tcmu_py.scsi.constants import Status
 from tcmu_py.scsi.sense import HardwareError, ScsiError, build_fixed_sense
 
 log = logging.getLogger(__name__)
+
+#: Whether a runner serves plain READ/WRITE of a file-extent device in C unless told otherwise
+#: (`DeviceRunner(data_plane=...)`, `serve --data-plane / --no-data-plane`).
+DEFAULT_DATA_PLANE = False
 
 _READ_OPS = frozenset({0x08, 0x28, 0xA8, 0x88})
 _WRITE_OPS = frozenset({0x0A, 0x2A, 0xAA, 0x8A})
@@ -130,10 +139,14 @@ class DeviceRunner:
         name: str | None = None,
         adopt: bool = False,
         poll_seconds: float = 0.0,
+        data_plane: bool = DEFAULT_DATA_PLANE,
     ) -> None:
         """`adopt`: take over entries already on the ring; only right after `reset_ring`
         (see `tcmu_py.ring.Ring`). `poll_seconds`: the longest busy-poll watch for the next
-        command after a wake-up that brought a single one; 0 turns it off (see `run`)."""
+        command after a wake-up that brought a single one; 0 turns it off (see `run`).
+        `data_plane`: serve plain READ/WRITE in C when the device declares a file extent
+        (`ScsiDevice.data_extent`, `tcmu_py.ring.DataPlane`); False keeps every command in
+        Python."""
         self.uio = uio
         self.device = device
         self.name = name or device.config.name
@@ -141,6 +154,10 @@ class DeviceRunner:
         self.ring = Ring(uio.buffer, adopt=adopt)
         device.set_max_data_length(self.ring.max_data_length)
         self.counters = Counters()
+        #: The C data plane (None: off); its extent is declared before each wake-up's call
+        #: whenever `device.extent_version` moved.
+        self.plane: DataPlane | None = DataPlane() if data_plane else None
+        self._extent_version = -1
         self._ring_lock = threading.Lock()
         self._workers = 1 if device.serial_commands else max(1, workers)
         self._pool = ThreadPoolExecutor(
@@ -332,8 +349,24 @@ class DeviceRunner:
     def process(self) -> int:
         """One wake-up: clear the event, dequeue everything new, run it. Returns commands seen."""
         self.uio.clear_event()
+        plane = self.plane
+        fast = 0
         with self._ring_lock:
-            commands, tmrs = self.ring.dequeue()
+            if plane is not None and self._extent_version != self.device.extent_version:
+                extent = self.device.data_extent()
+                # A first extent waits until Python holds no command: those taken without the
+                # plane have no fences, and C must not overtake them.
+                if plane.declared or extent is None or not self.ring.in_flight:
+                    self._extent_version = self.device.extent_version
+                    plane.declare(extent)
+            if plane is not None and plane.declared:
+                plane.begin(enabled=not self.device.unit_attention_pending)
+                commands, tmrs = self.ring.dequeue_plane(plane)
+                if plane.done:
+                    fast = plane.done
+                    self._count_plane(plane)
+            else:
+                commands, tmrs = self.ring.dequeue()
             for tmr in tmrs:
                 # Only ids in flight where the TMR sits in the ring: an id completed before it
                 # may already belong to a later command (the kernel reuses the lowest free id).
@@ -346,10 +379,12 @@ class DeviceRunner:
                 tmr.cmd_ids,
                 tmr.live_ids,
             )
+        if fast:
+            self.uio.kick()  # the data plane's completions (Python's come with their own)
         if not commands:
-            if tmrs:
+            if tmrs and not fast:
                 self.uio.kick()
-            return 0
+            return fast
         inline: list[tuple[RingCommand, Response]] = []
         blocking: list[tuple[RingCommand, Command]] = []
         now = time.monotonic()
@@ -404,7 +439,23 @@ class DeviceRunner:
                     self._complete_locked(rc, resp)
                 self.counters.batches += 1
             self.uio.kick()
-        return len(commands)
+        return len(commands) + fast
+
+    def _count_plane(self, plane: DataPlane) -> None:
+        """Take the data plane's figures into the counters (under the ring lock): the same ones
+        `_complete_one` keeps for a command completed GOOD from Python."""
+        c = self.counters
+        c.commands += plane.done
+        c.reads += plane.reads
+        c.writes += plane.writes
+        c.bytes_read += plane.bytes_read
+        c.bytes_written += plane.bytes_written
+        c.latency_seconds += plane.latency_seconds
+        hist = c.latency_hist
+        for b, k in plane.hist.items():
+            hist[b] += k
+        c.batches += 1
+        plane.reset_figures()
 
     # ------------------------------------------------------------------------------------------
     # Execution and completion
@@ -532,6 +583,8 @@ class DeviceRunner:
 
     def _complete_one(self, rc: RingCommand, resp: Response) -> None:
         c = self.counters
+        if self.plane is not None:
+            self.plane.release(rc.cmd_id)
         if rc.started:
             took = time.monotonic() - rc.started
             c.latency_seconds += took

@@ -122,7 +122,16 @@ class RingHarness:
     fake kernel to reap it. `close()` checks that every command was completed exactly once.
     """
 
-    def __init__(self, device: ScsiDevice, *, workers: int = 4, **kernel_args: Any) -> None:
+    def __init__(
+        self,
+        device: ScsiDevice,
+        *,
+        workers: int = 4,
+        data_plane: bool | None = None,
+        **kernel_args: Any,
+    ) -> None:
+        """`data_plane`: as `DeviceRunner`'s (the C data plane for a device with a file
+        extent); None: the runner's default."""
         from tcmu_py.device.runner import DeviceRunner
         from tcmu_py.testing.fake_kernel import FakeKernel
         from tcmu_py.testing.fake_uio import FakeUio
@@ -130,7 +139,11 @@ class RingHarness:
         self.kernel = FakeKernel(**kernel_args)
         self._lock = threading.Condition()
         self.uio = _SerialisedUio(FakeUio(self.kernel), self._lock)
-        self.runner = DeviceRunner(self.uio, device, workers=workers)
+        self.runner = (
+            DeviceRunner(self.uio, device, workers=workers)
+            if data_plane is None
+            else DeviceRunner(self.uio, device, workers=workers, data_plane=data_plane)
+        )
         self.device = device
 
     def submit(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> Any:

@@ -188,7 +188,8 @@ def test_tmr_abort_completes_every_command_once(tmp_path):
 
 def test_handler_exception_does_not_stop_the_device(tmp_path, monkeypatch):
     dev = raw_device(tmp_path / "img")
-    h = RingHarness(dev)
+    # Python path: the C data plane would serve the READ from the image without calling `read`.
+    h = RingHarness(dev, data_plane=False)
     try:
         h.run(cdbs.test_unit_ready())
         monkeypatch.setattr(dev.backend, "read", lambda *a: 1 / 0)
