@@ -118,7 +118,9 @@ def test_density_descriptor_layout() -> None:
         (ssc.data_compression_page(True), 0x0F, 16),
         (ssc.device_configuration_page(False), 0x10, 16),
         (ssc.device_configuration_extension_page(), 0x50, 32),
-        (ssc.medium_partition_page(12_000_000), 0x11, 10),
+        (ssc.medium_partition_page([12_000_000], 0), 0x11, 10),
+        (ssc.medium_partition_page([12_000_000], 1), 0x11, 12),
+        (ssc.medium_partition_page([6_000_000, 6_000_000], 3), 0x11, 16),
         (ssc.medium_configuration_page(True), 0x1D, 32),
     ],
 )

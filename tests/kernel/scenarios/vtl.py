@@ -579,6 +579,60 @@ def mtx_status_with(ctx: Context, lab: Lab, barcode: str) -> MtxStatus | None:
     return st if barcode in st.slots.values() else None
 
 
+_PARTITION = re.compile(r"partition=(\d+)")
+
+
+def mt_partition(ctx: Context, tape: Path) -> int:
+    """The partition `mt status` reports (st's idea of the active partition)."""
+    out = mt(ctx, tape, "status")
+    m = _PARTITION.search(out)
+    assert m, out
+    return int(m.group(1))
+
+
+@scenario(timeout=600)
+def partitions_mt_tar(ctx: Context) -> None:
+    """mt-st partitions on an LTO-8 cartridge: `mkpartition` (MODE SELECT page 11h, FORMAT
+    MEDIUM), a tar archive into partition 1 and another into partition 0 (`setpartition`:
+    LOCATE with CP), both extracted byte-identical after an mtx unload/load; `partseek` and
+    `tell`; `tcmu-py vtl dump` shows the two partitions recorded in the cartridge."""
+    lab = serve_library(ctx)
+    tape = lab.tapes[0]
+    load(ctx, lab, 1, 0)
+    # st only uses partitions when told the drive has them (an st option of this device).
+    mt(ctx, tape, "stsetoptions", "can-partitions")
+    ctx.cleanup.callback(lambda: run(["mt", "-f", str(tape), "stclearoptions",
+                                      "can-partitions"], timeout=60, check=False))
+    mt(ctx, tape, "mkpartition", "100")  # partition 1: 100 MB, partition 0: the rest
+    assert mt_partition(ctx, tape) == 0
+    trees = [random_tree(ctx.workdir / f"ptree{t}", 6, t) for t in range(2)]
+    for partition in (1, 0):
+        mt(ctx, tape, "setpartition", str(partition))
+        sh(ctx, "tar", "-c", "-b", "128", "-f", str(tape), "-C", str(trees[partition]), ".")
+        assert mt_partition(ctx, tape) == partition
+    tell0 = mt_tell(ctx, tape)
+    assert tell0 > 1, tell0  # the archive's blocks and its filemark, in partition 0
+
+    sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload", "1", "0")
+    load(ctx, lab, 1, 0)
+    assert mt_partition(ctx, tape) == 0  # a load starts in partition 0
+    for partition in (1, 0):
+        mt(ctx, tape, "setpartition", str(partition))
+        out = ctx.workdir / f"pout{partition}"
+        out.mkdir()
+        sh(ctx, "tar", "-x", "-b", "128", "-f", str(tape), "-C", str(out))
+        assert tree_digest(out) == tree_digest(trees[partition]), f"partition {partition}"
+    mt(ctx, tape, "partseek", "1", "2")
+    assert mt_partition(ctx, tape) == 1 and mt_tell(ctx, tape) == 2
+    mt(ctx, tape, "partseek", "0", "0")
+    mt(ctx, tape, "eod")
+    assert mt_partition(ctx, tape) == 0 and mt_tell(ctx, tape) == tell0  # partition 0's EOD
+    sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload", "1", "0")
+    dump = sh(ctx, *tcmu_py("vtl", "dump", str(lab.library), "ABC000L8"))
+    assert "partition 0" in dump and "partition 1 (100000000 bytes)" in dump, dump
+    ctx.details["dump"] = textwrap.shorten(dump, 400)
+
+
 def random_tree(root: Path, files: int, seed: int) -> Path:
     """`files` files of random bytes (0.5 KiB to ~400 KiB, sizes varied by `seed`) in three
     directories under `root`, for tar."""
