@@ -620,6 +620,8 @@ def parse_medium_partition_select(
         return None
     n = additional + 1
     if how != IDP:  # FDP / SDP: the drive chooses; equal partitions
+        if capacity < n:
+            raise bad(f"{n} partitions on {capacity} bytes", 3)
         return [capacity // n] * n
     if (len(body) - 8) // 2 < n:
         raise bad(f"{(len(body) - 8) // 2} partition size descriptor(s) for {n} partitions", 1)
