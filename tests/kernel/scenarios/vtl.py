@@ -633,7 +633,7 @@ def partitions_round_trip(ctx: Context, lab: Lab, slot: int, barcode: str) -> No
     mt(ctx, tape, "eod")
     assert mt_partition(ctx, tape) == 0 and mt_tell(ctx, tape) == tell0  # partition 0's EOD
     sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload", str(slot), "0")
-    cart = lab.library / barcode
+    cart = lab.library / "media" / barcode
     meta = json.loads((cart / "meta.json").read_text())
     assert meta["format"] == 2 and meta["partitions"][1] == 100_000_000, meta
     assert (cart / "partition1" / "data").stat().st_size > 9 * 64 * KIB
