@@ -52,6 +52,18 @@ Rules this file obeys
   knows only version 1 refuses the cartridge (UNKNOWN FORMAT) rather than return ciphertext as
   data. Version 1 files open and read as before; a version stays 2 once reached. The header write
   obeys the torn-header rule above (magic and version survive; the epoch is renewed).
+* Partitions (SSC-5 4.2.x, LTO-5 and later; made by FORMAT MEDIUM): the files above are
+  partition 0; partition ``i`` >= 1 has its own ``data``, ``index`` and ``filemarks`` in
+  ``<dir>/partition<i>/``, under every rule above (its own epoch, end of data, early warning at
+  the end of its size; its data file locked like partition 0's). meta.json lists the sizes as
+  ``"partitions"`` and has ``"format": 2`` (`META_VERSION_PARTITIONED`), so software that knows
+  only format 1 refuses the cartridge instead of showing partition 0 as the whole tape; a
+  cartridge of one partition stays format 1 (older cartridges open unchanged). `format` orders
+  its writes so that a crash leaves either layout whole: every partition emptied (durable), new
+  partition directories created blank (data file and directory entry fsynced), meta.json
+  replaced atomically, then directories the layout does not list removed (a writable open
+  removes any such leftover). What the partitions held when a format was interrupted is gone
+  or going, as on a real tape.
 
 Threads: a Cartridge is used by one drive at a time; its methods are not thread-safe.
 """
@@ -66,6 +78,7 @@ import itertools
 import logging
 import os
 import re
+import shutil
 import struct
 import sys
 import zlib
@@ -99,6 +112,12 @@ META_FILE = "meta.json"
 MAM_FILE = "mam.json"
 
 FORMAT_VERSION = 1
+#: meta.json "format" of a cartridge with more than one partition (it lists their sizes).
+META_VERSION_PARTITIONED = 2
+#: Most partitions a cartridge holds (LTO-7 and later: 4; SSC-5 8.3.6).
+MAX_PARTITIONS = 4
+#: Directory (inside the cartridge directory) of partition ``i`` >= 1's record files.
+PARTITION_DIR = "partition{}"
 #: Data file header version of a cartridge that may hold encrypted records (`FLAG_ENCRYPTED`).
 DATA_VERSION_ENCRYPTED = 2
 #: Data file header versions this code reads.
@@ -263,7 +282,7 @@ def check_meta(path: Path, value: Any) -> dict[str, Any]:
     StateFileError naming the file, the key, the value and what was expected. Unknown keys are
     kept (a newer version's fields survive a rewrite)."""
     f = Fields(path, value)
-    f.integer("format", FORMAT_VERSION, FORMAT_VERSION)
+    fmt = f.integer("format", FORMAT_VERSION, META_VERSION_PARTITIONED)
     f.string("barcode", _is_volume_id, "a volume identifier of 1..32 printable ASCII characters")
     kinds = [k.value for k in MediumKind]
     f.string("kind", lambda k: k in kinds, f"one of {kinds}")
@@ -271,6 +290,17 @@ def check_meta(path: Path, value: Any) -> dict[str, Any]:
     capacity = f.integer("capacity", 1, MAX_CAPACITY)
     f.integer("early_warning", 0, capacity)
     f.boolean("write_protected", False)
+    if fmt == META_VERSION_PARTITIONED:
+        sizes = f.array("partitions")
+        if not (
+            2 <= len(sizes) <= MAX_PARTITIONS
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)
+            and sum(sizes) <= capacity
+        ):
+            f.fail("partitions", sizes, f"2..{MAX_PARTITIONS} sizes > 0 adding up to at most"
+                   f" the capacity {capacity}")
+    elif "partitions" in f.doc:
+        f.fail("partitions", f.doc["partitions"], f"no partition list in format {fmt}")
     return dict(f.doc)
 
 
@@ -320,6 +350,22 @@ def _unpack_file_header(raw: bytes, path: Path) -> tuple[int, bool]:
     return _read_file_header(raw, path)[:2]
 
 
+def _create_data_file(directory: Path) -> None:
+    """Create `directory`/data holding only a file header (epoch 1), durable with its entry."""
+    fd = os.open(directory / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                 FILE_MODE)
+    try:
+        os.write(fd, _pack_file_header(1))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def _index_epoch(path: Path) -> int | None:
     """The epoch an index file claims (None if there is no readable index header)."""
     try:
@@ -353,14 +399,34 @@ def _parse_record_header(raw: bytes | memoryview) -> tuple[int, int, int, int, i
     return kind, flags, obj, stored, logical, crc
 
 
+#: The attributes that make up one partition's record state (swapped by `select_partition`).
+_PARTITION_STATE = (
+    "_fd", "_dir", "_epoch", "_data_version", "_stride", "_count", "_end", "_sparse",
+    "_filemarks", "_cursor", "_indexed", "_indexed_sparse", "_indexed_fms", "_sparse_crc",
+    "_fm_crc", "_dirty", "_unsynced_bytes",
+)
+
+
 class Cartridge:
     """One open cartridge. Create with `Cartridge.create`, open with `Cartridge.open`."""
 
     def __init__(self, path: Path, meta: dict[str, Any], fd: int, read_only: bool) -> None:
         self.path = path
         self._meta = meta
-        self._fd = fd
         self.read_only = read_only
+        self._part = 0  # the active partition
+        #: Saved record state of every partition (the active one's is stale until switched away).
+        self._parts: list[dict[str, Any]] = []
+        self._init_records(fd, path)
+        self._mam: dict[str, Any] = {}
+        self.bytes_written = 0  # logical bytes written since open
+        self.bytes_read = 0
+
+    def _init_records(self, fd: int, directory: Path) -> None:
+        """Fresh record state (`_PARTITION_STATE`) of the partition whose files are in
+        `directory`, data file open as `fd`; `_recover` fills it in."""
+        self._fd = fd
+        self._dir = directory
         self._epoch = 0
         self._data_version = FORMAT_VERSION
         self._stride = INDEX_STRIDE
@@ -377,9 +443,6 @@ class Cartridge:
         self._fm_crc = 0
         self._dirty = False  # appended since the last sync
         self._unsynced_bytes = 0
-        self._mam: dict[str, Any] = {}
-        self.bytes_written = 0  # logical bytes written since open
-        self.bytes_read = 0
 
     # ------------------------------------------------------------------------------------------
     # Creation and opening
@@ -428,12 +491,7 @@ class Cartridge:
         if p.exists():
             raise FileExistsError(f"{p} exists")
         make_private_dirs(p)
-        fd = os.open(p / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        try:
-            os.write(fd, _pack_file_header(1))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _create_data_file(p)
         _atomic_write_json(p / MAM_FILE, {"attributes": {}, "load_count": 0,
                                           "mb_written": 0, "mb_read": 0})
         _atomic_write_json(p / META_FILE, meta)
@@ -463,24 +521,153 @@ class Cartridge:
             cart = cls(p, meta, fd, read_only)
             cart._mam = mam
             cart._recover()
-            if not read_only:  # the only writer of the sidecars now (it holds the lock)
-                for name in (META_FILE, MAM_FILE):
-                    remove_stale_temporaries(p / name)
         except BaseException:
             os.close(fd)
             raise
+        try:
+            for i in range(1, len(meta.get("partitions", (0,)))):
+                cart._open_partition(i)
+            cart.select_partition(0)
+            if not read_only:  # the only writer of the sidecars now (it holds the lock)
+                for name in (META_FILE, MAM_FILE):
+                    remove_stale_temporaries(p / name)
+                cart._remove_stale_partitions()
+        except BaseException:
+            cart._close_fds()
+            raise
         return cart
+
+    def _open_partition(self, i: int) -> None:
+        """Open and recover partition `i` (>= 1) as the next one and make it active."""
+        directory = self.path / PARTITION_DIR.format(i)
+        fd = os.open(directory / DATA_FILE,
+                     (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self._save_partition()
+        self._part = len(self._parts)
+        self._parts.append({})
+        self._init_records(fd, directory)  # from now on `_close_fds` closes `fd`
+        if not self.read_only:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CartridgeBusy(f"{directory}: in use") from None
+        self._recover()
+
+    def _remove_stale_partitions(self) -> None:
+        """Delete partition directories the layout does not list (left by an interrupted
+        FORMAT MEDIUM that went to fewer partitions, see the module doc)."""
+        for i in range(self.partition_count, MAX_PARTITIONS):
+            stale = self.path / PARTITION_DIR.format(i)
+            if stale.exists():
+                log.warning("%s: removing %s, not in the partition layout", self.path, stale.name)
+                shutil.rmtree(stale)
+
+    # ------------------------------------------------------------------------------------------
+    # Partitions
+
+    def _save_partition(self) -> None:
+        if not self._parts:
+            self._parts.append({})
+        self._parts[self._part] = {k: getattr(self, k) for k in _PARTITION_STATE}
+
+    def select_partition(self, n: int) -> None:
+        """Make partition `n` the one every record operation (read, append, truncate, counts,
+        filemarks, early warning, sync of the index) applies to. IndexError if there is none."""
+        if not 0 <= n < self.partition_count:
+            raise IndexError(n)
+        if n == self._part:
+            return
+        self._save_partition()
+        for k, v in self._parts[n].items():
+            setattr(self, k, v)
+        self._part = n
+
+    @property
+    def partition(self) -> int:
+        """The active partition."""
+        return self._part
+
+    @property
+    def partition_count(self) -> int:
+        return len(self._meta.get("partitions", (0,)))
+
+    @property
+    def partition_sizes(self) -> list[int]:
+        """Bytes of each partition (one partition: the capacity)."""
+        return list(self._meta.get("partitions", [self.medium_capacity]))
+
+    @property
+    def medium_capacity(self) -> int:
+        """Bytes of the whole cartridge (all partitions)."""
+        return int(self._meta["capacity"])
+
+    def _each_partition(self) -> Iterator[int]:
+        """Make each partition active in turn (yielding its number), then the one that was."""
+        was = self._part
+        try:
+            for i in range(len(self._parts) or 1):
+                self.select_partition(i)
+                yield i
+        finally:
+            self.select_partition(was)
+
+    def format(self, sizes: Sequence[int]) -> None:
+        """FORMAT MEDIUM: erase everything and lay out `sizes` (bytes per partition; one entry
+        or none: a single partition of the whole capacity). Partition 0 is active afterwards.
+
+        Order (see the module doc): every partition emptied (durable), the directories of new
+        partitions created blank (durable), then meta.json replaced atomically, then the
+        directories the new layout does not list removed. A crash leaves the old or the new
+        layout, each partition of it an openable, possibly emptied, cartridge.
+        """
+        self._check_writable()
+        sizes = list(sizes)
+        if len(sizes) <= 1:
+            sizes = []
+        elif not (len(sizes) <= MAX_PARTITIONS and all(n > 0 for n in sizes)
+                  and sum(sizes) <= self.medium_capacity):
+            raise ValueError(f"partition sizes {sizes}: expected 2..{MAX_PARTITIONS} sizes > 0"
+                             f" within {self.medium_capacity}")
+        for _ in self._each_partition():
+            self.truncate(0)
+        self.select_partition(0)
+        old = len(self._parts) or 1
+        for i in range(old, len(sizes)):
+            directory = self.path / PARTITION_DIR.format(i)
+            if directory.exists():  # stale, from an interrupted format
+                shutil.rmtree(directory)
+            make_private_dirs(directory)
+            _create_data_file(directory)
+        meta = {k: v for k, v in self._meta.items() if k != "partitions"}
+        if sizes:
+            meta.update(format=META_VERSION_PARTITIONED, partitions=sizes)
+        else:
+            meta["format"] = FORMAT_VERSION
+        check_meta(self.path / META_FILE, meta)
+        _atomic_write_json(self.path / META_FILE, meta)
+        self._meta = meta
+        # The new partitions' state; the ones beyond the layout are closed and removed.
+        self._save_partition()
+        for i in range(len(sizes) or 1, old):
+            os.close(self._parts[i]["_fd"])
+        del self._parts[len(sizes) or 1 :]
+        for i in range(old, len(sizes)):
+            self._open_partition(i)
+        self.select_partition(0)
+        if len(self._parts) == 1:
+            self._parts = []
+        self._remove_stale_partitions()
 
     def _recover(self) -> None:
         self._epoch, intact, self._data_version = _read_file_header(
-            os.pread(self._fd, FILE_HEADER_SIZE, 0), self.path / DATA_FILE
+            os.pread(self._fd, FILE_HEADER_SIZE, 0), self._dir / DATA_FILE
         )
         size = os.fstat(self._fd).st_size
         if intact:
             self._load_index(size)
         else:
             log.warning("%s: data file header fails its CRC (torn by a crash during an "
-                        "overwrite?): scanning the records", self.path / DATA_FILE)
+                        "overwrite?): scanning the records", self._dir / DATA_FILE)
         pos, n = self._end, self._count
         while True:
             rec = self._scan_one(pos, n, size, check_payload=True)
@@ -498,7 +685,7 @@ class Cartridge:
         if not intact and not self.read_only:
             # A new epoch that differs from the index's, so that index is never adopted, and the
             # header made whole and durable before anything is appended.
-            claimed = _index_epoch(self.path)
+            claimed = _index_epoch(self._dir)
             self._epoch = ((self._epoch if claimed is None else claimed) + 1) & ((1 << 64) - 1)
             os.pwrite(self._fd, _pack_file_header(self._epoch, self._data_version), 0)
             os.fdatasync(self._fd)
@@ -533,8 +720,8 @@ class Cartridge:
     def _load_index(self, size: int) -> None:
         """Adopt the on-disk index if it verifies; otherwise start from an empty one."""
         try:
-            raw = (self.path / INDEX_FILE).read_bytes()
-            fm_raw = (self.path / FILEMARKS_FILE).read_bytes()
+            raw = (self._dir / INDEX_FILE).read_bytes()
+            fm_raw = (self._dir / FILEMARKS_FILE).read_bytes()
         except FileNotFoundError:
             return
         if len(raw) < INDEX_HEADER_SIZE:
@@ -632,8 +819,10 @@ class Cartridge:
 
     @property
     def capacity(self) -> int:
-        """Bytes of records (headers included) the cartridge holds before the physical end."""
-        return int(self._meta["capacity"])
+        """Bytes of records (headers included) the active partition holds before its physical
+        end (the cartridge's capacity when it has one partition)."""
+        sizes = self._meta.get("partitions")
+        return int(sizes[self._part]) if sizes else int(self._meta["capacity"])
 
     def _room(self) -> tuple[int, int]:
         """(physical end, early-warning point) in `used` coordinates, as of now.
@@ -668,7 +857,10 @@ class Cartridge:
 
     @property
     def early_warning_size(self) -> int:
-        return int(self._meta["early_warning"])
+        ew = int(self._meta["early_warning"])
+        if "partitions" in self._meta:  # a partition's zone is at most what its size gives
+            ew = min(ew, _default_early_warning(self.capacity))
+        return ew
 
     @property
     def write_protected(self) -> bool:
@@ -986,9 +1178,17 @@ class Cartridge:
         iov.clear()
 
     def sync(self) -> None:
-        """Make everything appended durable, then checkpoint the index (not itself fsynced)."""
+        """Make everything appended durable in every partition, then checkpoint their indexes
+        (not themselves fsynced)."""
         if self.read_only:
             return
+        if not self._parts:
+            self._sync_active()
+            return
+        for _ in self._each_partition():
+            self._sync_active()
+
+    def _sync_active(self) -> None:
         if self._dirty:
             os.fdatasync(self._fd)
             self._dirty = False
@@ -1009,12 +1209,12 @@ class Cartridge:
         """Append the index entries and filemarks since the last checkpoint, then the header."""
         new_sparse = _be(self._sparse[self._indexed_sparse :])
         new_fms = _be(self._filemarks[self._indexed_fms :])
-        fd = os.open(self.path / FILEMARKS_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        fd = os.open(self._dir / FILEMARKS_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             os.pwrite(fd, new_fms, 8 * self._indexed_fms)
         finally:
             os.close(fd)
-        fd = os.open(self.path / INDEX_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        fd = os.open(self._dir / INDEX_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             os.pwrite(fd, new_sparse, INDEX_HEADER_SIZE + 8 * self._indexed_sparse)
             self._sparse_crc = zlib.crc32(new_sparse, self._sparse_crc)
@@ -1034,13 +1234,13 @@ class Cartridge:
         )
 
     def _write_index_header(self) -> None:
-        path = self.path / INDEX_FILE
+        path = self._dir / INDEX_FILE
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             return
         with contextlib.suppress(FileNotFoundError):
-            os.truncate(self.path / FILEMARKS_FILE, 8 * self._indexed_fms)
+            os.truncate(self._dir / FILEMARKS_FILE, 8 * self._indexed_fms)
         try:
             os.ftruncate(fd, INDEX_HEADER_SIZE + 8 * self._indexed_sparse)
             os.pwrite(fd, self._index_header(), 0)
@@ -1104,8 +1304,19 @@ class Cartridge:
             self.sync()
             self._persist_counters()
         finally:
-            os.close(self._fd)
-            self._fd = -1
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        """Close every partition's data file (after a failed open too)."""
+        if self._parts:
+            self._save_partition()
+        fds = [part["_fd"] for part in self._parts] or [self._fd]
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+        for part in self._parts:
+            part["_fd"] = -1
+        self._fd = -1
 
     def __enter__(self) -> Cartridge:
         return self
@@ -1122,13 +1333,15 @@ def _be(values: array[int]) -> bytes:
     return out.tobytes()
 
 
-def dump(path: str | os.PathLike[str]) -> Iterator[DumpEntry]:
-    """Every valid record of the cartridge at `path`, scanning the data file (not the index).
+def dump(path: str | os.PathLike[str], partition: int = 0) -> Iterator[DumpEntry]:
+    """Every valid record of `partition` of the cartridge at `path`, scanning the data file
+    (not the index).
 
     Stops at the end of data (first record that does not verify). Read-only; safe on a cartridge
-    that a drive has open.
+    that a drive has open. IndexError if there is no such partition.
     """
     with Cartridge.open(path, read_only=True) as cart:
+        cart.select_partition(partition)
         start = FILE_HEADER_SIZE
         for i in range(cart.object_count):
             hdr = _parse_record_header(os.pread(cart._fd, RECORD_HEADER_SIZE, start))
@@ -1142,7 +1355,16 @@ def dump(path: str | os.PathLike[str]) -> Iterator[DumpEntry]:
 
 def format_dump(path: str | os.PathLike[str]) -> Iterator[str]:
     """Human-readable `dump`: one line per run of equal-sized blocks (encrypted ones marked), one
-    per filemark, then EOD."""
+    per filemark, then EOD; of each partition, after a heading line when there are several."""
+    with Cartridge.open(path, read_only=True) as cart:
+        sizes = cart.partition_sizes
+    for i, size in enumerate(sizes):
+        if len(sizes) > 1:
+            yield f"partition {i} ({size} bytes)"
+        yield from _format_partition(path, i)
+
+
+def _format_partition(path: str | os.PathLike[str], partition: int) -> Iterator[str]:
     run_start = run_len = run_size = 0
     run_stored = 0
     run_encrypted = False
@@ -1156,7 +1378,7 @@ def format_dump(path: str | os.PathLike[str]) -> Iterator[str]:
                 f" ({run_stored} stored{', encrypted' if run_encrypted else ''})"
             )
 
-    for e in dump(path):
+    for e in dump(path, partition):
         last = e.object_id
         total += e.logical_length
         if e.kind == RecordType.FILEMARK:

@@ -28,6 +28,14 @@ In LOADED the position is a logical object identifier ``pos`` (0 = BOP, ``cartri
 SSC-5 names for the condition. Reading a generation the drive cannot read gives 03/30/02; writing
 one it cannot write 07/30/05 (never HARDWARE ERROR).
 
+Partitions (LTO-5 and later, SSC-5 4.2.x): ``pos`` is an object of the cartridge's active
+partition, each partition with its own end of data. A MODE SELECT of the medium partition page
+(11h, POFM 1) only records the layout asked for; FORMAT MEDIUM, at BOP of partition 0, makes it
+(the cartridge records it durably, erasing every partition). LOCATE with CP changes the active
+partition; READ POSITION and the device configuration page report it; REWIND stays in the active
+partition (as the Linux st driver assumes), a load starts in partition 0. Page 11h offers
+1 additional partition on LTO-5/6 media and 3 on LTO-7 and later, none on older media.
+
 Writes are buffered in the page cache and made durable at WRITE FILEMARKS (any count, including
 0), REWIND, LOAD UNLOAD and close, which is what buffered mode 1 in the device-specific parameter
 promises the initiator.
@@ -90,6 +98,7 @@ from tcmu_py.scsi.sense import (
     NotReadyInitializingCommandRequired,
     NotReadyManualIntervention,
     ParameterListLengthError,
+    PositionPastBeginningOfMedium,
     ScsiError,
     SequentialPositioningError,
     VolumeOverflow,
@@ -170,6 +179,8 @@ class TapeDrive(ScsiDevice):
         self._pending_load = False
         # SSC-5 8.5 data encryption parameters: power on = defaults, no key (never persisted).
         self.encryption = DriveEncryption()
+        # Partition sizes (bytes) a MODE SELECT of page 11h asked for, made by FORMAT MEDIUM.
+        self._pending_partitions: list[int] | None = None
         barcode = library.drive_barcode(drive_index)
         if barcode is not None:
             self.barcode = barcode
@@ -190,6 +201,7 @@ class TapeDrive(ScsiDevice):
         """
         with self.lock:
             self._close_cartridge()
+            self._pending_partitions = None
             self.barcode = barcode
             self.state = DriveState.EMPTY
             self.pos = 0
@@ -656,10 +668,17 @@ class TapeDrive(ScsiDevice):
         req = ssc.Locate.parse(cmd.cdb)
         with self.lock:
             cart = self._readable()
-            if req.change_partition and req.partition != 0:
-                raise InvalidFieldInCdb(
-                    f"partition {req.partition}", field_pointer=8 if cmd.opcode == 0x2B else 3
-                )
+            if req.change_partition:
+                # SSC-5 LOCATE: CP = 1 changes to PARTITION before locating in it.
+                if req.partition >= cart.partition_count:
+                    raise InvalidFieldInCdb(
+                        f"partition {req.partition} of {cart.partition_count}",
+                        field_pointer=8 if cmd.opcode == Opcode.LOCATE_10 else 3,
+                    )
+                if req.partition != cart.partition:
+                    self._sync(cart)
+                    cart.select_partition(req.partition)
+                    self.pos = 0
             n = cart.object_count
             if req.dest_type == ssc.DestType.END_OF_DATA:
                 self.pos = n
@@ -694,7 +713,7 @@ class TapeDrive(ScsiDevice):
         """Current position as READ POSITION reports it (requires a loaded cartridge)."""
         cart = self._medium()
         return ssc.Position(
-            partition=0,
+            partition=cart.partition,
             object_id=self.pos,
             file_id=cart.filemarks_before(self.pos),
             bop=self.pos == 0,
@@ -735,6 +754,7 @@ class TapeDrive(ScsiDevice):
                     self.check_ready()
                 elif self.cartridge is not None:
                     self._sync(self.cartridge)
+                    self.cartridge.select_partition(0)  # SSC-5 LOAD UNLOAD: BOP of partition 0
                     self.pos = 0
                 return
             if self.prevented:
@@ -763,7 +783,7 @@ class TapeDrive(ScsiDevice):
             self._medium()
             if req.allow_overwrite > 2:
                 raise InvalidFieldInCdb(f"ALLOW OVERWRITE {req.allow_overwrite}", field_pointer=2)
-            if req.partition != 0:
+            if req.partition != self._medium().partition:
                 raise InvalidFieldInCdb(f"partition {req.partition}", field_pointer=3)
             if req.allow_overwrite == 1 and req.identifier != self.pos:
                 # SSC-5 ALLOW OVERWRITE: the identifier must name the current position.
@@ -875,12 +895,14 @@ class TapeDrive(ScsiDevice):
     def mode_pages(self) -> list[spc.ModePage]:
         with self.lock:
             cart = self.cartridge
-            cap_mb = cart.capacity // 10**6 if cart is not None else 0
+            sizes_mb = [n // 10**6 for n in cart.partition_sizes] if cart is not None else [0]
             pages = [
                 ssc.data_compression_page(self.compression),
-                ssc.device_configuration_page(self.compression),
+                ssc.device_configuration_page(
+                    self.compression, active_partition=cart.partition if cart is not None else 0
+                ),
                 ssc.device_configuration_extension_page(),
-                ssc.medium_partition_page(cap_mb),
+                ssc.medium_partition_page(sizes_mb, self._max_additional_partitions()),
                 ssc.medium_configuration_page(bool(cart is not None and cart.worm)),
             ]
         out = super().mode_pages()
@@ -922,7 +944,34 @@ class TapeDrive(ScsiDevice):
         )
         return cmd.write_data_in(spc.truncate(data, req.allocation_length))
 
+    def _max_additional_partitions(self) -> int:
+        """MAXIMUM ADDITIONAL PARTITIONS of page 11h: by the loaded medium's generation (the
+        drive's when empty): 3 from LTO-7, 1 on LTO-5/6, 0 before (and on media this drive
+        cannot write)."""
+        cart = self.cartridge
+        gen = self.personality.generation if cart is None else cart.generation
+        if cart is not None and (cart.cleaning or gen not in self.personality.writes):
+            return 0
+        return 3 if gen >= 7 else 1 if gen >= 5 else 0
+
+    def check_mode_page(self, page: spc.ModePage, body: bytes, offset: int) -> bytes:
+        if page.page_code != 0x11 or page.subpage != 0:
+            return super().check_mode_page(page, body, offset)
+        # SSC-5 8.3.6: the page length follows the number of size descriptors sent.
+        cart = self._medium()
+        ssc.parse_medium_partition_select(body, offset, page.current, cart.medium_capacity)
+        return bytes(body)
+
     def mode_page_changed(self, page_code: int, subpage: int, new_current: bytes) -> None:
+        if page_code == 0x11 and subpage == 0:
+            cart = self._medium()
+            sizes = ssc.parse_medium_partition_select(
+                new_current, 0, self._current_page(0x11), cart.medium_capacity
+            )
+            if sizes is not None:  # POFM 1: FORMAT MEDIUM makes them (SSC-5 8.3.6)
+                self._pending_partitions = sizes
+            self.forget_mode_page(0x11)  # MODE SENSE shows the medium's partitions
+            return
         if page_code == 0x0F and subpage == 0:
             self.compression = bool(new_current[2] & 0x80)  # SSC-5 8.3.3 DCE
         elif page_code == 0x10 and subpage == 0:
@@ -933,6 +982,51 @@ class TapeDrive(ScsiDevice):
         # Both pages are views of one setting: rebuild them from it rather than keeping a copy.
         self.forget_mode_page(0x0F)
         self.forget_mode_page(0x10)
+
+    def _current_page(self, page_code: int) -> bytes:
+        for page in self.mode_pages():
+            if page.page_code == page_code and page.subpage == 0:
+                return page.current
+        raise KeyError(page_code)
+
+    # ------------------------------------------------------------------------------------------
+    # FORMAT MEDIUM
+
+    @command(Opcode.FORMAT_UNIT)
+    def format_medium(self, cmd: Command) -> None:
+        """SSC-5 FORMAT MEDIUM: FORMAT 0 makes one partition, 1 the partitions the last MODE
+        SELECT of page 11h asked for (the current ones if none), 2 both in turn (the same as 1
+        here). Erases everything; the medium must be at BOP of partition 0."""
+        req = ssc.FormatMedium.parse(cmd.cdb)
+        if req.format > 2:
+            raise InvalidFieldInCdb(f"FORMAT {req.format}", field_pointer=2, bit_pointer=3)
+        if req.transfer_length:
+            raise InvalidFieldInCdb(
+                f"TRANSFER LENGTH {req.transfer_length}: no format parameters", field_pointer=3
+            )
+        with self.lock:
+            cart = self._writable()
+            if cart.worm:
+                raise WormOverwriteAttempted("FORMAT MEDIUM of a WORM cartridge")
+            if cart.partition != 0 or self.pos != 0:
+                # SSC-5 FORMAT MEDIUM: only at the beginning of partition 0.
+                raise PositionPastBeginningOfMedium(
+                    f"partition {cart.partition} object {self.pos}")
+            if req.format == 0:
+                sizes = [cart.medium_capacity]
+            elif self._pending_partitions is not None:
+                sizes = self._pending_partitions
+            else:
+                sizes = cart.partition_sizes
+            try:
+                cart.format(sizes)
+            except OSError as exc:
+                self.write_errors += 1
+                log.error("drive %d: FORMAT MEDIUM of %s: %s", self.drive_index, cart.barcode,
+                          exc)
+                raise WriteError(f"{cart.barcode}: format: {exc}") from exc
+            self._pending_partitions = None
+            self.pos = 0
 
     # ------------------------------------------------------------------------------------------
     # VPD and LOG SENSE
@@ -1040,7 +1134,7 @@ class TapeDrive(ScsiDevice):
         cart = self._medium()
         if volume != 0:
             raise InvalidFieldInCdb(f"logical volume {volume}", field_pointer=5)
-        if partition != 0:
+        if partition >= cart.partition_count:  # one cartridge memory serves every partition
             raise InvalidFieldInCdb(f"partition {partition}", field_pointer=7)
         return cart
 

@@ -293,6 +293,13 @@ class ScsiDevice:
                 "block descriptor cannot be changed", field_pointer=0
             )
 
+    def check_mode_page(self, page: spc.ModePage, body: bytes, offset: int) -> bytes:
+        """The new current value MODE SELECT gives `page` with `body` (sent at `offset` of the
+        parameter list), or ScsiError; nothing may change here (another page of the same
+        command may still fail). Default: `spc.apply_mode_select` (same length, only
+        changeable bits). A device overrides it for pages whose length may vary."""
+        return spc.apply_mode_select(page, body, offset)
+
     def mode_page_changed(self, page_code: int, subpage: int, new_current: bytes) -> None:
         """MODE SELECT changed a page (already checked against its changeable mask)."""
         if page_code == 0x0A and subpage == 0:
@@ -573,7 +580,7 @@ class ScsiDevice:
                     raise spc.InvalidFieldInParameterList(
                         f"mode page {page_code:#x}/{subpage:#x}", field_pointer=offset, in_cdb=False
                     )
-                changes.append((page, spc.apply_mode_select(page, body, offset)))
+                changes.append((page, self.check_mode_page(page, body, offset)))
                 offset += len(body)
             for density, blocks, length in parsed.block_descriptors:
                 self.apply_block_descriptor(density, blocks, length)

@@ -329,6 +329,7 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x3A, 0x00): "MEDIUM NOT PRESENT",
     (0x3A, 0x02): "MEDIUM NOT PRESENT - TRAY OPEN",
     (0x3B, 0x00): "SEQUENTIAL POSITIONING ERROR",
+    (0x3B, 0x0C): "POSITION PAST BEGINNING OF MEDIUM",
     (0x3B, 0x0D): "MEDIUM DESTINATION ELEMENT FULL",
     (0x3B, 0x0E): "MEDIUM SOURCE ELEMENT EMPTY",
     (0x3F, 0x03): "INQUIRY DATA HAS CHANGED",
@@ -498,6 +499,12 @@ class SavingParametersNotSupported(IllegalRequest):
     """05h/39h/00h SAVING PARAMETERS NOT SUPPORTED (SP=1 without saveable pages)."""
 
     asc, ascq = 0x39, 0x00
+
+
+class PositionPastBeginningOfMedium(IllegalRequest):
+    """05h/3Bh/0Ch POSITION PAST BEGINNING OF MEDIUM (SSC-5: FORMAT MEDIUM away from BOP 0)."""
+
+    asc, ascq = 0x3B, 0x0C
 
 
 class MediumDestinationElementFull(IllegalRequest):

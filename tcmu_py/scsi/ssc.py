@@ -547,15 +547,127 @@ def device_configuration_extension_page(pews_mb: int = 0) -> tuple[bytes, bytes]
     return bytes(cur), bytes(chg)
 
 
-def medium_partition_page(capacity_mb: int) -> tuple[bytes, bytes]:
-    """Page 11h (SSC-5 8.3.6) for a single-partition medium; nothing changeable.
+# Medium partition page flags (SSC-5 8.3.6, byte 4).
+FDP, SDP, IDP, PSUM_MASK, POFM, CLEAR, ADDP = 0x80, 0x40, 0x20, 0x18, 0x04, 0x02, 0x01
+#: PARTITION SIZE value that means "the rest of the medium" (SSC-5 8.3.6).
+PARTITION_REST = 0xFFFF
+#: MEDIUM FORMAT RECOGNITION this drive reports: format and partition recognition (03h).
+MEDIUM_FORMAT_RECOGNITION = 0x03
 
-    MAXIMUM ADDITIONAL PARTITIONS 0, MEDIUM FORMAT RECOGNITION 03h, PSUM 10b (MB), one partition
-    size descriptor (capped at FFFFh).
+
+def medium_partition_page(sizes_mb: list[int], max_additional: int) -> tuple[bytes, bytes]:
+    """Page 11h (SSC-5 8.3.6): current value and changeable mask.
+
+    MAXIMUM ADDITIONAL PARTITIONS `max_additional`, ADDITIONAL PARTITIONS DEFINED from `sizes_mb`
+    (one entry per partition), IDP and PSUM 10b (MB), POFM 1 (a FORMAT MEDIUM makes the
+    partitions, as on LTO-5 and later), MEDIUM FORMAT RECOGNITION 03h, and max_additional + 1
+    partition size descriptors (sizes capped at FFFEh, unused ones 0). Changeable: ADDITIONAL
+    PARTITIONS DEFINED, FDP/SDP/IDP, PSUM, PARTITION UNITS and the sizes (when partitions can be
+    made at all).
     """
-    cur = struct.pack(">BBBBBBBxH", 0x11, 0x08, 0, 0, 0x10, 0x03, 0, min(capacity_mb, 0xFFFF))
-    chg = struct.pack(">BBBBBBBxH", 0x11, 0x08, 0, 0, 0, 0, 0, 0)
+    n = max_additional + 1
+    descs = [min(mb, PARTITION_REST - 1) for mb in sizes_mb[:n]] + [0] * (n - len(sizes_mb))
+    flags = IDP | 0x10 | POFM
+    cur = bytes([0x11, 6 + 2 * n, max_additional, len(sizes_mb) - 1, flags,
+                 MEDIUM_FORMAT_RECOGNITION, 0, 0])
+    cur += b"".join(d.to_bytes(2, "big") for d in descs)
+    can = 0xFF if max_additional else 0
+    chg = bytes([0x11, 6 + 2 * n, 0, can & 0x03, can & (FDP | SDP | IDP | PSUM_MASK), 0,
+                 can & 0x0F, 0]) + bytes([can, can]) * n
     return cur, chg
+
+
+def parse_medium_partition_select(
+    body: bytes, offset: int, current: bytes, capacity: int
+) -> list[int] | None:
+    """The partition sizes in bytes that a MODE SELECT of page 11h (`body`, the whole page, at
+    `offset` in the parameter list) asks for, None if it asks for no change (none of FDP, SDP,
+    IDP set); `current` is the page as reported (`medium_partition_page`), `capacity` the
+    medium's bytes.
+
+    The page length may differ from ours (SSC-5 8.3.6: as many size descriptors as sent, st
+    sends two); every field this drive cannot honour is INVALID FIELD IN PARAMETER LIST
+    pointing at it: MAXIMUM ADDITIONAL PARTITIONS or MEDIUM FORMAT RECOGNITION changed, more
+    additional partitions than the maximum, more than one of FDP/SDP/IDP, POFM cleared, CLEAR
+    or ADDP set, a PARTITIONING TYPE, too few size descriptors, a size of 0, more than one
+    size of FFFFh, or sizes beyond the capacity.
+    """
+    def bad(what: str, byte: int, bit: int | None = None) -> InvalidFieldInParameterList:
+        return InvalidFieldInParameterList(f"medium partition page: {what}",
+                                           field_pointer=offset + byte, bit_pointer=bit)
+
+    if len(body) < 8 or len(body) % 2:
+        raise bad(f"page length {len(body) - 2}", 1)
+    if body[2] != current[2]:
+        raise bad(f"MAXIMUM ADDITIONAL PARTITIONS {body[2]}", 2)
+    additional = body[3]
+    if additional > current[2]:
+        raise bad(f"ADDITIONAL PARTITIONS DEFINED {additional}", 3)
+    flags = body[4]
+    how = flags & (FDP | SDP | IDP)
+    if how & (how - 1):
+        raise bad("more than one of FDP, SDP, IDP", 4, how.bit_length() - 1)
+    if not flags & POFM:
+        raise bad("POFM 0 (partitions are made by FORMAT MEDIUM)", 4, 2)
+    for bit, name in ((CLEAR, "CLEAR"), (ADDP, "ADDP")):
+        if flags & bit:
+            raise bad(name, 4, bit.bit_length() - 1)
+    if body[5] != current[5]:
+        raise bad(f"MEDIUM FORMAT RECOGNITION {body[5]:#x}", 5)
+    if body[6] & 0xF0:
+        raise bad(f"PARTITIONING TYPE {body[6] >> 4}", 6, 7)
+    if not how:
+        return None
+    n = additional + 1
+    if how != IDP:  # FDP / SDP: the drive chooses; equal partitions
+        if capacity < n:
+            raise bad(f"{n} partitions on {capacity} bytes", 3)
+        return [capacity // n] * n
+    if (len(body) - 8) // 2 < n:
+        raise bad(f"{(len(body) - 8) // 2} partition size descriptor(s) for {n} partitions", 1)
+    psum = (flags & PSUM_MASK) >> 3
+    unit = (1, 10**3, 10**6, 10 ** (body[6] & 0x0F))[psum]
+    values = [int.from_bytes(body[8 + 2 * i : 10 + 2 * i], "big") for i in range(n)]
+    sizes: list[int | None] = []
+    for i, v in enumerate(values):
+        if v == 0:
+            raise bad(f"partition {i} size 0", 8 + 2 * i)
+        if v == PARTITION_REST:
+            if None in sizes:
+                raise bad("a second partition size FFFFh", 8 + 2 * i)
+            sizes.append(None)
+        else:
+            sizes.append(v * unit)
+        if sum(s for s in sizes if s is not None) > capacity:
+            raise bad(f"partition {i} ends beyond the capacity {capacity}", 8 + 2 * i)
+    rest = capacity - sum(s for s in sizes if s is not None)
+    if None in sizes:
+        if rest <= 0:
+            raise bad("no room for the partition of size FFFFh", 8 + 2 * sizes.index(None))
+        return [rest if s is None else s for s in sizes]
+    return [s for s in sizes if s is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class FormatMedium:
+    """FORMAT MEDIUM 04h (SSC-5 7.x): VERIFY byte 1 bit 1, IMMED bit 0, FORMAT byte 2 bits 3..0
+    (0 default format, 1 partition as page 11h says, 2 default then partition), TRANSFER
+    LENGTH bytes 3..4."""
+
+    verify: bool
+    immed: bool
+    format: int
+    transfer_length: int
+
+    @classmethod
+    def parse(cls, cdb: bytes) -> FormatMedium:
+        _need(cdb, 6)
+        return cls(bool(cdb[1] & 0x02), bool(cdb[1] & 0x01), cdb[2] & 0x0F,
+                   int.from_bytes(cdb[3:5], "big"))
+
+    def build(self) -> bytes:
+        return bytes([0x04, (0x02 if self.verify else 0) | (0x01 if self.immed else 0),
+                      self.format & 0x0F]) + self.transfer_length.to_bytes(2, "big") + b"\x00"
 
 
 def medium_configuration_page(worm: bool) -> tuple[bytes, bytes]:

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tcmu_py.scsi import sense, ssc
-from tcmu_py.scsi.sense import parse_sense
+from tcmu_py.scsi.sense import InvalidFieldInParameterList, parse_sense
 
 u8 = st.integers(0, 0xFF)
 
@@ -118,7 +118,9 @@ def test_density_descriptor_layout() -> None:
         (ssc.data_compression_page(True), 0x0F, 16),
         (ssc.device_configuration_page(False), 0x10, 16),
         (ssc.device_configuration_extension_page(), 0x50, 32),
-        (ssc.medium_partition_page(12_000_000), 0x11, 10),
+        (ssc.medium_partition_page([12_000_000], 0), 0x11, 10),
+        (ssc.medium_partition_page([12_000_000], 1), 0x11, 12),
+        (ssc.medium_partition_page([6_000_000, 6_000_000], 3), 0x11, 16),
         (ssc.medium_configuration_page(True), 0x1D, 32),
     ],
 )
@@ -191,3 +193,22 @@ def test_conditions_carry_their_sense(err: sense.ScsiError, codes: tuple[int, in
             assert getattr(s, flag)
         if err.info is not None:
             assert s.info_signed == err.info
+
+
+@given(st.binary(min_size=0, max_size=24), st.integers(1, 1 << 50), st.integers(0, 3))
+def test_partition_page_select_sizes_fit_or_field_pointer(
+    body: bytes, capacity: int, max_additional: int
+) -> None:
+    """Whatever page 11h a MODE SELECT sends: partition sizes > 0 within the capacity, one per
+    defined partition, or INVALID FIELD IN PARAMETER LIST pointing inside the page."""
+    cur, _ = ssc.medium_partition_page([capacity // 10**6], max_additional)
+    page = bytes([0x11, max(len(body), 2) - 2]) + body[2:]
+    try:
+        sizes = ssc.parse_medium_partition_select(page, 100, cur, capacity)
+    except InvalidFieldInParameterList as exc:
+        assert exc.field_pointer is not None and 100 <= exc.field_pointer < 100 + len(page)
+        return
+    if sizes is not None:
+        assert len(sizes) == page[3] + 1 <= max_additional + 1
+        assert all(n > 0 for n in sizes)
+        assert sum(sizes) <= capacity

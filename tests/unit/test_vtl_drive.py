@@ -449,7 +449,7 @@ def test_report_density_support(tape: Tape) -> None:
 
 
 def test_mode_pages_and_compression(tape: Tape, lib: FakeLibrary) -> None:
-    for code, sub, length in [(0x0F, 0, 16), (0x10, 0, 16), (0x10, 1, 32), (0x11, 0, 10),
+    for code, sub, length in [(0x0F, 0, 16), (0x10, 0, 16), (0x10, 1, 32), (0x11, 0, 16),
                               (0x1D, 0, 32)]:
         r = tape.mode_sense(code, sub)
         assert r.good, (code, r)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -243,7 +244,8 @@ def load(ctx: Context, lab: Lab, slot: int, drive: int) -> None:
 @scenario(timeout=900)
 def changer_and_drive_commands(ctx: Context) -> None:
     """lsscsi lists the drives and the mediumx changer; mtx inquiry/status/load/unload/
-    transfer/first/next; mt status/setblk/weof/fsf/bsf/fsr/bsr/eod/tell/seek/rewind/offline."""
+    transfer/first/next; mt status/setblk/weof/fsf/bsf/fsr/bsr/eod/tell/seek/rewind/offline;
+    then partitions (`partitions_round_trip`)."""
     lab = serve_library(ctx)
     out = sh(ctx, "lsscsi", "-g")
     ch_line = next((ln for ln in out.splitlines() if str(lab.changer_sg) in ln), "")
@@ -353,6 +355,7 @@ def changer_and_drive_commands(ctx: Context) -> None:
     assert mtx_status(ctx, lab).drives[0] == ("ABC000L8", 1)
     sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload", "1", "0")
     assert mtx_status(ctx, lab).slots[1] == "ABC000L8"
+    partitions_round_trip(ctx, lab, 1, "ABC000L8")
 
 
 @scenario(timeout=900)
@@ -577,6 +580,64 @@ def mtx_status_with(ctx: Context, lab: Lab, barcode: str) -> MtxStatus | None:
         log(f"mtx status: {exc}")
         return None
     return st if barcode in st.slots.values() else None
+
+
+_PARTITION = re.compile(r"partition=(\d+)")
+
+
+def mt_partition(ctx: Context, tape: Path) -> int:
+    """The partition `mt status` reports (st's idea of the active partition)."""
+    out = mt(ctx, tape, "status")
+    m = _PARTITION.search(out)
+    assert m, out
+    return int(m.group(1))
+
+
+def partitions_round_trip(ctx: Context, lab: Lab, slot: int, barcode: str) -> None:
+    """mt-st partitions on the LTO-8 cartridge `barcode` in `slot` (loaded into drive 0 and
+    unloaded again): `mkpartition` (MODE SELECT page 11h, FORMAT MEDIUM), a tar archive into
+    partition 1 and another into partition 0 (`setpartition`: LOCATE with CP), both extracted
+    byte-identical after an mtx unload/load; `partseek` and `tell`; the cartridge directory
+    records the two partitions (meta.json format 2, partition1/). Runs inside
+    `changer_and_drive_commands` to share its daemon (a daemon start is most of a scenario's
+    time on a loaded machine)."""
+    started = time.monotonic()
+    tape = lab.tapes[0]
+    load(ctx, lab, slot, 0)
+    # st only uses partitions when told the drive has them (an st option of this device).
+    mt(ctx, tape, "stsetoptions", "can-partitions")
+    ctx.cleanup.callback(lambda: run(["mt", "-f", str(tape), "stclearoptions",
+                                      "can-partitions"], timeout=60, check=False))
+    mt(ctx, tape, "mkpartition", "100")  # partition 1: 100 MB, partition 0: the rest
+    assert mt_partition(ctx, tape) == 0
+    trees = [random_tree(ctx.workdir / f"ptree{t}", 6, t) for t in range(2)]
+    for partition in (1, 0):
+        mt(ctx, tape, "setpartition", str(partition))
+        sh(ctx, "tar", "-c", "-b", "128", "-f", str(tape), "-C", str(trees[partition]), ".")
+        assert mt_partition(ctx, tape) == partition
+    tell0 = mt_tell(ctx, tape)
+    assert tell0 > 1, tell0  # the archive's blocks and its filemark, in partition 0
+
+    sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload", str(slot), "0")
+    load(ctx, lab, slot, 0)
+    assert mt_partition(ctx, tape) == 0  # a load starts in partition 0
+    for partition in (1, 0):
+        mt(ctx, tape, "setpartition", str(partition))
+        out = ctx.workdir / f"pout{partition}"
+        out.mkdir()
+        sh(ctx, "tar", "-x", "-b", "128", "-f", str(tape), "-C", str(out))
+        assert tree_digest(out) == tree_digest(trees[partition]), f"partition {partition}"
+    mt(ctx, tape, "partseek", "1", "2")
+    assert mt_partition(ctx, tape) == 1 and mt_tell(ctx, tape) == 2
+    mt(ctx, tape, "partseek", "0", "0")
+    mt(ctx, tape, "eod")
+    assert mt_partition(ctx, tape) == 0 and mt_tell(ctx, tape) == tell0  # partition 0's EOD
+    sh(ctx, "mtx", "-f", str(lab.changer_sg), "unload", str(slot), "0")
+    cart = lab.library / "media" / barcode
+    meta = json.loads((cart / "meta.json").read_text())
+    assert meta["format"] == 2 and meta["partitions"][1] == 100_000_000, meta
+    assert (cart / "partition1" / "data").stat().st_size > 9 * 64 * KIB
+    ctx.details["partitions_seconds"] = round(time.monotonic() - started, 1)
 
 
 def random_tree(root: Path, files: int, seed: int) -> Path:
