@@ -658,7 +658,10 @@ class Mirror:
 
     def _start_resync(self) -> None:
         with self._lock:
-            if self._resync_thread is not None and self._resync_thread.is_alive():
+            # `_resync_thread` is None from the moment a pass decides it has nothing left
+            # (under the lock): a leg reattached after that starts a new thread, one reattached
+            # before it is picked up by the running thread's next pass.
+            if self._resync_thread is not None:
                 self._resync_wake.set()
                 return
             self._resync_thread = threading.Thread(target=self._resync_loop,
@@ -670,14 +673,14 @@ class Mirror:
             with self._lock:
                 targets = [ls for ls in self._legs if ls.state == RESYNCING]
                 sources = [ls for ls in self._legs if ls.state == IN_SYNC]
+                if not targets or not sources:
+                    self._resync_thread = None
+                    if targets:
+                        log.error("mirror: no leg in sync to resync from")
+                    return
                 regions = self._dirty_regions()
                 self.resync_total = len(regions)
                 self.resync_done = 0
-            if not targets:
-                return
-            if not sources:
-                log.error("mirror: no leg in sync to resync from")
-                return
             try:
                 self._copy_regions(sources[0], targets, regions, throttle=True)
             except OSError as exc:  # the source failed: next pass picks another
@@ -704,7 +707,9 @@ class Mirror:
                 all_in = all(ls.state == IN_SYNC for ls in self._legs)
             if all_in:  # every leg holds every region: the bits of quiet regions can go
                 self.flush()
-            return
+            # next pass: legs reattached during this one (the loop's top ends the thread)
+        with self._lock:
+            self._resync_thread = None
 
     def _reconcile(self, fresh: _LegState, legs: list[_LegState], regions: list[int]) -> None:
         """Unclean open: make the in-sync `legs` agree on `regions`: the content a majority of
@@ -836,6 +841,7 @@ class Mirror:
             self._resync_wake.wait(self.cfg.retry_interval)
             if self._closing:
                 return
+            self._resync_wake.clear()  # set by a reattach during a pass: no busy loop here
             for ls in self._legs:
                 if ls.state == FAILED:
                     self.reattach(ls.index)

@@ -122,6 +122,28 @@ def test_a_leg_fails_mid_sequence_writes_go_on_and_resync_copies_only_dirty_regi
     assert m.status()["dirty_regions"] == 0
 
 
+def test_a_leg_reattached_while_a_resync_pass_runs_is_resynced_too(
+        three: tuple[dict[str, Store], Mirror]) -> None:
+    """The pass running when a second leg comes back took its targets before: the resync
+    thread runs another pass for the newcomer instead of ending with it still resyncing."""
+    st, m = three
+    st["leg1"].down = st["leg2"].down = True
+    for r in (1, 5, 9):
+        write(m, r * REGION, bytes([r]) * 8192)
+    st["leg1"].down = st["leg2"].down = False
+    gate = threading.Event()
+    st["leg1"].data_gate = gate  # pass 1 (leg 1 only) holds at its first region
+    assert m.reattach(1)
+    assert wait_until(lambda: m.status()["resync"]["active"] and m._resync_busy, DEADLINE)
+    assert m.reattach(2)  # during pass 1
+    gate.set()
+    assert wait_until(lambda: [leg["state"] for leg in m.status()["legs"]] == [IN_SYNC] * 3,
+                      DEADLINE), m.status()
+    a, b, c = data_areas(st)
+    assert a == b == c
+    assert wait_until(lambda: m._resync_thread is None, DEADLINE)
+
+
 def test_a_failed_read_is_retried_on_another_leg(three: tuple[dict[str, Store], Mirror]) -> None:
     st, m = three
     write(m, 0, b"r" * 4096)
