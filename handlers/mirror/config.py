@@ -276,7 +276,7 @@ def _daemon_status(run_dir: str | None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "tcmu_py", "status", "--json"]
     if run_dir:
         cmd[4:4] = ["--run-dir", run_dir]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip() or "tcmu-py status failed")
     result: dict[str, Any] = json.loads(proc.stdout)
@@ -297,7 +297,10 @@ def _resync(args: argparse.Namespace) -> int:
             st = _daemon_status(args.run_dir)
         except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
             print(f"tcmu-py mirror resync: {exc}", file=sys.stderr)
-            return 1
+            if not args.wait or time.monotonic() > deadline:
+                return 1
+            time.sleep(args.interval)  # --wait: a daemon too busy to answer once is asked again
+            continue
         mirrors = [m for m in st.get(SECTION) or []
                    if args.device is None or m.get("device") == args.device]
         if not mirrors:
