@@ -794,8 +794,7 @@ class Mirror:
             if ls.state != FAILED or self._closing:
                 return False
         if not self._stop_worker(ls, wait=1.0):
-            ls.error = "still waiting for its last answer"
-            return False  # closing the leg under its stuck worker is not safe: next round
+            return False  # still in its last call (its error says why): next round
         old, ls.leg = ls.leg, None
         if old is not None:
             with contextlib.suppress(OSError):
