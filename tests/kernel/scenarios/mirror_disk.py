@@ -225,7 +225,7 @@ def three_legs(ctx: Context) -> None:
         f"leg_timeout: {LEG_TIMEOUT}, "
         "resync_rate: 0}\n"
         "exports:\n  loopback:\n    - {device: m0, lun: 0}\n")
-    d, run_dir = serve_config(ctx, cfg)
+    d, run_dir = serve_config(ctx, cfg, timeout=600)  # slow under emulation on a busy host
     # `down` before the daemon stops (cleanup is LIFO): sd sends SYNCHRONIZE CACHE to a disk
     # with a write cache as it goes, which nobody would answer once the daemon is gone.
     ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
@@ -371,7 +371,7 @@ def three_legs(ctx: Context) -> None:
     assert show.count(", clean,") == 3, show
     stage_split_brain(ctx, specs)
     before_files = file_sums(images)
-    d2, run_dir = serve_config(ctx, cfg)
+    d2, run_dir = serve_config(ctx, cfg, timeout=600)
     ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
     st = daemon_status(ctx, run_dir)
     (m0,) = [x for x in st["devices"] if x["name"] == "m0"]
