@@ -4,12 +4,13 @@ Config string (after ``mirror/``), items separated by ``;`` (``,`` too in hand-w
 
     legs=<spec>|<spec>[|<spec>][;quorum=all|N][;region=<size>][;read=round-robin|least-busy]
     [;resync_rate=<size per second, 0: unthrottled>][;retry=<seconds>][;degraded_open=0|1]
-    [;assume_clean=0|1]
+    [;assume_clean=0|1][;leg_timeout=<seconds, 0: none>]
 
 A leg spec is an absolute path (image file or block device) or an NBD URI (`legs`), with
 ``%``, ``:``, ``;``, ``,`` and ``|`` percent-encoded (`encode_spec`: rtslib-fb refuses ``:`` in a
 dev_config, the kernel cuts it at ``,``): ``legs=/img|nbd%3A//10.0.0.2%3A10809/m0``.
-Defaults: quorum ``all``, region 1M, read ``round-robin``, resync_rate 64M, retry 5 s.
+Defaults: quorum ``all``, region 1M, read ``round-robin``, resync_rate 64M, retry 5 s,
+leg_timeout 10 s (a leg that does not answer a write or flush in time is marked out of sync).
 
 YAML::
 
@@ -23,6 +24,7 @@ YAML::
           region: 1M
           read: round-robin
           resync_rate: 64M
+          leg_timeout: 10    # seconds; 0: no limit
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
 SECTION = "mirrors"
 READ_POLICIES = ("round-robin", "least-busy")
 _KEYS = ("legs", "quorum", "region", "read", "resync_rate", "retry", "degraded_open",
-         "assume_clean")
+         "assume_clean", "leg_timeout")
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,14 @@ class Parsed:
     retry: float = 5.0
     degraded_open: bool = False
     assume_clean: bool = False
+    leg_timeout: float = 10.0
 
     def mirror_config(self, size: int, write_cache: bool) -> MirrorConfig:
         return MirrorConfig(legs=self.legs, size=size, region=self.region, quorum=self.quorum,
                             write_cache=write_cache, resync_rate=self.resync_rate,
                             retry_interval=self.retry, degraded_open=self.degraded_open,
-                            assume_clean=self.assume_clean, read_policy=self.read)
+                            assume_clean=self.assume_clean, read_policy=self.read,
+                            leg_timeout=self.leg_timeout)
 
 
 def encode_spec(spec: str) -> str:
@@ -123,9 +127,9 @@ def parse(cfgstring: str) -> Parsed:
                 if value not in READ_POLICIES:
                     raise ValueError(value)
                 out["read"] = value
-            elif key == "retry":
-                out["retry"] = float(value)
-                if not 0 <= out["retry"] <= 3600:
+            elif key in ("retry", "leg_timeout"):
+                out[key] = float(value)
+                if not 0 <= out[key] <= 3600:
                     raise ValueError(value)
             else:
                 out[key] = _flag(cfgstring, key, value)
@@ -153,6 +157,7 @@ _EXPECT = {
     "resync_rate": "a size per second (e.g. 64M), 0 for unthrottled",
     "read": " or ".join(READ_POLICIES),
     "retry": "seconds, 0..3600 (0: no automatic reattach)",
+    "leg_timeout": "seconds, 0..3600 (0: no limit)",
 }
 
 
@@ -160,8 +165,7 @@ _EXPECT = {
 
 
 def load_options(raw: object, path: str, checker: Checker) -> tuple[tuple[str, str], ...] | None:
-    m = checker.mapping(raw, path, {"legs", "quorum", "region", "read", "resync_rate", "retry",
-                                    "degraded_open", "assume_clean"}, frozenset({"legs"}))
+    m = checker.mapping(raw, path, set(_KEYS), frozenset({"legs"}))
     if m is None or "legs" not in m:
         return None
     before = len(checker.problems)
@@ -203,8 +207,9 @@ def load_options(raw: object, path: str, checker: Checker) -> tuple[tuple[str, s
             rate := checker.size(m["resync_rate"], f"{path}.resync_rate", positive=False)
     ) is not None:
         items.append(("resync_rate", str(rate)))
-    if "retry" in m and (t := checker.integer(m["retry"], f"{path}.retry", 0, 3600)) is not None:
-        items.append(("retry", str(t)))
+    for key in ("retry", "leg_timeout"):
+        if key in m and (t := checker.integer(m[key], f"{path}.{key}", 0, 3600)) is not None:
+            items.append((key, str(t)))
     for key in ("degraded_open", "assume_clean"):
         if key in m and (b := checker.boolean(m[key], f"{path}.{key}")) is not None:
             items.append((key, "1" if b else "0"))
@@ -271,7 +276,7 @@ def _daemon_status(run_dir: str | None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "tcmu_py", "status", "--json"]
     if run_dir:
         cmd[4:4] = ["--run-dir", run_dir]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip() or "tcmu-py status failed")
     result: dict[str, Any] = json.loads(proc.stdout)
@@ -292,7 +297,10 @@ def _resync(args: argparse.Namespace) -> int:
             st = _daemon_status(args.run_dir)
         except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
             print(f"tcmu-py mirror resync: {exc}", file=sys.stderr)
-            return 1
+            if not args.wait or time.monotonic() > deadline:
+                return 1
+            time.sleep(args.interval)  # --wait: a daemon too busy to answer once is asked again
+            continue
         mirrors = [m for m in st.get(SECTION) or []
                    if args.device is None or m.get("device") == args.device]
         if not mirrors:

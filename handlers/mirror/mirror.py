@@ -37,7 +37,10 @@ Rules this file obeys
        that hold it are at least the write quorum (``all``: one; a number N: N). (With the
        device's write cache off, each leg's write is FUA: durable on return.) Acknowledging at
        the quorum *before* a slow leg answered is not done: after a crash nothing would say
-       which leg was behind;
+       which leg was behind. A leg that has not answered within ``leg_timeout`` counts as
+       failed: it is marked out of sync and recorded on the others (rule 3) by the waiting
+       command, which then goes on without it (its late answer is ignored; its worker, stuck
+       in the call, keeps the leg from being reattached until the call returns);
     5. bits are cleared lazily: after a flush reached every leg, with every leg in sync, for the
        regions no write touched since that flush started. A clear that is lost (a crash) only
        costs a resync of that region; a set that is lost cannot happen (1 before 2).
@@ -168,6 +171,9 @@ class MirrorConfig:
     assume_clean: bool = False
     #: "round-robin", or "least-busy" (the in-sync leg with the fewest reads in flight).
     read_policy: str = "round-robin"
+    #: Seconds a leg gets to answer a write, flush or metadata write before it is marked out
+    #: of sync (recorded on the others) and the command goes on without it; 0: no limit.
+    leg_timeout: float = 10.0
 
 
 IN_SYNC, RESYNCING, FAILED = "in-sync", "resyncing", "failed"
@@ -184,6 +190,7 @@ class _LegState:
         self.error = ""
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
+        self.stopping = False  # the worker was sent its end (None on its queue)
         #: In-flight writes on this leg: id -> (start, end); reads avoid legs where they overlap.
         self.pending: dict[int, tuple[int, int]] = {}
         self.reads = 0
@@ -658,7 +665,10 @@ class Mirror:
 
     def _start_resync(self) -> None:
         with self._lock:
-            if self._resync_thread is not None and self._resync_thread.is_alive():
+            # `_resync_thread` is None from the moment a pass decides it has nothing left
+            # (under the lock): a leg reattached after that starts a new thread, one reattached
+            # before it is picked up by the running thread's next pass.
+            if self._resync_thread is not None:
                 self._resync_wake.set()
                 return
             self._resync_thread = threading.Thread(target=self._resync_loop,
@@ -670,14 +680,14 @@ class Mirror:
             with self._lock:
                 targets = [ls for ls in self._legs if ls.state == RESYNCING]
                 sources = [ls for ls in self._legs if ls.state == IN_SYNC]
+                if not targets or not sources:
+                    self._resync_thread = None
+                    if targets:
+                        log.error("mirror: no leg in sync to resync from")
+                    return
                 regions = self._dirty_regions()
                 self.resync_total = len(regions)
                 self.resync_done = 0
-            if not targets:
-                return
-            if not sources:
-                log.error("mirror: no leg in sync to resync from")
-                return
             try:
                 self._copy_regions(sources[0], targets, regions, throttle=True)
             except OSError as exc:  # the source failed: next pass picks another
@@ -704,7 +714,9 @@ class Mirror:
                 all_in = all(ls.state == IN_SYNC for ls in self._legs)
             if all_in:  # every leg holds every region: the bits of quiet regions can go
                 self.flush()
-            return
+            # next pass: legs reattached during this one (the loop's top ends the thread)
+        with self._lock:
+            self._resync_thread = None
 
     def _reconcile(self, fresh: _LegState, legs: list[_LegState], regions: list[int]) -> None:
         """Unclean open: make the in-sync `legs` agree on `regions`: the content a majority of
@@ -781,9 +793,10 @@ class Mirror:
         with self._lock:
             if ls.state != FAILED or self._closing:
                 return False
+        if not self._stop_worker(ls, wait=1.0):
+            return False  # still in its last call (its error says why): next round
         old, ls.leg = ls.leg, None
         if old is not None:
-            self._stop_worker(ls)
             with contextlib.suppress(OSError):
                 old.close()
         try:
@@ -825,17 +838,26 @@ class Mirror:
         self._start_resync()
         return True
 
-    def _stop_worker(self, ls: _LegState) -> None:
+    def _stop_worker(self, ls: _LegState, wait: float = 10.0) -> bool:
+        """End the leg's worker; False if it is still in a call after `wait` seconds (a leg
+        that timed out: it stays, and ends when the call returns)."""
         if ls.thread is not None:
-            ls.queue.put(None)
-            ls.thread.join(10)
+            if not ls.stopping:
+                ls.queue.put(None)
+                ls.stopping = True
+            ls.thread.join(wait)
+            if ls.thread.is_alive():
+                return False
             ls.thread = None
+            ls.stopping = False
+        return True
 
     def _monitor_loop(self) -> None:
         while not self._closing:
             self._resync_wake.wait(self.cfg.retry_interval)
             if self._closing:
                 return
+            self._resync_wake.clear()  # set by a reattach during a pass: no busy loop here
             for ls in self._legs:
                 if ls.state == FAILED:
                     self.reattach(ls.index)
@@ -912,7 +934,9 @@ class Mirror:
         self._closed = self._closing = True
         self._resync_wake.set()
         for ls in self._legs:
-            self._stop_worker(ls)
+            if not self._stop_worker(ls):
+                log.warning("mirror: %s still in a call; left open", ls.name())
+                continue  # closing it under the call is not safe
             if ls.leg is not None:
                 with contextlib.suppress(OSError):
                     ls.leg.close()
@@ -933,6 +957,9 @@ class _WriteOp:
         self.error: OSError | None = None
         self.started = False
         self.seq = 0
+        #: Legs that have not answered yet (a leg timed out is removed by the waiter).
+        self.waiting: dict[int, _LegState] = {}
+        self.deadline = 0.0
         self.id = id(self)
         #: Called (no lock held) when every leg answered and none failed.
         self.on_complete: Callable[[], None] | None = None
@@ -944,6 +971,9 @@ class _WriteOp:
         self.left = len(targets)
         self.need = need
         self.started = True
+        self.waiting = {ls.index: ls for ls in targets}
+        timeout = self.m.cfg.leg_timeout
+        self.deadline = time.monotonic() + timeout if timeout > 0 else 0.0
         self.in_sync = {ls.index for ls in targets if ls.state == IN_SYNC}
         if self.regions:
             span = (self.regions[0] * self.m.region, (self.regions[-1] + 1) * self.m.region)
@@ -960,6 +990,8 @@ class _WriteOp:
     def done(self, ls: _LegState, exc: OSError | None) -> None:
         with self.m._lock:
             ls.pending.pop(self.id, None)
+            if self.waiting.pop(ls.index, None) is None:
+                return  # answered after its timeout: counted failed already
             if exc is None and ls.index in self.in_sync:
                 self.succeeded.add(ls.index)
             elif exc is not None:
@@ -981,12 +1013,46 @@ class _WriteOp:
                 self.m._writers.pop(r, None)
         self.m._lock.notify_all()
 
+    def _time_out(self) -> bool:
+        """Caller holds the lock. Past the deadline, the legs that have not answered count as
+        failed; each is marked out of sync and recorded on the others (rule 3) before this
+        returns (the lock is released meanwhile). True if it did anything."""
+        if not self.deadline or not self.waiting or time.monotonic() < self.deadline:
+            return False
+        late = list(self.waiting.values())
+        self.waiting.clear()
+        for ls in late:
+            ls.pending.pop(self.id, None)
+        self.left -= len(late)
+        self.error = OSError(110, f"mirror: no answer within {self.m.cfg.leg_timeout:g} s "
+                             f"from {', '.join(ls.name() for ls in late)}")
+        if self.left == 0:
+            self._finish()
+        self.m._lock.release()
+        try:
+            for ls in late:
+                log.error("mirror: %s did not answer within %g s", ls.name(),
+                          self.m.cfg.leg_timeout)
+                self.m._fail_leg(ls, self.error)
+        finally:
+            self.m._lock.acquire()
+        self.m._lock.notify_all()
+        return True
+
+    def _sleep(self) -> None:
+        """Wait for an answer (caller holds the lock), at most until the deadline."""
+        if self.deadline:
+            self.m._lock.wait(max(0.0, self.deadline - time.monotonic()) + 0.001)
+        else:
+            self.m._lock.wait()
+
     def wait(self) -> None:
         """Rule 4: return once the quorum holds the write (``all``: once every leg answered,
         the failed ones recorded as out of sync); QuorumLost or the legs' error otherwise."""
         m = self.m
         with m._lock:
             while True:
+                self._time_out()
                 self.ok = sum(1 for i in self.succeeded if m._legs[i].state == IN_SYNC)
                 if m.cfg.quorum:
                     if self.left == 0:
@@ -1000,13 +1066,15 @@ class _WriteOp:
                             raise QuorumLost("mirror: no leg left in sync")
                         raise self.error or OSError(5, "mirror: no leg took the write")
                     return
-                m._lock.wait()
+                self._sleep()
 
     def wait_all(self) -> None:
-        """Until every leg answered (failures are the legs' own: they are marked failed)."""
+        """Until every leg answered or timed out (failures are the legs' own: they are marked
+        failed)."""
         with self.m._lock:
             while self.left:
-                self.m._lock.wait()
+                if not self._time_out():
+                    self._sleep()
 
     @property
     def complete(self) -> bool:

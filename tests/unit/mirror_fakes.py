@@ -22,6 +22,8 @@ class Store:
         self.meta_from = size
         #: When set, writes wait for it (a slow leg); cleared by the test, set to release.
         self.gate: threading.Event | None = None
+        #: The same for data-area writes only (metadata writes go through).
+        self.data_gate: threading.Event | None = None
 
     def check(self, what: str) -> None:
         if self.down:
@@ -64,6 +66,9 @@ class MemoryLeg:
         if gate is not None:
             assert gate.wait(30), "test gate never opened"
             self.store.check("write")
+        data_gate = self.store.data_gate
+        if data_gate is not None and offset < self.store.meta_from:
+            assert data_gate.wait(30), "test data gate never opened"
         crash = self.store.crash
         if crash is not None and not crash.take():
             raise OSError(errno.EIO, f"{self.spec}: power cut")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
-from mirror_fakes import Crash, Store, opener
+from mirror_fakes import Crash, MemoryLeg, Store, opener
 
 from tcmu_py.errors import ConfigError
 from tcmu_py.handlers.mirror.mirror import (
@@ -19,6 +20,7 @@ from tcmu_py.handlers.mirror.mirror import (
     MirrorConfig,
     QuorumLost,
     meta_length,
+    read_superblock,
     wait_until,
 )
 from tcmu_py.scsi.sense import SenseKey
@@ -122,6 +124,28 @@ def test_a_leg_fails_mid_sequence_writes_go_on_and_resync_copies_only_dirty_regi
     assert m.status()["dirty_regions"] == 0
 
 
+def test_a_leg_reattached_while_a_resync_pass_runs_is_resynced_too(
+        three: tuple[dict[str, Store], Mirror]) -> None:
+    """The pass running when a second leg comes back took its targets before: the resync
+    thread runs another pass for the newcomer instead of ending with it still resyncing."""
+    st, m = three
+    st["leg1"].down = st["leg2"].down = True
+    for r in (1, 5, 9):
+        write(m, r * REGION, bytes([r]) * 8192)
+    st["leg1"].down = st["leg2"].down = False
+    gate = threading.Event()
+    st["leg1"].data_gate = gate  # pass 1 (leg 1 only) holds at its first region
+    assert m.reattach(1)
+    assert wait_until(lambda: m.status()["resync"]["active"] and m._resync_busy, DEADLINE)
+    assert m.reattach(2)  # during pass 1
+    gate.set()
+    assert wait_until(lambda: [leg["state"] for leg in m.status()["legs"]] == [IN_SYNC] * 3,
+                      DEADLINE), m.status()
+    a, b, c = data_areas(st)
+    assert a == b == c
+    assert wait_until(lambda: m._resync_thread is None, DEADLINE)
+
+
 def test_a_failed_read_is_retried_on_another_leg(three: tuple[dict[str, Store], Mirror]) -> None:
     st, m = three
     write(m, 0, b"r" * 4096)
@@ -196,6 +220,39 @@ def test_quorum_two_waits_for_a_slow_leg_and_never_reads_it_stale() -> None:
         for _ in range(6):
             assert read(m, 0, 4096) == b"s" * 4096
     finally:
+        st["leg2"].gate = None
+        m.close()
+
+
+def test_a_leg_that_does_not_answer_in_time_is_marked_out_of_sync_and_the_write_goes_on(
+) -> None:
+    """leg_timeout: a leg silent past the deadline is failed (recorded on the others before
+    the acknowledgement) and the write completes with the quorum; the leg is not reattached
+    while its worker is still in the call, and resyncs once the call returned."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, quorum=2, leg_timeout=0.3)
+    gate = threading.Event()
+    try:
+        st["leg2"].gate = gate  # leg 2 hangs (a server that stopped answering)
+        started = time.monotonic()
+        write(m, 0, b"t" * 4096)
+        took = time.monotonic() - started
+        assert 0.25 <= took < 5, took
+        s = m.status()
+        assert [leg["state"] for leg in s["legs"]] == [IN_SYNC, IN_SYNC, FAILED], s
+        assert "did not answer" in s["legs"][2]["error"] or "within" in s["legs"][2]["error"]
+        for name in ("leg0", "leg1"):  # rule 3: recorded before the acknowledgement
+            sb = read_superblock(MemoryLeg(st[name]))
+            assert sb is not None and not sb.has(2), sb
+        write(m, 4096, b"u" * 4096)  # leg 2 no longer waited for
+        assert not m.reattach(2)  # its worker is still in the call
+        gate.set()
+        assert wait_until(lambda: m.reattach(2), DEADLINE)
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c
+    finally:
+        gate.set()
         st["leg2"].gate = None
         m.close()
 

@@ -45,6 +45,7 @@ DEADLINE = 30.0
     ("legs=/a|/b;read=random", "round-robin or least-busy"),
     ("legs=/a|/b;frob=1", "unknown key 'frob'"),
     ("legs=/a|/b;degraded_open=yes", "expected 0 or 1"),
+    ("legs=/a|/b;leg_timeout=-1", "leg_timeout='-1': expected seconds"),
 ])
 def test_check_config_errors(cfg: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -53,10 +54,12 @@ def test_check_config_errors(cfg: str, match: str) -> None:
 
 def test_config_string_parses() -> None:
     p = parse("legs=/a.img|nbd+unix:///e?socket=/run/s;quorum=2;region=1M;read=least-busy;"
-              "resync_rate=0;retry=2;degraded_open=1")
+              "resync_rate=0;retry=2;degraded_open=1;leg_timeout=2.5")
     assert p.legs == ("/a.img", "nbd+unix:///e?socket=/run/s")
     assert (p.quorum, p.region, p.read, p.resync_rate, p.retry, p.degraded_open) == \
         (2, 1 << 20, "least-busy", 0, 2.0, True)
+    assert p.leg_timeout == 2.5 and p.mirror_config(1 << 20, True).leg_timeout == 2.5
+    assert parse("legs=/a|/b").leg_timeout == 10.0
 
 
 def test_yaml_options_become_the_config_string() -> None:
@@ -70,11 +73,12 @@ def test_yaml_options_become_the_config_string() -> None:
               quorum: all
               region: 4M
               resync_rate: 16M
+              leg_timeout: 20
     """), "cfg.yaml")
     dev = cfg.device("m0")
     text = dev_config_string(dev)
     assert text.startswith("mirror/legs=/srv/m0.img|nbd%3A//10.0.0.2/m0;quorum=all;"
-                           "region=4194304;resync_rate=16777216")
+                           "region=4194304;resync_rate=16777216;leg_timeout=20")
     MirrorHandler.check_config(text.split("/", 1)[1])
     assert parse(text.split("/", 1)[1]).legs == ("/srv/m0.img", "nbd://10.0.0.2/m0")
 

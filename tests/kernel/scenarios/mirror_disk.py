@@ -1,0 +1,417 @@
+"""The ``mirror`` handler against the real kernel (issue 16): one daemon serves a 3-leg mirror
+(a local image file and two ``nbdkit file`` servers, each in a network namespace of its own
+made here, reached over a veth pair) through tcm_loop, write quorum 2.
+
+1. fio with verification over the whole disk; the data areas of the three legs are identical.
+2. fio (verify) on 2 MiB of the disk; one NBD server is SIGKILLed while it runs: fio sees no
+   error; ``tcmu-py status`` shows the mirror degraded and the leg failed.
+3. The server comes back: the daemon reattaches the leg, ``tcmu-py mirror resync --wait``
+   waits for the copy, which covers only the regions written while it was away (counted:
+   those of the 2 MiB), and the legs are identical again.
+4. Both NBD servers killed: under the write quorum, a write fails at once with DATA PROTECT /
+   LOGICAL UNIT SOFTWARE WRITE PROTECTED (sg_raw shows the sense; dd fails), reads go on;
+   the servers back and resynced, writes work again.
+5. One NBD leg slowed (``tc netem delay 50ms`` on its veth): writes go on; then silent
+   (``netem loss 100%``): the first write waiting for it completes after ``leg_timeout`` (3 s)
+   with the leg marked out of sync; the network back, the leg is reattached and resynced.
+6. The daemon stopped (clean close: ``tcmu-py mirror verify`` over the three legs finds no
+   difference), a split brain is staged in this process through the mirror's own API (the
+   local leg and one NBD leg written without the other NBD leg, then that leg written alone):
+   the daemon serves the disk NOT READY with a message naming both legs, and no byte of any
+   leg changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from guestlib import (
+    Context,
+    Daemon,
+    disk_by_wwn,
+    log,
+    run,
+    scenario,
+    serve_config,
+    tcmu_py,
+    wait_for,
+)
+
+MIB = 1 << 20
+SIZE = 16 * MIB
+REGION = 128 << 10
+NREGIONS = SIZE // REGION
+WWN = "naa.5001405000ee0000"
+PORT = 10809
+#: Bytes of every leg: the data area and the mirror's metadata at the end (12 KiB here).
+LEG_BYTES = SIZE + MIB
+#: The 2 MiB written while a leg is away (step 2): these regions, and no other, are copied back.
+AWAY_OFFSET, AWAY_BYTES = 4 * MIB, 2 * MIB
+#: Seconds a leg gets to answer (the device's command timeout is 30 s).
+LEG_TIMEOUT = 3
+
+
+@dataclass
+class NbdLeg:
+    """An ``nbdkit file`` server on ``addr:PORT`` in network namespace ``ns``."""
+
+    ctx: Context
+    ns: str
+    host_if: str
+    host_addr: str
+    addr: str
+    image: Path
+    server: Daemon | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://{self.addr}:{PORT}"
+
+    def setup(self) -> None:
+        ctx = self.ctx
+        run(["ip", "netns", "add", self.ns], timeout=ctx.remaining(30))
+        ctx.cleanup.callback(lambda: run(["ip", "netns", "del", self.ns], timeout=30,
+                                         check=False))
+        peer = self.host_if + "p"
+        run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", peer, "netns",
+             self.ns], timeout=ctx.remaining(30))
+        ctx.cleanup.callback(lambda: run(["ip", "link", "del", self.host_if], timeout=30,
+                                         check=False))
+        run(["ip", "addr", "add", f"{self.host_addr}/24", "dev", self.host_if],
+            timeout=ctx.remaining(30))
+        run(["ip", "link", "set", self.host_if, "up"], timeout=ctx.remaining(30))
+        inside = ["ip", "netns", "exec", self.ns]
+        run([*inside, "ip", "addr", "add", f"{self.addr}/24", "dev", peer],
+            timeout=ctx.remaining(30))
+        run([*inside, "ip", "link", "set", peer, "up"], timeout=ctx.remaining(30))
+        run([*inside, "ip", "link", "set", "lo", "up"], timeout=ctx.remaining(30))
+        ctx.cleanup.callback(self.kill)
+
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection((self.addr, PORT), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        assert self.server is None or not self.server.running, f"{self.ns}: already running"
+        self.server = Daemon(["ip", "netns", "exec", self.ns, "nbdkit", "--foreground", "-i",
+                              self.addr, "-p", str(PORT), "file", f"file={self.image}"],
+                             self.ctx.artifacts / f"nbdkit-{self.ns}.log")
+        self.server.start(ready=self._listening, timeout=self.ctx.remaining(30))
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies with commands in flight (a crash, not a clean stop)."""
+        import signal
+
+        if self.server is not None:
+            self.server.stop(timeout=10, sig=signal.SIGKILL)
+
+
+def daemon_status(ctx: Context, run_dir: Path) -> dict:  # type: ignore[type-arg]
+    """The daemon's status (what ``tcmu-py status --json`` prints), asked in this process: an
+    interpreter start per question costs tens of seconds under emulation on a loaded host."""
+    from tcmu_py.daemon.control import query_status
+
+    return query_status(run_dir, timeout=ctx.remaining(60))
+
+
+def mirror_status(ctx: Context, run_dir: Path) -> dict:  # type: ignore[type-arg]
+    st = daemon_status(ctx, run_dir)
+    (m,) = [m for m in st["mirrors"] if m["device"] == "m0"]
+    return m  # type: ignore[no-any-return]
+
+
+def leg_states(m: dict) -> list[str]:  # type: ignore[type-arg]
+    return [leg["state"] for leg in m["legs"]]
+
+
+def data_sums(images: list[Path]) -> list[str]:
+    """SHA-256 of each leg's data area (the first SIZE bytes of its image file)."""
+    out = []
+    for img in images:
+        with open(img, "rb") as f:
+            out.append(hashlib.sha256(f.read(SIZE)).hexdigest())
+    return out
+
+
+def file_sums(images: list[Path]) -> list[str]:
+    return [hashlib.sha256(img.read_bytes()).hexdigest() for img in images]
+
+
+def fio(ctx: Context, dev: Path, name: str, offset: int, size: int, *extra: str,
+        background: bool = False) -> subprocess.Popen[bytes] | None:
+    argv = ["fio", f"--name={name}", f"--filename={dev}", "--rw=write", "--bs=128k",
+            f"--offset={offset}", f"--size={size}", "--direct=1", "--ioengine=psync",
+            "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--end_fsync=1",
+            "--status-interval=10", *extra]
+    log(f"$ {' '.join(argv)} &")
+    # its output streams to the artifacts (progress visible from the host while it runs)
+    proc = subprocess.Popen(argv, stdout=open(ctx.artifacts / f"fio-{name}.log", "wb"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    if background:
+        return proc
+    try:
+        rc = proc.wait(timeout=ctx.remaining(240))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = (ctx.artifacts / f"fio-{name}.log").read_text(errors="replace")
+    ctx.details[f"fio_{name}"] = text[-1200:]
+    assert rc == 0, f"fio {name}: exit {rc}\n{text[-3000:]}"
+    return None
+
+
+def resync_wait(ctx: Context, run_dir: Path) -> float:
+    t0 = time.monotonic()
+    out = run(tcmu_py("mirror", "resync", "--wait", "--interval", "0.5", "--timeout", "150",
+                      "--run-dir", str(run_dir)), timeout=ctx.remaining(180), check=False)
+    assert out.returncode == 0, f"mirror resync --wait: exit {out.returncode}\n{out.stdout}" \
+        f"{out.stderr}"
+    return time.monotonic() - t0
+
+
+def reattached(ctx: Context, run_dir: Path, legs: list[int]) -> dict | None:  # type: ignore[type-arg]
+    """The status once the daemon took ``legs`` back (resyncing or already in sync)."""
+    m = mirror_status(ctx, run_dir)
+    return m if all(m["legs"][i]["state"] != "failed" for i in legs) else None
+
+
+def sg_write(ctx: Context, dev: Path, lba: int) -> subprocess.CompletedProcess[str]:
+    """WRITE(10) of one 512-byte block of 0x5a at ``lba`` through sg_raw (sense printed)."""
+    block = ctx.workdir / "block.bin"
+    block.write_bytes(b"\x5a" * 512)
+    cdb = ["2a", "00", *(f"{b:02x}" for b in lba.to_bytes(4, "big")), "00", "00", "01", "00"]
+    return run(["sg_raw", "-s", "512", "-i", str(block), str(dev), *cdb],
+               timeout=ctx.remaining(60), check=False)
+
+
+@scenario(timeout=1200)
+def three_legs(ctx: Context) -> None:
+    started = time.monotonic()
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        phases[name] = round(time.monotonic() - started - sum(phases.values()), 1)
+
+    run(["modprobe", "veth"], timeout=ctx.remaining(30), check=False)
+    images = [ctx.workdir / f"leg{i}.img" for i in range(3)]
+    for img in images:
+        with open(img, "wb") as fw:
+            fw.truncate(LEG_BYTES)
+    legs = [NbdLeg(ctx, f"tmir{i}", f"tmir{i}", f"10.99.{i}.1", f"10.99.{i}.2", images[i])
+            for i in (1, 2)]
+    for leg in legs:
+        leg.setup()
+        leg.start()
+    specs = [str(images[0]), legs[0].uri, legs[1].uri]
+    cfg = ctx.workdir / "mirror.yaml"
+    cfg.write_text(
+        f"state_dir: {ctx.workdir / 'state'}\n"
+        "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16}\n"
+        "devices:\n"
+        f"  - name: m0\n    handler: mirror\n    size: 16M\n    wwn: {WWN}\n"
+        "    write_cache: true\n"
+        f"    options: {{legs: {json.dumps(specs)}, quorum: 2, region: 128K, retry: 1, "
+        "assume_clean: true, "  # the legs are new sparse files: zero, equal
+        f"leg_timeout: {LEG_TIMEOUT}, "
+        "resync_rate: 0}\n"
+        "exports:\n  loopback:\n    - {device: m0, lun: 0}\n")
+    d, run_dir = serve_config(ctx, cfg, timeout=600)  # slow under emulation on a busy host
+    # `down` before the daemon stops (cleanup is LIFO): sd sends SYNCHRONIZE CACHE to a disk
+    # with a write cache as it goes, which nobody would answer once the daemon is gone.
+    ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
+    dev = wait_for(lambda: disk_by_wwn(WWN), ctx.remaining(120), f"m0 ({WWN})")
+    phase("setup")
+
+    # 1. fio with verification over the whole disk: the legs are identical.
+    fio(ctx, dev, "whole", 0, SIZE)
+    m = wait_for(lambda: (lambda s: s if s["dirty_regions"] == 0 else None)(
+        mirror_status(ctx, run_dir)), ctx.remaining(30), "the bitmap to clear after the flush")
+    assert m["state"] == "optimal" and leg_states(m) == ["in-sync"] * 3, m
+    sums = data_sums(images)
+    assert len(set(sums)) == 1, f"legs differ after fio: {sums}"
+    copied_before = m["regions_copied"]
+    phase("fio_whole")
+
+    # 2. A leg's server killed while fio writes: no error reaches fio.
+    proc = fio(ctx, dev, "away", AWAY_OFFSET, AWAY_BYTES, "--bs=16k", "--rate_iops=32",
+               background=True)
+    assert proc is not None
+    try:
+        with open(images[0], "rb") as fh:
+            fh.seek(AWAY_OFFSET)
+            before = fh.read(64 << 10)
+
+        def fio_writing() -> bool:
+            with open(images[0], "rb") as f:
+                f.seek(AWAY_OFFSET)
+                return f.read(64 << 10) != before
+
+        wait_for(fio_writing, ctx.remaining(60), "fio to start writing")
+        legs[0].kill()
+        assert proc.poll() is None, "fio ended before the leg was killed (not mid-fio)"
+        rc = proc.wait(timeout=ctx.remaining(120))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    fio_log = (ctx.artifacts / "fio-away.log").read_text(errors="replace")
+    ctx.details["fio_away"] = fio_log[-1200:]
+    assert rc == 0, f"fio with a leg killed: exit {rc}\n{fio_log[-3000:]}"
+    m = mirror_status(ctx, run_dir)
+    ctx.details["degraded"] = m
+    assert m["state"] == "degraded", m
+    assert leg_states(m) == ["in-sync", "failed", "in-sync"], m
+    dirty = m["dirty_regions"]
+    away_regions = AWAY_BYTES // REGION
+    assert 0 < dirty <= away_regions, (dirty, away_regions)
+    phase("leg_killed_mid_fio")
+
+    # 3. The server back: only the regions written meanwhile are copied.
+    legs[0].start()
+    wait_for(lambda: reattached(ctx, run_dir, [1]), ctx.remaining(60), "leg 1 reattached")
+    resync_seconds = resync_wait(ctx, run_dir)
+    m = mirror_status(ctx, run_dir)
+    copied = m["regions_copied"] - copied_before
+    ctx.details["resync"] = {"dirty_regions": dirty, "regions_copied": copied,
+                             "regions": NREGIONS, "seconds": round(resync_seconds, 1)}
+    log(f"resync: {copied} regions copied of {NREGIONS} ({dirty} dirty) in {resync_seconds:.1f}s")
+    assert leg_states(m) == ["in-sync"] * 3 and m["state"] == "optimal", m
+    assert copied == dirty, (copied, dirty)
+    assert copied <= NREGIONS // 4, (copied, NREGIONS)
+    sums = data_sums(images)
+    assert len(set(sums)) == 1, f"legs differ after the resync: {sums}"
+    phase("resync")
+
+    # 4. Quorum lost: writes refused with DATA PROTECT, reads go on; back: writes work.
+    for leg in legs:
+        leg.kill()
+    t0 = time.monotonic()
+    out = sg_write(ctx, dev, 0)
+    refused_in = time.monotonic() - t0
+    text = (out.stdout + out.stderr).lower()
+    ctx.details["quorum_lost_sense"] = (out.stdout + out.stderr)[-800:]
+    assert "data protect" in text and "write protected" in text, text
+    assert refused_in < 20, f"refusing the write took {refused_in:.1f}s"
+    dd = run(["dd", "if=/dev/zero", f"of={dev}", "bs=4k", "count=1", "seek=10", "oflag=direct"],
+             timeout=ctx.remaining(60), check=False)
+    assert dd.returncode != 0, "dd wrote without the quorum"
+    m = mirror_status(ctx, run_dir)
+    ctx.details["quorum_lost"] = m
+    assert m["state"] == "read-only" and leg_states(m) == ["in-sync", "failed", "failed"], m
+    rd = run(["dd", f"if={dev}", "of=/dev/null", "bs=1M", "count=4", "iflag=direct"],
+             timeout=ctx.remaining(60), check=False)
+    assert rd.returncode == 0, f"read without the quorum: exit {rd.returncode}\n{rd.stderr}"
+    for leg in legs:
+        leg.start()
+    wait_for(lambda: reattached(ctx, run_dir, [1, 2]), ctx.remaining(60), "legs 1, 2 reattached")
+    resync_wait(ctx, run_dir)
+    m = mirror_status(ctx, run_dir)
+    assert m["state"] == "optimal", m
+    out = sg_write(ctx, dev, 0)
+    assert out.returncode == 0, f"write after the legs came back: {out.stdout}{out.stderr}"
+    run(["sg_sync", str(dev)], timeout=ctx.remaining(60))
+    with open(images[2], "rb") as fh:
+        assert fh.read(512) == b"\x5a" * 512, "the write after the quorum came back is not on leg 2"
+    phase("quorum")
+
+    # 5. A slow leg (netem 50 ms) still takes writes; a silent one (netem loss 100 %) is marked
+    # out of sync after leg_timeout instead of holding the command; back, it is resynced.
+    tc = ["tc", "qdisc", "add", "dev", legs[1].host_if, "root", "netem", "delay", "50ms"]
+    run(tc, timeout=ctx.remaining(30))
+    ctx.cleanup.callback(lambda: run(["tc", "qdisc", "del", "dev", legs[1].host_if, "root"],
+                                     timeout=30, check=False))
+    t0 = time.monotonic()
+    run(["dd", "if=/dev/urandom", f"of={dev}", "bs=64k", "count=16", "seek=64", "oflag=direct"],
+        timeout=ctx.remaining(120))
+    slow_seconds = time.monotonic() - t0
+    m = mirror_status(ctx, run_dir)
+    assert leg_states(m) == ["in-sync"] * 3, m
+    tc[2], tc[-2:] = "change", ["loss", "100%"]
+    run(tc, timeout=ctx.remaining(30))
+    t0 = time.monotonic()
+    run(["dd", "if=/dev/urandom", f"of={dev}", "bs=64k", "count=4", "seek=96", "oflag=direct"],
+        timeout=ctx.remaining(120))
+    silent_seconds = time.monotonic() - t0
+    m = mirror_status(ctx, run_dir)
+    ctx.details["silent_leg"] = m
+    assert leg_states(m) == ["in-sync", "in-sync", "failed"], m
+    assert "no answer within" in m["legs"][2]["error"], m
+    assert silent_seconds < LEG_TIMEOUT + 20, silent_seconds
+    run(["tc", "qdisc", "del", "dev", legs[1].host_if, "root"], timeout=ctx.remaining(30))
+    wait_for(lambda: reattached(ctx, run_dir, [2]), ctx.remaining(90), "leg 2 reattached")
+    resync_wait(ctx, run_dir)
+    run(["sg_sync", str(dev)], timeout=ctx.remaining(60))
+    m = mirror_status(ctx, run_dir)
+    assert m["state"] == "optimal", m
+    sums = data_sums(images)
+    assert len(set(sums)) == 1, f"legs differ after the silent leg came back: {sums}"
+    ctx.details["netem"] = {"delay_50ms_1MiB_seconds": round(slow_seconds, 1),
+                            "loss_100pct_256KiB_seconds": round(silent_seconds, 1),
+                            "leg_timeout": LEG_TIMEOUT}
+    log(f"netem: 1 MiB with a 50 ms leg in {slow_seconds:.1f}s; 256 KiB with a silent leg in "
+        f"{silent_seconds:.1f}s (leg_timeout {LEG_TIMEOUT}s)")
+    phase("netem")
+
+    # 6. Clean stop; the legs agree; a split brain staged and refused.
+    run(tcmu_py("down", "-c", str(cfg)), timeout=ctx.remaining(120))
+    assert d.stop(timeout=60) == 0, "serve did not exit cleanly on SIGTERM"
+    ver = run(tcmu_py("mirror", "verify", *specs), timeout=ctx.remaining(120), check=False)
+    assert ver.returncode == 0 and " 0 differ" in ver.stdout, ver.stdout + ver.stderr
+    show = run(tcmu_py("mirror", "show", *specs), timeout=ctx.remaining(60)).stdout
+    assert show.count(", clean,") == 3, show
+    stage_split_brain(ctx, specs)
+    before_files = file_sums(images)
+    d2, run_dir = serve_config(ctx, cfg, timeout=600)
+    ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
+    st = daemon_status(ctx, run_dir)
+    (m0,) = [x for x in st["devices"] if x["name"] == "m0"]
+    reason = m0.get("failed") or ""
+    ctx.details["split_brain"] = reason
+    log(f"split brain: {reason}")
+    assert "split brain" in reason and f"leg 0 ({specs[0]})" in reason \
+        and f"leg 2 ({specs[2]})" in reason, m0
+    run(tcmu_py("down", "-c", str(cfg)), timeout=ctx.remaining(120))
+    assert d2.stop(timeout=60) == 0
+    assert file_sums(images) == before_files, "a leg changed at the refused open"
+    phase("split_brain")
+    ctx.details["phases"] = phases
+    log(f"phases (s): {phases}")
+
+
+def stage_split_brain(ctx: Context, specs: list[str]) -> None:
+    """Legs 0 and 1 written while leg 2 is away, then leg 2 written alone (degraded_open):
+    each side excludes the other. Through the mirror's API in this process."""
+    from tcmu_py.handlers.mirror.legs import open_leg
+    from tcmu_py.handlers.mirror.mirror import Mirror, MirrorConfig
+
+    def opener(reachable: set[str]):  # type: ignore[no-untyped-def]
+        def open_some(spec: str, size: int):  # type: ignore[no-untyped-def]
+            if spec not in reachable:
+                raise OSError(113, f"{spec}: unreachable (staged)")
+            return open_leg(spec, size)
+        return open_some
+
+    def side(reachable: set[str], byte: int) -> None:
+        cfg = MirrorConfig(legs=tuple(specs), size=SIZE, region=REGION, quorum=0,
+                           write_cache=False, retry_interval=0,
+                           degraded_open=len(reachable) < 2)
+        m = Mirror.open(cfg, 512, opener(reachable))
+        try:
+            m.write(REGION * 3, [memoryview(bytes([byte]) * 4096)])
+            m.flush()
+        finally:
+            m.close()
+
+    side({specs[0], specs[1]}, 0xA1)
+    side({specs[2]}, 0xC2)
+    log(run(tcmu_py("mirror", "show", *specs), timeout=ctx.remaining(60)).stdout)
