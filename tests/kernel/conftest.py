@@ -247,5 +247,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         if path.name.startswith("_"):
             continue
         res = json.loads(path.read_text())
+        cpu = res.get("cpu")
+        busy = (f", guest CPUs {cpu['busy'] / (res['duration'] * cpu['cpus']):.0%} busy"
+                if cpu and res["duration"] > 0 else "")
         tr.write_line(f"  {res['name']}: {'ok' if res['ok'] else 'FAILED'} "
-                      f"in {res['duration']:.1f}s")
+                      f"in {res['duration']:.1f}s{busy}")
