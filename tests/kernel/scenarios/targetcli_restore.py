@@ -8,9 +8,10 @@ it holds the raw image and, bind-mounted on targetcli's configuration directory 
 
 - ``before_reboot``: README's install; the first targetcli call starts tcmu-py by D-Bus
   activation; a user:raw disk and a loopback LUN made in targetcli; a pattern written through
-  the LUN (O_DIRECT, fsync); ``targetcli saveconfig``; ``sync``. It ends normally: the reset
-  (``sysrq b``) comes from the scenario after it in the same boot (vtl_reboot's cut,
-  conftest.POWER_LOSS_CHAIN), after its cleanup stopped its daemon and D-Bus and unmounted.
+  the LUN (O_DIRECT, fsync); ``targetcli saveconfig``; ``sync``; ``targetctl clear`` (as
+  target.service's ExecStop). It ends normally: the reset (``sysrq b``) comes from the scenario
+  after it in the same boot (vtl_reboot's cut, conftest.POWER_LOSS_CHAIN), after its cleanup
+  stopped its daemon and D-Bus and unmounted.
 - ``after_reboot``: the same mounts and install, then what systemd runs at boot, in the units'
   order and with their own command lines: tcmu-py.service (ExecStart read from the installed
   unit, ``Type=notify``: its READY=1 awaited on a NOTIFY_SOCKET) before
@@ -121,6 +122,10 @@ def before_reboot(ctx: Context) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     run(["sync"], timeout=ctx.remaining(60))
+    # What targetcli made is taken down as target.service's ExecStop would at shutdown (the
+    # saved file stays as synced): the scenario ends normally and leaves no LIO objects for
+    # the next one in this boot; the reset comes later (vtl_reboot's cut).
+    run(["targetctl", "clear"], timeout=ctx.remaining(120), check=False)
     log(f"before_reboot: {expected['seconds']} s; saved and synced, the reset comes later")
 
 
