@@ -178,25 +178,116 @@ def boot_scenarios(names: list[str], results: Path, *, budget: float = DEFAULT_B
     return run
 
 
-def boot_across_power_loss(before: str, after: str, results: Path, disk: Path,
-                           disk_bytes: int) -> dict[str, Any]:
-    """Two boots on one host image file ``disk`` (created sparse, ``disk_bytes``), attached to
-    each as /dev/vda: scenario ``before`` must leave ``expected.json`` in its results and end the
-    VM itself (``sysrq b``, no _done.json); scenario ``after`` then runs in the second boot.
-    Returns ``after``'s details; fails with the scenario's own error or the console tail."""
-    with open(disk, "wb") as f:
-        f.truncate(disk_bytes)
-    first = boot_scenarios([before], results, disks=(disk,))
-    expected = results / before / "expected.json"
-    if not expected.exists():
-        first.error = None  # ending without _done.json is this boot's plan; show why it failed
-        first.check(before)  # the scenario's own error, or the console tail if it left none
-        pytest.fail(f"{before} left no {expected.name}\n{first.console_tail()}", pytrace=False)
-    assert not (results / "_done.json").exists(), (
-        "the first boot finished its scenarios: the reset did not happen")
-    os.replace(results / "console.log", results / "console-before.log")
-    second = boot_scenarios([after], results, disks=(disk,))
-    return second.check(after)
+#: The host image files of the power-loss tests, attached to every boot of the chain in this
+#: order (/dev/vda, /dev/vdb, /dev/vdc; each scenario module names its own): sparse sizes.
+POWER_LOSS_DISKS = (("dedup-disk.img", 512 << 20),     # vda: dedup_reboot (the pool, ext4)
+                    ("restore-disk.img", 512 << 20),   # vdb: targetcli_restore (64 MiB image)
+                    ("library-disk.img", 1 << 30))     # vdc: vtl_reboot (a few tens of MiB)
+#: The three power-loss tests in three boots instead of two each. Two "before" halves leave work
+#: in flight for the cut (a tape drive's unterminated blocks; fio on the dedup disk), each with
+#: its own `tcmu-py serve`; two daemons in one boot would both claim every device of the
+#: subtypes they serve, so a boot holds one cut. Each boot runs its scenarios in registry order
+#: and the one that ends it (``sysrq b``) must come last (checked); targetcli's saveconfig half
+#: ends normally (it syncs) and the reset that follows in the same boot is its reboot.
+POWER_LOSS_CHAIN: tuple[tuple[tuple[str, ...], str | None], ...] = (
+    (("dedup_reboot.before_power_loss",), "dedup_reboot.before_power_loss"),
+    (("dedup_reboot.after_power_loss", "targetcli_restore.before_reboot",
+      "vtl_reboot.before_power_loss"), "vtl_reboot.before_power_loss"),
+    (("targetcli_restore.after_reboot", "vtl_reboot.after_power_loss"), None),
+)
+
+#: The "before" scenario of each "after" one.
+POWER_LOSS_BEFORE = {
+    "dedup_reboot.after_power_loss": "dedup_reboot.before_power_loss",
+    "targetcli_restore.after_reboot": "targetcli_restore.before_reboot",
+    "vtl_reboot.after_power_loss": "vtl_reboot.before_power_loss",
+}
+
+
+@pytest.fixture(scope="session")
+def power_loss_chain(request: pytest.FixtureRequest, lab_results: Path,
+                     tmp_path_factory: pytest.TempPathFactory) -> PowerLossChain:
+    """The power-loss boots, once per session for every selected test that asks for them (its
+    module's BEFORE and AFTER scenarios run; `PowerLossChain`)."""
+    wanted: set[str] = set()
+    for item in request.session.items:
+        if "power_loss_chain" in getattr(item, "fixturenames", ()):
+            module: Any = getattr(item, "module", None)
+            wanted.update((module.BEFORE, module.AFTER))
+    return boot_power_loss_chain(lab_results / "power-loss",
+                                 tmp_path_factory.mktemp("power-loss-disks"), wanted)
+
+
+@dataclass
+class PowerLossChain:
+    """The boots of `POWER_LOSS_CHAIN` (``boots[i]`` ran ``POWER_LOSS_CHAIN[i]``); each test
+    checks its own pair of scenarios with `check`."""
+
+    results: Path
+    #: The boots that ran, by index in POWER_LOSS_CHAIN.
+    boots: dict[int, LabRun]
+    #: Index of the boot of each scenario.
+    boot_of: dict[str, int]
+    #: Whether boot i ended in the reset (no ``_done.json``).
+    reset: dict[int, bool]
+
+    def check(self, before: str, after: str) -> dict[str, Any]:
+        """``before`` left ``expected.json`` (and passed, if it ended normally), the boot it
+        ran in ended in a reset, and ``after`` passed in a later boot: ``after``'s details."""
+        first = self.boots[self.boot_of[before]]
+        expected = self.results / before / "expected.json"
+        if (self.results / f"{before}.json").exists():
+            first.check(before)  # it ended normally (targetcli's) or failed before the cut
+        if not expected.exists():
+            pytest.fail(f"{before} left no {expected.name} (it ends its boot with the reset)\n"
+                        f"--- console tail ({first.console}) ---\n{first.console_tail()}",
+                        pytrace=False)
+        assert self.reset[self.boot_of[before]], (
+            f"the boot that ran {before} finished its scenarios: the reset did not happen")
+        return self.boots[self.boot_of[after]].check(after)
+
+
+def boot_power_loss_chain(results: Path, workdir: Path, wanted: set[str]) -> PowerLossChain:
+    """Create the `POWER_LOSS_DISKS` (sparse, in ``workdir``) and boot `POWER_LOSS_CHAIN` for the
+    ``wanted`` scenarios, every boot with all the disks, each boot's console kept as
+    ``console-<i>.log``. A boot with none of them is left out; one whose "before" scenarios owe
+    their reboot to its cut runs the cut too. An "after" scenario whose "before" left no
+    ``expected.json`` is not run (its test reports why)."""
+    results.mkdir(parents=True, exist_ok=True)
+    disks: list[Path] = []
+    for name, size in POWER_LOSS_DISKS:
+        disk = workdir / name
+        with open(disk, "wb") as f:
+            f.truncate(size)
+        disks.append(disk)
+    registry = list(guestlib.discover_scenarios())
+    chain = PowerLossChain(results, {}, {}, {})
+    for i, (names, cut) in enumerate(POWER_LOSS_CHAIN):
+        order = sorted(names, key=registry.index)  # guest_main's order
+        if cut is not None and order[-1] != cut:
+            pytest.fail(f"boot {i}: {cut} ends the VM but runs before {order[-1]}: rename or "
+                        "regroup POWER_LOSS_CHAIN", pytrace=False)
+        chain.boot_of.update(dict.fromkeys(names, i))
+        run_names = [n for n in order if n in wanted and (
+            n not in POWER_LOSS_BEFORE
+            or (results / POWER_LOSS_BEFORE[n] / "expected.json").exists())]
+        if cut is not None and cut not in run_names and any(
+                n in POWER_LOSS_BEFORE.values() for n in run_names):
+            run_names.append(cut)  # last in guest_main's order (checked above)
+        if not run_names:
+            continue
+        (results / "_done.json").unlink(missing_ok=True)
+        run = boot_scenarios(run_names, results, disks=tuple(disks))
+        # Reset: the VM ended by itself (not killed at its timeout) without guest_main's end.
+        chain.reset[i] = run.returncode is not None and not (results / "_done.json").exists()
+        if chain.reset[i] and cut in run_names:
+            run.error = None  # the planned end; what ran before the cut is in its results
+        console = results / f"console-{i}.log"
+        if run.console.exists():
+            os.replace(run.console, console)
+        run.console = console
+        chain.boots[i] = run
+    return chain
 
 
 def _results_dir() -> Path:
@@ -247,5 +338,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         if path.name.startswith("_"):
             continue
         res = json.loads(path.read_text())
+        cpu = res.get("cpu")
+        busy = (f", guest CPUs {cpu['busy'] / (res['duration'] * cpu['cpus']):.0%} busy"
+                if cpu and res["duration"] > 0 else "")
         tr.write_line(f"  {res['name']}: {'ok' if res['ok'] else 'FAILED'} "
-                      f"in {res['duration']:.1f}s")
+                      f"in {res['duration']:.1f}s{busy}")

@@ -10,7 +10,11 @@ any LIO objects left behind. (``--run-one NAME`` runs a single scenario in-proce
 ends with ``DIR/NAME.json``::
 
     {"name": ..., "ok": bool, "error": str | null, "details": {...}, "duration": float,
-     "leaked": [configfs paths removed after it]}
+     "leaked": [configfs paths removed after it], "cpu": {"busy": s, "idle": s, "cpus": n}}
+
+``cpu``: the guest's CPU seconds (all CPUs together, /proc/stat) busy and idle (iowait counted
+as idle) while the scenario ran; busy / (duration x cpus) tells how much of the VM's CPUs it
+kept busy, whatever else ran on the host (a descheduled vCPU's time is not counted as idle).
 
 ``DIR/_guest.json`` records facts about the guest (kernel, modules, udev, uptime at start) and
 ``DIR/_done.json`` is written last, so the host can tell a finished run from a crashed guest.
@@ -63,6 +67,15 @@ def guest_facts() -> dict[str, object]:
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
     }
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, idle) seconds of all the guest's CPUs together since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle, iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / hz, idle / hz
 
 
 def run_one(name: str, results: Path, timeout: float | None = None) -> int:
@@ -143,6 +156,7 @@ def run_child(name: str, timeout: float, results: Path) -> int:
     result_path = results / f"{name}.json"
     log_path = results / f"{name}.log"
     start = time.monotonic()
+    cpu_start = cpu_times()
     # fork rather than a new interpreter: Python start-up costs seconds under emulation, and the
     # scenario modules are already imported here.
     sys.stdout.flush()
@@ -179,6 +193,7 @@ def run_child(name: str, timeout: float, results: Path) -> int:
             break
         time.sleep(0.05)
     returncode = os.waitstatus_to_exitcode(status)
+    cpu_end = cpu_times()
     if result_path.exists() and not timed_out:
         result = json.loads(result_path.read_text())
     else:
@@ -192,6 +207,8 @@ def run_child(name: str, timeout: float, results: Path) -> int:
         leaked = guestlib.teardown_all()
     except OSError as e:
         leaked = [f"teardown failed: {e}"]
+    result["cpu"] = {"busy": round(cpu_end[0] - cpu_start[0], 1),
+                     "idle": round(cpu_end[1] - cpu_start[1], 1), "cpus": os.cpu_count()}
     if leaked:
         result["leaked"] = leaked
         if result["ok"]:

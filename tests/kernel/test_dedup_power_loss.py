@@ -2,26 +2,22 @@
 each as /dev/vda (ext4 holding the dedup pool). The first ends in a reset without sync
 (``sysrq b``) while fio writes to ext4 on the dedup disk with periodic fsync; the second checks
 the pool, serves it again and reads the fsynced files back. The guest side is
-tests/kernel/scenarios/dedup_reboot.py; this test boots the VM twice and reports each half.
+tests/kernel/scenarios/dedup_reboot.py; the boots are those of conftest.POWER_LOSS_CHAIN, shared
+with the other two power-loss tests.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from conftest import boot_across_power_loss
+from conftest import PowerLossChain
 
 pytestmark = pytest.mark.kernel
 
 BEFORE = "dedup_reboot.before_power_loss"
 AFTER = "dedup_reboot.after_power_loss"
-DISK_BYTES = 512 << 20  # sparse; the pool takes a few tens of MiB
 
 
-def test_dedup_pool_survives_power_loss(lab_results: Path, tmp_path: Path) -> None:
-    results = lab_results / "dedup-power-loss"
-    disk = tmp_path / "dedup-disk.img"
-    details = boot_across_power_loss(BEFORE, AFTER, results, disk, DISK_BYTES)
+def test_dedup_pool_survives_power_loss(power_loss_chain: PowerLossChain) -> None:
+    details = power_loss_chain.check(BEFORE, AFTER)
     assert details["fsynced_files_intact"] == 8
     assert not details["check_after_cut"]["problems"]

@@ -3,7 +3,7 @@
 serves the same pool from the same disk.
 
 The pool lives on ext4 on /dev/vda, a virtio-blk disk backed by a host image file
-(``tests/kernel/test_dedup_power_loss.py`` attaches it to both boots): what the guest has not
+(``tests/kernel/conftest.py``'s power-loss chain attaches it to both boots): what the guest has not
 flushed to it is gone after the reset, as after a power cut. The dedup disk has a write cache
 (WCE=1): a write is acknowledged from the pool's open transaction and made durable by
 SYNCHRONIZE CACHE, which ext4 sends on fsync; so only what was fsynced is owed after the cut.
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from guestlib import Context, Daemon, disk_by_wwn, log, run, scenario, tcmu_py, wait_for
 
-DISK = Path("/dev/vda")
+DISK = Path("/dev/vda")  # conftest.POWER_LOSS_DISKS
 MOUNT = Path("/tmp/dedup-disk")
 EXPECTED = "expected.json"
 WWN = "naa.5001405000dd00f0"

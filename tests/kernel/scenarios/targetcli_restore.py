@@ -2,13 +2,16 @@
 saveconfig`` in one boot, ``targetctl restore`` (what target.service runs) in the next, and the
 data written in the first boot reads back in the second, with no manual step.
 
-Two boots share one disk (/dev/vda, ext4, attached by tests/kernel/test_targetcli_restore.py):
+Two boots share one disk (/dev/vdb, ext4, attached by tests/kernel/conftest.py's power-loss chain):
 it holds the raw image and, bind-mounted on targetcli's configuration directory (/etc/target, or
 /etc/rtslib-fb-target on Debian), its saved configuration.
 
 - ``before_reboot``: README's install; the first targetcli call starts tcmu-py by D-Bus
   activation; a user:raw disk and a loopback LUN made in targetcli; a pattern written through
-  the LUN (O_DIRECT, fsync); ``targetcli saveconfig``; ``sync``; ``sysrq b``.
+  the LUN (O_DIRECT, fsync); ``targetcli saveconfig``; ``sync``; ``targetctl clear`` (as
+  target.service's ExecStop). It ends normally: the reset (``sysrq b``) comes from the scenario
+  after it in the same boot (vtl_reboot's cut, conftest.POWER_LOSS_CHAIN), after its cleanup
+  stopped its daemon and D-Bus and unmounted.
 - ``after_reboot``: the same mounts and install, then what systemd runs at boot, in the units'
   order and with their own command lines: tcmu-py.service (ExecStart read from the installed
   unit, ``Type=notify``: its READY=1 awaited on a NOTIFY_SOCKET) before
@@ -40,7 +43,7 @@ from scenarios.targetcli_dbus import (
     system_bus,
 )
 
-DISK = Path("/dev/vda")
+DISK = Path("/dev/vdb")  # conftest.POWER_LOSS_DISKS
 MOUNT = Path("/tmp/restore-disk")   # the image path in the saved cfgstring: same in both boots
 #: Where targetcli saves and targetctl restores: rtslib-fb's default_save_file (Debian's
 #: rtslib-fb: /etc/rtslib-fb-target/saveconfig.json; upstream: /etc/target/saveconfig.json).
@@ -119,9 +122,11 @@ def before_reboot(ctx: Context) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     run(["sync"], timeout=ctx.remaining(60))
-    log(f"before_reboot: {expected['seconds']} s; sysrq b")
-    Path("/proc/sysrq-trigger").write_text("b")
-    raise AssertionError("the VM is still running after sysrq b")
+    # What targetcli made is taken down as target.service's ExecStop would at shutdown (the
+    # saved file stays as synced): the scenario ends normally and leaves no LIO objects for
+    # the next one in this boot; the reset comes later (vtl_reboot's cut).
+    run(["targetctl", "clear"], timeout=ctx.remaining(120), check=False)
+    log(f"before_reboot: {expected['seconds']} s; saved and synced, the reset comes later")
 
 
 def _exec_start(unit: Path) -> list[list[str]]:

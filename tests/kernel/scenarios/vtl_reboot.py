@@ -1,11 +1,11 @@
 """The library across a power loss: the VM is reset mid-work, with no sync and the daemon running,
 and the next boot serves the same library from the same disk.
 
-The library lives on an ext4 file system on /dev/vda, a virtio-blk disk backed by a host image
-file (``tests/kernel/test_vtl_reboot.py`` attaches it to both boots). Unlike the 9p shares, what
-the guest has not flushed to that disk is gone after the reset, as after a power cut: only what
-the daemon made durable survives. These two scenarios need a boot each (``own_boot``), so the
-shared boot of every other scenario leaves them out.
+The library lives on an ext4 file system on /dev/vdc, a virtio-blk disk backed by a host image
+file (``tests/kernel/conftest.py``'s power-loss chain attaches it to both boots). Unlike the 9p
+shares, what the guest has not flushed to that disk is gone after the reset, as after a power
+cut: only what the daemon made durable survives. These two scenarios need boots of their own
+(``own_boot``), so the shared boot of every other scenario leaves them out.
 
 - ``before_power_loss``: fresh file system; two tar archives and a file of dd blocks on
   ABC000L8 in drive 0 (each closed, so each ends with a filemark), cartridges moved by the
@@ -43,7 +43,7 @@ from scenarios.vtl import (
     write_block,
 )
 
-DISK = Path("/dev/vda")
+DISK = Path("/dev/vdc")  # conftest.POWER_LOSS_DISKS
 MOUNT = Path("/tmp/vtl-disk")
 EXPECTED = "expected.json"
 TAR_BLOCKING = "128"  # tar -b 128: 64 KiB records
