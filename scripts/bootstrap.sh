@@ -8,7 +8,7 @@
 # scenarios and benchmarks drive), then creates ./.venv and installs the package editable with its
 # test and LIO extras plus virtme-ng, and the example out-of-tree handler package the unit tests
 # plug in (tests/plugin_example), and builds the USB gadget fabric module usb_f_tcm for the lab
-# kernel (scripts/usb_f_tcm/build.sh; cached under /var/cache/tcmu-py). Re-runs skip whatever is already in place: apt runs only if
+# kernel (scripts/usb_f_tcm/build.sh; kept under /var/lib/tcmu-py). Re-runs skip whatever is already in place: apt runs only if
 # a package is missing, pip only if the packaging inputs changed or the install is broken.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -118,7 +118,7 @@ else
 fi
 
 KERNEL=$(.venv/bin/python -c 'from tcmu_py import lab; print(lab.find_kernel())')
-# The USB fabric's gadget module for that kernel (cached under /var/cache/tcmu-py; ~35 s the
+# The USB fabric's gadget module for that kernel (kept under /var/lib/tcmu-py; ~35 s the
 # first time, nothing after): a source or headers version that is not the kernel's stops here.
 step "usb_f_tcm for ${KERNEL##*/vmlinuz-}"
 bash scripts/usb_f_tcm/build.sh "${KERNEL##*/vmlinuz-}"

@@ -6,11 +6,14 @@
 # Debian's kernels leave CONFIG_USB_CONFIGFS_F_TCM unset, so the module is built here from the
 # Debian source package of the lab kernel (linux-source-X.Y) against that kernel's own headers
 # (linux-headers-VERSION), with one fix of ours (bot-ack-kref.patch: Bulk-Only commands are
-# submitted with TARGET_SCF_ACK_KREF; without it BOT corrupts data). Result, cached outside the
-# repository and never committed:
+# submitted with TARGET_SCF_ACK_KREF; without it BOT corrupts data). Result, kept outside the
+# repository (shared by every checkout on the machine) and never committed:
 #
-#   $TCMU_PY_USB_F_TCM_CACHE (default /var/cache/tcmu-py/usb_f_tcm)/<version>/usb_f_tcm.ko
+#   $TCMU_PY_USB_F_TCM_DIR (default /var/lib/tcmu-py/usb_f_tcm)/<version>/usb_f_tcm.ko
 #   .../<version>/BUILD-INFO   (what it was built from; the lab and the scenario print it)
+#
+# Not /var/cache: virtme-ng mounts an empty tmpfs there in the guest, which must see the module
+# (tcmu_py.lab_fabrics.USB_F_TCM_DIR names the same directory).
 #
 # KERNEL_VERSION defaults to the lab kernel (tcmu_py.lab.find_kernel()). Idempotent: nothing is
 # rebuilt while the kernel, the package versions and these build inputs are unchanged. Fails
@@ -19,7 +22,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-CACHE=${TCMU_PY_USB_F_TCM_CACHE:-/var/cache/tcmu-py/usb_f_tcm}
+CACHE=${TCMU_PY_USB_F_TCM_DIR:-/var/lib/tcmu-py/usb_f_tcm}
 # The files of drivers/usb/gadget/ the module needs (f_tcm.c includes tcm.h, u_tcm.h and
 # ../configfs.h; everything else comes from the headers package).
 SOURCES=(function/f_tcm.c function/tcm.h function/u_tcm.h configfs.h)

@@ -26,6 +26,8 @@ IQN = "iqn.2025-01.org.tcmu-py:fabrics-iser"
 DISK, CHANGER, DRIVE = "fab-disk", "fab-ch", "fab-d0"
 LUNS = {DISK: 0, CHANGER: 1, DRIVE: 2}
 BARCODE = "FAB000L8"
+#: The fabrics of this boot (USB has a boot of its own: scenarios/fabrics_usb.py).
+FABRICS = ("srp", "iser", "fc")
 
 
 def _luns() -> str:
@@ -180,13 +182,13 @@ def srp_iser_fc(ctx: Context) -> None:
     from tcmu_py import lab_fabrics as lf
 
     t0 = time.monotonic()
-    lab = lf.bring_up(timeout=ctx.remaining(60))
+    lab = lf.bring_up(FABRICS, timeout=ctx.remaining(60))
     errors: dict[str, str] = dict(lab.errors)
     timings: dict[str, object] = {"bring_up": lab.timings}
     ctx.details["timings"] = timings
     ctx.details["ports"] = {"srp": lab.srp_port, "fc_target": lab.fc_target_wwpn,
                             "fc_initiator": lab.fc_initiator_wwpn}
-    fabrics = [f for f in lf.FABRICS if lab.ready(f)]
+    fabrics = [f for f in FABRICS if lab.ready(f)]
     for f, e in errors.items():
         log(f"fabric {f} cannot run: {e}")
     cfg = ctx.workdir / "fabrics.yaml"
