@@ -303,10 +303,7 @@ class UsbConfigfs:
         if obj.kind is Kind.GADGET:
             self._create_gadget(path, p)
         elif obj.kind is Kind.TARGET:
-            if not self.root.is_dir():
-                raise OSError(errno.ENOENT, f"{self.root}: LIO's usb_gadget fabric is not"
-                              " registered: load usb_f_tcm (Debian's kernel does not build it;"
-                              " the lab builds it with scripts/usb_f_tcm/build.sh)")
+            self._fabric()
             path.mkdir()
         elif obj.kind is Kind.TPG:
             try:
@@ -336,6 +333,18 @@ class UsbConfigfs:
                 raise
         else:
             raise OSError(errno.EINVAL, f"usb_f_tcm has no {obj.kind.value} objects")
+
+    def _fabric(self) -> None:
+        """LIO's usb_gadget group: configfs makes it on the first mkdir, if usb_f_tcm has
+        registered the fabric (tcmu-py does not load it: Debian's kernel does not have it)."""
+        try:
+            self.root.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise OSError(exc.errno, f"{self.root}: {exc.strerror}: LIO's usb_gadget fabric is"
+                          " not registered: load usb_f_tcm (Debian's kernel does not build it;"
+                          " the lab builds it with scripts/usb_f_tcm/build.sh)") from exc
 
     def _create_gadget(self, gadget: Path, p: dict[str, Any]) -> None:
         if not self.gadgets.is_dir():

@@ -127,7 +127,7 @@ class FakeConfigfs:
     def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.target = root / "target"
         self.gadgets = root / "usb_gadget"
-        (self.target / "usb_gadget").mkdir(parents=True)
+        self.target.mkdir()
         self.gadgets.mkdir()
         self.so = self.target / "core" / "user_0"
         for name in ("disk0", "disk1"):
@@ -227,7 +227,7 @@ def test_unbind_writes_a_newline_to_udc(cfg: Config, fs: FakeConfigfs) -> None:
 
 
 def test_missing_usb_f_tcm_is_named(cfg: Config, fs: FakeConfigfs) -> None:
-    (fs.target / "usb_gadget").rmdir()
+    fs.fail_mkdir.add("usb_gadget")  # configfs makes it on mkdir if the fabric is registered
     target = next(o for o in lio.plan_exports(cfg) if o.kind is Kind.TARGET)
     with pytest.raises(OSError, match="load usb_f_tcm .*scripts/usb_f_tcm/build.sh"):
         fs.backend().create(target)
