@@ -273,7 +273,7 @@ def usb_quirk(bot_only: bool) -> None:
 
 def _usb(lab: FabricLab, timeout: float) -> None:
     # usb-storage before any gadget enumerates: its quirks decide between it and uas.
-    _modprobe("dummy_hcd", "libcomposite", "usb-storage")
+    _modprobe("dummy_hcd", "libcomposite", "usb-storage", "uas")
     usb_quirk(bot_only=True)
     module = usb_f_tcm_module()
     if not Path("/sys/module/usb_f_tcm").is_dir():

@@ -111,8 +111,10 @@ def _devices(ctx: Context, host: str, cap: float) -> dict[int, dict[str, str]]:
     return wait_for(complete, ctx.remaining(cap), f"disk, changer and tape on {host}")
 
 
-def _exercise(ctx: Context, fabric: str, host: str, first_tape: list[bool]) -> dict[str, object]:
-    """sg_inq, fio verify, mtx status, tar round trip over the LUNs of ``host``."""
+def _exercise(ctx: Context, fabric: str, host: str, first_tape: list[bool],
+              fio_cap: float = 120) -> dict[str, object]:
+    """sg_inq, fio verify (at most ``fio_cap`` seconds), mtx status, tar round trip over the
+    LUNs of ``host``."""
     facts: dict[str, object] = {"host": host}
     devs = _devices(ctx, host, 90)
     facts["devices"] = devs
@@ -126,7 +128,7 @@ def _exercise(ctx: Context, fabric: str, host: str, first_tape: list[bool]) -> d
                "--ioengine=libaio", "--rw=write", "--bs=256k", "--iodepth=4", "--size=16M",
                "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
                "--verify_state_save=0"],  # the guest's working directory is read-only
-              timeout=ctx.remaining(120), check=False)
+              timeout=ctx.remaining(fio_cap), check=False)
     assert out.returncode == 0, f"fio verify on {disk}: exit {out.returncode}: {out.stderr[-2000:]}"
     facts["fio_s"] = round(time.monotonic() - start, 1)
 
