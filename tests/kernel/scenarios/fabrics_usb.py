@@ -171,13 +171,18 @@ def bot_and_uas(ctx: Context) -> None:
     host = lf.usb_host("usb-storage", before, ctx.remaining(60))
     timings["bot_host_s"] = round(time.monotonic() - start, 1)
     start = time.monotonic()
+    bot_error: str | None = None
     try:
         # USB on dummy_hcd under emulation moves ~1-2 MB/s idle: fio gets more time here.
         ctx.details["bot"] = _exercise(ctx, "usb", host, [True], fio_cap=300)
+        log(f"USB Bulk-Only: sg_inq, fio verify, mtx status and tar passed ({module})")
+    except Exception as exc:  # noqa: BLE001 - recorded; UAS still observed; fails below
+        bot_error = f"{type(exc).__name__}: {exc}"[-3000:]
+        ctx.details["bot_error"] = bot_error
+        log(f"USB Bulk-Only FAILED: {bot_error}")
     finally:
         timings["bot_exercise_s"] = round(time.monotonic() - start, 1)
         _save_dmesg(ctx, "dmesg-bot.txt")
-    log(f"USB Bulk-Only: sg_inq, fio verify, mtx status and tar passed ({module})")
 
     # UAS: the same gadget, rebound with the quirk cleared, so uas takes it.
     start = time.monotonic()
@@ -223,3 +228,4 @@ def bot_and_uas(ctx: Context) -> None:
     timings["total_s"] = round(time.monotonic() - t0, 1)
     assert down.returncode == 0, f"tcmu-py down: exit {down.returncode}: {down.stderr[-2000:]}"
     assert not left, f"left in configfs after tcmu-py down: {left}"
+    assert bot_error is None, f"USB Bulk-Only: {bot_error}"
