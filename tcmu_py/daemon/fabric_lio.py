@@ -29,11 +29,12 @@ as the others.
      so it runs in a thread with a deadline (`write_bounded`).
 
   What the host gets is a mass-storage interface with a Bulk-Only alternate setting (0) and a
-  UAS one (1). **Bulk-Only** carries tcmu-py's devices only with tcmu-py's one-line fix to
-  usb_f_tcm (scripts/usb_f_tcm/bot-ack-kref.patch; Debian does not build the module at all,
-  the lab builds it out of tree), and only for opcodes in usb_f_tcm's fixed list (get_cmd_dir:
-  disk and most tape commands; a medium changer's READ ELEMENT STATUS and MOVE MEDIUM are
-  refused, "Unknown data direction"). **UAS** cannot carry user backstores: its command IU has no
+  UAS one (1). **Bulk-Only** carries tcmu-py's devices only with tcmu-py's patch to usb_f_tcm
+  (scripts/usb_f_tcm/bot-ack-kref.patch; Debian does not build the module at all, the lab
+  builds it out of tree): commands submitted with TARGET_SCF_ACK_KREF, and the data direction
+  taken from the CBW (bmCBWFlags bit 7, dCBWDataTransferLength) instead of usb_f_tcm's fixed
+  opcode list (get_cmd_dir), which refuses a medium changer's READ ELEMENT STATUS and MOVE
+  MEDIUM ("Unknown data direction"). **UAS** cannot carry user backstores: its command IU has no
   expected data length, which the core then takes from the CDB only for emulated backstores, so
   INQUIRY and READ CAPACITY of a tcmu-py LUN move no data. A Linux host prefers UAS; the
   usb-storage quirk ``<vendor>:<product>:u`` makes it use Bulk-Only (kernel scenario

@@ -277,12 +277,20 @@ def test_build_info_is_read(tmp_path: Path) -> None:
 
 
 def test_the_patch_changes_only_the_bulk_only_submission() -> None:
+    """Our patch touches bot_cmd_work only: ACK_KREF and the direction from the CBW."""
     patch = (REPO / "scripts" / "usb_f_tcm" / "bot-ack-kref.patch").read_text()
     changed = [ln for ln in patch.splitlines()
                if ln.startswith(("+", "-")) and not ln.startswith(("+++", "---"))]
     assert changed == [
+        "-\tdir = get_cmd_dir(cmd->cmd_buf);",
+        "+\t/* tcmu-py: the direction is the CBW's (bmCBWFlags, dCBWDataTransferLength),"
+        " not an opcode table's */",
+        "+\tif (!cmd->data_len)",
+        "+\t\tdir = DMA_NONE;",
+        "+\telse",
+        "+\t\tdir = cmd->is_read ? DMA_FROM_DEVICE : DMA_TO_DEVICE;",
         "-\t\t\t  cmd->data_len, cmd->prio_attr, dir, 0);",
         "+\t\t\t  cmd->data_len, cmd->prio_attr, dir, TARGET_SCF_ACK_KREF);",
-        '+MODULE_INFO(tcmu_py, "out of tree; Bulk-Only commands submitted with'
-        ' TARGET_SCF_ACK_KREF");',
+        '+MODULE_INFO(tcmu_py, "out of tree; Bulk-Only: TARGET_SCF_ACK_KREF,'
+        ' data direction from the CBW");',
     ]
