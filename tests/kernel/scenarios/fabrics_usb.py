@@ -19,8 +19,9 @@ log and details.
    for a user backstore the core never derives one, so INQUIRY (and READ CAPACITY) move no
    data. The check fails if the symptom is not the documented one (if UAS ever works, the docs
    must change). Every step that can block in the kernel has a deadline; only sysfs is read.
-3. The gadget is unbound, the daemon stops, ``tcmu-py down`` must leave nothing in configfs
-   (no gadget, no usb_gadget target, no backstore).
+3. The host side is detached first (usb-storage/uas unbound from the interface while the
+   gadget still answers), then the gadget is unbound, the daemon stops, ``tcmu-py down`` must
+   leave nothing in configfs (no gadget, no usb_gadget target, no backstore).
 """
 
 from __future__ import annotations
@@ -74,16 +75,39 @@ def _bind(udc: str, timeout: float) -> None:
     write_bounded(_udc_file(), udc, timeout)
 
 
-def _unbind(host: str | None, timeout: float) -> None:
-    """Unbind the gadget (the host side sees a disconnect) and wait until its SCSI host is
-    gone."""
+#: Host-side drivers of the gadget's mass-storage interface (the guest is host and device).
+HOST_DRIVERS = ("usb-storage", "uas")
+
+
+def _detach_host_side(timeout: float) -> list[str]:
+    """Unbind usb-storage/uas from every USB interface they hold (``1-1:1.0``) while the gadget
+    still answers: the SCSI host and its LUNs go away cleanly (sd/st/ch release, cache sync).
+    Unbinding the UDC first made the host side lose a device with commands still to send; that
+    UDC write then blocked in the kernel past its 30 s deadline (third and fourth lab runs).
+    Each write has ``timeout``; returns what was detached (``driver:interface``)."""
     from tcmu_py.lab_fabrics import write_bounded
 
-    if _udc_file().is_file() and _udc_file().read_text().strip():
-        write_bounded(_udc_file(), "\n", timeout)
+    done = []
+    for driver in HOST_DRIVERS:
+        d = Path("/sys/bus/usb/drivers", driver)
+        for iface in sorted(d.glob("*:*")) if d.is_dir() else []:
+            write_bounded(d / "unbind", iface.name, timeout)
+            done.append(f"{driver}:{iface.name}")
+    return done
+
+
+def _unbind(host: str | None, timeout: float) -> None:
+    """Detach the host side (`_detach_host_side`), wait until its SCSI host is gone, then
+    unbind the gadget from the UDC; each step within ``timeout``."""
+    from tcmu_py.lab_fabrics import write_bounded
+
+    detached = _detach_host_side(timeout)
+    log(f"host side detached: {detached or 'nothing bound'}")
     if host is not None:
         wait_for(lambda: not Path("/sys/class/scsi_host", host).exists(), timeout,
-                 f"{host} to go away after the unbind")
+                 f"{host} to go away after the host-side unbind")
+    if _udc_file().is_file() and _udc_file().read_text().strip():
+        write_bounded(_udc_file(), "\n", timeout)
 
 
 def _usb_leftovers() -> list[str]:
