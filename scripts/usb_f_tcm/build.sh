@@ -5,9 +5,10 @@
 #
 # Debian's kernels leave CONFIG_USB_CONFIGFS_F_TCM unset, so the module is built here from the
 # Debian source package of the lab kernel (linux-source-X.Y) against that kernel's own headers
-# (linux-headers-VERSION), with one fix of ours (bot-ack-kref.patch: Bulk-Only commands are
-# submitted with TARGET_SCF_ACK_KREF; without it BOT corrupts data). Result, kept outside the
-# repository (shared by every checkout on the machine) and never committed:
+# (linux-headers-VERSION), with our patch (bot-ack-kref.patch: Bulk-Only commands are
+# submitted with TARGET_SCF_ACK_KREF, without which BOT corrupts data, and take their data
+# direction from the CBW, not from an opcode table that refuses a changer's opcodes). Result,
+# kept outside the repository (shared by every checkout on the machine) and never committed:
 #
 #   $TCMU_PY_USB_F_TCM_DIR (default /var/lib/tcmu-py/usb_f_tcm)/<version>/usb_f_tcm.ko
 #   .../<version>/BUILD-INFO   (what it was built from; the lab and the scenario print it)
@@ -99,7 +100,7 @@ module=usb_f_tcm (out of tree; CONFIG_USB_CONFIGFS_F_TCM is not set in Debian's 
 kernel=$KVER
 source=$SRC_PKG $SRC_VER
 headers=$HDR_PKG $HDR_VER
-patch=bot-ack-kref.patch (Bulk-Only commands submitted with TARGET_SCF_ACK_KREF; not upstream)
+patch=bot-ack-kref.patch (Bulk-Only: commands submitted with TARGET_SCF_ACK_KREF, data direction from the CBW; not upstream)
 patch_sha256=$(sha256sum "$HERE/bot-ack-kref.patch" | cut -d' ' -f1)
 built_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 build_seconds=$SECS

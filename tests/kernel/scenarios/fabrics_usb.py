@@ -5,9 +5,10 @@ the kernel (a stuck UAS LUN blocked later module loads for minutes when this was
 usb_f_tcm is an out-of-tree module that taints the kernel.
 
 **The module is not Debian's**: Debian's kernel does not build usb_f_tcm, so the lab builds it
-out of tree from the kernel's own source package with tcmu-py's one-line fix
-(scripts/usb_f_tcm/bot-ack-kref.patch: Bulk-Only commands submitted with TARGET_SCF_ACK_KREF;
-without it Bulk-Only frees every command twice and corrupts data). The scenario says so in its
+out of tree from the kernel's own source package with tcmu-py's patch
+(scripts/usb_f_tcm/bot-ack-kref.patch: Bulk-Only commands submitted with TARGET_SCF_ACK_KREF,
+without which Bulk-Only frees every command twice and corrupts data; and their data direction
+taken from the CBW, without which a changer's opcodes are refused). The scenario says so in its
 log and details.
 
 1. **Bulk-Only** (usb-storage, forced by the quirk ``1d6b:0104:u``): one daemon and one YAML
@@ -39,7 +40,8 @@ GADGETS = CONFIGFS.parent / "usb_gadget"
 #: What the scenario says about the module wherever it reports (log and details).
 OUT_OF_TREE = ("usb_f_tcm is an OUT-OF-TREE module (Debian's kernel does not build it), built"
                " from {source} with tcmu-py's patch bot-ack-kref.patch: Bulk-Only commands"
-               " submitted with TARGET_SCF_ACK_KREF (not upstream)")
+               " submitted with TARGET_SCF_ACK_KREF and their data direction taken from the"
+               " CBW, not from an opcode table (not upstream)")
 
 
 def _yaml(state: Path, library: Path, udc: str) -> str:
@@ -215,13 +217,17 @@ def bot_and_uas(ctx: Context) -> None:
     lf.usb_quirk(bot_only=False)
     before = lf.scsi_hosts()
     _bind(lab.udc, ctx.remaining(30))
-    uas_host = lf.usb_host("uas", before, ctx.remaining(60))
-    seen = _uas_observation(uas_host, ctx.remaining(45))
+    try:
+        uas_host: str | None = lf.usb_host("uas", before, ctx.remaining(60))
+    except lf.FabricLabError as exc:  # uas bound nothing usable: recorded (dmesg-uas.txt)
+        uas_host, seen = None, {"error": f"no uas SCSI host: {exc}"}
+    else:
+        seen = _uas_observation(uas_host, ctx.remaining(45))
     timings["uas_s"] = round(time.monotonic() - start, 1)
     _save_dmesg(ctx, "dmesg-uas.txt")
-    lun0 = seen.get(f"{uas_host.removeprefix('host')}:0:0:0", {})
+    lun0 = seen.get(f"{uas_host.removeprefix('host')}:0:0:0", {}) if uas_host else {}
     assert isinstance(lun0, dict)
-    symptom = (f"uas bound {uas_host}; LUN 0 (a tcmu-py raw disk): " + (
+    symptom = (f"uas host {uas_host}; LUN 0 (a tcmu-py raw disk): " + (
         f"type {lun0.get('type')!r} vendor {lun0.get('vendor')!r} model {lun0.get('model')!r}"
         f" rev {lun0.get('rev')!r}, {lun0.get('size_sectors', 'no')} sectors" if lun0 else
         f"no SCSI device ({seen.get('error')})"))
