@@ -217,15 +217,17 @@ def bot_and_uas(ctx: Context) -> None:
     lf.usb_quirk(bot_only=False)
     before = lf.scsi_hosts()
     _bind(lab.udc, ctx.remaining(30))
+    uas_host: str | None
+    seen: dict[str, object]
     try:
-        uas_host: str | None = lf.usb_host("uas", before, ctx.remaining(60))
+        uas_host = lf.usb_host("uas", before, ctx.remaining(60))
     except lf.FabricLabError as exc:  # uas bound nothing usable: recorded (dmesg-uas.txt)
         uas_host, seen = None, {"error": f"no uas SCSI host: {exc}"}
     else:
         seen = _uas_observation(uas_host, ctx.remaining(45))
     timings["uas_s"] = round(time.monotonic() - start, 1)
     _save_dmesg(ctx, "dmesg-uas.txt")
-    lun0 = seen.get(f"{uas_host.removeprefix('host')}:0:0:0", {}) if uas_host else {}
+    lun0: object = seen.get(f"{uas_host.removeprefix('host')}:0:0:0", {}) if uas_host else {}
     assert isinstance(lun0, dict)
     symptom = (f"uas host {uas_host}; LUN 0 (a tcmu-py raw disk): " + (
         f"type {lun0.get('type')!r} vendor {lun0.get('vendor')!r} model {lun0.get('model')!r}"
