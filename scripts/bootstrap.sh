@@ -7,7 +7,8 @@
 # kernel with LIO/TCMU modules + virtme-ng's static busybox, and the initiators/peers the kernel
 # scenarios and benchmarks drive), then creates ./.venv and installs the package editable with its
 # test and LIO extras plus virtme-ng, and the example out-of-tree handler package the unit tests
-# plug in (tests/plugin_example). Re-runs skip whatever is already in place: apt runs only if
+# plug in (tests/plugin_example), and builds the USB gadget fabric module usb_f_tcm for the lab
+# kernel (scripts/usb_f_tcm/build.sh; kept under /var/lib/tcmu-py). Re-runs skip whatever is already in place: apt runs only if
 # a package is missing, pip only if the packaging inputs changed or the install is broken.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +46,10 @@ APT_PACKAGES=(
     # ceph-mon, ceph-mgr, ceph-osd; ceph-base brings monmaptool). No python3-rados: our venv's
     # Python cannot import Debian's, monitor commands go through librados' C API.
     ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev
+    # the USB fabric: usb_f_tcm is not built in Debian's kernel, so scripts/usb_f_tcm/build.sh
+    # builds it out of tree from the lab kernel's own source and headers (their versions must be
+    # the lab kernel's: linux-headers-amd64 follows linux-image-amd64; the build checks both)
+    linux-source-6.1 linux-headers-amd64 make patch xz-utils
 )
 VIRTME_NG="virtme-ng==1.42"
 APT_LOG=/tmp/tcmu-py-bootstrap-apt.log
@@ -118,4 +123,8 @@ else
 fi
 
 KERNEL=$(.venv/bin/python -c 'from tcmu_py import lab; print(lab.find_kernel())')
+# The USB fabric's gadget module for that kernel (kept under /var/lib/tcmu-py; ~35 s the
+# first time, nothing after): a source or headers version that is not the kernel's stops here.
+step "usb_f_tcm for ${KERNEL##*/vmlinuz-}"
+bash scripts/usb_f_tcm/build.sh "${KERNEL##*/vmlinuz-}"
 step "ready: lab kernel $KERNEL, $(.venv/bin/python --version)"

@@ -480,8 +480,9 @@ def main(
     ap.add_argument("-c", "--config", default=config, help="YAML configuration for tcmu-py serve")
     ap.add_argument("--no-serve", action="store_true", help="only the prelude, no daemon")
     ap.add_argument("--fabrics", action="store_true",
-                    help="bring up soft-RoCE (SRP, iSER) and FCoE on a veth pair in the guest"
-                    " first (tcmu_py.lab_fabrics; prints the port names as JSON)")
+                    help="bring up soft-RoCE (SRP, iSER) and FCoE on a veth pair, and a dummy"
+                    " UDC with the out-of-tree usb_f_tcm (USB), in the guest first"
+                    " (tcmu_py.lab_fabrics; prints the port names as JSON)")
     ap.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     ap.add_argument("--cpus", type=int, default=None, help="guest CPUs (default: vng's)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds before the VM is killed")

@@ -1,4 +1,4 @@
-"""Software transports for LIO's SRP, iSER and FC fabrics inside the lab guest (issue 18).
+"""Software transports for LIO's SRP, iSER, FC and USB fabrics inside the lab guest (issue 18).
 
 Everything here configures the network and RDMA stack of the machine it runs on, so it refuses
 to run anywhere but a lab guest (`in_guest`: the kernel command line virtme-ng boots with).
@@ -15,23 +15,29 @@ What `bring_up` builds (measured recipes: docs in README "Fabrics"):
 - **iSER**: ``ib_isert`` and ``ib_iser`` loaded, ``iscsid`` running (`iser_login`);
 - **FC**: an FCoE controller on each veth end in VN2VN mode (no switch, no fcoemon or lldpad);
   the target end is enabled at once, the initiator end only when `enable_fc_initiator` is
-  called, after the tcm_fc target and its ACL exist.
+  called, after the tcm_fc target and its ACL exist;
+- **USB**: ``dummy_hcd`` (a UDC, ``dummy_udc.0``, wired to a host controller in the same
+  kernel), ``libcomposite``, ``usb-storage`` with the quirk ``1d6b:0104:u`` (the host ignores
+  the gadget's UAS interface and drives it over Bulk-Only; `usb_quirk` changes it), and
+  usb_f_tcm **built out of tree with tcmu-py's Bulk-Only fix** (scripts/usb_f_tcm/build.sh
+  leaves it in `USB_F_TCM_DIR`; Debian's kernel does not build it) loaded with ``insmod``.
+  The gadget itself is tcmu-py's (YAML ``exports.usb``); `usb_host` waits for the host side.
 
 A fabric whose transport cannot come up is recorded in ``FabricLab.errors`` with the exact
 error (its peers still come up), never dropped silently. Writes to sysfs/configfs that the
-kernel may block in (``add_target``, ``ctlr_create``) run in a thread with a deadline
+kernel may block in (``add_target``, ``ctlr_create``, a UDC) run in a thread with a deadline
 (`write_bounded`): ``timeout`` cannot end a write stuck in the kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +48,7 @@ from tcmu_py.errors import TcmuError
 
 __all__ = [
     "FABRICS",
+    "USB_F_TCM_DIR",
     "FabricLab",
     "FabricLabError",
     "bring_up",
@@ -51,12 +58,17 @@ __all__ = [
     "iser_login",
     "iser_logout",
     "scsi_host_devices",
+    "scsi_hosts",
     "srp_login",
     "srp_logout",
+    "usb_f_tcm_info",
+    "usb_f_tcm_module",
+    "usb_host",
+    "usb_quirk",
     "write_bounded",
 ]
 
-FABRICS = ("srp", "iser", "fc")
+FABRICS = ("srp", "iser", "fc", "usb")
 VETH_TARGET, VETH_INITIATOR = "tfab0", "tfab1"
 MAC_TARGET, MAC_INITIATOR = "02:00:00:00:77:01", "02:00:00:00:77:02"
 IP_TARGET, IP_INITIATOR = "192.168.77.1", "192.168.77.2"
@@ -68,6 +80,15 @@ SRP_CM_PORT = 5555
 FCOE_BUS = Path("/sys/bus/fcoe")
 INFINIBAND = Path("/sys/class/infiniband")
 SCSI_HOSTS = Path("/sys/class/scsi_host")
+#: Where scripts/usb_f_tcm/build.sh leaves the module: <dir>/<kernel release>/usb_f_tcm.ko
+#: and BUILD-INFO (TCMU_PY_USB_F_TCM_DIR overrides it there and here; not /var/cache, which
+#: virtme-ng hides from the guest).
+USB_F_TCM_DIR = Path(os.environ.get("TCMU_PY_USB_F_TCM_DIR", "/var/lib/tcmu-py/usb_f_tcm"))
+UDC = "dummy_udc.0"
+#: The USB IDs tcmu-py's gadget has unless the YAML says otherwise (Linux Foundation,
+#: Multifunction Composite Gadget), as usb-storage's quirks name them.
+USB_IDS = "1d6b:0104"
+USB_QUIRKS = Path("/sys/module/usb_storage/parameters/quirks")
 
 T = TypeVar("T")
 
@@ -114,6 +135,10 @@ class FabricLab:
     fc_initiator_wwpn: str = fc_wwpn(MAC_INITIATOR)
     #: FCoE controller sysfs directories, by veth name.
     fcoe_ctlrs: dict[str, str] = field(default_factory=dict)
+    #: The UDC a USB gadget binds to, and what the loaded usb_f_tcm was built from
+    #: (its BUILD-INFO: kernel, source package, patch).
+    udc: str = UDC
+    usb_f_tcm: dict[str, str] = field(default_factory=dict)
     #: fabric -> the exact error that kept it from coming up.
     errors: dict[str, str] = field(default_factory=dict)
     #: step -> seconds it took.
@@ -153,26 +178,17 @@ def _wait(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
 
 def write_bounded(path: str | os.PathLike[str], value: str, timeout: float) -> None:
     """Write ``value`` to the sysfs/configfs file ``path`` in a thread and wait at most
-    ``timeout`` seconds: FabricLabError with the error (or the hang) otherwise. A write stuck
-    in the kernel leaves its thread behind (a daemon thread) but not the caller."""
-    outcome: list[BaseException | None] = []
+    ``timeout`` seconds (`tcmu_py.daemon.fabric_lio.write_bounded`): FabricLabError with the
+    error (or the hang) otherwise. A write stuck in the kernel leaves its thread behind (a
+    daemon thread) but not the caller."""
+    from tcmu_py.daemon.fabric_lio import write_bounded as write
 
-    def write() -> None:
-        try:
-            with open(path, "w") as f:
-                f.write(value)
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            outcome.append(exc)
-
-    t = threading.Thread(target=write, name=f"write {path}", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise FabricLabError(f"writing {value!r} to {path}: still blocked in the kernel after"
-                             f" {timeout:g}s")
-    if outcome and outcome[0] is not None:
-        raise FabricLabError(f"writing {value!r} to {path}: {outcome[0]}")
+    try:
+        write(path, value, timeout)
+    except OSError as exc:
+        if exc.errno == errno.ETIMEDOUT:
+            raise FabricLabError(str(exc.strerror)) from None
+        raise FabricLabError(f"writing {value!r} to {path}: {exc}") from None
 
 
 def _timed(lab: FabricLab, step: str, func: Callable[[], T]) -> T:
@@ -235,6 +251,42 @@ def _fcoe(lab: FabricLab, timeout: float) -> None:
     write_bounded(Path(lab.fcoe_ctlrs[VETH_TARGET]) / "enabled", "1", timeout)
 
 
+def usb_f_tcm_module(release: str | None = None) -> Path:
+    """The usb_f_tcm.ko built for kernel ``release`` (default: the running one)."""
+    return USB_F_TCM_DIR / (release or os.uname().release) / "usb_f_tcm.ko"
+
+
+def usb_f_tcm_info(module: Path) -> dict[str, str]:
+    """The BUILD-INFO beside ``module`` (key=value lines), {} if there is none."""
+    try:
+        text = (module.parent / "BUILD-INFO").read_text()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def usb_quirk(bot_only: bool) -> None:
+    """Make usb-storage drive tcmu-py's gadget over Bulk-Only (quirk ``u``: uas declines it) or
+    let uas take it. Read when a device is probed: set it before the gadget binds."""
+    USB_QUIRKS.write_text(f"{USB_IDS}:u\n" if bot_only else "\n")
+
+
+def _usb(lab: FabricLab, timeout: float) -> None:
+    # usb-storage before any gadget enumerates: its quirks decide between it and uas.
+    _modprobe("dummy_hcd", "libcomposite", "usb-storage", "uas")
+    usb_quirk(bot_only=True)
+    module = usb_f_tcm_module()
+    if not Path("/sys/module/usb_f_tcm").is_dir():
+        if not module.is_file():
+            raise FabricLabError(f"{module} missing: usb_f_tcm is not in Debian's kernel and"
+                                 " is built out of tree by scripts/usb_f_tcm/build.sh (run by"
+                                 " scripts/bootstrap.sh)")
+        _run(["insmod", str(module)])
+    lab.usb_f_tcm = usb_f_tcm_info(module)
+    lab.usb_f_tcm["modinfo_tcmu_py"] = _run(["modinfo", "-F", "tcmu_py", str(module)]).strip()
+    _wait(lambda: (Path("/sys/class/udc") / UDC).exists(), timeout, f"the UDC {UDC}")
+
+
 def _modprobe(*modules: str) -> None:
     _run(["modprobe", "-a", *modules])
 
@@ -257,7 +309,7 @@ def bring_up(fabrics: Iterable[str] = FABRICS, timeout: float = 60.0) -> FabricL
     _require_guest()
     wanted = [f for f in FABRICS if f in set(fabrics)]
     lab = FabricLab()
-    _step(lab, wanted, "veth", _veth)
+    _step(lab, [f for f in wanted if f != "usb"], "veth", _veth)
     rdma = [f for f in wanted if f in ("srp", "iser")]
     _step(lab, rdma, "rxe", lambda: _rxe(lab, timeout))
     if "srp" in wanted:
@@ -266,6 +318,8 @@ def bring_up(fabrics: Iterable[str] = FABRICS, timeout: float = 60.0) -> FabricL
         _step(lab, ["iser"], "iser", _iser_initiator)
     if "fc" in wanted:
         _step(lab, ["fc"], "fcoe", lambda: _fcoe(lab, timeout))
+    if "usb" in wanted:
+        _step(lab, ["usb"], "usb", lambda: _usb(lab, timeout))
     return lab
 
 
@@ -360,6 +414,17 @@ def enable_fc_initiator(lab: FabricLab, timeout: float) -> str:
 
 def disable_fc_initiator(lab: FabricLab, timeout: float = 30.0) -> None:
     write_bounded(Path(lab.fcoe_ctlrs[VETH_INITIATOR]) / "enabled", "0", timeout)
+
+
+def usb_host(driver: str, before: set[str], timeout: float) -> str:
+    """The SCSI host the USB gadget gets on the host side once bound: one made after ``before``
+    (`scsi_hosts`) by ``driver`` (``usb-storage`` for Bulk-Only, ``uas``)."""
+    return _wait(lambda: _new_host(before, driver), timeout, f"a {driver} SCSI host")
+
+
+def scsi_hosts() -> set[str]:
+    """The SCSI hosts there are now (``hostN``), to tell a new one later."""
+    return _scsi_hosts()
 
 
 def scan_host(host: str, timeout: float = 30.0) -> None:

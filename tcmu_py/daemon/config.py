@@ -97,6 +97,7 @@ __all__ = [
     "LunMap",
     "Portal",
     "SrpTarget",
+    "UsbTarget",
     "dev_config_string",
     "load_config",
     "load_config_text",
@@ -224,6 +225,23 @@ class FcTarget:
 
 
 @dataclass(frozen=True)
+class UsbTarget:
+    """LIO's USB gadget fabric (usb_f_tcm): a usb_gadget target port ``wwn`` with TPG 1 whose
+    I_T nexus is named ``nexus``, served through the libcomposite gadget ``gadget`` (USB IDs
+    ``vendor_id``:``product_id``, one configuration holding the tcm function) bound to the
+    USB device controller ``udc``. The host sees a USB mass-storage device (Bulk-Only and UAS
+    interfaces; see `tcmu_py.daemon.fabric_lio` for what works over each)."""
+
+    wwn: str
+    udc: str
+    nexus: str
+    gadget: str = "tcmu-py"
+    vendor_id: int = 0x1D6B  # Linux Foundation
+    product_id: int = 0x0104  # Multifunction Composite Gadget
+    luns: tuple[LunMap, ...] = ()
+
+
+@dataclass(frozen=True)
 class Exports:
     loopback: tuple[LunMap, ...] = ()
     iscsi: tuple[IscsiTarget, ...] = ()
@@ -231,6 +249,8 @@ class Exports:
     iser: tuple[IscsiTarget, ...] = ()
     srp: tuple[SrpTarget, ...] = ()
     fc: tuple[FcTarget, ...] = ()
+    #: At most one: usb_f_tcm serves one TPG in the whole system.
+    usb: tuple[UsbTarget, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -942,6 +962,75 @@ def _load_fc(c: Checker, raw: object, devices: set[str]) -> list[FcTarget]:
     return out
 
 
+# --------------------------------------------------------------------------- USB
+
+# usb_f_tcm (drivers/usb/gadget/function/f_tcm.c) takes any "naa." name of up to 31 characters
+# for the target port and the nexus (usbg_check_wwn, tcm_usbg_tpg_nexus_store: USBG_NAMELEN 32);
+# we ask for the NAA form LIO generates elsewhere.
+_USB_WWN_RE = re.compile(r"naa\.[0-9a-f]{16}")
+_USB_WWN = "a USB target or nexus name naa.<16 hex digits>"
+# A gadget is a directory of /sys/kernel/config/usb_gadget; a UDC a name in /sys/class/udc.
+_GADGET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_UDC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
+def _usb_wwn(c: Checker, value: object, path: str) -> str | None:
+    if isinstance(value, str) and _USB_WWN_RE.fullmatch(value.strip().lower()):
+        return value.strip().lower()
+    c.fail(path, value, _USB_WWN)
+    return None
+
+
+def _nexus_for(wwn: str) -> str:
+    """The default nexus name of the USB target ``wwn``: the same NAA with its last digit's
+    lowest bit flipped (a fixed, distinct name, so a re-apply finds the same objects)."""
+    return wwn[:-1] + format(int(wwn[-1], 16) ^ 1, "x")
+
+
+def _load_usb(c: Checker, raw: object, devices: set[str]) -> list[UsbTarget]:
+    out: list[UsbTarget] = []
+    keys = {"wwn", "udc", "nexus", "gadget", "vendor_id", "product_id", "luns"}
+    items = c.seq(raw, "exports.usb") or []
+    for i, item in enumerate(items):
+        p = f"exports.usb[{i}]"
+        before = len(c.problems)
+        if i > 0:
+            # f_tcm.c: TPG_INSTANCES is 1 (one tcm function, one TPG in the whole system).
+            c.fail(p, item, "at most one USB target (usb_f_tcm serves one in the whole system)")
+            continue
+        m = c.mapping(item, p, keys, frozenset({"wwn", "udc"}))
+        if m is None:
+            continue
+        wwn = _usb_wwn(c, m["wwn"], f"{p}.wwn") if "wwn" in m else None
+        nexus = (_usb_wwn(c, m["nexus"], f"{p}.nexus") if m.get("nexus") is not None
+                 else None if wwn is None else _nexus_for(wwn))
+        udc = (c.string(m["udc"], f"{p}.udc", _UDC_RE, "a USB device controller as"
+                        " /sys/class/udc names it (dummy_udc.0 in the lab)")
+               if "udc" in m else None)
+        gadget = c.string(m.get("gadget", "tcmu-py"), f"{p}.gadget", _GADGET_RE,
+                          "a gadget name of 1..64 characters A-Z a-z 0-9 _ . - (a directory of"
+                          " /sys/kernel/config/usb_gadget)")
+        vid = c.integer(m.get("vendor_id", 0x1D6B), f"{p}.vendor_id", 0, 0xFFFF,
+                        "a USB vendor ID 0..0xffff")
+        pid = c.integer(m.get("product_id", 0x0104), f"{p}.product_id", 0, 0xFFFF,
+                        "a USB product ID 0..0xffff")
+        luns = _load_lunmaps(c, m.get("luns"), f"{p}.luns", devices)
+        numbers = sorted(lm.lun for lm in luns)
+        if len(c.problems) == before and (numbers != list(range(len(numbers)))
+                                          or len(numbers) > 16):
+            # USB MSC Bulk-Only 3.2: a host asks GET MAX LUN (0..15) and scans 0..max; usb_f_tcm
+            # answers with its LUN count - 1 (f_tcm.c, US_BULK_GET_MAX_LUN).
+            c.fail(f"{p}.luns", numbers, "at most 16 LUNs numbered 0, 1, ... without gaps (a"
+                   " Bulk-Only host scans LUNs 0..GET MAX LUN, which usb_f_tcm answers with the"
+                   " LUN count - 1)")
+        if len(c.problems) != before:
+            continue
+        assert wwn is not None and udc is not None and nexus is not None
+        assert gadget is not None and vid is not None and pid is not None
+        out.append(UsbTarget(wwn, udc, nexus, gadget, vid, pid, tuple(luns)))
+    return out
+
+
 _TOP_KEYS = ("state_dir", "defaults", "devices", "exports")
 
 
@@ -1007,17 +1096,20 @@ def _build(c: Checker, doc: object,
             where[dev.name] = at
             dev_names.add(dev.name)
     _check_identities(c, devices, where, registry)
-    em = c.mapping(top.get("exports"), "exports", {"loopback", "iscsi", "iser", "srp", "fc"})
+    em = c.mapping(top.get("exports"), "exports",
+                   {"loopback", "iscsi", "iser", "srp", "fc", "usb"})
     loop = _load_lunmaps(c, (em or {}).get("loopback"), "exports.loopback", dev_names)
     iqns: set[str] = set()
     iscsi = _load_iscsi(c, (em or {}).get("iscsi"), dev_names, "iscsi", iqns)
     iser = _load_iscsi(c, (em or {}).get("iser"), dev_names, "iser", iqns)
     srp = _load_srp(c, (em or {}).get("srp"), dev_names)
     fc = _load_fc(c, (em or {}).get("fc"), dev_names)
+    usb = _load_usb(c, (em or {}).get("usb"), dev_names)
     if c.problems or state_dir is None:
         return None
     return Config(c.source, state_dir, defaults, tuple(devices),
-                  Exports(tuple(loop), tuple(iscsi), tuple(iser), tuple(srp), tuple(fc)),
+                  Exports(tuple(loop), tuple(iscsi), tuple(iser), tuple(srp), tuple(fc),
+                          tuple(usb)),
                   tuple(sections.items()))
 
 

@@ -1,6 +1,7 @@
-"""LIO objects of the fabrics beyond tcm_loop and iSCSI: iSER portals, SRP (ib_srpt) and FC
-(tcm_fc). `tcmu_py.daemon.lio` plans and applies them with the others (`plan_fabric_exports`),
-records them in the same state file, and `down` removes them exactly as the others.
+"""LIO objects of the fabrics beyond tcm_loop and iSCSI: iSER portals, SRP (ib_srpt), FC
+(tcm_fc) and USB (usb_f_tcm). `tcmu_py.daemon.lio` plans and applies them with the others
+(`plan_fabric_exports`), records them in the same state file, and `down` removes them exactly
+as the others.
 
 - **iSER** is iSCSI with the network portal's ``iser`` attribute set to 1 (LIO then listens on
   that address through RDMA/CM as well as TCP; ib_isert carries the sessions). Planned as
@@ -13,6 +14,31 @@ records them in the same state file, and `down` removes them exactly as the othe
   ACL named by the initiator's IP address on a GUID-named port. Measured on Debian's 6.1 with
   soft-RoCE (kernel scenario fabrics.srp_iser_fc); IB CM logins (GID-named ports, port-ID ACLs)
   are accepted by the YAML but untested here.
+- **USB** is written to configfs directly too (`UsbConfigfs`): rtslib-fb lists no usb_gadget
+  fabric (and would modprobe ``tcm_usb_gadget``, a name no current kernel has), and the fabric
+  needs a libcomposite gadget beside the LIO objects. Five objects, in this order (the one
+  that works, measured on Debian's 6.1 with dummy_hcd):
+
+  1. GADGET ``("gadget", name)``: ``usb_gadget/<name>`` with its USB IDs, strings, one
+     configuration ``c.1`` and the function ``functions/tcm.0`` (usb_f_tcm must be loaded);
+  2. TARGET ``("usb_gadget", wwn)``; 3. TPG 1 with its ``nexus`` and ``enable`` (the TPG takes
+     the tcm function: f_tcm.c has one TPG instance in the whole system; enabling it is what
+     allows the function to bind); 4. the LUNs;
+  5. UDC ``("gadget", name, udc)``: the function linked into ``c.1``, then the UDC written —
+     the host enumerates the device and scans the LUNs now. That write may block in the kernel,
+     so it runs in a thread with a deadline (`write_bounded`).
+
+  What the host gets is a mass-storage interface with a Bulk-Only alternate setting (0) and a
+  UAS one (1). **Bulk-Only** carries tcmu-py's devices only with tcmu-py's patch to usb_f_tcm
+  (scripts/usb_f_tcm/bot-ack-kref.patch; Debian does not build the module at all, the lab
+  builds it out of tree): commands submitted with TARGET_SCF_ACK_KREF, and the data direction
+  taken from the CBW (bmCBWFlags bit 7, dCBWDataTransferLength) instead of usb_f_tcm's fixed
+  opcode list (get_cmd_dir), which refuses a medium changer's READ ELEMENT STATUS and MOVE
+  MEDIUM ("Unknown data direction"). **UAS** cannot carry user backstores: its command IU has no
+  expected data length, which the core then takes from the CDB only for emulated backstores, so
+  INQUIRY and READ CAPACITY of a tcmu-py LUN move no data. A Linux host prefers UAS; the
+  usb-storage quirk ``<vendor>:<product>:u`` makes it use Bulk-Only (kernel scenario
+  fabrics_usb.usb_bot_and_uas).
 """
 
 from __future__ import annotations
@@ -21,21 +47,57 @@ import contextlib
 import errno
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.daemon.config import Config, FabricAcl, LunMap
+from tcmu_py.daemon.config import Config, FabricAcl, LunMap, UsbTarget
 
 if TYPE_CHECKING:
     from tcmu_py.daemon.lio import LioObject
 
-__all__ = ["SRPT", "TCM_FC", "SrptConfigfs", "plan_fabric_exports"]
+__all__ = ["GADGET", "SRPT", "TCM_FC", "USB_GADGET", "SrptConfigfs", "UsbConfigfs",
+           "plan_fabric_exports", "write_bounded"]
 
 #: Fabric names as LIO's configfs (and rtslib-fb's FabricModule) spell them.
 SRPT = "srpt"
 TCM_FC = "tcm_fc"
-#: tcm_fc and ib_srpt serve one TPG per port name; rtslib-fb creates tag 1.
+USB_GADGET = "usb_gadget"
+#: First key element of the libcomposite gadget objects (GADGET and UDC kinds).
+GADGET = "gadget"
+#: tcm_fc, ib_srpt and usb_f_tcm serve one TPG per port name; rtslib-fb creates tag 1.
 TPG_TAG = "1"
+#: The gadget's one configuration and its tcm function instance.
+GADGET_CONFIG = "c.1"
+TCM_FUNCTION = "tcm.0"
+#: Seconds a UDC bind or unbind may block in the kernel before we give up on it.
+UDC_TIMEOUT = 30.0
+
+
+def write_bounded(path: str | os.PathLike[str], value: str, timeout: float) -> None:
+    """Write ``value`` to the sysfs/configfs file ``path`` in a thread and wait at most
+    ``timeout`` seconds. Raises the write's OSError, or OSError(ETIMEDOUT) if it is still
+    blocked in the kernel then (``timeout`` cannot end such a write; its daemon thread is
+    left behind, the caller is not)."""
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome.append(exc)
+
+    t = threading.Thread(target=write, name=f"write {path}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise OSError(errno.ETIMEDOUT, f"writing {value!r} to {path}: still blocked in the"
+                      f" kernel after {timeout:g}s")
+    exc = outcome[0] if outcome else None
+    if exc is not None:
+        raise exc
 
 
 def _fabric_target(fabric: str, name: str, luns: tuple[LunMap, ...],
@@ -58,16 +120,35 @@ def _fabric_target(fabric: str, name: str, luns: tuple[LunMap, ...],
     return out
 
 
+def _usb_target(usb: UsbTarget) -> list[LioObject]:
+    """The five steps of the module docstring, in order."""
+    from tcmu_py.daemon.lio import Kind, LioObject
+
+    gadget = (GADGET, usb.gadget)
+    tpg = (USB_GADGET, usb.wwn, TPG_TAG)
+    out = [LioObject(Kind.GADGET, gadget, {"vendor_id": usb.vendor_id,
+                                           "product_id": usb.product_id}),
+           LioObject(Kind.TARGET, tpg[:2]),
+           LioObject(Kind.TPG, tpg, {"nexus": usb.nexus})]
+    out += [LioObject(Kind.LUN, (*tpg, str(lm.lun)), {"backstore": lm.device})
+            for lm in usb.luns]
+    out.append(LioObject(Kind.UDC, (*gadget, usb.udc)))
+    return out
+
+
 def plan_fabric_exports(config: Config) -> list[LioObject]:
-    """SRP targets, then FC targets (each: target, TPG 1, LUNs, ACLs and their mapped LUNs).
-    The SRP target carries ``rdma_cm_port`` (written to srpt's ``discovery_auth`` before the
-    port is created). iSER targets are planned by `lio.plan_exports` as iSCSI ones."""
+    """SRP targets, then FC targets (each: target, TPG 1, LUNs, ACLs and their mapped LUNs),
+    then the USB target (gadget, target, TPG, LUNs, UDC binding). The SRP target carries
+    ``rdma_cm_port`` (written to srpt's ``discovery_auth`` before the port is created). iSER
+    targets are planned by `lio.plan_exports` as iSCSI ones."""
     out: list[LioObject] = []
     for srp in config.exports.srp:
         out += _fabric_target(SRPT, srp.port, srp.luns, srp.acls,
                               {"rdma_cm_port": srp.rdma_cm_port})
     for fc in config.exports.fc:
         out += _fabric_target(TCM_FC, fc.wwpn, fc.luns, fc.acls, {})
+    for usb in config.exports.usb:
+        out += _usb_target(usb)
     return out
 
 
@@ -181,4 +262,160 @@ def _rm_srpt(path: Path) -> None:
     else:  # a target port
         for tpg in sorted(path.glob("tpgt_*")):
             _rm_srpt(tpg)
+    path.rmdir()
+
+
+class UsbConfigfs:
+    """usb_f_tcm's LIO objects (``target/usb_gadget/<wwn>/tpgt_1/{nexus, enable, lun/lun_N}``)
+    and the libcomposite gadget that carries them (``usb_gadget/<name>``), made by hand in
+    configfs (see the module docstring for the order and why not through rtslib-fb). Errors
+    are OSError (the caller wraps them); a creation that fails part way removes what it made."""
+
+    def __init__(self, configfs: str | os.PathLike[str], user_backstore: Any,
+                 udc_timeout: float = UDC_TIMEOUT) -> None:
+        self.root = Path(configfs) / USB_GADGET
+        self.gadgets = Path(configfs).parent / "usb_gadget"
+        self.user_backstore = user_backstore  # name -> configfs Path of the user backstore
+        self.udc_timeout = udc_timeout
+
+    def path(self, obj: LioObject) -> Path:
+        """The object's directory; for a UDC binding, the function's link in ``c.1``."""
+        from tcmu_py.daemon.lio import Kind
+
+        k = obj.key
+        if obj.kind is Kind.GADGET:
+            return self.gadgets / k[1]
+        if obj.kind is Kind.UDC:
+            return self.gadgets / k[1] / "configs" / GADGET_CONFIG / TCM_FUNCTION
+        p = self.root / k[1]
+        if obj.kind is Kind.TARGET:
+            return p
+        p = p / f"tpgt_{k[2]}"
+        return p if obj.kind is Kind.TPG else p / "lun" / f"lun_{k[3]}"
+
+    def exists(self, obj: LioObject) -> bool:
+        from tcmu_py.daemon.lio import Kind
+
+        path = self.path(obj)
+        return path.is_symlink() if obj.kind is Kind.UDC else path.is_dir()
+
+    def create(self, obj: LioObject) -> None:
+        from tcmu_py.daemon.lio import Kind
+
+        path, p = self.path(obj), obj.params
+        if obj.kind is Kind.GADGET:
+            self._create_gadget(path, p)
+        elif obj.kind is Kind.TARGET:
+            self._fabric()
+            path.mkdir()
+        elif obj.kind is Kind.TPG:
+            try:
+                path.mkdir()  # ENODEV: no free tcm function instance (f_tcm.c usbg_make_tpg)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{path}: {exc.strerror} (a USB target needs a tcm"
+                              " function made before it, and takes the only one)") from exc
+            try:
+                (path / "nexus").write_text(p["nexus"])
+                (path / "enable").write_text("1")  # lets the function bind (can_attach)
+            except BaseException:
+                _rm_usb(path)
+                raise
+        elif obj.kind is Kind.LUN:
+            path.mkdir()
+            try:
+                (path / p["backstore"]).symlink_to(self.user_backstore(p["backstore"]))
+            except BaseException:
+                path.rmdir()
+                raise
+        elif obj.kind is Kind.UDC:
+            path.symlink_to(path.parents[2] / "functions" / TCM_FUNCTION)
+            try:
+                write_bounded(path.parents[2] / "UDC", obj.key[2], self.udc_timeout)
+            except BaseException:
+                _unbind(path.parents[2], self.udc_timeout)
+                raise
+        else:
+            raise OSError(errno.EINVAL, f"usb_f_tcm has no {obj.kind.value} objects")
+
+    def _fabric(self) -> None:
+        """LIO's usb_gadget group: configfs makes it on the first mkdir, if usb_f_tcm has
+        registered the fabric (tcmu-py does not load it: Debian's kernel does not have it)."""
+        try:
+            self.root.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise OSError(exc.errno, f"{self.root}: {exc.strerror}: LIO's usb_gadget fabric is"
+                          " not registered: load usb_f_tcm (Debian's kernel does not build it;"
+                          " the lab builds it with scripts/usb_f_tcm/build.sh)") from exc
+
+    def _create_gadget(self, gadget: Path, p: dict[str, Any]) -> None:
+        if not self.gadgets.is_dir():
+            res = subprocess.run(["modprobe", "libcomposite"], capture_output=True, text=True,
+                                 check=False)
+            if res.returncode != 0:
+                raise OSError(errno.ENOENT, f"{self.gadgets}: missing; modprobe libcomposite:"
+                              f" {res.stderr.strip()}")
+        gadget.mkdir()
+        try:
+            (gadget / "idVendor").write_text(f"0x{p['vendor_id']:04x}")
+            (gadget / "idProduct").write_text(f"0x{p['product_id']:04x}")
+            strings = gadget / "strings" / "0x409"  # US English
+            strings.mkdir()
+            (strings / "manufacturer").write_text("tcmu-py")
+            (strings / "product").write_text("tcmu-py USB target")
+            config = gadget / "configs" / GADGET_CONFIG / "strings" / "0x409"
+            config.mkdir(parents=True)
+            (config / "configuration").write_text("tcm")
+            function = gadget / "functions" / TCM_FUNCTION
+            try:
+                function.mkdir()  # libcomposite asks for module usbfunc:tcm (usb_f_tcm)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{function}: {exc.strerror} (is usb_f_tcm loaded?"
+                              " Debian's kernel does not build it: scripts/usb_f_tcm/build.sh"
+                              " builds it)") from exc
+        except BaseException:
+            _rm_usb(gadget, self.udc_timeout)
+            raise
+
+    def delete(self, obj: LioObject) -> None:
+        """Remove ``obj`` and what configfs holds under it, innermost first; a gadget is
+        unbound from its UDC first (bounded: the write may block in the kernel)."""
+        from tcmu_py.daemon.lio import Kind
+
+        path = self.path(obj)
+        if obj.kind is Kind.UDC:
+            _unbind(path.parents[2], self.udc_timeout)
+        else:
+            _rm_usb(path, self.udc_timeout)
+
+
+def _unbind(gadget: Path, timeout: float) -> None:
+    """Unbind ``gadget`` from its UDC (if bound), then unlink the functions of ``c.1``."""
+    udc = gadget / "UDC"
+    if udc.is_file() and udc.read_text().strip():
+        write_bounded(udc, "\n", timeout)
+    config = gadget / "configs" / GADGET_CONFIG
+    if config.is_dir():
+        _unlink_links(config)
+
+
+def _rm_usb(path: Path, timeout: float = UDC_TIMEOUT) -> None:
+    name = path.name
+    if path.parent.name == "usb_gadget":  # a gadget: unbind, then its groups, innermost first
+        _unbind(path, timeout)
+        for group in (f"configs/{GADGET_CONFIG}/strings/0x409", f"configs/{GADGET_CONFIG}",
+                      f"functions/{TCM_FUNCTION}", "strings/0x409"):
+            with contextlib.suppress(FileNotFoundError):
+                (path / group).rmdir()
+    elif name.startswith("lun_"):
+        _unlink_links(path)
+    elif name.startswith("tpgt_"):
+        with contextlib.suppress(OSError):  # disabling also unbinds the gadget (f_tcm.c)
+            (path / "enable").write_text("0")
+        for lun in sorted((path / "lun").glob("lun_*")):
+            _rm_usb(lun)
+    else:  # a target port
+        for tpg in sorted(path.glob("tpgt_*")):
+            _rm_usb(tpg)
     path.rmdir()

@@ -94,6 +94,10 @@ class Kind(StrEnum):
     LUN = "lun"
     ACL = "acl"
     MAPPED_LUN = "mapped_lun"
+    #: A libcomposite USB gadget carrying usb_f_tcm's function, and its binding to a UDC
+    #: (`tcmu_py.daemon.fabric_lio`).
+    GADGET = "gadget"
+    UDC = "udc"
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class LioObject:
     - TARGET ``(fabric, wwn)``; TPG ``(fabric, wwn, tag)``; PORTAL ``(fabric, wwn, tag, "ip:port")``
     - LUN ``(fabric, wwn, tag, lun)``; ACL ``(fabric, wwn, tag, initiator)``
     - MAPPED_LUN ``(fabric, wwn, tag, initiator, mapped_lun)``
+    - GADGET ``("gadget", name)``; UDC ``("gadget", name, udc)`` (the gadget bound to ``udc``)
 
     ``params`` are the creation parameters (JSON values); they take no part in identity.
     """
@@ -119,7 +124,7 @@ class LioObject:
     def parent(self) -> tuple[Kind, tuple[str, ...]] | None:
         """Identity of the object this one lives in (None for backstores and targets)."""
         parents = {Kind.TPG: Kind.TARGET, Kind.PORTAL: Kind.TPG, Kind.LUN: Kind.TPG,
-                   Kind.ACL: Kind.TPG, Kind.MAPPED_LUN: Kind.ACL}
+                   Kind.ACL: Kind.TPG, Kind.MAPPED_LUN: Kind.ACL, Kind.UDC: Kind.GADGET}
         if self.kind not in parents:
             return None
         return parents[self.kind], self.key[:-1]
@@ -309,13 +314,21 @@ class RtslibBackend:
         except Exception as exc:  # rtslib raises bare RTSLibError / OSError
             raise LioError(f"LIO is not available (configfs, target_core_mod): {exc}") from exc
 
-    def _srpt(self, obj: LioObject) -> Any:
-        """The `SrptConfigfs` that handles `obj` if it is an ib_srpt object, else None."""
-        if obj.kind is Kind.BACKSTORE or obj.key[0] != "srpt":
-            return None
-        from tcmu_py.daemon.fabric_lio import SrptConfigfs
+    def _by_hand(self, obj: LioObject) -> Any:
+        """The `SrptConfigfs` or `UsbConfigfs` that handles `obj` if it is an object of
+        ib_srpt or usb_f_tcm (made by hand in configfs), else None."""
+        from tcmu_py.daemon import fabric_lio as fl
 
-        return SrptConfigfs(self.configfs, lambda name: Path(self._user_so(name).path))
+        if obj.kind is Kind.BACKSTORE:
+            return None
+        def user_so(name: str) -> Path:
+            return Path(self._user_so(name).path)
+
+        if obj.key[0] == fl.SRPT:
+            return fl.SrptConfigfs(self.configfs, user_so)
+        if obj.key[0] in (fl.USB_GADGET, fl.GADGET):
+            return fl.UsbConfigfs(self.configfs, user_so)
+        return None
 
     # Lookups of existing objects; each raises RTSLibNotInCFSError (an RTSLibError) if absent.
     def _target(self, key: tuple[str, ...]) -> Any:
@@ -352,9 +365,9 @@ class RtslibBackend:
         return r.MappedLUN(self._acl(k), int(k[4]))
 
     def exists(self, obj: LioObject) -> bool:
-        srpt = self._srpt(obj)
-        if srpt is not None:
-            return bool(srpt.exists(obj))
+        by_hand = self._by_hand(obj)
+        if by_hand is not None:
+            return bool(by_hand.exists(obj))
         try:
             self._lookup(obj)
         except self.rtslib.utils.RTSLibError:
@@ -363,9 +376,9 @@ class RtslibBackend:
 
     def create(self, obj: LioObject) -> None:
         try:
-            srpt = self._srpt(obj)
-            if srpt is not None:
-                srpt.create(obj)
+            by_hand = self._by_hand(obj)
+            if by_hand is not None:
+                by_hand.create(obj)
                 return
             self._create(obj)
         except (self.rtslib.utils.RTSLibError, OSError) as exc:
@@ -438,9 +451,9 @@ class RtslibBackend:
 
     def delete(self, obj: LioObject) -> None:
         try:
-            srpt = self._srpt(obj)
-            if srpt is not None:
-                srpt.delete(obj)
+            by_hand = self._by_hand(obj)
+            if by_hand is not None:
+                by_hand.delete(obj)
                 return
             self._lookup(obj).delete()
         except (self.rtslib.utils.RTSLibError, OSError) as exc:
@@ -501,7 +514,7 @@ def _state_path(state_dir: str | Path) -> Path:
 
 #: Key length of each kind (see `LioObject`) and the parameters tcmu-py reads back.
 _KEY_LENGTH = {Kind.BACKSTORE: 2, Kind.TARGET: 2, Kind.TPG: 3, Kind.PORTAL: 4, Kind.LUN: 4,
-               Kind.ACL: 4, Kind.MAPPED_LUN: 5}
+               Kind.ACL: 4, Kind.MAPPED_LUN: 5, Kind.GADGET: 2, Kind.UDC: 3}
 _PARAMS: dict[Kind, dict[str, type]] = {
     Kind.BACKSTORE: {"config": str, "size": int},
     Kind.PORTAL: {"ip": str, "port": int},
@@ -764,11 +777,14 @@ def _detail(obj: LioObject) -> str:
     if obj.kind is Kind.TPG:
         attrs = p.get("attributes") or {}
         flags = [f"{k}={v}" for k, v in sorted(attrs.items())]
+        flags += [f"nexus={p['nexus']}"] if p.get("nexus") else []
         return " ".join(flags + (["chap"] if p.get("chap") else []))
     if obj.kind is Kind.ACL:
         return "chap" if p.get("chap") else ""
     if obj.kind is Kind.MAPPED_LUN:
         return f"-> tpg lun {p['tpg_lun']}"
+    if obj.kind is Kind.GADGET:
+        return f"usb {p.get('vendor_id', 0):04x}:{p.get('product_id', 0):04x}"
     return ""
 
 

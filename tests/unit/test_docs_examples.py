@@ -194,6 +194,8 @@ _PROBE_BASE: dict[str, Any] = {
                  "acls": [{"initiator": "192.168.77.1", "luns": ["d0"]}]}],
         "fc": [{"wwpn": "naa.2000020000007701", "luns": [{"device": "d0"}],
                 "acls": [{"initiator": "naa.2000020000007702", "luns": ["d0"]}]}],
+        "usb": [{"wwn": "naa.6001405c0ffee0b1", "udc": "dummy_udc.0",
+                 "luns": [{"device": "d0"}]}],
     },
 }
 

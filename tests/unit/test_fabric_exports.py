@@ -129,9 +129,41 @@ exports:
     ("fc: [{wwpn: naa.2000020000007701, speed: 10, acls: [{initiator: naa.2000020000007702}]}]",
      "cfg.yaml: exports.fc[0].speed: got 10, expected one of the keys acls, luns, wwpn (unknown"
      " key)"),
-    ("usb: []",
-     "cfg.yaml: exports.usb: got [], expected one of the keys fc, iscsi, iser, loopback, srp"
-     " (unknown key)"),
+    ("sas: []",
+     "cfg.yaml: exports.sas: got [], expected one of the keys fc, iscsi, iser, loopback, srp,"
+     " usb (unknown key)"),
+    ("usb: [{wwn: naa.6001405c0ffee0b1}]",
+     "cfg.yaml: exports.usb[0].udc: got nothing, expected this required key"),
+    ("usb: [{wwn: 'naa.6001405c0ffee0b', udc: dummy_udc.0}]",
+     "cfg.yaml: exports.usb[0].wwn: got 'naa.6001405c0ffee0b', expected a USB target or nexus"
+     " name naa.<16 hex digits>"),
+    ("usb: [{wwn: naa.6001405c0ffee0b1, nexus: iqn.2025-01.org:x, udc: dummy_udc.0}]",
+     "cfg.yaml: exports.usb[0].nexus: got 'iqn.2025-01.org:x', expected a USB target or nexus"
+     " name naa.<16 hex digits>"),
+    ("usb: [{wwn: naa.6001405c0ffee0b1, udc: 'dummy udc'}]",
+     "cfg.yaml: exports.usb[0].udc: got 'dummy udc', expected a USB device controller as"
+     " /sys/class/udc names it (dummy_udc.0 in the lab)"),
+    ("usb: [{wwn: naa.6001405c0ffee0b1, udc: dummy_udc.0, gadget: ../g}]",
+     "cfg.yaml: exports.usb[0].gadget: got '../g', expected a gadget name of 1..64 characters"
+     " A-Z a-z 0-9 _ . - (a directory of /sys/kernel/config/usb_gadget)"),
+    ("usb: [{wwn: naa.6001405c0ffee0b1, udc: dummy_udc.0, vendor_id: 0x10000}]",
+     "cfg.yaml: exports.usb[0].vendor_id: got 65536, expected a USB vendor ID 0..0xffff"),
+    ("usb: [{wwn: naa.6001405c0ffee0b1, udc: dummy_udc.0, product_id: -1}]",
+     "cfg.yaml: exports.usb[0].product_id: got -1, expected a USB product ID 0..0xffff"),
+    ("usb: [{wwn: naa.6001405c0ffee0b1, udc: dummy_udc.0, luns: [{device: d0, lun: 1}]}]",
+     "cfg.yaml: exports.usb[0].luns: got [1], expected at most 16 LUNs numbered 0, 1, ..."
+     " without gaps (a Bulk-Only host scans LUNs 0..GET MAX LUN, which usb_f_tcm answers with"
+     " the LUN count - 1)"),
+    ("usb: [{wwn: naa.6001405c0ffee0b1, udc: dummy_udc.0, luns: [{device: nope}]}]",
+     "cfg.yaml: exports.usb[0].luns[0].device: got 'nope', expected the name of a device in"
+     " devices (d0)"),
+    ("usb: [{wwn: naa.6001405c0ffee0b1, udc: dummy_udc.0, acls: []}]",
+     "cfg.yaml: exports.usb[0].acls: got [], expected one of the keys gadget, luns, nexus,"
+     " product_id, udc, vendor_id, wwn (unknown key)"),
+    ("usb: [{wwn: naa.6001405c0ffee0b1, udc: dummy_udc.0}, {wwn: naa.6001405c0ffee0b3,"
+     " udc: dummy_udc.1}]",
+     "cfg.yaml: exports.usb[1]: got {'udc': 'dummy_udc.1', 'wwn': 'naa.6001405c0ffee0b3'},"
+     " expected at most one USB target (usb_f_tcm serves one in the whole system)"),
 ])
 def test_one_problem_one_line(exports: str, line: str) -> None:
     assert problems(BASE + "  " + exports + "\n") == [line]

@@ -34,8 +34,8 @@ def test_fcoe_wwpn_is_2000_and_the_mac() -> None:
 
 def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert lf.main([]) == 2
-    assert lf.main(["up", "usb"]) == 2
-    assert "usage: python -m tcmu_py.lab_fabrics up [srp iser fc]" in capsys.readouterr().err
+    assert lf.main(["up", "sas"]) == 2
+    assert "usage: python -m tcmu_py.lab_fabrics up [srp iser fc usb]" in capsys.readouterr().err
 
 
 def test_write_bounded_writes_and_reports_errors(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ IQN = "iqn.2025-01.org.tcmu-py:fabrics-iser"
 DISK, CHANGER, DRIVE = "fab-disk", "fab-ch", "fab-d0"
 LUNS = {DISK: 0, CHANGER: 1, DRIVE: 2}
 BARCODE = "FAB000L8"
+#: The fabrics of this boot (USB has a boot of its own: scenarios/fabrics_usb.py).
+FABRICS = ("srp", "iser", "fc")
 
 
 def _luns() -> str:
@@ -109,8 +111,10 @@ def _devices(ctx: Context, host: str, cap: float) -> dict[int, dict[str, str]]:
     return wait_for(complete, ctx.remaining(cap), f"disk, changer and tape on {host}")
 
 
-def _exercise(ctx: Context, fabric: str, host: str, first_tape: list[bool]) -> dict[str, object]:
-    """sg_inq, fio verify, mtx status, tar round trip over the LUNs of ``host``."""
+def _exercise(ctx: Context, fabric: str, host: str, first_tape: list[bool],
+              fio_cap: float = 120) -> dict[str, object]:
+    """sg_inq, fio verify (at most ``fio_cap`` seconds), mtx status, tar round trip over the
+    LUNs of ``host``."""
     facts: dict[str, object] = {"host": host}
     devs = _devices(ctx, host, 90)
     facts["devices"] = devs
@@ -124,7 +128,7 @@ def _exercise(ctx: Context, fabric: str, host: str, first_tape: list[bool]) -> d
                "--ioengine=libaio", "--rw=write", "--bs=256k", "--iodepth=4", "--size=16M",
                "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
                "--verify_state_save=0"],  # the guest's working directory is read-only
-              timeout=ctx.remaining(120), check=False)
+              timeout=ctx.remaining(fio_cap), check=False)
     assert out.returncode == 0, f"fio verify on {disk}: exit {out.returncode}: {out.stderr[-2000:]}"
     facts["fio_s"] = round(time.monotonic() - start, 1)
 
@@ -180,13 +184,13 @@ def srp_iser_fc(ctx: Context) -> None:
     from tcmu_py import lab_fabrics as lf
 
     t0 = time.monotonic()
-    lab = lf.bring_up(timeout=ctx.remaining(60))
+    lab = lf.bring_up(FABRICS, timeout=ctx.remaining(60))
     errors: dict[str, str] = dict(lab.errors)
     timings: dict[str, object] = {"bring_up": lab.timings}
     ctx.details["timings"] = timings
     ctx.details["ports"] = {"srp": lab.srp_port, "fc_target": lab.fc_target_wwpn,
                             "fc_initiator": lab.fc_initiator_wwpn}
-    fabrics = [f for f in lf.FABRICS if lab.ready(f)]
+    fabrics = [f for f in FABRICS if lab.ready(f)]
     for f, e in errors.items():
         log(f"fabric {f} cannot run: {e}")
     cfg = ctx.workdir / "fabrics.yaml"
