@@ -22,6 +22,17 @@ What the device promises, and why it is true:
   blocks: no COMPARE AND WRITE). A miscompare is
   0Eh/1Dh/00h with INFORMATION = the offset of the first differing byte from the start of the
   compared data (SBC-4 5.3).
+- GET LBA STATUS asks librbd which extents of the image hold data (``rbd_diff_iterate2``,
+  parent included), at most `LBA_STATUS_WINDOW` bytes per command: the rest of the range is
+  deallocated, and reads zeros (LBPRZ). librbd 16.2 reports, per RADOS object, the span from
+  the object's start to the end of its data (measured: 8 blocks written at LBA 100 report LBAs
+  0-107 mapped; a partial UNMAP inside an object leaves it mapped): "mapped" may be
+  conservative, "deallocated" never is. An object UNMAP covers whole is removed: deallocated.
+- The capacity follows the image: a resize through the kernel (RECONFIG, `resize`) resizes the
+  image; one made by another client (``rbd resize``) reaches the device through a watch on the
+  image header, and the next command reports CAPACITY DATA HAS CHANGED with the new capacity
+  (the kernel's ``dev_size`` attribute keeps the old figure until set; TCMU passes every
+  command through, so no command depends on it).
 - WCE follows librbd's cache (``rbd_cache``, set from the device's ``write_cache``): with it,
   FUA writes and SYNCHRONIZE CACHE flush (``rbd_aio_flush``).
 
@@ -54,6 +65,7 @@ from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import sbc
 from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import (
+    CapacityDataChanged,
     InvalidFieldInCdb,
     MediumError,
     Miscompare,
@@ -68,6 +80,9 @@ from .config import CephConfig
 from .librbd import FEATURE_EXCLUSIVE_LOCK, Cluster, Image, IoCtx, RadosError
 
 log = logging.getLogger(__name__)
+
+#: How much of the image one GET LBA STATUS examines (librbd asks one RADOS object at a time).
+LBA_STATUS_WINDOW = 1 << 30
 
 #: The one size librbd's compare-and-write takes (bytes, 512-aligned).
 CAW_SECTOR = 512
@@ -187,6 +202,41 @@ class RbdBackend:
         else:
             self._wait(self.image.aio_writesame(offset, length, block), True)
 
+    def lba_status(self, offset: int, length: int, *,
+                   max_runs: int) -> list[tuple[int, int, int]]:
+        """`LbaStatus`: runs (offset, length, 0 mapped / 1 deallocated) from `offset`, over at
+        most `LBA_STATUS_WINDOW` bytes (module docstring)."""
+        self.check_ready()
+        end = offset + min(length, LBA_STATUS_WINDOW)
+        try:
+            extents = self.image.extents(offset, end - offset, max_runs)
+        except OSError as exc:
+            raise scsi_error(exc, False) from exc
+        bs = self.block_size
+        runs: list[tuple[int, int, int]] = []
+
+        def add(start: int, stop: int, status: int) -> None:
+            if stop <= start:
+                return
+            if runs and runs[-1][2] == status:
+                first = runs[-1][0]
+                runs[-1] = (first, stop - first, status)
+            else:
+                runs.append((start, stop - start, status))
+
+        pos = offset
+        for off, n, exists in extents:
+            if not exists:
+                continue
+            start = max(off // bs * bs, pos)
+            stop = min(-(-(off + n) // bs) * bs, end)
+            add(pos, start, 1)
+            add(max(start, pos), stop, 0)
+            pos = max(pos, stop)
+        if len(extents) < max_runs:
+            add(pos, end, 1)  # the iteration ran to `end`: the rest holds no data
+        return runs[:max_runs]
+
     def resize(self, size: int) -> None:
         self.image.resize(size)
         self.size = size
@@ -280,6 +330,48 @@ class CephDevice(BlockDevice):
         # (EINVAL, measured for 1024 to 8192 bytes): advertise one 512-byte block, and no
         # COMPARE AND WRITE at all for larger blocks, rather than a non-atomic loop.
         self.max_compare_and_write_blocks = 1 if self.block_size == CAW_SECTOR else 0
+        #: Set by librbd's watch when the image header changed (maybe resized elsewhere).
+        self._header_changed = threading.Event()
+        self._watch: int | None = None
+        try:
+            self._watch = self.image.watch(self._header_changed.set)
+        except OSError as exc:
+            self.log.warning("no watch on the image header (%s): a resize by another client "
+                             "is not followed", exc)
+
+    def execute(self, cmd: Command) -> Any:
+        """Follow a resize made by another client before running `cmd`, so its UNIT ATTENTION
+        comes with this very command."""
+        if self._header_changed.is_set():
+            self._header_changed.clear()
+            self._follow_image_size()
+        return super().execute(cmd)
+
+    def _follow_image_size(self) -> None:
+        try:
+            size = self.image.size()
+        except OSError as exc:
+            self.log.warning("image size unknown after a header change: %s", exc)
+            return
+        size -= size % self.block_size
+        if size == self.backend.size:
+            return
+        self.log.info("image %s resized by another client: %d -> %d bytes",
+                      self.backend.cfg.spec, self.backend.size, size)
+        self.backend.size = size
+        self.num_blocks = size // self.block_size
+        # SBC-4 4.6: the capacity changed: CAPACITY DATA HAS CHANGED with the next command.
+        self.queue_unit_attention(CapacityDataChanged())
+        self.extent_version += 1
+
+    def close(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            try:
+                self.image.unwatch(watch)
+            except OSError as exc:
+                self.log.warning("unwatch: %s", exc)
+        super().close()
 
     def check_ready(self) -> None:
         self.backend.check_ready()

@@ -3,8 +3,10 @@ declared in ``librados-dev`` / ``librbd-dev``) through cffi in ABI mode.
 
 Only what the ``ceph`` handler and its test cluster need: a cluster handle from a conf file and
 a client id, monitor commands (`Cluster.mon_command`, JSON in and out), I/O contexts with a
-namespace, image create / open / size / resize / exclusive lock, and the asynchronous I/O calls
-(`Image.aio`) whose completions resolve `concurrent.futures.Future` objects.
+namespace, image create / open / size / resize / exclusive lock, the allocated extents of an
+image (`Image.extents`), a watch on its header (`Image.watch`: another client resized it), and
+the asynchronous I/O calls (`Image.aio`) whose completions resolve
+`concurrent.futures.Future` objects.
 
 Our Python is not Debian's, so ``python3-rados`` / ``python3-rbd`` cannot be imported; the
 libraries are opened with ``dlopen`` on first use, and a missing one is a `RadosError` naming
@@ -89,6 +91,13 @@ ssize_t rbd_aio_compare_and_write(rbd_image_t image, uint64_t off, size_t len,
                                   const char *cmp_buf, const char *buf, rbd_completion_t c,
                                   uint64_t *mismatch_off, int op_flags);
 int rbd_aio_flush(rbd_image_t image, rbd_completion_t c);
+int rbd_diff_iterate2(rbd_image_t image, const char *fromsnapname, uint64_t ofs, uint64_t len,
+                      uint8_t include_parent, uint8_t whole_object,
+                      int (*cb)(uint64_t, size_t, int, void *), void *arg);
+typedef void (*rbd_update_callback_t)(void *arg);
+int rbd_update_watch(rbd_image_t image, uint64_t *handle, rbd_update_callback_t watch_cb,
+                     void *arg);
+int rbd_update_unwatch(rbd_image_t image, uint64_t handle);
 """
 
 #: rbd/features.h: the features of a new image (layering, exclusive-lock, object-map,
@@ -293,6 +302,36 @@ def _complete(c: Any, arg: Any) -> None:
         op.future.set_result(rc)
 
 
+@_ffi.callback("int(uint64_t, size_t, int, void *)")
+def _extent(offset: int, length: int, exists: int, arg: Any) -> int:
+    out: _Extents = _ffi.from_handle(arg)
+    out.runs.append((int(offset), int(length), bool(exists)))
+    # A negative return stops the iteration (rbd_diff_iterate2 returns it): enough runs.
+    return -_errno.ECANCELED if len(out.runs) >= out.limit else 0
+
+
+class _Extents:
+    __slots__ = ("runs", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.runs: list[tuple[int, int, bool]] = []
+        self.limit = limit
+
+
+#: Watch callbacks by handle: each stays referenced while its watch is registered.
+_watchers: dict[tuple[int, int], Any] = {}
+
+
+@_ffi.callback("void(void *)")
+def _updated(arg: Any) -> None:
+    fn = _ffi.from_handle(arg)
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - never unwind into librbd's thread
+        import logging
+        logging.getLogger(__name__).exception("image watch callback failed")
+
+
 class Image:
     """An open RBD image. The ``aio_*`` methods start an operation and return a Future of its
     result (bytes moved, or 0), failing with `RadosError`; the caller's buffers must stay
@@ -352,6 +391,37 @@ class Image:
 
     def flush(self) -> None:
         check(self._lib.rbd_flush(self._h), f"flush {self.name}")
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int, bool]]:
+        """The image's data extents in ``[offset, offset + length)`` as librbd reports them
+        (``rbd_diff_iterate2`` from the image's creation, parent included, ``whole_object`` 0;
+        16.2 still reports per object the span from its start to the end of its data):
+        ``(offset, length, exists)`` in ascending order, at most `limit` of them. Bytes in no
+        extent, or in one with ``exists`` False, hold no data (read zeros).
+        Costs one request per RADOS object of the range."""
+        out = _Extents(max(limit, 1))
+        handle = _ffi.new_handle(out)
+        rc = self._lib.rbd_diff_iterate2(self._h, _ffi.NULL, offset, length, 1, 0, _extent,
+                                         handle)
+        if rc != -_errno.ECANCELED:
+            check(rc, f"diff_iterate {self.name}")
+        return out.runs
+
+    def watch(self, callback: Any) -> int:
+        """Call ``callback()`` (on a librbd thread, which it must not block on librbd) whenever
+        the image's header changes: a resize by another client, a snapshot, a lock change.
+        Returns the handle for `unwatch`."""
+        arg = _ffi.new_handle(callback)
+        out = _ffi.new("uint64_t *")
+        check(self._lib.rbd_update_watch(self._h, out, _updated, arg), f"watch {self.name}")
+        _watchers[(id(self), int(out[0]))] = arg
+        return int(out[0])
+
+    def unwatch(self, handle: int) -> None:
+        try:
+            check(self._lib.rbd_update_unwatch(self._h, handle), f"unwatch {self.name}")
+        finally:
+            _watchers.pop((id(self), handle), None)
 
     # -- asynchronous I/O -------------------------------------------------------------------
 

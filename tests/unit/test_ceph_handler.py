@@ -318,3 +318,79 @@ def test_resize_follows_the_image(device: RingHarness) -> None:
     assert device.run(cdbs.read_capacity16(), data_in_len=32).sense_codes == (0x06, 0x2A, 0x09)
     rc = device.run(cdbs.read_capacity16(), data_in_len=32)
     assert int.from_bytes(rc.data[:8], "big") + 1 == 2 * SIZE // BS
+
+
+def _lba_status(h: RingHarness, lba: int) -> list[tuple[int, int, int]]:
+    """GET LBA STATUS from `lba`: [(lba, blocks, provisioning status)] (SBC-4 6.6)."""
+    r = h.run(cdbs.get_lba_status(lba), data_in_len=4096)
+    assert r.good, r
+    n = (int.from_bytes(r.data[:4], "big") - 4) // 16
+    return [(int.from_bytes(d[:8], "big"), int.from_bytes(d[8:12], "big"), d[12] & 0x0F)
+            for d in (r.data[8 + 16 * i:24 + 16 * i] for i in range(n))]
+
+
+def _status_of(runs: list[tuple[int, int, int]], lba: int) -> int:
+    return next(st for start, n, st in runs if start <= lba < start + n)
+
+
+def test_get_lba_status_follows_the_image_allocation(device: RingHarness) -> None:
+    """GET LBA STATUS reports what librbd says holds data: a fresh image is deallocated,
+    written blocks are mapped, blocks UNMAP deallocated whole objects of are deallocated
+    again; the runs are contiguous from the requested LBA to the end of the disk."""
+    blocks = SIZE // BS
+    boundary = (4 << 20) // BS
+    assert device.run(cdbs.inquiry(evpd=True, page_code=0xB2, allocation_length=8),
+                      data_in_len=8).data[5] & 0x80  # LBPU: UNMAP supported
+    assert _lba_status(device, 0) == [(0, blocks, 1)]
+    assert device.run(cdbs.write10(100, 8), b"\x01" * (8 * BS)).good
+    assert device.run(cdbs.write10(boundary + 50, 1), b"\x02" * BS).good
+    runs = _lba_status(device, 0)
+    assert runs[0][0] == 0 and sum(n for _, n, _ in runs) == blocks
+    assert all(a + n == b for (a, n, _), (b, _, _) in zip(runs, runs[1:], strict=False))
+    for lba in (100, 107, boundary + 50):
+        assert _status_of(runs, lba) == 0, runs
+    assert _status_of(runs, blocks - 1) == 1, runs
+    # From an LBA inside the second object: the first descriptor starts there.
+    runs = _lba_status(device, boundary + 50)
+    assert runs[0][:1] == (boundary + 50,) and runs[0][2] == 0
+    # UNMAP of the whole first object removes it: deallocated again.
+    params = cdbs.unmap_parameters([(0, boundary)])
+    assert device.run(cdbs.unmap(len(params)), params).good
+    runs = _lba_status(device, 0)
+    assert _status_of(runs, 100) == 1 and _status_of(runs, boundary + 50) == 0, runs
+    r = device.run(cdbs.get_lba_status(blocks), data_in_len=64)
+    assert r.sense_codes == (0x05, 0x21, 0x00)  # LBA OUT OF RANGE
+
+
+def test_resize_by_another_client_is_followed(ceph_cluster: Any) -> None:
+    """`rbd resize` from another client (its own connection): the device's watch sees the
+    header change, the next command reports CAPACITY DATA HAS CHANGED and READ CAPACITY the
+    new size; LBAs past the old end then work."""
+    image = f"r-{uuid.uuid4().hex[:8]}"
+    dev = _open(ceph_cluster, image, extra=";create=1;lock=shared")
+    h = _harness(dev)
+    try:
+        admin = ceph_cluster.admin()
+        try:
+            ioctx = admin.ioctx("rbd")
+            other = ioctx.open_image(image)
+            try:
+                other.resize(3 * SIZE)
+            finally:
+                other.close()
+                ioctx.close()
+        finally:
+            admin.shutdown()
+        deadline = time.monotonic() + 30
+        while not dev._header_changed.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dev._header_changed.is_set(), "no header notification within 30 s"
+        assert h.run(cdbs.read_capacity16()).sense_codes == (0x06, 0x2A, 0x09)
+        rc = h.run(cdbs.read_capacity16(), data_in_len=32)
+        assert int.from_bytes(rc.data[:8], "big") + 1 == 3 * SIZE // BS
+        last = 3 * SIZE // BS - 1
+        assert h.run(cdbs.write10(last, 1), b"\x07" * BS).good
+        assert h.run(cdbs.read10(last, 1), data_in_len=BS).data == b"\x07" * BS
+    finally:
+        h.close()
+        dev.close()
