@@ -40,7 +40,9 @@ Errors: a cluster that cannot answer (ETIMEDOUT after ``osd_op_timeout``, ESHUTD
 client was blocklisted, ENOTCONN, EAGAIN) is NOT READY 02h/04h/01h, which initiators retry;
 any other librbd error is MEDIUM ERROR on reads and WRITE ERROR on writes. A device that does
 not hold the image's exclusive lock (another client has it) answers NOT READY 02h/04h/03h to
-every medium access, with the holder in the log.
+every medium access, with the holder in the log, and tries to take the lock again every
+`LOCK_RETRY_INTERVAL` seconds: when the holder releases it or dies (librbd breaks a dead
+client's lock), this device takes over and serves.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ log = logging.getLogger(__name__)
 
 #: How much of the image one GET LBA STATUS examines (librbd asks one RADOS object at a time).
 LBA_STATUS_WINDOW = 1 << 30
+
+#: Seconds between attempts to take an exclusive lock another client holds.
+LOCK_RETRY_INTERVAL = 5.0
 
 #: The one size librbd's compare-and-write takes (bytes, 512-aligned).
 CAW_SECTOR = 512
@@ -168,6 +173,39 @@ class RbdBackend:
         self.write_cache = write_cache
         #: Why medium access is refused (another client holds the exclusive lock), or None.
         self.not_ready: str | None = None
+        self._closing = threading.Event()
+        self._retry: threading.Thread | None = None
+
+    def take_lock(self) -> bool:
+        """Try to take the image's exclusive lock once. On failure `not_ready` names the
+        holder; on success it is cleared."""
+        try:
+            self.image.lock_acquire()
+        except RadosError as exc:
+            try:
+                owners = ", ".join(self.image.lock_owners()) or "another client"
+            except RadosError:
+                owners = "another client"
+            self.not_ready = (f"ceph image {self.cfg.spec}: the exclusive lock is held by "
+                              f"{owners} ({exc}); expected it free, or lock=shared")
+            return False
+        self.not_ready = None
+        return True
+
+    def start_lock_retry(self, interval: float = LOCK_RETRY_INTERVAL) -> None:
+        """Keep trying to take the lock every `interval` seconds, on a thread of its own, until
+        it is ours or the backend closes: the holder may release it, or die (librbd then
+        blocklists it and breaks its lock), and this device takes over (a gateway failover).
+        Commands meanwhile answer NOT READY; none waits for the lock."""
+
+        def retry() -> None:
+            while not self._closing.wait(interval):
+                if self.take_lock():
+                    log.warning("ceph image %s: exclusive lock taken; serving", self.cfg.spec)
+                    return
+
+        self._retry = threading.Thread(target=retry, name=f"lock-{self.cfg.spec}", daemon=True)
+        self._retry.start()
 
     def check_ready(self) -> None:
         if self.not_ready is not None:
@@ -242,6 +280,9 @@ class RbdBackend:
         self.size = size
 
     def close(self) -> None:
+        self._closing.set()
+        if self._retry is not None:
+            self._retry.join()
         try:
             self.image.close()
         finally:
@@ -297,15 +338,10 @@ def open_backend(cfg: CephConfig, size: int, block_size: int,
             raise ConfigError(f"ceph: key 'image': {cfg.spec}: the image holds {have} bytes, "
                               f"the device's size is {size}; expected a size up to the image's")
         backend = RbdBackend(cfg, cluster, ioctx, image, size or have, block_size, write_cache)
-        if cfg.lock == "exclusive" and image.features() & FEATURE_EXCLUSIVE_LOCK:
-            try:
-                image.lock_acquire()
-            except RadosError as exc:
-                owners = image.lock_owners()
-                backend.not_ready = (f"ceph image {cfg.spec}: the exclusive lock is held by "
-                                     f"{', '.join(owners) or 'another client'} ({exc}); "
-                                     "expected it free, or lock=shared")
-                log.error("%s", backend.not_ready)
+        exclusive = cfg.lock == "exclusive" and image.features() & FEATURE_EXCLUSIVE_LOCK
+        if exclusive and not backend.take_lock():
+            log.error("%s", backend.not_ready)
+            backend.start_lock_retry()
         return backend
     except BaseException:
         if image is not None:

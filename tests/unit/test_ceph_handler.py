@@ -394,3 +394,26 @@ def test_resize_by_another_client_is_followed(ceph_cluster: Any) -> None:
     finally:
         h.close()
         dev.close()
+
+
+def test_lock_taken_over_when_the_holder_lets_go(ceph_cluster: Any) -> None:
+    """A gateway failover: the second device is NOT READY while the first holds the exclusive
+    lock; once the first closes (releasing it) the second takes the lock by itself and
+    serves, without being reopened."""
+    image = f"o-{uuid.uuid4().hex[:8]}"
+    first = _open(ceph_cluster, image, extra=";create=1")
+    second = _open(ceph_cluster, image, name="ceph1")
+    h = _harness(second)
+    try:
+        assert h.run(cdbs.write10(0, 1), b"a" * BS).sense_codes == (0x02, 0x04, 0x03)
+        first.close()
+        deadline = time.monotonic() + 60
+        while second.backend.not_ready is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert second.backend.not_ready is None, "lock not taken within 60 s"
+        assert second.image.is_lock_owner()
+        assert h.run(cdbs.write10(0, 1), b"b" * BS).good
+        assert h.run(cdbs.read10(0, 1), data_in_len=BS).data == b"b" * BS
+    finally:
+        h.close()
+        second.close()
