@@ -1,0 +1,280 @@
+"""Mirror vs raw in the lab VM (issue 16): a 2-leg `mirror` disk (a local image file and an NBD
+export served by nbdkit on 127.0.0.1) against a `raw` disk, both served by one `tcmu-py serve`
+in the same VM boot, over the six fio workloads of docs/benchmarks.md (4 KiB random read and
+write at queue depth 1 and 32, 1 MiB sequential read and write at queue depth 8).
+
+    .venv/bin/python benchmarks/mirror_vs_raw.py --out results/mirror_vs_raw [--seconds 8]
+        [--reps 2] [--size-mib 128] [--only randread-4k-qd1,...]
+
+Host side: boots the lab kernel (`tcmu_py.lab.run_in_vm`), runs this file again inside with
+``--guest``, then prints per-workload medians and the mirror/raw ratio against the issue's aims
+(reads >= 0.9x raw, writes >= 0.5x raw) and writes ``OUT/summary.json``.
+
+Guest side (``--guest``): every image on the scratch tmpfs. The raw image is written whole
+first; the mirror's legs are new sparse files (``assume_clean=1``: both zero, equal) that fio
+then writes whole through the mirror, so both disks read allocated data. Both devices have
+``emulate_write_cache=1`` (WCE=1: the raw disk writes through the page cache, the mirror
+acknowledges when every leg has the write, flushes at SYNCHRONIZE CACHE), quorum ``all``,
+region 1 MiB, reads round robin over the legs. They are exported through tcm_loop with I/O
+scheduler "none"; for every repetition and workload the two targets run back to back (drift in
+the shared host's load spreads over both). fio: libaio, direct=1, time based, bounded by
+``--seconds``; writes end with ``end_fsync``. Results: ``OUT/runs.json`` (appended after each
+run) and ``OUT/done.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+NBD_PORT = 10809
+
+# (name, fio rw, block size, queue depth)
+WORKLOADS: tuple[tuple[str, str, str, int], ...] = (
+    ("randread-4k-qd1", "randread", "4k", 1),
+    ("randread-4k-qd32", "randread", "4k", 32),
+    ("randwrite-4k-qd1", "randwrite", "4k", 1),
+    ("randwrite-4k-qd32", "randwrite", "4k", 32),
+    ("read-1m-qd8", "read", "1M", 8),
+    ("write-1m-qd8", "write", "1M", 8),
+)
+TARGETS = ("mirror", "raw")
+#: The issue's aims, mirror/raw: reads and writes.
+AIM_READ, AIM_WRITE = 0.9, 0.5
+#: Seconds before the kernel (TCMU and the SCSI midlayer) gives up on a command.
+CMD_TIMEOUT = 300
+
+
+def selected(only: str | None) -> tuple[tuple[str, str, str, int], ...]:
+    """The workloads named in `only` (comma-separated; all when None)."""
+    if only is None:
+        return WORKLOADS
+    names = only.split(",")
+    unknown = set(names) - {w[0] for w in WORKLOADS}
+    if unknown:
+        raise SystemExit(f"--only: unknown workload(s) {sorted(unknown)}; expected names from "
+                         f"{[w[0] for w in WORKLOADS]}")
+    return tuple(w for w in WORKLOADS if w[0] in names)
+
+
+# --------------------------------------------------------------------------------------------
+# Guest side
+
+
+def guest(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(REPO / "tests" / "kernel"))
+    import socket
+
+    from guestlib import (
+        DEFAULT_CONTROL,
+        Cleanup,
+        Daemon,
+        UserBackstore,
+        create_loopback_lun,
+        log,
+        run,
+        wait_for,
+        write_attr,
+    )
+
+    from tcmu_py.daemon.control import query_status
+    from tcmu_py.errors import TcmuError
+    from tcmu_py.handlers.mirror.config import encode_spec
+    from tcmu_py.handlers.mirror.mirror import meta_length
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("TCMU_PY_SCRATCH", "/tmp/scratch")) / "mirrorbench"
+    work.mkdir(parents=True, exist_ok=True)
+    size = args.size_mib * MIB
+    region = MIB
+    image = work / "raw.img"
+    block = os.urandom(MIB)
+    with open(image, "wb") as f:  # fully allocated, like a provisioned raw image
+        for _ in range(size // MIB):
+            f.write(block)
+    legs = [work / "leg0.img", work / "leg1.img"]
+    for leg in legs:
+        with open(leg, "wb") as f:
+            f.truncate(size + meta_length(size, region))
+
+    def listening() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", NBD_PORT), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def served(name: str) -> bool:
+        try:
+            st = query_status(run_dir, timeout=2)
+        except TcmuError:
+            return False
+        return any(d["name"] == name and not d["failed"] for d in st["devices"])
+
+    def fio(dev: Path, name: str, rw: str, bsz: str, qd: int, res_json: Path,
+            runtime: float | None = args.seconds) -> tuple[int, str, str]:
+        argv = ["fio", f"--name={name}", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
+                f"--rw={rw}", f"--bs={bsz}", f"--iodepth={qd}", f"--size={args.size_mib}M",
+                "--randrepeat=0", "--output-format=json", f"--output={res_json}"]
+        if runtime is not None:
+            argv += [f"--runtime={runtime:g}", "--time_based", "--norandommap"]
+        if "write" in rw:
+            argv.append("--end_fsync=1")
+        p = run(argv, timeout=(runtime or 300) + 180, check=False)
+        return p.returncode, res_json.read_text() if res_json.exists() else "", p.stderr
+
+    runs: list[dict[str, Any]] = []
+    with Cleanup() as cleanup:
+        nbd = Daemon(["nbdkit", "--foreground", "-i", "127.0.0.1", "-p", str(NBD_PORT), "file",
+                      f"file={legs[1]}"], out / "nbdkit.log")
+        cleanup.callback(nbd.stop)
+        nbd.start(ready=listening, timeout=60)
+        run_dir = work / "run"
+        ready = work / "ready"
+        daemon = Daemon([sys.executable, "-m", "tcmu_py.cli", "serve", "--run-dir", str(run_dir),
+                         "--ready-file", str(ready)], out / "serve.log")
+        cleanup.callback(daemon.stop)
+        daemon.start(ready=ready.exists, timeout=300)
+        spec = "|".join(encode_spec(s) for s in (str(legs[0]), f"nbd://127.0.0.1:{NBD_PORT}"))
+        devs: dict[str, Path] = {}
+        for hba, (name, config) in enumerate(
+            (("mirror", f"mirror/legs={spec};assume_clean=1;region=1M"),
+             ("raw", f"raw/{image}")), start=1
+        ):
+            bs = UserBackstore(hba, name, config, size)
+            bs.path.mkdir(parents=True)
+            cleanup.callback(bs.remove)
+            control = {"dev_config": config, "dev_size": size, **DEFAULT_CONTROL,
+                       "hw_max_sectors": 1024, "max_data_area_mb": 64}
+            for key, value in control.items():
+                write_attr(bs.path / "control", f"{key}={value}")
+            write_attr(bs.path / "attrib" / "emulate_write_cache", 1)
+            write_attr(bs.path / "enable", 1)
+            wait_for(partial(served, name), 120, f"daemon serving {name}")
+            write_attr(bs.path / "attrib" / "cmd_time_out", CMD_TIMEOUT)
+            lun = create_loopback_lun(bs, cleanup=cleanup)
+            devs[name] = lun.wait_device("block", 180)
+            write_attr(Path("/sys/block") / devs[name].name / "device" / "timeout", CMD_TIMEOUT)
+            write_attr(Path("/sys/block") / devs[name].name / "queue" / "scheduler", "none")
+            log(f"{name}: {devs[name]}")
+        t0 = time.monotonic()
+        code, _, err = fio(devs["mirror"], "fill", "write", "1M", 8, work / "fill.json",
+                           runtime=None)
+        assert code == 0, f"fio fill of the mirror: exit {code}: {err[-1500:]}"
+        log(f"mirror filled in {time.monotonic() - t0:.1f}s")
+
+        for rep in range(args.reps):
+            for wl, rw, bsz, qd in selected(args.only):
+                for target in TARGETS:
+                    rec: dict[str, Any] = {"rep": rep, "workload": wl, "target": target,
+                                           "loadavg": Path("/proc/loadavg").read_text().split()[0]}
+                    res_json = work / f"{target}-{wl}-{rep}.json"
+                    code, text, err = fio(devs[target], wl, rw, bsz, qd, res_json)
+                    if code != 0 or "{" not in text:
+                        rec["failed"] = f"fio exit {code}: {err[-1500:]}"
+                    else:
+                        job = json.loads(text[text.index("{"):])["jobs"][0]
+                        io = job["read" if "read" in rw else "write"]
+                        rec.update(iops=io["iops"], bw_bytes=io["bw_bytes"],
+                                   bytes=io["io_bytes"], lat_mean_us=io["lat_ns"]["mean"] / 1000,
+                                   error=job["error"])
+                    runs.append(rec)
+                    (out / "runs.json").write_text(json.dumps(runs, indent=2))
+                    log(f"rep {rep} {wl} {target}: {rec.get('iops', 0):.0f} IOPS "
+                        f"{rec.get('bw_bytes', 0) / MIB:.1f} MiB/s")
+        # The legs hold the same data after all of it (quorum all, no leg lost).
+        st = query_status(run_dir, timeout=30)
+        (m,) = [m for m in st["mirrors"] if m["device"] == "mirror"]
+        legs_ok = [leg["state"] for leg in m["legs"]]
+    (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
+                                               "cpus": os.cpu_count(), "legs": legs_ok}))
+    return 0 if all("failed" not in r for r in runs) else 1
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median IOPS and MiB/s per workload and target, the mirror/raw ratio of the medians and
+    whether it meets the issue's aim."""
+    summary: dict[str, Any] = {}
+    for wl, rw, _, _ in WORKLOADS:
+        row: dict[str, Any] = {}
+        for target in TARGETS:
+            ok = [r for r in runs if r["workload"] == wl and r["target"] == target
+                  and "failed" not in r]
+            if ok:
+                row[target] = {"iops": statistics.median(r["iops"] for r in ok),
+                               "mib_s": statistics.median(r["bw_bytes"] for r in ok) / MIB,
+                               "runs": len(ok)}
+        if "raw" in row and "mirror" in row and row["raw"]["iops"]:
+            ratio = row["mirror"]["iops"] / row["raw"]["iops"]
+            row["ratio mirror/raw"] = ratio
+            row["aim"] = AIM_READ if "read" in rw else AIM_WRITE
+            row["met"] = ratio >= row["aim"]
+        if row:
+            summary[wl] = row
+    return summary
+
+
+def host(args: argparse.Namespace) -> int:
+    from tcmu_py import lab
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("runs.json", "done.json"):
+        (out / stale).unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--guest", "--out", str(out),
+           "--seconds", str(args.seconds), "--reps", str(args.reps),
+           "--size-mib", str(args.size_mib)] + ([] if args.only is None else
+                                                ["--only", args.only])
+    script = lab.guest_prelude() + f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(cmd)}\n"
+    t0 = time.monotonic()
+    budget = 900 + args.reps * len(selected(args.only)) * len(TARGETS) * (args.seconds + 200)
+    proc = lab.run_in_vm(script, rwdirs=[out], memory="2G", timeout=budget,
+                         log=out / "console.log", cwd=REPO)
+    print(f"VM exit {proc.returncode} after {time.monotonic() - t0:.0f}s")
+    runs_file = out / "runs.json"
+    if not runs_file.exists():
+        print("no runs.json: see", out / "console.log")
+        return 1
+    summary = summarise(json.loads(runs_file.read_text()))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for wl, row in summary.items():
+        parts = [f"{t}: {v['iops']:.0f} IOPS {v['mib_s']:.1f} MiB/s ({v['runs']} runs)"
+                 for t, v in row.items() if isinstance(v, dict)]
+        extra = ""
+        if "ratio mirror/raw" in row:
+            extra = (f"  mirror/raw = {row['ratio mirror/raw']:.2f} (aim {row['aim']}: "
+                     f"{'met' if row['met'] else 'NOT met'})")
+        print(f"{wl}: " + "; ".join(parts) + extra)
+    return 0 if (out / "done.json").exists() else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "mirror_vs_raw")
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--size-mib", type=int, default=128)
+    ap.add_argument("--only", default=None,
+                    help="comma-separated workload names (default: all)")
+    ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    return guest(args) if args.guest else host(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
