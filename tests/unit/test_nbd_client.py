@@ -71,3 +71,57 @@ def test_server_killed_mid_session_is_an_error_not_a_hang(server: NbdkitServer) 
             c.pwrite(b"y" * 512, 0)
     finally:
         c.close()
+
+
+def test_a_leg_uses_several_connections_when_the_server_offers_multi_conn(
+        tmp_path: Path) -> None:
+    """libnbd runs one synchronous command per handle at a time: an NBD leg opens
+    NBD_CONNECTIONS connections to a multi-conn server and has that many commands in flight
+    (a server that delays reads by 2 s holds every connection busy at once), data written
+    through one is read through the others; a server without multi-conn gets one."""
+    import threading
+    import time
+
+    from tcmu_py.handlers.mirror.legs import NBD_CONNECTIONS, NbdLeg
+
+    slow = NbdkitServer(tmp_path, "slow", 1 << 20, ("--filter=delay", "rdelay=2"))
+    slow.start()
+    try:
+        leg = NbdLeg(slow.uri, 1 << 20)
+        try:
+            assert leg.connections == NBD_CONNECTIONS > 1
+            for i in range(NBD_CONNECTIONS):  # each on whichever connection is idle
+                leg.write(i * 4096, bytes([i + 1]) * 4096)
+            leg.flush()
+            bufs = [bytearray(4096) for _ in range(NBD_CONNECTIONS)]
+            readers = [threading.Thread(target=leg.read, args=(i * 4096, memoryview(b)))
+                       for i, b in enumerate(bufs)]
+            for t in readers:
+                t.start()
+            deadline = time.monotonic() + 10
+            while leg._idle.qsize() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            busy = NBD_CONNECTIONS - leg._idle.qsize()
+            for t in readers:
+                t.join(30)
+            assert busy == NBD_CONNECTIONS, f"only {busy} reads were in flight at once"
+            assert [b[0] for b in bufs] == [i + 1 for i in range(NBD_CONNECTIONS)]
+        finally:
+            leg.close()
+    finally:
+        slow.stop()
+    single = NbdkitServer(tmp_path, "single", 1 << 20,
+                          ("--filter=multi-conn", "multi-conn-mode=disable"))
+    single.start()
+    try:
+        leg = NbdLeg(single.uri, 1 << 20)
+        try:
+            assert leg.connections == 1
+            leg.write(0, b"q" * 512)
+            out = bytearray(512)
+            leg.read(0, memoryview(out))
+            assert out == b"q" * 512
+        finally:
+            leg.close()
+    finally:
+        single.stop()
