@@ -37,6 +37,7 @@ from itertools import groupby
 from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.vtl.changer_personality import CHANGER_PERSONALITIES
 from tcmu_py.handlers.vtl.library import Library, LibraryStateError, Occupant, medium_type_for
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import smc, spc
@@ -289,9 +290,13 @@ class Changer(ScsiDevice):
         return smc.ascii_identifier(vendor.ljust(8)[:8] + product.ljust(16)[:16] + serial)
 
     def _identifier_length(self) -> int:
-        """One identifier length for every drive (descriptors of a page share one length)."""
+        """One identifier length for every drive (descriptors of a page share one length): the
+        longest identifier, and at least the personality's identifier field (StorageTek
+        libraries pad the drive serial to 32 bytes)."""
         lengths = [len(self._identifier(i)) for i in range(self.library.drive_count)]
-        return max(lengths, default=0)
+        pers = CHANGER_PERSONALITIES.get(self.library.personality or "")
+        floor = pers.identifier_length if pers and lengths else 0
+        return max(lengths + [floor], default=0)
 
     # ------------------------------------------------------------------------------------------
     # Address checks with field pointers
