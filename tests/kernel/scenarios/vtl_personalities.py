@@ -125,7 +125,7 @@ def check_personality(ctx: Context, key: str) -> dict[str, object]:
     work.mkdir()
     conf = root / "bacula-sd.conf"
     conf.write_text(BACULA_SD.format(work=work, changer=lab.changer_sg, tape=lab.tapes[0]))
-    res = run(["btape", "-c", str(conf), "Drive-0"], input=b"auto\nquit\n",
+    res = run(["btape", "-c", str(conf), "Drive-0"], input=b"auto\nyes\nquit\n",
               timeout=ctx.remaining(300), check=False)
     out = res.stdout + res.stderr
     (ctx.artifacts / f"{key}-btape-auto.log").write_text(out)
