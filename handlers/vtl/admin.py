@@ -256,7 +256,10 @@ def inventory(library: Library) -> list[InventoryRow]:
 def format_inventory(library: Library) -> Iterator[str]:
     """`inventory` as text lines."""
     locked = " (import/export locked)" if library.ie_prevented else ""
+    ident = library.changer_identity
+    pers = library.personality or f"{DEFAULT_CHANGER_PERSONALITY.key} (implied)"
     yield f"library {library.name} at {library.path}{locked}"
+    yield f"personality {pers}: {ident.vendor} {ident.product} {ident.revision}"
     for row in inventory(library):
         if row.address is None:
             yield f"{'shelf':>22}        {row.occupant.barcode if row.occupant else ''}"

@@ -208,6 +208,10 @@ def test_cli_create_library_with_a_personality(tmp_path: Path,
     lib_dir = tmp_path / "q"
     assert admin.main(["create-library", str(lib_dir), "--name", "q", "--personality",
                        "QUANTUM-SCALAR-I500", "--drive", "IBM-LTO8:S1", "--slots", "4"]) == 0
+    assert admin.main(["list", str(lib_dir)]) == 0
+    listing = capsys.readouterr().out
+    assert "personality quantum-scalar-i500: QUANTUM Scalar i500 100A" in listing
+    assert "drive 1     0x0100" in listing and "slot 1     0x1000" in listing, listing
     lib = Library.open(lib_dir)
     assert lib.personality == "quantum-scalar-i500" and lib.dvcid == "t10"
     assert lib.changer_identity.product == "Scalar i500" and lib.ranges()[ST] == (0x1000, 4)
