@@ -34,9 +34,17 @@ Facts encoded, with where they come from
     in the 4-character format, not taken from a device.
   * Default drive: ``HP-LTO8`` — the SL150 was sold with HP (later HPE) half-height LTO
     drives; IBM LTO drives were added later. Not from a SCSI reference.
-  * Not modelled: the vendor-specific Media Domain / Media Type / Transport Domain / Transport
-    Type bytes StorageTek appends to each element descriptor (the descriptors we send have the
-    SMC-3 length without them).
+  * Vendor specific bytes after each descriptor's identification fields (SL150 manual, Read
+    Element Status, element descriptor tables such as 4-104): MEDIA DOMAIN and MEDIA TYPE, two
+    ASCII characters from the cartridge label — 'L' and the generation digit for LTO data
+    ('1'..'7' listed; '8', '9' follow the pattern), 'L' and the WORM letter ('T'..'X' listed,
+    'Y', 'Z' follow), 'C' and 'U' for a universal cleaning cartridge; FFh FFh "cannot be
+    determined" (we report that for an empty element, where the manual calls the fields not
+    valid) — then two reserved bytes, or for a data transfer element TRANSPORT DOMAIN 'L' and
+    TRANSPORT TYPE: 3Bh HP LTO-5, 3Dh HP LTO-6, 3Eh IBM LTO-6, 2Dh IBM LTO-7, FFh for a drive
+    the manual lists no code for. A drive's identifier field is 32 bytes when DVCID is set;
+    without DVCID we send an empty identifier (the manual's descriptor then keeps a 32-byte
+    pad: not modelled), and storage / import/export descriptors carry no identifier pad.
 
 ``quantum-scalar-i500`` (Quantum Scalar i500):
   * Vendor ``QUANTUM`` and product ``Scalar i500`` — Quantum, "Scalar Intelligent Libraries
@@ -91,6 +99,9 @@ class ChangerPersonality:
     dvcid: str  # "serial" (vendor specific: the drive serial) or "t10" (T10 vendor ID form)
     identifier_length: int  # DVCID identifier field padded to at least this length (0: none)
     default_drive: str  # drive personality key (personality.PERSONALITIES)
+    #: StorageTek's vendor specific bytes after each element descriptor's identifier: MEDIA
+    #: DOMAIN, MEDIA TYPE, and for drives TRANSPORT DOMAIN, TRANSPORT TYPE (`stk_media_bytes`).
+    stk_media_bytes: bool = False
 
 
 def _addresses(mt: int, st: int, ie: int, dt: int) -> Mapping[ElementType, int]:
@@ -109,7 +120,8 @@ CHANGER_PERSONALITIES: Mapping[str, ChangerPersonality] = MappingProxyType({
                            "0100", _addresses(0x0001, 0x0400, 0x0300, 0x0100), "serial", 0,
                            "IBM-LTO8"),
         ChangerPersonality("stk-sl150", "Oracle StorageTek SL150", "STK", "SL150", "0300",
-                           _addresses(0x0000, 0x03E8, 0x000A, 0x01F4), "serial", 32, "HP-LTO8"),
+                           _addresses(0x0000, 0x03E8, 0x000A, 0x01F4), "serial", 32, "HP-LTO8",
+                           stk_media_bytes=True),
         ChangerPersonality("quantum-scalar-i500", "Quantum Scalar i500", "QUANTUM",
                            "Scalar i500", "100A", _addresses(0x0001, 0x1000, 0x0010, 0x0100),
                            "t10", 0, "IBM-LTO8"),
@@ -117,6 +129,36 @@ CHANGER_PERSONALITIES: Mapping[str, ChangerPersonality] = MappingProxyType({
 })
 
 DEFAULT_CHANGER_PERSONALITY = CHANGER_PERSONALITIES["tcmu-py"]
+
+
+#: SL150 TRANSPORT TYPE codes of the drives its manual lists (drive personality key -> code).
+STK_TRANSPORT_TYPE: Mapping[str, int] = MappingProxyType({
+    "HP-LTO5": 0x3B, "HP-LTO6": 0x3D, "IBM-LTO6": 0x3E, "IBM-LTO7": 0x2D,
+})
+_WORM_LETTER = {3: "T", 4: "U", 5: "V", 6: "W", 7: "X", 8: "Y", 9: "Z"}
+
+
+def stk_media_bytes(barcode: str | None) -> bytes:
+    """MEDIA DOMAIN and MEDIA TYPE of a StorageTek element holding `barcode` (None: empty)."""
+    from tcmu_py.handlers.vtl.personality import MediumKind, parse_barcode
+
+    if barcode is None:
+        return b"\xff\xff"
+    try:
+        media = parse_barcode(barcode)
+    except ConfigError:
+        return b"\xff\xff"
+    if media.kind is MediumKind.CLEANING:
+        return b"CU"
+    assert media.generation is not None
+    if media.kind is MediumKind.WORM:
+        return b"L" + _WORM_LETTER[media.generation].encode()
+    return b"L" + str(media.generation).encode()
+
+
+def stk_transport_bytes(drive_key: str) -> bytes:
+    """TRANSPORT DOMAIN and TRANSPORT TYPE of a StorageTek data transfer element."""
+    return b"L" + bytes([STK_TRANSPORT_TYPE.get(drive_key, 0xFF)])
 
 
 def changer_personality(name: str) -> ChangerPersonality:

@@ -152,6 +152,41 @@ def test_dvcid_forms(tmp_path: Path) -> None:
     assert es.pages[0].identifier_length == len(SERIALS[0])
 
 
+def test_stk_media_and_transport_bytes(tmp_path: Path) -> None:
+    """SL150: MEDIA DOMAIN / MEDIA TYPE after every descriptor, TRANSPORT DOMAIN / TYPE for
+    drives; mtx and ch step by the page's descriptor length, which includes them."""
+    dev = make(tmp_path, "stk-sl150")
+    lib = dev.library
+    lib.media_path("WRM000LY").write_bytes(b"")
+    lib.place("WRM000LY", 1003)
+    lib.media_path("CLN001L1").write_bytes(b"")
+    lib.import_cartridge("CLN001L1", 10)
+    run_command(dev, cdbs.test_unit_ready())  # the operator's change: a unit attention
+    assert run_command(dev, smc.MoveMedium(0, 1001, 501).build()).good
+    for dvcid in (False, True):
+        es = status(dev, res(dvcid=dvcid))
+        for page in es.pages:
+            assert page.vendor_length == 4
+            ident = 32 if dvcid and page.element_type == DT else 0
+            assert page.descriptor_length == 12 + 36 + 4 + ident + 4
+        vendor = {d.address: d.vendor_specific for p in es.pages for d in p.descriptors}
+        assert vendor[1000] == b"L8\x00\x00" and vendor[1003] == b"LY\x00\x00"
+        assert vendor[10] == b"CU\x00\x00" and vendor[1001] == b"\xff\xff\x00\x00"
+        assert vendor[0] == b"\xff\xff\x00\x00"  # the hand: empty
+        # Drive 0 (IBM LTO-8: no code in the manual) empty; drive 1 (HP LTO-8) holds ABC001L8.
+        assert vendor[500] == b"\xff\xffL\xff" and vendor[501] == b"L8L\xff"
+    # A drive model the manual lists gets its TRANSPORT TYPE (HP LTO-6: 3Bh is LTO-5, 3Dh LTO-6).
+    lib6 = Library.create(tmp_path / "six", name="six", drives=[("S6", "HP-LTO6")], slots=1,
+                          import_export=0, personality="stk-sl150")
+    dev6 = Changer(DeviceConfig(name="c6", subtype="vtl", cfgstring="", size=0), lib6)
+    run_command(dev6, cdbs.test_unit_ready())
+    (d,) = status(dev6, res(DT, 500)).pages[0].descriptors
+    assert d.vendor_specific == b"\xff\xffL\x3d"
+    # Other personalities send none.
+    es = status(make(tmp_path, "quantum-scalar-i500"), res())
+    assert all(p.vendor_length == 0 and p.descriptor_length == 52 for p in es.pages)
+
+
 def test_library_json_records_the_personality(tmp_path: Path) -> None:
     make(tmp_path, "stk-sl150").close()
     doc = json.loads((tmp_path / "stk-sl150" / "library.json").read_text())

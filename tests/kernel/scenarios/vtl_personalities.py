@@ -53,19 +53,19 @@ EXPECTED = {
 }
 
 
-Element = tuple[int, int, bool, int | None]  # element type, address, full, source
+Element = tuple[int, int, bool, int | None, bytes]  # type, address, full, source, vendor bytes
 
 
 def read_element_status(ctx: Context, sg: Path, out: Path) -> list[Element]:
-    """[(element type, address, full, source)] of every element: READ ELEMENT STATUS (B8h) with
-    VOLTAG, element type 0 (all), from address 0, sent raw with sg_raw and parsed with our SMC
-    parser."""
+    """[(element type, address, full, source, vendor specific bytes)] of every element: READ
+    ELEMENT STATUS (B8h) with VOLTAG, element type 0 (all), from address 0, sent raw with sg_raw
+    and parsed with our SMC parser."""
     from tcmu_py.scsi.smc import ElementStatus
 
     cdb = bytes([0xB8, 0x10, 0, 0, 0xFF, 0xFF, 0, 0, 0xFF, 0xFF, 0, 0])
     sh(ctx, "sg_raw", "-r", "65535", "-o", str(out), str(sg), *(f"{b:02x}" for b in cdb))
     es = ElementStatus.parse(out.read_bytes())
-    return [(int(p.element_type), d.address, d.full, d.source)
+    return [(int(p.element_type), d.address, d.full, d.source, d.vendor_specific)
             for p in es.pages for d in p.descriptors]
 
 
@@ -107,10 +107,14 @@ def check_personality(ctx: Context, key: str) -> dict[str, object]:
     assert page_1d(ctx, lab.changer_sg, root / "page1d.bin") == (mt, 1, st, 8, ie, 2, dt, 2)
     elements = read_element_status(ctx, lab.changer_sg, ctx.workdir / f"{key}-res.bin")
     by_type: dict[int, list[int]] = {}
-    for etype, addr, _, _ in elements:
+    for etype, addr, *_ in elements:
         by_type.setdefault(etype, []).append(addr)
     assert by_type == {1: [mt], 2: list(range(st, st + 8)), 3: [ie, ie + 1],
                        4: [dt, dt + 1]}, by_type
+    # StorageTek's MEDIA DOMAIN / MEDIA TYPE after each descriptor ('L', '8' for ABC000L8),
+    # which mtx stepped over by the page's descriptor length above.
+    first_slot = next(e for e in elements if e[:2] == (2, st))
+    assert first_slot[4] == (b"L8\x00\x00" if key == "stk-sl150" else b""), first_slot
 
     # mtx's slot 2 is the second storage element: a load reports that address as the source.
     load(ctx, lab, 2, 1)
