@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcmu_py.errors import ConfigError, TcmuError
+from tcmu_py.handlers.vtl.changer_personality import (
+    CHANGER_PERSONALITIES,
+    DEFAULT_CHANGER_PERSONALITY,
+    changer_personality,
+)
 from tcmu_py.handlers.vtl.config import expand_barcodes
 from tcmu_py.handlers.vtl.library import (
     ChangerIdentity,
@@ -30,7 +35,6 @@ from tcmu_py.scsi.smc import ElementType
 
 #: More cartridges than this in one range is almost certainly a typo.
 MAX_RANGE = 100_000
-_DEFAULT_ID = ChangerIdentity()
 
 _TYPE_NAMES = {
     ElementType.MEDIUM_TRANSPORT: "transport",
@@ -84,14 +88,18 @@ def create_library(
     drives: Sequence[tuple[str, str]],
     slots: int,
     import_export: int,
-    dvcid: str = "serial",
+    dvcid: str | None = None,
     changer: ChangerIdentity | None = None,
+    personality: str | None = None,
 ) -> Library:
-    """Create a library directory; drive models are checked against the known personalities."""
-    from tcmu_py.handlers.vtl.personality import personality
+    """Create a library directory; drive models are checked against the known personalities,
+    `personality` (a changer personality key, see `changer_personality`) against those."""
+    from tcmu_py.handlers.vtl.personality import personality as drive_personality
 
     for _, model in drives:
-        personality(model)  # raises ConfigError naming the accepted models
+        drive_personality(model)  # raises ConfigError naming the accepted models
+    if personality is not None:
+        changer_personality(personality)  # ConfigError naming the accepted keys
     return Library.create(
         path,
         name=name,
@@ -100,6 +108,7 @@ def create_library(
         import_export=import_export,
         dvcid=dvcid,
         changer=changer,
+        personality=personality,
     )
 
 
@@ -111,14 +120,17 @@ def ensure_library(
     slots: int,
     import_export: int,
     cartridges: Sequence[str] = (),
-    dvcid: str = "serial",
+    dvcid: str | None = None,
     changer: ChangerIdentity | None = None,
+    personality: str | None = None,
 ) -> Library:
     """Make the library at `path` what a declaration (e.g. the daemon's YAML) says, idempotently.
 
     A missing library is created. An existing one must have the declared layout (drive serials
-    and models in order, slot and import/export counts): addresses would move otherwise, so a
-    mismatch is a `LibraryError` naming the difference, and nothing changes. Cartridges of
+    and models in order, slot and import/export counts, and the changer personality when one is
+    declared; a library created before personalities existed counts as "tcmu-py"): addresses
+    would move otherwise, so a mismatch is a `LibraryError` naming the difference, and nothing
+    changes. Cartridges of
     `cartridges` (barcodes or ranges) that do not exist yet are created into free storage slots;
     existing cartridges stay where they are.
     """
@@ -137,6 +149,11 @@ def ensure_library(
             "slots": slots,
             "import_export": import_export,
         }
+        if personality is not None:
+            # A personality fixes the element addresses: adopting another one would remap
+            # every cartridge under the backup software's catalogue, so it is never done here.
+            have["personality"] = lib.personality or DEFAULT_CHANGER_PERSONALITY.key
+            want["personality"] = changer_personality(personality).key
         diff = [
             f"{k}: library has {have[k]!r}, declared {want[k]!r}"
             for k in have
@@ -154,6 +171,7 @@ def ensure_library(
             import_export=import_export,
             dvcid=dvcid,
             changer=changer,
+            personality=personality,
         )
     missing = [b for spec in cartridges for b in parse_barcode_range(spec)]
     missing = [b for b in missing if not lib.media_path(b).exists()]
@@ -238,7 +256,10 @@ def inventory(library: Library) -> list[InventoryRow]:
 def format_inventory(library: Library) -> Iterator[str]:
     """`inventory` as text lines."""
     locked = " (import/export locked)" if library.ie_prevented else ""
+    ident = library.changer_identity
+    pers = library.personality or f"{DEFAULT_CHANGER_PERSONALITY.key} (implied)"
     yield f"library {library.name} at {library.path}{locked}"
+    yield f"personality {pers}: {ident.vendor} {ident.product} {ident.revision}"
     for row in inventory(library):
         if row.address is None:
             yield f"{'shelf':>22}        {row.occupant.barcode if row.occupant else ''}"
@@ -300,10 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drive", action="append", type=_drive, default=[], metavar="MODEL:SERIAL")
     s.add_argument("--slots", type=int, required=True)
     s.add_argument("--import-export", type=int, default=0)
-    s.add_argument("--dvcid", choices=["serial", "t10"], default="serial")
-    s.add_argument("--vendor", default=_DEFAULT_ID.vendor, help="changer INQUIRY vendor")
-    s.add_argument("--product", default=_DEFAULT_ID.product, help="changer INQUIRY product")
-    s.add_argument("--revision", default=_DEFAULT_ID.revision, help="changer revision")
+    s.add_argument("--personality", type=str.lower, choices=list(CHANGER_PERSONALITIES),
+                   help="library personality: identity, element addresses, drive identifiers"
+                        f" (default {DEFAULT_CHANGER_PERSONALITY.key})")
+    s.add_argument("--dvcid", choices=["serial", "t10"],
+                   help="drive identifier form (default: the personality's)")
+    s.add_argument("--vendor", help="changer INQUIRY vendor (default: the personality's)")
+    s.add_argument("--product", help="changer INQUIRY product (default: the personality's)")
+    s.add_argument("--revision", help="changer revision (default: the personality's)")
 
     s = sub.add_parser("create-cartridges", help="create blank cartridges from a barcode range")
     s.add_argument("library", type=Path)
@@ -350,6 +375,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _identity(args: argparse.Namespace) -> ChangerIdentity | None:
+    """The changer identity of --vendor/--product/--revision over the personality's; None (the
+    personality's own) when none is given."""
+    if args.vendor is None and args.product is None and args.revision is None:
+        return None
+    p = changer_personality(args.personality or DEFAULT_CHANGER_PERSONALITY.key)
+    return ChangerIdentity(args.vendor or p.vendor, args.product or p.product,
+                           args.revision or p.revision)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "create-library":
         lib = create_library(
@@ -359,7 +394,8 @@ def _run(args: argparse.Namespace) -> int:
             slots=args.slots,
             import_export=args.import_export,
             dvcid=args.dvcid,
-            changer=ChangerIdentity(args.vendor, args.product, args.revision),
+            changer=_identity(args),
+            personality=args.personality,
         )
         print(f"created library {lib.name} at {lib.path}")
         lib.close()

@@ -36,7 +36,13 @@ from itertools import groupby
 
 from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice, command
+from tcmu_py.errors import ConfigError
 from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.vtl.changer_personality import (
+    CHANGER_PERSONALITIES,
+    stk_media_bytes,
+    stk_transport_bytes,
+)
 from tcmu_py.handlers.vtl.library import Library, LibraryStateError, Occupant, medium_type_for
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import smc, spc
@@ -232,9 +238,12 @@ class Changer(ScsiDevice):
         ][: req.number_of_elements]
         contents = lib.contents()
         ident_len = self._identifier_length() if req.dvcid else 0
+        pers = CHANGER_PERSONALITIES.get(lib.personality or "")
+        vendor_len = 4 if pers and pers.stk_media_bytes else 0
         pages = []
         for etype, run in groupby(chosen, key=lib.element_type):
-            descriptors = tuple(self._descriptor(etype, a, contents, req.dvcid) for a in run)
+            descriptors = tuple(self._descriptor(etype, a, contents, req.dvcid, vendor_len)
+                                for a in run)
             pages.append(
                 ElementStatusPage(
                     etype,
@@ -242,12 +251,18 @@ class Changer(ScsiDevice):
                     pvoltag=req.voltag,
                     avoltag=False,  # we keep no alternate volume tags
                     identifier_length=ident_len if etype == ElementType.DATA_TRANSFER else 0,
+                    vendor_length=vendor_len,
                 )
             )
         return pages
 
     def _descriptor(
-        self, etype: ElementType, address: int, contents: dict[int, Occupant], dvcid: bool
+        self,
+        etype: ElementType,
+        address: int,
+        contents: dict[int, Occupant],
+        dvcid: bool,
+        vendor_len: int = 0,
     ) -> ElementDescriptor:
         occ = contents.get(address)
         flags = FULL if occ else 0
@@ -263,6 +278,13 @@ class Changer(ScsiDevice):
         if etype == ElementType.DATA_TRANSFER and dvcid:
             ident = self._identifier(self.library.drive_index(address))
         code_set, ident_type = self._identifier_kind() if ident else (0, 0)
+        vendor = b""
+        if vendor_len:
+            # StorageTek's vendor specific bytes (changer_personality: stk_media_bytes).
+            vendor = stk_media_bytes(occ.barcode if occ else None)
+            if etype == ElementType.DATA_TRANSFER:
+                index = self.library.drive_index(address)
+                vendor += stk_transport_bytes(self._drive_key(index))
         return ElementDescriptor(
             address=address,
             flags=flags,
@@ -272,7 +294,17 @@ class Changer(ScsiDevice):
             code_set=code_set,
             identifier_type=ident_type,
             identifier=ident,
+            vendor_specific=vendor,
         )
+
+    def _drive_key(self, drive_index: int) -> str:
+        """The drive personality key of a drive ("" for a model the table does not know)."""
+        from tcmu_py.handlers.vtl.personality import personality
+
+        try:
+            return personality(self.library.drive_model(drive_index)).key
+        except ConfigError:  # an unknown model has no transport type code
+            return ""
 
     def _identifier_kind(self) -> tuple[int, int]:
         if self.library.dvcid == "t10":
@@ -289,9 +321,13 @@ class Changer(ScsiDevice):
         return smc.ascii_identifier(vendor.ljust(8)[:8] + product.ljust(16)[:16] + serial)
 
     def _identifier_length(self) -> int:
-        """One identifier length for every drive (descriptors of a page share one length)."""
+        """One identifier length for every drive (descriptors of a page share one length): the
+        longest identifier, and at least the personality's identifier field (StorageTek
+        libraries pad the drive serial to 32 bytes)."""
         lengths = [len(self._identifier(i)) for i in range(self.library.drive_count)]
-        return max(lengths, default=0)
+        pers = CHANGER_PERSONALITIES.get(self.library.personality or "")
+        floor = pers.identifier_length if pers and lengths else 0
+        return max(lengths + [floor], default=0)
 
     # ------------------------------------------------------------------------------------------
     # Address checks with field pointers

@@ -1,7 +1,8 @@
 """What the ``vtl`` subtype owns outside its devices (`tcmu_py.handler.Handler` contract):
 
 - the YAML section ``libraries:`` (`LibrarySpec`, `DriveSpec`, validated by `load_libraries`:
-  drive models against the personality table, cartridge ranges against LTO media types);
+  the library personality against `changer_personality`, drive models against the drive
+  personality table, cartridge ranges against LTO media types);
 - the units of each library as devices of their own (`library_devices`);
 - the libraries' creation before devices open (`prepare`, `admin.ensure_library`);
 - ``tcmu-py vtl ...`` (`admin.main`).
@@ -25,6 +26,12 @@ from tcmu_py.configspec import (
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import ConfigView
 
+from .changer_personality import (
+    CHANGER_PERSONALITIES,
+    DEFAULT_CHANGER_PERSONALITY,
+    ChangerPersonality,
+    changer_personality,
+)
 from .library import BARCODE_RULE, is_barcode
 from .personality import parse_barcode, personality
 
@@ -137,6 +144,7 @@ class LibrarySpec:
     import_export: int
     cartridges: tuple[str, ...]
     media_dir: str
+    personality: str = DEFAULT_CHANGER_PERSONALITY.key  # changer personality key
 
     def barcodes(self) -> list[str]:
         return [code for spec in self.cartridges for code in expand_barcodes(spec)]
@@ -153,19 +161,25 @@ def load_libraries(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[Lib
     libs: list[LibrarySpec] = []
     taken = raw_names(doc.get("devices"))
     dirs: dict[str, str] = {}
-    keys = {"name", "changer", "drives", "slots", "import_export", "cartridges", "media_dir"}
+    keys = {"name", "changer", "drives", "slots", "import_export", "cartridges", "media_dir",
+            "personality"}
     required = frozenset({"name", "changer", "drives", "slots", "media_dir"})
     for entry in c.named_entries(raw, "libraries", keys, required, "library"):
         p, m, name, _ = entry
         changer = c.name(m["changer"], f"{p}.changer") if "changer" in m else None
+        pers = _check_personality(c, m.get("personality"), f"{p}.personality")
         drives: list[DriveSpec] = []
         for j, d in enumerate(c.seq(m.get("drives"), f"{p}.drives") or []):
             dp = f"{p}.drives[{j}]"
-            dm = c.mapping(d, dp, {"name", "model", "serial"}, frozenset({"name", "model"}))
-            if dm is None or "name" not in dm or "model" not in dm:
+            dm = c.mapping(d, dp, {"name", "model", "serial"}, frozenset({"name"}))
+            if dm is None or "name" not in dm:
                 continue
             dn = c.name(dm["name"], f"{dp}.name")
-            model = c.string(dm["model"], f"{dp}.model", re.compile(r"[\x20-\x7e]{1,16}"),
+            # Without a model a drive is the personality's usual one (HP LTO-8 in an SL150).
+            raw_model = dm.get("model", pers.default_drive if pers else None)
+            if raw_model is None:
+                continue
+            model = c.string(raw_model, f"{dp}.model", re.compile(r"[\x20-\x7e]{1,16}"),
                              "a product identification of 1..16 printable ASCII characters")
             if model is not None:
                 model = _check_drive_model(c, model, f"{dp}.model")
@@ -233,10 +247,24 @@ def load_libraries(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[Lib
             taken.add(unit_name)
         if not c.clean_since(entry):
             continue
-        assert name and changer and slots and media is not None and ie is not None
+        assert name and changer and slots and media is not None and ie is not None and pers
         libs.append(LibrarySpec(name, changer, tuple(drives), slots, ie, tuple(carts),
-                                media))
+                                media, pers.key))
     return tuple(libs)
+
+
+def _check_personality(c: Checker, raw: object, path: str) -> ChangerPersonality | None:
+    """The changer personality named by `raw` (absent: the default), or None after a problem."""
+    if raw is None:
+        return DEFAULT_CHANGER_PERSONALITY
+    try:
+        if not isinstance(raw, str):
+            raise ConfigError(str(raw))
+        return changer_personality(raw)
+    except ConfigError:
+        c.fail(path, raw, f"a library personality, one of {', '.join(CHANGER_PERSONALITIES)}"
+               " (case-insensitive)")
+        return None
 
 
 def _check_drive_model(c: Checker, model: str, path: str) -> str | None:
@@ -288,4 +316,5 @@ def prepare(config: ConfigView) -> None:
             slots=lib.slots,
             import_export=lib.import_export,
             cartridges=lib.cartridges,
+            personality=lib.personality,
         ).close()

@@ -49,7 +49,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tcmu_py.errors import TcmuError
+from tcmu_py.errors import ConfigError, TcmuError
+from tcmu_py.handlers.vtl.changer_personality import CHANGER_PERSONALITIES, changer_personality
 from tcmu_py.handlers.vtl.statefile import FILE_MODE, Fields, StateFileError, check_serial
 from tcmu_py.scsi.sense import (
     ImportExportElementOpen,
@@ -202,12 +203,16 @@ class Library:
         state: _State,
         file_id: tuple[int, int, int],
         changer: ChangerIdentity | None = None,
+        personality: str | None = None,
     ) -> None:
         """Use `create` or `open`."""
         self.path = path
         self.name = name
         self.dvcid = dvcid
         self.changer_identity = changer or ChangerIdentity()
+        #: Key of the changer personality the library was created with (`changer_personality`);
+        #: None for a library created before personalities existed (it behaves as "tcmu-py").
+        self.personality = personality
         self._ranges = dict(ranges)
         self._drives = list(drives)
         self._state = state
@@ -235,18 +240,33 @@ class Library:
         import_export: int,
         transports: int = 1,
         first_address: dict[ElementType, int] | None = None,
-        dvcid: str = "serial",
+        dvcid: str | None = None,
         changer: ChangerIdentity | None = None,
+        personality: str | None = None,
     ) -> Library:
         """Create the library directory (or use an empty existing one) and write library.json.
 
         `drives` is [(serial, model)] in data transfer element order; `dvcid` selects the device
         identifier READ ELEMENT STATUS reports for drives: "serial" (the drive's unit serial, as
         in its VPD page 80h) or "t10" (T10 vendor ID: vendor, product, serial); `changer` is the
-        INQUIRY identity of the changer LUN (some backup software keys on it). Raises
-        ConfigError-like `LibraryError` for a bad layout and FileExistsError if a library exists.
+        INQUIRY identity of the changer LUN (some backup software keys on it). `personality`
+        names a changer personality (`changer_personality`): its first addresses, identity and
+        DVCID form are the defaults of `first_address`, `changer` and `dvcid`, and its key is
+        recorded in library.json. Raises ConfigError-like `LibraryError` for a bad layout or an
+        unknown personality, and FileExistsError if a library exists.
         """
         root = Path(path)
+        pers = None
+        if personality is not None:
+            try:
+                pers = changer_personality(personality)
+            except ConfigError as exc:
+                raise LibraryError(str(exc)) from None
+            personality = pers.key
+            first_address = {**pers.first_address, **(first_address or {})}
+            changer = changer or ChangerIdentity(pers.vendor, pers.product, pers.revision)
+            dvcid = dvcid or pers.dvcid
+        dvcid = dvcid or "serial"
         if transports < 1:
             raise LibraryError("a library needs at least one medium transport element")
         if slots < 0 or import_export < 0:
@@ -271,10 +291,13 @@ class Library:
             ElementType.DATA_TRANSFER: len(drives),
         }
         ranges = {t: (firsts[t], counts[t]) for t in ELEMENT_TYPES}
-        if any(first == 0 and count for first, count in ranges.values()):
-            # MOVE MEDIUM reads transport address 0 as "the default transport", and mtx's
-            # all-elements scan stops at an element reported with address 0.
-            raise LibraryError("element address 0 is reserved; first addresses start at 1")
+        if any(first == 0 and count and t != ElementType.MEDIUM_TRANSPORT
+               for t, (first, count) in ranges.items()):
+            # mtx's all-elements scan stops at an element reported with address 0. A transport
+            # may have it (StorageTek libraries put their hand there): MOVE MEDIUM's transport
+            # address 0, "the default transport", then names that very transport.
+            raise LibraryError("element address 0 is reserved for the medium transport; "
+                               "first addresses of the other types start at 1")
         _check_ranges(ranges)
         make_private_dirs(root)
         if (root / STATE_FILE).exists():
@@ -282,7 +305,7 @@ class Library:
         make_private_dirs(root / MEDIA_DIR)
         infos = [DriveInfo(s, m) for s, m in drives]
         identity = (changer or ChangerIdentity()).check()
-        doc = _document(name, ranges, infos, dvcid, _State(), identity)
+        doc = _document(name, ranges, infos, dvcid, _State(), identity, personality)
         write_json(root / STATE_FILE, doc)
         return cls.open(root)
 
@@ -294,9 +317,9 @@ class Library:
         # older identity only causes one extra re-read later, never a missed change.
         file_id = _file_identity(root)
         doc = _read_document(root)
-        name, ranges, drives, dvcid, changer = _layout_from(root / STATE_FILE, doc)
+        name, ranges, drives, dvcid, changer, personality = _layout_from(root / STATE_FILE, doc)
         state = _state_from(root / STATE_FILE, doc, _element_types(ranges))
-        return cls(root, name, ranges, drives, dvcid, state, file_id, changer)
+        return cls(root, name, ranges, drives, dvcid, state, file_id, changer, personality)
 
     def close(self) -> None:
         """Release the lock file descriptor. The state is always already on disk."""
@@ -636,6 +659,7 @@ class Library:
                             self.dvcid,
                             new,
                             self.changer_identity,
+                            self.personality,
                         )
                         # Under the flock: no other writer can be between its temporary
                         # file and its rename, so any temporary file left is a crash's.
@@ -746,8 +770,9 @@ def _document(
     dvcid: str,
     state: _State,
     changer: ChangerIdentity,
+    personality: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    doc: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "generation": state.generation,
@@ -767,17 +792,21 @@ def _document(
         "ie_prevent": state.ie_prevent,
         "ie_open": sorted(state.ie_open),
     }
+    if personality is not None:
+        doc["personality"] = personality
+    return doc
 
 
 _ADDRESS_RE = re.compile(r"[0-9]{1,5}")
 _Layout = tuple[
-    str, dict[ElementType, tuple[int, int]], list[DriveInfo], str, ChangerIdentity | None
+    str, dict[ElementType, tuple[int, int]], list[DriveInfo], str, ChangerIdentity | None,
+    str | None,
 ]
 
 
 def _layout_from(path: Path, doc: dict[str, Any]) -> _Layout:
-    """(name, ranges, drives, dvcid, changer identity) of a parsed library.json, every field
-    checked; LibraryStateError otherwise."""
+    """(name, ranges, drives, dvcid, changer identity, personality key) of a parsed
+    library.json, every field checked; LibraryStateError otherwise."""
     try:
         f = Fields(path, doc)
         name = f.string("name")
@@ -789,9 +818,11 @@ def _layout_from(path: Path, doc: dict[str, Any]) -> _Layout:
                 not isinstance(pair, list)
                 or len(pair) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
-                or not (0 <= pair[1] <= 0x10000 and pair[0] > 0 and pair[0] + pair[1] <= 0x10000)
+                or not (0 <= pair[1] <= 0x10000 and pair[0] + pair[1] <= 0x10000)
+                or not (pair[0] > 0 or etype == ElementType.MEDIUM_TRANSPORT and pair[0] == 0)
             ):
-                elements.fail(key, pair, "[first address 1..65535, count] within 16 bits")
+                low = 0 if etype == ElementType.MEDIUM_TRANSPORT else 1
+                elements.fail(key, pair, f"[first address {low}..65535, count] within 16 bits")
             ranges[etype] = (pair[0], pair[1])
         if ranges[ElementType.MEDIUM_TRANSPORT][1] < 1:
             elements.fail("medium_transport", list(ranges[ElementType.MEDIUM_TRANSPORT]),
@@ -833,11 +864,15 @@ def _layout_from(path: Path, doc: dict[str, Any]) -> _Layout:
                 changer.check()
             except LibraryError as exc:
                 f.fail("changer", c.doc, str(exc))
+        personality = None
+        if "personality" in doc:
+            personality = f.string("personality", lambda v: v in CHANGER_PERSONALITIES,
+                                   f"one of {', '.join(CHANGER_PERSONALITIES)}")
     except LibraryStateError:
         raise
     except StateFileError as exc:
         raise LibraryStateError.of(exc) from None
-    return name, ranges, drives, dvcid, changer
+    return name, ranges, drives, dvcid, changer, personality
 
 
 def _state_from(path: Path, doc: dict[str, Any], types: dict[int, ElementType]) -> _State:

@@ -144,11 +144,22 @@ class DrivePersonality:
         return [GENERATIONS[g] for g in sorted(self.reads, reverse=True)]
 
 
+#: HP / HPE Ultrium drives: INQUIRY vendor and revision per generation. The vendor is "HP" up to
+#: LTO-7 and "HPE" from LTO-8 on (Hewlett Packard Enterprise), the product "Ultrium N-SCSI" for
+#: every interface (IBM's LTFS, tape_drivers/hp_tape.c, lists HP "Ultrium 5/6/7-SCSI" and HPE
+#: "Ultrium 8-SCSI"; LTO-9 continues the HPE pattern). HP revisions are four characters; the
+#: LTO-6 one (J5SW) is what a real HP Ultrium 6-SCSI drive reported in a public diagnostic
+#: log; the others are plausible values of the same shape, not taken from devices.
+_HP = {5: ("HP", "I6RZ"), 6: ("HP", "J5SW"), 7: ("HP", "J5TW"), 8: ("HPE", "J4DB"),
+       9: ("HPE", "P3FW")}
+
+
 def _make() -> dict[str, DrivePersonality]:
     out: dict[str, DrivePersonality] = {}
     for n in range(5, 10):
         ibm = DrivePersonality(f"IBM-LTO{n}", "IBM", f"ULT3580-TD{n}", "TP10", n)
-        hp = DrivePersonality(f"HP-LTO{n}", "HP", f"Ultrium {n}-SCSI", "TP10", n)
+        vendor, revision = _HP[n]
+        hp = DrivePersonality(f"HP-LTO{n}", vendor, f"Ultrium {n}-SCSI", revision, n)
         out[ibm.key] = ibm
         out[hp.key] = hp
     return out
@@ -161,8 +172,9 @@ DEFAULT_PERSONALITY = PERSONALITIES["IBM-LTO8"]
 def personality(model: str) -> DrivePersonality:
     """Find a personality by key or by how people name drives.
 
-    Accepted (case-insensitive): ``IBM-LTO8``, ``HP-LTO6``, ``ULT3580-TD8``, ``IBM ULT3580-TD8``,
-    ``Ultrium 8-SCSI``, ``HP Ultrium 8-SCSI``, ``LTO8``, ``LTO-8``, ``L8`` (these mean IBM).
+    Accepted (case-insensitive): ``IBM-LTO8``, ``HP-LTO6``, ``HPE-LTO8``, ``ULT3580-TD8``,
+    ``IBM ULT3580-TD8``, ``Ultrium 8-SCSI``, ``HP Ultrium 8-SCSI``, ``HPE Ultrium 8-SCSI``,
+    ``LTO8``, ``LTO-8``, ``L8`` (these mean IBM).
     """
     text = " ".join(model.strip().upper().split())
     for p in PERSONALITIES.values():
@@ -171,6 +183,8 @@ def personality(model: str) -> DrivePersonality:
             p.product.upper(),
             f"{p.vendor} {p.product}".upper(),
         }
+        if p.vendor == "HPE":  # HP-LTO8 is also HPE-LTO8, and "HP Ultrium 8-SCSI" as before
+            names |= {f"HPE-LTO{p.generation}", f"HP {p.product}".upper()}
         if text in names:
             return p
     for prefix in ("LTO-", "LTO", "L"):

@@ -385,14 +385,19 @@ class ElementDescriptor:
     code_set: int = 0
     identifier_type: int = 0
     identifier: bytes = b""
+    vendor_specific: bytes = b""  # bytes after the identifier (SMC-3: vendor specific)
 
     @property
     def full(self) -> bool:
         return bool(self.flags & FULL)
 
-    def build(self, *, pvoltag: bool, avoltag: bool, identifier_length: int) -> bytes:
+    def build(
+        self, *, pvoltag: bool, avoltag: bool, identifier_length: int, vendor_length: int = 0
+    ) -> bytes:
         """The descriptor with the page's layout; the identifier is space-padded (ASCII) or
-        zero-padded to `identifier_length`, the length every descriptor of the page shares."""
+        zero-padded to `identifier_length`, the vendor specific bytes zero-padded to
+        `vendor_length`: the lengths every descriptor of the page shares. ValueError if either
+        is longer."""
         b9 = (self.medium_type & 0x07) | (_ED if self.disabled else 0)
         b9 |= _INVERT if self.invert else 0
         b9 |= _SVALID if self.source is not None else 0
@@ -420,10 +425,17 @@ class ElementDescriptor:
             (self.code_set, self.identifier_type) if identifier_length else (0, 0)
         )
         out += _IDENT.pack(code_set & 0x0F, ident_type & 0x0F, identifier_length) + ident
+        if len(self.vendor_specific) > vendor_length:
+            raise ValueError("vendor specific bytes longer than the page's")
+        # SMC-3 READ ELEMENT STATUS: vendor specific bytes may end each element descriptor (the
+        # ELEMENT DESCRIPTOR LENGTH covers them).
+        out += self.vendor_specific.ljust(vendor_length, b"\x00")
         return bytes(out)
 
 
-def descriptor_length(*, pvoltag: bool, avoltag: bool, identifier_length: int) -> int:
+def descriptor_length(
+    *, pvoltag: bool, avoltag: bool, identifier_length: int, vendor_length: int = 0
+) -> int:
     """Length of every element descriptor of one page (SMC-3 READ ELEMENT STATUS ELEMENT DESCRIPTOR
     LENGTH)."""
     return (
@@ -432,6 +444,7 @@ def descriptor_length(*, pvoltag: bool, avoltag: bool, identifier_length: int) -
         + (VOLUME_TAG_LENGTH if avoltag else 0)
         + IDENTIFICATION_HEADER_LENGTH
         + identifier_length
+        + vendor_length
     )
 
 
@@ -444,18 +457,25 @@ class ElementStatusPage:
     pvoltag: bool = False
     avoltag: bool = False
     identifier_length: int = 0
+    vendor_length: int = 0  # vendor specific bytes after each descriptor's identifier
 
     @property
     def descriptor_length(self) -> int:
         return descriptor_length(
-            pvoltag=self.pvoltag, avoltag=self.avoltag, identifier_length=self.identifier_length
+            pvoltag=self.pvoltag,
+            avoltag=self.avoltag,
+            identifier_length=self.identifier_length,
+            vendor_length=self.vendor_length,
         )
 
     def build(self) -> bytes:
         length = self.descriptor_length
         body = b"".join(
             d.build(
-                pvoltag=self.pvoltag, avoltag=self.avoltag, identifier_length=self.identifier_length
+                pvoltag=self.pvoltag,
+                avoltag=self.avoltag,
+                identifier_length=self.identifier_length,
+                vendor_length=self.vendor_length,
             )
             for d in self.descriptors
         )
@@ -513,16 +533,27 @@ class ElementStatus:
                     _parse_descriptor(data[pos : pos + length], pvoltag=pvoltag, avoltag=avoltag)
                 )
                 pos += length
-            ident_len = length - descriptor_length(
-                pvoltag=pvoltag, avoltag=avoltag, identifier_length=0
-            )
+            # The identifier length is the descriptors' IDENTIFIER LENGTH; what follows the
+            # identifier up to the descriptor length is vendor specific.
+            room = length - descriptor_length(pvoltag=pvoltag, avoltag=avoltag,
+                                              identifier_length=0)
+            ident_len = max(room, 0)
+            if descs:
+                ident_len = _ident_length_field(data, pos - len(descs) * length, pvoltag, avoltag)
             pages.append(
                 ElementStatusPage(
-                    ElementType(etype), tuple(descs), pvoltag, avoltag, max(ident_len, 0)
+                    ElementType(etype), tuple(descs), pvoltag, avoltag, max(ident_len, 0),
+                    max(room - ident_len, 0),
                 )
             )
             pos = page_end
         return cls(first, count, byte_count, tuple(pages))
+
+
+def _ident_length_field(data: bytes, pos: int, pvoltag: bool, avoltag: bool) -> int:
+    """IDENTIFIER LENGTH of the descriptor at `pos`."""
+    at = pos + descriptor_length(pvoltag=pvoltag, avoltag=avoltag, identifier_length=0) - 1
+    return data[at] if at < len(data) else 0
 
 
 def _parse_descriptor(raw: bytes, *, pvoltag: bool, avoltag: bool) -> ElementDescriptor:
@@ -538,6 +569,7 @@ def _parse_descriptor(raw: bytes, *, pvoltag: bool, avoltag: bool) -> ElementDes
     code_set, ident_type, ident_len = _IDENT.unpack_from(raw, pos)
     pos += IDENTIFICATION_HEADER_LENGTH
     identifier = raw[pos : pos + ident_len]
+    vendor_specific = raw[pos + ident_len :]
     if code_set & 0x0F == CodeSet.ASCII:
         identifier = identifier.rstrip(b" ")
     return ElementDescriptor(
@@ -555,6 +587,7 @@ def _parse_descriptor(raw: bytes, *, pvoltag: bool, avoltag: bool) -> ElementDes
         code_set=code_set & 0x0F,
         identifier_type=ident_type & 0x0F,
         identifier=identifier,
+        vendor_specific=vendor_specific,
     )
 
 

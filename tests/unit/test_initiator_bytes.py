@@ -520,8 +520,10 @@ GOLDEN: dict[str, dict[str, str]] = {
     "drive-lto7": {
         "ua": "ae80bf19704bcb8e",
         "tur": "8c8ca8dd8cb2e106",
-        "inq": "312b1c79fe3ef391",
-        "inq36": "bc10c32682e72349",
+        # Issue 20 (library personalities): the HP LTO-7 drive reports an HP revision (J5TW)
+        # instead of TP10; nothing else of its INQUIRY data changed.
+        "inq": "873792d6dc8ddd26",
+        "inq36": "ccf227845192667d",
         "vpd00": "e9b71c916a4b40ea",
         "vpd80": "070c533d111e8b94",
         "vpd83": "ff6b34c01edfb80f",
@@ -618,8 +620,8 @@ GOLDEN: dict[str, dict[str, str]] = {
     "drive-empty": {
         "ua": "ae80bf19704bcb8e",
         "tur": "c6b9d8e747b58e06",
-        "inq": "312b1c79fe3ef391",
-        "inq36": "bc10c32682e72349",
+        "inq": "873792d6dc8ddd26",  # the HP LTO-7 revision, as for drive-lto7
+        "inq36": "ccf227845192667d",
         "vpd00": "e9b71c916a4b40ea",
         "vpd80": "070c533d111e8b94",
         "vpd83": "ff6b34c01edfb80f",

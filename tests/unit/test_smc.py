@@ -243,3 +243,18 @@ def test_device_capabilities_page() -> None:
     assert page[2] == 0b1110  # STOR DT, STOR I/E, STOR ST; not STOR MT
     assert list(page[4:8]) == [0, 0b1110, 0b1110, 0b1110]  # MT->, ST->, I/E->, DT->
     assert list(page[12:16]) == [0, 0b0010, 0, 0]  # ST<>ST only
+
+
+def test_vendor_specific_bytes_round_trip() -> None:
+    """SMC-3: vendor specific bytes may end an element descriptor; the page's descriptor length
+    covers them and the parser keeps them apart from the identifier."""
+    d = ElementDescriptor(address=500, flags=1, code_set=2, identifier_type=0,
+                          identifier=b"SER1", vendor_specific=b"L8L")
+    page = smc.ElementStatusPage(smc.ElementType.DATA_TRANSFER, (d,), True, False, 32, 4)
+    assert page.descriptor_length == 12 + 36 + 4 + 32 + 4
+    (got,) = smc.ElementStatus.parse(smc.build_element_status([page])).pages
+    assert got.identifier_length == 32 and got.vendor_length == 4
+    assert got.descriptors[0].identifier == b"SER1"
+    assert got.descriptors[0].vendor_specific == b"L8L\x00"
+    with pytest.raises(ValueError):
+        d.build(pvoltag=False, avoltag=False, identifier_length=4, vendor_length=2)

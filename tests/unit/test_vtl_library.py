@@ -74,7 +74,7 @@ def test_layout_and_defaults(tmp_path: Path) -> None:
         {"drives": [("A", "m"), ("A", "m")]},
         {"first_address": {ElementType.STORAGE: 0x0101}},  # overlaps the drives
         {"first_address": {ElementType.STORAGE: 0xFFFE}},  # runs past 16 bits
-        {"first_address": {ElementType.MEDIUM_TRANSPORT: 0}},  # 0 = default transport
+        {"first_address": {ElementType.STORAGE: 0}},  # 0: only a transport may have it
     ],
 )
 def test_create_rejects_bad_layouts(tmp_path: Path, kwargs: dict) -> None:

@@ -61,17 +61,18 @@ class Lab:
 
 
 def serve_library(ctx: Context, name: str = "daemon", *, first: bool = True,
-                  root: Path | None = None) -> Lab:
+                  root: Path | None = None, yaml: str = YAML) -> Lab:
     """Write the YAML (on the first call), start `tcmu-py serve -c`, wait for ready and for st,
     ch and sg to bind the three LUNs. The state and library directories are under ``root``
-    (default: the scenario's scratch directory)."""
+    (default: the scenario's scratch directory); ``yaml`` is the configuration template
+    (``{state}``, ``{library}``: a changer and two drives exported as LUNs 0..2, as `YAML`)."""
     root = ctx.workdir if root is None else root
     state = root / "state"
     library = root / "library"
     config = ctx.workdir / "vtl.yaml"
     run_dir = ctx.workdir / "run"
     if first:
-        config.write_text(YAML.format(state=state, library=library))
+        config.write_text(yaml.format(state=state, library=library))
         # Registered before the daemon's stop, so it runs after it (LIFO).
         ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(config)), timeout=120,
                                          check=False))
