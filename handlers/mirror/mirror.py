@@ -225,6 +225,7 @@ class _LegState:
         #: Operations queued on this leg and not answered, oldest first (timeouts, lag).
         self.ops: dict[int, _WriteOp] = {}
         self.backlog = 0  # bytes of data writes queued and not answered
+        self.call_started = 0.0  # monotonic time its worker entered its current call; 0: idle
 
     @property
     def takes_writes(self) -> bool:
@@ -586,15 +587,31 @@ class Mirror:
                 f"mirror: {in_sync} legs in sync; the write quorum is {need}")
         return self.cfg.quorum or in_sync
 
+    def _stuck(self, ls: _LegState, now: float) -> bool:
+        """Whether `ls` has been in one call for `leg_timeout` or longer. Caller holds
+        `_lock`."""
+        t = self.cfg.leg_timeout
+        return bool(t > 0 and ls.call_started and now - ls.call_started >= t)
+
     def _reap(self) -> None:
-        """Legs whose oldest queued operation is past its deadline count as failed (rule 4:
-        a lagging leg nobody waits for is timed out here). Caller holds `_lock`."""
-        now = time.monotonic()
+        """Rule 4: a leg stuck in one call for `leg_timeout` counts as failed, whoever waits
+        for it (a lagging leg nobody waits for is timed out here): every operation queued on
+        it goes on without it, and it is marked out of sync and recorded on the others (the
+        lock released meanwhile). Caller holds `_lock`."""
         for ls in self._legs:
-            first = next(iter(ls.ops.values()), None)
-            if (first is not None and first.deadline and now >= first.deadline
-                    and ls.index in first.waiting):
-                first._time_out()
+            if ls.state == FAILED or not self._stuck(ls, time.monotonic()):
+                continue
+            exc = OSError(110, f"mirror: no answer within {self.cfg.leg_timeout:g} s from "
+                               f"{ls.name()}")
+            for op in list(ls.ops.values()):
+                op.drop(ls, exc)
+            self._lock.release()
+            try:
+                log.error("mirror: %s did not answer within %g s", ls.name(),
+                          self.cfg.leg_timeout)
+                self._fail_leg(ls, exc)
+            finally:
+                self._lock.acquire()
 
     def _overloaded(self, nbytes: int) -> list[_LegState]:
         """Lagging legs that would be more than `max_lag` bytes behind with `nbytes` more:
@@ -758,12 +775,16 @@ class Mirror:
             try:
                 if leg is None or ls.state == FAILED:
                     raise OSError(5, f"{ls.name()} is out of sync")
-                if kind == FLUSH:
-                    leg.flush()
-                elif kind == META:
-                    leg.write(self._bitmap_offset(ls) + offset, data, fua=True)
-                else:
-                    leg.write(offset, data, fua=not self.write_cache)
+                ls.call_started = time.monotonic()
+                try:
+                    if kind == FLUSH:
+                        leg.flush()
+                    elif kind == META:
+                        leg.write(self._bitmap_offset(ls) + offset, data, fua=True)
+                    else:
+                        leg.write(offset, data, fua=not self.write_cache)
+                finally:
+                    ls.call_started = 0.0
             except OSError as exc:
                 if ls.state != FAILED:
                     self._fail_leg(ls, exc)
@@ -1152,11 +1173,16 @@ class _WriteOp:
         """Caller holds the lock. Past the deadline, the legs that have not answered count as
         failed; each is marked out of sync and recorded on the others (rule 3) before this
         returns (the lock is released meanwhile). True if it did anything."""
-        if not self.deadline or not self.waiting or time.monotonic() < self.deadline:
+        now = time.monotonic()
+        if not self.deadline or not self.waiting or now < self.deadline:
             return False
-        late = list(self.waiting.values())
-        self.waiting.clear()
+        # a lagging leg is late only when stuck in a call (its queue is long by design)
+        late = [ls for ls in self.waiting.values()
+                if not self.m._lag >> ls.index & 1 or self.m._stuck(ls, now)]
+        if not late:
+            return False
         for ls in late:
+            del self.waiting[ls.index]
             self._forget(ls)
         self.left -= len(late)
         self.error = OSError(110, f"mirror: no answer within {self.m.cfg.leg_timeout:g} s "
@@ -1174,10 +1200,24 @@ class _WriteOp:
         self.m._lock.notify_all()
         return True
 
+    def drop(self, ls: _LegState, exc: OSError) -> None:
+        """`ls` timed out (`Mirror._reap`): this operation goes on without it. Caller holds
+        the lock."""
+        self._forget(ls)
+        if self.waiting.pop(ls.index, None) is None:
+            return
+        self.error = exc
+        self.left -= 1
+        if self.left == 0:
+            self._finish()
+        self.m._lock.notify_all()
+
     def _sleep(self) -> None:
-        """Wait for an answer (caller holds the lock), at most until the deadline."""
+        """Wait for an answer (caller holds the lock), at most until the deadline (past it,
+        50 ms: a lagging leg is timed out by its call's start, not the deadline)."""
         if self.deadline:
-            self.m._lock.wait(max(0.0, self.deadline - time.monotonic()) + 0.001)
+            left = self.deadline - time.monotonic()
+            self.m._lock.wait(left + 0.001 if left > 0 else 0.05)
         else:
             self.m._lock.wait()
 
@@ -1189,6 +1229,7 @@ class _WriteOp:
         rounds = 0
         with m._lock:
             while True:
+                m._reap()
                 self._time_out()
                 self.ok = sum(1 for i in self.succeeded if m._legs[i].state == IN_SYNC)
                 if m.cfg.quorum:
@@ -1230,7 +1271,8 @@ class _WriteOp:
         failed)."""
         with self.m._lock:
             while self.left:
-                if not self._time_out():
+                self.m._reap()
+                if self.left and not self._time_out():
                     self._sleep()
 
     @property

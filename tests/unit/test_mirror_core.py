@@ -301,6 +301,23 @@ def test_a_lagging_leg_that_stops_answering_is_timed_out_by_the_next_write() -> 
         m.close()
 
 
+def test_a_lagging_leg_that_answers_slowly_is_not_timed_out_by_its_queue() -> None:
+    """leg_timeout bounds one call of a lagging leg, not the time its writes wait queued:
+    a leg 50 ms per write, 20 writes queued behind the quorum, stays in sync."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, quorum=2, leg_timeout=0.3)
+    try:
+        st["leg2"].delay = 0.05
+        for i in range(20):
+            write(m, i * 4096, bytes([i + 1]) * 4096)
+        m.flush(every_leg=True)
+        assert [leg["state"] for leg in m.status()["legs"]] == [IN_SYNC] * 3
+        a, b, c = data_areas(st)
+        assert a == b == c
+    finally:
+        m.close()
+
+
 def test_a_lagging_leg_is_resynced_at_the_next_unclean_open() -> None:
     """The process dies with leg 2 behind acknowledged writes: at open the lag mask names
     it; it is not trusted (not read, not a reconcile source) and is resynced to identical."""
