@@ -399,7 +399,9 @@ def _show(args: argparse.Namespace) -> int:
             active = ",".join(str(i) for i in range(sb.nlegs) if sb.has(i))
             print(f"{spec}: mirror {uuid.UUID(bytes=sb.mirror_uuid)} leg {sb.leg} of "
                   f"{sb.nlegs}, generation {sb.generation}, in sync: {active or 'none'}, "
-                  f"{'clean' if sb.clean else 'not clean'}, size {sb.size}, region {sb.region}")
+                  f"{'clean' if sb.clean else 'not clean'}, size {sb.size}, region {sb.region}"
+                  + (f", lagging: {','.join(str(i) for i in range(sb.nlegs) if sb.lag >> i & 1)}"
+                     if sb.lag else ""))
         return 0
     finally:
         for leg in legs:

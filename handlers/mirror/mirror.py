@@ -994,6 +994,8 @@ class Mirror:
             if self._closing:
                 return
             self._resync_wake.clear()  # set by a reattach during a pass: no busy loop here
+            with self._lock:  # a lagging leg stuck with no command coming to time it out
+                self._reap()
             for ls in self._legs:
                 if ls.state == FAILED:
                     self.reattach(ls.index)
