@@ -301,6 +301,33 @@ def test_a_lagging_leg_that_stops_answering_is_timed_out_by_the_next_write() -> 
         m.close()
 
 
+def test_two_lagging_legs_do_not_outvote_the_leg_holding_the_write_after_a_crash() -> None:
+    """Quorum 1 of 3, legs 1 and 2 behind: after a crash the majority of the legs holds the
+    old bytes; the lag mask keeps them from winning the reconcile (they are resynced from
+    leg 0, which alone holds the acknowledged write)."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, quorum=1)
+    gate = threading.Event()
+    for name in ("leg1", "leg2"):
+        st[name].data_gate = gate
+    write(m, 5 * REGION, b"W" * 4096)
+    m.flush()
+    m._closing = True  # the process dies with legs 1 and 2 behind
+    assert _lag_bits(st, "leg0") == 0b110
+    for s in st.values():
+        s.data_gate = None
+    m2 = open_mirror(st)
+    try:
+        assert read(m2, 5 * REGION, 4096) == b"W" * 4096
+        assert m2.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c and a[5 * REGION:5 * REGION + 4096] == b"W" * 4096
+    finally:
+        gate.set()
+        m2.close()
+        m._close_legs()
+
+
 def test_a_lagging_leg_that_answers_slowly_is_not_timed_out_by_its_queue() -> None:
     """leg_timeout bounds one call of a lagging leg, not the time its writes wait queued:
     a leg 50 ms per write, 20 writes queued behind the quorum, stays in sync."""
