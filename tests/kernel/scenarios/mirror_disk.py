@@ -386,8 +386,10 @@ def three_legs(ctx: Context) -> None:
     log(f"fio write clat (ms): no netem {base}; one leg netem 50 ms / 5 % loss {slow}; "
         f"writes acknowledged before the slow leg had them: {m['lag_acks']}")
     assert m["lag_acks"] > 0, m  # the quorum answered without the slow leg
-    # the slow leg's 50 ms is not in the median (it would be with the pace of the slowest)
-    assert slow["p50"] < 25 and slow["p50"] < base["p50"] * 3 + 5, (base, slow)
+    # the slow leg's 50 ms is not in the median: at the pace of the slowest leg every write
+    # would take the baseline plus at least the 50 ms (the VM's own baseline is tens of ms
+    # under emulation: first run, 62 ms no netem, 52 ms with it)
+    assert slow["p50"] < base["p50"] + 25, (base, slow)
     wait_for(lambda: (lambda x: x if x["legs"][2]["backlog"] == 0 else None)(
         mirror_status(ctx, run_dir)), ctx.remaining(120), "the slow leg to catch up")
     m = mirror_status(ctx, run_dir)
