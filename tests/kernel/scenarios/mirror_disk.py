@@ -41,7 +41,6 @@ from guestlib import (
     log,
     run,
     scenario,
-    serve_config,
     tcmu_py,
     wait_for,
 )
@@ -118,6 +117,31 @@ class NbdLeg:
 
         if self.server is not None:
             self.server.stop(timeout=10, sig=signal.SIGKILL)
+
+
+def lio_down(cfg: Path) -> None:
+    """What ``tcmu-py down -c cfg`` does, in this process (an interpreter start costs tens of
+    seconds under emulation on a loaded host; the first runs spent ~50 s on four of them)."""
+    from tcmu_py.daemon import lio
+    from tcmu_py.daemon.config import load_state_dir
+
+    lio.down(load_state_dir(str(cfg)))
+
+
+def serve(ctx: Context, cfg: Path) -> tuple[Daemon, Path]:
+    """`tcmu-py serve -c cfg` until ready (600 s: slow under emulation on a busy host). On
+    cleanup the LIO objects go first (`lio_down`; already gone is fine), then the daemon
+    stops: sd sends SYNCHRONIZE CACHE to a disk with a write cache as it goes, which nobody
+    would answer once the daemon is gone."""
+    run_dir = ctx.workdir / "run"
+    ready = ctx.workdir / "ready"
+    ready.unlink(missing_ok=True)
+    d = Daemon(tcmu_py("serve", "-c", str(cfg), "--run-dir", str(run_dir), "--ready-file",
+                       str(ready)), ctx.artifacts / "daemon.log")
+    ctx.cleanup.callback(d.stop)
+    ctx.cleanup.callback(lio_down, cfg)  # LIFO: before the stop
+    d.start(ready=ready.exists, timeout=ctx.remaining(600))
+    return d, run_dir
 
 
 def daemon_status(ctx: Context, run_dir: Path) -> dict:  # type: ignore[type-arg]
@@ -269,10 +293,7 @@ def three_legs(ctx: Context) -> None:
         f"leg_timeout: {LEG_TIMEOUT}, "
         "resync_rate: 0}\n"
         "exports:\n  loopback:\n    - {device: m0, lun: 0}\n")
-    d, run_dir = serve_config(ctx, cfg, timeout=600)  # slow under emulation on a busy host
-    # `down` before the daemon stops (cleanup is LIFO): sd sends SYNCHRONIZE CACHE to a disk
-    # with a write cache as it goes, which nobody would answer once the daemon is gone.
-    ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
+    d, run_dir = serve(ctx, cfg)
     dev = wait_for(lambda: disk_by_wwn(WWN), ctx.remaining(120), f"m0 ({WWN})")
     phase("setup")
 
@@ -424,7 +445,7 @@ def three_legs(ctx: Context) -> None:
     phase("netem")
 
     # 6. Clean stop; the legs agree; a split brain staged and refused.
-    run(tcmu_py("down", "-c", str(cfg)), timeout=ctx.remaining(120))
+    lio_down(cfg)
     assert d.stop(timeout=60) == 0, "serve did not exit cleanly on SIGTERM"
     rc, verified = mirror_tool("verify", *specs)
     assert rc == 0 and " 0 differ" in verified, verified
@@ -432,8 +453,7 @@ def three_legs(ctx: Context) -> None:
     assert rc == 0 and show.count(", clean,") == 3, show
     stage_split_brain(ctx, specs)
     before_files = file_sums(images)
-    d2, run_dir = serve_config(ctx, cfg, timeout=600)
-    ctx.cleanup.callback(lambda: run(tcmu_py("down", "-c", str(cfg)), timeout=120, check=False))
+    d2, run_dir = serve(ctx, cfg)
     st = daemon_status(ctx, run_dir)
     (m0,) = [x for x in st["devices"] if x["name"] == "m0"]
     reason = m0.get("failed") or ""
@@ -441,7 +461,7 @@ def three_legs(ctx: Context) -> None:
     log(f"split brain: {reason}")
     assert "split brain" in reason and f"leg 0 ({specs[0]})" in reason \
         and f"leg 2 ({specs[2]})" in reason, m0
-    run(tcmu_py("down", "-c", str(cfg)), timeout=ctx.remaining(120))
+    lio_down(cfg)
     assert d2.stop(timeout=60) == 0
     assert file_sums(images) == before_files, "a leg changed at the refused open"
     phase("split_brain")
