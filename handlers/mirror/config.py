@@ -255,13 +255,16 @@ def status_tables(st: Mapping[str, Any]) -> list[StatusTable]:
                   f"{m.get('dirty_regions', 0)}/{m.get('regions', 0)}", progress(m))
                  for m in mirrors)
     legs = tuple((str(m.get("device", "?")), str(leg.get("index", "?")), str(leg.get("spec")),
-                  str(leg.get("state")), str(leg.get("reads", 0)), str(leg.get("errors", 0)),
+                  str(leg.get("state")),
+                  # lagging: acknowledged at the quorum without it, bytes still queued for it
+                  f"{leg.get('backlog', 0) >> 10} KiB" if leg.get("lagging") else "-",
+                  str(leg.get("reads", 0)), str(leg.get("errors", 0)),
                   str(leg.get("error") or "-")[:60])
                  for m in mirrors for leg in m.get("legs") or [])
     return [StatusTable("mirrors", ("device", "state", "quorum", "generation", "dirty regions",
                                     "resync"), rows),
-            StatusTable("mirror legs", ("device", "leg", "spec", "state", "reads", "errors",
-                                        "last error"), legs)]
+            StatusTable("mirror legs", ("device", "leg", "spec", "state", "behind", "reads",
+                                        "errors", "last error"), legs)]
 
 
 def metrics(st: Mapping[str, Any]) -> list[Gauge]:

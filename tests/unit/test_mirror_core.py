@@ -12,6 +12,7 @@ import pytest
 from mirror_fakes import Crash, MemoryLeg, Store, opener
 
 from tcmu_py.errors import ConfigError
+from tcmu_py.handlers.mirror.config import status_tables
 from tcmu_py.handlers.mirror.mirror import (
     FAILED,
     IN_SYNC,
@@ -219,6 +220,9 @@ def test_quorum_two_acknowledges_without_the_slow_leg_and_never_reads_it_stale()
             assert _lag_bits(st, name) == 0b100
         for _ in range(6):  # round robin would reach leg 2: it is skipped for this range
             assert read(m, 0, 4096) == b"s" * 4096
+        legs_table = status_tables({"mirrors": [dict(m.status(), device="m0")]})[1]
+        assert "behind" in legs_table.headers
+        assert [row[4] for row in legs_table.rows] == ["-", "-", "4 KiB"]
         assert read(m, REGION, 512) == bytes(512)  # other ranges may be read from it
         m.flush()  # SYNCHRONIZE CACHE at the quorum, with leg 2 still behind
         assert m.status()["dirty_regions"] == 1  # the bit stays: leg 2 lacks the region
