@@ -15,9 +15,9 @@ made here, reached over a veth pair) through tcm_loop, write quorum 2.
    ``tc netem delay 50ms loss 5%`` on one NBD leg's veth, and without again: with quorum 2 of
    3 the slow leg lags in the background (at least half the writes acknowledged before it had
    them; p50 within 25 ms of the slower baseline, where the slow leg's pace would add 50 ms;
-   all three figures recorded), no error, and it catches up still in sync. Then silent (``netem loss 100%``): writes complete at the quorum
-   at once and the leg is marked out of sync after ``leg_timeout`` (3 s); the network back,
-   the leg is reattached and resynced.
+   all three figures recorded), no error, and it catches up still in sync. Then silent
+   (``netem loss 100%``): writes complete at the quorum at once and the leg is marked out of
+   sync after ``leg_timeout`` (3 s); the network back, the leg is reattached and resynced.
 6. The daemon stopped (clean close: ``tcmu-py mirror verify`` over the three legs finds no
    difference; verify and show run in this process), a split brain is staged in this process
    through the mirror's own API (the local leg and one NBD leg written without the other NBD
