@@ -308,3 +308,27 @@ def test_status_says_full_when_a_common_block_no_longer_fits(
     assert filesystem_state(fs.free, size) == "FULL"
     assert filesystem_state(BACKING_RESERVE, size) == "FULL"
     assert filesystem_state(size // 2, size) == "ok"
+
+
+def test_cartridges_sharing_a_filesystem_share_its_room(
+    lib: FakeLibrary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What docs/configuration.md says of a shared filesystem: once one cartridge stopped at
+    early warning as backup software does (st's ENOSPC), the next cartridge on the same
+    filesystem meets early warning at its first write (still written, NO SENSE with EOM) and the
+    end of medium soon after: never MEDIUM ERROR, never ENOSPC from the filesystem."""
+    fs = SmallFs(lib.root, 24 * MIB, monkeypatch)
+    lib.create("SHR001L8")
+    t = loaded(lib, "SHR000L8")
+    block = os.urandom(64 * KIB)
+    while t.write(block).good:  # up to the first early warning, as Bacula does
+        pass
+    assert t.weof(1).sense_codes == EW
+    lib.move(None)
+    lib.move("SHR001L8")
+    t.clear_ua()
+    r = t.write(block)
+    assert r.sense_codes == EW and sense(r).eom, r.sense_codes
+    acked, first_ew, over = write_until_overflow(lambda: t.write(block), 200)
+    assert first_ew == 0 and over.info == len(block)
+    assert fs.enospc == 0
