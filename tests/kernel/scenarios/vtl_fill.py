@@ -6,8 +6,8 @@ The library (vtl.py's YAML: a changer, two IBM LTO-8 drives, ABC000L8..ABC003L8 
 first cartridge's end of medium is the filesystem's end. `btape fill`'s multiple-tape test
 ('m') writes Bacula records to the cartridge in slot 1 until end of medium, asks the autochanger
 (Bacula's mtx-changer script) for the cartridge in slot 2, writes 1000 more blocks there, then
-re-reads both tapes through the autochanger (every record of tape 1 and on into tape 2: btape
-reads up to 10,000 records of 32 KiB) and compares the last blocks written on each.
+re-reads through the autochanger: the first 10,000 records (32 KiB each) of tape 1 and its last
+block, then the first and the last block of tape 2, each compared with what was written.
 
 The cartridge in slot 2 sits on a filesystem of its own (a `SECOND_FS` tmpfs mounted on its
 directory): the first tape leaves nothing free on the library's filesystem, so a second
