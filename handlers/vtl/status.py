@@ -5,7 +5,8 @@ A drive's end of medium is the cartridge's capacity or its backing filesystem's 
 comes first (`Cartridge.end_of_medium`). An operator sees here, per served library, each
 filesystem holding its media directory or a cartridge directory (a cartridge may be a mount
 of its own), and a warning when one runs low (LOW: drives writing there report or soon report
-early warning; FULL: no room past the reserve, writes end in VOLUME OVERFLOW).
+early warning; FULL: no room past the reserve for a 256 KiB block, such writes end in
+VOLUME OVERFLOW).
 """
 
 from __future__ import annotations
@@ -27,16 +28,25 @@ log = logging.getLogger(__name__)
 KEY = "vtl_libraries"
 #: A filesystem with less than this fraction of its size free is reported LOW.
 LOW_FRACTION = 0.10
+#: The block a FULL filesystem no longer takes: 256 KiB, a block size backup software commonly
+#: writes to LTO (GNU tar -b 512; Bacula's default is 64,512 bytes), half the largest block a
+#: drive accepts by default (hw_max_sectors 1024 x 512).
+FULL_BLOCK = 256 << 10
 
 
 def filesystem_state(free: int, total: int) -> str:
-    """"FULL" (no room past the reserve), "LOW" or "ok".
+    """"FULL", "LOW" or "ok".
 
+    FULL: the room past the reserve (`cartridge.BACKING_RESERVE`, and the filemark reserve a
+    drive keeps after data) holds no record of `FULL_BLOCK` bytes, so a drive writing there
+    answers such a write with VOLUME OVERFLOW (`Cartridge._append`): after an overflow the
+    filesystem reads FULL, not LOW with a fraction of a block left.
     LOW: under `LOW_FRACTION` free, or so little that a drive writing there is in early warning
     (the room past the reserve is within the early-warning zone `Cartridge._room` gives a
     filesystem of this size; on a filesystem smaller than a cartridge, that comes first).
     """
-    if free <= cartmod.BACKING_RESERVE:
+    room = free - cartmod.BACKING_RESERVE - cartmod.FILEMARK_RESERVE
+    if room < cartmod.RECORD_HEADER_SIZE + FULL_BLOCK:
         return "FULL"
     zone = cartmod.filesystem_early_warning(total)
     if free < LOW_FRACTION * total or free - cartmod.BACKING_RESERVE <= zone:
@@ -197,6 +207,6 @@ def status_tables(st: Mapping[str, Any]) -> list[StatusTable]:
     title = "tape library filesystems"
     if low:
         title += (f" -- WARNING: {len(low)} low on space (LOW: drives writing there reach early"
-                  " warning soon; FULL: writes end in VOLUME OVERFLOW)")
+                  " warning soon; FULL: a 256 KiB block ends in VOLUME OVERFLOW)")
     return [*tables, StatusTable(title, ("library", "filesystem", "size", "free", "free%", "state"),
                                  rows)]

@@ -278,3 +278,57 @@ def test_write_attribute_on_a_full_filesystem_changes_nothing(
     assert r.sense_codes == (5, 0x55, 0x06), r
     r = t.run(ssc.ReadAttribute(0, 0, 0, 0x0800, 4096, False).build(), data_in_len=4096)
     assert r.sense_codes == (5, 0x24, 0)  # not present
+
+
+def test_status_says_full_when_a_common_block_no_longer_fits(
+    lib: FakeLibrary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FULL is what a writer meets, not only an exactly exhausted reserve: in the kernel run of
+    09:40 (tests/kernel/scenarios/vtl_fill.py) raw 256 KiB writes past Bacula's end of tape got
+    VOLUME OVERFLOW with 1.2 MiB of the 358 MiB ext4 free, and `tcmu-py status` said LOW ("drives
+    reach early warning soon"). With less room past the reserve than a `FULL_BLOCK` record, a
+    write of that size ends in VOLUME OVERFLOW, and the filesystem is FULL."""
+    from tcmu_py.handlers.vtl.status import FULL_BLOCK, filesystem_state
+
+    size = 358 * MIB
+    fs = SmallFs(lib.root, size, monkeypatch)
+    t = loaded(lib, "FUL005L8")
+    fs.fill(leave=BACKING_RESERVE + FULL_BLOCK // 4)  # what the kernel run left, about
+    assert filesystem_state(fs.free, size) == "FULL"
+    r = t.write(os.urandom(FULL_BLOCK))
+    assert r.sense_codes == OVERFLOW, r.sense_codes
+    assert fs.enospc == 0
+    # Room for one such record past the reserve and the filemark reserve: LOW, and it fits
+    # (in the early-warning zone).
+    fs.fill(leave=BACKING_RESERVE + cartmod.FILEMARK_RESERVE + cartmod.RECORD_HEADER_SIZE
+            + FULL_BLOCK)
+    assert filesystem_state(fs.free, size) == "LOW"
+    r = t.write(os.urandom(FULL_BLOCK))
+    assert r.sense_codes == EW, r.sense_codes
+    assert filesystem_state(fs.free, size) == "FULL"
+    assert filesystem_state(BACKING_RESERVE, size) == "FULL"
+    assert filesystem_state(size // 2, size) == "ok"
+
+
+def test_cartridges_sharing_a_filesystem_share_its_room(
+    lib: FakeLibrary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What docs/configuration.md says of a shared filesystem: once one cartridge stopped at
+    early warning as backup software does (st's ENOSPC), the next cartridge on the same
+    filesystem meets early warning at its first write (still written, NO SENSE with EOM) and the
+    end of medium soon after: never MEDIUM ERROR, never ENOSPC from the filesystem."""
+    fs = SmallFs(lib.root, 24 * MIB, monkeypatch)
+    lib.create("SHR001L8")
+    t = loaded(lib, "SHR000L8")
+    block = os.urandom(64 * KIB)
+    while t.write(block).good:  # up to the first early warning, as Bacula does
+        pass
+    assert t.weof(1).sense_codes == EW
+    lib.move(None)
+    lib.move("SHR001L8")
+    t.clear_ua()
+    r = t.write(block)
+    assert r.sense_codes == EW and sense(r).eom, r.sense_codes
+    acked, first_ew, over = write_until_overflow(lambda: t.write(block), 200)
+    assert first_ew == 0 and over.info == len(block)
+    assert fs.enospc == 0
