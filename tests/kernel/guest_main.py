@@ -159,12 +159,14 @@ def run_all(results: Path, only: list[str] | None, budget: float | None = None) 
 def _group_teardown(module: str, results: Path) -> bool:
     """Run ``module``'s group teardown here; False (traceback in its log) if it raised."""
     guestlib.log(f"=== group teardown of {module}")
+    start = time.monotonic()
     try:
         guestlib.GROUP_TEARDOWNS[module]()
     except Exception:  # noqa: BLE001 - reported, the run goes on
         (results / f"_teardown-{module}.log").write_text(traceback.format_exc())
         guestlib.log(traceback.format_exc())
         return False
+    guestlib.log(f"=== group teardown of {module}: done in {time.monotonic() - start:.1f}s")
     return True
 
 
