@@ -511,6 +511,7 @@ def osd_down(ctx: Context) -> None:
     wait_for(lambda: all_clean(admin), ctx.remaining(300), "every PG active+clean",
              max_interval=1.0)
     ctx.details["healthy_seconds"] = round(time.monotonic() - restarted, 1)
+    ctx.details["serve_start_seconds"] = serve.starts
     serve.stop()
     _no_hung_tasks()
     ctx.details["check_seconds"] = round(time.monotonic() - t_check, 1)
