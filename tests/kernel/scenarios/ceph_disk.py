@@ -18,6 +18,8 @@ disk did 67 random 16 KiB writes a second at queue depth 8 on a quiet host, 27 a
    the daemon restarted: the device serves again, and ``fio --verify_only`` passes over what
    was acknowledged: all 16 MiB if fio ended without error, else what the first daemon had
    completed before the kill.
+5. ``fio_iscsi``: a ``ceph`` device exported over iSCSI (YAML ``exports.iscsi``, 127.0.0.1),
+   open-iscsi logged in over TCP: fio with verification on the session's disk.
 """
 
 from __future__ import annotations
@@ -577,6 +579,82 @@ def kill9_restart(ctx: Context) -> None:
     tail = _pattern("after-restart", MIB)
     _dd_write(ctx, dev, size - MIB, tail)
     assert _dd_read(ctx, dev, size - MIB, MIB) == tail, "write after the restart differs"
+    ctx.details["serve_start_seconds"] = serve.starts
+    serve.stop()
+    _no_hung_tasks()
+    ctx.details["check_seconds"] = round(time.monotonic() - t_check, 1)
+    ctx.details["seconds"] = round(time.monotonic() - t0, 1)
+
+
+ISCSI_IQN = "iqn.2003-01.org.linux-iscsi.tcmu-py:ceph4"
+
+
+def _iscsi_logout() -> None:
+    run(["iscsiadm", "-m", "node", "-T", ISCSI_IQN, "--logout"], timeout=60, check=False)
+    run(["iscsiadm", "-m", "node", "-o", "delete", "-T", ISCSI_IQN], timeout=60, check=False)
+
+
+@scenario(timeout=900)
+def fio_iscsi(ctx: Context) -> None:
+    """A YAML ``ceph`` device exported over iSCSI (127.0.0.1:3260, demo mode), open-iscsi logged
+    in over TCP: fio with verification on the disk the session brings."""
+    from tcmu_py import lab_fabrics as lf
+
+    t0 = time.monotonic()
+    cluster = shared_cluster(ctx)
+    t_check = time.monotonic()
+    size, wwn = 16 * MIB, "naa.5001405000ce0005"
+    cfg = ctx.workdir / "ceph4.yaml"
+    cfg.write_text(
+        f"state_dir: {ctx.workdir / 'state'}\n"
+        "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16}\n"
+        "devices:\n"
+        f"  - name: ceph4\n    handler: ceph\n    size: {size // MIB}M\n    wwn: {wwn}\n"
+        f"    options: {{image: {POOL}/iscsi, conf: {cluster.conf}, id: admin, create: true}}\n"
+        "exports:\n  iscsi:\n"
+        f"    - iqn: {ISCSI_IQN}\n      portals: ['127.0.0.1:3260']\n"
+        "      generate_node_acls: true\n      luns: [{device: ceph4, lun: 0}]\n")
+    serve = Serve(ctx, cfg)
+    serve.start()
+    run(["modprobe", "iscsi_tcp"], timeout=ctx.remaining(60))
+    name = Path("/etc/iscsi/initiatorname.iscsi")
+    if not name.exists():  # the guest's /etc is a throw-away overlay
+        name.parent.mkdir(parents=True, exist_ok=True)
+        name.write_text("InitiatorName=iqn.2025-01.org.tcmu-py:lab-initiator\n")
+    if subprocess.run(["pgrep", "-x", "iscsid"], capture_output=True, check=False).returncode:
+        run(["iscsid"], timeout=ctx.remaining(60))  # forks; ready when the parent returns
+    before = lf.scsi_hosts()
+    portal = "127.0.0.1:3260"
+    run(["iscsiadm", "-m", "node", "-o", "new", "-T", ISCSI_IQN, "-p", portal],
+        timeout=ctx.remaining(60))
+    ctx.cleanup.callback(_iscsi_logout)  # before the daemon stops (LIFO)
+    run(["iscsiadm", "-m", "node", "-T", ISCSI_IQN, "-p", portal, "--login"],
+        timeout=ctx.remaining(120))
+    def session_host() -> str | None:
+        """The new SCSI host of the open-iscsi session with ISCSI_IQN (its sysfs device
+        sits under .../hostN/sessionM)."""
+        for session in Path("/sys/class/iscsi_session").glob("session*"):
+            if (session / "targetname").read_text().strip() == ISCSI_IQN:
+                for part in (session / "device").resolve().parts:
+                    if part.startswith("host") and part not in before:
+                        return part
+        return None
+
+    host = wait_for(session_host, ctx.remaining(60), "the iSCSI session's SCSI host")
+
+    def disk() -> Path | None:
+        name = lf.scsi_host_devices(host).get(0, {}).get("block")
+        return Path("/dev") / name if name and (Path("/dev") / name).exists() else None
+
+    dev = wait_for(disk, ctx.remaining(120), f"the disk of {ISCSI_IQN} LUN 0")
+    wwid = (Path("/sys/block") / dev.name / "device" / "wwid").read_text().strip()
+    assert wwid == wwn, f"{dev}: wwid {wwid}, expected {wwn}"
+    ctx.details["login_seconds"] = round(time.monotonic() - t_check, 1)
+    job = _fio(ctx, "iscsi", dev, "--ioengine=libaio", "--iodepth=8", "--rw=randwrite",
+               "--bs=16k", f"--size={FIO_BYTES}", "--verify=crc32c", "--verify_fatal=1",
+               "--do_verify=1")
+    ctx.details["fio_verify"] = _fio_figures(job)
+    _iscsi_logout()
     ctx.details["serve_start_seconds"] = serve.starts
     serve.stop()
     _no_hung_tasks()
