@@ -42,7 +42,7 @@ APT_PACKAGES=(
     # the VTL encryption scenario sets keys with it (SECURITY PROTOCOL OUT, SSC-5 8.5)
     stenc
     # the ceph handler: librbd/librados through cffi (ABI mode; librbd-dev holds the headers the
-    # binding's declarations follow), and a real cluster for its tests (tests/unit/ceph_cluster.py:
+    # binding's declarations follow), and a real cluster for its tests (tcmu_py/testing/ceph_cluster.py:
     # ceph-mon, ceph-mgr, ceph-osd; ceph-base brings monmaptool). No python3-rados: our venv's
     # Python cannot import Debian's, monitor commands go through librados' C API.
     ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev

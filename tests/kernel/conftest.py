@@ -88,6 +88,13 @@ class LabRun:
             tail = log.read_text(errors="replace")[-6000:] if log.exists() else "(no log)"
             pytest.fail(f"scenario {name} failed: {res['error']}\n"
                         f"--- guest log tail ({log}) ---\n{tail}", pytrace=False)
+        done = self.results / "_done.json"
+        module = name.split(".", 1)[0]
+        if done.exists() and module in json.loads(done.read_text()).get("teardown_failures", []):
+            log = self.results / f"_teardown-{module}.log"
+            pytest.fail(f"the group teardown of {module} failed:\n"
+                        f"{log.read_text(errors='replace')[-4000:] if log.exists() else ''}",
+                        pytrace=False)
         details: dict[str, Any] = res["details"]
         return details
 

@@ -16,6 +16,10 @@ ends with ``DIR/NAME.json``::
 as idle) while the scenario ran; busy / (duration x cpus) tells how much of the VM's CPUs it
 kept busy, whatever else ran on the host (a descheduled vCPU's time is not counted as idle).
 
+A module's ``@guestlib.group_teardown`` function runs in this process after the last selected
+scenario of that module; an exception there is written to ``DIR/_teardown-MODULE.log`` and
+fails the run (``_done.json`` lists it under ``teardown_failures``).
+
 ``DIR/_guest.json`` records facts about the guest (kernel, modules, udev, uptime at start) and
 ``DIR/_done.json`` is written last, so the host can tell a finished run from a crashed guest.
 """
@@ -135,21 +139,54 @@ def run_all(results: Path, only: list[str] | None, budget: float | None = None) 
                    {"name": name, "ok": False, "error": f"no scenario named {name}",
                     "details": {}, "duration": 0.0, "leaked": []})
         failures += 1
-    for name in names:
-        timeout = registry[name].timeout
-        if budget_end is not None:
-            left = budget_end - time.monotonic()
-            if left < MIN_SCENARIO_TIME:
-                write_json(results / f"{name}.json",
-                           {"name": name, "ok": False, "duration": 0.0, "details": {},
-                            "error": f"not run: the lab's time budget of {budget:g}s was used up",
-                            "leaked": []})
-                failures += 1
-                continue
-            timeout = min(timeout, left)
-        failures += run_child(name, timeout, results)
-    write_json(results / "_done.json", {"scenarios": names, "failures": failures})
+    teardown_failures: list[str] = []
+    for i, name in enumerate(names):
+        module = name.split(".", 1)[0]
+        if i + 1 == len(names) or names[i + 1].split(".", 1)[0] != module:
+            after: str | None = module  # the group's last scenario: its teardown follows
+        else:
+            after = None
+        failures += _run_within_budget(name, registry, budget_end, budget, results)
+        if (after is not None and after in guestlib.GROUP_TEARDOWNS
+                and not _group_teardown(after, results)):
+            teardown_failures.append(after)
+    failures += len(teardown_failures)
+    write_json(results / "_done.json", {"scenarios": names, "failures": failures,
+                                        "teardown_failures": teardown_failures})
     return 0 if failures == 0 else 1
+
+
+def _group_teardown(module: str, results: Path) -> bool:
+    """Run ``module``'s group teardown here; False (traceback in its log) if it raised."""
+    guestlib.log(f"=== group teardown of {module}")
+    start = time.monotonic()
+    try:
+        guestlib.GROUP_TEARDOWNS[module]()
+    except Exception:  # noqa: BLE001 - reported, the run goes on
+        (results / f"_teardown-{module}.log").write_text(traceback.format_exc())
+        guestlib.log(traceback.format_exc())
+        return False
+    guestlib.log(f"=== group teardown of {module}: done in {time.monotonic() - start:.1f}s")
+    return True
+
+
+def _run_within_budget(name: str, registry: dict[str, guestlib.Scenario],
+                       budget_end: float | None, budget: float | None, results: Path) -> int:
+    """Run scenario ``name`` with its timeout cut to what is left of the budget (or record it
+    not run); 1 if it failed."""
+    timeout = registry[name].timeout
+    if budget_end is not None:
+        left = budget_end - time.monotonic()
+        if left < MIN_SCENARIO_TIME:
+            write_json(results / f"{name}.json",
+                       {"name": name, "ok": False, "duration": 0.0, "details": {},
+                        "error": f"not run: the lab's time budget of {budget:g}s was used up",
+                        "leaked": []})
+            return 1
+        timeout = min(timeout, left)
+    return run_child(name, timeout, results)
+
+
 
 
 def run_child(name: str, timeout: float, results: Path) -> int:

@@ -581,6 +581,8 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {}
+#: Module name -> what ends the resources its scenarios share (``group_teardown``).
+GROUP_TEARDOWNS: dict[str, Callable[[], None]] = {}
 
 
 ScenarioFunc = Callable[[Context], None]
@@ -605,6 +607,16 @@ def scenario(
         return func
 
     return register
+
+
+def group_teardown(func: Callable[[], None]) -> Callable[[], None]:
+    """Register ``func`` as the teardown of its module's scenario group: guest_main calls it
+    (in its own process, after the group's cleanup of LIO objects) once the last selected
+    scenario of the module has run, whatever their outcome. For what the scenarios of a group
+    share and none of them owns, such as a cluster started by the first one that needs it; it
+    must be idempotent, bounded in time, and do nothing when there is nothing to end."""
+    GROUP_TEARDOWNS[func.__module__.rsplit(".", 1)[-1]] = func
+    return func
 
 
 def discover_scenarios() -> dict[str, Scenario]:

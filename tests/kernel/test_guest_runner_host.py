@@ -53,8 +53,43 @@ def test_runner_records_pass_fail_and_details(registry: dict, tmp_path: Path) ->
     bad_res = json.loads((results / "t.bad.json").read_text())
     assert bad_res["ok"] is False and "expected 1, found 2" in bad_res["error"]
     done = json.loads((results / "_done.json").read_text())
-    assert done == {"scenarios": ["t.good", "t.bad"], "failures": 1}
+    assert done == {"scenarios": ["t.good", "t.bad"], "failures": 1, "teardown_failures": []}
     assert (results / "_guest.json").exists()
+
+
+def test_group_teardown_runs_after_the_modules_last_scenario(
+        registry: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module's group teardown runs once, after its last selected scenario and before the
+    next module's first, even when that scenario failed; one that raises fails the run and is
+    named in _done.json."""
+    order = tmp_path / "order"
+    order.write_text("")
+
+    def note(what: str) -> None:
+        order.write_text(order.read_text() + what + "\n")
+
+    def step(ctx: guestlib.Context) -> None:
+        note(ctx.name)
+        if ctx.name == "g.second":
+            raise AssertionError("failed")
+
+    def teardown_g() -> None:
+        note("teardown g")
+
+    def teardown_h() -> None:
+        note("teardown h")
+        raise RuntimeError("daemons would not stop")
+
+    monkeypatch.setattr(guestlib, "GROUP_TEARDOWNS", {"g": teardown_g, "h": teardown_h})
+    for name in ("g.first", "g.second", "h.only", "k.other"):
+        _add(registry, name, step)
+    results = tmp_path / "results"
+    assert guest_main.run_all(results, None) == 1
+    assert order.read_text().split("\n")[:-1] == [
+        "g.first", "g.second", "teardown g", "h.only", "teardown h", "k.other"]
+    done = json.loads((results / "_done.json").read_text())
+    assert done["teardown_failures"] == ["h"] and done["failures"] == 2
+    assert "daemons would not stop" in (results / "_teardown-h.log").read_text()
 
 
 def test_runner_kills_a_hung_scenario_at_its_deadline(registry: dict, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ settings.register_profile("explore", derandomize=False, max_examples=1000)
 settings.load_profile("ci")
 
 
-# -- a real Ceph cluster, shared by the session's tests (tests/unit/ceph_cluster.py) ------------
+# -- a real Ceph cluster, shared by the session's tests (tcmu_py/testing/ceph_cluster.py) ---
 
 import os  # noqa: E402
 import tempfile  # noqa: E402
@@ -34,7 +34,7 @@ def ceph_cluster() -> Iterator[object]:
     logs): it is never a skip. The start time is printed and kept as ``start_seconds``."""
     import shutil
 
-    from ceph_cluster import start_cluster
+    from tcmu_py.testing.ceph_cluster import start_cluster
 
     root = Path(tempfile.mkdtemp(prefix="tcmu-py-ceph-", dir=os.environ.get("TMPDIR")))
     cluster = start_cluster(root / "c")

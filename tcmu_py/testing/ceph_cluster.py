@@ -1,8 +1,11 @@
 """A real, minimal Ceph cluster on this machine for tests: 1 monitor, 1 manager, 3 memstore
 OSDs, pool ``rbd`` (16 PGs, size 2, min_size 1), everything under one directory, on 127.0.0.1.
 
-Started natively from Debian's packages (``ceph-mon ceph-mgr ceph-osd``; see
-scripts/bootstrap.sh) as /work/shared/design/ceph-lab.md measured it:
+Started from Debian's packages (``ceph-mon ceph-mgr ceph-osd``; see scripts/bootstrap.sh) as
+/work/shared/design/ceph-lab.md measured it, natively by the unit tests' session fixture
+(tests/unit/conftest.py) and inside the VM lab by the kernel scenarios of
+tests/kernel/scenarios/ceph_disk.py (``die_with_parent=False``: the cluster outlives the scenario
+process that started it and serves the next ones of its group):
 
 - keys are made here (the ``CryptoKey`` encoding: type 1, creation time, 16 random bytes) and
   written into one monitor keyring, so every entity exists from ``ceph-mon --mkfs`` on and no
@@ -13,10 +16,13 @@ scripts/bootstrap.sh) as /work/shared/design/ceph-lab.md measured it:
   becomes active+clean), ``mon_osd_reporter_subtree_level = osd`` and
   ``mon_osd_min_down_reporters = 1`` (a hung OSD is marked down in seconds), the admin keyring
   under ``[client]`` (under ``[global]`` it breaks ceph-mgr's authentication);
+- the manager loads none of its Python modules (``mgr_disabled_modules``): the PG statistics
+  the waits read come from its core, and under emulation the modules' start-up competes with
+  the OSDs' peering for the two CPUs;
 - every wait has a deadline; a daemon that exits early, or a deadline passed, raises
   `ClusterError` with the tail of the daemons' logs.
 
-``python tests/unit/ceph_cluster.py DIR`` starts one by hand and prints its conf file and start
+``python -m tcmu_py.testing.ceph_cluster DIR`` starts one by hand and prints its conf file and start
 time (Ctrl-C stops it).
 """
 
@@ -47,6 +53,14 @@ OSDS = 3
 POOL = "rbd"
 PG_NUM = 16
 BINARIES = ("ceph-mon", "ceph-mgr", "ceph-osd", "monmaptool")
+#: Every manager module of Debian's pacific packages (the always-on ones included), so that
+#: none is even imported: none is needed for RBD I/O, pool commands or the PG statistics of
+#: ``status``.
+DISABLED_MGR_MODULES = ("alerts balancer crash devicehealth diskprediction_local influx "
+                        "insights iostat localpool mirroring nfs orchestrator osd_perf_query "
+                        "osd_support pg_autoscaler progress prometheus rbd_support restful "
+                        "selftest snap_schedule stats status telegraf telemetry test_orchestrator "
+                        "volumes zabbix")
 
 
 class ClusterError(RuntimeError):
@@ -91,6 +105,9 @@ class CephCluster:
     start_seconds: float = 0.0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: SIGKILL the daemons when the process that started them dies (PR_SET_PDEATHSIG); False
+    #: when the cluster must outlive it (the kernel scenarios' group).
+    die_with_parent: bool = True
 
     def admin(self) -> Cluster:
         """A new librados connection as client.admin (the caller shuts it down)."""
@@ -103,12 +120,21 @@ class CephCluster:
             out.append(f"--- {log.name}\n" + "\n".join(text))
         return "\n".join(out)
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        out = open(self.root / "log" / f"{name}.stdout", "wb")  # noqa: SIM115 - kept by Popen
-        self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True,
-                                            preexec_fn=_die_with_parent)
+    def daemon_argv(self, name: str) -> list[str]:
+        """The command line of daemon `name` (``mon.a``, ``mgr.x``, ``osd.N``)."""
+        kind, ident = name.split(".", 1)
+        return [f"ceph-{kind}", "-f", "-c", str(self.conf), "-i", ident]
+
+    def spawn(self, name: str) -> subprocess.Popen[bytes]:
+        """Start daemon `name` (again, e.g. an OSD that was killed), in a session of its own,
+        output appended to ``log/NAME.stdout``."""
+        out = open(self.root / "log" / f"{name}.stdout", "ab")  # noqa: SIM115 - kept by Popen
+        self.procs[name] = subprocess.Popen(
+            self.daemon_argv(name), stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent if self.die_with_parent else None)
         out.close()
+        return self.procs[name]
 
     def _check_alive(self) -> None:
         for name, p in self.procs.items():
@@ -174,6 +200,7 @@ mon_data = {root}/$name
 mgr_data = {root}/$name
 keyring = {root}/$name/keyring
 mgr_initial_modules =
+mgr_disabled_modules = {DISABLED_MGR_MODULES}
 
 [osd]
 osd_data = {root}/$name
@@ -188,10 +215,12 @@ keyring = {root}/client.admin.keyring
 """
 
 
-def start_cluster(root: Path, deadline: float = START_DEADLINE) -> CephCluster:
+def start_cluster(root: Path, deadline: float = START_DEADLINE, *,
+                  die_with_parent: bool = True) -> CephCluster:
     """Start a cluster under `root` (created; must be empty) and return it once pool `rbd`
     is initialised for RBD and all its PGs are active+clean. Raises `ClusterError` (after
-    stopping whatever it started) when a step fails or `deadline` seconds pass."""
+    stopping whatever it started) when a step fails or `deadline` seconds pass. With
+    `die_with_parent` (default) the daemons are killed when the calling process dies."""
     missing = [b for b in BINARIES if shutil.which(b) is None]
     if missing:
         raise ClusterError(f"{', '.join(missing)} not found: expected Debian's ceph-mon, "
@@ -205,7 +234,8 @@ def start_cluster(root: Path, deadline: float = START_DEADLINE) -> CephCluster:
     v2, v1 = _free_port(), _free_port()
     conf = root / "ceph.conf"
     conf.write_text(_conf_text(root, fsid, v2, v1))
-    cluster = CephCluster(root, conf, root / "client.admin.keyring")
+    cluster = CephCluster(root, conf, root / "client.admin.keyring",
+                          die_with_parent=die_with_parent)
 
     # Keys: one monitor keyring holding every entity, and each daemon's own keyring.
     everyone = {"mon.": ({"mon": "allow *"}, None),
@@ -231,8 +261,8 @@ def start_cluster(root: Path, deadline: float = START_DEADLINE) -> CephCluster:
              "monmaptool", left())
         _run(["ceph-mon", "-c", str(conf), "--mkfs", "-i", "a", "--monmap",
               str(root / "monmap"), "--keyring", str(root / "mon.keyring")], "mon mkfs", left())
-        cluster._spawn("mon.a", ["ceph-mon", "-f", "-c", str(conf), "-i", "a"])
-        cluster._spawn("mgr.x", ["ceph-mgr", "-f", "-c", str(conf), "-i", "x"])
+        cluster.spawn("mon.a")
+        cluster.spawn("mgr.x")
         admin = _connect(cluster, end)
         cluster.timings["mon up"] = time.monotonic() - t0
         try:
@@ -290,7 +320,7 @@ def _start_osds(cluster: CephCluster, admin: Cluster, end: float) -> None:
     with ThreadPoolExecutor(OSDS) as pool:
         list(pool.map(mkfs, range(OSDS)))
     for i in range(OSDS):
-        cluster._spawn(f"osd.{i}", ["ceph-osd", "-f", "-c", conf, "-i", str(i)])
+        cluster.spawn(f"osd.{i}")
     _wait(cluster, end, "3 OSDs up and in", lambda: _osds_up(admin))
 
 
@@ -299,7 +329,8 @@ def _osds_up(admin: Cluster) -> bool:
     return bool(out.get("num_up_osds") == OSDS and out.get("num_in_osds") == OSDS)
 
 
-def _all_clean(admin: Cluster) -> bool:
+def all_clean(admin: Cluster) -> bool:
+    """Every PG of the cluster is active+clean (one `status` monitor command)."""
     out, _ = admin.mon_command({"prefix": "status", "format": "json"})
     pgmap: dict[str, Any] = out.get("pgmap", {})
     states = pgmap.get("pgs_by_state", [])
@@ -308,7 +339,7 @@ def _all_clean(admin: Cluster) -> bool:
 
 
 def _wait_clean(cluster: CephCluster, admin: Cluster, end: float) -> None:
-    _wait(cluster, end, f"pool {POOL}: all PGs active+clean", lambda: _all_clean(admin))
+    _wait(cluster, end, f"pool {POOL}: all PGs active+clean", lambda: all_clean(admin))
 
 
 def _wait(cluster: CephCluster, end: float, what: str, ready: Any) -> None:
