@@ -35,16 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-MIB = 1 << 20
+from labbench import MIB, REPO, GuestDisks, boot_guest, full_image, select
 
 # (name, fio rw, block size, queue depth, dedupe_percentage or None for reads)
 WORKLOADS: tuple[tuple[str, str, str, int, int | None], ...] = (
@@ -57,20 +54,10 @@ WORKLOADS: tuple[tuple[str, str, str, int, int | None], ...] = (
     ("randread-4k-qd32", "randread", "4k", 32, None),
 )
 TARGETS = ("dedup", "raw")
-#: Seconds before the kernel (TCMU and the SCSI midlayer) gives up on a command.
-CMD_TIMEOUT = 300
 
 
 def selected(only: str | None) -> tuple[tuple[str, str, str, int, int | None], ...]:
-    """The workloads named in `only` (comma-separated; all when None)."""
-    if only is None:
-        return WORKLOADS
-    names = only.split(",")
-    unknown = set(names) - {w[0] for w in WORKLOADS}
-    if unknown:
-        raise SystemExit(f"--only: unknown workload(s) {sorted(unknown)}; expected names from "
-                         f"{[w[0] for w in WORKLOADS]}")
-    return tuple(w for w in WORKLOADS if w[0] in names)
+    return select(WORKLOADS, only)
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,20 +66,8 @@ def selected(only: str | None) -> tuple[tuple[str, str, str, int, int | None], .
 
 def guest(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "tests" / "kernel"))
-    from guestlib import (
-        DEFAULT_CONTROL,
-        Cleanup,
-        Daemon,
-        UserBackstore,
-        create_loopback_lun,
-        log,
-        run,
-        wait_for,
-        write_attr,
-    )
+    from guestlib import Cleanup, log, run, wait_for
 
-    from tcmu_py.daemon.control import query_status
-    from tcmu_py.errors import TcmuError
     from tcmu_py.handlers.dedup import create_pool, read_pool_status
 
     out: Path = args.out
@@ -103,17 +78,7 @@ def guest(args: argparse.Namespace) -> int:
     pool = work / "pool"
     create_pool(str(pool), "bench", 4 * size, None)
     image = work / "raw.img"
-    block = os.urandom(MIB)
-    with open(image, "wb") as f:  # fully allocated, like a provisioned raw image
-        for _ in range(size // MIB):
-            f.write(block)
-
-    def served(name: str) -> bool:
-        try:
-            st = query_status(run_dir, timeout=2)
-        except TcmuError:
-            return False
-        return any(d["name"] == name and not d["failed"] for d in st["devices"])
+    full_image(image, size)
 
     def fio(dev: Path, name: str, rw: str, bsz: str, qd: int, dup: int | None,
             res_json: Path, runtime: float | None = args.seconds) -> tuple[int, str, str]:
@@ -157,34 +122,9 @@ def guest(args: argparse.Namespace) -> int:
 
     runs: list[dict[str, Any]] = []
     with Cleanup() as cleanup:
-        run_dir = work / "run"
-        ready = work / "ready"
-        daemon = Daemon([sys.executable, "-m", "tcmu_py.cli", "serve", "--run-dir", str(run_dir),
-                         "--ready-file", str(ready)], out / "serve.log")
-        cleanup.callback(daemon.stop)
-        daemon.start(ready=ready.exists, timeout=300)
-        devs: dict[str, Path] = {}
-        for hba, (name, config) in enumerate(
-            (("dedup", f"dedup/pool={pool};disk=dedup0"), ("raw", f"raw/{image}")), start=1
-        ):
-            bs = UserBackstore(hba, name, config, size)
-            bs.path.mkdir(parents=True)
-            cleanup.callback(bs.remove)
-            control = {"dev_config": config, "dev_size": size, **DEFAULT_CONTROL,
-                       "hw_max_sectors": 1024, "max_data_area_mb": 64}
-            for key, value in control.items():
-                write_attr(bs.path / "control", f"{key}={value}")
-            write_attr(bs.path / "attrib" / "emulate_write_cache", 1)
-            write_attr(bs.path / "enable", 1)
-            wait_for(partial(served, name), 120, f"daemon serving {name}")
-            # A loaded, emulated guest can take longer than the default 30 s for a queue of
-            # 1 MiB writes: a benchmark measures throughput, a timeout would only fail it.
-            write_attr(bs.path / "attrib" / "cmd_time_out", CMD_TIMEOUT)
-            lun = create_loopback_lun(bs, cleanup=cleanup)
-            devs[name] = lun.wait_device("block", 180)
-            write_attr(Path("/sys/block") / devs[name].name / "device" / "timeout", CMD_TIMEOUT)
-            write_attr(Path("/sys/block") / devs[name].name / "queue" / "scheduler", "none")
-            log(f"{name}: {devs[name]}")
+        disks = GuestDisks(work, out, cleanup)
+        devs = {"dedup": disks.export("dedup", f"dedup/pool={pool};disk=dedup0", size),
+                "raw": disks.export("raw", f"raw/{image}", size)}
 
         for rep in range(args.reps):
             for wl, rw, bsz, qd, dup in selected(args.only):
@@ -254,27 +194,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def host(args: argparse.Namespace) -> int:
-    from tcmu_py import lab
-
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("runs.json", "done.json"):
-        (out / stale).unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--guest", "--out", str(out),
-           "--seconds", str(args.seconds), "--reps", str(args.reps),
-           "--size-mib", str(args.size_mib)] + ([] if args.only is None else
-                                                ["--only", args.only])
-    script = lab.guest_prelude() + f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(cmd)}\n"
-    t0 = time.monotonic()
+    guest_args = ["--seconds", str(args.seconds), "--reps", str(args.reps),
+                  "--size-mib", str(args.size_mib)] + ([] if args.only is None else
+                                                       ["--only", args.only])
     budget = 600 + args.reps * len(selected(args.only)) * len(TARGETS) * (args.seconds + 200)
-    proc = lab.run_in_vm(script, rwdirs=[out], memory="2G", timeout=budget,
-                         log=out / "console.log", cwd=REPO)
-    print(f"VM exit {proc.returncode} after {time.monotonic() - t0:.0f}s")
-    runs_file = out / "runs.json"
-    if not runs_file.exists():
-        print("no runs.json: see", out / "console.log")
+    runs = boot_guest(Path(__file__), guest_args, out, budget)
+    if runs is None:
         return 1
-    summary = summarise(json.loads(runs_file.read_text()))
+    summary = summarise(runs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for wl, row in summary.items():
         parts = [f"{t}: {v['iops']:.0f} IOPS {v['mib_s']:.1f} MiB/s ({v['runs']} runs)"

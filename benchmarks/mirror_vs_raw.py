@@ -27,16 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-MIB = 1 << 20
+from labbench import MIB, REPO, GuestDisks, boot_guest, full_image, select
+
 NBD_PORT = 10809
 
 # (name, fio rw, block size, queue depth)
@@ -51,20 +49,6 @@ WORKLOADS: tuple[tuple[str, str, str, int], ...] = (
 TARGETS = ("mirror", "raw")
 #: The issue's aims, mirror/raw: reads and writes.
 AIM_READ, AIM_WRITE = 0.9, 0.5
-#: Seconds before the kernel (TCMU and the SCSI midlayer) gives up on a command.
-CMD_TIMEOUT = 300
-
-
-def selected(only: str | None) -> tuple[tuple[str, str, str, int], ...]:
-    """The workloads named in `only` (comma-separated; all when None)."""
-    if only is None:
-        return WORKLOADS
-    names = only.split(",")
-    unknown = set(names) - {w[0] for w in WORKLOADS}
-    if unknown:
-        raise SystemExit(f"--only: unknown workload(s) {sorted(unknown)}; expected names from "
-                         f"{[w[0] for w in WORKLOADS]}")
-    return tuple(w for w in WORKLOADS if w[0] in names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,20 +59,9 @@ def guest(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "tests" / "kernel"))
     import socket
 
-    from guestlib import (
-        DEFAULT_CONTROL,
-        Cleanup,
-        Daemon,
-        UserBackstore,
-        create_loopback_lun,
-        log,
-        run,
-        wait_for,
-        write_attr,
-    )
+    from guestlib import Cleanup, Daemon, log, run
 
     from tcmu_py.daemon.control import query_status
-    from tcmu_py.errors import TcmuError
     from tcmu_py.handlers.mirror.config import encode_spec
     from tcmu_py.handlers.mirror.mirror import meta_length
 
@@ -99,10 +72,7 @@ def guest(args: argparse.Namespace) -> int:
     size = args.size_mib * MIB
     region = MIB
     image = work / "raw.img"
-    block = os.urandom(MIB)
-    with open(image, "wb") as f:  # fully allocated, like a provisioned raw image
-        for _ in range(size // MIB):
-            f.write(block)
+    full_image(image, size)
     legs = [work / "leg0.img", work / "leg1.img"]
     for leg in legs:
         with open(leg, "wb") as f:
@@ -114,13 +84,6 @@ def guest(args: argparse.Namespace) -> int:
                 return True
         except OSError:
             return False
-
-    def served(name: str) -> bool:
-        try:
-            st = query_status(run_dir, timeout=2)
-        except TcmuError:
-            return False
-        return any(d["name"] == name and not d["failed"] for d in st["devices"])
 
     def fio(dev: Path, name: str, rw: str, bsz: str, qd: int, res_json: Path,
             runtime: float | None = args.seconds) -> tuple[int, str, str]:
@@ -140,34 +103,11 @@ def guest(args: argparse.Namespace) -> int:
                       f"file={legs[1]}"], out / "nbdkit.log")
         cleanup.callback(nbd.stop)
         nbd.start(ready=listening, timeout=60)
-        run_dir = work / "run"
-        ready = work / "ready"
-        daemon = Daemon([sys.executable, "-m", "tcmu_py.cli", "serve", "--run-dir", str(run_dir),
-                         "--ready-file", str(ready)], out / "serve.log")
-        cleanup.callback(daemon.stop)
-        daemon.start(ready=ready.exists, timeout=300)
+        disks = GuestDisks(work, out, cleanup)
         spec = "|".join(encode_spec(s) for s in (str(legs[0]), f"nbd://127.0.0.1:{NBD_PORT}"))
-        devs: dict[str, Path] = {}
-        for hba, (name, config) in enumerate(
-            (("mirror", f"mirror/legs={spec};assume_clean=1;region=1M"),
-             ("raw", f"raw/{image}")), start=1
-        ):
-            bs = UserBackstore(hba, name, config, size)
-            bs.path.mkdir(parents=True)
-            cleanup.callback(bs.remove)
-            control = {"dev_config": config, "dev_size": size, **DEFAULT_CONTROL,
-                       "hw_max_sectors": 1024, "max_data_area_mb": 64}
-            for key, value in control.items():
-                write_attr(bs.path / "control", f"{key}={value}")
-            write_attr(bs.path / "attrib" / "emulate_write_cache", 1)
-            write_attr(bs.path / "enable", 1)
-            wait_for(partial(served, name), 120, f"daemon serving {name}")
-            write_attr(bs.path / "attrib" / "cmd_time_out", CMD_TIMEOUT)
-            lun = create_loopback_lun(bs, cleanup=cleanup)
-            devs[name] = lun.wait_device("block", 180)
-            write_attr(Path("/sys/block") / devs[name].name / "device" / "timeout", CMD_TIMEOUT)
-            write_attr(Path("/sys/block") / devs[name].name / "queue" / "scheduler", "none")
-            log(f"{name}: {devs[name]}")
+        devs = {"mirror": disks.export("mirror", f"mirror/legs={spec};assume_clean=1;region=1M",
+                                       size),
+                "raw": disks.export("raw", f"raw/{image}", size)}
         t0 = time.monotonic()
         code, _, err = fio(devs["mirror"], "fill", "write", "1M", 8, work / "fill.json",
                            runtime=None)
@@ -175,7 +115,7 @@ def guest(args: argparse.Namespace) -> int:
         log(f"mirror filled in {time.monotonic() - t0:.1f}s")
 
         for rep in range(args.reps):
-            for wl, rw, bsz, qd in selected(args.only):
+            for wl, rw, bsz, qd in select(WORKLOADS, args.only):
                 for target in TARGETS:
                     rec: dict[str, Any] = {"rep": rep, "workload": wl, "target": target,
                                            "loadavg": Path("/proc/loadavg").read_text().split()[0]}
@@ -194,7 +134,7 @@ def guest(args: argparse.Namespace) -> int:
                     log(f"rep {rep} {wl} {target}: {rec.get('iops', 0):.0f} IOPS "
                         f"{rec.get('bw_bytes', 0) / MIB:.1f} MiB/s")
         # The legs hold the same data after all of it (quorum all, no leg lost).
-        st = query_status(run_dir, timeout=30)
+        st = query_status(disks.run_dir, timeout=30)
         (m,) = [m for m in st["mirrors"] if m["device"] == "mirror"]
         legs_ok = [leg["state"] for leg in m["legs"]]
     (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
@@ -230,27 +170,16 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def host(args: argparse.Namespace) -> int:
-    from tcmu_py import lab
-
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("runs.json", "done.json"):
-        (out / stale).unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--guest", "--out", str(out),
-           "--seconds", str(args.seconds), "--reps", str(args.reps),
-           "--size-mib", str(args.size_mib)] + ([] if args.only is None else
-                                                ["--only", args.only])
-    script = lab.guest_prelude() + f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(cmd)}\n"
-    t0 = time.monotonic()
-    budget = 900 + args.reps * len(selected(args.only)) * len(TARGETS) * (args.seconds + 200)
-    proc = lab.run_in_vm(script, rwdirs=[out], memory="2G", timeout=budget,
-                         log=out / "console.log", cwd=REPO)
-    print(f"VM exit {proc.returncode} after {time.monotonic() - t0:.0f}s")
-    runs_file = out / "runs.json"
-    if not runs_file.exists():
-        print("no runs.json: see", out / "console.log")
+    guest_args = ["--seconds", str(args.seconds), "--reps", str(args.reps),
+                  "--size-mib", str(args.size_mib)] + ([] if args.only is None else
+                                                       ["--only", args.only])
+    budget = 900 + args.reps * len(select(WORKLOADS, args.only)) * len(TARGETS) * (
+        args.seconds + 200)
+    runs = boot_guest(Path(__file__), guest_args, out, budget)
+    if runs is None:
         return 1
-    summary = summarise(json.loads(runs_file.read_text()))
+    summary = summarise(runs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for wl, row in summary.items():
         parts = [f"{t}: {v['iops']:.0f} IOPS {v['mib_s']:.1f} MiB/s ({v['runs']} runs)"

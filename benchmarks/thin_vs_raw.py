@@ -28,16 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
-import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-MIB = 1 << 20
+from labbench import MIB, REPO, GuestDisks, boot_guest, full_image
 
 # (name, fio rw, block size, queue depth)
 WORKLOADS = (
@@ -52,20 +48,8 @@ WORKLOADS = (
 
 def guest(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "tests" / "kernel"))
-    from guestlib import (
-        DEFAULT_CONTROL,
-        Cleanup,
-        Daemon,
-        UserBackstore,
-        create_loopback_lun,
-        log,
-        run,
-        wait_for,
-        write_attr,
-    )
+    from guestlib import Cleanup, log, run
 
-    from tcmu_py.daemon.control import query_status
-    from tcmu_py.errors import TcmuError
     from tcmu_py.handlers.thin import create_pool, read_pool_status
 
     out: Path = args.out
@@ -76,44 +60,13 @@ def guest(args: argparse.Namespace) -> int:
     pool = work / "pool"
     create_pool(str(pool), "bench", 2 * size, None)
     image = work / "raw.img"
-    block = os.urandom(MIB)
-    with open(image, "wb") as f:  # fully allocated, like a provisioned raw image
-        for _ in range(size // MIB):
-            f.write(block)
-
-    def served(name: str) -> bool:
-        try:
-            st = query_status(run_dir, timeout=2)
-        except TcmuError:
-            return False
-        return any(d["name"] == name and not d["failed"] for d in st["devices"])
+    full_image(image, size)
 
     runs: list[dict[str, Any]] = []
     with Cleanup() as cleanup:
-        run_dir = work / "run"
-        ready = work / "ready"
-        daemon = Daemon([sys.executable, "-m", "tcmu_py.cli", "serve", "--run-dir", str(run_dir),
-                         "--ready-file", str(ready)], out / "serve.log")
-        cleanup.callback(daemon.stop)
-        daemon.start(ready=ready.exists, timeout=300)
-        devs: dict[str, Path] = {}
-        for hba, (name, config) in enumerate(
-            (("thin0", f"thin/pool={pool};disk=thin0"), ("raw0", f"raw/{image}")), start=1
-        ):
-            bs = UserBackstore(hba, name, config, size)
-            bs.path.mkdir(parents=True)
-            cleanup.callback(bs.remove)
-            control = {"dev_config": config, "dev_size": size, **DEFAULT_CONTROL,
-                       "hw_max_sectors": 1024, "max_data_area_mb": 64}
-            for key, value in control.items():
-                write_attr(bs.path / "control", f"{key}={value}")
-            write_attr(bs.path / "attrib" / "emulate_write_cache", 1)
-            write_attr(bs.path / "enable", 1)
-            wait_for(partial(served, name), 120, f"daemon serving {name}")
-            lun = create_loopback_lun(bs, cleanup=cleanup)
-            devs[name] = lun.wait_device("block", 180)
-            write_attr(Path("/sys/block") / devs[name].name / "queue" / "scheduler", "none")
-            log(f"{name}: {devs[name]}")
+        disks = GuestDisks(work, out, cleanup)
+        devs = {"thin0": disks.export("thin0", f"thin/pool={pool};disk=thin0", size),
+                "raw0": disks.export("raw0", f"raw/{image}", size)}
 
         plan = (("thin-fresh", devs["thin0"]), ("raw", devs["raw0"]),
                 ("thin-mapped", devs["thin0"]))
@@ -180,26 +133,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def host(args: argparse.Namespace) -> int:
-    from tcmu_py import lab
-
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("runs.json", "done.json"):
-        (out / stale).unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--guest", "--out", str(out),
-           "--seconds", str(args.seconds), "--reps", str(args.reps),
-           "--size-mib", str(args.size_mib)]
-    script = lab.guest_prelude() + f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(cmd)}\n"
-    t0 = time.monotonic()
+    guest_args = ["--seconds", str(args.seconds), "--reps", str(args.reps),
+                  "--size-mib", str(args.size_mib)]
     budget = 600 + args.reps * len(WORKLOADS) * 3 * (args.seconds + 120)
-    proc = lab.run_in_vm(script, rwdirs=[out], memory="2G", timeout=budget,
-                         log=out / "console.log", cwd=REPO)
-    print(f"VM exit {proc.returncode} after {time.monotonic() - t0:.0f}s")
-    runs_file = out / "runs.json"
-    if not runs_file.exists():
-        print("no runs.json: see", out / "console.log")
+    runs = boot_guest(Path(__file__), guest_args, args.out.resolve(), budget)
+    if runs is None:
         return 1
-    summary = summarise(json.loads(runs_file.read_text()))
+    out = args.out.resolve()
+    summary = summarise(runs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for wl, row in summary.items():
         parts = [f"{t}: {v['iops']:.0f} IOPS {v['mib_s']:.1f} MiB/s ({v['runs']} runs)"

@@ -1,0 +1,142 @@
+"""What the "<handler> vs raw" benchmarks share (`dedup_vs_raw`, `mirror_vs_raw`, `thin_vs_raw`):
+one lab VM boot runs the benchmark script again inside with ``--guest``; there one
+`tcmu-py serve` serves the disks under test, exported through tcm_loop.
+
+Host side: `boot_guest`. Guest side (import inside the guest only: it uses tests/kernel's
+guestlib): `full_image`, `GuestDisks`. Workload selection: `select`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+#: Seconds before the kernel (TCMU and the SCSI midlayer) gives up on a command: a loaded,
+#: emulated guest can take longer than the default 30 s for a queue of 1 MiB writes; a
+#: benchmark measures throughput, a timeout would only fail it.
+CMD_TIMEOUT = 300
+
+W = TypeVar("W", bound=tuple[Any, ...])
+
+
+def select(workloads: Sequence[W], only: str | None) -> tuple[W, ...]:
+    """The workloads (tuples named by their first item) listed in `only` (comma-separated;
+    all when None). SystemExit naming the known ones for an unknown name."""
+    if only is None:
+        return tuple(workloads)
+    names = only.split(",")
+    unknown = set(names) - {w[0] for w in workloads}
+    if unknown:
+        raise SystemExit(f"--only: unknown workload(s) {sorted(unknown)}; expected names from "
+                         f"{[w[0] for w in workloads]}")
+    return tuple(w for w in workloads if w[0] in names)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+
+
+def boot_guest(script: Path, guest_args: Sequence[str], out: Path, timeout: float) -> Any:
+    """Boot the lab kernel once and run ``script --guest --out OUT *guest_args`` inside (OUT
+    writable, stale ``runs.json``/``done.json`` removed first). Returns the parsed
+    ``OUT/runs.json``, or None (after saying where to look) when the guest wrote none."""
+    from tcmu_py import lab
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("runs.json", "done.json"):
+        (out / stale).unlink(missing_ok=True)
+    cmd = [sys.executable, str(script.resolve()), "--guest", "--out", str(out), *guest_args]
+    shell = lab.guest_prelude() + f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(cmd)}\n"
+    t0 = time.monotonic()
+    proc = lab.run_in_vm(shell, rwdirs=[out], memory="2G", timeout=timeout,
+                         log=out / "console.log", cwd=REPO)
+    print(f"VM exit {proc.returncode} after {time.monotonic() - t0:.0f}s")
+    runs_file = out / "runs.json"
+    if not runs_file.exists():
+        print("no runs.json: see", out / "console.log")
+        return None
+    return json.loads(runs_file.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Guest side
+
+
+def full_image(path: Path, size: int) -> None:
+    """A raw image of `size` bytes (a multiple of 1 MiB) written whole with random data:
+    fully allocated, like a provisioned one."""
+    block = os.urandom(MIB)
+    with open(path, "wb") as f:
+        for _ in range(size // MIB):
+            f.write(block)
+
+
+class GuestDisks:
+    """One `tcmu-py serve` (run dir under `work`, log ``OUT/serve.log``) and the disks it
+    serves, each exported through tcm_loop with the benchmarks' settings: WCE=1
+    (``emulate_write_cache``), 512 KiB commands, a 64 MiB data area, `CMD_TIMEOUT`, I/O
+    scheduler "none". Everything is removed, and the daemon stopped, by `cleanup`
+    (guestlib's `Cleanup`)."""
+
+    def __init__(self, work: Path, out: Path, cleanup: Any) -> None:
+        sys.path.insert(0, str(REPO / "tests" / "kernel"))
+        from guestlib import Daemon
+
+        self.cleanup = cleanup
+        self.run_dir = work / "run"
+        ready = work / "ready"
+        daemon = Daemon([sys.executable, "-m", "tcmu_py.cli", "serve", "--run-dir",
+                         str(self.run_dir), "--ready-file", str(ready)], out / "serve.log")
+        cleanup.callback(daemon.stop)
+        daemon.start(ready=ready.exists, timeout=300)
+        self._hba = 0
+
+    def served(self, name: str) -> bool:
+        """Whether the daemon serves device `name` (and it did not fail to open)."""
+        from tcmu_py.daemon.control import query_status
+        from tcmu_py.errors import TcmuError
+
+        try:
+            st = query_status(self.run_dir, timeout=2)
+        except TcmuError:
+            return False
+        return any(d["name"] == name and not d["failed"] for d in st["devices"])
+
+    def export(self, name: str, config: str, size: int) -> Path:
+        """Create backstore `name` (dev_config `config`, `size` bytes), wait until the daemon
+        serves it, export it on a tcm_loop LUN; returns its block device."""
+        from guestlib import (
+            DEFAULT_CONTROL,
+            UserBackstore,
+            create_loopback_lun,
+            log,
+            wait_for,
+            write_attr,
+        )
+
+        self._hba += 1
+        bs = UserBackstore(self._hba, name, config, size)
+        bs.path.mkdir(parents=True)
+        self.cleanup.callback(bs.remove)
+        control = {"dev_config": config, "dev_size": size, **DEFAULT_CONTROL,
+                   "hw_max_sectors": 1024, "max_data_area_mb": 64}
+        for key, value in control.items():
+            write_attr(bs.path / "control", f"{key}={value}")
+        write_attr(bs.path / "attrib" / "emulate_write_cache", 1)
+        write_attr(bs.path / "enable", 1)
+        wait_for(lambda: self.served(name), 120, f"daemon serving {name}")
+        write_attr(bs.path / "attrib" / "cmd_time_out", CMD_TIMEOUT)
+        lun = create_loopback_lun(bs, cleanup=self.cleanup)
+        dev: Path = lun.wait_device("block", 180)
+        write_attr(Path("/sys/block") / dev.name / "device" / "timeout", CMD_TIMEOUT)
+        write_attr(Path("/sys/block") / dev.name / "queue" / "scheduler", "none")
+        log(f"{name}: {dev}")
+        return dev
