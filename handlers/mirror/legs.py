@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import stat
 import threading
-from collections.abc import Iterator
 from typing import Protocol
 
 from tcmu_py.errors import ConfigError
@@ -119,83 +117,47 @@ class FileLeg:
             os.close(self.fd)
 
 
-#: Connections an NBD leg opens when the server offers multi-conn. libnbd runs one synchronous
-#: command per handle at a time (its handle lock is held until the reply: measured, 8 reads of a
-#: 100 ms server on one handle took 0.81 s), so this is how many commands a leg has on the wire.
-NBD_CONNECTIONS = 4
-
-
 class NbdLeg:
-    """An NBD export through libnbd. Its size must hold the data and the metadata.
-
-    When the server advertises multi-conn (NBD_FLAG_CAN_MULTI_CONN: every connection sees the
-    writes completed on the others, and a flush on one makes all of them durable, NBD protocol
-    "Multi-conn") the leg opens `NBD_CONNECTIONS` of them and runs each command on an idle
-    one; otherwise one connection carries every command, one at a time."""
+    """An NBD export through libnbd. Its size must hold the data and the metadata."""
 
     def __init__(self, uri: str, size: int) -> None:
         self.spec = uri
-        first = connect(uri)
-        self._clients: list[NbdClient] = [first]
+        self.client: NbdClient = connect(uri)
         try:
-            if first.is_read_only():
+            if self.client.is_read_only():
                 raise ConfigError(f"mirror: leg {uri}: the server exports it read-only")
-            total = first.get_size()
+            total = self.client.get_size()
             if total < size:
                 raise ConfigError(f"mirror: leg {uri}: export of {total} bytes; expected at "
                                   f"least {size} (data and metadata)")
             self.size = total - total % 4096
-            self.can_fua = first.can_fua()
-            self._can_flush = first.can_flush()
-            if first.can_multi_conn():
-                self._clients += [connect(uri) for _ in range(NBD_CONNECTIONS - 1)]
+            self.can_fua = self.client.can_fua()
+            self._can_flush = self.client.can_flush()
         except BaseException:
-            for c in self._clients:
-                c.close()
+            self.client.close()
             raise
-        self._idle: queue.SimpleQueue[NbdClient] = queue.SimpleQueue()
-        for c in self._clients:
-            self._idle.put(c)
         self._lock = threading.Lock()
 
-    @property
-    def connections(self) -> int:
-        return len(self._clients)
-
-    @contextlib.contextmanager
-    def _client(self) -> Iterator[NbdClient]:
-        c = self._idle.get()
-        try:
-            yield c
-        finally:
-            self._idle.put(c)
-
     def read(self, offset: int, buf: memoryview) -> None:
-        with self._client() as c:
-            c.pread(buf, offset)
+        self.client.pread(buf, offset)
 
     def write(self, offset: int, buf: memoryview | bytes, fua: bool = False) -> None:
         if fua and not self.can_fua:
-            with self._client() as c:
-                c.pwrite(buf, offset)
+            self.client.pwrite(buf, offset)
             self.flush()
         else:
-            with self._client() as c:
-                c.pwrite(buf, offset, fua=fua)
+            self.client.pwrite(buf, offset, fua=fua)
 
     def flush(self) -> None:
         # A server that offers no flush writes through (NBD protocol: NBD_FLAG_SEND_FLUSH).
-        # With multi-conn, a flush on any connection covers writes completed on all of them.
         if self._can_flush:
-            with self._client() as c:
-                c.flush()
+            self.client.flush()
 
     def close(self) -> None:
         with self._lock:
-            for c in self._clients:
-                with contextlib.suppress(OSError):  # a server gone already needs no goodbye
-                    c.shutdown()
-                c.close()
+            with contextlib.suppress(OSError):  # a server gone already needs no goodbye
+                self.client.shutdown()
+            self.client.close()
 
 
 def open_leg(spec: str, size: int) -> Leg:

@@ -17,13 +17,9 @@ class NbdkitServer:
     """``nbdkit --foreground memory SIZE`` serving ``nbd+unix:///?socket=<dir>/<name>.sock``;
     `stop` kills it (the leg's failure), `start` brings it back (empty: a memory export)."""
 
-    def __init__(self, directory: Path, name: str, size: int,
-                 filters: tuple[str, ...] = ()) -> None:
-        """`filters`: nbdkit arguments before the plugin (``--filter=delay``), and their
-        ``key=value`` parameters after it (``rdelay=1``)."""
+    def __init__(self, directory: Path, name: str, size: int) -> None:
         self.sock = str(directory / f"{name}.sock")
         self.size = size
-        self.filters = filters
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -36,9 +32,8 @@ class NbdkitServer:
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.proc = subprocess.Popen(
-            [nbdkit, "--foreground", "--exit-with-parent", "-U", self.sock,
-             *(f for f in self.filters if f.startswith("--")), "memory", str(self.size),
-             *(f for f in self.filters if not f.startswith("--"))], stdin=subprocess.DEVNULL)
+            [nbdkit, "--foreground", "--exit-with-parent", "-U", self.sock, "memory",
+             str(self.size)], stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_DEADLINE
         while not os.path.exists(self.sock):  # nbdkit creates the socket once it listens
             assert self.proc.poll() is None, f"nbdkit exited: {self.proc.returncode}"
