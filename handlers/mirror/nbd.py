@@ -139,19 +139,32 @@ class NbdClient:
         """Fill all of the writable `buf` from `offset`."""
         if len(buf) == 0:
             return
-        c = _ffi.from_buffer(buf, require_writable=True)
-        self._check(f"pread {len(buf)}@{offset}",
-                    self._handle_call(self._lib.nbd_pread, c, len(buf), offset, 0))
+        rc = self._with_buffer(buf, True, lambda c: self._handle_call(
+            self._lib.nbd_pread, c, len(buf), offset, 0))
+        self._check(f"pread {len(buf)}@{offset}", rc)
 
     def pwrite(self, buf: memoryview | bytes | bytearray, offset: int, fua: bool = False) -> None:
         """Write all of `buf` at `offset`; with `fua` durable on return (the server must
         `can_fua`: libnbd refuses the flag otherwise)."""
         if len(buf) == 0:
             return
-        c = _ffi.from_buffer(buf)
         flags = CMD_FLAG_FUA if fua else 0
-        self._check(f"pwrite {len(buf)}@{offset}",
-                    self._handle_call(self._lib.nbd_pwrite, c, len(buf), offset, flags))
+        rc = self._with_buffer(buf, False, lambda c: self._handle_call(
+            self._lib.nbd_pwrite, c, len(buf), offset, flags))
+        self._check(f"pwrite {len(buf)}@{offset}", rc)
+
+    @staticmethod
+    def _with_buffer(buf: Any, writable: bool, call: Any) -> int:
+        """``call(c)`` with `c` a cffi view of `buf`, released before returning or raising:
+        the caller's buffer is never left exported. (An error raised while the view lived
+        would keep it, through its traceback's frames, for as long as the exception lives;
+        if that ends in a reference cycle, the collector may clear the exported memoryview
+        first: BufferError, then a crash.)"""
+        c = _ffi.from_buffer(buf, require_writable=writable)
+        try:
+            return int(call(c))
+        finally:
+            _ffi.release(c)
 
     def flush(self) -> None:
         self._check("flush", self._handle_call(self._lib.nbd_flush, 0))

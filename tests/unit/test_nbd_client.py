@@ -71,3 +71,35 @@ def test_server_killed_mid_session_is_an_error_not_a_hang(server: NbdkitServer) 
             c.pwrite(b"y" * 512, 0)
     finally:
         c.close()
+
+
+def test_a_failed_command_leaves_no_buffer_exported(server: NbdkitServer) -> None:
+    """A command that fails must not keep the caller's buffer exported: its exception (and
+    the frames of its traceback, which hold the buffer) may end in a reference cycle, and the
+    cycle collector clearing an exported memoryview is a BufferError, then a crash (seen in
+    the daemon as "Exception ignored in tp_clear of memoryview")."""
+    import gc
+    import sys
+
+    seen: list[BaseException | None] = []
+    old = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(u.exc_value)
+    try:
+        c = nbd.connect(server.uri)
+        server.stop()
+        for _ in range(20):
+            for call in (lambda b: c.pread(b, 0), lambda b: c.pwrite(b, 0)):
+                view = memoryview(bytearray(4096))
+                try:
+                    call(view)
+                except nbd.NbdError as exc:
+                    cycle: list[object] = [exc]
+                    cycle.append(cycle)
+                else:
+                    raise AssertionError("a command to a dead server succeeded")
+                del view, cycle
+            gc.collect()
+        c.close()
+    finally:
+        sys.unraisablehook = old
+    assert not [e for e in seen if isinstance(e, BufferError)], seen
