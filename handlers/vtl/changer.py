@@ -40,10 +40,12 @@ from tcmu_py.errors import ConfigError
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl.changer_personality import (
     CHANGER_PERSONALITIES,
+    ChangerPersonality,
     stk_media_bytes,
     stk_transport_bytes,
 )
 from tcmu_py.handlers.vtl.library import Library, LibraryStateError, Occupant, medium_type_for
+from tcmu_py.handlers.vtl.personality import personality
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import smc, spc
 from tcmu_py.scsi.constants import CodeSet, DesignatorType, Opcode, PeripheralType
@@ -238,7 +240,7 @@ class Changer(ScsiDevice):
         ][: req.number_of_elements]
         contents = lib.contents()
         ident_len = self._identifier_length() if req.dvcid else 0
-        pers = CHANGER_PERSONALITIES.get(lib.personality or "")
+        pers = self._personality()
         vendor_len = 4 if pers and pers.stk_media_bytes else 0
         pages = []
         for etype, run in groupby(chosen, key=lib.element_type):
@@ -297,10 +299,12 @@ class Changer(ScsiDevice):
             vendor_specific=vendor,
         )
 
+    def _personality(self) -> ChangerPersonality | None:
+        """The library's changer personality (None: created before personalities existed)."""
+        return CHANGER_PERSONALITIES.get(self.library.personality or "")
+
     def _drive_key(self, drive_index: int) -> str:
         """The drive personality key of a drive ("" for a model the table does not know)."""
-        from tcmu_py.handlers.vtl.personality import personality
-
         try:
             return personality(self.library.drive_model(drive_index)).key
         except ConfigError:  # an unknown model has no transport type code
@@ -325,7 +329,7 @@ class Changer(ScsiDevice):
         longest identifier, and at least the personality's identifier field (StorageTek
         libraries pad the drive serial to 32 bytes)."""
         lengths = [len(self._identifier(i)) for i in range(self.library.drive_count)]
-        pers = CHANGER_PERSONALITIES.get(self.library.personality or "")
+        pers = self._personality()
         floor = pers.identifier_length if pers and lengths else 0
         return max(lengths + [floor], default=0)
 
@@ -364,8 +368,6 @@ class Changer(ScsiDevice):
 def _drive_identity(model: str) -> tuple[str, str]:
     """INQUIRY vendor and product of a drive model, as the drive LUN reports them."""
     try:
-        from tcmu_py.handlers.vtl.personality import personality
-
         p = personality(model)
         return p.vendor, p.product
     except Exception:  # noqa: BLE001 - an unknown model still gets an identifier

@@ -74,6 +74,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from tcmu_py.errors import ConfigError
+from tcmu_py.handlers.vtl.personality import MediumKind, parse_barcode
 from tcmu_py.scsi.smc import ElementType
 
 __all__ = [
@@ -135,13 +136,12 @@ DEFAULT_CHANGER_PERSONALITY = CHANGER_PERSONALITIES["tcmu-py"]
 STK_TRANSPORT_TYPE: Mapping[str, int] = MappingProxyType({
     "HP-LTO5": 0x3B, "HP-LTO6": 0x3D, "IBM-LTO6": 0x3E, "IBM-LTO7": 0x2D,
 })
-_WORM_LETTER = {3: "T", 4: "U", 5: "V", 6: "W", 7: "X", 8: "Y", 9: "Z"}
 
 
 def stk_media_bytes(barcode: str | None) -> bytes:
-    """MEDIA DOMAIN and MEDIA TYPE of a StorageTek element holding `barcode` (None: empty)."""
-    from tcmu_py.handlers.vtl.personality import MediumKind, parse_barcode
-
+    """MEDIA DOMAIN and MEDIA TYPE of a StorageTek element holding `barcode` (None: empty):
+    the LTO label's last two characters (``L8``, WORM ``LY``), ``CU`` for a cleaning cartridge,
+    FFFFh when empty or not an LTO label."""
     if barcode is None:
         return b"\xff\xff"
     try:
@@ -150,10 +150,8 @@ def stk_media_bytes(barcode: str | None) -> bytes:
         return b"\xff\xff"
     if media.kind is MediumKind.CLEANING:
         return b"CU"
-    assert media.generation is not None
-    if media.kind is MediumKind.WORM:
-        return b"L" + _WORM_LETTER[media.generation].encode()
-    return b"L" + str(media.generation).encode()
+    # parse_barcode accepted the label: it ends in "L" and the generation's digit or WORM letter
+    return barcode.strip().upper()[-2:].encode()
 
 
 def stk_transport_bytes(drive_key: str) -> bytes:
