@@ -499,6 +499,18 @@ def serve_config(ctx: Context, cfg: Path, timeout: float = 240) -> tuple[Daemon,
     return d, run_dir
 
 
+def loopback_disk_of_size(size: int) -> Path | None:
+    """/dev/sdX of a tcm_loop LUN of ``size`` bytes, once sd bound it (for disks whose NAA is
+    not ours to choose, e.g. tcmu-runner's or a restored one: scenarios give them distinct
+    sizes)."""
+    for dev in Path("/sys/block").glob("sd*"):
+        if ("tcm_loop_adapter" in os.path.realpath(dev / "device")
+                and int((dev / "size").read_text()) * 512 == size
+                and (Path("/dev") / dev.name).exists()):
+            return Path("/dev") / dev.name
+    return None
+
+
 def disk_by_wwn(wwn: str) -> Path | None:
     """/dev/sdX whose VPD 83h NAA designator is ``wwn`` (sysfs ``wwid``), once sd bound it."""
     for dev in Path("/sys/block").glob("sd*"):

@@ -43,6 +43,7 @@ from guestlib import (
     group_teardown,
     have,
     log,
+    loopback_disk_of_size,
     run,
     scenario,
     tcmu_py,
@@ -294,14 +295,6 @@ def _dd_read(ctx: Context, dev: Path, offset: int, length: int) -> bytes:
     return back.read_bytes()
 
 
-def _sd_of_size(size: int) -> Path | None:
-    """The tcm_loop sd disk of ``size`` bytes (tcmu-runner's disk: its NAA is its own)."""
-    for dev in Path("/sys/block").glob("sd*"):
-        if ("tcm_loop_adapter" in os.path.realpath(dev / "device")
-                and int((dev / "size").read_text()) * 512 == size
-                and (Path("/dev") / dev.name).exists()):
-            return Path("/dev") / dev.name
-    return None
 
 
 def _kill_if_running(proc: subprocess.Popen[bytes]) -> None:
@@ -423,7 +416,8 @@ def runner_interop(ctx: Context) -> None:
 
     wait_for(runner_opened, ctx.remaining(60), f"tcmu-runner to open {uio}")
     lun = create_loopback_lun(bs, cleanup=ctx.cleanup)
-    rdev = wait_for(lambda: _sd_of_size(size), ctx.remaining(180), "tcmu-runner's rbd disk")
+    rdev = wait_for(lambda: loopback_disk_of_size(size), ctx.remaining(180),
+                    "tcmu-runner's rbd disk")
     assert _dd_read(ctx, rdev, a_off, len(first)) == first, \
         "tcmu-runner reads something else than what tcmu-py wrote"
     _dd_write(ctx, rdev, b_off, second)

@@ -32,7 +32,17 @@ import sys
 import time
 from pathlib import Path
 
-from guestlib import CORE, Context, Daemon, have, log, run, scenario, wait_for
+from guestlib import (
+    CORE,
+    Context,
+    Daemon,
+    have,
+    log,
+    loopback_disk_of_size,
+    run,
+    scenario,
+    wait_for,
+)
 
 from scenarios.targetcli_dbus import (
     MIB,
@@ -75,13 +85,6 @@ def _mount(ctx: Context, fresh: bool) -> None:
     ctx.cleanup.callback(lambda: run(["umount", "-l", str(conf)], timeout=60, check=False))
 
 
-def _loopback_disk() -> Path | None:
-    for dev in Path("/sys/block").glob("sd*"):
-        if ("tcm_loop_adapter" in os.path.realpath(dev / "device")
-                and int((dev / "size").read_text()) * 512 == SIZE
-                and (Path("/dev") / dev.name).exists()):
-            return Path("/dev") / dev.name
-    return None
 
 
 @scenario(timeout=400, own_boot=True)
@@ -104,7 +107,8 @@ def before_reboot(ctx: Context) -> None:
     ctx.details["session"] = out.stdout + out.stderr
     status = wait_for(lambda: serve_status(ctx), ctx.remaining(30), "the activated tcmu-py")
     assert [d["name"] for d in status["devices"]] == ["d0"], status
-    dev = wait_for(_loopback_disk, ctx.remaining(60), "the sd disk of the loopback LUN")
+    dev = wait_for(lambda: loopback_disk_of_size(SIZE), ctx.remaining(60),
+                   "the sd disk of the loopback LUN")
     pattern = os.urandom(MIB)
     src = ctx.workdir / "pattern"
     src.write_bytes(pattern)
@@ -182,7 +186,8 @@ def after_reboot(ctx: Context) -> None:
     status = wait_for(lambda: serve_status(ctx), ctx.remaining(30), "tcmu-py's status")
     served = {d["name"]: d for d in status["devices"]}
     assert "d0" in served and not served["d0"]["failed"], status
-    dev = wait_for(_loopback_disk, ctx.remaining(60), "the sd disk of the restored LUN")
+    dev = wait_for(lambda: loopback_disk_of_size(SIZE), ctx.remaining(60),
+                   "the sd disk of the restored LUN")
     back = ctx.workdir / "back"
     run(["dd", f"if={dev}", f"of={back}", "bs=64k", f"skip={SEEK}", "count=16", "iflag=direct",
          "status=none"], timeout=ctx.remaining(60))

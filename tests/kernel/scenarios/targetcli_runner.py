@@ -28,7 +28,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guestlib import CORE, Context, Daemon, have, log, run, scenario, tcmu_py, wait_for
+from guestlib import (
+    CORE,
+    Context,
+    Daemon,
+    have,
+    log,
+    loopback_disk_of_size,
+    run,
+    scenario,
+    tcmu_py,
+    wait_for,
+)
 
 from scenarios.targetcli_dbus import MIB, install_system, system_bus
 
@@ -90,14 +101,6 @@ def _lun_disks(vendor_type: str) -> list[str]:
     return [line for line in out.splitlines() if vendor_type in line and "LIO-ORG" in line]
 
 
-def _sd_of_size(size: int) -> Path | None:
-    """The tcm_loop sd disk of ``size`` bytes (each scenario gives its raw disk its own size)."""
-    for dev in Path("/sys/block").glob("sd*"):
-        if ("tcm_loop_adapter" in os.path.realpath(dev / "device")
-                and int((dev / "size").read_text()) * 512 == size
-                and (Path("/dev") / dev.name).exists()):
-            return Path("/dev") / dev.name
-    return None
 
 
 def _pattern_round_trip(ctx: Context, dev: Path, image: Path) -> None:
@@ -180,7 +183,8 @@ def runner_first(ctx: Context) -> None:
     # CheckConfig as tcmu-runner forwards it to tcmu-py: the raw handler's own message.
     assert RAW_BAD in session, session
     assert list(CORE.glob("user_*/r0")) and list(CORE.glob("user_*/cd0")), session
-    dev = wait_for(lambda: _sd_of_size(32 * MIB), ctx.remaining(60), "the sd disk of r0")
+    dev = wait_for(lambda: loopback_disk_of_size(32 * MIB), ctx.remaining(60),
+                   "the sd disk of r0")
     _pattern_round_trip(ctx, dev, image)
     cds = wait_for(lambda: _lun_disks("cd/dvd"), ctx.remaining(60), "tcmu-runner's fbo LUN")
     ctx.details["fbo"] = cds
@@ -247,7 +251,8 @@ def tcmu_py_first(ctx: Context) -> None:
         else "refused")
     ctx.details["session_seconds"] = round(time.monotonic() - t0, 1)
     assert list(CORE.glob("user_*/p0")), session
-    dev = wait_for(lambda: _sd_of_size(48 * MIB), ctx.remaining(60), "the sd disk of p0")
+    dev = wait_for(lambda: loopback_disk_of_size(48 * MIB), ctx.remaining(60),
+                   "the sd disk of p0")
     _pattern_round_trip(ctx, dev, image)
     if not list(CORE.glob("user_*/p1")):  # refused by tcmu-runner's -ENOENT: nothing to delete
         teardown = teardown[:2]
