@@ -189,16 +189,20 @@ def boot_scenarios(names: list[str], results: Path, *, budget: float = DEFAULT_B
 #: order (/dev/vda, /dev/vdb, /dev/vdc; each scenario module names its own): sparse sizes.
 POWER_LOSS_DISKS = (("dedup-disk.img", 512 << 20),     # vda: dedup_reboot (the pool, ext4)
                     ("restore-disk.img", 512 << 20),   # vdb: targetcli_restore (64 MiB image)
-                    ("library-disk.img", 1 << 30))     # vdc: vtl_reboot (a few tens of MiB)
-#: The three power-loss tests in three boots instead of two each. Two "before" halves leave work
-#: in flight for the cut (a tape drive's unterminated blocks; fio on the dedup disk), each with
-#: its own `tcmu-py serve`; two daemons in one boot would both claim every device of the
-#: subtypes they serve, so a boot holds one cut. Each boot runs its scenarios in registry order
-#: and the one that ends it (``sysrq b``) must come last (checked); targetcli's saveconfig half
-#: ends normally (it syncs) and the reset that follows in the same boot is its reboot.
+                    ("library-disk.img", 1 << 30),     # vdc: vtl_reboot (a few tens of MiB)
+                    ("mirror-disk.img", 512 << 20))    # vdd: mirror_reboot (3 leg images)
+#: The four power-loss tests in four boots instead of two each. Three "before" halves leave work
+#: in flight for the cut (a tape drive's unterminated blocks; fio on the dedup disk and on the
+#: mirror), each with its own `tcmu-py serve`; two daemons in one boot would both claim every
+#: device of the subtypes they serve, so a boot holds one cut. Each boot runs its scenarios in
+#: registry order and the one that ends it (``sysrq b``) must come last (checked); targetcli's
+#: saveconfig half ends normally (it syncs) and the reset that follows in the same boot is its
+#: reboot.
 POWER_LOSS_CHAIN: tuple[tuple[tuple[str, ...], str | None], ...] = (
     (("dedup_reboot.before_power_loss",), "dedup_reboot.before_power_loss"),
-    (("dedup_reboot.after_power_loss", "targetcli_restore.before_reboot",
+    (("dedup_reboot.after_power_loss", "mirror_reboot.before_power_loss"),
+     "mirror_reboot.before_power_loss"),
+    (("mirror_reboot.after_power_loss", "targetcli_restore.before_reboot",
       "vtl_reboot.before_power_loss"), "vtl_reboot.before_power_loss"),
     (("targetcli_restore.after_reboot", "vtl_reboot.after_power_loss"), None),
 )
@@ -206,6 +210,7 @@ POWER_LOSS_CHAIN: tuple[tuple[tuple[str, ...], str | None], ...] = (
 #: The "before" scenario of each "after" one.
 POWER_LOSS_BEFORE = {
     "dedup_reboot.after_power_loss": "dedup_reboot.before_power_loss",
+    "mirror_reboot.after_power_loss": "mirror_reboot.before_power_loss",
     "targetcli_restore.after_reboot": "targetcli_restore.before_reboot",
     "vtl_reboot.after_power_loss": "vtl_reboot.before_power_loss",
 }

@@ -55,10 +55,11 @@ def _chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wanted: set[str],
 ALL = {n for pair in conftest.POWER_LOSS_BEFORE.items() for n in pair}
 
 
-def test_all_three_in_three_boots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_all_four_in_four_boots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     chain, booted = _chain(tmp_path, monkeypatch, ALL)
-    assert len(booted) == 3
-    assert booted[1][-1] == "vtl_reboot.before_power_loss"  # the cut comes last
+    assert len(booted) == 4
+    assert booted[1][-1] == "mirror_reboot.before_power_loss"  # the cut comes last
+    assert booted[2][-1] == "vtl_reboot.before_power_loss"
     for after, before in conftest.POWER_LOSS_BEFORE.items():
         assert chain.check(before, after) == {"n": after}
 
@@ -83,7 +84,7 @@ def test_a_failed_before_fails_only_its_own_test(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     chain, booted = _chain(tmp_path, monkeypatch, ALL,
                            fail=frozenset({"targetcli_restore.before_reboot"}))
-    assert "targetcli_restore.after_reboot" not in booted[2]
+    assert "targetcli_restore.after_reboot" not in booted[3]
     with pytest.raises(pytest.fail.Exception, match="boom"):
         chain.check("targetcli_restore.before_reboot", "targetcli_restore.after_reboot")
     chain.check("vtl_reboot.before_power_loss", "vtl_reboot.after_power_loss")
