@@ -554,6 +554,78 @@ def read_block(dev: Path, offset: int, length: int) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
+# Power loss (the "before"/"after" pairs of conftest.POWER_LOSS_CHAIN)
+
+
+def fsync_write(path: Path, data: bytes) -> None:
+    """Create or replace ``path`` with ``data``, durable on return (not its name: `fsync_dir`)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsck_ext4(ctx: Context, dev: Path) -> None:
+    """Mount and unmount ``dev`` (its journal replays), then ``e2fsck -fn``: exit 0 or raise."""
+    mnt = ctx.workdir / f"fsck-{dev.name}"
+    mnt.mkdir(exist_ok=True)
+    run(["mount", "-t", "ext4", str(dev), str(mnt)], timeout=ctx.remaining(60))
+    run(["umount", str(mnt)], timeout=ctx.remaining(60))
+    fsck = run(["e2fsck", "-fn", str(dev)], timeout=ctx.remaining(120), check=False)
+    assert fsck.returncode == 0, f"e2fsck -fn {dev}: exit {fsck.returncode}\n{fsck.stdout}"
+
+
+def save_expected(ctx: Context, name: str, facts: Mapping[str, object]) -> None:
+    """``facts`` as JSON in the artifacts (the host's disk, through 9p), durable before a cut."""
+    import json
+
+    path = ctx.artifacts / name
+    path.write_text(json.dumps(facts))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def power_cut(why: str) -> None:
+    """Reset the VM at once with ``sysrq b``: no sync, what the guest has not flushed to its
+    disks is lost, as in a power cut. Never returns."""
+    log(f"power loss {why}: sysrq b (reset without sync)")
+    Path("/proc/sysrq-trigger").write_text("b")
+    raise AssertionError("the VM is still running after sysrq b")
+
+
+def power_cut_during_fio(ctx: Context, target: Path, size: int, cut_after: int,
+                         *fio_args: str) -> None:
+    """Start fio writing ``size`` bytes sequentially to the new file ``target`` (64 KiB blocks,
+    ``fio_args`` added: an fsync interval, a rate, a seed) and `power_cut` once the file holds
+    ``cut_after`` bytes. fio creates the file as it writes (no layout pass), so the file's size
+    is its progress. Raises if fio ends first."""
+    fio = subprocess.Popen(
+        ["fio", "--name=powercut", f"--filename={target}", "--rw=write", "--bs=64k",
+         f"--size={size}", "--ioengine=psync", "--create_on_open=1", "--fallocate=none",
+         *fio_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctx.cleanup.callback(fio.kill)
+
+    def written() -> int | None:
+        assert fio.poll() is None, f"fio ended (exit {fio.returncode}) before the cut"
+        n = target.stat().st_size if target.exists() else 0
+        return n if n >= cut_after else None
+
+    at = wait_for(written, ctx.remaining(90), f"fio to write {cut_after} bytes")
+    power_cut(f"at {at} bytes of fio's file")
+
+
+# --------------------------------------------------------------------------------------------
 # Scenarios: registration and the context each one runs with
 
 

@@ -30,13 +30,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import subprocess
 from functools import partial
 from pathlib import Path
 
-from guestlib import Context, Daemon, disk_by_wwn, log, run, scenario, tcmu_py, wait_for
+from guestlib import (
+    Context,
+    Daemon,
+    disk_by_wwn,
+    fsck_ext4,
+    fsync_dir,
+    fsync_write,
+    log,
+    power_cut_during_fio,
+    run,
+    save_expected,
+    scenario,
+    tcmu_py,
+    wait_for,
+)
 
 DISK = Path("/dev/vda")  # conftest.POWER_LOSS_DISKS
 MOUNT = Path("/tmp/dedup-disk")
@@ -90,25 +102,6 @@ def _mount_disk(ctx: Context) -> Path:
     return MOUNT
 
 
-def _fsck(ctx: Context, dev: Path) -> None:
-    """Mount and unmount (the journal replays), then ``e2fsck -fn``: exit 0."""
-    mnt = ctx.workdir / f"fsck-{dev.name}"
-    mnt.mkdir(exist_ok=True)
-    run(["mount", "-t", "ext4", str(dev), str(mnt)], timeout=ctx.remaining(60))
-    run(["umount", str(mnt)], timeout=ctx.remaining(60))
-    fsck = run(["e2fsck", "-fn", str(dev)], timeout=ctx.remaining(120), check=False)
-    assert fsck.returncode == 0, f"e2fsck -fn {dev}: exit {fsck.returncode}\n{fsck.stdout}"
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @scenario(timeout=300, own_boot=True)
 def before_power_loss(ctx: Context) -> None:
     """A dedup disk with fsynced files and fio writing; the VM is reset mid-write."""
@@ -129,37 +122,12 @@ def before_power_loss(ctx: Context) -> None:
     for i in range(FILES):
         data = originals[i % len(originals)]
         (mnt / "kept").mkdir(exist_ok=True)
-        _fsync_write(mnt / "kept" / f"f{i}.bin", data)
+        fsync_write(mnt / "kept" / f"f{i}.bin", data)
         sums[f"kept/f{i}.bin"] = hashlib.sha256(data).hexdigest()
-    dfd = os.open(mnt / "kept", os.O_RDONLY | os.O_DIRECTORY)  # the names are durable too
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    path = ctx.artifacts / EXPECTED
-    path.write_text(json.dumps({"files": sums}))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-    target = mnt / "fio.dat"
-    fio = subprocess.Popen(
-        ["fio", "--name=powercut", f"--filename={target}", "--rw=write", "--bs=64k",
-         f"--size={FIO_BYTES}", "--ioengine=psync", "--fsync=32", "--dedupe_percentage=50",
-         f"--rate={FIO_RATE}", "--randseed=14",
-         # No layout pass: the file grows as fio writes it, so its size is fio's progress.
-         "--create_on_open=1", "--fallocate=none"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ctx.cleanup.callback(fio.kill)
-
-    def written() -> int | None:
-        assert fio.poll() is None, f"fio ended (exit {fio.returncode}) before the cut"
-        n = target.stat().st_size if target.exists() else 0
-        return n if n >= CUT_AFTER else None
-
-    at = wait_for(written, ctx.remaining(60), f"fio to write {CUT_AFTER} bytes")
-    log(f"power loss at {at} bytes of fio's file: sysrq b (reset without sync)")
-    Path("/proc/sysrq-trigger").write_text("b")
-    raise AssertionError("the VM is still running after sysrq b")
+    fsync_dir(mnt / "kept")  # the names are durable too
+    save_expected(ctx, EXPECTED, {"files": sums})
+    power_cut_during_fio(ctx, mnt / "fio.dat", FIO_BYTES, CUT_AFTER, "--fsync=32",
+                         "--dedupe_percentage=50", f"--rate={FIO_RATE}", "--randseed=14")
 
 
 @scenario(timeout=300, own_boot=True)
@@ -169,7 +137,7 @@ def after_power_loss(ctx: Context) -> None:
 
     before = ctx.artifacts.parent / "dedup_reboot.before_power_loss" / EXPECTED
     expected = json.loads(before.read_text())
-    _fsck(ctx, DISK)
+    fsck_ext4(ctx, DISK)
     root = _mount_disk(ctx)
     pool = root / "pool"
 
@@ -183,7 +151,7 @@ def after_power_loss(ctx: Context) -> None:
     cfg = _config(ctx, root)
     d = _serve(ctx, cfg)
     dev = wait_for(partial(disk_by_wwn, WWN), ctx.remaining(120), f"ddr ({WWN})")
-    _fsck(ctx, dev)
+    fsck_ext4(ctx, dev)
     mnt = ctx.workdir / "mnt"
     mnt.mkdir()
     run(["mount", "-o", "ro", str(dev), str(mnt)], timeout=ctx.remaining(60))

@@ -30,12 +30,25 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from guestlib import Context, disk_by_wwn, log, run, scenario, serve_config, tcmu_py, wait_for
+from guestlib import (
+    Context,
+    disk_by_wwn,
+    fsck_ext4,
+    fsync_dir,
+    fsync_write,
+    log,
+    power_cut_during_fio,
+    run,
+    save_expected,
+    scenario,
+    serve_config,
+    tcmu_py,
+    wait_for,
+)
 
 from scenarios.mirror_disk import NbdLeg
 
@@ -93,33 +106,6 @@ def _mount_legs_disk(ctx: Context) -> Path:
     return MOUNT
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _fsck(ctx: Context, dev: Path) -> None:
-    """Mount and unmount (the journal replays), then ``e2fsck -fn``: exit 0."""
-    mnt = ctx.workdir / f"fsck-{dev.name}"
-    mnt.mkdir(exist_ok=True)
-    run(["mount", "-t", "ext4", str(dev), str(mnt)], timeout=ctx.remaining(60))
-    run(["umount", str(mnt)], timeout=ctx.remaining(60))
-    fsck = run(["e2fsck", "-fn", str(dev)], timeout=ctx.remaining(120), check=False)
-    assert fsck.returncode == 0, f"e2fsck -fn {dev}: exit {fsck.returncode}\n{fsck.stdout}"
-
-
 @scenario(timeout=300, own_boot=True)
 def before_power_loss(ctx: Context) -> None:
     """A 3-leg mirror with fsynced files and fio writing; the VM is reset mid-write."""
@@ -130,7 +116,7 @@ def before_power_loss(ctx: Context) -> None:
         with open(img, "wb") as f:
             f.truncate(LEG_BYTES)
             os.fsync(f.fileno())
-    _fsync_dir(root)
+    fsync_dir(root)
     legs = _nbd_legs(ctx, images)
     specs = [str(images[0]), legs[0].uri, legs[1].uri]
     serve_config(ctx, _config(ctx, specs, fresh=True), timeout=600)
@@ -146,33 +132,12 @@ def before_power_loss(ctx: Context) -> None:
     (mnt / "kept").mkdir()
     for i in range(FILES):
         data = rng.randbytes(rng.randint(64 * KIB, 512 * KIB) + rng.randint(0, 4095))
-        _fsync_write(mnt / "kept" / f"f{i}.bin", data)
+        fsync_write(mnt / "kept" / f"f{i}.bin", data)
         sums[f"kept/f{i}.bin"] = hashlib.sha256(data).hexdigest()
-    _fsync_dir(mnt / "kept")  # the names are durable too
-    path = ctx.artifacts / EXPECTED
-    path.write_text(json.dumps({"files": sums, "specs": specs}))
-    with open(path, "rb") as fr:
-        os.fsync(fr.fileno())
-
-    target = mnt / "fio.dat"
-    fio = subprocess.Popen(
-        ["fio", "--name=powercut", f"--filename={target}", "--rw=write", "--bs=64k",
-         f"--size={FIO_BYTES}", "--ioengine=psync", "--fsync=16", f"--rate={FIO_RATE}",
-         "--randseed=16",
-         # No layout pass: the file grows as fio writes it, so its size is fio's progress.
-         "--create_on_open=1", "--fallocate=none"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ctx.cleanup.callback(fio.kill)
-
-    def written() -> int | None:
-        assert fio.poll() is None, f"fio ended (exit {fio.returncode}) before the cut"
-        n = target.stat().st_size if target.exists() else 0
-        return n if n >= CUT_AFTER else None
-
-    at = wait_for(written, ctx.remaining(90), f"fio to write {CUT_AFTER} bytes")
-    log(f"power loss at {at} bytes of fio's file: sysrq b (reset without sync)")
-    Path("/proc/sysrq-trigger").write_text("b")
-    raise AssertionError("the VM is still running after sysrq b")
+    fsync_dir(mnt / "kept")  # the names are durable too
+    save_expected(ctx, EXPECTED, {"files": sums, "specs": specs})
+    power_cut_during_fio(ctx, mnt / "fio.dat", FIO_BYTES, CUT_AFTER, "--fsync=16",
+                         f"--rate={FIO_RATE}", "--randseed=16")
 
 
 def _offline_state(images: list[Path]) -> dict[str, Any]:
@@ -216,7 +181,7 @@ def after_power_loss(ctx: Context) -> None:
 
     expected = json.loads(
         (ctx.artifacts.parent / "mirror_reboot.before_power_loss" / EXPECTED).read_text())
-    _fsck(ctx, DISK)
+    fsck_ext4(ctx, DISK)
     root = _mount_legs_disk(ctx)
     images = _images(root)
 
@@ -243,7 +208,7 @@ def after_power_loss(ctx: Context) -> None:
     assert m["regions_copied"] >= len(state["differing_regions"]), m
 
     dev = wait_for(lambda: disk_by_wwn(WWN), ctx.remaining(120), f"mr ({WWN})")
-    _fsck(ctx, dev)
+    fsck_ext4(ctx, dev)
     mnt = ctx.workdir / "mnt"
     mnt.mkdir()
     run(["mount", "-o", "ro", str(dev), str(mnt)], timeout=ctx.remaining(60))
