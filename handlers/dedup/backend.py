@@ -76,20 +76,22 @@ class DedupBackend(PoolDisk["DedupPool"]):
 
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill `bufs` from `offset`; absent chunks read as zeros."""
+        if len(bufs) == 1:
+            view = bufs[0]
+            if view.nbytes:
+                self._check_bounds(offset, view.nbytes)
+                self.pool.read_into(self.disk_id, offset, view.cast("B"))
+            return
         length = sum(b.nbytes for b in bufs)
         if length == 0:
             return
         self._check_bounds(offset, length)
-        cs = self.chunk_size
-        first, last = offset // cs, _ceil_div(offset + length, cs)
-        stored = self.pool.read_chunks(self.disk_id, first, last)
-        data = (stored.get(first, self._zero) if last - first == 1 else
-                b"".join(stored.get(i, self._zero) for i in range(first, last)))
-        start = offset - first * cs
+        data = memoryview(bytearray(length))
+        self.pool.read_into(self.disk_id, offset, data)
         pos = 0
         for view in bufs:
             n = view.nbytes
-            view[:] = data[start + pos : start + pos + n]
+            view[:] = data[pos : pos + n]
             pos += n
 
     def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
@@ -102,7 +104,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
         if not view.nbytes:
             return
         self._check_bounds(offset, view.nbytes)
-        self._store(offset, view.nbytes, lambda a, b: view[a - offset : b - offset])
+        self._store(offset, view.nbytes, lambda a, b: view[a - offset : b - offset], view=view)
 
     def flush(self) -> None:
         """Commit the pool: every acknowledged write and unmap (of all its disks) is durable."""
@@ -136,16 +138,26 @@ class DedupBackend(PoolDisk["DedupPool"]):
 
     def _store(self, offset: int, length: int,
                source: Callable[[int, int], bytes | memoryview], *,
-               uniform: bytes | None = None) -> None:
+               uniform: bytes | None = None, view: memoryview | None = None) -> None:
         """Give [offset, offset+length) the bytes `source(a, b)` returns for [a, b) in it;
-        `uniform`: every whole chunk of the range holds these bytes (hashed once)."""
+        `uniform`: every whole chunk of the range holds these bytes (hashed once); `view`:
+        the bytes of the whole range (what `source` slices), cut into chunks in one pass."""
         cs, size, end = self.chunk_size, self.size, offset + length
         first, last = offset // cs, _ceil_div(end, cs)
         zero = self._zero
         uniform_fp = None if uniform is None or uniform == zero else fingerprint(uniform)
         whole: list[tuple[int, bytes | memoryview | None, bytes | None]] = []
         partial: list[int] = []
-        for idx in range(first, last):
+        rest: Sequence[int] = range(first, last)
+        if view is not None and uniform is None:
+            lo, hi = _ceil_div(offset, cs), end // cs  # the chunks [offset, end) covers whole
+            if lo < hi:
+                whole = [(idx, None, None) if piece == zero else (idx, piece, fingerprint(piece))
+                         for idx, piece in zip(range(lo, hi), (
+                             view[a : a + cs] for a in range(lo * cs - offset,
+                                                             hi * cs - offset, cs)))]
+                rest = [*range(first, lo), *range(hi, last)]
+        for idx in rest:
             a, b = idx * cs, min((idx + 1) * cs, size)  # the short last chunk counts up to size
             if a < offset or b > end:
                 partial.append(idx)

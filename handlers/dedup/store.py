@@ -149,6 +149,7 @@ _IN_BATCH = 500
 _IDX_BITS = 48
 #: A map cache value: the chunk's location packed in one int (`_pack_loc`), or `_ZEROS`.
 _ZEROS = -1
+_OFFSET_MASK = (1 << 40) - 1
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _CONTAINER_RE = re.compile(r"(\d{8})\.dat\Z")
@@ -339,6 +340,21 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
+#: Buffers per ``pwritev`` (Linux's IOV_MAX is 1024).
+_IOV_MAX = 1024
+
+
+def _pwritev_all(fd: int, datas: Sequence[bytes | memoryview], offset: int) -> None:
+    """Write `datas` back to back at `offset`, all of them (a short write is continued)."""
+    for i in range(0, len(datas), _IOV_MAX):
+        part = datas[i : i + _IOV_MAX]
+        want = sum(len(d) for d in part)
+        n = os.pwritev(fd, part, offset)
+        if n < want:  # rare (a signal, a full file system): finish with plain writes
+            _pwrite_all(fd, b"".join(part)[n:], offset + n)
+        offset += want
+
+
 def _compress(data: bytes | memoryview, code: int) -> tuple[bytes | memoryview, int]:
     """(bytes to store, their compression code): compressed with `code` when that saves at
     least one 512-byte sector's worth, else as is (code 0)."""
@@ -370,7 +386,7 @@ def _pack_loc(container: int, offset: int, length: int, compression: int) -> int
 
 
 def _unpack_loc(loc: int) -> tuple[int, int, int, int]:
-    return loc >> 64, loc >> 24 & (1 << 40) - 1, loc >> 4 & (1 << 20) - 1, loc & 15
+    return loc >> 64, loc >> 24 & _OFFSET_MASK, loc >> 4 & (1 << 20) - 1, loc & 15
 
 
 def _db_error(exc: sqlite3.Error) -> OSError:
@@ -515,9 +531,13 @@ class DedupPool(PhysicalPool):
         #: `MAP_CACHE_ENTRIES` it becomes the old one (the previous old one is dropped); a hit
         #: in the old one is copied to the young one (least recently used out, approximately,
         #: in O(1)). Young is looked up first, so a stale old entry is never used. Both are
-        #: dropped whenever rows may have changed behind them (`_forget`).
+        #: dropped whenever rows may have changed behind them (`_forget`: a rollback, a disk's
+        #: removal). A chunk the collector moves keeps its cached old location, which stays
+        #: right (its bytes are not touched) until the collector deletes that container and
+        #: drops the entries naming it (`_forget_container`).
         self._locs: dict[int, int] = {}
         self._old_locs: dict[int, int] = {}
+        self._zero_chunk = bytes(config.chunk_size)
 
     # ------------------------------------------------------------------------------------------
     # Opening and closing
@@ -862,29 +882,27 @@ class DedupPool(PhysicalPool):
 
     def _append_many(self, datas: Sequence[bytes | memoryview]) -> list[tuple[int, int]]:
         """Append each of `datas` to the active container (a new one when it is full), one
-        ``pwrite`` per container; their (container, offset). Inside the open transaction;
-        durable at `commit`."""
+        ``pwritev`` per container (the pieces are not joined first); their (container,
+        offset). Inside the open transaction; durable at `commit`."""
         out: list[tuple[int, int]] = []
-        pending: list[bytes | memoryview] = []
-        pending_at = (0, 0)  # container, offset of pending[0]
-        for data in datas:
+        ends = self._ends
+        i = 0
+        while i < len(datas):
             cid = self._active
-            if (cid is None or self._ends[cid] + len(data) > self.container_bytes
-                    and self._ends[cid]):
-                if pending:
-                    _pwrite_all(self._fd(pending_at[0]), b"".join(pending), pending_at[1])
-                    pending = []
+            if cid is None or ends[cid] + len(datas[i]) > self.container_bytes and ends[cid]:
                 cid = self._new_container()
-            offset = self._ends[cid]
-            if not pending:
-                pending_at = (cid, offset)
-            pending.append(data)
-            self._ends[cid] = offset + len(data)
+            start = pos = ends[cid]
+            j = i
+            while j < len(datas) and (pos + len(datas[j]) <= self.container_bytes
+                                      or pos == start):
+                out.append((cid, pos))
+                pos += len(datas[j])
+                j += 1
+            _pwritev_all(self._fd(cid), datas[i:j], start)
+            ends[cid] = pos
             self._dirty.add(cid)
-            self._figures.used += len(data)
-            out.append((cid, offset))
-        if pending:
-            _pwrite_all(self._fd(pending_at[0]), b"".join(pending), pending_at[1])
+            self._figures.used += pos - start
+            i = j
         return out
 
     def _new_container(self) -> int:
@@ -934,25 +952,83 @@ class DedupPool(PhysicalPool):
             self._disk_ids[disk] = did
             return int(did)
 
-    def read_chunks(self, did: int, first: int, last: int) -> dict[int, bytes]:
-        """Chunks [first, last) of disk `did` that hold data, by index (absent: zeros).
-        Locations come from the pool's bounded map cache (`MAP_CACHE_ENTRIES`) when it has
-        every index of the range, else from one range query that refills it."""
-        with self.lock:
-            base = did << _IDX_BITS
-            found: list[tuple[int, int]] = []
-            for idx in range(first, last):
-                key = base | idx
-                loc = self._locs.get(key)
+    def _locations(self, did: int, first: int, last: int) -> list[tuple[int, int]]:
+        """(index, packed location or `_ZEROS`) of chunks [first, last) of disk `did` (lock
+        held): from the pool's bounded map cache (`MAP_CACHE_ENTRIES`) when it has every index
+        of the range, else from one range query that refills it."""
+        base = did << _IDX_BITS
+        locs, old_locs = self._locs, self._old_locs
+        found: list[tuple[int, int]] = []
+        for idx in range(first, last):
+            key = base | idx
+            loc = locs.get(key)
+            if loc is None:
+                loc = old_locs.get(key)
                 if loc is None:
-                    loc = self._old_locs.get(key)
-                    if loc is None:
-                        found = self._lookup(did, first, last)
-                        break
-                    self._remember(((key, loc),))
-                found.append((idx, loc))
-            return {idx: self._chunk_data(*_unpack_loc(loc)) for idx, loc in found
-                    if loc != _ZEROS}
+                    return self._lookup(did, first, last)
+                self._remember(((key, loc),))
+            found.append((idx, loc))
+        return found
+
+    def read_chunks(self, did: int, first: int, last: int) -> dict[int, bytes]:
+        """Chunks [first, last) of disk `did` that hold data, by index (absent: zeros)."""
+        with self.lock:
+            return {idx: self._chunk_data(*_unpack_loc(loc))
+                    for idx, loc in self._locations(did, first, last) if loc != _ZEROS}
+
+    def read_into(self, did: int, offset: int, view: memoryview) -> None:
+        """Fill `view` (a contiguous byte buffer) with disk `did`'s bytes from `offset` (absent
+        chunks: zeros). Stored uncompressed chunks are read straight into `view`, one
+        ``preadv`` per run of chunks that lie back to back in one container (a sequential
+        write's chunks do), so a read costs no copy and no intermediate bytes. Under the pool
+        lock, as every container read (the collector deletes containers)."""
+        cs = self._config.chunk_size
+        end = offset + view.nbytes
+        first, last = offset // cs, -(-end // cs)
+        with self.lock:
+            if last - first == 1:  # the usual small read: one cached, uncompressed chunk
+                loc = self._locs.get(did << _IDX_BITS | first)
+                if loc is not None and loc != _ZEROS and not loc & 15:
+                    cid, off = loc >> 64, (loc >> 24 & _OFFSET_MASK) + offset - first * cs
+                    fd = self._fds.get(cid)
+                    if fd is None or os.preadv(fd, [view], off) != view.nbytes:
+                        self._read_run(cid, off, view)
+                    return
+            found = self._locations(did, first, last)
+            run_cid = run_off = run_at = run_n = 0  # pending preadv: container, offset, view
+            for idx, loc in found:
+                a, b = max(idx * cs, offset), min((idx + 1) * cs, end)
+                at, n, inner = a - offset, b - a, a - idx * cs
+                if loc != _ZEROS and loc & 15 == 0:
+                    cid, off = loc >> 64, (loc >> 24 & _OFFSET_MASK) + inner
+                    if run_n and cid == run_cid and off == run_off + run_n:
+                        run_n += n
+                        continue
+                    if run_n:
+                        self._read_run(run_cid, run_off, view[run_at : run_at + run_n])
+                    run_cid, run_off, run_at, run_n = cid, off, at, n
+                    continue
+                if run_n:
+                    self._read_run(run_cid, run_off, view[run_at : run_at + run_n])
+                    run_n = 0
+                if loc == _ZEROS:
+                    view[at : at + n] = self._zero_chunk[:n]
+                else:
+                    view[at : at + n] = self._chunk_data(*_unpack_loc(loc))[inner : inner + n]
+            if run_n:
+                self._read_run(run_cid, run_off, view[run_at : run_at + run_n])
+
+    def _read_run(self, cid: int, offset: int, view: memoryview) -> None:
+        """Read container `cid` from `offset` into all of `view` (lock held); OSError EIO if
+        the container ends first."""
+        fd = self._fd(cid)
+        got = os.preadv(fd, [view], offset)
+        while got < view.nbytes:
+            more = os.preadv(fd, [view[got:]], offset + got)
+            if not more:
+                raise OSError(errno.EIO, f"container {cid} ends at {offset + got}, expected "
+                              f"{view.nbytes} bytes at {offset}")
+            got += more
 
     def _lookup(self, did: int, first: int, last: int) -> list[tuple[int, int]]:
         """Packed locations of chunks [first, last) of disk `did` from the index (`_ZEROS`:
@@ -981,6 +1057,11 @@ class DedupPool(PhysicalPool):
     def _forget(self) -> None:
         """Drop the map cache (rows may have changed behind it)."""
         self._locs, self._old_locs = {}, {}
+
+    def _forget_container(self, cid: int) -> None:
+        """Drop the map cache entries naming container `cid` (about to be deleted)."""
+        self._locs = {k: v for k, v in self._locs.items() if v >> 64 != cid}
+        self._old_locs = {k: v for k, v in self._old_locs.items() if v >> 64 != cid}
 
     def mapped_indexes(self, did: int, first: int, last: int) -> list[int]:
         with self.lock:
@@ -1025,7 +1106,8 @@ class DedupPool(PhysicalPool):
                     assert data is not None
                     new[fp] = data
             code = COMPRESSION_CODES[self._config.compression]
-            stored = [(fp, *_compress(data, code)) for fp, data in new.items()]
+            stored = ([(fp, data, 0) for fp, data in new.items()] if code == 0 else
+                      [(fp, *_compress(data, code)) for fp, data in new.items()])
             self._reserve(sum(len(d) for _, d, _ in stored))
             f = self._figures
             saved = (_Figures(f.used, f.live_bytes, f.live_chunks, f.mapped), dict(self._ends),
@@ -1034,15 +1116,14 @@ class DedupPool(PhysicalPool):
             self._begin()
             db.execute("SAVEPOINT put")
             try:
-                new_ids: set[int] = set()
+                new_ids = range(self._next_chunk, self._next_chunk + len(stored))
                 if stored:
                     places = self._append_many([d for _, d, _ in stored])
-                    for (fp, data, used_code), (cid, off) in zip(stored, places, strict=True):
-                        chunk = self._next_chunk
-                        self._next_chunk += 1
+                    for chunk, (fp, data, used_code), (cid, off) in zip(
+                            new_ids, stored, places, strict=True):
                         found[fp] = chunk
                         info[chunk] = [0, cid, off, len(data), used_code]
-                        new_ids.add(chunk)
+                    self._next_chunk += len(stored)
                 idxs = [idx for idx, _, _ in chunks]
                 old: dict[int, int] = dict(db.execute(
                     "SELECT idx, chunk FROM map WHERE disk=? AND idx>=? AND idx<=?",
@@ -1098,8 +1179,9 @@ class DedupPool(PhysicalPool):
                     db.executemany(
                         "INSERT INTO chunks(id, fp, container, offset, length, refcount, "
                         "compression) VALUES(?, ?, ?, ?, ?, ?, ?)",
-                        [(found[fp], fp, *info[found[fp]][1:4], info[found[fp]][0], z)
-                         for fp, _, z in stored])
+                        [(chunk, fp, row[1], row[2], row[3], row[0], row[4])
+                         for chunk, (fp, _, _) in zip(new_ids, stored, strict=True)
+                         for row in (info[chunk],)])
                 if upserts:
                     db.executemany("INSERT OR REPLACE INTO map VALUES(?, ?, ?)", upserts)
                 if deletes:
@@ -1122,8 +1204,10 @@ class DedupPool(PhysicalPool):
                     raise _db_error(exc) from exc
                 raise
             base = did << _IDX_BITS
-            self._remember([(base | idx, _ZEROS if fp is None else
-                             _pack_loc(*info[found[fp]][1:5]))  # type: ignore[misc]
+            packed = {fp: _pack_loc(*info[chunk][1:5])  # type: ignore[misc]
+                      for fp, chunk in found.items()}
+            packed[None] = _ZEROS  # type: ignore[index]
+            self._remember([(base | idx, packed[fp])  # type: ignore[index]
                             for idx, _, fp in chunks])
             self._changes += len(chunks)
             if durable or self._changes >= GROUP_CHANGES:
@@ -1257,7 +1341,8 @@ class DedupPool(PhysicalPool):
                         db.execute("UPDATE containers SET dead = dead + ? WHERE id=?",
                                    (length, cid))
                         moved += length
-                    self._forget()  # the moved chunks' locations changed
+                    # The map cache keeps the moved chunks' old locations: their bytes stay
+                    # there, unchanged, until the container is deleted (below).
                     self.commit()
                     self._compact_moved += moved
                     return CollectProgress(0, moved, 0, self.dead_bytes(), False)
@@ -1271,6 +1356,7 @@ class DedupPool(PhysicalPool):
                     self._abort()
                 raise
             self._compacting = None
+            self._forget_container(cid)
             fd = self._fds.pop(cid, None)
             if fd is not None:
                 os.close(fd)

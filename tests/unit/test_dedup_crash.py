@@ -3,8 +3,8 @@
 `CrashFS` (tcmu_py.testing.crashfs) cannot see SQLite: its I/O is C code, not Python's ``os``.
 So the cut is simulated here at the level the pool's ordering rules speak of:
 
-- the pool's own file-system calls (``os.pwrite`` to containers, ``fdatasync``/``fsync``,
-  ``ftruncate``, ``unlink``) are intercepted; each is a crash point (after it ran);
+- the pool's own file-system calls (``os.pwrite``/``os.pwritev`` to containers,
+  ``fdatasync``/``fsync``, ``ftruncate``, ``unlink``) are intercepted; each is a crash point (after it ran);
 - each SQLite ``COMMIT`` is a crash point, before and after (a proxy around the connection);
 - what a cut leaves: each container file as of its last fdatasync (unsynced appends dropped),
   only the container files whose directory entry was fsync'd, and the SQLite files as they are
@@ -70,12 +70,17 @@ class CutMachine:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         real = self.real
-        for name in ("pwrite", "fdatasync", "fsync", "ftruncate", "unlink"):
+        for name in ("pwrite", "pwritev", "fdatasync", "fsync", "ftruncate", "unlink"):
             real[name] = getattr(os, name)
 
         def pwrite(fd: int, data: Any, offset: int) -> int:
             n: int = real["pwrite"](fd, data, offset)
             self.point("pwrite")
+            return n
+
+        def pwritev(fd: int, buffers: Any, offset: int) -> int:
+            n: int = real["pwritev"](fd, buffers, offset)
+            self.point("pwritev")
             return n
 
         def sync(kind: str) -> Callable[[int], None]:
@@ -99,6 +104,7 @@ class CutMachine:
             self.point("unlink")
 
         monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "pwritev", pwritev)
         monkeypatch.setattr(os, "fdatasync", sync("fdatasync"))
         monkeypatch.setattr(os, "fsync", sync("fsync"))
         monkeypatch.setattr(os, "ftruncate", ftruncate)
