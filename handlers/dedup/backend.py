@@ -152,10 +152,9 @@ class DedupBackend(PoolDisk["DedupPool"]):
         if view is not None and uniform is None:
             lo, hi = _ceil_div(offset, cs), end // cs  # the chunks [offset, end) covers whole
             if lo < hi:
+                pieces = [view[a : a + cs] for a in range(lo * cs - offset, hi * cs - offset, cs)]
                 whole = [(idx, None, None) if piece == zero else (idx, piece, fingerprint(piece))
-                         for idx, piece in zip(range(lo, hi), (
-                             view[a : a + cs] for a in range(lo * cs - offset,
-                                                             hi * cs - offset, cs)))]
+                         for idx, piece in zip(range(lo, hi), pieces, strict=True)]
                 rest = [*range(first, lo), *range(hi, last)]
         for idx in rest:
             a, b = idx * cs, min((idx + 1) * cs, size)  # the short last chunk counts up to size

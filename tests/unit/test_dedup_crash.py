@@ -4,7 +4,8 @@
 So the cut is simulated here at the level the pool's ordering rules speak of:
 
 - the pool's own file-system calls (``os.pwrite``/``os.pwritev`` to containers,
-  ``fdatasync``/``fsync``, ``ftruncate``, ``unlink``) are intercepted; each is a crash point (after it ran);
+  ``fdatasync``/``fsync``, ``ftruncate``, ``unlink``) are intercepted; each is a crash point
+  (after it ran);
 - each SQLite ``COMMIT`` is a crash point, before and after (a proxy around the connection);
 - what a cut leaves: each container file as of its last fdatasync (unsynced appends dropped),
   only the container files whose directory entry was fsync'd, and the SQLite files as they are
