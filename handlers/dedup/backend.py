@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 from tcmu_py.handler import ProvisioningInfo
 
 from .._pool import PoolDisk
-from .store import fingerprint
 
 if TYPE_CHECKING:
     from .store import DedupPool
@@ -39,6 +38,13 @@ if TYPE_CHECKING:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _is_zero(piece: bytes | memoryview, zero: bytes) -> bool:
+    """Whether `piece` (of ``len(zero)`` bytes) is all zeros. A memoryview compares with
+    ``==`` item by item (~55 us per 4 KiB when equal); bytes compare with memcmp, so a view is
+    copied first, and only when its first byte is zero."""
+    return not piece[0] and (piece if isinstance(piece, bytes) else bytes(piece)) == zero
 
 
 class DedupBackend(PoolDisk["DedupPool"]):
@@ -145,6 +151,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
         cs, size, end = self.chunk_size, self.size, offset + length
         first, last = offset // cs, _ceil_div(end, cs)
         zero = self._zero
+        fingerprint = self.pool.fingerprint
         uniform_fp = None if uniform is None or uniform == zero else fingerprint(uniform)
         whole: list[tuple[int, bytes | memoryview | None, bytes | None]] = []
         partial: list[int] = []
@@ -153,7 +160,8 @@ class DedupBackend(PoolDisk["DedupPool"]):
             lo, hi = _ceil_div(offset, cs), end // cs  # the chunks [offset, end) covers whole
             if lo < hi:
                 pieces = [view[a : a + cs] for a in range(lo * cs - offset, hi * cs - offset, cs)]
-                whole = [(idx, None, None) if piece == zero else (idx, piece, fingerprint(piece))
+                whole = [(idx, None, None) if _is_zero(piece, zero)
+                         else (idx, piece, fingerprint(piece))
                          for idx, piece in zip(range(lo, hi), pieces, strict=True)]
                 rest = [*range(first, lo), *range(hi, last)]
         for idx in rest:
@@ -167,7 +175,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
                 piece = source(a, b)
                 if len(piece) < cs:
                     piece = bytes(piece) + zero[len(piece):]
-                whole.append((idx, None, None) if piece == zero else
+                whole.append((idx, None, None) if _is_zero(piece, zero) else
                              (idx, piece, fingerprint(piece)))
         pool = self.pool
         with pool.lock:
