@@ -1640,13 +1640,16 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
 
 
 def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None = 80,
-                chunk_size: int = DEFAULT_CHUNK, compression: str = "none") -> DedupPoolConfig:
+                chunk_size: int = DEFAULT_CHUNK, compression: str = "none",
+                fingerprint: str | None = None) -> DedupPoolConfig:
     """Make the pool at `path` match a declaration: create it, or update its capacity, soft
-    threshold and compression (the live pool's if open here). The chunk size of an existing
-    pool cannot change: a different one is a ConfigError."""
+    threshold and compression (the live pool's if open here). The chunk size and fingerprint
+    of an existing pool cannot change: a different one is a ConfigError (`fingerprint` None:
+    `DEFAULT_FINGERPRINT` for a new pool, whatever an existing one has)."""
     real = os.path.realpath(path)
     if not os.path.exists(os.path.join(real, POOL_FILE)):
-        return create_pool(path, name, capacity, soft_threshold, chunk_size, compression)
+        return create_pool(path, name, capacity, soft_threshold, chunk_size, compression,
+                           DEFAULT_FINGERPRINT if fingerprint is None else fingerprint)
     _check_pool_args(real, capacity, soft_threshold, chunk_size)
     _check_compression(real, compression)
     with _open_pools_lock:
@@ -1655,6 +1658,9 @@ def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
     where = os.path.join(real, POOL_FILE)
     if current.name != name:
         raise ConfigError(f"{where}: pool is named {current.name!r}, expected {name!r}")
+    if fingerprint is not None and current.fingerprint != fingerprint:
+        raise ConfigError(f"{where}: fingerprint {fingerprint!r}: the pool was created with "
+                          f"{current.fingerprint!r}, which cannot change")
     if current.chunk_size != chunk_size:
         raise ConfigError(f"{where}: chunk_size {chunk_size}: the pool was created with "
                           f"{current.chunk_size}, which cannot change")
