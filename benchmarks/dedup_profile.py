@@ -14,7 +14,10 @@ each on a fresh pool:
   (N = 0, 50, 90);
 - ``read4k``: 4 KiB random reads of the disk written whole with unique data.
 
-Prints µs per command for dedup and raw and their ratio as JSON. ``--profile NAME`` runs that
+Prints µs per command for dedup and raw (wall and CPU) and their ratios as JSON, with the
+host's 1-minute load average (on a shared host compare CPU figures: wall time is mostly
+waiting for a core). A new pool fingerprints with XXH3-128 + byte compare; pass
+``--fingerprint sha256`` for the SHA-256 kind. ``--profile NAME`` runs that
 workload under cProfile instead and prints the top functions by own time. The data is made
 before the clock starts; one thread, so this is the per-command CPU cost, not the device's
 throughput under queue depth (the VM benchmark, benchmarks/dedup_vs_raw.py, measures that).
@@ -58,7 +61,8 @@ def _buffers(rng: random.Random, n: int, size: int, dup_percent: int) -> list[by
     return out
 
 
-def run(base: Path, name: str, mib: int, profile: bool) -> dict[str, Any]:
+def run(base: Path, name: str, mib: int, profile: bool,
+        fingerprint: str | None = None) -> dict[str, Any]:
     sys.path.insert(0, str(REPO))
     from handlers.dedup.store import DedupPool, create_pool
 
@@ -67,7 +71,8 @@ def run(base: Path, name: str, mib: int, profile: bool) -> dict[str, Any]:
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
-    create_pool(str(base / "pool"), "prof", 4 * size, None)
+    create_pool(str(base / "pool"), "prof", 4 * size, None,
+                **({} if fingerprint is None else {"fingerprint": fingerprint}))
     raw_fd = os.open(base / "raw.img", os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(raw_fd, size)
     pool = DedupPool.open(str(base / "pool"))
@@ -133,6 +138,8 @@ def run(base: Path, name: str, mib: int, profile: bool) -> dict[str, Any]:
             out[f"{label}_us"] = round((t1 - t0) / len(ops) * 1e6, 1)
             out[f"{label}_cpu_us"] = round((c1 - c0) / len(ops) * 1e6, 1)
         out["ratio"] = round(out["raw_us"] / out["dedup_us"], 3)
+        out["cpu_ratio"] = round(out["raw_cpu_us"] / out["dedup_cpu_us"], 3)
+        out["loadavg"] = float(Path("/proc/loadavg").read_text().split()[0])
         return out
     finally:
         disk.close()
@@ -148,15 +155,16 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--profile", default=None)
     ap.add_argument("--only", default=None, help="comma-separated workloads")
+    ap.add_argument("--fingerprint", default=None, help="the pool's: xxh3-128 or sha256")
     args = ap.parse_args()
     names = ["write4k", "write1m-dup0", "write1m-dup50", "write1m-dup90", "read4k"]
     if args.profile:
-        run(args.dir, args.profile, args.mib, True)
+        run(args.dir, args.profile, args.mib, True, args.fingerprint)
         return 0
     if args.only:
         names = args.only.split(",")
     for name in names:
-        print(json.dumps(run(args.dir, name, args.mib, False)), flush=True)
+        print(json.dumps(run(args.dir, name, args.mib, False, args.fingerprint)), flush=True)
     return 0
 
 

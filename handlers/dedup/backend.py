@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 from tcmu_py.handler import ProvisioningInfo
 
 from .._pool import PoolDisk
-from .store import fingerprint
 
 if TYPE_CHECKING:
     from .store import DedupPool
@@ -39,6 +38,13 @@ if TYPE_CHECKING:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _is_zero(piece: bytes | memoryview, zero: bytes) -> bool:
+    """Whether `piece` (of ``len(zero)`` bytes) is all zeros. A memoryview compares with
+    ``==`` item by item (~55 us per 4 KiB when equal); bytes compare with memcmp, so a view is
+    copied first, and only when its first byte is zero."""
+    return not piece[0] and (piece if isinstance(piece, bytes) else bytes(piece)) == zero
 
 
 class DedupBackend(PoolDisk["DedupPool"]):
@@ -76,20 +82,22 @@ class DedupBackend(PoolDisk["DedupPool"]):
 
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill `bufs` from `offset`; absent chunks read as zeros."""
+        if len(bufs) == 1:
+            view = bufs[0]
+            if view.nbytes:
+                self._check_bounds(offset, view.nbytes)
+                self.pool.read_into(self.disk_id, offset, view.cast("B"))
+            return
         length = sum(b.nbytes for b in bufs)
         if length == 0:
             return
         self._check_bounds(offset, length)
-        cs = self.chunk_size
-        first, last = offset // cs, _ceil_div(offset + length, cs)
-        stored = self.pool.read_chunks(self.disk_id, first, last)
-        data = (stored.get(first, self._zero) if last - first == 1 else
-                b"".join(stored.get(i, self._zero) for i in range(first, last)))
-        start = offset - first * cs
+        data = memoryview(bytearray(length))
+        self.pool.read_into(self.disk_id, offset, data)
         pos = 0
         for view in bufs:
             n = view.nbytes
-            view[:] = data[start + pos : start + pos + n]
+            view[:] = data[pos : pos + n]
             pos += n
 
     def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
@@ -102,7 +110,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
         if not view.nbytes:
             return
         self._check_bounds(offset, view.nbytes)
-        self._store(offset, view.nbytes, lambda a, b: view[a - offset : b - offset])
+        self._store(offset, view.nbytes, lambda a, b: view[a - offset : b - offset], view=view)
 
     def flush(self) -> None:
         """Commit the pool: every acknowledged write and unmap (of all its disks) is durable."""
@@ -136,16 +144,27 @@ class DedupBackend(PoolDisk["DedupPool"]):
 
     def _store(self, offset: int, length: int,
                source: Callable[[int, int], bytes | memoryview], *,
-               uniform: bytes | None = None) -> None:
+               uniform: bytes | None = None, view: memoryview | None = None) -> None:
         """Give [offset, offset+length) the bytes `source(a, b)` returns for [a, b) in it;
-        `uniform`: every whole chunk of the range holds these bytes (hashed once)."""
+        `uniform`: every whole chunk of the range holds these bytes (hashed once); `view`:
+        the bytes of the whole range (what `source` slices), cut into chunks in one pass."""
         cs, size, end = self.chunk_size, self.size, offset + length
         first, last = offset // cs, _ceil_div(end, cs)
         zero = self._zero
+        fingerprint = self.pool.fingerprint
         uniform_fp = None if uniform is None or uniform == zero else fingerprint(uniform)
         whole: list[tuple[int, bytes | memoryview | None, bytes | None]] = []
         partial: list[int] = []
-        for idx in range(first, last):
+        rest: Sequence[int] = range(first, last)
+        if view is not None and uniform is None:
+            lo, hi = _ceil_div(offset, cs), end // cs  # the chunks [offset, end) covers whole
+            if lo < hi:
+                pieces = [view[a : a + cs] for a in range(lo * cs - offset, hi * cs - offset, cs)]
+                whole = [(idx, None, None) if _is_zero(piece, zero)
+                         else (idx, piece, fingerprint(piece))
+                         for idx, piece in zip(range(lo, hi), pieces, strict=True)]
+                rest = [*range(first, lo), *range(hi, last)]
+        for idx in rest:
             a, b = idx * cs, min((idx + 1) * cs, size)  # the short last chunk counts up to size
             if a < offset or b > end:
                 partial.append(idx)
@@ -156,7 +175,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
                 piece = source(a, b)
                 if len(piece) < cs:
                     piece = bytes(piece) + zero[len(piece):]
-                whole.append((idx, None, None) if piece == zero else
+                whole.append((idx, None, None) if _is_zero(piece, zero) else
                              (idx, piece, fingerprint(piece)))
         pool = self.pool
         with pool.lock:

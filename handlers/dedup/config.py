@@ -37,6 +37,8 @@ from .store import (
     COMPRESSION_CODES,
     DEFAULT_CHUNK,
     DEFAULT_DEAD_PERCENT,
+    DEFAULT_FINGERPRINT,
+    FINGERPRINTS,
     MAX_CHUNK,
     MIN_CHUNK,
     CollectorSettings,
@@ -195,6 +197,9 @@ def main(argv: list[str]) -> int:
                    help="percentage of capacity that raises a unit attention (default 80)")
     c.add_argument("--compression", choices=sorted(COMPRESSION_CODES), default="none",
                    help="how new chunks are stored (default none)")
+    c.add_argument("--fingerprint", choices=FINGERPRINTS, default=None,
+                   help=f"chunk identity of a new pool: xxh3-128 (confirmed by comparing "
+                   f"bytes) or sha256 (default {DEFAULT_FINGERPRINT})")
     c.add_argument("--chunk-size", default=str(DEFAULT_CHUNK),
                    help=f"chunk size of a new pool, {MIN_CHUNK}..{MAX_CHUNK} (default 4K)")
     s = sub.add_parser("status", help="a pool's figures (also while it is served)")
@@ -210,7 +215,7 @@ def main(argv: list[str]) -> int:
     if args.cmd == "create-pool":
         ensure_pool(args.path, args.name, _size_arg("--capacity", args.capacity),
                     args.soft_threshold, _size_arg("--chunk-size", args.chunk_size),
-                    args.compression)
+                    args.compression, args.fingerprint)
         return 0
     if args.cmd == "status":
         found = [read_pool_status(path).as_dict() for path in args.paths]

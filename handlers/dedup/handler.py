@@ -76,7 +76,7 @@ class DedupHandler(Handler):
     SAME+UNMAP / GET LBA STATUS, soft threshold unit attentions, DATA PROTECT when full."""
 
     subtype = "dedup"
-    description = "deduplicating disk in a shared pool (SHA-256 chunks, SQLite index)"
+    description = "deduplicating disk in a shared pool (XXH3 + byte compare, SQLite index)"
     config_sections = (_section.SECTION,)
     takes_pool = True
 

@@ -6,7 +6,9 @@ Rules this file obeys
 
       pool.json          {"version": 1, "kind": "dedup", "name", "capacity", "soft_threshold",
                           "chunk_size"}; with compression {"version": 2, ...,
-                          "compression": "zstd"}           (replaced atomically, statefile)
+                          "compression": "zstd"}; with a fingerprint other than SHA-256
+                          {"version": 3, ..., "fingerprint": "xxh3-128"}
+                                                           (replaced atomically, statefile)
       index.sqlite       the fingerprint index, the block maps, the containers (+ -wal, -shm)
       containers/NNNNNNNN.dat   chunk data, append-only
       .lock              flock'd while a process has the pool open
@@ -16,13 +18,24 @@ Rules this file obeys
   last chunk is stored padded with zeros). Chunk ``i`` of disk ``d`` is the row ``map(d, i)``
   naming a row of ``chunks``; **no row means zeros** (LBPRZ=1): an all-zero chunk costs no data
   and no chunk, and writing zeros, UNMAP and WRITE SAME with UNMAP all just delete map rows.
-* Identity is the SHA-256 of the chunk's bytes (hashlib; ``chunks.fp`` is UNIQUE). A
-  cryptographic 256-bit hash cannot silently merge different data (a collision has never been
-  found; by the birthday bound 2**64 chunks have a ~2**-128 chance of one), so equal fingerprints
-  are taken as equal bytes without reading them back. Measured on the development machine
-  (x86-64 with SHA extensions, CPython 3.11, OpenSSL): 3.6 us per 4 KiB chunk (1.1 GB/s);
-  BLAKE2b-256 took 7.1 us, so the "fast hash + byte compare" alternative would save nothing and
-  cost a read per duplicate.
+* Identity: a fingerprint of the chunk's bytes (``chunks.fp`` is UNIQUE), chosen when the pool
+  is created (``pool.json`` ``fingerprint``):
+
+  - ``xxh3-128`` (new pools): XXH3-128 (``xxhash``, 16 bytes), **confirmed by comparing
+    bytes**: a write whose fingerprint names a stored chunk (or an earlier chunk of the same
+    command) reads that chunk back and takes it only if the bytes are equal. A chunk whose XXH3
+    equals a different chunk's is stored under its SHA-256 (32 bytes: the two kinds never
+    meet in the index), which later copies find in turn. So a collision, accidental or
+    crafted, costs a second lookup and never merges different data.
+  - ``sha256`` (pools made before, or asked for): SHA-256 alone, trusted as identity (a
+    collision has never been found; 2**64 chunks have a ~2**-128 chance of one).
+
+  Measured on the development machine (x86-64 with SHA extensions, CPython 3.11): SHA-256
+  0.72 ms per MiB (2.8 us per 4 KiB chunk), XXH3-128 0.047 ms per MiB; the comparison costs a
+  4 KiB ``pread`` (~2 us) per duplicate chunk. A 1 MiB write of unique chunks went from 3.4-3.9
+  to 2.5-2.8 ms CPU, of 90 % duplicates from 2.2-2.4 to 1.8-2.0 ms (benchmarks/dedup_profile.py,
+  docs/benchmarks.md). BLAKE2b took 1.3 ms per MiB. `check` verifies each chunk against the
+  fingerprint its row holds (the length says which).
 * Compression (optional, per pool, changeable): a new chunk is stored zstd-compressed (the
   ``zstandard`` binding of the reference C library) when that saves at least 512 bytes, and
   its row records how (``compression`` 0 none, 1 zstd; ``length`` the stored bytes), so a pool
@@ -44,8 +57,10 @@ Rules this file obeys
   file descriptor per container read; nothing grows with the number of chunks.
 * Cost per command: a fixed number of SQL statements whatever the number of chunks
   (`DedupPool.put`: ``IN`` lookups, one range query, one ``executemany`` per table, the new
-  chunks appended with one ``pwrite`` per container), so a 1 MiB write is dominated by
-  SHA-256 (~1 ms per MiB) and SQLite's B-tree inserts, not by Python per chunk.
+  chunks appended with one ``pwritev`` per container), so a 1 MiB write is dominated by
+  SQLite's B-tree inserts (chunk row, its fingerprint and container index entries, map row),
+  not by Python per chunk. A read goes from the map cache straight into the command's buffer
+  (one ``preadv`` per run of chunks that lie back to back in a container).
 
 Crash ordering (what makes a power cut safe)
 --------------------------------------------
@@ -90,6 +105,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import xxhash
+
 from tcmu_py.errors import ConfigError
 from tcmu_py.statefile import (
     invalid,
@@ -115,6 +132,15 @@ CONFIG_LOCK_FILE = ".pool.json.lock"
 #: refuses such a pool instead of reading compressed bytes as data).
 POOL_FORMAT_VERSION = 1
 POOL_FORMAT_COMPRESSED = 2
+#: pool.json's version when its ``fingerprint`` is not SHA-256 (with or without compression):
+#: a version that only knows SHA-256 refuses the pool instead of deduplicating by the wrong hash.
+POOL_FORMAT_FINGERPRINT = 3
+#: The fingerprint of a pool's chunks (``pool.json`` ``fingerprint``; a pool without one:
+#: "sha256"): "sha256" is trusted as identity; "xxh3-128" (new pools) is confirmed by comparing
+#: bytes, and a chunk whose XXH3 equals a stored chunk's while its bytes differ is stored under
+#: its SHA-256 instead (see the module doc). A stored fingerprint's length says which it is.
+FINGERPRINTS = ("sha256", "xxh3-128")
+DEFAULT_FINGERPRINT = "xxh3-128"
 #: Per-chunk compression codes (``chunks.compression``) by the pool's ``compression`` setting.
 COMPRESSION_CODES = {"none": 0, "zstd": 1}
 #: zstd level: 3 (the library's default) costs ~10-40 us per 4 KiB chunk here.
@@ -149,6 +175,7 @@ _IN_BATCH = 500
 _IDX_BITS = 48
 #: A map cache value: the chunk's location packed in one int (`_pack_loc`), or `_ZEROS`.
 _ZEROS = -1
+_OFFSET_MASK = (1 << 40) - 1
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _CONTAINER_RE = re.compile(r"(\d{8})\.dat\Z")
@@ -181,8 +208,24 @@ CREATE TABLE map(
 
 
 def fingerprint(data: bytes | memoryview) -> bytes:
-    """The chunk's identity: SHA-256 (see the module doc for why and what it costs)."""
+    """SHA-256: the identity of a chunk of a "sha256" pool, and of a chunk of an "xxh3-128"
+    pool whose XXH3 collides with a different stored chunk (32 bytes)."""
     return hashlib.sha256(data).digest()
+
+
+def fast_fingerprint(data: bytes | memoryview) -> bytes:
+    """XXH3-128: the fingerprint of an "xxh3-128" pool's chunks, confirmed by comparing bytes
+    (16 bytes, so it is never taken for a SHA-256 one)."""
+    return xxhash.xxh3_128_digest(data)
+
+
+def _as_bytes(data: bytes | memoryview) -> bytes:
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+def fingerprint_matches(data: bytes | memoryview, fp: bytes) -> bool:
+    """Whether `fp`, a stored fingerprint of either kind (told by its length), is `data`'s."""
+    return (fingerprint(data) if len(fp) == 32 else fast_fingerprint(data)) == fp
 
 
 def check_name(kind: str, name: str) -> str:
@@ -235,6 +278,7 @@ class DedupPoolConfig:
     soft_threshold: int | None
     chunk_size: int
     compression: str = "none"  # how new chunks are stored; each chunk records its own
+    fingerprint: str = "sha256"  # fixed when the pool is created (`FINGERPRINTS`)
 
     def to_doc(self) -> dict[str, Any]:
         doc = {"version": POOL_FORMAT_VERSION, "kind": "dedup", "name": self.name,
@@ -242,6 +286,8 @@ class DedupPoolConfig:
                "chunk_size": self.chunk_size}
         if self.compression != "none":
             doc |= {"version": POOL_FORMAT_COMPRESSED, "compression": self.compression}
+        if self.fingerprint != "sha256":
+            doc |= {"version": POOL_FORMAT_FINGERPRINT, "fingerprint": self.fingerprint}
         return doc
 
     @classmethod
@@ -250,9 +296,11 @@ class DedupPoolConfig:
         what was expected."""
         if not isinstance(doc, dict):
             raise invalid(where, "(top level)", doc, "a JSON object (a dedup pool file)")
-        if doc.get("version", _MISSING) not in (POOL_FORMAT_VERSION, POOL_FORMAT_COMPRESSED):
+        if doc.get("version", _MISSING) not in (POOL_FORMAT_VERSION, POOL_FORMAT_COMPRESSED,
+                                                POOL_FORMAT_FINGERPRINT):
             raise invalid(where, "version", doc.get("version", _MISSING),
-                          f"{POOL_FORMAT_VERSION} or {POOL_FORMAT_COMPRESSED} (the pool formats "
+                          f"{POOL_FORMAT_VERSION}, {POOL_FORMAT_COMPRESSED} or "
+                          f"{POOL_FORMAT_FINGERPRINT} (the pool formats "
                           "this version reads)")
         if doc.get("kind", _MISSING) != "dedup":
             raise invalid(where, "kind", doc.get("kind", _MISSING), "'dedup' (a dedup pool)")
@@ -274,6 +322,8 @@ class DedupPoolConfig:
             get("chunk_size", is_chunk_size, _CHUNK_EXPECTED),
             get("compression", lambda v: v in COMPRESSION_CODES,
                 f"one of {', '.join(COMPRESSION_CODES)}", default="none"),
+            get("fingerprint", lambda v: v in FINGERPRINTS,
+                f"one of {', '.join(FINGERPRINTS)}", default="sha256"),
         )
 
 
@@ -339,6 +389,21 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
+#: Buffers per ``pwritev`` (Linux's IOV_MAX is 1024).
+_IOV_MAX = 1024
+
+
+def _pwritev_all(fd: int, datas: Sequence[bytes | memoryview], offset: int) -> None:
+    """Write `datas` back to back at `offset`, all of them (a short write is continued)."""
+    for i in range(0, len(datas), _IOV_MAX):
+        part = datas[i : i + _IOV_MAX]
+        want = sum(len(d) for d in part)
+        n = os.pwritev(fd, part, offset)
+        if n < want:  # rare (a signal, a full file system): finish with plain writes
+            _pwrite_all(fd, b"".join(part)[n:], offset + n)
+        offset += want
+
+
 def _compress(data: bytes | memoryview, code: int) -> tuple[bytes | memoryview, int]:
     """(bytes to store, their compression code): compressed with `code` when that saves at
     least one 512-byte sector's worth, else as is (code 0)."""
@@ -370,7 +435,7 @@ def _pack_loc(container: int, offset: int, length: int, compression: int) -> int
 
 
 def _unpack_loc(loc: int) -> tuple[int, int, int, int]:
-    return loc >> 64, loc >> 24 & (1 << 40) - 1, loc >> 4 & (1 << 20) - 1, loc & 15
+    return loc >> 64, loc >> 24 & _OFFSET_MASK, loc >> 4 & (1 << 20) - 1, loc & 15
 
 
 def _db_error(exc: sqlite3.Error) -> OSError:
@@ -515,9 +580,18 @@ class DedupPool(PhysicalPool):
         #: `MAP_CACHE_ENTRIES` it becomes the old one (the previous old one is dropped); a hit
         #: in the old one is copied to the young one (least recently used out, approximately,
         #: in O(1)). Young is looked up first, so a stale old entry is never used. Both are
-        #: dropped whenever rows may have changed behind them (`_forget`).
+        #: dropped whenever rows may have changed behind them (`_forget`: a rollback, a disk's
+        #: removal). A chunk the collector moves keeps its cached old location, which stays
+        #: right (its bytes are not touched) until the collector deletes that container and
+        #: drops the entries naming it (`_forget_container`).
         self._locs: dict[int, int] = {}
         self._old_locs: dict[int, int] = {}
+        self._zero_chunk = bytes(config.chunk_size)
+        #: The fingerprint function of the pool's chunks; `_confirm_bytes`: a match is only
+        #: taken once the bytes compare equal (the fast, non-cryptographic one).
+        self.fingerprint: Callable[[bytes | memoryview], bytes] = (
+            fingerprint if config.fingerprint == "sha256" else fast_fingerprint)
+        self._confirm_bytes = config.fingerprint != "sha256"
 
     # ------------------------------------------------------------------------------------------
     # Opening and closing
@@ -862,29 +936,27 @@ class DedupPool(PhysicalPool):
 
     def _append_many(self, datas: Sequence[bytes | memoryview]) -> list[tuple[int, int]]:
         """Append each of `datas` to the active container (a new one when it is full), one
-        ``pwrite`` per container; their (container, offset). Inside the open transaction;
-        durable at `commit`."""
+        ``pwritev`` per container (the pieces are not joined first); their (container,
+        offset). Inside the open transaction; durable at `commit`."""
         out: list[tuple[int, int]] = []
-        pending: list[bytes | memoryview] = []
-        pending_at = (0, 0)  # container, offset of pending[0]
-        for data in datas:
+        ends = self._ends
+        i = 0
+        while i < len(datas):
             cid = self._active
-            if (cid is None or self._ends[cid] + len(data) > self.container_bytes
-                    and self._ends[cid]):
-                if pending:
-                    _pwrite_all(self._fd(pending_at[0]), b"".join(pending), pending_at[1])
-                    pending = []
+            if cid is None or ends[cid] + len(datas[i]) > self.container_bytes and ends[cid]:
                 cid = self._new_container()
-            offset = self._ends[cid]
-            if not pending:
-                pending_at = (cid, offset)
-            pending.append(data)
-            self._ends[cid] = offset + len(data)
+            start = pos = ends[cid]
+            j = i
+            while j < len(datas) and (pos + len(datas[j]) <= self.container_bytes
+                                      or pos == start):
+                out.append((cid, pos))
+                pos += len(datas[j])
+                j += 1
+            _pwritev_all(self._fd(cid), datas[i:j], start)
+            ends[cid] = pos
             self._dirty.add(cid)
-            self._figures.used += len(data)
-            out.append((cid, offset))
-        if pending:
-            _pwrite_all(self._fd(pending_at[0]), b"".join(pending), pending_at[1])
+            self._figures.used += pos - start
+            i = j
         return out
 
     def _new_container(self) -> int:
@@ -934,25 +1006,83 @@ class DedupPool(PhysicalPool):
             self._disk_ids[disk] = did
             return int(did)
 
-    def read_chunks(self, did: int, first: int, last: int) -> dict[int, bytes]:
-        """Chunks [first, last) of disk `did` that hold data, by index (absent: zeros).
-        Locations come from the pool's bounded map cache (`MAP_CACHE_ENTRIES`) when it has
-        every index of the range, else from one range query that refills it."""
-        with self.lock:
-            base = did << _IDX_BITS
-            found: list[tuple[int, int]] = []
-            for idx in range(first, last):
-                key = base | idx
-                loc = self._locs.get(key)
+    def _locations(self, did: int, first: int, last: int) -> list[tuple[int, int]]:
+        """(index, packed location or `_ZEROS`) of chunks [first, last) of disk `did` (lock
+        held): from the pool's bounded map cache (`MAP_CACHE_ENTRIES`) when it has every index
+        of the range, else from one range query that refills it."""
+        base = did << _IDX_BITS
+        locs, old_locs = self._locs, self._old_locs
+        found: list[tuple[int, int]] = []
+        for idx in range(first, last):
+            key = base | idx
+            loc = locs.get(key)
+            if loc is None:
+                loc = old_locs.get(key)
                 if loc is None:
-                    loc = self._old_locs.get(key)
-                    if loc is None:
-                        found = self._lookup(did, first, last)
-                        break
-                    self._remember(((key, loc),))
-                found.append((idx, loc))
-            return {idx: self._chunk_data(*_unpack_loc(loc)) for idx, loc in found
-                    if loc != _ZEROS}
+                    return self._lookup(did, first, last)
+                self._remember(((key, loc),))
+            found.append((idx, loc))
+        return found
+
+    def read_chunks(self, did: int, first: int, last: int) -> dict[int, bytes]:
+        """Chunks [first, last) of disk `did` that hold data, by index (absent: zeros)."""
+        with self.lock:
+            return {idx: self._chunk_data(*_unpack_loc(loc))
+                    for idx, loc in self._locations(did, first, last) if loc != _ZEROS}
+
+    def read_into(self, did: int, offset: int, view: memoryview) -> None:
+        """Fill `view` (a contiguous byte buffer) with disk `did`'s bytes from `offset` (absent
+        chunks: zeros). Stored uncompressed chunks are read straight into `view`, one
+        ``preadv`` per run of chunks that lie back to back in one container (a sequential
+        write's chunks do), so a read costs no copy and no intermediate bytes. Under the pool
+        lock, as every container read (the collector deletes containers)."""
+        cs = self._config.chunk_size
+        end = offset + view.nbytes
+        first, last = offset // cs, -(-end // cs)
+        with self.lock:
+            if last - first == 1:  # the usual small read: one cached, uncompressed chunk
+                loc = self._locs.get(did << _IDX_BITS | first)
+                if loc is not None and loc != _ZEROS and not loc & 15:
+                    cid, off = loc >> 64, (loc >> 24 & _OFFSET_MASK) + offset - first * cs
+                    fd = self._fds.get(cid)
+                    if fd is None or os.preadv(fd, [view], off) != view.nbytes:
+                        self._read_run(cid, off, view)
+                    return
+            found = self._locations(did, first, last)
+            run_cid = run_off = run_at = run_n = 0  # pending preadv: container, offset, view
+            for idx, loc in found:
+                a, b = max(idx * cs, offset), min((idx + 1) * cs, end)
+                at, n, inner = a - offset, b - a, a - idx * cs
+                if loc != _ZEROS and loc & 15 == 0:
+                    cid, off = loc >> 64, (loc >> 24 & _OFFSET_MASK) + inner
+                    if run_n and cid == run_cid and off == run_off + run_n:
+                        run_n += n
+                        continue
+                    if run_n:
+                        self._read_run(run_cid, run_off, view[run_at : run_at + run_n])
+                    run_cid, run_off, run_at, run_n = cid, off, at, n
+                    continue
+                if run_n:
+                    self._read_run(run_cid, run_off, view[run_at : run_at + run_n])
+                    run_n = 0
+                if loc == _ZEROS:
+                    view[at : at + n] = self._zero_chunk[:n]
+                else:
+                    view[at : at + n] = self._chunk_data(*_unpack_loc(loc))[inner : inner + n]
+            if run_n:
+                self._read_run(run_cid, run_off, view[run_at : run_at + run_n])
+
+    def _read_run(self, cid: int, offset: int, view: memoryview) -> None:
+        """Read container `cid` from `offset` into all of `view` (lock held); OSError EIO if
+        the container ends first."""
+        fd = self._fd(cid)
+        got = os.preadv(fd, [view], offset)
+        while got < view.nbytes:
+            more = os.preadv(fd, [view[got:]], offset + got)
+            if not more:
+                raise OSError(errno.EIO, f"container {cid} ends at {offset + got}, expected "
+                              f"{view.nbytes} bytes at {offset}")
+            got += more
 
     def _lookup(self, did: int, first: int, last: int) -> list[tuple[int, int]]:
         """Packed locations of chunks [first, last) of disk `did` from the index (`_ZEROS`:
@@ -981,6 +1111,11 @@ class DedupPool(PhysicalPool):
     def _forget(self) -> None:
         """Drop the map cache (rows may have changed behind it)."""
         self._locs, self._old_locs = {}, {}
+
+    def _forget_container(self, cid: int) -> None:
+        """Drop the map cache entries naming container `cid` (about to be deleted)."""
+        self._locs = {k: v for k, v in self._locs.items() if v >> 64 != cid}
+        self._old_locs = {k: v for k, v in self._old_locs.items() if v >> 64 != cid}
 
     def mapped_indexes(self, did: int, first: int, last: int) -> list[int]:
         with self.lock:
@@ -1011,21 +1146,17 @@ class DedupPool(PhysicalPool):
             # chunk id -> [refcount, container, offset, length, compression]
             info: dict[int, list[int]] = {}
             found: dict[bytes, int] = {}  # fp -> chunk id
-            fps = list({fp for _, _, fp in chunks if fp is not None})
-            for i in range(0, len(fps), _IN_BATCH):
-                part = fps[i : i + _IN_BATCH]
-                for chunk, fp, rc, cid, off, length, z in db.execute(
-                        "SELECT id, fp, refcount, container, offset, length, compression FROM "
-                        f"chunks WHERE fp IN ({','.join('?' * len(part))})", part):
-                    found[fp] = chunk
-                    info[chunk] = [rc, cid, off, length, z]
+            self._find({fp for _, _, fp in chunks if fp is not None}, found, info)
+            if self._confirm_bytes:
+                chunks = self._confirmed(chunks, found, info)
             new: dict[bytes, bytes | memoryview] = {}
             for _, data, fp in chunks:
                 if fp is not None and fp not in found and fp not in new:
                     assert data is not None
                     new[fp] = data
             code = COMPRESSION_CODES[self._config.compression]
-            stored = [(fp, *_compress(data, code)) for fp, data in new.items()]
+            stored = ([(fp, data, 0) for fp, data in new.items()] if code == 0 else
+                      [(fp, *_compress(data, code)) for fp, data in new.items()])
             self._reserve(sum(len(d) for _, d, _ in stored))
             f = self._figures
             saved = (_Figures(f.used, f.live_bytes, f.live_chunks, f.mapped), dict(self._ends),
@@ -1034,15 +1165,14 @@ class DedupPool(PhysicalPool):
             self._begin()
             db.execute("SAVEPOINT put")
             try:
-                new_ids: set[int] = set()
+                new_ids = range(self._next_chunk, self._next_chunk + len(stored))
                 if stored:
                     places = self._append_many([d for _, d, _ in stored])
-                    for (fp, data, used_code), (cid, off) in zip(stored, places, strict=True):
-                        chunk = self._next_chunk
-                        self._next_chunk += 1
-                        found[fp] = chunk
-                        info[chunk] = [0, cid, off, len(data), used_code]
-                        new_ids.add(chunk)
+                    for new_id, (fp, data, used_code), (cid, off) in zip(
+                            new_ids, stored, places, strict=True):
+                        found[fp] = new_id
+                        info[new_id] = [0, cid, off, len(data), used_code]
+                    self._next_chunk += len(stored)
                 idxs = [idx for idx, _, _ in chunks]
                 old: dict[int, int] = dict(db.execute(
                     "SELECT idx, chunk FROM map WHERE disk=? AND idx>=? AND idx<=?",
@@ -1098,8 +1228,9 @@ class DedupPool(PhysicalPool):
                     db.executemany(
                         "INSERT INTO chunks(id, fp, container, offset, length, refcount, "
                         "compression) VALUES(?, ?, ?, ?, ?, ?, ?)",
-                        [(found[fp], fp, *info[found[fp]][1:4], info[found[fp]][0], z)
-                         for fp, _, z in stored])
+                        [(chunk, fp, row[1], row[2], row[3], row[0], row[4])
+                         for chunk, (fp, _, _) in zip(new_ids, stored, strict=True)
+                         for row in (info[chunk],)])
                 if upserts:
                     db.executemany("INSERT OR REPLACE INTO map VALUES(?, ?, ?)", upserts)
                 if deletes:
@@ -1122,12 +1253,58 @@ class DedupPool(PhysicalPool):
                     raise _db_error(exc) from exc
                 raise
             base = did << _IDX_BITS
-            self._remember([(base | idx, _ZEROS if fp is None else
-                             _pack_loc(*info[found[fp]][1:5]))  # type: ignore[misc]
+            packed = {fp: _pack_loc(*info[chunk][1:5])  # type: ignore[misc]
+                      for fp, chunk in found.items()}
+            packed[None] = _ZEROS  # type: ignore[index]
+            self._remember([(base | idx, packed[fp])  # type: ignore[index]
                             for idx, _, fp in chunks])
             self._changes += len(chunks)
             if durable or self._changes >= GROUP_CHANGES:
                 self.commit()
+
+    def _find(self, fps: set[bytes], found: dict[bytes, int],
+              info: dict[int, list[int]]) -> None:
+        """Look the fingerprints `fps` up (``IN`` queries): found[fp] = chunk id, info[chunk id]
+        = [refcount, container, offset, length, compression] (lock held)."""
+        want = list(fps)
+        for i in range(0, len(want), _IN_BATCH):
+            part = want[i : i + _IN_BATCH]
+            for chunk, fp, rc, cid, off, length, z in self._db.execute(
+                    "SELECT id, fp, refcount, container, offset, length, compression FROM "
+                    f"chunks WHERE fp IN ({','.join('?' * len(part))})", part):
+                found[fp] = chunk
+                info[chunk] = [rc, cid, off, length, z]
+
+    def _confirmed(self, chunks: Sequence[tuple[int, bytes | memoryview | None, bytes | None]],
+                   found: dict[bytes, int], info: dict[int, list[int]]
+                   ) -> list[tuple[int, bytes | memoryview | None, bytes | None]]:
+        """`chunks` (fast fingerprints) with each match confirmed by bytes (lock held): a chunk
+        whose fingerprint names a stored chunk or an earlier chunk of the command keeps it only
+        if the bytes are equal; else it takes its SHA-256 (`fingerprint`), looked up in turn
+        (into `found` and `info`). So equal fingerprints never merge different bytes."""
+        seen: dict[bytes, bytes | memoryview] = {}  # fp -> the bytes it stands for here
+        out: list[tuple[int, bytes | memoryview | None, bytes | None]] = []
+        strong: set[bytes] = set()
+        for item in chunks:
+            idx, data, fp = item
+            if fp is None:
+                out.append(item)
+                continue
+            assert data is not None
+            ref = seen.get(fp)
+            if ref is None:
+                chunk = found.get(fp)
+                ref = seen[fp] = data if chunk is None else self._chunk_data(*info[chunk][1:5])
+            # bytes == bytes is a memcmp; a memoryview compares item by item (~55 us per 4 KiB)
+            if data is ref or _as_bytes(data) == _as_bytes(ref):
+                out.append(item)
+            else:  # a different chunk with the same XXH3: it goes by its SHA-256
+                key = fingerprint(data)
+                strong.add(key)
+                out.append((idx, data, key))
+        if strong:
+            self._find(strong, found, info)
+        return out
 
     def _reserve(self, need: int) -> None:
         """Raise SpaceAllocationFailed unless `need` more bytes fit; count a soft-threshold
@@ -1257,7 +1434,8 @@ class DedupPool(PhysicalPool):
                         db.execute("UPDATE containers SET dead = dead + ? WHERE id=?",
                                    (length, cid))
                         moved += length
-                    self._forget()  # the moved chunks' locations changed
+                    # The map cache keeps the moved chunks' old locations: their bytes stay
+                    # there, unchanged, until the container is deleted (below).
                     self.commit()
                     self._compact_moved += moved
                     return CollectProgress(0, moved, 0, self.dead_bytes(), False)
@@ -1271,6 +1449,7 @@ class DedupPool(PhysicalPool):
                     self._abort()
                 raise
             self._compacting = None
+            self._forget_container(cid)
             fd = self._fds.pop(cid, None)
             if fd is not None:
                 os.close(fd)
@@ -1337,7 +1516,7 @@ class DedupPool(PhysicalPool):
                     data = self._chunk_data(cid, off, length, z)
                 except OSError:
                     data = b""
-                if fingerprint(data) != fp:
+                if not fingerprint_matches(data, fp):
                     report.problems.append(f"chunk {chunk}: bytes in container {cid} at {off} "
                                            "do not match its fingerprint")
                     bad.append(chunk)
@@ -1430,13 +1609,17 @@ def _disk_rows(db: sqlite3.Connection, chunk_size: int) -> tuple[DiskStatus, ...
 
 
 def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None = 80,
-                chunk_size: int = DEFAULT_CHUNK, compression: str = "none") -> DedupPoolConfig:
+                chunk_size: int = DEFAULT_CHUNK, compression: str = "none",
+                fingerprint: str = DEFAULT_FINGERPRINT) -> DedupPoolConfig:
     """Create a pool in directory `path` (created if missing; must hold no pool yet), with its
-    empty index. Raises ConfigError for a bad name/capacity/threshold/chunk size/compression, a
-    pool there already, or a capacity the file system cannot hold."""
+    empty index. Raises ConfigError for a bad name/capacity/threshold/chunk size/compression/
+    fingerprint, a pool there already, or a capacity the file system cannot hold."""
     check_name("pool", name)
     _check_pool_args(path, capacity, soft_threshold, chunk_size)
     _check_compression(path, compression)
+    if fingerprint not in FINGERPRINTS:
+        raise ConfigError(f"{path}: fingerprint {fingerprint!r}: expected one of "
+                          f"{', '.join(FINGERPRINTS)}")
     make_private_dirs(path)
     path = os.path.realpath(path)
     with _config_lock(path):
@@ -1449,20 +1632,24 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
                               "hold")
         make_private_dirs(os.path.join(path, CONTAINER_DIR))
         _connect(os.path.join(path, DB_FILE)).close()
-        config = DedupPoolConfig(name, capacity, soft_threshold, chunk_size, compression)
+        config = DedupPoolConfig(name, capacity, soft_threshold, chunk_size, compression,
+                                 fingerprint)
         # pool.json last: a pool exists once its index does.
         write_json(os.path.join(path, POOL_FILE), config.to_doc(), indent=2)
     return config
 
 
 def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None = 80,
-                chunk_size: int = DEFAULT_CHUNK, compression: str = "none") -> DedupPoolConfig:
+                chunk_size: int = DEFAULT_CHUNK, compression: str = "none",
+                fingerprint: str | None = None) -> DedupPoolConfig:
     """Make the pool at `path` match a declaration: create it, or update its capacity, soft
-    threshold and compression (the live pool's if open here). The chunk size of an existing
-    pool cannot change: a different one is a ConfigError."""
+    threshold and compression (the live pool's if open here). The chunk size and fingerprint
+    of an existing pool cannot change: a different one is a ConfigError (`fingerprint` None:
+    `DEFAULT_FINGERPRINT` for a new pool, whatever an existing one has)."""
     real = os.path.realpath(path)
     if not os.path.exists(os.path.join(real, POOL_FILE)):
-        return create_pool(path, name, capacity, soft_threshold, chunk_size, compression)
+        return create_pool(path, name, capacity, soft_threshold, chunk_size, compression,
+                           DEFAULT_FINGERPRINT if fingerprint is None else fingerprint)
     _check_pool_args(real, capacity, soft_threshold, chunk_size)
     _check_compression(real, compression)
     with _open_pools_lock:
@@ -1471,6 +1658,9 @@ def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
     where = os.path.join(real, POOL_FILE)
     if current.name != name:
         raise ConfigError(f"{where}: pool is named {current.name!r}, expected {name!r}")
+    if fingerprint is not None and current.fingerprint != fingerprint:
+        raise ConfigError(f"{where}: fingerprint {fingerprint!r}: the pool was created with "
+                          f"{current.fingerprint!r}, which cannot change")
     if current.chunk_size != chunk_size:
         raise ConfigError(f"{where}: chunk_size {chunk_size}: the pool was created with "
                           f"{current.chunk_size}, which cannot change")
