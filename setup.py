@@ -1,4 +1,4 @@
-"""Builds the cffi ring binding (API mode) during `pip install`; metadata lives in pyproject.toml."""
+"""Builds the cffi ring binding (API mode) at `pip install`; metadata lives in pyproject.toml."""
 
 from setuptools import setup
 
