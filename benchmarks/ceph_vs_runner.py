@@ -11,8 +11,9 @@ Host side: boots the lab kernel (`labbench.boot_guest`) and runs this file again
 Guest side (``--guest``): starts the tests' cluster (`tcmu_py.testing.ceph_cluster`: 1 mon,
 1 mgr, 3 memstore OSDs, pool ``rbd`` of size 2), makes two images of the same size in that pool
 (``py`` and ``runner``), serves ``py`` with tcmu-py's ``ceph`` and ``runner`` with Debian's
-tcmu-runner ``rbd`` (both through librbd with its defaults: ``rbd_cache`` on; both backstores
-``emulate_write_cache=1``, 512 KiB commands, a 64 MiB data area, I/O scheduler "none"), fills
+tcmu-runner ``rbd`` (both backstores ``emulate_write_cache=1``, 512 KiB commands, a 64 MiB data
+area, I/O scheduler "none"; tcmu-py's librbd then runs with ``rbd_cache`` on, as WCE says,
+tcmu-runner's always with it off; ``--no-py-write-cache`` gives tcmu-py WCE=0), fills
 both images whole with random data (reads of never-written RBD objects would not reach an OSD),
 then for every repetition and workload runs the two targets back to back, alternating which goes
 first (drift in the shared host's load spreads over both).
@@ -142,7 +143,7 @@ def guest(args: argparse.Namespace) -> int:
         conf = cluster.conf
         devs = {
             "tcmu-py ceph": disks.export("cephpy", f"ceph/image=rbd/py;conf={conf};id=admin",
-                                         size),
+                                         size, write_cache=args.py_write_cache),
             "tcmu-runner rbd": disks.export("rbdrunner",
                                             f"rbd/rbd/runner;conf={conf};id=admin", size,
                                             served=runner_opened),
@@ -262,6 +263,8 @@ def host(args: argparse.Namespace) -> int:
         guest_args += ["--only", args.only]
     if args.profile:
         guest_args += ["--profile", args.profile]
+    if not args.py_write_cache:
+        guest_args += ["--no-py-write-cache"]
     n = len(select(WORKLOADS, args.only))
     budget = 1200 + args.reps * n * 2 * (args.seconds + 120)
     out = args.out.resolve()
@@ -301,6 +304,10 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated workload names (default: all six)")
     ap.add_argument("--profile", default="",
                     help="workloads to run once more on tcmu-py under py-spy (OUT/profile-*)")
+    ap.add_argument("--py-write-cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="tcmu-py's backstore with emulate_write_cache=1 (WCE; librbd's "
+                    "rbd_cache follows it), as by default; --no-py-write-cache: WCE=0, "
+                    "rbd_cache off, as tcmu-runner's rbd always runs librbd")
     ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     return guest(args) if args.guest else host(args)

@@ -114,11 +114,12 @@ class GuestDisks:
         return any(d["name"] == name and not d["failed"] for d in st["devices"])
 
     def export(self, name: str, config: str, size: int,
-               served: Callable[[UserBackstore], bool] | None = None) -> Path:
+               served: Callable[[UserBackstore], bool] | None = None,
+               write_cache: bool = True) -> Path:
         """Create backstore `name` (dev_config `config`, `size` bytes), wait until the daemon
         serves it (`served`, for a backstore another daemon serves, e.g. tcmu-runner; by
         default: this daemon's status lists it), export it on a tcm_loop LUN; returns its
-        block device."""
+        block device. `write_cache`: ``emulate_write_cache`` (WCE), on by default."""
         from guestlib import (
             DEFAULT_CONTROL,
             UserBackstore,
@@ -136,7 +137,7 @@ class GuestDisks:
                    "hw_max_sectors": 1024, "max_data_area_mb": 64}
         for key, value in control.items():
             write_attr(bs.path / "control", f"{key}={value}")
-        write_attr(bs.path / "attrib" / "emulate_write_cache", 1)
+        write_attr(bs.path / "attrib" / "emulate_write_cache", int(write_cache))
         write_attr(bs.path / "enable", 1)
         wait_for(lambda: served(bs) if served else self.served(name), 120,
                  f"daemon serving {name}")
