@@ -13,9 +13,12 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from guestlib import UserBackstore
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -110,9 +113,13 @@ class GuestDisks:
             return False
         return any(d["name"] == name and not d["failed"] for d in st["devices"])
 
-    def export(self, name: str, config: str, size: int) -> Path:
+    def export(self, name: str, config: str, size: int,
+               served: Callable[[UserBackstore], bool] | None = None,
+               write_cache: bool = True) -> Path:
         """Create backstore `name` (dev_config `config`, `size` bytes), wait until the daemon
-        serves it, export it on a tcm_loop LUN; returns its block device."""
+        serves it (`served`, for a backstore another daemon serves, e.g. tcmu-runner; by
+        default: this daemon's status lists it), export it on a tcm_loop LUN; returns its
+        block device. `write_cache`: ``emulate_write_cache`` (WCE), on by default."""
         from guestlib import (
             DEFAULT_CONTROL,
             UserBackstore,
@@ -130,9 +137,10 @@ class GuestDisks:
                    "hw_max_sectors": 1024, "max_data_area_mb": 64}
         for key, value in control.items():
             write_attr(bs.path / "control", f"{key}={value}")
-        write_attr(bs.path / "attrib" / "emulate_write_cache", 1)
+        write_attr(bs.path / "attrib" / "emulate_write_cache", int(write_cache))
         write_attr(bs.path / "enable", 1)
-        wait_for(lambda: self.served(name), 120, f"daemon serving {name}")
+        wait_for(lambda: served(bs) if served else self.served(name), 120,
+                 f"daemon serving {name}")
         write_attr(bs.path / "attrib" / "cmd_time_out", CMD_TIMEOUT)
         lun = create_loopback_lun(bs, cleanup=self.cleanup)
         dev: Path = lun.wait_device("block", 180)

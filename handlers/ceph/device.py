@@ -108,6 +108,14 @@ def scsi_error(exc: BaseException, writing: bool) -> BaseException:
     return WriteError(str(exc)) if writing else MediumError(str(exc))
 
 
+def _read_error(exc: BaseException) -> BaseException:
+    return scsi_error(exc, False)
+
+
+def _write_error(exc: BaseException) -> BaseException:
+    return scsi_error(exc, True)
+
+
 def when_all(futures: Sequence[Future[int]], result: Any, writing: bool) -> Future[Any]:
     """A Future of `result` once every one of `futures` resolved, or of the first failure's
     sense (`scsi_error`)."""
@@ -425,7 +433,10 @@ class CephDevice(BlockDevice):
         bufs = cmd.data_in
         if length != cmd.data_in_length:
             bufs = slice_views(bufs, 0, length)
-        return when_all([self.image.aio_readv(lba * self.block_size, bufs)], length, False)
+        # One Future, resolved by librbd's completion with the final answer (no second one
+        # chained to it): this path runs for every READ.
+        return self.image.aio_readv(lba * self.block_size, bufs, value=length,
+                                    map_error=_read_error)
 
     @command(Opcode.WRITE_6)
     @command(Opcode.WRITE_10)
@@ -439,11 +450,12 @@ class CephDevice(BlockDevice):
         if not length:
             return None
         self.check_ready()
+        if not (fua and self.backend.write_cache):
+            return self.image.aio_writev(lba * self.block_size, cmd.data_out,  # as READ
+                                         value=None, map_error=_write_error)
         fut = self.image.aio_writev(lba * self.block_size, cmd.data_out)
-        if fua and self.backend.write_cache:
-            # SBC-4 5.49: FUA — on non-volatile media (librbd's cache flushed) before GOOD.
-            fut = then(fut, self.image.aio_flush)
-        return when_all([fut], None, True)
+        # SBC-4 5.49: FUA — on non-volatile media (librbd's cache flushed) before GOOD.
+        return when_all([then(fut, self.image.aio_flush)], None, True)
 
     @command(Opcode.SYNCHRONIZE_CACHE_10)
     @command(Opcode.SYNCHRONIZE_CACHE_16)

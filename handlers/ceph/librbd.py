@@ -261,23 +261,31 @@ class IoCtx:
             self._lib.rados_ioctx_destroy(h)
 
 
+#: `_Op.value` by default: the Future gives librbd's return value.
+RETURN_VALUE: Any = object()
+
+
 class _Op:
     """One asynchronous operation in flight: its Future, and every C object librbd may touch
-    until the completion callback ran (buffers, iovecs, the mismatch offset)."""
+    until the completion callback ran (buffers, iovecs, the mismatch offset). With `value`
+    set, the Future resolves to it instead of librbd's return value; with `map_error`, a
+    failure is ``map_error(RadosError)`` (the device's sense) instead of the `RadosError`: the
+    caller gets its final answer from this one Future, with no second Future chained to it."""
 
-    __slots__ = ("future", "keep", "mismatch", "handle", "completion")
+    __slots__ = ("future", "keep", "mismatch", "handle", "value", "map_error")
 
-    def __init__(self) -> None:
-        self.future: Future[int] = Future()
+    def __init__(self, value: Any = RETURN_VALUE, map_error: Any = None) -> None:
+        self.future: Future[Any] = Future()
         self.keep: list[Any] = []
         self.mismatch: Any = None
         self.handle: Any = None
-        self.completion: Any = None
+        self.value = value
+        self.map_error = map_error
 
 
-#: Operations in flight by id: keeps each `_Op` (and its cffi handle) alive until its callback.
-_inflight: dict[int, _Op] = {}
-_inflight_lock = threading.Lock()
+#: Operations in flight: keeps each `_Op` (and its cffi handle) alive until its callback.
+#: (A set's add and discard are atomic under the GIL: no lock on the I/O path.)
+_inflight: set[_Op] = set()
 
 
 @_ffi.callback("void(rbd_completion_t, void *)")
@@ -286,20 +294,21 @@ def _complete(c: Any, arg: Any) -> None:
     lib = rbd()
     rc = int(lib.rbd_aio_get_return_value(c))
     lib.rbd_aio_release(c)
-    with _inflight_lock:
-        _inflight.pop(id(op), None)
+    _inflight.discard(op)
     # Break op <-> handle and drop the buffers now, by reference counting: left to the cycle
     # collector, a cffi view could be cleared after the memoryview it exports (BufferError,
     # then a crash in the collector).
     op.handle = None
     op.keep.clear()
     if rc < 0:
-        err = RadosError(-rc, os.strerror(-rc))
+        err: BaseException = RadosError(-rc, os.strerror(-rc))
         if rc == -_errno.EILSEQ and op.mismatch is not None:
             err.mismatch = int(op.mismatch[0])  # type: ignore[attr-defined]
+        if op.map_error is not None:
+            err = op.map_error(err)
         op.future.set_exception(err)
     else:
-        op.future.set_result(rc)
+        op.future.set_result(rc if op.value is RETURN_VALUE else op.value)
 
 
 @_ffi.callback("int(uint64_t, size_t, int, void *)")
@@ -426,7 +435,7 @@ class Image:
     # -- asynchronous I/O -------------------------------------------------------------------
 
     def _start(self, what: str, call: Any, *, keep: Sequence[Any] = (),
-               op: _Op | None = None) -> Future[int]:
+               op: _Op | None = None) -> Future[Any]:
         """Create a completion, run ``call(image, completion)`` (a lambda around one
         ``rbd_aio_*``) and return the operation's Future; `keep` stays referenced until the
         callback ran."""
@@ -436,16 +445,15 @@ class Image:
         c = _ffi.new("rbd_completion_t *")
         check(self._lib.rbd_aio_create_completion(op.handle, _complete, c),
               "rbd_aio_create_completion")
-        with _inflight_lock:
-            _inflight[id(op)] = op
+        _inflight.add(op)
         rc = call(self._h, c[0])
         if rc < 0:
-            with _inflight_lock:
-                _inflight.pop(id(op), None)
+            _inflight.discard(op)
             self._lib.rbd_aio_release(c[0])
             op.handle = None
             op.keep.clear()
-            op.future.set_exception(RadosError(-rc, f"{what} {self.name}: {os.strerror(-rc)}"))
+            err: BaseException = RadosError(-rc, f"{what} {self.name}: {os.strerror(-rc)}")
+            op.future.set_exception(err if op.map_error is None else op.map_error(err))
         return op.future
 
     @staticmethod
@@ -459,17 +467,23 @@ class Image:
             iov[i].iov_len = len(b)
         return iov, keep
 
-    def aio_readv(self, offset: int, bufs: Sequence[memoryview]) -> Future[int]:
+    def aio_readv(self, offset: int, bufs: Sequence[memoryview], *, value: Any = RETURN_VALUE,
+                  map_error: Any = None) -> Future[Any]:
+        """Read into `bufs` from `offset`. The Future gives librbd's return value (bytes
+        read), or `value` if given (None included); it fails with a `RadosError`, or what
+        `map_error` makes of it (`_Op`)."""
         iov, keep = self._iovecs(bufs, True)
         n = len(bufs)
         return self._start("readv", lambda h, c: self._lib.rbd_aio_readv(h, iov, n, offset, c),
-                           keep=keep)
+                           keep=keep, op=_Op(value, map_error))
 
-    def aio_writev(self, offset: int, bufs: Sequence[memoryview]) -> Future[int]:
+    def aio_writev(self, offset: int, bufs: Sequence[memoryview], *, value: Any = RETURN_VALUE,
+                   map_error: Any = None) -> Future[Any]:
+        """Write `bufs` at `offset`; the Future as for `aio_readv`."""
         iov, keep = self._iovecs(bufs, False)
         n = len(bufs)
         return self._start("writev", lambda h, c: self._lib.rbd_aio_writev(h, iov, n, offset, c),
-                           keep=keep)
+                           keep=keep, op=_Op(value, map_error))
 
     def aio_discard(self, offset: int, length: int) -> Future[int]:
         return self._start("discard",

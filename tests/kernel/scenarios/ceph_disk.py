@@ -20,6 +20,13 @@ disk did 67 random 16 KiB writes a second at queue depth 8 on a quiet host, 27 a
    completed before the kill.
 5. ``fio_iscsi``: a ``ceph`` device exported over iSCSI (YAML ``exports.iscsi``, 127.0.0.1),
    open-iscsi logged in over TCP: fio with verification on the session's disk.
+6. ``cluster_pause``: every daemon of the cluster SIGSTOPped for ~8 s while fio writes and
+   verifies (``osd_op_timeout=5``): commands answer the retryable NOT READY 02h/04h/01h, the
+   kernel retries them, fio ends without error once the cluster runs again; no command took
+   the device's cmd_time_out, no task hung (hung_task_timeout_secs lowered to 20 s meanwhile).
+7. ``two_gateways``: two devices on one image opened by different Ceph clients: the exclusive
+   lock decides, the loser answers NOT READY 02h/04h/03h and refuses I/O, the winner's data
+   is intact; the winner removed, the loser takes the lock by itself and reads that data.
 """
 
 from __future__ import annotations
@@ -651,6 +658,272 @@ def fio_iscsi(ctx: Context) -> None:
     _iscsi_logout()
     ctx.details["serve_start_seconds"] = serve.starts
     serve.stop()
+    _no_hung_tasks()
+    ctx.details["check_seconds"] = round(time.monotonic() - t_check, 1)
+    ctx.details["seconds"] = round(time.monotonic() - t0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole cluster stopped; two gateways on one image
+
+
+def _max_latency_bound(ctx: Context, run_dir: Path, device: str) -> float:
+    """A lower bound of the longest command `device` took, from the daemon's latency
+    histogram: the lower edge of its highest non-empty bucket (buckets are 19 % wide)."""
+    from tcmu_py.device.latency import latency_bucket_upper
+
+    st = _status(ctx, run_dir)
+    hist = next(d["counters"]["latency_hist"] for d in st["devices"] if d["name"] == device)
+    top = max((i for i, n in enumerate(hist) if n), default=0)
+    return latency_bucket_upper(top - 1) if top else 0.0
+
+
+def _errors(ctx: Context, run_dir: Path, device: str) -> int:
+    st = _status(ctx, run_dir)
+    return sum(d["counters"]["errors"] for d in st["devices"] if d["name"] == device)
+
+
+#: Seconds a task may stay blocked before the kernel reports it (hung_task_timeout_secs) while
+#: the whole cluster is stopped: below the device's cmd_time_out (30 s), so a command held to
+#: the kernel's timeout would show as a hung task.
+HUNG_TASK_SECONDS = 20
+
+
+@scenario(timeout=1200)
+def cluster_pause(ctx: Context) -> None:
+    """Every daemon of the cluster (mon, mgr, OSDs) stopped with SIGSTOP while fio writes and
+    verifies: commands answer the retryable NOT READY 02h/04h/01h after ``osd_op_timeout``
+    (5 s), which the kernel retries; once the cluster runs again fio ends without error and
+    verifies, no command took the device's cmd_time_out (30 s), no task hung."""
+    t0 = time.monotonic()
+    cluster = shared_cluster(ctx)
+    t_check = time.monotonic()
+    size, wwn, name = 16 * MIB, "naa.5001405000ce0006", "ceph5"
+    cfg = ctx.workdir / f"{name}.yaml"
+    cfg.write_text(
+        f"state_dir: {ctx.workdir / 'state'}\n"
+        "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16}\n"
+        "devices:\n"
+        f"  - name: {name}\n    handler: ceph\n    size: {size // MIB}M\n    wwn: {wwn}\n"
+        "    cmd_time_out: 30\n"
+        f"    options: {{image: {POOL}/pause, conf: {cluster.conf}, id: admin, create: true,"
+        " osd_op_timeout: 5}\n"
+        "exports:\n  loopback:\n"
+        f"    - {{device: {name}, lun: 0}}\n")
+    serve = Serve(ctx, cfg)
+    serve.start()
+    dev = wait_for(lambda: disk_by_wwn(wwn), ctx.remaining(120), f"{name} ({wwn})")
+    hung = Path("/proc/sys/kernel/hung_task_timeout_secs")
+    old_hung = hung.read_text().strip()
+    hung.write_text(str(HUNG_TASK_SECONDS))
+    ctx.cleanup.callback(hung.write_text, old_hung)
+    out = ctx.workdir / "fio-pause.json"
+    argv = ["fio", "--name=pause", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
+            "--iodepth=4", "--rw=write", "--bs=64k", "--size=6M", "--rate_iops=6",
+            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json",
+            f"--output={out}"]
+    log(f"$ {' '.join(argv)} &")
+    fio = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           start_new_session=True)
+    ctx.cleanup.callback(_kill_if_running, fio)
+    wait_for(lambda: _writes(ctx, serve.run_dir, name) >= 12, ctx.remaining(120),
+             "fio to get going")
+    state = _load_state()
+    pids = list(state["pids"].values())
+    errors_before = _errors(ctx, serve.run_dir, name)
+    writes_before = _writes(ctx, serve.run_dir, name)
+
+    def resume() -> None:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGCONT)
+
+    ctx.cleanup.callback(resume)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    log(f"cluster stopped (SIGSTOP {sorted(state['pids'])}) with fio writing")
+    # Stopped until the device answered a retryable error (osd_op_timeout after the first
+    # command that reached the cluster), and at least 8 s.
+    wait_for(lambda: _errors(ctx, serve.run_dir, name) > errors_before
+             and time.monotonic() - stopped >= 8, ctx.remaining(120),
+             "a command to fail while the cluster is stopped", max_interval=0.5)
+    writes_stopped = _writes(ctx, serve.run_dir, name) - writes_before
+    resume()
+    paused = time.monotonic() - stopped
+    ctx.details["paused_seconds"] = round(paused, 1)
+    log(f"cluster resumed after {paused:.1f} s")
+    try:
+        _, err = fio.communicate(timeout=ctx.remaining(400))
+    except subprocess.TimeoutExpired:
+        fio.kill()
+        raise AssertionError("fio did not finish after the cluster came back") from None
+    resumed_for = round(time.monotonic() - stopped - paused, 1)
+    text = out.read_text(errors="replace") if out.exists() else ""
+    (ctx.artifacts / "fio-pause.json").write_text(text)
+    assert fio.returncode == 0, f"fio exit {fio.returncode}: {err.decode()[-3000:]}"
+    job = json.loads(text[text.index("{"):])["jobs"][0]
+    assert job["error"] == 0, job
+    ctx.details["fio_pause"] = _fio_figures(job)
+    ctx.details["fio_end_after_resume_seconds"] = resumed_for
+    retryable = _errors(ctx, serve.run_dir, name) - errors_before
+    ctx.details["retryable_errors"] = retryable
+    ctx.details["writes_while_stopped"] = writes_stopped
+    assert retryable > 0, "no command failed while the cluster was stopped"
+    longest = _max_latency_bound(ctx, serve.run_dir, name)
+    ctx.details["longest_command_at_least_seconds"] = round(longest, 2)
+    assert longest < 30, f"a command took at least {longest:.1f} s (cmd_time_out 30 s)"
+    # The disk keeps working: a pattern written and read back past fio's region.
+    tail = _pattern("after-pause", MIB)
+    _dd_write(ctx, dev, size - MIB, tail)
+    assert _dd_read(ctx, dev, size - MIB, MIB) == tail, "write after the pause differs"
+    serve.stop()
+    _no_hung_tasks()
+    ctx.details["check_seconds"] = round(time.monotonic() - t_check, 1)
+    ctx.details["seconds"] = round(time.monotonic() - t0, 1)
+
+
+def _sg_io(dev: Path, cdb: bytes, data_in: int = 0) -> tuple[int, bytes]:
+    """One SCSI command through SG_IO (Linux sg v3): (status, sense bytes)."""
+    import ctypes
+    import fcntl
+
+    class SgIoHdr(ctypes.Structure):
+        _fields_ = [("interface_id", ctypes.c_int), ("dxfer_direction", ctypes.c_int),
+                    ("cmd_len", ctypes.c_ubyte), ("mx_sb_len", ctypes.c_ubyte),
+                    ("iovec_count", ctypes.c_ushort), ("dxfer_len", ctypes.c_uint),
+                    ("dxferp", ctypes.c_void_p), ("cmdp", ctypes.c_void_p),
+                    ("sbp", ctypes.c_void_p), ("timeout", ctypes.c_uint),
+                    ("flags", ctypes.c_uint), ("pack_id", ctypes.c_int),
+                    ("usr_ptr", ctypes.c_void_p), ("status", ctypes.c_ubyte),
+                    ("masked_status", ctypes.c_ubyte), ("msg_status", ctypes.c_ubyte),
+                    ("sb_len_wr", ctypes.c_ubyte), ("host_status", ctypes.c_ushort),
+                    ("driver_status", ctypes.c_ushort), ("resid", ctypes.c_int),
+                    ("duration", ctypes.c_uint), ("info", ctypes.c_uint)]
+
+    cdb_buf = ctypes.create_string_buffer(cdb, len(cdb))
+    sense = ctypes.create_string_buffer(64)
+    data = ctypes.create_string_buffer(max(data_in, 1))
+    hdr = SgIoHdr(interface_id=ord("S"), dxfer_direction=-3 if data_in else -1,
+                  cmd_len=len(cdb), mx_sb_len=64, dxfer_len=data_in,
+                  dxferp=ctypes.addressof(data), cmdp=ctypes.addressof(cdb_buf),
+                  sbp=ctypes.addressof(sense), timeout=60_000)
+    fd = os.open(dev, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, 0x2285, hdr)  # SG_IO
+    finally:
+        os.close(fd)
+    return hdr.status, sense.raw[:hdr.sb_len_wr]
+
+
+def _tur(dev: Path) -> tuple[int, tuple[int, int, int] | None]:
+    """TEST UNIT READY: (status, (sense key, ASC, ASCQ) of fixed-format sense or None)."""
+    status, sense = _sg_io(dev, bytes(6))
+    if len(sense) >= 14 and sense[0] & 0x7F in (0x70, 0x71):
+        return status, (sense[2] & 0x0F, sense[12], sense[13])
+    return status, None
+
+
+#: NOT READY / LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED: the lock is elsewhere.
+NOT_READY_LOCKED = (0x02, 0x04, 0x03)
+
+
+@scenario(timeout=1200)
+def two_gateways(ctx: Context) -> None:
+    """Two ``ceph`` devices on ONE image, opened by different Ceph clients (client.admin and a
+    client.gw2 made here), each on its own tcm_loop LUN (one daemon serves both: a second
+    ``serve`` would claim the first one's ring too). The exclusive lock decides: the first
+    opened serves, the second answers NOT READY 02h/04h/03h to TEST UNIT READY and refuses
+    reads and writes; what the winner wrote is intact after the loser's attempts. The winner
+    removed (its lock released), the loser takes the lock by itself (it retries every 5 s),
+    serves, and reads the winner's data."""
+    t0 = time.monotonic()
+    cluster = shared_cluster(ctx)
+    t_check = time.monotonic()
+    image, size = "gateways", 16 * MIB
+    admin = cluster.admin()
+    try:
+        out, _ = admin.mon_command({"prefix": "auth get-or-create", "entity": "client.gw2",
+                                    "caps": ["mon", "profile rbd", "osd",
+                                             f"profile rbd pool={POOL}"],
+                                    "format": "json"})
+        key = out[0]["key"]
+        io = admin.ioctx(POOL)
+        try:
+            io.create_image(image, size)
+        finally:
+            io.close()
+    finally:
+        admin.shutdown()
+    keyring = ctx.workdir / "gw2.keyring"
+    keyring.write_text(f"[client.gw2]\n\tkey = {key}\n")
+    run_dir = ctx.workdir / "run"
+    ready = ctx.workdir / "serve.ready"
+    daemon = Daemon(tcmu_py("serve", "--run-dir", str(run_dir), "--ready-file", str(ready)),
+                    ctx.artifacts / "daemon.log")
+    daemon.start(ready=ready.exists, timeout=ctx.remaining(300))
+    ctx.cleanup.callback(daemon.stop, 60)
+
+    def served(name: str) -> bool:
+        from tcmu_py.errors import TcmuError
+
+        try:
+            st = _status(ctx, run_dir)
+        except TcmuError:
+            return False
+        return any(d["name"] == name and d["failed"] is None for d in st["devices"])
+
+    def gateway(name: str, extra: str) -> tuple[Any, Any, Path]:
+        bs = create_user_backstore(
+            name, f"ceph/image={POOL}/{image};conf={cluster.conf};{extra}", size,
+            cleanup=ctx.cleanup)
+        wait_for(lambda: served(name), ctx.remaining(120), f"tcmu-py to serve {name}")
+        lun = create_loopback_lun(bs, cleanup=ctx.cleanup)
+        return bs, lun, lun.wait_device("block", ctx.remaining(180))
+
+    bs_a, lun_a, dev_a = gateway("gwa", "id=admin")
+    assert _tur(dev_a) == (0, None), _tur(dev_a)
+    data = _pattern("winner", 2 * MIB)
+    _dd_write(ctx, dev_a, MIB, data)
+    bs_b, lun_b, dev_b = gateway("gwb", f"id=gw2;keyring={keyring}")
+    ctx.details["setup_seconds"] = round(time.monotonic() - t_check, 1)
+
+    # The lock decides: A serves, B is NOT READY (manual intervention: another gateway).
+    status, codes = _tur(dev_b)
+    ctx.details["loser_tur"] = {"status": status, "sense": codes}
+    assert (status, codes) == (2, NOT_READY_LOCKED), (status, codes)
+    read10 = bytes([0x28, 0, 0, 0, 0x08, 0, 0, 0, 8, 0])  # READ(10) LBA 2048, 8 blocks
+    status, sense = _sg_io(dev_b, read10, 8 * 512)
+    assert status == 2 and sense[2] & 0x0F == 2 and sense[12:14] == b"\x04\x03", \
+        (status, sense.hex())
+    bad = ctx.workdir / "loser.bin"
+    bad.write_bytes(_pattern("loser", 64 << 10))
+    w = run(["dd", f"if={bad}", f"of={dev_b}", "bs=64k", f"seek={MIB // (64 << 10)}",
+             "oflag=direct", "conv=notrunc", "status=none"], timeout=ctx.remaining(120),
+            check=False)
+    assert w.returncode != 0, "the loser accepted a write"
+    assert _tur(dev_a) == (0, None)
+    assert _dd_read(ctx, dev_a, MIB, len(data)) == data, "winner's data changed"
+
+    # The winner lets go (its LUN and backstore removed: tcmu-py closes the image): the loser
+    # takes the lock within its 5 s retry and serves the winner's data.
+    lun_a.unlink()
+    bs_a.remove()
+    released = time.monotonic()
+    wait_for(lambda: _tur(dev_b) == (0, None), ctx.remaining(120),
+             "the loser to take the lock", max_interval=0.5)
+    takeover = round(time.monotonic() - released, 1)
+    ctx.details["takeover_seconds"] = takeover
+    log(f"gwb serves {takeover} s after gwa was removed")
+    assert takeover < 30, f"takeover took {takeover} s (lock retried every 5 s)"
+    assert _dd_read(ctx, dev_b, MIB, len(data)) == data, \
+        "the new lock holder reads something else than what the winner wrote"
+    more = _pattern("new-holder", MIB)
+    _dd_write(ctx, dev_b, 8 * MIB, more)
+    assert _dd_read(ctx, dev_b, 8 * MIB, MIB) == more, "new holder: read back differs"
+    lun_b.unlink()
+    bs_b.remove()
+    daemon.stop(60)
     _no_hung_tasks()
     ctx.details["check_seconds"] = round(time.monotonic() - t_check, 1)
     ctx.details["seconds"] = round(time.monotonic() - t0, 1)

@@ -1,0 +1,317 @@
+"""tcmu-py's ``ceph`` handler vs tcmu-runner's ``rbd`` handler on one Ceph cluster, in one lab
+VM boot: the six fio workloads of docs/benchmarks.md on each (issue 15).
+
+    .venv/bin/python benchmarks/ceph_vs_runner.py --out results/ceph_vs_runner \\
+        [--seconds 8] [--reps 2] [--size-mib 32] [--only randread-4k-qd1,...]
+
+Host side: boots the lab kernel (`labbench.boot_guest`) and runs this file again inside with
+``--guest``; then prints per-workload medians and the ceph/rbd ratio, and writes
+``OUT/summary.json``.
+
+Guest side (``--guest``): starts the tests' cluster (`tcmu_py.testing.ceph_cluster`: 1 mon,
+1 mgr, 3 memstore OSDs, pool ``rbd`` of size 2), makes two images of the same size in that pool
+(``py`` and ``runner``), serves ``py`` with tcmu-py's ``ceph`` and ``runner`` with Debian's
+tcmu-runner ``rbd`` (both backstores ``emulate_write_cache=1``, 512 KiB commands, a 64 MiB data
+area, I/O scheduler "none"; tcmu-py's librbd then runs with ``rbd_cache`` on, as WCE says,
+tcmu-runner's always with it off; ``--no-py-write-cache`` gives tcmu-py WCE=0), fills
+both images whole with random data (reads of never-written RBD objects would not reach an OSD),
+then for every repetition and workload runs the two targets back to back, alternating which goes
+first (drift in the shared host's load spreads over both).
+
+fio: libaio, direct=1, time_based, one job. Results go to ``OUT/runs.json`` (appended after each
+run) and ``OUT/done.json``; the daemons' CPU seconds over each run are recorded too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from labbench import MIB, REPO, GuestDisks, boot_guest, select
+
+# (name, fio rw, block size, queue depth): docs/benchmarks.md's six.
+WORKLOADS = (
+    ("randread-4k-qd1", "randread", "4k", 1),
+    ("randread-4k-qd32", "randread", "4k", 32),
+    ("randwrite-4k-qd1", "randwrite", "4k", 1),
+    ("randwrite-4k-qd32", "randwrite", "4k", 32),
+    ("read-1m-qd8", "read", "1M", 8),
+    ("write-1m-qd8", "write", "1M", 8),
+)
+TARGETS = ("tcmu-py ceph", "tcmu-runner rbd")
+
+
+# --------------------------------------------------------------------------------------------
+# Guest side
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` and its threads, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of process `pid`'s threads, summed by thread name (digits dropped: the
+    ``msgr-worker-N`` of librados, Python's threads all carry the process's name)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            head, rest = task.joinpath("stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        name = re.sub(r"\d+", "N", head.split("(", 1)[1])
+        f = rest.split()
+        out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / tick
+    return out
+
+
+def _profile(pid: int, seconds: float, raw: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy (the virtualenv's, if installed) sampling `pid` for `seconds`, collapsed stacks
+    per thread into `raw`; None without py-spy."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        return None
+    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration",
+                             f"{int(seconds) + 2}", "--rate", "97", "--format", "raw",
+                             "--threads", "--nonblocking", "--output", str(raw)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def guest(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(REPO / "tests" / "kernel"))
+    from guestlib import Cleanup, Daemon, log, run
+
+    from tcmu_py.testing.ceph_cluster import start_cluster
+
+    workloads = select(WORKLOADS, args.only)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("TCMU_PY_SCRATCH", "/tmp/scratch")) / "cephbench"
+    work.mkdir(parents=True, exist_ok=True)
+    size = args.size_mib * MIB
+    env: dict[str, Any] = {"load_start": Path("/proc/loadavg").read_text().split()[:3]}
+    runs: list[dict[str, Any]] = []
+    with Cleanup() as cleanup:
+        t0 = time.monotonic()
+        cluster = start_cluster(work / "c")
+        cleanup.callback(cluster.stop)
+        env["cluster_start_seconds"] = round(time.monotonic() - t0, 1)
+        log(f"cluster started in {env['cluster_start_seconds']} s")
+        admin = cluster.admin()
+        try:
+            io = admin.ioctx("rbd")
+            try:
+                for image in ("py", "runner"):
+                    io.create_image(image, size)
+            finally:
+                io.close()
+        finally:
+            admin.shutdown()
+
+        disks = GuestDisks(work, out, cleanup)  # tcmu-py serve (no D-Bus yet: none claimed)
+        serve_pid = disks_pid(disks)
+        Path("/run/dbus").mkdir(parents=True, exist_ok=True)
+        run(["dbus-daemon", "--system", "--fork"], timeout=60)
+        logdir = work / "runner-log"
+        logdir.mkdir(exist_ok=True)
+        runner = Daemon(["tcmu-runner", "--tcmu-log-dir", str(logdir)], out / "tcmu-runner.log")
+        cleanup.callback(lambda: shutil.copy(logdir / "tcmu-runner.log",
+                                             out / "tcmu-runner-file.log"))
+        cleanup.callback(runner.stop, 60)
+        runner.start()
+        assert runner.proc is not None
+        runner_pid = runner.proc.pid
+
+        def runner_opened(bs: Any) -> bool:
+            found = bs.find_uio()
+            if found is None:
+                return False
+            fds = Path(f"/proc/{runner_pid}/fd")
+            return any(os.path.realpath(f) == str(found[0]) for f in fds.iterdir())
+
+        conf = cluster.conf
+        devs = {
+            "tcmu-py ceph": disks.export("cephpy", f"ceph/image=rbd/py;conf={conf};id=admin",
+                                         size, write_cache=args.py_write_cache),
+            "tcmu-runner rbd": disks.export("rbdrunner",
+                                            f"rbd/rbd/runner;conf={conf};id=admin", size,
+                                            served=runner_opened),
+        }
+        pids = {"tcmu-py ceph": serve_pid, "tcmu-runner rbd": runner_pid}
+        for name, dev in devs.items():
+            t1 = time.monotonic()
+            run(["dd", "if=/dev/urandom", f"of={dev}", "bs=1M", f"count={args.size_mib}",
+                 "oflag=direct", "status=none"], timeout=900)
+            env[f"fill_seconds {name}"] = round(time.monotonic() - t1, 1)
+            log(f"{name}: {dev} filled in {env[f'fill_seconds {name}']} s")
+        env["versions"] = {"tcmu-runner": run(["tcmu-runner", "--version"], timeout=60,
+                                              check=False).stdout.strip(),
+                           "fio": run(["fio", "--version"], timeout=60).stdout.strip()}
+        for rep in range(args.reps):
+            for i, (wl, rw, bsz, qd) in enumerate(workloads):
+                order = TARGETS if (rep + i) % 2 == 0 else TARGETS[::-1]
+                for target in order:
+                    dev = devs[target]
+                    res_json = work / f"{target.split()[0]}-{wl}-{rep}.json"
+                    ramp = min(1.0, args.seconds / 4)
+                    argv = ["fio", f"--name={wl}", f"--filename={dev}", "--ioengine=libaio",
+                            "--direct=1", f"--rw={rw}", f"--bs={bsz}", f"--iodepth={qd}",
+                            "--numjobs=1", f"--size={args.size_mib}M", "--time_based",
+                            f"--runtime={args.seconds:g}", f"--ramp_time={ramp:g}",
+                            "--norandommap", "--randrepeat=0", "--lat_percentiles=1",
+                            "--output-format=json", f"--output={res_json}"]
+                    cpu0 = _cpu_seconds(pids[target])
+                    threads0 = _thread_cpu(pids[target])
+                    p = run(argv, timeout=args.seconds + 300, check=False)
+                    cpu = _cpu_seconds(pids[target]) - cpu0
+                    threads1 = _thread_cpu(pids[target])
+                    text = res_json.read_text() if res_json.exists() else ""
+                    rec: dict[str, Any] = {"rep": rep, "workload": wl, "target": target,
+                                           "loadavg": Path("/proc/loadavg").read_text().split()[0]}
+                    if p.returncode != 0 or "{" not in text:
+                        rec["failed"] = f"fio exit {p.returncode}: {p.stderr[-1500:]}"
+                    else:
+                        job = json.loads(text[text.index("{"):])["jobs"][0]
+                        side = job["read" if "read" in rw else "write"]
+                        pct = side.get("lat_ns", {}).get("percentile", {})
+                        rec.update(iops=side["iops"], bw_bytes=side["bw_bytes"],
+                                   lat_mean_us=side["lat_ns"]["mean"] / 1000,
+                                   lat_p99_us=pct.get("99.000000", 0.0) / 1000,
+                                   error=job["error"], ios=side["total_ios"],
+                                   server_cpu_s=round(cpu, 2),
+                                   server_cpu_us_per_io=round(
+                                       cpu * 1e6 / max(side["total_ios"], 1)),
+                                   thread_cpu_us_per_io={
+                                       k: round((v - threads0.get(k, 0.0)) * 1e6
+                                                / max(side["total_ios"], 1))
+                                       for k, v in sorted(threads1.items())
+                                       if v - threads0.get(k, 0.0) > 0})
+                    runs.append(rec)
+                    (out / "runs.json").write_text(json.dumps(runs, indent=2))
+                    log(f"rep {rep} {wl} {target}: {rec.get('iops', 0):.0f} IOPS "
+                        f"{rec.get('bw_bytes', 0) / MIB:.1f} MiB/s")
+        for prof_wl in [w for w in workloads if w[0] in args.profile.split(",")]:
+            name, rw, bsz, qd = prof_wl
+            spy = _profile(serve_pid, args.seconds, out / f"profile-{name}.txt")
+            if spy is None:
+                log("no py-spy in the virtualenv: no profile")
+                break
+            time.sleep(1)  # py-spy attached
+            run(["fio", f"--name={name}", f"--filename={devs[TARGETS[0]]}",
+                 "--ioengine=libaio", "--direct=1", f"--rw={rw}", f"--bs={bsz}",
+                 f"--iodepth={qd}", f"--size={args.size_mib}M", "--time_based",
+                 f"--runtime={args.seconds:g}", "--norandommap", "--randrepeat=0",
+                 "--output-format=terse"], timeout=args.seconds + 300, check=False)
+            spy_out, _ = spy.communicate(timeout=args.seconds + 120)
+            (out / f"profile-{name}.log").write_bytes(spy_out)
+        env["load_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
+                                               "cpus": os.cpu_count(), **env}, indent=2))
+    return 0 if all("failed" not in r for r in runs) else 1
+
+
+def disks_pid(disks: GuestDisks) -> int:
+    """The pid of the `tcmu-py serve` behind `disks` (from its status)."""
+    from tcmu_py.daemon.control import query_status
+
+    return int(query_status(disks.run_dir, timeout=30)["pid"])
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median IOPS, MiB/s, mean latency and server CPU per I/O per workload and target, and
+    the ceph/rbd IOPS ratio of the medians."""
+    summary: dict[str, Any] = {}
+    for wl, *_ in WORKLOADS:
+        row: dict[str, Any] = {}
+        for target in TARGETS:
+            ok = [r for r in runs if r["workload"] == wl and r["target"] == target
+                  and "failed" not in r]
+            if ok:
+                row[target] = {
+                    "iops": statistics.median(r["iops"] for r in ok),
+                    "mib_s": statistics.median(r["bw_bytes"] for r in ok) / MIB,
+                    "lat_mean_us": statistics.median(r["lat_mean_us"] for r in ok),
+                    "cpu_us_per_io": statistics.median(r["server_cpu_us_per_io"] for r in ok),
+                    "iops_each": [round(r["iops"], 1) for r in ok],
+                    "runs": len(ok)}
+        if all(t in row for t in TARGETS) and row[TARGETS[1]]["iops"]:
+            row["ratio"] = row[TARGETS[0]]["iops"] / row[TARGETS[1]]["iops"]
+        if row:
+            summary[wl] = row
+    return summary
+
+
+def host(args: argparse.Namespace) -> int:
+    guest_args = ["--seconds", str(args.seconds), "--reps", str(args.reps),
+                  "--size-mib", str(args.size_mib)]
+    if args.only:
+        guest_args += ["--only", args.only]
+    if args.profile:
+        guest_args += ["--profile", args.profile]
+    if not args.py_write_cache:
+        guest_args += ["--no-py-write-cache"]
+    n = len(select(WORKLOADS, args.only))
+    budget = 1200 + args.reps * n * 2 * (args.seconds + 120)
+    out = args.out.resolve()
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    runs = boot_guest(Path(__file__), guest_args, out, budget)
+    if runs is None:
+        return 1
+    summary = summarise(runs)
+    summary["_host_load"] = {"start": load, "end": Path("/proc/loadavg").read_text().split()[:3]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"host load average: start {load}, end {summary['_host_load']['end']}")
+    for wl, row in summary.items():
+        if wl.startswith("_"):
+            continue
+        parts = [f"{t}: {v['iops']:.0f} IOPS {v['mib_s']:.1f} MiB/s "
+                 f"{v['lat_mean_us']:.0f} µs {v['cpu_us_per_io']:.0f} CPU µs/IO {v['iops_each']}"
+                 for t, v in row.items() if isinstance(v, dict)]
+        ratio = f"  ceph/rbd = {row['ratio']:.2f}" if "ratio" in row else ""
+        print(f"{wl}: " + "; ".join(parts) + ratio)
+    for prof in sorted(out.glob("profile-*.txt")):
+        from vm_bench import summarize_profile
+
+        top = summarize_profile(prof.read_text(), top=12)
+        (prof.with_suffix(".json")).write_text(json.dumps(top, indent=2))
+        print(f"{prof.name}: {top['samples']} samples; threads {top['by_thread']}")
+        print("  self:", top["self_by_function"][:10])
+        print("  inclusive:", top["inclusive_by_function"][:12])
+    return 0 if (out / "done.json").exists() else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "ceph_vs_runner")
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--size-mib", type=int, default=32)
+    ap.add_argument("--only", help="comma-separated workload names (default: all six)")
+    ap.add_argument("--profile", default="",
+                    help="workloads to run once more on tcmu-py under py-spy (OUT/profile-*)")
+    ap.add_argument("--py-write-cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="tcmu-py's backstore with emulate_write_cache=1 (WCE; librbd's "
+                    "rbd_cache follows it), as by default; --no-py-write-cache: WCE=0, "
+                    "rbd_cache off, as tcmu-runner's rbd always runs librbd")
+    ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    return guest(args) if args.guest else host(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
