@@ -220,7 +220,10 @@ class _LegState:
         #: In-flight writes on this leg: id -> (start, end); reads avoid legs where they overlap.
         self.pending: dict[int, tuple[int, int]] = {}
         self.reads = 0
-        self.busy = 0  # reads in flight
+        #: Reads in flight on its leg, including reads given up on (a silent leg's) whose
+        #: call has not returned: the leg is not closed (nor reattached) while any is.
+        self.busy = 0
+        self.readers = _Readers(f"mirror-leg{index}-read")
         self.errors = 0
         #: Operations queued on this leg and not answered, oldest first (timeouts, lag).
         self.ops: dict[int, _WriteOp] = {}
@@ -666,6 +669,9 @@ class Mirror:
         op.wait()
 
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Read from one in-sync leg (``read_policy``); a leg that fails the read, or does not
+        answer within ``leg_timeout``, is marked out of sync (recorded on the others) and the
+        read is retried on another in-sync leg before the initiator sees an error."""
         length = sum(len(b) for b in bufs)
         end = offset + length
         tried: set[int] = set()
@@ -687,32 +693,80 @@ class Mirror:
                     self._rr += 1
                 pick.busy += 1
                 wait_for = None if free else pick
-            if wait_for is not None:
-                self._drain(wait_for, offset, end)
             tried.add(pick.index)
             try:
-                assert pick.leg is not None
-                pos = offset
-                for b in bufs:
-                    pick.leg.read(pos, b)
-                    pos += len(b)
+                if wait_for is not None:
+                    self._drain(wait_for, offset, end)
+                self._read_leg(pick, offset, bufs, length)
                 pick.reads += 1
                 return
+            except _ReadTimeout as exc:
+                last = exc
+                log.error("mirror: %s: %s", pick.name(), exc)
+                self._give_up(pick, exc)
             except OSError as exc:
                 last = exc
                 self._fail_leg(pick, exc)
-            finally:
-                with self._lock:
-                    pick.busy -= 1
         if last is not None:
             raise last
         raise OSError(5, "mirror: no leg in sync to read from")
+
+    def _read_leg(self, ls: _LegState, offset: int, bufs: Sequence[memoryview],
+                  length: int) -> None:
+        """Fill `bufs` from `ls` (whose ``busy`` the caller raised; dropped here once the
+        leg's call returned). With a ``leg_timeout`` the call runs on one of the leg's read
+        threads into a buffer of its own, copied into `bufs` only when it answered in time
+        (`_ReadTimeout` otherwise): a late answer never lands in `bufs` (the ring's memory,
+        by then another command's)."""
+        leg = ls.leg
+        timeout = self.cfg.leg_timeout
+        if leg is None or timeout <= 0:
+            try:
+                if leg is None:
+                    raise OSError(5, f"{ls.name()} is closed")
+                pos = offset
+                for b in bufs:
+                    leg.read(pos, b)
+                    pos += len(b)
+            finally:
+                with self._lock:
+                    ls.busy -= 1
+            return
+        own = bytearray(length)
+
+        def call() -> None:
+            try:
+                leg.read(offset, memoryview(own))
+            finally:
+                with self._lock:
+                    ls.busy -= 1
+                    self._lock.notify_all()
+
+        job = ls.readers.submit(call)
+        if not job.done.wait(timeout):
+            raise _ReadTimeout(110, f"no answer to a read within {timeout:g} s")
+        if job.error is not None:
+            raise job.error
+        pos = 0
+        for b in bufs:
+            b[:] = own[pos:pos + len(b)]
+            pos += len(b)
+
+    def _give_up(self, ls: _LegState, exc: OSError) -> None:
+        """`ls` did not answer in time: mark it out of sync and record that on the others
+        (rule 3), then the writes and flushes queued on it go on without it (in that order:
+        none is acknowledged on the strength of the others before the record)."""
+        self._fail_leg(ls, exc)
+        with self._lock:
+            for op in list(ls.ops.values()):
+                op.drop(ls, exc)
 
     def _drain(self, ls: _LegState, start: int, end: int) -> None:
         with self._lock:
             while any(s < end and start < e for s, e in ls.pending.values()) \
                     and ls.state == IN_SYNC:
-                self._lock.wait(1.0)
+                self._reap()  # a leg stuck in the write this read waits for
+                self._lock.wait(0.1)
 
     def flush(self, every_leg: bool = False) -> None:
         """SYNCHRONIZE CACHE: returns once the write quorum (``all``: every in-sync leg) has
@@ -931,6 +985,9 @@ class Mirror:
                 return False
         if not self._stop_worker(ls, wait=1.0):
             return False  # still in its last call (its error says why): next round
+        with self._lock:
+            if ls.busy:
+                return False  # a read given up on is still in the leg's call: next round
         old, ls.leg = ls.leg, None
         if old is not None:
             with contextlib.suppress(OSError):
@@ -1075,12 +1132,79 @@ class Mirror:
         self._closed = self._closing = True
         self._resync_wake.set()
         for ls in self._legs:
-            if not self._stop_worker(ls):
+            ls.readers.stop()
+            if not self._stop_worker(ls) or ls.busy:
                 log.warning("mirror: %s still in a call; left open", ls.name())
                 continue  # closing it under the call is not safe
             if ls.leg is not None:
                 with contextlib.suppress(OSError):
                     ls.leg.close()
+
+
+class _ReadTimeout(OSError):
+    """A leg did not answer a read within ``leg_timeout``."""
+
+
+class _ReadJob:
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting reader
+            self.error = exc
+        finally:
+            self.fn = _nothing  # nothing of the read (its buffer) kept past its end
+            self.done.set()
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Readers:
+    """One leg's read threads: a read runs on one of them so that its caller can stop
+    waiting (`Mirror._read_leg`). Started on demand (a new one when none is idle), daemon
+    threads: one stuck in a silent leg's call never holds up the process's exit. Threads
+    stay idle for the next read; `stop` ends the idle ones and the others when their call
+    returns."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._q: queue.SimpleQueue[_ReadJob | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads = 0
+
+    def submit(self, fn: Callable[[], None]) -> _ReadJob:
+        job = _ReadJob(fn)
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # that idle thread takes it
+            else:
+                self._threads += 1
+                threading.Thread(target=self._loop, name=self.name, daemon=True).start()
+            self._q.put(job)
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            job.run()
+            del job
+            with self._lock:
+                self._idle += 1
+
+    def stop(self) -> None:
+        with self._lock:
+            for _ in range(self._threads):
+                self._q.put(None)
+            self._threads = self._idle = 0
 
 
 class _WriteOp:

@@ -27,6 +27,10 @@ class Store:
         self.data_gate: threading.Event | None = None
         #: Seconds every data-area write takes (a slow leg that still answers).
         self.delay = 0.0
+        #: When set, reads wait for it (a leg that stopped answering reads); and the seconds
+        #: every read takes (a slow leg that still answers).
+        self.read_gate: threading.Event | None = None
+        self.read_delay = 0.0
 
     def check(self, what: str) -> None:
         if self.down:
@@ -61,6 +65,12 @@ class MemoryLeg:
         self.store.check("read")
         if self.store.fail_reads:
             raise OSError(errno.EIO, f"{self.spec}: read error")
+        gate = self.store.read_gate
+        if gate is not None:
+            assert gate.wait(30), "test read gate never opened"
+            self.store.check("read")
+        if self.store.read_delay:
+            time.sleep(self.store.read_delay)
         buf[:] = self.store.data[offset:offset + len(buf)]
 
     def write(self, offset: int, buf: memoryview | bytes, fua: bool = False) -> None:

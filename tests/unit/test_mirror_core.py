@@ -158,6 +158,112 @@ def test_a_failed_read_is_retried_on_another_leg(three: tuple[dict[str, Store], 
     assert [leg["state"] for leg in legs] == [FAILED, IN_SYNC, FAILED]
 
 
+def test_a_read_a_leg_does_not_answer_is_retried_on_another_within_leg_timeout() -> None:
+    """A read sent to a leg that stopped answering waits leg_timeout, not until the leg's
+    transport gives up: it is retried on another in-sync leg, the silent leg is marked out of
+    sync (recorded on the others before the data is returned), and its late answer never
+    reaches the caller's buffer. Reads and writes meanwhile see the latest data; the leg is
+    reattached only once its call returned, then resynced."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, leg_timeout=0.3)
+    gate = threading.Event()
+    try:
+        write(m, 0, b"a" * 8192)
+        st["leg0"].read_gate = gate  # leg 0 stops answering reads
+        buf = bytearray(8192)
+        took = []
+        for _ in range(3):  # round robin: one of these is sent to leg 0 first
+            started = time.monotonic()
+            m.read(0, [memoryview(buf)])
+            took.append(time.monotonic() - started)
+            assert bytes(buf) == b"a" * 8192
+        assert max(took) >= 0.25, took  # one waited for leg 0's timeout ...
+        assert max(took) < 0.3 + 2, took  # ... and not more than a retry after it
+        s = m.status()
+        assert [leg["state"] for leg in s["legs"]] == [FAILED, IN_SYNC, IN_SYNC], s
+        assert "read" in s["legs"][0]["error"], s
+        for name in ("leg1", "leg2"):  # recorded on the others
+            sb = read_superblock(MemoryLeg(st[name]))
+            assert sb is not None and not sb.has(0), sb
+        # the latest data from here on, from the legs in sync, at once
+        write(m, 0, b"b" * 8192)
+        started = time.monotonic()
+        assert read(m, 0, 8192) == b"b" * 8192
+        assert time.monotonic() - started < 0.25
+        assert not m.reattach(0)  # its read is still in the leg's call
+        # leg 0 answers at last, with other bytes: they never reach the caller's buffer
+        st["leg0"].data[:8192] = b"z" * 8192
+        gate.set()
+        assert wait_until(lambda: m.status()["legs"][0]["state"] == FAILED
+                          and not m._legs[0].busy, DEADLINE)
+        assert bytes(buf) == b"a" * 8192
+        assert wait_until(lambda: m.reattach(0), DEADLINE)
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c and a[:8192] == b"b" * 8192
+    finally:
+        gate.set()
+        st["leg0"].read_gate = None
+        m.close()
+
+
+def test_a_read_waiting_for_a_silent_leg_releases_the_writes_queued_on_it() -> None:
+    """Quorum all: writes in flight on a leg whose read timed out go on without it as soon as
+    its failure is recorded, not at their own deadline."""
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True, leg_timeout=0.5)
+    gate, wgate = threading.Event(), threading.Event()
+    try:
+        write(m, 0, b"a" * 4096)
+        st["leg0"].read_gate = gate
+        st["leg0"].data_gate = wgate  # its writes hang too (a silent server)
+        done: list[float] = []
+
+        def writer() -> None:
+            time.sleep(0.3)  # after the read was sent
+            t0 = time.monotonic()
+            write(m, 65536, b"w" * 4096)
+            done.append(time.monotonic() - t0)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        started = time.monotonic()
+        assert read(m, 0, 4096) == b"a" * 4096  # the first read goes to leg 0
+        assert 0.45 <= time.monotonic() - started < 3
+        t.join(DEADLINE)
+        assert done and done[0] < 0.45, done  # released by the read's timeout, not its own
+        assert [leg["state"] for leg in m.status()["legs"]] == [FAILED, IN_SYNC]
+        assert read(m, 65536, 4096) == b"w" * 4096
+    finally:
+        gate.set()
+        wgate.set()
+        st["leg0"].read_gate = st["leg0"].data_gate = None
+        m.close()
+
+
+def test_a_slow_leg_that_answers_reads_within_leg_timeout_stays_in_sync(
+        three: tuple[dict[str, Store], Mirror]) -> None:
+    st, m = three
+    write(m, 0, b"s" * 4096)
+    st["leg1"].read_delay = 0.05  # well within the default leg_timeout
+    for _ in range(6):
+        assert read(m, 0, 4096) == b"s" * 4096
+    s = m.status()
+    assert [leg["state"] for leg in s["legs"]] == [IN_SYNC] * 3, s
+    assert s["legs"][1]["reads"] == 2, s
+
+
+def test_without_leg_timeout_reads_run_on_the_callers_thread() -> None:
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True, leg_timeout=0)
+    try:
+        write(m, 0, b"c" * 4096)
+        assert read(m, 0, 4096) == b"c" * 4096
+        assert not [t for t in threading.enumerate() if t.name.startswith("mirror-leg0-read")]
+    finally:
+        m.close()
+
+
 def test_quorum_loss_refuses_writes_with_data_protect_and_reads_go_on() -> None:
     st = stores(3)
     m = open_mirror(st, assume_clean=True, quorum=2)
