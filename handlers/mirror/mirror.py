@@ -744,7 +744,7 @@ class Mirror:
 
         job = ls.readers.submit(call)
         if not job.done.wait(timeout):
-            raise _ReadTimeout(110, f"no answer to a read within {timeout:g} s")
+            raise _ReadTimeout(110, f"no answer within {timeout:g} s to a read")
         if job.error is not None:
             raise job.error
         pos = 0
