@@ -16,10 +16,11 @@ made here, reached over a veth pair) through tcm_loop, write quorum 2.
    3 the slow leg lags in the background (at least half the writes acknowledged before it had
    them; p50 within 25 ms of the slower baseline, where the slow leg's pace would add 50 ms;
    all three figures recorded), no error, and it catches up still in sync. Then silent
-   (``netem loss 100%``): writes complete at the quorum at once and the leg is marked out of
-   sync after ``leg_timeout`` (3 s); reads meanwhile (six 64 KiB, round robin) complete
-   within ``leg_timeout`` + 7 s with the right data (one sent to the silent leg is retried on
-   another); the network back, the leg is reattached and resynced.
+   (``netem loss 100%``), twice. Reads first (six 64 KiB, round robin): the one sent to the
+   silent leg is answered from another after ``leg_timeout`` (3 s; within it + 7 s), with the
+   right data, and the silent leg is failed by it; the network back, the leg is reattached
+   and resynced. Then writes: they complete at the quorum at once and the leg is marked out
+   of sync after ``leg_timeout``; the network back, reattached and resynced again.
 6. The daemon stopped (clean close: ``tcmu-py mirror verify`` over the three legs finds no
    difference; verify and show run in this process), a split brain is staged in this process
    through the mirror's own API (the local leg and one NBD leg written without the other NBD
@@ -296,7 +297,7 @@ def three_legs(ctx: Context) -> None:
         "    write_cache: true\n"
         f"    options: {{legs: {json.dumps(specs)}, quorum: 2, region: 128K, retry: 1, "
         "assume_clean: true, "  # the legs are new sparse files: zero, equal
-        f"leg_timeout: {LEG_TIMEOUT}, "
+        f"leg_timeout: {LEG_TIMEOUT}, read: round-robin, "
         "resync_rate: 0}\n"
         "exports:\n  loopback:\n    - {device: m0, lun: 0}\n")
     d, run_dir = serve(ctx, cfg)
@@ -431,17 +432,24 @@ def three_legs(ctx: Context) -> None:
     assert slow["p50"] < max(base["p50"], base2["p50"]) + 25, (base, slow, base2)
     m = mirror_status(ctx, run_dir)
     assert leg_states(m) == ["in-sync"] * 3, m  # slow, not failed: no call took leg_timeout
-    tc[2], tc[-4:] = "change", ["loss", "100%"]
-    run(tc, timeout=ctx.remaining(30))
-    t0 = time.monotonic()
-    run(["dd", "if=/dev/urandom", f"of={dev}", "bs=64k", "count=4", "seek=96", "oflag=direct"],
-        timeout=ctx.remaining(120))
-    silent_seconds = time.monotonic() - t0
-    # reads meanwhile (and udev's, after dd's close): round robin sends one to the silent leg
-    # unless it is failed already; such a read is retried on another leg after leg_timeout,
-    # never held until TCP gives up. Each read compared with the local leg's bytes.
+    # Silent (loss 100 %), first for reads: round robin sends one of three reads in a row to
+    # the silent leg (in sync until then); it is answered from another leg after leg_timeout
+    # and the silent leg failed, where it used to wait until TCP gave up. udev's reads after
+    # the fio runs are let finish first: one routed to the silent leg would fail it before ours.
+    def settle_and_silence() -> None:
+        run(["udevadm", "settle", "--timeout=60"], timeout=ctx.remaining(90), check=False)
+        tc[2], tc[-4:] = "change", ["loss", "100%"]
+        run(tc, timeout=ctx.remaining(30))
+
+    def network_back() -> None:
+        run(["tc", "qdisc", "change", "dev", legs[1].host_if, "root", "netem", "delay", "0ms"],
+            timeout=ctx.remaining(30))
+        wait_for(lambda: reattached(ctx, run_dir, [2]), ctx.remaining(90), "leg 2 reattached")
+        resync_done(ctx, run_dir)
+
+    settle_and_silence()
     read_seconds = []
-    for k in range(READS):
+    for k in range(READS):  # each compared with the local leg's bytes
         t1 = time.monotonic()
         out = run(["sh", "-c", f"dd if={dev} bs=64k count=1 skip={k} iflag=direct "
                    "status=none | sha256sum"], timeout=ctx.remaining(LEG_TIMEOUT + 60))
@@ -450,8 +458,21 @@ def three_legs(ctx: Context) -> None:
             fh.seek(k << 16)
             want = hashlib.sha256(fh.read(1 << 16)).hexdigest()
         assert out.stdout.split()[0] == want, f"read {k} with a silent leg: wrong data"
-    log(f"reads with a silent leg (s): {read_seconds}")
-    assert max(read_seconds) < LEG_TIMEOUT + READ_MARGIN, read_seconds
+    m = mirror_status(ctx, run_dir)
+    read_error = m["legs"][2]["error"]
+    log(f"reads with a silent leg (s): {read_seconds}; leg 2: {read_error}")
+    assert leg_states(m) == ["in-sync", "in-sync", "failed"], m
+    assert "to a read" in read_error, m  # failed by the read that waited for it
+    # that read waited leg_timeout for the silent leg, then was answered by another
+    assert LEG_TIMEOUT - 0.5 <= max(read_seconds) < LEG_TIMEOUT + READ_MARGIN, read_seconds
+    network_back()
+    # Silent again, for writes: they complete at the quorum at once; the leg is marked out of
+    # sync after leg_timeout; the network back, it is reattached and resynced.
+    settle_and_silence()
+    t0 = time.monotonic()
+    run(["dd", "if=/dev/urandom", f"of={dev}", "bs=64k", "count=4", "seek=96", "oflag=direct"],
+        timeout=ctx.remaining(120))
+    silent_seconds = time.monotonic() - t0
     m = wait_for(lambda: (lambda x: x if x["legs"][2]["state"] == "failed" else None)(
         mirror_status(ctx, run_dir)), ctx.remaining(LEG_TIMEOUT + 30),
         "the silent leg marked out of sync")
@@ -460,20 +481,20 @@ def three_legs(ctx: Context) -> None:
     assert leg_states(m) == ["in-sync", "in-sync", "failed"], m
     assert "no answer within" in m["legs"][2]["error"], m
     assert silent_seconds < LEG_TIMEOUT, silent_seconds  # not held by the silent leg
+    network_back()
     run(["tc", "qdisc", "del", "dev", legs[1].host_if, "root"], timeout=ctx.remaining(30))
-    wait_for(lambda: reattached(ctx, run_dir, [2]), ctx.remaining(90), "leg 2 reattached")
-    resync_done(ctx, run_dir)
     run(["sg_sync", str(dev)], timeout=ctx.remaining(60))
     m = mirror_status(ctx, run_dir)
     assert m["state"] == "optimal", m
     sums = data_sums(images)
     assert len(set(sums)) == 1, f"legs differ after the silent leg came back: {sums}"
     ctx.details["netem"] = {"loss_100pct_256KiB_seconds": round(silent_seconds, 1),
-                            "read_seconds": read_seconds, "leg_error": m["legs"][2]["error"],
+                            "read_seconds": read_seconds, "read_leg_error": read_error,
                             "failed_after_seconds": round(failed_after, 1),
                             "leg_timeout": LEG_TIMEOUT}
-    log(f"netem: 256 KiB with a silent leg in {silent_seconds:.1f}s, the leg failed after "
-        f"{failed_after:.1f}s (leg_timeout {LEG_TIMEOUT}s)")
+    log(f"netem: reads with a silent leg took {read_seconds} s; 256 KiB written with a silent "
+        f"leg in {silent_seconds:.1f}s, the leg failed after {failed_after:.1f}s "
+        f"(leg_timeout {LEG_TIMEOUT}s)")
     phase("netem")
 
     # 6. Clean stop; the legs agree; a split brain staged and refused.
