@@ -438,8 +438,8 @@ def three_legs(ctx: Context) -> None:
     # the fio runs are let finish first: one routed to the silent leg would fail it before ours.
     def settle_and_silence() -> None:
         run(["udevadm", "settle", "--timeout=60"], timeout=ctx.remaining(90), check=False)
-        tc[2], tc[-4:] = "change", ["loss", "100%"]
-        run(tc, timeout=ctx.remaining(30))
+        run(["tc", "qdisc", "change", "dev", legs[1].host_if, "root", "netem", "loss", "100%"],
+            timeout=ctx.remaining(30))
 
     def network_back() -> None:
         run(["tc", "qdisc", "change", "dev", legs[1].host_if, "root", "netem", "delay", "0ms"],
