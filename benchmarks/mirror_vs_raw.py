@@ -15,7 +15,8 @@ first; the mirror's legs are new sparse files (``assume_clean=1``: both zero, eq
 then writes whole through the mirror, so both disks read allocated data. Both devices have
 ``emulate_write_cache=1`` (WCE=1: the raw disk writes through the page cache, the mirror
 acknowledges when every leg has the write, flushes at SYNCHRONIZE CACHE), quorum ``all``,
-region 1 MiB, reads round robin over the legs. They are exported through tcm_loop with I/O
+region 1 MiB, reads ``least-busy`` (the default: the local leg unless it has more reads in
+flight than the NBD leg). They are exported through tcm_loop with I/O
 scheduler "none"; for every repetition and workload the two targets run back to back (drift in
 the shared host's load spreads over both). fio: libaio, direct=1, time based, bounded by
 ``--seconds``; writes end with ``end_fsync``. Results: ``OUT/runs.json`` (appended after each

@@ -9,7 +9,7 @@ Config string (after ``mirror/``), items separated by ``;`` (``,`` too in hand-w
 A leg spec is an absolute path (image file or block device) or an NBD URI (`legs`), with
 ``%``, ``:``, ``;``, ``,`` and ``|`` percent-encoded (`encode_spec`: rtslib-fb refuses ``:`` in a
 dev_config, the kernel cuts it at ``,``): ``legs=/img|nbd%3A//10.0.0.2%3A10809/m0``.
-Defaults: quorum ``all``, region 1M, read ``round-robin``, resync_rate 64M, retry 5 s,
+Defaults: quorum ``all``, region 1M, read ``least-busy``, resync_rate 64M, retry 5 s,
 leg_timeout 10 s (a leg that does not answer a write or flush in time is marked out of sync),
 max_lag 64M (with a numeric quorum, a leg more than this far behind the acknowledged writes is
 marked out of sync rather than queue more).
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
 
 SECTION = "mirrors"
-READ_POLICIES = ("round-robin", "least-busy")
+READ_POLICIES = ("least-busy", "round-robin")
 _KEYS = ("legs", "quorum", "region", "read", "resync_rate", "retry", "degraded_open",
          "assume_clean", "leg_timeout", "max_lag")
 
@@ -73,7 +73,7 @@ class Parsed:
     legs: tuple[str, ...]
     quorum: int = 0
     region: int = DEFAULT_REGION
-    read: str = "round-robin"
+    read: str = "least-busy"
     resync_rate: int = 64 << 20
     retry: float = 5.0
     degraded_open: bool = False

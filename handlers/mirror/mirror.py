@@ -193,8 +193,9 @@ class MirrorConfig:
     degraded_open: bool = False
     #: A new mirror (all legs blank) starts in sync without a first copy (legs known zero).
     assume_clean: bool = False
-    #: "round-robin", or "least-busy" (the in-sync leg with the fewest reads in flight).
-    read_policy: str = "round-robin"
+    #: "least-busy" (the in-sync leg with the fewest reads in flight, a local leg on a tie),
+    #: or "round-robin".
+    read_policy: str = "least-busy"
     #: Seconds a leg gets to answer a write, flush or metadata write before it is marked out
     #: of sync (recorded on the others) and the command goes on without it; 0: no limit.
     leg_timeout: float = 10.0
@@ -226,6 +227,8 @@ class _LegState:
         #: call has not returned: the leg is not closed (nor reattached) while any is.
         self.busy = 0
         self.readers = _Readers(f"mirror-leg{index}-read")
+        #: An image file or block device of this machine (not NBD): preferred by least-busy
+        self.local = spec.startswith("/")
         self.errors = 0
         #: Operations queued on this leg and not answered, oldest first (timeouts, lag).
         self.ops: dict[int, _WriteOp] = {}
@@ -689,7 +692,9 @@ class Mirror:
                 # read only if no other is free; its FIFO then finishes the write first
                 pool = free or legs
                 if self.cfg.read_policy == "least-busy":
-                    pick = min(pool, key=lambda x: (x.busy, x.reads))
+                    # reads in flight, then a local leg (an NBD read costs a network round
+                    # trip and the server's work), then the fewest reads so far
+                    pick = min(pool, key=lambda x: (x.busy, not x.local, x.reads))
                 else:
                     pick = pool[self._rr % len(pool)]
                     self._rr += 1

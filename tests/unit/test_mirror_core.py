@@ -253,6 +253,36 @@ def test_a_slow_leg_that_answers_reads_within_leg_timeout_stays_in_sync(
     assert s["legs"][1]["reads"] == 2, s
 
 
+def test_least_busy_reads_the_local_leg_unless_it_has_more_reads_in_flight() -> None:
+    """The default read policy: fewest reads in flight, a local leg (a path) on a tie: at
+    queue depth 1 every read goes to the local leg; with one in flight there, the next goes
+    to the NBD leg."""
+    st = {}
+    for name in ("nbd://far/a", "/near"):
+        s = Store(name, SIZE + meta_length(SIZE, REGION))
+        s.meta_from = SIZE
+        st[name] = s
+    m = open_mirror(st, assume_clean=True)
+    gate = threading.Event()
+    try:
+        write(m, 0, b"l" * 4096)
+        for _ in range(5):
+            assert read(m, 0, 4096) == b"l" * 4096
+        assert [leg["reads"] for leg in m.status()["legs"]] == [0, 5]
+        st["/near"].read_gate = gate
+        t = threading.Thread(target=read, args=(m, 0, 4096))
+        t.start()
+        assert wait_until(lambda: m._legs[1].busy == 1, DEADLINE)
+        assert read(m, 0, 4096) == b"l" * 4096  # the local leg is busy: the NBD leg
+        assert m.status()["legs"][0]["reads"] == 1
+        gate.set()
+        t.join(DEADLINE)
+        assert [leg["reads"] for leg in m.status()["legs"]] == [1, 6]
+    finally:
+        gate.set()
+        m.close()
+
+
 def test_without_leg_timeout_reads_run_on_the_callers_thread() -> None:
     st = stores(2)
     m = open_mirror(st, assume_clean=True, leg_timeout=0)

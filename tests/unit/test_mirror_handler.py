@@ -42,7 +42,7 @@ DEADLINE = 30.0
     ("legs=/a|/b;quorum=3", "quorum=3: expected at most the number of legs"),
     ("legs=/a|/b;quorum=many", "expected all or 1..3"),
     ("legs=/a|/b;region=1000", "multiple of 4096"),
-    ("legs=/a|/b;read=random", "round-robin or least-busy"),
+    ("legs=/a|/b;read=random", "least-busy or round-robin"),
     ("legs=/a|/b;frob=1", "unknown key 'frob'"),
     ("legs=/a|/b;degraded_open=yes", "expected 0 or 1"),
     ("legs=/a|/b;leg_timeout=-1", "leg_timeout='-1': expected seconds"),
