@@ -24,7 +24,7 @@ YAML::
           legs: [/var/lib/tcmu-py/m0.img, "nbd://10.0.0.2/m0", "nbd://10.0.0.3/m0"]
           quorum: 2          # or all (default)
           region: 1M
-          read: round-robin
+          read: least-busy   # or round-robin
           resync_rate: 64M
           leg_timeout: 10    # seconds; 0: no limit
           max_lag: 64M       # quorum N: bytes a slow leg may be behind; 0: no limit
