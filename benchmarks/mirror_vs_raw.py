@@ -138,8 +138,10 @@ def guest(args: argparse.Namespace) -> int:
         st = query_status(disks.run_dir, timeout=30)
         (m,) = [m for m in st["mirrors"] if m["device"] == "mirror"]
         legs_ok = [leg["state"] for leg in m["legs"]]
+        leg_reads = [leg["reads"] for leg in m["legs"]]  # how the read policy spread them
     (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
-                                               "cpus": os.cpu_count(), "legs": legs_ok}))
+                                               "cpus": os.cpu_count(), "legs": legs_ok,
+                                               "leg_reads": leg_reads}))
     return 0 if all("failed" not in r for r in runs) else 1
 
 
