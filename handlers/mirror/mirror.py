@@ -724,10 +724,12 @@ class Mirror:
         leg's call returned). With a ``leg_timeout`` the call runs on one of the leg's read
         threads into a buffer of its own, copied into `bufs` only when it answered in time
         (`_ReadTimeout` otherwise): a late answer never lands in `bufs` (the ring's memory,
-        by then another command's)."""
+        by then another command's). A local leg (image file, block device) is read on the
+        caller's thread, unbounded: the hand-off costs reads a third of their rate in the lab
+        (benchmarks.md), and a local store that hangs holds its writes' worker too."""
         leg = ls.leg
         timeout = self.cfg.leg_timeout
-        if leg is None or timeout <= 0:
+        if leg is None or timeout <= 0 or ls.local:
             try:
                 if leg is None:
                     raise OSError(5, f"{ls.name()} is closed")

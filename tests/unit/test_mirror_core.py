@@ -278,6 +278,8 @@ def test_least_busy_reads_the_local_leg_unless_it_has_more_reads_in_flight() -> 
         gate.set()
         t.join(DEADLINE)
         assert [leg["reads"] for leg in m.status()["legs"]] == [1, 6]
+        names = {t.name for t in threading.enumerate()}
+        assert "mirror-leg0-read" in names and "mirror-leg1-read" not in names  # local: inline
     finally:
         gate.set()
         m.close()
