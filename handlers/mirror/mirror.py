@@ -78,8 +78,9 @@ Rules this file obeys
 
 Threads: the device's workers call `read`/`write`/`flush` concurrently; each leg has one worker
 thread running its writes and flushes in order; the resync runs on its own thread; reads run on
-the leg's read threads (`_Readers`, started on demand) while the caller waits at most
-``leg_timeout`` for them (on the caller's thread when ``leg_timeout`` is 0). `_lock` (a
+an NBD leg's read threads (`_Readers`, started on demand) while the caller waits at most
+``leg_timeout`` for them (a local leg's, or any with ``leg_timeout`` 0, on the caller's
+thread). `_lock` (a
 Condition) guards all state below.
 """
 
