@@ -15,7 +15,8 @@ first; the mirror's legs are new sparse files (``assume_clean=1``: both zero, eq
 then writes whole through the mirror, so both disks read allocated data. Both devices have
 ``emulate_write_cache=1`` (WCE=1: the raw disk writes through the page cache, the mirror
 acknowledges when every leg has the write, flushes at SYNCHRONIZE CACHE), quorum ``all``,
-region 1 MiB, reads round robin over the legs. They are exported through tcm_loop with I/O
+region 1 MiB, reads ``least-busy`` (the default: the local leg unless it has more reads in
+flight than the NBD leg). They are exported through tcm_loop with I/O
 scheduler "none"; for every repetition and workload the two targets run back to back (drift in
 the shared host's load spreads over both). fio: libaio, direct=1, time based, bounded by
 ``--seconds``; writes end with ``end_fsync``. Results: ``OUT/runs.json`` (appended after each
@@ -137,8 +138,10 @@ def guest(args: argparse.Namespace) -> int:
         st = query_status(disks.run_dir, timeout=30)
         (m,) = [m for m in st["mirrors"] if m["device"] == "mirror"]
         legs_ok = [leg["state"] for leg in m["legs"]]
+        leg_reads = [leg["reads"] for leg in m["legs"]]  # how the read policy spread them
     (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
-                                               "cpus": os.cpu_count(), "legs": legs_ok}))
+                                               "cpus": os.cpu_count(), "legs": legs_ok,
+                                               "leg_reads": leg_reads}))
     return 0 if all("failed" not in r for r in runs) else 1
 
 

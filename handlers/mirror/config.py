@@ -4,13 +4,15 @@ Config string (after ``mirror/``), items separated by ``;`` (``,`` too in hand-w
 
     legs=<spec>|<spec>[|<spec>][;quorum=all|N][;region=<size>][;read=round-robin|least-busy]
     [;resync_rate=<size per second, 0: unthrottled>][;retry=<seconds>][;degraded_open=0|1]
-    [;assume_clean=0|1][;leg_timeout=<seconds, 0: none>]
+    [;assume_clean=0|1][;leg_timeout=<seconds, 0: none>][;max_lag=<size, 0: unbounded>]
 
 A leg spec is an absolute path (image file or block device) or an NBD URI (`legs`), with
 ``%``, ``:``, ``;``, ``,`` and ``|`` percent-encoded (`encode_spec`: rtslib-fb refuses ``:`` in a
 dev_config, the kernel cuts it at ``,``): ``legs=/img|nbd%3A//10.0.0.2%3A10809/m0``.
-Defaults: quorum ``all``, region 1M, read ``round-robin``, resync_rate 64M, retry 5 s,
-leg_timeout 10 s (a leg that does not answer a write or flush in time is marked out of sync).
+Defaults: quorum ``all``, region 1M, read ``least-busy``, resync_rate 64M, retry 5 s,
+leg_timeout 10 s (a leg that does not answer a write or flush in time is marked out of sync),
+max_lag 64M (with a numeric quorum, a leg more than this far behind the acknowledged writes is
+marked out of sync rather than queue more).
 
 YAML::
 
@@ -22,9 +24,10 @@ YAML::
           legs: [/var/lib/tcmu-py/m0.img, "nbd://10.0.0.2/m0", "nbd://10.0.0.3/m0"]
           quorum: 2          # or all (default)
           region: 1M
-          read: round-robin
+          read: least-busy   # or round-robin
           resync_rate: 64M
           leg_timeout: 10    # seconds; 0: no limit
+          max_lag: 64M       # quorum N: bytes a slow leg may be behind; 0: no limit
 """
 
 from __future__ import annotations
@@ -60,9 +63,9 @@ if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
 
 SECTION = "mirrors"
-READ_POLICIES = ("round-robin", "least-busy")
+READ_POLICIES = ("least-busy", "round-robin")
 _KEYS = ("legs", "quorum", "region", "read", "resync_rate", "retry", "degraded_open",
-         "assume_clean", "leg_timeout")
+         "assume_clean", "leg_timeout", "max_lag")
 
 
 @dataclass(frozen=True)
@@ -70,19 +73,20 @@ class Parsed:
     legs: tuple[str, ...]
     quorum: int = 0
     region: int = DEFAULT_REGION
-    read: str = "round-robin"
+    read: str = "least-busy"
     resync_rate: int = 64 << 20
     retry: float = 5.0
     degraded_open: bool = False
     assume_clean: bool = False
     leg_timeout: float = 10.0
+    max_lag: int = 64 << 20
 
     def mirror_config(self, size: int, write_cache: bool) -> MirrorConfig:
         return MirrorConfig(legs=self.legs, size=size, region=self.region, quorum=self.quorum,
                             write_cache=write_cache, resync_rate=self.resync_rate,
                             retry_interval=self.retry, degraded_open=self.degraded_open,
                             assume_clean=self.assume_clean, read_policy=self.read,
-                            leg_timeout=self.leg_timeout)
+                            leg_timeout=self.leg_timeout, max_lag=self.max_lag)
 
 
 def encode_spec(spec: str) -> str:
@@ -121,7 +125,7 @@ def parse(cfgstring: str) -> Parsed:
                 out["quorum"] = 0 if value == "all" else int(value)
                 if not 1 <= out["quorum"] <= MAX_LEGS and value != "all":
                     raise ValueError(value)
-            elif key in ("region", "resync_rate"):
+            elif key in ("region", "resync_rate", "max_lag"):
                 out[key] = parse_size(value)
             elif key == "read":
                 if value not in READ_POLICIES:
@@ -158,6 +162,7 @@ _EXPECT = {
     "read": " or ".join(READ_POLICIES),
     "retry": "seconds, 0..3600 (0: no automatic reattach)",
     "leg_timeout": "seconds, 0..3600 (0: no limit)",
+    "max_lag": "a size (e.g. 64M), 0 for no limit",
 }
 
 
@@ -207,6 +212,10 @@ def load_options(raw: object, path: str, checker: Checker) -> tuple[tuple[str, s
             rate := checker.size(m["resync_rate"], f"{path}.resync_rate", positive=False)
     ) is not None:
         items.append(("resync_rate", str(rate)))
+    if "max_lag" in m and (
+            lag := checker.size(m["max_lag"], f"{path}.max_lag", positive=False)
+    ) is not None:
+        items.append(("max_lag", str(lag)))
     for key in ("retry", "leg_timeout"):
         if key in m and (t := checker.integer(m[key], f"{path}.{key}", 0, 3600)) is not None:
             items.append((key, str(t)))
@@ -246,13 +255,16 @@ def status_tables(st: Mapping[str, Any]) -> list[StatusTable]:
                   f"{m.get('dirty_regions', 0)}/{m.get('regions', 0)}", progress(m))
                  for m in mirrors)
     legs = tuple((str(m.get("device", "?")), str(leg.get("index", "?")), str(leg.get("spec")),
-                  str(leg.get("state")), str(leg.get("reads", 0)), str(leg.get("errors", 0)),
+                  str(leg.get("state")),
+                  # lagging: acknowledged at the quorum without it, bytes still queued for it
+                  f"{leg.get('backlog', 0) >> 10} KiB" if leg.get("lagging") else "-",
+                  str(leg.get("reads", 0)), str(leg.get("errors", 0)),
                   str(leg.get("error") or "-")[:60])
                  for m in mirrors for leg in m.get("legs") or [])
     return [StatusTable("mirrors", ("device", "state", "quorum", "generation", "dirty regions",
                                     "resync"), rows),
-            StatusTable("mirror legs", ("device", "leg", "spec", "state", "reads", "errors",
-                                        "last error"), legs)]
+            StatusTable("mirror legs", ("device", "leg", "spec", "state", "behind", "reads",
+                                        "errors", "last error"), legs)]
 
 
 def metrics(st: Mapping[str, Any]) -> list[Gauge]:
@@ -390,7 +402,9 @@ def _show(args: argparse.Namespace) -> int:
             active = ",".join(str(i) for i in range(sb.nlegs) if sb.has(i))
             print(f"{spec}: mirror {uuid.UUID(bytes=sb.mirror_uuid)} leg {sb.leg} of "
                   f"{sb.nlegs}, generation {sb.generation}, in sync: {active or 'none'}, "
-                  f"{'clean' if sb.clean else 'not clean'}, size {sb.size}, region {sb.region}")
+                  f"{'clean' if sb.clean else 'not clean'}, size {sb.size}, region {sb.region}"
+                  + (f", lagging: {','.join(str(i) for i in range(sb.nlegs) if sb.lag >> i & 1)}"
+                     if sb.lag else ""))
         return 0
     finally:
         for leg in legs:

@@ -33,7 +33,8 @@ class MirrorHandler(Handler):
         cls, raw: object, path: str, checker: Checker, name: str | None, state_dir: str
     ) -> tuple[tuple[str, str], ...] | None:
         """``legs`` (required, 2-3), ``quorum``, ``region``, ``read``, ``resync_rate``,
-        ``retry``, ``degraded_open``, ``assume_clean``, ``leg_timeout`` (see `.config`)."""
+        ``retry``, ``degraded_open``, ``assume_clean``, ``leg_timeout``, ``max_lag`` (see
+        `.config`)."""
         return _config.load_options(raw, path, checker)
 
     @classmethod

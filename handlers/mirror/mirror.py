@@ -33,22 +33,36 @@ Rules this file obeys
        writes, bitmap blocks and flushes reach one leg in the order they were queued);
     3. a leg whose write fails is marked out of sync and the new active mask is written (FUA) to
        the remaining legs **before** the write is acknowledged;
-    4. the write is acknowledged once every leg taking writes answered, when the in-sync legs
-       that hold it are at least the write quorum (``all``: one; a number N: N). (With the
-       device's write cache off, each leg's write is FUA: durable on return.) Acknowledging at
-       the quorum *before* a slow leg answered is not done: after a crash nothing would say
-       which leg was behind. A leg that has not answered within ``leg_timeout`` counts as
-       failed: it is marked out of sync and recorded on the others (rule 3) by the waiting
-       command, which then goes on without it (its late answer is ignored; its worker, stuck
-       in the call, keeps the leg from being reattached until the call returns);
+    4. with quorum ``all`` the write is acknowledged once every leg taking writes answered
+       and at least one in-sync leg holds it; with a number N, once N in-sync legs hold it
+       (with the device's write cache off each leg's write is FUA: durable on return; with it
+       on, SYNCHRONIZE CACHE is such an operation too: durable on N legs). The other legs keep
+       writing in the background (rule 4b). A leg that has not answered within
+       ``leg_timeout`` counts as failed: it is marked out of sync and recorded on the others
+       (rule 3) by the waiting command, or, for a leg nobody waits for any more, by the next
+       write or flush (`_reap`), which then go on without it (its late answer is ignored; its
+       worker, stuck in the call, keeps the leg from being reattached until the call returns);
+    4b. lagging legs. Before a write is acknowledged without an in-sync leg, that leg's bit is
+       set in the *lag mask* of the superblocks of the legs not lagging (one superblock write,
+       FUA, when the leg starts lagging; none while it stays behind). A leg leaves the lag
+       mask (in memory; on the legs at the next superblock write) once nothing is queued on
+       it and a flush completed after its last write. Meanwhile: reads avoid it for any range
+       it still has queued writes for (`pending`), overlapping writes reach it in order (its
+       FIFO), the regions stay dirty in the bitmap (bits are cleared only after a flush
+       answered by every leg, rule 5), and a leg more than ``max_lag`` bytes behind is
+       marked out of sync instead of queuing more (bounded memory; a resync catches it up).
+       At an unclean open the freshest superblock's lag mask names the legs that may lack
+       acknowledged writes: they are resynced over the bitmap's regions (the union of every
+       in-sync leg's bits, theirs included) instead of being trusted;
     5. bits are cleared lazily: after a flush reached every leg, with every leg in sync, for the
        regions no write touched since that flush started. A clear that is lost (a crash) only
        costs a resync of that region; a set that is lost cannot happen (1 before 2).
 * Consequence for a crash at any point: a region that may differ between the in-sync legs has
   its bit set on at least one of them (the one holding newer data). At an unclean open (clean
   flag off) the regions of the union of their bits are reconciled before the device serves:
-  the content a majority of the in-sync legs agree on wins, else the freshest leg's (every
-  in-sync leg holds every acknowledged write, rule 4: either is one the initiator may see).
+  the content a majority of the in-sync, not lagging legs agree on wins, else the freshest
+  leg's (every such leg holds every acknowledged write, rules 4 and 4b: either is one the
+  initiator may see).
   A leg out of sync is copied in the background (regions of the freshest leg's bitmap: bits
   are never cleared while a leg is out of sync).
 * Acknowledgement counts a leg only while it is still in sync: a leg whose own failure record
@@ -64,7 +78,10 @@ Rules this file obeys
 
 Threads: the device's workers call `read`/`write`/`flush` concurrently; each leg has one worker
 thread running its writes and flushes in order; the resync runs on its own thread; reads run on
-the caller's thread. `_lock` (a Condition) guards all state below.
+an NBD leg's read threads (`_Readers`, started on demand) while the caller waits at most
+``leg_timeout`` for them (a local leg's, or any with ``leg_timeout`` 0, on the caller's
+thread). `_lock` (a
+Condition) guards all state below.
 """
 
 from __future__ import annotations
@@ -94,7 +111,11 @@ SLOT = 4096
 #: magic, version, flags, uuid, leg index, nlegs, region size, size, generation, active mask
 _SB = struct.Struct("<8sII16sIIIQQI")
 FLAG_CLEAN = 0x1
+#: flags bits 8-15: the *lag mask* (bit 8 + i: leg i may lack writes acknowledged without it)
+LAG_SHIFT = 8
 MAX_LEGS = 3
+#: Seconds a write that has its quorum still waits for a leg before making it lagging.
+LAG_GRACE = 0.005
 DEFAULT_REGION = 1 << 20
 
 
@@ -130,9 +151,12 @@ class Superblock:
     generation: int
     active: int  # bit i: leg i in sync
     clean: bool
+    #: bit i: leg i (in sync) may lack a write acknowledged at the write quorum without it
+    lag: int = 0
 
     def pack(self) -> bytes:
-        body = _SB.pack(MAGIC, VERSION, FLAG_CLEAN if self.clean else 0, self.mirror_uuid,
+        flags = (FLAG_CLEAN if self.clean else 0) | (self.lag & 0xFF) << LAG_SHIFT
+        body = _SB.pack(MAGIC, VERSION, flags, self.mirror_uuid,
                         self.leg, self.nlegs, self.region, self.size, self.generation,
                         self.active)
         return (body + struct.pack("<I", zlib.crc32(body))).ljust(SLOT, b"\0")
@@ -147,7 +171,8 @@ class Superblock:
         _, version, flags, uid, leg, nlegs, region, size, gen, active = _SB.unpack(body)
         if version != VERSION:
             return None
-        return cls(uid, leg, nlegs, region, size, gen, active, bool(flags & FLAG_CLEAN))
+        return cls(uid, leg, nlegs, region, size, gen, active, bool(flags & FLAG_CLEAN),
+                   flags >> LAG_SHIFT & 0xFF)
 
     def has(self, index: int) -> bool:
         return bool(self.active >> index & 1)
@@ -169,11 +194,16 @@ class MirrorConfig:
     degraded_open: bool = False
     #: A new mirror (all legs blank) starts in sync without a first copy (legs known zero).
     assume_clean: bool = False
-    #: "round-robin", or "least-busy" (the in-sync leg with the fewest reads in flight).
-    read_policy: str = "round-robin"
+    #: "least-busy" (the in-sync leg with the fewest reads in flight, a local leg on a tie),
+    #: or "round-robin".
+    read_policy: str = "least-busy"
     #: Seconds a leg gets to answer a write, flush or metadata write before it is marked out
     #: of sync (recorded on the others) and the command goes on without it; 0: no limit.
     leg_timeout: float = 10.0
+    #: Bytes of writes a leg may be behind the write quorum (acknowledged without it, still
+    #: queued for it) before it is marked out of sync instead (bounds the memory a slow leg
+    #: holds); only with a numeric quorum.
+    max_lag: int = 64 << 20
 
 
 IN_SYNC, RESYNCING, FAILED = "in-sync", "resyncing", "failed"
@@ -194,8 +224,17 @@ class _LegState:
         #: In-flight writes on this leg: id -> (start, end); reads avoid legs where they overlap.
         self.pending: dict[int, tuple[int, int]] = {}
         self.reads = 0
-        self.busy = 0  # reads in flight
+        #: Reads in flight on its leg, including reads given up on (a silent leg's) whose
+        #: call has not returned: the leg is not closed (nor reattached) while any is.
+        self.busy = 0
+        self.readers = _Readers(f"mirror-leg{index}-read")
+        #: An image file or block device of this machine (not NBD): preferred by least-busy
+        self.local = spec.startswith("/")
         self.errors = 0
+        #: Operations queued on this leg and not answered, oldest first (timeouts, lag).
+        self.ops: dict[int, _WriteOp] = {}
+        self.backlog = 0  # bytes of data writes queued and not answered
+        self.call_started = 0.0  # monotonic time its worker entered its current call; 0: idle
 
     @property
     def takes_writes(self) -> bool:
@@ -252,6 +291,12 @@ class Mirror:
         self._monitor: threading.Thread | None = None
         #: The last leg in sync when every leg had failed: the one to come back in sync.
         self._last_standing: int | None = None
+        #: Lag mask (rule 4b): in-sync legs that may lack an acknowledged write; in memory,
+        #: and as last written to the superblocks (failed legs' bits added: their exclusion
+        #: from the active mask covers them just as well).
+        self._lag = 0
+        self._lag_written = 0
+        self.lag_acks = 0  # writes acknowledged before every leg had them (status)
 
     # -- open ------------------------------------------------------------------------------
 
@@ -334,6 +379,11 @@ class Mirror:
         for ls in self._legs:
             if ls.leg is None:
                 ls.state = FAILED
+            elif ls.state == IN_SYNC and fsb.lag >> ls.index & 1:
+                # rule 4b: it may lack acknowledged writes; its bits are in the union above
+                ls.state = RESYNCING
+                log.info("mirror: %s was lagging at the last stop; resyncing what the bitmap "
+                         "names", ls.name())
         self._start_workers()
         in_sync = [ls for ls in self._legs if ls.state == IN_SYNC]
         if not fsb.clean and len(in_sync) > 1 and any(self.bitmap):
@@ -422,23 +472,64 @@ class Mirror:
         return sum(1 << ls.index for ls in self._legs if ls.state == IN_SYNC)
 
     def _write_superblocks(self, clean: bool) -> None:
-        """The current generation and mask to every leg taking writes (FUA). Caller holds no
-        leg worker; legs that fail are marked failed (which writes again)."""
+        """The current generation, active mask and lag mask to every leg taking writes (FUA)
+        but the lagging ones (they are slow: their older superblock loses to the others' at
+        open anyway). Caller holds no leg worker; legs that fail are marked failed (which
+        writes again)."""
         with self._meta_lock:  # snapshots taken in write order: the last one written is newest
             with self._lock:
-                targets = [ls for ls in self._legs if ls.takes_writes]
+                lag = 0 if clean else self._lag
+                targets = [ls for ls in self._legs
+                           if ls.takes_writes and not lag >> ls.index & 1]
                 gen, mask = self.generation, self._active_mask()
             failed: list[tuple[_LegState, OSError]] = []
             for ls in targets:
                 sb = Superblock(self.uuid, ls.index, len(self._legs), self.region, self.size,
-                                gen, mask, clean)
+                                gen, mask, clean, lag)
                 try:
                     assert ls.leg is not None
                     ls.leg.write(self._slot_offset(ls, gen % 2), sb.pack(), fua=True)
                 except OSError as err:
                     failed.append((ls, err))
+            if len(failed) < len(targets):
+                with self._lock:
+                    everyone = (1 << len(self._legs)) - 1
+                    self._lag_written = (lag | ~mask) & everyone
         for ls, cause in failed:
             self._fail_leg(ls, cause)
+
+    def _record_lag(self, legs: int) -> bool:
+        """Rule 4b: before a write is acknowledged without the in-sync legs in mask `legs`,
+        the superblocks of the others say those legs may lag (a failed leg's exclusion from
+        the active mask says as much). True when that is so already; otherwise writes a
+        superblock (the lock released meanwhile) and returns False: the caller looks again.
+        Caller holds `_lock`."""
+        if not legs & ~self._lag_written:
+            return True
+        self._lock.release()
+        try:
+            with self._lock:
+                self.generation += 1
+            self._write_superblocks(clean=False)
+        finally:
+            self._lock.acquire()
+        return False
+
+    def _lag_budget(self, legs: int) -> bool:
+        """Whether the in-sync legs in mask `legs` may become lagging: the in-sync legs not
+        lagging afterwards must still be a write quorum (so one of them, holding every
+        acknowledged write, is always there to read from and to resync from). Caller holds
+        `_lock`."""
+        keep = [ls for ls in self._legs if ls.state == IN_SYNC
+                and not (self._lag | legs) >> ls.index & 1]
+        return len(keep) >= (self.cfg.quorum or len(self._legs))
+
+    def _lag_check(self, ls: _LegState) -> None:
+        """`ls` caught up (nothing queued: it did every write the others did, as durably):
+        no longer lagging. Its bit stays in the superblocks until the next one is written (a
+        superset is safe). Caller holds `_lock`."""
+        if self._lag >> ls.index & 1 and not ls.ops:
+            self._lag &= ~(1 << ls.index)
 
     def _bitmap_block(self, lo: int, hi: int | None) -> tuple[int, bytes]:
         """(offset in the bitmap, bytes) of bitmap bytes [lo, hi) widened to 4 KiB blocks.
@@ -474,12 +565,16 @@ class Mirror:
             if ls.state == FAILED:
                 return
             was = ls.state
+            lagging = bool(self._lag >> ls.index & 1)
             ls.state = FAILED
+            self._lag &= ~(1 << ls.index)  # its exclusion from the active mask says more
             ls.error = str(exc)
             ls.errors += 1
             self.generation += 1
-            if was == IN_SYNC and not any(x.state == IN_SYNC for x in self._legs):
-                # nobody could record its failure: it holds every acknowledged write
+            if was == IN_SYNC and not lagging and not any(
+                    x.state == IN_SYNC and not self._lag >> x.index & 1 for x in self._legs):
+                # the last leg holding every acknowledged write (a lagging leg left in sync
+                # may not: rule 4b); nobody could record its failure
                 self._last_standing = ls.index
             self._lock.notify_all()
         log.error("mirror: %s failed (%s, was %s): out of sync", ls.name(), exc, was)
@@ -501,9 +596,49 @@ class Mirror:
                 f"mirror: {in_sync} legs in sync; the write quorum is {need}")
         return self.cfg.quorum or in_sync
 
+    def _stuck(self, ls: _LegState, now: float) -> bool:
+        """Whether `ls` has been in one call for `leg_timeout` or longer. Caller holds
+        `_lock`."""
+        t = self.cfg.leg_timeout
+        return bool(t > 0 and ls.call_started and now - ls.call_started >= t)
+
+    def _reap(self) -> None:
+        """Rule 4: a leg stuck in one call for `leg_timeout` counts as failed, whoever waits
+        for it (a lagging leg nobody waits for is timed out here): every operation queued on
+        it goes on without it, and it is marked out of sync and recorded on the others (the
+        lock released meanwhile). Caller holds `_lock`."""
+        for ls in self._legs:
+            if ls.state == FAILED or not self._stuck(ls, time.monotonic()):
+                continue
+            exc = OSError(110, f"mirror: no answer within {self.cfg.leg_timeout:g} s from "
+                               f"{ls.name()}")
+            for op in list(ls.ops.values()):
+                op.drop(ls, exc)
+            self._lock.release()
+            try:
+                log.error("mirror: %s did not answer within %g s", ls.name(),
+                          self.cfg.leg_timeout)
+                self._fail_leg(ls, exc)
+            finally:
+                self._lock.acquire()
+
+    def _overloaded(self, nbytes: int) -> list[_LegState]:
+        """Lagging legs that would be more than `max_lag` bytes behind with `nbytes` more:
+        they are failed rather than let grow (rule 4b). Caller holds `_lock`."""
+        if not self.cfg.quorum or not self.cfg.max_lag:
+            return []
+        return [ls for ls in self._legs if ls.state == IN_SYNC and self._lag >> ls.index & 1
+                and ls.backlog + nbytes > self.cfg.max_lag]
+
     def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
         data = b"".join(bufs)
         regions = self._regions(offset, len(data))
+        with self._lock:
+            self._reap()
+            behind = self._overloaded(len(data))
+        for ls in behind:
+            self._fail_leg(ls, OSError(105, f"mirror: more than {self.cfg.max_lag} bytes "
+                                       "behind the write quorum"))
         with self._lock:
             self._need()
             while any(r in self._resync_busy for r in regions):
@@ -513,7 +648,7 @@ class Mirror:
             for r in regions:  # from here the resync leaves these regions alone
                 self._writers[r] = self._writers.get(r, 0) + 1
                 self._last_write[r] = self._seq
-        op = _WriteOp(self, regions)
+        op = _WriteOp(self, regions, WRITE, len(data))
         op.seq = seq
         try:
             # Bits are set, and their block queued, under `_meta_lock`: a write finding its bit
@@ -540,6 +675,9 @@ class Mirror:
         op.wait()
 
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Read from one in-sync leg (``read_policy``); a leg that fails the read, or does not
+        answer within ``leg_timeout``, is marked out of sync (recorded on the others) and the
+        read is retried on another in-sync leg before the initiator sees an error."""
         length = sum(len(b) for b in bufs)
         end = offset + length
         tried: set[int] = set()
@@ -555,52 +693,110 @@ class Mirror:
                 # read only if no other is free; its FIFO then finishes the write first
                 pool = free or legs
                 if self.cfg.read_policy == "least-busy":
-                    pick = min(pool, key=lambda x: (x.busy, x.reads))
+                    # reads in flight, then a local leg (an NBD read costs a network round
+                    # trip and the server's work), then the fewest reads so far
+                    pick = min(pool, key=lambda x: (x.busy, not x.local, x.reads))
                 else:
                     pick = pool[self._rr % len(pool)]
                     self._rr += 1
                 pick.busy += 1
                 wait_for = None if free else pick
-            if wait_for is not None:
-                self._drain(wait_for, offset, end)
             tried.add(pick.index)
             try:
-                assert pick.leg is not None
-                pos = offset
-                for b in bufs:
-                    pick.leg.read(pos, b)
-                    pos += len(b)
+                if wait_for is not None:
+                    self._drain(wait_for, offset, end)
+                self._read_leg(pick, offset, bufs, length)
                 pick.reads += 1
                 return
+            except _ReadTimeout as exc:
+                last = exc
+                log.error("mirror: %s: %s", pick.name(), exc)
+                self._give_up(pick, exc)
             except OSError as exc:
                 last = exc
                 self._fail_leg(pick, exc)
-            finally:
-                with self._lock:
-                    pick.busy -= 1
         if last is not None:
             raise last
         raise OSError(5, "mirror: no leg in sync to read from")
+
+    def _read_leg(self, ls: _LegState, offset: int, bufs: Sequence[memoryview],
+                  length: int) -> None:
+        """Fill `bufs` from `ls` (whose ``busy`` the caller raised; dropped here once the
+        leg's call returned). With a ``leg_timeout`` the call runs on one of the leg's read
+        threads into a buffer of its own, copied into `bufs` only when it answered in time
+        (`_ReadTimeout` otherwise): a late answer never lands in `bufs` (the ring's memory,
+        by then another command's). A local leg (image file, block device) is read on the
+        caller's thread, unbounded: the hand-off costs reads a third of their rate in the lab
+        (benchmarks.md), and a local store that hangs holds its writes' worker too."""
+        leg = ls.leg
+        timeout = self.cfg.leg_timeout
+        if leg is None or timeout <= 0 or ls.local:
+            try:
+                if leg is None:
+                    raise OSError(5, f"{ls.name()} is closed")
+                pos = offset
+                for b in bufs:
+                    leg.read(pos, b)
+                    pos += len(b)
+            finally:
+                with self._lock:
+                    ls.busy -= 1
+            return
+        own = bytearray(length)
+
+        def call() -> None:
+            try:
+                leg.read(offset, memoryview(own))
+            finally:
+                with self._lock:
+                    ls.busy -= 1
+                    self._lock.notify_all()
+
+        job = ls.readers.submit(call)
+        if not job.done.wait(timeout):
+            raise _ReadTimeout(110, f"no answer within {timeout:g} s to a read")
+        if job.error is not None:
+            raise job.error
+        pos = 0
+        for b in bufs:
+            b[:] = own[pos:pos + len(b)]
+            pos += len(b)
+
+    def _give_up(self, ls: _LegState, exc: OSError) -> None:
+        """`ls` did not answer in time: mark it out of sync and record that on the others
+        (rule 3), then the writes and flushes queued on it go on without it (in that order:
+        none is acknowledged on the strength of the others before the record)."""
+        self._fail_leg(ls, exc)
+        with self._lock:
+            for op in list(ls.ops.values()):
+                op.drop(ls, exc)
 
     def _drain(self, ls: _LegState, start: int, end: int) -> None:
         with self._lock:
             while any(s < end and start < e for s, e in ls.pending.values()) \
                     and ls.state == IN_SYNC:
-                self._lock.wait(1.0)
+                self._reap()  # a leg stuck in the write this read waits for
+                self._lock.wait(0.1)
 
-    def flush(self) -> None:
-        with self._lock:
+    def flush(self, every_leg: bool = False) -> None:
+        """SYNCHRONIZE CACHE: returns once the write quorum (``all``: every in-sync leg) has
+        every write completed before the call durable; `every_leg` waits for the lagging legs
+        too (close)."""
+        with self._meta_lock, self._lock:  # queued in the same order as the writes
+            self._reap()
             start_seq = self._seq
             need = self._need()
             targets = [ls for ls in self._legs if ls.takes_writes]
-            op = _WriteOp(self, range(0))
+            op = _WriteOp(self, range(0), FLUSH)
             # rule 5 needs the flush on every leg, not just the quorum: the last leg to answer
             # clears the bits (maybe after the flush was acknowledged)
             op.on_complete = lambda: self._clear_clean_bits(start_seq)
             op.start(targets, need)
-        for ls in targets:
-            ls.queue.put((op, FLUSH, 0, b""))
+            for ls in targets:
+                ls.queue.put((op, FLUSH, 0, b""))
         op.wait()
+        if every_leg:
+            op.wait_all()
 
     def _clear_clean_bits(self, before: int) -> None:
         """Rule 5: with every leg in sync, clear the bits of regions not written since `before`
@@ -643,12 +839,16 @@ class Mirror:
             try:
                 if leg is None or ls.state == FAILED:
                     raise OSError(5, f"{ls.name()} is out of sync")
-                if kind == FLUSH:
-                    leg.flush()
-                elif kind == META:
-                    leg.write(self._bitmap_offset(ls) + offset, data, fua=True)
-                else:
-                    leg.write(offset, data, fua=not self.write_cache)
+                ls.call_started = time.monotonic()
+                try:
+                    if kind == FLUSH:
+                        leg.flush()
+                    elif kind == META:
+                        leg.write(self._bitmap_offset(ls) + offset, data, fua=True)
+                    else:
+                        leg.write(offset, data, fua=not self.write_cache)
+                finally:
+                    ls.call_started = 0.0
             except OSError as exc:
                 if ls.state != FAILED:
                     self._fail_leg(ls, exc)
@@ -795,6 +995,9 @@ class Mirror:
                 return False
         if not self._stop_worker(ls, wait=1.0):
             return False  # still in its last call (its error says why): next round
+        with self._lock:
+            if ls.busy:
+                return False  # a read given up on is still in the leg's call: next round
         old, ls.leg = ls.leg, None
         if old is not None:
             with contextlib.suppress(OSError):
@@ -858,6 +1061,8 @@ class Mirror:
             if self._closing:
                 return
             self._resync_wake.clear()  # set by a reattach during a pass: no busy loop here
+            with self._lock:  # a lagging leg stuck with no command coming to time it out
+                self._reap()
             for ls in self._legs:
                 if ls.state == FAILED:
                     self.reattach(ls.index)
@@ -892,8 +1097,11 @@ class Mirror:
                 "resync": {"active": resyncing, "total": self.resync_total,
                            "done": self.resync_done},
                 "regions_copied": self.regions_copied,
+                "lag_acks": self.lag_acks,
                 "legs": [{"index": ls.index, "spec": ls.spec, "state": ls.state,
-                          "error": ls.error, "reads": ls.reads, "errors": ls.errors}
+                          "error": ls.error, "reads": ls.reads, "errors": ls.errors,
+                          "lagging": bool(self._lag >> ls.index & 1),
+                          "backlog": ls.backlog}
                          for ls in self._legs],
             }
 
@@ -913,7 +1121,7 @@ class Mirror:
             # Clean: the in-sync legs agree everywhere (flushed, nothing in flight); the bitmap
             # is emptied only when no leg is out of sync (else it names what that leg misses).
             if any(ls.state == IN_SYNC for ls in self._legs):
-                self.flush()
+                self.flush(every_leg=True)
                 with self._lock:
                     clean = not self._writers
                     emptied = clean and all(ls.state == IN_SYNC for ls in self._legs)
@@ -934,7 +1142,8 @@ class Mirror:
         self._closed = self._closing = True
         self._resync_wake.set()
         for ls in self._legs:
-            if not self._stop_worker(ls):
+            ls.readers.stop()
+            if not self._stop_worker(ls) or ls.busy:
                 log.warning("mirror: %s still in a call; left open", ls.name())
                 continue  # closing it under the call is not safe
             if ls.leg is not None:
@@ -942,13 +1151,82 @@ class Mirror:
                     ls.leg.close()
 
 
+class _ReadTimeout(OSError):
+    """A leg did not answer a read within ``leg_timeout``."""
+
+
+class _ReadJob:
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting reader
+            self.error = exc
+        finally:
+            self.fn = _nothing  # nothing of the read (its buffer) kept past its end
+            self.done.set()
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Readers:
+    """One leg's read threads: a read runs on one of them so that its caller can stop
+    waiting (`Mirror._read_leg`). Started on demand (a new one when none is idle), daemon
+    threads: one stuck in a silent leg's call never holds up the process's exit. Threads
+    stay idle for the next read; `stop` ends the idle ones and the others when their call
+    returns."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._q: queue.SimpleQueue[_ReadJob | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads = 0
+
+    def submit(self, fn: Callable[[], None]) -> _ReadJob:
+        job = _ReadJob(fn)
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # that idle thread takes it
+            else:
+                self._threads += 1
+                threading.Thread(target=self._loop, name=self.name, daemon=True).start()
+            self._q.put(job)
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            job.run()
+            del job
+            with self._lock:
+                self._idle += 1
+
+    def stop(self) -> None:
+        with self._lock:
+            for _ in range(self._threads):
+                self._q.put(None)
+            self._threads = self._idle = 0
+
+
 class _WriteOp:
     """One write (or flush) across the legs: acknowledged at `need` successes, finished when
     every leg answered (then its regions' in-flight counts drop)."""
 
-    def __init__(self, mirror: Mirror, regions: range) -> None:
+    def __init__(self, mirror: Mirror, regions: range, kind: str = META,
+                 nbytes: int = 0) -> None:
         self.m = mirror
         self.regions = regions
+        self.kind = kind
+        self.nbytes = nbytes
         #: in-sync legs that did it; they count only while they stay in sync: a leg failed
         #: since (its failure, or another's, not recorded) does not hold the write for us
         self.succeeded: set[int] = set()
@@ -973,8 +1251,15 @@ class _WriteOp:
         self.started = True
         self.waiting = {ls.index: ls for ls in targets}
         timeout = self.m.cfg.leg_timeout
-        self.deadline = time.monotonic() + timeout if timeout > 0 else 0.0
+        now = time.monotonic()
+        self.deadline = now + timeout if timeout > 0 else 0.0
+        #: Until then a leg the quorum does not need is still waited for before it is made
+        #: lagging (legs about as fast as each other do not take turns lagging)
+        self.grace = now + LAG_GRACE
         self.in_sync = {ls.index for ls in targets if ls.state == IN_SYNC}
+        for ls in targets:
+            ls.ops[self.id] = self
+            ls.backlog += self.nbytes
         if self.regions:
             span = (self.regions[0] * self.m.region, (self.regions[-1] + 1) * self.m.region)
             for ls in targets:
@@ -987,9 +1272,16 @@ class _WriteOp:
             if not self.started:
                 self._finish()
 
+    def _forget(self, ls: _LegState) -> None:
+        """`ls` is done with this operation (answered or timed out). Caller holds the lock."""
+        ls.pending.pop(self.id, None)
+        if ls.ops.pop(self.id, None) is not None:
+            ls.backlog -= self.nbytes
+
     def done(self, ls: _LegState, exc: OSError | None) -> None:
         with self.m._lock:
-            ls.pending.pop(self.id, None)
+            self._forget(ls)
+            self.m._lag_check(ls)
             if self.waiting.pop(ls.index, None) is None:
                 return  # answered after its timeout: counted failed already
             if exc is None and ls.index in self.in_sync:
@@ -1017,12 +1309,17 @@ class _WriteOp:
         """Caller holds the lock. Past the deadline, the legs that have not answered count as
         failed; each is marked out of sync and recorded on the others (rule 3) before this
         returns (the lock is released meanwhile). True if it did anything."""
-        if not self.deadline or not self.waiting or time.monotonic() < self.deadline:
+        now = time.monotonic()
+        if not self.deadline or not self.waiting or now < self.deadline:
             return False
-        late = list(self.waiting.values())
-        self.waiting.clear()
+        # a lagging leg is late only when stuck in a call (its queue is long by design)
+        late = [ls for ls in self.waiting.values()
+                if not self.m._lag >> ls.index & 1 or self.m._stuck(ls, now)]
+        if not late:
+            return False
         for ls in late:
-            ls.pending.pop(self.id, None)
+            del self.waiting[ls.index]
+            self._forget(ls)
         self.left -= len(late)
         self.error = OSError(110, f"mirror: no answer within {self.m.cfg.leg_timeout:g} s "
                              f"from {', '.join(ls.name() for ls in late)}")
@@ -1039,25 +1336,62 @@ class _WriteOp:
         self.m._lock.notify_all()
         return True
 
+    def drop(self, ls: _LegState, exc: OSError) -> None:
+        """`ls` timed out (`Mirror._reap`): this operation goes on without it. Caller holds
+        the lock."""
+        self._forget(ls)
+        if self.waiting.pop(ls.index, None) is None:
+            return
+        self.error = exc
+        self.left -= 1
+        if self.left == 0:
+            self._finish()
+        self.m._lock.notify_all()
+
     def _sleep(self) -> None:
-        """Wait for an answer (caller holds the lock), at most until the deadline."""
+        """Wait for an answer (caller holds the lock), at most until the deadline (past it,
+        50 ms: a lagging leg is timed out by its call's start, not the deadline)."""
         if self.deadline:
-            self.m._lock.wait(max(0.0, self.deadline - time.monotonic()) + 0.001)
+            left = self.deadline - time.monotonic()
+            self.m._lock.wait(left + 0.001 if left > 0 else 0.05)
         else:
             self.m._lock.wait()
 
     def wait(self) -> None:
         """Rule 4: return once the quorum holds the write (``all``: once every leg answered,
-        the failed ones recorded as out of sync); QuorumLost or the legs' error otherwise."""
+        the failed ones recorded as out of sync; a number: once that many in-sync legs did,
+        the others recorded as lagging, rule 4b); QuorumLost or the legs' error otherwise."""
         m = self.m
+        rounds = 0
         with m._lock:
             while True:
+                m._reap()
                 self._time_out()
                 self.ok = sum(1 for i in self.succeeded if m._legs[i].state == IN_SYNC)
                 if m.cfg.quorum:
-                    if self.left == 0:
-                        if self.ok >= self.need:
+                    if self.ok >= self.need:
+                        # in-sync legs not answered (a failing one answers once recorded)
+                        missing = sum(1 << i for i in self.waiting if i in self.in_sync)
+                        blockers = missing & ~m._lag
+                        if blockers and time.monotonic() >= self.grace \
+                                and m._lag_budget(blockers):
+                            m._lag |= blockers  # they become lagging (recorded below)
+                            blockers = 0
+                        if not blockers:
+                            if missing and not m._record_lag(missing):
+                                # the lock was released: count again (bounded: each round
+                                # records the lag or fails a leg it could not write to)
+                                rounds += 1
+                                if rounds > len(m._legs) + 1:
+                                    raise QuorumLost("mirror: could not record which legs "
+                                                     "lag")
+                                continue
+                            m.lag_acks += bool(missing)
                             return
+                        if time.monotonic() < self.grace:
+                            m._lock.wait(max(0.0, self.grace - time.monotonic()) + 0.0005)
+                            continue
+                    if self.left == 0:
                         raise QuorumLost(f"mirror: {self.ok} legs hold the write; the write "
                                          f"quorum is {self.need}")
                 elif self.left == 0:
@@ -1073,7 +1407,8 @@ class _WriteOp:
         failed)."""
         with self.m._lock:
             while self.left:
-                if not self._time_out():
+                self.m._reap()
+                if self.left and not self._time_out():
                     self._sleep()
 
     @property

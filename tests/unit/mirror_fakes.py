@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -24,6 +25,12 @@ class Store:
         self.gate: threading.Event | None = None
         #: The same for data-area writes only (metadata writes go through).
         self.data_gate: threading.Event | None = None
+        #: Seconds every data-area write takes (a slow leg that still answers).
+        self.delay = 0.0
+        #: When set, reads wait for it (a leg that stopped answering reads); and the seconds
+        #: every read takes (a slow leg that still answers).
+        self.read_gate: threading.Event | None = None
+        self.read_delay = 0.0
 
     def check(self, what: str) -> None:
         if self.down:
@@ -58,6 +65,12 @@ class MemoryLeg:
         self.store.check("read")
         if self.store.fail_reads:
             raise OSError(errno.EIO, f"{self.spec}: read error")
+        gate = self.store.read_gate
+        if gate is not None:
+            assert gate.wait(30), "test read gate never opened"
+            self.store.check("read")
+        if self.store.read_delay:
+            time.sleep(self.store.read_delay)
         buf[:] = self.store.data[offset:offset + len(buf)]
 
     def write(self, offset: int, buf: memoryview | bytes, fua: bool = False) -> None:
@@ -69,6 +82,8 @@ class MemoryLeg:
         data_gate = self.store.data_gate
         if data_gate is not None and offset < self.store.meta_from:
             assert data_gate.wait(30), "test data gate never opened"
+        if self.store.delay and offset < self.store.meta_from:
+            time.sleep(self.store.delay)
         crash = self.store.crash
         if crash is not None and not crash.take():
             raise OSError(errno.EIO, f"{self.spec}: power cut")

@@ -42,7 +42,7 @@ DEADLINE = 30.0
     ("legs=/a|/b;quorum=3", "quorum=3: expected at most the number of legs"),
     ("legs=/a|/b;quorum=many", "expected all or 1..3"),
     ("legs=/a|/b;region=1000", "multiple of 4096"),
-    ("legs=/a|/b;read=random", "round-robin or least-busy"),
+    ("legs=/a|/b;read=random", "least-busy or round-robin"),
     ("legs=/a|/b;frob=1", "unknown key 'frob'"),
     ("legs=/a|/b;degraded_open=yes", "expected 0 or 1"),
     ("legs=/a|/b;leg_timeout=-1", "leg_timeout='-1': expected seconds"),
@@ -60,6 +60,8 @@ def test_config_string_parses() -> None:
         (2, 1 << 20, "least-busy", 0, 2.0, True)
     assert p.leg_timeout == 2.5 and p.mirror_config(1 << 20, True).leg_timeout == 2.5
     assert parse("legs=/a|/b").leg_timeout == 10.0
+    assert parse("legs=/a|/b").max_lag == 64 << 20
+    assert parse("legs=/a|/b;max_lag=1M").mirror_config(1 << 20, True).max_lag == 1 << 20
 
 
 def test_yaml_options_become_the_config_string() -> None:
@@ -74,11 +76,12 @@ def test_yaml_options_become_the_config_string() -> None:
               region: 4M
               resync_rate: 16M
               leg_timeout: 20
+              max_lag: 8M
     """), "cfg.yaml")
     dev = cfg.device("m0")
     text = dev_config_string(dev)
     assert text.startswith("mirror/legs=/srv/m0.img|nbd%3A//10.0.0.2/m0;quorum=all;"
-                           "region=4194304;resync_rate=16777216;leg_timeout=20")
+                           "region=4194304;resync_rate=16777216;max_lag=8388608;leg_timeout=20")
     MirrorHandler.check_config(text.split("/", 1)[1])
     assert parse(text.split("/", 1)[1]).legs == ("/srv/m0.img", "nbd://10.0.0.2/m0")
 
