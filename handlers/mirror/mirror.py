@@ -32,7 +32,9 @@ Rules this file obeys
     2. the data goes to every leg that takes writes through the same FIFO (one worker per leg:
        writes, bitmap blocks and flushes reach one leg in the order they were queued);
     3. a leg whose write fails is marked out of sync and the new active mask is written (FUA) to
-       the remaining legs **before** the write is acknowledged;
+       the remaining legs **before** the write is acknowledged; with several writes waiting on
+       one failing leg, one thread writes the record and no write or flush is acknowledged
+       until it is durable (`Mirror._recording`, `Mirror._owed`);
     4. with quorum ``all`` the write is acknowledged once every leg taking writes answered
        and at least one in-sync leg holds it; with a number N, once N in-sync legs hold it
        (with the device's write cache off each leg's write is FUA: durable on return; with it
@@ -297,6 +299,12 @@ class Mirror:
         self._lag = 0
         self._lag_written = 0
         self.lag_acks = 0  # writes acknowledged before every leg had them (status)
+        #: Rule 3 with several waiters: legs whose failure record is being written
+        #: (`_fail_leg`), and legs a waiter dropped from its operations and is about to fail
+        #: (`_reap`, `_WriteOp._time_out`); no write or flush is acknowledged while either
+        #: holds a leg (`_WriteOp.wait`), since it may have been counted without that leg.
+        self._recording: set[int] = set()
+        self._owed: set[int] = set()
 
     # -- open ------------------------------------------------------------------------------
 
@@ -562,8 +570,12 @@ class Mirror:
         """Mark `ls` out of sync and record it (generation + 1) on the legs left, durably,
         before returning (rule 3)."""
         with self._lock:
+            self._owed.discard(ls.index)
             if ls.state == FAILED:
+                # recorded already, or being recorded (in `_recording` until durable: the
+                # acknowledgements wait for it, not this caller, who may hold `_meta_lock`)
                 return
+            self._recording.add(ls.index)
             was = ls.state
             lagging = bool(self._lag >> ls.index & 1)
             ls.state = FAILED
@@ -578,7 +590,12 @@ class Mirror:
                 self._last_standing = ls.index
             self._lock.notify_all()
         log.error("mirror: %s failed (%s, was %s): out of sync", ls.name(), exc, was)
-        self._write_superblocks(clean=False)
+        try:
+            self._write_superblocks(clean=False)
+        finally:
+            with self._lock:
+                self._recording.discard(ls.index)
+                self._lock.notify_all()
 
     # -- the BlockBackend ----------------------------------------------------------------------
 
@@ -612,6 +629,7 @@ class Mirror:
                 continue
             exc = OSError(110, f"mirror: no answer within {self.cfg.leg_timeout:g} s from "
                                f"{ls.name()}")
+            self._owed.add(ls.index)  # recorded before the dropped ops acknowledge (rule 3)
             for op in list(ls.ops.values()):
                 op.drop(ls, exc)
             self._lock.release()
@@ -1320,6 +1338,7 @@ class _WriteOp:
         for ls in late:
             del self.waiting[ls.index]
             self._forget(ls)
+            self.m._owed.add(ls.index)  # recorded before anyone acknowledges (rule 3)
         self.left -= len(late)
         self.error = OSError(110, f"mirror: no answer within {self.m.cfg.leg_timeout:g} s "
                              f"from {', '.join(ls.name() for ls in late)}")
@@ -1386,6 +1405,8 @@ class _WriteOp:
                                     raise QuorumLost("mirror: could not record which legs "
                                                      "lag")
                                 continue
+                            if self._record_pending():
+                                continue
                             m.lag_acks += bool(missing)
                             return
                         if time.monotonic() < self.grace:
@@ -1395,12 +1416,24 @@ class _WriteOp:
                         raise QuorumLost(f"mirror: {self.ok} legs hold the write; the write "
                                          f"quorum is {self.need}")
                 elif self.left == 0:
+                    if self._record_pending():
+                        continue
                     if self.ok == 0:
                         if not any(ls.state == IN_SYNC for ls in m._legs):
                             raise QuorumLost("mirror: no leg left in sync")
                         raise self.error or OSError(5, "mirror: no leg took the write")
                     return
                 self._sleep()
+
+    def _record_pending(self) -> bool:
+        """Rule 3: while a leg's failure is not yet durable on the others (another thread is
+        writing the record, or about to), wait a little and say so: the caller counts again
+        (that record may fail more legs). Caller holds the lock."""
+        m = self.m
+        if not (m._recording or m._owed):
+            return False
+        m._lock.wait(0.05)
+        return True
 
     def wait_all(self) -> None:
         """Until every leg answered or timed out (failures are the legs' own: they are marked

@@ -31,6 +31,8 @@ class Store:
         #: every read takes (a slow leg that still answers).
         self.read_gate: threading.Event | None = None
         self.read_delay = 0.0
+        #: Seconds every metadata write (at or past `meta_from`) takes: a slow superblock.
+        self.meta_delay = 0.0
 
     def check(self, what: str) -> None:
         if self.down:
@@ -84,6 +86,8 @@ class MemoryLeg:
             assert data_gate.wait(30), "test data gate never opened"
         if self.store.delay and offset < self.store.meta_from:
             time.sleep(self.store.delay)
+        if self.store.meta_delay and offset >= self.store.meta_from:
+            time.sleep(self.store.meta_delay)
         crash = self.store.crash
         if crash is not None and not crash.take():
             raise OSError(errno.EIO, f"{self.spec}: power cut")

@@ -550,6 +550,47 @@ def test_a_leg_that_does_not_answer_in_time_is_marked_out_of_sync_and_the_write_
         m.close()
 
 
+def test_no_write_is_acknowledged_before_a_timed_out_legs_failure_is_recorded() -> None:
+    """Rule 3 with several writers: when a silent leg times out, every write waiting for it
+    returns only once the leg's failure is durable on the others, not just the one whose
+    waiter writes the record (the others found the leg already marked failed and returned
+    at once while the slow superblock write was still going)."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, leg_timeout=1.0)
+    gate = threading.Event()
+    seen: list[tuple[int, bool]] = []
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        try:
+            write(m, i * REGION, bytes([i]) * 4096)
+            recorded = all(not sb.has(2) for sb in (read_superblock(MemoryLeg(st[name]))
+                                                    for name in ("leg0", "leg1"))
+                           if sb is not None)
+            seen.append((i, recorded))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        for name in ("leg0", "leg1"):
+            st[name].meta_delay = 0.1  # the failure record takes a while to write
+        st["leg2"].gate = gate  # leg 2 stops answering
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+        assert not errors, errors
+        assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
+        assert all(ok for _, ok in seen), seen
+    finally:
+        gate.set()
+        st["leg2"].gate = None
+        for name in ("leg0", "leg1"):
+            st[name].meta_delay = 0.0
+        m.close()
+
+
 def test_reopen_after_clean_close_copies_nothing() -> None:
     st = stores(2)
     m = open_mirror(st, assume_clean=True)
