@@ -1,7 +1,8 @@
-"""Ring microbenchmark: FakeKernel -> Ring -> DeviceRunner -> null / raw handler, on one core.
+"""Ring microbenchmark: FakeKernel -> Ring -> DeviceRunner -> null / raw / thin handler, one core.
 
     .venv/bin/python benchmarks/ring_bench.py [--seconds 3] [--qd 32] [--plane on|off|both]
-                                              [--json out.json]
+        [--handlers null,raw,thin] [--workloads 4k-randread,4k-randwrite,1m-seqread,1m-seqwrite]
+        [--json out.json]
 
 Workloads: 4 KiB random read, 4 KiB random write (commands/s), 1 MiB sequential read and write
 (MB/s). Each figure is split into the engine's side (ring dequeue, dispatch, handler, completion:
@@ -15,6 +16,8 @@ devices served entirely on the loop thread (null, raw on tmpfs — as here), not
 `--plane` runs the engine with the C data plane (`tcmu_py.ring.DataPlane`) on, off, or both (the
 default): the raw handler declares its image as a file extent, so with the plane on its plain
 READ/WRITE never reach Python; the null handler declares none and is served by Python either way.
+The thin disk (a pool in the same tmpfs directory) is written whole before each run, so every
+unit is allocated and the plane serves all of it (`in_c` 1.0), as on a disk in use.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from tcmu_py.device.runner import DeviceRunner
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.null import NullHandler
 from tcmu_py.handlers.raw import RawHandler
+from tcmu_py.handlers.thin import ThinHandler, create_pool
 from tcmu_py.testing import FakeKernel, FakeUio, cdbs
 
 BS = 512
@@ -75,6 +79,12 @@ def run(
     uio = TimedUio(FakeUio(kernel))
     config = DeviceConfig("bench", handler.subtype, cfgstring, SIZE, BS, hw_max_sectors=2048)
     device = handler.open(config)
+    if handler is ThinHandler:
+        # Allocate every unit first (as after a first pass of writes): the plane serves only
+        # allocated units, and the workload would otherwise measure allocation.
+        chunk = memoryview(b"\x5a" * (1 << 20))
+        for off in range(0, SIZE, len(chunk)):
+            device.backend.write(off, [chunk])  # type: ignore[attr-defined]
     runner = DeviceRunner(uio, device, workers=4, data_plane=plane)
     blocks = xfer // BS
     nblk = SIZE // BS
@@ -145,13 +155,23 @@ def main() -> int:
     ap.add_argument("--qd", type=int, default=32)
     ap.add_argument("--plane", choices=("on", "off", "both"), default="both")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--handlers", default="null,raw,thin",
+                    help="comma-separated, of null, raw, thin (default all)")
+    ap.add_argument("--workloads", default="4k-randread,4k-randwrite,1m-seqread,1m-seqwrite",
+                    help="comma-separated (default all four)")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         img = os.path.join(d, "bench.img")
+        pool = os.path.join(d, "pool")
         planes = {"on": (True,), "off": (False,), "both": (False, True)}[args.plane]
-        for handler, cfg in ((NullHandler, ""), (RawHandler, img)):
-            for wl in ("4k-randread", "4k-randwrite", "1m-seqread", "1m-seqwrite"):
+        handlers = {"null": (NullHandler, ""), "raw": (RawHandler, img),
+                    "thin": (ThinHandler, f"pool={pool};disk=bench")}
+        wanted = [handlers[h] for h in args.handlers.split(",")]
+        if ThinHandler in (h for h, _ in wanted):
+            create_pool(pool, "bench", 2 * SIZE, None)
+        for handler, cfg in wanted:
+            for wl in args.workloads.split(","):
                 qd = args.qd if wl.startswith("4k") else 8
                 for plane in planes:
                     r = run(handler, cfg, wl, args.seconds, qd, plane)

@@ -436,6 +436,31 @@ static int tcmu_py_dp_rw(const uint8_t *cdb, uint32_t cdb_len, uint64_t *lba, ui
     return 1;
 }
 
+/* Thin: 1 if every allocation unit of LBAs [lba, lba + n) is allocated in x's map (no map: 1),
+ * and [*fs, *fe) widened to those units' LBAs (what the fences must not touch). */
+static int tcmu_py_dp_units(const struct tcmu_py_extent *x, uint64_t lba, uint64_t n,
+                            uint64_t *fs, uint64_t *fe)
+{
+    uint64_t first, last, u;
+
+    *fs = lba;
+    *fe = lba + n;
+    if (!x->unit_blocks)
+        return 1;
+    if (!x->units)
+        return 0;
+    first = lba / x->unit_blocks;
+    last = (lba + n - 1) / x->unit_blocks + 1;
+    if (last > x->n_units)
+        return 0;
+    for (u = first; u < last; u++)
+        if (!__atomic_load_n(&x->units[u], __ATOMIC_ACQUIRE))
+            return 0;
+    *fs = first * x->unit_blocks;
+    *fe = last * x->unit_blocks;
+    return 1;
+}
+
 static int tcmu_py_dp_overlaps(const struct tcmu_py_fence *f, int n, uint64_t start,
                                uint64_t end)
 {
@@ -509,15 +534,15 @@ int tcmu_py_dp_batch(struct tcmu_py_ring *r, const struct tcmu_py_extent *x,
     for (k = 0; k < n; k++) {
         struct tcmu_py_entry *e = &out[k];
         const uint8_t *cdb = r->map + e->cdb_off;
-        uint64_t lba, blocks, total = 0;
+        uint64_t lba, blocks, fs, fe, total = 0;
         int writing = 0, fua, ok = 0;
         uint32_t i;
 
         if (e->op == TCMU_OP_CMD && x->enabled && !has_tmr && x->fd >= 0 &&
             !e->iov_bidi_cnt && tcmu_py_dp_rw(cdb, e->cdb_len, &lba, &blocks, &writing, &fua) &&
             blocks && lba <= x->num_blocks && blocks <= x->num_blocks - lba &&
-            blocks <= x->max_blocks &&
-            !tcmu_py_dp_overlaps(fences, n_fences + w, lba, lba + blocks)) {
+            blocks <= x->max_blocks && tcmu_py_dp_units(x, lba, blocks, &fs, &fe) &&
+            !tcmu_py_dp_overlaps(fences, n_fences + w, fs, fe)) {
             const struct iovec *v = (const struct iovec *)(r->map + e->array_off);
 
             for (i = 0; i < e->iov_cnt; i++)

@@ -115,6 +115,12 @@ struct tcmu_py_extent {
     uint64_t max_blocks;     /* MAXIMUM TRANSFER LENGTH in logical blocks */
     uint32_t flush_fua;      /* 1: fdatasync after a FUA write (volatile write cache) */
     uint32_t enabled;        /* 0: execute nothing this call (a unit attention is pending...) */
+    /* Thin: one byte per allocation unit of unit_blocks blocks, nonzero = allocated. With a map
+     * (unit_blocks > 0) C takes only commands whose every unit is allocated, and a command's
+     * range counts, for the fences, as the whole units it touches. units == NULL: no map. */
+    const uint8_t *units;
+    uint64_t n_units;
+    uint64_t unit_blocks;
 };
 
 /* LBAs [start, end) that a command running in Python may touch; start == end: none. */
@@ -145,8 +151,9 @@ struct tcmu_py_dp_stats {
  * receives the range of out[k] (the caller provides room for n_fences + max_out). A command
  * qualifies when the extent is enabled, no TMR entry came in the same call, it is a non-BIDI
  * READ/WRITE(6/10/12/16) without protection bits, its range lies inside the device and within
- * max_blocks, its buffers hold exactly its blocks, and it overlaps no fence (including those
- * of entries handed to Python before it in this call). Returns n, or a negative status
+ * max_blocks, its buffers hold exactly its blocks, with a unit map every unit it touches is
+ * allocated, and it overlaps no fence (including those of entries handed to Python before it in
+ * this call; with a unit map, no fence may touch any unit it touches). Returns n, or a negative status
  * (nothing executed).
  *
  * The executed commands are not completed yet: their responses will steal the oldest slots,

@@ -27,7 +27,8 @@ exactly that; nothing is probed per command:
 - `Closable`: ``close()``. Called once when the device goes away.
 - `FileExtent`: ``file_extent()``. Advertised: nothing; the data *is* a file extent, so the C
   data plane (`tcmu_py.ring.DataPlane`) moves plain READ/WRITE bytes between that file and the ring
-  without calling `read` / `write`. Not with `ThinProvisioning` (its writes allocate).
+  without calling `read` / `write`. With `ThinProvisioning` only as ``(fd, base, UnitMap)``:
+  the plane then serves only commands whose every allocation unit is allocated.
 - ``blocking`` (`BlockBackend` attribute, default True): False runs every command on the
   device's loop thread instead of its worker pool.
 - ``transfer_granularity`` (`BlockBackend` attribute, bytes, default 0 = not reported): the unit
@@ -231,6 +232,25 @@ class Closable(Protocol):
         """Release everything. Called once, after the last command of the device completed."""
 
 
+@dataclass(frozen=True)
+class UnitMap:
+    """A thin backend's allocation map, shared with the C data plane: ``units[i]`` is nonzero
+    when allocation unit ``i`` (bytes ``[i * unit, (i + 1) * unit)``, ``unit`` a multiple of the
+    block size) is allocated. The plane reads it, never writes it; it serves a READ/WRITE only
+    when every unit the command touches reads nonzero, and fences a command of the device off
+    every unit it touches, not just its LBAs.
+
+    The backend's contract: the `bytearray` is never resized (a new one comes with a new
+    `file_extent`, after a change the device declares: resize); a unit is set only once its data
+    is in the file (after an allocating write, never before); a unit is cleared *before* anything
+    other than a command of this device (which its fence covers) deallocates it — `resize`, for
+    instance, clears every unit before it truncates. A plane command already past its check when
+    that happens is the same race a Python command racing a resize has."""
+
+    unit: int
+    units: bytearray
+
+
 @runtime_checkable
 class FileExtent(Protocol):
     """The device's blocks are bytes of one open file: LBA ``n`` is at ``base + n * block_size``
@@ -245,10 +265,11 @@ class FileExtent(Protocol):
     methods never see a C write overtake or tear theirs.
     """
 
-    def file_extent(self) -> tuple[int, int] | None:
-        """``(fd, base)`` now, or None when the data is not a plain extent (any more). Called on
-        the loop thread when the device is built and after each change the device knows of
-        (resize); the fd must stay open until `close`."""
+    def file_extent(self) -> tuple[int, int] | tuple[int, int, UnitMap] | None:
+        """``(fd, base)`` now — ``(fd, base, UnitMap)`` for a thin backend, whose unallocated
+        units stay with `read` / `write` — or None when the data is not a plain extent (any
+        more). Called on the loop thread when the device is built and after each change the
+        device knows of (resize); the fd must stay open until `close`."""
 
 
 #: The optional capabilities, in the order they are checked.
@@ -365,11 +386,6 @@ class Capabilities:
             raise CapabilityError(
                 f"backend {kind}: implements ThinProvisioning but not Unmap (unmap): the device "
                 "advertises provisioning (VPD B2h) only for a backend that can deallocate"
-            )
-        if declared[ThinProvisioning] and declared[FileExtent]:
-            raise CapabilityError(
-                f"backend {kind}: implements ThinProvisioning and FileExtent (file_extent): the "
-                "data plane's writes would bypass allocation; expected one of them"
             )
         granularity = _typed(backend, "unmap_granularity", int, block_size)
         alignment = _typed(backend, "unmap_granularity_alignment", int, 0)

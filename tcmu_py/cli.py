@@ -293,7 +293,7 @@ def build_parser(handler_commands_listed: bool = True) -> argparse.ArgumentParse
         "--data-plane",
         action=argparse.BooleanOptionalAction,
         default=DEFAULT_DATA_PLANE,
-        help="serve plain READ/WRITE of devices whose data is a file extent (raw) in C; "
+        help="serve plain READ/WRITE of devices whose data is a file extent (raw, thin) in C; "
         "--no-data-plane keeps every command in Python, for debugging and comparison "
         f"(default {'on' if DEFAULT_DATA_PLANE else 'off'})",
     )

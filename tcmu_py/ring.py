@@ -586,6 +586,10 @@ class DataPlane:
       size). C does not execute a command that overlaps a fence, including the fences of entries
       handed to Python earlier in the same call: a command on a worker (COMPARE AND WRITE, WRITE
       SAME, UNMAP, a slow write) is never overtaken by an overlapping C command.
+    - Thin (an extent with a unit map, `tcmu_py.backend.UnitMap`): C takes a command only when
+      every allocation unit it touches is allocated (reads of holes and allocating writes are
+      Python's), and a fence keeps C off every *unit* it touches, since a deallocation works on
+      whole units. The backend clears a unit before it deallocates it by any other way.
     - The runner disables execution (the call still dequeues and fences) while a unit attention is
       pending, so the command that must report it reaches Python; C executes nothing in a call that
       brought a TMR entry, so Python sees every command a TMR may name; a resize or a new transfer
@@ -598,6 +602,7 @@ class DataPlane:
     def __init__(self) -> None:
         self._extent = ffi.new("struct tcmu_py_extent *")
         self._extent.fd = -1
+        self._units: Any = None  # the thin unit map's cdata (keeps the buffer exported)
         self._stats = ffi.new("struct tcmu_py_dp_stats *")
         #: cmd_id -> LBA range [start, end) of each command Python holds that touches the medium.
         self._fences: dict[int, tuple[int, int]] = {}
@@ -626,7 +631,18 @@ class DataPlane:
         x = self._extent
         if extent is None:
             x.fd = -1
+            x.units, x.n_units, x.unit_blocks = ffi.NULL, 0, 0
+            self._units = None
             return
+        if extent.unit_blocks:
+            # The map stays the backend's bytearray: C sees its updates as they are made. The
+            # cdata keeps it exported (unresizable) and alive while declared.
+            units = extent.units if extent.units is not None else bytearray()
+            self._units = ffi.from_buffer("uint8_t[]", units)
+            x.units, x.n_units, x.unit_blocks = self._units, len(units), extent.unit_blocks
+        else:
+            x.units, x.n_units, x.unit_blocks = ffi.NULL, 0, 0
+            self._units = None
         x.fd = extent.fd
         x.block_size = extent.block_size
         x.base = extent.base

@@ -20,6 +20,13 @@ Theory of operation:
   LBPRZ=1 LBAs left mapped by an unmap read as zeros), and then, if the whole unit now reads as
   zeros, the unit is punched, so that several small discards covering a unit (fstrim of 4 KiB
   blocks) give it back.
+- **The C data plane** (`file_extent`): the device's plain READ/WRITE of units that `_units` says
+  are allocated go straight to the file in C (they allocate nothing, so they need none of the
+  above). `_units` is that map: set only once a write's data is in the file, and cleared under the
+  lock when a deallocation takes its units exclusively, before it punches (`_begin_exclusive`),
+  so no later plane command takes a unit being deallocated; `resize` clears every unit of the old
+  map before it truncates, and declares a new map (`file_extent` again, after the device's
+  resize). The device fences the plane off every unit its own commands touch.
 - **Durability**: with `write_cache=False` the file is opened O_DSYNC, so every write is durable on
   return, and unmaps end with fdatasync; with `write_cache=True` writes go to the page cache and
   `flush` (fdatasync) makes them durable, so the caching page's WCE=1 tells the truth.
@@ -36,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tcmu_py.backend import UnitMap
 from tcmu_py.handler import ProvisioningInfo, on_memory_filesystem
 
 from .._pool import PoolDisk
@@ -69,7 +77,8 @@ class ThinBackend(PoolDisk["Pool"]):
     """One thin disk. Create with `Pool.open_disk`; `close` it when the device goes away.
 
     Capabilities (`tcmu_py.backend`): `Unmap` (with ``lbprz`` and ``unmap_granularity``),
-    `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Resizable`, `Closable`.
+    `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Resizable`, `Closable`, `FileExtent` (with a
+    `UnitMap`).
     """
 
     #: `Unmap` promise: deallocated units read as zeros (holes) — SBC-4 LBPRZ.
@@ -216,6 +225,9 @@ class ThinBackend(PoolDisk["Pool"]):
                 self._cond.wait()
             item = (first, last)
             self._exclusive.append(item)  # from here on new writes to these units wait
+            # ... and the data plane's: it sees these units unallocated until `_load_units`.
+            lo, hi = min(first, len(self._units)), min(last, len(self._units))
+            self._units[lo:hi] = bytes(hi - lo)
             while _overlaps(self._writing, first, last):
                 self._cond.wait()
             return item
@@ -249,6 +261,15 @@ class ThinBackend(PoolDisk["Pool"]):
             written = True
         finally:
             self._end_write(first, last, written=written)
+
+    def file_extent(self) -> tuple[int, int, UnitMap] | None:
+        """`FileExtent` for the C data plane: the disk is the file from byte 0, and `_units` the
+        allocation map (see the module docstring). None when `read` or `write` is not this
+        class's own (a subclass that overrides them wants them called for every command)."""
+        if (getattr(self.read, "__func__", None) is not ThinBackend.read
+                or getattr(self.write, "__func__", None) is not ThinBackend.write):
+            return None
+        return self._fd, 0, UnitMap(self.unit, self._units)
 
     def flush(self) -> None:
         """fdatasync: every acknowledged write and unmap is durable afterwards."""

@@ -5,7 +5,7 @@
 #: than in `serve` so the command line can show it without importing the daemon.
 DEFAULT_POLL_US = 1000
 
-#: Whether `serve` runs plain READ/WRITE of file-extent devices (raw) in C (`serve --data-plane /
-#: --no-data-plane`). The same as `tcmu_py.device.runner.DEFAULT_DATA_PLANE` (a unit test checks),
-#: kept here so the command line can show it without importing the data path.
-DEFAULT_DATA_PLANE = False
+#: Whether `serve` runs plain READ/WRITE of file-extent devices (raw, thin) in C (`serve
+#: --data-plane / --no-data-plane`). The same as `tcmu_py.device.runner.DEFAULT_DATA_PLANE` (a unit
+#: test checks), kept here so the command line can show it without importing the data path.
+DEFAULT_DATA_PLANE = True

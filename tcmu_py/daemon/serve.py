@@ -720,6 +720,7 @@ class Daemon:
         devices = []
         for s in items:
             counters = s.runner.counters.snapshot()
+            plane = s.runner.plane
             devices.append(
                 {
                     "name": s.name.device,
@@ -729,6 +730,10 @@ class Daemon:
                     "failed": s.failed,
                     "size": getattr(s.device, "num_blocks", 0) * getattr(s.device, "block_size", 0),
                     "counters": counters,
+                    # The C data plane: None when off; else whether an extent is declared and
+                    # how many commands C executed (the counters include them).
+                    "data_plane": None if plane is None
+                    else {"declared": plane.declared, "commands": plane.executed},
                 }
             )
         # "handlers": the subtypes that added entries, so that `tcmu-py status` imports only

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 
-from tcmu_py.backend import BlockBackend, Capabilities, ProvisioningInfo
+from tcmu_py.backend import BlockBackend, Capabilities, ProvisioningInfo, UnitMap
 from tcmu_py.buffers import gather, slice_views
 from tcmu_py.device.command import Command
 from tcmu_py.device.copydomain import CopyDomain
@@ -167,17 +167,30 @@ class BlockDevice(ScsiDevice):
         self.extent_version += 1
 
     def data_extent(self) -> DataExtent | None:
-        """The backend's `FileExtent`, unless the device's config turns the data plane off."""
+        """The backend's `FileExtent`, unless the device's config turns the data plane off. A
+        thin backend (`ThinProvisioning`) qualifies only with a `UnitMap` (its writes allocate:
+        only commands on allocated units may bypass it); without one it stays in Python."""
         fx = self.caps.file_extent
         if fx is None or not self.config.data_plane:
             return None
         got = fx.file_extent()
         if got is None:
             return None
-        fd, base = got
+        units: bytearray | None = None
+        unit_blocks = 0
+        if len(got) == 3:
+            fd, base, umap = got  # type: ignore[misc]
+            if (not isinstance(umap, UnitMap) or umap.unit <= 0
+                    or umap.unit % self.block_size):
+                return None
+            units, unit_blocks = umap.units, umap.unit // self.block_size
+        elif self.caps.thin is not None:
+            return None
+        else:
+            fd, base = got  # type: ignore[misc]
         return DataExtent(
             fd, base, self.block_size, self.num_blocks, self.max_transfer_blocks,
-            self.backend.write_cache,
+            self.backend.write_cache, units, unit_blocks,
         )
 
     def join(self, domain: CopyDomain) -> None:

@@ -166,7 +166,9 @@ class DataExtent:
 
     LBA ``n`` is at byte ``base + n * block_size`` of the open file ``fd``; ``num_blocks`` is the
     capacity and ``max_blocks`` the MAXIMUM TRANSFER LENGTH; ``flush_fua`` asks for an
-    ``fdatasync`` after a FUA write (a volatile write cache)."""
+    ``fdatasync`` after a FUA write (a volatile write cache). ``units`` (thin): one byte per
+    allocation unit of ``unit_blocks`` blocks, nonzero when allocated (`tcmu_py.backend.UnitMap`);
+    the plane then serves only commands on allocated units and fences whole units."""
 
     fd: int
     base: int
@@ -174,6 +176,8 @@ class DataExtent:
     num_blocks: int
     max_blocks: int
     flush_fua: bool
+    units: bytearray | None = None
+    unit_blocks: int = 0
 
 
 class ScsiDevice:

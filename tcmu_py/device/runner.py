@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 
 #: Whether a runner serves plain READ/WRITE of a file-extent device in C unless told otherwise
 #: (`DeviceRunner(data_plane=...)`, `serve --data-plane / --no-data-plane`).
-DEFAULT_DATA_PLANE = False
+DEFAULT_DATA_PLANE = True
 
 _READ_OPS = frozenset({0x08, 0x28, 0xA8, 0x88})
 _WRITE_OPS = frozenset({0x0A, 0x2A, 0xAA, 0x8A})

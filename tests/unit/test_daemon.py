@@ -123,6 +123,8 @@ def test_serves_found_devices_and_skips_foreign_subtypes(host, tmp_path):
         st = d.status()
         assert st["devices"][0]["name"] == "disk0"
         assert st["devices"][0]["counters"]["writes"] == 1
+        # On by default: the WRITE and the READ were served by the C data plane.
+        assert st["devices"][0]["data_plane"] == {"declared": True, "commands": 2}
     finally:
         d.shutdown()
     # Blocked while draining, then unblocked: a blocked device would hang LUN removal.

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from tcmu_py.device.block import BlockDevice, open_block_device
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.raw import RawBackend
+from tcmu_py.handlers.thin import Pool, ThinBackend, create_pool
 from tcmu_py.ring import TmrType
 from tcmu_py.testing import cdbs
 from tcmu_py.testing.harness import RingHarness
@@ -67,6 +68,31 @@ def make_device(tmp: Path, name: str, backend_cls: type[RawBackend] = UnmapRaw,
     img = str(tmp / f"{name}.img")
     config = DeviceConfig(name, "raw", img, BLOCKS * BS, BS, write_cache=write_cache)
     return open_block_device(config, backend_cls(img, config.size, BS, write_cache))
+
+
+#: The thin disks' allocation unit: 8 blocks, so commands of a few blocks straddle units.
+UNIT = 4096
+
+
+def make_thin(tmp: Path, name: str, backend_cls: type[ThinBackend] = ThinBackend) -> BlockDevice:
+    """A thin disk of BLOCKS blocks in a pool of twice that, no soft threshold (a threshold
+    unit attention is raised by whichever command allocates first, a race the property test
+    would see as a difference). Its file is at ``<tmp>/pool-<name>/<name>.img``-like path
+    (`thin_image`)."""
+    path = str(tmp / f"pool-{name}")
+    create_pool(path, "p", 2 * BLOCKS * BS, None, unit=UNIT)
+    pool = Pool.open(path)
+    backend = pool.open_disk("d", BLOCKS * BS, write_cache=True, on_close=pool.close)
+    if backend_cls is not ThinBackend:
+        backend.__class__ = backend_cls
+    config = DeviceConfig(name, "thin", f"pool={path}", BLOCKS * BS, BS, write_cache=True)
+    return open_block_device(config, backend)
+
+
+def thin_image(device: BlockDevice) -> str:
+    backend = device.backend
+    assert isinstance(backend, ThinBackend)
+    return os.readlink(f"/proc/self/fd/{backend._fd}")
 
 
 @pytest.fixture
@@ -127,11 +153,14 @@ def _cdb(cmd: tuple[Any, ...], rng: random.Random) -> tuple[bytes, bytes, int]:
     return cdbs.test_unit_ready(), b"", 0
 
 
-def _run_program(tmp: Path, name: str, plane: bool, program: Any) -> dict[str, Any]:
-    """Run `program` with the plane on or off; everything an initiator or `status` sees."""
+def _run_program(tmp: Path, name: str, plane: bool, program: Any,
+                 kind: str = "raw") -> dict[str, Any]:
+    """Run `program` with the plane on or off on a `kind` ("raw" or "thin") disk; everything
+    an initiator or `status` sees (for thin also the allocation map and the pool's use)."""
     batches_, seed = program
     rng = random.Random(seed)
-    device = make_device(tmp, name)
+    device = make_device(tmp, name) if kind == "raw" else make_thin(tmp, name)
+    path = str(tmp / f"{name}.img") if kind == "raw" else thin_image(device)
     # A 4 KiB command ring: it wraps (PAD entries) every few wake-ups.
     h = RingHarness(device, workers=1, data_plane=plane, cmdr_size=4096, data_size=256 * 1024)
     answers: list[tuple[int | None, bytes, bytes, bool]] = []
@@ -156,23 +185,36 @@ def _run_program(tmp: Path, name: str, plane: bool, program: Any) -> dict[str, A
         assert sum(c.latency_hist) == c.commands
         assert c.latency_seconds >= 0
         executed = h.runner.plane.executed if h.runner.plane is not None else 0
+        alloc: Any = None
+        if kind == "thin":
+            backend = device.backend
+            assert isinstance(backend, ThinBackend)
+            alloc = (bytes(backend._units), backend.pool.used,
+                     backend.lba_status(0, backend.size))
     finally:
         h.close()
-    image = (tmp / f"{name}.img").read_bytes()
-    return {"answers": answers, "counters": counters, "image": image, "executed": executed}
+    image = Path(path).read_bytes()
+    return {"answers": answers, "counters": counters, "image": image, "executed": executed,
+            "alloc": alloc}
 
 
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(program=programs)
-def test_plane_on_and_off_agree(tmp: Path, program: Any) -> None:
+@pytest.mark.parametrize("kind", ["raw", "thin"])
+def test_plane_on_and_off_agree(tmp: Path, kind: str, program: Any) -> None:
+    """Raw, and thin: there C takes only commands on allocated units, so reads of holes and
+    allocating writes stay Python's, and UNMAP / WRITE SAME UNMAP must clear the map before a
+    later C command could write into a deallocated unit (the allocation map, the pool's use and
+    GET LBA STATUS's view agree too)."""
     tag = os.urandom(4).hex()
-    off = _run_program(tmp, f"off-{tag}", False, program)
-    on = _run_program(tmp, f"on-{tag}", True, program)
+    off = _run_program(tmp, f"off-{tag}", False, program, kind)
+    on = _run_program(tmp, f"on-{tag}", True, program, kind)
     assert on["answers"] == off["answers"]
     assert on["counters"] == off["counters"]
     assert on["image"] == off["image"]
+    assert on["alloc"] == off["alloc"]
     assert off["executed"] == 0
 
 
@@ -183,6 +225,16 @@ def test_the_property_test_reaches_c(tmp: Path) -> None:
                   for f in (False, True)] + [("read", 3, 2, 12, False, 0)], [], None)], 1)
     on = _run_program(tmp, "reach", True, program)
     assert on["executed"] == 5
+
+
+def test_the_thin_property_test_reaches_c(tmp: Path) -> None:
+    """On thin, the writes that allocate are Python's, the same writes and reads again (now on
+    allocated units) are C's, and a read of a never-written unit is Python's."""
+    program = ([([("write", 8, 8, 10, False, 0), ("write", 20, 2, 16, True, 0)], [], None),
+                ([("write", 8, 8, 10, False, 0), ("write", 20, 2, 16, True, 0),
+                  ("read", 10, 4, 12, False, 0), ("read", 40, 1, 10, False, 0)], [], None)], 1)
+    on = _run_program(tmp, "reach", True, program, "thin")
+    assert on["executed"] == 3
 
 
 # --- the rules, one at a time -------------------------------------------------------------
@@ -359,3 +411,127 @@ def test_a_raw_subclass_that_overrides_write_keeps_its_write(tmp: Path) -> None:
     assert calls == [3 * BS]
     assert h.runner.plane is not None and not h.runner.plane.declared
     h.close()
+
+
+# --- thin: the unit map ---------------------------------------------------------------------
+
+
+class GatedThin(ThinBackend):
+    """A deallocation (UNMAP, WRITE SAME UNMAP) waits for `gate` (a slow command on a worker)."""
+
+    gate: threading.Event
+    entered: threading.Event
+
+    def unmap(self, offset: int, length: int) -> None:
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        super().unmap(offset, length)
+
+
+def _gated_thin(tmp: Path, name: str) -> tuple[BlockDevice, GatedThin]:
+    device = make_thin(tmp, name, GatedThin)
+    backend = device.backend
+    assert isinstance(backend, GatedThin)
+    backend.gate, backend.entered = threading.Event(), threading.Event()
+    return device, backend
+
+
+def test_thin_only_allocated_units_go_through_c(tmp: Path) -> None:
+    h = RingHarness(make_thin(tmp, "alloc"), workers=1, data_plane=True)
+    h.run(cdbs.test_unit_ready())
+    plane = h.runner.plane
+    assert plane is not None and plane.declared
+    data = os.urandom(8 * BS)
+    assert h.run(cdbs.read10(0, 8), data_in_len=8 * BS).data == bytes(8 * BS)  # a hole: Python
+    assert h.run(cdbs.write10(0, 8), data).good  # allocates unit 0: Python
+    assert plane.executed == 0
+    assert h.run(cdbs.read10(0, 8), data_in_len=8 * BS).data == data  # allocated: C
+    assert h.run(cdbs.write10(2, 2), data[:2 * BS]).good  # allocated: C
+    assert plane.executed == 2
+    # Blocks 6..9 straddle unit 0 (allocated) and unit 1 (not): Python, which allocates unit 1.
+    assert h.run(cdbs.write10(6, 4), data[:4 * BS]).good
+    assert plane.executed == 2
+    assert h.run(cdbs.read10(6, 4), data_in_len=4 * BS).good
+    assert plane.executed == 3
+    h.close()
+
+
+def test_thin_fence_covers_whole_units(tmp: Path) -> None:
+    """A WRITE SAME UNMAP of blocks 0..1 held on a worker deallocates unit 0 (blocks 0..7) once
+    the rest of it reads as zeros: a C write to block 5, in the same unit but outside its LBAs,
+    must not run beside it (the punch could drop it): it goes to Python, which takes unit 0 in
+    turn with the deallocation; unit 3 is served in C at once."""
+    device, backend = _gated_thin(tmp, "fence")
+    h = RingHarness(device, workers=1, data_plane=True)
+    h.run(cdbs.test_unit_ready())
+    assert h.run(cdbs.write10(0, 32), os.urandom(32 * BS)).good  # allocates units 0..3
+    ws = _batch(h, [(cdbs.write_same10(0, 2, unmap=True), bytes(BS), 0),
+                    (cdbs.verify10(60, 1), b"", 0)])
+    h.runner.process()
+    assert backend.entered.wait(10)
+    plane = h.runner.plane
+    assert plane is not None
+    before = plane.executed
+    mine, far = os.urandom(BS), os.urandom(BS)
+    pend = _batch(h, [(cdbs.write10(5, 1), mine, 0), (cdbs.write10(25, 1), far, 0)])
+    h.runner.process()
+    # Block 25 in C; block 5 in Python (which takes unit 0 in turn with the deallocation).
+    assert plane.executed == before + 1
+    backend.gate.set()
+    h.wait(ws + pend)
+    assert [p.status for p in ws + pend] == [0] * 4
+    assert h.run(cdbs.read10(5, 1), data_in_len=BS).data == mine
+    assert h.run(cdbs.read10(0, 2), data_in_len=2 * BS).data == bytes(2 * BS)
+    h.close()
+
+
+def test_thin_unmap_clears_the_map_before_later_c_commands(tmp: Path) -> None:
+    device = make_thin(tmp, "unmap")
+    backend = device.backend
+    assert isinstance(backend, ThinBackend)
+    h = RingHarness(device, workers=1, data_plane=True)
+    h.run(cdbs.test_unit_ready())
+    assert h.run(cdbs.write10(8, 8), os.urandom(8 * BS)).good  # unit 1
+    plane = h.runner.plane
+    assert plane is not None
+    params = cdbs.unmap_parameters([(8, 8)])
+    assert h.run(cdbs.unmap(len(params)), params).good
+    assert backend._units[1] == 0
+    before = plane.executed
+    assert h.run(cdbs.read10(8, 8), data_in_len=8 * BS).data == bytes(8 * BS)  # Python
+    new = os.urandom(BS)
+    assert h.run(cdbs.write10(9, 1), new).good  # Python: it allocates again
+    assert plane.executed == before
+    assert backend.pool.disk_used("d") == UNIT
+    h.close()
+
+
+def test_thin_deallocation_clears_units_before_it_punches(tmp: Path) -> None:
+    """The map's contract for deallocations no fence covers: the units read unallocated from the
+    moment the deallocation takes them (before the punch), and `resize` leaves the old map all
+    unallocated (the plane gets the new one with the next declaration)."""
+    device = make_thin(tmp, "contract")
+    backend = device.backend
+    assert isinstance(backend, ThinBackend)
+    backend.write(0, [memoryview(os.urandom(4 * UNIT))])
+    assert bytes(backend._units[:4]) == b"\x01" * 4
+    seen: list[bytes] = []
+    real = backend._deallocate
+
+    def spy(offset: int, end: int) -> None:
+        seen.append(bytes(backend._units[:4]))
+        real(offset, end)
+
+    backend._deallocate = spy  # type: ignore[method-assign]
+    backend.unmap(UNIT, UNIT)
+    assert seen == [b"\x01\x00\x01\x01"]
+    assert bytes(backend._units[:4]) == b"\x01\x00\x01\x01"
+    extent = device.data_extent()
+    assert extent is not None and extent.units is backend._units and extent.unit_blocks == 8
+    old = backend._units
+    device.resize(BLOCKS * BS // 2)
+    assert not any(old)
+    new = device.data_extent()
+    assert new is not None and new.units is backend._units and new.units is not old
+    assert bytes(new.units) == b"\x01\x00\x01\x01"
+    device.close()
