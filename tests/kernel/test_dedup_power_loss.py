@@ -3,7 +3,7 @@ each as /dev/vda (ext4 holding the dedup pool). The first ends in a reset withou
 (``sysrq b``) while fio writes to ext4 on the dedup disk with periodic fsync; the second checks
 the pool, serves it again and reads the fsynced files back. The guest side is
 tests/kernel/scenarios/dedup_reboot.py; the boots are those of conftest.POWER_LOSS_CHAIN, shared
-with the other two power-loss tests.
+with the other power-loss tests.
 """
 
 from __future__ import annotations

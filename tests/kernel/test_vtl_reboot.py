@@ -4,7 +4,7 @@ contents and library inventory survive ... a reboot of the VM").
 Two boots share one host image file, attached to each as /dev/vdc (ext4 inside). The first boot
 ends in a reset without sync (``sysrq b``) while the daemon runs and a drive holds unterminated
 blocks; the second serves the same library. The guest side is tests/kernel/scenarios/
-vtl_reboot.py; the boots are those of conftest.POWER_LOSS_CHAIN, shared with the other two
+vtl_reboot.py; the boots are those of conftest.POWER_LOSS_CHAIN, shared with the other
 power-loss tests.
 """
 
