@@ -576,6 +576,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def mount_power_loss_disk(ctx: Context, disk: Path, mount: Path) -> Path:
+    """Mount ``disk`` (ext4, one of conftest.POWER_LOSS_DISKS) on ``mount`` until cleanup."""
+    assert disk.exists(), f"{disk} missing: the host test attaches it (conftest.POWER_LOSS_DISKS)"
+    mount.mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", "ext4", str(disk), str(mount)], timeout=ctx.remaining(60))
+    ctx.cleanup.callback(lambda: run(["umount", str(mount)], timeout=60, check=False))
+    return mount
+
+
 def fsck_ext4(ctx: Context, dev: Path) -> None:
     """Mount and unmount ``dev`` (its journal replays), then ``e2fsck -fn``: exit 0 or raise."""
     mnt = ctx.workdir / f"fsck-{dev.name}"

@@ -310,6 +310,23 @@ def _kill_if_running(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def _start_paced_fio(ctx: Context, dev: Path, name: str, size: str
+                     ) -> tuple[subprocess.Popen[bytes], Path]:
+    """fio writing ``size`` to ``dev`` at 6 writes of 64 KiB a second (queue depth 4), then
+    verifying it (crc32c), in the background, killed on cleanup: slow enough that a cluster
+    event lands mid-run. Returns the process and its JSON output file."""
+    out = ctx.workdir / f"fio-{name}.json"
+    argv = ["fio", f"--name={name}", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
+            "--iodepth=4", "--rw=write", "--bs=64k", f"--size={size}", "--rate_iops=6",
+            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json",
+            f"--output={out}"]
+    log(f"$ {' '.join(argv)} &")
+    fio = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           start_new_session=True)
+    ctx.cleanup.callback(_kill_if_running, fio)
+    return fio, out
+
+
 def _no_hung_tasks() -> None:
     dmesg = run(["dmesg"], timeout=30).stdout
     hung = [line for line in dmesg.splitlines() if "blocked for more than" in line]
@@ -464,15 +481,7 @@ def osd_down(ctx: Context) -> None:
     serve = Serve(ctx, _yaml(ctx, "ceph2", "osd", size, wwn, cluster.conf))
     serve.start()
     dev = wait_for(lambda: disk_by_wwn(wwn), ctx.remaining(120), f"ceph2 ({wwn})")
-    out = ctx.workdir / "fio-osd.json"
-    argv = ["fio", "--name=osd", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-            "--iodepth=4", "--rw=write", "--bs=64k", "--size=8M", "--rate_iops=6",
-            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json",
-            f"--output={out}"]
-    log(f"$ {' '.join(argv)} &")
-    fio = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           start_new_session=True)
-    ctx.cleanup.callback(_kill_if_running, fio)
+    fio, out = _start_paced_fio(ctx, dev, "osd", "8M")
     admin = cluster.admin()
     ctx.cleanup.callback(admin.shutdown)
     wait_for(lambda: _writes(ctx, serve.run_dir, "ceph2") >= 16, ctx.remaining(120),
@@ -717,15 +726,7 @@ def cluster_pause(ctx: Context) -> None:
     old_hung = hung.read_text().strip()
     hung.write_text(str(HUNG_TASK_SECONDS))
     ctx.cleanup.callback(hung.write_text, old_hung)
-    out = ctx.workdir / "fio-pause.json"
-    argv = ["fio", "--name=pause", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-            "--iodepth=4", "--rw=write", "--bs=64k", "--size=6M", "--rate_iops=6",
-            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json",
-            f"--output={out}"]
-    log(f"$ {' '.join(argv)} &")
-    fio = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           start_new_session=True)
-    ctx.cleanup.callback(_kill_if_running, fio)
+    fio, out = _start_paced_fio(ctx, dev, "pause", "6M")
     wait_for(lambda: _writes(ctx, serve.run_dir, name) >= 12, ctx.remaining(120),
              "fio to get going")
     state = _load_state()

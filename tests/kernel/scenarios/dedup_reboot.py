@@ -42,6 +42,7 @@ from guestlib import (
     fsync_dir,
     fsync_write,
     log,
+    mount_power_loss_disk,
     power_cut_during_fio,
     run,
     save_expected,
@@ -94,19 +95,11 @@ def _serve(ctx: Context, cfg: Path) -> Daemon:
     return d
 
 
-def _mount_disk(ctx: Context) -> Path:
-    assert DISK.exists(), f"{DISK} missing: the host test attaches the pool's disk"
-    MOUNT.mkdir(parents=True, exist_ok=True)
-    run(["mount", "-t", "ext4", str(DISK), str(MOUNT)], timeout=ctx.remaining(60))
-    ctx.cleanup.callback(lambda: run(["umount", str(MOUNT)], timeout=60, check=False))
-    return MOUNT
-
-
 @scenario(timeout=300, own_boot=True)
 def before_power_loss(ctx: Context) -> None:
     """A dedup disk with fsynced files and fio writing; the VM is reset mid-write."""
     run(["mkfs.ext4", "-q", "-F", str(DISK)], timeout=ctx.remaining(120))
-    root = _mount_disk(ctx)
+    root = mount_power_loss_disk(ctx, DISK, MOUNT)
     _serve(ctx, _config(ctx, root))
     dev = wait_for(partial(disk_by_wwn, WWN), ctx.remaining(120), f"ddr ({WWN})")
     mnt = ctx.workdir / "mnt"
@@ -138,7 +131,7 @@ def after_power_loss(ctx: Context) -> None:
     before = ctx.artifacts.parent / "dedup_reboot.before_power_loss" / EXPECTED
     expected = json.loads(before.read_text())
     fsck_ext4(ctx, DISK)
-    root = _mount_disk(ctx)
+    root = mount_power_loss_disk(ctx, DISK, MOUNT)
     pool = root / "pool"
 
     # Offline, before anything opens the pool for writing: what the power cut left.

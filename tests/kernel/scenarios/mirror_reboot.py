@@ -41,6 +41,7 @@ from guestlib import (
     fsync_dir,
     fsync_write,
     log,
+    mount_power_loss_disk,
     power_cut_during_fio,
     run,
     save_expected,
@@ -98,19 +99,11 @@ def _config(ctx: Context, specs: list[str], fresh: bool) -> Path:
     return cfg
 
 
-def _mount_legs_disk(ctx: Context) -> Path:
-    assert DISK.exists(), f"{DISK} missing: the host test attaches the legs' disk"
-    MOUNT.mkdir(parents=True, exist_ok=True)
-    run(["mount", "-t", "ext4", str(DISK), str(MOUNT)], timeout=ctx.remaining(60))
-    ctx.cleanup.callback(lambda: run(["umount", str(MOUNT)], timeout=60, check=False))
-    return MOUNT
-
-
 @scenario(timeout=300, own_boot=True)
 def before_power_loss(ctx: Context) -> None:
     """A 3-leg mirror with fsynced files and fio writing; the VM is reset mid-write."""
     run(["mkfs.ext4", "-q", "-F", str(DISK)], timeout=ctx.remaining(120))
-    root = _mount_legs_disk(ctx)
+    root = mount_power_loss_disk(ctx, DISK, MOUNT)
     images = _images(root)
     for img in images:
         with open(img, "wb") as f:
@@ -182,7 +175,7 @@ def after_power_loss(ctx: Context) -> None:
     expected = json.loads(
         (ctx.artifacts.parent / "mirror_reboot.before_power_loss" / EXPECTED).read_text())
     fsck_ext4(ctx, DISK)
-    root = _mount_legs_disk(ctx)
+    root = mount_power_loss_disk(ctx, DISK, MOUNT)
     images = _images(root)
 
     state = _offline_state(images)
