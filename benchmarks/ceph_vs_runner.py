@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from labbench import MIB, REPO, GuestDisks, boot_guest, select
+from labbench import MIB, REPO, GuestDisks, arg_parser, boot_guest, select
 
 # (name, fio rw, block size, queue depth): docs/benchmarks.md's six.
 WORKLOADS = (
@@ -296,19 +296,13 @@ def host(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO / "results" / "ceph_vs_runner")
-    ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--size-mib", type=int, default=32)
-    ap.add_argument("--only", help="comma-separated workload names (default: all six)")
+    ap = arg_parser(__doc__, "ceph_vs_runner", seconds=8.0, reps=2, size_mib=32)
     ap.add_argument("--profile", default="",
                     help="workloads to run once more on tcmu-py under py-spy (OUT/profile-*)")
     ap.add_argument("--py-write-cache", action=argparse.BooleanOptionalAction, default=True,
                     help="tcmu-py's backstore with emulate_write_cache=1 (WCE; librbd's "
                     "rbd_cache follows it), as by default; --no-py-write-cache: WCE=0, "
                     "rbd_cache off, as tcmu-runner's rbd always runs librbd")
-    ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     return guest(args) if args.guest else host(args)
 

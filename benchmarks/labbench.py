@@ -1,13 +1,14 @@
-"""What the "<handler> vs raw" benchmarks share (`dedup_vs_raw`, `mirror_vs_raw`, `thin_vs_raw`):
+"""What the lab benchmarks share (`dedup_vs_raw`, `mirror_vs_raw`, `thin_vs_raw`, `ceph_vs_runner`):
 one lab VM boot runs the benchmark script again inside with ``--guest``; there one
 `tcmu-py serve` serves the disks under test, exported through tcm_loop.
 
 Host side: `boot_guest`. Guest side (import inside the guest only: it uses tests/kernel's
-guestlib): `full_image`, `GuestDisks`. Workload selection: `select`.
+guestlib): `full_image`, `GuestDisks`. Options: `arg_parser`. Workload selection: `select`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -41,6 +42,24 @@ def select(workloads: Sequence[W], only: str | None) -> tuple[W, ...]:
         raise SystemExit(f"--only: unknown workload(s) {sorted(unknown)}; expected names from "
                          f"{[w[0] for w in workloads]}")
     return tuple(w for w in workloads if w[0] in names)
+
+
+def arg_parser(doc: str, name: str, *, seconds: float, reps: int, size_mib: int,
+               only: bool = True) -> argparse.ArgumentParser:
+    """The options every lab benchmark takes: ``--out`` (default results/`name`),
+    ``--seconds`` per run, ``--reps``, ``--size-mib`` of each disk, ``--only`` (a
+    comma-separated workload list, for `select`; left out with `only` False) and the hidden
+    ``--guest`` (the script's run inside the VM). The script adds its own."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "results" / name)
+    ap.add_argument("--seconds", type=float, default=seconds)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--size-mib", type=int, default=size_mib)
+    if only:
+        ap.add_argument("--only", default=None,
+                        help="comma-separated workload names (default: all)")
+    ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
+    return ap
 
 
 # --------------------------------------------------------------------------------------------

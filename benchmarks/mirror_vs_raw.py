@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from labbench import MIB, REPO, GuestDisks, boot_guest, full_image, select
+from labbench import MIB, REPO, GuestDisks, arg_parser, boot_guest, full_image, select
 
 NBD_PORT = 10809
 
@@ -196,14 +196,7 @@ def host(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO / "results" / "mirror_vs_raw")
-    ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--size-mib", type=int, default=128)
-    ap.add_argument("--only", default=None,
-                    help="comma-separated workload names (default: all)")
-    ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
+    ap = arg_parser(__doc__, "mirror_vs_raw", seconds=8.0, reps=2, size_mib=128)
     args = ap.parse_args()
     return guest(args) if args.guest else host(args)
 

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from labbench import MIB, REPO, GuestDisks, boot_guest, full_image
+from labbench import MIB, REPO, GuestDisks, arg_parser, boot_guest, full_image
 
 # (name, fio rw, block size, queue depth)
 WORKLOADS = (
@@ -151,12 +151,7 @@ def host(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO / "results" / "thin_vs_raw")
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--size-mib", type=int, default=128)
-    ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
+    ap = arg_parser(__doc__, "thin_vs_raw", seconds=10.0, reps=3, size_mib=128, only=False)
     args = ap.parse_args()
     return guest(args) if args.guest else host(args)
 
