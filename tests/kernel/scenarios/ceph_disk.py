@@ -174,9 +174,10 @@ def stop_cluster() -> None:
 
 
 def _yaml(ctx: Context, name: str, image: str, size: int, wwn: str, conf: Path,
-          *, cmd_time_out: int = 30) -> Path:
-    """A YAML config with one ``ceph`` device (``create``: the image is made if missing),
-    exported as LUN 0 of a tcm_loop target."""
+          *, cmd_time_out: int = 30, options: str = "") -> Path:
+    """A YAML config with one ``ceph`` device (``create``: the image is made if missing;
+    ``options``: more items of its options mapping, e.g. ``osd_op_timeout: 5``), exported as
+    LUN 0 of a tcm_loop target."""
     cfg = ctx.workdir / f"{name}.yaml"
     cfg.write_text(
         f"state_dir: {ctx.workdir / 'state'}\n"
@@ -184,7 +185,8 @@ def _yaml(ctx: Context, name: str, image: str, size: int, wwn: str, conf: Path,
         "devices:\n"
         f"  - name: {name}\n    handler: ceph\n    size: {size // MIB}M\n    wwn: {wwn}\n"
         f"    cmd_time_out: {cmd_time_out}\n"
-        f"    options: {{image: {POOL}/{image}, conf: {conf}, id: admin, create: true}}\n"
+        f"    options: {{image: {POOL}/{image}, conf: {conf}, id: admin, create: true"
+        f"{', ' + options if options else ''}}}\n"
         "exports:\n  loopback:\n"
         f"    - {{device: {name}, lun: 0}}\n")
     return cfg
@@ -708,17 +710,7 @@ def cluster_pause(ctx: Context) -> None:
     cluster = shared_cluster(ctx)
     t_check = time.monotonic()
     size, wwn, name = 16 * MIB, "naa.5001405000ce0006", "ceph5"
-    cfg = ctx.workdir / f"{name}.yaml"
-    cfg.write_text(
-        f"state_dir: {ctx.workdir / 'state'}\n"
-        "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16}\n"
-        "devices:\n"
-        f"  - name: {name}\n    handler: ceph\n    size: {size // MIB}M\n    wwn: {wwn}\n"
-        "    cmd_time_out: 30\n"
-        f"    options: {{image: {POOL}/pause, conf: {cluster.conf}, id: admin, create: true,"
-        " osd_op_timeout: 5}\n"
-        "exports:\n  loopback:\n"
-        f"    - {{device: {name}, lun: 0}}\n")
+    cfg = _yaml(ctx, name, "pause", size, wwn, cluster.conf, options="osd_op_timeout: 5")
     serve = Serve(ctx, cfg)
     serve.start()
     dev = wait_for(lambda: disk_by_wwn(wwn), ctx.remaining(120), f"{name} ({wwn})")
