@@ -69,7 +69,11 @@ class MirrorHandler(Handler):
                              config.block_size)
         mirror.name = config.name
         try:
-            return open_block_device(config, mirror)
+            dev = open_block_device(config, mirror)
         except BaseException:
             mirror.close()
             raise
+        # a read or write waiting for a silent NBD leg must not hold the ring's loop thread:
+        # the commands behind it would wait with it (a lone command runs there otherwise)
+        dev.lone_commands_on_loop = not mirror.has_remote_legs
+        return dev

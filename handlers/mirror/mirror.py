@@ -1085,6 +1085,12 @@ class Mirror:
                 if ls.state == FAILED:
                     self.reattach(ls.index)
 
+    @property
+    def has_remote_legs(self) -> bool:
+        """Whether a leg is reached over the network (NBD): a command may then wait for
+        it up to ``leg_timeout`` (without one, until TCP gives up)."""
+        return any(not ls.local for ls in self._legs)
+
     def wait_resync(self, timeout: float) -> bool:
         """Wait until no leg is resyncing (True) or `timeout` seconds pass (False)."""
         deadline = time.monotonic() + timeout

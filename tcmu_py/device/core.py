@@ -186,6 +186,11 @@ class ScsiDevice:
     peripheral_type: ClassVar[int] = 0x00
     removable: ClassVar[bool] = False
     serial_commands: ClassVar[bool] = False
+    #: Whether the runner may run a lone command (queue depth 1) on its loop thread. A device
+    #: whose commands can wait for seconds (a network leg that stopped answering) sets it
+    #: False: the loop then goes on dequeuing, and a command arriving meanwhile is not held
+    #: behind the slow one.
+    lone_commands_on_loop: bool = True
     vendor: str = VENDOR
     product: str = "VIRTUAL DEVICE"
     revision: str = "0001"

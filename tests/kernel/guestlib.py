@@ -14,6 +14,7 @@ Rules every helper follows:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -348,14 +349,25 @@ class LoopbackLun:
 
     def wait_device(self, kind: str = "block", timeout: float = 60.0) -> Path:
         """/dev node of ``kind`` for this LUN, waiting until the driver bound and udev (or
-        devtmpfs) created the node."""
+        devtmpfs) created the node — and, for a disk, until the node opens: devtmpfs makes it
+        before the kernel registers the disk behind it (sd's probe), and an open in between
+        fails ENXIO (seen once in CI, ceph_disk.two_gateways, 2026-12-04)."""
 
         def ready() -> Path | None:
             name = self.scsi_devices().get(kind)
             if name is None:
                 return None
             dev = Path("/dev") / name
-            return dev if dev.exists() else None
+            if not dev.exists():
+                return None
+            if kind == "block":
+                try:
+                    os.close(os.open(dev, os.O_RDONLY | os.O_NONBLOCK))
+                except OSError as exc:
+                    if exc.errno in (errno.ENXIO, errno.ENODEV, errno.ENOENT):
+                        return None
+                    # any other answer (EIO, ENOMEDIUM ...) comes from a registered disk
+            return dev
 
         return wait_for(ready, timeout, f"{kind} device of {self.wwn} LUN {self.lun}")
 

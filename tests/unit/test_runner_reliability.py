@@ -447,3 +447,28 @@ def test_tmr_in_the_same_batch_aborts_inline_commands_before_they_run():
         assert h.runner._aborted == set() and h.runner.counters.writes == 1
     finally:
         h.close()
+
+
+def test_a_device_whose_commands_may_wait_long_keeps_a_lone_command_off_the_loop_thread(
+    tmp_path,
+):
+    """`lone_commands_on_loop` False (a mirror with NBD legs): a lone write stuck in its
+    backend does not hold the loop thread, so a read arriving meanwhile is answered."""
+    backend = GatedBackend(tmp_path / "a.img")
+    dev = open_block_device(DeviceConfig("a", "raw", str(tmp_path / "a.img"), BLOCKS * BS),
+                            backend)
+    dev.lone_commands_on_loop = False
+    a = Served(dev)
+    try:
+        a.run(cdbs.test_unit_ready())  # takes the power-on unit attention
+        with a.lock:
+            stuck = a.kernel.submit(cdbs.write10(0, 1), data_out=b"\xbb" * BS)
+        assert backend.entered.wait(5)
+        read = a.run(cdbs.read10(8, 1), data_in_len=BS)  # waits (with a deadline) for it
+        assert read.status == Status.GOOD and not stuck.done
+        backend.gate.set()
+        a.wait([stuck])
+        assert stuck.status == Status.GOOD
+    finally:
+        backend.gate.set()
+        a.close()
