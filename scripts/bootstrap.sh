@@ -105,7 +105,7 @@ stamp_value() {
         echo "$VIRTME_NG"
         cat pyproject.toml setup.py 2>/dev/null || true
         cat tests/plugin_example/pyproject.toml 2>/dev/null || true
-        cat tcmu_py/_ffi_build.py tcmu_py/*.h tcmu_py/*.c 2>/dev/null || true
+        cat tcmu_py/_ffi_build.py tcmu_py/_sources.py tcmu_py/*.h tcmu_py/*.c 2>/dev/null || true
     } | sha256sum | cut -d' ' -f1
 }
 WANT=$(stamp_value)

@@ -9,6 +9,7 @@ pure-Python offsets in `tcmu_py.ring` (tests/unit/test_ffi_offsets.py).
 """
 
 import os
+import runpy
 
 from cffi import FFI
 
@@ -113,14 +114,19 @@ def _read(name: str) -> str:
         return f.read()
 
 
+#: Compiled in; `tcmu_py.ring` refuses a binding whose digest is not its sources' (`_sources`).
+SOURCE_DIGEST = runpy.run_path(os.path.join(HERE, "_sources.py"))["digest"](HERE)
+
 ffibuilder = FFI()
 ffibuilder.cdef(KERNEL_CDEF)
 ffibuilder.cdef(_read("_ring.h"))
+ffibuilder.cdef("const char *tcmu_py_source_digest(void);")
 ffibuilder.set_source(
     "tcmu_py._tcmu_ring",
     # _ring.c is compiled as part of this translation unit so its functions can be inlined
     # into the cffi wrappers; it includes <linux/target_core_user.h> and "_ring.h".
-    _read("_ring.c"),
+    _read("_ring.c")
+    + f'\nconst char *tcmu_py_source_digest(void) {{ return "{SOURCE_DIGEST}"; }}\n',
     include_dirs=[HERE],
     libraries=["m"],  # log2() for the data plane's latency histogram
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",

@@ -65,14 +65,38 @@ must be serialised (one thread, or one lock around every call).
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, NamedTuple
 
+from tcmu_py import _sources, _tcmu_ring
 from tcmu_py._tcmu_ring import ffi, lib
 from tcmu_py.errors import RingError
+
+
+def check_binding(directory: str = os.path.dirname(os.path.abspath(__file__))) -> None:
+    """Refuse (ImportError) a compiled binding built from other sources than those in
+    `directory` (see `tcmu_py._sources`); nothing to check when the sources are not there."""
+    want = _sources.digest(directory)
+    if want is None:
+        return
+    try:
+        have = ffi.string(lib.tcmu_py_source_digest()).decode()
+    except AttributeError:  # built before the digest existed
+        have = "none"
+    if have != want:
+        raise ImportError(
+            f"tcmu_py: the compiled ring binding {_tcmu_ring.__file__} was built from other "
+            f"sources than {directory} (digest {have}, sources {want}): "
+            "rebuild it with `python -m pip install --no-deps -e .` in the project (the test "
+            "command, bash .ci/run, does it too)"
+        )
+
+
+check_binding()
 
 __all__ = [
     "CMD_ENTRY_SIZE",
