@@ -7,7 +7,8 @@ What it does, in one boot:
    tmpfs holes);
 2. creates the targets, all at once, each exported through its own tcm_loop port:
    - ``pyraw``: tcmu-py ``raw`` on the image (emulate_write_cache=1: the handler writes through
-     the page cache); ``pynull``: tcmu-py ``null``;
+     the page cache); ``pyoff``: the same with the C data plane off (``data_plane=off``);
+     ``pynull``: tcmu-py ``null``;
    - ``runner``: tcmu-runner's ``qcow`` handler on the same image (it serves raw images too);
    - ``fileio``: LIO's in-kernel fileio backstore on the same image (buffered: fd_buffered_io=1);
    - ``rdmcp``: LIO's in-kernel RAM disk of the same size;
@@ -69,7 +70,7 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("write-1m-qd8", "write", "1M", 8),
 )
 
-TARGETS: tuple[str, ...] = ("pyraw", "pynull", "runner", "fileio", "rdmcp")
+TARGETS: tuple[str, ...] = ("pyraw", "pyoff", "pynull", "runner", "fileio", "rdmcp")
 
 
 @dataclass
@@ -396,6 +397,8 @@ def main() -> int:
         hba = 1
         specs: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
             "pyraw": ("user", {"dev_config": f"raw/{image}", **user_control}, user_attrib),
+            "pyoff": ("user", {"dev_config": f"raw/{image};data_plane=off", **user_control},
+                      user_attrib),
             "pynull": ("user", {"dev_config": "null/", **user_control}, user_attrib),
             "runner": ("user", {"dev_config": f"qcow/{image}", **user_control}, user_attrib),
             "fileio": (
@@ -411,7 +414,7 @@ def main() -> int:
             targets.append(Target(name, bs, f"naa.5001405{i + 1:05x}0000"))
 
         by_name = {t.name: t for t in targets}
-        if {"pyraw", "pynull"} & set(by_name):
+        if {"pyraw", "pyoff", "pynull"} & set(by_name):
             ready = work / "serve.ready"
             extra = ["--workers", str(args.workers)] if args.workers else []
             if args.poll_us is not None:
@@ -433,7 +436,7 @@ def main() -> int:
             daemons.append(serve)
             serve.start(ready=ready.exists, timeout=300)
             assert serve.proc is not None
-            for name in ("pyraw", "pynull"):
+            for name in ("pyraw", "pyoff", "pynull"):
                 if name in by_name:
                     wait_serving(serve, by_name[name].backstore, 60)
                     server_pid[name] = serve.proc.pid
