@@ -43,7 +43,16 @@ Rules this file obeys
        ``leg_timeout`` counts as failed: it is marked out of sync and recorded on the others
        (rule 3) by the waiting command, or, for a leg nobody waits for any more, by the next
        write or flush (`_reap`), which then go on without it (its late answer is ignored; its
-       worker, stuck in the call, keeps the leg from being reattached until the call returns);
+       worker, stuck in the call, keeps the leg from being reattached until the call returns).
+       The calls made straight to a leg, not through its FIFO, are bounded the same way on an
+       NBD leg: reads, superblock writes (made under `_meta_lock`, which every write takes),
+       the resync's reads, writes and flushes (made while the region is held from the
+       initiator's writes), the superblock read of `reattach`. Each runs on one of the leg's
+       call threads while its caller waits at most ``leg_timeout`` (`Mirror._begin`); a leg
+       that has not answered by then is marked out of sync and recorded on the others (rule
+       3), and the operations queued on it go on without it (`_give_up`). A late answer
+       touches only memory of the call's own (a read's buffer; a write's bytes, immutable),
+       and the leg is neither reattached nor closed until the call returned;
     4b. lagging legs. Before a write is acknowledged without an in-sync leg, that leg's bit is
        set in the *lag mask* of the superblocks of the legs not lagging (one superblock write,
        FUA, when the leg starts lagging; none while it stays behind). A leg leaves the lag
@@ -79,11 +88,12 @@ Rules this file obeys
   says ``degraded_open=1`` (a leg lost for good; an operator staging a test).
 
 Threads: the device's workers call `read`/`write`/`flush` concurrently; each leg has one worker
-thread running its writes and flushes in order; the resync runs on its own thread; reads run on
-an NBD leg's read threads (`_Readers`, started on demand) while the caller waits at most
-``leg_timeout`` for them (a local leg's, or any with ``leg_timeout`` 0, on the caller's
-thread). `_lock` (a
-Condition) guards all state below.
+thread running its writes, bitmap blocks and flushes in order; the resync runs on its own
+thread, `reattach` on the monitor's (or the caller's); the calls made straight to an NBD leg
+(reads, superblock writes, the resync's copies and flushes, the reattach probe) run on its call
+threads (`_Callers`, started on demand) while the caller waits at most ``leg_timeout`` for
+them (rule 4); a local leg's, or any with ``leg_timeout`` 0, run on the caller's thread, since
+the hand-off costs (`Mirror._read_leg`). `_lock` (a Condition) guards all state below.
 """
 
 from __future__ import annotations
@@ -487,8 +497,10 @@ class Mirror:
     def _write_superblocks(self, clean: bool) -> None:
         """The current generation, active mask and lag mask to every leg taking writes (FUA)
         but the lagging ones (they are slow: their older superblock loses to the others' at
-        open anyway). Caller holds no leg worker; legs that fail are marked failed (which
-        writes again)."""
+        open anyway), all at once: each NBD leg's on one of its call threads, waited for at
+        most ``leg_timeout`` (`_begin`; `_meta_lock` is held meanwhile, and every write takes
+        it). Caller holds no leg worker; legs that fail, or do not answer in time, are marked
+        failed (which writes again)."""
         with self._meta_lock:  # snapshots taken in write order: the last one written is newest
             with self._lock:
                 lag = 0 if clean else self._lag
@@ -1099,7 +1111,10 @@ class Mirror:
 
     def reattach(self, index: int) -> bool:
         """Try to reopen failed leg `index`; when it opens and carries this mirror's metadata
-        (or none), it becomes a resync target and the resync starts. Returns whether it did."""
+        (or none), it becomes a resync target and the resync starts. Returns whether it did:
+        not while a call of the old leg's is still running (up to 1 s is waited for one to
+        end), nor when the reopened leg's superblock read fails or (an NBD leg) gets no answer
+        within ``leg_timeout`` (the leg is then kept open until that call returned)."""
         ls = self._legs[index]
         with self._lock:
             if ls.state != FAILED or self._closing:
@@ -1107,8 +1122,9 @@ class Mirror:
         if not self._stop_worker(ls, wait=1.0):
             return False  # still in its last call (its error says why): next round
         with self._lock:
-            if ls.busy or ls.calls:
-                return False  # a call given up on is still in the leg: next round
+            # a call of the leg's still running (one given up on: maybe for long): next round
+            if not self._lock.wait_for(lambda: not (ls.busy or ls.calls), 1.0):
+                return False
             old, ls.leg = ls.leg, None
         if old is not None:
             with contextlib.suppress(OSError):

@@ -87,6 +87,7 @@ class MemoryLeg:
         data_gate = self.store.data_gate
         if data_gate is not None and offset < self.store.meta_from:
             assert data_gate.wait(30), "test data gate never opened"
+            self.store.check("write")
         meta_gate = self.store.meta_gate
         if meta_gate is not None and offset >= self.store.meta_from:
             assert meta_gate.wait(30), "test metadata gate never opened"

@@ -778,6 +778,36 @@ def test_a_leg_silent_to_its_reattach_probe_stays_failed_and_is_probed_again() -
         m.close()
 
 
+def test_a_target_failed_and_reattached_during_a_resync_pass_is_not_promoted_by_it() -> None:
+    """A resync target that fails mid-pass (here at region 1) and is reattached before the
+    pass ends missed the regions copied meanwhile: that pass does not mark it in sync (it
+    did before: region 1 was never copied to it); the next pass copies every dirty region."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True)
+    hold_write, hold_read = threading.Event(), threading.Event()
+    try:
+        st["leg2"].data_gate = hold_write  # the copy of region 1 to leg 2 waits
+        _resync_holding_region_1(st, m)
+        assert wait_until(lambda: m._legs[2].calls == 1, DEADLINE)
+        st["leg0"].read_gate = hold_read  # the pass's next source read (region 5) waits
+        st["leg2"].down = True
+        hold_write.set()  # region 1's copy to leg 2 fails: leg 2 is failed mid-pass
+        assert wait_until(lambda: m.status()["legs"][2]["state"] == FAILED
+                          and 5 in m._resync_busy, DEADLINE)
+        st["leg2"].down = False
+        st["leg2"].data_gate = None
+        assert m.reattach(2)  # during the pass
+        hold_read.set()
+        st["leg0"].read_gate = None
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c and c[REGION:REGION + 8192] == b"\1" * 8192
+    finally:
+        hold_write.set()
+        hold_read.set()
+        m.close()
+
+
 def test_reopen_after_clean_close_copies_nothing() -> None:
     st = stores(2)
     m = open_mirror(st, assume_clean=True)
