@@ -43,7 +43,16 @@ Rules this file obeys
        ``leg_timeout`` counts as failed: it is marked out of sync and recorded on the others
        (rule 3) by the waiting command, or, for a leg nobody waits for any more, by the next
        write or flush (`_reap`), which then go on without it (its late answer is ignored; its
-       worker, stuck in the call, keeps the leg from being reattached until the call returns);
+       worker, stuck in the call, keeps the leg from being reattached until the call returns).
+       The calls made straight to a leg, not through its FIFO, are bounded the same way on an
+       NBD leg: reads, superblock writes (made under `_meta_lock`, which every write takes),
+       the resync's reads, writes and flushes (made while the region is held from the
+       initiator's writes), the superblock read of `reattach`. Each runs on one of the leg's
+       call threads while its caller waits at most ``leg_timeout`` (`Mirror._begin`); a leg
+       that has not answered by then is marked out of sync and recorded on the others (rule
+       3), and the operations queued on it go on without it (`_give_up`). A late answer
+       touches only memory of the call's own (a read's buffer; a write's bytes, immutable),
+       and the leg is neither reattached nor closed until the call returned;
     4b. lagging legs. Before a write is acknowledged without an in-sync leg, that leg's bit is
        set in the *lag mask* of the superblocks of the legs not lagging (one superblock write,
        FUA, when the leg starts lagging; none while it stays behind). A leg leaves the lag
@@ -79,11 +88,12 @@ Rules this file obeys
   says ``degraded_open=1`` (a leg lost for good; an operator staging a test).
 
 Threads: the device's workers call `read`/`write`/`flush` concurrently; each leg has one worker
-thread running its writes and flushes in order; the resync runs on its own thread; reads run on
-an NBD leg's read threads (`_Readers`, started on demand) while the caller waits at most
-``leg_timeout`` for them (a local leg's, or any with ``leg_timeout`` 0, on the caller's
-thread). `_lock` (a
-Condition) guards all state below.
+thread running its writes, bitmap blocks and flushes in order; the resync runs on its own
+thread, `reattach` on the monitor's (or the caller's); the calls made straight to an NBD leg
+(reads, superblock writes, the resync's copies and flushes, the reattach probe) run on its call
+threads (`_Callers`, started on demand) while the caller waits at most ``leg_timeout`` for
+them (rule 4); a local leg's, or any with ``leg_timeout`` 0, run on the caller's thread, since
+the hand-off costs (`Mirror._read_leg`). `_lock` (a Condition) guards all state below.
 """
 
 from __future__ import annotations
@@ -229,7 +239,12 @@ class _LegState:
         #: Reads in flight on its leg, including reads given up on (a silent leg's) whose
         #: call has not returned: the leg is not closed (nor reattached) while any is.
         self.busy = 0
-        self.readers = _Readers(f"mirror-leg{index}-read")
+        #: The same for its other direct calls (`Mirror._begin`: superblock writes, resync
+        #: copies and flushes, the reattach probe); kept apart: reads count for least-busy.
+        self.calls = 0
+        #: Bumped at each reattach: a resync pass promotes only the leg it copied to.
+        self.attached = 0
+        self.callers = _Callers(f"mirror-leg{index}-call")
         #: An image file or block device of this machine (not NBD): preferred by least-busy
         self.local = spec.startswith("/")
         self.errors = 0
@@ -482,8 +497,10 @@ class Mirror:
     def _write_superblocks(self, clean: bool) -> None:
         """The current generation, active mask and lag mask to every leg taking writes (FUA)
         but the lagging ones (they are slow: their older superblock loses to the others' at
-        open anyway). Caller holds no leg worker; legs that fail are marked failed (which
-        writes again)."""
+        open anyway), all at once: each NBD leg's on one of its call threads, waited for at
+        most ``leg_timeout`` (`_begin`; `_meta_lock` is held meanwhile, and every write takes
+        it). Caller holds no leg worker; legs that fail, or do not answer in time, are marked
+        failed (which writes again)."""
         with self._meta_lock:  # snapshots taken in write order: the last one written is newest
             with self._lock:
                 lag = 0 if clean else self._lag
@@ -491,12 +508,21 @@ class Mirror:
                            if ls.takes_writes and not lag >> ls.index & 1]
                 gen, mask = self.generation, self._active_mask()
             failed: list[tuple[_LegState, OSError]] = []
-            for ls in targets:
-                sb = Superblock(self.uuid, ls.index, len(self._legs), self.region, self.size,
-                                gen, mask, clean, lag)
+            jobs: list[tuple[_LegState, _Job]] = []
+            for ls in targets:  # all started first: an NBD leg's wait overlaps the others'
+                raw = Superblock(self.uuid, ls.index, len(self._legs), self.region, self.size,
+                                 gen, mask, clean, lag).pack()
+
+                def put(leg: Leg, raw: bytes = raw) -> None:
+                    leg.write(leg.size - (2 - gen % 2) * SLOT, raw, fua=True)
+
                 try:
-                    assert ls.leg is not None
-                    ls.leg.write(self._slot_offset(ls, gen % 2), sb.pack(), fua=True)
+                    jobs.append((ls, self._begin(ls, "a superblock write", put)))
+                except OSError as err:
+                    failed.append((ls, err))
+            for ls, job in jobs:
+                try:
+                    job.wait()
                 except OSError as err:
                     failed.append((ls, err))
             if len(failed) < len(targets):
@@ -504,7 +530,7 @@ class Mirror:
                     everyone = (1 << len(self._legs)) - 1
                     self._lag_written = (lag | ~mask) & everyone
         for ls, cause in failed:
-            self._fail_leg(ls, cause)
+            self._lost(ls, cause)
 
     def _record_lag(self, legs: int) -> bool:
         """Rule 4b: before a write is acknowledged without the in-sync legs in mask `legs`,
@@ -726,13 +752,9 @@ class Mirror:
                 self._read_leg(pick, offset, bufs, length)
                 pick.reads += 1
                 return
-            except _ReadTimeout as exc:
-                last = exc
-                log.error("mirror: %s: %s", pick.name(), exc)
-                self._give_up(pick, exc)
             except OSError as exc:
                 last = exc
-                self._fail_leg(pick, exc)
+                self._lost(pick, exc)
         if last is not None:
             raise last
         raise OSError(5, "mirror: no leg in sync to read from")
@@ -740,12 +762,12 @@ class Mirror:
     def _read_leg(self, ls: _LegState, offset: int, bufs: Sequence[memoryview],
                   length: int) -> None:
         """Fill `bufs` from `ls` (whose ``busy`` the caller raised; dropped here once the
-        leg's call returned). With a ``leg_timeout`` the call runs on one of the leg's read
-        threads into a buffer of its own, copied into `bufs` only when it answered in time
-        (`_ReadTimeout` otherwise): a late answer never lands in `bufs` (the ring's memory,
-        by then another command's). A local leg (image file, block device) is read on the
-        caller's thread, unbounded: the hand-off costs reads a third of their rate in the lab
-        (benchmarks.md), and a local store that hangs holds its writes' worker too."""
+        leg's call returned). With a ``leg_timeout`` the call runs on one of the leg's
+        threads (`_begin`) into a buffer of its own, copied into `bufs` only when it answered
+        in time (`_LegTimeout` otherwise): a late answer never lands in `bufs` (the ring's
+        memory, by then another command's). A local leg (image file, block device) is read on
+        the caller's thread, unbounded: the hand-off costs reads a third of their rate in the
+        lab (benchmarks.md), and a local store that hangs holds its writes' worker too."""
         leg = ls.leg
         timeout = self.cfg.leg_timeout
         if leg is None or timeout <= 0 or ls.local:
@@ -761,24 +783,75 @@ class Mirror:
                     ls.busy -= 1
             return
         own = bytearray(length)
-
-        def call() -> None:
-            try:
-                leg.read(offset, memoryview(own))
-            finally:
-                with self._lock:
-                    ls.busy -= 1
-                    self._lock.notify_all()
-
-        job = ls.readers.submit(call)
-        if not job.done.wait(timeout):
-            raise _ReadTimeout(110, f"no answer within {timeout:g} s to a read")
-        if job.error is not None:
-            raise job.error
+        self._begin(ls, "a read", lambda leg: leg.read(offset, memoryview(own)), leg=leg,
+                    read=True).wait()
         pos = 0
         for b in bufs:
             b[:] = own[pos:pos + len(b)]
             pos += len(b)
+
+    def _bounded(self, ls: _LegState) -> bool:
+        """Whether a direct call of `ls` runs on one of its threads, waited for at most
+        ``leg_timeout`` (`_begin`): an NBD leg with a ``leg_timeout``."""
+        return self.cfg.leg_timeout > 0 and not ls.local
+
+    def _begin(self, ls: _LegState, what: str, fn: Callable[[Leg], Any],
+               leg: Leg | None = None, read: bool = False) -> _Job:
+        """Start ``fn(leg)`` (`leg`: `ls`'s by default), a call made straight to the leg (not
+        through its FIFO), and return its `_Job`, whose ``wait`` returns its result or raises
+        its error, or `_LegTimeout` (ETIMEDOUT, "no answer within N s to `what`") once
+        ``leg_timeout`` has passed since this call. On a bounded leg (`_bounded`) the call
+        runs on one of the leg's threads (`_Callers`), else here, before this returns.
+
+        Contract for `fn`: a call given up on may still run, and complete, later; `fn` must
+        then touch no memory its caller may reuse (it reads into a buffer of its own, which
+        the caller copies from after ``wait``; it writes immutable bytes). Until the call
+        returns it is counted in ``ls.calls`` (``ls.busy`` with `read`, whose caller raised
+        it already), and the leg is neither reattached nor closed meanwhile."""
+        with self._lock:
+            if leg is None:
+                leg = ls.leg
+            if leg is None:
+                if read:
+                    ls.busy -= 1
+                raise OSError(5, f"mirror: {ls.name()} is closed")
+            if not read:
+                ls.calls += 1
+
+        def call() -> Any:
+            try:
+                return fn(leg)
+            finally:
+                with self._lock:
+                    if read:
+                        ls.busy -= 1
+                    else:
+                        ls.calls -= 1
+                    self._lock.notify_all()
+
+        timeout = self.cfg.leg_timeout
+        job = _Job(call, f"mirror: {ls.name()}: no answer within {timeout:g} s to {what}",
+                   time.monotonic() + timeout if timeout > 0 else None)
+        if self._bounded(ls):
+            ls.callers.submit(job)
+        else:
+            job.run()
+        return job
+
+    def _call(self, ls: _LegState, what: str, fn: Callable[[Leg], Any],
+              leg: Leg | None = None) -> Any:
+        """``fn(leg)`` bounded by ``leg_timeout`` on an NBD leg (`_begin`, its contract)."""
+        return self._begin(ls, what, fn, leg).wait()
+
+    def _lost(self, ls: _LegState, exc: OSError) -> None:
+        """`ls` failed a call (`exc`): mark it out of sync and record that on the others; a
+        leg that did not answer in time also releases the operations queued on it
+        (`_give_up`)."""
+        if isinstance(exc, _LegTimeout):
+            log.error("%s", exc)
+            self._give_up(ls, exc)
+        else:
+            self._fail_leg(ls, exc)
 
     def _give_up(self, ls: _LegState, exc: OSError) -> None:
         """`ls` did not answer in time: mark it out of sync and record that on the others
@@ -906,23 +979,26 @@ class Mirror:
                 regions = self._dirty_regions()
                 self.resync_total = len(regions)
                 self.resync_done = 0
+                # a target failed and reattached during the pass missed regions: not promoted
+                attached = {ls.index: ls.attached for ls in targets}
             try:
                 self._copy_regions(sources[0], targets, regions, throttle=True)
             except OSError as exc:  # the source failed: next pass picks another
-                self._fail_leg(sources[0], exc)
+                self._lost(sources[0], exc)
                 continue
             if self._closing:
                 return
             for ls in targets:
-                if ls.state != RESYNCING:
+                if ls.state != RESYNCING or ls.attached != attached[ls.index]:
                     continue
                 try:
-                    assert ls.leg is not None
-                    ls.leg.flush()
+                    self._call(ls, "a flush", lambda leg: leg.flush())
                 except OSError as exc:
-                    self._fail_leg(ls, exc)
+                    self._lost(ls, exc)
                     continue
                 with self._lock:
+                    if ls.state != RESYNCING or ls.attached != attached[ls.index]:
+                        continue
                     ls.state = IN_SYNC
                     ls.error = ""
                     self.generation += 1
@@ -967,6 +1043,10 @@ class Mirror:
 
     def _copy_regions(self, source: _LegState, targets: list[_LegState], regions: list[int],
                       throttle: bool) -> None:
+        """Copy `regions` from `source` to `targets`, each region held from the initiator's
+        writes meanwhile (``_resync_busy``). Calls to an NBD leg are bounded (`_begin`): a
+        target that fails or does not answer is marked out of sync and left out; the
+        source's error is raised (the caller fails it). Runs on the resync thread."""
         buf = bytearray(self.region)
         started = time.monotonic()
         copied = 0
@@ -980,16 +1060,24 @@ class Mirror:
             try:
                 off = r * self.region
                 n = min(self.region, self.size - off)
-                view = memoryview(buf)[:n]
-                assert source.leg is not None
-                source.leg.read(off, view)  # OSError: the source's failure, the caller's
+                data = self._read_region(source, off, memoryview(buf)[:n], targets)
+                jobs: list[tuple[_LegState, _Job]] = []
+
+                def put(leg: Leg, off: int = off, data: memoryview | bytes = data) -> None:
+                    leg.write(off, data)
+
                 for ls in targets:
                     if ls.state == FAILED or ls.leg is None:
                         continue
                     try:
-                        ls.leg.write(off, view)
+                        jobs.append((ls, self._begin(ls, "a resync write", put)))
                     except OSError as exc:
-                        self._fail_leg(ls, exc)
+                        self._lost(ls, exc)
+                for ls, job in jobs:
+                    try:
+                        job.wait()
+                    except OSError as exc:
+                        self._lost(ls, exc)
             finally:
                 with self._lock:
                     self._resync_busy.discard(r)
@@ -1002,11 +1090,31 @@ class Mirror:
                 if due > 0:
                     self._resync_wake.wait(due)  # close() and reattach() cut it short
 
+    def _read_region(self, source: _LegState, off: int, view: memoryview,
+                     targets: list[_LegState]) -> memoryview | bytes:
+        """`source`'s bytes at `off` (``len(view)`` of them) for the copy to `targets`: read
+        into `view` (reused for the next region) from a local source, into a buffer of the
+        call's own from a bounded one (a late answer lands there); copied out of `view` when
+        a bounded target may still write them after being given up on. OSError: the
+        source's failure."""
+        if self._bounded(source):
+            own = bytearray(len(view))
+            self._call(source, "a resync read", lambda leg: leg.read(off, memoryview(own)))
+            return memoryview(own)  # nothing writes it any more
+        assert source.leg is not None
+        source.leg.read(off, view)
+        if any(self._bounded(ls) for ls in targets):
+            return bytes(view)
+        return view
+
     # -- failed legs coming back -------------------------------------------------------------
 
     def reattach(self, index: int) -> bool:
         """Try to reopen failed leg `index`; when it opens and carries this mirror's metadata
-        (or none), it becomes a resync target and the resync starts. Returns whether it did."""
+        (or none), it becomes a resync target and the resync starts. Returns whether it did:
+        not while a call of the old leg's is still running (up to 1 s is waited for one to
+        end), nor when the reopened leg's superblock read fails or (an NBD leg) gets no answer
+        within ``leg_timeout`` (the leg is then kept open until that call returned)."""
         ls = self._legs[index]
         with self._lock:
             if ls.state != FAILED or self._closing:
@@ -1014,9 +1122,10 @@ class Mirror:
         if not self._stop_worker(ls, wait=1.0):
             return False  # still in its last call (its error says why): next round
         with self._lock:
-            if ls.busy:
-                return False  # a read given up on is still in the leg's call: next round
-        old, ls.leg = ls.leg, None
+            # a call of the leg's still running (one given up on: maybe for long): next round
+            if not self._lock.wait_for(lambda: not (ls.busy or ls.calls), 1.0):
+                return False
+            old, ls.leg = ls.leg, None
         if old is not None:
             with contextlib.suppress(OSError):
                 old.close()
@@ -1026,9 +1135,13 @@ class Mirror:
             ls.error = str(exc)
             return False
         try:
-            probe = _LegState(index, ls.spec)
-            probe.leg = leg
-            sb = self._read_superblock(probe)
+            sb = self._call(ls, "a superblock read", read_superblock, leg=leg)
+        except _LegTimeout as exc:
+            ls.error = str(exc)
+            log.error("%s; not reattached", exc)
+            with self._lock:
+                ls.leg = leg  # closed by the next attempt, once its call returned
+            return False
         except OSError as exc:
             leg.close()
             ls.error = str(exc)
@@ -1045,6 +1158,7 @@ class Mirror:
                 self._set_all_bits()
             ls.leg = leg
             ls.error = ""
+            ls.attached += 1
             self.generation += 1
             if (sb is not None and self._last_standing == index
                     and not any(x.state == IN_SYNC for x in self._legs)):
@@ -1166,8 +1280,8 @@ class Mirror:
         self._closed = self._closing = True
         self._resync_wake.set()
         for ls in self._legs:
-            ls.readers.stop()
-            if not self._stop_worker(ls) or ls.busy:
+            ls.callers.stop()
+            if not self._stop_worker(ls) or ls.busy or ls.calls:
                 log.warning("mirror: %s still in a call; left open", ls.name())
                 continue  # closing it under the call is not safe
             if ls.leg is not None:
@@ -1175,46 +1289,61 @@ class Mirror:
                     ls.leg.close()
 
 
-class _ReadTimeout(OSError):
-    """A leg did not answer a read within ``leg_timeout``."""
+class _LegTimeout(OSError):
+    """A leg did not answer a direct call within ``leg_timeout`` (`Mirror._begin`)."""
 
 
-class _ReadJob:
-    def __init__(self, fn: Callable[[], None]) -> None:
+class _Job:
+    """One direct call of a leg's (`Mirror._begin`), run by whichever thread calls `run`;
+    its caller waits for it with `wait`, until `deadline` (monotonic; None: no limit)."""
+
+    def __init__(self, fn: Callable[[], Any], late: str, deadline: float | None) -> None:
         self.fn = fn
+        self.late = late  # the timeout's message
+        self.deadline = deadline
         self.done = threading.Event()
+        self.result: Any = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting reader
+            self.result = self.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
             self.error = exc
         finally:
-            self.fn = _nothing  # nothing of the read (its buffer) kept past its end
+            self.fn = _nothing  # nothing of the call (its buffer) kept past its end
             self.done.set()
+
+    def wait(self) -> Any:
+        """The call's result, or its error; `_LegTimeout` once past the deadline (the call
+        goes on: its result is dropped)."""
+        left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        if not self.done.wait(left):
+            raise _LegTimeout(110, self.late)
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 def _nothing() -> None:
     pass
 
 
-class _Readers:
-    """One leg's read threads: a read runs on one of them so that its caller can stop
-    waiting (`Mirror._read_leg`). Started on demand (a new one when none is idle), daemon
-    threads: one stuck in a silent leg's call never holds up the process's exit. Threads
-    stay idle for the next read; `stop` ends the idle ones and the others when their call
-    returns."""
+class _Callers:
+    """One leg's call threads: a direct call (a read, a superblock write, a resync copy)
+    runs on one of them so that its caller can stop waiting (`Mirror._begin`). Started on
+    demand (a new one when none is idle), daemon threads: one stuck in a silent leg's call
+    never holds up the process's exit. Threads stay idle for the next call; `stop` ends the
+    idle ones and the others when their call returns."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._q: queue.SimpleQueue[_ReadJob | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
         self._threads = 0
 
-    def submit(self, fn: Callable[[], None]) -> _ReadJob:
-        job = _ReadJob(fn)
+    def submit(self, job: _Job) -> None:
         with self._lock:
             if self._idle:
                 self._idle -= 1  # that idle thread takes it
@@ -1222,7 +1351,6 @@ class _Readers:
                 self._threads += 1
                 threading.Thread(target=self._loop, name=self.name, daemon=True).start()
             self._q.put(job)
-        return job
 
     def _loop(self) -> None:
         while True:

@@ -33,6 +33,9 @@ class Store:
         self.read_delay = 0.0
         #: Seconds every metadata write (at or past `meta_from`) takes: a slow superblock.
         self.meta_delay = 0.0
+        #: When set, metadata writes (superblocks, bitmap blocks) wait for it (a leg that
+        #: stops answering while its metadata is written); data-area writes go through.
+        self.meta_gate: threading.Event | None = None
 
     def check(self, what: str) -> None:
         if self.down:
@@ -84,6 +87,10 @@ class MemoryLeg:
         data_gate = self.store.data_gate
         if data_gate is not None and offset < self.store.meta_from:
             assert data_gate.wait(30), "test data gate never opened"
+            self.store.check("write")
+        meta_gate = self.store.meta_gate
+        if meta_gate is not None and offset >= self.store.meta_from:
+            assert meta_gate.wait(30), "test metadata gate never opened"
         if self.store.delay and offset < self.store.meta_from:
             time.sleep(self.store.delay)
         if self.store.meta_delay and offset >= self.store.meta_from:

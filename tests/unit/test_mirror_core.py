@@ -279,7 +279,7 @@ def test_least_busy_reads_the_local_leg_unless_it_has_more_reads_in_flight() -> 
         t.join(DEADLINE)
         assert [leg["reads"] for leg in m.status()["legs"]] == [1, 6]
         names = {t.name for t in threading.enumerate()}
-        assert "mirror-leg0-read" in names and "mirror-leg1-read" not in names  # local: inline
+        assert "mirror-leg0-call" in names and "mirror-leg1-call" not in names  # local: inline
     finally:
         gate.set()
         m.close()
@@ -291,7 +291,7 @@ def test_without_leg_timeout_reads_run_on_the_callers_thread() -> None:
     try:
         write(m, 0, b"c" * 4096)
         assert read(m, 0, 4096) == b"c" * 4096
-        assert not [t for t in threading.enumerate() if t.name.startswith("mirror-leg0-read")]
+        assert not [t for t in threading.enumerate() if t.name.startswith("mirror-leg0-call")]
     finally:
         m.close()
 
@@ -588,6 +588,223 @@ def test_no_write_is_acknowledged_before_a_timed_out_legs_failure_is_recorded() 
         st["leg2"].gate = None
         for name in ("leg0", "leg1"):
             st[name].meta_delay = 0.0
+        m.close()
+
+
+#: Seconds a command may take when a leg stops answering a direct call (a superblock write,
+#: a resync copy): a few times `leg_timeout` (0.5 s below), far below the 30 s the fake's
+#: gates hold a call for (what a silent NBD leg does until TCP gives up).
+SILENT_BOUND = 6 * 0.5
+
+
+def _writer(m: Mirror, offset: int, data: bytes, done: list[float],
+            errors: list[BaseException]) -> threading.Thread:
+    """A thread writing `data` (daemon: one held by a leg the test leaves hung never keeps
+    the test run alive); appends its duration to `done` or its exception to `errors`."""
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            write(m, offset, data)
+            done.append(time.monotonic() - started)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _join_all(threads: list[threading.Thread], bound: float) -> bool:
+    """Whether every thread ended within `bound` seconds from now."""
+    deadline = time.monotonic() + bound
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in threads)
+
+
+def test_a_leg_silent_while_a_superblock_is_written_is_failed_and_writes_go_on() -> None:
+    """Issue 16: the superblock write recording leg 0's failure is made with the metadata
+    lock held, which every write takes; leg 2 stops answering it. The call is bounded by
+    `leg_timeout` (it runs on a thread of leg 2's): leg 2 is failed ("no answer within"),
+    the writes behind the lock complete, and leg 2 is reattached only once its call
+    returned, then resynced to identical data."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, leg_timeout=0.5)
+    gate = threading.Event()
+    done: list[float] = []
+    errors: list[BaseException] = []
+    try:
+        for r in range(4):  # the bits are set: the writes below queue no bitmap block
+            write(m, r * REGION, b"0" * 4096)
+        st["leg2"].meta_gate = gate  # leg 2 stops answering metadata writes
+        st["leg0"].down = True  # the first write fails leg 0: the record goes to legs 1, 2
+        threads = [_writer(m, 0, b"\1" * 4096, done, errors)]
+        assert wait_until(lambda: m._recording or errors, DEADLINE)
+        threads += [_writer(m, r * REGION, bytes([r + 1]) * 4096, done, errors)
+                    for r in range(1, 4)]  # behind the metadata lock
+        assert _join_all(threads, SILENT_BOUND), "writes held by the silent leg"
+        assert not errors, errors
+        s = m.status()
+        assert [leg["state"] for leg in s["legs"]] == [FAILED, IN_SYNC, FAILED], s
+        assert "no answer within" in s["legs"][2]["error"], s
+        sb = read_superblock(MemoryLeg(st["leg1"]))
+        assert sb is not None and sb.active == 0b010, sb  # both failures recorded
+        for r in range(4):
+            assert read(m, r * REGION, 4096) == bytes([r + 1]) * 4096
+        assert not m.reattach(2)  # its superblock write is still in the leg's call
+        gate.set()
+        st["leg2"].meta_gate = None
+        st["leg0"].down = False
+        assert wait_until(lambda: m.reattach(2), DEADLINE)
+        assert m.reattach(0)
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c
+        assert all(a[r * REGION:r * REGION + 4096] == bytes([r + 1]) * 4096 for r in range(4))
+    finally:
+        gate.set()
+        st["leg2"].meta_gate = None
+        m.close()
+
+
+def _resync_holding_region_1(st: dict[str, Store], m: Mirror) -> None:
+    """Leg 2 misses regions 1, 5, 9 and is reattached: the resync starts with region 1 and
+    is in it when this returns."""
+    st["leg2"].down = True
+    for r in (1, 5, 9):
+        write(m, r * REGION, bytes([r]) * 8192)
+    st["leg2"].down = False
+    assert m.reattach(2)
+    assert wait_until(lambda: 1 in m._resync_busy, DEADLINE)
+
+
+def test_a_resync_target_silent_mid_copy_is_given_up_and_writes_to_its_region_go_on(
+) -> None:
+    """Issue 16: the resync writes a region to its target directly (the region held from
+    the initiator's writes meanwhile); a target that stops answering is failed after
+    `leg_timeout` and the write waiting for the region completes. Once the call returned
+    it is reattached and resynced to identical data."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, leg_timeout=0.5)
+    gate = threading.Event()
+    done: list[float] = []
+    errors: list[BaseException] = []
+    try:
+        st["leg2"].data_gate = gate  # the copy of region 1 to leg 2 hangs
+        _resync_holding_region_1(st, m)
+        t = _writer(m, REGION + 512, b"W" * 1024, done, errors)
+        assert _join_all([t], SILENT_BOUND), "the write waited for the silent resync target"
+        assert not errors, errors
+        assert wait_until(lambda: m.status()["legs"][2]["state"] == FAILED, SILENT_BOUND)
+        s = m.status()
+        assert [leg["state"] for leg in s["legs"]] == [IN_SYNC, IN_SYNC, FAILED], s
+        assert "no answer within" in s["legs"][2]["error"], s
+        assert read(m, REGION + 512, 1024) == b"W" * 1024
+        assert not m.reattach(2)  # the copy's write is still in the leg's call
+        gate.set()
+        st["leg2"].data_gate = None
+        assert wait_until(lambda: m.reattach(2), DEADLINE)
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c and a[REGION + 512:REGION + 1536] == b"W" * 1024
+    finally:
+        gate.set()
+        st["leg2"].data_gate = None
+        m.close()
+
+
+def test_a_resync_source_silent_mid_copy_is_given_up_and_another_leg_is_copied_from(
+) -> None:
+    """The resync reads its source directly: a source that stops answering is failed after
+    `leg_timeout`, the write waiting for the region completes, and the next pass copies
+    from the other in-sync leg; the target ends identical to it."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, leg_timeout=0.5)
+    gate = threading.Event()
+    done: list[float] = []
+    errors: list[BaseException] = []
+    try:
+        st["leg0"].read_gate = gate  # the resync's source (leg 0) stops answering reads
+        _resync_holding_region_1(st, m)
+        t = _writer(m, REGION + 512, b"S" * 1024, done, errors)
+        assert _join_all([t], SILENT_BOUND), "the write waited for the silent resync source"
+        assert not errors, errors
+        assert m.wait_resync(DEADLINE)
+        s = m.status()
+        assert [leg["state"] for leg in s["legs"]] == [FAILED, IN_SYNC, IN_SYNC], s
+        assert "no answer within" in s["legs"][0]["error"], s
+        _, b, c = data_areas(st)
+        assert b == c and b[REGION + 512:REGION + 1536] == b"S" * 1024
+        assert b[5 * REGION:5 * REGION + 8192] == b"\5" * 8192
+        gate.set()
+        st["leg0"].read_gate = None
+        assert wait_until(lambda: m.reattach(0), DEADLINE)
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c
+    finally:
+        gate.set()
+        st["leg0"].read_gate = None
+        m.close()
+
+
+def test_a_leg_silent_to_its_reattach_probe_stays_failed_and_is_probed_again() -> None:
+    """`reattach` reads the superblock of the reopened leg directly: a leg that does not
+    answer is left failed after `leg_timeout` (reattach returns False), kept open until
+    its call returns, and reattached on a later attempt."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True, leg_timeout=0.5)
+    gate = threading.Event()
+    try:
+        st["leg2"].down = True
+        write(m, 3 * REGION, b"p" * 4096)
+        st["leg2"].down = False
+        st["leg2"].read_gate = gate
+        started = time.monotonic()
+        assert not m.reattach(2)
+        assert time.monotonic() - started < SILENT_BOUND
+        s = m.status()
+        assert s["legs"][2]["state"] == FAILED and "no answer within" in s["legs"][2]["error"]
+        assert not m.reattach(2)  # its probe is still in the leg's call
+        gate.set()
+        st["leg2"].read_gate = None
+        assert wait_until(lambda: m.reattach(2), DEADLINE)
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c
+    finally:
+        gate.set()
+        st["leg2"].read_gate = None
+        m.close()
+
+
+def test_a_target_failed_and_reattached_during_a_resync_pass_is_not_promoted_by_it() -> None:
+    """A resync target that fails mid-pass (here at region 1) and is reattached before the
+    pass ends missed the regions copied meanwhile: that pass does not mark it in sync (it
+    did before: region 1 was never copied to it); the next pass copies every dirty region."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True)
+    hold_write, hold_read = threading.Event(), threading.Event()
+    try:
+        st["leg2"].data_gate = hold_write  # the copy of region 1 to leg 2 waits
+        _resync_holding_region_1(st, m)
+        assert wait_until(lambda: m._legs[2].calls == 1, DEADLINE)
+        st["leg0"].read_gate = hold_read  # the pass's next source read (region 5) waits
+        st["leg2"].down = True
+        hold_write.set()  # region 1's copy to leg 2 fails: leg 2 is failed mid-pass
+        assert wait_until(lambda: m.status()["legs"][2]["state"] == FAILED
+                          and 5 in m._resync_busy, DEADLINE)
+        st["leg2"].down = False
+        st["leg2"].data_gate = None
+        assert m.reattach(2)  # during the pass
+        hold_read.set()
+        st["leg0"].read_gate = None
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c and c[REGION:REGION + 8192] == b"\1" * 8192
+    finally:
+        hold_write.set()
+        hold_read.set()
         m.close()
 
 
