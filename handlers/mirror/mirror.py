@@ -340,10 +340,6 @@ class Mirror:
         assert ls.leg is not None
         return ls.leg.size - self.meta_len
 
-    def _slot_offset(self, ls: _LegState, slot: int) -> int:
-        assert ls.leg is not None
-        return ls.leg.size - (2 - slot) * SLOT
-
     def _read_superblock(self, ls: _LegState) -> Superblock | None:
         assert ls.leg is not None
         return read_superblock(ls.leg)
