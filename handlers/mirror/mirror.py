@@ -47,10 +47,12 @@ Rules this file obeys
        The calls made straight to a leg, not through its FIFO, are bounded the same way on an
        NBD leg: reads, superblock writes (made under `_meta_lock`, which every write takes),
        the resync's reads, writes and flushes (made while the region is held from the
-       initiator's writes), the superblock read of `reattach`. Each runs on one of the leg's
-       call threads while its caller waits at most ``leg_timeout`` (`Mirror._begin`); a leg
-       that has not answered by then is marked out of sync and recorded on the others (rule
-       3), and the operations queued on it go on without it (`_give_up`). A late answer
+       initiator's writes), the superblock (and bitmap) read of `reattach`, and at open the
+       superblock and bitmap reads and the unclean open's reconcile (reads, writes,
+       flushes; see the open below). Each runs on one of the leg's call threads while its
+       caller waits at most ``leg_timeout`` (`Mirror._begin`); a leg that has not answered
+       by then is marked out of sync and recorded on the others (rule 3), and the
+       operations queued on it go on without it (`_give_up`). A late answer
        touches only memory of the call's own (a read's buffer; a write's bytes, immutable),
        and the leg is neither reattached nor closed until the call returned;
     4b. lagging legs. Before a write is acknowledged without an in-sync leg, that leg's bit is
@@ -85,15 +87,25 @@ Rules this file obeys
   sync, the others stale (resynced from the bitmap), blank legs get a full copy.
 * Opening with legs unreachable needs a majority of the legs reachable (two disjoint sets of
   legs can then never both open, so no split brain can be made by opening), unless the config
-  says ``degraded_open=1`` (a leg lost for good; an operator staging a test).
+  says ``degraded_open=1`` (a leg lost for good; an operator staging a test). A leg that does
+  not answer its superblock or bitmap read within ``leg_timeout`` (an NBD server up, its
+  packets dropped) is unreachable too: out of sync, reattached later, and then its own bitmap
+  is merged in (it may hold writes, never acknowledged, that only its bits name). A leg that
+  fails or does not answer the reconcile is failed (in memory, recorded by the open's
+  superblock write, after the bitmap) and the open goes on with the others while a majority
+  remains, one in sync; else it is refused (ConfigError naming the leg, "no answer within N
+  s"; the superblocks untouched, so the next open reconciles again). No refusal for want of
+  legs writes anything before the reconcile; the reconcile only writes, to the flagged
+  regions, a copy an in-sync leg held.
 
 Threads: the device's workers call `read`/`write`/`flush` concurrently; each leg has one worker
 thread running its writes, bitmap blocks and flushes in order; the resync runs on its own
 thread, `reattach` on the monitor's (or the caller's); the calls made straight to an NBD leg
-(reads, superblock writes, the resync's copies and flushes, the reattach probe) run on its call
-threads (`_Callers`, started on demand) while the caller waits at most ``leg_timeout`` for
-them (rule 4); a local leg's, or any with ``leg_timeout`` 0, run on the caller's thread, since
-the hand-off costs (`Mirror._read_leg`). `_lock` (a Condition) guards all state below.
+(reads, superblock writes, the resync's copies and flushes, the reattach probe, the open's
+metadata reads and reconcile) run on its call threads (`_Callers`, started on demand) while
+the caller waits at most ``leg_timeout`` for them (rule 4); a local leg's, or any with
+``leg_timeout`` 0, run on the caller's thread, since the hand-off costs (`Mirror._read_leg`).
+`_lock` (a Condition) guards all state below.
 """
 
 from __future__ import annotations

@@ -890,6 +890,37 @@ def test_an_open_with_two_of_three_legs_silent_is_refused_naming_them_writing_no
         m.close()
 
 
+def test_a_leg_silent_to_the_opens_metadata_writes_is_failed_and_the_open_completes() -> None:
+    """The open writes the bitmap through the legs' FIFOs and the superblocks directly:
+    leg 2, silent to metadata writes, is failed after `leg_timeout` (recorded on the
+    others) and the open completes; once its call returned it is reattached and resynced."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True)
+    write(m, 4 * REGION, b"m" * 4096)
+    m.close()
+    gate = threading.Event()
+    st["leg2"].meta_gate = gate
+    started = time.monotonic()
+    m = open_mirror(st, leg_timeout=0.5)
+    try:
+        assert time.monotonic() - started < SILENT_BOUND, "the open waited for the silent leg"
+        s = m.status()
+        assert [leg["state"] for leg in s["legs"]] == [IN_SYNC, IN_SYNC, FAILED], s
+        assert "no answer within" in s["legs"][2]["error"], s
+        sb = read_superblock(MemoryLeg(st["leg0"]))
+        assert sb is not None and sb.active == 0b011, sb
+        gate.set()
+        st["leg2"].meta_gate = None
+        assert wait_until(lambda: m.reattach(2), DEADLINE)
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c and a[4 * REGION:4 * REGION + 4096] == b"m" * 4096
+    finally:
+        gate.set()
+        st["leg2"].meta_gate = None
+        m.close()
+
+
 def test_a_target_failed_and_reattached_during_a_resync_pass_is_not_promoted_by_it() -> None:
     """A resync target that fails mid-pass (here at region 1) and is reattached before the
     pass ends missed the regions copied meanwhile: that pass does not mark it in sync (it
