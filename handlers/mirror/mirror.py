@@ -47,10 +47,12 @@ Rules this file obeys
        The calls made straight to a leg, not through its FIFO, are bounded the same way on an
        NBD leg: reads, superblock writes (made under `_meta_lock`, which every write takes),
        the resync's reads, writes and flushes (made while the region is held from the
-       initiator's writes), the superblock read of `reattach`. Each runs on one of the leg's
-       call threads while its caller waits at most ``leg_timeout`` (`Mirror._begin`); a leg
-       that has not answered by then is marked out of sync and recorded on the others (rule
-       3), and the operations queued on it go on without it (`_give_up`). A late answer
+       initiator's writes), the superblock (and bitmap) read of `reattach`, and at open the
+       superblock and bitmap reads and the unclean open's reconcile (reads, writes,
+       flushes; see the open below). Each runs on one of the leg's call threads while its
+       caller waits at most ``leg_timeout`` (`Mirror._begin`); a leg that has not answered
+       by then is marked out of sync and recorded on the others (rule 3), and the
+       operations queued on it go on without it (`_give_up`). A late answer
        touches only memory of the call's own (a read's buffer; a write's bytes, immutable),
        and the leg is neither reattached nor closed until the call returned;
     4b. lagging legs. Before a write is acknowledged without an in-sync leg, that leg's bit is
@@ -85,15 +87,25 @@ Rules this file obeys
   sync, the others stale (resynced from the bitmap), blank legs get a full copy.
 * Opening with legs unreachable needs a majority of the legs reachable (two disjoint sets of
   legs can then never both open, so no split brain can be made by opening), unless the config
-  says ``degraded_open=1`` (a leg lost for good; an operator staging a test).
+  says ``degraded_open=1`` (a leg lost for good; an operator staging a test). A leg that does
+  not answer its superblock or bitmap read within ``leg_timeout`` (an NBD server up, its
+  packets dropped) is unreachable too: out of sync, reattached later, and then its own bitmap
+  is merged in (it may hold writes, never acknowledged, that only its bits name). A leg that
+  fails or does not answer the reconcile is failed (in memory, recorded by the open's
+  superblock write, after the bitmap) and the open goes on with the others while a majority
+  remains, one in sync; else it is refused (ConfigError naming the leg, "no answer within N
+  s"; the superblocks untouched, so the next open reconciles again). No refusal for want of
+  legs writes anything before the reconcile; the reconcile only writes, to the flagged
+  regions, a copy an in-sync leg held.
 
 Threads: the device's workers call `read`/`write`/`flush` concurrently; each leg has one worker
 thread running its writes, bitmap blocks and flushes in order; the resync runs on its own
 thread, `reattach` on the monitor's (or the caller's); the calls made straight to an NBD leg
-(reads, superblock writes, the resync's copies and flushes, the reattach probe) run on its call
-threads (`_Callers`, started on demand) while the caller waits at most ``leg_timeout`` for
-them (rule 4); a local leg's, or any with ``leg_timeout`` 0, run on the caller's thread, since
-the hand-off costs (`Mirror._read_leg`). `_lock` (a Condition) guards all state below.
+(reads, superblock writes, the resync's copies and flushes, the reattach probe, the open's
+metadata reads and reconcile) run on its call threads (`_Callers`, started on demand) while
+the caller waits at most ``leg_timeout`` for them (rule 4); a local leg's, or any with
+``leg_timeout`` 0, run on the caller's thread, since the hand-off costs (`Mirror._read_leg`).
+`_lock` (a Condition) guards all state below.
 """
 
 from __future__ import annotations
@@ -320,6 +332,8 @@ class Mirror:
         #: holds a leg (`_WriteOp.wait`), since it may have been counted without that leg.
         self._recording: set[int] = set()
         self._owed: set[int] = set()
+        #: Legs unreachable at open (`_open`): their bitmaps were not read (`_probe`).
+        self._unread: set[int] = set()
 
     # -- open ------------------------------------------------------------------------------
 
@@ -340,17 +354,65 @@ class Mirror:
         assert ls.leg is not None
         return ls.leg.size - self.meta_len
 
-    def _read_superblock(self, ls: _LegState) -> Superblock | None:
-        assert ls.leg is not None
-        return read_superblock(ls.leg)
-
-    def _read_bitmap(self, ls: _LegState) -> bytearray:
-        assert ls.leg is not None
+    def _bitmap_of(self, leg: Leg) -> bytearray:
+        """`leg`'s bitmap, read into a buffer of the call's own (`_begin`'s contract)."""
         raw = bytearray(len(self.bitmap))
-        ls.leg.read(self._bitmap_offset(ls), memoryview(raw))
+        leg.read(leg.size - self.meta_len, memoryview(raw))
         return raw
 
+    def _at_open(self, legs: list[_LegState], what: str, fn: Callable[[Leg], Any]
+                 ) -> tuple[dict[int, Any], dict[int, OSError]]:
+        """``fn(leg)`` on each of `legs`, all started at once, each bounded by
+        ``leg_timeout`` on an NBD leg (`_begin`): (results, errors) by leg index."""
+        results: dict[int, Any] = {}
+        errors: dict[int, OSError] = {}
+        jobs: list[tuple[_LegState, _Job]] = []
+        for ls in legs:
+            try:
+                jobs.append((ls, self._begin(ls, what, fn)))
+            except OSError as exc:
+                errors[ls.index] = exc
+        for ls, job in jobs:
+            try:
+                results[ls.index] = job.wait()
+            except OSError as exc:
+                errors[ls.index] = exc
+        return results, errors
+
+    def _read_metadata(self, reachable: list[_LegState], legs: list[_LegState], what: str,
+                       fn: Callable[[Leg], Any]) -> dict[int, Any]:
+        """Metadata of each of `legs` (``fn(leg)``, bounded: `_at_open`). A leg that
+        does not answer in time is unreachable, like one that did not open: removed from
+        `reachable` (its leg stays open until the call returned: `reattach` closes it), and
+        the majority rule checked again. Any other error refuses the open (ConfigError).
+        Nothing is written."""
+        results, errors = self._at_open(legs, what, fn)
+        for i, exc in errors.items():
+            ls = self._legs[i]
+            if not isinstance(exc, _LegTimeout):
+                raise ConfigError(f"mirror: {ls.name()}: cannot read its metadata: {exc}") \
+                    from exc
+            ls.error = str(exc)
+            log.warning("mirror: %s unreachable at open: %s", ls.name(), exc)
+            reachable.remove(ls)
+        self._check_majority(reachable)
+        return results
+
+    def _check_majority(self, reachable: list[_LegState]) -> None:
+        """Opening needs a majority of the legs reachable, unless ``degraded_open``."""
+        majority = len(self._legs) // 2 + 1
+        if len(reachable) < majority and not self.cfg.degraded_open:
+            missing = ", ".join(f"{ls.name()}: {ls.error}" for ls in self._legs
+                                if ls not in reachable)
+            raise ConfigError(
+                f"mirror: {len(reachable)} of {len(self._legs)} legs reachable; expected a "
+                f"majority ({majority}) to open, or degraded_open=1 ({missing})")
+
     def _open(self) -> None:
+        """Open the legs, read their metadata, choose (rules at the top), reconcile an
+        unclean stop, write the new generation. Every call to an NBD leg is bounded by
+        ``leg_timeout``: a leg silent to its superblock or bitmap read is unreachable (out of
+        sync, reattached later); one silent mid-reconcile is failed (`_failed_at_open`)."""
         need = self.size + self.meta_len
         for ls in self._legs:
             try:
@@ -359,45 +421,45 @@ class Mirror:
                 ls.error = str(exc)
                 log.warning("mirror: %s unreachable at open: %s", ls.name(), exc)
         reachable = [ls for ls in self._legs if ls.leg is not None]
-        majority = len(self._legs) // 2 + 1
-        if len(reachable) < majority and not self.cfg.degraded_open:
-            missing = ", ".join(f"{ls.name()}: {ls.error}" for ls in self._legs if ls.leg is None)
-            raise ConfigError(
-                f"mirror: {len(reachable)} of {len(self._legs)} legs reachable; expected a "
-                f"majority ({majority}) to open, or degraded_open=1 ({missing})")
-        sbs: dict[int, Superblock | None] = {}
-        for ls in reachable:
-            try:
-                sbs[ls.index] = self._read_superblock(ls)
-            except OSError as exc:
-                raise ConfigError(f"mirror: {ls.name()}: cannot read its metadata: {exc}") \
-                    from exc
+        self._check_majority(reachable)
+        sbs: dict[int, Superblock | None] = self._read_metadata(
+            reachable, list(reachable), "a superblock read", read_superblock)
         formatted = {i: sb for i, sb in sbs.items() if sb is not None}
         self._check_agreement(formatted)
         if not formatted:
             self._create(reachable)
             return
-        fresh = self._freshest(formatted)
-        fsb = formatted[fresh]
+        bitmaps: dict[int, bytearray] = {}
+        while True:  # bounded: each round removes a leg or ends
+            live = {ls.index: formatted[ls.index] for ls in reachable if ls.index in formatted}
+            fresh = self._freshest(live)
+            fsb = formatted[fresh]
+            # the freshest leg's bitmap; after an unclean stop, every in-sync leg's too
+            want = [self._legs[i] for i, sb in live.items() if i not in bitmaps and (
+                i == fresh or (not fsb.clean and fsb.has(i) and sb.has(i)))]
+            if not want:
+                break
+            bitmaps.update(self._read_metadata(reachable, want, "a bitmap read",
+                                               self._bitmap_of))
         self.uuid = fsb.mirror_uuid
         self.generation = fsb.generation
-        self.bitmap = self._read_bitmap(self._legs[fresh])
+        self.bitmap = bitmaps[fresh]
         for ls in reachable:
             sb = sbs[ls.index]
             if ls.index == fresh or (sb is not None and fsb.has(ls.index) and sb.has(ls.index)):
                 ls.state = IN_SYNC
-                if sb is not None and ls.index != fresh and not fsb.clean:
+                if ls.index != fresh and not fsb.clean:
                     # an unclean stop: whatever any in-sync leg flagged may differ
-                    other = self._read_bitmap(ls)
-                    self.bitmap = bytearray(a | b for a, b in zip(self.bitmap, other,
+                    self.bitmap = bytearray(a | b for a, b in zip(self.bitmap, bitmaps[ls.index],
                                                                   strict=True))
             else:
                 ls.state = RESYNCING
                 if sb is None:  # a blank (new or replaced) leg: everything is to copy
                     self._set_all_bits()
         for ls in self._legs:
-            if ls.leg is None:
+            if ls not in reachable:
                 ls.state = FAILED
+                self._unread.add(ls.index)
             elif ls.state == IN_SYNC and fsb.lag >> ls.index & 1:
                 # rule 4b: it may lack acknowledged writes; its bits are in the union above
                 ls.state = RESYNCING
@@ -411,6 +473,9 @@ class Mirror:
         self.generation += 1
         self._write_bitmap_all()
         self._write_superblocks(clean=False)
+        if not any(ls.state == IN_SYNC for ls in self._legs):
+            raise ConfigError("mirror: no leg left in sync at open (" + ", ".join(
+                f"{ls.name()}: {ls.error}" for ls in self._legs) + ")")
         self._after_open()
 
     def _check_agreement(self, formatted: dict[int, Superblock]) -> None:
@@ -459,7 +524,8 @@ class Mirror:
     def _create(self, reachable: list[_LegState]) -> None:
         if len(reachable) < len(self._legs):
             raise ConfigError("mirror: a new mirror needs every leg reachable; unreachable: "
-                              + ", ".join(ls.name() for ls in self._legs if ls.leg is None))
+                              + ", ".join(f"{ls.name()} ({ls.error})" for ls in self._legs
+                                          if ls not in reachable))
         self.uuid = uuid.uuid4().bytes
         self.generation = 1
         self._legs[0].state = IN_SYNC
@@ -1010,32 +1076,76 @@ class Mirror:
 
     def _reconcile(self, fresh: _LegState, legs: list[_LegState], regions: list[int]) -> None:
         """Unclean open: make the in-sync `legs` agree on `regions`: the content a majority of
-        them hold, else `fresh`'s. Nothing is served yet: no lock needed against writes."""
+        them hold, else `fresh`'s (any in-sync leg's will do: each holds every acknowledged
+        write; another's once `fresh` is failed). Nothing is served yet: no lock needed
+        against writes. Each region's reads, then its writes, run on every leg at once, each
+        bounded by ``leg_timeout`` on an NBD leg (`_at_open`); then the flushes. A leg that
+        fails or does not answer is failed (`_failed_at_open`) and the rest go on (a region
+        whose reads it failed is read again from them)."""
+        legs = list(legs)
         for r in regions:
             off = r * self.region
             n = min(self.region, self.size - off)
+
+            def get(leg: Leg, off: int = off, n: int = n) -> bytes:
+                buf = bytearray(n)  # the call's own (`_begin`'s contract)
+                leg.read(off, memoryview(buf))
+                return bytes(buf)
+
             copies: dict[int, bytes] = {}
-            for ls in legs:
-                buf = bytearray(n)
-                assert ls.leg is not None
-                ls.leg.read(off, memoryview(buf))
-                copies[ls.index] = bytes(buf)
-            votes: dict[bytes, int] = {}
-            for ls in legs:
-                votes[copies[ls.index]] = votes.get(copies[ls.index], 0) + 1
+            while len(legs) > 1:
+                copies, errors = self._at_open(legs, "a reconcile read", get)
+                if not errors:
+                    break
+                legs = self._failed_at_open(legs, errors)
+            if len(legs) < 2:
+                break  # one leg left: nothing to agree on
             if len(set(copies.values())) == 1:
                 continue
+            votes: dict[bytes, int] = {}
+            for data in copies.values():
+                votes[data] = votes.get(data, 0) + 1
             best = max(votes.values())
+            if fresh not in legs:
+                fresh = legs[0]
             winner = next(d for d, v in votes.items() if v == best) \
                 if best * 2 > len(legs) else copies[fresh.index]
-            for ls in legs:
-                if copies[ls.index] != winner:
-                    assert ls.leg is not None
-                    ls.leg.write(off, winner)
-                    self.regions_copied += 1
-        for ls in legs:
-            assert ls.leg is not None
-            ls.leg.flush()
+
+            def put(leg: Leg, off: int = off, winner: bytes = winner) -> None:
+                leg.write(off, winner)
+
+            stale = [ls for ls in legs if copies[ls.index] != winner]
+            done, errors = self._at_open(stale, "a reconcile write", put)
+            self.regions_copied += len(done)
+            legs = self._failed_at_open(legs, errors)
+        _, errors = self._at_open(legs, "a flush", lambda leg: leg.flush())
+        self._failed_at_open(legs, errors)
+
+    def _failed_at_open(self, legs: list[_LegState], errors: dict[int, OSError]
+                        ) -> list[_LegState]:
+        """The legs in `errors` failed a call at open (an error, or no answer within
+        ``leg_timeout``): marked out of sync (in memory; the open's superblock write records
+        it on the others, after the bitmap, before anything is served) and `legs` without
+        them returned. ConfigError, naming them, when the open rule (a majority of the legs
+        taking writes, unless ``degraded_open``) no longer holds or no leg is left in sync:
+        the superblocks are then untouched, and the next open reconciles again."""
+        for i, exc in errors.items():
+            ls = self._legs[i]
+            with self._lock:
+                ls.state = FAILED
+                ls.error = str(exc)
+                ls.errors += 1
+            log.error("mirror: %s failed at open (%s): out of sync", ls.name(), exc)
+        left = [ls for ls in self._legs if ls.takes_writes]
+        majority = len(self._legs) // 2 + 1
+        if errors and (not any(ls.state == IN_SYNC for ls in left)
+                       or len(left) < majority and not self.cfg.degraded_open):
+            lost = "; ".join(str(exc) for exc in errors.values())
+            raise ConfigError(
+                f"mirror: {lost}; {len(left)} of {len(self._legs)} legs left, expected a "
+                f"majority ({majority}) with one in sync to open, or degraded_open=1 "
+                "(the superblocks are unchanged)")
+        return [ls for ls in legs if ls.index not in errors]
 
     def _copy_regions(self, source: _LegState, targets: list[_LegState], regions: list[int],
                       throttle: bool) -> None:
@@ -1131,7 +1241,8 @@ class Mirror:
             ls.error = str(exc)
             return False
         try:
-            sb = self._call(ls, "a superblock read", read_superblock, leg=leg)
+            sb, bits = self._call(ls, "a superblock read",
+                                  lambda leg: self._probe(index, leg), leg=leg)
         except _LegTimeout as exc:
             ls.error = str(exc)
             log.error("%s; not reattached", exc)
@@ -1152,6 +1263,9 @@ class Mirror:
         with self._lock:
             if sb is None:
                 self._set_all_bits()
+            elif bits is not None:  # what it may hold that the others lack (`_probe`)
+                self.bitmap[:] = bytes(a | b for a, b in zip(self.bitmap, bits, strict=True))
+            self._unread.discard(index)
             ls.leg = leg
             ls.error = ""
             ls.attached += 1
@@ -1168,6 +1282,19 @@ class Mirror:
         log.info("mirror: %s back; resyncing", ls.name())
         self._start_resync()
         return True
+
+    def _probe(self, index: int, leg: Leg) -> tuple[Superblock | None, bytearray | None]:
+        """Reopened leg `index`'s superblock, and its bitmap when the leg was unreachable at
+        open (its bits never read: `_unread`) and stopped unclean in this mirror: it may
+        then hold writes (never acknowledged) the others lack, in regions only its own
+        bitmap names (the open's bitmap is the union of the others'); the resync copies
+        those too. (A leg whose bits were read keeps them in memory while out of sync.)"""
+        sb = read_superblock(leg)
+        bits = None
+        if (index in self._unread and sb is not None and not sb.clean
+                and sb.mirror_uuid == self.uuid and sb.generation <= self.generation):
+            bits = self._bitmap_of(leg)
+        return sb, bits
 
     def _stop_worker(self, ls: _LegState, wait: float = 10.0) -> bool:
         """End the leg's worker; False if it is still in a call after `wait` seconds (a leg

@@ -31,6 +31,8 @@ class Store:
         #: every read takes (a slow leg that still answers).
         self.read_gate: threading.Event | None = None
         self.read_delay = 0.0
+        #: The same for data-area reads only (below `meta_from`): metadata reads go through.
+        self.data_read_gate: threading.Event | None = None
         #: Seconds every metadata write (at or past `meta_from`) takes: a slow superblock.
         self.meta_delay = 0.0
         #: When set, metadata writes (superblocks, bitmap blocks) wait for it (a leg that
@@ -73,6 +75,10 @@ class MemoryLeg:
         gate = self.store.read_gate
         if gate is not None:
             assert gate.wait(30), "test read gate never opened"
+            self.store.check("read")
+        data_gate = self.store.data_read_gate
+        if data_gate is not None and offset < self.store.meta_from:
+            assert data_gate.wait(30), "test data read gate never opened"
             self.store.check("read")
         if self.store.read_delay:
             time.sleep(self.store.read_delay)

@@ -778,6 +778,149 @@ def test_a_leg_silent_to_its_reattach_probe_stays_failed_and_is_probed_again() -
         m.close()
 
 
+def _crashed_with_a_write_on_one_leg(st: dict[str, Store], name: str, region: int,
+                                     fill: bytes) -> None:
+    """The three legs of `st` stop unclean (the process dies) after writes to regions 2 and
+    6 (their bits set on every leg), with a write to `region` that reached only leg `name`:
+    its data and its bit, on that leg only (rule 1), never acknowledged."""
+    m = open_mirror(st, assume_clean=True, leg_timeout=0.5)
+    for r in (2, 6):
+        write(m, r * REGION, bytes([r]) * 4096)
+    m._close_legs()  # the process dies: no clean close
+    s = st[name]
+    s.data[region * REGION:region * REGION + 4096] = fill * 4096
+    s.data[SIZE + (region >> 3)] |= 1 << (region & 7)  # the bitmap starts at SIZE here
+
+
+def test_an_unclean_open_with_a_silent_leg_opens_without_it_and_resyncs_it_later() -> None:
+    """Issue 16: a leg that does not answer its superblock read at open (an NBD server up,
+    packets dropped) counts as unreachable after `leg_timeout`, like one that does not
+    connect: the open (a reconcile of the other two) completes without it, it is out of
+    sync, and once its call returned it is reattached and resynced to identical data,
+    including a region only its own bitmap names (a write that reached it alone)."""
+    st = stores(3)
+    _crashed_with_a_write_on_one_leg(st, "leg2", 7, b"Z")
+    gate = threading.Event()
+    st["leg2"].read_gate = gate  # leg 2 stops answering reads
+    started = time.monotonic()
+    m = open_mirror(st, leg_timeout=0.5)
+    try:
+        assert time.monotonic() - started < SILENT_BOUND, "the open waited for the silent leg"
+        s = m.status()
+        assert [leg["state"] for leg in s["legs"]] == [IN_SYNC, IN_SYNC, FAILED], s
+        assert "no answer within 0.5 s" in s["legs"][2]["error"], s
+        sb = read_superblock(MemoryLeg(st["leg0"]))
+        assert sb is not None and sb.active == 0b011, sb
+        for r in (2, 6):
+            assert read(m, r * REGION, 4096) == bytes([r]) * 4096
+        assert not m.reattach(2)  # its superblock read is still in the leg's call
+        gate.set()
+        st["leg2"].read_gate = None
+        assert wait_until(lambda: m.reattach(2), DEADLINE)
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c and a[7 * REGION:7 * REGION + 4096] == bytes(4096)
+    finally:
+        gate.set()
+        st["leg2"].read_gate = None
+        m.close()
+
+
+def test_a_leg_silent_mid_reconcile_is_failed_and_the_open_goes_on_with_the_others() -> None:
+    """The unclean open reads and writes the in-sync legs directly: leg 1 answers its
+    metadata reads, then not its data reads. It is failed after `leg_timeout` (recorded on
+    the others), the reconcile finishes on legs 0 and 2 (they disagree on region 7: the
+    freshest leg's copy wins), and leg 1 is resynced once back."""
+    st = stores(3)
+    _crashed_with_a_write_on_one_leg(st, "leg0", 7, b"Y")
+    gate = threading.Event()
+    st["leg1"].data_read_gate = gate
+    started = time.monotonic()
+    m = open_mirror(st, leg_timeout=0.5)
+    try:
+        assert time.monotonic() - started < SILENT_BOUND, "the open waited for the silent leg"
+        s = m.status()
+        assert [leg["state"] for leg in s["legs"]] == [IN_SYNC, FAILED, IN_SYNC], s
+        assert "no answer within 0.5 s to a reconcile read" in s["legs"][1]["error"], s
+        sb = read_superblock(MemoryLeg(st["leg2"]))
+        assert sb is not None and sb.active == 0b101, sb
+        a, _, c = data_areas(st)
+        assert a == c and a[7 * REGION:7 * REGION + 4096] == b"Y" * 4096
+        gate.set()
+        st["leg1"].data_read_gate = None
+        assert wait_until(lambda: m.reattach(1), DEADLINE)
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c
+    finally:
+        gate.set()
+        st["leg1"].data_read_gate = None
+        m.close()
+
+
+@pytest.mark.parametrize("gate_name", ["read_gate", "data_read_gate"])
+def test_an_open_with_two_of_three_legs_silent_is_refused_naming_them_writing_nothing(
+        gate_name: str) -> None:
+    """Two legs of three stop answering at open, at their superblock reads (read_gate) or
+    in the reconcile (data_read_gate): the open is refused within a few `leg_timeout`s
+    with a ConfigError naming both, and no byte of any leg was written."""
+    st = stores(3)
+    _crashed_with_a_write_on_one_leg(st, "leg0", 7, b"X")
+    gate = threading.Event()
+    for name in ("leg1", "leg2"):
+        setattr(st[name], gate_name, gate)
+    before = [bytes(s.data) for s in st.values()]
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConfigError) as err:
+            open_mirror(st, leg_timeout=0.5)
+        assert time.monotonic() - started < SILENT_BOUND, "the open waited for the silent legs"
+        msg = str(err.value)
+        assert "no answer within 0.5 s" in msg, msg
+        assert "leg 1 (leg1)" in msg and "leg 2 (leg2)" in msg, msg
+    finally:
+        gate.set()
+    assert wait_until(lambda: [bytes(s.data) for s in st.values()] == before, 1.0), \
+        "a leg was written by the refused open"
+    m = open_mirror(st, leg_timeout=0.5)  # every leg back: it opens, the legs agree
+    try:  # on region 7 the majority holds the old bytes (the write was never acknowledged)
+        a, b, c = data_areas(st)
+        assert a == b == c and a[7 * REGION:7 * REGION + 4096] == bytes(4096)
+    finally:
+        m.close()
+
+
+def test_a_leg_silent_to_the_opens_metadata_writes_is_failed_and_the_open_completes() -> None:
+    """The open writes the bitmap through the legs' FIFOs and the superblocks directly:
+    leg 2, silent to metadata writes, is failed after `leg_timeout` (recorded on the
+    others) and the open completes; once its call returned it is reattached and resynced."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True)
+    write(m, 4 * REGION, b"m" * 4096)
+    m.close()
+    gate = threading.Event()
+    st["leg2"].meta_gate = gate
+    started = time.monotonic()
+    m = open_mirror(st, leg_timeout=0.5)
+    try:
+        assert time.monotonic() - started < SILENT_BOUND, "the open waited for the silent leg"
+        s = m.status()
+        assert [leg["state"] for leg in s["legs"]] == [IN_SYNC, IN_SYNC, FAILED], s
+        assert "no answer within" in s["legs"][2]["error"], s
+        sb = read_superblock(MemoryLeg(st["leg0"]))
+        assert sb is not None and sb.active == 0b011, sb
+        gate.set()
+        st["leg2"].meta_gate = None
+        assert wait_until(lambda: m.reattach(2), DEADLINE)
+        assert m.wait_resync(DEADLINE)
+        a, b, c = data_areas(st)
+        assert a == b == c and a[4 * REGION:4 * REGION + 4096] == b"m" * 4096
+    finally:
+        gate.set()
+        st["leg2"].meta_gate = None
+        m.close()
+
+
 def test_a_target_failed_and_reattached_during_a_resync_pass_is_not_promoted_by_it() -> None:
     """A resync target that fails mid-pass (here at region 1) and is reattached before the
     pass ends missed the regions copied meanwhile: that pass does not mark it in sync (it
