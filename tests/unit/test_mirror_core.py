@@ -68,6 +68,15 @@ def data_areas(st: dict[str, Store]) -> list[bytes]:
     return [bytes(s.data[:SIZE]) for s in st.values()]
 
 
+def back_in_sync(m: Mirror, st: dict[str, Store], index: int) -> None:
+    """Leg `index` reattaches (within DEADLINE), its resync ends, and every leg's data is
+    the same."""
+    assert wait_until(lambda: m.reattach(index), DEADLINE)
+    assert m.wait_resync(DEADLINE)
+    areas = data_areas(st)
+    assert all(a == areas[0] for a in areas), "the legs differ after the resync"
+
+
 def test_writes_reach_every_leg_and_reads_come_back(three: tuple[dict[str, Store], Mirror]
                                                     ) -> None:
     st, m = three
@@ -413,10 +422,7 @@ def test_a_leg_too_far_behind_is_marked_out_of_sync_and_resynced_later() -> None
             sb = read_superblock(MemoryLeg(st[name]))
             assert sb is not None and not sb.has(2)
         gate.set()
-        assert wait_until(lambda: m.reattach(2), DEADLINE)
-        assert m.wait_resync(DEADLINE)
-        a, b, c = data_areas(st)
-        assert a == b == c
+        back_in_sync(m, st, 2)
     finally:
         gate.set()
         m.close()
@@ -540,10 +546,7 @@ def test_a_leg_that_does_not_answer_in_time_is_marked_out_of_sync_and_the_write_
         write(m, 4096, b"u" * 4096)  # leg 2 no longer waited for
         assert not m.reattach(2)  # its worker is still in the call
         gate.set()
-        assert wait_until(lambda: m.reattach(2), DEADLINE)
-        assert m.wait_resync(DEADLINE)
-        a, b, c = data_areas(st)
-        assert a == b == c
+        back_in_sync(m, st, 2)
     finally:
         gate.set()
         st["leg2"].gate = None
@@ -738,10 +741,7 @@ def test_a_resync_source_silent_mid_copy_is_given_up_and_another_leg_is_copied_f
         assert b[5 * REGION:5 * REGION + 8192] == b"\5" * 8192
         gate.set()
         st["leg0"].read_gate = None
-        assert wait_until(lambda: m.reattach(0), DEADLINE)
-        assert m.wait_resync(DEADLINE)
-        a, b, c = data_areas(st)
-        assert a == b == c
+        back_in_sync(m, st, 0)
     finally:
         gate.set()
         st["leg0"].read_gate = None
@@ -768,10 +768,7 @@ def test_a_leg_silent_to_its_reattach_probe_stays_failed_and_is_probed_again() -
         assert not m.reattach(2)  # its probe is still in the leg's call
         gate.set()
         st["leg2"].read_gate = None
-        assert wait_until(lambda: m.reattach(2), DEADLINE)
-        assert m.wait_resync(DEADLINE)
-        a, b, c = data_areas(st)
-        assert a == b == c
+        back_in_sync(m, st, 2)
     finally:
         gate.set()
         st["leg2"].read_gate = None
@@ -848,10 +845,7 @@ def test_a_leg_silent_mid_reconcile_is_failed_and_the_open_goes_on_with_the_othe
         assert a == c and a[7 * REGION:7 * REGION + 4096] == b"Y" * 4096
         gate.set()
         st["leg1"].data_read_gate = None
-        assert wait_until(lambda: m.reattach(1), DEADLINE)
-        assert m.wait_resync(DEADLINE)
-        a, b, c = data_areas(st)
-        assert a == b == c
+        back_in_sync(m, st, 1)
     finally:
         gate.set()
         st["leg1"].data_read_gate = None
@@ -911,10 +905,8 @@ def test_a_leg_silent_to_the_opens_metadata_writes_is_failed_and_the_open_comple
         assert sb is not None and sb.active == 0b011, sb
         gate.set()
         st["leg2"].meta_gate = None
-        assert wait_until(lambda: m.reattach(2), DEADLINE)
-        assert m.wait_resync(DEADLINE)
-        a, b, c = data_areas(st)
-        assert a == b == c and a[4 * REGION:4 * REGION + 4096] == b"m" * 4096
+        back_in_sync(m, st, 2)
+        assert data_areas(st)[0][4 * REGION:4 * REGION + 4096] == b"m" * 4096
     finally:
         gate.set()
         st["leg2"].meta_gate = None
