@@ -360,14 +360,15 @@ class Mirror:
         leg.read(leg.size - self.meta_len, memoryview(raw))
         return raw
 
-    def _at_open(self, legs: list[_LegState], what: str, fn: Callable[[Leg], Any]
+    def _on_legs(self, calls: Sequence[tuple[_LegState, Callable[[Leg], Any]]], what: str
                  ) -> tuple[dict[int, Any], dict[int, OSError]]:
-        """``fn(leg)`` on each of `legs`, all started at once, each bounded by
-        ``leg_timeout`` on an NBD leg (`_begin`): (results, errors) by leg index."""
+        """``fn(leg)`` for each (leg state, fn) of `calls`, all started at once (an NBD leg's
+        wait overlaps the others'), each bounded by ``leg_timeout`` on an NBD leg (`_begin`):
+        (results, errors) by leg index."""
         results: dict[int, Any] = {}
         errors: dict[int, OSError] = {}
         jobs: list[tuple[_LegState, _Job]] = []
-        for ls in legs:
+        for ls, fn in calls:
             try:
                 jobs.append((ls, self._begin(ls, what, fn)))
             except OSError as exc:
@@ -381,12 +382,12 @@ class Mirror:
 
     def _read_metadata(self, reachable: list[_LegState], legs: list[_LegState], what: str,
                        fn: Callable[[Leg], Any]) -> dict[int, Any]:
-        """Metadata of each of `legs` (``fn(leg)``, bounded: `_at_open`). A leg that
+        """Metadata of each of `legs` (``fn(leg)``, bounded: `_on_legs`). A leg that
         does not answer in time is unreachable, like one that did not open: removed from
         `reachable` (its leg stays open until the call returned: `reattach` closes it), and
         the majority rule checked again. Any other error refuses the open (ConfigError).
         Nothing is written."""
-        results, errors = self._at_open(legs, what, fn)
+        results, errors = self._on_legs([(ls, fn) for ls in legs], what)
         for i, exc in errors.items():
             ls = self._legs[i]
             if not isinstance(exc, _LegTimeout):
@@ -569,30 +570,22 @@ class Mirror:
                 targets = [ls for ls in self._legs
                            if ls.takes_writes and not lag >> ls.index & 1]
                 gen, mask = self.generation, self._active_mask()
-            failed: list[tuple[_LegState, OSError]] = []
-            jobs: list[tuple[_LegState, _Job]] = []
-            for ls in targets:  # all started first: an NBD leg's wait overlaps the others'
+            calls: list[tuple[_LegState, Callable[[Leg], Any]]] = []
+            for ls in targets:
                 raw = Superblock(self.uuid, ls.index, len(self._legs), self.region, self.size,
                                  gen, mask, clean, lag).pack()
 
                 def put(leg: Leg, raw: bytes = raw) -> None:
                     leg.write(leg.size - (2 - gen % 2) * SLOT, raw, fua=True)
 
-                try:
-                    jobs.append((ls, self._begin(ls, "a superblock write", put)))
-                except OSError as err:
-                    failed.append((ls, err))
-            for ls, job in jobs:
-                try:
-                    job.wait()
-                except OSError as err:
-                    failed.append((ls, err))
+                calls.append((ls, put))
+            _, failed = self._on_legs(calls, "a superblock write")
             if len(failed) < len(targets):
                 with self._lock:
                     everyone = (1 << len(self._legs)) - 1
                     self._lag_written = (lag | ~mask) & everyone
-        for ls, cause in failed:
-            self._lost(ls, cause)
+        for i, cause in failed.items():
+            self._lost(self._legs[i], cause)
 
     def _record_lag(self, legs: int) -> bool:
         """Rule 4b: before a write is acknowledged without the in-sync legs in mask `legs`,
@@ -1079,7 +1072,7 @@ class Mirror:
         them hold, else `fresh`'s (any in-sync leg's will do: each holds every acknowledged
         write; another's once `fresh` is failed). Nothing is served yet: no lock needed
         against writes. Each region's reads, then its writes, run on every leg at once, each
-        bounded by ``leg_timeout`` on an NBD leg (`_at_open`); then the flushes. A leg that
+        bounded by ``leg_timeout`` on an NBD leg (`_on_legs`); then the flushes. A leg that
         fails or does not answer is failed (`_failed_at_open`) and the rest go on (a region
         whose reads it failed is read again from them)."""
         legs = list(legs)
@@ -1094,7 +1087,7 @@ class Mirror:
 
             copies: dict[int, bytes] = {}
             while len(legs) > 1:
-                copies, errors = self._at_open(legs, "a reconcile read", get)
+                copies, errors = self._on_legs([(ls, get) for ls in legs], "a reconcile read")
                 if not errors:
                     break
                 legs = self._failed_at_open(legs, errors)
@@ -1115,10 +1108,10 @@ class Mirror:
                 leg.write(off, winner)
 
             stale = [ls for ls in legs if copies[ls.index] != winner]
-            done, errors = self._at_open(stale, "a reconcile write", put)
+            done, errors = self._on_legs([(ls, put) for ls in stale], "a reconcile write")
             self.regions_copied += len(done)
             legs = self._failed_at_open(legs, errors)
-        _, errors = self._at_open(legs, "a flush", lambda leg: leg.flush())
+        _, errors = self._on_legs([(ls, lambda leg: leg.flush()) for ls in legs], "a flush")
         self._failed_at_open(legs, errors)
 
     def _failed_at_open(self, legs: list[_LegState], errors: dict[int, OSError]
@@ -1167,23 +1160,15 @@ class Mirror:
                 off = r * self.region
                 n = min(self.region, self.size - off)
                 data = self._read_region(source, off, memoryview(buf)[:n], targets)
-                jobs: list[tuple[_LegState, _Job]] = []
 
                 def put(leg: Leg, off: int = off, data: memoryview | bytes = data) -> None:
                     leg.write(off, data)
 
-                for ls in targets:
-                    if ls.state == FAILED or ls.leg is None:
-                        continue
-                    try:
-                        jobs.append((ls, self._begin(ls, "a resync write", put)))
-                    except OSError as exc:
-                        self._lost(ls, exc)
-                for ls, job in jobs:
-                    try:
-                        job.wait()
-                    except OSError as exc:
-                        self._lost(ls, exc)
+                _, errors = self._on_legs([(ls, put) for ls in targets
+                                           if ls.state != FAILED and ls.leg is not None],
+                                          "a resync write")
+                for i, exc in errors.items():
+                    self._lost(self._legs[i], exc)
             finally:
                 with self._lock:
                     self._resync_busy.discard(r)
