@@ -128,7 +128,7 @@ ffibuilder.set_source(
     _read("_ring.c")
     + f'\nconst char *tcmu_py_source_digest(void) {{ return "{SOURCE_DIGEST}"; }}\n',
     include_dirs=[HERE],
-    libraries=["m"],  # log2() for the data plane's latency histogram
+    libraries=["m", "pthread"],  # log2() for the latency histogram; the native loop thread
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-address-of-packed-member"],
 )

@@ -598,3 +598,457 @@ int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st)
         tcmu_py_store_tail(r, tail);
     return rc == TCMU_PY_OK ? (int)st->done : rc;
 }
+
+/* ---- Stage 2: the native loop thread (see _ring.h) ---- */
+
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+
+struct tcmu_py_loop {
+    struct tcmu_py_ring *r;
+    pthread_t thread;
+    int started;
+    pthread_mutex_t mu;                    /* ring tail and cursor, fences, extent, records */
+    int uio_fd, kick_fd, notify_fd, stop_fd;
+    uint32_t event_size, kick_size, poll_us;
+    int stopping;                          /* atomic */
+    int error;                             /* atomic; why the thread stopped by itself */
+    struct tcmu_py_extent x;
+    /* Fences of the commands Python holds: fences[0..n_fences), fence_ids alongside; room for
+     * TCMU_PY_DP_MAX more (tcmu_py_dp_batch writes the fences of the entries it returns). */
+    struct tcmu_py_fence *fences;
+    uint16_t *fence_ids;
+    int n_fences, cap_fences;
+    struct tcmu_py_entry out[TCMU_PY_DP_MAX];
+    struct tcmu_py_dp_stats st;
+    uint8_t *rec;                          /* hand-off records, rec[0..rec_len) */
+    size_t rec_len, rec_cap;
+    struct tcmu_py_loop_figures fig;
+};
+
+static uint64_t tcmu_py_now_ns(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32_t event_size,
+                                      int kick_fd, uint32_t kick_size, int notify_fd,
+                                      uint32_t poll_us)
+{
+    struct tcmu_py_loop *l = calloc(1, sizeof(*l));
+
+    if (!l)
+        return NULL;
+    l->r = r;
+    l->uio_fd = uio_fd;
+    l->event_size = event_size > 8 ? 8 : event_size;
+    l->kick_fd = kick_fd;
+    l->kick_size = kick_size > 8 ? 8 : kick_size;
+    l->notify_fd = notify_fd;
+    l->poll_us = poll_us;
+    l->x.fd = -1;
+    l->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    l->cap_fences = 64 + TCMU_PY_DP_MAX;
+    l->fences = calloc((size_t)l->cap_fences, sizeof(*l->fences));
+    l->fence_ids = calloc((size_t)l->cap_fences, sizeof(*l->fence_ids));
+    if (l->stop_fd < 0 || !l->fences || !l->fence_ids ||
+        pthread_mutex_init(&l->mu, NULL) != 0) {
+        if (l->stop_fd >= 0)
+            close(l->stop_fd);
+        free(l->fences);
+        free(l->fence_ids);
+        free(l);
+        return NULL;
+    }
+    return l;
+}
+
+/* Room for the fences of Python's commands plus a whole batch's. */
+static int tcmu_py_loop_room(struct tcmu_py_loop *l)
+{
+    int cap = l->cap_fences;
+    struct tcmu_py_fence *f;
+    uint16_t *ids;
+
+    if (l->n_fences + TCMU_PY_DP_MAX <= cap)
+        return 1;
+    while (l->n_fences + TCMU_PY_DP_MAX > cap)
+        cap *= 2;
+    f = realloc(l->fences, (size_t)cap * sizeof(*f));
+    if (!f)
+        return 0;
+    l->fences = f;
+    ids = realloc(l->fence_ids, (size_t)cap * sizeof(*ids));
+    if (!ids)
+        return 0;
+    l->fence_ids = ids;
+    l->cap_fences = cap;
+    return 1;
+}
+
+/* Append entry e (CMD or TMR) as a hand-off record. 0: out of memory. */
+static int tcmu_py_loop_record(struct tcmu_py_loop *l, const struct tcmu_py_entry *e)
+{
+    size_t array_len = e->op == TCMU_OP_CMD
+                           ? (size_t)(e->iov_cnt + e->iov_bidi_cnt) * sizeof(struct iovec)
+                           : (size_t)e->iov_cnt * sizeof(uint16_t);
+    size_t head = sizeof(*e), cdb_at = head, array_at = (cdb_at + e->cdb_len + 7) & ~(size_t)7;
+    size_t size = (array_at + array_len + 7) & ~(size_t)7;
+    struct tcmu_py_entry *h;
+
+    if (l->rec_len + size > l->rec_cap) {
+        size_t cap = l->rec_cap ? l->rec_cap : 65536;
+        uint8_t *p;
+
+        while (l->rec_len + size > cap)
+            cap *= 2;
+        p = realloc(l->rec, cap);
+        if (!p)
+            return 0;
+        l->rec = p;
+        l->rec_cap = cap;
+    }
+    h = (struct tcmu_py_entry *)(l->rec + l->rec_len);
+    *h = *e;
+    h->cdb_off = cdb_at;
+    h->array_off = array_at;
+    h->reserved = (uint32_t)size;
+    if (e->cdb_len)
+        memcpy(l->rec + l->rec_len + cdb_at, l->r->map + e->cdb_off, e->cdb_len);
+    if (array_len)
+        memcpy(l->rec + l->rec_len + array_at, l->r->map + e->array_off, array_len);
+    l->rec_len += size;
+    return 1;
+}
+
+/* One tcmu_py_dp_batch under the mutex: records for Python, fences kept, C's commands completed.
+ * Returns the entries dequeued, or a negative status. *done / *handed count up. */
+static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
+{
+    struct tcmu_py_dp_stats *st = &l->st;
+    int n, k, keep, rc, oom = 0;
+    uint32_t b;
+
+    if (!tcmu_py_loop_room(l))
+        return -ENOMEM;
+    n = tcmu_py_dp_batch(l->r, &l->x, l->fences, l->n_fences, l->out, TCMU_PY_DP_MAX, st);
+    if (n < 0)
+        return n;
+    keep = l->n_fences;
+    for (k = 0; k < n; k++) {
+        const struct tcmu_py_entry *e = &l->out[k];
+        struct tcmu_py_fence f = l->fences[l->n_fences + k];
+
+        /* Copied before C's completions: they steal the oldest slots, maybe this entry's. */
+        if (!oom && !tcmu_py_loop_record(l, e))
+            oom = 1;                            /* reported below, after C's completions */
+        if (e->op == TCMU_OP_CMD && f.end > f.start) {
+            l->fences[keep] = f;
+            l->fence_ids[keep] = (uint16_t)e->cmd_id;
+            keep++;
+        }
+    }
+    l->n_fences = keep;
+    *handed += n;
+    l->fig.handed += (uint64_t)n;
+    if (st->done) {
+        l->fig.done += st->done;
+        l->fig.reads += st->reads;
+        l->fig.writes += st->writes;
+        l->fig.bytes_read += st->bytes_read;
+        l->fig.bytes_written += st->bytes_written;
+        l->fig.latency_seconds += st->latency_seconds;
+        for (b = st->hist_lo; b < st->hist_hi; b++)
+            l->fig.hist[b] += st->hist[b];
+        *done += (int)st->done;
+        rc = tcmu_py_dp_complete(l->r, st);
+        st->done = 0;
+        if (rc < 0)
+            return rc;
+    }
+    return oom ? -ENOMEM : (int)st->dequeued;
+}
+
+static void tcmu_py_loop_signal(int fd, uint32_t size)
+{
+    uint64_t one = 1;
+    ssize_t w;
+
+    if (fd < 0)
+        return;
+    do
+        w = write(fd, &one, size);
+    while (w < 0 && errno == EINTR);
+}
+
+static void tcmu_py_loop_fail(struct tcmu_py_loop *l, int error)
+{
+    __atomic_store_n(&l->error, error, __ATOMIC_RELEASE);
+    tcmu_py_loop_signal(l->notify_fd, 8);
+}
+
+/* Watch cmd_head for up to poll_us (yielding the CPU between looks): 1 if an entry came. */
+static int tcmu_py_loop_watch(struct tcmu_py_loop *l, uint64_t *waited)
+{
+    uint64_t start = tcmu_py_now_ns(), deadline = start + (uint64_t)l->poll_us * 1000u, now;
+
+    for (;;) {
+        if (tcmu_py_load_head(l->r) != l->r->cursor) {
+            *waited = tcmu_py_now_ns() - start;
+            return 1;
+        }
+        now = tcmu_py_now_ns();
+        if (now >= deadline || __atomic_load_n(&l->stopping, __ATOMIC_ACQUIRE))
+            return 0;
+        sched_yield();
+    }
+}
+
+static void *tcmu_py_loop_main(void *arg)
+{
+    struct tcmu_py_loop *l = arg;
+    struct pollfd pfd[2] = {{l->uio_fd, POLLIN, 0}, {l->stop_fd, POLLIN, 0}};
+    uint64_t gap = 0, idle_since = 0, waited;  /* gap: running average, ns, between commands */
+    uint64_t ev;
+    int ready = 0;
+
+    while (!__atomic_load_n(&l->stopping, __ATOMIC_ACQUIRE)) {
+        int done = 0, handed = 0, rc, pr;
+
+        if (!ready) {
+            pr = poll(pfd, 2, -1);
+            if (pr < 0) {
+                if (errno == EINTR)
+                    continue;
+                tcmu_py_loop_fail(l, errno);
+                break;
+            }
+            if (pfd[1].revents)
+                break;
+            if (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+                tcmu_py_loop_fail(l, ENODEV);
+                break;
+            }
+            if (read(l->uio_fd, &ev, l->event_size) < 0 && errno != EAGAIN && errno != EINTR) {
+                tcmu_py_loop_fail(l, errno);
+                break;
+            }
+            pthread_mutex_lock(&l->mu);
+            l->fig.wakeups++;
+            pthread_mutex_unlock(&l->mu);
+            if (idle_since) {
+                uint64_t g = tcmu_py_now_ns() - idle_since;
+                gap = (uint64_t)((int64_t)gap + ((int64_t)g - (int64_t)gap) / 4);
+            }
+        }
+        ready = 0;
+        pthread_mutex_lock(&l->mu);
+        do
+            rc = tcmu_py_loop_batch(l, &done, &handed);
+        while (rc >= TCMU_PY_DP_MAX);
+        if (done + handed)
+            l->fig.batches++;
+        pthread_mutex_unlock(&l->mu);
+        if (done)
+            tcmu_py_loop_signal(l->kick_fd, l->kick_size);
+        if (handed)
+            tcmu_py_loop_signal(l->notify_fd, 8);
+        if (rc < 0) {
+            tcmu_py_loop_fail(l, rc);
+            break;
+        }
+        if (done + handed) {
+            idle_since = tcmu_py_now_ns();
+            /* Queue depth 1 served in C: watch for the next command instead of sleeping. */
+            if (done == 1 && !handed && l->poll_us && gap < (uint64_t)l->poll_us * 1000u) {
+                if (tcmu_py_loop_watch(l, &waited)) {
+                    ready = 1;
+                    gap = (uint64_t)((int64_t)gap + ((int64_t)waited - (int64_t)gap) / 4);
+                    pthread_mutex_lock(&l->mu);
+                    l->fig.polled++;
+                    pthread_mutex_unlock(&l->mu);
+                } else {
+                    pthread_mutex_lock(&l->mu);
+                    l->fig.poll_misses++;
+                    pthread_mutex_unlock(&l->mu);
+                }
+            }
+        }
+    }
+    return NULL;
+}
+
+int tcmu_py_loop_start(struct tcmu_py_loop *l)
+{
+    int rc;
+
+    if (l->started)
+        return EBUSY;
+    rc = pthread_create(&l->thread, NULL, tcmu_py_loop_main, l);
+    if (rc == 0)
+        l->started = 1;
+    return rc;
+}
+
+void tcmu_py_loop_stop(struct tcmu_py_loop *l)
+{
+    __atomic_store_n(&l->stopping, 1, __ATOMIC_RELEASE);
+    if (l->started) {
+        tcmu_py_loop_signal(l->stop_fd, 8);
+        pthread_join(l->thread, NULL);
+        l->started = 0;
+    }
+}
+
+void tcmu_py_loop_free(struct tcmu_py_loop *l)
+{
+    if (!l)
+        return;
+    tcmu_py_loop_stop(l);
+    pthread_mutex_destroy(&l->mu);
+    close(l->stop_fd);
+    free(l->fences);
+    free(l->fence_ids);
+    free(l->rec);
+    free(l);
+}
+
+void tcmu_py_loop_declare(struct tcmu_py_loop *l, const struct tcmu_py_extent *x)
+{
+    uint32_t enabled;
+
+    pthread_mutex_lock(&l->mu);
+    enabled = l->x.enabled;
+    l->x = *x;
+    l->x.enabled = enabled;
+    pthread_mutex_unlock(&l->mu);
+}
+
+void tcmu_py_loop_enable(struct tcmu_py_loop *l, uint32_t enabled)
+{
+    pthread_mutex_lock(&l->mu);
+    l->x.enabled = enabled ? 1 : 0;
+    pthread_mutex_unlock(&l->mu);
+}
+
+void tcmu_py_loop_hold(struct tcmu_py_loop *l)
+{
+    pthread_mutex_lock(&l->mu);
+}
+
+void tcmu_py_loop_release(struct tcmu_py_loop *l)
+{
+    pthread_mutex_unlock(&l->mu);
+}
+
+int tcmu_py_loop_take(struct tcmu_py_loop *l, uint8_t *buf, uint32_t cap, uint32_t *used)
+{
+    size_t at = 0;
+    int n = 0;
+
+    pthread_mutex_lock(&l->mu);
+    while (at < l->rec_len) {
+        uint32_t size = ((const struct tcmu_py_entry *)(l->rec + at))->reserved;
+
+        if (at + size > cap)
+            break;
+        at += size;
+        n++;
+    }
+    if (n == 0 && l->rec_len) {
+        n = -(int)((const struct tcmu_py_entry *)l->rec)->reserved;
+        at = 0;
+    }
+    if (at) {
+        memcpy(buf, l->rec, at);
+        memmove(l->rec, l->rec + at, l->rec_len - at);
+        l->rec_len -= at;
+    }
+    pthread_mutex_unlock(&l->mu);
+    *used = (uint32_t)at;
+    return n;
+}
+
+/* Drop the fence of cmd_id (under the mutex). */
+static void tcmu_py_loop_unfence(struct tcmu_py_loop *l, uint32_t cmd_id)
+{
+    int i;
+
+    for (i = 0; i < l->n_fences; i++)
+        if (l->fence_ids[i] == (uint16_t)cmd_id) {
+            l->n_fences--;
+            l->fences[i] = l->fences[l->n_fences];
+            l->fence_ids[i] = l->fence_ids[l->n_fences];
+            return;
+        }
+}
+
+int tcmu_py_loop_complete(struct tcmu_py_loop *l, uint32_t cmd_id, uint32_t scsi_status,
+                          const uint8_t *sense, uint32_t sense_len,
+                          uint32_t has_read_len, uint32_t read_len)
+{
+    int rc;
+
+    pthread_mutex_lock(&l->mu);
+    rc = tcmu_py_complete(l->r, cmd_id, scsi_status, sense, sense_len, has_read_len, read_len);
+    if (rc == TCMU_PY_OK)
+        tcmu_py_loop_unfence(l, cmd_id);
+    pthread_mutex_unlock(&l->mu);
+    return rc;
+}
+
+int tcmu_py_loop_complete_batch(struct tcmu_py_loop *l, const struct tcmu_py_rsp *rsps, int n,
+                                int *done)
+{
+    int rc, i;
+
+    pthread_mutex_lock(&l->mu);
+    rc = tcmu_py_complete_batch(l->r, rsps, n, done);
+    for (i = 0; i < *done; i++)
+        tcmu_py_loop_unfence(l, rsps[i].cmd_id);
+    pthread_mutex_unlock(&l->mu);
+    return rc;
+}
+
+void tcmu_py_loop_figures(struct tcmu_py_loop *l, struct tcmu_py_loop_figures *out)
+{
+    uint32_t b;
+
+    pthread_mutex_lock(&l->mu);
+    out->done += l->fig.done;
+    out->reads += l->fig.reads;
+    out->writes += l->fig.writes;
+    out->bytes_read += l->fig.bytes_read;
+    out->bytes_written += l->fig.bytes_written;
+    out->latency_seconds += l->fig.latency_seconds;
+    out->wakeups += l->fig.wakeups;
+    out->polled += l->fig.polled;
+    out->poll_misses += l->fig.poll_misses;
+    out->batches += l->fig.batches;
+    out->handed += l->fig.handed;
+    for (b = 0; b < TCMU_PY_DP_HIST; b++)
+        out->hist[b] += l->fig.hist[b];
+    memset(&l->fig, 0, sizeof(l->fig));
+    pthread_mutex_unlock(&l->mu);
+}
+
+int tcmu_py_loop_error(struct tcmu_py_loop *l)
+{
+    return __atomic_load_n(&l->error, __ATOMIC_ACQUIRE);
+}
+
+int tcmu_py_loop_fences(struct tcmu_py_loop *l)
+{
+    int n;
+
+    pthread_mutex_lock(&l->mu);
+    n = l->n_fences;
+    pthread_mutex_unlock(&l->mu);
+    return n;
+}

@@ -167,3 +167,79 @@ int tcmu_py_dp_batch(struct tcmu_py_ring *r, const struct tcmu_py_extent *x,
  * kick: the caller kicks). Returns the number completed, or a negative status (the ring is
  * broken; those before the failing one are published). */
 int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st);
+
+/* ---- Stage 2 (issue 17): a native loop thread per device ----
+ *
+ * tcmu_py_loop_start runs a pthread that owns the ring's consumer side: it polls the uio fd,
+ * clears the event, calls tcmu_py_dp_batch until the ring is empty, completes and kicks C's
+ * commands itself, and copies every other entry (CDB, iovecs, TMR ids) into a hand-off buffer
+ * for Python, then signals `notify_fd` (an eventfd). Python takes the records
+ * (tcmu_py_loop_take), runs them, and completes them with tcmu_py_loop_complete, which holds
+ * the loop's mutex (ring tail, fences) and drops the command's fence. The loop keeps the fence
+ * of every command it handed over until Python completes it. No Python code and no GIL are on
+ * the path of a command C executes. */
+
+struct tcmu_py_loop;
+
+/* Cumulative figures of a loop, taken (and reset) by tcmu_py_loop_figures. */
+struct tcmu_py_loop_figures {
+    uint64_t done;           /* commands executed and completed in C */
+    uint64_t reads;
+    uint64_t writes;
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    double latency_seconds;
+    uint64_t wakeups;        /* returns from poll(2) with an event */
+    uint64_t polled;         /* wake-ups saved by the busy-poll */
+    uint64_t poll_misses;    /* busy-poll watches that found nothing */
+    uint64_t batches;        /* wake-ups with work */
+    uint64_t handed;         /* entries handed to Python */
+    uint32_t hist[128];
+};
+
+/* A loop over ring `r` (which must outlive it and must not be used by anyone else for
+ * dequeuing). uio_fd: polled for POLLIN, cleared with a read of event_size bytes (4 for uio,
+ * 8 for an eventfd). kick_fd: written (kick_size bytes of 1) after C's completions. notify_fd:
+ * an eventfd written when records wait for Python or the loop stopped on an error. poll_us:
+ * the busy-poll watch after a wake-up that brought one command (0: off). NULL: out of memory
+ * or no eventfd (errno says). The extent starts undeclared (everything goes to Python). */
+struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32_t event_size,
+                                      int kick_fd, uint32_t kick_size, int notify_fd,
+                                      uint32_t poll_us);
+/* Start the thread: 0, or an errno. */
+int tcmu_py_loop_start(struct tcmu_py_loop *l);
+/* Ask the thread to stop and join it (idempotent; waits for the batch it is in). */
+void tcmu_py_loop_stop(struct tcmu_py_loop *l);
+/* Stop, then free. Records not taken are lost: take them first. */
+void tcmu_py_loop_free(struct tcmu_py_loop *l);
+
+/* Copy the extent (x->enabled is ignored: see tcmu_py_loop_enable). */
+void tcmu_py_loop_declare(struct tcmu_py_loop *l, const struct tcmu_py_extent *x);
+/* Whether C may execute commands (0 while a unit attention is pending ...). */
+void tcmu_py_loop_enable(struct tcmu_py_loop *l, uint32_t enabled);
+/* Hold the loop's mutex (the loop thread dequeues nothing until tcmu_py_loop_release). */
+void tcmu_py_loop_hold(struct tcmu_py_loop *l);
+void tcmu_py_loop_release(struct tcmu_py_loop *l);
+
+/* Move whole hand-off records into buf[0..cap), in ring order. Each record is a
+ * struct tcmu_py_entry whose cdb_off and array_off are offsets from the record's start and
+ * whose `reserved` is the record's size (a multiple of 8), followed by the CDB and the iovec
+ * (CMD) or cmd_id (TMR) array. Returns the number of records, *used their bytes; if the
+ * first record does not fit, returns minus its size. */
+int tcmu_py_loop_take(struct tcmu_py_loop *l, uint8_t *buf, uint32_t cap, uint32_t *used);
+
+/* As tcmu_py_complete, under the loop's mutex, and the command's fence goes. */
+int tcmu_py_loop_complete(struct tcmu_py_loop *l, uint32_t cmd_id, uint32_t scsi_status,
+                          const uint8_t *sense, uint32_t sense_len,
+                          uint32_t has_read_len, uint32_t read_len);
+/* As tcmu_py_complete_batch, under the loop's mutex; the fences of those completed go. */
+int tcmu_py_loop_complete_batch(struct tcmu_py_loop *l, const struct tcmu_py_rsp *rsps, int n,
+                                int *done);
+
+/* Add the figures since the last call to *out and reset them. */
+void tcmu_py_loop_figures(struct tcmu_py_loop *l, struct tcmu_py_loop_figures *out);
+/* Why the thread stopped by itself: 0 (it did not), a negative ring status, or an errno
+ * (> 0: the uio failed, e.g. EIO/ENODEV once the kernel removed the device). */
+int tcmu_py_loop_error(struct tcmu_py_loop *l);
+/* Fences held for Python's commands (tests). */
+int tcmu_py_loop_fences(struct tcmu_py_loop *l);

@@ -64,6 +64,7 @@ must be serialised (one thread, or one lock around every call).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -325,6 +326,8 @@ class Ring:
         self._entries = ffi.new("struct tcmu_py_entry[]", batch)
         self._entries_raw = ffi.buffer(self._entries)
         self._in_flight: set[int] = set()
+        #: The native loop thread that owns the consumer side (`NativeLoop`), or None.
+        self._loop: Any = None
         try:
             self._check(lib.tcmu_py_ring_init(self._ctx, self._cbuf, len(self._mv)))
             head = lib.tcmu_py_load_head(self._ctx)
@@ -452,7 +455,6 @@ class Ring:
         self, cmds: list[RingCommand], tmrs: list[RingTmr], plane: DataPlane | None = None
     ) -> tuple[list[RingCommand], list[RingTmr]]:
         mv, ctx, batch, raw = self._mv, self._ctx, self._batch, self._entries_raw
-        in_flight = self._in_flight
         unpack_entry = _ENTRY.unpack_from
         while True:
             if plane is None:
@@ -467,36 +469,12 @@ class Ring:
                     unpack_entry(raw, i * _ENTRY.size)
                 )
                 if op != _OP_CMD:
-                    ids = list(_id_struct(n_out).unpack_from(mv, array_off)) if n_out else []
-                    # In ring order: commands after this entry are not in `in_flight` yet.
-                    tmrs.append(RingTmr(n_bidi, ids, [i for i in ids if i in in_flight]))
+                    self._tmr(tmrs, mv, array_off, n_out, n_bidi)
                     continue
-                if cmd_id in in_flight:
-                    raise RingError(f"cmd_id {cmd_id} at ring offset {offset} is already in flight")
-                cdb = mv[cdb_off : cdb_off + cdb_len].tobytes()
-                n_all = n_out + n_bidi
-                if n_all == 1:
-                    base, length = _IOVEC.unpack_from(mv, array_off)
-                    views = [mv[base : base + length]]
-                elif n_all:
-                    flat = _iov_struct(n_all).unpack_from(mv, array_off)
-                    views = [mv[flat[j] : flat[j] + flat[j + 1]] for j in range(0, 2 * n_all, 2)]
-                    length = sum(flat[1::2])
-                else:
-                    views = []
-                    length = 0
-                in_flight.add(cmd_id)
+                self._command(cmds, mv, cdb_off, array_off, offset, cmd_id, n_out, n_bidi,
+                              cdb_len)
                 if plane is not None:
                     plane.deferred(cmd_id, i)
-                if n_bidi:
-                    out_len = sum(len(v) for v in views[:n_out])
-                    cmds.append(
-                        RingCommand(
-                            cmd_id, cdb, views[:n_out], views[n_out:], out_len, length - out_len
-                        )
-                    )
-                else:
-                    cmds.append(RingCommand(cmd_id, cdb, views, views, length, length))
             if plane is not None:
                 # Only now: C's responses steal the oldest slots, which may be those just read.
                 done = plane.complete(ctx)
@@ -504,6 +482,69 @@ class Ring:
                     self._check(done)
             if taken < batch:
                 return cmds, tmrs
+
+    def _tmr(self, tmrs: list[RingTmr], meta: Any, array_off: int, n_ids: int,
+             tmr_type: int) -> None:
+        """Append the TMR whose cmd_id array is at `meta[array_off:]`."""
+        ids = list(_id_struct(n_ids).unpack_from(meta, array_off)) if n_ids else []
+        # In ring order: commands after this entry are not in `in_flight` yet.
+        in_flight = self._in_flight
+        tmrs.append(RingTmr(tmr_type, ids, [i for i in ids if i in in_flight]))
+
+    def _command(self, cmds: list[RingCommand], meta: Any, cdb_off: int, array_off: int,
+                 offset: int, cmd_id: int, n_out: int, n_bidi: int, cdb_len: int) -> None:
+        """Append the command whose CDB and iovec array are in `meta` (the mapping, or a
+        native loop's hand-off record); its buffers are views of the mapping's data area."""
+        if cmd_id in self._in_flight:
+            raise RingError(f"cmd_id {cmd_id} at ring offset {offset} is already in flight")
+        mv = self._mv
+        cdb = bytes(meta[cdb_off : cdb_off + cdb_len])
+        n_all = n_out + n_bidi
+        if n_all == 1:
+            base, length = _IOVEC.unpack_from(meta, array_off)
+            views = [mv[base : base + length]]
+        elif n_all:
+            flat = _iov_struct(n_all).unpack_from(meta, array_off)
+            views = [mv[flat[j] : flat[j] + flat[j + 1]] for j in range(0, 2 * n_all, 2)]
+            length = sum(flat[1::2])
+        else:
+            views = []
+            length = 0
+        self._in_flight.add(cmd_id)
+        if n_bidi:
+            out_len = sum(len(v) for v in views[:n_out])
+            cmds.append(
+                RingCommand(cmd_id, cdb, views[:n_out], views[n_out:], out_len, length - out_len)
+            )
+        else:
+            cmds.append(RingCommand(cmd_id, cdb, views, views, length, length))
+
+    def take_native(self, loop: NativeLoop) -> tuple[list[RingCommand], list[RingTmr]]:
+        """The entries `loop`'s thread handed over since the last call, in ring order (the
+        commands it executed itself are completed already and are not among them). Serialise
+        with `complete` as for `dequeue`. Raises RingError on a record that makes no sense
+        (a cmd_id already in flight): the loop's ring is then unusable."""
+        if self._cbuf is None:
+            raise RingError("the ring is closed")
+        cmds: list[RingCommand] = []
+        tmrs: list[RingTmr] = []
+        unpack_entry = _ENTRY.unpack_from
+        while True:
+            raw, used = loop._take()
+            pos = 0
+            while pos < used:
+                cdb_off, array_off, offset, _, op, cmd_id, n_out, n_bidi, cdb_len, size = (
+                    unpack_entry(raw, pos)
+                )
+                if op != _OP_CMD:
+                    self._tmr(tmrs, raw, pos + array_off, n_out, n_bidi)
+                else:
+                    self._command(cmds, raw, pos + cdb_off, pos + array_off, offset, cmd_id,
+                                  n_out, n_bidi, cdb_len)
+                pos += size
+            if not used:
+                return cmds, tmrs
+
 
     def complete(
         self, cmd_id: int, status: int, sense: bytes = b"", read_len: int | None = None
@@ -524,10 +565,18 @@ class Ring:
             if len(sense) > SENSE_BUFFERSIZE:
                 raise ValueError(f"sense data is {len(sense)} bytes; TCMU carries at most 96")
         has_len, rl = (0, 0) if read_len is None else self._read_len(read_len)
-        rc = lib.tcmu_py_complete(self._ctx, cmd_id, status, sense, len(sense), has_len, rl)
-        if rc < 0:
-            self._check(rc)
+        # Out of the set first: once cmd_tail moves, a native loop's kick may let the kernel
+        # reap it (and reuse its id) before this thread runs again.
         self._in_flight.discard(cmd_id)
+        if self._loop is None:
+            rc = lib.tcmu_py_complete(self._ctx, cmd_id, status, sense, len(sense), has_len, rl)
+        else:
+            rc = lib.tcmu_py_loop_complete(
+                self._loop, cmd_id, status, sense, len(sense), has_len, rl
+            )
+        if rc < 0:
+            self._in_flight.add(cmd_id)
+            self._check(rc)
 
     def complete_many(
         self, completions: Iterable[Completion | tuple[int, int, bytes, int | None]]
@@ -557,10 +606,13 @@ class Ring:
             else:
                 pack(raw, i * size, cmd_id, status, len(sense), *self._read_len(read_len), sense)
         done = ffi.new("int *")
-        rc = lib.tcmu_py_complete_batch(
-            self._ctx, ffi.from_buffer("struct tcmu_py_rsp[]", raw), len(items), done
-        )
-        in_flight.difference_update(ids[: done[0]])
+        rsps = ffi.from_buffer("struct tcmu_py_rsp[]", raw)
+        in_flight.difference_update(ids)  # first: as in `complete`
+        if self._loop is None:
+            rc = lib.tcmu_py_complete_batch(self._ctx, rsps, len(items), done)
+        else:
+            rc = lib.tcmu_py_loop_complete_batch(self._loop, rsps, len(items), done)
+        in_flight.update(ids[done[0]:])
         if rc < 0:
             self._check(rc)
 
@@ -652,27 +704,7 @@ class DataPlane:
     def declare(self, extent: Any) -> None:
         """Serve from `extent` (a `tcmu_py.device.core.DataExtent`) from the next call on; None:
         serve nothing in C."""
-        x = self._extent
-        if extent is None:
-            x.fd = -1
-            x.units, x.n_units, x.unit_blocks = ffi.NULL, 0, 0
-            self._units = None
-            return
-        if extent.unit_blocks:
-            # The map stays the backend's bytearray: C sees its updates as they are made. The
-            # cdata keeps it exported (unresizable) and alive while declared.
-            units = extent.units if extent.units is not None else bytearray()
-            self._units = ffi.from_buffer("uint8_t[]", units)
-            x.units, x.n_units, x.unit_blocks = self._units, len(units), extent.unit_blocks
-        else:
-            x.units, x.n_units, x.unit_blocks = ffi.NULL, 0, 0
-            self._units = None
-        x.fd = extent.fd
-        x.block_size = extent.block_size
-        x.base = extent.base
-        x.num_blocks = extent.num_blocks
-        x.max_blocks = extent.max_blocks
-        x.flush_fua = 1 if extent.flush_fua else 0
+        self._units = _fill_extent(self._extent, extent)
 
     def begin(self, enabled: bool) -> None:
         """Before a wake-up's first call: `enabled` False fences but executes nothing."""
@@ -747,3 +779,174 @@ class DataPlane:
         if self._arr is not None and self._n:
             ffi.memmove(arr, self._arr, self._n * ffi.sizeof("struct tcmu_py_fence"))
         self._arr, self._cap = arr, cap
+
+
+def _fill_extent(x: Any, extent: Any) -> Any:
+    """Fill the `struct tcmu_py_extent` `x` from `extent` (a `tcmu_py.device.core.DataExtent`;
+    None: no extent). Returns the cdata that keeps a thin unit map exported (unresizable) and
+    alive while it is declared (hold it as long as C may read the map), or None."""
+    if extent is None:
+        x.fd = -1
+        x.units, x.n_units, x.unit_blocks = ffi.NULL, 0, 0
+        return None
+    units_cdata: Any = None
+    if extent.unit_blocks:
+        # The map stays the backend's bytearray: C sees its updates as they are made.
+        units = extent.units if extent.units is not None else bytearray()
+        units_cdata = ffi.from_buffer("uint8_t[]", units)
+        x.units, x.n_units, x.unit_blocks = units_cdata, len(units), extent.unit_blocks
+    else:
+        x.units, x.n_units, x.unit_blocks = ffi.NULL, 0, 0
+    x.fd = extent.fd
+    x.block_size = extent.block_size
+    x.base = extent.base
+    x.num_blocks = extent.num_blocks
+    x.max_blocks = extent.max_blocks
+    x.flush_fua = 1 if extent.flush_fua else 0
+    return units_cdata
+
+
+class NativeLoop:
+    """Issue 17, stage 2: a C thread (`tcmu_py_loop_*` in ``_ring.c``) that serves one ring.
+
+    Rules this class and its C side obey
+    ====================================
+
+    - The thread owns the consumer side of the ring: it polls the uio fd, clears its event and
+      calls the stage-1 batch (`DataPlane`'s rules: fences, unit maps, no execution in a call
+      that brought a TMR or while disabled) until the ring is empty. It completes and kicks the
+      commands it executed itself: neither Python nor the GIL is on their path.
+    - Every other entry is copied (CDB, iovecs, TMR ids) into a hand-off record before C's
+      completions can steal its slot, and `fileno()` (an eventfd) becomes readable. Python takes
+      the records with `Ring.take_native`, in ring order, and completes those commands through
+      `Ring.complete`, which takes the loop's mutex (cmd_tail has one writer at a time) and
+      drops the command's fence. The loop holds the fence of every command it handed over until
+      then, so a command on a worker is never overtaken by an overlapping C command.
+    - `enable(False)` stops execution at once (everything goes to Python): the runner calls it
+      when a unit attention is queued or the extent changes, and enables again after Python
+      reported the attention and declared the new extent.
+    - `stop()` joins the thread; records it left are still taken afterwards, so every command
+      dequeued is completed exactly once. `error` says why the thread stopped by itself (a
+      corrupt ring, or the uio gone).
+
+    Thread: `take`, `figures` and the completions are safe from any thread (the mutex);
+    `declare`/`enable` too. `close` after `stop`, once nothing completes any more.
+    """
+
+    def __init__(self, ring: Ring, uio: Any, poll_seconds: float = 0.0) -> None:
+        """`uio`: a `tcmu_py.uio.UioDevice`, or anything with `fileno()`, `event_size` (bytes
+        one read of its event takes: 4 for uio, 8 for an eventfd), `kick_fd()` and
+        `kick_size` (the fd and size of a kick write)."""
+        if ring._cbuf is None:
+            raise RingError("the ring is closed")
+        self.ring = ring
+        self._notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._extent = ffi.new("struct tcmu_py_extent *")
+        self._extent.fd = -1
+        self._units: Any = None
+        self._buf = bytearray(65536)
+        self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)
+        self._used = ffi.new("uint32_t *")
+        ptr = lib.tcmu_py_loop_new(
+            ring._ctx, uio.fileno(), getattr(uio, "event_size", 4), uio.kick_fd(),
+            getattr(uio, "kick_size", 4), self._notify, max(0, round(poll_seconds * 1e6)),
+        )
+        if ptr == ffi.NULL:
+            os.close(self._notify)
+            raise MemoryError("the native loop could not be made (memory or eventfd)")
+        self._ptr: Any = ptr
+        ring._loop = ptr
+        self._running = False
+        #: Commands executed in C so far (`figures` moves them into the runner's counters).
+        self.executed = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def fileno(self) -> int:
+        """An eventfd, readable when records wait or the thread stopped on an error."""
+        return self._notify
+
+    def clear(self) -> None:
+        """Acknowledge `fileno()`'s event (before taking the records)."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._notify)
+
+    def start(self) -> None:
+        rc = lib.tcmu_py_loop_start(self._ptr)
+        if rc:
+            raise OSError(rc, f"starting the native loop thread: {os.strerror(rc)}")
+        self._running = True
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (idempotent)."""
+        if self._ptr is not None:
+            lib.tcmu_py_loop_stop(self._ptr)
+        self._running = False
+
+    def close(self) -> None:
+        """Stop, free the C side and detach from the ring (idempotent): completions go straight
+        to the ring again."""
+        if self._ptr is None:
+            return
+        lib.tcmu_py_loop_free(self._ptr)
+        self.ring._loop = None
+        self._ptr = None
+        os.close(self._notify)
+
+    def declare(self, extent: Any) -> None:
+        """Serve from `extent` (a `tcmu_py.device.core.DataExtent`, None: nothing in C)."""
+        units = _fill_extent(self._extent, extent)
+        lib.tcmu_py_loop_declare(self._ptr, self._extent)
+        self._units = units  # after C switched: the old map may go
+
+    def enable(self, enabled: bool) -> None:
+        lib.tcmu_py_loop_enable(self._ptr, 1 if enabled else 0)
+
+    @property
+    def error(self) -> int:
+        """0, a negative ring status, or an errno (> 0) the thread stopped on."""
+        return int(lib.tcmu_py_loop_error(self._ptr)) if self._ptr is not None else 0
+
+    def describe_error(self) -> str:
+        err = self.error
+        if err < 0:
+            what = _ERRORS.get(err, os.strerror(-err) if err > -200 else f"error {err}")
+            return f"TCMU ring: {what} (ring offset {self.ring._ctx.bad_off})"
+        return os.strerror(err) if err else ""
+
+    @property
+    def fences(self) -> int:
+        """Fences the loop holds for commands Python has not completed."""
+        return int(lib.tcmu_py_loop_fences(self._ptr))
+
+    def hold(self) -> None:
+        """Keep the thread from dequeuing until `release` (tests: submit a batch at once)."""
+        lib.tcmu_py_loop_hold(self._ptr)
+
+    def release(self) -> None:
+        lib.tcmu_py_loop_release(self._ptr)
+
+    def figures(self) -> dict[str, Any]:
+        """What the thread did since the last call (and forget it): done, reads, writes,
+        bytes_read, bytes_written, latency_seconds, wakeups, polled, poll_misses, batches,
+        handed, hist (bucket -> count)."""
+        f = ffi.new("struct tcmu_py_loop_figures *")
+        lib.tcmu_py_loop_figures(self._ptr, f)
+        out: dict[str, Any] = {k: getattr(f, k) for k in (
+            "done", "reads", "writes", "bytes_read", "bytes_written", "latency_seconds",
+            "wakeups", "polled", "poll_misses", "batches", "handed")}
+        out["hist"] = {b: f.hist[b] for b in range(lib.TCMU_PY_DP_HIST) if f.hist[b]} \
+            if f.done else {}
+        self.executed += f.done
+        return out
+
+    def _take(self) -> tuple[memoryview, int]:
+        """Move waiting records into this object's buffer: (the buffer, bytes used; 0: none)."""
+        while True:
+            n = lib.tcmu_py_loop_take(self._ptr, self._cbuf, len(self._buf), self._used)
+            if n >= 0:
+                return memoryview(self._buf), int(self._used[0])
+            self._buf = bytearray(max(2 * len(self._buf), -n))
+            self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)

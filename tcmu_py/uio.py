@@ -219,6 +219,15 @@ class UioDevice:
         except OSError as e:
             raise UioError(e.errno, f"{self.path}: kick failed: {e.strerror}") from e
 
+    #: Bytes one read of the event counter takes and one kick writes: the native loop
+    #: (`tcmu_py.ring.NativeLoop`) clears and kicks on `fileno()` from C.
+    event_size = 4
+    kick_size = 4
+
+    def kick_fd(self) -> int:
+        """The fd a kick is written to (the uio fd itself)."""
+        return self.fileno()
+
     def close(self) -> None:
         """Unmap and close (idempotent).
 

@@ -719,8 +719,8 @@ class Daemon:
             items = list(self.served.values())
         devices = []
         for s in items:
-            counters = s.runner.counters.snapshot()
-            plane = s.runner.plane
+            counters = s.runner.refresh_counters().snapshot()
+            plane, native = s.runner.plane, s.runner.native
             devices.append(
                 {
                     "name": s.name.device,
@@ -731,8 +731,11 @@ class Daemon:
                     "size": getattr(s.device, "num_blocks", 0) * getattr(s.device, "block_size", 0),
                     "counters": counters,
                     # The C data plane: None when off; else whether an extent is declared and
-                    # how many commands C executed (the counters include them).
-                    "data_plane": None if plane is None
+                    # how many commands C executed (the counters include them); "native" when
+                    # it runs on its own thread (stage 2).
+                    "data_plane": {"declared": True, "commands": native.executed,
+                                   "native": True} if native is not None
+                    else None if plane is None
                     else {"declared": plane.declared, "commands": plane.executed},
                 }
             )

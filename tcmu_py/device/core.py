@@ -232,9 +232,24 @@ class ScsiDevice:
         """Whether this instance implements a command its class declares (capability filter)."""
         return True
 
-    #: Bumped whenever `data_extent()` may answer differently (resize, a new transfer limit): the
-    #: runner then declares the extent again before its next call into the data plane.
-    extent_version: int = 0
+    #: Called when a unit attention is queued or `extent_version` moves (from whichever thread
+    #: did it, after the change): a runner whose native loop executes commands in C stops it
+    #: until it has caught up (`DeviceRunner`). None: nobody listens.
+    plane_listener: Callable[[], None] | None = None
+    _extent_version: int = 0
+
+    @property
+    def extent_version(self) -> int:
+        """Bumped whenever `data_extent()` may answer differently (resize, a new transfer
+        limit): the runner then declares the extent again before C executes anything more."""
+        return self._extent_version
+
+    @extent_version.setter
+    def extent_version(self, value: int) -> None:
+        self._extent_version = value
+        listener = self.plane_listener
+        if listener is not None:
+            listener()
 
     def data_extent(self) -> DataExtent | None:
         """The file extent plain READ/WRITE may be served from without calling the device, or
@@ -331,6 +346,9 @@ class ScsiDevice:
         with self.lock:
             if not any(type(ua) is type(err) for ua in self._unit_attentions):
                 self._unit_attentions.append(err)
+        listener = self.plane_listener
+        if listener is not None:
+            listener()
 
     def close(self) -> None:
         """Release resources. Called once, after the last command completed."""

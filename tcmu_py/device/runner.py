@@ -65,7 +65,7 @@ from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice
 from tcmu_py.device.latency import LATENCY_BUCKETS, latency_bucket
 from tcmu_py.errors import RingError
-from tcmu_py.ring import DataPlane, Ring, RingCommand
+from tcmu_py.ring import DataPlane, NativeLoop, Ring, RingCommand, RingTmr
 from tcmu_py.scsi.constants import Status
 from tcmu_py.scsi.sense import HardwareError, ScsiError, build_fixed_sense
 
@@ -74,6 +74,9 @@ log = logging.getLogger(__name__)
 #: Whether a runner serves plain READ/WRITE of a file-extent device in C unless told otherwise
 #: (`DeviceRunner(data_plane=...)`, `serve --data-plane / --no-data-plane`).
 DEFAULT_DATA_PLANE = True
+#: Whether that C data plane runs on its own native thread per device (stage 2) rather than in
+#: the Python loop thread's dequeue (stage 1), unless told otherwise (`DeviceRunner(native=)`).
+DEFAULT_NATIVE_LOOP = False
 
 _READ_OPS = frozenset({0x08, 0x28, 0xA8, 0x88})
 _WRITE_OPS = frozenset({0x0A, 0x2A, 0xAA, 0x8A})
@@ -141,13 +144,16 @@ class DeviceRunner:
         adopt: bool = False,
         poll_seconds: float = 0.0,
         data_plane: bool = DEFAULT_DATA_PLANE,
+        native: bool | None = None,
     ) -> None:
         """`adopt`: take over entries already on the ring; only right after `reset_ring`
         (see `tcmu_py.ring.Ring`). `poll_seconds`: the longest busy-poll watch for the next
         command after a wake-up that brought a single one; 0 turns it off (see `run`).
         `data_plane`: serve plain READ/WRITE in C when the device declares a file extent
         (`ScsiDevice.data_extent`, `tcmu_py.ring.DataPlane`); False keeps every command in
-        Python."""
+        Python. `native` (None: `DEFAULT_NATIVE_LOOP`): with the data plane, and for a device
+        that declares an extent when the runner is made, `run()` lets a C thread own the ring
+        (`tcmu_py.ring.NativeLoop`, issue 17 stage 2) and serves only what it hands over."""
         self.uio = uio
         self.device = device
         self.name = name or device.config.name
@@ -159,6 +165,15 @@ class DeviceRunner:
         #: whenever `device.extent_version` moved.
         self.plane: DataPlane | None = DataPlane() if data_plane else None
         self._extent_version = -1
+        #: The native loop (None: `process()` dequeues on the loop thread).
+        self.native: NativeLoop | None = None
+        if native is None:
+            native = DEFAULT_NATIVE_LOOP
+        if data_plane and native and device.data_extent() is not None:
+            self.plane = None
+            self.native = NativeLoop(self.ring, uio, poll_seconds)
+            self._plane_lock = threading.Lock()
+            device.plane_listener = self._plane_changed
         self._ring_lock = threading.Lock()
         self._workers = 1 if device.serial_commands else max(1, workers)
         self._pool = ThreadPoolExecutor(
@@ -209,6 +224,9 @@ class DeviceRunner:
         idle_since = 0.0  # when the last wake-up's work ended (0: no work yet)
         if not self._enter():
             raise RingError(f"{self.name}: the runner is closed")
+        if self.native is not None:
+            self._run_native(poller)
+            return
         try:
             while not self._stopping:
                 if not ready:
@@ -261,6 +279,123 @@ class DeviceRunner:
                 self.drain()
             finally:
                 self._leave()
+
+    def _run_native(self, poller: select.poll) -> None:
+        """`run()` with a native loop: the C thread serves the ring, this thread waits for what
+        it hands over (the loop's eventfd instead of the uio fd) and runs it as `process` runs
+        a wake-up's commands. Counted in by `run()`; let go here."""
+        loop = self.native
+        assert loop is not None
+        poller.unregister(self.uio.fileno())
+        poller.register(loop.fileno(), select.POLLIN)
+        try:
+            self._refresh_native()
+            loop.start()
+            while not self._stopping:
+                events = poller.poll()
+                if any(fd == self._stop_r for fd, _ in events):
+                    break
+                loop.clear()
+                error = loop.error  # before taking: the records it left come first
+                self._serve_native()
+                if error:
+                    why = loop.describe_error()
+                    if error in (errno.EIO, errno.ENODEV):
+                        self.log.info("%s: device gone (%s); stopping", self.name, why)
+                        self.counters.stopped = f"device gone ({why})"
+                    else:
+                        self.failed = RingError(why)
+                        self.counters.stopped = f"RingError: {why}"
+                        self.log.critical(
+                            "%s: the native loop stopped: %s; the device is no longer served",
+                            self.name, why,
+                        )
+                    break
+        except BaseException as exc:  # noqa: BLE001 - recorded for status, as in run()
+            self.failed = exc
+            self.counters.stopped = f"{type(exc).__name__}: {exc}"
+            self.log.critical(
+                "%s: the loop thread stops; the device is no longer served", self.name, exc_info=exc
+            )
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            try:
+                loop.stop()
+                try:
+                    self._serve_native()  # what it handed over before it stopped
+                finally:
+                    self.drain()
+            finally:
+                self._leave()
+
+    def _serve_native(self) -> int:
+        """Take what the native loop handed over and run it; the counters take its figures."""
+        loop = self.native
+        assert loop is not None
+        with self._ring_lock:
+            commands, tmrs = self.ring.take_native(loop)
+            self._pull_native()
+            for tmr in tmrs:
+                self._aborted.update(tmr.live_ids)
+        self._refresh_native()
+        if not commands and not tmrs:
+            return 0
+        ran = self._dispatch(commands, tmrs, 0)
+        self._refresh_native()  # an inline command may have reported the unit attention
+        return ran
+
+    def _refresh_native(self) -> None:
+        """Declare the extent again if it changed; let C execute unless a unit attention waits
+        (`_plane_changed` turns it off the moment one is queued)."""
+        loop = self.native
+        assert loop is not None
+        device = self.device
+        version = device.extent_version
+        if version != self._extent_version:
+            loop.declare(device.data_extent())
+            self._extent_version = version
+        with self._plane_lock:
+            loop.enable(not device.unit_attention_pending
+                        and device.extent_version == self._extent_version)
+
+    def _plane_changed(self) -> None:
+        """The device queued a unit attention or changed its extent (any thread): nothing more
+        in C until this loop thread has caught up (the next command comes to Python)."""
+        loop = self.native
+        if loop is not None:
+            with self._plane_lock:
+                loop.enable(False)
+
+    def _pull_native(self) -> None:
+        """Take the native loop's figures into the counters (under the ring lock)."""
+        loop = self.native
+        if loop is None or loop.closed:
+            return
+        f = loop.figures()
+        c = self.counters
+        if f["done"]:
+            c.commands += f["done"]
+            c.reads += f["reads"]
+            c.writes += f["writes"]
+            c.bytes_read += f["bytes_read"]
+            c.bytes_written += f["bytes_written"]
+            c.latency_seconds += f["latency_seconds"]
+            hist = c.latency_hist
+            for b, k in f["hist"].items():
+                hist[b] += k
+        c.wakeups += f["wakeups"]
+        c.polled += f["polled"]
+        c.poll_misses += f["poll_misses"]
+        c.batches += f["batches"]
+
+    def refresh_counters(self) -> Counters:
+        """The counters, with what the native loop did up to now (its commands never pass
+        through Python); without one, `counters` as it is."""
+        if self.native is not None:
+            with self._ring_lock:
+                self._pull_native()
+        return self.counters
 
     def _watch(self, seconds: float) -> float | None:
         """Watch cmd_head for up to `seconds`: the time waited as soon as the kernel publishes an
@@ -340,6 +475,11 @@ class DeviceRunner:
         except Exception:  # noqa: BLE001 - the ring and the uio must still be let go
             self.log.exception("%s: closing the device failed", self.name)
         finally:
+            if self.native is not None:
+                with self._ring_lock:
+                    self._pull_native()
+                self.device.plane_listener = None
+                self.native.close()
             self.ring.close()
             os.close(self._stop_r)
             os.close(self._stop_w)
@@ -348,7 +488,10 @@ class DeviceRunner:
                 on_closed()
 
     def process(self) -> int:
-        """One wake-up: clear the event, dequeue everything new, run it. Returns commands seen."""
+        """One wake-up: clear the event, dequeue everything new, run it. Returns commands seen.
+        Not with a native loop (its thread owns the ring: `run()` serves it)."""
+        if self.native is not None:
+            raise RingError(f"{self.name}: a native loop serves this ring; use run()")
         self.uio.clear_event()
         plane = self.plane
         fast = 0
@@ -372,6 +515,11 @@ class DeviceRunner:
                 # Only ids in flight where the TMR sits in the ring: an id completed before it
                 # may already belong to a later command (the kernel reuses the lowest free id).
                 self._aborted.update(tmr.live_ids)
+        return self._dispatch(commands, tmrs, fast)
+
+    def _dispatch(self, commands: list[RingCommand], tmrs: list[RingTmr], fast: int) -> int:
+        """Run the commands a wake-up gave Python (`fast`: those C executed and completed in the
+        same wake-up, not kicked yet). Returns the commands seen."""
         for tmr in tmrs:
             self.log.info(
                 "%s: TMR type %d for commands %s (in flight: %s)",

@@ -10,11 +10,51 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
+import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from tcmu_py.testing.fake_kernel import FakeKernel
 
-__all__ = ["FakeUio"]
+__all__ = ["FakeUio", "KickRelay"]
+
+
+class KickRelay:
+    """An eventfd whose every write (a native loop's kick from C) makes a thread call `kick`.
+
+    The real uio takes a kick as a write to its fd; the fake kernel's kick is a Python call,
+    so C writes here and this thread makes the call."""
+
+    def __init__(self, kick: Callable[[], None], name: str = "fake-kick") -> None:
+        self._kick = kick
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            events = poller.poll()
+            if any(fd == self._stop_r for fd, _ in events):
+                return
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.fd)
+            self._kick()
+
+    def close(self) -> None:
+        """Stop the thread (after one last kick for what C wrote before) and close the fds."""
+        if self._thread.is_alive():
+            os.write(self._stop_w, b"x")
+            self._thread.join(timeout=10)
+        with contextlib.suppress(BlockingIOError):
+            if os.eventfd_read(self.fd):
+                self._kick()
+        for fd in (self.fd, self._stop_r, self._stop_w):
+            os.close(fd)
 
 
 class FakeUio:
@@ -30,6 +70,7 @@ class FakeUio:
         self.buffer = kernel.buffer
         self.kicks = 0
         self._fd: int | None = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._relay: KickRelay | None = None
         kernel.add_listener(self._on_event)
         if kernel.events:
             # Entries queued before we "opened" the device are already waiting.
@@ -50,6 +91,16 @@ class FakeUio:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.fileno())
 
+    #: An eventfd's counter is read with 8 bytes (the native loop reads it from C).
+    event_size = 8
+    kick_size = 8
+
+    def kick_fd(self) -> int:
+        """An eventfd the native loop's C thread kicks through (`KickRelay`)."""
+        if self._relay is None:
+            self._relay = KickRelay(self.kick)
+        return self._relay.fd
+
     def kick(self) -> None:
         """Tell the fake kernel that cmd_tail moved: it reaps and requeues waiting commands."""
         self.fileno()
@@ -58,6 +109,9 @@ class FakeUio:
 
     def close(self) -> None:
         """Close the eventfd (idempotent). The fake kernel and its buffer stay usable."""
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

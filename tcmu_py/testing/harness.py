@@ -98,6 +98,7 @@ class _SerialisedUio:
         self._uio = uio
         self._lock = lock
         self.buffer = uio.buffer
+        self._relay: Any = None
 
     def fileno(self) -> int:
         return int(self._uio.fileno())
@@ -110,7 +111,21 @@ class _SerialisedUio:
             self._uio.kick()
             self._lock.notify_all()
 
+    event_size = 8
+    kick_size = 8
+
+    def kick_fd(self) -> int:
+        """For a native loop: C's kicks reach `kick` (serialised) through a relay thread."""
+        from tcmu_py.testing.fake_uio import KickRelay
+
+        if self._relay is None:
+            self._relay = KickRelay(self.kick)
+        return self._relay.fd
+
     def close(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
         self._uio.close()
 
 
@@ -128,10 +143,12 @@ class RingHarness:
         *,
         workers: int = 4,
         data_plane: bool | None = None,
+        native: bool | None = None,
         **kernel_args: Any,
     ) -> None:
-        """`data_plane`: as `DeviceRunner`'s (the C data plane for a device with a file
-        extent); None: the runner's default."""
+        """`data_plane`, `native`: as `DeviceRunner`'s (the C data plane for a device with a
+        file extent, on its own C thread); None: the runner's defaults. With a native loop the
+        runner serves from a thread of its own (`run()`), and `wait` only waits."""
         from tcmu_py.device.runner import DeviceRunner
         from tcmu_py.testing.fake_kernel import FakeKernel
         from tcmu_py.testing.fake_uio import FakeUio
@@ -139,12 +156,39 @@ class RingHarness:
         self.kernel = FakeKernel(**kernel_args)
         self._lock = threading.Condition()
         self.uio = _SerialisedUio(FakeUio(self.kernel), self._lock)
-        self.runner = (
-            DeviceRunner(self.uio, device, workers=workers)
-            if data_plane is None
-            else DeviceRunner(self.uio, device, workers=workers, data_plane=data_plane)
-        )
+        extra: dict[str, Any] = {}
+        if data_plane is not None:
+            extra["data_plane"] = data_plane
+        if native is not None:
+            extra["native"] = native
+        self.runner = DeviceRunner(self.uio, device, workers=workers, **extra)
         self.device = device
+        self._serving: Any = None
+        if self.runner.native is not None:
+            from tcmu_py.device.runner import serve_in_thread
+
+            self._serving = serve_in_thread(self.runner)
+
+    def hold(self) -> Any:
+        """A context manager that keeps a native loop from dequeuing while a batch is submitted
+        (so that it sees the batch at once, as `process()` would); without one, the lock."""
+        import contextlib
+
+        loop = self.runner.native
+
+        @contextlib.contextmanager
+        def held() -> Any:
+            with self._lock:
+                if loop is None:
+                    yield
+                    return
+                loop.hold()
+                try:
+                    yield
+                finally:
+                    loop.release()
+
+        return held()
 
     def submit(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> Any:
         with self._lock:
@@ -154,7 +198,8 @@ class RingHarness:
         """Process the ring until every one of `pending` is reaped, or fail after `timeout`."""
         deadline = time.monotonic() + timeout
         while True:
-            self.runner.process()
+            if self._serving is None:
+                self.runner.process()
             with self._lock:
                 if all(p.done for p in pending):
                     return
@@ -173,8 +218,12 @@ class RingHarness:
 
     def close(self) -> None:
         """Stop the runner and check the ring is idle (no lost or doubled completion)."""
-        self.runner.drain()
-        self.runner.process()
+        if self._serving is not None:
+            self._serving[1]()  # stop and join: the runner drains as it leaves run()
+            self.uio.kick()  # C's last kick may still be on its way through the relay thread
+        else:
+            self.runner.drain()
+            self.runner.process()
         with self._lock:
             self.kernel.assert_idle()
         self.runner.close()

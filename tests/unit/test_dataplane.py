@@ -154,20 +154,24 @@ def _cdb(cmd: tuple[Any, ...], rng: random.Random) -> tuple[bytes, bytes, int]:
 
 
 def _run_program(tmp: Path, name: str, plane: bool, program: Any,
-                 kind: str = "raw") -> dict[str, Any]:
-    """Run `program` with the plane on or off on a `kind` ("raw" or "thin") disk; everything
-    an initiator or `status` sees (for thin also the allocation map and the pool's use)."""
+                 kind: str = "raw", native: bool = False) -> dict[str, Any]:
+    """Run `program` with the plane on or off on a `kind` ("raw" or "thin") disk, with `native`
+    on its own C thread (stage 2); everything an initiator or `status` sees (for thin also the
+    allocation map and the pool's use). A native loop is held while a batch is submitted, so
+    it takes the batch at once, as one wake-up of the other modes does."""
     batches_, seed = program
     rng = random.Random(seed)
     device = make_device(tmp, name) if kind == "raw" else make_thin(tmp, name)
     path = str(tmp / f"{name}.img") if kind == "raw" else thin_image(device)
     # A 4 KiB command ring: it wraps (PAD entries) every few wake-ups.
-    h = RingHarness(device, workers=1, data_plane=plane, cmdr_size=4096, data_size=256 * 1024)
+    h = RingHarness(device, workers=1, data_plane=plane, native=native, cmdr_size=4096,
+                    data_size=256 * 1024)
+    assert (h.runner.native is not None) == (plane and native)
     answers: list[tuple[int | None, bytes, bytes, bool]] = []
     try:
         h.run(cdbs.test_unit_ready())  # the power-on unit attention: later batches may reach C
         for cmds, aborts, resize in batches_:
-            with h._lock:
+            with h.hold():
                 pend = [h.kernel.submit(*_cdb(c, rng)) for c in cmds]
                 named = [pend[i] for i in sorted(set(aborts)) if i < len(pend)]
                 if named:
@@ -178,13 +182,14 @@ def _run_program(tmp: Path, name: str, plane: bool, program: Any,
             answers.extend((p.status, p.sense, p.data_in, p.aborted) for p in pend)
             if resize is not None:
                 device.resize(resize * BS)
-        c = h.runner.counters
+        c = h.runner.refresh_counters()
         counters = {k: getattr(c, k) for k in (
             "commands", "reads", "writes", "bytes_read", "bytes_written", "errors", "aborted",
             "failures")}
         assert sum(c.latency_hist) == c.commands
         assert c.latency_seconds >= 0
-        executed = h.runner.plane.executed if h.runner.plane is not None else 0
+        executed = (h.runner.plane.executed if h.runner.plane is not None
+                    else h.runner.native.executed if h.runner.native is not None else 0)
         alloc: Any = None
         if kind == "thin":
             backend = device.backend
@@ -207,14 +212,16 @@ def test_plane_on_and_off_agree(tmp: Path, kind: str, program: Any) -> None:
     """Raw, and thin: there C takes only commands on allocated units, so reads of holes and
     allocating writes stay Python's, and UNMAP / WRITE SAME UNMAP must clear the map before a
     later C command could write into a deallocated unit (the allocation map, the pool's use and
-    GET LBA STATUS's view agree too)."""
+    GET LBA STATUS's view agree too). The plane runs in the loop thread's dequeue (stage 1) and
+    on its own C thread (stage 2): both agree with the plane off."""
     tag = os.urandom(4).hex()
     off = _run_program(tmp, f"off-{tag}", False, program, kind)
-    on = _run_program(tmp, f"on-{tag}", True, program, kind)
-    assert on["answers"] == off["answers"]
-    assert on["counters"] == off["counters"]
-    assert on["image"] == off["image"]
-    assert on["alloc"] == off["alloc"]
+    for native in (False, True):
+        on = _run_program(tmp, f"on-{tag}-{native}", True, program, kind, native=native)
+        assert on["answers"] == off["answers"]
+        assert on["counters"] == off["counters"]
+        assert on["image"] == off["image"]
+        assert on["alloc"] == off["alloc"]
     assert off["executed"] == 0
 
 
@@ -225,6 +232,7 @@ def test_the_property_test_reaches_c(tmp: Path) -> None:
                   for f in (False, True)] + [("read", 3, 2, 12, False, 0)], [], None)], 1)
     on = _run_program(tmp, "reach", True, program)
     assert on["executed"] == 5
+    assert _run_program(tmp, "reach-native", True, program, native=True)["executed"] == 5
 
 
 def test_the_thin_property_test_reaches_c(tmp: Path) -> None:
@@ -235,6 +243,7 @@ def test_the_thin_property_test_reaches_c(tmp: Path) -> None:
                   ("read", 10, 4, 12, False, 0), ("read", 40, 1, 10, False, 0)], [], None)], 1)
     on = _run_program(tmp, "reach", True, program, "thin")
     assert on["executed"] == 3
+    assert _run_program(tmp, "reach-native", True, program, "thin", native=True)["executed"] == 3
 
 
 # --- the rules, one at a time -------------------------------------------------------------

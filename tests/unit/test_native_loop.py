@@ -1,0 +1,176 @@
+"""The native loop (`tcmu_py.ring.NativeLoop`, issue 17 stage 2): a C thread owns the ring.
+
+`test_dataplane.py`'s property test already runs every random program with the loop and demands
+the answers, image and counters of the plane-off run. These tests pin what only a thread of its
+own can get wrong: C keeps serving while Python is busy, but never overtakes a fenced command;
+a unit attention queued from another thread stops C at once; records left when the loop stops
+are still answered; a corrupt ring stops the device with a reason; the counters and `status`
+include what C did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from test_dataplane import BLOCKS, BS, GatedRaw, make_device
+
+from tcmu_py.device.runner import DeviceRunner, serve_in_thread
+from tcmu_py.testing import cdbs
+from tcmu_py.testing.fake_kernel import FakeKernel
+from tcmu_py.testing.fake_uio import FakeUio
+from tcmu_py.testing.harness import RingHarness
+
+
+def _until(cond: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return bool(cond())
+
+
+def _batch(h: RingHarness, items: list[tuple[bytes, bytes, int]]) -> list[Any]:
+    with h.hold():
+        return [h.kernel.submit(*item) for item in items]
+
+
+def test_c_serves_while_python_is_busy_but_never_overtakes_a_fence(tmp_path: Path) -> None:
+    """A WRITE SAME held on a worker: C answers the commands clear of it while it is held (no
+    Python thread takes part), and holds back those that overlap it until it is done."""
+    device = make_device(tmp_path, "g", GatedRaw)
+    backend = device.backend
+    assert isinstance(backend, GatedRaw)
+    h = RingHarness(device, workers=1, native=True)
+    loop = h.runner.native
+    assert loop is not None
+    try:
+        h.run(cdbs.test_unit_ready())
+        fill = b"\xab" * BS
+        ws = _batch(h, [(cdbs.write_same10(0, 8), fill, 0), (cdbs.verify10(60, 1), b"", 0)])
+        assert backend.entered.wait(10)
+        assert _until(lambda: loop.fences == 2)
+        new, far = os.urandom(2 * BS), os.urandom(2 * BS)
+        pend = _batch(h, [
+            (cdbs.read10(0, 8), b"", 8 * BS),  # overlaps: Python's, after the fill
+            (cdbs.write16(6, 2), new, 0),  # overlaps
+            (cdbs.write10(40, 2), far, 0),  # clear: C
+            (cdbs.read10(40, 2), b"", 2 * BS),  # clear: C
+        ])
+        assert _until(lambda: pend[2].done and pend[3].done)
+        assert pend[3].data_in == far
+        assert not ws[0].done and not pend[0].done and not pend[1].done
+        # 50 more clear reads, one at a time, while the worker is still held.
+        for _ in range(50):
+            assert h.run(cdbs.read10(40, 2), data_in_len=2 * BS).data == far
+        assert not ws[0].done
+        backend.gate.set()
+        h.wait(ws + pend)
+        assert [p.status for p in ws + pend] == [0] * 6
+        assert pend[0].data_in == fill * 8
+        assert h.run(cdbs.read10(0, 8), data_in_len=8 * BS).data == fill * 6 + new
+        assert loop.fences == 0
+        assert loop.executed + h.runner.refresh_counters().commands > 0
+        assert h.runner.native is not None and h.runner.native.executed >= 52
+    finally:
+        backend.gate.set()
+        h.close()
+
+
+def test_a_unit_attention_queued_by_another_thread_stops_c_at_once(tmp_path: Path) -> None:
+    """A resize from the control socket's thread: the very next READ reports CAPACITY DATA
+    HAS CHANGED (Python's answer, not C's data), then the new capacity is served in C."""
+    device = make_device(tmp_path, "ua")
+    h = RingHarness(device, workers=1, native=True)
+    loop = h.runner.native
+    assert loop is not None
+    try:
+        assert h.run(cdbs.read10(0, 1), data_in_len=BS).sense_codes == (6, 0x29, 0)
+        assert h.run(cdbs.read10(0, 1), data_in_len=BS).good
+        executed = loop.figures()["done"] + loop.executed
+        assert executed >= 1  # the plane is on: that READ was C's
+        t = threading.Thread(target=device.resize, args=((BLOCKS + 16) * BS,))
+        t.start()
+        t.join(10)
+        ua = h.run(cdbs.read10(BLOCKS + 8, 1), data_in_len=BS)
+        assert ua.sense_codes == (6, 0x2A, 0x09)
+        before = h.runner.refresh_counters().commands
+        loop_before = loop.executed
+        assert h.run(cdbs.read10(BLOCKS + 8, 1), data_in_len=BS).good  # the new capacity
+        # Served by C once Python caught up (the READ after the attention may be Python's).
+        assert _until(lambda: h.run(cdbs.read10(BLOCKS + 9, 1), data_in_len=BS).good
+                      and (h.runner.refresh_counters(), loop.executed)[1] > loop_before)
+        assert h.runner.refresh_counters().commands > before
+    finally:
+        h.close()
+
+
+def test_every_command_handed_over_is_answered_when_the_loop_stops(tmp_path: Path) -> None:
+    """Stop the runner while Python commands wait in the hand-off buffer: the runner takes
+    and answers them on its way out (the harness checks nothing stays in flight)."""
+    device = make_device(tmp_path, "stop")
+    h = RingHarness(device, workers=2, native=True)
+    assert h.runner.native is not None
+    h.run(cdbs.test_unit_ready())
+    pend = _batch(h, [(cdbs.inquiry(), b"", 96)] * 8 + [(cdbs.read10(1, 1), b"", BS)] * 8)
+    h.close()  # stops the loop, serves what is left, checks the fake kernel is idle
+    assert all(p.done for p in pend)
+    assert {p.status for p in pend} == {0}
+
+
+def test_a_corrupt_ring_stops_the_device_with_a_reason(tmp_path: Path) -> None:
+    device = make_device(tmp_path, "bad")
+    kernel = FakeKernel()
+    uio = FakeUio(kernel)
+    runner = DeviceRunner(uio, device, workers=1, native=True)
+    assert runner.native is not None
+    thread, stop = serve_in_thread(runner)
+    try:
+        p = kernel.submit(cdbs.test_unit_ready())
+        assert _until(lambda: p.done)
+        # cmd_head at an odd offset: no kernel writes that.
+        struct.pack_into("<I", kernel.buffer, 12, 13)  # mailbox.cmd_head
+        uio._on_event()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert "RingError" in runner.counters.stopped
+        assert "cmd_head" in runner.counters.stopped
+    finally:
+        stop()
+        runner.close()
+        uio.close()
+
+
+def test_status_reports_the_native_loop_and_its_commands(tmp_path: Path) -> None:
+    h = RingHarness(make_device(tmp_path, "st"), workers=1, native=True)
+    try:
+        h.run(cdbs.test_unit_ready())
+        data = os.urandom(4 * BS)
+        assert h.run(cdbs.write10(4, 4), data).good
+        assert h.run(cdbs.read10(4, 4), data_in_len=4 * BS).data == data
+        c = h.runner.refresh_counters().snapshot()
+        assert (c["commands"], c["reads"], c["writes"]) == (3, 1, 1)
+        assert (c["bytes_read"], c["bytes_written"]) == (4 * BS, 4 * BS)
+        assert sum(c["latency_hist"]) == 3
+        assert c["wakeups"] >= 2
+        assert h.runner.native is not None and h.runner.native.executed == 2
+    finally:
+        h.close()
+
+
+def test_a_device_without_an_extent_keeps_the_python_loop(tmp_path: Path) -> None:
+    """Nothing for C to execute: a thread hop per command would only cost."""
+    device = make_device(tmp_path, "off")
+    device.config = dataclasses.replace(device.config, data_plane=False)
+    h = RingHarness(device, workers=1, native=True)
+    try:
+        assert h.runner.native is None
+        assert h.run(cdbs.test_unit_ready()).sense_codes == (6, 0x29, 0)
+    finally:
+        h.close()
