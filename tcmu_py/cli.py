@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.daemon import DEFAULT_DATA_PLANE, DEFAULT_POLL_US
+from tcmu_py.daemon import DEFAULT_DATA_PLANE, DEFAULT_NATIVE_LOOP, DEFAULT_POLL_US
 from tcmu_py.daemon.control import LOG_LEVELS, RUN_DIR
 from tcmu_py.errors import LIO_EXTRA_HINT, ConfigError, MissingExtra, TcmuError
 
@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         metrics = parse_address(args.metrics)
     daemon = Daemon(workers=args.workers, poll_us=args.poll_us, run_dir=Path(args.run_dir),
-                    data_plane=args.data_plane,
+                    data_plane=args.data_plane, native_loop=args.native_loop,
                     dbus_bus=None if args.no_dbus else "SYSTEM")
     daemon.start_serving()
     try:
@@ -296,6 +296,15 @@ def build_parser(handler_commands_listed: bool = True) -> argparse.ArgumentParse
         help="serve plain READ/WRITE of devices whose data is a file extent (raw, thin) in C; "
         "--no-data-plane keeps every command in Python, for debugging and comparison "
         f"(default {'on' if DEFAULT_DATA_PLANE else 'off'})",
+    )
+    s.add_argument(
+        "--native-loop",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_NATIVE_LOOP,
+        help="with the data plane, give each such device a C thread that owns its ring and "
+        "hands Python only the commands C does not execute; --no-native-loop runs the plane "
+        "in the Python loop thread instead "
+        f"(default {'on' if DEFAULT_NATIVE_LOOP else 'off'})",
     )
     s.add_argument("--ready-file", help="write this file once every device is served")
     s.add_argument("--no-dbus", action="store_true",

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.daemon import DEFAULT_DATA_PLANE, DEFAULT_POLL_US
+from tcmu_py.daemon import DEFAULT_DATA_PLANE, DEFAULT_NATIVE_LOOP, DEFAULT_POLL_US
 from tcmu_py.daemon.configfs import CONFIGFS_CORE, TcmuConfigfs
 from tcmu_py.daemon.control import RUN_DIR, ControlServer, set_log_level
 from tcmu_py.device.block import BlockDevice
@@ -140,6 +140,7 @@ class Daemon:
         uio_opener: Callable[[str, str], Any] = UioDevice,
         dbus_bus: str | None = None,
         data_plane: bool = DEFAULT_DATA_PLANE,
+        native_loop: bool = DEFAULT_NATIVE_LOOP,
     ) -> None:
         self.handlers: Mapping[str, type[Handler]] = (
             dict(handlers) if handlers is not None else load_handlers()
@@ -152,6 +153,8 @@ class Daemon:
         self.poll_us = poll_us
         #: False: every command of every device in Python (`serve --no-data-plane`).
         self.data_plane = data_plane
+        #: False: the data plane runs in each device's Python loop thread (`--no-native-loop`).
+        self.native_loop = native_loop
         self.use_netlink = use_netlink
         self.use_udev = use_udev
         self._open_uio = uio_opener
@@ -497,6 +500,7 @@ class Daemon:
                 adopt=True,
                 poll_seconds=self.poll_us / 1e6,
                 data_plane=self.data_plane,
+                native=self.native_loop,
             )
             thread = threading.Thread(target=runner.run, name=f"tcmu-{name.device}", daemon=True)
             thread.start()

@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DATA_PLANE = True
 #: Whether that C data plane runs on its own native thread per device (stage 2) rather than in
 #: the Python loop thread's dequeue (stage 1), unless told otherwise (`DeviceRunner(native=)`).
-DEFAULT_NATIVE_LOOP = False
+DEFAULT_NATIVE_LOOP = True
 
 _READ_OPS = frozenset({0x08, 0x28, 0xA8, 0x88})
 _WRITE_OPS = frozenset({0x0A, 0x2A, 0xAA, 0x8A})

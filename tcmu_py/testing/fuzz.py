@@ -1336,7 +1336,10 @@ class _Session:
         self.kernel = FakeKernel(data_size=DATA_AREA)
         self.cond = threading.Condition()
         self.uio = _SerialisedUio(FakeUio(self.kernel), self.cond)
-        self.runner = DeviceRunner(self.uio, self.device, workers=target.workers, name=target.name)
+        # Stage 1 (the plane in this thread's dequeue): the fuzzer steps the runner wake-up by
+        # wake-up; the native loop's answers are held to the same by tests/unit/test_dataplane.py.
+        self.runner = DeviceRunner(self.uio, self.device, workers=target.workers, name=target.name,
+                                   native=False)
         self.loop_error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name=f"fuzz-{target.name}", daemon=True)
         self.thread.start()

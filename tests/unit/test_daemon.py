@@ -19,6 +19,7 @@ from tcmu_py.errors import TcmuError
 from tcmu_py.handlers.null import NullHandler
 from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.testing import FakeKernel, FakeUio, cdbs
+from tcmu_py.testing.fake_uio import KickRelay
 from tcmu_py.testing.harness import Result
 
 MIB = 1 << 20
@@ -82,7 +83,19 @@ class LockedFakeUio:
         with self.lock:
             self.uio.kick()
 
+    event_size = 8
+    kick_size = 8
+    relay: KickRelay | None = None
+
+    def kick_fd(self) -> int:
+        """The native loop's kicks from C reach `kick` through a relay thread."""
+        if self.relay is None:
+            self.relay = KickRelay(self.kick)
+        return self.relay.fd
+
     def close(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
         self.uio.close()
 
 
@@ -124,7 +137,7 @@ def test_serves_found_devices_and_skips_foreign_subtypes(host, tmp_path):
         assert st["devices"][0]["name"] == "disk0"
         assert st["devices"][0]["counters"]["writes"] == 1
         # On by default: the WRITE and the READ were served by the C data plane.
-        assert st["devices"][0]["data_plane"] == {"declared": True, "commands": 2}
+        assert st["devices"][0]["data_plane"] == {"declared": True, "commands": 2, "native": True}
     finally:
         d.shutdown()
     # Blocked while draining, then unblocked: a blocked device would hang LUN removal.

@@ -255,7 +255,7 @@ def _batch(h: RingHarness, items: Sequence[tuple[bytes, bytes, int]]) -> list[An
 
 
 def test_no_c_command_in_flight_after_one_call(tmp: Path) -> None:
-    h = RingHarness(make_device(tmp, "d"), workers=2, data_plane=True)
+    h = RingHarness(make_device(tmp, "d"), workers=2, data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())  # the power-on unit attention
     data = os.urandom(8 * BS)
     pend = _batch(h, [(cdbs.write10(8 * i, 8, fua=bool(i % 2)), data, 0) for i in range(6)]
@@ -276,7 +276,7 @@ def test_worker_command_fences_overlapping_c_commands(tmp: Path) -> None:
     device = make_device(tmp, "g", GatedRaw)
     backend = device.backend
     assert isinstance(backend, GatedRaw)
-    h = RingHarness(device, workers=1, data_plane=True)
+    h = RingHarness(device, workers=1, data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())
     fill = b"\xab" * BS
     # Two Python commands, so they go to the worker (a lone one would run on the loop thread).
@@ -309,7 +309,7 @@ def test_worker_command_fences_overlapping_c_commands(tmp: Path) -> None:
 def test_deferred_command_fences_later_ones_of_the_same_call(tmp: Path) -> None:
     """COMPARE AND WRITE goes to Python; a WRITE after it in the same wake-up on the same block
     must not run before it (it would make the compare fail)."""
-    h = RingHarness(make_device(tmp, "caw"), workers=1, data_plane=True)
+    h = RingHarness(make_device(tmp, "caw"), workers=1, data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())
     new, later = os.urandom(BS), os.urandom(BS)
     pend = _batch(h, [(cdbs.compare_and_write(5, 1), bytes(BS) + new, 0),
@@ -322,7 +322,7 @@ def test_deferred_command_fences_later_ones_of_the_same_call(tmp: Path) -> None:
 
 def test_unit_attention_goes_to_python_and_resize_is_declared(tmp: Path) -> None:
     device = make_device(tmp, "ua")
-    h = RingHarness(device, workers=1, data_plane=True)
+    h = RingHarness(device, workers=1, data_plane=True, native=False)
     first = h.run(cdbs.read10(0, 1), data_in_len=BS)  # power-on reset, from Python
     assert first.sense_codes == (6, 0x29, 0)
     device.resize((BLOCKS + 16) * BS)
@@ -338,7 +338,7 @@ def test_unit_attention_goes_to_python_and_resize_is_declared(tmp: Path) -> None
 def test_io_error_goes_back_to_python(tmp: Path) -> None:
     """A short read (the image shrank under the device) is Python's: it zero-fills."""
     device = make_device(tmp, "short")
-    h = RingHarness(device, workers=1, data_plane=True)
+    h = RingHarness(device, workers=1, data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())
     assert h.run(cdbs.write10(BLOCKS - 2, 2), os.urandom(2 * BS)).good
     os.truncate(tmp / "short.img", (BLOCKS - 1) * BS)
@@ -356,7 +356,8 @@ def test_the_switch_turns_the_plane_off(tmp: Path, switch: str) -> None:
         img = str(tmp / "cfg.img")
         config = DeviceConfig("cfg", "raw", img, BLOCKS * BS, BS, data_plane=False)
         device = open_block_device(config, UnmapRaw(img, config.size, BS))
-        h = RingHarness(device, data_plane=True)  # on for the runner, off for the device
+        # on for the runner, off for the device
+        h = RingHarness(device, data_plane=True, native=False)
     else:
         h = RingHarness(make_device(tmp, "sw"), data_plane=False)
     h.run(cdbs.test_unit_ready())
@@ -366,10 +367,11 @@ def test_the_switch_turns_the_plane_off(tmp: Path, switch: str) -> None:
 
 
 def test_daemon_and_runner_defaults_agree() -> None:
-    from tcmu_py.daemon import DEFAULT_DATA_PLANE as daemon_default
-    from tcmu_py.device.runner import DEFAULT_DATA_PLANE as runner_default
+    from tcmu_py import daemon
+    from tcmu_py.device import runner
 
-    assert daemon_default == runner_default
+    assert daemon.DEFAULT_DATA_PLANE == runner.DEFAULT_DATA_PLANE
+    assert daemon.DEFAULT_NATIVE_LOOP == runner.DEFAULT_NATIVE_LOOP
 
 
 def test_yaml_data_plane_false_travels_in_the_dev_config(tmp: Path) -> None:
@@ -414,7 +416,7 @@ def test_a_raw_subclass_that_overrides_write_keeps_its_write(tmp: Path) -> None:
             calls.append(offset)
             super().write(offset, bufs)
 
-    h = RingHarness(make_device(tmp, "sub", Counting), data_plane=True)
+    h = RingHarness(make_device(tmp, "sub", Counting), data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())
     assert h.run(cdbs.write10(3, 1), os.urandom(BS)).good
     assert calls == [3 * BS]
@@ -446,7 +448,7 @@ def _gated_thin(tmp: Path, name: str) -> tuple[BlockDevice, GatedThin]:
 
 
 def test_thin_only_allocated_units_go_through_c(tmp: Path) -> None:
-    h = RingHarness(make_thin(tmp, "alloc"), workers=1, data_plane=True)
+    h = RingHarness(make_thin(tmp, "alloc"), workers=1, data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())
     plane = h.runner.plane
     assert plane is not None and plane.declared
@@ -471,7 +473,7 @@ def test_thin_fence_covers_whole_units(tmp: Path) -> None:
     must not run beside it (the punch could drop it): it goes to Python, which takes unit 0 in
     turn with the deallocation; unit 3 is served in C at once."""
     device, backend = _gated_thin(tmp, "fence")
-    h = RingHarness(device, workers=1, data_plane=True)
+    h = RingHarness(device, workers=1, data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())
     assert h.run(cdbs.write10(0, 32), os.urandom(32 * BS)).good  # allocates units 0..3
     ws = _batch(h, [(cdbs.write_same10(0, 2, unmap=True), bytes(BS), 0),
@@ -498,7 +500,7 @@ def test_thin_unmap_clears_the_map_before_later_c_commands(tmp: Path) -> None:
     device = make_thin(tmp, "unmap")
     backend = device.backend
     assert isinstance(backend, ThinBackend)
-    h = RingHarness(device, workers=1, data_plane=True)
+    h = RingHarness(device, workers=1, data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())
     assert h.run(cdbs.write10(8, 8), os.urandom(8 * BS)).good  # unit 1
     plane = h.runner.plane

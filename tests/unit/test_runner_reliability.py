@@ -46,7 +46,8 @@ class Served:
         self.kernel = FakeKernel(cmdr_size=16384, data_size=256 * 1024)
         self.lock = threading.Condition()
         self.uio = _SerialisedUio(FakeUio(self.kernel), self.lock)
-        self.runner = DeviceRunner(self.uio, device, workers=workers, name=device.config.name)
+        self.runner = DeviceRunner(self.uio, device, workers=workers, name=device.config.name,
+                                   native=False)  # stepped with process()
         self.thread, self._stop = serve_in_thread(self.runner)
 
     def submit(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> Any:
@@ -256,7 +257,7 @@ def test_tmr_for_a_completed_command_does_not_abort_the_next_one_with_its_id(
     tmp_path, monkeypatch, same_pass
 ):
     dev = raw_device(tmp_path / "img")
-    h = RingHarness(dev, workers=1)
+    h = RingHarness(dev, workers=1, native=False)  # stepped with process()
     try:
         h.run(cdbs.test_unit_ready())
         first = h.submit(cdbs.write10(0, 1), data_out=b"\x11" * BS)
@@ -283,7 +284,7 @@ def test_tmr_for_a_completed_command_does_not_abort_the_next_one_with_its_id(
 def test_tmr_for_a_command_still_in_flight_aborts_it_before_it_starts(tmp_path):
     dev = raw_device(tmp_path / "img")
     dev._all_inline = False
-    h = RingHarness(dev, workers=1)
+    h = RingHarness(dev, workers=1, native=False)  # stepped with process()
     try:
         h.run(cdbs.test_unit_ready())
         gate = threading.Event()
