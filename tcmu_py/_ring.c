@@ -474,21 +474,19 @@ static int tcmu_py_dp_overlaps(const struct tcmu_py_fence *f, int n, uint64_t st
 
 /* Move `total` bytes between the command's iovecs and the file at `pos`: 1 if every byte
  * moved, 0 on any error or short transfer (the caller hands the command to Python). */
-static int tcmu_py_dp_io(struct tcmu_py_ring *r, const struct tcmu_py_entry *e, int fd,
-                         uint64_t pos, int writing)
+static int tcmu_py_dp_iov(uint8_t *map, const struct iovec *src, uint32_t n_iov, int fd,
+                          uint64_t pos, int writing)
 {
-    const struct iovec *src = (const struct iovec *)(r->map + e->array_off);
     struct iovec iov[TCMU_PY_DP_IOV_MAX];
     uint32_t i = 0;
 
-    while (i < e->iov_cnt) {
-        uint32_t k, cnt = e->iov_cnt - i < TCMU_PY_DP_IOV_MAX ? e->iov_cnt - i
-                                                              : TCMU_PY_DP_IOV_MAX;
+    while (i < n_iov) {
+        uint32_t k, cnt = n_iov - i < TCMU_PY_DP_IOV_MAX ? n_iov - i : TCMU_PY_DP_IOV_MAX;
         uint64_t want = 0;
         ssize_t got;
 
         for (k = 0; k < cnt; k++) {
-            iov[k].iov_base = r->map + (uintptr_t)src[i + k].iov_base;
+            iov[k].iov_base = map + (uintptr_t)src[i + k].iov_base;
             iov[k].iov_len = src[i + k].iov_len;
             want += iov[k].iov_len;
         }
@@ -500,6 +498,13 @@ static int tcmu_py_dp_io(struct tcmu_py_ring *r, const struct tcmu_py_entry *e, 
         i += cnt;
     }
     return 1;
+}
+
+static int tcmu_py_dp_io(struct tcmu_py_ring *r, const struct tcmu_py_entry *e, int fd,
+                         uint64_t pos, int writing)
+{
+    return tcmu_py_dp_iov(r->map, (const struct iovec *)(r->map + e->array_off), e->iov_cnt, fd,
+                          pos, writing);
 }
 
 static inline uint32_t tcmu_py_dp_bucket(double seconds)
@@ -607,25 +612,52 @@ int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st)
 #include <stdlib.h>
 #include <sys/eventfd.h>
 
+/* A growable byte buffer of hand-off records. */
+struct tcmu_py_buf {
+    uint8_t *p;
+    size_t len, cap;
+};
+
+/* A command C executes on a worker thread (a large transfer: its copy overlaps the loop's next
+ * command and the kernel's completion work, which runs in the kicking thread). */
+struct tcmu_py_job {
+    int busy;
+    uint32_t cmd_id, writing, fua, flush_fua;
+    int fd;
+    uint64_t pos, total, fs, fe, t0;
+    uint8_t *rec;                          /* the command's record (malloc): Python's if it fails */
+};
+
+enum { TCMU_PY_JOBS = 32, TCMU_PY_WORKERS_MAX = 8 };
+
 struct tcmu_py_loop {
     struct tcmu_py_ring *r;
     pthread_t thread;
     int started;
-    pthread_mutex_t mu;                    /* ring tail and cursor, fences, extent, records */
+    pthread_mutex_t mu;                    /* ring tail and cursor, fences, extent, records, jobs */
+    pthread_cond_t work_cv, idle_cv;
     int uio_fd, kick_fd, notify_fd, stop_fd;
     uint32_t event_size, kick_size, poll_us;
     int stopping;                          /* atomic */
     int error;                             /* atomic; why the thread stopped by itself */
     struct tcmu_py_extent x;
     /* Fences of the commands Python holds: fences[0..n_fences), fence_ids alongside; room for
-     * TCMU_PY_DP_MAX more (tcmu_py_dp_batch writes the fences of the entries it returns). */
+     * TCMU_PY_DP_MAX more. */
     struct tcmu_py_fence *fences;
     uint16_t *fence_ids;
     int n_fences, cap_fences;
     struct tcmu_py_entry out[TCMU_PY_DP_MAX];
-    struct tcmu_py_dp_stats st;
-    uint8_t *rec;                          /* hand-off records, rec[0..rec_len) */
-    size_t rec_len, rec_cap;
+    size_t at[TCMU_PY_DP_MAX];             /* where out[k]'s copy starts in `cp` */
+    uint16_t done_ids[TCMU_PY_DP_MAX];
+    struct tcmu_py_buf cp;                 /* this batch's entries, copied at once */
+    struct tcmu_py_buf rec;                /* hand-off records for Python */
+    /* Workers: jobs[] slots, a FIFO of queued slot numbers. */
+    uint32_t n_workers, big;
+    pthread_t workers[TCMU_PY_WORKERS_MAX];
+    uint32_t n_started;
+    int quit;
+    struct tcmu_py_job jobs[TCMU_PY_JOBS];
+    uint32_t queue[TCMU_PY_JOBS], q_head, q_tail, n_jobs;
     struct tcmu_py_loop_figures fig;
 };
 
@@ -639,7 +671,7 @@ static uint64_t tcmu_py_now_ns(void)
 
 struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32_t event_size,
                                       int kick_fd, uint32_t kick_size, int notify_fd,
-                                      uint32_t poll_us)
+                                      uint32_t poll_us, uint32_t workers, uint32_t big)
 {
     struct tcmu_py_loop *l = calloc(1, sizeof(*l));
 
@@ -652,6 +684,8 @@ struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32
     l->kick_size = kick_size > 8 ? 8 : kick_size;
     l->notify_fd = notify_fd;
     l->poll_us = poll_us;
+    l->n_workers = workers > TCMU_PY_WORKERS_MAX ? TCMU_PY_WORKERS_MAX : workers;
+    l->big = big;
     l->x.fd = -1;
     l->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     l->cap_fences = 64 + TCMU_PY_DP_MAX;
@@ -666,6 +700,8 @@ struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32
         free(l);
         return NULL;
     }
+    pthread_cond_init(&l->work_cv, NULL);
+    pthread_cond_init(&l->idle_cv, NULL);
     return l;
 }
 
@@ -692,87 +728,290 @@ static int tcmu_py_loop_room(struct tcmu_py_loop *l)
     return 1;
 }
 
-/* Append entry e (CMD or TMR) as a hand-off record. 0: out of memory. */
-static int tcmu_py_loop_record(struct tcmu_py_loop *l, const struct tcmu_py_entry *e)
+static int tcmu_py_buf_grow(struct tcmu_py_buf *b, size_t more)
+{
+    size_t cap = b->cap ? b->cap : 65536;
+    uint8_t *p;
+
+    if (b->len + more <= b->cap)
+        return 1;
+    while (b->len + more > cap)
+        cap *= 2;
+    p = realloc(b->p, cap);
+    if (!p)
+        return 0;
+    b->p = p;
+    b->cap = cap;
+    return 1;
+}
+
+/* Append entry e (CMD or TMR), read from the ring, to b as a record (see _ring.h). 0: no memory. */
+static int tcmu_py_copy_entry(struct tcmu_py_buf *b, const uint8_t *map,
+                              const struct tcmu_py_entry *e)
 {
     size_t array_len = e->op == TCMU_OP_CMD
                            ? (size_t)(e->iov_cnt + e->iov_bidi_cnt) * sizeof(struct iovec)
                            : (size_t)e->iov_cnt * sizeof(uint16_t);
-    size_t head = sizeof(*e), cdb_at = head, array_at = (cdb_at + e->cdb_len + 7) & ~(size_t)7;
+    size_t cdb_at = sizeof(*e), array_at = (cdb_at + e->cdb_len + 7) & ~(size_t)7;
     size_t size = (array_at + array_len + 7) & ~(size_t)7;
     struct tcmu_py_entry *h;
 
-    if (l->rec_len + size > l->rec_cap) {
-        size_t cap = l->rec_cap ? l->rec_cap : 65536;
-        uint8_t *p;
-
-        while (l->rec_len + size > cap)
-            cap *= 2;
-        p = realloc(l->rec, cap);
-        if (!p)
-            return 0;
-        l->rec = p;
-        l->rec_cap = cap;
-    }
-    h = (struct tcmu_py_entry *)(l->rec + l->rec_len);
+    if (!tcmu_py_buf_grow(b, size))
+        return 0;
+    h = (struct tcmu_py_entry *)(b->p + b->len);
     *h = *e;
     h->cdb_off = cdb_at;
     h->array_off = array_at;
     h->reserved = (uint32_t)size;
     if (e->cdb_len)
-        memcpy(l->rec + l->rec_len + cdb_at, l->r->map + e->cdb_off, e->cdb_len);
+        memcpy(b->p + b->len + cdb_at, map + e->cdb_off, e->cdb_len);
     if (array_len)
-        memcpy(l->rec + l->rec_len + array_at, l->r->map + e->array_off, array_len);
-    l->rec_len += size;
+        memcpy(b->p + b->len + array_at, map + e->array_off, array_len);
+    b->len += size;
     return 1;
 }
 
-/* One tcmu_py_dp_batch under the mutex: records for Python, fences kept, C's commands completed.
- * Returns the entries dequeued, or a negative status. *done / *handed count up. */
+/* Append a whole record (size in its header) to b. 0: no memory. */
+static int tcmu_py_put_record(struct tcmu_py_buf *b, const struct tcmu_py_entry *h)
+{
+    if (!tcmu_py_buf_grow(b, h->reserved))
+        return 0;
+    memcpy(b->p + b->len, h, h->reserved);
+    b->len += h->reserved;
+    return 1;
+}
+
+static void tcmu_py_loop_signal(int fd, uint32_t size);
+static void tcmu_py_loop_fail(struct tcmu_py_loop *l, int error);
+
+static int tcmu_py_jobs_overlap(const struct tcmu_py_loop *l, uint64_t start, uint64_t end)
+{
+    int i;
+
+    if (!l->n_jobs)
+        return 0;
+    for (i = 0; i < TCMU_PY_JOBS; i++)
+        if (l->jobs[i].busy && l->jobs[i].fs < end && start < l->jobs[i].fe)
+            return 1;
+    return 0;
+}
+
+/* Wait (under the mutex, which the wait releases) until no job is queued or running. */
+static void tcmu_py_jobs_drain(struct tcmu_py_loop *l)
+{
+    while (l->n_jobs)
+        pthread_cond_wait(&l->idle_cv, &l->mu);
+}
+
+static void tcmu_py_loop_count(struct tcmu_py_loop *l, int writing, uint64_t total, double took)
+{
+    uint32_t b = tcmu_py_dp_bucket(took);
+
+    l->fig.done++;
+    if (writing) {
+        l->fig.writes++;
+        l->fig.bytes_written += total;
+    } else {
+        l->fig.reads++;
+        l->fig.bytes_read += total;
+    }
+    l->fig.latency_seconds += took;
+    l->fig.hist[b]++;
+}
+
+/* Python's from now on: its record goes to the hand-off buffer, its fence is held. */
+static int tcmu_py_loop_hand(struct tcmu_py_loop *l, const struct tcmu_py_entry *h,
+                             struct tcmu_py_fence f)
+{
+    if (!tcmu_py_loop_room(l) || !tcmu_py_put_record(&l->rec, h))
+        return 0;
+    if (h->op == TCMU_OP_CMD && f.end > f.start) {
+        l->fences[l->n_fences] = f;
+        l->fence_ids[l->n_fences] = (uint16_t)h->cmd_id;
+        l->n_fences++;
+    }
+    l->fig.handed++;
+    return 1;
+}
+
+static void *tcmu_py_worker_main(void *arg)
+{
+    static const uint8_t no_sense[1] = {0};
+    struct tcmu_py_loop *l = arg;
+
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+        struct tcmu_py_job *j;
+        const struct tcmu_py_entry *h;
+        int ok, rc = 0;
+
+        while (!l->quit && l->q_head == l->q_tail)
+            pthread_cond_wait(&l->work_cv, &l->mu);
+        if (l->q_head == l->q_tail)
+            break;                              /* quit, and nothing queued */
+        j = &l->jobs[l->queue[l->q_head++ % TCMU_PY_JOBS]];
+        h = (const struct tcmu_py_entry *)j->rec;
+        pthread_mutex_unlock(&l->mu);
+        ok = tcmu_py_dp_iov(l->r->map, (const struct iovec *)(j->rec + h->array_off),
+                            h->iov_cnt, j->fd, j->pos, (int)j->writing) &&
+             !(j->writing && j->fua && j->flush_fua && fdatasync(j->fd) != 0);
+        pthread_mutex_lock(&l->mu);
+        if (ok) {
+            rc = tcmu_py_complete(l->r, j->cmd_id, 0, no_sense, 0, 0, 0);
+            tcmu_py_loop_count(l, (int)j->writing, j->total,
+                               (double)(tcmu_py_now_ns() - j->t0) / 1e9);
+        } else if (!tcmu_py_loop_hand(l, h, tcmu_py_dp_fence(j->rec + h->cdb_off))) {
+            rc = -ENOMEM;
+        }
+        free(j->rec);
+        j->rec = NULL;
+        j->busy = 0;
+        l->n_jobs--;
+        pthread_cond_broadcast(&l->idle_cv);
+        pthread_mutex_unlock(&l->mu);
+        if (rc < 0)
+            tcmu_py_loop_fail(l, rc);           /* the ring is broken: the loop stops */
+        else if (ok)
+            tcmu_py_loop_signal(l->kick_fd, l->kick_size);
+        else
+            tcmu_py_loop_signal(l->notify_fd, 8);
+        pthread_mutex_lock(&l->mu);
+    }
+    pthread_mutex_unlock(&l->mu);
+    return NULL;
+}
+
+/* Queue a large command for the workers (under the mutex): 1, or 0 if it must run here. */
+static int tcmu_py_job_queue(struct tcmu_py_loop *l, const struct tcmu_py_entry *h, int writing,
+                             int fua, uint64_t pos, uint64_t total, uint64_t fs, uint64_t fe,
+                             uint64_t t0)
+{
+    struct tcmu_py_job *j = NULL;
+    int i;
+
+    while (l->n_jobs >= TCMU_PY_JOBS)
+        pthread_cond_wait(&l->idle_cv, &l->mu);
+    for (i = 0; i < TCMU_PY_JOBS; i++)
+        if (!l->jobs[i].busy) {
+            j = &l->jobs[i];
+            break;
+        }
+    if (!j)
+        return 0;
+    j->rec = malloc(h->reserved);
+    if (!j->rec)
+        return 0;
+    memcpy(j->rec, h, h->reserved);
+    j->busy = 1;
+    j->cmd_id = h->cmd_id;
+    j->writing = (uint32_t)writing;
+    j->fua = (uint32_t)fua;
+    j->flush_fua = l->x.flush_fua;
+    j->fd = l->x.fd;
+    j->pos = pos;
+    j->total = total;
+    j->fs = fs;
+    j->fe = fe;
+    j->t0 = t0;
+    l->queue[l->q_tail++ % TCMU_PY_JOBS] = (uint32_t)i;
+    l->n_jobs++;
+    pthread_cond_signal(&l->work_cv);
+    return 1;
+}
+
+/* One wake-up's worth of entries, under the mutex. Every entry is copied first, so nothing
+ * below depends on its ring slot (completions, ours or Python's while a wait releases the
+ * mutex, may steal it). Then, in ring order, each entry is C's (executed here, or on a worker
+ * when large) or Python's (its record handed over, its fence held); an entry that overlaps a
+ * command still on a worker waits for the workers first, so nothing overtakes it. Returns the
+ * entries dequeued or a negative status; *done / *handed count up. */
 static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
 {
-    struct tcmu_py_dp_stats *st = &l->st;
-    int n, k, keep, rc, oom = 0;
-    uint32_t b;
+    static const uint8_t no_sense[1] = {0};
+    const struct tcmu_py_extent *x = &l->x;
+    uint64_t t0 = tcmu_py_now_ns(), t1;
+    uint32_t tail, start;
+    int n, k, n_done = 0, has_tmr = 0, rc = TCMU_PY_OK;
 
-    if (!tcmu_py_loop_room(l))
-        return -ENOMEM;
-    n = tcmu_py_dp_batch(l->r, &l->x, l->fences, l->n_fences, l->out, TCMU_PY_DP_MAX, st);
-    if (n < 0)
+    n = tcmu_py_dequeue(l->r, l->out, TCMU_PY_DP_MAX);
+    if (n <= 0)
         return n;
-    keep = l->n_fences;
+    l->cp.len = 0;
     for (k = 0; k < n; k++) {
-        const struct tcmu_py_entry *e = &l->out[k];
-        struct tcmu_py_fence f = l->fences[l->n_fences + k];
-
-        /* Copied before C's completions: they steal the oldest slots, maybe this entry's. */
-        if (!oom && !tcmu_py_loop_record(l, e))
-            oom = 1;                            /* reported below, after C's completions */
-        if (e->op == TCMU_OP_CMD && f.end > f.start) {
-            l->fences[keep] = f;
-            l->fence_ids[keep] = (uint16_t)e->cmd_id;
-            keep++;
-        }
+        l->at[k] = l->cp.len;
+        if (!tcmu_py_copy_entry(&l->cp, l->r->map, &l->out[k]))
+            return -ENOMEM;                     /* nothing executed: the loop stops */
+        if (l->out[k].op == TCMU_OP_TMR)
+            has_tmr = 1;                        /* aborts: Python sees the whole batch */
     }
-    l->n_fences = keep;
-    *handed += n;
-    l->fig.handed += (uint64_t)n;
-    if (st->done) {
-        l->fig.done += st->done;
-        l->fig.reads += st->reads;
-        l->fig.writes += st->writes;
-        l->fig.bytes_read += st->bytes_read;
-        l->fig.bytes_written += st->bytes_written;
-        l->fig.latency_seconds += st->latency_seconds;
-        for (b = st->hist_lo; b < st->hist_hi; b++)
-            l->fig.hist[b] += st->hist[b];
-        *done += (int)st->done;
-        rc = tcmu_py_dp_complete(l->r, st);
-        st->done = 0;
+    for (k = 0; k < n; k++) {
+        const struct tcmu_py_entry *h = (const struct tcmu_py_entry *)(l->cp.p + l->at[k]);
+        const uint8_t *cdb = (const uint8_t *)h + h->cdb_off;
+        const struct iovec *v = (const struct iovec *)((const uint8_t *)h + h->array_off);
+        struct tcmu_py_fence f = {0, 0};
+        uint64_t lba, blocks, fs, fe, total = 0, pos;
+        int writing = 0, fua, ok = 0;
+        uint32_t i;
+
+        if (h->op == TCMU_OP_CMD && x->enabled && !has_tmr && x->fd >= 0 &&
+            !h->iov_bidi_cnt && tcmu_py_dp_rw(cdb, h->cdb_len, &lba, &blocks, &writing, &fua) &&
+            blocks && lba <= x->num_blocks && blocks <= x->num_blocks - lba &&
+            blocks <= x->max_blocks && tcmu_py_dp_units(x, lba, blocks, &fs, &fe) &&
+            !tcmu_py_dp_overlaps(l->fences, l->n_fences, fs, fe)) {
+            for (i = 0; i < h->iov_cnt; i++)
+                total += v[i].iov_len;
+            if (total == blocks * x->block_size) {
+                pos = x->base + lba * x->block_size;
+                if (tcmu_py_jobs_overlap(l, fs, fe))
+                    tcmu_py_jobs_drain(l);      /* ring order among C's own commands */
+                if (l->n_started && total >= l->big &&
+                    tcmu_py_job_queue(l, h, writing, fua, pos, total, fs, fe, t0))
+                    continue;
+                ok = tcmu_py_dp_iov(l->r->map, v, h->iov_cnt, x->fd, pos, writing) &&
+                     !(writing && fua && x->flush_fua && fdatasync(x->fd) != 0);
+            }
+        }
+        if (ok) {
+            l->done_ids[n_done++] = (uint16_t)h->cmd_id;
+            l->fig.done++;
+            if (writing) {
+                l->fig.writes++;
+                l->fig.bytes_written += total;
+            } else {
+                l->fig.reads++;
+                l->fig.bytes_read += total;
+            }
+            continue;
+        }
+        if (h->op == TCMU_OP_CMD)
+            f = tcmu_py_dp_fence(cdb);
+        if (f.end > f.start && tcmu_py_jobs_overlap(l, f.start, f.end))
+            tcmu_py_jobs_drain(l);              /* Python must not overtake a worker either */
+        if (!tcmu_py_loop_hand(l, h, f))
+            return -ENOMEM;
+        (*handed)++;
+    }
+    if (n_done) {
+        double took;
+        uint32_t b;
+
+        t1 = tcmu_py_now_ns();
+        took = (double)(t1 - t0) / 1e9;
+        b = tcmu_py_dp_bucket(took);
+        l->fig.latency_seconds += took * n_done;
+        l->fig.hist[b] += (uint32_t)n_done;
+        tail = tcmu_py_load_tail(l->r);
+        start = tail;
+        rc = tcmu_py_check_tail(l->r, tail);
+        for (k = 0; rc == TCMU_PY_OK && k < n_done; k++)
+            rc = tcmu_py_fill(l->r, &tail, l->done_ids[k], 0, no_sense, 0, 0, 0);
+        if (tail != start)
+            tcmu_py_store_tail(l->r, tail);
+        *done += n_done;
         if (rc < 0)
             return rc;
     }
-    return oom ? -ENOMEM : (int)st->dequeued;
+    return n;
 }
 
 static void tcmu_py_loop_signal(int fd, uint32_t size)
@@ -819,7 +1058,7 @@ static void *tcmu_py_loop_main(void *arg)
     int ready = 0;
 
     while (!__atomic_load_n(&l->stopping, __ATOMIC_ACQUIRE)) {
-        int done = 0, handed = 0, rc, pr;
+        int done = 0, handed = 0, work = 0, rc, pr;
 
         if (!ready) {
             pr = poll(pfd, 2, -1);
@@ -849,10 +1088,12 @@ static void *tcmu_py_loop_main(void *arg)
         }
         ready = 0;
         pthread_mutex_lock(&l->mu);
-        do
+        do {
             rc = tcmu_py_loop_batch(l, &done, &handed);
-        while (rc >= TCMU_PY_DP_MAX);
-        if (done + handed)
+            if (rc > 0)
+                work += rc;
+        } while (rc >= TCMU_PY_DP_MAX);
+        if (work)
             l->fig.batches++;
         pthread_mutex_unlock(&l->mu);
         if (done)
@@ -863,10 +1104,10 @@ static void *tcmu_py_loop_main(void *arg)
             tcmu_py_loop_fail(l, rc);
             break;
         }
-        if (done + handed) {
+        if (work) {
             idle_since = tcmu_py_now_ns();
             /* Queue depth 1 served in C: watch for the next command instead of sleeping. */
-            if (done == 1 && !handed && l->poll_us && gap < (uint64_t)l->poll_us * 1000u) {
+            if (work == 1 && done == 1 && l->poll_us && gap < (uint64_t)l->poll_us * 1000u) {
                 if (tcmu_py_loop_watch(l, &waited)) {
                     ready = 1;
                     gap = (uint64_t)((int64_t)gap + ((int64_t)waited - (int64_t)gap) / 4);
@@ -881,6 +1122,9 @@ static void *tcmu_py_loop_main(void *arg)
             }
         }
     }
+    pthread_mutex_lock(&l->mu);
+    tcmu_py_jobs_drain(l);                      /* no C command in flight once stopped */
+    pthread_mutex_unlock(&l->mu);
     return NULL;
 }
 
@@ -890,9 +1134,14 @@ int tcmu_py_loop_start(struct tcmu_py_loop *l)
 
     if (l->started)
         return EBUSY;
+    for (l->n_started = 0; l->n_started < l->n_workers; l->n_started++)
+        if (pthread_create(&l->workers[l->n_started], NULL, tcmu_py_worker_main, l) != 0)
+            break;                              /* fewer workers (none: all in the loop) */
     rc = pthread_create(&l->thread, NULL, tcmu_py_loop_main, l);
     if (rc == 0)
         l->started = 1;
+    else
+        tcmu_py_loop_stop(l);
     return rc;
 }
 
@@ -904,6 +1153,14 @@ void tcmu_py_loop_stop(struct tcmu_py_loop *l)
         pthread_join(l->thread, NULL);
         l->started = 0;
     }
+    if (l->n_started) {
+        pthread_mutex_lock(&l->mu);
+        l->quit = 1;
+        pthread_cond_broadcast(&l->work_cv);
+        pthread_mutex_unlock(&l->mu);
+        while (l->n_started)
+            pthread_join(l->workers[--l->n_started], NULL);
+    }
 }
 
 void tcmu_py_loop_free(struct tcmu_py_loop *l)
@@ -911,11 +1168,14 @@ void tcmu_py_loop_free(struct tcmu_py_loop *l)
     if (!l)
         return;
     tcmu_py_loop_stop(l);
+    pthread_cond_destroy(&l->work_cv);
+    pthread_cond_destroy(&l->idle_cv);
     pthread_mutex_destroy(&l->mu);
     close(l->stop_fd);
     free(l->fences);
     free(l->fence_ids);
-    free(l->rec);
+    free(l->cp.p);
+    free(l->rec.p);
     free(l);
 }
 
@@ -953,22 +1213,22 @@ int tcmu_py_loop_take(struct tcmu_py_loop *l, uint8_t *buf, uint32_t cap, uint32
     int n = 0;
 
     pthread_mutex_lock(&l->mu);
-    while (at < l->rec_len) {
-        uint32_t size = ((const struct tcmu_py_entry *)(l->rec + at))->reserved;
+    while (at < l->rec.len) {
+        uint32_t size = ((const struct tcmu_py_entry *)(l->rec.p + at))->reserved;
 
         if (at + size > cap)
             break;
         at += size;
         n++;
     }
-    if (n == 0 && l->rec_len) {
-        n = -(int)((const struct tcmu_py_entry *)l->rec)->reserved;
+    if (n == 0 && l->rec.len) {
+        n = -(int)((const struct tcmu_py_entry *)l->rec.p)->reserved;
         at = 0;
     }
     if (at) {
-        memcpy(buf, l->rec, at);
-        memmove(l->rec, l->rec + at, l->rec_len - at);
-        l->rec_len -= at;
+        memcpy(buf, l->rec.p, at);
+        memmove(l->rec.p, l->rec.p + at, l->rec.len - at);
+        l->rec.len -= at;
     }
     pthread_mutex_unlock(&l->mu);
     *used = (uint32_t)at;

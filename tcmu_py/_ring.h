@@ -201,14 +201,19 @@ struct tcmu_py_loop_figures {
  * dequeuing). uio_fd: polled for POLLIN, cleared with a read of event_size bytes (4 for uio,
  * 8 for an eventfd). kick_fd: written (kick_size bytes of 1) after C's completions. notify_fd:
  * an eventfd written when records wait for Python or the loop stopped on an error. poll_us:
- * the busy-poll watch after a wake-up that brought one command (0: off). NULL: out of memory
- * or no eventfd (errno says). The extent starts undeclared (everything goes to Python). */
+ * the busy-poll watch after a wake-up that brought one command (0: off). workers (at most 8):
+ * threads that execute, complete and kick C's commands of at least `big` bytes, so that their
+ * copies overlap the loop's next command and the kernel's completion work (which runs in the
+ * kicking thread); an entry that overlaps a command still on a worker waits for the workers
+ * first, so ring order holds for overlapping commands. NULL: out of memory or no eventfd
+ * (errno says). The extent starts undeclared (everything goes to Python). */
 struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32_t event_size,
                                       int kick_fd, uint32_t kick_size, int notify_fd,
-                                      uint32_t poll_us);
+                                      uint32_t poll_us, uint32_t workers, uint32_t big);
 /* Start the thread: 0, or an errno. */
 int tcmu_py_loop_start(struct tcmu_py_loop *l);
-/* Ask the thread to stop and join it (idempotent; waits for the batch it is in). */
+/* Ask the thread to stop and join it and the workers (idempotent; waits for the batch it is
+ * in and for every command on a worker). */
 void tcmu_py_loop_stop(struct tcmu_py_loop *l);
 /* Stop, then free. Records not taken are lost: take them first. */
 void tcmu_py_loop_free(struct tcmu_py_loop *l);

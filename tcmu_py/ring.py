@@ -806,6 +806,14 @@ def _fill_extent(x: Any, extent: Any) -> Any:
     return units_cdata
 
 
+#: Worker threads of a native loop, and the smallest transfer (bytes) they take: a large READ or
+#: WRITE is executed, completed and kicked on a worker, so that its copy overlaps the loop's next
+#: command and the kernel's completion work for it (which runs in the kicking thread: for a READ,
+#: the copy out of the data area). Smaller commands stay on the loop thread, where they cost less.
+NATIVE_WORKERS = 2
+NATIVE_BIG_BYTES = 64 * 1024
+
+
 class NativeLoop:
     """Issue 17, stage 2: a C thread (`tcmu_py_loop_*` in ``_ring.c``) that serves one ring.
 
@@ -825,18 +833,24 @@ class NativeLoop:
     - `enable(False)` stops execution at once (everything goes to Python): the runner calls it
       when a unit attention is queued or the extent changes, and enables again after Python
       reported the attention and declared the new extent.
-    - `stop()` joins the thread; records it left are still taken afterwards, so every command
-      dequeued is completed exactly once. `error` says why the thread stopped by itself (a
+    - Large READ/WRITE (`NATIVE_BIG_BYTES`) go to a few C worker threads that execute, complete
+      and kick them; an entry that overlaps one of them (C's or Python's) waits until the workers
+      are idle, so overlapping commands keep ring order. Every entry of a wake-up is copied before
+      any of it runs, so completions may steal any slot while the loop waits.
+    - `stop()` joins the thread and the workers; records it left are still taken afterwards,
+      so every command dequeued is completed exactly once. `error` says why the thread stopped by itself (a
       corrupt ring, or the uio gone).
 
     Thread: `take`, `figures` and the completions are safe from any thread (the mutex);
     `declare`/`enable` too. `close` after `stop`, once nothing completes any more.
     """
 
-    def __init__(self, ring: Ring, uio: Any, poll_seconds: float = 0.0) -> None:
+    def __init__(self, ring: Ring, uio: Any, poll_seconds: float = 0.0,
+                 workers: int | None = None, big: int | None = None) -> None:
         """`uio`: a `tcmu_py.uio.UioDevice`, or anything with `fileno()`, `event_size` (bytes
         one read of its event takes: 4 for uio, 8 for an eventfd), `kick_fd()` and
-        `kick_size` (the fd and size of a kick write)."""
+        `kick_size` (the fd and size of a kick write). `workers`, `big`: see
+        `NATIVE_WORKERS` (None: the module's values when the loop is made)."""
         if ring._cbuf is None:
             raise RingError("the ring is closed")
         self.ring = ring
@@ -850,6 +864,8 @@ class NativeLoop:
         ptr = lib.tcmu_py_loop_new(
             ring._ctx, uio.fileno(), getattr(uio, "event_size", 4), uio.kick_fd(),
             getattr(uio, "kick_size", 4), self._notify, max(0, round(poll_seconds * 1e6)),
+            NATIVE_WORKERS if workers is None else workers,
+            NATIVE_BIG_BYTES if big is None else big,
         )
         if ptr == ffi.NULL:
             os.close(self._notify)

@@ -232,9 +232,10 @@ class ScsiDevice:
         """Whether this instance implements a command its class declares (capability filter)."""
         return True
 
-    #: Called when a unit attention is queued or `extent_version` moves (from whichever thread
-    #: did it, after the change): a runner whose native loop executes commands in C stops it
-    #: until it has caught up (`DeviceRunner`). None: nobody listens.
+    #: Called when a unit attention is queued or reported, or `extent_version` moves (from
+    #: whichever thread did it, after the change): a runner whose native loop executes commands
+    #: in C stops it while an attention waits or the extent it declared is stale, and resumes it
+    #: once neither holds (`DeviceRunner`). None: nobody listens.
     plane_listener: Callable[[], None] | None = None
     _extent_version: int = 0
 
@@ -247,9 +248,7 @@ class ScsiDevice:
     @extent_version.setter
     def extent_version(self, value: int) -> None:
         self._extent_version = value
-        listener = self.plane_listener
-        if listener is not None:
-            listener()
+        self._plane_changed()
 
     def data_extent(self) -> DataExtent | None:
         """The file extent plain READ/WRITE may be served from without calling the device, or
@@ -346,9 +345,7 @@ class ScsiDevice:
         with self.lock:
             if not any(type(ua) is type(err) for ua in self._unit_attentions):
                 self._unit_attentions.append(err)
-        listener = self.plane_listener
-        if listener is not None:
-            listener()
+        self._plane_changed()
 
     def close(self) -> None:
         """Release resources. Called once, after the last command completed."""
@@ -492,8 +489,15 @@ class ScsiDevice:
 
     def _report_unit_attention(self) -> None:
         with self.lock:
-            if self._unit_attentions:
-                raise self._unit_attentions.popleft()
+            ua = self._unit_attentions.popleft() if self._unit_attentions else None
+        if ua is not None:
+            self._plane_changed()
+            raise ua
+
+    def _plane_changed(self) -> None:
+        listener = self.plane_listener
+        if listener is not None:
+            listener()
 
     # ------------------------------------------------------------------------------------------
     # SPC commands every device answers
@@ -535,6 +539,7 @@ class ScsiDevice:
         with self.lock:
             ua = self._unit_attentions.popleft() if self._unit_attentions else None
         if ua is not None:
+            self._plane_changed()
             data = ua.sense(descriptor=req.desc)
         elif req.desc:
             data = spc.build_no_sense(descriptor=True)

@@ -355,17 +355,19 @@ class DeviceRunner:
         if version != self._extent_version:
             loop.declare(device.data_extent())
             self._extent_version = version
-        with self._plane_lock:
-            loop.enable(not device.unit_attention_pending
-                        and device.extent_version == self._extent_version)
+        self._plane_changed()
 
     def _plane_changed(self) -> None:
-        """The device queued a unit attention or changed its extent (any thread): nothing more
-        in C until this loop thread has caught up (the next command comes to Python)."""
+        """The device queued or reported a unit attention or changed its extent (any thread, in
+        the middle of a command): C executes only while no attention waits and the declared
+        extent is current. A stale extent is declared again by this loop thread, which the next
+        command reaches (C hands everything to Python meanwhile)."""
         loop = self.native
         if loop is not None:
+            device = self.device
             with self._plane_lock:
-                loop.enable(False)
+                loop.enable(not device.unit_attention_pending
+                            and device.extent_version == self._extent_version)
 
     def _pull_native(self) -> None:
         """Take the native loop's figures into the counters (under the ring lock)."""

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tcmu_py import ring as ring_module
 from tcmu_py.device.block import BlockDevice, open_block_device
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.raw import RawBackend
@@ -154,18 +155,26 @@ def _cdb(cmd: tuple[Any, ...], rng: random.Random) -> tuple[bytes, bytes, int]:
 
 
 def _run_program(tmp: Path, name: str, plane: bool, program: Any,
-                 kind: str = "raw", native: bool = False) -> dict[str, Any]:
+                 kind: str = "raw", native: bool = False, big: int | None = None
+                 ) -> dict[str, Any]:
     """Run `program` with the plane on or off on a `kind` ("raw" or "thin") disk, with `native`
     on its own C thread (stage 2); everything an initiator or `status` sees (for thin also the
     allocation map and the pool's use). A native loop is held while a batch is submitted, so
-    it takes the batch at once, as one wake-up of the other modes does."""
+    it takes the batch at once, as one wake-up of the other modes does. `big`: the native
+    loop's worker threshold (`tcmu_py.ring.NATIVE_BIG_BYTES`; 1: every C command on a worker)."""
     batches_, seed = program
     rng = random.Random(seed)
     device = make_device(tmp, name) if kind == "raw" else make_thin(tmp, name)
     path = str(tmp / f"{name}.img") if kind == "raw" else thin_image(device)
     # A 4 KiB command ring: it wraps (PAD entries) every few wake-ups.
-    h = RingHarness(device, workers=1, data_plane=plane, native=native, cmdr_size=4096,
-                    data_size=256 * 1024)
+    saved = ring_module.NATIVE_BIG_BYTES
+    if big is not None:
+        ring_module.NATIVE_BIG_BYTES = big
+    try:
+        h = RingHarness(device, workers=1, data_plane=plane, native=native, cmdr_size=4096,
+                        data_size=256 * 1024)
+    finally:
+        ring_module.NATIVE_BIG_BYTES = saved
     assert (h.runner.native is not None) == (plane and native)
     answers: list[tuple[int | None, bytes, bytes, bool]] = []
     try:
@@ -216,8 +225,10 @@ def test_plane_on_and_off_agree(tmp: Path, kind: str, program: Any) -> None:
     on its own C thread (stage 2): both agree with the plane off."""
     tag = os.urandom(4).hex()
     off = _run_program(tmp, f"off-{tag}", False, program, kind)
-    for native in (False, True):
-        on = _run_program(tmp, f"on-{tag}-{native}", True, program, kind, native=native)
+    # Stage 1; the native loop; the native loop with every C command on its worker threads.
+    for native, big in ((False, None), (True, None), (True, 1)):
+        on = _run_program(tmp, f"on-{tag}-{native}-{big}", True, program, kind, native=native,
+                          big=big)
         assert on["answers"] == off["answers"]
         assert on["counters"] == off["counters"]
         assert on["image"] == off["image"]
@@ -233,6 +244,7 @@ def test_the_property_test_reaches_c(tmp: Path) -> None:
     on = _run_program(tmp, "reach", True, program)
     assert on["executed"] == 5
     assert _run_program(tmp, "reach-native", True, program, native=True)["executed"] == 5
+    assert _run_program(tmp, "reach-workers", True, program, native=True, big=1)["executed"] == 5
 
 
 def test_the_thin_property_test_reaches_c(tmp: Path) -> None:

@@ -112,14 +112,21 @@ def test_a_unit_attention_queued_by_another_thread_stops_c_at_once(tmp_path: Pat
 
 
 def test_every_command_handed_over_is_answered_when_the_loop_stops(tmp_path: Path) -> None:
-    """Stop the runner while Python commands wait in the hand-off buffer: the runner takes
-    and answers them on its way out (the harness checks nothing stays in flight)."""
+    """Stop the runner while the commands C handed over wait for Python (the loop thread is
+    held off them): the runner still takes and answers every one on its way out (the harness
+    checks that nothing stays in flight)."""
     device = make_device(tmp_path, "stop")
     h = RingHarness(device, workers=2, native=True)
-    assert h.runner.native is not None
+    loop = h.runner.native
+    assert loop is not None
     h.run(cdbs.test_unit_ready())
-    pend = _batch(h, [(cdbs.inquiry(), b"", 96)] * 8 + [(cdbs.read10(1, 1), b"", BS)] * 8)
-    h.close()  # stops the loop, serves what is left, checks the fake kernel is idle
+    fill = b"\x5a" * BS
+    with h.runner._ring_lock:  # Python takes nothing meanwhile
+        pend = _batch(h, [(cdbs.inquiry(), b"", 96)] * 8
+                      + [(cdbs.write_same10(4 * i, 2), fill, 0) for i in range(8)])
+        assert _until(lambda: loop.fences == 8)  # all handed over, none taken
+        h.runner.stop()
+    h.close()  # joins the runner; checks the fake kernel is idle
     assert all(p.done for p in pend)
     assert {p.status for p in pend} == {0}
 
@@ -172,5 +179,37 @@ def test_a_device_without_an_extent_keeps_the_python_loop(tmp_path: Path) -> Non
     try:
         assert h.runner.native is None
         assert h.run(cdbs.test_unit_ready()).sense_codes == (6, 0x29, 0)
+    finally:
+        h.close()
+
+
+def test_large_transfers_run_on_the_workers_in_ring_order(tmp_path: Path) -> None:
+    """Commands of at least NATIVE_BIG_BYTES go to the loop's worker threads; a READ that
+    overlaps a WRITE still on a worker waits for it (it returns the new data), and the others
+    run alongside."""
+    from tcmu_py import ring as ring_module
+
+    big = ring_module.NATIVE_BIG_BYTES
+    blocks = big // BS
+    img = tmp_path / "big.img"
+    from tcmu_py.device.block import open_block_device
+    from tcmu_py.handler import DeviceConfig
+    from tcmu_py.handlers.raw import RawBackend
+
+    size = 8 * big
+    config = DeviceConfig("big", "raw", str(img), size, BS, write_cache=True)
+    device = open_block_device(config, RawBackend(str(img), size, BS, True))
+    h = RingHarness(device, workers=1, native=True, data_size=16 * big)
+    assert h.runner.native is not None
+    try:
+        h.run(cdbs.test_unit_ready())
+        for rnd in range(3):
+            datas = [os.urandom(big) for _ in range(4)]
+            pend = _batch(h, [(cdbs.write10(i * blocks, blocks), datas[i], 0) for i in range(4)]
+                          + [(cdbs.read10(i * blocks, blocks), b"", big) for i in range(4)])
+            h.wait(pend)
+            assert [p.status for p in pend] == [0] * 8, rnd
+            assert [p.data_in for p in pend[4:]] == datas, rnd
+        assert h.runner.native.executed + h.runner.native.figures()["done"] >= 24
     finally:
         h.close()
