@@ -838,8 +838,8 @@ class NativeLoop:
       are idle, so overlapping commands keep ring order. Every entry of a wake-up is copied before
       any of it runs, so completions may steal any slot while the loop waits.
     - `stop()` joins the thread and the workers; records it left are still taken afterwards,
-      so every command dequeued is completed exactly once. `error` says why the thread stopped by itself (a
-      corrupt ring, or the uio gone).
+      so every command dequeued is completed exactly once. `error` says why the thread stopped
+      by itself (a corrupt ring, or the uio gone).
 
     Thread: `take`, `figures` and the completions are safe from any thread (the mutex);
     `declare`/`enable` too. `close` after `stop`, once nothing completes any more.
