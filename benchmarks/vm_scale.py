@@ -79,12 +79,21 @@ def aggregate(runs: list[dict[str, Any]], devices: int) -> dict[str, dict[str, d
             ]
             if shares:
                 entry[key]["min_max_device_share"] = _median(shares)
-            threads: dict[str, list[float]] = defaultdict(list)
-            for r in rs:
-                for name, s in r.get("server_threads_cpu_s", {}).items():
-                    threads[name].append(s / r["runtime_s"])
-            busiest = sorted(threads.items(), key=lambda kv: -sum(kv[1]))
-            entry[key]["thread_cores"] = {k: round(_median(v), 3) for k, v in busiest}
+            # Per rank (busiest thread first, thread ids differ between runs): the median
+            # cores, named after that rank's thread in the first repetition.
+            ranked = [
+                sorted(
+                    ((s / r["runtime_s"], name.split("/")[0])
+                     for name, s in r.get("server_threads_cpu_s", {}).items()),
+                    reverse=True,
+                )
+                for r in rs
+            ]
+            depth = min((len(x) for x in ranked), default=0)
+            entry[key]["thread_cores"] = [
+                (ranked[0][i][1], round(_median([x[i][0] for x in ranked]), 3))
+                for i in range(depth)
+            ]
     for servers in table.values():
         for entry in servers.values():
             one, many = entry.get("one"), entry.get("many")
@@ -122,14 +131,14 @@ def _pct(x: float | None) -> str:
 
 
 def render_threads(table: dict[str, dict[str, dict[str, Any]]], devices: int) -> str:
-    """Which threads of each server burnt the CPU in the multi-device runs (cores)."""
+    """The busiest threads of each server in the multi-device runs (cores, busiest first)."""
     out = []
     for wl in WORKLOADS:
         for server in SERVERS:
             many = table.get(wl, {}).get(server, {}).get("many")
             if not many:
                 continue
-            top = list(many.get("thread_cores", {}).items())[:8]
+            top = many.get("thread_cores", [])[:8]
             share = many.get("min_max_device_share")
             out.append(
                 f"- {wl}, {SERVER_LABELS[server]}, {devices} devices: "
@@ -179,7 +188,8 @@ def analyze(run_dir: Path, argv_line: str) -> int:
         "",
         render_table(table, devices),
         "",
-        f"Server CPU by thread in the {devices}-device runs (cores, median):",
+        f"Busiest threads of each server in the {devices}-device runs (cores, median per rank; "
+        "tcmu-py's threads, native loops included, are all named `python`):",
         "",
         render_threads(table, devices),
     ]

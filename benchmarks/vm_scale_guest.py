@@ -34,7 +34,6 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -96,18 +95,18 @@ def fio_many(
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) per thread name of process ``pid`` (threads sharing a name,
-    e.g. pool workers, summed)."""
+    """CPU seconds (user + system) per thread of process ``pid``, keyed ``name/tid`` (tcmu-py's
+    threads, Python's and the native loops', all carry the OS name ``python``)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = defaultdict(float)
+    out: dict[str, float] = {}
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 text = (task / "stat").read_text()
                 name = text[text.index("(") + 1 : text.rindex(")")]
                 fields = text.rsplit(")", 1)[1].split()
-                out[name] += (int(fields[11]) + int(fields[12])) / ticks
-    return dict(out)
+                out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
 
 
 def guest_cpu() -> tuple[float, float]:
