@@ -518,6 +518,50 @@ def update_docs_file(md: str, run_dir: Path, charted: bool) -> None:
     print(f"updated {DOCS}")
 
 
+def boot_guest(
+    guest_argv: list[str],
+    run_dir: Path,
+    guest: Path,
+    memory: str,
+    cpus: int | None,
+    timeout: float,
+    what: str,
+) -> int | None:
+    """One lab VM boot running ``guest_argv`` from the repository root (the venv's bin on PATH,
+    ``guest`` writable, console in ``run_dir/console.log``). Returns the guest's exit status
+    (124 if the VM was killed at ``timeout``), None if the VM could not boot."""
+    from tcmu_py.lab import LabError, LabTimeout, guest_prelude, run_in_vm
+
+    venv_bin = shlex.quote(str(Path(sys.executable).parent))
+    script = (
+        guest_prelude()
+        + f'export PATH={venv_bin}:"$PATH"\n'
+        + f"cd {shlex.quote(str(REPO))}\n"
+        + " ".join(shlex.quote(a) for a in guest_argv)
+        + "\n"
+    )
+    try:
+        proc = run_in_vm(
+            script,
+            rwdirs=[guest],
+            memory=memory,
+            cpus=cpus,
+            timeout=timeout,
+            log=run_dir / "console.log",
+        )
+        rc = proc.returncode
+    except LabError as exc:
+        print(f"{what}: {exc}", file=sys.stderr)
+        return None
+    except LabTimeout:
+        print(f"{what}: VM killed after {timeout:.0f} s; analysing what was recorded",
+              file=sys.stderr)
+        rc = 124
+    if rc != 0:
+        print(f"{what}: guest exited {rc}; see {run_dir / 'console.log'}", file=sys.stderr)
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0, help="fio runtime per run (default 8)")
@@ -546,8 +590,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.analyze is not None:
         return analyze(args.analyze.resolve(), argv_line, args.update_docs)
-
-    from tcmu_py.lab import LabError, LabTimeout, guest_prelude, run_in_vm
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = (args.out / stamp).resolve()
@@ -587,42 +629,16 @@ def main(argv: list[str] | None = None) -> int:
         guest_argv += ["--workers", str(args.workers)]
     if args.poll_us is not None:
         guest_argv += ["--poll-us", str(args.poll_us)]
-    venv_bin = shlex.quote(str(Path(sys.executable).parent))
-    script = (
-        guest_prelude()
-        + f'export PATH={venv_bin}:"$PATH"\n'
-        + f"cd {shlex.quote(str(REPO))}\n"
-        + " ".join(shlex.quote(a) for a in guest_argv)
-        + "\n"
-    )
     print(
         f"booting the lab VM ({n_runs} runs of {args.seconds:g} s, {n_prof} profiled; "
         f"timeout {timeout:.0f} s); console log: {run_dir / 'console.log'}",
         flush=True,
     )
-    try:
-        proc = run_in_vm(
-            script,
-            rwdirs=[guest],
-            memory=args.memory,
-            cpus=args.cpus,
-            timeout=timeout,
-            log=run_dir / "console.log",
-        )
-        rc = proc.returncode
-    except LabError as exc:
-        print(f"vm_bench: {exc}", file=sys.stderr)
+    rc = boot_guest(guest_argv, run_dir, guest, args.memory, args.cpus, timeout, "vm_bench")
+    if rc is None:
         return 2
-    except LabTimeout:
-        print(
-            f"vm_bench: VM killed after {timeout:.0f} s; analysing what was recorded",
-            file=sys.stderr,
-        )
-        rc = 124
     host["host_loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     (run_dir / "host.json").write_text(json.dumps(host, indent=2))
-    if rc != 0:
-        print(f"vm_bench: guest exited {rc}; see {run_dir / 'console.log'}", file=sys.stderr)
     arc = analyze(run_dir, argv_line, args.update_docs)
     return rc or arc
 

@@ -221,9 +221,17 @@ def fio(dev: Path, wl: Workload, seconds: float, size_mib: int, out_json: Path) 
         f"--output={out_json}",
     ]
     res = run(argv, timeout=seconds + ramp + 120, check=False)
+    return fio_figures(res, out_json, wl, f"fio {wl.name} on {dev}")
+
+
+def fio_figures(
+    res: subprocess.CompletedProcess[str], out_json: Path, wl: Workload, what: str
+) -> dict[str, Any]:
+    """The figures of the first job of a finished fio run's JSON output (with
+    ``--group_reporting``: all jobs summed); RuntimeError if fio failed."""
     text = out_json.read_text() if out_json.exists() else ""
     if res.returncode != 0 or "{" not in text:
-        raise RuntimeError(f"fio {wl.name} on {dev}: exit {res.returncode}: {res.stderr[-2000:]}")
+        raise RuntimeError(f"{what}: exit {res.returncode}: {res.stderr[-2000:]}")
     job = json.loads(text[text.index("{") :])["jobs"][0]
     side = job[wl.direction]
     lat = side.get("lat_ns", {})
