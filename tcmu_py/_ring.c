@@ -803,10 +803,9 @@ static void tcmu_py_jobs_drain(struct tcmu_py_loop *l)
         pthread_cond_wait(&l->idle_cv, &l->mu);
 }
 
-static void tcmu_py_loop_count(struct tcmu_py_loop *l, int writing, uint64_t total, double took)
+/* One command C executed: its figures (the latency is counted by the caller). */
+static void tcmu_py_loop_tally(struct tcmu_py_loop *l, int writing, uint64_t total)
 {
-    uint32_t b = tcmu_py_dp_bucket(took);
-
     l->fig.done++;
     if (writing) {
         l->fig.writes++;
@@ -815,8 +814,6 @@ static void tcmu_py_loop_count(struct tcmu_py_loop *l, int writing, uint64_t tot
         l->fig.reads++;
         l->fig.bytes_read += total;
     }
-    l->fig.latency_seconds += took;
-    l->fig.hist[b]++;
 }
 
 /* Python's from now on: its record goes to the hand-off buffer, its fence is held. */
@@ -857,9 +854,12 @@ static void *tcmu_py_worker_main(void *arg)
              !(j->writing && j->fua && j->flush_fua && fdatasync(j->fd) != 0);
         pthread_mutex_lock(&l->mu);
         if (ok) {
+            double took = (double)(tcmu_py_now_ns() - j->t0) / 1e9;
+
             rc = tcmu_py_complete(l->r, j->cmd_id, 0, no_sense, 0, 0, 0);
-            tcmu_py_loop_count(l, (int)j->writing, j->total,
-                               (double)(tcmu_py_now_ns() - j->t0) / 1e9);
+            tcmu_py_loop_tally(l, (int)j->writing, j->total);
+            l->fig.latency_seconds += took;
+            l->fig.hist[tcmu_py_dp_bucket(took)]++;
         } else if (!tcmu_py_loop_hand(l, h, tcmu_py_dp_fence(j->rec + h->cdb_off))) {
             rc = -ENOMEM;
         }
@@ -973,14 +973,7 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
         }
         if (ok) {
             l->done_ids[n_done++] = (uint16_t)h->cmd_id;
-            l->fig.done++;
-            if (writing) {
-                l->fig.writes++;
-                l->fig.bytes_written += total;
-            } else {
-                l->fig.reads++;
-                l->fig.bytes_read += total;
-            }
+            tcmu_py_loop_tally(l, writing, total);
             continue;
         }
         if (h->op == TCMU_OP_CMD)

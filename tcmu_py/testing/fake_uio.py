@@ -17,7 +17,7 @@ from types import TracebackType
 
 from tcmu_py.testing.fake_kernel import FakeKernel
 
-__all__ = ["FakeUio", "KickRelay"]
+__all__ = ["FakeUio", "KickRelay", "RelayedKicks"]
 
 
 class KickRelay:
@@ -57,7 +57,31 @@ class KickRelay:
             os.close(fd)
 
 
-class FakeUio:
+class RelayedKicks:
+    """What a native loop needs of a fake uio: 8-byte event reads (an eventfd) and a kick fd
+    whose writes reach the class's `kick()` through a `KickRelay`. Call `_close_relay` in
+    `close`."""
+
+    event_size = 8
+    kick_size = 8
+    _relay: KickRelay | None = None
+
+    def kick(self) -> None:
+        raise NotImplementedError
+
+    def kick_fd(self) -> int:
+        """An eventfd the native loop's C thread kicks through (`KickRelay`)."""
+        if self._relay is None:
+            self._relay = KickRelay(self.kick)
+        return self._relay.fd
+
+    def _close_relay(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
+
+
+class FakeUio(RelayedKicks):
     """A stand-in for an open ``/dev/uioN`` of a TCMU device, backed by ``kernel``.
 
     ``kick()`` runs the fake kernel's completion handling in the calling thread and
@@ -70,7 +94,6 @@ class FakeUio:
         self.buffer = kernel.buffer
         self.kicks = 0
         self._fd: int | None = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._relay: KickRelay | None = None
         kernel.add_listener(self._on_event)
         if kernel.events:
             # Entries queued before we "opened" the device are already waiting.
@@ -91,16 +114,6 @@ class FakeUio:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.fileno())
 
-    #: An eventfd's counter is read with 8 bytes (the native loop reads it from C).
-    event_size = 8
-    kick_size = 8
-
-    def kick_fd(self) -> int:
-        """An eventfd the native loop's C thread kicks through (`KickRelay`)."""
-        if self._relay is None:
-            self._relay = KickRelay(self.kick)
-        return self._relay.fd
-
     def kick(self) -> None:
         """Tell the fake kernel that cmd_tail moved: it reaps and requeues waiting commands."""
         self.fileno()
@@ -109,9 +122,7 @@ class FakeUio:
 
     def close(self) -> None:
         """Close the eventfd (idempotent). The fake kernel and its buffer stay usable."""
-        if self._relay is not None:
-            self._relay.close()
-            self._relay = None
+        self._close_relay()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -19,6 +19,7 @@ from typing import Any
 from tcmu_py.device.command import Command
 from tcmu_py.device.core import ScsiDevice
 from tcmu_py.scsi.sense import parse_sense
+from tcmu_py.testing.fake_uio import RelayedKicks
 
 
 @dataclass
@@ -87,7 +88,7 @@ def run_command(
     return Result(resp.status, resp.sense, data)
 
 
-class _SerialisedUio:
+class _SerialisedUio(RelayedKicks):
     """A FakeUio whose kernel side is entered by one thread at a time.
 
     The production runner kicks from its worker threads; the real kernel serialises itself, the
@@ -98,7 +99,6 @@ class _SerialisedUio:
         self._uio = uio
         self._lock = lock
         self.buffer = uio.buffer
-        self._relay: Any = None
 
     def fileno(self) -> int:
         return int(self._uio.fileno())
@@ -111,21 +111,8 @@ class _SerialisedUio:
             self._uio.kick()
             self._lock.notify_all()
 
-    event_size = 8
-    kick_size = 8
-
-    def kick_fd(self) -> int:
-        """For a native loop: C's kicks reach `kick` (serialised) through a relay thread."""
-        from tcmu_py.testing.fake_uio import KickRelay
-
-        if self._relay is None:
-            self._relay = KickRelay(self.kick)
-        return self._relay.fd
-
     def close(self) -> None:
-        if self._relay is not None:
-            self._relay.close()
-            self._relay = None
+        self._close_relay()
         self._uio.close()
 
 

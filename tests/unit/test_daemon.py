@@ -19,7 +19,7 @@ from tcmu_py.errors import TcmuError
 from tcmu_py.handlers.null import NullHandler
 from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.testing import FakeKernel, FakeUio, cdbs
-from tcmu_py.testing.fake_uio import KickRelay
+from tcmu_py.testing.fake_uio import RelayedKicks
 from tcmu_py.testing.harness import Result
 
 MIB = 1 << 20
@@ -69,7 +69,7 @@ class Host:
         raise AssertionError(f"{node}: command {cdb.hex()} not completed")
 
 
-class LockedFakeUio:
+class LockedFakeUio(RelayedKicks):
     def __init__(self, uio: FakeUio, lock: threading.Lock) -> None:
         self.uio, self.lock, self.buffer = uio, lock, uio.buffer
 
@@ -83,19 +83,8 @@ class LockedFakeUio:
         with self.lock:
             self.uio.kick()
 
-    event_size = 8
-    kick_size = 8
-    relay: KickRelay | None = None
-
-    def kick_fd(self) -> int:
-        """The native loop's kicks from C reach `kick` through a relay thread."""
-        if self.relay is None:
-            self.relay = KickRelay(self.kick)
-        return self.relay.fd
-
     def close(self) -> None:
-        if self.relay is not None:
-            self.relay.close()
+        self._close_relay()
         self.uio.close()
 
 
