@@ -881,7 +881,8 @@ static void *tcmu_py_worker_main(void *arg)
     return NULL;
 }
 
-/* Queue a large command for the workers (under the mutex): 1, or 0 if it must run here. */
+/* Queue a large command for the workers (under the mutex, with a free slot): 1, or 0 (no
+ * memory) if it must run here. */
 static int tcmu_py_job_queue(struct tcmu_py_loop *l, const struct tcmu_py_entry *h, int writing,
                              int fua, uint64_t pos, uint64_t total, uint64_t fs, uint64_t fe,
                              uint64_t t0)
@@ -889,8 +890,6 @@ static int tcmu_py_job_queue(struct tcmu_py_loop *l, const struct tcmu_py_entry 
     struct tcmu_py_job *j = NULL;
     int i;
 
-    while (l->n_jobs >= TCMU_PY_JOBS)
-        pthread_cond_wait(&l->idle_cv, &l->mu);
     for (i = 0; i < TCMU_PY_JOBS; i++)
         if (!l->jobs[i].busy) {
             j = &l->jobs[i];
@@ -949,10 +948,13 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
         const uint8_t *cdb = (const uint8_t *)h + h->cdb_off;
         const struct iovec *v = (const struct iovec *)((const uint8_t *)h + h->array_off);
         struct tcmu_py_fence f = {0, 0};
-        uint64_t lba, blocks, fs, fe, total = 0, pos;
-        int writing = 0, fua, ok = 0;
+        uint64_t lba, blocks, fs, fe, total, pos;
+        int writing, fua, ok = 0;
         uint32_t i;
 
+    again:
+        total = 0;
+        writing = 0;
         if (h->op == TCMU_OP_CMD && x->enabled && !has_tmr && x->fd >= 0 &&
             !h->iov_bidi_cnt && tcmu_py_dp_rw(cdb, h->cdb_len, &lba, &blocks, &writing, &fua) &&
             blocks && lba <= x->num_blocks && blocks <= x->num_blocks - lba &&
@@ -962,11 +964,21 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
                 total += v[i].iov_len;
             if (total == blocks * x->block_size) {
                 pos = x->base + lba * x->block_size;
-                if (tcmu_py_jobs_overlap(l, fs, fe))
-                    tcmu_py_jobs_drain(l);      /* ring order among C's own commands */
-                if (l->n_started && total >= l->big &&
-                    tcmu_py_job_queue(l, h, writing, fua, pos, total, fs, fe, t0))
-                    continue;
+                if (tcmu_py_jobs_overlap(l, fs, fe)) {
+                    /* Ring order among C's own commands. The wait releases the mutex: the
+                     * extent, the enable flag and the fences (a failed job becomes Python's)
+                     * may have changed, so the checks run again. */
+                    tcmu_py_jobs_drain(l);
+                    goto again;
+                }
+                if (l->n_started && total >= l->big) {
+                    if (l->n_jobs >= TCMU_PY_JOBS) {
+                        tcmu_py_jobs_drain(l);  /* every slot taken: as above */
+                        goto again;
+                    }
+                    if (tcmu_py_job_queue(l, h, writing, fua, pos, total, fs, fe, t0))
+                        continue;
+                }
                 ok = tcmu_py_dp_iov(l->r->map, v, h->iov_cnt, x->fd, pos, writing) &&
                      !(writing && fua && x->flush_fua && fdatasync(x->fd) != 0);
             }

@@ -213,3 +213,30 @@ def test_large_transfers_run_on_the_workers_in_ring_order(tmp_path: Path) -> Non
         assert h.runner.native.executed + h.runner.native.figures()["done"] >= 24
     finally:
         h.close()
+
+
+def test_a_failed_worker_command_is_python_s_and_fences_what_overlaps_it(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Every C command on a worker (threshold 1 byte). A READ whose image was cut short fails on
+    its worker and becomes Python's (which zero-fills); the WRITE after it to the same blocks
+    must not overtake it: the READ returns the zeros, not the WRITE's data."""
+    from tcmu_py import ring as ring_module
+
+    monkeypatch.setattr(ring_module, "NATIVE_BIG_BYTES", 1)
+    device = make_device(tmp_path, "cut")
+    h = RingHarness(device, workers=1, native=True)
+    try:
+        h.run(cdbs.test_unit_ready())
+        assert h.run(cdbs.write10(BLOCKS - 2, 2), os.urandom(2 * BS)).good
+        os.truncate(tmp_path / "cut.img", (BLOCKS - 2) * BS)
+        for _ in range(5):
+            new = os.urandom(2 * BS)
+            pend = _batch(h, [(cdbs.read10(BLOCKS - 2, 2), b"", 2 * BS),
+                              (cdbs.write10(BLOCKS - 2, 2), new, 0)])
+            h.wait(pend)
+            assert [p.status for p in pend] == [0, 0]
+            assert pend[0].data_in == bytes(2 * BS)
+            os.truncate(tmp_path / "cut.img", (BLOCKS - 2) * BS)
+    finally:
+        h.close()
