@@ -71,7 +71,8 @@ class TimedUio:
 
 
 def run(
-    handler: Any, cfgstring: str, workload: str, seconds: float, qd: int, plane: bool = True
+    handler: Any, cfgstring: str, workload: str, seconds: float, qd: int, plane: bool = True,
+    prefill: bool = False,
 ) -> dict[str, Any]:
     xfer = 4096 if workload.startswith("4k") else 1 << 20
     writing = "write" in workload
@@ -79,9 +80,10 @@ def run(
     uio = TimedUio(FakeUio(kernel))
     config = DeviceConfig("bench", handler.subtype, cfgstring, SIZE, BS, hw_max_sectors=2048)
     device = handler.open(config)
-    if handler is ThinHandler:
+    if handler is ThinHandler or (prefill and handler.subtype == "raw"):
         # Allocate every unit first (as after a first pass of writes): the plane serves only
-        # allocated units, and the workload would otherwise measure allocation.
+        # allocated units, and the workload would otherwise measure allocation. A raw image is
+        # sparse until written: `prefill` measures writes into allocated pages, as a disk in use.
         chunk = memoryview(b"\x5a" * (1 << 20))
         for off in range(0, SIZE, len(chunk)):
             device.backend.write(off, [chunk])  # type: ignore[attr-defined]
@@ -157,6 +159,8 @@ def main() -> int:
     ap.add_argument("--qd", type=int, default=32)
     ap.add_argument("--plane", choices=("on", "off", "both"), default="both")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--prefill", action="store_true",
+                    help="write the raw image whole first (writes then land in allocated pages)")
     ap.add_argument("--handlers", default="null,raw,thin",
                     help="comma-separated, of null, raw, thin (default all)")
     ap.add_argument("--workloads", default="4k-randread,4k-randwrite,1m-seqread,1m-seqwrite",
@@ -176,7 +180,7 @@ def main() -> int:
             for wl in args.workloads.split(","):
                 qd = args.qd if wl.startswith("4k") else 8
                 for plane in planes:
-                    r = run(handler, cfg, wl, args.seconds, qd, plane)
+                    r = run(handler, cfg, wl, args.seconds, qd, plane, args.prefill)
                     results.append(r)
                     print(json.dumps(r), flush=True)
     if args.json:
