@@ -42,7 +42,10 @@ opened, and the late write would land in that other device's image.
 The C data plane (`data_plane=True`, `tcmu_py.ring.DataPlane`): for a device that declares a file
 extent (`ScsiDevice.data_extent`), the dequeue itself executes and completes the plain READ/WRITE
 commands in C, fenced off the LBAs of every command Python holds; `process` sees only the rest
-and takes C's figures into the counters.
+and takes C's figures into the counters. With the native loop (`native=True`, the default; issue
+17 stage 2, `tcmu_py.ring.NativeLoop`) a C thread owns the ring instead: `run()` then waits on the
+loop's eventfd and runs what it hands over (`_run_native`), `process()` is refused, and the
+counters take C's figures when read (`refresh_counters`).
 
 Ring completions are serialised by `self._ring_lock` (cmd_tail has one writer at a time).
 """
