@@ -518,6 +518,52 @@ static inline uint32_t tcmu_py_dp_bucket(double seconds)
     return b > TCMU_PY_DP_HIST - 1 ? TCMU_PY_DP_HIST - 1 : (uint32_t)b;
 }
 
+/* A command C may execute: its range, direction, FUA, the range the fences must keep clear
+ * (whole units with a unit map) and its bytes. */
+struct tcmu_py_dp_cmd {
+    uint64_t lba, blocks, fs, fe, total;
+    int writing, fua;
+};
+
+/* Whether entry e (CDB `cdb`, iovecs `v`, wherever they were copied) is a command C may execute
+ * on x now: a CMD while x is enabled and no TMR came with it, a non-BIDI READ/WRITE without
+ * protection bits, inside the device and its transfer limit, on allocated units, clear of
+ * fences[0..n_fences), whose buffers hold exactly its blocks. Fills *c if so. */
+static int tcmu_py_dp_plain(const struct tcmu_py_extent *x, const struct tcmu_py_entry *e,
+                            const uint8_t *cdb, const struct iovec *v, int has_tmr,
+                            const struct tcmu_py_fence *fences, int n_fences,
+                            struct tcmu_py_dp_cmd *c)
+{
+    uint32_t i;
+
+    c->total = 0;
+    c->writing = 0;
+    if (e->op != TCMU_OP_CMD || !x->enabled || has_tmr || x->fd < 0 || e->iov_bidi_cnt ||
+        !tcmu_py_dp_rw(cdb, e->cdb_len, &c->lba, &c->blocks, &c->writing, &c->fua) ||
+        !c->blocks || c->lba > x->num_blocks || c->blocks > x->num_blocks - c->lba ||
+        c->blocks > x->max_blocks || !tcmu_py_dp_units(x, c->lba, c->blocks, &c->fs, &c->fe) ||
+        tcmu_py_dp_overlaps(fences, n_fences, c->fs, c->fe))
+        return 0;
+    for (i = 0; i < e->iov_cnt; i++)
+        c->total += v[i].iov_len;
+    return c->total == c->blocks * x->block_size;
+}
+
+/* Complete GOOD the commands ids[0..n), one release store of cmd_tail: n, or a negative status
+ * (those before the failing one are published). */
+static int tcmu_py_complete_good(struct tcmu_py_ring *r, const uint16_t *ids, uint32_t n)
+{
+    static const uint8_t no_sense[1] = {0};
+    uint32_t tail = tcmu_py_load_tail(r), start = tail, k;
+    int rc = tcmu_py_check_tail(r, tail);
+
+    for (k = 0; rc == TCMU_PY_OK && k < n; k++)
+        rc = tcmu_py_fill(r, &tail, ids[k], 0, no_sense, 0, 0, 0);
+    if (tail != start)
+        tcmu_py_store_tail(r, tail);
+    return rc == TCMU_PY_OK ? (int)n : rc;
+}
+
 int tcmu_py_dp_batch(struct tcmu_py_ring *r, const struct tcmu_py_extent *x,
                      struct tcmu_py_fence *fences, int n_fences,
                      struct tcmu_py_entry *out, int max_out, struct tcmu_py_dp_stats *st)
@@ -539,31 +585,19 @@ int tcmu_py_dp_batch(struct tcmu_py_ring *r, const struct tcmu_py_extent *x,
     for (k = 0; k < n; k++) {
         struct tcmu_py_entry *e = &out[k];
         const uint8_t *cdb = r->map + e->cdb_off;
-        uint64_t lba, blocks, fs, fe, total = 0;
-        int writing = 0, fua, ok = 0;
-        uint32_t i;
+        struct tcmu_py_dp_cmd c;
 
-        if (e->op == TCMU_OP_CMD && x->enabled && !has_tmr && x->fd >= 0 &&
-            !e->iov_bidi_cnt && tcmu_py_dp_rw(cdb, e->cdb_len, &lba, &blocks, &writing, &fua) &&
-            blocks && lba <= x->num_blocks && blocks <= x->num_blocks - lba &&
-            blocks <= x->max_blocks && tcmu_py_dp_units(x, lba, blocks, &fs, &fe) &&
-            !tcmu_py_dp_overlaps(fences, n_fences + w, fs, fe)) {
-            const struct iovec *v = (const struct iovec *)(r->map + e->array_off);
-
-            for (i = 0; i < e->iov_cnt; i++)
-                total += v[i].iov_len;
-            ok = total == blocks * x->block_size &&
-                 tcmu_py_dp_io(r, e, x->fd, x->base + lba * x->block_size, writing) &&
-                 !(writing && fua && x->flush_fua && fdatasync(x->fd) != 0);
-        }
-        if (ok) {
+        if (tcmu_py_dp_plain(x, e, cdb, (const struct iovec *)(r->map + e->array_off), has_tmr,
+                             fences, n_fences + w, &c) &&
+            tcmu_py_dp_io(r, e, x->fd, x->base + c.lba * x->block_size, c.writing) &&
+            !(c.writing && c.fua && x->flush_fua && fdatasync(x->fd) != 0)) {
             st->done_ids[st->done++] = (uint16_t)e->cmd_id;
-            if (writing) {
+            if (c.writing) {
                 st->writes++;
-                st->bytes_written += total;
+                st->bytes_written += c.total;
             } else {
                 st->reads++;
-                st->bytes_read += total;
+                st->bytes_read += c.total;
             }
             continue;
         }
@@ -593,15 +627,7 @@ int tcmu_py_dp_batch(struct tcmu_py_ring *r, const struct tcmu_py_extent *x,
 
 int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st)
 {
-    static const uint8_t no_sense[1] = {0};
-    uint32_t tail = tcmu_py_load_tail(r), start = tail, k;
-    int rc = tcmu_py_check_tail(r, tail);
-
-    for (k = 0; rc == TCMU_PY_OK && k < st->done; k++)
-        rc = tcmu_py_fill(r, &tail, st->done_ids[k], 0, no_sense, 0, 0, 0);
-    if (tail != start)
-        tcmu_py_store_tail(r, tail);
-    return rc == TCMU_PY_OK ? (int)st->done : rc;
+    return tcmu_py_complete_good(r, st->done_ids, st->done);
 }
 
 /* ---- Stage 2: the native loop thread (see _ring.h) ---- */
@@ -926,11 +952,9 @@ static int tcmu_py_job_queue(struct tcmu_py_loop *l, const struct tcmu_py_entry 
  * entries dequeued or a negative status; *done / *handed count up. */
 static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
 {
-    static const uint8_t no_sense[1] = {0};
     const struct tcmu_py_extent *x = &l->x;
-    uint64_t t0 = tcmu_py_now_ns(), t1;
-    uint32_t tail, start;
-    int n, k, n_done = 0, has_tmr = 0, rc = TCMU_PY_OK;
+    uint64_t t0 = tcmu_py_now_ns();
+    int n, k, n_done = 0, has_tmr = 0, rc;
 
     n = tcmu_py_dequeue(l->r, l->out, TCMU_PY_DP_MAX);
     if (n <= 0)
@@ -948,45 +972,33 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
         const uint8_t *cdb = (const uint8_t *)h + h->cdb_off;
         const struct iovec *v = (const struct iovec *)((const uint8_t *)h + h->array_off);
         struct tcmu_py_fence f = {0, 0};
-        uint64_t lba, blocks, fs, fe, total, pos;
-        int writing, fua, ok = 0;
-        uint32_t i;
+        struct tcmu_py_dp_cmd c;
+        uint64_t pos;
 
     again:
-        total = 0;
-        writing = 0;
-        if (h->op == TCMU_OP_CMD && x->enabled && !has_tmr && x->fd >= 0 &&
-            !h->iov_bidi_cnt && tcmu_py_dp_rw(cdb, h->cdb_len, &lba, &blocks, &writing, &fua) &&
-            blocks && lba <= x->num_blocks && blocks <= x->num_blocks - lba &&
-            blocks <= x->max_blocks && tcmu_py_dp_units(x, lba, blocks, &fs, &fe) &&
-            !tcmu_py_dp_overlaps(l->fences, l->n_fences, fs, fe)) {
-            for (i = 0; i < h->iov_cnt; i++)
-                total += v[i].iov_len;
-            if (total == blocks * x->block_size) {
-                pos = x->base + lba * x->block_size;
-                if (tcmu_py_jobs_overlap(l, fs, fe)) {
-                    /* Ring order among C's own commands. The wait releases the mutex: the
-                     * extent, the enable flag and the fences (a failed job becomes Python's)
-                     * may have changed, so the checks run again. */
-                    tcmu_py_jobs_drain(l);
+        if (tcmu_py_dp_plain(x, h, cdb, v, has_tmr, l->fences, l->n_fences, &c)) {
+            pos = x->base + c.lba * x->block_size;
+            if (tcmu_py_jobs_overlap(l, c.fs, c.fe)) {
+                /* Ring order among C's own commands. The wait releases the mutex: the extent,
+                 * the enable flag and the fences (a failed job becomes Python's) may have
+                 * changed, so the checks run again. */
+                tcmu_py_jobs_drain(l);
+                goto again;
+            }
+            if (l->n_started && c.total >= l->big) {
+                if (l->n_jobs >= TCMU_PY_JOBS) {
+                    tcmu_py_jobs_drain(l);      /* every slot taken: as above */
                     goto again;
                 }
-                if (l->n_started && total >= l->big) {
-                    if (l->n_jobs >= TCMU_PY_JOBS) {
-                        tcmu_py_jobs_drain(l);  /* every slot taken: as above */
-                        goto again;
-                    }
-                    if (tcmu_py_job_queue(l, h, writing, fua, pos, total, fs, fe, t0))
-                        continue;
-                }
-                ok = tcmu_py_dp_iov(l->r->map, v, h->iov_cnt, x->fd, pos, writing) &&
-                     !(writing && fua && x->flush_fua && fdatasync(x->fd) != 0);
+                if (tcmu_py_job_queue(l, h, c.writing, c.fua, pos, c.total, c.fs, c.fe, t0))
+                    continue;
             }
-        }
-        if (ok) {
-            l->done_ids[n_done++] = (uint16_t)h->cmd_id;
-            tcmu_py_loop_tally(l, writing, total);
-            continue;
+            if (tcmu_py_dp_iov(l->r->map, v, h->iov_cnt, x->fd, pos, c.writing) &&
+                !(c.writing && c.fua && x->flush_fua && fdatasync(x->fd) != 0)) {
+                l->done_ids[n_done++] = (uint16_t)h->cmd_id;
+                tcmu_py_loop_tally(l, c.writing, c.total);
+                continue;
+            }
         }
         if (h->op == TCMU_OP_CMD)
             f = tcmu_py_dp_fence(cdb);
@@ -997,22 +1009,12 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
         (*handed)++;
     }
     if (n_done) {
-        double took;
-        uint32_t b;
+        double took = (double)(tcmu_py_now_ns() - t0) / 1e9;
 
-        t1 = tcmu_py_now_ns();
-        took = (double)(t1 - t0) / 1e9;
-        b = tcmu_py_dp_bucket(took);
         l->fig.latency_seconds += took * n_done;
-        l->fig.hist[b] += (uint32_t)n_done;
-        tail = tcmu_py_load_tail(l->r);
-        start = tail;
-        rc = tcmu_py_check_tail(l->r, tail);
-        for (k = 0; rc == TCMU_PY_OK && k < n_done; k++)
-            rc = tcmu_py_fill(l->r, &tail, l->done_ids[k], 0, no_sense, 0, 0, 0);
-        if (tail != start)
-            tcmu_py_store_tail(l->r, tail);
+        l->fig.hist[tcmu_py_dp_bucket(took)] += (uint32_t)n_done;
         *done += n_done;
+        rc = tcmu_py_complete_good(l->r, l->done_ids, (uint32_t)n_done);
         if (rc < 0)
             return rc;
     }
