@@ -126,6 +126,19 @@ class Counters:
     #: Why the loop thread stopped serving without being asked to ("" while it serves).
     stopped: str = ""
 
+    def add_executed(self, done: int, reads: int, writes: int, bytes_read: int,
+                     bytes_written: int, latency_seconds: float, hist: dict[int, int]) -> None:
+        """Count `done` commands the C data plane executed and completed GOOD: the figures
+        `DeviceRunner._complete_one` keeps for such a command completed from Python."""
+        self.commands += done
+        self.reads += reads
+        self.writes += writes
+        self.bytes_read += bytes_read
+        self.bytes_written += bytes_written
+        self.latency_seconds += latency_seconds
+        for b, k in hist.items():
+            self.latency_hist[b] += k
+
     def snapshot(self) -> dict[str, Any]:
         """All counters (the histogram as a list copy) plus `uptime` (seconds since started)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -379,16 +392,8 @@ class DeviceRunner:
             return
         f = loop.figures()
         c = self.counters
-        if f["done"]:
-            c.commands += f["done"]
-            c.reads += f["reads"]
-            c.writes += f["writes"]
-            c.bytes_read += f["bytes_read"]
-            c.bytes_written += f["bytes_written"]
-            c.latency_seconds += f["latency_seconds"]
-            hist = c.latency_hist
-            for b, k in f["hist"].items():
-                hist[b] += k
+        c.add_executed(f["done"], f["reads"], f["writes"], f["bytes_read"], f["bytes_written"],
+                       f["latency_seconds"], f["hist"])
         c.wakeups += f["wakeups"]
         c.polled += f["polled"]
         c.poll_misses += f["poll_misses"]
@@ -600,15 +605,8 @@ class DeviceRunner:
         """Take the data plane's figures into the counters (under the ring lock): the same ones
         `_complete_one` keeps for a command completed GOOD from Python."""
         c = self.counters
-        c.commands += plane.done
-        c.reads += plane.reads
-        c.writes += plane.writes
-        c.bytes_read += plane.bytes_read
-        c.bytes_written += plane.bytes_written
-        c.latency_seconds += plane.latency_seconds
-        hist = c.latency_hist
-        for b, k in plane.hist.items():
-            hist[b] += k
+        c.add_executed(plane.done, plane.reads, plane.writes, plane.bytes_read,
+                       plane.bytes_written, plane.latency_seconds, plane.hist)
         c.batches += 1
         plane.reset_figures()
 

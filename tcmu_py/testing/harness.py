@@ -181,6 +181,12 @@ class RingHarness:
         with self._lock:
             return self.kernel.submit(cdb, data_out, data_in_len)
 
+    def submit_many(self, items: Sequence[tuple[bytes, bytes, int]]) -> list[Any]:
+        """Submit (cdb, data_out, data_in_len) items as one batch (`hold`): the runner's next
+        wake-up, or the native loop, sees them all at once. Returns their `Pending`s."""
+        with self.hold():
+            return [self.kernel.submit(*item) for item in items]
+
     def wait(self, pending: Sequence[Any], timeout: float = 30.0) -> None:
         """Process the ring until every one of `pending` is reaped, or fail after `timeout`."""
         deadline = time.monotonic() + timeout

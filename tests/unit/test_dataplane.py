@@ -261,16 +261,11 @@ def test_the_thin_property_test_reaches_c(tmp: Path) -> None:
 # --- the rules, one at a time -------------------------------------------------------------
 
 
-def _batch(h: RingHarness, items: Sequence[tuple[bytes, bytes, int]]) -> list[Any]:
-    with h._lock:
-        return [h.kernel.submit(*item) for item in items]
-
-
 def test_no_c_command_in_flight_after_one_call(tmp: Path) -> None:
     h = RingHarness(make_device(tmp, "d"), workers=2, data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())  # the power-on unit attention
     data = os.urandom(8 * BS)
-    pend = _batch(h, [(cdbs.write10(8 * i, 8, fua=bool(i % 2)), data, 0) for i in range(6)]
+    pend = h.submit_many([(cdbs.write10(8 * i, 8, fua=bool(i % 2)), data, 0) for i in range(6)]
                   + [(cdbs.read16(8 * i, 8), b"", 8 * BS) for i in range(6)])
     h.runner.process()  # one wake-up, nothing waited for
     assert all(p.done and p.status == 0 for p in pend)
@@ -292,14 +287,14 @@ def test_worker_command_fences_overlapping_c_commands(tmp: Path) -> None:
     h.run(cdbs.test_unit_ready())
     fill = b"\xab" * BS
     # Two Python commands, so they go to the worker (a lone one would run on the loop thread).
-    ws = _batch(h, [(cdbs.write_same10(0, 8), fill, 0), (cdbs.verify10(60, 1), b"", 0)])
+    ws = h.submit_many([(cdbs.write_same10(0, 8), fill, 0), (cdbs.verify10(60, 1), b"", 0)])
     h.runner.process()
     assert backend.entered.wait(10)
     assert h.runner.plane is not None
     assert h.runner.plane.fences == {ws[0].cmd_id: (0, 8), ws[1].cmd_id: (60, 61)}
     new = os.urandom(2 * BS)
     far = os.urandom(2 * BS)
-    pend = _batch(h, [
+    pend = h.submit_many([
         (cdbs.read10(0, 8), b"", 8 * BS),  # overlaps: waits
         (cdbs.write16(6, 2), new, 0),  # overlaps: waits, and lands after the fill
         (cdbs.write10(40, 2), far, 0),  # clear: C, now
@@ -324,7 +319,7 @@ def test_deferred_command_fences_later_ones_of_the_same_call(tmp: Path) -> None:
     h = RingHarness(make_device(tmp, "caw"), workers=1, data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())
     new, later = os.urandom(BS), os.urandom(BS)
-    pend = _batch(h, [(cdbs.compare_and_write(5, 1), bytes(BS) + new, 0),
+    pend = h.submit_many([(cdbs.compare_and_write(5, 1), bytes(BS) + new, 0),
                       (cdbs.write10(5, 1), later, 0)])
     h.wait(pend)
     assert [p.status for p in pend] == [0, 0]
@@ -488,7 +483,7 @@ def test_thin_fence_covers_whole_units(tmp: Path) -> None:
     h = RingHarness(device, workers=1, data_plane=True, native=False)
     h.run(cdbs.test_unit_ready())
     assert h.run(cdbs.write10(0, 32), os.urandom(32 * BS)).good  # allocates units 0..3
-    ws = _batch(h, [(cdbs.write_same10(0, 2, unmap=True), bytes(BS), 0),
+    ws = h.submit_many([(cdbs.write_same10(0, 2, unmap=True), bytes(BS), 0),
                     (cdbs.verify10(60, 1), b"", 0)])
     h.runner.process()
     assert backend.entered.wait(10)
@@ -496,7 +491,7 @@ def test_thin_fence_covers_whole_units(tmp: Path) -> None:
     assert plane is not None
     before = plane.executed
     mine, far = os.urandom(BS), os.urandom(BS)
-    pend = _batch(h, [(cdbs.write10(5, 1), mine, 0), (cdbs.write10(25, 1), far, 0)])
+    pend = h.submit_many([(cdbs.write10(5, 1), mine, 0), (cdbs.write10(25, 1), far, 0)])
     h.runner.process()
     # Block 25 in C; block 5 in Python (which takes unit 0 in turn with the deallocation).
     assert plane.executed == before + 1

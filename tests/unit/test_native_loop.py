@@ -36,11 +36,6 @@ def _until(cond: Any, timeout: float = 10.0) -> bool:
     return bool(cond())
 
 
-def _batch(h: RingHarness, items: list[tuple[bytes, bytes, int]]) -> list[Any]:
-    with h.hold():
-        return [h.kernel.submit(*item) for item in items]
-
-
 def test_c_serves_while_python_is_busy_but_never_overtakes_a_fence(tmp_path: Path) -> None:
     """A WRITE SAME held on a worker: C answers the commands clear of it while it is held (no
     Python thread takes part), and holds back those that overlap it until it is done."""
@@ -53,11 +48,11 @@ def test_c_serves_while_python_is_busy_but_never_overtakes_a_fence(tmp_path: Pat
     try:
         h.run(cdbs.test_unit_ready())
         fill = b"\xab" * BS
-        ws = _batch(h, [(cdbs.write_same10(0, 8), fill, 0), (cdbs.verify10(60, 1), b"", 0)])
+        ws = h.submit_many([(cdbs.write_same10(0, 8), fill, 0), (cdbs.verify10(60, 1), b"", 0)])
         assert backend.entered.wait(10)
         assert _until(lambda: loop.fences == 2)
         new, far = os.urandom(2 * BS), os.urandom(2 * BS)
-        pend = _batch(h, [
+        pend = h.submit_many([
             (cdbs.read10(0, 8), b"", 8 * BS),  # overlaps: Python's, after the fill
             (cdbs.write16(6, 2), new, 0),  # overlaps
             (cdbs.write10(40, 2), far, 0),  # clear: C
@@ -76,8 +71,8 @@ def test_c_serves_while_python_is_busy_but_never_overtakes_a_fence(tmp_path: Pat
         assert pend[0].data_in == fill * 8
         assert h.run(cdbs.read10(0, 8), data_in_len=8 * BS).data == fill * 6 + new
         assert loop.fences == 0
-        assert loop.executed + h.runner.refresh_counters().commands > 0
-        assert h.runner.native is not None and h.runner.native.executed >= 52
+        h.runner.refresh_counters()  # takes C's figures, `executed` among them
+        assert loop.executed >= 52
     finally:
         backend.gate.set()
         h.close()
@@ -122,7 +117,7 @@ def test_every_command_handed_over_is_answered_when_the_loop_stops(tmp_path: Pat
     h.run(cdbs.test_unit_ready())
     fill = b"\x5a" * BS
     with h.runner._ring_lock:  # Python takes nothing meanwhile
-        pend = _batch(h, [(cdbs.inquiry(), b"", 96)] * 8
+        pend = h.submit_many([(cdbs.inquiry(), b"", 96)] * 8
                       + [(cdbs.write_same10(4 * i, 2), fill, 0) for i in range(8)])
         assert _until(lambda: loop.fences == 8)  # all handed over, none taken
         h.runner.stop()
@@ -205,7 +200,7 @@ def test_large_transfers_run_on_the_workers_in_ring_order(tmp_path: Path) -> Non
         h.run(cdbs.test_unit_ready())
         for rnd in range(3):
             datas = [os.urandom(big) for _ in range(4)]
-            pend = _batch(h, [(cdbs.write10(i * blocks, blocks), datas[i], 0) for i in range(4)]
+            pend = h.submit_many([(cdbs.write10(i * blocks, blocks), datas[i], 0) for i in range(4)]
                           + [(cdbs.read10(i * blocks, blocks), b"", big) for i in range(4)])
             h.wait(pend)
             assert [p.status for p in pend] == [0] * 8, rnd
@@ -232,7 +227,7 @@ def test_a_failed_worker_command_is_python_s_and_fences_what_overlaps_it(
         os.truncate(tmp_path / "cut.img", (BLOCKS - 2) * BS)
         for _ in range(5):
             new = os.urandom(2 * BS)
-            pend = _batch(h, [(cdbs.read10(BLOCKS - 2, 2), b"", 2 * BS),
+            pend = h.submit_many([(cdbs.read10(BLOCKS - 2, 2), b"", 2 * BS),
                               (cdbs.write10(BLOCKS - 2, 2), new, 0)])
             h.wait(pend)
             assert [p.status for p in pend] == [0, 0]
