@@ -177,6 +177,14 @@ def wait_serving(daemon: Daemon, backstore: Path, timeout: float) -> None:
     wait_for(serving, timeout, f"{daemon.argv[0]} to serve {backstore}")
 
 
+def serve_daemon(run_dir: Path, ready: Path, extra: list[str], log_path: Path) -> Daemon:
+    """``tcmu-py serve`` (this interpreter, the repo's package) with its run directory and ready
+    file, plus `extra` options; not started."""
+    argv = [sys.executable, "-m", "tcmu_py.cli", "serve", "--run-dir", str(run_dir),
+            "--ready-file", str(ready), *extra]
+    return Daemon(argv, log_path)
+
+
 def teardown(targets: list[Target]) -> None:
     """Unlink LUNs, drop nexuses, remove targets and backstores (best effort)."""
     for t in targets:
@@ -427,20 +435,7 @@ def main() -> int:
             extra = ["--workers", str(args.workers)] if args.workers else []
             if args.poll_us is not None:
                 extra += ["--poll-us", str(args.poll_us)]
-            serve = Daemon(
-                [
-                    sys.executable,
-                    "-m",
-                    "tcmu_py.cli",
-                    "serve",
-                    "--run-dir",
-                    str(run_dir),
-                    "--ready-file",
-                    str(ready),
-                    *extra,
-                ],
-                out / "tcmu-py-serve.log",
-            )
+            serve = serve_daemon(run_dir, ready, extra, out / "tcmu-py-serve.log")
             daemons.append(serve)
             serve.start(ready=ready.exists, timeout=300)
             assert serve.proc is not None

@@ -54,6 +54,7 @@ from vm_bench_guest import (  # noqa: E402
     fio_figures,
     make_image,
     proc_cpu_seconds,
+    serve_daemon,
     teardown,
     tool_version,
     wait_serving,
@@ -121,20 +122,7 @@ def start_serve(mode: str, run_dir: Path, work: Path, out: Path, py: list[Target
     """``tcmu-py serve`` in ``mode``, waited for (bounded) until it serves every device."""
     ready = work / "serve.ready"
     ready.unlink(missing_ok=True)
-    serve = Daemon(
-        [
-            sys.executable,
-            "-m",
-            "tcmu_py.cli",
-            "serve",
-            "--run-dir",
-            str(run_dir),
-            "--ready-file",
-            str(ready),
-            *MODES[mode],
-        ],
-        out / f"tcmu-py-serve-{mode}.log",
-    )
+    serve = serve_daemon(run_dir, ready, MODES[mode], out / f"tcmu-py-serve-{mode}.log")
     serve.start(ready=ready.exists, timeout=300)
     for t in py:
         wait_serving(serve, t.backstore, 60)
