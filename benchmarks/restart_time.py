@@ -112,6 +112,7 @@ def make_host(root: Path, devices: int) -> Path:
                             ("hw_max_sectors", 1024), ("emulate_write_cache", 0)):
             (d / "attrib" / attr).write_text(f"{value}\n")
         (d / "wwn" / "vpd_unit_serial").write_text(f"T10 VPD Unit Serial Number: s-{name}\n")
+        (d / "enable").write_text("1\n")
         yaml_devices.append(f"  - {{name: {name}, handler: {handler}, size: 4M, options: {opts}}}")
     config = root / "config.yaml"
     config.write_text(f"state_dir: {root / 'state'}\ndevices:\n" + "\n".join(yaml_devices)

@@ -11,6 +11,10 @@ Lifecycle of one device
 - Opening (`_open`): `action/block_dev=1`, `action/reset_ring=1` (commands a previous daemon left
   in flight complete with BUSY, so initiators retry), map the ring, open the handler,
   `action/block_dev=0`. This is the same whether the daemon starts fresh or after `kill -9`.
+  A device the kernel is still enabling (netlink and udev both announce it from inside the
+  configfs write) refuses both actions and has queued nothing: it is opened without them.
+- A device that cannot be opened at all (its uio vanished, no memory, ...) is logged and
+  tried again after `ADD_RETRY_SECONDS`, doubling up to the rescan interval.
 - A handler that fails to open (bad config string, missing backing file) does not stop the
   daemon: the device is served by `FailedDevice`, which answers INQUIRY and fails everything
   else with NOT READY 04/03 (manual intervention required), and the log says why.
@@ -82,6 +86,9 @@ RESCAN_SECONDS = 10.0
 #: (see `Daemon._watch_unserved`).
 UNSERVED_REPLY_SECONDS = 30.0
 RESCAN_SECONDS_WITH_UDEV = 60.0
+#: A device that failed to open (`add`) is tried again after this long, then after twice as
+#: long each time, up to the rescan interval: a transient failure costs a second, not a minute.
+ADD_RETRY_SECONDS = 1.0
 
 
 class FailedDevice(ScsiDevice):
@@ -162,8 +169,14 @@ class Daemon:
         self._lock = threading.RLock()
         #: Shared copy domains by name (a device's ``copy_domain``, `split_daemon_items`).
         self.copy_domains: dict[str, CopyDomain] = {}
-        self._stop_r, self._stop_w = os.pipe()
+        #: Written to wake `run()`: by `stop()`, and by `add()` when a retry is due sooner.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
         self._stopping = False
+        #: When `run()` rescans because a device failed to open, and each such device's failures
+        #: in a row (`_retry_later`).
+        self._retry_at: float | None = None
+        self._add_failures: dict[str, int] = {}
         self._lock_fd: int | None = None
         self._netlink: Any = None
         self._observer: Any = None
@@ -343,17 +356,21 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         poller = select.poll()
-        poller.register(self._stop_r, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         if self._netlink is not None:
             poller.register(self._netlink.fileno(), select.POLLIN)
         interval = RESCAN_SECONDS_WITH_UDEV if self._observer is not None else RESCAN_SECONDS
         next_scan = time.monotonic() + interval
         try:
             while not self._stopping:
-                wake = min([next_scan, *(w[0] for w in self._unserved.values())])
+                retry = self._retry_at
+                wake = min([next_scan, *(w[0] for w in self._unserved.values()),
+                            *([retry] if retry is not None else [])])
                 timeout = max(0.0, wake - time.monotonic())
                 for fd, _ in poller.poll(timeout * 1000):
-                    if fd == self._stop_r:
+                    if fd == self._wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 512)
                         break
                     if self._netlink is not None and fd == self._netlink.fileno():
                         try:
@@ -368,7 +385,10 @@ class Daemon:
                             next_scan = time.monotonic()
                 if self._unserved:
                     self._answer_unserved()
-                if time.monotonic() >= next_scan:
+                retry = self._retry_at
+                if time.monotonic() >= next_scan or (
+                        retry is not None and time.monotonic() >= retry):
+                    self._retry_at = None
                     self.rescan()
                     next_scan = time.monotonic() + interval
         finally:
@@ -378,7 +398,7 @@ class Daemon:
         """Ask `run()` to shut down (signal-safe)."""
         self._stopping = True
         with contextlib.suppress(OSError):
-            os.write(self._stop_w, b"x")
+            os.write(self._wake_w, b"x")
 
     def shutdown(self) -> None:
         """Block every device, drain, close. Idempotent."""
@@ -412,6 +432,8 @@ class Daemon:
                 self.add(entry.name)
         with self._lock:
             gone = [n for n in self.served if n not in present]
+            for n in [n for n in self._add_failures if n not in present]:
+                del self._add_failures[n]
         for node in gone:
             self.remove(node)
 
@@ -449,8 +471,23 @@ class Daemon:
                 served = self._open(node, name)
             except Exception:
                 log.exception("%s: cannot serve %s", name.device, node)
+                self._retry_later(node)
                 return
+            self._add_failures.pop(node, None)
             self.served[node] = served
+
+    def _retry_later(self, node: str) -> None:
+        """Have `run()` rescan (and so `add` `node` again) after `ADD_RETRY_SECONDS`, doubled
+        for each failure of it in a row, at most the rescan interval. Called under `_lock`."""
+        failures = self._add_failures.get(node, 0)
+        self._add_failures[node] = failures + 1
+        delay = min(ADD_RETRY_SECONDS * 2 ** failures, RESCAN_SECONDS_WITH_UDEV)
+        at = time.monotonic() + delay
+        if self._retry_at is None or at < self._retry_at:
+            self._retry_at = at
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"r")
+        log.info("%s: trying again in %g s", node, delay)
 
     def _open(self, node: str, name: UioName) -> Served:
         cfs = TcmuConfigfs(name.hba, name.device, self.configfs_root)
@@ -470,42 +507,28 @@ class Daemon:
             data_plane=daemon_data_plane(name.cfgstring),
         )
         self._wants_reply(name)  # remembered for its REMOVED_DEVICE (configfs gone by then)
-        cfs.block()
+        # A device the kernel is still configuring (`enable` reads 0: its ADDED_DEVICE is on its
+        # way to us, or waits for our reply) refuses block_dev and reset_ring with EINVAL
+        # ("Device is not configured", target_core_user.c; seen in the VM lab) -- and has
+        # queued nothing yet, so there is nothing to hold off or recover. Were the refusal
+        # taken for a failure, netlink and udev could both come too early and leave a new
+        # device unserved until the next rescan.
+        recover = cfs.enabled
+        if recover:
+            cfs.block()
         try:
-            cfs.reset_ring(1)
+            if recover:
+                cfs.reset_ring(1)
             uio = self._open_uio(str(self.dev_dir / node), str(self.uio_class / node))
-            failed = None
             try:
-                handler = self.handlers[name.subtype]
-                handler.check_config(cfgstring)
-                device = handler.open(config)
-                if config.copy_domain is not None and isinstance(device, BlockDevice):
-                    device.join(self._copy_domain(config.copy_domain))
-            except Exception as exc:  # noqa: BLE001 - any handler failure: serve NOT READY
-                failed = f"{type(exc).__name__}: {exc}"
-                log.error(
-                    "%s: handler %s failed to open %r: %s",
-                    name.device,
-                    name.subtype,
-                    name.cfgstring,
-                    failed,
-                )
-                device = FailedDevice(config, failed)
-            # After reset_ring the ring may hold commands the kernel requeued: adopt them.
-            runner = DeviceRunner(
-                uio,
-                device,
-                workers=self.workers,
-                name=name.device,
-                adopt=True,
-                poll_seconds=self.poll_us / 1e6,
-                data_plane=self.data_plane,
-                native=self.native_loop,
-            )
-            thread = threading.Thread(target=runner.run, name=f"tcmu-{name.device}", daemon=True)
-            thread.start()
+                served = self._serve(node, name, config, uio)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    uio.close()  # else the kernel's one-opener rule refuses every retry (EBUSY)
+                raise
         finally:
-            cfs.unblock()
+            if recover:
+                cfs.unblock()
         log.info(
             "%s: serving %s (%s, %d bytes, block %d)%s",
             name.device,
@@ -513,8 +536,42 @@ class Daemon:
             f"{name.subtype}/{name.cfgstring}",
             config.size,
             config.block_size,
-            " [FAILED]" if failed else "",
+            " [FAILED]" if served.failed else "",
         )
+        return served
+
+    def _serve(self, node: str, name: UioName, config: DeviceConfig, uio: Any) -> Served:
+        """Open the handler (a failure serves `FailedDevice`) and start the runner's thread."""
+        failed = None
+        try:
+            handler = self.handlers[name.subtype]
+            handler.check_config(config.cfgstring)
+            device = handler.open(config)
+            if config.copy_domain is not None and isinstance(device, BlockDevice):
+                device.join(self._copy_domain(config.copy_domain))
+        except Exception as exc:  # noqa: BLE001 - any handler failure: serve NOT READY
+            failed = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "%s: handler %s failed to open %r: %s",
+                name.device,
+                name.subtype,
+                name.cfgstring,
+                failed,
+            )
+            device = FailedDevice(config, failed)
+        # After reset_ring the ring may hold commands the kernel requeued: adopt them.
+        runner = DeviceRunner(
+            uio,
+            device,
+            workers=self.workers,
+            name=name.device,
+            adopt=True,
+            poll_seconds=self.poll_us / 1e6,
+            data_plane=self.data_plane,
+            native=self.native_loop,
+        )
+        thread = threading.Thread(target=runner.run, name=f"tcmu-{name.device}", daemon=True)
+        thread.start()
         return Served(node, name, uio, device, runner, thread, failed)
 
     def _copy_domain(self, name: str) -> CopyDomain:

@@ -36,12 +36,19 @@ class Host:
         self.kernels: dict[str, FakeKernel] = {}
         self.lock = threading.Lock()
 
-    def add(self, node: str, hba: int, dev: str, dev_config: str, size: int) -> None:
+    def add(self, node: str, hba: int, dev: str, dev_config: str, size: int,
+            *, configured: bool = True) -> None:
+        """A device; not `configured`: still inside the kernel's enable (`enable` reads 0, and
+        writes to block_dev and reset_ring fail, as the kernel's EINVAL does)."""
         (self.uio_class / node).mkdir()
         (self.uio_class / node / "name").write_text(f"tcm-user/{hba}/{dev}/{dev_config}\n")
         d = self.configfs / f"user_{hba}" / dev
         for sub in ("attrib", "action", "wwn"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        (d / "enable").write_text("1\n" if configured else "0\n")
+        if not configured:
+            for action in ("block_dev", "reset_ring"):
+                (d / "action" / action).mkdir()  # a write to a directory fails
         (d / "attrib/dev_size").write_text(f"{size}\n")
         (d / "attrib/hw_block_size").write_text("512\n")
         (d / "attrib/hw_max_sectors").write_text("1024\n")
@@ -593,3 +600,74 @@ def test_copy_domain_from_dev_config_groups_devices_for_extended_copy(host, tmp_
         assert r.good and r.data == bytes(8 * 512)
     finally:
         d.shutdown()
+
+
+def test_a_device_still_being_configured_is_served_without_block_or_reset(host, tmp_path):
+    """Netlink's ADDED_DEVICE (and often udev's add) reaches the daemon while the kernel's
+    enable is still running, when block_dev and reset_ring are refused: such a device has
+    queued nothing, so it is served without them (it used to fail, unserved until a rescan)."""
+    host.add("uio0", 0, "new0", "null/", 4 * MIB, configured=False)
+    d = make_daemon(host, tmp_path)
+    d.start()
+    try:
+        assert set(d.served) == {"uio0"} and d.served["uio0"].failed is None
+        assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (6, 0x29, 0)
+        assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
+    finally:
+        d.shutdown()
+
+
+def test_a_device_that_failed_to_open_is_tried_again_within_seconds(host, tmp_path, caplog):
+    """A failed open is retried after ADD_RETRY_SECONDS, not at the next rescan (10 s here,
+    60 s with udev); the uio opened before the failure is closed, or the kernel would refuse
+    every later open of it (EBUSY)."""
+    import tcmu_py.daemon.serve as serve
+
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    opened: list[LockedFakeUio] = []
+    closed: list[LockedFakeUio] = []
+
+    def opener(dev_path: str, sysfs_dir: str) -> LockedFakeUio:
+        uio = host.open_uio(dev_path, sysfs_dir)
+        real_close = uio.close
+
+        def close() -> None:
+            closed.append(uio)
+            real_close()
+
+        uio.close = close  # type: ignore[method-assign]
+        opened.append(uio)
+        return uio
+
+    real_runner = serve.DeviceRunner
+    calls = []
+
+    def flaky_runner(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(24, "Too many open files")
+        return real_runner(*args, **kwargs)
+
+    d = make_daemon(host, tmp_path)
+    d._open_uio = opener
+    serve.DeviceRunner = flaky_runner  # type: ignore[misc]
+    try:
+        d.start_serving()  # one scan (`start` scans twice)
+        assert not d.served and closed == opened[:1]
+        assert "disk0: cannot serve uio0" in caplog.text
+        t = threading.Thread(target=d.run, kwargs={"install_signals": False})
+        t.start()
+        try:
+            deadline = time.monotonic() + 5  # < RESCAN_SECONDS: only the retry can make it
+            while "uio0" not in d.served and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert "uio0" in d.served, "not tried again within 5 s"
+            assert len(opened) == 2 and closed == opened[:1]
+            assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (6, 0x29, 0)
+            assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
+            assert serve.RESCAN_SECONDS > 5
+        finally:
+            d.stop()
+            t.join(timeout=30)
+    finally:
+        serve.DeviceRunner = real_runner  # type: ignore[misc]

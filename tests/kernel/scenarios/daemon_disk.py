@@ -67,6 +67,18 @@ def served(run_dir: Path, device: str) -> bool:
     return any(d["name"] == device and not d["failed"] for d in st["devices"])
 
 
+def daemon_log_tail(ctx: Context, lines: int = 25) -> str:
+    """The last non-DEBUG lines of the daemon's log (`start_daemon`), for a failure message:
+    the artifacts directory is not always at hand where the failure is read (CI's output)."""
+    path = ctx.artifacts / "daemon.log"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"no daemon log ({exc.strerror})"
+    kept = [line for line in text.splitlines() if " DEBUG " not in line][-lines:]
+    return f"{path} ends:\n" + "\n".join(kept)
+
+
 def raw_disk(ctx: Context, name: str, size: int, run_dir: Path, cmd_time_out: int | None = None):
     """A raw-handler backstore served by the daemon, exported through tcm_loop; returns
     (backstore, loopback LUN, /dev/sdX)."""
@@ -74,7 +86,10 @@ def raw_disk(ctx: Context, name: str, size: int, run_dir: Path, cmd_time_out: in
     bs = create_user_backstore(name, f"raw/{img}", size, control=CONTROL, cleanup=ctx.cleanup)
     if cmd_time_out is not None:
         bs.set_attrib("cmd_time_out", cmd_time_out)  # only while not exported
-    wait_for(lambda: served(run_dir, name), ctx.remaining(30), f"daemon serving {name}")
+    try:
+        wait_for(lambda: served(run_dir, name), ctx.remaining(30), f"daemon serving {name}")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; {daemon_log_tail(ctx)}") from None
     lun = create_loopback_lun(bs, cleanup=ctx.cleanup)
     dev = lun.wait_device("block", ctx.remaining(90))
     log(f"{name}: {dev}")
