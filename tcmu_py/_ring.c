@@ -540,7 +540,7 @@ static int tcmu_py_dp_plain(const struct tcmu_py_extent *x, const struct tcmu_py
     c->writing = 0;
     if (e->op != TCMU_OP_CMD || !x->enabled || has_tmr || x->fd < 0 || e->iov_bidi_cnt ||
         !tcmu_py_dp_rw(cdb, e->cdb_len, &c->lba, &c->blocks, &c->writing, &c->fua) ||
-        !c->blocks || c->lba > x->num_blocks || c->blocks > x->num_blocks - c->lba ||
+        (c->writing && x->reads_only) || !c->blocks || c->lba > x->num_blocks || c->blocks > x->num_blocks - c->lba ||
         c->blocks > x->max_blocks || !tcmu_py_dp_units(x, c->lba, c->blocks, &c->fs, &c->fe) ||
         tcmu_py_dp_overlaps(fences, n_fences, c->fs, c->fe))
         return 0;
@@ -1201,6 +1201,8 @@ void tcmu_py_loop_enable(struct tcmu_py_loop *l, uint32_t enabled)
 {
     pthread_mutex_lock(&l->mu);
     l->x.enabled = enabled ? 1 : 0;
+    if (!enabled)
+        tcmu_py_jobs_drain(l);
     pthread_mutex_unlock(&l->mu);
 }
 

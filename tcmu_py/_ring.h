@@ -121,6 +121,9 @@ struct tcmu_py_extent {
     const uint8_t *units;
     uint64_t n_units;
     uint64_t unit_blocks;
+    /* 1: C executes READs only; every WRITE goes to Python, whose fence keeps C's READs off
+     * its LBAs until it completes (a mirror reads one local leg and writes every leg). */
+    uint32_t reads_only;
 };
 
 /* LBAs [start, end) that a command running in Python may touch; start == end: none. */
@@ -220,7 +223,9 @@ void tcmu_py_loop_free(struct tcmu_py_loop *l);
 
 /* Copy the extent (x->enabled is ignored: see tcmu_py_loop_enable). */
 void tcmu_py_loop_declare(struct tcmu_py_loop *l, const struct tcmu_py_extent *x);
-/* Whether C may execute commands (0 while a unit attention is pending ...). */
+/* Whether C may execute commands (0 while a unit attention is pending ...). Turning it off
+ * also waits for the workers: once it returns, C touches the declared file no more until it
+ * is turned on again (the owner of the fd may then close it). */
 void tcmu_py_loop_enable(struct tcmu_py_loop *l, uint32_t enabled);
 /* Hold the loop's mutex (the loop thread dequeues nothing until tcmu_py_loop_release). */
 void tcmu_py_loop_hold(struct tcmu_py_loop *l);

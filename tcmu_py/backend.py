@@ -251,6 +251,19 @@ class UnitMap:
     units: bytearray
 
 
+@dataclass(frozen=True)
+class ReadExtent:
+    """What `FileExtent.file_extent` returns for a backend whose *reads* are a file extent and
+    whose writes are not (a mirror reads its local leg and writes every leg): the data plane
+    then serves READ from ``fd`` at ``base`` and hands every WRITE to the backend. A WRITE
+    fences the plane off its LBAs until it completes, so no C READ overtakes it; the backend's
+    side of the contract is that every write it acknowledged is in ``fd`` by then, or that it
+    has withdrawn the extent first (``extent_listener``, `FileExtent`)."""
+
+    fd: int
+    base: int
+
+
 @runtime_checkable
 class FileExtent(Protocol):
     """The device's blocks are bytes of one open file: LBA ``n`` is at ``base + n * block_size``
@@ -265,11 +278,19 @@ class FileExtent(Protocol):
     methods never see a C write overtake or tear theirs.
     """
 
-    def file_extent(self) -> tuple[int, int] | tuple[int, int, UnitMap] | None:
+    def file_extent(self) -> tuple[int, int] | tuple[int, int, UnitMap] | ReadExtent | None:
         """``(fd, base)`` now — ``(fd, base, UnitMap)`` for a thin backend, whose unallocated
-        units stay with `read` / `write` — or None when the data is not a plain extent (any
-        more). Called on the loop thread when the device is built and after each change the
-        device knows of (resize); the fd must stay open until `close`."""
+        units stay with `read` / `write`; a `ReadExtent` when only reads are — or None when
+        the data is not a plain extent (any more). Called on the loop thread when the device
+        is built and after each change the device knows of (resize); the fd must stay open
+        until `close`.
+
+        A backend whose extent changes on its own (a mirror's local leg fails, lags or comes
+        back in sync) also has an attribute ``extent_listener`` (None): the device sets it to a
+        callable, which the backend calls, from any thread, after each such change and before
+        it matters (before acknowledging a write the old extent lacks, before closing its
+        fd). When it returns, the plane no longer touches the old extent; it asks
+        `file_extent` again before it serves anything more."""
 
 
 #: The optional capabilities, in the order they are checked.

@@ -803,6 +803,7 @@ def _fill_extent(x: Any, extent: Any) -> Any:
     x.num_blocks = extent.num_blocks
     x.max_blocks = extent.max_blocks
     x.flush_fua = 1 if extent.flush_fua else 0
+    x.reads_only = 1 if extent.reads_only else 0
     return units_cdata
 
 

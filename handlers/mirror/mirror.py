@@ -122,10 +122,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tcmu_py.backend import ReadExtent
 from tcmu_py.errors import ConfigError
 from tcmu_py.scsi.sense import WriteProtected
 
-from .legs import Leg
+from .legs import FileLeg, Leg
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +335,9 @@ class Mirror:
         self._owed: set[int] = set()
         #: Legs unreachable at open (`_open`): their bitmaps were not read (`_probe`).
         self._unread: set[int] = set()
+        #: Set by the device (`tcmu_py.backend.FileExtent`): called when `file_extent` may
+        #: answer differently (`_extent_moved`).
+        self.extent_listener: Callable[[], None] | None = None
 
     # -- open ------------------------------------------------------------------------------
 
@@ -619,6 +623,7 @@ class Mirror:
         superset is safe). Caller holds `_lock`."""
         if self._lag >> ls.index & 1 and not ls.ops:
             self._lag &= ~(1 << ls.index)
+            self._extent_moved(1 << ls.index)
 
     def _bitmap_block(self, lo: int, hi: int | None) -> tuple[int, bytes]:
         """(offset in the bitmap, bytes) of bitmap bytes [lo, hi) widened to 4 KiB blocks.
@@ -661,6 +666,7 @@ class Mirror:
             lagging = bool(self._lag >> ls.index & 1)
             ls.state = FAILED
             self._lag &= ~(1 << ls.index)  # its exclusion from the active mask says more
+            self._extent_moved(1 << ls.index)
             ls.error = str(exc)
             ls.errors += 1
             self.generation += 1
@@ -677,6 +683,32 @@ class Mirror:
             with self._lock:
                 self._recording.discard(ls.index)
                 self._lock.notify_all()
+
+    # -- the C data plane --------------------------------------------------------------------
+
+    def file_extent(self) -> ReadExtent | None:
+        """READs may go straight to a local leg (image file or block device: the data area is
+        its bytes ``[0, size)``) while it is in sync and not lagging: it then holds every
+        acknowledged write (rules 4 and 4b). WRITEs always come here: they go to every leg.
+        None otherwise, and while closing. The C data plane asks again after each
+        `_extent_moved`."""
+        with self._lock:
+            if self._closing:
+                return None
+            for ls in self._legs:
+                if (ls.local and ls.state == IN_SYNC and not self._lag >> ls.index & 1
+                        and isinstance(ls.leg, FileLeg)):
+                    return ReadExtent(ls.leg.fd, 0)
+        return None
+
+    def _extent_moved(self, legs: int) -> None:
+        """The state of the legs in mask `legs` changed (in sync, failed, lagging): if one is
+        local, the data plane stops reading it until it asked `file_extent` again. Called
+        before the change matters: before a write acknowledged without that leg returns,
+        before its fd is closed (a failed leg is closed only by `reattach` or `close`)."""
+        listener = self.extent_listener
+        if listener is not None and any(ls.local for ls in self._legs if legs >> ls.index & 1):
+            listener()
 
     # -- the BlockBackend ----------------------------------------------------------------------
 
@@ -1057,6 +1089,7 @@ class Mirror:
                     ls.state = IN_SYNC
                     ls.error = ""
                     self.generation += 1
+                    self._extent_moved(1 << ls.index)
                 log.info("mirror: %s in sync (%d regions copied)", ls.name(), len(regions))
             self._write_superblocks(clean=False)
             with self._lock:
@@ -1259,6 +1292,7 @@ class Mirror:
                     and not any(x.state == IN_SYNC for x in self._legs)):
                 ls.state = IN_SYNC  # every acknowledged write is on it: the others copy it
                 self._last_standing = None
+                self._extent_moved(1 << ls.index)
             else:
                 ls.state = RESYNCING
         self._start_worker(ls)
@@ -1637,6 +1671,7 @@ class _WriteOp:
                         if blockers and time.monotonic() >= self.grace \
                                 and m._lag_budget(blockers):
                             m._lag |= blockers  # they become lagging (recorded below)
+                            m._extent_moved(blockers)
                             blockers = 0
                         if not blockers:
                             if missing and not m._record_lag(missing):

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 
-from tcmu_py.backend import BlockBackend, Capabilities, ProvisioningInfo, UnitMap
+from tcmu_py.backend import BlockBackend, Capabilities, ProvisioningInfo, ReadExtent, UnitMap
 from tcmu_py.buffers import gather, slice_views
 from tcmu_py.device.command import Command
 from tcmu_py.device.copydomain import CopyDomain
@@ -144,6 +144,8 @@ class BlockDevice(ScsiDevice):
         #: how much the ring takes (`set_max_data_length`), no more than the optimal length.
         self.max_transfer_blocks = self.optimal_transfer_blocks
         self._ranges = RangeLock()
+        if self.caps.file_extent is not None and hasattr(backend, "extent_listener"):
+            backend.extent_listener = self._extent_moved  # see FileExtent
         thin = self.caps.thin
         self._threshold_event: Callable[[], bool] | None = (
             thin.take_threshold_event if thin is not None else None
@@ -166,6 +168,10 @@ class BlockDevice(ScsiDevice):
         self.optimal_transfer_blocks = min(self.optimal_transfer_blocks, self.max_transfer_blocks)
         self.extent_version += 1
 
+    def _extent_moved(self) -> None:
+        """The backend's extent changed on its own (`FileExtent`'s ``extent_listener``)."""
+        self.extent_version += 1
+
     def data_extent(self) -> DataExtent | None:
         """The backend's `FileExtent`, unless the device's config turns the data plane off. A
         thin backend (`ThinProvisioning`) qualifies only with a `UnitMap` (its writes allocate:
@@ -178,6 +184,11 @@ class BlockDevice(ScsiDevice):
             return None
         units: bytearray | None = None
         unit_blocks = 0
+        if isinstance(got, ReadExtent):
+            return DataExtent(
+                got.fd, got.base, self.block_size, self.num_blocks, self.max_transfer_blocks,
+                self.backend.write_cache, reads_only=True,
+            )
         if len(got) == 3:
             fd, base, umap = got  # type: ignore[misc]
             if (not isinstance(umap, UnitMap) or umap.unit <= 0

@@ -168,7 +168,8 @@ class DataExtent:
     capacity and ``max_blocks`` the MAXIMUM TRANSFER LENGTH; ``flush_fua`` asks for an
     ``fdatasync`` after a FUA write (a volatile write cache). ``units`` (thin): one byte per
     allocation unit of ``unit_blocks`` blocks, nonzero when allocated (`tcmu_py.backend.UnitMap`);
-    the plane then serves only commands on allocated units and fences whole units."""
+    the plane then serves only commands on allocated units and fences whole units.
+    ``reads_only``: the plane serves READs only (`tcmu_py.backend.ReadExtent`)."""
 
     fd: int
     base: int
@@ -178,6 +179,7 @@ class DataExtent:
     flush_fua: bool
     units: bytearray | None = None
     unit_blocks: int = 0
+    reads_only: bool = False
 
 
 class ScsiDevice:

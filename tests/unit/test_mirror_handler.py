@@ -311,3 +311,89 @@ def test_the_cli_lists_the_mirror_command() -> None:
     out = subprocess.run([sys.executable, "-m", "tcmu_py", "mirror", "--help"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "resync" in out and "verify" in out and "forget" in out
+
+
+# -- the C data plane: reads from an in-sync local leg ----------------------------------------
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_reads_come_from_the_local_leg_in_c_and_never_from_a_leg_that_failed(
+        tmp_path: Path, native: bool) -> None:
+    """The mirror declares its first in-sync local leg as a read-only extent: C serves READs
+    from it and every WRITE comes to the mirror. When a write fails on that leg, the mirror
+    withdraws the extent before acknowledging the write: the READs after it get the new data
+    (from the other leg), not the stale bytes the failed leg still holds."""
+    from tcmu_py.handlers.mirror.mirror import FAILED
+
+    legs = [str(tmp_path / f"l{i}.img") for i in range(2)]
+    dev = MirrorHandler.open(device_config(
+        f"legs={legs[0]}|{legs[1]};region={REGION};assume_clean=1;retry=3600"))
+    h = RingHarness(dev, data_plane=True, native=native)
+    reads = {"python": 0}
+    real_read = dev.backend.read
+
+    def counted(offset: int, bufs: Any) -> None:
+        reads["python"] += 1
+        real_read(offset, bufs)
+
+    dev.backend.read = counted  # type: ignore[method-assign]
+    try:
+        h.run(cdbs.test_unit_ready())  # power-on unit attention
+        old, new = b"\x11" * 4096, b"\x22" * 4096
+        assert h.run(cdbs.write10(0, 8), data_out=old).good
+        for _ in range(10):
+            assert h.run(cdbs.read10(0, 8), data_in_len=4096).data == old
+        in_c = h.runner.refresh_counters().reads - reads["python"]
+        assert in_c >= 9, f"only {in_c} of 10 READs in C"
+
+        def broken(offset: int, buf: Any, fua: bool = False) -> None:
+            raise OSError(5, "injected write error")
+
+        mirror = dev.backend
+        mirror._legs[0].leg.write = broken  # type: ignore[union-attr]
+        assert h.run(cdbs.write10(0, 8), data_out=new).good  # leg 1 holds it
+        assert mirror._legs[0].state == FAILED
+        assert Path(legs[0]).read_bytes()[:4096] == old  # what C would have read
+        for _ in range(10):
+            assert h.run(cdbs.read10(0, 8), data_in_len=4096).data == new
+        # Leg 1 is local too: once the extent was declared again, C serves from it.
+        assert h.runner.refresh_counters().reads - reads["python"] >= in_c + 9
+    finally:
+        h.close()
+        dev.close()
+
+
+def test_no_c_reads_from_a_local_leg_that_lags(tmp_path: Path) -> None:
+    """With a write quorum of 1 a write may be acknowledged before the local leg has it (the
+    leg lags, rule 4b): the extent is withdrawn first, so no READ is served from the leg
+    until it caught up."""
+    import threading
+
+    legs = [str(tmp_path / f"l{i}.img") for i in range(2)]
+    dev = MirrorHandler.open(device_config(
+        f"legs={legs[0]}|{legs[1]};region={REGION};assume_clean=1;retry=3600;quorum=1"))
+    h = RingHarness(dev, data_plane=True, native=True)
+    mirror = dev.backend
+    gate = threading.Event()
+    leg0 = mirror._legs[0].leg
+    real_write = leg0.write  # type: ignore[union-attr]
+
+    def slow(offset: int, buf: Any, fua: bool = False) -> None:
+        if offset < SIZE:  # data, not metadata
+            gate.wait(30)
+        real_write(offset, buf, fua)
+
+    try:
+        h.run(cdbs.test_unit_ready())
+        old, new = b"\x11" * 4096, b"\x22" * 4096
+        assert h.run(cdbs.write10(0, 8), data_out=old).good
+        assert h.run(cdbs.read10(0, 8), data_in_len=4096).data == old
+        leg0.write = slow  # type: ignore[union-attr]
+        assert h.run(cdbs.write10(0, 8), data_out=new).good  # acknowledged by leg 1 alone
+        assert mirror._lag & 1, "leg 0 should lag"
+        for _ in range(10):
+            assert h.run(cdbs.read10(0, 8), data_in_len=4096).data == new
+    finally:
+        gate.set()
+        h.close()
+        dev.close()
