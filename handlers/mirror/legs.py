@@ -148,6 +148,22 @@ class NbdLeg:
         else:
             self.client.pwrite(buf, offset, fua=fua)
 
+    def write_many(self, writes: list[tuple[int, bytes, bool]]) -> list[OSError | None]:
+        """Each ``(offset, data, fua)`` of `writes` (which do not overlap), all in flight on
+        the connection at once: one round trip for the batch instead of one per write. Returns
+        each write's error or None. A server without FUA gets one flush after the batch,
+        whose failure fails the writes that asked for FUA."""
+        fua_ok = self.can_fua
+        results: list[OSError | None] = list(self.client.pwrite_many(
+            [(data, offset, fua and fua_ok) for offset, data, fua in writes]))
+        if not fua_ok and any(fua for _, _, fua in writes):
+            try:
+                self.flush()
+            except OSError as exc:
+                results = [exc if fua and r is None else r
+                           for (_, _, fua), r in zip(writes, results, strict=True)]
+        return results
+
     def flush(self) -> None:
         # A server that offers no flush writes through (NBD protocol: NBD_FLAG_SEND_FLUSH).
         if self._can_flush:

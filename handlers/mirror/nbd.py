@@ -2,7 +2,8 @@
 
 Only what the mirror's NBD legs need: connect by URI (``nbd://host[:port]/export``,
 ``nbd+unix:///export?socket=/path``, ``nbds://`` where libnbd was built with TLS), size, the
-synchronous read / write / flush / trim commands, the server's ``can_*`` answers, and shutdown.
+synchronous read / write / flush / trim commands, a batch of writes in flight at once
+(`NbdClient.pwrite_many`), the server's ``can_*`` answers, and shutdown.
 The NBD protocol itself is libnbd's: no protocol code here.
 
 Our Python is not Debian's, so Debian's ``python3-libnbd`` cannot be imported; the library is
@@ -43,6 +44,15 @@ int nbd_pread (struct nbd_handle *h, void *buf, size_t count, uint64_t offset, u
 int nbd_pwrite (struct nbd_handle *h, const void *buf, size_t count, uint64_t offset,
                 uint32_t flags);
 int nbd_flush (struct nbd_handle *h, uint32_t flags);
+typedef struct {
+  int (*callback) (void *user_data, int *error);
+  void *user_data;
+  void (*free) (void *user_data);
+} nbd_completion_callback;
+int64_t nbd_aio_pwrite (struct nbd_handle *h, const void *buf, size_t count, uint64_t offset,
+                        nbd_completion_callback completion_callback, uint32_t flags);
+int nbd_aio_command_completed (struct nbd_handle *h, uint64_t cookie);
+int nbd_poll (struct nbd_handle *h, int timeout);
 int nbd_trim (struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags);
 int nbd_shutdown (struct nbd_handle *h, uint32_t flags);
 """
@@ -152,6 +162,50 @@ class NbdClient:
         rc = self._with_buffer(buf, False, lambda c: self._handle_call(
             self._lib.nbd_pwrite, c, len(buf), offset, flags))
         self._check(f"pwrite {len(buf)}@{offset}", rc)
+
+    def pwrite_many(self, writes: list[tuple[bytes, int, bool]]) -> list[NbdError | None]:
+        """Write every ``(data, offset, fua)`` of `writes`, all in flight at once (libnbd's
+        asynchronous commands on this connection), and wait for every answer. The server may
+        run them in any order: the caller passes writes that do not overlap. Returns each
+        write's error, or None. A connection that dies fails the writes not answered yet."""
+        lib, h = self._lib, self._h
+        if h is None:
+            err = NbdError(_errno.EBADF, f"{self.uri or 'nbd'}: handle closed")
+            return [err] * len(writes)
+        results: list[NbdError | None] = [None] * len(writes)
+        no_callback = _ffi.new("nbd_completion_callback *")[0]  # LIBNBD_NULL_COMPLETION
+        views = []
+        cookies: dict[int, int] = {}
+        try:
+            for i, (data, offset, fua) in enumerate(writes):
+                c = _ffi.from_buffer(data)
+                views.append(c)
+                cookie = lib.nbd_aio_pwrite(h, c, len(data), offset, no_callback,
+                                            CMD_FLAG_FUA if fua else 0)
+                if cookie < 0:
+                    results[i] = _error(f"{self.uri} pwrite {len(data)}@{offset}")
+                else:
+                    cookies[i] = cookie
+            while cookies:
+                for i, cookie in list(cookies.items()):
+                    rc = lib.nbd_aio_command_completed(h, cookie)
+                    if rc != 0:
+                        del cookies[i]
+                        if rc < 0:
+                            data, offset, _ = writes[i]
+                            results[i] = _error(f"{self.uri} pwrite {len(data)}@{offset}")
+                if cookies and lib.nbd_poll(h, -1) < 0:
+                    dead = _error(f"{self.uri} poll")
+                    for i, cookie in cookies.items():  # answered meanwhile, or lost
+                        if lib.nbd_aio_command_completed(h, cookie) != 1:
+                            results[i] = dead
+                    cookies.clear()
+        finally:
+            # Every command is answered or retired with the connection: libnbd holds no
+            # pointer into the buffers any more.
+            for c in views:
+                _ffi.release(c)
+        return results
 
     @staticmethod
     def _with_buffer(buf: Any, writable: bool, call: Any) -> int:

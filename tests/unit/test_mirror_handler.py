@@ -397,3 +397,29 @@ def test_no_c_reads_from_a_local_leg_that_lags(tmp_path: Path) -> None:
         gate.set()
         h.close()
         dev.close()
+
+
+def test_an_nbd_leg_writes_a_batch_in_flight_at_once_and_reports_each_error(
+        servers: list[FileServer]) -> None:
+    """`NbdLeg.write_many` against nbdkit: every write of the batch lands, each gets its own
+    answer (a write past the export's end fails alone), and a dead server fails them all
+    instead of hanging."""
+    from tcmu_py.handlers.mirror.legs import NbdLeg
+
+    total = SIZE + meta_length(SIZE, REGION)
+    leg = NbdLeg(servers[0].uri, total)
+    try:
+        writes = [(i * 8192, bytes([i + 1]) * 4096, i % 2 == 0) for i in range(16)]
+        beyond = (total, b"x" * 4096, False)
+        results = leg.write_many([*writes, beyond])
+        assert results[:16] == [None] * 16
+        assert isinstance(results[16], OSError)
+        for offset, data, _ in writes:
+            buf = bytearray(len(data))
+            leg.read(offset, memoryview(buf))
+            assert bytes(buf) == data
+        servers[0].stop()
+        dead = leg.write_many(writes[:4])
+        assert all(isinstance(r, OSError) for r in dead), dead
+    finally:
+        leg.close()
