@@ -303,7 +303,14 @@ class Mirror:
         self.nregions = -(-cfg.size // cfg.region)
         self.meta_len = meta_length(cfg.size, cfg.region)
         self._opener = opener
-        self._lock = threading.Condition()
+        #: `_lock` is a Condition over `_mutex`; each write waits on a Condition of its own
+        #: over the same mutex (`_WriteOp.cond`), woken by its legs' answers alone: with N
+        #: writes in flight a leg's answer wakes one waiter, not N. What may concern every
+        #: waiter (a leg failed, a failure recorded, a region freed) wakes all (`_wake_all`).
+        self._mutex = threading.RLock()
+        self._lock = threading.Condition(self._mutex)
+        #: Operations in `_WriteOp.wait` / `wait_all` (their conditions, for `_wake_all`).
+        self._waiters: set[_WriteOp] = set()
         #: Held while metadata (superblocks, bitmap blocks) is written: taken before `_lock`.
         self._meta_lock = threading.RLock()
         self._legs = [_LegState(i, spec) for i, spec in enumerate(cfg.legs)]
@@ -680,14 +687,21 @@ class Mirror:
                 # the last leg holding every acknowledged write (a lagging leg left in sync
                 # may not: rule 4b); nobody could record its failure
                 self._last_standing = ls.index
-            self._lock.notify_all()
+            self._wake_all()
         log.error("mirror: %s failed (%s, was %s): out of sync", ls.name(), exc, was)
         try:
             self._write_superblocks(clean=False)
         finally:
             with self._lock:
                 self._recording.discard(ls.index)
-                self._lock.notify_all()
+                self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Wake every thread waiting on `_lock` and every write waiting for its legs. Caller
+        holds `_lock`."""
+        self._lock.notify_all()
+        for op in self._waiters:
+            op.cond.notify_all()
 
     # -- the C data plane --------------------------------------------------------------------
 
@@ -1573,6 +1587,9 @@ class _WriteOp:
         self.id = id(self)
         #: Called (no lock held) when every leg answered and none failed.
         self.on_complete: Callable[[], None] | None = None
+        #: What `wait` / `wait_all` sleep on (over the mirror's mutex): a leg's answer to this
+        #: operation wakes this one waiter (`done`); `Mirror._wake_all` wakes it too.
+        self.cond = threading.Condition(mirror._mutex)
 
     ok = 0
 
@@ -1623,7 +1640,9 @@ class _WriteOp:
             self.left -= 1
             if self.left == 0:
                 self._finish()
-            self.m._lock.notify_all()
+            else:
+                self.cond.notify_all()
+                self.m._lock.notify_all()  # a read waiting for this leg's pending (`_drain`)
             run = self.on_complete if self.left == 0 and self.error is None else None
         if run is not None:
             run()
@@ -1635,7 +1654,8 @@ class _WriteOp:
                 self.m._writers[r] = n
             else:
                 self.m._writers.pop(r, None)
-        self.m._lock.notify_all()
+        self.m._lock.notify_all()  # the resync, writes waiting for its regions
+        self.cond.notify_all()
 
     def _time_out(self) -> bool:
         """Caller holds the lock. Past the deadline, the legs that have not answered count as
@@ -1666,7 +1686,7 @@ class _WriteOp:
                 self.m._fail_leg(ls, self.error)
         finally:
             self.m._lock.acquire()
-        self.m._lock.notify_all()
+        self.m._wake_all()
         return True
 
     def drop(self, ls: _LegState, exc: OSError) -> None:
@@ -1679,16 +1699,18 @@ class _WriteOp:
         self.left -= 1
         if self.left == 0:
             self._finish()
-        self.m._lock.notify_all()
+        else:
+            self.cond.notify_all()
+            self.m._lock.notify_all()
 
     def _sleep(self) -> None:
         """Wait for an answer (caller holds the lock), at most until the deadline (past it,
         50 ms: a lagging leg is timed out by its call's start, not the deadline)."""
         if self.deadline:
             left = self.deadline - time.monotonic()
-            self.m._lock.wait(left + 0.001 if left > 0 else 0.05)
+            self.cond.wait(left + 0.001 if left > 0 else 0.05)
         else:
-            self.m._lock.wait()
+            self.cond.wait()
 
     def wait(self) -> None:
         """Rule 4: return once the quorum holds the write (``all``: once every leg answered,
@@ -1697,48 +1719,57 @@ class _WriteOp:
         m = self.m
         rounds = 0
         with m._lock:
-            while True:
-                m._reap()
-                self._time_out()
-                self.ok = sum(1 for i in self.succeeded if m._legs[i].state == IN_SYNC)
-                if m.cfg.quorum:
-                    if self.ok >= self.need:
-                        # in-sync legs not answered (a failing one answers once recorded)
-                        missing = sum(1 << i for i in self.waiting if i in self.in_sync)
-                        blockers = missing & ~m._lag
-                        if blockers and time.monotonic() >= self.grace \
-                                and m._lag_budget(blockers):
-                            m._lag |= blockers  # they become lagging (recorded below)
-                            m._extent_moved(blockers)
-                            blockers = 0
-                        if not blockers:
-                            if missing and not m._record_lag(missing):
-                                # the lock was released: count again (bounded: each round
-                                # records the lag or fails a leg it could not write to)
-                                rounds += 1
-                                if rounds > len(m._legs) + 1:
-                                    raise QuorumLost("mirror: could not record which legs "
-                                                     "lag")
-                                continue
-                            if self._record_pending():
-                                continue
-                            m.lag_acks += bool(missing)
-                            return
-                        if time.monotonic() < self.grace:
-                            m._lock.wait(max(0.0, self.grace - time.monotonic()) + 0.0005)
+            m._waiters.add(self)
+            try:
+                self._wait_quorum(rounds)
+            finally:
+                m._waiters.discard(self)
+
+    def _wait_quorum(self, rounds: int) -> None:
+        """`wait`'s loop (caller holds the lock, and is among the mirror's waiters)."""
+        m = self.m
+        while True:
+            m._reap()
+            self._time_out()
+            self.ok = sum(1 for i in self.succeeded if m._legs[i].state == IN_SYNC)
+            if m.cfg.quorum:
+                if self.ok >= self.need:
+                    # in-sync legs not answered (a failing one answers once recorded)
+                    missing = sum(1 << i for i in self.waiting if i in self.in_sync)
+                    blockers = missing & ~m._lag
+                    if blockers and time.monotonic() >= self.grace \
+                            and m._lag_budget(blockers):
+                        m._lag |= blockers  # they become lagging (recorded below)
+                        m._extent_moved(blockers)
+                        blockers = 0
+                    if not blockers:
+                        if missing and not m._record_lag(missing):
+                            # the lock was released: count again (bounded: each round
+                            # records the lag or fails a leg it could not write to)
+                            rounds += 1
+                            if rounds > len(m._legs) + 1:
+                                raise QuorumLost("mirror: could not record which legs "
+                                                 "lag")
                             continue
-                    if self.left == 0:
-                        raise QuorumLost(f"mirror: {self.ok} legs hold the write; the write "
-                                         f"quorum is {self.need}")
-                elif self.left == 0:
-                    if self._record_pending():
+                        if self._record_pending():
+                            continue
+                        m.lag_acks += bool(missing)
+                        return
+                    if time.monotonic() < self.grace:
+                        self.cond.wait(max(0.0, self.grace - time.monotonic()) + 0.0005)
                         continue
-                    if self.ok == 0:
-                        if not any(ls.state == IN_SYNC for ls in m._legs):
-                            raise QuorumLost("mirror: no leg left in sync")
-                        raise self.error or OSError(5, "mirror: no leg took the write")
-                    return
-                self._sleep()
+                if self.left == 0:
+                    raise QuorumLost(f"mirror: {self.ok} legs hold the write; the write "
+                                     f"quorum is {self.need}")
+            elif self.left == 0:
+                if self._record_pending():
+                    continue
+                if self.ok == 0:
+                    if not any(ls.state == IN_SYNC for ls in m._legs):
+                        raise QuorumLost("mirror: no leg left in sync")
+                    raise self.error or OSError(5, "mirror: no leg took the write")
+                return
+            self._sleep()
 
     def _record_pending(self) -> bool:
         """Rule 3: while a leg's failure is not yet durable on the others (another thread is
@@ -1747,17 +1778,21 @@ class _WriteOp:
         m = self.m
         if not (m._recording or m._owed):
             return False
-        m._lock.wait(0.05)
+        self.cond.wait(0.05)
         return True
 
     def wait_all(self) -> None:
         """Until every leg answered or timed out (failures are the legs' own: they are marked
         failed)."""
         with self.m._lock:
-            while self.left:
-                self.m._reap()
-                if self.left and not self._time_out():
-                    self._sleep()
+            self.m._waiters.add(self)
+            try:
+                while self.left:
+                    self.m._reap()
+                    if self.left and not self._time_out():
+                        self._sleep()
+            finally:
+                self.m._waiters.discard(self)
 
     @property
     def complete(self) -> bool:
