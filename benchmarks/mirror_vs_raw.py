@@ -139,9 +139,12 @@ def guest(args: argparse.Namespace) -> int:
         (m,) = [m for m in st["mirrors"] if m["device"] == "mirror"]
         legs_ok = [leg["state"] for leg in m["legs"]]
         leg_reads = [leg["reads"] for leg in m["legs"]]  # how the read policy spread them
+        # READs the C data plane served from the local leg (the legs' counts leave them out)
+        (dev,) = [d for d in st["devices"] if d["name"] == "mirror"]
+        in_c = (dev.get("data_plane") or {}).get("commands", 0)
     (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
                                                "cpus": os.cpu_count(), "legs": legs_ok,
-                                               "leg_reads": leg_reads}))
+                                               "leg_reads": leg_reads, "c_commands": in_c}))
     return 0 if all("failed" not in r for r in runs) else 1
 
 

@@ -47,6 +47,10 @@ class Leg(Protocol):
     def close(self) -> None:
         """Release the store (idempotent)."""
 
+    # Optional: ``write_many(writes: list[(offset, data, fua)]) -> list[OSError | None]``, the
+    # writes (which never overlap) in flight at once; the mirror's leg worker then sends
+    # queued writes together (`NbdLeg`). Without it they go one `write` at a time.
+
 
 def check_spec(spec: str) -> None:
     """Raise ConfigError unless `spec` is an absolute path or an NBD URI."""
