@@ -629,13 +629,15 @@ class Mirror:
                 and not (self._lag | legs) >> ls.index & 1]
         return len(keep) >= (self.cfg.quorum or len(self._legs))
 
-    def _lag_check(self, ls: _LegState) -> None:
+    def _lag_check(self, ls: _LegState) -> bool:
         """`ls` caught up (nothing queued: it did every write the others did, as durably):
         no longer lagging. Its bit stays in the superblocks until the next one is written (a
-        superset is safe). Caller holds `_lock`."""
+        superset is safe). Caller holds `_lock`; True when the leg left the lag mask (the
+        caller then calls `_extent_moved`, the lock released)."""
         if self._lag >> ls.index & 1 and not ls.ops:
             self._lag &= ~(1 << ls.index)
-            self._extent_moved(1 << ls.index)
+            return True
+        return False
 
     def _bitmap_block(self, lo: int, hi: int | None) -> tuple[int, bytes]:
         """(offset in the bitmap, bytes) of bitmap bytes [lo, hi) widened to 4 KiB blocks.
@@ -678,7 +680,6 @@ class Mirror:
             lagging = bool(self._lag >> ls.index & 1)
             ls.state = FAILED
             self._lag &= ~(1 << ls.index)  # its exclusion from the active mask says more
-            self._extent_moved(1 << ls.index)
             ls.error = str(exc)
             ls.errors += 1
             self.generation += 1
@@ -688,6 +689,8 @@ class Mirror:
                 # may not: rule 4b); nobody could record its failure
                 self._last_standing = ls.index
             self._wake_all()
+        # Before any write is acknowledged without it: those wait for `_recording`.
+        self._extent_moved(1 << ls.index)
         log.error("mirror: %s failed (%s, was %s): out of sync", ls.name(), exc, was)
         try:
             self._write_superblocks(clean=False)
@@ -724,7 +727,8 @@ class Mirror:
         """The state of the legs in mask `legs` changed (in sync, failed, lagging): if one is
         local, the data plane stops reading it until it asked `file_extent` again. Called
         before the change matters: before a write acknowledged without that leg returns,
-        before its fd is closed (a failed leg is closed only by `reattach` or `close`)."""
+        before its fd is closed (a failed leg is closed only by `reattach` or `close`).
+        Without `_lock` held: the listener waits for the data plane's reads in flight."""
         listener = self.extent_listener
         if listener is not None and any(ls.local for ls in self._legs if legs >> ls.index & 1):
             listener()
@@ -1141,7 +1145,7 @@ class Mirror:
                     ls.state = IN_SYNC
                     ls.error = ""
                     self.generation += 1
-                    self._extent_moved(1 << ls.index)
+                self._extent_moved(1 << ls.index)
                 log.info("mirror: %s in sync (%d regions copied)", ls.name(), len(regions))
             self._write_superblocks(clean=False)
             with self._lock:
@@ -1344,9 +1348,9 @@ class Mirror:
                     and not any(x.state == IN_SYNC for x in self._legs)):
                 ls.state = IN_SYNC  # every acknowledged write is on it: the others copy it
                 self._last_standing = None
-                self._extent_moved(1 << ls.index)
             else:
                 ls.state = RESYNCING
+        self._extent_moved(1 << ls.index)  # in sync again (last standing), or resyncing
         self._start_worker(ls)
         self._write_bitmap_all()
         self._write_superblocks(clean=False)
@@ -1630,22 +1634,28 @@ class _WriteOp:
     def done(self, ls: _LegState, exc: OSError | None) -> None:
         with self.m._lock:
             self._forget(ls)
-            self.m._lag_check(ls)
-            if self.waiting.pop(ls.index, None) is None:
-                return  # answered after its timeout: counted failed already
-            if exc is None and ls.index in self.in_sync:
-                self.succeeded.add(ls.index)
-            elif exc is not None:
-                self.error = exc
-            self.left -= 1
-            if self.left == 0:
-                self._finish()
-            else:
-                self.cond.notify_all()
-                self.m._lock.notify_all()  # a read waiting for this leg's pending (`_drain`)
-            run = self.on_complete if self.left == 0 and self.error is None else None
+            caught_up = self.m._lag_check(ls)
+            run = self._answer(ls, exc)
+        if caught_up:
+            self.m._extent_moved(1 << ls.index)
         if run is not None:
             run()
+
+    def _answer(self, ls: _LegState, exc: OSError | None) -> Callable[[], None] | None:
+        """`done`'s part under the lock: count `ls`'s answer; the callback to run then."""
+        if self.waiting.pop(ls.index, None) is None:
+            return None  # answered after its timeout: counted failed already
+        if exc is None and ls.index in self.in_sync:
+            self.succeeded.add(ls.index)
+        elif exc is not None:
+            self.error = exc
+        self.left -= 1
+        if self.left == 0:
+            self._finish()
+        else:
+            self.cond.notify_all()
+            self.m._lock.notify_all()  # a read waiting for this leg's pending (`_drain`)
+        return self.on_complete if self.left == 0 and self.error is None else None
 
     def _finish(self) -> None:
         for r in self.regions:
@@ -1717,17 +1727,24 @@ class _WriteOp:
         the failed ones recorded as out of sync; a number: once that many in-sync legs did,
         the others recorded as lagging, rule 4b); QuorumLost or the legs' error otherwise."""
         m = self.m
-        rounds = 0
-        with m._lock:
-            m._waiters.add(self)
-            try:
-                self._wait_quorum(rounds)
-            finally:
-                m._waiters.discard(self)
+        try:
+            with m._lock:
+                m._waiters.add(self)
+                try:
+                    self._wait_quorum()
+                finally:
+                    m._waiters.discard(self)
+        finally:
+            if self.lag_started:  # before the acknowledgement, the lock released
+                m._extent_moved(self.lag_started)
 
-    def _wait_quorum(self, rounds: int) -> None:
+    #: Legs this write made lagging (`_wait_quorum`), for `Mirror._extent_moved`.
+    lag_started = 0
+
+    def _wait_quorum(self) -> None:
         """`wait`'s loop (caller holds the lock, and is among the mirror's waiters)."""
         m = self.m
+        rounds = 0
         while True:
             m._reap()
             self._time_out()
@@ -1740,7 +1757,7 @@ class _WriteOp:
                     if blockers and time.monotonic() >= self.grace \
                             and m._lag_budget(blockers):
                         m._lag |= blockers  # they become lagging (recorded below)
-                        m._extent_moved(blockers)
+                        self.lag_started |= blockers
                         blockers = 0
                     if not blockers:
                         if missing and not m._record_lag(missing):
