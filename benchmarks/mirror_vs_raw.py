@@ -4,7 +4,7 @@ in the same VM boot, over the six fio workloads of docs/benchmarks.md (4 KiB ran
 write at queue depth 1 and 32, 1 MiB sequential read and write at queue depth 8).
 
     .venv/bin/python benchmarks/mirror_vs_raw.py --out results/mirror_vs_raw [--seconds 8]
-        [--reps 2] [--size-mib 128] [--only randread-4k-qd1,...]
+        [--reps 2] [--size-mib 128] [--only randread-4k-qd1,...] [--profile WORKLOAD,...]
 
 Host side: boots the lab kernel (`tcmu_py.lab.run_in_vm`), runs this file again inside with
 ``--guest``, then prints per-workload medians and the mirror/raw ratio against the issue's aims
@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -134,6 +136,19 @@ def guest(args: argparse.Namespace) -> int:
                     (out / "runs.json").write_text(json.dumps(runs, indent=2))
                     log(f"rep {rep} {wl} {target}: {rec.get('iops', 0):.0f} IOPS "
                         f"{rec.get('bw_bytes', 0) / MIB:.1f} MiB/s")
+        for wl, rw, bsz, qd in select(WORKLOADS, args.profile) if args.profile else ():
+            # py-spy on the daemon (its pid is in the lock file) while fio runs the mirror
+            pid = (disks.run_dir / "daemon.lock").read_text().strip()
+            prof = out / f"profile-{wl}.txt"
+            spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            spy = subprocess.Popen([spy_bin, "record", "--pid", pid, "--duration",
+                                    f"{int(args.seconds) + 2}", "--rate", "97", "--format", "raw",
+                                    "--threads", "--nonblocking", "--output", str(prof)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            code, _, err = fio(devs["mirror"], wl, rw, bsz, qd, work / "prof.json")
+            spy.communicate(timeout=args.seconds + 120)
+            size = prof.stat().st_size if prof.exists() else 0
+            log(f"profile {wl}: fio exit {code}, {prof} ({size} B)")
         # The legs hold the same data after all of it (quorum all, no leg lost).
         st = query_status(disks.run_dir, timeout=30)
         (m,) = [m for m in st["mirrors"] if m["device"] == "mirror"]
@@ -179,7 +194,8 @@ def host(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     guest_args = ["--seconds", str(args.seconds), "--reps", str(args.reps),
                   "--size-mib", str(args.size_mib)] + ([] if args.only is None else
-                                                       ["--only", args.only])
+                                                       ["--only", args.only]) + (
+        ["--profile", args.profile] if args.profile else [])
     budget = 900 + args.reps * len(select(WORKLOADS, args.only)) * len(TARGETS) * (
         args.seconds + 200)
     runs = boot_guest(Path(__file__), guest_args, out, budget)
@@ -200,6 +216,8 @@ def host(args: argparse.Namespace) -> int:
 
 def main() -> int:
     ap = arg_parser(__doc__, "mirror_vs_raw", seconds=8.0, reps=2, size_mib=128)
+    ap.add_argument("--profile", default="",
+                    help="workloads to run once more on the mirror under py-spy (OUT/profile-*)")
     args = ap.parse_args()
     return guest(args) if args.guest else host(args)
 
