@@ -1649,13 +1649,19 @@ class _WriteOp:
             self.succeeded.add(ls.index)
         elif exc is not None:
             self.error = exc
+        self._one_less()
+        return self.on_complete if self.left == 0 and self.error is None else None
+
+    def _one_less(self) -> None:
+        """A leg is done with this operation (answered or timed out): the last one finishes
+        it; any other wakes its waiter, and a read waiting for the leg's pending writes
+        (`Mirror._drain`). Caller holds the lock."""
         self.left -= 1
         if self.left == 0:
             self._finish()
         else:
             self.cond.notify_all()
-            self.m._lock.notify_all()  # a read waiting for this leg's pending (`_drain`)
-        return self.on_complete if self.left == 0 and self.error is None else None
+            self.m._lock.notify_all()
 
     def _finish(self) -> None:
         for r in self.regions:
@@ -1706,12 +1712,7 @@ class _WriteOp:
         if self.waiting.pop(ls.index, None) is None:
             return
         self.error = exc
-        self.left -= 1
-        if self.left == 0:
-            self._finish()
-        else:
-            self.cond.notify_all()
-            self.m._lock.notify_all()
+        self._one_less()
 
     def _sleep(self) -> None:
         """Wait for an answer (caller holds the lock), at most until the deadline (past it,
