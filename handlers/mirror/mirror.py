@@ -712,8 +712,11 @@ class Mirror:
         """READs may go straight to a local leg (image file or block device: the data area is
         its bytes ``[0, size)``) while it is in sync and not lagging: it then holds every
         acknowledged write (rules 4 and 4b). WRITEs always come here: they go to every leg.
-        None otherwise, and while closing. The C data plane asks again after each
-        `_extent_moved`."""
+        None otherwise, while closing, and with ``read=round-robin``: an operator who spreads
+        reads over every leg gets that (least-busy reads the local leg when it is free, as C
+        does). The C data plane asks again after each `_extent_moved`."""
+        if self.cfg.read_policy != "least-busy":
+            return None
         with self._lock:
             if self._closing:
                 return None

@@ -423,3 +423,23 @@ def test_an_nbd_leg_writes_a_batch_in_flight_at_once_and_reports_each_error(
         assert all(isinstance(r, OSError) for r in dead), dead
     finally:
         leg.close()
+
+
+def test_round_robin_reads_stay_with_the_mirror(tmp_path: Path) -> None:
+    """``read=round-robin`` spreads reads over every leg: no READ is served by C from the
+    local leg then (the default, least-busy, reads the local leg when it is free, as C does)."""
+    legs = [str(tmp_path / f"l{i}.img") for i in range(2)]
+    dev = MirrorHandler.open(device_config(
+        f"legs={legs[0]}|{legs[1]};region={REGION};assume_clean=1;retry=3600;read=round-robin"))
+    h = RingHarness(dev, data_plane=True, native=True)
+    try:
+        assert dev.data_extent() is None
+        h.run(cdbs.test_unit_ready())
+        data = b"\x33" * 4096
+        assert h.run(cdbs.write10(0, 8), data_out=data).good
+        for _ in range(6):
+            assert h.run(cdbs.read10(0, 8), data_in_len=4096).data == data
+        assert [leg["reads"] for leg in dev.backend.status()["legs"]] == [3, 3]
+    finally:
+        h.close()
+        dev.close()
