@@ -59,6 +59,8 @@ int nbd_shutdown (struct nbd_handle *h, uint32_t flags);
 
 #: ``LIBNBD_CMD_FLAG_FUA`` (libnbd.h): the write is durable when its reply arrives.
 CMD_FLAG_FUA = 0x01
+#: Longest wait (ms) of one `nbd_poll` in `NbdClient.pwrite_many` before it looks again.
+POLL_MS = 10
 
 LIBRARY = "libnbd.so.0"
 
@@ -194,7 +196,10 @@ class NbdClient:
                         if rc < 0:
                             data, offset, _ = writes[i]
                             results[i] = _error(f"{self.uri} pwrite {len(data)}@{offset}")
-                if cookies and lib.nbd_poll(h, -1) < 0:
+                # Bounded: another thread's synchronous call on this handle may have read
+                # our replies between the check above and this poll, which would then wait
+                # for traffic that never comes.
+                if cookies and lib.nbd_poll(h, POLL_MS) < 0:
                     dead = _error(f"{self.uri} poll")
                     for i, cookie in cookies.items():  # answered meanwhile, or lost
                         if lib.nbd_aio_command_completed(h, cookie) != 1:

@@ -443,3 +443,47 @@ def test_round_robin_reads_stay_with_the_mirror(tmp_path: Path) -> None:
     finally:
         h.close()
         dev.close()
+
+
+def test_an_nbd_write_batch_ends_while_reads_share_the_connection(tmp_path: Path) -> None:
+    """A synchronous read on another thread may take the batch's replies off the socket
+    between the batch's look at its commands and its wait for more: the wait is bounded, so
+    the batch still ends (it used to wait for traffic that never came)."""
+    import threading
+
+    from tcmu_py.handlers.mirror.legs import NbdLeg
+
+    nbdkit = shutil.which("nbdkit")
+    assert nbdkit, "nbdkit missing: scripts/bootstrap.sh installs it (APT_PACKAGES)"
+    image, sock = tmp_path / "d.img", tmp_path / "d.sock"
+    with open(image, "wb") as f:
+        f.truncate(4 << 20)
+    proc = subprocess.Popen([nbdkit, "--foreground", "--exit-with-parent", "-U", str(sock),
+                             "--filter=delay", "file", str(image), "delay-write=2ms",
+                             "delay-read=2ms"], stdin=subprocess.DEVNULL)
+    stop = threading.Event()
+    try:
+        assert wait_until(lambda: sock.exists() or proc.poll() is not None, START_DEADLINE)
+        leg = NbdLeg(f"nbd+unix:///?socket={sock}", 4 << 20)
+
+        def reader() -> None:
+            buf = memoryview(bytearray(4096))
+            while not stop.is_set():
+                leg.read(0, buf)
+
+        def writer(results: list[Any]) -> None:
+            for _ in range(60):
+                results.append(leg.write_many([(k * 8192, b"w" * 4096, False)
+                                               for k in range(8)]))
+
+        results: list[Any] = []
+        threading.Thread(target=reader, daemon=True).start()
+        t = threading.Thread(target=writer, args=(results,), daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), f"a batch never ended ({len(results)} of 60 done)"
+        assert all(r == [None] * 8 for r in results)
+    finally:
+        stop.set()
+        proc.kill()
+        proc.wait(START_DEADLINE)
