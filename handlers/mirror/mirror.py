@@ -636,6 +636,8 @@ class Mirror:
         caller then calls `_extent_moved`, the lock released)."""
         if self._lag >> ls.index & 1 and not ls.ops:
             self._lag &= ~(1 << ls.index)
+            # writes waiting for leave to make another leg lag (`_lag_budget`) look again
+            self._wake_all()
             return True
         return False
 
@@ -1148,6 +1150,7 @@ class Mirror:
                     ls.state = IN_SYNC
                     ls.error = ""
                     self.generation += 1
+                    self._wake_all()  # one more leg for the quorum and the lag budget
                 self._extent_moved(1 << ls.index)
                 log.info("mirror: %s in sync (%d regions copied)", ls.name(), len(regions))
             self._write_superblocks(clean=False)
@@ -1351,6 +1354,7 @@ class Mirror:
                     and not any(x.state == IN_SYNC for x in self._legs)):
                 ls.state = IN_SYNC  # every acknowledged write is on it: the others copy it
                 self._last_standing = None
+                self._wake_all()
             else:
                 ls.state = RESYNCING
         self._extent_moved(1 << ls.index)  # in sync again (last standing), or resyncing
