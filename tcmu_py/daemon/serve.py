@@ -41,6 +41,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import select
 import signal
@@ -173,9 +174,10 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._stopping = False
-        #: When `run()` rescans because a device failed to open, and each such device's failures
-        #: in a row (`_retry_later`).
-        self._retry_at: float | None = None
+        #: When `run()` rescans next (monotonic): the rescan interval, brought forward when a
+        #: device failed to open (`_retry_later`, which also counts each device's failures in
+        #: a row).
+        self._next_scan = 0.0
         self._add_failures: dict[str, int] = {}
         self._lock_fd: int | None = None
         self._netlink: Any = None
@@ -360,12 +362,11 @@ class Daemon:
         if self._netlink is not None:
             poller.register(self._netlink.fileno(), select.POLLIN)
         interval = RESCAN_SECONDS_WITH_UDEV if self._observer is not None else RESCAN_SECONDS
-        next_scan = time.monotonic() + interval
+        with self._lock:
+            self._next_scan = min(self._next_scan or math.inf, time.monotonic() + interval)
         try:
             while not self._stopping:
-                retry = self._retry_at
-                wake = min([next_scan, *(w[0] for w in self._unserved.values()),
-                            *([retry] if retry is not None else [])])
+                wake = min([self._next_scan, *(w[0] for w in self._unserved.values())])
                 timeout = max(0.0, wake - time.monotonic())
                 for fd, _ in poller.poll(timeout * 1000):
                     if fd == self._wake_r:
@@ -382,15 +383,14 @@ class Daemon:
                             with contextlib.suppress(OSError):
                                 self._netlink.close()
                             self._netlink = None
-                            next_scan = time.monotonic()
+                            self._next_scan = time.monotonic()
                 if self._unserved:
                     self._answer_unserved()
-                retry = self._retry_at
-                if time.monotonic() >= next_scan or (
-                        retry is not None and time.monotonic() >= retry):
-                    self._retry_at = None
+                if time.monotonic() >= self._next_scan:
+                    # set before the scan: an open failing in it brings the next one forward
+                    with self._lock:
+                        self._next_scan = time.monotonic() + interval
                     self.rescan()
-                    next_scan = time.monotonic() + interval
         finally:
             self.shutdown()
 
@@ -483,8 +483,8 @@ class Daemon:
         self._add_failures[node] = failures + 1
         delay = min(ADD_RETRY_SECONDS * 2 ** failures, RESCAN_SECONDS_WITH_UDEV)
         at = time.monotonic() + delay
-        if self._retry_at is None or at < self._retry_at:
-            self._retry_at = at
+        if not self._next_scan or at < self._next_scan:
+            self._next_scan = at
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"r")
         log.info("%s: trying again in %g s", node, delay)
