@@ -526,9 +526,10 @@ struct tcmu_py_dp_cmd {
 };
 
 /* Whether entry e (CDB `cdb`, iovecs `v`, wherever they were copied) is a command C may execute
- * on x now: a CMD while x is enabled and no TMR came with it, a non-BIDI READ/WRITE without
- * protection bits, inside the device and its transfer limit, on allocated units, clear of
- * fences[0..n_fences), whose buffers hold exactly its blocks. Fills *c if so. */
+ * on x now: a CMD while x is enabled and no TMR came with it, a non-BIDI READ/WRITE (READ only
+ * on a reads_only extent) without protection bits, inside the device and its transfer limit,
+ * on allocated units, clear of fences[0..n_fences), whose buffers hold exactly its blocks.
+ * Fills *c if so. */
 static int tcmu_py_dp_plain(const struct tcmu_py_extent *x, const struct tcmu_py_entry *e,
                             const uint8_t *cdb, const struct iovec *v, int has_tmr,
                             const struct tcmu_py_fence *fences, int n_fences,
@@ -540,8 +541,8 @@ static int tcmu_py_dp_plain(const struct tcmu_py_extent *x, const struct tcmu_py
     c->writing = 0;
     if (e->op != TCMU_OP_CMD || !x->enabled || has_tmr || x->fd < 0 || e->iov_bidi_cnt ||
         !tcmu_py_dp_rw(cdb, e->cdb_len, &c->lba, &c->blocks, &c->writing, &c->fua) ||
-        (c->writing && x->reads_only) || !c->blocks || c->lba > x->num_blocks || c->blocks > x->num_blocks - c->lba ||
-        c->blocks > x->max_blocks || !tcmu_py_dp_units(x, c->lba, c->blocks, &c->fs, &c->fe) ||
+        (c->writing && x->reads_only) || !c->blocks || c->lba > x->num_blocks ||
+        c->blocks > x->num_blocks - c->lba || c->blocks > x->max_blocks || !tcmu_py_dp_units(x, c->lba, c->blocks, &c->fs, &c->fe) ||
         tcmu_py_dp_overlaps(fences, n_fences, c->fs, c->fe))
         return 0;
     for (i = 0; i < e->iov_cnt; i++)

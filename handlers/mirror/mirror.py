@@ -636,7 +636,7 @@ class Mirror:
         caller then calls `_extent_moved`, the lock released)."""
         if self._lag >> ls.index & 1 and not ls.ops:
             self._lag &= ~(1 << ls.index)
-            # writes waiting for leave to make another leg lag (`_lag_budget`) look again
+            # a write waiting until it may make another leg lag (`_lag_budget`) looks again
             self._wake_all()
             return True
         return False

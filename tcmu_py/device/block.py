@@ -175,7 +175,8 @@ class BlockDevice(ScsiDevice):
     def data_extent(self) -> DataExtent | None:
         """The backend's `FileExtent`, unless the device's config turns the data plane off. A
         thin backend (`ThinProvisioning`) qualifies only with a `UnitMap` (its writes allocate:
-        only commands on allocated units may bypass it); without one it stays in Python."""
+        only commands on allocated units may bypass it); without one it stays in Python. A
+        `ReadExtent` gives READs only."""
         fx = self.caps.file_extent
         if fx is None or not self.config.data_plane:
             return None
@@ -184,12 +185,10 @@ class BlockDevice(ScsiDevice):
             return None
         units: bytearray | None = None
         unit_blocks = 0
+        reads_only = False
         if isinstance(got, ReadExtent):
-            return DataExtent(
-                got.fd, got.base, self.block_size, self.num_blocks, self.max_transfer_blocks,
-                self.backend.write_cache, reads_only=True,
-            )
-        if len(got) == 3:
+            fd, base, reads_only = got.fd, got.base, True
+        elif len(got) == 3:
             fd, base, umap = got  # type: ignore[misc]
             if (not isinstance(umap, UnitMap) or umap.unit <= 0
                     or umap.unit % self.block_size):
@@ -201,7 +200,7 @@ class BlockDevice(ScsiDevice):
             fd, base = got  # type: ignore[misc]
         return DataExtent(
             fd, base, self.block_size, self.num_blocks, self.max_transfer_blocks,
-            self.backend.write_cache, units, unit_blocks,
+            self.backend.write_cache, units, unit_blocks, reads_only,
         )
 
     def join(self, domain: CopyDomain) -> None:
