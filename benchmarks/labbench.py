@@ -12,6 +12,8 @@ import argparse
 import json
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +31,17 @@ MIB = 1 << 20
 CMD_TIMEOUT = 300
 
 W = TypeVar("W", bound=tuple[Any, ...])
+
+
+def py_spy_record(pid: int | str, seconds: int, output: Path) -> subprocess.Popen[bytes]:
+    """Start py-spy sampling process `pid` for `seconds` (97 Hz, every thread, without
+    stopping it) into `output` as collapsed stacks; the caller `communicate`s with it. py-spy is
+    the one on PATH, else the one beside this interpreter (the venv's)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(seconds),
+                             "--rate", "97", "--format", "raw", "--threads", "--nonblocking",
+                             "--output", str(output)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def select(workloads: Sequence[W], only: str | None) -> tuple[W, ...]:

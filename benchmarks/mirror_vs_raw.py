@@ -28,15 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from labbench import MIB, REPO, GuestDisks, arg_parser, boot_guest, full_image, select
+from labbench import (
+    MIB,
+    REPO,
+    GuestDisks,
+    arg_parser,
+    boot_guest,
+    full_image,
+    py_spy_record,
+    select,
+)
 
 NBD_PORT = 10809
 
@@ -140,11 +147,7 @@ def guest(args: argparse.Namespace) -> int:
             # py-spy on the daemon (its pid is in the lock file) while fio runs the mirror
             pid = (disks.run_dir / "daemon.lock").read_text().strip()
             prof = out / f"profile-{wl}.txt"
-            spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-            spy = subprocess.Popen([spy_bin, "record", "--pid", pid, "--duration",
-                                    f"{int(args.seconds) + 2}", "--rate", "97", "--format", "raw",
-                                    "--threads", "--nonblocking", "--output", str(prof)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            spy = py_spy_record(pid, int(args.seconds) + 2, prof)
             code, _, err = fio(devs["mirror"], wl, rw, bsz, qd, work / "prof.json")
             spy.communicate(timeout=args.seconds + 120)
             size = prof.stat().st_size if prof.exists() else 0

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "kernel"))
 
 from guestlib import CORE, LOOPBACK, Daemon, log, read_attr, run, wait_for, write_attr  # noqa: E402
+from labbench import py_spy_record  # noqa: E402
 
 MIB = 1 << 20
 
@@ -546,26 +547,7 @@ def main() -> int:
                 t = by_name["pyraw"]
                 assert t.dev is not None
                 raw = out / f"profile-{wl.name}.txt"
-                spy = subprocess.Popen(
-                    [
-                        "py-spy",
-                        "record",
-                        "--pid",
-                        str(serve.proc.pid),
-                        "--duration",
-                        f"{max(int(args.seconds), 6) + 2}",
-                        "--rate",
-                        "97",
-                        "--format",
-                        "raw",
-                        "--threads",
-                        "--nonblocking",
-                        "--output",
-                        str(raw),
-                    ],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                )
+                spy = py_spy_record(serve.proc.pid, max(int(args.seconds), 6) + 2, raw)
                 time.sleep(1)
                 rec = {"target": "pyraw", "workload": wl.name, "profiled": True}
                 try:
