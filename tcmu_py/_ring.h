@@ -197,6 +197,7 @@ struct tcmu_py_loop_figures {
     uint64_t poll_misses;    /* busy-poll watches that found nothing */
     uint64_t batches;        /* wake-ups with work */
     uint64_t handed;         /* entries handed to Python */
+    uint64_t mapped;         /* of `done`: bytes moved through the mapped image (memcpy) */
     uint32_t hist[128];
 };
 
@@ -221,8 +222,13 @@ void tcmu_py_loop_stop(struct tcmu_py_loop *l);
 /* Stop, then free. Records not taken are lost: take them first. */
 void tcmu_py_loop_free(struct tcmu_py_loop *l);
 
-/* Copy the extent (x->enabled is ignored: see tcmu_py_loop_enable). */
+/* Copy the extent (x->enabled is ignored: see tcmu_py_loop_enable), once no worker runs. A
+ * regular file on tmpfs with every byte allocated is also mapped (MAP_SHARED, until the next
+ * declare or free): C's commands then copy with memcpy instead of preadv/pwritev, and a fault
+ * in that copy (the file truncated, tmpfs full) fails the command over to Python. */
 void tcmu_py_loop_declare(struct tcmu_py_loop *l, const struct tcmu_py_extent *x);
+/* 1 while the declared file is mapped. */
+int tcmu_py_loop_mapped(struct tcmu_py_loop *l);
 /* Whether C may execute commands (0 while a unit attention is pending ...). Turning it off
  * also waits for the workers: once it returns, C touches the declared file no more until it
  * is turned on again (the owner of the fd may then close it). */

@@ -922,6 +922,12 @@ class NativeLoop:
         lib.tcmu_py_loop_enable(self._ptr, 1 if enabled else 0)
 
     @property
+    def mapped(self) -> bool:
+        """Whether C copies through a mapping of the declared file (a fully allocated file on
+        tmpfs: `tcmu_py_loop_declare` in _ring.h) rather than with preadv/pwritev."""
+        return self._ptr is not None and bool(lib.tcmu_py_loop_mapped(self._ptr))
+
+    @property
     def error(self) -> int:
         """0, a negative ring status, or an errno (> 0) the thread stopped on."""
         return int(lib.tcmu_py_loop_error(self._ptr)) if self._ptr is not None else 0
@@ -948,12 +954,12 @@ class NativeLoop:
     def figures(self) -> dict[str, Any]:
         """What the thread did since the last call (and forget it): done, reads, writes,
         bytes_read, bytes_written, latency_seconds, wakeups, polled, poll_misses, batches,
-        handed, hist (bucket -> count)."""
+        handed, mapped (of done: copied through the mapped image), hist (bucket -> count)."""
         f = ffi.new("struct tcmu_py_loop_figures *")
         lib.tcmu_py_loop_figures(self._ptr, f)
         out: dict[str, Any] = {k: getattr(f, k) for k in (
             "done", "reads", "writes", "bytes_read", "bytes_written", "latency_seconds",
-            "wakeups", "polled", "poll_misses", "batches", "handed")}
+            "wakeups", "polled", "poll_misses", "batches", "handed", "mapped")}
         out["hist"] = {b: f.hist[b] for b in range(lib.TCMU_PY_DP_HIST) if f.hist[b]} \
             if f.done else {}
         self.executed += f.done

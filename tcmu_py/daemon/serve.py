@@ -793,9 +793,11 @@ class Daemon:
                     "counters": counters,
                     # The C data plane: None when off; else whether an extent is declared and
                     # how many commands C executed (the counters include them); "native" when
-                    # it runs on its own thread (stage 2).
+                    # it runs on its own thread (stage 2), "mapped" when it copies through a
+                    # mapping of the image (a fully allocated tmpfs file).
                     "data_plane": {"declared": True, "commands": native.executed,
-                                   "native": True} if native is not None
+                                   "native": True, "mapped": native.mapped}
+                    if native is not None
                     else None if plane is None
                     else {"declared": plane.declared, "commands": plane.executed},
                 }

@@ -117,6 +117,7 @@ class Counters:
     wakeups: int = 0  # returns from poll(2) with work
     polled: int = 0  # wake-ups saved: the busy-poll (`poll_seconds`) found the next command
     poll_misses: int = 0  # busy-poll watches that ended with nothing new (CPU spent for nothing)
+    mapped: int = 0  # commands C copied through the mapped image (memcpy, not preadv/pwritev)
     busy_seconds: float = 0.0
     latency_seconds: float = 0.0
     latency_hist: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
@@ -398,6 +399,7 @@ class DeviceRunner:
         c.polled += f["polled"]
         c.poll_misses += f["poll_misses"]
         c.batches += f["batches"]
+        c.mapped += f["mapped"]
 
     def refresh_counters(self) -> Counters:
         """The counters, with what the native loop did up to now (its commands never pass

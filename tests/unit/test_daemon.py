@@ -133,7 +133,8 @@ def test_serves_found_devices_and_skips_foreign_subtypes(host, tmp_path):
         assert st["devices"][0]["name"] == "disk0"
         assert st["devices"][0]["counters"]["writes"] == 1
         # On by default: the WRITE and the READ were served by the C data plane.
-        assert st["devices"][0]["data_plane"] == {"declared": True, "commands": 2, "native": True}
+        assert st["devices"][0]["data_plane"] == {"declared": True, "commands": 2, "native": True,
+                                                  "mapped": False}
     finally:
         d.shutdown()
     # Blocked while draining, then unblocked: a blocked device would hang LUN removal.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -101,6 +102,14 @@ def tmp(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """A directory on tmpfs (/dev/shm): a fully allocated image there is one the native loop
+    maps and copies through (`tcmu_py_loop_declare`)."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="tcmu-py-test-") as d:
+        yield Path(d)
+
+
 # --- the property test ----------------------------------------------------------------------
 
 _READS = {6: cdbs.read6, 10: cdbs.read10, 12: cdbs.read12, 16: cdbs.read16}
@@ -155,15 +164,20 @@ def _cdb(cmd: tuple[Any, ...], rng: random.Random) -> tuple[bytes, bytes, int]:
 
 
 def _run_program(tmp: Path, name: str, plane: bool, program: Any,
-                 kind: str = "raw", native: bool = False, big: int | None = None
-                 ) -> dict[str, Any]:
+                 kind: str = "raw", native: bool = False, big: int | None = None,
+                 mapped: Path | None = None) -> dict[str, Any]:
     """Run `program` with the plane on or off on a `kind` ("raw" or "thin") disk, with `native`
     on its own C thread (stage 2); everything an initiator or `status` sees (for thin also the
     allocation map and the pool's use). A native loop is held while a batch is submitted, so
     it takes the batch at once, as one wake-up of the other modes does. `big`: the native
-    loop's worker threshold (`tcmu_py.ring.NATIVE_BIG_BYTES`; 1: every C command on a worker)."""
+    loop's worker threshold (`tcmu_py.ring.NATIVE_BIG_BYTES`; 1: every C command on a worker).
+    `mapped`: a tmpfs directory for a raw image written whole first, which the native loop maps
+    (until a resize that grows it leaves a hole)."""
     batches_, seed = program
     rng = random.Random(seed)
+    if mapped is not None:
+        tmp = mapped
+        (tmp / f"{name}.img").write_bytes(bytes(BLOCKS * BS))
     device = make_device(tmp, name) if kind == "raw" else make_thin(tmp, name)
     path = str(tmp / f"{name}.img") if kind == "raw" else thin_image(device)
     # A 4 KiB command ring: it wraps (PAD entries) every few wake-ups.
@@ -195,6 +209,7 @@ def _run_program(tmp: Path, name: str, plane: bool, program: Any,
         counters = {k: getattr(c, k) for k in (
             "commands", "reads", "writes", "bytes_read", "bytes_written", "errors", "aborted",
             "failures")}
+        mapped_copies = c.mapped
         assert sum(c.latency_hist) == c.commands
         assert c.latency_seconds >= 0
         executed = (h.runner.plane.executed if h.runner.plane is not None
@@ -209,7 +224,7 @@ def _run_program(tmp: Path, name: str, plane: bool, program: Any,
         h.close()
     image = Path(path).read_bytes()
     return {"answers": answers, "counters": counters, "image": image, "executed": executed,
-            "alloc": alloc}
+            "alloc": alloc, "mapped": mapped_copies}
 
 
 @settings(
@@ -217,18 +232,24 @@ def _run_program(tmp: Path, name: str, plane: bool, program: Any,
 )
 @given(program=programs)
 @pytest.mark.parametrize("kind", ["raw", "thin"])
-def test_plane_on_and_off_agree(tmp: Path, kind: str, program: Any) -> None:
+def test_plane_on_and_off_agree(tmp: Path, shm: Path, kind: str, program: Any) -> None:
     """Raw, and thin: there C takes only commands on allocated units, so reads of holes and
     allocating writes stay Python's, and UNMAP / WRITE SAME UNMAP must clear the map before a
     later C command could write into a deallocated unit (the allocation map, the pool's use and
     GET LBA STATUS's view agree too). The plane runs in the loop thread's dequeue (stage 1) and
-    on its own C thread (stage 2): both agree with the plane off."""
+    on its own C thread (stage 2), and there also copying through a mapped tmpfs image (raw):
+    all agree with the plane off."""
     tag = os.urandom(4).hex()
     off = _run_program(tmp, f"off-{tag}", False, program, kind)
-    # Stage 1; the native loop; the native loop with every C command on its worker threads.
-    for native, big in ((False, None), (True, None), (True, 1)):
-        on = _run_program(tmp, f"on-{tag}-{native}-{big}", True, program, kind, native=native,
-                          big=big)
+    # Stage 1; the native loop; the native loop with every C command on its worker threads;
+    # for raw, the last two again with the image mapped.
+    modes: list[tuple[bool, int | None, Path | None]] = [
+        (False, None, None), (True, None, None), (True, 1, None)]
+    if kind == "raw":
+        modes += [(True, None, shm), (True, 1, shm)]
+    for native, big, mapped in modes:
+        on = _run_program(tmp, f"on-{tag}-{native}-{big}-{mapped is not None}", True, program,
+                          kind, native=native, big=big, mapped=mapped)
         assert on["answers"] == off["answers"]
         assert on["counters"] == off["counters"]
         assert on["image"] == off["image"]
@@ -245,6 +266,19 @@ def test_the_property_test_reaches_c(tmp: Path) -> None:
     assert on["executed"] == 5
     assert _run_program(tmp, "reach-native", True, program, native=True)["executed"] == 5
     assert _run_program(tmp, "reach-workers", True, program, native=True, big=1)["executed"] == 5
+
+
+def test_the_property_test_reaches_the_mapping(tmp: Path, shm: Path) -> None:
+    """The mapped modes do copy through the mapping (inline and on the workers); a resize that
+    grows the image leaves a hole, so the loop stops mapping it and C goes on with pwritev."""
+    program = ([([("write", 3, 4, 10, False, 0), ("read", 3, 4, 16, False, 0),
+                  ("write", 20, 2, 12, True, 0)], [], BLOCKS + 8),
+                ([("write", 3, 4, 10, False, 0)], [], None),  # the resize's attention
+                ([("write", 3, 4, 10, False, 0)], [], None)], 1)
+    for big in (None, 1):
+        on = _run_program(tmp, f"reach-map-{big}", True, program, native=True, big=big,
+                          mapped=shm)
+        assert (on["executed"], on["mapped"]) == (4, 3)
 
 
 def test_the_thin_property_test_reaches_c(tmp: Path) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -235,3 +237,37 @@ def test_a_failed_worker_command_is_python_s_and_fences_what_overlaps_it(
             os.truncate(tmp_path / "cut.img", (BLOCKS - 2) * BS)
     finally:
         h.close()
+
+
+def test_a_fault_in_a_mapped_copy_goes_to_python(tmp_path: Path) -> None:
+    """A fully allocated tmpfs image is mapped, and C copies through the mapping. When the file
+    is truncated under the device, a copy beyond its new end faults (SIGBUS): the command goes
+    to Python, which answers it with preadv/pwritev (zeros past the end of the file; a WRITE
+    extends it again), and the daemon serves on; commands inside the file stay mapped."""
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="tcmu-py-test-"))
+    image = shm / "m.img"
+    image.write_bytes(os.urandom(BLOCKS * BS))
+    device = make_device(shm, "m")
+    h = RingHarness(device, workers=1, native=True)
+    loop = h.runner.native
+    assert loop is not None
+    try:
+        h.run(cdbs.test_unit_ready())
+        head = h.run(cdbs.read10(0, 8), data_in_len=8 * BS).data
+        assert head == image.read_bytes()[:8 * BS]
+        assert loop.mapped
+        before = h.runner.refresh_counters().mapped
+        assert before >= 1
+        os.truncate(image, BLOCKS * BS // 2)
+        tail = BLOCKS // 2 + 4
+        assert h.run(cdbs.read10(tail, 4), data_in_len=4 * BS).data == bytes(4 * BS)
+        data = os.urandom(4 * BS)
+        h.run(cdbs.write10(tail, 4), data)
+        assert image.read_bytes()[tail * BS:(tail + 4) * BS] == data
+        assert h.run(cdbs.read10(0, 8), data_in_len=8 * BS).data == head
+        c = h.runner.refresh_counters()
+        assert c.mapped == before + 1  # the last READ; the two beyond the end were Python's
+        assert c.failures == 0 and not c.stopped
+    finally:
+        h.close()
+        shutil.rmtree(shm)
