@@ -694,6 +694,7 @@ struct tcmu_py_loop {
      * only with no job running, so workers read these without the mutex. */
     uint8_t *img;
     uint64_t img_len;
+    struct tcmu_py_poll_judge judge;       /* whether to busy-poll (the loop thread, mutex) */
     struct tcmu_py_loop_figures fig;
 };
 
@@ -723,6 +724,8 @@ struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32
     l->n_workers = workers > TCMU_PY_WORKERS_MAX ? TCMU_PY_WORKERS_MAX : workers;
     l->big = big;
     l->x.fd = -1;
+    tcmu_py_poll_judge_init(&l->judge, (uint64_t)TCMU_PY_PROBE_EVERY_US * 1000u,
+                            (uint64_t)TCMU_PY_PROBE_US * 1000u, tcmu_py_now_ns());
     l->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     l->cap_fences = 64 + TCMU_PY_DP_MAX;
     l->fences = calloc((size_t)l->cap_fences, sizeof(*l->fences));
@@ -1143,6 +1146,68 @@ static void tcmu_py_loop_fail(struct tcmu_py_loop *l, int error)
     tcmu_py_loop_signal(l->notify_fd, 8);
 }
 
+void tcmu_py_poll_judge_init(struct tcmu_py_poll_judge *j, uint64_t every_ns, uint64_t probe_ns,
+                             uint64_t now)
+{
+    memset(j, 0, sizeof(*j));
+    j->every_ns = every_ns;
+    j->probe_ns = probe_ns < every_ns / 2 ? probe_ns : every_ns / 2;
+    j->polling = 1;
+    j->next_probe = now + every_ns - 2 * j->probe_ns;
+}
+
+int tcmu_py_poll_judge_step(struct tcmu_py_poll_judge *j, uint64_t now, uint64_t commands)
+{
+    uint64_t took;
+
+    if (!j->every_ns)
+        return 1;
+    j->count += commands;
+    switch (j->phase) {
+    case 0:
+        if (now >= j->next_probe) {
+            j->phase = 1;
+            j->phase_start = now;
+            j->count = 0;
+        }
+        break;
+    case 1:
+        took = now - j->phase_start;
+        if (took >= j->probe_ns) {
+            j->base_count = j->count;
+            j->base_ns = took;
+            j->phase = 2;
+            j->phase_start = now;
+            j->count = 0;
+        }
+        break;
+    default:
+        took = now - j->phase_start;
+        if (took >= j->probe_ns) {
+            /* rates as counts per the same length: n_on * t_off vs n_off * t_on */
+            uint64_t n_alt = j->count, t_alt = took;
+            uint64_t n_on = j->polling ? j->base_count : n_alt;
+            uint64_t t_on = j->polling ? j->base_ns : t_alt;
+            uint64_t n_off = j->polling ? n_alt : j->base_count;
+            uint64_t t_off = j->polling ? t_alt : j->base_ns;
+
+            if (j->base_count >= TCMU_PY_PROBE_MIN && n_alt >= TCMU_PY_PROBE_MIN) {
+                uint32_t want = (double)n_on * (double)t_off * 4.0 >
+                                (double)n_off * (double)t_on * 5.0;
+
+                if (want != j->polling)
+                    j->switches++;
+                j->polling = want;
+            }
+            j->probes++;
+            j->phase = 0;
+            j->next_probe = now + j->every_ns - 2 * j->probe_ns;
+        }
+        break;
+    }
+    return j->phase == 2 ? !j->polling : (int)j->polling;
+}
+
 /* Watch cmd_head for up to poll_us (yielding the CPU between looks): 1 if an entry came. */
 static int tcmu_py_loop_watch(struct tcmu_py_loop *l, uint64_t *waited)
 {
@@ -1169,7 +1234,8 @@ static void *tcmu_py_loop_main(void *arg)
     int ready = 0;
 
     while (!__atomic_load_n(&l->stopping, __ATOMIC_ACQUIRE)) {
-        int done = 0, handed = 0, work = 0, rc, pr;
+        int done = 0, handed = 0, work = 0, rc, pr, polling;
+        uint64_t probes, switches;
 
         if (!ready) {
             pr = poll(pfd, 2, -1);
@@ -1206,6 +1272,11 @@ static void *tcmu_py_loop_main(void *arg)
         } while (rc >= TCMU_PY_DP_MAX);
         if (work)
             l->fig.batches++;
+        probes = l->judge.probes;
+        switches = l->judge.switches;
+        polling = tcmu_py_poll_judge_step(&l->judge, tcmu_py_now_ns(), (uint64_t)work);
+        l->fig.probes += l->judge.probes - probes;
+        l->fig.poll_switches += l->judge.switches - switches;
         pthread_mutex_unlock(&l->mu);
         if (done)
             tcmu_py_loop_signal(l->kick_fd, l->kick_size);
@@ -1217,8 +1288,10 @@ static void *tcmu_py_loop_main(void *arg)
         }
         if (work) {
             idle_since = tcmu_py_now_ns();
-            /* Queue depth 1 served in C: watch for the next command instead of sleeping. */
-            if (work == 1 && done == 1 && l->poll_us && gap < (uint64_t)l->poll_us * 1000u) {
+            /* Queue depth 1 served in C: watch for the next command instead of sleeping, while
+             * the judge finds that it pays. */
+            if (work == 1 && done == 1 && l->poll_us && polling &&
+                gap < (uint64_t)l->poll_us * 1000u) {
                 if (tcmu_py_loop_watch(l, &waited)) {
                     ready = 1;
                     gap = (uint64_t)((int64_t)gap + ((int64_t)waited - (int64_t)gap) / 4);
@@ -1337,6 +1410,23 @@ void tcmu_py_loop_declare(struct tcmu_py_loop *l, const struct tcmu_py_extent *x
     pthread_mutex_unlock(&l->mu);
 }
 
+void tcmu_py_loop_probe(struct tcmu_py_loop *l, uint64_t every_us, uint64_t probe_us)
+{
+    pthread_mutex_lock(&l->mu);
+    tcmu_py_poll_judge_init(&l->judge, every_us * 1000u, probe_us * 1000u, tcmu_py_now_ns());
+    pthread_mutex_unlock(&l->mu);
+}
+
+int tcmu_py_loop_polling(struct tcmu_py_loop *l)
+{
+    int polling;
+
+    pthread_mutex_lock(&l->mu);
+    polling = l->judge.polling;
+    pthread_mutex_unlock(&l->mu);
+    return polling;
+}
+
 int tcmu_py_loop_mapped(struct tcmu_py_loop *l)
 {
     int mapped;
@@ -1452,6 +1542,8 @@ void tcmu_py_loop_figures(struct tcmu_py_loop *l, struct tcmu_py_loop_figures *o
     out->batches += l->fig.batches;
     out->handed += l->fig.handed;
     out->mapped += l->fig.mapped;
+    out->probes += l->fig.probes;
+    out->poll_switches += l->fig.poll_switches;
     for (b = 0; b < TCMU_PY_DP_HIST; b++)
         out->hist[b] += l->fig.hist[b];
     memset(&l->fig, 0, sizeof(l->fig));

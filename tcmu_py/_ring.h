@@ -184,6 +184,37 @@ int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st);
 
 struct tcmu_py_loop;
 
+/* The busy-poll's judge. Busy-polling pays only when the next command comes sooner because of
+ * it (an initiator at queue depth 1, whose next command follows our completion); with a deep
+ * queue commands come as fast without it and the poll only burns CPU. The daemon cannot see
+ * the initiator's queue depth, so the judge measures: every `every_ns` it counts the commands
+ * of a window of `probe_ns` with the current setting, then of one with the other setting, and
+ * keeps polling only if polling brought at least 5/4 of the commands of not polling (windows
+ * with fewer than TCMU_PY_PROBE_MIN commands decide nothing). every_ns == 0: always poll. */
+enum tcmu_py_poll_consts {
+    TCMU_PY_PROBE_MIN = 20
+};
+
+struct tcmu_py_poll_judge {
+    uint64_t every_ns;
+    uint64_t probe_ns;
+    uint32_t polling;        /* the current choice (1: busy-poll) */
+    uint32_t phase;          /* 0: between probes; 1: counting the current setting; 2: the other */
+    uint64_t phase_start;    /* ns (CLOCK_MONOTONIC) */
+    uint64_t next_probe;
+    uint64_t count;          /* commands in this phase */
+    uint64_t base_count;     /* phase 1's count and length */
+    uint64_t base_ns;
+    uint64_t probes;         /* probes completed */
+    uint64_t switches;       /* choices changed */
+};
+
+/* Start a judge at `now` (polling; the first probe after every_ns). */
+void tcmu_py_poll_judge_init(struct tcmu_py_poll_judge *j, uint64_t every_ns, uint64_t probe_ns,
+                             uint64_t now);
+/* `commands` more came by `now`: whether to busy-poll after this wake-up. */
+int tcmu_py_poll_judge_step(struct tcmu_py_poll_judge *j, uint64_t now, uint64_t commands);
+
 /* Cumulative figures of a loop, taken (and reset) by tcmu_py_loop_figures. */
 struct tcmu_py_loop_figures {
     uint64_t done;           /* commands executed and completed in C */
@@ -198,6 +229,8 @@ struct tcmu_py_loop_figures {
     uint64_t batches;        /* wake-ups with work */
     uint64_t handed;         /* entries handed to Python */
     uint64_t mapped;         /* of `done`: bytes moved through the mapped image (memcpy) */
+    uint64_t probes;         /* the busy-poll judge's probes, and its changes of mind */
+    uint64_t poll_switches;
     uint32_t hist[128];
 };
 
@@ -257,5 +290,15 @@ void tcmu_py_loop_figures(struct tcmu_py_loop *l, struct tcmu_py_loop_figures *o
 /* Why the thread stopped by itself: 0 (it did not), a negative ring status, or an errno
  * (> 0: the uio failed, e.g. EIO/ENODEV once the kernel removed the device). */
 int tcmu_py_loop_error(struct tcmu_py_loop *l);
+/* Probe the busy-poll's worth every `every_us` for `probe_us` (every_us 0: always busy-poll;
+ * the default is TCMU_PY_PROBE_EVERY_US / TCMU_PY_PROBE_US); takes effect at once. */
+void tcmu_py_loop_probe(struct tcmu_py_loop *l, uint64_t every_us, uint64_t probe_us);
+/* Whether the loop busy-polls now (its judge's choice). */
+int tcmu_py_loop_polling(struct tcmu_py_loop *l);
+enum tcmu_py_probe_defaults {
+    TCMU_PY_PROBE_EVERY_US = 2000000,
+    TCMU_PY_PROBE_US = 100000
+};
+
 /* Fences held for Python's commands (tests). */
 int tcmu_py_loop_fences(struct tcmu_py_loop *l);

@@ -815,6 +815,32 @@ NATIVE_WORKERS = 2
 NATIVE_BIG_BYTES = 64 * 1024
 
 
+class PollJudge:
+    """The native loop's busy-poll judge (`struct tcmu_py_poll_judge` in _ring.h, which says
+    how it decides), for tests and tools: `step` it with the time and the commands of each
+    wake-up."""
+
+    def __init__(self, every_ns: int, probe_ns: int, now_ns: int) -> None:
+        self._j = ffi.new("struct tcmu_py_poll_judge *")
+        lib.tcmu_py_poll_judge_init(self._j, every_ns, probe_ns, now_ns)
+
+    def step(self, now_ns: int, commands: int) -> bool:
+        """Whether to busy-poll after a wake-up at `now_ns` that brought `commands`."""
+        return bool(lib.tcmu_py_poll_judge_step(self._j, now_ns, commands))
+
+    @property
+    def polling(self) -> bool:
+        return bool(self._j.polling)
+
+    @property
+    def probes(self) -> int:
+        return int(self._j.probes)
+
+    @property
+    def switches(self) -> int:
+        return int(self._j.switches)
+
+
 class NativeLoop:
     """Issue 17, stage 2: a C thread (`tcmu_py_loop_*` in ``_ring.c``) that serves one ring.
 
@@ -921,6 +947,17 @@ class NativeLoop:
     def enable(self, enabled: bool) -> None:
         lib.tcmu_py_loop_enable(self._ptr, 1 if enabled else 0)
 
+    def probe(self, every_us: int, probe_us: int) -> None:
+        """How often (`every_us`; 0: never, always busy-poll) and how long (`probe_us`) the
+        busy-poll judge tries the other setting (`struct tcmu_py_poll_judge` in _ring.h)."""
+        lib.tcmu_py_loop_probe(self._ptr, every_us, probe_us)
+
+    @property
+    def polling(self) -> bool:
+        """Whether the loop busy-polls after a wake-up that brought one command (the judge's
+        current choice; `poll_us` 0 turns the busy-poll off whatever it says)."""
+        return bool(lib.tcmu_py_loop_polling(self._ptr))
+
     @property
     def mapped(self) -> bool:
         """Whether C copies through a mapping of the declared file (a fully allocated file on
@@ -954,12 +991,14 @@ class NativeLoop:
     def figures(self) -> dict[str, Any]:
         """What the thread did since the last call (and forget it): done, reads, writes,
         bytes_read, bytes_written, latency_seconds, wakeups, polled, poll_misses, batches,
-        handed, mapped (of done: copied through the mapped image), hist (bucket -> count)."""
+        handed, mapped (of done: copied through the mapped image), probes and poll_switches
+        (the busy-poll judge's probes and changes of mind), hist (bucket -> count)."""
         f = ffi.new("struct tcmu_py_loop_figures *")
         lib.tcmu_py_loop_figures(self._ptr, f)
         out: dict[str, Any] = {k: getattr(f, k) for k in (
             "done", "reads", "writes", "bytes_read", "bytes_written", "latency_seconds",
-            "wakeups", "polled", "poll_misses", "batches", "handed", "mapped")}
+            "wakeups", "polled", "poll_misses", "batches", "handed", "mapped", "probes",
+            "poll_switches")}
         out["hist"] = {b: f.hist[b] for b in range(lib.TCMU_PY_DP_HIST) if f.hist[b]} \
             if f.done else {}
         self.executed += f.done

@@ -118,6 +118,8 @@ class Counters:
     polled: int = 0  # wake-ups saved: the busy-poll (`poll_seconds`) found the next command
     poll_misses: int = 0  # busy-poll watches that ended with nothing new (CPU spent for nothing)
     mapped: int = 0  # commands C copied through the mapped image (memcpy, not preadv/pwritev)
+    poll_probes: int = 0  # the native loop's busy-poll judge: probes, and changes of its choice
+    poll_switches: int = 0
     busy_seconds: float = 0.0
     latency_seconds: float = 0.0
     latency_hist: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
@@ -400,6 +402,8 @@ class DeviceRunner:
         c.poll_misses += f["poll_misses"]
         c.batches += f["batches"]
         c.mapped += f["mapped"]
+        c.poll_probes += f["probes"]
+        c.poll_switches += f["poll_switches"]
 
     def refresh_counters(self) -> Counters:
         """The counters, with what the native loop did up to now (its commands never pass

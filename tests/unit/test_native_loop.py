@@ -23,6 +23,7 @@ from typing import Any
 from test_dataplane import BLOCKS, BS, GatedRaw, make_device
 
 from tcmu_py.device.runner import DeviceRunner, serve_in_thread
+from tcmu_py.ring import PollJudge
 from tcmu_py.testing import cdbs
 from tcmu_py.testing.fake_kernel import FakeKernel
 from tcmu_py.testing.fake_uio import FakeUio
@@ -271,3 +272,58 @@ def test_a_fault_in_a_mapped_copy_goes_to_python(tmp_path: Path) -> None:
     finally:
         h.close()
         shutil.rmtree(shm)
+
+
+def _judge_run(rates: list[tuple[float, float]], every: int = 1000, probe: int = 100
+               ) -> tuple[list[int], PollJudge]:
+    """Feed the busy-poll judge (`tcmu_py.ring.PollJudge`) a wake-up every ms of fake time,
+    `rates[k] = (commands per wake-up while polling, while not)` for second k of a run of
+    len(rates) seconds; returns its choice at the end of each second."""
+    ms = 1_000_000
+    j = PollJudge(every * ms, probe * ms, 0)
+    choices: list[int] = []
+    now = 0
+    polling = True
+    for on, off in rates:
+        for _ in range(1000):
+            now += ms
+            polling = j.step(now, int(on if polling else off))
+        choices.append(int(j.polling))
+    return choices, j
+
+
+def test_the_busy_poll_judge_polls_only_while_it_brings_more_commands() -> None:
+    """Queue depth 1 (polling brings 3x the commands): it keeps polling. A deep queue (the same
+    rate either way): it stops at the first probe, and starts again once polling pays again.
+    A gain below 5/4 does not count; nearly idle windows decide nothing."""
+    qd1, deep, slight = (3, 1), (5, 5), (11, 10)
+    choices, j = _judge_run([qd1] * 3 + [deep] * 3 + [slight] * 3 + [qd1] * 3)
+    assert choices == [1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    assert j.probes == 12 and j.switches == 2
+    # Idle: a command now and then (fewer than TCMU_PY_PROBE_MIN per window): no change.
+    choices, j = _judge_run([(0.01, 0.01)] * 4)
+    assert choices == [1, 1, 1, 1] and j.switches == 0
+    # every == 0: always poll, never probe.
+    choices, j = _judge_run([deep] * 3, every=0)
+    assert choices == [1, 1, 1] and j.probes == 0
+
+
+def test_the_native_loop_consults_its_judge(tmp_path: Path) -> None:
+    """Served commands drive the judge's probes (counted in the device's counters); with
+    probing off (`probe(0, 0)`) it always busy-polls."""
+    h = RingHarness(make_device(tmp_path, "j"), workers=1, native=True)
+    loop = h.runner.native
+    assert loop is not None
+    try:
+        loop.probe(50_000, 10_000)
+        h.run(cdbs.test_unit_ready())
+        deadline = time.monotonic() + 20
+        while h.runner.refresh_counters().poll_probes < 3 and time.monotonic() < deadline:
+            for _ in range(20):
+                assert h.run(cdbs.read10(8, 2), data_in_len=2 * BS).good
+        c = h.runner.refresh_counters()
+        assert c.poll_probes >= 3, (c.poll_probes, c.commands)
+        loop.probe(0, 0)
+        assert loop.polling
+    finally:
+        h.close()
