@@ -286,7 +286,8 @@ def build_parser(handler_commands_listed: bool = True) -> argparse.ArgumentParse
         metavar="US",
         help="busy-poll at queue depth 1: after serving a lone command, watch the ring up to "
         "US microseconds for the next one before sleeping (only while commands follow each "
-        "other within US on average); lower latency for CPU, 0 turns it off "
+        "other within US on average, and with the native loop only while watching brings "
+        "more commands: it probes every 2 s); lower latency for CPU, 0 turns it off "
         f"(default {DEFAULT_POLL_US})",
     )
     s.add_argument(
