@@ -290,6 +290,10 @@ def counter_delta(before: dict[str, float] | None, after: dict[str, float] | Non
         "daemon_mean_latency_us": 1e6 * w["mean_s"],
         "busy_seconds": after["busy_seconds"] - before["busy_seconds"],
         "errors": w["errors"],
+        # the native loop's busy-poll: wake-ups it saved, watches that found nothing, and its
+        # judge's probes and changes of mind (absent from older counters: 0)
+        **{k: after.get(k, 0) - before.get(k, 0)
+           for k in ("polled", "poll_misses", "poll_probes", "poll_switches", "mapped")},
     }
 
 
