@@ -694,6 +694,8 @@ struct tcmu_py_loop {
      * only with no job running, so workers read these without the mutex. */
     uint8_t *img;
     uint64_t img_len;
+    uint64_t img_dev, img_ino;             /* which file is mapped, and how */
+    int img_prot;
     struct tcmu_py_poll_judge judge;       /* whether to busy-poll (the loop thread, mutex) */
     struct tcmu_py_loop_figures fig;
 };
@@ -1368,33 +1370,42 @@ void tcmu_py_loop_free(struct tcmu_py_loop *l)
 #define TCMU_PY_TMPFS_MAGIC 0x01021994
 
 /* Map the declared file if it qualifies (see "Copies through the mapped image"): a regular
- * file on tmpfs, every byte allocated. Under the mutex, with no job running; drops the old
- * mapping first. */
+ * file on tmpfs, every byte allocated. Under the mutex, with no job running. The mapping of
+ * the same file at the same size and protection is kept (its pages stay mapped: no faults to
+ * pay again); any other is dropped first. */
 static void tcmu_py_loop_map(struct tcmu_py_loop *l)
 {
     const struct tcmu_py_extent *x = &l->x;
+    int prot = x->reads_only ? PROT_READ : PROT_READ | PROT_WRITE;
     struct statfs sf;
     struct stat st;
+    int ok;
     void *m;
 
+    ok = x->fd >= 0 && fstat(x->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
+         (uint64_t)st.st_blocks * 512u >= (uint64_t)st.st_size &&
+         fstatfs(x->fd, &sf) == 0 && sf.f_type == TCMU_PY_TMPFS_MAGIC;
+    if (ok && l->img && l->img_dev == (uint64_t)st.st_dev && l->img_ino == (uint64_t)st.st_ino &&
+        l->img_len == (uint64_t)st.st_size && l->img_prot == prot)
+        return;
     if (l->img) {
         munmap(l->img, (size_t)l->img_len);
         l->img = NULL;
         l->img_len = 0;
     }
-    if (x->fd < 0 || fstat(x->fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size <= 0 ||
-        (uint64_t)st.st_blocks * 512u < (uint64_t)st.st_size ||
-        fstatfs(x->fd, &sf) != 0 || sf.f_type != TCMU_PY_TMPFS_MAGIC)
+    if (!ok)
         return;
     pthread_once(&tcmu_py_bus_once, tcmu_py_bus_install);
     if (!tcmu_py_bus_ok)
         return;
-    m = mmap(NULL, (size_t)st.st_size, x->reads_only ? PROT_READ : PROT_READ | PROT_WRITE,
-             MAP_SHARED, x->fd, 0);
+    m = mmap(NULL, (size_t)st.st_size, prot, MAP_SHARED, x->fd, 0);
     if (m == MAP_FAILED)
         return;                                 /* e.g. an O_RDONLY fd: preadv/pwritev */
     l->img = m;
     l->img_len = (uint64_t)st.st_size;
+    l->img_dev = (uint64_t)st.st_dev;
+    l->img_ino = (uint64_t)st.st_ino;
+    l->img_prot = prot;
 }
 
 void tcmu_py_loop_declare(struct tcmu_py_loop *l, const struct tcmu_py_extent *x)
