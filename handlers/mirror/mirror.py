@@ -585,6 +585,7 @@ class Mirror:
                 lag = 0 if clean else self._lag
                 targets = [ls for ls in self._legs
                            if ls.takes_writes and not lag >> ls.index & 1]
+                attached = {ls.index: ls.attached for ls in targets}
                 gen, mask = self.generation, self._active_mask()
             calls: list[tuple[_LegState, Callable[[Leg], Any]]] = []
             for ls in targets:
@@ -601,7 +602,7 @@ class Mirror:
                     everyone = (1 << len(self._legs)) - 1
                     self._lag_written = (lag | ~mask) & everyone
         for i, cause in failed.items():
-            self._lost(self._legs[i], cause)
+            self._lost(self._legs[i], cause, attached[i])
 
     def _record_lag(self, legs: int) -> bool:
         """Rule 4b: before a write is acknowledged without the in-sync legs in mask `legs`,
@@ -668,15 +669,24 @@ class Mirror:
             self._queue_bitmap(targets, start, data, op)
         op.wait_all()
 
-    def _fail_leg(self, ls: _LegState, exc: BaseException) -> None:
+    def _fail_leg(self, ls: _LegState, exc: BaseException, attached: int) -> bool:
         """Mark `ls` out of sync and record it (generation + 1) on the legs left, durably,
-        before returning (rule 3)."""
+        before returning (rule 3). `attached` is the leg's attachment (``ls.attached``) the
+        failed call was made on: the failure of an earlier one (a call that failed before
+        `reattach` reopened the leg, reported after it) was recorded when that attachment
+        failed (a leg is reattached only once failed) and says nothing of the leg now: it is
+        ignored (False returned; it used to fail the leg again, maybe the last standing one
+        just brought back in sync, leaving the mirror with no leg to resync from)."""
         with self._lock:
+            if ls.attached != attached:
+                log.info("mirror: %s: a failure of its previous attachment (%s) ignored",
+                         ls.name(), exc)
+                return False
             self._owed.discard(ls.index)
             if ls.state == FAILED:
                 # recorded already, or being recorded (in `_recording` until durable: the
                 # acknowledgements wait for it, not this caller, who may hold `_meta_lock`)
-                return
+                return True
             self._recording.add(ls.index)
             was = ls.state
             lagging = bool(self._lag >> ls.index & 1)
@@ -700,6 +710,7 @@ class Mirror:
             with self._lock:
                 self._recording.discard(ls.index)
                 self._wake_all()
+        return True
 
     def _wake_all(self) -> None:
         """Wake every thread waiting on `_lock` and every write waiting for its legs. Caller
@@ -773,11 +784,12 @@ class Mirror:
             self._owed.add(ls.index)  # recorded before the dropped ops acknowledge (rule 3)
             for op in list(ls.ops.values()):
                 op.drop(ls, exc)
+            attached = ls.attached
             self._lock.release()
             try:
                 log.error("mirror: %s did not answer within %g s", ls.name(),
                           self.cfg.leg_timeout)
-                self._fail_leg(ls, exc)
+                self._fail_leg(ls, exc, attached)
             finally:
                 self._lock.acquire()
 
@@ -794,10 +806,10 @@ class Mirror:
         regions = self._regions(offset, len(data))
         with self._lock:
             self._reap()
-            behind = self._overloaded(len(data))
-        for ls in behind:
+            behind = [(ls, ls.attached) for ls in self._overloaded(len(data))]
+        for ls, attached in behind:
             self._fail_leg(ls, OSError(105, f"mirror: more than {self.cfg.max_lag} bytes "
-                                       "behind the write quorum"))
+                                       "behind the write quorum"), attached)
         with self._lock:
             self._need()
             while any(r in self._resync_busy for r in regions):
@@ -859,6 +871,7 @@ class Mirror:
                     pick = pool[self._rr % len(pool)]
                     self._rr += 1
                 pick.busy += 1
+                attached = pick.attached
                 wait_for = None if free else pick
             tried.add(pick.index)
             try:
@@ -869,7 +882,7 @@ class Mirror:
                 return
             except OSError as exc:
                 last = exc
-                self._lost(pick, exc)
+                self._lost(pick, exc, attached)
         if last is not None:
             raise last
         raise OSError(5, "mirror: no leg in sync to read from")
@@ -958,21 +971,25 @@ class Mirror:
         """``fn(leg)`` bounded by ``leg_timeout`` on an NBD leg (`_begin`, its contract)."""
         return self._begin(ls, what, fn, leg).wait()
 
-    def _lost(self, ls: _LegState, exc: OSError) -> None:
-        """`ls` failed a call (`exc`): mark it out of sync and record that on the others; a
-        leg that did not answer in time also releases the operations queued on it
+    def _lost(self, ls: _LegState, exc: OSError, attached: int) -> None:
+        """`ls` failed a call made on its attachment `attached` (`exc`): mark it out of sync
+        and record that on the others (`_fail_leg`: nothing if it has been reattached since);
+        a leg that did not answer in time also releases the operations queued on it
         (`_give_up`)."""
         if isinstance(exc, _LegTimeout):
             log.error("%s", exc)
-            self._give_up(ls, exc)
+            self._give_up(ls, exc, attached)
         else:
-            self._fail_leg(ls, exc)
+            self._fail_leg(ls, exc, attached)
 
-    def _give_up(self, ls: _LegState, exc: OSError) -> None:
+    def _give_up(self, ls: _LegState, exc: OSError, attached: int) -> None:
         """`ls` did not answer in time: mark it out of sync and record that on the others
         (rule 3), then the writes and flushes queued on it go on without it (in that order:
-        none is acknowledged on the strength of the others before the record)."""
-        self._fail_leg(ls, exc)
+        none is acknowledged on the strength of the others before the record). Nothing if
+        `ls` has been reattached since the call (`attached`): its operations are the new
+        attachment's."""
+        if not self._fail_leg(ls, exc, attached):
+            return
         with self._lock:
             for op in list(ls.ops.values()):
                 op.drop(ls, exc)
@@ -1031,11 +1048,11 @@ class Mirror:
 
     def _start_worker(self, ls: _LegState) -> None:
         ls.queue = queue.SimpleQueue()
-        ls.thread = threading.Thread(target=self._worker, args=(ls, ls.queue),
+        ls.thread = threading.Thread(target=self._worker, args=(ls, ls.queue, ls.attached),
                                      name=f"mirror-leg{ls.index}", daemon=True)
         ls.thread.start()
 
-    def _worker(self, ls: _LegState, q: queue.SimpleQueue[Any]) -> None:
+    def _worker(self, ls: _LegState, q: queue.SimpleQueue[Any], attached: int) -> None:
         """Run `ls`'s FIFO in order. To a leg that takes batches (an NBD leg's `write_many`)
         consecutive data writes that do not overlap go at once, up to `BATCH_WRITES` /
         `BATCH_BYTES`: at queue depth N an NBD leg costs one round trip per batch, not N.
@@ -1068,7 +1085,7 @@ class Mirror:
             results = self._run_items(ls, leg, batch)
             first = next((r for r in results if r is not None), None)
             if first is not None and ls.state != FAILED:
-                self._fail_leg(ls, first)
+                self._fail_leg(ls, first, attached)
             for (op, *_), result in zip(batch, results, strict=True):
                 if op is not None:
                     op.done(ls, result)
@@ -1128,11 +1145,11 @@ class Mirror:
                 self.resync_total = len(regions)
                 self.resync_done = 0
                 # a target failed and reattached during the pass missed regions: not promoted
-                attached = {ls.index: ls.attached for ls in targets}
+                attached = {ls.index: ls.attached for ls in targets + sources[:1]}
             try:
-                self._copy_regions(sources[0], targets, regions, throttle=True)
+                self._copy_regions(sources[0], targets, regions, attached, throttle=True)
             except OSError as exc:  # the source failed: next pass picks another
-                self._lost(sources[0], exc)
+                self._lost(sources[0], exc, attached[sources[0].index])
                 continue
             if self._closing:
                 return
@@ -1142,7 +1159,7 @@ class Mirror:
                 try:
                     self._call(ls, "a flush", lambda leg: leg.flush())
                 except OSError as exc:
-                    self._lost(ls, exc)
+                    self._lost(ls, exc, attached[ls.index])
                     continue
                 with self._lock:
                     if ls.state != RESYNCING or ls.attached != attached[ls.index]:
@@ -1236,7 +1253,7 @@ class Mirror:
         return [ls for ls in legs if ls.index not in errors]
 
     def _copy_regions(self, source: _LegState, targets: list[_LegState], regions: list[int],
-                      throttle: bool) -> None:
+                      attached: dict[int, int], throttle: bool) -> None:
         """Copy `regions` from `source` to `targets`, each region held from the initiator's
         writes meanwhile (``_resync_busy``). Calls to an NBD leg are bounded (`_begin`): a
         target that fails or does not answer is marked out of sync and left out; the
@@ -1263,7 +1280,7 @@ class Mirror:
                                            if ls.state != FAILED and ls.leg is not None],
                                           "a resync write")
                 for i, exc in errors.items():
-                    self._lost(self._legs[i], exc)
+                    self._lost(self._legs[i], exc, attached[i])
             finally:
                 with self._lock:
                     self._resync_busy.discard(r)
@@ -1692,6 +1709,7 @@ class _WriteOp:
                 if not self.m._lag >> ls.index & 1 or self.m._stuck(ls, now)]
         if not late:
             return False
+        attached = {ls.index: ls.attached for ls in late}
         for ls in late:
             del self.waiting[ls.index]
             self._forget(ls)
@@ -1706,7 +1724,7 @@ class _WriteOp:
             for ls in late:
                 log.error("mirror: %s did not answer within %g s", ls.name(),
                           self.m.cfg.leg_timeout)
-                self.m._fail_leg(ls, self.error)
+                self.m._fail_leg(ls, self.error, attached[ls.index])
         finally:
             self.m._lock.acquire()
         self.m._wake_all()

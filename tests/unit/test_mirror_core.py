@@ -944,6 +944,59 @@ def test_a_target_failed_and_reattached_during_a_resync_pass_is_not_promoted_by_
         m.close()
 
 
+def test_a_late_failure_of_a_leg_before_its_reattach_does_not_fail_it_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two reads fail on the last leg in sync; one thread records it failed (the last one
+    standing), the other reports its own failure only after `reattach` brought the leg back
+    (in sync again: it holds every acknowledged write). That late report is of the leg's
+    previous attachment and changes nothing: the leg stays in sync and the other resyncs
+    from it (it was failed again, left the mirror with no source: the random test, seed 3)."""
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True)
+    late = threading.current_thread()
+    reached, go = threading.Event(), threading.Event()
+    real = m._lost
+
+    def lost(ls: object, exc: OSError, *args: object) -> None:
+        if threading.current_thread() is late:
+            reached.set()
+            assert go.wait(DEADLINE)
+        real(ls, exc, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(m, "_lost", lost)
+    try:
+        write(m, 0, b"a" * 4096)
+        st["leg1"].down = True
+        write(m, REGION, b"b" * 4096)  # leg 1 fails: leg 0 is the last in sync
+        st["leg0"].down = True
+        errors: list[BaseException] = []
+
+        def late_read() -> None:
+            try:
+                read(m, 0, 4096)
+            except OSError as exc:
+                errors.append(exc)
+
+        late = threading.Thread(target=late_read)
+        late.start()
+        assert reached.wait(DEADLINE)  # its read failed; its report waits
+        with pytest.raises(OSError):
+            read(m, 0, 4096)  # fails leg 0: no leg in sync
+        assert m.status()["legs"][0]["state"] == FAILED
+        st["leg0"].down = st["leg1"].down = False
+        assert m.reattach(0)
+        assert m.status()["legs"][0]["state"] == IN_SYNC  # the last one standing
+        go.set()
+        late.join(DEADLINE)
+        assert errors  # that read had no leg left to try
+        assert m.status()["legs"][0]["state"] == IN_SYNC
+        back_in_sync(m, st, 1)
+        assert data_areas(st)[1][REGION:REGION + 4096] == b"b" * 4096
+    finally:
+        go.set()
+        m.close()
+
+
 def test_reopen_after_clean_close_copies_nothing() -> None:
     st = stores(2)
     m = open_mirror(st, assume_clean=True)
