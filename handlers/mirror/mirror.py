@@ -1147,12 +1147,12 @@ class Mirror:
                 # a target failed and reattached during the pass missed regions: not promoted
                 attached = {ls.index: ls.attached for ls in targets + sources[:1]}
             try:
-                self._copy_regions(sources[0], targets, regions, attached, throttle=True)
+                if not self._copy_regions(sources[0], targets, regions, attached,
+                                          throttle=True):
+                    continue  # the source left sync (next pass picks another) or closing
             except OSError as exc:  # the source failed: next pass picks another
                 self._lost(sources[0], exc, attached[sources[0].index])
                 continue
-            if self._closing:
-                return
             for ls in targets:
                 if ls.state != RESYNCING or ls.attached != attached[ls.index]:
                     continue
@@ -1253,25 +1253,38 @@ class Mirror:
         return [ls for ls in legs if ls.index not in errors]
 
     def _copy_regions(self, source: _LegState, targets: list[_LegState], regions: list[int],
-                      attached: dict[int, int], throttle: bool) -> None:
+                      attached: dict[int, int], throttle: bool) -> bool:
         """Copy `regions` from `source` to `targets`, each region held from the initiator's
-        writes meanwhile (``_resync_busy``). Calls to an NBD leg are bounded (`_begin`): a
-        target that fails or does not answer is marked out of sync and left out; the
-        source's error is raised (the caller fails it). Runs on the resync thread."""
+        writes meanwhile (``_resync_busy``); `attached`: the legs' attachments at the pass's
+        start. Calls to an NBD leg are bounded (`_begin`): a target that fails or does not
+        answer is marked out of sync and left out; the source's error is raised (the caller
+        fails it). False, the rest left uncopied, once the source is no longer in sync (or
+        the mirror closes): a source failed by a write it missed (maybe still readable)
+        may lack an acknowledged write, so nothing read from it after that counts (the
+        region's writes ended before its read, and a leg failing a write is failed before
+        the write ends: in sync after the read, it held the region's every write). Runs
+        on the resync thread."""
         buf = bytearray(self.region)
         started = time.monotonic()
         copied = 0
         for r in regions:
             if self._closing:
-                return
+                return False
             with self._lock:
                 while self._writers.get(r):
                     self._lock.wait()
                 self._resync_busy.add(r)
+            done = False
             try:
                 off = r * self.region
                 n = min(self.region, self.size - off)
                 data = self._read_region(source, off, memoryview(buf)[:n], targets)
+                with self._lock:
+                    if (source.state != IN_SYNC or source.index in self._owed
+                            or source.attached != attached[source.index]):
+                        log.info("mirror: resync: %s left sync mid-pass; the next pass "
+                                 "copies from another leg", source.name())
+                        return False
 
                 def put(leg: Leg, off: int = off, data: memoryview | bytes = data) -> None:
                     leg.write(off, data)
@@ -1281,17 +1294,19 @@ class Mirror:
                                           "a resync write")
                 for i, exc in errors.items():
                     self._lost(self._legs[i], exc, attached[i])
+                done = True
             finally:
                 with self._lock:
                     self._resync_busy.discard(r)
-                    self.resync_done += 1
-                    self.regions_copied += 1
+                    self.resync_done += done
+                    self.regions_copied += done
                     self._lock.notify_all()
             copied += n
             if throttle and self.cfg.resync_rate:
                 due = started + copied / self.cfg.resync_rate - time.monotonic()
                 if due > 0:
                     self._resync_wake.wait(due)  # close() and reattach() cut it short
+        return not self._closing
 
     def _read_region(self, source: _LegState, off: int, view: memoryview,
                      targets: list[_LegState]) -> memoryview | bytes:

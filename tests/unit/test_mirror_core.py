@@ -997,6 +997,37 @@ def test_a_late_failure_of_a_leg_before_its_reattach_does_not_fail_it_again(
         m.close()
 
 
+def test_a_resync_pass_whose_source_fails_copies_nothing_more_from_it() -> None:
+    """The resync's source (leg 0) fails a write mid-pass but still answers reads: the
+    write is acknowledged by leg 2, and leg 0 lacks it. The pass copies nothing more from
+    leg 0 (it used to copy that region from it, stale, and mark the target in sync: leg 1
+    then lacked an acknowledged write); the next pass copies from leg 2."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True)
+    hold = threading.Event()
+    try:
+        st["leg1"].down = True
+        for r in (2, 6):
+            write(m, r * REGION, bytes([r]) * 4096)
+        st["leg1"].down = False
+        st["leg0"].data_read_gate = hold  # the pass's read of region 2 from leg 0 waits
+        assert m.reattach(1)
+        assert wait_until(lambda: 2 in m._resync_busy, DEADLINE)
+        st["leg0"].fail_writes = True
+        write(m, 6 * REGION, b"N" * 4096)  # leg 0 fails it; leg 2 holds it
+        assert m.status()["legs"][0]["state"] == FAILED
+        st["leg0"].data_read_gate = None
+        hold.set()
+        assert m.wait_resync(DEADLINE)
+        assert m.status()["legs"][1]["state"] == IN_SYNC
+        b, c = data_areas(st)[1:]
+        assert b == c and b[6 * REGION:6 * REGION + 4096] == b"N" * 4096
+        assert read(m, 6 * REGION, 4096) == b"N" * 4096
+    finally:
+        hold.set()
+        m.close()
+
+
 def test_reopen_after_clean_close_copies_nothing() -> None:
     st = stores(2)
     m = open_mirror(st, assume_clean=True)
