@@ -1616,8 +1616,9 @@ class _WriteOp:
         self.regions = regions
         self.kind = kind
         self.nbytes = nbytes
-        #: in-sync legs that did it; they count only while they stay in sync: a leg failed
-        #: since (its failure, or another's, not recorded) does not hold the write for us
+        #: legs that did it; they count once in sync (a resyncing leg may come in sync
+        #: meanwhile) and only while in the same attachment: a leg failed since (its
+        #: failure, or another's, not recorded) does not hold the write for us (`held`)
         self.succeeded: set[int] = set()
         self.left = 0
         self.need = 0
@@ -1649,6 +1650,7 @@ class _WriteOp:
         #: lagging (legs about as fast as each other do not take turns lagging)
         self.grace = now + LAG_GRACE
         self.in_sync = {ls.index for ls in targets if ls.state == IN_SYNC}
+        self.attached = {ls.index: ls.attached for ls in targets}
         for ls in targets:
             ls.ops[self.id] = self
             ls.backlog += self.nbytes
@@ -1684,7 +1686,7 @@ class _WriteOp:
         """`done`'s part under the lock: count `ls`'s answer; the callback to run then."""
         if self.waiting.pop(ls.index, None) is None:
             return None  # answered after its timeout: counted failed already
-        if exc is None and ls.index in self.in_sync:
+        if exc is None:
             self.succeeded.add(ls.index)
         elif exc is not None:
             self.error = exc
@@ -1745,6 +1747,14 @@ class _WriteOp:
         self.m._wake_all()
         return True
 
+    def held(self) -> int:
+        """Legs in sync now that did this operation (on the attachment it was queued on):
+        a leg resyncing when it was queued counts once the resync marked it in sync, since
+        it then holds every other acknowledged write too. Caller holds the lock."""
+        legs = self.m._legs
+        return sum(1 for i in self.succeeded
+                   if legs[i].state == IN_SYNC and legs[i].attached == self.attached[i])
+
     def drop(self, ls: _LegState, exc: OSError) -> None:
         """`ls` timed out (`Mirror._reap`): this operation goes on without it. Caller holds
         the lock."""
@@ -1789,11 +1799,13 @@ class _WriteOp:
         while True:
             m._reap()
             self._time_out()
-            self.ok = sum(1 for i in self.succeeded if m._legs[i].state == IN_SYNC)
+            self.ok = self.held()
             if m.cfg.quorum:
                 if self.ok >= self.need:
-                    # in-sync legs not answered (a failing one answers once recorded)
-                    missing = sum(1 << i for i in self.waiting if i in self.in_sync)
+                    # in-sync legs not answered (a failing one answers once recorded; one
+                    # resyncing at the start and in sync now is waited for, or lags, too)
+                    missing = sum(1 << i for i in self.waiting
+                                  if i in self.in_sync or m._legs[i].state == IN_SYNC)
                     blockers = missing & ~m._lag
                     if blockers and time.monotonic() >= self.grace \
                             and m._lag_budget(blockers):

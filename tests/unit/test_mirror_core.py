@@ -1028,6 +1028,45 @@ def test_a_resync_pass_whose_source_fails_copies_nothing_more_from_it() -> None:
         m.close()
 
 
+def test_a_write_held_by_a_leg_that_came_in_sync_meanwhile_is_acknowledged() -> None:
+    """A write reaches leg 0 (in sync) and leg 1 (resyncing); leg 1 writes it and its
+    resync ends; then leg 0 fails it. Leg 1, in sync, holds it: it is acknowledged (it
+    failed with leg 0's EIO, a leg in sync holding it: the random test, seed 3)."""
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True)
+    hold_read, hold_write = threading.Event(), threading.Event()
+    done: list[float] = []
+    errors: list[BaseException] = []
+    try:
+        st["leg1"].down = True
+        write(m, 0, b"x" * 4096)
+        st["leg1"].down = False
+        st["leg0"].data_read_gate = hold_read  # the pass's read of region 0 waits
+        assert m.reattach(1)
+        assert wait_until(lambda: 0 in m._resync_busy, DEADLINE)
+        st["leg0"].data_gate = hold_write  # the write waits on leg 0 ...
+        t = _writer(m, 5 * REGION, b"W" * 4096, done, errors)
+        assert wait_until(  # ... and is on leg 1
+            lambda: st["leg1"].data[5 * REGION:5 * REGION + 4096] == b"W" * 4096, DEADLINE)
+        st["leg0"].data_read_gate = None
+        hold_read.set()
+        assert wait_until(lambda: m.status()["legs"][1]["state"] == IN_SYNC, DEADLINE)
+        st["leg0"].down = True
+        hold_write.set()  # leg 0 fails the write
+        assert _join_all([t], DEADLINE)
+        assert not errors, errors
+        assert m.status()["legs"][0]["state"] == FAILED
+        assert read(m, 5 * REGION, 4096) == b"W" * 4096
+        st["leg0"].down = False
+        st["leg0"].data_gate = None
+        back_in_sync(m, st, 0)
+        assert data_areas(st)[0][5 * REGION:5 * REGION + 4096] == b"W" * 4096
+    finally:
+        hold_read.set()
+        hold_write.set()
+        m.close()
+
+
 def test_reopen_after_clean_close_copies_nothing() -> None:
     st = stores(2)
     m = open_mirror(st, assume_clean=True)
