@@ -77,9 +77,25 @@ Rules this file obeys
   leg's (every such leg holds every acknowledged write, rules 4 and 4b: either is one the
   initiator may see).
   A leg out of sync is copied in the background (regions of the freshest leg's bitmap: bits
-  are never cleared while a leg is out of sync).
-* Acknowledgement counts a leg only while it is still in sync: a leg whose own failure record
-  (or another leg's) could not be written is failed too and holds nothing for the initiator.
+  are never cleared while a leg is out of sync) from a leg in sync; each region is read while
+  held from the initiator's writes, and the source must still be in sync after the read (a
+  leg failing a write is failed before that write ends): a pass whose source left sync,
+  maybe still readable but missing a write, copies nothing more from it, and the next pass
+  copies from another leg: a target is marked in sync only by a pass that copied every
+  region so.
+* Acknowledgement counts a leg only while it is in sync in the attachment the write was
+  queued on: a leg whose own failure record (or another leg's) could not be written is
+  failed too and holds nothing for the initiator; a leg resyncing when the write was queued
+  counts once its resync marked it in sync (it then holds every acknowledged write, this one
+  too; with a numeric quorum it is waited for, or made lagging, like the in-sync legs).
+* A failure is of one *attachment* of a leg (`reattach` starts a new one, only for a failed
+  leg): a call that failed before the leg was reattached and is reported after it changes
+  nothing. Every acknowledged write is on the last leg to fail in sync and not lagging
+  (rule 4b); when every leg has failed, `reattach` brings that one back in sync and the
+  others resync from it. If the last in sync was lagging (it may lack
+  acknowledged writes), no leg is brought back in sync: reattached legs wait as resync
+  targets with no source, writes are refused (QuorumLost) and reads fail until the mirror
+  is reopened (the open's rules below decide).
 * Freshest leg, split brain (at open). Leg X *excludes* leg Y when Y is not in X's active mask.
   Two legs that exclude each other were each written while apart: a split brain, refused
   (ConfigError naming both legs); nothing is written to any leg then. Otherwise the freshest
