@@ -91,11 +91,12 @@ Rules this file obeys
 * A failure is of one *attachment* of a leg (`reattach` starts a new one, only for a failed
   leg): a call that failed before the leg was reattached and is reported after it changes
   nothing. Every acknowledged write is on the last leg to fail in sync and not lagging
-  (rule 4b); when every leg has failed, `reattach` brings that one back in sync and the
-  others resync from it. If the last in sync was lagging (it may lack
-  acknowledged writes), no leg is brought back in sync: reattached legs wait as resync
-  targets with no source, writes are refused (QuorumLost) and reads fail until the mirror
-  is reopened (the open's rules below decide).
+  (rule 4b), unless a write was acknowledged after it failed (by a lagging leg, quorum N);
+  when every leg has failed, `reattach` brings that leg back in sync and the others resync
+  from it. If the last in sync was lagging (it may lack acknowledged writes, and the last
+  not lagging one lacks those acknowledged after it failed), no leg is brought back in
+  sync: reattached legs wait as resync targets with no source, writes are refused
+  (QuorumLost) and reads fail until the mirror is reopened (the open's rules below decide).
 * Freshest leg, split brain (at open). Leg X *excludes* leg Y when Y is not in X's active mask.
   Two legs that exclude each other were each written while apart: a split brain, refused
   (ConfigError naming both legs); nothing is written to any leg then. Otherwise the freshest
@@ -347,7 +348,8 @@ class Mirror:
         self.resync_done = 0
         self.regions_copied = 0  # over the mirror's life in this process
         self._monitor: threading.Thread | None = None
-        #: The last leg in sync when every leg had failed: the one to come back in sync.
+        #: The last leg in sync (not lagging) when every leg had failed: the one to come back
+        #: in sync; forgotten once a write is acknowledged without it (`_WriteOp._acknowledged`).
         self._last_standing: int | None = None
         #: Lag mask (rule 4b): in-sync legs that may lack an acknowledged write; in memory,
         #: and as last written to the superblocks (failed legs' bits added: their exclusion
@@ -1840,6 +1842,7 @@ class _WriteOp:
                         if self._record_pending():
                             continue
                         m.lag_acks += bool(missing)
+                        self._acknowledged()
                         return
                     if time.monotonic() < self.grace:
                         self.cond.wait(max(0.0, self.grace - time.monotonic()) + 0.0005)
@@ -1854,8 +1857,17 @@ class _WriteOp:
                     if not any(ls.state == IN_SYNC for ls in m._legs):
                         raise QuorumLost("mirror: no leg left in sync")
                     raise self.error or OSError(5, "mirror: no leg took the write")
+                self._acknowledged()
                 return
             self._sleep()
+
+    def _acknowledged(self) -> None:
+        """A write is acknowledged: the last leg standing, out of sync since, lacks it and is
+        no longer one to bring back in sync (`Mirror.reattach`); a leg holding it that fails
+        last takes its place (`_fail_leg`). Caller holds the lock (as when the states that
+        let the write through were read: a failure recorded after this sets it again)."""
+        if self.kind == WRITE:
+            self.m._last_standing = None
 
     def _record_pending(self) -> bool:
         """Rule 3: while a leg's failure is not yet durable on the others (another thread is

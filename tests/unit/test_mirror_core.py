@@ -1067,6 +1067,59 @@ def test_a_write_held_by_a_leg_that_came_in_sync_meanwhile_is_acknowledged() -> 
         m.close()
 
 
+def test_a_last_leg_standing_that_missed_an_acknowledged_write_is_not_brought_back() -> None:
+    """Quorum 1: leg 1 lags (its writes held), leg 0 fails a write and is the last leg
+    standing that is not lagging; leg 1 then acknowledges that write and fails the next one
+    while still lagging. Leg 0 lacks an acknowledged write: reattached, it is not brought
+    back in sync (it was, and served the old bytes); no leg is, and the mirror refuses."""
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True, quorum=1, leg_timeout=0)
+    hold, acked = threading.Event(), threading.Event()
+    done: list[float] = []
+    errors: list[BaseException] = []
+    try:
+        write(m, 0, b"0" * 4096)  # region 0's bit set: no bitmap block queued below
+        st["leg1"].gate = hold
+        write(m, 0, b"a" * 4096)  # acknowledged by leg 0; leg 1 lags
+        assert m.status()["legs"][1]["lagging"]
+        st["leg0"].fail_writes = True
+        w1 = _writer(m, 4096, b"b" * 4096, done, errors)  # leg 0 fails it: waits for leg 1
+        assert wait_until(lambda: m.status()["legs"][0]["state"] == FAILED
+                          and len(m._legs[1].ops) == 2, DEADLINE)
+        w2 = _writer(m, 8192, b"c" * 4096, done, errors)
+        assert wait_until(lambda: len(m._legs[1].ops) == 3, DEADLINE)
+        class ThirdFails(Crash):
+            """Leg 1 does the first two writes, fails the third once "b" is acknowledged."""
+
+            def take(self) -> bool:
+                if super().take():
+                    return True
+                assert acked.wait(DEADLINE)
+                return False
+
+        st["leg1"].crash = ThirdFails(2)
+        hold.set()
+        assert wait_until(lambda: len(done) + len(errors) >= 1, DEADLINE)
+        acked.set()
+        assert _join_all([w1, w2], DEADLINE)
+        assert len(done) == 1 and len(errors) == 1, (done, errors)  # "b" acknowledged
+        assert m.status()["legs"][1]["state"] == FAILED
+        st["leg0"].fail_writes = False
+        st["leg1"].crash = None
+        st["leg1"].gate = None
+        m.reattach(0)
+        m.reattach(1)
+        assert not any(leg["state"] == IN_SYNC for leg in m.status()["legs"])
+        with pytest.raises(OSError):
+            read(m, 4096, 4096)
+        with pytest.raises(QuorumLost):
+            write(m, 0, b"d" * 512)
+    finally:
+        hold.set()
+        acked.set()
+        m.close()
+
+
 def test_reopen_after_clean_close_copies_nothing() -> None:
     st = stores(2)
     m = open_mirror(st, assume_clean=True)
