@@ -77,9 +77,26 @@ Rules this file obeys
   leg's (every such leg holds every acknowledged write, rules 4 and 4b: either is one the
   initiator may see).
   A leg out of sync is copied in the background (regions of the freshest leg's bitmap: bits
-  are never cleared while a leg is out of sync).
-* Acknowledgement counts a leg only while it is still in sync: a leg whose own failure record
-  (or another leg's) could not be written is failed too and holds nothing for the initiator.
+  are never cleared while a leg is out of sync) from a leg in sync; each region is read while
+  held from the initiator's writes, and the source must still be in sync after the read (a
+  leg failing a write is failed before that write ends): a pass whose source left sync,
+  maybe still readable but missing a write, copies nothing more from it, and the next pass
+  copies from another leg: a target is marked in sync only by a pass that copied every
+  region so.
+* Acknowledgement counts a leg only while it is in sync in the attachment the write was
+  queued on: a leg whose own failure record (or another leg's) could not be written is
+  failed too and holds nothing for the initiator; a leg resyncing when the write was queued
+  counts once its resync marked it in sync (it then holds every acknowledged write, this one
+  too; with a numeric quorum it is waited for, or made lagging, like the in-sync legs).
+* A failure is of one *attachment* of a leg (`reattach` starts a new one, only for a failed
+  leg): a call that failed before the leg was reattached and is reported after it changes
+  nothing. Every acknowledged write is on the last leg to fail in sync and not lagging
+  (rule 4b), unless a write was acknowledged after it failed (by a lagging leg, quorum N);
+  when every leg has failed, `reattach` brings that leg back in sync and the others resync
+  from it. If the last in sync was lagging (it may lack acknowledged writes, and the last
+  not lagging one lacks those acknowledged after it failed), no leg is brought back in
+  sync: reattached legs wait as resync targets with no source, writes are refused
+  (QuorumLost) and reads fail until the mirror is reopened (the open's rules below decide).
 * Freshest leg, split brain (at open). Leg X *excludes* leg Y when Y is not in X's active mask.
   Two legs that exclude each other were each written while apart: a split brain, refused
   (ConfigError naming both legs); nothing is written to any leg then. Otherwise the freshest
@@ -331,7 +348,8 @@ class Mirror:
         self.resync_done = 0
         self.regions_copied = 0  # over the mirror's life in this process
         self._monitor: threading.Thread | None = None
-        #: The last leg in sync when every leg had failed: the one to come back in sync.
+        #: The last leg in sync (not lagging) when every leg had failed: the one to come back
+        #: in sync; forgotten once a write is acknowledged without it (`_WriteOp._acknowledged`).
         self._last_standing: int | None = None
         #: Lag mask (rule 4b): in-sync legs that may lack an acknowledged write; in memory,
         #: and as last written to the superblocks (failed legs' bits added: their exclusion
@@ -585,6 +603,7 @@ class Mirror:
                 lag = 0 if clean else self._lag
                 targets = [ls for ls in self._legs
                            if ls.takes_writes and not lag >> ls.index & 1]
+                attached = {ls.index: ls.attached for ls in targets}
                 gen, mask = self.generation, self._active_mask()
             calls: list[tuple[_LegState, Callable[[Leg], Any]]] = []
             for ls in targets:
@@ -601,7 +620,7 @@ class Mirror:
                     everyone = (1 << len(self._legs)) - 1
                     self._lag_written = (lag | ~mask) & everyone
         for i, cause in failed.items():
-            self._lost(self._legs[i], cause)
+            self._lost(self._legs[i], cause, attached[i])
 
     def _record_lag(self, legs: int) -> bool:
         """Rule 4b: before a write is acknowledged without the in-sync legs in mask `legs`,
@@ -668,15 +687,24 @@ class Mirror:
             self._queue_bitmap(targets, start, data, op)
         op.wait_all()
 
-    def _fail_leg(self, ls: _LegState, exc: BaseException) -> None:
+    def _fail_leg(self, ls: _LegState, exc: BaseException, attached: int) -> bool:
         """Mark `ls` out of sync and record it (generation + 1) on the legs left, durably,
-        before returning (rule 3)."""
+        before returning (rule 3). `attached` is the leg's attachment (``ls.attached``) the
+        failed call was made on: the failure of an earlier one (a call that failed before
+        `reattach` reopened the leg, reported after it) was recorded when that attachment
+        failed (a leg is reattached only once failed) and says nothing of the leg now: it is
+        ignored (False returned; it used to fail the leg again, maybe the last standing one
+        just brought back in sync, leaving the mirror with no leg to resync from)."""
         with self._lock:
+            if ls.attached != attached:
+                log.info("mirror: %s: a failure of its previous attachment (%s) ignored",
+                         ls.name(), exc)
+                return False
             self._owed.discard(ls.index)
             if ls.state == FAILED:
                 # recorded already, or being recorded (in `_recording` until durable: the
                 # acknowledgements wait for it, not this caller, who may hold `_meta_lock`)
-                return
+                return True
             self._recording.add(ls.index)
             was = ls.state
             lagging = bool(self._lag >> ls.index & 1)
@@ -700,6 +728,7 @@ class Mirror:
             with self._lock:
                 self._recording.discard(ls.index)
                 self._wake_all()
+        return True
 
     def _wake_all(self) -> None:
         """Wake every thread waiting on `_lock` and every write waiting for its legs. Caller
@@ -773,11 +802,12 @@ class Mirror:
             self._owed.add(ls.index)  # recorded before the dropped ops acknowledge (rule 3)
             for op in list(ls.ops.values()):
                 op.drop(ls, exc)
+            attached = ls.attached
             self._lock.release()
             try:
                 log.error("mirror: %s did not answer within %g s", ls.name(),
                           self.cfg.leg_timeout)
-                self._fail_leg(ls, exc)
+                self._fail_leg(ls, exc, attached)
             finally:
                 self._lock.acquire()
 
@@ -794,10 +824,10 @@ class Mirror:
         regions = self._regions(offset, len(data))
         with self._lock:
             self._reap()
-            behind = self._overloaded(len(data))
-        for ls in behind:
+            behind = [(ls, ls.attached) for ls in self._overloaded(len(data))]
+        for ls, attached in behind:
             self._fail_leg(ls, OSError(105, f"mirror: more than {self.cfg.max_lag} bytes "
-                                       "behind the write quorum"))
+                                       "behind the write quorum"), attached)
         with self._lock:
             self._need()
             while any(r in self._resync_busy for r in regions):
@@ -859,6 +889,7 @@ class Mirror:
                     pick = pool[self._rr % len(pool)]
                     self._rr += 1
                 pick.busy += 1
+                attached = pick.attached
                 wait_for = None if free else pick
             tried.add(pick.index)
             try:
@@ -869,7 +900,7 @@ class Mirror:
                 return
             except OSError as exc:
                 last = exc
-                self._lost(pick, exc)
+                self._lost(pick, exc, attached)
         if last is not None:
             raise last
         raise OSError(5, "mirror: no leg in sync to read from")
@@ -958,21 +989,25 @@ class Mirror:
         """``fn(leg)`` bounded by ``leg_timeout`` on an NBD leg (`_begin`, its contract)."""
         return self._begin(ls, what, fn, leg).wait()
 
-    def _lost(self, ls: _LegState, exc: OSError) -> None:
-        """`ls` failed a call (`exc`): mark it out of sync and record that on the others; a
-        leg that did not answer in time also releases the operations queued on it
+    def _lost(self, ls: _LegState, exc: OSError, attached: int) -> None:
+        """`ls` failed a call made on its attachment `attached` (`exc`): mark it out of sync
+        and record that on the others (`_fail_leg`: nothing if it has been reattached since);
+        a leg that did not answer in time also releases the operations queued on it
         (`_give_up`)."""
         if isinstance(exc, _LegTimeout):
             log.error("%s", exc)
-            self._give_up(ls, exc)
+            self._give_up(ls, exc, attached)
         else:
-            self._fail_leg(ls, exc)
+            self._fail_leg(ls, exc, attached)
 
-    def _give_up(self, ls: _LegState, exc: OSError) -> None:
+    def _give_up(self, ls: _LegState, exc: OSError, attached: int) -> None:
         """`ls` did not answer in time: mark it out of sync and record that on the others
         (rule 3), then the writes and flushes queued on it go on without it (in that order:
-        none is acknowledged on the strength of the others before the record)."""
-        self._fail_leg(ls, exc)
+        none is acknowledged on the strength of the others before the record). Nothing if
+        `ls` has been reattached since the call (`attached`): its operations are the new
+        attachment's."""
+        if not self._fail_leg(ls, exc, attached):
+            return
         with self._lock:
             for op in list(ls.ops.values()):
                 op.drop(ls, exc)
@@ -1031,11 +1066,11 @@ class Mirror:
 
     def _start_worker(self, ls: _LegState) -> None:
         ls.queue = queue.SimpleQueue()
-        ls.thread = threading.Thread(target=self._worker, args=(ls, ls.queue),
+        ls.thread = threading.Thread(target=self._worker, args=(ls, ls.queue, ls.attached),
                                      name=f"mirror-leg{ls.index}", daemon=True)
         ls.thread.start()
 
-    def _worker(self, ls: _LegState, q: queue.SimpleQueue[Any]) -> None:
+    def _worker(self, ls: _LegState, q: queue.SimpleQueue[Any], attached: int) -> None:
         """Run `ls`'s FIFO in order. To a leg that takes batches (an NBD leg's `write_many`)
         consecutive data writes that do not overlap go at once, up to `BATCH_WRITES` /
         `BATCH_BYTES`: at queue depth N an NBD leg costs one round trip per batch, not N.
@@ -1068,7 +1103,7 @@ class Mirror:
             results = self._run_items(ls, leg, batch)
             first = next((r for r in results if r is not None), None)
             if first is not None and ls.state != FAILED:
-                self._fail_leg(ls, first)
+                self._fail_leg(ls, first, attached)
             for (op, *_), result in zip(batch, results, strict=True):
                 if op is not None:
                     op.done(ls, result)
@@ -1128,21 +1163,21 @@ class Mirror:
                 self.resync_total = len(regions)
                 self.resync_done = 0
                 # a target failed and reattached during the pass missed regions: not promoted
-                attached = {ls.index: ls.attached for ls in targets}
+                attached = {ls.index: ls.attached for ls in targets + sources[:1]}
             try:
-                self._copy_regions(sources[0], targets, regions, throttle=True)
+                if not self._copy_regions(sources[0], targets, regions, attached,
+                                          throttle=True):
+                    continue  # the source left sync (next pass picks another) or closing
             except OSError as exc:  # the source failed: next pass picks another
-                self._lost(sources[0], exc)
+                self._lost(sources[0], exc, attached[sources[0].index])
                 continue
-            if self._closing:
-                return
             for ls in targets:
                 if ls.state != RESYNCING or ls.attached != attached[ls.index]:
                     continue
                 try:
                     self._call(ls, "a flush", lambda leg: leg.flush())
                 except OSError as exc:
-                    self._lost(ls, exc)
+                    self._lost(ls, exc, attached[ls.index])
                     continue
                 with self._lock:
                     if ls.state != RESYNCING or ls.attached != attached[ls.index]:
@@ -1236,25 +1271,38 @@ class Mirror:
         return [ls for ls in legs if ls.index not in errors]
 
     def _copy_regions(self, source: _LegState, targets: list[_LegState], regions: list[int],
-                      throttle: bool) -> None:
+                      attached: dict[int, int], throttle: bool) -> bool:
         """Copy `regions` from `source` to `targets`, each region held from the initiator's
-        writes meanwhile (``_resync_busy``). Calls to an NBD leg are bounded (`_begin`): a
-        target that fails or does not answer is marked out of sync and left out; the
-        source's error is raised (the caller fails it). Runs on the resync thread."""
+        writes meanwhile (``_resync_busy``); `attached`: the legs' attachments at the pass's
+        start. Calls to an NBD leg are bounded (`_begin`): a target that fails or does not
+        answer is marked out of sync and left out; the source's error is raised (the caller
+        fails it). False, the rest left uncopied, once the source is no longer in sync (or
+        the mirror closes): a source failed by a write it missed (maybe still readable)
+        may lack an acknowledged write, so nothing read from it after that counts (the
+        region's writes ended before its read, and a leg failing a write is failed before
+        the write ends: in sync after the read, it held the region's every write). Runs
+        on the resync thread."""
         buf = bytearray(self.region)
         started = time.monotonic()
         copied = 0
         for r in regions:
             if self._closing:
-                return
+                return False
             with self._lock:
                 while self._writers.get(r):
                     self._lock.wait()
                 self._resync_busy.add(r)
+            done = False
             try:
                 off = r * self.region
                 n = min(self.region, self.size - off)
                 data = self._read_region(source, off, memoryview(buf)[:n], targets)
+                with self._lock:
+                    if (source.state != IN_SYNC or source.index in self._owed
+                            or source.attached != attached[source.index]):
+                        log.info("mirror: resync: %s left sync mid-pass; the next pass "
+                                 "copies from another leg", source.name())
+                        return False
 
                 def put(leg: Leg, off: int = off, data: memoryview | bytes = data) -> None:
                     leg.write(off, data)
@@ -1263,18 +1311,20 @@ class Mirror:
                                            if ls.state != FAILED and ls.leg is not None],
                                           "a resync write")
                 for i, exc in errors.items():
-                    self._lost(self._legs[i], exc)
+                    self._lost(self._legs[i], exc, attached[i])
+                done = True
             finally:
                 with self._lock:
                     self._resync_busy.discard(r)
-                    self.resync_done += 1
-                    self.regions_copied += 1
+                    self.resync_done += done
+                    self.regions_copied += done
                     self._lock.notify_all()
             copied += n
             if throttle and self.cfg.resync_rate:
                 due = started + copied / self.cfg.resync_rate - time.monotonic()
                 if due > 0:
                     self._resync_wake.wait(due)  # close() and reattach() cut it short
+        return not self._closing
 
     def _read_region(self, source: _LegState, off: int, view: memoryview,
                      targets: list[_LegState]) -> memoryview | bytes:
@@ -1584,8 +1634,9 @@ class _WriteOp:
         self.regions = regions
         self.kind = kind
         self.nbytes = nbytes
-        #: in-sync legs that did it; they count only while they stay in sync: a leg failed
-        #: since (its failure, or another's, not recorded) does not hold the write for us
+        #: legs that did it; they count once in sync (a resyncing leg may come in sync
+        #: meanwhile) and only while in the same attachment: a leg failed since (its
+        #: failure, or another's, not recorded) does not hold the write for us (`held`)
         self.succeeded: set[int] = set()
         self.left = 0
         self.need = 0
@@ -1617,6 +1668,7 @@ class _WriteOp:
         #: lagging (legs about as fast as each other do not take turns lagging)
         self.grace = now + LAG_GRACE
         self.in_sync = {ls.index for ls in targets if ls.state == IN_SYNC}
+        self.attached = {ls.index: ls.attached for ls in targets}
         for ls in targets:
             ls.ops[self.id] = self
             ls.backlog += self.nbytes
@@ -1652,7 +1704,7 @@ class _WriteOp:
         """`done`'s part under the lock: count `ls`'s answer; the callback to run then."""
         if self.waiting.pop(ls.index, None) is None:
             return None  # answered after its timeout: counted failed already
-        if exc is None and ls.index in self.in_sync:
+        if exc is None:
             self.succeeded.add(ls.index)
         elif exc is not None:
             self.error = exc
@@ -1692,6 +1744,7 @@ class _WriteOp:
                 if not self.m._lag >> ls.index & 1 or self.m._stuck(ls, now)]
         if not late:
             return False
+        attached = {ls.index: ls.attached for ls in late}
         for ls in late:
             del self.waiting[ls.index]
             self._forget(ls)
@@ -1706,11 +1759,19 @@ class _WriteOp:
             for ls in late:
                 log.error("mirror: %s did not answer within %g s", ls.name(),
                           self.m.cfg.leg_timeout)
-                self.m._fail_leg(ls, self.error)
+                self.m._fail_leg(ls, self.error, attached[ls.index])
         finally:
             self.m._lock.acquire()
         self.m._wake_all()
         return True
+
+    def held(self) -> int:
+        """Legs in sync now that did this operation (on the attachment it was queued on):
+        a leg resyncing when it was queued counts once the resync marked it in sync, since
+        it then holds every other acknowledged write too. Caller holds the lock."""
+        legs = self.m._legs
+        return sum(1 for i in self.succeeded
+                   if legs[i].state == IN_SYNC and legs[i].attached == self.attached[i])
 
     def drop(self, ls: _LegState, exc: OSError) -> None:
         """`ls` timed out (`Mirror._reap`): this operation goes on without it. Caller holds
@@ -1756,11 +1817,13 @@ class _WriteOp:
         while True:
             m._reap()
             self._time_out()
-            self.ok = sum(1 for i in self.succeeded if m._legs[i].state == IN_SYNC)
+            self.ok = self.held()
             if m.cfg.quorum:
                 if self.ok >= self.need:
-                    # in-sync legs not answered (a failing one answers once recorded)
-                    missing = sum(1 << i for i in self.waiting if i in self.in_sync)
+                    # in-sync legs not answered (a failing one answers once recorded; one
+                    # resyncing at the start and in sync now is waited for, or lags, too)
+                    missing = sum(1 << i for i in self.waiting
+                                  if i in self.in_sync or m._legs[i].state == IN_SYNC)
                     blockers = missing & ~m._lag
                     if blockers and time.monotonic() >= self.grace \
                             and m._lag_budget(blockers):
@@ -1779,6 +1842,7 @@ class _WriteOp:
                         if self._record_pending():
                             continue
                         m.lag_acks += bool(missing)
+                        self._acknowledged()
                         return
                     if time.monotonic() < self.grace:
                         self.cond.wait(max(0.0, self.grace - time.monotonic()) + 0.0005)
@@ -1793,8 +1857,17 @@ class _WriteOp:
                     if not any(ls.state == IN_SYNC for ls in m._legs):
                         raise QuorumLost("mirror: no leg left in sync")
                     raise self.error or OSError(5, "mirror: no leg took the write")
+                self._acknowledged()
                 return
             self._sleep()
+
+    def _acknowledged(self) -> None:
+        """A write is acknowledged: the last leg standing, out of sync since, lacks it and is
+        no longer one to bring back in sync (`Mirror.reattach`); a leg holding it that fails
+        last takes its place (`_fail_leg`). Caller holds the lock (as when the states that
+        let the write through were read: a failure recorded after this sets it again)."""
+        if self.kind == WRITE:
+            self.m._last_standing = None
 
     def _record_pending(self) -> bool:
         """Rule 3: while a leg's failure is not yet durable on the others (another thread is

@@ -10,14 +10,16 @@ from collections.abc import Callable
 
 class Store:
     """One leg's medium. `down` makes every operation (and opening) fail with EIO, like a
-    dead server; `fail_reads` only reads; `crash` (shared by the legs) drops every write after
-    a count of them, like a power cut: what was written before is all the medium keeps."""
+    dead server; `fail_reads` only reads; `fail_writes` only writes (a leg still readable);
+    `crash` (shared by the legs) drops every write after a count of them, like a power
+    cut: what was written before is all the medium keeps."""
 
     def __init__(self, name: str, size: int, crash: Crash | None = None) -> None:
         self.name = name
         self.data = bytearray(size)
         self.down = False
         self.fail_reads = False
+        self.fail_writes = False
         self.crash = crash
         self.writes = 0  # data-area writes (below `meta_from`), counted for the resync tests
         self.meta_from = size
@@ -86,6 +88,8 @@ class MemoryLeg:
 
     def write(self, offset: int, buf: memoryview | bytes, fua: bool = False) -> None:
         self.store.check("write")
+        if self.store.fail_writes:
+            raise OSError(errno.EIO, f"{self.spec}: write error")
         gate = self.store.gate
         if gate is not None:
             assert gate.wait(30), "test gate never opened"

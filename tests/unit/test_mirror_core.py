@@ -944,6 +944,182 @@ def test_a_target_failed_and_reattached_during_a_resync_pass_is_not_promoted_by_
         m.close()
 
 
+def test_a_late_failure_of_a_leg_before_its_reattach_does_not_fail_it_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two reads fail on the last leg in sync; one thread records it failed (the last one
+    standing), the other reports its own failure only after `reattach` brought the leg back
+    (in sync again: it holds every acknowledged write). That late report is of the leg's
+    previous attachment and changes nothing: the leg stays in sync and the other resyncs
+    from it (it was failed again, left the mirror with no source: the random test, seed 3)."""
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True)
+    late = threading.current_thread()
+    reached, go = threading.Event(), threading.Event()
+    real = m._lost
+
+    def lost(ls: object, exc: OSError, *args: object) -> None:
+        if threading.current_thread() is late:
+            reached.set()
+            assert go.wait(DEADLINE)
+        real(ls, exc, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(m, "_lost", lost)
+    try:
+        write(m, 0, b"a" * 4096)
+        st["leg1"].down = True
+        write(m, REGION, b"b" * 4096)  # leg 1 fails: leg 0 is the last in sync
+        st["leg0"].down = True
+        errors: list[BaseException] = []
+
+        def late_read() -> None:
+            try:
+                read(m, 0, 4096)
+            except OSError as exc:
+                errors.append(exc)
+
+        late = threading.Thread(target=late_read)
+        late.start()
+        assert reached.wait(DEADLINE)  # its read failed; its report waits
+        with pytest.raises(OSError):
+            read(m, 0, 4096)  # fails leg 0: no leg in sync
+        assert m.status()["legs"][0]["state"] == FAILED
+        st["leg0"].down = st["leg1"].down = False
+        assert m.reattach(0)
+        assert m.status()["legs"][0]["state"] == IN_SYNC  # the last one standing
+        go.set()
+        late.join(DEADLINE)
+        assert errors  # that read had no leg left to try
+        assert m.status()["legs"][0]["state"] == IN_SYNC
+        back_in_sync(m, st, 1)
+        assert data_areas(st)[1][REGION:REGION + 4096] == b"b" * 4096
+    finally:
+        go.set()
+        m.close()
+
+
+def test_a_resync_pass_whose_source_fails_copies_nothing_more_from_it() -> None:
+    """The resync's source (leg 0) fails a write mid-pass but still answers reads: the
+    write is acknowledged by leg 2, and leg 0 lacks it. The pass copies nothing more from
+    leg 0 (it used to copy that region from it, stale, and mark the target in sync: leg 1
+    then lacked an acknowledged write); the next pass copies from leg 2."""
+    st = stores(3)
+    m = open_mirror(st, assume_clean=True)
+    hold = threading.Event()
+    try:
+        st["leg1"].down = True
+        for r in (2, 6):
+            write(m, r * REGION, bytes([r]) * 4096)
+        st["leg1"].down = False
+        st["leg0"].data_read_gate = hold  # the pass's read of region 2 from leg 0 waits
+        assert m.reattach(1)
+        assert wait_until(lambda: 2 in m._resync_busy, DEADLINE)
+        st["leg0"].fail_writes = True
+        write(m, 6 * REGION, b"N" * 4096)  # leg 0 fails it; leg 2 holds it
+        assert m.status()["legs"][0]["state"] == FAILED
+        st["leg0"].data_read_gate = None
+        hold.set()
+        assert m.wait_resync(DEADLINE)
+        assert m.status()["legs"][1]["state"] == IN_SYNC
+        b, c = data_areas(st)[1:]
+        assert b == c and b[6 * REGION:6 * REGION + 4096] == b"N" * 4096
+        assert read(m, 6 * REGION, 4096) == b"N" * 4096
+    finally:
+        hold.set()
+        m.close()
+
+
+def test_a_write_held_by_a_leg_that_came_in_sync_meanwhile_is_acknowledged() -> None:
+    """A write reaches leg 0 (in sync) and leg 1 (resyncing); leg 1 writes it and its
+    resync ends; then leg 0 fails it. Leg 1, in sync, holds it: it is acknowledged (it
+    failed with leg 0's EIO, a leg in sync holding it: the random test, seed 3)."""
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True)
+    hold_read, hold_write = threading.Event(), threading.Event()
+    done: list[float] = []
+    errors: list[BaseException] = []
+    try:
+        st["leg1"].down = True
+        write(m, 0, b"x" * 4096)
+        st["leg1"].down = False
+        st["leg0"].data_read_gate = hold_read  # the pass's read of region 0 waits
+        assert m.reattach(1)
+        assert wait_until(lambda: 0 in m._resync_busy, DEADLINE)
+        st["leg0"].data_gate = hold_write  # the write waits on leg 0 ...
+        t = _writer(m, 5 * REGION, b"W" * 4096, done, errors)
+        assert wait_until(  # ... and is on leg 1
+            lambda: st["leg1"].data[5 * REGION:5 * REGION + 4096] == b"W" * 4096, DEADLINE)
+        st["leg0"].data_read_gate = None
+        hold_read.set()
+        assert wait_until(lambda: m.status()["legs"][1]["state"] == IN_SYNC, DEADLINE)
+        st["leg0"].down = True
+        hold_write.set()  # leg 0 fails the write
+        assert _join_all([t], DEADLINE)
+        assert not errors, errors
+        assert m.status()["legs"][0]["state"] == FAILED
+        assert read(m, 5 * REGION, 4096) == b"W" * 4096
+        st["leg0"].down = False
+        st["leg0"].data_gate = None
+        back_in_sync(m, st, 0)
+        assert data_areas(st)[0][5 * REGION:5 * REGION + 4096] == b"W" * 4096
+    finally:
+        hold_read.set()
+        hold_write.set()
+        m.close()
+
+
+def test_a_last_leg_standing_that_missed_an_acknowledged_write_is_not_brought_back() -> None:
+    """Quorum 1: leg 1 lags (its writes held), leg 0 fails a write and is the last leg
+    standing that is not lagging; leg 1 then acknowledges that write and fails the next one
+    while still lagging. Leg 0 lacks an acknowledged write: reattached, it is not brought
+    back in sync (it was, and served the old bytes); no leg is, and the mirror refuses."""
+    st = stores(2)
+    m = open_mirror(st, assume_clean=True, quorum=1, leg_timeout=0)
+    hold, acked = threading.Event(), threading.Event()
+    done: list[float] = []
+    errors: list[BaseException] = []
+    try:
+        write(m, 0, b"0" * 4096)  # region 0's bit set: no bitmap block queued below
+        st["leg1"].gate = hold
+        write(m, 0, b"a" * 4096)  # acknowledged by leg 0; leg 1 lags
+        assert m.status()["legs"][1]["lagging"]
+        st["leg0"].fail_writes = True
+        w1 = _writer(m, 4096, b"b" * 4096, done, errors)  # leg 0 fails it: waits for leg 1
+        assert wait_until(lambda: m.status()["legs"][0]["state"] == FAILED
+                          and len(m._legs[1].ops) == 2, DEADLINE)
+        w2 = _writer(m, 8192, b"c" * 4096, done, errors)
+        assert wait_until(lambda: len(m._legs[1].ops) == 3, DEADLINE)
+        class ThirdFails(Crash):
+            """Leg 1 does the first two writes, fails the third once "b" is acknowledged."""
+
+            def take(self) -> bool:
+                if super().take():
+                    return True
+                assert acked.wait(DEADLINE)
+                return False
+
+        st["leg1"].crash = ThirdFails(2)
+        hold.set()
+        assert wait_until(lambda: len(done) + len(errors) >= 1, DEADLINE)
+        acked.set()
+        assert _join_all([w1, w2], DEADLINE)
+        assert len(done) == 1 and len(errors) == 1, (done, errors)  # "b" acknowledged
+        assert m.status()["legs"][1]["state"] == FAILED
+        st["leg0"].fail_writes = False
+        st["leg1"].crash = None
+        st["leg1"].gate = None
+        m.reattach(0)
+        m.reattach(1)
+        assert not any(leg["state"] == IN_SYNC for leg in m.status()["legs"])
+        with pytest.raises(OSError):
+            read(m, 4096, 4096)
+        with pytest.raises(QuorumLost):
+            write(m, 0, b"d" * 512)
+    finally:
+        hold.set()
+        acked.set()
+        m.close()
+
+
 def test_reopen_after_clean_close_copies_nothing() -> None:
     st = stores(2)
     m = open_mirror(st, assume_clean=True)
