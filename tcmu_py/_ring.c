@@ -1207,7 +1207,9 @@ int tcmu_py_poll_judge_step(struct tcmu_py_poll_judge *j, uint64_t now, uint64_t
         }
         break;
     }
-    return j->phase == 2 ? !j->polling : (int)j->polling;
+    if (j->phase == 2)
+        return j->polling ? 0 : 2;              /* 2: probing the poll, whatever the gap */
+    return (int)j->polling;
 }
 
 /* Watch cmd_head for up to poll_us (yielding the CPU between looks): 1 if an entry came. */
@@ -1293,7 +1295,7 @@ static void *tcmu_py_loop_main(void *arg)
             /* Queue depth 1 served in C: watch for the next command instead of sleeping, while
              * the judge finds that it pays. */
             if (work == 1 && done == 1 && l->poll_us && polling &&
-                gap < (uint64_t)l->poll_us * 1000u) {
+                (polling == 2 || gap < (uint64_t)l->poll_us * 1000u)) {
                 if (tcmu_py_loop_watch(l, &waited)) {
                     ready = 1;
                     gap = (uint64_t)((int64_t)gap + ((int64_t)waited - (int64_t)gap) / 4);

@@ -212,7 +212,9 @@ struct tcmu_py_poll_judge {
 /* Start a judge at `now` (polling; the first probe after every_ns). */
 void tcmu_py_poll_judge_init(struct tcmu_py_poll_judge *j, uint64_t every_ns, uint64_t probe_ns,
                              uint64_t now);
-/* `commands` more came by `now`: whether to busy-poll after this wake-up. */
+/* `commands` more came by `now`: whether to busy-poll after this wake-up: 0 no, 1 yes (when
+ * the gap between commands is shorter than the watch), 2 yes whatever the gap (a probe of the
+ * poll: without it a slow queue-depth-1 initiator has gaps too long to ever try it). */
 int tcmu_py_poll_judge_step(struct tcmu_py_poll_judge *j, uint64_t now, uint64_t commands);
 
 /* Cumulative figures of a loop, taken (and reset) by tcmu_py_loop_figures. */

@@ -824,9 +824,11 @@ class PollJudge:
         self._j = ffi.new("struct tcmu_py_poll_judge *")
         lib.tcmu_py_poll_judge_init(self._j, every_ns, probe_ns, now_ns)
 
-    def step(self, now_ns: int, commands: int) -> bool:
-        """Whether to busy-poll after a wake-up at `now_ns` that brought `commands`."""
-        return bool(lib.tcmu_py_poll_judge_step(self._j, now_ns, commands))
+    def step(self, now_ns: int, commands: int) -> int:
+        """Whether to busy-poll after a wake-up at `now_ns` that brought `commands`: 0 no, 1
+        yes (if commands follow each other within the watch), 2 yes (a probe: whatever the
+        gap)."""
+        return int(lib.tcmu_py_poll_judge_step(self._j, now_ns, commands))
 
     @property
     def polling(self) -> bool:

@@ -283,11 +283,13 @@ def _judge_run(rates: list[tuple[float, float]], every: int = 1000, probe: int =
     j = PollJudge(every * ms, probe * ms, 0)
     choices: list[int] = []
     now = 0
-    polling = True
+    polling = 1
     for on, off in rates:
         for _ in range(1000):
             now += ms
             polling = j.step(now, int(on if polling else off))
+            # a probe of the poll (2) is the only time it polls while the choice is "no"
+            assert polling == (1 if j.polling else 0) or (polling == 2 and not j.polling)
         choices.append(int(j.polling))
     return choices, j
 
