@@ -124,6 +124,19 @@ struct tcmu_py_extent {
     /* 1: C executes READs only; every WRITE goes to Python, whose fence keeps C's READs off
      * its LBAs until it completes (a mirror reads one local leg and writes every leg). */
     uint32_t reads_only;
+    /* An RBD image (tcmu_py.backend.RbdExtent): fd < 0 and rbd_image set. Only the native loop
+     * serves it (tcmu_py_dp_batch never does): a plain READ/WRITE becomes a job submitted with
+     * rbd_aio_readv/rbd_aio_writev, and librbd's completion callback completes it GOOD, or
+     * hands it to Python with its fence on any error. A FUA WRITE with flush_fua goes to
+     * Python. The five functions are librbd's own, from the caller's dlopen of librbd.so.1
+     * (this library does not link librbd): rbd_aio_create_completion, rbd_aio_readv,
+     * rbd_aio_writev, rbd_aio_get_return_value, rbd_aio_release. */
+    void *rbd_image;
+    void *rbd_create_completion;
+    void *rbd_aio_readv;
+    void *rbd_aio_writev;
+    void *rbd_aio_get_return_value;
+    void *rbd_aio_release;
 };
 
 /* LBAs [start, end) that a command running in Python may touch; start == end: none. */
