@@ -3,11 +3,19 @@
 
 Theory of operation
 -------------------
-READ, WRITE (with FUA), SYNCHRONIZE CACHE, UNMAP and COMPARE AND WRITE start ``rbd_aio_*``
-operations and return a `Future` that librbd's completion callback resolves: the runner
-completes the TCMU command from that callback, so many commands are in flight with no thread
-waiting on any of them. Everything else (WRITE SAME, VERIFY, EXTENDED COPY, WRITE AND VERIFY)
-goes through `BlockDevice` and the backend's synchronous methods, which start the same
+Plain READ and WRITE never reach Python while the device may serve (issue 15): the backend
+declares its image as a `tcmu_py.backend.RbdExtent` (`RbdBackend.file_extent`), and the
+runner's native loop submits them with ``rbd_aio_readv`` / ``rbd_aio_writev`` from C, the
+completion callback completing the TCMU command in C, as tcmu-runner's ``rbd`` handler does.
+The extent is withdrawn while the exclusive lock is another client's (every command then comes
+here and answers NOT READY), and declared again when it is taken over (``extent_listener``).
+What C does not take comes here: a READ/WRITE that failed in C (run again here, so that the
+sense below answers it), a FUA WRITE with the cache on, one overlapping a command Python runs,
+and every other command. READ, WRITE (with FUA), SYNCHRONIZE CACHE, UNMAP and COMPARE AND WRITE
+start ``rbd_aio_*`` operations and return a `Future` that librbd's completion callback resolves:
+the runner completes the TCMU command from that callback, so many commands are in flight with
+no thread waiting on any of them. Everything else (WRITE SAME, VERIFY, EXTENDED COPY, WRITE AND
+VERIFY) goes through `BlockDevice` and the backend's synchronous methods, which start the same
 operations and wait for them on the worker thread.
 
 What the device promises, and why it is true:
