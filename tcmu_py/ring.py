@@ -849,6 +849,12 @@ class NativeLoop:
       and kick them; an entry that overlaps one of them (C's or Python's) waits until the workers
       are idle, so overlapping commands keep ring order. Every entry of a wake-up is copied before
       any of it runs, so completions may steal any slot while the loop waits.
+    - An RBD extent (`tcmu_py.backend.RbdExtent`, declared by the ``ceph`` backend) has no fd:
+      every plain READ/WRITE of it takes a job slot and is submitted to librbd
+      (``rbd_aio_readv`` / ``rbd_aio_writev``, through the function addresses the extent
+      carries); librbd's completion callback, on librbd's thread, completes it or hands it to
+      Python as a worker does, and frees the slot after its kick, so `enable(False)` and
+      `stop()` wait for every operation submitted (each bounded by ``osd_op_timeout``).
     - `stop()` joins the thread and the workers; records it left are still taken afterwards,
       so every command dequeued is completed exactly once. `error` says why the thread stopped
       by itself (a corrupt ring, or the uio gone).
