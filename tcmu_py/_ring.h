@@ -229,7 +229,7 @@ struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32
 /* Start the thread: 0, or an errno. */
 int tcmu_py_loop_start(struct tcmu_py_loop *l);
 /* Ask the thread to stop and join it and the workers (idempotent; waits for the batch it is
- * in and for every command on a worker). */
+ * in, for every command on a worker and for every librbd operation in flight). */
 void tcmu_py_loop_stop(struct tcmu_py_loop *l);
 /* Stop, then free. Records not taken are lost: take them first. */
 void tcmu_py_loop_free(struct tcmu_py_loop *l);
@@ -237,8 +237,9 @@ void tcmu_py_loop_free(struct tcmu_py_loop *l);
 /* Copy the extent (x->enabled is ignored: see tcmu_py_loop_enable). */
 void tcmu_py_loop_declare(struct tcmu_py_loop *l, const struct tcmu_py_extent *x);
 /* Whether C may execute commands (0 while a unit attention is pending ...). Turning it off
- * also waits for the workers: once it returns, C touches the declared file no more until it
- * is turned on again (the owner of the fd may then close it). */
+ * also waits for the workers and for every librbd operation submitted (an RBD extent): once it
+ * returns, C touches the declared file or image no more until it is turned on again (the owner
+ * of the fd may then close it). */
 void tcmu_py_loop_enable(struct tcmu_py_loop *l, uint32_t enabled);
 /* Hold the loop's mutex (the loop thread dequeues nothing until tcmu_py_loop_release). */
 void tcmu_py_loop_hold(struct tcmu_py_loop *l);
