@@ -119,7 +119,9 @@ def guest(args: argparse.Namespace) -> int:
         finally:
             admin.shutdown()
 
-        disks = GuestDisks(work, out, cleanup)  # tcmu-py serve (no D-Bus yet: none claimed)
+        # tcmu-py serve (no D-Bus yet: none claimed)
+        disks = GuestDisks(work, out, cleanup,
+                           () if args.py_native_loop else ("--no-native-loop",))
         serve_pid = disks_pid(disks)
         Path("/run/dbus").mkdir(parents=True, exist_ok=True)
         run(["dbus-daemon", "--system", "--fork"], timeout=60)
@@ -265,6 +267,8 @@ def host(args: argparse.Namespace) -> int:
         guest_args += ["--profile", args.profile]
     if not args.py_write_cache:
         guest_args += ["--no-py-write-cache"]
+    if not args.py_native_loop:
+        guest_args += ["--no-py-native-loop"]
     n = len(select(WORKLOADS, args.only))
     budget = 1200 + args.reps * n * 2 * (args.seconds + 120)
     out = args.out.resolve()
@@ -303,6 +307,10 @@ def main() -> int:
                     help="tcmu-py's backstore with emulate_write_cache=1 (WCE; librbd's "
                     "rbd_cache follows it), as by default; --no-py-write-cache: WCE=0, "
                     "rbd_cache off, as tcmu-runner's rbd always runs librbd")
+    ap.add_argument("--py-native-loop", action=argparse.BooleanOptionalAction, default=True,
+                    help="tcmu-py's native loop serves plain READ/WRITE through librbd from C "
+                    "(issue 15), as by default; --no-py-native-loop: `serve --no-native-loop`, "
+                    "every command in Python (the handler before issue 15's C path)")
     args = ap.parse_args()
     return guest(args) if args.guest else host(args)
 

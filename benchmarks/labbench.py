@@ -121,7 +121,9 @@ class GuestDisks:
     scheduler "none". Everything is removed, and the daemon stopped, by `cleanup`
     (guestlib's `Cleanup`)."""
 
-    def __init__(self, work: Path, out: Path, cleanup: Any) -> None:
+    def __init__(self, work: Path, out: Path, cleanup: Any,
+                 serve_args: Sequence[str] = ()) -> None:
+        """`serve_args`: more options of `tcmu-py serve` (``--no-native-loop``)."""
         sys.path.insert(0, str(REPO / "tests" / "kernel"))
         from guestlib import Daemon
 
@@ -129,7 +131,8 @@ class GuestDisks:
         self.run_dir = work / "run"
         ready = work / "ready"
         daemon = Daemon([sys.executable, "-m", "tcmu_py.cli", "serve", "--run-dir",
-                         str(self.run_dir), "--ready-file", str(ready)], out / "serve.log")
+                         str(self.run_dir), "--ready-file", str(ready), *serve_args],
+                        out / "serve.log")
         cleanup.callback(daemon.stop)
         daemon.start(ready=ready.exists, timeout=300)
         self._hba = 0

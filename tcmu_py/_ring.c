@@ -529,18 +529,21 @@ struct tcmu_py_dp_cmd {
  * on x now: a CMD while x is enabled and no TMR came with it, a non-BIDI READ/WRITE (READ only
  * on a reads_only extent) without protection bits, inside the device and its transfer limit,
  * on allocated units, clear of fences[0..n_fences), whose buffers hold exactly its blocks.
- * Fills *c if so. */
+ * An RBD extent only when `rbd` (the native loop), and no FUA WRITE on it with flush_fua
+ * (Python flushes after the write). Fills *c if so. */
 static int tcmu_py_dp_plain(const struct tcmu_py_extent *x, const struct tcmu_py_entry *e,
                             const uint8_t *cdb, const struct iovec *v, int has_tmr,
-                            const struct tcmu_py_fence *fences, int n_fences,
+                            const struct tcmu_py_fence *fences, int n_fences, int rbd,
                             struct tcmu_py_dp_cmd *c)
 {
     uint32_t i;
 
     c->total = 0;
     c->writing = 0;
-    if (e->op != TCMU_OP_CMD || !x->enabled || has_tmr || x->fd < 0 || e->iov_bidi_cnt ||
+    if (e->op != TCMU_OP_CMD || !x->enabled || has_tmr || e->iov_bidi_cnt ||
+        (x->fd < 0 && !(rbd && x->rbd_image)) ||
         !tcmu_py_dp_rw(cdb, e->cdb_len, &c->lba, &c->blocks, &c->writing, &c->fua) ||
+        (x->fd < 0 && c->writing && c->fua && x->flush_fua) ||
         (c->writing && x->reads_only) || !c->blocks || c->lba > x->num_blocks ||
         c->blocks > x->num_blocks - c->lba || c->blocks > x->max_blocks || !tcmu_py_dp_units(x, c->lba, c->blocks, &c->fs, &c->fe) ||
         tcmu_py_dp_overlaps(fences, n_fences, c->fs, c->fe))
@@ -589,7 +592,7 @@ int tcmu_py_dp_batch(struct tcmu_py_ring *r, const struct tcmu_py_extent *x,
         struct tcmu_py_dp_cmd c;
 
         if (tcmu_py_dp_plain(x, e, cdb, (const struct iovec *)(r->map + e->array_off), has_tmr,
-                             fences, n_fences + w, &c) &&
+                             fences, n_fences + w, 0, &c) &&
             tcmu_py_dp_io(r, e, x->fd, x->base + c.lba * x->block_size, c.writing) &&
             !(c.writing && c.fua && x->flush_fua && fdatasync(x->fd) != 0)) {
             st->done_ids[st->done++] = (uint16_t)e->cmd_id;
@@ -658,9 +661,23 @@ struct tcmu_py_job {
     int fd;
     uint64_t pos, total, fs, fe, t0;
     uint8_t *rec;                          /* the command's record (malloc): Python's if it fails */
+    /* An RBD job: submitted to librbd, finished by tcmu_py_rbd_done on librbd's thread. */
+    struct tcmu_py_loop *loop;
+    struct iovec *iov;                     /* the command's buffers as pointers (malloc) */
+    void *rbd_ret, *rbd_release;           /* librbd's functions, as declared when submitted */
 };
 
-enum { TCMU_PY_JOBS = 32, TCMU_PY_WORKERS_MAX = 8 };
+/* librbd's C API, as far as the native loop calls it (rbd/librbd.h; completions are opaque). */
+typedef void (*tcmu_py_rbd_cb_t)(void *completion, void *arg);
+typedef int (*tcmu_py_rbd_create_t)(void *arg, tcmu_py_rbd_cb_t cb, void **completion);
+typedef int (*tcmu_py_rbd_rw_t)(void *image, const struct iovec *iov, int iovcnt, uint64_t off,
+                                void *completion);
+typedef ssize_t (*tcmu_py_rbd_ret_t)(void *completion);
+typedef void (*tcmu_py_rbd_release_t)(void *completion);
+
+/* Job slots: large commands on the workers, and every RBD command in flight (the kernel's queue
+ * depth is 128 by default: no RBD command waits for a slot below it). */
+enum { TCMU_PY_JOBS = 128, TCMU_PY_WORKERS_MAX = 8 };
 
 struct tcmu_py_loop {
     struct tcmu_py_ring *r;
@@ -844,6 +861,13 @@ static void tcmu_py_jobs_drain(struct tcmu_py_loop *l)
         pthread_cond_wait(&l->idle_cv, &l->mu);
 }
 
+/* Wait (as above) until a job slot is free. */
+static void tcmu_py_jobs_slot(struct tcmu_py_loop *l)
+{
+    while (l->n_jobs >= TCMU_PY_JOBS)
+        pthread_cond_wait(&l->idle_cv, &l->mu);
+}
+
 /* One command C executed: its figures (the latency is counted by the caller). */
 static void tcmu_py_loop_tally(struct tcmu_py_loop *l, int writing, uint64_t total)
 {
@@ -960,9 +984,55 @@ static int tcmu_py_loop_io(struct tcmu_py_loop *l, const struct iovec *v, uint32
     return ok && !(writing && fua && flush_fua && fdatasync(fd) != 0) ? ok : 0;
 }
 
-static void *tcmu_py_worker_main(void *arg)
+/* Give a job slot back (under the mutex): whoever waits for the workers or a slot looks again. */
+static void tcmu_py_job_free(struct tcmu_py_loop *l, struct tcmu_py_job *j)
+{
+    free(j->rec);
+    j->rec = NULL;
+    free(j->iov);
+    j->iov = NULL;
+    j->busy = 0;
+    l->n_jobs--;
+    pthread_cond_broadcast(&l->idle_cv);
+}
+
+/* After a job's I/O (under the mutex): complete it GOOD and count it when `ok`, else hand it to
+ * Python with its fence (Python runs it again and answers the sense). Returns 0, or a negative
+ * status when the ring is broken or memory ran out. The caller then releases the mutex, calls
+ * tcmu_py_job_signal, and frees the slot under the mutex again: only then may a drain return
+ * (an RBD job's thread is librbd's, not joined: the loop must outlive its last signal). */
+static int tcmu_py_job_finish(struct tcmu_py_loop *l, struct tcmu_py_job *j, int ok)
 {
     static const uint8_t no_sense[1] = {0};
+    const struct tcmu_py_entry *h = (const struct tcmu_py_entry *)j->rec;
+    int rc = 0;
+
+    if (ok) {
+        double took = (double)(tcmu_py_now_ns() - j->t0) / 1e9;
+
+        rc = tcmu_py_complete(l->r, j->cmd_id, 0, no_sense, 0, 0, 0);
+        tcmu_py_loop_tally(l, (int)j->writing, j->total);
+        l->fig.latency_seconds += took;
+        l->fig.hist[tcmu_py_dp_bucket(took)]++;
+    } else if (!tcmu_py_loop_hand(l, h, tcmu_py_dp_fence(j->rec + h->cdb_off))) {
+        rc = -ENOMEM;
+    }
+    return rc;
+}
+
+/* After tcmu_py_job_finish, the mutex released: kick the kernel, or wake Python. */
+static void tcmu_py_job_signal(struct tcmu_py_loop *l, int rc, int ok)
+{
+    if (rc < 0)
+        tcmu_py_loop_fail(l, rc);               /* the ring is broken: the loop stops */
+    else if (ok)
+        tcmu_py_loop_signal(l->kick_fd, l->kick_size);
+    else
+        tcmu_py_loop_signal(l->notify_fd, 8);
+}
+
+static void *tcmu_py_worker_main(void *arg)
+{
     struct tcmu_py_loop *l = arg;
 
     pthread_mutex_lock(&l->mu);
@@ -984,39 +1054,41 @@ static void *tcmu_py_worker_main(void *arg)
         pthread_mutex_lock(&l->mu);
         if (ok == 2)
             l->fig.mapped++;
-        if (ok) {
-            double took = (double)(tcmu_py_now_ns() - j->t0) / 1e9;
-
-            rc = tcmu_py_complete(l->r, j->cmd_id, 0, no_sense, 0, 0, 0);
-            tcmu_py_loop_tally(l, (int)j->writing, j->total);
-            l->fig.latency_seconds += took;
-            l->fig.hist[tcmu_py_dp_bucket(took)]++;
-        } else if (!tcmu_py_loop_hand(l, h, tcmu_py_dp_fence(j->rec + h->cdb_off))) {
-            rc = -ENOMEM;
-        }
-        free(j->rec);
-        j->rec = NULL;
-        j->busy = 0;
-        l->n_jobs--;
-        pthread_cond_broadcast(&l->idle_cv);
+        rc = tcmu_py_job_finish(l, j, ok);
         pthread_mutex_unlock(&l->mu);
-        if (rc < 0)
-            tcmu_py_loop_fail(l, rc);           /* the ring is broken: the loop stops */
-        else if (ok)
-            tcmu_py_loop_signal(l->kick_fd, l->kick_size);
-        else
-            tcmu_py_loop_signal(l->notify_fd, 8);
+        tcmu_py_job_signal(l, rc, ok);
         pthread_mutex_lock(&l->mu);
+        tcmu_py_job_free(l, j);
     }
     pthread_mutex_unlock(&l->mu);
     return NULL;
 }
 
-/* Queue a large command for the workers (under the mutex, with a free slot): 1, or 0 (no
- * memory) if it must run here. */
-static int tcmu_py_job_queue(struct tcmu_py_loop *l, const struct tcmu_py_entry *h, int writing,
-                             int fua, uint64_t pos, uint64_t total, uint64_t fs, uint64_t fe,
-                             uint64_t t0)
+/* librbd's completion of an RBD job (on librbd's finisher thread): GOOD when every byte moved
+ * (a read returns its length, a write 0 or its length), else Python's with its fence. */
+static void tcmu_py_rbd_done(void *completion, void *arg)
+{
+    struct tcmu_py_job *j = arg;
+    struct tcmu_py_loop *l = j->loop;
+    ssize_t ret = ((tcmu_py_rbd_ret_t)j->rbd_ret)(completion);
+    int ok, rc;
+
+    ((tcmu_py_rbd_release_t)j->rbd_release)(completion);
+    ok = j->writing ? ret == 0 || (uint64_t)ret == j->total : ret >= 0 && (uint64_t)ret == j->total;
+    pthread_mutex_lock(&l->mu);
+    rc = tcmu_py_job_finish(l, j, ok);
+    pthread_mutex_unlock(&l->mu);
+    tcmu_py_job_signal(l, rc, ok);
+    pthread_mutex_lock(&l->mu);
+    tcmu_py_job_free(l, j);
+    pthread_mutex_unlock(&l->mu);
+}
+
+/* Take a free job slot for entry h (under the mutex; n_jobs < TCMU_PY_JOBS), or NULL (no
+ * memory). */
+static struct tcmu_py_job *tcmu_py_job_take(struct tcmu_py_loop *l, const struct tcmu_py_entry *h,
+                                            const struct tcmu_py_dp_cmd *c, uint64_t pos,
+                                            uint64_t t0)
 {
     struct tcmu_py_job *j = NULL;
     int i;
@@ -1027,24 +1099,80 @@ static int tcmu_py_job_queue(struct tcmu_py_loop *l, const struct tcmu_py_entry 
             break;
         }
     if (!j)
-        return 0;
+        return NULL;
     j->rec = malloc(h->reserved);
     if (!j->rec)
-        return 0;
+        return NULL;
     memcpy(j->rec, h, h->reserved);
     j->busy = 1;
     j->cmd_id = h->cmd_id;
-    j->writing = (uint32_t)writing;
-    j->fua = (uint32_t)fua;
+    j->writing = (uint32_t)c->writing;
+    j->fua = (uint32_t)c->fua;
     j->flush_fua = l->x.flush_fua;
     j->fd = l->x.fd;
     j->pos = pos;
-    j->total = total;
-    j->fs = fs;
-    j->fe = fe;
+    j->total = c->total;
+    j->fs = c->fs;
+    j->fe = c->fe;
     j->t0 = t0;
-    l->queue[l->q_tail++ % TCMU_PY_JOBS] = (uint32_t)i;
+    j->loop = l;
+    j->iov = NULL;
     l->n_jobs++;
+    return j;
+}
+
+/* Submit entry h (a plain READ/WRITE of the declared RBD extent) to librbd, under the mutex,
+ * which the submission releases: 1 when librbd took it (tcmu_py_rbd_done finishes it; the job
+ * is not touched here again), 0 when it must go to Python (no memory, librbd refused it). */
+static int tcmu_py_rbd_submit(struct tcmu_py_loop *l, const struct tcmu_py_entry *h,
+                              const struct iovec *v, const struct tcmu_py_dp_cmd *c,
+                              uint64_t pos, uint64_t t0)
+{
+    const struct tcmu_py_extent *x = &l->x;
+    tcmu_py_rbd_rw_t rw = (tcmu_py_rbd_rw_t)(c->writing ? x->rbd_aio_writev : x->rbd_aio_readv);
+    void *image = x->rbd_image, *completion = NULL;
+    struct tcmu_py_job *j = tcmu_py_job_take(l, h, c, pos, t0);
+    uint32_t i;
+    int rc;
+
+    if (!j)
+        return 0;
+    j->rbd_ret = x->rbd_aio_get_return_value;
+    j->rbd_release = x->rbd_aio_release;
+    j->iov = malloc((h->iov_cnt ? h->iov_cnt : 1) * sizeof(*j->iov));
+    if (j->iov)
+        for (i = 0; i < h->iov_cnt; i++) {
+            j->iov[i].iov_base = l->r->map + (uintptr_t)v[i].iov_base;
+            j->iov[i].iov_len = v[i].iov_len;
+        }
+    if (!j->iov ||
+        ((tcmu_py_rbd_create_t)x->rbd_create_completion)(j, tcmu_py_rbd_done, &completion) < 0) {
+        tcmu_py_job_free(l, j);
+        return 0;
+    }
+    /* Not under the mutex: librbd may complete (and so take the mutex) before it returns. No
+     * one else takes a job slot, so j is ours until this call returns. */
+    pthread_mutex_unlock(&l->mu);
+    rc = rw(image, j->iov, (int)h->iov_cnt, pos, completion);
+    pthread_mutex_lock(&l->mu);
+    if (rc < 0) {
+        ((tcmu_py_rbd_release_t)j->rbd_release)(completion);  /* it never completes */
+        tcmu_py_job_free(l, j);
+        return 0;
+    }
+    return 1;
+}
+
+/* Queue a large command for the workers (under the mutex, with a free slot): 1, or 0 (no
+ * memory) if it must run here. */
+static int tcmu_py_job_queue(struct tcmu_py_loop *l, const struct tcmu_py_entry *h,
+                             const struct tcmu_py_dp_cmd *c, uint64_t pos, uint64_t t0)
+{
+    struct tcmu_py_job *j = tcmu_py_job_take(l, h, c, pos, t0);
+
+    if (!j)
+        return 0;
+    l->queue[l->q_tail++ % TCMU_PY_JOBS] = (uint32_t)(j - l->jobs);
     pthread_cond_signal(&l->work_cv);
     return 1;
 }
@@ -1082,7 +1210,7 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
         int io;
 
     again:
-        if (tcmu_py_dp_plain(x, h, cdb, v, has_tmr, l->fences, l->n_fences, &c)) {
+        if (tcmu_py_dp_plain(x, h, cdb, v, has_tmr, l->fences, l->n_fences, 1, &c)) {
             pos = x->base + c.lba * x->block_size;
             if (tcmu_py_jobs_overlap(l, c.fs, c.fe)) {
                 /* Ring order among C's own commands. The wait releases the mutex: the extent,
@@ -1091,12 +1219,22 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
                 tcmu_py_jobs_drain(l);
                 goto again;
             }
+            if (x->fd < 0) {
+                /* RBD: every command is a job librbd completes. */
+                if (l->n_jobs >= TCMU_PY_JOBS) {
+                    tcmu_py_jobs_slot(l);       /* every slot taken: as above */
+                    goto again;
+                }
+                if (tcmu_py_rbd_submit(l, h, v, &c, pos, t0))
+                    continue;
+                goto python;                    /* the submission released the mutex: the */
+            }                                   /* fence check below runs on today's jobs */
             if (l->n_started && c.total >= l->big) {
                 if (l->n_jobs >= TCMU_PY_JOBS) {
                     tcmu_py_jobs_drain(l);      /* every slot taken: as above */
                     goto again;
                 }
-                if (tcmu_py_job_queue(l, h, c.writing, c.fua, pos, c.total, c.fs, c.fe, t0))
+                if (tcmu_py_job_queue(l, h, &c, pos, t0))
                     continue;
             }
             io = tcmu_py_loop_io(l, v, h->iov_cnt, x->fd, pos, c.total, c.writing, c.fua,
@@ -1109,6 +1247,7 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
                 continue;
             }
         }
+    python:
         if (h->op == TCMU_OP_CMD)
             f = tcmu_py_dp_fence(cdb);
         if (f.end > f.start && tcmu_py_jobs_overlap(l, f.start, f.end))

@@ -124,6 +124,19 @@ struct tcmu_py_extent {
     /* 1: C executes READs only; every WRITE goes to Python, whose fence keeps C's READs off
      * its LBAs until it completes (a mirror reads one local leg and writes every leg). */
     uint32_t reads_only;
+    /* An RBD image (tcmu_py.backend.RbdExtent): fd < 0 and rbd_image set. Only the native loop
+     * serves it (tcmu_py_dp_batch never does): a plain READ/WRITE becomes a job submitted with
+     * rbd_aio_readv/rbd_aio_writev, and librbd's completion callback completes it GOOD, or
+     * hands it to Python with its fence on any error. A FUA WRITE with flush_fua goes to
+     * Python. The five functions are librbd's own, from the caller's dlopen of librbd.so.1
+     * (this library does not link librbd): rbd_aio_create_completion, rbd_aio_readv,
+     * rbd_aio_writev, rbd_aio_get_return_value, rbd_aio_release. */
+    void *rbd_image;
+    void *rbd_create_completion;
+    void *rbd_aio_readv;
+    void *rbd_aio_writev;
+    void *rbd_aio_get_return_value;
+    void *rbd_aio_release;
 };
 
 /* LBAs [start, end) that a command running in Python may touch; start == end: none. */
@@ -252,7 +265,7 @@ struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32
 /* Start the thread: 0, or an errno. */
 int tcmu_py_loop_start(struct tcmu_py_loop *l);
 /* Ask the thread to stop and join it and the workers (idempotent; waits for the batch it is
- * in and for every command on a worker). */
+ * in, for every command on a worker and for every librbd operation in flight). */
 void tcmu_py_loop_stop(struct tcmu_py_loop *l);
 /* Stop, then free. Records not taken are lost: take them first. */
 void tcmu_py_loop_free(struct tcmu_py_loop *l);
@@ -265,8 +278,9 @@ void tcmu_py_loop_declare(struct tcmu_py_loop *l, const struct tcmu_py_extent *x
 /* 1 while the declared file is mapped. */
 int tcmu_py_loop_mapped(struct tcmu_py_loop *l);
 /* Whether C may execute commands (0 while a unit attention is pending ...). Turning it off
- * also waits for the workers: once it returns, C touches the declared file no more until it
- * is turned on again (the owner of the fd may then close it). */
+ * also waits for the workers and for every librbd operation submitted (an RBD extent): once it
+ * returns, C touches the declared file or image no more until it is turned on again (the owner
+ * of the fd may then close it). */
 void tcmu_py_loop_enable(struct tcmu_py_loop *l, uint32_t enabled);
 /* Hold the loop's mutex (the loop thread dequeues nothing until tcmu_py_loop_release). */
 void tcmu_py_loop_hold(struct tcmu_py_loop *l);

@@ -28,7 +28,8 @@ exactly that; nothing is probed per command:
 - `FileExtent`: ``file_extent()``. Advertised: nothing; the data *is* a file extent, so the C
   data plane (`tcmu_py.ring.DataPlane`) moves plain READ/WRITE bytes between that file and the ring
   without calling `read` / `write`. With `ThinProvisioning` only as ``(fd, base, UnitMap)``:
-  the plane then serves only commands whose every allocation unit is allocated.
+  the plane then serves only commands whose every allocation unit is allocated. An `RbdExtent`
+  (an RBD image) is served by the native loop through librbd's asynchronous C calls.
 - ``blocking`` (`BlockBackend` attribute, default True): False runs every command on the
   device's loop thread instead of its worker pool.
 - ``transfer_granularity`` (`BlockBackend` attribute, bytes, default 0 = not reported): the unit
@@ -264,6 +265,31 @@ class ReadExtent:
     base: int
 
 
+@dataclass(frozen=True)
+class RbdExtent:
+    """What `FileExtent.file_extent` returns for a backend whose data is an open RBD image: the
+    native loop (`tcmu_py.ring.NativeLoop`, not the stage-1 `DataPlane`) then submits plain
+    READ/WRITE to librbd itself (``rbd_aio_readv`` / ``rbd_aio_writev`` on the ring's buffers),
+    and librbd's completion callback completes the command in C; a command that fails is handed
+    to the backend's device, which runs it again and answers the sense. A FUA WRITE with
+    `write_cache` goes to the device (it flushes after the write).
+
+    Every field is a C address, as an int: ``image`` the ``rbd_image_t``, the others librbd's
+    functions of those names (``int(ffi.cast("uintptr_t", lib.rbd_aio_readv))`` of an ABI-mode
+    cffi ``dlopen``): `tcmu_py` does not link librbd. The backend's side of the contract: the
+    image stays open while the extent is declared and until the runner stopped (the loop waits
+    for every operation it submitted before `enable(False)` and `stop()` return), and it
+    withdraws the extent (returns None, calls ``extent_listener``) whenever the device must
+    not be served from it (the exclusive lock is another client's)."""
+
+    image: int
+    create_completion: int
+    aio_readv: int
+    aio_writev: int
+    aio_get_return_value: int
+    aio_release: int
+
+
 @runtime_checkable
 class FileExtent(Protocol):
     """The device's blocks are bytes of one open file: LBA ``n`` is at ``base + n * block_size``
@@ -278,9 +304,12 @@ class FileExtent(Protocol):
     methods never see a C write overtake or tear theirs.
     """
 
-    def file_extent(self) -> tuple[int, int] | tuple[int, int, UnitMap] | ReadExtent | None:
+    def file_extent(
+        self,
+    ) -> tuple[int, int] | tuple[int, int, UnitMap] | ReadExtent | RbdExtent | None:
         """``(fd, base)`` now — ``(fd, base, UnitMap)`` for a thin backend, whose unallocated
-        units stay with `read` / `write`; a `ReadExtent` when only reads are — or None when
+        units stay with `read` / `write`; a `ReadExtent` when only reads are; an `RbdExtent`
+        for an RBD image, served by the native loop only — or None when
         the data is not a plain extent (any more). Called on the loop thread when the device
         is built and after each change the device knows of (resize); the fd must stay open
         until `close`.

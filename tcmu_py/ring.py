@@ -785,6 +785,17 @@ def _fill_extent(x: Any, extent: Any) -> Any:
     """Fill the `struct tcmu_py_extent` `x` from `extent` (a `tcmu_py.device.core.DataExtent`;
     None: no extent). Returns the cdata that keeps a thin unit map exported (unresizable) and
     alive while it is declared (hold it as long as C may read the map), or None."""
+    rbd = extent.rbd if extent is not None else None
+    if rbd is None:
+        x.rbd_image = x.rbd_create_completion = x.rbd_aio_readv = x.rbd_aio_writev = ffi.NULL
+        x.rbd_aio_get_return_value = x.rbd_aio_release = ffi.NULL
+    else:
+        x.rbd_image = ffi.cast("void *", rbd.image)
+        x.rbd_create_completion = ffi.cast("void *", rbd.create_completion)
+        x.rbd_aio_readv = ffi.cast("void *", rbd.aio_readv)
+        x.rbd_aio_writev = ffi.cast("void *", rbd.aio_writev)
+        x.rbd_aio_get_return_value = ffi.cast("void *", rbd.aio_get_return_value)
+        x.rbd_aio_release = ffi.cast("void *", rbd.aio_release)
     if extent is None:
         x.fd = -1
         x.units, x.n_units, x.unit_blocks = ffi.NULL, 0, 0
@@ -866,6 +877,12 @@ class NativeLoop:
       and kick them; an entry that overlaps one of them (C's or Python's) waits until the workers
       are idle, so overlapping commands keep ring order. Every entry of a wake-up is copied before
       any of it runs, so completions may steal any slot while the loop waits.
+    - An RBD extent (`tcmu_py.backend.RbdExtent`, declared by the ``ceph`` backend) has no fd:
+      every plain READ/WRITE of it takes a job slot and is submitted to librbd
+      (``rbd_aio_readv`` / ``rbd_aio_writev``, through the function addresses the extent
+      carries); librbd's completion callback, on librbd's thread, completes it or hands it to
+      Python as a worker does, and frees the slot after its kick, so `enable(False)` and
+      `stop()` wait for every operation submitted (each bounded by ``osd_op_timeout``).
     - `stop()` joins the thread and the workers; records it left are still taken afterwards,
       so every command dequeued is completed exactly once. `error` says why the thread stopped
       by itself (a corrupt ring, or the uio gone).

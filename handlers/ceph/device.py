@@ -3,11 +3,19 @@
 
 Theory of operation
 -------------------
-READ, WRITE (with FUA), SYNCHRONIZE CACHE, UNMAP and COMPARE AND WRITE start ``rbd_aio_*``
-operations and return a `Future` that librbd's completion callback resolves: the runner
-completes the TCMU command from that callback, so many commands are in flight with no thread
-waiting on any of them. Everything else (WRITE SAME, VERIFY, EXTENDED COPY, WRITE AND VERIFY)
-goes through `BlockDevice` and the backend's synchronous methods, which start the same
+Plain READ and WRITE never reach Python while the device may serve (issue 15): the backend
+declares its image as a `tcmu_py.backend.RbdExtent` (`RbdBackend.file_extent`), and the
+runner's native loop submits them with ``rbd_aio_readv`` / ``rbd_aio_writev`` from C, the
+completion callback completing the TCMU command in C, as tcmu-runner's ``rbd`` handler does.
+The extent is withdrawn while the exclusive lock is another client's (every command then comes
+here and answers NOT READY), and declared again when it is taken over (``extent_listener``).
+What C does not take comes here: a READ/WRITE that failed in C (run again here, so that the
+sense below answers it), a FUA WRITE with the cache on, one overlapping a command Python runs,
+and every other command. READ, WRITE (with FUA), SYNCHRONIZE CACHE, UNMAP and COMPARE AND WRITE
+start ``rbd_aio_*`` operations and return a `Future` that librbd's completion callback resolves:
+the runner completes the TCMU command from that callback, so many commands are in flight with
+no thread waiting on any of them. Everything else (WRITE SAME, VERIFY, EXTENDED COPY, WRITE AND
+VERIFY) goes through `BlockDevice` and the backend's synchronous methods, which start the same
 operations and wait for them on the worker thread.
 
 What the device promises, and why it is true:
@@ -54,6 +62,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from tcmu_py.backend import RbdExtent
 from tcmu_py.buffers import slice_views
 from tcmu_py.device.block import (
     MAX_UNMAP_BLOCK_DESCRIPTORS,
@@ -79,7 +88,7 @@ from tcmu_py.scsi.sense import (
 )
 
 from .config import CephConfig
-from .librbd import FEATURE_EXCLUSIVE_LOCK, Cluster, Image, IoCtx, RadosError
+from .librbd import FEATURE_EXCLUSIVE_LOCK, Cluster, Image, IoCtx, RadosError, aio_addresses
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +174,9 @@ def then(first: Future[Any], nxt: Callable[[], Future[Any]]) -> Future[Any]:
 
 class RbdBackend:
     """A `BlockBackend` over an open RBD image (`Unmap` with LBPRZ, `WriteSame`, `Resizable`,
-    `Closable`). Synchronous methods start librbd's asynchronous operations and wait; the
-    device's asynchronous commands use `image` directly."""
+    `Closable`, and `FileExtent` as an `RbdExtent`: the native loop calls librbd itself).
+    Synchronous methods start librbd's asynchronous operations and wait; the device's
+    asynchronous commands use `image` directly."""
 
     lbprz = True
 
@@ -181,6 +191,9 @@ class RbdBackend:
         self.write_cache = write_cache
         #: Why medium access is refused (another client holds the exclusive lock), or None.
         self.not_ready: str | None = None
+        #: Set by the device (`FileExtent`): called when `file_extent` changes (the lock).
+        self.extent_listener: Callable[[], None] | None = None
+        self._extent = RbdExtent(image.address, **aio_addresses())
         self._closing = threading.Event()
         self._retry: threading.Thread | None = None
 
@@ -194,11 +207,24 @@ class RbdBackend:
                 owners = ", ".join(self.image.lock_owners()) or "another client"
             except RadosError:
                 owners = "another client"
-            self.not_ready = (f"ceph image {self.cfg.spec}: the exclusive lock is held by "
-                              f"{owners} ({exc}); expected it free, or lock=shared")
+            self._set_not_ready(f"ceph image {self.cfg.spec}: the exclusive lock is held by "
+                                f"{owners} ({exc}); expected it free, or lock=shared")
             return False
-        self.not_ready = None
+        self._set_not_ready(None)
         return True
+
+    def _set_not_ready(self, why: str | None) -> None:
+        changed = (why is None) != (self.not_ready is None)
+        self.not_ready = why
+        listener = self.extent_listener
+        if changed and listener is not None:
+            listener()  # the native loop serves the image only while the lock is ours
+
+    def file_extent(self) -> RbdExtent | None:
+        """`FileExtent`: the image, for the native loop's librbd calls, while medium access is
+        allowed (the exclusive lock is ours, or lock=shared); None otherwise, so that every
+        command reaches the device and answers NOT READY."""
+        return self._extent if self.not_ready is None else None
 
     def start_lock_retry(self, interval: float = LOCK_RETRY_INTERVAL) -> None:
         """Keep trying to take the lock every `interval` seconds, on a thread of its own, until

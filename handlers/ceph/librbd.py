@@ -144,6 +144,26 @@ def rbd() -> Any:
     return _library(LIBRBD, "librbd1")
 
 
+#: `aio_addresses`' keys (the fields of `tcmu_py.backend.RbdExtent`) and librbd's functions.
+AIO_FUNCTIONS = {
+    "create_completion": "rbd_aio_create_completion",
+    "aio_readv": "rbd_aio_readv",
+    "aio_writev": "rbd_aio_writev",
+    "aio_get_return_value": "rbd_aio_get_return_value",
+    "aio_release": "rbd_aio_release",
+}
+
+
+def aio_addresses() -> dict[str, int]:
+    """The C addresses of librbd's asynchronous I/O functions (`AIO_FUNCTIONS`), for C code
+    that calls them without linking librbd (the native loop: `tcmu_py.backend.RbdExtent`). In
+    ABI mode a function of the ``dlopen``ed library is a function-pointer cdata, so casting it
+    to ``uintptr_t`` gives the address ``dlsym`` would."""
+    lib = rbd()
+    return {key: int(_ffi.cast("uintptr_t", getattr(lib, name)))
+            for key, name in AIO_FUNCTIONS.items()}
+
+
 def check(rc: int, what: str) -> int:
     """`rc` when it is 0 or more, else `RadosError` for ``-rc``."""
     if rc < 0:
@@ -357,6 +377,11 @@ class Image:
         self.name = name
 
     # -- metadata ---------------------------------------------------------------------------
+
+    @property
+    def address(self) -> int:
+        """The ``rbd_image_t`` as an address (for C code: valid until `close`)."""
+        return int(_ffi.cast("uintptr_t", self._h))
 
     def size(self) -> int:
         out = _ffi.new("uint64_t *")

@@ -23,7 +23,14 @@ import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 
-from tcmu_py.backend import BlockBackend, Capabilities, ProvisioningInfo, ReadExtent, UnitMap
+from tcmu_py.backend import (
+    BlockBackend,
+    Capabilities,
+    ProvisioningInfo,
+    RbdExtent,
+    ReadExtent,
+    UnitMap,
+)
 from tcmu_py.buffers import gather, slice_views
 from tcmu_py.device.command import Command
 from tcmu_py.device.copydomain import CopyDomain
@@ -172,11 +179,19 @@ class BlockDevice(ScsiDevice):
         """The backend's extent changed on its own (`FileExtent`'s ``extent_listener``)."""
         self.extent_version += 1
 
+    def extent_may_come(self) -> bool:
+        """An extent now, or a backend whose extent comes and goes on its own (it has an
+        ``extent_listener``: a mirror's leg coming back in sync, an RBD image's exclusive lock
+        taken over)."""
+        if self.caps.file_extent is None or not self.config.data_plane:
+            return False
+        return hasattr(self.backend, "extent_listener") or self.data_extent() is not None
+
     def data_extent(self) -> DataExtent | None:
         """The backend's `FileExtent`, unless the device's config turns the data plane off. A
         thin backend (`ThinProvisioning`) qualifies only with a `UnitMap` (its writes allocate:
         only commands on allocated units may bypass it); without one it stays in Python. A
-        `ReadExtent` gives READs only."""
+        `ReadExtent` gives READs only; an `RbdExtent`, the native loop's librbd calls."""
         fx = self.caps.file_extent
         if fx is None or not self.config.data_plane:
             return None
@@ -186,6 +201,9 @@ class BlockDevice(ScsiDevice):
         units: bytearray | None = None
         unit_blocks = 0
         reads_only = False
+        if isinstance(got, RbdExtent):
+            return DataExtent(-1, 0, self.block_size, self.num_blocks, self.max_transfer_blocks,
+                              self.backend.write_cache, rbd=got)
         if isinstance(got, ReadExtent):
             fd, base, reads_only = got.fd, got.base, True
         elif len(got) == 3:

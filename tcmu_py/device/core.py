@@ -33,6 +33,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from tcmu_py.backend import RbdExtent
 from tcmu_py.device.command import Command, Response
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
@@ -169,7 +170,9 @@ class DataExtent:
     ``fdatasync`` after a FUA write (a volatile write cache). ``units`` (thin): one byte per
     allocation unit of ``unit_blocks`` blocks, nonzero when allocated (`tcmu_py.backend.UnitMap`);
     the plane then serves only commands on allocated units and fences whole units.
-    ``reads_only``: the plane serves READs only (`tcmu_py.backend.ReadExtent`)."""
+    ``reads_only``: the plane serves READs only (`tcmu_py.backend.ReadExtent`). ``rbd``: the
+    data is an RBD image instead (``fd`` -1, ``base`` 0), for the native loop only
+    (`tcmu_py.backend.RbdExtent`)."""
 
     fd: int
     base: int
@@ -180,6 +183,7 @@ class DataExtent:
     units: bytearray | None = None
     unit_blocks: int = 0
     reads_only: bool = False
+    rbd: RbdExtent | None = None
 
 
 class ScsiDevice:
@@ -256,6 +260,11 @@ class ScsiDevice:
         """The file extent plain READ/WRITE may be served from without calling the device, or
         None (the default: every command comes here). Read on the loop thread."""
         return None
+
+    def extent_may_come(self) -> bool:
+        """Whether `data_extent` answers an extent now, or may later without the device being
+        made again (the runner then starts its native loop even while there is none)."""
+        return self.data_extent() is not None
 
     @property
     def unit_attention_pending(self) -> bool:

@@ -171,8 +171,9 @@ class DeviceRunner:
         `data_plane`: serve plain READ/WRITE in C when the device declares a file extent
         (`ScsiDevice.data_extent`, `tcmu_py.ring.DataPlane`); False keeps every command in
         Python. `native` (None: `DEFAULT_NATIVE_LOOP`): with the data plane, and for a device
-        that declares an extent when the runner is made, `run()` lets a C thread own the ring
-        (`tcmu_py.ring.NativeLoop`, issue 17 stage 2) and serves only what it hands over."""
+        that declares an extent or may later (`ScsiDevice.extent_may_come`), `run()` lets a C
+        thread own the ring (`tcmu_py.ring.NativeLoop`, issue 17 stage 2) and serves only what
+        it hands over."""
         self.uio = uio
         self.device = device
         self.name = name or device.config.name
@@ -188,7 +189,7 @@ class DeviceRunner:
         self.native: NativeLoop | None = None
         if native is None:
             native = DEFAULT_NATIVE_LOOP
-        if data_plane and native and device.data_extent() is not None:
+        if data_plane and native and device.extent_may_come():
             self.plane = None
             self.native = NativeLoop(self.ring, uio, poll_seconds)
             self._plane_lock = threading.Lock()

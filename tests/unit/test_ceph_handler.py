@@ -22,7 +22,7 @@ from tcmu_py.handlers.ceph import CephDevice, CephHandler
 from tcmu_py.handlers.ceph.config import parse
 from tcmu_py.scsi.sense import ScsiError
 from tcmu_py.testing import cdbs
-from tcmu_py.testing.harness import RingHarness
+from tcmu_py.testing.harness import Result, RingHarness
 
 BS = 512
 SIZE = 8 << 20  # two 4 MiB RBD objects: commands that cross an object boundary are covered
@@ -262,7 +262,9 @@ def _wait_stopped(pids: list[int], timeout: float = 10.0) -> None:
 
 def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
     """Every OSD stopped (SIGSTOP): a read fails after ``osd_op_timeout`` with NOT READY
-    02h/04h/01h, which initiators retry, instead of hanging; with the OSDs back it succeeds."""
+    02h/04h/01h, which initiators retry, instead of hanging; with the OSDs back it succeeds.
+    The native loop submits the read from C; librbd's failure hands it to Python, whose
+    second try answers the sense."""
     dev = _open(ceph_cluster, f"u-{uuid.uuid4().hex[:8]}",
                 extra=";create=1;osd_op_timeout=2", write_cache=False)
     h = _harness(dev)
@@ -270,6 +272,7 @@ def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
     try:
         data = b"\x5a" * (8 * BS)
         assert h.run(cdbs.write10(0, 8), data).good
+        assert _executed(h) == 1
         for p in osds:
             os.kill(p.pid, signal.SIGSTOP)
         try:
@@ -282,12 +285,14 @@ def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
                 os.kill(p.pid, signal.SIGCONT)
         assert r.sense_codes == (0x02, 0x04, 0x01), (r, waited, [p.pid for p in osds])
         assert 1.5 <= waited < 15, waited
+        assert _executed(h) == 1  # C's try failed: not counted
         deadline = time.monotonic() + 60
         while True:  # the retry an initiator makes, bounded
             r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
             if r.good or time.monotonic() > deadline:
                 break
         assert r.good and r.data == data, r
+        assert _executed(h) >= 2
     finally:
         h.close()
         dev.close()
@@ -399,13 +404,18 @@ def test_resize_by_another_client_is_followed(ceph_cluster: Any) -> None:
 def test_lock_taken_over_when_the_holder_lets_go(ceph_cluster: Any) -> None:
     """A gateway failover: the second device is NOT READY while the first holds the exclusive
     lock; once the first closes (releasing it) the second takes the lock by itself and
-    serves, without being reopened."""
+    serves, without being reopened. Its native loop runs throughout: it hands every command
+    to Python while the lock is another client's (the backend declares no extent), and serves
+    READ/WRITE in C once the lock is taken (the backend calls its ``extent_listener``)."""
     image = f"o-{uuid.uuid4().hex[:8]}"
     first = _open(ceph_cluster, image, extra=";create=1")
     second = _open(ceph_cluster, image, name="ceph1")
     h = _harness(second)
     try:
+        assert h.runner.native is not None
         assert h.run(cdbs.write10(0, 1), b"a" * BS).sense_codes == (0x02, 0x04, 0x03)
+        assert h.run(cdbs.read10(0, 1), data_in_len=BS).sense_codes == (0x02, 0x04, 0x03)
+        assert _executed(h) == 0
         first.close()
         deadline = time.monotonic() + 60
         while second.backend.not_ready is not None and time.monotonic() < deadline:
@@ -413,7 +423,196 @@ def test_lock_taken_over_when_the_holder_lets_go(ceph_cluster: Any) -> None:
         assert second.backend.not_ready is None, "lock not taken within 60 s"
         assert second.image.is_lock_owner()
         assert h.run(cdbs.write10(0, 1), b"b" * BS).good
-        assert h.run(cdbs.read10(0, 1), data_in_len=BS).data == b"b" * BS
+        for _ in range(2):
+            assert h.run(cdbs.read10(0, 1), data_in_len=BS).data == b"b" * BS
+        # The first command after the change goes to Python, which declares the new extent.
+        assert _executed(h) >= 2
     finally:
         h.close()
         second.close()
+
+
+# -- The native loop's librbd path (issue 15) ---------------------------------------------------
+
+
+def _executed(h: RingHarness) -> int:
+    """Commands the C data plane executed so far (the native loop's, or stage 1's)."""
+    h.runner.refresh_counters()
+    if h.runner.native is not None:
+        return h.runner.native.executed
+    return h.runner.plane.executed if h.runner.plane is not None else 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_read_write_in_c_against_a_byte_model(ceph_cluster: Any, native: bool) -> None:
+    """A random mix in batches of 32 the loop sees at once: READ/WRITE(10/16) that the native
+    loop submits to librbd from C, and UNMAP, WRITE SAME, COMPARE AND WRITE and FUA writes that
+    go through Python. The disk must read back as a bytearray that applies every command in
+    submission order. With the native loop, commands overlap where the loop orders them: a
+    command overlapping one C has in flight waits for it (C's or Python's), and nothing
+    overtakes a command Python runs, but what reaches Python after one (everything a fence
+    sends there: after an UNMAP, the rest of the batch) runs as Python runs it, in no defined
+    order (SAM-5: SIMPLE tasks), so nothing overlaps those. Without the native loop (stage 1
+    cannot call librbd) nothing runs in C, and nothing overlaps."""
+    dev = _open(ceph_cluster, f"n-{uuid.uuid4().hex[:8]}", extra=";create=1")
+    h = RingHarness(dev, workers=4, native=native)
+    try:
+        assert h.run(cdbs.test_unit_ready()).sense_codes == (0x06, 0x29, 0x00)
+        assert (h.runner.native is not None) == native
+        rng = random.Random(1517)
+        model = bytearray(SIZE)
+        blocks = SIZE // BS
+        boundary = (4 << 20) // BS
+        plain = python = overlaps = in_c = 0
+        for _ in range(6):
+            items: list[tuple[bytes, bytes, int]] = []
+            expect: list[bytes | None] = []  # a READ's data, or None: GOOD and no data
+            spans: list[tuple[int, int]] = []  # commands nothing may overlap (see above)
+            seen: list[tuple[int, int]] = []
+            to_python = False  # an UNMAP came: its fence sends the rest of the batch there
+            while len(items) < 32:
+                kind = rng.choices(["w", "r", "unmap", "ws", "caw", "fua"],
+                                   [5, 5, 1, 1, 1, 1])[0]
+                n = 1 if kind == "caw" else rng.choice([1, 8, 64, 256])
+                lba = rng.choice([rng.randrange(blocks - n), boundary - n // 2,
+                                  rng.randrange(64)])  # the low LBAs: overlaps
+                if any(lba < e and s < lba + n for s, e in spans):
+                    continue
+                overlaps += any(lba < e and s < lba + n for s, e in seen)
+                seen.append((lba, lba + n))
+                if not native or to_python or kind not in ("w", "r"):
+                    spans.append((lba, lba + n))
+                else:
+                    in_c += 1  # a plain READ/WRITE no fence sends to Python
+                to_python = to_python or kind == "unmap"
+                span = slice(lba * BS, (lba + n) * BS)
+                if kind == "w":
+                    data = rng.randbytes(n * BS)
+                    model[span] = data
+                    items.append((rng.choice([cdbs.write10, cdbs.write16])(lba, n), data, 0))
+                    expect.append(None)
+                    plain += 1
+                elif kind == "r":
+                    items.append((rng.choice([cdbs.read10, cdbs.read16])(lba, n), b"", n * BS))
+                    expect.append(bytes(model[span]))
+                    plain += 1
+                elif kind == "unmap":
+                    params = cdbs.unmap_parameters([(lba, n)])
+                    model[span] = bytes(n * BS)
+                    items.append((cdbs.unmap(len(params)), params, 0))
+                    expect.append(None)
+                    python += 1
+                elif kind == "ws":
+                    block = rng.randbytes(BS)
+                    model[span] = block * n
+                    items.append((cdbs.write_same16(lba, n), block, 0))
+                    expect.append(None)
+                    python += 1
+                elif kind == "caw":
+                    new = rng.randbytes(BS)
+                    old = bytes(model[lba * BS:(lba + 1) * BS])
+                    model[lba * BS:(lba + 1) * BS] = new
+                    items.append((cdbs.compare_and_write(lba, 1), old + new, 0))
+                    expect.append(None)
+                    python += 1
+                else:
+                    data = rng.randbytes(n * BS)
+                    model[span] = data
+                    items.append((cdbs.write10(lba, n, fua=True), data, 0))
+                    expect.append(None)
+                    python += 1
+            pending = h.submit_many(items)
+            h.wait(pending, timeout=60)
+            for p, want, item in zip(pending, expect, items, strict=True):
+                assert p.status == 0, (item[0].hex(), p.sense)
+                if want is not None:
+                    assert p.data_in == want, item[0].hex()
+        assert _read(h, 0, blocks) == bytes(model)
+        executed = _executed(h)
+        assert overlaps > (20 if native else -1), overlaps
+        if native:
+            # Every READ/WRITE no fence sent to Python, and the read-back's READs.
+            assert executed >= in_c + blocks // 1024, (executed, in_c, plain)
+        else:
+            assert executed == 0
+        c = h.runner.counters
+        assert c.commands >= plain + python
+    finally:
+        h.close()
+        dev.close()
+
+
+def _wait_dequeued(h: RingHarness, timeout: float = 10.0) -> None:
+    """Until the native loop has taken every entry the kernel published (bounded)."""
+    deadline = time.monotonic() + timeout
+    while h.runner.ring.has_new():
+        assert time.monotonic() < deadline, "the native loop did not dequeue"
+        time.sleep(0.001)
+
+
+def test_stop_with_librbd_operations_in_flight(ceph_cluster: Any) -> None:
+    """The runner stops while the native loop has librbd writes in flight: every command is
+    completed exactly once (the harness checks the ring is idle) and GOOD, and a new device
+    on the image reads what they wrote."""
+    image = f"s-{uuid.uuid4().hex[:8]}"
+    dev = _open(ceph_cluster, image, extra=";create=1")
+    h = _harness(dev)
+    rng = random.Random(7)
+    datas = [rng.randbytes(128 * BS) for _ in range(8)]  # what the fake ring's data area holds
+    try:
+        pending = h.submit_many([(cdbs.write16(i * 128, 128), d, 0)
+                                 for i, d in enumerate(datas)])
+        _wait_dequeued(h)
+        in_flight = sum(not p.done for p in pending)
+    finally:
+        h.close()
+        dev.close()
+    assert all(p.done and p.status == 0 for p in pending), [p.sense for p in pending]
+    assert in_flight, "every write had completed before the stop: nothing was tested"
+    dev = _open(ceph_cluster, image)
+    h = _harness(dev)
+    try:
+        assert _read(h, 0, 8 * 128) == b"".join(datas)
+        assert _executed(h) >= 1
+    finally:
+        h.close()
+        dev.close()
+
+
+def test_stop_while_the_cluster_does_not_answer(ceph_cluster: Any) -> None:
+    """Every OSD stopped with reads in flight from C: stopping the runner waits for them no
+    longer than ``osd_op_timeout`` (librbd fails them: Python runs them again and answers NOT
+    READY), and no command is lost or completed twice. (The runner's `run()` returns before
+    Python's asynchronous commands finish: the test waits for them before the harness checks
+    the ring.)"""
+    dev = _open(ceph_cluster, f"q-{uuid.uuid4().hex[:8]}",
+                extra=";create=1;osd_op_timeout=2", write_cache=False)
+    h = _harness(dev)
+    osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
+    closed = False
+    try:
+        assert h.run(cdbs.write10(0, 8), b"\x11" * (8 * BS)).good
+        for p in osds:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            _wait_stopped([p.pid for p in osds])
+            pending = h.submit_many([(cdbs.read10(i * 8, 8), b"", 8 * BS) for i in range(8)])
+            _wait_dequeued(h)
+            t0 = time.monotonic()
+            h._serving[1]()  # stop the runner: the loop waits for librbd's failures
+            took = time.monotonic() - t0
+            h.wait(pending, timeout=15)  # Python's second try (async) answers NOT READY
+            h.close()
+            closed = True
+        finally:
+            for p in osds:
+                os.kill(p.pid, signal.SIGCONT)
+        assert 1.0 <= took < 15, took  # it waited for librbd to fail what C had in flight
+        assert all(p.done for p in pending)
+        codes = [Result(p.status, p.sense, p.data_in).sense_codes for p in pending]
+        assert set(codes) <= {(0x02, 0x04, 0x01), (0, 0, 0)}, codes
+        assert (0x02, 0x04, 0x01) in codes
+    finally:
+        if not closed:
+            h.close()
+        dev.close()
