@@ -3,11 +3,12 @@ under a running command (D3), through the production Ring and DeviceRunner with 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,15 @@ class Served:
     def submit(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> Any:
         with self.lock:
             return self.kernel.submit(cdb, data_out, data_in_len)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Submit a batch the loop thread sees at once: the harness lock keeps the fake kernel
+        to this thread, and the runner's ring lock keeps `process()` from dequeuing until the
+        whole batch is on the ring. (The kernel publishes each command on its own, so without
+        this the loop may wake after the first one and take the batch in several wake-ups.)"""
+        with self.lock, self.runner._ring_lock:
+            yield
 
     def wait(self, pending: Sequence[Any], timeout: float = 10.0) -> None:
         with self.lock:
@@ -319,9 +329,14 @@ class GatedBackend(RawBackend):
         self.blocking = True
         self.gate = threading.Event()
         self.entered = threading.Event()
+        self.inside = 0  # writes waiting at the gate, under `changed`
+        self.changed = threading.Condition()
         self.events: list[str] = []
 
     def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        with self.changed:
+            self.inside += 1
+            self.changed.notify_all()
         self.entered.set()
         assert self.gate.wait(10)
         super().write(offset, bufs)
@@ -344,11 +359,12 @@ def test_removing_a_device_under_a_running_write_never_writes_into_the_next_imag
     b = None
     try:
         a.run(cdbs.test_unit_ready())
-        with a.lock:
+        with a.hold():  # one wake-up: a lone write runs on the loop thread, 3 go to the pool
             pend = [
                 a.kernel.submit(cdbs.write10(i, 1), data_out=b"\xaa" * BS) for i in range(queued)
             ]
-        assert backend.entered.wait(5)
+        with backend.changed:  # every write is running (stuck at the gate) when the device goes
+            assert backend.changed.wait_for(lambda: backend.inside == queued, timeout=5)
         # Daemon.remove: stop, join (gives up: the write is stuck), close.
         a.runner.stop()
         a.thread.join(0.2)
