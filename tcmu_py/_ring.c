@@ -1031,6 +1031,18 @@ static void tcmu_py_job_signal(struct tcmu_py_loop *l, int rc, int ok)
         tcmu_py_loop_signal(l->notify_fd, 8);
 }
 
+/* The end of a job whose I/O is done (called and returning with the mutex held): finish it,
+ * signal without the mutex, then give its slot back. */
+static void tcmu_py_job_end(struct tcmu_py_loop *l, struct tcmu_py_job *j, int ok)
+{
+    int rc = tcmu_py_job_finish(l, j, ok);
+
+    pthread_mutex_unlock(&l->mu);
+    tcmu_py_job_signal(l, rc, ok);
+    pthread_mutex_lock(&l->mu);
+    tcmu_py_job_free(l, j);
+}
+
 static void *tcmu_py_worker_main(void *arg)
 {
     struct tcmu_py_loop *l = arg;
@@ -1039,7 +1051,7 @@ static void *tcmu_py_worker_main(void *arg)
     for (;;) {
         struct tcmu_py_job *j;
         const struct tcmu_py_entry *h;
-        int ok, rc = 0;
+        int ok;
 
         while (!l->quit && l->q_head == l->q_tail)
             pthread_cond_wait(&l->work_cv, &l->mu);
@@ -1054,11 +1066,7 @@ static void *tcmu_py_worker_main(void *arg)
         pthread_mutex_lock(&l->mu);
         if (ok == 2)
             l->fig.mapped++;
-        rc = tcmu_py_job_finish(l, j, ok);
-        pthread_mutex_unlock(&l->mu);
-        tcmu_py_job_signal(l, rc, ok);
-        pthread_mutex_lock(&l->mu);
-        tcmu_py_job_free(l, j);
+        tcmu_py_job_end(l, j, ok);
     }
     pthread_mutex_unlock(&l->mu);
     return NULL;
@@ -1071,16 +1079,12 @@ static void tcmu_py_rbd_done(void *completion, void *arg)
     struct tcmu_py_job *j = arg;
     struct tcmu_py_loop *l = j->loop;
     ssize_t ret = ((tcmu_py_rbd_ret_t)j->rbd_ret)(completion);
-    int ok, rc;
+    int ok;
 
     ((tcmu_py_rbd_release_t)j->rbd_release)(completion);
     ok = j->writing ? ret == 0 || (uint64_t)ret == j->total : ret >= 0 && (uint64_t)ret == j->total;
     pthread_mutex_lock(&l->mu);
-    rc = tcmu_py_job_finish(l, j, ok);
-    pthread_mutex_unlock(&l->mu);
-    tcmu_py_job_signal(l, rc, ok);
-    pthread_mutex_lock(&l->mu);
-    tcmu_py_job_free(l, j);
+    tcmu_py_job_end(l, j, ok);
     pthread_mutex_unlock(&l->mu);
 }
 
