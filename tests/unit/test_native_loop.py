@@ -301,6 +301,12 @@ def test_the_busy_poll_judge_polls_only_while_it_brings_more_commands() -> None:
     qd1, deep, slight = (3, 1), (5, 5), (11, 10)
     choices, j = _judge_run([qd1] * 3 + [deep] * 3 + [slight] * 3 + [qd1] * 3)
     assert choices == [1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    # While the choice is "no", its probe says 2 (watch whatever the gap): a slow depth-1
+    # initiator's gaps, longer than the watch, must not veto the probe (db6d199).
+    ms = 1_000_000
+    off = PollJudge(1000 * ms, 100 * ms, 0)
+    says = [off.step(t * ms, 5) for t in range(1, 4000)]
+    assert not off.polling and 2 in says and 1 not in says[says.index(2):]
     assert j.probes == 12 and j.switches == 2
     # Idle: a command now and then (fewer than TCMU_PY_PROBE_MIN per window): no change.
     choices, j = _judge_run([(0.01, 0.01)] * 4)
