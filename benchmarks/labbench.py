@@ -150,11 +150,13 @@ class GuestDisks:
 
     def export(self, name: str, config: str, size: int,
                served: Callable[[UserBackstore], bool] | None = None,
-               write_cache: bool = True) -> Path:
+               write_cache: bool = True, cleanup: Any = None) -> Path:
         """Create backstore `name` (dev_config `config`, `size` bytes), wait until the daemon
         serves it (`served`, for a backstore another daemon serves, e.g. tcmu-runner; by
         default: this daemon's status lists it), export it on a tcm_loop LUN; returns its
-        block device. `write_cache`: ``emulate_write_cache`` (WCE), on by default."""
+        block device. `write_cache`: ``emulate_write_cache`` (WCE), on by default. `cleanup`:
+        where the LUN's and the backstore's removal is registered (an `ExitStack`; default:
+        the daemon's, i.e. at the end)."""
         from guestlib import (
             DEFAULT_CONTROL,
             UserBackstore,
@@ -166,8 +168,9 @@ class GuestDisks:
 
         self._hba += 1
         bs = UserBackstore(self._hba, name, config, size)
+        owner = cleanup if cleanup is not None else self.cleanup
         bs.path.mkdir(parents=True)
-        self.cleanup.callback(bs.remove)
+        owner.callback(bs.remove)
         control = {"dev_config": config, "dev_size": size, **DEFAULT_CONTROL,
                    "hw_max_sectors": 1024, "max_data_area_mb": 64}
         for key, value in control.items():
@@ -177,7 +180,7 @@ class GuestDisks:
         wait_for(lambda: served(bs) if served else self.served(name), 120,
                  f"daemon serving {name}")
         write_attr(bs.path / "attrib" / "cmd_time_out", CMD_TIMEOUT)
-        lun = create_loopback_lun(bs, cleanup=self.cleanup)
+        lun = create_loopback_lun(bs, cleanup=owner)
         dev: Path = lun.wait_device("block", 180)
         write_attr(Path("/sys/block") / dev.name / "device" / "timeout", CMD_TIMEOUT)
         write_attr(Path("/sys/block") / dev.name / "queue" / "scheduler", "none")
