@@ -10,13 +10,16 @@ Host side: boots the lab kernel (`labbench.boot_guest`) and runs this file again
 
 Guest side (``--guest``): starts the tests' cluster (`tcmu_py.testing.ceph_cluster`: 1 mon,
 1 mgr, 3 memstore OSDs, pool ``rbd`` of size 2), makes two images of the same size in that pool
-(``py`` and ``runner``), serves ``py`` with tcmu-py's ``ceph`` and ``runner`` with Debian's
-tcmu-runner ``rbd`` (both backstores ``emulate_write_cache=1``, 512 KiB commands, a 64 MiB data
-area, I/O scheduler "none"; tcmu-py's librbd then runs with ``rbd_cache`` on, as WCE says,
-tcmu-runner's always with it off; ``--no-py-write-cache`` gives tcmu-py WCE=0), fills
-both images whole with random data (reads of never-written RBD objects would not reach an OSD),
-then for every repetition and workload runs the two targets back to back, alternating which goes
-first (drift in the shared host's load spreads over both).
+(``a`` and ``b``), serves one with tcmu-py's ``ceph`` and the other with Debian's tcmu-runner
+``rbd``, and swaps them between the daemons at every repetition (a 32 MiB image is 8 RADOS
+objects: one image's objects may sit on busier OSDs than the other's, which no number of
+repetitions on the same image would average out; use an even ``--reps``). Both backstores
+``emulate_write_cache=1``, 512 KiB commands, a 64 MiB data area, I/O scheduler "none"; both
+librbds without ``rbd_cache`` (tcmu-runner's always, tcmu-py's by default; ``--py-rbd-cache``
+gives tcmu-py's device ``rbd_cache=1``). It fills both images whole with random data (reads of
+never-written RBD objects would not reach an OSD), then for every repetition and workload runs
+the two targets back to back, alternating which goes first (drift in the shared host's load
+spreads over both).
 
 fio: libaio, direct=1, time_based, one job. Results go to ``OUT/runs.json`` (appended after each
 run) and ``OUT/done.json``; the daemons' CPU seconds over each run are recorded too.
@@ -48,6 +51,7 @@ WORKLOADS = (
     ("write-1m-qd8", "write", "1M", 8),
 )
 TARGETS = ("tcmu-py ceph", "tcmu-runner rbd")
+IMAGES = ("a", "b")
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,6 +62,16 @@ def _cpu_seconds(pid: int) -> float:
     """utime + stime of process `pid` and its threads, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _runner_uios(pid: int) -> list[str]:
+    """The uio devices process `pid` has open."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.path.realpath(fd)
+        if target.startswith("/dev/uio"):
+            found.append(target)
+    return found
 
 
 def _thread_cpu(pid: int) -> dict[str, float]:
@@ -112,7 +126,7 @@ def guest(args: argparse.Namespace) -> int:
         try:
             io = admin.ioctx("rbd")
             try:
-                for image in ("py", "runner"):
+                for image in IMAGES:
                     io.create_image(image, size)
             finally:
                 io.close()
@@ -143,13 +157,41 @@ def guest(args: argparse.Namespace) -> int:
             return any(os.path.realpath(f) == str(found[0]) for f in fds.iterdir())
 
         conf = cluster.conf
-        devs = {
-            "tcmu-py ceph": disks.export("cephpy", f"ceph/image=rbd/py;conf={conf};id=admin",
-                                         size, write_cache=args.py_write_cache),
-            "tcmu-runner rbd": disks.export("rbdrunner",
-                                            f"rbd/rbd/runner;conf={conf};id=admin", size,
-                                            served=runner_opened),
-        }
+
+        exported: dict[str, Any] = {}
+
+        def export(rep: int, stack: Any) -> dict[str, Path]:
+            """Both targets' disks for repetition `rep`: the images swap targets every
+            repetition, so neither daemon keeps the image whose RADOS objects happen to sit
+            on the less busy OSDs (a 32 MiB image is 8 objects)."""
+            images = IMAGES if rep % 2 == 0 else IMAGES[::-1]
+            py_name, rn_name = f"cephpy{rep}", f"rbdrunner{rep}"
+            devs = {
+                "tcmu-py ceph": disks.export(py_name,
+                                             f"ceph/image=rbd/{images[0]};conf={conf};id=admin"
+                                             + (";rbd_cache=1" if args.py_rbd_cache else ""),
+                                             size, cleanup=stack),
+                "tcmu-runner rbd": disks.export(rn_name,
+                                                f"rbd/rbd/{images[1]};conf={conf};id=admin",
+                                                size, served=runner_opened, cleanup=stack),
+            }
+            exported.update({"tcmu-py ceph": images[0], "tcmu-runner rbd": images[1],
+                             "py_name": py_name, "rn_name": rn_name})
+            return devs
+
+        def unexport(stack: Any) -> None:
+            """Remove both disks and wait until both daemons closed them (and with that
+            released the images' exclusive locks)."""
+            from guestlib import wait_for
+
+            stack.close()
+            wait_for(lambda: not disks.served(exported["py_name"]), 120,
+                     f"tcmu-py closing {exported['py_name']}")
+            wait_for(lambda: not _runner_uios(runner_pid), 120, "tcmu-runner closing its uio")
+
+        stack = Cleanup()
+        cleanup.callback(stack.close)
+        devs = export(0, stack)
         pids = {"tcmu-py ceph": serve_pid, "tcmu-runner rbd": runner_pid}
         for name, dev in devs.items():
             t1 = time.monotonic()
@@ -161,6 +203,11 @@ def guest(args: argparse.Namespace) -> int:
                                               check=False).stdout.strip(),
                            "fio": run(["fio", "--version"], timeout=60).stdout.strip()}
         for rep in range(args.reps):
+            if rep:
+                unexport(stack)
+                stack = Cleanup()
+                cleanup.callback(stack.close)
+                devs = export(rep, stack)
             for i, (wl, rw, bsz, qd) in enumerate(workloads):
                 order = TARGETS if (rep + i) % 2 == 0 else TARGETS[::-1]
                 for target in order:
@@ -180,6 +227,7 @@ def guest(args: argparse.Namespace) -> int:
                     threads1 = _thread_cpu(pids[target])
                     text = res_json.read_text() if res_json.exists() else ""
                     rec: dict[str, Any] = {"rep": rep, "workload": wl, "target": target,
+                                           "image": exported[target],
                                            "loadavg": Path("/proc/loadavg").read_text().split()[0]}
                     if p.returncode != 0 or "{" not in text:
                         rec["failed"] = f"fio exit {p.returncode}: {p.stderr[-1500:]}"
@@ -265,8 +313,8 @@ def host(args: argparse.Namespace) -> int:
         guest_args += ["--only", args.only]
     if args.profile:
         guest_args += ["--profile", args.profile]
-    if not args.py_write_cache:
-        guest_args += ["--no-py-write-cache"]
+    if args.py_rbd_cache:
+        guest_args += ["--py-rbd-cache"]
     if not args.py_native_loop:
         guest_args += ["--no-py-native-loop"]
     n = len(select(WORKLOADS, args.only))
@@ -303,10 +351,9 @@ def main() -> int:
     ap = arg_parser(__doc__, "ceph_vs_runner", seconds=8.0, reps=2, size_mib=32)
     ap.add_argument("--profile", default="",
                     help="workloads to run once more on tcmu-py under py-spy (OUT/profile-*)")
-    ap.add_argument("--py-write-cache", action=argparse.BooleanOptionalAction, default=True,
-                    help="tcmu-py's backstore with emulate_write_cache=1 (WCE; librbd's "
-                    "rbd_cache follows it), as by default; --no-py-write-cache: WCE=0, "
-                    "rbd_cache off, as tcmu-runner's rbd always runs librbd")
+    ap.add_argument("--py-rbd-cache", action="store_true",
+                    help="tcmu-py's device with rbd_cache=1 (librbd's cache, WCE=1); by "
+                    "default both librbds run without it, as tcmu-runner's rbd always does")
     ap.add_argument("--py-native-loop", action=argparse.BooleanOptionalAction, default=True,
                     help="tcmu-py's native loop serves plain READ/WRITE through librbd from C "
                     "(issue 15), as by default; --no-py-native-loop: `serve --no-native-loop`, "

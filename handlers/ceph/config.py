@@ -14,7 +14,12 @@ Config string (``key=value`` items, ``;``-separated; ``,`` too, for targetcli)::
   holding it makes the device NOT READY) or ``shared`` (no lock taken: several gateways share
   the image, and the initiators must coordinate);
 - ``osd_op_timeout``: seconds before a stalled OSD operation fails with a retryable error
-  (default 30; keep it below the device's ``cmd_time_out``).
+  (default 30; keep it below the device's ``cmd_time_out``);
+- ``rbd_cache``: ``1`` runs librbd's cache (writes acknowledged from the daemon's memory once
+  the initiator has sent its first flush; WCE=1, FUA and SYNCHRONIZE CACHE flush it); ``0``
+  (default): no cache, every write acknowledged is on the OSDs (WCE=0). The device's
+  ``write_cache`` does not turn it on: unlike the page cache behind an image file, librbd's
+  cache dies with the daemon, and another gateway on the image does not see it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class CephConfig:
     create: bool = False
     lock: str = "exclusive"
     osd_op_timeout: int = 30
+    rbd_cache: bool = False
 
     @property
     def spec(self) -> str:
@@ -92,7 +98,7 @@ def parse(cfgstring: str) -> CephConfig:
     """The config of `cfgstring`; `ConfigError` names the key that is wrong."""
     items = parse_options(cfgstring, {
         "image": _image, "conf": _abs_path, "id": _client, "keyring": _abs_path,
-        "create": _flag, "lock": _lock, "osd_op_timeout": _timeout,
+        "create": _flag, "lock": _lock, "osd_op_timeout": _timeout, "rbd_cache": _flag,
     })
     if "image" not in items:
         raise ConfigError(f"config string {cfgstring!r}: key 'image' missing; expected "

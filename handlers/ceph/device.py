@@ -41,8 +41,11 @@ What the device promises, and why it is true:
   image header, and the next command reports CAPACITY DATA HAS CHANGED with the new capacity
   (the kernel's ``dev_size`` attribute keeps the old figure until set; TCMU passes every
   command through, so no command depends on it).
-- WCE follows librbd's cache (``rbd_cache``, set from the device's ``write_cache``): with it,
-  FUA writes and SYNCHRONIZE CACHE flush (``rbd_aio_flush``).
+- WCE follows librbd's cache (the config's ``rbd_cache``, off by default, whatever the
+  device's ``write_cache``): with it, FUA writes and SYNCHRONIZE CACHE flush
+  (``rbd_aio_flush``); without it every write is on the OSDs when acknowledged (WCE=0), so a
+  killed daemon or another gateway on the image loses or misses nothing acknowledged, and
+  SYNCHRONIZE CACHE still calls ``rbd_aio_flush`` (nothing to write back).
 
 Errors: a cluster that cannot answer (ETIMEDOUT after ``osd_op_timeout``, ESHUTDOWN when this
 client was blocklisted, ENOTCONN, EAGAIN) is NOT READY 02h/04h/01h, which initiators retry;
@@ -326,15 +329,14 @@ class RbdBackend:
                 self.cluster.shutdown()
 
 
-def open_backend(cfg: CephConfig, size: int, block_size: int,
-                 write_cache: bool) -> RbdBackend:
+def open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
     """Connect, open (or with ``create`` make) the image, take its exclusive lock unless
     ``lock=shared``. `ConfigError` names the key for a pool, namespace or image that does not
     exist or a size that does not fit; `RadosError` (an OSError) when the cluster cannot be
     reached."""
     options = {"rados_osd_op_timeout": str(cfg.osd_op_timeout),
                "rados_mon_op_timeout": str(cfg.osd_op_timeout),
-               "rbd_cache": "true" if write_cache else "false"}
+               "rbd_cache": "true" if cfg.rbd_cache else "false"}
     if cfg.keyring:
         options["keyring"] = cfg.keyring
     cluster = Cluster(cfg.conf, cfg.client, options, connect_timeout=cfg.osd_op_timeout)
@@ -371,7 +373,8 @@ def open_backend(cfg: CephConfig, size: int, block_size: int,
         if size > have:
             raise ConfigError(f"ceph: key 'image': {cfg.spec}: the image holds {have} bytes, "
                               f"the device's size is {size}; expected a size up to the image's")
-        backend = RbdBackend(cfg, cluster, ioctx, image, size or have, block_size, write_cache)
+        backend = RbdBackend(cfg, cluster, ioctx, image, size or have, block_size,
+                             cfg.rbd_cache)
         exclusive = cfg.lock == "exclusive" and image.features() & FEATURE_EXCLUSIVE_LOCK
         if exclusive and not backend.take_lock():
             log.error("%s", backend.not_ready)

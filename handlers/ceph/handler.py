@@ -29,11 +29,12 @@ class CephHandler(Handler):
     def open(cls, config: DeviceConfig) -> ScsiDevice:
         """Connect to the cluster, open (or with ``create=1`` make) the image and serve it.
         The device's size is the kernel's ``dev_size`` (0: the image's size); it may not exceed
-        the image's. WCE follows the device's ``write_cache`` (librbd's ``rbd_cache``)."""
+        the image's. WCE follows librbd's cache (``rbd_cache=1``), not the device's
+        ``write_cache`` (see `.config`)."""
         from .device import CephDevice, open_backend
 
         cfg = _config.parse(config.cfgstring)
-        backend = open_backend(cfg, config.size, config.block_size, config.write_cache)
+        backend = open_backend(cfg, config.size, config.block_size)
         try:
             return CephDevice(config, backend)
         except BaseException:

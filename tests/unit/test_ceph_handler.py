@@ -35,6 +35,7 @@ SIZE = 8 << 20  # two 4 MiB RBD objects: commands that cross an object boundary 
     ("image=rbd/x;conf=relative.conf", "absolute path"),
     ("image=rbd/x;lock=maybe", "exclusive, shared"),
     ("image=rbd/x;create=yes", "0 or 1"),
+    ("image=rbd/x;rbd_cache=on", "0 or 1"),
     ("image=rbd/x;frob=1", "unknown key 'frob'"),
 ])
 def test_check_config_errors(cfg: str, match: str) -> None:
@@ -44,11 +45,12 @@ def test_check_config_errors(cfg: str, match: str) -> None:
 
 def test_config_string_parses() -> None:
     c = parse("image=rbd/ns1/vol;conf=/c/ceph.conf;id=client.gw1;keyring=/k;create=1;"
-              "lock=shared;osd_op_timeout=20")
+              "lock=shared;osd_op_timeout=20;rbd_cache=1")
     assert (c.pool, c.namespace, c.image, c.conf, c.client, c.keyring, c.create, c.lock,
-            c.osd_op_timeout) == ("rbd", "ns1", "vol", "/c/ceph.conf", "gw1", "/k", True,
-                                  "shared", 20)
+            c.osd_op_timeout, c.rbd_cache) == ("rbd", "ns1", "vol", "/c/ceph.conf", "gw1",
+                                               "/k", True, "shared", 20, True)
     assert c.spec == "rbd/ns1/vol"
+    assert not parse("image=rbd/x").rbd_cache  # librbd's cache: only when asked for
 
 
 def _config(cluster: Any, image: str, *, extra: str = "", size: int = SIZE,
@@ -124,14 +126,57 @@ def test_round_trip_against_a_byte_model(device: RingHarness) -> None:
     assert _read(device, 0, SIZE // BS) == bytes(model)
 
 
-def test_fua_and_flush_reach_the_cluster(ceph_cluster: Any) -> None:
-    """A FUA write and a SYNCHRONIZE CACHE answer GOOD with librbd's cache on (WCE=1), and a
-    second client (its own connection, lock=shared) then reads the data from the OSDs."""
-    image = f"f-{uuid.uuid4().hex[:8]}"
+def _wce(h: RingHarness) -> bool:
+    """The WCE bit of the caching mode page (SBC-4 6.5.5)."""
+    r = h.run(cdbs.mode_sense10(0x08), data_in_len=1024)
+    assert r.good, r
+    page = r.data[8 + int.from_bytes(r.data[6:8], "big"):]
+    assert page[0] & 0x3F == 0x08
+    return bool(page[2] & 0x04)
+
+
+def test_without_rbd_cache_every_acknowledged_write_is_on_the_osds(ceph_cluster: Any) -> None:
+    """By default librbd runs without its cache, whatever the device's ``write_cache``: WCE=0
+    (nothing for the initiator to flush), FUA writes go the native loop's plain way (C), and
+    what was acknowledged is on the OSDs at once: a second client (lock=shared, opened before)
+    reads it right after, with no flush since the writes. (With ``rbd_cache=1`` this test fails:
+    WCE=1, and the FUA write goes to Python for its flush.)"""
+    image = f"w-{uuid.uuid4().hex[:8]}"
     dev = _open(ceph_cluster, image, extra=";create=1", write_cache=True)
+    h = RingHarness(dev, workers=4, native=True)
+    other = h2 = None
+    try:
+        assert h.run(cdbs.test_unit_ready()).sense_codes == (0x06, 0x29, 0x00)
+        assert not dev.backend.write_cache
+        assert not _wce(h)
+        other = _open(ceph_cluster, image, extra=";lock=shared", name="ceph1")
+        h2 = _harness(other)
+        assert h.run(cdbs.synchronize_cache10()).good
+        a, b = b"\x33" * (8 * BS), b"\x44" * (16 * BS)
+        assert h.run(cdbs.write10(0, 8, fua=True), a).good
+        assert h.run(cdbs.write16(200, 16), b).good
+        assert h2.run(cdbs.read10(0, 8), data_in_len=8 * BS).data == a
+        assert h2.run(cdbs.read10(200, 16), data_in_len=16 * BS).data == b
+        assert _executed(h) >= 2  # both writes submitted to librbd from C
+    finally:
+        if h2 is not None:
+            h2.close()
+        if other is not None:
+            other.close()
+        h.close()
+        dev.close()
+
+
+def test_fua_and_flush_reach_the_cluster(ceph_cluster: Any) -> None:
+    """With ``rbd_cache=1`` (librbd's cache, WCE=1) a FUA write and a SYNCHRONIZE CACHE answer
+    GOOD, and a second client (its own connection, lock=shared) then reads the data from the
+    OSDs."""
+    image = f"f-{uuid.uuid4().hex[:8]}"
+    dev = _open(ceph_cluster, image, extra=";create=1;rbd_cache=1", write_cache=True)
     h = _harness(dev)
     try:
         assert dev.backend.write_cache
+        assert _wce(h)
         a, b = b"\x11" * (8 * BS), b"\x22" * (8 * BS)
         assert h.run(cdbs.write10(0, 8, fua=True), a).good
         assert h.run(cdbs.write16(100, 8), b).good
@@ -447,14 +492,16 @@ def _executed(h: RingHarness) -> int:
 def test_read_write_in_c_against_a_byte_model(ceph_cluster: Any, native: bool) -> None:
     """A random mix in batches of 32 the loop sees at once: READ/WRITE(10/16) that the native
     loop submits to librbd from C, and UNMAP, WRITE SAME, COMPARE AND WRITE and FUA writes that
-    go through Python. The disk must read back as a bytearray that applies every command in
-    submission order. With the native loop, commands overlap where the loop orders them: a
-    command overlapping one C has in flight waits for it (C's or Python's), and nothing
-    overtakes a command Python runs, but what reaches Python after one (everything a fence
-    sends there: after an UNMAP, the rest of the batch) runs as Python runs it, in no defined
-    order (SAM-5: SIMPLE tasks), so nothing overlaps those. Without the native loop (stage 1
-    cannot call librbd) nothing runs in C, and nothing overlaps."""
-    dev = _open(ceph_cluster, f"n-{uuid.uuid4().hex[:8]}", extra=";create=1")
+    go through Python (librbd's cache on: a FUA write is a write and a flush). The disk must
+    read back as a bytearray that applies every command in submission order. With the native
+    loop, commands overlap where the loop orders them: a command overlapping one C has in flight
+    waits for it (C's or Python's), and nothing overtakes a command Python runs, but what
+    reaches Python after one (everything a fence sends there: after an UNMAP, the rest of the
+    batch) runs as Python runs it, in no defined order (SAM-5: SIMPLE tasks), so nothing
+    overlaps those. Without the native loop (stage 1 cannot call librbd) nothing runs in C, and
+    nothing overlaps."""
+    # librbd's cache on: FUA writes then need a flush, which Python does.
+    dev = _open(ceph_cluster, f"n-{uuid.uuid4().hex[:8]}", extra=";create=1;rbd_cache=1")
     h = RingHarness(dev, workers=4, native=native)
     try:
         assert h.run(cdbs.test_unit_ready()).sense_codes == (0x06, 0x29, 0x00)
@@ -616,3 +663,4 @@ def test_stop_while_the_cluster_does_not_answer(ceph_cluster: Any) -> None:
         if not closed:
             h.close()
         dev.close()
+
