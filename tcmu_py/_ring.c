@@ -842,16 +842,31 @@ static int tcmu_py_put_record(struct tcmu_py_buf *b, const struct tcmu_py_entry 
 static void tcmu_py_loop_signal(int fd, uint32_t size);
 static void tcmu_py_loop_fail(struct tcmu_py_loop *l, int error);
 
-static int tcmu_py_jobs_overlap(const struct tcmu_py_loop *l, uint64_t start, uint64_t end)
+/* Whether a job still queued or running touches units [start, end) in a way a new command
+ * there must wait for: any such job when `writing` (the new command writes), else only a
+ * writing one (two reads may run in either order). Under the mutex. */
+static int tcmu_py_jobs_overlap(const struct tcmu_py_loop *l, uint64_t start, uint64_t end,
+                                int writing)
 {
     int i;
 
     if (!l->n_jobs)
         return 0;
     for (i = 0; i < TCMU_PY_JOBS; i++)
-        if (l->jobs[i].busy && l->jobs[i].fs < end && start < l->jobs[i].fe)
+        if (l->jobs[i].busy && l->jobs[i].fs < end && start < l->jobs[i].fe &&
+            (writing || l->jobs[i].writing))
             return 1;
     return 0;
+}
+
+/* Wait (under the mutex, which the wait releases) until no job conflicts with a command on
+ * units [start, end) (`tcmu_py_jobs_overlap`). Only the loop thread makes jobs, so none that
+ * conflicts can appear meanwhile; the jobs that do not conflict go on (a queue depth of
+ * librbd operations is not drained for one overlap). */
+static void tcmu_py_jobs_clear(struct tcmu_py_loop *l, uint64_t start, uint64_t end, int writing)
+{
+    while (tcmu_py_jobs_overlap(l, start, end, writing))
+        pthread_cond_wait(&l->idle_cv, &l->mu);
 }
 
 /* Wait (under the mutex, which the wait releases) until no job is queued or running. */
@@ -1216,11 +1231,11 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
     again:
         if (tcmu_py_dp_plain(x, h, cdb, v, has_tmr, l->fences, l->n_fences, 1, &c)) {
             pos = x->base + c.lba * x->block_size;
-            if (tcmu_py_jobs_overlap(l, c.fs, c.fe)) {
+            if (tcmu_py_jobs_overlap(l, c.fs, c.fe, c.writing)) {
                 /* Ring order among C's own commands. The wait releases the mutex: the extent,
                  * the enable flag and the fences (a failed job becomes Python's) may have
                  * changed, so the checks run again. */
-                tcmu_py_jobs_drain(l);
+                tcmu_py_jobs_clear(l, c.fs, c.fe, c.writing);
                 goto again;
             }
             if (x->fd < 0) {
@@ -1254,8 +1269,8 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
     python:
         if (h->op == TCMU_OP_CMD)
             f = tcmu_py_dp_fence(cdb);
-        if (f.end > f.start && tcmu_py_jobs_overlap(l, f.start, f.end))
-            tcmu_py_jobs_drain(l);              /* Python must not overtake a worker either */
+        if (f.end > f.start)                    /* Python must not overtake a job either */
+            tcmu_py_jobs_clear(l, f.start, f.end, 1);
         if (!tcmu_py_loop_hand(l, h, f))
             return -ENOMEM;
         (*handed)++;
