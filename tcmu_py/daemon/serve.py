@@ -117,6 +117,12 @@ class FailedDevice(ScsiDevice):
         self.check_ready()
 
 
+
+class _StillConfiguring(Exception):
+    """A device found while the kernel is still configuring it (`Daemon._open`): tried
+    again, without a traceback."""
+
+
 @dataclass
 class Served:
     """One device being served."""
@@ -469,6 +475,10 @@ class Daemon:
                 return
             try:
                 served = self._open(node, name)
+            except _StillConfiguring as exc:
+                log.info("%s: %s is %s", name.device, node, exc)
+                self._retry_later(node)
+                return
             except Exception:
                 log.exception("%s: cannot serve %s", name.device, node)
                 self._retry_later(node)
@@ -491,6 +501,11 @@ class Daemon:
 
     def _open(self, node: str, name: UioName) -> Served:
         cfs = TcmuConfigfs(name.hba, name.device, self.configfs_root)
+        if cfs.block_size == 0:
+            # target_core_user.c (tcmu_configure_device) registers the uio, which udev
+            # announces, before it gives hw_block_size its default: the device's attributes
+            # are not final yet. Its ADDED_DEVICE, or the retry, comes when they are.
+            raise _StillConfiguring("still being configured by the kernel (hw_block_size 0)")
         cfgstring, wwn, domain = split_daemon_items(name.cfgstring)
         config = DeviceConfig(
             name=name.device,

@@ -672,3 +672,24 @@ def test_a_device_that_failed_to_open_is_tried_again_within_seconds(host, tmp_pa
             t.join(timeout=30)
     finally:
         serve.DeviceRunner = real_runner  # type: ignore[misc]
+
+
+def test_a_device_whose_block_size_is_not_set_yet_is_tried_again_not_failed(host, tmp_path):
+    """The kernel registers a new device's uio (udev announces it) before it gives
+    hw_block_size its default (target_core_user.c, tcmu_configure_device): a daemon that read
+    the attributes then opened the handler with block size 0 and left the device FAILED (seen
+    in the VM lab). Now it is tried again, and served once the attribute is set."""
+    host.add("uio0", 0, "new0", "null/", 4 * MIB, configured=False)
+    attr = host.configfs / "user_0" / "new0" / "attrib" / "hw_block_size"
+    attr.write_text("0\n")
+    d = make_daemon(host, tmp_path)
+    try:
+        d.start_serving()
+        assert "uio0" not in d.served
+        attr.write_text("512\n")
+        d.add("uio0")  # the retry, or the kernel's ADDED_DEVICE
+        assert set(d.served) == {"uio0"} and d.served["uio0"].failed is None
+        assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (6, 0x29, 0)
+        assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
+    finally:
+        d.shutdown()
