@@ -102,6 +102,33 @@ def _profile(pid: int, seconds: float, raw: Path) -> subprocess.Popen[bytes] | N
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def _perf_run(out: Path, target: str, name: str, pid: int, seconds: float,
+              fio: list[str], log: Any) -> None:
+    """Run `fio` once more while ``perf record`` samples process `pid` (software clock: no
+    PMU under TCG; call graphs by frame pointer), then write ``perf report`` by thread name
+    and shared object, and by symbol, to ``OUT/perf-<target>-<name>.txt``."""
+    if shutil.which("perf") is None:
+        log("no perf: no profile")
+        return
+    tag = target.split()[0]
+    data = out / f"perf-{tag}-{name}.data"
+    rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "-g",
+                            "-p", str(pid), "-o", str(data), "--", "sleep",
+                            f"{seconds + 1:g}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    time.sleep(0.5)  # attached
+    subprocess.run(fio, timeout=seconds + 300, check=False, capture_output=True)
+    rec.wait(timeout=seconds + 120)
+    with open(out / f"perf-{tag}-{name}.txt", "w") as f:
+        for sort in ("comm,dso", "comm,dso,symbol"):
+            f.write(f"===== perf report --sort {sort}\n")
+            f.flush()
+            subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
+                            "-g", "none", "--sort", sort, "--percent-limit", "0.3"],
+                           stdout=f, stderr=subprocess.STDOUT, timeout=600, check=False)
+    log(f"perf profile of {target} on {name}: {out / f'perf-{tag}-{name}.txt'}")
+
+
 def guest(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "tests" / "kernel"))
     from guestlib import Cleanup, Daemon, log, run
@@ -265,6 +292,15 @@ def guest(args: argparse.Namespace) -> int:
                  "--output-format=terse"], timeout=args.seconds + 300, check=False)
             spy_out, _ = spy.communicate(timeout=args.seconds + 120)
             (out / f"profile-{name}.log").write_bytes(spy_out)
+        for perf_wl in [w for w in workloads if w[0] in args.perf.split(",")]:
+            name, rw, bsz, qd = perf_wl
+            for target in TARGETS:
+                _perf_run(out, target, name, pids[target], args.seconds,
+                          ["fio", f"--name={name}", f"--filename={devs[target]}",
+                           "--ioengine=libaio", "--direct=1", f"--rw={rw}", f"--bs={bsz}",
+                           f"--iodepth={qd}", f"--size={args.size_mib}M", "--time_based",
+                           f"--runtime={args.seconds:g}", "--norandommap", "--randrepeat=0",
+                           "--output-format=terse"], log)
         env["load_end"] = Path("/proc/loadavg").read_text().split()[:3]
     (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
                                                "cpus": os.cpu_count(), **env}, indent=2))
@@ -313,6 +349,8 @@ def host(args: argparse.Namespace) -> int:
         guest_args += ["--only", args.only]
     if args.profile:
         guest_args += ["--profile", args.profile]
+    if args.perf:
+        guest_args += ["--perf", args.perf]
     if args.py_rbd_cache:
         guest_args += ["--py-rbd-cache"]
     if not args.py_native_loop:
@@ -351,6 +389,9 @@ def main() -> int:
     ap = arg_parser(__doc__, "ceph_vs_runner", seconds=8.0, reps=2, size_mib=32)
     ap.add_argument("--profile", default="",
                     help="workloads to run once more on tcmu-py under py-spy (OUT/profile-*)")
+    ap.add_argument("--perf", default="",
+                    help="workloads to run once more on each target under perf record "
+                    "(OUT/perf-*.txt: CPU by thread, library and function)")
     ap.add_argument("--py-rbd-cache", action="store_true",
                     help="tcmu-py's device with rbd_cache=1 (librbd's cache, WCE=1); by "
                     "default both librbds run without it, as tcmu-runner's rbd always does")
