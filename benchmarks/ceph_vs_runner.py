@@ -102,6 +102,25 @@ def _profile(pid: int, seconds: float, raw: Path) -> subprocess.Popen[bytes] | N
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def _py_counters(disks: GuestDisks, name: str) -> dict[str, int]:
+    """tcmu-py's counters of device `name`: commands, those C executed, wake-ups, batches,
+    errors ({} if the status cannot be read)."""
+    from tcmu_py.daemon.control import query_status
+    from tcmu_py.errors import TcmuError
+
+    try:
+        st = query_status(disks.run_dir, timeout=10)
+    except TcmuError:
+        return {}
+    for d in st["devices"]:
+        if d["name"] == name:
+            c = d["counters"]
+            out = {k: int(c.get(k, 0)) for k in ("commands", "wakeups", "batches", "errors")}
+            out["in_c"] = int((d.get("data_plane") or {}).get("commands", 0))
+            return out
+    return {}
+
+
 def _perf_run(out: Path, target: str, name: str, pid: int, seconds: float,
               fio: list[str], log: Any) -> None:
     """Run `fio` once more while ``perf record`` samples process `pid` (software clock: no
@@ -249,6 +268,7 @@ def guest(args: argparse.Namespace) -> int:
                             "--output-format=json", f"--output={res_json}"]
                     cpu0 = _cpu_seconds(pids[target])
                     threads0 = _thread_cpu(pids[target])
+                    py0 = _py_counters(disks, exported["py_name"]) if target == TARGETS[0] else {}
                     p = run(argv, timeout=args.seconds + 300, check=False)
                     cpu = _cpu_seconds(pids[target]) - cpu0
                     threads1 = _thread_cpu(pids[target])
@@ -274,6 +294,11 @@ def guest(args: argparse.Namespace) -> int:
                                                 / max(side["total_ios"], 1))
                                        for k, v in sorted(threads1.items())
                                        if v - threads0.get(k, 0.0) > 0})
+                    if py0:
+                        py1 = _py_counters(disks, exported["py_name"])
+                        # What tcmu-py did with the run's commands: all of them, those C
+                        # completed (the rest went through Python), its wake-ups and batches.
+                        rec["daemon"] = {k: py1.get(k, 0) - py0.get(k, 0) for k in py1}
                     runs.append(rec)
                     (out / "runs.json").write_text(json.dumps(runs, indent=2))
                     log(f"rep {rep} {wl} {target}: {rec.get('iops', 0):.0f} IOPS "
