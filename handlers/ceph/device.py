@@ -184,14 +184,15 @@ class RbdBackend:
     lbprz = True
 
     def __init__(self, cfg: CephConfig, cluster: Cluster, ioctx: IoCtx, image: Image,
-                 size: int, block_size: int, write_cache: bool) -> None:
+                 size: int, block_size: int) -> None:
         self.cfg = cfg
         self.cluster = cluster
         self.ioctx = ioctx
         self.image = image
         self.size = size
         self.block_size = block_size
-        self.write_cache = write_cache
+        #: The flush promise (`BlockBackend`): only librbd's cache (``rbd_cache=1``) holds writes.
+        self.write_cache = cfg.rbd_cache
         #: Why medium access is refused (another client holds the exclusive lock), or None.
         self.not_ready: str | None = None
         #: Set by the device (`FileExtent`): called when `file_extent` changes (the lock).
@@ -373,8 +374,7 @@ def open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
         if size > have:
             raise ConfigError(f"ceph: key 'image': {cfg.spec}: the image holds {have} bytes, "
                               f"the device's size is {size}; expected a size up to the image's")
-        backend = RbdBackend(cfg, cluster, ioctx, image, size or have, block_size,
-                             cfg.rbd_cache)
+        backend = RbdBackend(cfg, cluster, ioctx, image, size or have, block_size)
         exclusive = cfg.lock == "exclusive" and image.features() & FEATURE_EXCLUSIVE_LOCK
         if exclusive and not backend.take_lock():
             log.error("%s", backend.not_ready)

@@ -117,7 +117,6 @@ class FailedDevice(ScsiDevice):
         self.check_ready()
 
 
-
 class _StillConfiguring(Exception):
     """A device found while the kernel is still configuring it (`Daemon._open`): tried
     again, without a traceback."""
@@ -501,7 +500,8 @@ class Daemon:
 
     def _open(self, node: str, name: UioName) -> Served:
         cfs = TcmuConfigfs(name.hba, name.device, self.configfs_root)
-        if cfs.block_size == 0:
+        block_size = cfs.block_size
+        if block_size == 0:
             # target_core_user.c (tcmu_configure_device) registers the uio, which udev
             # announces, before it gives hw_block_size its default: the device's attributes
             # are not final yet. Its ADDED_DEVICE, or the retry, comes when they are.
@@ -512,7 +512,7 @@ class Daemon:
             subtype=name.subtype,
             cfgstring=cfgstring,
             size=cfs.size,
-            block_size=cfs.block_size,
+            block_size=block_size,
             hw_max_sectors=cfs.hw_max_sectors,
             write_cache=cfs.write_cache,
             serial=cfs.serial,
