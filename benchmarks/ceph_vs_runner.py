@@ -121,6 +121,17 @@ def _py_counters(disks: GuestDisks, name: str) -> dict[str, int]:
     return {}
 
 
+def _fio_once(workload: tuple[str, str, str, int], dev: Path,
+              args: argparse.Namespace) -> list[str]:
+    """fio's command line for one more run of `workload` on `dev`, for a profiler (terse
+    output, not recorded in runs.json)."""
+    name, rw, bsz, qd = workload
+    return ["fio", f"--name={name}", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
+            f"--rw={rw}", f"--bs={bsz}", f"--iodepth={qd}", f"--size={args.size_mib}M",
+            "--time_based", f"--runtime={args.seconds:g}", "--norandommap", "--randrepeat=0",
+            "--output-format=terse"]
+
+
 def _perf_run(out: Path, target: str, name: str, pid: int, seconds: float,
               fio: list[str], log: Any) -> None:
     """Run `fio` once more while ``perf record`` samples process `pid` (software clock: no
@@ -197,10 +208,7 @@ def guest(args: argparse.Namespace) -> int:
 
         def runner_opened(bs: Any) -> bool:
             found = bs.find_uio()
-            if found is None:
-                return False
-            fds = Path(f"/proc/{runner_pid}/fd")
-            return any(os.path.realpath(f) == str(found[0]) for f in fds.iterdir())
+            return found is not None and str(found[0]) in _runner_uios(runner_pid)
 
         conf = cluster.conf
 
@@ -304,28 +312,20 @@ def guest(args: argparse.Namespace) -> int:
                     log(f"rep {rep} {wl} {target}: {rec.get('iops', 0):.0f} IOPS "
                         f"{rec.get('bw_bytes', 0) / MIB:.1f} MiB/s")
         for prof_wl in [w for w in workloads if w[0] in args.profile.split(",")]:
-            name, rw, bsz, qd = prof_wl
+            name = prof_wl[0]
             spy = _profile(serve_pid, args.seconds, out / f"profile-{name}.txt")
             if spy is None:
                 log("no py-spy in the virtualenv: no profile")
                 break
             time.sleep(1)  # py-spy attached
-            run(["fio", f"--name={name}", f"--filename={devs[TARGETS[0]]}",
-                 "--ioengine=libaio", "--direct=1", f"--rw={rw}", f"--bs={bsz}",
-                 f"--iodepth={qd}", f"--size={args.size_mib}M", "--time_based",
-                 f"--runtime={args.seconds:g}", "--norandommap", "--randrepeat=0",
-                 "--output-format=terse"], timeout=args.seconds + 300, check=False)
+            run(_fio_once(prof_wl, devs[TARGETS[0]], args), timeout=args.seconds + 300,
+                check=False)
             spy_out, _ = spy.communicate(timeout=args.seconds + 120)
             (out / f"profile-{name}.log").write_bytes(spy_out)
         for perf_wl in [w for w in workloads if w[0] in args.perf.split(",")]:
-            name, rw, bsz, qd = perf_wl
             for target in TARGETS:
-                _perf_run(out, target, name, pids[target], args.seconds,
-                          ["fio", f"--name={name}", f"--filename={devs[target]}",
-                           "--ioengine=libaio", "--direct=1", f"--rw={rw}", f"--bs={bsz}",
-                           f"--iodepth={qd}", f"--size={args.size_mib}M", "--time_based",
-                           f"--runtime={args.seconds:g}", "--norandommap", "--randrepeat=0",
-                           "--output-format=terse"], log)
+                _perf_run(out, target, perf_wl[0], pids[target], args.seconds,
+                          _fio_once(perf_wl, devs[target], args), log)
         env["load_end"] = Path("/proc/loadavg").read_text().split()[:3]
     (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
                                                "cpus": os.cpu_count(), **env}, indent=2))
