@@ -46,6 +46,8 @@ from labbench import (
 )
 
 NBD_PORT = 10809
+#: ``--nbd-direct``: a second nbdkit (same plugin, its own file) that fio drives itself.
+DIRECT_PORT = 10810
 
 # (name, fio rw, block size, queue depth)
 WORKLOADS: tuple[tuple[str, str, str, int], ...] = (
@@ -88,17 +90,19 @@ def guest(args: argparse.Namespace) -> int:
         with open(leg, "wb") as f:
             f.truncate(size + meta_length(size, region))
 
-    def listening() -> bool:
+    def listening(port: int = NBD_PORT) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", NBD_PORT), timeout=1):
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return True
         except OSError:
             return False
 
-    def fio(dev: Path, name: str, rw: str, bsz: str, qd: int, res_json: Path,
+    def fio(dev: Path | str, name: str, rw: str, bsz: str, qd: int, res_json: Path,
             runtime: float | None = args.seconds) -> tuple[int, str, str]:
-        argv = ["fio", f"--name={name}", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
-                f"--rw={rw}", f"--bs={bsz}", f"--iodepth={qd}", f"--size={args.size_mib}M",
+        engine = (["--ioengine=nbd", f"--uri={dev}"] if str(dev).startswith("nbd:") else
+                  [f"--filename={dev}", "--ioengine=libaio", "--direct=1"])
+        argv = ["fio", f"--name={name}", *engine, f"--rw={rw}", f"--bs={bsz}",
+                f"--iodepth={qd}", f"--size={args.size_mib}M",
                 "--randrepeat=0", "--output-format=json", f"--output={res_json}"]
         if runtime is not None:
             argv += [f"--runtime={runtime:g}", "--time_based", "--norandommap"]
@@ -115,9 +119,21 @@ def guest(args: argparse.Namespace) -> int:
         nbd.start(ready=listening, timeout=60)
         disks = GuestDisks(work, out, cleanup)
         spec = "|".join(encode_spec(s) for s in (str(legs[0]), f"nbd://127.0.0.1:{NBD_PORT}"))
-        devs = {"mirror": disks.export("mirror", f"mirror/legs={spec};assume_clean=1;region=1M",
-                                       size),
-                "raw": disks.export("raw", f"raw/{image}", size)}
+        devs: dict[str, Path | str] = {
+            "mirror": disks.export("mirror", f"mirror/legs={spec};assume_clean=1;region=1M", size),
+            "raw": disks.export("raw", f"raw/{image}", size)}
+        targets: tuple[str, ...] = TARGETS
+        if args.nbd_direct:
+            # What the NBD leg alone can do: fio's libnbd engine on an export like the leg's
+            # (its own file: fio must not write the mirror's leg behind the mirror's back)
+            direct = work / "direct.img"
+            full_image(direct, size)
+            nbd2 = Daemon(["nbdkit", "--foreground", "-i", "127.0.0.1", "-p", str(DIRECT_PORT),
+                           "file", f"file={direct}"], out / "nbdkit-direct.log")
+            cleanup.callback(nbd2.stop)
+            nbd2.start(ready=lambda: listening(DIRECT_PORT), timeout=60)
+            devs["nbd"] = f"nbd://127.0.0.1:{DIRECT_PORT}/"
+            targets = (*TARGETS, "nbd")
         t0 = time.monotonic()
         code, _, err = fio(devs["mirror"], "fill", "write", "1M", 8, work / "fill.json",
                            runtime=None)
@@ -126,7 +142,7 @@ def guest(args: argparse.Namespace) -> int:
 
         for rep in range(args.reps):
             for wl, rw, bsz, qd in select(WORKLOADS, args.only):
-                for target in TARGETS:
+                for target in targets:
                     rec: dict[str, Any] = {"rep": rep, "workload": wl, "target": target,
                                            "loadavg": Path("/proc/loadavg").read_text().split()[0]}
                     res_json = work / f"{target}-{wl}-{rep}.json"
@@ -176,7 +192,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for wl, rw, _, _ in WORKLOADS:
         row: dict[str, Any] = {}
-        for target in TARGETS:
+        for target in (*TARGETS, "nbd"):
             ok = [r for r in runs if r["workload"] == wl and r["target"] == target
                   and "failed" not in r]
             if ok:
@@ -188,6 +204,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             row["ratio mirror/raw"] = ratio
             row["aim"] = AIM_READ if "read" in rw else AIM_WRITE
             row["met"] = ratio >= row["aim"]
+        if "raw" in row and "nbd" in row and row["raw"]["iops"]:
+            row["ratio nbd/raw"] = row["nbd"]["iops"] / row["raw"]["iops"]
         if row:
             summary[wl] = row
     return summary
@@ -198,7 +216,8 @@ def host(args: argparse.Namespace) -> int:
     guest_args = ["--seconds", str(args.seconds), "--reps", str(args.reps),
                   "--size-mib", str(args.size_mib)] + ([] if args.only is None else
                                                        ["--only", args.only]) + (
-        ["--profile", args.profile] if args.profile else [])
+        ["--profile", args.profile] if args.profile else []) + (
+        ["--nbd-direct"] if args.nbd_direct else [])
     budget = 900 + args.reps * len(select(WORKLOADS, args.only)) * len(TARGETS) * (
         args.seconds + 200)
     runs = boot_guest(Path(__file__), guest_args, out, budget)
@@ -210,8 +229,10 @@ def host(args: argparse.Namespace) -> int:
         parts = [f"{t}: {v['iops']:.0f} IOPS {v['mib_s']:.1f} MiB/s ({v['runs']} runs)"
                  for t, v in row.items() if isinstance(v, dict)]
         extra = ""
+        if "ratio nbd/raw" in row:
+            extra += f"  nbd/raw = {row['ratio nbd/raw']:.2f}"
         if "ratio mirror/raw" in row:
-            extra = (f"  mirror/raw = {row['ratio mirror/raw']:.2f} (aim {row['aim']}: "
+            extra += (f"  mirror/raw = {row['ratio mirror/raw']:.2f} (aim {row['aim']}: "
                      f"{'met' if row['met'] else 'NOT met'})")
         print(f"{wl}: " + "; ".join(parts) + extra)
     return 0 if (out / "done.json").exists() else 1
@@ -221,6 +242,9 @@ def main() -> int:
     ap = arg_parser(__doc__, "mirror_vs_raw", seconds=8.0, reps=2, size_mib=128)
     ap.add_argument("--profile", default="",
                     help="workloads to run once more on the mirror under py-spy (OUT/profile-*)")
+    ap.add_argument("--nbd-direct", action="store_true",
+                    help="also run each workload with fio's nbd engine on a second nbdkit "
+                         "export (target 'nbd': what the NBD leg alone can do)")
     args = ap.parse_args()
     return guest(args) if args.guest else host(args)
 

@@ -544,7 +544,8 @@ static int tcmu_py_dp_plain(const struct tcmu_py_extent *x, const struct tcmu_py
         (x->fd < 0 && !(rbd && x->rbd_image)) ||
         !tcmu_py_dp_rw(cdb, e->cdb_len, &c->lba, &c->blocks, &c->writing, &c->fua) ||
         (x->fd < 0 && c->writing && c->fua && x->flush_fua) ||
-        (c->writing && x->reads_only) || !c->blocks || c->lba > x->num_blocks ||
+        (c->writing && x->reads_only && !(rbd && x->wi)) ||
+        (c->writing && c->fua && x->wi && x->flush_fua) || !c->blocks || c->lba > x->num_blocks ||
         c->blocks > x->num_blocks - c->lba || c->blocks > x->max_blocks || !tcmu_py_dp_units(x, c->lba, c->blocks, &c->fs, &c->fe) ||
         tcmu_py_dp_overlaps(fences, n_fences, c->fs, c->fe))
         return 0;
@@ -665,6 +666,12 @@ struct tcmu_py_job {
     struct tcmu_py_loop *loop;
     struct iovec *iov;                     /* the command's buffers as pointers (malloc) */
     void *rbd_ret, *rbd_release;           /* librbd's functions, as declared when submitted */
+    /* A mirror job: written to every leg (tcmu_py_mw_submit); finished when the last leg
+     * answered, GOOD only if every leg took it. */
+    struct tcmu_py_wi *wi;
+    void *mw_buf;                          /* the data, contiguous, for the NBD legs (malloc) */
+    uint32_t mw_pending;
+    int mw_ok;
 };
 
 /* librbd's C API, as far as the native loop calls it (rbd/librbd.h; completions are opaque). */
@@ -723,6 +730,429 @@ static uint64_t tcmu_py_now_ns(void)
 
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* ---- A mirror's write fan-out: write-intent regions (struct tcmu_py_wi) ---- */
+
+struct tcmu_py_wi {
+    pthread_mutex_t mu;
+    uint64_t region, n;
+    uint8_t *armed;
+    uint32_t *inflight, *touch;
+    uint32_t epoch;
+    uint64_t writes;
+};
+
+struct tcmu_py_wi *tcmu_py_wi_new(uint64_t region, uint64_t n_regions)
+{
+    struct tcmu_py_wi *w = calloc(1, sizeof(*w));
+
+    if (!w || !region || !n_regions)
+        goto fail;
+    w->region = region;
+    w->n = n_regions;
+    w->epoch = 1;
+    w->armed = calloc((size_t)n_regions, 1);
+    w->inflight = calloc((size_t)n_regions, sizeof(*w->inflight));
+    w->touch = calloc((size_t)n_regions, sizeof(*w->touch));
+    if (!w->armed || !w->inflight || !w->touch || pthread_mutex_init(&w->mu, NULL) != 0)
+        goto fail;
+    return w;
+fail:
+    if (w) {
+        free(w->armed);
+        free(w->inflight);
+        free(w->touch);
+        free(w);
+    }
+    return NULL;
+}
+
+void tcmu_py_wi_free(struct tcmu_py_wi *w)
+{
+    if (!w)
+        return;
+    pthread_mutex_destroy(&w->mu);
+    free(w->armed);
+    free(w->inflight);
+    free(w->touch);
+    free(w);
+}
+
+void tcmu_py_wi_arm(struct tcmu_py_wi *w, uint64_t lo, uint64_t hi)
+{
+    uint64_t r;
+
+    pthread_mutex_lock(&w->mu);
+    for (r = lo; r <= hi && r < w->n; r++)
+        w->armed[r] = 1;
+    pthread_mutex_unlock(&w->mu);
+}
+
+uint32_t tcmu_py_wi_epoch(struct tcmu_py_wi *w)
+{
+    uint32_t e;
+
+    pthread_mutex_lock(&w->mu);
+    e = ++w->epoch;
+    pthread_mutex_unlock(&w->mu);
+    return e;
+}
+
+int tcmu_py_wi_disarm(struct tcmu_py_wi *w, uint64_t r, uint32_t epoch)
+{
+    int ok = 0;
+
+    pthread_mutex_lock(&w->mu);
+    if (r < w->n && !w->inflight[r] && (int32_t)(w->touch[r] - epoch) < 0) {
+        w->armed[r] = 0;
+        ok = 1;
+    }
+    pthread_mutex_unlock(&w->mu);
+    return ok;
+}
+
+int tcmu_py_wi_armed(struct tcmu_py_wi *w, uint64_t r)
+{
+    int a;
+
+    pthread_mutex_lock(&w->mu);
+    a = r < w->n && w->armed[r];
+    pthread_mutex_unlock(&w->mu);
+    return a;
+}
+
+uint64_t tcmu_py_wi_writes(struct tcmu_py_wi *w)
+{
+    uint64_t n;
+
+    pthread_mutex_lock(&w->mu);
+    n = w->writes;
+    pthread_mutex_unlock(&w->mu);
+    return n;
+}
+
+/* A C write of bytes [pos, pos + len) starts: 1 (counted in flight, its regions touched) when
+ * every region it touches is armed, else 0 (nothing changed). */
+static int tcmu_py_wi_begin(struct tcmu_py_wi *w, uint64_t pos, uint64_t len)
+{
+    uint64_t r, lo = pos / w->region, hi = (pos + (len ? len : 1) - 1) / w->region;
+    int ok = 1;
+
+    pthread_mutex_lock(&w->mu);
+    for (r = lo; r <= hi; r++)
+        if (r >= w->n || !w->armed[r]) {
+            ok = 0;
+            break;
+        }
+    if (ok) {
+        for (r = lo; r <= hi; r++) {
+            w->inflight[r]++;
+            w->touch[r] = w->epoch;
+        }
+        w->writes++;
+    }
+    pthread_mutex_unlock(&w->mu);
+    return ok;
+}
+
+/* The write tcmu_py_wi_begin let start has ended (whatever its outcome). */
+static void tcmu_py_wi_end(struct tcmu_py_wi *w, uint64_t pos, uint64_t len)
+{
+    uint64_t r, lo = pos / w->region, hi = (pos + (len ? len : 1) - 1) / w->region;
+
+    pthread_mutex_lock(&w->mu);
+    for (r = lo; r <= hi && r < w->n; r++) {
+        w->inflight[r]--;
+        w->touch[r] = w->epoch;
+    }
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* ---- NBD writers (struct tcmu_py_nbdq) ---- */
+
+/* libnbd's C API as far as a writer calls it (libnbd.h). */
+struct tcmu_py_nbd_completion {
+    int (*callback)(void *user_data, int *error);
+    void *user_data;
+    void (*free)(void *user_data);
+};
+typedef int64_t (*tcmu_py_nbd_pwrite_t)(void *h, const void *buf, size_t count, uint64_t offset,
+                                        struct tcmu_py_nbd_completion cb, uint32_t flags);
+typedef int (*tcmu_py_nbd_int_t)(void *h);
+typedef unsigned (*tcmu_py_nbd_dir_t)(void *h);
+typedef void (*tcmu_py_nbd_close_t)(void *h);
+enum { TCMU_PY_NBD_DIR_READ = 1, TCMU_PY_NBD_DIR_WRITE = 2 };
+
+typedef void (*tcmu_py_nbd_done_t)(void *arg, int ok);
+
+/* One write: queued, then in flight until answered (libnbd's callback or the writer's death).
+ * Freed by the writer's thread once answered and retired, or in tcmu_py_nbdq_free. */
+struct tcmu_py_nbd_req {
+    struct tcmu_py_nbd_req *next;
+    const void *buf;
+    uint64_t len, off, t0;
+    tcmu_py_nbd_done_t done;
+    void *arg;
+    int answered;
+};
+
+struct tcmu_py_nbdq {
+    void *h;
+    tcmu_py_nbd_pwrite_t aio_pwrite;
+    tcmu_py_nbd_int_t get_fd, notify_read, notify_write;
+    tcmu_py_nbd_dir_t get_direction;
+    tcmu_py_nbd_close_t close;
+    uint64_t timeout_ns;
+    pthread_t thread;
+    pthread_mutex_t mu;                    /* queue, quit, dead */
+    int efd;                               /* wakes the thread: queued work, quit */
+    struct tcmu_py_nbd_req *queued, **queued_tail;
+    struct tcmu_py_nbd_req *flight;        /* the thread's own: sent, maybe answered */
+    int quit, dead;
+};
+
+static void tcmu_py_nbdq_answer(struct tcmu_py_nbd_req *q, int ok)
+{
+    if (q->answered)
+        return;
+    q->answered = 1;
+    q->done(q->arg, ok);
+}
+
+/* libnbd's completion callback (on the writer's thread, inside a notify call, or in nbd_close
+ * for a dead writer's writes, already answered). */
+static int tcmu_py_nbdq_cb(void *user_data, int *error)
+{
+    tcmu_py_nbdq_answer(user_data, error && *error == 0);
+    return 1;
+}
+
+static void tcmu_py_nbdq_wake(struct tcmu_py_nbdq *q)
+{
+    uint64_t one = 1;
+    ssize_t w;
+
+    do
+        w = write(q->efd, &one, sizeof(one));
+    while (w < 0 && errno == EINTR);
+}
+
+/* Queue a write of len bytes at off from buf (which stays valid until done is called): 1, or
+ * 0 when the writer is dead or out of memory (done is then never called). */
+static int tcmu_py_nbdq_push(struct tcmu_py_nbdq *q, const void *buf, uint64_t len,
+                             uint64_t off, tcmu_py_nbd_done_t done, void *arg)
+{
+    struct tcmu_py_nbd_req *r = calloc(1, sizeof(*r));
+
+    if (!r)
+        return 0;
+    r->buf = buf;
+    r->len = len;
+    r->off = off;
+    r->done = done;
+    r->arg = arg;
+    r->t0 = tcmu_py_now_ns();
+    pthread_mutex_lock(&q->mu);
+    if (q->dead || q->quit) {
+        pthread_mutex_unlock(&q->mu);
+        free(r);
+        return 0;
+    }
+    *q->queued_tail = r;
+    q->queued_tail = &r->next;
+    pthread_mutex_unlock(&q->mu);
+    tcmu_py_nbdq_wake(q);
+    return 1;
+}
+
+/* The writer dies: every write in flight and queued fails (those in flight stay listed until
+ * tcmu_py_nbdq_free: libnbd may still hold them). */
+static void tcmu_py_nbdq_die(struct tcmu_py_nbdq *q)
+{
+    struct tcmu_py_nbd_req *r, *queued;
+
+    pthread_mutex_lock(&q->mu);
+    q->dead = 1;
+    queued = q->queued;
+    q->queued = NULL;
+    q->queued_tail = &q->queued;
+    pthread_mutex_unlock(&q->mu);
+    for (r = q->flight; r; r = r->next)
+        tcmu_py_nbdq_answer(r, 0);
+    while (queued) {
+        r = queued;
+        queued = r->next;
+        tcmu_py_nbdq_answer(r, 0);
+        free(r);
+    }
+}
+
+static void *tcmu_py_nbdq_main(void *arg)
+{
+    struct tcmu_py_nbdq *q = arg;
+
+    for (;;) {
+        struct tcmu_py_nbd_req *r, *fresh, **pp;
+        struct pollfd p[2];
+        uint64_t now, oldest = 0;
+        unsigned dir;
+        int n = 1, ms = 1000, quit, dead;
+
+        pthread_mutex_lock(&q->mu);
+        quit = q->quit;
+        dead = q->dead;
+        fresh = dead ? NULL : q->queued;
+        if (!dead) {
+            q->queued = NULL;
+            q->queued_tail = &q->queued;
+        }
+        pthread_mutex_unlock(&q->mu);
+        if (quit)
+            break;
+        while (fresh) {                         /* send: each goes in flight, or fails */
+            struct tcmu_py_nbd_completion cb = {tcmu_py_nbdq_cb, NULL, NULL};
+
+            r = fresh;
+            fresh = r->next;
+            r->next = q->flight;
+            q->flight = r;
+            cb.user_data = r;
+            if (q->aio_pwrite(q->h, r->buf, (size_t)r->len, r->off, cb, 0) < 0) {
+                tcmu_py_nbdq_die(q);            /* the handle is closed or dead */
+                break;
+            }
+        }
+        if (fresh) {                            /* died while sending: the rest fail */
+            while (fresh) {
+                r = fresh;
+                fresh = r->next;
+                tcmu_py_nbdq_answer(r, 0);
+                free(r);
+            }
+        }
+        pthread_mutex_lock(&q->mu);
+        dead = q->dead;
+        pthread_mutex_unlock(&q->mu);
+        /* retire the answered; note the oldest unanswered */
+        for (pp = &q->flight; !dead && *pp;) {
+            r = *pp;
+            if (r->answered) {
+                *pp = r->next;
+                free(r);
+            } else {
+                if (!oldest || r->t0 < oldest)
+                    oldest = r->t0;
+                pp = &r->next;
+            }
+        }
+        now = tcmu_py_now_ns();
+        if (!dead && oldest && q->timeout_ns) {
+            if (now - oldest >= q->timeout_ns) {
+                tcmu_py_nbdq_die(q);            /* no answer in time */
+                continue;
+            }
+            ms = (int)((q->timeout_ns - (now - oldest)) / 1000000u) + 1;
+            if (ms > 1000)
+                ms = 1000;
+        }
+        p[0].fd = q->efd;
+        p[0].events = POLLIN;
+        p[0].revents = 0;
+        if (!dead) {
+            dir = q->get_direction(q->h);
+            p[1].fd = q->get_fd(q->h);
+            p[1].events = (short)((dir & TCMU_PY_NBD_DIR_READ ? POLLIN : 0) |
+                                  (dir & TCMU_PY_NBD_DIR_WRITE ? POLLOUT : 0));
+            p[1].revents = 0;
+            if (p[1].fd >= 0 && p[1].events)
+                n = 2;
+            else if (q->flight)
+                tcmu_py_nbdq_die(q);            /* the connection is gone */
+        }
+        if (poll(p, (nfds_t)n, ms) < 0 && errno != EINTR)
+            continue;
+        if (p[0].revents & POLLIN) {
+            uint64_t v;
+            ssize_t got = read(q->efd, &v, sizeof(v));
+
+            (void)got;
+        }
+        if (n == 2) {
+            if (p[1].revents & (POLLIN | POLLHUP | POLLERR))
+                q->notify_read(q->h);
+            if (p[1].revents & POLLOUT)
+                q->notify_write(q->h);
+        }
+    }
+    return NULL;
+}
+
+struct tcmu_py_nbdq *tcmu_py_nbdq_new(void *handle, void *aio_pwrite, void *aio_get_fd,
+                                      void *aio_get_direction, void *aio_notify_read,
+                                      void *aio_notify_write, void *close_fn, uint32_t timeout_ms)
+{
+    struct tcmu_py_nbdq *q = calloc(1, sizeof(*q));
+
+    if (!q)
+        return NULL;
+    q->h = handle;
+    q->aio_pwrite = (tcmu_py_nbd_pwrite_t)aio_pwrite;
+    q->get_fd = (tcmu_py_nbd_int_t)aio_get_fd;
+    q->get_direction = (tcmu_py_nbd_dir_t)aio_get_direction;
+    q->notify_read = (tcmu_py_nbd_int_t)aio_notify_read;
+    q->notify_write = (tcmu_py_nbd_int_t)aio_notify_write;
+    q->close = (tcmu_py_nbd_close_t)close_fn;
+    q->timeout_ns = (uint64_t)timeout_ms * 1000000u;
+    q->queued_tail = &q->queued;
+    q->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (q->efd < 0 || pthread_mutex_init(&q->mu, NULL) != 0) {
+        if (q->efd >= 0)
+            close(q->efd);
+        free(q);
+        return NULL;
+    }
+    if (pthread_create(&q->thread, NULL, tcmu_py_nbdq_main, q) != 0) {
+        pthread_mutex_destroy(&q->mu);
+        close(q->efd);
+        free(q);
+        return NULL;
+    }
+    return q;
+}
+
+int tcmu_py_nbdq_dead(struct tcmu_py_nbdq *q)
+{
+    int dead;
+
+    pthread_mutex_lock(&q->mu);
+    dead = q->dead;
+    pthread_mutex_unlock(&q->mu);
+    return dead;
+}
+
+void tcmu_py_nbdq_free(struct tcmu_py_nbdq *q)
+{
+    struct tcmu_py_nbd_req *r;
+
+    if (!q)
+        return;
+    pthread_mutex_lock(&q->mu);
+    q->quit = 1;
+    pthread_mutex_unlock(&q->mu);
+    tcmu_py_nbdq_wake(q);
+    pthread_join(q->thread, NULL);
+    tcmu_py_nbdq_die(q);                        /* anything left fails (none, normally) */
+    if (q->close)
+        q->close(q->h);                         /* callbacks of a dead writer's: answered */
+    while (q->flight) {
+        r = q->flight;
+        q->flight = r->next;
+        free(r);
+    }
+    close(q->efd);
+    pthread_mutex_destroy(&q->mu);
+    free(q);
 }
 
 struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32_t event_size,
@@ -1006,6 +1436,9 @@ static void tcmu_py_job_free(struct tcmu_py_loop *l, struct tcmu_py_job *j)
     j->rec = NULL;
     free(j->iov);
     j->iov = NULL;
+    free(j->mw_buf);
+    j->mw_buf = NULL;
+    j->wi = NULL;
     j->busy = 0;
     l->n_jobs--;
     pthread_cond_broadcast(&l->idle_cv);
@@ -1182,6 +1615,80 @@ static int tcmu_py_rbd_submit(struct tcmu_py_loop *l, const struct tcmu_py_entry
     return 1;
 }
 
+/* A leg of mirror job j answered (under the mutex): the last one finishes it. */
+static void tcmu_py_mw_part(struct tcmu_py_loop *l, struct tcmu_py_job *j, int ok)
+{
+    if (!ok)
+        j->mw_ok = 0;
+    if (--j->mw_pending)
+        return;
+    tcmu_py_wi_end(j->wi, j->pos, j->total);
+    tcmu_py_job_end(l, j, j->mw_ok);
+}
+
+/* An NBD writer's answer for a mirror job (on the writer's thread). */
+static void tcmu_py_mw_nbd_done(void *arg, int ok)
+{
+    struct tcmu_py_job *j = arg;
+    struct tcmu_py_loop *l = j->loop;
+
+    pthread_mutex_lock(&l->mu);
+    tcmu_py_mw_part(l, j, ok);
+    pthread_mutex_unlock(&l->mu);
+}
+
+/* Write entry h (a plain WRITE of a fan-out extent) to every leg, under the mutex, which it
+ * releases while the local legs are written: 1 when C took it (the last leg to answer
+ * finishes it), 0 when it must go to Python (a region not armed, no memory). */
+static int tcmu_py_mw_submit(struct tcmu_py_loop *l, const struct tcmu_py_entry *h,
+                             const struct iovec *v, const struct tcmu_py_dp_cmd *c,
+                             uint64_t pos, uint64_t t0)
+{
+    const struct tcmu_py_extent *x = &l->x;
+    struct tcmu_py_job *j = tcmu_py_job_take(l, h, c, pos, t0);
+    uint32_t i, n_fds = x->mw_n_fds, n_nbd = x->mw_n_nbd;
+    int32_t fds[3];
+    int ok = 1;
+
+    if (!j)
+        return 0;
+    if (!tcmu_py_wi_begin(x->wi, pos, c->total)) {
+        tcmu_py_job_free(l, j);
+        return 0;
+    }
+    j->wi = x->wi;
+    if (n_nbd) {
+        uint8_t *d = malloc(c->total ? c->total : 1);
+
+        if (!d) {
+            tcmu_py_wi_end(j->wi, pos, c->total);
+            tcmu_py_job_free(l, j);
+            return 0;
+        }
+        j->mw_buf = d;
+        for (i = 0; i < h->iov_cnt; i++) {
+            memcpy(d, l->r->map + (uintptr_t)v[i].iov_base, v[i].iov_len);
+            d += v[i].iov_len;
+        }
+    }
+    j->mw_ok = 1;
+    j->mw_pending = 1 + n_nbd;                  /* the local legs count as one */
+    for (i = 0; i < n_nbd; i++)
+        if (!tcmu_py_nbdq_push(x->mw_nbd[i], j->mw_buf, c->total, pos, tcmu_py_mw_nbd_done, j)) {
+            j->mw_pending--;                    /* dead: the command goes to Python */
+            j->mw_ok = 0;
+        }
+    for (i = 0; i < n_fds && i < 3; i++)
+        fds[i] = x->mw_fds[i];
+    /* Not under the mutex: the legs answer meanwhile; the job stays ours (mw_pending > 0). */
+    pthread_mutex_unlock(&l->mu);
+    for (i = 0; i < n_fds && i < 3 && ok; i++)
+        ok = tcmu_py_dp_iov(l->r->map, v, h->iov_cnt, fds[i], pos, 1);
+    pthread_mutex_lock(&l->mu);
+    tcmu_py_mw_part(l, j, ok);
+    return 1;
+}
+
 /* Queue a large command for the workers (under the mutex, with a free slot): 1, or 0 (no
  * memory) if it must run here. */
 static int tcmu_py_job_queue(struct tcmu_py_loop *l, const struct tcmu_py_entry *h,
@@ -1237,6 +1744,16 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
                  * changed, so the checks run again. */
                 tcmu_py_jobs_clear(l, c.fs, c.fe, c.writing);
                 goto again;
+            }
+            if (c.writing && x->wi) {
+                /* A mirror's WRITE: a job on every leg. */
+                if (l->n_jobs >= TCMU_PY_JOBS) {
+                    tcmu_py_jobs_slot(l);
+                    goto again;
+                }
+                if (tcmu_py_mw_submit(l, h, v, &c, pos, t0))
+                    continue;
+                goto python;                    /* as for RBD below */
             }
             if (x->fd < 0) {
                 /* RBD: every command is a job librbd completes. */

@@ -106,6 +106,47 @@ enum tcmu_py_dp_consts {
     TCMU_PY_DP_MAX = 1024    /* most entries one tcmu_py_dp_batch call takes */
 };
 
+/* ---- A mirror's write fan-out (issue 16): regions C may write, and NBD writers ----
+ *
+ * struct tcmu_py_wi: the write-intent regions of a mirror as the native loop sees them. A
+ * region is *armed* when the backend (Python) knows its write-intent bit is set and durable on
+ * every leg: C writes only there. Every C write marks its regions with the current *epoch*
+ * when it starts and when it ends, and counts itself in flight there. The backend bumps the
+ * epoch when a flush starts; after the flush, it clears the bit of a region only if
+ * tcmu_py_wi_disarm says no C write touched it since (and none is in flight there), which
+ * disarms it in the same step (under the wi's mutex), so C never writes a region whose bit
+ * may be cleared. Thread-safe. */
+struct tcmu_py_wi;
+struct tcmu_py_wi *tcmu_py_wi_new(uint64_t region, uint64_t n_regions);
+void tcmu_py_wi_free(struct tcmu_py_wi *w);
+/* Arm regions [lo, hi] (clamped). */
+void tcmu_py_wi_arm(struct tcmu_py_wi *w, uint64_t lo, uint64_t hi);
+/* Start a new epoch (a flush starts): returns it. */
+uint32_t tcmu_py_wi_epoch(struct tcmu_py_wi *w);
+/* 1 and region r disarmed, when no C write touched r in `epoch` or later and none is in flight
+ * there; else 0 (r stays as it was). */
+int tcmu_py_wi_disarm(struct tcmu_py_wi *w, uint64_t r, uint32_t epoch);
+/* Whether region r is armed (tests, status). */
+int tcmu_py_wi_armed(struct tcmu_py_wi *w, uint64_t r);
+/* C writes started through w since it was made. */
+uint64_t tcmu_py_wi_writes(struct tcmu_py_wi *w);
+/* struct tcmu_py_nbdq: one libnbd handle (a connection of its own, made by the caller) owned
+ * by a thread that sends the writes queued to it with nbd_aio_pwrite and polls the socket
+ * itself. A write not answered within timeout_ms (0: never) makes the writer *dead*: every
+ * write in flight or queued fails at once, and later ones fail when queued (the mirror then
+ * decides in Python, on its own connection, that the leg failed). The six functions are
+ * libnbd's (nbd_aio_pwrite, nbd_aio_get_fd, nbd_aio_get_direction, nbd_aio_notify_read,
+ * nbd_aio_notify_write, nbd_close) from the caller's dlopen: this library does not link
+ * libnbd. The writer closes the handle in tcmu_py_nbdq_free. NULL: no memory or thread. */
+struct tcmu_py_nbdq;
+struct tcmu_py_nbdq *tcmu_py_nbdq_new(void *handle, void *aio_pwrite, void *aio_get_fd,
+                                      void *aio_get_direction, void *aio_notify_read,
+                                      void *aio_notify_write, void *close, uint32_t timeout_ms);
+/* 1 once the writer is dead. */
+int tcmu_py_nbdq_dead(struct tcmu_py_nbdq *q);
+/* Stop the thread, close the handle, free. No loop may use q any more (the extent that named
+ * it was replaced, or the loop stopped). */
+void tcmu_py_nbdq_free(struct tcmu_py_nbdq *q);
 /* What Python declares for one device. Any change (resize, new fd) is declared again. */
 struct tcmu_py_extent {
     int32_t fd;              /* image file (the backend owns it); < 0: no extent */
@@ -137,6 +178,17 @@ struct tcmu_py_extent {
     void *rbd_aio_writev;
     void *rbd_aio_get_return_value;
     void *rbd_aio_release;
+    /* A mirror's writes (tcmu_py.backend.FanOutExtent; the native loop only): with wi set, a
+     * plain WRITE whose every region wi has armed is written by C to every leg: pwritev to
+     * each of mw_fds[0..mw_n_fds) and, through each NBD writer mw_nbd[0..mw_n_nbd), to its
+     * export; it completes GOOD when every leg took it, and goes to Python (which writes it
+     * again and decides what failed) if any did not. A FUA WRITE with flush_fua, and a WRITE
+     * touching a region not armed, go to Python. READs are the fd's, as with reads_only. */
+    struct tcmu_py_wi *wi;
+    int32_t mw_fds[3];
+    uint32_t mw_n_fds;
+    struct tcmu_py_nbdq *mw_nbd[3];
+    uint32_t mw_n_nbd;
 };
 
 /* LBAs [start, end) that a command running in Python may touch; start == end: none. */

@@ -57,7 +57,7 @@ SPACE ALLOCATION FAILED), anything else is a bug (HARDWARE ERROR, traceback logg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -290,6 +290,86 @@ class RbdExtent:
     aio_release: int
 
 
+@dataclass(frozen=True)
+class NbdFunctions:
+    """Addresses (ints) of libnbd's functions of these names, from the caller's dlopen."""
+
+    aio_pwrite: int
+    aio_get_fd: int
+    aio_get_direction: int
+    aio_notify_read: int
+    aio_notify_write: int
+    close: int
+
+
+class FanOutRegions(Protocol):
+    """A mirror's write-intent regions shared with the native loop (`FanOutExtent`). A region
+    is *armed* when the backend knows its bit is set and durable on every leg: C writes only
+    there. C marks each region it writes with the current *epoch*; the backend starts a new
+    one when a flush starts, and clears a region's bit only after `disarm` said C did not
+    write it since (and disarmed it)."""
+
+    def arm(self, lo: int, hi: int) -> None:
+        """Regions `lo` to `hi` (inclusive) may be written by C."""
+
+    def epoch(self) -> int:
+        """Start a new epoch and return it."""
+
+    def disarm(self, r: int, epoch: int) -> bool:
+        """True, and `r` disarmed, when no C write touched `r` in `epoch` or later and none is
+        in flight there; else False and nothing changed."""
+
+    def armed(self, r: int) -> bool: ...
+
+    @property
+    def writes(self) -> int:
+        """Writes C made through these regions."""
+
+
+class FanOutWriter(Protocol):
+    """A C thread sending the native loop's writes to one NBD export on a connection of its
+    own; a write not answered in time kills it (`dead`): its writes go to the backend."""
+
+    @property
+    def dead(self) -> bool: ...
+
+    def close(self) -> None:
+        """Stop, and close the connection. No declared extent may name it any more."""
+
+
+@dataclass(frozen=True)
+class FanOutKit:
+    """What the device gives a backend that has a ``fanout_kit`` attribute (None) to build a
+    `FanOutExtent` with: ``regions(region_bytes, n)`` makes a `FanOutRegions`,
+    ``nbd_writer(handle, functions, timeout)`` a `FanOutWriter` owning the libnbd handle at
+    address ``handle`` (an int; `NbdFunctions`), `timeout` seconds per write (0: none)."""
+
+    regions: Callable[[int, int], FanOutRegions]
+    nbd_writer: Callable[[int, NbdFunctions, float], FanOutWriter]
+
+
+@dataclass(frozen=True)
+class FanOutExtent:
+    """What `FileExtent.file_extent` returns for a mirror whose writes C may make itself: READs
+    from ``fd`` at ``base`` (as with a `ReadExtent`), and a plain WRITE of regions `regions`
+    has armed written by the native loop to every leg — ``pwritev`` to each of ``fds`` (at
+    ``base`` too) and a write through each of ``nbd`` (`FanOutWriter`) — and
+    completed GOOD once every leg took it; a write any leg failed goes to the backend, which
+    writes it again and decides. Other WRITEs (a region not armed, FUA with `write_cache`) go
+    to the backend. The stage-1 `DataPlane` takes it as a `ReadExtent`.
+
+    The backend's side: ``fds`` and ``nbd`` are every leg of the mirror, all in sync, for as
+    long as the extent is declared (it withdraws the extent, ``extent_listener``, before that
+    changes); a region is armed only while its write-intent bit is set and durable on every
+    leg, and its bit cleared only after `FanOutRegions.disarm` said so."""
+
+    fd: int
+    base: int
+    fds: tuple[int, ...]
+    nbd: tuple[FanOutWriter, ...]
+    regions: FanOutRegions
+
+
 @runtime_checkable
 class FileExtent(Protocol):
     """The device's blocks are bytes of one open file: LBA ``n`` is at ``base + n * block_size``
@@ -306,9 +386,11 @@ class FileExtent(Protocol):
 
     def file_extent(
         self,
-    ) -> tuple[int, int] | tuple[int, int, UnitMap] | ReadExtent | RbdExtent | None:
+    ) -> (tuple[int, int] | tuple[int, int, UnitMap] | ReadExtent | FanOutExtent | RbdExtent
+          | None):
         """``(fd, base)`` now — ``(fd, base, UnitMap)`` for a thin backend, whose unallocated
-        units stay with `read` / `write`; a `ReadExtent` when only reads are; an `RbdExtent`
+        units stay with `read` / `write`; a `ReadExtent` when only reads are; a `FanOutExtent`
+        when reads are and writes go to every leg; an `RbdExtent`
         for an RBD image, served by the native loop only — or None when
         the data is not a plain extent (any more). Called on the loop thread when the device
         is built and after each change the device knows of (resize); the fd must stay open

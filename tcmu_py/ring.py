@@ -783,8 +783,9 @@ class DataPlane:
 
 def _fill_extent(x: Any, extent: Any) -> Any:
     """Fill the `struct tcmu_py_extent` `x` from `extent` (a `tcmu_py.device.core.DataExtent`;
-    None: no extent). Returns the cdata that keeps a thin unit map exported (unresizable) and
-    alive while it is declared (hold it as long as C may read the map), or None."""
+    None: no extent). Returns what keeps a thin unit map exported (unresizable) and alive
+    while it is declared (hold it as long as C may read the map), and a fan-out's objects, or
+    None."""
     rbd = extent.rbd if extent is not None else None
     if rbd is None:
         x.rbd_image = x.rbd_create_completion = x.rbd_aio_readv = x.rbd_aio_writev = ffi.NULL
@@ -796,6 +797,17 @@ def _fill_extent(x: Any, extent: Any) -> Any:
         x.rbd_aio_writev = ffi.cast("void *", rbd.aio_writev)
         x.rbd_aio_get_return_value = ffi.cast("void *", rbd.aio_get_return_value)
         x.rbd_aio_release = ffi.cast("void *", rbd.aio_release)
+    fan = extent.fanout if extent is not None else None
+    x.wi = ffi.NULL if fan is None else fan.regions.ptr
+    x.mw_n_fds = x.mw_n_nbd = 0
+    if fan is not None:
+        if len(fan.fds) > 3 or len(fan.nbd) > 3:
+            raise ValueError("a fan-out extent has at most 3 legs of each kind")
+        for i, fd in enumerate(fan.fds):
+            x.mw_fds[i] = fd
+        for i, w in enumerate(fan.nbd):
+            x.mw_nbd[i] = w.ptr
+        x.mw_n_fds, x.mw_n_nbd = len(fan.fds), len(fan.nbd)
     if extent is None:
         x.fd = -1
         x.units, x.n_units, x.unit_blocks = ffi.NULL, 0, 0
@@ -815,7 +827,9 @@ def _fill_extent(x: Any, extent: Any) -> Any:
     x.max_blocks = extent.max_blocks
     x.flush_fua = 1 if extent.flush_fua else 0
     x.reads_only = 1 if extent.reads_only else 0
-    return units_cdata
+    # The fan-out's C objects stay alive (and unfreed by their owner's `close`, which waits
+    # for the extent to be replaced) at least as long as this is held.
+    return units_cdata if fan is None else (units_cdata, fan)
 
 
 #: Worker threads of a native loop, and the smallest transfer (bytes) they take: a large READ or
@@ -1031,3 +1045,82 @@ class NativeLoop:
                 return memoryview(self._buf), int(self._used[0])
             self._buf = bytearray(max(2 * len(self._buf), -n))
             self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)
+
+
+# ------------------------------------------------------------------------------------------
+# A mirror's write fan-out (issue 16): the C objects a `tcmu_py.backend.FanOutExtent` names
+
+class WriteRegions:
+    """A mirror's write-intent regions as the native loop sees them (`struct tcmu_py_wi` in
+    _ring.h; `tcmu_py.backend.FanOutRegions`): `n` regions of `region` bytes, none armed,
+    epoch 1. Thread-safe (a C mutex). Must outlive every extent naming it."""
+
+    def __init__(self, region: int, n: int) -> None:
+        ptr = lib.tcmu_py_wi_new(region, n)
+        if ptr == ffi.NULL:
+            raise MemoryError("write regions")
+        self.ptr: Any = ptr
+        self.region = region
+        self.n = n
+
+    def arm(self, lo: int, hi: int) -> None:
+        """Regions `lo` to `hi` (inclusive) may be written by C: their bits are set and durable
+        on every leg."""
+        lib.tcmu_py_wi_arm(self.ptr, lo, hi)
+
+    def epoch(self) -> int:
+        """Start a new epoch (a flush starts) and return it."""
+        return int(lib.tcmu_py_wi_epoch(self.ptr))
+
+    def disarm(self, r: int, epoch: int) -> bool:
+        """Disarm region `r` and return True when no C write touched it in `epoch` or later and
+        none is in flight there (its bit may then be cleared); else False, `r` unchanged."""
+        return bool(lib.tcmu_py_wi_disarm(self.ptr, r, epoch))
+
+    def armed(self, r: int) -> bool:
+        return bool(lib.tcmu_py_wi_armed(self.ptr, r))
+
+    @property
+    def writes(self) -> int:
+        """Writes C started through these regions."""
+        return int(lib.tcmu_py_wi_writes(self.ptr))
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, None
+        if ptr is not None:
+            lib.tcmu_py_wi_free(ptr)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class NbdWriter:
+    """`tcmu_py.backend.FanOutWriter` (`struct tcmu_py_nbdq` in _ring.h): a C thread owning
+    the libnbd handle at address `handle` (a connection of its own: it closes it in `close`),
+    sending the loop's writes; a write not answered within `timeout` seconds (0: never) kills
+    the writer (`dead`): its writes fail and go to Python. `functions`: a
+    `tcmu_py.backend.NbdFunctions`."""
+
+    def __init__(self, handle: int, functions: Any, timeout: float) -> None:
+        f = functions
+
+        def p(addr: int) -> Any:
+            return ffi.cast("void *", addr)
+
+        ptr = lib.tcmu_py_nbdq_new(p(handle), p(f.aio_pwrite), p(f.aio_get_fd),
+                                   p(f.aio_get_direction), p(f.aio_notify_read),
+                                   p(f.aio_notify_write), p(f.close),
+                                   max(0, int(timeout * 1000)))
+        if ptr == ffi.NULL:
+            raise MemoryError("nbd writer")
+        self.ptr: Any = ptr
+
+    @property
+    def dead(self) -> bool:
+        return self.ptr is None or bool(lib.tcmu_py_nbdq_dead(self.ptr))
+
+    def close(self) -> None:
+        """Stop the thread and close the connection. No declared extent may name it."""
+        ptr, self.ptr = self.ptr, None
+        if ptr is not None:
+            lib.tcmu_py_nbdq_free(ptr)

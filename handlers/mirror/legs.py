@@ -18,6 +18,7 @@ import stat
 import threading
 from typing import Protocol
 
+from tcmu_py.backend import FanOutKit, FanOutWriter
 from tcmu_py.errors import ConfigError
 
 from .nbd import NbdClient, connect
@@ -141,6 +142,31 @@ class NbdLeg:
             self.client.close()
             raise
         self._lock = threading.Lock()
+        self._writer: FanOutWriter | None = None
+        #: Writers that died: freed at `close` (a declared extent may still name one).
+        self._dead: list[FanOutWriter] = []
+        #: Whether the server lets a second connection see this one's writes (multi-conn)
+        self.multi_conn = self.client.can_multi_conn()
+
+    def writer(self, kit: FanOutKit, timeout: float) -> FanOutWriter | None:
+        """A C writer on a connection of its own (`FanOutKit.nbd_writer`), made on first
+        use and again after one died; None when the server does not offer multi-conn (a
+        flush on one connection would then not cover the other's writes) or the connection
+        fails. Closed with the leg."""
+        with self._lock:
+            if self._writer is not None and not self._writer.dead:
+                return self._writer
+            if not self.multi_conn:
+                return None
+            if self._writer is not None:
+                self._dead.append(self._writer)
+                self._writer = None
+            try:
+                handle, fns = connect(self.spec).detach()
+            except OSError:
+                return None
+            self._writer = kit.nbd_writer(handle, fns, timeout)
+            return self._writer
 
     def read(self, offset: int, buf: memoryview) -> None:
         self.client.pread(buf, offset)
@@ -174,7 +200,12 @@ class NbdLeg:
             self.client.flush()
 
     def close(self) -> None:
+        """Also frees the C writers: the mirror withdrew any extent naming them first."""
         with self._lock:
+            for w in [*self._dead, *([self._writer] if self._writer else [])]:
+                w.close()
+            self._dead.clear()
+            self._writer = None
             with contextlib.suppress(OSError):  # a server gone already needs no goodbye
                 self.client.shutdown()
             self.client.close()

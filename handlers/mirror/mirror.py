@@ -139,11 +139,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tcmu_py.backend import ReadExtent
+from tcmu_py.backend import FanOutExtent, FanOutKit, FanOutRegions, FanOutWriter, ReadExtent
 from tcmu_py.errors import ConfigError
 from tcmu_py.scsi.sense import WriteProtected
 
-from .legs import FileLeg, Leg
+from .legs import FileLeg, Leg, NbdLeg
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +368,14 @@ class Mirror:
         #: Set by the device (`tcmu_py.backend.FileExtent`): called when `file_extent` may
         #: answer differently (`_extent_moved`).
         self.extent_listener: Callable[[], None] | None = None
+        #: The write-intent regions of the last `FanOutExtent` given (None: the last extent
+        #: given was none or a `ReadExtent`: C writes nothing), and a counter bumped at every
+        #: `_extent_moved` (a write arms its regions only if it did not move meanwhile).
+        self._fan: FanOutRegions | None = None
+        #: Set by the device (`tcmu_py.backend.FanOutKit`): without it no `FanOutExtent`.
+        self.fanout_kit: FanOutKit | None = None
+        self._fan_gen = 0
+        self._fan_writes = 0  # C writes through earlier regions objects (status)
 
     # -- open ------------------------------------------------------------------------------
 
@@ -739,32 +747,77 @@ class Mirror:
 
     # -- the C data plane --------------------------------------------------------------------
 
-    def file_extent(self) -> ReadExtent | None:
+    def file_extent(self) -> ReadExtent | FanOutExtent | None:
         """READs may go straight to a local leg (image file or block device: the data area is
         its bytes ``[0, size)``) while it is in sync and not lagging: it then holds every
-        acknowledged write (rules 4 and 4b). WRITEs always come here: they go to every leg.
-        None otherwise, while closing, and with ``read=round-robin``: an operator who spreads
-        reads over every leg gets that (least-busy reads the local leg when it is free, as C
-        does). The C data plane asks again after each `_extent_moved`."""
+        acknowledged write (rules 4 and 4b). None otherwise, while closing, and with
+        ``read=round-robin``: an operator who spreads reads over every leg gets that
+        (least-busy reads the local leg when it is free, as C does). The C data plane asks
+        again after each `_extent_moved`.
+
+        WRITEs too (a `FanOutExtent`: the native loop writes every leg itself) when every leg
+        is in sync, the quorum is ``all`` (C waits for every leg; a numeric quorum's lagging
+        legs stay Python's) and every NBD leg has a C writer (its server offers multi-conn:
+        SYNCHRONIZE CACHE, sent on the mirror's own connection, then covers the writer's
+        writes too). Its regions start disarmed: a region is armed by the first write to it
+        that Python makes (rule 6)."""
         if self.cfg.read_policy != "least-busy":
             return None
         with self._lock:
+            self._retire_fan()
             if self._closing:
                 return None
-            for ls in self._legs:
-                if (ls.local and ls.state == IN_SYNC and not self._lag >> ls.index & 1
-                        and isinstance(ls.leg, FileLeg)):
-                    return ReadExtent(ls.leg.fd, 0)
-        return None
+            local = [ls for ls in self._legs
+                     if ls.local and ls.state == IN_SYNC and not self._lag >> ls.index & 1
+                     and isinstance(ls.leg, FileLeg)]
+            if not local:
+                return None
+            read_fd = local[0].leg.fd  # type: ignore[union-attr]
+            legs = list(self._legs)
+            kit = self.fanout_kit
+            fan_ok = (kit is not None and not self.cfg.quorum and not self._lag
+                      and not self._recording and not self._owed
+                      and all(ls.state == IN_SYNC for ls in legs))
+        if not fan_ok:
+            return ReadExtent(read_fd, 0)
+        fds: list[int] = []
+        writers: list[FanOutWriter] = []
+        assert kit is not None
+        for ls in legs:
+            leg = ls.leg
+            w = leg.writer(kit, self.cfg.leg_timeout) if isinstance(leg, NbdLeg) else None
+            if isinstance(leg, FileLeg):
+                fds.append(leg.fd)
+            elif w is not None:
+                writers.append(w)
+            else:
+                return ReadExtent(read_fd, 0)
+        with self._lock:
+            if any(ls.state != IN_SYNC for ls in legs) or self._closing:
+                return ReadExtent(read_fd, 0)  # moved meanwhile: asked again after it
+            self._fan = kit.regions(self.region, self.nregions)
+        return FanOutExtent(read_fd, 0, tuple(fds), tuple(writers), self._fan)
+
+    def _retire_fan(self) -> None:
+        """Forget the current regions (C no longer writes through them: the plane asks for a
+        new extent only once it is drained). Caller holds `_lock`."""
+        if self._fan is not None:
+            self._fan_writes += self._fan.writes
+            self._fan = None
 
     def _extent_moved(self, legs: int) -> None:
         """The state of the legs in mask `legs` changed (in sync, failed, lagging): if one is
         local, the data plane stops reading it until it asked `file_extent` again. Called
         before the change matters: before a write acknowledged without that leg returns,
-        before its fd is closed (a failed leg is closed only by `reattach` or `close`).
-        Without `_lock` held: the listener waits for the data plane's reads in flight."""
+        before its fd is closed (a failed leg is closed only by `reattach` or `close`). With
+        a `FanOutExtent` given, whatever the legs: C writes every leg. Without `_lock` held:
+        the listener waits for the data plane's reads and writes in flight."""
         listener = self.extent_listener
-        if listener is not None and any(ls.local for ls in self._legs if legs >> ls.index & 1):
+        with self._lock:
+            self._fan_gen += 1
+            fan = self._fan is not None
+        if listener is not None and (fan or any(ls.local for ls in self._legs
+                                                 if legs >> ls.index & 1)):
             listener()
 
     # -- the BlockBackend ----------------------------------------------------------------------
@@ -846,10 +899,13 @@ class Mirror:
                 with self._lock:
                     need = self._need()
                     new_bits = False
+                    fan, fan_gen = self._fan, self._fan_gen
                     for r in regions:
                         if not self.bitmap[r >> 3] >> (r & 7) & 1:
                             self.bitmap[r >> 3] |= 1 << (r & 7)
                             new_bits = True
+                        elif fan is not None and not fan.armed(r):
+                            new_bits = True  # rule 6: the block again, to arm the region
                     block = (self._bitmap_block(regions[0] >> 3, (regions[-1] >> 3) + 1)
                              if new_bits else None)
                     targets = [ls for ls in self._legs if ls.takes_writes]
@@ -862,6 +918,15 @@ class Mirror:
             op.abandon()
             raise
         op.wait()
+        if fan is not None:
+            with self._lock:
+                # rule 6: every leg took the block, then the data (quorum all), and nothing
+                # moved since (a leg failing moves it before the write is acknowledged)
+                if (fan is self._fan and fan_gen == self._fan_gen
+                        and len(targets) == len(self._legs)
+                        and all(ls.state == IN_SYNC for ls in self._legs)
+                        and all(self.bitmap[r >> 3] >> (r & 7) & 1 for r in regions)):
+                    fan.arm(regions[0], regions[-1])
 
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Read from one in-sync leg (``read_policy``); a leg that fails the read, or does not
@@ -1029,9 +1094,11 @@ class Mirror:
             need = self._need()
             targets = [ls for ls in self._legs if ls.takes_writes]
             op = _WriteOp(self, range(0), FLUSH)
+            fan = self._fan
+            epoch = fan.epoch() if fan is not None else 0  # C's writes from here on: kept
             # rule 5 needs the flush on every leg, not just the quorum: the last leg to answer
             # clears the bits (maybe after the flush was acknowledged)
-            op.on_complete = lambda: self._clear_clean_bits(start_seq)
+            op.on_complete = lambda: self._clear_clean_bits(start_seq, fan, epoch)
             op.start(targets, need)
             for ls in targets:
                 ls.queue.put((op, FLUSH, 0, b""))
@@ -1039,14 +1106,18 @@ class Mirror:
         if every_leg:
             op.wait_all()
 
-    def _clear_clean_bits(self, before: int) -> None:
+    def _clear_clean_bits(self, before: int, fan: FanOutRegions | None = None,
+                          epoch: int = 0) -> None:
         """Rule 5: with every leg in sync, clear the bits of regions not written since `before`
-        and not being written."""
+        and not being written, by Python or by C (`fan`, the regions C wrote through when the
+        flush started, in `epoch`: a region C wrote since is kept; one it did not is disarmed
+        as it is cleared)."""
         with self._lock:
-            if any(ls.state != IN_SYNC for ls in self._legs):
-                return
+            if any(ls.state != IN_SYNC for ls in self._legs) or fan is not self._fan:
+                return  # C's regions changed since the flush started: nothing is known
             cleared = [r for r in self._dirty_regions()
-                       if self._last_write.get(r, 0) <= before and not self._writers.get(r)]
+                       if self._last_write.get(r, 0) <= before and not self._writers.get(r)
+                       and (fan is None or fan.disarm(r, epoch))]
             for r in cleared:
                 self.bitmap[r >> 3] &= ~(1 << (r & 7)) & 0xFF
                 self._last_write.pop(r, None)
@@ -1490,6 +1561,7 @@ class Mirror:
                 "resync": {"active": resyncing, "total": self.resync_total,
                            "done": self.resync_done},
                 "regions_copied": self.regions_copied,
+                "c_writes": self._fan_writes + (self._fan.writes if self._fan else 0),
                 "lag_acks": self.lag_acks,
                 "legs": [{"index": ls.index, "spec": ls.spec, "state": ls.state,
                           "error": ls.error, "reads": ls.reads, "errors": ls.errors,

@@ -27,6 +27,8 @@ from typing import Any
 
 import cffi
 
+from tcmu_py.backend import NbdFunctions
+
 _CDEF = """
 struct nbd_handle;
 struct nbd_handle *nbd_create (void);
@@ -53,6 +55,10 @@ int64_t nbd_aio_pwrite (struct nbd_handle *h, const void *buf, size_t count, uin
                         nbd_completion_callback completion_callback, uint32_t flags);
 int nbd_aio_command_completed (struct nbd_handle *h, uint64_t cookie);
 int nbd_poll (struct nbd_handle *h, int timeout);
+int nbd_aio_get_fd (struct nbd_handle *h);
+unsigned nbd_aio_get_direction (struct nbd_handle *h);
+int nbd_aio_notify_read (struct nbd_handle *h);
+int nbd_aio_notify_write (struct nbd_handle *h);
 int nbd_trim (struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags);
 int nbd_shutdown (struct nbd_handle *h, uint32_t flags);
 """
@@ -237,6 +243,24 @@ class NbdClient:
     def shutdown(self) -> None:
         """Tell the server we are done (NBD_CMD_DISC after in-flight commands)."""
         self._check("shutdown", self._handle_call(self._lib.nbd_shutdown, 0))
+
+    def detach(self) -> tuple[int, NbdFunctions]:
+        """Give the handle away: its address and those of the functions a C user of it needs
+        (`tcmu_py.backend.FanOutKit.nbd_writer`, whose writer closes it). The object is
+        unusable afterwards."""
+        h, self._h = self._h, None
+        if h is None:
+            raise NbdError(_errno.EBADF, f"{self.uri or 'nbd'}: handle closed")
+        lib = self._lib
+
+        def addr(fn: Any) -> int:
+            return int(_ffi.cast("uintptr_t", fn))
+
+        return addr(h), NbdFunctions(
+            aio_pwrite=addr(lib.nbd_aio_pwrite), aio_get_fd=addr(lib.nbd_aio_get_fd),
+            aio_get_direction=addr(lib.nbd_aio_get_direction),
+            aio_notify_read=addr(lib.nbd_aio_notify_read),
+            aio_notify_write=addr(lib.nbd_aio_notify_write), close=addr(lib.nbd_close))
 
     def close(self) -> None:
         """Free the handle (closing the socket); the object is unusable afterwards."""

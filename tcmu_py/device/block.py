@@ -26,6 +26,8 @@ from functools import partial
 from tcmu_py.backend import (
     BlockBackend,
     Capabilities,
+    FanOutExtent,
+    FanOutKit,
     ProvisioningInfo,
     RbdExtent,
     ReadExtent,
@@ -175,6 +177,12 @@ class BlockDevice(ScsiDevice):
         self.optimal_transfer_blocks = min(self.optimal_transfer_blocks, self.max_transfer_blocks)
         self.extent_version += 1
 
+    def offer_fanout(self, kit: FanOutKit) -> None:
+        """A native loop serves the device: a backend that can hand C its writes (it has a
+        ``fanout_kit`` attribute: `tcmu_py.backend.FanOutExtent`) gets the kit to do it."""
+        if self.caps.file_extent is not None and hasattr(self.backend, "fanout_kit"):
+            self.backend.fanout_kit = kit
+
     def _extent_moved(self) -> None:
         """The backend's extent changed on its own (`FileExtent`'s ``extent_listener``)."""
         self.extent_version += 1
@@ -204,6 +212,10 @@ class BlockDevice(ScsiDevice):
         if isinstance(got, RbdExtent):
             return DataExtent(-1, 0, self.block_size, self.num_blocks, self.max_transfer_blocks,
                               self.backend.write_cache, rbd=got)
+        if isinstance(got, FanOutExtent):
+            return DataExtent(got.fd, got.base, self.block_size, self.num_blocks,
+                              self.max_transfer_blocks, self.backend.write_cache,
+                              reads_only=True, fanout=got)
         if isinstance(got, ReadExtent):
             fd, base, reads_only = got.fd, got.base, True
         elif len(got) == 3:

@@ -33,7 +33,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from tcmu_py.backend import RbdExtent
+from tcmu_py.backend import FanOutExtent, FanOutKit, RbdExtent
 from tcmu_py.device.command import Command, Response
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
@@ -172,7 +172,8 @@ class DataExtent:
     the plane then serves only commands on allocated units and fences whole units.
     ``reads_only``: the plane serves READs only (`tcmu_py.backend.ReadExtent`). ``rbd``: the
     data is an RBD image instead (``fd`` -1, ``base`` 0), for the native loop only
-    (`tcmu_py.backend.RbdExtent`)."""
+    (`tcmu_py.backend.RbdExtent`). ``fanout``: with ``reads_only``, a mirror's writes the
+    native loop makes to every leg (`tcmu_py.backend.FanOutExtent`)."""
 
     fd: int
     base: int
@@ -184,6 +185,7 @@ class DataExtent:
     unit_blocks: int = 0
     reads_only: bool = False
     rbd: RbdExtent | None = None
+    fanout: FanOutExtent | None = None
 
 
 class ScsiDevice:
@@ -260,6 +262,10 @@ class ScsiDevice:
         """The file extent plain READ/WRITE may be served from without calling the device, or
         None (the default: every command comes here). Read on the loop thread."""
         return None
+
+    def offer_fanout(self, kit: FanOutKit) -> None:
+        """A native loop serves the device and offers the C objects of a mirror's write
+        fan-out (`tcmu_py.backend.FanOutExtent`); the default takes nothing."""
 
     def extent_may_come(self) -> bool:
         """Whether `data_extent` answers an extent now, or may later without the device being

@@ -351,7 +351,8 @@ def test_reads_come_from_the_local_leg_in_c_and_never_from_a_leg_that_failed(
 
         mirror = dev.backend
         mirror._legs[0].leg.write = broken  # type: ignore[union-attr]
-        assert h.run(cdbs.write10(0, 8), data_out=new).good  # leg 1 holds it
+        # FUA with the write cache on: the mirror's (a plain WRITE would be C's, see below)
+        assert h.run(cdbs.write10(0, 8, fua=True), data_out=new).good  # leg 1 holds it
         assert mirror._legs[0].state == FAILED
         assert Path(legs[0]).read_bytes()[:4096] == old  # what C would have read
         for _ in range(10):
@@ -487,3 +488,159 @@ def test_an_nbd_write_batch_ends_while_reads_share_the_connection(tmp_path: Path
         stop.set()
         proc.kill()
         proc.wait(START_DEADLINE)
+
+
+# -- writes in C (the fan-out extent) ---------------------------------------------------------
+
+
+def _c_writes(dev: Any) -> int:
+    return int(dev.backend.status()["c_writes"])
+
+
+def test_writes_go_to_every_leg_in_c_once_their_region_is_armed(tmp_path: Path) -> None:
+    """With every leg in sync and quorum all, the mirror declares a fan-out extent: the first
+    WRITE to a region is the mirror's (its bit set and written to every leg, then the region
+    armed); later plain WRITEs there are written by C to both legs. A FUA WRITE (write cache
+    on) stays the mirror's. After a SYNCHRONIZE CACHE with no write since, the region's bit
+    is cleared and it is disarmed: the next WRITE there is the mirror's again (it sets the bit
+    before any data, rule 1)."""
+    legs = [str(tmp_path / f"l{i}.img") for i in range(2)]
+    dev = MirrorHandler.open(device_config(
+        f"legs={legs[0]}|{legs[1]};region={REGION};assume_clean=1;retry=3600"))
+    h = RingHarness(dev, data_plane=True, native=True)
+    mirror = dev.backend
+    try:
+        h.run(cdbs.test_unit_ready())  # power-on unit attention
+        blocks = REGION // BS
+        assert h.run(cdbs.write10(0, 8), data_out=b"\x01" * 4096).good
+        assert _c_writes(dev) == 0 and mirror.bitmap[0] & 1
+        fan = mirror._fan
+        assert fan is not None and fan.armed(0) and not fan.armed(1)
+        for i in range(1, 11):
+            assert h.run(cdbs.write10(8 * i, 8), data_out=bytes([i + 1]) * 4096).good
+        assert _c_writes(dev) == 10
+        assert h.run(cdbs.write10(0, 8, fua=True), data_out=b"\x0f" * 4096).good
+        assert _c_writes(dev) == 10
+        # a write across regions 0 and 1: region 1 is not armed, so the mirror takes it
+        assert h.run(cdbs.write10(blocks - 8, 16), data_out=b"\x33" * 8192).good
+        assert _c_writes(dev) == 10 and fan.armed(1)
+        for leg in legs:
+            data = Path(leg).read_bytes()
+            assert data[:4096] == b"\x0f" * 4096
+            assert all(data[4096 * i:4096 * (i + 1)] == bytes([i + 1]) * 4096
+                       for i in range(1, 11))
+            assert data[REGION - 4096:REGION + 4096] == b"\x33" * 8192
+        for i in range(1, 11):
+            assert h.run(cdbs.read10(8 * i, 8), data_in_len=4096).data == bytes([i + 1]) * 4096
+        assert h.run(cdbs.synchronize_cache10()).good
+        assert wait_until(lambda: mirror.bitmap[0] & 3 == 0, DEADLINE), "bits not cleared"
+        assert not fan.armed(0) and not fan.armed(1)
+        assert h.run(cdbs.write10(8, 8), data_out=b"\x44" * 4096).good
+        assert _c_writes(dev) == 10 and mirror.bitmap[0] & 1 and fan.armed(0)
+        assert h.run(cdbs.write10(16, 8), data_out=b"\x45" * 4096).good
+        assert _c_writes(dev) == 11
+    finally:
+        h.close()
+        dev.close()
+    for leg in legs:
+        assert Path(leg).read_bytes()[4096:12288] == b"\x44" * 4096 + b"\x45" * 4096
+
+
+def test_a_c_write_after_a_flush_began_keeps_its_region_dirty(tmp_path: Path) -> None:
+    """Rule 5 with C's writes: a region C wrote after a flush started keeps its bit when that
+    flush ends (its data may not be durable on every leg); one C wrote before it is cleared."""
+    legs = [str(tmp_path / f"l{i}.img") for i in range(2)]
+    dev = MirrorHandler.open(device_config(
+        f"legs={legs[0]}|{legs[1]};region={REGION};assume_clean=1;retry=3600"))
+    h = RingHarness(dev, data_plane=True, native=True)
+    mirror = dev.backend
+    blocks = REGION // BS
+    try:
+        h.run(cdbs.test_unit_ready())
+        for r in (0, 1):  # arm both regions, then one C write in each
+            for _ in range(2):
+                assert h.run(cdbs.write10(r * blocks, 8), data_out=b"\x05" * 4096).good
+        assert _c_writes(dev) == 2
+        fan = mirror._fan
+        assert fan is not None
+        epoch = fan.epoch()  # what flush() does when it starts
+        assert h.run(cdbs.write10(blocks, 8), data_out=b"\x06" * 4096).good  # C, region 1
+        assert _c_writes(dev) == 3
+        mirror._clear_clean_bits(mirror._seq, fan, epoch)
+        assert mirror.bitmap[0] & 3 == 2, "region 0 clean, region 1 written since"
+        assert not fan.armed(0) and fan.armed(1)
+    finally:
+        h.close()
+        dev.close()
+
+
+def test_c_writes_reach_an_nbd_leg_and_a_dead_server_fails_the_leg_not_the_write(
+        servers: list[FileServer], tmp_path: Path) -> None:
+    """A local leg and an nbdkit leg: C writes both (the NBD leg through a connection of its
+    own); data equal on both. The server killed, C's write fails on it, the mirror writes
+    again, fails the leg and acknowledges GOOD from the local leg; later writes are the
+    mirror's (no fan-out without every leg in sync)."""
+    from tcmu_py.handlers.mirror.mirror import FAILED
+
+    local = str(tmp_path / "local.img")
+    dev = MirrorHandler.open(device_config(
+        f"legs={local}|{servers[0].uri};region={REGION};assume_clean=1;retry=3600;"
+        "leg_timeout=5"))
+    h = RingHarness(dev, data_plane=True, native=True)
+    mirror = dev.backend
+    try:
+        h.run(cdbs.test_unit_ready())
+        for i in range(12):
+            assert h.run(cdbs.write10(8 * i, 8), data_out=bytes([i + 1]) * 4096).good
+        assert _c_writes(dev) == 11
+        assert h.run(cdbs.synchronize_cache10()).good
+        want = b"".join(bytes([i + 1]) * 4096 for i in range(12))
+        assert Path(local).read_bytes()[:len(want)] == want
+        assert servers[0].image.read_bytes()[:len(want)] == want
+        # the flush cleared region 0's bit: the mirror's write sets and arms it again
+        assert h.run(cdbs.write10(16, 8), data_out=b"\x03" * 4096).good
+        assert _c_writes(dev) == 11
+        servers[0].stop()
+        assert h.run(cdbs.write10(0, 8), data_out=b"\x77" * 4096).good
+        assert mirror._legs[1].state == FAILED
+        assert h.run(cdbs.write10(8, 8), data_out=b"\x78" * 4096).good
+        assert _c_writes(dev) == 11 + 1  # the one that failed on the NBD leg
+        assert h.run(cdbs.read10(0, 16), data_in_len=8192).data == b"\x77" * 4096 + b"\x78" * 4096
+    finally:
+        h.close()
+        dev.close()
+
+
+def test_a_silent_nbd_server_costs_a_c_write_the_leg_timeout_not_a_hang(
+        servers: list[FileServer], tmp_path: Path) -> None:
+    """The NBD server stopped (SIGSTOP: the connection stays up, nothing answers): C's write
+    waits at most leg_timeout, then goes to the mirror, which fails the leg after its own
+    leg_timeout and acknowledges from the local leg."""
+    import signal
+
+    from tcmu_py.handlers.mirror.mirror import FAILED
+
+    local = str(tmp_path / "local.img")
+    dev = MirrorHandler.open(device_config(
+        f"legs={local}|{servers[0].uri};region={REGION};assume_clean=1;retry=3600;"
+        "leg_timeout=1"))
+    h = RingHarness(dev, data_plane=True, native=True)
+    mirror = dev.backend
+    proc = servers[0].proc
+    assert proc is not None
+    try:
+        h.run(cdbs.test_unit_ready())
+        for _ in range(2):
+            assert h.run(cdbs.write10(0, 8), data_out=b"\x01" * 4096).good
+        assert _c_writes(dev) == 1
+        proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert h.run(cdbs.write10(0, 8), data_out=b"\x02" * 4096).good
+        took = time.monotonic() - t0
+        assert mirror._legs[1].state == FAILED
+        assert took < 20, f"the write took {took:.1f} s"
+        assert Path(local).read_bytes()[:4096] == b"\x02" * 4096
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        h.close()
+        dev.close()
