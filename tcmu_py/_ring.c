@@ -886,17 +886,19 @@ enum { TCMU_PY_NBD_DIR_READ = 1, TCMU_PY_NBD_DIR_WRITE = 2 };
 
 typedef void (*tcmu_py_nbd_done_t)(void *arg, int ok);
 
-/* One write: queued, then in flight until answered (libnbd's callback or the writer's death).
- * Freed by the writer's thread once answered and retired, or in tcmu_py_nbdq_free. */
+/* One write, in flight from its submission until answered (libnbd's callback, or the writer's
+ * death) and retired by the writer's thread (or tcmu_py_nbdq_free). */
 struct tcmu_py_nbd_req {
     struct tcmu_py_nbd_req *next;
-    const void *buf;
-    uint64_t len, off, t0;
+    uint64_t t0;
     tcmu_py_nbd_done_t done;
     void *arg;
     int answered;
 };
 
+/* Locks: the submitting thread calls libnbd holding none of ours; libnbd calls our callback
+ * holding its handle's lock, and the callback takes the loop's mutex (tcmu_py_mw_nbd_done);
+ * `mu` is taken alone, or before the loop's mutex (tcmu_py_nbdq_die), never after it. */
 struct tcmu_py_nbdq {
     void *h;
     tcmu_py_nbd_pwrite_t aio_pwrite;
@@ -905,23 +907,22 @@ struct tcmu_py_nbdq {
     tcmu_py_nbd_close_t close;
     uint64_t timeout_ns;
     pthread_t thread;
-    pthread_mutex_t mu;                    /* queue, quit, dead */
-    int efd;                               /* wakes the thread: queued work, quit */
-    struct tcmu_py_nbd_req *queued, **queued_tail;
-    struct tcmu_py_nbd_req *flight;        /* the thread's own: sent, maybe answered */
+    pthread_mutex_t mu;                    /* flight, quit, dead */
+    int efd;                               /* wakes the thread: a write waits to go out, quit */
+    struct tcmu_py_nbd_req *flight;
     int quit, dead;
 };
 
-static void tcmu_py_nbdq_answer(struct tcmu_py_nbd_req *q, int ok)
+static void tcmu_py_nbdq_answer(struct tcmu_py_nbd_req *r, int ok)
 {
-    if (q->answered)
+    if (r->answered)
         return;
-    q->answered = 1;
-    q->done(q->arg, ok);
+    r->answered = 1;
+    r->done(r->arg, ok);
 }
 
-/* libnbd's completion callback (on the writer's thread, inside a notify call, or in nbd_close
- * for a dead writer's writes, already answered). */
+/* libnbd's completion callback: on the writer's thread inside a notify call (or in nbd_close,
+ * for a dead writer's writes, answered already). */
 static int tcmu_py_nbdq_cb(void *user_data, int *error)
 {
     tcmu_py_nbdq_answer(user_data, error && *error == 0);
@@ -938,54 +939,52 @@ static void tcmu_py_nbdq_wake(struct tcmu_py_nbdq *q)
     while (w < 0 && errno == EINTR);
 }
 
-/* Queue a write of len bytes at off from buf (which stays valid until done is called): 1, or
- * 0 when the writer is dead or out of memory (done is then never called). */
+/* The writer dies (under mu): every write in flight fails now; they stay listed until
+ * tcmu_py_nbdq_free (libnbd may still hold them). */
+static void tcmu_py_nbdq_die(struct tcmu_py_nbdq *q)
+{
+    struct tcmu_py_nbd_req *r;
+
+    q->dead = 1;
+    for (r = q->flight; r; r = r->next)
+        tcmu_py_nbdq_answer(r, 0);
+}
+
+/* Send a write of len bytes at off from buf (valid until done is called) on the submitting
+ * thread, which holds no lock of ours: 1 (done will be called once, maybe before this returns,
+ * on any thread), or 0 when the writer is dead or out of memory (done is never called). The
+ * writer's thread only polls the socket and answers. */
 static int tcmu_py_nbdq_push(struct tcmu_py_nbdq *q, const void *buf, uint64_t len,
                              uint64_t off, tcmu_py_nbd_done_t done, void *arg)
 {
     struct tcmu_py_nbd_req *r = calloc(1, sizeof(*r));
+    struct tcmu_py_nbd_completion cb = {tcmu_py_nbdq_cb, NULL, NULL};
 
     if (!r)
         return 0;
-    r->buf = buf;
-    r->len = len;
-    r->off = off;
     r->done = done;
     r->arg = arg;
     r->t0 = tcmu_py_now_ns();
+    cb.user_data = r;
     pthread_mutex_lock(&q->mu);
     if (q->dead || q->quit) {
         pthread_mutex_unlock(&q->mu);
         free(r);
         return 0;
     }
-    *q->queued_tail = r;
-    q->queued_tail = &r->next;
+    r->next = q->flight;
+    q->flight = r;
     pthread_mutex_unlock(&q->mu);
-    tcmu_py_nbdq_wake(q);
-    return 1;
-}
-
-/* The writer dies: every write in flight and queued fails (those in flight stay listed until
- * tcmu_py_nbdq_free: libnbd may still hold them). */
-static void tcmu_py_nbdq_die(struct tcmu_py_nbdq *q)
-{
-    struct tcmu_py_nbd_req *r, *queued;
-
-    pthread_mutex_lock(&q->mu);
-    q->dead = 1;
-    queued = q->queued;
-    q->queued = NULL;
-    q->queued_tail = &q->queued;
-    pthread_mutex_unlock(&q->mu);
-    for (r = q->flight; r; r = r->next)
-        tcmu_py_nbdq_answer(r, 0);
-    while (queued) {
-        r = queued;
-        queued = r->next;
-        tcmu_py_nbdq_answer(r, 0);
-        free(r);
+    if (q->aio_pwrite(q->h, buf, (size_t)len, off, cb, 0) < 0) {
+        pthread_mutex_lock(&q->mu);             /* never issued: libnbd will not call back */
+        tcmu_py_nbdq_die(q);                    /* the handle is closed or dead; r fails too */
+        pthread_mutex_unlock(&q->mu);
+        tcmu_py_nbdq_wake(q);
+        return 1;
     }
+    if (q->get_direction(q->h) & TCMU_PY_NBD_DIR_WRITE)
+        tcmu_py_nbdq_wake(q);                   /* not all sent: the thread polls for POLLOUT */
+    return 1;
 }
 
 static void *tcmu_py_nbdq_main(void *arg)
@@ -993,47 +992,18 @@ static void *tcmu_py_nbdq_main(void *arg)
     struct tcmu_py_nbdq *q = arg;
 
     for (;;) {
-        struct tcmu_py_nbd_req *r, *fresh, **pp;
+        struct tcmu_py_nbd_req *r, **pp;
         struct pollfd p[2];
         uint64_t now, oldest = 0;
         unsigned dir;
-        int n = 1, ms = 1000, quit, dead;
+        int n = 1, ms = 1000, dead;
 
         pthread_mutex_lock(&q->mu);
-        quit = q->quit;
-        dead = q->dead;
-        fresh = dead ? NULL : q->queued;
-        if (!dead) {
-            q->queued = NULL;
-            q->queued_tail = &q->queued;
-        }
-        pthread_mutex_unlock(&q->mu);
-        if (quit)
+        if (q->quit) {
+            pthread_mutex_unlock(&q->mu);
             break;
-        while (fresh) {                         /* send: each goes in flight, or fails */
-            struct tcmu_py_nbd_completion cb = {tcmu_py_nbdq_cb, NULL, NULL};
-
-            r = fresh;
-            fresh = r->next;
-            r->next = q->flight;
-            q->flight = r;
-            cb.user_data = r;
-            if (q->aio_pwrite(q->h, r->buf, (size_t)r->len, r->off, cb, 0) < 0) {
-                tcmu_py_nbdq_die(q);            /* the handle is closed or dead */
-                break;
-            }
         }
-        if (fresh) {                            /* died while sending: the rest fail */
-            while (fresh) {
-                r = fresh;
-                fresh = r->next;
-                tcmu_py_nbdq_answer(r, 0);
-                free(r);
-            }
-        }
-        pthread_mutex_lock(&q->mu);
         dead = q->dead;
-        pthread_mutex_unlock(&q->mu);
         /* retire the answered; note the oldest unanswered */
         for (pp = &q->flight; !dead && *pp;) {
             r = *pp;
@@ -1050,12 +1020,14 @@ static void *tcmu_py_nbdq_main(void *arg)
         if (!dead && oldest && q->timeout_ns) {
             if (now - oldest >= q->timeout_ns) {
                 tcmu_py_nbdq_die(q);            /* no answer in time */
+                pthread_mutex_unlock(&q->mu);
                 continue;
             }
             ms = (int)((q->timeout_ns - (now - oldest)) / 1000000u) + 1;
             if (ms > 1000)
                 ms = 1000;
         }
+        pthread_mutex_unlock(&q->mu);
         p[0].fd = q->efd;
         p[0].events = POLLIN;
         p[0].revents = 0;
@@ -1065,10 +1037,16 @@ static void *tcmu_py_nbdq_main(void *arg)
             p[1].events = (short)((dir & TCMU_PY_NBD_DIR_READ ? POLLIN : 0) |
                                   (dir & TCMU_PY_NBD_DIR_WRITE ? POLLOUT : 0));
             p[1].revents = 0;
-            if (p[1].fd >= 0 && p[1].events)
+            if (p[1].fd >= 0 && p[1].events) {
                 n = 2;
-            else if (q->flight)
-                tcmu_py_nbdq_die(q);            /* the connection is gone */
+            } else if (p[1].fd < 0) {
+                pthread_mutex_lock(&q->mu);     /* the connection is gone */
+                tcmu_py_nbdq_die(q);
+                pthread_mutex_unlock(&q->mu);
+                continue;
+            } else {
+                ms = 10;                        /* libnbd wants nothing now: look again soon */
+            }
         }
         if (poll(p, (nfds_t)n, ms) < 0 && errno != EINTR)
             continue;
@@ -1104,7 +1082,6 @@ struct tcmu_py_nbdq *tcmu_py_nbdq_new(void *handle, void *aio_pwrite, void *aio_
     q->notify_write = (tcmu_py_nbd_int_t)aio_notify_write;
     q->close = (tcmu_py_nbd_close_t)close_fn;
     q->timeout_ns = (uint64_t)timeout_ms * 1000000u;
-    q->queued_tail = &q->queued;
     q->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (q->efd < 0 || pthread_mutex_init(&q->mu, NULL) != 0) {
         if (q->efd >= 0)
@@ -1142,7 +1119,9 @@ void tcmu_py_nbdq_free(struct tcmu_py_nbdq *q)
     pthread_mutex_unlock(&q->mu);
     tcmu_py_nbdq_wake(q);
     pthread_join(q->thread, NULL);
+    pthread_mutex_lock(&q->mu);
     tcmu_py_nbdq_die(q);                        /* anything left fails (none, normally) */
+    pthread_mutex_unlock(&q->mu);
     if (q->close)
         q->close(q->h);                         /* callbacks of a dead writer's: answered */
     while (q->flight) {
@@ -1646,7 +1625,8 @@ static int tcmu_py_mw_submit(struct tcmu_py_loop *l, const struct tcmu_py_entry 
 {
     const struct tcmu_py_extent *x = &l->x;
     struct tcmu_py_job *j = tcmu_py_job_take(l, h, c, pos, t0);
-    uint32_t i, n_fds = x->mw_n_fds, n_nbd = x->mw_n_nbd;
+    uint32_t i, failed = 0, n_fds = x->mw_n_fds, n_nbd = x->mw_n_nbd;
+    struct tcmu_py_nbdq *nbd[3];
     int32_t fds[3];
     int ok = 1;
 
@@ -1673,18 +1653,21 @@ static int tcmu_py_mw_submit(struct tcmu_py_loop *l, const struct tcmu_py_entry 
     }
     j->mw_ok = 1;
     j->mw_pending = 1 + n_nbd;                  /* the local legs count as one */
-    for (i = 0; i < n_nbd; i++)
-        if (!tcmu_py_nbdq_push(x->mw_nbd[i], j->mw_buf, c->total, pos, tcmu_py_mw_nbd_done, j)) {
-            j->mw_pending--;                    /* dead: the command goes to Python */
-            j->mw_ok = 0;
-        }
     for (i = 0; i < n_fds && i < 3; i++)
         fds[i] = x->mw_fds[i];
-    /* Not under the mutex: the legs answer meanwhile; the job stays ours (mw_pending > 0). */
+    for (i = 0; i < n_nbd && i < 3; i++)
+        nbd[i] = x->mw_nbd[i];
+    /* Not under the mutex (libnbd may answer before its call returns, and its callback takes
+     * the mutex): the job stays ours while mw_pending > 0, and the local part is one. */
     pthread_mutex_unlock(&l->mu);
+    for (i = 0; i < n_nbd && i < 3; i++)
+        if (!tcmu_py_nbdq_push(nbd[i], j->mw_buf, c->total, pos, tcmu_py_mw_nbd_done, j))
+            failed++;                           /* dead: the command goes to Python */
     for (i = 0; i < n_fds && i < 3 && ok; i++)
         ok = tcmu_py_dp_iov(l->r->map, v, h->iov_cnt, fds[i], pos, 1);
     pthread_mutex_lock(&l->mu);
+    while (failed--)
+        tcmu_py_mw_part(l, j, 0);               /* not the last part: the local one is left */
     tcmu_py_mw_part(l, j, ok);
     return 1;
 }

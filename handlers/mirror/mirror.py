@@ -70,6 +70,17 @@ Rules this file obeys
     5. bits are cleared lazily: after a flush reached every leg, with every leg in sync, for the
        regions no write touched since that flush started. A clear that is lost (a crash) only
        costs a resync of that region; a set that is lost cannot happen (1 before 2).
+    6. writes in C (`file_extent` gives a `FanOutExtent`: every leg in sync, quorum all). The
+       native loop writes a WRITE to every leg itself only in *armed* regions. A region is
+       armed after a write made here put its bit on every leg and every leg took the data
+       (the first write to a region after each new extent queues the bitmap block again even
+       when the bit is set: a leg back from a resync may lack it), with nothing moved since
+       (`_fan_gen`). C marks the regions it writes with the current epoch; a flush starts a
+       new epoch, and rule 5 clears a region's bit only if `FanOutRegions.disarm` finds no C
+       write there since the previous flush began (since this one began for the first flush
+       on these regions: a region C keeps writing stays armed, as md's bitmap keeps a busy
+       region's bit) and none in flight, disarming it in the same step. A C write any leg
+       fails comes here and is written again (rules 3 and 4 then apply).
 * Consequence for a crash at any point: a region that may differ between the in-sync legs has
   its bit set on at least one of them (the one holding newer data). At an unclean open (clean
   flag off) the regions of the union of their bits are reconciled before the device serves:
@@ -376,6 +387,8 @@ class Mirror:
         self.fanout_kit: FanOutKit | None = None
         self._fan_gen = 0
         self._fan_writes = 0  # C writes through earlier regions objects (status)
+        #: The regions and epoch the last flush started (rule 6: C's busy regions stay armed)
+        self._flush_epoch: tuple[FanOutRegions | None, int] = (None, 0)
 
     # -- open ------------------------------------------------------------------------------
 
@@ -1096,9 +1109,15 @@ class Mirror:
             op = _WriteOp(self, range(0), FLUSH)
             fan = self._fan
             epoch = fan.epoch() if fan is not None else 0  # C's writes from here on: kept
+            # Regions C writes stay armed while busy (rule 6): their bits are cleared only
+            # when C wrote none of them since the *previous* flush began (this one covers
+            # that too); until a second flush on these regions, since this one began.
+            prev_fan, prev_epoch = self._flush_epoch
+            self._flush_epoch = (fan, epoch)
+            keep_since = prev_epoch if fan is not None and prev_fan is fan else epoch
             # rule 5 needs the flush on every leg, not just the quorum: the last leg to answer
             # clears the bits (maybe after the flush was acknowledged)
-            op.on_complete = lambda: self._clear_clean_bits(start_seq, fan, epoch)
+            op.on_complete = lambda: self._clear_clean_bits(start_seq, fan, keep_since)
             op.start(targets, need)
             for ls in targets:
                 ls.queue.put((op, FLUSH, 0, b""))

@@ -535,10 +535,19 @@ def test_writes_go_to_every_leg_in_c_once_their_region_is_armed(tmp_path: Path) 
         assert h.run(cdbs.synchronize_cache10()).good
         assert wait_until(lambda: mirror.bitmap[0] & 3 == 0, DEADLINE), "bits not cleared"
         assert not fan.armed(0) and not fan.armed(1)
-        assert h.run(cdbs.write10(8, 8), data_out=b"\x44" * 4096).good
-        assert _c_writes(dev) == 10 and mirror.bitmap[0] & 1 and fan.armed(0)
-        assert h.run(cdbs.write10(16, 8), data_out=b"\x45" * 4096).good
+        # from the second flush on, a region C wrote since the flush before stays armed
+        assert h.run(cdbs.write10(8, 8), data_out=b"\x43" * 4096).good  # the mirror's
+        assert h.run(cdbs.write10(8, 8), data_out=b"\x44" * 4096).good  # C's
         assert _c_writes(dev) == 11
+        assert h.run(cdbs.synchronize_cache10()).good
+        assert mirror.bitmap[0] & 1 and fan.armed(0)
+        assert h.run(cdbs.synchronize_cache10()).good  # no write since the one before
+        assert wait_until(lambda: mirror.bitmap[0] & 1 == 0, DEADLINE), "bit not cleared"
+        assert not fan.armed(0)
+        assert h.run(cdbs.write10(8, 8), data_out=b"\x44" * 4096).good
+        assert _c_writes(dev) == 11 and mirror.bitmap[0] & 1 and fan.armed(0)
+        assert h.run(cdbs.write10(16, 8), data_out=b"\x45" * 4096).good
+        assert _c_writes(dev) == 12
     finally:
         h.close()
         dev.close()
@@ -574,6 +583,16 @@ def test_a_c_write_after_a_flush_began_keeps_its_region_dirty(tmp_path: Path) ->
         dev.close()
 
 
+def _local_and_nbd(tmp_path: Path, server: FileServer, leg_timeout: int
+                   ) -> tuple[str, Any, RingHarness]:
+    """A mirror of a local image and `server`'s export, served by a native loop."""
+    local = str(tmp_path / "local.img")
+    dev = MirrorHandler.open(device_config(
+        f"legs={local}|{server.uri};region={REGION};assume_clean=1;retry=3600;"
+        f"leg_timeout={leg_timeout}"))
+    return local, dev, RingHarness(dev, data_plane=True, native=True)
+
+
 def test_c_writes_reach_an_nbd_leg_and_a_dead_server_fails_the_leg_not_the_write(
         servers: list[FileServer], tmp_path: Path) -> None:
     """A local leg and an nbdkit leg: C writes both (the NBD leg through a connection of its
@@ -582,11 +601,7 @@ def test_c_writes_reach_an_nbd_leg_and_a_dead_server_fails_the_leg_not_the_write
     mirror's (no fan-out without every leg in sync)."""
     from tcmu_py.handlers.mirror.mirror import FAILED
 
-    local = str(tmp_path / "local.img")
-    dev = MirrorHandler.open(device_config(
-        f"legs={local}|{servers[0].uri};region={REGION};assume_clean=1;retry=3600;"
-        "leg_timeout=5"))
-    h = RingHarness(dev, data_plane=True, native=True)
+    local, dev, h = _local_and_nbd(tmp_path, servers[0], leg_timeout=5)
     mirror = dev.backend
     try:
         h.run(cdbs.test_unit_ready())
@@ -620,11 +635,7 @@ def test_a_silent_nbd_server_costs_a_c_write_the_leg_timeout_not_a_hang(
 
     from tcmu_py.handlers.mirror.mirror import FAILED
 
-    local = str(tmp_path / "local.img")
-    dev = MirrorHandler.open(device_config(
-        f"legs={local}|{servers[0].uri};region={REGION};assume_clean=1;retry=3600;"
-        "leg_timeout=1"))
-    h = RingHarness(dev, data_plane=True, native=True)
+    local, dev, h = _local_and_nbd(tmp_path, servers[0], leg_timeout=1)
     mirror = dev.backend
     proc = servers[0].proc
     assert proc is not None
