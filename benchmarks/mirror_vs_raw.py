@@ -117,7 +117,7 @@ def guest(args: argparse.Namespace) -> int:
                       f"file={legs[1]}"], out / "nbdkit.log")
         cleanup.callback(nbd.stop)
         nbd.start(ready=listening, timeout=60)
-        disks = GuestDisks(work, out, cleanup)
+        disks = GuestDisks(work, out, cleanup, serve_args=args.serve_args.split())
         spec = "|".join(encode_spec(s) for s in (str(legs[0]), f"nbd://127.0.0.1:{NBD_PORT}"))
         devs: dict[str, Path | str] = {
             "mirror": disks.export("mirror", f"mirror/legs={spec};assume_clean=1;region=1M", size),
@@ -134,6 +134,17 @@ def guest(args: argparse.Namespace) -> int:
             nbd2.start(ready=lambda: listening(DIRECT_PORT), timeout=60)
             devs["nbd"] = f"nbd://127.0.0.1:{DIRECT_PORT}/"
             targets = (*TARGETS, "nbd")
+
+        def served(target: str) -> tuple[int, float, int] | None:
+            """(commands, latency seconds, C writes) the daemon counted for `target`."""
+            if target == "nbd":
+                return None
+            st = query_status(disks.run_dir, timeout=30)
+            (d,) = [d for d in st["devices"] if d["name"] == target]
+            m = [m for m in st["mirrors"] if m["device"] == target]
+            return (int(d["counters"]["commands"]), float(d["counters"]["latency_seconds"]),
+                    int(m[0]["c_writes"]) if m else 0)
+
         t0 = time.monotonic()
         code, _, err = fio(devs["mirror"], "fill", "write", "1M", 8, work / "fill.json",
                            runtime=None)
@@ -146,7 +157,17 @@ def guest(args: argparse.Namespace) -> int:
                     rec: dict[str, Any] = {"rep": rep, "workload": wl, "target": target,
                                            "loadavg": Path("/proc/loadavg").read_text().split()[0]}
                     res_json = work / f"{target}-{wl}-{rep}.json"
+                    before = served(target)
                     code, text, err = fio(devs[target], wl, rw, bsz, qd, res_json)
+                    after = served(target)
+                    # the daemon's side: commands, mean latency (dequeue to completion) and,
+                    # for the mirror, the writes C made (the rest went through Python)
+                    if after and before:
+                        n = after[0] - before[0]
+                        rec.update(served_commands=n, served_lat_us=(
+                            (after[1] - before[1]) / n * 1e6 if n else 0.0))
+                        if target == "mirror":
+                            rec["c_writes"] = after[2] - before[2]
                     if code != 0 or "{" not in text:
                         rec["failed"] = f"fio exit {code}: {err[-1500:]}"
                     else:
@@ -217,7 +238,8 @@ def host(args: argparse.Namespace) -> int:
                   "--size-mib", str(args.size_mib)] + ([] if args.only is None else
                                                        ["--only", args.only]) + (
         ["--profile", args.profile] if args.profile else []) + (
-        ["--nbd-direct"] if args.nbd_direct else [])
+        ["--nbd-direct"] if args.nbd_direct else []) + (
+        [f"--serve-args={args.serve_args}"] if args.serve_args else [])
     budget = 900 + args.reps * len(select(WORKLOADS, args.only)) * len(TARGETS) * (
         args.seconds + 200)
     runs = boot_guest(Path(__file__), guest_args, out, budget)
@@ -242,6 +264,8 @@ def main() -> int:
     ap = arg_parser(__doc__, "mirror_vs_raw", seconds=8.0, reps=2, size_mib=128)
     ap.add_argument("--profile", default="",
                     help="workloads to run once more on the mirror under py-spy (OUT/profile-*)")
+    ap.add_argument("--serve-args", default="",
+                    help="more options of tcmu-py serve, space separated (--poll-us 0)")
     ap.add_argument("--nbd-direct", action="store_true",
                     help="also run each workload with fio's nbd engine on a second nbdkit "
                          "export (target 'nbd': what the NBD leg alone can do)")

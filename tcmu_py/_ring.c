@@ -693,6 +693,7 @@ struct tcmu_py_loop {
     pthread_mutex_t mu;                    /* ring tail and cursor, fences, extent, records, jobs */
     pthread_cond_t work_cv, idle_cv;
     int uio_fd, kick_fd, notify_fd, stop_fd;
+    int done_fd;                           /* the last job in flight ended (tcmu_py_job_end) */
     uint32_t event_size, kick_size, poll_us;
     int stopping;                          /* atomic */
     int error;                             /* atomic; why the thread stopped by itself */
@@ -1032,21 +1033,19 @@ static void *tcmu_py_nbdq_main(void *arg)
         p[0].events = POLLIN;
         p[0].revents = 0;
         if (!dead) {
+            /* Always POLLIN: a write another thread sends while this one sleeps is answered
+             * on this socket (libnbd's direction, read before that send, may not say so). */
             dir = q->get_direction(q->h);
             p[1].fd = q->get_fd(q->h);
-            p[1].events = (short)((dir & TCMU_PY_NBD_DIR_READ ? POLLIN : 0) |
-                                  (dir & TCMU_PY_NBD_DIR_WRITE ? POLLOUT : 0));
+            p[1].events = (short)(POLLIN | (dir & TCMU_PY_NBD_DIR_WRITE ? POLLOUT : 0));
             p[1].revents = 0;
-            if (p[1].fd >= 0 && p[1].events) {
-                n = 2;
-            } else if (p[1].fd < 0) {
+            if (p[1].fd < 0) {
                 pthread_mutex_lock(&q->mu);     /* the connection is gone */
                 tcmu_py_nbdq_die(q);
                 pthread_mutex_unlock(&q->mu);
                 continue;
-            } else {
-                ms = 10;                        /* libnbd wants nothing now: look again soon */
             }
+            n = 2;
         }
         if (poll(p, (nfds_t)n, ms) < 0 && errno != EINTR)
             continue;
@@ -1155,13 +1154,16 @@ struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32
     tcmu_py_poll_judge_init(&l->judge, (uint64_t)TCMU_PY_PROBE_EVERY_US * 1000u,
                             (uint64_t)TCMU_PY_PROBE_US * 1000u, tcmu_py_now_ns());
     l->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    l->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     l->cap_fences = 64 + TCMU_PY_DP_MAX;
     l->fences = calloc((size_t)l->cap_fences, sizeof(*l->fences));
     l->fence_ids = calloc((size_t)l->cap_fences, sizeof(*l->fence_ids));
-    if (l->stop_fd < 0 || !l->fences || !l->fence_ids ||
+    if (l->stop_fd < 0 || l->done_fd < 0 || !l->fences || !l->fence_ids ||
         pthread_mutex_init(&l->mu, NULL) != 0) {
         if (l->stop_fd >= 0)
             close(l->stop_fd);
+        if (l->done_fd >= 0)
+            close(l->done_fd);
         free(l->fences);
         free(l->fence_ids);
         free(l);
@@ -1468,6 +1470,32 @@ static void tcmu_py_job_end(struct tcmu_py_loop *l, struct tcmu_py_job *j, int o
     tcmu_py_job_signal(l, rc, ok);
     pthread_mutex_lock(&l->mu);
     tcmu_py_job_free(l, j);
+    /* Queue depth 1 on jobs (RBD, a mirror, large transfers): the loop thread sleeps while the
+     * job is in flight. Woken now, it watches for the initiator's next command while the
+     * completion travels (tcmu_py_loop_main), as after a command it completed itself. */
+    if (ok && !l->n_jobs && l->poll_us && l->judge.polling)
+        tcmu_py_loop_signal(l->done_fd, 8);
+}
+
+static void tcmu_py_mw_part(struct tcmu_py_loop *l, struct tcmu_py_job *j, int ok);
+
+/* On a worker, under the mutex (released meanwhile): write mirror job j to its local legs (the
+ * declared extent's: it is replaced only with no job running), and count that part. */
+static void tcmu_py_mw_local(struct tcmu_py_loop *l, struct tcmu_py_job *j)
+{
+    const struct tcmu_py_entry *h = (const struct tcmu_py_entry *)j->rec;
+    const struct iovec *v = (const struct iovec *)(j->rec + h->array_off);
+    uint32_t i, n = l->x.mw_n_fds;
+    int32_t fds[3];
+    int ok = 1;
+
+    for (i = 0; i < n && i < 3; i++)
+        fds[i] = l->x.mw_fds[i];
+    pthread_mutex_unlock(&l->mu);
+    for (i = 0; i < n && i < 3 && ok; i++)
+        ok = tcmu_py_dp_iov(l->r->map, v, h->iov_cnt, fds[i], j->pos, 1);
+    pthread_mutex_lock(&l->mu);
+    tcmu_py_mw_part(l, j, ok);
 }
 
 static void *tcmu_py_worker_main(void *arg)
@@ -1486,6 +1514,10 @@ static void *tcmu_py_worker_main(void *arg)
             break;                              /* quit, and nothing queued */
         j = &l->jobs[l->queue[l->q_head++ % TCMU_PY_JOBS]];
         h = (const struct tcmu_py_entry *)j->rec;
+        if (j->wi) {
+            tcmu_py_mw_local(l, j);             /* a mirror job's local legs */
+            continue;
+        }
         pthread_mutex_unlock(&l->mu);
         ok = tcmu_py_loop_io(l, (const struct iovec *)(j->rec + h->array_off), h->iov_cnt,
                              j->fd, j->pos, j->total, (int)j->writing, (int)j->fua,
@@ -1627,6 +1659,7 @@ static int tcmu_py_mw_submit(struct tcmu_py_loop *l, const struct tcmu_py_entry 
     struct tcmu_py_job *j = tcmu_py_job_take(l, h, c, pos, t0);
     uint32_t i, failed = 0, n_fds = x->mw_n_fds, n_nbd = x->mw_n_nbd;
     struct tcmu_py_nbdq *nbd[3];
+    const void *data = NULL;
     int32_t fds[3];
     int ok = 1;
 
@@ -1637,7 +1670,14 @@ static int tcmu_py_mw_submit(struct tcmu_py_loop *l, const struct tcmu_py_entry 
         return 0;
     }
     j->wi = x->wi;
-    if (n_nbd) {
+    for (i = 1; i < h->iov_cnt; i++)
+        if ((uintptr_t)v[i - 1].iov_base + v[i - 1].iov_len != (uintptr_t)v[i].iov_base)
+            break;
+    if (n_nbd && h->iov_cnt && i == h->iov_cnt) {
+        /* One run of the data area: sent from there (it stays the command's until it is
+         * completed, which is after every leg answered; a dead writer's libnbd sends no more) */
+        data = l->r->map + (uintptr_t)v[0].iov_base;
+    } else if (n_nbd) {
         uint8_t *d = malloc(c->total ? c->total : 1);
 
         if (!d) {
@@ -1646,6 +1686,7 @@ static int tcmu_py_mw_submit(struct tcmu_py_loop *l, const struct tcmu_py_entry 
             return 0;
         }
         j->mw_buf = d;
+        data = d;
         for (i = 0; i < h->iov_cnt; i++) {
             memcpy(d, l->r->map + (uintptr_t)v[i].iov_base, v[i].iov_len);
             d += v[i].iov_len;
@@ -1661,13 +1702,21 @@ static int tcmu_py_mw_submit(struct tcmu_py_loop *l, const struct tcmu_py_entry 
      * the mutex): the job stays ours while mw_pending > 0, and the local part is one. */
     pthread_mutex_unlock(&l->mu);
     for (i = 0; i < n_nbd && i < 3; i++)
-        if (!tcmu_py_nbdq_push(nbd[i], j->mw_buf, c->total, pos, tcmu_py_mw_nbd_done, j))
+        if (!tcmu_py_nbdq_push(nbd[i], data, c->total, pos, tcmu_py_mw_nbd_done, j))
             failed++;                           /* dead: the command goes to Python */
-    for (i = 0; i < n_fds && i < 3 && ok; i++)
-        ok = tcmu_py_dp_iov(l->r->map, v, h->iov_cnt, fds[i], pos, 1);
+    if (!(l->n_started && n_fds && c->total >= l->big))
+        for (i = 0; i < n_fds && i < 3 && ok; i++)
+            ok = tcmu_py_dp_iov(l->r->map, v, h->iov_cnt, fds[i], pos, 1);
     pthread_mutex_lock(&l->mu);
     while (failed--)
         tcmu_py_mw_part(l, j, 0);               /* not the last part: the local one is left */
+    if (l->n_started && n_fds && c->total >= l->big) {
+        /* a large one: its local legs are written by a worker (tcmu_py_mw_local), so that
+         * the loop goes on sending the next commands meanwhile */
+        l->queue[l->q_tail++ % TCMU_PY_JOBS] = (uint32_t)(j - l->jobs);
+        pthread_cond_signal(&l->work_cv);
+        return 1;
+    }
     tcmu_py_mw_part(l, j, ok);
     return 1;
 }
@@ -1890,7 +1939,8 @@ static int tcmu_py_loop_watch(struct tcmu_py_loop *l, uint64_t *waited)
 static void *tcmu_py_loop_main(void *arg)
 {
     struct tcmu_py_loop *l = arg;
-    struct pollfd pfd[2] = {{l->uio_fd, POLLIN, 0}, {l->stop_fd, POLLIN, 0}};
+    struct pollfd pfd[3] = {{l->uio_fd, POLLIN, 0}, {l->stop_fd, POLLIN, 0},
+                            {l->done_fd, POLLIN, 0}};
     uint64_t gap = 0, idle_since = 0, waited;  /* gap: running average, ns, between commands */
     uint64_t ev;
     int ready = 0;
@@ -1900,7 +1950,7 @@ static void *tcmu_py_loop_main(void *arg)
         uint64_t probes, switches;
 
         if (!ready) {
-            pr = poll(pfd, 2, -1);
+            pr = poll(pfd, 3, -1);
             if (pr < 0) {
                 if (errno == EINTR)
                     continue;
@@ -1909,6 +1959,28 @@ static void *tcmu_py_loop_main(void *arg)
             }
             if (pfd[1].revents)
                 break;
+            if (pfd[2].revents & POLLIN) {
+                /* the last job ended: watch for the next command (see tcmu_py_job_end) */
+                if (read(l->done_fd, &ev, 8) < 0 && errno != EAGAIN && errno != EINTR) {
+                    tcmu_py_loop_fail(l, errno);
+                    break;
+                }
+                if (!(pfd[0].revents & POLLIN)) {
+                    int got = tcmu_py_loop_watch(l, &waited);
+
+                    pthread_mutex_lock(&l->mu);
+                    if (got)
+                        l->fig.polled++;
+                    else
+                        l->fig.poll_misses++;
+                    pthread_mutex_unlock(&l->mu);
+                    if (!got)
+                        continue;
+                    ready = 1;
+                }
+            }
+        }
+        if (!ready) {
             if (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
                 tcmu_py_loop_fail(l, ENODEV);
                 break;
@@ -2018,6 +2090,7 @@ void tcmu_py_loop_free(struct tcmu_py_loop *l)
     pthread_cond_destroy(&l->idle_cv);
     pthread_mutex_destroy(&l->mu);
     close(l->stop_fd);
+    close(l->done_fd);
     free(l->fences);
     free(l->fence_ids);
     free(l->cp.p);

@@ -131,11 +131,13 @@ class RingHarness:
         workers: int = 4,
         data_plane: bool | None = None,
         native: bool | None = None,
+        poll_seconds: float | None = None,
         **kernel_args: Any,
     ) -> None:
-        """`data_plane`, `native`: as `DeviceRunner`'s (the C data plane for a device with a
-        file extent, on its own C thread); None: the runner's defaults. With a native loop the
-        runner serves from a thread of its own (`run()`), and `wait` only waits."""
+        """`data_plane`, `native`, `poll_seconds`: as `DeviceRunner`'s (the C data plane for a
+        device with a file extent, on its own C thread; the busy-poll's watch); None: the
+        runner's defaults. With a native loop the runner serves from a thread of its own
+        (`run()`), and `wait` only waits."""
         from tcmu_py.device.runner import DeviceRunner
         from tcmu_py.testing.fake_kernel import FakeKernel
         from tcmu_py.testing.fake_uio import FakeUio
@@ -148,6 +150,8 @@ class RingHarness:
             extra["data_plane"] = data_plane
         if native is not None:
             extra["native"] = native
+        if poll_seconds is not None:
+            extra["poll_seconds"] = poll_seconds
         self.runner = DeviceRunner(self.uio, device, workers=workers, **extra)
         self.device = device
         self._serving: Any = None

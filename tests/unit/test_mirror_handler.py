@@ -548,6 +548,12 @@ def test_writes_go_to_every_leg_in_c_once_their_region_is_armed(tmp_path: Path) 
         assert _c_writes(dev) == 11 and mirror.bitmap[0] & 1 and fan.armed(0)
         assert h.run(cdbs.write10(16, 8), data_out=b"\x45" * 4096).good
         assert _c_writes(dev) == 12
+        big = bytes(range(256)) * 256  # a whole region, 64 KiB: a worker writes the legs
+        assert h.run(cdbs.write10(2 * blocks, blocks), data_out=big[::-1]).good  # arms
+        assert h.run(cdbs.write10(2 * blocks, blocks), data_out=big).good
+        assert _c_writes(dev) == 13
+        for leg in legs:
+            assert Path(leg).read_bytes()[2 * REGION:3 * REGION] == big
     finally:
         h.close()
         dev.close()
@@ -608,18 +614,24 @@ def test_c_writes_reach_an_nbd_leg_and_a_dead_server_fails_the_leg_not_the_write
         for i in range(12):
             assert h.run(cdbs.write10(8 * i, 8), data_out=bytes([i + 1]) * 4096).good
         assert _c_writes(dev) == 11
+        big = bytes(range(256)) * 512  # 128 KiB: a worker writes the local leg
+        assert h.run(cdbs.write10(2048, 256), data_out=big).good  # the mirror's: arms
+        assert h.run(cdbs.write10(2048, 256), data_out=big[::-1]).good  # C's
+        assert _c_writes(dev) == 12
         assert h.run(cdbs.synchronize_cache10()).good
+        for image in (Path(local), servers[0].image):
+            assert image.read_bytes()[2048 * BS:2048 * BS + len(big)] == big[::-1]
         want = b"".join(bytes([i + 1]) * 4096 for i in range(12))
         assert Path(local).read_bytes()[:len(want)] == want
         assert servers[0].image.read_bytes()[:len(want)] == want
         # the flush cleared region 0's bit: the mirror's write sets and arms it again
         assert h.run(cdbs.write10(16, 8), data_out=b"\x03" * 4096).good
-        assert _c_writes(dev) == 11
+        assert _c_writes(dev) == 12
         servers[0].stop()
         assert h.run(cdbs.write10(0, 8), data_out=b"\x77" * 4096).good
         assert mirror._legs[1].state == FAILED
         assert h.run(cdbs.write10(8, 8), data_out=b"\x78" * 4096).good
-        assert _c_writes(dev) == 11 + 1  # the one that failed on the NBD leg
+        assert _c_writes(dev) == 12 + 1  # the one that failed on the NBD leg
         assert h.run(cdbs.read10(0, 16), data_in_len=8192).data == b"\x77" * 4096 + b"\x78" * 4096
     finally:
         h.close()

@@ -110,9 +110,11 @@ def before_power_loss(ctx: Context) -> None:
             f.truncate(LEG_BYTES)
             os.fsync(f.fileno())
     fsync_dir(root)
+    from tcmu_py.daemon.control import query_status
+
     legs = _nbd_legs(ctx, images)
     specs = [str(images[0]), legs[0].uri, legs[1].uri]
-    serve_config(ctx, _config(ctx, specs, fresh=True), timeout=600)
+    _, run_dir = serve_config(ctx, _config(ctx, specs, fresh=True), timeout=600)
     dev = wait_for(lambda: disk_by_wwn(WWN), ctx.remaining(120), f"mr ({WWN})")
     mnt = ctx.workdir / "mnt"
     mnt.mkdir()
@@ -128,6 +130,11 @@ def before_power_loss(ctx: Context) -> None:
         fsync_write(mnt / "kept" / f"f{i}.bin", data)
         sums[f"kept/f{i}.bin"] = hashlib.sha256(data).hexdigest()
     fsync_dir(mnt / "kept")  # the names are durable too
+    # Every leg in sync, quorum all: the daemon writes the legs in C (a FanOutExtent), and the
+    # cut below lands among C's writes too
+    (m,) = query_status(run_dir, timeout=ctx.remaining(60))["mirrors"]
+    ctx.details["c_writes_before_fio"] = m["c_writes"]
+    assert m["c_writes"] > 0, m
     save_expected(ctx, EXPECTED, {"files": sums, "specs": specs})
     power_cut_during_fio(ctx, mnt / "fio.dat", FIO_BYTES, CUT_AFTER, "--fsync=16",
                          f"--rate={FIO_RATE}", "--randseed=16")
