@@ -134,6 +134,7 @@ def before_power_loss(ctx: Context) -> None:
     # cut below lands among C's writes too
     (m,) = query_status(run_dir, timeout=ctx.remaining(60))["mirrors"]
     ctx.details["c_writes_before_fio"] = m["c_writes"]
+    log(f"writes made in C so far: {m['c_writes']}")
     assert m["c_writes"] > 0, m
     save_expected(ctx, EXPECTED, {"files": sums, "specs": specs})
     power_cut_during_fio(ctx, mnt / "fio.dat", FIO_BYTES, CUT_AFTER, "--fsync=16",
