@@ -168,6 +168,13 @@ class NbdLeg:
             self._writer = kit.nbd_writer(handle, fns, timeout)
             return self._writer
 
+    @property
+    def writer_dead(self) -> bool:
+        """Whether the C writer died: a write got no answer within its timeout, or its
+        connection was lost."""
+        w = self._writer
+        return w is not None and w.dead
+
     def read(self, offset: int, buf: memoryview) -> None:
         self.client.pread(buf, offset)
 

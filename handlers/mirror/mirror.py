@@ -891,9 +891,17 @@ class Mirror:
         with self._lock:
             self._reap()
             behind = [(ls, ls.attached) for ls in self._overloaded(len(data))]
+            # A leg whose C writer died (no answer within leg_timeout, or its connection lost)
+            # failed a write C made: it is failed now, not after another leg_timeout here
+            silent = [(ls, ls.attached) for ls in self._legs if ls.state == IN_SYNC
+                      and isinstance(ls.leg, NbdLeg) and ls.leg.writer_dead]
         for ls, attached in behind:
             self._fail_leg(ls, OSError(105, f"mirror: more than {self.cfg.max_lag} bytes "
                                        "behind the write quorum"), attached)
+        for ls, attached in silent:
+            self._fail_leg(ls, OSError(110, f"mirror: {ls.name()}: a write made in C got no "
+                                       f"answer within {self.cfg.leg_timeout:g} s, or its "
+                                       "connection was lost"), attached)
         with self._lock:
             self._need()
             while any(r in self._resync_busy for r in regions):

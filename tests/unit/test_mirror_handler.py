@@ -641,8 +641,8 @@ def test_c_writes_reach_an_nbd_leg_and_a_dead_server_fails_the_leg_not_the_write
 def test_a_silent_nbd_server_costs_a_c_write_the_leg_timeout_not_a_hang(
         servers: list[FileServer], tmp_path: Path) -> None:
     """The NBD server stopped (SIGSTOP: the connection stays up, nothing answers): C's write
-    waits at most leg_timeout, then goes to the mirror, which fails the leg after its own
-    leg_timeout and acknowledges from the local leg."""
+    waits at most leg_timeout, then goes to the mirror, which fails the leg at once (its C
+    writer died) and acknowledges from the local leg."""
     import signal
 
     from tcmu_py.handlers.mirror.mirror import FAILED
@@ -661,6 +661,8 @@ def test_a_silent_nbd_server_costs_a_c_write_the_leg_timeout_not_a_hang(
         assert h.run(cdbs.write10(0, 8), data_out=b"\x02" * 4096).good
         took = time.monotonic() - t0
         assert mirror._legs[1].state == FAILED
+        # failed on the C writer's timeout, not after another leg_timeout of the mirror's own
+        assert "made in C got no answer within 1 s" in mirror._legs[1].error
         assert took < 20, f"the write took {took:.1f} s"
         assert Path(local).read_bytes()[:4096] == b"\x02" * 4096
     finally:
