@@ -693,7 +693,6 @@ struct tcmu_py_loop {
     pthread_mutex_t mu;                    /* ring tail and cursor, fences, extent, records, jobs */
     pthread_cond_t work_cv, idle_cv;
     int uio_fd, kick_fd, notify_fd, stop_fd;
-    int done_fd;                           /* the last job in flight ended (tcmu_py_job_end) */
     uint32_t event_size, kick_size, poll_us;
     int stopping;                          /* atomic */
     int error;                             /* atomic; why the thread stopped by itself */
@@ -1154,16 +1153,13 @@ struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32
     tcmu_py_poll_judge_init(&l->judge, (uint64_t)TCMU_PY_PROBE_EVERY_US * 1000u,
                             (uint64_t)TCMU_PY_PROBE_US * 1000u, tcmu_py_now_ns());
     l->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    l->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     l->cap_fences = 64 + TCMU_PY_DP_MAX;
     l->fences = calloc((size_t)l->cap_fences, sizeof(*l->fences));
     l->fence_ids = calloc((size_t)l->cap_fences, sizeof(*l->fence_ids));
-    if (l->stop_fd < 0 || l->done_fd < 0 || !l->fences || !l->fence_ids ||
+    if (l->stop_fd < 0 || !l->fences || !l->fence_ids ||
         pthread_mutex_init(&l->mu, NULL) != 0) {
         if (l->stop_fd >= 0)
             close(l->stop_fd);
-        if (l->done_fd >= 0)
-            close(l->done_fd);
         free(l->fences);
         free(l->fence_ids);
         free(l);
@@ -1470,11 +1466,6 @@ static void tcmu_py_job_end(struct tcmu_py_loop *l, struct tcmu_py_job *j, int o
     tcmu_py_job_signal(l, rc, ok);
     pthread_mutex_lock(&l->mu);
     tcmu_py_job_free(l, j);
-    /* Queue depth 1 on jobs (RBD, a mirror, large transfers): the loop thread sleeps while the
-     * job is in flight. Woken now, it watches for the initiator's next command while the
-     * completion travels (tcmu_py_loop_main), as after a command it completed itself. */
-    if (ok && !l->n_jobs && l->poll_us && l->judge.polling)
-        tcmu_py_loop_signal(l->done_fd, 8);
 }
 
 static void tcmu_py_mw_part(struct tcmu_py_loop *l, struct tcmu_py_job *j, int ok);
@@ -1939,8 +1930,7 @@ static int tcmu_py_loop_watch(struct tcmu_py_loop *l, uint64_t *waited)
 static void *tcmu_py_loop_main(void *arg)
 {
     struct tcmu_py_loop *l = arg;
-    struct pollfd pfd[3] = {{l->uio_fd, POLLIN, 0}, {l->stop_fd, POLLIN, 0},
-                            {l->done_fd, POLLIN, 0}};
+    struct pollfd pfd[2] = {{l->uio_fd, POLLIN, 0}, {l->stop_fd, POLLIN, 0}};
     uint64_t gap = 0, idle_since = 0, waited;  /* gap: running average, ns, between commands */
     uint64_t ev;
     int ready = 0;
@@ -1950,7 +1940,7 @@ static void *tcmu_py_loop_main(void *arg)
         uint64_t probes, switches;
 
         if (!ready) {
-            pr = poll(pfd, 3, -1);
+            pr = poll(pfd, 2, -1);
             if (pr < 0) {
                 if (errno == EINTR)
                     continue;
@@ -1959,28 +1949,6 @@ static void *tcmu_py_loop_main(void *arg)
             }
             if (pfd[1].revents)
                 break;
-            if (pfd[2].revents & POLLIN) {
-                /* the last job ended: watch for the next command (see tcmu_py_job_end) */
-                if (read(l->done_fd, &ev, 8) < 0 && errno != EAGAIN && errno != EINTR) {
-                    tcmu_py_loop_fail(l, errno);
-                    break;
-                }
-                if (!(pfd[0].revents & POLLIN)) {
-                    int got = tcmu_py_loop_watch(l, &waited);
-
-                    pthread_mutex_lock(&l->mu);
-                    if (got)
-                        l->fig.polled++;
-                    else
-                        l->fig.poll_misses++;
-                    pthread_mutex_unlock(&l->mu);
-                    if (!got)
-                        continue;
-                    ready = 1;
-                }
-            }
-        }
-        if (!ready) {
             if (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
                 tcmu_py_loop_fail(l, ENODEV);
                 break;
@@ -2090,7 +2058,6 @@ void tcmu_py_loop_free(struct tcmu_py_loop *l)
     pthread_cond_destroy(&l->idle_cv);
     pthread_mutex_destroy(&l->mu);
     close(l->stop_fd);
-    close(l->done_fd);
     free(l->fences);
     free(l->fence_ids);
     free(l->cp.p);

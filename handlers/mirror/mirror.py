@@ -823,12 +823,14 @@ class Mirror:
         local, the data plane stops reading it until it asked `file_extent` again. Called
         before the change matters: before a write acknowledged without that leg returns,
         before its fd is closed (a failed leg is closed only by `reattach` or `close`). With
-        a `FanOutExtent` given, whatever the legs: C writes every leg. Without `_lock` held:
+        a `FanOutKit`, whatever the legs: C writes every leg, or may again once every leg is
+        back in sync (the plane asks `file_extent` again). Without `_lock` held:
         the listener waits for the data plane's reads and writes in flight."""
         listener = self.extent_listener
         with self._lock:
             self._fan_gen += 1
-            fan = self._fan is not None
+            # with a kit, any leg's change may start or stop C's writes
+            fan = self.fanout_kit is not None
         if listener is not None and (fan or any(ls.local for ls in self._legs
                                                  if legs >> ls.index & 1)):
             listener()

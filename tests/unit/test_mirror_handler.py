@@ -633,6 +633,14 @@ def test_c_writes_reach_an_nbd_leg_and_a_dead_server_fails_the_leg_not_the_write
         assert h.run(cdbs.write10(8, 8), data_out=b"\x78" * 4096).good
         assert _c_writes(dev) == 12 + 1  # the one that failed on the NBD leg
         assert h.run(cdbs.read10(0, 16), data_in_len=8192).data == b"\x77" * 4096 + b"\x78" * 4096
+        # the server back: reattached, resynced, and the writes are C's again
+        servers[0].start()
+        assert mirror.reattach(1)
+        assert wait_until(lambda: mirror._legs[1].state == "in-sync", DEADLINE), "no resync"
+        for _ in range(2):
+            assert h.run(cdbs.write10(8, 8), data_out=b"\x79" * 4096).good
+        assert _c_writes(dev) == 12 + 1 + 1
+        assert servers[0].image.read_bytes()[4096:8192] == b"\x79" * 4096
     finally:
         h.close()
         dev.close()

@@ -213,37 +213,6 @@ def test_large_transfers_run_on_the_workers_in_ring_order(tmp_path: Path) -> Non
         h.close()
 
 
-def test_after_its_last_job_ends_the_loop_watches_for_the_next_command(tmp_path: Path) -> None:
-    """Queue depth 1 on jobs (here large READs, run by a worker): the loop thread sleeps while
-    the job is in flight; when the last one ends it is woken and watches for the initiator's
-    next command (the busy-poll), so that command costs no wake-up. Before, only a command the
-    loop thread completed itself was followed by a watch."""
-    from tcmu_py import ring as ring_module
-    from tcmu_py.device.block import open_block_device
-    from tcmu_py.handler import DeviceConfig
-    from tcmu_py.handlers.raw import RawBackend
-
-    big = ring_module.NATIVE_BIG_BYTES
-    img = tmp_path / "w.img"
-    size = 4 * big
-    device = open_block_device(DeviceConfig("w", "raw", str(img), size, BS, write_cache=True),
-                               RawBackend(str(img), size, BS, True))
-    h = RingHarness(device, workers=1, native=True, data_size=4 * big, poll_seconds=0.5)
-    loop = h.runner.native
-    assert loop is not None
-    try:
-        loop.probe(0, 0)  # always watch (no judge)
-        h.run(cdbs.test_unit_ready())
-        before = h.runner.refresh_counters().polled
-        for _ in range(30):
-            assert h.run(cdbs.read10(0, big // BS), data_in_len=big).good
-            time.sleep(0.05)  # the initiator's turn-around: the loop is awake and watching
-        polled = h.runner.refresh_counters().polled - before
-        assert polled >= 15, polled  # before: 0 (a job's end woke nobody)
-    finally:
-        h.close()
-
-
 def test_a_failed_worker_command_is_python_s_and_fences_what_overlaps_it(
     tmp_path: Path, monkeypatch: Any
 ) -> None:

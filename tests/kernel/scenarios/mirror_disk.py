@@ -522,6 +522,81 @@ def three_legs(ctx: Context) -> None:
     log(f"phases (s): {phases}")
 
 
+@scenario(timeout=600)
+def writes_in_c(ctx: Context) -> None:
+    """The defaults (quorum all, reads least-busy) on a local leg and one ``nbdkit file`` in a
+    network namespace: with both legs in sync the daemon writes them in C (issue 16).
+    1. fio with verification over the whole disk: C made most of the writes; legs identical.
+    2. fio (verify) on 2 MiB; its NBD server SIGKILLed mid-fio: no error reaches fio (the C
+       writes in flight go to Python, which fails the leg and acknowledges from the local
+       one); the mirror degraded.
+    3. The server back: reattached, resynced, legs identical; writes are C's again."""
+    run(["modprobe", "veth"], timeout=ctx.remaining(30), check=False)
+    images = [ctx.workdir / f"leg{i}.img" for i in range(2)]
+    for img in images:
+        with open(img, "wb") as fw:
+            fw.truncate(LEG_BYTES)
+    leg = NbdLeg(ctx, "tmic1", "tmic1", "10.97.1.1", "10.97.1.2", images[1])
+    leg.setup()
+    leg.start()
+    wwn = "naa.5001405000ee0100"
+    cfg = ctx.workdir / "mirror.yaml"
+    cfg.write_text(
+        f"state_dir: {ctx.workdir / 'state'}\n"
+        "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16}\n"
+        "devices:\n"
+        f"  - name: m0\n    handler: mirror\n    size: 16M\n    wwn: {wwn}\n"
+        "    write_cache: true\n"
+        f"    options: {{legs: {json.dumps([str(images[0]), leg.uri])}, region: 1M, retry: 1, "
+        f"assume_clean: true, leg_timeout: {LEG_TIMEOUT}}}\n"
+        "exports:\n  loopback:\n    - {device: m0, lun: 0}\n")
+    _, run_dir = serve(ctx, cfg)
+    dev = wait_for(lambda: disk_by_wwn(wwn), ctx.remaining(120), f"m0 ({wwn})")
+
+    fio(ctx, dev, "whole", 0, SIZE)
+    m = mirror_status(ctx, run_dir)
+    ctx.details["c_writes_whole"] = m["c_writes"]
+    log(f"writes made in C: {m['c_writes']} of {SIZE // (128 << 10)}")
+    assert m["c_writes"] >= SIZE // (128 << 10) // 2, m  # the first per region is Python's
+    sums = data_sums(images)
+    assert sums[0] == sums[1], f"legs differ after fio: {sums}"
+
+    proc = fio(ctx, dev, "away", AWAY_OFFSET, AWAY_BYTES, "--bs=16k", "--rate_iops=32",
+               background=True)
+    assert proc is not None
+    try:
+        c0 = m["c_writes"]
+        wait_for(lambda: mirror_status(ctx, run_dir)["c_writes"] > c0 + 8 or None,
+                 ctx.remaining(60), "fio's writes to be made in C")
+        leg.kill()
+        assert proc.poll() is None, "fio ended before the leg was killed (not mid-fio)"
+        rc = proc.wait(timeout=ctx.remaining(120))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    fio_log = (ctx.artifacts / "fio-away.log").read_text(errors="replace")
+    ctx.details["fio_away"] = fio_log[-1200:]
+    assert rc == 0, f"fio with the NBD leg killed: exit {rc}\n{fio_log[-3000:]}"
+    m = mirror_status(ctx, run_dir)
+    ctx.details["degraded"] = m
+    assert m["state"] == "degraded" and leg_states(m) == ["in-sync", "failed"], m
+
+    leg.start()
+    wait_for(lambda: reattached(ctx, run_dir, [1]), ctx.remaining(60), "leg 1 reattached")
+    resync_wait(ctx, run_dir)
+    m = mirror_status(ctx, run_dir)
+    assert leg_states(m) == ["in-sync", "in-sync"] and m["state"] == "optimal", m
+    sums = data_sums(images)
+    assert sums[0] == sums[1], f"legs differ after the resync: {sums}"
+    c0 = m["c_writes"]
+    fio(ctx, dev, "again", 0, 2 * MIB)
+    m = mirror_status(ctx, run_dir)
+    ctx.details["c_writes_again"] = m["c_writes"] - c0
+    assert m["c_writes"] > c0, m
+    assert len(set(data_sums(images))) == 1, "legs differ at the end"
+
+
 def stage_split_brain(ctx: Context, specs: list[str]) -> None:
     """Legs 0 and 1 written while leg 2 is away, then leg 2 written alone (degraded_open):
     each side excludes the other. Through the mirror's API in this process."""
