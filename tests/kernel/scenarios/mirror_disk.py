@@ -35,6 +35,7 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +207,27 @@ def fio(ctx: Context, dev: Path, name: str, offset: int, size: int, *extra: str,
     return None
 
 
+def kill_mid_fio(ctx: Context, dev: Path, leg: NbdLeg, started: Callable[[], bool],
+                 what: str) -> None:
+    """fio (verify) on the AWAY range in the background; once `started` (`what`), `leg`'s
+    server is SIGKILLed while fio still runs; fio must end without an error."""
+    proc = fio(ctx, dev, "away", AWAY_OFFSET, AWAY_BYTES, "--bs=16k", "--rate_iops=32",
+               background=True)
+    assert proc is not None
+    try:
+        wait_for(lambda: started() or None, ctx.remaining(60), what)
+        leg.kill()
+        assert proc.poll() is None, "fio ended before the leg was killed (not mid-fio)"
+        rc = proc.wait(timeout=ctx.remaining(120))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    fio_log = (ctx.artifacts / "fio-away.log").read_text(errors="replace")
+    ctx.details["fio_away"] = fio_log[-1200:]
+    assert rc == 0, f"fio with {leg.uri} killed: exit {rc}\n{fio_log[-3000:]}"
+
+
 def resync_wait(ctx: Context, run_dir: Path) -> float:
     t0 = time.monotonic()
     out = run(tcmu_py("mirror", "resync", "--wait", "--interval", "0.5", "--timeout", "150",
@@ -315,30 +337,16 @@ def three_legs(ctx: Context) -> None:
     phase("fio_whole")
 
     # 2. A leg's server killed while fio writes: no error reaches fio.
-    proc = fio(ctx, dev, "away", AWAY_OFFSET, AWAY_BYTES, "--bs=16k", "--rate_iops=32",
-               background=True)
-    assert proc is not None
-    try:
-        with open(images[0], "rb") as fh:
-            fh.seek(AWAY_OFFSET)
-            before = fh.read(64 << 10)
+    with open(images[0], "rb") as fh:
+        fh.seek(AWAY_OFFSET)
+        before = fh.read(64 << 10)
 
-        def fio_writing() -> bool:
-            with open(images[0], "rb") as f:
-                f.seek(AWAY_OFFSET)
-                return f.read(64 << 10) != before
+    def fio_writing() -> bool:
+        with open(images[0], "rb") as f:
+            f.seek(AWAY_OFFSET)
+            return f.read(64 << 10) != before
 
-        wait_for(fio_writing, ctx.remaining(60), "fio to start writing")
-        legs[0].kill()
-        assert proc.poll() is None, "fio ended before the leg was killed (not mid-fio)"
-        rc = proc.wait(timeout=ctx.remaining(120))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    fio_log = (ctx.artifacts / "fio-away.log").read_text(errors="replace")
-    ctx.details["fio_away"] = fio_log[-1200:]
-    assert rc == 0, f"fio with a leg killed: exit {rc}\n{fio_log[-3000:]}"
+    kill_mid_fio(ctx, dev, legs[0], fio_writing, "fio to start writing")
     m = mirror_status(ctx, run_dir)
     ctx.details["degraded"] = m
     assert m["state"] == "degraded", m
@@ -561,23 +569,9 @@ def writes_in_c(ctx: Context) -> None:
     sums = data_sums(images)
     assert sums[0] == sums[1], f"legs differ after fio: {sums}"
 
-    proc = fio(ctx, dev, "away", AWAY_OFFSET, AWAY_BYTES, "--bs=16k", "--rate_iops=32",
-               background=True)
-    assert proc is not None
-    try:
-        c0 = m["c_writes"]
-        wait_for(lambda: mirror_status(ctx, run_dir)["c_writes"] > c0 + 8 or None,
-                 ctx.remaining(60), "fio's writes to be made in C")
-        leg.kill()
-        assert proc.poll() is None, "fio ended before the leg was killed (not mid-fio)"
-        rc = proc.wait(timeout=ctx.remaining(120))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    fio_log = (ctx.artifacts / "fio-away.log").read_text(errors="replace")
-    ctx.details["fio_away"] = fio_log[-1200:]
-    assert rc == 0, f"fio with the NBD leg killed: exit {rc}\n{fio_log[-3000:]}"
+    c0 = m["c_writes"]
+    kill_mid_fio(ctx, dev, leg, lambda: mirror_status(ctx, run_dir)["c_writes"] > c0 + 8,
+                 "fio's writes to be made in C")
     m = mirror_status(ctx, run_dir)
     ctx.details["degraded"] = m
     assert m["state"] == "degraded" and leg_states(m) == ["in-sync", "failed"], m
