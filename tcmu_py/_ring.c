@@ -882,7 +882,7 @@ typedef int64_t (*tcmu_py_nbd_pwrite_t)(void *h, const void *buf, size_t count, 
 typedef int (*tcmu_py_nbd_int_t)(void *h);
 typedef unsigned (*tcmu_py_nbd_dir_t)(void *h);
 typedef void (*tcmu_py_nbd_close_t)(void *h);
-enum { TCMU_PY_NBD_DIR_READ = 1, TCMU_PY_NBD_DIR_WRITE = 2 };
+enum { TCMU_PY_NBD_DIR_WRITE = 2 };        /* LIBNBD_AIO_DIRECTION_WRITE */
 
 typedef void (*tcmu_py_nbd_done_t)(void *arg, int ok);
 

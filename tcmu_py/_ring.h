@@ -130,11 +130,12 @@ int tcmu_py_wi_disarm(struct tcmu_py_wi *w, uint64_t r, uint32_t epoch);
 int tcmu_py_wi_armed(struct tcmu_py_wi *w, uint64_t r);
 /* C writes started through w since it was made. */
 uint64_t tcmu_py_wi_writes(struct tcmu_py_wi *w);
-/* struct tcmu_py_nbdq: one libnbd handle (a connection of its own, made by the caller) owned
- * by a thread that sends the writes queued to it with nbd_aio_pwrite and polls the socket
- * itself. A write not answered within timeout_ms (0: never) makes the writer *dead*: every
- * write in flight or queued fails at once, and later ones fail when queued (the mirror then
- * decides in Python, on its own connection, that the leg failed). The six functions are
+/* struct tcmu_py_nbdq: one libnbd handle (a connection of its own, made by the caller). The
+ * thread submitting a write (the loop, or a worker) sends it with nbd_aio_pwrite itself,
+ * holding none of our locks; the writer's own thread polls the socket, lets libnbd read the
+ * replies and answers each write. A write not answered within timeout_ms (0: never) makes
+ * the writer *dead*: every write in flight fails at once, and later ones are refused (the
+ * mirror then fails the leg in Python). The six functions are
  * libnbd's (nbd_aio_pwrite, nbd_aio_get_fd, nbd_aio_get_direction, nbd_aio_notify_read,
  * nbd_aio_notify_write, nbd_close) from the caller's dlopen: this library does not link
  * libnbd. The writer closes the handle in tcmu_py_nbdq_free. NULL: no memory or thread. */

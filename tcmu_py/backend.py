@@ -327,8 +327,9 @@ class FanOutRegions(Protocol):
 
 
 class FanOutWriter(Protocol):
-    """A C thread sending the native loop's writes to one NBD export on a connection of its
-    own; a write not answered in time kills it (`dead`): its writes go to the backend."""
+    """One NBD export on a connection of its own, on which the native loop sends writes and
+    whose C thread answers them; a write not answered in time kills it (`dead`): its writes
+    go to the backend."""
 
     @property
     def dead(self) -> bool: ...

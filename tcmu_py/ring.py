@@ -827,8 +827,8 @@ def _fill_extent(x: Any, extent: Any) -> Any:
     x.max_blocks = extent.max_blocks
     x.flush_fua = 1 if extent.flush_fua else 0
     x.reads_only = 1 if extent.reads_only else 0
-    # The fan-out's C objects stay alive (and unfreed by their owner's `close`, which waits
-    # for the extent to be replaced) at least as long as this is held.
+    # The fan-out's regions stay alive at least as long as this is held (its writers are freed
+    # only by their leg's `close`, after the backend withdrew the extent).
     return units_cdata if fan is None else (units_cdata, fan)
 
 
@@ -1097,7 +1097,8 @@ class WriteRegions:
 class NbdWriter:
     """`tcmu_py.backend.FanOutWriter` (`struct tcmu_py_nbdq` in _ring.h): a C thread owning
     the libnbd handle at address `handle` (a connection of its own: it closes it in `close`),
-    sending the loop's writes; a write not answered within `timeout` seconds (0: never) kills
+    answering the writes the loop sends on it; a write not answered within `timeout` seconds
+    (0: never) kills
     the writer (`dead`): its writes fail and go to Python. `functions`: a
     `tcmu_py.backend.NbdFunctions`."""
 

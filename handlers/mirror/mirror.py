@@ -379,12 +379,12 @@ class Mirror:
         #: Set by the device (`tcmu_py.backend.FileExtent`): called when `file_extent` may
         #: answer differently (`_extent_moved`).
         self.extent_listener: Callable[[], None] | None = None
+        #: Set by the device (`tcmu_py.backend.FanOutKit`): without it no `FanOutExtent`.
+        self.fanout_kit: FanOutKit | None = None
         #: The write-intent regions of the last `FanOutExtent` given (None: the last extent
         #: given was none or a `ReadExtent`: C writes nothing), and a counter bumped at every
         #: `_extent_moved` (a write arms its regions only if it did not move meanwhile).
         self._fan: FanOutRegions | None = None
-        #: Set by the device (`tcmu_py.backend.FanOutKit`): without it no `FanOutExtent`.
-        self.fanout_kit: FanOutKit | None = None
         self._fan_gen = 0
         self._fan_writes = 0  # C writes through earlier regions objects (status)
         #: The regions and epoch the last flush started (rule 6: C's busy regions stay armed)
@@ -798,13 +798,13 @@ class Mirror:
         assert kit is not None
         for ls in legs:
             leg = ls.leg
-            w = leg.writer(kit, self.cfg.leg_timeout) if isinstance(leg, NbdLeg) else None
             if isinstance(leg, FileLeg):
                 fds.append(leg.fd)
-            elif w is not None:
-                writers.append(w)
-            else:
-                return ReadExtent(read_fd, 0)
+                continue
+            w = leg.writer(kit, self.cfg.leg_timeout) if isinstance(leg, NbdLeg) else None
+            if w is None:
+                return ReadExtent(read_fd, 0)  # no writer: the writes stay the mirror's
+            writers.append(w)
         with self._lock:
             if any(ls.state != IN_SYNC for ls in legs) or self._closing:
                 return ReadExtent(read_fd, 0)  # moved meanwhile: asked again after it
