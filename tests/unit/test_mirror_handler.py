@@ -665,6 +665,11 @@ def test_a_silent_nbd_server_costs_a_c_write_the_leg_timeout_not_a_hang(
             assert h.run(cdbs.write10(0, 8), data_out=b"\x01" * 4096).good
         assert _c_writes(dev) == 1
         proc.send_signal(signal.SIGSTOP)
+        # kill() only queues the signal: write once nbdkit is really stopped ("T"), else it
+        # may still answer this write (seen under load)
+        stat = Path(f"/proc/{proc.pid}/stat")
+        assert wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T",
+                          DEADLINE), "nbdkit did not stop"
         t0 = time.monotonic()
         assert h.run(cdbs.write10(0, 8), data_out=b"\x02" * 4096).good
         took = time.monotonic() - t0
