@@ -541,7 +541,7 @@ static int tcmu_py_dp_plain(const struct tcmu_py_extent *x, const struct tcmu_py
     c->total = 0;
     c->writing = 0;
     if (e->op != TCMU_OP_CMD || !x->enabled || has_tmr || e->iov_bidi_cnt ||
-        (x->fd < 0 && !(rbd && x->rbd_image)) ||
+        (x->fd < 0 && !(rbd && (x->rbd_image || x->cm))) ||
         !tcmu_py_dp_rw(cdb, e->cdb_len, &c->lba, &c->blocks, &c->writing, &c->fua) ||
         (x->fd < 0 && c->writing && c->fua && x->flush_fua) ||
         (c->writing && x->reads_only && !(rbd && x->wi)) ||
@@ -1130,6 +1130,211 @@ void tcmu_py_nbdq_free(struct tcmu_py_nbdq *q)
     close(q->efd);
     pthread_mutex_destroy(&q->mu);
     free(q);
+}
+
+/* ---- A dedup disk's chunk table (see _ring.h) ---- */
+
+struct tcmu_py_cm_slot {
+    uint64_t key;                               /* chunk index + 1; 0: empty */
+    uint64_t off;                               /* the chunk's first byte in fd */
+    int32_t fd;                                 /* -1: the chunk reads as zeros */
+    uint32_t pad;
+};
+
+struct tcmu_py_cm {
+    pthread_mutex_t mu;
+    uint64_t mask;                              /* slots - 1: chunk i lives in slot i & mask */
+    uint64_t chunk;
+    uint64_t hits, misses;
+    struct tcmu_py_cm_slot slots[];
+};
+
+struct tcmu_py_cm *tcmu_py_cm_new(uint32_t chunk, uint32_t slots_log2)
+{
+    struct tcmu_py_cm *m;
+    uint64_t n;
+
+    if (!chunk || (chunk & (chunk - 1)) || slots_log2 > 30)
+        return NULL;
+    n = (uint64_t)1 << slots_log2;
+    m = calloc(1, sizeof(*m) + n * sizeof(m->slots[0]));
+    if (!m)
+        return NULL;
+    if (pthread_mutex_init(&m->mu, NULL)) {
+        free(m);
+        return NULL;
+    }
+    m->mask = n - 1;
+    m->chunk = chunk;
+    return m;
+}
+
+void tcmu_py_cm_free(struct tcmu_py_cm *m)
+{
+    if (!m)
+        return;
+    pthread_mutex_destroy(&m->mu);
+    free(m);
+}
+
+void tcmu_py_cm_set(struct tcmu_py_cm *m, const uint64_t *idx, const int32_t *fd,
+                    const uint64_t *off, uint32_t n)
+{
+    uint32_t k;
+
+    pthread_mutex_lock(&m->mu);
+    for (k = 0; k < n; k++) {
+        struct tcmu_py_cm_slot *s = &m->slots[idx[k] & m->mask];
+
+        if (fd[k] == -2) {
+            if (s->key == idx[k] + 1)
+                s->key = 0;
+            continue;
+        }
+        s->key = idx[k] + 1;
+        s->fd = fd[k] < 0 ? -1 : fd[k];
+        s->off = off[k];
+    }
+    pthread_mutex_unlock(&m->mu);
+}
+
+void tcmu_py_cm_clear(struct tcmu_py_cm *m)
+{
+    uint64_t i;
+
+    pthread_mutex_lock(&m->mu);
+    for (i = 0; i <= m->mask; i++)
+        m->slots[i].key = 0;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void tcmu_py_cm_drop_fd(struct tcmu_py_cm *m, int32_t fd)
+{
+    uint64_t i;
+
+    pthread_mutex_lock(&m->mu);
+    for (i = 0; i <= m->mask; i++)
+        if (m->slots[i].key && m->slots[i].fd == fd)
+            m->slots[i].key = 0;
+    pthread_mutex_unlock(&m->mu);
+}
+
+uint64_t tcmu_py_cm_hits(struct tcmu_py_cm *m)
+{
+    uint64_t n;
+
+    pthread_mutex_lock(&m->mu);
+    n = m->hits;
+    pthread_mutex_unlock(&m->mu);
+    return n;
+}
+
+uint64_t tcmu_py_cm_misses(struct tcmu_py_cm *m)
+{
+    uint64_t n;
+
+    pthread_mutex_lock(&m->mu);
+    n = m->misses;
+    pthread_mutex_unlock(&m->mu);
+    return n;
+}
+
+/* A cursor over a command's iovecs (data-area offsets into the ring mapping `map`). */
+struct tcmu_py_cur {
+    uint8_t *map;
+    const struct iovec *v;
+    uint32_t n, i;
+    uint64_t in;                                /* bytes of v[i] already taken */
+};
+
+/* The iovecs (at most max, into out) of the next `len` bytes at the cursor, which moves past
+ * them: their count, or 0 if the buffers end first or more than max pieces are needed. */
+static uint32_t tcmu_py_cur_take(struct tcmu_py_cur *c, uint64_t len, struct iovec *out,
+                                 uint32_t max)
+{
+    uint32_t k = 0;
+
+    while (len) {
+        uint64_t room, n;
+
+        if (c->i >= c->n || k >= max)
+            return 0;
+        room = c->v[c->i].iov_len - c->in;
+        n = room < len ? room : len;
+        out[k].iov_base = c->map + (uintptr_t)c->v[c->i].iov_base + c->in;
+        out[k].iov_len = n;
+        k++;
+        len -= n;
+        c->in += n;
+        if (c->in == c->v[c->i].iov_len) {
+            c->i++;
+            c->in = 0;
+        }
+    }
+    return k;
+}
+
+/* The next `len` bytes of the command's buffers from fd at off (fd < 0: zeros): 1 if all. */
+static int tcmu_py_cm_run(struct tcmu_py_cur *c, struct iovec *iov, int fd, uint64_t off,
+                          uint64_t len)
+{
+    uint32_t k, cnt = tcmu_py_cur_take(c, len, iov, TCMU_PY_DP_IOV_MAX);
+    ssize_t got;
+
+    if (!cnt)
+        return 0;
+    if (fd < 0) {
+        for (k = 0; k < cnt; k++)
+            memset(iov[k].iov_base, 0, iov[k].iov_len);
+        return 1;
+    }
+    got = preadv(fd, iov, (int)cnt, (off_t)off);
+    return got >= 0 && (uint64_t)got == len;
+}
+
+/* Fill the command's buffers v[0..n_iov) with bytes [pos, pos + total) of the disk from m: 1 if
+ * every chunk they touch has an entry and every byte was read; else 0 (the command goes to
+ * Python; its buffers may hold anything meanwhile). One preadv per run of chunks lying back to
+ * back in one container (a sequential write's). Holds m's mutex throughout (see _ring.h). */
+static int tcmu_py_cm_read(struct tcmu_py_cm *m, uint8_t *map, const struct iovec *v,
+                           uint32_t n_iov, uint64_t pos, uint64_t total)
+{
+    struct iovec iov[TCMU_PY_DP_IOV_MAX];
+    struct tcmu_py_cur cur = {map, v, n_iov, 0, 0};
+    uint64_t cs = m->chunk, end = pos + total, first = pos / cs, last = (end + cs - 1) / cs;
+    uint64_t i, run_off = 0, run_len = 0;
+    int run_fd = -1, ok = 1;
+
+    pthread_mutex_lock(&m->mu);
+    for (i = first; i < last; i++)
+        if (m->slots[i & m->mask].key != i + 1) {
+            m->misses++;
+            pthread_mutex_unlock(&m->mu);
+            return 0;
+        }
+    for (i = first; ok && i < last; i++) {
+        const struct tcmu_py_cm_slot *s = &m->slots[i & m->mask];
+        uint64_t a = i * cs > pos ? i * cs : pos, b = (i + 1) * cs < end ? (i + 1) * cs : end;
+        uint64_t off = s->off + (a - i * cs);
+
+        if (run_len && s->fd == run_fd && (s->fd < 0 || off == run_off + run_len)) {
+            run_len += b - a;
+            continue;
+        }
+        if (run_len)
+            ok = tcmu_py_cm_run(&cur, iov, run_fd, run_off, run_len);
+        run_fd = s->fd;
+        run_off = off;
+        run_len = b - a;
+    }
+    if (ok && run_len)
+        ok = tcmu_py_cm_run(&cur, iov, run_fd, run_off, run_len);
+    if (ok)
+        m->hits++;
+    else
+        m->misses++;
+    pthread_mutex_unlock(&m->mu);
+    return ok;
 }
 
 struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32_t event_size,
@@ -1777,6 +1982,15 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
                 if (tcmu_py_mw_submit(l, h, v, &c, pos, t0))
                     continue;
                 goto python;                    /* as for RBD below */
+            }
+            if (x->cm) {
+                /* A dedup disk's READ (its WRITEs are Python's: reads_only). */
+                if (tcmu_py_cm_read(x->cm, l->r->map, v, h->iov_cnt, pos, c.total)) {
+                    l->done_ids[n_done++] = (uint16_t)h->cmd_id;
+                    tcmu_py_loop_tally(l, c.writing, c.total);
+                    continue;
+                }
+                goto python;
             }
             if (x->fd < 0) {
                 /* RBD: every command is a job librbd completes. */

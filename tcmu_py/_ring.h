@@ -148,6 +148,31 @@ int tcmu_py_nbdq_dead(struct tcmu_py_nbdq *q);
 /* Stop the thread, close the handle, free. No loop may use q any more (the extent that named
  * it was replaced, or the loop stopped). */
 void tcmu_py_nbdq_free(struct tcmu_py_nbdq *q);
+/* ---- A dedup disk's chunk locations (issue 14) ----
+ *
+ * struct tcmu_py_cm: where the chunks of one dedup disk lie, as far as the backend told it: a
+ * bounded, direct-mapped table (2**slots_log2 slots) from a chunk index to a container file's
+ * fd and the byte offset of the chunk's bytes there (stored uncompressed), or to "zeros" (the
+ * chunk is not mapped). The native loop serves a READ from it when every chunk the READ
+ * touches has an entry; any miss sends the whole READ to Python. The backend sets an entry only
+ * to where the chunk's current bytes are, and changes it (set or forget) before a write it
+ * acknowledges moves the chunk, before the bytes it names may change, and before it closes the
+ * fd (tcmu_py_cm_drop_fd). A READ holds the table's mutex from its lookups to the end of its
+ * reads, so when a change returns no READ uses what it replaced. Thread-safe. */
+struct tcmu_py_cm;
+/* A table for chunks of `chunk` bytes (a power of two); NULL: no memory. */
+struct tcmu_py_cm *tcmu_py_cm_new(uint32_t chunk, uint32_t slots_log2);
+void tcmu_py_cm_free(struct tcmu_py_cm *m);
+/* n entries: chunk idx[k] is at (fd[k], off[k]); fd[k] == -1: zeros; fd[k] == -2: forget it. */
+void tcmu_py_cm_set(struct tcmu_py_cm *m, const uint64_t *idx, const int32_t *fd,
+                    const uint64_t *off, uint32_t n);
+/* Forget every entry. */
+void tcmu_py_cm_clear(struct tcmu_py_cm *m);
+/* Forget the entries naming fd (its file is about to be closed or deleted). */
+void tcmu_py_cm_drop_fd(struct tcmu_py_cm *m, int32_t fd);
+/* READs served from the table, and READs that missed (went to Python), since it was made. */
+uint64_t tcmu_py_cm_hits(struct tcmu_py_cm *m);
+uint64_t tcmu_py_cm_misses(struct tcmu_py_cm *m);
 /* What Python declares for one device. Any change (resize, new fd) is declared again. */
 struct tcmu_py_extent {
     int32_t fd;              /* image file (the backend owns it); < 0: no extent */
@@ -190,6 +215,10 @@ struct tcmu_py_extent {
     uint32_t mw_n_fds;
     struct tcmu_py_nbdq *mw_nbd[3];
     uint32_t mw_n_nbd;
+    /* A dedup disk (tcmu_py.backend.ChunkExtent; the native loop only): fd < 0, reads_only,
+     * and a READ is served from the chunk table cm when it knows every chunk the READ touches
+     * (LBA n is at byte n * block_size of the disk). */
+    struct tcmu_py_cm *cm;
 };
 
 /* LBAs [start, end) that a command running in Python may touch; start == end: none. */

@@ -338,15 +338,60 @@ class FanOutWriter(Protocol):
         """Stop, and close the connection. No declared extent may name it any more."""
 
 
+class ChunkTable(Protocol):
+    """Where a dedup disk's chunks lie, shared with the native loop (`ChunkExtent`): a bounded
+    table from a chunk index to (container fd, byte offset) of the chunk's stored bytes, or to
+    zeros. The loop serves a READ when every chunk it touches has an entry. Thread-safe; each
+    call returns once no READ uses what it replaced."""
+
+    def set(self, entries: Sequence[tuple[int, int, int]]) -> None:
+        """``(index, fd, offset)`` entries; fd -1: the chunk reads as zeros; -2: forget it."""
+
+    def clear(self) -> None:
+        """Forget every entry."""
+
+    def drop_fd(self, fd: int) -> None:
+        """Forget the entries naming `fd` (before it is closed)."""
+
+    @property
+    def hits(self) -> int:
+        """READs the loop served from the table."""
+
+    @property
+    def misses(self) -> int:
+        """READs it found an entry missing for (served by the backend instead)."""
+
+
 @dataclass(frozen=True)
-class FanOutKit:
-    """What the device gives a backend that has a ``fanout_kit`` attribute (None) to build a
-    `FanOutExtent` with: ``regions(region_bytes, n)`` makes a `FanOutRegions`,
-    ``nbd_writer(handle, functions, timeout)`` a `FanOutWriter` owning the libnbd handle at
-    address ``handle`` (an int; `NbdFunctions`), `timeout` seconds per write (0: none)."""
+class NativeKit:
+    """What the device gives a backend that has a ``native_kit`` attribute (None) when a native
+    loop serves it, to build its extent with: for a mirror's `FanOutExtent`,
+    ``regions(region_bytes, n)`` makes a `FanOutRegions` and ``nbd_writer(handle, functions,
+    timeout)`` a `FanOutWriter` owning the libnbd handle at address ``handle`` (an int;
+    `NbdFunctions`), `timeout` seconds per write (0: none); for a dedup disk's `ChunkExtent`,
+    ``chunk_table(chunk_bytes, slots)`` makes a `ChunkTable` of `slots` entries (a power of
+    two)."""
 
     regions: Callable[[int, int], FanOutRegions]
     nbd_writer: Callable[[int, NbdFunctions, float], FanOutWriter]
+    chunk_table: Callable[[int, int], ChunkTable]
+
+
+@dataclass(frozen=True)
+class ChunkExtent:
+    """What `FileExtent.file_extent` returns for a dedup disk: the native loop serves a plain
+    READ itself when `table` knows where every chunk it touches lies (LBA ``n`` is byte
+    ``n * block_size`` of the disk), reading the containers straight into the command's
+    buffers; every other command, WRITEs included, goes to the backend, whose fence keeps the
+    loop's READs off its LBAs until it completes.
+
+    The backend's side: an entry names the chunk's current bytes. Before it acknowledges a
+    command that changes a chunk, before the bytes an entry names may change (a rollback, a
+    container compacted away) and before it closes an fd an entry names, it sets or forgets
+    those entries. A change to part of a chunk leaves the rest of the chunk's bytes where the
+    old entry says until then, so a READ of the other blocks racing it reads right."""
+
+    table: ChunkTable
 
 
 @dataclass(frozen=True)
@@ -388,11 +433,12 @@ class FileExtent(Protocol):
     def file_extent(
         self,
     ) -> (tuple[int, int] | tuple[int, int, UnitMap] | ReadExtent | FanOutExtent | RbdExtent
-          | None):
+          | ChunkExtent | None):
         """``(fd, base)`` now — ``(fd, base, UnitMap)`` for a thin backend, whose unallocated
         units stay with `read` / `write`; a `ReadExtent` when only reads are; a `FanOutExtent`
         when reads are and writes go to every leg; an `RbdExtent`
-        for an RBD image, served by the native loop only — or None when
+        for an RBD image, or a `ChunkExtent` for a dedup disk's reads, served by the native
+        loop only — or None when
         the data is not a plain extent (any more). Called on the loop thread when the device
         is built and after each change the device knows of (resize); the fd must stay open
         until `close`.

@@ -68,7 +68,7 @@ import contextlib
 import mmap
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -797,6 +797,8 @@ def _fill_extent(x: Any, extent: Any) -> Any:
         x.rbd_aio_writev = ffi.cast("void *", rbd.aio_writev)
         x.rbd_aio_get_return_value = ffi.cast("void *", rbd.aio_get_return_value)
         x.rbd_aio_release = ffi.cast("void *", rbd.aio_release)
+    chunks = extent.chunks if extent is not None else None
+    x.cm = ffi.NULL if chunks is None else chunks.table.ptr
     fan = extent.fanout if extent is not None else None
     x.wi = ffi.NULL if fan is None else fan.regions.ptr
     x.mw_n_fds = x.mw_n_nbd = 0
@@ -827,9 +829,10 @@ def _fill_extent(x: Any, extent: Any) -> Any:
     x.max_blocks = extent.max_blocks
     x.flush_fua = 1 if extent.flush_fua else 0
     x.reads_only = 1 if extent.reads_only else 0
-    # The fan-out's regions stay alive at least as long as this is held (its writers are freed
-    # only by their leg's `close`, after the backend withdrew the extent).
-    return units_cdata if fan is None else (units_cdata, fan)
+    # The fan-out's regions and the chunk table stay alive at least as long as this is held (a
+    # fan-out's writers are freed only by their leg's `close`, after the backend withdrew the
+    # extent).
+    return units_cdata if fan is None and chunks is None else (units_cdata, fan, chunks)
 
 
 #: Worker threads of a native loop, and the smallest transfer (bytes) they take: a large READ or
@@ -1125,3 +1128,56 @@ class NbdWriter:
         ptr, self.ptr = self.ptr, None
         if ptr is not None:
             lib.tcmu_py_nbdq_free(ptr)
+
+
+# ------------------------------------------------------------------------------------------
+# A dedup disk's chunk locations (issue 14): the table a `tcmu_py.backend.ChunkExtent` names
+
+class ChunkTable:
+    """`tcmu_py.backend.ChunkTable` (`struct tcmu_py_cm` in _ring.h): where the chunks of one
+    dedup disk lie, for the native loop's READs; `slots` entries (a power of two), chunks of
+    `chunk` bytes. Thread-safe (a C mutex). Must outlive every extent naming it."""
+
+    def __init__(self, chunk: int, slots: int) -> None:
+        if slots <= 0 or slots & (slots - 1):
+            raise ValueError(f"chunk table: {slots} slots, expected a power of two")
+        ptr = lib.tcmu_py_cm_new(chunk, slots.bit_length() - 1)
+        if ptr == ffi.NULL:
+            raise MemoryError("chunk table")
+        self.ptr: Any = ptr
+        self.chunk = chunk
+        self.slots = slots
+
+    def set(self, entries: Sequence[tuple[int, int, int]]) -> None:
+        """``(index, fd, offset)`` entries: fd -1 zeros, -2 forget the index."""
+        n = len(entries)
+        if not n or self.ptr is None:
+            return
+        idx, fds, offs = zip(*entries, strict=True)
+        lib.tcmu_py_cm_set(self.ptr, ffi.new("uint64_t[]", idx), ffi.new("int32_t[]", fds),
+                           ffi.new("uint64_t[]", offs), n)
+
+    def clear(self) -> None:
+        if self.ptr is not None:
+            lib.tcmu_py_cm_clear(self.ptr)
+
+    def drop_fd(self, fd: int) -> None:
+        if self.ptr is not None:
+            lib.tcmu_py_cm_drop_fd(self.ptr, fd)
+
+    @property
+    def hits(self) -> int:
+        return 0 if self.ptr is None else int(lib.tcmu_py_cm_hits(self.ptr))
+
+    @property
+    def misses(self) -> int:
+        return 0 if self.ptr is None else int(lib.tcmu_py_cm_misses(self.ptr))
+
+    def close(self) -> None:
+        """Free the table; no declared extent may name it any more."""
+        ptr, self.ptr = self.ptr, None
+        if ptr is not None:
+            lib.tcmu_py_cm_free(ptr)
+
+    def __del__(self) -> None:
+        self.close()

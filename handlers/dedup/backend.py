@@ -28,12 +28,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from tcmu_py.backend import ChunkExtent, ChunkTable, NativeKit
 from tcmu_py.handler import ProvisioningInfo
 
 from .._pool import PoolDisk
 
 if TYPE_CHECKING:
     from .store import DedupPool
+
+
+#: Entries of a disk's chunk table at most (24 bytes each: 1.5 MiB, a 256 MiB disk of 4 KiB
+#: chunks whole); a smaller disk gets one entry per chunk.
+TABLE_SLOTS = 1 << 16
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -51,8 +57,8 @@ class DedupBackend(PoolDisk["DedupPool"]):
     """One dedup disk. Create with `DedupPool.open_disk`; `close` it when the device goes away.
 
     Capabilities (`tcmu_py.backend`): `Unmap` (``lbprz``, ``unmap_granularity`` = chunk size),
-    `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Closable`; ``transfer_granularity`` = chunk
-    size.
+    `WriteSame`, `LbaStatus`, `ThinProvisioning`, `Closable`, `FileExtent` (a `ChunkExtent`
+    when a native loop serves the disk); ``transfer_granularity`` = chunk size.
     """
 
     #: `Unmap` promise: an absent chunk reads as zeros (SBC-4 LBPRZ).
@@ -76,6 +82,10 @@ class DedupBackend(PoolDisk["DedupPool"]):
         self._zero = bytes(pool.chunk_size)
         self._on_close = on_close
         self._closed = False
+        #: Set by the device when a native loop serves it (`tcmu_py.backend.NativeKit`): the
+        #: disk then declares a `ChunkExtent`, and the loop serves READs whose chunks it knows.
+        self.native_kit: NativeKit | None = None
+        self._table: ChunkTable | None = None
 
     # ------------------------------------------------------------------------------------------
     # BlockBackend
@@ -192,6 +202,29 @@ class DedupBackend(PoolDisk["DedupPool"]):
             pool.put(self.disk_id, entries, durable=not self.write_cache)
 
     # ------------------------------------------------------------------------------------------
+    # The native loop's READs (`tcmu_py.backend.FileExtent`)
+
+    def file_extent(self) -> ChunkExtent | None:
+        """A `ChunkExtent` once the device offered a native kit (None before): a chunk table
+        of up to `TABLE_SLOTS` entries, kept by the pool (`DedupPool.attach_table`) with every
+        location its map cache learns of this disk, and changed before anything moves."""
+        kit = self.native_kit
+        if kit is None or self._closed:
+            return None
+        if self._table is None:
+            chunks = max(1, _ceil_div(self.size, self.chunk_size))
+            slots = min(TABLE_SLOTS, 1 << (chunks - 1).bit_length())
+            self._table = kit.chunk_table(self.chunk_size, slots)
+            self.pool.attach_table(self.disk_id, self._table)
+        return ChunkExtent(self._table)
+
+    @property
+    def c_reads(self) -> tuple[int, int]:
+        """READs the native loop served from the chunk table, and READs it missed."""
+        table = self._table
+        return (0, 0) if table is None else (table.hits, table.misses)
+
+    # ------------------------------------------------------------------------------------------
     # Provisioning
 
     def lba_status(self, offset: int, length: int, *, max_runs: int | None = None
@@ -233,6 +266,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
             try:
                 self.pool.commit()
             finally:
+                self.pool.detach_table(self.disk_id)
                 self.pool._disk_closed(self.name)
         if self._on_close is not None:
             self._on_close()

@@ -119,6 +119,8 @@ from tcmu_py.statefile import (
 from .._pool import PhysicalPool, ThresholdFigures
 
 if TYPE_CHECKING:
+    from tcmu_py.backend import ChunkTable
+
     from .backend import DedupBackend
 
 log = logging.getLogger(__name__)
@@ -586,6 +588,9 @@ class DedupPool(PhysicalPool):
         #: drops the entries naming it (`_forget_container`).
         self._locs: dict[int, int] = {}
         self._old_locs: dict[int, int] = {}
+        #: The chunk tables of disks a native loop serves (`attach_table`): every map cache
+        #: change of such a disk is made there too (`tcmu_py.backend.ChunkExtent`'s contract).
+        self._tables: dict[int, ChunkTable] = {}
         self._zero_chunk = bytes(config.chunk_size)
         #: The fingerprint function of the pool's chunks; `_confirm_bytes`: a match is only
         #: taken once the bytes compare equal (the fast, non-cryptographic one).
@@ -1040,7 +1045,8 @@ class DedupPool(PhysicalPool):
         end = offset + view.nbytes
         first, last = offset // cs, -(-end // cs)
         with self.lock:
-            if last - first == 1:  # the usual small read: one cached, uncompressed chunk
+            tabled = did in self._tables
+            if last - first == 1 and not tabled:  # the usual small read: one cached chunk
                 loc = self._locs.get(did << _IDX_BITS | first)
                 if loc is not None and loc != _ZEROS and not loc & 15:
                     cid, off = loc >> 64, (loc >> 24 & _OFFSET_MASK) + offset - first * cs
@@ -1049,6 +1055,9 @@ class DedupPool(PhysicalPool):
                         self._read_run(cid, off, view)
                     return
             found = self._locations(did, first, last)
+            if tabled:  # the native loop missed some of them: it finds them next time
+                base = did << _IDX_BITS
+                self._tell_tables([(base | idx, loc) for idx, loc in found])
             run_cid = run_off = run_at = run_n = 0  # pending preadv: container, offset, view
             for idx, loc in found:
                 a, b = max(idx * cs, offset), min((idx + 1) * cs, end)
@@ -1096,8 +1105,47 @@ class DedupPool(PhysicalPool):
         self._remember([(base | idx, loc) for idx, loc in out])
         return out
 
+    def attach_table(self, did: int, table: ChunkTable) -> None:
+        """Keep `table` (a native loop's, `tcmu_py.backend.ChunkExtent`) up to date with disk
+        `did`'s chunk locations from now on: the map cache's entries for it go there too."""
+        with self.lock:
+            self._tables[did] = table
+            base, mask = did << _IDX_BITS, (1 << _IDX_BITS) - 1
+            for cache in (self._old_locs, self._locs):
+                self._tell_tables([(k, v) for k, v in cache.items() if k & ~mask == base])
+
+    def detach_table(self, did: int) -> None:
+        with self.lock:
+            table = self._tables.pop(did, None)
+        if table is not None:
+            table.clear()
+
+    def _tell_tables(self, entries: Sequence[tuple[int, int]]) -> None:
+        """Make (key, packed location) entries known to the chunk tables of their disks (lock
+        held): a stored uncompressed chunk by its container's fd and offset, zeros as zeros, a
+        compressed chunk forgotten (the loop reads stored bytes only)."""
+        tables = self._tables
+        mask = (1 << _IDX_BITS) - 1
+        by_disk: dict[int, list[tuple[int, int, int]]] = {}
+        for key, loc in entries:
+            did = key >> _IDX_BITS
+            if did not in tables:
+                continue
+            if loc == _ZEROS:
+                item = (key & mask, -1, 0)
+            elif loc & 15:
+                item = (key & mask, -2, 0)
+            else:
+                item = (key & mask, self._fd(loc >> 64), loc >> 24 & _OFFSET_MASK)
+            by_disk.setdefault(did, []).append(item)
+        for did, items in by_disk.items():
+            tables[did].set(items)
+
     def _remember(self, entries: Sequence[tuple[int, int]]) -> None:
-        """Put (key, packed location) entries in the map cache (lock held)."""
+        """Put (key, packed location) entries in the map cache, and in the chunk tables (lock
+        held)."""
+        if self._tables:
+            self._tell_tables(entries)
         half = max(1, MAP_CACHE_ENTRIES // 2)
         i = max(0, len(entries) - MAP_CACHE_ENTRIES)
         while i < len(entries):
@@ -1109,11 +1157,19 @@ class DedupPool(PhysicalPool):
                 self._old_locs, self._locs = locs, {}
 
     def _forget(self) -> None:
-        """Drop the map cache (rows may have changed behind it)."""
+        """Drop the map cache and the chunk tables' entries (rows may have changed behind
+        them)."""
         self._locs, self._old_locs = {}, {}
+        for table in self._tables.values():
+            table.clear()
 
     def _forget_container(self, cid: int) -> None:
-        """Drop the map cache entries naming container `cid` (about to be deleted)."""
+        """Drop the map cache and chunk table entries naming container `cid` (about to be
+        deleted: its fd closed)."""
+        fd = self._fds.get(cid)
+        if fd is not None:
+            for table in self._tables.values():
+                table.drop_fd(fd)
         self._locs = {k: v for k, v in self._locs.items() if v >> 64 != cid}
         self._old_locs = {k: v for k, v in self._old_locs.items() if v >> 64 != cid}
 

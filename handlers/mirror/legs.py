@@ -18,7 +18,7 @@ import stat
 import threading
 from typing import Protocol
 
-from tcmu_py.backend import FanOutKit, FanOutWriter
+from tcmu_py.backend import FanOutWriter, NativeKit
 from tcmu_py.errors import ConfigError
 
 from .nbd import NbdClient, connect
@@ -148,8 +148,8 @@ class NbdLeg:
         #: Whether the server lets a second connection see this one's writes (multi-conn)
         self.multi_conn = self.client.can_multi_conn()
 
-    def writer(self, kit: FanOutKit, timeout: float) -> FanOutWriter | None:
-        """A C writer on a connection of its own (`FanOutKit.nbd_writer`), made on first
+    def writer(self, kit: NativeKit, timeout: float) -> FanOutWriter | None:
+        """A C writer on a connection of its own (`NativeKit.nbd_writer`), made on first
         use and again after one died; None when the server does not offer multi-conn (a
         flush on one connection would then not cover the other's writes) or the connection
         fails. Closed with the leg."""

@@ -150,7 +150,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tcmu_py.backend import FanOutExtent, FanOutKit, FanOutRegions, FanOutWriter, ReadExtent
+from tcmu_py.backend import FanOutExtent, FanOutRegions, FanOutWriter, NativeKit, ReadExtent
 from tcmu_py.errors import ConfigError
 from tcmu_py.scsi.sense import WriteProtected
 
@@ -379,8 +379,8 @@ class Mirror:
         #: Set by the device (`tcmu_py.backend.FileExtent`): called when `file_extent` may
         #: answer differently (`_extent_moved`).
         self.extent_listener: Callable[[], None] | None = None
-        #: Set by the device (`tcmu_py.backend.FanOutKit`): without it no `FanOutExtent`.
-        self.fanout_kit: FanOutKit | None = None
+        #: Set by the device (`tcmu_py.backend.NativeKit`): without it no `FanOutExtent`.
+        self.native_kit: NativeKit | None = None
         #: The write-intent regions of the last `FanOutExtent` given (None: the last extent
         #: given was none or a `ReadExtent`: C writes nothing), and a counter bumped at every
         #: `_extent_moved` (a write arms its regions only if it did not move meanwhile).
@@ -787,7 +787,7 @@ class Mirror:
                 return None
             read_fd = local[0].leg.fd  # type: ignore[union-attr]
             legs = list(self._legs)
-            kit = self.fanout_kit
+            kit = self.native_kit
             fan_ok = (kit is not None and not self.cfg.quorum and not self._lag
                       and not self._recording and not self._owed
                       and all(ls.state == IN_SYNC for ls in legs))
@@ -823,14 +823,14 @@ class Mirror:
         local, the data plane stops reading it until it asked `file_extent` again. Called
         before the change matters: before a write acknowledged without that leg returns,
         before its fd is closed (a failed leg is closed only by `reattach` or `close`). With
-        a `FanOutKit`, whatever the legs: C writes every leg, or may again once every leg is
+        a `NativeKit`, whatever the legs: C writes every leg, or may again once every leg is
         back in sync (the plane asks `file_extent` again). Without `_lock` held:
         the listener waits for the data plane's reads and writes in flight."""
         listener = self.extent_listener
         with self._lock:
             self._fan_gen += 1
             # with a kit, any leg's change may start or stop C's writes
-            fan = self.fanout_kit is not None
+            fan = self.native_kit is not None
         if listener is not None and (fan or any(ls.local for ls in self._legs
                                                  if legs >> ls.index & 1)):
             listener()

@@ -246,7 +246,7 @@ class NbdClient:
 
     def detach(self) -> tuple[int, NbdFunctions]:
         """Give the handle away: its address and those of the functions a C user of it needs
-        (`tcmu_py.backend.FanOutKit.nbd_writer`, whose writer closes it). The object is
+        (`tcmu_py.backend.NativeKit.nbd_writer`, whose writer closes it). The object is
         unusable afterwards."""
         h, self._h = self._h, None
         if h is None:

@@ -26,8 +26,9 @@ from functools import partial
 from tcmu_py.backend import (
     BlockBackend,
     Capabilities,
+    ChunkExtent,
     FanOutExtent,
-    FanOutKit,
+    NativeKit,
     ProvisioningInfo,
     RbdExtent,
     ReadExtent,
@@ -177,29 +178,33 @@ class BlockDevice(ScsiDevice):
         self.optimal_transfer_blocks = min(self.optimal_transfer_blocks, self.max_transfer_blocks)
         self.extent_version += 1
 
-    def offer_fanout(self, kit: FanOutKit) -> None:
-        """A native loop serves the device: a backend that can hand C its writes (it has a
-        ``fanout_kit`` attribute: `tcmu_py.backend.FanOutExtent`) gets the kit to do it."""
-        if self.caps.file_extent is not None and hasattr(self.backend, "fanout_kit"):
-            self.backend.fanout_kit = kit
+    def offer_native(self, kit: NativeKit) -> None:
+        """A native loop serves the device: a backend that builds its extent from the loop's C
+        objects (it has a ``native_kit`` attribute: a mirror's `tcmu_py.backend.FanOutExtent`,
+        a dedup disk's `tcmu_py.backend.ChunkExtent`) gets the kit to do it."""
+        if self.caps.file_extent is not None and hasattr(self.backend, "native_kit"):
+            self.backend.native_kit = kit
 
     def _extent_moved(self) -> None:
         """The backend's extent changed on its own (`FileExtent`'s ``extent_listener``)."""
         self.extent_version += 1
 
     def extent_may_come(self) -> bool:
-        """An extent now, or a backend whose extent comes and goes on its own (it has an
+        """An extent now, a backend whose extent comes and goes on its own (it has an
         ``extent_listener``: a mirror's leg coming back in sync, an RBD image's exclusive lock
-        taken over)."""
+        taken over), or one that builds it from a native loop's objects (a ``native_kit``: a
+        dedup disk)."""
         if self.caps.file_extent is None or not self.config.data_plane:
             return False
-        return hasattr(self.backend, "extent_listener") or self.data_extent() is not None
+        return (hasattr(self.backend, "extent_listener") or hasattr(self.backend, "native_kit")
+                or self.data_extent() is not None)
 
     def data_extent(self) -> DataExtent | None:
         """The backend's `FileExtent`, unless the device's config turns the data plane off. A
         thin backend (`ThinProvisioning`) qualifies only with a `UnitMap` (its writes allocate:
         only commands on allocated units may bypass it); without one it stays in Python. A
-        `ReadExtent` gives READs only; an `RbdExtent`, the native loop's librbd calls."""
+        `ReadExtent` gives READs only; an `RbdExtent`, the native loop's librbd calls; a
+        `ChunkExtent`, the native loop's READs of a dedup disk."""
         fx = self.caps.file_extent
         if fx is None or not self.config.data_plane:
             return None
@@ -212,6 +217,9 @@ class BlockDevice(ScsiDevice):
         if isinstance(got, RbdExtent):
             return DataExtent(-1, 0, self.block_size, self.num_blocks, self.max_transfer_blocks,
                               self.backend.write_cache, rbd=got)
+        if isinstance(got, ChunkExtent):
+            return DataExtent(-1, 0, self.block_size, self.num_blocks, self.max_transfer_blocks,
+                              self.backend.write_cache, reads_only=True, chunks=got)
         if isinstance(got, FanOutExtent):
             return DataExtent(got.fd, got.base, self.block_size, self.num_blocks,
                               self.max_transfer_blocks, self.backend.write_cache,

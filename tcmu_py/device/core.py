@@ -33,7 +33,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from tcmu_py.backend import FanOutExtent, FanOutKit, RbdExtent
+from tcmu_py.backend import ChunkExtent, FanOutExtent, NativeKit, RbdExtent
 from tcmu_py.device.command import Command, Response
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
@@ -173,7 +173,9 @@ class DataExtent:
     ``reads_only``: the plane serves READs only (`tcmu_py.backend.ReadExtent`). ``rbd``: the
     data is an RBD image instead (``fd`` -1, ``base`` 0), for the native loop only
     (`tcmu_py.backend.RbdExtent`). ``fanout``: with ``reads_only``, a mirror's writes the
-    native loop makes to every leg (`tcmu_py.backend.FanOutExtent`)."""
+    native loop makes to every leg (`tcmu_py.backend.FanOutExtent`). ``chunks``: with
+    ``reads_only`` and ``fd`` -1, a dedup disk's chunk table the native loop serves READs from
+    (`tcmu_py.backend.ChunkExtent`)."""
 
     fd: int
     base: int
@@ -186,6 +188,7 @@ class DataExtent:
     reads_only: bool = False
     rbd: RbdExtent | None = None
     fanout: FanOutExtent | None = None
+    chunks: ChunkExtent | None = None
 
 
 class ScsiDevice:
@@ -263,9 +266,9 @@ class ScsiDevice:
         None (the default: every command comes here). Read on the loop thread."""
         return None
 
-    def offer_fanout(self, kit: FanOutKit) -> None:
-        """A native loop serves the device and offers the C objects of a mirror's write
-        fan-out (`tcmu_py.backend.FanOutExtent`); the default takes nothing."""
+    def offer_native(self, kit: NativeKit) -> None:
+        """A native loop serves the device and offers the C objects a backend builds its
+        extent from (`tcmu_py.backend.NativeKit`); the default takes nothing."""
 
     def extent_may_come(self) -> bool:
         """Whether `data_extent` answers an extent now, or may later without the device being

@@ -64,12 +64,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from tcmu_py.backend import FanOutKit
+from tcmu_py.backend import NativeKit
 from tcmu_py.device.command import Command, Response
 from tcmu_py.device.core import ScsiDevice
 from tcmu_py.device.latency import LATENCY_BUCKETS, latency_bucket
 from tcmu_py.errors import RingError
 from tcmu_py.ring import (
+    ChunkTable,
     DataPlane,
     NativeLoop,
     NbdWriter,
@@ -203,7 +204,7 @@ class DeviceRunner:
             self.native = NativeLoop(self.ring, uio, poll_seconds)
             self._plane_lock = threading.Lock()
             device.plane_listener = self._plane_changed
-            device.offer_fanout(FanOutKit(WriteRegions, NbdWriter))
+            device.offer_native(NativeKit(WriteRegions, NbdWriter, ChunkTable))
         self._ring_lock = threading.Lock()
         self._workers = 1 if device.serial_commands else max(1, workers)
         self._pool = ThreadPoolExecutor(

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
+from tcmu_py.backend import ChunkExtent, NativeKit
 from tcmu_py.daemon.config import load_config_text
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import DeviceConfig, load_handlers
@@ -32,6 +33,7 @@ from tcmu_py.handlers.dedup import (
 from tcmu_py.handlers.dedup import config as dedup_config
 from tcmu_py.handlers.dedup.handler import register_pool, unregister_pool
 from tcmu_py.handlers.dedup.store import CONTAINER_DIR, DB_FILE, container_file
+from tcmu_py.scsi.sense import SpaceAllocationFailed
 from tcmu_py.testing import cdbs, conformance, harness
 
 CS = 4096
@@ -175,6 +177,80 @@ def test_collector_gives_space_back_to_the_file_system(tmp_path: os.PathLike[str
         disk.write(0, [memoryview(chunk(0))])
         assert read(disk, 0, CS) == chunk(0)
         disk.close()
+    assert check_pool(path).clean
+
+
+class RecordingTable:
+    """A `tcmu_py.backend.ChunkTable` that keeps its entries in a dict and checks that every fd
+    it is given, or told to drop, is still open."""
+
+    hits = misses = 0
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[int, int]] = {}
+        self.dropped: list[int] = []
+
+    def set(self, entries: list[tuple[int, int, int]]) -> None:
+        for idx, fd, off in entries:
+            if fd == -2:
+                self.entries.pop(idx, None)
+                continue
+            if fd >= 0:
+                os.fstat(fd)
+            self.entries[idx] = (fd, off)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def drop_fd(self, fd: int) -> None:
+        os.fstat(fd)  # not closed yet
+        self.dropped.append(fd)
+        self.entries = {i: e for i, e in self.entries.items() if e[0] != fd}
+
+    def check(self, disk: object) -> int:
+        """Every entry names the chunk's current bytes (what the backend reads); how many."""
+        entries = dict(self.entries)  # before the reads below tell the table anything
+        for idx, (fd, off) in entries.items():
+            want = read(disk, idx * CS, CS)
+            got = bytes(CS) if fd == -1 else os.pread(fd, CS, off)
+            assert got == want, idx
+        return len(entries)
+
+
+def test_chunk_table_names_current_bytes_through_writes_collection_and_rollback(
+        tmp_path: os.PathLike[str]) -> None:
+    """The contract of the native loop's table (`tcmu_py.backend.ChunkExtent`): every entry
+    names the chunk's current bytes after writes, unmaps, partial writes, collection (a
+    container's fd is dropped before it is closed), a rolled-back command and compression."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 48 * CS)
+    table = RecordingTable()
+    with DedupPool.open(path, container_bytes=8 * CS) as pool:
+        disk = pool.open_disk("a", 64 * CS)
+        assert disk.file_extent() is None  # no native loop: no extent
+        disk.native_kit = NativeKit(None, None, lambda cs, n: table)  # type: ignore[arg-type]
+        extent = disk.file_extent()
+        assert isinstance(extent, ChunkExtent) and extent.table is table
+        disk.write(0, [memoryview(b"".join(chunk(i) for i in range(40)))])
+        assert table.check(disk) == 40
+        read(disk, 40 * CS, 8 * CS)  # zeros, learnt by a read
+        disk.write(2 * CS + BS, [memoryview(b"x" * BS)])  # part of a chunk
+        disk.unmap(0, 30 * CS)
+        disk.write(45 * CS, [memoryview(chunk(35))])
+        assert table.check(disk) == 48
+        progress = pool.collect(30, dead_percent=1)
+        assert progress.done and progress.containers >= 3
+        assert len(table.dropped) == progress.containers
+        read(disk, 0, 64 * CS)
+        assert table.check(disk) == 64
+        with pytest.raises(SpaceAllocationFailed):  # rolled back: nothing changes
+            disk.write(0, [memoryview(b"".join(chunk(100 + i) for i in range(60)))])
+        assert table.check(disk) == 64
+        pool.set_compression("zstd")
+        disk.write(50 * CS, [memoryview(b"z" * CS)])  # stored compressed: the loop cannot
+        assert 50 not in table.entries and table.check(disk) == 63
+        disk.close()
+        assert not table.entries
     assert check_pool(path).clean
 
 
