@@ -344,8 +344,9 @@ class ChunkTable(Protocol):
     zeros. The loop serves a READ when every chunk it touches has an entry. Thread-safe; each
     call returns once no READ uses what it replaced."""
 
-    def set(self, entries: Sequence[tuple[int, int, int]]) -> None:
-        """``(index, fd, offset)`` entries; fd -1: the chunk reads as zeros; -2: forget it."""
+    def set(self, idx: Sequence[int], fds: Sequence[int], offs: Sequence[int]) -> None:
+        """Chunk ``idx[k]`` lies at byte ``offs[k]`` of ``fds[k]``; fd -1: it reads as zeros;
+        -2: forget it."""
 
     def clear(self) -> None:
         """Forget every entry."""

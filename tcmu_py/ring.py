@@ -1148,12 +1148,13 @@ class ChunkTable:
         self.chunk = chunk
         self.slots = slots
 
-    def set(self, entries: Sequence[tuple[int, int, int]]) -> None:
-        """``(index, fd, offset)`` entries: fd -1 zeros, -2 forget the index."""
-        n = len(entries)
+    def set(self, idx: Sequence[int], fds: Sequence[int], offs: Sequence[int]) -> None:
+        """Chunk ``idx[k]`` is at ``offs[k]`` of ``fds[k]`` (-1: zeros; -2: forget it)."""
+        n = len(idx)
         if not n or self.ptr is None:
             return
-        idx, fds, offs = zip(*entries, strict=True)
+        if len(fds) != n or len(offs) != n:
+            raise ValueError("chunk table: entries of unequal lengths")
         lib.tcmu_py_cm_set(self.ptr, ffi.new("uint64_t[]", idx), ffi.new("int32_t[]", fds),
                            ffi.new("uint64_t[]", offs), n)
 

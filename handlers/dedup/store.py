@@ -588,8 +588,9 @@ class DedupPool(PhysicalPool):
         #: drops the entries naming it (`_forget_container`).
         self._locs: dict[int, int] = {}
         self._old_locs: dict[int, int] = {}
-        #: The chunk tables of disks a native loop serves (`attach_table`): every map cache
-        #: change of such a disk is made there too (`tcmu_py.backend.ChunkExtent`'s contract).
+        #: The chunk tables of disks a native loop serves (`attach_table`), by disk id: every
+        #: location a write gives or a lookup finds is told there too, and they are dropped
+        #: with the map cache (`tcmu_py.backend.ChunkExtent`'s contract).
         self._tables: dict[int, ChunkTable] = {}
         self._zero_chunk = bytes(config.chunk_size)
         #: The fingerprint function of the pool's chunks; `_confirm_bytes`: a match is only
@@ -1056,8 +1057,7 @@ class DedupPool(PhysicalPool):
                     return
             found = self._locations(did, first, last)
             if tabled:  # the native loop missed some of them: it finds them next time
-                base = did << _IDX_BITS
-                self._tell_tables([(base | idx, loc) for idx, loc in found])
+                self._tell_table(self._tables[did], found)
             run_cid = run_off = run_at = run_n = 0  # pending preadv: container, offset, view
             for idx, loc in found:
                 a, b = max(idx * cs, offset), min((idx + 1) * cs, end)
@@ -1103,6 +1103,9 @@ class DedupPool(PhysicalPool):
         out = [(idx, rows.get(idx, _ZEROS)) for idx in range(first, last)]
         base = did << _IDX_BITS
         self._remember([(base | idx, loc) for idx, loc in out])
+        table = self._tables.get(did)
+        if table is not None:
+            self._tell_table(table, out)
         return out
 
     def attach_table(self, did: int, table: ChunkTable) -> None:
@@ -1110,9 +1113,10 @@ class DedupPool(PhysicalPool):
         `did`'s chunk locations from now on: the map cache's entries for it go there too."""
         with self.lock:
             self._tables[did] = table
-            base, mask = did << _IDX_BITS, (1 << _IDX_BITS) - 1
+            mask = (1 << _IDX_BITS) - 1
             for cache in (self._old_locs, self._locs):
-                self._tell_tables([(k, v) for k, v in cache.items() if k & ~mask == base])
+                self._tell_table(table, [(k & mask, v) for k, v in cache.items()
+                                         if k >> _IDX_BITS == did])
 
     def detach_table(self, did: int) -> None:
         with self.lock:
@@ -1120,32 +1124,17 @@ class DedupPool(PhysicalPool):
         if table is not None:
             table.clear()
 
-    def _tell_tables(self, entries: Sequence[tuple[int, int]]) -> None:
-        """Make (key, packed location) entries known to the chunk tables of their disks (lock
+    def _tell_table(self, table: ChunkTable, found: Sequence[tuple[int, int]]) -> None:
+        """Make (index, packed location) entries of one disk known to its chunk table (lock
         held): a stored uncompressed chunk by its container's fd and offset, zeros as zeros, a
         compressed chunk forgotten (the loop reads stored bytes only)."""
-        tables = self._tables
-        mask = (1 << _IDX_BITS) - 1
-        by_disk: dict[int, list[tuple[int, int, int]]] = {}
-        for key, loc in entries:
-            did = key >> _IDX_BITS
-            if did not in tables:
-                continue
-            if loc == _ZEROS:
-                item = (key & mask, -1, 0)
-            elif loc & 15:
-                item = (key & mask, -2, 0)
-            else:
-                item = (key & mask, self._fd(loc >> 64), loc >> 24 & _OFFSET_MASK)
-            by_disk.setdefault(did, []).append(item)
-        for did, items in by_disk.items():
-            tables[did].set(items)
+        fd = self._fd
+        table.set([idx for idx, _ in found],
+                  [-1 if loc == _ZEROS else -2 if loc & 15 else fd(loc >> 64) for _, loc in found],
+                  [loc >> 24 & _OFFSET_MASK if loc > 0 else 0 for _, loc in found])
 
     def _remember(self, entries: Sequence[tuple[int, int]]) -> None:
-        """Put (key, packed location) entries in the map cache, and in the chunk tables (lock
-        held)."""
-        if self._tables:
-            self._tell_tables(entries)
+        """Put (key, packed location) entries in the map cache (lock held)."""
         half = max(1, MAP_CACHE_ENTRIES // 2)
         i = max(0, len(entries) - MAP_CACHE_ENTRIES)
         while i < len(entries):
@@ -1314,6 +1303,10 @@ class DedupPool(PhysicalPool):
             packed[None] = _ZEROS  # type: ignore[index]
             self._remember([(base | idx, packed[fp])  # type: ignore[index]
                             for idx, _, fp in chunks])
+            table = self._tables.get(did)
+            if table is not None:  # before the write is acknowledged (ChunkExtent)
+                self._tell_table(table, [(idx, packed[fp])  # type: ignore[index]
+                                         for idx, _, fp in chunks])
             self._changes += len(chunks)
             if durable or self._changes >= GROUP_CHANGES:
                 self.commit()

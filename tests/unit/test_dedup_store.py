@@ -4,6 +4,7 @@ the YAML section and the ``tcmu-py dedup`` commands."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -190,8 +191,8 @@ class RecordingTable:
         self.entries: dict[int, tuple[int, int]] = {}
         self.dropped: list[int] = []
 
-    def set(self, entries: list[tuple[int, int, int]]) -> None:
-        for idx, fd, off in entries:
+    def set(self, idxs: list[int], fds: list[int], offs: list[int]) -> None:
+        for idx, fd, off in zip(idxs, fds, offs, strict=True):
             if fd == -2:
                 self.entries.pop(idx, None)
                 continue
@@ -217,16 +218,21 @@ class RecordingTable:
         return len(entries)
 
 
+def fail(fd: int) -> None:
+    raise OSError(errno.EIO, "injected")
+
+
 def test_chunk_table_names_current_bytes_through_writes_collection_and_rollback(
         tmp_path: os.PathLike[str]) -> None:
     """The contract of the native loop's table (`tcmu_py.backend.ChunkExtent`): every entry
     names the chunk's current bytes after writes, unmaps, partial writes, collection (a
-    container's fd is dropped before it is closed), a rolled-back command and compression."""
+    container's fd is dropped before it is closed), a rolled-back command, a failed commit and
+    compression."""
     path = os.path.join(tmp_path, "p")
     create_pool(path, "p", 48 * CS)
     table = RecordingTable()
     with DedupPool.open(path, container_bytes=8 * CS) as pool:
-        disk = pool.open_disk("a", 64 * CS)
+        disk = pool.open_disk("a", 64 * CS, write_cache=True)
         assert disk.file_extent() is None  # no native loop: no extent
         disk.native_kit = NativeKit(None, None, lambda cs, n: table)  # type: ignore[arg-type]
         extent = disk.file_extent()
@@ -246,6 +252,15 @@ def test_chunk_table_names_current_bytes_through_writes_collection_and_rollback(
         with pytest.raises(SpaceAllocationFailed):  # rolled back: nothing changes
             disk.write(0, [memoryview(b"".join(chunk(100 + i) for i in range(60)))])
         assert table.check(disk) == 64
+        disk.flush()
+        disk.write(0, [memoryview(chunk(200) + chunk(201))])  # lost by the failing commit:
+        with pytest.MonkeyPatch.context() as mp:  # its bytes past the container's committed
+            mp.setattr(os, "fdatasync", fail)  # end are written again by the next append
+            with pytest.raises(OSError):
+                disk.flush()
+        disk.write(5 * CS, [memoryview(chunk(202) + chunk(203))])
+        assert table.check(disk) == 2  # emptied by the rollback, then told the new write
+        read(disk, 0, 64 * CS)
         pool.set_compression("zstd")
         disk.write(50 * CS, [memoryview(b"z" * CS)])  # stored compressed: the loop cannot
         assert 50 not in table.entries and table.check(disk) == 63
