@@ -54,7 +54,13 @@ Rules this file obeys
   second process (``tcmu-py status``) while a daemon writes.
 * Memory per pool: the SQLite page cache (`CACHE_KIB`), the map cache (`MAP_CACHE_ENTRIES`
   chunk locations, ~6 MB: reads of recently read or written chunks skip the index) and one
-  file descriptor per container read; nothing grows with the number of chunks.
+  file descriptor per container read; per disk a native loop serves, its chunk table (at most
+  1.5 MiB, `backend.TABLE_SLOTS`); nothing grows with the number of chunks.
+* The native loop's READs (`tcmu_py.backend.ChunkExtent`): a disk's chunk table holds
+  locations as the map cache does; `attach_table` makes the pool tell it every location a put
+  gives or a lookup finds (before the write returns), empty it where the cache is dropped
+  (`_forget`) and drop a container's fd from it before that fd is closed
+  (`_forget_container`). Compressed chunks are forgotten there.
 * Cost per command: a fixed number of SQL statements whatever the number of chunks
   (`DedupPool.put`: ``IN`` lookups, one range query, one ``executemany`` per table, the new
   chunks appended with one ``pwritev`` per container), so a 1 MiB write is dominated by
