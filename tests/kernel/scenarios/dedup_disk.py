@@ -50,11 +50,21 @@ def make_tree(root: Path, seed: int = 14) -> dict[str, str]:
     return out
 
 
+def status(ctx: Context, run_dir: Path) -> dict:  # type: ignore[type-arg]
+    out = run(tcmu_py("status", "-i", "0", "--json", "--run-dir", str(run_dir)),
+              timeout=ctx.remaining(60)).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
 def pool_status(ctx: Context, run_dir: Path, name: str = "dp") -> dict:  # type: ignore[type-arg]
-    st = json.loads(run(tcmu_py("status", "-i", "0", "--json", "--run-dir", str(run_dir)),
-                        timeout=ctx.remaining(60)).stdout)
-    (pool,) = [p for p in st["dedup_pools"] if p["name"] == name]
+    (pool,) = [p for p in status(ctx, run_dir)["dedup_pools"] if p["name"] == name]
     return pool  # type: ignore[no-any-return]
+
+
+def c_commands(ctx: Context, run_dir: Path, name: str) -> int:
+    """Commands of device `name` the native loop executed itself (a dedup disk's: READs)."""
+    (dev,) = [d for d in status(ctx, run_dir)["devices"] if d["name"] == name]
+    return int(dev["data_plane"]["commands"])
 
 
 def distinct_blocks(dev: Path) -> tuple[int, int]:
@@ -146,14 +156,19 @@ def two_disks_one_copy(ctx: Context) -> None:
     assert full["unique"] - empty["unique"] < 1.5 * TREE_BYTES, full
     assert full["ratio"] > 1.5, full
 
-    # The files read back from the second disk.
+    # The files read back from the second disk: by the native loop, from the chunk table the
+    # writes filled (a dedup disk's READs in C).
     mnt = ctx.workdir / "mnt-dd1"
+    c0 = c_commands(ctx, run_dir, "dd1")
     run(["mount", "-o", "ro", str(devs["dd1"]), str(mnt)], timeout=ctx.remaining(60))
     try:
         for rel, digest in sums.items():
             assert hashlib.sha256((mnt / rel).read_bytes()).hexdigest() == digest, rel
     finally:
         run(["umount", str(mnt)], timeout=ctx.remaining(120))
+    ctx.details["dd1_c_reads"] = c_reads = c_commands(ctx, run_dir, "dd1") - c0
+    log(f"dd1: {c_reads} READs served by the native loop while the tree was read back")
+    assert c_reads > 0
 
     # fio with duplicate data and verification on the first disk (its file system goes).
     out = run(["fio", "--name=dedupe", f"--filename={devs['dd0']}", "--rw=write", "--bs=64k",
