@@ -5,6 +5,9 @@
  * corrupt ring yields an error code instead of a wild memory access. Facts about the ring
  * protocol are in tcmu_py/ring.py's module docstring.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE                             /* SEEK_HOLE (Python.h defines it in the build) */
+#endif
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -720,6 +723,7 @@ struct tcmu_py_loop {
     uint64_t img_len;
     uint64_t img_dev, img_ino;             /* which file is mapped, and how */
     int img_prot;
+    uint64_t map_retry;                         /* ns: when an unmapped extent is looked at again */
     struct tcmu_py_poll_judge judge;       /* whether to busy-poll (the loop thread, mutex) */
     struct tcmu_py_loop_figures fig;
 };
@@ -1453,6 +1457,7 @@ static int tcmu_py_put_record(struct tcmu_py_buf *b, const struct tcmu_py_entry 
 
 static void tcmu_py_loop_signal(int fd, uint32_t size);
 static void tcmu_py_loop_fail(struct tcmu_py_loop *l, int error);
+static void tcmu_py_loop_map(struct tcmu_py_loop *l);
 
 /* Whether a job still queued or running touches units [start, end) in a way a new command
  * there must wait for: any such job when `writing` (the new command writes), else only a
@@ -1946,6 +1951,14 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
     n = tcmu_py_dequeue(l->r, l->out, TCMU_PY_DP_MAX);
     if (n <= 0)
         return n;
+    if (!l->img && x->fd >= 0 && !l->n_jobs && t0 >= l->map_retry) {
+        /* An extent not mapped when it was declared may be now: a mirror's leg written whole
+         * through the device after it was declared. Looked at every 100 ms at most (an fstat,
+         * an fstatfs and on tmpfs a SEEK_HOLE), while no worker copies (so none sees the
+         * mapping appear mid-command). */
+        l->map_retry = t0 + 100000000u;
+        tcmu_py_loop_map(l);
+    }
     l->cp.len = 0;
     for (k = 0; k < n; k++) {
         l->at[k] = l->cp.len;
@@ -2287,6 +2300,25 @@ void tcmu_py_loop_free(struct tcmu_py_loop *l)
  * file on tmpfs, every byte allocated. Under the mutex, with no job running. The mapping of
  * the same file at the same size and protection is kept (its pages stay mapped: no faults to
  * pay again); any other is dropped first. */
+/* Whether every byte of x's extent is allocated in its file (st: the file's stat): the whole
+ * file is, or SEEK_HOLE finds no hole before the extent's end (a mirror's leg: its metadata
+ * area after the data may have holes). The fd's file position is put back. */
+static int tcmu_py_extent_allocated(const struct tcmu_py_extent *x, const struct stat *st)
+{
+    uint64_t end = x->base + x->num_blocks * x->block_size;
+    off_t pos, hole;
+
+    if ((uint64_t)st->st_blocks * 512u >= (uint64_t)st->st_size)
+        return 1;
+    if (end > (uint64_t)st->st_size)
+        return 0;
+    pos = lseek(x->fd, 0, SEEK_CUR);
+    hole = lseek(x->fd, (off_t)x->base, SEEK_HOLE);
+    if (pos >= 0)
+        lseek(x->fd, pos, SEEK_SET);
+    return hole >= 0 && (uint64_t)hole >= end;
+}
+
 static void tcmu_py_loop_map(struct tcmu_py_loop *l)
 {
     const struct tcmu_py_extent *x = &l->x;
@@ -2297,8 +2329,8 @@ static void tcmu_py_loop_map(struct tcmu_py_loop *l)
     void *m;
 
     ok = x->fd >= 0 && fstat(x->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
-         (uint64_t)st.st_blocks * 512u >= (uint64_t)st.st_size &&
-         fstatfs(x->fd, &sf) == 0 && sf.f_type == TCMU_PY_TMPFS_MAGIC;
+         fstatfs(x->fd, &sf) == 0 && sf.f_type == TCMU_PY_TMPFS_MAGIC &&
+         tcmu_py_extent_allocated(x, &st);
     if (ok && l->img && l->img_dev == (uint64_t)st.st_dev && l->img_ino == (uint64_t)st.st_ino &&
         l->img_len == (uint64_t)st.st_size && l->img_prot == prot)
         return;

@@ -353,7 +353,8 @@ void tcmu_py_loop_stop(struct tcmu_py_loop *l);
 void tcmu_py_loop_free(struct tcmu_py_loop *l);
 
 /* Copy the extent (x->enabled is ignored: see tcmu_py_loop_enable), once no worker runs. A
- * regular file on tmpfs with every byte allocated is also mapped (MAP_SHARED, until the next
+ * regular file on tmpfs with every byte of the extent allocated (the rest of the file may have
+ * holes: a mirror leg's metadata area) is also mapped (MAP_SHARED, until the next
  * declare or free): C's commands then copy with memcpy instead of preadv/pwritev, and a fault
  * in that copy (the file truncated, tmpfs full) fails the command over to Python. */
 void tcmu_py_loop_declare(struct tcmu_py_loop *l, const struct tcmu_py_extent *x);

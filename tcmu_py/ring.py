@@ -996,8 +996,9 @@ class NativeLoop:
 
     @property
     def mapped(self) -> bool:
-        """Whether C copies through a mapping of the declared file (a fully allocated file on
-        tmpfs: `tcmu_py_loop_declare` in _ring.h) rather than with preadv/pwritev."""
+        """Whether C copies through a mapping of the declared file (a file on tmpfs whose
+        extent is fully allocated: `tcmu_py_loop_declare` in _ring.h) rather than with
+        preadv/pwritev."""
         return self._ptr is not None and bool(lib.tcmu_py_loop_mapped(self._ptr))
 
     @property

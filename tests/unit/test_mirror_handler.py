@@ -364,6 +364,46 @@ def test_reads_come_from_the_local_leg_in_c_and_never_from_a_leg_that_failed(
         dev.close()
 
 
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this machine")
+def test_a_local_leg_on_tmpfs_is_read_through_its_mapping() -> None:
+    """The native loop maps a local leg on tmpfs whose data area is allocated, although its
+    metadata area after it has holes (a superblock slot not written yet), and although it was
+    written through the mirror after the extent was declared: C's READs copy through the
+    mapping, as a raw image's do."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="tcmu-py-test-") as d:
+        legs = [f"{d}/l{i}.img" for i in range(2)]
+        dev = MirrorHandler.open(device_config(
+            f"legs={legs[0]}|{legs[1]};region={REGION};assume_clean=1"))
+        h = RingHarness(dev, data_plane=True, native=True)
+        try:
+            h.run(cdbs.test_unit_ready())  # power-on unit attention
+            data = bytes(range(256)) * (SIZE // 256)
+            for lba in range(0, SIZE // BS, 256):
+                piece = data[lba * BS : (lba + 256) * BS]
+                assert h.run(cdbs.write16(lba, 256), data_out=piece).good
+            st = Path(legs[0]).stat()
+            assert st.st_blocks * 512 < st.st_size  # a hole in the metadata area
+            # Declared before it was written (holes), the leg is mapped once the loop looks
+            # again (every 100 ms at most, at a wake-up).
+            native = h.runner.native
+            assert native is not None
+            deadline = time.monotonic() + DEADLINE
+            while not native.mapped:
+                assert time.monotonic() < deadline, "the leg was never mapped"
+                got = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+                assert got.good and got.data == data[: 8 * BS]
+            before = h.runner.refresh_counters().mapped
+            for lba in range(0, SIZE // BS, 64):
+                got = h.run(cdbs.read10(lba, 8), data_in_len=8 * BS)
+                assert got.good and got.data == data[lba * BS : (lba + 8) * BS]
+            assert h.runner.refresh_counters().mapped - before == SIZE // BS // 64
+        finally:
+            h.close()
+            dev.close()
+
+
 def test_no_c_reads_from_a_local_leg_that_lags(tmp_path: Path) -> None:
     """With a write quorum of 1 a write may be acknowledged before the local leg has it (the
     leg lags, rule 4b): the extent is withdrawn first, so no READ is served from the leg
