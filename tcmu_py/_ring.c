@@ -826,14 +826,20 @@ int tcmu_py_wi_armed(struct tcmu_py_wi *w, uint64_t r)
     return a;
 }
 
-uint64_t tcmu_py_wi_writes(struct tcmu_py_wi *w)
+/* *v, read under mu. */
+static uint64_t tcmu_py_locked_u64(pthread_mutex_t *mu, const uint64_t *v)
 {
     uint64_t n;
 
-    pthread_mutex_lock(&w->mu);
-    n = w->writes;
-    pthread_mutex_unlock(&w->mu);
+    pthread_mutex_lock(mu);
+    n = *v;
+    pthread_mutex_unlock(mu);
     return n;
+}
+
+uint64_t tcmu_py_wi_writes(struct tcmu_py_wi *w)
+{
+    return tcmu_py_locked_u64(&w->mu, &w->writes);
 }
 
 /* A C write of bytes [pos, pos + len) starts: 1 (counted in flight, its regions touched) when
@@ -1225,22 +1231,12 @@ void tcmu_py_cm_drop_fd(struct tcmu_py_cm *m, int32_t fd)
 
 uint64_t tcmu_py_cm_hits(struct tcmu_py_cm *m)
 {
-    uint64_t n;
-
-    pthread_mutex_lock(&m->mu);
-    n = m->hits;
-    pthread_mutex_unlock(&m->mu);
-    return n;
+    return tcmu_py_locked_u64(&m->mu, &m->hits);
 }
 
 uint64_t tcmu_py_cm_misses(struct tcmu_py_cm *m)
 {
-    uint64_t n;
-
-    pthread_mutex_lock(&m->mu);
-    n = m->misses;
-    pthread_mutex_unlock(&m->mu);
-    return n;
+    return tcmu_py_locked_u64(&m->mu, &m->misses);
 }
 
 /* A cursor over a command's iovecs (data-area offsets into the ring mapping `map`). */
