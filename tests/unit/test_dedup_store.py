@@ -25,10 +25,12 @@ from tcmu_py.handler import DeviceConfig, load_handlers
 from tcmu_py.handlers.dedup import (
     DedupHandler,
     DedupPool,
+    acquire_pool,
     check_pool,
     create_pool,
     ensure_pool,
     read_pool_status,
+    release_pool,
     store,
 )
 from tcmu_py.handlers.dedup import config as dedup_config
@@ -266,6 +268,64 @@ def test_chunk_table_names_current_bytes_through_writes_collection_and_rollback(
         assert 50 not in table.entries and table.check(disk) == 63
         disk.close()
         assert not table.entries
+    assert check_pool(path).clean
+
+
+def test_native_reads_stay_right_while_the_collector_moves_chunks(tmp_path: os.PathLike[str]
+                                                                  ) -> None:
+    """READs the native loop serves from the chunk table, while the collector (another thread)
+    moves the live chunks they read and deletes the containers they were in: every READ gets
+    the chunk's bytes (a container's fd is dropped from the table before it is closed; a new
+    container may get the same fd number)."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 24)
+    pool = acquire_pool(path)  # shared with the device the handler opens
+    pool.container_bytes = 8 * CS
+    n = 128
+    dev = DedupHandler.open(DeviceConfig("c0", "dedup", f"pool={path}", n * CS, block_size=BS,
+                                         write_cache=True))
+    h = harness.RingHarness(dev)
+    per = CS // BS
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def collect() -> None:
+        try:
+            while pool.collect_step(dead_percent=1, batch_bytes=2 * CS) is not None:
+                pass
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failed.append(exc)
+        finally:
+            done.set()
+
+    try:
+        h.run(cdbs.test_unit_ready())  # power-on unit attention
+        for i in range(0, n, 16):
+            data = b"".join(chunk(j) for j in range(i, i + 16))
+            assert h.run(cdbs.write16(i * per, 16 * per), data_out=data).good
+        params = cdbs.unmap_parameters([(i * per, per) for i in range(1, n, 2)])
+        assert h.run(cdbs.unmap(len(params)), data_out=params).good  # every container half dead
+        rng = random.Random(14)
+        thread = threading.Thread(target=collect)
+        thread.start()
+        deadline = time.monotonic() + 60
+        reads = 0
+        while not done.is_set() or reads < 256:
+            assert time.monotonic() < deadline, f"{reads} READs"
+            i = rng.randrange(0, n, 2)
+            r = h.run(cdbs.read16(i * per, per), data_in_len=CS)
+            assert r.good and r.data == chunk(i), (i, reads)
+            reads += 1
+        thread.join()
+        assert not failed, failed
+        assert pool.status().compacted >= n // 8 - 1
+        assert dev.backend.c_reads[0] > 0
+        assert read(dev.backend, 0, 2 * CS) == chunk(0) + bytes(CS)
+    finally:
+        done.wait(60)
+        h.close()
+        dev.close()
+        release_pool(pool)
     assert check_pool(path).clean
 
 
