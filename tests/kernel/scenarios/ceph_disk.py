@@ -654,12 +654,20 @@ def fio_iscsi(ctx: Context) -> None:
 
     host = wait_for(session_host, ctx.remaining(60), "the iSCSI session's SCSI host")
 
-    def disk() -> Path | None:
+    def disk() -> tuple[Path, str] | None:
+        """The session's LUN 0 disk and its wwid, once both are there: the block device can
+        show before its sysfs entries do (seen once: /sys/block/sda/device/wwid missing right
+        after the login)."""
         name = lf.scsi_host_devices(host).get(0, {}).get("block")
-        return Path("/dev") / name if name and (Path("/dev") / name).exists() else None
+        if not name or not (Path("/dev") / name).exists():
+            return None
+        try:
+            return Path("/dev") / name, (Path("/sys/block") / name / "device" / "wwid"
+                                         ).read_text().strip()
+        except OSError:
+            return None
 
-    dev = wait_for(disk, ctx.remaining(120), f"the disk of {ISCSI_IQN} LUN 0")
-    wwid = (Path("/sys/block") / dev.name / "device" / "wwid").read_text().strip()
+    dev, wwid = wait_for(disk, ctx.remaining(120), f"the disk of {ISCSI_IQN} LUN 0")
     assert wwid == wwn, f"{dev}: wwid {wwid}, expected {wwn}"
     ctx.details["login_seconds"] = round(time.monotonic() - t_check, 1)
     job = _fio(ctx, "iscsi", dev, "--ioengine=libaio", "--iodepth=8", "--rw=randwrite",
