@@ -503,6 +503,7 @@ def test_an_nbd_write_batch_ends_while_reads_share_the_connection(tmp_path: Path
                              "--filter=delay", "file", str(image), "delay-write=2ms",
                              "delay-read=2ms"], stdin=subprocess.DEVNULL)
     stop = threading.Event()
+    rt: threading.Thread | None = None
     try:
         assert wait_until(lambda: sock.exists() or proc.poll() is not None, START_DEADLINE)
         leg = NbdLeg(f"nbd+unix:///?socket={sock}", 4 << 20)
@@ -518,7 +519,8 @@ def test_an_nbd_write_batch_ends_while_reads_share_the_connection(tmp_path: Path
                                                for k in range(8)]))
 
         results: list[Any] = []
-        threading.Thread(target=reader, daemon=True).start()
+        rt = threading.Thread(target=reader, daemon=True)
+        rt.start()
         t = threading.Thread(target=writer, args=(results,), daemon=True)
         t.start()
         t.join(60)
@@ -526,6 +528,8 @@ def test_an_nbd_write_batch_ends_while_reads_share_the_connection(tmp_path: Path
         assert all(r == [None] * 8 for r in results)
     finally:
         stop.set()
+        if rt is not None:  # its last read ends before the server goes (no stray exception)
+            rt.join(START_DEADLINE)
         proc.kill()
         proc.wait(START_DEADLINE)
 
