@@ -2292,10 +2292,6 @@ void tcmu_py_loop_free(struct tcmu_py_loop *l)
 
 #define TCMU_PY_TMPFS_MAGIC 0x01021994
 
-/* Map the declared file if it qualifies (see "Copies through the mapped image"): a regular
- * file on tmpfs, every byte allocated. Under the mutex, with no job running. The mapping of
- * the same file at the same size and protection is kept (its pages stay mapped: no faults to
- * pay again); any other is dropped first. */
 /* Whether every byte of x's extent is allocated in its file (st: the file's stat): the whole
  * file is, or SEEK_HOLE finds no hole before the extent's end (a mirror's leg: its metadata
  * area after the data may have holes). The fd's file position is put back. */
@@ -2315,6 +2311,10 @@ static int tcmu_py_extent_allocated(const struct tcmu_py_extent *x, const struct
     return hole >= 0 && (uint64_t)hole >= end;
 }
 
+/* Map the declared file if it qualifies (see "Copies through the mapped image"): a regular
+ * file on tmpfs, every byte of the extent allocated. Under the mutex, with no job running. The
+ * mapping of the same file at the same size and protection is kept (its pages stay mapped: no
+ * faults to pay again); any other is dropped first. */
 static void tcmu_py_loop_map(struct tcmu_py_loop *l)
 {
     const struct tcmu_py_extent *x = &l->x;

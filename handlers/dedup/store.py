@@ -58,7 +58,7 @@ Rules this file obeys
   1.5 MiB, `backend.TABLE_SLOTS`); nothing grows with the number of chunks.
 * The native loop's READs (`tcmu_py.backend.ChunkExtent`): a disk's chunk table holds
   locations as the map cache does; `attach_table` makes the pool tell it every location a put
-  gives or a lookup finds (before the write returns), empty it where the cache is dropped
+  gives (before the write returns) or a read finds, empty it where the cache is dropped
   (`_forget`) and drop a container's fd from it before that fd is closed
   (`_forget_container`). Compressed chunks are forgotten there.
 * Cost per command: a fixed number of SQL statements whatever the number of chunks
@@ -595,7 +595,7 @@ class DedupPool(PhysicalPool):
         self._locs: dict[int, int] = {}
         self._old_locs: dict[int, int] = {}
         #: The chunk tables of disks a native loop serves (`attach_table`), by disk id: every
-        #: location a write gives or a lookup finds is told there too, and they are dropped
+        #: location a write gives or a read finds is told there too, and they are dropped
         #: with the map cache (`tcmu_py.backend.ChunkExtent`'s contract).
         self._tables: dict[int, ChunkTable] = {}
         self._zero_chunk = bytes(config.chunk_size)
@@ -1109,9 +1109,6 @@ class DedupPool(PhysicalPool):
         out = [(idx, rows.get(idx, _ZEROS)) for idx in range(first, last)]
         base = did << _IDX_BITS
         self._remember([(base | idx, loc) for idx, loc in out])
-        table = self._tables.get(did)
-        if table is not None:
-            self._tell_table(table, out)
         return out
 
     def attach_table(self, did: int, table: ChunkTable) -> None:
@@ -1307,12 +1304,11 @@ class DedupPool(PhysicalPool):
             packed = {fp: _pack_loc(*info[chunk][1:5])  # type: ignore[misc]
                       for fp, chunk in found.items()}
             packed[None] = _ZEROS  # type: ignore[index]
-            self._remember([(base | idx, packed[fp])  # type: ignore[index]
-                            for idx, _, fp in chunks])
+            placed = [(idx, packed[fp]) for idx, _, fp in chunks]  # type: ignore[index]
+            self._remember([(base | idx, loc) for idx, loc in placed])
             table = self._tables.get(did)
             if table is not None:  # before the write is acknowledged (ChunkExtent)
-                self._tell_table(table, [(idx, packed[fp])  # type: ignore[index]
-                                         for idx, _, fp in chunks])
+                self._tell_table(table, placed)
             self._changes += len(chunks)
             if durable or self._changes >= GROUP_CHANGES:
                 self.commit()
