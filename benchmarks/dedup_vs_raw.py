@@ -3,18 +3,19 @@ QD8 with 0 %, 50 % and 90 % duplicate data, and 4 KiB random read QD32, on a ded
 disk served by one `tcmu-py serve`, in the same VM boot.
 
     .venv/bin/python benchmarks/dedup_vs_raw.py --out results/dedup_vs_raw [--seconds 10] [--reps 2]
-        [--only randread-4k-qd32,...]
+        [--only randread-4k-qd32,...] [--size-mib 256] [--capacity-mib N]
 
 Host side: boots the lab kernel (`tcmu_py.lab.run_in_vm`) and runs this file again inside with
 ``--guest``; then prints per-workload medians and the dedup/raw ratio, and writes
 ``OUT/summary.json``.
 
 Guest side (``--guest``): a dedup pool on the scratch tmpfs (4 KiB chunks, no compression,
-capacity four times the disk) and a fully written raw image of the same size; both devices with
-``emulate_write_cache=1`` (WCE=1 for both: the dedup disk acknowledges from its open transaction
-and commits at SYNCHRONIZE CACHE or every few thousand changes, the raw one writes through the
-page cache), exported through tcm_loop, I/O scheduler "none". For every repetition and workload
-the two targets run back to back (drift in the shared host's load spreads over both):
+capacity four times the disk, or ``--capacity-mib``) and a fully written raw image of the
+same size; both devices with ``emulate_write_cache=1`` (WCE=1 for both: the dedup disk
+acknowledges from its open transaction and commits at SYNCHRONIZE CACHE or every few thousand
+changes, the raw one writes through the page cache), exported through tcm_loop, I/O scheduler
+"none". For every repetition and workload the two targets run back to back (drift in the
+shared host's load spreads over both):
 
 - writes: the dedup disk is discarded whole (``blkdiscard``) before each run and the pool's
   collector given time to return the space, so each run starts on an empty disk and stores
@@ -76,7 +77,7 @@ def guest(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     size = args.size_mib * MIB
     pool = work / "pool"
-    create_pool(str(pool), "bench", 4 * size, None)
+    create_pool(str(pool), "bench", (args.capacity_mib or 4 * args.size_mib) * MIB, None)
     image = work / "raw.img"
     full_image(image, size)
 
@@ -196,7 +197,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def host(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     guest_args = ["--seconds", str(args.seconds), "--reps", str(args.reps),
-                  "--size-mib", str(args.size_mib)] + ([] if args.only is None else
+                  "--size-mib", str(args.size_mib),
+                  "--capacity-mib", str(args.capacity_mib)] + ([] if args.only is None else
                                                        ["--only", args.only])
     budget = 600 + args.reps * len(selected(args.only)) * len(TARGETS) * (args.seconds + 200)
     runs = boot_guest(Path(__file__), guest_args, out, budget)
@@ -215,6 +217,9 @@ def host(args: argparse.Namespace) -> int:
 
 def main() -> int:
     ap = arg_parser(__doc__, "dedup_vs_raw", seconds=10.0, reps=2, size_mib=256)
+    ap.add_argument("--capacity-mib", type=int, default=0,
+                    help="the pool's capacity (default: 4 x the disk's size; the guest's "
+                    "scratch tmpfs has ~1 GiB free, which bounds it)")
     args = ap.parse_args()
     return guest(args) if args.guest else host(args)
 

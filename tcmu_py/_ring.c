@@ -1156,7 +1156,10 @@ struct tcmu_py_cm {
     uint64_t mask;                              /* slots - 1: chunk i lives in slot i & mask */
     uint64_t chunk;
     uint64_t hits, misses;
-    struct tcmu_py_cm_slot slots[];
+    /* An anonymous mapping: a page is resident once a slot in it was set; tcmu_py_cm_clear
+     * gives the pages back (MADV_DONTNEED: they read as zeros again). */
+    struct tcmu_py_cm_slot *slots;
+    size_t bytes;
 };
 
 struct tcmu_py_cm *tcmu_py_cm_new(uint32_t chunk, uint32_t slots_log2)
@@ -1167,10 +1170,17 @@ struct tcmu_py_cm *tcmu_py_cm_new(uint32_t chunk, uint32_t slots_log2)
     if (!chunk || (chunk & (chunk - 1)) || slots_log2 > 30)
         return NULL;
     n = (uint64_t)1 << slots_log2;
-    m = calloc(1, sizeof(*m) + n * sizeof(m->slots[0]));
+    m = calloc(1, sizeof(*m));
     if (!m)
         return NULL;
+    m->bytes = n * sizeof(m->slots[0]);
+    m->slots = mmap(NULL, m->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m->slots == MAP_FAILED) {
+        free(m);
+        return NULL;
+    }
     if (pthread_mutex_init(&m->mu, NULL)) {
+        munmap(m->slots, m->bytes);
         free(m);
         return NULL;
     }
@@ -1184,6 +1194,7 @@ void tcmu_py_cm_free(struct tcmu_py_cm *m)
     if (!m)
         return;
     pthread_mutex_destroy(&m->mu);
+    munmap(m->slots, m->bytes);
     free(m);
 }
 
@@ -1208,25 +1219,57 @@ void tcmu_py_cm_set(struct tcmu_py_cm *m, const uint64_t *idx, const int32_t *fd
     pthread_mutex_unlock(&m->mu);
 }
 
+int tcmu_py_cm_get(struct tcmu_py_cm *m, uint64_t idx, int32_t *fd, uint64_t *off)
+{
+    const struct tcmu_py_cm_slot *s;
+    int found;
+
+    pthread_mutex_lock(&m->mu);
+    s = &m->slots[idx & m->mask];
+    found = s->key == idx + 1;
+    if (found) {
+        *fd = s->fd;
+        *off = s->off;
+    }
+    pthread_mutex_unlock(&m->mu);
+    return found;
+}
+
 void tcmu_py_cm_clear(struct tcmu_py_cm *m)
 {
     uint64_t i;
 
     pthread_mutex_lock(&m->mu);
-    for (i = 0; i <= m->mask; i++)
-        m->slots[i].key = 0;
+    if (madvise(m->slots, m->bytes, MADV_DONTNEED))
+        for (i = 0; i <= m->mask; i++)
+            m->slots[i].key = 0;
     pthread_mutex_unlock(&m->mu);
 }
 
+/* Only the slots whose key lies in a resident page can be set (setting one writes its page):
+ * the others are skipped, so a large table mostly never written costs no page faults here. */
 void tcmu_py_cm_drop_fd(struct tcmu_py_cm *m, int32_t fd)
 {
-    uint64_t i;
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), i;
+    uint64_t npages = (m->bytes + page - 1) / page;
+    unsigned char *resident = malloc(npages);
+    const uint64_t size = sizeof(m->slots[0]);
 
     pthread_mutex_lock(&m->mu);
-    for (i = 0; i <= m->mask; i++)
+    if (resident && mincore(m->slots, m->bytes, resident))
+        memset(resident, 1, npages);            /* unknown: look at every slot */
+    for (i = 0; i <= m->mask; i++) {
+        uint64_t p = i * size / page;
+
+        if (resident && !(resident[p] & 1)) {
+            i = ((p + 1) * page + size - 1) / size - 1;    /* the first slot of the next page */
+            continue;
+        }
         if (m->slots[i].key && m->slots[i].fd == fd)
             m->slots[i].key = 0;
+    }
     pthread_mutex_unlock(&m->mu);
+    free(resident);
 }
 
 uint64_t tcmu_py_cm_hits(struct tcmu_py_cm *m)

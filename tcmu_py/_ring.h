@@ -151,11 +151,12 @@ void tcmu_py_nbdq_free(struct tcmu_py_nbdq *q);
 /* ---- A dedup disk's chunk locations (issue 14) ----
  *
  * struct tcmu_py_cm: where the chunks of one dedup disk lie, as far as the backend told it: a
- * bounded, direct-mapped table (2**slots_log2 slots) from a chunk index to a container file's
- * fd and the byte offset of the chunk's bytes there (stored uncompressed), or to "zeros" (the
- * chunk is not mapped). The native loop serves a READ from it when every chunk the READ
- * touches has an entry; any miss sends the whole READ to Python. The backend sets an entry only
- * to where the chunk's current bytes are, and changes it (set or forget) before a write it
+ * bounded, direct-mapped table (2**slots_log2 slots in an anonymous mapping, a page resident
+ * once a slot in it is set) from a chunk index to a container file's fd and the byte offset
+ * of the chunk's bytes there (stored uncompressed), or to "zeros" (the chunk is not mapped).
+ * The native loop serves a READ from it when every chunk the READ touches has an entry; any
+ * miss sends the whole READ to Python. The backend sets an entry only to where the chunk's
+ * current bytes are, and changes it (set or forget) before a write it
  * acknowledges moves the chunk, before the bytes it names may change, and before it closes the
  * fd (tcmu_py_cm_drop_fd). A READ holds the table's mutex from its lookups to the end of its
  * reads, so when a change returns no READ uses what it replaced. Thread-safe. */
@@ -166,6 +167,8 @@ void tcmu_py_cm_free(struct tcmu_py_cm *m);
 /* n entries: chunk idx[k] is at (fd[k], off[k]); fd[k] == -1: zeros; fd[k] == -2: forget it. */
 void tcmu_py_cm_set(struct tcmu_py_cm *m, const uint64_t *idx, const int32_t *fd,
                     const uint64_t *off, uint32_t n);
+/* Chunk idx's entry: 1 and *fd, *off (fd -1: zeros) when it has one, else 0. */
+int tcmu_py_cm_get(struct tcmu_py_cm *m, uint64_t idx, int32_t *fd, uint64_t *off);
 /* Forget every entry. */
 void tcmu_py_cm_clear(struct tcmu_py_cm *m);
 /* Forget the entries naming fd (its file is about to be closed or deleted). */

@@ -1159,6 +1159,15 @@ class ChunkTable:
         lib.tcmu_py_cm_set(self.ptr, ffi.new("uint64_t[]", idx), ffi.new("int32_t[]", fds),
                            ffi.new("uint64_t[]", offs), n)
 
+    def get(self, idx: int) -> tuple[int, int] | None:
+        """Chunk `idx`'s entry: (fd, offset), fd -1 for zeros; None when it has none."""
+        if self.ptr is None:
+            return None
+        fd, off = ffi.new("int32_t *"), ffi.new("uint64_t *")
+        if not lib.tcmu_py_cm_get(self.ptr, idx, fd, off):
+            return None
+        return int(fd[0]), int(off[0])
+
     def clear(self) -> None:
         if self.ptr is not None:
             lib.tcmu_py_cm_clear(self.ptr)

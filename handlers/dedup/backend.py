@@ -37,9 +37,11 @@ if TYPE_CHECKING:
     from .store import DedupPool
 
 
-#: Entries of a disk's chunk table at most (24 bytes each: 1.5 MiB, a 256 MiB disk of 4 KiB
-#: chunks whole); a smaller disk gets one entry per chunk.
-TABLE_SLOTS = 1 << 16
+#: Entries of a disk's chunk table at most: 24 bytes each, 24 MiB of address space, a 4 GiB
+#: disk of 4 KiB chunks (64 GiB of 64 KiB chunks) whole; a smaller disk gets one entry per
+#: chunk (rounded up to a power of two). The table is an anonymous mapping: a page of it is
+#: resident only once an entry in it was set, and emptying the table gives its pages back.
+TABLE_SLOTS = 1 << 20
 
 
 def _ceil_div(a: int, b: int) -> int:

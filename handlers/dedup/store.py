@@ -54,8 +54,9 @@ Rules this file obeys
   second process (``tcmu-py status``) while a daemon writes.
 * Memory per pool: the SQLite page cache (`CACHE_KIB`), the map cache (`MAP_CACHE_ENTRIES`
   chunk locations, ~6 MB: reads of recently read or written chunks skip the index) and one
-  file descriptor per container read; per disk a native loop serves, its chunk table (at most
-  1.5 MiB, `backend.TABLE_SLOTS`); nothing grows with the number of chunks.
+  file descriptor per container read; per disk a native loop serves, its chunk table (24
+  bytes per chunk of the disk read or written, at most 24 MiB: `backend.TABLE_SLOTS`); nothing
+  grows with the number of chunks in the pool.
 * The native loop's READs (`tcmu_py.backend.ChunkExtent`): a disk's chunk table holds
   locations as the map cache does; `attach_table` makes the pool tell it every location a put
   gives (before the write returns) or a read finds, empty it where the cache is dropped

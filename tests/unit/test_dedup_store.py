@@ -329,6 +329,46 @@ def test_native_reads_stay_right_while_the_collector_moves_chunks(tmp_path: os.P
     assert check_pool(path).clean
 
 
+def test_a_large_disk_s_chunks_all_have_a_place_in_its_chunk_table(
+        tmp_path: os.PathLike[str]) -> None:
+    """The chunk table covers a disk of 2**17 chunks whole (512 MiB of 4 KiB chunks, sparse):
+    two chunks 2**16 apart, which shared a slot when tables had 2**16, are both read by the
+    native loop once written; emptying the table (as a rolled-back commit does) sends the next
+    READs to Python, which puts the entries back."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 24)
+    n = 1 << 17
+    dev = DedupHandler.open(DeviceConfig("c0", "dedup", f"pool={path}", n * CS, block_size=BS,
+                                         write_cache=True))
+    h = harness.RingHarness(dev)
+    per = CS // BS
+    idxs = (5, 5 + (1 << 16), n - 1)
+    try:
+        h.run(cdbs.test_unit_ready())  # power-on unit attention
+        for i in idxs:
+            assert h.run(cdbs.write16(i * per, per), data_out=chunk(i)).good
+
+        def read_all() -> tuple[int, int]:
+            before = dev.backend.c_reads
+            for i in idxs:
+                r = h.run(cdbs.read16(i * per, per), data_in_len=CS)
+                assert r.good and r.data == chunk(i), i
+            after = dev.backend.c_reads
+            return after[0] - before[0], after[1] - before[1]
+
+        assert read_all() == (3, 0)  # the writes told the table: every READ in C
+        assert read_all() == (3, 0)
+        pool = dev.backend.pool
+        with pool.lock:
+            pool._forget()  # noqa: SLF001 - what a rollback does to the caches and tables
+        assert read_all() == (0, 3)  # emptied: Python's, which tells the table again
+        assert read_all() == (3, 0)
+    finally:
+        h.close()
+        dev.close()
+    assert check_pool(path).clean
+
+
 def test_collector_steps_are_bounded_and_keep_revived_chunks(tmp_path: os.PathLike[str]
                                                             ) -> None:
     path = os.path.join(tmp_path, "p")

@@ -335,3 +335,43 @@ def test_the_native_loop_consults_its_judge(tmp_path: Path) -> None:
         assert loop.polling
     finally:
         h.close()
+
+
+def test_a_chunk_table_keeps_and_forgets_entries_across_its_pages() -> None:
+    """`tcmu_py.ring.ChunkTable` (the dedup disks' READs in C): slots in an anonymous mapping.
+    Entries set anywhere (slots straddling page boundaries included) are found; `drop_fd`
+    forgets exactly those naming the fd, skipping pages never written; `clear` forgets all, and
+    the table keeps working after it."""
+    from tcmu_py.ring import ChunkTable
+
+    slots = 1 << 12  # 24-byte slots: 96 KiB, 24 pages of 4 KiB (every third starts a slot)
+    table = ChunkTable(4096, slots)
+    try:
+        per_page = 4096 / 24
+        idxs = sorted({int(k * per_page) + d for k in range(1, 24, 3) for d in (-1, 0, 1)}
+                      | {0, 512, 1024, 1536, slots - 1})  # 512: page 3's first (page 2 unset)
+
+        def fd(i: int) -> int:
+            return 3 if i % 2 == 0 else 4
+
+        assert table.get(idxs[1]) is None
+        table.set(idxs, [fd(i) for i in idxs], [i * 4096 for i in idxs])
+        other = slots + idxs[2]
+        table.set([other], [-1], [0])  # same slot, another chunk: replaces it
+        assert table.get(idxs[2]) is None and table.get(other) == (-1, 0)
+        kept = [i for i in idxs if i != idxs[2]]
+        assert all(table.get(i) == (fd(i), i * 4096) for i in kept)
+        table.drop_fd(3)
+        for i in kept:
+            assert table.get(i) == (None if fd(i) == 3 else (4, i * 4096)), i
+        assert table.get(other) == (-1, 0)  # zeros name no fd
+        table.set([5], [-2], [0])  # forgetting a chunk without an entry changes nothing
+        table.clear()
+        assert all(table.get(i) is None for i in idxs + [other])
+        table.set([7], [9], [123])
+        table.drop_fd(9)
+        assert table.get(7) is None
+        table.set([7], [9], [456])
+        assert table.get(7) == (9, 456)
+    finally:
+        table.close()
