@@ -250,3 +250,21 @@ def libiscsi_thin_provisioning(ctx: Context) -> None:
            ("Unmap", "GetLBAStatus", "WriteSame10", "WriteSame16")]
     assert len(ran) >= 10, f"provisioning tests did not run: {sorted(results.items())}"
     check_data_plane(ctx, run_dir, plane=True)  # READ/WRITE of allocated units
+
+
+@scenario(timeout=1200)
+def libiscsi_dedup_provisioning(ctx: Context) -> None:
+    """The thin run's families against a dedup disk (issue 14: "thin semantics"), whose
+    provisioning unit is a 4 KiB chunk of 8 blocks (UNMAP and WRITE SAME of part of a chunk are
+    read-modify-writes), plus COMPARE AND WRITE, which the issue names for it. None may fail, and
+    the provisioning tests must run."""
+    from tcmu_py.handlers.dedup import create_pool
+
+    pool = ctx.workdir / "dpool"
+    create_pool(str(pool), "conformance", 64 * MIB, 80)
+    run_dir = serve_and_export(ctx, f"dedup/pool={pool};disk=conf0", 16 * MIB)
+    results = run_families(ctx, THIN_FAMILIES + ("CompareAndWrite",))
+    ran = [t for t, v in results.items() if v == "pass" and t.split(".")[0] in
+           ("Unmap", "GetLBAStatus", "WriteSame10", "WriteSame16")]
+    assert len(ran) >= 10, f"provisioning tests did not run: {sorted(results.items())}"
+    check_data_plane(ctx, run_dir, plane=True)  # the READs served from the chunk table
