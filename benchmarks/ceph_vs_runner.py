@@ -274,9 +274,10 @@ def guest(args: argparse.Namespace) -> int:
                             f"--runtime={args.seconds:g}", f"--ramp_time={ramp:g}",
                             "--norandommap", "--randrepeat=0", "--lat_percentiles=1",
                             "--output-format=json", f"--output={res_json}"]
+                    # The status query first: its CPU in the daemon is not the run's.
+                    py0 = _py_counters(disks, exported["py_name"]) if target == TARGETS[0] else {}
                     cpu0 = _cpu_seconds(pids[target])
                     threads0 = _thread_cpu(pids[target])
-                    py0 = _py_counters(disks, exported["py_name"]) if target == TARGETS[0] else {}
                     p = run(argv, timeout=args.seconds + 300, check=False)
                     cpu = _cpu_seconds(pids[target]) - cpu0
                     threads1 = _thread_cpu(pids[target])
