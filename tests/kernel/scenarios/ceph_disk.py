@@ -606,6 +606,23 @@ def _iscsi_logout() -> None:
     run(["iscsiadm", "-m", "node", "-o", "delete", "-T", ISCSI_IQN], timeout=60, check=False)
 
 
+def _iscsi_yaml(ctx: Context, name: str, image: str, wwn: str, iqn: str, conf: Path,
+                size: int = 16 * MIB) -> Path:
+    """A YAML config with one ``ceph`` device (the image made if missing) exported as LUN 0 of
+    the iSCSI target `iqn` on 127.0.0.1:3260 (demo mode: any initiator, read-write)."""
+    cfg = ctx.workdir / f"{name}.yaml"
+    cfg.write_text(
+        f"state_dir: {ctx.workdir / 'state'}\n"
+        "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16}\n"
+        "devices:\n"
+        f"  - name: {name}\n    handler: ceph\n    size: {size // MIB}M\n    wwn: {wwn}\n"
+        f"    options: {{image: {POOL}/{image}, conf: {conf}, id: admin, create: true}}\n"
+        "exports:\n  iscsi:\n"
+        f"    - iqn: {iqn}\n      portals: ['127.0.0.1:3260']\n"
+        f"      generate_node_acls: true\n      luns: [{{device: {name}, lun: 0}}]\n")
+    return cfg
+
+
 @scenario(timeout=900)
 def fio_iscsi(ctx: Context) -> None:
     """A YAML ``ceph`` device exported over iSCSI (127.0.0.1:3260, demo mode), open-iscsi logged
@@ -615,18 +632,8 @@ def fio_iscsi(ctx: Context) -> None:
     t0 = time.monotonic()
     cluster = shared_cluster(ctx)
     t_check = time.monotonic()
-    size, wwn = 16 * MIB, "naa.5001405000ce0005"
-    cfg = ctx.workdir / "ceph4.yaml"
-    cfg.write_text(
-        f"state_dir: {ctx.workdir / 'state'}\n"
-        "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16}\n"
-        "devices:\n"
-        f"  - name: ceph4\n    handler: ceph\n    size: {size // MIB}M\n    wwn: {wwn}\n"
-        f"    options: {{image: {POOL}/iscsi, conf: {cluster.conf}, id: admin, create: true}}\n"
-        "exports:\n  iscsi:\n"
-        f"    - iqn: {ISCSI_IQN}\n      portals: ['127.0.0.1:3260']\n"
-        "      generate_node_acls: true\n      luns: [{device: ceph4, lun: 0}]\n")
-    serve = Serve(ctx, cfg)
+    wwn = "naa.5001405000ce0005"
+    serve = Serve(ctx, _iscsi_yaml(ctx, "ceph4", "iscsi", wwn, ISCSI_IQN, cluster.conf))
     serve.start()
     run(["modprobe", "iscsi_tcp"], timeout=ctx.remaining(60))
     name = Path("/etc/iscsi/initiatorname.iscsi")
@@ -948,19 +955,8 @@ def libiscsi_provisioning(ctx: Context) -> None:
     from scenarios.iscsi_conformance import IQN, run_families
 
     cluster = shared_cluster(ctx)
-    size, wwn = 16 * MIB, "naa.5001405000ce0009"
-    cfg = ctx.workdir / "cephc.yaml"
-    cfg.write_text(
-        f"state_dir: {ctx.workdir / 'state'}\n"
-        "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16}\n"
-        "devices:\n"
-        f"  - name: cephc\n    handler: ceph\n    size: {size // MIB}M\n    wwn: {wwn}\n"
-        f"    options: {{image: {POOL}/conformance, conf: {cluster.conf}, id: admin, "
-        "create: true}\n"
-        "exports:\n  iscsi:\n"
-        f"    - iqn: {IQN}\n      portals: ['127.0.0.1:3260']\n"
-        "      generate_node_acls: true\n      luns: [{device: cephc, lun: 0}]\n")
-    serve = Serve(ctx, cfg)
+    serve = Serve(ctx, _iscsi_yaml(ctx, "cephc", "conformance", "naa.5001405000ce0009", IQN,
+                                   cluster.conf))
     serve.start()
     run(["ip", "link", "set", "lo", "up"], timeout=30, check=False)
     results = run_families(ctx, LIBISCSI_FAMILIES)
