@@ -174,10 +174,14 @@ def stop_cluster() -> None:
 
 
 def _yaml(ctx: Context, name: str, image: str, size: int, wwn: str, conf: Path,
-          *, cmd_time_out: int = 30, options: str = "") -> Path:
+          *, cmd_time_out: int = 30, options: str = "", iscsi: str | None = None) -> Path:
     """A YAML config with one ``ceph`` device (``create``: the image is made if missing;
     ``options``: more items of its options mapping, e.g. ``osd_op_timeout: 5``), exported as
-    LUN 0 of a tcm_loop target."""
+    LUN 0 of a tcm_loop target, or with `iscsi` (an IQN) of that iSCSI target on
+    127.0.0.1:3260 (demo mode: any initiator, read-write)."""
+    export = (f"  iscsi:\n    - iqn: {iscsi}\n      portals: ['127.0.0.1:3260']\n"
+              f"      generate_node_acls: true\n      luns: [{{device: {name}, lun: 0}}]\n"
+              if iscsi else f"  loopback:\n    - {{device: {name}, lun: 0}}\n")
     cfg = ctx.workdir / f"{name}.yaml"
     cfg.write_text(
         f"state_dir: {ctx.workdir / 'state'}\n"
@@ -187,8 +191,7 @@ def _yaml(ctx: Context, name: str, image: str, size: int, wwn: str, conf: Path,
         f"    cmd_time_out: {cmd_time_out}\n"
         f"    options: {{image: {POOL}/{image}, conf: {conf}, id: admin, create: true"
         f"{', ' + options if options else ''}}}\n"
-        "exports:\n  loopback:\n"
-        f"    - {{device: {name}, lun: 0}}\n")
+        "exports:\n" + export)
     return cfg
 
 
@@ -606,23 +609,6 @@ def _iscsi_logout() -> None:
     run(["iscsiadm", "-m", "node", "-o", "delete", "-T", ISCSI_IQN], timeout=60, check=False)
 
 
-def _iscsi_yaml(ctx: Context, name: str, image: str, wwn: str, iqn: str, conf: Path,
-                size: int = 16 * MIB) -> Path:
-    """A YAML config with one ``ceph`` device (the image made if missing) exported as LUN 0 of
-    the iSCSI target `iqn` on 127.0.0.1:3260 (demo mode: any initiator, read-write)."""
-    cfg = ctx.workdir / f"{name}.yaml"
-    cfg.write_text(
-        f"state_dir: {ctx.workdir / 'state'}\n"
-        "defaults: {hw_max_sectors: 1024, max_data_area_mb: 16}\n"
-        "devices:\n"
-        f"  - name: {name}\n    handler: ceph\n    size: {size // MIB}M\n    wwn: {wwn}\n"
-        f"    options: {{image: {POOL}/{image}, conf: {conf}, id: admin, create: true}}\n"
-        "exports:\n  iscsi:\n"
-        f"    - iqn: {iqn}\n      portals: ['127.0.0.1:3260']\n"
-        f"      generate_node_acls: true\n      luns: [{{device: {name}, lun: 0}}]\n")
-    return cfg
-
-
 @scenario(timeout=900)
 def fio_iscsi(ctx: Context) -> None:
     """A YAML ``ceph`` device exported over iSCSI (127.0.0.1:3260, demo mode), open-iscsi logged
@@ -633,7 +619,7 @@ def fio_iscsi(ctx: Context) -> None:
     cluster = shared_cluster(ctx)
     t_check = time.monotonic()
     wwn = "naa.5001405000ce0005"
-    serve = Serve(ctx, _iscsi_yaml(ctx, "ceph4", "iscsi", wwn, ISCSI_IQN, cluster.conf))
+    serve = Serve(ctx, _yaml(ctx, "ceph4", "iscsi", 16 * MIB, wwn, cluster.conf, iscsi=ISCSI_IQN))
     serve.start()
     run(["modprobe", "iscsi_tcp"], timeout=ctx.remaining(60))
     name = Path("/etc/iscsi/initiatorname.iscsi")
@@ -955,8 +941,8 @@ def libiscsi_provisioning(ctx: Context) -> None:
     from scenarios.iscsi_conformance import IQN, run_families
 
     cluster = shared_cluster(ctx)
-    serve = Serve(ctx, _iscsi_yaml(ctx, "cephc", "conformance", "naa.5001405000ce0009", IQN,
-                                   cluster.conf))
+    serve = Serve(ctx, _yaml(ctx, "cephc", "conformance", 16 * MIB, "naa.5001405000ce0009",
+                             cluster.conf, iscsi=IQN))
     serve.start()
     run(["ip", "link", "set", "lo", "up"], timeout=30, check=False)
     results = run_families(ctx, LIBISCSI_FAMILIES)
