@@ -1160,6 +1160,10 @@ struct tcmu_py_cm {
      * gives the pages back (MADV_DONTNEED: they read as zeros again). */
     struct tcmu_py_cm_slot *slots;
     size_t bytes;
+    /* written[p]: a slot starting in page p of slots was set since the last clear (exact, not
+     * residency: a page swapped out still counts), so drop_fd looks only there. */
+    uint8_t *written;
+    uint64_t page;
 };
 
 struct tcmu_py_cm *tcmu_py_cm_new(uint32_t chunk, uint32_t slots_log2)
@@ -1174,13 +1178,19 @@ struct tcmu_py_cm *tcmu_py_cm_new(uint32_t chunk, uint32_t slots_log2)
     if (!m)
         return NULL;
     m->bytes = n * sizeof(m->slots[0]);
+    m->page = (uint64_t)sysconf(_SC_PAGESIZE);
+    m->written = calloc((m->bytes + m->page - 1) / m->page, 1);
     m->slots = mmap(NULL, m->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (m->slots == MAP_FAILED) {
+    if (!m->written || m->slots == MAP_FAILED) {
+        if (m->slots != MAP_FAILED)
+            munmap(m->slots, m->bytes);
+        free(m->written);
         free(m);
         return NULL;
     }
     if (pthread_mutex_init(&m->mu, NULL)) {
         munmap(m->slots, m->bytes);
+        free(m->written);
         free(m);
         return NULL;
     }
@@ -1195,6 +1205,7 @@ void tcmu_py_cm_free(struct tcmu_py_cm *m)
         return;
     pthread_mutex_destroy(&m->mu);
     munmap(m->slots, m->bytes);
+    free(m->written);
     free(m);
 }
 
@@ -1215,6 +1226,7 @@ void tcmu_py_cm_set(struct tcmu_py_cm *m, const uint64_t *idx, const int32_t *fd
         s->key = idx[k] + 1;
         s->fd = fd[k] < 0 ? -1 : fd[k];
         s->off = off[k];
+        m->written[(idx[k] & m->mask) * sizeof(*s) / m->page] = 1;
     }
     pthread_mutex_unlock(&m->mu);
 }
@@ -1243,33 +1255,29 @@ void tcmu_py_cm_clear(struct tcmu_py_cm *m)
     if (madvise(m->slots, m->bytes, MADV_DONTNEED))
         for (i = 0; i <= m->mask; i++)
             m->slots[i].key = 0;
+    memset(m->written, 0, (m->bytes + m->page - 1) / m->page);
     pthread_mutex_unlock(&m->mu);
 }
 
-/* Only the slots whose key lies in a resident page can be set (setting one writes its page):
- * the others are skipped, so a large table mostly never written costs no page faults here. */
+/* Only the slots starting in a page written since the last clear can be set: the others are
+ * skipped, so a large table mostly never written costs no page faults here. */
 void tcmu_py_cm_drop_fd(struct tcmu_py_cm *m, int32_t fd)
 {
-    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), i;
-    uint64_t npages = (m->bytes + page - 1) / page;
-    unsigned char *resident = malloc(npages);
     const uint64_t size = sizeof(m->slots[0]);
+    uint64_t i;
 
     pthread_mutex_lock(&m->mu);
-    if (resident && mincore(m->slots, m->bytes, resident))
-        memset(resident, 1, npages);            /* unknown: look at every slot */
     for (i = 0; i <= m->mask; i++) {
-        uint64_t p = i * size / page;
+        uint64_t p = i * size / m->page;
 
-        if (resident && !(resident[p] & 1)) {
-            i = ((p + 1) * page + size - 1) / size - 1;    /* the first slot of the next page */
+        if (!m->written[p]) {
+            i = ((p + 1) * m->page + size - 1) / size - 1;    /* to the next page's first */
             continue;
         }
         if (m->slots[i].key && m->slots[i].fd == fd)
             m->slots[i].key = 0;
     }
     pthread_mutex_unlock(&m->mu);
-    free(resident);
 }
 
 uint64_t tcmu_py_cm_hits(struct tcmu_py_cm *m)
