@@ -1163,7 +1163,7 @@ struct tcmu_py_cm {
     /* written[p]: a slot starting in page p of slots was set since the last clear (exact, not
      * residency: a page swapped out still counts), so drop_fd looks only there. */
     uint8_t *written;
-    uint64_t page;
+    uint64_t page, pages;                       /* page size; pages the slots span */
 };
 
 struct tcmu_py_cm *tcmu_py_cm_new(uint32_t chunk, uint32_t slots_log2)
@@ -1179,7 +1179,8 @@ struct tcmu_py_cm *tcmu_py_cm_new(uint32_t chunk, uint32_t slots_log2)
         return NULL;
     m->bytes = n * sizeof(m->slots[0]);
     m->page = (uint64_t)sysconf(_SC_PAGESIZE);
-    m->written = calloc((m->bytes + m->page - 1) / m->page, 1);
+    m->pages = (m->bytes + m->page - 1) / m->page;
+    m->written = calloc(m->pages, 1);
     m->slots = mmap(NULL, m->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (!m->written || m->slots == MAP_FAILED) {
         if (m->slots != MAP_FAILED)
@@ -1255,7 +1256,7 @@ void tcmu_py_cm_clear(struct tcmu_py_cm *m)
     if (madvise(m->slots, m->bytes, MADV_DONTNEED))
         for (i = 0; i <= m->mask; i++)
             m->slots[i].key = 0;
-    memset(m->written, 0, (m->bytes + m->page - 1) / m->page);
+    memset(m->written, 0, m->pages);
     pthread_mutex_unlock(&m->mu);
 }
 
