@@ -643,6 +643,7 @@ int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st)
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -650,6 +651,16 @@ int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st)
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
+
+/* Name the calling thread as `top -H`, ps and perf show it (at most 15 bytes are kept; a
+ * longer name is cut there). Best effort: a failure leaves the inherited name. */
+void tcmu_py_name_thread(const char *name)
+{
+    char cut[16];
+
+    snprintf(cut, sizeof(cut), "%s", name);
+    (void)pthread_setname_np(pthread_self(), cut);
+}
 
 /* A growable byte buffer of hand-off records. */
 struct tcmu_py_buf {
@@ -1000,6 +1011,8 @@ static int tcmu_py_nbdq_push(struct tcmu_py_nbdq *q, const void *buf, uint64_t l
 static void *tcmu_py_nbdq_main(void *arg)
 {
     struct tcmu_py_nbdq *q = arg;
+
+    tcmu_py_name_thread("tcmu-py-nbd");
 
     for (;;) {
         struct tcmu_py_nbd_req *r, **pp;
@@ -1751,6 +1764,8 @@ static void *tcmu_py_worker_main(void *arg)
 {
     struct tcmu_py_loop *l = arg;
 
+    tcmu_py_name_thread("tcmu-py-io");
+
     pthread_mutex_lock(&l->mu);
     for (;;) {
         struct tcmu_py_job *j;
@@ -2210,6 +2225,7 @@ static void *tcmu_py_loop_main(void *arg)
     uint64_t ev;
     int ready = 0;
 
+    tcmu_py_name_thread("tcmu-py-loop");
     while (!__atomic_load_n(&l->stopping, __ATOMIC_ACQUIRE)) {
         int done = 0, handed = 0, work = 0, rc, pr, polling;
         uint64_t probes, switches;

@@ -78,6 +78,7 @@ from tcmu_py.ring import (
     RingCommand,
     RingTmr,
     WriteRegions,
+    name_os_thread,
 )
 from tcmu_py.scsi.constants import Status
 from tcmu_py.scsi.sense import HardwareError, ScsiError, build_fixed_sense
@@ -210,6 +211,7 @@ class DeviceRunner:
         self._pool = ThreadPoolExecutor(
             max_workers=1 if device.serial_commands else max(1, workers),
             thread_name_prefix=f"tcmu-{self.name}",
+            initializer=name_os_thread, initargs=(f"tcmu-w:{self.name}",),
         )
         self._aborted: set[int] = set()
         self._logger = self.log.logger  # isEnabledFor without the adapter's extra call
@@ -244,6 +246,7 @@ class DeviceRunner:
         bring several commands (deeper queues) do not watch either: their wake-up cost is
         shared, and a spinning thread would take CPU from the kernel's own completion work.
         """
+        name_os_thread(f"tcmu:{self.name}")
         poller = select.poll()
         poller.register(self.uio.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)

@@ -10,6 +10,7 @@ include what C did.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -167,6 +168,29 @@ def test_status_reports_the_native_loop_and_its_commands(tmp_path: Path) -> None
         assert h.runner.native is not None and h.runner.native.executed == 2
     finally:
         h.close()
+
+
+def _thread_names() -> list[str]:
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # the thread ended
+            names.append((task / "comm").read_text().strip())
+    return names
+
+
+def test_the_loop_s_threads_carry_names_the_kernel_shows(tmp_path: Path) -> None:
+    """`top -H`, ps and perf tell the native loop, its file workers and the device's Python
+    thread apart (Python's threads otherwise all carry the process's name); the loop's
+    thread is gone once the device is closed."""
+    h = RingHarness(make_device(tmp_path, "named"), workers=2, native=True)
+    try:
+        assert h.run(cdbs.test_unit_ready()).status is not None
+        assert _until(lambda: {"tcmu-py-loop", "tcmu:named"} <= set(_thread_names())), \
+            _thread_names()
+        assert "tcmu-py-io" in _thread_names()
+    finally:
+        h.close()
+    assert _until(lambda: "tcmu-py-loop" not in _thread_names()), _thread_names()
 
 
 def test_a_device_without_an_extent_keeps_the_python_loop(tmp_path: Path) -> None:
