@@ -13,13 +13,15 @@ Guest side (``--guest``): starts the tests' cluster (`tcmu_py.testing.ceph_clust
 (``a`` and ``b``), serves one with tcmu-py's ``ceph`` and the other with Debian's tcmu-runner
 ``rbd``, and swaps them between the daemons at every repetition (a 32 MiB image is 8 RADOS
 objects: one image's objects may sit on busier OSDs than the other's, which no number of
-repetitions on the same image would average out; use an even ``--reps``). Both backstores
+repetitions on the same image would average out). Both backstores
 ``emulate_write_cache=1``, 512 KiB commands, a 64 MiB data area, I/O scheduler "none"; both
 librbds without ``rbd_cache`` (tcmu-runner's always, tcmu-py's by default; ``--py-rbd-cache``
 gives tcmu-py's device ``rbd_cache=1``). It fills both images whole with random data (reads of
 never-written RBD objects would not reach an OSD), then for every repetition and workload runs
-the two targets back to back, alternating which goes first (drift in the shared host's load
-spreads over both).
+the two targets back to back, which goes first swapping every second repetition (drift in
+the shared host's load spreads over both): in every four repetitions each target runs first and
+second on each image, so neither the image nor the order favours a daemon (use a multiple of
+4 for ``--reps``; ``runs.json`` records each run's ``image`` and ``first``).
 
 fio: libaio, direct=1, time_based, one job. Results go to ``OUT/runs.json`` (appended after each
 run) and ``OUT/done.json``; the daemons' CPU seconds over each run are recorded too.
@@ -265,7 +267,9 @@ def guest(args: argparse.Namespace) -> int:
                 cleanup.callback(stack.close)
                 devs = export(rep, stack)
             for i, (wl, rw, bsz, qd) in enumerate(workloads):
-                order = TARGETS if (rep + i) % 2 == 0 else TARGETS[::-1]
+                # Images swap every repetition, the order every second one: in four
+                # repetitions each target runs first and second on each image.
+                order = TARGETS if (rep // 2 + i) % 2 == 0 else TARGETS[::-1]
                 for target in order:
                     dev = devs[target]
                     res_json = work / f"{target.split()[0]}-{wl}-{rep}.json"
@@ -286,6 +290,7 @@ def guest(args: argparse.Namespace) -> int:
                     text = res_json.read_text() if res_json.exists() else ""
                     rec: dict[str, Any] = {"rep": rep, "workload": wl, "target": target,
                                            "image": exported[target],
+                                           "first": target == order[0],
                                            "loadavg": Path("/proc/loadavg").read_text().split()[0]}
                     if p.returncode != 0 or "{" not in text:
                         rec["failed"] = f"fio exit {p.returncode}: {p.stderr[-1500:]}"
