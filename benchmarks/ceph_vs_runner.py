@@ -79,7 +79,7 @@ def _runner_uios(pid: int) -> list[str]:
 def _thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of process `pid`'s threads, summed by thread name (digits dropped: the
     ``msgr-worker-N`` of librados; tcmu-py's ``tcmu-py-loop``, ``tcmu:<device>`` and
-    ``tcmu-w:<device>`` (`tcmu_py.ring.name_os_thread`); its other Python threads carry the
+    ``tcmu-w:<device>`` (`tcmu_py.threadname.name_os_thread`); its other Python threads carry the
     process's name)."""
     out: dict[str, float] = {}
     tick = os.sysconf("SC_CLK_TCK")

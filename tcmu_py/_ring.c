@@ -653,8 +653,10 @@ int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st)
 #include <sys/vfs.h>
 
 /* Name the calling thread as `top -H`, ps and perf show it (at most 15 bytes are kept; a
- * longer name is cut there). Best effort: a failure leaves the inherited name. */
-void tcmu_py_name_thread(const char *name)
+ * longer name is cut there). Best effort: a failure leaves the inherited name. The native
+ * loop's threads: "tcmu-py-loop" (the ring's consumer), "tcmu-py-io" (its file workers),
+ * "tcmu-py-nbd" (an NBD writer's sender); Python's: tcmu_py/threadname.py. */
+static void tcmu_py_name_thread(const char *name)
 {
     char cut[16];
 

@@ -269,11 +269,6 @@ int tcmu_py_dp_batch(struct tcmu_py_ring *r, const struct tcmu_py_extent *x,
  * broken; those before the failing one are published). */
 int tcmu_py_dp_complete(struct tcmu_py_ring *r, struct tcmu_py_dp_stats *st);
 
-/* Name the calling thread for `top -H`, ps and perf (cut to 15 bytes; best effort). The native
- * loop's threads are "tcmu-py-loop" (the ring's consumer), "tcmu-py-io" (its file workers) and
- * "tcmu-py-nbd" (an NBD writer's sender). */
-void tcmu_py_name_thread(const char *name);
-
 /* ---- Stage 2 (issue 17): a native loop thread per device ----
  *
  * tcmu_py_loop_start runs a pthread that owns the ring's consumer side: it polls the uio fd,

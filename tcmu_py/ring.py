@@ -197,12 +197,6 @@ _CDB_SIZE_BY_GROUP = (6, 10, 10, 12, 16, 12, 10, 10)
 _VARIABLE_LENGTH_CMD = 0x7F
 
 
-def name_os_thread(name: str) -> None:
-    """Give the calling thread `name` as the kernel shows it (``top -H``, ps, perf; the first 15
-    bytes). Python's threads otherwise all carry the process's name. Best effort."""
-    lib.tcmu_py_name_thread(name.encode(errors="replace"))
-
-
 def scsi_command_size(cdb: bytes | bytearray | memoryview) -> int:
     """CDB length exactly as the kernel's ``scsi_command_size()`` computes it.
 

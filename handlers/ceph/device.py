@@ -89,6 +89,7 @@ from tcmu_py.scsi.sense import (
     ScsiError,
     WriteError,
 )
+from tcmu_py.threadname import name_os_thread
 
 from .config import CephConfig
 from .librbd import FEATURE_EXCLUSIVE_LOCK, Cluster, Image, IoCtx, RadosError, aio_addresses
@@ -237,6 +238,7 @@ class RbdBackend:
         Commands meanwhile answer NOT READY; none waits for the lock."""
 
         def retry() -> None:
+            name_os_thread()
             while not self._closing.wait(interval):
                 if self.take_lock():
                     log.warning("ceph image %s: exclusive lock taken; serving", self.cfg.spec)

@@ -122,6 +122,7 @@ from tcmu_py.statefile import (
     remove_stale_temporaries,
     write_json,
 )
+from tcmu_py.threadname import name_os_thread
 
 from .._pool import PhysicalPool, ThresholdFigures
 
@@ -1604,6 +1605,7 @@ class _Collector:
         self.thread.start()
 
     def _run(self) -> None:
+        name_os_thread()
         pool = self.pool
         while not self._stop.wait(self.interval):
             while not self._stop.is_set():

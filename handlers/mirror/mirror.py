@@ -153,6 +153,7 @@ from typing import Any
 from tcmu_py.backend import FanOutExtent, FanOutRegions, FanOutWriter, NativeKit, ReadExtent
 from tcmu_py.errors import ConfigError
 from tcmu_py.scsi.sense import WriteProtected
+from tcmu_py.threadname import name_os_thread
 
 from .legs import FileLeg, Leg, NbdLeg
 
@@ -1177,6 +1178,7 @@ class Mirror:
         A bitmap block, a flush or an overlapping write ends a batch, so everything queued
         after one of those still reaches the leg after it (rule 1 and the ordering of rule 2:
         only writes the server may reorder without changing the result go together)."""
+        name_os_thread()
         carry: Any = _NO_ITEM
         while True:
             item = q.get() if carry is _NO_ITEM else carry
@@ -1250,6 +1252,7 @@ class Mirror:
             self._resync_thread.start()
 
     def _resync_loop(self) -> None:
+        name_os_thread()
         while not self._closing:
             with self._lock:
                 targets = [ls for ls in self._legs if ls.state == RESYNCING]
@@ -1543,6 +1546,7 @@ class Mirror:
         return True
 
     def _monitor_loop(self) -> None:
+        name_os_thread()
         while not self._closing:
             self._resync_wake.wait(self.cfg.retry_interval)
             if self._closing:
@@ -1709,6 +1713,7 @@ class _Callers:
             self._q.put(job)
 
     def _loop(self) -> None:
+        name_os_thread()
         while True:
             job = self._q.get()
             if job is None:

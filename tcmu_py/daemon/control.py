@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from tcmu_py.errors import TcmuError
+from tcmu_py.threadname import name_os_thread
 
 log = logging.getLogger("tcmu_py.daemon")
 
@@ -139,6 +140,7 @@ class ControlServer:
     # The thread
 
     def _run(self) -> None:
+        name_os_thread()
         assert self._listener is not None
         sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ)

@@ -47,6 +47,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from tcmu_py.handler import Handler, split_daemon_items
+from tcmu_py.threadname import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +341,7 @@ class DBusService:
         return accepted
 
     def _run(self) -> None:
+        name_os_thread()
         conn = self._conn
         try:
             while True:

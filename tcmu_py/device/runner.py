@@ -78,10 +78,10 @@ from tcmu_py.ring import (
     RingCommand,
     RingTmr,
     WriteRegions,
-    name_os_thread,
 )
 from tcmu_py.scsi.constants import Status
 from tcmu_py.scsi.sense import HardwareError, ScsiError, build_fixed_sense
+from tcmu_py.threadname import name_os_thread
 
 log = logging.getLogger(__name__)
 

@@ -279,6 +279,11 @@ def test_serial_device_never_runs_two_commands_at_once():
         h.runner.process()  # one command while the worker is busy
         later.append(h.submit(cdbs.test_unit_ready()))
         h.runner.process()
+        # The worker takes the first WRITE when its thread is up: wait for that, bounded; the
+        # READ and TEST UNIT READY must still not have run.
+        deadline = time.monotonic() + 10
+        while not dev.order and time.monotonic() < deadline:
+            time.sleep(0.005)
         assert not dev.overlap and dev.order == [1]
         dev.release.set()
         h.wait(first + later)
