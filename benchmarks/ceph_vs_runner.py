@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -351,9 +352,21 @@ def disks_pid(disks: GuestDisks) -> int:
 # Host side
 
 
+def _pair_ratios(runs: list[dict[str, Any]], wl: str) -> list[float]:
+    """tcmu-py/tcmu-runner IOPS of each repetition of workload `wl` in which both ran."""
+    by_rep: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r["workload"] == wl and "failed" not in r and r.get("iops"):
+            by_rep.setdefault(r["rep"], {})[r["target"]] = r["iops"]
+    return [got[TARGETS[0]] / got[TARGETS[1]] for _, got in sorted(by_rep.items())
+            if all(t in got for t in TARGETS)]
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median IOPS, MiB/s, mean latency and server CPU per I/O per workload and target, and
-    the ceph/rbd IOPS ratio of the medians."""
+    """Median IOPS, MiB/s, mean latency and server CPU per I/O per workload and target, the
+    ceph/rbd IOPS ratio of the medians, and each repetition's ratio (back-to-back pairs) with
+    their geometric mean and how many tcmu-py won: with the schedule balanced over images and
+    order (a multiple of 4 repetitions), the geometric mean is the fairer figure."""
     summary: dict[str, Any] = {}
     for wl, *_ in WORKLOADS:
         row: dict[str, Any] = {}
@@ -370,6 +383,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     "runs": len(ok)}
         if all(t in row for t in TARGETS) and row[TARGETS[1]]["iops"]:
             row["ratio"] = row[TARGETS[0]]["iops"] / row[TARGETS[1]]["iops"]
+        pairs = _pair_ratios(runs, wl)
+        if pairs:
+            row["pairs"] = [round(p, 3) for p in pairs]
+            row["pairs_geomean"] = math.exp(statistics.fmean(math.log(p) for p in pairs))
+            row["pairs_won"] = sum(p > 1 for p in pairs)
         if row:
             summary[wl] = row
     return summary
@@ -406,6 +424,9 @@ def host(args: argparse.Namespace) -> int:
                  f"{v['lat_mean_us']:.0f} µs {v['cpu_us_per_io']:.0f} CPU µs/IO {v['iops_each']}"
                  for t, v in row.items() if isinstance(v, dict)]
         ratio = f"  ceph/rbd = {row['ratio']:.2f}" if "ratio" in row else ""
+        if "pairs" in row:
+            ratio += (f"; pairs {row['pairs']} geometric mean {row['pairs_geomean']:.3f}, "
+                      f"tcmu-py won {row['pairs_won']} of {len(row['pairs'])}")
         print(f"{wl}: " + "; ".join(parts) + ratio)
     for prof in sorted(out.glob("profile-*.txt")):
         from vm_bench import summarize_profile
