@@ -9,6 +9,14 @@ class ConfigError(TcmuError, ValueError):
     """A configuration value is wrong; the message names the file, key, value and expectation."""
 
 
+class DeviceUnavailable(TcmuError):
+    """Raised by a handler's ``open`` when what the device needs cannot be reached *for now* (a
+    Ceph cluster not answering, a server down), as opposed to a configuration that can never
+    work. The daemon then serves the device NOT READY, LOGICAL UNIT IS IN PROCESS OF BECOMING
+    READY (02h/04h/01h: initiators retry) and opens it again in the background until it opens
+    or is removed (`tcmu_py.daemon.serve`)."""
+
+
 class RingError(TcmuError):
     """The ring is inconsistent (unknown or double completion, malformed entry)."""
 

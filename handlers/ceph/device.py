@@ -73,7 +73,7 @@ from tcmu_py.device.block import (
 )
 from tcmu_py.device.command import Command
 from tcmu_py.device.core import check_data_out, command
-from tcmu_py.errors import ConfigError
+from tcmu_py.errors import ConfigError, DeviceUnavailable
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import sbc
@@ -335,8 +335,21 @@ class RbdBackend:
 def open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
     """Connect, open (or with ``create`` make) the image, take its exclusive lock unless
     ``lock=shared``. `ConfigError` names the key for a pool, namespace or image that does not
-    exist or a size that does not fit; `RadosError` (an OSError) when the cluster cannot be
-    reached."""
+    exist or a size that does not fit; `DeviceUnavailable` when the cluster does not answer
+    (one of `UNAVAILABLE`: the monitors or OSDs down or unreachable, within
+    ``osd_op_timeout``): the daemon serves the device NOT READY (becoming ready) and opens it
+    again until the cluster answers; any other `RadosError` (an OSError: bad credentials, a
+    refused keyring) is for the operator."""
+    try:
+        return _open_backend(cfg, size, block_size)
+    except RadosError as exc:
+        if exc.errno not in UNAVAILABLE:
+            raise
+        raise DeviceUnavailable(f"ceph: {cfg.spec}: the cluster does not answer ({exc})"
+                                ) from exc
+
+
+def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
     options = {"rados_osd_op_timeout": str(cfg.osd_op_timeout),
                "rados_mon_op_timeout": str(cfg.osd_op_timeout),
                "rbd_cache": "true" if cfg.rbd_cache else "false"}

@@ -18,6 +18,12 @@ Lifecycle of one device
 - A handler that fails to open (bad config string, missing backing file) does not stop the
   daemon: the device is served by `FailedDevice`, which answers INQUIRY and fails everything
   else with NOT READY 04/03 (manual intervention required), and the log says why.
+- A handler that raises `DeviceUnavailable` (what it needs cannot be reached for now: a Ceph
+  cluster down) is served by `FailedDevice` answering NOT READY 04/01 (becoming ready: the
+  initiator retries), and a thread of its own (`_reopen_unavailable`) opens it again after
+  `ADD_RETRY_SECONDS`, doubling up to the rescan interval, outside the daemon's lock; once it
+  opens, the device is served by it (`_swap_in`: the FailedDevice's runner stops, the ring is
+  recovered as at any open). Removal or shutdown ends the retries.
 - Removal (udev "remove" or netlink REMOVED): stop its runner, close the handler.
 - SIGTERM / SIGINT: every device is blocked (`block_dev=1`), in-flight commands drain, handlers
   close, and the device is unblocked again. Commands that arrive while no daemon runs wait on
@@ -49,7 +55,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +67,7 @@ from tcmu_py.device.command import Command
 from tcmu_py.device.copydomain import CopyDomain
 from tcmu_py.device.core import ScsiDevice, command
 from tcmu_py.device.runner import DeviceRunner
-from tcmu_py.errors import TcmuError
+from tcmu_py.errors import DeviceUnavailable, TcmuError
 from tcmu_py.handler import (
     DeviceConfig,
     Handler,
@@ -71,6 +77,7 @@ from tcmu_py.handler import (
 )
 from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import NotReady
+from tcmu_py.threadname import name_os_thread
 from tcmu_py.uio import UioDevice, UioName
 
 if TYPE_CHECKING:
@@ -95,17 +102,20 @@ ADD_RETRY_SECONDS = 1.0
 class FailedDevice(ScsiDevice):
     """Stands in for a device whose handler could not open: visible, but NOT READY, with a reason.
 
-    SPC-5 4.4.6 / SBC-4: 04h/03h LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED.
+    SPC-5 4.4.6 / SBC-4: 04h/03h LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED; while
+    `becoming` (the handler raised `DeviceUnavailable` and is being opened again), 04h/01h
+    LOGICAL UNIT IS IN PROCESS OF BECOMING READY, which initiators retry.
     """
 
     product = "UNAVAILABLE"
 
-    def __init__(self, config: DeviceConfig, reason: str) -> None:
+    def __init__(self, config: DeviceConfig, reason: str, *, becoming: bool = False) -> None:
         super().__init__(config)
         self.reason = reason
+        self.becoming = becoming
 
     def check_ready(self) -> None:
-        raise NotReady(self.reason, asc=0x04, ascq=0x03)
+        raise NotReady(self.reason, asc=0x04, ascq=0x01 if self.becoming else 0x03)
 
     @command(Opcode.READ_CAPACITY_10)
     @command(Opcode.READ_10)
@@ -133,6 +143,10 @@ class Served:
     runner: DeviceRunner
     thread: threading.Thread
     failed: str | None = None
+    #: Set while the handler raised `DeviceUnavailable` and `_reopen_unavailable` retries;
+    #: `remove` sets `stop_retry` to end it.
+    retrying: threading.Thread | None = None
+    stop_retry: threading.Event = field(default_factory=threading.Event)
 
 
 class Daemon:
@@ -449,7 +463,8 @@ class Daemon:
         pools and libraries are prepared this gives it a second chance. A device that fails
         again stays NOT READY, with the new reason logged."""
         with self._lock:
-            failed = [node for node, s in self.served.items() if s.failed is not None]
+            failed = [node for node, s in self.served.items()
+                      if s.failed is not None and s.retrying is None]  # those retry anyway
         for node in failed:
             self.remove(node)
             self.add(node)
@@ -498,7 +513,10 @@ class Daemon:
                 os.write(self._wake_w, b"r")
         log.info("%s: trying again in %g s", node, delay)
 
-    def _open(self, node: str, name: UioName) -> Served:
+    def _open(self, node: str, name: UioName, prepared: ScsiDevice | None = None) -> Served:
+        """Recover and serve `node`; `prepared`: a device the handler already opened (the
+        background retry of `_reopen_unavailable`), served if it was opened with the
+        configuration the kernel has now (else closed, and the handler opens again)."""
         cfs = TcmuConfigfs(name.hba, name.device, self.configfs_root)
         block_size = cfs.block_size
         if block_size == 0:
@@ -536,7 +554,7 @@ class Daemon:
                 cfs.reset_ring(1)
             uio = self._open_uio(str(self.dev_dir / node), str(self.uio_class / node))
             try:
-                served = self._serve(node, name, config, uio)
+                served = self._serve(node, name, config, uio, prepared)
             except BaseException:
                 with contextlib.suppress(OSError):
                     uio.close()  # else the kernel's one-opener rule refuses every retry (EBUSY)
@@ -555,15 +573,33 @@ class Daemon:
         )
         return served
 
-    def _serve(self, node: str, name: UioName, config: DeviceConfig, uio: Any) -> Served:
-        """Open the handler (a failure serves `FailedDevice`) and start the runner's thread."""
+    def _serve(self, node: str, name: UioName, config: DeviceConfig, uio: Any,
+               prepared: ScsiDevice | None = None) -> Served:
+        """Open the handler (a failure serves `FailedDevice`; `DeviceUnavailable` one that says
+        "becoming ready" while `_reopen_unavailable` retries) and start the runner's thread."""
         failed = None
+        unavailable = False
+        if prepared is not None and prepared.config != config:
+            log.info("%s: its configuration changed while it was unavailable: opening again",
+                     name.device)
+            with contextlib.suppress(Exception):
+                prepared.close()
+            prepared = None
         try:
             handler = self.handlers[name.subtype]
-            handler.check_config(config.cfgstring)
-            device = handler.open(config)
+            if prepared is not None:
+                device = prepared
+            else:
+                handler.check_config(config.cfgstring)
+                device = handler.open(config)
             if config.copy_domain is not None and isinstance(device, BlockDevice):
                 device.join(self._copy_domain(config.copy_domain))
+        except DeviceUnavailable as exc:
+            failed = f"unavailable: {exc}"
+            unavailable = True
+            log.warning("%s: %s; NOT READY (becoming ready), opening it again in %g s",
+                        name.device, failed, ADD_RETRY_SECONDS)
+            device = FailedDevice(config, failed, becoming=True)
         except Exception as exc:  # noqa: BLE001 - any handler failure: serve NOT READY
             failed = f"{type(exc).__name__}: {exc}"
             log.error(
@@ -587,7 +623,64 @@ class Daemon:
         )
         thread = threading.Thread(target=runner.run, name=f"tcmu-{name.device}", daemon=True)
         thread.start()
-        return Served(node, name, uio, device, runner, thread, failed)
+        served = Served(node, name, uio, device, runner, thread, failed)
+        if unavailable:
+            served.retrying = threading.Thread(target=self._reopen_unavailable, args=(served,),
+                                               name=f"reopen-{name.device}", daemon=True)
+            served.retrying.start()
+        return served
+
+    def _reopen_unavailable(self, served: Served) -> None:
+        """Open `served`'s handler again (outside the daemon's lock: a cluster that does not
+        answer costs its own timeout here, not every other device's add or status), after
+        `ADD_RETRY_SECONDS` doubling up to the rescan interval, until it opens — then it is
+        swapped in (`_swap_in`) — or `served` is removed, or the handler fails for good (the
+        device then says MANUAL INTERVENTION REQUIRED)."""
+        name_os_thread()
+        config = served.device.config
+        handler = self.handlers[served.name.subtype]
+        delay = ADD_RETRY_SECONDS
+        while not served.stop_retry.wait(delay):
+            try:
+                device = handler.open(config)
+            except DeviceUnavailable as exc:
+                delay = min(delay * 2, RESCAN_SECONDS_WITH_UDEV)
+                log.info("%s: still unavailable (%s); trying again in %g s",
+                         served.name.device, exc, delay)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a handler failure: NOT READY for good
+                reason = f"{type(exc).__name__}: {exc}"
+                log.error("%s: handler %s failed to open %r: %s", served.name.device,
+                          served.name.subtype, config.cfgstring, reason)
+                if isinstance(served.device, FailedDevice):
+                    served.device.reason, served.device.becoming = reason, False
+                served.failed = reason
+                return
+            if not self._swap_in(served, device):
+                with contextlib.suppress(Exception):
+                    device.close()
+            return
+
+    def _swap_in(self, served: Served, device: ScsiDevice) -> bool:
+        """Serve `device` (opened by `_reopen_unavailable`) in place of `served`'s
+        `FailedDevice`: False (the caller closes `device`) when `served` was removed or
+        replaced meanwhile, or the daemon stops. Under the lock, so no add of the same node
+        runs between the removal and the new open."""
+        with self._lock:
+            if self._stopping or self.served.get(served.node) is not served:
+                return False
+            self.remove(served.node)
+            try:
+                new = self._open(served.node, served.name, prepared=device)
+            except Exception:  # noqa: BLE001 - as in `add`: logged, opened again
+                log.exception("%s: cannot serve %s", served.name.device, served.node)
+                with contextlib.suppress(Exception):
+                    device.close()  # not served: `add` opens the handler again
+                self._retry_later(served.node)
+                return True
+            self.served[served.node] = new
+            log.info("%s: available again: serving %s", served.name.device, served.node)
+            return True
 
     def _copy_domain(self, name: str) -> CopyDomain:
         """The shared copy domain `name`, made on first use. A device leaves it when it closes
@@ -605,6 +698,8 @@ class Daemon:
             served = self.served.pop(node, None)
         if served is None:
             return
+        served.stop_retry.set()  # a `_reopen_unavailable` of it ends (not joined: it may
+        # be inside the handler's open; what it opens then is closed by `_swap_in`'s refusal)
         cfs = TcmuConfigfs(served.name.hba, served.name.device, self.configfs_root)
         if block:
             with contextlib.suppress(TcmuError):
@@ -804,6 +899,9 @@ class Daemon:
                     "handler": s.name.subtype,
                     "config": s.name.cfgstring,
                     "failed": s.failed,
+                    # The handler raised DeviceUnavailable: NOT READY (becoming ready) while
+                    # `_reopen_unavailable` opens it again.
+                    "unavailable": isinstance(s.device, FailedDevice) and s.device.becoming,
                     "size": getattr(s.device, "num_blocks", 0) * getattr(s.device, "block_size", 0),
                     "counters": counters,
                     # The C data plane: None when off; else whether an extent is declared and

@@ -16,8 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def _state(device: dict[str, Any]) -> str:
-    """The state column: the handler failed to open; the loop thread stopped serving (it no
-    longer answers); or ok, with how many commands the runner's guard had to answer."""
+    """The state column: unavailable (the handler is being opened again); the handler failed
+    to open; the loop thread stopped serving (it no longer answers); or ok, with how many
+    commands the runner's guard had to answer."""
+    if device.get("unavailable"):
+        return "UNAVAILABLE (retrying): " + device["failed"]
     if device["failed"]:
         return "FAILED: " + device["failed"]
     c = device["counters"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tcmu_py.errors import ConfigError
+from tcmu_py.errors import ConfigError, DeviceUnavailable
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.ceph import CephDevice, CephHandler
 from tcmu_py.handlers.ceph.config import parse
@@ -342,6 +342,40 @@ def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
         assert _executed(h) >= 2
     finally:
         h.close()
+        dev.close()
+
+
+def test_opening_while_the_cluster_does_not_answer_is_unavailable_not_a_failure(
+        ceph_cluster: Any) -> None:
+    """The monitor stopped (SIGSTOP) when the device is opened, as when a gateway boots before
+    its cluster: the handler raises DeviceUnavailable within ``osd_op_timeout`` (the daemon
+    serves the device NOT READY, becoming ready, and opens it again: test_daemon.py), not an
+    error that needs an operator; with the monitor back the same open succeeds."""
+    config = _config(ceph_cluster, f"m-{uuid.uuid4().hex[:8]}", extra=";create=1;osd_op_timeout=2")
+    mons = [p for name, p in ceph_cluster.procs.items() if name.startswith("mon.")]
+    assert mons
+    for p in mons:
+        os.kill(p.pid, signal.SIGSTOP)
+    try:
+        _wait_stopped([p.pid for p in mons])
+        t0 = time.monotonic()
+        with pytest.raises(DeviceUnavailable, match="does not answer") as info:
+            CephHandler.open(config)
+        waited = time.monotonic() - t0
+    finally:
+        for p in mons:
+            os.kill(p.pid, signal.SIGCONT)
+    assert isinstance(info.value.__cause__, OSError), info.value.__cause__
+    assert waited < 20, waited
+    dev = CephHandler.open(config)
+    try:
+        h = _harness(dev)
+        try:
+            assert h.run(cdbs.write10(0, 1), b"\x11" * BS).good
+            assert h.run(cdbs.read10(0, 1), data_in_len=BS).data == b"\x11" * BS
+        finally:
+            h.close()
+    finally:
         dev.close()
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from tcmu_py.daemon.control import query_status
 from tcmu_py.daemon.serve import Daemon
-from tcmu_py.errors import TcmuError
+from tcmu_py.errors import DeviceUnavailable, TcmuError
 from tcmu_py.handlers.null import NullHandler
 from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.testing import FakeKernel, FakeUio, cdbs
@@ -692,4 +692,157 @@ def test_a_device_whose_block_size_is_not_set_yet_is_tried_again_not_failed(host
         assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (6, 0x29, 0)
         assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
     finally:
+        d.shutdown()
+
+
+class _Flaky(NullHandler):
+    """A null disk whose backing store is unreachable until `reachable` is set: `open` raises
+    DeviceUnavailable (after waiting on `gate`, so a test can hold an open in progress), or
+    `broken` when set."""
+
+    subtype = "flaky"
+    reachable = threading.Event()
+    gate = threading.Event()
+    broken: Exception | None = None
+    opens: list[float] = []
+    closed: list[Any] = []
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.reachable, cls.gate, cls.broken, cls.opens, cls.closed = (
+            threading.Event(), threading.Event(), None, [], [])
+        cls.gate.set()
+
+    @classmethod
+    def open(cls, config: Any) -> Any:
+        cls.opens.append(time.monotonic())
+        assert cls.gate.wait(10)
+        if cls.broken is not None:
+            raise cls.broken
+        if not cls.reachable.is_set():
+            raise DeviceUnavailable("cluster not answering")
+        device = super().open(config)
+        real_close = device.close
+
+        def close() -> None:
+            cls.closed.append(device)
+            real_close()
+
+        device.close = close  # type: ignore[method-assign]
+        return device
+
+
+def _until(cond: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return bool(cond())
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    import tcmu_py.daemon.serve as serve
+
+    monkeypatch.setattr(serve, "ADD_RETRY_SECONDS", 0.05)
+    _Flaky.reset()
+    return _Flaky
+
+
+def test_an_unavailable_device_says_becoming_ready_and_serves_once_it_opens(
+        host, tmp_path, flaky, caplog):
+    """A handler that raises DeviceUnavailable (a cluster down when the daemon starts): the
+    device answers NOT READY 04h/01h (initiators retry, unlike 04h/03h), status says
+    UNAVAILABLE, the daemon opens it again in the background — outside its lock: status
+    answers while an open hangs — and once it opens the device serves, the ring recovered."""
+    caplog.set_level("INFO", logger="tcmu_py.daemon")
+    host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)
+    host.add("uio1", 1, "other", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"flaky": flaky, "null": NullHandler})
+    d.start_serving()
+    try:
+        assert d.served["uio0"].failed and d.served["uio1"].failed is None
+        host.run("uio0", cdbs.test_unit_ready())  # power-on UA
+        assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (2, 0x04, 0x01)
+        assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).sense_codes == (2, 4, 1)
+        row = next(r for r in d.status()["devices"] if r["name"] == "disk0")
+        assert row["unavailable"] and "cluster not answering" in row["failed"]
+        assert _until(lambda: len(flaky.opens) >= 3), "not opened again"
+        flaky.gate.clear()  # the next open hangs inside the handler
+        n = len(flaky.opens)
+        assert _until(lambda: len(flaky.opens) > n), "no open in progress"
+        t0 = time.monotonic()
+        assert len(d.status()["devices"]) == 2  # the daemon's lock is not held by the open
+        assert time.monotonic() - t0 < 5
+        host.run("uio1", cdbs.test_unit_ready())
+        assert host.run("uio1", cdbs.read10(0, 1), data_in_len=512).good
+        flaky.reachable.set()
+        flaky.gate.set()
+        assert _until(lambda: "uio0" in d.served and d.served["uio0"].failed is None)
+        assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (6, 0x29, 0)
+        assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
+        row = next(r for r in d.status()["devices"] if r["name"] == "disk0")
+        assert not row["unavailable"] and row["failed"] is None
+        opens = len(flaky.opens)
+        time.sleep(0.3)  # several retry periods: no open after the one that succeeded
+        assert len(flaky.opens) == opens and not flaky.closed
+        assert "disk0: available again" in caplog.text
+    finally:
+        flaky.gate.set()
+        d.shutdown()
+    assert len(flaky.closed) == 1  # the served device, at shutdown
+
+
+def test_an_unavailable_device_that_then_fails_for_good_needs_intervention(
+        host, tmp_path, flaky):
+    """Unavailable, then a failure that is not (bad credentials, say): NOT READY 04h/03h and
+    no more opens."""
+    host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"flaky": flaky})
+    d.start_serving()
+    try:
+        assert _until(lambda: len(flaky.opens) >= 2)
+        flaky.broken = PermissionError(13, "auth refused")
+        assert _until(lambda: d.served["uio0"].failed is not None
+                      and "auth refused" in d.served["uio0"].failed)
+        opens = len(flaky.opens)
+        time.sleep(0.3)
+        assert len(flaky.opens) == opens
+        host.run("uio0", cdbs.test_unit_ready())  # power-on UA
+        assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (2, 0x04, 0x03)
+        row = d.status()["devices"][0]
+        assert not row["unavailable"] and "auth refused" in row["failed"]
+    finally:
+        d.shutdown()
+
+
+def test_removing_an_unavailable_device_ends_its_retries(host, tmp_path, flaky):
+    """The device goes away while its handler is being opened again: the retries end, and a
+    device the last open returned is closed, not served."""
+    host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"flaky": flaky})
+    d.start_serving()
+    try:
+        assert _until(lambda: len(flaky.opens) >= 2)
+        flaky.gate.clear()
+        n = len(flaky.opens)
+        assert _until(lambda: len(flaky.opens) > n)  # an open hangs in the handler
+        retrying = d.served["uio0"].retrying
+        assert retrying is not None
+        import shutil
+
+        shutil.rmtree(host.uio_class / "uio0")
+        d.rescan()
+        assert "uio0" not in d.served
+        flaky.reachable.set()
+        flaky.gate.set()  # that open now succeeds, too late
+        retrying.join(10)
+        assert not retrying.is_alive()
+        assert len(flaky.closed) == 1 and "uio0" not in d.served
+        opens = len(flaky.opens)
+        time.sleep(0.3)
+        assert len(flaky.opens) == opens
+    finally:
+        flaky.gate.set()
         d.shutdown()

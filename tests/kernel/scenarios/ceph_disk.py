@@ -777,6 +777,80 @@ def cluster_pause(ctx: Context) -> None:
     ctx.details["seconds"] = round(time.monotonic() - t0, 1)
 
 
+def _sg_by_wwn(wwn: str) -> Path | None:
+    """/dev/sgN of the SCSI device whose VPD 83h NAA designator is `wwn`: there as soon as the
+    LUN is scanned, before sd has a disk (whose probe waits while the LUN is becoming ready)."""
+    for dev in Path("/sys/class/scsi_device").glob("*/device"):
+        try:
+            wwid = (dev / "wwid").read_text().strip()
+        except OSError:
+            continue
+        for sg in (dev / "scsi_generic").glob("sg*"):
+            if wwid == wwn and (Path("/dev") / sg.name).exists():
+                return Path("/dev") / sg.name
+    return None
+
+
+@scenario(timeout=900)
+def cluster_down_at_start(ctx: Context) -> None:
+    """The cluster stopped (SIGSTOP on mon, mgr and OSDs) when the daemon starts, as when a
+    gateway boots before its cluster: the device is served NOT READY 02h/04h/01h (becoming
+    ready: the kernel retries, sd waits), status says UNAVAILABLE and the daemon keeps answering;
+    once the cluster runs again the daemon opens the device by itself (no operator, no
+    restart), sd gets its disk, and a pattern written reads back; no task hung."""
+    t0 = time.monotonic()
+    cluster = shared_cluster(ctx)
+    t_check = time.monotonic()
+    size, wwn, name = 16 * MIB, "naa.5001405000ce000a", "ceph10"
+    cfg = _yaml(ctx, name, "late", size, wwn, cluster.conf, options="osd_op_timeout: 5")
+    pids = list(_load_state()["pids"].values())
+
+    def resume() -> None:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGCONT)
+
+    ctx.cleanup.callback(resume)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    serve = Serve(ctx, cfg)
+    serve.start()
+
+    def row() -> dict[str, Any] | None:
+        return next((d for d in _status(ctx, serve.run_dir)["devices"] if d["name"] == name),
+                    None)
+
+    first = wait_for(lambda: (r := row()) is not None and r["unavailable"] and r,
+                     ctx.remaining(120), f"{name} reported unavailable")
+    assert "does not answer" in first["failed"], first
+    sg = wait_for(lambda: _sg_by_wwn(wwn), ctx.remaining(60), f"the sg node of {wwn}")
+    status, codes = _tur(sg)
+    if codes == (0x06, 0x29, 0x00):  # the power-on unit attention first
+        status, codes = _tur(sg)
+    assert (status, codes) == (0x02, (0x02, 0x04, 0x01)), (status, codes)
+    log_file = ctx.artifacts / "daemon.log"
+    wait_for(lambda: "still unavailable" in log_file.read_text(errors="replace"),
+             ctx.remaining(120), "the daemon to try opening it again")
+    resume()
+    resumed = time.monotonic()
+    ctx.details["stopped_seconds"] = round(resumed - stopped, 1)
+    dev = wait_for(lambda: disk_by_wwn(wwn), ctx.remaining(240), f"{name} ({wwn}) as a disk")
+    ctx.details["disk_after_resume_seconds"] = round(time.monotonic() - resumed, 1)
+    r = row()
+    assert r is not None and not r["unavailable"] and r["failed"] is None, r
+    assert "available again" in log_file.read_text(errors="replace")
+    got = int(run(["blockdev", "--getsize64", str(dev)], timeout=60).stdout.strip())
+    assert got == size, got
+    data = _pattern("after-start", MIB)
+    _dd_write(ctx, dev, size - MIB, data)
+    assert _dd_read(ctx, dev, size - MIB, MIB) == data, "the pattern read back differs"
+    serve.stop()
+    _no_hung_tasks()
+    ctx.details["check_seconds"] = round(time.monotonic() - t_check, 1)
+    ctx.details["seconds"] = round(time.monotonic() - t0, 1)
+
+
 def _sg_io(dev: Path, cdb: bytes, data_in: int = 0) -> tuple[int, bytes]:
     """One SCSI command through SG_IO (Linux sg v3): (status, sense bytes)."""
     import ctypes
