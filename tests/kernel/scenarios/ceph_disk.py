@@ -38,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,13 @@ def _dd_read(ctx: Context, dev: Path, offset: int, length: int) -> bytes:
     return back.read_bytes()
 
 
+
+
+def _last_mib_reads_back(ctx: Context, dev: Path, size: int, seed: str) -> None:
+    """The disk keeps working: a MiB of `seed`'s pattern written at its end reads back."""
+    data = _pattern(seed, MIB)
+    _dd_write(ctx, dev, size - MIB, data)
+    assert _dd_read(ctx, dev, size - MIB, MIB) == data, f"{seed}: the last MiB read back differs"
 
 
 def _kill_if_running(proc: subprocess.Popen[bytes]) -> None:
@@ -701,6 +709,22 @@ def _errors(ctx: Context, run_dir: Path, device: str) -> int:
 HUNG_TASK_SECONDS = 20
 
 
+def _stop_cluster(ctx: Context) -> tuple[list[str], Callable[[], None]]:
+    """SIGSTOP every daemon of the shared cluster (mon, mgr, OSDs): their names, and a function
+    that resumes them (on the cleanup stack too, so a failing scenario leaves it running)."""
+    pids = _load_state()["pids"]
+
+    def resume() -> None:
+        for pid in pids.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGCONT)
+
+    ctx.cleanup.callback(resume)
+    for pid in pids.values():
+        os.kill(pid, signal.SIGSTOP)
+    return sorted(pids), resume
+
+
 @scenario(timeout=1200)
 def cluster_pause(ctx: Context) -> None:
     """Every daemon of the cluster (mon, mgr, OSDs) stopped with SIGSTOP while fio writes and
@@ -722,21 +746,11 @@ def cluster_pause(ctx: Context) -> None:
     fio, out = _start_paced_fio(ctx, dev, "pause", "6M")
     wait_for(lambda: _writes(ctx, serve.run_dir, name) >= 12, ctx.remaining(120),
              "fio to get going")
-    state = _load_state()
-    pids = list(state["pids"].values())
     errors_before = _errors(ctx, serve.run_dir, name)
     writes_before = _writes(ctx, serve.run_dir, name)
-
-    def resume() -> None:
-        for pid in pids:
-            if _alive(pid):
-                os.kill(pid, signal.SIGCONT)
-
-    ctx.cleanup.callback(resume)
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    names, resume = _stop_cluster(ctx)
     stopped = time.monotonic()
-    log(f"cluster stopped (SIGSTOP {sorted(state['pids'])}) with fio writing")
+    log(f"cluster stopped (SIGSTOP {names}) with fio writing")
     # Stopped until the device answered a retryable error (osd_op_timeout after the first
     # command that reached the cluster), and at least 8 s.
     wait_for(lambda: _errors(ctx, serve.run_dir, name) > errors_before
@@ -767,10 +781,7 @@ def cluster_pause(ctx: Context) -> None:
     longest = _max_latency_bound(ctx, serve.run_dir, name)
     ctx.details["longest_command_at_least_seconds"] = round(longest, 2)
     assert longest < 30, f"a command took at least {longest:.1f} s (cmd_time_out 30 s)"
-    # The disk keeps working: a pattern written and read back past fio's region.
-    tail = _pattern("after-pause", MIB)
-    _dd_write(ctx, dev, size - MIB, tail)
-    assert _dd_read(ctx, dev, size - MIB, MIB) == tail, "write after the pause differs"
+    _last_mib_reads_back(ctx, dev, size, "after-pause")  # past fio's region
     serve.stop()
     _no_hung_tasks()
     ctx.details["check_seconds"] = round(time.monotonic() - t_check, 1)
@@ -803,16 +814,7 @@ def cluster_down_at_start(ctx: Context) -> None:
     t_check = time.monotonic()
     size, wwn, name = 16 * MIB, "naa.5001405000ce000a", "ceph10"
     cfg = _yaml(ctx, name, "late", size, wwn, cluster.conf, options="osd_op_timeout: 5")
-    pids = list(_load_state()["pids"].values())
-
-    def resume() -> None:
-        for pid in pids:
-            if _alive(pid):
-                os.kill(pid, signal.SIGCONT)
-
-    ctx.cleanup.callback(resume)
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    _, resume = _stop_cluster(ctx)
     stopped = time.monotonic()
     serve = Serve(ctx, cfg)
     serve.start()
@@ -842,9 +844,7 @@ def cluster_down_at_start(ctx: Context) -> None:
     assert "available again" in log_file.read_text(errors="replace")
     got = int(run(["blockdev", "--getsize64", str(dev)], timeout=60).stdout.strip())
     assert got == size, got
-    data = _pattern("after-start", MIB)
-    _dd_write(ctx, dev, size - MIB, data)
-    assert _dd_read(ctx, dev, size - MIB, MIB) == data, "the pattern read back differs"
+    _last_mib_reads_back(ctx, dev, size, "after-start")
     serve.stop()
     _no_hung_tasks()
     ctx.details["check_seconds"] = round(time.monotonic() - t_check, 1)
