@@ -143,8 +143,8 @@ class Served:
     runner: DeviceRunner
     thread: threading.Thread
     failed: str | None = None
-    #: Set while the handler raised `DeviceUnavailable` and `_reopen_unavailable` retries;
-    #: `remove` sets `stop_retry` to end it.
+    #: Set while the handler raised `DeviceUnavailable` and `_reopen_unavailable` retries
+    #: (None again once a permanent failure ends the retries); `remove` sets `stop_retry`.
     retrying: threading.Thread | None = None
     stop_retry: threading.Event = field(default_factory=threading.Event)
 
@@ -655,6 +655,7 @@ class Daemon:
                 if isinstance(served.device, FailedDevice):
                     served.device.reason, served.device.becoming = reason, False
                 served.failed = reason
+                served.retrying = None  # a failure like any other now: `reopen_failed` takes it
                 return
             if not self._swap_in(served, device):
                 with contextlib.suppress(Exception):

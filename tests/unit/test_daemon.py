@@ -813,6 +813,15 @@ def test_an_unavailable_device_that_then_fails_for_good_needs_intervention(
         assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (2, 0x04, 0x03)
         row = d.status()["devices"][0]
         assert not row["unavailable"] and "auth refused" in row["failed"]
+        # Now a failure like any other: `reopen_failed` (after `serve -c` prepared the YAML)
+        # gives it its second chance.
+        assert d.served["uio0"].retrying is None
+        flaky.broken = None
+        flaky.reachable.set()
+        d.reopen_failed()
+        assert d.served["uio0"].failed is None
+        host.run("uio0", cdbs.test_unit_ready())  # power-on UA
+        assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
     finally:
         d.shutdown()
 
