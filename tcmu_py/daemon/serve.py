@@ -26,10 +26,14 @@ Lifecycle of one device
   recovered as at any open). Removal or shutdown ends the retries.
 - Removal (udev "remove" or netlink REMOVED): stop its runner, close the handler.
 - SIGTERM / SIGINT: every device is blocked (`block_dev=1`), in-flight commands drain, handlers
-  close, and the device is unblocked again. Commands that arrive while no daemon runs wait on
-  the ring until the next daemon's recovery answers them BUSY (initiators retry), or until the
-  device's `cmd_time_out`. Leaving devices blocked instead would make any command the kernel
-  itself issues while removing a LUN (sd's SYNCHRONIZE CACHE) wait forever.
+  close, and the device is unblocked again. The process exits only once every handler has
+  closed — also one another thread was closing (the udev observer's "remove" of a backstore
+  deleted just before), or one whose close waited for an asynchronous command still in its
+  backend — or `SHUTDOWN_CLOSE_SECONDS` have passed (the ones left are logged). Commands that
+  arrive while no daemon runs wait on the ring until the next daemon's recovery answers them
+  BUSY (initiators retry), or until the device's `cmd_time_out`. Leaving devices blocked
+  instead would make any command the kernel itself issues while removing a LUN (sd's
+  SYNCHRONIZE CACHE) wait forever.
 
 Threads: one loop thread per device (`DeviceRunner.run`) plus its worker pool; the main thread
 handles netlink, signals and rescans; the control socket has a thread of its own
@@ -97,6 +101,12 @@ RESCAN_SECONDS_WITH_UDEV = 60.0
 #: A device that failed to open (`add`) is tried again after this long, then after twice as
 #: long each time, up to the rescan interval: a transient failure costs a second, not a minute.
 ADD_RETRY_SECONDS = 1.0
+#: How long `shutdown` waits, after removing every device, for the handlers still closing —
+#: one removed by another thread just before (the udev observer's "remove" of a backstore
+#: deleted a moment before the SIGTERM), one whose close waits for a command still running in
+#: its backend — and for opens still in progress (`_reopen_unavailable`). Within the service
+#: unit's TimeoutStopSec (60 s) with the runners' own drain.
+SHUTDOWN_CLOSE_SECONDS = 30.0
 
 
 class FailedDevice(ScsiDevice):
@@ -187,6 +197,13 @@ class Daemon:
         self._open_uio = uio_opener
         self.served: dict[str, Served] = {}
         self._lock = threading.RLock()
+        #: Devices removed whose handler has not closed yet (by id; `remove`, `_closed`), and
+        #: the reopen threads of removed devices: `shutdown` waits for both before it returns,
+        #: so the process does not exit under a handler's close (a mirror's clean flag, a
+        #: pool's last commit).
+        self._closing: dict[int, Served] = {}
+        self._closes_done = threading.Condition(self._lock)
+        self._reopens: list[threading.Thread] = []
         #: Shared copy domains by name (a device's ``copy_domain``, `split_daemon_items`).
         self.copy_domains: dict[str, CopyDomain] = {}
         #: Written to wake `run()`: by `stop()`, and by `add()` when a retry is due sooner.
@@ -428,6 +445,7 @@ class Daemon:
             nodes = list(self.served)
         for node in nodes:
             self.remove(node, block=True)
+        self._await_closes()
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -697,8 +715,13 @@ class Daemon:
         while the runner drains, then let them through again."""
         with self._lock:
             served = self.served.pop(node, None)
-        if served is None:
-            return
+            if served is None:
+                return
+            self._closing[id(served)] = served  # until its handler closed (`_closed`)
+            retrying = served.retrying
+            if retrying is not None and retrying is not threading.current_thread():
+                self._reopens = [t for t in self._reopens if t.is_alive()]
+                self._reopens.append(retrying)
         served.stop_retry.set()  # a `_reopen_unavailable` of it ends (not joined: it may
         # be inside the handler's open; what it opens then is closed by `_swap_in`'s refusal)
         cfs = TcmuConfigfs(served.name.hba, served.name.device, self.configfs_root)
@@ -709,18 +732,52 @@ class Daemon:
         served.thread.join(timeout=60)
 
         def close_uio() -> None:
-            with contextlib.suppress(OSError):
-                served.uio.close()
+            try:
+                with contextlib.suppress(OSError):
+                    served.uio.close()
+            finally:
+                self._closed(served)
 
         # The runner closes the handler (and then the uio) only once no command of it runs:
         # now, or when a command still stuck in the backend finishes.
+        closed = False
         try:
             closed = served.runner.close(on_closed=close_uio)
+        except BaseException:
+            self._closed(served)  # nothing more will close it
+            raise
         finally:
             if block:
                 with contextlib.suppress(TcmuError):
                     cfs.unblock()
         log.info("%s: %s %s", served.name.device, "closed" if closed else "closing", node)
+
+    def _closed(self, served: Served) -> None:
+        """`served`'s handler and uio are closed (or never will be): `shutdown` stops waiting
+        for it. Idempotent."""
+        with self._lock:
+            self._closing.pop(id(served), None)
+            self._closes_done.notify_all()
+
+    def _await_closes(self) -> None:
+        """Wait, at most `SHUTDOWN_CLOSE_SECONDS`, until every removed device's handler has
+        closed and every reopen in progress has ended; log the ones that did not (their next
+        open recovers them, as after a kill)."""
+        deadline = time.monotonic() + SHUTDOWN_CLOSE_SECONDS
+        with self._lock:
+            while self._closing and (left := deadline - time.monotonic()) > 0:
+                self._closes_done.wait(left)
+            still = sorted(s.name.device for s in self._closing.values())
+            reopens, self._reopens = self._reopens, []
+        for name in still:
+            log.error("%s: its handler is still closing after %g s (a command still runs in "
+                      "its backend); exiting without its close: the next open recovers it",
+                      name, SHUTDOWN_CLOSE_SECONDS)
+        for thread in reopens:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.error("%s still opening its handler after %g s; exiting under it",
+                          thread.name, SHUTDOWN_CLOSE_SECONDS)
 
     def find(self, dev_name: str) -> Served | None:
         with self._lock:

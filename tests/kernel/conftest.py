@@ -87,6 +87,7 @@ class LabRun:
             log = self.results / f"{name}.log"
             tail = log.read_text(errors="replace")[-6000:] if log.exists() else "(no log)"
             pytest.fail(f"scenario {name} failed: {res['error']}\n"
+                        f"{daemon_warnings(self.results / name)}"
                         f"--- guest log tail ({log}) ---\n{tail}", pytrace=False)
         done = self.results / "_done.json"
         module = name.split(".", 1)[0]
@@ -97,6 +98,21 @@ class LabRun:
                         pytrace=False)
         details: dict[str, Any] = res["details"]
         return details
+
+
+def daemon_warnings(artifacts: Path, lines: int = 30) -> str:
+    """The WARNING, ERROR and CRITICAL lines of the logs a failed scenario left among its
+    artifacts (its daemons' ``*.log``), the last `lines` of each, headed by the file's name:
+    a run elsewhere (CI) shows only what the failure message prints, and a daemon's own
+    account of a failure (a close that did not finish, a leg it gave up on) is there."""
+    out = []
+    for path in sorted(artifacts.glob("*.log")) if artifacts.is_dir() else []:
+        found = [ln for ln in path.read_text(errors="replace").splitlines()
+                 if any(f" {level} " in ln for level in ("WARNING", "ERROR", "CRITICAL"))]
+        if found:
+            out.append(f"--- {path.name}: warnings and errors (last {lines}) ---\n"
+                       + "\n".join(ln[:400] for ln in found[-lines:]) + "\n")
+    return "".join(out)
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection, so the guest runs only what is left

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import pytest
 
 from tcmu_py.daemon.control import query_status
 from tcmu_py.daemon.serve import Daemon
+from tcmu_py.device.block import open_block_device
 from tcmu_py.errors import DeviceUnavailable, TcmuError
-from tcmu_py.handlers.null import NullHandler
+from tcmu_py.handlers.null import NullBackend, NullHandler
 from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.testing import FakeKernel, FakeUio, cdbs
 from tcmu_py.testing.fake_uio import RelayedKicks
@@ -855,3 +857,139 @@ def test_removing_an_unavailable_device_ends_its_retries(host, tmp_path, flaky):
     finally:
         flaky.gate.set()
         d.shutdown()
+
+
+class _Stuck(NullHandler):
+    """A null disk whose READs complete asynchronously (a Future, as librbd's completions do)
+    once `read_gate` is set, and whose close waits for `close_gate` (a backend still busy when
+    the daemon is told to stop); `closed` lists the devices whose close returned."""
+
+    subtype = "stuck"
+    read_gate = threading.Event()
+    close_gate = threading.Event()
+    reading = threading.Event()
+    closing = threading.Event()
+    closed: list[Any] = []
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.read_gate, cls.close_gate = threading.Event(), threading.Event()
+        cls.reading, cls.closing, cls.closed = threading.Event(), threading.Event(), []
+        cls.read_gate.set()
+        cls.close_gate.set()
+
+    @classmethod
+    def open(cls, config: Any) -> Any:
+        backend = NullBackend(config.size, config.block_size)
+        backend.blocking = True  # READ is not run inline: its Future resolves on its own
+        device = open_block_device(config, backend)
+        real_execute, real_close = device.execute, device.close
+
+        def execute(cmd: Any) -> Any:
+            if cmd.cdb[0] != 0x28:  # READ(10)
+                return real_execute(cmd)
+            done: Future[Any] = Future()
+
+            def complete() -> None:
+                assert cls.read_gate.wait(30)
+                done.set_result(real_execute(cmd))
+
+            threading.Thread(target=complete, name="test-aio", daemon=True).start()
+            cls.reading.set()
+            return done
+
+        def close() -> None:
+            cls.closing.set()
+            assert cls.close_gate.wait(30)
+            real_close()
+            cls.closed.append(device)
+
+        device.execute = execute  # type: ignore[method-assign]
+        device.close = close  # type: ignore[method-assign]
+        return device
+
+
+@pytest.fixture
+def stuck():
+    _Stuck.reset()
+    yield _Stuck
+    _Stuck.read_gate.set()
+    _Stuck.close_gate.set()
+
+
+def _shutdown_in_thread(d: Daemon) -> threading.Thread:
+    t = threading.Thread(target=d.shutdown, name="test-shutdown")
+    t.start()
+    return t
+
+
+def test_shutdown_waits_for_a_close_another_thread_began(host, tmp_path, stuck):
+    """A backstore deleted just before SIGTERM: the udev observer's "remove" is closing the
+    handler on its thread (a mirror writing its clean flag) when the main thread shuts down.
+    `shutdown` must not return (and the process exit) before that close has."""
+    host.add("uio0", 0, "disk0", "stuck/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"stuck": stuck})
+    d.start_serving()
+    stuck.close_gate.clear()
+    observer = threading.Thread(target=d.remove, args=("uio0",), name="test-udev")
+    observer.start()
+    assert stuck.closing.wait(10), "the close did not begin"
+    t = _shutdown_in_thread(d)
+    try:
+        t.join(0.5)
+        assert t.is_alive(), "shutdown returned under a handler's close"
+        assert not stuck.closed
+    finally:
+        stuck.close_gate.set()
+    t.join(10)
+    observer.join(10)
+    assert not t.is_alive() and len(stuck.closed) == 1
+
+
+def test_shutdown_waits_for_a_command_still_in_the_backend_then_closes(host, tmp_path, stuck):
+    """An asynchronous READ still in the backend when the daemon stops (the loop thread has
+    returned; librbd has not answered): the close is deferred until it completes
+    (`DeviceRunner.close`), and `shutdown` waits for that close instead of letting the process
+    exit without it. The READ completes GOOD."""
+    host.add("uio0", 0, "disk0", "stuck/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"stuck": stuck})
+    d.start_serving()
+    host.run("uio0", cdbs.test_unit_ready())  # power-on UA
+    stuck.read_gate.clear()
+    with host.lock:
+        pending = host.kernels["uio0"].submit(cdbs.read10(0, 8), b"", 8 * 512)
+    assert stuck.reading.wait(10), "the READ did not reach the backend"
+    t = _shutdown_in_thread(d)
+    try:
+        t.join(0.5)
+        assert t.is_alive(), "shutdown returned with a command in the backend, unclosed"
+        assert not stuck.closed
+    finally:
+        stuck.read_gate.set()
+    t.join(10)
+    assert not t.is_alive() and len(stuck.closed) == 1
+    with host.lock:
+        assert pending.done and pending.status == 0
+
+
+def test_shutdown_gives_up_on_a_stuck_close_after_its_bound(host, tmp_path, stuck, monkeypatch,
+                                                             caplog):
+    """A command that never leaves its backend does not hold the daemon past
+    SHUTDOWN_CLOSE_SECONDS: shutdown returns and the log names the device."""
+    import tcmu_py.daemon.serve as serve
+
+    monkeypatch.setattr(serve, "SHUTDOWN_CLOSE_SECONDS", 0.3)
+    host.add("uio0", 0, "disk0", "stuck/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"stuck": stuck})
+    d.start_serving()
+    host.run("uio0", cdbs.test_unit_ready())  # power-on UA
+    stuck.read_gate.clear()
+    with host.lock:
+        host.kernels["uio0"].submit(cdbs.read10(0, 8), b"", 8 * 512)
+    assert stuck.reading.wait(10)
+    t = _shutdown_in_thread(d)
+    t.join(10)
+    assert not t.is_alive(), "shutdown waited past its bound"
+    assert "disk0: its handler is still closing" in caplog.text
+    stuck.read_gate.set()
+    assert _until(lambda: len(stuck.closed) == 1), "not closed once the command finished"
