@@ -8,6 +8,7 @@
 - `MemoryDisk` is a disk in a bytearray, the smallest BlockBackend (subclass it to add or
   break a capability).
 - `check_block_handler` / `check_any_device` are conformance checks any handler can run.
+- `wait_until` polls a condition until it holds or a deadline passes (never a fixed sleep).
 - `tcmu_py.testing.fuzz` (import it by name) fuzzes a device with generated CDBs and parameter
   lists through the ring, and the ring itself with corrupted entries; `replay` rebuilds a case.
 
@@ -20,6 +21,7 @@ from tcmu_py.testing.fake_kernel import FakeKernel, FakeKernelError, Pending
 from tcmu_py.testing.fake_uio import FakeUio
 from tcmu_py.testing.harness import Result, RingHarness, run_command
 from tcmu_py.testing.memory import MemoryDisk
+from tcmu_py.testing.waiting import wait_until
 
 __all__ = [
     "FakeKernel",
@@ -33,4 +35,5 @@ __all__ = [
     "check_any_device",
     "check_block_handler",
     "run_command",
+    "wait_until",
 ]

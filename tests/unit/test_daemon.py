@@ -20,7 +20,7 @@ from tcmu_py.device.block import open_block_device
 from tcmu_py.errors import DeviceUnavailable, TcmuError
 from tcmu_py.handlers.null import NullBackend, NullHandler
 from tcmu_py.handlers.raw import RawHandler
-from tcmu_py.testing import FakeKernel, FakeUio, cdbs
+from tcmu_py.testing import FakeKernel, FakeUio, cdbs, wait_until
 from tcmu_py.testing.fake_uio import RelayedKicks
 from tcmu_py.testing.harness import Result
 
@@ -734,14 +734,6 @@ class _Flaky(NullHandler):
         return device
 
 
-def _until(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return bool(cond())
-
 
 @pytest.fixture
 def flaky(monkeypatch):
@@ -770,10 +762,10 @@ def test_an_unavailable_device_says_becoming_ready_and_serves_once_it_opens(
         assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).sense_codes == (2, 4, 1)
         row = next(r for r in d.status()["devices"] if r["name"] == "disk0")
         assert row["unavailable"] and "cluster not answering" in row["failed"]
-        assert _until(lambda: len(flaky.opens) >= 3), "not opened again"
+        assert wait_until(lambda: len(flaky.opens) >= 3), "not opened again"
         flaky.gate.clear()  # the next open hangs inside the handler
         n = len(flaky.opens)
-        assert _until(lambda: len(flaky.opens) > n), "no open in progress"
+        assert wait_until(lambda: len(flaky.opens) > n), "no open in progress"
         t0 = time.monotonic()
         assert len(d.status()["devices"]) == 2  # the daemon's lock is not held by the open
         assert time.monotonic() - t0 < 5
@@ -781,7 +773,7 @@ def test_an_unavailable_device_says_becoming_ready_and_serves_once_it_opens(
         assert host.run("uio1", cdbs.read10(0, 1), data_in_len=512).good
         flaky.reachable.set()
         flaky.gate.set()
-        assert _until(lambda: "uio0" in d.served and d.served["uio0"].failed is None)
+        assert wait_until(lambda: "uio0" in d.served and d.served["uio0"].failed is None)
         assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (6, 0x29, 0)
         assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
         row = next(r for r in d.status()["devices"] if r["name"] == "disk0")
@@ -804,9 +796,9 @@ def test_an_unavailable_device_that_then_fails_for_good_needs_intervention(
     d = make_daemon(host, tmp_path, {"flaky": flaky})
     d.start_serving()
     try:
-        assert _until(lambda: len(flaky.opens) >= 2)
+        assert wait_until(lambda: len(flaky.opens) >= 2)
         flaky.broken = PermissionError(13, "auth refused")
-        assert _until(lambda: d.served["uio0"].failed is not None
+        assert wait_until(lambda: d.served["uio0"].failed is not None
                       and "auth refused" in d.served["uio0"].failed)
         opens = len(flaky.opens)
         time.sleep(0.3)
@@ -835,10 +827,10 @@ def test_removing_an_unavailable_device_ends_its_retries(host, tmp_path, flaky):
     d = make_daemon(host, tmp_path, {"flaky": flaky})
     d.start_serving()
     try:
-        assert _until(lambda: len(flaky.opens) >= 2)
+        assert wait_until(lambda: len(flaky.opens) >= 2)
         flaky.gate.clear()
         n = len(flaky.opens)
-        assert _until(lambda: len(flaky.opens) > n)  # an open hangs in the handler
+        assert wait_until(lambda: len(flaky.opens) > n)  # an open hangs in the handler
         retrying = d.served["uio0"].retrying
         assert retrying is not None
         import shutil
@@ -992,4 +984,4 @@ def test_shutdown_gives_up_on_a_stuck_close_after_its_bound(host, tmp_path, stuc
     assert not t.is_alive(), "shutdown waited past its bound"
     assert "disk0: its handler is still closing" in caplog.text
     stuck.read_gate.set()
-    assert _until(lambda: len(stuck.closed) == 1), "not closed once the command finished"
+    assert wait_until(lambda: len(stuck.closed) == 1), "not closed once the command finished"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import random
-import time
+from collections.abc import Callable
 
 import pytest
 import yaml
@@ -26,6 +26,7 @@ from tcmu_py.handlers.dedup import (
 from tcmu_py.handlers.dedup import config as dedup_config
 from tcmu_py.handlers.dedup.handler import unregister_pool
 from tcmu_py.handlers.dedup.store import COLLECT_INTERVAL, DEFAULT_DEAD_PERCENT
+from tcmu_py.testing import wait_until
 
 CS = 4096
 
@@ -68,11 +69,8 @@ def test_collector_keys_default_and_parse(tmp_path: os.PathLike[str]) -> None:
                                                                 DEFAULT_DEAD_PERCENT)
 
 
-def _wait(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.01)
+def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    assert wait_until(predicate, timeout, 0.01), f"timed out after {timeout} s waiting for {what}"
 
 
 def test_prepared_settings_drive_the_collector_of_the_served_pool(

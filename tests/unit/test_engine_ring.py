@@ -20,7 +20,7 @@ from tcmu_py.handlers.null import NullBackend
 from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.ring import scsi_command_size
 from tcmu_py.scsi.constants import Status
-from tcmu_py.testing import RingHarness, cdbs
+from tcmu_py.testing import RingHarness, cdbs, wait_until
 
 BS = 512
 BLOCKS = 64
@@ -281,9 +281,7 @@ def test_serial_device_never_runs_two_commands_at_once():
         h.runner.process()
         # The worker takes the first WRITE when its thread is up: wait for that, bounded; the
         # READ and TEST UNIT READY must still not have run.
-        deadline = time.monotonic() + 10
-        while not dev.order and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: dev.order)
         assert not dev.overlap and dev.order == [1]
         dev.release.set()
         h.wait(first + later)

@@ -25,19 +25,10 @@ from test_dataplane import BLOCKS, BS, GatedRaw, make_device
 
 from tcmu_py.device.runner import DeviceRunner, serve_in_thread
 from tcmu_py.ring import PollJudge
-from tcmu_py.testing import cdbs
+from tcmu_py.testing import cdbs, wait_until
 from tcmu_py.testing.fake_kernel import FakeKernel
 from tcmu_py.testing.fake_uio import FakeUio
 from tcmu_py.testing.harness import RingHarness
-
-
-def _until(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return bool(cond())
 
 
 def test_c_serves_while_python_is_busy_but_never_overtakes_a_fence(tmp_path: Path) -> None:
@@ -54,7 +45,7 @@ def test_c_serves_while_python_is_busy_but_never_overtakes_a_fence(tmp_path: Pat
         fill = b"\xab" * BS
         ws = h.submit_many([(cdbs.write_same10(0, 8), fill, 0), (cdbs.verify10(60, 1), b"", 0)])
         assert backend.entered.wait(10)
-        assert _until(lambda: loop.fences == 2)
+        assert wait_until(lambda: loop.fences == 2)
         new, far = os.urandom(2 * BS), os.urandom(2 * BS)
         pend = h.submit_many([
             (cdbs.read10(0, 8), b"", 8 * BS),  # overlaps: Python's, after the fill
@@ -62,7 +53,7 @@ def test_c_serves_while_python_is_busy_but_never_overtakes_a_fence(tmp_path: Pat
             (cdbs.write10(40, 2), far, 0),  # clear: C
             (cdbs.read10(40, 2), b"", 2 * BS),  # clear: C
         ])
-        assert _until(lambda: pend[2].done and pend[3].done)
+        assert wait_until(lambda: pend[2].done and pend[3].done)
         assert pend[3].data_in == far
         assert not ws[0].done and not pend[0].done and not pend[1].done
         # 50 more clear reads, one at a time, while the worker is still held.
@@ -103,7 +94,7 @@ def test_a_unit_attention_queued_by_another_thread_stops_c_at_once(tmp_path: Pat
         loop_before = loop.executed
         assert h.run(cdbs.read10(BLOCKS + 8, 1), data_in_len=BS).good  # the new capacity
         # Served by C once Python caught up (the READ after the attention may be Python's).
-        assert _until(lambda: h.run(cdbs.read10(BLOCKS + 9, 1), data_in_len=BS).good
+        assert wait_until(lambda: h.run(cdbs.read10(BLOCKS + 9, 1), data_in_len=BS).good
                       and (h.runner.refresh_counters(), loop.executed)[1] > loop_before)
         assert h.runner.refresh_counters().commands > before
     finally:
@@ -123,7 +114,7 @@ def test_every_command_handed_over_is_answered_when_the_loop_stops(tmp_path: Pat
     with h.runner._ring_lock:  # Python takes nothing meanwhile
         pend = h.submit_many([(cdbs.inquiry(), b"", 96)] * 8
                       + [(cdbs.write_same10(4 * i, 2), fill, 0) for i in range(8)])
-        assert _until(lambda: loop.fences == 8)  # all handed over, none taken
+        assert wait_until(lambda: loop.fences == 8)  # all handed over, none taken
         h.runner.stop()
     h.close()  # joins the runner; checks the fake kernel is idle
     assert all(p.done for p in pend)
@@ -139,7 +130,7 @@ def test_a_corrupt_ring_stops_the_device_with_a_reason(tmp_path: Path) -> None:
     thread, stop = serve_in_thread(runner)
     try:
         p = kernel.submit(cdbs.test_unit_ready())
-        assert _until(lambda: p.done)
+        assert wait_until(lambda: p.done)
         # cmd_head at an odd offset: no kernel writes that.
         struct.pack_into("<I", kernel.buffer, 12, 13)  # mailbox.cmd_head
         uio._on_event()
@@ -185,12 +176,12 @@ def test_the_loop_s_threads_carry_names_the_kernel_shows(tmp_path: Path) -> None
     h = RingHarness(make_device(tmp_path, "named"), workers=2, native=True)
     try:
         assert h.run(cdbs.test_unit_ready()).status is not None
-        assert _until(lambda: {"tcmu-py-loop", "tcmu:named"} <= set(_thread_names())), \
+        assert wait_until(lambda: {"tcmu-py-loop", "tcmu:named"} <= set(_thread_names())), \
             _thread_names()
         assert "tcmu-py-io" in _thread_names()
     finally:
         h.close()
-    assert _until(lambda: "tcmu-py-loop" not in _thread_names()), _thread_names()
+    assert wait_until(lambda: "tcmu-py-loop" not in _thread_names()), _thread_names()
 
 
 def test_a_device_without_an_extent_keeps_the_python_loop(tmp_path: Path) -> None:
