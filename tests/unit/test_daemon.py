@@ -909,10 +909,35 @@ def stuck():
     _Stuck.close_gate.set()
 
 
-def _shutdown_in_thread(d: Daemon) -> threading.Thread:
+def _shutdown_held_until(d: Daemon, stuck: type[_Stuck], gate: threading.Event,
+                         why: str) -> None:
+    """`d.shutdown()` on a thread of its own must still be waiting (nothing closed) until
+    `gate` is set; it then returns, the device closed once."""
     t = threading.Thread(target=d.shutdown, name="test-shutdown")
     t.start()
-    return t
+    try:
+        t.join(0.5)
+        assert t.is_alive(), f"shutdown returned {why}"
+        assert not stuck.closed
+    finally:
+        gate.set()
+    t.join(10)
+    assert not t.is_alive() and len(stuck.closed) == 1
+
+
+def _daemon_with_a_read_in_the_backend(host: Host, tmp_path: Path,
+                                       stuck: type[_Stuck]) -> tuple[Daemon, Any]:
+    """A daemon serving a `stuck` disk with a READ(10) waiting in its backend (the READ's
+    Pending)."""
+    host.add("uio0", 0, "disk0", "stuck/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"stuck": stuck})
+    d.start_serving()
+    host.run("uio0", cdbs.test_unit_ready())  # power-on UA
+    stuck.read_gate.clear()
+    with host.lock:
+        pending = host.kernels["uio0"].submit(cdbs.read10(0, 8), b"", 8 * 512)
+    assert stuck.reading.wait(10), "the READ did not reach the backend"
+    return d, pending
 
 
 def test_shutdown_waits_for_a_close_another_thread_began(host, tmp_path, stuck):
@@ -926,16 +951,8 @@ def test_shutdown_waits_for_a_close_another_thread_began(host, tmp_path, stuck):
     observer = threading.Thread(target=d.remove, args=("uio0",), name="test-udev")
     observer.start()
     assert stuck.closing.wait(10), "the close did not begin"
-    t = _shutdown_in_thread(d)
-    try:
-        t.join(0.5)
-        assert t.is_alive(), "shutdown returned under a handler's close"
-        assert not stuck.closed
-    finally:
-        stuck.close_gate.set()
-    t.join(10)
+    _shutdown_held_until(d, stuck, stuck.close_gate, "under a handler's close")
     observer.join(10)
-    assert not t.is_alive() and len(stuck.closed) == 1
 
 
 def test_shutdown_waits_for_a_command_still_in_the_backend_then_closes(host, tmp_path, stuck):
@@ -943,23 +960,8 @@ def test_shutdown_waits_for_a_command_still_in_the_backend_then_closes(host, tmp
     returned; librbd has not answered): the close is deferred until it completes
     (`DeviceRunner.close`), and `shutdown` waits for that close instead of letting the process
     exit without it. The READ completes GOOD."""
-    host.add("uio0", 0, "disk0", "stuck/", 4 * MIB)
-    d = make_daemon(host, tmp_path, {"stuck": stuck})
-    d.start_serving()
-    host.run("uio0", cdbs.test_unit_ready())  # power-on UA
-    stuck.read_gate.clear()
-    with host.lock:
-        pending = host.kernels["uio0"].submit(cdbs.read10(0, 8), b"", 8 * 512)
-    assert stuck.reading.wait(10), "the READ did not reach the backend"
-    t = _shutdown_in_thread(d)
-    try:
-        t.join(0.5)
-        assert t.is_alive(), "shutdown returned with a command in the backend, unclosed"
-        assert not stuck.closed
-    finally:
-        stuck.read_gate.set()
-    t.join(10)
-    assert not t.is_alive() and len(stuck.closed) == 1
+    d, pending = _daemon_with_a_read_in_the_backend(host, tmp_path, stuck)
+    _shutdown_held_until(d, stuck, stuck.read_gate, "with a command in the backend, unclosed")
     with host.lock:
         assert pending.done and pending.status == 0
 
@@ -971,15 +973,9 @@ def test_shutdown_gives_up_on_a_stuck_close_after_its_bound(host, tmp_path, stuc
     import tcmu_py.daemon.serve as serve
 
     monkeypatch.setattr(serve, "SHUTDOWN_CLOSE_SECONDS", 0.3)
-    host.add("uio0", 0, "disk0", "stuck/", 4 * MIB)
-    d = make_daemon(host, tmp_path, {"stuck": stuck})
-    d.start_serving()
-    host.run("uio0", cdbs.test_unit_ready())  # power-on UA
-    stuck.read_gate.clear()
-    with host.lock:
-        host.kernels["uio0"].submit(cdbs.read10(0, 8), b"", 8 * 512)
-    assert stuck.reading.wait(10)
-    t = _shutdown_in_thread(d)
+    d, _ = _daemon_with_a_read_in_the_backend(host, tmp_path, stuck)
+    t = threading.Thread(target=d.shutdown, name="test-shutdown")
+    t.start()
     t.join(10)
     assert not t.is_alive(), "shutdown waited past its bound"
     assert "disk0: its handler is still closing" in caplog.text
