@@ -43,13 +43,15 @@ if TYPE_CHECKING:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the device when known."""
+    """One JSON object per line: time, level, logger, thread, message, and the device when
+    known."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
             "level": record.levelname,
             "logger": record.name,
+            "thread": record.threadName,
             "message": record.getMessage(),
         }
         device = getattr(record, "device", None)
@@ -66,7 +68,10 @@ def _setup_logging(verbose: int, as_json: bool = False) -> None:
     handler.setFormatter(
         JsonFormatter()
         if as_json
-        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        # the thread's name (`tcmu:<device>`, `reopen-<device>`, `tcmu-udev`, ...): which of
+        # the daemon's threads did what, when a race is to be told from a log
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [%(threadName)s]: "
+                               "%(message)s")
     )
     logging.basicConfig(level=level, handlers=[handler])
 
