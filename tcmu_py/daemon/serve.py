@@ -13,6 +13,9 @@ Lifecycle of one device
   `action/block_dev=0`. This is the same whether the daemon starts fresh or after `kill -9`.
   A device the kernel is still enabling (netlink and udev both announce it from inside the
   configfs write) refuses both actions and has queued nothing: it is opened without them.
+  `add` opens outside the daemon's lock (the node marked opening): a handler whose open waits
+  for a network costs its caller that wait, not `status` or other devices' adds; a removal,
+  reconfiguration or second add of the same node waits for it.
 - A device that cannot be opened at all (its uio vanished, no memory, ...) is logged and
   tried again after `ADD_RETRY_SECONDS`, doubling up to the rescan interval.
 - A handler that fails to open (bad config string, missing backing file) does not stop the
@@ -38,7 +41,8 @@ Lifecycle of one device
 Threads: one loop thread per device (`DeviceRunner.run`) plus its worker pool; the main thread
 handles netlink, signals and rescans; the control socket has a thread of its own
 (`tcmu_py.daemon.control`: no client can hold the main loop); the pyudev observer calls
-`add`/`remove` from its own thread (guarded by `self._lock`).
+`add`/`remove` from its own thread (the daemon's state guarded by `self._lock`; handlers are
+opened and closed outside it).
 
 Run directory (`--run-dir`, /run/tcmu-py): created 0700, refused if it is a symbolic link or
 another user's; `daemon.lock` in it is opened without following links, refused unless it is a
@@ -198,12 +202,17 @@ class Daemon:
         self.served: dict[str, Served] = {}
         self._lock = threading.RLock()
         #: Devices removed whose handler has not closed yet (by id; `remove`, `_closed`), and
-        #: the reopen threads of removed devices: `shutdown` waits for both before it returns,
-        #: so the process does not exit under a handler's close (a mirror's clean flag, a
-        #: pool's last commit).
+        #: the reopen threads of removed devices: `shutdown` waits for both (and `_opening`)
+        #: before it returns, so the process does not exit under a handler's close (a mirror's
+        #: clean flag, a pool's last commit) or open.
         self._closing: dict[int, Served] = {}
-        self._closes_done = threading.Condition(self._lock)
         self._reopens: list[threading.Thread] = []
+        #: Nodes whose handler `add` is opening, outside the lock: a backing store that does
+        #: not answer (a Ceph cluster down) costs that caller its timeout, not `status` or
+        #: every other device's add. `remove` and `_reconfig` of such a node wait for the open.
+        self._opening: set[str] = set()
+        #: Notified whenever `_closing` or `_opening` loses a member.
+        self._changed = threading.Condition(self._lock)
         #: Shared copy domains by name (a device's ``copy_domain``, `split_daemon_items`).
         self.copy_domains: dict[str, CopyDomain] = {}
         #: Written to wake `run()`: by `stop()`, and by `add()` when a retry is due sooner.
@@ -498,25 +507,37 @@ class Daemon:
             return None
 
     def add(self, node: str) -> None:
-        """Serve uio device `node` (e.g. "uio0") if it is a TCMU device of a subtype we serve."""
+        """Serve uio device `node` (e.g. "uio0") if it is a TCMU device of a subtype we serve.
+        Returns once it is served (or failed, or is to be tried again); a concurrent `add` of
+        the same node waits for this one. The handler is opened outside the daemon's lock."""
         with self._lock:
+            while node in self._opening:
+                self._changed.wait()
             if node in self.served or self._stopping:
                 return
             name = self._uio_name(node)
             if name is None or name.subtype not in self.handlers:
                 return
-            try:
-                served = self._open(node, name)
-            except _StillConfiguring as exc:
-                log.info("%s: %s is %s", name.device, node, exc)
+            self._opening.add(node)
+        served = None
+        try:
+            served = self._open(node, name)
+        except _StillConfiguring as exc:
+            log.info("%s: %s is %s", name.device, node, exc)
+        except Exception:
+            log.exception("%s: cannot serve %s", name.device, node)
+        with self._lock:
+            self._opening.discard(node)
+            self._changed.notify_all()
+            if served is None:
                 self._retry_later(node)
                 return
-            except Exception:
-                log.exception("%s: cannot serve %s", name.device, node)
-                self._retry_later(node)
+            if not self._stopping:
+                self._add_failures.pop(node, None)
+                self.served[node] = served
                 return
-            self._add_failures.pop(node, None)
-            self.served[node] = served
+            self._closing[id(served)] = served  # shutdown began meanwhile: not served
+        self._retire(served)
 
     def _retry_later(self, node: str) -> None:
         """Have `run()` rescan (and so `add` `node` again) after `ADD_RETRY_SECONDS`, doubled
@@ -714,6 +735,8 @@ class Daemon:
         """Stop serving `node`. With `block` (shutdown), hold new commands off in the kernel
         while the runner drains, then let them through again."""
         with self._lock:
+            while node in self._opening:  # an `add` of it opens the handler: remove that
+                self._changed.wait()
             served = self.served.pop(node, None)
             if served is None:
                 return
@@ -722,6 +745,12 @@ class Daemon:
             if retrying is not None and retrying is not threading.current_thread():
                 self._reopens = [t for t in self._reopens if t.is_alive()]
                 self._reopens.append(retrying)
+        self._retire(served, block=block)
+
+    def _retire(self, served: Served, *, block: bool = False) -> None:
+        """Stop serving `served` (taken out of `served`, recorded in `_closing`): end its
+        retries, stop its runner, close its handler and uio (now, or after its last command)."""
+        node = served.node
         served.stop_retry.set()  # a `_reopen_unavailable` of it ends (not joined: it may
         # be inside the handler's open; what it opens then is closed by `_swap_in`'s refusal)
         cfs = TcmuConfigfs(served.name.hba, served.name.device, self.configfs_root)
@@ -757,22 +786,27 @@ class Daemon:
         for it. Idempotent."""
         with self._lock:
             self._closing.pop(id(served), None)
-            self._closes_done.notify_all()
+            self._changed.notify_all()
 
     def _await_closes(self) -> None:
         """Wait, at most `SHUTDOWN_CLOSE_SECONDS`, until every removed device's handler has
-        closed and every reopen in progress has ended; log the ones that did not (their next
-        open recovers them, as after a kill)."""
+        closed, every first open in progress (`add`) has ended (what it opened is then closed,
+        not served) and every reopen (`_reopen_unavailable`) too; log the ones that did not
+        (their next open recovers them, as after a kill)."""
         deadline = time.monotonic() + SHUTDOWN_CLOSE_SECONDS
         with self._lock:
-            while self._closing and (left := deadline - time.monotonic()) > 0:
-                self._closes_done.wait(left)
-            still = sorted(s.name.device for s in self._closing.values())
+            while (self._closing or self._opening) and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+            closing = sorted(s.name.device for s in self._closing.values())
+            opening = sorted(self._opening)
             reopens, self._reopens = self._reopens, []
-        for name in still:
+        for name in closing:
             log.error("%s: its handler is still closing after %g s (a command still runs in "
                       "its backend); exiting without its close: the next open recovers it",
                       name, SHUTDOWN_CLOSE_SECONDS)
+        for node in opening:
+            log.error("%s: its handler is still being opened after %g s; exiting under it",
+                      node, SHUTDOWN_CLOSE_SECONDS)
         for thread in reopens:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
@@ -895,6 +929,8 @@ class Daemon:
 
     def _reconfig(self, node: str, event: Any) -> None:
         with self._lock:
+            while node in self._opening:  # an `add` of it is opening the handler
+                self._changed.wait()
             served = self.served.get(node)
         if served is None:
             return

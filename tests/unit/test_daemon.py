@@ -981,3 +981,69 @@ def test_shutdown_gives_up_on_a_stuck_close_after_its_bound(host, tmp_path, stuc
     assert "disk0: its handler is still closing" in caplog.text
     stuck.read_gate.set()
     assert wait_until(lambda: len(stuck.closed) == 1), "not closed once the command finished"
+
+
+def test_a_first_open_that_hangs_holds_neither_status_nor_other_devices(host, tmp_path, flaky):
+    """A device created while the daemon runs whose handler's open hangs (a Ceph cluster that
+    does not answer: up to its timeout): the udev observer's `add` waits in it, outside the
+    daemon's lock — status answers and another device is served meanwhile; once the open
+    returns the device is served."""
+    host.add("uio1", 1, "other", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"flaky": flaky, "null": NullHandler})
+    d.start_serving()
+    try:
+        flaky.reachable.set()
+        flaky.gate.clear()
+        host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)
+        observer = threading.Thread(target=d.add, args=("uio0",), name="test-udev")
+        observer.start()
+        assert wait_until(lambda: flaky.opens), "the open did not begin"
+        asked: list[Any] = []
+        status = threading.Thread(target=lambda: asked.append(d.status()), daemon=True)
+        status.start()
+        status.join(5)
+        assert asked, "status waited for another device's open"
+        assert [r["name"] for r in asked[0]["devices"]] == ["other"]
+        host.add("uio2", 2, "third", "null/", 4 * MIB)
+        adder = threading.Thread(target=d.add, args=("uio2",), daemon=True)
+        adder.start()
+        adder.join(5)
+        assert "uio2" in d.served, "another device's add waited for this open"
+        assert "uio0" not in d.served
+        flaky.gate.set()
+        observer.join(10)
+        assert d.served["uio0"].failed is None
+        host.run("uio0", cdbs.test_unit_ready())  # power-on UA
+        assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
+        assert len(flaky.opens) == 1
+    finally:
+        flaky.gate.set()
+        d.shutdown()
+    assert len(flaky.closed) == 1
+
+
+def test_removal_and_shutdown_wait_for_a_first_open_in_progress(host, tmp_path, flaky):
+    """The device goes away, then the daemon stops, while its first open hangs: neither
+    returns before the open does, and what it opened is closed, never served."""
+    d = make_daemon(host, tmp_path, {"flaky": flaky})
+    d.start_serving()
+    flaky.reachable.set()
+    flaky.gate.clear()
+    host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)
+    observer = threading.Thread(target=d.add, args=("uio0",), name="test-udev")
+    observer.start()
+    assert wait_until(lambda: flaky.opens), "the open did not begin"
+    remover = threading.Thread(target=d.remove, args=("uio0",), name="test-netlink")
+    remover.start()
+    stopper = threading.Thread(target=d.shutdown, name="test-shutdown")
+    stopper.start()
+    try:
+        remover.join(0.5)
+        stopper.join(0.1)
+        assert remover.is_alive() and stopper.is_alive(), "returned under an open in progress"
+    finally:
+        flaky.gate.set()
+    for t in (observer, remover, stopper):
+        t.join(10)
+        assert not t.is_alive(), t.name
+    assert "uio0" not in d.served and len(flaky.opens) == 1 and len(flaky.closed) == 1
