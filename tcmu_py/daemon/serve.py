@@ -526,6 +526,11 @@ class Daemon:
             log.info("%s: %s is %s", name.device, node, exc)
         except Exception:
             log.exception("%s: cannot serve %s", name.device, node)
+        except BaseException:  # KeyboardInterrupt, SystemExit: no one may wait for it for good
+            with self._lock:
+                self._opening.discard(node)
+                self._changed.notify_all()
+            raise
         with self._lock:
             self._opening.discard(node)
             self._changed.notify_all()
