@@ -210,7 +210,8 @@ class Daemon:
         #: Nodes whose handler `add` is opening, outside the lock: a backing store that does
         #: not answer (a Ceph cluster down) costs that caller its timeout, not `status` or
         #: every other device's add. `remove` and `_reconfig` of such a node wait for the open.
-        self._opening: set[str] = set()
+        #: By node: its name and when the open began (`status` lists them as opening).
+        self._opening: dict[str, tuple[UioName, float]] = {}
         #: Notified whenever `_closing` or `_opening` loses a member.
         self._changed = threading.Condition(self._lock)
         #: Shared copy domains by name (a device's ``copy_domain``, `split_daemon_items`).
@@ -518,7 +519,7 @@ class Daemon:
             name = self._uio_name(node)
             if name is None or name.subtype not in self.handlers:
                 return
-            self._opening.add(node)
+            self._opening[node] = (name, time.monotonic())
         served = None
         try:
             served = self._open(node, name)
@@ -528,11 +529,11 @@ class Daemon:
             log.exception("%s: cannot serve %s", name.device, node)
         except BaseException:  # KeyboardInterrupt, SystemExit: no one may wait for it for good
             with self._lock:
-                self._opening.discard(node)
+                self._opening.pop(node, None)
                 self._changed.notify_all()
             raise
         with self._lock:
-            self._opening.discard(node)
+            self._opening.pop(node, None)
             self._changed.notify_all()
             if served is None:
                 self._retry_later(node)
@@ -987,6 +988,7 @@ class Daemon:
         """Devices and counters, JSON-serialisable (for `tcmu-py status`)."""
         with self._lock:
             items = list(self.served.values())
+            opening = list(self._opening.items())
         devices = []
         for s in items:
             counters = s.runner.refresh_counters().snapshot()
@@ -1018,6 +1020,12 @@ class Daemon:
         # those (and the devices') to render their tables.
         contributors: list[str] = []
         out: dict[str, Any] = {"pid": os.getpid(), "devices": devices, "handlers": contributors}
+        # Devices whose handler `add` is opening (not served yet: their commands wait on the
+        # ring), with how long the open has taken so far.
+        now = time.monotonic()
+        out["opening"] = [{"name": name.device, "uio": node, "handler": name.subtype,
+                           "config": name.cfgstring, "seconds": round(now - since, 1)}
+                          for node, (name, since) in sorted(opening)]
         for subtype in self.handlers:
             try:
                 handler = self.handlers[subtype]

@@ -136,6 +136,10 @@ def render_status(status: dict[str, Any] | None, config_path: str | None = None,
                     f"{1000 * w['p99_s']:.2f}",
                 ]
             )
+        for o in status.get("opening", []):  # not served yet: the handler's open runs
+            rows.append([o["name"], o["handler"], o["uio"], "-",
+                         f"OPENING (for {o['seconds']:.0f} s)", "-", "-", "-", "-", "-", "-",
+                         "-"])
         since = (
             f"over the last {min(seconds):.1f} s"
             if any(

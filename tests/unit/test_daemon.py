@@ -1004,6 +1004,13 @@ def test_a_first_open_that_hangs_holds_neither_status_nor_other_devices(host, tm
         status.join(5)
         assert asked, "status waited for another device's open"
         assert [r["name"] for r in asked[0]["devices"]] == ["other"]
+        (opening,) = asked[0]["opening"]  # listed, not served yet
+        assert (opening["name"], opening["uio"], opening["handler"]) == ("disk0", "uio0", "flaky")
+        from tcmu_py.daemon.status import render_status
+
+        line = next(ln for ln in render_status(asked[0], handlers={}).splitlines()
+                    if ln.startswith("disk0"))
+        assert "OPENING (for " in line and "uio0" in line, line
         host.add("uio2", 2, "third", "null/", 4 * MIB)
         adder = threading.Thread(target=d.add, args=("uio2",), daemon=True)
         adder.start()
@@ -1012,7 +1019,7 @@ def test_a_first_open_that_hangs_holds_neither_status_nor_other_devices(host, tm
         assert "uio0" not in d.served
         flaky.gate.set()
         observer.join(10)
-        assert d.served["uio0"].failed is None
+        assert d.served["uio0"].failed is None and d.status()["opening"] == []
         host.run("uio0", cdbs.test_unit_ready())  # power-on UA
         assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
         assert len(flaky.opens) == 1
