@@ -983,6 +983,18 @@ def test_shutdown_gives_up_on_a_stuck_close_after_its_bound(host, tmp_path, stuc
     assert wait_until(lambda: len(stuck.closed) == 1), "not closed once the command finished"
 
 
+def _first_open_hanging(d: Daemon, host: Host, flaky: type[_Flaky]) -> threading.Thread:
+    """A `flaky` disk uio0 appears while `d` runs; the udev observer's `add` of it (the thread
+    returned) hangs inside the handler's open until `flaky.gate` is set."""
+    flaky.reachable.set()
+    flaky.gate.clear()
+    host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)
+    observer = threading.Thread(target=d.add, args=("uio0",), name="test-udev")
+    observer.start()
+    assert wait_until(lambda: flaky.opens), "the open did not begin"
+    return observer
+
+
 def test_a_first_open_that_hangs_holds_neither_status_nor_other_devices(host, tmp_path, flaky):
     """A device created while the daemon runs whose handler's open hangs (a Ceph cluster that
     does not answer: up to its timeout): the udev observer's `add` waits in it, outside the
@@ -992,12 +1004,7 @@ def test_a_first_open_that_hangs_holds_neither_status_nor_other_devices(host, tm
     d = make_daemon(host, tmp_path, {"flaky": flaky, "null": NullHandler})
     d.start_serving()
     try:
-        flaky.reachable.set()
-        flaky.gate.clear()
-        host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)
-        observer = threading.Thread(target=d.add, args=("uio0",), name="test-udev")
-        observer.start()
-        assert wait_until(lambda: flaky.opens), "the open did not begin"
+        observer = _first_open_hanging(d, host, flaky)
         asked: list[Any] = []
         status = threading.Thread(target=lambda: asked.append(d.status()), daemon=True)
         status.start()
@@ -1034,12 +1041,7 @@ def test_removal_and_shutdown_wait_for_a_first_open_in_progress(host, tmp_path, 
     returns before the open does, and what it opened is closed, never served."""
     d = make_daemon(host, tmp_path, {"flaky": flaky})
     d.start_serving()
-    flaky.reachable.set()
-    flaky.gate.clear()
-    host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)
-    observer = threading.Thread(target=d.add, args=("uio0",), name="test-udev")
-    observer.start()
-    assert wait_until(lambda: flaky.opens), "the open did not begin"
+    observer = _first_open_hanging(d, host, flaky)
     remover = threading.Thread(target=d.remove, args=("uio0",), name="test-netlink")
     remover.start()
     stopper = threading.Thread(target=d.shutdown, name="test-shutdown")
