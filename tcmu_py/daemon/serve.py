@@ -512,8 +512,7 @@ class Daemon:
         Returns once it is served (or failed, or is to be tried again); a concurrent `add` of
         the same node waits for this one. The handler is opened outside the daemon's lock."""
         with self._lock:
-            while node in self._opening:
-                self._changed.wait()
+            self._wait_opened(node)
             if node in self.served or self._stopping:
                 return
             name = self._uio_name(node)
@@ -544,6 +543,12 @@ class Daemon:
                 return
             self._closing[id(served)] = served  # shutdown began meanwhile: not served
         self._retire(served)
+
+    def _wait_opened(self, node: str) -> None:
+        """Wait until no `add` is opening a handler for `node`. Called under `_lock` (the
+        wait releases it, so the opening `add` can finish)."""
+        while node in self._opening:
+            self._changed.wait()
 
     def _retry_later(self, node: str) -> None:
         """Have `run()` rescan (and so `add` `node` again) after `ADD_RETRY_SECONDS`, doubled
@@ -741,8 +746,7 @@ class Daemon:
         """Stop serving `node`. With `block` (shutdown), hold new commands off in the kernel
         while the runner drains, then let them through again."""
         with self._lock:
-            while node in self._opening:  # an `add` of it opens the handler: remove that
-                self._changed.wait()
+            self._wait_opened(node)  # an `add` of it opens the handler: remove that
             served = self.served.pop(node, None)
             if served is None:
                 return
@@ -935,8 +939,7 @@ class Daemon:
 
     def _reconfig(self, node: str, event: Any) -> None:
         with self._lock:
-            while node in self._opening:  # an `add` of it is opening the handler
-                self._changed.wait()
+            self._wait_opened(node)  # a resize must reach the handler being opened
             served = self.served.get(node)
         if served is None:
             return

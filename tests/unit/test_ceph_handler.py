@@ -23,7 +23,7 @@ from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.ceph import CephDevice, CephHandler
 from tcmu_py.handlers.ceph.config import parse
 from tcmu_py.scsi.sense import ScsiError
-from tcmu_py.testing import cdbs
+from tcmu_py.testing import cdbs, wait_until
 from tcmu_py.testing.harness import Result, RingHarness
 
 BS = 512
@@ -467,10 +467,7 @@ def test_resize_by_another_client_is_followed(ceph_cluster: Any) -> None:
                 ioctx.close()
         finally:
             admin.shutdown()
-        deadline = time.monotonic() + 30
-        while not dev._header_changed.is_set() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert dev._header_changed.is_set(), "no header notification within 30 s"
+        assert wait_until(dev._header_changed.is_set, 30), "no header notification within 30 s"
         assert h.run(cdbs.read_capacity16()).sense_codes == (0x06, 0x2A, 0x09)
         rc = h.run(cdbs.read_capacity16(), data_in_len=32)
         assert int.from_bytes(rc.data[:8], "big") + 1 == 3 * SIZE // BS
@@ -498,10 +495,8 @@ def test_lock_taken_over_when_the_holder_lets_go(ceph_cluster: Any) -> None:
         assert h.run(cdbs.read10(0, 1), data_in_len=BS).sense_codes == (0x02, 0x04, 0x03)
         assert _executed(h) == 0
         first.close()
-        deadline = time.monotonic() + 60
-        while second.backend.not_ready is not None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert second.backend.not_ready is None, "lock not taken within 60 s"
+        assert wait_until(lambda: second.backend.not_ready is None, 60), \
+            "lock not taken within 60 s"
         assert second.image.is_lock_owner()
         assert h.run(cdbs.write10(0, 1), b"b" * BS).good
         for _ in range(2):
@@ -627,10 +622,8 @@ def test_read_write_in_c_against_a_byte_model(ceph_cluster: Any, native: bool) -
 
 def _wait_dequeued(h: RingHarness, timeout: float = 10.0) -> None:
     """Until the native loop has taken every entry the kernel published (bounded)."""
-    deadline = time.monotonic() + timeout
-    while h.runner.ring.has_new():
-        assert time.monotonic() < deadline, "the native loop did not dequeue"
-        time.sleep(0.001)
+    assert wait_until(lambda: not h.runner.ring.has_new(), timeout, 0.001), \
+        "the native loop did not dequeue"
 
 
 def test_stop_with_librbd_operations_in_flight(ceph_cluster: Any) -> None:

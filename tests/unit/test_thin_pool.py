@@ -298,7 +298,8 @@ def test_disk_registered_by_the_daemon_survives_apply(tmp_path: os.PathLike[str]
     """`apply` read pool.json, the daemon registered a disk, then `apply` wrote: the disk must
     still be registered. The other process is held between its read and its write."""
     import threading
-    import time
+
+    from tcmu_py.testing import wait_until
 
     path = os.path.join(tmp_path, "p")
     create_pool(path, "p", 1 << 20, 80, unit=UNIT)
@@ -322,10 +323,7 @@ def test_disk_registered_by_the_daemon_survives_apply(tmp_path: os.PathLike[str]
     """
     with Pool.open(path) as pool:
         proc = _in_other_process(slow_apply, path, str(2 << 20), "80", read_done, go, wait=False)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(read_done) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert os.path.exists(read_done)
+        assert wait_until(lambda: os.path.exists(read_done), 30, 0.01)
         register = threading.Thread(target=lambda: pool.open_disk("d1", 64 * UNIT).close())
         register.start()
         register.join(timeout=0.5)  # done at once without a lock; waits for apply with one
