@@ -32,11 +32,12 @@ Lifecycle of one device
   close, and the device is unblocked again. The process exits only once every handler has
   closed — also one another thread was closing (the udev observer's "remove" of a backstore
   deleted just before), or one whose close waited for an asynchronous command still in its
-  backend — or `SHUTDOWN_CLOSE_SECONDS` have passed (the ones left are logged). Commands that
-  arrive while no daemon runs wait on the ring until the next daemon's recovery answers them
-  BUSY (initiators retry), or until the device's `cmd_time_out`. Leaving devices blocked
-  instead would make any command the kernel itself issues while removing a LUN (sd's
-  SYNCHRONIZE CACHE) wait forever.
+  backend — or `SHUTDOWN_SECONDS` have passed since the SIGTERM, for all devices together
+  (their runners are all stopped first, so they drain side by side; the ones left are
+  logged). Commands that arrive while no daemon runs wait on the ring until the next daemon's
+  recovery answers them BUSY (initiators retry), or until the device's `cmd_time_out`.
+  Leaving devices blocked instead would make any command the kernel itself issues while
+  removing a LUN (sd's SYNCHRONIZE CACHE) wait forever.
 
 Threads: one loop thread per device (`DeviceRunner.run`) plus its worker pool; the main thread
 handles netlink, signals and rescans; the control socket has a thread of its own
@@ -105,12 +106,13 @@ RESCAN_SECONDS_WITH_UDEV = 60.0
 #: A device that failed to open (`add`) is tried again after this long, then after twice as
 #: long each time, up to the rescan interval: a transient failure costs a second, not a minute.
 ADD_RETRY_SECONDS = 1.0
-#: How long `shutdown` waits, after removing every device, for the handlers still closing —
-#: one removed by another thread just before (the udev observer's "remove" of a backstore
-#: deleted a moment before the SIGTERM), one whose close waits for a command still running in
-#: its backend — and for opens still in progress (`_reopen_unavailable`). Within the service
-#: unit's TimeoutStopSec (60 s) with the runners' own drain.
-SHUTDOWN_CLOSE_SECONDS = 30.0
+#: How long `shutdown` waits, all devices together, from its start: for the runners to drain
+#: their commands, for the handlers to close — also one removed by another thread just before
+#: (the udev observer's "remove" of a backstore deleted a moment before the SIGTERM), or one
+#: whose close waits for a command still running in its backend — and for opens still in
+#: progress. One deadline for every device (their drains run side by side), within the service
+#: unit's TimeoutStopSec (60 s), so systemd never has to SIGKILL a daemon that is stopping.
+SHUTDOWN_SECONDS = 45.0
 
 
 class FailedDevice(ScsiDevice):
@@ -451,11 +453,15 @@ class Daemon:
         if self._observer is not None:
             self._observer.send_stop()
             self._observer = None
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
         with self._lock:
             nodes = list(self.served)
-        for node in nodes:
-            self.remove(node, block=True)
-        self._await_closes()
+        leaving = [served for node in nodes if (served := self._take(node)) is not None]
+        for served in leaving:  # all stopped first: their drains run side by side
+            self._halt(served, block=True)
+        for served in leaving:
+            self._retire(served, block=True, deadline=deadline)
+        self._await_closes(deadline)
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -542,6 +548,7 @@ class Daemon:
                 self.served[node] = served
                 return
             self._closing[id(served)] = served  # shutdown began meanwhile: not served
+        self._halt(served)
         self._retire(served)
 
     def _wait_opened(self, node: str) -> None:
@@ -745,30 +752,46 @@ class Daemon:
     def remove(self, node: str, *, block: bool = False) -> None:
         """Stop serving `node`. With `block` (shutdown), hold new commands off in the kernel
         while the runner drains, then let them through again."""
+        served = self._take(node)
+        if served is not None:
+            self._halt(served, block=block)
+            self._retire(served, block=block)
+
+    def _take(self, node: str) -> Served | None:
+        """Take `node` out of `served` (once its first open, if one runs, has ended) and
+        record it as closing until `_closed`; None if it was not served."""
         with self._lock:
             self._wait_opened(node)  # an `add` of it opens the handler: remove that
             served = self.served.pop(node, None)
             if served is None:
-                return
+                return None
             self._closing[id(served)] = served  # until its handler closed (`_closed`)
             retrying = served.retrying
             if retrying is not None and retrying is not threading.current_thread():
                 self._reopens = [t for t in self._reopens if t.is_alive()]
                 self._reopens.append(retrying)
-        self._retire(served, block=block)
+        return served
 
-    def _retire(self, served: Served, *, block: bool = False) -> None:
-        """Stop serving `served` (taken out of `served`, recorded in `_closing`): end its
-        retries, stop its runner, close its handler and uio (now, or after its last command)."""
-        node = served.node
+    def _halt(self, served: Served, *, block: bool = False) -> None:
+        """End `served`'s retries and tell its runner to stop (not waited for here); with
+        `block`, hold new commands off in the kernel first (`_retire` lets them through)."""
         served.stop_retry.set()  # a `_reopen_unavailable` of it ends (not joined: it may
         # be inside the handler's open; what it opens then is closed by `_swap_in`'s refusal)
-        cfs = TcmuConfigfs(served.name.hba, served.name.device, self.configfs_root)
         if block:
             with contextlib.suppress(TcmuError):
-                cfs.block()
+                self._configfs(served).block()
         served.runner.stop()
-        served.thread.join(timeout=60)
+
+    def _configfs(self, served: Served) -> TcmuConfigfs:
+        return TcmuConfigfs(served.name.hba, served.name.device, self.configfs_root)
+
+    def _retire(self, served: Served, *, block: bool = False,
+                deadline: float | None = None) -> None:
+        """After `_halt`: wait for `served`'s runner to drain (until `deadline`, a monotonic
+        time; 60 s without one), close its handler and uio (now, or after its last command
+        still running), and with `block` let the kernel's commands through again."""
+        served.thread.join(timeout=60 if deadline is None
+                           else max(0.0, deadline - time.monotonic()))
 
         def close_uio() -> None:
             try:
@@ -788,8 +811,8 @@ class Daemon:
         finally:
             if block:
                 with contextlib.suppress(TcmuError):
-                    cfs.unblock()
-        log.info("%s: %s %s", served.name.device, "closed" if closed else "closing", node)
+                    self._configfs(served).unblock()
+        log.info("%s: %s %s", served.name.device, "closed" if closed else "closing", served.node)
 
     def _closed(self, served: Served) -> None:
         """`served`'s handler and uio are closed (or never will be): `shutdown` stops waiting
@@ -798,12 +821,11 @@ class Daemon:
             self._closing.pop(id(served), None)
             self._changed.notify_all()
 
-    def _await_closes(self) -> None:
-        """Wait, at most `SHUTDOWN_CLOSE_SECONDS`, until every removed device's handler has
+    def _await_closes(self, deadline: float) -> None:
+        """Wait, until `deadline` (a monotonic time), until every removed device's handler has
         closed, every first open in progress (`add`) has ended (what it opened is then closed,
         not served) and every reopen (`_reopen_unavailable`) too; log the ones that did not
         (their next open recovers them, as after a kill)."""
-        deadline = time.monotonic() + SHUTDOWN_CLOSE_SECONDS
         with self._lock:
             while (self._closing or self._opening) and (left := deadline - time.monotonic()) > 0:
                 self._changed.wait(left)
@@ -811,17 +833,17 @@ class Daemon:
             opening = sorted(self._opening)
             reopens, self._reopens = self._reopens, []
         for name in closing:
-            log.error("%s: its handler is still closing after %g s (a command still runs in "
-                      "its backend); exiting without its close: the next open recovers it",
-                      name, SHUTDOWN_CLOSE_SECONDS)
+            log.error("%s: its handler is still closing %g s after the stop began (a command "
+                      "still runs in its backend); exiting without its close: the next open "
+                      "recovers it", name, SHUTDOWN_SECONDS)
         for node in opening:
-            log.error("%s: its handler is still being opened after %g s; exiting under it",
-                      node, SHUTDOWN_CLOSE_SECONDS)
+            log.error("%s: its handler is still being opened %g s after the stop began; "
+                      "exiting under it", node, SHUTDOWN_SECONDS)
         for thread in reopens:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
-                log.error("%s still opening its handler after %g s; exiting under it",
-                          thread.name, SHUTDOWN_CLOSE_SECONDS)
+                log.error("%s still opening its handler %g s after the stop began; exiting "
+                          "under it", thread.name, SHUTDOWN_SECONDS)
 
     def find(self, dev_name: str) -> Served | None:
         with self._lock:

@@ -857,6 +857,9 @@ class _Stuck(NullHandler):
     the daemon is told to stop); `closed` lists the devices whose close returned."""
 
     subtype = "stuck"
+    #: READs wait for `read_gate` in `execute` itself (a synchronous backend stuck in I/O:
+    #: the runner's drain waits for them) instead of completing a Future later
+    sync_reads = False
     read_gate = threading.Event()
     close_gate = threading.Event()
     reading = threading.Event()
@@ -867,6 +870,7 @@ class _Stuck(NullHandler):
     def reset(cls) -> None:
         cls.read_gate, cls.close_gate = threading.Event(), threading.Event()
         cls.reading, cls.closing, cls.closed = threading.Event(), threading.Event(), []
+        cls.sync_reads = False
         cls.read_gate.set()
         cls.close_gate.set()
 
@@ -879,6 +883,10 @@ class _Stuck(NullHandler):
 
         def execute(cmd: Any) -> Any:
             if cmd.cdb[0] != 0x28:  # READ(10)
+                return real_execute(cmd)
+            if cls.sync_reads:
+                cls.reading.set()
+                assert cls.read_gate.wait(30)
                 return real_execute(cmd)
             done: Future[Any] = Future()
 
@@ -925,19 +933,23 @@ def _shutdown_held_until(d: Daemon, stuck: type[_Stuck], gate: threading.Event,
     assert not t.is_alive() and len(stuck.closed) == 1
 
 
-def _daemon_with_a_read_in_the_backend(host: Host, tmp_path: Path,
-                                       stuck: type[_Stuck]) -> tuple[Daemon, Any]:
-    """A daemon serving a `stuck` disk with a READ(10) waiting in its backend (the READ's
-    Pending)."""
-    host.add("uio0", 0, "disk0", "stuck/", 4 * MIB)
+def _daemon_with_a_read_in_the_backend(host: Host, tmp_path: Path, stuck: type[_Stuck],
+                                       disks: int = 1) -> tuple[Daemon, list[Any]]:
+    """A daemon serving `disks` `stuck` disks (disk0 on uio0, ...), each with a READ(10)
+    waiting in its backend (the READs' Pendings)."""
+    for i in range(disks):
+        host.add(f"uio{i}", i, f"disk{i}", "stuck/", 4 * MIB)
     d = make_daemon(host, tmp_path, {"stuck": stuck})
     d.start_serving()
-    host.run("uio0", cdbs.test_unit_ready())  # power-on UA
     stuck.read_gate.clear()
-    with host.lock:
-        pending = host.kernels["uio0"].submit(cdbs.read10(0, 8), b"", 8 * 512)
-    assert stuck.reading.wait(10), "the READ did not reach the backend"
-    return d, pending
+    pendings = []
+    for i in range(disks):
+        host.run(f"uio{i}", cdbs.test_unit_ready())  # power-on UA
+        stuck.reading.clear()
+        with host.lock:
+            pendings.append(host.kernels[f"uio{i}"].submit(cdbs.read10(0, 8), b"", 8 * 512))
+        assert stuck.reading.wait(10), f"the READ of disk{i} did not reach the backend"
+    return d, pendings
 
 
 def test_shutdown_waits_for_a_close_another_thread_began(host, tmp_path, stuck):
@@ -960,7 +972,7 @@ def test_shutdown_waits_for_a_command_still_in_the_backend_then_closes(host, tmp
     returned; librbd has not answered): the close is deferred until it completes
     (`DeviceRunner.close`), and `shutdown` waits for that close instead of letting the process
     exit without it. The READ completes GOOD."""
-    d, pending = _daemon_with_a_read_in_the_backend(host, tmp_path, stuck)
+    d, (pending,) = _daemon_with_a_read_in_the_backend(host, tmp_path, stuck)
     _shutdown_held_until(d, stuck, stuck.read_gate, "with a command in the backend, unclosed")
     with host.lock:
         assert pending.done and pending.status == 0
@@ -969,18 +981,35 @@ def test_shutdown_waits_for_a_command_still_in_the_backend_then_closes(host, tmp
 def test_shutdown_gives_up_on_a_stuck_close_after_its_bound(host, tmp_path, stuck, monkeypatch,
                                                              caplog):
     """A command that never leaves its backend does not hold the daemon past
-    SHUTDOWN_CLOSE_SECONDS: shutdown returns and the log names the device."""
+    SHUTDOWN_SECONDS: shutdown returns and the log names the device."""
+    _shutdown_bounded(host, tmp_path, stuck, monkeypatch, caplog, disks=1)
+
+
+def test_shutdown_bound_is_shared_by_devices_stuck_in_synchronous_io(host, tmp_path, stuck,
+                                                                      monkeypatch, caplog):
+    """Three disks each with a READ stuck in a synchronous backend (a hung NFS file): the
+    runners' drains do not add up (they were 60 s each, one after another, past systemd's
+    TimeoutStopSec): shutdown returns within its one bound, naming every disk."""
+    stuck.sync_reads = True
+    _shutdown_bounded(host, tmp_path, stuck, monkeypatch, caplog, disks=3)
+
+
+def _shutdown_bounded(host: Host, tmp_path: Path, stuck: type[_Stuck], monkeypatch: Any,
+                      caplog: Any, disks: int) -> None:
     import tcmu_py.daemon.serve as serve
 
-    monkeypatch.setattr(serve, "SHUTDOWN_CLOSE_SECONDS", 0.3)
-    d, _ = _daemon_with_a_read_in_the_backend(host, tmp_path, stuck)
+    monkeypatch.setattr(serve, "SHUTDOWN_SECONDS", 0.5)
+    d, pendings = _daemon_with_a_read_in_the_backend(host, tmp_path, stuck, disks)
     t = threading.Thread(target=d.shutdown, name="test-shutdown")
     t.start()
     t.join(10)
     assert not t.is_alive(), "shutdown waited past its bound"
-    assert "disk0: its handler is still closing" in caplog.text
+    for i in range(disks):
+        assert f"disk{i}: its handler is still closing" in caplog.text
     stuck.read_gate.set()
-    assert wait_until(lambda: len(stuck.closed) == 1), "not closed once the command finished"
+    assert wait_until(lambda: len(stuck.closed) == disks), "not closed once the commands finished"
+    with host.lock:
+        assert all(p.done and p.status == 0 for p in pendings)
 
 
 def _first_open_hanging(d: Daemon, host: Host, flaky: type[_Flaky]) -> threading.Thread:
