@@ -268,14 +268,18 @@ def check_device_pools(c: Checker, doc: Mapping[str, Any], subtype: str, section
         if not isinstance(dev, dict) or dev.get("handler") != subtype:
             continue
         pool = dev.get("pool")
+        opts = dev.get("options")
+        named = opts.get("pool") if isinstance(opts, dict) else None
         if isinstance(pool, str):
             if pool not in names:
                 c.fail(f"devices[{i}].pool", pool, expected)
-        elif required:
-            opts = dev.get("options")
-            if not (isinstance(opts, dict) and "pool" in opts):
-                c.fail(f"devices[{i}].pool", dev.get("pool", MISSING),
-                       f"{expected}: a {subtype} device needs one")
+        elif isinstance(named, str) and not named.startswith("/"):
+            if named not in names:  # ``options: {pool: <name>}`` names a declared pool too
+                c.fail(f"devices[{i}].options.pool", named,
+                       f"an absolute pool directory or {expected}")
+        elif required and named is None:
+            c.fail(f"devices[{i}].pool", dev.get("pool", MISSING),
+                   f"{expected}: a {subtype} device needs one")
 
 
 class NamedPool(Protocol):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,12 +42,14 @@ from .store import (
     FINGERPRINTS,
     MAX_CHUNK,
     MIN_CHUNK,
+    POOL_FILE,
     CollectorSettings,
     DedupPool,
     check_pool,
     configure_collector,
     ensure_pool,
     is_chunk_size,
+    load_pool_config,
     read_pool_status,
 )
 
@@ -108,10 +111,52 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
         if not c.clean_since(entry):
             continue
         assert name and path and cap and soft and hard and dead
-        pools.append(DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard, compression,
-                                   float(interval), dead))
+        spec = DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard, compression,
+                             float(interval), dead)
+        _check_existing(c, p, spec)
+        pools.append(spec)
     check_device_pools(c, doc, SUBTYPE, SECTION, raw, required=True)
+    _check_block_sizes(c, doc, pools)
     return tuple(pools)
+
+
+def _check_existing(c: Checker, p: str, spec: DedupPoolSpec) -> None:
+    """A pool that exists already must be the one declared: same name, same chunk size
+    (neither can change), so `check` refuses what `apply` would (before creating anything)."""
+    file = os.path.join(spec.path, POOL_FILE)
+    if not os.path.exists(file):
+        return
+    try:
+        current = load_pool_config(spec.path)
+    except ConfigError as exc:
+        c.fail(f"{p}.path", spec.path, f"a dedup pool directory with a valid {POOL_FILE} ({exc})")
+        return
+    if current.name != spec.name:
+        c.fail(f"{p}.name", spec.name, f"the name of the pool at {spec.path} ({current.name!r},"
+               f" recorded in {file})")
+    if current.chunk_size != spec.chunk_size:
+        c.fail(f"{p}.chunk_size", spec.chunk_size, f"the chunk size the pool at {spec.path} was"
+               f" created with ({current.chunk_size}, in {file}; it cannot change)")
+
+
+def _check_block_sizes(c: Checker, doc: Mapping[str, Any], pools: Sequence[DedupPoolSpec]
+                       ) -> None:
+    """Each dedup device's block size divides its pool's chunk size (a chunk holds whole
+    blocks), as the pool checks when the disk opens."""
+    chunks = {pool.name: pool.chunk_size for pool in pools}
+    devices = doc.get("devices")
+    for i, dev in enumerate(devices if isinstance(devices, list) else []):
+        if not isinstance(dev, dict) or dev.get("handler") != SUBTYPE:
+            continue
+        opts = dev.get("options")
+        name = dev.get("pool", opts.get("pool") if isinstance(opts, dict) else None)
+        block = dev.get("block_size", 512)
+        chunk = chunks.get(name) if isinstance(name, str) else None
+        if chunk is None or not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+            continue  # no declared pool, or a block size the device check reports
+        if chunk % block:
+            c.fail(f"devices[{i}].block_size", block, f"a divisor of pool {name!r}'s chunk_size"
+                   f" ({chunk}): a chunk holds whole blocks")
 
 
 def device_config_items(device: Device, pools: Sequence[DedupPoolSpec]

@@ -531,12 +531,19 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
             c.fail(f"{p}.pool", pool, "no pool: only devices of a handler with pools take one"
                    f" ({', '.join(takers) or 'none installed'})")
             continue
+        named = dict(options).get("pool")
+        if pool is None and owner.takes_pool and named is not None and not named.startswith("/"):
+            # ``options: {pool: <declared name>}`` is ``pool: <name>``: the dev_config names
+            # the pool's directory, which a daemon started without this YAML can open
+            pool, options = named, tuple(kv for kv in options if kv[0] != "pool")
         dev = Device(name, handler, size, block_size, hw_max, area, tmo, wc, options,
                      serial, wwn, pool, copy_domain=domain,
                      data_plane=True if plane is None else plane)
         items = _config_items(dev, owners or {}, sections or {})
         if items:
             dev = replace(dev, config_items=items)
+        elif pool is not None:
+            continue  # a pool no section declares: its owner's section check reported it
         cfg = _build_config_string(handler, owner, options, items, wwn, domain, dev.data_plane)
         problem = config_string_problem(cfg)
         if problem:

@@ -1,0 +1,109 @@
+"""What `tcmu-py check` says of a YAML's dedup pools and devices must be what `apply` and
+`serve -c` then do: a device may name its pool as ``options: {pool: <name>}`` (as the
+configuration reference says), a block size that does not divide the pool's chunk size and an
+existing pool declared with another name or chunk size are refused at load, naming the key,
+before anything is created."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import yaml
+
+from tcmu_py.daemon.config import dev_config_string, load_config_text
+from tcmu_py.errors import ConfigError
+from tcmu_py.handler import load_handlers
+from tcmu_py.handlers.dedup import DedupHandler
+from tcmu_py.handlers.dedup.store import create_pool
+
+
+def _load(doc: dict[str, Any], *, check: bool = False) -> Any:
+    reg = load_handlers()
+    registry = {n: reg[n] for n in ("raw", "thin", "dedup")}
+    handlers = {n: h.check_config for n, h in registry.items()} if check else None
+    return load_config_text(yaml.safe_dump(doc), "c.yaml", registry=registry,  # type: ignore[arg-type]
+                            handlers=handlers)
+
+
+def _doc(path: str, device: dict[str, Any], **pool: Any) -> dict[str, Any]:
+    return {"dedup_pools": [{"name": "images", "path": path, "capacity": "16M", **pool}],
+            "devices": [{"name": "vm7", "handler": "dedup", "size": "8M", **device}]}
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_a_pool_named_in_options_is_the_declared_pool(tmp_path: os.PathLike[str],
+                                                      check: bool) -> None:
+    path = os.path.join(tmp_path, "p")
+    cfg = _load(_doc(path, {"options": {"pool": "images"}}), check=check)
+    (dev,) = cfg.devices
+    assert dev.pool == "images"
+    # the dev_config names the directory: a daemon started without this YAML opens it
+    assert dev_config_string(dev) == f"dedup/pool={path}"
+    by_key = _load(_doc(path, {"pool": "images"}), check=check)
+    assert dev_config_string(by_key.devices[0]) == dev_config_string(dev)
+
+
+def test_an_undeclared_pool_name_in_options_is_one_clear_error(tmp_path: os.PathLike[str]
+                                                               ) -> None:
+    with pytest.raises(ConfigError) as exc:
+        _load(_doc(os.path.join(tmp_path, "p"), {"options": {"pool": "imagez"}}), check=True)
+    assert str(exc.value) == (
+        "c.yaml: devices[0].options.pool: got 'imagez', expected an absolute pool directory "
+        "or the name of a pool in dedup_pools (images)")
+
+
+def test_an_undeclared_pool_is_reported_once(tmp_path: os.PathLike[str]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        _load(_doc(os.path.join(tmp_path, "p"), {"pool": "imagez"}), check=True)
+    assert str(exc.value) == ("c.yaml: devices[0].pool: got 'imagez', expected the name of a "
+                              "pool in dedup_pools (images)")
+
+
+def test_an_absolute_pool_directory_in_options_is_kept(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "p")
+    cfg = _load({"devices": [{"name": "vm7", "handler": "dedup", "size": "8M",
+                              "options": {"pool": path}}]})
+    assert dev_config_string(cfg.devices[0]) == f"dedup/pool={path}"
+
+
+@pytest.mark.parametrize(("block", "chunk", "ok"), [
+    (512, "4K", True), (4096, "4K", True), (4096, "64K", True), (8192, "4K", False),
+])
+def test_block_size_must_divide_the_chunk_size(tmp_path: os.PathLike[str], block: int,
+                                               chunk: str, ok: bool) -> None:
+    doc = _doc(os.path.join(tmp_path, "p"), {"pool": "images", "block_size": block},
+               chunk_size=chunk)
+    if ok:
+        _load(doc)
+        return
+    with pytest.raises(ConfigError) as exc:
+        _load(doc)
+    assert str(exc.value) == ("c.yaml: devices[0].block_size: got 8192, expected a divisor of "
+                              "pool 'images''s chunk_size (4096): a chunk holds whole blocks")
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("name", "other", "expected the name of the pool at {path} ('images', recorded in "
+                      "{path}/pool.json)"),
+    ("chunk_size", "8K", "expected the chunk size the pool at {path} was created with (4096, "
+                         "in {path}/pool.json; it cannot change)"),
+])
+def test_an_existing_pool_declared_otherwise_is_refused_before_anything_is_created(
+        tmp_path: os.PathLike[str], key: str, value: str, expected: str) -> None:
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "images", 16 << 20)
+    fresh = os.path.join(tmp_path, "fresh")
+    doc = _doc(path, {"pool": "images"})
+    doc["dedup_pools"][0][key] = value
+    doc["dedup_pools"].insert(0, {"name": "fresh", "path": fresh, "capacity": "16M"})
+    if key == "name":
+        doc["devices"][0]["pool"] = value
+    with pytest.raises(ConfigError) as exc:
+        _load(doc, check=True)
+    got = repr(8192) if key == "chunk_size" else repr(value)
+    assert str(exc.value) == (f"c.yaml: dedup_pools[1].{key}: got {got}, "
+                              + expected.format(path=path))
+    assert not os.path.exists(fresh)
+    DedupHandler.check_config(f"pool={path}")  # the pool itself is untouched and valid
