@@ -14,6 +14,8 @@ Theory of operation:
   the same; WRITE SAME with any block stores one chunk whatever the length.
 - **Space**: only new distinct content takes space; a command whose new chunks do not fit under
   the pool's capacity fails with SPACE ALLOCATION FAILED before anything changes (`DedupPool.put`).
+  A deallocation never does: the partly deallocated chunks at its ends (zeros patched in) are
+  stored even on a full pool, as the thin pool zeroes part of a unit in place.
 - **Durability**: without write cache every write and unmap is committed before it returns
   (container fdatasync, then SQLite commit); with write cache it is acknowledged from the pool's
   open transaction and `flush` (FUA, SYNCHRONIZE CACHE) commits it. A commit makes every disk of
@@ -135,7 +137,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
             return
         self._check_bounds(offset, length)
         zero = self._zero
-        self._store(offset, length, lambda a, b: zero[: b - a], uniform=zero)
+        self._store(offset, length, lambda a, b: zero[: b - a], uniform=zero, deallocating=True)
 
     def write_same(self, offset: int, length: int, block: bytes, unmap: bool) -> None:
         """Fill [offset, offset+length) with `block`: one stored chunk for all whole chunks."""
@@ -156,10 +158,12 @@ class DedupBackend(PoolDisk["DedupPool"]):
 
     def _store(self, offset: int, length: int,
                source: Callable[[int, int], bytes | memoryview], *,
-               uniform: bytes | None = None, view: memoryview | None = None) -> None:
+               uniform: bytes | None = None, view: memoryview | None = None,
+               deallocating: bool = False) -> None:
         """Give [offset, offset+length) the bytes `source(a, b)` returns for [a, b) in it;
         `uniform`: every whole chunk of the range holds these bytes (hashed once); `view`:
-        the bytes of the whole range (what `source` slices), cut into chunks in one pass."""
+        the bytes of the whole range (what `source` slices), cut into chunks in one pass;
+        `deallocating`: zeros of a deallocation, never refused for space (`DedupPool.put`)."""
         cs, size, end = self.chunk_size, self.size, offset + length
         first, last = offset // cs, _ceil_div(end, cs)
         zero = self._zero
@@ -201,7 +205,8 @@ class DedupBackend(PoolDisk["DedupPool"]):
                     piece = bytes(buf)
                     entries.append((idx, None, None) if piece == zero else
                                    (idx, piece, fingerprint(piece)))
-            pool.put(self.disk_id, entries, durable=not self.write_cache)
+            pool.put(self.disk_id, entries, durable=not self.write_cache,
+                     deallocating=deallocating)
 
     # ------------------------------------------------------------------------------------------
     # The native loop's READs (`tcmu_py.backend.FileExtent`)

@@ -1174,12 +1174,16 @@ class DedupPool(PhysicalPool):
                 (did, first, last))]
 
     def put(self, did: int, chunks: Sequence[tuple[int, bytes | memoryview | None, bytes | None]],
-            *, durable: bool) -> None:
+            *, durable: bool, deallocating: bool = False) -> None:
         """Map chunk index -> content for disk `did`: each item is (index, data, fingerprint),
         data and fingerprint None for zeros; an index appears at most once. All or nothing:
         SpaceAllocationFailed (the new unique bytes do not fit under the capacity) or OSError
         leave the maps as they were. `durable`: commit before returning (a disk without write
-        cache, an UNMAP of one).
+        cache, an UNMAP of one). `deallocating`: the change is a deallocation (UNMAP, WRITE
+        SAME with UNMAP), whose new chunks are the partly deallocated chunks at its ends, zeros
+        patched in: they are stored even past the capacity (at most two per range, and each
+        replaces a reference to an older chunk), so a deallocation never fails for want of the
+        space it is meant to give back (SBC-4 4.7.3.8 applies to writes).
 
         Cost: a fixed number of statements per command whatever its number of chunks (the
         fingerprints and old map rows looked up with ``IN``/range queries, the new chunks'
@@ -1207,7 +1211,8 @@ class DedupPool(PhysicalPool):
             code = COMPRESSION_CODES[self._config.compression]
             stored = ([(fp, data, 0) for fp, data in new.items()] if code == 0 else
                       [(fp, *_compress(data, code)) for fp, data in new.items()])
-            self._reserve(sum(len(d) for _, d, _ in stored))
+            if not deallocating:
+                self._reserve(sum(len(d) for _, d, _ in stored))
             f = self._figures
             saved = (_Figures(f.used, f.live_bytes, f.live_chunks, f.mapped), dict(self._ends),
                      self._active, set(self._dirty), self._new_files, self._changes,

@@ -1,0 +1,112 @@
+"""A deallocation never fails for want of the space it gives back: on a full dedup pool an
+UNMAP or WRITE SAME with UNMAP of part of a chunk (fstrim's 4 KiB ranges on a disk of 16-64 KiB
+chunks) stores the chunk with zeros patched in, answers GOOD and reads zeros there, where it
+answered DATA PROTECT 27/07 (after having deallocated the command's earlier ranges). Writes
+of new data are still refused on the full pool, with nothing changed (SBC-4 4.7.3.8)."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.dedup import DedupHandler, check_pool, create_pool
+from tcmu_py.testing import cdbs, harness
+
+CS, BS = 4096, 512
+PER = CS // BS  # blocks per chunk
+
+
+def _chunk(seed: int) -> bytes:
+    return random.Random(seed).randbytes(CS)
+
+
+class _Disk:
+    """A harness over a dedup disk whose pool (8 chunks) is full: chunks 0..7 distinct."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        create_pool(path, "p", 8 * CS, 50)
+        self.dev = DedupHandler.open(DeviceConfig(
+            name="d0", subtype="dedup", cfgstring=f"pool={path}", size=16 * CS,
+            block_size=BS, write_cache=False))
+        self.h = harness.RingHarness(self.dev)
+        self.open = True
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.h.close()
+            self.dev.close()
+
+
+@pytest.fixture
+def full(tmp_path: os.PathLike[str]) -> Iterator[_Disk]:
+    disk = _Disk(os.path.join(tmp_path, "p"))
+    try:
+        h = disk.h
+        h.run(cdbs.test_unit_ready())
+        assert h.run(cdbs.write10(0, 8 * PER), b"".join(_chunk(i) for i in range(8))).good
+        assert disk.dev.backend.pool.used == disk.dev.backend.pool.capacity
+        h.run(cdbs.test_unit_ready())  # the soft threshold's unit attention
+        yield disk
+    finally:
+        disk.close()
+
+
+def _read_chunk(h: Any, idx: int) -> bytes:
+    r = h.run(cdbs.read10(idx * PER, PER), data_in_len=CS)
+    assert r.good
+    return bytes(r.data)
+
+
+def _zeroed(idx: int, first: int, count: int) -> bytes:
+    """Chunk `idx`'s data with blocks [first, first+count) of it zeroed."""
+    data = bytearray(_chunk(idx))
+    data[first * BS:(first + count) * BS] = bytes(count * BS)
+    return bytes(data)
+
+
+def test_unmap_of_part_of_a_chunk_on_a_full_pool(full: _Disk) -> None:
+    h = full.h
+    params = cdbs.unmap_parameters([(2 * PER, PER), (3 * PER + 1, 1)])  # chunk 2 whole, then part
+    r = h.run(cdbs.unmap(len(params)), params)
+    assert r.good, r
+    assert _read_chunk(h, 2) == bytes(CS)
+    assert _read_chunk(h, 3) == _zeroed(3, 1, 1)
+    for idx in (0, 1, 4, 5, 6, 7):
+        assert _read_chunk(h, idx) == _chunk(idx)
+
+
+def test_write_same_with_unmap_of_part_of_a_chunk_on_a_full_pool(full: _Disk) -> None:
+    h = full.h
+    r = h.run(cdbs.write_same16(4 * PER + 1, 2, unmap=True), bytes(BS))
+    assert r.good, r
+    assert _read_chunk(h, 4) == _zeroed(4, 1, 2)
+
+
+def test_writes_of_new_data_are_still_refused_with_nothing_changed(full: _Disk
+                                                                   ) -> None:
+    h = full.h
+    h.run(cdbs.unmap(24), cdbs.unmap_parameters([(5 * PER, 1)]))  # the pool goes past full
+    r = h.run(cdbs.write10(6 * PER, 1), b"\x5a" * BS)
+    assert r.sense_codes == (0x07, 0x27, 0x07)
+    assert _read_chunk(h, 6) == _chunk(6)
+    r = h.run(cdbs.write_same16(7 * PER + 1, 2, unmap=True), b"\x01" * BS)  # not zeros: a write
+    assert r.sense_codes == (0x07, 0x27, 0x07)
+    assert _read_chunk(h, 7) == _chunk(7)
+
+
+def test_the_pool_checks_clean_after_deallocating_past_full(full: _Disk) -> None:
+    h = full.h
+    params = cdbs.unmap_parameters([(PER * i + 3, 2) for i in range(8)])  # part of every chunk
+    assert h.run(cdbs.unmap(len(params)), params).good
+    for idx in range(8):
+        assert _read_chunk(h, idx) == _zeroed(idx, 3, 2)
+    full.close()
+    report = check_pool(full.path)
+    assert report.clean, report
