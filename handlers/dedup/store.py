@@ -637,7 +637,11 @@ class DedupPool(PhysicalPool):
                 stale = remove_stale_temporaries(os.path.join(path, POOL_FILE))
             if stale:
                 log.warning("pool %s: removed %s left by an interrupted write", path, stale)
-            make_private_dirs(os.path.join(path, CONTAINER_DIR))
+            containers = os.path.join(path, CONTAINER_DIR)
+            if os.path.lexists(containers) and not os.path.isdir(containers):
+                raise ConfigError(f"{containers}: not a directory, expected the pool's "
+                                  "directory of container files")
+            make_private_dirs(containers)
             db = _connect(os.path.join(path, DB_FILE))
             pool = cls(path, config, lock_fd, db, DEFAULT_CONTAINER_BYTES
                        if container_bytes is None else container_bytes)
@@ -731,7 +735,13 @@ class DedupPool(PhysicalPool):
 
     def _reclaim_leaks(self, report: CheckReport | None = None, fix: bool = True) -> None:
         """Container files no row names are deleted; bytes past a container's committed size
-        are cut off. A container shorter than its committed size is damage, reported."""
+        are cut off. A container shorter than its committed size, or missing, is damage:
+        reported (to `report`, else logged as an ERROR naming the file).
+
+        Only an index `create_pool` made for this directory gets here (`_connect` refuses a
+        missing, empty or schema-less one, `create_pool` a directory holding containers), so a
+        file no row names was created by this index's uncommitted transaction, or deleted by
+        the collector after its commit (rule 5): never the containers of a lost index."""
         rows = dict(self._db.execute("SELECT id, size FROM containers"))
         changed = False
         for cid, file in sorted(self._container_files().items()):
@@ -757,8 +767,8 @@ class DedupPool(PhysicalPool):
                     report.problems.append(f"container {cid}: file holds {size} bytes, "
                                            f"{rows[cid]} committed")
                 else:
-                    log.error("pool %s: container %d holds %d bytes, %d committed", self.path,
-                              cid, size, rows[cid])
+                    log.error("pool %s: container %d: %s holds %d bytes, %d committed",
+                              self.path, cid, file, size, rows[cid])
                 continue
             else:
                 continue
@@ -767,9 +777,15 @@ class DedupPool(PhysicalPool):
                 if fix:
                     report.repaired.append("reclaimed " + msg)
         for cid in sorted(set(rows) - set(self._container_files())):
-            if rows[cid] and report is not None:
+            if not rows[cid]:
+                continue
+            if report is not None:
                 report.problems.append(f"container {cid}: file missing ({rows[cid]} bytes "
                                        "committed)")
+            else:
+                log.error("pool %s: container %d: %s missing, %d bytes committed (its chunks "
+                          "cannot be read; `tcmu-py dedup check --repair` drops them)",
+                          self.path, cid, container_file(self.path, cid), rows[cid])
         if changed:
             _fsync_dir(os.path.join(self.path, CONTAINER_DIR))
 
@@ -1631,18 +1647,54 @@ class _Collector:
             self.thread.join()
 
 
-def _connect(file: str) -> sqlite3.Connection:
-    existed = os.path.exists(file)
-    if not existed:
+def _index_gone(file: str, what: str) -> ConfigError:
+    """The refusal to open a pool whose index `file` is `what` (missing, empty, without
+    schema): a new empty index would make every container a leak, deleted at open."""
+    pool_file = os.path.join(os.path.dirname(file), POOL_FILE)
+    return ConfigError(f"{file}: dedup index {what}, expected the index of the pool described "
+                       f"by {pool_file}; not opened, the pool's containers are kept; restore "
+                       "the index from a backup (only create-pool makes a new index)")
+
+
+def _check_index_file(file: str) -> None:
+    """ConfigError (`_index_gone`) if the index `file` is missing or 0 bytes."""
+    try:
+        size = os.stat(file).st_size
+    except FileNotFoundError:
+        raise _index_gone(file, "missing") from None
+    if not size:
+        raise _index_gone(file, "empty (0 bytes)")
+
+
+def _unreadable_index(file: str, exc: sqlite3.Error) -> ConfigError:
+    return ConfigError(f"{file}: unreadable dedup index ({exc}), expected an SQLite database "
+                       "made by tcmu-py; the pool's containers are kept; restore the index from "
+                       "a backup")
+
+
+def _connect(file: str, *, create: bool = False) -> sqlite3.Connection:
+    """The pool's index `file`, in WAL mode with ``synchronous=FULL``. Only `create` (what
+    `create_pool` passes) makes the file and its schema; otherwise a missing or empty index,
+    or one without schema, is a ConfigError and nothing is written (opening the pool with a
+    new empty index would take every container file for a leak). An unreadable file is a
+    ConfigError naming it."""
+    if not create:
+        _check_index_file(file)
+    elif not os.path.exists(file):
         os.close(os.open(file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
     db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
     try:
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise _unreadable_index(file, exc) from None
+        if version == 0 and not create:
+            raise _index_gone(file, "without schema (user_version 0)")
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             raise ConfigError(f"{file}: cannot use SQLite's WAL mode here (got {mode!r})")
         db.execute("PRAGMA synchronous=FULL")  # rule 3
         db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             # One transaction (executescript would commit a BEGIN issued before it): a crash
             # leaves no schema or all of it.
@@ -1684,13 +1736,18 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
     with _config_lock(path):
         if os.path.exists(os.path.join(path, POOL_FILE)):
             raise ConfigError(f"{path}: a pool already exists here")
+        containers = os.path.join(path, CONTAINER_DIR)
+        if os.path.isdir(containers) and any(map(_CONTAINER_RE.match, os.listdir(containers))):
+            raise ConfigError(f"{containers}: holds container files of a pool whose {POOL_FILE}"
+                              " is gone; expected a directory without a pool (restore "
+                              f"{POOL_FILE} and {DB_FILE} from a backup, or remove them)")
         st = os.statvfs(path)
         if capacity > st.f_bavail * st.f_frsize:
             raise ConfigError(f"{path}: capacity {capacity} is more than the file system has "
                               f"free ({st.f_bavail * st.f_frsize}); expected a capacity it can "
                               "hold")
         make_private_dirs(os.path.join(path, CONTAINER_DIR))
-        _connect(os.path.join(path, DB_FILE)).close()
+        _connect(os.path.join(path, DB_FILE), create=True).close()
         config = DedupPoolConfig(name, capacity, soft_threshold, chunk_size, compression,
                                  fingerprint)
         # pool.json last: a pool exists once its index does.
@@ -1814,8 +1871,15 @@ def read_pool_status(path: str) -> DedupPoolStatus:
     if live is not None:
         return live.status()
     config = load_pool_config(real)
-    db = sqlite3.connect(f"file:{os.path.join(real, DB_FILE)}?mode=ro", uri=True)
+    file = os.path.join(real, DB_FILE)
+    _check_index_file(file)
     try:
+        db = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise _unreadable_index(file, exc) from None
+    try:
+        if not db.execute("PRAGMA user_version").fetchone()[0]:
+            raise _index_gone(file, "without schema (user_version 0)")
         used, dead = db.execute(
             "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(dead), 0) FROM containers").fetchone()
         chunks, stored = db.execute(
@@ -1824,8 +1888,7 @@ def read_pool_status(path: str) -> DedupPoolStatus:
         mapped = db.execute("SELECT COUNT(*) FROM map").fetchone()[0]
         disks = _disk_rows(db, config.chunk_size)
     except sqlite3.Error as exc:
-        raise ConfigError(f"{os.path.join(real, DB_FILE)}: unreadable dedup index: {exc}"
-                          ) from None
+        raise _unreadable_index(file, exc) from None
     finally:
         db.close()
     return DedupPoolStatus(real, config.name, config.capacity, config.soft_threshold,

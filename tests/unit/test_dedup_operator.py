@@ -1,0 +1,146 @@
+"""The dedup pool's operator paths on damaged or edited pools: opening never deletes what a lost
+index would have named, ``tcmu-py dedup`` answers a damaged pool with one line naming the file
+(exit 2), ``gc`` reports what it gave back, ``create-pool`` keeps what it is not told,
+``check --repair`` says what it fixed and what it could not."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tcmu_py import cli
+from tcmu_py.errors import ConfigError
+from tcmu_py.handlers.dedup import DedupPool, check_pool, create_pool
+from tcmu_py.handlers.dedup.store import CONTAINER_DIR, DB_FILE, POOL_FILE, container_file
+
+CS = 4096
+#: Small containers, so a few hundred KiB of data spread over several of them.
+CONTAINER_BYTES = 64 * CS
+
+
+def chunk(seed: int) -> bytes:
+    return random.Random(seed).randbytes(CS)
+
+
+def filled_pool(tmp_path: Path, name: str = "p", compression: str = "none") -> str:
+    """A pool of three containers (64 chunks each at most) with dead chunks in two of them:
+    disk ``a`` holds chunks 0..99 then 100..199 of seeds 0..99 again, disk ``b`` the first 100."""
+    path = str(tmp_path / name)
+    create_pool(path, name, 64 << 20, 80, compression=compression)
+    with DedupPool.open(path, container_bytes=CONTAINER_BYTES) as pool:
+        a = pool.open_disk("a", 256 * CS)
+        b = pool.open_disk("b", 256 * CS)
+        data = b"".join(chunk(i) for i in range(100))
+        a.write(0, [memoryview(data)])
+        b.write(0, [memoryview(data)])
+        a.write(100 * CS, [memoryview(b"".join(chunk(1000 + i) for i in range(80)))])
+        a.unmap(100 * CS, 80 * CS)  # 80 dead chunks
+        a.close()
+        b.close()
+    return path
+
+
+def container_names(path: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(path, CONTAINER_DIR)))
+
+
+def read_disk(pool: DedupPool, disk: str, nchunks: int) -> bytes:
+    d = pool.open_disk(disk, 256 * CS)
+    try:
+        buf = bytearray(nchunks * CS)
+        d.read(0, [memoryview(buf)])
+        return bytes(buf)
+    finally:
+        d.close()
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``tcmu-py dedup ARGV`` through the real command line (its error boundary included)."""
+    capsys.readouterr()
+    rc = cli.main(["dedup", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ----------------------------------------------------------------------------------------------
+# D1: a lost index never costs the containers
+
+
+def _lose_index(path: str, how: str) -> None:
+    index = os.path.join(path, DB_FILE)
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(index + suffix):
+            os.unlink(index + suffix)
+    if how == "empty":
+        Path(index).touch(0o600)
+    elif how == "no schema":
+        db = sqlite3.connect(index)  # an SQLite file, but not a dedup index
+        db.execute("CREATE TABLE other(x)")
+        db.commit()
+        db.close()
+
+
+@pytest.mark.parametrize("how", ["missing", "empty", "no schema"])
+def test_open_refuses_a_missing_or_empty_index_and_deletes_nothing(
+        tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `_connect` made a new empty index and `_reclaim_leaks` deleted every container
+    as a leak (the daemon's open, `gc`, `check --repair`). Now every open refuses, naming the
+    index, and `status` says so in one line; only `create_pool` makes an index."""
+    path = filled_pool(tmp_path)
+    before = {n: Path(path, CONTAINER_DIR, n).read_bytes() for n in container_names(path)}
+    _lose_index(path, how)
+    index = os.path.join(path, DB_FILE)
+    with pytest.raises(ConfigError, match=f"{index}: dedup index .*containers are kept"):
+        DedupPool.open(path)
+    with pytest.raises(ConfigError, match="restore the index from a backup"):
+        check_pool(path, repair=True)
+    for argv in (["gc", path], ["check", "--repair", path], ["check", path], ["status", path]):
+        rc, out, err = run_cli(argv, capsys)
+        assert rc == 2, argv
+        assert err.count("\n") == 1 and index in err and "Traceback" not in err, argv
+    assert {n: Path(path, CONTAINER_DIR, n).read_bytes() for n in container_names(path)} == before
+    assert os.path.exists(index) == (how != "missing")  # nothing made in its place
+
+
+def test_create_pool_refuses_a_directory_holding_containers(tmp_path: Path) -> None:
+    """A pool whose pool.json and index are both gone is not made new over its containers
+    (which the first open would then delete as leaks)."""
+    path = filled_pool(tmp_path)
+    for f in (POOL_FILE, DB_FILE):
+        os.unlink(os.path.join(path, f))
+    before = container_names(path)
+    with pytest.raises(ConfigError, match="holds container files"):
+        create_pool(path, "p", 64 << 20)
+    assert container_names(path) == before and not os.path.exists(os.path.join(path, DB_FILE))
+
+
+def test_a_new_pool_still_reclaims_its_first_uncommitted_container(tmp_path: Path) -> None:
+    """The guard costs no real leak: a new pool whose first write did not commit loses the
+    file at the next open."""
+    path = str(tmp_path / "p")
+    create_pool(path, "p", 64 << 20)
+    Path(container_file(path, 1)).write_bytes(chunk(1))  # what a cut before COMMIT leaves
+    with DedupPool.open(path):
+        pass
+    assert container_names(path) == []
+    assert check_pool(path).clean
+
+
+# ----------------------------------------------------------------------------------------------
+# D11: a missing container is said at open
+
+
+def test_open_logs_a_missing_container_as_an_error(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    path = filled_pool(tmp_path)
+    gone = container_file(path, 1)
+    os.unlink(gone)
+    with caplog.at_level(logging.ERROR), DedupPool.open(path):
+        pass
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(gone in m and "missing" in m for m in errors), errors
