@@ -36,11 +36,15 @@ What the device promises, and why it is true:
   the object's start to the end of its data (measured: 8 blocks written at LBA 100 report LBAs
   0-107 mapped; a partial UNMAP inside an object leaves it mapped): "mapped" may be
   conservative, "deallocated" never is. An object UNMAP covers whole is removed: deallocated.
-- The capacity follows the image: a resize through the kernel (RECONFIG, `resize`) resizes the
-  image; one made by another client (``rbd resize``) reaches the device through a watch on the
-  image header, and the next command reports CAPACITY DATA HAS CHANGED with the new capacity
-  (the kernel's ``dev_size`` attribute keeps the old figure until set; TCMU passes every
-  command through, so no command depends on it).
+- The capacity follows the image: a resize through the kernel (RECONFIG, `resize`) grows the
+  image when it is larger than the image, and never shrinks it (a device may be smaller than
+  its image; what lies past its end stays). One made by another client (``rbd resize``) reaches
+  the device through a watch on the image header: until the next command has looked at the
+  image's size, the native loop hands every command to Python, so the very next one (a READ
+  too) reports CAPACITY DATA HAS CHANGED with the new capacity (the kernel's ``dev_size``
+  attribute keeps the old figure until set; TCMU passes every command through, so no command
+  depends on it). A header change that leaves the size as it was (a snapshot, a lock change)
+  changes nothing; a device smaller than its image keeps its size while the image holds it.
 - WCE follows librbd's cache (the config's ``rbd_cache``, off by default, whatever the
   device's ``write_cache``): with it, FUA writes and SYNCHRONIZE CACHE flush
   (``rbd_aio_flush``); without it every write is on the OSDs when acknowledged (WCE=0), so a
@@ -191,6 +195,9 @@ class RbdBackend:
         self.ioctx = ioctx
         self.image = image
         self.size = size
+        #: The image's size when last looked at (open, `resize`, a header change): a header
+        #: change that leaves it as it was (a snapshot, a lock change) is not a resize.
+        self.image_size = image.size()
         self.block_size = block_size
         #: The flush promise (`BlockBackend`): only librbd's cache (``rbd_cache=1``) holds writes.
         self.write_cache = cfg.rbd_cache
@@ -316,7 +323,14 @@ class RbdBackend:
         return runs[:max_runs]
 
     def resize(self, size: int) -> None:
-        self.image.resize(size)
+        """`Resizable`: the device's new size (the kernel's ``dev_size``). The image grows to
+        it if smaller, and is never shrunk: the data past the device's new end stays in the
+        image (shrinking an image is the operator's decision, ``rbd resize --allow-shrink``)."""
+        have = self.image.size()
+        if size > have:
+            self.image.resize(size)
+            have = size
+        self.image_size = have
         self.size = size
 
     def close(self) -> None:
@@ -422,10 +436,22 @@ class CephDevice(BlockDevice):
         self._header_changed = threading.Event()
         self._watch: int | None = None
         try:
-            self._watch = self.image.watch(self._header_changed.set)
+            self._watch = self.image.watch(self._on_header_change)
         except OSError as exc:
             self.log.warning("no watch on the image header (%s): a resize by another client "
                              "is not followed", exc)
+
+    def _on_header_change(self) -> None:
+        """librbd's watch (on its thread, which must not call librbd): the header changed.
+        Until the next command has looked at the image's size (`execute`), the native loop
+        hands every command to Python (`unit_attention_pending`), so the very next command,
+        a READ or WRITE included, reports a resize."""
+        self._header_changed.set()
+        self._plane_changed()
+
+    @property
+    def unit_attention_pending(self) -> bool:
+        return self._header_changed.is_set() or super().unit_attention_pending
 
     def execute(self, cmd: Command) -> Any:
         """Follow a resize made by another client before running `cmd`, so its UNIT ATTENTION
@@ -433,20 +459,31 @@ class CephDevice(BlockDevice):
         if self._header_changed.is_set():
             self._header_changed.clear()
             self._follow_image_size()
+            self._plane_changed()  # C may serve again (unless a unit attention now waits)
         return super().execute(cmd)
 
     def _follow_image_size(self) -> None:
+        """The image's size after a header change. Unchanged (a snapshot, a lock change):
+        nothing. Changed: a device as large as the image was follows it; a device made
+        smaller than its image keeps its size unless the image is now smaller than it."""
+        backend = self.backend
         try:
-            size = self.image.size()
+            have = self.image.size()
         except OSError as exc:
             self.log.warning("image size unknown after a header change: %s", exc)
             return
-        size -= size % self.block_size
-        if size == self.backend.size:
+        before, backend.image_size = backend.image_size, have
+        if have == before:
+            return
+        bs = self.block_size
+        size = have - have % bs
+        if backend.size < before - before % bs and size >= backend.size:
+            return  # a device smaller than its image, which still holds it
+        if size == backend.size:
             return
         self.log.info("image %s resized by another client: %d -> %d bytes",
-                      self.backend.cfg.spec, self.backend.size, size)
-        self.backend.size = size
+                      backend.cfg.spec, backend.size, size)
+        backend.size = size
         self.num_blocks = size // self.block_size
         # SBC-4 4.6: the capacity changed: CAPACITY DATA HAS CHANGED with the next command.
         self.queue_unit_attention(CapacityDataChanged())

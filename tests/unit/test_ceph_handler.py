@@ -479,6 +479,94 @@ def test_resize_by_another_client_is_followed(ceph_cluster: Any) -> None:
         dev.close()
 
 
+def _resize_elsewhere(cluster: Any, image: str, size: int) -> None:
+    """`rbd resize` by another client (a connection of its own)."""
+    admin = cluster.admin()
+    try:
+        ioctx = admin.ioctx("rbd")
+        other = ioctx.open_image(image)
+        try:
+            other.resize(size)
+        finally:
+            other.close()
+            ioctx.close()
+    finally:
+        admin.shutdown()
+
+
+def test_a_kernel_resize_grows_the_image_and_never_shrinks_it(ceph_cluster: Any) -> None:
+    """A device smaller than its image (allowed) resized by the kernel to a size still below
+    the image's: the image keeps its size and the data past the device's end; resized past
+    the image's size: the image grows."""
+    image = f"k-{uuid.uuid4().hex[:8]}"
+    full = _open(ceph_cluster, image, extra=";create=1", size=2 * SIZE)
+    h = _harness(full)
+    try:
+        assert h.run(cdbs.write10(2 * SIZE // BS - 1, 1), b"\x5e" * BS).good
+    finally:
+        h.close()
+        full.close()
+    dev = _open(ceph_cluster, image)
+    try:
+        dev.resize(SIZE + SIZE // 2)
+        assert dev.image.size() == 2 * SIZE
+        assert dev.num_blocks == (SIZE + SIZE // 2) // BS
+        dev.resize(3 * SIZE)
+        assert dev.image.size() == 3 * SIZE
+    finally:
+        dev.close()
+    again = _open(ceph_cluster, image, size=3 * SIZE)
+    h = _harness(again)
+    try:
+        assert _read(h, 2 * SIZE // BS - 1, 1) == b"\x5e" * BS
+    finally:
+        h.close()
+        again.close()
+
+
+def test_a_header_change_that_is_not_a_resize_changes_nothing(ceph_cluster: Any) -> None:
+    """A snapshot of the image (`rbd snap create`) changes its header, not its size: a
+    device smaller than its image keeps its capacity, with no unit attention."""
+    image = f"s-{uuid.uuid4().hex[:8]}"
+    _open(ceph_cluster, image, extra=";create=1", size=2 * SIZE).close()
+    dev = _open(ceph_cluster, image, extra=";lock=shared")
+    h = _harness(dev)
+    try:
+        subprocess.run(["rbd", "-c", ceph_cluster.conf, "--id", "admin", "snap", "create",
+                        f"rbd/{image}@s1"], check=True, timeout=60, capture_output=True)
+        assert wait_until(dev._header_changed.is_set, 30), "no header notification within 30 s"
+        rc = h.run(cdbs.read_capacity16(), data_in_len=32)
+        assert rc.good, rc
+        assert int.from_bytes(rc.data[:8], "big") + 1 == SIZE // BS
+    finally:
+        h.close()
+        dev.close()
+
+
+def test_a_resize_elsewhere_is_reported_by_the_next_read_served_in_c(ceph_cluster: Any
+                                                                      ) -> None:
+    """With the native loop (the default), READs and WRITEs never reach Python: after the
+    header changed, the loop hands the next command to Python all the same, so a READ reports
+    CAPACITY DATA HAS CHANGED; C serves again after it."""
+    image = f"u-{uuid.uuid4().hex[:8]}"
+    dev = _open(ceph_cluster, image, extra=";create=1;lock=shared")
+    h = RingHarness(dev, workers=4, native=True)
+    try:
+        assert h.runner.native is not None
+        assert h.run(cdbs.test_unit_ready()).sense_codes == (0x06, 0x29, 0x00)
+        assert h.run(cdbs.read10(0, 1), data_in_len=BS).good
+        _resize_elsewhere(ceph_cluster, image, 2 * SIZE)
+        assert wait_until(dev._header_changed.is_set, 30), "no header notification within 30 s"
+        assert h.run(cdbs.read10(0, 1), data_in_len=BS).sense_codes == (0x06, 0x2A, 0x09)
+        executed = _executed(h)
+        for _ in range(4):
+            assert h.run(cdbs.read10(SIZE // BS + 1, 1), data_in_len=BS).good
+        assert _executed(h) > executed, "C does not serve again after the unit attention"
+    finally:
+        h.close()
+        dev.close()
+
+
 def test_lock_taken_over_when_the_holder_lets_go(ceph_cluster: Any) -> None:
     """A gateway failover: the second device is NOT READY while the first holds the exclusive
     lock; once the first closes (releasing it) the second takes the lock by itself and
