@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import sqlite3
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,8 @@ from .backend import DedupBackend
 from .store import (
     COLLECT_INTERVAL,
     COMPRESSION_CODES,
+    CONTAINER_DIR,
+    DB_FILE,
     DEFAULT_CHUNK,
     DEFAULT_DEAD_PERCENT,
     DEFAULT_FINGERPRINT,
@@ -257,18 +262,56 @@ def main(argv: list[str]) -> int:
     g = sub.add_parser("gc", help="run the collector to completion (pool not served)")
     g.add_argument("path", metavar="PATH", help="pool directory")
     args = p.parse_args(argv)
-    if args.cmd == "create-pool":
-        ensure_pool(args.path, args.name, _size_arg("--capacity", args.capacity),
-                    args.soft_threshold, _size_arg("--chunk-size", args.chunk_size),
-                    args.compression, args.fingerprint)
-        return 0
     if args.cmd == "status":
-        found = [read_pool_status(path).as_dict() for path in args.paths]
+        found = []
+        for path in args.paths:
+            with _operator_errors(path):
+                found.append(read_pool_status(path).as_dict())
         if args.json:
             print(json.dumps(found, indent=1))
         else:
             (table,) = status_tables({SECTION: found})
             print(table.render())
+        return 0
+    with _operator_errors(args.path):
+        return _run(args)
+
+
+def _os_expected(path: str, file: str, exc: OSError) -> str:
+    """What the operator should find at `file` of the pool at `path`, for `exc`."""
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "expected a file (and directory) this user can read and write: run as the " \
+            "pool's owner"
+    if os.path.dirname(os.path.abspath(file)) == os.path.join(os.path.realpath(path),
+                                                             CONTAINER_DIR):
+        return (f"expected the container file the pool's index names, whole; `tcmu-py dedup "
+                f"check {path}` lists the damage, `--repair` drops the chunks that cannot be "
+                "read")
+    return "expected a dedup pool directory this user can read and write"
+
+
+@contextlib.contextmanager
+def _operator_errors(path: str) -> Iterator[None]:
+    """The OS and SQLite errors of a command on the pool at `path` as one ConfigError line
+    (exit 2) naming the file and what was expected, as a bad pool.json already is; the store
+    names the file where it knows it (`OSError.filename`)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        index = os.path.join(path, DB_FILE)
+        raise ConfigError(f"{index}: dedup index error ({exc}), expected a readable and "
+                          "writable SQLite index made by tcmu-py") from None
+    except OSError as exc:
+        file = str(exc.filename) if exc.filename is not None else path
+        what = exc.strerror or str(exc)
+        raise ConfigError(f"{file}: {what}, {_os_expected(path, file, exc)}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "create-pool":
+        ensure_pool(args.path, args.name, _size_arg("--capacity", args.capacity),
+                    args.soft_threshold, _size_arg("--chunk-size", args.chunk_size),
+                    args.compression, args.fingerprint)
         return 0
     if args.cmd == "check":
         report = check_pool(args.path, repair=args.repair)

@@ -385,7 +385,7 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
     while len(data) < n:
         more = os.pread(fd, n - len(data), offset + len(data))
         if not more:
-            raise OSError(errno.EIO, f"container ends at {offset + len(data)}, expected "
+            raise OSError(errno.EIO, f"container ends at {offset + len(data)}, short of the "
                           f"{n} bytes at {offset}")
         data += more
     return data
@@ -642,18 +642,22 @@ class DedupPool(PhysicalPool):
                 raise ConfigError(f"{containers}: not a directory, expected the pool's "
                                   "directory of container files")
             make_private_dirs(containers)
-            db = _connect(os.path.join(path, DB_FILE))
+            index = os.path.join(path, DB_FILE)
+            db = _connect(index)
             pool = cls(path, config, lock_fd, db, DEFAULT_CONTAINER_BYTES
                        if container_bytes is None else container_bytes)
-            if repair:
-                pool._reclaim_leaks()
-                if not pool._meta("clean", 1):
-                    log.warning("pool %s: not closed cleanly; recounting references", path)
-                    pool._recount()
-            pool._load()
-            pool._marks_clean = repair  # `check_pool` leaves the flag as it found it
-            if repair:
-                pool._set_meta("clean", 0)
+            try:
+                if repair:
+                    pool._reclaim_leaks()
+                    if not pool._meta("clean", 1):
+                        log.warning("pool %s: not closed cleanly; recounting references", path)
+                        pool._recount()
+                pool._load()
+                pool._marks_clean = repair  # `check_pool` leaves the flag as it found it
+                if repair:
+                    pool._set_meta("clean", 0)
+            except sqlite3.Error as exc:  # a damaged page met past the header, read-only
+                raise _unreadable_index(index, exc) from None
             pool._opened()
         except BaseException:
             if db is not None:
@@ -1008,7 +1012,13 @@ class DedupPool(PhysicalPool):
 
     def _read_chunk(self, cid: int, offset: int, length: int) -> bytes:
         """The chunk's bytes as stored (compressed if it was)."""
-        return _pread_exact(self._fd(cid), length, offset)
+        try:
+            return _pread_exact(self._fd(cid), length, offset)
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            # The operator is told which file (`_pread_exact` knows only the fd).
+            raise OSError(exc.errno, exc.strerror, container_file(self.path, cid)) from None
 
     def _chunk_data(self, cid: int, offset: int, length: int, compression: int) -> bytes:
         """The chunk's data (decompressed); OSError EIO if it does not decompress to a chunk."""
@@ -1667,6 +1677,11 @@ def _check_index_file(file: str) -> None:
 
 
 def _unreadable_index(file: str, exc: sqlite3.Error) -> ConfigError:
+    """`exc`, met using the index `file`, as the operator's error: a damaged file (restore it)
+    or one this process cannot use (permissions, read-only, I/O: fix that, the index is kept)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return ConfigError(f"{file}: cannot use the dedup index ({exc}), expected a file (and "
+                           "directory) this user can read and write")
     return ConfigError(f"{file}: unreadable dedup index ({exc}), expected an SQLite database "
                        "made by tcmu-py; the pool's containers are kept; restore the index from "
                        "a backup")
@@ -1682,12 +1697,12 @@ def _connect(file: str, *, create: bool = False) -> sqlite3.Connection:
         _check_index_file(file)
     elif not os.path.exists(file):
         os.close(os.open(file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
     try:
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise _unreadable_index(file, exc) from None
+        db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise _unreadable_index(file, exc) from None
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and not create:
             raise _index_gone(file, "without schema (user_version 0)")
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -1703,6 +1718,9 @@ def _connect(file: str, *, create: bool = False) -> sqlite3.Connection:
         elif version != SCHEMA_VERSION:
             raise ConfigError(f"{file}: index schema version {version}, expected "
                               f"{SCHEMA_VERSION} (made by another version of tcmu-py)")
+    except sqlite3.Error as exc:
+        db.close()
+        raise _unreadable_index(file, exc) from None
     except BaseException:
         db.close()
         raise

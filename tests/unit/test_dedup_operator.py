@@ -144,3 +144,109 @@ def test_open_logs_a_missing_container_as_an_error(tmp_path: Path,
         pass
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(gone in m and "missing" in m for m in errors), errors
+
+
+# ----------------------------------------------------------------------------------------------
+# D2: a damaged pool is one line naming the file, exit 2
+
+
+def _damage(path: str, how: str) -> str:
+    """Damage the pool at `path`; the file the operator must be told of."""
+    index = os.path.join(path, DB_FILE)
+    containers = os.path.join(path, CONTAINER_DIR)
+    if how == "garbage index":
+        Path(index).write_bytes(random.Random(0).randbytes(17 * CS))
+    elif how == "truncated index":
+        os.truncate(index, 2 * CS)
+    elif how == "damaged index pages":
+        with open(index, "r+b") as f:
+            f.seek(3 * CS)
+            f.write(random.Random(0).randbytes(2 * CS))
+    elif how == "containers is a file":
+        for name in container_names(path):
+            os.unlink(os.path.join(containers, name))
+        os.rmdir(containers)
+        Path(containers).write_text("x\n")
+        return containers
+    return index
+
+
+@pytest.mark.parametrize("how", ["garbage index", "truncated index", "damaged index pages",
+                                 "containers is a file"])
+@pytest.mark.parametrize("argv", [["check"], ["check", "--repair"], ["gc"]])
+def test_a_damaged_pool_is_one_line_naming_the_file(
+        tmp_path: Path, how: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: sqlite3.DatabaseError / NotADirectoryError tracebacks, exit 1."""
+    path = filled_pool(tmp_path)
+    # Pages of the index are in its WAL until a checkpoint: fold them in before damaging it.
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    file = _damage(path, how)
+    rc, out, err = run_cli([*argv, path], capsys)
+    assert rc == 2, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tcmu-py: configuration error: {file}: "), err
+    assert "expected" in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_gc_on_a_damaged_container_is_one_line_naming_it(
+        tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """gc compacts container 2 (part dead); its file gone or cut short was a FileNotFoundError
+    or an EIO OSError (without the file's name) traceback."""
+    path = filled_pool(tmp_path)
+    file = container_file(path, 2)
+    if damage == "deleted":
+        os.unlink(file)
+    else:
+        os.truncate(file, 25 * CS)
+    rc, out, err = run_cli(["gc", path], capsys)
+    assert rc == 2, (out, err)
+    (line,) = [x for x in err.splitlines() if x.startswith("tcmu-py:")]
+    assert line.startswith(f"tcmu-py: configuration error: {file}: ") and "check" in line
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("name", "argv"), [
+    (".lock", ["check"]), (".lock", ["gc"]), (".pool.json.lock", ["check"]),
+    (".pool.json.lock", ["gc"]),
+    (".pool.json.lock", ["create-pool", "--name", "p", "--capacity", "64M"]),
+])
+def test_a_lock_file_this_user_cannot_open_is_one_line(
+        tmp_path: Path, name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A PermissionError on a lock file (the tests run as root: os.open is made to refuse)."""
+    path = filled_pool(tmp_path)
+    file = os.path.join(path, name)
+    real_open = os.open
+
+    def refusing_open(p: str, *args: object, **kw: object) -> int:
+        if os.fspath(p) == file:
+            raise PermissionError(13, "Permission denied", p)
+        return real_open(p, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    rc, out, err = run_cli([argv[0], path, *argv[1:]], capsys)
+    assert rc == 2, (out, err)
+    assert err.splitlines() == [f"tcmu-py: configuration error: {file}: Permission denied, "
+                                "expected a file (and directory) this user can read and write: "
+                                "run as the pool's owner"]
+
+
+def test_an_index_this_user_cannot_open_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path = filled_pool(tmp_path)
+    index = os.path.join(path, DB_FILE)
+
+    def refusing_connect(*args: object, **kw: object) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(sqlite3, "connect", refusing_connect)
+    for argv in (["check", path], ["gc", path], ["status", path]):
+        rc, out, err = run_cli(argv, capsys)
+        assert rc == 2, (argv, out, err)
+        assert err.splitlines() == [f"tcmu-py: configuration error: {index}: cannot use the "
+                                    "dedup index (unable to open database file), expected a "
+                                    "file (and directory) this user can read and write"], argv
