@@ -329,16 +329,27 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _gc(path: str) -> int:
+    """Compact every container with a dead byte, showing progress and what was freed.
+
+    Progress is the share done of the bytes of the containers that had dead bytes at the start:
+    a container counts its live bytes as they are moved out (its dead bytes grow by them),
+    then all of it once deleted; shown monotonic, 0..100 %. Freed is net: physical use at the
+    start less physical use now (the live bytes moved into new containers are not freed)."""
     with DedupPool.open(path) as pool:
-        total = pool.dead_bytes()
-        freed = 0
+        before = pool.used
+        start = {cid: fig for cid, fig in pool.container_figures().items() if fig[1] > 0}
+        total = sum(size for size, _ in start.values())
+        shown = 0.0
         while True:
             step = pool.collect(0.5, dead_percent=1)
-            freed += step.freed
-            done = total - step.dead_left
-            pct = 100 * done / total if total else 100.0
-            bar = "#" * int(pct // 5)
-            print(f"\r{path}: [{bar:<20}] {pct:5.1f}%  freed {format_size(freed)}", end="",
+            now = pool.container_figures()
+            done = sum(size if cid not in now else min(size, max(0, now[cid][1] - dead))
+                       for cid, (size, dead) in start.items())
+            pct = 100.0 if step.done or not total else min(100.0, 100 * done / total)
+            shown = max(shown, pct)
+            freed = max(0, before - pool.used)
+            bar = "#" * int(shown // 5)
+            print(f"\r{path}: [{bar:<20}] {shown:5.1f}%  freed {format_size(freed)}", end="",
                   flush=True)
             if step.done:
                 break

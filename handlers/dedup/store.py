@@ -471,8 +471,10 @@ class CollectProgress:
 
     containers: int  # containers compacted or deleted
     moved: int  # live bytes copied to the active container
-    freed: int  # bytes given back to the file system
-    dead_left: int  # dead bytes still in containers
+    freed: int  # bytes of the containers deleted (gross: the live bytes moved out of them
+    #            were appended elsewhere; what the file system got back is `moved` less)
+    dead_left: int  # dead bytes still in containers (moved bytes count until their container
+    #                 is deleted: this may grow while a container is compacted)
     done: bool  # no container is left that this call's threshold would compact
 
 
@@ -1447,6 +1449,13 @@ class DedupPool(PhysicalPool):
         with self.lock:
             return int(self._db.execute(
                 "SELECT COALESCE(SUM(dead), 0) FROM containers").fetchone()[0])
+
+    def container_figures(self) -> dict[int, tuple[int, int]]:
+        """Each container's (size, dead bytes) by id, the open transaction's included (a
+        collector's progress: moved live bytes count as dead until the container goes)."""
+        with self.lock:
+            return {int(cid): (int(size), int(dead)) for cid, size, dead in
+                    self._db.execute("SELECT id, size, dead FROM containers")}
 
     def collect(self, max_seconds: float, *, dead_percent: int = DEFAULT_DEAD_PERCENT
                 ) -> CollectProgress:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import sqlite3
 from pathlib import Path
 
@@ -15,8 +16,16 @@ import pytest
 
 from tcmu_py import cli
 from tcmu_py.errors import ConfigError
-from tcmu_py.handlers.dedup import DedupPool, check_pool, create_pool
-from tcmu_py.handlers.dedup.store import CONTAINER_DIR, DB_FILE, POOL_FILE, container_file
+from tcmu_py.handlers.dedup import DedupPool, check_pool, create_pool, read_pool_status
+from tcmu_py.handlers.dedup import config as dedup_config
+from tcmu_py.handlers.dedup.store import (
+    CONTAINER_DIR,
+    DB_FILE,
+    POOL_FILE,
+    CollectProgress,
+    container_file,
+)
+from tcmu_py.table import format_size
 
 CS = 4096
 #: Small containers, so a few hundred KiB of data spread over several of them.
@@ -250,3 +259,39 @@ def test_an_index_this_user_cannot_open_is_one_line(
         assert err.splitlines() == [f"tcmu-py: configuration error: {index}: cannot use the "
                                     "dedup index (unable to open database file), expected a "
                                     "file (and directory) this user can read and write"], argv
+
+
+# ----------------------------------------------------------------------------------------------
+# D3: gc's progress and what it freed
+
+
+def test_gc_progress_is_monotonic_and_freed_is_net(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "freed" summed the deleted containers' sizes (the live bytes moved out counted
+    as freed: more than the file system got back), and progress was 1 - dead left / dead at
+    the start, which went negative while moved bytes counted as dead. One collector step per
+    progress line here (a slow gc's view), the pool's containers holding live and dead bytes."""
+    path = filled_pool(tmp_path)
+
+    def one_step(self: DedupPool, max_seconds: float, *, dead_percent: int = 50
+                 ) -> CollectProgress:
+        step = self.collect_step(dead_percent, batch_bytes=8 * CS)
+        return step or CollectProgress(0, 0, 0, self.dead_bytes(), True)
+
+    monkeypatch.setattr(DedupPool, "collect", one_step)
+    before = read_pool_status(path).used
+    with DedupPool.open(path) as pool:
+        want = {d: read_disk(pool, d, 256) for d in ("a", "b")}
+    capsys.readouterr()
+    assert dedup_config.main(["gc", path]) == 0
+    out = capsys.readouterr().out
+    after = read_pool_status(path).used
+    shown = re.findall(r"\] +(-?[\d.]+)%  freed (\S+)", out)
+    pcts = [float(p) for p, _ in shown]
+    assert len(pcts) > 3, out  # several lines: the case the old figures got wrong
+    assert all(0.0 <= p <= 100.0 for p in pcts) and pcts == sorted(pcts) and pcts[-1] == 100.0
+    assert 0 < before - after < before
+    assert shown[-1][1] == format_size(before - after), out
+    with DedupPool.open(path) as pool:
+        assert {d: read_disk(pool, d, 256) for d in ("a", "b")} == want
