@@ -239,19 +239,22 @@ def main(argv: list[str]) -> int:
     """``tcmu-py dedup create-pool|status|check|gc`` (see ``--help``)."""
     p = argparse.ArgumentParser(prog="tcmu-py dedup", description="dedup pool administration")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("create-pool", help="create a pool (or update capacity and threshold)")
+    c = sub.add_parser("create-pool", help="create a pool, or change an existing pool's "
+                       "capacity, threshold and compression (options not given keep its values)")
     c.add_argument("path", metavar="PATH", help="pool directory")
     c.add_argument("--name", required=True, help="the pool's name")
-    c.add_argument("--capacity", required=True, help="bytes of chunk data, or with K, M, G, T")
-    c.add_argument("--soft-threshold", type=int, default=80, metavar="PCT",
-                   help="percentage of capacity that raises a unit attention (default 80)")
-    c.add_argument("--compression", choices=sorted(COMPRESSION_CODES), default="none",
-                   help="how new chunks are stored (default none)")
+    c.add_argument("--capacity", help="bytes of chunk data, or with K, M, G, T (required for a "
+                   "new pool)")
+    c.add_argument("--soft-threshold", type=int, default=None, metavar="PCT",
+                   help="percentage of capacity that raises a unit attention (new pool: 80)")
+    c.add_argument("--compression", choices=sorted(COMPRESSION_CODES), default=None,
+                   help="how new chunks are stored (new pool: none)")
     c.add_argument("--fingerprint", choices=FINGERPRINTS, default=None,
                    help=f"chunk identity of a new pool: xxh3-128 (confirmed by comparing "
                    f"bytes) or sha256 (default {DEFAULT_FINGERPRINT})")
-    c.add_argument("--chunk-size", default=str(DEFAULT_CHUNK),
-                   help=f"chunk size of a new pool, {MIN_CHUNK}..{MAX_CHUNK} (default 4K)")
+    c.add_argument("--chunk-size", default=None,
+                   help=f"chunk size of a new pool, {MIN_CHUNK}..{MAX_CHUNK} (default 4K); "
+                   "an existing pool's cannot change")
     s = sub.add_parser("status", help="a pool's figures (also while it is served)")
     s.add_argument("paths", nargs="+", metavar="PATH", help="pool directory")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -275,6 +278,33 @@ def main(argv: list[str]) -> int:
         return 0
     with _operator_errors(args.path):
         return _run(args)
+
+
+def _create_pool(args: argparse.Namespace) -> None:
+    """``create-pool``: an option given is the pool's new value; one not given is the existing
+    pool's (read from its pool.json), or for a new pool the default (``--capacity`` has none)."""
+    current = (load_pool_config(args.path)
+               if os.path.lexists(os.path.join(args.path, POOL_FILE)) else None)
+    if args.capacity is not None:
+        capacity = _size_arg("--capacity", args.capacity)
+    elif current is not None:
+        capacity = current.capacity
+    else:
+        raise ConfigError(f"--capacity: missing, expected the capacity of the new pool at "
+                          f"{args.path} (a size like 10G)")
+    if args.chunk_size is not None:
+        chunk = _size_arg("--chunk-size", args.chunk_size)
+    else:
+        chunk = DEFAULT_CHUNK if current is None else current.chunk_size
+    if args.soft_threshold is not None:
+        soft: int | None = args.soft_threshold
+    else:
+        soft = 80 if current is None else current.soft_threshold
+    if args.compression is not None:
+        compression = args.compression
+    else:
+        compression = "none" if current is None else current.compression
+    ensure_pool(args.path, args.name, capacity, soft, chunk, compression, args.fingerprint)
 
 
 def _os_expected(path: str, file: str, exc: OSError) -> str:
@@ -309,9 +339,7 @@ def _operator_errors(path: str) -> Iterator[None]:
 
 def _run(args: argparse.Namespace) -> int:
     if args.cmd == "create-pool":
-        ensure_pool(args.path, args.name, _size_arg("--capacity", args.capacity),
-                    args.soft_threshold, _size_arg("--chunk-size", args.chunk_size),
-                    args.compression, args.fingerprint)
+        _create_pool(args)
         return 0
     if args.cmd == "check":
         report = check_pool(args.path, repair=args.repair)

@@ -5,6 +5,7 @@ index would have named, ``tcmu-py dedup`` answers a damaged pool with one line n
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -295,3 +296,38 @@ def test_gc_progress_is_monotonic_and_freed_is_net(
     assert shown[-1][1] == format_size(before - after), out
     with DedupPool.open(path) as pool:
         assert {d: read_disk(pool, d, 256) for d in ("a", "b")} == want
+
+
+# ----------------------------------------------------------------------------------------------
+# D8: create-pool on an existing pool changes only what it is told
+
+
+def test_create_pool_on_an_existing_pool_keeps_what_is_not_given(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: compression fell back to none, the soft threshold to 80 and the chunk size to
+    4K (an 8K pool refused the command) whenever the option was left out."""
+    path = str(tmp_path / "p")
+    assert dedup_config.main(["create-pool", path, "--name", "p", "--capacity", "1M",
+                              "--soft-threshold", "60", "--compression", "zstd",
+                              "--chunk-size", "8K"]) == 0
+    assert dedup_config.main(["create-pool", path, "--name", "p", "--capacity", "2M"]) == 0
+    doc = json.loads(Path(path, POOL_FILE).read_text())
+    assert (doc["capacity"], doc["soft_threshold"], doc["compression"], doc["chunk_size"]) == (
+        2 << 20, 60, "zstd", 8192)
+    assert dedup_config.main(["create-pool", path, "--name", "p",
+                              "--soft-threshold", "70"]) == 0  # capacity kept too
+    doc = json.loads(Path(path, POOL_FILE).read_text())
+    assert (doc["capacity"], doc["soft_threshold"], doc["compression"]) == (2 << 20, 70, "zstd")
+    assert dedup_config.main(["create-pool", path, "--name", "p", "--compression", "none"]) == 0
+    assert json.loads(Path(path, POOL_FILE).read_text()).get("compression", "none") == "none"
+    rc, out, err = run_cli(["create-pool", path, "--name", "p", "--chunk-size", "4K"], capsys)
+    assert rc == 2 and "chunk_size 4096: the pool was created with 8192" in err
+    # A new pool: the defaults, and --capacity is required.
+    rc, out, err = run_cli(["create-pool", str(tmp_path / "q"), "--name", "q"], capsys)
+    assert rc == 2 and err.startswith("tcmu-py: configuration error: --capacity: missing")
+    assert not os.path.exists(tmp_path / "q" / POOL_FILE)
+    assert dedup_config.main(["create-pool", str(tmp_path / "q"), "--name", "q",
+                              "--capacity", "1M"]) == 0
+    doc = json.loads(Path(tmp_path, "q", POOL_FILE).read_text())
+    assert (doc["soft_threshold"], doc.get("compression", "none"), doc["chunk_size"]) == (
+        80, "none", 4096)
