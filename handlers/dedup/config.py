@@ -261,7 +261,8 @@ def main(argv: list[str]) -> int:
     k = sub.add_parser("check", help="verify a pool that no daemon serves")
     k.add_argument("path", metavar="PATH", help="pool directory")
     k.add_argument("--repair", action="store_true",
-                   help="reclaim leaks, recount references, drop damaged chunks")
+                   help="reclaim leaks, recount references, drop damaged chunks, then check "
+                   "again: exit 0 if nothing is left, 1 with what could not be repaired")
     g = sub.add_parser("gc", help="run the collector to completion (pool not served)")
     g.add_argument("path", metavar="PATH", help="pool directory")
     args = p.parse_args(argv)
@@ -349,10 +350,17 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{args.path}: leak: {line}")
         for line in report.repaired:
             print(f"{args.path}: repaired: {line}")
-        if report.clean:
+        if args.repair and not report.clean:
+            # What the repair left: the pool checked again; exit 0 only if nothing is.
+            report = check_pool(args.path)
+            for line in report.problems + report.leaks:
+                print(f"{args.path}: not repaired: {line}")
+            if report.clean:
+                print(f"{args.path}: OK after repair")
+        elif report.clean:
             print(f"{args.path}: OK")
         sys.stdout.flush()
-        return 0 if report.clean or (args.repair and not report.problems) else 1
+        return 0 if report.clean else 1
     return _gc(args.path)
 
 

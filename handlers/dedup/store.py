@@ -795,6 +795,27 @@ class DedupPool(PhysicalPool):
         if changed:
             _fsync_dir(os.path.join(self.path, CONTAINER_DIR))
 
+    def _repair_short_containers(self, report: CheckReport, sizes: Mapping[int, int]) -> None:
+        """After `verify` dropped the chunks they could not hold: forget the rows of missing
+        container files and cut the committed size of short ones to the file's (`sizes`: the
+        files' sizes by container id), so the damage reported once is repaired, not reported
+        again at every check. Inside the open transaction."""
+        db = self._db
+        for cid, size in db.execute("SELECT id, size FROM containers").fetchall():
+            have = sizes.get(cid)
+            if have is not None and have >= size or not size:
+                continue
+            self._begin()
+            if have is None:
+                db.execute("DELETE FROM containers WHERE id=?", (cid,))
+                self._dirty.discard(cid)
+                report.repaired.append(f"container {cid}: forgot it, its file "
+                                       f"{container_file(self.path, cid)} was missing")
+            else:
+                db.execute("UPDATE containers SET size=? WHERE id=?", (have, cid))
+                report.repaired.append(f"container {cid}: committed size cut to its file's "
+                                       f"{have} bytes (was {size})")
+
     def _count_problems(self) -> list[str]:
         """Refcounts and dead bytes that disagree with a recount from the maps."""
         db = self._db
@@ -1620,6 +1641,8 @@ class DedupPool(PhysicalPool):
                     db.execute("DELETE FROM chunks WHERE id=?", (chunk,))
                 report.repaired.append(f"dropped {len(bad)} damaged chunk(s); the blocks that "
                                        "named them read zeros")
+            if repair:
+                self._repair_short_containers(report, sizes)
             if repair and self._in_txn:
                 self.commit()
             counts = self._count_problems()

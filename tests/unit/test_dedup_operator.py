@@ -331,3 +331,58 @@ def test_create_pool_on_an_existing_pool_keeps_what_is_not_given(
     doc = json.loads(Path(tmp_path, "q", POOL_FILE).read_text())
     assert (doc["soft_threshold"], doc.get("compression", "none"), doc["chunk_size"]) == (
         80, "none", 4096)
+
+
+# ----------------------------------------------------------------------------------------------
+# D10: check --repair says what it repaired and what it could not; exit 0 only when clean
+
+
+def _damage_container(path: str, how: str) -> None:
+    file = container_file(path, 1)
+    if how == "flipped byte":
+        with open(file, "r+b") as f:
+            f.seek(5000)
+            f.write(b"XXXX")
+    elif how == "deleted":
+        os.unlink(file)
+    else:
+        os.truncate(file, 10000)
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "deleted", "truncated"])
+def test_check_repair_exits_0_once_everything_found_is_repaired(
+        tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: exit 1 after a repair that fixed everything (a recount had been reported), and a
+    missing or short container file was reported again by every later check, repaired never."""
+    path = filled_pool(tmp_path)
+    _damage_container(path, how)
+    rc, out, err = run_cli(["check", path], capsys)
+    assert rc == 1 and ": problem: " in out
+    rc, out, err = run_cli(["check", "--repair", path], capsys)
+    assert rc == 0, out
+    assert ": repaired: " in out and out.rstrip().endswith(": OK after repair")
+    assert "not repaired" not in out
+    if how != "flipped byte":
+        assert f"container 1: {'forgot it' if how == 'deleted' else 'committed size cut'}" in out
+    for argv in (["check", path], ["check", "--repair", path]):
+        rc, out, err = run_cli(argv, capsys)
+        assert rc == 0 and out.strip() == f"{path}: OK", out
+    with DedupPool.open(path) as pool:  # the chunks left read back as written
+        data = read_disk(pool, "b", 100)
+    good = [i for i in range(100) if data[i * CS:(i + 1) * CS] == chunk(i)]
+    zeros = [i for i in range(100) if data[i * CS:(i + 1) * CS] == bytes(CS)]
+    assert len(good) + len(zeros) == 100 and good
+
+
+def test_check_repair_names_what_it_could_not_repair_and_exits_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A map row past its disk's recorded size is reported, not repaired: exit 1, named."""
+    path = filled_pool(tmp_path)
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    db.execute("UPDATE disks SET size=? WHERE name='b'", (50 * CS,))
+    db.commit()
+    db.close()
+    rc, out, err = run_cli(["check", "--repair", path], capsys)
+    assert rc == 1, out
+    assert ": not repaired: disk " in out and "outside its disk" in out
+    assert "OK" not in out
