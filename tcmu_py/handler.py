@@ -474,7 +474,8 @@ def daemon_data_plane(cfgstring: str) -> bool:
 
 
 def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
-    """Parse `key=value;key=value` against `known` (key -> converter). Errors name the key.
+    """Parse `key=value;key=value` against `known` (key -> converter), each key at most once.
+    Errors name the key.
 
     `;` is the separator tcmu-py writes: the kernel splits every configfs `control` write at
     `,`, so a dev_config holding commas arrives cut. `,` is accepted too, for config strings
@@ -492,6 +493,9 @@ def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dic
             raise ConfigError(
                 f"config string {cfgstring!r}: unknown key {key!r}; expected one of {sorted(known)}"
             )
+        if key in out:
+            raise ConfigError(f"config string {cfgstring!r}: key {key!r} given twice; expected "
+                              "each key at most once")
         try:
             out[key] = known[key](value)
         except (ValueError, TypeError) as exc:

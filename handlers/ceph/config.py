@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import parse_options
 
-#: RBD pool, namespace and image names: no ``/``, ``;`` or ``,`` (the config string's
-#: separators), not empty.
-_NAME = re.compile(r"[A-Za-z0-9_.@:-]+\Z")
+#: RBD pool, namespace and image names and client ids: no ``/``, ``;`` or ``,`` (the config
+#: string's separators), no ``@`` (``rbd`` reads ``image@snap`` as a snapshot: an image named so
+#: could be made by librbd but not addressed by ``rbd info`` or ``rbd rm``), not empty.
+_NAME = re.compile(r"[A-Za-z0-9_.:-]+\Z")
 LOCK_MODES = ("exclusive", "shared")
 
 
@@ -59,7 +60,7 @@ def _image(value: str) -> tuple[str, str, str]:
     parts = value.split("/")
     if len(parts) not in (2, 3) or not all(_NAME.match(p) for p in parts):
         raise ValueError("expected POOL/IMAGE or POOL/NAMESPACE/IMAGE (names of letters, "
-                         "digits, _ . @ : -)")
+                         "digits, _ . : -)")
     return (parts[0], "", parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2])
 
 
@@ -82,9 +83,9 @@ def _abs_path(value: str) -> str:
 
 
 def _timeout(value: str) -> int:
-    n = int(value)
+    n = int(value) if value.isdigit() else 0
     if not 1 <= n <= 3600:
-        raise ValueError("expected 1..3600 seconds")
+        raise ValueError("expected whole seconds, 1..3600")
     return n
 
 

@@ -590,8 +590,13 @@ class CephDevice(BlockDevice):
             if exc is None:
                 out.set_result(None)
             elif isinstance(exc, OSError) and exc.errno == errno.EILSEQ:
-                first = int(getattr(exc, "mismatch", 0))  # librbd: from `offset`
-                # SBC-4 5.3: INFORMATION = offset of the first byte that did not match.
+                # SBC-4 5.3: INFORMATION = offset of the first byte that did not match, from
+                # the start of the compared data. librbd 16.2 counts it from the start of the
+                # RADOS object holding `offset` (measured: 4194604 for byte 300 of LBA 8192),
+                # a later one may count from `offset` or from the image's start: the compared
+                # data is one 512-byte sector at a 512-byte aligned offset inside one object,
+                # whose start is aligned too, so the byte's offset is the remainder in all three.
+                first = int(getattr(exc, "mismatch", 0)) % length
                 out.set_exception(Miscompare(f"at byte {first}", info=first))
             else:
                 out.set_exception(scsi_error(exc, True))

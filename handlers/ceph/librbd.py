@@ -174,7 +174,8 @@ def check(rc: int, what: str) -> int:
 class Cluster:
     """A connected librados handle (``rados_create2`` + conf file + ``rados_connect``).
 
-    `conf`: the ceph.conf to read; `client`: the entity, ``client.admin`` or just ``admin``;
+    `conf`: the ceph.conf to read; `client`: the client's id, ``admin`` or ``iscsi.gw1``, or
+    its entity name, ``client.admin``;
     `options`: more ``rados_conf_set`` settings (``keyring``, ``rados_osd_op_timeout`` ...).
     """
 
@@ -182,7 +183,8 @@ class Cluster:
                  *, connect_timeout: float = 30.0) -> None:
         # client_mount_timeout: whole seconds (librados refuses a fraction)
         lib = rados()
-        entity = client if "." in client else f"client.{client}"
+        # a client id may hold dots itself (``iscsi.gw1`` is client.iscsi.gw1)
+        entity = client if client.startswith("client.") else f"client.{client}"
         h = _ffi.new("rados_t *")
         check(lib.rados_create2(h, b"ceph", entity.encode(), 0), f"rados_create2 {entity}")
         self._lib = lib
@@ -529,9 +531,10 @@ class Image:
 
     def aio_compare_and_write(self, offset: int, compare: bytes, data: bytes) -> Future[int]:
         """Write `data` at `offset` only if the image holds `compare` there, atomically on the
-        cluster. A miscompare fails with EILSEQ and the error's ``mismatch`` attribute holds the
-        offset of the first byte that differs, from `offset` (measured: 100 for a difference
-        at byte 100 of a compare at image offset 1024)."""
+        cluster. A miscompare fails with EILSEQ and the error's ``mismatch`` attribute holds
+        librbd's offset of the first byte that differs — librbd 16.2 counts it from the start
+        of the RADOS object holding `offset` (measured: 100 for byte 100 of a compare at image
+        offset 1024, 4194404 for byte 100 at offset 4194304), not from `offset`."""
         cmp_c = _ffi.from_buffer(compare)
         data_c = _ffi.from_buffer(data)
         op = _Op()

@@ -39,6 +39,12 @@ SIZE = 8 << 20  # two 4 MiB RBD objects: commands that cross an object boundary 
     ("image=rbd/x;create=yes", "0 or 1"),
     ("image=rbd/x;rbd_cache=on", "0 or 1"),
     ("image=rbd/x;frob=1", "unknown key 'frob'"),
+    ("image=rbd/vol@snap", "POOL/IMAGE"),
+    ("image=rbd/x;osd_op_timeout=abc", "whole seconds, 1..3600"),
+    ("image=rbd/x;osd_op_timeout=2.5", "whole seconds, 1..3600"),
+    ("image=rbd/x;osd_op_timeout=30s", "whole seconds, 1..3600"),
+    ("image=rbd/x;osd_op_timeout=0", "whole seconds, 1..3600"),
+    ("image=rbd/x;image=rbd/y", "key 'image' given twice"),
 ])
 def test_check_config_errors(cfg: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -56,8 +62,9 @@ def test_config_string_parses() -> None:
 
 
 def _config(cluster: Any, image: str, *, extra: str = "", size: int = SIZE,
-            write_cache: bool = True, name: str = "ceph0") -> DeviceConfig:
-    cfg = f"image=rbd/{image};conf={cluster.conf};id=admin{extra}"
+            write_cache: bool = True, name: str = "ceph0", client: str = "admin"
+            ) -> DeviceConfig:
+    cfg = f"image=rbd/{image};conf={cluster.conf};id={client}{extra}"
     return DeviceConfig(name, "ceph", cfg, size, BS, write_cache=write_cache)
 
 
@@ -230,13 +237,18 @@ def test_compare_and_write(device: RingHarness) -> None:
     assert device.run(cdbs.write10(40, 1), old).good
     assert device.run(cdbs.compare_and_write(40, 1), old + new).good
     assert device.run(cdbs.read10(40, 1), data_in_len=BS).data == new
-    # Miscompare at byte 300 of the compared data: 0Eh/1Dh/00h, INFORMATION 300, no write.
-    wrong = bytearray(new)
-    wrong[300] ^= 1
-    r = device.run(cdbs.compare_and_write(40, 1), bytes(wrong) + old)
-    assert r.sense_codes == (0x0E, 0x1D, 0x00)
-    assert r.information == 300
-    assert device.run(cdbs.read10(40, 1), data_in_len=BS).data == new
+    # Miscompare at byte 300 of the compared data: 0Eh/1Dh/00h, INFORMATION 300, no write —
+    # in the first RADOS object and past it (librbd 16.2 counts from the object's start).
+    boundary = (4 << 20) // BS
+    for lba in (40, boundary - 1, boundary, SIZE // BS - 1):
+        assert device.run(cdbs.write10(lba, 1), new).good
+        for byte in (0, 300, BS - 1):
+            wrong = bytearray(new)
+            wrong[byte] ^= 1
+            r = device.run(cdbs.compare_and_write(lba, 1), bytes(wrong) + old)
+            assert r.sense_codes == (0x0E, 0x1D, 0x00)
+            assert r.information == byte, (lba, byte, r.information)
+        assert device.run(cdbs.read10(lba, 1), data_in_len=BS).data == new
     r = device.run(cdbs.compare_and_write(40, 2), bytes(4 * BS))
     assert r.sense_codes == (0x05, 0x24, 0x00)
 
@@ -251,6 +263,27 @@ def test_missing_image_is_a_config_error_naming_the_key(ceph_cluster: Any) -> No
         image = f"s-{uuid.uuid4().hex[:8]}"
         _open(ceph_cluster, image, extra=";create=1").close()
         _open(ceph_cluster, image, size=2 * SIZE)
+
+
+def test_a_client_id_with_a_dot(ceph_cluster: Any, tmp_path: Path) -> None:
+    """``id=iscsi.gw1`` (client.iscsi.gw1, a gateway's own user) and ``id=client.iscsi.gw1``
+    both connect as that client, as ``rbd --id iscsi.gw1`` does."""
+    admin = ceph_cluster.admin()
+    try:
+        keyring = admin.mon_command({"prefix": "auth get-or-create",
+                                     "entity": "client.iscsi.gw1", "format": "plain",
+                                     "caps": ["mon", "profile rbd", "osd", "profile rbd"]})[0]
+    finally:
+        admin.shutdown()
+    path = tmp_path / "client.iscsi.gw1.keyring"
+    path.write_text(keyring)
+    image = f"d-{uuid.uuid4().hex[:8]}"
+    for client in ("iscsi.gw1", "client.iscsi.gw1"):
+        dev = _open(ceph_cluster, image, extra=f";create=1;keyring={path}", client=client)
+        try:
+            assert dev.backend.cluster.client == "client.iscsi.gw1"
+        finally:
+            dev.close()
 
 
 def test_exclusive_lock_holder_wins(ceph_cluster: Any) -> None:
