@@ -9,7 +9,10 @@ Rules this file obeys
                           "compression": "zstd"}; with a fingerprint other than SHA-256
                           {"version": 3, ..., "fingerprint": "xxh3-128"}
                                                            (replaced atomically, statefile)
-      index.sqlite       the fingerprint index, the block maps, the containers (+ -wal, -shm)
+      index.sqlite       the fingerprint index, the block maps, the containers (+ -wal, -shm);
+                         made by `create_pool` only (an open refuses one missing, empty or
+                         without schema); its ``meta`` records ``clean`` and ``chunk_size``
+                         (an open refuses a pool.json whose chunk size differs)
       containers/NNNNNNNN.dat   chunk data, append-only
       .lock              flock'd while a process has the pool open
       .pool.json.lock    flock'd around every read-modify-write of pool.json
@@ -649,6 +652,7 @@ class DedupPool(PhysicalPool):
             pool = cls(path, config, lock_fd, db, DEFAULT_CONTAINER_BYTES
                        if container_bytes is None else container_bytes)
             try:
+                pool._check_chunk_size(record=repair)
                 if repair:
                     pool._reclaim_leaks()
                     if not pool._meta("clean", 1):
@@ -707,6 +711,22 @@ class DedupPool(PhysicalPool):
             self._begin()
             self._db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
             self.commit()
+
+    def _check_chunk_size(self, *, record: bool) -> None:
+        """ConfigError if pool.json's chunk size is not the one the index records (meta
+        ``chunk_size``, written by `create_pool`): the maps' chunk numbers and the chunks'
+        lengths are in units of it, so another would read every disk wrong. An index of a pool
+        made before it was recorded takes pool.json's (when `record`: not by `check_pool`)."""
+        recorded = self._meta("chunk_size", 0)
+        if not recorded:
+            if record:
+                self._set_meta("chunk_size", self.chunk_size)
+            return
+        if recorded != self.chunk_size:
+            raise ConfigError(f"{os.path.join(self.path, POOL_FILE)}: chunk_size: got "
+                              f"{self.chunk_size}, expected {recorded} (the chunk size the "
+                              f"pool was created with, recorded in "
+                              f"{os.path.join(self.path, DB_FILE)}; it cannot change)")
 
     def _load(self) -> None:
         """Counters, container ends and disk ids from the database."""
@@ -1797,7 +1817,11 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
                               f"free ({st.f_bavail * st.f_frsize}); expected a capacity it can "
                               "hold")
         make_private_dirs(os.path.join(path, CONTAINER_DIR))
-        _connect(os.path.join(path, DB_FILE), create=True).close()
+        db = _connect(os.path.join(path, DB_FILE), create=True)
+        try:  # the index's own record of its unit (`DedupPool._check_chunk_size`)
+            db.execute("INSERT OR REPLACE INTO meta VALUES('chunk_size', ?)", (chunk_size,))
+        finally:
+            db.close()
         config = DedupPoolConfig(name, capacity, soft_threshold, chunk_size, compression,
                                  fingerprint)
         # pool.json last: a pool exists once its index does.

@@ -386,3 +386,49 @@ def test_check_repair_names_what_it_could_not_repair_and_exits_1(
     assert rc == 1, out
     assert ": not repaired: disk " in out and "outside its disk" in out
     assert "OK" not in out
+
+
+# ----------------------------------------------------------------------------------------------
+# D9: the chunk size is recorded in the index
+
+
+def _edit_chunk_size(path: str, chunk_size: int) -> None:
+    file = Path(path, POOL_FILE)
+    doc = json.loads(file.read_text())
+    doc["chunk_size"] = chunk_size
+    file.write_text(json.dumps(doc))
+
+
+def test_a_hand_edited_chunk_size_is_refused(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: pool.json's chunk_size edited from 4096 to 8192 (a valid value) opened, `check`
+    said OK and the disks read back wrong. Now the index records it: open, gc and check refuse
+    naming pool.json and the recorded value; put back, everything reads as written."""
+    path = filled_pool(tmp_path)
+    with DedupPool.open(path) as pool:
+        want = read_disk(pool, "b", 100)
+    _edit_chunk_size(path, 8192)
+    file = os.path.join(path, POOL_FILE)
+    with pytest.raises(ConfigError, match=f"{file}: chunk_size: got 8192, expected 4096"):
+        DedupPool.open(path)
+    for argv in (["check", path], ["check", "--repair", path], ["gc", path]):
+        rc, out, err = run_cli(argv, capsys)
+        assert rc == 2 and f"{file}: chunk_size: got 8192, expected 4096" in err, argv
+    _edit_chunk_size(path, 4096)
+    assert check_pool(path).clean
+    with DedupPool.open(path) as pool:
+        assert read_disk(pool, "b", 100) == want
+
+
+def test_a_pool_made_before_records_its_chunk_size_at_its_first_open(tmp_path: Path) -> None:
+    path = filled_pool(tmp_path)
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    db.execute("DELETE FROM meta WHERE key='chunk_size'")  # as an older version made it
+    db.commit()
+    db.close()
+    assert check_pool(path).clean  # check records nothing
+    with DedupPool.open(path):
+        pass
+    _edit_chunk_size(path, 8192)
+    with pytest.raises(ConfigError, match="chunk_size: got 8192, expected 4096"):
+        DedupPool.open(path)
