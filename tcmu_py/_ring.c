@@ -216,6 +216,8 @@ int tcmu_py_dequeue(struct tcmu_py_ring *r, struct tcmu_py_entry *out, int max_o
             out[n].offset = off;
             out[n].length = len;
             out[n].op = tcmu_hdr_get_op(hdr->len_op);
+            out[n].error = 0;
+            out[n].pad = 0;
             n++;
         }
         r->cursor = (off + len) % r->cmdr_size;
@@ -1808,6 +1810,9 @@ static void tcmu_py_rbd_done(void *completion, void *arg)
 
     ((tcmu_py_rbd_release_t)j->rbd_release)(completion);
     ok = j->writing ? ret == 0 || (uint64_t)ret == j->total : ret >= 0 && (uint64_t)ret == j->total;
+    if (!ok && ret < 0)  /* Python answers it from the errno (a cluster that did not answer
+                          * within osd_op_timeout is NOT READY at once, not tried again) */
+        ((struct tcmu_py_entry *)j->rec)->error = (uint32_t)-ret;
     pthread_mutex_lock(&l->mu);
     tcmu_py_job_end(l, j, ok);
     pthread_mutex_unlock(&l->mu);

@@ -48,6 +48,9 @@ struct tcmu_py_entry {
     uint32_t iov_bidi_cnt;   /* CMD: req.iov_bidi_cnt; TMR: tmr_type */
     uint32_t cdb_len;        /* CMD: scsi_command_size() of the CDB */
     uint32_t reserved;
+    uint32_t error;          /* a hand-off record of a command the native loop tried and
+                              * failed: the errno its I/O failed with (librbd's); else 0 */
+    uint32_t pad;
 };
 
 /* One completion for tcmu_py_complete_batch. */

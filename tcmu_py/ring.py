@@ -236,6 +236,9 @@ class RingCommand:
     in_len: int
     #: `time.monotonic()` when the runner took it (for latency figures); 0.0 until then.
     started: float = 0.0
+    #: The errno a native loop's own attempt at it failed with (librbd's), 0 if none: the
+    #: loop hands such a command to Python, whose answer may rest on it (`Command`).
+    native_error: int = 0
 
 
 @dataclass(slots=True)
@@ -277,8 +280,8 @@ _ERRORS = {
 }
 
 # struct tcmu_py_entry (_ring.h): cdb_off, array_off, offset, length, op, cmd_id, iov_cnt,
-# iov_bidi_cnt, cdb_len, reserved. tests/unit/test_ffi_offsets.py checks it.
-_ENTRY = struct.Struct("=QQ8I")
+# iov_bidi_cnt, cdb_len, reserved, error, pad. tests/unit/test_ffi_offsets.py checks it.
+_ENTRY = struct.Struct("=QQ10I")
 _IOVEC = struct.Struct("<QQ")
 # struct tcmu_py_rsp: cmd_id, scsi_status, sense_len, has_read_len, read_len, sense[96]
 _RSP = struct.Struct("=5I96s")
@@ -465,7 +468,7 @@ class Ring:
             if n < 0:
                 self._check(n)
             for i in range(n):
-                cdb_off, array_off, offset, _, op, cmd_id, n_out, n_bidi, cdb_len, _ = (
+                cdb_off, array_off, offset, _, op, cmd_id, n_out, n_bidi, cdb_len, _, _, _ = (
                     unpack_entry(raw, i * _ENTRY.size)
                 )
                 if op != _OP_CMD:
@@ -492,9 +495,11 @@ class Ring:
         tmrs.append(RingTmr(tmr_type, ids, [i for i in ids if i in in_flight]))
 
     def _command(self, cmds: list[RingCommand], meta: Any, cdb_off: int, array_off: int,
-                 offset: int, cmd_id: int, n_out: int, n_bidi: int, cdb_len: int) -> None:
+                 offset: int, cmd_id: int, n_out: int, n_bidi: int, cdb_len: int,
+                 native_error: int = 0) -> None:
         """Append the command whose CDB and iovec array are in `meta` (the mapping, or a
-        native loop's hand-off record); its buffers are views of the mapping's data area."""
+        native loop's hand-off record); its buffers are views of the mapping's data area.
+        `native_error`: the errno of the native loop's failed attempt at it (0: none)."""
         if cmd_id in self._in_flight:
             raise RingError(f"cmd_id {cmd_id} at ring offset {offset} is already in flight")
         mv = self._mv
@@ -513,11 +518,12 @@ class Ring:
         self._in_flight.add(cmd_id)
         if n_bidi:
             out_len = sum(len(v) for v in views[:n_out])
-            cmds.append(
-                RingCommand(cmd_id, cdb, views[:n_out], views[n_out:], out_len, length - out_len)
-            )
+            cmd = RingCommand(cmd_id, cdb, views[:n_out], views[n_out:], out_len, length - out_len)
         else:
-            cmds.append(RingCommand(cmd_id, cdb, views, views, length, length))
+            cmd = RingCommand(cmd_id, cdb, views, views, length, length)
+        if native_error:
+            cmd.native_error = native_error
+        cmds.append(cmd)
 
     def take_native(self, loop: NativeLoop) -> tuple[list[RingCommand], list[RingTmr]]:
         """The entries `loop`'s thread handed over since the last call, in ring order (the
@@ -533,14 +539,13 @@ class Ring:
             raw, used = loop._take()
             pos = 0
             while pos < used:
-                cdb_off, array_off, offset, _, op, cmd_id, n_out, n_bidi, cdb_len, size = (
-                    unpack_entry(raw, pos)
-                )
+                (cdb_off, array_off, offset, _, op, cmd_id, n_out, n_bidi, cdb_len, size,
+                 error, _) = unpack_entry(raw, pos)
                 if op != _OP_CMD:
                     self._tmr(tmrs, raw, pos + array_off, n_out, n_bidi)
                 else:
                     self._command(cmds, raw, pos + cdb_off, pos + array_off, offset, cmd_id,
-                                  n_out, n_bidi, cdb_len)
+                                  n_out, n_bidi, cdb_len, error)
                 pos += size
             if not used:
                 return cmds, tmrs

@@ -9,14 +9,15 @@ runner's native loop submits them with ``rbd_aio_readv`` / ``rbd_aio_writev`` fr
 completion callback completing the TCMU command in C, as tcmu-runner's ``rbd`` handler does.
 The extent is withdrawn while the exclusive lock is another client's (every command then comes
 here and answers NOT READY), and declared again when it is taken over (``extent_listener``).
-What C does not take comes here: a READ/WRITE that failed in C (run again here, so that the
-sense below answers it), a FUA WRITE with the cache on, one overlapping a command Python runs,
-and every other command. READ, WRITE (with FUA), SYNCHRONIZE CACHE, UNMAP and COMPARE AND WRITE
-start ``rbd_aio_*`` operations and return a `Future` that librbd's completion callback resolves:
-the runner completes the TCMU command from that callback, so many commands are in flight with
-no thread waiting on any of them. Everything else (WRITE SAME, VERIFY, EXTENDED COPY, WRITE AND
-VERIFY) goes through `BlockDevice` and the backend's synchronous methods, which start the same
-operations and wait for them on the worker thread.
+What C does not take comes here: a READ/WRITE that failed in C (answered NOT READY at once
+when librbd's errno says the cluster did not answer, `Command.native_error`; else run again
+here, so that the sense below answers it), a FUA WRITE with the cache on, one overlapping a
+command Python runs, and every other command. READ, WRITE (with FUA), SYNCHRONIZE CACHE,
+UNMAP and COMPARE AND WRITE start ``rbd_aio_*`` operations and return a `Future` that librbd's
+completion callback resolves: the runner completes the TCMU command from that callback, so
+many commands are in flight with no thread waiting on any of them. Everything else (WRITE
+SAME, VERIFY, EXTENDED COPY, WRITE AND VERIFY) goes through `BlockDevice` and the backend's
+synchronous methods, which start the same operations and wait for them on the worker thread.
 
 What the device promises, and why it is true:
 
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -501,6 +503,16 @@ class CephDevice(BlockDevice):
     def check_ready(self) -> None:
         self.backend.check_ready()
 
+    @staticmethod
+    def _unanswered_in_c(cmd: Command, writing: bool) -> None:
+        """A READ/WRITE the native loop submitted to librbd itself and that failed because
+        the cluster did not answer (within ``osd_op_timeout``): NOT READY now, as if it had
+        failed here — trying it again would hold it one more timeout, past the kernel's
+        ``cmd_time_out`` with the defaults. Any other failure is tried again here, whose
+        error then gives the sense."""
+        if cmd.native_error in UNAVAILABLE:
+            raise scsi_error(OSError(cmd.native_error, os.strerror(cmd.native_error)), writing)
+
     @command(Opcode.READ_6)
     @command(Opcode.READ_10)
     @command(Opcode.READ_12)
@@ -511,6 +523,7 @@ class CephDevice(BlockDevice):
         if not length:
             return 0
         self.check_ready()
+        self._unanswered_in_c(cmd, False)
         bufs = cmd.data_in
         if length != cmd.data_in_length:
             bufs = slice_views(bufs, 0, length)
@@ -531,6 +544,7 @@ class CephDevice(BlockDevice):
         if not length:
             return None
         self.check_ready()
+        self._unanswered_in_c(cmd, True)
         if not (fua and self.backend.write_cache):
             return self.image.aio_writev(lba * self.block_size, cmd.data_out,  # as READ
                                          value=None, map_error=_write_error)

@@ -23,7 +23,8 @@ class Command:
     data from it or writes its answer into it according to what the opcode means.
     """
 
-    __slots__ = ("cdb", "opcode", "data_out", "data_in", "data_out_length", "data_in_length", "tag")
+    __slots__ = ("cdb", "opcode", "data_out", "data_in", "data_out_length", "data_in_length", "tag",
+                 "native_error")
 
     def __init__(
         self,
@@ -33,14 +34,19 @@ class Command:
         tag: int = 0,
         *,
         lengths: tuple[int, int] | None = None,
+        native_error: int = 0,
     ) -> None:
         """`lengths`: (bytes of data_out, bytes of data_in) when the caller already knows them
-        (the runner does, from the ring); otherwise they are summed here."""
+        (the runner does, from the ring); otherwise they are summed here. `native_error`: the
+        errno the C data plane's own attempt at this command failed with (0: none, or not
+        tried): a handler may answer from it instead of trying again (the ceph device answers
+        a cluster that did not respond NOT READY at once, within one ``osd_op_timeout``)."""
         self.cdb = cdb
         self.opcode = cdb[0]
         self.data_out = data_out
         self.data_in = data_out if data_in is None else data_in
         self.tag = tag
+        self.native_error = native_error
         if lengths is not None:
             self.data_out_length, self.data_in_length = lengths
             return

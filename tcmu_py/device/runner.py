@@ -583,6 +583,7 @@ class DeviceRunner:
                 None if rc.data_in is rc.data_out else rc.data_in,
                 rc.cmd_id,
                 lengths=(rc.out_len, rc.in_len),
+                native_error=rc.native_error,
             )
             if not queue_rest and self._is_inline(is_inline, rc.cdb):
                 if aborted and rc.cmd_id in aborted:  # named by a TMR in this very batch

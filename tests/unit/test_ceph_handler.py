@@ -341,12 +341,14 @@ def _wait_stopped(pids: list[int], timeout: float = 10.0) -> None:
 
 
 def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
-    """Every OSD stopped (SIGSTOP): a read fails after ``osd_op_timeout`` with NOT READY
-    02h/04h/01h, which initiators retry, instead of hanging; with the OSDs back it succeeds.
-    The native loop submits the read from C; librbd's failure hands it to Python, whose
-    second try answers the sense."""
+    """Every OSD stopped (SIGSTOP): a read and a write fail after ``osd_op_timeout`` with NOT
+    READY 02h/04h/01h, which initiators retry, instead of hanging; with the OSDs back they
+    succeed. The native loop submits them from C; librbd's failure hands them to Python with
+    its errno, which answers at once: one timeout in all, not a second try and two (with the
+    defaults, 30 s each, that was past the kernel's cmd_time_out of 30 s)."""
+    timeout = 5
     dev = _open(ceph_cluster, f"u-{uuid.uuid4().hex[:8]}",
-                extra=";create=1;osd_op_timeout=2", write_cache=False)
+                extra=f";create=1;osd_op_timeout={timeout}", write_cache=False)
     h = _harness(dev)
     osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
     try:
@@ -360,12 +362,17 @@ def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
             t0 = time.monotonic()
             r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
             waited = time.monotonic() - t0
+            t0 = time.monotonic()
+            w = h.run(cdbs.write10(64, 8), data)
+            waited_w = time.monotonic() - t0
         finally:
             for p in osds:
                 os.kill(p.pid, signal.SIGCONT)
         assert r.sense_codes == (0x02, 0x04, 0x01), (r, waited, [p.pid for p in osds])
-        assert 1.5 <= waited < 15, waited
-        assert _executed(h) == 1  # C's try failed: not counted
+        assert w.sense_codes == (0x02, 0x04, 0x01), (w, waited_w)
+        for took in (waited, waited_w):  # one timeout, not two (librbd's timer, not a race)
+            assert timeout * 0.75 <= took < timeout * 1.7, (waited, waited_w)
+        assert _executed(h) == 1  # C's tries failed: not counted
         deadline = time.monotonic() + 60
         while True:  # the retry an initiator makes, bounded
             r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
