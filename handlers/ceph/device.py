@@ -94,6 +94,7 @@ from tcmu_py.scsi.sense import (
     NotReadyManualIntervention,
     ScsiError,
     WriteError,
+    WriteProtected,
 )
 from tcmu_py.threadname import name_os_thread
 
@@ -124,6 +125,10 @@ def scsi_error(exc: BaseException, writing: bool) -> BaseException:
         return exc
     if exc.errno in UNAVAILABLE:
         return NotReadyBecoming(f"ceph cluster unavailable: {exc}")
+    if exc.errno == errno.EROFS and writing:
+        # librbd refuses writes while another client holds the exclusive lock of an image
+        # this device shares (lock=shared): write protected, not a medium defect
+        return WriteProtected(f"ceph image read-only for this client: {exc}")
     return WriteError(str(exc)) if writing else MediumError(str(exc))
 
 
@@ -371,7 +376,20 @@ def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
                "rbd_cache": "true" if cfg.rbd_cache else "false"}
     if cfg.keyring:
         options["keyring"] = cfg.keyring
-    cluster = Cluster(cfg.conf, cfg.client, options, connect_timeout=cfg.osd_op_timeout)
+    for key, path, what in (("conf", cfg.conf, "the cluster's ceph.conf"),
+                            ("keyring", cfg.keyring, "the client's keyring")):
+        if path is not None and not os.access(path, os.R_OK):
+            why = "no such file" if not os.path.exists(path) else "not readable by the daemon"
+            raise ConfigError(f"ceph: key {key!r}: {path}: {why}; expected {what}, readable")
+    try:
+        cluster = Cluster(cfg.conf, cfg.client, options, connect_timeout=cfg.osd_op_timeout)
+    except RadosError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EINVAL):
+            raise
+        keyring = cfg.keyring or f"the keyring {cfg.conf} names"
+        raise ConfigError(f"ceph: keys 'id' and 'keyring': the cluster of {cfg.conf} did not "
+                          f"let client.{cfg.client} in with {keyring} ({exc}); expected a "
+                          "client the cluster knows and its keyring") from None
     ioctx = image = None
     try:
         try:

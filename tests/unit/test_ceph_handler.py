@@ -286,6 +286,29 @@ def test_a_client_id_with_a_dot(ceph_cluster: Any, tmp_path: Path) -> None:
             dev.close()
 
 
+def test_credential_and_conf_errors_name_the_key(ceph_cluster: Any, tmp_path: Path) -> None:
+    """A conf file or keyring that is not there, or a client the cluster does not know: a
+    ConfigError naming the key and what was expected, not librados' bare errno."""
+    image = f"e-{uuid.uuid4().hex[:8]}"
+    other = tmp_path / "other.keyring"
+    other.write_text("[client.nobody]\n\tkey = AQBHbq1lAAAAABAAdKl2GoOTeRUfYpEYzL2Dpw==\n")
+    cases = [
+        (dict(extra=";create=1;keyring=/nonexistent.keyring"),
+         "key 'keyring': /nonexistent.keyring: no such file; expected the client's keyring"),
+        (dict(extra=";create=1", client="nosuchuser"),
+         "keys 'id' and 'keyring': the cluster of"),
+        (dict(extra=f";create=1;keyring={other}"), "did not let client.admin in with"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            _open(ceph_cluster, image, **kw)
+    cfg = _config(ceph_cluster, image, extra=";create=1")
+    cfg = DeviceConfig(cfg.name, cfg.subtype, cfg.cfgstring.replace(
+        f"conf={ceph_cluster.conf}", "conf=/nonexistent/ceph.conf"), cfg.size, cfg.block_size)
+    with pytest.raises(ConfigError, match="key 'conf': /nonexistent/ceph.conf: no such file"):
+        CephHandler.open(cfg)
+
+
 def test_exclusive_lock_holder_wins(ceph_cluster: Any) -> None:
     """Two devices on one image: the first takes the exclusive lock; the second is NOT READY
     (02h/04h/03h) with the holder named, unless it is configured lock=shared."""
@@ -424,6 +447,8 @@ def test_opening_while_the_cluster_does_not_answer_is_unavailable_not_a_failure(
     (errno.ESHUTDOWN, True, (0x02, 0x04, 0x01)),  # this client was blocklisted
     (errno.EIO, False, (0x03, 0x11, 0x00)),
     (errno.EIO, True, (0x03, 0x0C, 0x00)),
+    (errno.EROFS, True, (0x07, 0x27, 0x00)),  # another client's exclusive lock: read-only
+    (errno.EROFS, False, (0x03, 0x11, 0x00)),
 ])
 def test_errors_become_sense(err: int, writing: bool, codes: tuple[int, int, int]) -> None:
     from tcmu_py.handlers.ceph.device import scsi_error
