@@ -332,6 +332,19 @@ def test_exclusive_lock_holder_wins(ceph_cluster: Any) -> None:
         h1 = _harness(first)
         try:
             assert h1.run(cdbs.write10(0, 1), b"y" * BS).good
+            # A gateway sharing the image (lock=shared) while this one holds the exclusive
+            # lock: it reads, and a write is WRITE PROTECTED 07h/27h/00h (librbd's EROFS),
+            # not a medium error, and changes nothing; the holder keeps its lock.
+            shared = _open(ceph_cluster, image, name="ceph2", extra=";lock=shared")
+            h2 = _harness(shared)
+            try:
+                assert h2.run(cdbs.read10(0, 1), data_in_len=BS).data == b"y" * BS
+                r = h2.run(cdbs.write10(0, 1), b"z" * BS)
+                assert r.sense_codes == (0x07, 0x27, 0x00), r
+            finally:
+                h2.close()  # closes `shared` too
+            assert first.image.is_lock_owner()
+            assert h1.run(cdbs.read10(0, 1), data_in_len=BS).data == b"y" * BS
         finally:
             h1.close()
     finally:
