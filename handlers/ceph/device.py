@@ -50,7 +50,9 @@ What the device promises, and why it is true:
   device's ``write_cache``): with it, FUA writes and SYNCHRONIZE CACHE flush
   (``rbd_aio_flush``); without it every write is on the OSDs when acknowledged (WCE=0), so a
   killed daemon or another gateway on the image loses or misses nothing acknowledged, and
-  SYNCHRONIZE CACHE still calls ``rbd_aio_flush`` (nothing to write back).
+  SYNCHRONIZE CACHE still calls ``rbd_aio_flush`` (nothing to write back). A flush that fails
+  once librbd's cache writes back is WRITE ERROR, not NOT READY (`RbdBackend.aio_flush`): librbd
+  drops the writes it could not write back, and the retry NOT READY invites would succeed.
 
 Errors: a cluster that cannot answer (ETIMEDOUT after ``osd_op_timeout``, ESHUTDOWN when this
 client was blocklisted, ENOTCONN, EAGAIN) is NOT READY 02h/04h/01h, which initiators retry;
@@ -208,6 +210,8 @@ class RbdBackend:
         self.block_size = block_size
         #: The flush promise (`BlockBackend`): only librbd's cache (``rbd_cache=1``) holds writes.
         self.write_cache = cfg.rbd_cache
+        #: librbd's cache has switched to write-back (a flush succeeded; `aio_flush`).
+        self._cache_writes_back = False
         #: Why medium access is refused (another client holds the exclusive lock), or None.
         self.not_ready: str | None = None
         #: Set by the device (`FileExtent`): called when `file_extent` changes (the lock).
@@ -281,7 +285,32 @@ class RbdBackend:
 
     def flush(self) -> None:
         self.check_ready()
-        self._wait(self.image.aio_flush(), True)
+        self._wait(self.aio_flush(), True)
+
+    def aio_flush(self) -> Future[int]:
+        """librbd's flush, its failure already a sense. With librbd's cache in write-back
+        mode (``rbd_cache=1``, after the first flush that succeeded: librbd's cache writes
+        through until then) a failed flush means writes acknowledged from the cache did not
+        reach the cluster, and librbd does not keep them (a second flush succeeds at once,
+        measured with every OSD stopped): WRITE ERROR 03h/0Ch/00h, which an initiator does not
+        retry, rather than NOT READY, which sd retries into a GOOD that hides the loss."""
+        out: Future[int] = Future()
+
+        def done(f: Future[int]) -> None:
+            exc = f.exception()
+            if exc is None:
+                self._cache_writes_back = self.write_cache
+                out.set_result(f.result())
+            elif self._cache_writes_back and isinstance(exc, OSError):
+                log.error("ceph image %s: librbd's cache could not write back (%s): writes "
+                          "acknowledged from it may be lost; SYNCHRONIZE CACHE answers WRITE "
+                          "ERROR", self.cfg.spec, exc)
+                out.set_exception(WriteError(f"librbd's cache could not write back: {exc}"))
+            else:
+                out.set_exception(scsi_error(exc, True))
+
+        self.image.aio_flush().add_done_callback(done)
+        return out
 
     def unmap(self, offset: int, length: int) -> None:
         self.check_ready()
@@ -568,7 +597,7 @@ class CephDevice(BlockDevice):
                                          value=None, map_error=_write_error)
         fut = self.image.aio_writev(lba * self.block_size, cmd.data_out)
         # SBC-4 5.49: FUA — on non-volatile media (librbd's cache flushed) before GOOD.
-        return when_all([then(fut, self.image.aio_flush)], None, True)
+        return when_all([then(fut, self.backend.aio_flush)], None, True)
 
     @command(Opcode.SYNCHRONIZE_CACHE_10)
     @command(Opcode.SYNCHRONIZE_CACHE_16)
@@ -576,7 +605,7 @@ class CephDevice(BlockDevice):
         req = cdbs.SynchronizeCache.parse(cmd.cdb)
         self._check_range(req.lba, req.blocks)
         self.check_ready()
-        return when_all([self.image.aio_flush()], None, True)
+        return when_all([self.backend.aio_flush()], None, True)
 
     @command(Opcode.UNMAP)
     def unmap(self, cmd: Command) -> Future[None] | None:  # type: ignore[override]
@@ -614,7 +643,7 @@ class CephDevice(BlockDevice):
         offset = rw.lba * self.block_size
         fut = self.image.aio_compare_and_write(offset, data[:length], data[length:])
         if rw.fua and self.backend.write_cache:
-            fut = then(fut, self.image.aio_flush)
+            fut = then(fut, self.backend.aio_flush)
         out: Future[None] = Future()
 
         def done(f: Future[int]) -> None:

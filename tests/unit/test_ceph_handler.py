@@ -421,6 +421,34 @@ def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
         dev.close()
 
 
+def test_a_failed_write_back_of_librbd_cache_is_not_retryable(ceph_cluster: Any) -> None:
+    """``rbd_cache=1`` in write-back mode (after a first flush): with every OSD stopped, a
+    write is acknowledged from the cache and SYNCHRONIZE CACHE fails after the timeout. librbd
+    then drops those writes (a second flush succeeds at once), so the failure is WRITE ERROR
+    03h/0Ch/00h, not NOT READY: sd retries NOT READY, and the retry's GOOD hid the loss."""
+    timeout = 3
+    dev = _open(ceph_cluster, f"b-{uuid.uuid4().hex[:8]}",
+                extra=f";create=1;rbd_cache=1;osd_op_timeout={timeout}")
+    h = _harness(dev)
+    osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
+    try:
+        assert h.run(cdbs.write10(0, 8), bytes(8 * BS)).good
+        assert h.run(cdbs.synchronize_cache10()).good  # librbd's cache now writes back
+        for p in osds:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            _wait_stopped([p.pid for p in osds])
+            assert h.run(cdbs.write10(0, 1), b"A" * BS).good  # from the cache
+            r = h.run(cdbs.synchronize_cache10())
+        finally:
+            for p in osds:
+                os.kill(p.pid, signal.SIGCONT)
+        assert r.sense_codes == (0x03, 0x0C, 0x00), r
+    finally:
+        h.close()
+        dev.close()
+
+
 def test_opening_while_the_cluster_does_not_answer_is_unavailable_not_a_failure(
         ceph_cluster: Any) -> None:
     """The monitor stopped (SIGSTOP) when the device is opened, as when a gateway boots before
