@@ -255,6 +255,19 @@ def pool_entries(c: Checker, raw: object, section: str,
         yield PoolEntry(entry, path, cap, soft, hard)
 
 
+def device_pool_ref(dev: Mapping[str, Any]) -> tuple[str, object] | None:
+    """Where a raw ``devices[]`` entry names its pool, and what it gives: ``("pool", v)``, else
+    ``("options.pool", v)`` (a declared name there is the same as ``pool:``; an absolute
+    directory is the handler's own option), else None (a null counts as absent). The daemon's
+    loader reads the two keys the same way (`tcmu_py.daemon.config`)."""
+    if dev.get("pool") is not None:
+        return "pool", dev["pool"]
+    opts = dev.get("options")
+    if isinstance(opts, dict) and opts.get("pool") is not None:
+        return "options.pool", opts["pool"]
+    return None
+
+
 def check_device_pools(c: Checker, doc: Mapping[str, Any], subtype: str, section: str,
                        raw: object, *, required: bool) -> None:
     """Every ``devices[]`` entry of handler `subtype` whose ``pool:`` does not name a pool of
@@ -267,17 +280,16 @@ def check_device_pools(c: Checker, doc: Mapping[str, Any], subtype: str, section
     for i, dev in enumerate(devices if isinstance(devices, list) else []):
         if not isinstance(dev, dict) or dev.get("handler") != subtype:
             continue
-        pool = dev.get("pool")
-        opts = dev.get("options")
-        named = opts.get("pool") if isinstance(opts, dict) else None
-        if isinstance(pool, str):
+        ref = device_pool_ref(dev)
+        key, pool = ref if ref is not None else ("pool", None)
+        if key == "pool" and isinstance(pool, str):
             if pool not in names:
                 c.fail(f"devices[{i}].pool", pool, expected)
-        elif isinstance(named, str) and not named.startswith("/"):
-            if named not in names:  # ``options: {pool: <name>}`` names a declared pool too
-                c.fail(f"devices[{i}].options.pool", named,
+        elif isinstance(pool, str) and not pool.startswith("/"):
+            if pool not in names:  # ``options: {pool: <name>}`` names a declared pool too
+                c.fail(f"devices[{i}].options.pool", pool,
                        f"an absolute pool directory or {expected}")
-        elif required and named is None:
+        elif required and ref is None:
             c.fail(f"devices[{i}].pool", dev.get("pool", MISSING),
                    f"{expected}: a {subtype} device needs one")
 

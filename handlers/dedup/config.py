@@ -29,6 +29,7 @@ from tcmu_py.table import format_size
 from .._pool import (
     POOL_HEADERS,
     check_device_pools,
+    device_pool_ref,
     pool_cells,
     pool_config_items,
     pool_entries,
@@ -52,6 +53,7 @@ from .store import (
     DedupPool,
     check_pool,
     configure_collector,
+    declaration_mismatches,
     ensure_pool,
     is_chunk_size,
     load_pool_config,
@@ -136,12 +138,9 @@ def _check_existing(c: Checker, p: str, spec: DedupPoolSpec) -> None:
     except ConfigError as exc:
         c.fail(f"{p}.path", spec.path, f"a dedup pool directory with a valid {POOL_FILE} ({exc})")
         return
-    if current.name != spec.name:
-        c.fail(f"{p}.name", spec.name, f"the name of the pool at {spec.path} ({current.name!r},"
-               f" recorded in {file})")
-    if current.chunk_size != spec.chunk_size:
-        c.fail(f"{p}.chunk_size", spec.chunk_size, f"the chunk size the pool at {spec.path} was"
-               f" created with ({current.chunk_size}, in {file}; it cannot change)")
+    for key, given, recorded in declaration_mismatches(current, spec.name, spec.chunk_size):
+        c.fail(f"{p}.{key}", given, f"{recorded!r}, what the pool at {spec.path} was created"
+               f" with (recorded in {file}; it cannot change)")
 
 
 def _check_block_sizes(c: Checker, doc: Mapping[str, Any], pools: Sequence[DedupPoolSpec]
@@ -153,8 +152,8 @@ def _check_block_sizes(c: Checker, doc: Mapping[str, Any], pools: Sequence[Dedup
     for i, dev in enumerate(devices if isinstance(devices, list) else []):
         if not isinstance(dev, dict) or dev.get("handler") != SUBTYPE:
             continue
-        opts = dev.get("options")
-        name = dev.get("pool", opts.get("pool") if isinstance(opts, dict) else None)
+        ref = device_pool_ref(dev)
+        name = ref[1] if ref is not None else None
         block = dev.get("block_size", 512)
         chunk = chunks.get(name) if isinstance(name, str) else None
         if chunk is None or not isinstance(block, int) or isinstance(block, bool) or block <= 0:
@@ -286,25 +285,21 @@ def _create_pool(args: argparse.Namespace) -> None:
     pool's (read from its pool.json), or for a new pool the default (``--capacity`` has none)."""
     current = (load_pool_config(args.path)
                if os.path.lexists(os.path.join(args.path, POOL_FILE)) else None)
-    if args.capacity is not None:
-        capacity = _size_arg("--capacity", args.capacity)
-    elif current is not None:
-        capacity = current.capacity
-    else:
+
+    def chosen(given: Any, key: str, default: Any) -> Any:
+        return given if given is not None else default if current is None else getattr(
+            current, key)
+
+    if args.capacity is None and current is None:
         raise ConfigError(f"--capacity: missing, expected the capacity of the new pool at "
                           f"{args.path} (a size like 10G)")
-    if args.chunk_size is not None:
-        chunk = _size_arg("--chunk-size", args.chunk_size)
-    else:
-        chunk = DEFAULT_CHUNK if current is None else current.chunk_size
-    if args.soft_threshold is not None:
-        soft: int | None = args.soft_threshold
-    else:
-        soft = 80 if current is None else current.soft_threshold
-    if args.compression is not None:
-        compression = args.compression
-    else:
-        compression = "none" if current is None else current.compression
+    capacity = chosen(None if args.capacity is None else _size_arg("--capacity", args.capacity),
+                      "capacity", None)
+    chunk = chosen(None if args.chunk_size is None else _size_arg("--chunk-size",
+                                                                  args.chunk_size),
+                   "chunk_size", DEFAULT_CHUNK)
+    soft = chosen(args.soft_threshold, "soft_threshold", 80)
+    compression = chosen(args.compression, "compression", "none")
     ensure_pool(args.path, args.name, capacity, soft, chunk, compression, args.fingerprint)
 
 

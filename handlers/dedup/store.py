@@ -111,6 +111,7 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -1739,24 +1740,32 @@ def _unreadable_index(file: str, exc: sqlite3.Error) -> ConfigError:
                        "a backup")
 
 
-def _connect(file: str, *, create: bool = False) -> sqlite3.Connection:
-    """The pool's index `file`, in WAL mode with ``synchronous=FULL``. Only `create` (what
-    `create_pool` passes) makes the file and its schema; otherwise a missing or empty index,
-    or one without schema, is a ConfigError and nothing is written (opening the pool with a
-    new empty index would take every container file for a leak). An unreadable file is a
-    ConfigError naming it."""
+def _connect(file: str, *, create: bool = False, readonly: bool = False) -> sqlite3.Connection:
+    """The pool's index `file`, in WAL mode with ``synchronous=FULL``, or `readonly` (no lock,
+    no pragma written: what `read_pool_status` reads while another process serves the pool).
+    Only `create` (what `create_pool` passes) makes the file and its schema; otherwise a
+    missing or empty index, or one without schema, is a ConfigError and nothing is written
+    (opening the pool with a new empty index would take every container file for a leak). An
+    unreadable file, or one of another schema version, is a ConfigError naming it."""
+    assert not (create and readonly)
     if not create:
         _check_index_file(file)
     elif not os.path.exists(file):
         os.close(os.open(file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
     try:
-        db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+        if readonly:
+            db = sqlite3.connect(f"file:{urllib.request.pathname2url(file)}?mode=ro", uri=True)
+        else:
+            db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
         raise _unreadable_index(file, exc) from None
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and not create:
             raise _index_gone(file, "without schema (user_version 0)")
+        if readonly:
+            _check_schema_version(file, version)
+            return db
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             raise ConfigError(f"{file}: cannot use SQLite's WAL mode here (got {mode!r})")
@@ -1767,9 +1776,8 @@ def _connect(file: str, *, create: bool = False) -> sqlite3.Connection:
             # leaves no schema or all of it.
             db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};"
                              "COMMIT;")
-        elif version != SCHEMA_VERSION:
-            raise ConfigError(f"{file}: index schema version {version}, expected "
-                              f"{SCHEMA_VERSION} (made by another version of tcmu-py)")
+        else:
+            _check_schema_version(file, version)
     except sqlite3.Error as exc:
         db.close()
         raise _unreadable_index(file, exc) from None
@@ -1777,6 +1785,12 @@ def _connect(file: str, *, create: bool = False) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _check_schema_version(file: str, version: int) -> None:
+    if version != SCHEMA_VERSION:
+        raise ConfigError(f"{file}: index schema version {version}, expected {SCHEMA_VERSION}"
+                          " (made by another version of tcmu-py)")
 
 
 def _disk_rows(db: sqlite3.Connection, chunk_size: int) -> tuple[DiskStatus, ...]:
@@ -1829,6 +1843,18 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
     return config
 
 
+def declaration_mismatches(current: DedupPoolConfig, name: str, chunk_size: int,
+                           fingerprint: str | None = None) -> list[tuple[str, object, object]]:
+    """``(key, declared, recorded)`` for each of an existing pool's fixed settings (its name,
+    chunk size and, unless `fingerprint` is None, fingerprint) that a declaration gives
+    differently; empty when it matches. `ensure_pool` refuses the first; the YAML check
+    (`handlers.dedup.config`) reports each against its key."""
+    declared = (("name", name, current.name), ("chunk_size", chunk_size, current.chunk_size),
+                ("fingerprint", fingerprint, current.fingerprint))
+    return [(key, given, recorded) for key, given, recorded in declared
+            if given is not None and given != recorded]
+
+
 def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None = 80,
                 chunk_size: int = DEFAULT_CHUNK, compression: str = "none",
                 fingerprint: str | None = None) -> DedupPoolConfig:
@@ -1846,14 +1872,9 @@ def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
         live = _open_pools.get(real)
     current = live.config if live is not None else load_pool_config(real)
     where = os.path.join(real, POOL_FILE)
-    if current.name != name:
-        raise ConfigError(f"{where}: pool is named {current.name!r}, expected {name!r}")
-    if fingerprint is not None and current.fingerprint != fingerprint:
-        raise ConfigError(f"{where}: fingerprint {fingerprint!r}: the pool was created with "
-                          f"{current.fingerprint!r}, which cannot change")
-    if current.chunk_size != chunk_size:
-        raise ConfigError(f"{where}: chunk_size {chunk_size}: the pool was created with "
-                          f"{current.chunk_size}, which cannot change")
+    for key, given, recorded in declaration_mismatches(current, name, chunk_size, fingerprint):
+        raise ConfigError(f"{where}: {key} {given!r}: the pool was created with {recorded!r},"
+                          " which cannot change")
     if live is not None:
         if live.capacity != capacity:
             live.set_capacity(capacity)
@@ -1946,14 +1967,8 @@ def read_pool_status(path: str) -> DedupPoolStatus:
         return live.status()
     config = load_pool_config(real)
     file = os.path.join(real, DB_FILE)
-    _check_index_file(file)
+    db = _connect(file, readonly=True)
     try:
-        db = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise _unreadable_index(file, exc) from None
-    try:
-        if not db.execute("PRAGMA user_version").fetchone()[0]:
-            raise _index_gone(file, "without schema (user_version 0)")
         used, dead = db.execute(
             "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(dead), 0) FROM containers").fetchone()
         chunks, stored = db.execute(

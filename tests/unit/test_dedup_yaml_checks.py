@@ -85,10 +85,10 @@ def test_block_size_must_divide_the_chunk_size(tmp_path: os.PathLike[str], block
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
-    ("name", "other", "expected the name of the pool at {path} ('images', recorded in "
-                      "{path}/pool.json)"),
-    ("chunk_size", "8K", "expected the chunk size the pool at {path} was created with (4096, "
-                         "in {path}/pool.json; it cannot change)"),
+    ("name", "other", "expected 'images', what the pool at {path} was created with (recorded "
+                      "in {path}/pool.json; it cannot change)"),
+    ("chunk_size", "8K", "expected 4096, what the pool at {path} was created with (recorded in "
+                         "{path}/pool.json; it cannot change)"),
 ])
 def test_an_existing_pool_declared_otherwise_is_refused_before_anything_is_created(
         tmp_path: os.PathLike[str], key: str, value: str, expected: str) -> None:
