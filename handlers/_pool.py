@@ -17,7 +17,9 @@ the same in both.
 - `hard_limit`: the YAML ``hard_limit`` key of both sections; `pool_entries`: the keys every
   entry of both sections has (name, path, capacity, soft_threshold, hard_limit);
   `check_device_pools`: each device's ``pool:`` names a pool of its handler's section;
-  `pool_config_items`: the pool's directory in such a device's dev_config.
+  `check_existing_pool`: an existing pool is the one declared; `check_kept_sizes`: no device is
+  smaller than its existing disk; `pool_config_items`: the pool's directory in such a device's
+  dev_config.
 
 Threads: the owner serialises `PhysicalPool`'s methods with its own pool lock (they are called
 with it held); `PoolDisk.take_threshold_event` runs on any worker thread.
@@ -26,18 +28,21 @@ with it held); `PoolDisk.take_threshold_event` runs on any worker thread.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from tcmu_py.configspec import MISSING, Checker, Device, Entry, parse_size, raw_names
+from tcmu_py.errors import ConfigError
 from tcmu_py.handler import Gauge
 from tcmu_py.scsi.sense import SpaceAllocationFailed
 from tcmu_py.table import format_size
 
-__all__ = ["POOL_KEYS", "PhysicalPool", "PoolDisk", "PoolEntry", "ThresholdFigures",
-           "check_device_pools", "hard_limit", "pool_cells", "pool_config_items", "pool_entries",
-           "pool_gauges"]
+__all__ = ["POOL_KEYS", "PhysicalPool", "PoolDevice", "PoolDisk", "PoolEntry",
+           "ThresholdFigures", "check_device_pools", "check_existing_pool", "check_kept_sizes",
+           "device_pool_ref", "hard_limit", "pool_cells", "pool_config_items", "pool_devices",
+           "pool_entries", "pool_gauges"]
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +304,83 @@ class NamedPool(Protocol):
     def name(self) -> str: ...
     @property
     def path(self) -> str: ...
+
+
+T = TypeVar("T")
+
+
+class PoolDevice(NamedTuple):
+    """A raw ``devices[]`` entry (`entry`, ``devices[at]``) of a pool handler naming a declared
+    `pool` (by name, or by its directory in ``options.pool``), as disk `disk` of it
+    (``options.disk``, else the device's name)."""
+
+    at: int
+    entry: Mapping[str, Any]
+    pool: NamedPool
+    disk: str
+
+
+def pool_devices(doc: Mapping[str, Any], subtype: str, pools: Sequence[NamedPool]
+                 ) -> Iterator[PoolDevice]:
+    """The devices of handler `subtype` in the raw YAML `doc` naming one of `pools` (the
+    section's valid entries); others are `check_device_pools`' to report."""
+    by_name = {pool.name: pool for pool in pools}
+    by_path = {os.path.realpath(pool.path): pool for pool in pools}
+    devices = doc.get("devices")
+    for i, dev in enumerate(devices if isinstance(devices, list) else []):
+        if not isinstance(dev, dict) or dev.get("handler") != subtype:
+            continue
+        ref = device_pool_ref(dev)
+        if ref is None or not isinstance(ref[1], str):
+            continue
+        named = ref[1]
+        pool = by_path.get(os.path.realpath(named)) if named.startswith("/") else by_name.get(
+            named)
+        opts = dev.get("options")
+        disk = opts.get("disk") if isinstance(opts, dict) else None
+        disk = disk if isinstance(disk, str) else dev.get("name")
+        if pool is not None and isinstance(disk, str):
+            yield PoolDevice(i, dev, pool, disk)
+
+
+def check_existing_pool(c: Checker, p: str, path: str, pool_file: str, load: Callable[[str], T],
+                        mismatches: Callable[[T], Iterable[tuple[str, object, object]]]
+                        ) -> T | None:
+    """A pool declared at `p` whose directory `path` holds one already (its `pool_file`) must
+    be the one declared: each ``(key, declared, recorded)`` of `mismatches` (settings that
+    cannot change) is reported, so `check` refuses what ``apply`` would, before anything is
+    created. Returns the existing pool's settings (`load`), None for a new or unreadable one
+    (reported)."""
+    file = os.path.join(path, pool_file)
+    if not os.path.lexists(file):
+        return None
+    try:
+        current = load(path)
+    except ConfigError as exc:
+        c.fail(f"{p}.path", path, f"a pool directory with a valid {pool_file} ({exc})")
+        return None
+    for key, given, recorded in mismatches(current):
+        c.fail(f"{p}.{key}", given, f"{recorded!r}, what the pool at {path} was created with"
+               f" (recorded in {file}; it cannot change)")
+    return current
+
+
+def check_kept_sizes(c: Checker, doc: Mapping[str, Any], subtype: str,
+                     pools: Sequence[NamedPool], held: Callable[[NamedPool, str], int | None]
+                     ) -> None:
+    """Each device of `subtype` (`pool_devices`) is at least as large as what its pool holds
+    for its disk already (`held`: bytes, None for a new disk): the disk's open refuses a
+    smaller device (data is never cut off), so `check` refuses it too, naming the key."""
+    for dev in pool_devices(doc, subtype, pools):
+        try:
+            size = parse_size(dev.entry.get("size"))
+        except ValueError:
+            continue  # the device check reports it
+        have = held(dev.pool, dev.disk)
+        if have is not None and size < have:
+            c.fail(f"devices[{dev.at}].size", dev.entry.get("size"),
+                   f"at least {have} bytes, what disk {dev.disk!r} of pool {dev.pool.name!r}"
+                   " holds already (a device never cuts off its disk's data)")
 
 
 def pool_config_items(device: Device, subtype: str, pools: Sequence[NamedPool]

@@ -19,7 +19,8 @@ import sqlite3
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 from tcmu_py.configspec import Checker, Device, parse_size
 from tcmu_py.errors import ConfigError
@@ -28,10 +29,13 @@ from tcmu_py.table import format_size
 
 from .._pool import (
     POOL_HEADERS,
+    NamedPool,
     check_device_pools,
-    device_pool_ref,
+    check_existing_pool,
+    check_kept_sizes,
     pool_cells,
     pool_config_items,
+    pool_devices,
     pool_entries,
     pool_gauges,
     state_cell,
@@ -120,47 +124,40 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
         assert name and path and cap and soft and hard and dead
         spec = DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard, compression,
                              float(interval), dead)
-        _check_existing(c, p, spec)
+        check_existing_pool(c, p, path, POOL_FILE, load_pool_config,
+                            partial(declaration_mismatches, name=spec.name,
+                                    chunk_size=spec.chunk_size))
         pools.append(spec)
     check_device_pools(c, doc, SUBTYPE, SECTION, raw, required=True)
-    _check_block_sizes(c, doc, pools)
+    _check_devices(c, doc, pools)
     return tuple(pools)
 
 
-def _check_existing(c: Checker, p: str, spec: DedupPoolSpec) -> None:
-    """A pool that exists already must be the one declared: same name, same chunk size
-    (neither can change), so `check` refuses what `apply` would (before creating anything)."""
-    file = os.path.join(spec.path, POOL_FILE)
-    if not os.path.exists(file):
-        return
-    try:
-        current = load_pool_config(spec.path)
-    except ConfigError as exc:
-        c.fail(f"{p}.path", spec.path, f"a dedup pool directory with a valid {POOL_FILE} ({exc})")
-        return
-    for key, given, recorded in declaration_mismatches(current, spec.name, spec.chunk_size):
-        c.fail(f"{p}.{key}", given, f"{recorded!r}, what the pool at {spec.path} was created"
-               f" with (recorded in {file}; it cannot change)")
-
-
-def _check_block_sizes(c: Checker, doc: Mapping[str, Any], pools: Sequence[DedupPoolSpec]
-                       ) -> None:
+def _check_devices(c: Checker, doc: Mapping[str, Any], pools: Sequence[DedupPoolSpec]
+                   ) -> None:
     """Each dedup device's block size divides its pool's chunk size (a chunk holds whole
-    blocks), as the pool checks when the disk opens."""
-    chunks = {pool.name: pool.chunk_size for pool in pools}
-    devices = doc.get("devices")
-    for i, dev in enumerate(devices if isinstance(devices, list) else []):
-        if not isinstance(dev, dict) or dev.get("handler") != SUBTYPE:
-            continue
-        ref = device_pool_ref(dev)
-        name = ref[1] if ref is not None else None
-        block = dev.get("block_size", 512)
-        chunk = chunks.get(name) if isinstance(name, str) else None
-        if chunk is None or not isinstance(block, int) or isinstance(block, bool) or block <= 0:
-            continue  # no declared pool, or a block size the device check reports
+    blocks), and the device is not smaller than its disk in an existing pool: both as the
+    pool checks when the disk opens."""
+    for dev in pool_devices(doc, SUBTYPE, pools):
+        block = dev.entry.get("block_size", 512)
+        chunk = cast(DedupPoolSpec, dev.pool).chunk_size
+        if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+            continue  # the device check reports it
         if chunk % block:
-            c.fail(f"devices[{i}].block_size", block, f"a divisor of pool {name!r}'s chunk_size"
-                   f" ({chunk}): a chunk holds whole blocks")
+            c.fail(f"devices[{dev.at}].block_size", block, f"a divisor of pool "
+                   f"{dev.pool.name!r}'s chunk_size ({chunk}): a chunk holds whole blocks")
+    recorded: dict[str, dict[str, int]] = {}
+
+    def held(pool: NamedPool, disk: str) -> int | None:
+        if pool.path not in recorded:
+            recorded[pool.path] = {}
+            if os.path.lexists(os.path.join(pool.path, POOL_FILE)):
+                with contextlib.suppress(ConfigError):  # an unreadable index: the open names it
+                    recorded[pool.path] = {d.name: d.size
+                                           for d in read_pool_status(pool.path).disks}
+        return recorded[pool.path].get(disk)
+
+    check_kept_sizes(c, doc, SUBTYPE, pools, held)
 
 
 def device_config_items(device: Device, pools: Sequence[DedupPoolSpec]

@@ -718,16 +718,8 @@ class DedupPool(PhysicalPool):
         ``chunk_size``, written by `create_pool`): the maps' chunk numbers and the chunks'
         lengths are in units of it, so another would read every disk wrong. An index of a pool
         made before it was recorded takes pool.json's (when `record`: not by `check_pool`)."""
-        recorded = self._meta("chunk_size", 0)
-        if not recorded:
-            if record:
-                self._set_meta("chunk_size", self.chunk_size)
-            return
-        if recorded != self.chunk_size:
-            raise ConfigError(f"{os.path.join(self.path, POOL_FILE)}: chunk_size: got "
-                              f"{self.chunk_size}, expected {recorded} (the chunk size the "
-                              f"pool was created with, recorded in "
-                              f"{os.path.join(self.path, DB_FILE)}; it cannot change)")
+        if not _check_recorded_chunk_size(self.path, self._db, self.chunk_size) and record:
+            self._set_meta("chunk_size", self.chunk_size)
 
     def _load(self) -> None:
         """Counters, container ends and disk ids from the database."""
@@ -1793,6 +1785,19 @@ def _check_schema_version(file: str, version: int) -> None:
                           " (made by another version of tcmu-py)")
 
 
+def _check_recorded_chunk_size(path: str, db: sqlite3.Connection, chunk_size: int) -> int:
+    """The chunk size the index of the pool at `path` records (0: none, an index made before
+    it was), after checking it is pool.json's `chunk_size`: ConfigError naming both files
+    if not (the maps' chunk numbers are in units of it: another would read every disk wrong)."""
+    row = db.execute("SELECT value FROM meta WHERE key='chunk_size'").fetchone()
+    recorded = 0 if row is None else int(row[0])
+    if recorded and recorded != chunk_size:
+        raise ConfigError(f"{os.path.join(path, POOL_FILE)}: chunk_size: got {chunk_size}, "
+                          f"expected {recorded} (the chunk size the pool was created with, "
+                          f"recorded in {os.path.join(path, DB_FILE)}; it cannot change)")
+    return recorded
+
+
 def _disk_rows(db: sqlite3.Connection, chunk_size: int) -> tuple[DiskStatus, ...]:
     return tuple(DiskStatus(name, size, n * chunk_size) for name, size, n in db.execute(
         "SELECT d.name, d.size, (SELECT COUNT(*) FROM map WHERE disk = d.id) FROM disks d "
@@ -1969,6 +1974,7 @@ def read_pool_status(path: str) -> DedupPoolStatus:
     file = os.path.join(real, DB_FILE)
     db = _connect(file, readonly=True)
     try:
+        _check_recorded_chunk_size(real, db, config.chunk_size)
         used, dead = db.execute(
             "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(dead), 0) FROM containers").fetchone()
         chunks, stored = db.execute(

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from tcmu_py.configspec import Checker, Device, parse_size
@@ -24,7 +25,10 @@ from tcmu_py.table import format_size
 
 from .._pool import (
     POOL_HEADERS,
+    NamedPool,
     check_device_pools,
+    check_existing_pool,
+    check_kept_sizes,
     pool_cells,
     pool_config_items,
     pool_entries,
@@ -32,7 +36,14 @@ from .._pool import (
     state_cell,
 )
 from .backend import ThinBackend
-from .pool import ensure_pool, read_pool_status
+from .pool import (
+    POOL_FILE,
+    PoolConfig,
+    disk_file,
+    ensure_pool,
+    load_pool_config,
+    read_pool_status,
+)
 
 if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
@@ -75,10 +86,26 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpe
         if None in (name, path, cap, soft, hard):
             continue
         assert name and path and cap and soft and hard
+        check_existing_pool(c, entry.path, path, POOL_FILE, load_pool_config,
+                            partial(_mismatches, name=name))
         pools.append(PoolSpec(name, path, cap, soft, hard))
     # Each pool-owning handler checks its own devices (dedup's name ``dedup_pools``).
     check_device_pools(c, doc, SUBTYPE, SECTION, raw, required=False)
+    check_kept_sizes(c, doc, SUBTYPE, pools, _held)
     return tuple(pools)
+
+
+def _mismatches(current: PoolConfig, name: str) -> list[tuple[str, object, object]]:
+    """What of an existing pool cannot change: its name (its unit is not declared here)."""
+    return [("name", name, current.name)] if current.name != name else []
+
+
+def _held(pool: NamedPool, disk: str) -> int | None:
+    """The size of `disk`'s file in `pool`, None if it has none yet."""
+    try:
+        return os.stat(disk_file(pool.path, disk)).st_size
+    except OSError:
+        return None
 
 
 def device_config_items(device: Device, pools: Sequence[PoolSpec]

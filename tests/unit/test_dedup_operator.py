@@ -402,8 +402,8 @@ def _edit_chunk_size(path: str, chunk_size: int) -> None:
 def test_a_hand_edited_chunk_size_is_refused(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Before: pool.json's chunk_size edited from 4096 to 8192 (a valid value) opened, `check`
-    said OK and the disks read back wrong. Now the index records it: open, gc and check refuse
-    naming pool.json and the recorded value; put back, everything reads as written."""
+    said OK and the disks read back wrong. Now the index records it: open, gc, check and
+    status refuse naming pool.json and the recorded value; put back, everything reads as written."""
     path = filled_pool(tmp_path)
     with DedupPool.open(path) as pool:
         want = read_disk(pool, "b", 100)
@@ -411,7 +411,7 @@ def test_a_hand_edited_chunk_size_is_refused(tmp_path: Path,
     file = os.path.join(path, POOL_FILE)
     with pytest.raises(ConfigError, match=f"{file}: chunk_size: got 8192, expected 4096"):
         DedupPool.open(path)
-    for argv in (["check", path], ["check", "--repair", path], ["gc", path]):
+    for argv in (["check", path], ["check", "--repair", path], ["gc", path], ["status", path]):
         rc, out, err = run_cli(argv, capsys)
         assert rc == 2 and f"{file}: chunk_size: got 8192, expected 4096" in err, argv
     _edit_chunk_size(path, 4096)
