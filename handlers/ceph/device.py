@@ -101,7 +101,15 @@ from tcmu_py.scsi.sense import (
 from tcmu_py.threadname import name_os_thread
 
 from .config import CephConfig
-from .librbd import FEATURE_EXCLUSIVE_LOCK, Cluster, Image, IoCtx, RadosError, aio_addresses
+from .librbd import (
+    FEATURE_EXCLUSIVE_LOCK,
+    Cluster,
+    ConfError,
+    Image,
+    IoCtx,
+    RadosError,
+    aio_addresses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +206,7 @@ class RbdBackend:
     lbprz = True
 
     def __init__(self, cfg: CephConfig, cluster: Cluster, ioctx: IoCtx, image: Image,
-                 size: int, block_size: int) -> None:
+                 size: int, block_size: int, image_size: int) -> None:
         self.cfg = cfg
         self.cluster = cluster
         self.ioctx = ioctx
@@ -206,7 +214,7 @@ class RbdBackend:
         self.size = size
         #: The image's size when last looked at (open, `resize`, a header change): a header
         #: change that leaves it as it was (a snapshot, a lock change) is not a resize.
-        self.image_size = image.size()
+        self.image_size = image_size
         self.block_size = block_size
         #: The flush promise (`BlockBackend`): only librbd's cache (``rbd_cache=1``) holds writes.
         self.write_cache = cfg.rbd_cache
@@ -412,6 +420,9 @@ def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
             raise ConfigError(f"ceph: key {key!r}: {path}: {why}; expected {what}, readable")
     try:
         cluster = Cluster(cfg.conf, cfg.client, options, connect_timeout=cfg.osd_op_timeout)
+    except ConfError as exc:
+        raise ConfigError(f"ceph: key 'conf': {cfg.conf}: librados cannot use it ({exc}); "
+                          "expected a ceph.conf naming the cluster's monitors") from None
     except RadosError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EINVAL):
             raise
@@ -452,7 +463,7 @@ def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
         if size > have:
             raise ConfigError(f"ceph: key 'image': {cfg.spec}: the image holds {have} bytes, "
                               f"the device's size is {size}; expected a size up to the image's")
-        backend = RbdBackend(cfg, cluster, ioctx, image, size or have, block_size)
+        backend = RbdBackend(cfg, cluster, ioctx, image, size or have, block_size, have)
         exclusive = cfg.lock == "exclusive" and image.features() & FEATURE_EXCLUSIVE_LOCK
         if exclusive and not backend.take_lock():
             log.error("%s", backend.not_ready)

@@ -125,6 +125,11 @@ class RadosError(OSError):
     call."""
 
 
+class ConfError(RadosError):
+    """`Cluster` could not read its conf file (it does not parse: librados says EINVAL),
+    before any contact with the cluster."""
+
+
 def _library(name: str, package: str) -> Any:
     with _lib_lock:
         if name not in _libs:
@@ -192,7 +197,9 @@ class Cluster:
         self.conf = conf
         self.client = entity
         try:
-            check(lib.rados_conf_read_file(self._h, conf.encode()), f"read conf {conf}")
+            rc = lib.rados_conf_read_file(self._h, conf.encode())
+            if rc < 0:
+                raise ConfError(-rc, f"read conf {conf}: {os.strerror(-rc)}")
             mount = str(max(1, round(connect_timeout)))
             settings = {"client_mount_timeout": mount, **(options or {})}
             for key, value in settings.items():

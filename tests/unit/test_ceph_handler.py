@@ -307,6 +307,13 @@ def test_credential_and_conf_errors_name_the_key(ceph_cluster: Any, tmp_path: Pa
         f"conf={ceph_cluster.conf}", "conf=/nonexistent/ceph.conf"), cfg.size, cfg.block_size)
     with pytest.raises(ConfigError, match="key 'conf': /nonexistent/ceph.conf: no such file"):
         CephHandler.open(cfg)
+    # a conf that does not parse is the conf's fault, not the client's (librados: EINVAL)
+    broken = tmp_path / "broken.conf"
+    broken.write_text("[global\nmon_host = \n")
+    cfg = DeviceConfig(cfg.name, cfg.subtype, cfg.cfgstring.replace(
+        "conf=/nonexistent/ceph.conf", f"conf={broken}"), cfg.size, cfg.block_size)
+    with pytest.raises(ConfigError, match=f"key 'conf': {broken}: librados cannot use it"):
+        CephHandler.open(cfg)
 
 
 def test_exclusive_lock_holder_wins(ceph_cluster: Any) -> None:
