@@ -17,8 +17,8 @@ the same in both.
 - `hard_limit`: the YAML ``hard_limit`` key of both sections; `pool_entries`: the keys every
   entry of both sections has (name, path, capacity, soft_threshold, hard_limit);
   `check_device_pools`: each device's ``pool:`` names a pool of its handler's section;
-  `check_existing_pool`: an existing pool is the one declared; `check_kept_sizes`: no device is
-  smaller than its existing disk; `pool_config_items`: the pool's directory in such a device's
+  `check_existing_pool`: an existing pool is the one declared; `pool_devices`: the devices
+  naming a declared pool; `pool_config_items`: the pool's directory in such a device's
   dev_config.
 
 Threads: the owner serialises `PhysicalPool`'s methods with its own pool lock (they are called
@@ -40,8 +40,8 @@ from tcmu_py.scsi.sense import SpaceAllocationFailed
 from tcmu_py.table import format_size
 
 __all__ = ["POOL_KEYS", "PhysicalPool", "PoolDevice", "PoolDisk", "PoolEntry",
-           "ThresholdFigures", "check_device_pools", "check_existing_pool", "check_kept_sizes",
-           "device_pool_ref", "hard_limit", "pool_cells", "pool_config_items", "pool_devices",
+           "ThresholdFigures", "check_device_pools", "check_existing_pool", "device_pool_ref",
+           "hard_limit", "pool_cells", "pool_config_items", "pool_devices",
            "pool_entries", "pool_gauges"]
 
 log = logging.getLogger(__name__)
@@ -363,24 +363,6 @@ def check_existing_pool(c: Checker, p: str, path: str, pool_file: str, load: Cal
         c.fail(f"{p}.{key}", given, f"{recorded!r}, what the pool at {path} was created with"
                f" (recorded in {file}; it cannot change)")
     return current
-
-
-def check_kept_sizes(c: Checker, doc: Mapping[str, Any], subtype: str,
-                     pools: Sequence[NamedPool], held: Callable[[NamedPool, str], int | None]
-                     ) -> None:
-    """Each device of `subtype` (`pool_devices`) is at least as large as what its pool holds
-    for its disk already (`held`: bytes, None for a new disk): the disk's open refuses a
-    smaller device (data is never cut off), so `check` refuses it too, naming the key."""
-    for dev in pool_devices(doc, subtype, pools):
-        try:
-            size = parse_size(dev.entry.get("size"))
-        except ValueError:
-            continue  # the device check reports it
-        have = held(dev.pool, dev.disk)
-        if have is not None and size < have:
-            c.fail(f"devices[{dev.at}].size", dev.entry.get("size"),
-                   f"at least {have} bytes, what disk {dev.disk!r} of pool {dev.pool.name!r}"
-                   " holds already (a device never cuts off its disk's data)")
 
 
 def pool_config_items(device: Device, subtype: str, pools: Sequence[NamedPool]

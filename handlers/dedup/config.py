@@ -29,10 +29,8 @@ from tcmu_py.table import format_size
 
 from .._pool import (
     POOL_HEADERS,
-    NamedPool,
     check_device_pools,
     check_existing_pool,
-    check_kept_sizes,
     pool_cells,
     pool_config_items,
     pool_devices,
@@ -136,8 +134,7 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
 def _check_devices(c: Checker, doc: Mapping[str, Any], pools: Sequence[DedupPoolSpec]
                    ) -> None:
     """Each dedup device's block size divides its pool's chunk size (a chunk holds whole
-    blocks), and the device is not smaller than its disk in an existing pool: both as the
-    pool checks when the disk opens."""
+    blocks), as the pool checks when the disk opens."""
     for dev in pool_devices(doc, SUBTYPE, pools):
         block = dev.entry.get("block_size", 512)
         chunk = cast(DedupPoolSpec, dev.pool).chunk_size
@@ -146,18 +143,6 @@ def _check_devices(c: Checker, doc: Mapping[str, Any], pools: Sequence[DedupPool
         if chunk % block:
             c.fail(f"devices[{dev.at}].block_size", block, f"a divisor of pool "
                    f"{dev.pool.name!r}'s chunk_size ({chunk}): a chunk holds whole blocks")
-    recorded: dict[str, dict[str, int]] = {}
-
-    def held(pool: NamedPool, disk: str) -> int | None:
-        if pool.path not in recorded:
-            recorded[pool.path] = {}
-            if os.path.lexists(os.path.join(pool.path, POOL_FILE)):
-                with contextlib.suppress(ConfigError):  # an unreadable index: the open names it
-                    recorded[pool.path] = {d.name: d.size
-                                           for d in read_pool_status(pool.path).disks}
-        return recorded[pool.path].get(disk)
-
-    check_kept_sizes(c, doc, SUBTYPE, pools, held)
 
 
 def device_config_items(device: Device, pools: Sequence[DedupPoolSpec]

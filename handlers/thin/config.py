@@ -25,10 +25,8 @@ from tcmu_py.table import format_size
 
 from .._pool import (
     POOL_HEADERS,
-    NamedPool,
     check_device_pools,
     check_existing_pool,
-    check_kept_sizes,
     pool_cells,
     pool_config_items,
     pool_entries,
@@ -39,7 +37,6 @@ from .backend import ThinBackend
 from .pool import (
     POOL_FILE,
     PoolConfig,
-    disk_file,
     ensure_pool,
     load_pool_config,
     read_pool_status,
@@ -91,21 +88,12 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpe
         pools.append(PoolSpec(name, path, cap, soft, hard))
     # Each pool-owning handler checks its own devices (dedup's name ``dedup_pools``).
     check_device_pools(c, doc, SUBTYPE, SECTION, raw, required=False)
-    check_kept_sizes(c, doc, SUBTYPE, pools, _held)
     return tuple(pools)
 
 
 def _mismatches(current: PoolConfig, name: str) -> list[tuple[str, object, object]]:
     """What of an existing pool cannot change: its name (its unit is not declared here)."""
     return [("name", name, current.name)] if current.name != name else []
-
-
-def _held(pool: NamedPool, disk: str) -> int | None:
-    """The size of `disk`'s file in `pool`, None if it has none yet."""
-    try:
-        return os.stat(disk_file(pool.path, disk)).st_size
-    except OSError:
-        return None
 
 
 def device_config_items(device: Device, pools: Sequence[PoolSpec]
