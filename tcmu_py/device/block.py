@@ -21,6 +21,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from functools import partial
 
 from tcmu_py.backend import (
@@ -600,7 +601,12 @@ class BlockDevice(ScsiDevice):
         rw = cdbs.parse_rw(cmd.cdb)
         if rw.bytchk not in (0, 1):
             raise InvalidFieldInCdb("BYTCHK", field_pointer=1, bit_pointer=1)
-        self.write(cmd)  # checks the Data-Out length first
+        # The write checks the Data-Out length first. A subclass's WRITE may answer with a
+        # Future (an asynchronous backend's): its outcome is the write's, waited for here, so
+        # a failed write is its sense and not covered by the flush and compare below.
+        written: object = self.write(cmd)
+        if isinstance(written, Future):
+            written.result()
         # SBC-4 5.41: after writing, check the medium (read back and compare when BYTCHK 1).
         self._flush()
         length = rw.transfer_length * self.block_size

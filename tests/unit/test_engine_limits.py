@@ -310,3 +310,31 @@ def test_compare_and_write_of_256_blocks_is_an_invalid_number_of_blocks():
     r = run_command(dev, cdb, data_out=bytes(2 * 256 * 512))
     assert r.sense_codes == (0x05, 0x24, 0x00), r
     assert r.sense[15] & 0x80 and int.from_bytes(r.sense[16:18], "big") == 13
+
+
+class _AsyncWriteDevice(BlockDevice):
+    """A device whose WRITE answers with a Future, as an asynchronous backend's does
+    (the ceph device's): here one that fails, as librbd's write does when an OSD refuses it."""
+
+    def write(self, cmd: Any) -> Any:  # type: ignore[override]
+        from concurrent.futures import Future
+
+        from tcmu_py.scsi.sense import WriteError
+
+        done: Future[None] = Future()
+        done.set_exception(WriteError("injected: the write failed"))
+        return done
+
+
+@pytest.mark.parametrize("bytchk", [0, 1])
+def test_write_and_verify_answers_the_outcome_of_an_asynchronous_write(tmp_path: Path,
+                                                                      bytchk: int) -> None:
+    """Before: WRITE AND VERIFY dropped the Future a subclass's WRITE returned, so a write that
+    failed answered GOOD (BYTCHK 0: the flush after it succeeded) or MISCOMPARE (BYTCHK 1)
+    with the old data still on the medium. SBC-4 5.41: the write's error is the command's."""
+    dev = _AsyncWriteDevice(DeviceConfig("a", "null", "", BLOCKS * BS),
+                            NullBackend(BLOCKS * BS, BS))
+    run_command(dev, cdbs.test_unit_ready())  # the power-on unit attention
+    cdb = RwCdb(0x2E, 8, 4, bytchk=bytchk).build()
+    r = run_command(dev, cdb, data_out=b"\x5a" * (4 * BS))
+    assert r.status == Status.CHECK_CONDITION and codes(r) == (3, 0x0C, 0x00), r
