@@ -457,15 +457,25 @@ def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
                 raise ConfigError(f"ceph: key 'image': {cfg.spec}: no such image in the "
                                   f"cluster of {cfg.conf}; expected an existing image, or "
                                   "create=1 to make one of the device's size") from None
+            if not size:
+                raise ConfigError(f"ceph: key 'create': {cfg.spec}: no such image, and the "
+                                  "device has no size to make it with (0: the image's size); "
+                                  "expected a device size, or an existing image") from None
             ioctx.create_image(cfg.image, size)
             image = ioctx.open_image(cfg.image)
         have = image.size()
         if size > have:
             raise ConfigError(f"ceph: key 'image': {cfg.spec}: the image holds {have} bytes, "
                               f"the device's size is {size}; expected a size up to the image's")
+        if cfg.lock == "exclusive" and not image.features() & FEATURE_EXCLUSIVE_LOCK:
+            # Without the feature librbd takes no lock: a second gateway would write alongside.
+            raise ConfigError(f"ceph: key 'lock': {cfg.spec}: the image has no exclusive-lock "
+                              "feature, so lock=exclusive cannot keep other clients out; "
+                              f"expected `rbd feature enable {cfg.pool}/"
+                              f"{cfg.namespace + '/' if cfg.namespace else ''}{cfg.image} "
+                              "exclusive-lock`, or lock=shared where the initiators coordinate")
         backend = RbdBackend(cfg, cluster, ioctx, image, size or have, block_size, have)
-        exclusive = cfg.lock == "exclusive" and image.features() & FEATURE_EXCLUSIVE_LOCK
-        if exclusive and not backend.take_lock():
+        if cfg.lock == "exclusive" and not backend.take_lock():
             log.error("%s", backend.not_ready)
             backend.start_lock_retry()
         return backend

@@ -952,3 +952,35 @@ def test_an_overlap_waits_for_the_overlapped_operation_only(ceph_cluster: Any) -
     finally:
         h.close()
         dev.close()
+
+
+def test_an_image_without_the_exclusive_lock_feature_is_refused_unless_shared(
+        ceph_cluster: Any) -> None:
+    """Before: lock=exclusive (the default) on an image made without the exclusive-lock feature
+    took no lock and said nothing; two gateways then wrote alongside. Now the open names the
+    key and the remedy; lock=shared opens it."""
+    from tcmu_py.handlers.ceph.librbd import FEATURE_LAYERING
+
+    image = f"f-{uuid.uuid4().hex[:8]}"
+    admin = ceph_cluster.admin()
+    try:
+        ioctx = admin.ioctx("rbd")
+        try:
+            ioctx.create_image(image, SIZE, FEATURE_LAYERING)
+        finally:
+            ioctx.close()
+    finally:
+        admin.shutdown()
+    with pytest.raises(ConfigError, match=f"key 'lock': rbd/{image}: the image has no "
+                       f"exclusive-lock feature.*rbd feature enable rbd/{image} exclusive-lock"):
+        _open(ceph_cluster, image)
+    dev = _open(ceph_cluster, image, extra=";lock=shared")
+    dev.close()
+
+
+def test_create_without_a_size_is_refused(ceph_cluster: Any) -> None:
+    """Before: a device of size 0 (the image's size) with create=1 made a 0-byte image, whose
+    READ CAPACITY said one block that no READ could reach."""
+    image = f"z-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ConfigError, match="key 'create'.*no size to make it with"):
+        _open(ceph_cluster, image, extra=";create=1", size=0)
