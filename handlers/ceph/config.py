@@ -9,10 +9,12 @@ Config string (``key=value`` items, ``;``-separated; ``,`` too, for targetcli)::
 - ``id``: the client id (``admin`` for client.admin, the default);
 - ``keyring``: that client's keyring (default: what the conf file says);
 - ``create``: ``1`` creates the image (and its namespace) with the device's size when it does
-  not exist (a device of size 0, "the image's size", cannot); ``0`` (default) refuses a missing image;
+  not exist (a device of size 0, "the image's size", cannot); ``0`` (default) refuses a
+  missing image;
 - ``lock``: ``exclusive`` (default: take the image's exclusive lock at open, which needs the
-  image's ``exclusive-lock`` feature; another client holding it makes the device NOT READY) or ``shared`` (no lock taken: several gateways share
-  the image, and the initiators must coordinate);
+  image's ``exclusive-lock`` feature; another client holding it makes the device NOT READY)
+  or ``shared`` (no lock taken: several gateways share the image, and the initiators must
+  coordinate);
 - ``osd_op_timeout``: seconds before a stalled OSD operation fails with a retryable error
   (default 30; keep it below the device's ``cmd_time_out``);
 - ``rbd_cache``: ``1`` runs librbd's cache (writes acknowledged from the daemon's memory once

@@ -56,21 +56,28 @@ What the device promises, and why it is true:
 
 Errors: a cluster that cannot answer (ETIMEDOUT after ``osd_op_timeout``, ESHUTDOWN when this
 client was blocklisted, ENOTCONN, EAGAIN) is NOT READY 02h/04h/01h, which initiators retry;
-any other librbd error is MEDIUM ERROR on reads and WRITE ERROR on writes. A device that does
-not hold the image's exclusive lock (another client has it) answers NOT READY 02h/04h/03h to
-every medium access, with the holder in the log, and tries to take the lock again every
-`LOCK_RETRY_INTERVAL` seconds: when the holder releases it or dies (librbd breaks a dead
-client's lock), this device takes over and serves.
+so is an operation librbd has not answered within ``osd_op_timeout`` of its start (`bounded`):
+librbd times out each RADOS operation, and a discard or write-zeroes over several objects
+runs more than one in turn (two timeouts measured for two objects), so the device keeps one
+timeout per command itself. Any other librbd error is MEDIUM ERROR on reads and WRITE ERROR
+on writes. A device that does not hold the image's exclusive lock (another client has it)
+answers NOT READY 02h/04h/03h to every medium access, with the holder in the log, and tries to
+take the lock again every `LOCK_RETRY_INTERVAL` seconds: when the holder releases it or dies
+(librbd breaks a dead client's lock), this device takes over and serves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import heapq
+import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from tcmu_py.backend import RbdExtent
@@ -148,6 +155,68 @@ def _read_error(exc: BaseException) -> BaseException:
 
 def _write_error(exc: BaseException) -> BaseException:
     return scsi_error(exc, True)
+
+
+class _Deadlines:
+    """One thread for every ceph device in the process: each Future given to `add` that is
+    still pending at its deadline fails with the exception its `make` returns. A Future
+    resolved first keeps its outcome (the later attempt to fail it does nothing)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Future[Any], Callable[[], BaseException]]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, fut: Future[Any], seconds: float, make: Callable[[], BaseException]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._seq), fut, make))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ceph-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        name_os_thread()
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                when, _, fut, make = self._heap[0]
+                left = when - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+            if not fut.done():
+                with contextlib.suppress(InvalidStateError):  # resolved meanwhile
+                    fut.set_exception(make())
+
+
+_deadlines = _Deadlines()
+
+
+def bounded(fut: Future[Any], seconds: float, what: str) -> Future[Any]:
+    """A Future of `fut`'s outcome, or of NOT READY 02h/04h/01h (retryable) if `fut` has not
+    resolved within `seconds`: one timeout per command, whatever librbd does in turn inside
+    one operation (module docstring). librbd's operation goes on; its late outcome is
+    dropped (a retried discard, write-zeroes or write-same writes the same again)."""
+    out: Future[Any] = Future()
+
+    def copy(f: Future[Any]) -> None:
+        exc = f.exception()
+        with contextlib.suppress(InvalidStateError):  # the deadline answered first
+            if exc is None:
+                out.set_result(f.result())
+            else:
+                out.set_exception(exc)
+
+    fut.add_done_callback(copy)
+    if not out.done():
+        _deadlines.add(out, seconds, lambda: NotReadyBecoming(
+            f"ceph cluster unavailable: {what}: no answer within {seconds:g} s"))
+    return out
 
 
 def when_all(futures: Sequence[Future[int]], result: Any, writing: bool) -> Future[Any]:
@@ -277,9 +346,12 @@ class RbdBackend:
         if self.not_ready is not None:
             raise NotReadyManualIntervention(self.not_ready)
 
-    def _wait(self, fut: Future[int], writing: bool) -> int:
+    def _wait(self, fut: Future[int], writing: bool, *, bound: bool = True) -> int:
+        """`fut`'s result, within one ``osd_op_timeout`` unless not `bound` (`bounded`); its
+        failure as sense."""
         try:
-            return fut.result()
+            return int((bounded(fut, self.cfg.osd_op_timeout, self.cfg.spec) if bound
+                        else fut).result())
         except OSError as exc:
             raise scsi_error(exc, writing) from exc
 
@@ -293,7 +365,9 @@ class RbdBackend:
 
     def flush(self) -> None:
         self.check_ready()
-        self._wait(self.aio_flush(), True)
+        # librbd's own outcome, not a deadline's NOT READY: a write-back that failed is WRITE
+        # ERROR (`aio_flush`), which a retried flush would answer GOOD.
+        self._wait(self.aio_flush(), True, bound=False)
 
     def aio_flush(self) -> Future[int]:
         """librbd's flush, its failure already a sense. With librbd's cache in write-back
@@ -642,8 +716,9 @@ class CephDevice(BlockDevice):
             self._check_range(lba, count)
         self.check_ready()
         bs = self.block_size
-        return when_all([self.image.aio_write_zeroes(lba * bs, count * bs)
-                         for lba, count in ranges if count], None, True)
+        return bounded(when_all([self.image.aio_write_zeroes(lba * bs, count * bs)
+                                 for lba, count in ranges if count], None, True),
+                       self.backend.cfg.osd_op_timeout, self.backend.cfg.spec)
 
     @command(Opcode.COMPARE_AND_WRITE)
     def compare_and_write(self, cmd: Command) -> Future[None] | None:  # type: ignore[override]

@@ -428,6 +428,49 @@ def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
         dev.close()
 
 
+def test_deallocations_over_several_objects_answer_within_one_timeout(
+        ceph_cluster: Any) -> None:
+    """Every OSD stopped: UNMAP and WRITE SAME with UNMAP over both RADOS objects of the image
+    answered after two ``osd_op_timeout``s (librbd runs more than one operation in turn for
+    them; 10 s measured with T=5, 60 s with the defaults, past ``cmd_time_out``). Now NOT READY
+    02h/04h/01h after one, and they succeed once the OSDs are back."""
+    timeout = 5
+    dev = _open(ceph_cluster, f"d-{uuid.uuid4().hex[:8]}",
+                extra=f";create=1;osd_op_timeout={timeout}", write_cache=False)
+    h = _harness(dev)
+    osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
+    blocks = SIZE // BS  # both 4 MiB objects
+    params = cdbs.unmap_parameters([(0, blocks)])
+    try:
+        assert h.run(cdbs.write10(0, 8), b"\x5a" * (8 * BS)).good
+        assert h.run(cdbs.write16(blocks - 8, 8), b"\x5a" * (8 * BS)).good
+        for p in osds:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            _wait_stopped([p.pid for p in osds])
+            took = []
+            for cdb, data in ((cdbs.unmap(len(params)), params),
+                              (cdbs.write_same16(0, blocks, unmap=True), bytes(BS))):
+                t0 = time.monotonic()
+                r = h.run(cdb, data)
+                took.append(time.monotonic() - t0)
+                assert r.sense_codes == (0x02, 0x04, 0x01), (r, took)
+        finally:
+            for p in osds:
+                os.kill(p.pid, signal.SIGCONT)
+        assert all(t < timeout * 1.5 for t in took), took
+        deadline = time.monotonic() + 60
+        while True:  # the initiator's retry, bounded
+            r = h.run(cdbs.unmap(len(params)), params)
+            if r.good or time.monotonic() > deadline:
+                break
+        assert r.good, r
+        assert h.run(cdbs.read16(blocks - 8, 8), data_in_len=8 * BS).data == bytes(8 * BS)
+    finally:
+        h.close()
+        dev.close()
+
+
 def test_a_failed_write_back_of_librbd_cache_is_not_retryable(ceph_cluster: Any) -> None:
     """``rbd_cache=1`` in write-back mode (after a first flush): with every OSD stopped, a
     write is acknowledged from the cache and SYNCHRONIZE CACHE fails after the timeout. librbd
