@@ -4,8 +4,11 @@ string: `.config`; the device and its asynchronous commands: `.device`; the C bi
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
+from tcmu_py.configspec import Device, join_config_items
+from tcmu_py.errors import ConfigError
 from tcmu_py.handler import DeviceConfig, Handler
 
 from . import config as _config
@@ -24,6 +27,21 @@ class CephHandler(Handler):
     @classmethod
     def check_config(cls, cfgstring: str) -> None:
         _config.parse(cfgstring)
+
+    @classmethod
+    def device_image(cls, device: Device) -> str | None:
+        """The image of a ``lock=exclusive`` device, as ``ceph:<conf>:<pool>/[ns/]image``:
+        two such devices on one image would leave one NOT READY for good (the other holds the
+        lock), so the YAML check refuses the second. ``lock=shared`` devices may share one
+        (the initiators coordinate); a device whose options do not parse has none (its own
+        check reports them)."""
+        try:
+            cfg = _config.parse(join_config_items(device.options))
+        except ConfigError:
+            return None
+        if cfg.lock != "exclusive":
+            return None
+        return f"ceph:{os.path.realpath(cfg.conf)}:{cfg.spec}"
 
     @classmethod
     def open(cls, config: DeviceConfig) -> ScsiDevice:

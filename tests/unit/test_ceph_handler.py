@@ -371,6 +371,27 @@ def test_yaml_device_dev_config() -> None:
     CephHandler.check_config(cfg.partition("/")[2].split(";wwn=")[0])
 
 
+def test_yaml_two_exclusive_devices_on_one_image_are_refused() -> None:
+    """Before: `check` passed two lock=exclusive devices on one image, one of which could never
+    serve (the other holds the lock). Now the second is refused as two devices on one image
+    file are; lock=shared devices may share an image."""
+    from tcmu_py.daemon.config import load_config_text
+
+    def doc(lock_a: str, lock_b: str, image_b: str = "rbd/ns1/vol1") -> str:
+        return ("devices:\n"
+                f"  - {{name: a, handler: ceph, size: 1G, options: {{image: rbd/ns1/vol1, "
+                f"lock: {lock_a}}}}}\n"
+                f"  - {{name: b, handler: ceph, size: 1G, options: {{image: {image_b}, "
+                f"conf: /etc/ceph/../ceph/ceph.conf, lock: {lock_b}}}}}\n")
+
+    with pytest.raises(ConfigError, match=r"devices\[1\]\.options: .*expected an image file of "
+                       r"its own \(a uses ceph:/etc/ceph/ceph.conf:rbd/ns1/vol1\)"):
+        load_config_text(doc("exclusive", "exclusive"), "x.yaml")
+    for a, b in (("shared", "shared"), ("exclusive", "shared"), ("shared", "exclusive")):
+        load_config_text(doc(a, b), "x.yaml")
+    load_config_text(doc("exclusive", "exclusive", "rbd/ns1/vol2"), "x.yaml")
+
+
 def _wait_stopped(pids: list[int], timeout: float = 10.0) -> None:
     """Until every thread of every process in `pids` is stopped (state T in /proc), bounded."""
     deadline = time.monotonic() + timeout
