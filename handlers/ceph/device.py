@@ -63,7 +63,12 @@ timeout per command itself. Any other librbd error is MEDIUM ERROR on reads and 
 on writes. A device that does not hold the image's exclusive lock (another client has it)
 answers NOT READY 02h/04h/03h to every medium access, with the holder in the log, and tries to
 take the lock again every `LOCK_RETRY_INTERVAL` seconds: when the holder releases it or dies
-(librbd breaks a dead client's lock), this device takes over and serves.
+(librbd breaks a dead client's lock), this device takes over and serves. A client the
+cluster blocklisted (its lock broken by another gateway that took it over, or an operator's
+``ceph osd blocklist add``) can do nothing more: the first ESHUTDOWN from the current image
+connects a new client every `RECONNECT_INTERVAL` seconds until one opens the image, which
+takes the lock again (waiting for it as above) and serves; commands meanwhile answer NOT
+READY 02h/04h/01h. The given-up client's handles are closed with the device.
 """
 
 from __future__ import annotations
@@ -126,6 +131,9 @@ LBA_STATUS_WINDOW = 1 << 30
 #: Seconds between attempts to take an exclusive lock another client holds.
 LOCK_RETRY_INTERVAL = 5.0
 
+#: Seconds between attempts to connect a new client once the cluster blocklisted this one.
+RECONNECT_INTERVAL = 5.0
+
 #: The one size librbd's compare-and-write takes (bytes, 512-aligned).
 CAW_SECTOR = 512
 
@@ -147,14 +155,6 @@ def scsi_error(exc: BaseException, writing: bool) -> BaseException:
         # this device shares (lock=shared): write protected, not a medium defect
         return WriteProtected(f"ceph image read-only for this client: {exc}")
     return WriteError(str(exc)) if writing else MediumError(str(exc))
-
-
-def _read_error(exc: BaseException) -> BaseException:
-    return scsi_error(exc, False)
-
-
-def _write_error(exc: BaseException) -> BaseException:
-    return scsi_error(exc, True)
 
 
 class _Deadlines:
@@ -219,9 +219,10 @@ def bounded(fut: Future[Any], seconds: float, what: str) -> Future[Any]:
     return out
 
 
-def when_all(futures: Sequence[Future[int]], result: Any, writing: bool) -> Future[Any]:
+def when_all(futures: Sequence[Future[int]], result: Any, writing: bool,
+             sense: Callable[[BaseException, bool], BaseException] = scsi_error) -> Future[Any]:
     """A Future of `result` once every one of `futures` resolved, or of the first failure's
-    sense (`scsi_error`)."""
+    sense (`sense`: `scsi_error`, or a backend's `RbdBackend.sense`)."""
     out: Future[Any] = Future()
     left = [len(futures)]
     lock = threading.Lock()
@@ -233,7 +234,7 @@ def when_all(futures: Sequence[Future[int]], result: Any, writing: bool) -> Futu
                 return
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
-            out.set_exception(scsi_error(errors[0], writing))  # type: ignore[arg-type]
+            out.set_exception(sense(errors[0], writing))  # type: ignore[arg-type]
         else:
             out.set_result(result)
 
@@ -296,6 +297,81 @@ class RbdBackend:
         self._extent = RbdExtent(image.address, **aio_addresses())
         self._closing = threading.Event()
         self._retry: threading.Thread | None = None
+        #: Set by the device: called (on the reconnecting thread) once `image` is the handle
+        #: of a new client, so that it watches that image's header (`_reconnect`).
+        self.reconnect_listener: Callable[[], None] | None = None
+        #: The thread connecting a new client after this one was blocklisted, while it runs.
+        self._reconnecting: threading.Thread | None = None
+        #: The handles of clients given up after a blocklisting: closed with the backend,
+        #: when nothing can be in flight on them any more (the device has stopped).
+        self._retired: list[tuple[Image, IoCtx, Cluster]] = []
+        self._state_lock = threading.Lock()
+
+    def sense(self, exc: BaseException, writing: bool, image: Image | None = None
+              ) -> BaseException:
+        """`scsi_error` of a failure of an operation on `image` (None: the current one). An
+        ESHUTDOWN from the current image says the cluster blocklisted this client (another
+        gateway broke its lock, or an operator): every later operation of this client fails
+        too, so a new client is connected (`_blocklisted`). One from an image already given
+        up is only that operation's."""
+        if (isinstance(exc, OSError) and exc.errno == errno.ESHUTDOWN
+                and (image is None or image is self.image)):
+            self._blocklisted(exc)
+        return scsi_error(exc, writing)
+
+    def _blocklisted(self, exc: BaseException) -> None:
+        with self._state_lock:
+            if self._reconnecting is not None or self._closing.is_set():
+                return
+            thread = threading.Thread(target=self._reconnect, name=f"reconnect-{self.cfg.spec}",
+                                      daemon=True)
+            self._reconnecting = thread
+        log.error("ceph image %s: the cluster blocklisted this client (%s); connecting a new "
+                  "one", self.cfg.spec, exc)
+        self._set_not_ready(f"ceph image {self.cfg.spec}: the cluster blocklisted this client;"
+                            " reconnecting")
+        thread.start()
+
+    def _reconnect(self) -> None:
+        """Connect a new client and open the image again, every `RECONNECT_INTERVAL` seconds
+        until it works or the backend closes; then take the lock again (``lock=exclusive``,
+        waiting for it as `start_lock_retry` does) and serve. The blocklisted client's handles
+        are kept until `close`: operations of the device may still be in flight on them."""
+        name_os_thread()
+        while not self._closing.wait(RECONNECT_INTERVAL):
+            try:
+                cluster = _connect(self.cfg)
+                try:
+                    ioctx, image = _open_image(self.cfg, cluster, 0)
+                except BaseException:
+                    cluster.shutdown()
+                    raise
+            except (OSError, ConfigError) as exc:
+                log.warning("ceph image %s: reconnecting: %s; trying again in %g s",
+                            self.cfg.spec, exc, RECONNECT_INTERVAL)
+                continue
+            with self._state_lock:
+                if self._closing.is_set():
+                    image.close()
+                    ioctx.close()
+                    cluster.shutdown()
+                    return
+                self._retired.append((self.image, self.ioctx, self.cluster))
+                self.cluster, self.ioctx, self.image = cluster, ioctx, image
+                self._extent = RbdExtent(image.address, **aio_addresses())
+            listener = self.reconnect_listener
+            if listener is not None:
+                listener()
+            if self.cfg.lock == "exclusive":
+                while not self.take_lock():
+                    if self._closing.wait(LOCK_RETRY_INTERVAL):
+                        return
+            else:
+                self._set_not_ready(None)
+            with self._state_lock:
+                self._reconnecting = None
+            log.warning("ceph image %s: reconnected as a new client; serving", self.cfg.spec)
+            return
 
     def take_lock(self) -> bool:
         """Try to take the image's exclusive lock once. On failure `not_ready` names the
@@ -303,6 +379,9 @@ class RbdBackend:
         try:
             self.image.lock_acquire()
         except RadosError as exc:
+            if exc.errno == errno.ESHUTDOWN and self._reconnecting is None:
+                self._blocklisted(exc)  # a standby blocklisted: no lock with this client
+                return False
             try:
                 owners = ", ".join(self.image.lock_owners()) or "another client"
             except RadosError:
@@ -335,6 +414,8 @@ class RbdBackend:
         def retry() -> None:
             name_os_thread()
             while not self._closing.wait(interval):
+                if self._reconnecting is not None:
+                    return  # the new client takes the lock (`_reconnect`)
                 if self.take_lock():
                     log.warning("ceph image %s: exclusive lock taken; serving", self.cfg.spec)
                     return
@@ -343,8 +424,11 @@ class RbdBackend:
         self._retry.start()
 
     def check_ready(self) -> None:
-        if self.not_ready is not None:
-            raise NotReadyManualIntervention(self.not_ready)
+        why = self.not_ready
+        if why is not None:
+            if self._reconnecting is not None:
+                raise NotReadyBecoming(why)  # a new client is on its way: retry
+            raise NotReadyManualIntervention(why)
 
     def _wait(self, fut: Future[int], writing: bool, *, bound: bool = True) -> int:
         """`fut`'s result, within one ``osd_op_timeout`` unless not `bound` (`bounded`); its
@@ -353,7 +437,7 @@ class RbdBackend:
             return int((bounded(fut, self.cfg.osd_op_timeout, self.cfg.spec) if bound
                         else fut).result())
         except OSError as exc:
-            raise scsi_error(exc, writing) from exc
+            raise self.sense(exc, writing) from exc
 
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self.check_ready()
@@ -389,9 +473,10 @@ class RbdBackend:
                           "ERROR", self.cfg.spec, exc)
                 out.set_exception(WriteError(f"librbd's cache could not write back: {exc}"))
             else:
-                out.set_exception(scsi_error(exc, True))
+                out.set_exception(self.sense(exc, True, image))
 
-        self.image.aio_flush().add_done_callback(done)
+        image = self.image
+        image.aio_flush().add_done_callback(done)
         return out
 
     def unmap(self, offset: int, length: int) -> None:
@@ -414,7 +499,7 @@ class RbdBackend:
         try:
             extents = self.image.extents(offset, end - offset, max_runs)
         except OSError as exc:
-            raise scsi_error(exc, False) from exc
+            raise self.sense(exc, False) from exc
         bs = self.block_size
         runs: list[tuple[int, int, int]] = []
 
@@ -453,15 +538,22 @@ class RbdBackend:
 
     def close(self) -> None:
         self._closing.set()
-        if self._retry is not None:
-            self._retry.join()
-        try:
-            self.image.close()
-        finally:
+        for thread in (self._retry, self._reconnecting):
+            if thread is not None:
+                thread.join()
+        with self._state_lock:
+            handles = [*self._retired, (self.image, self.ioctx, self.cluster)]
+            self._retired = []
+        for image, ioctx, cluster in handles:
             try:
-                self.ioctx.close()
+                image.close()
+            except OSError as exc:  # a blocklisted client's image: what it held is gone
+                log.warning("ceph image %s: close: %s", self.cfg.spec, exc)
             finally:
-                self.cluster.shutdown()
+                try:
+                    ioctx.close()
+                finally:
+                    cluster.shutdown()
 
 
 def open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
@@ -482,18 +574,50 @@ def open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
 
 
 def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
-    options = {"rados_osd_op_timeout": str(cfg.osd_op_timeout),
-               "rados_mon_op_timeout": str(cfg.osd_op_timeout),
-               "rbd_cache": "true" if cfg.rbd_cache else "false"}
-    if cfg.keyring:
-        options["keyring"] = cfg.keyring
     for key, path, what in (("conf", cfg.conf, "the cluster's ceph.conf"),
                             ("keyring", cfg.keyring, "the client's keyring")):
         if path is not None and not os.access(path, os.R_OK):
             why = "no such file" if not os.path.exists(path) else "not readable by the daemon"
             raise ConfigError(f"ceph: key {key!r}: {path}: {why}; expected {what}, readable")
+    cluster = _connect(cfg)
+    ioctx = image = None
     try:
-        cluster = Cluster(cfg.conf, cfg.client, options, connect_timeout=cfg.osd_op_timeout)
+        ioctx, image = _open_image(cfg, cluster, size)
+        have = image.size()
+        if size > have:
+            raise ConfigError(f"ceph: key 'image': {cfg.spec}: the image holds {have} bytes, "
+                              f"the device's size is {size}; expected a size up to the image's")
+        if cfg.lock == "exclusive" and not image.features() & FEATURE_EXCLUSIVE_LOCK:
+            # Without the feature librbd takes no lock: a second gateway would write alongside.
+            raise ConfigError(f"ceph: key 'lock': {cfg.spec}: the image has no exclusive-lock "
+                              "feature, so lock=exclusive cannot keep other clients out; "
+                              f"expected `rbd feature enable {cfg.pool}/"
+                              f"{cfg.namespace + '/' if cfg.namespace else ''}{cfg.image} "
+                              "exclusive-lock`, or lock=shared where the initiators coordinate")
+        backend = RbdBackend(cfg, cluster, ioctx, image, size or have, block_size, have)
+        if cfg.lock == "exclusive" and not backend.take_lock():
+            log.error("%s", backend.not_ready)
+            backend.start_lock_retry()
+        return backend
+    except BaseException:
+        if image is not None:
+            image.close()
+        if ioctx is not None:
+            ioctx.close()
+        cluster.shutdown()
+        raise
+
+
+def _connect(cfg: CephConfig) -> Cluster:
+    """A new client of the cluster `cfg` names; ConfigError for a conf or credentials the
+    cluster refuses (naming the key)."""
+    options = {"rados_osd_op_timeout": str(cfg.osd_op_timeout),
+               "rados_mon_op_timeout": str(cfg.osd_op_timeout),
+               "rbd_cache": "true" if cfg.rbd_cache else "false"}
+    if cfg.keyring:
+        options["keyring"] = cfg.keyring
+    try:
+        return Cluster(cfg.conf, cfg.client, options, connect_timeout=cfg.osd_op_timeout)
     except ConfError as exc:
         raise ConfigError(f"ceph: key 'conf': {cfg.conf}: librados cannot use it ({exc}); "
                           "expected a ceph.conf naming the cluster's monitors") from None
@@ -504,7 +628,13 @@ def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
         raise ConfigError(f"ceph: keys 'id' and 'keyring': the cluster of {cfg.conf} did not "
                           f"let client.{cfg.client} in with {keyring} ({exc}); expected a "
                           "client the cluster knows and its keyring") from None
-    ioctx = image = None
+
+
+def _open_image(cfg: CephConfig, cluster: Cluster, size: int) -> tuple[IoCtx, Image]:
+    """The I/O context and the open image `cfg` names, through `cluster` (with ``create``
+    making a missing namespace and image of `size` bytes); ConfigError naming the key for
+    what does not exist. Nothing is left open on failure."""
+    ioctx = None
     try:
         try:
             ioctx = cluster.ioctx(cfg.pool)
@@ -537,28 +667,10 @@ def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
                                   "expected a device size, or an existing image") from None
             ioctx.create_image(cfg.image, size)
             image = ioctx.open_image(cfg.image)
-        have = image.size()
-        if size > have:
-            raise ConfigError(f"ceph: key 'image': {cfg.spec}: the image holds {have} bytes, "
-                              f"the device's size is {size}; expected a size up to the image's")
-        if cfg.lock == "exclusive" and not image.features() & FEATURE_EXCLUSIVE_LOCK:
-            # Without the feature librbd takes no lock: a second gateway would write alongside.
-            raise ConfigError(f"ceph: key 'lock': {cfg.spec}: the image has no exclusive-lock "
-                              "feature, so lock=exclusive cannot keep other clients out; "
-                              f"expected `rbd feature enable {cfg.pool}/"
-                              f"{cfg.namespace + '/' if cfg.namespace else ''}{cfg.image} "
-                              "exclusive-lock`, or lock=shared where the initiators coordinate")
-        backend = RbdBackend(cfg, cluster, ioctx, image, size or have, block_size, have)
-        if cfg.lock == "exclusive" and not backend.take_lock():
-            log.error("%s", backend.not_ready)
-            backend.start_lock_retry()
-        return backend
+        return ioctx, image
     except BaseException:
-        if image is not None:
-            image.close()
         if ioctx is not None:
             ioctx.close()
-        cluster.shutdown()
         raise
 
 
@@ -570,7 +682,6 @@ class CephDevice(BlockDevice):
 
     def __init__(self, config: DeviceConfig, backend: RbdBackend) -> None:
         super().__init__(config, backend)
-        self.image = backend.image
         self.product = "CEPH RBD DISK"
         # librbd (16.2) compares and writes one 512-byte sector at a time and refuses more
         # (EINVAL, measured for 1024 to 8192 bytes): advertise one 512-byte block, and no
@@ -579,11 +690,27 @@ class CephDevice(BlockDevice):
         #: Set by librbd's watch when the image header changed (maybe resized elsewhere).
         self._header_changed = threading.Event()
         self._watch: int | None = None
+        backend.reconnect_listener = self._rewatch
         try:
             self._watch = self.image.watch(self._on_header_change)
         except OSError as exc:
             self.log.warning("no watch on the image header (%s): a resize by another client "
                              "is not followed", exc)
+
+    @property
+    def image(self) -> Image:
+        """The backend's image handle now (a new one after a blocklisting: `RbdBackend`)."""
+        return self.backend.image
+
+    def _rewatch(self) -> None:
+        """The backend reconnected (a new client, a new image handle): watch its header."""
+        self._watch = None  # the watch of the client given up went with it
+        try:
+            self._watch = self.image.watch(self._on_header_change)
+        except OSError as exc:
+            self.log.warning("no watch on the image header after reconnecting (%s): a resize "
+                             "by another client is not followed", exc)
+        self._plane_changed()
 
     def _on_header_change(self) -> None:
         """librbd's watch (on its thread, which must not call librbd): the header changed.
@@ -652,8 +779,11 @@ class CephDevice(BlockDevice):
         failed here — trying it again would hold it one more timeout, past the kernel's
         ``cmd_time_out`` with the defaults. Any other failure is tried again here, whose
         error then gives the sense."""
-        if cmd.native_error in UNAVAILABLE:
+        if cmd.native_error in UNAVAILABLE and cmd.native_error != errno.ESHUTDOWN:
             raise scsi_error(OSError(cmd.native_error, os.strerror(cmd.native_error)), writing)
+        # ESHUTDOWN (this client blocklisted): tried again here, where it fails at once on the
+        # current image (and a new client is connected: `RbdBackend.sense`), or succeeds if the
+        # loop's try was on an image already given up.
 
     @command(Opcode.READ_6)
     @command(Opcode.READ_10)
@@ -671,8 +801,9 @@ class CephDevice(BlockDevice):
             bufs = slice_views(bufs, 0, length)
         # One Future, resolved by librbd's completion with the final answer (no second one
         # chained to it): this path runs for every READ.
-        return self.image.aio_readv(lba * self.block_size, bufs, value=length,
-                                    map_error=_read_error)
+        image = self.image
+        return image.aio_readv(lba * self.block_size, bufs, value=length,
+                               map_error=lambda exc: self.backend.sense(exc, False, image))
 
     @command(Opcode.WRITE_6)
     @command(Opcode.WRITE_10)
@@ -687,12 +818,14 @@ class CephDevice(BlockDevice):
             return None
         self.check_ready()
         self._unanswered_in_c(cmd, True)
+        image = self.image
         if not (fua and self.backend.write_cache):
-            return self.image.aio_writev(lba * self.block_size, cmd.data_out,  # as READ
-                                         value=None, map_error=_write_error)
-        fut = self.image.aio_writev(lba * self.block_size, cmd.data_out)
+            return image.aio_writev(lba * self.block_size, cmd.data_out,  # as READ
+                                    value=None,
+                                    map_error=lambda exc: self.backend.sense(exc, True, image))
+        fut = image.aio_writev(lba * self.block_size, cmd.data_out)
         # SBC-4 5.49: FUA — on non-volatile media (librbd's cache flushed) before GOOD.
-        return when_all([then(fut, self.backend.aio_flush)], None, True)
+        return when_all([then(fut, self.backend.aio_flush)], None, True, self.backend.sense)
 
     @command(Opcode.SYNCHRONIZE_CACHE_10)
     @command(Opcode.SYNCHRONIZE_CACHE_16)
@@ -700,7 +833,7 @@ class CephDevice(BlockDevice):
         req = cdbs.SynchronizeCache.parse(cmd.cdb)
         self._check_range(req.lba, req.blocks)
         self.check_ready()
-        return when_all([self.backend.aio_flush()], None, True)
+        return when_all([self.backend.aio_flush()], None, True, self.backend.sense)
 
     @command(Opcode.UNMAP)
     def unmap(self, cmd: Command) -> Future[None] | None:  # type: ignore[override]
@@ -716,8 +849,10 @@ class CephDevice(BlockDevice):
             self._check_range(lba, count)
         self.check_ready()
         bs = self.block_size
-        return bounded(when_all([self.image.aio_write_zeroes(lba * bs, count * bs)
-                                 for lba, count in ranges if count], None, True),
+        image = self.image
+        return bounded(when_all([image.aio_write_zeroes(lba * bs, count * bs)
+                                 for lba, count in ranges if count], None, True,
+                                lambda exc, writing: self.backend.sense(exc, writing, image)),
                        self.backend.cfg.osd_op_timeout, self.backend.cfg.spec)
 
     @command(Opcode.COMPARE_AND_WRITE)
@@ -737,7 +872,8 @@ class CephDevice(BlockDevice):
         self.check_ready()
         data = cmd.read_data_out(2 * length)
         offset = rw.lba * self.block_size
-        fut = self.image.aio_compare_and_write(offset, data[:length], data[length:])
+        image = self.image
+        fut = image.aio_compare_and_write(offset, data[:length], data[length:])
         if rw.fua and self.backend.write_cache:
             fut = then(fut, self.backend.aio_flush)
         out: Future[None] = Future()
@@ -756,7 +892,7 @@ class CephDevice(BlockDevice):
                 first = int(getattr(exc, "mismatch", 0)) % length
                 out.set_exception(Miscompare(f"at byte {first}", info=first))
             else:
-                out.set_exception(scsi_error(exc, True))
+                out.set_exception(self.backend.sense(exc, True, image))
 
         fut.add_done_callback(done)
         return out

@@ -1048,3 +1048,58 @@ def test_create_without_a_size_is_refused(ceph_cluster: Any) -> None:
     image = f"z-{uuid.uuid4().hex[:8]}"
     with pytest.raises(ConfigError, match="key 'create'.*no size to make it with"):
         _open(ceph_cluster, image, extra=";create=1", size=0)
+
+
+def test_a_blocklisted_client_reconnects_and_serves_again(
+        ceph_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: once the cluster blocklisted the device's client (another gateway broke its
+    lock, or an operator), every READ/WRITE answered NOT READY for good while TEST UNIT READY
+    said GOOD: the image had no gateway until the daemon restarted. Now the first failure
+    connects a new client (NOT READY 02h/04h/01h meanwhile), which takes the lock again and
+    serves; the data is intact."""
+    from tcmu_py.handlers.ceph import device as ceph_device
+
+    monkeypatch.setattr(ceph_device, "RECONNECT_INTERVAL", 0.5)
+    image = f"k-{uuid.uuid4().hex[:8]}"
+    dev = _open(ceph_cluster, image, extra=";create=1", write_cache=False)
+    h = _harness(dev)
+    admin = ceph_cluster.admin()
+    blocked: list[str] = []
+    try:
+        data = b"\x3c" * (8 * BS)
+        assert h.run(cdbs.write10(0, 8), data).good
+        ioctx = admin.ioctx("rbd")
+        other = ioctx.open_image(image)
+        try:
+            owners = other.lock_owners()
+        finally:
+            other.close()
+            ioctx.close()
+        assert owners, "the device holds no lock"
+        for addr in owners:
+            admin.mon_command({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr})
+            blocked.append(addr)
+        deadline = time.monotonic() + 30
+        while True:  # until the OSDs have the map with the blocklist, bounded
+            first = h.run(cdbs.write10(16, 8), data)
+            if not first.good or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert first.sense_codes == (0x02, 0x04, 0x01), (first, owners)
+        deadline = time.monotonic() + 60
+        while True:  # an initiator's retries, bounded
+            r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+            if r.good or time.monotonic() > deadline:
+                break
+            assert r.sense_codes == (0x02, 0x04, 0x01), r
+            time.sleep(0.2)
+        assert r.good and r.data == data, r
+        assert h.run(cdbs.write10(8, 8), data).good
+        assert h.run(cdbs.read10(8, 8), data_in_len=8 * BS).data == data
+        assert dev.backend.not_ready is None
+    finally:
+        h.close()
+        dev.close()
+        for addr in blocked:
+            admin.mon_command({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr})
+        admin.shutdown()
