@@ -698,6 +698,10 @@ class CephDevice(BlockDevice):
                              "is not followed", exc)
 
     @property
+    def not_ready_reason(self) -> str | None:
+        return self.backend.not_ready
+
+    @property
     def image(self) -> Image:
         """The backend's image handle now (a new one after a blocklisting: `RbdBackend`)."""
         return self.backend.image

@@ -95,8 +95,8 @@ def families(status: Mapping[str, Any],
         "time from dequeue to completion of each command", labels=labels)
     size = GaugeMetricFamily("tcmu_py_device_size_bytes", "device capacity", labels=labels)
     up = GaugeMetricFamily(
-        "tcmu_py_device_up", "1 while the device serves; 0 if it failed to open or its loop "
-        "stopped", labels=labels)
+        "tcmu_py_device_up", "1 while the device serves; 0 if it failed to open, answers "
+        "medium access NOT READY (a standby gateway) or its loop stopped", labels=labels)
     for device in status.get("devices", []):
         values = [str(device.get("name", "")), str(device.get("handler", ""))]
         c = device.get("counters") or {}
@@ -105,7 +105,8 @@ def families(status: Mapping[str, Any],
         buckets, total = _histogram(c.get("latency_hist", []), float(c.get("latency_seconds", 0)))
         latency.add_metric(values, buckets, total)
         size.add_metric(values, float(device.get("size", 0)))
-        up.add_metric(values, 0.0 if device.get("failed") or c.get("stopped") else 1.0)
+        up.add_metric(values, 0.0 if device.get("failed") or device.get("not_ready")
+                      or c.get("stopped") else 1.0)
     yield from counters.values()
     yield latency
     yield size

@@ -1028,6 +1028,8 @@ class Daemon:
                     # The handler raised DeviceUnavailable: NOT READY (becoming ready) while
                     # `_reopen_unavailable` opens it again.
                     "unavailable": isinstance(s.device, FailedDevice) and s.device.becoming,
+                    # Open, but refusing medium access (`ScsiDevice.not_ready_reason`).
+                    "not_ready": getattr(s.device, "not_ready_reason", None),
                     "size": getattr(s.device, "num_blocks", 0) * getattr(s.device, "block_size", 0),
                     "counters": counters,
                     # The C data plane: None when off; else whether an extent is declared and

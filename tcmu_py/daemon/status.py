@@ -17,12 +17,15 @@ log = logging.getLogger(__name__)
 
 def _state(device: dict[str, Any]) -> str:
     """The state column: unavailable (the handler is being opened again); the handler failed
-    to open; the loop thread stopped serving (it no longer answers); or ok, with how many
-    commands the runner's guard had to answer."""
+    to open; open but NOT READY to medium access (why: a standby gateway, a client being
+    reconnected); the loop thread stopped serving (it no longer answers); or ok, with how
+    many commands the runner's guard had to answer."""
     if device.get("unavailable"):
         return "UNAVAILABLE (retrying): " + device["failed"]
     if device["failed"]:
         return "FAILED: " + device["failed"]
+    if device.get("not_ready"):
+        return "NOT READY: " + device["not_ready"]
     c = device["counters"]
     if c.get("stopped"):
         return "STOPPED: " + c["stopped"]

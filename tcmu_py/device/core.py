@@ -276,6 +276,13 @@ class ScsiDevice:
         return self.data_extent() is not None
 
     @property
+    def not_ready_reason(self) -> str | None:
+        """Why the device answers medium access NOT READY now though it is open (a standby
+        gateway of an image another holds), for ``tcmu-py status``; None while it serves (the
+        default). A device without a medium by design (a tape drive's empty slot) is not this."""
+        return None
+
+    @property
     def unit_attention_pending(self) -> bool:
         """Whether a unit attention waits to be reported (an unlocked peek: the runner then
         sends every command of the wake-up here, so the right one reports it)."""

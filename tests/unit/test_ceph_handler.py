@@ -327,6 +327,7 @@ def test_exclusive_lock_holder_wins(ceph_cluster: Any) -> None:
         try:
             assert second.backend.not_ready is not None
             assert "exclusive lock is held by" in second.backend.not_ready
+            assert second.not_ready_reason == second.backend.not_ready  # `tcmu-py status`
             h = _harness(second)
             try:
                 assert h.run(cdbs.test_unit_ready()).sense_codes == (0x02, 0x04, 0x03)

@@ -236,3 +236,41 @@ def test_tape_library_state_in_status_and_gauges(tmp_path):
               if k[0] == "tcmu_py_vtl_drive_loaded"}
     assert loaded == {"0": 0.0, "1": 1.0}
     assert any(k[0] == "tcmu_py_vtl_filesystem_free_bytes" for k in samples)
+
+
+class _Standby(NullHandler):
+    """A device open but refusing medium access, as a standby ceph gateway is."""
+
+    subtype = "null"
+
+    @classmethod
+    def open(cls, config: Any) -> Any:
+        from tcmu_py.device.block import BlockDevice
+        from tcmu_py.handlers.null import NullBackend
+
+        class StandbyDevice(BlockDevice):
+            @property
+            def not_ready_reason(self) -> str | None:
+                return "the exclusive lock is held by client.4123"
+
+        return StandbyDevice(config, NullBackend(config.size, config.block_size))
+
+
+def test_a_device_open_but_not_ready_is_not_up(host, tmp_path):
+    """Before: a standby gateway (every medium access NOT READY) showed `ok` in `tcmu-py
+    status` and `tcmu_py_device_up` 1. Now its state says NOT READY and why, and it is down."""
+    from tcmu_py.daemon.status import render_status
+
+    host.add("uio0", 0, "disk0", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"null": _Standby})
+    d.start()
+    try:
+        status = d.status()
+        (dev,) = status["devices"]
+        assert dev["not_ready"] == "the exclusive lock is held by client.4123"
+        assert "NOT READY: the exclusive lock is held by client.4123" in render_status(
+            status, handlers={})
+        samples = scrape(d.serve_metrics("127.0.0.1", 0))
+        assert samples[("tcmu_py_device_up", (("device", "disk0"), ("handler", "null")))] == 0
+    finally:
+        d.shutdown()
