@@ -655,6 +655,10 @@ def _open_image(cfg: CephConfig, cluster: Cluster, size: int) -> tuple[IoCtx, Im
         try:
             image = ioctx.open_image(cfg.image)
         except RadosError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                raise ConfigError(f"ceph: key 'id': {cfg.spec}: client.{cfg.client} may not "
+                                  f"open the image ({exc}); expected a client whose OSD caps "
+                                  "allow writing it (`profile rbd`)") from None
             if exc.errno != errno.ENOENT:
                 raise
             if not cfg.create:

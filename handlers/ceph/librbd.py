@@ -420,7 +420,8 @@ class Image:
         return bool(out[0])
 
     def lock_owners(self) -> list[str]:
-        """The clients holding the image's lock (``client.4123`` style names), maybe none."""
+        """The clients holding the image's lock, as librbd names them: their addresses
+        (``127.0.0.1:0/3421580341``, what ``ceph osd blocklist add`` takes), maybe none."""
         mode = _ffi.new("rbd_lock_mode_t *")
         owners = _ffi.new("char *[8]")
         count = _ffi.new("size_t *", 8)

@@ -314,6 +314,19 @@ def test_credential_and_conf_errors_name_the_key(ceph_cluster: Any, tmp_path: Pa
         "conf=/nonexistent/ceph.conf", f"conf={broken}"), cfg.size, cfg.block_size)
     with pytest.raises(ConfigError, match=f"key 'conf': {broken}: librados cannot use it"):
         CephHandler.open(cfg)
+    # a client whose caps only read: the key and the caps it needs, not a bare EPERM
+    admin = ceph_cluster.admin()
+    try:
+        keyring = admin.mon_command({"prefix": "auth get-or-create", "entity": "client.ro",
+                                     "format": "plain", "caps": ["mon", "profile rbd", "osd",
+                                                                 "profile rbd-read-only"]})[0]
+    finally:
+        admin.shutdown()
+    (tmp_path / "ro.keyring").write_text(keyring)
+    _open(ceph_cluster, image, extra=";create=1").close()
+    with pytest.raises(ConfigError, match=f"key 'id': rbd/{image}: client.ro may not open the "
+                       r"image .*\(`profile rbd`\)"):
+        _open(ceph_cluster, image, client="ro", extra=f";keyring={tmp_path / 'ro.keyring'}")
 
 
 def test_exclusive_lock_holder_wins(ceph_cluster: Any) -> None:

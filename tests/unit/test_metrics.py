@@ -251,7 +251,7 @@ class _Standby(NullHandler):
         class StandbyDevice(BlockDevice):
             @property
             def not_ready_reason(self) -> str | None:
-                return "the exclusive lock is held by client.4123"
+                return "the exclusive lock is held by 127.0.0.1:0/3421580341"
 
         return StandbyDevice(config, NullBackend(config.size, config.block_size))
 
@@ -267,8 +267,8 @@ def test_a_device_open_but_not_ready_is_not_up(host, tmp_path):
     try:
         status = d.status()
         (dev,) = status["devices"]
-        assert dev["not_ready"] == "the exclusive lock is held by client.4123"
-        assert "NOT READY: the exclusive lock is held by client.4123" in render_status(
+        assert dev["not_ready"] == "the exclusive lock is held by 127.0.0.1:0/3421580341"
+        assert "NOT READY: the exclusive lock is held by 127.0.0.1:0/3421580341" in render_status(
             status, handlers={})
         samples = scrape(d.serve_metrics("127.0.0.1", 0))
         assert samples[("tcmu_py_device_up", (("device", "disk0"), ("handler", "null")))] == 0
