@@ -1226,8 +1226,14 @@ class DedupPool(PhysicalPool):
         if fd is not None:
             for table in self._tables.values():
                 table.drop_fd(fd)
-        self._locs = {k: v for k, v in self._locs.items() if v >> 64 != cid}
-        self._old_locs = {k: v for k, v in self._old_locs.items() if v >> 64 != cid}
+        # Drop such a key from both generations: an entry of the new one shadows an older
+        # entry of the same key in the old one (a put or a lookup after the rotation), which
+        # must not come back in its place (it may say "zeros" or name a place since reused).
+        gone = {k for cache in (self._locs, self._old_locs) for k, v in cache.items()
+                if v >> 64 == cid}
+        if gone:
+            self._locs = {k: v for k, v in self._locs.items() if k not in gone}
+            self._old_locs = {k: v for k, v in self._old_locs.items() if k not in gone}
 
     def mapped_indexes(self, did: int, first: int, last: int) -> list[int]:
         with self.lock:
