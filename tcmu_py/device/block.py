@@ -316,11 +316,16 @@ class BlockDevice(ScsiDevice):
         return thin.provisioning() if thin is not None else None
 
     def _threshold_exponent(self) -> int:
-        """SBC-4 6.6.4: thresholds count in units of 2**exponent blocks (0 = no thresholds)."""
+        """SBC-4 6.6.4: thresholds count in units of 2**exponent blocks (0 = no thresholds): at
+        least the unmap granularity, and large enough that both the disk's blocks and its
+        pool's capacity fit a 32-bit count (THRESHOLD COUNT, SBC-4 6.5.8, and LOG SENSE 0Ch's
+        resource counts are 32-bit; a pool may be far larger than one of its disks)."""
         if self.caps.thin is None:
             return 0
+        info = self._provisioning()
+        blocks = max(self.num_blocks, info.capacity // self.block_size if info else 0)
         exp = 0
-        while (self.num_blocks >> exp) > 0xFFFFFFFF or (
+        while (blocks >> exp) > 0xFFFFFFFF or (
             1 << exp
         ) * self.block_size < self.caps.unmap_granularity:
             exp += 1

@@ -110,3 +110,34 @@ def test_the_pool_checks_clean_after_deallocating_past_full(full: _Disk) -> None
     full.close()
     report = check_pool(full.path)
     assert report.clean, report
+
+
+def test_a_pool_far_larger_than_its_disk_keeps_mode_sense_working(
+        tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the THRESHOLD EXPONENT was chosen from the disk's size alone, so a 32 TiB pool's
+    soft threshold (80 %, in 4 KiB units) overflowed MODE SENSE's 32-bit THRESHOLD COUNT: every
+    MODE SENSE (the caching page sd reads at attach too) failed HARDWARE ERROR. Now the unit
+    grows with the pool (SBC-4 6.5.8, 6.6.4) and LOG SENSE 0Ch's counts fit too."""
+    import struct
+
+    class _Big:
+        f_bavail, f_frsize = 1 << 40, 1 << 20
+
+    path = os.path.join(tmp_path, "big")
+    with monkeypatch.context() as m:
+        m.setattr(os, "statvfs", lambda p: _Big())
+        create_pool(path, "big", 32 << 40, 80)
+    dev = DedupHandler.open(DeviceConfig("d", "dedup", f"pool={path}", 1 << 30, block_size=512))
+    try:
+        harness.run_command(dev, cdbs.test_unit_ready())
+        for cdb in (cdbs.mode_sense10(0x1C, 0x02, dbd=True), cdbs.mode_sense10(0x3F, 0xFF),
+                    cdbs.mode_sense6(0x08, dbd=True)):
+            r = harness.run_command(dev, cdb, b"", 4096)
+            assert r.good, (cdb.hex(), r)
+        exp = harness.run_command(dev, cdbs.inquiry(True, 0xB2), b"", 64).data[4]
+        unit = 512 << exp
+        page = harness.run_command(dev, cdbs.mode_sense10(0x1C, 0x02, dbd=True), b"", 255).data
+        (count,) = struct.unpack(">I", page[8 + 16 + 4:8 + 16 + 8])
+        assert count == (32 << 40) * 80 // 100 // unit  # the pool's 80 %, not clipped
+    finally:
+        dev.close()
