@@ -110,6 +110,13 @@ class PhysicalPool:
             # PROTECT; nothing of the command is done.
             raise SpaceAllocationFailed(f"pool {c.name}: {need} bytes for {what} do not fit "
                                         f"(used {before} of {c.capacity})")
+        self._count_crossing(before, need)
+
+    def _count_crossing(self, before: int, need: int) -> None:
+        """Count a soft-threshold crossing if `need` more bytes on top of `before` reach the
+        threshold from below (pool lock held): for every growth of the use, also one admitted
+        past the capacity (a dedup pool's deallocation of part of a chunk)."""
+        c = self._config
         t = c.soft_threshold
         if not reaches(before, c.capacity, t) and reaches(before + need, c.capacity, t):
             self._generation += 1
@@ -137,6 +144,14 @@ class PoolDisk(Generic[P]):
     pool: P
     _seen_generation: int = 0
     _threshold_lock = threading.Lock()  # shared by all disks: held for a compare and a store
+
+    def _join_pool(self, pool: P) -> None:
+        """Take `pool` as this disk's: a pool above its threshold now is reported once (the
+        disk has not said so yet); a crossing of the pool's past, undone since (its use is
+        below the threshold again), is not reported by a disk opened after it."""
+        self.pool = pool
+        generation = pool.generation
+        self._seen_generation = generation - 1 if pool.above_threshold else generation
 
     def take_threshold_event(self) -> bool:
         """True once per soft-threshold crossing of the pool since this disk last reported one."""

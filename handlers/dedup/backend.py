@@ -71,7 +71,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
     def __init__(self, pool: DedupPool, name: str, disk_id: int, size: int, *,
                  block_size: int = 512, write_cache: bool = False,
                  on_close: Callable[[], None] | None = None) -> None:
-        self.pool = pool
+        self._join_pool(pool)
         self.name = name
         self.disk_id = disk_id
         self.size = size

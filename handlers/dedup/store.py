@@ -1279,7 +1279,9 @@ class DedupPool(PhysicalPool):
             code = COMPRESSION_CODES[self._config.compression]
             stored = ([(fp, data, 0) for fp, data in new.items()] if code == 0 else
                       [(fp, *_compress(data, code)) for fp, data in new.items()])
-            if not deallocating:
+            if deallocating:  # admitted past the capacity, but a crossing all the same
+                self._count_crossing(self._figures.used, sum(len(d) for _, d, _ in stored))
+            else:
                 self._reserve(sum(len(d) for _, d, _ in stored))
             f = self._figures
             saved = (_Figures(f.used, f.live_bytes, f.live_chunks, f.mapped), dict(self._ends),

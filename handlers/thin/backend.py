@@ -96,7 +96,7 @@ class ThinBackend(PoolDisk["Pool"]):
         write_cache: bool = False,
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        self.pool = pool
+        self._join_pool(pool)
         self.name = name
         self.size = size
         self.block_size = block_size

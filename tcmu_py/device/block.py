@@ -723,6 +723,8 @@ class BlockDevice(ScsiDevice):
                     self._unmap(lba * self.block_size, count * self.block_size)
                 finally:
                     self._ranges.release(held)
+        # A deallocation of part of a dedup pool's chunk stores a new chunk: the use may grow.
+        self._after_write()
 
     @command(Opcode.PRE_FETCH_10)
     @command(Opcode.PRE_FETCH_16)

@@ -141,3 +141,68 @@ def test_a_pool_far_larger_than_its_disk_keeps_mode_sense_working(
         assert count == (32 << 40) * 80 // 100 // unit  # the pool's 80 %, not clipped
     finally:
         dev.close()
+
+
+def _open_disk(path: str, name: str) -> Any:
+    dev = DedupHandler.open(DeviceConfig(name, "dedup", f"pool={path};disk={name}", 32 * CS,
+                                         block_size=BS))
+    harness.run_command(dev, cdbs.test_unit_ready())  # the power-on unit attention
+    return dev
+
+
+def test_a_deallocation_that_crosses_the_soft_threshold_is_reported(
+        tmp_path: os.PathLike[str]) -> None:
+    """Before: part of a chunk deallocated (a new chunk stored, past the capacity check) could
+    take the use over the soft threshold without counting a crossing, and SOFT THRESHOLD
+    REACHED 38h/07h never came, even as later writes filled the pool (SBC-4 4.7.3.7)."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 10 * CS, 50)
+    dev = _open_disk(path, "d")
+    try:
+        assert harness.run_command(dev, cdbs.write10(0, 4 * PER),
+                                   b"".join(_chunk(i) for i in range(4))).good  # 40 %
+        assert harness.run_command(dev, cdbs.test_unit_ready()).good
+        params = cdbs.unmap_parameters([(1, 1)])  # one block of chunk 0: 50 %
+        assert harness.run_command(dev, cdbs.unmap(len(params)), params).good
+        assert dev.backend.pool.above_threshold
+        r = harness.run_command(dev, cdbs.test_unit_ready())
+        assert r.sense_codes == (0x06, 0x38, 0x07), r
+    finally:
+        dev.close()
+
+
+def test_a_disk_opened_after_a_crossing_undone_reports_none(tmp_path: os.PathLike[str]
+                                                           ) -> None:
+    """Before: a disk opened on a pool that had crossed its threshold and gone back below it
+    (everything unmapped and collected) reported 38h/07h on its first command after a write.
+    A disk opened on a pool above its threshold still reports it once."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 10 * CS, 50)
+    a = _open_disk(path, "a")
+    try:
+        assert harness.run_command(a, cdbs.write10(0, 6 * PER),
+                                   b"".join(_chunk(i) for i in range(6))).good  # 60 %
+        assert harness.run_command(a, cdbs.test_unit_ready()).sense_codes == (0x06, 0x38, 0x07)
+        params = cdbs.unmap_parameters([(0, 6 * PER)])
+        assert harness.run_command(a, cdbs.unmap(len(params)), params).good
+        pool = a.backend.pool
+        pool.collect(10)
+        assert not pool.above_threshold
+        b = _open_disk(path, "b")
+        try:
+            assert harness.run_command(b, cdbs.write10(0, PER), _chunk(50)).good  # 10 %
+            assert harness.run_command(b, cdbs.test_unit_ready()).good
+            assert harness.run_command(a, cdbs.write10(0, 5 * PER),
+                                       b"".join(_chunk(60 + i) for i in range(5))).good
+            c = _open_disk(path, "c")  # the pool is above its threshold: reported once
+            try:  # (after a write, as every disk of a pool learns of a crossing)
+                assert harness.run_command(c, cdbs.write10(0, PER), _chunk(50)).good
+                assert harness.run_command(c, cdbs.test_unit_ready()).sense_codes == (
+                    0x06, 0x38, 0x07)
+                assert harness.run_command(c, cdbs.test_unit_ready()).good
+            finally:
+                c.close()
+        finally:
+            b.close()
+    finally:
+        a.close()
