@@ -1,8 +1,9 @@
 """The dedup handler's byte-model fuzzer (`benchmarks/dedup_fuzz.py`, which found D43), with
-fixed seeds and few batches, every config, `serial` only: one command at a time and the
-collector stepped by hand, so every READ must return exactly what the commands before it left
-and nothing depends on timing. Before D43's fix, seeds 0 (config f) and 1 and 3 (config b) read
-zeros for data here. `benchmarks/dedup_fuzz.py` runs more seeds and batches, concurrently too.
+fixed seeds and few batches (about 10 s), every config, `serial` only: one command at a time and
+the collector stepped by hand, so every READ must return exactly what the commands before it
+left and nothing depends on timing. Before D43's fix, seeds 1 and 3 read zeros for data here
+(config b, batches 17 and 7). `benchmarks/dedup_fuzz.py` runs more seeds and batches, and
+concurrent batches.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from dedup_fuzz import CONFIGS, run  # noqa: E402
 
-SEEDS = [0, 1, 3]
+SEEDS = [1, 3]
 BATCHES = 80
 
 
