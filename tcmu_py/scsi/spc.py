@@ -919,8 +919,10 @@ _DISK_USAGE: dict[tuple[int, int | None], bytes] = {
     (Opcode.SERVICE_ACTION_IN_16, ServiceAction.READ_CAPACITY_16): _H(
         "9e 10 ff ff ff ff ff ff ff ff ff ff ff ff 01 00"
     ),
+    # REPORT TYPE (byte 14) is not evaluated: every descriptor is returned and the response's
+    # RTP bit is zero, which says so (SBC-4 5.8).
     (Opcode.SERVICE_ACTION_IN_16, ServiceAction.GET_LBA_STATUS): _H(
-        "9e 12 ff ff ff ff ff ff ff ff ff ff ff ff 03 00"
+        "9e 12 ff ff ff ff ff ff ff ff ff ff ff ff 00 00"
     ),
     (Opcode.READ_12, None): _H("a8 f8 ff ff ff ff ff ff ff ff 00 00"),
     (Opcode.WRITE_12, None): _H("aa f8 ff ff ff ff ff ff ff ff 00 00"),

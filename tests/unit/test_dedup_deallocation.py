@@ -252,3 +252,23 @@ def test_an_unmap_runs_in_bounded_steps(tmp_path: os.PathLike[str],
         assert harness.run_command(dev, cdbs.read10(0, PER), b"", CS).data == bytes(CS)
     finally:
         dev.close()
+
+
+def test_get_lba_status_says_it_does_not_filter_by_report_type(
+        tmp_path: os.PathLike[str]) -> None:
+    """Before: REPORT SUPPORTED OPERATION CODES marked GET LBA STATUS's REPORT TYPE (byte 14)
+    as evaluated, while every descriptor was returned whatever it asked. Now the usage data
+    says it is not, as the response's RTP bit (zero) does (SBC-4 5.8)."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 64 * CS, None)
+    dev = _open_disk(path, "d")
+    try:
+        r = harness.run_command(dev, cdbs.report_supported_operation_codes(
+            reporting_options=3, requested_opcode=0x9E, requested_service_action=0x12), b"", 64)
+        assert r.good and r.data[1] & 7 == 3, r  # supported, as the standard says
+        usage = r.data[4:4 + int.from_bytes(r.data[2:4], "big")]
+        assert usage[:2] == b"\x9e\x12" and usage[14] == 0, usage.hex()
+        lba = harness.run_command(dev, cdbs.get_lba_status(0, 24), b"", 24)
+        assert lba.good and lba.data[7] & 1 == 0  # RTP: REPORT TYPE not acted on
+    finally:
+        dev.close()
