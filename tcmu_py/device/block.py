@@ -51,6 +51,7 @@ from tcmu_py.scsi.sense import (
     LbaOutOfRange,
     MediumError,
     Miscompare,
+    RoundedParameter,
     ScsiError,
     SoftThresholdReached,
     SpaceAllocationFailed,
@@ -368,6 +369,12 @@ class BlockDevice(ScsiDevice):
         thin.set_soft_threshold(percent)
         # The pool holds the threshold (shared by its disks): regenerate the page from it.
         self.forget_mode_page(0x1C, 0x02)
+        if t is not None and t.enabled and percent is not None and (
+                percent * info.capacity != t.threshold_count * unit * 100):
+            # SPC-5 5.9: the pool keeps whole percents: the threshold asked for was rounded to
+            # one it can hold (MODE SENSE reports it). Done, and said so.
+            raise RoundedParameter(f"threshold count {t.threshold_count} rounded to {percent} %"
+                                   " of the pool")
 
     def block_descriptors(self) -> list[tuple[int, int, int]]:
         return [(0, min(self.num_blocks, 0xFFFFFFFF), self.block_size)]

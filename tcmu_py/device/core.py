@@ -45,6 +45,7 @@ from tcmu_py.scsi.sense import (
     InvalidFieldInCommandIu,
     InvalidOpcode,
     PowerOnReset,
+    RoundedParameter,
     ScsiError,
     build_fixed_sense,
 )
@@ -643,10 +644,16 @@ class ScsiDevice:
                 offset += len(body)
             for density, blocks, length in parsed.block_descriptors:
                 self.apply_block_descriptor(density, blocks, length)
+            rounded: RoundedParameter | None = None
             for page, new in changes:
                 if new != page.current:
                     self._mode_state[(page.page_code, page.subpage)] = new
-                    self.mode_page_changed(page.page_code, page.subpage, new)
+                    try:
+                        self.mode_page_changed(page.page_code, page.subpage, new)
+                    except RoundedParameter as exc:  # done: the other pages still apply
+                        rounded = exc
+            if rounded is not None:
+                raise rounded
         if changes:
             # SPC-5 5.14 / SAM-5: other I_T nexuses see MODE PARAMETERS CHANGED; TCMU carries no
             # initiator identity, so this device cannot tell them apart and reports none to

@@ -324,6 +324,7 @@ ASC_NAMES: dict[tuple[int, int], str] = {
     (0x30, 0x03): "CLEANING CARTRIDGE INSTALLED",
     (0x30, 0x05): "CANNOT WRITE MEDIUM - INCOMPATIBLE FORMAT",
     (0x30, 0x0C): "WORM MEDIUM - OVERWRITE ATTEMPTED",
+    (0x37, 0x00): "ROUNDED PARAMETER",
     (0x38, 0x07): "THIN PROVISIONING SOFT THRESHOLD REACHED",
     (0x39, 0x00): "SAVING PARAMETERS NOT SUPPORTED",
     (0x3A, 0x00): "MEDIUM NOT PRESENT",
@@ -597,6 +598,17 @@ class AuxiliaryMemoryOutOfSpace(IllegalRequest):
     """05h/55h/06h AUXILIARY MEMORY OUT OF SPACE (WRITE ATTRIBUTE, SPC-5 6.47)."""
 
     asc, ascq = 0x55, 0x06
+
+
+# --- RECOVERED ERROR ------------------------------------------------------------------------
+
+
+class RoundedParameter(ScsiError):
+    """01h/37h/00h ROUNDED PARAMETER (SPC-5 5.9): the command was done with a parameter the
+    device rounded to a value it can hold (MODE SELECT then reports the rounded value)."""
+
+    sense_key = SenseKey.RECOVERED_ERROR
+    asc, ascq = 0x37, 0x00
 
 
 # --- MISCOMPARE / MEDIUM / HARDWARE ------------------------------------------------------------

@@ -158,7 +158,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "rsoc": "ca22d300ba70107d",
         "rsoc_rctd": "1a20991108fcdbe4",
         "rsoc_unmap": "695e912e18630905",
-        "rsoc_lbas": "db4b840fdb61f7f1",
+        "rsoc_lbas": "0071cc56101d0e0f",  # D48: REPORT TYPE not evaluated
         "rsoc_ws16": "156ba35e28e13b21",
         "mode_cur": "1b4b0ac6c02ab194",
         "mode_chg": "94863235e75797dc",

@@ -272,3 +272,38 @@ def test_get_lba_status_says_it_does_not_filter_by_report_type(
         assert lba.good and lba.data[7] & 1 == 0  # RTP: REPORT TYPE not acted on
     finally:
         dev.close()
+
+
+def test_a_threshold_count_the_pool_cannot_hold_is_rounded_and_said_so(
+        tmp_path: os.PathLike[str]) -> None:
+    """Before: MODE SELECT of page 1Ch/02h with a THRESHOLD COUNT the pool cannot hold (it
+    keeps whole percents) answered GOOD and MODE SENSE then showed another count. Now the
+    rounded count is in effect and the command says so: RECOVERED ERROR, ROUNDED PARAMETER
+    01h/37h/00h (SPC-5 5.9); a count it holds exactly is GOOD."""
+    import struct
+
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 64 * CS, 80)
+    dev = _open_disk(path, "d")  # the threshold unit is one chunk: 64 units, 1 % = 0.64
+
+    def page() -> bytearray:
+        r = harness.run_command(dev, cdbs.mode_sense10(0x1C, 0x02, dbd=True), b"", 255)
+        return bytearray(r.data[8:])
+
+    def select(count: int) -> Any:
+        body = page()
+        body[0] &= 0x7F  # PS is reserved in MODE SELECT
+        struct.pack_into(">I", body, 20, count)
+        params = bytes(8) + bytes(body)
+        return harness.run_command(dev, cdbs.mode_select10(len(params)), params)
+
+    try:
+        for asked, held in ((50, 49), (0, 0), (1000, 64)):
+            r = select(asked)
+            assert r.sense_codes == (0x01, 0x37, 0x00), (asked, r)
+            assert struct.unpack_from(">I", page(), 20)[0] == held, asked
+        assert select(32).good  # 50 %: held exactly
+        assert struct.unpack_from(">I", page(), 20)[0] == 32
+        assert dev.backend.pool.soft_threshold == 50
+    finally:
+        dev.close()

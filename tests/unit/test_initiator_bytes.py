@@ -393,7 +393,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "rsoc_28": "cde111bcdda30ad1",
         "rsoc_08": "ab61dc0a941ede56",
         "rsoc_a5": "deb7b841dd8b3516",
-        "rsoc_9e12": "db4b840fdb61f7f1",
+        "rsoc_9e12": "0071cc56101d0e0f",  # D48: REPORT TYPE not evaluated
         "bad_opcode": "7cc70590e7858d93",
         "rs_fixed": "3f1a7f7cd2b5835f",
         "rtmf": "ed30bbc430a0d670",
