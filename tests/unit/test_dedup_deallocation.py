@@ -150,6 +150,17 @@ def _open_disk(path: str, name: str) -> Any:
     return dev
 
 
+def _write_chunks(dev: Any, seeds: range) -> None:
+    """Chunks `_chunk(seed)` for each of `seeds`, from LBA 0."""
+    data = b"".join(_chunk(i) for i in seeds)
+    assert harness.run_command(dev, cdbs.write10(0, len(data) // BS), data).good
+
+
+def _unmap(dev: Any, lba: int, blocks: int) -> None:
+    params = cdbs.unmap_parameters([(lba, blocks)])
+    assert harness.run_command(dev, cdbs.unmap(len(params)), params).good
+
+
 def test_a_deallocation_that_crosses_the_soft_threshold_is_reported(
         tmp_path: os.PathLike[str]) -> None:
     """Before: part of a chunk deallocated (a new chunk stored, past the capacity check) could
@@ -159,11 +170,9 @@ def test_a_deallocation_that_crosses_the_soft_threshold_is_reported(
     create_pool(path, "p", 10 * CS, 50)
     dev = _open_disk(path, "d")
     try:
-        assert harness.run_command(dev, cdbs.write10(0, 4 * PER),
-                                   b"".join(_chunk(i) for i in range(4))).good  # 40 %
+        _write_chunks(dev, range(4))  # 40 %
         assert harness.run_command(dev, cdbs.test_unit_ready()).good
-        params = cdbs.unmap_parameters([(1, 1)])  # one block of chunk 0: 50 %
-        assert harness.run_command(dev, cdbs.unmap(len(params)), params).good
+        _unmap(dev, 1, 1)  # one block of chunk 0: a new chunk, 50 %
         assert dev.backend.pool.above_threshold
         r = harness.run_command(dev, cdbs.test_unit_ready())
         assert r.sense_codes == (0x06, 0x38, 0x07), r
@@ -180,11 +189,9 @@ def test_a_disk_opened_after_a_crossing_undone_reports_none(tmp_path: os.PathLik
     create_pool(path, "p", 10 * CS, 50)
     a = _open_disk(path, "a")
     try:
-        assert harness.run_command(a, cdbs.write10(0, 6 * PER),
-                                   b"".join(_chunk(i) for i in range(6))).good  # 60 %
+        _write_chunks(a, range(6))  # 60 %
         assert harness.run_command(a, cdbs.test_unit_ready()).sense_codes == (0x06, 0x38, 0x07)
-        params = cdbs.unmap_parameters([(0, 6 * PER)])
-        assert harness.run_command(a, cdbs.unmap(len(params)), params).good
+        _unmap(a, 0, 6 * PER)
         pool = a.backend.pool
         pool.collect(10)
         assert not pool.above_threshold
@@ -192,8 +199,7 @@ def test_a_disk_opened_after_a_crossing_undone_reports_none(tmp_path: os.PathLik
         try:
             assert harness.run_command(b, cdbs.write10(0, PER), _chunk(50)).good  # 10 %
             assert harness.run_command(b, cdbs.test_unit_ready()).good
-            assert harness.run_command(a, cdbs.write10(0, 5 * PER),
-                                       b"".join(_chunk(60 + i) for i in range(5))).good
+            _write_chunks(a, range(60, 65))
             c = _open_disk(path, "c")  # the pool is above its threshold: reported once
             try:  # (after a write, as every disk of a pool learns of a crossing)
                 assert harness.run_command(c, cdbs.write10(0, PER), _chunk(50)).good
