@@ -432,7 +432,10 @@ class RbdBackend:
 
     def _wait(self, fut: Future[int], writing: bool, *, bound: bool = True) -> int:
         """`fut`'s result, within one ``osd_op_timeout`` unless not `bound` (`bounded`); its
-        failure as sense."""
+        failure as sense. A deadline answers before librbd is done with the operation's
+        buffers: only buffers Python owns come here (librbd's operation keeps them alive until
+        its callback: an EXTENDED COPY's, a VERIFY's); a command's ring buffers go through the
+        device's asynchronous commands, which complete only once librbd has."""
         try:
             return int((bounded(fut, self.cfg.osd_op_timeout, self.cfg.spec) if bound
                         else fut).result())
