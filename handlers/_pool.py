@@ -322,21 +322,20 @@ class NamedPool(Protocol):
 
 
 T = TypeVar("T")
+S = TypeVar("S", bound=NamedPool)
 
 
-class PoolDevice(NamedTuple):
+class PoolDevice(NamedTuple, Generic[S]):
     """A raw ``devices[]`` entry (`entry`, ``devices[at]``) of a pool handler naming a declared
-    `pool` (by name, or by its directory in ``options.pool``), as disk `disk` of it
-    (``options.disk``, else the device's name)."""
+    `pool` (by name, or by its directory in ``options.pool``): the handler's own pool spec."""
 
     at: int
     entry: Mapping[str, Any]
-    pool: NamedPool
-    disk: str
+    pool: S
 
 
-def pool_devices(doc: Mapping[str, Any], subtype: str, pools: Sequence[NamedPool]
-                 ) -> Iterator[PoolDevice]:
+def pool_devices(doc: Mapping[str, Any], subtype: str, pools: Sequence[S]
+                 ) -> Iterator[PoolDevice[S]]:
     """The devices of handler `subtype` in the raw YAML `doc` naming one of `pools` (the
     section's valid entries); others are `check_device_pools`' to report."""
     by_name = {pool.name: pool for pool in pools}
@@ -351,11 +350,8 @@ def pool_devices(doc: Mapping[str, Any], subtype: str, pools: Sequence[NamedPool
         named = ref[1]
         pool = by_path.get(os.path.realpath(named)) if named.startswith("/") else by_name.get(
             named)
-        opts = dev.get("options")
-        disk = opts.get("disk") if isinstance(opts, dict) else None
-        disk = disk if isinstance(disk, str) else dev.get("name")
-        if pool is not None and isinstance(disk, str):
-            yield PoolDevice(i, dev, pool, disk)
+        if pool is not None:
+            yield PoolDevice(i, dev, pool)
 
 
 def check_existing_pool(c: Checker, p: str, path: str, pool_file: str, load: Callable[[str], T],

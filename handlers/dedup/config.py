@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from tcmu_py.configspec import Checker, Device, parse_size
 from tcmu_py.errors import ConfigError
@@ -137,7 +137,7 @@ def _check_devices(c: Checker, doc: Mapping[str, Any], pools: Sequence[DedupPool
     blocks), as the pool checks when the disk opens."""
     for dev in pool_devices(doc, SUBTYPE, pools):
         block = dev.entry.get("block_size", 512)
-        chunk = cast(DedupPoolSpec, dev.pool).chunk_size
+        chunk = dev.pool.chunk_size
         if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
             continue  # the device check reports it
         if chunk % block:
