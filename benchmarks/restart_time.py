@@ -14,8 +14,8 @@ which is the cost that matters here.
 ``--config`` also passes ``-c`` with a YAML file declaring the same devices (the daemon loads
 and validates it; creating LIO objects fails without configfs, after the first command).
 ``--importtime`` runs once more with ``python -X importtime`` and lists the slowest top-level
-imports done before the first command was served, and whether pyroute2, pyudev, rtslib_fb and
-yaml were among them.
+imports done before the first command was served, and whether pyudev, rtslib_fb and yaml were
+among them.
 
 Output: one line per repetition, then min / median; ``--json`` prints the figures as JSON.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 
 MIB = 1 << 20
 MARKER = "### restart_time: first command served"
-WATCHED = ("pyroute2", "pyudev", "rtslib_fb", "yaml")
+WATCHED = ("pyudev", "rtslib_fb", "yaml")
 
 # The child: make tcmu-py serve use the fake host, then run the real command line.
 CHILD = textwrap.dedent(
