@@ -308,7 +308,7 @@ class BlockDevice(ScsiDevice):
                 lbprz=self.lbprz,
                 anc_sup=False,
                 provisioning_type=caps.provisioning_type,
-                threshold_exponent=self._threshold_exponent(),
+                threshold_exponent=self._threshold_exponent(self._provisioning()),
             )
         return pages
 
@@ -316,14 +316,15 @@ class BlockDevice(ScsiDevice):
         thin = self.caps.thin
         return thin.provisioning() if thin is not None else None
 
-    def _threshold_exponent(self) -> int:
+    def _threshold_exponent(self, info: ProvisioningInfo | None) -> int:
         """SBC-4 6.6.4: thresholds count in units of 2**exponent blocks (0 = no thresholds): at
         least the unmap granularity, and large enough that both the disk's blocks and its
         pool's capacity fit a 32-bit count (THRESHOLD COUNT, SBC-4 6.5.8, and LOG SENSE 0Ch's
-        resource counts are 32-bit; a pool may be far larger than one of its disks)."""
+        resource counts are 32-bit; a pool may be far larger than one of its disks). `info` is
+        the pool's figures the caller has read (`_provisioning`), so that one command reads
+        them once under the pool's lock."""
         if self.caps.thin is None:
             return 0
-        info = self._provisioning()
         blocks = max(self.num_blocks, info.capacity // self.block_size if info else 0)
         exp = 0
         while (blocks >> exp) > 0xFFFFFFFF or (
@@ -341,7 +342,7 @@ class BlockDevice(ScsiDevice):
         if info is not None:
             # SBC-4 6.5.8: one soft threshold on the used LBA mapping resource, counted in
             # 2**THRESHOLD EXPONENT blocks; disabled (count 0) when the pool has none.
-            unit = self.block_size << self._threshold_exponent()
+            unit = self.block_size << self._threshold_exponent(info)
             pct = info.soft_threshold
             count = info.capacity * pct // 100 // unit if pct is not None else 0
             pages.append(
@@ -362,7 +363,7 @@ class BlockDevice(ScsiDevice):
         page = next(p for p in self.mode_pages() if (p.page_code, p.subpage) == (0x1C, 0x02))
         thresholds = sbc.lbp_thresholds(page.with_current(new_current))
         t = thresholds[0] if thresholds else None
-        unit = self.block_size << self._threshold_exponent()
+        unit = self.block_size << self._threshold_exponent(info)
         percent = None
         if t is not None and t.enabled:
             percent = max(1, min(100, round(t.threshold_count * unit * 100 / info.capacity)))
@@ -391,7 +392,7 @@ class BlockDevice(ScsiDevice):
     def _lbp_log_page(self) -> bytes:
         info = self._provisioning()
         assert info is not None
-        exp = self._threshold_exponent()
+        exp = self._threshold_exponent(info)
         unit = self.block_size << exp
         return sbc.build_lbp_log_page(
             available=max(info.capacity - info.used, 0) // unit,
