@@ -79,17 +79,23 @@ def _config(ctx: Context, root: Path) -> Path:
     return cfg
 
 
-def _serve(ctx: Context, cfg: Path) -> Daemon:
-    """`tcmu-py serve -c cfg` until ready; on cleanup it stops and its LIO objects are taken
-    down in this process (`guestlib.serve_config` runs ``tcmu-py down``, whose interpreter
-    start-up took up to two minutes on a loaded host)."""
+def _down(cfg: Path) -> None:
+    """``tcmu-py down -c cfg``, in this process (`guestlib.serve_config` runs the command, whose
+    interpreter start-up took up to two minutes on a loaded host). Run it while the daemon still
+    serves: sd's removal of a disk whose daemon is gone waits out command timeouts (~95 s)."""
     from tcmu_py.daemon import lio
     from tcmu_py.daemon.config import load_state_dir
 
+    lio.down(load_state_dir(str(cfg)))
+
+
+def _serve(ctx: Context, cfg: Path) -> Daemon:
+    """`tcmu-py serve -c cfg` until ready; on cleanup it stops and its LIO objects are taken
+    down (`_down`)."""
     ready = ctx.workdir / "ready"
     d = Daemon(tcmu_py("serve", "-c", str(cfg), "--run-dir", str(ctx.workdir / "run"),
                        "--ready-file", str(ready)), ctx.artifacts / "daemon.log")
-    ctx.cleanup.callback(lambda: lio.down(load_state_dir(str(cfg))))
+    ctx.cleanup.callback(_down, cfg)
     ctx.cleanup.callback(d.stop)
     d.start(ready=ready.exists, timeout=ctx.remaining(240))
     return d
@@ -158,6 +164,7 @@ def after_power_loss(ctx: Context) -> None:
     ctx.details["fsynced_files_intact"] = len(expected["files"])
     ctx.details["fio_file_bytes_after"] = fio_bytes
 
+    _down(cfg)
     assert d.stop(timeout=60) == 0, "serve did not exit cleanly on SIGTERM"
     log_text = (ctx.artifacts / "daemon.log").read_text(errors="replace")
     ctx.details["daemon_open"] = [line for line in log_text.splitlines()

@@ -551,9 +551,9 @@ def restart_accounting(ctx: Context) -> None:
         lambda: (ctx.artifacts / "dmesg.txt").write_text("\n".join(dmesg_since("kill9 start"))))
     jobs = [
         fio_bg(d0, ctx.artifacts / "k0.json", "--rw=randwrite", "--bs=4k", "--iodepth=16",
-               "--size=24M", "--offset=32M", "--time_based", "--runtime=60"),
+               "--size=24M", "--offset=32M", "--time_based", "--runtime=25"),
         fio_bg(d1, ctx.artifacts / "k1.json", "--rw=randtrim", "--bs=64k", "--iodepth=4",
-               "--size=16M", "--time_based", "--runtime=60"),
+               "--size=16M", "--time_based", "--runtime=25"),
     ]
     for job in jobs:
         ctx.cleanup.callback(job.kill)  # harmless once it has exited
