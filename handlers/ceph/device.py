@@ -334,9 +334,10 @@ class RbdBackend:
 
     def _reconnect(self) -> None:
         """Connect a new client and open the image again, every `RECONNECT_INTERVAL` seconds
-        until it works or the backend closes; then take the lock again (``lock=exclusive``,
-        waiting for it as `start_lock_retry` does) and serve. The blocklisted client's handles
-        are kept until `close`: operations of the device may still be in flight on them."""
+        until it works or the backend closes; then take the lock again (``lock=exclusive``: at
+        once, else waiting for it as `start_lock_retry` does, `_wait_for_lock`) and serve. The
+        blocklisted client's handles are kept until `close`: operations of the device may still
+        be in flight on them."""
         name_os_thread()
         while not self._closing.wait(RECONNECT_INTERVAL):
             try:
@@ -363,9 +364,8 @@ class RbdBackend:
             if listener is not None:
                 listener()
             if self.cfg.lock == "exclusive":
-                while not self.take_lock():
-                    if self._closing.wait(LOCK_RETRY_INTERVAL):
-                        return
+                if not self.take_lock() and not self._wait_for_lock(LOCK_RETRY_INTERVAL):
+                    return  # closed before the lock was ours
             else:
                 self._set_not_ready(None)
             with self._state_lock:
@@ -413,15 +413,24 @@ class RbdBackend:
 
         def retry() -> None:
             name_os_thread()
-            while not self._closing.wait(interval):
-                if self._reconnecting is not None:
-                    return  # the new client takes the lock (`_reconnect`)
-                if self.take_lock():
-                    log.warning("ceph image %s: exclusive lock taken; serving", self.cfg.spec)
-                    return
+            if self._wait_for_lock(interval):
+                log.warning("ceph image %s: exclusive lock taken; serving", self.cfg.spec)
 
         self._retry = threading.Thread(target=retry, name=f"lock-{self.cfg.spec}", daemon=True)
         self._retry.start()
+
+    def _wait_for_lock(self, interval: float) -> bool:
+        """Try to take the lock (`take_lock`) every `interval` seconds, the first try one
+        interval from now, until it is ours: True. False when the backend closes first, or when
+        another thread than this one is connecting a new client (`_reconnecting`): that thread
+        takes the lock with the new client (`_reconnect`, which waits here itself)."""
+        while not self._closing.wait(interval):
+            reconnecting = self._reconnecting
+            if reconnecting is not None and reconnecting is not threading.current_thread():
+                return False
+            if self.take_lock():
+                return True
+        return False
 
     def check_ready(self) -> None:
         why = self.not_ready
