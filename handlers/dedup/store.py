@@ -111,7 +111,7 @@ import re
 import sqlite3
 import threading
 import time
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -1754,7 +1754,10 @@ def _connect(file: str, *, create: bool = False, readonly: bool = False) -> sqli
         os.close(os.open(file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
     try:
         if readonly:
-            db = sqlite3.connect(f"file:{urllib.request.pathname2url(file)}?mode=ro", uri=True)
+            # (urllib.parse.quote is urllib.request.pathname2url on POSIX, without importing
+            # urllib.request's HTTP client: ~0.2 s of every process listing the handlers
+            # under the lab's emulation.)
+            db = sqlite3.connect(f"file:{urllib.parse.quote(file)}?mode=ro", uri=True)
         else:
             db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
