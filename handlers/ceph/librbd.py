@@ -10,7 +10,7 @@ the asynchronous I/O calls (`Image.aio`) whose completions resolve
 
 Our Python is not Debian's, so ``python3-rados`` / ``python3-rbd`` cannot be imported; the
 libraries are opened with ``dlopen`` on first use, and a missing one is a `RadosError` naming
-the package to install.
+the package to install. The declarations are parsed on first use too (`tcmu_py.lazy_ffi`).
 
 Threads: librados and librbd handles are thread-safe. Asynchronous completions run on librbd's
 own finisher thread: the callback there only takes the return value and resolves the Future
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-import cffi
+from tcmu_py.lazy_ffi import LazyFFI
 
 _CDEF = """
 typedef void *rados_t;
@@ -114,8 +114,7 @@ LOCK_MODE_EXCLUSIVE = 0
 LIBRADOS = "librados.so.2"
 LIBRBD = "librbd.so.1"
 
-_ffi = cffi.FFI()
-_ffi.cdef(_CDEF)
+_ffi: Any = LazyFFI(_CDEF)
 _libs: dict[str, Any] = {}
 _lib_lock = threading.Lock()
 
@@ -317,7 +316,6 @@ class _Op:
 _inflight: set[_Op] = set()
 
 
-@_ffi.callback("void(rbd_completion_t, void *)")
 def _complete(c: Any, arg: Any) -> None:
     op: _Op = _ffi.from_handle(arg)
     lib = rbd()
@@ -340,7 +338,6 @@ def _complete(c: Any, arg: Any) -> None:
         op.future.set_result(rc if op.value is RETURN_VALUE else op.value)
 
 
-@_ffi.callback("int(uint64_t, size_t, int, void *)")
 def _extent(offset: int, length: int, exists: int, arg: Any) -> int:
     out: _Extents = _ffi.from_handle(arg)
     out.runs.append((int(offset), int(length), bool(exists)))
@@ -360,7 +357,6 @@ class _Extents:
 _watchers: dict[tuple[int, int], Any] = {}
 
 
-@_ffi.callback("void(void *)")
 def _updated(arg: Any) -> None:
     fn = _ffi.from_handle(arg)
     try:
@@ -368,6 +364,26 @@ def _updated(arg: Any) -> None:
     except Exception:  # noqa: BLE001 - never unwind into librbd's thread
         import logging
         logging.getLogger(__name__).exception("image watch callback failed")
+
+
+#: The C callbacks made of `_complete`, `_extent` and `_updated` (`_callback`), kept for the
+#: life of the process: librbd may call one as long as any operation or watch is registered.
+_callbacks: dict[Any, Any] = {}
+_CALLBACK_TYPES = {_complete: "void(rbd_completion_t, void *)",
+                   _extent: "int(uint64_t, size_t, int, void *)",
+                   _updated: "void(void *)"}
+
+
+def _callback(fn: Any) -> Any:
+    """The C function pointer librbd calls for `fn`, made once (under `_lib_lock`: a second
+    one made by a racing thread and then dropped would leave librbd a dangling pointer)."""
+    made = _callbacks.get(fn)
+    if made is None:
+        with _lib_lock:
+            made = _callbacks.get(fn)
+            if made is None:
+                made = _callbacks[fn] = _ffi.callback(_CALLBACK_TYPES[fn])(fn)
+    return made
 
 
 class Image:
@@ -445,8 +461,8 @@ class Image:
         Costs one request per RADOS object of the range."""
         out = _Extents(max(limit, 1))
         handle = _ffi.new_handle(out)
-        rc = self._lib.rbd_diff_iterate2(self._h, _ffi.NULL, offset, length, 1, 0, _extent,
-                                         handle)
+        rc = self._lib.rbd_diff_iterate2(self._h, _ffi.NULL, offset, length, 1, 0,
+                                         _callback(_extent), handle)
         if rc != -_errno.ECANCELED:
             check(rc, f"diff_iterate {self.name}")
         return out.runs
@@ -457,7 +473,8 @@ class Image:
         Returns the handle for `unwatch`."""
         arg = _ffi.new_handle(callback)
         out = _ffi.new("uint64_t *")
-        check(self._lib.rbd_update_watch(self._h, out, _updated, arg), f"watch {self.name}")
+        check(self._lib.rbd_update_watch(self._h, out, _callback(_updated), arg),
+              f"watch {self.name}")
         _watchers[(id(self), int(out[0]))] = arg
         return int(out[0])
 
@@ -478,7 +495,7 @@ class Image:
         op.keep.extend(keep)
         op.handle = _ffi.new_handle(op)
         c = _ffi.new("rbd_completion_t *")
-        check(self._lib.rbd_aio_create_completion(op.handle, _complete, c),
+        check(self._lib.rbd_aio_create_completion(op.handle, _callback(_complete), c),
               "rbd_aio_create_completion")
         _inflight.add(op)
         rc = call(self._h, c[0])

@@ -25,9 +25,8 @@ import errno as _errno
 import threading
 from typing import Any
 
-import cffi
-
 from tcmu_py.backend import NbdFunctions
+from tcmu_py.lazy_ffi import LazyFFI
 
 _CDEF = """
 struct nbd_handle;
@@ -70,8 +69,7 @@ POLL_MS = 10
 
 LIBRARY = "libnbd.so.0"
 
-_ffi = cffi.FFI()
-_ffi.cdef(_CDEF)
+_ffi: Any = LazyFFI(_CDEF)  # parsed on first use
 _lib: Any = None
 _lib_lock = threading.Lock()
 
