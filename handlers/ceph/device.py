@@ -484,6 +484,13 @@ class RbdBackend:
                           "acknowledged from it may be lost; SYNCHRONIZE CACHE answers WRITE "
                           "ERROR", self.cfg.spec, exc)
                 out.set_exception(WriteError(f"librbd's cache could not write back: {exc}"))
+            elif isinstance(exc, OSError) and exc.errno == errno.EROFS:
+                # librbd refuses a flush, as it does a write, while another client holds the
+                # exclusive lock of an image this device shares (lock=shared). Nothing of ours
+                # is in its cache (the branch above), so there is nothing to write: GOOD, as LIO
+                # answers SYNCHRONIZE CACHE on a read-only LUN (sd sends one at every unmount
+                # and detach; WRITE PROTECTED there would be an error for nothing).
+                out.set_result(0)
             else:
                 out.set_exception(self.sense(exc, True, image))
 

@@ -362,6 +362,11 @@ def test_exclusive_lock_holder_wins(ceph_cluster: Any) -> None:
                 assert h2.run(cdbs.read10(0, 1), data_in_len=BS).data == b"y" * BS
                 r = h2.run(cdbs.write10(0, 1), b"z" * BS)
                 assert r.sense_codes == (0x07, 0x27, 0x00), r
+                # Nothing of its own to write back: SYNCHRONIZE CACHE is GOOD (it was WRITE
+                # PROTECTED: librbd refuses the flush as it does a write).
+                for sync in (cdbs.synchronize_cache10(), cdbs.synchronize_cache16()):
+                    r = h2.run(sync)
+                    assert r.good, r
             finally:
                 h2.close()  # closes `shared` too
             assert first.image.is_lock_owner()
