@@ -126,6 +126,10 @@ class DeviceConfig:
     `copy_domain` names the devices EXTENDED COPY may copy between (`split_copy_domain`);
     None: this device alone. `data_plane` False keeps every command in Python even when the
     backend declares a `FileExtent` (YAML ``data_plane: false``, ``serve --no-data-plane``).
+    `cmd_time_out` is the kernel's ``attrib/cmd_time_out``: the seconds a command may take
+    before the kernel fails it itself (LOGICAL UNIT COMMUNICATION FAILURE 02h/08h/00h, which sd
+    does not retry); 0: no limit. A handler whose backend has a timeout of its own keeps it
+    below this one, so that a stall is answered with its retryable sense first.
     """
 
     name: str
@@ -140,6 +144,7 @@ class DeviceConfig:
     wwn: str | None = None
     copy_domain: str | None = None
     data_plane: bool = True
+    cmd_time_out: int = 30
 
 
 @dataclass(frozen=True)

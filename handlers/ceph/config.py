@@ -16,7 +16,8 @@ Config string (``key=value`` items, ``;``-separated; ``,`` too, for targetcli)::
   or ``shared`` (no lock taken: several gateways share the image, and the initiators must
   coordinate);
 - ``osd_op_timeout``: seconds before a stalled OSD operation fails with a retryable error
-  (default 30; keep it below the device's ``cmd_time_out``);
+  (default `default_osd_op_timeout` of the device's ``cmd_time_out``: 25 s with the kernel's
+  default 30; keep a value given below the device's ``cmd_time_out``);
 - ``rbd_cache``: ``1`` runs librbd's cache (writes acknowledged from the daemon's memory once
   the initiator has sent its first flush; WCE=1, FUA and SYNCHRONIZE CACHE flush it); ``0``
   (default): no cache, every write acknowledged is on the OSDs (WCE=0). The device's
@@ -37,6 +38,9 @@ from tcmu_py.handler import parse_options
 #: could be made by librbd but not addressed by ``rbd info`` or ``rbd rm``), not empty.
 _NAME = re.compile(r"[A-Za-z0-9_.:-]+\Z")
 LOCK_MODES = ("exclusive", "shared")
+#: `default_osd_op_timeout`'s margin below the kernel's command timeout, and its ceiling.
+OSD_OP_TIMEOUT_MARGIN = 5
+OSD_OP_TIMEOUT_MAX = 30
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class CephConfig:
     keyring: str | None = None
     create: bool = False
     lock: str = "exclusive"
-    osd_op_timeout: int = 30
+    osd_op_timeout: int = OSD_OP_TIMEOUT_MAX - OSD_OP_TIMEOUT_MARGIN  # see `parse`
     rbd_cache: bool = False
 
     @property
@@ -97,8 +101,21 @@ def _client(value: str) -> str:
     return value.removeprefix("client.")
 
 
-def parse(cfgstring: str) -> CephConfig:
-    """The config of `cfgstring`; `ConfigError` names the key that is wrong."""
+def default_osd_op_timeout(cmd_time_out: int) -> int:
+    """``osd_op_timeout`` for a config string that gives none, on a device whose kernel
+    command timeout is `cmd_time_out` seconds (0: none): `OSD_OP_TIMEOUT_MARGIN` below it (25 s
+    for the kernel's default 30), at most `OSD_OP_TIMEOUT_MAX`, at least 1; the maximum when
+    the kernel has no timeout. A command the kernel times out first fails LOGICAL UNIT
+    COMMUNICATION FAILURE 02h/08h/00h, which sd does not retry (an I/O error for the
+    application), where librbd's timeout answers the retryable NOT READY 02h/04h/01h."""
+    if cmd_time_out <= 0:
+        return OSD_OP_TIMEOUT_MAX
+    return max(1, min(OSD_OP_TIMEOUT_MAX, cmd_time_out - OSD_OP_TIMEOUT_MARGIN))
+
+
+def parse(cfgstring: str, cmd_time_out: int = 30) -> CephConfig:
+    """The config of `cfgstring` for a device whose kernel command timeout is `cmd_time_out`
+    (it sets the default ``osd_op_timeout``); `ConfigError` names the key that is wrong."""
     items = parse_options(cfgstring, {
         "image": _image, "conf": _abs_path, "id": _client, "keyring": _abs_path,
         "create": _flag, "lock": _lock, "osd_op_timeout": _timeout, "rbd_cache": _flag,
@@ -109,4 +126,5 @@ def parse(cfgstring: str) -> CephConfig:
     pool, namespace, image = items.pop("image")
     if "id" in items:
         items["client"] = items.pop("id")
+    items.setdefault("osd_op_timeout", default_osd_op_timeout(cmd_time_out))
     return CephConfig(pool, namespace, image, **items)

@@ -4,6 +4,7 @@ string: `.config`; the device and its asynchronous commands: `.device`; the C bi
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from . import config as _config
 
 if TYPE_CHECKING:
     from tcmu_py.device.core import ScsiDevice
+
+log = logging.getLogger(__name__)
 
 
 class CephHandler(Handler):
@@ -51,7 +54,14 @@ class CephHandler(Handler):
         ``write_cache`` (see `.config`)."""
         from .device import CephDevice, open_backend
 
-        cfg = _config.parse(config.cfgstring)
+        cfg = _config.parse(config.cfgstring, config.cmd_time_out)
+        if 0 < config.cmd_time_out <= cfg.osd_op_timeout:
+            log.warning("ceph device %s: osd_op_timeout %d s is not below the device's "
+                        "cmd_time_out %d s: in a cluster stall the kernel fails commands "
+                        "itself first (LOGICAL UNIT COMMUNICATION FAILURE, an I/O error for "
+                        "the application) instead of the retryable NOT READY; expected at "
+                        "most %d", config.name, cfg.osd_op_timeout, config.cmd_time_out,
+                        _config.default_osd_op_timeout(config.cmd_time_out))
         backend = open_backend(cfg, config.size, config.block_size)
         try:
             return CephDevice(config, backend)

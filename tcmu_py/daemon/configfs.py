@@ -65,6 +65,11 @@ class TcmuConfigfs:
         return self.attr_int("hw_max_sectors", 128)
 
     @property
+    def cmd_time_out(self) -> int:
+        """Seconds the kernel gives a command before it fails it (0: no limit)."""
+        return self.attr_int("cmd_time_out", 30)
+
+    @property
     def write_cache(self) -> bool:
         return bool(self.attr_int("emulate_write_cache", 0))
 

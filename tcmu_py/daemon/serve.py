@@ -592,6 +592,7 @@ class Daemon:
             write_cache=cfs.write_cache,
             serial=cfs.serial,
             uio_name=name.build(),
+            cmd_time_out=cfs.cmd_time_out,
             wwn=wwn,
             copy_domain=domain,
             data_plane=daemon_data_plane(name.cfgstring),

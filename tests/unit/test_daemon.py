@@ -55,6 +55,7 @@ class Host:
         (d / "attrib/hw_block_size").write_text("512\n")
         (d / "attrib/hw_max_sectors").write_text("1024\n")
         (d / "attrib/emulate_write_cache").write_text("0\n")
+        (d / "attrib/cmd_time_out").write_text("30\n")
         (d / "wwn/vpd_unit_serial").write_text(f"T10 VPD Unit Serial Number: serial-{dev}\n")
         self.kernels[node] = FakeKernel(cmdr_size=16384, data_size=MIB)
 
@@ -693,6 +694,35 @@ def test_a_device_whose_block_size_is_not_set_yet_is_tried_again_not_failed(host
         assert set(d.served) == {"uio0"} and d.served["uio0"].failed is None
         assert host.run("uio0", cdbs.test_unit_ready()).sense_codes == (6, 0x29, 0)
         assert host.run("uio0", cdbs.read10(0, 1), data_in_len=512).good
+    finally:
+        d.shutdown()
+
+
+class _Recording(NullHandler):
+    """A null disk that keeps the DeviceConfig of each open."""
+
+    subtype = "rec"
+    configs: list[Any] = []
+
+    @classmethod
+    def open(cls, config: Any) -> Any:
+        cls.configs.append(config)
+        return super().open(config)
+
+
+def test_the_handler_is_told_the_kernels_command_timeout(host, tmp_path):
+    """DeviceConfig.cmd_time_out is the device's attrib/cmd_time_out (a backend keeps its own
+    timeouts below it: `ceph`'s osd_op_timeout)."""
+    _Recording.configs = []
+    host.add("uio0", 0, "disk0", "rec/", 4 * MIB)
+    (host.configfs / "user_0" / "disk0" / "attrib" / "cmd_time_out").write_text("12\n")
+    host.add("uio1", 1, "disk1", "rec/", 4 * MIB)
+    (host.configfs / "user_1" / "disk1" / "attrib" / "cmd_time_out").write_text("0\n")
+    d = make_daemon(host, tmp_path, {"rec": _Recording})
+    d.start_serving()
+    try:
+        assert sorted((c.name, c.cmd_time_out) for c in _Recording.configs) == [
+            ("disk0", 12), ("disk1", 0)]
     finally:
         d.shutdown()
 
