@@ -7,9 +7,9 @@ with -ENOENT (libtcmu.c, device_add).
 
 - ``runner_first``: tcmu-runner owns the name; `serve` registers its subtypes with tcmu-runner's
   HandlerManager1 and turns kernel replies off. targetcli lists both daemons' subtypes, a bad
-  raw cfgstring is refused through tcmu-runner (it forwards CheckConfig to tcmu-py), and a
-  user:raw disk (default attributes) and a user:fbo (tcmu-runner's optical drive) both work
-  through loopback LUNs.
+  raw cfgstring is refused through tcmu-runner (it forwards CheckConfig to tcmu-py), a
+  user:raw disk (default attributes) works through a loopback LUN and a user:fbo (tcmu-runner's
+  optical drive) through an iSCSI LUN on 127.0.0.1.
 - ``tcmu_py_first``: tcmu-py owns the name, tcmu-runner queues for it (and turns replies on):
   targetcli lists tcmu-py's subtypes only; a user:fbo created with rtslib-fb is served by
   tcmu-runner; a user:raw disk works when created with ``control=nl_reply_supported=-1`` (no
@@ -17,7 +17,9 @@ with -ENOENT (libtcmu.c, device_add).
   bounded either way (tcmu-runner's -ENOENT or tcmu-py's 0 decides `enable`).
 
 Both: no configfs write waits for good (every command ran under a timeout), and dmesg has no
-hung-task report.
+hung-task report. The fbo LUN is exported over iSCSI and checked with libiscsi's iscsi-inq, not
+through tcm_loop: Linux's sr driver probing it locally waited out a 30 s command timeout at
+attach and another at removal (a command tcmu-runner's fbo leaves unanswered), 80 s of CI.
 """
 
 from __future__ import annotations
@@ -95,11 +97,28 @@ def _nodes(ctx: Context) -> set[str]:
     return set(re.findall(r"o- user:([a-z0-9_]+) ", out.stdout))
 
 
-def _lun_disks(vendor_type: str) -> list[str]:
-    """lsscsi lines of tcm_loop LUNs of a peripheral type (disk, cd/dvd)."""
-    out = run(["lsscsi"], timeout=30).stdout
-    return [line for line in out.splitlines() if vendor_type in line and "LIO-ORG" in line]
+#: The iSCSI target of tcmu-runner's fbo LUN (on 127.0.0.1 only).
+FBO_IQN = "iqn.2003-01.org.linux-iscsi.tcmu-py:fbo"
+FBO_TPG = f"/iscsi/{FBO_IQN}/tpg1"
 
+
+def _fbo_target(so_path: str) -> tuple[str, ...]:
+    """targetcli lines exporting backstore `so_path` as LUN 0 of `FBO_IQN` on 127.0.0.1:3260
+    (no default 0.0.0.0 portal), open to any initiator."""
+    return ("set global auto_add_default_portal=false",
+            f"/iscsi create {FBO_IQN}",
+            f"{FBO_TPG}/portals create 127.0.0.1 3260",
+            f"{FBO_TPG}/luns create {so_path}",
+            f"{FBO_TPG} set attribute authentication=0 demo_mode_write_protect=0 "
+            "generate_node_acls=1 cache_dynamic_acls=1")
+
+
+def _fbo_inquiry(ctx: Context) -> str:
+    """tcmu-runner's fbo LUN answers INQUIRY over iSCSI as a CD/DVD (MMC) device."""
+    run(["ip", "link", "set", "lo", "up"], timeout=30, check=False)
+    out = run(["iscsi-inq", f"iscsi://127.0.0.1/{FBO_IQN}/0"], timeout=ctx.remaining(60)).stdout
+    assert re.search(r"Peripheral Device Type:\s*MMC", out), out
+    return " ".join(out.split())[:200]
 
 
 
@@ -166,8 +185,8 @@ def runner_first(ctx: Context) -> None:
 
     image, disc = ctx.workdir / "r0.img", ctx.workdir / "cd0.img"
     wwn = "naa.5001405" + os.urandom(5).hex()[:9]
-    teardown = (f"/loopback delete {wwn}", "/backstores/user:raw delete r0",
-                "/backstores/user:fbo delete cd0")
+    teardown = (f"/loopback delete {wwn}", f"/iscsi delete {FBO_IQN}",
+                "/backstores/user:raw delete r0", "/backstores/user:fbo delete cd0")
     done = False
     ctx.cleanup.callback(lambda: done or _targetcli(ctx, *teardown, check=False))
     session = _targetcli(
@@ -177,7 +196,7 @@ def runner_first(ctx: Context) -> None:
         f"/backstores/user:fbo create name=cd0 size=16M cfgstring={disc}",
         f"/loopback create {wwn}",
         f"/loopback/{wwn}/luns create /backstores/user:raw/r0",
-        f"/loopback/{wwn}/luns create /backstores/user:fbo/cd0",
+        *_fbo_target("/backstores/user:fbo/cd0"),
     )
     ctx.details["session"] = session
     # CheckConfig as tcmu-runner forwards it to tcmu-py: the raw handler's own message.
@@ -186,8 +205,7 @@ def runner_first(ctx: Context) -> None:
     dev = wait_for(lambda: loopback_disk_of_size(32 * MIB), ctx.remaining(60),
                    "the sd disk of r0")
     _pattern_round_trip(ctx, dev, image)
-    cds = wait_for(lambda: _lun_disks("cd/dvd"), ctx.remaining(60), "tcmu-runner's fbo LUN")
-    ctx.details["fbo"] = cds
+    ctx.details["fbo"] = _fbo_inquiry(ctx)
     ctx.details["teardown_seconds"] = _teardown(ctx, *teardown)
     done = True
     assert not list(CORE.glob("user_*/r0")) and not list(CORE.glob("user_*/cd0"))
@@ -219,21 +237,25 @@ def tcmu_py_first(ctx: Context) -> None:
     done = False
     ctx.cleanup.callback(lambda: done or _targetcli(ctx, *teardown, check=False))
     # tcmu-runner's fbo: no targetcli node (it does not own the name); rtslib-fb creates it
-    # and its LUN, as targetcli would.
-    wwn2 = "naa.5001405" + os.urandom(5).hex()[:9]
-    rtslib = ("from rtslib_fb import FabricModule, LUN, TPG, Target, RTSRoot\n"
+    # and its iSCSI LUN (as `_fbo_target` has targetcli do), as targetcli would.
+    rtslib = ("from rtslib_fb import FabricModule, LUN, NetworkPortal, TPG, Target, RTSRoot\n"
               "from rtslib_fb import UserBackedStorageObject as U\n")
     ctx.cleanup.callback(lambda: run(["/usr/bin/python3", "-c", rtslib + (
         "for t in RTSRoot().targets:\n"
-        f"    t.delete() if t.wwn == '{wwn2}' else None\n"
+        f"    t.delete() if t.wwn == '{FBO_IQN}' else None\n"
         "for so in RTSRoot().storage_objects:\n"
         "    so.delete() if so.name == 'cd1' else None\n")], timeout=120, check=False))
     run(["/usr/bin/python3", "-c", rtslib + (
         f"so = U('cd1', config='fbo/{disc}', size={16 * MIB})\n"
-        f"LUN(TPG(Target(FabricModule('loopback'), '{wwn2}'), 1), 0, so)\n")],
+        f"tpg = TPG(Target(FabricModule('iscsi'), '{FBO_IQN}'), 1)\n"
+        "NetworkPortal(tpg, '127.0.0.1', 3260)\n"
+        "LUN(tpg, 0, so)\n"
+        "for key, value in (('authentication', '0'), ('demo_mode_write_protect', '0'),\n"
+        "                   ('generate_node_acls', '1'), ('cache_dynamic_acls', '1')):\n"
+        "    tpg.set_attribute(key, value)\n"
+        "tpg.enable = True\n")],
         timeout=ctx.remaining(120))
-    cds = wait_for(lambda: _lun_disks("cd/dvd"), ctx.remaining(60), "tcmu-runner's fbo LUN")
-    ctx.details["fbo"] = cds
+    ctx.details["fbo"] = _fbo_inquiry(ctx)
     t0 = time.monotonic()
     session = _targetcli(
         ctx,

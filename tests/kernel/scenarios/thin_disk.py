@@ -325,7 +325,7 @@ def ext4_trim_and_sg(ctx: Context) -> None:
     assert pool_used(pool)[1]["tsg0"] == 4 * MIB
 
     # UNMAP, two descriptors, unit aligned: 1 MiB at 1 MiB and 64 KiB at 3 MiB.
-    sg(ctx, "sg_unmap", "--lba=2048,6144", "--num=2048,128", str(dev2))
+    sg(ctx, "sg_unmap", "--force", "--lba=2048,6144", "--num=2048,128", str(dev2))
     runs = lba_status(ctx, dev2, nblk)
     assert runs == [(0, 2048, 0), (2048, 2048, 1), (4096, 2048, 0), (6144, 128, 1),
                     (6272, 1920, 0), (8192, nblk - 8192, 1)], runs
@@ -530,7 +530,7 @@ def restart_accounting(ctx: Context) -> None:
     dd(ctx, "if=/dev/urandom", f"of={d0}", "bs=1M", "count=8", "oflag=direct")
     dd(ctx, "if=/dev/urandom", f"of={d0}", "bs=4k", "count=700", "seek=5123", "oflag=direct")
     dd(ctx, "if=/dev/urandom", f"of={d1}", "bs=1M", "count=5", "seek=3", "oflag=direct")
-    sg(ctx, "sg_unmap", "--lba=4096,30000", "--num=3000,777", str(d0))
+    sg(ctx, "sg_unmap", "--force", "--lba=4096,30000", "--num=3000,777", str(d0))
     before = accounting(ctx, pool, 128 * MIB, disks, sizes)
     log(f"before SIGTERM: {before}")
     assert before["total"] > 10 * MIB
