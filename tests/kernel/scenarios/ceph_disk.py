@@ -997,20 +997,22 @@ def two_gateways(ctx: Context) -> None:
     ctx.details["seconds"] = round(time.monotonic() - t0, 1)
 
 
-#: libiscsi's families for what the ceph handler does itself (librbd's write-same, discard and
-#: write-zeroes, compare-and-write, the allocation map): ~2.5 min under emulation. Unmap (~3
-#: min here: every descriptor a discard on the OSDs), WriteSame10 (~60 s: the handler serves it
-#: as WriteSame16, the engine parses both CDBs alike and the raw and thin runs have both) and
-#: the READ/WRITE/VERIFY families (the engine's and the native loop's, checked on raw and thin)
-#: ran by hand, not in CI (docs/conformance.md).
-LIBISCSI_FAMILIES = ("WriteSame16", "GetLBAStatus", "CompareAndWrite", "ReadCapacity16")
+#: libiscsi's families for what the ceph handler does itself through LIO: librbd's write-same,
+#: discard and write-zeroes (WRITE SAME with and without UNMAP, reading back zeros: LBPRZ) and
+#: READ CAPACITY(16)'s LBPME/LBPRZ, ~1 min under emulation. Run by hand, not in CI
+#: (docs/conformance.md): Unmap (~3 min: every descriptor a discard on the OSDs), WriteSame10
+#: (the handler serves it as WriteSame16), GetLBAStatus and CompareAndWrite (45-105 s each
+#: here; the handler's allocation map and librbd's compare-and-write are tests/unit/
+#: test_ceph_handler.py's, through the ring against a real cluster) and the READ/WRITE/VERIFY
+#: families (the engine's and the native loop's, checked on raw and thin).
+LIBISCSI_FAMILIES = ("WriteSame16", "ReadCapacity16")
 
 
 @scenario(timeout=900)
 def libiscsi_provisioning(ctx: Context) -> None:
-    """A YAML ``ceph`` device exported over iSCSI: libiscsi's WRITE SAME (with and without
-    UNMAP), GET LBA STATUS, COMPARE AND WRITE and READ CAPACITY(16) tests; none may fail, and
-    the WRITE SAME / GET LBA STATUS ones must run (not skip)."""
+    """A YAML ``ceph`` device exported over iSCSI: libiscsi's WRITE SAME(16) (with and without
+    UNMAP) and READ CAPACITY(16) tests; none may fail, and the WRITE SAME ones must run (not
+    skip: 7 of WriteSame16's 10 run on a disk with one logical block per physical block)."""
     from scenarios.iscsi_conformance import IQN, assert_provisioning_ran, run_families
 
     cluster = shared_cluster(ctx)
@@ -1019,5 +1021,5 @@ def libiscsi_provisioning(ctx: Context) -> None:
     serve.start()
     run(["ip", "link", "set", "lo", "up"], timeout=30, check=False)
     results = run_families(ctx, LIBISCSI_FAMILIES)
-    assert_provisioning_ran(results)
+    assert_provisioning_ran(results, at_least=7)
     serve.stop()

@@ -38,11 +38,11 @@ OWN_FAMILIES = (
     "CompareAndWrite", "WriteSame10", "WriteSame16", "Unmap", "ReportSupportedOpcodes",
     "WriteVerify10", "WriteVerify12", "WriteVerify16",
 )  # fmt: skip
-#: Of those, what CI runs: all but the 12-byte VERIFY and WRITE AND VERIFY, which differ from
-#: the 10- and 16-byte families only in the CDB's layout (one parser, unit-tested per CDB
-#: size; the engine serves the three alike) and cost ~60 s of CI under emulation (Verify12
-#: alone 48 s). docs/conformance.md says how to run every family.
-CI_FAMILIES = tuple(f for f in OWN_FAMILIES if f not in ("Verify12", "WriteVerify12"))
+#: Of those, what CI runs: all but Verify10, Verify12 and WriteVerify12, which differ from
+#: Verify16 and WriteVerify10/16 only in the CDB's layout (one parser, unit-tested per CDB
+#: size; the engine serves them alike) and cost ~115 s of CI under emulation (a VERIFY family
+#: ~50 s: every command of it is Python's). docs/conformance.md says how to run every family.
+CI_FAMILIES = tuple(f for f in OWN_FAMILIES if f not in ("Verify10", "Verify12", "WriteVerify12"))
 
 
 def parse_cunit(text: str) -> dict[str, str]:

@@ -56,7 +56,7 @@ BLOCK = 64512
 #: (Bacula's default is every GB), so the filled cartridge holds several files as a real
 #: backup's would.
 BACULA_FILL = BACULA_SD.replace(
-    "  Maximum Block Size = 16384\n",
+    "  Maximum Block Size = 4096\n",
     f"  Maximum Block Size = {BLOCK}\n  Maximum File Size = 32MB\n",
 )
 assert BACULA_FILL != BACULA_SD
