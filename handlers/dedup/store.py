@@ -178,6 +178,9 @@ RELOAD_SECONDS = 1.0
 #: and the most live bytes one step copies while holding the pool lock.
 COLLECT_INTERVAL = 2.0
 COLLECT_BATCH_BYTES = 1 << 20
+#: The longest a write that does not fit spends compacting dead chunks before it is refused
+#: (`DedupPool.put`): well inside the kernel's command timeout (30 s by default).
+RECLAIM_SECONDS = 5.0
 
 #: Map cache entries per pool (`DedupPool.read_chunks`), at most: ~100 bytes each (about
 #: 6 MB), so a 256 MiB disk of 4 KiB chunks is served from memory; bounded whatever the pool's
@@ -1265,24 +1268,30 @@ class DedupPool(PhysicalPool):
             if not chunks:
                 return
             db = self._db
-            # chunk id -> [refcount, container, offset, length, compression]
-            info: dict[int, list[int]] = {}
-            found: dict[bytes, int] = {}  # fp -> chunk id
-            self._find({fp for _, _, fp in chunks if fp is not None}, found, info)
-            if self._confirm_bytes:
-                chunks = self._confirmed(chunks, found, info)
-            new: dict[bytes, bytes | memoryview] = {}
-            for _, data, fp in chunks:
-                if fp is not None and fp not in found and fp not in new:
-                    assert data is not None
-                    new[fp] = data
-            code = COMPRESSION_CODES[self._config.compression]
-            stored = ([(fp, data, 0) for fp, data in new.items()] if code == 0 else
-                      [(fp, *_compress(data, code)) for fp, data in new.items()])
-            if deallocating:  # admitted past the capacity, but a crossing all the same
-                self._count_crossing(self._figures.used, sum(len(d) for _, d, _ in stored))
-            else:
-                self._reserve(sum(len(d) for _, d, _ in stored))
+            given, reclaimed = chunks, False
+            while True:
+                # chunk id -> [refcount, container, offset, length, compression]
+                info: dict[int, list[int]] = {}
+                found: dict[bytes, int] = {}  # fp -> chunk id
+                self._find({fp for _, _, fp in given if fp is not None}, found, info)
+                chunks = self._confirmed(given, found, info) if self._confirm_bytes else given
+                new: dict[bytes, bytes | memoryview] = {}
+                for _, data, fp in chunks:
+                    if fp is not None and fp not in found and fp not in new:
+                        assert data is not None
+                        new[fp] = data
+                code = COMPRESSION_CODES[self._config.compression]
+                stored = ([(fp, data, 0) for fp, data in new.items()] if code == 0 else
+                          [(fp, *_compress(data, code)) for fp, data in new.items()])
+                need = sum(len(d) for _, d, _ in stored)
+                if deallocating:  # admitted past the capacity, but a crossing all the same
+                    self._count_crossing(self._figures.used, need)
+                    break
+                # A reclaim deletes dead chunks `found` may name: look them up again after it.
+                if reclaimed or not self._reclaim(need):
+                    self._reserve(need)
+                    break
+                reclaimed = True
             f = self._figures
             saved = (_Figures(f.used, f.live_bytes, f.live_chunks, f.mapped), dict(self._ends),
                      self._active, set(self._dirty), self._new_files, self._changes,
@@ -1433,6 +1442,34 @@ class DedupPool(PhysicalPool):
         if strong:
             self._find(strong, found, info)
         return out
+
+    def _reclaim(self, need: int) -> bool:
+        """Make room for `need` more bytes by compacting containers that hold dead chunks (any
+        share dead, most dead first) when they do not fit now but would once the dead bytes
+        are gone; True if anything was compacted (lock held, no transaction of a `put` open).
+
+        The hard limit is reached when live data fills the pool, not dead bytes the collector
+        has yet to compact (SBC-4 4.7.3.8: SPACE ALLOCATION FAILED is resource exhaustion): a
+        write that fits after compaction waits for it, at most `RECLAIM_SECONDS` (one step,
+        `COLLECT_BATCH_BYTES` copied, past it). A pool whose live data leaves no room is
+        refused at once, without compacting anything."""
+        capacity = self._config.capacity
+        if need <= 0 or self._figures.used + need <= capacity:
+            return False
+        dead = int(self._db.execute("SELECT COALESCE(SUM(dead), 0) FROM containers")
+                   .fetchone()[0])
+        if self._figures.used - dead + need > capacity:
+            return False
+        deadline = time.monotonic() + RECLAIM_SECONDS
+        compacted = False
+        while self._figures.used + need > capacity and time.monotonic() < deadline:
+            if self.collect_step(dead_percent=1) is None:
+                break
+            compacted = True
+        if compacted:
+            log.info("pool %s: compacted dead chunks for a write of %d new bytes (used %d of "
+                     "%d)", self.name, need, self._figures.used, capacity)
+        return compacted
 
     def _reserve(self, need: int) -> None:
         """Raise SpaceAllocationFailed unless `need` more bytes fit; count a soft-threshold
