@@ -182,7 +182,11 @@ _HEADERS = (*POOL_HEADERS, "logical", "unique", "ratio", "compr", "dead", "colle
 
 
 def _collector(pool: Mapping[str, Any]) -> str:
-    """``off`` (not served here), ``idle``, or the compaction's progress: ``compacting 40%``."""
+    """``off`` (no collector thread), ``idle``, or the compaction's progress: ``compacting
+    40%``; ``-`` for figures read from the pool's files (``tcmu-py dedup status``), which
+    cannot tell what a daemon serving the pool is doing (``tcmu-py status`` shows that)."""
+    if not pool.get("live", True):
+        return "-"
     state = str(pool.get("collector", "off"))
     progress = pool.get("progress")
     return f"{state} {100 * progress:.0f}%" if state == "compacting" and progress is not None \
@@ -198,7 +202,7 @@ def _row(pool: Mapping[str, Any]) -> tuple[str, ...]:
         f"{pool.get('compression_ratio', 1.0):.2f}" if pool.get("compression", "none") != "none"
         else "-",
         format_size(pool.get("dead", 0)),
-        format_size(pool.get("collected", 0)),
+        format_size(pool.get("collected", 0)) if pool.get("live", True) else "-",
         _collector(pool),
         state_cell(pool),
     )
@@ -217,7 +221,7 @@ def _size_arg(flag: str, value: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``tcmu-py dedup create-pool|status|check|gc`` (see ``--help``)."""
+    """``tcmu-py dedup create-pool|status|check|gc|drop-disk`` (see ``--help``)."""
     p = argparse.ArgumentParser(prog="tcmu-py dedup", description="dedup pool administration")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create-pool", help="create a pool, or change an existing pool's "
@@ -246,6 +250,12 @@ def main(argv: list[str]) -> int:
                    "again: exit 0 if nothing is left, 1 with what could not be repaired")
     g = sub.add_parser("gc", help="run the collector to completion (pool not served)")
     g.add_argument("path", metavar="PATH", help="pool directory")
+    d = sub.add_parser("drop-disk", help="delete a disk of a pool no daemon serves: its data "
+                       "is gone, and a device of that name later starts empty; `gc` gives "
+                       "back the space no other disk shares")
+    d.add_argument("path", metavar="PATH", help="pool directory")
+    d.add_argument("disk", metavar="DISK", help="the disk's name in the pool (its device's "
+                   "name, or the device's disk= option; `status --json` lists them)")
     args = p.parse_args(argv)
     if args.cmd == "status":
         found = []
@@ -318,6 +328,13 @@ def _operator_errors(path: str) -> Iterator[None]:
 def _run(args: argparse.Namespace) -> int:
     if args.cmd == "create-pool":
         _create_pool(args)
+        return 0
+    if args.cmd == "drop-disk":
+        with DedupPool.open(args.path) as pool:
+            pool.drop_disk(args.disk)
+            dead = pool.dead_bytes()
+        print(f"{args.path}: disk {args.disk} dropped; {format_size(dead)} dead in the pool "
+              f"(`tcmu-py dedup gc {args.path}` gives it back)")
         return 0
     if args.cmd == "check":
         report = check_pool(args.path, repair=args.repair)

@@ -178,6 +178,8 @@ RELOAD_SECONDS = 1.0
 #: and the most live bytes one step copies while holding the pool lock.
 COLLECT_INTERVAL = 2.0
 COLLECT_BATCH_BYTES = 1 << 20
+#: Map rows one step of `DedupPool.drop_disk` releases (its memory is bounded, not the disk's).
+DROP_STEP_CHUNKS = 1 << 16
 #: The longest a write that does not fit spends compacting dead chunks before it is refused
 #: (`DedupPool.put`): well inside the kernel's command timeout (30 s by default).
 RECLAIM_SECONDS = 5.0
@@ -1506,15 +1508,25 @@ class DedupPool(PhysicalPool):
             self._open_disks.discard(disk)
 
     def drop_disk(self, disk: str) -> None:
-        """Delete a disk that is not open: its map rows and registration (committed)."""
+        """Delete a disk that is not open: its map rows and registration (committed). Its
+        chunks' references go with it; the collector gives back what no other disk names.
+        The map is released in steps of `DROP_STEP_CHUNKS` rows, each a change of its own
+        (a crash between them leaves the disk registered, with part of its map)."""
         with self.lock:
             if disk in self._open_disks:
                 raise ConfigError(f"{self.path}: disk {disk}: is open; close it first")
             did = self._disk_ids.get(disk)
             if did is None:
-                raise ConfigError(f"{self.path}: disk {disk}: no such disk")
-            idxs = [r[0] for r in self._db.execute("SELECT idx FROM map WHERE disk=?", (did,))]
-            self.put(did, [(idx, None, None) for idx in idxs], durable=False)
+                known = ", ".join(sorted(self._disk_ids)) or "none"
+                raise ConfigError(f"{self.path}: disk {disk}: no such disk, expected one of "
+                                  f"the pool's disks ({known})")
+            while True:
+                idxs = [r[0] for r in self._db.execute(
+                    "SELECT idx FROM map WHERE disk=? ORDER BY idx LIMIT ?",
+                    (did, DROP_STEP_CHUNKS))]
+                if not idxs:
+                    break
+                self.put(did, [(idx, None, None) for idx in idxs], durable=False)
             self._begin()
             self._db.execute("DELETE FROM disks WHERE id=?", (did,))
             self.commit()

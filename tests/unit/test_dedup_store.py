@@ -777,6 +777,9 @@ def test_status_rows_and_commands(tmp_path: os.PathLike[str],
     assert dedup_config.main(["status", path, "--json"]) == 0
     (found,) = json.loads(capsys.readouterr().out)
     assert found["unique"] == CS and found["logical"] == 2 * CS and not found["live"]
+    # Read from the pool's files: what a serving daemon's collector does is not known here.
+    (offline,) = DedupHandler.status_tables({"dedup_pools": [found]})
+    assert offline.rows[0][-3:-1] == ("-", "-")  # collected, collector
     assert dedup_config.main(["check", path]) == 0
     assert capsys.readouterr().out.strip().endswith(": OK")
     with DedupPool.open(path) as pool:
@@ -787,6 +790,40 @@ def test_status_rows_and_commands(tmp_path: os.PathLike[str],
     assert "100.0%" in capsys.readouterr().out
     assert read_pool_status(path).used == 0 == container_bytes_on_disk(path)
     assert "dedup" in DedupHandler.commands()
+
+
+def test_drop_disk_deletes_a_disk_and_a_new_one_of_its_name_starts_empty(
+        tmp_path: os.PathLike[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a disk could leave its pool only through the Python API; a device removed from
+    the YAML kept its data (and its chunks' references) for good, and a new device of that
+    name served the old one's data. `tcmu-py dedup drop-disk` deletes it, in bounded steps."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 64 * CS, None)
+    with DedupPool.open(path) as pool:
+        a, b = pool.open_disk("a", 8 * CS), pool.open_disk("b", 8 * CS)
+        a.write(0, [memoryview(chunk(1) + chunk(2))])
+        b.write(0, [memoryview(chunk(1) + chunk(3))])  # chunk 1 shared, chunk 3 b's own
+        a.close()
+        b.close()
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match=r"disk c: no such disk, expected one of .*\(a, b\)"):
+        dedup_config.main(["drop-disk", path, "c"])
+    assert dedup_config.main(["drop-disk", path, "b"]) == 0
+    assert "disk b dropped" in capsys.readouterr().out
+    assert dedup_config.main(["check", path]) == 0
+    assert dedup_config.main(["gc", path]) == 0
+    st = read_pool_status(path)
+    assert [d.name for d in st.disks] == ["a"] and st.unique == 2 * CS and st.dead == 0
+    with DedupPool.open(path) as pool:
+        b = pool.open_disk("b", 8 * CS)
+        out = bytearray(2 * CS)
+        b.read(0, [memoryview(out)])
+        assert out == bytes(2 * CS)
+        a = pool.open_disk("a", 8 * CS)
+        a.read(0, [memoryview(out)])
+        assert out == chunk(1) + chunk(2)
+        a.close()
+        b.close()
 
 
 def test_fast_fingerprint_collisions_never_merge_different_bytes(
