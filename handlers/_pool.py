@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -69,6 +70,14 @@ class PhysicalPool:
 
     _config: Any
     _generation: int = 0
+    _members: weakref.WeakSet[PoolDisk[Any]] | None = None
+
+    @property
+    def members(self) -> weakref.WeakSet[PoolDisk[Any]]:
+        """The disks of this pool opened in this process (`PoolDisk._join_pool`)."""
+        if self._members is None:
+            self._members = weakref.WeakSet()
+        return self._members
 
     @property
     def name(self) -> str:
@@ -145,6 +154,12 @@ class PoolDisk(Generic[P]):
     _seen_generation: int = 0
     _threshold_lock = threading.Lock()  # shared by all disks: held for a compare and a store
 
+    #: Set by the device serving this disk (`tcmu_py.device.BlockDevice`): called, on the
+    #: thread of another disk of the pool whose write crossed the threshold and with no lock
+    #: of the pool held, once this disk has taken that crossing's event for itself; the device
+    #: queues the unit attention for its next command.
+    threshold_listener: Callable[[], None] | None = None
+
     def _join_pool(self, pool: P) -> None:
         """Take `pool` as this disk's: a pool above its threshold now is reported once (the
         disk has not said so yet); a crossing of the pool's past, undone since (its use is
@@ -152,9 +167,11 @@ class PoolDisk(Generic[P]):
         self.pool = pool
         generation = pool.generation
         self._seen_generation = generation - 1 if pool.above_threshold else generation
+        with self._threshold_lock:
+            pool.members.add(self)
 
-    def take_threshold_event(self) -> bool:
-        """True once per soft-threshold crossing of the pool since this disk last reported one."""
+    def _take_event(self) -> bool:
+        """True once per soft-threshold crossing of the pool since this disk last took one."""
         generation = self.pool.generation
         if generation == self._seen_generation:  # the usual answer, without the lock
             return False
@@ -163,6 +180,21 @@ class PoolDisk(Generic[P]):
                 return False
             self._seen_generation = generation
             return True
+
+    def take_threshold_event(self) -> bool:
+        """True once per soft-threshold crossing of the pool since this disk last reported one.
+        The pool's other disks take it too (each its `threshold_listener`): SBC-4 4.7.3.7
+        reports a crossing on every logical unit of the resource, and one that only reads, or
+        whose writes the full pool refuses, would otherwise hear of it last or never."""
+        if not self._take_event():
+            return False
+        with self._threshold_lock:
+            others = [disk for disk in self.pool.members if disk is not self]
+        for disk in others:
+            listener = disk.threshold_listener
+            if listener is not None and disk._take_event():
+                listener()
+        return True
 
     def set_soft_threshold(self, percent: int | None) -> None:
         """Set the pool's soft threshold (mode page 1Ch/02h is per pool: its disks share it)."""

@@ -197,7 +197,11 @@ class ThinProvisioning(Protocol):
 
     def take_threshold_event(self) -> bool:
         """True once per crossing of the soft threshold not reported yet. Called after every
-        write, on the thread that ran it: must be cheap and thread-safe."""
+        write, on the thread that ran it: must be cheap and thread-safe. A backend whose
+        resource other devices share may also have an attribute ``threshold_listener``
+        (None): the device sets it to a function that queues SOFT THRESHOLD REACHED for its
+        next command, for the backend to call (holding none of its locks) when another
+        device's write crossed the threshold and this one's event is thereby taken."""
 
 
 @runtime_checkable

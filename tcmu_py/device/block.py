@@ -162,6 +162,10 @@ class BlockDevice(ScsiDevice):
         self._threshold_event: Callable[[], bool] | None = (
             thin.take_threshold_event if thin is not None else None
         )
+        if thin is not None and hasattr(backend, "threshold_listener"):
+            # Another disk of the pool crossed the threshold: reported with this one's next
+            # command (SBC-4 4.7.3.7), not only after its next write.
+            backend.threshold_listener = self._threshold_crossed
         # A backend that never blocks (memory, /dev/null-like) is cheaper run on the loop
         # thread than handed to the pool: no thread hand-off per command.
         self._all_inline = not self.caps.blocking
@@ -414,6 +418,9 @@ class BlockDevice(ScsiDevice):
         if blocks > self.max_transfer_blocks:
             # SBC-4 6.6.3: above MAXIMUM TRANSFER LENGTH -> INVALID FIELD IN CDB.
             raise InvalidFieldInCdb(f"transfer length {blocks}", field_pointer=field)
+
+    def _threshold_crossed(self) -> None:
+        self.queue_unit_attention(SoftThresholdReached())
 
     def _after_write(self) -> None:
         if self._threshold_event is not None and self._threshold_event():

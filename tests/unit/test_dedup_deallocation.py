@@ -239,6 +239,26 @@ def test_a_disk_opened_after_a_crossing_undone_reports_none(tmp_path: os.PathLik
         a.close()
 
 
+def test_a_crossing_is_reported_on_every_disk_of_the_pool_at_its_next_command(
+        tmp_path: os.PathLike[str]) -> None:
+    """Before: a disk of the pool learnt of another disk's crossing only after a write of its
+    own succeeded: one that only read, or whose writes the full pool refused, never got SOFT
+    THRESHOLD REACHED 38h/07h. Now with its next command (SBC-4 4.7.3.7)."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 10 * CS, 50)
+    a, b = _open_disk(path, "a"), _open_disk(path, "b")
+    try:
+        _write_chunks(a, range(5))  # 50 %: a's write crosses
+        r = harness.run_command(b, cdbs.read10(0, PER), b"", CS)
+        assert r.sense_codes == (0x06, 0x38, 0x07), r
+        assert harness.run_command(b, cdbs.read10(0, PER), b"", CS).good
+        assert harness.run_command(a, cdbs.test_unit_ready()).sense_codes == (0x06, 0x38, 0x07)
+        assert harness.run_command(a, cdbs.test_unit_ready()).good
+    finally:
+        b.close()
+        a.close()
+
+
 def test_an_unmap_runs_in_bounded_steps(tmp_path: os.PathLike[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A deallocation is handled in steps of at most UNMAP_STEP_CHUNKS chunks: the same result
