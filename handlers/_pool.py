@@ -294,10 +294,15 @@ def pool_entries(c: Checker, raw: object, section: str,
     (absolute), ``capacity`` (a size > 0), ``soft_threshold`` (1..100, default 80) and
     ``hard_limit`` (`hard_limit`) checked; `extra_keys` are the handler's own, which it checks
     itself (then `Checker.clean_since` on ``.entry`` says whether the entry is whole)."""
+    paths: dict[str, str] = {}  # real directory -> the entry that declared it first
     for entry in c.named_entries(raw, section, set(POOL_KEYS | extra_keys), _REQUIRED_KEYS,
                                  "pool"):
         p, m = entry.path, entry.fields
         path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
+        if path is not None:
+            first = paths.setdefault(os.path.realpath(path), p)
+            if first != p:  # one directory holds one pool: the second would be refused at apply
+                c.fail(f"{p}.path", m["path"], f"a directory no other pool uses ({first} has it)")
         cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
         soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
                          "a percentage 1..100")

@@ -134,8 +134,20 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
 def _check_devices(c: Checker, doc: Mapping[str, Any], pools: Sequence[DedupPoolSpec]
                    ) -> None:
     """Each dedup device's block size divides its pool's chunk size (a chunk holds whole
-    blocks), as the pool checks when the disk opens."""
+    blocks), as the pool checks when the disk opens, and no two devices are one disk of a pool
+    (the disk's name is its ``options.disk``, else the device's name): the second would be
+    refused at open, "already open"."""
+    disks: dict[tuple[str, str], int] = {}
     for dev in pool_devices(doc, SUBTYPE, pools):
+        opts = dev.entry.get("options")
+        given = opts.get("disk") if isinstance(opts, dict) else None
+        disk, key = (given, "options.disk") if given is not None else (dev.entry.get("name"),
+                                                                      "name")
+        if isinstance(disk, str):
+            first = disks.setdefault((os.path.realpath(dev.pool.path), disk), dev.at)
+            if first != dev.at:
+                c.fail(f"devices[{dev.at}].{key}", disk, f"a disk of pool {dev.pool.name!r} no "
+                       f"other device uses (devices[{first}] is that disk)")
         block = dev.entry.get("block_size", 512)
         chunk = dev.pool.chunk_size
         if not isinstance(block, int) or isinstance(block, bool) or block <= 0:

@@ -107,3 +107,34 @@ def test_an_existing_pool_declared_otherwise_is_refused_before_anything_is_creat
                               + expected.format(path=path))
     assert not os.path.exists(fresh)
     DedupHandler.check_config(f"pool={path}")  # the pool itself is untouched and valid
+
+
+def test_two_devices_on_one_disk_of_a_pool_are_refused_at_load(tmp_path: os.PathLike[str]
+                                                               ) -> None:
+    """Before: `check` said OK, and the second device's open failed "already open"."""
+    doc = _doc(os.path.join(tmp_path, "p"), {"pool": "images", "options": {"disk": "x"}})
+    doc["devices"].append({"name": "vm8", "handler": "dedup", "size": "8M", "pool": "images",
+                           "options": {"disk": "x"}})
+    with pytest.raises(ConfigError) as exc:
+        _load(doc, check=True)
+    assert str(exc.value) == ("c.yaml: devices[1].options.disk: got 'x', expected a disk of "
+                              "pool 'images' no other device uses (devices[0] is that disk)")
+    del doc["devices"][0]["options"]  # the first device's own name is its disk then
+    doc["devices"][1]["options"] = {"disk": "vm7"}
+    with pytest.raises(ConfigError, match=r"devices\[1\]\.options\.disk: got 'vm7'"):
+        _load(doc, check=True)
+    doc["devices"][1]["options"] = {"disk": "y"}
+    assert len(_load(doc, check=True).devices) == 2
+
+
+def test_two_pools_in_one_directory_are_refused_at_load(tmp_path: os.PathLike[str]) -> None:
+    """Before: `check` said OK, and `apply` refused the second pool's name."""
+    path = os.path.join(tmp_path, "p")
+    doc = _doc(path, {"pool": "images"})
+    doc["dedup_pools"].append({"name": "other", "path": path + "/", "capacity": "16M"})
+    with pytest.raises(ConfigError) as exc:
+        _load(doc, check=True)
+    assert str(exc.value).startswith("c.yaml: dedup_pools[1].path: got '")
+    assert str(exc.value).endswith("', expected a directory no other pool uses (dedup_pools[0] "
+                                   "has it)")
+
