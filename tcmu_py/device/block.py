@@ -77,6 +77,13 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 102
 _MAX_TRANSFER_FIELD = 0xFFFFFFFF
 
 
+def _threshold_count(capacity: int, percent: int, unit: int) -> int:
+    """THRESHOLD COUNT (SBC-4 6.5.8) of a soft threshold at `percent` % of `capacity` bytes, in
+    `unit`-byte units, rounded up: the pool reports the crossing once its use reaches `percent`
+    % (`handlers._pool.reaches`), i.e. when LOG SENSE 0Ch's used count reaches this count."""
+    return -(-capacity * percent // (100 * unit))
+
+
 def _iov_groups(
     offset: int, bufs: Sequence[memoryview]
 ) -> list[tuple[int, Sequence[memoryview]]]:
@@ -345,10 +352,12 @@ class BlockDevice(ScsiDevice):
         info = self._provisioning()
         if info is not None:
             # SBC-4 6.5.8: one soft threshold on the used LBA mapping resource, counted in
-            # 2**THRESHOLD EXPONENT blocks; disabled (count 0) when the pool has none.
+            # 2**THRESHOLD EXPONENT blocks; disabled (count 0) when the pool has none. Rounded
+            # up: the pool reports the crossing once its use reaches pct % of the capacity,
+            # i.e. when LOG SENSE 0Ch's used count reaches this count (SBC-4 4.7.3.7).
             unit = self.block_size << self._threshold_exponent(info)
             pct = info.soft_threshold
-            count = info.capacity * pct // 100 // unit if pct is not None else 0
+            count = _threshold_count(info.capacity, pct, unit) if pct is not None else 0
             pages.append(
                 sbc.logical_block_provisioning_mode_page(
                     [sbc.ThresholdDescriptor(pct is not None, threshold_count=count)]
@@ -370,12 +379,14 @@ class BlockDevice(ScsiDevice):
         unit = self.block_size << self._threshold_exponent(info)
         percent = None
         if t is not None and t.enabled:
-            percent = max(1, min(100, round(t.threshold_count * unit * 100 / info.capacity)))
+            # The whole percent whose count (rounded up, `_threshold_count`) is the one asked
+            # for when there is one, else the nearest below it (1 % at least, 100 % at most).
+            percent = max(1, min(100, t.threshold_count * unit * 100 // info.capacity))
         thin.set_soft_threshold(percent)
         # The pool holds the threshold (shared by its disks): regenerate the page from it.
         self.forget_mode_page(0x1C, 0x02)
         if t is not None and t.enabled and percent is not None and (
-                percent * info.capacity != t.threshold_count * unit * 100):
+                _threshold_count(info.capacity, percent, unit) != t.threshold_count):
             # SPC-5 5.9: the pool keeps whole percents: the threshold asked for was rounded to
             # one it can hold (MODE SENSE reports it). Done, and said so.
             raise RoundedParameter(f"threshold count {t.threshold_count} rounded to {percent} %"

@@ -163,7 +163,7 @@ def test_a_pool_far_larger_than_its_disk_keeps_mode_sense_working(
         unit = 512 << exp
         page = harness.run_command(dev, cdbs.mode_sense10(0x1C, 0x02, dbd=True), b"", 255).data
         (count,) = struct.unpack(">I", page[8 + 16 + 4:8 + 16 + 8])
-        assert count == (32 << 40) * 80 // 100 // unit  # the pool's 80 %, not clipped
+        assert count == -(-(32 << 40) * 80 // (100 * unit))  # the pool's 80 %, not clipped
     finally:
         dev.close()
 
@@ -349,13 +349,14 @@ def test_a_threshold_count_the_pool_cannot_hold_is_rounded_and_said_so(
         return harness.run_command(dev, cdbs.mode_select10(len(params)), params)
 
     try:
-        for asked, held in ((50, 49), (0, 0), (1000, 64)):
+        for asked, held in ((0, 1), (1000, 64)):
             r = select(asked)
             assert r.sense_codes == (0x01, 0x37, 0x00), (asked, r)
             assert struct.unpack_from(">I", page(), 20)[0] == held, asked
-        assert select(32).good  # 50 %: held exactly
-        assert struct.unpack_from(">I", page(), 20)[0] == 32
-        assert dev.backend.pool.soft_threshold == 50
+        for asked, percent in ((32, 50), (49, 76), (50, 78)):  # counts rounded up: all held
+            assert select(asked).good, asked
+            assert struct.unpack_from(">I", page(), 20)[0] == asked
+            assert dev.backend.pool.soft_threshold == percent
     finally:
         dev.close()
 
@@ -391,5 +392,34 @@ def test_get_lba_status_examines_a_bounded_window(tmp_path: os.PathLike[str]) ->
         rest = LBA_STATUS_CHUNKS * PER
         assert descriptors(rest) == [(rest, blocks - rest, 0)]
         assert descriptors(3) == [(3, LBA_STATUS_CHUNKS * PER - 3, 0)]
+    finally:
+        dev.close()
+
+
+def test_the_unit_attention_comes_when_the_used_count_reaches_the_threshold_count(
+        tmp_path: os.PathLike[str]) -> None:
+    """Before: MODE SENSE's THRESHOLD COUNT was rounded down (80 % of 32 chunks: 25), and SOFT
+    THRESHOLD REACHED came only at 26 chunks used (the pool's 25.6). The count is rounded up
+    now: the unit attention comes when LOG SENSE 0Ch's used count reaches it."""
+    import struct
+
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 32 * CS, 80)
+    dev = DedupHandler.open(DeviceConfig("d", "dedup", f"pool={path}", 64 * CS, block_size=BS))
+    try:
+        harness.run_command(dev, cdbs.test_unit_ready())
+        page = harness.run_command(dev, cdbs.mode_sense10(0x1C, 0x02, dbd=True), b"", 255).data
+        (count,) = struct.unpack(">I", page[8 + 16 + 4:8 + 16 + 8])
+        assert count == 26
+        for idx in range(count):
+            assert harness.run_command(dev, cdbs.write10(idx * PER, PER), _chunk(idx)).good
+            r = harness.run_command(dev, cdbs.test_unit_ready())
+            assert r.good == (idx + 1 < count), (idx, r)
+            log = bytes(harness.run_command(dev, cdbs.log_sense(0x0C), b"", 64).data)
+            params, i = {}, 4
+            while i + 4 <= len(log):  # SPC-5 7.3.2: code, control, length, value
+                params[log[i:i + 2]] = int.from_bytes(log[i + 4:i + 8], "big")  # the count
+                i += 4 + log[i + 3]
+            assert params[b"\x00\x02"] == idx + 1  # USED LBA MAPPING RESOURCE COUNT
     finally:
         dev.close()
