@@ -56,10 +56,13 @@ What the device promises, and why it is true:
 
 Errors: a cluster that cannot answer (ETIMEDOUT after ``osd_op_timeout``, ESHUTDOWN when this
 client was blocklisted, ENOTCONN, EAGAIN) is NOT READY 02h/04h/01h, which initiators retry;
-so is an operation librbd has not answered within ``osd_op_timeout`` of its start (`bounded`):
-librbd times out each RADOS operation, and a discard or write-zeroes over several objects
-runs more than one in turn (two timeouts measured for two objects), so the device keeps one
-timeout per command itself. Any other librbd error is MEDIUM ERROR on reads and WRITE ERROR
+so is an operation librbd has not answered within ``osd_op_timeout`` of the command's arrival
+(`bounded`, `RbdBackend.time_left`): librbd times out each RADOS operation, and a discard or
+write-zeroes over several objects runs more than one in turn (two timeouts measured for two
+objects), so the device keeps one timeout per command itself, counted from when the command
+was taken from the ring as the kernel's ``cmd_time_out`` is (a command that waited for a worker
+behind a WRITE SAME held by a stalled cluster has that much less, and none left is NOT READY at
+once). Any other librbd error is MEDIUM ERROR on reads and WRITE ERROR
 on writes. A device that does not hold the image's exclusive lock (another client has it)
 answers NOT READY 02h/04h/03h to every medium access, with the holder in the log, and tries to
 take the lock again every `LOCK_RETRY_INTERVAL` seconds: when the holder releases it or dies
@@ -68,7 +71,8 @@ cluster blocklisted (its lock broken by another gateway that took it over, or an
 ``ceph osd blocklist add``) can do nothing more: the first ESHUTDOWN from the current image
 connects a new client every `RECONNECT_INTERVAL` seconds until one opens the image, which
 takes the lock again (waiting for it as above) and serves; commands meanwhile answer NOT
-READY 02h/04h/01h. The given-up client's handles are closed with the device.
+READY 02h/04h/01h, and 02h/04h/03h once the new client finds the lock another's (a standby).
+The given-up client's handles are closed with the device.
 """
 
 from __future__ import annotations
@@ -302,6 +306,12 @@ class RbdBackend:
         self.reconnect_listener: Callable[[], None] | None = None
         #: The thread connecting a new client after this one was blocklisted, while it runs.
         self._reconnecting: threading.Thread | None = None
+        #: That thread has connected, and another client holds the exclusive lock: the device
+        #: is a standby until the holder lets go (NOT READY 04h/03h, as at open).
+        self._standing_by = False
+        #: When the command this thread runs was taken from the ring (`CephDevice.execute`):
+        #: a wait is bounded by one ``osd_op_timeout`` from then (`time_left`).
+        self._arrival = threading.local()
         #: The handles of clients given up after a blocklisting: closed with the backend,
         #: when nothing can be in flight on them any more (the device has stopped).
         self._retired: list[tuple[Image, IoCtx, Cluster]] = []
@@ -326,6 +336,7 @@ class RbdBackend:
             thread = threading.Thread(target=self._reconnect, name=f"reconnect-{self.cfg.spec}",
                                       daemon=True)
             self._reconnecting = thread
+            self._standing_by = False
         log.error("ceph image %s: the cluster blocklisted this client (%s); connecting a new "
                   "one", self.cfg.spec, exc)
         self._set_not_ready(f"ceph image {self.cfg.spec}: the cluster blocklisted this client;"
@@ -364,12 +375,20 @@ class RbdBackend:
             if listener is not None:
                 listener()
             if self.cfg.lock == "exclusive":
-                if not self.take_lock() and not self._wait_for_lock(LOCK_RETRY_INTERVAL):
-                    return  # closed before the lock was ours
+                if not self.take_lock():
+                    # Connected; another gateway holds the lock (it broke ours): a standby,
+                    # NOT READY 04h/03h as at open, not 04h/01h (nothing is on its way: an
+                    # initiator retrying "becoming ready" would not fail over).
+                    self._standing_by = True
+                    log.warning("ceph image %s: reconnected as a new client; the exclusive "
+                                "lock is another's: standing by", self.cfg.spec)
+                    if not self._wait_for_lock(LOCK_RETRY_INTERVAL):
+                        return  # closed before the lock was ours
             else:
                 self._set_not_ready(None)
             with self._state_lock:
                 self._reconnecting = None
+                self._standing_by = False
             log.warning("ceph image %s: reconnected as a new client; serving", self.cfg.spec)
             return
 
@@ -435,35 +454,57 @@ class RbdBackend:
     def check_ready(self) -> None:
         why = self.not_ready
         if why is not None:
-            if self._reconnecting is not None:
+            if self._reconnecting is not None and not self._standing_by:
                 raise NotReadyBecoming(why)  # a new client is on its way: retry
             raise NotReadyManualIntervention(why)
 
-    def _wait(self, fut: Future[int], writing: bool, *, bound: bool = True) -> int:
-        """`fut`'s result, within one ``osd_op_timeout`` unless not `bound` (`bounded`); its
-        failure as sense. A deadline answers before librbd is done with the operation's
-        buffers: only buffers Python owns come here (librbd's operation keeps them alive until
-        its callback: an EXTENDED COPY's, a VERIFY's); a command's ring buffers go through the
-        device's asynchronous commands, which complete only once librbd has."""
+    def command_arrived(self, when: float | None) -> None:
+        """The command this thread runs now was taken from the ring at `when` (None: it is
+        done): `time_left` counts from then (`CephDevice.execute`)."""
+        self._arrival.when = when
+
+    def time_left(self) -> float:
+        """Seconds left of one ``osd_op_timeout`` counted from the arrival of the command
+        this thread runs (a whole one outside a command). The kernel's ``cmd_time_out`` runs
+        from the arrival too: a command that waited for a worker behind another (a WRITE SAME
+        held a whole timeout by a stalled cluster) has that much less. NOT READY 02h/04h/01h
+        (retryable) when nothing is left: nothing is started that would be abandoned."""
+        when = getattr(self._arrival, "when", None)
+        timeout = self.cfg.osd_op_timeout
+        left = timeout if when is None else timeout - (time.monotonic() - when)
+        if left <= 0:
+            raise NotReadyBecoming(f"ceph image {self.cfg.spec}: no time left of the command's "
+                                   f"{timeout:g} s (osd_op_timeout): it waited for a worker")
+        return left
+
+    def _wait(self, start: Callable[[], Future[int]], writing: bool, *,
+              bound: bool = True) -> int:
+        """The result of the operation `start()` begins, within what is left of one
+        ``osd_op_timeout`` (`time_left`) unless not `bound` (`bounded`); its failure as sense.
+        A deadline answers before librbd is done with the operation's buffers: only buffers
+        Python owns come here (librbd's operation keeps them alive until its callback: an
+        EXTENDED COPY's, a VERIFY's); a command's ring buffers go through the device's
+        asynchronous commands, which complete only once librbd has."""
+        left = self.time_left() if bound else 0.0
         try:
-            return int((bounded(fut, self.cfg.osd_op_timeout, self.cfg.spec) if bound
-                        else fut).result())
+            fut = start()
+            return int((bounded(fut, left, self.cfg.spec) if bound else fut).result())
         except OSError as exc:
             raise self.sense(exc, writing) from exc
 
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self.check_ready()
-        self._wait(self.image.aio_readv(offset, bufs), False)
+        self._wait(lambda: self.image.aio_readv(offset, bufs), False)
 
     def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self.check_ready()
-        self._wait(self.image.aio_writev(offset, bufs), True)
+        self._wait(lambda: self.image.aio_writev(offset, bufs), True)
 
     def flush(self) -> None:
         self.check_ready()
         # librbd's own outcome, not a deadline's NOT READY: a write-back that failed is WRITE
         # ERROR (`aio_flush`), which a retried flush would answer GOOD.
-        self._wait(self.aio_flush(), True, bound=False)
+        self._wait(self.aio_flush, True, bound=False)
 
     def aio_flush(self) -> Future[int]:
         """librbd's flush, its failure already a sense. With librbd's cache in write-back
@@ -500,14 +541,14 @@ class RbdBackend:
 
     def unmap(self, offset: int, length: int) -> None:
         self.check_ready()
-        self._wait(self.image.aio_write_zeroes(offset, length), True)
+        self._wait(lambda: self.image.aio_write_zeroes(offset, length), True)
 
     def write_same(self, offset: int, length: int, block: bytes, unmap: bool) -> None:
         self.check_ready()
         if not any(block):
-            self._wait(self.image.aio_write_zeroes(offset, length), True)
+            self._wait(lambda: self.image.aio_write_zeroes(offset, length), True)
         else:
-            self._wait(self.image.aio_writesame(offset, length, block), True)
+            self._wait(lambda: self.image.aio_writesame(offset, length, block), True)
 
     def lba_status(self, offset: int, length: int, *,
                    max_runs: int) -> list[tuple[int, int, int]]:
@@ -758,7 +799,12 @@ class CephDevice(BlockDevice):
             self._header_changed.clear()
             self._follow_image_size()
             self._plane_changed()  # C may serve again (unless a unit attention now waits)
-        return super().execute(cmd)
+        backend = self.backend
+        backend.command_arrived(cmd.arrived)
+        try:
+            return super().execute(cmd)
+        finally:
+            backend.command_arrived(None)
 
     def _follow_image_size(self) -> None:
         """The image's size after a header change. Unchanged (a snapshot, a lock change):
@@ -877,10 +923,11 @@ class CephDevice(BlockDevice):
         self.check_ready()
         bs = self.block_size
         image = self.image
+        left = self.backend.time_left()
         return bounded(when_all([image.aio_write_zeroes(lba * bs, count * bs)
                                  for lba, count in ranges if count], None, True,
                                 lambda exc, writing: self.backend.sense(exc, writing, image)),
-                       self.backend.cfg.osd_op_timeout, self.backend.cfg.spec)
+                       left, self.backend.cfg.spec)
 
     @command(Opcode.COMPARE_AND_WRITE)
     def compare_and_write(self, cmd: Command) -> Future[None] | None:  # type: ignore[override]

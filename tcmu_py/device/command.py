@@ -7,6 +7,7 @@ asynchronous handler, after its future resolves. Copy what must outlive the comm
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ class Command:
     """
 
     __slots__ = ("cdb", "opcode", "data_out", "data_in", "data_out_length", "data_in_length", "tag",
-                 "native_error")
+                 "native_error", "arrived")
 
     def __init__(
         self,
@@ -35,12 +36,18 @@ class Command:
         *,
         lengths: tuple[int, int] | None = None,
         native_error: int = 0,
+        arrived: float | None = None,
     ) -> None:
         """`lengths`: (bytes of data_out, bytes of data_in) when the caller already knows them
         (the runner does, from the ring); otherwise they are summed here. `native_error`: the
         errno the C data plane's own attempt at this command failed with (0: none, or not
         tried): a handler may answer from it instead of trying again (the ceph device answers
-        a cluster that did not respond NOT READY at once, within one ``osd_op_timeout``)."""
+        a cluster that did not respond NOT READY at once, within one ``osd_op_timeout``).
+        `arrived`: when the command was taken from the ring (`time.monotonic`; default now):
+        the kernel's ``cmd_time_out`` runs from about then, whatever waited in between (a
+        worker busy with an earlier command), so a handler that bounds its own waits counts
+        from it."""
+        self.arrived = time.monotonic() if arrived is None else arrived
         self.cdb = cdb
         self.opcode = cdb[0]
         self.data_out = data_out

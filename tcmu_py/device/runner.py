@@ -9,7 +9,8 @@ Where a command runs:
   loop thread, and are completed together with one kick;
 - everything else goes to a bounded worker pool (`workers` threads; the backend's blocking I/O
   releases the GIL there), dealt round-robin in one chunk per worker, each chunk completed with
-  one kick — except a wake-up that brings a single such command (queue depth 1), which runs on
+  one kick (a command that took longer than `PROMPT_SECONDS` at once) — except a wake-up that
+  brings a single such command (queue depth 1), which runs on
   the loop thread: the hand-off would cost more than it saves (unless the device says its
   commands may wait long: `ScsiDevice.lone_commands_on_loop`);
 - a device with `serial_commands` (tapes, changers) gets exactly one worker, and its commands run
@@ -91,6 +92,9 @@ DEFAULT_DATA_PLANE = True
 #: Whether that C data plane runs on its own native thread per device (stage 2) rather than in
 #: the Python loop thread's dequeue (stage 1), unless told otherwise (`DeviceRunner(native=)`).
 DEFAULT_NATIVE_LOOP = True
+#: A command of a pool chunk that took longer than this (seconds) is completed at once rather
+#: than with the chunk's later commands (`DeviceRunner._run_chunk`).
+PROMPT_SECONDS = 0.05
 
 _READ_OPS = frozenset({0x08, 0x28, 0xA8, 0x88})
 _WRITE_OPS = frozenset({0x0A, 0x2A, 0xAA, 0x8A})
@@ -584,6 +588,7 @@ class DeviceRunner:
                 rc.cmd_id,
                 lengths=(rc.out_len, rc.in_len),
                 native_error=rc.native_error,
+                arrived=now,
             )
             if not queue_rest and self._is_inline(is_inline, rc.cdb):
                 if aborted and rc.cmd_id in aborted:  # named by a TMR in this very batch
@@ -687,21 +692,32 @@ class DeviceRunner:
             return False
 
     def _run_chunk(self, items: list[tuple[RingCommand, Command]], pooled: bool) -> None:
-        """Run `items` in order, then complete them together with one kick. `pooled`: this is a
-        pool task (counted in `_pool_busy` until it has completed its commands). The caller has
-        counted the chunk with `_enter`; it is let go here."""
+        """Run `items` in order, then complete them together with one kick — except that a
+        command that took longer than `PROMPT_SECONDS` is completed at once (with those done
+        before it): its answer, due within the kernel's ``cmd_time_out``, does not wait for
+        the chunk's later commands. `pooled`: this is a pool task (counted in `_pool_busy`
+        until it has completed its commands). The caller has counted the chunk with
+        `_enter`; it is let go here."""
         try:
             done: list[tuple[RingCommand, Response]] = []
-            for rc, cmd in items:
+            last = len(items) - 1
+            for i, (rc, cmd) in enumerate(items):
                 if rc.cmd_id in self._aborted:  # a TMR named it before it started
                     done.append((rc, Response(status=Status.TASK_ABORTED)))
                     continue
+                began = time.monotonic()
                 result = self._execute(rc, cmd)
                 if isinstance(result, Future):
                     self._enter(force=True)  # the command runs until the Future resolves
                     result.add_done_callback(partial(self._on_done, rc))
                     continue
                 done.append((rc, result))
+                if i < last and time.monotonic() - began > PROMPT_SECONDS:
+                    with self._ring_lock:
+                        for rc_done, resp in done:
+                            self._complete_locked(rc_done, resp)
+                    done.clear()
+                    self._kick(quiet=True)
             with self._ring_lock:
                 for rc, resp in done:
                     self._complete_locked(rc, resp)

@@ -545,6 +545,95 @@ def test_deallocations_over_several_objects_answer_within_one_timeout(
         dev.close()
 
 
+def test_commands_queued_behind_a_stalled_one_answer_within_one_timeout_of_arrival(
+        ceph_cluster: Any) -> None:
+    """Every OSD stopped, two WRITE SAMEs (a pattern: librbd's writesame, waited for on a
+    worker) in one pool chunk. Before: the second started when the first had used its whole
+    ``osd_op_timeout`` and waited one more, and the first was answered with it: both at two
+    timeouts (50 s with the defaults, past the kernel's cmd_time_out of 30 s). Now one timeout
+    counts from the command's arrival, and a command that took long is answered at once."""
+    timeout = 4
+    dev = _open(ceph_cluster, f"q-{uuid.uuid4().hex[:8]}",
+                extra=f";create=1;osd_op_timeout={timeout}", write_cache=False)
+    h = RingHarness(dev, workers=1)  # one worker: both commands in one chunk
+    assert h.run(cdbs.test_unit_ready()).sense_codes == (0x06, 0x29, 0x00)
+    osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
+    try:
+        assert h.run(cdbs.write10(0, 8), b"\x5a" * (8 * BS)).good
+        for p in osds:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            _wait_stopped([p.pid for p in osds])
+            t0 = time.monotonic()
+            first, second = h.submit_many([(cdbs.write_same16(0, 64), b"\x01" * BS, 0),
+                                           (cdbs.write_same16(64, 64), b"\x02" * BS, 0)])
+            took = []
+            for p in (first, second):
+                h.wait([p], timeout=4 * timeout)
+                took.append(time.monotonic() - t0)
+        finally:
+            for p in osds:
+                os.kill(p.pid, signal.SIGCONT)
+        for p in (first, second):
+            assert p.status == 2 and p.sense[2] & 0xF == 2, p  # NOT READY
+        assert all(t < timeout * 1.5 for t in took), took
+    finally:
+        h.close()
+        dev.close()
+
+
+def test_a_reconnected_gateway_that_finds_the_lock_taken_stands_by(
+        ceph_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another gateway broke this one's lock (``rbd lock rm`` blocklists the holder) and took
+    it. Before: this device, reconnected as a new client that found the lock another's,
+    answered NOT READY 02h/04h/01h ("becoming ready", which initiators retry for minutes)
+    for as long as the other held it. Now 02h/04h/03h, as a standby opened so does."""
+    from tcmu_py.handlers.ceph import device as ceph_device
+
+    monkeypatch.setattr(ceph_device, "RECONNECT_INTERVAL", 0.5)
+    monkeypatch.setattr(ceph_device, "LOCK_RETRY_INTERVAL", 0.5)
+    image = f"s-{uuid.uuid4().hex[:8]}"
+    rbd = ["rbd", "-c", str(ceph_cluster.conf), "--id", "admin"]
+    a = _open(ceph_cluster, image, extra=";create=1", write_cache=False)
+    ha = _harness(a)
+    admin = ceph_cluster.admin()
+    blocked: list[str] = []
+    b = hb = None
+    try:
+        assert ha.run(cdbs.write10(0, 8), b"\x3c" * (8 * BS)).good
+        out = subprocess.run([*rbd, "lock", "ls", f"rbd/{image}", "--format", "json"],
+                             check=True, timeout=60, capture_output=True, text=True).stdout
+        found = json.loads(out)
+        locks = found if isinstance(found, list) else [{"id": k, **v} for k, v in found.items()]
+        assert len(locks) == 1, locks
+        blocked.append(locks[0]["address"])
+        subprocess.run([*rbd, "lock", "rm", f"rbd/{image}", locks[0]["id"], locks[0]["locker"]],
+                       check=True, timeout=60, capture_output=True)
+        b = _open(ceph_cluster, image, name="ceph1", write_cache=False)
+        hb = _harness(b)
+        assert hb.run(cdbs.write10(8, 8), b"\x3d" * (8 * BS)).good  # the lock is b's
+        deadline = time.monotonic() + 60
+        seen = []
+        while True:  # an initiator's retries, bounded: a's new client connects, finds b's lock
+            r = ha.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+            seen.append(r.sense_codes)
+            if r.sense_codes == (0x02, 0x04, 0x03) or time.monotonic() > deadline:
+                break
+            assert r.sense_codes == (0x02, 0x04, 0x01), r
+            time.sleep(0.2)
+        assert r.sense_codes == (0x02, 0x04, 0x03), seen[-3:]
+        assert hb.run(cdbs.read10(8, 8), data_in_len=8 * BS).data == b"\x3d" * (8 * BS)
+    finally:
+        for h, dev in ((hb, b), (ha, a)):
+            if h is not None:
+                h.close()
+            if dev is not None:
+                dev.close()
+        for addr in blocked:
+            admin.mon_command({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr})
+        admin.shutdown()
+
+
 def test_a_failed_write_back_of_librbd_cache_is_not_retryable(ceph_cluster: Any) -> None:
     """``rbd_cache=1`` in write-back mode (after a first flush): with every OSD stopped, a
     write is acknowledged from the cache and SYNCHRONIZE CACHE fails after the timeout. librbd

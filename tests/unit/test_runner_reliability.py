@@ -489,3 +489,39 @@ def test_a_device_whose_commands_may_wait_long_keeps_a_lone_command_off_the_loop
     finally:
         backend.gate.set()
         a.close()
+
+
+class SlowThenGatedBackend(GatedBackend):
+    """A write at offset 0 takes 0.2 s; every other write waits for `gate`."""
+
+    def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        if offset == 0:
+            time.sleep(0.2)
+            RawBackend.write(self, offset, bufs)
+            return
+        super().write(offset, bufs)
+
+
+def test_a_long_command_of_a_pool_chunk_is_answered_without_waiting_for_the_next(tmp_path):
+    """Before: a pool chunk's commands were completed together once the last had run, so a
+    command answered by a stalled backend after one timeout waited, answered, for the one
+    behind it (a ceph WRITE SAME answered NOT READY at 25 s was reported at 50 s, past the
+    kernel's cmd_time_out). A command that took longer than `PROMPT_SECONDS` is completed at
+    once now."""
+    backend = SlowThenGatedBackend(tmp_path / "a.img")
+    dev = open_block_device(DeviceConfig("a", "raw", str(tmp_path / "a.img"), BLOCKS * BS),
+                            backend)
+    a = Served(dev, workers=1)
+    try:
+        a.run(cdbs.test_unit_ready())  # takes the power-on unit attention
+        with a.hold():  # one batch: one chunk for the one worker, slow first
+            slow = a.kernel.submit(cdbs.write10(0, 1), data_out=b"\xaa" * BS)
+            gated = a.kernel.submit(cdbs.write10(8, 1), data_out=b"\xbb" * BS)
+        a.wait([slow], timeout=5)
+        assert slow.status == Status.GOOD and not gated.done
+        backend.gate.set()
+        a.wait([gated])
+        assert gated.status == Status.GOOD
+    finally:
+        backend.gate.set()
+        a.close()
