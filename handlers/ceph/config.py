@@ -96,9 +96,10 @@ def _timeout(value: str) -> int:
 
 
 def _client(value: str) -> str:
-    if not _NAME.match(value):
+    client = value.removeprefix("client.")
+    if not _NAME.match(value) or not _NAME.match(client):
         raise ValueError("expected a client id such as admin or iscsi.gw1")
-    return value.removeprefix("client.")
+    return client
 
 
 def default_osd_op_timeout(cmd_time_out: int) -> int:

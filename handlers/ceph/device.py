@@ -83,6 +83,7 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -682,12 +683,29 @@ def _connect(cfg: CephConfig) -> Cluster:
         raise ConfigError(f"ceph: key 'conf': {cfg.conf}: librados cannot use it ({exc}); "
                           "expected a ceph.conf naming the cluster's monitors") from None
     except RadosError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EINVAL):
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EINVAL, errno.EIO):
             raise
+        if exc.errno == errno.ENOENT and not _names_monitors(cfg.conf):
+            raise ConfigError(f"ceph: key 'conf': {cfg.conf}: names no monitor ({exc}); "
+                              "expected a ceph.conf with mon_host") from None
         keyring = cfg.keyring or f"the keyring {cfg.conf} names"
         raise ConfigError(f"ceph: keys 'id' and 'keyring': the cluster of {cfg.conf} did not "
                           f"let client.{cfg.client} in with {keyring} ({exc}); expected a "
                           "client the cluster knows and its keyring") from None
+
+
+def _names_monitors(conf: str | None) -> bool:
+    """Whether the ceph.conf `conf` (None: librados' default search, not looked at) has a
+    ``mon_host`` / ``mon host`` setting or a ``[mon.X]`` section with an address: without one,
+    librados' ENOENT at connect is the conf's, not the client's credentials'."""
+    if conf is None:
+        return True
+    try:
+        with open(conf, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return True
+    return re.search(r"(?im)^\s*(mon[ _]host|mon[ _]addr)\s*=\s*\S", text) is not None
 
 
 def _open_image(cfg: CephConfig, cluster: Cluster, size: int) -> tuple[IoCtx, Image]:

@@ -38,6 +38,7 @@ SIZE = 8 << 20  # two 4 MiB RBD objects: commands that cross an object boundary 
     ("image=rbd/x;conf=relative.conf", "absolute path"),
     ("image=rbd/x;lock=maybe", "exclusive, shared"),
     ("image=rbd/x;create=yes", "0 or 1"),
+    ("image=rbd/x;id=client.", "client id such as admin"),
     ("image=rbd/x;rbd_cache=on", "0 or 1"),
     ("image=rbd/x;frob=1", "unknown key 'frob'"),
     ("image=rbd/vol@snap", "POOL/IMAGE"),
@@ -333,6 +334,9 @@ def test_credential_and_conf_errors_name_the_key(ceph_cluster: Any, tmp_path: Pa
          "keys 'id' and 'keyring': the cluster of"),
         (dict(extra=f";create=1;keyring={other}"), "did not let client.admin in with"),
     ]
+    garbage = tmp_path / "garbage.keyring"  # librados: EIO, was a bare RadosError
+    garbage.write_text("[client.admin]\n\tkey = AQBHbq1l\n")
+    cases.append((dict(extra=f";create=1;keyring={garbage}"), "did not let client.admin in"))
     for kw, match in cases:
         with pytest.raises(ConfigError, match=match):
             _open(ceph_cluster, image, **kw)
@@ -347,6 +351,13 @@ def test_credential_and_conf_errors_name_the_key(ceph_cluster: Any, tmp_path: Pa
     cfg = DeviceConfig(cfg.name, cfg.subtype, cfg.cfgstring.replace(
         "conf=/nonexistent/ceph.conf", f"conf={broken}"), cfg.size, cfg.block_size)
     with pytest.raises(ConfigError, match=f"key 'conf': {broken}: librados cannot use it"):
+        CephHandler.open(cfg)
+    # a conf that names no monitor: the conf's fault (librados: ENOENT), not the credentials'
+    nomon = tmp_path / "nomon.conf"
+    nomon.write_text("[global]\nfsid = 00000000-0000-0000-0000-000000000000\n")
+    cfg = DeviceConfig(cfg.name, cfg.subtype, cfg.cfgstring.replace(
+        f"conf={broken}", f"conf={nomon}"), cfg.size, cfg.block_size)
+    with pytest.raises(ConfigError, match=f"key 'conf': {nomon}: names no monitor"):
         CephHandler.open(cfg)
     # a client whose caps only read: the key and the caps it needs, not a bare EPERM
     admin = ceph_cluster.admin()
