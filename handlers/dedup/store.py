@@ -1940,6 +1940,14 @@ def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
     for key, given, recorded in declaration_mismatches(current, name, chunk_size, fingerprint):
         raise ConfigError(f"{where}: {key} {given!r}: the pool was created with {recorded!r},"
                           " which cannot change")
+    if capacity < current.capacity:
+        used = live.used if live is not None else read_pool_status(real).used
+        if capacity < used:
+            # Allowed (an operator may mean to stop the pool's growth), but said: every write
+            # of new data is refused until enough is unmapped and collected.
+            log.warning("%s: capacity %d is below the %d bytes the pool holds: writes of new "
+                        "data answer SPACE ALLOCATION FAILED until that much is unmapped and "
+                        "collected, or the capacity is raised", where, capacity, used)
     if live is not None:
         if live.capacity != capacity:
             live.set_capacity(capacity)

@@ -867,3 +867,22 @@ def test_fingerprint_is_chosen_at_creation_and_fixed(tmp_path: os.PathLike[str])
     assert ensure_pool(path, "p", 1 << 21).fingerprint == "sha256"
     other = os.path.join(tmp_path, "q")
     assert ensure_pool(other, "q", 1 << 20).fingerprint == "xxh3-128"
+
+
+def test_a_capacity_below_what_the_pool_holds_is_warned_of(
+        tmp_path: os.PathLike[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Before: `create-pool --capacity` (or a YAML's `capacity`) below the pool's use was taken
+    without a word, and every write of new data then answered SPACE ALLOCATION FAILED."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 64 * CS, None)
+    with DedupPool.open(path) as pool:
+        disk = pool.open_disk("a", 8 * CS)
+        disk.write(0, [memoryview(chunk(1) + chunk(2) + chunk(3))])
+        disk.close()
+    with caplog.at_level("WARNING"):
+        assert dedup_config.main(["create-pool", path, "--name", "p", "--capacity", "8K"]) == 0
+    assert "capacity 8192 is below the 12288 bytes the pool holds" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert dedup_config.main(["create-pool", path, "--name", "p", "--capacity", "16K"]) == 0
+    assert "below" not in caplog.text
