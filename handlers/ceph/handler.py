@@ -55,12 +55,13 @@ class CephHandler(Handler):
         from .device import CephDevice, open_backend
 
         cfg = _config.parse(config.cfgstring, config.cmd_time_out)
-        if 0 < config.cmd_time_out <= cfg.osd_op_timeout:
-            log.warning("ceph device %s: osd_op_timeout %d s is not below the device's "
-                        "cmd_time_out %d s: in a cluster stall the kernel fails commands "
-                        "itself first (LOGICAL UNIT COMMUNICATION FAILURE, an I/O error for "
-                        "the application) instead of the retryable NOT READY; expected at "
-                        "most %d", config.name, cfg.osd_op_timeout, config.cmd_time_out,
+        if 0 < config.cmd_time_out <= 2 * cfg.osd_op_timeout:
+            log.warning("ceph device %s: osd_op_timeout %d s is not below half the device's "
+                        "cmd_time_out %d s: in a long cluster stall librbd answers a write "
+                        "after up to two of its timeouts, and the kernel fails commands itself "
+                        "first (LOGICAL UNIT COMMUNICATION FAILURE, an I/O error for the "
+                        "application) instead of the retryable NOT READY; expected at most %d",
+                        config.name, cfg.osd_op_timeout, config.cmd_time_out,
                         _config.default_osd_op_timeout(config.cmd_time_out))
         backend = open_backend(cfg, config.size, config.block_size)
         try:
