@@ -4,6 +4,7 @@ through the production ring code and a FakeKernel (`RingHarness`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -458,6 +459,20 @@ def test_yaml_two_exclusive_devices_on_one_image_are_refused() -> None:
     load_config_text(doc("exclusive", "exclusive", "rbd/ns1/vol2"), "x.yaml")
 
 
+@contextlib.contextmanager
+def _stopped(procs: list[Any]) -> Iterator[None]:
+    """`procs` (daemons of the cluster) stopped with SIGSTOP, every thread of them (bounded),
+    and continued with SIGCONT on leaving, whatever happened inside."""
+    for p in procs:
+        os.kill(p.pid, signal.SIGSTOP)
+    try:
+        _wait_stopped([p.pid for p in procs])
+        yield
+    finally:
+        for p in procs:
+            os.kill(p.pid, signal.SIGCONT)
+
+
 def _wait_stopped(pids: list[int], timeout: float = 10.0) -> None:
     """Until every thread of every process in `pids` is stopped (state T in /proc), bounded."""
     deadline = time.monotonic() + timeout
@@ -485,19 +500,13 @@ def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
         data = b"\x5a" * (8 * BS)
         assert h.run(cdbs.write10(0, 8), data).good
         assert _executed(h) == 1
-        for p in osds:
-            os.kill(p.pid, signal.SIGSTOP)
-        try:
-            _wait_stopped([p.pid for p in osds])
+        with _stopped(osds):
             t0 = time.monotonic()
             r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
             waited = time.monotonic() - t0
             t0 = time.monotonic()
             w = h.run(cdbs.write10(64, 8), data)
             waited_w = time.monotonic() - t0
-        finally:
-            for p in osds:
-                os.kill(p.pid, signal.SIGCONT)
         assert r.sense_codes == (0x02, 0x04, 0x01), (r, waited, [p.pid for p in osds])
         assert w.sense_codes == (0x02, 0x04, 0x01), (w, waited_w)
         for took in (waited, waited_w):  # one timeout, not two (librbd's timer, not a race)
@@ -531,10 +540,7 @@ def test_deallocations_over_several_objects_answer_within_one_timeout(
     try:
         assert h.run(cdbs.write10(0, 8), b"\x5a" * (8 * BS)).good
         assert h.run(cdbs.write16(blocks - 8, 8), b"\x5a" * (8 * BS)).good
-        for p in osds:
-            os.kill(p.pid, signal.SIGSTOP)
-        try:
-            _wait_stopped([p.pid for p in osds])
+        with _stopped(osds):
             took = []
             for cdb, data in ((cdbs.unmap(len(params)), params),
                               (cdbs.write_same16(0, blocks, unmap=True), bytes(BS))):
@@ -542,9 +548,6 @@ def test_deallocations_over_several_objects_answer_within_one_timeout(
                 r = h.run(cdb, data)
                 took.append(time.monotonic() - t0)
                 assert r.sense_codes == (0x02, 0x04, 0x01), (r, took)
-        finally:
-            for p in osds:
-                os.kill(p.pid, signal.SIGCONT)
         assert all(t < timeout * 1.5 for t in took), took
         deadline = time.monotonic() + 60
         while True:  # the initiator's retry, bounded
@@ -573,10 +576,7 @@ def test_commands_queued_behind_a_stalled_one_answer_within_one_timeout_of_arriv
     osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
     try:
         assert h.run(cdbs.write10(0, 8), b"\x5a" * (8 * BS)).good
-        for p in osds:
-            os.kill(p.pid, signal.SIGSTOP)
-        try:
-            _wait_stopped([p.pid for p in osds])
+        with _stopped(osds):
             t0 = time.monotonic()
             first, second = h.submit_many([(cdbs.write_same16(0, 64), b"\x01" * BS, 0),
                                            (cdbs.write_same16(64, 64), b"\x02" * BS, 0)])
@@ -584,9 +584,6 @@ def test_commands_queued_behind_a_stalled_one_answer_within_one_timeout_of_arriv
             for p in (first, second):
                 h.wait([p], timeout=4 * timeout)
                 took.append(time.monotonic() - t0)
-        finally:
-            for p in osds:
-                os.kill(p.pid, signal.SIGCONT)
         for p in (first, second):
             assert p.status == 2 and p.sense[2] & 0xF == 2, p  # NOT READY
         assert all(t < timeout * 1.5 for t in took), took
@@ -660,15 +657,9 @@ def test_a_failed_write_back_of_librbd_cache_is_not_retryable(ceph_cluster: Any)
     try:
         assert h.run(cdbs.write10(0, 8), bytes(8 * BS)).good
         assert h.run(cdbs.synchronize_cache10()).good  # librbd's cache now writes back
-        for p in osds:
-            os.kill(p.pid, signal.SIGSTOP)
-        try:
-            _wait_stopped([p.pid for p in osds])
+        with _stopped(osds):
             assert h.run(cdbs.write10(0, 1), b"A" * BS).good  # from the cache
             r = h.run(cdbs.synchronize_cache10())
-        finally:
-            for p in osds:
-                os.kill(p.pid, signal.SIGCONT)
         assert r.sense_codes == (0x03, 0x0C, 0x00), r
     finally:
         h.close()
@@ -684,17 +675,11 @@ def test_opening_while_the_cluster_does_not_answer_is_unavailable_not_a_failure(
     config = _config(ceph_cluster, f"m-{uuid.uuid4().hex[:8]}", extra=";create=1;osd_op_timeout=2")
     mons = [p for name, p in ceph_cluster.procs.items() if name.startswith("mon.")]
     assert mons
-    for p in mons:
-        os.kill(p.pid, signal.SIGSTOP)
-    try:
-        _wait_stopped([p.pid for p in mons])
+    with _stopped(mons):
         t0 = time.monotonic()
         with pytest.raises(DeviceUnavailable, match="does not answer") as info:
             CephHandler.open(config)
         waited = time.monotonic() - t0
-    finally:
-        for p in mons:
-            os.kill(p.pid, signal.SIGCONT)
     assert isinstance(info.value.__cause__, OSError), info.value.__cause__
     assert waited < 20, waited
     dev = CephHandler.open(config)
@@ -1088,10 +1073,7 @@ def test_stop_while_the_cluster_does_not_answer(ceph_cluster: Any) -> None:
     closed = False
     try:
         assert h.run(cdbs.write10(0, 8), b"\x11" * (8 * BS)).good
-        for p in osds:
-            os.kill(p.pid, signal.SIGSTOP)
-        try:
-            _wait_stopped([p.pid for p in osds])
+        with _stopped(osds):
             pending = h.submit_many([(cdbs.read10(i * 8, 8), b"", 8 * BS) for i in range(8)])
             _wait_dequeued(h)
             t0 = time.monotonic()
@@ -1100,9 +1082,6 @@ def test_stop_while_the_cluster_does_not_answer(ceph_cluster: Any) -> None:
             h.wait(pending, timeout=15)  # Python's second try (async) answers NOT READY
             h.close()
             closed = True
-        finally:
-            for p in osds:
-                os.kill(p.pid, signal.SIGCONT)
         assert 1.0 <= took < 15, took  # it waited for librbd to fail what C had in flight
         assert all(p.done for p in pending)
         codes = [Result(p.status, p.sense, p.data_in).sense_codes for p in pending]
