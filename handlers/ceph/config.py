@@ -40,6 +40,22 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]+\Z")
 LOCK_MODES = ("exclusive", "shared")
 #: `default_osd_op_timeout`'s ceiling.
 OSD_OP_TIMEOUT_MAX = 30
+#: The kernel's default ``cmd_time_out`` of a TCMU device (seconds): `parse`'s when not told.
+KERNEL_CMD_TIME_OUT = 30
+
+
+def default_osd_op_timeout(cmd_time_out: int) -> int:
+    """``osd_op_timeout`` for a config string that gives none, on a device whose kernel
+    command timeout is `cmd_time_out` seconds (0: none): less than half of it (14 s for the
+    kernel's default 30), at most `OSD_OP_TIMEOUT_MAX`, at least 1; the maximum when the kernel
+    has no timeout. A command the kernel times out first fails LOGICAL UNIT COMMUNICATION
+    FAILURE 02h/08h/00h, which sd does not retry (an I/O error for the application), where
+    librbd's timeout answers the retryable NOT READY 02h/04h/01h; and in a long cluster stall
+    librbd answers a WRITE after up to two of its timeouts (it held the write behind another to
+    the same object: 9 s measured with 5 s, 45 s with 25 s), so two must fit."""
+    if cmd_time_out <= 0:
+        return OSD_OP_TIMEOUT_MAX
+    return max(1, min(OSD_OP_TIMEOUT_MAX, (cmd_time_out - 1) // 2))
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,7 @@ class CephConfig:
     keyring: str | None = None
     create: bool = False
     lock: str = "exclusive"
-    osd_op_timeout: int = 14  # `default_osd_op_timeout` of the kernel's default, 30 (`parse`)
+    osd_op_timeout: int = default_osd_op_timeout(KERNEL_CMD_TIME_OUT)  # see `parse`
     rbd_cache: bool = False
 
     @property
@@ -101,21 +117,7 @@ def _client(value: str) -> str:
     return client
 
 
-def default_osd_op_timeout(cmd_time_out: int) -> int:
-    """``osd_op_timeout`` for a config string that gives none, on a device whose kernel
-    command timeout is `cmd_time_out` seconds (0: none): less than half of it (14 s for the
-    kernel's default 30), at most `OSD_OP_TIMEOUT_MAX`, at least 1; the maximum when the kernel
-    has no timeout. A command the kernel times out first fails LOGICAL UNIT COMMUNICATION
-    FAILURE 02h/08h/00h, which sd does not retry (an I/O error for the application), where
-    librbd's timeout answers the retryable NOT READY 02h/04h/01h; and in a long cluster stall
-    librbd answers a WRITE after up to two of its timeouts (it held the write behind another to
-    the same object: 9 s measured with 5 s, 45 s with 25 s), so two must fit."""
-    if cmd_time_out <= 0:
-        return OSD_OP_TIMEOUT_MAX
-    return max(1, min(OSD_OP_TIMEOUT_MAX, (cmd_time_out - 1) // 2))
-
-
-def parse(cfgstring: str, cmd_time_out: int = 30) -> CephConfig:
+def parse(cfgstring: str, cmd_time_out: int = KERNEL_CMD_TIME_OUT) -> CephConfig:
     """The config of `cfgstring` for a device whose kernel command timeout is `cmd_time_out`
     (it sets the default ``osd_op_timeout``); `ConfigError` names the key that is wrong."""
     items = parse_options(cfgstring, {

@@ -694,12 +694,11 @@ def _connect(cfg: CephConfig) -> Cluster:
                           "client the cluster knows and its keyring") from None
 
 
-def _names_monitors(conf: str | None) -> bool:
-    """Whether the ceph.conf `conf` (None: librados' default search, not looked at) has a
-    ``mon_host`` / ``mon host`` setting or a ``[mon.X]`` section with an address: without one,
-    librados' ENOENT at connect is the conf's, not the client's credentials'."""
-    if conf is None:
-        return True
+def _names_monitors(conf: str) -> bool:
+    """Whether the ceph.conf `conf` has a ``mon_host`` / ``mon host`` setting or a ``mon addr``
+    (of a ``[mon.X]`` section): without one, librados' ENOENT at connect is the conf's, not the
+    client's credentials'. An unreadable file answers True: the error stays the credentials'
+    one, as it was."""
     try:
         with open(conf, encoding="utf-8", errors="replace") as f:
             text = f.read()

@@ -1458,9 +1458,7 @@ class DedupPool(PhysicalPool):
         capacity = self._config.capacity
         if need <= 0 or self._figures.used + need <= capacity:
             return False
-        dead = int(self._db.execute("SELECT COALESCE(SUM(dead), 0) FROM containers")
-                   .fetchone()[0])
-        if self._figures.used - dead + need > capacity:
+        if self._figures.used - self.dead_bytes() + need > capacity:
             return False
         deadline = time.monotonic() + RECLAIM_SECONDS
         compacted = False

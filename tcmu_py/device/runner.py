@@ -10,9 +10,9 @@ Where a command runs:
 - everything else goes to a bounded worker pool (`workers` threads; the backend's blocking I/O
   releases the GIL there), dealt round-robin in one chunk per worker, each chunk completed with
   one kick (a command that took longer than `PROMPT_SECONDS` at once) — except a wake-up that
-  brings a single such command (queue depth 1), which runs on
-  the loop thread: the hand-off would cost more than it saves (unless the device says its
-  commands may wait long: `ScsiDevice.lone_commands_on_loop`);
+  brings a single such command (queue depth 1), which runs on the loop thread: the hand-off
+  would cost more than it saves (unless the device says its commands may wait long:
+  `ScsiDevice.lone_commands_on_loop`);
 - a device with `serial_commands` (tapes, changers) gets exactly one worker, and its commands run
   one at a time, in arrival order: once one of them is queued for the worker, everything after
   it is queued behind it (inline ones too), and a lone command runs on the loop thread only while

@@ -416,10 +416,9 @@ def test_the_unit_attention_comes_when_the_used_count_reaches_the_threshold_coun
             r = harness.run_command(dev, cdbs.test_unit_ready())
             assert r.good == (idx + 1 < count), (idx, r)
             log = bytes(harness.run_command(dev, cdbs.log_sense(0x0C), b"", 64).data)
-            params, i = {}, 4
-            while i + 4 <= len(log):  # SPC-5 7.3.2: code, control, length, value
-                params[log[i:i + 2]] = int.from_bytes(log[i + 4:i + 8], "big")  # the count
-                i += 4 + log[i + 3]
-            assert params[b"\x00\x02"] == idx + 1  # USED LBA MAPPING RESOURCE COUNT
+            # SBC-4 6.4.5: 12-byte parameters (code, control, length 8, count, scope).
+            params = {struct.unpack_from(">H", log, o)[0]: struct.unpack_from(">I", log, o + 4)[0]
+                      for o in range(4, len(log), 12)}
+            assert params[2] == idx + 1  # USED LBA MAPPING RESOURCE COUNT
     finally:
         dev.close()
