@@ -291,9 +291,10 @@ class PoolEntry(NamedTuple):
 def pool_entries(c: Checker, raw: object, section: str,
                  extra_keys: frozenset[str] = frozenset()) -> Iterator[PoolEntry]:
     """Each entry of the pool section `raw` (top-level key `section`) with ``name``, ``path``
-    (absolute), ``capacity`` (a size > 0), ``soft_threshold`` (1..100, default 80) and
-    ``hard_limit`` (`hard_limit`) checked; `extra_keys` are the handler's own, which it checks
-    itself (then `Checker.clean_since` on ``.entry`` says whether the entry is whole)."""
+    (absolute), ``capacity`` (a size > 0), ``soft_threshold`` (1..100, default 80; null: no
+    soft threshold, as MODE SELECT can make it) and ``hard_limit`` (`hard_limit`) checked;
+    `extra_keys` are the handler's own, which it checks itself. `Checker.clean_since` on
+    ``.entry`` says whether the entry is whole (a None field may be a failed one)."""
     paths: dict[str, str] = {}  # real directory -> the entry that declared it first
     for entry in c.named_entries(raw, section, set(POOL_KEYS | extra_keys), _REQUIRED_KEYS,
                                  "pool"):
@@ -304,8 +305,10 @@ def pool_entries(c: Checker, raw: object, section: str,
             if first != p:  # one directory holds one pool: the second would be refused at apply
                 c.fail(f"{p}.path", m["path"], f"a directory no other pool uses ({first} has it)")
         cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
-        soft = c.integer(m.get("soft_threshold", 80), f"{p}.soft_threshold", 1, 100,
-                         "a percentage 1..100")
+        soft = m.get("soft_threshold", 80)
+        if soft is not None:
+            soft = c.integer(soft, f"{p}.soft_threshold", 1, 100,
+                             "a percentage 1..100, or null for none")
         hard: int | None = cap
         if "hard_limit" in m and cap is not None:
             hard = hard_limit(c, m["hard_limit"], f"{p}.hard_limit", cap)

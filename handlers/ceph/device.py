@@ -24,7 +24,8 @@ What the device promises, and why it is true:
 - UNMAP and WRITE SAME with UNMAP use ``rbd_aio_write_zeroes``: librbd deallocates whole
   objects and writes zeros elsewhere, so an unmapped range always reads zeros (LBPRZ=1). (Plain
   ``rbd_aio_discard`` skips the parts smaller than ``rbd_discard_granularity_bytes``: it would
-  not be honest with LBPRZ.)
+  not be honest with LBPRZ.) WRITE SAME of a zero block without UNMAP writes zeros and leaves
+  the range allocated (the THICK_PROVISION flag; librbd's own write-same would deallocate it).
 - COMPARE AND WRITE is librbd's own ``rbd_aio_compare_and_write``, atomic on the cluster: the
   OSD compares and writes in one transaction, against every other client too. librbd takes one
   512-byte sector per call, so MAXIMUM COMPARE AND WRITE LENGTH is 1 (512-byte blocks; larger
@@ -547,7 +548,10 @@ class RbdBackend:
     def write_same(self, offset: int, length: int, block: bytes, unmap: bool) -> None:
         self.check_ready()
         if not any(block):
-            self._wait(lambda: self.image.aio_write_zeroes(offset, length), True)
+            # Without UNMAP a zero block is written, not deallocated (SBC-4 5.50): what an
+            # eager-zeroed ("thick") disk is made with stays allocated.
+            self._wait(lambda: self.image.aio_write_zeroes(offset, length, thick=not unmap),
+                       True)
         else:
             self._wait(lambda: self.image.aio_writesame(offset, length, block), True)
 
@@ -646,8 +650,12 @@ def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
         ioctx, image = _open_image(cfg, cluster, size)
         have = image.size()
         if size > have:
-            raise ConfigError(f"ceph: key 'image': {cfg.spec}: the image holds {have} bytes, "
-                              f"the device's size is {size}; expected a size up to the image's")
+            # The size is the device's (a YAML device's `size`, a backstore's `dev_size`), not
+            # the config string's: name it as the operator wrote it.
+            raise ConfigError(f"ceph: the device's size (YAML `size`, configfs `dev_size`): "
+                              f"{size} bytes, larger than the image {cfg.spec} ({have} bytes); "
+                              "expected a size up to the image's, or the image grown first "
+                              "(`rbd resize`)")
         if cfg.lock == "exclusive" and not image.features() & FEATURE_EXCLUSIVE_LOCK:
             # Without the feature librbd takes no lock: a second gateway would write alongside.
             raise ConfigError(f"ceph: key 'lock': {cfg.spec}: the image has no exclusive-lock "

@@ -103,6 +103,7 @@ int rbd_update_unwatch(rbd_image_t image, uint64_t handle);
 #: rbd/features.h: the features of a new image (layering, exclusive-lock, object-map,
 #: fast-diff, deep-flatten: ``rbd create``'s defaults).
 FEATURE_LAYERING = 1 << 0
+WRITE_ZEROES_FLAG_THICK_PROVISION = 1 << 0  # librbd.h: zeros written, nothing deallocated
 FEATURE_EXCLUSIVE_LOCK = 1 << 2
 FEATURE_OBJECT_MAP = 1 << 3
 FEATURE_FAST_DIFF = 1 << 4
@@ -541,10 +542,14 @@ class Image:
         return self._start("discard",
                            lambda h, c: self._lib.rbd_aio_discard(h, offset, length, c))
 
-    def aio_write_zeroes(self, offset: int, length: int) -> Future[int]:
-        """Zero the range: deallocated where whole objects allow, else zeros written."""
+    def aio_write_zeroes(self, offset: int, length: int, *, thick: bool = False) -> Future[int]:
+        """Zero the range: deallocated where whole objects allow, else zeros written; with
+        `thick`, zeros written everywhere and the range left allocated
+        (``RBD_WRITE_ZEROES_FLAG_THICK_PROVISION``)."""
+        flags = WRITE_ZEROES_FLAG_THICK_PROVISION if thick else 0
         return self._start(
-            "write_zeroes", lambda h, c: self._lib.rbd_aio_write_zeroes(h, offset, length, c, 0, 0))
+            "write_zeroes",
+            lambda h, c: self._lib.rbd_aio_write_zeroes(h, offset, length, c, flags, 0))
 
     def aio_writesame(self, offset: int, length: int, block: bytes) -> Future[int]:
         buf = _ffi.from_buffer(block)

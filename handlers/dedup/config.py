@@ -78,12 +78,13 @@ MAX_COLLECT_INTERVAL = 3600.0
 class DedupPoolSpec:
     """A dedup pool declared in the YAML, as a thin pool is: ``capacity`` and ``hard_limit``
     (bytes of chunk data the pool lets its disks take; hard_limit <= capacity, default
-    capacity), ``soft_threshold`` (percent of the hard limit), ``chunk_size`` (bytes)."""
+    capacity), ``soft_threshold`` (percent of the hard limit; None: none), ``chunk_size``
+    (bytes)."""
 
     name: str
     path: str
     capacity: int
-    soft_threshold: int = 80
+    soft_threshold: int | None = 80
     chunk_size: int = DEFAULT_CHUNK
     hard_limit: int = 0  # the loader always sets it (default: capacity)
     compression: str = "none"  # "none" or "zstd": how new chunks are stored
@@ -119,7 +120,7 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
                          f"{p}.collector_dead_percent", 1, 100, "a percentage 1..100")
         if not c.clean_since(entry):
             continue
-        assert name and path and cap and soft and hard and dead
+        assert name and path and cap and hard and dead
         spec = DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard, compression,
                              float(interval), dead)
         check_existing_pool(c, p, path, POOL_FILE, load_pool_config,

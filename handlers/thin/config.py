@@ -65,12 +65,12 @@ SUBTYPE = "thin"
 @dataclass(frozen=True)
 class PoolSpec:
     """A thin pool declared in the YAML. ``capacity`` and ``hard_limit`` are bytes (hard_limit
-    <= capacity); ``soft_threshold`` is a percentage of ``capacity`` (1..100)."""
+    <= capacity); ``soft_threshold`` is a percentage of ``capacity`` (1..100; None: none)."""
 
     name: str
     path: str
     capacity: int
-    soft_threshold: int = 80
+    soft_threshold: int | None = 80
     hard_limit: int = 0  # the loader always sets it (default: capacity)
 
 
@@ -80,9 +80,9 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[PoolSpe
     pools: list[PoolSpec] = []
     for entry, path, cap, soft, hard in pool_entries(c, raw, SECTION):
         name = entry.name
-        if None in (name, path, cap, soft, hard):
+        if not c.clean_since(entry):
             continue
-        assert name and path and cap and soft and hard
+        assert name and path and cap and hard
         check_existing_pool(c, entry.path, path, POOL_FILE, load_pool_config,
                             partial(_mismatches, name=name))
         pools.append(PoolSpec(name, path, cap, soft, hard))

@@ -297,7 +297,11 @@ def test_missing_image_is_a_config_error_naming_the_key(ceph_cluster: Any) -> No
     with pytest.raises(ConfigError, match=r"key 'image': nopool/x: pool 'nopool' does not "):
         CephHandler.open(DeviceConfig("c", "ceph", f"image=nopool/x;conf={ceph_cluster.conf}",
                                       SIZE, BS))
-    with pytest.raises(ConfigError, match="expected a size up to the image's"):
+    # The size is the device's, not the config string's `image`: named as YAML and configfs
+    # name it (before: "key 'image'").
+    with pytest.raises(ConfigError, match=r"the device's size \(YAML `size`, configfs "
+                       r"`dev_size`\): 16777216 bytes, larger than the image rbd/s-\w+ "
+                       r"\(8388608 bytes\); expected a size up to the image's"):
         image = f"s-{uuid.uuid4().hex[:8]}"
         _open(ceph_cluster, image, extra=";create=1").close()
         _open(ceph_cluster, image, size=2 * SIZE)
@@ -763,6 +767,25 @@ def test_get_lba_status_follows_the_image_allocation(device: RingHarness) -> Non
     assert _status_of(runs, 100) == 1 and _status_of(runs, boundary + 50) == 0, runs
     r = device.run(cdbs.get_lba_status(blocks), data_in_len=64)
     assert r.sense_codes == (0x05, 0x21, 0x00)  # LBA OUT OF RANGE
+
+
+def test_write_same_of_zeros_without_unmap_leaves_the_blocks_allocated(
+        device: RingHarness) -> None:
+    """Before: WRITE SAME of a zero block with UNMAP=0 (and NDOB) went to librbd's
+    write-zeroes, which removed whole objects: GET LBA STATUS then said deallocated, and a disk
+    made "eager-zeroed thick" that way was thin after all. SBC-4 5.50: without UNMAP the blocks
+    are written. With UNMAP they may be deallocated, and are."""
+    boundary = (4 << 20) // BS
+    assert device.run(cdbs.write_same16(0, boundary), bytes(BS)).good  # a fresh object
+    assert device.run(cdbs.write10(boundary + 7, 1), b"\x03" * BS).good
+    assert device.run(cdbs.write_same16(boundary, boundary, ndob=True)).good  # over data
+    runs = _lba_status(device, 0)
+    assert [_status_of(runs, lba) for lba in (0, boundary - 1, boundary + 7, 2 * boundary - 1)
+            ] == [0, 0, 0, 0], runs
+    assert _read(device, 0, 2 * boundary) == bytes(2 * boundary * BS)
+    assert device.run(cdbs.write_same16(boundary, boundary, unmap=True), bytes(BS)).good
+    runs = _lba_status(device, 0)
+    assert _status_of(runs, 0) == 0 and _status_of(runs, boundary + 7) == 1, runs
 
 
 def test_resize_by_another_client_is_followed(ceph_cluster: Any) -> None:

@@ -138,3 +138,34 @@ def test_two_pools_in_one_directory_are_refused_at_load(tmp_path: os.PathLike[st
     assert str(exc.value).endswith("', expected a directory no other pool uses (dedup_pools[0] "
                                    "has it)")
 
+
+
+@pytest.mark.parametrize("section,handler", [("pools", "thin"), ("dedup_pools", "dedup")])
+def test_a_pool_without_soft_threshold(tmp_path: os.PathLike[str], section: str,
+                                       handler: str) -> None:
+    """Before: ``soft_threshold: null`` was refused ("expected a percentage 1..100") though a
+    pool can have none (pool.json's null, MODE SELECT's disabling). Now the pool is made
+    without one, and an existing pool's threshold is taken away; a bad value still names the
+    key."""
+    from tcmu_py.cli import prepare_handlers
+    from tcmu_py.handlers.dedup.store import load_pool_config as dedup_pool_config
+    from tcmu_py.handlers.thin.pool import load_pool_config as thin_pool_config
+
+    load_pool = dedup_pool_config if handler == "dedup" else thin_pool_config
+    path = os.path.join(tmp_path, "p")
+
+    def doc(soft: object) -> dict[str, Any]:
+        return {section: [{"name": "images", "path": path, "capacity": "16M",
+                           "soft_threshold": soft}],
+                "devices": [{"name": "vm7", "handler": handler, "size": "8M",
+                             "pool": "images"}]}
+
+    prepare_handlers(_load(doc(70), check=True))
+    assert load_pool(path).soft_threshold == 70
+    cfg = _load(doc(None), check=True)
+    assert cfg.section(section)[0].soft_threshold is None
+    prepare_handlers(cfg)
+    assert load_pool(path).soft_threshold is None
+    with pytest.raises(ConfigError, match=rf"c.yaml: {section}\[0\].soft_threshold: got 0, "
+                       r"expected a percentage 1..100, or null for none"):
+        _load(doc(0), check=True)
