@@ -950,7 +950,7 @@ class CephDevice(BlockDevice):
         image = self.image
         left = self.backend.time_left()
         return bounded(when_all([image.aio_write_zeroes(lba * bs, count * bs)
-                                 for lba, count in ranges if count], None, True,
+                                 for lba, count in sbc.merge_ranges(ranges)], None, True,
                                 lambda exc, writing: self.backend.sense(exc, writing, image)),
                        left, self.backend.cfg.spec)
 

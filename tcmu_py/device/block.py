@@ -742,13 +742,12 @@ class BlockDevice(ScsiDevice):
         ranges = sbc.parse_unmap_parameters(data, MAX_UNMAP_BLOCK_DESCRIPTORS)
         for lba, count in ranges:
             self._check_range(lba, count)
-        for lba, count in ranges:
-            if count:
-                held = self._ranges.acquire(lba, lba + count)
-                try:
-                    self._unmap(lba * self.block_size, count * self.block_size)
-                finally:
-                    self._ranges.release(held)
+        for lba, count in sbc.merge_ranges(ranges):
+            held = self._ranges.acquire(lba, lba + count)
+            try:
+                self._unmap(lba * self.block_size, count * self.block_size)
+            finally:
+                self._ranges.release(held)
         # A deallocation of part of a dedup pool's chunk stores a new chunk: the use may grow.
         self._after_write()
 

@@ -230,6 +230,22 @@ def parse_unmap_parameters(
     return ranges
 
 
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (LBA, count) ranges covering exactly the blocks of `ranges`, sorted, none empty,
+    overlapping or adjacent ones merged. An UNMAP deallocates the union of its descriptors
+    (SBC-4 5.32: descriptors may overlap and come in any order), so a list with one descriptor
+    per block (libiscsi's UNMAP tests; initiators freeing scattered blocks) costs the handler
+    one call per run of blocks, not one per block."""
+    out: list[tuple[int, int]] = []
+    for lba, count in sorted(r for r in ranges if r[1]):
+        if out and lba <= out[-1][0] + out[-1][1]:
+            first, n = out[-1]
+            out[-1] = (first, max(n, lba + count - first))
+        else:
+            out.append((lba, count))
+    return out
+
+
 def build_unmap_parameters(ranges: Iterable[tuple[int, int]]) -> bytes:
     """An UNMAP parameter list for ``ranges`` (initiator side; used by tests and tools)."""
     descs = b"".join(_UNMAP_DESC.pack(lba, n) for lba, n in ranges)

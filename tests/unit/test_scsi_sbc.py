@@ -181,3 +181,19 @@ def test_read_defect_data_empty(twelve):
                                       defect_list_format=3)
     assert data[1] == 0x13
     assert len(data) == (8 if twelve else 4) and not any(data[2:])
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40)), max_size=40))
+def test_merge_ranges_covers_exactly_the_same_blocks(ranges: list[tuple[int, int]]) -> None:
+    """UNMAP's descriptors merged (`sbc.merge_ranges`): the same set of blocks, in sorted,
+    non-empty ranges that neither overlap nor touch."""
+    merged = sbc.merge_ranges(ranges)
+    blocks = {b for lba, n in ranges for b in range(lba, lba + n)}
+    assert {b for lba, n in merged for b in range(lba, lba + n)} == blocks
+    assert all(n > 0 for _, n in merged)
+    assert all(a + n < b for (a, n), (b, _) in zip(merged, merged[1:], strict=False))
+
+
+def test_merge_ranges_one_descriptor_per_block() -> None:
+    assert sbc.merge_ranges([(i, 1) for i in range(256)]) == [(0, 256)]
+    assert sbc.merge_ranges([(9, 2), (0, 0), (3, 4), (5, 1), (11, 1)]) == [(3, 4), (9, 3)]
