@@ -173,6 +173,11 @@ class ProvisioningInfo:
     used: int  # allocated in the pool (all devices)
     device_used: int  # allocated for this device
     soft_threshold: int | None = None  # percent of capacity, or None
+    #: Bytes the pool does not take thanks to deduplication (data mapped minus the distinct
+    #: data) and to compression (distinct data minus what it takes stored); None: the backend
+    #: does neither (log page 0Ch then has no 0100h/0101h/0102h parameters).
+    deduplicated: int | None = None
+    compressed: int | None = None
 
 
 @runtime_checkable

@@ -284,8 +284,10 @@ class DedupBackend(PoolDisk["DedupPool"]):
         """Pool figures; the device's "used" is the pool's physical use too: a deduplicated
         chunk belongs to every disk naming it, so per-disk physical use has no meaning."""
         pool = self.pool
+        deduplicated, compressed = pool.savings()
         return ProvisioningInfo(capacity=pool.capacity, used=pool.used, device_used=pool.used,
-                                soft_threshold=pool.soft_threshold)
+                                soft_threshold=pool.soft_threshold, deduplicated=deduplicated,
+                                compressed=compressed)
 
     def close(self) -> None:
         """Commit and leave the pool (idempotent)."""

@@ -883,6 +883,14 @@ class DedupPool(PhysicalPool):
         """Physical use: bytes in container files (live and dead)."""
         return self._figures.used
 
+    def savings(self) -> tuple[int, int]:
+        """Bytes deduplication saves (data the disks map, less the distinct chunks) and bytes
+        compression saves (the distinct chunks, less what they take in containers), from the
+        pool's counters (no query: LOG SENSE asks on the loop thread)."""
+        f, chunk = self._figures, self.chunk_size
+        unique = f.live_chunks * chunk
+        return max(f.mapped * chunk - unique, 0), max(unique - f.live_bytes, 0)
+
     def disk_mapped(self, disk: str) -> int:
         with self.lock:
             did = self._disk_ids.get(disk)

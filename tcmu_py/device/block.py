@@ -409,12 +409,19 @@ class BlockDevice(ScsiDevice):
         assert info is not None
         exp = self._threshold_exponent(info)
         unit = self.block_size << exp
+        saved = [None if n is None else n // unit for n in (info.deduplicated, info.compressed)]
         return sbc.build_lbp_log_page(
             available=max(info.capacity - info.used, 0) // unit,
             used=info.device_used // unit,
             # SBC-4 6.4.5: the resources come from a pool other logical units may share, so their
             # scope is "not dedicated to the logical unit" (10b).
             scope=sbc.LbpScope.NOT_DEDICATED,
+            # SBC-4 6.4.5.5-6.4.5.7: the resources made available by de-duplication, by
+            # compression, and by both, in the same units.
+            deduplicated=saved[0],
+            compressed=saved[1],
+            total_efficiency=(None if info.deduplicated is None else
+                              (info.deduplicated + (info.compressed or 0)) // unit),
         )
 
     # ------------------------------------------------------------------------------------------

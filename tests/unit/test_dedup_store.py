@@ -540,6 +540,9 @@ def test_thin_provisioning_over_scsi(pool_dir: str) -> None:
         params = {struct.unpack_from(">H", r.data, o)[0]: struct.unpack_from(">I", r.data, o + 4)[0]
                   for o in range(4, len(r.data), 12)}
         assert params[2] == 4 and params[1] == 4
+        # SBC-4 6.4.5.5-6.4.5.7: 8 chunks mapped, 4 distinct: 4 made available by
+        # de-duplication, none by compression (off), 4 by both.
+        assert (params[0x100], params[0x101], params[0x102]) == (4, 0, 4)
         # Full: 5 new chunks do not fit -> DATA PROTECT 27h/07h and nothing changed.
         before = run(dev, cdbs.read10(16 * per, 6 * per), data_in_len=6 * CS).data
         new = b"".join(chunk(i) for i in range(10, 15)) + chunk(0)
@@ -886,3 +889,43 @@ def test_a_capacity_below_what_the_pool_holds_is_warned_of(
     with caplog.at_level("WARNING"):
         assert dedup_config.main(["create-pool", path, "--name", "p", "--capacity", "16K"]) == 0
     assert "below" not in caplog.text
+
+
+def test_log_sense_counts_what_compression_and_deduplication_save(tmp_path: os.PathLike[str]
+                                                                 ) -> None:
+    """Before: log page 0Ch had only 0001h/0002h, so an initiator could not see what the pool
+    saves. Now 0100h (de-duplicated), 0101h (compressed) and 0102h (both), in threshold sets
+    (one chunk here), follow the pool's counters."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "z", 64 * CS, 80, CS, "zstd")
+    dev = DedupHandler.open(DeviceConfig("z0", "dedup", f"pool={path}", 64 * CS, block_size=BS,
+                                         write_cache=True))
+    run = harness.run_command
+    per = CS // BS
+
+    def saved() -> tuple[int, int, int]:
+        r = run(dev, cdbs.log_sense(0x0C), data_in_len=64)
+        assert r.good, r
+        p = {struct.unpack_from(">H", r.data, o)[0]: struct.unpack_from(">I", r.data, o + 4)[0]
+             for o in range(4, len(r.data), 12)}
+        return p[0x100], p[0x101], p[0x102]
+
+    try:
+        run(dev, cdbs.test_unit_ready())  # power-on unit attention
+        assert saved() == (0, 0, 0)
+        # 6 chunks of text that compresses well, each written 3 times: 12 chunks saved by
+        # de-duplication, most of the 6 distinct ones by compression.
+        text = b"".join(bytes(f"chunk {i} ", "ascii") * (CS // 8) for i in range(6))
+        data = b"".join(c[:CS] for c in (text[i * CS:(i + 1) * CS] for i in range(6)))
+        for copy in range(3):
+            assert run(dev, cdbs.write10(copy * 6 * per, 6 * per), data_out=data).good
+        dedup, comp, total = saved()
+        assert dedup == 12 and 4 <= comp < 6 and total == (12 * CS + comp * CS) // CS
+        status = dev.backend.pool.status()  # type: ignore[attr-defined]
+        assert comp == (status.unique - status.stored) // CS
+        # UNMAP of two copies: nothing left to de-duplicate.
+        params = cdbs.unmap_parameters([(0, 12 * per)])
+        assert run(dev, cdbs.unmap(len(params)), data_out=params).good
+        assert saved()[0] == 0
+    finally:
+        dev.close()
