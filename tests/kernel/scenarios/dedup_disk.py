@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import random
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -155,6 +156,13 @@ def two_disks_one_copy(ctx: Context) -> None:
     assert full["logical"] >= 2 * TREE_BYTES, full
     assert full["unique"] - empty["unique"] < 1.5 * TREE_BYTES, full
     assert full["ratio"] > 1.5, full
+    # SBC-4 6.4.5.5: what deduplication saves, as sg_logs reads it from LOG SENSE 0Ch, in
+    # threshold sets (one 4 KiB chunk: VPD B2h's exponent for 512-byte blocks).
+    lbp = run(["sg_logs", "-p", "0xc", str(devs["dd1"])], timeout=ctx.remaining(60)).stdout
+    ctx.details["sg_logs_0c"] = lbp
+    m = re.search(r"De-duplicated LBA resource count:\s*(\d+)", lbp)
+    assert m, lbp
+    assert int(m.group(1)) == (full["logical"] - full["unique"]) // CHUNK, (lbp, full)
 
     # The files read back from the second disk: by the native loop, from the chunk table the
     # writes filled (a dedup disk's READs in C).
