@@ -46,7 +46,8 @@ What the device promises, and why it is true:
   too) reports CAPACITY DATA HAS CHANGED with the new capacity (the kernel's ``dev_size``
   attribute keeps the old figure until set; TCMU passes every command through, so no command
   depends on it). A header change that leaves the size as it was (a snapshot, a lock change)
-  changes nothing; a device smaller than its image keeps its size while the image holds it.
+  changes nothing; a device smaller than its image keeps its size while the image holds it,
+  follows it down when it is shrunk below, and grows back to its own size, no further.
 - WCE follows librbd's cache (the config's ``rbd_cache``, off by default, whatever the
   device's ``write_cache``): with it, FUA writes and SYNCHRONIZE CACHE flush
   (``rbd_aio_flush``); without it every write is on the OSDs when acknowledged (WCE=0), so a
@@ -292,6 +293,9 @@ class RbdBackend:
         #: change that leaves it as it was (a snapshot, a lock change) is not a resize.
         self.image_size = image_size
         self.block_size = block_size
+        #: The size the device was made smaller than its image with (its config, a kernel
+        #: resize), which it never grows past when the image grows; None: it follows the image.
+        self.size_cap = self._cap(size, image_size)
         #: The flush promise (`BlockBackend`): only librbd's cache (``rbd_cache=1``) holds writes.
         self.write_cache = cfg.rbd_cache
         #: librbd's cache has switched to write-back (a flush succeeded; `aio_flush`).
@@ -600,6 +604,11 @@ class RbdBackend:
             have = size
         self.image_size = have
         self.size = size
+        self.size_cap = self._cap(size, have)
+
+    def _cap(self, size: int, image_size: int) -> int | None:
+        """`size_cap` for a device of `size` bytes on an image of `image_size`."""
+        return size if size < image_size - image_size % self.block_size else None
 
     def close(self) -> None:
         self._closing.set()
@@ -834,7 +843,8 @@ class CephDevice(BlockDevice):
     def _follow_image_size(self) -> None:
         """The image's size after a header change. Unchanged (a snapshot, a lock change):
         nothing. Changed: a device as large as the image was follows it; a device made
-        smaller than its image keeps its size unless the image is now smaller than it."""
+        smaller than its image (`RbdBackend.size_cap`) keeps its size unless the image is now
+        smaller than it, and grows back to that size, never past it, when the image grows."""
         backend = self.backend
         try:
             have = self.image.size()
@@ -844,10 +854,9 @@ class CephDevice(BlockDevice):
         before, backend.image_size = backend.image_size, have
         if have == before:
             return
-        bs = self.block_size
-        size = have - have % bs
-        if backend.size < before - before % bs and size >= backend.size:
-            return  # a device smaller than its image, which still holds it
+        size = have - have % self.block_size
+        if backend.size_cap is not None:
+            size = min(size, backend.size_cap)
         if size == backend.size:
             return
         self.log.info("image %s resized by another client: %d -> %d bytes",

@@ -883,6 +883,32 @@ def test_a_header_change_that_is_not_a_resize_changes_nothing(ceph_cluster: Any)
         dev.close()
 
 
+def test_a_device_smaller_than_its_image_never_grows_past_its_size(ceph_cluster: Any
+                                                                   ) -> None:
+    """Before: a device made smaller than its image followed the image down when another
+    client shrank it below the device (as it must), then followed it up past its own size
+    when it grew again (here to 4x the device's configured size). Now it grows back to its
+    configured size and no further."""
+    image = f"c-{uuid.uuid4().hex[:8]}"
+    _open(ceph_cluster, image, extra=";create=1", size=2 * SIZE).close()
+    dev = _open(ceph_cluster, image, extra=";lock=shared")  # SIZE: half its image
+
+    def capacity_after(image_size: int) -> int:
+        _resize_elsewhere(ceph_cluster, image, image_size)
+        assert wait_until(dev._header_changed.is_set, 30), "no header notification in 30 s"
+        assert h.run(cdbs.read_capacity16()).sense_codes == (0x06, 0x2A, 0x09)
+        rc = h.run(cdbs.read_capacity16(), data_in_len=32)
+        return (int.from_bytes(rc.data[:8], "big") + 1) * BS
+
+    h = _harness(dev)
+    try:
+        assert capacity_after(SIZE // 2) == SIZE // 2
+        assert capacity_after(4 * SIZE) == SIZE
+    finally:
+        h.close()
+        dev.close()
+
+
 def test_a_resize_elsewhere_is_reported_by_the_next_read_served_in_c(ceph_cluster: Any
                                                                       ) -> None:
     """With the native loop (the default), READs and WRITEs never reach Python: after the
