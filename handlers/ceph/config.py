@@ -4,6 +4,10 @@ Config string (``key=value`` items, ``;``-separated; ``,`` too, for targetcli)::
 
     ceph/image=rbd/vol1;conf=/etc/ceph/ceph.conf;id=admin;create=1
 
+tcmu-runner's ``rbd`` form, the image first without a key, is taken too (`parse`), so that its
+backstores move over by changing the subtype: ``ceph/rbd/vol1;osd_op_timeout=30;conf=...``
+(``osd_op_timeout``, ``conf`` and ``id`` are the same keys in both).
+
 - ``image`` (required): ``POOL/IMAGE`` or ``POOL/NAMESPACE/IMAGE``;
 - ``conf``: the cluster's ceph.conf (default ``/etc/ceph/ceph.conf``);
 - ``id``: the client id (``admin`` for client.admin, the default);
@@ -117,10 +121,19 @@ def _client(value: str) -> str:
     return client
 
 
+def _keyed(cfgstring: str) -> str:
+    """`cfgstring` with tcmu-runner's leading ``POOL/[NAMESPACE/]IMAGE`` (no key) given its
+    ``image=`` key; any other string as it is."""
+    head = re.split(r"[;,]", cfgstring, maxsplit=1)[0]
+    if "/" in head and "=" not in head:
+        return f"image={cfgstring}"
+    return cfgstring
+
+
 def parse(cfgstring: str, cmd_time_out: int = KERNEL_CMD_TIME_OUT) -> CephConfig:
     """The config of `cfgstring` for a device whose kernel command timeout is `cmd_time_out`
     (it sets the default ``osd_op_timeout``); `ConfigError` names the key that is wrong."""
-    items = parse_options(cfgstring, {
+    items = parse_options(_keyed(cfgstring), {
         "image": _image, "conf": _abs_path, "id": _client, "keyring": _abs_path,
         "create": _flag, "lock": _lock, "osd_op_timeout": _timeout, "rbd_cache": _flag,
     })

@@ -62,6 +62,14 @@ def test_config_string_parses() -> None:
                                                "/k", True, "shared", 20, True)
     assert c.spec == "rbd/ns1/vol"
     assert not parse("image=rbd/x").rbd_cache  # librbd's cache: only when asked for
+    # tcmu-runner's rbd form (the image first, no key) moves over by changing the subtype.
+    runner = parse("rbd/ns1/vol;osd_op_timeout=20;conf=/c/ceph.conf;id=gw1")
+    assert (runner.spec, runner.osd_op_timeout, runner.conf, runner.client) == (
+        "rbd/ns1/vol", 20, "/c/ceph.conf", "gw1")
+    assert parse("rbd/vol").spec == "rbd/vol"
+    assert parse("rbd/vol,id=gw2").client == "gw2"  # targetcli's cfgstring may use commas
+    with pytest.raises(ConfigError, match="key 'image' given twice"):
+        parse("rbd/vol;image=rbd/other")
 
 
 @pytest.mark.parametrize(("cmd_time_out", "want"), [
