@@ -25,7 +25,10 @@ class CephHandler(Handler):
     ``rbd``: that subtype is tcmu-runner's, and both daemons may share a host."""
 
     subtype = "ceph"
-    description = "RBD image of a Ceph cluster through librbd (asynchronous I/O)"
+    #: What targetcli's ``help create`` shows as CFGSTRING FORMAT.
+    description = ("RBD image through librbd: image=POOL/[NAMESPACE/]IMAGE[;conf=PATH][;id=ID]"
+                   "[;keyring=PATH][;create=0|1][;lock=exclusive|shared][;osd_op_timeout=S]"
+                   "[;rbd_cache=0|1], or tcmu-runner's POOL/IMAGE[;key=value...]")
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:

@@ -76,7 +76,9 @@ class DedupHandler(Handler):
     SAME+UNMAP / GET LBA STATUS, soft threshold unit attentions, DATA PROTECT when full."""
 
     subtype = "dedup"
-    description = "deduplicating disk in a shared pool (XXH3 + byte compare, SQLite index)"
+    #: What targetcli's ``help create`` shows as CFGSTRING FORMAT.
+    description = ("deduplicating disk in a shared pool: pool=<pool directory>[;disk=<name>] "
+                   "(pool made with `tcmu-py dedup create-pool`)")
     config_sections = (_section.SECTION,)
     takes_pool = True
 

@@ -22,7 +22,9 @@ class MirrorHandler(Handler):
     one, a write-intent bitmap and background resync, split brain refused at open."""
 
     subtype = "mirror"
-    description = "replicated disk over 2-3 legs (image files, block devices, NBD exports)"
+    #: What targetcli's ``help create`` shows as CFGSTRING FORMAT.
+    description = ("replicated disk: legs=<path or nbd URI>|<...>[|<...>][;quorum=all|N]"
+                   "[;read=round-robin|least-busy][;key=value...] (see docs/configuration.md)")
 
     @classmethod
     def check_config(cls, cfgstring: str) -> None:

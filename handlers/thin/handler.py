@@ -83,7 +83,9 @@ class ThinHandler(Handler):
     threshold unit attentions and out-of-space DATA PROTECT."""
 
     subtype = "thin"
-    description = "thin-provisioned disk in a shared pool (sparse file with hole punching)"
+    #: What targetcli's ``help create`` shows as CFGSTRING FORMAT.
+    description = ("thin-provisioned disk in a shared pool: pool=<pool directory>"
+                   "[;disk=<name>][;unit=<bytes>] (pool made with `tcmu-py thin create`)")
     config_sections = ("pools",)
     takes_pool = True
 

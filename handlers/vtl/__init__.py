@@ -90,7 +90,9 @@ class VtlHandler(Handler):
     """Subtype ``vtl``: the changer or one drive of a library directory made by `tcmu-py vtl`."""
 
     subtype = "vtl"
-    description = "virtual tape library: SMC medium changer and SSC LTO drives"
+    #: What targetcli's ``help create`` shows as CFGSTRING FORMAT.
+    description = ("virtual tape library unit: library=<library directory>;unit=changer|drive<N>"
+                   " (library made with `tcmu-py vtl create-library`)")
     config_sections = ("libraries",)
 
     # The YAML section, preparation and commands live in `.config` and `.admin`.
