@@ -582,6 +582,11 @@ class DedupPool(PhysicalPool):
         self._new_files = False  # a container file was created since the last commit
         self._in_txn = False
         self._changes = 0  # map changes in the open transaction
+        #: Disks with acknowledged changes in the open transaction (a write-cached disk's
+        #: WRITEs and UNMAPs, not yet committed); a commit that fails loses them, and then
+        #: `_lost` says so to each such disk's next flush (`take_loss`).
+        self._pending: set[int] = set()
+        self._lost: dict[int, str] = {}
         self._figures = _Figures()
         self._collected = 0
         self._closed = False
@@ -987,21 +992,39 @@ class DedupPool(PhysicalPool):
                                      [(self._ends[cid], cid) for cid in self._dirty])
                 self._db.execute("COMMIT")  # rule 3
             except (OSError, sqlite3.Error) as exc:
-                self._abort()
+                self._abort(f"a commit of the pool failed ({exc})")
                 raise exc if isinstance(exc, OSError) else _db_error(exc) from exc
             self._in_txn = False
             self._dirty.clear()
             self._new_files = False
             self._changes = 0
+            self._pending.clear()
 
-    def _abort(self) -> None:
+    def _abort(self, why: str = "the pool's open transaction was rolled back") -> None:
+        """Roll the open transaction back. The acknowledged changes in it (`_pending`) are
+        lost: each disk that had some is told at its next flush (`take_loss`)."""
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("ROLLBACK")
+        if self._pending:
+            names = sorted(n for n, d in self._disk_ids.items() if d in self._pending)
+            log.error("pool %s: %s: writes acknowledged since the last commit are lost on "
+                      "disk(s) %s; their next SYNCHRONIZE CACHE answers WRITE ERROR", self.name,
+                      why, ", ".join(names))
+            for did in self._pending:
+                self._lost.setdefault(did, why)
+            self._pending.clear()
         self._in_txn = False
         self._dirty.clear()
         self._new_files = False
         self._changes = 0
         self._load()
+
+    def take_loss(self, did: int) -> str | None:
+        """Why writes disk `did` was acknowledged since its last flush were lost (a commit
+        failed and rolled them back), once; None if none were. Like fsync(2) after a failed
+        write-back: the flush that follows the loss fails, later ones need not."""
+        with self.lock:
+            return self._lost.pop(did, None)
 
     # ------------------------------------------------------------------------------------------
     # Containers
@@ -1407,7 +1430,9 @@ class DedupPool(PhysicalPool):
                 self._tell_table(table, placed)
             self._changes += len(chunks)
             if durable or self._changes >= GROUP_CHANGES:
-                self.commit()
+                self.commit()  # a failure loses this command's change and the others' pending
+            else:
+                self._pending.add(did)  # acknowledged, durable at the next commit
 
     def _find(self, fps: set[bytes], found: dict[bytes, int],
               info: dict[int, list[int]]) -> None:

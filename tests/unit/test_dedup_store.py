@@ -929,3 +929,58 @@ def test_log_sense_counts_what_compression_and_deduplication_save(tmp_path: os.P
         assert saved()[0] == 0
     finally:
         dev.close()
+
+
+@pytest.mark.parametrize("failing", ["another disk's write-through write", "a group commit",
+                                     "the collector's commit"])
+def test_writes_a_failed_commit_lost_fail_the_next_flush(tmp_path: os.PathLike[str],
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         failing: str) -> None:
+    """Before: a commit that failed (an EIO from fdatasync; a full file system) rolled back
+    every write the pool's write-cached disks had acknowledged since the last commit, and
+    nothing remembered it: the next SYNCHRONIZE CACHE of a disk that lost writes answered GOOD
+    (its data read back as it was before). Now that flush answers WRITE ERROR once, as
+    fsync(2) does after a failed write-back; the flush after it is GOOD."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 64 * CS)
+    per = CS // BS
+    a = DedupHandler.open(DeviceConfig("a", "dedup", f"pool={path};disk=a", 16 * CS,
+                                       block_size=BS, write_cache=True))
+    b = DedupHandler.open(DeviceConfig("b", "dedup", f"pool={path};disk=b", 16 * CS,
+                                       block_size=BS, write_cache=False))
+    run = harness.run_command
+    real = os.fdatasync
+    fail = [0]
+
+    def flaky(fd: int) -> None:
+        if fail[0]:
+            fail[0] -= 1
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", flaky)
+    pool = a.backend.pool  # type: ignore[attr-defined]
+    try:
+        for dev in (a, b):
+            run(dev, cdbs.test_unit_ready())  # power-on unit attention
+        if failing == "the collector's commit":  # a dead chunk for the collector to take
+            assert run(a, cdbs.write10(2 * per, per, fua=True), data_out=chunk(7)).good
+            assert run(a, cdbs.write10(2 * per, per, fua=True), data_out=chunk(8)).good
+        assert run(a, cdbs.write10(0, per), data_out=chunk(1)).good  # acknowledged, cached
+        fail[0] = 1
+        if failing == "another disk's write-through write":
+            assert run(b, cdbs.write10(0, per), data_out=chunk(2)).sense_codes[0] in (3, 7)
+        elif failing == "a group commit":
+            monkeypatch.setattr(store, "GROUP_CHANGES", 2)
+            assert not run(a, cdbs.write10(per, per), data_out=chunk(3)).good
+        else:
+            with pytest.raises(OSError):
+                pool.collect_step(dead_percent=1)
+        assert run(a, cdbs.read10(0, per), data_in_len=CS).data == bytes(CS)  # lost
+        assert run(a, cdbs.synchronize_cache10()).sense_codes == (0x03, 0x0C, 0x00)
+        assert run(a, cdbs.synchronize_cache10()).good  # told once
+        if failing != "a group commit":  # b's own write failed: it has nothing else to lose
+            assert run(b, cdbs.synchronize_cache10()).good
+    finally:
+        a.close()
+        b.close()
