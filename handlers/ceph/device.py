@@ -108,6 +108,7 @@ from tcmu_py.scsi.constants import Opcode
 from tcmu_py.scsi.sense import (
     CapacityDataChanged,
     InvalidFieldInCdb,
+    LbaOutOfRange,
     MediumError,
     Miscompare,
     NotReady,
@@ -157,6 +158,10 @@ def scsi_error(exc: BaseException, writing: bool) -> BaseException:
         return exc
     if exc.errno in UNAVAILABLE:
         return NotReadyBecoming(f"ceph cluster unavailable: {exc}")
+    if exc.errno == errno.ERANGE:
+        # librbd read short (`Image.aio_readv`): the image ends before the range, shrunk by
+        # another client before this device took the new size (SBC-4 4.5).
+        return LbaOutOfRange(f"ceph image shorter than the device's capacity: {exc}")
     if exc.errno == errno.EROFS and writing:
         # librbd refuses writes while another client holds the exclusive lock of an image
         # this device shares (lock=shared): write protected, not a medium defect
@@ -310,6 +315,10 @@ class RbdBackend:
         #: Set by the device: called (on the reconnecting thread) once `image` is the handle
         #: of a new client, so that it watches that image's header (`_reconnect`).
         self.reconnect_listener: Callable[[], None] | None = None
+        #: Called (on librbd's completion thread) when an operation failed as one past the
+        #: image's end fails (a short read, EINVAL): the image may have shrunk before the
+        #: header watch said so; the device looks at its size before its next command.
+        self.size_listener: Callable[[], None] | None = None
         #: The thread connecting a new client after this one was blocklisted, while it runs.
         self._reconnecting: threading.Thread | None = None
         #: That thread has connected, and another client holds the exclusive lock: the device
@@ -333,6 +342,9 @@ class RbdBackend:
         if (isinstance(exc, OSError) and exc.errno == errno.ESHUTDOWN
                 and (image is None or image is self.image)):
             self._blocklisted(exc)
+        listener = self.size_listener
+        if isinstance(exc, OSError) and exc.errno in (errno.ERANGE, errno.EINVAL) and listener:
+            listener()
         return scsi_error(exc, writing)
 
     def _blocklisted(self, exc: BaseException) -> None:
@@ -789,6 +801,12 @@ class CephDevice(BlockDevice):
         self._header_changed = threading.Event()
         self._watch: int | None = None
         backend.reconnect_listener = self._rewatch
+        backend.size_listener = self._on_header_change
+        #: Held while the image's size is looked at after a header change; `_following` is
+        #: True from before the change's flag is cleared until the new size is in force, so
+        #: a command another worker starts meanwhile waits for it (`execute`).
+        self._follow_lock = threading.Lock()
+        self._following = False
         try:
             self._watch = self.image.watch(self._on_header_change)
         except OSError as exc:
@@ -824,15 +842,24 @@ class CephDevice(BlockDevice):
 
     @property
     def unit_attention_pending(self) -> bool:
-        return self._header_changed.is_set() or super().unit_attention_pending
+        return (self._header_changed.is_set() or self._following
+                or super().unit_attention_pending)
 
     def execute(self, cmd: Command) -> Any:
         """Follow a resize made by another client before running `cmd`, so its UNIT ATTENTION
-        comes with this very command."""
-        if self._header_changed.is_set():
-            self._header_changed.clear()
-            self._follow_image_size()
-            self._plane_changed()  # C may serve again (unless a unit attention now waits)
+        comes with this very command; a command that arrives on another worker meanwhile waits
+        for the new size (before: it ran against the old one, and a READ past a shrunk
+        image's end could answer GOOD)."""
+        if self._header_changed.is_set() or self._following:
+            with self._follow_lock:
+                if self._header_changed.is_set():
+                    self._following = True  # before the flag goes: no window of neither
+                    self._header_changed.clear()
+                    try:
+                        self._follow_image_size()
+                    finally:
+                        self._following = False
+                    self._plane_changed()  # C may serve again (unless a UA now waits)
         backend = self.backend
         backend.command_arrived(cmd.arrived)
         try:

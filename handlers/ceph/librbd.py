@@ -301,15 +301,20 @@ class _Op:
     failure is ``map_error(RadosError)`` (the device's sense) instead of the `RadosError`: the
     caller gets its final answer from this one Future, with no second Future chained to it."""
 
-    __slots__ = ("future", "keep", "mismatch", "handle", "value", "map_error")
+    __slots__ = ("future", "keep", "mismatch", "handle", "value", "map_error", "expect")
 
-    def __init__(self, value: Any = RETURN_VALUE, map_error: Any = None) -> None:
+    def __init__(self, value: Any = RETURN_VALUE, map_error: Any = None,
+                 expect: int | None = None) -> None:
         self.future: Future[Any] = Future()
         self.keep: list[Any] = []
         self.mismatch: Any = None
         self.handle: Any = None
         self.value = value
         self.map_error = map_error
+        #: The return value a success must have (a read's byte count): librbd clips a read
+        #: at the image's end and reports the bytes it read, leaving the rest of the buffers
+        #: as they were; fewer is the error ERANGE.
+        self.expect = expect
 
 
 #: Operations in flight: keeps each `_Op` (and its cffi handle) alive until its callback.
@@ -328,6 +333,8 @@ def _complete(c: Any, arg: Any) -> None:
     # then a crash in the collector).
     op.handle = None
     op.keep.clear()
+    if rc >= 0 and op.expect is not None and rc != op.expect:
+        rc = -_errno.ERANGE  # the image ends before the range: shrunk by another client
     if rc < 0:
         err: BaseException = RadosError(-rc, os.strerror(-rc))
         if rc == -_errno.EILSEQ and op.mismatch is not None:
@@ -524,11 +531,12 @@ class Image:
                   map_error: Any = None) -> Future[Any]:
         """Read into `bufs` from `offset`. The Future gives librbd's return value (bytes
         read), or `value` if given (None included); it fails with a `RadosError`, or what
-        `map_error` makes of it (`_Op`)."""
+        `map_error` makes of it (`_Op`): ERANGE when librbd read fewer bytes than `bufs` hold
+        (the image ends first)."""
         iov, keep = self._iovecs(bufs, True)
         n = len(bufs)
         return self._start("readv", lambda h, c: self._lib.rbd_aio_readv(h, iov, n, offset, c),
-                           keep=keep, op=_Op(value, map_error))
+                           keep=keep, op=_Op(value, map_error, sum(b.nbytes for b in bufs)))
 
     def aio_writev(self, offset: int, bufs: Sequence[memoryview], *, value: Any = RETURN_VALUE,
                    map_error: Any = None) -> Future[Any]:

@@ -917,6 +917,47 @@ def test_a_device_smaller_than_its_image_never_grows_past_its_size(ceph_cluster:
         dev.close()
 
 
+@pytest.mark.parametrize("watch", [True, False])
+def test_reads_past_a_shrunk_image_never_answer_good(ceph_cluster: Any, watch: bool) -> None:
+    """Before: after another client shrank the image (`rbd resize --allow-shrink`), READs
+    crossing the new end answered GOOD with the part past it never filled (librbd clips a
+    read at the image's end and says how much it read; the count was not looked at):
+    commands other workers ran while the first one took the new size used the old one, and a
+    device whose header watch is gone (it logs a warning when `watch` fails) never took it.
+    Now a short read is LBA OUT OF RANGE and makes the device look at the image's size, and
+    commands wait for a size being taken: every READ crossing the end fails, the next
+    command reports CAPACITY DATA HAS CHANGED, READ CAPACITY the new size."""
+    image = f"h-{uuid.uuid4().hex[:8]}"
+    dev = _open(ceph_cluster, image, extra=";create=1;lock=shared", size=2 * SIZE)
+    if not watch:
+        dev.image.unwatch(dev._watch)
+        dev._watch = None
+    h = _harness(dev)
+    end = SIZE // 2 // BS  # the new end: inside the first RADOS object
+    try:
+        assert h.run(cdbs.write10(end - 4, 8), b"\xab" * 8 * BS).good
+        _resize_elsewhere(ceph_cluster, image, SIZE // 2)
+        if watch:
+            assert wait_until(dev._header_changed.is_set, 30), "no header notification in 30 s"
+        pending = h.submit_many([(cdbs.read10(end - 4, 8), b"", 8 * BS)] * 12)
+        h.wait(pending, timeout=60)
+        for p in pending:
+            assert p.status != 0, "a READ past the image's new end answered GOOD"
+        codes = {(p.sense[2] & 0x0F, p.sense[12], p.sense[13]) for p in pending}
+        assert codes <= {(0x06, 0x2A, 0x09), (0x05, 0x21, 0x00)}, codes
+        if not watch:  # a short read had the device look: the unit attention came with
+            # one of the later READs or comes now
+            assert (0x05, 0x21, 0x00) in codes
+            assert h.run(cdbs.test_unit_ready()).sense_codes in ((0, 0, 0), (6, 0x2A, 9))
+        rc = h.run(cdbs.read_capacity16(), data_in_len=32)
+        assert int.from_bytes(rc.data[:8], "big") + 1 == end
+        assert h.run(cdbs.write10(end - 4, 8), b"\xcd" * 8 * BS).sense_codes == (5, 0x21, 0)
+        assert _read(h, end - 4, 4) == b"\xab" * 4 * BS
+    finally:
+        h.close()
+        dev.close()
+
+
 def test_a_resize_elsewhere_is_reported_by_the_next_read_served_in_c(ceph_cluster: Any
                                                                       ) -> None:
     """With the native loop (the default), READs and WRITEs never reach Python: after the
