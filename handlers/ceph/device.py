@@ -37,7 +37,9 @@ What the device promises, and why it is true:
   deallocated, and reads zeros (LBPRZ). librbd 16.2 reports, per RADOS object, the span from
   the object's start to the end of its data (measured: 8 blocks written at LBA 100 report LBAs
   0-107 mapped; a partial UNMAP inside an object leaves it mapped): "mapped" may be
-  conservative, "deallocated" never is. An object UNMAP covers whole is removed: deallocated.
+  conservative, "deallocated" never is. An object UNMAP covers whole is removed: deallocated
+  (on a clone whose parent has data there, still reported mapped: the walk includes the
+  parent, which the clone's reads no longer reach; conservative too).
 - The capacity follows the image: a resize through the kernel (RECONFIG, `resize`) grows the
   image when it is larger than the image, and never shrinks it (a device may be smaller than
   its image; what lies past its end stays). One made by another client (``rbd resize``) reaches
@@ -662,8 +664,9 @@ def open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
 def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
     for key, path, what in (("conf", cfg.conf, "the cluster's ceph.conf"),
                             ("keyring", cfg.keyring, "the client's keyring")):
-        if path is not None and not os.access(path, os.R_OK):
-            why = "no such file" if not os.path.exists(path) else "not readable by the daemon"
+        if path is not None and (os.path.isdir(path) or not os.access(path, os.R_OK)):
+            why = ("a directory" if os.path.isdir(path) else "no such file"
+                   if not os.path.exists(path) else "not readable by the daemon")
             raise ConfigError(f"ceph: key {key!r}: {path}: {why}; expected {what}, readable")
     cluster = _connect(cfg)
     ioctx = image = None

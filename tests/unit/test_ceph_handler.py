@@ -348,6 +348,9 @@ def test_credential_and_conf_errors_name_the_key(ceph_cluster: Any, tmp_path: Pa
         (dict(extra=";create=1", client="nosuchuser"),
          "keys 'id' and 'keyring': the cluster of"),
         (dict(extra=f";create=1;keyring={other}"), "did not let client.admin in with"),
+        # a directory (keyring=/etc/ceph): was librados' bare EISDIR
+        (dict(extra=f";create=1;keyring={tmp_path}"),
+         f"key 'keyring': {tmp_path}: a directory; expected the client's keyring"),
     ]
     garbage = tmp_path / "garbage.keyring"  # librados: EIO, was a bare RadosError
     garbage.write_text("[client.admin]\n\tkey = AQBHbq1l\n")
