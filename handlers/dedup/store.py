@@ -6,7 +6,8 @@ Rules this file obeys
 
       pool.json          {"version": 1, "kind": "dedup", "name", "capacity", "soft_threshold",
                           "chunk_size"}; with compression {"version": 2, ...,
-                          "compression": "zstd"}; with a fingerprint other than SHA-256
+                          "compression": "zstd"} (2 kept when it is turned off: compressed
+                          chunks stay); with a fingerprint other than SHA-256
                           {"version": 3, ..., "fingerprint": "xxh3-128"}
                                                            (replaced atomically, statefile)
       index.sqlite       the fingerprint index, the block maps, the containers (+ -wal, -shm);
@@ -298,13 +299,18 @@ class DedupPoolConfig:
     chunk_size: int
     compression: str = "none"  # how new chunks are stored; each chunk records its own
     fingerprint: str = "sha256"  # fixed when the pool is created (`FINGERPRINTS`)
+    #: The version pool.json had when read: never written lower. Turning compression off
+    #: leaves the chunks stored compressed as they are, which a reader of version 1 would
+    #: return as data (its version must refuse the pool, not serve zstd frames).
+    version: int = field(default=POOL_FORMAT_VERSION, compare=False)
 
     def to_doc(self) -> dict[str, Any]:
-        doc = {"version": POOL_FORMAT_VERSION, "kind": "dedup", "name": self.name,
+        doc = {"version": self.version, "kind": "dedup", "name": self.name,
                "capacity": self.capacity, "soft_threshold": self.soft_threshold,
                "chunk_size": self.chunk_size}
         if self.compression != "none":
-            doc |= {"version": POOL_FORMAT_COMPRESSED, "compression": self.compression}
+            doc |= {"version": max(self.version, POOL_FORMAT_COMPRESSED),
+                    "compression": self.compression}
         if self.fingerprint != "sha256":
             doc |= {"version": POOL_FORMAT_FINGERPRINT, "fingerprint": self.fingerprint}
         return doc
@@ -343,6 +349,7 @@ class DedupPoolConfig:
                 f"one of {', '.join(COMPRESSION_CODES)}", default="none"),
             get("fingerprint", lambda v: v in FINGERPRINTS,
                 f"one of {', '.join(FINGERPRINTS)}", default="sha256"),
+            version=doc["version"],
         )
 
 

@@ -457,10 +457,11 @@ def test_compression_is_recorded_per_chunk(tmp_path: os.PathLike[str], fingerpri
     assert codes == [0, 0, 1]  # random: not worth it; the later text: compression off
     with open(os.path.join(path, "pool.json")) as f:
         doc = json.load(f)
-    # Compression off again: a SHA-256 pool is readable by older versions again; an XXH3 one
-    # never is (version 3: an older version would deduplicate it by the wrong hash).
+    # Compression off again: the pool still holds compressed chunks, so its version stays 2
+    # (before: 1, and a version without compression served chunk 0's zstd frame as its
+    # data); an XXH3 pool is 3 anyway (an older version would deduplicate by the wrong hash).
     assert "compression" not in doc
-    assert (doc["version"], doc.get("fingerprint")) == ((1, None) if fingerprint == "sha256"
+    assert (doc["version"], doc.get("fingerprint")) == ((2, None) if fingerprint == "sha256"
                                                          else (3, "xxh3-128"))
     assert check_pool(path).clean
     # A compressed chunk whose bytes changed is found by check (and dropped by repair).
