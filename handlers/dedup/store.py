@@ -777,11 +777,39 @@ class DedupPool(PhysicalPool):
         Only an index `create_pool` made for this directory gets here (`_connect` refuses a
         missing, empty or schema-less one, `create_pool` a directory holding containers), so a
         file no row names was created by this index's uncommitted transaction, or deleted by
-        the collector after its commit (rule 5): never the containers of a lost index."""
-        rows = dict(self._db.execute("SELECT id, size FROM containers"))
+        the collector after its commit (rule 5): never the containers of a lost index.
+
+        Bytes committed chunk rows name are never reclaimed (rule 6 says none are past a
+        committed size; an index damaged, edited or restored from a backup may say otherwise):
+        a container row missing or shorter than the chunks it holds is a problem, and with
+        `fix` the row is restored to the end of those chunks (the counts recomputed), its
+        bytes kept, the rest past it reclaimed as above."""
+        db = self._db
+        rows = dict(db.execute("SELECT id, size FROM containers"))
+        named = dict(db.execute("SELECT container, MAX(offset + length) FROM chunks "
+                                "GROUP BY container"))
+        restored = False
         changed = False
         for cid, file in sorted(self._container_files().items()):
             size = os.stat(file).st_size
+            end = named.get(cid, 0)
+            if end > rows.get(cid, 0):
+                had = "no row" if cid not in rows else f"a row of {rows[cid]} bytes"
+                msg = (f"container {cid}: {had}, though chunk rows name its bytes up to {end}"
+                       " (a damaged, edited or restored index)")
+                if report is not None:
+                    report.problems.append(msg)
+                else:
+                    log.error("pool %s: %s", self.path, msg)
+                if not fix:
+                    continue
+                keep = min(end, size)  # a file shorter still: verify reports its chunks
+                db.execute("INSERT INTO containers (id, size, dead) VALUES (?, ?, 0) "
+                           "ON CONFLICT (id) DO UPDATE SET size = excluded.size", (cid, keep))
+                rows[cid] = keep
+                restored = True
+                if report is not None:
+                    report.repaired.append(f"container {cid}: row restored to {keep} bytes")
             if cid not in rows:
                 msg = f"container {cid}: {size} bytes no committed state refers to"
                 if fix:
@@ -824,6 +852,8 @@ class DedupPool(PhysicalPool):
                           self.path, cid, container_file(self.path, cid), rows[cid])
         if changed:
             _fsync_dir(os.path.join(self.path, CONTAINER_DIR))
+        if restored:
+            self._recount()
 
     def _repair_short_containers(self, report: CheckReport, sizes: Mapping[int, int]) -> None:
         """After `verify` dropped the chunks they could not hold: forget the rows of missing
