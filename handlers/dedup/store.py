@@ -1742,14 +1742,19 @@ class DedupPool(PhysicalPool):
             self._reclaim_leaks(report, fix=repair)
             db = self._db
             cs = self.chunk_size
-            for did, idx, chunk in db.execute(
-                    "SELECT m.disk, m.idx, m.chunk FROM map m LEFT JOIN chunks c ON "
-                    "c.id = m.chunk WHERE c.id IS NULL").fetchall():
-                report.problems.append(f"disk {did} chunk {idx}: names chunk {chunk}, which "
-                                       "does not exist (reads zeros once repaired)")
-                if repair:
-                    self._begin()
-                    db.execute("DELETE FROM map WHERE disk=? AND idx=?", (did, idx))
+            names = {d: n for n, d in self._disk_ids.items()}
+            dangling = db.execute("SELECT m.disk, m.idx, m.chunk FROM map m LEFT JOIN chunks c "
+                                  "ON c.id = m.chunk WHERE c.id IS NULL").fetchall()
+            for did, idx, chunk in dangling:
+                report.problems.append(f"disk {names.get(did, did)} chunk {idx}: names chunk "
+                                       f"{chunk}, which does not exist (reads zeros once "
+                                       "repaired)")
+            if repair and dangling:
+                self._begin()
+                db.executemany("DELETE FROM map WHERE disk=? AND idx=?",
+                               [(did, idx) for did, idx, _ in dangling])
+                report.repaired.append("removed the map rows naming no chunk; these now read "
+                                       "zeros: " + _where(dangling, names, cs))
             for did, idx, size in db.execute(
                     "SELECT m.disk, m.idx, d.size FROM map m LEFT JOIN disks d ON d.id = m.disk "
                     "WHERE d.id IS NULL OR m.idx * ? >= d.size", (cs,)).fetchall():
@@ -1774,11 +1779,15 @@ class DedupPool(PhysicalPool):
                     bad.append(chunk)
             if repair and bad:
                 self._begin()
+                lost = []
                 for chunk in bad:
+                    lost += db.execute("SELECT disk, idx, chunk FROM map WHERE chunk=?",
+                                       (chunk,)).fetchall()
                     db.execute("DELETE FROM map WHERE chunk=?", (chunk,))
                     db.execute("DELETE FROM chunks WHERE id=?", (chunk,))
                 report.repaired.append(f"dropped {len(bad)} damaged chunk(s); the blocks that "
-                                       "named them read zeros")
+                                       "named them read zeros: "
+                                       + (_where(lost, names, cs) if lost else "none did"))
             if repair:
                 self._repair_short_containers(report, sizes)
             if repair and self._in_txn:
@@ -1791,6 +1800,28 @@ class DedupPool(PhysicalPool):
             if repair:
                 self._load()
         return report
+
+
+def _where(rows: Sequence[tuple[int, int, int]], names: Mapping[int, str], chunk_size: int,
+           limit: int = 16) -> str:
+    """``disk a: bytes 0-16383, 40960-45055; disk b: ...`` for map rows (disk, idx, chunk):
+    what an operator tells the initiators is lost, runs of chunks merged, at most `limit` runs
+    per disk named."""
+    by_disk: dict[int, list[int]] = {}
+    for did, idx, _ in rows:
+        by_disk.setdefault(did, []).append(idx)
+    parts = []
+    for did in sorted(by_disk):
+        runs: list[list[int]] = []
+        for idx in sorted(set(by_disk[did])):
+            if runs and idx == runs[-1][1] + 1:
+                runs[-1][1] = idx
+            else:
+                runs.append([idx, idx])
+        spans = [f"{a * chunk_size}-{(b + 1) * chunk_size - 1}" for a, b in runs[:limit]]
+        more = f" and {len(runs) - limit} more runs" if len(runs) > limit else ""
+        parts.append(f"disk {names.get(did, did)}: bytes {', '.join(spans)}{more}")
+    return "; ".join(parts)
 
 
 class _Collector:

@@ -474,7 +474,10 @@ def test_compression_is_recorded_per_chunk(tmp_path: os.PathLike[str], fingerpri
         f.write(b"\xff\x00\xff")
     report = check_pool(path)
     assert any("do not match its fingerprint" in p for p in report.problems), report
-    check_pool(path, repair=True)
+    report = check_pool(path, repair=True)
+    # The repair names what now reads zeros (before: only how many chunks it dropped).
+    assert ("dropped 1 damaged chunk(s); the blocks that named them read zeros: disk a: "
+            f"bytes 0-{CS - 1}, {2 * CS}-{3 * CS - 1}") in report.repaired, report
     assert check_pool(path).clean
     with pytest.raises(ConfigError, match="compression 'lz4': expected one of none, zstd"):
         create_pool(os.path.join(tmp_path, "q"), "q", 1 << 20, compression="lz4")
@@ -1020,4 +1023,30 @@ def test_container_bytes_chunk_rows_name_are_never_reclaimed(tmp_path: os.PathLi
         disk = pool.open_disk("a", 16 * CS)
         assert read(disk, 0, 4 * CS) == b"".join(data)
         disk.close()
+    assert check_pool(path).clean
+
+
+def test_check_names_what_a_repair_turns_to_zeros(tmp_path: os.PathLike[str]) -> None:
+    """A chunk row gone from the index (the map rows still name it): `check` names the disk
+    by name, and the repair says which bytes of which disk now read zeros (before: disk ids,
+    and the repair only "recounted")."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 22)
+    with DedupPool.open(path) as pool:
+        for name in ("a", "b"):
+            disk = pool.open_disk(name, 16 * CS)
+            disk.write(0, [memoryview(chunk(1) + chunk(2) + chunk(1) + chunk(3))])
+            disk.close()
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    with db:
+        gone = db.execute("SELECT chunk FROM map WHERE idx = 0").fetchone()[0]
+        db.execute("DELETE FROM chunks WHERE id = ?", (gone,))
+    db.close()
+    report = check_pool(path)
+    assert f"disk a chunk 2: names chunk {gone}, which does not exist (reads zeros once " \
+        "repaired)" in report.problems, report
+    report = check_pool(path, repair=True)
+    assert ("removed the map rows naming no chunk; these now read zeros: disk a: bytes "
+            f"0-{CS - 1}, {2 * CS}-{3 * CS - 1}; disk b: bytes 0-{CS - 1}, {2 * CS}-{3 * CS - 1}"
+            ) in report.repaired, report
     assert check_pool(path).clean
