@@ -86,7 +86,11 @@ Crash ordering (what makes a power cut safe)
    every `GROUP_CHANGES` map changes), so FULL costs one fsync exactly where one is needed.
 4. A write is acknowledged after step 3 when its disk has no write cache; with a write cache it
    is acknowledged when in the open transaction (visible to reads on the same connection), and
-   made durable by `DedupBackend.flush` (FUA, SYNCHRONIZE CACHE), which runs steps 2-3.
+   made durable by `DedupBackend.flush` (FUA, SYNCHRONIZE CACHE), which runs steps 2-3. A
+   commit that fails (whoever runs it: another disk's write, a group commit, the collector)
+   rolls the transaction back, and with it the acknowledged writes of every disk in it: each
+   such disk's next flush fails (`DedupPool.take_loss`), as fsync(2) does after a lost
+   write-back, so no SYNCHRONIZE CACHE answers GOOD over writes that are gone.
 5. A container is deleted (the collector) only after the commit that stopped referring to it.
 6. Hence after any crash: no map row names a chunk whose bytes are not durable; container bytes
    past the committed ``size`` and container files without a row were never referred to by a
