@@ -363,8 +363,11 @@ def load_pool_config(path: str) -> DedupPoolConfig:
     try:
         doc = read_json(file, "a dedup pool file (pool.json)")
     except FileNotFoundError:
-        raise ConfigError(f"{file}: no dedup pool here (missing {POOL_FILE}); create it first"
-                          ) from None
+        more = (f"; its {DB_FILE} is here: `tcmu-py dedup create-pool {path} --name NAME "
+                "--capacity SIZE` writes it again from the index, keeping the data"
+                if os.path.exists(os.path.join(path, DB_FILE)) else "")
+        raise ConfigError(f"{file}: no dedup pool here (missing {POOL_FILE}); create it "
+                          f"first{more}") from None
     return DedupPoolConfig.from_doc(doc, file)
 
 
@@ -1976,7 +1979,11 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
                 fingerprint: str = DEFAULT_FINGERPRINT) -> DedupPoolConfig:
     """Create a pool in directory `path` (created if missing; must hold no pool yet), with its
     empty index. Raises ConfigError for a bad name/capacity/threshold/chunk size/compression/
-    fingerprint, a pool there already, or a capacity the file system cannot hold."""
+    fingerprint, a pool there already, or a capacity the file system cannot hold.
+
+    A directory whose pool.json is gone but whose index is whole (`_connect` opens it) gets
+    its pool.json back instead, written from the index (`_pool_json_from_index`): no data
+    is touched."""
     check_name("pool", name)
     _check_pool_args(path, capacity, soft_threshold, chunk_size)
     _check_compression(path, compression)
@@ -1988,6 +1995,11 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
     with _config_lock(path):
         if os.path.exists(os.path.join(path, POOL_FILE)):
             raise ConfigError(f"{path}: a pool already exists here")
+        if os.path.exists(os.path.join(path, DB_FILE)):
+            config = _pool_json_from_index(path, DedupPoolConfig(
+                name, capacity, soft_threshold, chunk_size, compression, fingerprint))
+            write_json(os.path.join(path, POOL_FILE), config.to_doc(), indent=2)
+            return config
         containers = os.path.join(path, CONTAINER_DIR)
         if os.path.isdir(containers) and any(map(_CONTAINER_RE.match, os.listdir(containers))):
             raise ConfigError(f"{containers}: holds container files of a pool whose {POOL_FILE}"
@@ -2009,6 +2021,35 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
         # pool.json last: a pool exists once its index does.
         write_json(os.path.join(path, POOL_FILE), config.to_doc(), indent=2)
     return config
+
+
+def _pool_json_from_index(path: str, asked: DedupPoolConfig) -> DedupPoolConfig:
+    """The pool.json for the index at `path` whose pool.json is gone: name, capacity,
+    threshold and compression as `asked`; the chunk size the index records (a different one
+    asked for is a ConfigError naming both: the index's is the one its chunks have); the
+    fingerprint its chunks have (16-byte fingerprints: XXH3-128; only 32-byte ones: SHA-256;
+    none: as asked); version 2 at least if it holds compressed chunks."""
+    index = os.path.join(path, DB_FILE)
+    db = _connect(index)  # a missing, empty or schema-less index: ConfigError naming it
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='chunk_size'").fetchone()
+        chunk = asked.chunk_size if row is None else int(row[0])
+        short = db.execute("SELECT 1 FROM chunks WHERE length(fp) = 16 LIMIT 1").fetchone()
+        any_fp = db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone()
+        compressed = db.execute("SELECT 1 FROM chunks WHERE compression != 0 LIMIT 1").fetchone()
+    except sqlite3.Error as exc:
+        raise _unreadable_index(index, exc) from None
+    finally:
+        db.close()
+    if chunk != asked.chunk_size:
+        raise ConfigError(f"{path}: {POOL_FILE} is gone and {DB_FILE} records chunk size "
+                          f"{chunk}, not {asked.chunk_size}; expected --chunk-size {chunk} to "
+                          f"write {POOL_FILE} again")
+    fingerprint = ("xxh3-128" if short else "sha256" if any_fp else asked.fingerprint)
+    log.warning("pool %s: %s written again from %s (chunk size %d, fingerprint %s); the data "
+                "is as it was", path, POOL_FILE, DB_FILE, chunk, fingerprint)
+    return replace(asked, fingerprint=fingerprint,
+                   version=POOL_FORMAT_COMPRESSED if compressed else POOL_FORMAT_VERSION)
 
 
 def declaration_mismatches(current: DedupPoolConfig, name: str, chunk_size: int,

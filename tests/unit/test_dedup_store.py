@@ -1050,3 +1050,34 @@ def test_check_names_what_a_repair_turns_to_zeros(tmp_path: os.PathLike[str]) ->
             f"0-{CS - 1}, {2 * CS}-{3 * CS - 1}; disk b: bytes 0-{CS - 1}, {2 * CS}-{3 * CS - 1}"
             ) in report.repaired, report
     assert check_pool(path).clean
+
+
+def test_a_lost_pool_json_is_written_again_from_the_index(tmp_path: os.PathLike[str]) -> None:
+    """Before: with pool.json gone (index and containers whole), `check` and the open said
+    "create it first" and `create-pool` refused, offering only to remove the data. Now
+    `create-pool` writes pool.json again from the index (its chunk size and fingerprint),
+    and every block reads back."""
+    path = os.path.join(tmp_path, "p")
+    big = 4 * CS
+    create_pool(path, "p", 1 << 22, chunk_size=big, compression="zstd")
+    text = b"".join(b"line %06d\n" % i for i in range(2000))[:big]
+    with DedupPool.open(path) as pool:
+        disk = pool.open_disk("a", 16 * big)
+        disk.write(0, [memoryview(text + chunk(5) * 4)])
+        disk.close()
+    os.unlink(os.path.join(path, "pool.json"))
+    with pytest.raises(ConfigError, match="create-pool .* writes it again from the index"):
+        check_pool(path)
+    with pytest.raises(ConfigError, match=f"records chunk size {big}, not {CS}; expected "
+                       f"--chunk-size {big}"):
+        create_pool(path, "p", 1 << 22)
+    assert not os.path.exists(os.path.join(path, "pool.json"))
+    config = create_pool(path, "p2", 1 << 23, 70, chunk_size=big, fingerprint="sha256")
+    assert (config.fingerprint, config.chunk_size, config.capacity) == ("xxh3-128", big, 1 << 23)
+    with open(os.path.join(path, "pool.json")) as f:
+        assert json.load(f)["version"] == 3
+    with DedupPool.open(path) as pool:
+        disk = pool.open_disk("a", 16 * big)
+        assert read(disk, 0, 2 * big) == text + chunk(5) * 4
+        disk.close()
+    assert check_pool(path).clean
