@@ -112,6 +112,18 @@ class BlockBackend(Protocol):
 
 
 @runtime_checkable
+class LostWrites(Protocol):
+    """A backend whose acknowledged writes can be lost while it runs, before a flush made them
+    durable, by something other than its own flush (a shared pool's commit that failed rolls
+    back every disk's pending writes). SYNCHRONIZE CACHE asks after flushing, and answers
+    WRITE ERROR if some were: as fsync(2) reports a write-back lost since the last one."""
+
+    def lost_writes(self) -> str | None:
+        """Why writes acknowledged since the last SYNCHRONIZE CACHE were lost, once (the next
+        call says None unless more were lost); None if none were."""
+
+
+@runtime_checkable
 class Unmap(Protocol):
     """Deallocation: UNMAP, and WRITE SAME with the UNMAP bit (SBC-4 4.7, 5.32, 5.50).
 

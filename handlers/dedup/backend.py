@@ -27,7 +27,6 @@ the pool's lock (`DedupPool.lock`), so the pool's disks run their metadata work 
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -142,20 +141,14 @@ class DedupBackend(PoolDisk["DedupPool"]):
         self._store(offset, view.nbytes, lambda a, b: view[a - offset : b - offset], view=view)
 
     def flush(self) -> None:
-        """Commit the pool: every acknowledged write and unmap (of all its disks) is durable.
-        Fails (EIO: WRITE ERROR) if writes this disk acknowledged since its last flush were
-        lost to a commit that failed meanwhile (another disk's, the collector's, a group
-        commit): they were rolled back, and a flush saying GOOD would hide it."""
-        pool = self.pool
-        try:
-            pool.commit()
-        except OSError:
-            pool.take_loss(self.disk_id)  # this failure reports it
-            raise
-        why = pool.take_loss(self.disk_id)
-        if why is not None:
-            raise OSError(errno.EIO, f"writes acknowledged since the last flush were lost: "
-                          f"{why}")
+        """Commit the pool: every acknowledged write and unmap (of all its disks) is durable."""
+        self.pool.commit()
+
+    def lost_writes(self) -> str | None:
+        """`LostWrites`: writes this disk acknowledged were rolled back by a commit that failed
+        since the last SYNCHRONIZE CACHE (another disk's, the collector's, a group commit, a
+        FUA write's): a SYNCHRONIZE CACHE answering GOOD would hide it."""
+        return self.pool.take_loss(self.disk_id)
 
     def unmap(self, offset: int, length: int) -> None:
         """Deallocate [offset, offset+length): it reads as zeros afterwards; whole chunks drop
@@ -311,6 +304,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
             try:
                 self.pool.commit()
             finally:
+                self.pool.take_loss(self.disk_id)  # nobody left to tell; its id may be reused
                 self.pool.detach_table(self.disk_id)
                 self.pool._disk_closed(self.name)
         if self._on_close is not None:

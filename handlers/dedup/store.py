@@ -89,8 +89,9 @@ Crash ordering (what makes a power cut safe)
    made durable by `DedupBackend.flush` (FUA, SYNCHRONIZE CACHE), which runs steps 2-3. A
    commit that fails (whoever runs it: another disk's write, a group commit, the collector)
    rolls the transaction back, and with it the acknowledged writes of every disk in it: each
-   such disk's next flush fails (`DedupPool.take_loss`), as fsync(2) does after a lost
-   write-back, so no SYNCHRONIZE CACHE answers GOOD over writes that are gone.
+   such disk's next SYNCHRONIZE CACHE fails (`DedupPool.take_loss`, the backend's
+   `lost_writes`), as fsync(2) does after a lost write-back, so none answers GOOD over writes
+   that are gone (a FUA write in between is answered for itself alone).
 5. A container is deleted (the collector) only after the commit that stopped referring to it.
 6. Hence after any crash: no map row names a chunk whose bytes are not durable; container bytes
    past the committed ``size`` and container files without a row were never referred to by a
@@ -1602,9 +1603,11 @@ class DedupPool(PhysicalPool):
                 if not idxs:
                     break
                 self.put(did, [(idx, None, None) for idx in idxs], durable=False)
+                self._pending.discard(did)  # nothing acknowledged to anyone: not a loss
             self._begin()
             self._db.execute("DELETE FROM disks WHERE id=?", (did,))
             self.commit()
+            self._lost.pop(did, None)  # its id may be given to a new disk
             del self._disk_ids[disk]
             self._forget()
 

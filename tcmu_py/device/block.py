@@ -29,6 +29,7 @@ from tcmu_py.backend import (
     Capabilities,
     ChunkExtent,
     FanOutExtent,
+    LostWrites,
     NativeKit,
     ProvisioningInfo,
     RbdExtent,
@@ -598,7 +599,18 @@ class BlockDevice(ScsiDevice):
     def synchronize_cache(self, cmd: Command) -> None:
         req = cdbs.SynchronizeCache.parse(cmd.cdb)
         self._check_range(req.lba, req.blocks)
-        self._flush()
+        lost = self.backend if isinstance(self.backend, LostWrites) else None
+        try:
+            self._flush()
+        except WriteError:
+            if lost is not None:
+                lost.lost_writes()  # this failure reports them
+            raise
+        why = lost.lost_writes() if lost is not None else None
+        if why is not None:
+            # SBC-4 5.24: the cache could not make every acknowledged write durable.
+            raise WriteError(f"writes acknowledged since the last SYNCHRONIZE CACHE were lost: "
+                             f"{why}")
 
     @command(Opcode.VERIFY_10)
     @command(Opcode.VERIFY_12)

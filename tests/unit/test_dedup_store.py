@@ -943,8 +943,9 @@ def test_writes_a_failed_commit_lost_fail_the_next_flush(tmp_path: os.PathLike[s
     """Before: a commit that failed (an EIO from fdatasync; a full file system) rolled back
     every write the pool's write-cached disks had acknowledged since the last commit, and
     nothing remembered it: the next SYNCHRONIZE CACHE of a disk that lost writes answered GOOD
-    (its data read back as it was before). Now that flush answers WRITE ERROR once, as
-    fsync(2) does after a failed write-back; the flush after it is GOOD."""
+    (its data read back as it was before). Now that SYNCHRONIZE CACHE answers WRITE ERROR
+    once, as fsync(2) does after a failed write-back (a FUA write in between, durable, is
+    GOOD and does not take the report); the one after it is GOOD."""
     path = os.path.join(tmp_path, "p")
     create_pool(path, "p", 64 * CS)
     per = CS // BS
@@ -981,6 +982,7 @@ def test_writes_a_failed_commit_lost_fail_the_next_flush(tmp_path: os.PathLike[s
             with pytest.raises(OSError):
                 pool.collect_step(dead_percent=1)
         assert run(a, cdbs.read10(0, per), data_in_len=CS).data == bytes(CS)  # lost
+        assert run(a, cdbs.write10(4 * per, per, fua=True), data_out=chunk(9)).good
         assert run(a, cdbs.synchronize_cache10()).sense_codes == (0x03, 0x0C, 0x00)
         assert run(a, cdbs.synchronize_cache10()).good  # told once
         if failing != "a group commit":  # b's own write failed: it has nothing else to lose
@@ -1081,3 +1083,48 @@ def test_a_lost_pool_json_is_written_again_from_the_index(tmp_path: os.PathLike[
         assert read(disk, 0, 2 * big) == text + chunk(5) * 4
         disk.close()
     assert check_pool(path).clean
+
+
+def test_a_loss_is_not_reported_to_a_disk_that_did_not_have_it(tmp_path: os.PathLike[str],
+                                                                monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """A disk that lost writes to a failed commit, then closed and was dropped: a new disk
+    given its id does not inherit the report (before the fix of the review: its first
+    SYNCHRONIZE CACHE answered WRITE ERROR)."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 64 * CS)
+    run = harness.run_command
+    a = DedupHandler.open(DeviceConfig("a", "dedup", f"pool={path};disk=a", 16 * CS,
+                                       block_size=BS, write_cache=False))
+    b = DedupHandler.open(DeviceConfig("b", "dedup", f"pool={path};disk=b", 16 * CS,
+                                       block_size=BS, write_cache=True))
+    real = os.fdatasync
+    fail = [1]
+
+    def flaky(fd: int) -> None:
+        if fail[0]:
+            fail[0] -= 1
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    try:
+        for dev in (a, b):
+            run(dev, cdbs.test_unit_ready())
+        assert run(b, cdbs.write10(0, CS // BS), data_out=chunk(1)).good
+        monkeypatch.setattr(os, "fdatasync", flaky)
+        assert not run(a, cdbs.write10(0, CS // BS), data_out=chunk(2)).good  # b's lost
+        monkeypatch.setattr(os, "fdatasync", real)
+        b.close()
+        pool = a.backend.pool  # type: ignore[attr-defined]
+        pool.drop_disk("b")
+        c = DedupHandler.open(DeviceConfig("c", "dedup", f"pool={path};disk=c", 16 * CS,
+                                           block_size=BS, write_cache=True))
+        try:
+            assert c.backend.disk_id == 2  # type: ignore[attr-defined]  # b's id again
+            run(c, cdbs.test_unit_ready())
+            assert run(c, cdbs.synchronize_cache10()).good
+        finally:
+            c.close()
+    finally:
+        a.close()
+        b.close()
