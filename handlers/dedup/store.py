@@ -365,8 +365,9 @@ def load_pool_config(path: str) -> DedupPoolConfig:
         doc = read_json(file, "a dedup pool file (pool.json)")
     except FileNotFoundError:
         more = (f"; its {DB_FILE} is here: `tcmu-py dedup create-pool {path} --name NAME "
-                "--capacity SIZE` writes it again from the index, keeping the data"
-                if os.path.exists(os.path.join(path, DB_FILE)) else "")
+                "--capacity SIZE --chunk-size SIZE` (the index's chunk size) writes it again "
+                "from the index, keeping the data"
+                if _has_schema(os.path.join(path, DB_FILE)) else "")
         raise ConfigError(f"{file}: no dedup pool here (missing {POOL_FILE}); create it "
                           f"first{more}") from None
     return DedupPoolConfig.from_doc(doc, file)
@@ -1998,7 +1999,7 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
     with _config_lock(path):
         if os.path.exists(os.path.join(path, POOL_FILE)):
             raise ConfigError(f"{path}: a pool already exists here")
-        if os.path.exists(os.path.join(path, DB_FILE)):
+        if _has_schema(os.path.join(path, DB_FILE)):
             config = _pool_json_from_index(path, DedupPoolConfig(
                 name, capacity, soft_threshold, chunk_size, compression, fingerprint))
             write_json(os.path.join(path, POOL_FILE), config.to_doc(), indent=2)
@@ -2026,6 +2027,23 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
     return config
 
 
+def _has_schema(index: str) -> bool:
+    """Whether `index` is an index with its schema (a `create_pool` interrupted before the
+    schema left an empty or schema-less file, which a new `create_pool` makes again)."""
+    try:
+        if not os.path.getsize(index):
+            return False
+        db = sqlite3.connect(f"file:{urllib.parse.quote(index)}?mode=ro", uri=True)
+    except (OSError, sqlite3.Error):
+        return False
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0]) > 0
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+
+
 def _pool_json_from_index(path: str, asked: DedupPoolConfig) -> DedupPoolConfig:
     """The pool.json for the index at `path` whose pool.json is gone: name, capacity,
     threshold and compression as `asked`; the chunk size the index records (a different one
@@ -2036,6 +2054,12 @@ def _pool_json_from_index(path: str, asked: DedupPoolConfig) -> DedupPoolConfig:
     db = _connect(index)  # a missing, empty or schema-less index: ConfigError naming it
     try:
         row = db.execute("SELECT value FROM meta WHERE key='chunk_size'").fetchone()
+        if row is None:  # an index older than the record: its uncompressed chunks say
+            row = db.execute("SELECT length FROM chunks WHERE compression = 0 LIMIT 1"
+                             ).fetchone()
+        if row is None and db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone():
+            raise ConfigError(f"{index}: records no chunk size and holds only compressed "
+                              f"chunks; expected a {POOL_FILE} restored from a backup")
         chunk = asked.chunk_size if row is None else int(row[0])
         short = db.execute("SELECT 1 FROM chunks WHERE length(fp) = 16 LIMIT 1").fetchone()
         any_fp = db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone()

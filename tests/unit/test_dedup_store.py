@@ -1128,3 +1128,32 @@ def test_a_loss_is_not_reported_to_a_disk_that_did_not_have_it(tmp_path: os.Path
     finally:
         a.close()
         b.close()
+
+
+def test_rewriting_pool_json_takes_the_index_chunk_size_and_retries_a_bare_index(
+        tmp_path: os.PathLike[str]) -> None:
+    """An index that records no chunk size (made before it was recorded): its uncompressed
+    chunks say it, and a different one asked for is refused (before: the one asked for was
+    taken, and the open then recorded it: every disk read with the wrong chunk size). An empty
+    index left by an interrupted `create_pool`: a new `create_pool` makes the pool (before:
+    refused as a damaged index)."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 1 << 22, chunk_size=2 * CS)
+    with DedupPool.open(path) as pool:
+        disk = pool.open_disk("a", 16 * CS)
+        disk.write(0, [memoryview(chunk(1) + chunk(2))])
+        disk.close()
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    with db:
+        db.execute("DELETE FROM meta WHERE key = 'chunk_size'")
+    db.close()
+    os.unlink(os.path.join(path, "pool.json"))
+    with pytest.raises(ConfigError, match=f"records chunk size {2 * CS}, not {CS}"):
+        create_pool(path, "p", 1 << 22)
+    assert create_pool(path, "p", 1 << 22, chunk_size=2 * CS).chunk_size == 2 * CS
+    assert check_pool(path).clean
+    bare = os.path.join(tmp_path, "q")
+    os.makedirs(bare)
+    open(os.path.join(bare, DB_FILE), "wb").close()
+    create_pool(bare, "q", 1 << 22)
+    assert check_pool(bare).clean
