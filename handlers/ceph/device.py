@@ -49,7 +49,10 @@ What the device promises, and why it is true:
   attribute keeps the old figure until set; TCMU passes every command through, so no command
   depends on it). A header change that leaves the size as it was (a snapshot, a lock change)
   changes nothing; a device smaller than its image keeps its size while the image holds it,
-  follows it down when it is shrunk below, and grows back to its own size, no further.
+  follows it down when it is shrunk below, and grows back to its own size, no further. A
+  command that arrives while the new size is taken waits for it; a READ that librbd answers
+  short, or a READ or WRITE it refuses as starting past the end, is LBA OUT OF RANGE and has
+  the device look at the size (so a shrink reaches it even if its watch failed).
 - WCE follows librbd's cache (the config's ``rbd_cache``, off by default, whatever the
   device's ``write_cache``): with it, FUA writes and SYNCHRONIZE CACHE flush
   (``rbd_aio_flush``); without it every write is on the OSDs when acknowledged (WCE=0), so a
@@ -317,9 +320,10 @@ class RbdBackend:
         #: Set by the device: called (on the reconnecting thread) once `image` is the handle
         #: of a new client, so that it watches that image's header (`_reconnect`).
         self.reconnect_listener: Callable[[], None] | None = None
-        #: Called (on librbd's completion thread) when an operation failed as one past the
-        #: image's end fails (a short read, EINVAL): the image may have shrunk before the
-        #: header watch said so; the device looks at its size before its next command.
+        #: Called (on librbd's completion thread) when a READ or WRITE failed as one past the
+        #: image's end fails (ERANGE: a short read, or EINVAL from librbd): the image may have
+        #: shrunk before the header watch said so; the device looks at its size before its
+        #: next command.
         self.size_listener: Callable[[], None] | None = None
         #: The thread connecting a new client after this one was blocklisted, while it runs.
         self._reconnecting: threading.Thread | None = None
@@ -345,7 +349,7 @@ class RbdBackend:
                 and (image is None or image is self.image)):
             self._blocklisted(exc)
         listener = self.size_listener
-        if isinstance(exc, OSError) and exc.errno in (errno.ERANGE, errno.EINVAL) and listener:
+        if isinstance(exc, OSError) and exc.errno == errno.ERANGE and listener:
             listener()
         return scsi_error(exc, writing)
 

@@ -311,9 +311,10 @@ class _Op:
         self.handle: Any = None
         self.value = value
         self.map_error = map_error
-        #: The return value a success must have (a read's byte count): librbd clips a read
-        #: at the image's end and reports the bytes it read, leaving the rest of the buffers
-        #: as they were; fewer is the error ERANGE.
+        #: The return value a success must have (a read's byte count: librbd clips a read at
+        #: the image's end and reports the bytes it read, leaving the rest of the buffers as
+        #: they were; -1 for a write, whatever librbd returns): otherwise the error ERANGE,
+        #: as is EINVAL (an operation starting past the image's end) for either.
         self.expect = expect
 
 
@@ -333,8 +334,12 @@ def _complete(c: Any, arg: Any) -> None:
     # then a crash in the collector).
     op.handle = None
     op.keep.clear()
-    if rc >= 0 and op.expect is not None and rc != op.expect:
-        rc = -_errno.ERANGE  # the image ends before the range: shrunk by another client
+    if op.expect is not None and (rc == -_errno.EINVAL
+                                  or 0 <= op.expect != rc and rc >= 0):
+        # A read short of its buffers, or a read or write librbd refuses as starting past
+        # the image's end (EINVAL): the image is smaller than the range, shrunk by another
+        # client. (librbd clips a write crossing the end and says nothing.)
+        rc = -_errno.ERANGE
     if rc < 0:
         err: BaseException = RadosError(-rc, os.strerror(-rc))
         if rc == -_errno.EILSEQ and op.mismatch is not None:
@@ -536,15 +541,16 @@ class Image:
         iov, keep = self._iovecs(bufs, True)
         n = len(bufs)
         return self._start("readv", lambda h, c: self._lib.rbd_aio_readv(h, iov, n, offset, c),
-                           keep=keep, op=_Op(value, map_error, sum(b.nbytes for b in bufs)))
+                           keep=keep, op=_Op(value, map_error, sum(len(b) for b in bufs)))
 
     def aio_writev(self, offset: int, bufs: Sequence[memoryview], *, value: Any = RETURN_VALUE,
                    map_error: Any = None) -> Future[Any]:
-        """Write `bufs` at `offset`; the Future as for `aio_readv`."""
+        """Write `bufs` at `offset`; the Future as for `aio_readv` (ERANGE: starting past the
+        image's end)."""
         iov, keep = self._iovecs(bufs, False)
         n = len(bufs)
         return self._start("writev", lambda h, c: self._lib.rbd_aio_writev(h, iov, n, offset, c),
-                           keep=keep, op=_Op(value, map_error))
+                           keep=keep, op=_Op(value, map_error, -1))
 
     def aio_discard(self, offset: int, length: int) -> Future[int]:
         return self._start("discard",

@@ -942,6 +942,9 @@ def test_reads_past_a_shrunk_image_never_answer_good(ceph_cluster: Any, watch: b
         _resize_elsewhere(ceph_cluster, image, SIZE // 2)
         if watch:
             assert wait_until(dev._header_changed.is_set, 30), "no header notification in 30 s"
+        else:  # wholly past the new end, where data was: librbd's EINVAL (was MEDIUM ERROR)
+            assert h.run(cdbs.read10(end + 100, 8), data_in_len=8 * BS
+                         ).sense_codes == (0x05, 0x21, 0x00)
         pending = h.submit_many([(cdbs.read10(end - 4, 8), b"", 8 * BS)] * 12)
         h.wait(pending, timeout=60)
         for p in pending:
