@@ -935,6 +935,22 @@ def test_log_sense_counts_what_compression_and_deduplication_save(tmp_path: os.P
         dev.close()
 
 
+def _failing_fdatasync(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """`os.fdatasync` failing with EIO as many times as the returned list's one item says
+    (0 at first), then as itself."""
+    real = os.fdatasync
+    fail = [0]
+
+    def flaky(fd: int) -> None:
+        if fail[0]:
+            fail[0] -= 1
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", flaky)
+    return fail
+
+
 @pytest.mark.parametrize("failing", ["another disk's write-through write", "a group commit",
                                      "the collector's commit"])
 def test_writes_a_failed_commit_lost_fail_the_next_flush(tmp_path: os.PathLike[str],
@@ -954,16 +970,7 @@ def test_writes_a_failed_commit_lost_fail_the_next_flush(tmp_path: os.PathLike[s
     b = DedupHandler.open(DeviceConfig("b", "dedup", f"pool={path};disk=b", 16 * CS,
                                        block_size=BS, write_cache=False))
     run = harness.run_command
-    real = os.fdatasync
-    fail = [0]
-
-    def flaky(fd: int) -> None:
-        if fail[0]:
-            fail[0] -= 1
-            raise OSError(errno.EIO, "injected")
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", flaky)
+    fail = _failing_fdatasync(monkeypatch)
     pool = a.backend.pool  # type: ignore[attr-defined]
     try:
         for dev in (a, b):
@@ -1098,22 +1105,13 @@ def test_a_loss_is_not_reported_to_a_disk_that_did_not_have_it(tmp_path: os.Path
                                        block_size=BS, write_cache=False))
     b = DedupHandler.open(DeviceConfig("b", "dedup", f"pool={path};disk=b", 16 * CS,
                                        block_size=BS, write_cache=True))
-    real = os.fdatasync
-    fail = [1]
-
-    def flaky(fd: int) -> None:
-        if fail[0]:
-            fail[0] -= 1
-            raise OSError(errno.EIO, "injected")
-        real(fd)
-
+    fail = _failing_fdatasync(monkeypatch)
     try:
         for dev in (a, b):
             run(dev, cdbs.test_unit_ready())
         assert run(b, cdbs.write10(0, CS // BS), data_out=chunk(1)).good
-        monkeypatch.setattr(os, "fdatasync", flaky)
+        fail[0] = 1
         assert not run(a, cdbs.write10(0, CS // BS), data_out=chunk(2)).good  # b's lost
-        monkeypatch.setattr(os, "fdatasync", real)
         b.close()
         pool = a.backend.pool  # type: ignore[attr-defined]
         pool.drop_disk("b")
