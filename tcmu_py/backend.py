@@ -483,6 +483,7 @@ CAPABILITIES: tuple[type, ...] = (
     Resizable,
     Closable,
     FileExtent,
+    LostWrites,
 )
 
 #: Promise attributes: name -> (type, the capability it belongs to or None for BlockBackend).
@@ -552,6 +553,7 @@ class Capabilities:
     blocking: bool
     transfer_granularity: int = 0
     file_extent: FileExtent | None = None
+    lost_writes: LostWrites | None = None
 
     @property
     def provisioning_type(self) -> ProvisioningType:
@@ -625,5 +627,8 @@ class Capabilities:
             transfer_granularity=transfer,
             file_extent=backend
             if declared[FileExtent] and isinstance(backend, FileExtent)
+            else None,
+            lost_writes=backend
+            if declared[LostWrites] and isinstance(backend, LostWrites)
             else None,
         )

@@ -164,8 +164,9 @@ def scsi_error(exc: BaseException, writing: bool) -> BaseException:
     if exc.errno in UNAVAILABLE:
         return NotReadyBecoming(f"ceph cluster unavailable: {exc}")
     if exc.errno == errno.ERANGE:
-        # librbd read short (`Image.aio_readv`): the image ends before the range, shrunk by
-        # another client before this device took the new size (SBC-4 4.5).
+        # A READ librbd answered short, or a READ or WRITE it refused as starting past the
+        # image's end (`librbd._complete`): the image ends before the range, shrunk by another
+        # client before this device took the new size (SBC-4 4.5).
         return LbaOutOfRange(f"ceph image shorter than the device's capacity: {exc}")
     if exc.errno == errno.EROFS and writing:
         # librbd refuses writes while another client holds the exclusive lock of an image
@@ -668,10 +669,17 @@ def open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
 def _open_backend(cfg: CephConfig, size: int, block_size: int) -> RbdBackend:
     for key, path, what in (("conf", cfg.conf, "the cluster's ceph.conf"),
                             ("keyring", cfg.keyring, "the client's keyring")):
-        if path is not None and (os.path.isdir(path) or not os.access(path, os.R_OK)):
-            why = ("a directory" if os.path.isdir(path) else "no such file"
-                   if not os.path.exists(path) else "not readable by the daemon")
-            raise ConfigError(f"ceph: key {key!r}: {path}: {why}; expected {what}, readable")
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            why = "no such file"
+        elif os.path.isdir(path):
+            why = "a directory"
+        elif not os.access(path, os.R_OK):
+            why = "not readable by the daemon"
+        else:
+            continue
+        raise ConfigError(f"ceph: key {key!r}: {path}: {why}; expected {what}, readable")
     cluster = _connect(cfg)
     ioctx = image = None
     try:

@@ -103,13 +103,14 @@ int rbd_update_unwatch(rbd_image_t image, uint64_t handle);
 #: rbd/features.h: the features of a new image (layering, exclusive-lock, object-map,
 #: fast-diff, deep-flatten: ``rbd create``'s defaults).
 FEATURE_LAYERING = 1 << 0
-WRITE_ZEROES_FLAG_THICK_PROVISION = 1 << 0  # librbd.h: zeros written, nothing deallocated
 FEATURE_EXCLUSIVE_LOCK = 1 << 2
 FEATURE_OBJECT_MAP = 1 << 3
 FEATURE_FAST_DIFF = 1 << 4
 FEATURE_DEEP_FLATTEN = 1 << 5
 FEATURES_DEFAULT = (FEATURE_LAYERING | FEATURE_EXCLUSIVE_LOCK | FEATURE_OBJECT_MAP
                     | FEATURE_FAST_DIFF | FEATURE_DEEP_FLATTEN)
+#: librbd.h: rbd_aio_write_zeroes's flag to write the zeros, deallocating nothing.
+WRITE_ZEROES_FLAG_THICK_PROVISION = 1 << 0
 LOCK_MODE_EXCLUSIVE = 0
 
 LIBRADOS = "librados.so.2"
@@ -334,8 +335,9 @@ def _complete(c: Any, arg: Any) -> None:
     # then a crash in the collector).
     op.handle = None
     op.keep.clear()
-    if op.expect is not None and (rc == -_errno.EINVAL
-                                  or 0 <= op.expect != rc and rc >= 0):
+    expect = op.expect
+    short = expect is not None and expect >= 0 and 0 <= rc != expect
+    if short or (expect is not None and rc == -_errno.EINVAL):
         # A read short of its buffers, or a read or write librbd refuses as starting past
         # the image's end (EINVAL): the image is smaller than the range, shrunk by another
         # client. (librbd clips a write crossing the end and says nothing.)

@@ -125,6 +125,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from tcmu_py.errors import ConfigError
+from tcmu_py.scsi.sbc import merge_ranges
 from tcmu_py.statefile import (
     invalid,
     make_private_dirs,
@@ -600,7 +601,7 @@ class DedupPool(PhysicalPool):
         self._changes = 0  # map changes in the open transaction
         #: Disks with acknowledged changes in the open transaction (a write-cached disk's
         #: WRITEs and UNMAPs, not yet committed); a commit that fails loses them, and then
-        #: `_lost` says so to each such disk's next flush (`take_loss`).
+        #: `_lost` says so to each such disk's next SYNCHRONIZE CACHE (`take_loss`).
         self._pending: set[int] = set()
         self._lost: dict[int, str] = {}
         self._figures = _Figures()
@@ -1048,7 +1049,7 @@ class DedupPool(PhysicalPool):
 
     def _abort(self, why: str = "the pool's open transaction was rolled back") -> None:
         """Roll the open transaction back. The acknowledged changes in it (`_pending`) are
-        lost: each disk that had some is told at its next flush (`take_loss`)."""
+        lost: each disk that had some is told at its next SYNCHRONIZE CACHE (`take_loss`)."""
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("ROLLBACK")
         if self._pending:
@@ -1066,9 +1067,10 @@ class DedupPool(PhysicalPool):
         self._load()
 
     def take_loss(self, did: int) -> str | None:
-        """Why writes disk `did` was acknowledged since its last flush were lost (a commit
-        failed and rolled them back), once; None if none were. Like fsync(2) after a failed
-        write-back: the flush that follows the loss fails, later ones need not."""
+        """Why writes disk `did` acknowledged were lost (a commit failed and rolled them back)
+        since this was last asked, once; None if none were. Like fsync(2) after a failed
+        write-back: the SYNCHRONIZE CACHE that follows the loss fails, later ones need not
+        (`DedupBackend.lost_writes`; a closed or dropped disk's report is discarded)."""
         with self.lock:
             return self._lost.pop(did, None)
 
@@ -1823,13 +1825,8 @@ def _where(rows: Sequence[tuple[int, int, int]], names: Mapping[int, str], chunk
         by_disk.setdefault(did, []).append(idx)
     parts = []
     for did in sorted(by_disk):
-        runs: list[list[int]] = []
-        for idx in sorted(set(by_disk[did])):
-            if runs and idx == runs[-1][1] + 1:
-                runs[-1][1] = idx
-            else:
-                runs.append([idx, idx])
-        spans = [f"{a * chunk_size}-{(b + 1) * chunk_size - 1}" for a, b in runs[:limit]]
+        runs = merge_ranges((idx, 1) for idx in by_disk[did])
+        spans = [f"{a * chunk_size}-{(a + n) * chunk_size - 1}" for a, n in runs[:limit]]
         more = f" and {len(runs) - limit} more runs" if len(runs) > limit else ""
         parts.append(f"disk {names.get(did, did)}: bytes {', '.join(spans)}{more}")
     return "; ".join(parts)
@@ -2053,16 +2050,16 @@ def _pool_json_from_index(path: str, asked: DedupPoolConfig) -> DedupPoolConfig:
     index = os.path.join(path, DB_FILE)
     db = _connect(index)  # a missing, empty or schema-less index: ConfigError naming it
     try:
+        any_fp = db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone()
         row = db.execute("SELECT value FROM meta WHERE key='chunk_size'").fetchone()
         if row is None:  # an index older than the record: its uncompressed chunks say
             row = db.execute("SELECT length FROM chunks WHERE compression = 0 LIMIT 1"
                              ).fetchone()
-        if row is None and db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone():
+        if row is None and any_fp:
             raise ConfigError(f"{index}: records no chunk size and holds only compressed "
                               f"chunks; expected a {POOL_FILE} restored from a backup")
         chunk = asked.chunk_size if row is None else int(row[0])
         short = db.execute("SELECT 1 FROM chunks WHERE length(fp) = 16 LIMIT 1").fetchone()
-        any_fp = db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone()
         compressed = db.execute("SELECT 1 FROM chunks WHERE compression != 0 LIMIT 1").fetchone()
     except sqlite3.Error as exc:
         raise _unreadable_index(index, exc) from None

@@ -29,7 +29,6 @@ from tcmu_py.backend import (
     Capabilities,
     ChunkExtent,
     FanOutExtent,
-    LostWrites,
     NativeKit,
     ProvisioningInfo,
     RbdExtent,
@@ -599,7 +598,7 @@ class BlockDevice(ScsiDevice):
     def synchronize_cache(self, cmd: Command) -> None:
         req = cdbs.SynchronizeCache.parse(cmd.cdb)
         self._check_range(req.lba, req.blocks)
-        lost = self.backend if isinstance(self.backend, LostWrites) else None
+        lost = self.caps.lost_writes
         try:
             self._flush()
         except WriteError:
