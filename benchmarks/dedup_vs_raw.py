@@ -3,16 +3,17 @@ QD8 with 0 %, 50 % and 90 % duplicate data, and 4 KiB random read QD32, on a ded
 disk served by one `tcmu-py serve`, in the same VM boot.
 
     .venv/bin/python benchmarks/dedup_vs_raw.py --out results/dedup_vs_raw [--seconds 10] [--reps 2]
-        [--only randread-4k-qd32,...] [--size-mib 256] [--capacity-mib N]
+        [--only randread-4k-qd32,...] [--size-mib 256] [--capacity-mib N] [--journal-mib N]
 
 Host side: boots the lab kernel (`tcmu_py.lab.run_in_vm`) and runs this file again inside with
 ``--guest``; then prints per-workload medians and the dedup/raw ratio, and writes
 ``OUT/summary.json``.
 
 Guest side (``--guest``): a dedup pool on the scratch tmpfs (4 KiB chunks, no compression,
-capacity four times the disk, or ``--capacity-mib``) and a fully written raw image of the
-same size; both devices with ``emulate_write_cache=1`` (WCE=1 for both: the dedup disk
-acknowledges from its open transaction and commits at SYNCHRONIZE CACHE or every few thousand
+capacity four times the disk, or ``--capacity-mib``; with ``--journal-mib N`` a write journal
+of N MiB, post-process deduplication) and a fully written raw image of the same size; both
+devices with ``emulate_write_cache=1`` (WCE=1 for both: the dedup disk acknowledges from its
+open transaction, or its journal, and commits at SYNCHRONIZE CACHE or every few thousand
 changes, the raw one writes through the page cache), exported through tcm_loop, I/O scheduler
 "none". For every repetition and workload the two targets run back to back (drift in the
 shared host's load spreads over both):
@@ -23,7 +24,7 @@ shared host's load spreads over both):
   (random map on; ``--runtime`` or ``--size``, whichever ends first) with ``refill_buffers``,
   ``dedupe_percentage`` 0, 50 or 90 and ``end_fsync`` (the run ends with its data durable: for
   the dedup disk the pool's commit); the raw disk gets the same job. The pool's dedup ratio
-  after each dedup run is recorded.
+  after each dedup run is recorded (with a journal, once it is drained: see `drain_journal`).
 - random read: the dedup disk written whole with unique data first (fio, 1 MiB); the raw image
   is already full; then 4 KiB random reads, time based.
 
@@ -34,9 +35,12 @@ fio: libaio, direct=1. Results go to ``OUT/runs.json`` (appended after each run)
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import mmap
 import os
 import statistics
+import struct
 import sys
 import time
 from pathlib import Path
@@ -77,7 +81,8 @@ def guest(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     size = args.size_mib * MIB
     pool = work / "pool"
-    create_pool(str(pool), "bench", (args.capacity_mib or 4 * args.size_mib) * MIB, None)
+    create_pool(str(pool), "bench", (args.capacity_mib or 4 * args.size_mib) * MIB, None,
+                journal=args.journal_mib * MIB)
     image = work / "raw.img"
     full_image(image, size)
 
@@ -100,6 +105,24 @@ def guest(args: argparse.Namespace) -> int:
         as `read_pool_status` reads them are the committed ones)."""
         fd = os.open(dev, os.O_RDONLY)
         try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def drain_journal(dev: Path) -> None:
+        """With a write journal: have the pool drain it into the index, then commit, so that
+        `read_pool_status` counts everything written. A write of part of a chunk waits for the
+        journal to be drained first: the disk's first logical block is read and written back
+        as it is (O_DIRECT; the data does not change), then SYNCHRONIZE CACHE."""
+        if not args.journal_mib:
+            return
+        fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+        try:
+            blksz = struct.unpack("i", fcntl.ioctl(fd, 0x1268, b"\0" * 4))[0]  # BLKSSZGET
+            assert blksz < 4096, f"{dev}: block size {blksz} is a whole chunk"
+            buf = mmap.mmap(-1, blksz)  # page-aligned, as O_DIRECT wants
+            assert os.preadv(fd, [buf], 0) == blksz
+            assert os.pwritev(fd, [buf], 0) == blksz
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -140,6 +163,7 @@ def guest(args: argparse.Namespace) -> int:
                                            runtime=None)
                         assert code == 0, f"fio fill: exit {code}: {err[-1500:]}"
                         sync_cache(dev)
+                        drain_journal(dev)
                         assert read_pool_status(str(pool)).logical == size, "fill incomplete"
                     res_json = work / f"{target}-{wl}-{rep}.json"
                     rec["loadavg"] = Path("/proc/loadavg").read_text().split()[0]
@@ -154,6 +178,7 @@ def guest(args: argparse.Namespace) -> int:
                                    error=job["error"])
                     if target == "dedup":
                         sync_cache(dev)
+                        drain_journal(dev)
                         st = read_pool_status(str(pool))
                         rec.update(pool_logical=st.logical, pool_unique=st.unique,
                                    pool_ratio=round(st.ratio, 3))
@@ -163,7 +188,8 @@ def guest(args: argparse.Namespace) -> int:
                         f"{rec.get('bw_bytes', 0) / MIB:.1f} MiB/s"
                         + (f" ratio {rec['pool_ratio']}" if target == "dedup" else ""))
     (out / "done.json").write_text(json.dumps({"runs": len(runs), "kernel": os.uname().release,
-                                               "cpus": os.cpu_count()}))
+                                               "cpus": os.cpu_count(),
+                                               "journal_mib": args.journal_mib}))
     return 0 if all("failed" not in r for r in runs) else 1
 
 
@@ -198,8 +224,9 @@ def host(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     guest_args = ["--seconds", str(args.seconds), "--reps", str(args.reps),
                   "--size-mib", str(args.size_mib),
-                  "--capacity-mib", str(args.capacity_mib)] + ([] if args.only is None else
-                                                       ["--only", args.only])
+                  "--capacity-mib", str(args.capacity_mib),
+                  "--journal-mib", str(args.journal_mib)] + ([] if args.only is None else
+                                                             ["--only", args.only])
     budget = 600 + args.reps * len(selected(args.only)) * len(TARGETS) * (args.seconds + 200)
     runs = boot_guest(Path(__file__), guest_args, out, budget)
     if runs is None:
@@ -219,8 +246,14 @@ def main() -> int:
     ap = arg_parser(__doc__, "dedup_vs_raw", seconds=10.0, reps=2, size_mib=256)
     ap.add_argument("--capacity-mib", type=int, default=0,
                     help="the pool's capacity (default: 4 x the disk's size; the guest's "
-                    "scratch tmpfs has ~1 GiB free, which bounds it)")
+                    "scratch tmpfs has ~1 GiB free, which bounds it with the raw image and "
+                    "the journal)")
+    ap.add_argument("--journal-mib", type=int, default=0,
+                    help="the pool's write journal in MiB (default 0: none; else 4..65536); "
+                    "journal.dat (up to that size) is on the guest's scratch tmpfs too")
     args = ap.parse_args()
+    if args.journal_mib and not 4 <= args.journal_mib <= 64 << 10:
+        ap.error(f"--journal-mib: got {args.journal_mib}, expected 0 (no journal) or 4..65536")
     return guest(args) if args.guest else host(args)
 
 

@@ -114,35 +114,74 @@ class DedupBackend(PoolDisk["DedupPool"]):
             view = bufs[0]
             if view.nbytes:
                 self._check_bounds(offset, view.nbytes)
-                self.pool.read_into(self.disk_id, offset, view.cast("B"))
+                self._read_into(offset, view.cast("B"))
             return
         length = sum(b.nbytes for b in bufs)
         if length == 0:
             return
         self._check_bounds(offset, length)
         data = memoryview(bytearray(length))
-        self.pool.read_into(self.disk_id, offset, data)
+        self._read_into(offset, data)
         pos = 0
         for view in bufs:
             n = view.nbytes
             view[:] = data[pos : pos + n]
             pos += n
 
+    def _read_into(self, offset: int, view: memoryview) -> None:
+        """`view` (contiguous bytes) from `offset`: the index's chunks, and over them those
+        whose newest bytes are in the write journal (read again if the journal moved chunks
+        into the index meanwhile, `Journal.patch`)."""
+        pool, did = self.pool, self.disk_id
+        journal = pool.journal
+        if journal is None:
+            pool.read_into(did, offset, view)
+            return
+        for _ in range(3):
+            removals = journal.removals
+            pool.read_into(did, offset, view)
+            if journal.patch(did, offset, view, removals):
+                return
+        with journal.steady():  # no drain moves anything while this holds
+            removals = journal.removals
+            pool.read_into(did, offset, view)
+            journal.patch(did, offset, view, removals)
+
     def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Store `bufs` at `offset`. SpaceAllocationFailed (nothing changed) if the new distinct
-        chunks do not fit in the pool; OSError if the file system fails (nothing changed)."""
+        chunks do not fit in the pool; OSError if the file system fails (nothing changed).
+        Whole chunks go to the pool's write journal if it has one (and room)."""
+        length = sum(b.nbytes for b in bufs)
+        if not length:
+            return
+        self._check_bounds(offset, length)
+        journal = self.pool.journal
+        if journal is not None:
+            cs = self.chunk_size
+            if not offset % cs and not length % cs and journal.append(
+                    self.disk_id, offset // cs, bufs, durable=not self.write_cache):
+                return
+            journal.drain_all()  # the index takes it: after every write before it
         # One buffer (the usual case) is used in place: it is the command's and stays valid
         # until this returns, and nothing keeps a reference to it past that (new chunks are
         # appended to their container inside `DedupPool.put`).
         view = bufs[0].cast("B") if len(bufs) == 1 else memoryview(b"".join(bufs))
-        if not view.nbytes:
-            return
-        self._check_bounds(offset, view.nbytes)
         self._store(offset, view.nbytes, lambda a, b: view[a - offset : b - offset], view=view)
 
     def flush(self) -> None:
-        """Commit the pool: every acknowledged write and unmap (of all its disks) is durable."""
+        """Make every acknowledged write and unmap durable: the write journal's records (of
+        every disk of the pool), then the pool's open transaction."""
+        journal = self.pool.journal
+        if journal is not None:
+            journal.sync()
         self.pool.commit()
+
+    def _settle(self) -> None:
+        """Before a command that works on the index alone: every journaled write before it
+        is in the index (`Journal.drain_all`; not under the pool's lock)."""
+        journal = self.pool.journal
+        if journal is not None:
+            journal.drain_all()
 
     def lost_writes(self) -> str | None:
         """`LostWrites`: writes this disk acknowledged were rolled back by a commit that failed
@@ -158,6 +197,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
         if length <= 0:
             return
         self._check_bounds(offset, length)
+        self._settle()
         zero = self._zero
         step = UNMAP_STEP_CHUNKS * self.chunk_size
         pos, end = offset, offset + length
@@ -175,6 +215,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
         if length <= 0:
             return
         self._check_bounds(offset, length)
+        self._settle()
         pattern = block * (self.chunk_size // self.block_size)
         cs = self.chunk_size
 
@@ -267,6 +308,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
         """Runs ``(offset, length, status)`` from `offset` (SBC-4 5.8: the first descriptor
         starts at the requested LBA), status 0 mapped, 1 deallocated, per chunk; at most
         `LBA_STATUS_CHUNKS` chunks from `offset`."""
+        self._settle()
         cs = self.chunk_size
         end = min(offset + length, self.size, (offset // cs + LBA_STATUS_CHUNKS) * cs)
         runs: list[tuple[int, int, int]] = []

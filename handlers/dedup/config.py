@@ -48,6 +48,7 @@ from .store import (
     DEFAULT_DEAD_PERCENT,
     DEFAULT_FINGERPRINT,
     FINGERPRINTS,
+    JOURNAL_EXPECTED,
     MAX_CHUNK,
     MIN_CHUNK,
     POOL_FILE,
@@ -58,6 +59,7 @@ from .store import (
     declaration_mismatches,
     ensure_pool,
     is_chunk_size,
+    is_journal_size,
     load_pool_config,
     read_pool_status,
 )
@@ -79,7 +81,7 @@ class DedupPoolSpec:
     """A dedup pool declared in the YAML, as a thin pool is: ``capacity`` and ``hard_limit``
     (bytes of chunk data the pool lets its disks take; hard_limit <= capacity, default
     capacity), ``soft_threshold`` (percent of the hard limit; None: none), ``chunk_size``
-    (bytes)."""
+    (bytes), ``journal`` (bytes of the pool's write journal; 0: none)."""
 
     name: str
     path: str
@@ -90,6 +92,7 @@ class DedupPoolSpec:
     compression: str = "none"  # "none" or "zstd": how new chunks are stored
     collector_interval: float = COLLECT_INTERVAL
     collector_dead_percent: int = DEFAULT_DEAD_PERCENT
+    journal: int = 0  # bytes of the write journal (journal.dat); 0: none
 
 
 def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPoolSpec, ...]:
@@ -98,7 +101,7 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
     pools: list[DedupPoolSpec] = []
     for entry, path, cap, soft, hard in pool_entries(
             c, raw, SECTION, frozenset({"chunk_size", "compression", "collector_interval",
-                                        "collector_dead_percent"})):
+                                        "collector_dead_percent", "journal"})):
         p, m, name = entry.path, entry.fields, entry.name
         chunk = m.get("chunk_size", DEFAULT_CHUNK)
         try:
@@ -118,11 +121,18 @@ def load_pools(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[DedupPo
                    f"seconds, a number from {MIN_COLLECT_INTERVAL:g} to {MAX_COLLECT_INTERVAL:g}")
         dead = c.integer(m.get("collector_dead_percent", DEFAULT_DEAD_PERCENT),
                          f"{p}.collector_dead_percent", 1, 100, "a percentage 1..100")
+        journal_raw = m.get("journal", 0)
+        try:
+            journal = parse_size(journal_raw)
+        except ValueError:
+            journal = -1
+        if not is_journal_size(journal):
+            c.fail(f"{p}.journal", journal_raw, JOURNAL_EXPECTED)
         if not c.clean_since(entry):
             continue
         assert name and path and cap and hard and dead
         spec = DedupPoolSpec(name, path, cap, soft, parse_size(chunk), hard, compression,
-                             float(interval), dead)
+                             float(interval), dead, journal)
         check_existing_pool(c, p, path, POOL_FILE, load_pool_config,
                             partial(declaration_mismatches, name=spec.name,
                                     chunk_size=spec.chunk_size))
@@ -165,15 +175,16 @@ def device_config_items(device: Device, pools: Sequence[DedupPoolSpec]
 
 
 def prepare(config: ConfigView) -> None:
-    """Create (or update capacity and threshold of) the YAML's dedup pools and register their
-    names in this process. As for thin pools, the hard limit is what the pool enforces as its
-    capacity (pool.json); the soft threshold is a percentage of it. The collector settings
-    apply in this process (`configure_collector`): from the pool's open, or at once if open."""
+    """Create (or update capacity, threshold, compression and journal size of) the YAML's
+    dedup pools and register their names in this process. As for thin pools, the hard limit
+    is what the pool enforces as its capacity (pool.json); the soft threshold is a percentage
+    of it. A journal size takes effect at the pool's next open. The collector settings apply
+    in this process (`configure_collector`): from the pool's open, or at once if open."""
     from .handler import register_pool
 
     for pool in config.section(SECTION):
         ensure_pool(pool.path, pool.name, pool.hard_limit or pool.capacity, pool.soft_threshold,
-                    pool.chunk_size, pool.compression)
+                    pool.chunk_size, pool.compression, journal=pool.journal)
         register_pool(pool.name, pool.path)
         configure_collector(pool.path, CollectorSettings(pool.collector_interval,
                                                          pool.collector_dead_percent))
@@ -233,12 +244,23 @@ def _size_arg(flag: str, value: str) -> int:
         raise ConfigError(f"{flag}: got {value!r}, expected a size like 10G") from None
 
 
+def _journal_arg(value: str) -> int:
+    try:
+        size = parse_size(value)
+    except ValueError:
+        size = -1
+    if not is_journal_size(size):
+        raise ConfigError(f"--journal: got {value!r}, expected {JOURNAL_EXPECTED}")
+    return size
+
+
 def main(argv: list[str]) -> int:
     """``tcmu-py dedup create-pool|status|check|gc|drop-disk`` (see ``--help``)."""
     p = argparse.ArgumentParser(prog="tcmu-py dedup", description="dedup pool administration")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create-pool", help="create a pool, or change an existing pool's "
-                       "capacity, threshold and compression (options not given keep its values)")
+                       "capacity, threshold, compression and journal size (options not given "
+                       "keep its values)")
     c.add_argument("path", metavar="PATH", help="pool directory")
     c.add_argument("--name", required=True, help="the pool's name")
     c.add_argument("--capacity", help="bytes of chunk data, or with K, M, G, T (required for a "
@@ -253,6 +275,10 @@ def main(argv: list[str]) -> int:
     c.add_argument("--chunk-size", default=None,
                    help=f"chunk size of a new pool, {MIN_CHUNK}..{MAX_CHUNK} (default 4K); "
                    "an existing pool's cannot change")
+    c.add_argument("--journal", default=None, metavar="SIZE",
+                   help="bytes of the pool's write journal (post-process deduplication): "
+                   "4M..64G in whole MiB, or 0 for none (new pool: 0); a change takes effect "
+                   "at the pool's next open")
     s = sub.add_parser("status", help="a pool's figures (also while it is served)")
     s.add_argument("paths", nargs="+", metavar="PATH", help="pool directory")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -305,7 +331,9 @@ def _create_pool(args: argparse.Namespace) -> None:
                    "chunk_size", DEFAULT_CHUNK)
     soft = chosen(args.soft_threshold, "soft_threshold", 80)
     compression = chosen(args.compression, "compression", "none")
-    ensure_pool(args.path, args.name, capacity, soft, chunk, compression, args.fingerprint)
+    journal = chosen(None if args.journal is None else _journal_arg(args.journal), "journal", 0)
+    ensure_pool(args.path, args.name, capacity, soft, chunk, compression, args.fingerprint,
+                journal)
 
 
 def _os_expected(path: str, file: str, exc: OSError) -> str:

@@ -136,6 +136,7 @@ from tcmu_py.statefile import (
 from tcmu_py.threadname import name_os_thread
 
 from .._pool import PhysicalPool, ThresholdFigures
+from .journal import Journal, _Record, open_journal
 
 if TYPE_CHECKING:
     from tcmu_py.backend import ChunkTable
@@ -156,6 +157,9 @@ POOL_FORMAT_COMPRESSED = 2
 #: pool.json's version when its ``fingerprint`` is not SHA-256 (with or without compression):
 #: a version that only knows SHA-256 refuses the pool instead of deduplicating by the wrong hash.
 POOL_FORMAT_FINGERPRINT = 3
+#: pool.json's version when the pool has a write journal (``journal`` > 0, journal.py): a
+#: version without one would ignore ``journal.dat`` and lose the writes not yet moved out of it.
+POOL_FORMAT_JOURNAL = 4
 #: The fingerprint of a pool's chunks (``pool.json`` ``fingerprint``; a pool without one:
 #: "sha256"): "sha256" is trusted as identity; "xxh3-128" (new pools) is confirmed by comparing
 #: bytes, and a chunk whose XXH3 equals a stored chunk's while its bytes differ is stored under
@@ -274,6 +278,18 @@ def is_chunk_size(value: object) -> bool:
 _CHUNK_EXPECTED = f"a power of two from {MIN_CHUNK} to {MAX_CHUNK}"
 
 
+#: The write journal's size: 0 (none) or MIN_JOURNAL..MAX_JOURNAL bytes, a multiple of 1 MiB.
+MIN_JOURNAL = 4 << 20
+MAX_JOURNAL = 64 << 30
+JOURNAL_EXPECTED = ("0 (no write journal) or a size from 4 MiB to 64 GiB, a multiple of "
+                    "1 MiB")
+
+
+def is_journal_size(value: object) -> bool:
+    return _is_int(value) and (value == 0 or (  # type: ignore[operator]
+        MIN_JOURNAL <= value <= MAX_JOURNAL and not value % (1 << 20)))  # type: ignore[operator]
+
+
 def _check_pool_args(where: str, capacity: object, soft_threshold: object,
                      chunk_size: object) -> None:
     if not _is_int(capacity) or capacity <= 0:  # type: ignore[operator]
@@ -284,6 +300,11 @@ def _check_pool_args(where: str, capacity: object, soft_threshold: object,
                           "1..100 or null")
     if not is_chunk_size(chunk_size):
         raise ConfigError(f"{where}: chunk_size {chunk_size!r}: expected {_CHUNK_EXPECTED}")
+
+
+def _check_journal(where: str, journal: object) -> None:
+    if not is_journal_size(journal):
+        raise ConfigError(f"{where}: journal {journal!r}: expected {JOURNAL_EXPECTED}")
 
 
 def _check_compression(where: str, compression: object) -> None:
@@ -305,6 +326,9 @@ class DedupPoolConfig:
     chunk_size: int
     compression: str = "none"  # how new chunks are stored; each chunk records its own
     fingerprint: str = "sha256"  # fixed when the pool is created (`FINGERPRINTS`)
+    #: Bytes of the write journal (``journal.dat``, journal.py); 0: none, writes go straight
+    #: to the index.
+    journal: int = 0
     #: The version pool.json had when read: never written lower. Turning compression off
     #: leaves the chunks stored compressed as they are, which a reader of version 1 would
     #: return as data (its version must refuse the pool, not serve zstd frames).
@@ -319,6 +343,8 @@ class DedupPoolConfig:
                     "compression": self.compression}
         if self.fingerprint != "sha256":
             doc |= {"version": POOL_FORMAT_FINGERPRINT, "fingerprint": self.fingerprint}
+        if self.journal or self.version >= POOL_FORMAT_JOURNAL:
+            doc |= {"version": POOL_FORMAT_JOURNAL, "journal": self.journal}
         return doc
 
     @classmethod
@@ -328,11 +354,11 @@ class DedupPoolConfig:
         if not isinstance(doc, dict):
             raise invalid(where, "(top level)", doc, "a JSON object (a dedup pool file)")
         if doc.get("version", _MISSING) not in (POOL_FORMAT_VERSION, POOL_FORMAT_COMPRESSED,
-                                                POOL_FORMAT_FINGERPRINT):
+                                                POOL_FORMAT_FINGERPRINT, POOL_FORMAT_JOURNAL):
             raise invalid(where, "version", doc.get("version", _MISSING),
-                          f"{POOL_FORMAT_VERSION}, {POOL_FORMAT_COMPRESSED} or "
-                          f"{POOL_FORMAT_FINGERPRINT} (the pool formats "
-                          "this version reads)")
+                          f"{POOL_FORMAT_VERSION}, {POOL_FORMAT_COMPRESSED}, "
+                          f"{POOL_FORMAT_FINGERPRINT} or {POOL_FORMAT_JOURNAL} (the pool "
+                          "formats this version reads)")
         if doc.get("kind", _MISSING) != "dedup":
             raise invalid(where, "kind", doc.get("kind", _MISSING), "'dedup' (a dedup pool)")
 
@@ -355,6 +381,7 @@ class DedupPoolConfig:
                 f"one of {', '.join(COMPRESSION_CODES)}", default="none"),
             get("fingerprint", lambda v: v in FINGERPRINTS,
                 f"one of {', '.join(FINGERPRINTS)}", default="sha256"),
+            get("journal", is_journal_size, JOURNAL_EXPECTED, default=0),
             version=doc["version"],
         )
 
@@ -639,6 +666,8 @@ class DedupPool(PhysicalPool):
         self.fingerprint: Callable[[bytes | memoryview], bytes] = (
             fingerprint if config.fingerprint == "sha256" else fast_fingerprint)
         self._confirm_bytes = config.fingerprint != "sha256"
+        #: The write journal (journal.py) when the pool has one and was opened to write.
+        self.journal: Journal | None = None
 
     # ------------------------------------------------------------------------------------------
     # Opening and closing
@@ -660,6 +689,7 @@ class DedupPool(PhysicalPool):
         lock_fd = os.open(os.path.join(path, LOCK_FILE),
                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         db: sqlite3.Connection | None = None
+        pool: DedupPool | None = None
         try:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -690,10 +720,16 @@ class DedupPool(PhysicalPool):
                 pool._marks_clean = repair  # `check_pool` leaves the flag as it found it
                 if repair:
                     pool._set_meta("clean", 0)
+                    pool.journal = open_journal(pool)
             except sqlite3.Error as exc:  # a damaged page met past the header, read-only
                 raise _unreadable_index(index, exc) from None
             pool._opened()
+            if pool.journal is not None:
+                pool.journal.start()
         except BaseException:
+            if pool is not None and pool.journal is not None:
+                with contextlib.suppress(OSError):
+                    os.close(pool.journal.fd)
             if db is not None:
                 db.close()
             os.close(lock_fd)
@@ -709,6 +745,9 @@ class DedupPool(PhysicalPool):
             if _open_pools.get(self.path) is self:
                 del _open_pools[self.path]
         self.stop_collector()
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            journal.close()  # drains it into the index
         with self.lock:
             if self._closed:
                 return
@@ -1014,6 +1053,13 @@ class DedupPool(PhysicalPool):
         with self.lock:
             self._update(lambda c: replace(c, compression=compression))
 
+    def set_journal(self, journal: int) -> None:
+        """The write journal's size from the pool's next open on (the journal open now keeps
+        its size: its records lie where it put them)."""
+        _check_journal(self.path, journal)
+        with self.lock:
+            self._update(lambda c: replace(c, journal=journal))
+
     # ------------------------------------------------------------------------------------------
     # Transactions
 
@@ -1211,7 +1257,7 @@ class DedupPool(PhysicalPool):
                     return
             found = self._locations(did, first, last)
             if tabled:  # the native loop missed some of them: it finds them next time
-                self._tell_table(self._tables[did], found)
+                self._tell_table(did, self._tables[did], found)
             run_cid = run_off = run_at = run_n = 0  # pending preadv: container, offset, view
             for idx, loc in found:
                 a, b = max(idx * cs, offset), min((idx + 1) * cs, end)
@@ -1266,8 +1312,8 @@ class DedupPool(PhysicalPool):
             self._tables[did] = table
             mask = (1 << _IDX_BITS) - 1
             for cache in (self._old_locs, self._locs):
-                self._tell_table(table, [(k & mask, v) for k, v in cache.items()
-                                         if k >> _IDX_BITS == did])
+                self._tell_table(did, table, [(k & mask, v) for k, v in cache.items()
+                                              if k >> _IDX_BITS == did])
 
     def detach_table(self, did: int) -> None:
         with self.lock:
@@ -1275,14 +1321,24 @@ class DedupPool(PhysicalPool):
         if table is not None:
             table.clear()
 
-    def _tell_table(self, table: ChunkTable, found: Sequence[tuple[int, int]]) -> None:
-        """Make (index, packed location) entries of one disk known to its chunk table (lock
+    def _tell_table(self, did: int, table: ChunkTable, found: Sequence[tuple[int, int]]
+                    ) -> None:
+        """Make (index, packed location) entries of disk `did` known to its chunk table (lock
         held): a stored uncompressed chunk by its container's fd and offset, zeros as zeros, a
-        compressed chunk forgotten (the loop reads stored bytes only)."""
+        compressed chunk forgotten (the loop reads stored bytes only); a chunk whose newest
+        bytes are in the write journal keeps the journal's entry (`Journal.tell_table`)."""
         fd = self._fd
-        table.set([idx for idx, _ in found],
-                  [-1 if loc == _ZEROS else -2 if loc & 15 else fd(loc >> 64) for _, loc in found],
-                  [loc >> 24 & _OFFSET_MASK if loc > 0 else 0 for _, loc in found])
+        idxs = [idx for idx, _ in found]
+        fds = [-1 if loc == _ZEROS else -2 if loc & 15 else fd(loc >> 64) for _, loc in found]
+        offs = [loc >> 24 & _OFFSET_MASK if loc > 0 else 0 for _, loc in found]
+        if self.journal is not None:
+            self.journal.tell_table(did, table, idxs, fds, offs)
+        else:
+            table.set(idxs, fds, offs)
+
+    def table_of(self, did: int) -> ChunkTable | None:
+        """Disk `did`'s chunk table if a native loop serves it."""
+        return self._tables.get(did)
 
     def _remember(self, entries: Sequence[tuple[int, int]]) -> None:
         """Put (key, packed location) entries in the map cache (lock held)."""
@@ -1326,7 +1382,7 @@ class DedupPool(PhysicalPool):
                 (did, first, last))]
 
     def put(self, did: int, chunks: Sequence[tuple[int, bytes | memoryview | None, bytes | None]],
-            *, durable: bool, deallocating: bool = False) -> None:
+            *, durable: bool, deallocating: bool = False, journaled: bool = False) -> None:
         """Map chunk index -> content for disk `did`: each item is (index, data, fingerprint),
         data and fingerprint None for zeros; an index appears at most once. All or nothing:
         SpaceAllocationFailed (the new unique bytes do not fit under the capacity) or OSError
@@ -1335,7 +1391,10 @@ class DedupPool(PhysicalPool):
         SAME with UNMAP), whose new chunks are the partly deallocated chunks at its ends, zeros
         patched in: they are stored even past the capacity (at most two per range, and each
         replaces a reference to an older chunk), so a deallocation never fails for want of the
-        space it is meant to give back (SBC-4 4.7.3.8 applies to writes).
+        space it is meant to give back (SBC-4 4.7.3.8 applies to writes). `journaled`: the
+        change of a record of the write journal, acknowledged already (and still in the
+        journal until committed): stored even past the capacity (its space was reserved when
+        the journal took it) and not a loss if rolled back (drained again).
 
         Cost: a fixed number of statements per command whatever its number of chunks (the
         fingerprints and old map rows looked up with ``IN``/range queries, the new chunks'
@@ -1365,7 +1424,7 @@ class DedupPool(PhysicalPool):
                 stored = ([(fp, data, 0) for fp, data in new.items()] if code == 0 else
                           [(fp, *_compress(data, code)) for fp, data in new.items()])
                 need = sum(len(d) for _, d, _ in stored)
-                if deallocating:  # admitted past the capacity, but a crossing all the same
+                if deallocating or journaled:  # admitted past the capacity, still a crossing
                     self._count_crossing(self._figures.used, need)
                     break
                 # A reclaim deletes dead chunks `found` may name: look them up again after it.
@@ -1475,11 +1534,11 @@ class DedupPool(PhysicalPool):
             self._remember([(base | idx, loc) for idx, loc in placed])
             table = self._tables.get(did)
             if table is not None:  # before the write is acknowledged (ChunkExtent)
-                self._tell_table(table, placed)
+                self._tell_table(did, table, placed)
             self._changes += len(chunks)
             if durable or self._changes >= GROUP_CHANGES:
                 self.commit()  # a failure loses this command's change and the others' pending
-            else:
+            elif not journaled:
                 self._pending.add(did)  # acknowledged, durable at the next commit
 
     def _find(self, fps: set[bytes], found: dict[bytes, int],
@@ -1556,7 +1615,77 @@ class DedupPool(PhysicalPool):
         """Raise SpaceAllocationFailed unless `need` more bytes fit; count a soft-threshold
         crossing (lock held; `PhysicalPool`)."""
         if need > 0:
-            self._take_space(self._figures.used, need, "new chunks")
+            journal = self.journal
+            self._take_space(self._figures.used + (0 if journal is None else journal.reserved),
+                             need, "new chunks")
+
+    def room_for(self, need: int) -> bool:
+        """Whether `need` more bytes fit under the capacity now (no lock: a hint for the
+        journal, whose records are stored past the capacity if it moved meanwhile)."""
+        return self._figures.used + need <= self._config.capacity
+
+    # ------------------------------------------------------------------------------------------
+    # The write journal's side (journal.py)
+
+    def journal_meta(self) -> tuple[int, int, int]:
+        """The journal's committed tail: (position, record number, epoch)."""
+        with self.lock:
+            return (self._meta("journal_pos", 0), self._meta("journal_seq", 1),
+                    self._meta("journal_epoch", 0))
+
+    def set_journal_meta(self, pos: int, seq: int, epoch: int) -> None:
+        with self.lock:
+            self._begin()
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES(?, ?)", [
+                ("journal_pos", pos), ("journal_seq", seq), ("journal_epoch", epoch)])
+            self.commit()
+
+    def put_journaled(self, items: Sequence[tuple[_Record, bytes | None]], pos: int, seq: int,
+                      done: Callable[[Sequence[_Record], dict[int, tuple[int, int]]], None]
+                      | None) -> None:
+        """Put journal records (`items`: record, its data; None: a record whose write failed,
+        skipped) into the index and commit with the journal's tail at (`pos`, `seq`); then,
+        still under the lock, `done(records, locations)` with each chunk's new location by
+        map cache key ((fd, offset); (-1, 0) zeros; (-2, 0) unknown). Records of a disk no
+        longer registered are skipped. OSError if the commit fails (nothing committed)."""
+        cs = self._config.chunk_size
+        zero, fingerprint = self._zero_chunk, self.fingerprint
+        changes: list[tuple[int, list[tuple[int, bytes | memoryview | None, bytes | None]]]] = []
+        for rec, data in items:  # hashed before the lock, as a backend's write is
+            if data is None:
+                continue
+            view = memoryview(data)
+            entries: list[tuple[int, bytes | memoryview | None, bytes | None]] = []
+            for k in range(rec.count):
+                piece = view[k * cs : (k + 1) * cs]
+                if not piece[0] and bytes(piece) == zero:
+                    entries.append((rec.first + k, None, None))
+                else:
+                    entries.append((rec.first + k, piece, fingerprint(piece)))
+            changes.append((rec.did, entries))
+        with self.lock:
+            known = set(self._disk_ids.values())
+            for did, entries in changes:
+                if did in known:
+                    self.put(did, entries, durable=False, journaled=True)
+            self._begin()
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES(?, ?)", [
+                ("journal_pos", pos), ("journal_seq", seq)])
+            self.commit()
+            if done is None:
+                return
+            where: dict[int, tuple[int, int]] = {}
+            for did, entries in changes:
+                base = did << _IDX_BITS
+                for idx, _, _ in entries:
+                    key = base | idx
+                    loc = self._locs.get(key)
+                    if loc is None:
+                        loc = self._old_locs.get(key)
+                    where[key] = ((-2, 0) if loc is None or (loc != _ZEROS and loc & 15) else
+                                  (-1, 0) if loc == _ZEROS else
+                                  (self._fd(loc >> 64), loc >> 24 & _OFFSET_MASK))
+            done([rec for rec, _ in items], where)
 
     def open_disk(self, disk: str, size: int, *, block_size: int = 512,
                   write_cache: bool = False, on_close: Callable[[], None] | None = None
@@ -1977,10 +2106,11 @@ def _disk_rows(db: sqlite3.Connection, chunk_size: int) -> tuple[DiskStatus, ...
 
 def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None = 80,
                 chunk_size: int = DEFAULT_CHUNK, compression: str = "none",
-                fingerprint: str = DEFAULT_FINGERPRINT) -> DedupPoolConfig:
+                fingerprint: str = DEFAULT_FINGERPRINT, journal: int = 0) -> DedupPoolConfig:
     """Create a pool in directory `path` (created if missing; must hold no pool yet), with its
     empty index. Raises ConfigError for a bad name/capacity/threshold/chunk size/compression/
-    fingerprint, a pool there already, or a capacity the file system cannot hold.
+    fingerprint/journal size, a pool there already, or a capacity the file system cannot hold.
+    `journal`: bytes of the write journal (journal.py; 0: none), made at the first open.
 
     A directory whose pool.json is gone but whose index is whole (`_connect` opens it) gets
     its pool.json back instead, written from the index (`_pool_json_from_index`): no data
@@ -1991,6 +2121,7 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
     if fingerprint not in FINGERPRINTS:
         raise ConfigError(f"{path}: fingerprint {fingerprint!r}: expected one of "
                           f"{', '.join(FINGERPRINTS)}")
+    _check_journal(path, journal)
     make_private_dirs(path)
     path = os.path.realpath(path)
     with _config_lock(path):
@@ -1998,7 +2129,7 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
             raise ConfigError(f"{path}: a pool already exists here")
         if _has_schema(os.path.join(path, DB_FILE)):
             config = _pool_json_from_index(path, DedupPoolConfig(
-                name, capacity, soft_threshold, chunk_size, compression, fingerprint))
+                name, capacity, soft_threshold, chunk_size, compression, fingerprint, journal))
             write_json(os.path.join(path, POOL_FILE), config.to_doc(), indent=2)
             return config
         containers = os.path.join(path, CONTAINER_DIR)
@@ -2018,7 +2149,7 @@ def create_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
         finally:
             db.close()
         config = DedupPoolConfig(name, capacity, soft_threshold, chunk_size, compression,
-                                 fingerprint)
+                                 fingerprint, journal)
         # pool.json last: a pool exists once its index does.
         write_json(os.path.join(path, POOL_FILE), config.to_doc(), indent=2)
     return config
@@ -2090,17 +2221,19 @@ def declaration_mismatches(current: DedupPoolConfig, name: str, chunk_size: int,
 
 def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None = 80,
                 chunk_size: int = DEFAULT_CHUNK, compression: str = "none",
-                fingerprint: str | None = None) -> DedupPoolConfig:
+                fingerprint: str | None = None, journal: int = 0) -> DedupPoolConfig:
     """Make the pool at `path` match a declaration: create it, or update its capacity, soft
-    threshold and compression (the live pool's if open here). The chunk size and fingerprint
+    threshold, compression and journal size (the live pool's if open here; a journal size
+    takes effect at the pool's next open). The chunk size and fingerprint
     of an existing pool cannot change: a different one is a ConfigError (`fingerprint` None:
     `DEFAULT_FINGERPRINT` for a new pool, whatever an existing one has)."""
     real = os.path.realpath(path)
     if not os.path.exists(os.path.join(real, POOL_FILE)):
         return create_pool(path, name, capacity, soft_threshold, chunk_size, compression,
-                           DEFAULT_FINGERPRINT if fingerprint is None else fingerprint)
+                           DEFAULT_FINGERPRINT if fingerprint is None else fingerprint, journal)
     _check_pool_args(real, capacity, soft_threshold, chunk_size)
     _check_compression(real, compression)
+    _check_journal(real, journal)
     with _open_pools_lock:
         live = _open_pools.get(real)
     current = live.config if live is not None else load_pool_config(real)
@@ -2123,11 +2256,13 @@ def ensure_pool(path: str, name: str, capacity: int, soft_threshold: int | None 
             live.set_soft_threshold(soft_threshold)
         if live.config.compression != compression:
             live.set_compression(compression)
+        if live.config.journal != journal:
+            live.set_journal(journal)
         return live.config
     with _config_lock(real):
         config = load_pool_config(real)
         new = replace(config, capacity=capacity, soft_threshold=soft_threshold,
-                      compression=compression)
+                      compression=compression, journal=journal)
         if new != config:
             write_json(where, new.to_doc(), indent=2)
     return new

@@ -10,7 +10,9 @@ So the cut is simulated here at the level the pool's ordering rules speak of:
 - what a cut leaves: each container file as of its last fdatasync (unsynced appends dropped),
   only the container files whose directory entry was fsync'd, and the SQLite files as they are
   (SQLite's own crash safety is trusted: synchronous=FULL makes a returned COMMIT durable, and a
-  transaction without its commit frame is ignored by recovery).
+  transaction without its commit frame is ignored by recovery); the write journal (a pool
+  that has one) as of its last fdatasync with each write since then dropped, kept or kept in
+  part (a torn record), at random.
 
 At each point the cut pool is copied aside and then checked as the next daemon would find it:
 `check_pool` reports no problem (leaks allowed: they are what a cut leaves), opening it
@@ -32,11 +34,13 @@ from typing import Any
 
 import pytest
 
-from tcmu_py.handlers.dedup import DedupPool, check_pool, create_pool
+from tcmu_py.handlers.dedup import DedupPool, check_pool, create_pool, journal, store
+from tcmu_py.handlers.dedup.journal import JOURNAL_FILE
 from tcmu_py.handlers.dedup.store import CONTAINER_DIR, DB_FILE, POOL_FILE
 
 BS = 512
 CS = 4096
+BPC = CS // BS
 SIZE = 10 * CS
 NBLOCKS = SIZE // BS
 
@@ -44,9 +48,16 @@ NBLOCKS = SIZE // BS
 class CutMachine:
     """Keeps what is durable of the containers and calls `on_point` at every crash point."""
 
-    def __init__(self, pool_dir: str, on_point: Callable[[str], None]) -> None:
+    def __init__(self, pool_dir: str, on_point: Callable[[str], None],
+                 rng: random.Random | None = None) -> None:
         self.dir = pool_dir
         self.cdir = os.path.join(pool_dir, CONTAINER_DIR)
+        self.journal = os.path.join(pool_dir, JOURNAL_FILE)
+        self.rng = rng or random.Random(0)
+        #: The journal's durable bytes, and the writes to it since its last fdatasync.
+        self.journal_durable = (Path(self.journal).read_bytes() if os.path.exists(self.journal)
+                                else None)
+        self.journal_unsynced: list[tuple[int, bytes]] = []
         self.on_point = on_point
         self.busy = False
         self.points = 0
@@ -81,6 +92,8 @@ class CutMachine:
 
         def pwritev(fd: int, buffers: Any, offset: int) -> int:
             n: int = real["pwritev"](fd, buffers, offset)
+            if not self.busy and self._path(fd) == self.journal:
+                self.journal_unsynced.append((offset, b"".join(bytes(b) for b in buffers)[:n]))
             self.point("pwritev")
             return n
 
@@ -91,6 +104,9 @@ class CutMachine:
                     path = self._path(fd)
                     if path == self.cdir:
                         self.entries = set(os.listdir(self.cdir))
+                    elif path == self.journal:
+                        self.journal_durable = Path(path).read_bytes()
+                        self.journal_unsynced.clear()
                     elif os.path.dirname(path) == self.cdir:
                         self.durable[os.path.basename(path)] = Path(path).read_bytes()
                 self.point(kind)
@@ -120,6 +136,12 @@ class CutMachine:
                 shutil.copyfile(src, os.path.join(dest, name))
         for name in self.entries:
             Path(dest, CONTAINER_DIR, name).write_bytes(self.durable.get(name, b""))
+        if self.journal_durable is not None:
+            data = bytearray(self.journal_durable)
+            for offset, written in self.journal_unsynced:
+                keep = self.rng.choice([0, len(written), self.rng.randrange(len(written) + 1)])
+                data[offset : offset + keep] = written[:keep]
+            Path(dest, JOURNAL_FILE).write_bytes(data)
 
 
 class CommitPoints:
@@ -147,10 +169,16 @@ def pattern(seed: int, n: int) -> list[bytes]:
 
 
 def run_workload(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch,
-                 compression: str = "none", fingerprint: str = "xxh3-128") -> int:
+                 compression: str = "none", fingerprint: str = "xxh3-128",
+                 journal_bytes: int = 0) -> int:
+    """`journal_bytes`: the pool's write journal (0: none); half the writes are then of whole
+    chunks (what it takes), and it wraps often (records of at most 2 chunks in 32 KiB)."""
     rng = random.Random(seed)
     pool_dir = str(tmp / "pool")
-    create_pool(pool_dir, "crash", 1 << 24, compression=compression, fingerprint=fingerprint)
+    monkeypatch.setattr(store, "is_journal_size", lambda v: isinstance(v, int) and v >= 0)
+    monkeypatch.setattr(journal.Journal, "background", False)  # drained at known points
+    create_pool(pool_dir, "crash", 1 << 24, compression=compression, fingerprint=fingerprint,
+                journal=journal_bytes)
     # For each disk and block: the value as of the last completed flush, and the values written
     # since (any of them may survive a cut).
     flushed = {d: [bytes(BS)] * NBLOCKS for d in "ab"}
@@ -176,7 +204,7 @@ def run_workload(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch,
         shutil.rmtree(dest)
 
     pool = DedupPool.open(pool_dir, container_bytes=4 * CS)
-    machine = CutMachine(pool_dir, check_cut)
+    machine = CutMachine(pool_dir, check_cut, random.Random(seed))
     disks = {"a": pool.open_disk("a", SIZE, block_size=BS, write_cache=True),
              "b": pool.open_disk("b", SIZE, block_size=BS, write_cache=False)}
     pool._db = CommitPoints(pool._db, machine)  # type: ignore[assignment]
@@ -195,6 +223,9 @@ def run_workload(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch,
                              [6, 2, 2, 2, 1])[0]
             lba = rng.randrange(NBLOCKS)
             n = rng.randint(1, min(NBLOCKS - lba, 12))
+            if journal_bytes and op == "write" and rng.random() < 0.5:
+                lba, n = lba - lba % BPC, BPC
+                lba = min(lba, NBLOCKS - BPC)
             if op == "flush":
                 disk.flush()  # a commit makes both disks durable
                 settle("a")
@@ -229,17 +260,22 @@ def run_workload(tmp: Path, seed: int, monkeypatch: pytest.MonkeyPatch,
         settle("b")
     finally:
         monkeypatch.undo()
+        # The commits of the close are crash points too: their cuts are opened with the
+        # journal's size allowed.
+        monkeypatch.setattr(store, "is_journal_size", lambda v: isinstance(v, int) and v >= 0)
         for disk in disks.values():
             disk.close()
         pool.close()
     return machine.points
 
 
-@pytest.mark.parametrize(("seed", "compression", "fingerprint"),
-                         [(1, "none", "xxh3-128"), (2, "none", "xxh3-128"),
-                          (3, "none", "sha256"), (4, "zstd", "xxh3-128")])
+@pytest.mark.parametrize(("seed", "compression", "fingerprint", "journal_bytes"),
+                         [(1, "none", "xxh3-128", 0), (2, "none", "xxh3-128", 0),
+                          (3, "none", "sha256", 0), (4, "zstd", "xxh3-128", 0),
+                          (5, "none", "xxh3-128", 32 << 10), (6, "none", "xxh3-128", 32 << 10),
+                          (7, "zstd", "xxh3-128", 32 << 10)])
 def test_power_cut_at_every_write_point(tmp_path: Path, seed: int, compression: str,
-                                        fingerprint: str,
+                                        fingerprint: str, journal_bytes: int,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    points = run_workload(tmp_path, seed, monkeypatch, compression, fingerprint)
+    points = run_workload(tmp_path, seed, monkeypatch, compression, fingerprint, journal_bytes)
     assert points > 40  # the workload reached many write points

@@ -1,0 +1,660 @@
+"""A dedup pool's write journal: whole-chunk WRITEs acknowledged after one append, deduplicated
+into the index afterwards (post-process deduplication).
+
+Why: an inline write pays, per 4 KiB chunk, a fingerprint, an index lookup and SQLite rows (a
+chunk row with its fingerprint and container index entries, a map row, a reference count)
+before it is acknowledged: 0.07-0.10x a raw disk's 1 MiB writes in the lab
+(docs/benchmarks.md). With a journal a WRITE costs one ``pwritev`` into space that is already
+allocated (and one ``fdatasync`` without write cache); a background thread (the *drainer*)
+does the deduplication when writes pause or the journal is half full. Sustained writes longer
+than the journal run at the drainer's speed; bursts shorter than it at the append's.
+
+Rules this file obeys
+---------------------
+* ``journal.dat`` in the pool's directory (0600), made whole at the pool's open (zeros
+  written, so an append overwrites allocated blocks), of the pool's ``journal`` bytes
+  (pool.json; a new size is taken at an open that finds the journal empty). A circular log of
+  *records*, each a `HEADER` of 64 bytes and the data of ``count`` whole chunks of one disk::
+
+      magic  8s  b"TCMUJNL1"     seq    u64   the record's number (+1 per record)
+      epoch  u32 (see below)     disk   u64   the disk's id in the index
+      flags  u32 (0)             first  u64   the first chunk's index
+      count  u32 chunks          (4 bytes zero)
+      sum    u64 XXH3-64 of the header's first 48 bytes and the data; 8 bytes zero
+
+  A record lies where the previous one ends, or at 0 when it would pass the file's end.
+* The index's ``meta`` holds ``journal_pos``, ``journal_seq`` and ``journal_epoch``: where the
+  first record not yet in the index lies, its number, and the epoch records of this open carry.
+  A drain puts records' chunks into the pool's transaction (`DedupPool.put`, ``journaled``)
+  and moves ``journal_pos``/``journal_seq`` past them in the same transaction: "in the index"
+  and "behind the tail" are one committed fact, and a record's space is written again only
+  after that commit.
+
+Crash ordering
+--------------
+1. A record is written whole before its chunks are visible to a read (the overlay, the native
+   loop's chunk table) and before the WRITE is acknowledged; without write cache the journal
+   is fdatasync'd first, after every record numbered before it is written too (`sync`): replay
+   stops at the first record that is not whole, so a durable record needs whole ones before it.
+2. SYNCHRONIZE CACHE and FUA (`DedupBackend.flush`) fdatasync the journal the same way, then
+   commit the pool (the writes that went to the index directly).
+3. Replay (the pool's open): from ``journal_pos`` expecting ``journal_seq``, take each record
+   whose magic, epoch, number and checksum hold (trying offset 0 when the one at the position
+   does not: the writer wrapped), put it into the index, stop at the first that does not hold,
+   and commit with the tail past the last one taken. Putting a record already in the index
+   again changes nothing, so a replay that is itself interrupted is safe to repeat.
+4. Every open then takes a new epoch (committed before any record is written): records an
+   earlier open wrote never match again, wherever they lie and whatever their number, so stale
+   bytes past the end of a replay can never be taken for a record of this one.
+5. A record whose write failed is never drained (its bytes are unknown) and the chain after it
+   is broken for replay: `sync` then drains everything written into the index (committed)
+   before it reports anything durable.
+
+What else holds
+---------------
+* Reads: a chunk whose newest write is in the journal is read from there (the *overlay*:
+  (disk, chunk) -> record number and offset); the drainer removes an entry only after the
+  commit that put its record in the index, and only if no newer record wrote the chunk since.
+  A Python read reads the index, then the overlay, and reads again if entries were removed in
+  between (`removals`). The native loop's chunk table names the journal for such chunks; the
+  pool tells it index locations only for chunks the overlay does not hold (`tell_table`).
+* Space: journaled chunks count against the pool's capacity as if unique (`reserved`) until
+  drained; a WRITE they would not fit goes to the index directly (which decides exactly).
+* Every command other than a whole-chunk WRITE (a part of a chunk, UNMAP, WRITE SAME, GET LBA
+  STATUS, a disk's removal) first drains every record written before it (`drain_all`), so it
+  works on the index alone; records written while it runs are newer and stay on top.
+
+Threads and locks: ``_mu`` (a Condition) guards the records, the overlay and the tables'
+journal entries; ``_drain_mu`` makes one drain at a time. The order is: the pool's lock before
+``_mu``; ``_drain_mu`` before both; nothing takes the pool's lock while holding ``_mu``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from tcmu_py.threadname import name_os_thread
+
+if TYPE_CHECKING:
+    from tcmu_py.backend import ChunkTable
+
+    from .store import DedupPool
+
+log = logging.getLogger(__name__)
+
+JOURNAL_FILE = "journal.dat"
+MAGIC = b"TCMUJNL1"
+_HEAD = struct.Struct("<8sIIQQQI4x")  # 48 bytes: magic, epoch, flags, seq, disk, first, count
+HEADER = 64
+_SUM = struct.Struct("<Q8x")
+#: The drainer starts once writes have paused this long, or the journal is half full.
+IDLE_SECONDS = 0.1
+#: Data one drain step puts into the index before it commits (the pool's lock is held that long).
+STEP_BYTES = 2 << 20
+#: The longest a WRITE waits for room in the journal (drained by itself meanwhile), and the
+#: longest `drain_all` waits for records being written.
+WAIT_SECONDS = 20.0
+_IDX_BITS = 48  # as store.py's map cache keys
+
+
+@dataclass
+class _Record:
+    seq: int
+    pos: int  # of its header
+    did: int
+    first: int
+    count: int
+    end: int  # pos + HEADER + data
+    done: bool = False  # written whole (or failed: void)
+    void: bool = False  # its write failed: never drained
+
+
+def _checksum(head: bytes, data: Sequence[bytes | memoryview]) -> bytes:
+    h = xxhash.xxh3_64(head)
+    for piece in data:
+        h.update(piece)
+    return _SUM.pack(h.intdigest())
+
+
+def pack_header(epoch: int, seq: int, did: int, first: int, count: int,
+                data: Sequence[bytes | memoryview]) -> bytes:
+    """A record's header for `data` (`count` whole chunks)."""
+    head = _HEAD.pack(MAGIC, epoch, 0, seq, did, first, count)
+    return head + _checksum(head, data)
+
+
+def unpack_header(raw: bytes) -> tuple[int, int, int, int, int] | None:
+    """(epoch, seq, disk, first, count) of a header that has the magic; None if not."""
+    if len(raw) < HEADER:
+        return None
+    magic, epoch, _flags, seq, did, first, count = _HEAD.unpack_from(raw)
+    return None if magic != MAGIC else (epoch, seq, did, first, count)
+
+
+class Journal:
+    """A pool's open write journal (`DedupPool.journal`). Made by `open_journal`."""
+
+    #: Whether `start` runs the drainer thread (tests turn it off to drain at known points
+    #: only: when the journal is full, before other commands, at close).
+    background = True
+
+    def __init__(self, pool: DedupPool, fd: int, size: int, epoch: int, pos: int,
+                 seq: int) -> None:
+        self.pool = pool
+        self.fd = fd
+        self.size = size
+        self.chunk_size = pool.chunk_size
+        self._epoch = epoch
+        self._mu = threading.Condition(threading.Lock())
+        self._drain_mu = threading.Lock()
+        self._records: collections.deque[_Record] = collections.deque()
+        self._drained = 0  # records at the front of `_records` put into the open transaction
+        self._tail = pos  # where the next record goes when none is held
+        self._next_seq = seq
+        self._tail_seq = seq  # the first record not committed to the index
+        self._written_seq = seq  # every record before it is written whole (or void)
+        self._synced_seq = seq  # every record before it is durable
+        self._overlay: dict[int, tuple[int, int]] = {}  # key -> (seq, offset of its bytes)
+        self.reserved = 0  # bytes of undrained records' chunks (count against the capacity)
+        self.removals = 0  # overlay removals so far (a Python read re-reads when it moves)
+        self._last_append = 0.0
+        self._voids = 0
+        self.wraps = 0  # records placed at 0 because they would have passed the end
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Figures
+
+    @property
+    def pending(self) -> int:
+        """Bytes of chunks written to the journal and not yet committed to the index."""
+        with self._mu:
+            return sum(r.count for r in self._records) * self.chunk_size
+
+    def _used(self) -> int:
+        if not self._records:
+            return 0
+        tail, head = self._records[0].pos, self._records[-1].end
+        return head - tail if head > tail else self.size - tail + head
+
+    # ------------------------------------------------------------------------------------------
+    # Writing
+
+    def append(self, did: int, first: int, data: Sequence[memoryview], *,
+               durable: bool) -> bool:
+        """Write chunks ``first..`` of disk `did` (`data`: whole chunks, back to back) as one
+        record and make them what reads return; with `durable` make it durable first. False
+        (nothing done) if the record cannot go to the journal (larger than a quarter of it, or
+        its chunks would not fit in the pool's capacity): the caller writes to the index.
+        OSError if the write fails (the chunks keep their old bytes)."""
+        cs = self.chunk_size
+        nbytes = sum(v.nbytes for v in data)
+        count = nbytes // cs
+        need = HEADER + nbytes
+        if need > self.size // 4 or not count:
+            return False
+        deadline = time.monotonic() + WAIT_SECONDS
+        with self._mu:
+            while True:
+                if not self.pool.room_for(self.reserved + nbytes):
+                    return False
+                pos = self._place(need)
+                if pos is not None:
+                    break
+                self._mu.release()
+                try:  # full: drain in this thread (writes then run at the drainer's speed)
+                    if time.monotonic() > deadline:
+                        raise OSError(errno.EIO, f"pool {self.pool.name}: the write journal "
+                                      f"stayed full for {WAIT_SECONDS:.0f} s")
+                    if not self._drain_step(wait=True):
+                        time.sleep(0.01)
+                finally:
+                    self._mu.acquire()
+            rec = _Record(self._next_seq, pos, did, first, count, pos + need)
+            self._next_seq += 1
+            self._records.append(rec)
+            self.reserved += nbytes
+            self._last_append = time.monotonic()
+            epoch = self._epoch
+        try:
+            head = pack_header(epoch, rec.seq, did, first, count, data)
+            pieces: list[bytes | memoryview] = [head, *data]
+            at, total = pos, need
+            while total:
+                n = os.pwritev(self.fd, pieces, at)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write to the journal")
+                at, total = at + n, total - n
+                pieces = _advance(pieces, n)
+        except BaseException:
+            with self._mu:
+                rec.done = rec.void = True
+                self._voids += 1
+                self._advance_written()
+                self._mu.notify_all()
+            raise
+        with self._mu:  # visible and drainable at once: a drain finds its overlay entries
+            self._show(rec)
+            rec.done = True
+            self._advance_written()
+            self._mu.notify_all()
+        if durable:
+            self.sync(rec.seq + 1)
+        return True
+
+    def _place(self, need: int) -> int | None:
+        """Where a record of `need` bytes goes now, or None if the journal has no room (`_mu`
+        held)."""
+        if not self._records:
+            head = self._tail
+            if head + need <= self.size:
+                return head
+            self.wraps += 1
+            return 0
+        tail, head = self._records[0].pos, self._records[-1].end
+        if head > tail:  # one run from tail to head: room after it, or before the tail
+            if head + need <= self.size:
+                return head
+            if need > tail:
+                return None
+            self.wraps += 1
+            return 0
+        return head if head + need <= tail else None  # wrapped: room between head and tail
+
+    def _advance_written(self) -> None:
+        seq = self._written_seq
+        for rec in self._records:
+            if rec.seq < seq:
+                continue
+            if rec.seq != seq or not rec.done:
+                break
+            seq += 1
+        self._written_seq = max(seq, self._written_seq)
+
+    def _show(self, rec: _Record) -> None:
+        """Make the record's chunks what reads return (the overlay and the chunk table), each
+        unless a newer record wrote it already (`_mu` held)."""
+        cs, base = self.chunk_size, rec.did << _IDX_BITS
+        at = rec.pos + HEADER
+        idxs: list[int] = []
+        offs: list[int] = []
+        overlay = self._overlay
+        for k in range(rec.count):
+            key = base | (rec.first + k)
+            old = overlay.get(key)
+            if old is None or old[0] < rec.seq:
+                overlay[key] = (rec.seq, at + k * cs)
+                idxs.append(rec.first + k)
+                offs.append(at + k * cs)
+        table = self.pool.table_of(rec.did)
+        if table is not None and idxs:
+            table.set(idxs, [self.fd] * len(idxs), offs)
+
+    def sync(self, upto: int | None = None) -> None:
+        """Make every record numbered before `upto` (all written so far: None) durable: wait
+        until each is written whole, then fdatasync. With a record whose write failed among
+        them, drain them all into the index instead (rule 5)."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        with self._mu:
+            target = self._next_seq if upto is None else upto
+            if self._synced_seq >= target:
+                return
+            while self._written_seq < target:
+                if not self._mu.wait(max(0.0, deadline - time.monotonic())):
+                    raise OSError(errno.EIO, f"pool {self.pool.name}: journal records not "
+                                  f"written after {WAIT_SECONDS:.0f} s")
+            voids = self._voids
+        if voids:
+            self.drain_all(target)
+            return
+        os.fdatasync(self.fd)
+        with self._mu:
+            self._synced_seq = max(self._synced_seq, target)
+
+    # ------------------------------------------------------------------------------------------
+    # Reading
+
+    def patch(self, did: int, offset: int, view: memoryview, removals: int) -> bool:
+        """Put into `view` (disk `did`'s bytes from `offset`, read from the index) the chunks
+        whose newest bytes are in the journal. False (nothing done) if overlay entries were
+        removed since `removals` was read: the index may have changed under the read, read
+        again."""
+        cs = self.chunk_size
+        end = offset + view.nbytes
+        base = did << _IDX_BITS
+        with self._mu:
+            if self.removals != removals:
+                return False
+            overlay = self._overlay
+            if not overlay:
+                return True
+            for idx in range(offset // cs, -(-end // cs)):
+                hit = overlay.get(base | idx)
+                if hit is None:
+                    continue
+                a, b = max(idx * cs, offset), min((idx + 1) * cs, end)
+                _pread_into(self.fd, view[a - offset : b - offset], hit[1] + a - idx * cs)
+            return True
+
+    def tell_table(self, did: int, table: ChunkTable, idxs: Sequence[int],
+                   fds: Sequence[int], offs: Sequence[int]) -> None:
+        """`table.set` for the entries of chunks the overlay does not hold (the pool's lock
+        held): an index location must not replace a journal one that is newer."""
+        base = did << _IDX_BITS
+        with self._mu:
+            overlay = self._overlay
+            if overlay:
+                keep = [k for k, idx in enumerate(idxs) if base | idx not in overlay]
+                if len(keep) != len(idxs):
+                    idxs = [idxs[k] for k in keep]
+                    fds = [fds[k] for k in keep]
+                    offs = [offs[k] for k in keep]
+            if idxs:
+                table.set(idxs, fds, offs)
+
+    def steady(self) -> threading.Lock:
+        """Held, no drain moves records into the index (a read that raced drains thrice)."""
+        return self._drain_mu
+
+    # ------------------------------------------------------------------------------------------
+    # Draining
+
+    def drain_all(self, upto: int | None = None) -> None:
+        """Put every record numbered before `upto` (all written so far: None) into the index
+        and commit. OSError if that fails (the records stay in the journal)."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        with self._mu:
+            target = self._next_seq if upto is None else upto
+        while True:
+            with self._mu:
+                if self._tail_seq >= target:
+                    return
+            if time.monotonic() > deadline:
+                raise OSError(errno.EIO, f"pool {self.pool.name}: the write journal could not "
+                              f"be drained in {WAIT_SECONDS:.0f} s")
+            self._drain_step(wait=True, upto=target)
+
+    def _drain_step(self, *, wait: bool, upto: int | None = None) -> bool:
+        """Put the next written records (up to `STEP_BYTES` of data, before `upto`) into the
+        index, commit with the tail past them, then drop their overlay entries. `wait`: wait
+        for the next record being written rather than return. True if it drained any."""
+        with self._drain_mu:
+            deadline = time.monotonic() + WAIT_SECONDS
+            with self._mu:
+                while True:
+                    batch = self._next_batch(upto)
+                    if batch or not wait or not self._pending_before(upto):
+                        break
+                    if not self._mu.wait(max(0.0, deadline - time.monotonic())):
+                        raise OSError(errno.EIO, f"pool {self.pool.name}: journal records not"
+                                      f" written after {WAIT_SECONDS:.0f} s")
+            if not batch:
+                return False
+            items = [(rec, None if rec.void else self._read(rec)) for rec in batch]
+            end = batch[-1]
+            tail_pos = end.end
+            self.pool.put_journaled(items, tail_pos, end.seq + 1, self._commit_done)
+            return True
+
+    def _pending_before(self, upto: int | None) -> bool:
+        first = self._tail_seq
+        last = self._next_seq if upto is None else upto
+        return first < last and any(r.seq < last for r in self._records)
+
+    def _next_batch(self, upto: int | None) -> list[_Record]:
+        """Written records from the front of those not yet committed, up to `STEP_BYTES` of
+        data (at least one) and before `upto` (`_mu` held)."""
+        batch: list[_Record] = []
+        nbytes = 0
+        for rec in self._records:
+            if not rec.done or (upto is not None and rec.seq >= upto):
+                break
+            if batch and nbytes + rec.count * self.chunk_size > STEP_BYTES:
+                break
+            batch.append(rec)
+            nbytes += rec.count * self.chunk_size
+        return batch
+
+    def _read(self, rec: _Record) -> bytes:
+        n = rec.count * self.chunk_size
+        data = bytearray(n)
+        _pread_into(self.fd, memoryview(data), rec.pos + HEADER)
+        return bytes(data)
+
+    def _commit_done(self, drained: Sequence[_Record], locate: dict[int, tuple[int, int]]
+                     ) -> None:
+        """After the commit that put `drained` into the index (the pool's lock held): drop
+        their overlay entries that no newer record replaced, point the chunk tables at the
+        chunks' index locations (`locate`: key -> (fd, offset), -1 zeros, -2 unknown), free
+        their space."""
+        with self._mu:
+            overlay = self._overlay
+            per_disk: dict[int, tuple[list[int], list[int], list[int]]] = {}
+            mask = (1 << _IDX_BITS) - 1
+            for rec in drained:
+                base = rec.did << _IDX_BITS
+                for k in range(rec.count):
+                    key = base | (rec.first + k)
+                    hit = overlay.get(key)
+                    if hit is not None and hit[0] == rec.seq:
+                        del overlay[key]
+                        fd, off = locate.get(key, (-2, 0))
+                        idxs, fds, offs = per_disk.setdefault(rec.did, ([], [], []))
+                        idxs.append(key & mask)
+                        fds.append(fd)
+                        offs.append(off)
+                self.reserved -= rec.count * self.chunk_size
+                if rec.void:
+                    self._voids -= 1
+            for did, (idxs, fds, offs) in per_disk.items():
+                table = self.pool.table_of(did)
+                if table is not None:
+                    table.set(idxs, fds, offs)
+            self.removals += 1
+            for _ in drained:
+                rec = self._records.popleft()
+                self._tail = rec.end
+                self._tail_seq = rec.seq + 1
+            self._mu.notify_all()
+
+    # ------------------------------------------------------------------------------------------
+    # The drainer thread
+
+    def start(self) -> None:
+        if not self.background:
+            return
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"dedup-journal-{self.pool.name}")
+        self._thread.start()
+
+    def _due(self) -> bool:
+        """Whether the drainer should run now (`_mu` held): written records wait and writes
+        paused, the journal is half full, or it is stopping."""
+        if not self._records or not self._records[0].done:
+            return False
+        if self._stopping or self._used() * 2 >= self.size:
+            return True
+        return time.monotonic() - self._last_append >= IDLE_SECONDS
+
+    def _run(self) -> None:
+        name_os_thread(f"dedup-jnl:{self.pool.name}")
+        while True:
+            with self._mu:
+                while not self._stopping and not self._due():
+                    self._mu.wait(IDLE_SECONDS)
+                if self._stopping:
+                    return
+            try:
+                self._drain_step(wait=False)
+            except Exception as exc:  # noqa: BLE001 - the records stay; retried
+                log.error("pool %s: draining the write journal failed (%s); the writes stay "
+                          "in the journal and are retried", self.pool.name, exc)
+                with self._mu:
+                    self._mu.wait(1.0)
+
+    def close(self) -> None:
+        """Stop the drainer, drain everything into the index, close the file."""
+        with self._mu:
+            self._stopping = True
+            self._mu.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        try:
+            self.drain_all()
+        finally:
+            os.close(self.fd)
+
+
+def _advance(pieces: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
+    """`pieces` without their first `n` bytes."""
+    out: list[bytes | memoryview] = []
+    for piece in pieces:
+        if n >= len(piece):
+            n -= len(piece)
+            continue
+        out.append(memoryview(piece)[n:] if n else piece)
+        n = 0
+    return out
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    got = 0
+    while got < view.nbytes:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if not n:
+            raise OSError(errno.EIO, f"the write journal ends at {offset + got}")
+        got += n
+
+
+def open_journal(pool: DedupPool) -> Journal | None:
+    """Replay ``journal.dat`` into the index (rule 3), then open it for writing with a new epoch
+    (rule 4) at the pool's configured size (made, or made again at a new size, once empty).
+    None if the pool has no journal; a file left by one is replayed and removed."""
+    file = os.path.join(pool.path, JOURNAL_FILE)
+    want = pool.config.journal
+    pos, seq, epoch = pool.journal_meta()
+    fd: int | None
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        fd = None
+    if fd is not None:
+        try:
+            size = os.fstat(fd).st_size
+            pos, seq = _replay(pool, fd, size, pos, seq, epoch)
+        except BaseException:
+            os.close(fd)
+            raise
+        if size != want:  # every record is in the index: the file can go
+            os.close(fd)
+            fd = None
+            os.unlink(file)
+            _fsync_dir(pool.path)
+            pos = 0
+    if not want:
+        pool.set_journal_meta(pos, seq, epoch)
+        return None
+    if fd is None:
+        fd = _make_file(file, want)
+        pos = 0
+    try:
+        epoch += 1
+        pool.set_journal_meta(pos % want, seq, epoch)  # before any record of the new epoch
+        return Journal(pool, fd, want, epoch, pos % want, seq)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _replay(pool: DedupPool, fd: int, size: int, pos: int, seq: int, epoch: int
+            ) -> tuple[int, int]:
+    """Put the records from (`pos`, `seq`) into the index, committing as it goes; where the
+    next record would lie and its number."""
+    batch: list[tuple[_Record, bytes | None]] = []
+    nbytes = applied = 0
+    while True:
+        found = _read_record(fd, size, pos, seq, epoch, pool.chunk_size)
+        if found is None:
+            break
+        rec, data = found
+        batch.append((rec, data))
+        nbytes += len(data)
+        applied += 1
+        pos, seq = rec.end, rec.seq + 1
+        if nbytes >= STEP_BYTES:
+            pool.put_journaled(batch, pos, seq, None)
+            batch, nbytes = [], 0
+    if batch:
+        pool.put_journaled(batch, pos, seq, None)
+    if applied:
+        log.warning("pool %s: replayed %d write(s) from the write journal into the index",
+                    pool.name, applied)
+    return pos, seq
+
+
+def _read_record(fd: int, size: int, pos: int, seq: int, epoch: int, chunk_size: int
+                 ) -> tuple[_Record, bytes] | None:
+    """The record numbered `seq` of `epoch`, at `pos` or (the writer wrapped) at 0, if it is
+    whole; None if not (the journal ends before it)."""
+    for at in (pos, 0) if pos else (0,):
+        if at + HEADER > size:
+            continue
+        raw = os.pread(fd, HEADER, at)
+        head = unpack_header(raw)
+        if head is None or head[0] != epoch or head[1] != seq:
+            continue
+        _, _, did, first, count = head
+        n = count * chunk_size
+        if not count or at + HEADER + n > size:
+            continue
+        data = bytearray(n)
+        try:
+            _pread_into(fd, memoryview(data), at + HEADER)
+        except OSError:
+            continue
+        if _checksum(raw[:_HEAD.size], [memoryview(data)]) != raw[_HEAD.size : HEADER]:
+            continue
+        return _Record(seq, at, did, first, count, at + HEADER + n, done=True), bytes(data)
+    return None
+
+
+def _make_file(file: str, size: int) -> int:
+    """A journal file of `size` zero bytes, written (allocated) and durable."""
+    tmp = file + ".tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        zeros = bytes(1 << 20)
+        for at in range(0, size, len(zeros)):
+            os.pwrite(fd, zeros[: min(len(zeros), size - at)], at)
+        os.fsync(fd)
+        os.rename(tmp, file)
+        _fsync_dir(os.path.dirname(file))
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return fd
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
