@@ -1,0 +1,237 @@
+"""A dedup pool's write journal (handlers/dedup/journal.py): replay after a cut, epochs, a
+torn record, its size changing, the capacity it reserves, a failed append, and writers racing
+the drainer thread. The crash-point and model tests (test_dedup_crash.py, test_dedup_model.py)
+run with a journal too."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tcmu_py.scsi.sense import SpaceAllocationFailed
+from tcmu_py.handlers.dedup import DedupPool, check_pool, create_pool, ensure_pool
+from tcmu_py.handlers.dedup import journal
+from tcmu_py.handlers.dedup.journal import HEADER, JOURNAL_FILE
+from tcmu_py.handlers.dedup.store import POOL_FILE
+
+CS = 4096
+MIB = 1 << 20
+SIZE = 64 * CS
+
+
+@pytest.fixture(autouse=True)
+def no_drainer(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Drained at known points only (full, before other commands, at close), unless a test
+    starts the thread itself."""
+    monkeypatch.setattr(journal.Journal, "background", False)
+    yield
+
+
+def chunk(seed: int) -> bytes:
+    return random.Random(seed).randbytes(CS)
+
+
+def cut(pool_dir: str, dest: str) -> str:
+    """What a power cut now leaves, for a pool whose files are all in the page cache (tmpfs):
+    every file as it is, without the lock."""
+    shutil.copytree(pool_dir, dest, ignore=shutil.ignore_patterns(".lock"))
+    return dest
+
+
+def read_disk(pool: DedupPool, name: str) -> bytes:
+    disk = pool.open_disk(name, SIZE)
+    try:
+        buf = bytearray(SIZE)
+        disk.read(0, [memoryview(buf)])
+        return bytes(buf)
+    finally:
+        disk.close()
+
+
+def test_a_cut_replays_the_journal_and_a_torn_record_ends_it(tmp_path: Path) -> None:
+    """Writes acknowledged from the journal (never drained) are in the index after a cut; a
+    record torn by the cut ends the replay, and the records after it, though whole, are never
+    taken: not at that open, and not later, when the new epoch's records lie where they did
+    (the index would then hold an older write over a newer one)."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("d", SIZE, write_cache=True)
+        for k in range(6):  # records 1..6: chunk k gets chunk(k); then chunk 4 again (7)
+            disk.write(k * CS, [memoryview(chunk(k))])
+        disk.write(4 * CS, [memoryview(chunk(40))])
+        disk.flush()
+        assert pool.journal is not None and pool.journal.pending == 7 * CS
+        first = cut(src, str(tmp_path / "cut1"))
+        disk.close()
+    # Tear record 3 (chunk 2): the replay takes 1 and 2 only.
+    rec = HEADER + CS
+    jfile = Path(first, JOURNAL_FILE)
+    data = bytearray(jfile.read_bytes())
+    data[2 * rec + HEADER + 100] ^= 0xFF
+    jfile.write_bytes(data)
+    with DedupPool.open(first) as pool:
+        got = read_disk(pool, "d")
+        assert got[: 2 * CS] == chunk(0) + chunk(1)
+        assert got[2 * CS :] == bytes(SIZE - 2 * CS)  # records 3.. are not taken
+        # The next epoch's records start where record 3 lay, numbered 3, 4, ...: one the
+        # size of the torn one, so that its successor would lie where record 4 (of the old
+        # epoch, whole) does.
+        disk = pool.open_disk("d", SIZE, write_cache=True)
+        disk.write(3 * CS, [memoryview(chunk(33))])
+        disk.flush()
+        second = cut(first, str(tmp_path / "cut2"))
+        disk.close()
+    with DedupPool.open(second) as pool:
+        got = read_disk(pool, "d")
+    assert got[: 4 * CS] == chunk(0) + chunk(1) + bytes(CS) + chunk(33)
+    assert got[4 * CS :] == bytes(SIZE - 4 * CS), "an old epoch's record was replayed"
+    assert check_pool(second).clean
+    # The untouched pool drains at close: everything there.
+    with DedupPool.open(src) as pool:
+        got = read_disk(pool, "d")
+    assert got[: 6 * CS] == b"".join(chunk(k) for k in (0, 1, 2, 3, 40, 5))
+    assert check_pool(src).clean
+
+
+def test_the_journal_size_changes_at_the_next_open(tmp_path: Path) -> None:
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    jfile = Path(src, JOURNAL_FILE)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("d", SIZE, write_cache=True)
+        disk.write(0, [memoryview(chunk(1))])
+        disk.flush()
+        ensure_pool(src, "j", 256 * MIB, journal=8 * MIB)  # the live pool's: at the next open
+        assert jfile.stat().st_size == 4 * MIB
+        before = cut(src, str(tmp_path / "cut"))
+        disk.close()
+    with DedupPool.open(before) as pool:  # replayed with the old size, then made anew
+        assert Path(before, JOURNAL_FILE).stat().st_size == 8 * MIB
+        assert read_disk(pool, "d")[:CS] == chunk(1)
+    ensure_pool(src, "j", 256 * MIB, journal=0)
+    with DedupPool.open(src) as pool:
+        assert pool.journal is None and not jfile.exists()
+        assert read_disk(pool, "d")[:CS] == chunk(1)
+    assert '"version": 4' in Path(src, POOL_FILE).read_text()  # never lowered
+
+
+def test_journaled_chunks_count_against_the_capacity(tmp_path: Path) -> None:
+    """A write whose chunks would not fit were they all unique goes to the index, which
+    refuses it if they do not fit (SPACE ALLOCATION FAILED) and takes it if they are
+    duplicates; the pool never holds more than its capacity."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 16 * CS, soft_threshold=None, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("d", SIZE, write_cache=True)
+        for k in range(16):
+            disk.write(k * CS, [memoryview(chunk(k))])
+        assert pool.journal is not None and pool.journal.reserved == 16 * CS
+        with pytest.raises(SpaceAllocationFailed):
+            disk.write(16 * CS, [memoryview(chunk(16))])
+        disk.write(17 * CS, [memoryview(chunk(3))])  # a duplicate: fits
+        disk.flush()
+        assert pool.journal.pending == 0 and pool.used == 16 * CS
+        got = bytearray(SIZE)
+        disk.read(0, [memoryview(got)])
+        assert bytes(got[: 18 * CS]) == b"".join(chunk(k) for k in range(16)) + bytes(CS) + \
+            chunk(3)
+        disk.close()
+
+
+def test_a_failed_append_is_an_error_and_the_journal_goes_on(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """The WRITE whose append fails gets the error and leaves its chunk as it was; the next
+    SYNCHRONIZE CACHE drains the records around the failed one into the index (replay would
+    stop at it), and every other write is kept."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("d", SIZE, write_cache=True)
+        disk.write(0, [memoryview(chunk(0))])
+        real = os.pwritev
+        jfd = pool.journal.fd if pool.journal is not None else -1
+        fail = [True]
+
+        def pwritev(fd: int, bufs: Any, offset: int) -> int:
+            if fd == jfd and fail and fail.pop():
+                raise OSError(5, "injected")
+            return real(fd, bufs, offset)
+
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        with pytest.raises(OSError):
+            disk.write(CS, [memoryview(chunk(1))])
+        disk.write(2 * CS, [memoryview(chunk(2))])
+        disk.flush()
+        assert pool.journal is not None and pool.journal.pending == 0  # drained: rule 5
+        monkeypatch.undo()
+        expect = chunk(0) + bytes(CS) + chunk(2)
+        got = bytearray(3 * CS)
+        disk.read(0, [memoryview(got)])
+        assert bytes(got) == expect
+        after = cut(src, str(tmp_path / "cut"))
+        disk.close()
+    with DedupPool.open(after) as pool:
+        assert read_disk(pool, "d")[: 3 * CS] == expect
+
+
+def test_writers_racing_the_drainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four threads write whole and partial chunks to two disks of a pool with a small
+    journal while its drainer runs (and the writers drain it when full); every read during and
+    after matches what was written, and the pool checks clean."""
+    monkeypatch.setattr(journal.Journal, "background", True)
+    monkeypatch.setattr(journal, "IDLE_SECONDS", 0.001)
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    errors: list[BaseException] = []
+    models = {d: bytearray(SIZE) for d in "ab"}
+    with DedupPool.open(src) as pool:
+        disks = {d: pool.open_disk(d, SIZE, write_cache=d == "a") for d in "ab"}
+
+        def work(t: int) -> None:
+            rng = random.Random(t)
+            d = "ab"[t % 2]
+            disk, model = disks[d], models[d]
+            lo = (t // 2) * (SIZE // 2)  # each thread its own half of its disk
+            try:
+                for _ in range(150):
+                    if rng.random() < 0.8:
+                        off = lo + rng.randrange(SIZE // 2 // CS) * CS
+                        n = min(rng.choice([1, 2, 4]) * CS, lo + SIZE // 2 - off)
+                    else:
+                        off = lo + rng.randrange(SIZE // 2 // 512) * 512
+                        n = min(rng.randrange(1, 12) * 512, lo + SIZE // 2 - off)
+                    data = (rng.randbytes(n) if rng.random() < 0.6
+                            else (chunk(rng.randrange(4)) * 4)[:n])
+                    disk.write(off, [memoryview(data)])
+                    model[off : off + n] = data
+                    if rng.random() < 0.2:
+                        buf = bytearray(SIZE // 2)
+                        disk.read(lo, [memoryview(buf)])
+                        assert buf == model[lo : lo + SIZE // 2]
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        for d, disk in disks.items():
+            buf = bytearray(SIZE)
+            disk.read(0, [memoryview(buf)])
+            assert buf == models[d]
+            disk.close()
+    assert check_pool(src).clean
+    with DedupPool.open(src) as pool:
+        for d in "ab":
+            assert read_disk(pool, d) == bytes(models[d])
