@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from tcmu_py.scsi.sense import SpaceAllocationFailed
-from tcmu_py.handlers.dedup import DedupPool, check_pool, create_pool, ensure_pool
-from tcmu_py.handlers.dedup import journal
+from tcmu_py.handlers.dedup import DedupPool, check_pool, create_pool, ensure_pool, journal
 from tcmu_py.handlers.dedup.journal import HEADER, JOURNAL_FILE
 from tcmu_py.handlers.dedup.store import POOL_FILE
+from tcmu_py.scsi.sense import SpaceAllocationFailed
 
 CS = 4096
 MIB = 1 << 20
