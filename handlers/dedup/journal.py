@@ -107,6 +107,10 @@ STEP_BYTES = 2 << 20
 #: longest `drain_all` waits for records being written.
 WAIT_SECONDS = 20.0
 _IDX_BITS = 48  # as store.py's map cache keys
+#: An overlay value: the record's number above these bits, the chunk's offset in the journal
+#: below (a journal is at most 64 GiB: 2**36).
+_SEQ_SHIFT = 40
+_OFF_MASK = (1 << _SEQ_SHIFT) - 1
 
 
 @dataclass
@@ -166,7 +170,10 @@ class Journal:
         self._tail_seq = seq  # the first record not committed to the index
         self._written_seq = seq  # every record before it is written whole (or void)
         self._synced_seq = seq  # every record before it is durable
-        self._overlay: dict[int, tuple[int, int]] = {}  # key -> (seq, offset of its bytes)
+        #: key (disk << _IDX_BITS | chunk) -> seq << _SEQ_SHIFT | offset of the chunk's bytes
+        self._overlay: dict[int, int] = {}
+        self._by_seq: dict[int, _Record] = {}  # the records of `_records`, by number
+        self._shown = seq - 1  # every record shown so far is numbered at most this
         self.reserved = 0  # bytes of undrained records' chunks (count against the capacity)
         self.removals = 0  # overlay removals so far (a Python read re-reads when it moves)
         self._last_append = 0.0
@@ -181,8 +188,7 @@ class Journal:
     @property
     def pending(self) -> int:
         """Bytes of chunks written to the journal and not yet committed to the index."""
-        with self._mu:
-            return sum(r.count for r in self._records) * self.chunk_size
+        return self.reserved
 
     def _used(self) -> int:
         if not self._records:
@@ -226,6 +232,7 @@ class Journal:
             rec = _Record(self._next_seq, pos, did, first, count, pos + need)
             self._next_seq += 1
             self._records.append(rec)
+            self._by_seq[rec.seq] = rec
             self.reserved += nbytes
             self._last_append = time.monotonic()
             epoch = self._epoch
@@ -275,30 +282,33 @@ class Journal:
         return head if head + need <= tail else None  # wrapped: room between head and tail
 
     def _advance_written(self) -> None:
-        seq = self._written_seq
-        for rec in self._records:
-            if rec.seq < seq:
-                continue
-            if rec.seq != seq or not rec.done:
-                break
+        seq, by_seq = self._written_seq, self._by_seq
+        while (rec := by_seq.get(seq)) is not None and rec.done:
             seq += 1
-        self._written_seq = max(seq, self._written_seq)
+        self._written_seq = seq
 
     def _show(self, rec: _Record) -> None:
         """Make the record's chunks what reads return (the overlay and the chunk table), each
         unless a newer record wrote it already (`_mu` held)."""
-        cs, base = self.chunk_size, rec.did << _IDX_BITS
+        cs, n = self.chunk_size, rec.count
+        key = rec.did << _IDX_BITS | rec.first
         at = rec.pos + HEADER
-        idxs: list[int] = []
-        offs: list[int] = []
         overlay = self._overlay
-        for k in range(rec.count):
-            key = base | (rec.first + k)
-            old = overlay.get(key)
-            if old is None or old[0] < rec.seq:
-                overlay[key] = (rec.seq, at + k * cs)
-                idxs.append(rec.first + k)
-                offs.append(at + k * cs)
+        if rec.seq > self._shown:  # no newer record shown yet: all its chunks, in C loops
+            self._shown = rec.seq
+            first = rec.seq << _SEQ_SHIFT | at
+            overlay.update(zip(range(key, key + n), range(first, first + n * cs, cs),
+                               strict=True))
+            idxs = list(range(rec.first, rec.first + n))
+            offs = list(range(at, at + n * cs, cs))
+        else:  # a newer record (a WRITE that finished first) may hold some of them
+            idxs, offs = [], []
+            for k in range(n):
+                old = overlay.get(key + k)
+                if old is None or old >> _SEQ_SHIFT < rec.seq:
+                    overlay[key + k] = rec.seq << _SEQ_SHIFT | (at + k * cs)
+                    idxs.append(rec.first + k)
+                    offs.append(at + k * cs)
         table = self.pool.table_of(rec.did)
         if table is not None and idxs:
             table.set(idxs, [self.fd] * len(idxs), offs)
@@ -346,7 +356,8 @@ class Journal:
                 if hit is None:
                     continue
                 a, b = max(idx * cs, offset), min((idx + 1) * cs, end)
-                _pread_into(self.fd, view[a - offset : b - offset], hit[1] + a - idx * cs)
+                _pread_into(self.fd, view[a - offset : b - offset],
+                            (hit & _OFF_MASK) + a - idx * cs)
             return True
 
     def tell_table(self, did: int, table: ChunkTable, idxs: Sequence[int],
@@ -449,7 +460,7 @@ class Journal:
                 for k in range(rec.count):
                     key = base | (rec.first + k)
                     hit = overlay.get(key)
-                    if hit is not None and hit[0] == rec.seq:
+                    if hit is not None and hit >> _SEQ_SHIFT == rec.seq:
                         del overlay[key]
                         fd, off = locate.get(key, (-2, 0))
                         idxs, fds, offs = per_disk.setdefault(rec.did, ([], [], []))
@@ -466,6 +477,7 @@ class Journal:
             self.removals += 1
             for _ in drained:
                 rec = self._records.popleft()
+                del self._by_seq[rec.seq]
                 self._tail = rec.end
                 self._tail_seq = rec.seq + 1
             self._mu.notify_all()
