@@ -489,7 +489,7 @@ class Journal:
         if not self.background:
             return
         self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"dedup-journal-{self.pool.name}")
+                                        name=f"dedup-jnl-{self.pool.name}")
         self._thread.start()
 
     def _due(self) -> bool:
@@ -502,7 +502,7 @@ class Journal:
         return time.monotonic() - self._last_append >= IDLE_SECONDS
 
     def _run(self) -> None:
-        name_os_thread(f"dedup-jnl:{self.pool.name}")
+        name_os_thread()
         while True:
             with self._mu:
                 while not self._stopping and not self._due():

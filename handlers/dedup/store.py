@@ -560,6 +560,10 @@ class DedupPoolStatus(ThresholdFigures):
     progress: float | None = None  # share of the container being compacted done, 0..1
     stored: int = -1  # bytes the distinct live chunks take in containers (compressed); -1: unique
     compression: str = "none"
+    journal: int = 0  # bytes of the write journal (0: none)
+    #: bytes of chunks in the journal not yet in the index (the figures above leave them out:
+    #: they catch up as it drains); -1: unknown (the pool is not open in this process)
+    journal_pending: int = 0
 
     @property
     def ratio(self) -> float:
@@ -584,6 +588,7 @@ class DedupPoolStatus(ThresholdFigures):
             "compression": self.compression,
             "stored": self.unique if self.stored < 0 else self.stored,
             "compression_ratio": round(self.compression_ratio, 3),
+            "journal": self.journal, "journal_pending": self.journal_pending,
             "disks": [{"name": d.name, "size": d.size, "mapped": d.mapped} for d in self.disks],
         }
 
@@ -1006,7 +1011,9 @@ class DedupPool(PhysicalPool):
                 progress=(None if self._compacting is None else
                           min(1.0, self._compact_moved / self._compact_live)
                           if self._compact_live else 1.0),
-                stored=f.live_bytes, compression=c.compression)
+                stored=f.live_bytes, compression=c.compression,
+                journal=0 if self.journal is None else self.journal.size,
+                journal_pending=0 if self.journal is None else self.journal.pending)
 
     # ------------------------------------------------------------------------------------------
     # pool.json (shared with `tcmu-py apply` in another process, as thin's)
@@ -2360,7 +2367,8 @@ def read_pool_status(path: str) -> DedupPoolStatus:
     return DedupPoolStatus(real, config.name, config.capacity, config.soft_threshold,
                            config.chunk_size, used, mapped * config.chunk_size,
                            chunks * config.chunk_size, chunks, dead, disks, stored=stored,
-                           compression=config.compression)
+                           compression=config.compression, journal=config.journal,
+                           journal_pending=-1 if config.journal else 0)
 
 
 def check_pool(path: str, *, repair: bool = False) -> CheckReport:

@@ -21,3 +21,6 @@ def test_dedup_pool_survives_power_loss(power_loss_chain: PowerLossChain) -> Non
     details = power_loss_chain.check(BEFORE, AFTER)
     assert details["fsynced_files_intact"] == 8
     assert not details["check_after_cut"]["problems"]
+    # The pool with a write journal (replayed at the daemon's open).
+    assert details["fsynced_files_intact_journal"] == 8
+    assert not details["check_after_cut_journal"]["problems"]
