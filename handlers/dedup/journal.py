@@ -518,7 +518,8 @@ class Journal:
                     self._mu.wait(1.0)
 
     def close(self) -> None:
-        """Stop the drainer, drain everything into the index, close the file."""
+        """Stop the drainer, drain everything into the index, close the file. A drain that
+        fails is logged: its records stay in the file for the next open to replay."""
         with self._mu:
             self._stopping = True
             self._mu.notify_all()
@@ -527,6 +528,9 @@ class Journal:
             self._thread = None
         try:
             self.drain_all()
+        except OSError as exc:
+            log.error("pool %s: the write journal could not be drained at close (%s); its "
+                      "records are replayed at the next open", self.pool.name, exc)
         finally:
             os.close(self.fd)
 
@@ -564,6 +568,9 @@ def open_journal(pool: DedupPool) -> Journal | None:
         fd = os.open(file, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         fd = None
+    if fd is None and epoch:  # a journal was open before, and its file is gone
+        log.error("pool %s: %s is missing (the pool had a write journal): writes acknowledged "
+                  "from it and not yet in the index are lost", pool.name, file)
     if fd is not None:
         try:
             size = os.fstat(fd).st_size
@@ -577,8 +584,8 @@ def open_journal(pool: DedupPool) -> Journal | None:
             os.unlink(file)
             _fsync_dir(pool.path)
             pos = 0
-    if not want:
-        pool.set_journal_meta(pos, seq, epoch)
+    if not want:  # epoch 0: no journal (a later one starts from a new file of zeros)
+        pool.set_journal_meta(0, seq, 0)
         return None
     if fd is None:
         fd = _make_file(file, want)

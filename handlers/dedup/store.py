@@ -1727,6 +1727,8 @@ class DedupPool(PhysicalPool):
         chunks' references go with it; the collector gives back what no other disk names.
         The map is released in steps of `DROP_STEP_CHUNKS` rows, each a change of its own
         (a crash between them leaves the disk registered, with part of its map)."""
+        if self.journal is not None:  # its records first: a new disk may get its id
+            self.journal.drain_all()
         with self.lock:
             if disk in self._open_disks:
                 raise ConfigError(f"{self.path}: disk {disk}: is open; close it first")

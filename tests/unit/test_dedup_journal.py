@@ -234,3 +234,36 @@ def test_writers_racing_the_drainer(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with DedupPool.open(src) as pool:
         for d in "ab":
             assert read_disk(pool, d) == bytes(models[d])
+
+
+def test_a_missing_journal_file_is_reported(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    with DedupPool.open(src):
+        pass
+    os.unlink(os.path.join(src, JOURNAL_FILE))
+    with DedupPool.open(src) as pool:
+        assert pool.journal is not None
+    assert "journal.dat is missing" in caplog.text
+    caplog.clear()
+    ensure_pool(src, "j", 256 * MIB, journal=0)
+    with DedupPool.open(src):
+        pass
+    ensure_pool(src, "j", 256 * MIB, journal=4 * MIB)  # turned off, then on: nothing missing
+    with DedupPool.open(src):
+        pass
+    assert "missing" not in caplog.text
+
+
+def test_a_dropped_disks_journaled_writes_never_reach_the_next_disk(tmp_path: Path) -> None:
+    """Dropping a disk drains the journal first: its records, still there, would otherwise be
+    put into the index under its id, which a disk made next may get."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("old", SIZE, write_cache=True)
+        disk.write(0, [memoryview(chunk(7))])
+        disk.close()
+        pool.drop_disk("old")
+        assert read_disk(pool, "new") == bytes(SIZE)
