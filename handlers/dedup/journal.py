@@ -48,7 +48,11 @@ Crash ordering
    bytes past the end of a replay can never be taken for a record of this one.
 5. A record whose write failed is never drained (its bytes are unknown) and the chain after it
    is broken for replay: `sync` then drains everything written into the index (committed)
-   before it reports anything durable.
+   before it reports anything durable. Likewise after an fdatasync of the journal failed (the
+   kernel reports a lost write-back once): every later `sync` drains instead, until the records
+   before the failure are in the index. A drain reads each record back with its checksum; one
+   that does not hold (its pages were lost) is not put in the index, and its disk's next
+   SYNCHRONIZE CACHE answers WRITE ERROR (`DedupPool.record_loss`).
 
 What else holds
 ---------------
@@ -103,9 +107,14 @@ _SUM = struct.Struct("<Q8x")
 IDLE_SECONDS = 0.1
 #: Data one drain step puts into the index before it commits (the pool's lock is held that long).
 STEP_BYTES = 2 << 20
-#: The longest a WRITE waits for room in the journal (drained by itself meanwhile), and the
-#: longest `drain_all` waits for records being written.
+#: The longest a WRITE waits for room in the journal (drained by itself meanwhile; then it goes
+#: to the index), the longest `drain_all` goes without progress, and the longest either waits
+#: for records being written.
 WAIT_SECONDS = 20.0
+#: Bytes of records waiting to be drained at most, whatever the journal's size: what a command
+#: that needs the index to itself (UNMAP, a write of part of a chunk, ...) may wait for (~2 s
+#: at the drainer's ~140 MB/s on the development machine).
+BACKLOG_BYTES = 256 << 20
 _IDX_BITS = 48  # as store.py's map cache keys
 #: An overlay value: the record's number above these bits, the chunk's offset in the journal
 #: below (a journal is at most 64 GiB: 2**36).
@@ -160,6 +169,8 @@ class Journal:
         self.fd = fd
         self.size = size
         self.chunk_size = pool.chunk_size
+        #: Bytes the records may take before writers drain it themselves.
+        self._limit = min(size, BACKLOG_BYTES)
         self._epoch = epoch
         self._mu = threading.Condition(threading.Lock())
         self._drain_mu = threading.Lock()
@@ -178,6 +189,7 @@ class Journal:
         self.removals = 0  # overlay removals so far (a Python read re-reads when it moves)
         self._last_append = 0.0
         self._voids = 0
+        self._sync_failed = 0  # an fdatasync failed: records before this number are drained
         self.wraps = 0  # records placed at 0 because they would have passed the end
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -203,28 +215,28 @@ class Journal:
                durable: bool) -> bool:
         """Write chunks ``first..`` of disk `did` (`data`: whole chunks, back to back) as one
         record and make them what reads return; with `durable` make it durable first. False
-        (nothing done) if the record cannot go to the journal (larger than a quarter of it, or
-        its chunks would not fit in the pool's capacity): the caller writes to the index.
+        (nothing done) if the record cannot go to the journal (larger than a quarter of it, its
+        chunks would not fit in the pool's capacity, or no room came in `WAIT_SECONDS`): the
+        caller writes to the index.
         OSError if the write fails (the chunks keep their old bytes)."""
         cs = self.chunk_size
         nbytes = sum(v.nbytes for v in data)
         count = nbytes // cs
         need = HEADER + nbytes
-        if need > self.size // 4 or not count:
+        if need > self._limit // 4 or not count:
             return False
         deadline = time.monotonic() + WAIT_SECONDS
         with self._mu:
             while True:
                 if not self.pool.room_for(self.reserved + nbytes):
                     return False
-                pos = self._place(need)
+                pos = self._place(need) if self._used() + need <= self._limit else None
                 if pos is not None:
                     break
+                if time.monotonic() > deadline:  # no room came: the index takes it
+                    return False
                 self._mu.release()
                 try:  # full: drain in this thread (writes then run at the drainer's speed)
-                    if time.monotonic() > deadline:
-                        raise OSError(errno.EIO, f"pool {self.pool.name}: the write journal "
-                                      f"stayed full for {WAIT_SECONDS:.0f} s")
                     if not self._drain_step(wait=True):
                         time.sleep(0.01)
                 finally:
@@ -326,11 +338,22 @@ class Journal:
                 if not self._mu.wait(max(0.0, deadline - time.monotonic())):
                     raise OSError(errno.EIO, f"pool {self.pool.name}: journal records not "
                                   f"written after {WAIT_SECONDS:.0f} s")
-            voids = self._voids
-        if voids:
-            self.drain_all(target)
+            voids, failed = self._voids, self._sync_failed
+        if voids or failed:
+            self.drain_all(max(target, failed))
+            with self._mu:
+                if self._sync_failed == failed:
+                    self._sync_failed = 0
             return
-        os.fdatasync(self.fd)
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            # Linux reports a failed write-back once and marks the pages clean: a later
+            # fdatasync succeeding says nothing of these records, so every later sync drains
+            # them into the index (read back and checked) until they are behind the tail.
+            with self._mu:
+                self._sync_failed = max(self._sync_failed, target)
+            raise
         with self._mu:
             self._synced_seq = max(self._synced_seq, target)
 
@@ -385,7 +408,8 @@ class Journal:
 
     def drain_all(self, upto: int | None = None) -> None:
         """Put every record numbered before `upto` (all written so far: None) into the index
-        and commit. OSError if that fails (the records stay in the journal)."""
+        and commit. OSError if that fails, or makes no progress for `WAIT_SECONDS` (the records
+        stay in the journal). Bounded by `BACKLOG_BYTES` waiting to be drained."""
         deadline = time.monotonic() + WAIT_SECONDS
         with self._mu:
             target = self._next_seq if upto is None else upto
@@ -395,8 +419,9 @@ class Journal:
                     return
             if time.monotonic() > deadline:
                 raise OSError(errno.EIO, f"pool {self.pool.name}: the write journal could not "
-                              f"be drained in {WAIT_SECONDS:.0f} s")
-            self._drain_step(wait=True, upto=target)
+                              f"be drained: no progress in {WAIT_SECONDS:.0f} s")
+            if self._drain_step(wait=True, upto=target):
+                deadline = time.monotonic() + WAIT_SECONDS
 
     def _drain_step(self, *, wait: bool, upto: int | None = None) -> bool:
         """Put the next written records (up to `STEP_BYTES` of data, before `upto`) into the
@@ -439,10 +464,19 @@ class Journal:
             nbytes += rec.count * self.chunk_size
         return batch
 
-    def _read(self, rec: _Record) -> bytes:
+    def _read(self, rec: _Record) -> bytes | None:
+        """The record's data, read back and checked against its header (rule 5); None (and
+        a loss its disk is told of) if it does not hold."""
         n = rec.count * self.chunk_size
-        data = bytearray(n)
-        _pread_into(self.fd, memoryview(data), rec.pos + HEADER)
+        raw = bytearray(HEADER + n)
+        _pread_into(self.fd, memoryview(raw), rec.pos)
+        head = bytes(raw[:HEADER])
+        data = memoryview(raw)[HEADER:]
+        if (unpack_header(head) != (self._epoch, rec.seq, rec.did, rec.first, rec.count)
+                or _checksum(head[:_HEAD.size], [data]) != head[_HEAD.size:]):
+            self.pool.record_loss(rec.did, f"journal record {rec.seq} read back wrong (a "
+                                  "write-back of the journal failed)")
+            return None
         return bytes(data)
 
     def _commit_done(self, drained: Sequence[_Record], locate: dict[int, tuple[int, int]]
@@ -497,7 +531,7 @@ class Journal:
         paused, the journal is half full, or it is stopping."""
         if not self._records or not self._records[0].done:
             return False
-        if self._stopping or self._used() * 2 >= self.size:
+        if self._stopping or self._used() * 2 >= self._limit:
             return True
         return time.monotonic() - self._last_append >= IDLE_SECONDS
 
@@ -578,12 +612,13 @@ def open_journal(pool: DedupPool) -> Journal | None:
         except BaseException:
             os.close(fd)
             raise
-        if size != want:  # every record is in the index: the file can go
+        if size != want:  # every record is in the index: the file can go, once that is recorded
+            pool.set_journal_meta(0, seq, 0)
             os.close(fd)
             fd = None
             os.unlink(file)
             _fsync_dir(pool.path)
-            pos = 0
+            pos = epoch = 0
     if not want:  # epoch 0: no journal (a later one starts from a new file of zeros)
         pool.set_journal_meta(0, seq, 0)
         return None

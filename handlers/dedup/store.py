@@ -1119,6 +1119,15 @@ class DedupPool(PhysicalPool):
         self._changes = 0
         self._load()
 
+    def record_loss(self, did: int, why: str) -> None:
+        """Writes disk `did` acknowledged are gone (`why`): its next SYNCHRONIZE CACHE answers
+        WRITE ERROR (`take_loss`)."""
+        with self.lock:
+            log.error("pool %s: %s: writes acknowledged on disk %s are lost; its next "
+                      "SYNCHRONIZE CACHE answers WRITE ERROR", self.name, why,
+                      next((n for n, d in self._disk_ids.items() if d == did), did))
+            self._lost.setdefault(did, why)
+
     def take_loss(self, did: int) -> str | None:
         """Why writes disk `did` acknowledged were lost (a commit failed and rolled them back)
         since this was last asked, once; None if none were. Like fsync(2) after a failed
@@ -1602,7 +1611,8 @@ class DedupPool(PhysicalPool):
         write that fits after compaction waits for it, at most `RECLAIM_SECONDS` (one step,
         `COLLECT_BATCH_BYTES` copied, past it). A pool whose live data leaves no room is
         refused at once, without compacting anything."""
-        capacity = self._config.capacity
+        journal = self.journal  # its records' space is taken already
+        capacity = self._config.capacity - (0 if journal is None else journal.reserved)
         if need <= 0 or self._figures.used + need <= capacity:
             return False
         if self._figures.used - self.dead_bytes() + need > capacity:

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -267,3 +268,86 @@ def test_a_dropped_disks_journaled_writes_never_reach_the_next_disk(tmp_path: Pa
         disk.close()
         pool.drop_disk("old")
         assert read_disk(pool, "new") == bytes(SIZE)
+
+
+def test_after_a_failed_journal_fdatasync_syncs_drain_into_the_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync(2) reports a failed write-back once and the kernel marks the pages clean: the
+    SYNCHRONIZE CACHE that met it fails, and a later one must not answer GOOD on the journal's
+    say-so (a power cut would then find the earlier record missing, and the replay would stop
+    there, before the later, "durable" one). Later syncs drain the records into the index
+    instead, so both writes survive a cut that loses the first record's bytes."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("d", SIZE, write_cache=True)
+        disk.write(0, [memoryview(chunk(1))])
+        assert pool.journal is not None
+        jfd, real = pool.journal.fd, os.fdatasync
+        fail = [True]
+
+        def fdatasync(fd: int) -> None:
+            if fd == jfd and fail and fail.pop():
+                raise OSError(5, "injected write-back error")
+            real(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        with pytest.raises(OSError):
+            disk.flush()
+        disk.write(CS, [memoryview(chunk(2))])
+        disk.flush()
+        assert pool.journal.pending == 0  # drained: the index holds both
+        after = cut(src, str(tmp_path / "cut"))
+        disk.close()
+    jfile = Path(after, JOURNAL_FILE)
+    data = bytearray(jfile.read_bytes())
+    data[: HEADER + CS] = bytes(HEADER + CS)  # the failed write-back: record 1 never landed
+    jfile.write_bytes(data)
+    with DedupPool.open(after) as pool:
+        assert read_disk(pool, "d")[: 2 * CS] == chunk(1) + chunk(2)
+
+
+def test_a_record_read_back_wrong_is_a_lost_write(tmp_path: Path) -> None:
+    """A drain reads each record back with its checksum: bytes that changed under it (lost
+    pages) are not put in the index, and the disk's next SYNCHRONIZE CACHE reports the loss."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("d", SIZE, write_cache=True)
+        disk.write(0, [memoryview(chunk(1))])
+        disk.write(CS, [memoryview(chunk(2))])
+        assert pool.journal is not None
+        os.pwrite(pool.journal.fd, b"\xff" * 16, HEADER + 64)  # record 1's data, damaged
+        pool.journal.drain_all()
+        assert disk.lost_writes() is not None
+        assert disk.lost_writes() is None  # once
+        got = bytearray(2 * CS)
+        disk.read(0, [memoryview(got)])
+        assert bytes(got) == bytes(CS) + chunk(2)
+        disk.close()
+
+
+def test_draining_a_long_backlog_is_bounded_by_progress_not_by_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that needs the index to itself waits for the whole backlog however long that
+    takes while the drain makes progress (it once failed with EIO after a fixed 20 s)."""
+    monkeypatch.setattr(journal, "WAIT_SECONDS", 0.05)
+    monkeypatch.setattr(journal, "STEP_BYTES", CS)  # one record per step
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("d", SIZE, write_cache=True)
+        for k in range(SIZE // CS):
+            disk.write(k * CS, [memoryview(chunk(k))])
+        real = pool.put_journaled
+
+        def slow(*args: Any, **kw: Any) -> None:
+            time.sleep(0.01)
+            real(*args, **kw)
+
+        monkeypatch.setattr(pool, "put_journaled", slow)
+        disk.write(5, [memoryview(b"x" * 512)])  # part of a chunk: after all 64 records
+        got = bytearray(CS)
+        disk.read(0, [memoryview(got)])
+        assert bytes(got) == chunk(0)[:5] + b"x" * 512 + chunk(0)[517:]
+        disk.close()
