@@ -446,9 +446,8 @@ class Journal:
             return True
 
     def _pending_before(self, upto: int | None) -> bool:
-        first = self._tail_seq
-        last = self._next_seq if upto is None else upto
-        return first < last and any(r.seq < last for r in self._records)
+        """Whether a record before `upto` is not yet committed (`_mu` held)."""
+        return bool(self._records) and (upto is None or self._records[0].seq < upto)
 
     def _next_batch(self, upto: int | None) -> list[_Record]:
         """Written records from the front of those not yet committed, up to `STEP_BYTES` of
