@@ -277,7 +277,7 @@ def main(argv: list[str]) -> int:
                    "an existing pool's cannot change")
     c.add_argument("--journal", default=None, metavar="SIZE",
                    help="bytes of the pool's write journal (post-process deduplication): "
-                   "4M..64G in whole MiB, or 0 for none (new pool: 0); a change takes effect "
+                   "4M..256M in whole MiB, or 0 for none (new pool: 0); a change takes effect "
                    "at the pool's next open")
     s = sub.add_parser("status", help="a pool's figures (also while it is served)")
     s.add_argument("paths", nargs="+", metavar="PATH", help="pool directory")

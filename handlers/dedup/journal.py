@@ -111,13 +111,9 @@ STEP_BYTES = 2 << 20
 #: to the index), the longest `drain_all` goes without progress, and the longest either waits
 #: for records being written.
 WAIT_SECONDS = 20.0
-#: Bytes of records waiting to be drained at most, whatever the journal's size: what a command
-#: that needs the index to itself (UNMAP, a write of part of a chunk, ...) may wait for (~2 s
-#: at the drainer's ~140 MB/s on the development machine).
-BACKLOG_BYTES = 256 << 20
 _IDX_BITS = 48  # as store.py's map cache keys
 #: An overlay value: the record's number above these bits, the chunk's offset in the journal
-#: below (a journal is at most 64 GiB: 2**36).
+#: below (a journal is at most 256 MiB: 2**28).
 _SEQ_SHIFT = 40
 _OFF_MASK = (1 << _SEQ_SHIFT) - 1
 
@@ -169,8 +165,9 @@ class Journal:
         self.fd = fd
         self.size = size
         self.chunk_size = pool.chunk_size
-        #: Bytes the records may take before writers drain it themselves.
-        self._limit = min(size, BACKLOG_BYTES)
+        #: Bytes the records may take before writers drain it themselves (the pool's
+        #: MAX_JOURNAL bounds it: what a command needing the index to itself waits for).
+        self._limit = size
         self._epoch = epoch
         self._mu = threading.Condition(threading.Lock())
         self._drain_mu = threading.Lock()
@@ -409,7 +406,7 @@ class Journal:
     def drain_all(self, upto: int | None = None) -> None:
         """Put every record numbered before `upto` (all written so far: None) into the index
         and commit. OSError if that fails, or makes no progress for `WAIT_SECONDS` (the records
-        stay in the journal). Bounded by `BACKLOG_BYTES` waiting to be drained."""
+        stay in the journal). Bounded by the journal's size (store.MAX_JOURNAL)."""
         deadline = time.monotonic() + WAIT_SECONDS
         with self._mu:
             target = self._next_seq if upto is None else upto

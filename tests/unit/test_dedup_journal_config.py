@@ -52,7 +52,7 @@ def registered() -> Iterator[None]:
 
 
 @pytest.mark.parametrize(("value", "size"), [
-    ("256MiB", 256 * MIB), ("4M", 4 * MIB), (64 * MIB, 64 * MIB), ("64G", 64 << 30), (0, 0),
+    ("256MiB", 256 * MIB), ("4M", 4 * MIB), (64 * MIB, 64 * MIB), ("256M", 256 << 20), (0, 0),
     ("0", 0),
 ])
 def test_the_journal_key_is_a_size(tmp_path: Path, value: object, size: int) -> None:
@@ -67,7 +67,7 @@ def test_no_journal_key_is_no_journal(tmp_path: Path) -> None:
     assert pool.journal == 0
 
 
-@pytest.mark.parametrize("value", ["1KiB", -1, "abc", "3M", "4097K", "65G", True, 1.5,
+@pytest.mark.parametrize("value", ["1KiB", -1, "abc", "3M", "4097K", "257M", True, 1.5,
                                    5 * MIB + 1])
 def test_a_bad_journal_names_file_key_value_and_expected(tmp_path: Path, value: object
                                                          ) -> None:
