@@ -89,6 +89,8 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
+from tcmu_py.buffers import skip
+from tcmu_py.statefile import fsync_dir
 from tcmu_py.threadname import name_os_thread
 
 if TYPE_CHECKING:
@@ -247,14 +249,14 @@ class Journal:
             epoch = self._epoch
         try:
             head = pack_header(epoch, rec.seq, did, first, count, data)
-            pieces: list[bytes | memoryview] = [head, *data]
+            pieces: list[memoryview] = [memoryview(head), *data]
             at, total = pos, need
             while total:
                 n = os.pwritev(self.fd, pieces, at)
                 if n <= 0:
                     raise OSError(errno.EIO, "short write to the journal")
                 at, total = at + n, total - n
-                pieces = _advance(pieces, n)
+                pieces = skip(pieces, n)
         except BaseException:
             with self._mu:
                 rec.done = rec.void = True
@@ -565,18 +567,6 @@ class Journal:
             os.close(self.fd)
 
 
-def _advance(pieces: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
-    """`pieces` without their first `n` bytes."""
-    out: list[bytes | memoryview] = []
-    for piece in pieces:
-        if n >= len(piece):
-            n -= len(piece)
-            continue
-        out.append(memoryview(piece)[n:] if n else piece)
-        n = 0
-    return out
-
-
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
     got = 0
     while got < view.nbytes:
@@ -613,7 +603,7 @@ def open_journal(pool: DedupPool) -> Journal | None:
             os.close(fd)
             fd = None
             os.unlink(file)
-            _fsync_dir(pool.path)
+            fsync_dir(pool.path)
             pos = epoch = 0
     if not want:  # epoch 0: no journal (a later one starts from a new file of zeros)
         pool.set_journal_meta(0, seq, 0)
@@ -693,18 +683,10 @@ def _make_file(file: str, size: int) -> int:
             os.pwrite(fd, zeros[: min(len(zeros), size - at)], at)
         os.fsync(fd)
         os.rename(tmp, file)
-        _fsync_dir(os.path.dirname(file))
+        fsync_dir(os.path.dirname(file))
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return fd
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

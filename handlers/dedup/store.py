@@ -127,6 +127,7 @@ import xxhash
 from tcmu_py.errors import ConfigError
 from tcmu_py.scsi.sbc import merge_ranges
 from tcmu_py.statefile import (
+    fsync_dir,
     invalid,
     make_private_dirs,
     read_json,
@@ -422,14 +423,6 @@ def _signature(path: str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def container_file(path: str, cid: int) -> str:
@@ -908,7 +901,7 @@ class DedupPool(PhysicalPool):
                           "cannot be read; `tcmu-py dedup check --repair` drops them)",
                           self.path, cid, container_file(self.path, cid), rows[cid])
         if changed:
-            _fsync_dir(os.path.join(self.path, CONTAINER_DIR))
+            fsync_dir(os.path.join(self.path, CONTAINER_DIR))
         if restored:
             self._recount()
 
@@ -1090,7 +1083,7 @@ class DedupPool(PhysicalPool):
                 for cid in sorted(self._dirty):
                     os.fdatasync(self._fds[cid])  # rule 2: data before what refers to it
                 if self._new_files:
-                    _fsync_dir(os.path.join(self.path, CONTAINER_DIR))
+                    fsync_dir(os.path.join(self.path, CONTAINER_DIR))
                 self._db.executemany("UPDATE containers SET size=? WHERE id=?",
                                      [(self._ends[cid], cid) for cid in self._dirty])
                 self._db.execute("COMMIT")  # rule 3
@@ -1873,7 +1866,7 @@ class DedupPool(PhysicalPool):
             self._figures.used -= size
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(container_file(self.path, cid))  # rule 5: after the commit
-            _fsync_dir(os.path.join(self.path, CONTAINER_DIR))
+            fsync_dir(os.path.join(self.path, CONTAINER_DIR))
             self._collected += size
             self._compacted += 1
             return CollectProgress(1, 0, size, self.dead_bytes(), False)
