@@ -385,6 +385,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{args.path}: leak: {line}")
         for line in report.repaired:
             print(f"{args.path}: repaired: {line}")
+        for line in report.notes:
+            print(f"{args.path}: note: {line}")
         if args.repair and not report.clean:
             # What the repair left: the pool checked again; exit 0 only if nothing is.
             report = check_pool(args.path)

@@ -646,6 +646,26 @@ def _replay(pool: DedupPool, fd: int, size: int, pos: int, seq: int, epoch: int
     return pos, seq
 
 
+def pending_records(pool: DedupPool) -> tuple[int, int]:
+    """Records of the pool's journal not yet in the index, and the bytes of their chunks, as
+    the next open's replay would take them (read-only: `check_pool`). (0, 0) without one."""
+    try:
+        fd = os.open(os.path.join(pool.path, JOURNAL_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0, 0
+    try:
+        size = os.fstat(fd).st_size
+        pos, seq, epoch = pool.journal_meta()
+        records = nbytes = 0
+        while (found := _read_record(fd, size, pos, seq, epoch, pool.chunk_size)) is not None:
+            rec, data = found
+            records, nbytes = records + 1, nbytes + len(data)
+            pos, seq = rec.end, rec.seq + 1
+        return records, nbytes
+    finally:
+        os.close(fd)
+
+
 def _read_record(fd: int, size: int, pos: int, seq: int, epoch: int, chunk_size: int
                  ) -> tuple[_Record, bytes] | None:
     """The record numbered `seq` of `epoch`, at `pos` or (the writer wrapped) at 0, if it is

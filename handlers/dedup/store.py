@@ -137,7 +137,7 @@ from tcmu_py.statefile import (
 from tcmu_py.threadname import name_os_thread
 
 from .._pool import PhysicalPool, ThresholdFigures
-from .journal import Journal, _Record, open_journal
+from .journal import Journal, _Record, open_journal, pending_records
 
 if TYPE_CHECKING:
     from tcmu_py.backend import ChunkTable
@@ -598,6 +598,9 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    #: What is worth knowing and is not wrong (writes in the write journal, not yet in the
+    #: index the check looked at).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -2386,7 +2389,13 @@ def check_pool(path: str, *, repair: bool = False) -> CheckReport:
     are leaked. With `repair`: reclaim leaks, recount, and drop damaged chunks (the blocks
     naming them then read zeros; reported)."""
     with DedupPool.open(path, repair=False) as pool:
-        return pool.verify(repair=repair)
+        report = pool.verify(repair=repair)
+        records, nbytes = pending_records(pool)
+        if records:
+            report.notes.append(f"the write journal holds {records} write(s), {nbytes} bytes, "
+                                "not yet in the index (checked without them); the next open "
+                                "for writing (serve, dedup gc) replays them")
+        return report
 
 
 def open_pools() -> Mapping[str, DedupPool]:
