@@ -34,6 +34,7 @@ from tcmu_py.backend import ChunkExtent, ChunkTable, NativeKit
 from tcmu_py.handler import ProvisioningInfo
 
 from .._pool import PoolDisk
+from .store import is_zero_chunk
 
 if TYPE_CHECKING:
     from .store import DedupPool
@@ -62,13 +63,6 @@ LBA_STATUS_CHUNKS = 1 << 16
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _is_zero(piece: bytes | memoryview, zero: bytes) -> bool:
-    """Whether `piece` (of ``len(zero)`` bytes) is all zeros. A memoryview compares with
-    ``==`` item by item (~55 us per 4 KiB when equal); bytes compare with memcmp, so a view is
-    copied first, and only when its first byte is zero."""
-    return not piece[0] and (piece if isinstance(piece, bytes) else bytes(piece)) == zero
 
 
 class DedupBackend(PoolDisk["DedupPool"]):
@@ -245,7 +239,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
             lo, hi = _ceil_div(offset, cs), end // cs  # the chunks [offset, end) covers whole
             if lo < hi:
                 pieces = [view[a : a + cs] for a in range(lo * cs - offset, hi * cs - offset, cs)]
-                whole = [(idx, None, None) if _is_zero(piece, zero)
+                whole = [(idx, None, None) if is_zero_chunk(piece, zero)
                          else (idx, piece, fingerprint(piece))
                          for idx, piece in zip(range(lo, hi), pieces, strict=True)]
                 rest = [*range(first, lo), *range(hi, last)]
@@ -260,7 +254,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
                 piece = source(a, b)
                 if len(piece) < cs:
                     piece = bytes(piece) + zero[len(piece):]
-                whole.append((idx, None, None) if _is_zero(piece, zero) else
+                whole.append((idx, None, None) if is_zero_chunk(piece, zero) else
                              (idx, piece, fingerprint(piece)))
         pool = self.pool
         with pool.lock:

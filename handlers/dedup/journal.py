@@ -174,7 +174,6 @@ class Journal:
         self._mu = threading.Condition(threading.Lock())
         self._drain_mu = threading.Lock()
         self._records: collections.deque[_Record] = collections.deque()
-        self._drained = 0  # records at the front of `_records` put into the open transaction
         self._tail = pos  # where the next record goes when none is held
         self._next_seq = seq
         self._tail_seq = seq  # the first record not committed to the index
@@ -189,7 +188,6 @@ class Journal:
         self._last_append = 0.0
         self._voids = 0
         self._sync_failed = 0  # an fdatasync failed: records before this number are drained
-        self.wraps = 0  # records placed at 0 because they would have passed the end
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -280,7 +278,6 @@ class Journal:
             head = self._tail
             if head + need <= self.size:
                 return head
-            self.wraps += 1
             return 0
         tail, head = self._records[0].pos, self._records[-1].end
         if head > tail:  # one run from tail to head: room after it, or before the tail
@@ -288,7 +285,6 @@ class Journal:
                 return head
             if need > tail:
                 return None
-            self.wraps += 1
             return 0
         return head if head + need <= tail else None  # wrapped: room between head and tail
 

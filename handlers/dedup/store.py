@@ -250,6 +250,13 @@ def fast_fingerprint(data: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
+def is_zero_chunk(piece: bytes | memoryview, zero: bytes) -> bool:
+    """Whether `piece` (of ``len(zero)`` bytes) is all zeros. A memoryview compares with
+    ``==`` item by item (~55 us per 4 KiB when equal); bytes compare with memcmp, so a view is
+    copied first, and only when its first byte is zero."""
+    return not piece[0] and (piece if isinstance(piece, bytes) else bytes(piece)) == zero
+
+
 def _as_bytes(data: bytes | memoryview) -> bytes:
     return data if isinstance(data, bytes) else bytes(data)
 
@@ -1674,7 +1681,7 @@ class DedupPool(PhysicalPool):
             entries: list[tuple[int, bytes | memoryview | None, bytes | None]] = []
             for k in range(rec.count):
                 piece = view[k * cs : (k + 1) * cs]
-                if not piece[0] and bytes(piece) == zero:
+                if is_zero_chunk(piece, zero):
                     entries.append((rec.first + k, None, None))
                 else:
                     entries.append((rec.first + k, piece, fingerprint(piece)))

@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from tcmu_py.handlers.dedup import DedupPool, check_pool, create_pool, ensure_pool, journal
+from tcmu_py.handlers.dedup import (
+    DedupPool,
+    check_pool,
+    create_pool,
+    ensure_pool,
+    journal,
+    store,
+)
 from tcmu_py.handlers.dedup.journal import HEADER, JOURNAL_FILE
 from tcmu_py.handlers.dedup.store import POOL_FILE
 from tcmu_py.scsi.sense import SpaceAllocationFailed
@@ -353,3 +360,106 @@ def test_draining_a_long_backlog_is_bounded_by_progress_not_by_time(
         disk.read(0, [memoryview(got)])
         assert bytes(got) == chunk(0)[:5] + b"x" * 512 + chunk(0)[517:]
         disk.close()
+
+
+def test_a_drain_failing_at_close_keeps_the_writes_for_the_next_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """The pool still closes (its lock released, so the next open works) and says why; the
+    records stay in the journal and the next open replays them."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    pool = DedupPool.open(src)
+    disk = pool.open_disk("d", SIZE, write_cache=True)
+    disk.write(0, [memoryview(chunk(7))])
+    disk.flush()
+    disk.close()
+
+    def fail(*_args: object) -> None:
+        raise OSError(5, "injected")
+
+    monkeypatch.setattr(pool, "put_journaled", fail)
+    pool.close()
+    monkeypatch.undo()
+    assert "could not be drained at close" in caplog.text
+    with DedupPool.open(src) as pool:
+        assert read_disk(pool, "d")[:CS] == chunk(7)
+    assert check_pool(src).clean
+
+
+def test_space_the_journal_reserved_is_counted_when_dead_chunks_are_compacted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write to the index that fits once dead chunks are compacted, but only counting the
+    space the journal reserved (another disk's records, journaled after this write drained
+    the journal), compacts them rather than failing with SPACE ALLOCATION FAILED (the
+    compaction's estimate left the reservation out)."""
+    src = str(tmp_path / "pool")
+    monkeypatch.setattr(store, "is_journal_size", lambda v: isinstance(v, int) and v >= 0)
+    create_pool(src, "j", 16 * CS, soft_threshold=None, journal=64 * 1024)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("d", SIZE, write_cache=True)
+        other = pool.open_disk("e", SIZE, write_cache=True)
+        jnl = pool.journal
+        assert jnl is not None
+        # 8 chunks in one record: more than a quarter of the journal, so to the index
+        disk.write(0, [memoryview(b"".join(chunk(k) for k in range(8)))])
+        disk.unmap(0, 8 * CS)  # 8 dead chunks, not compacted (no collector)
+        assert pool.used == 8 * CS and jnl.reserved == 0
+        real = jnl.drain_all
+
+        def drain_then_other_disk_writes(upto: int | None = None) -> None:
+            real(upto)
+            if not jnl.reserved:  # the other disk's writer, between the drain and the write
+                other.write(0, [memoryview(chunk(50))])
+                other.write(CS, [memoryview(chunk(51))])
+
+        monkeypatch.setattr(jnl, "drain_all", drain_then_other_disk_writes)
+        new = b"".join(chunk(100 + k) for k in range(8))
+        disk.write(16 * CS, [memoryview(new)])  # 8 used + 2 reserved + 8 new > 16: compacts
+        assert jnl.reserved == 2 * CS
+        monkeypatch.setattr(jnl, "drain_all", real)
+        disk.flush()
+        got = bytearray(SIZE)
+        disk.read(0, [memoryview(got)])
+        assert bytes(got[16 * CS : 24 * CS]) == new and not any(got[: 16 * CS])
+        other.read(0, [memoryview(got)])
+        assert bytes(got[: 2 * CS]) == chunk(50) + chunk(51)
+        assert pool.used <= 16 * CS
+        disk.close()
+        other.close()
+    assert check_pool(src).clean
+
+
+def test_a_cut_while_the_journal_is_turned_off_loses_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """Turning the journal off replays it, records that it is gone, then removes the file: a
+    cut between the two (here: the recording fails) leaves the file for the next open, which
+    finds nothing missing (the file went first before, and the next open reported every
+    acknowledged write of the journal as lost)."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("d", SIZE, write_cache=True)
+        disk.write(0, [memoryview(chunk(9))])
+        disk.flush()
+        after = cut(src, str(tmp_path / "cut"))
+        disk.close()
+    ensure_pool(after, "j", 256 * MIB, journal=0)
+    real = DedupPool.set_journal_meta
+
+    def cut_at_recording(self: DedupPool, pos: int, seq: int, epoch: int) -> None:
+        if not epoch:
+            raise OSError(5, "power cut")
+        real(self, pos, seq, epoch)
+
+    monkeypatch.setattr(DedupPool, "set_journal_meta", cut_at_recording)
+    with pytest.raises(OSError, match="power cut"):
+        DedupPool.open(after)
+    monkeypatch.undo()
+    with DedupPool.open(after) as pool:
+        assert pool.journal is None
+        assert read_disk(pool, "d")[:CS] == chunk(9)
+    assert "missing" not in caplog.text
+    assert not Path(after, JOURNAL_FILE).exists()
+    assert check_pool(after).clean
