@@ -69,16 +69,22 @@ write-zeroes over several objects runs more than one in turn (two timeouts measu
 objects), so the device keeps one timeout per command itself, counted from when the command
 was taken from the ring as the kernel's ``cmd_time_out`` is (a command that waited for a worker
 behind a WRITE SAME held by a stalled cluster has that much less, and none left is NOT READY at
-once). Any other librbd error is MEDIUM ERROR on reads and WRITE ERROR
-on writes. A device that does not hold the image's exclusive lock (another client has it)
-answers NOT READY 02h/04h/03h to every medium access, with the holder in the log, and tries to
-take the lock again every `LOCK_RETRY_INTERVAL` seconds: when the holder releases it or dies
-(librbd breaks a dead client's lock), this device takes over and serves. A client the
-cluster blocklisted (its lock broken by another gateway that took it over, or an operator's
-``ceph osd blocklist add``) can do nothing more: the first ESHUTDOWN from the current image
-connects a new client every `RECONNECT_INTERVAL` seconds until one opens the image, which
-takes the lock again (waiting for it as above) and serves; commands meanwhile answer NOT
-READY 02h/04h/01h, and 02h/04h/03h once the new client finds the lock another's (a standby).
+once). A pool at its quota or full refuses a write that would store more with EDQUOT / ENOSPC
+at once (the I/O contexts are *full try*, `librbd.IoCtx`): DATA PROTECT 07h/27h/07h (SPACE
+ALLOCATION FAILED WRITE PROTECT, as a thin pool's), which initiators do not retry; overwrites
+in place, UNMAP and SYNCHRONIZE CACHE go on (they waited ``osd_op_timeout`` and answered NOT
+READY, retried for ever). A failure once the image's pool is deleted (`_gone`) makes the device
+NOT READY 02h/04h/03h from then on, TEST UNIT READY included. Any other librbd error is MEDIUM
+ERROR on reads and WRITE ERROR on writes. A device that does not hold the image's exclusive
+lock (another client has it) answers NOT READY 02h/04h/03h to every medium access, with the
+holder in the log, and tries to take the lock again every `LOCK_RETRY_INTERVAL` seconds: when
+the holder releases it or dies (librbd breaks a dead client's lock), this device takes over and
+serves. A client the cluster blocklisted (its lock broken by another gateway that took it over,
+or an operator's ``ceph osd blocklist add``) can do nothing more: the first ESHUTDOWN from the
+current image connects a new client every `RECONNECT_INTERVAL` seconds until one opens the
+image, which takes the lock again (waiting for it as above) and serves; commands meanwhile
+answer NOT READY 02h/04h/01h, and 02h/04h/03h once the new client finds the lock another's (a
+standby).
 The given-up client's handles are closed with the device.
 """
 
@@ -120,6 +126,7 @@ from tcmu_py.scsi.sense import (
     NotReadyBecoming,
     NotReadyManualIntervention,
     ScsiError,
+    SpaceAllocationFailed,
     WriteError,
     WriteProtected,
 )
@@ -155,6 +162,11 @@ CAW_SECTOR = 512
 UNAVAILABLE = frozenset({errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN, errno.EAGAIN,
                          errno.ECONNREFUSED})
 
+#: Errors whose sense says what happened (`scsi_error`); after any other, the device looks
+#: whether the image's pool still exists (`RbdBackend.sense`: librbd answers a pool deleted
+#: under an open image with EPERM, ENOENT or EROFS, measured).
+_OWN_SENSE = UNAVAILABLE | {errno.ERANGE, errno.EDQUOT, errno.ENOSPC, errno.EILSEQ}
+
 
 def scsi_error(exc: BaseException, writing: bool) -> BaseException:
     """The sense a failed librbd operation answers with (module docstring); other exceptions
@@ -168,6 +180,12 @@ def scsi_error(exc: BaseException, writing: bool) -> BaseException:
         # image's end (`librbd._complete`): the image ends before the range, shrunk by another
         # client before this device took the new size (SBC-4 4.5).
         return LbaOutOfRange(f"ceph image shorter than the device's capacity: {exc}")
+    if exc.errno in (errno.EDQUOT, errno.ENOSPC) and writing:
+        # The pool is at its quota, or full (its OSDs past their full ratio): an operation
+        # that would store more is refused at once (`librbd.IoCtx`: full try), with nothing
+        # stored; overwrites in place and deallocations still succeed. SBC-4 4.7.3.6: a thin
+        # provisioned disk out of space answers DATA PROTECT, which initiators do not retry.
+        return SpaceAllocationFailed(f"ceph pool full: {exc}")
     if exc.errno == errno.EROFS and writing:
         # librbd refuses writes while another client holds the exclusive lock of an image
         # this device shares (lock=shared): write protected, not a medium defect
@@ -338,6 +356,8 @@ class RbdBackend:
         #: when nothing can be in flight on them any more (the device has stopped).
         self._retired: list[tuple[Image, IoCtx, Cluster]] = []
         self._state_lock = threading.Lock()
+        #: Why the image is gone (`_gone`): for good, whatever the lock or a reconnect says.
+        self._missing: str | None = None
 
     def sense(self, exc: BaseException, writing: bool, image: Image | None = None
               ) -> BaseException:
@@ -349,10 +369,34 @@ class RbdBackend:
         if (isinstance(exc, OSError) and exc.errno == errno.ESHUTDOWN
                 and (image is None or image is self.image)):
             self._blocklisted(exc)
+        mapped = scsi_error(exc, writing)
+        if (isinstance(exc, OSError) and exc.errno not in _OWN_SENSE
+                and (image is None or image is self.image)
+                and (exc.errno == errno.ENOENT or not self.cluster.pool_exists(self.cfg.pool))):
+            return self._gone(exc)
         listener = self.size_listener
         if isinstance(exc, OSError) and exc.errno == errno.ERANGE and listener:
             listener()
-        return scsi_error(exc, writing)
+        return mapped
+
+    def _gone(self, exc: BaseException) -> BaseException:
+        """An operation on the open image failed (not for a reason with a sense of its own)
+        and its pool is gone from the cluster map, or librbd said ENOENT: the pool (or
+        namespace) was deleted under it (librbd refuses to remove an image a client has open,
+        not a pool; measured: a write then fails with EPERM, ENOENT or EROFS). Nothing
+        brings it back: every command, TEST UNIT READY included, answers NOT READY 02h/04h/03h
+        (manual intervention) with the reason in the log and in ``tcmu-py status``, where it
+        answered MEDIUM ERROR / WRITE ERROR per command while TEST UNIT READY said GOOD."""
+        why = (f"ceph image {self.cfg.spec}: the image or its pool no longer exists in the "
+               f"cluster ({exc}); expected the device removed, or the image restored and the "
+               "device opened again")
+        with self._state_lock:
+            first = self._missing is None
+            self._missing = why
+        if first:
+            log.error("%s", why)
+            self._set_not_ready(why)
+        return NotReadyManualIntervention(why)
 
     def _blocklisted(self, exc: BaseException) -> None:
         with self._state_lock:
@@ -437,6 +481,7 @@ class RbdBackend:
         return True
 
     def _set_not_ready(self, why: str | None) -> None:
+        why = self._missing or why  # a deleted image stays so
         changed = (why is None) != (self.not_ready is None)
         self.not_ready = why
         listener = self.extent_listener
@@ -479,7 +524,7 @@ class RbdBackend:
     def check_ready(self) -> None:
         why = self.not_ready
         if why is not None:
-            if self._reconnecting is not None and not self._standing_by:
+            if self._reconnecting is not None and not self._standing_by and not self._missing:
                 raise NotReadyBecoming(why)  # a new client is on its way: retry
             raise NotReadyManualIntervention(why)
 
@@ -790,7 +835,14 @@ def _open_image(cfg: CephConfig, cluster: Cluster, size: int) -> tuple[IoCtx, Im
                 raise ConfigError(f"ceph: key 'create': {cfg.spec}: no such image, and the "
                                   "device has no size to make it with (0: the image's size); "
                                   "expected a device size, or an existing image") from None
-            ioctx.create_image(cfg.image, size)
+            try:
+                ioctx.create_image(cfg.image, size)
+            except RadosError as exc:
+                if exc.errno not in (errno.EDQUOT, errno.ENOSPC):
+                    raise
+                raise ConfigError(f"ceph: key 'create': {cfg.spec}: pool {cfg.pool!r} is full "
+                                  f"(at its quota, or its OSDs full: {exc}); expected room for "
+                                  "the image (`ceph osd pool get-quota`, `ceph df`)") from None
             image = ioctx.open_image(cfg.image)
         return ioctx, image
     except BaseException:

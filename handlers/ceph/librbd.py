@@ -49,8 +49,10 @@ int rados_conf_set(rados_t cluster, const char *option, const char *value);
 int rados_connect(rados_t cluster);
 void rados_shutdown(rados_t cluster);
 int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx);
+int64_t rados_pool_lookup(rados_t cluster, const char *pool_name);
 void rados_ioctx_destroy(rados_ioctx_t io);
 void rados_ioctx_set_namespace(rados_ioctx_t io, const char *nspace);
+void rados_set_pool_full_try(rados_ioctx_t io);
 int rados_mon_command(rados_t cluster, const char **cmd, size_t cmdlen, const char *inbuf,
                       size_t inbuflen, char **outbuf, size_t *outbuflen, char **outs,
                       size_t *outslen);
@@ -241,6 +243,13 @@ class Cluster:
     def ioctx(self, pool: str, namespace: str = "") -> IoCtx:
         return IoCtx(self, pool, namespace)
 
+    def pool_exists(self, pool: str) -> bool:
+        """Whether the cluster has `pool`: looked up in the map this client holds (no round
+        trip when it is there), and only when it is not, in the monitors' latest map (librados
+        asks for it). An error other than "no such pool" counts as existing (nothing is
+        known)."""
+        return int(self._lib.rados_pool_lookup(self._h, pool.encode())) != -_errno.ENOENT
+
     def shutdown(self) -> None:
         h, self._h = self._h, None
         if h is not None:
@@ -248,7 +257,13 @@ class Cluster:
 
 
 class IoCtx:
-    """An I/O context on one pool (by name) and namespace."""
+    """An I/O context on one pool (by name) and namespace, its operations marked *full try*
+    (``rados_set_pool_full_try``; librbd copies the flag to the images opened with it): on a
+    pool at its quota or full, an OSD then answers an operation that would store more with
+    EDQUOT / ENOSPC at once and carries out the others (overwrites in place, deletions), where
+    librados would hold every write until the pool had room (measured: a write, an overwrite,
+    a discard and a flush each waited ``osd_op_timeout``; with the flag a new write fails at
+    once, the rest succeed)."""
 
     def __init__(self, cluster: Cluster, pool: str, namespace: str = "") -> None:
         p = _ffi.new("rados_ioctx_t *")
@@ -260,6 +275,7 @@ class IoCtx:
         self.namespace = namespace
         if namespace:
             self._lib.rados_ioctx_set_namespace(self._h, namespace.encode())
+        self._lib.rados_set_pool_full_try(self._h)
 
     def namespace_exists(self, namespace: str) -> bool:
         out = _ffi.new("bool *")

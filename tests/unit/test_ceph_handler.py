@@ -1341,3 +1341,105 @@ def test_a_blocklisted_client_reconnects_and_serves_again(
         for addr in blocked:
             admin.mon_command({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr})
         admin.shutdown()
+
+
+@contextlib.contextmanager
+def _scratch_pool(cluster: Any) -> Iterator[tuple[Any, str]]:
+    """A pool of its own for the test (8 PGs, size 2, rbd initialised), deleted afterwards;
+    yields (an admin connection, its name)."""
+    pool = f"t{uuid.uuid4().hex[:8]}"
+    admin = cluster.admin()
+    try:
+        admin.mon_command({"prefix": "osd pool create", "pool": pool, "pg_num": 8})
+        admin.mon_command({"prefix": "osd pool set", "pool": pool, "var": "size", "val": "2"})
+        admin.mon_command({"prefix": "osd pool application enable", "pool": pool,
+                           "app": "rbd"})
+        ioctx = admin.ioctx(pool)
+        try:
+            ioctx.pool_init()
+        finally:
+            ioctx.close()
+        yield admin, pool
+    finally:
+        with contextlib.suppress(OSError):
+            _delete_pool(admin, pool)
+        admin.shutdown()
+
+
+def _delete_pool(admin: Any, pool: str) -> None:
+    admin.mon_command({"prefix": "config set", "who": "mon", "name": "mon_allow_pool_delete",
+                       "value": "true"})
+    admin.mon_command({"prefix": "osd pool rm", "pool": pool, "pool2": pool,
+                       "yes_i_really_really_mean_it": True})
+
+
+def _pool_flags(admin: Any, pool: str) -> str:
+    out, _ = admin.mon_command({"prefix": "osd pool ls", "detail": "detail", "format": "json"})
+    return next(str(p.get("flags_names", "")) for p in out if p["pool_name"] == pool)
+
+
+def test_a_pool_at_its_quota_refuses_new_data_with_data_protect(ceph_cluster: Any) -> None:
+    """SBC-4 4.7.3.6, as a thin pool: a write that would store more answers DATA PROTECT
+    07h/27h/07h at once, which initiators do not retry; overwrites, reads, UNMAP and
+    SYNCHRONIZE CACHE go on; with the quota lifted new writes succeed. Before, every write,
+    UNMAP and flush waited ``osd_op_timeout`` and answered NOT READY, retried for ever."""
+    with _scratch_pool(ceph_cluster) as (admin, pool):
+        cfg = f"image={pool}/q;conf={ceph_cluster.conf};id=admin;create=1;osd_op_timeout=10"
+        dev = CephHandler.open(DeviceConfig("ceph0", "ceph", cfg, SIZE, BS, write_cache=False))
+        h = _harness(dev)
+        try:
+            old = random.Random(1).randbytes(1 << 20)
+            assert h.run(cdbs.write10(0, 2048), old).good  # 1 MiB stored
+            admin.mon_command({"prefix": "osd pool set-quota", "pool": pool,
+                               "field": "max_bytes", "val": str(1 << 20)})
+            assert wait_until(lambda: "full_quota" in _pool_flags(admin, pool), 60, 0.5), \
+                "the pool not flagged full at its quota"
+            new = random.Random(2).randbytes(1 << 20)
+            t0 = time.monotonic()
+            r = h.run(cdbs.write10(4096 * 2, 2048), new)  # the second 4 MiB object: new data
+            assert r.sense_codes == (0x07, 0x27, 0x07), r
+            assert time.monotonic() - t0 < 5  # at once, not after osd_op_timeout
+            assert h.run(cdbs.write10(0, 8), new[: 8 * BS]).good  # an overwrite in place
+            assert _read(h, 0, 8) == new[: 8 * BS]
+            assert h.run(cdbs.synchronize_cache10(0, 0)).good
+            params = cdbs.unmap_parameters([(1024, 1024)])
+            assert h.run(cdbs.unmap(len(params)), params).good
+            assert _read(h, 1024, 1024) == bytes(1024 * BS)
+            admin.mon_command({"prefix": "osd pool set-quota", "pool": pool,
+                               "field": "max_bytes", "val": "0"})
+            assert wait_until(lambda: "full" not in _pool_flags(admin, pool), 60, 0.5), \
+                "the pool's full flag not cleared"
+            assert h.run(cdbs.write10(4096 * 2, 2048), new).good
+            assert _read(h, 4096 * 2, 2048) == new
+        finally:
+            h.close()
+            dev.close()
+
+
+def test_a_pool_deleted_under_the_device_is_not_ready_for_good(ceph_cluster: Any) -> None:
+    """The first operation that fails once the image's pool is gone makes the device NOT
+    READY 02h/04h/03h (manual intervention), TEST UNIT READY included, with the reason in its
+    status; before, each WRITE answered WRITE ERROR or WRITE PROTECTED, each READ MEDIUM ERROR
+    (librbd says EPERM, ENOENT or EROFS), and TEST UNIT READY GOOD."""
+    with _scratch_pool(ceph_cluster) as (admin, pool):
+        cfg = f"image={pool}/g;conf={ceph_cluster.conf};id=admin;create=1;osd_op_timeout=10"
+        dev = CephHandler.open(DeviceConfig("ceph0", "ceph", cfg, SIZE, BS, write_cache=False))
+        h = _harness(dev)
+        try:
+            assert h.run(cdbs.write10(0, 8), b"\x11" * (8 * BS)).good
+            _delete_pool(admin, pool)
+
+            def refused() -> bool:  # (GOOD until this client's map has the pool gone)
+                r = h.run(cdbs.write10(4096, 8), b"\x22" * (8 * BS))
+                assert r.good or r.sense_codes == (0x02, 0x04, 0x03), r
+                return r.sense_codes == (0x02, 0x04, 0x03)
+
+            assert wait_until(refused, 60, 0.5), "no NOT READY once the pool was deleted"
+            assert h.run(cdbs.test_unit_ready()).sense_codes == (0x02, 0x04, 0x03)
+            assert h.run(cdbs.read10(0, 8), data_in_len=8 * BS).sense_codes == \
+                (0x02, 0x04, 0x03)
+            reason = dev.not_ready_reason
+            assert reason is not None and "no longer exists" in reason, reason
+        finally:
+            h.close()
+            dev.close()
