@@ -470,6 +470,13 @@ class RbdBackend:
             if exc.errno == errno.ESHUTDOWN and self._reconnecting is None:
                 self._blocklisted(exc)  # a standby blocklisted: no lock with this client
                 return False
+            if self.image.mirror_non_primary():
+                # librbd refuses the lock (EINVAL, EROFS) of a copy rbd-mirror keeps read-only
+                self._set_not_ready(f"ceph image {self.cfg.spec}: a non-primary rbd-mirror "
+                                    f"image, read-only in this cluster ({exc}); expected it "
+                                    "promoted (`rbd mirror image promote`; the device then "
+                                    "serves by itself), or lock=shared to read it")
+                return False
             try:
                 owners = ", ".join(self.image.lock_owners()) or "another client"
             except RadosError:

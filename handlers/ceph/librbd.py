@@ -96,6 +96,13 @@ int rbd_aio_flush(rbd_image_t image, rbd_completion_t c);
 int rbd_diff_iterate2(rbd_image_t image, const char *fromsnapname, uint64_t ofs, uint64_t len,
                       uint8_t include_parent, uint8_t whole_object,
                       int (*cb)(uint64_t, size_t, int, void *), void *arg);
+typedef enum { RBD_MIRROR_IMAGE_DISABLING = 0, RBD_MIRROR_IMAGE_ENABLED = 1,
+               RBD_MIRROR_IMAGE_DISABLED = 2 } rbd_mirror_image_state_t;
+typedef struct { char *global_id; rbd_mirror_image_state_t state; bool primary; }
+    rbd_mirror_image_info_t;
+int rbd_mirror_image_get_info(rbd_image_t image, rbd_mirror_image_info_t *mirror_image_info,
+                              size_t info_size);
+void rbd_mirror_image_get_info_cleanup(rbd_mirror_image_info_t *mirror_image_info);
 typedef void (*rbd_update_callback_t)(void *arg);
 int rbd_update_watch(rbd_image_t image, uint64_t *handle, rbd_update_callback_t watch_cb,
                      void *arg);
@@ -479,6 +486,18 @@ class Image:
         names = [_ffi.string(owners[i]).decode() for i in range(count[0])]
         self._lib.rbd_lock_get_owners_cleanup(owners, count[0])
         return names
+
+    def mirror_non_primary(self) -> bool:
+        """Whether rbd-mirror mirrors the image and this copy is not the primary (read-only
+        here: another cluster's copy takes the writes). False if mirroring is off for it, or
+        librbd cannot say."""
+        info = _ffi.new("rbd_mirror_image_info_t *")
+        if self._lib.rbd_mirror_image_get_info(self._h, info, _ffi.sizeof(info[0])) < 0:
+            return False
+        try:
+            return info.state == 1 and not info.primary  # RBD_MIRROR_IMAGE_ENABLED
+        finally:
+            self._lib.rbd_mirror_image_get_info_cleanup(info)
 
     def flush(self) -> None:
         check(self._lib.rbd_flush(self._h), f"flush {self.name}")

@@ -1443,3 +1443,36 @@ def test_a_pool_deleted_under_the_device_is_not_ready_for_good(ceph_cluster: Any
         finally:
             h.close()
             dev.close()
+
+
+def test_a_non_primary_mirror_image_says_so_and_serves_once_promoted(ceph_cluster: Any
+                                                                     ) -> None:
+    """A non-primary rbd-mirror image (read-only in this cluster) opened with the exclusive
+    lock: NOT READY 02h/04h/03h with a reason that says so and what to do (it said "the
+    exclusive lock is held by another client" when no client held it); promoted, the device
+    takes the lock by itself and serves."""
+    with _scratch_pool(ceph_cluster) as (_admin, pool):
+        rbd = ["rbd", "-c", str(ceph_cluster.conf), "--id", "admin"]
+        for argv in (["create", "--size", "8M", f"{pool}/m"],
+                     ["mirror", "pool", "enable", pool, "image"],
+                     ["mirror", "image", "enable", f"{pool}/m", "snapshot"],
+                     ["mirror", "image", "demote", f"{pool}/m"]):
+            subprocess.run([*rbd, *argv], check=True, capture_output=True, timeout=120)
+        cfg = f"image={pool}/m;conf={ceph_cluster.conf};id=admin;osd_op_timeout=10"
+        dev = CephHandler.open(DeviceConfig("ceph0", "ceph", cfg, SIZE, BS, write_cache=False))
+        h = RingHarness(dev, workers=4)
+        try:
+            h.run(cdbs.test_unit_ready())  # the power-on unit attention
+            assert h.run(cdbs.test_unit_ready()).sense_codes == (0x02, 0x04, 0x03)
+            reason = dev.not_ready_reason
+            assert reason is not None and "non-primary rbd-mirror image" in reason, reason
+            assert "held by" not in reason
+            subprocess.run([*rbd, "mirror", "image", "promote", f"{pool}/m"], check=True,
+                           capture_output=True, timeout=120)
+            assert wait_until(lambda: h.run(cdbs.test_unit_ready()).good, 60, 0.5), \
+                dev.not_ready_reason
+            assert h.run(cdbs.write10(0, 8), b"\x33" * (8 * BS)).good
+            assert _read(h, 0, 8) == b"\x33" * (8 * BS)
+        finally:
+            h.close()
+            dev.close()
