@@ -317,6 +317,13 @@ class RbdBackend:
         self.cluster = cluster
         self.ioctx = ioctx
         self.image = image
+        #: The image's id: a new client opens the image by it (`_reconnect`), so an image
+        #: renamed while open (``rbd rename``) is found again. None if librbd cannot say.
+        self.image_id: str | None
+        try:
+            self.image_id = image.image_id()
+        except RadosError:
+            self.image_id = None
         self.size = size
         #: The image's size when last looked at (open, `resize`, a header change): a header
         #: change that leaves it as it was (a snapshot, a lock change) is not a resize.
@@ -423,7 +430,7 @@ class RbdBackend:
             try:
                 cluster = _connect(self.cfg)
                 try:
-                    ioctx, image = _open_image(self.cfg, cluster, 0)
+                    ioctx, image = _open_image(self.cfg, cluster, 0, self.image_id)
                 except BaseException:
                     cluster.shutdown()
                     raise
@@ -803,12 +810,18 @@ def _names_monitors(conf: str) -> bool:
     return re.search(r"(?im)^\s*(mon[ _]host|mon[ _]addr)\s*=\s*\S", text) is not None
 
 
-def _open_image(cfg: CephConfig, cluster: Cluster, size: int) -> tuple[IoCtx, Image]:
+def _open_image(cfg: CephConfig, cluster: Cluster, size: int, image_id: str | None = None
+                ) -> tuple[IoCtx, Image]:
     """The I/O context and the open image `cfg` names, through `cluster` (with ``create``
     making a missing namespace and image of `size` bytes); ConfigError naming the key for
-    what does not exist. Nothing is left open on failure."""
+    what does not exist. With `image_id`, the image of that id whatever its name now (a
+    reconnect: the image may have been renamed), nothing created. Nothing is left open on
+    failure."""
     ioctx = None
     try:
+        if image_id is not None:
+            ioctx = cluster.ioctx(cfg.pool, cfg.namespace)
+            return ioctx, ioctx.open_image(cfg.image, image_id)
         try:
             ioctx = cluster.ioctx(cfg.pool)
         except RadosError as exc:

@@ -62,6 +62,8 @@ int rbd_create2(rados_ioctx_t io, const char *name, uint64_t size, uint64_t feat
                 int *order);
 int rbd_remove(rados_ioctx_t io, const char *name);
 int rbd_open(rados_ioctx_t io, const char *name, rbd_image_t *image, const char *snap_name);
+int rbd_open_by_id(rados_ioctx_t io, const char *id, rbd_image_t *image, const char *snap_name);
+int rbd_get_id(rbd_image_t image, char *id, size_t id_len);
 int rbd_close(rbd_image_t image);
 int rbd_get_size(rbd_image_t image, uint64_t *size);
 int rbd_get_features(rbd_image_t image, uint64_t *features);
@@ -305,8 +307,10 @@ class IoCtx:
     def remove_image(self, name: str) -> None:
         check(rbd().rbd_remove(self._h, name.encode()), f"remove image {self.pool}/{name}")
 
-    def open_image(self, name: str) -> Image:
-        return Image(self, name)
+    def open_image(self, name: str, image_id: str | None = None) -> Image:
+        """The image `name`, or with `image_id` the image of that id (whatever its name is
+        now: ``rbd rename`` keeps the id; `name` then only names it in messages)."""
+        return Image(self, name, image_id)
 
     def close(self) -> None:
         h, self._h = self._h, None
@@ -429,12 +433,15 @@ class Image:
     result (bytes moved, or 0), failing with `RadosError`; the caller's buffers must stay
     valid until the Future resolves (the Future holds cffi views of them, not copies)."""
 
-    def __init__(self, ioctx: IoCtx, name: str) -> None:
+    def __init__(self, ioctx: IoCtx, name: str, image_id: str | None = None) -> None:
         lib = rbd()
         p = _ffi.new("rbd_image_t *")
-        check(lib.rbd_open(ioctx._h, name.encode(), p, _ffi.NULL),
-              f"open image {ioctx.pool}/{ioctx.namespace + '/' if ioctx.namespace else ''}"
-              f"{name}")
+        where = f"{ioctx.pool}/{ioctx.namespace + '/' if ioctx.namespace else ''}{name}"
+        if image_id is None:
+            check(lib.rbd_open(ioctx._h, name.encode(), p, _ffi.NULL), f"open image {where}")
+        else:
+            check(lib.rbd_open_by_id(ioctx._h, image_id.encode(), p, _ffi.NULL),
+                  f"open image {where} by its id {image_id}")
         self._lib = lib
         self._h: Any = p[0]
         self.name = name
@@ -486,6 +493,12 @@ class Image:
         names = [_ffi.string(owners[i]).decode() for i in range(count[0])]
         self._lib.rbd_lock_get_owners_cleanup(owners, count[0])
         return names
+
+    def image_id(self) -> str:
+        """The image's id in its pool: what stays when the image is renamed."""
+        buf = _ffi.new("char[]", 128)
+        check(self._lib.rbd_get_id(self._h, buf, 128), f"id of {self.name}")
+        return str(_ffi.string(buf).decode())
 
     def mirror_non_primary(self) -> bool:
         """Whether rbd-mirror mirrors the image and this copy is not the primary (read-only

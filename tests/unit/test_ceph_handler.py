@@ -1476,3 +1476,51 @@ def test_a_non_primary_mirror_image_says_so_and_serves_once_promoted(ceph_cluste
         finally:
             h.close()
             dev.close()
+
+
+def test_a_reconnect_finds_an_image_renamed_while_open(ceph_cluster: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rbd rename`` of the open image, then the client blocklisted: the new client opens
+    the image by its id and serves (it opened by name, found no such image, and stayed NOT
+    READY until the daemon restarted)."""
+    from tcmu_py.handlers.ceph import device as ceph_device
+
+    monkeypatch.setattr(ceph_device, "RECONNECT_INTERVAL", 0.5)
+    image = f"n-{uuid.uuid4().hex[:8]}"
+    dev = _open(ceph_cluster, image, extra=";create=1", write_cache=False)
+    h = _harness(dev)
+    admin = ceph_cluster.admin()
+    blocked: list[str] = []
+    try:
+        data = b"\x4d" * (8 * BS)
+        assert h.run(cdbs.write10(0, 8), data).good
+        subprocess.run(["rbd", "-c", str(ceph_cluster.conf), "--id", "admin", "rename",
+                        f"rbd/{image}", f"rbd/{image}-renamed"], check=True,
+                       capture_output=True, timeout=60)
+        ioctx = admin.ioctx("rbd")
+        other = ioctx.open_image(f"{image}-renamed")
+        try:
+            owners = other.lock_owners()
+        finally:
+            other.close()
+            ioctx.close()
+        assert owners, "the device holds no lock"
+        for addr in owners:
+            admin.mon_command({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr})
+            blocked.append(addr)
+
+        def serving() -> bool:  # an initiator's retries, bounded
+            r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+            assert r.good or r.sense_codes == (0x02, 0x04, 0x01), r
+            return r.good and bool(dev.backend._retired)  # served by a new client
+
+        assert wait_until(serving, 60, 0.2), dev.not_ready_reason
+        assert _read(h, 0, 8) == data
+        assert h.run(cdbs.write10(8, 8), data).good
+        assert dev.backend.not_ready is None
+    finally:
+        h.close()
+        dev.close()
+        for addr in blocked:
+            admin.mon_command({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr})
+        admin.shutdown()
