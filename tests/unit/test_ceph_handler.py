@@ -1288,6 +1288,23 @@ def test_create_without_a_size_is_refused(ceph_cluster: Any) -> None:
         _open(ceph_cluster, image, extra=";create=1", size=0)
 
 
+def _blocklist_lock_holders(admin: Any, image: str, blocked: list[str]) -> list[str]:
+    """Blocklist every client holding the exclusive lock of ``rbd/<image>`` (there must be
+    one), adding their addresses to `blocked` (for the test to remove); returns them."""
+    ioctx = admin.ioctx("rbd")
+    other = ioctx.open_image(image)
+    try:
+        owners: list[str] = other.lock_owners()
+    finally:
+        other.close()
+        ioctx.close()
+    assert owners, "the device holds no lock"
+    for addr in owners:
+        admin.mon_command({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr})
+        blocked.append(addr)
+    return owners
+
+
 def test_a_blocklisted_client_reconnects_and_serves_again(
         ceph_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: once the cluster blocklisted the device's client (another gateway broke its
@@ -1306,17 +1323,7 @@ def test_a_blocklisted_client_reconnects_and_serves_again(
     try:
         data = b"\x3c" * (8 * BS)
         assert h.run(cdbs.write10(0, 8), data).good
-        ioctx = admin.ioctx("rbd")
-        other = ioctx.open_image(image)
-        try:
-            owners = other.lock_owners()
-        finally:
-            other.close()
-            ioctx.close()
-        assert owners, "the device holds no lock"
-        for addr in owners:
-            admin.mon_command({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr})
-            blocked.append(addr)
+        owners = _blocklist_lock_holders(admin, image, blocked)
         deadline = time.monotonic() + 30
         while True:  # until the OSDs have the map with the blocklist, bounded
             first = h.run(cdbs.write10(16, 8), data)
@@ -1497,17 +1504,7 @@ def test_a_reconnect_finds_an_image_renamed_while_open(ceph_cluster: Any,
         subprocess.run(["rbd", "-c", str(ceph_cluster.conf), "--id", "admin", "rename",
                         f"rbd/{image}", f"rbd/{image}-renamed"], check=True,
                        capture_output=True, timeout=60)
-        ioctx = admin.ioctx("rbd")
-        other = ioctx.open_image(f"{image}-renamed")
-        try:
-            owners = other.lock_owners()
-        finally:
-            other.close()
-            ioctx.close()
-        assert owners, "the device holds no lock"
-        for addr in owners:
-            admin.mon_command({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr})
-            blocked.append(addr)
+        _blocklist_lock_holders(admin, f"{image}-renamed", blocked)
 
         def serving() -> bool:  # an initiator's retries, bounded
             r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
