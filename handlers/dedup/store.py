@@ -30,9 +30,16 @@ Rules this file obeys
     command) reads that chunk back and takes it only if the bytes are equal. A chunk whose XXH3
     equals a different chunk's is stored under its SHA-256 (32 bytes: the two kinds never
     meet in the index), which later copies find in turn. So a collision, accidental or
-    crafted, costs a second lookup and never merges different data.
-  - ``sha256`` (pools made before, or asked for): SHA-256 alone, trusted as identity (a
-    collision has never been found; 2**64 chunks have a ~2**-128 chance of one).
+    crafted, costs a second lookup and never merges different data. A stored copy damaged on
+    disk (it reads back different, or does not decompress) is such a mismatch too: the write's
+    chunk is stored apart under its SHA-256, and the damaged copy stays for `check` to name.
+  - ``sha256`` (pools made before, or asked for): SHA-256 as identity (a collision has never
+    been found; 2**64 chunks have a ~2**-128 chance of one), a match confirmed by bytes as
+    well, against damage: a stored copy that reads back different has been damaged (the
+    write's bytes have the chunk's SHA-256, so they are its content), and is *rewritten* from
+    them (`_relocate`: a new copy appended, the row pointed at it in the same transaction,
+    the damaged bytes left dead for the collector), so every disk naming the chunk reads its
+    content again.
 
   Measured on the development machine (x86-64 with SHA extensions, CPython 3.11): SHA-256
   0.72 ms per MiB (2.8 us per 4 KiB chunk), XXH3-128 0.047 ms per MiB; the comparison costs a
@@ -672,11 +679,13 @@ class DedupPool(PhysicalPool):
         #: with the map cache (`tcmu_py.backend.ChunkExtent`'s contract).
         self._tables: dict[int, ChunkTable] = {}
         self._zero_chunk = bytes(config.chunk_size)
-        #: The fingerprint function of the pool's chunks; `_confirm_bytes`: a match is only
-        #: taken once the bytes compare equal (the fast, non-cryptographic one).
+        #: The fingerprint function of the pool's chunks. A match is taken only once the
+        #: stored bytes compare equal (`_confirmed`): with the fast, non-cryptographic one
+        #: against a collision; with SHA-256 against a stored copy damaged on disk, which the
+        #: write's bytes then replace (they have the chunk's SHA-256: they are its content).
         self.fingerprint: Callable[[bytes | memoryview], bytes] = (
             fingerprint if config.fingerprint == "sha256" else fast_fingerprint)
-        self._confirm_bytes = config.fingerprint != "sha256"
+        self._strong_fp = config.fingerprint == "sha256"
         #: The write journal (journal.py) when the pool has one and was opened to write.
         self.journal: Journal | None = None
 
@@ -1435,8 +1444,9 @@ class DedupPool(PhysicalPool):
                 # chunk id -> [refcount, container, offset, length, compression]
                 info: dict[int, list[int]] = {}
                 found: dict[bytes, int] = {}  # fp -> chunk id
+                heal: dict[int, bytes | memoryview] = {}  # damaged chunk id -> its content
                 self._find({fp for _, _, fp in given if fp is not None}, found, info)
-                chunks = self._confirmed(given, found, info) if self._confirm_bytes else given
+                chunks = self._confirmed(given, found, info, heal)
                 new: dict[bytes, bytes | memoryview] = {}
                 for _, data, fp in chunks:
                     if fp is not None and fp not in found and fp not in new:
@@ -1445,7 +1455,9 @@ class DedupPool(PhysicalPool):
                 code = COMPRESSION_CODES[self._config.compression]
                 stored = ([(fp, data, 0) for fp, data in new.items()] if code == 0 else
                           [(fp, *_compress(data, code)) for fp, data in new.items()])
-                need = sum(len(d) for _, d, _ in stored)
+                healed = ([(chunk, data, 0) for chunk, data in heal.items()] if code == 0 else
+                          [(chunk, *_compress(data, code)) for chunk, data in heal.items()])
+                need = sum(len(d) for _, d, _ in stored) + sum(len(d) for _, d, _ in healed)
                 if deallocating or journaled:  # admitted past the capacity, still a crossing
                     self._count_crossing(self._figures.used, need)
                     break
@@ -1462,13 +1474,17 @@ class DedupPool(PhysicalPool):
             db.execute("SAVEPOINT put")
             try:
                 new_ids = range(self._next_chunk, self._next_chunk + len(stored))
-                if stored:
-                    places = self._append_many([d for _, d, _ in stored])
+                dead: dict[int, int] = {}  # container -> dead bytes this change adds
+                damaged: list[tuple[int, int]] = []
+                if stored or healed:
+                    places = self._append_many([d for _, d, _ in stored] +
+                                               [d for _, d, _ in healed])
                     for new_id, (fp, data, used_code), (cid, off) in zip(
-                            new_ids, stored, places, strict=True):
+                            new_ids, stored, places, strict=False):
                         found[fp] = new_id
                         info[new_id] = [0, cid, off, len(data), used_code]
                     self._next_chunk += len(stored)
+                    damaged = self._relocate(healed, places[len(stored):], info, dead)
                 idxs = [idx for idx, _, _ in chunks]
                 old: dict[int, int] = dict(db.execute(
                     "SELECT idx, chunk FROM map WHERE disk=? AND idx>=? AND idx<=?",
@@ -1500,7 +1516,6 @@ class DedupPool(PhysicalPool):
                             "SELECT id, refcount, container, offset, length, compression FROM "
                             f"chunks WHERE id IN ({','.join('?' * len(ids))})", ids):
                         info[chunk] = [rc, cid, off, length, z]
-                dead: dict[int, int] = {}
                 refs: list[tuple[int, int]] = []
                 for chunk in new_ids:  # counted dead until a reference makes them live
                     cid, length = info[chunk][1], info[chunk][3]
@@ -1548,6 +1563,12 @@ class DedupPool(PhysicalPool):
                 if isinstance(exc, sqlite3.Error):
                     raise _db_error(exc) from exc
                 raise
+            for cid, off in damaged:  # their cached places name the damaged copies
+                self._forget_container(cid)
+                log.warning("pool %s: a chunk stored in %s at %d did not hold its content "
+                            "(damaged on disk); rewritten from a write of that content, the "
+                            "damaged copy left for the collector", self.name,
+                            container_file(self.path, cid), off)
             base = did << _IDX_BITS
             packed = {fp: _pack_loc(*info[chunk][1:5])  # type: ignore[misc]
                       for fp, chunk in found.items()}
@@ -1577,13 +1598,18 @@ class DedupPool(PhysicalPool):
                 info[chunk] = [rc, cid, off, length, z]
 
     def _confirmed(self, chunks: Sequence[tuple[int, bytes | memoryview | None, bytes | None]],
-                   found: dict[bytes, int], info: dict[int, list[int]]
+                   found: dict[bytes, int], info: dict[int, list[int]],
+                   heal: dict[int, bytes | memoryview]
                    ) -> list[tuple[int, bytes | memoryview | None, bytes | None]]:
-        """`chunks` (fast fingerprints) with each match confirmed by bytes (lock held): a chunk
-        whose fingerprint names a stored chunk or an earlier chunk of the command keeps it only
-        if the bytes are equal; else it takes its SHA-256 (`fingerprint`), looked up in turn
-        (into `found` and `info`). So equal fingerprints never merge different bytes."""
-        seen: dict[bytes, bytes | memoryview] = {}  # fp -> the bytes it stands for here
+        """`chunks` with each match confirmed by bytes (lock held): a chunk whose fingerprint
+        names a stored chunk or an earlier chunk of the command keeps it only if the bytes are
+        equal (a stored copy that cannot be read or decompressed is not). Else, in a pool of
+        fast fingerprints it takes its SHA-256 (`fingerprint`), looked up in turn (into `found`
+        and `info`): equal fingerprints never merge different bytes. In a SHA-256 pool the
+        stored copy is damaged (its content has that SHA-256, these bytes do): the chunk keeps
+        its match and ``heal[chunk id]`` gets the bytes, which replace the damaged copy
+        (`_relocate`)."""
+        seen: dict[bytes, bytes | memoryview | None] = {}  # fp -> the bytes it stands for here
         out: list[tuple[int, bytes | memoryview | None, bytes | None]] = []
         strong: set[bytes] = set()
         for item in chunks:
@@ -1592,20 +1618,59 @@ class DedupPool(PhysicalPool):
                 out.append(item)
                 continue
             assert data is not None
-            ref = seen.get(fp)
-            if ref is None:
-                chunk = found.get(fp)
-                ref = seen[fp] = data if chunk is None else self._chunk_data(*info[chunk][1:5])
+            chunk = found.get(fp)
+            if fp in seen:
+                ref = seen[fp]
+            elif chunk is None:
+                ref = seen[fp] = data
+            else:
+                try:
+                    ref = self._chunk_data(*info[chunk][1:5])
+                except OSError:
+                    ref = None  # unreadable: damaged (the read of a disk says so too)
+                seen[fp] = ref
             # bytes == bytes is a memcmp; a memoryview compares item by item (~55 us per 4 KiB)
-            if data is ref or _as_bytes(data) == _as_bytes(ref):
+            if data is ref or (ref is not None and _as_bytes(data) == _as_bytes(ref)):
                 out.append(item)
-            else:  # a different chunk with the same XXH3: it goes by its SHA-256
+            elif self._strong_fp:
+                if chunk is not None and chunk not in heal:
+                    heal[chunk] = data
+                    seen[fp] = data
+                out.append(item)
+            else:  # a different chunk with the same XXH3, or a damaged copy: by its SHA-256
                 key = fingerprint(data)
                 strong.add(key)
                 out.append((idx, data, key))
         if strong:
             self._find(strong, found, info)
         return out
+
+    def _relocate(self, healed: Sequence[tuple[int, bytes | memoryview, int]],
+                  places: Sequence[tuple[int, int]], info: dict[int, list[int]],
+                  dead: dict[int, int]) -> list[tuple[int, int]]:
+        """Point each damaged chunk of `healed` (id, its content as stored, compression) at
+        its new copy in `places` (appended in this transaction: durable before the commit
+        that names it, rule 2), keeping its id, fingerprint and references; the damaged bytes
+        count as dead in their container, and `dead` takes the new copy's when the chunk is
+        dead itself. Returns the damaged copies' (container, offset) (lock held, inside
+        `put`'s savepoint)."""
+        f = self._figures
+        damaged: list[tuple[int, int]] = []
+        rows: list[tuple[int, int, int, int, int]] = []
+        for (chunk, data, code), (cid, off) in zip(healed, places, strict=True):
+            row = info[chunk]
+            rc, old_cid, old_off, old_len = row[0], row[1], row[2], row[3]
+            if rc:
+                dead[old_cid] = dead.get(old_cid, 0) + old_len
+                f.live_bytes += len(data) - old_len
+            else:  # dead already; the new copy is dead until a reference revives it
+                dead[cid] = dead.get(cid, 0) + len(data)
+            info[chunk] = [rc, cid, off, len(data), code]
+            rows.append((cid, off, len(data), code, chunk))
+            damaged.append((old_cid, old_off))
+        self._db.executemany("UPDATE chunks SET container=?, offset=?, length=?, compression=? "
+                             "WHERE id=?", rows)
+        return damaged
 
     def _reclaim(self, need: int) -> bool:
         """Make room for `need` more bytes by compacting containers that hold dead chunks (any

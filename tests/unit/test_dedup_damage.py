@@ -1,0 +1,83 @@
+"""A chunk damaged on disk and written again: the write's bytes are never merged with the
+damaged copy. A SHA-256 pool rewrites the damaged copy from them (every disk naming the chunk
+reads its content again); a pool of fast fingerprints stores them apart, as for a collision,
+also when the damaged copy no longer decompresses (such a write failed with an I/O error)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tcmu_py.handlers.dedup import DedupPool, check_pool, create_pool
+from tcmu_py.handlers.dedup.store import DB_FILE, container_file
+
+CS = 4096
+SIZE = 16 * CS
+
+
+def chunk(seed: int) -> bytes:
+    return random.Random(seed).randbytes(CS)
+
+
+def damage_chunks(path: str, where: float) -> int:
+    """Flip a byte of every stored chunk, `where` into it (0: its first byte, a compressed
+    chunk's frame header); how many there are."""
+    db = sqlite3.connect(os.path.join(path, DB_FILE))
+    try:
+        rows = db.execute("SELECT container, offset, length FROM chunks").fetchall()
+    finally:
+        db.close()
+    for cid, off, length in rows:
+        with open(container_file(path, cid), "r+b") as f:
+            f.seek(off + int(length * where))
+            byte = f.read(1)
+            f.seek(off + int(length * where))
+            f.write(bytes([byte[0] ^ 0xFF]))
+    return len(rows)
+
+
+def read(pool: DedupPool, disk: str, idx: int) -> bytes:
+    d = pool.open_disk(disk, SIZE)
+    try:
+        buf = bytearray(CS)
+        d.read(idx * CS, [memoryview(buf)])
+        return bytes(buf)
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize(("fingerprint", "compression", "where"), [
+    ("sha256", "none", 0.5), ("sha256", "zstd", 0.5), ("sha256", "zstd", 0.0),
+    ("xxh3-128", "none", 0.5), ("xxh3-128", "zstd", 0.5), ("xxh3-128", "zstd", 0.0)])
+def test_a_write_of_a_damaged_chunks_content_is_never_merged_with_the_damage(
+        tmp_path: Path, fingerprint: str, compression: str, where: float) -> None:
+    path = str(tmp_path / "pool")
+    create_pool(path, "p", 64 * CS, compression=compression, fingerprint=fingerprint)
+    data = chunk(1) if compression == "none" else b"compressible " * (CS // 13) + bytes(CS % 13)
+    with DedupPool.open(path) as pool:
+        a = pool.open_disk("a", SIZE)
+        a.write(0, [memoryview(data)])
+        a.close()
+    assert damage_chunks(path, where) == 1
+    assert not check_pool(path).clean  # the damage is there
+    with DedupPool.open(path) as pool:
+        b = pool.open_disk("b", SIZE)
+        b.write(3 * CS, [memoryview(data)])  # the same content, on another disk
+        b.flush()
+        got = bytearray(CS)
+        b.read(3 * CS, [memoryview(got)])
+        assert bytes(got) == data
+        b.close()
+        if fingerprint == "sha256":  # rewritten: the first disk reads its data again
+            assert read(pool, "a", 0) == data
+    report = check_pool(path)
+    if fingerprint == "sha256":
+        assert report.clean, report
+    else:  # stored apart: the first disk's copy stays damaged (check names it)
+        assert not report.clean
+    with DedupPool.open(path) as pool:  # and so after a reopen
+        assert read(pool, "b", 3) == data
