@@ -125,6 +125,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     lio.read_state(config.state_dir)
+    registry = _installed()
+    for dev in config.devices:
+        handler = registry.get(dev.handler)
+        for warning in handler.device_warnings(dev) if handler is not None else ():
+            print(f"{args.config or '<default>'}: warning: device {dev.name}: {warning}",
+                  file=sys.stderr)
     print(f"{args.config or '<default>'}: OK ({len(config.devices)} device(s))")
     return 0
 

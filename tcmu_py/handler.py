@@ -289,6 +289,12 @@ class Handler(ABC):
         return None
 
     @classmethod
+    def device_warnings(cls, device: Device) -> list[str]:
+        """What `tcmu-py check` warns of in `device`'s settings: valid, but likely to hurt
+        (each message names the key, the value and what is expected). Default: none."""
+        return []
+
+    @classmethod
     def prepare(cls, config: ConfigView) -> None:
         """Create or update what the configuration's devices of this subtype need before they
         open (pools, libraries), idempotently. Runs in ``tcmu-py apply`` and ``serve -c`` once

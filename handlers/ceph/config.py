@@ -130,6 +130,18 @@ def _keyed(cfgstring: str) -> str:
     return cfgstring
 
 
+def osd_timeout_warning(osd_op_timeout: int, cmd_time_out: int) -> str | None:
+    """Why an ``osd_op_timeout`` not below half the device's ``cmd_time_out`` (0: none) hurts,
+    or None when it is below."""
+    if not 0 < cmd_time_out <= 2 * osd_op_timeout:
+        return None
+    return (f"osd_op_timeout {osd_op_timeout} s is not below half the device's cmd_time_out "
+            f"{cmd_time_out} s: in a long cluster stall librbd answers a write after up to two "
+            "of its timeouts, and the kernel fails commands itself first (LOGICAL UNIT "
+            "COMMUNICATION FAILURE, an I/O error for the application) instead of the retryable "
+            f"NOT READY; expected at most {default_osd_op_timeout(cmd_time_out)}")
+
+
 def parse(cfgstring: str, cmd_time_out: int = KERNEL_CMD_TIME_OUT) -> CephConfig:
     """The config of `cfgstring` for a device whose kernel command timeout is `cmd_time_out`
     (it sets the default ``osd_op_timeout``); `ConfigError` names the key that is wrong."""

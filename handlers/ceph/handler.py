@@ -50,6 +50,17 @@ class CephHandler(Handler):
         return f"ceph:{os.path.realpath(cfg.conf)}:{cfg.spec}"
 
     @classmethod
+    def device_warnings(cls, device: Device) -> list[str]:
+        """An ``osd_op_timeout`` not below half the device's ``cmd_time_out``
+        (`config.osd_timeout_warning`; the open logs the same)."""
+        try:
+            cfg = _config.parse(join_config_items(device.options), device.cmd_time_out)
+        except ConfigError:
+            return []  # reported as an error by the check of its options
+        why = _config.osd_timeout_warning(cfg.osd_op_timeout, device.cmd_time_out)
+        return [] if why is None else [why]
+
+    @classmethod
     def open(cls, config: DeviceConfig) -> ScsiDevice:
         """Connect to the cluster, open (or with ``create=1`` make) the image and serve it.
         The device's size is the kernel's ``dev_size`` (0: the image's size); it may not exceed
@@ -58,14 +69,9 @@ class CephHandler(Handler):
         from .device import CephDevice, open_backend
 
         cfg = _config.parse(config.cfgstring, config.cmd_time_out)
-        if 0 < config.cmd_time_out <= 2 * cfg.osd_op_timeout:
-            log.warning("ceph device %s: osd_op_timeout %d s is not below half the device's "
-                        "cmd_time_out %d s: in a long cluster stall librbd answers a write "
-                        "after up to two of its timeouts, and the kernel fails commands itself "
-                        "first (LOGICAL UNIT COMMUNICATION FAILURE, an I/O error for the "
-                        "application) instead of the retryable NOT READY; expected at most %d",
-                        config.name, cfg.osd_op_timeout, config.cmd_time_out,
-                        _config.default_osd_op_timeout(config.cmd_time_out))
+        why = _config.osd_timeout_warning(cfg.osd_op_timeout, config.cmd_time_out)
+        if why is not None:
+            log.warning("ceph device %s: %s", config.name, why)
         backend = open_backend(cfg, config.size, config.block_size)
         try:
             return CephDevice(config, backend)

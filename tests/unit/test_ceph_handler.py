@@ -474,6 +474,27 @@ def test_yaml_two_exclusive_devices_on_one_image_are_refused() -> None:
     load_config_text(doc("exclusive", "exclusive", "rbd/ns1/vol2"), "x.yaml")
 
 
+def test_check_warns_of_an_osd_op_timeout_not_below_half_cmd_time_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tcmu-py check` says what the open would log (it said OK, and the operator learned it
+    from the daemon's log, if at all); still valid: exit 0."""
+    from tcmu_py import cli
+
+    f = tmp_path / "cfg.yaml"
+    f.write_text(f"state_dir: {tmp_path}/state\ndevices:\n"
+                 "  - {name: a, handler: ceph, size: 1G, cmd_time_out: 30, options: {image: "
+                 "rbd/vol1, osd_op_timeout: 20}}\n"
+                 "  - {name: b, handler: ceph, size: 1G, cmd_time_out: 30, options: {image: "
+                 "rbd/vol2, osd_op_timeout: 10}}\n"
+                 "  - {name: c, handler: ceph, size: 1G, options: {image: rbd/vol3}}\n")
+    assert cli.main(["check", "-c", str(f)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{f}: OK (3 device(s))"
+    assert err.count("warning:") == 1, err
+    assert (f"{f}: warning: device a: osd_op_timeout 20 s is not below half the device's "
+            "cmd_time_out 30 s") in err and "expected at most 14" in err
+
+
 @contextlib.contextmanager
 def _stopped(procs: list[Any]) -> Iterator[None]:
     """`procs` (daemons of the cluster) stopped with SIGSTOP, every thread of them (bounded),
