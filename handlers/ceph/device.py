@@ -363,6 +363,9 @@ class RbdBackend:
         #: when nothing can be in flight on them any more (the device has stopped).
         self._retired: list[tuple[Image, IoCtx, Cluster]] = []
         self._state_lock = threading.Lock()
+        #: The reconnect thread's new client was blocklisted as well (`take_lock`): it
+        #: connects another (`_reconnect`).
+        self._new_client_lost = False
         #: Why the image is gone (`_gone`): for good, whatever the lock or a reconnect says.
         self._missing: str | None = None
 
@@ -451,15 +454,27 @@ class RbdBackend:
             if listener is not None:
                 listener()
             if self.cfg.lock == "exclusive":
-                if not self.take_lock():
+                if not self.take_lock() and not self._new_client_lost:
                     # Connected; another gateway holds the lock (it broke ours): a standby,
                     # NOT READY 04h/03h as at open, not 04h/01h (nothing is on its way: an
                     # initiator retrying "becoming ready" would not fail over).
                     self._standing_by = True
                     log.warning("ceph image %s: reconnected as a new client; the exclusive "
                                 "lock is another's: standing by", self.cfg.spec)
-                    if not self._wait_for_lock(LOCK_RETRY_INTERVAL):
-                        return  # closed before the lock was ours
+                    self._wait_for_lock(LOCK_RETRY_INTERVAL)
+                if self._new_client_lost:
+                    # This client was blocklisted too (an operator, or a gateway breaking
+                    # locks): it can take no lock, ever. Another one, as after the first.
+                    self._new_client_lost = False
+                    with self._state_lock:
+                        self._standing_by = False
+                    log.error("ceph image %s: the cluster blocklisted the new client too; "
+                              "connecting another one", self.cfg.spec)
+                    self._set_not_ready(f"ceph image {self.cfg.spec}: the cluster blocklisted "
+                                        "this client; reconnecting")
+                    continue
+                if self.not_ready is not None:
+                    return  # closed before the lock was ours
             else:
                 self._set_not_ready(None)
             with self._state_lock:
@@ -476,6 +491,9 @@ class RbdBackend:
         except RadosError as exc:
             if exc.errno == errno.ESHUTDOWN and self._reconnecting is None:
                 self._blocklisted(exc)  # a standby blocklisted: no lock with this client
+                return False
+            if exc.errno == errno.ESHUTDOWN and self._reconnecting is threading.current_thread():
+                self._new_client_lost = True  # `_reconnect` connects another
                 return False
             if self.image.mirror_non_primary():
                 # librbd refuses the lock (EINVAL, EROFS) of a copy rbd-mirror keeps read-only
@@ -533,6 +551,8 @@ class RbdBackend:
                 return False
             if self.take_lock():
                 return True
+            if self._new_client_lost:
+                return False
         return False
 
     def check_ready(self) -> None:

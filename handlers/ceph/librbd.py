@@ -57,6 +57,7 @@ int rados_mon_command(rados_t cluster, const char **cmd, size_t cmdlen, const ch
                       size_t inbuflen, char **outbuf, size_t *outbuflen, char **outs,
                       size_t *outslen);
 void rados_buffer_free(char *buf);
+int rados_getaddrs(rados_t cluster, char **addrs);
 
 int rbd_create2(rados_ioctx_t io, const char *name, uint64_t size, uint64_t features,
                 int *order);
@@ -251,6 +252,15 @@ class Cluster:
 
     def ioctx(self, pool: str, namespace: str = "") -> IoCtx:
         return IoCtx(self, pool, namespace)
+
+    def address(self) -> str:
+        """This client's address as the cluster sees it (what ``ceph osd blocklist`` takes)."""
+        out = _ffi.new("char **")
+        check(self._lib.rados_getaddrs(self._h, out), "rados_getaddrs")
+        try:
+            return str(_ffi.string(out[0]).decode())
+        finally:
+            self._lib.rados_buffer_free(out[0])
 
     def pool_exists(self, pool: str) -> bool:
         """Whether the cluster has `pool`: looked up in the map this client holds (no round

@@ -633,7 +633,9 @@ def test_a_reconnected_gateway_that_finds_the_lock_taken_stands_by(
     """Another gateway broke this one's lock (``rbd lock rm`` blocklists the holder) and took
     it. Before: this device, reconnected as a new client that found the lock another's,
     answered NOT READY 02h/04h/01h ("becoming ready", which initiators retry for minutes)
-    for as long as the other held it. Now 02h/04h/03h, as a standby opened so does."""
+    for as long as the other held it. Now 02h/04h/03h, as a standby opened so does. Its new
+    client blocklisted too (an operator), it connects a third, and takes over when the other
+    gateway lets go (it kept trying with the blocklisted client, which can take no lock)."""
     from tcmu_py.handlers.ceph import device as ceph_device
 
     monkeypatch.setattr(ceph_device, "RECONNECT_INTERVAL", 0.5)
@@ -669,6 +671,19 @@ def test_a_reconnected_gateway_that_finds_the_lock_taken_stands_by(
             time.sleep(0.2)
         assert r.sense_codes == (0x02, 0x04, 0x03), seen[-3:]
         assert hb.run(cdbs.read10(8, 8), data_in_len=8 * BS).data == b"\x3d" * (8 * BS)
+        second = a.backend.cluster.address()
+        retired = len(a.backend._retired)
+        admin.mon_command({"prefix": "osd blocklist", "blocklistop": "add", "addr": second})
+        blocked.append(second)
+        assert wait_until(lambda: len(a.backend._retired) > retired, 60, 0.2), \
+            "no third client after the second was blocklisted"
+        hb.close()
+        b.close()
+        hb = b = None  # b lets go of the lock: a takes over (retry every 0.5 s)
+        assert wait_until(lambda: ha.run(cdbs.read10(8, 8), data_in_len=8 * BS).good, 60, 0.2), \
+            a.not_ready_reason
+        assert _read(ha, 0, 16) == b"\x3c" * (8 * BS) + b"\x3d" * (8 * BS)
+        assert ha.run(cdbs.write10(16, 8), b"\x3e" * (8 * BS)).good
     finally:
         for h, dev in ((hb, b), (ha, a)):
             if h is not None:
