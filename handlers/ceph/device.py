@@ -163,8 +163,8 @@ UNAVAILABLE = frozenset({errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN, errno
                          errno.ECONNREFUSED})
 
 #: Errors whose sense says what happened (`scsi_error`); after any other, the device looks
-#: whether the image's pool still exists (`RbdBackend.sense`: librbd answers a pool deleted
-#: under an open image with EPERM, ENOENT or EROFS, measured).
+#: whether the image's pool still exists (`RbdBackend._check_pool_later`: librbd answers a
+#: pool deleted under an open image with EPERM, ENOENT or EROFS, measured).
 _OWN_SENSE = UNAVAILABLE | {errno.ERANGE, errno.EDQUOT, errno.ENOSPC, errno.EILSEQ}
 
 
@@ -366,6 +366,8 @@ class RbdBackend:
         #: The reconnect thread's new client was blocklisted as well (`take_lock`): it
         #: connects another (`_reconnect`).
         self._new_client_lost = False
+        #: The thread looking whether the image's pool still exists (`_check_pool_later`).
+        self._pool_check: threading.Thread | None = None
         #: Why the image is gone (`_gone`): for good, whatever the lock or a reconnect says.
         self._missing: str | None = None
 
@@ -379,34 +381,56 @@ class RbdBackend:
         if (isinstance(exc, OSError) and exc.errno == errno.ESHUTDOWN
                 and (image is None or image is self.image)):
             self._blocklisted(exc)
-        mapped = scsi_error(exc, writing)
         if (isinstance(exc, OSError) and exc.errno not in _OWN_SENSE
-                and (image is None or image is self.image)
-                and (exc.errno == errno.ENOENT or not self.cluster.pool_exists(self.cfg.pool))):
-            return self._gone(exc)
+                and (image is None or image is self.image)):
+            self._check_pool_later(exc)
         listener = self.size_listener
         if isinstance(exc, OSError) and exc.errno == errno.ERANGE and listener:
             listener()
-        return mapped
+        return scsi_error(exc, writing)
 
-    def _gone(self, exc: BaseException) -> BaseException:
-        """An operation on the open image failed (not for a reason with a sense of its own)
-        and its pool is gone from the cluster map, or librbd said ENOENT: the pool (or
-        namespace) was deleted under it (librbd refuses to remove an image a client has open,
-        not a pool; measured: a write then fails with EPERM, ENOENT or EROFS). Nothing
-        brings it back: every command, TEST UNIT READY included, answers NOT READY 02h/04h/03h
-        (manual intervention) with the reason in the log and in ``tcmu-py status``, where it
-        answered MEDIUM ERROR / WRITE ERROR per command while TEST UNIT READY said GOOD."""
-        why = (f"ceph image {self.cfg.spec}: the image or its pool no longer exists in the "
-               f"cluster ({exc}); expected the device removed, or the image restored and the "
-               "device opened again")
+    def _check_pool_later(self, exc: BaseException) -> None:
+        """After `exc` (an error without a sense of its own) from the current image: look, on
+        a thread of its own (one at a time), whether the image's pool still exists (`_gone`
+        if not). Not here: this runs on librbd's callback threads, and the lookup of a pool
+        this client's map lacks waits for the monitors."""
         with self._state_lock:
-            first = self._missing is None
+            if self._pool_check is not None or self._missing or self._closing.is_set():
+                return
+            thread = threading.Thread(target=self._check_pool, args=(exc, self.cluster,
+                                                                      self.ioctx.pool_id),
+                                      name=f"poolcheck-{self.cfg.spec}", daemon=True)
+            self._pool_check = thread
+        thread.start()
+
+    def _check_pool(self, exc: BaseException, cluster: Cluster, pool_id: int) -> None:
+        name_os_thread()
+        try:
+            gone = not cluster.pool_id_exists(pool_id)
+        finally:
+            with self._state_lock:
+                self._pool_check = None
+        if gone:
+            self._gone(exc)
+
+    def _gone(self, exc: BaseException) -> None:
+        """An operation on the open image failed (not for a reason with a sense of its own)
+        and its pool (looked up by id: a rename is not this) is gone from the cluster: it was
+        deleted under the image (librbd refuses to remove an image a client has open, not a
+        pool; measured: writes then fail with EPERM, ENOENT or EROFS). Nothing brings it back:
+        every command from then on, TEST UNIT READY included, answers NOT READY 02h/04h/03h
+        (manual intervention) with the reason in the log and in ``tcmu-py status``, where each
+        answered MEDIUM ERROR / WRITE ERROR while TEST UNIT READY said GOOD; the lock and
+        reconnect threads stop."""
+        why = (f"ceph image {self.cfg.spec}: its pool no longer exists in the cluster (deleted"
+               f" under the open image: {exc}); expected the device removed, or the pool and "
+               "image restored and the device opened again")
+        with self._state_lock:
+            if self._missing is not None:
+                return
             self._missing = why
-        if first:
-            log.error("%s", why)
-            self._set_not_ready(why)
-        return NotReadyManualIntervention(why)
+        log.error("%s", why)
+        self._set_not_ready(why)
 
     def _blocklisted(self, exc: BaseException) -> None:
         with self._state_lock:
@@ -429,7 +453,7 @@ class RbdBackend:
         blocklisted client's handles are kept until `close`: operations of the device may still
         be in flight on them."""
         name_os_thread()
-        while not self._closing.wait(RECONNECT_INTERVAL):
+        while not self._closing.wait(RECONNECT_INTERVAL) and self._missing is None:
             try:
                 cluster = _connect(self.cfg)
                 try:
@@ -524,7 +548,7 @@ class RbdBackend:
         """`FileExtent`: the image, for the native loop's librbd calls, while medium access is
         allowed (the exclusive lock is ours, or lock=shared); None otherwise, so that every
         command reaches the device and answers NOT READY."""
-        return self._extent if self.not_ready is None else None
+        return self._extent if self.not_ready is None and self._missing is None else None
 
     def start_lock_retry(self, interval: float = LOCK_RETRY_INTERVAL) -> None:
         """Keep trying to take the lock every `interval` seconds, on a thread of its own, until
@@ -545,7 +569,7 @@ class RbdBackend:
         interval from now, until it is ours: True. False when the backend closes first, or when
         another thread than this one is connecting a new client (`_reconnecting`): that thread
         takes the lock with the new client (`_reconnect`, which waits here itself)."""
-        while not self._closing.wait(interval):
+        while not self._closing.wait(interval) and self._missing is None:
             reconnecting = self._reconnecting
             if reconnecting is not None and reconnecting is not threading.current_thread():
                 return False
@@ -556,7 +580,7 @@ class RbdBackend:
         return False
 
     def check_ready(self) -> None:
-        why = self.not_ready
+        why = self._missing or self.not_ready
         if why is not None:
             if self._reconnecting is not None and not self._standing_by and not self._missing:
                 raise NotReadyBecoming(why)  # a new client is on its way: retry
@@ -710,7 +734,9 @@ class RbdBackend:
 
     def close(self) -> None:
         self._closing.set()
-        for thread in (self._retry, self._reconnecting):
+        with self._state_lock:
+            check = self._pool_check  # in librados: the clients must outlive it
+        for thread in (self._retry, self._reconnecting, check):
             if thread is not None:
                 thread.join()
         with self._state_lock:

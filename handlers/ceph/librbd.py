@@ -49,7 +49,8 @@ int rados_conf_set(rados_t cluster, const char *option, const char *value);
 int rados_connect(rados_t cluster);
 void rados_shutdown(rados_t cluster);
 int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx);
-int64_t rados_pool_lookup(rados_t cluster, const char *pool_name);
+int rados_pool_reverse_lookup(rados_t cluster, int64_t id, char *buf, size_t maxlen);
+int64_t rados_ioctx_get_id(rados_ioctx_t io);
 void rados_ioctx_destroy(rados_ioctx_t io);
 void rados_ioctx_set_namespace(rados_ioctx_t io, const char *nspace);
 void rados_set_pool_full_try(rados_ioctx_t io);
@@ -262,12 +263,14 @@ class Cluster:
         finally:
             self._lib.rados_buffer_free(out[0])
 
-    def pool_exists(self, pool: str) -> bool:
-        """Whether the cluster has `pool`: looked up in the map this client holds (no round
-        trip when it is there), and only when it is not, in the monitors' latest map (librados
-        asks for it). An error other than "no such pool" counts as existing (nothing is
-        known)."""
-        return int(self._lib.rados_pool_lookup(self._h, pool.encode())) != -_errno.ENOENT
+    def pool_id_exists(self, pool_id: int) -> bool:
+        """Whether the cluster has the pool of id `pool_id` (renamed or not): looked up in the
+        map this client holds, and only when it is not there, in the monitors' latest map
+        (librados asks for it and waits: not on librbd's callback threads). An error other
+        than "no such pool" counts as existing (nothing is known)."""
+        buf = _ffi.new("char[]", 256)
+        return int(self._lib.rados_pool_reverse_lookup(self._h, pool_id, buf, 256)) \
+            != -_errno.ENOENT
 
     def shutdown(self) -> None:
         h, self._h = self._h, None
@@ -295,6 +298,11 @@ class IoCtx:
         if namespace:
             self._lib.rados_ioctx_set_namespace(self._h, namespace.encode())
         self._lib.rados_set_pool_full_try(self._h)
+
+    @property
+    def pool_id(self) -> int:
+        """The pool's id (it stays when the pool is renamed)."""
+        return int(self._lib.rados_ioctx_get_id(self._h))
 
     def namespace_exists(self, namespace: str) -> bool:
         out = _ffi.new("bool *")

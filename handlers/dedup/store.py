@@ -1563,12 +1563,13 @@ class DedupPool(PhysicalPool):
                 if isinstance(exc, sqlite3.Error):
                     raise _db_error(exc) from exc
                 raise
-            for cid, off in damaged:  # their cached places name the damaged copies
-                self._forget_container(cid)
+            if damaged:  # cached places name the damaged copies (a collector's move too)
+                self._forget()
+            for cid, off in damaged:
                 log.warning("pool %s: a chunk stored in %s at %d did not hold its content "
-                            "(damaged on disk); rewritten from a write of that content, the "
-                            "damaged copy left for the collector", self.name,
-                            container_file(self.path, cid), off)
+                            "(damaged on disk); rewriting it from a write of that content "
+                            "(durable with the write), the damaged copy left for the collector",
+                            self.name, container_file(self.path, cid), off)
             base = did << _IDX_BITS
             packed = {fp: _pack_loc(*info[chunk][1:5])  # type: ignore[misc]
                       for fp, chunk in found.items()}
@@ -1605,10 +1606,12 @@ class DedupPool(PhysicalPool):
         names a stored chunk or an earlier chunk of the command keeps it only if the bytes are
         equal (a stored copy that cannot be read or decompressed is not). Else, in a pool of
         fast fingerprints it takes its SHA-256 (`fingerprint`), looked up in turn (into `found`
-        and `info`): equal fingerprints never merge different bytes. In a SHA-256 pool the
-        stored copy is damaged (its content has that SHA-256, these bytes do): the chunk keeps
-        its match and ``heal[chunk id]`` gets the bytes, which replace the damaged copy
-        (`_relocate`)."""
+        and `info`): equal fingerprints never merge different bytes. A SHA-256 match (in a
+        SHA-256 pool, or such a second lookup) whose stored copy differs means that copy is
+        damaged (its content has that SHA-256, these bytes do): the chunk keeps its match and
+        ``heal[chunk id]`` gets the bytes, which replace the damaged copy (`_relocate`; they
+        count against the capacity as a new chunk would: a write of nothing but duplicates
+        can then be refused on a full pool)."""
         seen: dict[bytes, bytes | memoryview | None] = {}  # fp -> the bytes it stands for here
         out: list[tuple[int, bytes | memoryview | None, bytes | None]] = []
         strong: set[bytes] = set()
@@ -1643,6 +1646,15 @@ class DedupPool(PhysicalPool):
                 out.append((idx, data, key))
         if strong:
             self._find(strong, found, info)
+            for _, piece, sfp in out:  # a SHA-256 match: its stored copy damaged is healed
+                chunk = found.get(sfp) if sfp is not None and sfp in strong else None
+                if chunk is not None and chunk not in heal and piece is not None:
+                    try:
+                        same = _as_bytes(piece) == self._chunk_data(*info[chunk][1:5])
+                    except OSError:
+                        same = False
+                    if not same:
+                        heal[chunk] = piece
         return out
 
     def _relocate(self, healed: Sequence[tuple[int, bytes | memoryview, int]],

@@ -1472,9 +1472,11 @@ def test_a_pool_deleted_under_the_device_is_not_ready_for_good(ceph_cluster: Any
             assert h.run(cdbs.write10(0, 8), b"\x11" * (8 * BS)).good
             _delete_pool(admin, pool)
 
-            def refused() -> bool:  # (GOOD until this client's map has the pool gone)
+            def refused() -> bool:  # GOOD until this client's map has the pool gone; the
+                # failures before the device has looked the pool up answer librbd's errno
                 r = h.run(cdbs.write10(4096, 8), b"\x22" * (8 * BS))
-                assert r.good or r.sense_codes == (0x02, 0x04, 0x03), r
+                assert r.good or r.sense_codes in ((0x02, 0x04, 0x03), (0x03, 0x0C, 0x00),
+                                                   (0x07, 0x27, 0x00)), r
                 return r.sense_codes == (0x02, 0x04, 0x03)
 
             assert wait_until(refused, 60, 0.5), "no NOT READY once the pool was deleted"
@@ -1486,6 +1488,37 @@ def test_a_pool_deleted_under_the_device_is_not_ready_for_good(ceph_cluster: Any
         finally:
             h.close()
             dev.close()
+
+
+def test_a_renamed_pool_is_not_a_deleted_one(ceph_cluster: Any) -> None:
+    """The pool is looked up by id after an error: renamed (``ceph osd pool rename``: the
+    image works on), a `lock=shared` device's refused writes (another client holds the lock:
+    EROFS, WRITE PROTECTED) do not make it NOT READY for good."""
+    with _scratch_pool(ceph_cluster) as (admin, pool):
+        base = f"conf={ceph_cluster.conf};id=admin;osd_op_timeout=10"
+        holder = CephHandler.open(DeviceConfig("ceph0", "ceph", f"image={pool}/r;{base};"
+                                               "create=1", SIZE, BS, write_cache=False))
+        hh = _harness(holder)
+        shared = CephHandler.open(DeviceConfig("ceph1", "ceph", f"image={pool}/r;{base};"
+                                               "lock=shared", SIZE, BS, write_cache=False))
+        hs = _harness(shared)
+        try:
+            assert hh.run(cdbs.write10(0, 8), b"\x44" * (8 * BS)).good
+            admin.mon_command({"prefix": "osd pool rename", "srcpool": pool,
+                               "destpool": f"{pool}-new"})
+            assert hs.run(cdbs.write10(0, 8), b"\x45" * (8 * BS)).sense_codes == \
+                (0x07, 0x27, 0x00)
+            backend: Any = shared.backend
+            assert wait_until(lambda: backend._pool_check is None, 30, 0.1)
+            assert hs.run(cdbs.test_unit_ready()).good and shared.not_ready_reason is None
+            assert _read(hs, 0, 8) == b"\x44" * (8 * BS)
+            assert hh.run(cdbs.write10(8, 8), b"\x46" * (8 * BS)).good
+        finally:
+            for h, d in ((hs, shared), (hh, holder)):
+                h.close()
+                d.close()
+            admin.mon_command({"prefix": "osd pool rename", "srcpool": f"{pool}-new",
+                               "destpool": pool})
 
 
 def test_a_non_primary_mirror_image_says_so_and_serves_once_promoted(ceph_cluster: Any

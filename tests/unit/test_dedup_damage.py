@@ -23,12 +23,13 @@ def chunk(seed: int) -> bytes:
     return random.Random(seed).randbytes(CS)
 
 
-def damage_chunks(path: str, where: float) -> int:
-    """Flip a byte of every stored chunk, `where` into it (0: its first byte, a compressed
-    chunk's frame header); how many there are."""
+def damage_chunks(path: str, where: float, fp_len: int | None = None) -> int:
+    """Flip a byte of every stored chunk (whose fingerprint is `fp_len` bytes long, if given),
+    `where` into it (0: its first byte, a compressed chunk's frame header); how many."""
     db = sqlite3.connect(os.path.join(path, DB_FILE))
     try:
-        rows = db.execute("SELECT container, offset, length FROM chunks").fetchall()
+        rows = db.execute("SELECT container, offset, length FROM chunks WHERE ? IS NULL OR "
+                          "length(fp) = ?", (fp_len, fp_len)).fetchall()
     finally:
         db.close()
     for cid, off, length in rows:
@@ -81,3 +82,30 @@ def test_a_write_of_a_damaged_chunks_content_is_never_merged_with_the_damage(
         assert not report.clean
     with DedupPool.open(path) as pool:  # and so after a reopen
         assert read(pool, "b", 3) == data
+
+
+def test_an_xxh3_pools_second_copy_under_sha256_is_healed_when_damaged(tmp_path: Path) -> None:
+    """XXH3 pool: a damaged copy makes the next write of its content go by its SHA-256 (a
+    second chunk); that one damaged too, a third write of the content finds it by SHA-256,
+    which is proof of content: the copy is rewritten (it was merged with the damage)."""
+    path = str(tmp_path / "pool")
+    create_pool(path, "p", 64 * CS, fingerprint="xxh3-128")
+    data = chunk(5)
+    with DedupPool.open(path) as pool:
+        a = pool.open_disk("a", SIZE)
+        a.write(0, [memoryview(data)])
+        a.close()
+    assert damage_chunks(path, 0.5) == 1
+    with DedupPool.open(path) as pool:
+        b = pool.open_disk("b", SIZE)
+        b.write(0, [memoryview(data)])  # stored apart, under its SHA-256
+        b.close()
+    assert damage_chunks(path, 0.25, fp_len=32) == 1
+    with DedupPool.open(path) as pool:
+        c = pool.open_disk("c", SIZE)
+        c.write(0, [memoryview(data)])
+        c.flush()
+        c.close()
+        assert read(pool, "c", 0) == data
+        assert read(pool, "b", 0) == data  # healed
+        assert read(pool, "a", 0) != data  # the first copy stays damaged (check names it)
