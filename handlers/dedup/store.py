@@ -264,6 +264,15 @@ def is_zero_chunk(piece: bytes | memoryview, zero: bytes) -> bool:
     return not piece[0] and (piece if isinstance(piece, bytes) else bytes(piece)) == zero
 
 
+def _encoded(items: Mapping[Any, bytes | memoryview], code: int
+             ) -> list[tuple[Any, bytes | memoryview, int]]:
+    """(key, bytes to store, compression used) for each of `items` under compression `code`
+    (0: none, `_compress` otherwise)."""
+    if code == 0:
+        return [(key, data, 0) for key, data in items.items()]
+    return [(key, *_compress(data, code)) for key, data in items.items()]
+
+
 def _as_bytes(data: bytes | memoryview) -> bytes:
     return data if isinstance(data, bytes) else bytes(data)
 
@@ -1453,10 +1462,8 @@ class DedupPool(PhysicalPool):
                         assert data is not None
                         new[fp] = data
                 code = COMPRESSION_CODES[self._config.compression]
-                stored = ([(fp, data, 0) for fp, data in new.items()] if code == 0 else
-                          [(fp, *_compress(data, code)) for fp, data in new.items()])
-                healed = ([(chunk, data, 0) for chunk, data in heal.items()] if code == 0 else
-                          [(chunk, *_compress(data, code)) for chunk, data in heal.items()])
+                stored = _encoded(new, code)
+                healed = _encoded(heal, code)
                 need = sum(len(d) for _, d, _ in stored) + sum(len(d) for _, d, _ in healed)
                 if deallocating or journaled:  # admitted past the capacity, still a crossing
                     self._count_crossing(self._figures.used, need)
@@ -1480,7 +1487,7 @@ class DedupPool(PhysicalPool):
                     places = self._append_many([d for _, d, _ in stored] +
                                                [d for _, d, _ in healed])
                     for new_id, (fp, data, used_code), (cid, off) in zip(
-                            new_ids, stored, places, strict=False):
+                            new_ids, stored, places[: len(stored)], strict=True):
                         found[fp] = new_id
                         info[new_id] = [0, cid, off, len(data), used_code]
                     self._next_chunk += len(stored)
@@ -1627,11 +1634,7 @@ class DedupPool(PhysicalPool):
             elif chunk is None:
                 ref = seen[fp] = data
             else:
-                try:
-                    ref = self._chunk_data(*info[chunk][1:5])
-                except OSError:
-                    ref = None  # unreadable: damaged (the read of a disk says so too)
-                seen[fp] = ref
+                ref = seen[fp] = self._stored_data(chunk, info)
             # bytes == bytes is a memcmp; a memoryview compares item by item (~55 us per 4 KiB)
             if data is ref or (ref is not None and _as_bytes(data) == _as_bytes(ref)):
                 out.append(item)
@@ -1649,13 +1652,18 @@ class DedupPool(PhysicalPool):
             for _, piece, sfp in out:  # a SHA-256 match: its stored copy damaged is healed
                 chunk = found.get(sfp) if sfp is not None and sfp in strong else None
                 if chunk is not None and chunk not in heal and piece is not None:
-                    try:
-                        same = _as_bytes(piece) == self._chunk_data(*info[chunk][1:5])
-                    except OSError:
-                        same = False
-                    if not same:
+                    stored = self._stored_data(chunk, info)
+                    if stored is None or _as_bytes(piece) != stored:
                         heal[chunk] = piece
         return out
+
+    def _stored_data(self, chunk: int, info: dict[int, list[int]]) -> bytes | None:
+        """Chunk `chunk`'s data as stored (`info` holds its row), or None if it cannot be read
+        or decompressed: damaged (a disk's read of it says so too)."""
+        try:
+            return self._chunk_data(*info[chunk][1:5])
+        except OSError:
+            return None
 
     def _relocate(self, healed: Sequence[tuple[int, bytes | memoryview, int]],
                   places: Sequence[tuple[int, int]], info: dict[int, list[int]],
