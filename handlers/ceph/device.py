@@ -904,6 +904,11 @@ def _open_image(cfg: CephConfig, cluster: Cluster, size: int, image_id: str | No
             try:
                 ioctx.create_image(cfg.image, size)
             except RadosError as exc:
+                if exc.errno == errno.EINVAL:  # the name was checked by parse: the size
+                    raise ConfigError(f"ceph: key 'create': {cfg.spec}: librbd refused to make "
+                                      f"an image of the device's size, {size} bytes ({exc}); "
+                                      "expected a device size librbd takes (`rbd create "
+                                      "--size`), or an existing image") from None
                 if exc.errno not in (errno.EDQUOT, errno.ENOSPC):
                     raise
                 raise ConfigError(f"ceph: key 'create': {cfg.spec}: pool {cfg.pool!r} is full "

@@ -1324,6 +1324,14 @@ def test_create_without_a_size_is_refused(ceph_cluster: Any) -> None:
         _open(ceph_cluster, image, extra=";create=1", size=0)
 
 
+def test_create_with_a_size_librbd_refuses_names_the_size(ceph_cluster: Any) -> None:
+    """Before: a size librbd will not make an image of (2**62 bytes: EINVAL) failed the open
+    with librbd's bare "Invalid argument", naming neither the key nor the size."""
+    image = f"z-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ConfigError, match=f"key 'create'.*{1 << 62} bytes"):
+        _open(ceph_cluster, image, extra=";create=1", size=1 << 62)
+
+
 def _blocklist_lock_holders(admin: Any, image: str, blocked: list[str]) -> list[str]:
     """Blocklist every client holding the exclusive lock of ``rbd/<image>`` (there must be
     one), adding their addresses to `blocked` (for the test to remove); returns them."""
