@@ -228,7 +228,7 @@ def _row(pool: Mapping[str, Any]) -> tuple[str, ...]:
         format_size(pool.get("dead", 0)),
         format_size(pool.get("collected", 0)) if pool.get("live", True) else "-",
         _collector(pool),
-        state_cell(pool),
+        f"DAMAGED ({pool['damage_count']})" if pool.get("damage_count") else state_cell(pool),
     )
 
 

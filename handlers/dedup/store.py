@@ -181,6 +181,8 @@ ZSTD_LEVEL = 3
 SCHEMA_VERSION = 1
 
 DEFAULT_CHUNK = 4096
+#: Damage messages a pool keeps for `status` (more are counted, and logged).
+DAMAGE_SHOWN = 8
 MIN_CHUNK = 4096
 MAX_CHUNK = 65536
 #: A container is sealed once it holds this many bytes (the collector's unit of work).
@@ -583,6 +585,10 @@ class DedupPoolStatus(ThresholdFigures):
     #: bytes of chunks in the journal not yet in the index (the figures above leave them out:
     #: they catch up as it drains); -1: unknown (the pool is not open in this process)
     journal_pending: int = 0
+    #: Damage the open pool has met (the first `DAMAGE_SHOWN` messages) and how many in all:
+    #: data some chunks held cannot be read until ``tcmu-py dedup check --repair`` (offline)
+    damage: tuple[str, ...] = ()
+    damage_count: int = 0
 
     @property
     def ratio(self) -> float:
@@ -608,6 +614,7 @@ class DedupPoolStatus(ThresholdFigures):
             "stored": self.unique if self.stored < 0 else self.stored,
             "compression_ratio": round(self.compression_ratio, 3),
             "journal": self.journal, "journal_pending": self.journal_pending,
+            "damage": list(self.damage), "damage_count": self.damage_count,
             "disks": [{"name": d.name, "size": d.size, "mapped": d.mapped} for d in self.disks],
         }
 
@@ -658,6 +665,11 @@ class DedupPool(PhysicalPool):
         #: `_lost` says so to each such disk's next SYNCHRONIZE CACHE (`take_loss`).
         self._pending: set[int] = set()
         self._lost: dict[int, str] = {}
+        #: Damage found since the open (a container missing or short at the open, a chunk that
+        #: could not be read), for `status`: the first `DAMAGE_SHOWN` messages and how many.
+        self._damage: list[str] = []
+        self._damage_mu = threading.Lock()  # not the pool's lock: readers note damage too
+        self._damage_count = 0
         self._figures = _Figures()
         self._collected = 0
         self._closed = False
@@ -878,7 +890,7 @@ class DedupPool(PhysicalPool):
                 if report is not None:
                     report.problems.append(msg)
                 else:
-                    log.error("pool %s: %s", self.path, msg)
+                    self._note_damage(msg)
                 if not fix:
                     continue
                 keep = min(end, size)  # a file shorter still: verify reports its chunks
@@ -909,8 +921,9 @@ class DedupPool(PhysicalPool):
                     report.problems.append(f"container {cid}: file holds {size} bytes, "
                                            f"{rows[cid]} committed")
                 else:
-                    log.error("pool %s: container %d: %s holds %d bytes, %d committed",
-                              self.path, cid, file, size, rows[cid])
+                    self._note_damage(f"container {cid}: {file} holds {size} bytes, "
+                                      f"{rows[cid]} committed (chunks past its end cannot be "
+                                      "read; `tcmu-py dedup check --repair` drops them)")
                 continue
             else:
                 continue
@@ -925,9 +938,9 @@ class DedupPool(PhysicalPool):
                 report.problems.append(f"container {cid}: file missing ({rows[cid]} bytes "
                                        "committed)")
             else:
-                log.error("pool %s: container %d: %s missing, %d bytes committed (its chunks "
-                          "cannot be read; `tcmu-py dedup check --repair` drops them)",
-                          self.path, cid, container_file(self.path, cid), rows[cid])
+                self._note_damage(f"container {cid}: {container_file(self.path, cid)} missing, "
+                                  f"{rows[cid]} bytes committed (its chunks cannot be read; "
+                                  "`tcmu-py dedup check --repair` drops them)")
         if changed:
             fsync_dir(os.path.join(self.path, CONTAINER_DIR))
         if restored:
@@ -1037,7 +1050,19 @@ class DedupPool(PhysicalPool):
                           if self._compact_live else 1.0),
                 stored=f.live_bytes, compression=c.compression,
                 journal=0 if self.journal is None else self.journal.size,
-                journal_pending=0 if self.journal is None else self.journal.pending)
+                journal_pending=0 if self.journal is None else self.journal.pending,
+                damage=tuple(self._damage), damage_count=self._damage_count)
+
+    def _note_damage(self, msg: str) -> None:
+        """Log `msg` (damage: data cannot be read) as an ERROR and keep it for `status`, each
+        message once."""
+        with self._damage_mu:
+            if msg in self._damage:
+                return
+            self._damage_count += 1
+            if len(self._damage) < DAMAGE_SHOWN:
+                self._damage.append(msg)
+        log.error("pool %s: %s", self.path, msg)
 
     # ------------------------------------------------------------------------------------------
     # pool.json (shared with `tcmu-py apply` in another process, as thin's)
@@ -1272,9 +1297,19 @@ class DedupPool(PhysicalPool):
 
     def read_chunks(self, did: int, first: int, last: int) -> dict[int, bytes]:
         """Chunks [first, last) of disk `did` that hold data, by index (absent: zeros)."""
-        with self.lock:
+        with self.lock, self._damage_noted():
             return {idx: self._chunk_data(*_unpack_loc(loc))
                     for idx, loc in self._locations(did, first, last) if loc != _ZEROS}
+
+    @contextlib.contextmanager
+    def _damage_noted(self) -> Iterator[None]:
+        """An OSError of the block (a chunk that cannot be read) noted for `status`, then
+        raised on."""
+        try:
+            yield
+        except OSError as exc:
+            self._note_damage(f"a read failed: {exc}")
+            raise
 
     def read_into(self, did: int, offset: int, view: memoryview) -> None:
         """Fill `view` (a contiguous byte buffer) with disk `did`'s bytes from `offset` (absent
@@ -1285,7 +1320,7 @@ class DedupPool(PhysicalPool):
         cs = self._config.chunk_size
         end = offset + view.nbytes
         first, last = offset // cs, -(-end // cs)
-        with self.lock:
+        with self.lock, self._damage_noted():
             tabled = did in self._tables
             if last - first == 1 and not tabled:  # the usual small read: one cached chunk
                 loc = self._locs.get(did << _IDX_BITS | first)

@@ -109,3 +109,37 @@ def test_an_xxh3_pools_second_copy_under_sha256_is_healed_when_damaged(tmp_path:
         assert read(pool, "c", 0) == data
         assert read(pool, "b", 0) == data  # healed
         assert read(pool, "a", 0) != data  # the first copy stays damaged (check names it)
+
+
+def test_status_shows_a_container_lost_at_the_open_and_a_read_that_fails(
+        tmp_path: Path) -> None:
+    """Before: a pool opened with a container file gone, or a chunk whose read failed, only
+    logged an ERROR: `tcmu-py status` said ``ok`` while some of the pool's data could not be
+    read. Now the pool's status names the damage and its state column says DAMAGED."""
+    from tcmu_py.handlers.dedup import DedupHandler
+
+    path = str(tmp_path / "pool")
+    create_pool(path, "p", 64 * CS)
+    with DedupPool.open(path) as pool:
+        a = pool.open_disk("a", SIZE)
+        a.write(0, [memoryview(chunk(1) + chunk(2))])
+        a.flush()
+        a.close()
+        assert pool.status().damage_count == 0
+    os.remove(container_file(path, 1))
+    with DedupPool.open(path) as pool:
+        st = pool.status().as_dict()
+        assert st["damage_count"] == 1
+        assert "container 1" in st["damage"][0] and "missing" in st["damage"][0]
+        a = pool.open_disk("a", SIZE)
+        with pytest.raises(OSError):
+            a.read(CS, [memoryview(bytearray(CS))])
+        a.close()
+        st = pool.status().as_dict()
+        assert st["damage_count"] == 2 and "a read failed" in st["damage"][1]
+        (table,) = DedupHandler.status_tables({"dedup_pools": [st]})
+        assert table.rows[0][-1] == "DAMAGED (2)"
+    report = check_pool(path, repair=True)
+    assert report.repaired
+    with DedupPool.open(path) as pool:  # repaired: nothing more to show
+        assert pool.status().damage_count == 0
