@@ -532,6 +532,14 @@ def _load_devices(c: Checker, raw: object, defaults: Defaults, state_dir: str,
                    f" ({', '.join(takers) or 'none installed'})")
             continue
         named = dict(options).get("pool")
+        if pool is not None and named is not None:
+            # Both keys: the same pool said twice is that pool; two pools are a mistake (before,
+            # the device vanished from the configuration without a word).
+            if named != pool:
+                c.fail(f"{p}.options.pool", named, f"the pool {p}.pool names ({pool!r}), or no"
+                       " options.pool: a device draws from one pool")
+                continue
+            options = tuple(kv for kv in options if kv[0] != "pool")
         if pool is None and owner.takes_pool and named is not None and not named.startswith("/"):
             # ``options: {pool: <declared name>}`` is ``pool: <name>``: the dev_config names
             # the pool's directory, which a daemon started without this YAML can open

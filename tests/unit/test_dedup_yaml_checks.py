@@ -61,6 +61,23 @@ def test_an_undeclared_pool_is_reported_once(tmp_path: os.PathLike[str]) -> None
                               "pool in dedup_pools (images)")
 
 
+@pytest.mark.parametrize("check", [False, True])
+def test_a_pool_given_both_as_pool_and_in_options(tmp_path: os.PathLike[str],
+                                                  check: bool) -> None:
+    """Before: a device with both keys vanished from the configuration (`check` said "OK (0
+    device(s))", `apply` created nothing). The same pool twice is that pool; two are refused,
+    naming the key."""
+    path = os.path.join(tmp_path, "p")
+    cfg = _load(_doc(path, {"pool": "images", "options": {"pool": "images"}}), check=check)
+    (dev,) = cfg.devices
+    assert dev.pool == "images" and dev_config_string(dev) == f"dedup/pool={path}"
+    with pytest.raises(ConfigError) as exc:
+        _load(_doc(path, {"pool": "images", "options": {"pool": "/srv/other"}}), check=check)
+    assert str(exc.value) == (
+        "c.yaml: devices[0].options.pool: got '/srv/other', expected the pool devices[0].pool "
+        "names ('images'), or no options.pool: a device draws from one pool")
+
+
 def test_an_absolute_pool_directory_in_options_is_kept(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "p")
     cfg = _load({"devices": [{"name": "vm7", "handler": "dedup", "size": "8M",
