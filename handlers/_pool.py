@@ -300,6 +300,11 @@ def pool_entries(c: Checker, raw: object, section: str,
                                  "pool"):
         p, m = entry.path, entry.fields
         path = c.abspath(m["path"], f"{p}.path") if "path" in m else None
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            # apply would fail to make it (or its lock file) with a bare OSError
+            c.fail(f"{p}.path", m["path"], "a directory, or a path where one can be made: it is"
+                   " a file")
+            path = None
         if path is not None:
             first = paths.setdefault(os.path.realpath(path), p)
             if first != p:  # one directory holds one pool: the second would be refused at apply

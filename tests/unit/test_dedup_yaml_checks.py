@@ -186,3 +186,20 @@ def test_a_pool_without_soft_threshold(tmp_path: os.PathLike[str], section: str,
     with pytest.raises(ConfigError, match=rf"c.yaml: {section}\[0\].soft_threshold: got 0, "
                        r"expected a percentage 1..100, or null for none"):
         _load(doc(0), check=True)
+
+
+@pytest.mark.parametrize("section", ["dedup_pools", "pools"])
+def test_a_pool_path_that_is_a_file_is_refused_at_load(tmp_path: os.PathLike[str],
+                                                       section: str) -> None:
+    """Before: `check` said OK, then `apply` and `serve -c` failed making the pool with a bare
+    NotADirectoryError traceback."""
+    path = os.path.join(tmp_path, "image.img")
+    open(path, "w").close()
+    handler = "dedup" if section == "dedup_pools" else "thin"
+    doc = {section: [{"name": "images", "path": path, "capacity": "16M"}],
+           "devices": [{"name": "vm7", "handler": handler, "size": "8M", "pool": "images"}]}
+    with pytest.raises(ConfigError) as exc:
+        _load(doc, check=True)
+    msg = str(exc.value)  # (a long value is shortened in the middle)
+    assert msg.startswith(f"c.yaml: {section}[0].path: got '") and msg.endswith(
+        "image.img', expected a directory, or a path where one can be made: it is a file")
