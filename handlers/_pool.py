@@ -64,6 +64,11 @@ def reaches(used: int, capacity: int, threshold: int | None) -> bool:
     return threshold is not None and used * 100 >= capacity * threshold
 
 
+#: Held for a change of a pool's `generation` (its counters are changed under the pool's lock,
+#: and by a dedup pool's write journal under the journal's: `_count_crossing`).
+_generation_lock = threading.Lock()
+
+
 class PhysicalPool:
     """Capacity and soft threshold of an open pool. The subclass sets `_config` (a
     `PoolLimits`, replaced through `_adopt`) and provides `used` (bytes taken now)."""
@@ -123,12 +128,14 @@ class PhysicalPool:
 
     def _count_crossing(self, before: int, need: int) -> None:
         """Count a soft-threshold crossing if `need` more bytes on top of `before` reach the
-        threshold from below (pool lock held): for every growth of the use, also one admitted
-        past the capacity (a dedup pool's deallocation of part of a chunk)."""
+        threshold from below (pool lock held, or for a dedup pool's write journal, its own):
+        for every growth of the use, also one admitted past the capacity (a dedup pool's
+        deallocation of part of a chunk, a journaled write)."""
         c = self._config
         t = c.soft_threshold
         if not reaches(before, c.capacity, t) and reaches(before + need, c.capacity, t):
-            self._generation += 1
+            with _generation_lock:
+                self._generation += 1
             log.warning("pool %s: usage %d of %d crossed the soft threshold of %d%%", c.name,
                         before + need, c.capacity, t)
 
@@ -138,7 +145,8 @@ class PhysicalPool:
         was_above = self.above_threshold
         self._config = config
         if not was_above and self.above_threshold:
-            self._generation += 1
+            with _generation_lock:
+                self._generation += 1
 
     def set_soft_threshold(self, percent: int | None) -> None:
         raise NotImplementedError

@@ -63,7 +63,9 @@ What else holds
   between (`removals`). The native loop's chunk table names the journal for such chunks; the
   pool tells it index locations only for chunks the overlay does not hold (`tell_table`).
 * Space: journaled chunks count against the pool's capacity as if unique (`reserved`) until
-  drained; a WRITE they would not fit goes to the index directly (which decides exactly).
+  drained; a WRITE they would not fit goes to the index directly (which decides exactly). The
+  soft threshold's crossing is counted by the append that takes the use plus `reserved` across
+  it (`DedupPool.crossing_hint`), so the WRITE reports it; a drain never raises that sum.
 * Every command other than a whole-chunk WRITE (a part of a chunk, UNMAP, WRITE SAME, GET LBA
   STATUS, a disk's removal) first drains every record written before it (`drain_all`), so it
   works on the index alone; records written while it runs are newer and stay on top.
@@ -242,6 +244,7 @@ class Journal:
             self._next_seq += 1
             self._records.append(rec)
             self._by_seq[rec.seq] = rec
+            self.pool.crossing_hint(self.reserved, nbytes)
             self.reserved += nbytes
             self._last_append = time.monotonic()
             epoch = self._epoch

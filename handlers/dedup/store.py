@@ -1500,9 +1500,11 @@ class DedupPool(PhysicalPool):
                 stored = _encoded(new, code)
                 healed = _encoded(heal, code)
                 need = sum(len(d) for _, d, _ in stored) + sum(len(d) for _, d, _ in healed)
-                if deallocating or journaled:  # admitted past the capacity, still a crossing
+                if deallocating:  # admitted past the capacity, still a crossing
                     self._count_crossing(self._figures.used, need)
                     break
+                if journaled:  # admitted past the capacity: the journal counted the crossing
+                    break  # (of used + reserved, which a drain never raises: `crossing_hint`)
                 # A reclaim deletes dead chunks `found` may name: look them up again after it.
                 if reclaimed or not self._reclaim(need):
                     self._reserve(need)
@@ -1761,6 +1763,15 @@ class DedupPool(PhysicalPool):
             journal = self.journal
             self._take_space(self._figures.used + (0 if journal is None else journal.reserved),
                              need, "new chunks")
+
+    def crossing_hint(self, before: int, need: int) -> None:
+        """A write journal took `need` more bytes on top of `before` (its records' before
+        them): count a soft-threshold crossing of the use plus the journal's bytes, as an
+        inline write counts one (`_reserve`), so that the write reports it (SBC-4 4.7.3.7), not
+        the drain, which no command follows. No lock: the use is read as `room_for` reads it.
+        The drain adds to the use at most what it takes from the journal's bytes: no second
+        crossing."""
+        self._count_crossing(self._figures.used + before, need)
 
     def room_for(self, need: int) -> bool:
         """Whether `need` more bytes fit under the capacity now (no lock: a hint for the

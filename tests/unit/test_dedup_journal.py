@@ -155,6 +155,31 @@ def test_journaled_chunks_count_against_the_capacity(tmp_path: Path) -> None:
         disk.close()
 
 
+def test_a_journaled_write_crossing_the_soft_threshold_reports_it_once(tmp_path: Path) -> None:
+    """Before: the crossing was counted when the journal drained, after the write had asked
+    (`take_threshold_event`) and in a thread no command follows: no disk reported SOFT THRESHOLD
+    REACHED until some later write, and a pool filled by journaled writes never did before its
+    writes were refused. Now the write that takes the use plus the journal's bytes across the
+    threshold reports it, on each disk, once (the drain counts no second crossing)."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 16 * CS, soft_threshold=50, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        a = pool.open_disk("a", SIZE, write_cache=True)
+        b = pool.open_disk("b", SIZE, write_cache=True)
+        for k in range(7):  # 7 of 16 chunks: below 50 %
+            a.write(k * CS, [memoryview(chunk(k))])
+            assert not a.take_threshold_event()
+        a.write(7 * CS, [memoryview(chunk(7))])  # 8 of 16: the crossing
+        assert pool.journal is not None and pool.journal.pending == 8 * CS
+        assert a.take_threshold_event() and b.take_threshold_event()
+        pool.journal.drain_all()  # into the index: used 8 chunks, no second crossing
+        assert pool.journal.pending == 0 and pool.used == 8 * CS
+        a.write(8 * CS, [memoryview(chunk(8))])
+        assert not a.take_threshold_event() and not b.take_threshold_event()
+        a.close()
+        b.close()
+
+
 def test_a_failed_append_is_an_error_and_the_journal_goes_on(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
