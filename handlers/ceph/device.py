@@ -903,12 +903,16 @@ def _open_image(cfg: CephConfig, cluster: Cluster, size: int, image_id: str | No
                                   "expected a device size, or an existing image") from None
             try:
                 ioctx.create_image(cfg.image, size)
+            except ValueError as exc:
+                raise ConfigError(f"ceph: key 'create': {cfg.spec}: the device's size, {exc}; "
+                                  "expected a smaller device, or an existing image") from None
             except RadosError as exc:
-                if exc.errno == errno.EINVAL:  # the name was checked by parse: the size
-                    raise ConfigError(f"ceph: key 'create': {cfg.spec}: librbd refused to make "
-                                      f"an image of the device's size, {size} bytes ({exc}); "
-                                      "expected a device size librbd takes (`rbd create "
-                                      "--size`), or an existing image") from None
+                if exc.errno == errno.EINVAL:  # name and size checked: the pool
+                    raise ConfigError(f"ceph: key 'image': {cfg.spec}: librbd refused to make "
+                                      f"an image in pool {cfg.pool!r} ({exc}); expected a "
+                                      "replicated pool with the rbd application (an erasure-"
+                                      "coded pool can only be an image's data pool: create "
+                                      "the image with `rbd create --data-pool`)") from None
                 if exc.errno not in (errno.EDQUOT, errno.ENOSPC):
                     raise
                 raise ConfigError(f"ceph: key 'create': {cfg.spec}: pool {cfg.pool!r} is full "

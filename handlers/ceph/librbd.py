@@ -120,6 +120,10 @@ FEATURE_EXCLUSIVE_LOCK = 1 << 2
 FEATURE_OBJECT_MAP = 1 << 3
 FEATURE_FAST_DIFF = 1 << 4
 FEATURE_DEEP_FLATTEN = 1 << 5
+#: librbd's RBD_MAX_OBJECT_MAP_OBJECT_COUNT: the most objects an image with an object map has.
+OBJECT_MAP_MAX_OBJECTS = 256_000_000
+#: The largest image `IoCtx.create_image` makes (default 4 MiB objects): 0.95 PiB.
+MAX_CREATE_SIZE = OBJECT_MAP_MAX_OBJECTS << 22
 FEATURES_DEFAULT = (FEATURE_LAYERING | FEATURE_EXCLUSIVE_LOCK | FEATURE_OBJECT_MAP
                     | FEATURE_FAST_DIFF | FEATURE_DEEP_FLATTEN)
 #: librbd.h: rbd_aio_write_zeroes's flag to write the zeros, deallocating nothing.
@@ -318,6 +322,13 @@ class IoCtx:
         check(rbd().rbd_pool_init(self._h, False), f"rbd pool init {self.pool}")
 
     def create_image(self, name: str, size: int, features: int = FEATURES_DEFAULT) -> None:
+        """Create image `name` of `size` bytes, librbd's default object size (4 MiB) and
+        `features` (those of ``rbd create``). ValueError for a size above `MAX_CREATE_SIZE`,
+        which librbd (16.2) either refuses or, when the object count overflows 64 bits (sizes
+        within an object of 2**64), makes an image whose first write aborts the process."""
+        if size > MAX_CREATE_SIZE:
+            raise ValueError(f"{size} bytes is above {MAX_CREATE_SIZE} ({OBJECT_MAP_MAX_OBJECTS} "
+                             "objects of 4 MiB, the object map's limit)")
         order = _ffi.new("int *", 0)
         check(rbd().rbd_create2(self._h, name.encode(), size, features, order),
               f"create image {self.pool}/{name}")

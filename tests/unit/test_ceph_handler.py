@@ -1324,12 +1324,43 @@ def test_create_without_a_size_is_refused(ceph_cluster: Any) -> None:
         _open(ceph_cluster, image, extra=";create=1", size=0)
 
 
-def test_create_with_a_size_librbd_refuses_names_the_size(ceph_cluster: Any) -> None:
-    """Before: a size librbd will not make an image of (2**62 bytes: EINVAL) failed the open
-    with librbd's bare "Invalid argument", naming neither the key nor the size."""
+@pytest.mark.parametrize("size", [1 << 62, (1 << 64) - (1 << 22) + 512])
+def test_create_with_a_size_librbd_cannot_serve_names_the_size(ceph_cluster: Any,
+                                                               size: int) -> None:
+    """Before: a size above the object map's limit (2**62 bytes) failed the open with librbd's
+    bare "Invalid argument", naming neither the key nor the size; one within 4 MiB of 2**64
+    (the object count overflows) made an image whose first WRITE aborted the daemon in librbd
+    (ObjectMap.cc, ceph_assert), with every other device it served. Refused before librbd is
+    asked; nothing is created."""
     image = f"z-{uuid.uuid4().hex[:8]}"
-    with pytest.raises(ConfigError, match=f"key 'create'.*{1 << 62} bytes"):
-        _open(ceph_cluster, image, extra=";create=1", size=1 << 62)
+    with pytest.raises(ConfigError, match=f"key 'create'.*{size} bytes is above"):
+        _open(ceph_cluster, image, extra=";create=1", size=size)
+    ioctx = ceph_cluster.admin().ioctx("rbd")
+    try:
+        with pytest.raises(OSError):
+            ioctx.open_image(image).close()
+    finally:
+        ioctx.close()
+
+
+def test_create_in_an_erasure_coded_pool_names_the_pool(ceph_cluster: Any) -> None:
+    """Before: librbd's EINVAL for a pool that cannot hold an image's metadata was reported as
+    the device's size being wrong, whatever the size."""
+    admin = ceph_cluster.admin()
+    pool = f"ec-{uuid.uuid4().hex[:6]}"
+    admin.mon_command({"prefix": "osd erasure-code-profile set", "name": pool,
+                       "profile": ["k=2", "m=1", "crush-failure-domain=osd"]})
+    admin.mon_command({"prefix": "osd pool create", "pool": pool, "pg_num": 8,
+                       "pool_type": "erasure", "erasure_code_profile": pool})
+    try:
+        admin.mon_command({"prefix": "osd pool application enable", "pool": pool,
+                           "app": "rbd"})
+        cfg = DeviceConfig("ceph0", "ceph", f"image={pool}/vol;conf={ceph_cluster.conf};"
+                           "id=admin;create=1", SIZE, BS)
+        with pytest.raises(ConfigError, match=f"key 'image'.*pool {pool!r}.*erasure-coded"):
+            CephHandler.open(cfg)
+    finally:
+        _delete_pool(admin, pool)
 
 
 def _blocklist_lock_holders(admin: Any, image: str, blocked: list[str]) -> list[str]:
