@@ -135,6 +135,7 @@ from tcmu_py.threadname import name_os_thread
 from .config import CephConfig
 from .librbd import (
     FEATURE_EXCLUSIVE_LOCK,
+    MAX_CREATE_SIZE,
     Cluster,
     ConfError,
     Image,
@@ -722,6 +723,10 @@ class RbdBackend:
         image (shrinking an image is the operator's decision, ``rbd resize --allow-shrink``)."""
         have = self.image.size()
         if size > have:
+            if size > MAX_CREATE_SIZE:  # librbd takes sizes near 2**64, then aborts on a write
+                raise ConfigError(f"ceph: {self.cfg.spec}: dev_size {size} is above "
+                                  f"{MAX_CREATE_SIZE} bytes (the object map's limit); the "
+                                  "image keeps its size")
             self.image.resize(size)
             have = size
         self.image_size = have
