@@ -181,6 +181,8 @@ ZSTD_LEVEL = 3
 SCHEMA_VERSION = 1
 
 DEFAULT_CHUNK = 4096
+#: Problems `PRAGMA integrity_check` lists at most (`DedupPool.verify`).
+INDEX_PROBLEMS = 20
 #: Damage messages a pool keeps for `status` (more are counted, and logged).
 DAMAGE_SHOWN = 8
 MIN_CHUNK = 4096
@@ -1303,13 +1305,16 @@ class DedupPool(PhysicalPool):
 
     @contextlib.contextmanager
     def _damage_noted(self) -> Iterator[None]:
-        """An OSError of the block (a chunk that cannot be read) noted for `status`, then
-        raised on."""
+        """An OSError of the block (a chunk that cannot be read) or an error of the index (a
+        damaged page) noted for `status`, then raised on as an OSError (`_db_error`)."""
         try:
             yield
         except OSError as exc:
             self._note_damage(f"a read failed: {exc}")
             raise
+        except sqlite3.Error as exc:
+            self._note_damage(f"a read of the index failed: {exc} (`tcmu-py dedup check`)")
+            raise _db_error(exc) from exc
 
     def read_into(self, did: int, offset: int, view: memoryview) -> None:
         """Fill `view` (a contiguous byte buffer) with disk `did`'s bytes from `offset` (absent
@@ -1474,7 +1479,18 @@ class DedupPool(PhysicalPool):
         Cost: a fixed number of statements per command whatever its number of chunks (the
         fingerprints and old map rows looked up with ``IN``/range queries, the new chunks'
         bytes appended with one ``pwrite`` per container, the chunk rows, map rows,
-        reference counts and dead bytes written with one ``executemany`` each)."""
+        reference counts and dead bytes written with one ``executemany`` each).
+        An error of the index (a damaged page met by a lookup) is such an OSError too
+        (`_db_error`)."""
+        try:
+            self._put(did, chunks, durable=durable, deallocating=deallocating,
+                      journaled=journaled)
+        except sqlite3.Error as exc:
+            raise _db_error(exc) from exc
+
+    def _put(self, did: int, chunks: Sequence[tuple[int, bytes | memoryview | None, bytes | None]],
+             *, durable: bool, deallocating: bool = False, journaled: bool = False) -> None:
+        """The body of `put`."""
         with self.lock:
             if self._closed:
                 raise OSError(errno.EIO, f"pool {self.name} is closed")
@@ -2032,11 +2048,76 @@ class DedupPool(PhysicalPool):
     # ------------------------------------------------------------------------------------------
     # Offline verification
 
+    def _check_index(self, report: CheckReport, repair: bool) -> None:
+        """SQLite's own check of the index file (``PRAGMA integrity_check``: every page, every
+        index entry against its table row; ``quick_check``'s page checks when the former
+        stops at a damaged page), whose damage the checks of the tables (scans and primary
+        keys) do not meet: a damaged fingerprint index fails writes, not reads. With `repair`
+        the index is rebuilt from its tables (`_rebuild_index`). Lock held."""
+        db = self._db
+        try:
+            found = [str(r[0]) for r in db.execute(
+                f"PRAGMA integrity_check({INDEX_PROBLEMS})")]
+        except sqlite3.DatabaseError as exc:
+            found = [str(r[0]) for r in db.execute(f"PRAGMA quick_check({INDEX_PROBLEMS})")]
+            if found == ["ok"]:
+                found = [str(exc)]
+        if found == ["ok"]:
+            return
+        file = os.path.join(self.path, DB_FILE)
+        report.problems += [f"index {file}: {line}" for text in found
+                            for line in text.splitlines() if line and not line.startswith("***")]
+        if repair:
+            try:
+                kept = self._rebuild_index()
+            except (OSError, sqlite3.Error) as exc:
+                report.repaired.append(f"index: could not be rebuilt from its tables ({exc}): "
+                                       f"restore {file} from a backup, or recreate the pool")
+                return
+            report.repaired.append(f"index: rebuilt from its tables (the damaged file kept as "
+                                   f"{kept})")
+
+    def _rebuild_index(self) -> str:
+        """Make the index file anew from its tables' rows (read by scanning each table, not
+        through its indexes, which may be what is damaged), swap it in and reconnect; the
+        damaged file is renamed aside, its name returned. sqlite3.Error (nothing changed) if a
+        table itself cannot be read. Lock held, no transaction open."""
+        file = os.path.join(self.path, DB_FILE)
+        new, kept = file + ".rebuilt", file + ".damaged"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(new)
+        out = sqlite3.connect(new, isolation_level=None)
+        try:
+            out.executescript(f"BEGIN;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};")
+            for table in ("meta", "containers", "chunks", "disks", "map", "sqlite_sequence"):
+                rows = self._db.execute(f"SELECT * FROM {table}").fetchall()
+                if rows:
+                    marks = ", ".join("?" * len(rows[0]))
+                    out.executemany(f"INSERT OR REPLACE INTO {table} VALUES({marks})", rows)
+            out.execute("COMMIT")
+        finally:
+            out.close()
+        fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._db.close()  # its WAL checkpointed into the damaged file, which goes aside whole
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(file + suffix, kept + suffix)
+        os.replace(new, file)
+        fsync_dir(self.path)
+        self._db = _connect(file)
+        self._load()
+        return kept
+
     def verify(self, *, repair: bool = False) -> CheckReport:
         """Check every invariant (see `check_pool`); with `repair`, fix what can be fixed."""
         report = CheckReport()
         with self.lock:
             self.commit()
+            self._check_index(report, repair)
             self._reclaim_leaks(report, fix=repair)
             db = self._db
             cs = self.chunk_size
