@@ -122,6 +122,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 import urllib.parse
@@ -2086,6 +2087,8 @@ class DedupPool(PhysicalPool):
         new, kept = file + ".rebuilt", file + ".damaged"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(new)
+        os.close(os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         stat.S_IMODE(os.stat(file).st_mode)))
         out = sqlite3.connect(new, isolation_level=None)
         try:
             out.executescript(f"BEGIN;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};")
