@@ -45,7 +45,10 @@ Crash ordering
    again changes nothing, so a replay that is itself interrupted is safe to repeat.
 4. Every open then takes a new epoch (committed before any record is written): records an
    earlier open wrote never match again, wherever they lie and whatever their number, so stale
-   bytes past the end of a replay can never be taken for a record of this one.
+   bytes past the end of a replay can never be taken for a record of this one. Epoch 0 in
+   ``meta`` says there is no journal file (it is removed after that commit); a file found
+   then is left from a removal cut short, and is made anew of zeros before any epoch is
+   taken (epochs restart from 1 after epoch 0).
 5. A record whose write failed is never drained (its bytes are unknown) and the chain after it
    is broken for replay: `sync` then drains everything written into the index (committed)
    before it reports anything durable. Likewise after an fdatasync of the journal failed (the
@@ -607,6 +610,12 @@ def open_journal(pool: DedupPool) -> Journal | None:
     if not want:  # epoch 0: no journal (a later one starts from a new file of zeros)
         pool.set_journal_meta(0, seq, 0)
         return None
+    if fd is not None and not epoch:
+        # A file the index says is gone (epoch 0): its removal was cut short (a power cut
+        # after that commit, or a failed unlink). Its records carry epochs this open would
+        # take again, so it is made anew, as if missing (rule 4).
+        os.close(fd)
+        fd = None
     if fd is None:
         fd = _make_file(file, want)
         pos = 0

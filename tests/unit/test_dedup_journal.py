@@ -488,3 +488,49 @@ def test_a_cut_while_the_journal_is_turned_off_loses_nothing(
     assert "missing" not in caplog.text
     assert not Path(after, JOURNAL_FILE).exists()
     assert check_pool(after).clean
+
+
+def test_a_journal_file_left_by_a_removal_cut_short_is_made_anew(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal turned off, the open that removes its file cut after recording "no journal"
+    (epoch 0) and before the removal was durable, then turned on again at the same size.
+    Before: the left file was taken as the journal and the epochs restarted at 1, the left
+    records' epoch: records a first cut had left past a hole became valid again, and the next
+    open replayed them over writes flushed since. Now such a file is made anew."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 16 * MIB, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        d = pool.open_disk("d", SIZE, write_cache=True)
+        for i in range(4):  # records 1..4, never synced
+            d.write(i * CS, [memoryview(chunk(100 + i))])
+        crash = cut(src, str(tmp_path / "crash"))
+        d.close()
+    jf = Path(crash, JOURNAL_FILE)
+    data = bytearray(jf.read_bytes())
+    data[: HEADER + CS] = bytes(HEADER + CS)  # write-back had not reached record 1
+    jf.write_bytes(bytes(data))
+    ensure_pool(crash, "j", 16 * MIB, journal=0)
+    real_unlink = os.unlink
+
+    def cut_short(path: Any, *args: Any, **kw: Any) -> None:
+        if str(path).endswith(JOURNAL_FILE):
+            raise OSError(5, "the power failed")
+        real_unlink(path, *args, **kw)
+
+    monkeypatch.setattr(os, "unlink", cut_short)
+    with pytest.raises(OSError, match="power failed"):
+        DedupPool.open(crash)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    ensure_pool(crash, "j", 16 * MIB, journal=4 * MIB)
+    want = [chunk(200)] + [chunk(200 + i)[: CS // 2] + bytes(CS // 2) for i in (1, 2, 3)]
+    with DedupPool.open(crash) as pool:
+        d = pool.open_disk("d", SIZE, write_cache=True)
+        d.write(0, [memoryview(chunk(200))])  # a record of the new epoch
+        for i in (1, 2, 3):  # through the index
+            d.write(i * CS, [memoryview(chunk(200 + i)[: CS // 2])])
+        d.flush()
+        d.close()
+    with DedupPool.open(crash) as pool:
+        got = read_disk(pool, "d")
+    assert [got[i * CS : (i + 1) * CS] for i in range(4)] == want
+    assert check_pool(crash).clean
