@@ -719,6 +719,10 @@ struct tcmu_py_loop {
      * TCMU_PY_DP_MAX more. */
     struct tcmu_py_fence *fences;
     uint16_t *fence_ids;
+    /* fence_seq[i]: nonzero when the command is *ordered* (an RBD extent's command handed over
+     * because it overlapped a job or an older ordered command): its number in ring order, so
+     * that it runs after the older ordered commands it overlaps (tcmu_py_loop_fence_busy). */
+    uint64_t *fence_seq, fence_next;
     int n_fences, cap_fences;
     struct tcmu_py_entry out[TCMU_PY_DP_MAX];
     size_t at[TCMU_PY_DP_MAX];             /* where out[k]'s copy starts in `cp` */
@@ -1430,12 +1434,14 @@ struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32
     l->cap_fences = 64 + TCMU_PY_DP_MAX;
     l->fences = calloc((size_t)l->cap_fences, sizeof(*l->fences));
     l->fence_ids = calloc((size_t)l->cap_fences, sizeof(*l->fence_ids));
-    if (l->stop_fd < 0 || !l->fences || !l->fence_ids ||
+    l->fence_seq = calloc((size_t)l->cap_fences, sizeof(*l->fence_seq));
+    if (l->stop_fd < 0 || !l->fences || !l->fence_ids || !l->fence_seq ||
         pthread_mutex_init(&l->mu, NULL) != 0) {
         if (l->stop_fd >= 0)
             close(l->stop_fd);
         free(l->fences);
         free(l->fence_ids);
+        free(l->fence_seq);
         free(l);
         return NULL;
     }
@@ -1450,6 +1456,7 @@ static int tcmu_py_loop_room(struct tcmu_py_loop *l)
     int cap = l->cap_fences;
     struct tcmu_py_fence *f;
     uint16_t *ids;
+    uint64_t *seq;
 
     if (l->n_fences + TCMU_PY_DP_MAX <= cap)
         return 1;
@@ -1463,6 +1470,10 @@ static int tcmu_py_loop_room(struct tcmu_py_loop *l)
     if (!ids)
         return 0;
     l->fence_ids = ids;
+    seq = realloc(l->fence_seq, (size_t)cap * sizeof(*seq));
+    if (!seq)
+        return 0;
+    l->fence_seq = seq;
     l->cap_fences = cap;
     return 1;
 }
@@ -1543,12 +1554,17 @@ static int tcmu_py_jobs_overlap(const struct tcmu_py_loop *l, uint64_t start, ui
 
 /* Wait (under the mutex, which the wait releases) until no job conflicts with a command on
  * units [start, end) (`tcmu_py_jobs_overlap`). Only the loop thread makes jobs, so none that
- * conflicts can appear meanwhile; the jobs that do not conflict go on (a queue depth of
- * librbd operations is not drained for one overlap). */
+ * conflicts can appear meanwhile; the jobs that do not conflict go on. */
 static void tcmu_py_jobs_clear(struct tcmu_py_loop *l, uint64_t start, uint64_t end, int writing)
 {
     while (tcmu_py_jobs_overlap(l, start, end, writing))
         pthread_cond_wait(&l->idle_cv, &l->mu);
+}
+
+/* Whether the extent is an RBD image's (its jobs are librbd operations). */
+static inline int tcmu_py_rbd(const struct tcmu_py_extent *x)
+{
+    return x->fd < 0 && x->rbd_image != NULL;
 }
 
 /* Wait (under the mutex, which the wait releases) until no job is queued or running. */
@@ -1578,15 +1594,31 @@ static void tcmu_py_loop_tally(struct tcmu_py_loop *l, int writing, uint64_t tot
     }
 }
 
-/* Python's from now on: its record goes to the hand-off buffer, its fence is held. */
+/* Whether an ordered fence (fence_seq nonzero) numbered below `below` (0: any) overlaps f.
+ * Under the mutex. */
+static int tcmu_py_ordered_overlap(const struct tcmu_py_loop *l, struct tcmu_py_fence f,
+                                   uint64_t below)
+{
+    int i;
+
+    for (i = 0; i < l->n_fences; i++)
+        if (l->fence_seq[i] && (!below || l->fence_seq[i] < below) &&
+            l->fences[i].start < f.end && f.start < l->fences[i].end)
+            return 1;
+    return 0;
+}
+
+/* Python's from now on: its record goes to the hand-off buffer, its fence is held (`ordered`:
+ * see fence_seq). */
 static int tcmu_py_loop_hand(struct tcmu_py_loop *l, const struct tcmu_py_entry *h,
-                             struct tcmu_py_fence f)
+                             struct tcmu_py_fence f, int ordered)
 {
     if (!tcmu_py_loop_room(l) || !tcmu_py_put_record(&l->rec, h))
         return 0;
     if (h->op == TCMU_OP_CMD && f.end > f.start) {
         l->fences[l->n_fences] = f;
         l->fence_ids[l->n_fences] = (uint16_t)h->cmd_id;
+        l->fence_seq[l->n_fences] = ordered ? ++l->fence_next : 0;
         l->n_fences++;
     }
     l->fig.handed++;
@@ -1714,7 +1746,7 @@ static int tcmu_py_job_finish(struct tcmu_py_loop *l, struct tcmu_py_job *j, int
         tcmu_py_loop_tally(l, (int)j->writing, j->total);
         l->fig.latency_seconds += took;
         l->fig.hist[tcmu_py_dp_bucket(took)]++;
-    } else if (!tcmu_py_loop_hand(l, h, tcmu_py_dp_fence(j->rec + h->cdb_off))) {
+    } else if (!tcmu_py_loop_hand(l, h, tcmu_py_dp_fence(j->rec + h->cdb_off), 0)) {
         rc = -ENOMEM;
     }
     return rc;
@@ -2044,15 +2076,23 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
         struct tcmu_py_fence f = {0, 0};
         struct tcmu_py_dp_cmd c;
         uint64_t pos;
-        int io;
+        int io, ordered;
 
     again:
         if (tcmu_py_dp_plain(x, h, cdb, v, has_tmr, l->fences, l->n_fences, 1, &c)) {
             pos = x->base + c.lba * x->block_size;
             if (tcmu_py_jobs_overlap(l, c.fs, c.fe, c.writing)) {
-                /* Ring order among C's own commands. The wait releases the mutex: the extent,
-                 * the enable flag and the fences (a failed job becomes Python's) may have
+                /* Ring order among C's own commands. An RBD job may take a whole
+                 * osd_op_timeout (a stalled cluster), which every later command must not wait
+                 * too: the command goes to Python, which waits for the jobs it overlaps
+                 * before it runs it (tcmu_py_loop_fence_busy; a failed RBD job is answered
+                 * from its errno, never run again, so nothing can overtake it then). A
+                 * worker's copy is short, and one that fails is run again by Python, after
+                 * which an overlapping command must come: the loop waits for it. The wait
+                 * releases the mutex: the extent, the enable flag and the fences may have
                  * changed, so the checks run again. */
+                if (tcmu_py_rbd(x))
+                    goto python;
                 tcmu_py_jobs_clear(l, c.fs, c.fe, c.writing);
                 goto again;
             }
@@ -2104,11 +2144,17 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
             }
         }
     python:
+        ordered = 0;
         if (h->op == TCMU_OP_CMD)
             f = tcmu_py_dp_fence(cdb);
-        if (f.end > f.start)                    /* Python must not overtake a job either */
-            tcmu_py_jobs_clear(l, f.start, f.end, 1);
-        if (!tcmu_py_loop_hand(l, h, f))
+        if (f.end > f.start) {                  /* Python must not overtake a job either */
+            if (!tcmu_py_rbd(x))
+                tcmu_py_jobs_clear(l, f.start, f.end, 1);
+            else                                /* it waits itself, as above, and so does */
+                ordered = tcmu_py_jobs_overlap(l, f.start, f.end, 1) ||  /* what comes */
+                          tcmu_py_ordered_overlap(l, f, 0);              /* after it */
+        }
+        if (!tcmu_py_loop_hand(l, h, f, ordered))
             return -ENOMEM;
         (*handed)++;
     }
@@ -2358,6 +2404,7 @@ void tcmu_py_loop_free(struct tcmu_py_loop *l)
     close(l->stop_fd);
     free(l->fences);
     free(l->fence_ids);
+    free(l->fence_seq);
     free(l->cp.p);
     free(l->rec.p);
     if (l->img)
@@ -2512,6 +2559,48 @@ int tcmu_py_loop_take(struct tcmu_py_loop *l, uint8_t *buf, uint32_t cap, uint32
     return n;
 }
 
+/* What a command Python holds on fence f (ordered: seq nonzero) must still wait for. */
+static int tcmu_py_fence_conflict(const struct tcmu_py_loop *l, struct tcmu_py_fence f,
+                                  uint64_t seq)
+{
+    return f.end > f.start && (tcmu_py_jobs_overlap(l, f.start, f.end, 1) ||
+                               (seq && tcmu_py_ordered_overlap(l, f, seq)));
+}
+
+int tcmu_py_loop_fence_busy(struct tcmu_py_loop *l, uint32_t cmd_id, uint32_t wait_ms)
+{
+    struct tcmu_py_fence f = {0, 0};
+    struct timespec until;
+    uint64_t seq = 0;
+    int i, busy;
+
+    clock_gettime(CLOCK_REALTIME, &until);     /* the condition variable's clock */
+    until.tv_sec += wait_ms / 1000;
+    until.tv_nsec += (long)(wait_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&l->mu);
+    for (i = 0; i < l->n_fences; i++)
+        if (l->fence_ids[i] == (uint16_t)cmd_id) {
+            f = l->fences[i];
+            seq = l->fence_seq[i];
+            break;
+        }
+    /* No new job can overlap the fence while Python holds it (tcmu_py_dp_plain): only those
+     * started before it was handed over, which end (a worker's copy, or librbd's operation
+     * within its osd_op_timeout); and the older ordered commands it overlaps, which wait only
+     * for older ones (no cycle). */
+    while ((busy = tcmu_py_fence_conflict(l, f, seq)) && wait_ms)
+        if (pthread_cond_timedwait(&l->idle_cv, &l->mu, &until) == ETIMEDOUT) {
+            busy = tcmu_py_fence_conflict(l, f, seq);
+            break;
+        }
+    pthread_mutex_unlock(&l->mu);
+    return busy;
+}
+
 /* Drop the fence of cmd_id (under the mutex). */
 static void tcmu_py_loop_unfence(struct tcmu_py_loop *l, uint32_t cmd_id)
 {
@@ -2519,9 +2608,12 @@ static void tcmu_py_loop_unfence(struct tcmu_py_loop *l, uint32_t cmd_id)
 
     for (i = 0; i < l->n_fences; i++)
         if (l->fence_ids[i] == (uint16_t)cmd_id) {
+            if (l->fence_seq[i])                /* an ordered command may wait for it */
+                pthread_cond_broadcast(&l->idle_cv);
             l->n_fences--;
             l->fences[i] = l->fences[l->n_fences];
             l->fence_ids[i] = l->fence_ids[l->n_fences];
+            l->fence_seq[i] = l->fence_seq[l->n_fences];
             return;
         }
 }

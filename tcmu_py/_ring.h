@@ -405,5 +405,15 @@ enum tcmu_py_probe_defaults {
     TCMU_PY_PROBE_US = 100000
 };
 
+/* Whether a job of the loop's (a worker's copy, a librbd operation) still conflicts with the
+ * fence of command cmd_id, which Python holds, after waiting up to wait_ms for it to end (0:
+ * do not wait). On an RBD extent the loop hands over a command that overlaps a job at once
+ * rather than wait for the job itself (a stalled cluster's job would hold up every command
+ * after it for an osd_op_timeout); Python waits here before it runs the command, so the
+ * command still comes after the job. Such a command is *ordered*, as is any command handed
+ * over that overlaps an older ordered one: it also waits here until the older ordered
+ * commands it overlaps are completed, so C's ring order among plain READ/WRITEs holds as when
+ * the loop waited. (Other extents' jobs are waited for by the loop.) */
+int tcmu_py_loop_fence_busy(struct tcmu_py_loop *l, uint32_t cmd_id, uint32_t wait_ms);
 /* Fences held for Python's commands (tests). */
 int tcmu_py_loop_fences(struct tcmu_py_loop *l);

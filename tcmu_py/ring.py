@@ -904,7 +904,12 @@ class NativeLoop:
       (``rbd_aio_readv`` / ``rbd_aio_writev``, through the function addresses the extent
       carries); librbd's completion callback, on librbd's thread, completes it or hands it to
       Python as a worker does, and frees the slot after its kick, so `enable(False)` and
-      `stop()` wait for every operation submitted (each bounded by ``osd_op_timeout``).
+      `stop()` wait for every operation submitted (each bounded by ``osd_op_timeout``). An
+      entry that overlaps an operation in flight is handed to Python at once, which waits for
+      the operations it overlaps before it runs it (`fence_busy`): the loop goes on with the
+      entries after it (when it waited itself, one READ of blocks a WRITE was writing held
+      every later command of a stalled cluster a whole ``osd_op_timeout`` more, and each such
+      pair added one: answers came after the kernel's ``cmd_time_out``).
     - `stop()` joins the thread and the workers; records it left are still taken afterwards,
       so every command dequeued is completed exactly once. `error` says why the thread stopped
       by itself (a corrupt ring, or the uio gone).
@@ -1022,6 +1027,16 @@ class NativeLoop:
     def fences(self) -> int:
         """Fences the loop holds for commands Python has not completed."""
         return int(lib.tcmu_py_loop_fences(self._ptr))
+
+    def fence_busy(self, cmd_id: int, wait_seconds: float = 0.0) -> bool:
+        """Whether a job of the loop (a worker's copy, a librbd operation) still overlaps
+        the fence of `cmd_id` (a command handed to Python) after waiting up to `wait_seconds`
+        for it (the GIL released meanwhile). Python runs such a command only once this is
+        False: it comes after the jobs in ring order."""
+        if self._ptr is None:
+            return False
+        return bool(lib.tcmu_py_loop_fence_busy(self._ptr, cmd_id,
+                                                max(0, round(wait_seconds * 1000))))
 
     def hold(self) -> None:
         """Keep the thread from dequeuing until `release` (tests: submit a batch at once)."""

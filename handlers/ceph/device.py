@@ -1077,6 +1077,7 @@ class CephDevice(BlockDevice):
             return 0
         self.check_ready()
         self._unanswered_in_c(cmd, False)
+        self.backend.time_left()  # NOT READY if it waited its timeout away (for a job of C's)
         bufs = cmd.data_in
         if length != cmd.data_in_length:
             bufs = slice_views(bufs, 0, length)
@@ -1099,6 +1100,7 @@ class CephDevice(BlockDevice):
             return None
         self.check_ready()
         self._unanswered_in_c(cmd, True)
+        self.backend.time_left()  # as READ
         image = self.image
         if not (fua and self.backend.write_cache):
             return image.aio_writev(lba * self.block_size, cmd.data_out,  # as READ

@@ -165,6 +165,10 @@ class Counters:
         return out
 
 
+#: How long `_after_jobs` waits for the native loop's jobs before it looks again.
+JOB_WAIT_SECONDS = 1.0
+
+
 class DeviceRunner:
     """Serves one device: `run()` until `stop()`; or drive it step by step with `process()`."""
 
@@ -577,6 +581,7 @@ class DeviceRunner:
         queue_rest = serial and self._pool_busy > 0  # keep arrival order behind the worker
         is_inline = self.device.is_inline
         aborted = self._aborted
+        native = self.native
         for rc in commands:
             rc.started = now
             if debug:
@@ -590,7 +595,9 @@ class DeviceRunner:
                 native_error=rc.native_error,
                 arrived=now,
             )
-            if not queue_rest and self._is_inline(is_inline, rc.cdb):
+            if not queue_rest and self._is_inline(is_inline, rc.cdb) and not (
+                    native is not None and native.fence_busy(rc.cmd_id)):
+                # (one that must wait for a job of the native loop waits on a worker)
                 if aborted and rc.cmd_id in aborted:  # named by a TMR in this very batch
                     inline.append((rc, Response(status=Status.TASK_ABORTED)))
                     continue
@@ -684,6 +691,21 @@ class DeviceRunner:
             return _HARDWARE_ERROR
         return resp if isinstance(resp, Response) else _HARDWARE_ERROR
 
+    def _after_jobs(self, rc: RingCommand) -> None:
+        """Wait until no job of the native loop overlaps `rc`, nor an older *ordered*
+        command Python holds (the loop handed `rc` over rather than wait itself:
+        `NativeLoop.fence_busy`). Each job ends by itself (a worker's copy, or a librbd
+        operation within ``osd_op_timeout``), and an older command waits only for older ones;
+        the caller has answered what its chunk ran before `rc` (it may be what `rc` waits for).
+        A device that counts its commands' time from their arrival (``ceph``) then finds what
+        the wait took gone."""
+        native = self.native
+        if native is None:
+            return
+        while native.fence_busy(rc.cmd_id, JOB_WAIT_SECONDS) and not native.closed:
+            self.log.debug("%s: cmd %d waits for the native loop's overlapping jobs",
+                           self.name, rc.cmd_id)
+
     def _is_inline(self, is_inline: Callable[[bytes], bool], cdb: bytes) -> bool:
         try:
             return is_inline(cdb)
@@ -706,6 +728,17 @@ class DeviceRunner:
                     done.append((rc, Response(status=Status.TASK_ABORTED)))
                     continue
                 began = time.monotonic()
+                native = self.native
+                if native is not None and native.fence_busy(rc.cmd_id):
+                    # It waits for older commands: those this chunk ran are answered first
+                    # (the one it waits for may be among them).
+                    if done:
+                        with self._ring_lock:
+                            for rc_done, resp in done:
+                                self._complete_locked(rc_done, resp)
+                        done.clear()
+                        self._kick(quiet=True)
+                    self._after_jobs(rc)
                 result = self._execute(rc, cmd)
                 if isinstance(result, Future):
                     self._enter(force=True)  # the command runs until the Future resolves
