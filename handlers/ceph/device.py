@@ -527,6 +527,18 @@ class RbdBackend:
                                     "promoted (`rbd mirror image promote`; the device then "
                                     "serves by itself), or lock=shared to read it")
                 return False
+            if not self._has_lock_feature():
+                # Disabled while open (`rbd feature disable ... exclusive-lock`): librbd
+                # refuses the lock (EINVAL) and no client holds one; serving would let this
+                # gateway write beside the one that had it.
+                self._set_not_ready(f"ceph image {self.cfg.spec}: its exclusive-lock feature "
+                                    f"was disabled ({exc}), so lock=exclusive cannot keep "
+                                    "other clients out; expected `rbd feature enable "
+                                    f"{self.cfg.pool}/"
+                                    f"{self.cfg.namespace + '/' if self.cfg.namespace else ''}"
+                                    f"{self.cfg.image} exclusive-lock` (the device then "
+                                    "takes the lock by itself), or lock=shared")
+                return False
             try:
                 owners = ", ".join(self.image.lock_owners()) or "another client"
             except RadosError:
@@ -536,6 +548,14 @@ class RbdBackend:
             return False
         self._set_not_ready(None)
         return True
+
+    def _has_lock_feature(self) -> bool:
+        """Whether the image has its exclusive-lock feature now (True if that cannot be
+        read: the usual refusal's message then stands)."""
+        try:
+            return bool(self.image.features() & FEATURE_EXCLUSIVE_LOCK)
+        except RadosError:
+            return True
 
     def _set_not_ready(self, why: str | None) -> None:
         why = self._missing or why  # a deleted image stays so

@@ -672,6 +672,38 @@ def test_a_read_of_blocks_a_stalled_write_is_writing_holds_up_no_later_command(
         dev.close()
 
 
+def test_a_standby_says_so_when_the_exclusive_lock_feature_is_disabled(
+        ceph_cluster: Any) -> None:
+    """`rbd feature disable ... exclusive-lock` while two lock=exclusive gateways have the
+    image. Before: the standby said for good "the exclusive lock is held by another client"
+    though no lock exists any more. Now it says the feature was disabled and what to do; it
+    stays NOT READY (serving would let it write beside the other gateway, which goes on)."""
+    from tcmu_py.handlers.ceph import device as ceph_device
+
+    image = f"f-{uuid.uuid4().hex[:8]}"
+    a = _open(ceph_cluster, image, extra=";create=1", write_cache=False)
+    ha = _harness(a)
+    b = _open(ceph_cluster, image, name="ceph1", write_cache=False)
+    hb = _harness(b)
+    try:
+        assert ha.run(cdbs.write10(0, 8), b"\x3c" * (8 * BS)).good
+        assert "held by" in str(b.backend.not_ready)
+        subprocess.run(["rbd", "-c", str(ceph_cluster.conf), "feature", "disable",
+                        f"rbd/{image}", "object-map,fast-diff,exclusive-lock"],
+                       check=True, timeout=60, capture_output=True)
+        deadline = time.monotonic() + 4 * ceph_device.LOCK_RETRY_INTERVAL + 30
+        while "feature was disabled" not in str(b.backend.not_ready):
+            assert time.monotonic() < deadline, b.backend.not_ready
+            time.sleep(0.2)
+        assert "rbd feature enable" in str(b.backend.not_ready)
+        r = hb.run(cdbs.read10(0, 1), data_in_len=BS)
+        assert r.sense_codes[:2] == (0x02, 0x04), r
+    finally:
+        for h, d in ((ha, a), (hb, b)):
+            h.close()
+            d.close()
+
+
 def test_a_reconnected_gateway_that_finds_the_lock_taken_stands_by(
         ceph_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another gateway broke this one's lock (``rbd lock rm`` blocklists the holder) and took
