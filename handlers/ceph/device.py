@@ -1003,9 +1003,13 @@ class CephDevice(BlockDevice):
         """librbd's watch (on its thread, which must not call librbd): the header changed.
         Until the next command has looked at the image's size (`execute`), the native loop
         hands every command to Python (`unit_attention_pending`), so the very next command,
-        a READ or WRITE included, reports a resize."""
+        a READ or WRITE included, reports a resize. The loop is told on a thread of its own:
+        turning C's execution off waits for the librbd operations C has in flight, whose
+        completions librbd runs on this very thread (its one ``io_context_pool`` thread) —
+        waiting here hung the device for good when a resize met writes in flight."""
         self._header_changed.set()
-        self._plane_changed()
+        threading.Thread(target=self._plane_changed, name="ceph-header",
+                         daemon=True).start()
 
     @property
     def unit_attention_pending(self) -> bool:

@@ -408,8 +408,9 @@ class DeviceRunner:
         if loop is not None:
             device = self.device
             with self._plane_lock:
-                loop.enable(not device.unit_attention_pending
-                            and device.extent_version == self._extent_version)
+                if not loop.closed:  # (a thread of the device's may call after the close)
+                    loop.enable(not device.unit_attention_pending
+                                and device.extent_version == self._extent_version)
 
     def _pull_native(self) -> None:
         """Take the native loop's figures into the counters (under the ring lock)."""
@@ -518,7 +519,8 @@ class DeviceRunner:
                 with self._ring_lock:
                     self._pull_native()
                 self.device.plane_listener = None
-                self.native.close()
+                with self._plane_lock:
+                    self.native.close()
             self.ring.close()
             os.close(self._stop_r)
             os.close(self._stop_w)

@@ -672,6 +672,46 @@ def test_a_read_of_blocks_a_stalled_write_is_writing_holds_up_no_later_command(
         dev.close()
 
 
+def test_a_header_change_does_not_wait_for_the_operations_in_flight(ceph_cluster: Any) -> None:
+    """librbd's watch callback (a resize by another client) turned the native loop's execution
+    off on librbd's thread, which waits for every librbd operation C has in flight; librbd runs
+    their completions on that same thread (its one io_context_pool thread), so a resize that met
+    writes in flight hung the device for good (an audit: 2 runs of 9 shrinking and growing the
+    image under 64 writes at its end). The callback now returns at once (here, with the
+    operations held in flight by stopped OSDs: before, it returned after they timed out)."""
+    timeout = 5
+    dev = _open(ceph_cluster, f"h-{uuid.uuid4().hex[:8]}",
+                extra=f";create=1;osd_op_timeout={timeout}", write_cache=False)
+    h = _harness(dev)
+    loop = h.runner.native
+    assert loop is not None
+    osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
+    try:
+        assert h.run(cdbs.write10(0, 8), b"\x5a" * (8 * BS)).good
+        with _stopped(osds):
+            loop.figures()
+            pend = h.submit_many([(cdbs.write10(k * 64, 8), b"\xa5" * (8 * BS), 0)
+                                  for k in range(8)])
+            deadline = time.monotonic() + 10
+            while not loop.figures()["batches"]:  # C took them: librbd has them in flight
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            dev._on_header_change()
+            took = time.monotonic() - t0
+            h.wait(pend, timeout=4 * timeout)
+        assert took < 1.0, took
+        deadline = time.monotonic() + 60
+        while True:  # then: a command follows the (unchanged) size, and C serves again
+            r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+            if r.good or time.monotonic() > deadline:
+                break
+        assert r.good, r
+    finally:
+        h.close()
+        dev.close()
+
+
 def test_a_standby_says_so_when_the_exclusive_lock_feature_is_disabled(
         ceph_cluster: Any) -> None:
     """`rbd feature disable ... exclusive-lock` while two lock=exclusive gateways have the
