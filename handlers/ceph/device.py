@@ -443,8 +443,10 @@ class RbdBackend:
             self._standing_by = False
         log.error("ceph image %s: the cluster blocklisted this client (%s); connecting a new "
                   "one", self.cfg.spec, exc)
+        # Often on librbd's callback thread (a failed operation's completion, `sense`): the
+        # native loop is told from another, as for a header change (`_set_not_ready`).
         self._set_not_ready(f"ceph image {self.cfg.spec}: the cluster blocklisted this client;"
-                            " reconnecting")
+                            " reconnecting", tell_later=True)
         thread.start()
 
     def _reconnect(self) -> None:
@@ -557,13 +559,28 @@ class RbdBackend:
         except RadosError:
             return True
 
-    def _set_not_ready(self, why: str | None) -> None:
+    def _set_not_ready(self, why: str | None, *, tell_later: bool = False) -> None:
+        """Make every command answer NOT READY for `why` (None: serve again), and tell the
+        device that the extent changed (the native loop serves the image only while the lock
+        is ours). `tell_later`: tell it from a thread of its own. A caller that may run on
+        librbd's callback thread must: turning the native loop's execution off waits for the
+        librbd operations C has in flight, whose completions librbd runs on that very thread
+        (it would wait for itself for good). Commands meanwhile see `not_ready` at once
+        (Python's) or fail at librbd like the one that found it (C's)."""
         why = self._missing or why  # a deleted image stays so
         changed = (why is None) != (self.not_ready is None)
         self.not_ready = why
         listener = self.extent_listener
         if changed and listener is not None:
-            listener()  # the native loop serves the image only while the lock is ours
+            if tell_later:
+                def tell() -> None:
+                    name_os_thread()
+                    listener()
+
+                threading.Thread(target=tell, name=f"plane-{self.cfg.spec}",
+                                 daemon=True).start()
+            else:
+                listener()
 
     def file_extent(self) -> RbdExtent | None:
         """`FileExtent`: the image, for the native loop's librbd calls, while medium access is

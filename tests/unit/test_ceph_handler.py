@@ -712,6 +712,50 @@ def test_a_header_change_does_not_wait_for_the_operations_in_flight(ceph_cluster
         dev.close()
 
 
+def test_a_blocklisting_seen_on_librbds_thread_does_not_wait_for_operations_in_flight(
+        ceph_cluster: Any) -> None:
+    """A failed operation's completion runs on librbd's callback thread; one that says the
+    client is blocklisted (ESHUTDOWN) makes the device NOT READY and turned the native loop's
+    execution off right there, which waits for every librbd operation C has in flight, whose
+    completions need that same thread (the hang of a header change, D89, by another road).
+    Now `sense` returns at once (here with operations held in flight by stopped OSDs: before,
+    it returned when they timed out), and the device reconnects and serves once they return."""
+    timeout = 5
+    dev = _open(ceph_cluster, f"k-{uuid.uuid4().hex[:8]}",  # (shared: the old client,
+                extra=f";create=1;lock=shared;osd_op_timeout={timeout}",  # not really
+                write_cache=False)  # blocklisted here, keeps its exclusive lock)
+    h = _harness(dev)
+    loop = h.runner.native
+    assert loop is not None
+    osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
+    try:
+        assert h.run(cdbs.write10(0, 8), b"\x5a" * (8 * BS)).good
+        with _stopped(osds):
+            loop.figures()
+            pend = h.submit_many([(cdbs.write10(k * 64, 8), b"\xa5" * (8 * BS), 0)
+                                  for k in range(8)])
+            deadline = time.monotonic() + 10
+            while not loop.figures()["batches"]:  # C took them: librbd has them in flight
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            dev.backend.sense(OSError(errno.ESHUTDOWN, "blocklisted"), True)
+            took = time.monotonic() - t0
+            assert dev.backend.not_ready is not None
+            h.wait(pend, timeout=4 * timeout)
+        assert took < 1.0, took
+        deadline = time.monotonic() + 90
+        while True:  # reconnected as a new client: serving again
+            r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
+            if r.good or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.good and r.data in (b"\x5a" * (8 * BS), b"\xa5" * (8 * BS)), r
+    finally:
+        h.close()
+        dev.close()
+
+
 def test_a_standby_says_so_when_the_exclusive_lock_feature_is_disabled(
         ceph_cluster: Any) -> None:
     """`rbd feature disable ... exclusive-lock` while two lock=exclusive gateways have the
