@@ -412,7 +412,13 @@ class TapeDrive(ScsiDevice):
         if self.pos >= cart.object_count:
             # SSC-5 4.2.x: reading at EOD: BLANK CHECK, END-OF-DATA DETECTED, residue = request.
             raise EndOfData(info=length)
-        kind, actual = self._read_object(cart, slice_views(cmd.data_in, 0, length))
+        try:
+            kind, actual = self._read_object(cart, slice_views(cmd.data_in, 0, length))
+        except ScsiError as exc:
+            # SSC-5 READ(6): a block that cannot be read (or decrypted) ends the command with
+            # VALID=1 and INFORMATION = the requested transfer length (FIXED=0).
+            exc.info = length
+            raise
         if kind == RecordType.FILEMARK:
             # SSC-5 4.2.8: position after the filemark, FILEMARK bit, residue = request.
             raise FilemarkDetected(info=length)
@@ -433,7 +439,16 @@ class TapeDrive(ScsiDevice):
         for i in range(count):
             if self.pos >= cart.object_count:
                 raise EndOfData(info=count - i, transferred=i * size)
-            kind, actual = self._read_object(cart, slice_views(cmd.data_in, i * size, size))
+            try:
+                kind, actual = self._read_object(cart, slice_views(cmd.data_in, i * size, size))
+            except ScsiError as exc:
+                # SSC-5 READ(6): a block that cannot be read (or decrypted) ends the command with
+                # VALID=1, INFORMATION = requested blocks minus those read (not counting that
+                # block), and the blocks read before it transferred: the position is past
+                # them, and st counts the residue to know where it is.
+                self.bytes_to_initiator += i * size
+                exc.info, exc.transferred = count - i, i * size
+                raise
             if kind == RecordType.FILEMARK:
                 raise FilemarkDetected(info=count - i, transferred=i * size)
             if actual != size:

@@ -424,7 +424,9 @@ def parse_read_position(data: bytes, form: int) -> Position:
 # ---------------------------------------------------------------------------------------------
 # REPORT DENSITY SUPPORT (SSC-5 7.x, 7.x.2 density support descriptor, 7.x.3 medium type)
 
-_DENSITY_DESC = struct.Struct(">BBB2x3sHHI8s8s20s")
+_DENSITY_DESC = struct.Struct(">BBBH3sHHI8s8s20s")
+#: DESCRIPTOR LENGTH of a density support descriptor: the bytes after the field (52 - 5).
+_DENSITY_DESC_LENGTH = 0x2F
 _MEDIUM_TYPE_DESC = struct.Struct(">BxHB9sHHxx8s8s20s")
 
 
@@ -455,6 +457,7 @@ def build_density_support(descs: list[DensityDescriptor]) -> bytes:
             d.primary_code,
             d.secondary_code,
             (0x80 if d.writable else 0) | (0x20 if d.default else 0) | 0x01,  # DLV: length valid
+            _DENSITY_DESC_LENGTH,
             d.bits_per_mm.to_bytes(3, "big"),
             d.media_width,
             d.tracks,

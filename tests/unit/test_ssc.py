@@ -105,6 +105,9 @@ def test_density_descriptor_layout() -> None:
     assert int.from_bytes(data[:2], "big") == 2 + 2 * 52 and len(data) == 4 + 2 * 52
     desc = data[4:56]
     assert desc[0] == 0x5E and desc[2] == 0xA1
+    # DLV=1 says DESCRIPTOR LENGTH is valid: the 47 bytes after it (a zero made sg_rep_density
+    # and backup software's parsers read a descriptor of no length)
+    assert int.from_bytes(desc[3:5], "big") == 0x2F == len(desc) - 5
     assert int.from_bytes(desc[5:8], "big") == 20669 and desc[16:24] == b"LTO-CVE "
     mt = ssc.build_medium_type_support(
         [ssc.MediumTypeDescriptor(0x88, (0x5E,), 127, 960, "LTO-CVE", "U-8", "Ultrium 8")]

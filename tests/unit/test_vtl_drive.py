@@ -684,3 +684,45 @@ def test_write_filemarks_of_the_largest_count_is_bounded(lib: FakeLibrary) -> No
     t.rewind()
     assert t.space(1, 2048).good  # every one is a filemark
     assert t.read(10).sense_codes == (8, 0, 5)  # then EOD
+
+
+def _corrupt(lib: FakeLibrary, barcode: str, obj: int, size: int) -> None:
+    """Flip a bit in the data of object `obj` (all objects `size` bytes) of a cartridge."""
+    from tcmu_py.handlers.vtl.cartridge import DATA_FILE, FILE_HEADER_SIZE, RECORD_HEADER_SIZE
+
+    p = lib.media_path(barcode) / DATA_FILE
+    data = bytearray(p.read_bytes())
+    data[FILE_HEADER_SIZE + obj * (RECORD_HEADER_SIZE + size) + RECORD_HEADER_SIZE + 7] ^= 0x40
+    p.write_bytes(data)
+
+
+def test_unrecovered_read_error_reports_the_residue(tape: Tape, lib: FakeLibrary) -> None:
+    """SSC-5 READ(6): a block that cannot be read ends the command with VALID=1 and INFORMATION
+    = requested blocks minus the blocks read before it (FIXED=1), or the requested length
+    (FIXED=0), and the blocks read are transferred. Before: no INFORMATION and nothing
+    transferred, though the position had moved past the good blocks (st lost its place)."""
+    assert tape.mode_select_block(0, 512).good
+    assert tape.write_fixed(b"".join(bytes([65 + i]) * 512 for i in range(3)), 3).good
+    assert tape.weof().good
+    lib.move(None)
+    _corrupt(lib, "TST001L8", 1, 512)
+    lib.move("TST001L8")
+    tape.clear_ua()
+    assert tape.mode_select_block(0, 512).good
+    r = tape.read_fixed(3, 512)
+    s = sense(r)
+    assert (s.sense_key, s.asc, s.ascq) == (3, 0x11, 0) and s.info == 2, r
+    assert r.data == b"A" * 512
+    assert tape.tell().object_id == 1  # at the block that could not be read
+
+    lib.create("TST002L8")
+    lib.move("TST002L8")
+    tape.clear_ua()
+    assert tape.mode_select_block(0, 0).good
+    assert tape.write(b"v" * 100).good and tape.weof().good
+    lib.move(None)
+    _corrupt(lib, "TST002L8", 0, 100)
+    lib.move("TST002L8")
+    tape.clear_ua()
+    s = sense(tape.read(100))
+    assert (s.sense_key, s.asc) == (3, 0x11) and s.info == 100

@@ -487,3 +487,21 @@ def test_every_record_has_its_own_nonce_and_names_the_key_not_holds_it(
     assert len({e.nonce for e in envs if e is not None}) == 200
     assert {e.key_id for e in envs if e is not None} == {enc.key_identifier(KEY)}
     assert enc.key_identifier(KEY) != enc.key_identifier(OTHER_KEY)
+
+
+def test_a_fixed_read_stopping_at_an_encrypted_block_reports_the_residue(drive: Drive) -> None:
+    """Two clear blocks, then one written with a key; the key gone, a fixed READ(6) of three
+    ends at the third with DATA PROTECT 74h/01h (SSC-5 8.5), VALID=1 and INFORMATION = 1 (the
+    blocks not read), the two clear blocks transferred. Before: no INFORMATION, nothing
+    transferred, the position past both."""
+    mode = bytes([0, 0, 0x10, 8, 0, 0, 0, 0, 0]) + (512).to_bytes(3, "big")
+    assert drive.run(bytes([0x15, 0x10, 0, 0, len(mode), 0]), mode).good
+    assert drive.run(ssc.ReadWrite6(True, False, 2).build(0x0A), b"A" * 1024).good
+    assert drive.spout(sde_page()).good
+    assert drive.run(ssc.ReadWrite6(True, False, 1).build(0x0A), b"C" * 512).good
+    assert drive.spout(sde_page(enc.ENCRYPT_DISABLE, enc.DECRYPT_DISABLE, b"")).good
+    assert drive.rewind().good
+    r = drive.run(ssc.ReadWrite6(True, False, 3).build(0x08), data_in_len=3 * 512)
+    s = parse_sense(r.sense)
+    assert (s.sense_key, s.asc, s.ascq) == (7, 0x74, 0x01) and s.info == 1, r
+    assert r.data == b"A" * 1024
