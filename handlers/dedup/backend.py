@@ -327,7 +327,12 @@ class DedupBackend(PoolDisk["DedupPool"]):
         chunk belongs to every disk naming it, so per-disk physical use has no meaning."""
         pool = self.pool
         deduplicated, compressed = pool.savings()
-        return ProvisioningInfo(capacity=pool.capacity, used=pool.used, device_used=pool.used,
+        # Journaled chunks not yet in the index count as if unique, as they do against the
+        # capacity and for the soft threshold (`DedupPool.crossing_hint`): LOG SENSE 0Ch's
+        # used count is the one the threshold is met on (SBC-4 4.7.3.7).
+        journal = pool.journal
+        used = pool.used + (0 if journal is None else journal.reserved)
+        return ProvisioningInfo(capacity=pool.capacity, used=used, device_used=used,
                                 soft_threshold=pool.soft_threshold, deduplicated=deduplicated,
                                 compressed=compressed)
 

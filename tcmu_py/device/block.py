@@ -757,7 +757,8 @@ class BlockDevice(ScsiDevice):
             return
         check_data_out(cmd, req.parameter_list_length, field_pointer=7)
         data = cmd.read_data_out(req.parameter_list_length)
-        ranges = sbc.parse_unmap_parameters(data, MAX_UNMAP_BLOCK_DESCRIPTORS)
+        ranges = sbc.parse_unmap_parameters(data, MAX_UNMAP_BLOCK_DESCRIPTORS,
+                                            max_lba_count=MAX_UNMAP_LBA_COUNT)
         for lba, count in ranges:
             self._check_range(lba, count)
         for lba, count in sbc.merge_ranges(ranges):

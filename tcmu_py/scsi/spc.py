@@ -686,6 +686,29 @@ def build_log_page(
     return _LOG_HEADER.pack(b0, subpage, len(body)) + body
 
 
+def log_page_from(page: bytes, parameter_pointer: int) -> bytes:
+    """`page` (a whole log page in parameter format, ascending codes) with only the parameters
+    whose code is at least `parameter_pointer` (SPC-5 6.8 LOG SENSE: PARAMETER POINTER; a
+    pointer beyond the largest code is INVALID FIELD IN CDB). A malformed page is returned as
+    it is."""
+    if not parameter_pointer:
+        return page
+    at, end = _LOG_HEADER.size, min(len(page), _LOG_HEADER.size + _U16.unpack_from(page, 2)[0])
+    kept: list[bytes] = []
+    largest = -1
+    while at + _LOG_PARAM.size <= end:
+        code, _flags, n = _LOG_PARAM.unpack_from(page, at)
+        nxt = at + _LOG_PARAM.size + n
+        if code >= parameter_pointer:
+            kept.append(page[at:nxt])
+        largest = max(largest, code)
+        at = nxt
+    if parameter_pointer > largest:
+        raise InvalidFieldInCdb("PARAMETER POINTER beyond the last parameter", field_pointer=5)
+    body = b"".join(kept)
+    return page[:2] + _U16.pack(len(body)) + body
+
+
 def build_supported_log_pages(pages: Iterable[int]) -> bytes:
     """Supported Log Pages 00h (SPC-5 7.3.19): one byte per page code, ascending."""
     codes = sorted(set(pages) | {0})

@@ -422,3 +422,61 @@ def test_the_unit_attention_comes_when_the_used_count_reaches_the_threshold_coun
             assert params[2] == idx + 1  # USED LBA MAPPING RESOURCE COUNT
     finally:
         dev.close()
+
+
+def test_log_sense_honours_the_parameter_pointer(tmp_path: os.PathLike[str]) -> None:
+    """SPC-5 6.8: LOG SENSE returns the parameters from PARAMETER POINTER on, and a pointer past
+    the largest code is INVALID FIELD IN CDB (field pointer 5). Before: every parameter, GOOD,
+    whatever the pointer (`sg_logs --paramp`)."""
+    import struct
+
+    from tcmu_py.scsi.cdb import LogSense
+
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 32 * CS, 80)
+    dev = DedupHandler.open(DeviceConfig("d", "dedup", f"pool={path}", 64 * CS, block_size=BS))
+    try:
+        harness.run_command(dev, cdbs.test_unit_ready())
+
+        def codes(pointer: int) -> Any:
+            cdb = LogSense(False, False, 1, 0x0C, 0, pointer, 1024).build()
+            r = harness.run_command(dev, cdb, b"", 1024)
+            if not r.good:
+                return r.sense_codes
+            log = bytes(r.data)
+            assert struct.unpack_from(">H", log, 2)[0] == len(log) - 4
+            out, at = [], 4
+            while at < len(log):
+                out.append(struct.unpack_from(">H", log, at)[0])
+                at += 4 + log[at + 3]
+            return out
+
+        everything = codes(0)
+        assert everything[:2] == [0x0001, 0x0002] and everything[-1] >= 0x0100
+        assert codes(0x0002) == everything[1:]
+        assert codes(0x0100) == [c for c in everything if c >= 0x0100]
+        assert codes(everything[-1] + 1) == (0x05, 0x24, 0x00)
+    finally:
+        dev.close()
+
+
+def test_unmap_above_the_maximum_unmap_lba_count_changes_nothing(
+        tmp_path: os.PathLike[str]) -> None:
+    """SBC-4 5.32.1: descriptors totalling more blocks than VPD B0h's MAXIMUM UNMAP LBA COUNT
+    (FFFFFFFFh) are INVALID FIELD IN PARAMETER LIST, nothing unmapped. Before: GOOD, every
+    range deallocated."""
+    path = os.path.join(tmp_path, "p")
+    create_pool(path, "p", 32 * CS, 80)
+    blocks = (1 << 32) + 64  # a disk larger than the count (a logical size: nothing stored)
+    dev = DedupHandler.open(DeviceConfig("d", "dedup", f"pool={path}", blocks * BS,
+                                         block_size=BS))
+    try:
+        harness.run_command(dev, cdbs.test_unit_ready())
+        per = CS // BS
+        assert harness.run_command(dev, cdbs.write10(0, per), _chunk(1)).good
+        plist = cdbs.unmap_parameters([(0, per), (per, 0xFFFFFFFF)])
+        r = harness.run_command(dev, cdbs.unmap(len(plist)), plist)
+        assert r.sense_codes == (0x05, 0x26, 0x00), r
+        assert bytes(harness.run_command(dev, cdbs.read10(0, per), b"", CS).data) == _chunk(1)
+    finally:
+        dev.close()

@@ -172,8 +172,12 @@ def test_a_journaled_write_crossing_the_soft_threshold_reports_it_once(tmp_path:
         a.write(7 * CS, [memoryview(chunk(7))])  # 8 of 16: the crossing
         assert pool.journal is not None and pool.journal.pending == 8 * CS
         assert a.take_threshold_event() and b.take_threshold_event()
+        # LOG SENSE 0Ch's used count (the one the threshold is met on, SBC-4 4.7.3.7) holds
+        # them too; before: 0 until drained, below the threshold just reported
+        assert a.provisioning().used == b.provisioning().used == 8 * CS
         pool.journal.drain_all()  # into the index: used 8 chunks, no second crossing
         assert pool.journal.pending == 0 and pool.used == 8 * CS
+        assert a.provisioning().used == 8 * CS
         a.write(8 * CS, [memoryview(chunk(8))])
         assert not a.take_threshold_event() and not b.take_threshold_event()
         a.close()

@@ -363,6 +363,17 @@ def test_log_page_parameter_pointer():
     assert exc.value.field_pointer == 5
 
 
+def test_log_page_from_a_parameter_pointer():
+    plist = [(1, 3, b"a"), (2, 3, b"bb"), (5, 3, b"c")]
+    page = spc.build_log_page(0x0D, 0, plist)
+    for pointer in (0, 1, 2, 3, 5):
+        assert spc.log_page_from(page, pointer) == spc.build_log_page(
+            0x0D, 0, plist, parameter_pointer=pointer)
+    with pytest.raises(InvalidFieldInCdb) as exc:
+        spc.log_page_from(page, 6)
+    assert exc.value.field_pointer == 5
+
+
 def test_supported_log_pages():
     assert spc.build_supported_log_pages([0x0D, 0x0C]) == bytes([0, 0, 0, 3, 0, 0x0C, 0x0D])
     sub = spc.build_supported_log_subpages([(0x0C, 0)])
