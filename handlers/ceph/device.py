@@ -135,7 +135,6 @@ from tcmu_py.threadname import name_os_thread
 from .config import CephConfig
 from .librbd import (
     FEATURE_EXCLUSIVE_LOCK,
-    MAX_CREATE_SIZE,
     Cluster,
     ConfError,
     Image,
@@ -760,10 +759,12 @@ class RbdBackend:
         image (shrinking an image is the operator's decision, ``rbd resize --allow-shrink``)."""
         have = self.image.size()
         if size > have:
-            if size > MAX_CREATE_SIZE:  # librbd takes sizes near 2**64, then aborts on a write
+            limit = self.image.max_size()  # librbd takes larger sizes, then aborts on a write
+            if size > limit:
                 raise ConfigError(f"ceph: {self.cfg.spec}: dev_size {size} is above "
-                                  f"{MAX_CREATE_SIZE} bytes (the object map's limit); the "
-                                  "image keeps its size")
+                                  f"{limit} bytes (the object map's limit for its objects of "
+                                  f"{self.image.object_size()} bytes); the image keeps its "
+                                  "size")
             self.image.resize(size)
             have = size
         self.image_size = have

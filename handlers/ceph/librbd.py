@@ -68,6 +68,10 @@ int rbd_open_by_id(rados_ioctx_t io, const char *id, rbd_image_t *image, const c
 int rbd_get_id(rbd_image_t image, char *id, size_t id_len);
 int rbd_close(rbd_image_t image);
 int rbd_get_size(rbd_image_t image, uint64_t *size);
+typedef struct { uint64_t size; uint64_t obj_size; uint64_t num_objs; int order;
+                 char block_name_prefix[24]; int64_t parent_pool; char parent_name[96]; }
+    rbd_image_info_t;
+int rbd_stat(rbd_image_t image, rbd_image_info_t *info, size_t infosize);
 int rbd_get_features(rbd_image_t image, uint64_t *features);
 int rbd_resize(rbd_image_t image, uint64_t size);
 int rbd_pool_init(rados_ioctx_t io, bool force);
@@ -122,8 +126,11 @@ FEATURE_FAST_DIFF = 1 << 4
 FEATURE_DEEP_FLATTEN = 1 << 5
 #: librbd's RBD_MAX_OBJECT_MAP_OBJECT_COUNT: the most objects an image with an object map has.
 OBJECT_MAP_MAX_OBJECTS = 256_000_000
-#: The largest image `IoCtx.create_image` makes (default 4 MiB objects): 0.95 PiB.
-MAX_CREATE_SIZE = OBJECT_MAP_MAX_OBJECTS << 22
+#: The object size of the images `IoCtx.create_image` makes (order 22: 4 MiB), whatever
+#: ``rbd default order`` the cluster's conf sets.
+CREATE_ORDER = 22
+#: The largest image `IoCtx.create_image` makes: 0.95 PiB.
+MAX_CREATE_SIZE = OBJECT_MAP_MAX_OBJECTS << CREATE_ORDER
 FEATURES_DEFAULT = (FEATURE_LAYERING | FEATURE_EXCLUSIVE_LOCK | FEATURE_OBJECT_MAP
                     | FEATURE_FAST_DIFF | FEATURE_DEEP_FLATTEN)
 #: librbd.h: rbd_aio_write_zeroes's flag to write the zeros, deallocating nothing.
@@ -322,14 +329,15 @@ class IoCtx:
         check(rbd().rbd_pool_init(self._h, False), f"rbd pool init {self.pool}")
 
     def create_image(self, name: str, size: int, features: int = FEATURES_DEFAULT) -> None:
-        """Create image `name` of `size` bytes, librbd's default object size (4 MiB) and
-        `features` (those of ``rbd create``). ValueError for a size above `MAX_CREATE_SIZE`,
+        """Create image `name` of `size` bytes, 4 MiB objects (`CREATE_ORDER`, given: order 0
+        would take the conf's ``rbd default order``, and with it another size limit) and
+        `features` (``rbd create``'s defaults). ValueError for a size above `MAX_CREATE_SIZE`,
         which librbd (16.2) either refuses or, when the object count overflows 64 bits (sizes
         within an object of 2**64), makes an image whose first write aborts the process."""
         if size > MAX_CREATE_SIZE:
             raise ValueError(f"{size} bytes is above {MAX_CREATE_SIZE} ({OBJECT_MAP_MAX_OBJECTS} "
                              "objects of 4 MiB, the object map's limit)")
-        order = _ffi.new("int *", 0)
+        order = _ffi.new("int *", CREATE_ORDER)
         check(rbd().rbd_create2(self._h, name.encode(), size, features, order),
               f"create image {self.pool}/{name}")
 
@@ -486,6 +494,22 @@ class Image:
         out = _ffi.new("uint64_t *")
         check(self._lib.rbd_get_size(self._h, out), f"get_size {self.name}")
         return int(out[0])
+
+    def object_size(self) -> int:
+        """The image's object size in bytes (``rbd info``'s order)."""
+        info = _ffi.new("rbd_image_info_t *")
+        check(self._lib.rbd_stat(self._h, info, _ffi.sizeof("rbd_image_info_t")),
+              f"stat {self.name}")
+        return int(info.obj_size)
+
+    def max_size(self) -> int:
+        """The largest size librbd can serve this image at: with an object map,
+        `OBJECT_MAP_MAX_OBJECTS` of its objects (librbd resizes past it, then aborts the
+        process at the next write); without one, a whole object below 2**64."""
+        obj = self.object_size()
+        if self.features() & FEATURE_OBJECT_MAP:
+            return OBJECT_MAP_MAX_OBJECTS * obj
+        return (1 << 64) - 2 * obj
 
     def features(self) -> int:
         out = _ffi.new("uint64_t *")

@@ -1511,6 +1511,36 @@ def test_create_with_a_size_librbd_cannot_serve_names_the_size(ceph_cluster: Any
         ioctx.close()
 
 
+def test_create_makes_4_mib_objects_whatever_the_conf_says(ceph_cluster: Any,
+                                                          tmp_path: Path) -> None:
+    """Before: `create` left the object size to the conf's ``rbd default order`` (1 MiB objects
+    with order 20), so the documented 4 MiB objects and 0.95 PiB limit did not hold: a size
+    within the limit failed with librbd's EINVAL, reported as a pool that cannot hold images.
+    Now 4 MiB objects always. And a kernel resize of an image of 1 MiB objects is held to its
+    own object map limit (256,000,000 of its objects), not to that of 4 MiB ones."""
+    conf = tmp_path / "ceph.conf"
+    conf.write_text(Path(ceph_cluster.conf).read_text() + "\n[client]\nrbd default order = 20\n")
+    image = f"o-{uuid.uuid4().hex[:8]}"
+    cfg = DeviceConfig("ceph0", "ceph", f"image=rbd/{image};conf={conf};id=admin;create=1",
+                       SIZE, BS)
+    CephHandler.open(cfg).close()
+    info = json.loads(subprocess.run(["rbd", "-c", str(ceph_cluster.conf), "info", "--format",
+                                      "json", f"rbd/{image}"], check=True, timeout=60,
+                                     capture_output=True).stdout)
+    assert info["object_size"] == 4 << 20, info
+    small = f"o-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rbd", "-c", str(ceph_cluster.conf), "create", "--size", "16M",
+                    "--object-size", "1M", f"rbd/{small}"], check=True, timeout=60,
+                   capture_output=True)
+    dev = _open(ceph_cluster, small)
+    try:
+        with pytest.raises(ConfigError, match="dev_size .* is above 268435456000000 bytes"):
+            dev.resize(300 << 40)  # below 256,000,000 objects of 4 MiB, above 1 MiB ones
+        assert dev.image.size() == 16 << 20
+    finally:
+        dev.close()
+
+
 def test_create_in_an_erasure_coded_pool_names_the_pool(ceph_cluster: Any) -> None:
     """Before: librbd's EINVAL for a pool that cannot hold an image's metadata was reported as
     the device's size being wrong, whatever the size."""
