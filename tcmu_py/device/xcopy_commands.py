@@ -20,7 +20,13 @@ Rules this module obeys:
   most one range lock at a time, so two devices copying to each other cannot deadlock.
 * Copy status (LIST ID USAGE 00b) is kept per device for a bounded number of list identifiers
   (TCMU gives no I_T nexus to key it by) and dropped once RECEIVE COPY RESULTS has reported a
-  completed copy.
+  completed copy, or a failed copy's FAILED SEGMENT DETAILS whole (SPC-4 6.18.5).
+* TRANSFER COUNT counts the bytes really written to a destination, piece by piece, so a copy
+  that fails within a segment reports what it did write (SPC-4 6.18.2).
+* COPY ABORTED from a segment carries the segment's number (0-based, in the order of the list)
+  in COMMAND-SPECIFIC INFORMATION (SPC-4 6.3.3).
+* A destination's post-write hook (thin-provisioning threshold) runs after every segment, also
+  one that failed part-way: the blocks it did write count (SBC-4 4.7.3.7).
 
 Threads: EXTENDED COPY runs on a worker thread (never inline: it may read another device's
 blocking backend); the status table is guarded by the manager's lock.
@@ -95,6 +101,10 @@ class _Step:
 
 @dataclass(slots=True)
 class _Status:
+    """The copy status of one EXTENDED COPY: COPY MANAGER STATUS, SEGMENTS PROCESSED (whole
+    segments), ``transferred`` (bytes written to destinations so far, partial segments
+    included) and the sense data it ended with (empty unless it failed)."""
+
     status: int = xcopy.CopyManagerStatus.IN_PROGRESS
     segments: int = 0
     transferred: int = 0
@@ -136,6 +146,11 @@ class CopyManager:
     # --- EXTENDED COPY ---------------------------------------------------------------------
 
     def extended_copy(self, cmd: Command) -> None:
+        """EXTENDED COPY (LID1): check every descriptor, then run the segments in order.
+
+        Any failure while a segment runs ends the command with COPY ABORTED whose
+        COMMAND-SPECIFIC INFORMATION is the failing segment's number; the copy status then
+        holds the segments completed and the bytes written, partial segment included."""
         req = cdbs.ExtendedCopy.parse(cmd.cdb)
         if req.parameter_list_length == 0:
             return  # SPC-4 6.3.1: not an error; nothing is copied
@@ -150,11 +165,15 @@ class CopyManager:
         status = self._start(header.list_identifier if held else None)
         try:
             for step in steps:
-                self._copy(step)
+                self._copy(step, status)
                 status.segments += 1
-                status.transferred += step.length
         except ScsiError as exc:
             aborted = exc if isinstance(exc, CopyAborted) else _aborted(exc)
+            if aborted.command_specific is None:
+                # SPC-4 6.3.3: COMMAND-SPECIFIC INFORMATION bytes 2-3 hold the number of the
+                # segment descriptor being processed when the copy failed: segments run in
+                # order, so its number is the count of those completed.
+                aborted.command_specific = status.segments
             status.status = xcopy.CopyManagerStatus.FAILED
             status.sense = aborted.sense()
             raise aborted from exc
@@ -204,11 +223,13 @@ class CopyManager:
             if lba + length // dev.block_size > dev.num_blocks:
                 # A copy target would refuse the blocks (LBA OUT OF RANGE); the copy manager
                 # reports COPY ABORTED before copying anything (libiscsi ValidSegDescr).
+                # SPC-4 6.3.3: the segment's number in COMMAND-SPECIFIC INFORMATION bytes 2-3.
                 raise CopyAborted(
                     f"segment {index}: LBA {lba}+{length // dev.block_size} beyond "
                     f"{dev.num_blocks} blocks",
                     field_pointer=at + where,
                     in_cdb=False,
+                    command_specific=index,
                 )
         return _Step(
             src,
@@ -219,33 +240,52 @@ class CopyManager:
             length,
         )
 
-    def _copy(self, step: _Step) -> None:
+    def _copy(self, step: _Step, status: _Status) -> None:
+        """Copy one segment, adding the bytes written to ``status.transferred``.
+
+        Raises the copy target's ScsiError on failure, after running the destination's
+        post-write hook: a segment that fails after writing part of its blocks may still have
+        crossed a thin-provisioning soft threshold, which the destination must report
+        (SBC-4 4.7.3.7). A failure of the hook itself never replaces the copy's error."""
         if not step.length:
             return
         dst = step.destination
         held = dst.lock_range(step.destination_lba, step.destination_lba + step.destination_blocks)
         try:
-            base = step.destination_lba * dst.block_size
-            # The destination's backend may copy the whole segment itself (`CopyRange`, e.g.
-            # copy_file_range between two images). It is offered whole — never in pieces, which
-            # would read, from overlapping ranges of one image, bytes an earlier piece already
-            # overwrote — and declines what it cannot copy as memmove would.
-            if not dst.copy_in(step.source, step.source_offset, base, step.length):
-                self._move(step, base)
-        finally:
-            dst.unlock_range(held)
+            try:
+                base = step.destination_lba * dst.block_size
+                # The destination's backend may copy the whole segment itself (`CopyRange`, e.g.
+                # copy_file_range between two images). It is offered whole — never in pieces,
+                # which would read, from overlapping ranges of one image, bytes an earlier piece
+                # already overwrote — and declines what it cannot copy as memmove would.
+                if dst.copy_in(step.source, step.source_offset, base, step.length):
+                    status.transferred += step.length
+                else:
+                    self._move(step, base, status)
+            finally:
+                dst.unlock_range(held)
+        except BaseException:
+            try:
+                dst.after_write()
+            except Exception:
+                dst.log.exception("post-write hook after a failed copy segment")
+            raise
         dst.after_write()
 
     @staticmethod
-    def _move(step: _Step, base: int) -> None:
+    def _move(step: _Step, base: int, status: _Status) -> None:
         """Copy the segment through one buffer: the whole source is read before the first
         write, so an overlapping destination gets the source as it was (memmove), whichever way
-        the ranges overlap."""
+        the ranges overlap. Each piece written whole is added to ``status.transferred`` at
+        once (SPC-4 6.18.2: TRANSFER COUNT is the data written to a destination), so a segment
+        that fails part-way reports the pieces before the failing one."""
         view = memoryview(bytearray(step.length))
         for pos in range(0, step.length, CHUNK):
             step.source.read_at(step.source_offset + pos, view[pos : pos + CHUNK])
         for pos in range(0, step.length, CHUNK):
-            step.destination.write_at(base + pos, view[pos : pos + CHUNK])
+            piece = view[pos : pos + CHUNK]
+            step.destination.write_at(base + pos, piece)
+            status.transferred += len(piece)
 
     def _start(self, list_id: int | None) -> _Status:
         status = _Status()
@@ -280,42 +320,55 @@ class CopyManager:
     # --- RECEIVE COPY RESULTS --------------------------------------------------------------
 
     def receive_copy_results(self, cmd: Command) -> int:
+        """RECEIVE COPY RESULTS (LID1): COPY STATUS, OPERATING PARAMETERS or FAILED SEGMENT
+        DETAILS. Returns the Data-In length.
+
+        Held status is discarded: a completed copy's once COPY STATUS reported it; a finished
+        copy's once FAILED SEGMENT DETAILS were transferred whole or asked for with ALLOCATION
+        LENGTH 0 — never when the allocation length cut the details short (SPC-4 6.18.5)."""
         req = cdbs.ReceiveCopyResults.parse(cmd.cdb)
         action = req.service_action
         if action == xcopy.CopyResultsAction.OPERATING_PARAMETERS:
             data = xcopy.OperatingParameters(self.limits(), DESCRIPTOR_TYPES).build()
-        else:
-            with self._lock:
-                status = self._statuses.get(req.list_identifier)
-                if status is None or (
-                    action == xcopy.CopyResultsAction.FAILED_SEGMENT_DETAILS
-                    and status.status == xcopy.CopyManagerStatus.IN_PROGRESS
-                ):
-                    # SPC-4 6.18.2: a LIST IDENTIFIER with no copy status held -> INVALID FIELD
-                    # IN CDB (libiscsi ReceiveCopyResults.CopyStatus, "no copy in progress").
-                    raise InvalidFieldInCdb(
-                        f"no copy status for list identifier {req.list_identifier}",
-                        field_pointer=2,
-                    )
-                if action == xcopy.CopyResultsAction.FAILED_SEGMENT_DETAILS or (
-                    status.status == xcopy.CopyManagerStatus.COMPLETED
-                ):
-                    # SPC-4 6.18.2 / 6.18.5: held data of a finished copy is discarded once
-                    # reported (a failed copy's, once its details are).
-                    del self._statuses[req.list_identifier]
-            if action == xcopy.CopyResultsAction.COPY_STATUS:
-                data = xcopy.CopyStatus(
-                    status.status, status.segments, status.transferred
-                ).build()
-            else:
-                # SPC-4 6.18.5: the sense of the failed EXTENDED COPY (none if it succeeded).
-                data = xcopy.build_failed_segment_details(
-                    0x02 if status.sense else 0x00, status.sense
+            return cmd.write_data_in(spc.truncate(data, req.allocation_length))
+        with self._lock:
+            status = self._statuses.get(req.list_identifier)
+            if status is None or (
+                action == xcopy.CopyResultsAction.FAILED_SEGMENT_DETAILS
+                and status.status == xcopy.CopyManagerStatus.IN_PROGRESS
+            ):
+                # SPC-4 6.18.2: a LIST IDENTIFIER with no copy status held -> INVALID FIELD
+                # IN CDB (libiscsi ReceiveCopyResults.CopyStatus, "no copy in progress").
+                raise InvalidFieldInCdb(
+                    f"no copy status for list identifier {req.list_identifier}",
+                    field_pointer=2,
                 )
+            if action == xcopy.CopyResultsAction.COPY_STATUS:
+                data = xcopy.CopyStatus(status.status, status.segments, status.transferred).build()
+                # SPC-4 6.18.2: a completed copy's status is discarded once reported.
+                done = status.status == xcopy.CopyManagerStatus.COMPLETED
+            else:
+                data = _failed_segment_details(status)
+                # SPC-4 6.18.5: the details are discarded once transferred whole, or when asked
+                # for with ALLOCATION LENGTH 0; if the allocation length cut them short, they
+                # shall not be discarded (the client reads AVAILABLE DATA, then asks again).
+                done = req.allocation_length == 0 or len(data) <= req.allocation_length
+            if done:
+                del self._statuses[req.list_identifier]
         return cmd.write_data_in(spc.truncate(data, req.allocation_length))
+
+
+def _failed_segment_details(status: _Status) -> bytes:
+    """FAILED SEGMENT DETAILS parameter data for a finished copy: its COPY COMMAND STATUS
+    (CHECK CONDITION) and sense data if it failed. A copy that succeeded has no failed segment
+    details: SPC-4 6.18.5 sets AVAILABLE DATA to zero and returns nothing beyond it."""
+    if not status.sense:
+        return bytes(4)
+    return xcopy.build_failed_segment_details(0x02, status.sense)
 
 
 def _aborted(exc: ScsiError) -> CopyAborted:
     """A copy target's error during a copy, as the copy manager reports it: COPY ABORTED with the
-    target's additional sense code (SPC-4 6.3.3), e.g. 11h/00h for an unreadable source block."""
+    target's additional sense code (SPC-4 6.3.3), e.g. 11h/00h for an unreadable source block.
+    The caller sets COMMAND-SPECIFIC INFORMATION to the failing segment's number."""
     return CopyAborted(str(exc), asc=exc.asc, ascq=exc.ascq)

@@ -372,7 +372,9 @@ class ScsiError(TcmuError):
     The base class stands for 04h/44h/00h INTERNAL TARGET FAILURE.  ``sense_key``/``asc``/``ascq``
     keywords override the class codes for one instance (for codes without a subclass).
     ``transferred`` is the number of Data-In bytes that are valid despite the error (TCMU READ_LEN),
-    used by tape short reads; None means no data.
+    used by tape short reads; None means no data. ``command_specific`` fills the COMMAND-SPECIFIC
+    INFORMATION field (SPC-5 4.4.2.3 / 4.4.3; None: zero in fixed format, no descriptor in
+    descriptor format), e.g. the number of the failing segment of an EXTENDED COPY.
     """
 
     status: ClassVar[int] = Status.CHECK_CONDITION
@@ -395,6 +397,7 @@ class ScsiError(TcmuError):
         eom: bool = False,
         ili: bool = False,
         transferred: int | None = None,
+        command_specific: int | None = None,
     ) -> None:
         super().__init__(msg or type(self).__name__)
         if sense_key is not None:
@@ -411,6 +414,7 @@ class ScsiError(TcmuError):
         self.eom = eom
         self.ili = ili
         self.transferred = transferred
+        self.command_specific = command_specific
 
     def sense(self, descriptor: bool = False) -> bytes:
         """Sense data for this error: fixed 70h, or descriptor 72h when D_SENSE is set."""
@@ -426,6 +430,7 @@ class ScsiError(TcmuError):
             filemark=self.filemark,
             eom=self.eom,
             ili=self.ili,
+            command_specific=self.command_specific,
         )
 
     def __repr__(self) -> str:
