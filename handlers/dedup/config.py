@@ -297,16 +297,23 @@ def main(argv: list[str]) -> int:
                    "name, or the device's disk= option; `status --json` lists them)")
     args = p.parse_args(argv)
     if args.cmd == "status":
-        found = []
+        # Every pool that can be read is shown; each one that cannot is a line on stderr (as a
+        # configuration error), and then the exit status is 2.
+        found, failed = [], []
         for path in args.paths:
-            with _operator_errors(path):
-                found.append(read_pool_status(path).as_dict())
+            try:
+                with _operator_errors(path):
+                    found.append(read_pool_status(path).as_dict())
+            except ConfigError as exc:
+                failed.append(str(exc))
         if args.json:
             print(json.dumps(found, indent=1))
-        else:
+        elif found:
             (table,) = status_tables({SECTION: found})
             print(table.render())
-        return 0
+        for text in failed:
+            print(f"tcmu-py: configuration error: {text}", file=sys.stderr)
+        return 2 if failed else 0
     with _operator_errors(args.path):
         return _run(args)
 

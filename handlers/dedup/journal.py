@@ -657,15 +657,21 @@ def _replay(pool: DedupPool, fd: int, size: int, pos: int, seq: int, epoch: int
 def pending_records(pool: DedupPool) -> tuple[int, int]:
     """Records of the pool's journal not yet in the index, and the bytes of their chunks, as
     the next open's replay would take them (read-only: `check_pool`). (0, 0) without one."""
+    return scan_pending(pool.path, pool.chunk_size, *pool.journal_meta())
+
+
+def scan_pending(path: str, chunk_size: int, pos: int, seq: int, epoch: int
+                 ) -> tuple[int, int]:
+    """`pending_records` for the pool at `path` whose index's committed journal tail is
+    (`pos`, `seq`, `epoch`): read-only, from the journal file as it is now."""
     try:
-        fd = os.open(os.path.join(pool.path, JOURNAL_FILE), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(os.path.join(path, JOURNAL_FILE), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return 0, 0
     try:
         size = os.fstat(fd).st_size
-        pos, seq, epoch = pool.journal_meta()
         records = nbytes = 0
-        while (found := _read_record(fd, size, pos, seq, epoch, pool.chunk_size)) is not None:
+        while (found := _read_record(fd, size, pos, seq, epoch, chunk_size)) is not None:
             rec, data = found
             records, nbytes = records + 1, nbytes + len(data)
             pos, seq = rec.end, rec.seq + 1

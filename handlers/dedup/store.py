@@ -145,7 +145,7 @@ from tcmu_py.statefile import (
 from tcmu_py.threadname import name_os_thread
 
 from .._pool import PhysicalPool, ThresholdFigures
-from .journal import Journal, _Record, open_journal, pending_records
+from .journal import Journal, _Record, open_journal, pending_records, scan_pending
 
 if TYPE_CHECKING:
     from tcmu_py.backend import ChunkTable
@@ -2593,15 +2593,23 @@ def read_pool_status(path: str) -> DedupPoolStatus:
         ).fetchone()
         mapped = db.execute("SELECT COUNT(*) FROM map").fetchone()[0]
         disks = _disk_rows(db, config.chunk_size)
+        tail = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('journal_pos', "
+                               "'journal_seq', 'journal_epoch')").fetchall())
     except sqlite3.Error as exc:
         raise _unreadable_index(file, exc) from None
     finally:
         db.close()
+    # The journal's records past the index's committed tail: what a served pool reports as
+    # journal_pending (the next open's replay puts them into the index).
+    epoch = int(tail.get("journal_epoch", 0))
+    _, pending = (scan_pending(real, config.chunk_size, int(tail.get("journal_pos", 0)),
+                               int(tail.get("journal_seq", 1)), epoch)
+                  if epoch else (0, 0))
     return DedupPoolStatus(real, config.name, config.capacity, config.soft_threshold,
                            config.chunk_size, used, mapped * config.chunk_size,
                            chunks * config.chunk_size, chunks, dead, disks, stored=stored,
                            compression=config.compression, journal=config.journal,
-                           journal_pending=-1 if config.journal else 0)
+                           journal_pending=pending)
 
 
 def check_pool(path: str, *, repair: bool = False) -> CheckReport:

@@ -538,3 +538,42 @@ def test_a_journal_file_left_by_a_removal_cut_short_is_made_anew(
         got = read_disk(pool, "d")
     assert [got[i * CS : (i + 1) * CS] for i in range(4)] == want
     assert check_pool(crash).clean
+
+
+def test_offline_status_counts_the_journal_records_not_yet_in_the_index(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tcmu-py dedup status` on a pool no process of its own has open (a daemon killed with
+    records in its journal, or serving it elsewhere) said ``journal_pending: -1``, a value the
+    docs never name, while `dedup check` counted the records. Now the records past the
+    index's committed tail are counted, as `check` and the next open's replay take them."""
+    from tcmu_py.handlers.dedup import config as dedup_config
+    from tcmu_py.handlers.dedup.store import read_pool_status
+
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 64 * CS, soft_threshold=None, journal=4 * MIB)
+    with DedupPool.open(src) as pool:
+        disk = pool.open_disk("a", SIZE, write_cache=True)
+        for k in range(3):
+            disk.write(k * CS, [memoryview(chunk(k))])
+        disk.write(8 * CS, [memoryview(chunk(8) + chunk(9))])
+        disk.flush()
+        left = cut(src, str(tmp_path / "cut"))
+        disk.close()
+    status = read_pool_status(left)
+    assert status.journal_pending == 5 * CS
+    assert read_pool_status(src).journal_pending == 0  # drained at the close
+    assert dedup_config.main(["status", "--json", left]) == 0
+    assert '"journal_pending": 20480' in capsys.readouterr().out
+
+
+def test_status_shows_the_pools_it_can_read_beside_one_it_cannot(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: one path that is not a pool made `tcmu-py dedup status GOOD TYPO` print nothing
+    but the error. Now GOOD's row, the error on stderr, exit 2."""
+    from tcmu_py.handlers.dedup import config as dedup_config
+
+    good = str(tmp_path / "good")
+    create_pool(good, "good", 16 * CS, soft_threshold=None)
+    assert dedup_config.main(["status", good, str(tmp_path / "typo")]) == 2
+    out, err = capsys.readouterr()
+    assert "good" in out.splitlines()[-1] and "typo" in err and "pool.json" in err
