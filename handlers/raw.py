@@ -22,6 +22,7 @@ workers (the node may sit on a tmpfs /dev, but the I/O goes to the device).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ from tcmu_py.handler import (
     split_wwn,
 )
 
+log = logging.getLogger(__name__)
+
 
 class RawBackend:
     """A raw image file. Thread-safe: positional I/O only.
@@ -54,8 +57,17 @@ class RawBackend:
         self.path = path
         self.block_size = block_size
         self.write_cache = write_cache
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if write_cache else os.O_DSYNC)
-        self.fd = os.open(path, flags, 0o600)
+        flags = os.O_RDWR | os.O_CLOEXEC | (0 if write_cache else os.O_DSYNC)
+        try:
+            self.fd = os.open(path, flags)
+        except FileNotFoundError:
+            # A device made without `apply` (targetcli's user:raw, as tcmu-runner's file
+            # handler) gets its image made here; one that existed before and is gone (deleted,
+            # or its file system not mounted yet) is made anew too, and empty: said loudly.
+            self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            log.warning("raw: image %s did not exist: created empty (%d bytes); if it held "
+                        "data, it is not this file (a file system not mounted yet?)", path,
+                        size)
         try:
             mode = os.fstat(self.fd).st_mode
             #: A block device: sized by the device, never truncated (st_size is 0 for it).
@@ -170,6 +182,27 @@ def _file_type(mode: int) -> str:
     return f"file of mode {mode:o}"
 
 
+#: tcmu-py's record of the LIO objects it made, in the state directory
+#: (`tcmu_py.daemon.lio.STATE_FILE`; handlers do not import the daemon).
+_STATE_FILE = "lio-state.json"
+
+
+def _image_problem(img: str, state_dir: str) -> str | None:
+    """Why `img` cannot be a raw image, as far as the file system says before ``apply`` (which
+    creates a missing one): what to give instead, or None. Before, a directory or a device
+    node passed ``check`` and ``apply`` died with a traceback, and the state file itself was
+    taken and padded with zeros (its record of the LIO objects lost)."""
+    if os.path.realpath(img) == os.path.realpath(os.path.join(state_dir, _STATE_FILE)):
+        return f"an image path other than tcmu-py's own state file ({_STATE_FILE})"
+    try:
+        mode = os.stat(img).st_mode
+    except OSError:
+        return None  # missing (apply creates it), or unreadable (apply names the error)
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return None
+    return f"an image file or a block device, not a {_file_type(mode)}"
+
+
 class RawHandler(Handler):
     subtype = "raw"
     description = "raw image file: raw/<absolute path of the image>"
@@ -200,6 +233,9 @@ class RawHandler(Handler):
             checker.fail(f"{path}.path", img, "an image path that does not end in"
                          " ';data_plane=off' (the daemon would take that for the device's"
                          " data plane switch)")
+            return None
+        if img is not None and (why := _image_problem(img, state_dir)) is not None:
+            checker.fail(f"{path}.path", img, why)
             return None
         return None if img is None else (("path", img),)
 

@@ -50,6 +50,10 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 OPTION_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SIZE_RE = re.compile(r"(\d+)\s*([KMGTP]?)(i?B)?", re.IGNORECASE)
 _SIZE_MULT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+#: The largest size a configuration may give (bytes): the kernel's sizes are 64-bit.
+MAX_SIZE = (1 << 64) - 1
+#: RFC 3720 3.2.6.1: an iSCSI name is at most 223 bytes (the kernel refuses longer ones).
+MAX_ISCSI_NAME = 223
 # RFC 3720 3.2.6.3.1: "iqn." yyyy-mm "." reversed domain name, optionally ":" unique string.
 _IQN_RE = re.compile(r"iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[^\s]+)?")
 # RFC 3720 3.2.6.3.2: "eui." 16 hex digits (EUI-64).
@@ -297,7 +301,8 @@ class Checker:
                            " or digit (LIO object name)")
 
     def abspath(self, value: object, path: str) -> str | None:
-        if not isinstance(value, str) or not value.startswith("/") or "\n" in value:
+        if (not isinstance(value, str) or not value.startswith("/") or "\n" in value
+                or "\0" in value):
             self.fail(path, value, "an absolute path")
             return None
         return str(Path(value))
@@ -311,13 +316,21 @@ class Checker:
         if positive and n == 0:
             self.fail(path, value, "a size greater than zero")
             return None
+        if n > MAX_SIZE:
+            # The kernel's sizes (dev_size, block counts) are 64-bit: a larger one passed the
+            # check and failed `apply` with a traceback.
+            self.fail(path, value, f"a size of at most {MAX_SIZE} bytes (16 EiB)")
+            return None
         return n
 
     def wwn(self, value: object, path: str) -> str | None:
         if isinstance(value, str):
             norm = value.strip().lower()
-            if _IQN_RE.fullmatch(norm) or _EUI_RE.fullmatch(norm) or _NAA_RE.fullmatch(norm):
+            if len(norm) <= MAX_ISCSI_NAME and (
+                    _IQN_RE.fullmatch(norm) or _EUI_RE.fullmatch(norm)
+                    or _NAA_RE.fullmatch(norm)):
                 return norm
         self.fail(path, value, "an iSCSI name: iqn.yyyy-mm.reversed.domain[:id] (RFC 3720),"
-                  " eui.<16 hex digits> or naa.<16 or 32 hex digits>")
+                  " eui.<16 hex digits> or naa.<16 or 32 hex digits>, at most "
+                  f"{MAX_ISCSI_NAME} bytes")
         return None

@@ -117,25 +117,26 @@ MAX_DATA_AREA_MB = 2048
 _SUBTYPE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _SERIAL_RE = re.compile(r"[\x21-\x7e]{1,64}")
 _DEVICE_WWN_RE = re.compile(r"naa\.([235][0-9a-f]{15}|6[0-9a-f]{31})")
-# Attributes of an iSCSI TPG in configfs (drivers/target/iscsi/iscsi_target_configfs.c).
-ISCSI_TPG_ATTRIBUTES = frozenset(
-    {
-        "authentication",
-        "cache_dynamic_acls",
-        "default_cmdsn_depth",
-        "default_erl",
-        "demo_mode_discovery",
-        "demo_mode_write_protect",
-        "fabric_prot_type",
-        "generate_node_acls",
-        "login_keys_workaround",
-        "login_timeout",
-        "netif_timeout",
-        "prod_mode_write_protect",
-        "t10_pi",
-        "tpg_enabled_sendtargets",
-    }
-)
+# Attributes of an iSCSI TPG in configfs (drivers/target/iscsi/iscsi_target_configfs.c), with
+# the values the kernel takes (iscsi_target_tpg.c, iscsit_ta_*; TA_*_MIN/MAX in
+# iscsi_target_core.h): anything else is refused with EINVAL when `apply` writes it.
+ISCSI_TPG_ATTRIBUTE_VALUES: dict[str, tuple[int, ...] | range] = {
+    "authentication": range(2),
+    "cache_dynamic_acls": range(2),
+    "default_cmdsn_depth": range(1, 513),
+    "default_erl": range(3),
+    "demo_mode_discovery": range(2),
+    "demo_mode_write_protect": range(2),
+    "fabric_prot_type": (0, 1, 3),
+    "generate_node_acls": range(2),
+    "login_keys_workaround": range(2),
+    "login_timeout": range(5, 31),
+    "netif_timeout": range(2, 16),
+    "prod_mode_write_protect": range(2),
+    "t10_pi": range(2),
+    "tpg_enabled_sendtargets": range(2),
+}
+ISCSI_TPG_ATTRIBUTES = frozenset(ISCSI_TPG_ATTRIBUTE_VALUES)
 
 # --------------------------------------------------------------------------- dataclasses
 
@@ -791,8 +792,14 @@ def _load_iscsi(c: Checker, raw: object, devices: set[str], key: str = "iscsi",
         am = c.mapping(m.get("attributes"), f"{p}.attributes", set(ISCSI_TPG_ATTRIBUTES))
         for key, value in (am or {}).items():
             if key in ISCSI_TPG_ATTRIBUTES:
-                v = c.integer(value, f"{p}.attributes.{key}", 0, 1 << 31)
-                if v is not None:
+                allowed = ISCSI_TPG_ATTRIBUTE_VALUES[key]
+                what = (f"an integer {allowed.start}..{allowed.stop - 1}"
+                        if isinstance(allowed, range)
+                        else "one of " + ", ".join(map(str, allowed)))
+                v = c.integer(value, f"{p}.attributes.{key}", 0, 1 << 31, what)
+                if v is not None and v not in allowed:
+                    c.fail(f"{p}.attributes.{key}", value, what + " (the kernel refuses others)")
+                elif v is not None:
                     attrs.append((key, v))
         acls: list[Acl] = []
         initiators: set[str] = set()

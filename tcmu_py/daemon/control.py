@@ -250,7 +250,9 @@ class ControlServer:
             params = " ".join(p.upper() for p in inspect.signature(fn).parameters)
             return _error(f"request {request[:64]!r}: expected {f'{verb} {params}'.strip()!r}")
         try:
-            return json.dumps(fn(*args)).encode()
+            # A value JSON has no form for (a handler's status holding a Path, say) is given
+            # as its text: one such value must not turn the whole answer into an error.
+            return json.dumps(fn(*args), default=str).encode()
         except ValueError as exc:
             return _error(f"{verb}: {exc}")
         except Exception as exc:  # noqa: BLE001 - one request failing must not stop the others
@@ -261,7 +263,10 @@ class ControlServer:
 def query_status(run_dir: Path = RUN_DIR, timeout: float = 5.0) -> dict[str, Any]:
     """Ask the daemon serving `run_dir` for its status (the client side of this socket, importing
     nothing of the data path). Raises TcmuError when none answers."""
-    return request(run_dir, "status", timeout)
+    answer = request(run_dir, "status", timeout)
+    if "error" in answer:
+        raise TcmuError(f"the daemon could not answer the status request: {answer['error']}")
+    return answer
 
 
 def request(run_dir: Path, line: str, timeout: float = 5.0) -> dict[str, Any]:
