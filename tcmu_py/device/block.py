@@ -65,6 +65,9 @@ MAX_COMPARE_AND_WRITE_BLOCKS = 255
 #: UNMAP limits advertised in VPD B0h.
 MAX_UNMAP_BLOCK_DESCRIPTORS = 256
 MAX_UNMAP_LBA_COUNT = 0xFFFFFFFF
+#: START STOP UNIT's POWER CONDITION codes that are not reserved (SBC-4 5.27: START_VALID,
+#: ACTIVE, IDLE, STANDBY, obsolete 5h, LU_CONTROL, FORCE_IDLE_0, FORCE_STANDBY_0).
+_POWER_CONDITIONS = frozenset({0x0, 0x1, 0x2, 0x3, 0x5, 0x7, 0xA, 0xB})
 _RW10 = struct.Struct(">IxH")  # LBA, group, TRANSFER LENGTH (bytes 2..8 of a 10-byte CDB)
 _RW16 = struct.Struct(">QI")  # LBA, TRANSFER LENGTH (bytes 2..13 of a 16-byte CDB)
 #: Bytes read or written at a time where a command covers more than its own buffers (WRITE
@@ -393,7 +396,9 @@ class BlockDevice(ScsiDevice):
                                    " of the pool")
 
     def block_descriptors(self) -> list[tuple[int, int, int]]:
-        return [(0, min(self.num_blocks, 0xFFFFFFFF), self.block_size)]
+        # The whole count: a long LBA descriptor (LLBAA) carries 64 bits (SBC-4 6.5.2.3); the
+        # short form's builder gives FFFFFFFFh for more (6.5.2.2).
+        return [(0, self.num_blocks, self.block_size)]
 
     def device_specific_parameter(self) -> int:
         return 0x10  # SBC-4 6.5.1: DPOFUA — DPO and FUA are supported
@@ -782,6 +787,7 @@ class BlockDevice(ScsiDevice):
 
     @command(Opcode.READ_CAPACITY_10, inline=True)
     def read_capacity_10(self, cmd: Command) -> int:
+        cdbs.ReadCapacity10.parse(cmd.cdb)  # SBC-4 5.20.1: LBA without PMI is refused
         return cmd.write_data_in(sbc.build_read_capacity_10(self.num_blocks, self.block_size))
 
     @command(Opcode.SERVICE_ACTION_IN_16, ServiceAction.READ_CAPACITY_16, inline=True)
@@ -816,8 +822,12 @@ class BlockDevice(ScsiDevice):
 
     @command(Opcode.START_STOP_UNIT, inline=True)
     def start_stop_unit(self, cmd: Command) -> None:
-        cdbs.StartStopUnit.parse(cmd.cdb)
-        # SBC-4 5.25: nothing spins here; starting and stopping are accepted and change nothing.
+        req = cdbs.StartStopUnit.parse(cmd.cdb)
+        if req.power_condition not in _POWER_CONDITIONS:
+            # SBC-4 5.27: a reserved POWER CONDITION code is an invalid field in the CDB.
+            raise InvalidFieldInCdb(f"POWER CONDITION {req.power_condition:#x}",
+                                    field_pointer=4, bit_pointer=7)
+        # SBC-4 5.27: nothing spins here; starting and stopping are accepted and change nothing.
 
     def resize(self, size: int) -> None:
         """The device was resized: new capacity, and CAPACITY DATA HAS CHANGED (SBC-4 4.6).

@@ -323,7 +323,9 @@ class ScsiDevice:
 
     def mode_pages(self) -> list[spc.ModePage]:
         """The mode pages this device has. Subclasses extend super()'s list."""
-        return [spc.control_mode_page(d_sense=self.d_sense)]
+        # The default values (D_SENSE 0): what MODE SELECT set is the page's current value,
+        # kept apart (SPC-5 6.14: PC 10b reports the defaults, whatever is current).
+        return [spc.control_mode_page()]
 
     def block_descriptors(self) -> list[tuple[int, int, int]]:
         """(density code, number of blocks, block length) for MODE SENSE block descriptors."""
@@ -333,16 +335,15 @@ class ScsiDevice:
         return 0
 
     def apply_block_descriptor(self, density: int, blocks: int, block_length: int) -> None:
-        """MODE SELECT sent a block descriptor. Default: accept only the current values."""
-        if (density, blocks, block_length) not in [
-            (d, b, n) for d, b, n in self.block_descriptors()
-        ] and (
-            blocks,
-            block_length,
-        ) not in [(b, n) for _, b, n in self.block_descriptors()]:
-            raise spc.InvalidFieldInParameterList(
-                "block descriptor cannot be changed", field_pointer=0
-            )
+        """MODE SELECT sent a block descriptor. Default: accept only the current values: the
+        block length, and the number of blocks as either form gives it (a short descriptor's
+        is at most FFFFFFFFh, SBC-4 6.5.2.2) or zero, which keeps the capacity (SBC-4
+        6.5.2.2/6.5.2.3: sg_format sends it); the density code is not looked at."""
+        for _, current, length in self.block_descriptors():
+            if block_length == length and blocks in (0, current, min(current, 0xFFFFFFFF)):
+                return
+        raise spc.InvalidFieldInParameterList("block descriptor cannot be changed",
+                                              field_pointer=0)
 
     def check_mode_page(self, page: spc.ModePage, body: bytes, offset: int) -> bytes:
         """The new current value MODE SELECT gives `page` with `body` (sent at `offset` of the
@@ -548,6 +549,9 @@ class ScsiDevice:
                 self.revision,
                 removable=self.removable,
                 version_descriptors=self.version_descriptors(),
+                # SPC-5 6.7.2: 3PC, the logical unit has a copy manager (EXTENDED COPY);
+                # VMware's VAAI and sg_inq look here before they send one.
+                three_pc=self.implements_opcode(Opcode.EXTENDED_COPY),
             )
         else:
             pages = self.vpd_pages()

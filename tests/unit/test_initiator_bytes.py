@@ -240,8 +240,8 @@ GOLDEN: dict[str, dict[str, str]] = {
     "raw": {
         "ua": "ae80bf19704bcb8e",
         "tur": "8c8ca8dd8cb2e106",
-        "inq": "7e8c757210805b11",
-        "inq36": "caa65ca9e7bb3d32",
+        "inq": "c5a5a9656fb822c1",  # D103: 3PC=1 (EXTENDED COPY is supported)
+        "inq36": "7db4e997360119e4",  # D103: 3PC=1 (EXTENDED COPY is supported)
         "vpd00": "056362243383d242",
         "vpd80": "dad4cc805e710218",
         "vpd83": "b643a690dbf64ec5",
@@ -300,8 +300,8 @@ GOLDEN: dict[str, dict[str, str]] = {
     "raw-wc": {
         "ua": "ae80bf19704bcb8e",
         "tur": "8c8ca8dd8cb2e106",
-        "inq": "7e8c757210805b11",
-        "inq36": "caa65ca9e7bb3d32",
+        "inq": "c5a5a9656fb822c1",  # D103: 3PC=1 (EXTENDED COPY is supported)
+        "inq36": "7db4e997360119e4",  # D103: 3PC=1 (EXTENDED COPY is supported)
         "vpd00": "056362243383d242",
         "vpd80": "a5e3d28f9ab75b1a",
         "vpd83": "4f47676bfdd290ec",
@@ -360,8 +360,8 @@ GOLDEN: dict[str, dict[str, str]] = {
     "thin": {
         "ua": "ae80bf19704bcb8e",
         "tur": "8c8ca8dd8cb2e106",
-        "inq": "2643f0b0360dc2a5",
-        "inq36": "73b1895f4bb1ebea",
+        "inq": "66ca6d767912495f",  # D103: 3PC=1 (EXTENDED COPY is supported)
+        "inq36": "df0f4eb5ffcb3069",  # D103: 3PC=1 (EXTENDED COPY is supported)
         "vpd00": "0d1f0a90bdc51a79",
         "vpd80": "067c2550b74e7774",
         "vpd83": "9b6d4ff573e1acac",
