@@ -303,7 +303,6 @@ def pool_entries(c: Checker, raw: object, section: str,
     soft threshold, as MODE SELECT can make it) and ``hard_limit`` (`hard_limit`) checked;
     `extra_keys` are the handler's own, which it checks itself. `Checker.clean_since` on
     ``.entry`` says whether the entry is whole (a None field may be a failed one)."""
-    paths: dict[str, str] = {}  # real directory -> the entry that declared it first
     for entry in c.named_entries(raw, section, set(POOL_KEYS | extra_keys), _REQUIRED_KEYS,
                                  "pool"):
         p, m = entry.path, entry.fields
@@ -313,10 +312,8 @@ def pool_entries(c: Checker, raw: object, section: str,
             c.fail(f"{p}.path", m["path"], "a directory, or a path where one can be made: it is"
                    " a file")
             path = None
-        if path is not None:
-            first = paths.setdefault(os.path.realpath(path), p)
-            if first != p:  # one directory holds one pool: the second would be refused at apply
-                c.fail(f"{p}.path", m["path"], f"a directory no other pool uses ({first} has it)")
+        if path is not None:  # one directory holds one pool (or library), of any section
+            c.claim_directory(path, f"{p}.path", m["path"])
         cap = c.size(m["capacity"], f"{p}.capacity") if "capacity" in m else None
         soft = m.get("soft_threshold", 80)
         if soft is not None:

@@ -13,6 +13,7 @@ the file holds.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -205,6 +206,19 @@ class Checker:
     def __init__(self, source: str) -> None:
         self.source = source
         self.problems: list[str] = []
+        #: Directories a section's entry has taken for its own (a pool's, a library's), by
+        #: real path: the key path that took each first (`claim_directory`).
+        self.directories: dict[str, str] = {}
+
+    def claim_directory(self, directory: str, path: str, value: object) -> bool:
+        """Take `directory` for the entry at `path` (`value` as given): False, and a problem
+        naming the entry that has it, if another entry (of any section) took it first; a
+        pool and a library, or two pools, in one directory would take each other's files."""
+        first = self.directories.setdefault(os.path.realpath(directory), path)
+        if first != path:
+            self.fail(path, value, f"a directory no other pool or library uses ({first} has it)")
+            return False
+        return True
 
     def report(self) -> str:
         """The ConfigError message: the problem itself when there is one, else a count and the

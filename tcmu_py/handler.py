@@ -289,6 +289,13 @@ class Handler(ABC):
         return None
 
     @classmethod
+    def device_images(cls, device: Device) -> list[str]:
+        """Every file holding `device`'s data (`device_image`'s, by default; a subtype with
+        more than one, as a mirror's local legs, lists them all)."""
+        image = cls.device_image(device)
+        return [] if image is None else [image]
+
+    @classmethod
     def device_warnings(cls, device: Device) -> list[str]:
         """What `tcmu-py check` warns of in `device`'s settings: valid, but likely to hurt
         (each message names the key, the value and what is expected). Default: none."""

@@ -169,6 +169,13 @@ _EXPECT = {
 # -- YAML ---------------------------------------------------------------------------------------
 
 
+def local_legs(legs: str) -> list[str]:
+    """The real paths of the local legs in `legs` (the ``legs`` option: specs joined by ``|``,
+    each as `encode_spec` made it); NBD legs are not files of this host."""
+    specs = (unquote(spec) for spec in legs.split("|") if spec)
+    return [os.path.realpath(spec) for spec in specs if spec.startswith("/")]
+
+
 def load_options(raw: object, path: str, checker: Checker) -> tuple[tuple[str, str], ...] | None:
     m = checker.mapping(raw, path, set(_KEYS), frozenset({"legs"}))
     if m is None or "legs" not in m:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tcmu_py.configspec import Checker
+from tcmu_py.configspec import Checker, Device
 from tcmu_py.errors import ConfigError
 from tcmu_py.handler import CliCommand, DeviceConfig, Gauge, Handler, StatusTable
 
@@ -38,6 +38,13 @@ class MirrorHandler(Handler):
         ``retry``, ``degraded_open``, ``assume_clean``, ``leg_timeout``, ``max_lag`` (see
         `.config`)."""
         return _config.load_options(raw, path, checker)
+
+    @classmethod
+    def device_images(cls, device: Device) -> list[str]:
+        """The local legs (image files and block devices), symbolic links resolved: no other
+        device may write them (`check` refused a raw disk on a mirror's leg, or two mirrors
+        sharing one, only for images of the same kind before)."""
+        return _config.local_legs(device.options_dict().get("legs", ""))
 
     @classmethod
     def status(cls, devices: Sequence[ScsiDevice]) -> dict[str, Any]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -196,6 +197,7 @@ def load_libraries(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[Lib
         carts: list[str] = []
         room = (slots or 65535) + (ie or 0)  # what the library can hold: never expand beyond
         held = 0
+        seen: set[str] = set()
         for j, spec in enumerate(c.seq(m.get("cartridges"), f"{p}.cartridges") or []):
             try:
                 if not isinstance(spec, str):
@@ -211,13 +213,29 @@ def load_libraries(raw: object, c: Checker, doc: Mapping[str, Any]) -> tuple[Lib
                        f" {held})")
                 continue
             held += count
-            if _check_media_types(c, expand_barcodes(spec), spec, f"{p}.cartridges[{j}]"):
+            codes = expand_barcodes(spec)
+            again = sorted(seen.intersection(codes))
+            if again:
+                # one cartridge per barcode: apply made library.json, then refused the second
+                c.fail(f"{p}.cartridges[{j}]", spec, "barcodes not listed before in this "
+                       f"library ({', '.join(again[:3])}{' ...' if len(again) > 3 else ''} "
+                       "already are)")
+                continue
+            seen.update(codes)
+            if _check_media_types(c, codes, spec, f"{p}.cartridges[{j}]"):
                 carts.append(spec)
         media = c.abspath(m["media_dir"], f"{p}.media_dir") if "media_dir" in m else None
+        if media is not None and os.path.exists(media) and not os.path.isdir(media):
+            # apply would fail to make the library in it with a bare NotADirectoryError
+            c.fail(f"{p}.media_dir", m["media_dir"], "a directory, or a path where one can be"
+                   " made: it is a file")
+            media = None
         if media is not None:
             if media in dirs:
                 c.fail(f"{p}.media_dir", m["media_dir"],
                        f"a directory of its own (library {dirs[media]} uses it)")
+            else:
+                c.claim_directory(media, f"{p}.media_dir", m["media_dir"])
             dirs[media] = name or "?"
             cfg = f"vtl/library={media};unit=drive00"
             problem = config_string_problem(cfg)

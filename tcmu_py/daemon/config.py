@@ -607,12 +607,12 @@ def _check_identities(c: Checker, devices: list[Device], where: Mapping[str, str
             if other != dev.name:
                 c.fail(f"{at}.wwn", dev.wwn, f"a wwn no other device has ({other} has it)")
         handler = registry.get(dev.handler)  # None also if it failed to import (logged)
-        image = handler.device_image(dev) if handler is not None else None
-        if image is not None:
+        for image in handler.device_images(dev) if handler is not None else []:
             other = images.setdefault(image, dev.name)
             if other != dev.name:
                 c.fail(f"{at}.options", dict(dev.options), f"an image file of its own ({other}"
                        f" uses {image})")
+                break
 
 
 def _load_lunmaps(c: Checker, raw: object, path: str, devices: set[str]) -> list[LunMap]:

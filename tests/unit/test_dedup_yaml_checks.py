@@ -152,8 +152,8 @@ def test_two_pools_in_one_directory_are_refused_at_load(tmp_path: os.PathLike[st
     with pytest.raises(ConfigError) as exc:
         _load(doc, check=True)
     assert str(exc.value).startswith("c.yaml: dedup_pools[1].path: got '")
-    assert str(exc.value).endswith("', expected a directory no other pool uses (dedup_pools[0] "
-                                   "has it)")
+    assert str(exc.value).endswith("', expected a directory no other pool or library uses "
+                                   "(dedup_pools[0].path has it)")
 
 
 

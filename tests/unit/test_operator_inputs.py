@@ -138,3 +138,64 @@ def test_a_missing_raw_image_is_made_with_a_warning(tmp_path: Path,
     backend = RawBackend(str(img), 1 << 20, 512)  # there now: no warning
     os.close(backend.fd)
     assert "did not exist" not in caplog.text
+
+
+def test_a_thin_pool_and_a_dedup_pool_cannot_share_a_directory(tmp_path: Path) -> None:
+    """Before: `check` passed; `apply` made the dedup pool, then the thin pool failed on its
+    pool.json ("version: got 3, expected 1")."""
+    text = problems(f"""
+        state_dir: {tmp_path}/state
+        pools: [{{name: p, path: {tmp_path}/pool, capacity: 1G}}]
+        dedup_pools: [{{name: q, path: {tmp_path}/pool/, capacity: 1G}}]
+    """)
+    assert "expected a directory no other pool or library uses" in text, text
+
+
+def _library(tmp_path: Path, media_dir: str, cartridges: str) -> str:
+    return f"""
+        state_dir: {tmp_path}/state
+        libraries:
+          - {{name: L, changer: ch, media_dir: {media_dir}, slots: 4, drives: [{{name: dr}}],
+              cartridges: {cartridges}}}
+    """
+
+
+def test_a_library_media_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    """Before: `check` passed, `apply` died with a NotADirectoryError traceback."""
+    (tmp_path / "afile").write_text("x")
+    text = problems(_library(tmp_path, f"{tmp_path}/afile", "[ABC000L8]"))
+    assert "libraries[0].media_dir: got" in text and "it is a file" in text, text
+
+
+def test_a_barcode_listed_twice_is_refused(tmp_path: Path) -> None:
+    """Before: `check` passed; `apply` wrote library.json, then refused the second cartridge
+    with a message naming neither the file nor the key."""
+    text = problems(_library(tmp_path, f"{tmp_path}/lib", "[ABC000L8..ABC002L8, ABC002L8]"))
+    assert "libraries[0].cartridges[1]: got 'ABC002L8', expected barcodes not listed before" \
+        in text, text
+
+
+def test_a_library_and_a_pool_cannot_share_a_directory(tmp_path: Path) -> None:
+    text = problems(f"pools: [{{name: p, path: {tmp_path}/d, capacity: 1G}}]\n"
+                    + textwrap.dedent(_library(tmp_path, f"{tmp_path}/d", "[ABC000L8]")))
+    assert "expected a directory no other pool or library uses" in text, text
+
+
+@pytest.mark.parametrize("other", ["raw", "mirror"])
+def test_a_mirror_leg_is_no_other_devices_image(tmp_path: Path, other: str) -> None:
+    """Before: a raw disk on a mirror's leg, or two mirrors sharing one, passed `check`: both
+    devices would write the file (the mirror's metadata at its end too)."""
+    leg = f"{tmp_path}/leg1.img"
+    first = (f'{{name: d0, handler: raw, size: 1M, options: {{path: "{leg}"}}}}'
+             if other == "raw" else
+             f'{{name: d0, handler: mirror, size: 1M, options: {{legs: ["{leg}", '
+             f'"{tmp_path}/leg0.img"]}}}}')
+    text = problems(f"""
+        state_dir: {tmp_path}/state
+        devices:
+          - {first}
+          - {{name: m1, handler: mirror, size: 1M,
+              options: {{legs: ["{tmp_path}/leg2.img", "{tmp_path}/./leg1.img"]}}}}
+    """)
+    assert "devices[1].options: got" in text and "expected an image file of its own (d0 uses" \
+        in text, text
