@@ -85,6 +85,7 @@ class RawBackend:
             os.close(self.fd)
             raise
         self.size = size
+        self._shrunk_said = False
         st = os.fstat(self.fd)
         #: The image's identity: two backends on one file are one store (`copy_range`).
         self.identity = (st.st_dev, st.st_ino)
@@ -103,8 +104,13 @@ class RawBackend:
     def read(self, offset: int, bufs: Sequence[memoryview]) -> None:
         want = sum(len(b) for b in bufs)
         got = os.preadv(self.fd, bufs, offset)
-        if got < want:  # the image shrank under us: the tail reads as zeros
+        if got < want:  # the image shrank under us: the tail reads as zeros (as LIO's fileio)
             zero(skip(bufs, got))
+            if not self._shrunk_said:  # said once: an operator must learn the data is gone
+                self._shrunk_said = True
+                log.error("raw: image %s is %d bytes, shorter than the device's %d: it was "
+                          "truncated while served; the blocks past its end read as zeros",
+                          self.path, os.fstat(self.fd).st_size, self.size)
 
     def write(self, offset: int, bufs: Sequence[memoryview]) -> None:
         want = sum(len(b) for b in bufs)

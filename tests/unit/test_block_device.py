@@ -177,13 +177,17 @@ def test_rsoc_lists_no_unmap_for_raw(dev):
     assert r.good and r.data[1] & 7 == 1  # not supported
 
 
-def test_raw_backend_short_image_reads_zeros(tmp_path):
+def test_raw_backend_short_image_reads_zeros(tmp_path, caplog):
+    """As LIO's fileio; and said once in the log (before: nothing said, an operations audit)."""
     path = tmp_path / "short.img"
     be = RawBackend(str(path), 4 * BS, BS)
     os.ftruncate(be.fd, BS)  # shrinks under us
     buf = bytearray(b"\xff" * 2 * BS)
     be.read(0, [memoryview(buf)])
     assert buf == bytes(2 * BS)
+    assert caplog.text.count(f"image {path} is {BS} bytes, shorter than the device's") == 1
+    be.read(0, [memoryview(buf)])
+    assert caplog.text.count("shorter than the device's") == 1
     be.close()
 
 
