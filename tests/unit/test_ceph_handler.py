@@ -672,6 +672,30 @@ def test_a_read_of_blocks_a_stalled_write_is_writing_holds_up_no_later_command(
         dev.close()
 
 
+def _time_with_writes_in_flight(cluster: Any, dev: CephDevice, h: RingHarness, timeout: int,
+                                call: Any) -> float:
+    """Write LBA 0, then with every OSD stopped hand C eight WRITEs (librbd has them in
+    flight), time `call()`, and wait for the WRITEs to end (they time out); the seconds
+    `call` took."""
+    loop = h.runner.native
+    assert loop is not None
+    osds = [p for name, p in cluster.procs.items() if name.startswith("osd.")]
+    assert h.run(cdbs.write10(0, 8), b"\x5a" * (8 * BS)).good
+    with _stopped(osds):
+        loop.figures()
+        pend = h.submit_many([(cdbs.write10(k * 64, 8), b"\xa5" * (8 * BS), 0)
+                              for k in range(8)])
+        deadline = time.monotonic() + 10
+        while not loop.figures()["batches"]:  # C took them: librbd has them in flight
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        call()
+        took = time.monotonic() - t0
+        h.wait(pend, timeout=4 * timeout)
+    return took
+
+
 def test_a_header_change_does_not_wait_for_the_operations_in_flight(ceph_cluster: Any) -> None:
     """librbd's watch callback (a resize by another client) turned the native loop's execution
     off on librbd's thread, which waits for every librbd operation C has in flight; librbd runs
@@ -683,23 +707,8 @@ def test_a_header_change_does_not_wait_for_the_operations_in_flight(ceph_cluster
     dev = _open(ceph_cluster, f"h-{uuid.uuid4().hex[:8]}",
                 extra=f";create=1;osd_op_timeout={timeout}", write_cache=False)
     h = _harness(dev)
-    loop = h.runner.native
-    assert loop is not None
-    osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
     try:
-        assert h.run(cdbs.write10(0, 8), b"\x5a" * (8 * BS)).good
-        with _stopped(osds):
-            loop.figures()
-            pend = h.submit_many([(cdbs.write10(k * 64, 8), b"\xa5" * (8 * BS), 0)
-                                  for k in range(8)])
-            deadline = time.monotonic() + 10
-            while not loop.figures()["batches"]:  # C took them: librbd has them in flight
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            t0 = time.monotonic()
-            dev._on_header_change()
-            took = time.monotonic() - t0
-            h.wait(pend, timeout=4 * timeout)
+        took = _time_with_writes_in_flight(ceph_cluster, dev, h, timeout, dev._on_header_change)
         assert took < 1.0, took
         deadline = time.monotonic() + 60
         while True:  # then: a command follows the (unchanged) size, and C serves again
@@ -725,24 +734,11 @@ def test_a_blocklisting_seen_on_librbds_thread_does_not_wait_for_operations_in_f
                 extra=f";create=1;lock=shared;osd_op_timeout={timeout}",  # not really
                 write_cache=False)  # blocklisted here, keeps its exclusive lock)
     h = _harness(dev)
-    loop = h.runner.native
-    assert loop is not None
-    osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
     try:
-        assert h.run(cdbs.write10(0, 8), b"\x5a" * (8 * BS)).good
-        with _stopped(osds):
-            loop.figures()
-            pend = h.submit_many([(cdbs.write10(k * 64, 8), b"\xa5" * (8 * BS), 0)
-                                  for k in range(8)])
-            deadline = time.monotonic() + 10
-            while not loop.figures()["batches"]:  # C took them: librbd has them in flight
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            t0 = time.monotonic()
-            dev.backend.sense(OSError(errno.ESHUTDOWN, "blocklisted"), True)
-            took = time.monotonic() - t0
-            assert dev.backend.not_ready is not None
-            h.wait(pend, timeout=4 * timeout)
+        took = _time_with_writes_in_flight(
+            ceph_cluster, dev, h, timeout,
+            lambda: dev.backend.sense(OSError(errno.ESHUTDOWN, "blocklisted"), True))
+        assert dev.backend.not_ready is not None
         assert took < 1.0, took
         deadline = time.monotonic() + 90
         while True:  # reconnected as a new client: serving again

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_xcopy_device import param_list
 
 from tcmu_py.device.block import BlockDevice
 from tcmu_py.device.copydomain import CopyDomain
@@ -66,16 +67,6 @@ def domain(*devs: BlockDevice) -> None:
         dev.join(d)
 
 
-def param_list(
-    targets: list[BlockDevice],
-    segments: list[x.BlockToBlockSegment],
-    *,
-    list_id: int = 0,
-    usage: int = x.ListIdUsage.NONE,
-) -> bytes:
-    header = x.ParameterHeader(list_id, False, usage, 0, 0, 0, 0)
-    cscds = tuple(x.IdentificationCscd(t.naa_designator(), t.block_size) for t in targets)
-    return x.ParameterList(header, cscds, tuple(segments)).build()
 
 
 def xcopy(dev: BlockDevice, data: bytes) -> Result:
