@@ -611,6 +611,11 @@ class Cartridge:
         finally:
             self.select_partition(was)
 
+    def partition_figures(self) -> list[tuple[int, int]]:
+        """(remaining, capacity) bytes of each partition, in order (`remaining`, `capacity` of
+        each made active in turn; the active one stays so)."""
+        return [(self.remaining, self.capacity) for _ in self._each_partition()]
+
     def format(self, sizes: Sequence[int]) -> None:
         """FORMAT MEDIUM: erase everything and lay out `sizes` (bytes per partition; one entry
         or none: a single partition of the whole capacity). Partition 0 is active afterwards.

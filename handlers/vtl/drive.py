@@ -168,6 +168,7 @@ class TapeDrive(ScsiDevice):
         self.compression = False
         self.prevented = False
         self.tape_alerts: set[int] = set()
+        self._alerts_shown: set[int] = set()  # by the last TapeAlert page built
         # LOG SENSE 02h/03h/0Ch counters (since power on)
         self.bytes_from_initiator = 0
         self.bytes_to_medium = 0
@@ -438,6 +439,7 @@ class TapeDrive(ScsiDevice):
         size = self.block_length
         for i in range(count):
             if self.pos >= cart.object_count:
+                self.bytes_to_initiator += i * size  # the blocks before it went out
                 raise EndOfData(info=count - i, transferred=i * size)
             try:
                 kind, actual = self._read_object(cart, slice_views(cmd.data_in, i * size, size))
@@ -450,6 +452,7 @@ class TapeDrive(ScsiDevice):
                 exc.info, exc.transferred = count - i, i * size
                 raise
             if kind == RecordType.FILEMARK:
+                self.bytes_to_initiator += i * size
                 raise FilemarkDetected(info=count - i, transferred=i * size)
             if actual != size:
                 # SSC-5 4.2.22: INFORMATION = requested blocks minus blocks read, not counting
@@ -1083,16 +1086,27 @@ class TapeDrive(ScsiDevice):
 
     def _tape_alert_log(self) -> bytes:
         with self.lock:
-            flags, self.tape_alerts = self.tape_alerts, set()
-        # SSC-5 8.2.4: TapeAlert flags are cleared once read.
+            flags = self._alerts_shown = set(self.tape_alerts)
         return ssc.tape_alert_page(flags)
+
+    def log_page_sent(self, key: tuple[int, int], pc: int, *, whole: bool) -> None:
+        """SSC-5 8.2.4: TapeAlert flags are cleared once read: those a LOG SENSE of the current
+        values delivered whole (not one refused, nor a header read to size the page, as
+        sg_logs does first); a flag raised since stays."""
+        if key == (0x2E, 0) and pc == 1 and whole:
+            with self.lock:
+                self.tape_alerts -= self._alerts_shown
 
     def _capacity_log(self) -> bytes:
         with self.lock:
             cart = self.cartridge
             if cart is None:
                 return ssc.tape_capacity_page(0, 0)
-            return ssc.tape_capacity_page(cart.remaining // MIB, cart.capacity // MIB)
+            # Partition 0 under the main codes, partition 1 under the alternate ones, whichever
+            # is active (before: the active one's under the main codes, the alternate ones 0).
+            figures = [(rem // MIB, cap // MIB) for rem, cap in cart.partition_figures()]
+            (main_rem, main_cap), (alt_rem, alt_cap) = (figures + [(0, 0)])[:2]
+            return ssc.tape_capacity_page(main_rem, main_cap, alt_rem, alt_cap)
 
     # ------------------------------------------------------------------------------------------
     # READ ATTRIBUTE / WRITE ATTRIBUTE (cartridge memory)

@@ -689,4 +689,11 @@ class ScsiDevice:
             raise InvalidFieldInCdb(
                 f"log page {req.page_code:#x}/{req.subpage:#x}", field_pointer=2
             )
-        return cmd.write_data_in(spc.truncate(data, req.allocation_length))
+        n = cmd.write_data_in(spc.truncate(data, req.allocation_length))
+        self.log_page_sent(key, req.pc, whole=len(data) <= req.allocation_length)
+        return n
+
+    def log_page_sent(self, key: tuple[int, int], pc: int, *, whole: bool) -> None:
+        """LOG SENSE sent page `key` (PAGE CONTROL `pc`), all of it (`whole`) or as far as the
+        allocation length went; a page read clears what it reported (a tape drive's TapeAlert
+        flags) here, once it was delivered. Default: nothing."""

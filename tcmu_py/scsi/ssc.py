@@ -760,15 +760,19 @@ def tape_alert_page(flags: set[int]) -> bytes:
     )
 
 
-def tape_capacity_page(remaining_mb: int, maximum_mb: int) -> bytes:
-    """Page 31h (SSC-5 8.2.5): main/alternate partition remaining and maximum capacity (MiB)."""
+def tape_capacity_page(remaining_mb: int, maximum_mb: int, alternate_remaining_mb: int = 0,
+                       alternate_maximum_mb: int = 0) -> bytes:
+    """Page 31h, Tape Capacity (vendor-specific; the layout LTO drives and LTFS use): 0001h/0003h
+    the main partition's (partition 0) remaining and maximum capacity, 0002h/0004h the
+    alternate partition's (partition 1; 0 without one), in MiB, whichever partition is
+    active."""
     return build_log_page(
         0x31,
         [
             (0x0001, CONTROL_BINARY, _counter(remaining_mb, 4)),
-            (0x0002, CONTROL_BINARY, _counter(0, 4)),
+            (0x0002, CONTROL_BINARY, _counter(alternate_remaining_mb, 4)),
             (0x0003, CONTROL_BINARY, _counter(maximum_mb, 4)),
-            (0x0004, CONTROL_BINARY, _counter(0, 4)),
+            (0x0004, CONTROL_BINARY, _counter(alternate_maximum_mb, 4)),
         ],
     )
 

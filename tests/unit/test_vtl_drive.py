@@ -726,3 +726,64 @@ def test_unrecovered_read_error_reports_the_residue(tape: Tape, lib: FakeLibrary
     tape.clear_ua()
     s = sense(tape.read(100))
     assert (s.sense_key, s.asc) == (3, 0x11) and s.info == 100
+
+
+def _log_params(r: Result) -> dict[int, int]:
+    out, at, end = {}, 4, 4 + int.from_bytes(r.data[2:4], "big")
+    while at < end:
+        code, n = int.from_bytes(r.data[at:at + 2], "big"), r.data[at + 3]
+        out[code] = int.from_bytes(r.data[at + 4:at + 4 + n], "big")
+        at += 4 + n
+    return out
+
+
+def test_tape_capacity_log_reports_both_partitions(lib: FakeLibrary) -> None:
+    """Page 31h: 0001h/0003h partition 0, 0002h/0004h partition 1 (LTO drives' and LTFS's
+    layout), whichever is active; before: the active partition's under 0001h/0003h, 0 else."""
+    mib = 1 << 20
+    lib.create("TST001L8", capacity=200 * mib)
+    cart = Cartridge.open(lib.media_path("TST001L8"))
+    cart.format([50 * mib, 150 * mib])
+    cart.close()
+    t = Tape(lib)
+    lib.move("TST001L8")
+    t.clear_ua()
+    assert _log_params(t.log_sense(0x31)) == {1: 50, 2: 150, 3: 50, 4: 150}
+    assert t.run(ssc.Locate(0, True, False, 1, 0).build()).good  # mt setpartition 1
+    assert t.write(b"b" * (mib // 2)).good
+    assert _log_params(t.log_sense(0x31)) == {1: 50, 2: 149, 3: 50, 4: 150}
+
+
+def test_tape_alerts_are_cleared_only_once_delivered(tape: Tape) -> None:
+    """SSC-5: TapeAlert flags are cleared once read. Before: also by a LOG SENSE refused for
+    its PARAMETER POINTER and by a 4-byte read of the header (sg_logs sizes a page so): the
+    flag never reached the initiator."""
+    def no_removal() -> None:  # PREVENT, then UNLOAD refused: TapeAlert 0Ah
+        assert tape.run(bytes([0x1E, 0, 0, 0, 1, 0])).good
+        assert tape.run(bytes([0x1B, 0, 0, 0, 0, 0])).sense_codes == (5, 0x53, 2)
+        assert tape.run(bytes([0x1E, 0, 0, 0, 0, 0])).good
+
+    def alerts(pointer: int = 0, alloc: int = 4096) -> Result:
+        return tape.run(bytes([0x4D, 0, 0x40 | 0x2E, 0, 0, pointer >> 8, pointer & 0xFF,
+                               alloc >> 8, alloc & 0xFF, 0]), data_in_len=alloc)
+
+    def raised(r: Result) -> list[int]:
+        return [code for code, value in _log_params(r).items() if value]
+
+    no_removal()
+    assert alerts(pointer=0x41).sense_codes == (5, 0x24, 0)
+    assert len(alerts(alloc=4).data) == 4
+    assert raised(alerts()) == [0x0A]
+    assert raised(alerts()) == []  # read whole: cleared
+
+
+def test_fixed_read_stopped_by_a_filemark_counts_the_bytes_delivered(tape: Tape) -> None:
+    """LOG SENSE 0Ch 0003h (bytes read to the initiator) counts the blocks a fixed READ(6)
+    delivered before a filemark; before: none of them."""
+    assert tape.mode_select_block(0, 512).good
+    assert tape.write_fixed(b"x" * 2048, 4).good and tape.weof().good
+    assert tape.rewind().good
+    before = _log_params(tape.log_sense(0x0C))[3]
+    r = tape.read_fixed(10, 512)
+    assert sense(r).info == 6 and len(r.data) == 2048
+    assert _log_params(tape.log_sense(0x0C))[3] == before + 2048
