@@ -211,7 +211,7 @@ def _image_problem(img: str, state_dir: str) -> str | None:
 
 class RawHandler(Handler):
     subtype = "raw"
-    description = "raw image file: raw/<absolute path of the image>"
+    description = "raw image file: <absolute path of the image file or block device>"
 
     # -- YAML: a device's options are its image, ``options: {path: /abs/img}`` ----------------
 
@@ -264,6 +264,13 @@ class RawHandler(Handler):
             )
         if cfgstring.endswith("/"):
             raise ConfigError(f"raw: config string {cfgstring!r}: expected a file, not a directory")
+        try:  # what exists must be able to hold the disk (targetcli asks before it creates)
+            mode = os.stat(cfgstring).st_mode
+        except (OSError, ValueError):
+            return  # missing: made at the open (unreadable, or a NUL: the open says so)
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ConfigError(f"raw: image {cfgstring}: a {_file_type(mode)}; expected a "
+                              "regular file or a block device")
 
     @classmethod
     def open(cls, config: DeviceConfig) -> BlockDevice:

@@ -496,8 +496,10 @@ def parse_options(cfgstring: str, known: dict[str, Callable[[str], Any]]) -> dic
     Errors name the key.
 
     `;` is the separator tcmu-py writes: the kernel splits every configfs `control` write at
-    `,`, so a dev_config holding commas arrives cut. `,` is accepted too, for config strings
-    given to targetcli (`cfgstring=...`), which reach the kernel through `dev_config` intact.
+    `,`, so a dev_config holding commas arrives cut. `,` is accepted here too (a config string
+    written whole, as through a device's ``attrib/dev_config``, may hold one), but the D-Bus
+    CheckConfig refuses a targetcli ``cfgstring`` with one: rtslib-fb writes it through
+    ``control``, and the device would be served with the part before the comma.
     """
     out: dict[str, Any] = {}
     if not cfgstring:

@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from xml.sax.saxutils import escape
 
+from tcmu_py.configspec import config_string_problem
 from tcmu_py.handler import Handler, split_daemon_items
 from tcmu_py.threadname import name_os_thread
 
@@ -145,6 +146,12 @@ class TcmuService:
         if subtype != handler.subtype:
             return False, (f"config string {configstr!r} is for subtype {subtype!r}, "
                            f"this object checks {handler.subtype!r}")
+        problem = config_string_problem(configstr)
+        if problem is not None:
+            # What rtslib-fb writes to the kernel as dev_config: a ',' there ends it, and the
+            # device would be served with the part before it (another disk, or none).
+            return False, (f"config string {configstr!r}: expected {problem}; separate options "
+                           "with ';'")
         try:
             handler.check_config(split_daemon_items(cfgstring)[0])
         except Exception as exc:  # noqa: BLE001 - any failure is the answer, not a crash

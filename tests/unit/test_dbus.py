@@ -64,6 +64,15 @@ def test_check_config_runs_the_handlers_check() -> None:
     assert not ok and "subtype 'thin'" in text
     ok, text = check("raw", "no-slash")
     assert not ok and "expected 'raw/<config string>'" in text
+    # rtslib-fb writes dev_config through `control`, which the kernel cuts at ',': a config
+    # string with one would be served cut (another disk of the pool, or refused at the open)
+    ok, text = check("thin", "thin/pool=/p,disk=data")
+    assert not ok and "expected no ','" in text and "with ';'" in text
+    # what exists at the path must be able to hold the disk (before: True, then the open
+    # refused it)
+    for node, what in (("/", "a directory"), ("/dev/null", "a character device")):
+        ok, text = check("raw", f"raw/{node}" if node != "/" else "raw//tmp")
+        assert not ok and what in text, text
 
 
 def test_properties_and_errors() -> None:
