@@ -106,6 +106,8 @@ RESCAN_SECONDS_WITH_UDEV = 60.0
 #: A device that failed to open (`add`) is tried again after this long, then after twice as
 #: long each time, up to the rescan interval: a transient failure costs a second, not a minute.
 ADD_RETRY_SECONDS = 1.0
+#: How often a rescan waiting for its opens looks whether the daemon is stopping.
+ADD_JOIN_SECONDS = 0.2
 #: How long `shutdown` waits, all devices together, from its start: for the runners to drain
 #: their commands, for the handlers to close — also one removed by another thread just before
 #: (the udev observer's "remove" of a backstore deleted a moment before the SIGTERM), or one
@@ -480,15 +482,29 @@ class Daemon:
         """Open every TCMU uio device we serve and are not serving yet; drop vanished ones."""
         present = set()
         if self.uio_class.is_dir():
-            for entry in sorted(self.uio_class.iterdir()):
-                present.add(entry.name)
-                self.add(entry.name)
+            present = {entry.name for entry in self.uio_class.iterdir()}
+            self._add_all(sorted(present))
         with self._lock:
             gone = [n for n in self.served if n not in present]
             for n in [n for n in self._add_failures if n not in present]:
                 del self._add_failures[n]
         for node in gone:
             self.remove(node)
+
+    def _add_all(self, nodes: list[str]) -> None:
+        """`add` each of `nodes` on a thread of its own, so that one handler slow to open (a
+        cluster that does not answer, a hung mount) holds up no other device; return once each
+        is served, failed or to be tried again — or once the daemon is stopping: an open that
+        hangs is then left to `shutdown`, which exits under it (before, the opens ran one after
+        another on this thread, and a hung one held every later device and the daemon's
+        SIGTERM)."""
+        threads = [threading.Thread(target=self.add, args=(node,), name=f"add-{node}",
+                                    daemon=True) for node in nodes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive() and not self._stopping:
+                thread.join(ADD_JOIN_SECONDS)
 
     def reopen_failed(self) -> None:
         """Open again every device whose handler failed to open. `tcmu-py serve -c` serves the

@@ -1115,3 +1115,66 @@ def test_removal_and_shutdown_wait_for_a_first_open_in_progress(host, tmp_path, 
         t.join(10)
         assert not t.is_alive(), t.name
     assert "uio0" not in d.served and len(flaky.opens) == 1 and len(flaky.closed) == 1
+
+
+class _SlowOpen(NullHandler):
+    """A handler whose open takes `hold` seconds (a cluster that does not answer, a hung
+    mount) unless `release` is set first."""
+
+    subtype = "slow"
+    opening = threading.Event()
+    release = threading.Event()
+    hold = 30.0
+
+    @classmethod
+    def open(cls, config: Any) -> Any:
+        cls.opening.set()
+        cls.release.wait(cls.hold)
+        return NullHandler.open(config)
+
+
+def test_a_slow_open_holds_up_no_other_device(host, tmp_path):
+    """Before: the opens of a rescan ran one after another, so a (re)started daemon served
+    the null disk on uio1 only once the slow open of uio0 was over."""
+    _SlowOpen.opening.clear()
+    _SlowOpen.release.clear()
+    host.add("uio0", 0, "gw0", "slow/x", 4 * MIB)
+    host.add("uio1", 1, "fast1", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"slow": _SlowOpen, "null": NullHandler})
+    starting = threading.Thread(target=d.start, daemon=True)
+    starting.start()
+    try:
+        assert _SlowOpen.opening.wait(10)
+        t0 = time.monotonic()
+        r = host.run("uio1", cdbs.test_unit_ready())  # the power-on unit attention: answered
+        assert r.status == 2 and time.monotonic() - t0 < 10, r
+        assert starting.is_alive()  # uio0 is still being opened
+    finally:
+        _SlowOpen.release.set()
+        starting.join(30)
+        d.shutdown()
+
+
+def test_stop_is_not_held_by_an_open_the_run_loop_started(host, tmp_path, monkeypatch):
+    """Before: a device found by the run loop's rescan was opened on the run loop's thread,
+    and a stop (SIGTERM) was not looked at until that open returned."""
+    import tcmu_py.daemon.serve as serve
+
+    monkeypatch.setattr(serve, "SHUTDOWN_SECONDS", 1.0)
+    monkeypatch.setattr(serve, "RESCAN_SECONDS", 0.2)
+    _SlowOpen.opening.clear()
+    _SlowOpen.release.clear()
+    d = make_daemon(host, tmp_path, {"slow": _SlowOpen, "null": NullHandler})
+    d.start()
+    running = threading.Thread(target=lambda: d.run(install_signals=False), daemon=True)
+    running.start()
+    try:
+        host.add("uio0", 0, "gw0", "slow/x", 4 * MIB)  # made while the daemon runs
+        assert _SlowOpen.opening.wait(10)
+        t0 = time.monotonic()
+        d.stop()
+        running.join(15)
+        assert not running.is_alive() and time.monotonic() - t0 < 10
+    finally:
+        _SlowOpen.release.set()
+        running.join(30)
