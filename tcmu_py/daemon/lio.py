@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterable, Sequence
@@ -70,6 +71,8 @@ __all__ = [
 ]
 
 STATE_FILE = "lio-state.json"
+
+log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
@@ -275,6 +278,16 @@ class MemoryBackend:
         self.objects[ident] = obj
         self.log.append(("create", obj))
 
+    def backstore_config(self, name: str) -> str | None:
+        """The dev_config of user backstore `name` (``<subtype>/<cfgstring>``), None if none."""
+        obj = self.objects.get((Kind.BACKSTORE, ("user", name)))
+        return None if obj is None else str(obj.params.get("config"))
+
+    def backstore_users(self, name: str) -> list[str]:
+        """The TPG LUNs exporting user backstore `name`, as ``fabric/target/tpg/lun``."""
+        return ["/".join(o.key) for (kind, _), o in self.objects.items()
+                if kind is Kind.LUN and o.params.get("backstore") == name]
+
     def delete(self, obj: LioObject) -> None:
         ident = (obj.kind, obj.key)
         if ident not in self.objects:
@@ -363,6 +376,30 @@ class RtslibBackend:
         if obj.kind is Kind.ACL:
             return self._acl(k)
         return r.MappedLUN(self._acl(k), int(k[4]))
+
+    def backstore_config(self, name: str) -> str | None:
+        """`MemoryBackend.backstore_config`, from the kernel's ``info`` (None if it cannot be
+        read: `down` and `apply` then go by the state file alone, as before)."""
+        try:
+            config = self._user_so(name).config
+        except Exception as exc:  # noqa: BLE001 - a check on top, never a new failure
+            log.warning("backstore %s: its dev_config cannot be read (%s)", name, exc)
+            return None
+        return None if config is None else str(config)
+
+    def backstore_users(self, name: str) -> list[str]:
+        """`MemoryBackend.backstore_users`, from configfs ([] if they cannot be listed)."""
+        out = []
+        try:
+            for lun in self._user_so(name).attached_luns:
+                tpg = lun.parent_tpg
+                target = tpg.parent_target
+                out.append(f"{target.fabric_module.name}/{target.wwn}/tpgt_{tpg.tag}/"
+                           f"lun_{lun.lun}")
+        except Exception as exc:  # noqa: BLE001 - a check on top, never a new failure
+            log.warning("backstore %s: the LUNs using it cannot be listed (%s)", name, exc)
+            return []
+        return out
 
     def exists(self, obj: LioObject) -> bool:
         by_hand = self._by_hand(obj)
@@ -622,6 +659,10 @@ def _apply_plan(plan: list[LioObject], state_dir: str, backend: LioBackend | Non
             conflicts.append((obj, "exists and was not created by tcmu-py"))
         elif _comparable(mine.params) != _comparable(obj.params):
             conflicts.append((obj, "exists with other settings; run `tcmu-py down` first"))
+        elif (live := _live_config(backend, obj)) is not None:
+            conflicts.append((obj, f"exists with dev_config {live!r}, not the "
+                              f"{obj.params['config']!r} tcmu-py made: deleted and made again "
+                              "by someone else"))
         else:
             result.adopted.append(obj)
     if conflicts:
@@ -740,8 +781,14 @@ def down(state_dir: str | Path, backend: LioBackend | None = None) -> list[LioOb
     for obj in order:
         try:
             if backend.exists(obj):
-                backend.delete(obj)
-                removed.append(obj)
+                if obj.kind is Kind.BACKSTORE and (why := _not_to_delete(backend, obj)):
+                    if why.startswith("in use"):  # ours, still needed: stays recorded
+                        failed.append(f"not removing {obj}: {why}")
+                        continue
+                    log.warning("not removing %s: %s; forgetting it", obj, why)
+                else:
+                    backend.delete(obj)
+                    removed.append(obj)
         except LioError as exc:
             failed.append(str(exc))
             continue
@@ -750,6 +797,35 @@ def down(state_dir: str | Path, backend: LioBackend | None = None) -> list[LioOb
     if failed:
         raise LioError("\n".join(failed))
     return removed
+
+
+def _live_config(backend: LioBackend, obj: LioObject) -> str | None:
+    """For a recorded backstore that exists: its live dev_config when that is not the one
+    tcmu-py made (someone deleted it and made another of the same name), else None. Backends
+    that cannot tell (no ``backstore_config``) say None."""
+    read = getattr(backend, "backstore_config", None)
+    if obj.kind is not Kind.BACKSTORE or read is None:
+        return None
+    live, made = read(obj.key[1]), str(obj.params.get("config"))
+    if live is None or live == made:
+        return None
+    # rtslib-fb reads it from the kernel's `info` up to the first space or ':'
+    return None if made.startswith(live) and made[len(live)] in " :" else live
+
+
+def _not_to_delete(backend: LioBackend, obj: LioObject) -> str | None:
+    """Why `down` must not delete recorded backstore `obj` (our exports already gone), or
+    None: it is another's now (`_live_config`), or a LUN tcmu-py did not make still exports it
+    (rtslib-fb's delete would take that LUN along, silently)."""
+    live = _live_config(backend, obj)
+    if live is not None:
+        return f"its dev_config is {live!r}, not the {obj.params.get('config')!r} tcmu-py made"
+    listing = getattr(backend, "backstore_users", None)
+    users = listing(obj.key[1]) if listing is not None else []
+    if users:
+        return (f"in use by LUN(s) tcmu-py did not make ({', '.join(users)}); remove them "
+                "first, then `tcmu-py down` again")
+    return None
 
 
 def no_reply_devices(state_dir: str | Path) -> set[str]:

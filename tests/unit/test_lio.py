@@ -512,3 +512,64 @@ def test_prepare_libraries_creates_then_keeps_the_library(lib_cfg: Config, tmp_p
         state=tmp_path / "state", lib=root)
     with pytest.raises(LibraryError, match="slots: library has 6, declared 5"):
         prepare_handlers(load_config_text(fewer, "t.yaml"))
+
+
+_ONE_DISK = """
+state_dir: {state}
+devices:
+  - {{name: disk0, handler: raw, size: 1M}}
+exports:
+  loopback:
+    - {{device: disk0}}
+"""
+
+
+def _applied(tmp_path: Path) -> tuple[Any, MemoryBackend]:
+    cfg = load_config_text(_ONE_DISK.format(state=tmp_path / "state"), "t.yaml")
+    backend = MemoryBackend()
+    lio.apply(cfg, backend)
+    return cfg, backend
+
+
+def test_down_keeps_a_backstore_an_operators_lun_still_exports(tmp_path: Path) -> None:
+    """Before: `down` deleted the backstore, and with it (as rtslib-fb's delete does) a LUN an
+    operator had made on it, without a word. Now it is kept and recorded, and `down` fails
+    naming the LUN; once that LUN is gone, `down` removes the backstore."""
+    cfg, backend = _applied(tmp_path)
+    t = ("iscsi", "iqn.2003-01.org.example:ops")
+    theirs = [LioObject(Kind.TARGET, t), LioObject(Kind.TPG, (*t, "1")),
+              LioObject(Kind.LUN, (*t, "1", "0"), {"backstore": "disk0"})]
+    for obj in theirs:
+        backend.create(obj)
+    with pytest.raises(LioError, match="in use by LUN.*iscsi/iqn.2003-01.org.example:ops/1/0"):
+        lio.down(cfg.state_dir, backend)
+    assert all(backend.exists(o) for o in theirs)
+    backend.delete(theirs[0])
+    removed = lio.down(cfg.state_dir, backend)
+    assert [o.kind for o in removed] == [Kind.BACKSTORE] and not lio.read_state(cfg.state_dir)
+
+
+def _remade_by_someone_else(backend: MemoryBackend) -> LioObject:
+    ours = next(o for o in backend.objects.values() if o.kind is Kind.BACKSTORE)
+    for obj in [o for o in backend.objects.values() if o.kind is Kind.LUN]:
+        backend.delete(obj)
+    backend.delete(ours)
+    foreign = LioObject(Kind.BACKSTORE, ("user", "disk0"),
+                        {"config": "raw//srv/theirs.img", "size": 1 << 30})
+    backend.create(foreign)  # targetcli ... create name=disk0 cfgstring=/srv/theirs.img
+    return foreign
+
+
+def test_down_leaves_a_backstore_someone_else_made_under_the_same_name(tmp_path: Path) -> None:
+    cfg, backend = _applied(tmp_path)
+    foreign = _remade_by_someone_else(backend)
+    lio.down(cfg.state_dir, backend)
+    assert backend.exists(foreign) and not lio.read_state(cfg.state_dir)
+
+
+def test_apply_does_not_adopt_a_backstore_someone_else_made_under_the_same_name(
+        tmp_path: Path) -> None:
+    cfg, backend = _applied(tmp_path)
+    _remade_by_someone_else(backend)
+    with pytest.raises(lio.LioConflict, match="raw//srv/theirs.img.*someone else"):
+        lio.apply(cfg, backend)
