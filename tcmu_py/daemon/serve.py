@@ -461,8 +461,17 @@ class Daemon:
         leaving = [served for node in nodes if (served := self._take(node)) is not None]
         for served in leaving:  # all stopped first: their drains run side by side
             self._halt(served, block=True)
-        for served in leaving:
-            self._retire(served, block=True, deadline=deadline)
+        # Each retired on a thread of its own, waited for until the deadline: a handler whose
+        # close hangs (its storage not answering) holds up no other device's close and unblock
+        # (before: one after another, and the wait for a close had no bound).
+        retiring = [threading.Thread(target=self._retire, args=(served,),
+                                     kwargs={"block": True, "deadline": deadline},
+                                     name=f"retire-{served.name.device}", daemon=True)
+                    for served in leaving]
+        for thread in retiring:
+            thread.start()
+        for thread in retiring:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._await_closes(deadline)
         if self._control is not None:
             self._control.close()

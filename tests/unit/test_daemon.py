@@ -1178,3 +1178,41 @@ def test_stop_is_not_held_by_an_open_the_run_loop_started(host, tmp_path, monkey
     finally:
         _SlowOpen.release.set()
         running.join(30)
+
+
+def test_a_close_that_hangs_holds_up_neither_the_stop_nor_another_device(host, tmp_path,
+                                                                         monkeypatch):
+    """Before: shutdown closed the devices one after another on its own thread, with no bound
+    on a close: a handler whose close hung (its storage not answering) held the stop past its
+    deadline and left the next device blocked in the kernel."""
+    import tcmu_py.daemon.serve as serve
+
+    release = threading.Event()
+
+    class HangingClose(NullBackend):
+        def close(self) -> None:
+            release.wait(30)
+
+    class HangClose(NullHandler):
+        subtype = "hang"
+
+        @classmethod
+        def open(cls, config: Any) -> Any:
+            return open_block_device(config, HangingClose(config.size, config.block_size))
+
+    monkeypatch.setattr(serve, "SHUTDOWN_SECONDS", 1.0)
+    host.add("uio0", 0, "a", "hang/", 4 * MIB)
+    host.add("uio1", 1, "b", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"hang": HangClose, "null": NullHandler})
+    d.start()
+    try:
+        for node in ("uio0", "uio1"):
+            assert host.run(node, cdbs.test_unit_ready()).status == 2  # power-on attention
+        t0 = time.monotonic()
+        stopping = threading.Thread(target=d.shutdown, daemon=True)
+        stopping.start()
+        stopping.join(15)
+        assert not stopping.is_alive() and time.monotonic() - t0 < 10
+        assert host.action(1, "b", "block_dev").strip() == "0"
+    finally:
+        release.set()
