@@ -407,6 +407,11 @@ class _ConfigLoader(Composer, _EventSource, SafeConstructor, Resolver):  # type:
                                  deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *defaults`: the keys it brings may be given again here (that is what a
+                # merge is for); SafeConstructor merges them (before: "could not determine a
+                # constructor for the tag", as the key was built as a value)
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, Hashable):
                 raise _Refused(f"an unhashable key (a {type(key).__name__})", "a mapping key"

@@ -199,3 +199,22 @@ def test_a_mirror_leg_is_no_other_devices_image(tmp_path: Path, other: str) -> N
     """)
     assert "devices[1].options: got" in text and "expected an image file of its own (d0 uses" \
         in text, text
+
+
+def test_yaml_merge_keys_work(tmp_path: Path) -> None:
+    """`<<: *anchor` (YAML's merge key, common in configurations with repeated settings) was
+    refused with PyYAML's internal "could not determine a constructor for the tag"."""
+    cfg = load_config_text(textwrap.dedent(f"""
+        state_dir: {tmp_path}/state
+        devices:
+          - &d0 {{name: d0, handler: raw, size: 1M, block_size: 4096}}
+          - {{<<: *d0, name: d1, size: 2M}}
+    """), "cfg.yaml")
+    assert [(d.name, d.handler, d.size, d.block_size) for d in cfg.devices] == [
+        ("d0", "raw", 1 << 20, 4096), ("d1", "raw", 2 << 20, 4096)]
+    text = problems(f"""
+        state_dir: {tmp_path}/state
+        devices:
+          - {{name: d0, handler: raw, size: 1M, size: 2M}}
+    """)
+    assert "duplicate key 'size'" in text, text
