@@ -437,28 +437,29 @@ class TapeDrive(ScsiDevice):
 
     def _read_fixed(self, cmd: Command, cart: Cartridge, count: int) -> int:
         size = self.block_length
-        for i in range(count):
-            if self.pos >= cart.object_count:
-                self.bytes_to_initiator += i * size  # the blocks before it went out
-                raise EndOfData(info=count - i, transferred=i * size)
-            try:
-                kind, actual = self._read_object(cart, slice_views(cmd.data_in, i * size, size))
-            except ScsiError as exc:
-                # SSC-5 READ(6): a block that cannot be read (or decrypted) ends the command with
-                # VALID=1, INFORMATION = requested blocks minus those read (not counting that
-                # block), and the blocks read before it transferred: the position is past
-                # them, and st counts the residue to know where it is.
-                self.bytes_to_initiator += i * size
-                exc.info, exc.transferred = count - i, i * size
-                raise
-            if kind == RecordType.FILEMARK:
-                self.bytes_to_initiator += i * size
-                raise FilemarkDetected(info=count - i, transferred=i * size)
-            if actual != size:
-                # SSC-5 4.2.22: INFORMATION = requested blocks minus blocks read, not counting
-                # the incorrect-length block; position is after that block.
-                self.bytes_to_initiator += i * size
-                raise IncorrectLength(info=count - i, transferred=i * size)
+        try:
+            for i in range(count):
+                if self.pos >= cart.object_count:
+                    raise EndOfData(info=count - i, transferred=i * size)
+                try:
+                    kind, actual = self._read_object(cart,
+                                                     slice_views(cmd.data_in, i * size, size))
+                except ScsiError as exc:
+                    # SSC-5 READ(6): a block that cannot be read (or decrypted) ends the
+                    # command with VALID=1, INFORMATION = requested blocks minus those read
+                    # (not counting that block), and the blocks read before it transferred:
+                    # the position is past them, and st counts the residue to know where it is.
+                    exc.info, exc.transferred = count - i, i * size
+                    raise
+                if kind == RecordType.FILEMARK:
+                    raise FilemarkDetected(info=count - i, transferred=i * size)
+                if actual != size:
+                    # SSC-5 4.2.22: INFORMATION = requested blocks minus blocks read, not
+                    # counting the incorrect-length block; position is after that block.
+                    raise IncorrectLength(info=count - i, transferred=i * size)
+        except ScsiError as exc:  # the blocks before the one that ended the read went out
+            self.bytes_to_initiator += exc.transferred or 0
+            raise
         self.bytes_to_initiator += count * size
         return count * size
 
