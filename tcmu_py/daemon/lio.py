@@ -71,9 +71,9 @@ __all__ = [
 ]
 
 STATE_FILE = "lio-state.json"
+STATE_VERSION = 1
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
 
 
 class LioError(TcmuError):
@@ -781,11 +781,16 @@ def down(state_dir: str | Path, backend: LioBackend | None = None) -> list[LioOb
     for obj in order:
         try:
             if backend.exists(obj):
-                if obj.kind is Kind.BACKSTORE and (why := _not_to_delete(backend, obj)):
-                    if why.startswith("in use"):  # ours, still needed: stays recorded
-                        failed.append(f"not removing {obj}: {why}")
-                        continue
-                    log.warning("not removing %s: %s; forgetting it", obj, why)
+                live = _live_config(backend, obj)
+                users = _foreign_users(backend, obj) if live is None else []
+                if live is not None:  # another's now: left, and forgotten
+                    log.warning("not removing %s: its dev_config is %r, not the %r tcmu-py "
+                                "made; forgetting it", obj, live, obj.params.get("config"))
+                elif users:  # ours, still needed by a LUN we did not make: stays recorded
+                    failed.append(f"not removing {obj}: in use by LUN(s) tcmu-py did not make"
+                                  f" ({', '.join(users)}); remove them first, then `tcmu-py "
+                                  "down` again")
+                    continue
                 else:
                     backend.delete(obj)
                     removed.append(obj)
@@ -813,19 +818,14 @@ def _live_config(backend: LioBackend, obj: LioObject) -> str | None:
     return None if made.startswith(live) and made[len(live)] in " :" else live
 
 
-def _not_to_delete(backend: LioBackend, obj: LioObject) -> str | None:
-    """Why `down` must not delete recorded backstore `obj` (our exports already gone), or
-    None: it is another's now (`_live_config`), or a LUN tcmu-py did not make still exports it
-    (rtslib-fb's delete would take that LUN along, silently)."""
-    live = _live_config(backend, obj)
-    if live is not None:
-        return f"its dev_config is {live!r}, not the {obj.params.get('config')!r} tcmu-py made"
+def _foreign_users(backend: LioBackend, obj: LioObject) -> list[str]:
+    """The LUNs still exporting recorded backstore `obj` once `down` removed its own exports:
+    ones tcmu-py did not make (rtslib-fb's delete would take them along, silently). [] for
+    other kinds, and for backends that cannot list them (no ``backstore_users``)."""
     listing = getattr(backend, "backstore_users", None)
-    users = listing(obj.key[1]) if listing is not None else []
-    if users:
-        return (f"in use by LUN(s) tcmu-py did not make ({', '.join(users)}); remove them "
-                "first, then `tcmu-py down` again")
-    return None
+    if obj.kind is not Kind.BACKSTORE or listing is None:
+        return []
+    return list(listing(obj.key[1]))
 
 
 def no_reply_devices(state_dir: str | Path) -> set[str]:
