@@ -200,13 +200,19 @@ def _image_problem(img: str, state_dir: str) -> str | None:
     taken and padded with zeros (its record of the LIO objects lost)."""
     if os.path.realpath(img) == os.path.realpath(os.path.join(state_dir, _STATE_FILE)):
         return f"an image path other than tcmu-py's own state file ({_STATE_FILE})"
+    kind = _other_node(img)
+    return None if kind is None else f"an image file or a block device, not a {kind}"
+
+
+def _other_node(path: str) -> str | None:
+    """What is at `path` when it is neither a regular file nor a block device (a directory, a
+    device node...), or None: such a file, or nothing (made at the open), or nothing this user
+    can see (the open names the error)."""
     try:
-        mode = os.stat(img).st_mode
-    except OSError:
-        return None  # missing (apply creates it), or unreadable (apply names the error)
-    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # (ValueError: a NUL in the path)
         return None
-    return f"an image file or a block device, not a {_file_type(mode)}"
+    return None if stat.S_ISREG(mode) or stat.S_ISBLK(mode) else _file_type(mode)
 
 
 class RawHandler(Handler):
@@ -264,13 +270,10 @@ class RawHandler(Handler):
             )
         if cfgstring.endswith("/"):
             raise ConfigError(f"raw: config string {cfgstring!r}: expected a file, not a directory")
-        try:  # what exists must be able to hold the disk (targetcli asks before it creates)
-            mode = os.stat(cfgstring).st_mode
-        except (OSError, ValueError):
-            return  # missing: made at the open (unreadable, or a NUL: the open says so)
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise ConfigError(f"raw: image {cfgstring}: a {_file_type(mode)}; expected a "
-                              "regular file or a block device")
+        # what exists must be able to hold the disk (targetcli asks before it creates)
+        if (kind := _other_node(cfgstring)) is not None:
+            raise ConfigError(f"raw: image {cfgstring}: a {kind}; expected a regular file or a "
+                              "block device")
 
     @classmethod
     def open(cls, config: DeviceConfig) -> BlockDevice:

@@ -210,15 +210,13 @@ class Checker:
         #: real path: the key path that took each first (`claim_directory`).
         self.directories: dict[str, str] = {}
 
-    def claim_directory(self, directory: str, path: str, value: object) -> bool:
-        """Take `directory` for the entry at `path` (`value` as given): False, and a problem
-        naming the entry that has it, if another entry (of any section) took it first; a
-        pool and a library, or two pools, in one directory would take each other's files."""
+    def claim_directory(self, directory: str, path: str, value: object) -> None:
+        """Take `directory` for the entry at `path` (`value` as given); a problem naming the
+        entry that has it if another entry (of any section) took it first: a pool and a
+        library, or two pools, in one directory would take each other's files."""
         first = self.directories.setdefault(os.path.realpath(directory), path)
         if first != path:
             self.fail(path, value, f"a directory no other pool or library uses ({first} has it)")
-            return False
-        return True
 
     def report(self) -> str:
         """The ConfigError message: the problem itself when there is one, else a count and the
