@@ -21,6 +21,8 @@ export INITRD=No
 APT_PACKAGES=(
     # building the cffi extension against the kernel's uapi header
     gcc python3-dev python3-venv libffi-dev linux-libc-dev
+    # the native loop's dedup journal appends: XXH3 from its header (compiled in)
+    libxxhash-dev
     # the VM lab (vng needs a statically linked busybox for its initramfs)
     qemu-system-x86 linux-image-amd64 busybox-static kmod udev iproute2
     # initiators and peers used in the guest by kernel scenarios and benchmarks

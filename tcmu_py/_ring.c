@@ -535,7 +535,9 @@ struct tcmu_py_dp_cmd {
  * on a reads_only extent) without protection bits, inside the device and its transfer limit,
  * on allocated units, clear of fences[0..n_fences), whose buffers hold exactly its blocks.
  * An RBD extent only when `rbd` (the native loop), and no FUA WRITE on it with flush_fua
- * (Python flushes after the write). Fills *c if so. */
+ * (Python flushes after the write); likewise a dedup disk's WRITE, only with a journal lease
+ * and flush_fua (write cache on: the journal's append is not durable by itself). Fills *c if
+ * so. */
 static int tcmu_py_dp_plain(const struct tcmu_py_extent *x, const struct tcmu_py_entry *e,
                             const uint8_t *cdb, const struct iovec *v, int has_tmr,
                             const struct tcmu_py_fence *fences, int n_fences, int rbd,
@@ -549,7 +551,7 @@ static int tcmu_py_dp_plain(const struct tcmu_py_extent *x, const struct tcmu_py
         (x->fd < 0 && !(rbd && (x->rbd_image || x->cm))) ||
         !tcmu_py_dp_rw(cdb, e->cdb_len, &c->lba, &c->blocks, &c->writing, &c->fua) ||
         (x->fd < 0 && c->writing && c->fua && x->flush_fua) ||
-        (c->writing && x->reads_only && !(rbd && x->wi)) ||
+        (c->writing && x->reads_only && !(rbd && (x->wi || (x->jl && x->flush_fua)))) ||
         (c->writing && c->fua && x->wi && x->flush_fua) || !c->blocks || c->lba > x->num_blocks ||
         c->blocks > x->num_blocks - c->lba || c->blocks > x->max_blocks || !tcmu_py_dp_units(x, c->lba, c->blocks, &c->fs, &c->fe) ||
         tcmu_py_dp_overlaps(fences, n_fences, c->fs, c->fe))
@@ -1169,7 +1171,7 @@ struct tcmu_py_cm_slot {
     uint64_t key;                               /* chunk index + 1; 0: empty */
     uint64_t off;                               /* the chunk's first byte in fd */
     int32_t fd;                                 /* -1: the chunk reads as zeros */
-    uint32_t pad;
+    uint32_t tag;                               /* fd == jfd: the record's number (low bits) */
 };
 
 struct tcmu_py_cm {
@@ -1177,6 +1179,7 @@ struct tcmu_py_cm {
     uint64_t mask;                              /* slots - 1: chunk i lives in slot i & mask */
     uint64_t chunk;
     uint64_t hits, misses;
+    int32_t jfd;                                /* the pool's journal; -3 until one is named */
     /* An anonymous mapping: a page is resident once a slot in it was set; tcmu_py_cm_clear
      * gives the pages back (MADV_DONTNEED: they read as zeros again). */
     struct tcmu_py_cm_slot *slots;
@@ -1218,6 +1221,7 @@ struct tcmu_py_cm *tcmu_py_cm_new(uint32_t chunk, uint32_t slots_log2)
     }
     m->mask = n - 1;
     m->chunk = chunk;
+    m->jfd = -3;
     return m;
 }
 
@@ -1231,25 +1235,71 @@ void tcmu_py_cm_free(struct tcmu_py_cm *m)
     free(m);
 }
 
+/* How an entry is set: as a location the index gave, as a journal record's, or as the index
+ * location of a record's chunk just drained (see _ring.h). */
+enum tcmu_py_cm_mode { TCMU_PY_CM_INDEX, TCMU_PY_CM_JOURNAL, TCMU_PY_CM_DRAINED };
+
+/* Set entry idx (mutex held): fd -2 forgets it, < 0 zeros. An entry naming the journal is
+ * always the newest record of its chunk (see tcmu_py_cm_set_journal), so it is replaced only by
+ * a newer record's (JOURNAL), by its own record's drained location (DRAINED, same chunk, not an
+ * older record), or by another chunk's journal entry (JOURNAL: that chunk then reads through
+ * Python, which knows the record). A location from the index never replaces it: the backend
+ * may not know of the record yet (the loop appended it). */
+static void tcmu_py_cm_put(struct tcmu_py_cm *m, uint64_t idx, int32_t fd, uint64_t off,
+                           enum tcmu_py_cm_mode mode, uint64_t seq)
+{
+    struct tcmu_py_cm_slot *s = &m->slots[idx & m->mask];
+
+    if (s->key && m->jfd >= 0 && s->fd == m->jfd) {
+        int same = s->key == idx + 1, newer = (int32_t)(s->tag - (uint32_t)seq) > 0;
+
+        if (mode == TCMU_PY_CM_INDEX || (mode == TCMU_PY_CM_DRAINED && (!same || newer)) ||
+            (mode == TCMU_PY_CM_JOURNAL && same && newer))
+            return;
+    }
+    if (fd == -2) {
+        if (s->key == idx + 1)
+            s->key = 0;
+        return;
+    }
+    s->key = idx + 1;
+    s->fd = fd < 0 ? -1 : fd;
+    s->off = off;
+    s->tag = mode == TCMU_PY_CM_JOURNAL ? (uint32_t)seq : 0;
+    m->written[(idx & m->mask) * sizeof(*s) / m->page] = 1;
+}
+
 void tcmu_py_cm_set(struct tcmu_py_cm *m, const uint64_t *idx, const int32_t *fd,
                     const uint64_t *off, uint32_t n)
 {
     uint32_t k;
 
     pthread_mutex_lock(&m->mu);
-    for (k = 0; k < n; k++) {
-        struct tcmu_py_cm_slot *s = &m->slots[idx[k] & m->mask];
+    for (k = 0; k < n; k++)
+        tcmu_py_cm_put(m, idx[k], fd[k], off[k], TCMU_PY_CM_INDEX, 0);
+    pthread_mutex_unlock(&m->mu);
+}
 
-        if (fd[k] == -2) {
-            if (s->key == idx[k] + 1)
-                s->key = 0;
-            continue;
-        }
-        s->key = idx[k] + 1;
-        s->fd = fd[k] < 0 ? -1 : fd[k];
-        s->off = off[k];
-        m->written[(idx[k] & m->mask) * sizeof(*s) / m->page] = 1;
-    }
+void tcmu_py_cm_set_journal(struct tcmu_py_cm *m, const uint64_t *idx, const uint64_t *off,
+                            uint32_t n, int32_t jfd, uint64_t seq)
+{
+    uint32_t k;
+
+    pthread_mutex_lock(&m->mu);
+    m->jfd = jfd;
+    for (k = 0; k < n; k++)
+        tcmu_py_cm_put(m, idx[k], jfd, off[k], TCMU_PY_CM_JOURNAL, seq);
+    pthread_mutex_unlock(&m->mu);
+}
+
+void tcmu_py_cm_set_drained(struct tcmu_py_cm *m, const uint64_t *idx, const int32_t *fd,
+                            const uint64_t *off, uint32_t n, uint64_t seq)
+{
+    uint32_t k;
+
+    pthread_mutex_lock(&m->mu);
+    for (k = 0; k < n; k++)
+        tcmu_py_cm_put(m, idx[k], fd[k], off[k], TCMU_PY_CM_DRAINED, seq);
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -1407,6 +1457,179 @@ static int tcmu_py_cm_read(struct tcmu_py_cm *m, uint8_t *map, const struct iove
     else
         m->misses++;
     pthread_mutex_unlock(&m->mu);
+    return ok;
+}
+
+/* ---- A dedup pool's write journal lease (see _ring.h) ---- */
+
+/* Debian's libxxhash-dev header, compiled in (XXH_INLINE_ALL): the same XXH3-64 as the Python
+ * `xxhash` module journal.py checks records with. */
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#define TCMU_PY_JL_HEADER 64                    /* journal.py HEADER */
+#define TCMU_PY_JL_SUMMED 48                    /* the header's bytes the checksum covers */
+
+struct tcmu_py_jl {
+    pthread_mutex_t mu;
+    int32_t fd;
+    uint32_t chunk;
+    uint32_t epoch;
+    int active;
+    uint64_t pos, end, seq, budget, max_record;
+    struct tcmu_py_jl_rec *notices;
+    uint32_t n_notices, max_notices;
+    uint64_t appends, declined;
+};
+
+struct tcmu_py_jl *tcmu_py_jl_new(int32_t fd, uint32_t chunk, uint32_t max_notices)
+{
+    struct tcmu_py_jl *j;
+
+    if (!chunk || !max_notices)
+        return NULL;
+    j = calloc(1, sizeof(*j));
+    if (!j)
+        return NULL;
+    j->notices = calloc(max_notices, sizeof(j->notices[0]));
+    if (!j->notices || pthread_mutex_init(&j->mu, NULL)) {
+        free(j->notices);
+        free(j);
+        return NULL;
+    }
+    j->fd = fd;
+    j->chunk = chunk;
+    j->max_notices = max_notices;
+    return j;
+}
+
+void tcmu_py_jl_free(struct tcmu_py_jl *j)
+{
+    if (!j)
+        return;
+    pthread_mutex_destroy(&j->mu);
+    free(j->notices);
+    free(j);
+}
+
+void tcmu_py_jl_grant(struct tcmu_py_jl *j, uint64_t pos, uint64_t end, uint64_t seq,
+                      uint32_t epoch, uint64_t budget, uint64_t max_record)
+{
+    pthread_mutex_lock(&j->mu);
+    j->pos = pos;
+    j->end = end;
+    j->seq = seq;
+    j->epoch = epoch;
+    j->budget = budget;
+    j->max_record = max_record;
+    j->active = 1;
+    pthread_mutex_unlock(&j->mu);
+}
+
+void tcmu_py_jl_revoke(struct tcmu_py_jl *j)
+{
+    pthread_mutex_lock(&j->mu);
+    j->active = 0;
+    pthread_mutex_unlock(&j->mu);
+}
+
+uint32_t tcmu_py_jl_take(struct tcmu_py_jl *j, struct tcmu_py_jl_rec *out, uint32_t max,
+                         uint64_t *budget)
+{
+    uint32_t n;
+
+    pthread_mutex_lock(&j->mu);
+    n = j->n_notices < max ? j->n_notices : max;
+    memcpy(out, j->notices, n * sizeof(*out));
+    memmove(j->notices, j->notices + n, (j->n_notices - n) * sizeof(*out));
+    j->n_notices -= n;
+    *budget = j->active ? j->budget : 0;
+    pthread_mutex_unlock(&j->mu);
+    return n;
+}
+
+uint64_t tcmu_py_jl_appends(struct tcmu_py_jl *j)
+{
+    return tcmu_py_locked_u64(&j->mu, &j->appends);
+}
+
+uint64_t tcmu_py_jl_declined(struct tcmu_py_jl *j)
+{
+    return tcmu_py_locked_u64(&j->mu, &j->declined);
+}
+
+static void tcmu_py_le(uint8_t *p, uint64_t v, int n)
+{
+    int i;
+
+    for (i = 0; i < n; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* Append the WRITE of the command's buffers v[0..n_iov) (`total` bytes at byte `pos` of disk
+ * `disk`, whose chunk table is m) to the journal as one record, point m at its chunks and
+ * queue its notice: 1. 0 (nothing written; the command goes to Python): not whole chunks, no
+ * active lease, no room, budget or notice left, or the write failed (then the record's space
+ * and number are spent, its notice says so, and the lease ends). */
+static int tcmu_py_jl_append(struct tcmu_py_jl *j, struct tcmu_py_cm *m, uint64_t disk,
+                             uint8_t *map, const struct iovec *v, uint32_t n_iov,
+                             uint64_t pos, uint64_t total)
+{
+    uint64_t cs = j->chunk, need = TCMU_PY_JL_HEADER + total, count = total / cs, k;
+    uint8_t head[TCMU_PY_JL_HEADER];
+    struct tcmu_py_jl_rec *rec;
+    XXH3_state_t st;
+    uint32_t i;
+    int ok;
+
+    if (!total || pos % cs || total % cs || count > UINT32_MAX || cs != m->chunk)
+        return 0;
+    pthread_mutex_lock(&j->mu);
+    if (!j->active || j->n_notices >= j->max_notices || total > j->budget ||
+        need > j->max_record || need > j->end - j->pos || j->pos > j->end) {
+        if (j->active)
+            j->declined++;
+        pthread_mutex_unlock(&j->mu);
+        return 0;
+    }
+    memset(head, 0, sizeof(head));
+    memcpy(head, "TCMUJNL1", 8);
+    tcmu_py_le(head + 8, j->epoch, 4);          /* flags (12..15) stay 0 */
+    tcmu_py_le(head + 16, j->seq, 8);
+    tcmu_py_le(head + 24, disk, 8);
+    tcmu_py_le(head + 32, pos / cs, 8);
+    tcmu_py_le(head + 40, count, 4);
+    XXH3_64bits_reset(&st);
+    XXH3_64bits_update(&st, head, TCMU_PY_JL_SUMMED);
+    for (i = 0; i < n_iov; i++)
+        XXH3_64bits_update(&st, map + (uintptr_t)v[i].iov_base, v[i].iov_len);
+    tcmu_py_le(head + TCMU_PY_JL_SUMMED, XXH3_64bits_digest(&st), 8);
+    ok = pwrite(j->fd, head, sizeof(head), (off_t)j->pos) == (ssize_t)sizeof(head) &&
+         tcmu_py_dp_iov(map, v, n_iov, j->fd, j->pos + TCMU_PY_JL_HEADER, 1);
+    rec = &j->notices[j->n_notices++];
+    rec->seq = j->seq;
+    rec->pos = j->pos;
+    rec->disk = disk;
+    rec->first = pos / cs;
+    rec->count = (uint32_t)count;
+    rec->failed = !ok;
+    if (ok) {
+        /* Under the lease's mutex: the journal takes the notice only once the table names the
+         * record, so its drain's locations come after these (tcmu_py_cm_put). */
+        pthread_mutex_lock(&m->mu);
+        m->jfd = j->fd;
+        for (k = 0; k < count; k++)
+            tcmu_py_cm_put(m, pos / cs + k, j->fd, j->pos + TCMU_PY_JL_HEADER + k * cs,
+                           TCMU_PY_CM_JOURNAL, j->seq);
+        pthread_mutex_unlock(&m->mu);
+        j->appends++;
+    } else {
+        j->active = 0;
+    }
+    j->pos += need;
+    j->seq++;
+    j->budget -= total;
+    pthread_mutex_unlock(&j->mu);
     return ok;
 }
 
@@ -2106,8 +2329,19 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
                     continue;
                 goto python;                    /* as for RBD below */
             }
+            if (x->cm && c.writing) {
+                /* A dedup disk's WRITE: a record of its pool's journal, when the lease
+                 * allows (tcmu_py_dp_plain let only those with a lease through). */
+                if (x->jl && tcmu_py_jl_append(x->jl, x->cm, x->jl_disk, l->r->map, v,
+                                               h->iov_cnt, pos, c.total)) {
+                    l->done_ids[n_done++] = (uint16_t)h->cmd_id;
+                    tcmu_py_loop_tally(l, c.writing, c.total);
+                    continue;
+                }
+                goto python;
+            }
             if (x->cm) {
-                /* A dedup disk's READ (its WRITEs are Python's: reads_only). */
+                /* A dedup disk's READ. */
                 if (tcmu_py_cm_read(x->cm, l->r->map, v, h->iov_cnt, pos, c.total)) {
                     l->done_ids[n_done++] = (uint16_t)h->cmd_id;
                     tcmu_py_loop_tally(l, c.writing, c.total);

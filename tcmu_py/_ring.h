@@ -179,6 +179,60 @@ void tcmu_py_cm_drop_fd(struct tcmu_py_cm *m, int32_t fd);
 /* READs served from the table, and READs that missed (went to Python), since it was made. */
 uint64_t tcmu_py_cm_hits(struct tcmu_py_cm *m);
 uint64_t tcmu_py_cm_misses(struct tcmu_py_cm *m);
+/* Entries naming a dedup pool's write journal (fd `jfd`) carry the number of the record that
+ * holds the chunk (its low 32 bits: records in the journal at once are far fewer than 2**31),
+ * so that an older location never replaces a newer one, whoever learns of which first:
+ * tcmu_py_cm_set leaves alone an entry naming the journal (a WRITE the loop appended that the
+ * backend does not know of yet); tcmu_py_cm_set_journal sets chunk idx[k] to off[k] of jfd
+ * unless its entry names a newer record; tcmu_py_cm_set_drained, for the chunks of record
+ * `seq` just moved into the index, sets (or forgets, fd -2) unless the entry names a record
+ * newer than `seq`. */
+void tcmu_py_cm_set_journal(struct tcmu_py_cm *m, const uint64_t *idx, const uint64_t *off,
+                            uint32_t n, int32_t jfd, uint64_t seq);
+void tcmu_py_cm_set_drained(struct tcmu_py_cm *m, const uint64_t *idx, const int32_t *fd,
+                            const uint64_t *off, uint32_t n, uint64_t seq);
+/* ---- A dedup pool's write journal, appended to by the native loop (issue 14) ----
+ *
+ * struct tcmu_py_jl: a *lease* the pool's journal (handlers/dedup/journal.py) gives the native
+ * loops of its disks: the journal's bytes [pos, end) and record numbers from `seq` on, with
+ * `epoch`, for at most `budget` bytes of chunks (what fits under the pool's capacity and soft
+ * threshold) and records of at most `max_record` bytes. While the lease is active, a loop
+ * serves a plain WRITE of whole chunks of a disk whose extent names it (write cache on, no
+ * FUA) by appending one record there, in the format of journal.py (a 64-byte header: magic
+ * "TCMUJNL1", epoch, flags 0, seq, disk, first chunk, count; the XXH3-64 of its first 48 bytes
+ * and the data; then the data), pointing the disk's chunk table at the record's chunks
+ * (tcmu_py_cm_set_journal) and completing it GOOD; the journal learns of the record from its
+ * *notice* (tcmu_py_jl_take). Anything else (no lease, no room, no budget, the notices full)
+ * goes to Python. A record whose write failed gets a notice marked void, ends the lease, and
+ * its command goes to Python. The lease's mutex is held from the checks to the notice, so a
+ * revoke returns only when no append is under way. Thread-safe. */
+struct tcmu_py_jl_rec {
+    uint64_t seq;
+    uint64_t pos;            /* of its header */
+    uint64_t disk;
+    uint64_t first;          /* chunk index */
+    uint32_t count;          /* chunks */
+    uint32_t failed;         /* 1: its write failed (void: never drained) */
+};
+struct tcmu_py_jl;
+/* A lease object for the journal file `fd`, chunks of `chunk` bytes, at most `max_notices`
+ * notices not yet taken; inactive. NULL: no memory. */
+struct tcmu_py_jl *tcmu_py_jl_new(int32_t fd, uint32_t chunk, uint32_t max_notices);
+/* Free; no extent may name it any more. */
+void tcmu_py_jl_free(struct tcmu_py_jl *j);
+/* Activate the lease (see above); any earlier lease ends. */
+void tcmu_py_jl_grant(struct tcmu_py_jl *j, uint64_t pos, uint64_t end, uint64_t seq,
+                      uint32_t epoch, uint64_t budget, uint64_t max_record);
+/* End the lease: when it returns, no append is under way and none starts until a grant. */
+void tcmu_py_jl_revoke(struct tcmu_py_jl *j);
+/* Move up to `max` notices, oldest first, into out: their number. *budget receives the bytes
+ * the lease has left (0 when it is not active), as of the last notice taken. */
+uint32_t tcmu_py_jl_take(struct tcmu_py_jl *j, struct tcmu_py_jl_rec *out, uint32_t max,
+                         uint64_t *budget);
+/* WRITEs appended, and WRITEs of whole chunks the loop offered it and it declined, since it was
+ * made. */
+uint64_t tcmu_py_jl_appends(struct tcmu_py_jl *j);
+uint64_t tcmu_py_jl_declined(struct tcmu_py_jl *j);
 /* What Python declares for one device. Any change (resize, new fd) is declared again. */
 struct tcmu_py_extent {
     int32_t fd;              /* image file (the backend owns it); < 0: no extent */
@@ -223,8 +277,12 @@ struct tcmu_py_extent {
     uint32_t mw_n_nbd;
     /* A dedup disk (tcmu_py.backend.ChunkExtent; the native loop only): fd < 0, reads_only,
      * and a READ is served from the chunk table cm when it knows every chunk the READ touches
-     * (LBA n is at byte n * block_size of the disk). */
+     * (LBA n is at byte n * block_size of the disk). With jl set (its pool's journal lease) and
+     * flush_fua (write cache on), a plain WRITE of whole chunks without FUA is appended to the
+     * journal as a record of disk jl_disk (see struct tcmu_py_jl). */
     struct tcmu_py_cm *cm;
+    struct tcmu_py_jl *jl;
+    uint64_t jl_disk;
 };
 
 /* LBAs [start, end) that a command running in Python may touch; start == end: none. */

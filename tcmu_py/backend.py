@@ -367,7 +367,17 @@ class ChunkTable(Protocol):
 
     def set(self, idx: Sequence[int], fds: Sequence[int], offs: Sequence[int]) -> None:
         """Chunk ``idx[k]`` lies at byte ``offs[k]`` of ``fds[k]``; fd -1: it reads as zeros;
-        -2: forget it."""
+        -2: forget it. An entry naming a write journal's record is left as it is (the record is
+        newer than anything the index knows: `set_journal`)."""
+
+    def set_journal(self, idx: Sequence[int], offs: Sequence[int], fd: int, seq: int) -> None:
+        """Chunk ``idx[k]`` lies at byte ``offs[k]`` of the write journal `fd`, in record
+        `seq`; unless its entry names a newer record."""
+
+    def set_drained(self, idx: Sequence[int], fds: Sequence[int], offs: Sequence[int],
+                    seq: int) -> None:
+        """Record `seq`'s chunk ``idx[k]`` now lies at ``offs[k]`` of ``fds[k]`` in the index
+        (-1 zeros, -2 forget); unless its entry names a newer record."""
 
     def clear(self) -> None:
         """Forget every entry."""
@@ -384,6 +394,34 @@ class ChunkTable(Protocol):
         """READs it found an entry missing for (served by the backend instead)."""
 
 
+class JournalLease(Protocol):
+    """A dedup pool's write journal's lease to the native loops of its disks
+    (`ChunkExtent.lease`; `struct tcmu_py_jl` in _ring.h): while granted, a loop appends a plain
+    WRITE of whole chunks (write cache on, no FUA) to the journal itself as one record in
+    [pos, end), numbered from `seq`, of at most `budget` bytes of chunks in all, points the
+    disk's chunk table at it and completes it; the journal learns of each record from `take`.
+    Thread-safe."""
+
+    def grant(self, pos: int, end: int, seq: int, epoch: int, budget: int,
+              max_record: int) -> None:
+        """Start a lease (ending any earlier one)."""
+
+    def revoke(self) -> None:
+        """End the lease; when this returns no append is under way and none starts."""
+
+    def take(self) -> tuple[list[tuple[int, int, int, int, int, bool]], int]:
+        """The records appended since the last call, oldest first, as (seq, pos, disk, first
+        chunk, count, failed), and the bytes the lease has left (0 if none is active)."""
+
+    @property
+    def appends(self) -> int:
+        """WRITEs the loops appended."""
+
+    @property
+    def declined(self) -> int:
+        """WRITEs of whole chunks offered while a lease was active and sent to the backend."""
+
+
 @dataclass(frozen=True)
 class NativeKit:
     """What the device gives a backend that has a ``native_kit`` attribute (None) when a native
@@ -392,11 +430,13 @@ class NativeKit:
     timeout)`` a `FanOutWriter` owning the libnbd handle at address ``handle`` (an int;
     `NbdFunctions`), `timeout` seconds per write (0: none); for a dedup disk's `ChunkExtent`,
     ``chunk_table(chunk_bytes, slots)`` makes a `ChunkTable` of `slots` entries (a power of
-    two)."""
+    two), and ``journal_lease(fd, chunk_bytes)`` a `JournalLease` for a pool's write journal
+    open as `fd`."""
 
     regions: Callable[[int, int], FanOutRegions]
     nbd_writer: Callable[[int, NbdFunctions, float], FanOutWriter]
     chunk_table: Callable[[int, int], ChunkTable]
+    journal_lease: Callable[[int, int], JournalLease] | None = None
 
 
 @dataclass(frozen=True)
@@ -411,9 +451,14 @@ class ChunkExtent:
     command that changes a chunk, before the bytes an entry names may change (a rollback, a
     container compacted away) and before it closes an fd an entry names, it sets or forgets
     those entries. A change to part of a chunk leaves the rest of the chunk's bytes where the
-    old entry says until then, so a READ of the other blocks racing it reads right."""
+    old entry says until then, so a READ of the other blocks racing it reads right.
+
+    With `lease` (the pool's write journal's, `JournalLease`), the loop also appends WRITEs of
+    whole chunks to the journal itself while the lease allows, as records of disk `disk`."""
 
     table: ChunkTable
+    lease: JournalLease | None = None
+    disk: int = 0
 
 
 @dataclass(frozen=True)

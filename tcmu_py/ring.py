@@ -804,6 +804,9 @@ def _fill_extent(x: Any, extent: Any) -> Any:
         x.rbd_aio_release = ffi.cast("void *", rbd.aio_release)
     chunks = extent.chunks if extent is not None else None
     x.cm = ffi.NULL if chunks is None else chunks.table.ptr
+    lease = None if chunks is None else chunks.lease
+    x.jl = ffi.NULL if lease is None else lease.ptr
+    x.jl_disk = 0 if chunks is None else chunks.disk
     fan = extent.fanout if extent is not None else None
     x.wi = ffi.NULL if fan is None else fan.regions.ptr
     x.mw_n_fds = x.mw_n_nbd = 0
@@ -1179,6 +1182,30 @@ class ChunkTable:
         lib.tcmu_py_cm_set(self.ptr, ffi.new("uint64_t[]", idx), ffi.new("int32_t[]", fds),
                            ffi.new("uint64_t[]", offs), n)
 
+    def set_journal(self, idx: Sequence[int], offs: Sequence[int], fd: int, seq: int) -> None:
+        """Chunk ``idx[k]`` is at ``offs[k]`` of the journal `fd`, in record `seq` (unless its
+        entry names a newer record)."""
+        n = len(idx)
+        if not n or self.ptr is None:
+            return
+        if len(offs) != n:
+            raise ValueError("chunk table: entries of unequal lengths")
+        lib.tcmu_py_cm_set_journal(self.ptr, ffi.new("uint64_t[]", idx),
+                                   ffi.new("uint64_t[]", offs), n, fd, seq)
+
+    def set_drained(self, idx: Sequence[int], fds: Sequence[int], offs: Sequence[int],
+                    seq: int) -> None:
+        """Record `seq`'s chunk ``idx[k]`` is at ``offs[k]`` of ``fds[k]`` now (-1 zeros, -2
+        forget), unless its entry names a newer record."""
+        n = len(idx)
+        if not n or self.ptr is None:
+            return
+        if len(fds) != n or len(offs) != n:
+            raise ValueError("chunk table: entries of unequal lengths")
+        lib.tcmu_py_cm_set_drained(self.ptr, ffi.new("uint64_t[]", idx),
+                                   ffi.new("int32_t[]", fds), ffi.new("uint64_t[]", offs), n,
+                                   seq)
+
     def get(self, idx: int) -> tuple[int, int] | None:
         """Chunk `idx`'s entry: (fd, offset), fd -1 for zeros; None when it has none."""
         if self.ptr is None:
@@ -1212,3 +1239,47 @@ class ChunkTable:
 
     def __del__(self) -> None:
         self.close()
+
+
+class JournalLease:
+    """`tcmu_py.backend.JournalLease` (`struct tcmu_py_jl` in _ring.h) for the write journal
+    open as `fd`, chunks of `chunk` bytes. Freed when the last reference goes (a declared
+    extent naming it holds one, `_fill_extent`)."""
+
+    #: Notices the loops may queue before the journal takes them; then WRITEs go to Python.
+    NOTICES = 4096
+
+    def __init__(self, fd: int, chunk: int) -> None:
+        ptr = lib.tcmu_py_jl_new(fd, chunk, self.NOTICES)
+        if ptr == ffi.NULL:
+            raise MemoryError("journal lease")
+        self.ptr: Any = ptr
+        self._out = ffi.new("struct tcmu_py_jl_rec[]", self.NOTICES)
+        self._budget = ffi.new("uint64_t *")
+
+    def grant(self, pos: int, end: int, seq: int, epoch: int, budget: int,
+              max_record: int) -> None:
+        lib.tcmu_py_jl_grant(self.ptr, pos, end, seq, epoch, budget, max_record)
+
+    def revoke(self) -> None:
+        lib.tcmu_py_jl_revoke(self.ptr)
+
+    def take(self) -> tuple[list[tuple[int, int, int, int, int, bool]], int]:
+        out = self._out
+        n = int(lib.tcmu_py_jl_take(self.ptr, out, self.NOTICES, self._budget))
+        recs = [(int(r.seq), int(r.pos), int(r.disk), int(r.first), int(r.count),
+                 bool(r.failed)) for r in (out[k] for k in range(n))]
+        return recs, int(self._budget[0])
+
+    @property
+    def appends(self) -> int:
+        return int(lib.tcmu_py_jl_appends(self.ptr))
+
+    @property
+    def declined(self) -> int:
+        return int(lib.tcmu_py_jl_declined(self.ptr))
+
+    def __del__(self) -> None:
+        ptr, self.ptr = getattr(self, "ptr", None), None
+        if ptr is not None:
+            lib.tcmu_py_jl_free(ptr)

@@ -277,7 +277,9 @@ class DedupBackend(PoolDisk["DedupPool"]):
     def file_extent(self) -> ChunkExtent | None:
         """A `ChunkExtent` once the device offered a native kit (None before): a chunk table
         of up to `TABLE_SLOTS` entries, kept by the pool (`DedupPool.attach_table`) with every
-        location its map cache learns of this disk, and changed before anything moves."""
+        location its map cache learns of this disk, and changed before anything moves; with
+        the pool's write journal's lease (`Journal.lease_for`) when it has one and the write
+        cache is on, so that the loop appends this disk's WRITEs of whole chunks itself."""
         kit = self.native_kit
         if kit is None or self._closed:
             return None
@@ -286,13 +288,23 @@ class DedupBackend(PoolDisk["DedupPool"]):
             slots = min(TABLE_SLOTS, 1 << (chunks - 1).bit_length())
             self._table = kit.chunk_table(self.chunk_size, slots)
             self.pool.attach_table(self.disk_id, self._table)
-        return ChunkExtent(self._table)
+        journal = self.pool.journal
+        lease = (journal.lease_for(kit) if journal is not None and self.write_cache
+                 else None)
+        return ChunkExtent(self._table, lease, self.disk_id)
 
     @property
     def c_reads(self) -> tuple[int, int]:
         """READs the native loop served from the chunk table, and READs it missed."""
         table = self._table
         return (0, 0) if table is None else (table.hits, table.misses)
+
+    @property
+    def c_writes(self) -> tuple[int, int]:
+        """WRITEs the native loops of the pool's disks appended to its write journal, and WRITEs
+        of whole chunks they offered it while leased and sent here instead."""
+        journal = self.pool.journal
+        return (0, 0) if journal is None else journal.lease_figures()
 
     # ------------------------------------------------------------------------------------------
     # Provisioning

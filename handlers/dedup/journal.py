@@ -99,7 +99,7 @@ from tcmu_py.statefile import fsync_dir
 from tcmu_py.threadname import name_os_thread
 
 if TYPE_CHECKING:
-    from tcmu_py.backend import ChunkTable
+    from tcmu_py.backend import ChunkTable, JournalLease, NativeKit
 
     from .store import DedupPool
 
@@ -195,6 +195,8 @@ class Journal:
         self._sync_failed = 0  # an fdatasync failed: records before this number are drained
         self._stopping = False
         self._thread: threading.Thread | None = None
+        #: The native loops' lease (`lease_for`).
+        self._lease: JournalLease | None = None
 
     # ------------------------------------------------------------------------------------------
     # Figures
@@ -202,7 +204,18 @@ class Journal:
     @property
     def pending(self) -> int:
         """Bytes of chunks written to the journal and not yet committed to the index."""
-        return self.reserved
+        with self._mu:
+            self._absorb()
+            return self.reserved
+
+    def held(self) -> int:
+        """The bytes the journal counts against the pool's capacity (its records' chunks),
+        for a decision on space: the native loops' lease is taken back first, so that they do
+        not append into the room being decided on (the next append of Python's or drain
+        grants it again)."""
+        with self._mu:
+            self._revoke()
+            return self.reserved
 
     def _used(self) -> int:
         if not self._records:
@@ -229,13 +242,16 @@ class Journal:
             return False
         deadline = time.monotonic() + WAIT_SECONDS
         with self._mu:
+            self._revoke()  # the records' numbers and places are Python's until it is granted
             while True:
                 if not self.pool.room_for(self.reserved + nbytes):
+                    self._grant()
                     return False
                 pos = self._place(need) if self._used() + need <= self._limit else None
                 if pos is not None:
                     break
                 if time.monotonic() > deadline:  # no room came: the index takes it
+                    self._grant()
                     return False
                 self._mu.release()
                 try:  # full: drain in this thread (writes then run at the drainer's speed)
@@ -243,6 +259,7 @@ class Journal:
                         time.sleep(0.01)
                 finally:
                     self._mu.acquire()
+                    self._revoke()  # the drain granted the loops a lease again
             rec = _Record(self._next_seq, pos, did, first, count, pos + need)
             self._next_seq += 1
             self._records.append(rec)
@@ -272,6 +289,7 @@ class Journal:
             self._show(rec)
             rec.done = True
             self._advance_written()
+            self._grant()
             self._mu.notify_all()
         if durable:
             self.sync(rec.seq + 1)
@@ -300,9 +318,10 @@ class Journal:
             seq += 1
         self._written_seq = seq
 
-    def _show(self, rec: _Record) -> None:
-        """Make the record's chunks what reads return (the overlay and the chunk table), each
-        unless a newer record wrote it already (`_mu` held)."""
+    def _show(self, rec: _Record, *, tell: bool = True) -> None:
+        """Make the record's chunks what reads return (the overlay and, with `tell`, the chunk
+        table: a native loop's record is in it already), each unless a newer record wrote it
+        already (`_mu` held)."""
         cs, n = self.chunk_size, rec.count
         key = rec.did << _IDX_BITS | rec.first
         at = rec.pos + HEADER
@@ -322,9 +341,99 @@ class Journal:
                     overlay[key + k] = rec.seq << _SEQ_SHIFT | (at + k * cs)
                     idxs.append(rec.first + k)
                     offs.append(at + k * cs)
-        table = self.pool.table_of(rec.did)
+        table = self.pool.table_of(rec.did) if tell else None
         if table is not None and idxs:
-            table.set(idxs, [self.fd] * len(idxs), offs)
+            table.set_journal(idxs, offs, self.fd, rec.seq)
+
+    # ------------------------------------------------------------------------------------------
+    # The native loops' appends (`tcmu_py.backend.JournalLease`)
+
+    def lease_for(self, kit: NativeKit) -> JournalLease | None:
+        """The lease the native loops of the pool's disks append under (made with `kit` the
+        first time; None if the kit cannot make one). A loop appends a WRITE only while the
+        journal has granted it: from here on, after each append of Python's and each drain."""
+        if kit.journal_lease is None:
+            return None
+        with self._mu:
+            if self._lease is None:
+                self._lease = kit.journal_lease(self.fd, self.chunk_size)
+                self._grant()
+            return self._lease
+
+    def lease_figures(self) -> tuple[int, int]:
+        """(WRITEs the native loops appended, WRITEs of whole chunks offered while a lease was
+        active that they sent to Python); (0, 0) without a lease."""
+        lease = self._lease
+        return (0, 0) if lease is None else (lease.appends, lease.declined)
+
+    def _absorb(self) -> None:
+        """Take the records the native loops appended since the last call as if this journal
+        had written them: numbered, placed, counted, shown (`_mu` held). Every reader of the
+        records, the overlay or the figures calls it first: a loop's WRITE was acknowledged
+        before the command that follows it reached Python."""
+        lease = self._lease
+        if lease is None:
+            return
+        notices, _left = lease.take()
+        if not notices:
+            return
+        cs = self.chunk_size
+        for seq, pos, did, first, count, failed in notices:
+            if seq != self._next_seq:  # the lease's numbers start where ours end (`_grant`)
+                raise AssertionError(f"journal record {seq} from the native loop, expected "
+                                     f"{self._next_seq}")
+            rec = _Record(seq, pos, did, first, count, pos + HEADER + count * cs, done=True,
+                          void=failed)
+            self._next_seq = seq + 1
+            self._records.append(rec)
+            self._by_seq[seq] = rec
+            self.reserved += count * cs
+            if failed:
+                self._voids += 1
+            else:
+                self._show(rec, tell=False)
+        self._last_append = time.monotonic()
+        self._advance_written()
+        self._mu.notify_all()
+
+    def _revoke(self) -> None:
+        """End the loops' lease and take what they appended (`_mu` held)."""
+        if self._lease is not None:
+            self._lease.revoke()
+            self._absorb()
+
+    def _grant(self) -> None:
+        """Lease the loops the journal's free run after its newest record, for what fits under
+        the pool's capacity and soft threshold (`_mu` held). None while stopping, or after a
+        failed write or fdatasync (Python's own path handles those, rule 5)."""
+        lease = self._lease
+        if lease is None:
+            return
+        self._revoke()
+        if self._stopping or self._voids or self._sync_failed:
+            return
+        pos, end = self._free_run()
+        budget = min(self.pool.journal_budget(self.reserved), end - pos)
+        if budget < self.chunk_size:
+            return
+        lease.grant(pos, end, self._next_seq, self._epoch, budget, self._limit // 4)
+
+    def _free_run(self) -> tuple[int, int]:
+        """The bytes [pos, end) where the next records may go back to back (`_mu` held): after
+        the newest record up to the oldest one or the file's end, or from 0 (a record there
+        follows one that ended anywhere: replay looks at 0 too)."""
+        big = self._limit // 4
+        room = self._limit - self._used()
+        if not self._records:
+            head = self._tail
+            pos, end = (head, self.size) if self.size - head >= big else (0, self.size)
+        else:
+            tail, head = self._records[0].pos, self._records[-1].end
+            if head > tail:
+                pos, end = (head, self.size) if self.size - head >= min(big, tail) else (0, tail)
+            else:
+                pos, end = head, tail
+        return pos, max(pos, min(end, pos + room))
 
     def sync(self, upto: int | None = None) -> None:
         """Make every record numbered before `upto` (all written so far: None) durable: wait
@@ -332,6 +441,7 @@ class Journal:
         them, drain them all into the index instead (rule 5)."""
         deadline = time.monotonic() + WAIT_SECONDS
         with self._mu:
+            self._absorb()
             target = self._next_seq if upto is None else upto
             if self._synced_seq >= target:
                 return
@@ -370,6 +480,7 @@ class Journal:
         end = offset + view.nbytes
         base = did << _IDX_BITS
         with self._mu:
+            self._absorb()
             if self.removals != removals:
                 return False
             overlay = self._overlay
@@ -413,6 +524,7 @@ class Journal:
         stay in the journal). Bounded by the journal's size (store.MAX_JOURNAL)."""
         deadline = time.monotonic() + WAIT_SECONDS
         with self._mu:
+            self._absorb()
             target = self._next_seq if upto is None else upto
         while True:
             with self._mu:
@@ -432,6 +544,7 @@ class Journal:
             deadline = time.monotonic() + WAIT_SECONDS
             with self._mu:
                 while True:
+                    self._absorb()
                     batch = self._next_batch(upto)
                     if batch or not wait or not self._pending_before(upto):
                         break
@@ -487,7 +600,7 @@ class Journal:
         their space."""
         with self._mu:
             overlay = self._overlay
-            per_disk: dict[int, tuple[list[int], list[int], list[int]]] = {}
+            per_record: dict[tuple[int, int], tuple[list[int], list[int], list[int]]] = {}
             mask = (1 << _IDX_BITS) - 1
             for rec in drained:
                 base = rec.did << _IDX_BITS
@@ -497,23 +610,25 @@ class Journal:
                     if hit is not None and hit >> _SEQ_SHIFT == rec.seq:
                         del overlay[key]
                         fd, off = locate.get(key, (-2, 0))
-                        idxs, fds, offs = per_disk.setdefault(rec.did, ([], [], []))
+                        idxs, fds, offs = per_record.setdefault((rec.did, rec.seq),
+                                                                ([], [], []))
                         idxs.append(key & mask)
                         fds.append(fd)
                         offs.append(off)
                 self.reserved -= rec.count * self.chunk_size
                 if rec.void:
                     self._voids -= 1
-            for did, (idxs, fds, offs) in per_disk.items():
+            for (did, seq), (idxs, fds, offs) in per_record.items():
                 table = self.pool.table_of(did)
-                if table is not None:
-                    table.set(idxs, fds, offs)
+                if table is not None:  # unless a native loop's record wrote it since
+                    table.set_drained(idxs, fds, offs, seq)
             self.removals += 1
             for _ in drained:
                 rec = self._records.popleft()
                 del self._by_seq[rec.seq]
                 self._tail = rec.end
                 self._tail_seq = rec.seq + 1
+            self._grant()  # the space freed
             self._mu.notify_all()
 
     # ------------------------------------------------------------------------------------------
@@ -529,6 +644,7 @@ class Journal:
     def _due(self) -> bool:
         """Whether the drainer should run now (`_mu` held): written records wait and writes
         paused, the journal is half full, or it is stopping."""
+        self._absorb()
         if not self._records or not self._records[0].done:
             return False
         if self._stopping or self._used() * 2 >= self._limit:
@@ -556,6 +672,7 @@ class Journal:
         fails is logged: its records stay in the file for the next open to replay."""
         with self._mu:
             self._stopping = True
+            self._revoke()  # for good: no grant while stopping
             self._mu.notify_all()
         if self._thread is not None:
             self._thread.join()

@@ -144,7 +144,7 @@ from tcmu_py.statefile import (
 )
 from tcmu_py.threadname import name_os_thread
 
-from .._pool import PhysicalPool, ThresholdFigures
+from .._pool import PhysicalPool, ThresholdFigures, reaches
 from .journal import Journal, _Record, open_journal, pending_records, scan_pending
 
 if TYPE_CHECKING:
@@ -1756,8 +1756,8 @@ class DedupPool(PhysicalPool):
         write that fits after compaction waits for it, at most `RECLAIM_SECONDS` (one step,
         `COLLECT_BATCH_BYTES` copied, past it). A pool whose live data leaves no room is
         refused at once, without compacting anything."""
-        journal = self.journal  # its records' space is taken already
-        capacity = self._config.capacity - (0 if journal is None else journal.reserved)
+        journal = self.journal  # its records' space is taken already, and what it leased
+        capacity = self._config.capacity - (0 if journal is None else journal.held())
         if need <= 0 or self._figures.used + need <= capacity:
             return False
         if self._figures.used - self.dead_bytes() + need > capacity:
@@ -1778,7 +1778,7 @@ class DedupPool(PhysicalPool):
         crossing (lock held; `PhysicalPool`)."""
         if need > 0:
             journal = self.journal
-            self._take_space(self._figures.used + (0 if journal is None else journal.reserved),
+            self._take_space(self._figures.used + (0 if journal is None else journal.held()),
                              need, "new chunks")
 
     def crossing_hint(self, before: int, need: int) -> None:
@@ -1794,6 +1794,18 @@ class DedupPool(PhysicalPool):
         """Whether `need` more bytes fit under the capacity now (no lock: a hint for the
         journal, whose records are stored past the capacity if it moved meanwhile)."""
         return self._figures.used + need <= self._config.capacity
+
+    def journal_budget(self, before: int) -> int:
+        """Bytes a write journal holding `before` may take more without passing the capacity
+        or reaching the soft threshold from below (no lock, as `room_for`): what the native
+        loops may append by themselves (`Journal`'s lease), whose WRITEs report no crossing."""
+        c = self._config
+        used = self._figures.used + before
+        room = c.capacity - used
+        t = c.soft_threshold
+        if room > 0 and t is not None and not reaches(used, c.capacity, t):
+            room = min(room, -(-c.capacity * t // 100) - 1 - used)  # stays below it
+        return max(0, room)
 
     # ------------------------------------------------------------------------------------------
     # The write journal's side (journal.py)

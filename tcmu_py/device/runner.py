@@ -73,6 +73,7 @@ from tcmu_py.errors import RingError
 from tcmu_py.ring import (
     ChunkTable,
     DataPlane,
+    JournalLease,
     NativeLoop,
     NbdWriter,
     Ring,
@@ -213,7 +214,7 @@ class DeviceRunner:
             self.native = NativeLoop(self.ring, uio, poll_seconds)
             self._plane_lock = threading.Lock()
             device.plane_listener = self._plane_changed
-            device.offer_native(NativeKit(WriteRegions, NbdWriter, ChunkTable))
+            device.offer_native(NativeKit(WriteRegions, NbdWriter, ChunkTable, JournalLease))
         self._ring_lock = threading.Lock()
         self._workers = 1 if device.serial_commands else max(1, workers)
         self._pool = ThreadPoolExecutor(

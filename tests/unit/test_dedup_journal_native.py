@@ -1,0 +1,271 @@
+"""A dedup pool's write journal appended to by the native loop (`struct tcmu_py_jl` in _ring.h,
+`Journal.lease_for`): the loop's records are the journal's format (a cut replays them), the
+capacity and soft threshold hold with the loop appending, a record whose write failed is never
+taken, and loops racing the drainer and Python's own appends and reads keep every byte. The
+two-disk model test (test_dedup_model.py, "journal") runs its WRITEs of whole chunks through
+the loop too."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tcmu_py.handler import DeviceConfig
+from tcmu_py.handlers.dedup import (
+    DedupHandler,
+    DedupPool,
+    acquire_pool,
+    check_pool,
+    create_pool,
+    journal,
+    release_pool,
+)
+from tcmu_py.testing import cdbs
+from tcmu_py.testing.harness import RingHarness
+
+BS = 512
+CS = 4096
+BPC = CS // BS
+MIB = 1 << 20
+SIZE = 64 * CS
+
+
+@pytest.fixture(autouse=True)
+def no_drainer(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Drained at known points only, unless a test starts the thread itself."""
+    monkeypatch.setattr(journal.Journal, "background", False)
+    yield
+
+
+def chunk(seed: int, n: int = 1) -> bytes:
+    return random.Random(seed).randbytes(n * CS)
+
+
+class Disk:
+    """A dedup disk of the pool at `path`, served through a ring by a native loop."""
+
+    def __init__(self, pool: DedupPool, name: str, write_cache: bool = True) -> None:
+        self.dev = DedupHandler.open(DeviceConfig(name, "dedup", f"pool={pool.path}", SIZE,
+                                                  block_size=BS, write_cache=write_cache))
+        self.ring = RingHarness(self.dev)
+        assert self.ring.runner.native is not None
+        self.ring.run(cdbs.test_unit_ready())  # the power-on unit attention
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> Any:
+        return self.ring.run(cdbs.write16(offset // BS, len(data) // BS, fua=fua),
+                             data_out=data)
+
+    def read(self, offset: int, n: int) -> bytes:
+        r = self.ring.run(cdbs.read16(offset // BS, n // BS), data_in_len=n)
+        assert r.good, r
+        return bytes(r.data)
+
+    def sync(self) -> Any:
+        return self.ring.run(cdbs.synchronize_cache10())
+
+    @property
+    def c_writes(self) -> tuple[int, int]:
+        return self.dev.backend.c_writes  # type: ignore[attr-defined, no-any-return]
+
+    def close(self) -> None:
+        self.ring.close()
+        self.dev.close()
+
+
+def test_the_loops_records_replay_after_a_cut(tmp_path: Path) -> None:
+    """WRITEs of whole chunks are the loop's (no Python on their path); reads return them at
+    once, whole or in part; after SYNCHRONIZE CACHE a power cut keeps them: the next open
+    replays the loop's records (their format and checksums are journal.py's)."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    pool = acquire_pool(src)
+    try:
+        d = Disk(pool, "d")
+        try:
+            assert d.write(8 * CS + BS, chunk(5)[:BS]).good  # part of a chunk: Python's
+            assert d.c_writes == (0, 0)
+            # The partial write's decision on space took the lease back: the next WRITE is
+            # appended by Python, which grants it again.
+            assert d.write(0, chunk(0, 2)).good
+            assert d.c_writes == (0, 0)
+            assert d.write(4 * CS, chunk(4)).good
+            assert d.write(0, chunk(9)).good  # chunk 0 again: the newer record wins
+            assert d.c_writes == (2, 0)
+            want = chunk(9) + chunk(0, 2)[CS:] + bytes(2 * CS) + chunk(4)
+            assert d.read(0, 5 * CS) == want
+            assert d.read(CS + 1024, 1024) == want[CS + 1024 : CS + 2048]  # part of a chunk
+            assert d.sync().good
+            assert pool.journal is not None and pool.journal.pending == 4 * CS  # 2 + 1 + 1
+            cut = shutil.copytree(src, str(tmp_path / "cut"),
+                                  ignore=shutil.ignore_patterns(".lock"))
+        finally:
+            d.close()
+    finally:
+        release_pool(pool)
+    with DedupPool.open(cut) as again:
+        disk = again.open_disk("d", SIZE)
+        got = bytearray(9 * CS)
+        disk.read(0, [memoryview(got)])
+        disk.close()
+    assert bytes(got[: 5 * CS]) == want
+    assert bytes(got[8 * CS :]) == bytes(BS) + chunk(5)[:BS] + bytes(CS - 2 * BS)
+    assert check_pool(cut).clean
+
+
+def test_the_loop_leaves_the_crossing_and_the_hard_limit_to_python(tmp_path: Path) -> None:
+    """The lease stops short of the soft threshold: the WRITE that reaches it is Python's and
+    reports THIN PROVISIONING SOFT THRESHOLD REACHED (38/07) once; a full pool refuses with
+    SPACE ALLOCATION FAILED WRITE PROTECT (27/07) and nothing changes (SBC-4 4.7.3.7, 4.7.3.8)."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 16 * CS, soft_threshold=50, journal=4 * MIB)
+    pool = acquire_pool(src)
+    try:
+        d = Disk(pool, "d")
+        try:
+            for k in range(7):  # 7 of 16 chunks: below 50 %
+                r = d.write(k * CS, chunk(k))
+                assert r.good, r
+            assert d.c_writes == (7, 0)
+            assert d.write(7 * CS, chunk(7)).good  # 8 of 16: the crossing, by Python
+            assert d.c_writes == (7, 1)
+            r = d.ring.run(cdbs.test_unit_ready())
+            assert r.sense_codes == (0x6, 0x38, 0x07), r
+            assert d.ring.run(cdbs.test_unit_ready()).good  # once
+            for k in range(8, 16):
+                assert d.write(k * CS, chunk(k)).good
+            r = d.write(16 * CS, chunk(16))
+            assert r.sense_codes == (0x7, 0x27, 0x07), r
+            assert d.read(16 * CS, CS) == bytes(CS)
+            assert d.write(17 * CS, chunk(3)).good  # a duplicate: fits
+            assert d.sync().good
+            assert pool.used == 16 * CS
+            assert d.read(0, 18 * CS) == b"".join(chunk(k) for k in range(16)) + bytes(CS) + \
+                chunk(3)
+        finally:
+            d.close()
+    finally:
+        release_pool(pool)
+
+
+def test_a_write_the_loop_could_not_append_is_never_taken(tmp_path: Path) -> None:
+    """The loop's write to the journal fails (the file turned read-only under it): its record
+    is void, the WRITE goes to Python, whose append fails too, and the initiator gets an error;
+    the chunk keeps its old bytes, the next SYNCHRONIZE CACHE drains the records around the
+    void one into the index (rule 5), and once the file is writable the loop appends again."""
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    pool = acquire_pool(src)
+    try:
+        d = Disk(pool, "d")
+        try:
+            assert d.write(0, chunk(0)).good
+            assert pool.journal is not None
+            jfd = pool.journal.fd
+            saved = os.dup(jfd)
+            ro = os.open(os.path.join(src, journal.JOURNAL_FILE), os.O_RDONLY)
+            os.dup2(ro, jfd)
+            try:
+                r = d.write(CS, chunk(1))
+                assert not r.good and r.sense_codes[0] in (0x3, 0x4), r
+            finally:
+                os.dup2(saved, jfd)
+                os.close(saved)
+                os.close(ro)
+            assert d.read(0, 2 * CS) == chunk(0) + bytes(CS)
+            assert d.sync().good
+            assert pool.journal.pending == 0  # drained: replay would stop at the void one
+            assert d.write(2 * CS, chunk(2)).good
+            assert d.write(3 * CS, chunk(3)).good
+            assert d.c_writes[0] >= 2
+            assert d.read(0, 4 * CS) == chunk(0) + bytes(CS) + chunk(2) + chunk(3)
+        finally:
+            d.close()
+    finally:
+        release_pool(pool)
+    assert check_pool(src).clean
+
+
+def test_loops_racing_the_drainer_and_python(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two disks of a pool with a small journal, each driven by two threads submitting batches
+    of WRITEs (whole chunks: the loop's; parts of chunks: Python's), READs and now and then a
+    SYNCHRONIZE CACHE, while the drainer runs and the journal fills and wraps: every READ
+    matches what was written before it, and the disks and the pool check out after."""
+    monkeypatch.setattr(journal.Journal, "background", True)
+    monkeypatch.setattr(journal, "IDLE_SECONDS", 0.001)
+    src = str(tmp_path / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    pool = acquire_pool(src)
+    errors: list[BaseException] = []
+    models = {name: bytearray(SIZE) for name in "ab"}
+    try:
+        disks = {name: Disk(pool, name) for name in "ab"}
+        try:
+            def work(t: int) -> None:
+                rng = random.Random(t)
+                name = "ab"[t % 2]
+                d, model = disks[name], models[name]
+                lo = (t // 2) * (SIZE // 2)  # each thread its own half of its disk
+                try:
+                    for _ in range(40):
+                        batch, spans = [], []
+                        for _ in range(rng.randrange(1, 6)):
+                            c = rng.randrange(SIZE // 2 // CS)
+                            if any(s <= c < e for s, e in spans):
+                                continue
+                            if rng.random() < 0.75:  # whole chunks, seldom duplicates
+                                n = min(rng.choice([1, 2, 4]), SIZE // 2 // CS - c)
+                                data = (chunk(rng.randrange(1 << 30), n) if rng.random() < 0.8
+                                        else chunk(rng.randrange(3)) * n)
+                                off = lo + c * CS
+                            else:  # part of one chunk
+                                n = 1
+                                a = rng.randrange(BPC)
+                                off = lo + c * CS + a * BS
+                                data = rng.randbytes(rng.randrange(1, BPC - a + 1) * BS)
+                            if any(s < c + n and c < e for s, e in spans):
+                                continue
+                            spans.append((c, c + n))
+                            batch.append((cdbs.write16(off // BS, len(data) // BS), data, 0))
+                            model[off : off + len(data)] = data
+                        pending = d.ring.submit_many(batch)
+                        d.ring.wait(pending)
+                        assert all(p.status == 0 for p in pending), pending
+                        if rng.random() < 0.3:
+                            assert d.read(lo, SIZE // 2) == model[lo : lo + SIZE // 2]
+                        if rng.random() < 0.1:
+                            assert d.sync().good
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(120)
+            assert not any(th.is_alive() for th in threads), "writers hung"
+            assert not errors, errors
+            for name, d in disks.items():
+                assert d.read(0, SIZE) == models[name]
+                assert d.sync().good
+            assert disks["a"].c_writes[0] > 0
+        finally:
+            for d in disks.values():
+                d.close()
+    finally:
+        release_pool(pool)
+    assert check_pool(src).clean
+    with DedupPool.open(src) as again:
+        for name in "ab":
+            disk = again.open_disk(name, SIZE)
+            got = bytearray(SIZE)
+            disk.read(0, [memoryview(got)])
+            disk.close()
+            assert got == models[name]
