@@ -10,8 +10,9 @@ what REPORT SUPPORTED OPERATION CODES lists is exactly what `dispatch` will run.
 
 1. reports a pending unit attention, unless the opcode is one that SAM-5 5.14 exempts;
 2. looks the opcode (and service action) up, or fails with INVALID COMMAND OPERATION CODE;
-3. runs the handler, and
-4. turns whatever came back — a return value, a `ScsiError`, or any other exception — into a
+3. refuses a CONTROL byte with NACA set (NORMACA is 0: `tcmu_py.scsi.cdb.check_control_byte`);
+4. runs the handler, and
+5. turns whatever came back — a return value, a `ScsiError`, or any other exception — into a
    `Response`. This is the ONE place a `ScsiError` becomes CHECK CONDITION, and the one place an
    unexpected exception becomes HARDWARE ERROR 44/00 (with the traceback logged).
 
@@ -465,6 +466,10 @@ class ScsiDevice:
                     field_pointer=0,
                 )
             handler, _ = self.lookup(cmd.cdb)
+            # SAM-5 5.2 / SPC-5 6.7.2: NORMACA is 0, so NACA set in the CONTROL byte is an
+            # invalid field, whatever the command (checked once the opcode is known to be
+            # implemented: an unknown one stays INVALID COMMAND OPERATION CODE).
+            cdbs.check_control_byte(cmd.cdb)
             result = handler(cmd)
         except BaseException as exc:  # noqa: BLE001 - the one place errors become sense
             return self.respond_error(cmd, exc)

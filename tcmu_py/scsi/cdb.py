@@ -62,6 +62,34 @@ def cdb_length(cdb: Cdb) -> int:
     return _GROUP_LENGTH[(opcode >> 5) & 7]
 
 
+#: NACA, bit 2 of the CONTROL byte (SAM-5 5.2).
+NACA = 0x04
+
+
+def control_byte_index(cdb: Cdb) -> int:
+    """Where the CONTROL byte of the CDB starting at ``cdb[0]`` is (SAM-5 5.2): the last byte of
+    the length :func:`cdb_length` gives, except in a VARIABLE LENGTH (7Fh) CDB, which has it in
+    byte 1 (SPC-5 4.2.4)."""
+    if cdb[0] == Opcode.VARIABLE_LENGTH:
+        return 1
+    return cdb_length(cdb) - 1
+
+
+def check_control_byte(cdb: Cdb) -> None:
+    """Refuse a CDB whose CONTROL byte asks for NACA (normal ACA).
+
+    tcmu-py's standard INQUIRY reports NORMACA 0 (SPC-5 6.7.2: the device server supports neither
+    a NACA bit set to one nor the ACA task attribute), so a command with NACA set to one is
+    terminated with CHECK CONDITION, ILLEGAL REQUEST, INVALID FIELD IN CDB, the field pointer at
+    the CONTROL byte and the bit pointer at bit 2 (SAM-5 5.2; SCST answers the same). The other
+    CONTROL bits (vendor specific, reserved, the obsolete LINK) are not looked at. ``cdb`` is at
+    least as long as its opcode requires (`tcmu_py.device.core.short_cdb`).
+    """
+    at = control_byte_index(cdb)
+    if cdb[at] & NACA:
+        raise _reject("NACA is not supported (NORMACA 0)", at, 2)
+
+
 def service_action(cdb: Cdb) -> int | None:
     """SERVICE ACTION of the CDB (byte 1 bits 4..0, or bytes 8..9 of 7Fh), None if it has none."""
     opcode = cdb[0]
