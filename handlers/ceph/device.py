@@ -115,7 +115,7 @@ from tcmu_py.errors import ConfigError, DeviceUnavailable
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import sbc
-from tcmu_py.scsi.constants import Opcode
+from tcmu_py.scsi.constants import Opcode, ProvisioningType
 from tcmu_py.scsi.sense import (
     CapacityDataChanged,
     InvalidFieldInCdb,
@@ -310,6 +310,10 @@ class RbdBackend:
     asynchronous commands use `image` directly."""
 
     lbprz = True
+    #: VPD B2h (SBC-4 6.6.4, 4.7.3.3): an RBD image is thin provisioned. Its objects are
+    #: allocated by the writes that first reach them, UNMAP frees them, and a pool at its quota
+    #: or full refuses new data (SPACE ALLOCATION FAILED WRITE PROTECT, `sense`).
+    provisioning_type = ProvisioningType.THIN
 
     def __init__(self, cfg: CephConfig, cluster: Cluster, ioctx: IoCtx, image: Image,
                  size: int, block_size: int, image_size: int) -> None:

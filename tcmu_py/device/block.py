@@ -4,8 +4,9 @@ A backend moves bytes; this module decides what the bytes mean. It enforces boun
 (LBA OUT OF RANGE), FUA, COMPARE AND WRITE atomicity, VERIFY, WRITE SAME, UNMAP, GET LBA STATUS,
 READ CAPACITY and the block VPD / mode / log pages, and advertises exactly what the backend
 declares (`tcmu_py.backend`): its capabilities are resolved once, at construction, into
-`self.caps`. UNMAP, LBPME and VPD B2h appear only for an `Unmap` backend, LBPRZ only when it
-promises `lbprz`, GET LBA STATUS only for `LbaStatus`, provisioning pages only for
+`self.caps`. UNMAP, LBPME and VPD B2h appear only for an `Unmap` backend (B2h's PROVISIONING
+TYPE thin, or resource where the backend declares it: `resolve_provisioning_type`), LBPRZ only
+when it promises `lbprz`, GET LBA STATUS only for `LbaStatus`, provisioning pages only for
 `ThinProvisioning`.
 
 Threads: handlers run on the device's worker pool, several at once. Writes and COMPARE AND WRITE
@@ -27,6 +28,7 @@ from functools import partial
 from tcmu_py.backend import (
     BlockBackend,
     Capabilities,
+    CapabilityError,
     ChunkExtent,
     FanOutExtent,
     NativeKit,
@@ -44,7 +46,7 @@ from tcmu_py.errors import TcmuError
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.scsi import cdb as cdbs
 from tcmu_py.scsi import sbc, spc
-from tcmu_py.scsi.constants import Opcode, PeripheralType, ServiceAction
+from tcmu_py.scsi.constants import Opcode, PeripheralType, ProvisioningType, ServiceAction
 from tcmu_py.scsi.sense import (
     CapacityDataChanged,
     InvalidFieldInCdb,
@@ -136,6 +138,45 @@ class RangeLock:
             self._cond.notify_all()
 
 
+def resolve_provisioning_type(backend: object, caps: Capabilities) -> ProvisioningType:
+    """VPD B2h PROVISIONING TYPE of a device over `backend` (SBC-4 6.6.4), from what it declares.
+
+    A backend without `Unmap` is fully provisioned (000b; LBPME 0, no B2h page). With `Unmap`
+    the device reports LBPME 1, and SBC-4 4.7.3.1 makes such a logical unit resource provisioned
+    (001b) or thin provisioned (010b), never 000b: the backend says which with the attribute
+    ``provisioning_type`` (`ProvisioningType.RESOURCE`: mapping resources are kept for every LBA,
+    a deallocated one too, so no write fails for want of them, SBC-4 4.7.3.2;
+    `ProvisioningType.THIN`: a write may find none left, SPACE ALLOCATION FAILED, 4.7.3.3). Not
+    declared: thin, the one that promises nothing about resources. A `ThinProvisioning` backend
+    is thin. Raises `CapabilityError` naming the attribute for a value that cannot be
+    advertised (another value or type, the attribute without `Unmap`, RESOURCE with
+    `ThinProvisioning`)."""
+    kind = type(backend).__name__
+    declared = getattr(backend, "provisioning_type", None)
+    if caps.unmap is None:
+        if declared is not None:
+            raise CapabilityError(
+                f"backend {kind}: provisioning_type: declared without Unmap (unmap); expected "
+                "no provisioning_type, or the capability"
+            )
+        return ProvisioningType.FULL
+    if declared is None:
+        return ProvisioningType.THIN
+    if (not isinstance(declared, int) or isinstance(declared, bool)
+            or declared not in (ProvisioningType.RESOURCE, ProvisioningType.THIN)):
+        raise CapabilityError(
+            f"backend {kind}: provisioning_type: got {declared!r}, expected "
+            "ProvisioningType.RESOURCE or ProvisioningType.THIN (SBC-4 4.7.3.1: a logical unit "
+            "that deallocates is one of the two)"
+        )
+    if caps.thin is not None and declared != ProvisioningType.THIN:
+        raise CapabilityError(
+            f"backend {kind}: provisioning_type: got {declared!r} with ThinProvisioning, "
+            "expected ProvisioningType.THIN"
+        )
+    return ProvisioningType(declared)
+
+
 def _io_error(exc: OSError, writing: bool) -> ScsiError:
     """Map a backend OSError to sense (SBC-4 4.18 / SPC-5 Annex D)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -155,6 +196,8 @@ class BlockDevice(ScsiDevice):
     def __init__(self, config: DeviceConfig, backend: BlockBackend) -> None:
         #: What the backend declares, checked once here (CapabilityError names a bad attribute).
         self.caps = Capabilities.of(backend)
+        #: VPD B2h PROVISIONING TYPE, resolved with the capabilities (`resolve_provisioning_type`).
+        self.provisioning_type = resolve_provisioning_type(backend, self.caps)
         super().__init__(config)
         self.backend = backend
         self.block_size = backend.block_size
@@ -321,7 +364,8 @@ class BlockDevice(ScsiDevice):
                 lbpws10=True,
                 lbprz=self.lbprz,
                 anc_sup=False,
-                provisioning_type=caps.provisioning_type,
+                # SBC-4 6.6.4 / 4.7.3.1: with LBPME 1, resource (001b) or thin (010b).
+                provisioning_type=self.provisioning_type,
                 threshold_exponent=self._threshold_exponent(self._provisioning()),
             )
         return pages

@@ -29,6 +29,7 @@ from tcmu_py.handler import (
 from tcmu_py.handlers.null import NullHandler
 from tcmu_py.handlers.raw import RawHandler
 from tcmu_py.handlers.thin import ThinHandler, create_pool
+from tcmu_py.scsi.constants import ProvisioningType
 from tcmu_py.testing import cdbs
 from tcmu_py.testing.conformance import check_block_handler
 from tcmu_py.testing.harness import run_command
@@ -310,6 +311,18 @@ def _plain(**attrs: Any) -> Plain:
         (_plain(lbprz=True), "Plain: lbprz: declared without Unmap"),
         (_plain(unmap_granularity=4096), "Plain: unmap_granularity: declared without Unmap"),
         (
+            _plain(provisioning_type=ProvisioningType.THIN),
+            "Plain: provisioning_type: declared without Unmap",
+        ),
+        (
+            _with(provisioning_type=ProvisioningType.FULL),
+            "RamDisk: provisioning_type: got <ProvisioningType.FULL: 0>, expected "
+            "ProvisioningType.RESOURCE or ProvisioningType.THIN",
+        ),
+        (_with(provisioning_type="thin"), "RamDisk: provisioning_type: got 'thin', expected"),
+        (_with(provisioning_type=True), "RamDisk: provisioning_type: got True, expected"),
+        (_with(provisioning_type=3), "RamDisk: provisioning_type: got 3, expected"),
+        (
             _plain(provisioning=lambda: None),
             "Plain: implements provisioning but not set_soft_threshold, take_threshold_event",
         ),
@@ -374,7 +387,9 @@ def test_declared_capabilities_are_exactly_the_advertised_ones(unmap, lbprz, lba
         assert (granule, uga) == (8, 0x80000000 | 2)  # declared in bytes, advertised in blocks
         b2 = run_command(dev, cdbs.inquiry(evpd=True, page_code=0xB2), data_in_len=64).data
         assert b2[5] == 0xE0 | (0x04 if lbprz else 0)
-        assert b2[6] & 7 == 0  # not ThinProvisioning: provisioning type not reported
+        # SBC-4 4.7.3.1 / 6.6.4: with LBPME 1 the logical unit is resource or thin
+        # provisioned; not declared: thin (before: 000b, fully provisioned, beside LBPME 1)
+        assert b2[6] & 7 == 0b010
     else:
         assert (max_lbas, max_descs, granule, uga) == (0, 0, 0, 0)
         r = run_command(dev, cdbs.write_same16(0, 1, unmap=True), data_out=bytes(BS))
@@ -403,6 +418,35 @@ class ThinRamDisk(HonestRamDisk):
         return False
 
 
+@pytest.mark.parametrize(("declared", "advertised"), [
+    (None, ProvisioningType.THIN),
+    (ProvisioningType.THIN, ProvisioningType.THIN),
+    (ProvisioningType.RESOURCE, ProvisioningType.RESOURCE),
+])
+def test_an_unmap_backend_is_resource_or_thin_provisioned_as_it_declares(
+        declared: ProvisioningType | None, advertised: ProvisioningType) -> None:
+    """SBC-4 4.7.3.1 / 6.6.4: a logical unit with LBPME 1 is resource provisioned (001b) or thin
+    provisioned (010b); 000b says fully provisioned, which contradicts LBPME 1 (before: 000b for
+    every `Unmap` backend without `ThinProvisioning`). Thin unless the backend declares resource
+    provisioning (its mapping resources stay reserved for every LBA)."""
+    backend = HonestRamDisk(BLOCKS * BS)
+    if declared is not None:
+        backend.provisioning_type = declared  # type: ignore[attr-defined]
+    dev = BlockDevice(DeviceConfig("p0", "ram", "", BLOCKS * BS), backend)
+    run_command(dev, cdbs.test_unit_ready())
+    assert run_command(dev, cdbs.read_capacity16(), data_in_len=32).data[14] & 0x80  # LBPME
+    b2 = run_command(dev, cdbs.inquiry(evpd=True, page_code=0xB2), data_in_len=64).data
+    assert b2[6] & 7 == advertised
+
+
+def test_a_thin_provisioning_backend_cannot_declare_resource_provisioning() -> None:
+    backend = ThinRamDisk(BLOCKS * BS)
+    backend.provisioning_type = ProvisioningType.RESOURCE  # type: ignore[attr-defined]
+    with pytest.raises(CapabilityError, match="ThinRamDisk: provisioning_type: got "
+                       "<ProvisioningType.RESOURCE: 1> with ThinProvisioning"):
+        BlockDevice(DeviceConfig("p0", "ram", "", BLOCKS * BS), backend)
+
+
 def test_thin_provisioning_backend_is_advertised_as_thin():
     backend = ThinRamDisk(BLOCKS * BS)
     caps = Capabilities.of(backend)
@@ -427,6 +471,7 @@ OPTIONAL_NAMES = {
     "provisioning",
     "set_soft_threshold",
     "take_threshold_event",
+    "provisioning_type",
     "resize",
     "close",
     "blocking",

@@ -273,6 +273,17 @@ def test_unmap_and_write_same(device: RingHarness) -> None:
     assert r.data == pattern * 10 + bytes(10 * BS)
 
 
+def test_an_rbd_image_is_reported_thin_provisioned(device: RingHarness) -> None:
+    """SBC-4 6.6.4 / 4.7.3.1: beside LBPME 1, VPD B2h's PROVISIONING TYPE is 010b (thin: objects
+    are allocated by the writes that reach them, a full pool refuses new data); before: 000b,
+    which says fully provisioned."""
+    rc = device.run(cdbs.read_capacity16(), data_in_len=32)
+    assert rc.good and rc.data[14] & 0x80  # LBPME
+    b2 = device.run(cdbs.inquiry(evpd=True, page_code=0xB2, allocation_length=64),
+                    data_in_len=64)
+    assert b2.good and b2.data[6] & 0x07 == 0b010, b2.data.hex()
+
+
 def test_compare_and_write(device: RingHarness) -> None:
     """librbd's atomic compare-and-write takes one 512-byte sector: VPD B0h says 1 block,
     a longer one is INVALID FIELD IN CDB; a miscompare reports the byte in INFORMATION."""
