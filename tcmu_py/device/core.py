@@ -689,7 +689,9 @@ class ScsiDevice:
         elif key == (0x00, 0xFF):
             data = spc.build_supported_log_subpages([(0, 0), (0, 0xFF), *sorted(pages)])
         elif key in pages:
-            data = spc.log_page_from(pages[key](), req.parameter_pointer)
+            # SPC-5 6.8: PAGE CONTROL selects current or default, cumulative or threshold values.
+            data = spc.log_page_from(spc.log_page_values(pages[key](), req.pc),
+                                     req.parameter_pointer)
         else:
             raise InvalidFieldInCdb(
                 f"log page {req.page_code:#x}/{req.subpage:#x}", field_pointer=2

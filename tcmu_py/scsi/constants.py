@@ -316,6 +316,15 @@ class PageControl(IntEnum):
     SAVED = 3
 
 
+class LogPageControl(IntEnum):
+    """PC field of LOG SENSE and LOG SELECT (SPC-5 6.7.1 table 184)."""
+
+    THRESHOLD = 0
+    CUMULATIVE = 1
+    DEFAULT_THRESHOLD = 2
+    DEFAULT_CUMULATIVE = 3
+
+
 class LogParameterFormat(IntEnum):
     """FORMAT AND LINKING, bits 1..0 of a log parameter's control byte (SPC-5 7.3.2.2.2)."""
 

@@ -28,6 +28,7 @@ from tcmu_py.scsi.constants import (
     Association,
     CodeSet,
     DesignatorType,
+    LogPageControl,
     LogParameterFormat,
     ModePageCode,
     Opcode,
@@ -684,6 +685,37 @@ def build_log_page(
     body = b"".join(build_log_parameter(*p) for p in params if p[0] >= parameter_pointer)
     b0 = (0x80 if ds else 0) | (_SPF if subpage else 0) | page_code
     return _LOG_HEADER.pack(b0, subpage, len(body)) + body
+
+
+#: FORMAT AND LINKING of the data counter parameters (SPC-5 7.3.2.2.2), whose values PC selects.
+_COUNTER_FORMATS = frozenset(
+    {LogParameterFormat.BOUNDED_COUNTER, LogParameterFormat.UNBOUNDED_COUNTER}
+)
+
+
+def log_page_values(page: bytes, pc: int) -> bytes:
+    """`page` (a whole log page in parameter format, as a device builds it: its current
+    cumulative values) as LOG SENSE with PAGE CONTROL `pc` reports it (SPC-5 6.8, 6.7.1 table
+    184).
+
+    PC 01b: the page as it is. PC 11b (default cumulative values), 10b (default threshold
+    values) and 00b (threshold values): tcmu-py implements no LOG SELECT and keeps neither
+    thresholds nor saved values, so each of these is the vendor specific default (table 184,
+    footnote a), zero for a data counter parameter (FORMAT AND LINKING 00b or 10b, SPC-5
+    7.3.2.2.2; the value PCR resets it to, SPC-5 6.7.1). PC is ignored for a list parameter
+    (ASCII or binary format list, SPC-5 6.7.1): TapeAlert flags, capacities, provisioning
+    counts keep their current value. A malformed page is returned as it is."""
+    if pc == LogPageControl.CUMULATIVE:
+        return page
+    out = bytearray(page)
+    at, end = _LOG_HEADER.size, min(len(page), _LOG_HEADER.size + _U16.unpack_from(page, 2)[0])
+    while at + _LOG_PARAM.size <= end:
+        _code, flags, n = _LOG_PARAM.unpack_from(page, at)
+        value = at + _LOG_PARAM.size
+        if flags & 0x03 in _COUNTER_FORMATS:
+            out[value : min(value + n, end)] = bytes(min(value + n, end) - value)
+        at = value + n
+    return bytes(out)
 
 
 def log_page_from(page: bytes, parameter_pointer: int) -> bytes:
