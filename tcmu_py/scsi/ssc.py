@@ -522,6 +522,31 @@ def data_compression_page(dce: bool, dcc: bool = True) -> tuple[bytes, bytes]:
     return cur, chg
 
 
+_ALGORITHM = struct.Struct(">I")
+
+
+def check_compression_algorithms(body: bytes, offset: int) -> None:
+    """Refuse a MODE SELECT of the Data Compression page (0Fh, whole page as sent, at `offset`
+    of the parameter list) that selects an algorithm other than the one this drive has.
+
+    SSC-5 8.3.3: a COMPRESSION ALGORITHM the device server does not support is INVALID FIELD IN
+    PARAMETER LIST; the DECOMPRESSION ALGORITHM is not changeable either. Only
+    `COMPRESSION_ALGORITHM` (01h, the default algorithm) is supported, in both. The sense points
+    at the 4-byte field itself: its first byte and bit 7 (SPC-5 4.4.5.2: a multiple-byte field
+    is named by its most significant byte, a multiple-bit one by its most significant bit;
+    the generic changeable-mask check names the first byte that differs, the LSB for 02h). A
+    page of another length is left to that check (PAGE LENGTH)."""
+    if len(body) != 16:
+        return
+    for at, name in ((4, "COMPRESSION ALGORITHM"), (8, "DECOMPRESSION ALGORITHM")):
+        value = _ALGORITHM.unpack_from(body, at)[0]
+        if value != COMPRESSION_ALGORITHM:
+            raise InvalidFieldInParameterList(
+                f"data compression page: {name} {value:#x} is not supported",
+                field_pointer=offset + at, bit_pointer=7,
+            )
+
+
 def device_configuration_page(
     compression: bool, *, active_partition: int = 0
 ) -> tuple[bytes, bytes]:

@@ -471,6 +471,27 @@ def test_mode_pages_and_compression(tape: Tape, lib: FakeLibrary) -> None:
     assert tape.read(100_000).data == bytes(100_000)
 
 
+@pytest.mark.parametrize("field", [4, 8])  # COMPRESSION, DECOMPRESSION ALGORITHM
+@pytest.mark.parametrize("algorithm", [0x00, 0x02, 0x10, 0xFF, 0x0100_0001])
+def test_an_unsupported_compression_algorithm_is_refused_naming_its_field(
+        tape: Tape, field: int, algorithm: int) -> None:
+    """SSC-5 8.3.3: an algorithm the drive does not support (it has 01h, the default one) is
+    ILLEGAL REQUEST, INVALID FIELD IN PARAMETER LIST, the field pointer at the field's first
+    byte and the bit pointer at bit 7 (SPC-5 4.4.5.2); nothing changes. Before: the pointer
+    named the last byte that differed (byte 11 for 02h) and its highest differing bit."""
+    page = bytearray(tape.mode_sense(0x0F).data[16:32])
+    page[0] &= 0x3F
+    page[2] |= 0x80  # DCE on, with the algorithm asked for
+    page[field:field + 4] = algorithm.to_bytes(4, "big")
+    plist = bytes([0, 0, 0, 0x10, 0, 0, 0, 0]) + bytes(page)
+    r = tape.run(bytes([0x55, 0x10, 0, 0, 0, 0, 0, 0, len(plist), 0]), plist)
+    assert r.sense_codes == (0x05, 0x26, 0x00), r
+    s = parse_sense(r.sense)
+    assert (s.in_cdb, s.field_pointer, s.bit_pointer) == (False, 8 + field, 7)
+    assert not tape.dev.compression
+    assert tape.mode_sense(0x0F).data[16 + 4:16 + 12] == bytes.fromhex("0000000100000001")
+
+
 def test_log_pages(tape: Tape) -> None:
     r = tape.log_sense(0x00)
     pages = list(r.data[4 : 4 + int.from_bytes(r.data[2:4], "big")])
