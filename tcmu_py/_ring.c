@@ -550,6 +550,7 @@ static int tcmu_py_dp_plain(const struct tcmu_py_extent *x, const struct tcmu_py
     if (e->op != TCMU_OP_CMD || !x->enabled || has_tmr || e->iov_bidi_cnt ||
         (x->fd < 0 && !(rbd && (x->rbd_image || x->cm))) ||
         !tcmu_py_dp_rw(cdb, e->cdb_len, &c->lba, &c->blocks, &c->writing, &c->fua) ||
+        (cdb[e->cdb_len - 1] & 0x04) ||        /* NACA: Python refuses it (NORMACA is 0) */
         (x->fd < 0 && c->writing && c->fua && x->flush_fua) ||
         (c->writing && x->reads_only && !(rbd && (x->wi || (x->jl && x->flush_fua)))) ||
         (c->writing && c->fua && x->wi && x->flush_fua) || !c->blocks || c->lba > x->num_blocks ||

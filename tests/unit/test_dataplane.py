@@ -591,3 +591,24 @@ def test_thin_deallocation_clears_units_before_it_punches(tmp: Path) -> None:
     assert new is not None and new.units is backend._units and new.units is not old
     assert bytes(new.units) == b"\x01\x00\x01\x01"
     device.close()
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["plane", "native"])
+def test_a_naca_read_or_write_is_refused_not_executed_in_c(tmp: Path, native: bool) -> None:
+    """NACA set in a READ's or WRITE's CONTROL byte: C leaves the command to Python, which
+    refuses it (NORMACA is 0: INVALID FIELD IN CDB, SAM-5 5.2), and a WRITE writes nothing.
+    Before, C executed both (the plain-command checks ignored the CONTROL byte)."""
+    h = RingHarness(make_device(tmp, "n"), workers=1, data_plane=True, native=native)
+    try:
+        h.run(cdbs.test_unit_ready())  # the power-on unit attention
+        data = os.urandom(8 * BS)
+        assert h.run(cdbs.write10(0, 8), data_out=data).good
+        for cdb, out, n in ((cdbs.read10(0, 8), b"", 8 * BS),
+                            (cdbs.write16(0, 8), b"\xee" * 8 * BS, 0)):
+            naca = bytearray(cdb)
+            naca[-1] |= 0x04
+            r = h.run(bytes(naca), data_out=out, data_in_len=n)
+            assert r.sense_codes == (0x5, 0x24, 0x00), r
+        assert h.run(cdbs.read10(0, 8), data_in_len=8 * BS).data == data
+    finally:
+        h.close()
