@@ -73,9 +73,39 @@ What else holds
   STATUS, a disk's removal) first drains every record written before it (`drain_all`), so it
   works on the index alone; records written while it runs are newer and stay on top.
 
+The native loops' appends
+-------------------------
+When a native loop serves a disk of the pool (write cache on), the journal *leases* the loops
+a run of its file after its newest record, the record numbers from the next one on, and a
+budget of bytes that stays under the capacity and the soft threshold (`_grant`,
+`DedupPool.journal_budget`; ``struct tcmu_py_jl`` in tcmu_py/_ring.h). While the lease holds, a
+loop writes a plain WRITE of whole chunks without FUA itself: one record in the format above,
+back to back in the run (the first may lie at 0: replay looks there too), the disk's chunk
+table pointed at it, the command completed. The rules above hold for these records as for
+Python's:
+
+6. The journal learns of a loop's record from its notice (`_absorb`), which the loop queues
+   after the record is written whole and the chunk table names it. Everything that reads the
+   records, the overlay or the figures absorbs first: the WRITE was acknowledged before any
+   command after it reached Python (the loop takes the ring in order), so a read, a SYNCHRONIZE
+   CACHE or a drain that follows it knows of it.
+7. The records' numbers and places are one sequence: Python's own append revokes the lease
+   (which waits for an append under way) and absorbs before it numbers its record, and grants
+   a new lease from after it. A drain grants one too (the space it freed); a decision on the
+   pool's space takes it back (`held`), so that the loops never append into room an index write
+   is counting on, and a crossing of the soft threshold is always a WRITE of Python's, which
+   reports it. No lease after a failed write or fdatasync (rule 5), or while stopping.
+8. A loop's record whose write failed is void (its notice says so, rule 5 applies) and ends the
+   lease; its command goes to Python, which writes it again or fails it.
+9. The chunk table's entries naming the journal carry their record's number: a location from
+   the index never replaces one (the backend may not know of the loop's record yet), and a
+   drained record's location replaces only its own (`ChunkTable.set_drained`), so no order in
+   which the loops and Python tell the table leaves it naming older bytes.
+
 Threads and locks: ``_mu`` (a Condition) guards the records, the overlay and the tables'
 journal entries; ``_drain_mu`` makes one drain at a time. The order is: the pool's lock before
-``_mu``; ``_drain_mu`` before both; nothing takes the pool's lock while holding ``_mu``.
+``_mu``; ``_drain_mu`` before both; nothing takes the pool's lock while holding ``_mu``. The
+lease's C mutex comes after ``_mu``; a loop holds it with no Python lock.
 """
 
 from __future__ import annotations
