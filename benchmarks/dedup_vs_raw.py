@@ -127,6 +127,17 @@ def guest(args: argparse.Namespace) -> int:
         finally:
             os.close(fd)
 
+    def daemon_pool(path: str) -> dict[str, Any]:
+        """What the serving daemon says of the pool at `path` now: the WRITEs the native loop
+        appended to the journal itself so far, and those it sent to Python while leased."""
+        from tcmu_py.daemon.control import query_status
+
+        st = query_status(disks.run_dir, timeout=10)
+        for p in st.get("dedup_pools") or []:
+            if p.get("path") == path:
+                return {k: p[k] for k in ("journal_c_appends", "journal_c_declined") if k in p}
+        return {}
+
     def fresh_dedup(dev: Path) -> dict[str, Any]:
         """Discard the dedup disk whole and wait (bounded) for the collector to give the
         containers back; returns the pool's figures then."""
@@ -177,6 +188,7 @@ def guest(args: argparse.Namespace) -> int:
                                    bytes=io["io_bytes"], lat_mean_us=io["lat_ns"]["mean"] / 1000,
                                    error=job["error"])
                     if target == "dedup":
+                        rec.update(daemon_pool(str(pool)))
                         sync_cache(dev)
                         drain_journal(dev)
                         st = read_pool_status(str(pool))

@@ -1461,179 +1461,6 @@ static int tcmu_py_cm_read(struct tcmu_py_cm *m, uint8_t *map, const struct iove
     return ok;
 }
 
-/* ---- A dedup pool's write journal lease (see _ring.h) ---- */
-
-/* Debian's libxxhash-dev header, compiled in (XXH_INLINE_ALL): the same XXH3-64 as the Python
- * `xxhash` module journal.py checks records with. */
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
-#define TCMU_PY_JL_HEADER 64                    /* journal.py HEADER */
-#define TCMU_PY_JL_SUMMED 48                    /* the header's bytes the checksum covers */
-
-struct tcmu_py_jl {
-    pthread_mutex_t mu;
-    int32_t fd;
-    uint32_t chunk;
-    uint32_t epoch;
-    int active;
-    uint64_t pos, end, seq, budget, max_record;
-    struct tcmu_py_jl_rec *notices;
-    uint32_t n_notices, max_notices;
-    uint64_t appends, declined;
-};
-
-struct tcmu_py_jl *tcmu_py_jl_new(int32_t fd, uint32_t chunk, uint32_t max_notices)
-{
-    struct tcmu_py_jl *j;
-
-    if (!chunk || !max_notices)
-        return NULL;
-    j = calloc(1, sizeof(*j));
-    if (!j)
-        return NULL;
-    j->notices = calloc(max_notices, sizeof(j->notices[0]));
-    if (!j->notices || pthread_mutex_init(&j->mu, NULL)) {
-        free(j->notices);
-        free(j);
-        return NULL;
-    }
-    j->fd = fd;
-    j->chunk = chunk;
-    j->max_notices = max_notices;
-    return j;
-}
-
-void tcmu_py_jl_free(struct tcmu_py_jl *j)
-{
-    if (!j)
-        return;
-    pthread_mutex_destroy(&j->mu);
-    free(j->notices);
-    free(j);
-}
-
-void tcmu_py_jl_grant(struct tcmu_py_jl *j, uint64_t pos, uint64_t end, uint64_t seq,
-                      uint32_t epoch, uint64_t budget, uint64_t max_record)
-{
-    pthread_mutex_lock(&j->mu);
-    j->pos = pos;
-    j->end = end;
-    j->seq = seq;
-    j->epoch = epoch;
-    j->budget = budget;
-    j->max_record = max_record;
-    j->active = 1;
-    pthread_mutex_unlock(&j->mu);
-}
-
-void tcmu_py_jl_revoke(struct tcmu_py_jl *j)
-{
-    pthread_mutex_lock(&j->mu);
-    j->active = 0;
-    pthread_mutex_unlock(&j->mu);
-}
-
-uint32_t tcmu_py_jl_take(struct tcmu_py_jl *j, struct tcmu_py_jl_rec *out, uint32_t max,
-                         uint64_t *budget)
-{
-    uint32_t n;
-
-    pthread_mutex_lock(&j->mu);
-    n = j->n_notices < max ? j->n_notices : max;
-    memcpy(out, j->notices, n * sizeof(*out));
-    memmove(j->notices, j->notices + n, (j->n_notices - n) * sizeof(*out));
-    j->n_notices -= n;
-    *budget = j->active ? j->budget : 0;
-    pthread_mutex_unlock(&j->mu);
-    return n;
-}
-
-uint64_t tcmu_py_jl_appends(struct tcmu_py_jl *j)
-{
-    return tcmu_py_locked_u64(&j->mu, &j->appends);
-}
-
-uint64_t tcmu_py_jl_declined(struct tcmu_py_jl *j)
-{
-    return tcmu_py_locked_u64(&j->mu, &j->declined);
-}
-
-static void tcmu_py_le(uint8_t *p, uint64_t v, int n)
-{
-    int i;
-
-    for (i = 0; i < n; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-/* Append the WRITE of the command's buffers v[0..n_iov) (`total` bytes at byte `pos` of disk
- * `disk`, whose chunk table is m) to the journal as one record, point m at its chunks and
- * queue its notice: 1. 0 (nothing written; the command goes to Python): not whole chunks, no
- * active lease, no room, budget or notice left, or the write failed (then the record's space
- * and number are spent, its notice says so, and the lease ends). */
-static int tcmu_py_jl_append(struct tcmu_py_jl *j, struct tcmu_py_cm *m, uint64_t disk,
-                             uint8_t *map, const struct iovec *v, uint32_t n_iov,
-                             uint64_t pos, uint64_t total)
-{
-    uint64_t cs = j->chunk, need = TCMU_PY_JL_HEADER + total, count = total / cs, k;
-    uint8_t head[TCMU_PY_JL_HEADER];
-    struct tcmu_py_jl_rec *rec;
-    XXH3_state_t st;
-    uint32_t i;
-    int ok;
-
-    if (!total || pos % cs || total % cs || count > UINT32_MAX || cs != m->chunk)
-        return 0;
-    pthread_mutex_lock(&j->mu);
-    if (!j->active || j->n_notices >= j->max_notices || total > j->budget ||
-        need > j->max_record || need > j->end - j->pos || j->pos > j->end) {
-        if (j->active)
-            j->declined++;
-        pthread_mutex_unlock(&j->mu);
-        return 0;
-    }
-    memset(head, 0, sizeof(head));
-    memcpy(head, "TCMUJNL1", 8);
-    tcmu_py_le(head + 8, j->epoch, 4);          /* flags (12..15) stay 0 */
-    tcmu_py_le(head + 16, j->seq, 8);
-    tcmu_py_le(head + 24, disk, 8);
-    tcmu_py_le(head + 32, pos / cs, 8);
-    tcmu_py_le(head + 40, count, 4);
-    XXH3_64bits_reset(&st);
-    XXH3_64bits_update(&st, head, TCMU_PY_JL_SUMMED);
-    for (i = 0; i < n_iov; i++)
-        XXH3_64bits_update(&st, map + (uintptr_t)v[i].iov_base, v[i].iov_len);
-    tcmu_py_le(head + TCMU_PY_JL_SUMMED, XXH3_64bits_digest(&st), 8);
-    ok = pwrite(j->fd, head, sizeof(head), (off_t)j->pos) == (ssize_t)sizeof(head) &&
-         tcmu_py_dp_iov(map, v, n_iov, j->fd, j->pos + TCMU_PY_JL_HEADER, 1);
-    rec = &j->notices[j->n_notices++];
-    rec->seq = j->seq;
-    rec->pos = j->pos;
-    rec->disk = disk;
-    rec->first = pos / cs;
-    rec->count = (uint32_t)count;
-    rec->failed = !ok;
-    if (ok) {
-        /* Under the lease's mutex: the journal takes the notice only once the table names the
-         * record, so its drain's locations come after these (tcmu_py_cm_put). */
-        pthread_mutex_lock(&m->mu);
-        m->jfd = j->fd;
-        for (k = 0; k < count; k++)
-            tcmu_py_cm_put(m, pos / cs + k, j->fd, j->pos + TCMU_PY_JL_HEADER + k * cs,
-                           TCMU_PY_CM_JOURNAL, j->seq);
-        pthread_mutex_unlock(&m->mu);
-        j->appends++;
-    } else {
-        j->active = 0;
-    }
-    j->pos += need;
-    j->seq++;
-    j->budget -= total;
-    pthread_mutex_unlock(&j->mu);
-    return ok;
-}
-
 struct tcmu_py_loop *tcmu_py_loop_new(struct tcmu_py_ring *r, int uio_fd, uint32_t event_size,
                                       int kick_fd, uint32_t kick_size, int notify_fd,
                                       uint32_t poll_us, uint32_t workers, uint32_t big)
@@ -1864,6 +1691,8 @@ static int tcmu_py_loop_hand(struct tcmu_py_loop *l, const struct tcmu_py_entry 
  * to Python like any failed I/O: Python runs the command again with preadv/pwritev and answers
  * the errno's sense. */
 
+#define TCMU_PY_TMPFS_MAGIC 0x01021994
+
 static __thread sigjmp_buf *tcmu_py_bus_jmp;
 static struct sigaction tcmu_py_bus_old;
 static pthread_once_t tcmu_py_bus_once = PTHREAD_ONCE_INIT;
@@ -1919,6 +1748,218 @@ static int tcmu_py_map_copy(uint8_t *img, uint8_t *map, const struct iovec *src,
     }
     tcmu_py_bus_jmp = NULL;
     return 1;
+}
+
+/* ---- A dedup pool's write journal lease (see _ring.h) ---- */
+
+/* Debian's libxxhash-dev header, compiled in (XXH_INLINE_ALL): the same XXH3-64 as the Python
+ * `xxhash` module journal.py checks records with. */
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#define TCMU_PY_JL_HEADER 64                    /* journal.py HEADER */
+#define TCMU_PY_JL_SUMMED 48                    /* the header's bytes the checksum covers */
+
+struct tcmu_py_jl {
+    pthread_mutex_t mu;
+    int32_t fd;
+    uint32_t chunk;
+    /* The journal file mapped when it lives in memory anyway (tmpfs) and is allocated whole
+     * (journal.py writes it whole when it makes it): records are copied in as the loop copies
+     * into a mapped image (see "Copies through the mapped image"); else pwrite/pwritev. */
+    uint8_t *img;
+    uint64_t img_len;
+    uint32_t epoch;
+    int active;
+    uint64_t pos, end, seq, budget, max_record;
+    struct tcmu_py_jl_rec *notices;
+    uint32_t n_notices, max_notices;
+    uint64_t appends, declined;
+};
+
+struct tcmu_py_jl *tcmu_py_jl_new(int32_t fd, uint32_t chunk, uint32_t max_notices)
+{
+    struct tcmu_py_jl *j;
+    struct statfs sf;
+    struct stat st;
+    void *m;
+
+    if (!chunk || !max_notices)
+        return NULL;
+    j = calloc(1, sizeof(*j));
+    if (!j)
+        return NULL;
+    j->notices = calloc(max_notices, sizeof(j->notices[0]));
+    if (!j->notices || pthread_mutex_init(&j->mu, NULL)) {
+        free(j->notices);
+        free(j);
+        return NULL;
+    }
+    j->fd = fd;
+    j->chunk = chunk;
+    j->max_notices = max_notices;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
+        (uint64_t)st.st_blocks * 512u >= (uint64_t)st.st_size &&
+        fstatfs(fd, &sf) == 0 && sf.f_type == TCMU_PY_TMPFS_MAGIC) {
+        pthread_once(&tcmu_py_bus_once, tcmu_py_bus_install);
+        m = tcmu_py_bus_ok ? mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+                                  fd, 0) : MAP_FAILED;
+        if (m != MAP_FAILED) {
+            j->img = m;
+            j->img_len = (uint64_t)st.st_size;
+        }
+    }
+    return j;
+}
+
+void tcmu_py_jl_free(struct tcmu_py_jl *j)
+{
+    if (!j)
+        return;
+    pthread_mutex_destroy(&j->mu);
+    if (j->img)
+        munmap(j->img, (size_t)j->img_len);
+    free(j->notices);
+    free(j);
+}
+
+/* The record (header `head`, then the command's buffers) into the mapped journal at pos: 1, or
+ * 0 if the mapping faulted (tcmu_py_map_copy's rules). */
+static int tcmu_py_jl_map_copy(struct tcmu_py_jl *j, const uint8_t *head, uint8_t *map,
+                               const struct iovec *v, uint32_t n_iov, uint64_t pos)
+{
+    sigjmp_buf jb;
+
+    if (sigsetjmp(jb, 0))
+        return 0;
+    tcmu_py_bus_jmp = &jb;
+    memcpy(j->img + pos, head, TCMU_PY_JL_HEADER);
+    tcmu_py_bus_jmp = NULL;
+    return tcmu_py_map_copy(j->img, map, v, n_iov, pos + TCMU_PY_JL_HEADER, 1);
+}
+
+void tcmu_py_jl_grant(struct tcmu_py_jl *j, uint64_t pos, uint64_t end, uint64_t seq,
+                      uint32_t epoch, uint64_t budget, uint64_t max_record)
+{
+    pthread_mutex_lock(&j->mu);
+    j->pos = pos;
+    j->end = end;
+    j->seq = seq;
+    j->epoch = epoch;
+    j->budget = budget;
+    j->max_record = max_record;
+    j->active = 1;
+    pthread_mutex_unlock(&j->mu);
+}
+
+void tcmu_py_jl_revoke(struct tcmu_py_jl *j)
+{
+    pthread_mutex_lock(&j->mu);
+    j->active = 0;
+    pthread_mutex_unlock(&j->mu);
+}
+
+uint32_t tcmu_py_jl_take(struct tcmu_py_jl *j, struct tcmu_py_jl_rec *out, uint32_t max,
+                         uint64_t *budget)
+{
+    uint32_t n;
+
+    pthread_mutex_lock(&j->mu);
+    n = j->n_notices < max ? j->n_notices : max;
+    memcpy(out, j->notices, n * sizeof(*out));
+    memmove(j->notices, j->notices + n, (j->n_notices - n) * sizeof(*out));
+    j->n_notices -= n;
+    *budget = j->active ? j->budget : 0;
+    pthread_mutex_unlock(&j->mu);
+    return n;
+}
+
+uint64_t tcmu_py_jl_appends(struct tcmu_py_jl *j)
+{
+    return tcmu_py_locked_u64(&j->mu, &j->appends);
+}
+
+uint64_t tcmu_py_jl_declined(struct tcmu_py_jl *j)
+{
+    return tcmu_py_locked_u64(&j->mu, &j->declined);
+}
+
+static void tcmu_py_le(uint8_t *p, uint64_t v, int n)
+{
+    int i;
+
+    for (i = 0; i < n; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* Append the WRITE of the command's buffers v[0..n_iov) (`total` bytes at byte `pos` of disk
+ * `disk`, whose chunk table is m) to the journal as one record, point m at its chunks and
+ * queue its notice: 1. 0 (nothing written; the command goes to Python): not whole chunks, no
+ * active lease, no room, budget or notice left, or the write failed (then the record's space
+ * and number are spent, its notice says so, and the lease ends). */
+static int tcmu_py_jl_append(struct tcmu_py_jl *j, struct tcmu_py_cm *m, uint64_t disk,
+                             uint8_t *map, const struct iovec *v, uint32_t n_iov,
+                             uint64_t pos, uint64_t total)
+{
+    uint64_t cs = j->chunk, need = TCMU_PY_JL_HEADER + total, count = total / cs, k;
+    uint8_t head[TCMU_PY_JL_HEADER];
+    struct tcmu_py_jl_rec *rec;
+    XXH3_state_t st;
+    uint32_t i;
+    int ok;
+
+    if (!total || pos % cs || total % cs || count > UINT32_MAX || cs != m->chunk)
+        return 0;
+    pthread_mutex_lock(&j->mu);
+    if (!j->active || j->n_notices >= j->max_notices || total > j->budget ||
+        need > j->max_record || need > j->end - j->pos || j->pos > j->end) {
+        if (j->active)
+            j->declined++;
+        pthread_mutex_unlock(&j->mu);
+        return 0;
+    }
+    memset(head, 0, sizeof(head));
+    memcpy(head, "TCMUJNL1", 8);
+    tcmu_py_le(head + 8, j->epoch, 4);          /* flags (12..15) stay 0 */
+    tcmu_py_le(head + 16, j->seq, 8);
+    tcmu_py_le(head + 24, disk, 8);
+    tcmu_py_le(head + 32, pos / cs, 8);
+    tcmu_py_le(head + 40, count, 4);
+    XXH3_64bits_reset(&st);
+    XXH3_64bits_update(&st, head, TCMU_PY_JL_SUMMED);
+    for (i = 0; i < n_iov; i++)
+        XXH3_64bits_update(&st, map + (uintptr_t)v[i].iov_base, v[i].iov_len);
+    tcmu_py_le(head + TCMU_PY_JL_SUMMED, XXH3_64bits_digest(&st), 8);
+    if (j->img && j->pos + need <= j->img_len)
+        ok = tcmu_py_jl_map_copy(j, head, map, v, n_iov, j->pos);
+    else
+        ok = pwrite(j->fd, head, sizeof(head), (off_t)j->pos) == (ssize_t)sizeof(head) &&
+             tcmu_py_dp_iov(map, v, n_iov, j->fd, j->pos + TCMU_PY_JL_HEADER, 1);
+    rec = &j->notices[j->n_notices++];
+    rec->seq = j->seq;
+    rec->pos = j->pos;
+    rec->disk = disk;
+    rec->first = pos / cs;
+    rec->count = (uint32_t)count;
+    rec->failed = !ok;
+    if (ok) {
+        /* Under the lease's mutex: the journal takes the notice only once the table names the
+         * record, so its drain's locations come after these (tcmu_py_cm_put). */
+        pthread_mutex_lock(&m->mu);
+        m->jfd = j->fd;
+        for (k = 0; k < count; k++)
+            tcmu_py_cm_put(m, pos / cs + k, j->fd, j->pos + TCMU_PY_JL_HEADER + k * cs,
+                           TCMU_PY_CM_JOURNAL, j->seq);
+        pthread_mutex_unlock(&m->mu);
+        j->appends++;
+    } else {
+        j->active = 0;
+    }
+    j->pos += need;
+    j->seq++;
+    j->budget -= total;
+    pthread_mutex_unlock(&j->mu);
+    return ok;
 }
 
 /* A C command's transfer: through the mapping when there is one and it covers the range,
@@ -2646,8 +2687,6 @@ void tcmu_py_loop_free(struct tcmu_py_loop *l)
         munmap(l->img, (size_t)l->img_len);
     free(l);
 }
-
-#define TCMU_PY_TMPFS_MAGIC 0x01021994
 
 /* Whether every byte of x's extent is allocated in its file (st: the file's stat): the whole
  * file is, or SEEK_HOLE finds no hole before the extent's end (a mirror's leg: its metadata

@@ -197,6 +197,9 @@ def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
         backend = getattr(device, "backend", None)
         if isinstance(backend, DedupBackend):
             st = backend.pool.status().as_dict()
+            if backend.pool.journal is not None:  # WRITEs the native loops appended themselves
+                st["journal_c_appends"], st["journal_c_declined"] = \
+                    backend.pool.journal.lease_figures()
             pools[st["path"]] = st
     return {SECTION: list(pools.values())}
 

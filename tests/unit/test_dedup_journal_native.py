@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,17 @@ def no_drainer(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Drained at known points only, unless a test starts the thread itself."""
     monkeypatch.setattr(journal.Journal, "background", False)
     yield
+
+
+@pytest.fixture(params=["disk", "tmpfs"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """Where the pool lives: a disk file system (the loop writes records with pwrite/pwritev)
+    or tmpfs (it copies them into the journal mapped)."""
+    if request.param == "disk":
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="tcmu-py-test-") as d:
+        yield Path(d)
 
 
 def chunk(seed: int, n: int = 1) -> bytes:
@@ -79,11 +91,11 @@ class Disk:
         self.dev.close()
 
 
-def test_the_loops_records_replay_after_a_cut(tmp_path: Path) -> None:
+def test_the_loops_records_replay_after_a_cut(root: Path) -> None:
     """WRITEs of whole chunks are the loop's (no Python on their path); reads return them at
     once, whole or in part; after SYNCHRONIZE CACHE a power cut keeps them: the next open
     replays the loop's records (their format and checksums are journal.py's)."""
-    src = str(tmp_path / "pool")
+    src = str(root / "pool")
     create_pool(src, "j", 256 * MIB, journal=4 * MIB)
     pool = acquire_pool(src)
     try:
@@ -103,7 +115,7 @@ def test_the_loops_records_replay_after_a_cut(tmp_path: Path) -> None:
             assert d.read(CS + 1024, 1024) == want[CS + 1024 : CS + 2048]  # part of a chunk
             assert d.sync().good
             assert pool.journal is not None and pool.journal.pending == 4 * CS  # 2 + 1 + 1
-            cut = shutil.copytree(src, str(tmp_path / "cut"),
+            cut = shutil.copytree(src, str(root / "cut"),
                                   ignore=shutil.ignore_patterns(".lock"))
         finally:
             d.close()
@@ -119,11 +131,11 @@ def test_the_loops_records_replay_after_a_cut(tmp_path: Path) -> None:
     assert check_pool(cut).clean
 
 
-def test_the_loop_leaves_the_crossing_and_the_hard_limit_to_python(tmp_path: Path) -> None:
+def test_the_loop_leaves_the_crossing_and_the_hard_limit_to_python(root: Path) -> None:
     """The lease stops short of the soft threshold: the WRITE that reaches it is Python's and
     reports THIN PROVISIONING SOFT THRESHOLD REACHED (38/07) once; a full pool refuses with
     SPACE ALLOCATION FAILED WRITE PROTECT (27/07) and nothing changes (SBC-4 4.7.3.7, 4.7.3.8)."""
-    src = str(tmp_path / "pool")
+    src = str(root / "pool")
     create_pool(src, "j", 16 * CS, soft_threshold=50, journal=4 * MIB)
     pool = acquire_pool(src)
     try:
@@ -192,7 +204,38 @@ def test_a_write_the_loop_could_not_append_is_never_taken(tmp_path: Path) -> Non
     assert check_pool(src).clean
 
 
-def test_loops_racing_the_drainer_and_python(tmp_path: Path,
+def test_a_fault_in_the_mapped_journal_is_a_write_python_makes() -> None:
+    """On tmpfs the loop copies records into the journal mapped; a fault there (the file was
+    cut short under it: SIGBUS) voids the record and hands the WRITE to Python, which writes it
+    (pwritev extends the file); nothing is lost, the next SYNCHRONIZE CACHE drains everything
+    into the index, and the pool checks clean."""
+    root = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="tcmu-py-test-"))
+    src = str(root / "pool")
+    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
+    pool = acquire_pool(src)
+    try:
+        d = Disk(pool, "d")
+        try:
+            assert d.write(0, chunk(0)).good
+            assert d.c_writes == (1, 0)
+            assert pool.journal is not None
+            # Cut short 32 bytes past the first record: the second would cross the new end.
+            os.truncate(os.path.join(src, journal.JOURNAL_FILE), journal.HEADER + CS + 32)
+            r = d.write(CS, chunk(1))
+            assert r.good, r
+            assert d.c_writes == (1, 0)  # the loop's append faulted: Python wrote it
+            assert d.read(0, 2 * CS) == chunk(0) + chunk(1)
+            assert d.sync().good  # drains the records around the void one: rule 5
+            assert pool.journal.pending == 0
+            assert d.read(0, 2 * CS) == chunk(0) + chunk(1)
+        finally:
+            d.close()
+    finally:
+        release_pool(pool)
+        shutil.rmtree(root)
+
+
+def test_loops_racing_the_drainer_and_python(root: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Two disks of a pool with a small journal, each driven by two threads submitting batches
     of WRITEs (whole chunks: the loop's; parts of chunks: Python's), READs and now and then a
@@ -200,7 +243,7 @@ def test_loops_racing_the_drainer_and_python(tmp_path: Path,
     matches what was written before it, and the disks and the pool check out after."""
     monkeypatch.setattr(journal.Journal, "background", True)
     monkeypatch.setattr(journal, "IDLE_SECONDS", 0.001)
-    src = str(tmp_path / "pool")
+    src = str(root / "pool")
     create_pool(src, "j", 256 * MIB, journal=4 * MIB)
     pool = acquire_pool(src)
     errors: list[BaseException] = []
