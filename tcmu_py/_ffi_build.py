@@ -127,6 +127,9 @@ ffibuilder.set_source(
     # into the cffi wrappers; it includes <linux/target_core_user.h> and "_ring.h".
     _read("_ring.c")
     + f'\nconst char *tcmu_py_source_digest(void) {{ return "{SOURCE_DIGEST}"; }}\n',
+    # the journal record checksum's scalar build (XXH_VECTOR differs: a translation unit of
+    # its own; _ring.c picks the faster build at run time)
+    sources=[os.path.relpath(os.path.join(HERE, "_jl_sum_scalar.c"))],
     include_dirs=[HERE],
     libraries=["m", "pthread"],  # log2() for the latency histogram; the native loop thread
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",

@@ -1760,6 +1760,81 @@ static int tcmu_py_map_copy(uint8_t *img, uint8_t *map, const struct iovec *src,
 #define TCMU_PY_JL_HEADER 64                    /* journal.py HEADER */
 #define TCMU_PY_JL_SUMMED 48                    /* the header's bytes the checksum covers */
 
+typedef uint64_t (*tcmu_py_jl_sum_fn)(const uint8_t *, size_t, const uint8_t *,
+                                      const struct iovec *, uint32_t);
+
+/* _jl_sum_scalar.c: the same checksum built without SIMD. */
+uint64_t tcmu_py_jl_sum_scalar(const uint8_t *head, size_t head_len, const uint8_t *map,
+                               const struct iovec *v, uint32_t n_iov);
+
+/* XXH3-64 of head[0..head_len) followed by the buffers v[k] (offsets into map), in the build the
+ * compiler picked for this CPU (SSE2 on x86-64). */
+static uint64_t tcmu_py_jl_sum_vector(const uint8_t *head, size_t head_len, const uint8_t *map,
+                                      const struct iovec *v, uint32_t n_iov)
+{
+    XXH3_state_t st;
+    uint32_t i;
+
+    XXH3_64bits_reset(&st);
+    XXH3_64bits_update(&st, head, head_len);
+    for (i = 0; i < n_iov; i++)
+        XXH3_64bits_update(&st, map + (uintptr_t)v[i].iov_base, v[i].iov_len);
+    return XXH3_64bits_digest(&st);
+}
+
+static tcmu_py_jl_sum_fn tcmu_py_jl_sum = tcmu_py_jl_sum_vector;
+static pthread_once_t tcmu_py_jl_sum_once = PTHREAD_ONCE_INIT;
+
+uint64_t tcmu_py_jl_checksum(const uint8_t *head, size_t head_len, const uint8_t *data,
+                             size_t n, int build)
+{
+    struct iovec v = {(void *)(uintptr_t)0, n};
+
+    return (build ? tcmu_py_jl_sum_scalar : tcmu_py_jl_sum_vector)(head, head_len, data, &v, 1);
+}
+
+int tcmu_py_jl_sum_build(void)
+{
+    return tcmu_py_jl_sum == tcmu_py_jl_sum_scalar;
+}
+
+/* Nanoseconds `fn` takes over buf, the fastest of 3 tries. */
+static uint64_t tcmu_py_jl_time_sum(tcmu_py_jl_sum_fn fn, const uint8_t *buf, size_t len,
+                                    uint64_t *sum)
+{
+    struct iovec v = {(void *)(uintptr_t)64, len - 64};
+    uint64_t best = UINT64_MAX, t0, t;
+    int k;
+
+    for (k = 0; k < 3; k++) {
+        t0 = tcmu_py_now_ns();
+        *sum = fn(buf, 48, buf, &v, 1);
+        t = tcmu_py_now_ns() - t0;
+        best = t < best ? t : best;
+    }
+    return best;
+}
+
+/* Keep the faster of the two builds for this CPU (as the kernel picks its RAID6 and XOR
+ * routines at boot): each hashes 256 KiB three times; a build that disagrees with the other
+ * is never picked (it cannot: both are XXH3-64). Once per process. */
+static void tcmu_py_jl_pick_sum(void)
+{
+    size_t len = 256u << 10, i;
+    uint8_t *buf = malloc(len);
+    uint64_t a, b, ta, tb;
+
+    if (!buf)
+        return;
+    for (i = 0; i < len; i++)
+        buf[i] = (uint8_t)(i * 2654435761u >> 13);
+    ta = tcmu_py_jl_time_sum(tcmu_py_jl_sum_vector, buf, len, &a);
+    tb = tcmu_py_jl_time_sum(tcmu_py_jl_sum_scalar, buf, len, &b);
+    if (a == b && tb < ta)
+        tcmu_py_jl_sum = tcmu_py_jl_sum_scalar;
+    free(buf);
+}
+
 struct tcmu_py_jl {
     pthread_mutex_t mu;
     int32_t fd;
@@ -1798,6 +1873,7 @@ struct tcmu_py_jl *tcmu_py_jl_new(int32_t fd, uint32_t chunk, uint32_t max_notic
     j->fd = fd;
     j->chunk = chunk;
     j->max_notices = max_notices;
+    pthread_once(&tcmu_py_jl_sum_once, tcmu_py_jl_pick_sum);
     if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
         (uint64_t)st.st_blocks * 512u >= (uint64_t)st.st_size &&
         fstatfs(fd, &sf) == 0 && sf.f_type == TCMU_PY_TMPFS_MAGIC) {
@@ -1904,8 +1980,6 @@ static int tcmu_py_jl_append(struct tcmu_py_jl *j, struct tcmu_py_cm *m, uint64_
     uint64_t cs = j->chunk, need = TCMU_PY_JL_HEADER + total, count = total / cs, k;
     uint8_t head[TCMU_PY_JL_HEADER];
     struct tcmu_py_jl_rec *rec;
-    XXH3_state_t st;
-    uint32_t i;
     int ok;
 
     if (!total || pos % cs || total % cs || count > UINT32_MAX || cs != m->chunk)
@@ -1925,11 +1999,8 @@ static int tcmu_py_jl_append(struct tcmu_py_jl *j, struct tcmu_py_cm *m, uint64_
     tcmu_py_le(head + 24, disk, 8);
     tcmu_py_le(head + 32, pos / cs, 8);
     tcmu_py_le(head + 40, count, 4);
-    XXH3_64bits_reset(&st);
-    XXH3_64bits_update(&st, head, TCMU_PY_JL_SUMMED);
-    for (i = 0; i < n_iov; i++)
-        XXH3_64bits_update(&st, map + (uintptr_t)v[i].iov_base, v[i].iov_len);
-    tcmu_py_le(head + TCMU_PY_JL_SUMMED, XXH3_64bits_digest(&st), 8);
+    tcmu_py_le(head + TCMU_PY_JL_SUMMED, tcmu_py_jl_sum(head, TCMU_PY_JL_SUMMED, map, v, n_iov),
+               8);
     if (j->img && j->pos + need <= j->img_len)
         ok = tcmu_py_jl_map_copy(j, head, map, v, n_iov, j->pos);
     else

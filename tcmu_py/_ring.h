@@ -229,6 +229,12 @@ void tcmu_py_jl_revoke(struct tcmu_py_jl *j);
  * the lease has left (0 when it is not active), as of the last notice taken. */
 uint32_t tcmu_py_jl_take(struct tcmu_py_jl *j, struct tcmu_py_jl_rec *out, uint32_t max,
                          uint64_t *budget);
+/* The record checksum as the loop computes it (XXH3-64 of head[0..head_len) then data[0..n)):
+ * build 0 with the SIMD the compiler picked for this CPU, 1 without; the loop uses the one that
+ * ran faster when the first lease was made (tcmu_py_jl_sum_build: which). */
+uint64_t tcmu_py_jl_checksum(const uint8_t *head, size_t head_len, const uint8_t *data,
+                             size_t n, int build);
+int tcmu_py_jl_sum_build(void);
 /* WRITEs appended, and WRITEs of whole chunks the loop offered it and it declined, since it was
  * made. */
 uint64_t tcmu_py_jl_appends(struct tcmu_py_jl *j);

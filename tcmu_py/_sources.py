@@ -14,8 +14,8 @@ import hashlib
 import os
 
 #: The files that make up the binding: its builder (which holds the kernel's cdef), the
-#: header and the C source.
-SOURCES = ("_ffi_build.py", "_ring.h", "_ring.c")
+#: header and the C sources.
+SOURCES = ("_ffi_build.py", "_ring.h", "_ring.c", "_jl_sum_scalar.c")
 
 
 def digest(directory: str) -> str | None:

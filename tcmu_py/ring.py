@@ -1241,6 +1241,15 @@ class ChunkTable:
         self.close()
 
 
+def journal_checksum(head: bytes, data: bytes, build: int | None = None) -> int:
+    """A dedup journal record's checksum as the native loop computes it (XXH3-64 of `head`
+    then `data`): `build` 0 with SIMD, 1 without, None the one the loop uses."""
+    if build is None:
+        build = int(lib.tcmu_py_jl_sum_build())
+    return int(lib.tcmu_py_jl_checksum(ffi.from_buffer(head), len(head), ffi.from_buffer(data),
+                                       len(data), build))
+
+
 class JournalLease:
     """`tcmu_py.backend.JournalLease` (`struct tcmu_py_jl` in _ring.h) for the write journal
     open as `fd`, chunks of `chunk` bytes. Freed when the last reference goes (a declared

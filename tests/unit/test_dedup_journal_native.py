@@ -312,3 +312,20 @@ def test_loops_racing_the_drainer_and_python(root: Path,
             disk.read(0, [memoryview(got)])
             disk.close()
             assert got == models[name]
+
+
+@pytest.mark.parametrize("build", [0, 1], ids=["simd", "scalar"])
+def test_both_builds_of_the_loops_checksum_are_journal_py_s(build: int) -> None:
+    """The loop's record checksum, in either build it may pick (`tcmu_py_jl_sum_build`), is
+    journal.py's XXH3-64 over the header's first 48 bytes and the data, for data of every
+    length class XXH3 treats apart (short inputs, one stripe, many blocks)."""
+    import xxhash
+
+    from tcmu_py.ring import journal_checksum
+
+    rng = random.Random(build)
+    for n in (0, 1, 3, 16, 17, 128, 129, 240, 241, 1024, 4096, 65536 + 7, 1 << 20):
+        head, data = rng.randbytes(48), rng.randbytes(n)
+        want = xxhash.xxh3_64(head + data).intdigest()
+        assert journal_checksum(head, data, build) == want, n
+        assert journal_checksum(head, data) == want, n
