@@ -135,7 +135,8 @@ def guest(args: argparse.Namespace) -> int:
         st = query_status(disks.run_dir, timeout=10)
         for p in st.get("dedup_pools") or []:
             if p.get("path") == path:
-                return {k: p[k] for k in ("journal_c_appends", "journal_c_declined") if k in p}
+                return {k: p[k] for k in ("journal_c_appends", "journal_c_declined",
+                                          "collector") if k in p}
         return {}
 
     def fresh_dedup(dev: Path) -> dict[str, Any]:
@@ -145,9 +146,20 @@ def guest(args: argparse.Namespace) -> int:
         sync_cache(dev)
         t0 = time.monotonic()
 
+        idle_since: list[float | None] = [None]
+
         def settled() -> Any:
+            """The pool's data gone and its collector idle for a second: the run then measures
+            the writes, not the compaction of the previous run's chunks beside them (the raw
+            disk has nothing running in the background)."""
             st = read_pool_status(str(pool))
-            return st if st.logical == 0 and st.used <= 64 * MIB else None
+            now = time.monotonic()
+            if daemon_pool(str(pool)).get("collector") != "idle":
+                idle_since[0] = None
+            elif idle_since[0] is None:
+                idle_since[0] = now
+            quiet = idle_since[0] is not None and now - idle_since[0] >= 1.0
+            return st if st.logical == 0 and st.used <= 64 * MIB and quiet else None
 
         try:
             st = wait_for(settled, 180, "the collector to empty the pool")
@@ -188,7 +200,8 @@ def guest(args: argparse.Namespace) -> int:
                                    bytes=io["io_bytes"], lat_mean_us=io["lat_ns"]["mean"] / 1000,
                                    error=job["error"])
                     if target == "dedup":
-                        rec.update(daemon_pool(str(pool)))
+                        rec.update({k: v for k, v in daemon_pool(str(pool)).items()
+                                    if k != "collector"})
                         sync_cache(dev)
                         drain_journal(dev)
                         st = read_pool_status(str(pool))
