@@ -135,8 +135,8 @@ def guest(args: argparse.Namespace) -> int:
         st = query_status(disks.run_dir, timeout=10)
         for p in st.get("dedup_pools") or []:
             if p.get("path") == path:
-                return {k: p[k] for k in ("journal_c_appends", "journal_c_declined",
-                                          "collector") if k in p}
+                return {k: v for k, v in p.items()
+                        if k.startswith("journal_c_") or k == "collector"}
         return {}
 
     def fresh_dedup(dev: Path) -> dict[str, Any]:

@@ -198,8 +198,7 @@ def status(devices: Sequence[ScsiDevice]) -> dict[str, Any]:
         if isinstance(backend, DedupBackend):
             st = backend.pool.status().as_dict()
             if backend.pool.journal is not None:  # WRITEs the native loops appended themselves
-                st["journal_c_appends"], st["journal_c_declined"] = \
-                    backend.pool.journal.lease_figures()
+                st.update(backend.pool.journal.lease_state())
             pools[st["path"]] = st
     return {SECTION: list(pools.values())}
 

@@ -91,7 +91,9 @@ Python's:
    CACHE or a drain that follows it knows of it.
 7. The records' numbers and places are one sequence: Python's own append revokes the lease
    (which waits for an append under way) and absorbs before it numbers its record, and grants
-   a new lease from after it. A drain grants one too (the space it freed); a decision on the
+   a new lease from after it at once, before writing it (the loops' records after it may then
+   be written first: rules 1 and 5 and `_written_seq` hold as for Python's records that finish
+   out of order). A drain grants one too (the space it freed); a decision on the
    pool's space takes it back (`held`), so that the loops never append into room an index write
    is counting on, and a crossing of the soft threshold is always a WRITE of Python's, which
    reports it. No lease after a failed write or fdatasync (rule 5), or while stopping.
@@ -225,8 +227,11 @@ class Journal:
         self._sync_failed = 0  # an fdatasync failed: records before this number are drained
         self._stopping = False
         self._thread: threading.Thread | None = None
-        #: The native loops' lease (`lease_for`).
+        #: The native loops' lease (`lease_for`), and why it was last not granted (None: it
+        #: was), for `lease_figures`.
         self._lease: JournalLease | None = None
+        self._not_granted: str | None = None
+        self._c_voids = 0
 
     # ------------------------------------------------------------------------------------------
     # Figures
@@ -298,6 +303,10 @@ class Journal:
             self.reserved += nbytes
             self._last_append = time.monotonic()
             epoch = self._epoch
+            # The loops append after this record from now on, while it is written: revoked
+            # only for the numbering, a lease does not wait for Python's writes (WRITEs coming
+            # meanwhile would each come to Python too, and revoke it again).
+            self._grant()
         try:
             head = pack_header(epoch, rec.seq, did, first, count, data)
             pieces: list[memoryview] = [memoryview(head), *data]
@@ -319,7 +328,6 @@ class Journal:
             self._show(rec)
             rec.done = True
             self._advance_written()
-            self._grant()
             self._mu.notify_all()
         if durable:
             self.sync(rec.seq + 1)
@@ -396,6 +404,17 @@ class Journal:
         lease = self._lease
         return (0, 0) if lease is None else (lease.appends, lease.declined)
 
+    def lease_state(self) -> dict[str, object]:
+        """For the live status: the loops' appends and declines, their records whose write
+        failed, and why the lease is not granted now (absent when it is, or there is none)."""
+        appends, declined = self.lease_figures()
+        st: dict[str, object] = {"journal_c_appends": appends,
+                                 "journal_c_declined": declined,
+                                 "journal_c_failed": self._c_voids}
+        if self._lease is not None and self._not_granted is not None:
+            st["journal_c_not_granted"] = self._not_granted
+        return st
+
     def _absorb(self) -> None:
         """Take the records the native loops appended since the last call as if this journal
         had written them: numbered, placed, counted, shown (`_mu` held). Every reader of the
@@ -420,6 +439,10 @@ class Journal:
             self.reserved += count * cs
             if failed:
                 self._voids += 1
+                self._c_voids += 1
+                log.warning("pool %s: the native loop's write of journal record %d failed; its "
+                            "WRITE goes to Python, and the records are drained into the index "
+                            "at the next SYNCHRONIZE CACHE", self.pool.name, seq)
             else:
                 self._show(rec, tell=False)
         self._last_append = time.monotonic()
@@ -441,11 +464,17 @@ class Journal:
             return
         self._revoke()
         if self._stopping or self._voids or self._sync_failed:
+            self._not_granted = ("stopping" if self._stopping else
+                                 "a failed write" if self._voids else "a failed fdatasync")
             return
         pos, end = self._free_run()
         budget = min(self.pool.journal_budget(self.reserved), end - pos)
         if budget < self.chunk_size:
+            self._not_granted = (f"no room: {end - pos} bytes free after the newest record"
+                                 if end - pos < self.chunk_size else
+                                 "the pool's capacity or soft threshold")
             return
+        self._not_granted = None
         lease.grant(pos, end, self._next_seq, self._epoch, budget, self._limit // 4)
 
     def _free_run(self) -> tuple[int, int]:
