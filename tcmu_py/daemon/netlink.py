@@ -293,8 +293,9 @@ def should_reply(event: DeviceEvent, served: Container[str],
 class TcmuNetlink:
     """A non-blocking TCM-USER socket joined to the "config" group.
 
-    Use from one thread (the daemon's loop): put `fileno` in a selector, call `receive` when it
-    is readable, and `reply` to each event `should_reply` accepts. ``family``/``group`` exist so
+    Use from one thread at a time (the daemon's loop receives and the threads handling the
+    events reply, all under one lock): put `fileno` in a selector, call `receive` when it is
+    readable, and `reply` to each event `should_reply` accepts. ``family``/``group`` exist so
     tests can bind another family; leave them alone otherwise.
     """
 

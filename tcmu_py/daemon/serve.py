@@ -6,6 +6,10 @@ Lifecycle of one device
   netlink ADDED event; all three paths end in `add()`, which is idempotent. The start-up scan
   comes first (`start_serving`), before netlink, udev, the YAML or LIO are even imported: a
   restarted daemon answers the commands waiting on its rings as soon as it can.
+- A netlink event is handled on a thread of its own (`_handle_later`), after the earlier events
+  of the same uio node, and answered to the kernel once handled (an ADDED once the open has
+  ended): a handler open or close that hangs holds up neither the run loop (other devices'
+  events, rescans, a SIGTERM) nor another device.
 - Only subtypes with a registered handler are served; anything else (tcmu-runner's `file`,
   `qcow`, ...) is left alone, and never answered on netlink.
 - Opening (`_open`): `action/block_dev=1`, `action/reset_ring=1` (commands a previous daemon left
@@ -27,7 +31,10 @@ Lifecycle of one device
   `ADD_RETRY_SECONDS`, doubling up to the rescan interval, outside the daemon's lock; once it
   opens, the device is served by it (`_swap_in`: the FailedDevice's runner stops, the ring is
   recovered as at any open). Removal or shutdown ends the retries.
-- Removal (udev "remove" or netlink REMOVED): stop its runner, close the handler.
+- Removal (udev "remove", netlink REMOVED, or a rescan that finds its uio gone): stop its
+  runner, close the handler — on a thread of its own (`_remove_later`): a close that hangs
+  holds up no other event. The kernel's REMOVED waits (inside the backstore's rmdir) for our
+  answer, sent once the handler has closed or after `REMOVE_SECONDS` (the close then goes on).
 - SIGTERM / SIGINT: every device is blocked (`block_dev=1`), in-flight commands drain, handlers
   close, and the device is unblocked again. The process exits only once every handler has
   closed — also one another thread was closing (the udev observer's "remove" of a backstore
@@ -37,13 +44,17 @@ Lifecycle of one device
   logged). Commands that arrive while no daemon runs wait on the ring until the next daemon's
   recovery answers them BUSY (initiators retry), or until the device's `cmd_time_out`.
   Leaving devices blocked instead would make any command the kernel itself issues while
-  removing a LUN (sd's SYNCHRONIZE CACHE) wait forever.
+  removing a LUN (sd's SYNCHRONIZE CACHE) wait forever. A netlink event still being handled at
+  the deadline is answered before the exit (the kernel waits for that answer without a limit,
+  inside a configfs write): REMOVED 0, ADDED and RECONFIG -EINTR (`_answer_abandoned`).
 
 Threads: one loop thread per device (`DeviceRunner.run`) plus its worker pool; the main thread
-handles netlink, signals and rescans; the control socket has a thread of its own
+receives netlink events and handles signals and rescans, and opens and closes no handler itself
+(a rescan's opens and removals, and each netlink event, run on threads of their own; the
+netlink socket is used under `_netlink_lock`); the control socket has a thread of its own
 (`tcmu_py.daemon.control`: no client can hold the main loop); the pyudev observer calls
-`add`/`remove` from its own thread (the daemon's state guarded by `self._lock`; handlers are
-opened and closed outside it).
+`add`/`_remove_later` from its own thread (the daemon's state guarded by `self._lock`; handlers
+are opened and closed outside it).
 
 Run directory (`--run-dir`, /run/tcmu-py): created 0700, refused if it is a symbolic link or
 another user's; `daemon.lock` in it is opened without following links, refused unless it is a
@@ -91,6 +102,7 @@ from tcmu_py.uio import UioDevice, UioName
 
 if TYPE_CHECKING:
     from tcmu_py.daemon.metrics import MetricsServer
+    from tcmu_py.daemon.netlink import DeviceEvent
 
 log = logging.getLogger("tcmu_py.daemon")
 
@@ -115,6 +127,10 @@ ADD_JOIN_SECONDS = 0.2
 #: progress. One deadline for every device (their drains run side by side), within the service
 #: unit's TimeoutStopSec (60 s), so systemd never has to SIGKILL a daemon that is stopping.
 SHUTDOWN_SECONDS = 45.0
+#: How long the kernel's REMOVED_DEVICE (a backstore's rmdir, `targetcli ... delete`) waits for
+#: the device's runner to drain and its handler to close before it is answered anyway; the
+#: close goes on on its thread (and `shutdown` still waits for it).
+REMOVE_SECONDS = 30.0
 
 
 class FailedDevice(ScsiDevice):
@@ -165,6 +181,16 @@ class Served:
     #: (None again once a permanent failure ends the retries); `remove` sets `stop_retry`.
     retrying: threading.Thread | None = None
     stop_retry: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Pending:
+    """A netlink event of a served subtype, handled on a thread of its own (`Daemon._handle_later`);
+    the kernel waits for its answer, given once (`Daemon._answer`)."""
+
+    event: DeviceEvent
+    uio: UioName
+    answered: bool = False
 
 
 class Daemon:
@@ -231,6 +257,13 @@ class Daemon:
         self._add_failures: dict[str, int] = {}
         self._lock_fd: int | None = None
         self._netlink: Any = None
+        #: Held around every use of the netlink socket: the run loop receives, the threads
+        #: handling the events answer (`_reply`).
+        self._netlink_lock = threading.Lock()
+        #: By uio node, the thread handling the last netlink event of it (`_handle_later`), and
+        #: the events the kernel still waits for an answer to, in the order they came.
+        self._handling: dict[str, threading.Thread] = {}
+        self._unanswered: list[_Pending] = []
         self._observer: Any = None
         self._control: ControlServer | None = None
         #: The bus of the ``org.kernel.TCMUService1`` service targetcli lists subtypes from
@@ -378,13 +411,19 @@ class Daemon:
             return
 
         def on_event(action: str, device: Any) -> None:
-            if action == "add":
-                self.add(device.sys_name)
-            elif action == "remove":
-                self.remove(device.sys_name)
+            self._udev_event(action, device.sys_name)
 
         self._observer = pyudev.MonitorObserver(monitor, on_event, name="tcmu-udev")
         self._observer.start()
+
+    def _udev_event(self, action: str, node: str) -> None:
+        """The udev observer's event for uio `node` (on its thread): "add" serves it; "remove"
+        stops serving it, its handler closed on a thread of its own (`_remove_later`: a close
+        that hangs holds up no later udev event)."""
+        if action == "add":
+            self.add(node)
+        elif action == "remove":
+            self._remove_later(node)
 
     def _start_dbus(self) -> None:
         from tcmu_py.daemon.dbus import DBusService
@@ -430,9 +469,10 @@ class Daemon:
                             log.exception("netlink TCM-USER failed; following udev and rescans"
                                           " only")
                             poller.unregister(fd)
-                            with contextlib.suppress(OSError):
-                                self._netlink.close()
-                            self._netlink = None
+                            with self._netlink_lock:
+                                with contextlib.suppress(OSError):
+                                    self._netlink.close()
+                                self._netlink = None
                             self._next_scan = time.monotonic()
                 if self._unserved:
                     self._answer_unserved()
@@ -451,7 +491,8 @@ class Daemon:
             os.write(self._wake_w, b"x")
 
     def shutdown(self) -> None:
-        """Block every device, drain, close. Idempotent."""
+        """Block every device, drain, close; answer the kernel's netlink events still being
+        handled. Returns within `SHUTDOWN_SECONDS`. Idempotent."""
         if self._observer is not None:
             self._observer.send_stop()
             self._observer = None
@@ -464,15 +505,12 @@ class Daemon:
         # Each retired on a thread of its own, waited for until the deadline: a handler whose
         # close hangs (its storage not answering) holds up no other device's close and unblock
         # (before: one after another, and the wait for a close had no bound).
-        retiring = [threading.Thread(target=self._retire, args=(served,),
-                                     kwargs={"block": True, "deadline": deadline},
-                                     name=f"retire-{served.name.device}", daemon=True)
+        retiring = [self._retire_later(served, block=True, deadline=deadline)
                     for served in leaving]
-        for thread in retiring:
-            thread.start()
         for thread in retiring:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._await_closes(deadline)
+        self._answer_abandoned(deadline)
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -488,7 +526,9 @@ class Daemon:
     # Devices
 
     def rescan(self) -> None:
-        """Open every TCMU uio device we serve and are not serving yet; drop vanished ones."""
+        """Open every TCMU uio device we serve and are not serving yet; drop vanished ones (each
+        retired on a thread of its own, `_remove_later`: a close that hangs holds up neither
+        the rescan nor the run loop)."""
         present = set()
         if self.uio_class.is_dir():
             present = {entry.name for entry in self.uio_class.iterdir()}
@@ -498,7 +538,7 @@ class Daemon:
             for n in [n for n in self._add_failures if n not in present]:
                 del self._add_failures[n]
         for node in gone:
-            self.remove(node)
+            self._remove_later(node)
 
     def _add_all(self, nodes: list[str]) -> None:
         """`add` each of `nodes` on a thread of its own, so that one handler slow to open (a
@@ -776,12 +816,33 @@ class Daemon:
             return domain
 
     def remove(self, node: str, *, block: bool = False) -> None:
-        """Stop serving `node`. With `block` (shutdown), hold new commands off in the kernel
-        while the runner drains, then let them through again."""
+        """Stop serving `node`; returns once its handler has closed (or its close was deferred
+        past a command still in its backend). With `block` (shutdown), hold new commands off in
+        the kernel while the runner drains, then let them through again."""
         served = self._take(node)
         if served is not None:
             self._halt(served, block=block)
             self._retire(served, block=block)
+
+    def _remove_later(self, node: str) -> threading.Thread | None:
+        """Stop serving `node` now (taken out of `served`, its runner told to stop) and retire
+        it on a thread of its own, returned (None: `node` was not served). A handler whose close
+        hangs holds up that thread only, not the caller (the udev observer, a netlink event);
+        `shutdown` still waits for the close (`_closing`)."""
+        served = self._take(node)
+        if served is None:
+            return None
+        self._halt(served)
+        return self._retire_later(served)
+
+    def _retire_later(self, served: Served, *, block: bool = False,
+                      deadline: float | None = None) -> threading.Thread:
+        """`_retire` of `served` (after `_halt`) on a thread of its own: started, returned."""
+        thread = threading.Thread(target=self._retire, args=(served,),
+                                  kwargs={"block": block, "deadline": deadline},
+                                  name=f"retire-{served.name.device}", daemon=True)
+        thread.start()
+        return thread
 
     def _take(self, node: str) -> Served | None:
         """Take `node` out of `served` (once its first open, if one runs, has ended) and
@@ -879,9 +940,12 @@ class Daemon:
     # Netlink
 
     def _handle_netlink(self) -> None:
-        from tcmu_py.daemon.netlink import TcmuCmd
-
-        for event in self._netlink.receive():
+        """Take the events the kernel has sent (run loop): those of a subtype served here are
+        handled on threads (`_handle_later`), the others watched (`_watch_unserved`). Returns
+        without waiting for any handler."""
+        with self._netlink_lock:
+            events = self._netlink.receive()
+        for event in events:
             try:
                 uio = UioName.parse(event.device)
             except ValueError:
@@ -889,20 +953,125 @@ class Daemon:
             if uio.subtype not in self.handlers:
                 self._watch_unserved(event, uio)  # tcmu-runner's, or nobody's
                 continue
+            self._handle_later(event, uio)
+
+    def _handle_later(self, event: DeviceEvent, uio: UioName) -> None:
+        """Handle `event` (of served device `uio`) on a thread of its own (`_handle_event`),
+        once the earlier events of the same uio node have been handled: a handler whose open or
+        close hangs then holds up no other device's event, no rescan and no stop (before, the
+        run loop opened and closed handlers itself), and one device's events keep the order the
+        kernel sent them in (while it waits for answers it sends a device's next event only
+        once the last was answered; without, a REMOVED may follow an ADDED whose open runs)."""
+        node = f"uio{event.minor}"
+        pending = _Pending(event, uio)
+        with self._lock:
+            thread = threading.Thread(target=self._handle_event,
+                                      args=(pending, node, self._handling.get(node)),
+                                      name=f"netlink-{uio.device}", daemon=True)
+            thread.start()
+            self._handling[node] = thread
+            self._unanswered.append(pending)
+
+    def _handle_event(self, pending: _Pending, node: str,
+                      before: threading.Thread | None) -> None:
+        """After `before` (the thread of `node`'s previous event), handle `pending`'s event and
+        answer the kernel (`_answer`): 0, or -EINVAL when the handler refused the config string
+        (ADDED), the change (RECONFIG) or anything failed. An ADDED is answered once the open
+        has ended (served, served NOT READY, or to be tried again); a REMOVED once the handler
+        has closed, or after `REMOVE_SECONDS` (`_removed`)."""
+        from tcmu_py.daemon.netlink import TcmuCmd
+
+        name_os_thread()
+        event, uio = pending.event, pending.uio
+        try:
+            if before is not None:
+                before.join()
             status = 0
             try:
                 if event.cmd == TcmuCmd.ADDED_DEVICE:
                     self.handlers[uio.subtype].check_config(split_daemon_items(uio.cfgstring)[0])
-                    self.add(f"uio{event.minor}")
+                    self.add(node)
                 elif event.cmd == TcmuCmd.REMOVED_DEVICE:
-                    self.remove(f"uio{event.minor}")
+                    self._removed(node, uio.device)
                 elif event.cmd == TcmuCmd.RECONFIG_DEVICE:
-                    self._reconfig(f"uio{event.minor}", event)
+                    self._reconfig(node, event)
             except Exception as exc:  # noqa: BLE001 - report to the kernel as -EINVAL
                 log.error("%s: %s rejected: %s", uio.device, event.cmd.name, exc)
-                status = -22
-            if self._wants_reply(uio, removing=event.cmd == TcmuCmd.REMOVED_DEVICE):
+                status = -errno.EINVAL
+            self._answer(pending, status)
+        finally:
+            with self._lock:
+                if self._handling.get(node) is threading.current_thread():
+                    del self._handling[node]
+
+    def _removed(self, node: str, device: str) -> None:
+        """The kernel removed `node` (REMOVED_DEVICE: its rmdir waits for our answer): stop
+        serving it; its runner drains and its handler closes on a thread of its own, waited for
+        at most `REMOVE_SECONDS` (before, on the run loop, without a bound: a close that hung
+        held every other event, and the kernel's rmdir for good)."""
+        retiring = self._remove_later(node)
+        if retiring is None:
+            return
+        retiring.join(REMOVE_SECONDS)
+        if retiring.is_alive():
+            log.error("%s: its handler is still closing %g s after the kernel removed it (a "
+                      "command or the close hangs in its backend); answering the kernel so that "
+                      "the removal ends; the close goes on", device, REMOVE_SECONDS)
+
+    def _answer(self, pending: _Pending, status: int) -> bool:
+        """Answer the kernel `status` for `pending`'s event if it waits for one (`_wants_reply`)
+        and nobody answered it yet; True if this call answered it."""
+        from tcmu_py.daemon.netlink import TcmuCmd
+
+        with self._lock:
+            if pending.answered:
+                return False
+            pending.answered = True
+            self._unanswered.remove(pending)
+        event, uio = pending.event, pending.uio
+        if self._wants_reply(uio, removing=event.cmd == TcmuCmd.REMOVED_DEVICE):
+            self._reply(event, status, uio.device)
+        return True
+
+    def _reply(self, event: DeviceEvent, status: int, device: str) -> None:
+        """Send the kernel `status` for `event` (from any thread); a failure is logged."""
+        with self._netlink_lock:
+            if self._netlink is None:  # dropped after it failed: nothing to answer on
+                return
+            try:
                 self._netlink.reply(event, status)
+            except OSError as exc:
+                log.error("%s: netlink reply failed: %s", device, exc)
+
+    def _answer_abandoned(self, deadline: float) -> None:
+        """At shutdown: wait, until `deadline` (a monotonic time), for the netlink events still
+        being handled; then answer each one still unanswered (a handler's open or close that
+        hangs). The kernel waits for that answer without a limit, inside a configfs write,
+        so it is given before the exit: REMOVED 0 (the removal goes on), ADDED and RECONFIG
+        -EINTR (the write fails, as when the kernel's own ``reset_netlink`` gives up on a
+        daemon: the device is not served). What the event's thread does later is not answered
+        again."""
+        from tcmu_py.daemon.netlink import TcmuCmd
+
+        with self._lock:
+            handling = list(self._handling.values())
+        for thread in handling:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            abandoned = list(self._unanswered)
+        for pending in abandoned:
+            cmd = pending.event.cmd
+            if cmd == TcmuCmd.REMOVED_DEVICE:
+                status, name, outcome = 0, "0", "the removal goes on"
+            elif cmd == TcmuCmd.ADDED_DEVICE:
+                status, name, outcome = -errno.EINTR, "-EINTR", "its enable fails, not served"
+            else:
+                status, name, outcome = -errno.EINTR, "-EINTR", "the change fails"
+            if self._answer(pending, status):
+                log.error("%s: its %s still being handled %g s after the stop began (a handler "
+                          "open or close that hangs); answered the kernel %s so that the "
+                          "configfs write waiting for it ends (%s); exiting under it",
+                          pending.uio.device, cmd.name, SHUTDOWN_SECONDS, name, outcome)
 
     def _watch_unserved(self, event: Any, uio: UioName) -> None:
         """The kernel's rule (drivers/target/target_core_user.c): whether it waits for a reply
@@ -962,10 +1131,7 @@ class Daemon:
             log.warning("%s: no daemon answered the kernel's %s for subtype %r within %g s; "
                         "answering %d so that the configfs write ends instead of hanging",
                         uio.device, event.cmd.name, uio.subtype, UNSERVED_REPLY_SECONDS, status)
-            try:
-                self._netlink.reply(event, status)
-            except OSError as exc:
-                log.error("%s: netlink reply failed: %s", uio.device, exc)
+            self._reply(event, status, uio.device)
 
     def _wants_reply(self, uio: UioName, *, removing: bool = False) -> bool:
         """The kernel waits for a reply only when the device's nl_reply_supported is positive.

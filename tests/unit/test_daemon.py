@@ -7,7 +7,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tcmu_py.daemon.control import query_status
+from tcmu_py.daemon.netlink import DeviceEvent, TcmuCmd
 from tcmu_py.daemon.serve import Daemon
 from tcmu_py.device.block import open_block_device
 from tcmu_py.errors import DeviceUnavailable, TcmuError
@@ -1216,3 +1217,302 @@ def test_a_close_that_hangs_holds_up_neither_the_stop_nor_another_device(host, t
         assert host.action(1, "b", "block_dev").strip() == "0"
     finally:
         release.set()
+
+
+class FakeNetlink:
+    """The kernel's side of TCM-USER netlink: `send` queues events (the socket turns readable);
+    the daemon's answers are recorded in `replies` as (event, status), from any thread."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.lock = threading.Lock()
+        self.events: list[DeviceEvent] = []
+        self.replies: list[tuple[DeviceEvent, int]] = []
+
+    def send(self, *events: DeviceEvent) -> None:
+        with self.lock:
+            self.events.extend(events)
+        os.write(self.w, b"x")
+
+    def fileno(self) -> int:
+        return self.r
+
+    def receive(self) -> list[DeviceEvent]:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.r, 512)
+        with self.lock:
+            out, self.events = self.events, []
+        return out
+
+    def reply(self, event: DeviceEvent, status: int = 0) -> None:
+        with self.lock:
+            self.replies.append((event, status))
+
+    def answers(self, device_id: int) -> list[tuple[TcmuCmd, int]]:
+        """The (command, status) answers the daemon gave for device `device_id`, in order."""
+        with self.lock:
+            return [(e.cmd, st) for e, st in self.replies if e.device_id == device_id]
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+def _event(cmd: TcmuCmd, host: Host, node: str, dev_id: int) -> DeviceEvent:
+    """The kernel's `cmd` event for the device on uio `node` (its name as `Host.add` wrote it),
+    whose LIO device index is `dev_id`."""
+    name = (host.uio_class / node / "name").read_text().strip()
+    return DeviceEvent(cmd, name, int(node.removeprefix("uio")), dev_id)
+
+
+def _waits_for_replies(host: Host, hba: int, dev: str) -> None:
+    """The kernel waits for our answer to this device's events (nl_reply_supported 1, as it
+    is copied from the module's switch at enable once `serve` turned replies on)."""
+    (host.configfs / f"user_{hba}" / dev / "attrib/nl_reply_supported").write_text("1\n")
+
+
+@contextlib.contextmanager
+def serving_netlink(host: Host, tmp_path: Path,
+                    handlers: dict[str, Any]) -> Iterator[tuple[Daemon, FakeNetlink,
+                                                                threading.Thread]]:
+    """A started daemon whose run loop (on the thread yielded) reads a `FakeNetlink`; stopped
+    on exit."""
+    d = make_daemon(host, tmp_path, handlers)
+    d.start()
+    fake = FakeNetlink()
+    d._netlink = fake
+    running = threading.Thread(target=d.run, kwargs={"install_signals": False},
+                               name="test-run", daemon=True)
+    running.start()
+    try:
+        yield d, fake, running
+    finally:
+        d.stop()
+        running.join(30)
+        fake.close()
+    assert not running.is_alive()
+
+
+def test_a_netlink_added_open_that_hangs_holds_up_no_other_event(host, tmp_path, flaky):
+    """Before: a device the kernel announced by netlink (ADDED_DEVICE, from inside its configfs
+    `enable`) was opened on the run loop: a handler open that hung held every other device's
+    events. Now it is opened on a thread of its own and answered when the open ends; a REMOVED
+    of it that comes meanwhile is handled after the open (the device then not left served), and
+    answered too."""
+    flaky.reachable.set()
+    flaky.gate.clear()  # the open of disk0 hangs
+    host.add("uio1", 1, "served", "null/", 4 * MIB)
+    _waits_for_replies(host, 1, "served")
+    with serving_netlink(host, tmp_path, {"flaky": flaky, "null": NullHandler}) as (d, fake, _):
+        try:
+            host.add("uio0", 0, "disk0", "flaky/", 4 * MIB, configured=False)
+            _waits_for_replies(host, 0, "disk0")
+            host.add("uio2", 2, "third", "null/", 4 * MIB, configured=False)
+            _waits_for_replies(host, 2, "third")
+            fake.send(_event(TcmuCmd.ADDED_DEVICE, host, "uio0", 10))
+            assert wait_until(lambda: flaky.opens), "the open did not begin"
+            fake.send(_event(TcmuCmd.ADDED_DEVICE, host, "uio2", 12))
+            assert wait_until(lambda: fake.answers(12), timeout=5), (
+                "another device's ADDED_DEVICE waited for an open that hangs")
+            assert fake.answers(12) == [(TcmuCmd.ADDED_DEVICE, 0)] and "uio2" in d.served
+            # A REMOVED of the device being opened, then one of a served device.
+            fake.send(_event(TcmuCmd.REMOVED_DEVICE, host, "uio0", 10),
+                      _event(TcmuCmd.REMOVED_DEVICE, host, "uio1", 11))
+            assert wait_until(lambda: fake.answers(11), timeout=5), (
+                "a REMOVED_DEVICE waited for another device's open")
+            assert fake.answers(11) == [(TcmuCmd.REMOVED_DEVICE, 0)] and "uio1" not in d.served
+            assert fake.answers(10) == [] and "uio0" not in d.served
+            flaky.gate.set()  # the open ends: answered, then removed and answered
+            assert wait_until(lambda: len(fake.answers(10)) == 2), fake.answers(10)
+            assert fake.answers(10) == [(TcmuCmd.ADDED_DEVICE, 0), (TcmuCmd.REMOVED_DEVICE, 0)]
+            assert "uio0" not in d.served and len(flaky.opens) == 1 and len(flaky.closed) == 1
+            host.run("uio2", cdbs.test_unit_ready())  # power-on UA
+            assert host.run("uio2", cdbs.read10(0, 1), data_in_len=512).good
+        finally:
+            flaky.gate.set()
+
+
+def test_stop_is_not_held_by_a_netlink_added_open_that_hangs(host, tmp_path, flaky,
+                                                              monkeypatch, caplog):
+    """Before: a SIGTERM during the run loop's open of a netlink-announced device was not looked
+    at until the open returned. Now the daemon stops within its deadline; the open is abandoned
+    (the device not served) and the kernel, which waits for the answer inside `enable`, is
+    answered -EINTR before the exit — once, also when the open ends later."""
+    import errno
+
+    import tcmu_py.daemon.serve as serve
+
+    monkeypatch.setattr(serve, "SHUTDOWN_SECONDS", 1.0)
+    flaky.reachable.set()
+    flaky.gate.clear()
+    d = make_daemon(host, tmp_path, {"flaky": flaky})
+    d.start()
+    fake = FakeNetlink()
+    d._netlink = fake
+    running = threading.Thread(target=d.run, kwargs={"install_signals": False}, daemon=True)
+    running.start()
+    try:
+        host.add("uio0", 0, "disk0", "flaky/", 4 * MIB, configured=False)
+        _waits_for_replies(host, 0, "disk0")
+        fake.send(_event(TcmuCmd.ADDED_DEVICE, host, "uio0", 10))
+        assert wait_until(lambda: flaky.opens), "the open did not begin"
+        t0 = time.monotonic()
+        d.stop()
+        running.join(15)
+        assert not running.is_alive() and time.monotonic() - t0 < 5, "the stop waited"
+        assert fake.answers(10) == [(TcmuCmd.ADDED_DEVICE, -errno.EINTR)]
+        assert "uio0" not in d.served
+        assert "disk0: its ADDED_DEVICE still being handled" in caplog.text
+        flaky.gate.set()  # the open ends after the exit: closed, not served, not answered again
+        assert wait_until(lambda: not d._handling), "the event's thread did not end"
+        assert fake.answers(10) == [(TcmuCmd.ADDED_DEVICE, -errno.EINTR)]
+        assert "uio0" not in d.served and len(flaky.closed) == 1
+    finally:
+        flaky.gate.set()
+        d.stop()
+        running.join(30)
+        fake.close()
+
+
+class _HangClose(NullHandler):
+    """A null disk whose close hangs (its storage not answering) until `release` is set;
+    `closing` is set once a close began."""
+
+    subtype = "hang"
+    release = threading.Event()
+    closing = threading.Event()
+
+    @classmethod
+    def open(cls, config: Any) -> Any:
+        release, closing = cls.release, cls.closing
+
+        class HangingClose(NullBackend):
+            def close(self) -> None:
+                closing.set()
+                release.wait(30)
+
+        return open_block_device(config, HangingClose(config.size, config.block_size))
+
+
+@pytest.fixture
+def hang_close():
+    _HangClose.release, _HangClose.closing = threading.Event(), threading.Event()
+    yield _HangClose
+    _HangClose.release.set()
+
+
+def test_a_netlink_removal_whose_close_hangs_holds_up_no_other_event(host, tmp_path,
+                                                                    hang_close, monkeypatch,
+                                                                    caplog):
+    """Before: a netlink REMOVED_DEVICE (`targetcli ... delete`) closed the handler on the run
+    loop: a close that hung held every other device's events, and the kernel's rmdir for good.
+    Now the device is retired on a thread of its own and the kernel answered once it closed or
+    after REMOVE_SECONDS; the close goes on."""
+    import tcmu_py.daemon.serve as serve
+
+    monkeypatch.setattr(serve, "REMOVE_SECONDS", 0.5, raising=False)
+    host.add("uio0", 0, "a", "hang/", 4 * MIB)
+    host.add("uio1", 1, "b", "null/", 4 * MIB)
+    for hba, dev in ((0, "a"), (1, "b")):
+        _waits_for_replies(host, hba, dev)
+    with serving_netlink(host, tmp_path, {"hang": hang_close, "null": NullHandler}) as (
+            d, fake, _):
+        try:
+            for node in ("uio0", "uio1"):
+                assert host.run(node, cdbs.test_unit_ready()).status == 2  # power-on attention
+            fake.send(_event(TcmuCmd.REMOVED_DEVICE, host, "uio0", 20))
+            assert hang_close.closing.wait(10), "the close did not begin"
+            fake.send(_event(TcmuCmd.REMOVED_DEVICE, host, "uio1", 21))
+            assert wait_until(lambda: fake.answers(21), timeout=5), (
+                "another device's REMOVED_DEVICE waited for a close that hangs")
+            assert fake.answers(21) == [(TcmuCmd.REMOVED_DEVICE, 0)] and "uio1" not in d.served
+            assert wait_until(lambda: fake.answers(20), timeout=5), "the kernel waits for good"
+            assert fake.answers(20) == [(TcmuCmd.REMOVED_DEVICE, 0)] and "uio0" not in d.served
+            assert not hang_close.release.is_set()  # answered while the close still hangs
+            assert "a: its handler is still closing" in caplog.text
+        finally:
+            hang_close.release.set()
+
+
+def _udev_observer(d: Daemon, monkeypatch: Any) -> Callable[[str, str], None]:
+    """Start `d`'s udev observer on a stand-in for pyudev; returns a function that delivers
+    one udev event (action, uio node) to it as the observer's thread would."""
+    import sys
+    import types
+
+    callbacks: list[Callable[[str, Any], None]] = []
+
+    class Monitor:
+        @staticmethod
+        def from_netlink(context: Any) -> Monitor:
+            return Monitor()
+
+        def filter_by(self, subsystem: str) -> None:
+            pass
+
+    class MonitorObserver:
+        def __init__(self, monitor: Monitor, callback: Callable[[str, Any], None],
+                     name: str) -> None:
+            callbacks.append(callback)
+
+        def start(self) -> None:
+            pass
+
+        def send_stop(self) -> None:
+            pass
+
+    pyudev = types.SimpleNamespace(Context=lambda: None, Monitor=Monitor,
+                                   MonitorObserver=MonitorObserver)
+    monkeypatch.setitem(sys.modules, "pyudev", pyudev)
+    d._start_udev()
+    (callback,) = callbacks
+    return lambda action, node: callback(action, types.SimpleNamespace(sys_name=node))
+
+
+def test_a_udev_removal_whose_close_hangs_holds_up_no_later_udev_event(host, tmp_path,
+                                                                     hang_close, monkeypatch):
+    """Before: the udev observer's "remove" closed the handler on the observer's thread: a
+    close that hung held every later udev event. Now the close runs on a thread of its own;
+    shutdown still waits for it."""
+    host.add("uio0", 0, "a", "hang/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"hang": hang_close, "null": NullHandler})
+    d.start_serving()
+    deliver = _udev_observer(d, monkeypatch)
+    try:
+        observer = threading.Thread(target=deliver, args=("remove", "uio0"),
+                                    name="test-udev", daemon=True)
+        observer.start()
+        assert hang_close.closing.wait(10), "the close did not begin"
+        observer.join(5)
+        assert not observer.is_alive(), "the udev observer waits for a close that hangs"
+        host.add("uio1", 1, "b", "null/", 4 * MIB)  # the next udev event
+        deliver("add", "uio1")
+        assert set(d.served) == {"uio1"}
+    finally:
+        hang_close.release.set()
+        d.shutdown()
+    assert not d._closing
+
+
+def test_a_vanished_device_whose_close_hangs_holds_up_no_rescan(host, tmp_path, hang_close):
+    """Before: a rescan (the run loop's) that found a device's uio gone closed its handler
+    itself: a close that hung held the run loop (netlink, later rescans, a SIGTERM). Now the
+    close runs on a thread of its own; shutdown still waits for it."""
+    import shutil
+
+    host.add("uio0", 0, "a", "hang/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"hang": hang_close})
+    d.start_serving()
+    try:
+        shutil.rmtree(host.uio_class / "uio0")
+        scanning = threading.Thread(target=d.rescan, name="test-rescan", daemon=True)
+        scanning.start()
+        assert hang_close.closing.wait(10), "the close did not begin"
+        scanning.join(5)
+        assert not scanning.is_alive(), "the rescan waits for a close that hangs"
+        assert "uio0" not in d.served
+    finally:
+        hang_close.release.set()
+        d.shutdown()
+    assert not d._closing

@@ -18,6 +18,7 @@ from tcmu_py.daemon import serve
 from tcmu_py.daemon.netlink import DeviceEvent, TcmuCmd
 from tcmu_py.daemon.serve import Daemon
 from tcmu_py.handlers.null import NullHandler
+from tcmu_py.testing import wait_until
 
 
 class FakeNetlink:
@@ -168,7 +169,8 @@ def test_removed_device_answered_though_its_configfs_is_gone(tmp_path: Path) -> 
     name = "tcm-user/3/d0/null/"
     fake = FakeNetlink([_added(3, "d0", "null/", 7)])
     d._netlink = fake
-    d._handle_netlink()
+    d._handle_netlink()  # handled on a thread of its own, answered when done
+    assert wait_until(lambda: len(fake.replies) == 1), "ADDED_DEVICE not answered"
     assert [st for _, st in fake.replies] == [0]
     # The kernel sends REMOVED_DEVICE from inside the rmdir, which holds the directory locked:
     # anything below it must not be touched (here: made unreadable, nl_reply_supported 0).
@@ -188,6 +190,7 @@ def test_removed_device_answered_though_its_configfs_is_gone(tmp_path: Path) -> 
     os.write(fake.w, b"x")
     try:
         d._handle_netlink()
+        assert wait_until(lambda: len(fake.replies) == 2), "REMOVED_DEVICE not answered"
     finally:
         d_serve.TcmuConfigfs = real
     assert not touched
