@@ -7,6 +7,7 @@ the loop too."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -90,37 +91,46 @@ class Disk:
         self.ring.close()
         self.dev.close()
 
+    def __enter__(self) -> Disk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def served_pool(src: str, capacity: int, **settings: Any) -> Iterator[DedupPool]:
+    """A pool made at `src` with a 4 MiB journal, open as a daemon's devices share it."""
+    create_pool(src, "j", capacity, journal=4 * MIB, **settings)
+    pool = acquire_pool(src)
+    try:
+        yield pool
+    finally:
+        release_pool(pool)
+
 
 def test_the_loops_records_replay_after_a_cut(root: Path) -> None:
     """WRITEs of whole chunks are the loop's (no Python on their path); reads return them at
     once, whole or in part; after SYNCHRONIZE CACHE a power cut keeps them: the next open
     replays the loop's records (their format and checksums are journal.py's)."""
     src = str(root / "pool")
-    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
-    pool = acquire_pool(src)
-    try:
-        d = Disk(pool, "d")
-        try:
-            assert d.write(8 * CS + BS, chunk(5)[:BS]).good  # part of a chunk: Python's
-            assert d.c_writes == (0, 0)
-            # The partial write's decision on space took the lease back: the next WRITE is
-            # appended by Python, which grants it again.
-            assert d.write(0, chunk(0, 2)).good
-            assert d.c_writes == (0, 0)
-            assert d.write(4 * CS, chunk(4)).good
-            assert d.write(0, chunk(9)).good  # chunk 0 again: the newer record wins
-            assert d.c_writes == (2, 0)
-            want = chunk(9) + chunk(0, 2)[CS:] + bytes(2 * CS) + chunk(4)
-            assert d.read(0, 5 * CS) == want
-            assert d.read(CS + 1024, 1024) == want[CS + 1024 : CS + 2048]  # part of a chunk
-            assert d.sync().good
-            assert pool.journal is not None and pool.journal.pending == 4 * CS  # 2 + 1 + 1
-            cut = shutil.copytree(src, str(root / "cut"),
-                                  ignore=shutil.ignore_patterns(".lock"))
-        finally:
-            d.close()
-    finally:
-        release_pool(pool)
+    with served_pool(src, 256 * MIB) as pool, Disk(pool, "d") as d:
+        assert d.write(8 * CS + BS, chunk(5)[:BS]).good  # part of a chunk: Python's
+        assert d.c_writes == (0, 0)
+        # The partial write's decision on space took the lease back: the next WRITE is
+        # appended by Python, which grants it again.
+        assert d.write(0, chunk(0, 2)).good
+        assert d.c_writes == (0, 0)
+        assert d.write(4 * CS, chunk(4)).good
+        assert d.write(0, chunk(9)).good  # chunk 0 again: the newer record wins
+        assert d.c_writes == (2, 0)
+        want = chunk(9) + chunk(0, 2)[CS:] + bytes(2 * CS) + chunk(4)
+        assert d.read(0, 5 * CS) == want
+        assert d.read(CS + 1024, 1024) == want[CS + 1024 : CS + 2048]  # part of a chunk
+        assert d.sync().good
+        assert pool.journal is not None and pool.journal.pending == 4 * CS  # 2 + 1 + 1
+        cut = shutil.copytree(src, str(root / "cut"),
+                              ignore=shutil.ignore_patterns(".lock"))
     with DedupPool.open(cut) as again:
         disk = again.open_disk("d", SIZE)
         got = bytearray(9 * CS)
@@ -136,34 +146,26 @@ def test_the_loop_leaves_the_crossing_and_the_hard_limit_to_python(root: Path) -
     reports THIN PROVISIONING SOFT THRESHOLD REACHED (38/07) once; a full pool refuses with
     SPACE ALLOCATION FAILED WRITE PROTECT (27/07) and nothing changes (SBC-4 4.7.3.7, 4.7.3.8)."""
     src = str(root / "pool")
-    create_pool(src, "j", 16 * CS, soft_threshold=50, journal=4 * MIB)
-    pool = acquire_pool(src)
-    try:
-        d = Disk(pool, "d")
-        try:
-            for k in range(7):  # 7 of 16 chunks: below 50 %
-                r = d.write(k * CS, chunk(k))
-                assert r.good, r
-            assert d.c_writes == (7, 0)
-            assert d.write(7 * CS, chunk(7)).good  # 8 of 16: the crossing, by Python
-            assert d.c_writes == (7, 1)
-            r = d.ring.run(cdbs.test_unit_ready())
-            assert r.sense_codes == (0x6, 0x38, 0x07), r
-            assert d.ring.run(cdbs.test_unit_ready()).good  # once
-            for k in range(8, 16):
-                assert d.write(k * CS, chunk(k)).good
-            r = d.write(16 * CS, chunk(16))
-            assert r.sense_codes == (0x7, 0x27, 0x07), r
-            assert d.read(16 * CS, CS) == bytes(CS)
-            assert d.write(17 * CS, chunk(3)).good  # a duplicate: fits
-            assert d.sync().good
-            assert pool.used == 16 * CS
-            assert d.read(0, 18 * CS) == b"".join(chunk(k) for k in range(16)) + bytes(CS) + \
-                chunk(3)
-        finally:
-            d.close()
-    finally:
-        release_pool(pool)
+    with served_pool(src, 16 * CS, soft_threshold=50) as pool, Disk(pool, "d") as d:
+        for k in range(7):  # 7 of 16 chunks: below 50 %
+            r = d.write(k * CS, chunk(k))
+            assert r.good, r
+        assert d.c_writes == (7, 0)
+        assert d.write(7 * CS, chunk(7)).good  # 8 of 16: the crossing, by Python
+        assert d.c_writes == (7, 1)
+        r = d.ring.run(cdbs.test_unit_ready())
+        assert r.sense_codes == (0x6, 0x38, 0x07), r
+        assert d.ring.run(cdbs.test_unit_ready()).good  # once
+        for k in range(8, 16):
+            assert d.write(k * CS, chunk(k)).good
+        r = d.write(16 * CS, chunk(16))
+        assert r.sense_codes == (0x7, 0x27, 0x07), r
+        assert d.read(16 * CS, CS) == bytes(CS)
+        assert d.write(17 * CS, chunk(3)).good  # a duplicate: fits
+        assert d.sync().good
+        assert pool.used == 16 * CS
+        assert d.read(0, 18 * CS) == b"".join(chunk(k) for k in range(16)) + bytes(CS) + \
+            chunk(3)
 
 
 def test_a_write_the_loop_could_not_append_is_never_taken(tmp_path: Path) -> None:
@@ -172,35 +174,27 @@ def test_a_write_the_loop_could_not_append_is_never_taken(tmp_path: Path) -> Non
     the chunk keeps its old bytes, the next SYNCHRONIZE CACHE drains the records around the
     void one into the index (rule 5), and once the file is writable the loop appends again."""
     src = str(tmp_path / "pool")
-    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
-    pool = acquire_pool(src)
-    try:
-        d = Disk(pool, "d")
+    with served_pool(src, 256 * MIB) as pool, Disk(pool, "d") as d:
+        assert d.write(0, chunk(0)).good
+        assert pool.journal is not None
+        jfd = pool.journal.fd
+        saved = os.dup(jfd)
+        ro = os.open(os.path.join(src, journal.JOURNAL_FILE), os.O_RDONLY)
+        os.dup2(ro, jfd)
         try:
-            assert d.write(0, chunk(0)).good
-            assert pool.journal is not None
-            jfd = pool.journal.fd
-            saved = os.dup(jfd)
-            ro = os.open(os.path.join(src, journal.JOURNAL_FILE), os.O_RDONLY)
-            os.dup2(ro, jfd)
-            try:
-                r = d.write(CS, chunk(1))
-                assert not r.good and r.sense_codes[0] in (0x3, 0x4), r
-            finally:
-                os.dup2(saved, jfd)
-                os.close(saved)
-                os.close(ro)
-            assert d.read(0, 2 * CS) == chunk(0) + bytes(CS)
-            assert d.sync().good
-            assert pool.journal.pending == 0  # drained: replay would stop at the void one
-            assert d.write(2 * CS, chunk(2)).good
-            assert d.write(3 * CS, chunk(3)).good
-            assert d.c_writes[0] >= 2
-            assert d.read(0, 4 * CS) == chunk(0) + bytes(CS) + chunk(2) + chunk(3)
+            r = d.write(CS, chunk(1))
+            assert not r.good and r.sense_codes[0] in (0x3, 0x4), r
         finally:
-            d.close()
-    finally:
-        release_pool(pool)
+            os.dup2(saved, jfd)
+            os.close(saved)
+            os.close(ro)
+        assert d.read(0, 2 * CS) == chunk(0) + bytes(CS)
+        assert d.sync().good
+        assert pool.journal.pending == 0  # drained: replay would stop at the void one
+        assert d.write(2 * CS, chunk(2)).good
+        assert d.write(3 * CS, chunk(3)).good
+        assert d.c_writes[0] >= 2
+        assert d.read(0, 4 * CS) == chunk(0) + bytes(CS) + chunk(2) + chunk(3)
     assert check_pool(src).clean
 
 
@@ -209,30 +203,21 @@ def test_a_fault_in_the_mapped_journal_is_a_write_python_makes() -> None:
     cut short under it: SIGBUS) voids the record and hands the WRITE to Python, which writes it
     (pwritev extends the file); nothing is lost, the next SYNCHRONIZE CACHE drains everything
     into the index, and the pool checks clean."""
-    root = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="tcmu-py-test-"))
-    src = str(root / "pool")
-    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
-    pool = acquire_pool(src)
-    try:
-        d = Disk(pool, "d")
-        try:
-            assert d.write(0, chunk(0)).good
-            assert d.c_writes == (1, 0)
-            assert pool.journal is not None
-            # Cut short 32 bytes past the first record: the second would cross the new end.
-            os.truncate(os.path.join(src, journal.JOURNAL_FILE), journal.HEADER + CS + 32)
-            r = d.write(CS, chunk(1))
-            assert r.good, r
-            assert d.c_writes == (1, 0)  # the loop's append faulted: Python wrote it
-            assert d.read(0, 2 * CS) == chunk(0) + chunk(1)
-            assert d.sync().good  # drains the records around the void one: rule 5
-            assert pool.journal.pending == 0
-            assert d.read(0, 2 * CS) == chunk(0) + chunk(1)
-        finally:
-            d.close()
-    finally:
-        release_pool(pool)
-        shutil.rmtree(root)
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="tcmu-py-test-") as root, \
+            served_pool(os.path.join(root, "pool"), 256 * MIB) as pool, Disk(pool, "d") as d:
+        src = pool.path
+        assert d.write(0, chunk(0)).good
+        assert d.c_writes == (1, 0)
+        assert pool.journal is not None
+        # Cut short 32 bytes past the first record: the second would cross the new end.
+        os.truncate(os.path.join(src, journal.JOURNAL_FILE), journal.HEADER + CS + 32)
+        r = d.write(CS, chunk(1))
+        assert r.good, r
+        assert d.c_writes == (1, 0)  # the loop's append faulted: Python wrote it
+        assert d.read(0, 2 * CS) == chunk(0) + chunk(1)
+        assert d.sync().good  # drains the records around the void one: rule 5
+        assert pool.journal.pending == 0
+        assert d.read(0, 2 * CS) == chunk(0) + chunk(1)
 
 
 def test_loops_racing_the_drainer_and_python(root: Path,
@@ -244,66 +229,59 @@ def test_loops_racing_the_drainer_and_python(root: Path,
     monkeypatch.setattr(journal.Journal, "background", True)
     monkeypatch.setattr(journal, "IDLE_SECONDS", 0.001)
     src = str(root / "pool")
-    create_pool(src, "j", 256 * MIB, journal=4 * MIB)
-    pool = acquire_pool(src)
     errors: list[BaseException] = []
     models = {name: bytearray(SIZE) for name in "ab"}
-    try:
-        disks = {name: Disk(pool, name) for name in "ab"}
-        try:
-            def work(t: int) -> None:
-                rng = random.Random(t)
-                name = "ab"[t % 2]
-                d, model = disks[name], models[name]
-                lo = (t // 2) * (SIZE // 2)  # each thread its own half of its disk
-                try:
-                    for _ in range(40):
-                        batch, spans = [], []
-                        for _ in range(rng.randrange(1, 6)):
-                            c = rng.randrange(SIZE // 2 // CS)
-                            if any(s <= c < e for s, e in spans):
-                                continue
-                            if rng.random() < 0.75:  # whole chunks, seldom duplicates
-                                n = min(rng.choice([1, 2, 4]), SIZE // 2 // CS - c)
-                                data = (chunk(rng.randrange(1 << 30), n) if rng.random() < 0.8
-                                        else chunk(rng.randrange(3)) * n)
-                                off = lo + c * CS
-                            else:  # part of one chunk
-                                n = 1
-                                a = rng.randrange(BPC)
-                                off = lo + c * CS + a * BS
-                                data = rng.randbytes(rng.randrange(1, BPC - a + 1) * BS)
-                            if any(s < c + n and c < e for s, e in spans):
-                                continue
-                            spans.append((c, c + n))
-                            batch.append((cdbs.write16(off // BS, len(data) // BS), data, 0))
-                            model[off : off + len(data)] = data
-                        pending = d.ring.submit_many(batch)
-                        d.ring.wait(pending)
-                        assert all(p.status == 0 for p in pending), pending
-                        if rng.random() < 0.3:
-                            assert d.read(lo, SIZE // 2) == model[lo : lo + SIZE // 2]
-                        if rng.random() < 0.1:
-                            assert d.sync().good
-                except BaseException as exc:  # noqa: BLE001 - reported below
-                    errors.append(exc)
+    with served_pool(src, 256 * MIB) as pool, Disk(pool, "a") as da, Disk(pool, "b") as db:
+        disks = {"a": da, "b": db}
+        def work(t: int) -> None:
+            rng = random.Random(t)
+            name = "ab"[t % 2]
+            d, model = disks[name], models[name]
+            lo = (t // 2) * (SIZE // 2)  # each thread its own half of its disk
+            try:
+                for _ in range(40):
+                    batch: list[tuple[bytes, bytes, int]] = []
+                    spans: list[tuple[int, int]] = []
+                    for _ in range(rng.randrange(1, 6)):
+                        c = rng.randrange(SIZE // 2 // CS)
+                        if any(s <= c < e for s, e in spans):
+                            continue
+                        if rng.random() < 0.75:  # whole chunks, seldom duplicates
+                            n = min(rng.choice([1, 2, 4]), SIZE // 2 // CS - c)
+                            data = (chunk(rng.randrange(1 << 30), n) if rng.random() < 0.8
+                                    else chunk(rng.randrange(3)) * n)
+                            off = lo + c * CS
+                        else:  # part of one chunk
+                            n = 1
+                            a = rng.randrange(BPC)
+                            off = lo + c * CS + a * BS
+                            data = rng.randbytes(rng.randrange(1, BPC - a + 1) * BS)
+                        if any(s < c + n and c < e for s, e in spans):
+                            continue
+                        spans.append((c, c + n))
+                        batch.append((cdbs.write16(off // BS, len(data) // BS), data, 0))
+                        model[off : off + len(data)] = data
+                    pending = d.ring.submit_many(batch)
+                    d.ring.wait(pending)
+                    assert all(p.status == 0 for p in pending), pending
+                    if rng.random() < 0.3:
+                        assert d.read(lo, SIZE // 2) == model[lo : lo + SIZE // 2]
+                    if rng.random() < 0.1:
+                        assert d.sync().good
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
 
-            threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(120)
-            assert not any(th.is_alive() for th in threads), "writers hung"
-            assert not errors, errors
-            for name, d in disks.items():
-                assert d.read(0, SIZE) == models[name]
-                assert d.sync().good
-            assert disks["a"].c_writes[0] > 0
-        finally:
-            for d in disks.values():
-                d.close()
-    finally:
-        release_pool(pool)
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not any(th.is_alive() for th in threads), "writers hung"
+        assert not errors, errors
+        for name, d in disks.items():
+            assert d.read(0, SIZE) == models[name]
+            assert d.sync().good
+        assert disks["a"].c_writes[0] > 0
     assert check_pool(src).clean
     with DedupPool.open(src) as again:
         for name in "ab":
