@@ -1756,6 +1756,9 @@ static int tcmu_py_map_copy(uint8_t *img, uint8_t *map, const struct iovec *src,
  * `xxhash` module journal.py checks records with. */
 #define XXH_INLINE_ALL
 #include <xxhash.h>
+#if XXH_VERSION_NUMBER < 800
+#error "xxhash.h before 0.8.0: its XXH3 is not the one python-xxhash and journal.py compute"
+#endif
 
 #define TCMU_PY_JL_HEADER 64                    /* journal.py HEADER */
 #define TCMU_PY_JL_SUMMED 48                    /* the header's bytes the checksum covers */

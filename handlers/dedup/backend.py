@@ -343,7 +343,7 @@ class DedupBackend(PoolDisk["DedupPool"]):
         # capacity and for the soft threshold (`DedupPool.crossing_hint`): LOG SENSE 0Ch's
         # used count is the one the threshold is met on (SBC-4 4.7.3.7).
         journal = pool.journal
-        used = pool.used + (0 if journal is None else journal.reserved)
+        used = pool.used + (0 if journal is None else journal.pending)
         return ProvisioningInfo(capacity=pool.capacity, used=used, device_used=used,
                                 soft_threshold=pool.soft_threshold, deduplicated=deduplicated,
                                 compressed=compressed)

@@ -243,6 +243,12 @@ class Journal:
             self._absorb()
             return self.reserved
 
+    def take_back(self) -> None:
+        """End the loops' lease (the pool's capacity or threshold changed: a budget granted
+        before may no longer fit); the next append of Python's or drain grants a new one."""
+        with self._mu:
+            self._revoke()
+
     def held(self) -> int:
         """The bytes the journal counts against the pool's capacity (its records' chunks),
         for a decision on space: the native loops' lease is taken back first, so that they do
@@ -467,15 +473,24 @@ class Journal:
             self._not_granted = ("stopping" if self._stopping else
                                  "a failed write" if self._voids else "a failed fdatasync")
             return
-        pos, end = self._free_run()
-        budget = min(self.pool.journal_budget(self.reserved), end - pos)
-        if budget < self.chunk_size:
-            self._not_granted = (f"no room: {end - pos} bytes free after the newest record"
-                                 if end - pos < self.chunk_size else
-                                 "the pool's capacity or soft threshold")
+        # The budget is read under the pool's lock (tried, never waited for: it comes before
+        # `_mu` in the lock order): a thread holding it may be deciding on space, counting on
+        # room a lease would give away; its drain or the next append of Python's grants then.
+        if not self.pool.lock.acquire(blocking=False):
+            self._not_granted = "the pool's lock was held (a decision on space)"
             return
-        self._not_granted = None
-        lease.grant(pos, end, self._next_seq, self._epoch, budget, self._limit // 4)
+        try:
+            pos, end = self._free_run()
+            budget = min(self.pool.journal_budget(self.reserved), end - pos)
+            if budget < self.chunk_size:
+                self._not_granted = (f"no room: {end - pos} bytes free after the newest record"
+                                     if end - pos < self.chunk_size else
+                                     "the pool's capacity or soft threshold")
+                return
+            self._not_granted = None
+            lease.grant(pos, end, self._next_seq, self._epoch, budget, self._limit // 4)
+        finally:
+            self.pool.lock.release()
 
     def _free_run(self) -> tuple[int, int]:
         """The bytes [pos, end) where the next records may go back to back (`_mu` held): after
@@ -557,9 +572,13 @@ class Journal:
     def tell_table(self, did: int, table: ChunkTable, idxs: Sequence[int],
                    fds: Sequence[int], offs: Sequence[int]) -> None:
         """`table.set` for the entries of chunks the overlay does not hold (the pool's lock
-        held): an index location must not replace a journal one that is newer."""
+        held): an index location must not replace a journal one that is newer. The loops'
+        records are absorbed first: a record appended before it whose table entry is gone (the
+        table was cleared) is in the overlay then; one appended after it left its entry, which
+        no index location replaces (`ChunkTable.set`)."""
         base = did << _IDX_BITS
         with self._mu:
+            self._absorb()
             overlay = self._overlay
             if overlay:
                 keep = [k for k, idx in enumerate(idxs) if base | idx not in overlay]

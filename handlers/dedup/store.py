@@ -1087,6 +1087,14 @@ class DedupPool(PhysicalPool):
                             soft_threshold=config.soft_threshold,
                             compression=config.compression))
 
+    def _adopt(self, config: Any) -> None:
+        """`PhysicalPool._adopt`, and the write journal's lease taken back: its budget was
+        counted against the old capacity and threshold."""
+        super()._adopt(config)
+        journal = getattr(self, "journal", None)  # (none yet at the pool's first config)
+        if journal is not None:
+            journal.take_back()
+
     def _update(self, change: Callable[[DedupPoolConfig], DedupPoolConfig]) -> None:
         with _config_lock(self.path):
             current = load_pool_config(self.path)
@@ -1803,7 +1811,11 @@ class DedupPool(PhysicalPool):
         used = self._figures.used + before
         room = c.capacity - used
         t = c.soft_threshold
-        if room > 0 and t is not None and not reaches(used, c.capacity, t):
+        if t is not None and reaches(used, c.capacity, t):
+            # None above the threshold: were the use to fall below it (the collector compacts,
+            # the threshold is raised), the loops' WRITEs would cross it unreported.
+            return 0
+        if room > 0 and t is not None:
             room = min(room, -(-c.capacity * t // 100) - 1 - used)  # stays below it
         return max(0, room)
 

@@ -307,3 +307,64 @@ def test_both_builds_of_the_loops_checksum_are_journal_py_s(build: int) -> None:
         want = xxhash.xxh3_64(head + data).intdigest()
         assert journal_checksum(head, data, build) == want, n
         assert journal_checksum(head, data) == want, n
+
+
+def test_a_cleared_table_is_never_told_an_older_location_than_the_loops_record(
+        tmp_path: Path) -> None:
+    """Chunk 3's newest bytes are a loop record Python has not taken yet, its index entry the
+    older ones; the table is cleared (a rolled-back commit, a healed chunk). A READ that misses
+    goes to Python, whose read tells the table the locations it found: before, the index's old
+    location of chunk 3 (the overlay did not hold the record yet), so every later READ the loop
+    served returned the bytes from before the WRITE. Now the journal takes the loop's records
+    before the table is told anything."""
+    src = str(tmp_path / "pool")
+    with served_pool(src, 256 * MIB) as pool, Disk(pool, "d") as d:
+        assert pool.journal is not None
+        assert d.write(3 * CS, chunk(1)).good
+        pool.journal.drain_all()  # the index holds chunk(1)
+        assert d.write(3 * CS, chunk(2)).good  # the loop's record, not yet taken
+        assert d.c_writes[0] == 2
+        table = d.dev.backend._table  # type: ignore[attr-defined]
+        with pool.lock:
+            table.clear()
+        for _ in range(3):  # a miss (Python), then the loop's own READs
+            assert d.read(2 * CS, 2 * CS) == bytes(CS) + chunk(2)
+
+
+def test_no_lease_above_the_soft_threshold(tmp_path: Path) -> None:
+    """A lease granted while the pool is above its soft threshold had the whole rest of the
+    capacity: once the use fell below (the collector compacted freed chunks), the loop's WRITEs
+    took it across the threshold again and nobody reported it. Now no lease is granted above
+    the threshold: WRITEs there are Python's, and the crossing after a fall is reported again
+    (SBC-4 4.7.3.7)."""
+    src = str(tmp_path / "pool")
+    with served_pool(src, 16 * CS, soft_threshold=50) as pool, Disk(pool, "d") as d:
+        assert pool.journal is not None
+        for k in range(8):  # the 8th reaches 50 %
+            assert d.write(k * CS, chunk(k)).good
+        assert d.ring.run(cdbs.test_unit_ready()).sense_codes == (0x6, 0x38, 0x07)
+        assert d.write(8 * CS, chunk(8)).good  # above: Python's, and no lease after it
+        before = d.c_writes
+        assert d.write(9 * CS, chunk(9)).good
+        assert d.c_writes == before
+        assert pool.journal.lease_state()["journal_c_not_granted"] == \
+            "the pool's capacity or soft threshold"
+        params = cdbs.unmap_parameters([(0, 10 * BPC)])
+        assert d.ring.run(cdbs.unmap(len(params)), data_out=params).good
+        assert d.sync().good
+        assert pool.collect(30, dead_percent=1).done and pool.used == 0
+        for k in range(8):  # up to 50 % again: the crossing is reported again
+            assert d.write(k * CS, chunk(20 + k)).good
+        assert d.ring.run(cdbs.test_unit_ready()).sense_codes == (0x6, 0x38, 0x07)
+
+
+def test_log_sense_counts_the_loops_records_at_once(tmp_path: Path) -> None:
+    """The used count of LOG SENSE 0Ch (the one the threshold is met on) holds the loop's
+    records the journal has not taken yet: before, it read the journal's count without taking
+    them (up to a drainer's wake-up behind)."""
+    src = str(tmp_path / "pool")
+    with served_pool(src, 256 * MIB) as pool, Disk(pool, "d") as d:
+        assert d.write(0, chunk(0, 4)).good
+        assert d.c_writes[0] == 1
+        assert d.dev.backend.provisioning().used == 4 * CS  # type: ignore[attr-defined]
+        assert pool.journal is not None and pool.journal.pending == 4 * CS
