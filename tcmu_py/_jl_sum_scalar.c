@@ -15,19 +15,5 @@
 #include <sys/uio.h>
 #include <xxhash.h>
 
-uint64_t tcmu_py_jl_sum_scalar(const uint8_t *head, size_t head_len, const uint8_t *map,
-                               const struct iovec *v, uint32_t n_iov);
-
-/* XXH3-64 of head[0..head_len) followed by the buffers v[k] (offsets into map). */
-uint64_t tcmu_py_jl_sum_scalar(const uint8_t *head, size_t head_len, const uint8_t *map,
-                               const struct iovec *v, uint32_t n_iov)
-{
-    XXH3_state_t st;
-    uint32_t i;
-
-    XXH3_64bits_reset(&st);
-    XXH3_64bits_update(&st, head, head_len);
-    for (i = 0; i < n_iov; i++)
-        XXH3_64bits_update(&st, map + (uintptr_t)v[i].iov_base, v[i].iov_len);
-    return XXH3_64bits_digest(&st);
-}
+#define TCMU_PY_JL_SUM_NAME tcmu_py_jl_sum_scalar
+#include "_jl_sum.h"

@@ -1693,6 +1693,15 @@ static int tcmu_py_loop_hand(struct tcmu_py_loop *l, const struct tcmu_py_entry 
 
 #define TCMU_PY_TMPFS_MAGIC 0x01021994
 
+/* Whether fd is a non-empty regular file on tmpfs (*st: its stat): one the loop may map. */
+static int tcmu_py_on_tmpfs(int fd, struct stat *st)
+{
+    struct statfs sf;
+
+    return fd >= 0 && fstat(fd, st) == 0 && S_ISREG(st->st_mode) && st->st_size > 0 &&
+           fstatfs(fd, &sf) == 0 && sf.f_type == TCMU_PY_TMPFS_MAGIC;
+}
+
 static __thread sigjmp_buf *tcmu_py_bus_jmp;
 static struct sigaction tcmu_py_bus_old;
 static pthread_once_t tcmu_py_bus_once = PTHREAD_ONCE_INIT;
@@ -1770,20 +1779,10 @@ typedef uint64_t (*tcmu_py_jl_sum_fn)(const uint8_t *, size_t, const uint8_t *,
 uint64_t tcmu_py_jl_sum_scalar(const uint8_t *head, size_t head_len, const uint8_t *map,
                                const struct iovec *v, uint32_t n_iov);
 
-/* XXH3-64 of head[0..head_len) followed by the buffers v[k] (offsets into map), in the build the
- * compiler picked for this CPU (SSE2 on x86-64). */
-static uint64_t tcmu_py_jl_sum_vector(const uint8_t *head, size_t head_len, const uint8_t *map,
-                                      const struct iovec *v, uint32_t n_iov)
-{
-    XXH3_state_t st;
-    uint32_t i;
-
-    XXH3_64bits_reset(&st);
-    XXH3_64bits_update(&st, head, head_len);
-    for (i = 0; i < n_iov; i++)
-        XXH3_64bits_update(&st, map + (uintptr_t)v[i].iov_base, v[i].iov_len);
-    return XXH3_64bits_digest(&st);
-}
+/* The checksum in the build the compiler picked for this CPU (SSE2 on x86-64). */
+#define TCMU_PY_JL_SUM_NAME tcmu_py_jl_sum_vector
+#include "_jl_sum.h"
+#undef TCMU_PY_JL_SUM_NAME
 
 static tcmu_py_jl_sum_fn tcmu_py_jl_sum = tcmu_py_jl_sum_vector;
 static pthread_once_t tcmu_py_jl_sum_once = PTHREAD_ONCE_INIT;
@@ -1858,7 +1857,6 @@ struct tcmu_py_jl {
 struct tcmu_py_jl *tcmu_py_jl_new(int32_t fd, uint32_t chunk, uint32_t max_notices)
 {
     struct tcmu_py_jl *j;
-    struct statfs sf;
     struct stat st;
     void *m;
 
@@ -1877,9 +1875,7 @@ struct tcmu_py_jl *tcmu_py_jl_new(int32_t fd, uint32_t chunk, uint32_t max_notic
     j->chunk = chunk;
     j->max_notices = max_notices;
     pthread_once(&tcmu_py_jl_sum_once, tcmu_py_jl_pick_sum);
-    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
-        (uint64_t)st.st_blocks * 512u >= (uint64_t)st.st_size &&
-        fstatfs(fd, &sf) == 0 && sf.f_type == TCMU_PY_TMPFS_MAGIC) {
+    if (tcmu_py_on_tmpfs(fd, &st) && (uint64_t)st.st_blocks * 512u >= (uint64_t)st.st_size) {
         pthread_once(&tcmu_py_bus_once, tcmu_py_bus_install);
         m = tcmu_py_bus_ok ? mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED,
                                   fd, 0) : MAP_FAILED;
@@ -1938,8 +1934,7 @@ void tcmu_py_jl_revoke(struct tcmu_py_jl *j)
     pthread_mutex_unlock(&j->mu);
 }
 
-uint32_t tcmu_py_jl_take(struct tcmu_py_jl *j, struct tcmu_py_jl_rec *out, uint32_t max,
-                         uint64_t *budget)
+uint32_t tcmu_py_jl_take(struct tcmu_py_jl *j, struct tcmu_py_jl_rec *out, uint32_t max)
 {
     uint32_t n;
 
@@ -1948,7 +1943,6 @@ uint32_t tcmu_py_jl_take(struct tcmu_py_jl *j, struct tcmu_py_jl_rec *out, uint3
     memcpy(out, j->notices, n * sizeof(*out));
     memmove(j->notices, j->notices + n, (j->n_notices - n) * sizeof(*out));
     j->n_notices -= n;
-    *budget = j->active ? j->budget : 0;
     pthread_mutex_unlock(&j->mu);
     return n;
 }
@@ -2789,14 +2783,11 @@ static void tcmu_py_loop_map(struct tcmu_py_loop *l)
 {
     const struct tcmu_py_extent *x = &l->x;
     int prot = x->reads_only ? PROT_READ : PROT_READ | PROT_WRITE;
-    struct statfs sf;
     struct stat st;
     int ok;
     void *m;
 
-    ok = x->fd >= 0 && fstat(x->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
-         fstatfs(x->fd, &sf) == 0 && sf.f_type == TCMU_PY_TMPFS_MAGIC &&
-         tcmu_py_extent_allocated(x, &st);
+    ok = tcmu_py_on_tmpfs(x->fd, &st) && tcmu_py_extent_allocated(x, &st);
     if (ok && l->img && l->img_dev == (uint64_t)st.st_dev && l->img_ino == (uint64_t)st.st_ino &&
         l->img_len == (uint64_t)st.st_size && l->img_prot == prot)
         return;

@@ -225,10 +225,8 @@ void tcmu_py_jl_grant(struct tcmu_py_jl *j, uint64_t pos, uint64_t end, uint64_t
                       uint32_t epoch, uint64_t budget, uint64_t max_record);
 /* End the lease: when it returns, no append is under way and none starts until a grant. */
 void tcmu_py_jl_revoke(struct tcmu_py_jl *j);
-/* Move up to `max` notices, oldest first, into out: their number. *budget receives the bytes
- * the lease has left (0 when it is not active), as of the last notice taken. */
-uint32_t tcmu_py_jl_take(struct tcmu_py_jl *j, struct tcmu_py_jl_rec *out, uint32_t max,
-                         uint64_t *budget);
+/* Move up to `max` notices, oldest first, into out: their number. */
+uint32_t tcmu_py_jl_take(struct tcmu_py_jl *j, struct tcmu_py_jl_rec *out, uint32_t max);
 /* The record checksum as the loop computes it (XXH3-64 of head[0..head_len) then data[0..n)):
  * build 0 with the SIMD the compiler picked for this CPU, 1 without; the loop uses the one that
  * ran faster when the first lease was made (tcmu_py_jl_sum_build: which). */

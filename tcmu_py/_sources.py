@@ -15,7 +15,7 @@ import os
 
 #: The files that make up the binding: its builder (which holds the kernel's cdef), the
 #: header and the C sources.
-SOURCES = ("_ffi_build.py", "_ring.h", "_ring.c", "_jl_sum_scalar.c")
+SOURCES = ("_ffi_build.py", "_ring.h", "_ring.c", "_jl_sum_scalar.c", "_jl_sum.h")
 
 
 def digest(directory: str) -> str | None:

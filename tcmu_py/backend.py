@@ -409,9 +409,9 @@ class JournalLease(Protocol):
     def revoke(self) -> None:
         """End the lease; when this returns no append is under way and none starts."""
 
-    def take(self) -> tuple[list[tuple[int, int, int, int, int, bool]], int]:
+    def take(self) -> list[tuple[int, int, int, int, int, bool]]:
         """The records appended since the last call, oldest first, as (seq, pos, disk, first
-        chunk, count, failed), and the bytes the lease has left (0 if none is active)."""
+        chunk, count, failed)."""
 
     @property
     def appends(self) -> int:

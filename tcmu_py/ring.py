@@ -1172,39 +1172,35 @@ class ChunkTable:
         self.chunk = chunk
         self.slots = slots
 
-    def set(self, idx: Sequence[int], fds: Sequence[int], offs: Sequence[int]) -> None:
-        """Chunk ``idx[k]`` is at ``offs[k]`` of ``fds[k]`` (-1: zeros; -2: forget it)."""
+    def _entries(self, idx: Sequence[int], offs: Sequence[int],
+                 fds: Sequence[int] | None = None) -> tuple[Any, Any, Any] | None:
+        """`idx`, `offs` and `fds` as the C arrays the setters take, or None when there is
+        nothing to set (no entries, or the table is closed). ValueError on unequal lengths."""
         n = len(idx)
         if not n or self.ptr is None:
-            return
-        if len(fds) != n or len(offs) != n:
+            return None
+        if len(offs) != n or (fds is not None and len(fds) != n):
             raise ValueError("chunk table: entries of unequal lengths")
-        lib.tcmu_py_cm_set(self.ptr, ffi.new("uint64_t[]", idx), ffi.new("int32_t[]", fds),
-                           ffi.new("uint64_t[]", offs), n)
+        return (ffi.new("uint64_t[]", idx), ffi.new("uint64_t[]", offs),
+                None if fds is None else ffi.new("int32_t[]", fds))
+
+    def set(self, idx: Sequence[int], fds: Sequence[int], offs: Sequence[int]) -> None:
+        """Chunk ``idx[k]`` is at ``offs[k]`` of ``fds[k]`` (-1: zeros; -2: forget it)."""
+        if (a := self._entries(idx, offs, fds)) is not None:
+            lib.tcmu_py_cm_set(self.ptr, a[0], a[2], a[1], len(idx))
 
     def set_journal(self, idx: Sequence[int], offs: Sequence[int], fd: int, seq: int) -> None:
         """Chunk ``idx[k]`` is at ``offs[k]`` of the journal `fd`, in record `seq` (unless its
         entry names a newer record)."""
-        n = len(idx)
-        if not n or self.ptr is None:
-            return
-        if len(offs) != n:
-            raise ValueError("chunk table: entries of unequal lengths")
-        lib.tcmu_py_cm_set_journal(self.ptr, ffi.new("uint64_t[]", idx),
-                                   ffi.new("uint64_t[]", offs), n, fd, seq)
+        if (a := self._entries(idx, offs)) is not None:
+            lib.tcmu_py_cm_set_journal(self.ptr, a[0], a[1], len(idx), fd, seq)
 
     def set_drained(self, idx: Sequence[int], fds: Sequence[int], offs: Sequence[int],
                     seq: int) -> None:
         """Record `seq`'s chunk ``idx[k]`` is at ``offs[k]`` of ``fds[k]`` now (-1 zeros, -2
         forget), unless its entry names a newer record."""
-        n = len(idx)
-        if not n or self.ptr is None:
-            return
-        if len(fds) != n or len(offs) != n:
-            raise ValueError("chunk table: entries of unequal lengths")
-        lib.tcmu_py_cm_set_drained(self.ptr, ffi.new("uint64_t[]", idx),
-                                   ffi.new("int32_t[]", fds), ffi.new("uint64_t[]", offs), n,
-                                   seq)
+        if (a := self._entries(idx, offs, fds)) is not None:
+            lib.tcmu_py_cm_set_drained(self.ptr, a[0], a[2], a[1], len(idx), seq)
 
     def get(self, idx: int) -> tuple[int, int] | None:
         """Chunk `idx`'s entry: (fd, offset), fd -1 for zeros; None when it has none."""
@@ -1264,7 +1260,6 @@ class JournalLease:
             raise MemoryError("journal lease")
         self.ptr: Any = ptr
         self._out = ffi.new("struct tcmu_py_jl_rec[]", self.NOTICES)
-        self._budget = ffi.new("uint64_t *")
 
     def grant(self, pos: int, end: int, seq: int, epoch: int, budget: int,
               max_record: int) -> None:
@@ -1273,12 +1268,11 @@ class JournalLease:
     def revoke(self) -> None:
         lib.tcmu_py_jl_revoke(self.ptr)
 
-    def take(self) -> tuple[list[tuple[int, int, int, int, int, bool]], int]:
+    def take(self) -> list[tuple[int, int, int, int, int, bool]]:
         out = self._out
-        n = int(lib.tcmu_py_jl_take(self.ptr, out, self.NOTICES, self._budget))
-        recs = [(int(r.seq), int(r.pos), int(r.disk), int(r.first), int(r.count),
+        n = int(lib.tcmu_py_jl_take(self.ptr, out, self.NOTICES))
+        return [(int(r.seq), int(r.pos), int(r.disk), int(r.first), int(r.count),
                  bool(r.failed)) for r in (out[k] for k in range(n))]
-        return recs, int(self._budget[0])
 
     @property
     def appends(self) -> int:

@@ -429,7 +429,7 @@ class Journal:
         lease = self._lease
         if lease is None:
             return
-        notices, _left = lease.take()
+        notices = lease.take()
         if not notices:
             return
         cs = self.chunk_size
