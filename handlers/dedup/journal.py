@@ -231,6 +231,9 @@ class Journal:
         #: was), for `lease_figures`.
         self._lease: JournalLease | None = None
         self._not_granted: str | None = None
+        #: A grant is wanted that only the drainer can make: one found the pool's lock held,
+        #: or a decision on space took the lease back (`_retry_grant`).
+        self._regrant = False
         self._c_voids = 0
 
     # ------------------------------------------------------------------------------------------
@@ -245,17 +248,18 @@ class Journal:
 
     def take_back(self) -> None:
         """End the loops' lease (the pool's capacity or threshold changed: a budget granted
-        before may no longer fit); the next append of Python's or drain grants a new one."""
+        before may no longer fit); the next append of Python's, drain or the drainer's next
+        look (once the pool's lock is free) grants a new one."""
         with self._mu:
-            self._revoke()
+            self._revoke("taken back (the pool's capacity or threshold changed)")
 
     def held(self) -> int:
         """The bytes the journal counts against the pool's capacity (its records' chunks),
         for a decision on space: the native loops' lease is taken back first, so that they do
-        not append into the room being decided on (the next append of Python's or drain
-        grants it again)."""
+        not append into the room being decided on (the next append of Python's, drain or the
+        drainer's next look once the decision released the pool's lock grants it again)."""
         with self._mu:
-            self._revoke()
+            self._revoke("taken back (a decision on space)")
             return self.reserved
 
     def _used(self) -> int:
@@ -455,17 +459,22 @@ class Journal:
         self._advance_written()
         self._mu.notify_all()
 
-    def _revoke(self) -> None:
-        """End the loops' lease and take what they appended (`_mu` held)."""
+    def _revoke(self, why: str | None = None) -> None:
+        """End the loops' lease and take what they appended (`_mu` held). `why`: for the
+        status, and the drainer grants again (`_retry_grant`); None: the caller does."""
         if self._lease is not None:
             self._lease.revoke()
             self._absorb()
+            if why is not None:
+                self._not_granted = why
+                self._regrant = True
 
     def _grant(self) -> None:
         """Lease the loops the journal's free run after its newest record, for what fits under
         the pool's capacity and soft threshold (`_mu` held). None while stopping, or after a
         failed write or fdatasync (Python's own path handles those, rule 5)."""
         lease = self._lease
+        self._regrant = False
         if lease is None:
             return
         self._revoke()
@@ -475,9 +484,11 @@ class Journal:
             return
         # The budget is read under the pool's lock (tried, never waited for: it comes before
         # `_mu` in the lock order): a thread holding it may be deciding on space, counting on
-        # room a lease would give away; its drain or the next append of Python's grants then.
+        # room a lease would give away; the drainer waits for it and grants then
+        # (`_retry_grant`), unless a drain or an append of Python's does first.
         if not self.pool.lock.acquire(blocking=False):
             self._not_granted = "the pool's lock was held (a decision on space)"
+            self._regrant = True
             return
         try:
             pos, end = self._free_run()
@@ -729,14 +740,32 @@ class Journal:
             return True
         return time.monotonic() - self._last_append >= IDLE_SECONDS
 
+    def _retry_grant(self) -> None:
+        """Grant the lease a grant elsewhere could not (`_regrant`): here, on the drainer's
+        thread, the pool's lock may be waited for, before `_mu` as the lock order has it (for
+        at most `IDLE_SECONDS`: tried again at the next look). Without it the loops' WRITEs
+        would go to Python until its next append or drain."""
+        if not self.pool.lock.acquire(timeout=IDLE_SECONDS):
+            return
+        try:
+            with self._mu:
+                if self._regrant:
+                    self._grant()
+        finally:
+            self.pool.lock.release()
+
     def _run(self) -> None:
         name_os_thread()
         while True:
             with self._mu:
-                while not self._stopping and not self._due():
+                while not self._stopping and not self._regrant and not self._due():
                     self._mu.wait(IDLE_SECONDS)
                 if self._stopping:
                     return
+                due = self._due()
+            if not due:
+                self._retry_grant()
+                continue
             try:
                 self._drain_step(wait=False)
             except Exception as exc:  # noqa: BLE001 - the records stay; retried

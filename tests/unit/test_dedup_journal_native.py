@@ -13,6 +13,7 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -368,3 +369,49 @@ def test_log_sense_counts_the_loops_records_at_once(tmp_path: Path) -> None:
         assert d.c_writes[0] == 1
         assert d.dev.backend.provisioning().used == 4 * CS  # type: ignore[attr-defined]
         assert pool.journal is not None and pool.journal.pending == 4 * CS
+
+
+def test_a_lease_taken_back_is_granted_again_once_the_pool_lock_is_free(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decision on space (here: the pool's capacity changed) takes the lease back, and a
+    grant needs the pool's lock free (tried, never waited for while the journal's own lock is
+    held). With nothing to drain and no WRITE of Python's, only the drainer grants again: it
+    waits for the pool's lock, and the loop's WRITEs are its own again without a WRITE of
+    Python's first. (Before, the lease stayed out until the next append or drain: a stretch of
+    WRITEs through Python, e.g. after each collector step.)"""
+    monkeypatch.setattr(journal.Journal, "background", True)
+    with served_pool(str(tmp_path / "pool"), 256 * MIB) as pool, Disk(pool, "d") as d:
+        jnl = pool.journal
+        assert jnl is not None
+        assert d.write(0, chunk(1)).good
+        assert d.c_writes == (1, 0)
+        assert d.sync().good
+        deadline = time.monotonic() + 10
+        while jnl.pending:  # the drainer drains it: nothing left for a drain to grant after
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        locked, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with pool.lock:
+                locked.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert locked.wait(10)
+            jnl.take_back()
+            for _ in range(3):  # the drainer looks, and cannot take the pool's lock
+                assert "journal_c_not_granted" in jnl.lease_state()
+                time.sleep(journal.IDLE_SECONDS)
+        finally:
+            release.set()
+            holder.join(10)
+        deadline = time.monotonic() + 10
+        while "journal_c_not_granted" in jnl.lease_state():
+            assert time.monotonic() < deadline, jnl.lease_state()
+            time.sleep(0.01)
+        assert d.write(CS, chunk(2)).good
+        assert d.c_writes == (2, 0)  # the loop's: granted without a WRITE of Python's
+        assert d.read(0, 2 * CS) == chunk(1) + chunk(2)
