@@ -687,6 +687,10 @@ struct tcmu_py_job {
     struct tcmu_py_loop *loop;
     struct iovec *iov;                     /* the command's buffers as pointers (malloc) */
     void *rbd_ret, *rbd_release;           /* librbd's functions, as declared when submitted */
+    /* The next job of its group (tcmu_py_rbd_join): commands adjacent in the ring and on the
+     * image, sent as one librbd operation of rbd_total bytes by the first, finished with it. */
+    struct tcmu_py_job *next;
+    uint64_t rbd_total;
     /* A mirror job: written to every leg (tcmu_py_mw_submit); finished when the last leg
      * answered, GOOD only if every leg took it. */
     struct tcmu_py_wi *wi;
@@ -2164,22 +2168,48 @@ static void *tcmu_py_worker_main(void *arg)
     return NULL;
 }
 
-/* librbd's completion of an RBD job (on librbd's finisher thread): GOOD when every byte moved
- * (a read returns its length, a write 0 or its length), else Python's with its fence. */
+/* The end of RBD group j (under the mutex): every job of it finished alike, one signal. */
+static void tcmu_py_rbd_end(struct tcmu_py_loop *l, struct tcmu_py_job *j, int ok)
+{
+    struct tcmu_py_job *m;
+    int rc = 0;
+
+    for (m = j; m; m = m->next) {
+        int r = tcmu_py_job_finish(l, m, ok);
+
+        if (r < 0 && !rc)
+            rc = r;
+    }
+    pthread_mutex_unlock(&l->mu);
+    tcmu_py_job_signal(l, rc, ok);
+    pthread_mutex_lock(&l->mu);
+    while (j) {
+        m = j->next;
+        j->next = NULL;
+        tcmu_py_job_free(l, j);
+        j = m;
+    }
+}
+
+/* librbd's completion of an RBD group (on librbd's finisher thread): GOOD when every byte
+ * moved (a read returns its length, a write 0 or its length), else each command Python's with
+ * its fence. */
 static void tcmu_py_rbd_done(void *completion, void *arg)
 {
-    struct tcmu_py_job *j = arg;
+    struct tcmu_py_job *j = arg, *m;
     struct tcmu_py_loop *l = j->loop;
     ssize_t ret = ((tcmu_py_rbd_ret_t)j->rbd_ret)(completion);
+    uint64_t total = j->rbd_total;
     int ok;
 
     ((tcmu_py_rbd_release_t)j->rbd_release)(completion);
-    ok = j->writing ? ret == 0 || (uint64_t)ret == j->total : ret >= 0 && (uint64_t)ret == j->total;
-    if (!ok && ret < 0)  /* Python answers it from the errno (a cluster that did not answer
+    ok = j->writing ? ret == 0 || (uint64_t)ret == total : ret >= 0 && (uint64_t)ret == total;
+    if (!ok && ret < 0)  /* Python answers them from the errno (a cluster that did not answer
                           * within osd_op_timeout is NOT READY at once, not tried again) */
-        ((struct tcmu_py_entry *)j->rec)->error = (uint32_t)-ret;
+        for (m = j; m; m = m->next)
+            ((struct tcmu_py_entry *)m->rec)->error = (uint32_t)-ret;
     pthread_mutex_lock(&l->mu);
-    tcmu_py_job_end(l, j, ok);
+    tcmu_py_rbd_end(l, j, ok);
     pthread_mutex_unlock(&l->mu);
 }
 
@@ -2220,46 +2250,100 @@ static struct tcmu_py_job *tcmu_py_job_take(struct tcmu_py_loop *l, const struct
     return j;
 }
 
-/* Submit entry h (a plain READ/WRITE of the declared RBD extent) to librbd, under the mutex,
- * which the submission releases: 1 when librbd took it (tcmu_py_rbd_done finishes it; the job
- * is not touched here again), 0 when it must go to Python (no memory, librbd refused it). */
-static int tcmu_py_rbd_submit(struct tcmu_py_loop *l, const struct tcmu_py_entry *h,
-                              const struct iovec *v, const struct tcmu_py_dp_cmd *c,
-                              uint64_t pos, uint64_t t0)
+/* A group of RBD commands the loop has taken and not yet sent (tcmu_py_rbd_join): plain
+ * READs or WRITEs (one direction, one FUA), each starting where the one before it ends, that
+ * came one after the other in the ring. librbd's cost is per operation (its dispatch, and a
+ * RADOS op per object touched, which the OSDs pay for too): an initiator's large request split
+ * into commands of hw_max_sectors costs one operation again, not one per piece. The commands
+ * were all outstanding at once, so SAM-5 puts no order between them; each keeps its job, its
+ * record and its fence, and is completed (or handed to Python) on its own. */
+struct tcmu_py_rbd_group {
+    struct tcmu_py_job *first, *last;
+    uint64_t end;                          /* the byte on the image after the last command */
+    uint32_t iov_cnt;
+};
+
+/* At most this much in one group: librbd's default object size (larger requests are split
+ * into objects by librbd itself: no gain in joining), and an iovec count any librbd takes. */
+enum { TCMU_PY_RBD_GROUP_BYTES = 4u << 20, TCMU_PY_RBD_GROUP_IOVS = 1024 };
+
+/* Take entry h (a plain READ/WRITE of the declared RBD extent) into group g, under the mutex
+ * (not released): 1 when taken (joining g, or starting it when g is empty), 0 when it does not
+ * join g (send g first, then try again) or no memory (g empty: it goes to Python). */
+static int tcmu_py_rbd_join(struct tcmu_py_loop *l, struct tcmu_py_rbd_group *g,
+                            const struct tcmu_py_entry *h, const struct tcmu_py_dp_cmd *c,
+                            uint64_t pos, uint64_t t0)
+{
+    struct tcmu_py_job *j;
+
+    if (g->first && (pos != g->end || (uint32_t)c->writing != g->first->writing ||
+                     (uint32_t)c->fua != g->first->fua ||
+                     g->first->rbd_total + c->total > TCMU_PY_RBD_GROUP_BYTES ||
+                     g->iov_cnt + h->iov_cnt > TCMU_PY_RBD_GROUP_IOVS))
+        return 0;
+    j = tcmu_py_job_take(l, h, c, pos, t0);
+    if (!j)
+        return 0;
+    j->next = NULL;
+    if (g->first) {
+        g->last->next = j;
+        g->first->rbd_total += c->total;
+        l->fig.merged++;
+    } else {
+        g->first = j;
+        j->rbd_total = c->total;
+    }
+    g->last = j;
+    g->end = pos + c->total;
+    g->iov_cnt += h->iov_cnt;
+    return 1;
+}
+
+/* Send group g to librbd as one operation and empty it, under the mutex, which the submission
+ * releases. A group librbd does not take (no memory, refused) is answered as a failed one:
+ * every command Python's with its fence. */
+static void tcmu_py_rbd_send(struct tcmu_py_loop *l, struct tcmu_py_rbd_group *g)
 {
     const struct tcmu_py_extent *x = &l->x;
-    tcmu_py_rbd_rw_t rw = (tcmu_py_rbd_rw_t)(c->writing ? x->rbd_aio_writev : x->rbd_aio_readv);
+    struct tcmu_py_job *j = g->first, *m;
+    tcmu_py_rbd_rw_t rw;
     void *image = x->rbd_image, *completion = NULL;
-    struct tcmu_py_job *j = tcmu_py_job_take(l, h, c, pos, t0);
-    uint32_t i;
+    uint32_t i, k = 0;
     int rc;
 
     if (!j)
-        return 0;
+        return;
+    memset(g, 0, sizeof(*g));
+    rw = (tcmu_py_rbd_rw_t)(j->writing ? x->rbd_aio_writev : x->rbd_aio_readv);
     j->rbd_ret = x->rbd_aio_get_return_value;
     j->rbd_release = x->rbd_aio_release;
-    j->iov = malloc((h->iov_cnt ? h->iov_cnt : 1) * sizeof(*j->iov));
-    if (j->iov)
-        for (i = 0; i < h->iov_cnt; i++) {
-            j->iov[i].iov_base = l->r->map + (uintptr_t)v[i].iov_base;
-            j->iov[i].iov_len = v[i].iov_len;
-        }
+    for (m = j; m; m = m->next)
+        k += ((const struct tcmu_py_entry *)m->rec)->iov_cnt;
+    j->iov = malloc((k ? k : 1) * sizeof(*j->iov));
     if (!j->iov ||
         ((tcmu_py_rbd_create_t)x->rbd_create_completion)(j, tcmu_py_rbd_done, &completion) < 0) {
-        tcmu_py_job_free(l, j);
-        return 0;
+        tcmu_py_rbd_end(l, j, 0);
+        return;
+    }
+    k = 0;
+    for (m = j; m; m = m->next) {
+        const struct tcmu_py_entry *h = (const struct tcmu_py_entry *)m->rec;
+        const struct iovec *v = (const struct iovec *)(m->rec + h->array_off);
+
+        for (i = 0; i < h->iov_cnt; i++, k++) {
+            j->iov[k].iov_base = l->r->map + (uintptr_t)v[i].iov_base;
+            j->iov[k].iov_len = v[i].iov_len;
+        }
     }
     /* Not under the mutex: librbd may complete (and so take the mutex) before it returns. No
-     * one else takes a job slot, so j is ours until this call returns. */
+     * one else takes a job slot, so the group is ours until this call returns. */
     pthread_mutex_unlock(&l->mu);
-    rc = rw(image, j->iov, (int)h->iov_cnt, pos, completion);
+    rc = rw(image, j->iov, (int)k, j->pos, completion);
     pthread_mutex_lock(&l->mu);
     if (rc < 0) {
         ((tcmu_py_rbd_release_t)j->rbd_release)(completion);  /* it never completes */
-        tcmu_py_job_free(l, j);
-        return 0;
+        tcmu_py_rbd_end(l, j, 0);
     }
-    return 1;
 }
 
 /* A leg of mirror job j answered (under the mutex): the last one finishes it. */
@@ -2381,6 +2465,7 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
 {
     const struct tcmu_py_extent *x = &l->x;
     uint64_t t0 = tcmu_py_now_ns();
+    struct tcmu_py_rbd_group g;
     int n, k, n_done = 0, has_tmr = 0, rc;
 
     n = tcmu_py_dequeue(l->r, l->out, TCMU_PY_DP_MAX);
@@ -2395,6 +2480,7 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
         tcmu_py_loop_map(l);
     }
     l->cp.len = 0;
+    memset(&g, 0, sizeof(g));
     for (k = 0; k < n; k++) {
         l->at[k] = l->cp.len;
         if (!tcmu_py_copy_entry(&l->cp, l->r->map, &l->out[k]))
@@ -2460,15 +2546,21 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
                 goto python;
             }
             if (x->fd < 0) {
-                /* RBD: every command is a job librbd completes. */
+                /* RBD: every command is a job librbd completes, sent with the ones before it
+                 * when adjacent (tcmu_py_rbd_join; sent when one does not join, before
+                 * anything goes to Python, and at the end of the batch). */
+                if (tcmu_py_rbd_join(l, &g, h, &c, pos, t0))
+                    continue;
+                if (g.first) {
+                    tcmu_py_rbd_send(l, &g);    /* it released the mutex: the checks again */
+                    goto again;
+                }
                 if (l->n_jobs >= TCMU_PY_JOBS) {
                     tcmu_py_jobs_slot(l);       /* every slot taken: as above */
                     goto again;
                 }
-                if (tcmu_py_rbd_submit(l, h, v, &c, pos, t0))
-                    continue;
-                goto python;                    /* the submission released the mutex: the */
-            }                                   /* fence check below runs on today's jobs */
+                goto python;                    /* no memory */
+            }
             if (l->n_started && c.total >= l->big) {
                 if (l->n_jobs >= TCMU_PY_JOBS) {
                     tcmu_py_jobs_drain(l);      /* every slot taken: as above */
@@ -2488,6 +2580,7 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
             }
         }
     python:
+        tcmu_py_rbd_send(l, &g);                /* ring order: the group before it */
         ordered = 0;
         if (h->op == TCMU_OP_CMD)
             f = tcmu_py_dp_fence(cdb);
@@ -2502,6 +2595,7 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
             return -ENOMEM;
         (*handed)++;
     }
+    tcmu_py_rbd_send(l, &g);
     if (n_done) {
         double took = (double)(tcmu_py_now_ns() - t0) / 1e9;
 
@@ -3003,6 +3097,7 @@ void tcmu_py_loop_figures(struct tcmu_py_loop *l, struct tcmu_py_loop_figures *o
     out->mapped += l->fig.mapped;
     out->probes += l->fig.probes;
     out->poll_switches += l->fig.poll_switches;
+    out->merged += l->fig.merged;
     for (b = 0; b < TCMU_PY_DP_HIST; b++)
         out->hist[b] += l->fig.hist[b];
     memset(&l->fig, 0, sizeof(l->fig));

@@ -396,6 +396,7 @@ struct tcmu_py_loop_figures {
     uint64_t mapped;         /* of `done`: bytes moved through the mapped image (memcpy) */
     uint64_t probes;         /* the busy-poll judge's probes, and its changes of mind */
     uint64_t poll_switches;
+    uint64_t merged;         /* of `done`: RBD commands sent within an adjacent one's operation */
     uint32_t hist[128];
 };
 

@@ -1052,13 +1052,14 @@ class NativeLoop:
         """What the thread did since the last call (and forget it): done, reads, writes,
         bytes_read, bytes_written, latency_seconds, wakeups, polled, poll_misses, batches,
         handed, mapped (of done: copied through the mapped image), probes and poll_switches
-        (the busy-poll judge's probes and changes of mind), hist (bucket -> count)."""
+        (the busy-poll judge's probes and changes of mind), merged (of done: RBD commands sent
+        within an adjacent one's librbd operation), hist (bucket -> count)."""
         f = ffi.new("struct tcmu_py_loop_figures *")
         lib.tcmu_py_loop_figures(self._ptr, f)
         out: dict[str, Any] = {k: getattr(f, k) for k in (
             "done", "reads", "writes", "bytes_read", "bytes_written", "latency_seconds",
             "wakeups", "polled", "poll_misses", "batches", "handed", "mapped", "probes",
-            "poll_switches")}
+            "poll_switches", "merged")}
         out["hist"] = {b: f.hist[b] for b in range(lib.TCMU_PY_DP_HIST) if f.hist[b]} \
             if f.done else {}
         self.executed += f.done

@@ -134,6 +134,7 @@ class Counters:
     polled: int = 0  # wake-ups saved: the busy-poll (`poll_seconds`) found the next command
     poll_misses: int = 0  # busy-poll watches that ended with nothing new (CPU spent for nothing)
     mapped: int = 0  # commands C copied through the mapped image (memcpy, not preadv/pwritev)
+    merged: int = 0  # RBD commands C sent to librbd within an adjacent one's operation
     poll_probes: int = 0  # the native loop's busy-poll judge: probes, and changes of its choice
     poll_switches: int = 0
     busy_seconds: float = 0.0
@@ -427,6 +428,7 @@ class DeviceRunner:
         c.poll_misses += f["poll_misses"]
         c.batches += f["batches"]
         c.mapped += f["mapped"]
+        c.merged += f["merged"]
         c.poll_probes += f["probes"]
         c.poll_switches += f["poll_switches"]
 

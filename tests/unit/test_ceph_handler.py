@@ -1340,6 +1340,53 @@ def test_read_write_in_c_against_a_byte_model(ceph_cluster: Any, native: bool) -
         dev.close()
 
 
+def test_adjacent_commands_go_to_librbd_as_one_operation(ceph_cluster: Any) -> None:
+    """Plain READs or WRITEs that come one after the other in the ring, each starting where the
+    one before it ends (an initiator's request split at hw_max_sectors), are one librbd
+    operation (the `merged` counter); each is still answered on its own and reads back as
+    written, across an object boundary too; a READ of blocks WRITEs in flight are writing still
+    goes to Python after them (ring order). A group librbd
+    fails (every OSD stopped) answers every command of it NOT READY within one timeout."""
+    timeout = 3
+    dev = _open(ceph_cluster, f"g-{uuid.uuid4().hex[:8]}",
+                extra=f";create=1;osd_op_timeout={timeout}")
+    h = RingHarness(dev, workers=4, native=True)
+    try:
+        assert h.run(cdbs.test_unit_ready()).sense_codes == (0x06, 0x29, 0x00)
+        assert h.runner.native is not None
+        rng = random.Random(77)
+        boundary = (4 << 20) // BS
+        # Two groups of four (the second across the object boundary), one alone, then READs
+        # of the first group's blocks, which must see the WRITEs before them.
+        starts = [100, 108, 116, 124, boundary - 16, boundary - 8, boundary, boundary + 8, 4000]
+        data = {lba: rng.randbytes(8 * BS) for lba in starts}
+        items = [(cdbs.write10(lba, 8), data[lba], 0) for lba in starts]
+        items += [(cdbs.read10(lba, 8), b"", 8 * BS) for lba in starts[:4]]
+        before = h.runner.refresh_counters().merged
+        pending = h.submit_many(items)
+        h.wait(pending, timeout=60)
+        assert all(p.status == 0 for p in pending), [p.sense for p in pending]
+        assert [p.data_in for p in pending[len(starts):]] == [data[lba] for lba in starts[:4]]
+        # The READs overlapped WRITEs in flight: Python's, after them (ring order).
+        assert h.runner.refresh_counters().merged - before == 3 + 3
+        pending = h.submit_many([(cdbs.read16(lba, 8), b"", 8 * BS) for lba in starts])
+        h.wait(pending, timeout=60)
+        assert [p.data_in for p in pending] == [data[lba] for lba in starts]
+        assert h.runner.refresh_counters().merged - before == 6 + 6
+        osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
+        with _stopped(osds):
+            pending = h.submit_many([(cdbs.write10(200 + 8 * k, 8), bytes(8 * BS), 0)
+                                     for k in range(3)])
+            h.wait(pending, timeout=8 * timeout)
+        assert h.runner.refresh_counters().merged - before == 12 + 2
+        for p in pending:
+            assert p.status == 2 and (p.sense[2] & 0xF, p.sense[12], p.sense[13]) == \
+                (0x02, 0x04, 0x01), p
+    finally:
+        h.close()
+        dev.close()
+
+
 def _wait_dequeued(h: RingHarness, timeout: float = 10.0) -> None:
     """Until the native loop has taken every entry the kernel published (bounded)."""
     assert wait_until(lambda: not h.runner.ring.has_new(), timeout, 0.001), \
