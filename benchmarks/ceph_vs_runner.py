@@ -109,7 +109,8 @@ def _profile(pid: int, seconds: float, raw: Path) -> subprocess.Popen[bytes] | N
 
 def _py_counters(disks: GuestDisks, name: str) -> dict[str, int]:
     """tcmu-py's counters of device `name`: commands, those C executed, wake-ups, batches,
-    errors ({} if the status cannot be read)."""
+    errors, merged (sent within an adjacent command's librbd operation); {} if the status
+    cannot be read."""
     from tcmu_py.daemon.control import query_status
     from tcmu_py.errors import TcmuError
 
@@ -120,7 +121,8 @@ def _py_counters(disks: GuestDisks, name: str) -> dict[str, int]:
     for d in st["devices"]:
         if d["name"] == name:
             c = d["counters"]
-            out = {k: int(c.get(k, 0)) for k in ("commands", "wakeups", "batches", "errors")}
+            out = {k: int(c.get(k, 0))
+                   for k in ("commands", "wakeups", "batches", "errors", "merged")}
             out["in_c"] = int((d.get("data_plane") or {}).get("commands", 0))
             return out
     return {}
