@@ -975,8 +975,9 @@ class TapeDrive(ScsiDevice):
 
     def check_mode_page(self, page: spc.ModePage, body: bytes, offset: int) -> bytes:
         if page.page_code == 0x0F and page.subpage == 0:
-            # SSC-5 8.3.3: an algorithm the drive does not have, named by its field.
-            ssc.check_compression_algorithms(body, offset)
+            # SSC-5 8.3.3: an algorithm the drive does not have, named by its field; 00h (no
+            # compression) with DCE zero, as Linux st sends it, is the drive's own.
+            body = ssc.accept_compression_algorithms(body, offset)
         if page.page_code != 0x11 or page.subpage != 0:
             return super().check_mode_page(page, body, offset)
         # SSC-5 8.3.6: the page length follows the number of size descriptors sent.

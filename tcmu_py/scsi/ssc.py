@@ -525,26 +525,43 @@ def data_compression_page(dce: bool, dcc: bool = True) -> tuple[bytes, bytes]:
 _ALGORITHM = struct.Struct(">I")
 
 
-def check_compression_algorithms(body: bytes, offset: int) -> None:
-    """Refuse a MODE SELECT of the Data Compression page (0Fh, whole page as sent, at `offset`
-    of the parameter list) that selects an algorithm other than the one this drive has.
+def accept_compression_algorithms(body: bytes, offset: int) -> bytes:
+    """`body` (a MODE SELECT of the Data Compression page 0Fh, whole page as sent, at `offset`
+    of the parameter list) as the generic changeable-mask check should see it, or
+    INVALID FIELD IN PARAMETER LIST for an algorithm this drive does not have.
 
-    SSC-5 8.3.3: a COMPRESSION ALGORITHM the device server does not support is INVALID FIELD IN
-    PARAMETER LIST; the DECOMPRESSION ALGORITHM is not changeable either. Only
-    `COMPRESSION_ALGORITHM` (01h, the default algorithm) is supported, in both. The sense points
-    at the 4-byte field itself: its first byte and bit 7 (SPC-5 4.4.5.2: a multiple-byte field
-    is named by its most significant byte, a multiple-bit one by its most significant bit;
-    the generic changeable-mask check names the first byte that differs, the LSB for 02h). A
-    page of another length is left to that check (PAGE LENGTH)."""
+    SSC-5 8.3.3: the COMPRESSION ALGORITHM is the one used when DCE is one; one the device
+    server does not support is INVALID FIELD IN PARAMETER LIST; 00h means that no algorithm
+    is selected (the page's wording since SCSI-2, as QIC-157 rev B carries it; drives such as
+    the StorageTek T10000 list 00h among the values MODE SELECT takes). This drive has one
+    algorithm, `COMPRESSION_ALGORITHM` (01h, the default):
+
+    * with DCE zero, 00h (no compression) is accepted and read as 01h, the algorithm the drive
+      keeps for when compression is enabled again: Linux st (`st_compression`) writes 00h
+      there with DCE zero when compression is turned off and its `c_algo` option is set, and
+      turns compression on again without touching the field when `c_algo` is zero;
+    * with DCE one, only 01h (00h would enable compression with no algorithm);
+    * the DECOMPRESSION ALGORITHM is 01h (DDE is always one and not changeable).
+
+    The sense points at the 4-byte field itself: its first byte and bit 7 (SPC-5 4.4.5.2: a
+    multiple-byte field is named by its most significant byte, a multiple-bit one by its
+    most significant bit). A page of another length is returned as it is, for the generic
+    check (PAGE LENGTH)."""
     if len(body) != 16:
-        return
+        return body
+    out = bytearray(body)
+    dce = bool(body[2] & 0x80)
+    if not dce and _ALGORITHM.unpack_from(body, 4)[0] == 0:
+        _ALGORITHM.pack_into(out, 4, COMPRESSION_ALGORITHM)
     for at, name in ((4, "COMPRESSION ALGORITHM"), (8, "DECOMPRESSION ALGORITHM")):
-        value = _ALGORITHM.unpack_from(body, at)[0]
+        value = _ALGORITHM.unpack_from(out, at)[0]
         if value != COMPRESSION_ALGORITHM:
             raise InvalidFieldInParameterList(
-                f"data compression page: {name} {value:#x} is not supported",
+                f"data compression page: {name} {value:#x} is not supported"
+                + (" with DCE one" if at == 4 and value == 0 else ""),
                 field_pointer=offset + at, bit_pointer=7,
             )
+    return bytes(out)
 
 
 def device_configuration_page(

@@ -492,6 +492,61 @@ def test_an_unsupported_compression_algorithm_is_refused_naming_its_field(
     assert tape.mode_sense(0x0F).data[16 + 4:16 + 12] == bytes.fromhex("0000000100000001")
 
 
+def _st_compression(tape: Tape, state: bool, c_algo: int) -> Result:
+    """What Linux st's `st_compression` sends for `mt compression <state>` with the st option
+    `c_algo`: MODE SENSE(6) of page 0Fh with the block descriptor, DCE set or cleared and,
+    when `c_algo` is not zero, byte 7 (the COMPRESSION ALGORITHM's last byte) set to `c_algo`
+    (on) or 0 (off), the header's reserved fields cleared, MODE SELECT(6) with PF."""
+    r = tape.run(bytes([0x1A, 0, 0x0F, 0, 0xFF, 0]), data_in_len=0xFF)
+    assert r.good, r
+    data = bytearray(r.data[:r.data[0] + 1])
+    page = 4 + data[3]
+    assert data[page] & 0x3F == 0x0F and data[page + 2] & 0x40  # DCC: st gives up without it
+    if state:
+        data[page + 2] |= 0x80
+    else:
+        data[page + 2] &= ~0x80
+    if c_algo:
+        data[page + 7] = c_algo if state else 0
+    data[0] = data[1] = 0
+    data[2] &= 0x7F
+    data[page] &= 0x3F
+    return tape.run(bytes([0x15, 0x10, 0, 0, len(data), 0]), bytes(data))
+
+
+def test_st_turns_compression_off_with_algorithm_0_and_on_again(tape: Tape) -> None:
+    """SSC-5 8.3.3: COMPRESSION ALGORITHM 00h means no algorithm selected; with DCE zero the
+    drive accepts it (Linux st sends it so when compression is turned off with `c_algo` set)
+    and keeps reporting its one algorithm, 01h, so that st turning compression on again
+    without `c_algo` (the field untouched) still asks for a supported one. Before: the
+    first MODE SELECT with 00h was INVALID FIELD IN PARAMETER LIST (byte 4 of the page)."""
+    algorithms = slice(16 + 4, 16 + 12)
+    assert _st_compression(tape, True, 1).good and tape.dev.compression
+    r = _st_compression(tape, False, 1)
+    assert r.good, r
+    assert not tape.dev.compression
+    page = tape.mode_sense(0x0F).data
+    assert not page[16 + 2] & 0x80 and page[algorithms] == bytes.fromhex("0000000100000001")
+    assert tape.mode_sense(0x10).data[16 + 14] == 0  # SELECT DATA COMPRESSION ALGORITHM
+    assert _st_compression(tape, True, 0).good and tape.dev.compression
+    assert _st_compression(tape, False, 0).good and not tape.dev.compression
+
+
+@pytest.mark.parametrize("algorithm", [0x02, 0x10, 0xFF, 0x0100_0000])
+def test_compression_off_still_refuses_an_algorithm_the_drive_lacks(
+        tape: Tape, algorithm: int) -> None:
+    """SSC-5 8.3.3: only 00h (none) is taken in place of the drive's 01h with DCE zero; any
+    other algorithm it does not have is refused naming the field's first byte, bit 7."""
+    page = bytearray(tape.mode_sense(0x0F).data[16:32])
+    page[0] &= 0x3F
+    page[4:8] = algorithm.to_bytes(4, "big")
+    plist = bytes([0, 0, 0, 0x10, 0, 0, 0, 0]) + bytes(page)
+    r = tape.run(bytes([0x55, 0x10, 0, 0, 0, 0, 0, 0, len(plist), 0]), plist)
+    assert r.sense_codes == (0x05, 0x26, 0x00), r
+    s = parse_sense(r.sense)
+    assert (s.in_cdb, s.field_pointer, s.bit_pointer) == (False, 8 + 4, 7)
+
+
 def test_log_pages(tape: Tape) -> None:
     r = tape.log_sense(0x00)
     pages = list(r.data[4 : 4 + int.from_bytes(r.data[2:4], "big")])
