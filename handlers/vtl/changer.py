@@ -125,7 +125,8 @@ class Changer(ScsiDevice):
         lib = self.library
         holders = list(_HOLDERS)
         pages += [
-            _fixed_page(smc.element_address_assignment_page(lib.ranges())),
+            _fixed_page(smc.element_address_assignment_page(lib.ranges()),
+                        smc.ELEMENT_ADDRESS_ASSIGNMENT_FIELDS),
             _fixed_page(smc.transport_geometry_page(lib.ranges()[ElementType.MEDIUM_TRANSPORT][1])),
             # SMC-3 device capabilities page: cartridges rest in storage, import/export and data
             # transfer elements (not in the transport) and move / exchange between any two of those
@@ -374,6 +375,7 @@ def _drive_identity(model: str) -> tuple[str, str]:
         return "TCMU-PY", model
 
 
-def _fixed_page(raw: bytes) -> spc.ModePage:
-    """A mode page none of whose fields MODE SELECT may change (SMC-3 pages 1Dh-1Fh)."""
-    return spc.ModePage.make(raw[0] & 0x3F, 0, raw[2:])
+def _fixed_page(raw: bytes, fields: tuple[spc.Field, ...] = ()) -> spc.ModePage:
+    """A mode page none of whose fields MODE SELECT may change (SMC-3 pages 1Dh-1Fh);
+    `fields` as `spc.ModePage` has them."""
+    return spc.ModePage.make(raw[0] & 0x3F, 0, raw[2:], fields=fields)

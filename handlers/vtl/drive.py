@@ -928,7 +928,9 @@ class TapeDrive(ScsiDevice):
         for cur, chg in pages:
             subpage = cur[1] if cur[0] & 0x40 else 0  # SPC-5 7.5.7: SPF selects sub_page format
             hl = 4 if subpage else 2
-            out.append(spc.ModePage.make(cur[0] & 0x3F, subpage, cur[hl:], chg[hl:]))
+            code = cur[0] & 0x3F
+            out.append(spc.ModePage.make(code, subpage, cur[hl:], chg[hl:],
+                                         fields=ssc.MODE_PAGE_FIELDS.get((code, subpage), ())))
         return out
 
     @command(Opcode.MODE_SENSE_6)

@@ -22,7 +22,7 @@ from tcmu_py.scsi.constants import (
     VpdPage,
 )
 from tcmu_py.scsi.sense import InvalidFieldInParameterList, ParameterListLengthError
-from tcmu_py.scsi.spc import ModePage, build_log_page, build_vpd_page
+from tcmu_py.scsi.spc import Field, ModePage, build_log_page, build_vpd_page
 
 _RC10 = struct.Struct(">II")
 # SBC-4 5.21.2 table 68: RETURNED LBA, BLOCK LENGTH, byte 12 (RC BASIS, P_TYPE, PROT_EN),
@@ -316,9 +316,19 @@ def build_read_defect_data(
 # --- mode pages (SBC-4 6.5) ------------------------------------------------------------------
 
 
+#: Read-Write Error Recovery (SBC-4 6.5.10): RECOVERY TIME LIMIT.
+READ_WRITE_ERROR_RECOVERY_FIELDS = (Field(10, 7, 16),)
+#: Caching (SBC-4 6.5.5): DEMAND READ and WRITE RETENTION PRIORITY, DISABLE PRE-FETCH TRANSFER
+#: LENGTH, MINIMUM PRE-FETCH, MAXIMUM PRE-FETCH, MAXIMUM PRE-FETCH CEILING, SYNC_PROG, CACHE
+#: SEGMENT SIZE.
+CACHING_FIELDS = (Field(3, 7, 4), Field(3, 3, 4), Field(4, 7, 16), Field(6, 7, 16),
+                  Field(8, 7, 16), Field(10, 7, 16), Field(12, 2, 2), Field(14, 7, 16))
+
+
 def read_write_error_recovery_page() -> ModePage:
     """Read-Write Error Recovery 01h (SBC-4 6.5.10): no retries or reallocation to report."""
-    return ModePage.make(ModePageCode.READ_WRITE_ERROR_RECOVERY, 0, bytes(0x0A))
+    return ModePage.make(ModePageCode.READ_WRITE_ERROR_RECOVERY, 0, bytes(0x0A),
+                         fields=READ_WRITE_ERROR_RECOVERY_FIELDS)
 
 
 def caching_mode_page(wce: bool, *, rcd: bool = False, wce_changeable: bool = False) -> ModePage:
@@ -331,7 +341,8 @@ def caching_mode_page(wce: bool, *, rcd: bool = False, wce_changeable: bool = Fa
     params[0] = (0x04 if wce else 0) | (0x01 if rcd else 0)
     mask = bytearray(0x12)
     mask[0] = 0x04 if wce_changeable else 0
-    return ModePage.make(ModePageCode.CACHING, 0, bytes(params), bytes(mask))
+    return ModePage.make(ModePageCode.CACHING, 0, bytes(params), bytes(mask),
+                         fields=CACHING_FIELDS)
 
 
 class ThresholdResource(IntEnum):
@@ -388,11 +399,16 @@ def logical_block_provisioning_mode_page(
     params = bytearray(12)
     params[0] = 0x01 if situa else 0
     mask = bytearray(12)
+    fields: list[Field] = []
     for t in thresholds:
+        at = 4 + len(params)  # the descriptor's first byte in the page (4-byte header)
+        # SBC-4 6.5.8 table 207: THRESHOLD TYPE, THRESHOLD ARMING, THRESHOLD COUNT.
+        fields += [Field(at, 5, 3), Field(at, 2, 3), Field(at + 4, 7, 32)]
         flags = (0x80 if t.enabled else 0) | (t.threshold_type << 3) | t.arming
         params += _THRESHOLD.pack(flags, t.resource, t.threshold_count)
         mask += _THRESHOLD.pack(0x80, 0, 0xFFFFFFFF)
-    return ModePage.make(ModePageCode.LOGICAL_BLOCK_PROVISIONING, 0x02, bytes(params), bytes(mask))
+    return ModePage.make(ModePageCode.LOGICAL_BLOCK_PROVISIONING, 0x02, bytes(params), bytes(mask),
+                         fields=fields)
 
 
 def lbp_thresholds(page: ModePage) -> list[ThresholdDescriptor]:

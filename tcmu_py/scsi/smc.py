@@ -600,6 +600,9 @@ _EAA = struct.Struct(">BBHHHHHHHH2x")
 _DEVCAP = struct.Struct(">BBBx4B4x4B4x")
 
 ELEMENT_ADDRESS_ASSIGNMENT_PAGE = 0x1D
+#: The element address assignment page's 2-byte fields (bytes 2-17): for each element type its
+#: first element address and its number of elements.
+ELEMENT_ADDRESS_ASSIGNMENT_FIELDS = tuple(spc.Field(b, 7, 16) for b in range(2, 18, 2))
 TRANSPORT_GEOMETRY_PAGE = 0x1E
 DEVICE_CAPABILITIES_PAGE = 0x1F
 

@@ -304,12 +304,31 @@ def mode_page_header(page_code: int, subpage: int, length: int, saveable: bool =
     return bytes([ps | page_code, length])
 
 
+class Field(NamedTuple):
+    """Where a field wider than one bit sits in a mode page, as the standard's page table shows
+    it: its first (most significant) byte, counted from the page's first byte (header
+    included), the most significant bit in that byte, and its width in bits (a 2-byte field
+    starting a byte is ``Field(byte, 7, 16)``)."""
+
+    byte: int
+    bit: int
+    width: int
+
+    def holds(self, byte: int, bit: int) -> bool:
+        """Whether bit `bit` of byte `byte` of the page belongs to this field."""
+        at = byte * 8 + 7 - bit
+        first = self.byte * 8 + 7 - self.bit
+        return first <= at < first + self.width
+
+
 @dataclass(frozen=True, slots=True)
 class ModePage:
     """One mode page: current, changeable-mask and default values as whole pages (header included).
 
     All three have the same length.  Build with :meth:`make`; MODE SELECT produces a new current
-    value through :func:`apply_mode_select`, stored with :meth:`with_current`.
+    value through :func:`apply_mode_select`, stored with :meth:`with_current`.  ``fields`` lists
+    the page's fields wider than one bit (:class:`Field`), so that a refusal names a field as
+    SPC-5 4.4.5.2 asks; a bit in none of them is a field of its own.
     """
 
     page_code: int
@@ -318,12 +337,26 @@ class ModePage:
     changeable: bytes
     default: bytes
     saveable: bool = False
+    fields: tuple[Field, ...] = ()
 
     def __post_init__(self) -> None:
         if not len(self.current) == len(self.changeable) == len(self.default):
             raise ValueError(f"mode page {self.page_code:02X}h: value lengths differ")
         if len(self.current) < self.header_length:
             raise ValueError(f"mode page {self.page_code:02X}h shorter than its header")
+        for f in self.fields:
+            if not (0 <= f.bit <= 7 and f.width > 1
+                    and (f.byte * 8 + 7 - f.bit + f.width) <= 8 * len(self.current)):
+                raise ValueError(f"mode page {self.page_code:02X}h: {f} is not in the page")
+
+    def field_of(self, byte: int, bit: int) -> tuple[int, int]:
+        """(byte, bit) naming the field that holds bit `bit` of byte `byte` (SPC-5 4.4.5.2: a
+        multiple-byte field by its first byte, a multiple-bit one by its most significant bit);
+        the bit itself when no listed field holds it."""
+        for f in self.fields:
+            if f.holds(byte, bit):
+                return f.byte, f.bit
+        return byte, bit
 
     @classmethod
     def make(
@@ -335,14 +368,18 @@ class ModePage:
         default: bytes | None = None,
         *,
         saveable: bool = False,
+        fields: Iterable[Field] = (),
     ) -> ModePage:
-        """A page from its parameter bytes (after the header); ``changeable`` defaults to none."""
+        """A page from its parameter bytes (after the header); ``changeable`` defaults to none.
+        ``fields`` are placed in the whole page (header included), as the standard's tables
+        number the bytes."""
         header = mode_page_header(page_code, subpage, len(params), saveable)
         mask = bytes(len(params)) if changeable is None else changeable
         dflt = params if default is None else default
         if not len(mask) == len(dflt) == len(params):
             raise ValueError(f"mode page {page_code:02X}h: value lengths differ")
-        return cls(page_code, subpage, header + params, header + mask, header + dflt, saveable)
+        return cls(page_code, subpage, header + params, header + mask, header + dflt, saveable,
+                   tuple(fields))
 
     @property
     def header_length(self) -> int:
@@ -376,8 +413,11 @@ def apply_mode_select(page: ModePage, body: bytes, offset: int) -> bytes:
 
     SPC-5 6.11 / 7.5.1: a page whose length differs from ours is INVALID FIELD IN PARAMETER LIST
     (pointing at the PAGE LENGTH field); a bit outside the changeable mask that differs from the
-    current value is INVALID FIELD IN PARAMETER LIST pointing at that byte and bit.  The header
-    of the result is ours (PS is reserved in MODE SELECT).  Nothing is changed on failure.
+    current value is INVALID FIELD IN PARAMETER LIST naming the field that holds it, the first
+    such field in the page: SPC-5 4.4.5.2, the field pointer at a multiple-byte field's first
+    (most significant) byte, the bit pointer at a multiple-bit field's most significant bit
+    (the page's ``fields``; a bit in none of them is named itself).  The header of the result
+    is ours (PS is reserved in MODE SELECT).  Nothing is changed on failure.
     """
     hlen = page.header_length
     if len(body) != len(page.current):
@@ -388,10 +428,11 @@ def apply_mode_select(page: ModePage, body: bytes, offset: int) -> bytes:
     for i in range(hlen, len(body)):
         diff = (body[i] ^ page.current[i]) & ~page.changeable[i] & 0xFF
         if diff:
+            byte, bit = page.field_of(i, diff.bit_length() - 1)
             raise InvalidFieldInParameterList(
                 f"mode page {page.page_code:02X}h/{page.subpage:02X}h byte {i} is not changeable",
-                field_pointer=offset + i,
-                bit_pointer=diff.bit_length() - 1,
+                field_pointer=offset + byte,
+                bit_pointer=bit,
             )
     return page.current[:hlen] + bytes(body[hlen:])
 
@@ -608,6 +649,17 @@ CONTROL_SWP_BYTE = 4
 CONTROL_SWP_BIT = 0x08
 
 
+#: Control mode page fields wider than a bit (SPC-5 7.5.8 table 457): TST, QUEUE ALGORITHM
+#: MODIFIER, QERR, UA_INTLCK_CTRL, AUTOLOAD MODE, BUSY TIMEOUT PERIOD, EXTENDED SELF-TEST
+#: COMPLETION TIME.
+CONTROL_FIELDS = (Field(2, 7, 3), Field(3, 7, 4), Field(3, 2, 2), Field(4, 5, 2),
+                  Field(5, 2, 3), Field(8, 7, 16), Field(10, 7, 16))
+#: Control Extension (SPC-5 7.5.9): INITIAL COMMAND PRIORITY.
+CONTROL_EXTENSION_FIELDS = (Field(5, 3, 4),)
+#: Informational Exceptions Control (SPC-5 7.5.13): MRIE, INTERVAL TIMER, REPORT COUNT.
+INFORMATIONAL_EXCEPTIONS_FIELDS = (Field(3, 3, 4), Field(4, 7, 32), Field(8, 7, 32))
+
+
 def control_mode_page(
     d_sense: bool = False,
     *,
@@ -637,19 +689,22 @@ def control_mode_page(
     mask = bytearray(0x0A)
     mask[0] = 0x04 if d_sense_changeable else 0
     mask[2] = 0x08 if swp_changeable else 0
-    return ModePage.make(ModePageCode.CONTROL, 0, bytes(params), bytes(mask))
+    return ModePage.make(ModePageCode.CONTROL, 0, bytes(params), bytes(mask),
+                         fields=CONTROL_FIELDS)
 
 
 def control_extension_mode_page() -> ModePage:
     """Control Extension 0Ah/01h (SPC-5 7.5.9), page length 1Ch; nothing changeable."""
-    return ModePage.make(ModePageCode.CONTROL, 0x01, bytes(0x1C))
+    return ModePage.make(ModePageCode.CONTROL, 0x01, bytes(0x1C),
+                         fields=CONTROL_EXTENSION_FIELDS)
 
 
 def informational_exceptions_control_page() -> ModePage:
     """Informational Exceptions Control 1Ch (SPC-5 7.5.13): DEXCPT=1, nothing is reported."""
     params = bytearray(0x0A)
     params[0] = 0x08  # DEXCPT
-    return ModePage.make(ModePageCode.INFORMATIONAL_EXCEPTIONS_CONTROL, 0, bytes(params))
+    return ModePage.make(ModePageCode.INFORMATIONAL_EXCEPTIONS_CONTROL, 0, bytes(params),
+                         fields=INFORMATIONAL_EXCEPTIONS_FIELDS)
 
 
 # --- LOG SENSE ------------------------------------------------------------------------------

@@ -504,6 +504,20 @@ def build_medium_type_support(descs: list[MediumTypeDescriptor]) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Mode pages: each builder returns (current, changeable) as whole pages, headers included.
 
+#: The fields wider than a bit of the pages MODE SELECT checks against their changeable mask
+#: (`spc.ModePage.fields`), by (page code, subpage). Page 11h has its own check
+#: (`parse_medium_partition_select`); page 1Dh has none.
+MODE_PAGE_FIELDS: dict[tuple[int, int], tuple[spc.Field, ...]] = {
+    # SSC-5 8.3.3 Data Compression: RED, COMPRESSION ALGORITHM, DECOMPRESSION ALGORITHM.
+    (0x0F, 0): (spc.Field(3, 6, 2), spc.Field(4, 7, 32), spc.Field(8, 7, 32)),
+    # SSC-5 8.3.4 Device Configuration: ACTIVE FORMAT, WRITE DELAY TIME, SOCF, EOD DEFINED,
+    # BUFFER SIZE AT EARLY WARNING, WTRE, REWIND ON RESET.
+    (0x10, 0): (spc.Field(2, 4, 5), spc.Field(6, 7, 16), spc.Field(8, 3, 2), spc.Field(10, 7, 3),
+                spc.Field(11, 7, 24), spc.Field(15, 7, 2), spc.Field(15, 4, 2)),
+    # SSC-5 8.3.5 Device Configuration Extension: PROGRAMMABLE EARLY WARNING SIZE.
+    (0x10, 1): (spc.Field(6, 7, 16),),
+}
+
 COMPRESSION_ALGORITHM = 0x01  # SSC-5 8.3.3: 01h = the device's default algorithm
 
 

@@ -9,6 +9,7 @@ import pytest
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.null import NullHandler
 from tcmu_py.scsi.cdb import StartStopUnit
+from tcmu_py.scsi.sense import parse_sense
 from tcmu_py.testing import cdbs, run_command
 
 BS = 512
@@ -88,3 +89,22 @@ def test_read_capacity_10_refuses_an_lba_without_pmi() -> None:
     assert run_command(dev, bytes([0x25, 0, 0, 0, 0, 5, 0, 0, 0, 0]),
                        data_in_len=8).sense_codes == (0x05, 0x24, 0x00)
     assert run_command(dev, bytes([0x25, 0, 0, 0, 0, 5, 0, 0, 1, 0]), data_in_len=8).good
+
+
+def test_mode_select_names_a_two_byte_field_by_its_first_byte() -> None:
+    """SPC-5 4.4.5.2: MODE SELECT changing the low byte of MAXIMUM PRE-FETCH (caching page 08h
+    bytes 8-9, SBC-4 6.5.5; not changeable) is refused with the field pointer at byte 8 of
+    the page, bit 7. Before: byte 9 and its highest differing bit."""
+    dev = _disk()
+    ms = run_command(dev, cdbs.mode_sense10(0x08, dbd=True), data_in_len=1024)
+    assert ms.good, ms
+    plist = bytearray(ms.data)
+    plist[0:2] = b"\0\0"
+    page = 8  # MODE SELECT(10) header, no block descriptor
+    assert plist[page] & 0x3F == 0x08
+    plist[page + 9] ^= 0x01
+    r = run_command(dev, cdbs.mode_select10(len(plist)), bytes(plist))
+    assert r.sense_codes == (0x05, 0x26, 0x00), r
+    s = parse_sense(r.sense)
+    assert (s.in_cdb, s.field_pointer, s.bit_pointer) == (False, page + 8, 7)
+

@@ -252,7 +252,54 @@ def test_mode_select_changes_only_changeable_bits():
     body[3] ^= 0x10  # QAM is not changeable
     with pytest.raises(InvalidFieldInParameterList) as exc:
         spc.apply_mode_select(page, bytes(body), 4)
-    assert (exc.value.field_pointer, exc.value.bit_pointer, exc.value.in_cdb) == (7, 4, False)
+    # SPC-5 4.4.5.2: QUEUE ALGORITHM MODIFIER (byte 3 bits 7-4) is named by its bit 7.
+    assert (exc.value.field_pointer, exc.value.bit_pointer, exc.value.in_cdb) == (7, 7, False)
+
+
+def _change(page: spc.ModePage, byte: int, bits: int) -> bytes:
+    body = bytearray(page.current)
+    body[byte] ^= bits
+    return bytes(body)
+
+
+@pytest.mark.parametrize("page,byte,bits,named", [
+    # SBC-4 6.5.5 caching page: 2-byte fields changed in their low byte only.
+    (sbc.caching_mode_page(wce=False), 5, 0x01, (4, 7)),  # DISABLE PRE-FETCH TRANSFER LENGTH
+    (sbc.caching_mode_page(wce=False), 9, 0x40, (8, 7)),  # MAXIMUM PRE-FETCH
+    (sbc.caching_mode_page(wce=False), 15, 0x02, (14, 7)),  # CACHE SEGMENT SIZE
+    (sbc.caching_mode_page(wce=False), 14, 0x01, (14, 7)),  # ... in its first byte's LSB
+    (sbc.caching_mode_page(wce=False), 3, 0x01, (3, 3)),  # WRITE RETENTION PRIORITY
+    (sbc.caching_mode_page(wce=False), 13, 0x01, (13, 0)),  # NUMBER OF CACHE SEGMENTS: 1 byte
+    # SPC-5 7.5.8 control page.
+    (spc.control_mode_page(), 9, 0x01, (8, 7)),  # BUSY TIMEOUT PERIOD
+    (spc.control_mode_page(), 11, 0x80, (10, 7)),  # EXTENDED SELF-TEST COMPLETION TIME
+    (spc.control_mode_page(), 2, 0x20, (2, 7)),  # TST
+    (spc.control_mode_page(), 3, 0x02, (3, 2)),  # QERR
+    (spc.control_mode_page(), 5, 0x40, (5, 6)),  # TAS: a single bit is named itself
+    # SPC-5 7.5.13 informational exceptions control: 4-byte fields.
+    (spc.informational_exceptions_control_page(), 7, 0x01, (4, 7)),  # INTERVAL TIMER
+    (spc.informational_exceptions_control_page(), 10, 0x10, (8, 7)),  # REPORT COUNT
+    # SBC-4 6.5.8: THRESHOLD ARMING of the first descriptor (page byte 16, bits 2-0).
+    (sbc.logical_block_provisioning_mode_page(threshold_count=1), 16, 0x01, (16, 2)),
+])
+def test_a_refused_field_is_named_by_its_first_byte_and_bit(page, byte, bits, named):
+    """SPC-5 4.4.5.2: a multiple-byte field in error is named by its first (most significant)
+    byte, a multiple-bit one by its most significant bit. Before: the pointer named the first
+    byte that differed and its highest differing bit (byte 9 for a MAXIMUM PRE-FETCH whose low
+    byte changed)."""
+    with pytest.raises(InvalidFieldInParameterList) as exc:
+        spc.apply_mode_select(page, _change(page, byte, bits), 20)
+    assert (exc.value.field_pointer, exc.value.bit_pointer) == (20 + named[0], named[1])
+
+
+def test_field_placement():
+    f = spc.Field(8, 7, 16)
+    assert [f.holds(b, 7) for b in (7, 8, 9, 10)] == [False, True, True, False]
+    assert spc.Field(3, 2, 2).holds(3, 1) and not spc.Field(3, 2, 2).holds(3, 0)
+    assert spc.Field(11, 7, 24).holds(13, 0) and not spc.Field(11, 7, 24).holds(14, 7)
+    with pytest.raises(ValueError):
+        # Bytes 19-20 of a page that ends at byte 19.
+        spc.ModePage.make(0x08, 0, bytes(0x12), fields=[spc.Field(19, 7, 16)])
 
 
 @st.composite
@@ -283,8 +330,13 @@ def test_mode_select_mask_property(case, offset):
         with pytest.raises(InvalidFieldInParameterList) as exc:
             spc.apply_mode_select(page, body, offset)
         i, d = bad[0]
-        assert exc.value.field_pointer == offset + i
-        assert exc.value.bit_pointer == d.bit_length() - 1
+        bit = d.bit_length() - 1
+        # SPC-5 4.4.5.2: the field holding that bit, by its first byte and bit.
+        spans = [{(f.byte + (7 - f.bit + k) // 8, 7 - (7 - f.bit + k) % 8)
+                  for k in range(f.width)} for f in page.fields]
+        named = next(((f.byte, f.bit) for f, span in zip(page.fields, spans, strict=True)
+                      if (i, bit) in span), (i, bit))
+        assert (exc.value.field_pointer, exc.value.bit_pointer) == (offset + named[0], named[1])
 
 
 def test_mode_select_wrong_page_length():

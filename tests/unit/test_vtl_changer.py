@@ -96,6 +96,20 @@ def test_mode_pages_as_ch_reads_them(tmp_path: Path) -> None:
     assert list(geo[:4]) == [0x1E, 2, 0, 0]
 
 
+def test_mode_select_names_an_element_address_field_by_its_first_byte(tmp_path: Path) -> None:
+    """SPC-5 4.4.5.2: changing the low byte of FIRST STORAGE ELEMENT ADDRESS (page 1Dh bytes
+    6-7, not changeable) is refused naming byte 6, bit 7. Before: byte 7 and the bit."""
+    dev = make(tmp_path)
+    r = run_command(dev, cdbs.mode_sense6(0x1D, dbd=True), data_in_len=255)
+    plist = bytearray(r.data)
+    plist[0] = 0
+    plist[4 + 7] ^= 0x01
+    r = run_command(dev, cdbs.mode_select6(len(plist)), bytes(plist))
+    assert r.sense_codes == (0x05, 0x26, 0x00), r
+    s = parse_sense(r.sense)
+    assert (s.in_cdb, s.field_pointer, s.bit_pointer) == (False, 4 + 6, 7)
+
+
 def test_read_element_status_all(tmp_path: Path) -> None:
     dev = make(tmp_path)
     es = status(dev)

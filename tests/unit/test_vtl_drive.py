@@ -547,6 +547,25 @@ def test_compression_off_still_refuses_an_algorithm_the_drive_lacks(
     assert (s.in_cdb, s.field_pointer, s.bit_pointer) == (False, 8 + 4, 7)
 
 
+@pytest.mark.parametrize("byte,bits,named", [
+    (7, 0x01, (6, 7)),  # WRITE DELAY TIME (bytes 6-7)
+    (13, 0x10, (11, 7)),  # BUFFER SIZE AT EARLY WARNING (bytes 11-13)
+    (10, 0x20, (10, 7)),  # EOD DEFINED (byte 10 bits 7-5)
+])
+def test_a_device_configuration_field_is_named_by_its_first_byte_and_bit(
+        tape: Tape, byte: int, bits: int, named: tuple[int, int]) -> None:
+    """SSC-5 8.3.4 / SPC-5 4.4.5.2: a field MODE SELECT may not change is named by its first
+    byte and most significant bit. Before: the byte and bit that differed."""
+    page = bytearray(tape.mode_sense(0x10).data[16:32])
+    page[0] &= 0x3F
+    page[byte] ^= bits
+    plist = bytes([0, 0, 0, 0x10, 0, 0, 0, 0]) + bytes(page)
+    r = tape.run(bytes([0x55, 0x10, 0, 0, 0, 0, 0, 0, len(plist), 0]), plist)
+    assert r.sense_codes == (0x05, 0x26, 0x00), r
+    s = parse_sense(r.sense)
+    assert (s.field_pointer, s.bit_pointer) == (8 + named[0], named[1])
+
+
 def test_log_pages(tape: Tape) -> None:
     r = tape.log_sense(0x00)
     pages = list(r.data[4 : 4 + int.from_bytes(r.data[2:4], "big")])
