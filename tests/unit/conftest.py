@@ -9,6 +9,8 @@ finds gets a deterministic regression test (as test_dedup_model's short-last-chu
 from one).
 """
 
+from __future__ import annotations
+
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)
@@ -22,6 +24,7 @@ import os  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -44,3 +47,25 @@ def ceph_cluster() -> Iterator[object]:
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# -- a tape drive with a cartridge loaded (tests/unit/vtl_fakes.py) ---------------------------
+
+if TYPE_CHECKING:
+    from vtl_fakes import FakeLibrary, Tape
+
+
+@pytest.fixture
+def lib(tmp_path: Path) -> FakeLibrary:
+    """An empty fake tape library keeping its cartridges in `tmp_path`."""
+    from vtl_fakes import FakeLibrary
+
+    return FakeLibrary(tmp_path)
+
+
+@pytest.fixture
+def tape(lib: FakeLibrary) -> Tape:
+    """A drive of `lib` with cartridge `vtl_fakes.BARCODE` loaded, unit attentions consumed."""
+    from vtl_fakes import load_tape
+
+    return load_tape(lib)

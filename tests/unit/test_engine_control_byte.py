@@ -5,10 +5,8 @@ CDB, byte 1 of a VARIABLE LENGTH one), bit 2 (SAM-5 5.2). Before, every command 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from test_vtl_drive import FakeLibrary, Tape
+from vtl_fakes import Tape
 
 from tcmu_py.device.block import BlockDevice
 from tcmu_py.device.command import Command
@@ -83,12 +81,7 @@ def test_naca_is_refused_for_every_command_of_a_disk(disk: Disk) -> None:
     assert disk.variable_calls == 0  # the handler never ran
 
 
-def test_naca_is_refused_for_every_command_of_a_tape_drive(tmp_path: Path) -> None:
-    lib = FakeLibrary(tmp_path)
-    lib.create("A00001L8")
-    tape = Tape(lib)
-    lib.move("A00001L8")
-    tape.clear_ua()
+def test_naca_is_refused_for_every_command_of_a_tape_drive(tape: Tape) -> None:
     assert _check_every_command(tape.dev) > 20
     assert tape.tell().object_id == 0  # no SPACE or LOCATE moved it
 

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from test_vtl_drive import FakeLibrary, Tape, _log_params
+from test_vtl_drive import _log_params
+from vtl_fakes import FakeLibrary, Tape
 
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.thin import ThinHandler, create_pool
@@ -30,32 +31,29 @@ def _log_sense(tape: Tape, page: int, pc: int) -> dict[int, int]:
 
 
 @pytest.fixture
-def tape(tmp_path: Path) -> Tape:
-    lib = FakeLibrary(tmp_path)
-    lib.create("TST001L8")
-    t = Tape(lib)
-    lib.move("TST001L8")
-    t.clear_ua()
-    assert t.write(b"x" * 1000).good and t.weof(1).good
-    t.rewind()
-    assert t.read(1000).good
-    return t
+def counted(tape: Tape) -> Tape:
+    """The loaded tape (conftest's `tape`) once a block and a filemark were written and the
+    block read back, so that the error counter pages have counts."""
+    assert tape.write(b"x" * 1000).good and tape.weof(1).good
+    tape.rewind()
+    assert tape.read(1000).good
+    return tape
 
 
 @pytest.mark.parametrize("page", [0x02, 0x03, 0x0C])
-def test_counters_default_and_threshold_values_are_zero(tape: Tape, page: int) -> None:
-    current = _log_sense(tape, page, 1)
+def test_counters_default_and_threshold_values_are_zero(counted: Tape, page: int) -> None:
+    current = _log_sense(counted, page, 1)
     assert any(current.values()), current  # the drive did count something
     for pc in (0, 2, 3):
-        assert _log_sense(tape, page, pc) == dict.fromkeys(current, 0), pc
-    assert _log_sense(tape, page, 1) == current  # reading the defaults reset nothing
+        assert _log_sense(counted, page, pc) == dict.fromkeys(current, 0), pc
+    assert _log_sense(counted, page, 1) == current  # reading the defaults reset nothing
 
 
-def test_list_parameters_ignore_page_control(tape: Tape) -> None:
-    capacity = _log_sense(tape, 0x31, 1)
+def test_list_parameters_ignore_page_control(counted: Tape) -> None:
+    capacity = _log_sense(counted, 0x31, 1)
     assert capacity[3] > 0  # binary format list: the medium's capacity whatever PC says
     for pc in (0, 2, 3):
-        assert _log_sense(tape, 0x31, pc) == capacity
+        assert _log_sense(counted, 0x31, pc) == capacity
 
 
 def test_tape_alert_flags_read_with_the_defaults_stay_set(tmp_path: Path) -> None:

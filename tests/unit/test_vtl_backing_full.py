@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_vtl_drive import FakeLibrary, Tape, sense
+from test_vtl_drive import sense
+from vtl_fakes import FakeLibrary, Tape
 
 from tcmu_py.handlers.vtl import cartridge as cartmod
 from tcmu_py.handlers.vtl.cartridge import BACKING_RESERVE, Cartridge

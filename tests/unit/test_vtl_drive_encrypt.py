@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_vtl_drive import FakeLibrary
+from vtl_fakes import FakeLibrary
 
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl import encryption as enc

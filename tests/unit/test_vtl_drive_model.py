@@ -12,7 +12,7 @@ from pathlib import Path
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from test_vtl_drive import FakeLibrary, Tape
+from vtl_fakes import FakeLibrary, Tape
 
 from tcmu_py.handlers.vtl import cartridge as cartridge_module
 from tcmu_py.handlers.vtl.cartridge import Cartridge

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_vtl_drive import FakeLibrary
+from vtl_fakes import FakeLibrary
 
 from tcmu_py.handler import DeviceConfig
 from tcmu_py.handlers.vtl.drive import TapeDrive
