@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #include <linux/target_core_user.h>
 
 #include "_ring.h"
@@ -175,9 +176,18 @@ static uint32_t tcmu_py_skip_tail(struct tcmu_py_ring *r, uint32_t tail, uint32_
     return tail;
 }
 
+static uint64_t tcmu_py_now_ns(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
 int tcmu_py_dequeue(struct tcmu_py_ring *r, struct tcmu_py_entry *out, int max_out)
 {
     uint32_t head = tcmu_py_load_head(r);
+    uint64_t now = tcmu_py_now_ns();
     uint32_t tail, new_tail;
     int n = 0, rc = TCMU_PY_OK;
 
@@ -218,6 +228,7 @@ int tcmu_py_dequeue(struct tcmu_py_ring *r, struct tcmu_py_entry *out, int max_o
             out[n].op = tcmu_hdr_get_op(hdr->len_op);
             out[n].error = 0;
             out[n].pad = 0;
+            out[n].arrived_ns = now;
             n++;
         }
         r->cursor = (off + len) % r->cmdr_size;
@@ -330,7 +341,6 @@ int tcmu_py_complete_batch(struct tcmu_py_ring *r, const struct tcmu_py_rsp *rsp
 
 #include <errno.h>
 #include <math.h>
-#include <time.h>
 #include <unistd.h>
 #include <sys/types.h>
 
@@ -753,14 +763,6 @@ struct tcmu_py_loop {
     struct tcmu_py_poll_judge judge;       /* whether to busy-poll (the loop thread, mutex) */
     struct tcmu_py_loop_figures fig;
 };
-
-static uint64_t tcmu_py_now_ns(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
 
 /* ---- A mirror's write fan-out: write-intent regions (struct tcmu_py_wi) ---- */
 

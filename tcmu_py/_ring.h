@@ -51,6 +51,8 @@ struct tcmu_py_entry {
     uint32_t error;          /* a hand-off record of a command the native loop tried and
                               * failed: the errno its I/O failed with (librbd's); else 0 */
     uint32_t pad;
+    uint64_t arrived_ns;     /* CLOCK_MONOTONIC when it was dequeued (a native loop's record
+                              * reaches Python later: a command's time counts from here) */
 };
 
 /* One completion for tcmu_py_complete_batch. */

@@ -239,6 +239,10 @@ class RingCommand:
     #: The errno a native loop's own attempt at it failed with (librbd's), 0 if none: the
     #: loop hands such a command to Python, whose answer may rest on it (`Command`).
     native_error: int = 0
+    #: `time.monotonic()` when C dequeued it (CLOCK_MONOTONIC, the clock of both): a native
+    #: loop's hand-off reaches Python later, by as long as a loaded machine takes to wake
+    #: Python's thread, and the kernel's ``cmd_time_out`` runs from about here.
+    arrived: float = 0.0
 
 
 @dataclass(slots=True)
@@ -280,8 +284,9 @@ _ERRORS = {
 }
 
 # struct tcmu_py_entry (_ring.h): cdb_off, array_off, offset, length, op, cmd_id, iov_cnt,
-# iov_bidi_cnt, cdb_len, reserved, error, pad. tests/unit/test_ffi_offsets.py checks it.
-_ENTRY = struct.Struct("=QQ10I")
+# iov_bidi_cnt, cdb_len, reserved, error, pad, arrived_ns. tests/unit/test_ffi_offsets.py
+# checks it.
+_ENTRY = struct.Struct("=QQ10IQ")
 _IOVEC = struct.Struct("<QQ")
 # struct tcmu_py_rsp: cmd_id, scsi_status, sense_len, has_read_len, read_len, sense[96]
 _RSP = struct.Struct("=5I96s")
@@ -468,14 +473,13 @@ class Ring:
             if n < 0:
                 self._check(n)
             for i in range(n):
-                cdb_off, array_off, offset, _, op, cmd_id, n_out, n_bidi, cdb_len, _, _, _ = (
-                    unpack_entry(raw, i * _ENTRY.size)
-                )
+                (cdb_off, array_off, offset, _, op, cmd_id, n_out, n_bidi, cdb_len, _, _, _,
+                 arrived_ns) = unpack_entry(raw, i * _ENTRY.size)
                 if op != _OP_CMD:
                     self._tmr(tmrs, mv, array_off, n_out, n_bidi)
                     continue
                 self._command(cmds, mv, cdb_off, array_off, offset, cmd_id, n_out, n_bidi,
-                              cdb_len)
+                              cdb_len, arrived_ns)
                 if plane is not None:
                     plane.deferred(cmd_id, i)
             if plane is not None:
@@ -496,10 +500,11 @@ class Ring:
 
     def _command(self, cmds: list[RingCommand], meta: Any, cdb_off: int, array_off: int,
                  offset: int, cmd_id: int, n_out: int, n_bidi: int, cdb_len: int,
-                 native_error: int = 0) -> None:
+                 arrived_ns: int, native_error: int = 0) -> None:
         """Append the command whose CDB and iovec array are in `meta` (the mapping, or a
         native loop's hand-off record); its buffers are views of the mapping's data area.
-        `native_error`: the errno of the native loop's failed attempt at it (0: none)."""
+        `arrived_ns`: when C dequeued it (CLOCK_MONOTONIC). `native_error`: the errno of the
+        native loop's failed attempt at it (0: none)."""
         if cmd_id in self._in_flight:
             raise RingError(f"cmd_id {cmd_id} at ring offset {offset} is already in flight")
         mv = self._mv
@@ -521,6 +526,7 @@ class Ring:
             cmd = RingCommand(cmd_id, cdb, views[:n_out], views[n_out:], out_len, length - out_len)
         else:
             cmd = RingCommand(cmd_id, cdb, views, views, length, length)
+        cmd.arrived = arrived_ns * 1e-9
         if native_error:
             cmd.native_error = native_error
         cmds.append(cmd)
@@ -540,12 +546,12 @@ class Ring:
             pos = 0
             while pos < used:
                 (cdb_off, array_off, offset, _, op, cmd_id, n_out, n_bidi, cdb_len, size,
-                 error, _) = unpack_entry(raw, pos)
+                 error, _, arrived_ns) = unpack_entry(raw, pos)
                 if op != _OP_CMD:
                     self._tmr(tmrs, raw, pos + array_off, n_out, n_bidi)
                 else:
                     self._command(cmds, raw, pos + cdb_off, pos + array_off, offset, cmd_id,
-                                  n_out, n_bidi, cdb_len, error)
+                                  n_out, n_bidi, cdb_len, arrived_ns, error)
                 pos += size
             if not used:
                 return cmds, tmrs

@@ -598,7 +598,7 @@ class DeviceRunner:
                 rc.cmd_id,
                 lengths=(rc.out_len, rc.in_len),
                 native_error=rc.native_error,
-                arrived=now,
+                arrived=rc.arrived or now,  # when C dequeued it: before this thread woke
             )
             if not queue_rest and self._is_inline(is_inline, rc.cdb) and not (
                     native is not None and native.fence_busy(rc.cmd_id)):

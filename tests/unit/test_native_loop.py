@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_dataplane import BLOCKS, BS, GatedRaw, make_device
 
 from tcmu_py.device.runner import DeviceRunner, serve_in_thread
@@ -119,6 +120,40 @@ def test_every_command_handed_over_is_answered_when_the_loop_stops(tmp_path: Pat
     h.close()  # joins the runner; checks the fake kernel is idle
     assert all(p.done for p in pend)
     assert {p.status for p in pend} == {0}
+
+
+def test_a_command_handed_over_arrived_when_c_dequeued_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Command.arrived` of a command C handed to Python is when C dequeued it, not when
+    Python took it: a loaded machine wakes Python late, and the kernel's ``cmd_time_out``
+    (which ceph's one ``osd_op_timeout`` per command stays within) runs all the same. Before,
+    it was when Python took it: here, after the hand-off was seen."""
+    device = make_device(tmp_path, "arrived")
+    h = RingHarness(device, workers=1, native=True)
+    loop = h.runner.native
+    assert loop is not None
+    arrived: list[float] = []
+    execute = device.execute
+
+    def record(cmd: Any) -> Any:
+        arrived.append(cmd.arrived)
+        return execute(cmd)
+
+    monkeypatch.setattr(device, "execute", record)
+    try:
+        h.run(cdbs.test_unit_ready())
+        arrived.clear()
+        with h.runner._ring_lock:  # Python takes nothing meanwhile
+            submitted = time.monotonic()
+            pend = h.submit_many([(cdbs.write_same10(0, 2), b"\x5a" * BS, 0)])
+            assert wait_until(lambda: loop.fences == 1)  # handed over, not taken
+            handed = time.monotonic()
+        h.wait(pend)
+        assert pend[0].status == 0
+        assert len(arrived) == 1 and submitted <= arrived[0] <= handed, (
+            submitted, arrived, handed)
+    finally:
+        h.close()
 
 
 def test_a_corrupt_ring_stops_the_device_with_a_reason(tmp_path: Path) -> None:
