@@ -556,8 +556,10 @@ def test_cluster_unavailable_is_retryable_not_ready(ceph_cluster: Any) -> None:
             waited_w = time.monotonic() - t0
         assert r.sense_codes == (0x02, 0x04, 0x01), (r, waited, [p.pid for p in osds])
         assert w.sense_codes == (0x02, 0x04, 0x01), (w, waited_w)
-        for took in (waited, waited_w):  # one timeout, not two (librbd's timer, not a race)
-            assert timeout * 0.75 <= took < timeout * 1.7, (waited, waited_w)
+        # One timeout, not two: a second try starts once the first failed (librbd's timer:
+        # no sooner than one timeout after the submission) and takes another.
+        for took in (waited, waited_w):
+            assert timeout * 0.75 <= took < 2 * timeout, (waited, waited_w)
         assert _executed(h) == 1  # C's tries failed: not counted
         deadline = time.monotonic() + 60
         while True:  # the retry an initiator makes, bounded
@@ -595,7 +597,9 @@ def test_deallocations_over_several_objects_answer_within_one_timeout(
                 r = h.run(cdb, data)
                 took.append(time.monotonic() - t0)
                 assert r.sense_codes == (0x02, 0x04, 0x01), (r, took)
-        assert all(t < timeout * 1.5 for t in took), took
+        # One timeout, not two: librbd's second operation starts once its first failed (no
+        # sooner than one timeout after the submission) and takes another.
+        assert all(t < 2 * timeout for t in took), took
         deadline = time.monotonic() + 60
         while True:  # the initiator's retry, bounded
             r = h.run(cdbs.unmap(len(params)), params)
@@ -633,7 +637,9 @@ def test_commands_queued_behind_a_stalled_one_answer_within_one_timeout_of_arriv
                 took.append(time.monotonic() - t0)
         for p in (first, second):
             assert p.status == 2 and p.sense[2] & 0xF == 2, p  # NOT READY
-        assert all(t < timeout * 1.5 for t in took), took
+        # One timeout, not two: a second that started only once the first had failed (no
+        # sooner than one timeout after the submission) would take another.
+        assert all(t < 2 * timeout for t in took), took
     finally:
         h.close()
         dev.close()
@@ -707,21 +713,23 @@ def test_a_read_of_blocks_a_stalled_write_is_writing_holds_up_no_later_command(
 def _time_with_writes_in_flight(cluster: Any, dev: CephDevice, h: RingHarness, timeout: int,
                                 call: Any) -> float:
     """Write LBA 0, then with every OSD stopped hand C eight WRITEs (librbd has them in
-    flight), time `call()`, and wait for the WRITEs to end (they time out); the seconds
-    `call` took."""
+    flight), call `call()`, and wait for the WRITEs to end (they time out); the seconds from
+    handing the WRITEs over until `call` returned. A `call` that waits for them returns no
+    sooner than `timeout` after that (librbd fails them `timeout` after C submitted them);
+    one that does not returns well before, however slow the machine is to run the rest."""
     loop = h.runner.native
     assert loop is not None
     osds = [p for name, p in cluster.procs.items() if name.startswith("osd.")]
     assert h.run(cdbs.write10(0, 8), b"\x5a" * (8 * BS)).good
     with _stopped(osds):
         loop.figures()
+        t0 = time.monotonic()
         pend = h.submit_many([(cdbs.write10(k * 64, 8), b"\xa5" * (8 * BS), 0)
                               for k in range(8)])
         deadline = time.monotonic() + 10
         while not loop.figures()["batches"]:  # C took them: librbd has them in flight
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        t0 = time.monotonic()
         call()
         took = time.monotonic() - t0
         h.wait(pend, timeout=4 * timeout)
@@ -741,7 +749,7 @@ def test_a_header_change_does_not_wait_for_the_operations_in_flight(ceph_cluster
     h = _harness(dev)
     try:
         took = _time_with_writes_in_flight(ceph_cluster, dev, h, timeout, dev._on_header_change)
-        assert took < 1.0, took
+        assert took < timeout, took
         deadline = time.monotonic() + 60
         while True:  # then: a command follows the (unchanged) size, and C serves again
             r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
@@ -771,7 +779,7 @@ def test_a_blocklisting_seen_on_librbds_thread_does_not_wait_for_operations_in_f
             ceph_cluster, dev, h, timeout,
             lambda: dev.backend.sense(OSError(errno.ESHUTDOWN, "blocklisted"), True))
         assert dev.backend.not_ready is not None
-        assert took < 1.0, took
+        assert took < timeout, took
         deadline = time.monotonic() + 90
         while True:  # reconnected as a new client: serving again
             r = h.run(cdbs.read10(0, 8), data_in_len=8 * BS)
@@ -1449,23 +1457,27 @@ def test_stop_while_the_cluster_does_not_answer(ceph_cluster: Any) -> None:
     READY), and no command is lost or completed twice. (The runner's `run()` returns before
     Python's asynchronous commands finish: the test waits for them before the harness checks
     the ring.)"""
+    timeout = 2
     dev = _open(ceph_cluster, f"q-{uuid.uuid4().hex[:8]}",
-                extra=";create=1;osd_op_timeout=2", write_cache=False)
+                extra=f";create=1;osd_op_timeout={timeout}", write_cache=False)
     h = _harness(dev)
     osds = [p for name, p in ceph_cluster.procs.items() if name.startswith("osd.")]
     closed = False
     try:
         assert h.run(cdbs.write10(0, 8), b"\x11" * (8 * BS)).good
         with _stopped(osds):
+            t0 = time.monotonic()
             pending = h.submit_many([(cdbs.read10(i * 8, 8), b"", 8 * BS) for i in range(8)])
             _wait_dequeued(h)
-            t0 = time.monotonic()
             h._serving[1]()  # stop the runner: the loop waits for librbd's failures
             took = time.monotonic() - t0
             h.wait(pending, timeout=15)  # Python's second try (async) answers NOT READY
             h.close()
             closed = True
-        assert 1.0 <= took < 15, took  # it waited for librbd to fail what C had in flight
+        # It waited for librbd to fail what C had in flight: no sooner than osd_op_timeout
+        # after the submission (librbd's timer; 0.9: its clock may be a coarse one), however
+        # late the stop came; and not much longer.
+        assert timeout * 0.9 <= took < 15, took
         assert all(p.done for p in pending)
         codes = [Result(p.status, p.sense, p.data_in).sense_codes for p in pending]
         assert set(codes) <= {(0x02, 0x04, 0x01), (0, 0, 0)}, codes
@@ -1739,7 +1751,9 @@ def test_a_pool_at_its_quota_refuses_new_data_with_data_protect(ceph_cluster: An
     SYNCHRONIZE CACHE go on; with the quota lifted new writes succeed. Before, every write,
     UNMAP and flush waited ``osd_op_timeout`` and answered NOT READY, retried for ever."""
     with _scratch_pool(ceph_cluster) as (admin, pool):
-        cfg = f"image={pool}/q;conf={ceph_cluster.conf};id=admin;create=1;osd_op_timeout=10"
+        timeout = 10
+        cfg = (f"image={pool}/q;conf={ceph_cluster.conf};id=admin;create=1;"
+               f"osd_op_timeout={timeout}")
         dev = CephHandler.open(DeviceConfig("ceph0", "ceph", cfg, SIZE, BS, write_cache=False))
         h = _harness(dev)
         try:
@@ -1762,7 +1776,8 @@ def test_a_pool_at_its_quota_refuses_new_data_with_data_protect(ceph_cluster: An
                     break
                 time.sleep(0.2)
             assert r is not None and r.sense_codes == (0x07, 0x27, 0x07), r
-            assert took < 5  # at once, not after osd_op_timeout
+            # At once: a write that waited for the cluster's answer took osd_op_timeout.
+            assert took < timeout, took
             assert h.run(cdbs.write10(0, 8), new[: 8 * BS]).good  # an overwrite in place
             assert _read(h, 0, 8) == new[: 8 * BS]
             assert h.run(cdbs.synchronize_cache10(0, 0)).good
