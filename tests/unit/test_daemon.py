@@ -331,11 +331,15 @@ def test_control_socket_answers_garbage_and_keeps_serving(host, tmp_path, payloa
         assert not d._stopping
 
 
-def test_control_socket_idle_clients_do_not_block_anyone(host, tmp_path):
+def test_control_socket_idle_clients_do_not_block_anyone(host, tmp_path, monkeypatch):
     """Connections that never send (or send half a line) cost the others nothing."""
     import socket
     import time
 
+    from tcmu_py.daemon import control
+
+    # Idle clients are held up to 10 s each: an answer that waits for one comes no sooner.
+    monkeypatch.setattr(control, "CONTROL_TIMEOUT", 10.0)
     host.add("uio0", 0, "disk0", "null/", 4 * MIB)
     sock = tmp_path / "run" / "control.sock"
     with serving(host, tmp_path), contextlib.ExitStack() as stack:
@@ -347,10 +351,11 @@ def test_control_socket_idle_clients_do_not_block_anyone(host, tmp_path):
                 s.sendall(b"sta")  # half a request, never finished
             idle.append(s)
         start = time.monotonic()
-        assert query_status(tmp_path / "run")["devices"][0]["name"] == "disk0"
+        assert query_status(tmp_path / "run", timeout=30)["devices"][0]["name"] == "disk0"
         # The old loop read each idle client for up to 2 s, one after the other, in the main
-        # thread: five of them held the answer back by 10 s.
-        assert time.monotonic() - start < 1.5
+        # thread: five of them held the answer back by 10 s. One that waited for an idle
+        # client at all (its CONTROL_TIMEOUT) would take 10 s: half of that is the bound.
+        assert time.monotonic() - start < control.CONTROL_TIMEOUT / 2
 
 
 def test_control_socket_deadline_closes_idle_clients(host, tmp_path, monkeypatch):
@@ -797,9 +802,11 @@ def test_an_unavailable_device_says_becoming_ready_and_serves_once_it_opens(
         flaky.gate.clear()  # the next open hangs inside the handler
         n = len(flaky.opens)
         assert wait_until(lambda: len(flaky.opens) > n), "no open in progress"
-        t0 = time.monotonic()
-        assert len(d.status()["devices"]) == 2  # the daemon's lock is not held by the open
-        assert time.monotonic() - t0 < 5
+        # The daemon's lock is not held by the open: status answers while it hangs (which
+        # it does until the gate opens, below: a status that waited would never return).
+        status: Future[dict[str, Any]] = Future()
+        threading.Thread(target=lambda: status.set_result(d.status()), daemon=True).start()
+        assert len(status.result(timeout=10)["devices"]) == 2
         host.run("uio1", cdbs.test_unit_ready())
         assert host.run("uio1", cdbs.read10(0, 1), data_in_len=512).good
         flaky.reachable.set()
@@ -1360,7 +1367,9 @@ def test_stop_is_not_held_by_a_netlink_added_open_that_hangs(host, tmp_path, fla
         t0 = time.monotonic()
         d.stop()
         running.join(15)
-        assert not running.is_alive() and time.monotonic() - t0 < 5, "the stop waited"
+        # The open hangs until the gate opens (below): a stop that waited for it would
+        # not return at all; 10 s is ten times the stop's deadline.
+        assert not running.is_alive() and time.monotonic() - t0 < 10, "the stop waited"
         assert fake.answers(10) == [(TcmuCmd.ADDED_DEVICE, -errno.EINTR)]
         assert "uio0" not in d.served
         assert "disk0: its ADDED_DEVICE still being handled" in caplog.text
