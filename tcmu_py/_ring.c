@@ -2551,8 +2551,11 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
                 /* RBD: every command is a job librbd completes, sent with the ones before it
                  * when adjacent (tcmu_py_rbd_join; sent when one does not join, before
                  * anything goes to Python, and at the end of the batch). */
-                if (tcmu_py_rbd_join(l, &g, h, &c, pos, t0))
+                if (tcmu_py_rbd_join(l, &g, h, &c, pos, t0)) {
+                    if (x->wi || x->cm)         /* the branches above would release the */
+                        tcmu_py_rbd_send(l, &g);    /* mutex with it unsent: no group */
                     continue;
+                }
                 if (g.first) {
                     tcmu_py_rbd_send(l, &g);    /* it released the mutex: the checks again */
                     goto again;

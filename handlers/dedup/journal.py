@@ -466,8 +466,10 @@ class Journal:
             self._lease.revoke()
             self._absorb()
             if why is not None:
-                self._not_granted = why
+                if self._not_granted is None:  # a lasting reason (a failed write...) stays
+                    self._not_granted = why
                 self._regrant = True
+                self._mu.notify_all()  # the drainer grants as soon as the pool's lock is free
 
     def _grant(self) -> None:
         """Lease the loops the journal's free run after its newest record, for what fits under
@@ -489,6 +491,7 @@ class Journal:
         if not self.pool.lock.acquire(blocking=False):
             self._not_granted = "the pool's lock was held (a decision on space)"
             self._regrant = True
+            self._mu.notify_all()
             return
         try:
             pos, end = self._free_run()
@@ -763,8 +766,10 @@ class Journal:
                 if self._stopping:
                     return
                 due = self._due()
+                regrant = self._regrant
             if not due:
-                self._retry_grant()
+                if regrant:
+                    self._retry_grant()
                 continue
             try:
                 self._drain_step(wait=False)
