@@ -9,7 +9,13 @@ Lifecycle of one device
 - A netlink event is handled on a thread of its own (`_handle_later`), after the earlier events
   of the same uio node, and answered to the kernel once handled (an ADDED once the open has
   ended): a handler open or close that hangs holds up neither the run loop (other devices'
-  events, rescans, a SIGTERM) nor another device.
+  events, rescans, a SIGTERM) nor another device. The kernel waits for an answer without a
+  limit: an event still waiting for the earlier one after `EARLIER_EVENT_SECONDS` is answered
+  anyway (REMOVED 0, carried out later; ADDED and RECONFIG -EBUSY, dropped).
+- A udev event is handled on a thread of its own too (`_udev_event`), after the earlier udev
+  events of the same uio node: the observer's thread opens and closes nothing.
+- The run loop's rescan waits for no open: it does not wait for the opens it begins, and
+  leaves a node another thread is opening to that open.
 - Only subtypes with a registered handler are served; anything else (tcmu-runner's `file`,
   `qcow`, ...) is left alone, and never answered on netlink.
 - Opening (`_open`): `action/block_dev=1`, `action/reset_ring=1` (commands a previous daemon left
@@ -34,7 +40,8 @@ Lifecycle of one device
 - Removal (udev "remove", netlink REMOVED, or a rescan that finds its uio gone): stop its
   runner, close the handler — on a thread of its own (`_remove_later`): a close that hangs
   holds up no other event. The kernel's REMOVED waits (inside the backstore's rmdir) for our
-  answer, sent once the handler has closed or after `REMOVE_SECONDS` (the close then goes on).
+  answer, sent once the handler has closed or `REMOVE_SECONDS` after it came (the close, or
+  the open in progress it waits for, then goes on).
 - SIGTERM / SIGINT: every device is blocked (`block_dev=1`), in-flight commands drain, handlers
   close, and the device is unblocked again. The process exits only once every handler has
   closed — also one another thread was closing (the udev observer's "remove" of a backstore
@@ -52,9 +59,9 @@ Threads: one loop thread per device (`DeviceRunner.run`) plus its worker pool; t
 receives netlink events and handles signals and rescans, and opens and closes no handler itself
 (a rescan's opens and removals, and each netlink event, run on threads of their own; the
 netlink socket is used under `_netlink_lock`); the control socket has a thread of its own
-(`tcmu_py.daemon.control`: no client can hold the main loop); the pyudev observer calls
-`add`/`_remove_later` from its own thread (the daemon's state guarded by `self._lock`; handlers
-are opened and closed outside it).
+(`tcmu_py.daemon.control`: no client can hold the main loop); the pyudev observer hands each
+event to a thread of its own, `udev-<node>`, which calls `add`/`_remove_later` (the daemon's
+state guarded by `self._lock`; handlers are opened and closed outside it).
 
 Run directory (`--run-dir`, /run/tcmu-py): created 0700, refused if it is a symbolic link or
 another user's; `daemon.lock` in it is opened without following links, refused unless it is a
@@ -131,6 +138,13 @@ SHUTDOWN_SECONDS = 45.0
 #: the device's runner to drain and its handler to close before it is answered anyway; the
 #: close goes on on its thread (and `shutdown` still waits for it).
 REMOVE_SECONDS = 30.0
+#: How long a netlink event waits for the earlier event of the same uio node still being
+#: handled (an open or a close that hangs, whose own answer the kernel gave up on with its
+#: ``reset_netlink``, or never waited for) before the kernel, which waits for this one's
+#: answer without a limit inside a configfs write, is answered anyway: REMOVED 0 (the removal
+#: follows once the earlier event ended), ADDED and RECONFIG -EBUSY (the write fails, as the
+#: kernel's own answer while an event of the device is still executing; not applied later).
+EARLIER_EVENT_SECONDS = 30.0
 
 
 class FailedDevice(ScsiDevice):
@@ -191,6 +205,8 @@ class _Pending:
     event: DeviceEvent
     uio: UioName
     answered: bool = False
+    #: When it came (monotonic): `EARLIER_EVENT_SECONDS` and `REMOVE_SECONDS` count from here.
+    since: float = field(default_factory=time.monotonic)
 
 
 class Daemon:
@@ -264,6 +280,8 @@ class Daemon:
         #: the events the kernel still waits for an answer to, in the order they came.
         self._handling: dict[str, threading.Thread] = {}
         self._unanswered: list[_Pending] = []
+        #: By uio node, the thread handling the last udev event of it (`_udev_event`).
+        self._udev_handling: dict[str, threading.Thread] = {}
         self._observer: Any = None
         self._control: ControlServer | None = None
         #: The bus of the ``org.kernel.TCMUService1`` service targetcli lists subtypes from
@@ -417,13 +435,52 @@ class Daemon:
         self._observer.start()
 
     def _udev_event(self, action: str, node: str) -> None:
-        """The udev observer's event for uio `node` (on its thread): "add" serves it; "remove"
-        stops serving it, its handler closed on a thread of its own (`_remove_later`: a close
-        that hangs holds up no later udev event)."""
+        """The udev observer's event for uio `node` (on its thread), handled on a thread of its
+        own, `udev-<node>` (`_after`), once the udev events of `node` before it were: "add"
+        serves it (`add`), "remove" stops serving it, its handler closed on yet another thread
+        (`_remove_later`). The observer waits for neither: a handler open that hangs (a
+        cluster not answering) holds up no other node's udev events (before, "add" opened
+        the handler on the observer's thread)."""
         if action == "add":
-            self.add(node)
+            work: Callable[[str], object] = self.add
         elif action == "remove":
-            self._remove_later(node)
+            work = self._remove_later
+        else:
+            return
+
+        def handle(before: threading.Thread | None) -> None:
+            if before is not None:
+                before.join()
+            try:
+                work(node)
+            except Exception:  # noqa: BLE001 - logged; the node's later events go on
+                log.exception("%s: udev %r failed", node, action)
+
+        self._after(self._udev_handling, node, f"udev-{node}", handle)
+
+    def _after(self, chain: dict[str, threading.Thread], node: str, name: str,
+               handle: Callable[[threading.Thread | None], None]) -> None:
+        """Run `handle` on a thread of its own named `name`, given the thread of `node`'s
+        previous event in `chain` (None: none is running) to wait for, so that one node's
+        events keep their order while another node's do not wait. `chain` holds each node's
+        last thread until it ends. Called under `_lock` or not."""
+        with self._lock:
+            thread = threading.Thread(target=self._chained,
+                                      args=(chain, node, chain.get(node), handle),
+                                      name=name, daemon=True)
+            chain[node] = thread
+            thread.start()
+
+    def _chained(self, chain: dict[str, threading.Thread], node: str,
+                 before: threading.Thread | None,
+                 handle: Callable[[threading.Thread | None], None]) -> None:
+        name_os_thread()
+        try:
+            handle(before)
+        finally:
+            with self._lock:
+                if chain.get(node) is threading.current_thread():
+                    del chain[node]
 
     def _start_dbus(self) -> None:
         from tcmu_py.daemon.dbus import DBusService
@@ -480,7 +537,10 @@ class Daemon:
                     # set before the scan: an open failing in it brings the next one forward
                     with self._lock:
                         self._next_scan = time.monotonic() + interval
-                    self.rescan()
+                    # Not waiting for any open: one that hangs (begun by this rescan or by
+                    # another thread) holds up no netlink event (before, the run loop waited
+                    # for it), no later rescan (which leaves the node to it) and no stop.
+                    self.rescan(wait=False)
         finally:
             self.shutdown()
 
@@ -525,14 +585,21 @@ class Daemon:
     # ------------------------------------------------------------------------------------------
     # Devices
 
-    def rescan(self) -> None:
+    def rescan(self, *, wait: bool = True) -> None:
         """Open every TCMU uio device we serve and are not serving yet; drop vanished ones (each
         retired on a thread of its own, `_remove_later`: a close that hangs holds up neither
-        the rescan nor the run loop)."""
+        the rescan nor the run loop). With `wait` (the start-up scans, and the command line's
+        after it made the YAML's backstores: their LUNs come after), return once each open
+        ended — also one another thread began (`_add_all`); without (the run loop's), at once,
+        and a node another thread is opening (a udev "add", a netlink ADDED, an earlier
+        rescan) is left to it."""
         present = set()
         if self.uio_class.is_dir():
             present = {entry.name for entry in self.uio_class.iterdir()}
-            self._add_all(sorted(present))
+            with self._lock:
+                new = sorted(n for n in present
+                             if n not in self.served and (wait or n not in self._opening))
+            self._add_all(new, wait=wait)
         with self._lock:
             gone = [n for n in self.served if n not in present]
             for n in [n for n in self._add_failures if n not in present]:
@@ -540,17 +607,19 @@ class Daemon:
         for node in gone:
             self._remove_later(node)
 
-    def _add_all(self, nodes: list[str]) -> None:
+    def _add_all(self, nodes: list[str], *, wait: bool = True) -> None:
         """`add` each of `nodes` on a thread of its own, so that one handler slow to open (a
-        cluster that does not answer, a hung mount) holds up no other device; return once each
-        is served, failed or to be tried again — or once the daemon is stopping: an open that
-        hangs is then left to `shutdown`, which exits under it (before, the opens ran one after
-        another on this thread, and a hung one held every later device and the daemon's
-        SIGTERM)."""
+        cluster that does not answer, a hung mount) holds up no other device; with `wait`,
+        return once each is served, failed or to be tried again — or once the daemon is
+        stopping: an open that hangs is then left to `shutdown`, which exits under it (before,
+        the opens ran one after another on this thread, and a hung one held every later device
+        and the daemon's SIGTERM)."""
         threads = [threading.Thread(target=self.add, args=(node,), name=f"add-{node}",
                                     daemon=True) for node in nodes]
         for thread in threads:
             thread.start()
+        if not wait:
+            return
         for thread in threads:
             while thread.is_alive() and not self._stopping:
                 thread.join(ADD_JOIN_SECONDS)
@@ -965,12 +1034,9 @@ class Daemon:
         node = f"uio{event.minor}"
         pending = _Pending(event, uio)
         with self._lock:
-            thread = threading.Thread(target=self._handle_event,
-                                      args=(pending, node, self._handling.get(node)),
-                                      name=f"netlink-{uio.device}", daemon=True)
-            thread.start()
-            self._handling[node] = thread
             self._unanswered.append(pending)
+            self._after(self._handling, node, f"netlink-{uio.device}",
+                        lambda before: self._handle_event(pending, node, before))
 
     def _handle_event(self, pending: _Pending, node: str,
                       before: threading.Thread | None) -> None:
@@ -978,45 +1044,69 @@ class Daemon:
         answer the kernel (`_answer`): 0, or -EINVAL when the handler refused the config string
         (ADDED), the change (RECONFIG) or anything failed. An ADDED is answered once the open
         has ended (served, served NOT READY, or to be tried again); a REMOVED once the handler
-        has closed, or after `REMOVE_SECONDS` (`_removed`)."""
+        has closed, or `REMOVE_SECONDS` after it came (`_removed`). `before` is waited for
+        `EARLIER_EVENT_SECONDS` at most before this event is answered (`_earlier_hangs`)."""
         from tcmu_py.daemon.netlink import TcmuCmd
 
-        name_os_thread()
         event, uio = pending.event, pending.uio
-        try:
-            if before is not None:
+        if before is not None:
+            before.join(max(0.0, pending.since + EARLIER_EVENT_SECONDS - time.monotonic()))
+            if before.is_alive():
+                applied = self._earlier_hangs(pending)
                 before.join()
-            status = 0
-            try:
-                if event.cmd == TcmuCmd.ADDED_DEVICE:
-                    self.handlers[uio.subtype].check_config(split_daemon_items(uio.cfgstring)[0])
-                    self.add(node)
-                elif event.cmd == TcmuCmd.REMOVED_DEVICE:
-                    self._removed(node, uio.device)
-                elif event.cmd == TcmuCmd.RECONFIG_DEVICE:
-                    self._reconfig(node, event)
-            except Exception as exc:  # noqa: BLE001 - report to the kernel as -EINVAL
-                log.error("%s: %s rejected: %s", uio.device, event.cmd.name, exc)
-                status = -errno.EINVAL
-            self._answer(pending, status)
-        finally:
-            with self._lock:
-                if self._handling.get(node) is threading.current_thread():
-                    del self._handling[node]
+                if not applied:
+                    return
+        status = 0
+        try:
+            if event.cmd == TcmuCmd.ADDED_DEVICE:
+                self.handlers[uio.subtype].check_config(split_daemon_items(uio.cfgstring)[0])
+                self.add(node)
+            elif event.cmd == TcmuCmd.REMOVED_DEVICE:
+                self._removed(node, uio.device, pending.since + REMOVE_SECONDS)
+            elif event.cmd == TcmuCmd.RECONFIG_DEVICE:
+                self._reconfig(node, event)
+        except Exception as exc:  # noqa: BLE001 - report to the kernel as -EINVAL
+            log.error("%s: %s rejected: %s", uio.device, event.cmd.name, exc)
+            status = -errno.EINVAL
+        self._answer(pending, status)
 
-    def _removed(self, node: str, device: str) -> None:
+    def _earlier_hangs(self, pending: _Pending) -> bool:
+        """`pending`'s event has waited `EARLIER_EVENT_SECONDS` for the earlier event of its
+        uio node, still being handled: answer the kernel now (it waits without a limit, inside
+        a configfs write; before, this answer waited as long as the earlier event's open or
+        close hung). REMOVED 0: the removal goes on, and is carried out once the earlier
+        event ended (True). ADDED and RECONFIG -EBUSY: the write fails, so the event is not
+        carried out later (False)."""
+        from tcmu_py.daemon.netlink import TcmuCmd
+
+        cmd = pending.event.cmd
+        removing = cmd == TcmuCmd.REMOVED_DEVICE
+        status = 0 if removing else -errno.EBUSY
+        if self._answer(pending, status):
+            log.error("%s: its %s waited %g s for the device's earlier event, still being "
+                      "handled (a handler open or close that hangs); answered the kernel %s so "
+                      "that the configfs write waiting for it ends%s", pending.uio.device,
+                      cmd.name, EARLIER_EVENT_SECONDS, "0" if removing else "-EBUSY",
+                      "; removed once that event ended" if removing else
+                      " (not carried out)")
+        return removing
+
+    def _removed(self, node: str, device: str, deadline: float) -> None:
         """The kernel removed `node` (REMOVED_DEVICE: its rmdir waits for our answer): stop
-        serving it; its runner drains and its handler closes on a thread of its own, waited for
-        at most `REMOVE_SECONDS` (before, on the run loop, without a bound: a close that hung
-        held every other event, and the kernel's rmdir for good)."""
-        retiring = self._remove_later(node)
-        if retiring is None:
-            return
-        retiring.join(REMOVE_SECONDS)
+        serving it — once an open of it in progress has ended (`_take`) — its runner drained
+        and its handler closed on a thread of its own, `retire-<device>`, waited for until
+        `deadline` (a monotonic time; before, on the run loop, without a bound: a close that
+        hung held every other event, and the kernel's rmdir for good; and the wait for an open
+        of the node in progress, by a udev "add" or a rescan, had none either)."""
+        retiring = threading.Thread(target=self.remove, args=(node,), name=f"retire-{device}",
+                                    daemon=True)
+        retiring.start()
+        retiring.join(max(0.0, deadline - time.monotonic()))
         if retiring.is_alive():
-            log.error("%s: its handler is still closing %g s after the kernel removed it (a "
-                      "command or the close hangs in its backend); answering the kernel so that "
-                      "the removal ends; the close goes on", device, REMOVE_SECONDS)
+            log.error("%s: its handler is still closing (or being opened) %g s after the kernel "
+                      "removed it (a command, the close or the open hangs in its backend); "
+                      "answering the kernel so that the removal ends; the close goes on",
+                      device, REMOVE_SECONDS)
 
     def _answer(self, pending: _Pending, status: int) -> bool:
         """Answer the kernel `status` for `pending`'s event if it waits for one (`_wants_reply`)

@@ -1496,8 +1496,8 @@ def test_a_udev_removal_whose_close_hangs_holds_up_no_later_udev_event(host, tmp
         observer.join(5)
         assert not observer.is_alive(), "the udev observer waits for a close that hangs"
         host.add("uio1", 1, "b", "null/", 4 * MIB)  # the next udev event
-        deliver("add", "uio1")
-        assert set(d.served) == {"uio1"}
+        deliver("add", "uio1")  # handled on a thread of its own
+        assert wait_until(lambda: set(d.served) == {"uio1"})
     finally:
         hang_close.release.set()
         d.shutdown()
@@ -1525,3 +1525,145 @@ def test_a_vanished_device_whose_close_hangs_holds_up_no_rescan(host, tmp_path, 
         hang_close.release.set()
         d.shutdown()
     assert not d._closing
+
+
+def test_a_udev_add_whose_open_hangs_holds_up_no_later_udev_event(host, tmp_path, flaky,
+                                                                  monkeypatch):
+    """Before: the udev observer's "add" opened the handler on the observer's thread: an open
+    that hung (a Ceph cluster not answering, a plugin handler stuck) held every later udev
+    event, other devices' adds and removes. Now each is handled on a thread of its own, in
+    order per uio node: a "remove" of the device being opened is carried out once the open
+    ended."""
+    host.add("uio2", 2, "gone", "null/", 4 * MIB)
+    d = make_daemon(host, tmp_path, {"flaky": flaky, "null": NullHandler})
+    d.start_serving()
+    deliver = _udev_observer(d, monkeypatch)
+    flaky.reachable.set()
+    flaky.gate.clear()  # the open of disk0 hangs
+    try:
+        host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)
+        observer = threading.Thread(target=deliver, args=("add", "uio0"), name="test-udev",
+                                    daemon=True)
+        observer.start()
+        assert wait_until(lambda: flaky.opens), "the open did not begin"
+        observer.join(5)
+        assert not observer.is_alive(), "the udev observer waits for an open that hangs"
+        host.add("uio1", 1, "other", "null/", 4 * MIB)
+        deliver("add", "uio1")
+        deliver("remove", "uio2")
+        deliver("remove", "uio0")  # the device being opened goes: after its open
+        assert wait_until(lambda: set(d.served) == {"uio1"}, timeout=5), (
+            "another device's udev event waited for an open that hangs")
+        assert not flaky.closed and "uio0" not in d.served
+        flaky.gate.set()  # the open ends: served, then removed
+        assert wait_until(lambda: len(flaky.closed) == 1 and not d._udev_handling)
+        assert set(d.served) == {"uio1"} and len(flaky.opens) == 1
+    finally:
+        flaky.gate.set()
+        d.shutdown()
+
+
+@pytest.mark.parametrize("opener", ["rescan", "udev"])
+def test_an_open_that_hangs_holds_up_neither_the_rescans_nor_netlink(host, tmp_path, flaky,
+                                                                     monkeypatch, opener):
+    """Before: the run loop's rescan waited for the opens it began, and for an open another
+    thread had begun (a udev "add"): a device whose handler open hung — found by a rescan (made
+    while no event announced it, or tried again after a failure) or announced by udev — held
+    the run loop: every other device's netlink events (the kernel waiting for their answers
+    inside configfs writes) and the later rescans. Now the run loop waits for no open, and
+    later rescans leave the node to the open in progress."""
+    import tcmu_py.daemon.serve as serve
+
+    monkeypatch.setattr(serve, "RESCAN_SECONDS", 0.1)
+    flaky.reachable.set()
+    flaky.gate.clear()
+    with serving_netlink(host, tmp_path, {"flaky": flaky, "null": NullHandler}) as (d, fake, _):
+        try:
+            host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)  # made while the daemon runs
+            if opener == "udev":
+                threading.Thread(target=d._udev_event, args=("add", "uio0"),
+                                 name="test-udev", daemon=True).start()
+            assert wait_until(lambda: flaky.opens), "the open did not begin"
+            scan = d._next_scan
+            assert wait_until(lambda: d._next_scan > scan), (
+                "the run loop's rescans stopped: held by an open that hangs")
+            host.add("uio2", 2, "third", "null/", 4 * MIB, configured=False)
+            _waits_for_replies(host, 2, "third")
+            fake.send(_event(TcmuCmd.ADDED_DEVICE, host, "uio2", 12))
+            assert wait_until(lambda: fake.answers(12), timeout=5), (
+                "an ADDED_DEVICE waited for another device's open that hangs")
+            assert fake.answers(12) == [(TcmuCmd.ADDED_DEVICE, 0)] and "uio2" in d.served
+            flaky.gate.set()
+            assert wait_until(lambda: "uio0" in d.served)
+            assert len(flaky.opens) == 1
+        finally:
+            flaky.gate.set()
+
+
+def test_a_netlink_event_waits_for_an_earlier_one_that_hangs_only_so_long(
+        host, tmp_path, flaky, monkeypatch, caplog):
+    """Before: a netlink event waited for the earlier event of its uio node without a limit —
+    and so did the kernel, inside the configfs write, for its answer: an ADDED whose open hung
+    and which the kernel then gave up on (`reset_netlink`) left a resize and the backstore's
+    rmdir after it hanging as long. Now, after EARLIER_EVENT_SECONDS, a RECONFIG is answered
+    -EBUSY (and not carried out), a REMOVED 0 (carried out once the open ended)."""
+    import errno
+
+    import tcmu_py.daemon.serve as serve
+
+    monkeypatch.setattr(serve, "EARLIER_EVENT_SECONDS", 0.3, raising=False)
+    flaky.reachable.set()
+    flaky.gate.clear()
+    with serving_netlink(host, tmp_path, {"flaky": flaky}) as (d, fake, _):
+        try:
+            host.add("uio0", 0, "disk0", "flaky/", 4 * MIB, configured=False)
+            _waits_for_replies(host, 0, "disk0")
+            fake.send(_event(TcmuCmd.ADDED_DEVICE, host, "uio0", 10))
+            assert wait_until(lambda: flaky.opens), "the open did not begin"
+            resize = _event(TcmuCmd.RECONFIG_DEVICE, host, "uio0", 10)
+            fake.send(DeviceEvent(resize.cmd, resize.device, resize.minor, resize.device_id,
+                                  dev_size=8 * MIB))
+            assert wait_until(lambda: fake.answers(10), timeout=5), (
+                "the kernel waits for the RECONFIG as long as the open hangs")
+            assert fake.answers(10) == [(TcmuCmd.RECONFIG_DEVICE, -errno.EBUSY)]
+            fake.send(_event(TcmuCmd.REMOVED_DEVICE, host, "uio0", 10))
+            assert wait_until(lambda: len(fake.answers(10)) == 2, timeout=5), (
+                "the kernel waits for the REMOVED as long as the open hangs")
+            assert fake.answers(10)[1] == (TcmuCmd.REMOVED_DEVICE, 0)
+            assert not flaky.gate.is_set() and "disk0: its REMOVED_DEVICE waited" in caplog.text
+            flaky.gate.set()  # the open ends: ADDED answered, then the removal carried out
+            assert wait_until(lambda: len(flaky.closed) == 1 and not d._handling)
+            assert fake.answers(10) == [(TcmuCmd.RECONFIG_DEVICE, -errno.EBUSY),
+                                        (TcmuCmd.REMOVED_DEVICE, 0), (TcmuCmd.ADDED_DEVICE, 0)]
+            assert "uio0" not in d.served and "resized" not in caplog.text
+        finally:
+            flaky.gate.set()
+
+
+def test_a_netlink_removal_waits_for_another_threads_open_only_so_long(
+        host, tmp_path, flaky, monkeypatch):
+    """Before: a netlink REMOVED_DEVICE of a device a udev "add" or a rescan was opening waited
+    for that open without a limit, and the kernel's rmdir with it. Now it is answered after
+    REMOVE_SECONDS; the removal is carried out once the open ended."""
+    import tcmu_py.daemon.serve as serve
+
+    monkeypatch.setattr(serve, "REMOVE_SECONDS", 0.3)
+    flaky.reachable.set()
+    flaky.gate.clear()
+    with serving_netlink(host, tmp_path, {"flaky": flaky}) as (d, fake, _):
+        try:
+            host.add("uio0", 0, "disk0", "flaky/", 4 * MIB)
+            _waits_for_replies(host, 0, "disk0")
+            opener = threading.Thread(target=d.add, args=("uio0",), name="test-udev",
+                                      daemon=True)
+            opener.start()
+            assert wait_until(lambda: flaky.opens), "the open did not begin"
+            fake.send(_event(TcmuCmd.REMOVED_DEVICE, host, "uio0", 10))
+            assert wait_until(lambda: fake.answers(10), timeout=5), (
+                "the kernel waits for the REMOVED as long as the open hangs")
+            assert fake.answers(10) == [(TcmuCmd.REMOVED_DEVICE, 0)] and not flaky.gate.is_set()
+            flaky.gate.set()
+            assert wait_until(lambda: len(flaky.closed) == 1), "the removal was not carried out"
+            assert "uio0" not in d.served
+        finally:
+            flaky.gate.set()
