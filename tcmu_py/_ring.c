@@ -187,7 +187,7 @@ static uint64_t tcmu_py_now_ns(void)
 int tcmu_py_dequeue(struct tcmu_py_ring *r, struct tcmu_py_entry *out, int max_out)
 {
     uint32_t head = tcmu_py_load_head(r);
-    uint64_t now = tcmu_py_now_ns();
+    uint64_t now = r->cursor != head ? tcmu_py_now_ns() : 0;   /* no clock read when idle */
     uint32_t tail, new_tail;
     int n = 0, rc = TCMU_PY_OK;
 
@@ -2102,16 +2102,29 @@ static void tcmu_py_job_signal(struct tcmu_py_loop *l, int rc, int ok)
         tcmu_py_loop_signal(l->notify_fd, 8);
 }
 
-/* The end of a job whose I/O is done (called and returning with the mutex held): finish it,
- * signal without the mutex, then give its slot back. */
+/* The end of job j whose I/O is done, with the jobs chained after it (an RBD group: librbd did
+ * their I/O as one operation, so they end alike), called and returning with the mutex held:
+ * finish each, signal once without the mutex, then give their slots back. */
 static void tcmu_py_job_end(struct tcmu_py_loop *l, struct tcmu_py_job *j, int ok)
 {
-    int rc = tcmu_py_job_finish(l, j, ok);
+    struct tcmu_py_job *m;
+    int rc = 0;
 
+    for (m = j; m; m = m->next) {
+        int r = tcmu_py_job_finish(l, m, ok);
+
+        if (r < 0 && !rc)
+            rc = r;
+    }
     pthread_mutex_unlock(&l->mu);
     tcmu_py_job_signal(l, rc, ok);
     pthread_mutex_lock(&l->mu);
-    tcmu_py_job_free(l, j);
+    while (j) {
+        m = j->next;
+        j->next = NULL;
+        tcmu_py_job_free(l, j);
+        j = m;
+    }
 }
 
 static void tcmu_py_mw_part(struct tcmu_py_loop *l, struct tcmu_py_job *j, int ok);
@@ -2170,29 +2183,6 @@ static void *tcmu_py_worker_main(void *arg)
     return NULL;
 }
 
-/* The end of RBD group j (under the mutex): every job of it finished alike, one signal. */
-static void tcmu_py_rbd_end(struct tcmu_py_loop *l, struct tcmu_py_job *j, int ok)
-{
-    struct tcmu_py_job *m;
-    int rc = 0;
-
-    for (m = j; m; m = m->next) {
-        int r = tcmu_py_job_finish(l, m, ok);
-
-        if (r < 0 && !rc)
-            rc = r;
-    }
-    pthread_mutex_unlock(&l->mu);
-    tcmu_py_job_signal(l, rc, ok);
-    pthread_mutex_lock(&l->mu);
-    while (j) {
-        m = j->next;
-        j->next = NULL;
-        tcmu_py_job_free(l, j);
-        j = m;
-    }
-}
-
 /* librbd's completion of an RBD group (on librbd's finisher thread): GOOD when every byte
  * moved (a read returns its length, a write 0 or its length), else each command Python's with
  * its fence. */
@@ -2211,7 +2201,7 @@ static void tcmu_py_rbd_done(void *completion, void *arg)
         for (m = j; m; m = m->next)
             ((struct tcmu_py_entry *)m->rec)->error = (uint32_t)-ret;
     pthread_mutex_lock(&l->mu);
-    tcmu_py_rbd_end(l, j, ok);
+    tcmu_py_job_end(l, j, ok);
     pthread_mutex_unlock(&l->mu);
 }
 
@@ -2248,6 +2238,7 @@ static struct tcmu_py_job *tcmu_py_job_take(struct tcmu_py_loop *l, const struct
     j->t0 = t0;
     j->loop = l;
     j->iov = NULL;
+    j->next = NULL;                         /* alone, until an RBD group chains it */
     l->n_jobs++;
     return j;
 }
@@ -2286,7 +2277,6 @@ static int tcmu_py_rbd_join(struct tcmu_py_loop *l, struct tcmu_py_rbd_group *g,
     j = tcmu_py_job_take(l, h, c, pos, t0);
     if (!j)
         return 0;
-    j->next = NULL;
     if (g->first) {
         g->last->next = j;
         g->first->rbd_total += c->total;
@@ -2324,7 +2314,7 @@ static void tcmu_py_rbd_send(struct tcmu_py_loop *l, struct tcmu_py_rbd_group *g
     j->iov = malloc((k ? k : 1) * sizeof(*j->iov));
     if (!j->iov ||
         ((tcmu_py_rbd_create_t)x->rbd_create_completion)(j, tcmu_py_rbd_done, &completion) < 0) {
-        tcmu_py_rbd_end(l, j, 0);
+        tcmu_py_job_end(l, j, 0);
         return;
     }
     k = 0;
@@ -2344,7 +2334,7 @@ static void tcmu_py_rbd_send(struct tcmu_py_loop *l, struct tcmu_py_rbd_group *g
     pthread_mutex_lock(&l->mu);
     if (rc < 0) {
         ((tcmu_py_rbd_release_t)j->rbd_release)(completion);  /* it never completes */
-        tcmu_py_rbd_end(l, j, 0);
+        tcmu_py_job_end(l, j, 0);
     }
 }
 

@@ -761,11 +761,12 @@ class Journal:
         name_os_thread()
         while True:
             with self._mu:
-                while not self._stopping and not self._regrant and not self._due():
+                due = self._due()
+                while not self._stopping and not self._regrant and not due:
                     self._mu.wait(IDLE_SECONDS)
+                    due = self._due()
                 if self._stopping:
                     return
-                due = self._due()
                 regrant = self._regrant
             if not due:
                 if regrant:
