@@ -415,3 +415,167 @@ def test_a_lease_taken_back_is_granted_again_once_the_pool_lock_is_free(
         assert d.write(CS, chunk(2)).good
         assert d.c_writes == (2, 0)  # the loop's: granted without a WRITE of Python's
         assert d.read(0, 2 * CS) == chunk(1) + chunk(2)
+
+
+@contextlib.contextmanager
+def pool_lock_held(pool: DedupPool) -> Iterator[None]:
+    """The pool's lock held by another thread (a decision on space) until the block ends."""
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with pool.lock:
+            locked.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        yield
+    finally:
+        release.set()
+        holder.join(10)
+        assert not holder.is_alive()
+
+
+def wait_granted(jnl: journal.Journal, seconds: float) -> None:
+    """Until the lease is granted (no reason it is out in the status), at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while "journal_c_not_granted" in jnl.lease_state():
+        assert time.monotonic() < deadline, jnl.lease_state()
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["taken_back", "grant_found_the_lock_held"])
+def test_the_drainer_is_woken_for_a_regrant_not_left_to_its_idle_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """A grant that only the drainer can make (the lease was taken back, or a grant of
+    Python's found the pool's lock held) wakes it at once: it waits for the pool's lock and
+    grants as soon as it is free. Before, it saw the wish only at its next idle wake-up
+    (`IDLE_SECONDS` later; made 60 s here, so that only the wake-up passes the 10 s bound)."""
+    monkeypatch.setattr(journal.Journal, "background", True)
+    monkeypatch.setattr(journal, "IDLE_SECONDS", 60.0)
+    with served_pool(str(tmp_path / "pool"), 256 * MIB) as pool, Disk(pool, "d") as d:
+        jnl = pool.journal
+        assert jnl is not None
+        assert d.write(0, chunk(1)).good
+        assert d.c_writes == (1, 0)
+        assert "journal_c_not_granted" not in jnl.lease_state()
+        # Take the loop's record now (that wakes the drainer, which waits again): no record is
+        # left for the revoke below to take, whose taking would wake the drainer too.
+        assert jnl.pending == CS
+        with pool_lock_held(pool):
+            if how == "taken_back":
+                jnl.take_back()
+                want = "taken back (the pool's capacity or threshold changed)"
+            else:
+                # Python's append finds no room (the index takes the WRITE); the grant after
+                # it finds the pool's lock held.
+                with monkeypatch.context() as m:
+                    m.setattr(pool, "room_for", lambda need: False)
+                    assert not jnl.append(d.dev.backend.disk_id,  # type: ignore[attr-defined]
+                                          1, [memoryview(chunk(2))], durable=False)
+                want = "the pool's lock was held (a decision on space)"
+            assert jnl.lease_state().get("journal_c_not_granted") == want
+        wait_granted(jnl, 10)
+        assert d.write(CS, chunk(3)).good
+        assert d.c_writes == (2, 0)  # the loop's: granted without a WRITE of Python's
+        assert d.read(0, 2 * CS) == chunk(1) + chunk(3)
+
+
+def test_a_lasting_reason_the_lease_is_out_stays_in_the_status_until_it_is_granted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status names why the lease is out. A decision on space or a new capacity takes the
+    lease back; while it was out for a lasting reason already (here: the pool reached its soft
+    threshold), that reason stays (before, "taken back" replaced it until the drainer's next
+    grant). Once a grant succeeds (the threshold was lifted), the status names none."""
+    monkeypatch.setattr(journal.Journal, "background", True)
+    monkeypatch.setattr(journal, "IDLE_SECONDS", 0.01)
+    src = str(tmp_path / "pool")
+    with served_pool(src, 16 * CS, soft_threshold=50) as pool, Disk(pool, "d") as d:
+        jnl = pool.journal
+        assert jnl is not None
+        assert "journal_c_not_granted" not in jnl.lease_state()
+        for k in range(8):  # the 8th reaches 50 %: Python's, and no lease after it
+            assert d.write(k * CS, chunk(k)).good
+        assert d.c_writes == (7, 1)
+        assert d.ring.run(cdbs.test_unit_ready()).sense_codes == (0x6, 0x38, 0x07)
+        lasting = "the pool's capacity or soft threshold"
+        assert jnl.lease_state().get("journal_c_not_granted") == lasting
+        with pool.lock:  # a decision on space: the drainer cannot grant meanwhile
+            jnl.held()
+            assert jnl.lease_state().get("journal_c_not_granted") == lasting
+            jnl.take_back()
+            assert jnl.lease_state().get("journal_c_not_granted") == lasting
+        assert jnl.lease_state().get("journal_c_not_granted") == lasting
+        pool.set_soft_threshold(None)  # takes the lease back: the drainer grants again
+        wait_granted(jnl, 10)
+        for _ in range(3):  # unit attentions the change may have raised
+            if d.ring.run(cdbs.test_unit_ready()).good:
+                break
+        assert d.write(8 * CS, chunk(8)).good
+        assert d.c_writes == (8, 1)
+        assert d.read(0, 9 * CS) == b"".join(chunk(k) for k in range(9))
+
+
+class _CountingLock:
+    """The pool's lock, counting the acquisitions the journal's drainer thread makes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.by_drainer = 0
+
+    def _count(self) -> None:
+        if threading.current_thread().name.startswith("dedup-jnl-"):
+            self.by_drainer += 1
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        self._count()
+        return bool(self.inner.acquire(blocking, timeout))
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def test_an_idle_drainer_takes_the_pool_lock_only_for_a_regrant(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing to drain and no re-grant wanted, the drainer's wake-ups leave the pool's
+    lock alone (it is every disk's metadata lock); a re-grant wanted takes it, and grants."""
+    monkeypatch.setattr(journal.Journal, "background", True)
+    monkeypatch.setattr(journal, "IDLE_SECONDS", 0.005)
+    with served_pool(str(tmp_path / "pool"), 256 * MIB) as pool, Disk(pool, "d") as d:
+        jnl = pool.journal
+        assert jnl is not None
+        assert "journal_c_not_granted" not in jnl.lease_state()
+        wakeups = 0
+        due = jnl._due
+
+        def counted_due() -> bool:
+            nonlocal wakeups
+            if threading.current_thread().name.startswith("dedup-jnl-"):
+                wakeups += 1
+            return due()
+
+        counting = _CountingLock(pool.lock)
+        monkeypatch.setattr(jnl, "_due", counted_due)
+        monkeypatch.setattr(pool, "lock", counting)
+        try:
+            deadline = time.monotonic() + 10
+            while wakeups < 20:
+                assert time.monotonic() < deadline, wakeups
+                time.sleep(0.005)
+            assert counting.by_drainer == 0
+            jnl.take_back()  # a re-grant wanted: the drainer takes the lock and grants
+            wait_granted(jnl, 10)
+            assert counting.by_drainer >= 1
+        finally:
+            monkeypatch.setattr(pool, "lock", counting.inner)
+        assert d.write(0, chunk(1)).good
+        assert d.c_writes == (1, 0)
+
