@@ -543,6 +543,8 @@ class Journal:
             with self._mu:
                 if self._sync_failed == failed:
                     self._sync_failed = 0
+                    if failed:  # the drains' grants found it failed: the loops' lease again
+                        self._grant()
             return
         try:
             os.fdatasync(self.fd)

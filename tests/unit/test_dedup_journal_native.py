@@ -579,3 +579,36 @@ def test_an_idle_drainer_takes_the_pool_lock_only_for_a_regrant(
         assert d.write(0, chunk(1)).good
         assert d.c_writes == (1, 0)
 
+
+def test_the_lease_comes_back_once_a_failed_fdatasync_is_drained(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fdatasync of the journal fails: no lease (rule 5, "a failed fdatasync" in the
+    status) until a SYNCHRONIZE CACHE drained the records it left in doubt. Then the lease is
+    granted again without a WRITE of Python's first, and the status names no reason."""
+    monkeypatch.setattr(journal.Journal, "background", True)
+    monkeypatch.setattr(journal, "IDLE_SECONDS", 0.01)
+    with served_pool(str(tmp_path / "pool"), 256 * MIB) as pool, Disk(pool, "d") as d:
+        jnl = pool.journal
+        assert jnl is not None
+        assert d.write(0, chunk(1)).good
+        assert d.c_writes == (1, 0)
+        real = os.fdatasync
+
+        def failing(fd: int) -> None:
+            if fd == jnl.fd:
+                raise OSError(5, "Input/output error")
+            real(fd)
+
+        with monkeypatch.context() as m:
+            m.setattr(journal.os, "fdatasync", failing)
+            assert not d.sync().good
+        jnl.take_back()  # the drainer's grant finds the failed fdatasync
+        deadline = time.monotonic() + 10
+        while jnl.lease_state().get("journal_c_not_granted") != "a failed fdatasync":
+            assert time.monotonic() < deadline, jnl.lease_state()
+            time.sleep(0.01)
+        assert d.sync().good  # drains the records in doubt into the index
+        wait_granted(jnl, 10)
+        assert d.write(CS, chunk(2)).good
+        assert d.c_writes == (2, 0)
+        assert d.read(0, 2 * CS) == chunk(1) + chunk(2)
