@@ -227,7 +227,7 @@ int tcmu_py_dequeue(struct tcmu_py_ring *r, struct tcmu_py_entry *out, int max_o
             out[n].length = len;
             out[n].op = tcmu_hdr_get_op(hdr->len_op);
             out[n].error = 0;
-            out[n].pad = 0;
+            out[n].retried = 0;
             out[n].arrived_ns = now;
             n++;
         }
@@ -701,6 +701,9 @@ struct tcmu_py_job {
      * image, sent as one librbd operation of rbd_total bytes by the first, finished with it. */
     struct tcmu_py_job *next;
     uint64_t rbd_total;
+    /* Its number in ring order (from fence_next, when taken): a job that fails is handed to
+     * Python as an ordered command of that number, before those handed while it ran. */
+    uint64_t seq;
     /* A mirror job: written to every leg (tcmu_py_mw_submit); finished when the last leg
      * answered, GOOD only if every leg took it. */
     struct tcmu_py_wi *wi;
@@ -1665,17 +1668,17 @@ static int tcmu_py_ordered_overlap(const struct tcmu_py_loop *l, struct tcmu_py_
     return 0;
 }
 
-/* Python's from now on: its record goes to the hand-off buffer, its fence is held (`ordered`:
- * see fence_seq). */
+/* Python's from now on: its record goes to the hand-off buffer, its fence is held (`seq`:
+ * nonzero for an ordered command, see fence_seq). */
 static int tcmu_py_loop_hand(struct tcmu_py_loop *l, const struct tcmu_py_entry *h,
-                             struct tcmu_py_fence f, int ordered)
+                             struct tcmu_py_fence f, uint64_t seq)
 {
     if (!tcmu_py_loop_room(l) || !tcmu_py_put_record(&l->rec, h))
         return 0;
     if (h->op == TCMU_OP_CMD && f.end > f.start) {
         l->fences[l->n_fences] = f;
         l->fence_ids[l->n_fences] = (uint16_t)h->cmd_id;
-        l->fence_seq[l->n_fences] = ordered ? ++l->fence_next : 0;
+        l->fence_seq[l->n_fences] = seq;
         l->n_fences++;
     }
     l->fig.handed++;
@@ -2085,8 +2088,16 @@ static int tcmu_py_job_finish(struct tcmu_py_loop *l, struct tcmu_py_job *j, int
         tcmu_py_loop_tally(l, (int)j->writing, j->total);
         l->fig.latency_seconds += took;
         l->fig.hist[tcmu_py_dp_bucket(took)]++;
-    } else if (!tcmu_py_loop_hand(l, h, tcmu_py_dp_fence(j->rec + h->cdb_off), 0)) {
-        rc = -ENOMEM;
+    } else {
+        /* An RBD job's overlapping commands were handed to Python while it ran, ordered
+         * after it (they wait for it: tcmu_py_loop_fence_busy): it goes to Python ordered,
+         * numbered as it came, so that they still wait for it there (D124). A worker's
+         * failed job needs no number: the loop waited for it before handing any command
+         * that overlaps it. */
+        ((struct tcmu_py_entry *)j->rec)->retried = 1;
+        if (!tcmu_py_loop_hand(l, h, tcmu_py_dp_fence(j->rec + h->cdb_off),
+                               tcmu_py_rbd(&l->x) ? j->seq : 0))
+            rc = -ENOMEM;
     }
     return rc;
 }
@@ -2239,6 +2250,7 @@ static struct tcmu_py_job *tcmu_py_job_take(struct tcmu_py_loop *l, const struct
     j->loop = l;
     j->iov = NULL;
     j->next = NULL;                         /* alone, until an RBD group chains it */
+    j->seq = ++l->fence_next;
     l->n_jobs++;
     return j;
 }
@@ -2496,8 +2508,9 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
                 /* Ring order among C's own commands. An RBD job may take a whole
                  * osd_op_timeout (a stalled cluster), which every later command must not wait
                  * too: the command goes to Python, which waits for the jobs it overlaps
-                 * before it runs it (tcmu_py_loop_fence_busy; a failed RBD job is answered
-                 * from its errno, never run again, so nothing can overtake it then). A
+                 * before it runs it (tcmu_py_loop_fence_busy; a failed RBD job goes to
+                 * Python ordered, numbered as it came, so the command still waits for it
+                 * there: tcmu_py_job_finish, D124). A
                  * worker's copy is short, and one that fails is run again by Python, after
                  * which an overlapping command must come: the loop waits for it. The wait
                  * releases the mutex: the extent, the enable flag and the fences may have
@@ -2586,7 +2599,7 @@ static int tcmu_py_loop_batch(struct tcmu_py_loop *l, int *done, int *handed)
                 ordered = tcmu_py_jobs_overlap(l, f.start, f.end, 1) ||  /* what comes */
                           tcmu_py_ordered_overlap(l, f, 0);              /* after it */
         }
-        if (!tcmu_py_loop_hand(l, h, f, ordered))
+        if (!tcmu_py_loop_hand(l, h, f, ordered ? ++l->fence_next : 0))
             return -ENOMEM;
         (*handed)++;
     }

@@ -239,6 +239,9 @@ class RingCommand:
     #: The errno a native loop's own attempt at it failed with (librbd's), 0 if none: the
     #: loop hands such a command to Python, whose answer may rest on it (`Command`).
     native_error: int = 0
+    #: A native loop's job that failed and was handed over (its I/O tried, not answered):
+    #: it comes before the commands the loop handed while it ran, which wait for it (D124).
+    retried: bool = False
     #: `time.monotonic()` when C dequeued it (CLOCK_MONOTONIC, the clock of both): a native
     #: loop's hand-off reaches Python later, by as long as a loaded machine takes to wake
     #: Python's thread, and the kernel's ``cmd_time_out`` runs from about here.
@@ -284,7 +287,7 @@ _ERRORS = {
 }
 
 # struct tcmu_py_entry (_ring.h): cdb_off, array_off, offset, length, op, cmd_id, iov_cnt,
-# iov_bidi_cnt, cdb_len, reserved, error, pad, arrived_ns. tests/unit/test_ffi_offsets.py
+# iov_bidi_cnt, cdb_len, reserved, error, retried, arrived_ns. tests/unit/test_ffi_offsets.py
 # checks it.
 _ENTRY = struct.Struct("=QQ10IQ")
 _IOVEC = struct.Struct("<QQ")
@@ -500,11 +503,11 @@ class Ring:
 
     def _command(self, cmds: list[RingCommand], meta: Any, cdb_off: int, array_off: int,
                  offset: int, cmd_id: int, n_out: int, n_bidi: int, cdb_len: int,
-                 arrived_ns: int, native_error: int = 0) -> None:
+                 arrived_ns: int, native_error: int = 0, retried: int = 0) -> None:
         """Append the command whose CDB and iovec array are in `meta` (the mapping, or a
         native loop's hand-off record); its buffers are views of the mapping's data area.
         `arrived_ns`: when C dequeued it (CLOCK_MONOTONIC). `native_error`: the errno of the
-        native loop's failed attempt at it (0: none)."""
+        native loop's failed attempt at it (0: none); `retried`: the record of a failed job."""
         if cmd_id in self._in_flight:
             raise RingError(f"cmd_id {cmd_id} at ring offset {offset} is already in flight")
         mv = self._mv
@@ -529,6 +532,8 @@ class Ring:
         cmd.arrived = arrived_ns * 1e-9
         if native_error:
             cmd.native_error = native_error
+        if retried:
+            cmd.retried = True
         cmds.append(cmd)
 
     def take_native(self, loop: NativeLoop) -> tuple[list[RingCommand], list[RingTmr]]:
@@ -546,12 +551,12 @@ class Ring:
             pos = 0
             while pos < used:
                 (cdb_off, array_off, offset, _, op, cmd_id, n_out, n_bidi, cdb_len, size,
-                 error, _, arrived_ns) = unpack_entry(raw, pos)
+                 error, retried, arrived_ns) = unpack_entry(raw, pos)
                 if op != _OP_CMD:
                     self._tmr(tmrs, raw, pos + array_off, n_out, n_bidi)
                 else:
                     self._command(cmds, raw, pos + cdb_off, pos + array_off, offset, cmd_id,
-                                  n_out, n_bidi, cdb_len, arrived_ns, error)
+                                  n_out, n_bidi, cdb_len, arrived_ns, error, retried)
                 pos += size
             if not used:
                 return cmds, tmrs

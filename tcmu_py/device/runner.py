@@ -580,6 +580,7 @@ class DeviceRunner:
             return fast
         inline: list[tuple[RingCommand, Response]] = []
         blocking: list[tuple[RingCommand, Command]] = []
+        retried: list[tuple[RingCommand, Command]] = []
         now = time.monotonic()
         debug = self._logger.isEnabledFor(logging.DEBUG)
         serial = self.device.serial_commands
@@ -600,6 +601,12 @@ class DeviceRunner:
                 native_error=rc.native_error,
                 arrived=rc.arrived or now,  # when C dequeued it: before this thread woke
             )
+            if rc.retried:
+                # A native loop's failed job: commands the loop handed while it ran may wait
+                # for it on every worker (D124); it waits for nothing older (none overlaps
+                # it), so it runs here, first.
+                retried.append((rc, cmd))
+                continue
             if not queue_rest and self._is_inline(is_inline, rc.cdb) and not (
                     native is not None and native.fence_busy(rc.cmd_id)):
                 # (one that must wait for a job of the native loop waits on a worker)
@@ -613,10 +620,16 @@ class DeviceRunner:
             else:
                 blocking.append((rc, cmd))
                 queue_rest = serial
+        if retried:
+            self._enter(force=True)
+            self._run_chunk(retried, pooled=False)
         if len(blocking) == 1 and not inline and not (serial and self._pool_busy) \
-                and self.device.lone_commands_on_loop:
+                and self.device.lone_commands_on_loop \
+                and not (native is not None and native.fence_busy(blocking[0][0].cmd_id)):
             # A lone blocking command (queue depth 1): handing it to a worker costs two thread
-            # switches and the loop would only wait for it anyway, so run it here.
+            # switches and the loop would only wait for it anyway, so run it here — unless it
+            # waits for the native loop: a job it overlaps that fails comes back through
+            # this thread (D124).
             self._enter(force=True)
             self._run_chunk(blocking, pooled=False)
         elif blocking:

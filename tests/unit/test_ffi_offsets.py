@@ -108,7 +108,7 @@ def test_entry_sizing_matches_kernel_formula() -> None:
 def test_entry_descriptor_layout_matches_ring_struct() -> None:
     # ring.py reads the tcmu_py_entry array with one struct.Struct
     fields = ["cdb_off", "array_off", "offset", "length", "op", "cmd_id", "iov_cnt",
-              "iov_bidi_cnt", "cdb_len", "reserved", "error", "pad", "arrived_ns"]
+              "iov_bidi_cnt", "cdb_len", "reserved", "error", "retried", "arrived_ns"]
     offsets = [ffi.offsetof("struct tcmu_py_entry", f) for f in fields]
     assert offsets == [0, 8, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56]
     assert ffi.sizeof("struct tcmu_py_entry") == ring._ENTRY.size == 64

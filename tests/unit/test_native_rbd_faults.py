@@ -24,9 +24,9 @@ operation covering the four commands), every command answered exactly once (the 
 the ring is idle at close; each completion created is released exactly once), the statuses and
 sense, the data afterwards, and that C serves the next group itself after the failure.
 
-`test_a_read_after_a_failed_write_group_sees_the_writes` is a strict xfail: a known defect of
-ring order (an overlapping READ after a failed group overtakes the group's re-run), not fixed
-here.
+`test_a_read_after_a_failed_write_group_sees_the_writes`: a READ handed over while an
+overlapping group was at librbd still comes after the group's WRITEs when the group fails and
+they are run again by Python (D124).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import contextlib
 import errno
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -327,6 +328,9 @@ class FakeRbdDevice(BlockDevice):
         super().__init__(config, backend)
         #: (opcode, LBA, native_error) of every READ / WRITE Python got.
         self.handed: list[tuple[int, int, int]] = []
+        #: Seconds a WRITE run again here takes (a slow re-run: a READ that did not wait
+        #: for it would overtake it every time, not by chance).
+        self.write_delay = 0.0
 
     def _note(self, cmd: Command) -> None:
         lba = int.from_bytes(cmd.cdb[2:6], "big") if cmd.cdb[0] in (0x28, 0x2A) else -1
@@ -348,6 +352,8 @@ class FakeRbdDevice(BlockDevice):
     def write(self, cmd: Command) -> None:
         self._note(cmd)
         CephDevice._unanswered_in_c(cmd, True)
+        if self.write_delay:
+            time.sleep(self.write_delay)
         super().write(cmd)
 
 
@@ -599,20 +605,16 @@ def test_a_write_returning_its_length_is_good(rig: Rig) -> None:
 
 
 
-@pytest.mark.xfail(strict=True, reason="defect, not fixed here: a failed RBD group's commands "
-                   "are handed to Python unordered, after the overlapping command that waited "
-                   "for the group (ordered), which then runs before they are run again")
 def test_a_read_after_a_failed_write_group_sees_the_writes() -> None:
-    """Ring order among overlapping READ/WRITEs (docs/reliability.md D87), as
+    """Ring order among overlapping READ/WRITEs (docs/reliability.md D87, D124), as
     `test_native_loop.py::test_a_failed_worker_command_is_python_s_and_fences_what_overlaps_it`
     demands of a file worker's failed command: a READ after a WRITE group in the ring, of the
     group's blocks, is handed to Python *ordered* while the group is at librbd (it waits for
     the group: `fence_busy`). The group then fails with EIO, and its WRITEs go to Python to be
-    run again. The READ must return what they write; it returns the old data: it was handed
-    first, and on the group's end nothing it waits for is left (the WRITEs' fences are not
-    ordered), so it runs before the WRITEs are even taken (the comment in
-    `tcmu_py_loop_batch` assumes a failed RBD job is answered from its errno and never run
-    again; the ``ceph`` device runs it again for any errno but the cluster's silence)."""
+    run again (the ``ceph`` device runs again any failure but the cluster's silence). The READ
+    must return what they write: the WRITEs are handed ordered, numbered as they came, so the
+    READ still waits for them, and Python runs them on its loop thread, never behind the READ.
+    (Before D124 the READ returned the old data: it ran as soon as the group ended.)"""
     with _rig(inline=False) as r:
         start = 1280
         _prepare(r, start, 1)
@@ -620,6 +622,7 @@ def test_a_read_after_a_failed_write_group_sees_the_writes() -> None:
         assert loop is not None
         r.rbd.gate.clear()  # the group stays at librbd until the READ was handed over
         r.rbd.faults.append(Fault("errno", errno.EIO))
+        r.device.write_delay = 0.1
         items = [(cdbs.write10(lba, CMD_BLOCKS), _pattern(lba, 2), 0) for lba in _lbas(start)]
         items.append((cdbs.read10(start, CMD_BLOCKS), b"", CMD_BLOCKS * BS))
         pending = r.h.submit_many(items)
