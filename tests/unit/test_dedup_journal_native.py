@@ -390,28 +390,12 @@ def test_a_lease_taken_back_is_granted_again_once_the_pool_lock_is_free(
         while jnl.pending:  # the drainer drains it: nothing left for a drain to grant after
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        locked, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            with pool.lock:
-                locked.set()
-                release.wait(30)
-
-        holder = threading.Thread(target=hold)
-        holder.start()
-        try:
-            assert locked.wait(10)
+        with pool_lock_held(pool):
             jnl.take_back()
             for _ in range(3):  # the drainer looks, and cannot take the pool's lock
                 assert "journal_c_not_granted" in jnl.lease_state()
                 time.sleep(journal.IDLE_SECONDS)
-        finally:
-            release.set()
-            holder.join(10)
-        deadline = time.monotonic() + 10
-        while "journal_c_not_granted" in jnl.lease_state():
-            assert time.monotonic() < deadline, jnl.lease_state()
-            time.sleep(0.01)
+        wait_granted(jnl, 10)
         assert d.write(CS, chunk(2)).good
         assert d.c_writes == (2, 0)  # the loop's: granted without a WRITE of Python's
         assert d.read(0, 2 * CS) == chunk(1) + chunk(2)

@@ -479,6 +479,27 @@ def _fail_group(r: Rig, writing: bool, start: int, fault: Fault) -> tuple[list[A
     return pending, ops
 
 
+def _answered_good(rig: Rig, pending: Sequence[Any], writing: bool, start: int) -> None:
+    """Every command of the group at `start` GOOD after Python ran it again: the image holds
+    the WRITEs' data (pattern 2) or still the prepared one (1), which the READs returned."""
+    assert [p.status for p in pending] == [0] * GROUP
+    tag = 2 if writing else 1
+    assert _data(rig, start) == [_pattern(lba, tag) for lba in _lbas(start)]
+    if not writing:
+        assert [p.data_in for p in pending] == [_pattern(lba, 1) for lba in _lbas(start)]
+
+
+def _sent_failed_and_run_again(rig: Rig, writing: bool, start: int, fault: Fault) -> None:
+    """A group at `start` sent to librbd as one operation that `fault` fails without an
+    errno: every command Python's, run again there, GOOD; then C serves the next ones."""
+    _prepare(rig, start, 1)
+    pending, ops = _fail_group(rig, writing, start, fault)
+    _one_op(rig, ops, writing, start)
+    assert sorted(rig.device.handed) == _handed(rig, writing, start, 0)
+    _answered_good(rig, pending, writing, start)
+    _c_serves_again(rig, start, 3)
+
+
 def _handed(r: Rig, writing: bool, start: int, native_error: int) -> list[tuple[int, int, int]]:
     op = 0x2A if writing else 0x28
     return [(op, lba, native_error) for lba in _lbas(start)]
@@ -498,12 +519,8 @@ def test_a_group_whose_completion_cannot_be_created_is_run_again_by_python(
     _prepare(rig, start, 1)
     pending, ops = _fail_group(rig, writing, start, Fault("create", errno.ENOMEM))
     assert len(rig.rbd.ops) == ops, "submitted without a completion"
-    assert [p.status for p in pending] == [0] * GROUP
     assert sorted(rig.device.handed) == _handed(rig, writing, start, 0)
-    tag = 2 if writing else 1
-    assert _data(rig, start) == [_pattern(lba, tag) for lba in _lbas(start)]
-    if not writing:
-        assert [p.data_in for p in pending] == [_pattern(lba, 1) for lba in _lbas(start)]
+    _answered_good(rig, pending, writing, start)
     _c_serves_again(rig, start, 3)
 
 
@@ -513,17 +530,7 @@ def test_a_group_librbd_refuses_at_submission_is_run_again_by_python(
         rig: Rig, writing: bool, err: int) -> None:
     """``rbd_aio_writev`` / ``rbd_aio_readv`` returns < 0: the completion is released once and
     never called back (`FakeLibrbd.check`), every command is Python's, which runs it again."""
-    start = 256
-    _prepare(rig, start, 1)
-    pending, ops = _fail_group(rig, writing, start, Fault("submit", err))
-    _one_op(rig, ops, writing, start)
-    assert [p.status for p in pending] == [0] * GROUP
-    assert sorted(rig.device.handed) == _handed(rig, writing, start, 0)
-    tag = 2 if writing else 1
-    assert _data(rig, start) == [_pattern(lba, tag) for lba in _lbas(start)]
-    if not writing:
-        assert [p.data_in for p in pending] == [_pattern(lba, 1) for lba in _lbas(start)]
-    _c_serves_again(rig, start, 3)
+    _sent_failed_and_run_again(rig, writing, 256, Fault("submit", err))
 
 
 @pytest.mark.parametrize("writing", [True, False], ids=["write", "read"])
@@ -567,11 +574,7 @@ def test_a_group_failing_with_eio_is_run_again_with_its_errno(
             assert _sense(p) == (2, *want), p
         assert _data(rig, start) == [_pattern(lba, 1) for lba in _lbas(start)]
     else:
-        assert [p.status for p in pending] == [0] * GROUP
-        tag = 2 if writing else 1
-        assert _data(rig, start) == [_pattern(lba, tag) for lba in _lbas(start)]
-        if not writing:
-            assert [p.data_in for p in pending] == [_pattern(lba, 1) for lba in _lbas(start)]
+        _answered_good(rig, pending, writing, start)
     _c_serves_again(rig, start, 3)
 
 
@@ -584,17 +587,7 @@ def test_a_group_failing_with_eio_is_run_again_with_its_errno(
 def test_a_short_group_is_run_again_by_python(rig: Rig, writing: bool, ret: int) -> None:
     """librbd's return value says not every byte moved: every command is Python's, without
     an errno, and Python runs it again: GOOD, data right."""
-    start = 1024
-    _prepare(rig, start, 1)
-    pending, ops = _fail_group(rig, writing, start, Fault("short", ret))
-    _one_op(rig, ops, writing, start)
-    assert [p.status for p in pending] == [0] * GROUP
-    assert sorted(rig.device.handed) == _handed(rig, writing, start, 0)
-    tag = 2 if writing else 1
-    assert _data(rig, start) == [_pattern(lba, tag) for lba in _lbas(start)]
-    if not writing:
-        assert [p.data_in for p in pending] == [_pattern(lba, 1) for lba in _lbas(start)]
-    _c_serves_again(rig, start, 3)
+    _sent_failed_and_run_again(rig, writing, 1024, Fault("short", ret))
 
 
 def test_a_write_returning_its_length_is_good(rig: Rig) -> None:
