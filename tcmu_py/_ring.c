@@ -2091,12 +2091,16 @@ static int tcmu_py_job_finish(struct tcmu_py_loop *l, struct tcmu_py_job *j, int
     } else {
         /* An RBD job's overlapping commands were handed to Python while it ran, ordered
          * after it (they wait for it: tcmu_py_loop_fence_busy): it goes to Python ordered,
-         * numbered as it came, so that they still wait for it there (D124). A worker's
-         * failed job needs no number: the loop waited for it before handing any command
-         * that overlaps it. */
-        ((struct tcmu_py_entry *)j->rec)->retried = 1;
-        if (!tcmu_py_loop_hand(l, h, tcmu_py_dp_fence(j->rec + h->cdb_off),
-                               tcmu_py_rbd(&l->x) ? j->seq : 0))
+         * numbered as it came, so that they still wait for it there, and marked so that
+         * Python runs it first (D124). A worker's failed job needs neither: the loop waited
+         * for it before handing any command that overlaps it. */
+        uint64_t seq = 0;
+
+        if (tcmu_py_rbd(&l->x)) {
+            ((struct tcmu_py_entry *)j->rec)->retried = 1;
+            seq = j->seq;
+        }
+        if (!tcmu_py_loop_hand(l, h, tcmu_py_dp_fence(j->rec + h->cdb_off), seq))
             rc = -ENOMEM;
     }
     return rc;

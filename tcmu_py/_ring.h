@@ -50,8 +50,8 @@ struct tcmu_py_entry {
     uint32_t reserved;
     uint32_t error;          /* a hand-off record of a command the native loop tried and
                               * failed: the errno its I/O failed with (librbd's); else 0 */
-    uint32_t retried;        /* a hand-off record of a native loop's job that failed (1): it
-                              * goes before the commands handed while it ran (see fence_seq) */
+    uint32_t retried;        /* a hand-off record of a native loop's RBD job that failed (1):
+                              * it goes before the commands handed while it ran (fence_seq) */
     uint64_t arrived_ns;     /* CLOCK_MONOTONIC when it was dequeued (a native loop's record
                               * reaches Python later: a command's time counts from here) */
 };

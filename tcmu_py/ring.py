@@ -239,8 +239,9 @@ class RingCommand:
     #: The errno a native loop's own attempt at it failed with (librbd's), 0 if none: the
     #: loop hands such a command to Python, whose answer may rest on it (`Command`).
     native_error: int = 0
-    #: A native loop's job that failed and was handed over (its I/O tried, not answered):
-    #: it comes before the commands the loop handed while it ran, which wait for it (D124).
+    #: A native loop's RBD job that failed and was handed over (its I/O tried, not
+    #: answered): it comes before the commands the loop handed while it ran, which wait for
+    #: it (D124).
     retried: bool = False
     #: `time.monotonic()` when C dequeued it (CLOCK_MONOTONIC, the clock of both): a native
     #: loop's hand-off reaches Python later, by as long as a loaded machine takes to wake

@@ -602,8 +602,8 @@ class DeviceRunner:
                 arrived=rc.arrived or now,  # when C dequeued it: before this thread woke
             )
             if rc.retried:
-                # A native loop's failed job: commands the loop handed while it ran may wait
-                # for it on every worker (D124); it waits for nothing older (none overlaps
+                # A native loop's failed RBD job: commands the loop handed while it ran may
+                # wait for it, on any worker (D124); it waits for nothing older (none overlaps
                 # it), so it runs here, first.
                 retried.append((rc, cmd))
                 continue
