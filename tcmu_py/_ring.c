@@ -701,8 +701,8 @@ struct tcmu_py_job {
      * image, sent as one librbd operation of rbd_total bytes by the first, finished with it. */
     struct tcmu_py_job *next;
     uint64_t rbd_total;
-    /* Its number in ring order (from fence_next, when taken): a job that fails is handed to
-     * Python as an ordered command of that number, before those handed while it ran. */
+    /* Its number in ring order (from fence_next, when taken): an RBD job that fails is handed
+     * to Python as an ordered command of that number, before those handed while it ran. */
     uint64_t seq;
     /* A mirror job: written to every leg (tcmu_py_mw_submit); finished when the last leg
      * answered, GOOD only if every leg took it. */

@@ -508,7 +508,7 @@ class Ring:
         """Append the command whose CDB and iovec array are in `meta` (the mapping, or a
         native loop's hand-off record); its buffers are views of the mapping's data area.
         `arrived_ns`: when C dequeued it (CLOCK_MONOTONIC). `native_error`: the errno of the
-        native loop's failed attempt at it (0: none); `retried`: the record of a failed job."""
+        native loop's failed attempt at it (0: none); `retried`: the record of a failed RBD job."""
         if cmd_id in self._in_flight:
             raise RingError(f"cmd_id {cmd_id} at ring offset {offset} is already in flight")
         mv = self._mv
